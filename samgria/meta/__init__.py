@@ -1,0 +1,1 @@
+"""Gradient-based meta-learning: MAML, FOMAML, Reptile, MetaSGD, ANIL."""
