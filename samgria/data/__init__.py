@@ -1,5 +1,7 @@
 """Tasks and task samplers for meta-learning."""
 
+from samgria.data.few_shot import FewShotSampler
+from samgria.data.sinusoid import SinusoidTaskSampler, sinusoid
 from samgria.data.task import Task, TaskSampler
 
-__all__ = ["Task", "TaskSampler"]
+__all__ = ["FewShotSampler", "SinusoidTaskSampler", "Task", "TaskSampler", "sinusoid"]

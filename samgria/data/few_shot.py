@@ -1,0 +1,175 @@
+"""N-way K-shot classification tasks drawn from any labelled tensor data set."""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Sequence
+
+import torch
+
+from samgria.data._validation import check_int, make_generator
+from samgria.data.task import Task
+
+__all__ = ["FewShotSampler"]
+
+
+class FewShotSampler:
+    r"""Sample N-way K-shot classification tasks from a labelled tensor data set.
+
+    A task draws ``n_way`` distinct classes uniformly at random, then ``k_shot + k_query``
+    distinct examples of each class (without replacement); ``k_shot`` of them form the support
+    set and ``k_query`` the query set. Labels are remapped per task to ``0 .. n_way - 1`` in
+    the random order the classes were drawn, so a model cannot memorise class identities
+    (Vinyals et al., "Matching Networks for One Shot Learning", NeurIPS 2016; the protocol
+    of Finn et al., 2017). Within each split the examples are shuffled.
+
+    Task tensors: ``support_x`` has shape ``(n_way * k_shot, *inputs.shape[1:])`` and
+    ``support_y`` shape ``(n_way * k_shot,)`` with dtype ``torch.long``; likewise the query
+    split with ``k_query``.
+
+    Args:
+        inputs: Tensor of examples, first dimension indexes examples.
+        labels: 1-D integer tensor of class labels, one per example.
+        n_way: Classes per task (``>= 1``).
+        k_shot: Support examples per class (``>= 1``).
+        k_query: Query examples per class (``>= 0``).
+        classes: Optional subset of class labels to draw from (e.g. the meta-training classes
+            of a class split); default all classes present in ``labels``.
+        drop_small_classes: If ``False`` (default), a class with fewer than
+            ``k_shot + k_query`` examples is an error; if ``True`` such classes are skipped
+            with a warning.
+        generator: Optional ``torch.Generator`` (on the CPU) for reproducible sampling.
+        seed: Convenience seed for a private generator; not together with ``generator``.
+        device: Device to move each task's tensors to (default: where ``inputs`` live).
+
+    Raises:
+        TypeError: ``inputs``/``labels`` are not tensors, ``labels`` is not an integer tensor,
+            or a count is not an int.
+        ValueError: ``labels`` is not 1-D or its length differs from ``inputs``, a count is
+            out of range, ``classes`` names a label that does not occur, a class has too
+            few examples, or fewer than ``n_way`` classes are usable.
+
+    Attributes:
+        classes: 1-D tensor of the class labels tasks are drawn from.
+    """
+
+    def __init__(
+        self,
+        inputs: torch.Tensor,
+        labels: torch.Tensor,
+        n_way: int,
+        k_shot: int,
+        k_query: int,
+        *,
+        classes: Sequence[int] | torch.Tensor | None = None,
+        drop_small_classes: bool = False,
+        generator: torch.Generator | None = None,
+        seed: int | None = None,
+        device: torch.device | str | None = None,
+    ) -> None:
+        if not isinstance(inputs, torch.Tensor):
+            raise TypeError(f"inputs must be a torch.Tensor, got {type(inputs).__name__}")
+        if not isinstance(labels, torch.Tensor):
+            raise TypeError(f"labels must be a torch.Tensor, got {type(labels).__name__}")
+        if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
+            raise TypeError(f"labels must be an integer tensor, got dtype {labels.dtype}")
+        if labels.dim() != 1:
+            raise ValueError(f"labels must be 1-D, got shape {tuple(labels.shape)}")
+        if inputs.dim() == 0 or inputs.shape[0] != labels.shape[0]:
+            raise ValueError(
+                f"inputs and labels must have the same number of examples, got inputs of shape "
+                f"{tuple(inputs.shape)} and labels of shape {tuple(labels.shape)}"
+            )
+        self.n_way = check_int("n_way", n_way, 1)
+        self.k_shot = check_int("k_shot", k_shot, 1)
+        self.k_query = check_int("k_query", k_query, 0)
+        self.generator = make_generator(generator, seed)
+        if self.generator is not None and self.generator.device.type != "cpu":
+            raise ValueError(f"generator must be a CPU generator, got one on {self.generator.device}")
+        self.inputs = inputs
+        self.labels = labels
+        self.device = torch.device(device) if device is not None else inputs.device
+
+        labels_cpu = labels.detach().cpu()
+        present, counts = torch.unique(labels_cpu, return_counts=True)
+        count_of = dict(zip(present.tolist(), counts.tolist()))
+        if classes is None:
+            wanted = present.tolist()
+        else:
+            wanted = torch.as_tensor(classes).flatten().tolist()
+            missing = sorted({c for c in wanted if c not in count_of})
+            if missing:
+                raise ValueError(f"classes contains labels that do not occur in labels: {missing}")
+            wanted = sorted(set(wanted))
+
+        per_task = self.k_shot + self.k_query
+        small = [c for c in wanted if count_of[c] < per_task]
+        if small:
+            detail = ", ".join(f"{c} ({count_of[c]})" for c in small[:10])
+            more = f" and {len(small) - 10} more" if len(small) > 10 else ""
+            message = (
+                f"{len(small)} class(es) have fewer than k_shot + k_query = {per_task} examples: "
+                f"{detail}{more}"
+            )
+            if not drop_small_classes:
+                raise ValueError(message + "; pass drop_small_classes=True to skip them")
+            warnings.warn(message + "; they are skipped", stacklevel=2)
+            wanted = [c for c in wanted if count_of[c] >= per_task]
+        if len(wanted) < self.n_way:
+            raise ValueError(
+                f"n_way must be <= the number of usable classes ({len(wanted)}), got {self.n_way}"
+            )
+        self.classes = torch.tensor(wanted, dtype=torch.long)
+        # Example indices of each usable class, on the CPU (indices are drawn there).
+        self._indices = [torch.nonzero(labels_cpu == c).flatten() for c in wanted]
+
+    def _draw(self, count: int) -> torch.Tensor:
+        return torch.randperm(count, generator=self.generator)
+
+    def sample_with_classes(self, n: int) -> tuple[list[Task], torch.Tensor]:
+        """Draw ``n`` tasks and return them with their original class labels.
+
+        Args:
+            n: Number of tasks (``>= 0``).
+
+        Returns:
+            ``(tasks, classes)``: a list of ``n`` :class:`~samgria.data.Task` and a long tensor
+            of shape ``(n, n_way)`` whose row ``i``, column ``j`` is the original label that
+            task ``i`` maps to label ``j``.
+        """
+        n = check_int("n", n, 0)
+        tasks: list[Task] = []
+        chosen_classes = []
+        for _ in range(n):
+            chosen = self._draw(len(self._indices))[: self.n_way]
+            support_idx, query_idx = [], []
+            for position in chosen.tolist():
+                pool = self._indices[position]
+                picked = pool[self._draw(pool.numel())[: self.k_shot + self.k_query]]
+                support_idx.append(picked[: self.k_shot])
+                query_idx.append(picked[self.k_shot :])
+            support_x, support_y = self._split(torch.cat(support_idx), self.k_shot)
+            query_x, query_y = self._split(torch.cat(query_idx), self.k_query)
+            tasks.append(Task(support_x, support_y, query_x, query_y))
+            chosen_classes.append(self.classes[chosen])
+        if not chosen_classes:
+            return tasks, torch.empty(0, self.n_way, dtype=torch.long)
+        return tasks, torch.stack(chosen_classes)
+
+    def _split(self, index: torch.Tensor, per_class: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Shuffle a class-major index and return its inputs and remapped labels."""
+        remapped = torch.arange(self.n_way).repeat_interleave(per_class)
+        order = self._draw(index.numel())
+        index, remapped = index[order], remapped[order]
+        x = self.inputs[index.to(self.inputs.device)].to(self.device)
+        return x, remapped.to(self.device)
+
+    def sample(self, n: int) -> list[Task]:
+        """Return ``n`` freshly sampled N-way K-shot tasks (``n >= 0``)."""
+        return self.sample_with_classes(n)[0]
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(n_way={self.n_way}, k_shot={self.k_shot}, "
+            f"k_query={self.k_query}, classes={len(self.classes)}, examples={self.labels.numel()})"
+        )

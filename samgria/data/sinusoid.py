@@ -1,0 +1,124 @@
+"""Few-shot sinusoid regression tasks (Finn et al., 2017)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from samgria.data._validation import check_int, check_range, make_generator
+from samgria.data.task import Task
+
+__all__ = ["SinusoidTaskSampler", "sinusoid"]
+
+
+def sinusoid(x: torch.Tensor, amplitude: float | torch.Tensor, phase: float | torch.Tensor) -> torch.Tensor:
+    r"""Evaluate the task function :math:`y = A \sin(x - \varphi)`.
+
+    Args:
+        x: Inputs of any shape.
+        amplitude: :math:`A`, a number or a tensor broadcastable against ``x``.
+        phase: :math:`\varphi`, a number or a tensor broadcastable against ``x``.
+
+    Returns:
+        ``amplitude * sin(x - phase)``.
+    """
+    return amplitude * torch.sin(x - phase)
+
+
+class SinusoidTaskSampler:
+    r"""Sample few-shot sinusoid regression tasks, the MAML benchmark.
+
+    Each task is a sine wave :math:`y = A \sin(x - \varphi)` with
+    :math:`A \sim U(\text{amp\_range})`, :math:`\varphi \sim U(\text{phase\_range})`;
+    the ``k_support`` support and ``k_query`` query inputs are drawn independently from
+    :math:`U(\text{x\_range})`. Inputs and targets have shape ``(K, 1)``, ready for a
+    ``Linear(1, ...)`` model. With the defaults this is the protocol of Finn et al.,
+    "Model-Agnostic Meta-Learning for Fast Adaptation of Deep Networks" (ICML 2017).
+
+    Sampling is reproducible: pass ``seed`` (a private generator is created) or your own
+    ``generator``; with neither, torch's global generator is used. Random numbers are drawn on
+    the generator's device and the tasks are then moved to ``device`` and cast to ``dtype``.
+
+    Args:
+        amp_range: ``(low, high)`` range of the amplitude :math:`A`.
+        phase_range: ``(low, high)`` range of the phase :math:`\varphi`.
+        x_range: ``(low, high)`` range of the inputs.
+        k_support: Number of support points per task (``>= 1``).
+        k_query: Number of query points per task (``>= 0``).
+        generator: Optional ``torch.Generator`` for reproducible sampling.
+        seed: Convenience seed for a private generator; not together with ``generator``.
+        device: Device of the sampled tensors (default: the generator's device, or CPU).
+        dtype: Floating dtype of the sampled tensors (default: ``torch.get_default_dtype()``).
+
+    Raises:
+        TypeError: A count is not an int, a range is not a pair of numbers, ``dtype`` is not
+            floating, or ``generator`` is not a ``torch.Generator``.
+        ValueError: A count is out of range, a range has ``low > high`` or is not finite, or
+            both ``generator`` and ``seed`` are given.
+    """
+
+    def __init__(
+        self,
+        amp_range: tuple[float, float] = (0.1, 5.0),
+        phase_range: tuple[float, float] = (0.0, math.pi),
+        x_range: tuple[float, float] = (-5.0, 5.0),
+        k_support: int = 10,
+        k_query: int = 10,
+        generator: torch.Generator | None = None,
+        seed: int | None = None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        self.amp_range = check_range("amp_range", amp_range)
+        self.phase_range = check_range("phase_range", phase_range)
+        self.x_range = check_range("x_range", x_range)
+        self.k_support = check_int("k_support", k_support, 1)
+        self.k_query = check_int("k_query", k_query, 0)
+        self.generator = make_generator(generator, seed)
+        if dtype is None:
+            dtype = torch.get_default_dtype()
+        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+            raise TypeError(f"dtype must be a floating torch.dtype, got {dtype!r}")
+        self.dtype = dtype
+        self._draw_device = self.generator.device if self.generator is not None else torch.device("cpu")
+        self.device = torch.device(device) if device is not None else self._draw_device
+
+    def _uniform(self, size: tuple[int, ...], bounds: tuple[float, float]) -> torch.Tensor:
+        low, high = bounds
+        u = torch.rand(size, generator=self.generator, device=self._draw_device, dtype=self.dtype)
+        return (low + (high - low) * u).to(self.device)
+
+    def sample_with_params(self, n: int) -> tuple[list[Task], torch.Tensor, torch.Tensor]:
+        """Draw ``n`` tasks and return them with their amplitudes and phases.
+
+        Useful for plotting the true curve beside an adapted model's prediction
+        (see :func:`sinusoid`).
+
+        Args:
+            n: Number of tasks (``>= 0``).
+
+        Returns:
+            ``(tasks, amplitudes, phases)``: a list of ``n`` :class:`~samgria.data.Task` and two
+            tensors of shape ``(n,)`` with each task's :math:`A` and :math:`\\varphi`.
+        """
+        n = check_int("n", n, 0)
+        amplitudes = self._uniform((n,), self.amp_range)
+        phases = self._uniform((n,), self.phase_range)
+        k = self.k_support + self.k_query
+        x = self._uniform((n, k, 1), self.x_range)
+        y = sinusoid(x, amplitudes.view(n, 1, 1), phases.view(n, 1, 1))
+        ks = self.k_support
+        tasks = [Task(x[i, :ks], y[i, :ks], x[i, ks:], y[i, ks:]) for i in range(n)]
+        return tasks, amplitudes, phases
+
+    def sample(self, n: int) -> list[Task]:
+        """Return ``n`` freshly sampled sinusoid tasks (``n >= 0``)."""
+        return self.sample_with_params(n)[0]
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(amp_range={self.amp_range}, phase_range={self.phase_range}, "
+            f"x_range={self.x_range}, k_support={self.k_support}, k_query={self.k_query}, "
+            f"device={self.device}, dtype={self.dtype})"
+        )

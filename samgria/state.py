@@ -1,0 +1,145 @@
+"""Bit-exact snapshots of a model's parameters and buffers."""
+
+from __future__ import annotations
+
+from types import TracebackType
+
+import torch
+from torch import nn
+
+__all__ = ["ParameterSnapshot", "restore_state", "save_state"]
+
+
+def _detached_clones(named: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {name: tensor.detach().clone() for name, tensor in named.items()}
+
+
+class ParameterSnapshot:
+    """A cloned copy of a model's parameters and buffers that can be written back exactly.
+
+    The snapshot holds detached clones of ``model.named_parameters()`` and
+    ``model.named_buffers()`` (e.g. BatchNorm running statistics). :meth:`restore` copies
+    them back **in place** into the same tensor objects, so the ``nn.Parameter`` objects an
+    optimizer holds stay valid, and the values are bit-for-bit those at capture time. It is
+    meant for manual control of the inner loop (meta-RL style: adapt the model in place with
+    any optimizer, evaluate, then roll back).
+
+    Used as a context manager it restores on exit, also when the block raises::
+
+        with ParameterSnapshot(model):
+            inner_optimizer.step()   # mutate the model freely
+        # the model is back to its state at the start of the block
+
+    Gradients (``.grad``), ``requires_grad`` flags and optimizer state are not captured.
+
+    Args:
+        model: The module to capture.
+
+    Attributes:
+        parameters: ``{name: tensor}`` clones of the parameters.
+        buffers: ``{name: tensor}`` clones of the buffers.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        self.model = model
+        self.parameters = _detached_clones(dict(model.named_parameters()))
+        self.buffers = _detached_clones(dict(model.named_buffers()))
+
+    def _check(self, kind: str, saved: dict[str, torch.Tensor], live: dict[str, torch.Tensor]) -> None:
+        missing = sorted(set(saved) - set(live))
+        extra = sorted(set(live) - set(saved))
+        if missing or extra:
+            raise ValueError(
+                f"model {kind} do not match the snapshot: missing from the model {missing}, "
+                f"not in the snapshot {extra}"
+            )
+        for name, value in saved.items():
+            target = live[name]
+            if target.shape != value.shape:
+                raise ValueError(
+                    f"{kind[:-1]} {name!r} has shape {tuple(target.shape)} in the model but "
+                    f"{tuple(value.shape)} in the snapshot"
+                )
+            if target.dtype != value.dtype:
+                raise ValueError(
+                    f"{kind[:-1]} {name!r} has dtype {target.dtype} in the model but "
+                    f"{value.dtype} in the snapshot"
+                )
+
+    @torch.no_grad()
+    def restore(self, model: nn.Module | None = None) -> None:
+        """Copy the snapshot back into ``model`` (default: the captured model), in place.
+
+        Every name, shape and dtype is checked before anything is written, so a mismatch
+        leaves the model untouched.
+
+        Args:
+            model: Module to restore into; it must have the same parameter and buffer names,
+                shapes and dtypes as the captured one.
+
+        Raises:
+            TypeError: ``model`` is not an ``nn.Module``.
+            ValueError: The names, shapes or dtypes do not match the snapshot.
+        """
+        model = self.model if model is None else model
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        params = dict(model.named_parameters())
+        buffers = dict(model.named_buffers())
+        self._check("parameters", self.parameters, params)
+        self._check("buffers", self.buffers, buffers)
+        for name, value in self.parameters.items():
+            params[name].copy_(value)
+        for name, value in self.buffers.items():
+            buffers[name].copy_(value)
+
+    def __enter__(self) -> ParameterSnapshot:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self.restore()
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}({len(self.parameters)} parameters, "
+            f"{len(self.buffers)} buffers)"
+        )
+
+
+def save_state(model: nn.Module) -> ParameterSnapshot:
+    """Capture ``model``'s parameters and buffers; see :class:`ParameterSnapshot`.
+
+    Args:
+        model: The module to capture.
+
+    Returns:
+        A :class:`ParameterSnapshot` with detached clones of every parameter and buffer.
+    """
+    return ParameterSnapshot(model)
+
+
+def restore_state(model: nn.Module, snapshot: ParameterSnapshot) -> None:
+    """Write ``snapshot`` back into ``model`` in place, bit for bit.
+
+    The parameter objects are kept (optimizers holding them stay valid); names, shapes and
+    dtypes are checked first, so on error the model is unchanged.
+
+    Args:
+        model: Module to restore.
+        snapshot: A snapshot from :func:`save_state` of this model (or one with the same
+            parameter and buffer names, shapes and dtypes).
+
+    Raises:
+        TypeError: ``snapshot`` is not a :class:`ParameterSnapshot` or ``model`` is not a module.
+        ValueError: The names, shapes or dtypes do not match.
+    """
+    if not isinstance(snapshot, ParameterSnapshot):
+        raise TypeError(f"snapshot must be a ParameterSnapshot, got {type(snapshot).__name__}")
+    snapshot.restore(model)

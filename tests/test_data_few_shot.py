@@ -1,0 +1,144 @@
+"""Tests for samgria.data.few_shot.FewShotSampler."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+from samgria.data import FewShotSampler, TaskSampler
+
+
+def make_data(num_classes: int = 6, per_class: int = 8, features: int = 3):
+    """Inputs whose first feature encodes (label, example number), so tasks can be decoded."""
+    labels = torch.arange(num_classes).repeat_interleave(per_class)
+    index = torch.arange(num_classes * per_class, dtype=torch.float32)
+    inputs = torch.stack([index] + [torch.randn(num_classes * per_class) for _ in range(features - 1)], 1)
+    perm = torch.randperm(labels.numel(), generator=torch.Generator().manual_seed(0))
+    return inputs[perm], labels[perm]
+
+
+def test_shapes_dtypes_and_protocol():
+    inputs, labels = make_data()
+    sampler = FewShotSampler(inputs, labels, n_way=3, k_shot=2, k_query=4, seed=0)
+    assert isinstance(sampler, TaskSampler)
+    tasks = sampler.sample(5)
+    assert len(tasks) == 5
+    for task in tasks:
+        assert task.support_x.shape == (6, 3) and task.support_y.shape == (6,)
+        assert task.query_x.shape == (12, 3) and task.query_y.shape == (12,)
+        assert task.support_y.dtype == torch.long
+
+
+def test_labels_are_remapped_consistently_and_examples_are_distinct():
+    inputs, labels = make_data()
+    label_of_index = {int(x): int(y) for x, y in zip(inputs[:, 0], labels)}
+    sampler = FewShotSampler(inputs, labels, n_way=4, k_shot=3, k_query=2, seed=1)
+    tasks, classes = sampler.sample_with_classes(20)
+    assert classes.shape == (20, 4)
+    for task, row in zip(tasks, classes.tolist()):
+        assert len(set(row)) == 4  # distinct classes
+        # Every remapped label counts k examples per split.
+        assert torch.bincount(task.support_y, minlength=4).tolist() == [3] * 4
+        assert torch.bincount(task.query_y, minlength=4).tolist() == [2] * 4
+        # The example's original label is the class the remapped label stands for.
+        for x, y in ((task.support_x, task.support_y), (task.query_x, task.query_y)):
+            for index, new_label in zip(x[:, 0].tolist(), y.tolist()):
+                assert label_of_index[int(index)] == row[new_label]
+        # No example is used twice within a task.
+        used = torch.cat([task.support_x[:, 0], task.query_x[:, 0]])
+        assert used.unique().numel() == used.numel()
+
+
+def test_label_assignment_is_random_across_tasks():
+    inputs, labels = make_data()
+    _, classes = FewShotSampler(inputs, labels, n_way=2, k_shot=1, k_query=1, seed=2).sample_with_classes(60)
+    # Both orders of a pair occur, so label 0 is not always the smaller class.
+    assert (classes[:, 0] < classes[:, 1]).any() and (classes[:, 0] > classes[:, 1]).any()
+
+
+def test_all_classes_get_drawn():
+    inputs, labels = make_data()
+    _, classes = FewShotSampler(inputs, labels, n_way=2, k_shot=1, k_query=1, seed=3).sample_with_classes(100)
+    assert set(classes.flatten().tolist()) == set(range(6))
+
+
+def test_class_subset_restricts_tasks():
+    inputs, labels = make_data()
+    sampler = FewShotSampler(inputs, labels, n_way=2, k_shot=1, k_query=1, classes=[1, 4, 5], seed=4)
+    _, classes = sampler.sample_with_classes(30)
+    assert set(classes.flatten().tolist()) <= {1, 4, 5}
+    assert sampler.classes.tolist() == [1, 4, 5]
+
+
+def test_seed_reproducible():
+    inputs, labels = make_data()
+    a = FewShotSampler(inputs, labels, 3, 1, 2, seed=5).sample(2)
+    b = FewShotSampler(inputs, labels, 3, 1, 2, generator=torch.Generator().manual_seed(5)).sample(2)
+    for ta, tb in zip(a, b):
+        assert torch.equal(ta.support_x, tb.support_x) and torch.equal(ta.query_y, tb.query_y)
+
+
+def test_small_classes_error_or_are_dropped_with_warning():
+    inputs, labels = make_data(num_classes=4, per_class=5)
+    keep = ~((labels == 2) & (torch.arange(labels.numel()) % 2 == 0))  # class 2 loses examples
+    inputs, labels = inputs[keep], labels[keep]
+    small = int((labels == 2).sum())
+    with pytest.raises(ValueError, match=rf"fewer than k_shot \+ k_query = 5 examples: 2 \({small}\)"):
+        FewShotSampler(inputs, labels, n_way=2, k_shot=2, k_query=3)
+    with pytest.warns(UserWarning, match=r"they are skipped"):
+        sampler = FewShotSampler(inputs, labels, n_way=2, k_shot=2, k_query=3, drop_small_classes=True, seed=0)
+    assert 2 not in sampler.classes.tolist()
+    _, classes = sampler.sample_with_classes(20)
+    assert 2 not in classes.flatten().tolist()
+
+
+def test_too_many_ways():
+    inputs, labels = make_data(num_classes=3)
+    with pytest.raises(ValueError, match=r"n_way must be <= the number of usable classes \(3\), got 4"):
+        FewShotSampler(inputs, labels, n_way=4, k_shot=1, k_query=1)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"n_way": 0}, ValueError, r"n_way must be >= 1, got 0"),
+        ({"k_shot": 0}, ValueError, r"k_shot must be >= 1, got 0"),
+        ({"k_query": -1}, ValueError, r"k_query must be >= 0, got -1"),
+        ({"n_way": 2.0}, TypeError, r"n_way must be an int, got 2.0"),
+        ({"classes": [0, 99]}, ValueError, r"classes contains labels that do not occur in labels: \[99\]"),
+        ({"seed": 0, "generator": torch.Generator()}, ValueError, r"either generator or seed"),
+    ],
+)
+def test_bad_arguments(kwargs, error, match):
+    inputs, labels = make_data()
+    args = {"n_way": 2, "k_shot": 1, "k_query": 1, **kwargs}
+    with pytest.raises(error, match=match):
+        FewShotSampler(inputs, labels, **args)
+
+
+def test_bad_data():
+    inputs, labels = make_data()
+    with pytest.raises(TypeError, match=r"labels must be an integer tensor, got dtype torch.float32"):
+        FewShotSampler(inputs, labels.float(), 2, 1, 1)
+    with pytest.raises(TypeError, match=r"inputs must be a torch.Tensor, got list"):
+        FewShotSampler([1, 2], labels, 2, 1, 1)
+    with pytest.raises(TypeError, match=r"labels must be a torch.Tensor, got list"):
+        FewShotSampler(inputs, [1, 2], 2, 1, 1)
+    with pytest.raises(ValueError, match=r"labels must be 1-D, got shape \(48, 1\)"):
+        FewShotSampler(inputs, labels[:, None], 2, 1, 1)
+    with pytest.raises(ValueError, match=r"same number of examples, got inputs of shape \(47, 3\) and labels of shape \(48,\)"):
+        FewShotSampler(inputs[:-1], labels, 2, 1, 1)
+    sampler = FewShotSampler(inputs, labels, 2, 1, 1)
+    with pytest.raises(ValueError, match=r"n must be >= 0, got -1"):
+        sampler.sample(-1)
+
+
+def test_zero_tasks_and_no_warning_when_all_classes_fit():
+    inputs, labels = make_data()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        tasks, classes = FewShotSampler(inputs, labels, 2, 1, 1, seed=0).sample_with_classes(0)
+    assert tasks == [] and classes.shape == (0, 2)
+    assert "n_way=2" in repr(FewShotSampler(inputs, labels, 2, 1, 1))

@@ -1,0 +1,123 @@
+"""Tests for samgria.data.sinusoid: shapes, the task function, ranges, seeding, validation."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from samgria.data import SinusoidTaskSampler, Task, TaskSampler, sinusoid
+
+
+def test_is_a_task_sampler_with_documented_shapes():
+    sampler = SinusoidTaskSampler(k_support=7, k_query=3, seed=0)
+    assert isinstance(sampler, TaskSampler)
+    tasks = sampler.sample(4)
+    assert len(tasks) == 4
+    for task in tasks:
+        assert isinstance(task, Task)
+        assert task.support_x.shape == (7, 1) and task.support_y.shape == (7, 1)
+        assert task.query_x.shape == (3, 1) and task.query_y.shape == (3, 1)
+        assert task.support_x.dtype == torch.get_default_dtype()
+
+
+def test_targets_follow_amplitude_times_sine_of_shifted_input():
+    sampler = SinusoidTaskSampler(seed=1, dtype=torch.float64)
+    tasks, amplitudes, phases = sampler.sample_with_params(5)
+    for task, amplitude, phase in zip(tasks, amplitudes.tolist(), phases.tolist()):
+        for x, y in ((task.support_x, task.support_y), (task.query_x, task.query_y)):
+            expected = torch.tensor([amplitude * math.sin(v - phase) for v in x.flatten().tolist()], dtype=torch.float64)
+            torch.testing.assert_close(y.flatten(), expected, rtol=1e-12, atol=1e-12)
+
+
+def test_sinusoid_function_matches_math():
+    x = torch.tensor([0.0, 1.0, -2.0], dtype=torch.float64)
+    expected = torch.tensor([2.0 * math.sin(v - 0.5) for v in (0.0, 1.0, -2.0)], dtype=torch.float64)
+    torch.testing.assert_close(sinusoid(x, 2.0, 0.5), expected)
+
+
+def test_samples_stay_in_ranges_and_cover_them():
+    sampler = SinusoidTaskSampler(amp_range=(1.0, 2.0), phase_range=(0.5, 0.75), x_range=(-1.0, 3.0), seed=2)
+    tasks, amplitudes, phases = sampler.sample_with_params(400)
+    assert amplitudes.min() >= 1.0 and amplitudes.max() <= 2.0
+    assert phases.min() >= 0.5 and phases.max() <= 0.75
+    xs = torch.cat([torch.cat([t.support_x, t.query_x]) for t in tasks])
+    assert xs.min() >= -1.0 and xs.max() <= 3.0
+    # Uniform draws: the sample mean is near the middle of each range.
+    assert abs(amplitudes.mean().item() - 1.5) < 0.05
+    assert abs(xs.mean().item() - 1.0) < 0.05
+
+
+def test_support_and_query_points_differ():
+    task = SinusoidTaskSampler(seed=3).sample(1)[0]
+    assert not torch.equal(task.support_x, task.query_x)
+
+
+def test_seed_and_generator_are_reproducible():
+    a = SinusoidTaskSampler(seed=7).sample(3)
+    b = SinusoidTaskSampler(generator=torch.Generator().manual_seed(7)).sample(3)
+    c = SinusoidTaskSampler(seed=8).sample(3)
+    for ta, tb in zip(a, b):
+        assert torch.equal(ta.support_x, tb.support_x) and torch.equal(ta.query_y, tb.query_y)
+    assert not torch.equal(a[0].support_x, c[0].support_x)
+
+
+def test_successive_batches_differ():
+    sampler = SinusoidTaskSampler(seed=0)
+    first, second = sampler.sample(1)[0], sampler.sample(1)[0]
+    assert not torch.equal(first.support_x, second.support_x)
+
+
+def test_global_generator_used_without_seed():
+    torch.manual_seed(11)
+    a = SinusoidTaskSampler().sample(2)
+    torch.manual_seed(11)
+    b = SinusoidTaskSampler().sample(2)
+    assert torch.equal(a[1].query_x, b[1].query_x)
+
+
+def test_dtype_and_device_are_applied():
+    sampler = SinusoidTaskSampler(seed=0, dtype=torch.float64, device="cpu")
+    task = sampler.sample(1)[0]
+    assert task.query_y.dtype == torch.float64 and task.query_y.device.type == "cpu"
+
+
+def test_zero_tasks_and_zero_query_points():
+    assert SinusoidTaskSampler(seed=0).sample(0) == []
+    task = SinusoidTaskSampler(k_query=0, seed=0).sample(1)[0]
+    assert task.query_x.shape == (0, 1)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"k_support": 0}, ValueError, r"k_support must be >= 1, got 0"),
+        ({"k_support": 2.5}, TypeError, r"k_support must be an int, got 2.5"),
+        ({"k_support": True}, TypeError, r"k_support must be an int, got True"),
+        ({"k_query": -1}, ValueError, r"k_query must be >= 0, got -1"),
+        ({"amp_range": (5.0, 1.0)}, ValueError, r"amp_range must satisfy low <= high, got \(5.0, 1.0\)"),
+        ({"phase_range": (0.0, float("inf"))}, ValueError, r"phase_range must be finite"),
+        ({"x_range": 3.0}, TypeError, r"x_range must be a \(low, high\) pair of numbers, got 3.0"),
+        ({"x_range": (1.0, 2.0, 3.0)}, TypeError, r"x_range must be a \(low, high\) pair"),
+        ({"seed": 1, "generator": torch.Generator()}, ValueError, r"either generator or seed"),
+        ({"generator": 3}, TypeError, r"generator must be a torch.Generator, got int"),
+        ({"seed": "a"}, TypeError, r"seed must be an int, got 'a'"),
+        ({"dtype": torch.int64}, TypeError, r"dtype must be a floating torch.dtype, got torch.int64"),
+    ],
+)
+def test_bad_arguments_are_rejected_with_named_message(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        SinusoidTaskSampler(**kwargs)
+
+
+def test_bad_task_count_is_rejected():
+    sampler = SinusoidTaskSampler(seed=0)
+    with pytest.raises(ValueError, match=r"n must be >= 0, got -2"):
+        sampler.sample(-2)
+    with pytest.raises(TypeError, match=r"n must be an int, got 2.0"):
+        sampler.sample(2.0)
+
+
+def test_repr_names_configuration():
+    assert "k_support=10" in repr(SinusoidTaskSampler(seed=0))

@@ -1,0 +1,117 @@
+"""Tests for samgria.state: bit-exact, in-place snapshots of parameters and buffers."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from samgria.state import ParameterSnapshot, restore_state, save_state
+
+
+def make_model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.ReLU(), nn.Linear(4, 2))
+
+
+def state_bytes(model: nn.Module) -> dict[str, bytes]:
+    """Raw bytes of every parameter and buffer, an independent bit-exact reference."""
+    out = {}
+    for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+        out[name] = t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+    return out
+
+
+def mutate(model: nn.Module) -> None:
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    model.train()
+    loss = model(torch.randn(8, 3)).pow(2).sum()  # also updates BatchNorm running stats
+    loss.backward()
+    optimizer.step()
+
+
+def test_restore_is_bit_exact_in_place_and_covers_buffers():
+    model = make_model()
+    before = state_bytes(model)
+    param_ids = [id(p) for p in model.parameters()]
+    snapshot = save_state(model)
+    mutate(model)
+    assert state_bytes(model) != before
+    assert not torch.equal(model[1].running_mean, snapshot.buffers["1.running_mean"])
+    restore_state(model, snapshot)
+    assert state_bytes(model) == before
+    assert [id(p) for p in model.parameters()] == param_ids
+    assert int(model[1].num_batches_tracked) == 0
+
+
+def test_snapshot_is_a_copy_not_a_view():
+    model = make_model()
+    snapshot = save_state(model)
+    with torch.no_grad():
+        model[0].weight.add_(1.0)
+    assert not torch.equal(snapshot.parameters["0.weight"], model[0].weight)
+    assert not snapshot.parameters["0.weight"].requires_grad
+
+
+def test_optimizer_stays_valid_after_restore():
+    model = make_model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    snapshot = save_state(model)
+    mutate(model)
+    restore_state(model, snapshot)
+    optimizer.zero_grad()
+    model(torch.randn(4, 3)).sum().backward()
+    expected = model[3].bias.detach() - 0.1 * model[3].bias.grad
+    optimizer.step()
+    torch.testing.assert_close(model[3].bias.detach(), expected, rtol=0, atol=0)
+
+
+def test_context_manager_restores_on_exit_and_on_exception():
+    model = make_model()
+    before = state_bytes(model)
+    with ParameterSnapshot(model) as snapshot:
+        mutate(model)
+    assert isinstance(snapshot, ParameterSnapshot)
+    assert state_bytes(model) == before
+    with pytest.raises(RuntimeError, match="boom"):
+        with ParameterSnapshot(model):
+            mutate(model)
+            raise RuntimeError("boom")
+    assert state_bytes(model) == before
+
+
+def test_restore_into_another_model_of_same_architecture():
+    source, target = make_model(), make_model()
+    mutate(source)
+    restore_state(target, save_state(source))
+    assert state_bytes(target) == state_bytes(source)
+
+
+def test_mismatched_names_shapes_dtypes_raise_and_leave_model_untouched():
+    snapshot = save_state(make_model())
+    other = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.ReLU(), nn.Linear(4, 3))
+    before = state_bytes(other)
+    with pytest.raises(ValueError, match=r"parameter '3.weight' has shape \(3, 4\) in the model but \(2, 4\) in the snapshot"):
+        restore_state(other, snapshot)
+    assert state_bytes(other) == before
+
+    no_bn = nn.Sequential(nn.Linear(3, 4), nn.Identity(), nn.ReLU(), nn.Linear(4, 2))
+    with pytest.raises(ValueError, match=r"model parameters do not match the snapshot: missing from the model \['1.bias', '1.weight'\]"):
+        restore_state(no_bn, snapshot)
+
+    double = make_model().double()
+    with pytest.raises(ValueError, match=r"parameter '0.weight' has dtype torch.float64 in the model but torch.float32"):
+        restore_state(double, snapshot)
+
+
+def test_bad_types():
+    with pytest.raises(TypeError, match=r"model must be a torch.nn.Module, got int"):
+        save_state(3)
+    with pytest.raises(TypeError, match=r"snapshot must be a ParameterSnapshot, got dict"):
+        restore_state(make_model(), {})
+    with pytest.raises(TypeError, match=r"model must be a torch.nn.Module, got str"):
+        save_state(make_model()).restore("x")
+
+
+def test_repr_counts():
+    assert repr(save_state(make_model())) == "ParameterSnapshot(6 parameters, 3 buffers)"
