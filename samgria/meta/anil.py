@@ -1,0 +1,97 @@
+"""ANIL, "Almost No Inner Loop" (Raghu, Raghu, Bengio & Vinyals, 2020, "Rapid Learning or
+Feature Reuse? Towards Understanding the Effectiveness of MAML").
+
+ANIL splits the meta-parameters into a body :math:`\\theta_b` and a head :math:`\\theta_h` and
+adapts only the head in the inner loop,
+
+.. math::
+
+    \\phi_{h,i} = \\theta_h - \\alpha \\nabla_{\\theta_h} \\mathcal{L}^s_i(\\theta_b, \\theta_h),
+    \\qquad \\min_{\\theta_b, \\theta_h} \\sum_i \\mathcal{L}^q_i(\\theta_b, \\phi_{h,i}),
+
+so the body is shared unchanged by every task yet still receives (second-order) meta-gradients
+through the head's adaptation.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from samgria.meta.maml import MAML
+
+__all__ = ["ANIL", "head_names"]
+
+
+def head_names(model: nn.Module, head: nn.Module) -> list[str]:
+    """Return the names (as seen from ``model``) of ``head``'s parameters.
+
+    Args:
+        model: The full model.
+        head: A submodule of ``model`` (matched by identity).
+
+    Returns:
+        The parameter names, in ``model.named_parameters()`` order.
+
+    Raises:
+        TypeError: ``head`` is not a module.
+        ValueError: ``head`` is not a submodule of ``model`` or has no parameters.
+    """
+    if not isinstance(head, nn.Module):
+        raise TypeError(f"head must be a torch.nn.Module (a submodule of model), got {type(head).__name__}")
+    if not any(m is head for m in model.modules()):
+        raise ValueError(
+            f"head must be a submodule of model, got a {type(head).__name__} that is not among "
+            f"model.modules() of {type(model).__name__}"
+        )
+    owned = {id(p) for p in head.parameters()}
+    names = [n for n, p in model.named_parameters() if id(p) in owned]
+    if not names:
+        raise ValueError(f"head must have parameters to adapt, got a {type(head).__name__} without any")
+    return names
+
+
+class ANIL(MAML):
+    """MAML that adapts only the parameters of ``head`` in the inner loop.
+
+    Param-group settings still apply: a head parameter in an ``adapt=False`` group is not
+    adapted either. Everything else is as in :class:`~samgria.meta.maml.MAML`.
+
+    Args:
+        model: The full model to meta-train.
+        outer: Outer optimizer class or an already built optimizer.
+        head: A submodule of ``model`` (e.g. its last layer).
+        inner_lr: Inner step size :math:`\\alpha \\ge 0`.
+        inner_steps: Default number of inner steps.
+        first_order: Drop second-order terms.
+        **outer_kwargs: Forwarded to the outer optimizer class.
+
+    Raises:
+        ValueError: ``head`` is not a submodule of ``model``.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        outer: type[torch.optim.Optimizer] | torch.optim.Optimizer,
+        *,
+        head: nn.Module,
+        inner_lr: float = 0.01,
+        inner_steps: int = 1,
+        first_order: bool = False,
+        **outer_kwargs: Any,
+    ) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        names = head_names(model, head)
+        super().__init__(
+            model, outer, inner_lr=inner_lr, inner_steps=inner_steps, first_order=first_order, **outer_kwargs
+        )
+        self.head = head
+        self.head_names: list[str] = names
+        self._head_set = frozenset(names)
+
+    def _filter_adapt_names(self, names: list[str]) -> list[str]:
+        return [n for n in names if n in self._head_set]

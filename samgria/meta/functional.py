@@ -1,0 +1,285 @@
+"""Functional core of the inner loop: stateless forward passes and differentiable steps.
+
+Every meta-learner in :mod:`samgria.meta` is built on these few functions. A model's
+parameters are handled as a ``{name: tensor}`` mapping (the *fast weights*) and the model is
+run statelessly with :func:`torch.func.functional_call`, so the adapted weights stay in the
+autograd graph of the meta-parameters and second-order meta-gradients flow through them.
+
+One inner step of gradient descent (Finn et al., 2017) on a support loss
+:math:`\\mathcal{L}_{\\text{sup}}` is
+
+.. math::
+
+    \\theta' = \\theta - \\alpha \\odot \\nabla_\\theta \\mathcal{L}_{\\text{sup}}(\\theta),
+
+where :math:`\\alpha` is a scalar (MAML) or a tensor shaped like the parameter (Meta-SGD,
+Li et al., 2017). With ``first_order=True`` the gradient is treated as a constant (FOMAML), so
+:math:`\\partial \\theta' / \\partial \\theta = I`.
+
+BatchNorm policy (running statistics):
+    a functional forward never updates the model's buffers. When ``buffers`` is ``None`` every
+    call runs on a *fresh copy* of the model's buffers, and the copy (with whatever BatchNorm
+    wrote into it) is discarded. In train mode BatchNorm therefore normalises with the
+    statistics of the batch it is given -- the support batch in the inner loop and the query
+    batch afterwards (the transductive setting of the MAML reference code); in eval mode it
+    uses the model's running statistics, read only. Because no tensor saved for backward is
+    ever modified in place, second-order MAML through BatchNorm works (no in-place
+    modification error), and the running statistics are not updated once per inner step.
+    Only an ordinary forward of the model itself (``model(x)`` in train mode) updates them.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any, Union
+
+import torch
+from torch import nn
+from torch.func import functional_call
+
+__all__ = [
+    "LearningRate",
+    "adapt",
+    "functional_forward",
+    "inner_step",
+    "named_buffers",
+    "named_params",
+]
+
+#: An inner-loop step size: one non-negative number for every parameter, or a mapping from
+#: parameter name to a number or a tensor broadcastable to the parameter (Meta-SGD).
+LearningRate = Union[float, Mapping[str, Union[float, torch.Tensor]]]
+
+
+def named_params(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Return a fresh ``{name: parameter}`` dict of ``model``.
+
+    The values are the model's live :class:`~torch.nn.Parameter` leaves, so gradients that
+    flow back into them accumulate into ``model.parameters()``'s ``.grad``.
+
+    Args:
+        model: Any module.
+
+    Returns:
+        A new dict (mutating it does not touch the model).
+    """
+    _check_module(model)
+    return dict(model.named_parameters())
+
+
+def named_buffers(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Return a fresh ``{name: buffer}`` dict of ``model`` (e.g. BatchNorm running statistics).
+
+    Args:
+        model: Any module.
+
+    Returns:
+        A new dict whose values are the model's live buffers.
+    """
+    _check_module(model)
+    return dict(model.named_buffers())
+
+
+def copy_buffers(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Return detached clones of ``model``'s buffers (the copies a functional forward runs on)."""
+    return {name: buf.detach().clone() for name, buf in model.named_buffers()}
+
+
+def functional_forward(
+    model: nn.Module,
+    params: Mapping[str, torch.Tensor],
+    *args: Any,
+    buffers: Mapping[str, torch.Tensor] | None = None,
+    **kwargs: Any,
+) -> Any:
+    """Run ``model`` statelessly with the given parameters (and buffers).
+
+    Parameters missing from ``params`` are taken from the model. See the module docstring
+    for the BatchNorm policy.
+
+    Args:
+        model: The module whose architecture defines the forward pass.
+        params: Mapping of parameter name to tensor, as returned by :func:`named_params` or
+            by an inner step.
+        *args: Positional arguments of ``model.forward``.
+        buffers: Mapping of buffer name to tensor. ``None`` (the default) runs on a fresh
+            copy of the model's buffers, so the model's running statistics are never updated.
+            Pass tensors explicitly to let the forward write into them.
+        **kwargs: Keyword arguments of ``model.forward``.
+
+    Returns:
+        Whatever ``model.forward`` returns.
+    """
+    _check_module(model)
+    if buffers is None:
+        buffers = copy_buffers(model)
+    return functional_call(model, (dict(params), dict(buffers)), args, kwargs)
+
+
+def check_lr(lr: Any, name: str = "lr") -> float:
+    """Validate a scalar step size: a real, finite number ``>= 0`` (``bool`` is rejected)."""
+    if isinstance(lr, bool) or not isinstance(lr, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {lr!r}")
+    value = float(lr)
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(f"{name} must be >= 0, got {lr!r}")
+    return value
+
+
+def check_steps(steps: Any, name: str = "inner_steps") -> int:
+    """Validate a number of inner steps: an ``int >= 0`` (``bool`` and floats are rejected)."""
+    if isinstance(steps, bool) or not isinstance(steps, numbers.Integral):
+        raise TypeError(f"{name} must be a non-negative int, got {steps!r}")
+    if steps < 0:
+        raise ValueError(f"{name} must be >= 0, got {steps!r}")
+    return int(steps)
+
+
+def check_support_loss(loss: Any) -> torch.Tensor:
+    """Check that a support loss is a scalar tensor that can be differentiated."""
+    if not isinstance(loss, torch.Tensor):
+        raise TypeError(f"the support loss must be a scalar tensor, got {type(loss).__name__}")
+    if loss.dim() != 0:
+        raise ValueError(f"the support loss must be a scalar tensor, got shape {tuple(loss.shape)}")
+    if not loss.requires_grad:
+        raise ValueError(
+            "the support loss does not depend on any parameter that requires grad; compute it "
+            "from the fast weights (the callable or learner passed to the closure), with grad enabled"
+        )
+    return loss
+
+
+def resolve_lrs(lr: LearningRate, names: Iterable[str]) -> dict[str, float | torch.Tensor]:
+    """Expand a step size into a ``{name: lr}`` mapping over ``names``."""
+    names = list(names)
+    if isinstance(lr, Mapping):
+        missing = [n for n in names if n not in lr]
+        if missing:
+            raise KeyError(f"lr has no entry for the adapted parameters {missing}")
+        out: dict[str, float | torch.Tensor] = {}
+        for n in names:
+            value = lr[n]
+            out[n] = value if isinstance(value, torch.Tensor) else check_lr(value, f"lr[{n!r}]")
+        return out
+    value = check_lr(lr)
+    return {n: value for n in names}
+
+
+def _resolve_names(params: Mapping[str, torch.Tensor], adapt_names: Iterable[str] | None) -> list[str]:
+    if adapt_names is None:
+        return [n for n, p in params.items() if p.requires_grad]
+    names = list(adapt_names)
+    unknown = [n for n in names if n not in params]
+    if unknown:
+        raise ValueError(f"adapt_names contains names that are not in params: {unknown}")
+    return [n for n in names if params[n].requires_grad]
+
+
+def inner_step(
+    params: Mapping[str, torch.Tensor],
+    loss: torch.Tensor,
+    lr: LearningRate,
+    *,
+    first_order: bool = False,
+    adapt_names: Iterable[str] | None = None,
+    allow_unused: bool = True,
+) -> dict[str, torch.Tensor]:
+    """Take one differentiable gradient-descent step on ``params``.
+
+    Computes :math:`g = \\partial \\mathcal{L} / \\partial p` and returns
+    :math:`p' = p - \\alpha_p \\odot g` for every adapted parameter; the others are passed
+    through unchanged.
+
+    Args:
+        params: Current parameter mapping (the point at which ``loss`` was computed).
+        loss: Scalar support loss, differentiable w.r.t. ``params``.
+        lr: Step size: a number ``>= 0`` or a mapping name -> number or tensor (Meta-SGD).
+        first_order: If ``True`` the gradient is not differentiated through (FOMAML); the
+            result is still connected to ``params`` through :math:`p' = p - \\alpha g`.
+        adapt_names: Names of the parameters to update (ANIL adapts only the head). ``None``
+            updates every parameter that requires grad.
+        allow_unused: Passed to :func:`torch.autograd.grad`. A parameter whose gradient is
+            ``None`` is left unchanged.
+
+    Returns:
+        A new mapping with the adapted parameters.
+
+    Raises:
+        ValueError: ``lr`` is negative, ``loss`` is not a differentiable scalar, or
+            ``adapt_names`` names an unknown parameter.
+    """
+    names = _resolve_names(params, adapt_names)
+    lrs = resolve_lrs(lr, names)
+    check_support_loss(loss)
+    grads = torch.autograd.grad(
+        loss,
+        [params[n] for n in names],
+        create_graph=not first_order,
+        allow_unused=allow_unused,
+    )
+    new = dict(params)
+    for n, g in zip(names, grads):
+        if g is not None:
+            new[n] = params[n] - lrs[n] * g
+    return new
+
+
+def adapt(
+    model: nn.Module,
+    params: Mapping[str, torch.Tensor],
+    build_loss: Callable[[dict[str, torch.Tensor]], torch.Tensor],
+    *,
+    lr: LearningRate = 0.01,
+    inner_steps: int = 1,
+    first_order: bool = False,
+    adapt_names: Iterable[str] | None = None,
+    allow_unused: bool = True,
+) -> dict[str, torch.Tensor]:
+    """Run the whole inner loop and return the adapted parameters :math:`\\theta'`.
+
+    Repeats ``params = inner_step(params, build_loss(params), lr, ...)`` ``inner_steps`` times.
+
+    Args:
+        model: The module whose architecture defines the forward pass (checked to be a module;
+            ``build_loss`` usually calls :func:`functional_forward` on it).
+        params: Starting parameter mapping :math:`\\theta`.
+        build_loss: Callable mapping a parameter dict to the scalar support loss.
+        lr: Inner step size, see :func:`inner_step`.
+        inner_steps: Number of gradient steps (``>= 0``).
+        first_order: See :func:`inner_step`.
+        adapt_names: See :func:`inner_step`.
+        allow_unused: See :func:`inner_step`.
+
+    Returns:
+        The adapted parameter mapping (``params`` itself, copied, when ``inner_steps == 0``).
+
+    Raises:
+        TypeError: ``model`` is not a module, ``build_loss`` is not callable or
+            ``inner_steps`` is not an int.
+        ValueError: ``inner_steps`` or ``lr`` is negative.
+    """
+    _check_module(model)
+    if not callable(build_loss):
+        raise TypeError(f"build_loss must be callable, got {build_loss!r}")
+    steps = check_steps(inner_steps)
+    if not isinstance(lr, Mapping):
+        check_lr(lr)
+    current = dict(params)
+    with torch.enable_grad():
+        for _ in range(steps):
+            current = inner_step(
+                current,
+                build_loss(current),
+                lr,
+                first_order=first_order,
+                adapt_names=adapt_names,
+                allow_unused=allow_unused,
+            )
+    return current
+
+
+def _check_module(model: Any) -> None:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")

@@ -1,0 +1,276 @@
+"""Differentiable inner-loop optimizers and inner-loop gradient transforms.
+
+An inner step function maps the fast weights and their support gradients to new fast
+weights with ordinary (differentiable) tensor operations, so the meta-gradient flows through
+the whole inner trajectory, optimizer state included. Stateful step functions keep their
+state (momentum buffers, Adam moments) in a ``state`` dict that the inner loop creates empty
+for every adaptation, so one step-function object can be shared by every task and every
+meta-iteration.
+
+The protocol is :class:`InnerStepFn`::
+
+    new = step_fn(params, grads, lrs, state)
+
+where ``params``, ``grads`` and ``lrs`` are mappings over the same adapted names and the
+returned mapping holds the new value of each of them.
+
+Gradient transforms act on the support gradients before the step (``grad_transforms=`` of
+:meth:`samgria.meta.base.MetaOptimizer.adapt`); :class:`InnerSAM` is sharpness-aware
+minimisation inside the inner loop.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from collections.abc import Callable, Mapping
+from typing import Any, Protocol, runtime_checkable
+
+import torch
+
+__all__ = [
+    "AdamInnerStep",
+    "InnerGradTransform",
+    "InnerSAM",
+    "InnerStepFn",
+    "MomentumInnerStep",
+    "adam_inner_step",
+    "momentum_inner_step",
+    "sgd_inner_step",
+]
+
+Tensors = Mapping[str, torch.Tensor]
+Rates = Mapping[str, "float | torch.Tensor"]
+
+
+@runtime_checkable
+class InnerStepFn(Protocol):
+    """A differentiable inner-loop update rule.
+
+    ``__call__(params, grads, lrs, state)`` receives the adapted fast weights, their support
+    gradients and their step sizes (mappings over the same names) and a ``state`` dict that
+    is empty at the start of each adaptation and kept between its steps. It returns a new
+    mapping ``{name: updated tensor}`` built with out-of-place operations.
+    """
+
+    def __call__(
+        self, params: Tensors, grads: Tensors, lrs: Rates, state: dict[str, Any]
+    ) -> dict[str, torch.Tensor]:
+        """Return the updated fast weights."""
+        ...
+
+
+@runtime_checkable
+class InnerGradTransform(Protocol):
+    """Rewrites support gradients inside the inner loop (e.g. :class:`InnerSAM`).
+
+    ``transform_inner_grads(params, grads, loss_fn)`` receives the adapted fast weights, their
+    gradients and ``loss_fn(params) -> scalar support loss`` (evaluated with the given fast
+    weights; parameters missing from the mapping keep their current values) and returns the
+    new gradients for the same names.
+    """
+
+    def transform_inner_grads(
+        self,
+        params: Tensors,
+        grads: Tensors,
+        loss_fn: Callable[[dict[str, torch.Tensor]], torch.Tensor],
+    ) -> dict[str, torch.Tensor]:
+        """Return transformed gradients."""
+        ...
+
+
+def sgd_inner_step(
+    params: Tensors, grads: Tensors, lrs: Rates, state: dict[str, Any] | None = None
+) -> dict[str, torch.Tensor]:
+    """Plain gradient descent, :math:`p' = p - \\alpha_p \\odot g_p` (the MAML inner step).
+
+    Args:
+        params: Adapted fast weights.
+        grads: Their support gradients.
+        lrs: Their step sizes (numbers, or tensors for Meta-SGD).
+        state: Unused (plain SGD is stateless).
+
+    Returns:
+        The updated fast weights.
+    """
+    return {n: params[n] - lrs[n] * grads[n] for n in grads}
+
+
+def _check_unit_interval(value: Any, name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {value!r}")
+    if not 0.0 <= float(value) < 1.0:
+        raise ValueError(f"{name} must be in [0, 1), got {value!r}")
+    return float(value)
+
+
+class MomentumInnerStep:
+    """Differentiable SGD with (heavy-ball or Nesterov) momentum, as ``torch.optim.SGD``.
+
+    With gradient :math:`g_t` at inner step :math:`t` (first step :math:`b_1 = g_1`):
+
+    .. math::
+
+        b_t = \\mu b_{t-1} + (1 - \\tau) g_t, \\qquad
+        p_t = p_{t-1} - \\alpha \\, (g_t + \\mu b_t \\text{ if Nesterov else } b_t).
+
+    Args:
+        momentum: :math:`\\mu \\in [0, 1)`.
+        dampening: :math:`\\tau \\in [0, 1)`.
+        nesterov: Use Nesterov momentum (needs ``momentum > 0`` and ``dampening == 0``).
+
+    Raises:
+        ValueError: An argument is out of range.
+    """
+
+    def __init__(self, momentum: float = 0.9, dampening: float = 0.0, nesterov: bool = False) -> None:
+        self.momentum = _check_unit_interval(momentum, "momentum")
+        self.dampening = _check_unit_interval(dampening, "dampening")
+        if not isinstance(nesterov, bool):
+            raise TypeError(f"nesterov must be a bool, got {nesterov!r}")
+        if nesterov and (self.momentum <= 0 or self.dampening != 0):
+            raise ValueError(
+                f"nesterov=True needs momentum > 0 and dampening == 0, got momentum={momentum!r}, "
+                f"dampening={dampening!r}"
+            )
+        self.nesterov = nesterov
+
+    def __call__(
+        self, params: Tensors, grads: Tensors, lrs: Rates, state: dict[str, Any]
+    ) -> dict[str, torch.Tensor]:
+        """Return the updated fast weights; momentum buffers live in ``state["momentum"]``."""
+        buffers: dict[str, torch.Tensor] = state.setdefault("momentum", {})
+        new = {}
+        for n, g in grads.items():
+            if n in buffers:
+                buf = self.momentum * buffers[n] + (1.0 - self.dampening) * g
+            else:
+                buf = g
+            buffers[n] = buf
+            direction = g + self.momentum * buf if self.nesterov else buf
+            new[n] = params[n] - lrs[n] * direction
+        return new
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(momentum={self.momentum}, dampening={self.dampening}, "
+            f"nesterov={self.nesterov})"
+        )
+
+
+class AdamInnerStep:
+    """Differentiable Adam (Kingma & Ba, 2015) for the inner loop, as ``torch.optim.Adam``.
+
+    .. math::
+
+        m_t = \\beta_1 m_{t-1} + (1 - \\beta_1) g_t, \\quad
+        v_t = \\beta_2 v_{t-1} + (1 - \\beta_2) g_t^2, \\quad
+        p_t = p_{t-1} - \\alpha \\frac{m_t / (1 - \\beta_1^t)}{\\sqrt{v_t / (1 - \\beta_2^t)} + \\epsilon}.
+
+    The square root is taken of :math:`\\max(\\hat v_t, \\text{tiny})` so its derivative stays
+    finite where a gradient is exactly zero (dead ReLU units); the value differs from Adam's
+    only below the smallest normal float.
+
+    Args:
+        betas: :math:`(\\beta_1, \\beta_2)`, each in ``[0, 1)``.
+        eps: :math:`\\epsilon > 0`.
+
+    Raises:
+        ValueError: An argument is out of range.
+    """
+
+    def __init__(self, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8) -> None:
+        if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+            raise TypeError(f"betas must be a pair of floats, got {betas!r}")
+        self.betas = (_check_unit_interval(betas[0], "betas[0]"), _check_unit_interval(betas[1], "betas[1]"))
+        if isinstance(eps, bool) or not isinstance(eps, numbers.Real):
+            raise TypeError(f"eps must be a real number, got {eps!r}")
+        if not (float(eps) > 0 and math.isfinite(float(eps))):
+            raise ValueError(f"eps must be > 0, got {eps!r}")
+        self.eps = float(eps)
+
+    def __call__(
+        self, params: Tensors, grads: Tensors, lrs: Rates, state: dict[str, Any]
+    ) -> dict[str, torch.Tensor]:
+        """Return the updated fast weights; moments live in ``state["exp_avg"/"exp_avg_sq"]``."""
+        beta1, beta2 = self.betas
+        step = state.get("step", 0) + 1
+        state["step"] = step
+        exp_avg: dict[str, torch.Tensor] = state.setdefault("exp_avg", {})
+        exp_avg_sq: dict[str, torch.Tensor] = state.setdefault("exp_avg_sq", {})
+        bias1 = 1.0 - beta1**step
+        bias2 = 1.0 - beta2**step
+        new = {}
+        for n, g in grads.items():
+            m = (1.0 - beta1) * g if n not in exp_avg else beta1 * exp_avg[n] + (1.0 - beta1) * g
+            v = (1.0 - beta2) * g * g if n not in exp_avg_sq else beta2 * exp_avg_sq[n] + (1.0 - beta2) * g * g
+            exp_avg[n], exp_avg_sq[n] = m, v
+            v_hat = (v / bias2).clamp_min(torch.finfo(v.dtype).tiny)
+            new[n] = params[n] - lrs[n] * (m / bias1) / (v_hat.sqrt() + self.eps)
+        return new
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(betas={self.betas}, eps={self.eps})"
+
+
+#: Shared default instances (stateless objects: their state lives in the per-adaptation dict).
+momentum_inner_step = MomentumInnerStep()
+adam_inner_step = AdamInnerStep()
+
+
+class InnerSAM:
+    """Sharpness-aware minimisation inside the inner loop (Foret et al., 2021).
+
+    Given the support gradient :math:`g` at the fast weights :math:`\\phi`, the gradient used
+    for the inner step is the one at the worst-case neighbour
+
+    .. math::
+
+        \\epsilon = \\rho \\frac{g}{\\lVert g \\rVert_2}, \\qquad
+        \\tilde g = \\nabla \\mathcal{L}_{\\text{sup}}(\\phi + \\epsilon),
+
+    with :math:`\\epsilon` treated as a constant (as in SAM). The norm is global over the
+    adapted parameters. When the incoming gradients carry a graph (second-order MAML) so does
+    :math:`\\tilde g`; in a first-order inner loop it does not.
+
+    Args:
+        rho: Neighbourhood radius :math:`\\rho \\ge 0`.
+
+    Raises:
+        ValueError: ``rho`` is negative.
+    """
+
+    def __init__(self, rho: float = 0.05) -> None:
+        if isinstance(rho, bool) or not isinstance(rho, numbers.Real):
+            raise TypeError(f"rho must be a real number, got {rho!r}")
+        if not (float(rho) >= 0 and math.isfinite(float(rho))):
+            raise ValueError(f"rho must be >= 0, got {rho!r}")
+        self.rho = float(rho)
+
+    def transform_inner_grads(
+        self,
+        params: Tensors,
+        grads: Tensors,
+        loss_fn: Callable[[dict[str, torch.Tensor]], torch.Tensor],
+    ) -> dict[str, torch.Tensor]:
+        """Return the support gradients at the perturbed fast weights."""
+        names = list(grads)
+        if not names or self.rho == 0.0:
+            return dict(grads)
+        with torch.no_grad():
+            norm = torch.sqrt(sum((grads[n].detach().double() ** 2).sum() for n in names))
+            if not torch.isfinite(norm) or norm == 0:
+                return dict(grads)
+            scale = self.rho / norm
+        perturbed = {n: params[n] + (grads[n].detach() * scale.to(grads[n].dtype)) for n in names}
+        create_graph = any(g.requires_grad for g in grads.values())
+        with torch.enable_grad():
+            loss = loss_fn(perturbed)
+            new = torch.autograd.grad(
+                loss, [perturbed[n] for n in names], create_graph=create_graph, allow_unused=True
+            )
+        return {n: (g if g is not None else grads[n]) for n, g in zip(names, new)}
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(rho={self.rho})"

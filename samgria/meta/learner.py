@@ -1,0 +1,250 @@
+"""``Learner``: one adaptable copy of a model's parameters (iteryne / learn2learn style).
+
+A learner holds fast weights :math:`\\phi` (a ``{name: tensor}`` mapping) that start at the
+meta-parameters :math:`\\theta` and move with each differentiable inner step
+
+.. math::
+
+    \\phi \\leftarrow \\text{step}\\big(\\phi, \\nabla_\\phi [\\mathcal{L}_{\\text{sup}}(\\phi)
+    + R(\\phi, \\theta)]\\big),
+
+where the step is plain SGD by default (:func:`~samgria.meta.inner_optim.sgd_inner_step`) or
+any :class:`~samgria.meta.inner_optim.InnerStepFn`, and :math:`R` an optional inner-loop
+regulariser. Calling the learner runs the model statelessly with :math:`\\phi`; for
+second-order MAML the output is graph-connected to :math:`\\theta`. The model itself is never
+modified (see :mod:`samgria.meta.functional` for the BatchNorm policy).
+
+Learners are usually made by :meth:`samgria.meta.base.MetaOptimizer.clone` or
+:meth:`~samgria.meta.base.MetaOptimizer.adapt`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from samgria.meta.functional import (
+    LearningRate,
+    check_steps,
+    check_support_loss,
+    functional_forward,
+    resolve_lrs,
+)
+from samgria.meta.inner_optim import InnerStepFn, sgd_inner_step
+
+__all__ = ["Learner"]
+
+InnerRegFn = Callable[[dict[str, torch.Tensor], dict[str, torch.Tensor]], torch.Tensor]
+
+
+class Learner:
+    """Fast weights of a model that adapt with differentiable inner steps.
+
+    Args:
+        model: The module whose architecture defines the forward pass.
+        params: Starting fast weights (default: the model's live parameters, so meta-gradients
+            accumulate into ``model.parameters()``).
+        inner_lr: Step size: a number ``>= 0`` or a mapping name -> number/tensor (Meta-SGD).
+        inner_steps: Default number of steps of :meth:`adapt_on` / :meth:`adapt_closure`.
+        first_order: Do not differentiate through the support gradients (FOMAML).
+        adapt_names: Names of the parameters to adapt (default: all that require grad).
+        inner_step_fn: Update rule (default plain SGD).
+        inner_reg_fn: ``inner_reg_fn(current_params, base_params) -> scalar`` added to the
+            support loss at every step.
+        grad_transforms: Objects with ``transform_inner_grads(params, grads, loss_fn)``
+            applied in order to the support gradients of :meth:`adapt_on` /
+            :meth:`adapt_closure` steps (e.g. :class:`~samgria.meta.inner_optim.InnerSAM`).
+        track_graph: ``False`` detaches the fast weights after every step (no graph to the
+            meta-parameters at all; used by Reptile and evaluation).
+
+    Raises:
+        TypeError: ``model`` is not a module or a callable argument is not callable.
+        ValueError: ``inner_lr`` or ``inner_steps`` is negative, or ``adapt_names`` names an
+            unknown parameter.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        params: Mapping[str, torch.Tensor] | None = None,
+        *,
+        inner_lr: LearningRate = 0.01,
+        inner_steps: int = 1,
+        first_order: bool = False,
+        adapt_names: Iterable[str] | None = None,
+        inner_step_fn: InnerStepFn | None = None,
+        inner_reg_fn: InnerRegFn | None = None,
+        grad_transforms: Sequence[Any] | None = None,
+        track_graph: bool = True,
+    ) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        if not isinstance(first_order, bool):
+            raise TypeError(f"first_order must be a bool, got {first_order!r}")
+        if inner_step_fn is not None and not callable(inner_step_fn):
+            raise TypeError(f"inner_step_fn must be callable, got {inner_step_fn!r}")
+        if inner_reg_fn is not None and not callable(inner_reg_fn):
+            raise TypeError(f"inner_reg_fn must be callable, got {inner_reg_fn!r}")
+        transforms = list(grad_transforms) if grad_transforms is not None else []
+        for t in transforms:
+            if not callable(getattr(t, "transform_inner_grads", None)):
+                raise TypeError(
+                    f"grad_transforms entries must have a transform_inner_grads method, got {t!r}"
+                )
+        self.model = model
+        start = dict(model.named_parameters()) if params is None else dict(params)
+        if not track_graph:
+            start = {n: p.detach().requires_grad_(p.requires_grad) for n, p in start.items()}
+        if adapt_names is None:
+            names = [n for n, p in start.items() if p.requires_grad]
+        else:
+            names = list(adapt_names)
+            unknown = [n for n in names if n not in start]
+            if unknown:
+                raise ValueError(f"adapt_names contains names that are not parameters of model: {unknown}")
+            names = [n for n in names if start[n].requires_grad]
+        self.adapt_names: list[str] = names
+        self.lrs = resolve_lrs(inner_lr, names)
+        self.inner_steps = check_steps(inner_steps)
+        self.first_order = first_order
+        self.inner_step_fn: InnerStepFn = inner_step_fn if inner_step_fn is not None else sgd_inner_step
+        self.inner_reg_fn = inner_reg_fn
+        self.grad_transforms = transforms
+        self.track_graph = bool(track_graph)
+        self.base_params: dict[str, torch.Tensor] = dict(start)
+        self._params: dict[str, torch.Tensor] = dict(start)
+        self._inner_state: dict[str, Any] = {}
+        self.steps_taken = 0
+
+    @property
+    def params(self) -> dict[str, torch.Tensor]:
+        """The current fast weights, ``{name: tensor}`` (a new dict; the tensors are shared)."""
+        return dict(self._params)
+
+    def forward_with(self, params: Mapping[str, torch.Tensor]) -> Callable[..., Any]:
+        """Return ``f(*args, **kwargs)`` running the model with ``params`` (others: current)."""
+        merged = {**self._params, **params}
+
+        def forward(*args: Any, **kwargs: Any) -> Any:
+            return functional_forward(self.model, merged, *args, **kwargs)
+
+        return forward
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        """Forward pass with the current fast weights."""
+        return functional_forward(self.model, self._params, *args, **kwargs)
+
+    def adapt(self, loss: torch.Tensor) -> Learner:
+        """Take one differentiable inner step on a support loss computed with this learner.
+
+        Args:
+            loss: Scalar support loss, e.g. ``loss_fn(learner(x), y)``.
+
+        Returns:
+            ``self`` (calls can be chained).
+
+        Raises:
+            ValueError: ``loss`` is not a scalar connected to the fast weights.
+        """
+        self._step(loss, None)
+        return self
+
+    def adapt_on(
+        self,
+        loss_fn: Callable[[Any, Any], torch.Tensor],
+        x: Any,
+        y: Any,
+        steps: int | None = None,
+    ) -> Learner:
+        """Run ``steps`` inner steps on the support batch ``(x, y)``.
+
+        The support loss ``loss_fn(learner(x), y)`` is recomputed at each step.
+
+        Args:
+            loss_fn: ``loss_fn(prediction, target) -> scalar``.
+            x: Support inputs.
+            y: Support targets.
+            steps: Number of steps (default: ``inner_steps``).
+
+        Returns:
+            ``self``.
+        """
+        if not callable(loss_fn):
+            raise TypeError(f"loss_fn must be callable, got {loss_fn!r}")
+        return self.adapt_closure(lambda f: loss_fn(f(x), y), steps)
+
+    def adapt_closure(self, support_closure: Callable[[Callable[..., Any]], torch.Tensor], steps: int | None = None) -> Learner:
+        """Run ``steps`` inner steps on ``support_closure(f)``.
+
+        Args:
+            support_closure: ``support_closure(f) -> scalar support loss`` where ``f(*inputs)``
+                runs the model with the current fast weights.
+            steps: Number of steps (default: ``inner_steps``).
+
+        Returns:
+            ``self``.
+
+        Raises:
+            TypeError: ``support_closure`` is not callable or ``steps`` not an int.
+            ValueError: ``steps`` is negative.
+        """
+        if not callable(support_closure):
+            raise TypeError(f"support_closure must be callable, got {support_closure!r}")
+        steps = self.inner_steps if steps is None else check_steps(steps, "steps")
+
+        def loss_at(params: dict[str, torch.Tensor]) -> torch.Tensor:
+            return support_closure(self.forward_with(params))
+
+        with torch.enable_grad():
+            for _ in range(steps):
+                self._step(support_closure(self), loss_at)
+        return self
+
+    def _step(
+        self,
+        loss: torch.Tensor,
+        loss_at: Callable[[dict[str, torch.Tensor]], torch.Tensor] | None,
+    ) -> None:
+        names = self.adapt_names
+        if self.inner_reg_fn is not None:
+            loss = loss + self.inner_reg_fn(dict(self._params), dict(self.base_params))
+        check_support_loss(loss)
+        create_graph = self.track_graph and not self.first_order
+        raw = torch.autograd.grad(
+            loss, [self._params[n] for n in names], create_graph=create_graph, allow_unused=True
+        )
+        grads = {n: g for n, g in zip(names, raw) if g is not None}
+        current = {n: self._params[n] for n in grads}
+        if self.grad_transforms:
+            if loss_at is None:
+                raise ValueError(
+                    "grad_transforms need to re-evaluate the support loss: use adapt_on or "
+                    "adapt_closure instead of adapt(loss)"
+                )
+
+            def transform_loss(params: dict[str, torch.Tensor]) -> torch.Tensor:
+                total = loss_at(params)
+                if self.inner_reg_fn is not None:
+                    total = total + self.inner_reg_fn({**self._params, **params}, dict(self.base_params))
+                return total
+
+            for t in self.grad_transforms:
+                grads = dict(t.transform_inner_grads(current, grads, transform_loss))
+        if not create_graph:
+            grads = {n: g.detach() for n, g in grads.items()}
+        lrs = {n: self.lrs[n] for n in grads}
+        updated = self.inner_step_fn(current, grads, lrs, self._inner_state)
+        new = dict(self._params)
+        for n, value in updated.items():
+            new[n] = value if self.track_graph else value.detach().requires_grad_(True)
+        self._params = new
+        self.steps_taken += 1
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(model={type(self.model).__name__}, adapt={len(self.adapt_names)} tensors, "
+            f"steps_taken={self.steps_taken}, first_order={self.first_order})"
+        )

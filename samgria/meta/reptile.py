@@ -1,0 +1,166 @@
+"""Reptile (Nichol, Achiam & Schulman, 2018, "On First-Order Meta-Learning Algorithms").
+
+Each task is adapted with :math:`k` first-order inner steps from :math:`\\theta` to
+:math:`\\theta'_i`; the outer update moves :math:`\\theta` towards their (weighted) mean. samgria
+writes this as a pseudo-gradient handed to the outer optimizer,
+
+.. math::
+
+    g = \\theta - \\frac{\\sum_i w_i \\theta'_i}{\\sum_i w_i},
+
+so an outer ``SGD(lr=β)`` gives exactly the paper's update
+:math:`\\theta \\leftarrow \\theta + \\beta (\\bar\\theta' - \\theta)` and an outer Adam its
+adaptive variant. No query set is needed; the query losses of
+:meth:`Reptile.task_losses` are reported for monitoring only.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from samgria.data.task import Task
+from samgria.meta.base import LossFn, MetaOptimizer
+from samgria.meta.functional import check_steps
+from samgria.meta.learner import Learner
+
+__all__ = ["Reptile"]
+
+
+class Reptile(MetaOptimizer):
+    """Reptile as a ``torch.optim.Optimizer``: adapt per task, step towards the adapted weights.
+
+    The closure calls :meth:`adapt` (or :meth:`task_losses`) for each task and returns a
+    monitoring loss; it need not call ``backward``. :meth:`step` then sets, for every adapted
+    parameter, ``p.grad = θ − mean_i(θ'_i)`` (weighted by each task's ``weight``), sets the
+    gradient of every non-adapted meta-parameter to ``None``, calls the outer optimizer and
+    clears the record. Without a closure, ``step()`` uses the tasks adapted since the last step.
+
+    The inner loop is always first order and keeps no graph to the meta-parameters (Reptile
+    needs only the values of :math:`\\theta'_i`); the learners returned by :meth:`adapt` are
+    therefore detached.
+
+    Args:
+        model: The module to meta-train.
+        outer: Outer optimizer class (``torch.optim.SGD`` with ``lr=β`` is the paper's update)
+            or an already built optimizer.
+        inner_lr: Inner step size :math:`\\alpha \\ge 0`.
+        inner_steps: Default number of inner steps :math:`k`.
+        **outer_kwargs: Forwarded to the outer optimizer class.
+    """
+
+    _track_graph = False
+
+    def __init__(
+        self,
+        model: nn.Module,
+        outer: type[torch.optim.Optimizer] | torch.optim.Optimizer,
+        *,
+        inner_lr: float = 0.01,
+        inner_steps: int = 1,
+        **outer_kwargs: Any,
+    ) -> None:
+        if "first_order" in outer_kwargs:
+            raise TypeError(f"Reptile is always first order; got first_order={outer_kwargs['first_order']!r}")
+        super().__init__(model, outer, inner_lr=inner_lr, inner_steps=inner_steps, first_order=True, **outer_kwargs)
+        self._records: list[tuple[dict[str, torch.Tensor], float]] = []
+
+    def _record(self, learner: Learner, weight: float) -> None:
+        params = learner.params
+        self._records.append(({n: params[n].detach() for n in learner.adapt_names}, weight))
+
+    @property
+    def num_recorded(self) -> int:
+        """Number of tasks adapted since the last :meth:`step`."""
+        return len(self._records)
+
+    def task_losses(
+        self,
+        tasks: Sequence[Task],
+        loss_fn: LossFn,
+        *,
+        steps: int | None = None,
+        vectorize: bool | None = None,
+        create_graph: bool | None = None,
+    ) -> torch.Tensor:
+        """Adapt to each task, record the adapted weights for :meth:`step`, return query losses.
+
+        Args:
+            tasks: The meta-batch (non-empty).
+            loss_fn: ``loss_fn(prediction, target) -> scalar``.
+            steps: Number of inner steps (default: ``inner_steps``).
+            vectorize: As in :meth:`MetaOptimizer.task_losses <samgria.meta.base.MetaOptimizer.task_losses>`.
+            create_graph: Ignored (Reptile's inner loop never builds a meta-graph).
+
+        Returns:
+            The detached post-adaptation query losses, shape ``(len(tasks),)`` (for monitoring).
+        """
+        tasks = self._check_tasks(tasks)
+        steps = self.inner_steps if steps is None else check_steps(steps, "steps")
+        losses, adapted = self._run_tasks(
+            tasks, loss_fn, steps, vectorize, first_order=True, track_graph=False, return_params=True
+        )
+        assert adapted is not None
+        for params in adapted:
+            self._records.append(({n: v.detach() for n, v in params.items()}, 1.0))
+        return losses.detach()
+
+    @torch.no_grad()
+    def _set_pseudo_grads(self) -> None:
+        if not self._records:
+            raise ValueError(
+                "Reptile.step found no adapted tasks: call meta.adapt(...) or meta.task_losses(...) "
+                "for at least one task, inside the closure or before step()"
+            )
+        total = sum(w for _, w in self._records)
+        if total <= 0:
+            raise ValueError(
+                f"Reptile task weights must not all be 0, got {[w for _, w in self._records]}"
+            )
+        params = dict(self.model.named_parameters())
+        adapted_names = set().union(*(rec.keys() for rec, _ in self._records))
+        for name in adapted_names:
+            p = params[name]
+            mean = torch.zeros_like(p)
+            for rec, w in self._records:
+                mean.add_(rec[name] if name in rec else p, alpha=w / total)
+            p.grad = p.detach() - mean
+        adapted_ids = {id(params[n]) for n in adapted_names}
+        for group in self.param_groups:
+            for p in group["params"]:
+                if id(p) not in adapted_ids:
+                    p.grad = None
+
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        """Set the Reptile pseudo-gradient and apply the outer update.
+
+        Args:
+            closure: Adapts per task (via :meth:`adapt` / :meth:`task_losses`) and returns a
+                loss. Handed to the outer optimizer (which may call it more than once); each
+                call starts a fresh record.
+
+        Returns:
+            What the outer optimizer's ``step`` returns.
+
+        Raises:
+            ValueError: No task was adapted, or all task weights are 0.
+        """
+        try:
+            if closure is None:
+                self._set_pseudo_grads()
+                return self.outer.step()
+            if not callable(closure):
+                raise TypeError(f"closure must be callable, got {closure!r}")
+
+            def reptile_closure() -> Any:
+                self._records.clear()
+                loss = closure()
+                self._set_pseudo_grads()
+                return loss
+
+            return self.outer.step(reptile_closure)
+        finally:
+            self._records.clear()

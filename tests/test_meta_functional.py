@@ -1,0 +1,242 @@
+"""Tests of samgria.meta.functional against hand-written references and analytic results."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from samgria.meta.functional import (
+    adapt,
+    functional_forward,
+    inner_step,
+    named_buffers,
+    named_params,
+)
+
+DT = torch.float64
+
+
+def linear_problem(seed: int = 0, d: int = 3, n: int = 6):
+    g = torch.Generator().manual_seed(seed)
+    model = nn.Linear(d, 1, bias=False).to(DT)
+    with torch.no_grad():
+        model.weight.copy_(torch.randn(1, d, generator=g, dtype=DT))
+    x = torch.randn(n, d, generator=g, dtype=DT)
+    y = torch.randn(n, 1, generator=g, dtype=DT)
+    return model, x, y
+
+
+def analytic_grad(w: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Gradient of mean((x w^T - y)^2) w.r.t. w (shape (1, d))."""
+    n = x.shape[0]
+    return (2.0 / n) * ((x @ w.T - y).T @ x)
+
+
+def test_named_params_and_buffers_are_fresh_dicts_of_live_tensors():
+    model = nn.Sequential(nn.Linear(2, 3), nn.BatchNorm1d(3))
+    params = named_params(model)
+    assert list(params) == [n for n, _ in model.named_parameters()]
+    assert params["0.weight"] is model[0].weight
+    params.pop("0.weight")
+    assert "0.weight" in named_params(model)
+    buffers = named_buffers(model)
+    assert set(buffers) == {"1.running_mean", "1.running_var", "1.num_batches_tracked"}
+    assert buffers["1.running_mean"] is model[1].running_mean
+
+
+def test_named_params_rejects_non_module():
+    with pytest.raises(TypeError, match="model must be a torch.nn.Module, got list"):
+        named_params([1, 2])
+    with pytest.raises(TypeError, match="model must be a torch.nn.Module, got int"):
+        named_buffers(3)
+
+
+def test_functional_forward_matches_model_and_uses_given_params():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(2, 4), nn.Tanh(), nn.Linear(4, 1)).to(DT)
+    x = torch.randn(5, 2, dtype=DT)
+    assert torch.equal(functional_forward(model, named_params(model), x), model(x))
+    # Other weights: compare with a deep copy holding those weights.
+    other = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in other.parameters():
+            p.mul_(-0.5)
+    new_params = {n: p.detach().clone() for n, p in other.named_parameters()}
+    assert torch.equal(functional_forward(model, new_params, x), other(x))
+    # Partial mapping: missing names come from the model.
+    partial = {"2.bias": torch.full((1,), 3.0, dtype=DT)}
+    expected = model[2](model[1](model[0](x))) - model[2].bias + 3.0
+    torch.testing.assert_close(functional_forward(model, partial, x), expected)
+
+
+def test_functional_forward_kwargs_are_forwarded():
+    class Scaled(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = nn.Linear(2, 1)
+
+        def forward(self, x, scale=1.0):
+            return self.lin(x) * scale
+
+    model = Scaled()
+    x = torch.randn(3, 2)
+    out = functional_forward(model, named_params(model), x, scale=2.0)
+    torch.testing.assert_close(out, model(x) * 2.0)
+
+
+def test_functional_forward_never_updates_model_buffers_by_default():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(2, 3), nn.BatchNorm1d(3)).train()
+    before = {n: b.clone() for n, b in model.named_buffers()}
+    x = torch.randn(8, 2)
+    out = functional_forward(model, named_params(model), x)
+    for n, b in model.named_buffers():
+        assert torch.equal(b, before[n]), n
+    # Train mode: normalised with the batch statistics of x.
+    h = model[0](x)
+    expected = (h - h.mean(0)) / torch.sqrt(h.var(0, unbiased=False) + model[1].eps)
+    expected = expected * model[1].weight + model[1].bias
+    torch.testing.assert_close(out, expected)
+    # Explicit buffers are written into, the model's still are not.
+    explicit = {n: b.clone() for n, b in model.named_buffers()}
+    functional_forward(model, named_params(model), x, buffers=explicit)
+    assert explicit["1.num_batches_tracked"].item() == 1
+    assert model[1].num_batches_tracked.item() == 0
+
+
+def test_inner_step_equals_analytic_sgd_step():
+    model, x, y = linear_problem()
+    params = named_params(model)
+    loss = nn.functional.mse_loss(functional_forward(model, params, x), y)
+    new = inner_step(params, loss, 0.1)
+    expected = model.weight - 0.1 * analytic_grad(model.weight.detach(), x, y)
+    torch.testing.assert_close(new["weight"], expected, rtol=0, atol=1e-12)
+    assert new is not params and params["weight"] is model.weight
+
+
+def test_inner_step_second_order_jacobian_is_identity_minus_lr_hessian():
+    model, x, y = linear_problem(d=2)
+    params = named_params(model)
+    lr = 0.2
+    loss = nn.functional.mse_loss(functional_forward(model, params, x), y)
+    new = inner_step(params, loss, lr)
+    n = x.shape[0]
+    hessian = (2.0 / n) * x.T @ x
+    jac = torch.stack(
+        [torch.autograd.grad(new["weight"][0, i], model.weight, retain_graph=True)[0][0] for i in range(2)]
+    )
+    torch.testing.assert_close(jac, torch.eye(2, dtype=DT) - lr * hessian, rtol=0, atol=1e-12)
+
+
+def test_inner_step_first_order_jacobian_is_identity():
+    model, x, y = linear_problem(d=2)
+    params = named_params(model)
+    loss = nn.functional.mse_loss(functional_forward(model, params, x), y)
+    new = inner_step(params, loss, 0.2, first_order=True)
+    jac = torch.stack(
+        [torch.autograd.grad(new["weight"][0, i], model.weight, retain_graph=True)[0][0] for i in range(2)]
+    )
+    torch.testing.assert_close(jac, torch.eye(2, dtype=DT), rtol=0, atol=0)
+
+
+def test_inner_step_adapt_names_and_per_name_tensor_lr():
+    torch.manual_seed(0)
+    model = nn.Linear(3, 2).to(DT)
+    params = named_params(model)
+    x, y = torch.randn(4, 3, dtype=DT), torch.randn(4, 2, dtype=DT)
+    loss = nn.functional.mse_loss(functional_forward(model, params, x), y)
+    g_w, g_b = torch.autograd.grad(loss, [model.weight, model.bias], retain_graph=True)
+    only_bias = inner_step(params, loss, 0.5, adapt_names=["bias"])
+    assert only_bias["weight"] is model.weight
+    torch.testing.assert_close(only_bias["bias"], model.bias - 0.5 * g_b)
+    rate = torch.tensor([0.1, 0.3], dtype=DT)
+    per_name = inner_step(params, loss, {"weight": 0.2, "bias": rate})
+    torch.testing.assert_close(per_name["weight"], model.weight - 0.2 * g_w)
+    torch.testing.assert_close(per_name["bias"], model.bias - rate * g_b)
+
+
+def test_inner_step_unused_parameter_is_left_alone():
+    model = nn.ModuleDict({"used": nn.Linear(2, 1), "unused": nn.Linear(2, 1)})
+    params = named_params(model)
+    x = torch.randn(3, 2)
+    loss = functional_forward(model["used"], {"weight": params["used.weight"], "bias": params["used.bias"]}, x).sum()
+    new = inner_step(params, loss, 0.1)
+    assert new["unused.weight"] is params["unused.weight"]
+    assert not torch.equal(new["used.weight"], params["used.weight"])
+    with pytest.raises(RuntimeError):
+        inner_step(params, loss, 0.1, allow_unused=False)
+
+
+def test_inner_step_errors_name_argument_and_value():
+    model, x, y = linear_problem()
+    params = named_params(model)
+    loss = nn.functional.mse_loss(functional_forward(model, params, x), y)
+    with pytest.raises(ValueError, match=r"lr must be >= 0, got -1\.0"):
+        inner_step(params, loss, -1.0)
+    with pytest.raises(TypeError, match="lr must be a real number, got True"):
+        inner_step(params, loss, True)
+    with pytest.raises(ValueError, match=r"adapt_names contains names that are not in params: \['nope'\]"):
+        inner_step(params, loss, 0.1, adapt_names=["nope"])
+    with pytest.raises(ValueError, match=r"support loss must be a scalar tensor, got shape \(6, 1\)"):
+        inner_step(params, functional_forward(model, params, x), 0.1)
+    with pytest.raises(ValueError, match="does not depend on any parameter"):
+        inner_step(params, torch.tensor(1.0, dtype=DT), 0.1)
+    with pytest.raises(KeyError, match="lr has no entry"):
+        inner_step(params, loss, {"other": 0.1})
+
+
+def test_adapt_equals_hand_written_loop():
+    model, x, y = linear_problem()
+    lr, steps = 0.05, 3
+
+    def build_loss(p):
+        return nn.functional.mse_loss(functional_forward(model, p, x), y)
+
+    out = adapt(model, named_params(model), build_loss, lr=lr, inner_steps=steps)
+    w = model.weight.detach().clone()
+    for _ in range(steps):
+        w = w - lr * analytic_grad(w, x, y)
+    torch.testing.assert_close(out["weight"], w, rtol=0, atol=1e-12)
+    # Graph-connected to the model: the meta-gradient exists.
+    out["weight"].sum().backward()
+    assert model.weight.grad is not None
+
+
+def test_adapt_zero_steps_returns_a_copy_of_params():
+    model, x, y = linear_problem()
+    params = named_params(model)
+    out = adapt(model, params, lambda p: p["weight"].sum(), inner_steps=0)
+    assert out is not params and out["weight"] is model.weight
+
+
+def test_adapt_under_no_grad_still_adapts():
+    model, x, y = linear_problem()
+    with torch.no_grad():
+        out = adapt(
+            model,
+            named_params(model),
+            lambda p: nn.functional.mse_loss(functional_forward(model, p, x), y),
+            lr=0.1,
+        )
+    expected = model.weight.detach() - 0.1 * analytic_grad(model.weight.detach(), x, y)
+    torch.testing.assert_close(out["weight"].detach(), expected, rtol=0, atol=1e-12)
+
+
+def test_adapt_errors_name_argument_and_value():
+    model, x, y = linear_problem()
+    params = named_params(model)
+    with pytest.raises(TypeError, match="model must be a torch.nn.Module, got str"):
+        adapt("model", params, lambda p: p["weight"].sum())
+    with pytest.raises(TypeError, match="build_loss must be callable, got 3"):
+        adapt(model, params, 3)
+    with pytest.raises(ValueError, match="inner_steps must be >= 0, got -2"):
+        adapt(model, params, lambda p: p["weight"].sum(), inner_steps=-2)
+    with pytest.raises(TypeError, match="inner_steps must be a non-negative int, got True"):
+        adapt(model, params, lambda p: p["weight"].sum(), inner_steps=True)
+    with pytest.raises(TypeError, match=r"inner_steps must be a non-negative int, got 1\.5"):
+        adapt(model, params, lambda p: p["weight"].sum(), inner_steps=1.5)
+    with pytest.raises(ValueError, match=r"lr must be >= 0, got -0\.1"):
+        adapt(model, params, lambda p: p["weight"].sum(), lr=-0.1)
