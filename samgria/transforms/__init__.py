@@ -1,0 +1,18 @@
+"""Transforms that run around the inner optimizer's step: SAM, ASAM, LAMP and the protocol."""
+
+from samgria.transforms.base import GradientTransform, ProtocolTransform, Transform, TransformContext
+from samgria.transforms.lamp import LAMP, LAMPRollback
+from samgria.transforms.sam import ASAM, SAM, Perturbation, PerturbationTransform
+
+__all__ = [
+    "ASAM",
+    "GradientTransform",
+    "LAMP",
+    "LAMPRollback",
+    "Perturbation",
+    "PerturbationTransform",
+    "ProtocolTransform",
+    "SAM",
+    "Transform",
+    "TransformContext",
+]

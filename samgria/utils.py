@@ -1,0 +1,87 @@
+"""Small utilities: flat gradient vectors and BatchNorm running-statistics control."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterable, Iterator
+
+import torch
+from torch import nn
+
+__all__ = ["get_grad", "set_grad", "frozen_bn_stats"]
+
+
+def get_grad(params: Iterable[torch.Tensor]) -> torch.Tensor:
+    """Flatten every parameter's ``.grad`` into one 1-D vector (zeros where a grad is ``None``).
+
+    Args:
+        params: Parameters, e.g. ``model.parameters()``.
+
+    Returns:
+        A vector of length ``sum(p.numel())``, in the dtype and on the device of the first parameter.
+
+    Raises:
+        ValueError: If ``params`` is empty.
+    """
+    params = list(params)
+    if not params:
+        raise ValueError("get_grad needs at least one parameter, got an empty iterable")
+    first = params[0]
+    pieces = [
+        (p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1).to(first.device, first.dtype)
+        for p in params
+    ]
+    return torch.cat(pieces)
+
+
+@torch.no_grad()
+def set_grad(grads: torch.Tensor, params: Iterable[torch.Tensor]) -> None:
+    """Scatter a flat vector (as made by :func:`get_grad`) into each parameter's ``.grad``.
+
+    Each slice is reshaped to the parameter's shape and cast to its device and dtype.
+
+    Raises:
+        ValueError: If ``grads`` is not 1-D or its length differs from the parameters' total size.
+    """
+    params = list(params)
+    total = sum(p.numel() for p in params)
+    if grads.dim() != 1 or grads.numel() != total:
+        raise ValueError(
+            f"grads must be a 1-D tensor of length {total} (the parameters' total size), "
+            f"got shape {tuple(grads.shape)}"
+        )
+    offset = 0
+    for param in params:
+        piece = grads[offset : offset + param.numel()].view_as(param).to(param.device, param.dtype)
+        if param.grad is None:
+            param.grad = piece.clone()
+        else:
+            param.grad.copy_(piece)
+        offset += param.numel()
+
+
+@contextlib.contextmanager
+def frozen_bn_stats(model: nn.Module) -> Iterator[nn.Module]:
+    """Run forward passes in train mode without touching BatchNorm running statistics.
+
+    Inside the block every BatchNorm layer of ``model`` normalises with the batch statistics, as
+    in training, but its ``running_mean``, ``running_var`` and ``num_batches_tracked`` stay
+    exactly as they were. Use it for SAM's second forward pass so that the running statistics
+    match a plain optimizer step's (one update per step), e.g.
+    ``TransformingOptimizer(..., reevaluation_context=lambda: frozen_bn_stats(model))``.
+
+    Raises:
+        TypeError: If ``model`` is not an ``nn.Module``.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {model!r}")
+    layers = [
+        m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats
+    ]
+    for layer in layers:
+        layer.track_running_stats = False
+    try:
+        yield model
+    finally:
+        for layer in layers:
+            layer.track_running_stats = True
