@@ -145,11 +145,13 @@ class Transform:
                 loss.backward()
             return loss
 
-        self.pre_update(self._standalone_context(model, reevaluate))
+        with torch.no_grad():
+            self.pre_update(self._standalone_context(model, reevaluate))
 
     def post_step(self, model: nn.Module) -> None:
         """Seed protocol, post-descent: call after ``optimizer.step()``."""
-        self.post_update(self._standalone_context(model, None))
+        with torch.no_grad():
+            self.post_update(self._standalone_context(model, None))
 
     def __repr__(self) -> str:
         args = ", ".join(f"{key}={value!r}" for key, value in self._repr_items())
