@@ -1,0 +1,481 @@
+"""MAML / FOMAML / MetaOptimizer: meta-gradients against closed forms and finite differences,
+optimizer plumbing (param groups, schedulers, state_dict), BatchNorm policy and bad inputs."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from samgria.data.task import Task
+from samgria.meta.base import MetaOptimizer
+from samgria.meta.functional import functional_forward, named_params
+from samgria.meta.maml import FOMAML, MAML
+
+DT = torch.float64
+mse = nn.functional.mse_loss
+
+
+def make_tasks(n=3, d=3, k=5, seed=0, out=1):
+    g = torch.Generator().manual_seed(seed)
+    return [
+        Task(
+            torch.randn(k, d, generator=g, dtype=DT),
+            torch.randn(k, out, generator=g, dtype=DT),
+            torch.randn(k, d, generator=g, dtype=DT),
+            torch.randn(k, out, generator=g, dtype=DT),
+        )
+        for _ in range(n)
+    ]
+
+
+def linear_model(d=3, seed=0):
+    torch.manual_seed(seed)
+    return nn.Linear(d, 1, bias=False).to(DT)
+
+
+def mlp(d=3, hidden=5, seed=0, act=nn.Tanh):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(d, hidden), act(), nn.Linear(hidden, 1)).to(DT)
+
+
+def ls_grad(w, x, y):
+    """Gradient of mean((x w^T - y)^2) w.r.t. the row vector w."""
+    return (2.0 / x.shape[0]) * ((x @ w.T - y).T @ x)
+
+
+def ls_hessian(x):
+    return (2.0 / x.shape[0]) * x.T @ x
+
+
+def closed_form_maml_grad(w, tasks, alpha, first_order=False):
+    """Analytic one-step MAML meta-gradient of the mean query loss on least squares."""
+    total = torch.zeros_like(w)
+    eye = torch.eye(w.shape[1], dtype=w.dtype)
+    for t in tasks:
+        w_adapted = w - alpha * ls_grad(w, t.support_x, t.support_y)
+        g_q = ls_grad(w_adapted, t.query_x, t.query_y)
+        total += g_q if first_order else g_q @ (eye - alpha * ls_hessian(t.support_x))
+    return total / len(tasks)
+
+
+def finite_difference_grad(fn, params, h=1e-6):
+    grads = []
+    with torch.no_grad():
+        for p in params:
+            g = torch.zeros_like(p)
+            flat = p.view(-1)
+            for i in range(flat.numel()):
+                old = flat[i].item()
+                flat[i] = old + h
+                up = fn().item()
+                flat[i] = old - h
+                down = fn().item()
+                flat[i] = old
+                g.view(-1)[i] = (up - down) / (2 * h)
+            grads.append(g)
+    return grads
+
+
+def closure_meta_grad(meta, tasks, steps=None):
+    """Meta-gradient through the public closure API (adapt + learner)."""
+    meta.zero_grad()
+    losses = []
+    for t in tasks:
+        learner = meta.adapt(lambda f, t=t: mse(f(t.support_x), t.support_y), steps)
+        losses.append(mse(learner(t.query_x), t.query_y))
+    loss = torch.stack(losses).mean()
+    loss.backward()
+    return loss
+
+
+# ----------------------------------------------------------------------------- exactness
+@pytest.mark.parametrize("vectorize", [False, True])
+def test_maml_meta_gradient_equals_closed_form_on_least_squares(vectorize):
+    model = linear_model()
+    tasks = make_tasks()
+    meta = MAML(model, torch.optim.SGD, inner_lr=0.1, lr=0.5)
+    meta.zero_grad()
+    meta.task_losses(tasks, mse, vectorize=vectorize).mean().backward()
+    expected = closed_form_maml_grad(model.weight.detach(), tasks, 0.1)
+    torch.testing.assert_close(model.weight.grad, expected, rtol=0, atol=1e-12)
+
+
+def test_maml_step_applies_sgd_update_with_closed_form_gradient():
+    model = linear_model()
+    tasks = make_tasks()
+    w0 = model.weight.detach().clone()
+    meta = MAML(model, torch.optim.SGD, inner_lr=0.1, lr=0.5)
+    loss = meta.step(lambda: closure_meta_grad(meta, tasks))
+    assert isinstance(loss, torch.Tensor) and loss.dim() == 0
+    expected = w0 - 0.5 * closed_form_maml_grad(w0, tasks, 0.1)
+    torch.testing.assert_close(model.weight.detach(), expected, rtol=0, atol=1e-12)
+
+
+def test_fomaml_gradient_is_query_gradient_at_adapted_weights():
+    model = linear_model()
+    tasks = make_tasks()
+    meta = FOMAML(model, torch.optim.SGD, inner_lr=0.1, lr=0.5)
+    assert meta.first_order is True
+    closure_meta_grad(meta, tasks)
+    expected = closed_form_maml_grad(model.weight.detach(), tasks, 0.1, first_order=True)
+    torch.testing.assert_close(model.weight.grad, expected, rtol=0, atol=1e-12)
+    # Same as MAML(first_order=True), and different from second-order MAML.
+    twin = linear_model()
+    MAML(twin, torch.optim.SGD, inner_lr=0.1, first_order=True, lr=0.5).task_losses(tasks, mse).mean().backward()
+    torch.testing.assert_close(twin.weight.grad, model.weight.grad, rtol=0, atol=1e-12)
+    second = closed_form_maml_grad(model.weight.detach(), tasks, 0.1)
+    assert (second - expected).abs().max() > 1e-3
+
+
+def test_fomaml_on_mlp_matches_independent_query_gradient():
+    model = mlp()
+    tasks = make_tasks(n=2)
+    meta = FOMAML(model, torch.optim.SGD, inner_lr=0.05, inner_steps=2, lr=0.1)
+    closure_meta_grad(meta, tasks)
+    # Independent reference: adapt a deep copy with torch.optim.SGD, take its query gradient.
+    expected = [torch.zeros_like(p) for p in model.parameters()]
+    for t in tasks:
+        clone = copy.deepcopy(model)
+        inner = torch.optim.SGD(clone.parameters(), lr=0.05)
+        for _ in range(2):
+            inner.zero_grad()
+            mse(clone(t.support_x), t.support_y).backward()
+            inner.step()
+        inner.zero_grad()
+        mse(clone(t.query_x), t.query_y).backward()
+        for e, p in zip(expected, clone.parameters()):
+            e += p.grad / len(tasks)
+    for p, e in zip(model.parameters(), expected):
+        torch.testing.assert_close(p.grad, e, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("first_order", [False, True])
+def test_maml_meta_gradient_matches_finite_differences(first_order):
+    model = mlp()
+    tasks = make_tasks(n=2)
+    meta = MAML(model, torch.optim.SGD, inner_lr=0.1, inner_steps=2, first_order=first_order, lr=0.1)
+    closure_meta_grad(meta, tasks)
+    analytic = [p.grad.clone() for p in model.parameters()]
+    if first_order:
+        # FOMAML is not the gradient of the meta-loss: check it differs from finite differences.
+        fd = finite_difference_grad(lambda: meta.task_losses(tasks, mse, vectorize=False, create_graph=True).mean(),
+                                    list(model.parameters()))
+        assert max((a - f).abs().max().item() for a, f in zip(analytic, fd)) > 1e-4
+        return
+    fd = finite_difference_grad(lambda: meta.evaluate(tasks, mse) * torch.ones((), dtype=DT), list(model.parameters()))
+    for a, f in zip(analytic, fd):
+        torch.testing.assert_close(a, f, rtol=1e-6, atol=1e-8)
+
+
+def test_create_graph_false_gives_first_order_gradient():
+    model = linear_model()
+    tasks = make_tasks()
+    meta = MAML(model, torch.optim.SGD, inner_lr=0.1, lr=0.5)
+    meta.task_losses(tasks, mse, create_graph=False).mean().backward()
+    expected = closed_form_maml_grad(model.weight.detach(), tasks, 0.1, first_order=True)
+    torch.testing.assert_close(model.weight.grad, expected, rtol=0, atol=1e-12)
+
+
+def test_adapt_returns_learner_with_adapted_params_and_steps_override():
+    model = linear_model()
+    t = make_tasks(n=1)[0]
+    meta = MAML(model, torch.optim.SGD, inner_lr=0.1, inner_steps=1, lr=0.5)
+    learner = meta.adapt(lambda f: mse(f(t.support_x), t.support_y), steps=3)
+    w = model.weight.detach()
+    for _ in range(3):
+        w = w - 0.1 * ls_grad(w, t.support_x, t.support_y)
+    torch.testing.assert_close(learner.params["weight"], w, rtol=0, atol=1e-12)
+    torch.testing.assert_close(learner(t.query_x), t.query_x @ w.T, rtol=0, atol=1e-12)
+    assert learner.params["weight"].grad_fn is not None  # graph-connected to the meta-params
+    # weight is accepted (and ignored) by the MAML family
+    meta.adapt(lambda f: mse(f(t.support_x), t.support_y), weight=2.0)
+
+
+def test_adapt_and_task_losses_leave_model_untouched_only_step_changes_it():
+    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Tanh(), nn.Linear(4, 1)).to(DT)
+    tasks = make_tasks()
+    before = copy.deepcopy(model.state_dict())
+    meta = MAML(model, torch.optim.SGD, inner_lr=0.1, inner_steps=2, lr=0.5)
+    meta.adapt(lambda f: mse(f(tasks[0].support_x), tasks[0].support_y))
+    meta.task_losses(tasks, mse)
+    meta.evaluate(tasks, mse)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    meta.step(lambda: closure_meta_grad(meta, tasks))
+    assert not torch.equal(model[0].weight, before["0.weight"])
+    for k in ("1.running_mean", "1.running_var", "1.num_batches_tracked"):
+        assert torch.equal(model.state_dict()[k], before[k]), k
+
+
+# ----------------------------------------------------------------------------- BatchNorm policy
+def test_batchnorm_second_order_maml_runs_and_matches_finite_differences():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Tanh(), nn.Linear(4, 1)).to(DT).train()
+    tasks = make_tasks(n=2)
+    meta = MAML(model, torch.optim.SGD, inner_lr=0.1, inner_steps=3, lr=0.1)
+    closure_meta_grad(meta, tasks)  # no in-place modification error
+    analytic = [p.grad.clone() for p in model.parameters()]
+    fd = finite_difference_grad(lambda: meta.evaluate(tasks, mse) * torch.ones((), dtype=DT), list(model.parameters()))
+    for a, f in zip(analytic, fd):
+        torch.testing.assert_close(a, f, rtol=1e-6, atol=1e-8)
+    assert model[1].num_batches_tracked.item() == 0
+    assert torch.equal(model[1].running_mean, torch.zeros(4, dtype=DT))
+
+
+def test_batchnorm_uses_batch_statistics_in_train_mode_and_running_stats_in_eval_mode():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4)).to(DT)
+    with torch.no_grad():
+        model[1].running_mean.fill_(0.5)
+        model[1].running_var.fill_(2.0)
+    x = torch.randn(6, 3, dtype=DT)
+    meta = MAML(model, torch.optim.SGD, inner_lr=0.0, lr=0.1)
+    learner = meta.clone()
+    h = model[0](x)
+    train_expected = (h - h.mean(0)) / torch.sqrt(h.var(0, unbiased=False) + 1e-5) * model[1].weight + model[1].bias
+    torch.testing.assert_close(learner(x), train_expected)
+    model.eval()
+    eval_expected = (h - 0.5) / torch.sqrt(torch.tensor(2.0 + 1e-5, dtype=DT)) * model[1].weight + model[1].bias
+    torch.testing.assert_close(learner(x), eval_expected)
+
+
+# ----------------------------------------------------------------------------- plumbing
+def test_param_groups_are_the_outer_optimizer_list_and_schedulers_work():
+    model = linear_model()
+    meta = MAML(model, torch.optim.SGD, inner_lr=0.1, lr=1.0)
+    assert meta.param_groups is meta.outer.param_groups
+    assert meta.param_groups[0]["inner_lr"] == 0.1 and meta.param_groups[0]["adapt"] is True
+    assert meta.defaults["inner_lr"] == 0.1 and meta.defaults["lr"] == 1.0
+    assert meta.state is meta.outer.state
+    sched = torch.optim.lr_scheduler.StepLR(meta, step_size=1, gamma=0.5)
+    tasks = make_tasks()
+    meta.step(lambda: closure_meta_grad(meta, tasks))
+    sched.step()
+    assert meta.outer.param_groups[0]["lr"] == 0.5
+    assert isinstance(meta, torch.optim.Optimizer)
+
+
+def test_already_built_outer_optimizer_with_groups_per_group_inner_lr_and_adapt_false():
+    torch.manual_seed(0)
+    model = nn.Linear(3, 2).to(DT)
+    outer = torch.optim.SGD(
+        [{"params": [model.weight], "inner_lr": 0.3}, {"params": [model.bias], "adapt": False}], lr=0.1
+    )
+    meta = MAML(model, outer, inner_lr=0.05)
+    assert meta.outer is outer
+    assert meta.param_groups[1]["inner_lr"] == 0.05  # filled from the constructor
+    x, y = torch.randn(4, 3, dtype=DT), torch.randn(4, 2, dtype=DT)
+    learner = meta.adapt(lambda f: mse(f(x), y))
+    g_w = torch.autograd.grad(mse(model(x), y), model.weight)[0]
+    torch.testing.assert_close(learner.params["weight"], model.weight - 0.3 * g_w)
+    assert learner.params["bias"] is model.bias  # not adapted ...
+    mse(learner(x), y).backward()
+    assert model.bias.grad is not None  # ... but still a meta-parameter
+    # editing a group's inner_lr takes effect at the next adaptation
+    meta.param_groups[0]["inner_lr"] = 0.0
+    assert torch.equal(meta.adapt(lambda f: mse(f(x), y)).params["weight"], model.weight)
+
+
+def test_params_argument_builds_groups_from_an_optimizer_class():
+    torch.manual_seed(0)
+    model = nn.Linear(3, 2).to(DT)
+    meta = MAML(model, torch.optim.Adam, params=[{"params": [model.weight]}, {"params": [model.bias], "adapt": False}], lr=1e-3)
+    assert [g["adapt"] for g in meta.param_groups] == [True, False]
+    assert meta.clone().adapt_names == ["weight"]
+
+
+def test_add_param_group_fills_inner_defaults():
+    model = nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 1)).to(DT)
+    meta = MAML(model, torch.optim.SGD, params=model[0].parameters(), inner_lr=0.2, lr=0.1)
+    meta.add_param_group({"params": model[1].parameters(), "adapt": False})
+    assert meta.param_groups[1]["inner_lr"] == 0.2 and meta.param_groups[1]["adapt"] is False
+    with pytest.raises(ValueError, match="not a parameter of model"):
+        meta.add_param_group({"params": [nn.Parameter(torch.zeros(2))]})
+
+
+def test_state_dict_round_trip_continues_bit_for_bit():
+    tasks = make_tasks()
+    model_a = mlp()
+    meta_a = MAML(model_a, torch.optim.Adam, inner_lr=0.1, lr=1e-2)
+    for _ in range(2):
+        meta_a.step(lambda: closure_meta_grad(meta_a, tasks))
+    model_b = copy.deepcopy(model_a)
+    meta_b = MAML(model_b, torch.optim.Adam, inner_lr=0.7, lr=5.0)
+    meta_b.load_state_dict(copy.deepcopy(meta_a.state_dict()))
+    assert meta_b.param_groups[0]["inner_lr"] == 0.1 and meta_b.param_groups[0]["lr"] == 1e-2
+    for _ in range(2):
+        meta_a.step(lambda: closure_meta_grad(meta_a, tasks))
+        meta_b.step(lambda: closure_meta_grad(meta_b, tasks))
+    for pa, pb in zip(model_a.parameters(), model_b.parameters()):
+        assert torch.equal(pa, pb)
+
+
+class TwiceSGD(torch.optim.Optimizer):
+    """A SAM-like optimizer: evaluates the closure twice, steps with the second gradient."""
+
+    def __init__(self, params, lr):
+        super().__init__(params, {"lr": lr})
+        self.calls = 0
+
+    @torch.no_grad()
+    def step(self, closure):
+        with torch.enable_grad():
+            first = closure()
+        self.calls += 1
+        with torch.enable_grad():
+            closure()
+        self.calls += 1
+        for group in self.param_groups:
+            for p in group["params"]:
+                p.add_(p.grad, alpha=-group["lr"])
+        return first
+
+
+def test_closure_is_passed_through_to_an_outer_optimizer_that_calls_it_twice():
+    model = linear_model()
+    tasks = make_tasks()
+    w0 = model.weight.detach().clone()
+    meta = MAML(model, TwiceSGD, inner_lr=0.1, lr=0.5)
+    loss = meta.step(lambda: closure_meta_grad(meta, tasks))
+    assert meta.outer.calls == 2
+    assert torch.is_tensor(loss)
+    torch.testing.assert_close(model.weight.detach(), w0 - 0.5 * closed_form_maml_grad(w0, tasks, 0.1), rtol=0, atol=1e-12)
+
+
+def test_sam_transforming_optimizer_on_the_outer_loop():
+    optim = pytest.importorskip("samgria.optim")
+    sam_mod = pytest.importorskip("samgria.transforms.sam")
+    model = linear_model()
+    tasks = make_tasks()
+    w0 = model.weight.detach().clone()
+    rho, lr, alpha = 0.05, 0.5, 0.1
+    outer = optim.TransformingOptimizer(model.parameters(), torch.optim.SGD, lr=lr, transforms=[sam_mod.SAM(rho=rho)])
+    meta = MAML(model, outer, inner_lr=alpha)
+    calls = []
+
+    def closure():
+        calls.append(1)
+        return closure_meta_grad(meta, tasks)
+
+    meta.step(closure)
+    assert len(calls) == 2
+    g = closed_form_maml_grad(w0, tasks, alpha)
+    g_sam = closed_form_maml_grad(w0 + rho * g / g.norm(), tasks, alpha)
+    torch.testing.assert_close(model.weight.detach(), w0 - lr * g_sam, rtol=0, atol=1e-10)
+
+
+def test_exception_in_closure_leaves_model_unchanged():
+    model = mlp()
+    before = copy.deepcopy(model.state_dict())
+    meta = MAML(model, torch.optim.Adam, lr=0.1)
+    tasks = make_tasks()
+
+    def closure():
+        closure_meta_grad(meta, tasks)
+        raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError, match="boom"):
+        meta.step(closure)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k])
+
+
+def test_evaluate_is_mean_query_loss_and_touches_nothing():
+    model = mlp()
+    tasks = make_tasks()
+    meta = MAML(model, torch.optim.Adam, inner_lr=0.1, inner_steps=2, lr=0.1)
+    expected = meta.task_losses(tasks, mse, vectorize=False).mean().item()
+    meta.zero_grad()
+    outer_state = copy.deepcopy(meta.state_dict())
+    value = meta.evaluate(tasks, mse)
+    assert isinstance(value, float)
+    assert value == pytest.approx(expected, rel=1e-12)
+    assert all(p.grad is None for p in model.parameters())
+    assert meta.state_dict() == outer_state
+    assert meta.evaluate(tasks, mse, steps=0) == pytest.approx(
+        torch.stack([mse(model(t.query_x), t.query_y) for t in tasks]).mean().item(), rel=1e-12
+    )
+
+
+def test_meta_loss_weighted_mean_and_count_mismatch():
+    losses = torch.tensor([1.0, 2.0, 4.0], dtype=DT)
+    assert MetaOptimizer.meta_loss(losses).item() == pytest.approx(7 / 3)
+    assert MetaOptimizer.meta_loss(list(losses), [1.0, 0.0, 1.0]).item() == pytest.approx(2.5)
+    with pytest.raises(ValueError, match="got 2 weights for 3 losses"):
+        MetaOptimizer.meta_loss(losses, [1.0, 2.0])
+    with pytest.raises(ValueError, match="at least one task loss, got 0"):
+        MetaOptimizer.meta_loss([])
+    with pytest.raises(ValueError, match="weights must be finite and >= 0"):
+        MetaOptimizer.meta_loss(losses, [1.0, -1.0, 1.0])
+    with pytest.raises(ValueError, match="must not all be 0"):
+        MetaOptimizer.meta_loss(losses, [0.0, 0.0, 0.0])
+
+
+# ----------------------------------------------------------------------------- bad inputs
+def test_constructor_rejects_bad_inputs_with_messages():
+    model = linear_model()
+    with pytest.raises(ValueError, match=r"inner_lr must be >= 0, got -1\.0"):
+        MAML(model, torch.optim.SGD, inner_lr=-1.0, lr=0.1)
+    with pytest.raises(ValueError, match="inner_steps must be >= 0, got -1"):
+        MAML(model, torch.optim.SGD, inner_steps=-1, lr=0.1)
+    with pytest.raises(TypeError, match=r"inner_steps must be a non-negative int, got 2\.0"):
+        MAML(model, torch.optim.SGD, inner_steps=2.0, lr=0.1)
+    with pytest.raises(TypeError, match="inner_steps must be a non-negative int, got True"):
+        MAML(model, torch.optim.SGD, inner_steps=True, lr=0.1)
+    with pytest.raises(TypeError, match="model must be a torch.nn.Module, got list"):
+        MAML([model.weight], torch.optim.SGD, lr=0.1)
+    with pytest.raises(TypeError, match="outer must be a torch.optim.Optimizer subclass or instance, got 'sgd'"):
+        MAML(model, "sgd", lr=0.1)
+    with pytest.raises(TypeError, match="outer must be a torch.optim.Optimizer subclass or instance"):
+        MAML(model, nn.Linear)
+    with pytest.raises(TypeError, match=r"outer_kwargs \['lr'\] can only be given when outer is an optimizer class"):
+        MAML(model, torch.optim.SGD(model.parameters(), lr=0.1), lr=0.1)
+    with pytest.raises(TypeError, match="first_order must be a bool, got 1"):
+        MAML(model, torch.optim.SGD, first_order=1, lr=0.1)
+    with pytest.raises(TypeError, match="FOMAML is always first order; got first_order=False"):
+        FOMAML(model, torch.optim.SGD, first_order=False, lr=0.1)
+    with pytest.raises(ValueError, match="not a parameter of model"):
+        MAML(model, torch.optim.SGD([nn.Parameter(torch.zeros(2))], lr=0.1))
+    with pytest.raises(ValueError, match="model has no parameters"):
+        MAML(nn.ReLU(), torch.optim.SGD, lr=0.1)
+    with pytest.raises(TypeError, match=r"param_groups\[0\]\['adapt'\] must be a bool, got 'yes'"):
+        MAML(model, torch.optim.SGD([{"params": model.parameters(), "adapt": "yes"}], lr=0.1))
+    with pytest.raises(ValueError, match=r"param_groups\[0\]\['inner_lr'\] must be >= 0, got -0\.5"):
+        MAML(model, torch.optim.SGD([{"params": model.parameters(), "inner_lr": -0.5}], lr=0.1))
+
+
+def test_adapt_and_task_losses_reject_bad_inputs_with_messages():
+    model = linear_model()
+    meta = MAML(model, torch.optim.SGD, lr=0.1)
+    with pytest.raises(TypeError, match="support_closure must be callable, got 3"):
+        meta.adapt(3)
+    with pytest.raises(ValueError, match="steps must be >= 0, got -1"):
+        meta.adapt(lambda f: f(torch.zeros(1, 3, dtype=DT)).sum(), steps=-1)
+    with pytest.raises(ValueError, match="weight must be a finite number >= 0, got -1"):
+        meta.adapt(lambda f: f(torch.zeros(1, 3, dtype=DT)).sum(), weight=-1)
+    with pytest.raises(ValueError, match="tasks must be a non-empty sequence of Task, got 0 tasks"):
+        meta.task_losses([], mse)
+    with pytest.raises(ValueError, match="tasks must be a non-empty sequence of Task, got 0 tasks"):
+        meta.evaluate([], mse)
+    with pytest.raises(TypeError, match=r"tasks\[0\] must be a Task, got tuple"):
+        meta.task_losses([(1, 2, 3, 4)], mse)
+    with pytest.raises(TypeError, match="loss_fn must be callable"):
+        meta.task_losses(make_tasks(), "mse")
+    with pytest.raises(ValueError, match="support loss must be a scalar tensor, got shape"):
+        meta.adapt(lambda f: f(torch.zeros(2, 3, dtype=DT)))
+    # a param group edited to a bad inner_lr is caught at adaptation time
+    meta.param_groups[0]["inner_lr"] = -3.0
+    with pytest.raises(ValueError, match=r"param_groups\[0\]\['inner_lr'\] must be >= 0, got -3\.0"):
+        meta.adapt(lambda f: f(torch.zeros(1, 3, dtype=DT)).sum())
+
+
+def test_functional_forward_of_learner_matches_named_params_at_zero_steps():
+    model = mlp()
+    meta = MAML(model, torch.optim.SGD, lr=0.1)
+    learner = meta.adapt(lambda f: f(torch.zeros(1, 3, dtype=DT)).sum(), steps=0)
+    x = torch.randn(4, 3, dtype=DT)
+    assert torch.equal(learner(x), functional_forward(model, named_params(model), x))
+    assert repr(meta).startswith("MAML(outer=SGD")

@@ -1,0 +1,230 @@
+"""Reptile: the interpolation formula, task weights, the outer-optimizer variants and errors."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from samgria.data.task import Task
+from samgria.meta.reptile import Reptile
+
+DT = torch.float64
+mse = nn.functional.mse_loss
+
+
+def make_tasks(n=3, d=3, k=5, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [
+        Task(*(torch.randn(k, s, generator=g, dtype=DT) for s in (d, 1, d, 1)))
+        for _ in range(n)
+    ]
+
+
+def mlp(seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(3, 5), nn.Tanh(), nn.Linear(5, 1)).to(DT)
+
+
+def sgd_adapted(model, task, lr, steps):
+    """Reference inner loop: a deep copy trained with torch.optim.SGD."""
+    clone = copy.deepcopy(model)
+    opt = torch.optim.SGD(clone.parameters(), lr=lr)
+    for _ in range(steps):
+        opt.zero_grad()
+        mse(clone(task.support_x), task.support_y).backward()
+        opt.step()
+    return [p.detach() for p in clone.parameters()]
+
+
+def reptile_closure(meta, tasks, weights=None):
+    def closure():
+        losses = []
+        for i, t in enumerate(tasks):
+            w = 1.0 if weights is None else weights[i]
+            learner = meta.adapt(lambda f, t=t: mse(f(t.support_x), t.support_y), weight=w)
+            with torch.no_grad():
+                losses.append(mse(learner(t.query_x), t.query_y))
+        return torch.stack(losses).mean()
+
+    return closure
+
+
+@pytest.mark.parametrize("weights", [None, [1.0, 3.0, 0.5]])
+def test_reptile_with_sgd_is_the_interpolation_formula(weights):
+    model = mlp()
+    tasks = make_tasks()
+    beta, alpha, k = 0.3, 0.05, 3
+    theta = [p.detach().clone() for p in model.parameters()]
+    adapted = [sgd_adapted(model, t, alpha, k) for t in tasks]
+    w = [1.0] * len(tasks) if weights is None else weights
+    meta = Reptile(model, torch.optim.SGD, inner_lr=alpha, inner_steps=k, lr=beta)
+    loss = meta.step(reptile_closure(meta, tasks, weights))
+    assert torch.is_tensor(loss) and meta.num_recorded == 0
+    for j, p in enumerate(model.parameters()):
+        mean = sum(wi * a[j] for wi, a in zip(w, adapted)) / sum(w)
+        expected = theta[j] + beta * (mean - theta[j])
+        torch.testing.assert_close(p.detach(), expected, rtol=0, atol=1e-12)
+
+
+def test_reptile_pseudo_gradient_goes_through_adam():
+    model = mlp()
+    twin = copy.deepcopy(model)
+    tasks = make_tasks()
+    adapted = [sgd_adapted(model, t, 0.05, 2) for t in tasks]
+    meta = Reptile(model, torch.optim.Adam, inner_lr=0.05, inner_steps=2, lr=0.01)
+    meta.step(reptile_closure(meta, tasks))
+    ref = torch.optim.Adam(twin.parameters(), lr=0.01)
+    for j, p in enumerate(twin.parameters()):
+        p.grad = p.detach() - sum(a[j] for a in adapted) / len(adapted)
+    ref.step()
+    for p, q in zip(model.parameters(), twin.parameters()):
+        torch.testing.assert_close(p, q, rtol=0, atol=1e-12)
+
+
+def test_step_without_closure_uses_recorded_adaptations_and_clears_them():
+    model = mlp()
+    tasks = make_tasks(n=2)
+    theta = [p.detach().clone() for p in model.parameters()]
+    adapted = [sgd_adapted(model, t, 0.1, 1) for t in tasks]
+    meta = Reptile(model, torch.optim.SGD, inner_lr=0.1, inner_steps=1, lr=1.0)
+    for t in tasks:
+        learner = meta.adapt(lambda f, t=t: mse(f(t.support_x), t.support_y))
+        assert all(not v.requires_grad or v.grad_fn is None for v in learner.params.values())
+    assert meta.num_recorded == 2
+    meta.step()
+    assert meta.num_recorded == 0
+    for j, p in enumerate(model.parameters()):  # lr=1: theta moves to the mean
+        torch.testing.assert_close(p.detach(), (adapted[0][j] + adapted[1][j]) / 2, rtol=0, atol=1e-12)
+        assert not torch.equal(p.detach(), theta[j])
+
+
+@pytest.mark.parametrize("vectorize", [False, True, None])
+def test_task_losses_records_adapted_params_and_returns_detached_query_losses(vectorize):
+    model = mlp()
+    tasks = make_tasks()
+    adapted = [sgd_adapted(model, t, 0.05, 2) for t in tasks]
+    theta = [p.detach().clone() for p in model.parameters()]
+    meta = Reptile(model, torch.optim.SGD, inner_lr=0.05, inner_steps=2, lr=0.5)
+
+    def closure():
+        meta.zero_grad()
+        losses = meta.task_losses(tasks, mse, vectorize=vectorize)
+        assert not losses.requires_grad and losses.shape == (3,)
+        return losses.mean()
+
+    meta.step(closure)
+    for j, p in enumerate(model.parameters()):
+        mean = sum(a[j] for a in adapted) / 3
+        torch.testing.assert_close(p.detach(), theta[j] + 0.5 * (mean - theta[j]), rtol=0, atol=1e-12)
+
+
+def test_reptile_query_losses_match_reference():
+    model = mlp()
+    tasks = make_tasks()
+    meta = Reptile(model, torch.optim.SGD, inner_lr=0.05, inner_steps=2, lr=0.5)
+    losses = meta.task_losses(tasks, mse, vectorize=False)
+    expected = []
+    for t in tasks:
+        clone = copy.deepcopy(model)
+        adapted = sgd_adapted(model, t, 0.05, 2)
+        with torch.no_grad():
+            for p, a in zip(clone.parameters(), adapted):
+                p.copy_(a)
+            expected.append(mse(clone(t.query_x), t.query_y))
+    torch.testing.assert_close(losses, torch.stack(expected), rtol=0, atol=1e-12)
+    assert meta.evaluate(tasks, mse) == pytest.approx(torch.stack(expected).mean().item(), rel=1e-12)
+    assert meta.num_recorded == 3  # task_losses recorded; evaluate did not
+
+
+def test_adapt_false_group_is_not_moved_and_gets_no_pseudo_gradient():
+    model = mlp()
+    body = model[0]
+    meta = Reptile(
+        model,
+        torch.optim.SGD([{"params": body.parameters(), "adapt": False}, {"params": model[2].parameters()}], lr=1.0),
+        inner_lr=0.1,
+        inner_steps=2,
+    )
+    body_before = [p.detach().clone() for p in body.parameters()]
+    head_before = [p.detach().clone() for p in model[2].parameters()]
+    meta.step(reptile_closure(meta, make_tasks()))
+    for p, b in zip(body.parameters(), body_before):
+        assert torch.equal(p, b) and p.grad is None
+    assert any(not torch.equal(p, b) for p, b in zip(model[2].parameters(), head_before))
+
+
+def test_outer_that_calls_closure_twice_gets_fresh_records_each_time():
+    class TwiceSGD(torch.optim.Optimizer):
+        def __init__(self, params, lr):
+            super().__init__(params, {"lr": lr})
+
+        @torch.no_grad()
+        def step(self, closure):
+            closure()
+            self.first = [p.grad.clone() for p in self.param_groups[0]["params"]]
+            loss = closure()
+            for p in self.param_groups[0]["params"]:
+                p.add_(p.grad, alpha=-self.param_groups[0]["lr"])
+            return loss
+
+    model = mlp()
+    tasks = make_tasks()
+    twin = copy.deepcopy(model)
+    meta = Reptile(model, TwiceSGD, inner_lr=0.05, inner_steps=1, lr=0.5)
+    meta.step(reptile_closure(meta, tasks))
+    ref = Reptile(twin, torch.optim.SGD, inner_lr=0.05, inner_steps=1, lr=0.5)
+    ref.step(reptile_closure(ref, tasks))
+    for p, q in zip(model.parameters(), twin.parameters()):  # 3 records per call, not 6
+        torch.testing.assert_close(p, q, rtol=0, atol=1e-12)
+
+
+def test_adapt_leaves_model_untouched():
+    model = mlp()
+    before = copy.deepcopy(model.state_dict())
+    meta = Reptile(model, torch.optim.SGD, inner_lr=0.1, inner_steps=3, lr=0.5)
+    t = make_tasks(n=1)[0]
+    meta.adapt(lambda f: mse(f(t.support_x), t.support_y))
+    meta.task_losses([t], mse)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k])
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_reptile_errors_name_argument_and_value():
+    model = mlp()
+    meta = Reptile(model, torch.optim.SGD, inner_lr=0.1, lr=0.5)
+    with pytest.raises(ValueError, match="Reptile.step found no adapted tasks"):
+        meta.step()
+    with pytest.raises(ValueError, match="Reptile.step found no adapted tasks"):
+        meta.step(lambda: torch.tensor(0.0))
+    t = make_tasks(n=1)[0]
+    meta.adapt(lambda f: mse(f(t.support_x), t.support_y), weight=0.0)
+    with pytest.raises(ValueError, match=r"task weights must not all be 0, got \[0\.0\]"):
+        meta.step()
+    assert meta.num_recorded == 0  # cleared even after an error
+    with pytest.raises(ValueError, match=r"weight must be a finite number >= 0, got -2\.0"):
+        meta.adapt(lambda f: mse(f(t.support_x), t.support_y), weight=-2.0)
+    with pytest.raises(ValueError, match="inner_lr must be >= 0, got -0.1"):
+        Reptile(model, torch.optim.SGD, inner_lr=-0.1, lr=0.5)
+    with pytest.raises(TypeError, match="inner_steps must be a non-negative int, got 1.5"):
+        Reptile(model, torch.optim.SGD, inner_steps=1.5, lr=0.5)
+    with pytest.raises(TypeError, match="Reptile is always first order"):
+        Reptile(model, torch.optim.SGD, first_order=False, lr=0.5)
+    with pytest.raises(ValueError, match="got 0 tasks"):
+        meta.task_losses([], mse)
+    with pytest.raises(TypeError, match="support_closure must be callable, got None"):
+        meta.adapt(None)
+    before = [p.detach().clone() for p in model.parameters()]
+
+    def failing():
+        meta.adapt(lambda f: mse(f(t.support_x), t.support_y))
+        raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError, match="boom"):
+        meta.step(failing)
+    assert meta.num_recorded == 0
+    for p, b in zip(model.parameters(), before):
+        assert torch.equal(p, b)
