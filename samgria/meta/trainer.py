@@ -1,0 +1,268 @@
+"""A small meta-training loop: sample tasks, take meta-steps, evaluate, report progress."""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import TextIO
+
+import torch
+
+from samgria.data.task import Task, TaskSampler
+from samgria.meta.base import MetaOptimizer
+
+__all__ = ["History", "MetaTrainer"]
+
+LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+@dataclass
+class History:
+    """What :meth:`MetaTrainer.fit` recorded.
+
+    Attributes:
+        meta_loss: Mean query loss of each meta-iteration (before its outer update), one per
+            iteration. For Reptile it is the mean post-adaptation loss the core reports.
+        eval_loss: Mean post-adaptation query loss on the evaluation tasks, one per evaluation.
+        eval_iterations: Number of completed meta-iterations at each evaluation.
+    """
+
+    meta_loss: list[float] = field(default_factory=list)
+    eval_loss: list[float] = field(default_factory=list)
+    eval_iterations: list[int] = field(default_factory=list)
+
+
+class _ProgressBar:
+    """A dependency-free one-line progress bar on a text stream (redrawn with ``\\r``)."""
+
+    def __init__(self, total: int, stream: TextIO, width: int = 24, min_interval: float = 0.1) -> None:
+        self.total, self.stream, self.width, self.min_interval = total, stream, width, min_interval
+        self.start = self.last_draw = time.perf_counter()
+        self.running: float | None = None  # exponential moving average of the meta-loss
+        self.eval_loss: float | None = None
+        self.done = 0
+
+    def update(self, done: int, meta_loss: float, eval_loss: float | None = None) -> None:
+        self.running = meta_loss if self.running is None else 0.95 * self.running + 0.05 * meta_loss
+        self.eval_loss = eval_loss if eval_loss is not None else self.eval_loss
+        self.done = done
+        now = time.perf_counter()
+        if done == self.total or now - self.last_draw >= self.min_interval:
+            self.last_draw = now
+            self._draw(now - self.start)
+
+    def _draw(self, elapsed: float) -> None:
+        done = self.done
+        filled = self.width * done // self.total
+        rate = done / elapsed if elapsed > 0 else 0.0
+        remaining = (self.total - done) / rate if rate > 0 else 0.0
+        line = (
+            f"\rmeta-train {100 * done // self.total:3d}% |{'#' * filled}{'.' * (self.width - filled)}| "
+            f"{done}/{self.total} [{elapsed:.0f}s<{remaining:.0f}s, {rate:.1f} it/s] "
+            f"loss={self.running:.4g}"
+        )
+        if self.eval_loss is not None:
+            line += f" eval={self.eval_loss:.4g}"
+        self.stream.write(line)
+        self.stream.flush()
+
+    def close(self) -> None:
+        if self.running is not None:
+            self._draw(time.perf_counter() - self.start)
+        self.stream.write("\n")
+        self.stream.flush()
+
+
+def _check_positive_int(name: str, value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {value!r}")
+    if value < 1:
+        raise ValueError(f"{name} must be >= 1, got {value}")
+    return value
+
+
+class MetaTrainer:
+    r"""Drive a :class:`~samgria.meta.base.MetaOptimizer` over batches of sampled tasks.
+
+    One meta-iteration samples ``meta_batch_size`` tasks and calls ``meta.step(closure)``
+    with a closure that zero-grads, computes the per-task post-adaptation query losses with
+    ``meta.task_losses`` (tasks of equal shape are adapted together with ``torch.func.vmap``,
+    with a per-task loop as fallback), back-propagates their mean
+
+    .. math:: \mathcal{L}(\theta) = \frac{1}{B} \sum_{i=1}^{B}
+              \ell\big(f_{\theta'_i}(x^{q}_i), y^{q}_i\big),
+              \qquad \theta'_i = \text{inner loop on } (x^{s}_i, y^{s}_i),
+
+    and returns it. The algorithm (MAML, FOMAML, Reptile, MetaSGD, ANIL) is whatever ``meta``
+    is; for Reptile the outer update is the pseudo-gradient the optimizer computes itself.
+
+    Args:
+        meta: The meta-optimizer holding the model's meta-parameters.
+        loss_fn: ``loss_fn(prediction, target) -> scalar`` used for support and query losses
+            (e.g. ``torch.nn.functional.mse_loss``).
+        sampler: A :class:`~samgria.data.TaskSampler` (anything with ``sample(n)``).
+        vectorize: Forwarded to ``meta.task_losses``: ``None`` picks vmap when possible,
+            ``True`` requires it, ``False`` forces the per-task loop.
+
+    Raises:
+        TypeError: ``meta`` is not a ``MetaOptimizer``, ``loss_fn`` is not callable or
+            ``sampler`` has no ``sample`` method.
+    """
+
+    def __init__(
+        self,
+        meta: MetaOptimizer,
+        loss_fn: LossFn,
+        sampler: TaskSampler,
+        *,
+        vectorize: bool | None = None,
+    ) -> None:
+        if not isinstance(meta, MetaOptimizer):
+            raise TypeError(f"meta must be a samgria MetaOptimizer, got {type(meta).__name__}")
+        if not callable(loss_fn):
+            raise TypeError(f"loss_fn must be callable, got {type(loss_fn).__name__}")
+        if not isinstance(sampler, TaskSampler):
+            raise TypeError(
+                f"sampler must have a sample(n) -> list[Task] method, got {type(sampler).__name__}"
+            )
+        if vectorize is not None and not isinstance(vectorize, bool):
+            raise TypeError(f"vectorize must be None, True or False, got {vectorize!r}")
+        self.meta = meta
+        self.loss_fn = loss_fn
+        self.sampler = sampler
+        self.vectorize = vectorize
+
+    def meta_step(self, tasks: Sequence[Task]) -> float:
+        """Run one meta-update on ``tasks`` and return the mean query loss (before the update).
+
+        Args:
+            tasks: The meta-batch.
+
+        Returns:
+            The meta-loss as a Python float.
+
+        Raises:
+            ValueError: ``tasks`` is empty.
+        """
+        tasks = list(tasks)
+        if not tasks:
+            raise ValueError("tasks must not be empty, got 0 tasks")
+        meta = self.meta
+
+        def closure() -> torch.Tensor:
+            meta.zero_grad()
+            losses = meta.task_losses(tasks, self.loss_fn, vectorize=self.vectorize)
+            loss = losses.mean()
+            if loss.requires_grad:
+                loss.backward()
+            return loss
+
+        loss = meta.step(closure)
+        return float(loss.detach()) if isinstance(loss, torch.Tensor) else float(loss)
+
+    def evaluate(self, tasks: Sequence[Task], steps: int | None = None) -> float:
+        """Mean post-adaptation query loss over ``tasks``; the model is left untouched.
+
+        No second-order graph is built (the inner loop runs first-order).
+
+        Args:
+            tasks: Held-out tasks.
+            steps: Inner steps (default: the meta-optimizer's ``inner_steps``).
+
+        Returns:
+            The mean query loss after adaptation, as a Python float.
+
+        Raises:
+            ValueError: ``tasks`` is empty.
+        """
+        tasks = list(tasks)
+        if not tasks:
+            raise ValueError("tasks must not be empty, got 0 tasks")
+        return float(self.meta.evaluate(tasks, self.loss_fn, steps=steps))
+
+    def fit(
+        self,
+        num_iterations: int,
+        meta_batch_size: int,
+        *,
+        eval_every: int | None = None,
+        eval_tasks: Sequence[Task] | None = None,
+        callback: Callable[[int, float], object] | None = None,
+        progress: bool | None = None,
+    ) -> History:
+        """Meta-train for ``num_iterations`` outer updates.
+
+        Args:
+            num_iterations: Number of meta-updates (``>= 1``).
+            meta_batch_size: Tasks sampled per meta-update (``>= 1``).
+            eval_every: Evaluate on ``eval_tasks`` after every ``eval_every`` meta-updates.
+            eval_tasks: Held-out tasks. Required with ``eval_every``; given alone they are
+                evaluated once, after the last meta-update.
+            callback: ``callback(iteration, meta_loss)`` after each meta-update, where
+                ``iteration`` counts completed updates (1-based). Returning ``True`` stops
+                training early.
+            progress: ``None`` shows a progress bar with the running meta-loss on stderr
+                only when stderr is a terminal; ``True`` always shows it; ``False`` never.
+
+        Returns:
+            The :class:`History` of meta-losses and evaluation losses.
+
+        Raises:
+            TypeError: An argument has the wrong type.
+            ValueError: ``num_iterations``/``meta_batch_size``/``eval_every`` is below 1,
+                ``eval_every`` is given without ``eval_tasks``, ``eval_tasks`` is empty, or the
+                sampler returns the wrong number of tasks.
+        """
+        num_iterations = _check_positive_int("num_iterations", num_iterations)
+        meta_batch_size = _check_positive_int("meta_batch_size", meta_batch_size)
+        if eval_every is not None:
+            eval_every = _check_positive_int("eval_every", eval_every)
+            if eval_tasks is None:
+                raise ValueError(f"eval_every={eval_every} needs eval_tasks, got eval_tasks=None")
+        if eval_tasks is not None:
+            eval_tasks = list(eval_tasks)
+            if not eval_tasks:
+                raise ValueError("eval_tasks must not be empty, got 0 tasks")
+        if callback is not None and not callable(callback):
+            raise TypeError(f"callback must be callable, got {type(callback).__name__}")
+        if progress is not None and not isinstance(progress, bool):
+            raise TypeError(f"progress must be None, True or False, got {progress!r}")
+
+        stream = sys.stderr
+        show = progress is True or (progress is None and hasattr(stream, "isatty") and stream.isatty())
+        bar = _ProgressBar(num_iterations, stream) if show else None
+        history = History()
+        warned = False
+        try:
+            for iteration in range(1, num_iterations + 1):
+                tasks = self.sampler.sample(meta_batch_size)
+                if len(tasks) != meta_batch_size:
+                    raise ValueError(
+                        f"sampler.sample({meta_batch_size}) returned {len(tasks)} tasks"
+                    )
+                loss = self.meta_step(tasks)
+                history.meta_loss.append(loss)
+                if not math.isfinite(loss) and not warned:
+                    warnings.warn(f"meta-loss is {loss} at iteration {iteration}", RuntimeWarning, stacklevel=2)
+                    warned = True
+                eval_loss = None
+                last = iteration == num_iterations
+                if eval_tasks is not None and (
+                    (eval_every is not None and iteration % eval_every == 0)
+                    or (eval_every is None and last)
+                ):
+                    eval_loss = self.evaluate(eval_tasks)
+                    history.eval_loss.append(eval_loss)
+                    history.eval_iterations.append(iteration)
+                if bar is not None:
+                    bar.update(iteration, loss, eval_loss)
+                if callback is not None and callback(iteration, loss) is True:
+                    break
+        finally:
+            if bar is not None:
+                bar.close()
+        return history

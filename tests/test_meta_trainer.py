@@ -1,0 +1,274 @@
+"""Tests for samgria.meta.trainer: MetaTrainer.fit / evaluate / History against reference loops."""
+
+from __future__ import annotations
+
+import io
+import sys
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call
+
+from samgria.data import SinusoidTaskSampler, Task
+from samgria.meta.maml import MAML
+from samgria.meta.reptile import Reptile
+from samgria.meta.trainer import History, MetaTrainer
+
+DT = torch.float64
+
+
+def make_model(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(1, 6), nn.Tanh(), nn.Linear(6, 1)).to(DT)
+
+
+class ListSampler:
+    """Deterministic sampler: batch i is tasks[i * n : (i + 1) * n] of a fixed list."""
+
+    def __init__(self, tasks):
+        self.tasks, self.position = tasks, 0
+
+    def sample(self, n):
+        out = self.tasks[self.position : self.position + n]
+        self.position += n
+        return out
+
+
+def fixed_tasks(count: int, seed: int = 3):
+    return SinusoidTaskSampler(k_support=5, k_query=7, seed=seed, dtype=DT).sample(count)
+
+
+def adapted(model, params, task, lr, steps, first_order=False):
+    fast = dict(params)
+    for _ in range(steps):
+        loss = F.mse_loss(functional_call(model, fast, (task.support_x,)), task.support_y)
+        grads = torch.autograd.grad(loss, list(fast.values()), create_graph=not first_order)
+        fast = {n: p - lr * g for (n, p), g in zip(fast.items(), grads)}
+    return fast
+
+
+def query_loss(model, params, task, lr, steps, first_order=False):
+    fast = adapted(model, params, task, lr, steps, first_order)
+    return F.mse_loss(functional_call(model, fast, (task.query_x,)), task.query_y)
+
+
+@pytest.mark.parametrize("vectorize", [None, False])
+def test_fit_matches_hand_written_maml_loop(vectorize):
+    tasks = fixed_tasks(6)
+    model, reference = make_model(), make_model()
+    meta = MAML(model, torch.optim.SGD, lr=0.2, inner_lr=0.05, inner_steps=2)
+    history = MetaTrainer(meta, F.mse_loss, ListSampler(tasks), vectorize=vectorize).fit(3, 2, progress=False)
+
+    expected_losses = []
+    for it in range(3):
+        params = dict(reference.named_parameters())
+        batch = tasks[2 * it : 2 * it + 2]
+        loss = torch.stack([query_loss(reference, params, t, 0.05, 2) for t in batch]).mean()
+        grads = torch.autograd.grad(loss, list(params.values()))
+        with torch.no_grad():
+            for p, g in zip(params.values(), grads):
+                p.sub_(0.2 * g)
+        expected_losses.append(loss.item())
+    assert isinstance(history, History)
+    assert history.meta_loss == pytest.approx(expected_losses, rel=1e-10)
+    assert history.eval_loss == [] and history.eval_iterations == []
+    for p, q in zip(model.parameters(), reference.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-10, atol=1e-12)
+
+
+def test_fit_with_reptile_matches_interpolation_update():
+    tasks = fixed_tasks(4)
+    model, reference = make_model(), make_model()
+    beta = 0.5
+    meta = Reptile(model, torch.optim.SGD, lr=beta, inner_lr=0.05, inner_steps=3)
+    MetaTrainer(meta, F.mse_loss, ListSampler(tasks)).fit(2, 2, progress=False)
+    for it in range(2):
+        params = {n: p.detach() for n, p in reference.named_parameters()}
+        fast = [adapted(reference, {n: p.requires_grad_(True) for n, p in ((n, p.clone()) for n, p in params.items())}, t, 0.05, 3, True)
+                for t in tasks[2 * it : 2 * it + 2]]
+        with torch.no_grad():
+            for n, p in reference.named_parameters():
+                p.add_(beta * ((fast[0][n] + fast[1][n]) / 2 - p))
+    for p, q in zip(model.parameters(), reference.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-10, atol=1e-12)
+
+
+def test_evaluate_is_first_order_post_adaptation_loss_and_leaves_model_untouched():
+    tasks = fixed_tasks(3)
+    model = make_model()
+    meta = MAML(model, torch.optim.SGD, lr=0.1, inner_lr=0.05, inner_steps=4)
+    trainer = MetaTrainer(meta, F.mse_loss, ListSampler([]))
+    before = [p.detach().clone() for p in model.parameters()]
+    params = dict(model.named_parameters())
+    for steps in (0, 1, None):
+        n = 4 if steps is None else steps
+        expected = sum(query_loss(model, params, t, 0.05, n, first_order=True).item() for t in tasks) / 3
+        assert trainer.evaluate(tasks, steps=steps) == pytest.approx(expected, rel=1e-10)
+    expected_unadapted = sum(F.mse_loss(model(t.query_x), t.query_y).item() for t in tasks) / 3
+    assert trainer.evaluate(tasks, steps=0) == pytest.approx(expected_unadapted, rel=1e-12)
+    for p, p0 in zip(model.parameters(), before):
+        assert torch.equal(p, p0) and p.grad is None
+
+
+def test_eval_every_records_evaluations_at_the_right_iterations():
+    model = make_model()
+    meta = MAML(model, torch.optim.SGD, lr=0.1, inner_lr=0.05)
+    eval_tasks = fixed_tasks(2, seed=9)
+    trainer = MetaTrainer(meta, F.mse_loss, SinusoidTaskSampler(k_support=5, k_query=5, seed=0, dtype=DT))
+    seen = []
+
+    def callback(iteration, loss):
+        if iteration % 2 == 0:
+            seen.append(trainer.evaluate(eval_tasks))
+
+    history = trainer.fit(5, 3, eval_every=2, eval_tasks=eval_tasks, callback=callback, progress=False)
+    assert len(history.meta_loss) == 5
+    assert history.eval_iterations == [2, 4]
+    assert history.eval_loss == pytest.approx(seen, rel=1e-12)
+
+
+def test_eval_tasks_without_eval_every_evaluate_once_at_the_end():
+    model = make_model()
+    meta = MAML(model, torch.optim.SGD, lr=0.1, inner_lr=0.05)
+    eval_tasks = fixed_tasks(2, seed=9)
+    trainer = MetaTrainer(meta, F.mse_loss, SinusoidTaskSampler(k_support=5, k_query=5, seed=0, dtype=DT))
+    history = trainer.fit(3, 2, eval_tasks=eval_tasks, progress=False)
+    assert history.eval_iterations == [3]
+    assert history.eval_loss == [pytest.approx(trainer.evaluate(eval_tasks), rel=1e-12)]
+
+
+def test_callback_gets_iteration_and_loss_and_can_stop_early():
+    model = make_model()
+    meta = MAML(model, torch.optim.SGD, lr=0.1)
+    trainer = MetaTrainer(meta, F.mse_loss, SinusoidTaskSampler(k_support=5, k_query=5, seed=0, dtype=DT))
+    calls = []
+
+    def callback(iteration, loss):
+        calls.append((iteration, loss))
+        return iteration == 3
+
+    history = trainer.fit(10, 2, callback=callback, progress=False)
+    assert [i for i, _ in calls] == [1, 2, 3]
+    assert [loss for _, loss in calls] == history.meta_loss
+    assert len(history.meta_loss) == 3
+
+
+def test_meta_training_reduces_the_post_adaptation_loss():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(1, 20), nn.ReLU(), nn.Linear(20, 1))
+    meta = MAML(model, torch.optim.Adam, lr=1e-2, inner_lr=0.01)
+    trainer = MetaTrainer(meta, F.mse_loss, SinusoidTaskSampler(amp_range=(1.0, 2.0), seed=0))
+    eval_tasks = SinusoidTaskSampler(amp_range=(1.0, 2.0), seed=1).sample(20)
+    before = trainer.evaluate(eval_tasks)
+    trainer.fit(60, 5, progress=False)
+    assert trainer.evaluate(eval_tasks) < 0.7 * before
+
+
+class FakeTTY(io.StringIO):
+    def isatty(self):
+        return True
+
+
+@pytest.mark.parametrize(("progress", "tty", "shown"), [(None, False, False), (None, True, True), (True, False, True), (False, True, False)])
+def test_progress_bar_only_on_terminals_unless_forced(monkeypatch, progress, tty, shown):
+    stream = FakeTTY() if tty else io.StringIO()
+    monkeypatch.setattr(sys, "stderr", stream)
+    meta = MAML(make_model(), torch.optim.SGD, lr=0.1)
+    trainer = MetaTrainer(meta, F.mse_loss, SinusoidTaskSampler(k_support=5, k_query=5, seed=0, dtype=DT))
+    history = trainer.fit(4, 2, eval_tasks=fixed_tasks(1), progress=progress)
+    text = stream.getvalue()
+    if shown:
+        assert "meta-train 100%" in text and "4/4" in text
+        assert "loss=" in text and f"eval={history.eval_loss[-1]:.4g}" in text
+    else:
+        assert text == ""
+
+
+def test_non_finite_meta_loss_warns_once():
+    tasks = fixed_tasks(4)
+    for t in tasks:
+        t.query_y[0] = float("nan")
+    meta = MAML(make_model(), torch.optim.SGD, lr=0.1)
+    with pytest.warns(RuntimeWarning, match=r"meta-loss is nan at iteration 1") as record:
+        MetaTrainer(meta, F.mse_loss, ListSampler(tasks)).fit(2, 2, progress=False)
+    assert len([w for w in record if "meta-loss" in str(w.message)]) == 1
+
+
+def test_exception_mid_training_keeps_the_last_completed_update():
+    tasks = fixed_tasks(4)
+    model = make_model()
+    meta = MAML(model, torch.optim.SGD, lr=0.1)
+    calls = {"n": 0}
+
+    def flaky_loss(prediction, target):
+        calls["n"] += 1
+        if calls["n"] > 4:  # iteration 1 (2 tasks x (1 support + 1 query)) succeeds, then fail
+            raise RuntimeError("loss exploded")
+        return F.mse_loss(prediction, target)
+
+    snapshots = []
+    trainer = MetaTrainer(meta, flaky_loss, ListSampler(tasks), vectorize=False)
+    with pytest.raises(RuntimeError, match="loss exploded"):
+        trainer.fit(2, 2, callback=lambda i, l: snapshots.append([p.detach().clone() for p in model.parameters()]), progress=False)
+    assert len(snapshots) == 1
+    for p, p0 in zip(model.parameters(), snapshots[0]):
+        assert torch.equal(p, p0)
+
+
+def test_meta_step_and_evaluate_reject_empty_task_lists():
+    trainer = MetaTrainer(MAML(make_model(), torch.optim.SGD, lr=0.1), F.mse_loss, ListSampler([]))
+    with pytest.raises(ValueError, match=r"tasks must not be empty, got 0 tasks"):
+        trainer.meta_step([])
+    with pytest.raises(ValueError, match=r"tasks must not be empty, got 0 tasks"):
+        trainer.evaluate([])
+
+
+@pytest.mark.parametrize(
+    ("args", "kwargs", "error", "match"),
+    [
+        ((0, 2), {}, ValueError, r"num_iterations must be >= 1, got 0"),
+        ((-3, 2), {}, ValueError, r"num_iterations must be >= 1, got -3"),
+        ((1.5, 2), {}, TypeError, r"num_iterations must be an int, got 1.5"),
+        ((True, 2), {}, TypeError, r"num_iterations must be an int, got True"),
+        ((2, 0), {}, ValueError, r"meta_batch_size must be >= 1, got 0"),
+        ((2, "4"), {}, TypeError, r"meta_batch_size must be an int, got '4'"),
+        ((2, 2), {"eval_every": 1}, ValueError, r"eval_every=1 needs eval_tasks, got eval_tasks=None"),
+        ((2, 2), {"eval_every": 0, "eval_tasks": "T"}, ValueError, r"eval_every must be >= 1, got 0"),
+        ((2, 2), {"eval_tasks": []}, ValueError, r"eval_tasks must not be empty, got 0 tasks"),
+        ((2, 2), {"callback": 5}, TypeError, r"callback must be callable, got int"),
+        ((2, 2), {"progress": "yes"}, TypeError, r"progress must be None, True or False, got 'yes'"),
+    ],
+)
+def test_fit_rejects_bad_arguments_before_touching_the_model(args, kwargs, error, match):
+    if kwargs.get("eval_tasks") == "T":
+        kwargs["eval_tasks"] = fixed_tasks(1)
+    model = make_model()
+    before = [p.detach().clone() for p in model.parameters()]
+    trainer = MetaTrainer(MAML(model, torch.optim.SGD, lr=0.1), F.mse_loss, ListSampler(fixed_tasks(4)))
+    with pytest.raises(error, match=match):
+        trainer.fit(*args, **kwargs)
+    for p, p0 in zip(model.parameters(), before):
+        assert torch.equal(p, p0)
+
+
+def test_sampler_returning_wrong_count_is_an_error():
+    trainer = MetaTrainer(MAML(make_model(), torch.optim.SGD, lr=0.1), F.mse_loss, ListSampler(fixed_tasks(3)))
+    with pytest.raises(ValueError, match=r"sampler.sample\(2\) returned 1 tasks"):
+        trainer.fit(2, 2, progress=False)
+
+
+def test_constructor_validation():
+    model = make_model()
+    meta = MAML(model, torch.optim.SGD, lr=0.1)
+    sampler = ListSampler([])
+    with pytest.raises(TypeError, match=r"meta must be a samgria MetaOptimizer, got SGD"):
+        MetaTrainer(torch.optim.SGD(model.parameters(), lr=0.1), F.mse_loss, sampler)
+    with pytest.raises(TypeError, match=r"loss_fn must be callable, got str"):
+        MetaTrainer(meta, "mse", sampler)
+    with pytest.raises(TypeError, match=r"sampler must have a sample\(n\) -> list\[Task\] method, got list"):
+        MetaTrainer(meta, F.mse_loss, [Task(*(torch.zeros(1, 1),) * 4)])
+    with pytest.raises(TypeError, match=r"vectorize must be None, True or False, got 1"):
+        MetaTrainer(meta, F.mse_loss, sampler, vectorize=1)
