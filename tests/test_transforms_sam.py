@@ -1,0 +1,346 @@
+"""SAM and ASAM against an independent, hand-written float64 reference."""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import pytest
+import torch
+from torch import nn
+from torch.func import functional_call
+from transform_infos import assert_bitwise_equal, make_closure, make_data, make_model, params_of
+
+from samgria import ASAM, SAM, TransformingOptimizer
+
+
+# -- independent reference ------------------------------------------------------------------------
+def reference_grads(model, weights, x, y):
+    """Gradient of the MSE loss at ``weights`` (dict name -> tensor), None for untouched params."""
+    trainable = {n: w.detach().clone().requires_grad_(p.requires_grad) for (n, p), w in zip(model.named_parameters(), weights.values())}
+    loss = nn.functional.mse_loss(functional_call(model, trainable, (x,)), y)
+    names = [n for n, t in trainable.items() if t.requires_grad]
+    grads = torch.autograd.grad(loss, [trainable[n] for n in names], allow_unused=True)
+    out = {n: None for n in trainable}
+    out.update(dict(zip(names, grads)))
+    return out
+
+
+def reference_perturbation(weights, grads, rho_of, eta_of=None, adaptive_of=None):
+    """e per parameter; SAM when ``eta_of`` is None, ASAM (T = |w| + eta) otherwise."""
+    directions = {}
+    for name, g in grads.items():
+        if g is None:
+            continue
+        if eta_of is not None and adaptive_of(name):
+            t = weights[name].abs() + eta_of(name)
+            directions[name] = (t * g, t * t * g)
+        else:
+            directions[name] = (g, g)
+    norm = math.sqrt(sum(float((d[0] ** 2).sum()) for d in directions.values()))
+    return {name: rho_of(name) * d[1] / norm for name, d in directions.items()}
+
+
+def reference_run(model, x, y, steps, inner, rho_of, eta_of=None, adaptive_of=None, lr=0.1):
+    weights = {n: p.detach().clone() for n, p in model.named_parameters()}
+    momentum, exp_avg, exp_avg_sq = {}, {}, {}
+    for t in range(1, steps + 1):
+        grads = reference_grads(model, weights, x, y)
+        e = reference_perturbation(weights, grads, rho_of, eta_of, adaptive_of)
+        perturbed = {n: w + e.get(n, torch.zeros_like(w)) for n, w in weights.items()}
+        sam_grads = reference_grads(model, perturbed, x, y)
+        for name, g in sam_grads.items():
+            if g is None:
+                continue
+            w = weights[name]
+            if inner == "sgd_momentum":
+                buf = g.clone() if name not in momentum else 0.9 * momentum[name] + g
+                momentum[name] = buf
+                weights[name] = w - lr * buf
+            elif inner == "adamw":
+                beta1, beta2, eps, wd = 0.9, 0.999, 1e-8, 1e-2
+                w = w * (1 - lr * wd)
+                m = beta1 * exp_avg.get(name, torch.zeros_like(w)) + (1 - beta1) * g
+                v = beta2 * exp_avg_sq.get(name, torch.zeros_like(w)) + (1 - beta2) * g * g
+                exp_avg[name], exp_avg_sq[name] = m, v
+                denom = v.sqrt() / math.sqrt(1 - beta2**t) + eps
+                weights[name] = w - (lr / (1 - beta1**t)) * m / denom
+    return list(weights.values())
+
+
+def run_samgria(model, x, y, steps, inner, transform, groups=None, lr=0.1):
+    params = groups if groups is not None else model.parameters()
+    if inner == "sgd_momentum":
+        optimizer = TransformingOptimizer(params, torch.optim.SGD, lr=lr, momentum=0.9, transforms=[transform])
+    else:
+        optimizer = TransformingOptimizer(params, torch.optim.AdamW, lr=lr, weight_decay=1e-2, transforms=[transform])
+    closure = make_closure(model, optimizer, x, y)
+    for _ in range(steps):
+        optimizer.step(closure)
+    return params_of(model)
+
+
+# -- SAM ------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("inner", ["sgd_momentum", "adamw"])
+def test_sam_matches_reference(inner):
+    x, y = make_data()
+    lr = 0.1 if inner == "sgd_momentum" else 1e-2
+    expected = reference_run(make_model(), x, y, 6, inner, rho_of=lambda n: 0.05, lr=lr)
+    got = run_samgria(make_model(), x, y, 6, inner, SAM(rho=0.05), lr=lr)
+    torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+
+
+def test_sam_per_group_rho_scales_each_groups_part_of_one_global_norm():
+    x, y = make_data()
+    model = make_model()
+    first_layer = {"0.weight", "0.bias"}
+    rho_of = lambda name: 0.2 if name in first_layer else 0.03  # noqa: E731
+    expected = reference_run(model, x, y, 5, "sgd_momentum", rho_of=rho_of)
+    model = make_model()
+    groups = [
+        {"params": list(model[0].parameters()), "rho": 0.2},
+        {"params": [p for n, p in model.named_parameters() if n not in first_layer]},
+    ]
+    got = run_samgria(model, x, y, 5, "sgd_momentum", SAM(rho=0.03), groups=groups)
+    torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+
+
+def test_group_with_rho_zero_is_not_perturbed_but_counts_in_the_norm():
+    x, y = make_data()
+    first_layer = {"0.weight", "0.bias"}
+    rho_of = lambda name: 0.0 if name in first_layer else 0.1  # noqa: E731
+    expected = reference_run(make_model(), x, y, 4, "sgd_momentum", rho_of=rho_of)
+    model = make_model()
+    groups = [
+        {"params": list(model[0].parameters()), "rho": 0.0},
+        {"params": [p for n, p in model.named_parameters() if n not in first_layer]},
+    ]
+    got = run_samgria(model, x, y, 4, "sgd_momentum", SAM(rho=0.1), groups=groups)
+    torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("transform", [SAM(rho=0.0), ASAM(rho=0.0)], ids=["SAM", "ASAM"])
+@pytest.mark.parametrize("inner,kwargs", [(torch.optim.SGD, {"lr": 0.1, "momentum": 0.9}), (torch.optim.Adam, {"lr": 1e-2})])
+def test_rho_zero_equals_bare_inner_optimizer_bitwise(transform, inner, kwargs):
+    x, y = make_data()
+    model_a, model_b = make_model(), make_model()
+    wrapped = TransformingOptimizer(model_a.parameters(), inner, transforms=[transform], **kwargs)
+    bare = inner(model_b.parameters(), **kwargs)
+    calls = {"n": 0}
+    closure_a = make_closure(model_a, wrapped, x, y)
+
+    def counting():
+        calls["n"] += 1
+        return closure_a()
+
+    closure_b = make_closure(model_b, bare, x, y)
+    for _ in range(5):
+        loss_a = wrapped.step(counting)
+        loss_b = bare.step(closure_b)
+        assert torch.equal(loss_a, loss_b)
+    assert calls["n"] == 5  # nothing perturbed: no second evaluation
+    assert_bitwise_equal(params_of(model_a), params_of(model_b))
+
+
+def test_sam_step_returns_first_loss_and_evaluates_twice():
+    x, y = make_data()
+    model = make_model()
+    optimizer = TransformingOptimizer(model.parameters(), torch.optim.SGD, lr=0.1, transforms=[SAM(0.05)])
+    losses = []
+    closure = make_closure(model, optimizer, x, y)
+
+    def recording():
+        loss = closure()
+        losses.append(loss.detach())
+        return loss
+
+    returned = optimizer.step(recording)
+    assert len(losses) == 2
+    assert torch.equal(returned.detach(), losses[0])
+    assert losses[1] > losses[0]  # the loss at w + e is higher: e ascends
+
+
+def test_restoration_is_bitwise_even_when_w_plus_e_minus_e_is_not_w():
+    # float32 weights of very different magnitudes: (w + e) - e != w in floating point.
+    w = torch.tensor([1e8, 1.0, 3.3333333e-3], dtype=torch.float32)
+    param = nn.Parameter(w.clone())
+    optimizer = TransformingOptimizer([param], torch.optim.SGD, lr=0.0, transforms=[SAM(rho=0.7)])
+    seen = []
+
+    def closure():
+        optimizer.zero_grad()
+        seen.append(param.detach().clone())
+        loss = (param * torch.tensor([1.0, -2.0, 3.0])).sum()
+        loss.backward()
+        return loss
+
+    optimizer.step(closure)
+    e = 0.7 * torch.tensor([1.0, -2.0, 3.0]) / math.sqrt(14.0)
+    assert not torch.equal((w + e) - e, w)
+    torch.testing.assert_close(seen[1], w + e)
+    assert torch.equal(param.detach(), w)
+
+
+# -- ASAM -----------------------------------------------------------------------------------------
+@pytest.mark.parametrize("inner", ["sgd_momentum", "adamw"])
+def test_asam_matches_paper_formula(inner):
+    x, y = make_data()
+    lr = 0.1 if inner == "sgd_momentum" else 1e-2
+    expected = reference_run(make_model(), x, y, 5, inner, rho_of=lambda n: 0.5, eta_of=lambda n: 0.01, adaptive_of=lambda n: True, lr=lr)
+    got = run_samgria(make_model(), x, y, 5, inner, ASAM(rho=0.5, eta=0.01), lr=lr)
+    torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+
+
+def test_asam_is_not_the_seed_formula():
+    # The seed normalised |w|^2 * g; the paper normalises T*g with T = |w| + eta.
+    x, y = make_data()
+    seedlike = reference_run(make_model(), x, y, 1, "sgd_momentum", rho_of=lambda n: 0.5, eta_of=lambda n: 0.0, adaptive_of=lambda n: True)
+    got = run_samgria(make_model(), x, y, 1, "sgd_momentum", ASAM(rho=0.5, eta=0.01))
+    assert any(not torch.allclose(a, b, rtol=1e-9, atol=1e-12) for a, b in zip(got, seedlike))
+
+
+def test_asam_per_group_eta_rho_and_non_adaptive_group():
+    x, y = make_data()
+    first = {"0.weight", "0.bias"}
+    expected = reference_run(
+        make_model(), x, y, 4, "sgd_momentum",
+        rho_of=lambda n: 1.0 if n in first else 0.5,
+        eta_of=lambda n: 0.1 if n in first else 0.01,
+        adaptive_of=lambda n: n not in {"4.bias"},
+    )
+    model = make_model()
+    named = dict(model.named_parameters())
+    groups = [
+        {"params": [named["0.weight"], named["0.bias"]], "rho": 1.0, "eta": 0.1},
+        {"params": [named["4.bias"]], "adaptive": False},
+        {"params": [p for n, p in named.items() if n not in first | {"4.bias"}]},
+    ]
+    # reference orders weights by model.named_parameters(); compare by name
+    optimizer = TransformingOptimizer(groups, torch.optim.SGD, lr=0.1, momentum=0.9, transforms=[ASAM(rho=0.5, eta=0.01)])
+    closure = make_closure(model, optimizer, x, y)
+    for _ in range(4):
+        optimizer.step(closure)
+    torch.testing.assert_close(params_of(model), expected, rtol=1e-12, atol=1e-12)
+
+
+def test_asam_is_invariant_to_rescaling_a_relu_layer_pair():
+    # f(x) = W2 relu(W1 x): scaling W1 by a and W2 by 1/a leaves f unchanged; with eta=0 the
+    # ASAM perturbed loss is also unchanged (scale invariance), SAM's is not.
+    torch.manual_seed(0)
+    x, y = torch.randn(32, 3, dtype=torch.float64), torch.randn(32, 1, dtype=torch.float64)
+
+    def perturbed_loss(transform, scale):
+        model = nn.Sequential(nn.Linear(3, 4, bias=False), nn.ReLU(), nn.Linear(4, 1, bias=False)).double()
+        torch.manual_seed(1)
+        with torch.no_grad():
+            model[0].weight.copy_(torch.randn(4, 3, dtype=torch.float64) * scale)
+            model[2].weight.copy_(torch.randn(1, 4, dtype=torch.float64) / scale)
+        optimizer = TransformingOptimizer(model.parameters(), torch.optim.SGD, lr=0.0, transforms=[transform])
+        losses = []
+
+        def closure():
+            optimizer.zero_grad()
+            loss = nn.functional.mse_loss(model(x), y)
+            loss.backward()
+            losses.append(loss.item())
+            return loss
+
+        optimizer.step(closure)
+        return losses[1]
+
+    assert perturbed_loss(ASAM(rho=0.5, eta=0.0), 1.0) == pytest.approx(perturbed_loss(ASAM(rho=0.5, eta=0.0), 7.0), rel=1e-10)
+    assert perturbed_loss(SAM(rho=0.5), 1.0) != pytest.approx(perturbed_loss(SAM(rho=0.5), 7.0), rel=1e-3)
+
+
+# -- invariants -----------------------------------------------------------------------------------
+@pytest.mark.parametrize("transform", [SAM(rho=0.05), ASAM(rho=0.5)], ids=["SAM", "ASAM"])
+def test_non_finite_gradient_skips_perturbation_and_keeps_weights_finite(transform):
+    # One rho=0 group gets an inf gradient; the perturbed group's weights must not see it.
+    torch.manual_seed(0)
+    good = nn.Parameter(torch.randn(3, dtype=torch.float64))
+    bad = nn.Parameter(torch.randn(2, dtype=torch.float64))
+    optimizer = TransformingOptimizer(
+        [{"params": [good]}, {"params": [bad], "rho": 0.0, "lr": 0.0}], torch.optim.SGD, lr=0.1, transforms=[transform]
+    )
+    calls = {"n": 0}
+
+    def closure():
+        calls["n"] += 1
+        optimizer.zero_grad()
+        loss = (good**2).sum() + (bad * float("inf")).sum()
+        loss.backward()
+        return loss
+
+    before = good.detach().clone()
+    with pytest.warns(RuntimeWarning, match="perturbation is skipped"):
+        optimizer.step(closure)
+    assert calls["n"] == 1
+    assert torch.isfinite(good).all()
+    torch.testing.assert_close(good.detach(), before - 0.1 * 2 * before, rtol=0, atol=0)
+
+
+def test_sparse_gradient_raises_clear_error_and_leaves_weights():
+    embedding = nn.Embedding(10, 3, sparse=True).double()
+    optimizer = TransformingOptimizer(embedding.parameters(), torch.optim.SGD, lr=0.1, transforms=[SAM(0.05)])
+    before = embedding.weight.detach().clone()
+
+    def closure():
+        optimizer.zero_grad()
+        loss = embedding(torch.tensor([1, 2])).sum()
+        loss.backward()
+        return loss
+
+    with pytest.raises(RuntimeError, match="sparse gradients"):
+        optimizer.step(closure)
+    assert torch.equal(embedding.weight.detach(), before)
+
+
+def test_no_state_is_kept_between_sam_steps():
+    x, y = make_data()
+    model = make_model()
+    optimizer = TransformingOptimizer(model.parameters(), torch.optim.SGD, lr=0.1, transforms=[SAM(0.05)])
+    storages = {id(p): p.data_ptr() for p in model.parameters()}
+    closure = make_closure(model, optimizer, x, y)
+    for _ in range(3):
+        optimizer.step(closure)
+    assert len(optimizer.state) == 0
+    assert {id(p): p.data_ptr() for p in model.parameters()} == storages  # original storages back
+
+
+def test_rho_is_read_from_param_groups_each_step():
+    x, y = make_data()
+    model_a, model_b = make_model(), make_model()
+    opt_a = TransformingOptimizer(model_a.parameters(), torch.optim.SGD, lr=0.1, transforms=[SAM(0.05)])
+    opt_b = TransformingOptimizer(model_b.parameters(), torch.optim.SGD, lr=0.1, transforms=[SAM(0.3)])
+    for group in opt_a.param_groups:
+        group["rho"] = 0.3  # e.g. a rho schedule
+    for opt, model in ((opt_a, model_a), (opt_b, model_b)):
+        closure = make_closure(model, opt, x, y)
+        for _ in range(3):
+            opt.step(closure)
+    assert_bitwise_equal(params_of(model_a), params_of(model_b))
+    opt_a.param_groups[0]["rho"] = -0.1
+    with pytest.raises(ValueError, match=r"rho must be a finite number >= 0, got -0\.1"):
+        opt_a.step(make_closure(model_a, opt_a, x, y))
+
+
+def test_nan_gradient_warns_and_the_step_equals_the_bare_optimizers():
+    param = nn.Parameter(torch.ones(2))
+    optimizer = TransformingOptimizer([param], torch.optim.SGD, lr=0.0, transforms=[SAM(0.1)])
+
+    def closure():
+        optimizer.zero_grad()
+        loss = (param * float("nan")).sum()
+        loss.backward()
+        return loss
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        optimizer.step(closure)
+    assert any(issubclass(w.category, RuntimeWarning) and "gradient norm is nan" in str(w.message) for w in caught)
+    # The inner optimizer saw exactly the first gradients: the same result as without SAM.
+    bare_param = nn.Parameter(torch.ones(2))
+    bare = torch.optim.SGD([bare_param], lr=0.0)
+    (bare_param * float("nan")).sum().backward()
+    bare.step()
+    torch.testing.assert_close(param.detach(), bare_param.detach(), rtol=0, atol=0, equal_nan=True)
