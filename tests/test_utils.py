@@ -1,0 +1,225 @@
+"""Tests for ``samgria.utils``: flat gradient vectors and BatchNorm running-statistics control."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from samgria import SAM, TransformingOptimizer
+from samgria.utils import frozen_bn_stats, get_grad, set_grad
+
+
+def _params(dtype: torch.dtype = torch.float64) -> list[nn.Parameter]:
+    generator = torch.Generator().manual_seed(0)
+    shapes = [(3, 2), (4,), (2, 1, 2)]
+    return [nn.Parameter(torch.randn(shape, generator=generator, dtype=dtype)) for shape in shapes]
+
+
+# -- get_grad / set_grad --------------------------------------------------------------------------
+def test_get_grad_concatenates_in_parameter_order() -> None:
+    params = _params()
+    for index, param in enumerate(params):
+        param.grad = torch.full_like(param, float(index + 1))
+    flat = get_grad(params)
+    expected = torch.tensor([1.0] * 6 + [2.0] * 4 + [3.0] * 4, dtype=torch.float64)
+    assert torch.equal(flat, expected)
+
+
+def test_get_grad_fills_zeros_for_missing_grads() -> None:
+    params = _params()
+    params[1].grad = torch.arange(4, dtype=torch.float64)
+    flat = get_grad(params)
+    assert torch.equal(flat[:6], torch.zeros(6, dtype=torch.float64))
+    assert torch.equal(flat[6:10], torch.arange(4, dtype=torch.float64))
+    assert torch.equal(flat[10:], torch.zeros(4, dtype=torch.float64))
+    assert params[0].grad is None and params[2].grad is None, "get_grad must not create grads"
+
+
+def test_get_grad_casts_to_first_parameter_dtype() -> None:
+    first = nn.Parameter(torch.zeros(2, dtype=torch.float64))
+    second = nn.Parameter(torch.zeros(3, dtype=torch.float32))
+    first.grad = torch.tensor([0.1, 0.2], dtype=torch.float64)
+    second.grad = torch.tensor([1.5, -2.0, 3.25], dtype=torch.float32)
+    flat = get_grad([first, second])
+    assert flat.dtype == torch.float64
+    assert torch.equal(flat[2:], second.grad.double())
+
+
+def test_get_grad_rejects_empty() -> None:
+    with pytest.raises(ValueError, match="get_grad needs at least one parameter, got an empty iterable"):
+        get_grad([])
+
+
+def test_set_grad_get_grad_round_trip_is_exact() -> None:
+    params = _params()
+    flat = torch.randn(14, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    set_grad(flat, params)
+    for param, piece in zip(params, flat.split([p.numel() for p in params])):
+        assert param.grad is not None and param.grad.shape == param.shape
+        assert torch.equal(param.grad.reshape(-1), piece)
+    assert torch.equal(get_grad(params), flat)
+
+
+def test_set_grad_creates_independent_grads_and_reuses_existing_ones() -> None:
+    params = _params()
+    existing = torch.zeros_like(params[0])
+    params[0].grad = existing
+    flat = torch.ones(14, dtype=torch.float64)
+    set_grad(flat, params)
+    assert params[0].grad is existing, "an existing grad is written in place"
+    flat.fill_(7.0)  # the new grads must not alias the flat vector
+    assert torch.equal(get_grad(params), torch.ones(14, dtype=torch.float64))
+
+
+def test_set_grad_casts_to_each_parameter_dtype() -> None:
+    low = nn.Parameter(torch.zeros(2, dtype=torch.bfloat16))
+    high = nn.Parameter(torch.zeros(2, dtype=torch.float64))
+    flat = torch.tensor([1.0 + 2**-12, 2.0, 0.1, 0.2], dtype=torch.float32)
+    set_grad(flat, [low, high])
+    assert low.grad.dtype == torch.bfloat16 and high.grad.dtype == torch.float64
+    assert torch.equal(low.grad, flat[:2].to(torch.bfloat16))
+    assert torch.equal(high.grad, flat[2:].to(torch.float64))
+
+
+@pytest.mark.parametrize(
+    "bad, shape_text",
+    [
+        (torch.zeros(13), r"\(13,\)"),
+        (torch.zeros(15), r"\(15,\)"),
+        (torch.zeros(2, 7), r"\(2, 7\)"),
+        (torch.zeros(()), r"\(\)"),
+    ],
+)
+def test_set_grad_rejects_bad_shapes(bad: torch.Tensor, shape_text: str) -> None:
+    params = _params()
+    with pytest.raises(ValueError, match=rf"grads must be a 1-D tensor of length 14 .*got shape {shape_text}"):
+        set_grad(bad, params)
+    assert all(param.grad is None for param in params), "nothing is written on error"
+
+
+# -- frozen_bn_stats -------------------------------------------------------------------------------
+def _bn_net(momentum: float | None = 0.1) -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(2, 3, 3, padding=1),
+        nn.BatchNorm2d(3, momentum=momentum),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(3 * 4 * 4, 5),
+        nn.BatchNorm1d(5, momentum=momentum),
+    ).double()
+
+
+def _bn_buffers(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {name: buffer.clone() for name, buffer in model.named_buffers()}
+
+
+def _assert_buffers_equal(model: nn.Module, expected: dict[str, torch.Tensor]) -> None:
+    actual = dict(model.named_buffers())
+    assert actual.keys() == expected.keys()
+    for name, value in expected.items():
+        assert torch.equal(actual[name], value), name
+
+
+@pytest.mark.parametrize("momentum", [0.1, None], ids=["momentum=0.1", "momentum=None"])
+def test_frozen_bn_stats_keeps_running_stats_and_batch_stat_outputs(momentum: float | None) -> None:
+    model = _bn_net(momentum)
+    x = torch.randn(6, 2, 4, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    model(x)  # give the buffers non-trivial values (and num_batches_tracked = 1)
+    before = _bn_buffers(model)
+    reference = copy.deepcopy(model)
+
+    with frozen_bn_stats(model) as yielded:
+        assert yielded is model
+        frozen_out = model(x)
+        model(2 * x + 1)
+    _assert_buffers_equal(model, before)
+    assert int(model[1].num_batches_tracked) == 1
+
+    # Train-mode output uses the batch statistics: equal to a normal train-mode forward.
+    expected_out = reference(x)
+    assert torch.equal(frozen_out, expected_out)
+    # ... and normal forwards do update the reference's stats, so the checks above can fail.
+    reference(2 * x + 1)
+    assert not torch.equal(reference[1].running_mean, before["1.running_mean"])
+    assert not torch.equal(reference[5].running_var, before["5.running_var"])
+    assert int(reference[1].num_batches_tracked) == 3
+
+
+def test_frozen_bn_stats_restores_flags_on_exception_and_leaves_eval_layers_alone() -> None:
+    model = _bn_net()
+    untracked = nn.BatchNorm1d(5, track_running_stats=False).double()
+    model.append(untracked)
+    with pytest.raises(RuntimeError, match="boom"):
+        with frozen_bn_stats(model):
+            assert not model[1].track_running_stats and not model[5].track_running_stats
+            raise RuntimeError("boom")
+    assert model[1].track_running_stats and model[5].track_running_stats
+    assert not untracked.track_running_stats, "a layer without running stats stays without them"
+
+    # After the exception the stats update normally again.
+    model(torch.randn(4, 2, 4, 4, dtype=torch.float64))
+    assert int(model[1].num_batches_tracked) == 1
+
+    # Layers in eval mode keep normalising with the running statistics inside the block.
+    model.eval()
+    x = torch.randn(4, 2, 4, 4, dtype=torch.float64)
+    expected = model(x)
+    with frozen_bn_stats(model):
+        assert torch.equal(model(x), expected)
+
+
+def test_frozen_bn_stats_rejects_non_module() -> None:
+    with pytest.raises(TypeError, match=r"model must be an nn.Module, got \[1, 2\]"):
+        with frozen_bn_stats([1, 2]):  # type: ignore[arg-type]
+            pass
+
+
+# -- BatchNorm with SAM end to end -----------------------------------------------------------------
+def _sam_bn_step(use_context: bool) -> tuple[nn.Module, torch.Tensor, nn.Module]:
+    """One SAM step on a conv net with BatchNorm; returns (model, x, copy of model before)."""
+    model = _bn_net()
+    before = copy.deepcopy(model)
+    generator = torch.Generator().manual_seed(3)
+    x = torch.randn(8, 2, 4, 4, dtype=torch.float64, generator=generator)
+    y = torch.randint(0, 5, (8,), generator=generator)
+    optimizer = TransformingOptimizer(
+        model.parameters(),
+        torch.optim.SGD,
+        lr=0.1,
+        momentum=0.9,
+        transforms=[SAM(rho=0.5)],
+        reevaluation_context=(lambda: frozen_bn_stats(model)) if use_context else None,
+    )
+
+    def closure() -> torch.Tensor:
+        optimizer.zero_grad()
+        loss = nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        return loss
+
+    optimizer.step(closure)
+    return model, x, before
+
+
+def test_sam_with_frozen_bn_stats_updates_running_stats_once_per_step() -> None:
+    model, x, before = _sam_bn_step(use_context=True)
+    # Reference: one plain train-mode forward at the weights before the step.
+    before(x)
+    for name in ("1.running_mean", "1.running_var", "1.num_batches_tracked", "5.running_mean", "5.running_var"):
+        assert torch.equal(dict(model.named_buffers())[name], dict(before.named_buffers())[name]), name
+    assert int(model[1].num_batches_tracked) == 1
+
+
+def test_sam_without_frozen_bn_stats_updates_twice_but_takes_the_same_step() -> None:
+    frozen_model, _, _ = _sam_bn_step(use_context=True)
+    plain_model, _, _ = _sam_bn_step(use_context=False)
+    # Without the context the second forward also updates the statistics ...
+    assert int(plain_model[1].num_batches_tracked) == 2
+    assert not torch.equal(plain_model[1].running_mean, frozen_model[1].running_mean)
+    # ... but the training forward uses batch statistics either way: the weights are identical.
+    for (name, frozen), plain in zip(frozen_model.named_parameters(), plain_model.parameters()):
+        assert torch.equal(frozen, plain), name
