@@ -1,0 +1,202 @@
+"""Differentiable inner optimizers (SGD, momentum, Adam) against torch.optim, their
+meta-gradients against finite differences, per-adaptation state, and InnerSAM."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from samgria.data.task import Task
+from samgria.meta.inner_optim import (
+    AdamInnerStep,
+    InnerGradTransform,
+    InnerSAM,
+    InnerStepFn,
+    MomentumInnerStep,
+    adam_inner_step,
+    momentum_inner_step,
+    sgd_inner_step,
+)
+from samgria.meta.learner import Learner
+from samgria.meta.maml import MAML
+
+DT = torch.float64
+mse = nn.functional.mse_loss
+
+
+def setup(seed=0):
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 1)).to(DT)
+    g = torch.Generator().manual_seed(seed)
+    task = Task(*(torch.randn(6, s, generator=g, dtype=DT) for s in (3, 1, 3, 1)))
+    return model, task
+
+
+def torch_optim_adapted(model, task, make_opt, steps):
+    clone = copy.deepcopy(model)
+    opt = make_opt(clone.parameters())
+    for _ in range(steps):
+        opt.zero_grad()
+        mse(clone(task.support_x), task.support_y).backward()
+        opt.step()
+    return [p.detach() for p in clone.parameters()]
+
+
+CASES = {
+    "sgd": (lambda: sgd_inner_step, lambda ps: torch.optim.SGD(ps, lr=0.1)),
+    "momentum": (lambda: MomentumInnerStep(0.9), lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9)),
+    "dampening": (
+        lambda: MomentumInnerStep(0.8, dampening=0.3),
+        lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.8, dampening=0.3),
+    ),
+    "nesterov": (
+        lambda: MomentumInnerStep(0.9, nesterov=True),
+        lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9, nesterov=True),
+    ),
+    "adam": (lambda: AdamInnerStep(), lambda ps: torch.optim.Adam(ps, lr=0.1)),
+    "adam_betas": (
+        lambda: AdamInnerStep(betas=(0.5, 0.9), eps=1e-6),
+        lambda ps: torch.optim.Adam(ps, lr=0.1, betas=(0.5, 0.9), eps=1e-6),
+    ),
+}
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_inner_step_fn_matches_torch_optim(name):
+    make_fn, make_opt = CASES[name]
+    model, task = setup()
+    learner = Learner(model, inner_lr=0.1, inner_step_fn=make_fn()).adapt_on(mse, task.support_x, task.support_y, steps=4)
+    expected = torch_optim_adapted(model, task, make_opt, 4)
+    for (n, _), e in zip(model.named_parameters(), expected):
+        torch.testing.assert_close(learner.params[n].detach(), e, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("name", ["momentum", "nesterov", "adam"])
+def test_meta_gradient_through_stateful_inner_optimizer_matches_finite_differences(name):
+    make_fn, _ = CASES[name]
+    model, task = setup()
+    step_fn = make_fn()
+    meta = MAML(model, torch.optim.SGD, inner_lr=0.05, inner_steps=3, lr=0.1)
+    learner = meta.adapt(lambda f: mse(f(task.support_x), task.support_y), inner_step_fn=step_fn)
+    mse(learner(task.query_x), task.query_y).backward()
+
+    def value():
+        ref = Learner(model, inner_lr=0.05, inner_step_fn=step_fn, track_graph=False)
+        ref.adapt_on(mse, task.support_x, task.support_y, steps=3)
+        with torch.no_grad():
+            return mse(ref(task.query_x), task.query_y).item()
+
+    h = 1e-6
+    with torch.no_grad():
+        for p in model.parameters():
+            flat = p.view(-1)
+            for i in range(flat.numel()):
+                old = flat[i].item()
+                flat[i] = old + h
+                up = value()
+                flat[i] = old - h
+                down = value()
+                flat[i] = old
+                assert p.grad.view(-1)[i].item() == pytest.approx((up - down) / (2 * h), rel=1e-5, abs=1e-8)
+
+
+def test_state_is_per_adaptation_so_shared_instances_do_not_leak():
+    model, task = setup()
+    meta = MAML(model, torch.optim.SGD, inner_lr=0.05, inner_steps=2, lr=0.1)
+    for shared in (adam_inner_step, momentum_inner_step):
+        a = meta.adapt(lambda f: mse(f(task.support_x), task.support_y), inner_step_fn=shared)
+        b = meta.adapt(lambda f: mse(f(task.support_x), task.support_y), inner_step_fn=shared)
+        for n in a.params:
+            assert torch.equal(a.params[n], b.params[n])
+
+
+def test_protocols_are_runtime_checkable():
+    assert isinstance(sgd_inner_step, InnerStepFn)
+    assert isinstance(MomentumInnerStep(), InnerStepFn)
+    assert isinstance(InnerSAM(0.1), InnerGradTransform)
+    assert not isinstance(object(), InnerGradTransform)
+    assert "MomentumInnerStep(momentum=0.9" in repr(momentum_inner_step)
+    assert "AdamInnerStep(betas=(0.9, 0.999)" in repr(adam_inner_step)
+
+
+def ls_problem():
+    torch.manual_seed(0)
+    model = nn.Linear(3, 1, bias=False).to(DT)
+    g = torch.Generator().manual_seed(1)
+    xs, ys, xq, yq = (torch.randn(5, s, generator=g, dtype=DT) for s in (3, 1, 3, 1))
+    return model, xs, ys, xq, yq
+
+
+def ls_grad(w, x, y):
+    return (2.0 / x.shape[0]) * ((x @ w.T - y).T @ x)
+
+
+@pytest.mark.parametrize("first_order", [False, True])
+def test_inner_sam_step_and_meta_gradient_closed_form(first_order):
+    model, xs, ys, xq, yq = ls_problem()
+    rho, alpha = 0.2, 0.1
+    meta = MAML(model, torch.optim.SGD, inner_lr=alpha, first_order=first_order, lr=0.1)
+    learner = meta.adapt(lambda f: mse(f(xs), ys), grad_transforms=[InnerSAM(rho)])
+    w = model.weight.detach()
+    g = ls_grad(w, xs, ys)
+    eps = rho * g / g.norm()
+    w1 = w - alpha * ls_grad(w + eps, xs, ys)
+    torch.testing.assert_close(learner.params["weight"], w1, rtol=0, atol=1e-12)
+    mse(learner(xq), yq).backward()
+    g_q = ls_grad(w1, xq, yq)
+    jac = torch.eye(3, dtype=DT) if first_order else torch.eye(3, dtype=DT) - alpha * (2.0 / 5) * xs.T @ xs
+    torch.testing.assert_close(model.weight.grad, g_q @ jac, rtol=0, atol=1e-12)
+
+
+def test_inner_sam_with_zero_rho_is_plain_sgd_and_combines_with_regulariser():
+    model, xs, ys, xq, yq = ls_problem()
+    meta = MAML(model, torch.optim.SGD, inner_lr=0.1, inner_steps=2, lr=0.1)
+    plain = meta.adapt(lambda f: mse(f(xs), ys))
+    zero = meta.adapt(lambda f: mse(f(xs), ys), grad_transforms=[InnerSAM(0.0)])
+    torch.testing.assert_close(plain.params["weight"], zero.params["weight"], rtol=0, atol=0)
+
+    def reg(current, base):
+        return ((current["weight"] - base["weight"]) ** 2).sum()
+
+    learner = meta.adapt(lambda f: mse(f(xs), ys), steps=1, inner_reg_fn=reg, grad_transforms=[InnerSAM(0.3)])
+    w = model.weight.detach()
+    g = ls_grad(w, xs, ys)  # the regulariser's gradient is 0 at the start
+    eps = 0.3 * g / g.norm()
+    expected = w - 0.1 * (ls_grad(w + eps, xs, ys) + 2 * eps)
+    torch.testing.assert_close(learner.params["weight"], expected, rtol=0, atol=1e-12)
+
+
+def test_inner_optimizer_arguments_are_validated():
+    with pytest.raises(ValueError, match=r"momentum must be in \[0, 1\), got 1\.5"):
+        MomentumInnerStep(1.5)
+    with pytest.raises(ValueError, match=r"dampening must be in \[0, 1\), got -0\.1"):
+        MomentumInnerStep(0.9, dampening=-0.1)
+    with pytest.raises(ValueError, match="nesterov=True needs momentum > 0 and dampening == 0"):
+        MomentumInnerStep(0.0, nesterov=True)
+    with pytest.raises(TypeError, match="nesterov must be a bool, got 1"):
+        MomentumInnerStep(0.9, nesterov=1)
+    with pytest.raises(ValueError, match=r"betas\[1\] must be in \[0, 1\), got 1\.0"):
+        AdamInnerStep(betas=(0.9, 1.0))
+    with pytest.raises(TypeError, match="betas must be a pair of floats, got 0.9"):
+        AdamInnerStep(betas=0.9)
+    with pytest.raises(ValueError, match="eps must be > 0, got 0"):
+        AdamInnerStep(eps=0)
+    with pytest.raises(ValueError, match=r"rho must be >= 0, got -0\.1"):
+        InnerSAM(-0.1)
+    with pytest.raises(TypeError, match="rho must be a real number, got '0.1'"):
+        InnerSAM("0.1")
+
+
+def test_adam_inner_step_second_order_is_finite_with_zero_gradients():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(2, 4), nn.ReLU(), nn.Linear(4, 1)).to(DT)
+    with torch.no_grad():
+        model[0].bias.fill_(-100.0)  # every ReLU dead: exact zero gradients upstream
+    x, y = torch.randn(5, 2, dtype=DT), torch.randn(5, 1, dtype=DT)
+    meta = MAML(model, torch.optim.SGD, inner_lr=0.1, inner_steps=2, lr=0.1)
+    learner = meta.adapt(lambda f: mse(f(x), y), inner_step_fn=AdamInnerStep())
+    mse(learner(x), y).backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters())

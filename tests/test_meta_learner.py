@@ -1,0 +1,148 @@
+"""Learner: clone / adapt(loss) / adapt_on / adapt_closure against hand-written SGD steps."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from samgria.meta.functional import functional_forward
+from samgria.meta.inner_optim import InnerSAM
+from samgria.meta.learner import Learner
+from samgria.meta.maml import MAML
+
+DT = torch.float64
+mse = nn.functional.mse_loss
+
+
+def setup(seed=0):
+    torch.manual_seed(seed)
+    model = nn.Linear(3, 1, bias=False).to(DT)
+    x, y = torch.randn(6, 3, dtype=DT), torch.randn(6, 1, dtype=DT)
+    return model, x, y
+
+
+def ls_grad(w, x, y):
+    return (2.0 / x.shape[0]) * ((x @ w.T - y).T @ x)
+
+
+def test_clone_adapt_is_chainable_and_equals_hand_written_steps():
+    model, x, y = setup()
+    meta = MAML(model, torch.optim.SGD, inner_lr=0.1, lr=0.5)
+    learner = meta.clone()
+    assert learner.params["weight"] is model.weight
+    out = learner.adapt(mse(learner(x), y))
+    assert out is learner
+    learner.adapt(mse(learner(x), y))
+    w = model.weight.detach()
+    for _ in range(2):
+        w = w - 0.1 * ls_grad(w, x, y)
+    torch.testing.assert_close(learner.params["weight"], w, rtol=0, atol=1e-12)
+    assert learner.steps_taken == 2
+    torch.testing.assert_close(learner(x), x @ w.T, rtol=0, atol=1e-12)
+
+
+def test_adapt_on_and_adapt_closure_equal_manual_adapt():
+    model, x, y = setup()
+    meta = MAML(model, torch.optim.SGD, inner_lr=0.1, inner_steps=3, lr=0.5)
+    manual = meta.clone()
+    for _ in range(3):
+        manual.adapt(mse(manual(x), y))
+    on = meta.clone().adapt_on(mse, x, y)
+    closure = meta.clone().adapt_closure(lambda f: mse(f(x), y))
+    for other in (on, closure):
+        torch.testing.assert_close(other.params["weight"], manual.params["weight"], rtol=0, atol=0)
+    two = meta.clone().adapt_on(mse, x, y, 2)
+    assert two.steps_taken == 2
+    zero = meta.clone().adapt_on(mse, x, y, steps=0)
+    assert zero.params["weight"] is model.weight
+
+
+def test_second_order_graph_reaches_model_and_first_order_drops_hessian():
+    model, x, y = setup()
+    xq, yq = x.flip(0), y.flip(0)
+    w = model.weight.detach()
+    w1 = w - 0.1 * ls_grad(w, x, y)
+    hess = (2.0 / 6) * x.T @ x
+    g_q = ls_grad(w1, xq, yq)
+    second = Learner(model, inner_lr=0.1).adapt_on(mse, x, y)
+    mse(second(xq), yq).backward()
+    torch.testing.assert_close(model.weight.grad, g_q @ (torch.eye(3, dtype=DT) - 0.1 * hess), rtol=0, atol=1e-12)
+    model.weight.grad = None
+    first = Learner(model, inner_lr=0.1, first_order=True).adapt_on(mse, x, y)
+    mse(first(xq), yq).backward()
+    torch.testing.assert_close(model.weight.grad, g_q, rtol=0, atol=1e-12)
+
+
+def test_track_graph_false_detaches_from_the_model():
+    model, x, y = setup()
+    learner = Learner(model, inner_lr=0.1, track_graph=False).adapt_on(mse, x, y, steps=2)
+    assert learner.params["weight"].grad_fn is None
+    assert learner.params["weight"] is not model.weight
+    w = model.weight.detach()
+    for _ in range(2):
+        w = w - 0.1 * ls_grad(w, x, y)
+    torch.testing.assert_close(learner.params["weight"].detach(), w, rtol=0, atol=1e-12)
+
+
+def test_params_property_is_a_fresh_dict_and_forward_with_overrides():
+    model, x, y = setup()
+    learner = Learner(model)
+    d = learner.params
+    d.clear()
+    assert "weight" in learner.params
+    zeros = {"weight": torch.zeros(1, 3, dtype=DT)}
+    assert torch.equal(learner.forward_with(zeros)(x), torch.zeros(6, 1, dtype=DT))
+    assert torch.equal(learner(x), functional_forward(model, {"weight": model.weight}, x))
+    assert "Learner(model=Linear" in repr(learner)
+
+
+def test_inner_reg_fn_is_added_to_the_support_loss():
+    model, x, y = setup()
+    lam = 2.0
+
+    def proximal(current, base):
+        return 0.5 * lam * ((current["weight"] - base["weight"]) ** 2).sum()
+
+    learner = Learner(model, inner_lr=0.1, inner_reg_fn=proximal).adapt_on(mse, x, y, steps=2)
+    w0 = model.weight.detach()
+    w = w0
+    for _ in range(2):
+        w = w - 0.1 * (ls_grad(w, x, y) + lam * (w - w0))
+    torch.testing.assert_close(learner.params["weight"], w, rtol=0, atol=1e-12)
+
+
+def test_grad_transforms_need_a_closure():
+    model, x, y = setup()
+    learner = Learner(model, grad_transforms=[InnerSAM(0.1)])
+    with pytest.raises(ValueError, match="grad_transforms need to re-evaluate the support loss"):
+        learner.adapt(mse(learner(x), y))
+
+
+def test_learner_errors_name_argument_and_value():
+    model, x, y = setup()
+    with pytest.raises(TypeError, match="model must be a torch.nn.Module, got dict"):
+        Learner({})
+    with pytest.raises(ValueError, match=r"lr must be >= 0, got -0\.5"):
+        Learner(model, inner_lr=-0.5)
+    with pytest.raises(ValueError, match="inner_steps must be >= 0, got -1"):
+        Learner(model, inner_steps=-1)
+    with pytest.raises(ValueError, match=r"adapt_names contains names that are not parameters of model: \['bias'\]"):
+        Learner(model, adapt_names=["bias"])
+    with pytest.raises(TypeError, match="inner_step_fn must be callable, got 1"):
+        Learner(model, inner_step_fn=1)
+    with pytest.raises(TypeError, match="inner_reg_fn must be callable, got 'l2'"):
+        Learner(model, inner_reg_fn="l2")
+    with pytest.raises(TypeError, match="grad_transforms entries must have a transform_inner_grads method"):
+        Learner(model, grad_transforms=[object()])
+    with pytest.raises(TypeError, match="first_order must be a bool, got None"):
+        Learner(model, first_order=None)
+    learner = Learner(model)
+    with pytest.raises(TypeError, match="loss_fn must be callable, got 'mse'"):
+        learner.adapt_on("mse", x, y)
+    with pytest.raises(TypeError, match="support_closure must be callable, got 5"):
+        learner.adapt_closure(5)
+    with pytest.raises(ValueError, match="steps must be >= 0, got -3"):
+        learner.adapt_on(mse, x, y, steps=-3)
+    with pytest.raises(TypeError, match="the support loss must be a scalar tensor, got float"):
+        learner.adapt(1.0)

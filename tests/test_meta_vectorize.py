@@ -1,0 +1,221 @@
+"""The vmap path equals the per-task loop (values and meta-gradients, float64), falls back
+once when a model cannot be vmapped, and refuses second order through batch-statistics norms."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+from samgria.data.task import Task
+from samgria.meta.anil import ANIL
+from samgria.meta.maml import FOMAML, MAML
+from samgria.meta.metasgd import MetaSGD
+from samgria.meta.reptile import Reptile
+from samgria.meta.vectorize import (
+    can_vectorize,
+    second_order_vmap_blocker,
+    stack_tasks,
+    vmap_task_losses,
+)
+
+DT = torch.float64
+mse = nn.functional.mse_loss
+
+
+def make_tasks(n=4, d=2, k=6, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [Task(*(torch.randn(k, s, generator=g, dtype=DT) for s in (d, 1, d, 1))) for _ in range(n)]
+
+
+def relu_mlp(seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(2, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 1)).to(DT)
+
+
+def losses_and_grads(meta, tasks, vectorize, **kw):
+    meta.zero_grad()
+    losses = meta.task_losses(tasks, mse, vectorize=vectorize, **kw)
+    tensors = [p for g in meta.param_groups for p in g["params"]]
+    if losses.requires_grad:
+        losses.sum().backward()
+    grads = [torch.zeros_like(t) if t.grad is None else t.grad.clone() for t in tensors]
+    return losses.detach(), grads
+
+
+BUILDERS = {
+    "maml": lambda m: MAML(m, torch.optim.SGD, inner_lr=0.05, inner_steps=3, lr=0.1),
+    "fomaml": lambda m: FOMAML(m, torch.optim.SGD, inner_lr=0.05, inner_steps=3, lr=0.1),
+    "metasgd": lambda m: MetaSGD(m, torch.optim.SGD, inner_lr=0.05, inner_steps=2, lr=0.1),
+    "anil": lambda m: ANIL(m, torch.optim.SGD, head=m[4], inner_lr=0.05, inner_steps=3, lr=0.1),
+}
+
+
+@pytest.mark.parametrize("name", sorted(BUILDERS))
+def test_vmap_equals_loop_values_and_meta_gradients(name):
+    model = relu_mlp()
+    meta = BUILDERS[name](model)
+    tasks = make_tasks()
+    lv, gv = losses_and_grads(meta, tasks, True)
+    ll, gl = losses_and_grads(meta, tasks, False)
+    torch.testing.assert_close(lv, ll, rtol=0, atol=1e-10)
+    assert any(g.abs().sum() > 0 for g in gl)
+    for a, b in zip(gv, gl):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-10)
+
+
+def test_vmap_equals_loop_with_create_graph_false():
+    model = relu_mlp()
+    meta = MAML(model, torch.optim.SGD, inner_lr=0.05, inner_steps=2, lr=0.1)
+    tasks = make_tasks()
+    lv, gv = losses_and_grads(meta, tasks, True, create_graph=False)
+    ll, gl = losses_and_grads(meta, tasks, False, create_graph=False)
+    for a, b in zip(gv + [lv], gl + [ll]):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-10)
+
+
+def test_reptile_vmap_equals_loop_adapted_weights():
+    tasks = make_tasks()
+    results = []
+    for vectorize in (True, False):
+        model = relu_mlp()
+        meta = Reptile(model, torch.optim.SGD, inner_lr=0.05, inner_steps=3, lr=0.7)
+        meta.step(lambda: meta.task_losses(tasks, mse, vectorize=vectorize).mean())
+        results.append([p.detach().clone() for p in model.parameters()])
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-10)
+
+
+def test_evaluate_vmap_equals_loop():
+    model = relu_mlp()
+    meta = MAML(model, torch.optim.SGD, inner_lr=0.05, inner_steps=3, lr=0.1)
+    tasks = make_tasks()
+    loop = meta.task_losses(tasks, mse, vectorize=False).mean().item()
+    assert meta.evaluate(tasks, mse) == pytest.approx(loop, rel=1e-12)
+
+
+def test_vmap_task_losses_function_returns_batched_adapted_params():
+    model = relu_mlp()
+    tasks = make_tasks(n=3)
+    params = dict(model.named_parameters())
+    names = list(params)
+    losses, fast = vmap_task_losses(model, params, names, {n: 0.1 for n in names}, tasks, mse, 1, return_params=True)
+    assert losses.shape == (3,)
+    assert fast["0.weight"].shape == (3, 8, 2)
+    g = torch.autograd.grad(mse(model(tasks[1].support_x), tasks[1].support_y), model[0].weight)[0]
+    torch.testing.assert_close(fast["0.weight"][1], model[0].weight - 0.1 * g, rtol=0, atol=1e-12)
+
+
+def test_unequal_shapes_loop_and_vectorize_true_raises():
+    model = relu_mlp()
+    meta = MAML(model, torch.optim.SGD, lr=0.1)
+    tasks = make_tasks(n=2) + make_tasks(n=1, k=4)
+    assert not can_vectorize(tasks) and can_vectorize(make_tasks(n=2)) and not can_vectorize([])
+    assert meta.task_losses(tasks, mse).shape == (3,)  # loop, silently
+    with pytest.raises(ValueError, match="vectorize=True needs tasks whose tensors all have equal shapes"):
+        meta.task_losses(tasks, mse, vectorize=True)
+    with pytest.raises(TypeError, match="vectorize must be None or a bool, got 'yes'"):
+        meta.task_losses(tasks, mse, vectorize="yes")
+
+
+def test_stack_tasks_adds_a_task_axis():
+    tasks = make_tasks(n=3)
+    sx, sy, qx, qy = stack_tasks(tasks)
+    assert sx.shape == (3, 6, 2) and qy.shape == (3, 6, 1)
+    assert torch.equal(qx[2], tasks[2].query_x)
+
+
+class ItemModel(nn.Module):
+    """A model that cannot be vmapped: it calls .item() in forward."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(2, 1)
+
+    def forward(self, x):
+        scale = 1.0 if x.abs().max().item() < 1e6 else 0.0
+        return self.lin(x) * scale
+
+
+def test_fallback_to_loop_warns_once_and_remembers():
+    torch.manual_seed(0)
+    model = ItemModel().to(DT)
+    meta = MAML(model, torch.optim.SGD, inner_lr=0.1, lr=0.1)
+    tasks = make_tasks(n=3)
+    with pytest.warns(RuntimeWarning, match="vmap over tasks failed .* falling back to a per-task loop"):
+        first = meta.task_losses(tasks, mse)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        second = meta.task_losses(tasks, mse)
+    torch.testing.assert_close(first, second)
+    torch.testing.assert_close(first, meta.task_losses(tasks, mse, vectorize=False))
+    with pytest.raises(RuntimeError, match="vectorize=True but vmap over tasks failed"):
+        meta.task_losses(tasks, mse, vectorize=True)
+
+
+def test_non_scalar_loss_is_an_error_in_both_paths():
+    model = relu_mlp()
+    meta = FOMAML(model, torch.optim.SGD, lr=0.1)
+    tasks = make_tasks(n=2)
+
+    def per_element(pred, target):
+        return (pred - target) ** 2
+
+    with pytest.raises(ValueError, match=r"loss_fn must return a scalar per task, got shape \(6, 1\)"):
+        meta.task_losses(tasks, per_element, steps=0, vectorize=True)
+    with pytest.raises(ValueError, match=r"loss_fn must return a scalar per task, got shape \(6, 1\)"):
+        meta.evaluate(tasks, per_element, steps=0)  # not mistaken for a model that cannot be vmapped
+    with pytest.raises(ValueError, match=r"loss_fn must return a scalar per task, got \(6, 1\) for tasks\[0\]"):
+        meta.task_losses(tasks, per_element, steps=0, vectorize=False)
+
+
+def batchnorm_model(seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(2, 6), nn.BatchNorm1d(6), nn.Tanh(), nn.Linear(6, 1)).to(DT)
+
+
+def test_second_order_vmap_blocker_names_the_module():
+    assert second_order_vmap_blocker(relu_mlp()) is None
+    bn = batchnorm_model()
+    assert second_order_vmap_blocker(bn) == "1 (BatchNorm1d)"
+    bn.eval()
+    assert second_order_vmap_blocker(bn) is None
+    assert second_order_vmap_blocker(nn.Sequential(nn.Linear(2, 2), nn.LayerNorm(2))) == "1 (LayerNorm)"
+    assert second_order_vmap_blocker(nn.InstanceNorm1d(3)) == "<model> (InstanceNorm1d)"
+    assert second_order_vmap_blocker(nn.Sequential(nn.Linear(2, 4), nn.GroupNorm(2, 4))) is None
+
+
+def test_batchnorm_second_order_uses_the_loop_and_first_order_still_vmaps():
+    model = batchnorm_model()
+    tasks = make_tasks()
+    maml = MAML(model, torch.optim.SGD, inner_lr=0.1, inner_steps=2, lr=0.1)
+    with pytest.raises(ValueError, match=r"wrong second-order gradients through 1 \(BatchNorm1d\).*functorch#534"):
+        maml.task_losses(tasks, mse, vectorize=True)
+    auto = losses_and_grads(maml, tasks, None)
+    loop = losses_and_grads(maml, tasks, False)
+    for a, b in zip(auto[1], loop[1]):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+    fo = FOMAML(model, torch.optim.SGD, inner_lr=0.1, inner_steps=2, lr=0.1)
+    lv, gv = losses_and_grads(fo, tasks, True)  # first order through BatchNorm: vmapped and exact
+    ll, gl = losses_and_grads(fo, tasks, False)
+    torch.testing.assert_close(lv, ll, rtol=0, atol=1e-10)
+    for a, b in zip(gv, gl):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-10)
+    assert model[1].num_batches_tracked.item() == 0
+
+
+def test_batchnorm_eval_mode_second_order_vmaps_exactly():
+    model = batchnorm_model()
+    with torch.no_grad():
+        model[1].running_mean.uniform_(-0.5, 0.5)
+        model[1].running_var.uniform_(0.5, 2.0)
+    model.eval()
+    meta = MAML(model, torch.optim.SGD, inner_lr=0.1, inner_steps=2, lr=0.1)
+    tasks = make_tasks()
+    lv, gv = losses_and_grads(meta, tasks, True)
+    ll, gl = losses_and_grads(meta, tasks, False)
+    torch.testing.assert_close(lv, ll, rtol=0, atol=1e-10)
+    for a, b in zip(gv, gl):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-10)
