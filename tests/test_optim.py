@@ -1,0 +1,349 @@
+"""TransformingOptimizer as a torch.optim.Optimizer: construction, groups, hooks, checkpoints."""
+
+from __future__ import annotations
+
+import copy
+import functools
+import pickle
+import warnings
+
+import pytest
+import torch
+from torch import nn
+from transform_infos import assert_bitwise_equal, make_closure, make_data, make_model, params_of
+
+from samgria import ASAM, LAMP, SAM, GradientTransform, TransformingOptimizer, sam_optimizer
+
+
+def sam_opt(model, **kwargs):
+    kwargs = {"lr": 0.1, "momentum": 0.9, **kwargs}
+    return TransformingOptimizer(model.parameters(), torch.optim.SGD, transforms=[SAM(0.05)], **kwargs)
+
+
+# -- construction ---------------------------------------------------------------------------------
+def test_is_an_optimizer_and_shares_param_groups_with_inner():
+    model = make_model()
+    optimizer = sam_opt(model)
+    assert isinstance(optimizer, torch.optim.Optimizer)
+    assert optimizer.param_groups is optimizer.inner.param_groups
+    assert optimizer.param_groups[0]["rho"] == 0.05
+    optimizer.param_groups[0]["lr"] = 0.5
+    assert optimizer.inner.param_groups[0]["lr"] == 0.5
+
+
+def test_wraps_an_existing_optimizer_and_a_factory():
+    model = make_model()
+    inner = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    wrapped = TransformingOptimizer(inner, transforms=[SAM(0.1)])
+    assert wrapped.inner is inner and wrapped.param_groups is inner.param_groups
+    factory = functools.partial(torch.optim.SGD, lr=0.01)
+    built = TransformingOptimizer(model.parameters(), factory, transforms=SAM(0.1))
+    assert isinstance(built.inner, torch.optim.SGD) and len(built.transforms) == 1
+
+
+@pytest.mark.parametrize(
+    "make,error,match",
+    [
+        (lambda m: TransformingOptimizer(m.parameters(), transforms=[SAM()]), TypeError, r"inner must be a torch\.optim\.Optimizer subclass .*got None"),
+        (lambda m: TransformingOptimizer(m.parameters(), int), TypeError, r"inner must be a torch\.optim\.Optimizer subclass .*got <class 'int'>"),
+        (lambda m: TransformingOptimizer(m.parameters(), "SGD"), TypeError, r"inner must be .*got 'SGD'"),
+        (lambda m: TransformingOptimizer(m.parameters(), torch.optim.SGD(m.parameters(), lr=0.1)), TypeError, r"got the optimizer instance"),
+        (lambda m: TransformingOptimizer(m.parameters(), lambda params: 3), TypeError, r"inner must build a torch\.optim\.Optimizer, but .* returned 3"),
+        (lambda m: TransformingOptimizer(torch.optim.SGD(m.parameters(), lr=0.1), torch.optim.SGD), TypeError, r"when wrapping an existing optimizer"),
+        (lambda m: TransformingOptimizer(torch.optim.SGD(m.parameters(), lr=0.1), lr=0.1), TypeError, r"when wrapping an existing optimizer.*\['lr'\]"),
+        (lambda m: TransformingOptimizer(m.parameters(), torch.optim.SGD, lr=0.1, transforms=[object()]), TypeError, r"transforms\[0\] must be a samgria Transform or an object with apply\(model, loss_fn, batch\) and post_step\(model\)"),
+        (lambda m: TransformingOptimizer(m.parameters(), torch.optim.SGD, lr=0.1, transforms=[SAM]), TypeError, r"transforms\[0\] is the class SAM; pass an instance"),
+        (lambda m: TransformingOptimizer(m.parameters(), torch.optim.Adadelta, transforms=[SAM()]), ValueError, r"SAM's param-group key 'rho' collides with a key of the inner optimizer Adadelta"),
+        (lambda m: TransformingOptimizer(m.parameters(), torch.optim.SGD, lr=0.1, transforms=[LAMP(), LAMP()]), ValueError, r"would share optimizer state"),
+        (lambda m: TransformingOptimizer(m.parameters(), torch.optim.SGD, lr=0.1, transforms=[SAM(0.1), ASAM(0.5)]), ValueError, r"both configure the param-group key 'rho' with different defaults \(0\.1 and 0\.5\)"),
+        (lambda m: TransformingOptimizer([{"params": m.parameters(), "rho": -2.0}], torch.optim.SGD, lr=0.1, transforms=[SAM()]), ValueError, r"rho must be a finite number >= 0, got -2\.0"),
+        (lambda m: TransformingOptimizer(m.parameters(), torch.optim.SGD, lr=0.1, model=3), TypeError, r"model must be an nn\.Module or None, got 3"),
+        (lambda m: TransformingOptimizer(m.parameters(), torch.optim.SGD, lr=0.1, first_pass_context=3), TypeError, r"first_pass_context must be a callable returning a context manager, got 3"),
+    ],
+)
+def test_bad_construction_names_argument_and_value(make, error, match):
+    with pytest.raises(error, match=match):
+        make(make_model())
+
+
+def test_add_param_group_fills_and_validates_transform_keys_without_half_applying():
+    model = make_model()
+    optimizer = TransformingOptimizer(list(model[0].parameters()), torch.optim.SGD, lr=0.1, transforms=[ASAM(rho=0.5, eta=0.01)])
+    with pytest.raises(ValueError, match=r"eta must be a finite number >= 0, got -1"):
+        optimizer.add_param_group({"params": list(model[4].parameters()), "eta": -1})
+    assert len(optimizer.param_groups) == 1 and len(optimizer.inner.param_groups) == 1
+    optimizer.add_param_group({"params": list(model[4].parameters()), "rho": 2.0})
+    group = optimizer.inner.param_groups[1]
+    assert (group["rho"], group["eta"], group["adaptive"], group["lr"]) == (2.0, 0.01, True, 0.1)
+
+
+def test_repr_shows_inner_optimizer_and_transforms():
+    text = repr(TransformingOptimizer(make_model().parameters(), torch.optim.SGD, lr=0.1, transforms=[SAM(0.05), LAMP(eps=1e-3, rollback_len=4)]))
+    assert "inner=SGD" in text and "SAM(rho=0.05)" in text and "LAMP(eps=0.001, rollback_len=4)" in text
+
+
+# -- the step ---------------------------------------------------------------------------------------
+def test_step_without_closure_names_both_remedies():
+    model = make_model()
+    optimizer = sam_opt(model)
+    x, y = make_data()
+    nn.functional.mse_loss(model(x), y).backward()
+    before = params_of(model)
+    with pytest.raises(RuntimeError, match=r"step\(closure\).*first_step\(\).*second_step\(\)"):
+        optimizer.step()
+    assert_bitwise_equal(before, params_of(model))
+
+
+def test_step_without_closure_works_for_post_step_transforms_only():
+    x, y = make_data()
+    model_a, model_b = make_model(), make_model()
+    opt_a = TransformingOptimizer(model_a.parameters(), torch.optim.SGD, lr=0.1, transforms=[LAMP(eps=0.0, rollback_len=50)])
+    opt_b = torch.optim.SGD(model_b.parameters(), lr=0.1)
+    for model, opt in ((model_a, opt_a), (model_b, opt_b)):
+        for _ in range(3):
+            opt.zero_grad()
+            nn.functional.mse_loss(model(x), y).backward()
+            assert opt.step() is None
+    assert_bitwise_equal(params_of(model_a), params_of(model_b))
+
+
+def test_order_closure_pre_transforms_inner_post_transforms():
+    events = []
+
+    class Recorder:
+        def __init__(self, name):
+            self.name = name
+
+        def apply(self, model, loss_fn, batch):
+            events.append(f"{self.name}.apply")
+
+        def post_step(self, model):
+            events.append(f"{self.name}.post_step")
+
+    model = make_model()
+    optimizer = TransformingOptimizer(model.parameters(), torch.optim.SGD, lr=0.1, transforms=[Recorder("a"), Recorder("b")])
+    optimizer.inner.register_step_pre_hook(lambda *a: events.append("inner.step"))
+    optimizer.register_step_pre_hook(lambda *a: events.append("outer.pre_hook"))
+    optimizer.register_step_post_hook(lambda *a: events.append("outer.post_hook"))
+    x, y = make_data()
+    closure = make_closure(model, optimizer, x, y)
+    optimizer.step(lambda: (events.append("closure"), closure())[1])
+    assert events == ["outer.pre_hook", "closure", "a.apply", "b.apply", "inner.step", "a.post_step", "b.post_step", "outer.post_hook"]
+
+
+def test_protocol_object_works_inside_optimizer_and_standalone():
+    class GradientClip:
+        def __init__(self, max_norm):
+            self.max_norm = max_norm
+
+        def apply(self, model, loss_fn, batch):
+            nn.utils.clip_grad_norm_(model.parameters(), self.max_norm)
+
+        def post_step(self, model):
+            pass
+
+    clip = GradientClip(0.05)
+    assert isinstance(clip, GradientTransform)
+    x, y = make_data()
+    model_a, model_b = make_model(), make_model()
+    opt_a = TransformingOptimizer(model_a.parameters(), torch.optim.SGD, lr=0.1, transforms=[clip])
+    opt_b = torch.optim.SGD(model_b.parameters(), lr=0.1)
+    closure = make_closure(model_a, opt_a, x, y)
+    for _ in range(3):
+        opt_a.step(closure)
+        opt_b.zero_grad()
+        nn.functional.mse_loss(model_b(x), y).backward()
+        clip.apply(model_b, None, ())
+        opt_b.step()
+        clip.post_step(model_b)
+    assert_bitwise_equal(params_of(model_a), params_of(model_b))
+
+
+def test_protocol_object_can_reevaluate_through_loss_fn():
+    class ReEvaluate:
+        """Replaces the gradient by the one at the same weights (re-evaluated)."""
+
+        def apply(self, model, loss_fn, batch):
+            loss = loss_fn(*batch)
+            loss.backward()  # harmless: the closure already back-propagated
+
+        def post_step(self, model):
+            pass
+
+    x, y = make_data()
+    model_a, model_b = make_model(), make_model()
+    calls = {"n": 0}
+    opt_a = TransformingOptimizer(model_a.parameters(), torch.optim.SGD, lr=0.1, transforms=[ReEvaluate()], model=model_a)
+    closure = make_closure(model_a, opt_a, x, y)
+
+    def counting():
+        calls["n"] += 1
+        return closure()
+
+    opt_a.step(counting)
+    opt_b = torch.optim.SGD(model_b.parameters(), lr=0.1)
+    opt_b.step(make_closure(model_b, opt_b, x, y))
+    assert calls["n"] == 2
+    assert_bitwise_equal(params_of(model_a), params_of(model_b))
+
+
+def test_two_call_protocol_errors():
+    model = make_model()
+    optimizer = sam_opt(model)
+    x, y = make_data()
+    with pytest.raises(RuntimeError, match=r"second_step\(\) called without first_step\(\)"):
+        optimizer.second_step()
+    nn.functional.mse_loss(model(x), y).backward()
+    optimizer.first_step(zero_grad=True)
+    with pytest.raises(RuntimeError, match=r"first_step\(\) was called twice"):
+        optimizer.first_step()
+    with pytest.raises(RuntimeError, match=r"finish this step with second_step\(\)"):
+        optimizer.step(make_closure(model, optimizer, x, y))
+    with pytest.raises(RuntimeError, match=r"finish the step first"):
+        optimizer.state_dict()
+    nn.functional.mse_loss(model(x), y).backward()
+    optimizer.second_step(zero_grad=True)
+    assert all(p.grad is None for p in model.parameters())
+    two_sams = TransformingOptimizer(model.parameters(), torch.optim.SGD, lr=0.1, transforms=[SAM(0.1), SAM(0.1)])
+    with pytest.raises(RuntimeError, match="support one re-evaluating transform"):
+        two_sams.first_step()
+
+
+def test_first_step_moves_weights_and_second_step_restores_before_stepping():
+    x, y = make_data()
+    model = make_model()
+    optimizer = TransformingOptimizer(model.parameters(), torch.optim.SGD, lr=0.0, transforms=[SAM(0.05)])
+    before = params_of(model)
+    nn.functional.mse_loss(model(x), y).backward()
+    optimizer.first_step(zero_grad=True)
+    assert any(not torch.equal(a, b) for a, b in zip(before, params_of(model)))
+    nn.functional.mse_loss(model(x), y).backward()
+    optimizer.second_step()
+    assert_bitwise_equal(before, params_of(model))
+
+
+# -- schedulers, hooks ----------------------------------------------------------------------------
+@pytest.mark.parametrize("two_call", [False, True])
+def test_lr_scheduler_reaches_inner_and_does_not_warn(two_call):
+    x, y = make_data()
+    model = make_model()
+    optimizer = sam_opt(model)
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=0.5)
+    closure = make_closure(model, optimizer, x, y)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for _ in range(3):
+            if two_call:
+                nn.functional.mse_loss(model(x), y).backward()
+                optimizer.first_step(zero_grad=True)
+                nn.functional.mse_loss(model(x), y).backward()
+                optimizer.second_step(zero_grad=True)
+            else:
+                optimizer.step(closure)
+            scheduler.step()
+    assert optimizer.inner.param_groups[0]["lr"] == pytest.approx(0.1 * 0.5**3)
+
+
+def test_scheduled_lr_matches_bare_optimizer_with_rho_zero():
+    x, y = make_data()
+    model_a, model_b = make_model(), make_model()
+    opt_a = TransformingOptimizer(model_a.parameters(), torch.optim.SGD, lr=0.1, momentum=0.9, transforms=[SAM(0.0)])
+    opt_b = torch.optim.SGD(model_b.parameters(), lr=0.1, momentum=0.9)
+    sched_a = torch.optim.lr_scheduler.CosineAnnealingLR(opt_a, T_max=5)
+    sched_b = torch.optim.lr_scheduler.CosineAnnealingLR(opt_b, T_max=5)
+    for model, opt, sched in ((model_a, opt_a, sched_a), (model_b, opt_b, sched_b)):
+        closure = make_closure(model, opt, x, y)
+        for _ in range(5):
+            opt.step(closure)
+            sched.step()
+    assert_bitwise_equal(params_of(model_a), params_of(model_b))
+
+
+def test_step_hooks_run_once_per_step_also_in_two_call_mode():
+    x, y = make_data()
+    model = make_model()
+    optimizer = sam_opt(model)
+    counts = {"pre": 0, "post": 0}
+    optimizer.register_step_pre_hook(lambda *a: counts.__setitem__("pre", counts["pre"] + 1))
+    optimizer.register_step_post_hook(lambda *a: counts.__setitem__("post", counts["post"] + 1))
+    optimizer.step(make_closure(model, optimizer, x, y))
+    nn.functional.mse_loss(model(x), y).backward()
+    optimizer.first_step(zero_grad=True)
+    nn.functional.mse_loss(model(x), y).backward()
+    optimizer.second_step()
+    assert counts == {"pre": 2, "post": 2}
+
+
+def test_zero_grad():
+    model = make_model()
+    optimizer = sam_opt(model)
+    x, y = make_data()
+    nn.functional.mse_loss(model(x), y).backward()
+    optimizer.zero_grad()
+    assert all(p.grad is None for p in model.parameters())
+
+
+# -- checkpoints ----------------------------------------------------------------------------------
+def test_state_dict_holds_inner_and_transform_state():
+    x, y = make_data()
+    model = make_model()
+    optimizer = TransformingOptimizer(model.parameters(), torch.optim.Adam, lr=1e-2, transforms=[SAM(0.05), LAMP(eps=1e-3, rollback_len=5, seed=0)])
+    closure = make_closure(model, optimizer, x, y)
+    for _ in range(2):
+        optimizer.step(closure)
+    state = optimizer.state_dict()
+    assert set(state) == {"state", "param_groups", "transform_state", "transforms"}
+    assert state["param_groups"][0]["rho"] == 0.05
+    some_index = next(iter(state["state"]))
+    assert {"exp_avg", "exp_avg_sq", "step"} <= set(state["state"][some_index])
+    assert any("lamp_sum" in s for s in state["transform_state"].values())
+    assert "generators" in state["transforms"][1]
+    assert state["transforms"][0] == {}
+
+
+def test_loads_a_plain_inner_optimizer_checkpoint_and_rejects_mismatches():
+    x, y = make_data()
+    model = make_model()
+    plain = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    plain.step(make_closure(model, plain, x, y))
+    optimizer = sam_opt(model)
+    optimizer.load_state_dict(plain.state_dict())
+    assert optimizer.param_groups[0]["rho"] == 0.05  # filled in from the transform's default
+    assert len(optimizer.inner.state) == len(plain.state)
+    bad = optimizer.state_dict()
+    bad["transforms"] = [{}, {}]
+    with pytest.raises(ValueError, match="holds state for 2 transforms, this optimizer has 1"):
+        optimizer.load_state_dict(bad)
+    bad = optimizer.state_dict()
+    bad["transform_state"] = {99: {"lamp_sum": torch.zeros(1)}}
+    with pytest.raises(ValueError, match="parameter index 99"):
+        optimizer.load_state_dict(bad)
+
+
+def test_deepcopy_and_pickle_round_trip():
+    x, y = make_data()
+    model = make_model()
+    optimizer = TransformingOptimizer(model.parameters(), torch.optim.SGD, lr=0.1, transforms=[SAM(0.05), LAMP(seed=0, rollback_len=3)])
+    optimizer.step(make_closure(model, optimizer, x, y))
+    clone = copy.deepcopy(optimizer)
+    assert clone.param_groups is clone.inner.param_groups
+    assert repr(clone) == repr(optimizer)
+    restored = pickle.loads(pickle.dumps(optimizer))
+    assert [type(t) for t in restored.transforms] == [SAM, LAMP]
+
+
+# -- the davda54-style convenience constructor ----------------------------------------------------
+@pytest.mark.parametrize("adaptive", [False, True])
+def test_sam_optimizer_convenience_matches_transforming_optimizer(adaptive):
+    x, y = make_data()
+    model_a, model_b = make_model(), make_model()
+    opt_a = sam_optimizer(model_a.parameters(), torch.optim.SGD, rho=0.1, adaptive=adaptive, lr=0.1, momentum=0.9)
+    transform = ASAM(rho=0.1, eta=0.01) if adaptive else SAM(rho=0.1)
+    opt_b = TransformingOptimizer(model_b.parameters(), torch.optim.SGD, lr=0.1, momentum=0.9, transforms=[transform])
+    for _ in range(3):
+        nn.functional.mse_loss(model_a(x), y).backward()
+        opt_a.first_step(zero_grad=True)
+        nn.functional.mse_loss(model_a(x), y).backward()
+        opt_a.second_step(zero_grad=True)
+        opt_b.step(make_closure(model_b, opt_b, x, y))
+    assert_bitwise_equal(params_of(model_a), params_of(model_b))
