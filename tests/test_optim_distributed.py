@@ -1,0 +1,242 @@
+"""SAM under DistributedDataParallel: 2 CPU processes, gloo backend.
+
+The test starts this file twice as a script (one process per rank, a free localhost port picked
+at run time, a hard timeout) and compares what the ranks save against single-process references:
+
+* synced SAM (both passes all-reduced) equals one process on the global batch;
+* ``first_pass_context=ddp_model.no_sync`` (the SAM paper's m-sharpness) keeps the replicas
+  identical and equals a hand-written reference: each replica perturbs with its own local
+  gradient, :math:`e_k = \\rho g_k / \\lVert g_k \\rVert`, and the update uses the average of the
+  local gradients at :math:`w + e_k`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import subprocess
+import sys
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+WORLD_SIZE = 2
+STEPS = 3
+LOCAL_BATCH = 8
+LR, MOMENTUM, RHO = 0.1, 0.9, 0.05
+MODES = ("synced", "two_call", "bucket_view", "no_sync")
+TIMEOUT_S = 35
+
+
+def _make_model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(5, 12), nn.Tanh(), nn.Linear(12, 3)).double()
+
+
+def _global_batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(1000 + step)
+    x = torch.randn(WORLD_SIZE * LOCAL_BATCH, 5, dtype=torch.float64, generator=generator)
+    y = torch.randint(0, 3, (WORLD_SIZE * LOCAL_BATCH,), generator=generator)
+    return x, y
+
+
+def _local_batch(step: int, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    x, y = _global_batch(step)
+    rows = slice(rank * LOCAL_BATCH, (rank + 1) * LOCAL_BATCH)
+    return x[rows], y[rows]
+
+
+def _loss(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    return nn.functional.cross_entropy(output, target)
+
+
+# -- the worker (runs in a child process) ----------------------------------------------------------
+def _train_ddp(rank: int, mode: str) -> list[torch.Tensor]:
+    from torch.nn.parallel import DistributedDataParallel
+
+    from samgria import SAM, TransformingOptimizer
+
+    model = _make_model()
+    ddp_model = DistributedDataParallel(model, gradient_as_bucket_view=(mode == "bucket_view"))
+    optimizer = TransformingOptimizer(
+        ddp_model.parameters(),
+        torch.optim.SGD,
+        lr=LR,
+        momentum=MOMENTUM,
+        transforms=[SAM(rho=RHO)],
+        first_pass_context=ddp_model.no_sync if mode == "no_sync" else None,
+    )
+    for step in range(STEPS):
+        x, y = _local_batch(step, rank)
+        if mode == "two_call":
+            _loss(ddp_model(x), y).backward()
+            optimizer.first_step(zero_grad=True)
+            _loss(ddp_model(x), y).backward()
+            optimizer.second_step(zero_grad=True)
+            continue
+
+        def closure() -> torch.Tensor:
+            optimizer.zero_grad()
+            loss = _loss(ddp_model(x), y)
+            loss.backward()
+            return loss
+
+        optimizer.step(closure)
+    return [p.detach().clone() for p in model.parameters()]
+
+
+def _worker(rank: int, port: int, out_dir: str) -> None:
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group(
+        "gloo",
+        init_method=f"tcp://127.0.0.1:{port}",
+        rank=rank,
+        world_size=WORLD_SIZE,
+        timeout=timedelta(seconds=TIMEOUT_S),
+    )
+    try:
+        results = {mode: _train_ddp(rank, mode) for mode in MODES}
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+    torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+
+
+# -- single-process references ---------------------------------------------------------------------
+def _reference_global_batch() -> list[torch.Tensor]:
+    """One process, the global batch, the same optimizer."""
+    from samgria import SAM, TransformingOptimizer
+
+    model = _make_model()
+    optimizer = TransformingOptimizer(
+        model.parameters(), torch.optim.SGD, lr=LR, momentum=MOMENTUM, transforms=[SAM(rho=RHO)]
+    )
+    for step in range(STEPS):
+        x, y = _global_batch(step)
+
+        def closure() -> torch.Tensor:
+            optimizer.zero_grad()
+            loss = _loss(model(x), y)
+            loss.backward()
+            return loss
+
+        optimizer.step(closure)
+    return [p.detach().clone() for p in model.parameters()]
+
+
+def _reference_m_sharpness() -> list[torch.Tensor]:
+    """Hand-written m-sharpness SAM with momentum SGD (float64, no samgria code)."""
+    model = _make_model()
+    weights = [p.detach().clone() for p in model.parameters()]
+    names = [name for name, _ in model.named_parameters()]
+    buffers: list[torch.Tensor] | None = None
+
+    def local_grad(at: list[torch.Tensor], x: torch.Tensor, y: torch.Tensor) -> list[torch.Tensor]:
+        params = {name: w.clone().requires_grad_(True) for name, w in zip(names, at)}
+        loss = _loss(torch.func.functional_call(model, params, (x,)), y)
+        return list(torch.autograd.grad(loss, list(params.values())))
+
+    for step in range(STEPS):
+        averaged = [torch.zeros_like(w) for w in weights]
+        for rank in range(WORLD_SIZE):
+            x, y = _local_batch(step, rank)
+            g = local_grad(weights, x, y)
+            norm = torch.sqrt(sum((gi * gi).sum() for gi in g))
+            perturbed = [w + RHO * gi / norm for w, gi in zip(weights, g)]
+            for total, h in zip(averaged, local_grad(perturbed, x, y)):
+                total += h / WORLD_SIZE
+        if buffers is None:
+            buffers = [g.clone() for g in averaged]
+        else:
+            buffers = [MOMENTUM * b + g for b, g in zip(buffers, averaged)]
+        weights = [w - LR * b for w, b in zip(weights, buffers)]
+    return weights
+
+
+# -- the test --------------------------------------------------------------------------------------
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _run_ranks(out_dir: Path) -> None:
+    port = _free_port()
+    env = dict(os.environ)
+    repo_root = str(Path(__file__).resolve().parent.parent)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [repo_root, env.get("PYTHONPATH")]))
+    env["OMP_NUM_THREADS"] = "1"
+    processes = [
+        subprocess.Popen(
+            [sys.executable, __file__, "--rank", str(rank), "--port", str(port), "--out", str(out_dir)],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for rank in range(WORLD_SIZE)
+    ]
+    outputs = []
+    try:
+        for process in processes:
+            output, _ = process.communicate(timeout=TIMEOUT_S)
+            outputs.append(output)
+    except subprocess.TimeoutExpired:
+        for process in processes:
+            process.kill()
+            process.communicate()
+        pytest.fail(f"the DDP workers did not finish within {TIMEOUT_S} s")
+    for rank, (process, output) in enumerate(zip(processes, outputs)):
+        assert process.returncode == 0, f"rank {rank} failed:\n{output}"
+
+
+@pytest.fixture(scope="module")
+def ddp_results(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, list[torch.Tensor]]]:
+    import torch.distributed as dist
+
+    if not dist.is_available() or not dist.is_gloo_available():
+        pytest.skip("torch.distributed with the gloo backend is not available in this build")
+    out_dir = tmp_path_factory.mktemp("ddp")
+    _run_ranks(out_dir)
+    return [torch.load(out_dir / f"rank{rank}.pt") for rank in range(WORLD_SIZE)]
+
+
+def _assert_all_close(actual: list[torch.Tensor], expected: list[torch.Tensor]) -> None:
+    assert len(actual) == len(expected)
+    for a, e in zip(actual, expected):
+        torch.testing.assert_close(a, e, rtol=1e-11, atol=1e-12)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_replicas_stay_identical(ddp_results: list[dict], mode: str) -> None:
+    for rank0, rank1 in zip(ddp_results[0][mode], ddp_results[1][mode]):
+        assert torch.equal(rank0, rank1)
+
+
+@pytest.mark.parametrize("mode", ["synced", "two_call", "bucket_view"])
+def test_ddp_sam_equals_one_process_on_the_global_batch(ddp_results: list[dict], mode: str) -> None:
+    reference = _reference_global_batch()
+    _assert_all_close(ddp_results[0][mode], reference)
+    assert not torch.equal(reference[0], _make_model()[0].weight), "it trained"
+
+
+def test_no_sync_first_pass_is_m_sharpness(ddp_results: list[dict]) -> None:
+    _assert_all_close(ddp_results[0]["no_sync"], _reference_m_sharpness())
+    # ... which is not the synced update: each replica perturbed with its own gradient.
+    differences = [(a - b).abs().max() for a, b in zip(ddp_results[0]["no_sync"], ddp_results[0]["synced"])]
+    assert max(differences) > 1e-6
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description="one DDP rank of tests/test_optim_distributed.py")
+    parser.add_argument("--rank", type=int, required=True)
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--out", required=True)
+    arguments = parser.parse_args()
+    _worker(arguments.rank, arguments.port, arguments.out)
