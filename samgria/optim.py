@@ -350,6 +350,10 @@ class TransformingOptimizer(Optimizer):
         parameters are consumed (set to ``None``). Then run the second forward and backward and
         call :meth:`second_step`. Equal bit for bit to ``step(closure)``.
 
+        If the gradient norm is not finite (e.g. an fp16 overflow under ``GradScaler``), nothing
+        is perturbed and the gradients are kept even with ``zero_grad=True``: the second backward
+        accumulates onto them, so ``scaler.step`` sees the overflow, skips the step and backs off.
+
         Args:
             zero_grad: Also clear every gradient (``zero_grad(set_to_none=True)``).
         """
@@ -375,6 +379,11 @@ class TransformingOptimizer(Optimizer):
                 )
             perturbation = transform.perturb(ctx)
         self._pending = _PendingStep(perturbation, split + 1 if reevaluating else split)
+        if perturbation is not None and perturbation.non_finite:
+            # Keep the non-finite gradients: the second backward accumulates onto them, so the
+            # step sees the overflow too (GradScaler skips it and backs off; without a scaler the
+            # inner optimizer gets what it would have got without SAM).
+            return
         if zero_grad:
             self.zero_grad(set_to_none=True)
 

@@ -43,11 +43,16 @@ class Perturbation:
     """Weights moved away from their original storage, and the way back.
 
     ``restore()`` re-points every parameter at its original tensor: exact, and it cannot fail.
+    ``non_finite`` is true when the perturbation was skipped because the gradient norm was not
+    finite (then nothing was moved).
     """
 
-    def __init__(self, params: list[torch.Tensor], originals: list[torch.Tensor]) -> None:
+    def __init__(
+        self, params: list[torch.Tensor], originals: list[torch.Tensor], *, non_finite: bool = False
+    ) -> None:
         self.params = params
         self.originals = originals
+        self.non_finite = non_finite
 
     def restore(self) -> None:
         """Put the original weights back (idempotent)."""
@@ -86,7 +91,12 @@ class PerturbationTransform(Transform):
     needs_closure = True
 
     def perturb(self, ctx: TransformContext) -> Perturbation | None:
-        """Move the weights to :math:`w + e`; return how to restore them (``None``: untouched)."""
+        """Move the weights to :math:`w + e` and return how to restore them.
+
+        Returns ``None`` when nothing is perturbed (no gradients, every ``rho`` zero, zero
+        gradient), and an empty :class:`Perturbation` with ``non_finite=True`` when the gradient
+        norm is not finite.
+        """
         raise NotImplementedError
 
     def pre_update(self, ctx: TransformContext) -> None:
@@ -97,7 +107,7 @@ class PerturbationTransform(Transform):
                 "backward and optimizer.second_step() after the second"
             )
         perturbation = self.perturb(ctx)
-        if perturbation is None:
+        if perturbation is None or not perturbation.params:
             return
         try:
             ctx.reevaluate()
@@ -132,7 +142,7 @@ class PerturbationTransform(Transform):
         return params, grads, groups
 
     def _finite_norm(self, directions: list[torch.Tensor], foreach: bool) -> float | None:
-        """The global norm of the directions, or ``None`` when it is zero or not finite."""
+        """The global norm of the directions, or ``None`` (with a warning) when it is not finite."""
         norm = float(global_norm(directions, foreach=foreach))
         if not math.isfinite(norm):
             warnings.warn(
@@ -141,8 +151,6 @@ class PerturbationTransform(Transform):
                 RuntimeWarning,
                 stacklevel=4,
             )
-            return None
-        if norm == 0.0:
             return None
         return norm
 
@@ -196,8 +204,8 @@ class SAM(PerturbationTransform):
         if not params or not self.active(groups):
             return None
         norm = self._finite_norm(grads, ctx.foreach)
-        if norm is None:
-            return None
+        if norm is None or norm == 0.0:
+            return None if norm == 0.0 else Perturbation([], [], non_finite=True)
         moved, buffers, scales = [], [], []
         for param, grad, group in zip(params, grads, groups):
             if group["rho"] > 0:
@@ -260,8 +268,8 @@ class ASAM(PerturbationTransform):
         for index, scaled in zip(adaptive, scaled_grads):
             directions[index] = scaled
         norm = self._finite_norm(directions, ctx.foreach)
-        if norm is None:
-            return None
+        if norm is None or norm == 0.0:
+            return None if norm == 0.0 else Perturbation([], [], non_finite=True)
         mul_(scaled_grads, scalings, foreach=ctx.foreach)  # T² ⊙ g, in place
         del scalings
         moved, buffers, scales = [], [], []
