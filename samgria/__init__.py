@@ -1,14 +1,45 @@
-"""samgria: sharpness-aware training and gradient-based meta-learning in torch.optim style."""
+"""samgria: sharpness-aware training and gradient-based meta-learning in torch.optim style.
 
-from samgria.data import Task, TaskSampler
+Everything public is re-exported here; nothing else lives in this module.
+"""
+
+from samgria.data import FewShotSampler, SinusoidTaskSampler, Task, TaskSampler
+from samgria.meta import (
+    ANIL,
+    FOMAML,
+    MAML,
+    AdamInnerStep,
+    InnerGradTransform,
+    InnerSAM,
+    InnerStepFn,
+    Learner,
+    MetaOptimizer,
+    MetaSGD,
+    MomentumInnerStep,
+    Reptile,
+    adam_inner_step,
+    adapt,
+    functional_forward,
+    head_names,
+    inner_step,
+    momentum_inner_step,
+    named_buffers,
+    named_params,
+    sgd_inner_step,
+)
+from samgria.meta.step import MetaStep, meta_step
+from samgria.meta.trainer import History, MetaTrainer
 from samgria.optim import TransformingOptimizer, sam_optimizer
+from samgria.state import ParameterSnapshot, restore_state, save_state
 from samgria.transforms import (
     ASAM,
     LAMP,
     SAM,
     GradientTransform,
     LAMPRollback,
+    Perturbation,
     PerturbationTransform,
+    ProtocolTransform,
     Transform,
     TransformContext,
 )
@@ -17,19 +48,54 @@ from samgria.utils import frozen_bn_stats, get_grad, set_grad
 __version__ = "0.1.0"
 
 __all__ = [
+    # the optimizer half
+    "TransformingOptimizer",
+    "sam_optimizer",
+    "SAM",
     "ASAM",
-    "GradientTransform",
     "LAMP",
     "LAMPRollback",
-    "PerturbationTransform",
-    "SAM",
-    "Task",
-    "TaskSampler",
+    "GradientTransform",
     "Transform",
     "TransformContext",
-    "TransformingOptimizer",
-    "frozen_bn_stats",
+    "PerturbationTransform",
+    "Perturbation",
+    "ProtocolTransform",
     "get_grad",
-    "sam_optimizer",
     "set_grad",
+    "frozen_bn_stats",
+    # the meta-learning half
+    "MetaOptimizer",
+    "MAML",
+    "FOMAML",
+    "Reptile",
+    "MetaSGD",
+    "ANIL",
+    "head_names",
+    "Learner",
+    "meta_step",
+    "MetaStep",
+    "MetaTrainer",
+    "History",
+    "functional_forward",
+    "inner_step",
+    "adapt",
+    "named_params",
+    "named_buffers",
+    "InnerStepFn",
+    "sgd_inner_step",
+    "momentum_inner_step",
+    "MomentumInnerStep",
+    "adam_inner_step",
+    "AdamInnerStep",
+    "InnerGradTransform",
+    "InnerSAM",
+    "save_state",
+    "restore_state",
+    "ParameterSnapshot",
+    # data
+    "Task",
+    "TaskSampler",
+    "SinusoidTaskSampler",
+    "FewShotSampler",
 ]
