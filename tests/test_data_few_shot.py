@@ -142,3 +142,27 @@ def test_zero_tasks_and_no_warning_when_all_classes_fit():
         tasks, classes = FewShotSampler(inputs, labels, 2, 1, 1, seed=0).sample_with_classes(0)
     assert tasks == [] and classes.shape == (0, 2)
     assert "n_way=2" in repr(FewShotSampler(inputs, labels, 2, 1, 1))
+
+
+def test_tasks_drive_a_meta_learner_with_cross_entropy():
+    import torch.nn.functional as F
+    from torch import nn
+
+    from samgria.meta.maml import MAML
+    from samgria.meta.trainer import MetaTrainer
+
+    g = torch.Generator().manual_seed(0)
+    centers = torch.randn(8, 4, generator=g) * 3
+    labels = torch.arange(8).repeat_interleave(10)
+    inputs = centers[labels] + 0.3 * torch.randn(80, 4, generator=g)
+    sampler = FewShotSampler(inputs, labels, n_way=3, k_shot=2, k_query=3, seed=0)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 3))
+    trainer = MetaTrainer(MAML(model, torch.optim.Adam, lr=1e-2, inner_lr=0.5), F.cross_entropy, sampler)
+    tasks = sampler.sample(10)
+    expected = sum(F.cross_entropy(model(t.query_x), t.query_y).item() for t in tasks) / 10
+    assert trainer.evaluate(tasks, steps=0) == pytest.approx(expected, rel=1e-5)
+    # Labels are remapped per task, so only adaptation can separate the classes.
+    before = trainer.evaluate(tasks)
+    trainer.fit(15, 4, progress=False)
+    assert trainer.evaluate(tasks) < before
