@@ -79,7 +79,7 @@ class Transform:
     Subclasses override :meth:`pre_update` and/or :meth:`post_update`, declare their per-group
     hyperparameters in :meth:`group_defaults` and check them in :meth:`validate_group`.
 
-    Class attributes:
+    Attributes:
         needs_closure: ``True`` when :meth:`pre_update` re-evaluates the closure.
         state_prefix: Prefix of the keys this transform writes into ``state[p]``; two transforms
             in one optimizer may not share a prefix. ``None`` for stateless transforms.
