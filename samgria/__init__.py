@@ -33,6 +33,11 @@ from samgria.optim import TransformingOptimizer, sam_optimizer
 from samgria.state import ParameterSnapshot, restore_state, save_state
 from samgria.transforms import (
     ASAM,
+    ClampGrad,
+    ClipGradNorm,
+    GradSign,
+    NormalizeGrad,
+    ScaleGrad,
     LAMP,
     SAM,
     GradientTransform,
@@ -61,6 +66,11 @@ __all__ = [
     "PerturbationTransform",
     "Perturbation",
     "ProtocolTransform",
+    "ClipGradNorm",
+    "GradSign",
+    "NormalizeGrad",
+    "ScaleGrad",
+    "ClampGrad",
     "get_grad",
     "set_grad",
     "frozen_bn_stats",

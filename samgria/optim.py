@@ -367,7 +367,9 @@ class TransformingOptimizer(Optimizer):
                 f"{len(reevaluating)}: use optimizer.step(closure)"
             )
         ctx = self._context(None)
-        split = reevaluating[0] if reevaluating else len(self.transforms)
+        # Transforms before the re-evaluating one act on the first gradients; the rest act on the
+        # second ones in second_step (all of them when nothing re-evaluates).
+        split = reevaluating[0] if reevaluating else 0
         for transform in self.transforms[:split]:
             transform.pre_update(ctx)
         perturbation = None
@@ -378,7 +380,7 @@ class TransformingOptimizer(Optimizer):
                     f"{transform!r} does not support first_step()/second_step(); use step(closure)"
                 )
             perturbation = transform.perturb(ctx)
-        self._pending = _PendingStep(perturbation, split + 1 if reevaluating else split)
+        self._pending = _PendingStep(perturbation, split + 1 if reevaluating else 0)
         if perturbation is not None and perturbation.non_finite:
             # Keep the non-finite gradients: the second backward accumulates onto them, so the
             # step sees the overflow too (GradScaler skips it and backs off; without a scaler the

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from samgria import ASAM, LAMP, SAM, Transform
+from samgria import ASAM, LAMP, SAM, ClampGrad, ClipGradNorm, GradSign, NormalizeGrad, ScaleGrad, Transform
 
 
 @dataclass
@@ -71,6 +71,46 @@ TRANSFORM_INFOS = [
             ErrorInput({"rollback_len": 2.5}, TypeError, r"rollback_len must be an integer, got 2\.5"),
             ErrorInput({"rollback_len": True}, TypeError, r"rollback_len must be an integer, got True"),
             ErrorInput({"seed": 1.5}, TypeError, r"seed must be an integer or None, got 1\.5"),
+        ],
+    ),
+    TransformInfo(
+        "ClipGradNorm",
+        lambda **kw: ClipGradNorm(**{"max_grad_norm": 0.05, **kw}),
+        needs_closure=False,
+        group_keys=("max_grad_norm",),
+        error_inputs=[
+            ErrorInput({"max_grad_norm": 0.0}, ValueError, r"max_grad_norm must be > 0, got 0\.0"),
+            ErrorInput({"max_grad_norm": None}, TypeError, r"max_grad_norm must be a real number, got None"),
+        ],
+    ),
+    TransformInfo(
+        "GradSign",
+        lambda **kw: GradSign(**kw),
+        needs_closure=False,
+        group_keys=(),
+        error_inputs=[ErrorInput({"scale": 2.0}, TypeError, r"takes no arguments")],
+    ),
+    TransformInfo(
+        "NormalizeGrad",
+        lambda **kw: NormalizeGrad(**kw),
+        needs_closure=False,
+        group_keys=("normalize_eps",),
+        error_inputs=[ErrorInput({"eps": -1.0}, ValueError, r"eps must be >= 0, got -1\.0")],
+    ),
+    TransformInfo(
+        "ScaleGrad",
+        lambda **kw: ScaleGrad(**{"scale": 0.5, "bias": 1e-3, **kw}),
+        needs_closure=False,
+        group_keys=("grad_scale", "grad_bias"),
+        error_inputs=[ErrorInput({"scale": float("nan")}, TypeError, r"scale must be a real number, got nan")],
+    ),
+    TransformInfo(
+        "ClampGrad",
+        lambda **kw: ClampGrad(**{"grad_min": -0.01, "grad_max": 0.02, **kw}),
+        needs_closure=False,
+        group_keys=("grad_min", "grad_max"),
+        error_inputs=[
+            ErrorInput({"grad_min": 1.0, "grad_max": 0.0}, ValueError, r"grad_min must be <= grad_max, got grad_min=1\.0, grad_max=0\.0")
         ],
     ),
 ]

@@ -1,11 +1,17 @@
 """Transforms that run around the inner optimizer's step: SAM, ASAM, LAMP and the protocol."""
 
 from samgria.transforms.base import GradientTransform, ProtocolTransform, Transform, TransformContext
+from samgria.transforms.grad import ClampGrad, ClipGradNorm, GradSign, NormalizeGrad, ScaleGrad
 from samgria.transforms.lamp import LAMP, LAMPRollback
 from samgria.transforms.sam import ASAM, SAM, Perturbation, PerturbationTransform
 
 __all__ = [
     "ASAM",
+    "ClampGrad",
+    "ClipGradNorm",
+    "GradSign",
+    "NormalizeGrad",
+    "ScaleGrad",
     "GradientTransform",
     "LAMP",
     "LAMPRollback",

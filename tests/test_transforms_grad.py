@@ -1,0 +1,57 @@
+"""Small gradient transforms against torch's own functions, per param group."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from samgria import ClampGrad, ClipGradNorm, GradSign, NormalizeGrad, ScaleGrad, TransformingOptimizer
+
+
+def grads_after(transform, groups_kwargs=({}, {})):
+    torch.manual_seed(0)
+    a, b = nn.Parameter(torch.randn(4, 3, dtype=torch.float64)), nn.Parameter(torch.randn(5, dtype=torch.float64))
+    groups = [{"params": [a], **groups_kwargs[0]}, {"params": [b], **groups_kwargs[1]}]
+    optimizer = TransformingOptimizer(groups, torch.optim.SGD, lr=0.0, transforms=[transform])
+
+    def closure():
+        optimizer.zero_grad()
+        loss = (a.sin() * 3).sum() + (b**3).sum()
+        loss.backward()
+        return loss
+
+    with torch.enable_grad():
+        raw_a, raw_b = torch.autograd.grad((a.sin() * 3).sum() + (b**3).sum(), [a, b])
+    optimizer.step(closure)
+    return (raw_a, raw_b), (a.grad, b.grad)
+
+
+def test_clip_grad_norm_per_group_matches_torch():
+    (raw_a, raw_b), (got_a, got_b) = grads_after(ClipGradNorm(0.5), ({}, {"max_grad_norm": 100.0}))
+    expected_a = raw_a.clone().requires_grad_()
+    expected_a.grad = raw_a.clone()
+    nn.utils.clip_grad_norm_([expected_a], 0.5)
+    torch.testing.assert_close(got_a, expected_a.grad, rtol=1e-12, atol=0)
+    assert torch.equal(got_b, raw_b)  # below its group's threshold: untouched
+
+
+def test_sign_normalize_scale_clamp():
+    (raw_a, raw_b), got = grads_after(GradSign())
+    assert torch.equal(got[0], raw_a.sign()) and torch.equal(got[1], raw_b.sign())
+    (raw_a, raw_b), got = grads_after(NormalizeGrad())
+    torch.testing.assert_close(got[0], raw_a / raw_a.norm(), rtol=1e-12, atol=0)
+    assert got[1].norm().item() == pytest.approx(1.0, rel=1e-12)
+    (raw_a, raw_b), got = grads_after(ScaleGrad(2.0, 0.5), ({}, {"grad_scale": -1.0}))
+    torch.testing.assert_close(got[0], 2.0 * raw_a + 0.5, rtol=1e-12, atol=0)
+    torch.testing.assert_close(got[1], -raw_b + 0.5, rtol=1e-12, atol=0)
+    (raw_a, raw_b), got = grads_after(ClampGrad(-0.5, 1.0), ({}, {"grad_max": 2.0}))
+    assert torch.equal(got[0], raw_a.clamp(-0.5, 1.0)) and torch.equal(got[1], raw_b.clamp(-0.5, 2.0))
+
+
+def test_bad_group_values_are_rejected_at_construction():
+    param = nn.Parameter(torch.ones(2))
+    with pytest.raises(ValueError, match=r"grad_min must be <= grad_max, got grad_min=0\.0, grad_max=-1\.0"):
+        TransformingOptimizer([{"params": [param], "grad_max": -1.0}], torch.optim.SGD, lr=0.1, transforms=[ClampGrad(0.0, 1.0)])
+    with pytest.raises(ValueError, match=r"max_grad_norm must be > 0, got -3"):
+        TransformingOptimizer([{"params": [param], "max_grad_norm": -3}], torch.optim.SGD, lr=0.1, transforms=[ClipGradNorm()])
