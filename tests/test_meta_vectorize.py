@@ -15,6 +15,7 @@ from samgria.meta.maml import FOMAML, MAML
 from samgria.meta.metasgd import MetaSGD
 from samgria.meta.reptile import Reptile
 from samgria.meta.vectorize import (
+    batched_task_losses,
     can_vectorize,
     second_order_vmap_blocker,
     stack_tasks,
@@ -106,6 +107,25 @@ def test_vmap_task_losses_function_returns_batched_adapted_params():
     assert fast["0.weight"].shape == (3, 8, 2)
     g = torch.autograd.grad(mse(model(tasks[1].support_x), tasks[1].support_y), model[0].weight)[0]
     torch.testing.assert_close(fast["0.weight"][1], model[0].weight - 0.1 * g, rtol=0, atol=1e-12)
+
+
+def test_batched_task_losses_is_pure_and_grad_and_value_gives_the_maml_gradient():
+    model = relu_mlp()
+    tasks = make_tasks()
+    names = [n for n, _ in model.named_parameters()]
+    lrs = {n: 0.05 for n in names}
+    meta = MAML(model, torch.optim.SGD, inner_lr=0.05, inner_steps=2, lr=0.1)
+    _, reference = losses_and_grads(meta, tasks, False)
+
+    def meta_loss(params):
+        losses, _ = batched_task_losses(model, params, names, lrs, *stack_tasks(tasks), mse, 2)
+        return losses.sum()
+
+    detached = {n: p.detach() for n, p in model.named_parameters()}
+    grads, value = torch.func.grad_and_value(meta_loss)(detached)
+    torch.testing.assert_close(value, meta.task_losses(tasks, mse, vectorize=False).sum().detach(), rtol=0, atol=1e-10)
+    for n, r in zip(names, reference):
+        torch.testing.assert_close(grads[n], r, rtol=0, atol=1e-10)
 
 
 def test_unequal_shapes_loop_and_vectorize_true_raises():

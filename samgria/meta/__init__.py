@@ -25,12 +25,21 @@ from samgria.meta.learner import Learner
 from samgria.meta.maml import FOMAML, MAML
 from samgria.meta.metasgd import MetaSGD
 from samgria.meta.reptile import Reptile
-from samgria.meta.vectorize import can_vectorize, second_order_vmap_blocker, stack_tasks, vmap_task_losses
+from samgria.meta.step import MetaStep, meta_step
+from samgria.meta.trainer import History, MetaTrainer
+from samgria.meta.vectorize import (
+    batched_task_losses,
+    can_vectorize,
+    second_order_vmap_blocker,
+    stack_tasks,
+    vmap_task_losses,
+)
 
 __all__ = [
     "ANIL",
     "AdamInnerStep",
     "FOMAML",
+    "History",
     "InnerGradTransform",
     "InnerSAM",
     "InnerStepFn",
@@ -38,14 +47,18 @@ __all__ = [
     "MAML",
     "MetaOptimizer",
     "MetaSGD",
+    "MetaStep",
+    "MetaTrainer",
     "MomentumInnerStep",
     "Reptile",
     "adam_inner_step",
     "adapt",
+    "batched_task_losses",
     "can_vectorize",
     "functional_forward",
     "head_names",
     "inner_step",
+    "meta_step",
     "momentum_inner_step",
     "named_buffers",
     "named_params",

@@ -34,7 +34,13 @@ from torch.func import functional_call, grad, vmap
 
 from samgria.data.task import Task
 
-__all__ = ["can_vectorize", "second_order_vmap_blocker", "stack_tasks", "vmap_task_losses"]
+__all__ = [
+    "batched_task_losses",
+    "can_vectorize",
+    "second_order_vmap_blocker",
+    "stack_tasks",
+    "vmap_task_losses",
+]
 
 
 def second_order_vmap_blocker(model: nn.Module) -> str | None:
@@ -104,16 +110,7 @@ def vmap_task_losses(
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor] | None]:
     """Adapt to every task with plain SGD and return the post-adaptation query losses.
 
-    For task :math:`i` with support loss :math:`\\mathcal{L}^s_i` and query loss
-    :math:`\\mathcal{L}^q_i` this computes
-
-    .. math::
-
-        \\phi_i^{(0)} = \\theta, \\quad
-        \\phi_i^{(k+1)} = \\phi_i^{(k)} - \\alpha \\odot \\nabla \\mathcal{L}^s_i(\\phi_i^{(k)}), \\quad
-        \\ell_i = \\mathcal{L}^q_i(\\phi_i^{(\\text{steps})}),
-
-    for all tasks in one vectorised program.
+    Stacks the tasks (:func:`stack_tasks`) and calls :func:`batched_task_losses`.
 
     Args:
         model: The module (run with :func:`torch.func.functional_call`).
@@ -138,14 +135,77 @@ def vmap_task_losses(
     """
     if not can_vectorize(tasks):
         raise ValueError("vmap over tasks needs tasks whose tensors all have equal shapes, dtypes and devices")
+    return batched_task_losses(
+        model,
+        params,
+        adapt_names,
+        lrs,
+        *stack_tasks(tasks),
+        loss_fn,
+        steps,
+        first_order=first_order,
+        return_params=return_params,
+    )
+
+
+def batched_task_losses(
+    model: nn.Module,
+    params: Mapping[str, torch.Tensor],
+    adapt_names: Sequence[str],
+    lrs: Mapping[str, float | torch.Tensor],
+    support_x: torch.Tensor,
+    support_y: torch.Tensor,
+    query_x: torch.Tensor,
+    query_y: torch.Tensor,
+    loss_fn: Callable[[Any, Any], torch.Tensor],
+    steps: int,
+    *,
+    first_order: bool = False,
+    return_params: bool = False,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor] | None]:
+    """The vectorised inner loop on stacked task tensors (leading axis: task).
+
+    For task :math:`i` with support loss :math:`\\mathcal{L}^s_i` and query loss
+    :math:`\\mathcal{L}^q_i` this computes
+
+    .. math::
+
+        \\phi_i^{(0)} = \\theta, \\quad
+        \\phi_i^{(k+1)} = \\phi_i^{(k)} - \\alpha \\odot \\nabla \\mathcal{L}^s_i(\\phi_i^{(k)}), \\quad
+        \\ell_i = \\mathcal{L}^q_i(\\phi_i^{(\\text{steps})}),
+
+    for all tasks in one vectorised program. The function is pure (no Python-side state), so
+    it can be wrapped in :func:`torch.func.grad_and_value` and :func:`torch.compile` (see
+    ``benchmarks/meta_throughput.py``).
+
+    Args:
+        model: The module.
+        params: All parameters (see :func:`vmap_task_losses`).
+        adapt_names: Names of the adapted parameters.
+        lrs: Step size per adapted name.
+        support_x: Support inputs, shape ``(T, K, ...)``.
+        support_y: Support targets, shape ``(T, K, ...)``.
+        query_x: Query inputs, shape ``(T, Q, ...)``.
+        query_y: Query targets, shape ``(T, Q, ...)``.
+        loss_fn: ``loss_fn(prediction, target) -> scalar``.
+        steps: Number of inner steps.
+        first_order: Treat the support gradients as constants.
+        return_params: Also return the batched adapted parameters.
+
+    Returns:
+        ``(losses, adapted)`` as in :func:`vmap_task_losses`.
+
+    Raises:
+        ValueError: ``loss_fn`` does not return a scalar per task.
+    """
     adapt_set = set(adapt_names)
     adapted = {n: params[n] for n in adapt_names}
     fixed = {n: p for n, p in params.items() if n not in adapt_set}
-    n_tasks = len(tasks)
+    n_tasks = support_x.shape[0]
     buffers = {
         n: b.detach().unsqueeze(0).expand(n_tasks, *b.shape).clone() for n, b in model.named_buffers()
     }
-    sx, sy, qx, qy = stack_tasks(tasks)
+    sx, sy, qx, qy = support_x, support_y, query_x, query_y
 
     def forward(fast: dict[str, torch.Tensor], bufs: dict[str, torch.Tensor], x: torch.Tensor) -> Any:
         # A fresh copy per forward (the policy of samgria.meta.functional): BatchNorm may write
