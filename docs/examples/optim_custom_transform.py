@@ -1,0 +1,92 @@
+"""Writing a transform: subclass ``Transform``, declare per-group hyperparameters, keep state in
+``ctx.state[p]`` (the optimizer's ``state``, so it is checkpointed)."""
+
+import torch
+from torch import nn
+
+from samgria import SAM, Transform, TransformingOptimizer
+
+
+class GradientCentralization(Transform):
+    """Pre-step: subtract from each weight's gradient its mean over all but the first dimension.
+
+    :math:`g_i \\leftarrow g_i - \\operatorname{mean}(g_i)` for every output row :math:`i` of a
+    weight with ``ndim > 1`` (Yong et al., "Gradient Centralization", ECCV 2020).
+    """
+
+    @torch.no_grad()
+    def pre_update(self, ctx):
+        for group in ctx.param_groups:
+            for p in group["params"]:
+                if p.grad is not None and p.ndim > 1:
+                    dims = tuple(range(1, p.ndim))
+                    p.grad.sub_(p.grad.mean(dim=dims, keepdim=True))
+
+
+class WeightEMA(Transform):
+    """Post-step: an exponential moving average of the weights, :math:`m \\leftarrow d\\,m + (1-d)\\,w`."""
+
+    state_prefix = "ema"  # the keys this transform writes into state[p] start with it
+
+    def __init__(self, decay=0.9):
+        self.decay = decay
+        self.validate_group({"ema_decay": decay})
+
+    def group_defaults(self):
+        return {"ema_decay": self.decay}  # a param-group key; a group may override it
+
+    def validate_group(self, group):
+        decay = group["ema_decay"]
+        if not 0.0 <= decay < 1.0:
+            raise ValueError(f"ema_decay must be in [0, 1), got {decay!r}")
+
+    @torch.no_grad()
+    def post_update(self, ctx):
+        for group in ctx.param_groups:
+            for p in group["params"]:
+                state = ctx.state[p]
+                if "ema_weight" not in state:
+                    state["ema_weight"] = p.detach().clone()
+                else:
+                    state["ema_weight"].lerp_(p, 1.0 - group["ema_decay"])
+
+
+torch.manual_seed(0)
+model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 1))
+x, y = torch.randn(32, 4), torch.randn(32, 1)
+optimizer = TransformingOptimizer(
+    model.parameters(),
+    torch.optim.SGD,
+    lr=0.1,
+    transforms=[SAM(rho=0.05), GradientCentralization(), WeightEMA(decay=0.5)],
+)
+
+
+def closure():
+    optimizer.zero_grad()
+    loss = nn.functional.mse_loss(model(x), y)
+    loss.backward()
+    return loss
+
+
+expected_ema = None
+for _ in range(3):
+    before = model[0].weight.detach().clone()
+    optimizer.step(closure)
+    after = model[0].weight.detach()
+    # Plain SGD moved the weight by -lr * (centralised gradient): every row's mean change is 0.
+    assert torch.allclose((after - before).mean(dim=1), torch.zeros(8), atol=1e-7)
+    expected_ema = after.clone() if expected_ema is None else 0.5 * expected_ema + 0.5 * after
+
+assert torch.allclose(optimizer.state[model[0].weight]["ema_weight"], expected_ema)
+assert "ema_weight" in optimizer.state_dict()["transform_state"][0]  # checkpointed
+
+# Bad values are rejected at construction, also when a param group overrides the default.
+try:
+    TransformingOptimizer(
+        [{"params": model.parameters(), "ema_decay": 1.5}], torch.optim.SGD, lr=0.1, transforms=[WeightEMA()]
+    )
+except ValueError as error:
+    assert "ema_decay must be in [0, 1), got 1.5" in str(error)
+else:
+    raise AssertionError("ema_decay=1.5 was accepted")

@@ -1,0 +1,208 @@
+"""The documentation is executed, complete and builds cleanly.
+
+* every ``docs/examples/*.py`` runs (in-process; the DDP example as a script with 2 gloo ranks)
+  and is shown in the guides through ``literalinclude``;
+* every ``.. code-block:: python`` in ``README.rst`` and ``docs/*.rst`` runs;
+* ``docs/api.rst`` documents every name of ``samgria.__all__`` (and nothing else);
+* ``python -m sphinx -W --keep-going -b html docs <tmp>`` succeeds and renders every name;
+* ``docs/getting_started.rst`` shows the README's two commands verbatim;
+* the AMP example uses the recipe of ``tests/test_optim_amp.py`` unchanged.
+"""
+
+from __future__ import annotations
+
+import ast
+import importlib.util
+import os
+import re
+import runpy
+import subprocess
+import sys
+import textwrap
+import warnings
+from pathlib import Path
+
+import pytest
+
+import samgria
+
+ROOT = Path(__file__).resolve().parent.parent
+DOCS = ROOT / "docs"
+EXAMPLES = sorted((DOCS / "examples").glob("*.py"))
+GUIDES = sorted(DOCS.glob("*.rst"))
+#: Examples that start processes: run as a script in a subprocess, not in-process.
+SCRIPT_EXAMPLES = {"optim_ddp.py"}
+
+_CODE_BLOCK = re.compile(r"^(?P<indent>[ \t]*)\.\. (?:code-block|code|sourcecode):: (?:python3?|py)\s*$")
+_API_DIRECTIVE = re.compile(
+    r"^\.\. (?:autoclass|autofunction|autodata|py:data|py:class|py:function):: samgria\.(?P<name>\w+)\s*$",
+    re.MULTILINE,
+)
+_LITERALINCLUDE = re.compile(r"^\s*\.\. literalinclude:: (?P<path>\S+)\s*$", re.MULTILINE)
+
+
+def python_code_blocks(text: str) -> list[str]:
+    """The bodies of every ``.. code-block:: python`` directive in an RST text, dedented."""
+    lines = text.splitlines()
+    blocks = []
+    index = 0
+    while index < len(lines):
+        match = _CODE_BLOCK.match(lines[index])
+        index += 1
+        if match is None:
+            continue
+        indent = len(match.group("indent").expandtabs())
+        # Directive options (":caption: ...") and the blank line before the body.
+        while index < len(lines) and (not lines[index].strip() or lines[index].strip().startswith(":")):
+            index += 1
+        body = []
+        while index < len(lines) and (
+            not lines[index].strip() or len(lines[index].expandtabs()) - len(lines[index].lstrip()) > indent
+        ):
+            body.append(lines[index])
+            index += 1
+        blocks.append(textwrap.dedent("\n".join(body)).strip() + "\n")
+    return blocks
+
+
+def _readme_commands() -> list[str]:
+    """The shell commands of README.rst's literal blocks (the install-and-run lines)."""
+    readme = (ROOT / "README.rst").read_text()
+    return [m.group(1) for m in re.finditer(r"^ {4}(pip install .+?)\s*$", readme, re.MULTILINE)]
+
+
+# -- (1) the examples run ----------------------------------------------------------------------
+def test_examples_are_found() -> None:
+    names = {path.name for path in EXAMPLES}
+    assert len(names) >= 10, names
+    assert SCRIPT_EXAMPLES <= names
+
+
+@pytest.mark.parametrize(
+    "path", [p for p in EXAMPLES if p.name not in SCRIPT_EXAMPLES], ids=lambda p: p.stem
+)
+def test_example_runs(path: Path) -> None:
+    # Examples assert their own results; a warning in an example is a defect too.
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        runpy.run_path(str(path), run_name="__main__")
+
+
+def test_ddp_example_runs_with_two_gloo_processes() -> None:
+    import torch.distributed as dist
+
+    if not dist.is_available() or not dist.is_gloo_available():
+        pytest.skip("torch.distributed with the gloo backend is not available in this build")
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    env["OMP_NUM_THREADS"] = "1"
+    result = subprocess.run(
+        [sys.executable, str(DOCS / "examples" / "optim_ddp.py")],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "DDP SAM equals one process on the global batch" in result.stdout
+
+
+def test_every_example_is_shown_and_every_include_exists() -> None:
+    included = set()
+    for guide in GUIDES:
+        for match in _LITERALINCLUDE.finditer(guide.read_text()):
+            target = (guide.parent / match.group("path")).resolve()
+            assert target.is_file(), f"{guide.name} includes a missing file {match.group('path')}"
+            included.add(target)
+    shown_nowhere = [path.name for path in EXAMPLES if path.resolve() not in included]
+    assert not shown_nowhere, f"examples no guide shows: {shown_nowhere}"
+
+
+# -- (2) every code block in README.rst and docs/*.rst runs ------------------------------------
+def test_code_block_extraction() -> None:
+    text = "Intro\n\n.. code-block:: python\n   :caption: x\n\n   a = 1\n\n   b = a + 1\n\nAfter\n"
+    assert python_code_blocks(text) == ["a = 1\n\nb = a + 1\n"]
+    assert python_code_blocks("::\n\n    pip install x\n") == []
+
+
+def _documented_blocks() -> list[tuple[str, str]]:
+    blocks = []
+    for path in [ROOT / "README.rst", *GUIDES]:
+        for number, block in enumerate(python_code_blocks(path.read_text())):
+            blocks.append((f"{path.name}#{number}", block))
+    return blocks
+
+
+def test_readme_has_a_python_example() -> None:
+    assert any(name.startswith("README.rst#") for name, _ in _documented_blocks())
+
+
+@pytest.mark.parametrize("name,source", _documented_blocks(), ids=[n for n, _ in _documented_blocks()])
+def test_code_block_runs(name: str, source: str) -> None:
+    code = compile(source, name, "exec")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        exec(code, {"__name__": "__main__"})
+
+
+def test_docs_have_no_doctest_prompts() -> None:
+    for path in GUIDES:
+        assert ">>>" not in path.read_text(), f"{path.name}: examples live in docs/examples/, not doctests"
+
+
+# -- (3) the API reference lists every public name ---------------------------------------------
+def test_api_reference_lists_every_public_name() -> None:
+    documented = _API_DIRECTIVE.findall((DOCS / "api.rst").read_text())
+    missing = sorted(set(samgria.__all__) - set(documented))
+    unknown = sorted(set(documented) - set(samgria.__all__))
+    duplicated = sorted({name for name in documented if documented.count(name) > 1})
+    assert not missing, f"public names missing from docs/api.rst: {missing}"
+    assert not unknown, f"docs/api.rst documents names that are not in samgria.__all__: {unknown}"
+    assert not duplicated, f"documented twice: {duplicated}"
+
+
+# -- (4) the site builds with warnings as errors -----------------------------------------------
+def test_sphinx_build_has_no_warnings(tmp_path: Path) -> None:
+    if importlib.util.find_spec("sphinx") is None or importlib.util.find_spec("sphinx_rtd_theme") is None:
+        pytest.skip("sphinx and sphinx-rtd-theme are not installed (pip install -e '.[docs]')")
+    out = tmp_path / "html"
+    result = subprocess.run(
+        [sys.executable, "-m", "sphinx", "-W", "--keep-going", "-q", "-b", "html", "docs", str(out)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    api = (out / "api.html").read_text()
+    not_rendered = [name for name in samgria.__all__ if f'id="samgria.{name}"' not in api]
+    assert not not_rendered, f"api.html has no entry for {not_rendered}"
+    for page in ("index", "getting_started", "optimizer_guide", "meta_guide", "benchmarks"):
+        assert (out / f"{page}.html").is_file(), page
+
+
+# -- (5) getting started shows the README's commands -------------------------------------------
+def test_getting_started_shows_the_readme_commands_verbatim() -> None:
+    commands = _readme_commands()
+    assert len(commands) == 2, commands
+    assert "python -m samgria demo" in commands[0]
+    assert "python -m pytest" in commands[1]
+    page = (DOCS / "getting_started.rst").read_text()
+    for command in commands:
+        assert command in page, f"getting_started.rst lacks {command!r}"
+
+
+# -- the AMP example is the tested recipe ------------------------------------------------------
+def _function_source(path: Path, name: str) -> str:
+    source = path.read_text()
+    for node in ast.parse(source).body:
+        if isinstance(node, ast.FunctionDef) and node.name == name:
+            return ast.get_source_segment(source, node) or ""
+    raise AssertionError(f"{path.name} defines no {name}()")
+
+
+def test_amp_example_uses_the_tested_recipe() -> None:
+    tested = _function_source(ROOT / "tests" / "test_optim_amp.py", "amp_sam_step")
+    shown = _function_source(DOCS / "examples" / "optim_amp.py", "amp_sam_step")
+    assert shown == tested
