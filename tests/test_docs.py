@@ -23,6 +23,7 @@ import warnings
 from pathlib import Path
 
 import pytest
+import torch
 
 import samgria
 
@@ -69,6 +70,15 @@ def _readme_commands() -> list[str]:
     """The shell commands of README.rst's literal blocks (the install-and-run lines)."""
     readme = (ROOT / "README.rst").read_text()
     return [m.group(1) for m in re.finditer(r"^ {4}(pip install .+?)\s*$", readme, re.MULTILINE)]
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """The examples use tiny models: one intra-op thread is as fast and immune to a busy CPU."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
 
 
 # -- (1) the examples run ----------------------------------------------------------------------
