@@ -240,3 +240,20 @@ def test_adapt_errors_name_argument_and_value():
         adapt(model, params, lambda p: p["weight"].sum(), inner_steps=1.5)
     with pytest.raises(ValueError, match=r"lr must be >= 0, got -0\.1"):
         adapt(model, params, lambda p: p["weight"].sum(), lr=-0.1)
+
+
+def test_helpers_copy_buffers_resolve_lrs_and_checks():
+    from samgria.meta.functional import check_lr, check_steps, copy_buffers, resolve_lrs
+
+    model = nn.BatchNorm1d(2)
+    copies = copy_buffers(model)
+    assert copies["running_mean"] is not model.running_mean
+    assert torch.equal(copies["running_var"], model.running_var)
+    rate = torch.ones(2)
+    assert resolve_lrs(0.5, ["a", "b"]) == {"a": 0.5, "b": 0.5}
+    assert resolve_lrs({"a": rate, "b": 1}, ["a"]) == {"a": rate}
+    with pytest.raises(ValueError, match=r"lr\['b'\] must be >= 0, got -1"):
+        resolve_lrs({"b": -1}, ["b"])
+    assert check_lr(3) == 3.0 and check_steps(2) == 2
+    with pytest.raises(ValueError, match=r"inner_lr must be >= 0, got nan"):
+        check_lr(float("nan"), "inner_lr")

@@ -481,3 +481,24 @@ def test_functional_forward_of_learner_matches_named_params_at_zero_steps():
     x = torch.randn(4, 3, dtype=DT)
     assert torch.equal(learner(x), functional_forward(model, named_params(model), x))
     assert repr(meta).startswith("MAML(outer=SGD")
+
+
+def test_step_hooks_fire_and_meta_optimizer_pickles_and_deep_copies():
+    import pickle
+
+    model = linear_model()
+    tasks = make_tasks()
+    meta = MAML(model, torch.optim.Adam, inner_lr=0.1, lr=1e-2)
+    seen = []
+    meta.register_step_pre_hook(lambda opt, args, kwargs: seen.append("pre"))
+    meta.register_step_post_hook(lambda opt, args, kwargs: seen.append("post"))
+    meta.step(lambda: closure_meta_grad(meta, tasks))
+    assert seen == ["pre", "post"]
+    for twin in (pickle.loads(pickle.dumps(meta)), copy.deepcopy(meta)):
+        assert twin.param_groups is twin.outer.param_groups
+        assert twin.param_groups[0]["params"][0] is twin.model.weight
+        assert torch.equal(twin.model.weight, model.weight)
+        twin.step(lambda: closure_meta_grad(twin, tasks))
+        meta_copy_state = twin.state_dict()["state"][0]["exp_avg"]
+        assert meta_copy_state.shape == model.weight.shape
+    assert seen == ["pre", "post"]  # hooks are not carried over (as in torch.optim)

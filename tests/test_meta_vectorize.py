@@ -239,3 +239,15 @@ def test_batchnorm_eval_mode_second_order_vmaps_exactly():
     torch.testing.assert_close(lv, ll, rtol=0, atol=1e-10)
     for a, b in zip(gv, gl):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-10)
+
+
+def test_dropout_model_is_vmapped_with_independent_randomness():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(2, 16), nn.Dropout(0.5), nn.Linear(16, 1)).to(DT)
+    meta = MAML(model, torch.optim.SGD, inner_lr=0.05, lr=0.1)
+    tasks = [make_tasks(n=1)[0]] * 3  # identical tasks: only dropout makes the losses differ
+    losses = meta.task_losses(tasks, mse, vectorize=True)
+    assert losses.shape == (3,) and len(set(losses.tolist())) == 3
+    model.eval()
+    same = meta.task_losses(tasks, mse, vectorize=True)
+    assert len(set(same.tolist())) == 1

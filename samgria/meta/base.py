@@ -48,6 +48,15 @@ __all__ = ["MetaOptimizer"]
 
 LossFn = Callable[[Any, Any], torch.Tensor]
 
+_HOOK_DICTS = (
+    "_optimizer_step_pre_hooks",
+    "_optimizer_step_post_hooks",
+    "_optimizer_state_dict_pre_hooks",
+    "_optimizer_state_dict_post_hooks",
+    "_optimizer_load_state_dict_pre_hooks",
+    "_optimizer_load_state_dict_post_hooks",
+)
+
 
 def _check_weight(weight: Any, name: str = "weight") -> float:
     if isinstance(weight, bool) or not isinstance(weight, numbers.Real):
@@ -107,12 +116,8 @@ class MetaOptimizer(torch.optim.Optimizer):
 
         # What torch.optim.Optimizer.__init__ sets up, minus its own param_groups/state:
         # those are the outer optimizer's (see the properties below).
-        self._optimizer_step_pre_hooks: OrderedDict[int, Callable] = OrderedDict()
-        self._optimizer_step_post_hooks: OrderedDict[int, Callable] = OrderedDict()
-        self._optimizer_state_dict_pre_hooks: OrderedDict[int, Callable] = OrderedDict()
-        self._optimizer_state_dict_post_hooks: OrderedDict[int, Callable] = OrderedDict()
-        self._optimizer_load_state_dict_pre_hooks: OrderedDict[int, Callable] = OrderedDict()
-        self._optimizer_load_state_dict_post_hooks: OrderedDict[int, Callable] = OrderedDict()
+        for name in _HOOK_DICTS:
+            setattr(self, name, OrderedDict())
         self._patch_step_function()
 
         self.model = model
@@ -167,10 +172,13 @@ class MetaOptimizer(torch.optim.Optimizer):
         self.outer.state = value
 
     def __getstate__(self) -> dict[str, Any]:
-        return self.__dict__.copy()
+        # Like torch.optim.Optimizer: hooks are not pickled.
+        return {k: v for k, v in self.__dict__.items() if not k.startswith("_optimizer_")}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
+        for name in _HOOK_DICTS:
+            self.__dict__.setdefault(name, OrderedDict())
         self._patch_step_function()
 
     def _initial_groups(self, params: Iterable[Any] | None) -> list[dict[str, Any]]:
