@@ -203,6 +203,10 @@ def main(argv: list[str] | None = None) -> int:
         ax.plot(task.support_x, task.support_y, "k^", label=f"support (K={args.k})")
         for steps, style in zip(EVAL_STEPS, (":", "--", "-")):
             ax.plot(grid, adapted_curve(evaluator, task, steps, grid), style, label=f"{steps} steps")
+        if name in OWN_INNER_LOOP:
+            own_curve = adapted_curve(run["meta"], task, 1, grid)
+            ax.plot(grid, own_curve, "-.", label=f"1 step ({OWN_INNER_LOOP[name]})")
+            ax.legend(fontsize=7)
         ax.set_title(f"{name} ({args.iterations} it.)")
         ax.set_ylim(-6, 6)
     axes[0][0].legend(fontsize=7)
