@@ -175,6 +175,21 @@ def test_fallback_to_loop_warns_once_and_remembers():
         meta.task_losses(tasks, mse, vectorize=True)
 
 
+def test_a_users_loss_fn_error_propagates_without_disabling_vmap():
+    meta = MAML(relu_mlp(), torch.optim.SGD, inner_lr=0.05, lr=0.1)
+    tasks = make_tasks(n=3)
+
+    def broken_loss(prediction, target):
+        raise KeyError("typo in my loss")
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no misleading "vmap failed" warning
+        with pytest.raises(KeyError, match="typo in my loss"):
+            meta.task_losses(tasks, broken_loss)
+        assert not meta._vectorize_failed
+        meta.task_losses(tasks, mse)  # still vectorised, still no warning
+
+
 def test_non_scalar_loss_is_an_error_in_both_paths():
     model = relu_mlp()
     meta = FOMAML(model, torch.optim.SGD, lr=0.1)

@@ -398,6 +398,7 @@ class MetaOptimizer(torch.optim.Optimizer):
                     "or a first-order meta-learner"
                 )
             use_vmap = False
+        vmap_error: Exception | None = None
         if use_vmap:
             params = dict(self.model.named_parameters())
             vm_lrs = lrs
@@ -419,16 +420,10 @@ class MetaOptimizer(torch.optim.Optimizer):
                     )
             except ValueError:
                 raise
-            except Exception as exc:  # a model that cannot be vmapped: loop instead
+            except Exception as exc:  # maybe a model that cannot be vmapped: try the loop
                 if vectorize is True:
                     raise RuntimeError(f"vectorize=True but vmap over tasks failed: {exc}") from exc
-                self._vectorize_failed = True
-                warnings.warn(
-                    f"{type(self).__name__}: vmap over tasks failed ({type(exc).__name__}: {exc}); "
-                    "falling back to a per-task loop from now on (pass vectorize=False to skip the attempt)",
-                    RuntimeWarning,
-                    stacklevel=3,
-                )
+                vmap_error = exc
             else:
                 per_task = None
                 if return_params:
@@ -456,6 +451,15 @@ class MetaOptimizer(torch.optim.Optimizer):
             losses_list.append(loss)
             if return_params:
                 adapted.append({n: learner.params[n].detach() for n in names})
+        if vmap_error is not None:
+            # Only now, when the loop worked, is the error vmap's and not the user's loss_fn's.
+            self._vectorize_failed = True
+            warnings.warn(
+                f"{type(self).__name__}: vmap over tasks failed ({type(vmap_error).__name__}: {vmap_error}); "
+                "falling back to a per-task loop from now on (pass vectorize=False to skip the attempt)",
+                RuntimeWarning,
+                stacklevel=3,
+            )
         return torch.stack(losses_list), (adapted if return_params else None)
 
     def task_losses(
