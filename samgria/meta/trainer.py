@@ -6,14 +6,15 @@ import math
 import sys
 import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TextIO
+from typing import Any, TextIO
 
 import torch
 
 from samgria.data.task import Task, TaskSampler
 from samgria.meta.base import MetaOptimizer
+from samgria.meta.compiled import CompiledMetaLoss, compiled_path_blocker
 
 __all__ = ["History", "MetaTrainer"]
 
@@ -77,6 +78,14 @@ class _ProgressBar:
         self.stream.flush()
 
 
+def _caller_stacklevel() -> int:
+    """``stacklevel`` that makes a warning point at the first frame outside this module."""
+    frame, level = sys._getframe(2), 2  # the frame that calls warnings.warn is level 1
+    while frame is not None and frame.f_code.co_filename == __file__:
+        frame, level = frame.f_back, level + 1
+    return level
+
+
 def _check_positive_int(name: str, value: object) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"{name} must be an int, got {value!r}")
@@ -100,6 +109,15 @@ class MetaTrainer:
     and returns it. The algorithm (MAML, FOMAML, Reptile, MetaSGD, ANIL) is whatever ``meta``
     is; for Reptile the outer update is the pseudo-gradient the optimizer computes itself.
 
+    With ``compile=True`` the closure instead gets the meta-loss and its meta-gradient from a
+    :class:`~samgria.meta.compiled.CompiledMetaLoss` (``torch.compile`` of the vectorised inner
+    loop), writes the gradients into ``.grad`` and returns the loss; the closure recomputes them
+    at the current weights on every call, so an outer optimizer that re-evaluates it (SAM) gets
+    what it would get without compilation. The first meta-iteration pays the compilation.
+    Where the compiled path does not apply (Reptile, a subclass with its own inner loop, tasks of
+    unequal shapes, a second-order inner loop through BatchNorm, a compilation error), the
+    trainer uses the uncompiled path and warns once per reason.
+
     Args:
         meta: The meta-optimizer holding the model's meta-parameters.
         loss_fn: ``loss_fn(prediction, target) -> scalar`` used for support and query losses
@@ -107,10 +125,16 @@ class MetaTrainer:
         sampler: A :class:`~samgria.data.TaskSampler` (anything with ``sample(n)``).
         vectorize: Forwarded to ``meta.task_losses``: ``None`` picks vmap when possible,
             ``True`` requires it, ``False`` forces the per-task loop.
+        compile: Compute meta-gradients with the compiled path (MAML, FOMAML, MetaSGD, ANIL).
+        compile_options: Keyword arguments of :func:`torch.compile` (e.g. ``{"mode":
+            "max-autotune"}``), only with ``compile=True``.
 
     Raises:
-        TypeError: ``meta`` is not a ``MetaOptimizer``, ``loss_fn`` is not callable or
-            ``sampler`` has no ``sample`` method.
+        TypeError: ``meta`` is not a ``MetaOptimizer``, ``loss_fn`` is not callable,
+            ``sampler`` has no ``sample`` method, or ``compile``/``compile_options`` has the
+            wrong type.
+        ValueError: ``compile=True`` with ``vectorize=False`` (the compiled path is the
+            vectorised one), or ``compile_options`` without ``compile=True``.
     """
 
     def __init__(
@@ -120,6 +144,8 @@ class MetaTrainer:
         sampler: TaskSampler,
         *,
         vectorize: bool | None = None,
+        compile: bool = False,  # noqa: A002 - the name users expect (torch.compile)
+        compile_options: Mapping[str, Any] | None = None,
     ) -> None:
         if not isinstance(meta, MetaOptimizer):
             raise TypeError(f"meta must be a samgria MetaOptimizer, got {type(meta).__name__}")
@@ -131,10 +157,34 @@ class MetaTrainer:
             )
         if vectorize is not None and not isinstance(vectorize, bool):
             raise TypeError(f"vectorize must be None, True or False, got {vectorize!r}")
+        if not isinstance(compile, bool):
+            raise TypeError(f"compile must be a bool, got {compile!r}")
+        if compile and vectorize is False:
+            raise ValueError(
+                "compile=True runs the vectorised inner loop and cannot be combined with "
+                "vectorize=False, got vectorize=False"
+            )
+        if compile_options is not None:
+            if not isinstance(compile_options, Mapping):
+                raise TypeError(f"compile_options must be a dict, got {type(compile_options).__name__}")
+            if not compile:
+                raise ValueError(f"compile_options need compile=True, got compile=False and {dict(compile_options)!r}")
         self.meta = meta
         self.loss_fn = loss_fn
         self.sampler = sampler
         self.vectorize = vectorize
+        self.compile = compile
+        self.compile_options: dict[str, Any] = dict(compile_options or {})
+        self._compiled: CompiledMetaLoss | None = None
+        self._compile_disabled = False  # set after a compilation error (warned once)
+        self._fallback_reasons: set[str] = set()
+
+    @property
+    def compiled_loss(self) -> CompiledMetaLoss | None:
+        """The :class:`~samgria.meta.compiled.CompiledMetaLoss` in use (built on the first
+        compiled meta-iteration), or ``None`` without ``compile=True``, before that iteration
+        or after a compilation error disabled the compiled path."""
+        return None if self._compile_disabled else self._compiled
 
     def meta_step(self, tasks: Sequence[Task]) -> float:
         """Run one meta-update on ``tasks`` and return the mean query loss (before the update).
@@ -152,6 +202,15 @@ class MetaTrainer:
         if not tasks:
             raise ValueError("tasks must not be empty, got 0 tasks")
         meta = self.meta
+        compile_error: Exception | None = None
+        if self.compile and not self._compile_disabled:
+            reason = compiled_path_blocker(meta, tasks)
+            if reason is None:
+                compiled_loss, compile_error = self._compiled_meta_step(tasks)
+                if compile_error is None:
+                    return compiled_loss
+            else:
+                self._warn_fallback(reason)
 
         def closure() -> torch.Tensor:
             meta.zero_grad()
@@ -162,7 +221,54 @@ class MetaTrainer:
             return loss
 
         loss = meta.step(closure)
+        if compile_error is not None:
+            # Only now, when the uncompiled path worked, is the error the compiled path's own
+            # (and not, say, the user's loss_fn's): give it up for good.
+            self._compile_disabled = True
+            self._warn_fallback(
+                f"the compiled path failed ({type(compile_error).__name__}: {compile_error}); "
+                "it stays disabled for this trainer"
+            )
         return float(loss.detach()) if isinstance(loss, torch.Tensor) else float(loss)
+
+    def _warn_fallback(self, reason: str) -> None:
+        """Warn once per distinct reason that the uncompiled path is used."""
+        if reason not in self._fallback_reasons:
+            self._fallback_reasons.add(reason)
+            warnings.warn(
+                f"MetaTrainer(compile=True): {reason}; using the uncompiled path",
+                RuntimeWarning,
+                stacklevel=_caller_stacklevel(),
+            )
+
+    def _compiled_meta_step(self, tasks: list[Task]) -> tuple[float, Exception | None]:
+        """One meta-update through the compiled path.
+
+        Returns ``(loss, None)``, or ``(nan, error)`` when the compiled computation raised: the
+        closure raised before any update (a re-evaluating outer optimizer such as SAM restores
+        its perturbation when the closure raises), so the caller can run the uncompiled path.
+        """
+        meta = self.meta
+        if self._compiled is None:
+            self._compiled = CompiledMetaLoss(meta, self.loss_fn, **self.compile_options)
+        compiled = self._compiled
+        failure: list[Exception] = []
+
+        def closure() -> torch.Tensor:
+            meta.zero_grad()
+            try:
+                return compiled.backward(tasks)
+            except Exception as exc:
+                failure.append(exc)
+                raise
+
+        try:
+            loss = meta.step(closure)
+        except Exception:
+            if not failure:
+                raise  # the outer optimizer's own error, not the compiled path's
+            return math.nan, failure[0]
+        return (float(loss.detach()) if isinstance(loss, torch.Tensor) else float(loss)), None
 
     def evaluate(self, tasks: Sequence[Task], steps: int | None = None) -> float:
         """Mean post-adaptation query loss over ``tasks``; the model is left untouched.

@@ -1,0 +1,319 @@
+"""A compiled meta-loss and meta-gradient: ``torch.compile`` around the vectorised inner loop.
+
+:func:`~samgria.meta.vectorize.batched_task_losses` is a pure function of the meta-parameters
+and the stacked task tensors. :class:`CompiledMetaLoss` wraps its mean,
+
+.. math::
+
+    \\mathcal{L}(\\theta, \\alpha) = \\frac{1}{B} \\sum_{i=1}^{B}
+    \\mathcal{L}^q_i\\big(\\phi_i^{(k)}\\big), \\qquad
+    \\phi_i^{(j+1)} = \\phi_i^{(j)} - \\alpha \\odot \\nabla \\mathcal{L}^s_i\\big(\\phi_i^{(j)}\\big),
+    \\quad \\phi_i^{(0)} = \\theta,
+
+in ``torch.compile(torch.func.grad_and_value(...))``, so one call returns the meta-loss and its
+exact meta-gradient with respect to :math:`\\theta` (and Meta-SGD's rates :math:`\\alpha`) from a
+single compiled program: no Python interpreter overhead per operation and no autograd graph
+kept between calls. It computes what ``meta.task_losses(tasks, loss_fn).mean().backward()``
+computes for MAML (Finn et al., 2017), FOMAML, Meta-SGD (Li et al., 2017) and ANIL (Raghu et
+al., 2020), whose inner loop is plain SGD with per-group (or learned) step sizes.
+
+The compiled program is built once per configuration (adapted names, trainable names,
+``steps``, ``first_order``) and kept; ``torch.compile`` itself recompiles only when the task
+shapes or the model's structure change. Step sizes enter as tensors, so editing a group's
+``inner_lr`` (by hand or with a scheduler) does not recompile.
+
+:func:`compiled_path_blocker` says when the compiled path cannot reproduce ``task_losses``:
+Reptile (its update is a pseudo-gradient, not a meta-gradient), a subclass with its own inner
+loop, tasks of unequal shapes, a model that could not be vmapped, or a second-order inner loop
+through a normalisation layer whose double backward ``vmap`` gets wrong
+(:func:`~samgria.meta.vectorize.second_order_vmap_blocker`).
+
+Differences from ``backward()``: a meta-parameter that does not influence the loss receives a
+zero gradient instead of ``None``; dropout draws its random numbers inside the compiled program
+(the same distribution, other numbers).
+"""
+
+from __future__ import annotations
+
+import inspect
+import itertools
+import sys
+import types
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+
+from samgria.data.task import Task
+from samgria.meta.base import MetaOptimizer
+from samgria.meta.functional import check_steps
+from samgria.meta.vectorize import (
+    batched_task_losses,
+    can_vectorize,
+    second_order_vmap_blocker,
+    stack_tasks,
+)
+
+__all__ = ["CompiledMetaLoss", "compiled_path_blocker"]
+
+LossFn = Callable[[Any, Any], torch.Tensor]
+
+#: The methods whose base-class versions define the computation the compiled path reproduces.
+_CORE_METHODS = ("task_losses", "_run_tasks", "step")
+
+
+def compiled_path_blocker(meta: MetaOptimizer, tasks: Sequence[Task] | None = None) -> str | None:
+    """Say why :class:`CompiledMetaLoss` cannot reproduce ``meta.task_losses``, or return ``None``.
+
+    Args:
+        meta: The meta-optimizer.
+        tasks: The meta-batch to check too (``None``: check ``meta`` only).
+
+    Returns:
+        A human-readable reason, or ``None`` when the compiled path applies.
+
+    Raises:
+        TypeError: ``meta`` is not a :class:`~samgria.meta.base.MetaOptimizer`.
+    """
+    if not isinstance(meta, MetaOptimizer):
+        raise TypeError(f"meta must be a samgria MetaOptimizer, got {type(meta).__name__}")
+    name = type(meta).__name__
+    if not meta._track_graph:
+        return (
+            f"{name} computes its outer update in step() (Reptile's pseudo-gradient "
+            "theta - mean(theta')), not from a meta-gradient"
+        )
+    # inspect.unwrap: torch.optim wraps a class's ``step`` with its hook machinery.
+    custom = [
+        m for m in _CORE_METHODS
+        if inspect.unwrap(getattr(type(meta), m)) is not inspect.unwrap(getattr(MetaOptimizer, m))
+    ]
+    if custom:
+        return f"{name} overrides {', '.join(custom)} (a custom inner loop or outer update)"
+    if meta._vectorize_failed:
+        return f"{name}: vmap over tasks failed earlier for this model"
+    if not meta.first_order:
+        blocker = second_order_vmap_blocker(meta.model)
+        if blocker is not None:
+            return (
+                f"second-order gradients through {blocker} are wrong under torch.func.vmap "
+                "(pytorch/functorch#534)"
+            )
+    if tasks is not None and not can_vectorize(list(tasks)):
+        return "the tasks do not all have equal shapes, dtypes and devices"
+    return None
+
+
+_program_ids = itertools.count()
+
+
+def _own_code(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Wrap ``fn`` in a function with a code object of its own.
+
+    ``torch.compile`` keeps its caches, its recompile limit and its decision to skip a function
+    after an error per *code object*. Every ``grad_and_value`` wrapper shares one, so without
+    this, one program's failure or recompilations would affect every other program in the
+    process.
+    """
+
+    def compiled_meta_loss(*args: Any) -> Any:
+        return fn(*args)
+
+    code = compiled_meta_loss.__code__
+    name = f"compiled_meta_loss_{next(_program_ids)}"
+    names = {"co_name": name, **({"co_qualname": name} if sys.version_info >= (3, 11) else {})}
+    return types.FunctionType(
+        code.replace(**names),
+        compiled_meta_loss.__globals__,
+        name,
+        compiled_meta_loss.__defaults__,
+        compiled_meta_loss.__closure__,
+    )
+
+
+class CompiledMetaLoss:
+    """The meta-loss and meta-gradient of a meta-batch from one compiled program.
+
+    ``loss, grads = CompiledMetaLoss(meta, loss_fn)(tasks)`` gives the mean post-adaptation
+    query loss and ``{meta-parameter: gradient}``, equal (up to floating-point rounding) to
+    ``meta.task_losses(tasks, loss_fn).mean()`` and its ``backward()``; :meth:`backward`
+    accumulates the gradients into ``.grad`` instead. The current meta-parameters, param-group
+    settings (``inner_lr``, ``adapt``) and ``meta.first_order`` are read at every call.
+
+    The first call of a configuration compiles (seconds to a minute on a CPU); later calls with
+    tasks of the same shapes run the compiled code. ``torch.compile`` keeps at most
+    ``torch._dynamo.config.recompile_limit`` (8) versions of a function per process and runs
+    the rest uncompiled; raise it when one process compiles many configurations.
+
+    Args:
+        meta: A MAML-family meta-optimizer (MAML, FOMAML, MetaSGD, ANIL) with plain SGD inner
+            steps (see :func:`compiled_path_blocker`).
+        loss_fn: ``loss_fn(prediction, target) -> scalar`` for support and query losses; it
+            must be traceable by ``torch.compile``.
+        steps: Number of inner steps (default: ``meta.inner_steps`` at each call).
+        **compile_options: Keyword arguments of :func:`torch.compile` (e.g. ``mode=...``,
+            ``backend=...``). Default ``dynamic=False``: one specialised program per task shape.
+
+    Raises:
+        TypeError: ``meta`` is not a ``MetaOptimizer`` or ``loss_fn`` is not callable.
+        ValueError: ``steps`` is negative, or ``meta`` cannot use the compiled path (Reptile, a
+            custom inner loop, a second-order loop through BatchNorm).
+    """
+
+    def __init__(
+        self,
+        meta: MetaOptimizer,
+        loss_fn: LossFn,
+        *,
+        steps: int | None = None,
+        **compile_options: Any,
+    ) -> None:
+        reason = compiled_path_blocker(meta)
+        if reason is not None:
+            raise ValueError(f"meta cannot use the compiled path: {reason}")
+        if not callable(loss_fn):
+            raise TypeError(f"loss_fn must be callable, got {type(loss_fn).__name__}")
+        self.meta = meta
+        self.loss_fn = loss_fn
+        self.steps = None if steps is None else check_steps(steps, "steps")
+        self.compile_options: dict[str, Any] = {"dynamic": False, **compile_options}
+        self._programs: dict[tuple[Any, ...], Callable[..., Any]] = {}
+        self._lr_tensors: dict[tuple[Any, ...], torch.Tensor] = {}
+
+    @property
+    def num_programs(self) -> int:
+        """Number of configurations built so far (each compiled on its first call)."""
+        return len(self._programs)
+
+    def clear(self) -> None:
+        """Forget the built programs (``torch.compile``'s own caches are kept)."""
+        self._programs.clear()
+        self._lr_tensors.clear()
+
+    def _program(self, key: tuple[Any, ...]) -> Callable[..., Any]:
+        program = self._programs.get(key)
+        if program is not None:
+            return program
+        adapt_names, _, _, steps, first_order = key
+        names = list(adapt_names)
+        model, loss_fn = self.meta.model, self.loss_fn
+
+        def meta_loss(
+            trainable: dict[str, dict[str, torch.Tensor]],
+            constant: dict[str, dict[str, torch.Tensor]],
+            support_x: torch.Tensor,
+            support_y: torch.Tensor,
+            query_x: torch.Tensor,
+            query_y: torch.Tensor,
+        ) -> torch.Tensor:
+            params = {**constant["params"], **trainable["params"]}
+            lrs = {**constant["lrs"], **trainable["lrs"]}
+            losses, _ = batched_task_losses(
+                model, params, names, lrs, support_x, support_y, query_x, query_y, loss_fn, steps,
+                first_order=first_order,
+            )
+            return losses.mean()
+
+        program = torch.compile(_own_code(torch.func.grad_and_value(meta_loss)), **self.compile_options)
+        self._programs[key] = program
+        return program
+
+    def _lr_tensor(self, value: float, like: torch.Tensor) -> torch.Tensor:
+        key = (value, like.dtype, like.device)
+        tensor = self._lr_tensors.get(key)
+        if tensor is None:
+            tensor = self._lr_tensors[key] = torch.tensor(value, dtype=like.dtype, device=like.device)
+        return tensor
+
+    def __call__(self, tasks: Sequence[Task]) -> tuple[torch.Tensor, dict[torch.Tensor, torch.Tensor]]:
+        """Compute the meta-loss of ``tasks`` and its meta-gradient.
+
+        Args:
+            tasks: The meta-batch: a non-empty sequence of equal-shape
+                :class:`~samgria.data.task.Task`.
+
+        Returns:
+            ``(loss, grads)``: the detached scalar meta-loss and a dict from each trainable
+            meta-parameter (the model's parameters with ``requires_grad``, Meta-SGD's rates) to
+            its gradient.
+
+        Raises:
+            TypeError: ``tasks`` is not a sequence of Task.
+            ValueError: ``tasks`` is empty or cannot use the compiled path (unequal shapes), or
+                ``meta`` can no longer use it.
+        """
+        meta = self.meta
+        tasks = meta._check_tasks(tasks)
+        reason = compiled_path_blocker(meta, tasks)
+        if reason is not None:
+            raise ValueError(f"the compiled path cannot be used: {reason}")
+        steps = meta.inner_steps if self.steps is None else self.steps
+        adapt_names, lrs = meta._adapt_config()
+        model_params = dict(meta.model.named_parameters())
+
+        trainable: dict[str, dict[str, torch.Tensor]] = {"params": {}, "lrs": {}}
+        constant: dict[str, dict[str, torch.Tensor]] = {"params": {}, "lrs": {}}
+        owners: dict[tuple[str, str], torch.Tensor] = {}
+        for name, p in model_params.items():
+            side = trainable if p.requires_grad else constant
+            side["params"][name] = p.detach()
+            if p.requires_grad:
+                owners["params", name] = p
+        for name in adapt_names:
+            lr = lrs[name]
+            if isinstance(lr, torch.Tensor):
+                side = trainable if lr.requires_grad else constant
+                side["lrs"][name] = lr.detach()
+                if lr.requires_grad:
+                    owners["lrs", name] = lr
+            else:
+                constant["lrs"][name] = self._lr_tensor(float(lr), model_params[name])
+
+        key = (
+            tuple(adapt_names),
+            tuple(trainable["params"]),
+            tuple(trainable["lrs"]),
+            steps,
+            meta.first_order,
+        )
+        program = self._program(key)
+        try:
+            with torch.enable_grad():  # one grad mode for every call: no recompile on a mode guard
+                grads, loss = program(trainable, constant, *stack_tasks(tasks))
+        except Exception:
+            # torch.compile may give up on a function for good after an error in tracing (a
+            # bug in loss_fn, say): rebuild the program, with a fresh cache, on the next call.
+            self._programs.pop(key, None)
+            raise
+        out: dict[torch.Tensor, torch.Tensor] = {}
+        for (kind, name), owner in owners.items():
+            g = grads[kind][name]
+            out[owner] = out[owner] + g if owner in out else g
+        return loss.detach(), out
+
+    def backward(self, tasks: Sequence[Task]) -> torch.Tensor:
+        """Compute the meta-loss of ``tasks`` and accumulate its meta-gradient into ``.grad``.
+
+        Like ``loss.backward()``: a gradient is added to an existing ``.grad`` and assigned
+        where ``.grad`` is ``None``.
+
+        Args:
+            tasks: The meta-batch (see :meth:`__call__`).
+
+        Returns:
+            The detached scalar meta-loss.
+        """
+        loss, grads = self(tasks)
+        with torch.no_grad():
+            for p, g in grads.items():
+                if p.grad is None:
+                    p.grad = g
+                else:
+                    p.grad.add_(g)
+        return loss
+
+    def __repr__(self) -> str:
+        return (
+            f"CompiledMetaLoss({type(self.meta).__name__}, steps={self.steps}, "
+            f"programs={self.num_programs}, compile_options={self.compile_options})"
+        )

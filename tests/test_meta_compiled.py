@@ -1,0 +1,426 @@
+"""Tests for samgria.meta.compiled and ``MetaTrainer(compile=True)``.
+
+The reference for the compiled meta-gradient is the uncompiled vmap path
+(``meta.task_losses(tasks, loss_fn, vectorize=True).mean().backward()``), itself checked
+against finite differences and hand-written loops in ``test_meta_vectorize.py``. The reference
+for ``MetaTrainer(compile=True).fit`` is ``MetaTrainer(compile=False).fit`` from the same
+initial weights.
+
+``torch.compile`` with the inductor backend takes seconds per configuration on a CPU, so only
+the four gradient tests compile with it (one program per algorithm, shared through a
+module-scoped fixture; the trainer tests reuse the MAML program: ``torch.compile`` caches by
+code and guards, not by instance). Everything else uses a counting eager backend.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch._dynamo.utils import counters
+
+from samgria.data import SinusoidTaskSampler, Task
+from samgria.meta.anil import ANIL
+from samgria.meta.base import MetaOptimizer
+from samgria.meta.compiled import CompiledMetaLoss, compiled_path_blocker
+from samgria.meta.maml import FOMAML, MAML
+from samgria.meta.metasgd import MetaSGD
+from samgria.meta.reptile import Reptile
+from samgria.meta.trainer import MetaTrainer
+from samgria.optim import TransformingOptimizer
+from samgria.transforms import SAM
+
+DT = torch.float64
+INNER_LR, STEPS = 0.05, 2
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _dynamo_settings():
+    """One intra-op thread (tiny models) and room for every program this file compiles."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    with torch._dynamo.config.patch(recompile_limit=64):
+        yield
+    torch.set_num_threads(threads)
+
+
+def make_model(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(1, 8), nn.Tanh(), nn.Linear(8, 1)).to(DT)
+
+
+def make_meta(algorithm: str, model: nn.Module, outer=torch.optim.SGD, **outer_kwargs) -> MetaOptimizer:
+    kwargs = {"inner_lr": INNER_LR, "inner_steps": STEPS, **outer_kwargs}
+    if outer is torch.optim.SGD and "lr" not in kwargs:
+        kwargs["lr"] = 0.1
+    if algorithm == "maml":
+        return MAML(model, outer, **kwargs)
+    if algorithm == "fomaml":
+        return FOMAML(model, outer, **kwargs)
+    if algorithm == "metasgd":
+        return MetaSGD(model, outer, **kwargs)
+    if algorithm == "anil":
+        return ANIL(model, outer, head=model[2], **kwargs)
+    raise AssertionError(algorithm)
+
+
+def sample_tasks(count: int, seed: int = 0, k: int = 5) -> list[Task]:
+    return SinusoidTaskSampler(k_support=k, k_query=k, seed=seed, dtype=DT).sample(count)
+
+
+class ListSampler:
+    """Deterministic sampler: the i-th call returns ``batches[i]``."""
+
+    def __init__(self, batches):
+        self.batches, self.position = batches, 0
+
+    def sample(self, n):
+        batch = self.batches[self.position]
+        self.position += 1
+        assert len(batch) == n
+        return batch
+
+
+class CountingBackend:
+    """A ``torch.compile`` backend that runs the captured graph eagerly and counts compilations."""
+
+    def __init__(self):
+        self.compilations = 0
+
+    def __call__(self, graph_module, example_inputs):
+        self.compilations += 1
+        return graph_module.forward
+
+
+def failing_backend(graph_module, example_inputs):
+    raise RuntimeError("backend exploded on purpose")
+
+
+def vmap_reference(meta: MetaOptimizer, tasks: list[Task]) -> tuple[torch.Tensor, dict[torch.Tensor, torch.Tensor]]:
+    meta.zero_grad()
+    loss = meta.task_losses(tasks, F.mse_loss, vectorize=True).mean()
+    loss.backward()
+    params = [p for group in meta.param_groups for p in group["params"]]
+    grads = {p: p.grad.clone() for p in params}
+    meta.zero_grad()
+    return loss.detach(), grads
+
+
+@pytest.fixture(scope="module")
+def inductor_programs():
+    """``{algorithm: (meta, CompiledMetaLoss)}``, built on first use and shared by the tests."""
+    return {}
+
+
+def compiled_for(programs, algorithm):
+    if algorithm not in programs:
+        meta = make_meta(algorithm, make_model())
+        programs[algorithm] = (meta, CompiledMetaLoss(meta, F.mse_loss))
+    return programs[algorithm]
+
+
+# ---------------------------------------------------------------- the compiled meta-gradient
+@pytest.mark.parametrize("algorithm", ["maml", "fomaml", "metasgd", "anil"])
+def test_compiled_meta_gradient_equals_vmap_meta_gradient(inductor_programs, algorithm):
+    meta, compiled = compiled_for(inductor_programs, algorithm)
+    tasks = sample_tasks(4, seed=1)
+    loss, grads = compiled(tasks)
+    ref_loss, ref_grads = vmap_reference(meta, tasks)
+
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-10, atol=1e-12)
+    assert set(grads) == set(ref_grads)  # every meta-parameter, nothing else
+    for p, g in ref_grads.items():
+        assert grads[p].dtype == DT and grads[p].shape == p.shape
+        torch.testing.assert_close(grads[p], g, rtol=1e-9, atol=1e-12)
+    if algorithm == "metasgd":  # the rates are meta-parameters with a real gradient
+        assert set(meta.inner_lrs.values()) <= set(grads)
+        assert all(float(grads[r].abs().sum()) > 0 for r in meta.inner_lrs.values())
+    if algorithm == "anil":  # the body is not adapted but gets a meta-gradient
+        assert meta._adapt_config()[0] == ["2.weight", "2.bias"]
+        assert float(grads[meta.model[0].weight].abs().sum()) > 0
+    # Different weights, same program: the result follows the current meta-parameters.
+    with torch.no_grad():
+        for p in meta.model.parameters():
+            p.mul_(0.9)
+    loss2, grads2 = compiled(tasks)
+    ref_loss2, ref_grads2 = vmap_reference(meta, tasks)
+    torch.testing.assert_close(loss2, ref_loss2, rtol=1e-10, atol=1e-12)
+    for p, g in ref_grads2.items():
+        torch.testing.assert_close(grads2[p], g, rtol=1e-9, atol=1e-12)
+    assert compiled.num_programs == 1
+
+
+def test_backward_accumulates_like_autograd(inductor_programs):
+    meta, compiled = compiled_for(inductor_programs, "maml")
+    tasks = sample_tasks(4, seed=2)
+    _, ref = vmap_reference(meta, tasks)
+    weight = meta.model[0].weight
+    weight.grad = torch.ones_like(weight)
+    meta.model[0].bias.grad = None
+    loss = compiled.backward(tasks)
+    assert loss.dim() == 0 and not loss.requires_grad
+    torch.testing.assert_close(weight.grad, ref[weight] + 1.0, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(meta.model[0].bias.grad, ref[meta.model[0].bias], rtol=1e-9, atol=1e-12)
+    meta.zero_grad()
+
+
+# ---------------------------------------------------------------- MetaTrainer(compile=True)
+def fit(algorithm, compile, batches, outer=torch.optim.Adam, iterations=3, **outer_kwargs):
+    model = make_model()
+    if outer is torch.optim.Adam:
+        outer_kwargs.setdefault("lr", 1e-2)
+    meta = make_meta(algorithm, model, outer, **outer_kwargs)
+    trainer = MetaTrainer(meta, F.mse_loss, ListSampler(batches), compile=compile)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        history = trainer.fit(iterations, len(batches[0]), progress=False)
+    return model, meta, history, [w for w in caught if issubclass(w.category, RuntimeWarning)]
+
+
+def assert_same_training(a, b, rtol=1e-8, atol=1e-10):
+    (model_a, meta_a, hist_a, _), (model_b, meta_b, hist_b, _) = a, b
+    assert hist_a.meta_loss == pytest.approx(hist_b.meta_loss, rel=rtol, abs=atol)
+    for p, q in zip(model_a.parameters(), model_b.parameters()):
+        torch.testing.assert_close(p, q, rtol=rtol, atol=atol)
+    assert not torch.equal(next(model_a.parameters()), next(make_model().parameters()))  # it trained
+
+
+def test_fit_compiled_equals_fit_uncompiled(inductor_programs):
+    compiled_for(inductor_programs, "maml")  # the program these trainers reuse
+    batches = [sample_tasks(4, seed=10 + i) for i in range(3)]
+    graphs = counters["stats"]["unique_graphs"]
+    compiled = fit("maml", True, batches)
+    assert counters["stats"]["unique_graphs"] == graphs + 1  # compiled once, not run eagerly
+    plain = fit("maml", False, batches)
+    assert compiled[3] == []  # no fallback warning
+    assert_same_training(compiled, plain)
+
+
+def test_fit_compiled_with_sam_outer_reevaluates_at_the_perturbed_weights(inductor_programs):
+    compiled_for(inductor_programs, "maml")
+    batches = [sample_tasks(4, seed=20 + i) for i in range(2)]
+
+    def run(compile):
+        model = make_model()
+        outer = TransformingOptimizer(model.parameters(), torch.optim.SGD, lr=0.1, transforms=[SAM(rho=0.05)])
+        meta = MAML(model, outer, inner_lr=INNER_LR, inner_steps=STEPS)
+        trainer = MetaTrainer(meta, F.mse_loss, ListSampler(batches), compile=compile)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", RuntimeWarning)  # no fallback
+            history = trainer.fit(2, 4, progress=False)
+        return model, meta, history, []
+
+    with_sam = run(True)
+    assert_same_training(with_sam, run(False))
+    # SAM's update differs from plain SGD's: the second evaluation really happened.
+    plain_sgd = fit("maml", False, batches, outer=torch.optim.SGD, iterations=2, lr=0.1)
+    assert not torch.allclose(with_sam[0][0].weight, plain_sgd[0][0].weight, rtol=0, atol=1e-8)
+
+
+# ---------------------------------------------------------------- fallbacks (no compilation)
+def test_reptile_falls_back_with_one_warning():
+    batches = [sample_tasks(3, seed=30 + i) for i in range(3)]
+
+    def run(compile):
+        model = make_model()
+        meta = Reptile(model, torch.optim.SGD, lr=0.5, inner_lr=INNER_LR, inner_steps=STEPS)
+        trainer = MetaTrainer(meta, F.mse_loss, ListSampler(batches), compile=compile)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            history = trainer.fit(3, 3, progress=False)
+        return model, meta, history, caught
+
+    compiled, plain = run(True), run(False)
+    assert [str(w.message) for w in compiled[3]] == [
+        "MetaTrainer(compile=True): Reptile computes its outer update in step() (Reptile's "
+        "pseudo-gradient theta - mean(theta')), not from a meta-gradient; using the uncompiled path"
+    ]
+    assert compiled[3][0].category is RuntimeWarning
+    assert compiled[3][0].filename == __file__  # points at the caller of fit
+    assert plain[3] == []
+    assert_same_training(compiled, plain, rtol=0, atol=0)
+
+
+def test_second_order_through_batchnorm_falls_back_with_one_warning():
+    batches = [sample_tasks(4, seed=40 + i) for i in range(2)]
+
+    def run(compile):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(1, 6), nn.BatchNorm1d(6), nn.Tanh(), nn.Linear(6, 1)).to(DT)
+        meta = MAML(model, torch.optim.SGD, lr=0.1, inner_lr=INNER_LR, inner_steps=STEPS)
+        trainer = MetaTrainer(meta, F.mse_loss, ListSampler(batches), compile=compile)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            trainer.fit(2, 4, progress=False)
+        return model, caught
+
+    (model_c, caught), (model_p, _) = run(True), run(False)
+    assert len(caught) == 1
+    assert "second-order gradients through 1 (BatchNorm1d) are wrong under torch.func.vmap" in str(caught[0].message)
+    for p, q in zip(model_c.parameters(), model_p.parameters()):
+        assert torch.equal(p, q)
+
+
+def test_unequal_task_shapes_fall_back_with_one_warning():
+    ragged = [sample_tasks(1, seed=50, k=3)[0], sample_tasks(1, seed=51, k=5)[0]]
+    batches = [ragged, list(reversed(ragged))]
+    compiled = fit("maml", True, batches, iterations=2)
+    plain = fit("maml", False, batches, iterations=2)
+    assert [str(w.message) for w in compiled[3]] == [
+        "MetaTrainer(compile=True): the tasks do not all have equal shapes, dtypes and devices; "
+        "using the uncompiled path"
+    ]
+    assert_same_training(compiled, plain, rtol=0, atol=0)
+
+
+def test_compilation_error_falls_back_once_and_stays_off():
+    batches = [sample_tasks(4, seed=60 + i) for i in range(3)]
+    model = make_model()
+    meta = make_meta("maml", model, torch.optim.Adam, lr=1e-2)
+    trainer = MetaTrainer(
+        meta, F.mse_loss, ListSampler(batches), compile=True, compile_options={"backend": failing_backend}
+    )
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        history = trainer.fit(3, 4, progress=False)
+    assert trainer.compiled_loss is None
+    messages = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
+    assert len(messages) == 1
+    assert "the compiled path failed" in messages[0] and "backend exploded on purpose" in messages[0]
+    assert "stays disabled" in messages[0]
+    plain = fit("maml", False, batches)
+    assert_same_training((model, meta, history, []), plain, rtol=0, atol=0)
+
+
+def test_error_of_the_users_loss_fn_propagates_and_keeps_compile_on():
+    state = {"broken": True}
+
+    def sometimes_broken_mse(prediction, target):
+        if state["broken"]:
+            raise KeyError("user bug")
+        return F.mse_loss(prediction, target)
+
+    backend = CountingBackend()
+    meta = make_meta("maml", make_model(), lr=0.1)
+    before = [p.detach().clone() for p in meta.model.parameters()]
+    trainer = MetaTrainer(
+        meta, sometimes_broken_mse, ListSampler([]), compile=True, compile_options={"backend": backend}
+    )
+    tasks = sample_tasks(4, seed=70)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # the failure is not blamed on compile
+        with pytest.raises(KeyError, match="user bug"):  # the uncompiled path's error
+            trainer.meta_step(tasks)
+        for p, q in zip(meta.model.parameters(), before):
+            assert torch.equal(p, q)  # untouched by the failed step
+        state["broken"] = False
+        trainer.meta_step(tasks)  # compile still on
+    assert backend.compilations == 1
+    assert trainer.compiled_loss is not None and trainer.compiled_loss.num_programs == 1
+
+
+# ---------------------------------------------------------------- caching
+def test_recompiles_only_when_configuration_or_shapes_change():
+    backend = CountingBackend()
+    meta = make_meta("maml", make_model())
+    compiled = CompiledMetaLoss(meta, F.mse_loss, backend=backend)
+    compiled(sample_tasks(4, seed=80))
+    compiled(sample_tasks(4, seed=81))  # new values, same shapes
+    meta.param_groups[0]["inner_lr"] = 0.02  # a step size is a tensor input, not a constant
+    tasks = sample_tasks(4, seed=82)
+    loss, grads = compiled(tasks)
+    assert (backend.compilations, compiled.num_programs) == (1, 1)
+    ref_loss, ref_grads = vmap_reference(meta, tasks)  # the new inner_lr was used
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-12, atol=1e-14)
+    for p, g in ref_grads.items():
+        torch.testing.assert_close(grads[p], g, rtol=1e-12, atol=1e-14)
+
+    meta.inner_steps = 3  # a new configuration: a new program
+    compiled(tasks)
+    assert (backend.compilations, compiled.num_programs) == (2, 2)
+    compiled(sample_tasks(6, seed=83))  # a new meta-batch size: recompiled by torch.compile
+    assert (backend.compilations, compiled.num_programs) == (3, 2)
+    meta.inner_steps = STEPS
+    compiled(sample_tasks(4, seed=84))  # back to the first configuration: cached
+    assert (backend.compilations, compiled.num_programs) == (3, 2)
+
+
+def test_fixed_steps_and_frozen_parameters():
+    backend = CountingBackend()
+    model = make_model()
+    model[0].bias.requires_grad_(False)
+    meta = make_meta("maml", model)
+    compiled = CompiledMetaLoss(meta, F.mse_loss, steps=1, backend=backend)
+    tasks = sample_tasks(3, seed=90)
+    loss, grads = compiled(tasks)
+    assert model[0].bias not in grads and set(grads) == {model[0].weight, model[2].weight, model[2].bias}
+    meta.zero_grad()
+    ref = meta.task_losses(tasks, F.mse_loss, steps=1, vectorize=True).mean()
+    ref.backward()
+    torch.testing.assert_close(loss, ref.detach(), rtol=1e-12, atol=1e-14)
+    for p in grads:
+        torch.testing.assert_close(grads[p], p.grad, rtol=1e-12, atol=1e-14)
+
+
+# ---------------------------------------------------------------- blockers and bad input
+def test_compiled_path_blocker():
+    assert compiled_path_blocker(make_meta("maml", make_model())) is None
+    assert compiled_path_blocker(make_meta("metasgd", make_model()), sample_tasks(2)) is None
+    reptile = Reptile(make_model(), torch.optim.SGD, lr=0.1)
+    assert "Reptile computes its outer update in step()" in compiled_path_blocker(reptile)
+
+    class OwnLoop(MAML):
+        def task_losses(self, tasks, loss_fn, **kwargs):
+            return super().task_losses(tasks, loss_fn, **kwargs)
+
+    assert compiled_path_blocker(OwnLoop(make_model(), torch.optim.SGD, lr=0.1)) == (
+        "OwnLoop overrides task_losses (a custom inner loop or outer update)"
+    )
+    torch.manual_seed(0)
+    bn = nn.Sequential(nn.Linear(1, 4), nn.BatchNorm1d(4), nn.Linear(4, 1)).to(DT)
+    assert "1 (BatchNorm1d)" in compiled_path_blocker(MAML(bn, torch.optim.SGD, lr=0.1))
+    assert compiled_path_blocker(FOMAML(bn, torch.optim.SGD, lr=0.1)) is None  # first order is exact
+    bn.eval()
+    assert compiled_path_blocker(MAML(bn, torch.optim.SGD, lr=0.1)) is None  # running statistics
+    ragged = [sample_tasks(1, k=3)[0], sample_tasks(1, k=4)[0]]
+    assert "equal shapes" in compiled_path_blocker(make_meta("maml", make_model()), ragged)
+    with pytest.raises(TypeError, match="meta must be a samgria MetaOptimizer, got SGD"):
+        compiled_path_blocker(torch.optim.SGD(make_model().parameters(), lr=0.1))
+
+
+def test_compiled_meta_loss_rejects_bad_input():
+    meta = make_meta("maml", make_model())
+    with pytest.raises(TypeError, match="meta must be a samgria MetaOptimizer, got Sequential"):
+        CompiledMetaLoss(make_model(), F.mse_loss)
+    with pytest.raises(ValueError, match=r"meta cannot use the compiled path: Reptile computes"):
+        CompiledMetaLoss(Reptile(make_model(), torch.optim.SGD, lr=0.1), F.mse_loss)
+    with pytest.raises(TypeError, match="loss_fn must be callable, got str"):
+        CompiledMetaLoss(meta, "mse")
+    with pytest.raises(ValueError, match="steps must be >= 0, got -1"):
+        CompiledMetaLoss(meta, F.mse_loss, steps=-1)
+    compiled = CompiledMetaLoss(meta, F.mse_loss, backend=CountingBackend())
+    with pytest.raises(ValueError, match="got 0 tasks"):
+        compiled([])
+    with pytest.raises(TypeError, match=r"tasks\[1\] must be a Task, got int"):
+        compiled([sample_tasks(1)[0], 3])
+    with pytest.raises(ValueError, match="the compiled path cannot be used: the tasks do not all have equal shapes"):
+        compiled([sample_tasks(1, k=3)[0], sample_tasks(1, k=4)[0]])
+    assert compiled.num_programs == 0
+
+
+def test_trainer_rejects_bad_compile_arguments():
+    meta = make_meta("maml", make_model())
+    sampler = ListSampler([])
+    with pytest.raises(TypeError, match="compile must be a bool, got 1"):
+        MetaTrainer(meta, F.mse_loss, sampler, compile=1)
+    with pytest.raises(ValueError, match="compile=True .* cannot be combined with vectorize=False"):
+        MetaTrainer(meta, F.mse_loss, sampler, compile=True, vectorize=False)
+    with pytest.raises(ValueError, match="compile_options need compile=True, got compile=False"):
+        MetaTrainer(meta, F.mse_loss, sampler, compile_options={"mode": "max-autotune"})
+    with pytest.raises(TypeError, match="compile_options must be a dict, got list"):
+        MetaTrainer(meta, F.mse_loss, sampler, compile=True, compile_options=["mode"])
+    trainer = MetaTrainer(meta, F.mse_loss, sampler, compile=True, vectorize=True)
+    assert trainer.compile is True and trainer.compile_options == {} and trainer.compiled_loss is None
