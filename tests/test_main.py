@@ -7,6 +7,7 @@ import os
 import re
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -16,6 +17,17 @@ from torch.nn import functional as F
 from samgria.__main__ import METHODS, DemoResult, format_table, main, make_spirals, run_demo
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(autouse=True)
+def _one_thread() -> Iterator[None]:
+    """The demo's models are tiny: extra threads only add synchronisation (and restore after)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 ROW = re.compile(r"^(plain|SAM|ASAM|SAM\+LAMP)\s+(\d+\.\d{4})\s+(\d+\.\d)%\s+(\d+\.\d)s$")
 
 
@@ -83,11 +95,7 @@ def test_bad_arguments_exit_with_a_message(argv: list[str], message: str, capsys
 
 
 def test_main_demo_in_process(capsys: pytest.CaptureFixture[str]) -> None:
-    threads = torch.get_num_threads()
-    try:
-        assert main(["demo", "--quick", "--epochs", "1", "--methods", "plain", "SAM", "--seed", "3"]) == 0
-    finally:
-        torch.set_num_threads(threads)
+    assert main(["demo", "--quick", "--epochs", "1", "--methods", "plain", "SAM", "--seed", "3"]) == 0
     captured = capsys.readouterr()
     assert [m.group(1) for m in map(ROW.match, captured.out.splitlines()) if m] == ["plain", "SAM"]
     assert "epoch   1/1" in captured.err
