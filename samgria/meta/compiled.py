@@ -142,8 +142,9 @@ class CompiledMetaLoss:
 
     The first call of a configuration compiles (seconds to a minute on a CPU); later calls with
     tasks of the same shapes run the compiled code. ``torch.compile`` keeps at most
-    ``torch._dynamo.config.recompile_limit`` (8) versions of a function per process and runs
-    the rest uncompiled; raise it when one process compiles many configurations.
+    ``torch._dynamo.config.recompile_limit`` (8) versions (task shapes) of each program and runs
+    further ones uncompiled; every program has a code object of its own, so programs of other
+    configurations or instances do not count against it.
 
     Args:
         meta: A MAML-family meta-optimizer (MAML, FOMAML, MetaSGD, ANIL) with plain SGD inner
