@@ -27,6 +27,7 @@ from samgria.meta import (
     named_params,
     sgd_inner_step,
 )
+from samgria.meta.compiled import CompiledMetaLoss, compiled_path_blocker
 from samgria.meta.step import MetaStep, meta_step
 from samgria.meta.trainer import History, MetaTrainer
 from samgria.optim import TransformingOptimizer, sam_optimizer
@@ -87,6 +88,8 @@ __all__ = [
     "MetaStep",
     "MetaTrainer",
     "History",
+    "CompiledMetaLoss",
+    "compiled_path_blocker",
     "functional_forward",
     "inner_step",
     "adapt",

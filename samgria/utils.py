@@ -41,8 +41,11 @@ def set_grad(grads: torch.Tensor, params: Iterable[torch.Tensor]) -> None:
     Each slice is reshaped to the parameter's shape and cast to its device and dtype.
 
     Raises:
+        TypeError: If ``grads`` is not a tensor.
         ValueError: If ``grads`` is not 1-D or its length differs from the parameters' total size.
     """
+    if not isinstance(grads, torch.Tensor):
+        raise TypeError(f"grads must be a torch.Tensor, got {type(grads).__name__}")
     params = list(params)
     total = sum(p.numel() for p in params)
     if grads.dim() != 1 or grads.numel() != total:

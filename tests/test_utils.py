@@ -223,3 +223,9 @@ def test_sam_without_frozen_bn_stats_updates_twice_but_takes_the_same_step() -> 
     # ... but the training forward uses batch statistics either way: the weights are identical.
     for (name, frozen), plain in zip(frozen_model.named_parameters(), plain_model.parameters()):
         assert torch.equal(frozen, plain), name
+
+
+def test_set_grad_rejects_a_non_tensor_with_a_type_error():
+    param = torch.nn.Parameter(torch.zeros(2))
+    with pytest.raises(TypeError, match="grads must be a torch.Tensor, got list"):
+        set_grad([0.0, 1.0], [param])

@@ -17,29 +17,25 @@ def magnitude_noise(
     *,
     foreach: bool = True,
 ) -> list[torch.Tensor]:
-    r"""Return :math:`u_i = |w_i| \odot r_i` with :math:`r_i \sim U(-1, 1)` element-wise.
+    r"""Return :math:`u_i = w_i \odot r_i` with :math:`r_i \sim U(-1, 1)` element-wise.
 
-    Random numbers are drawn tensor by tensor in the order of ``params`` (so both paths draw the
-    same numbers) from ``generator_for(device)`` (``None``: the default generator).
+    Because :math:`r` is symmetric, :math:`w \odot r` has the same distribution as the seed's
+    :math:`|w| \odot r` and saves a temporary copy of every parameter. Random numbers are drawn
+    tensor by tensor in the order of ``params`` (so both paths draw the same numbers) from
+    ``generator_for(device)`` (``None``: the default generator).
     """
     noise = [
-        torch.rand(
-            param.shape,
-            generator=generator_for(param.device),
-            device=param.device,
-            dtype=param.dtype,
+        torch.empty_like(param, memory_format=torch.preserve_format).uniform_(
+            -1.0, 1.0, generator=generator_for(param.device)
         )
         for param in params
     ]
     if foreach:
         for indices in group_indices_by_device_and_dtype(params).values():
-            group = [noise[i] for i in indices]
-            torch._foreach_mul_(group, 2.0)
-            torch._foreach_sub_(group, 1.0)
-            torch._foreach_mul_(group, torch._foreach_abs([params[i] for i in indices]))
+            torch._foreach_mul_([noise[i] for i in indices], [params[i] for i in indices])
         return noise
     for sample, param in zip(noise, params):
-        sample.mul_(2.0).sub_(1.0).mul_(param.abs())
+        sample.mul_(param)
     return noise
 
 

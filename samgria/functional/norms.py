@@ -1,7 +1,9 @@
 """Global L2 norm of a list of tensors, as one scalar.
 
-The squared per-tensor norms are accumulated in float64 (float32 on devices without float64),
-so a model mixing bfloat16, float32 and float64 parameters gets one accurate norm.
+Each tensor's norm is taken in its own dtype (16-bit tensors in float32: casting every float32
+gradient to float64 first costs several times the norm itself on the CPU), and the per-tensor
+norms are combined in float64 (float32 on devices without float64), so a model mixing bfloat16,
+float32 and float64 parameters gets one accurate norm.
 """
 
 from __future__ import annotations
@@ -17,6 +19,11 @@ __all__ = ["global_norm"]
 
 def _accumulation_dtype(device: torch.device) -> torch.dtype:
     return torch.float32 if device.type == "mps" else torch.float64
+
+
+def _norm_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype a tensor's own norm is computed in: its own, 16-bit types widened to float32."""
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
 def global_norm(tensors: Sequence[torch.Tensor], *, foreach: bool = True) -> torch.Tensor:
@@ -37,16 +44,12 @@ def global_norm(tensors: Sequence[torch.Tensor], *, foreach: bool = True) -> tor
     acc_dtype = _accumulation_dtype(out_device)
     norms: list[torch.Tensor | None] = [None] * len(tensors)
     if foreach:
-        for (device, _dtype), indices in group_indices_by_device_and_dtype(tensors).items():
-            group_norms = torch._foreach_norm(
-                [tensors[i] for i in indices], 2, dtype=_accumulation_dtype(device)
-            )
+        for (_device, dtype), indices in group_indices_by_device_and_dtype(tensors).items():
+            group_norms = torch._foreach_norm([tensors[i] for i in indices], 2, dtype=_norm_dtype(dtype))
             for index, norm in zip(indices, group_norms):
                 norms[index] = norm
     else:
         for index, tensor in enumerate(tensors):
-            norms[index] = torch.linalg.vector_norm(
-                tensor, 2, dtype=_accumulation_dtype(tensor.device)
-            )
+            norms[index] = torch.linalg.vector_norm(tensor, 2, dtype=_norm_dtype(tensor.dtype))
     stacked = torch.stack([norm.to(out_device, acc_dtype) for norm in norms])  # type: ignore[union-attr]
     return torch.linalg.vector_norm(stacked, 2)

@@ -6,6 +6,8 @@ After every inner step the weights get magnitude-scaled uniform noise of fixed g
 
     u = |w| \odot r,\ r \sim U(-1, 1), \qquad w \leftarrow w + \varepsilon\,\frac{u}{\lVert u \rVert_2},
 
+(drawn as :math:`w \odot r`, which has the same distribution because :math:`r` is symmetric),
+
 the noisy weights are added to a running sum, and after ``rollback_len + 1`` steps the weights
 are set to the mean of those iterates and a new cycle starts — the seed library's
 ``LAMPRollback``. With ``eps = 0`` this is tail averaging of the plain iterates.
