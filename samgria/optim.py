@@ -354,11 +354,19 @@ class TransformingOptimizer(Optimizer):
         is perturbed and the gradients are kept even with ``zero_grad=True``: the second backward
         accumulates onto them, so ``scaler.step`` sees the overflow, skips the step and backs off.
 
+        Every gradient is cleared afterwards, as ``step(closure)`` clears them before its second
+        evaluation, so the second backward starts from zero (otherwise a group with ``rho=0``
+        would step with the sum of both passes' gradients).
+
         Args:
-            zero_grad: Also clear every gradient (``zero_grad(set_to_none=True)``).
+            zero_grad: Accepted for compatibility with the widely used PyTorch SAM; the gradients
+                are cleared either way.
         """
         if self._pending is not None:
-            raise RuntimeError("first_step() was called twice; call second_step() in between")
+            raise RuntimeError(
+                "first_step() was called twice; call second_step() in between, or cancel_step() "
+                "to abandon the step"
+            )
         self._validate_groups()
         reevaluating = [i for i, t in enumerate(self.transforms) if t.needs_closure]
         if len(reevaluating) > 1:
@@ -386,8 +394,18 @@ class TransformingOptimizer(Optimizer):
             # step sees the overflow too (GradScaler skips it and backs off; without a scaler the
             # inner optimizer gets what it would have got without SAM).
             return
-        if zero_grad:
-            self.zero_grad(set_to_none=True)
+        # Like step(closure)'s re-evaluation: the second backward starts from empty gradients.
+        self.zero_grad(set_to_none=True)
+
+    def cancel_step(self) -> None:
+        """Abandon a step begun by :meth:`first_step` (e.g. the second pass raised).
+
+        Restores the weights exactly; the inner optimizer and the post-step transforms do not run.
+        Does nothing when no step is pending.
+        """
+        pending, self._pending = self._pending, None
+        if pending is not None and pending.perturbation is not None:
+            pending.perturbation.restore()
 
     def second_step(self, zero_grad: bool = False) -> None:
         """Second half: restore the weights, step the inner optimizer, run post-step transforms.
@@ -420,6 +438,8 @@ class TransformingOptimizer(Optimizer):
         """
         if self._pending is not None:
             raise RuntimeError("state_dict() between first_step() and second_step(): finish the step first")
+        for pre_hook in self._optimizer_state_dict_pre_hooks.values():
+            pre_hook(self)
         inner_state = self.inner.state_dict()
         index_of = {id(p): i for i, p in enumerate(self._ordered_params())}
         transform_state = {
@@ -427,17 +447,27 @@ class TransformingOptimizer(Optimizer):
             for param, param_state in self.state.items()
             if param_state and id(param) in index_of
         }
-        return {
+        state_dict = {
             "state": inner_state["state"],
             "param_groups": inner_state["param_groups"],
             "transform_state": transform_state,
             "transforms": [t.state_dict() for t in self.transforms],
         }
+        for post_hook in self._optimizer_state_dict_post_hooks.values():
+            result = post_hook(self, state_dict)
+            if result is not None:
+                state_dict = result
+        return state_dict
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:  # type: ignore[override]
         """Load a checkpoint made by :meth:`state_dict` (or a plain inner optimizer's)."""
         if self._pending is not None:
             raise RuntimeError("load_state_dict() between first_step() and second_step()")
+        state_dict = dict(state_dict)
+        for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():
+            result = pre_hook(self, state_dict)
+            if result is not None:
+                state_dict = result
         params = self._ordered_params()
         transform_state = state_dict.get("transform_state", {})
         for index in transform_state:
@@ -465,6 +495,8 @@ class TransformingOptimizer(Optimizer):
             }
         for transform, saved in zip(self.transforms, saved_transforms):
             transform.load_state_dict(saved)
+        for post_hook in self._optimizer_load_state_dict_post_hooks.values():
+            post_hook(self)
 
     # -- pickling and printing -------------------------------------------------------------------
     def __getstate__(self) -> dict[str, Any]:  # type: ignore[override]

@@ -55,3 +55,13 @@ def test_bad_group_values_are_rejected_at_construction():
         TransformingOptimizer([{"params": [param], "grad_max": -1.0}], torch.optim.SGD, lr=0.1, transforms=[ClampGrad(0.0, 1.0)])
     with pytest.raises(ValueError, match=r"max_grad_norm must be > 0, got -3"):
         TransformingOptimizer([{"params": [param], "max_grad_norm": -3}], torch.optim.SGD, lr=0.1, transforms=[ClipGradNorm()])
+
+
+def test_normalize_eps_and_asam_adaptive_group_values_are_checked():
+    from samgria import ASAM
+
+    param = nn.Parameter(torch.ones(2))
+    with pytest.raises(ValueError, match=r"normalize_eps must be >= 0, got -1\.0"):
+        TransformingOptimizer([{"params": [param], "normalize_eps": -1.0}], torch.optim.SGD, lr=0.1, transforms=[NormalizeGrad()])
+    with pytest.raises(TypeError, match=r"adaptive must be a bool, got 'yes'"):
+        TransformingOptimizer([{"params": [param], "adaptive": "yes"}], torch.optim.SGD, lr=0.1, transforms=[ASAM()])

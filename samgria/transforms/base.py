@@ -71,6 +71,7 @@ class TransformContext:
     reevaluate: Callable[[], Any] | None = None
     foreach: bool = True
     model: nn.Module | None = None
+    standalone: bool = False
 
 
 class Transform:
@@ -123,7 +124,7 @@ class Transform:
         group = {"params": params, **self.group_defaults()}
         if not hasattr(self, "_standalone_state"):
             self._standalone_state: defaultdict[torch.Tensor, dict[str, Any]] = defaultdict(dict)
-        return TransformContext([group], self._standalone_state, reevaluate, True, model)
+        return TransformContext([group], self._standalone_state, reevaluate, True, model, standalone=True)
 
     def apply(
         self,
@@ -218,6 +219,15 @@ class ProtocolTransform(Transform):
 
     def post_update(self, ctx: TransformContext) -> None:
         self.transform.post_step(self._model(ctx))
+
+    def state_dict(self) -> dict[str, Any]:
+        method = getattr(self.transform, "state_dict", None)
+        return dict(method()) if callable(method) else {}
+
+    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
+        method = getattr(self.transform, "load_state_dict", None)
+        if callable(method):
+            method(state_dict)
 
     def __repr__(self) -> str:
         return repr(self.transform)

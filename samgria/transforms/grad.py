@@ -103,6 +103,8 @@ class NormalizeGrad(Transform):
 
     def validate_group(self, group: Mapping[str, Any]) -> None:
         _check_real("normalize_eps", group["normalize_eps"])
+        if group["normalize_eps"] < 0:
+            raise ValueError(f"normalize_eps must be >= 0, got {group['normalize_eps']!r}")
 
     def pre_update(self, ctx: TransformContext) -> None:
         for group, grads in _grads_by_group(ctx):

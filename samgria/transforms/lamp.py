@@ -66,6 +66,11 @@ class LAMP(Transform):
         self.rollback_len = rollback_len
         self.seed = seed
         self._generators: dict[str, torch.Generator] = {}
+        self._had_grad: set[int] | None = None
+
+    def pre_update(self, ctx: TransformContext) -> None:
+        if ctx.standalone:  # apply() runs before the step: remember which parameters had a gradient
+            self._had_grad = {id(p) for g in ctx.param_groups for p in g["params"] if p.grad is not None}
 
     def _repr_items(self) -> list[tuple[str, Any]]:
         items: list[tuple[str, Any]] = [("eps", self.eps), ("rollback_len", self.rollback_len)]
@@ -95,10 +100,16 @@ class LAMP(Transform):
     # -- the step --------------------------------------------------------------------------------
     @torch.no_grad()
     def post_update(self, ctx: TransformContext) -> None:
-        all_params = [p for group in ctx.param_groups for p in group["params"]]
+        all_params = list({id(p): p for group in ctx.param_groups for p in group["params"]}.values())
         if not all_params:
             return
-        params = [p for p in all_params if p.grad is not None]
+        # Standalone (seed protocol) post_step may run after optimizer.zero_grad(): use requires_grad.
+        if ctx.standalone and self._had_grad is not None:
+            # Seed protocol: optimizer.zero_grad() may run between step() and post_step().
+            params = [p for p in all_params if p.grad is not None or id(p) in self._had_grad]
+            self._had_grad = None
+        else:
+            params = [p for p in all_params if p.grad is not None]
         cycle_state = ctx.state[all_params[0]]
         step = cycle_state.get("lamp_step", 0) + 1
 

@@ -126,11 +126,13 @@ class PerturbationTransform(Transform):
         params: list[torch.Tensor] = []
         grads: list[torch.Tensor] = []
         groups: list[Mapping[str, Any]] = []
+        seen: set[int] = set()
         for group in ctx.param_groups:
             for param in group["params"]:
                 grad = param.grad
-                if grad is None:
+                if grad is None or id(param) in seen:
                     continue
+                seen.add(id(param))
                 if grad.is_sparse:
                     raise RuntimeError(
                         "SAM and ASAM do not support sparse gradients (a parameter of shape "
@@ -254,6 +256,8 @@ class ASAM(PerturbationTransform):
     def validate_group(self, group: Mapping[str, Any]) -> None:
         _check_non_negative("rho", group["rho"])
         _check_non_negative("eta", group["eta"])
+        if not isinstance(group["adaptive"], bool):
+            raise TypeError(f"adaptive must be a bool, got {group['adaptive']!r}")
 
     def perturb(self, ctx: TransformContext) -> Perturbation | None:
         params, grads, groups = self._collect(ctx)
