@@ -67,8 +67,9 @@ def worker(rank, port, out_dir):
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD_SIZE)
     results = {"synced": train_ddp(rank, False), "m_sharpness": train_ddp(rank, True)}
-    dist.destroy_process_group()
     torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+    dist.barrier()  # neither rank tears down while the other still talks to it
+    dist.destroy_process_group()
 
 
 def free_port():
