@@ -44,7 +44,12 @@ def global_norm(tensors: Sequence[torch.Tensor], *, foreach: bool = True) -> tor
     acc_dtype = _accumulation_dtype(out_device)
     norms: list[torch.Tensor | None] = [None] * len(tensors)
     if foreach:
-        for (_device, dtype), indices in group_indices_by_device_and_dtype(tensors).items():
+        groups = group_indices_by_device_and_dtype(tensors)
+        if len(groups) == 1:  # the common case: one stack, one cast
+            ((_device, dtype),) = groups
+            group_norms = torch._foreach_norm(list(tensors), 2, dtype=_norm_dtype(dtype))
+            return torch.linalg.vector_norm(torch.stack(group_norms).to(out_device, acc_dtype), 2)
+        for (_device, dtype), indices in groups.items():
             group_norms = torch._foreach_norm([tensors[i] for i in indices], 2, dtype=_norm_dtype(dtype))
             for index, norm in zip(indices, group_norms):
                 norms[index] = norm
