@@ -227,11 +227,33 @@ class MetaOptimizer(torch.optim.Optimizer):
         self.outer.zero_grad(set_to_none=set_to_none)
 
     def state_dict(self) -> dict[str, Any]:
-        """Return the outer optimizer's state dict (param groups include ``inner_lr``/``adapt``)."""
+        """Return the outer optimizer's state dict (param groups include ``inner_lr``/``adapt``).
+
+        Hooks registered on the meta-optimizer (``register_state_dict_pre/post_hook``) run.
+        """
+        for pre_hook in self._optimizer_state_dict_pre_hooks.values():
+            pre_hook(self)
+        state_dict = self._state_dict_impl()
+        for post_hook in self._optimizer_state_dict_post_hooks.values():
+            result = post_hook(self, state_dict)
+            if result is not None:
+                state_dict = result
+        return state_dict
+
+    def _state_dict_impl(self) -> dict[str, Any]:
         return self.outer.state_dict()
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a state dict produced by :meth:`state_dict` into the outer optimizer."""
+        for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():
+            result = pre_hook(self, state_dict)
+            if result is not None:
+                state_dict = result
+        self._load_state_dict_impl(state_dict)
+        for post_hook in self._optimizer_load_state_dict_post_hooks.values():
+            post_hook(self)
+
+    def _load_state_dict_impl(self, state_dict: dict[str, Any]) -> None:
         self.outer.load_state_dict(state_dict)
 
     def step(self, closure: Callable[[], Any] | None = None) -> Any:

@@ -213,6 +213,8 @@ def inner_step(
     names = _resolve_names(params, adapt_names)
     lrs = resolve_lrs(lr, names)
     check_support_loss(loss)
+    if not names:
+        return dict(params)
     grads = torch.autograd.grad(
         loss,
         [params[n] for n in names],

@@ -209,6 +209,9 @@ class Learner:
         loss_at: Callable[[dict[str, torch.Tensor]], torch.Tensor] | None,
     ) -> None:
         names = self.adapt_names
+        if not names:  # nothing to adapt (all frozen / adapt=False): a no-op step, as in the vmap path
+            self.steps_taken += 1
+            return
         if self.inner_reg_fn is not None:
             loss = loss + self.inner_reg_fn(dict(self._params), dict(self.base_params))
         check_support_loss(loss)

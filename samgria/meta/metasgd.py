@@ -72,6 +72,21 @@ class MetaSGD(MAML):
         group = {**(lrs_group or {}), "params": list(self.inner_lrs.values()), "adapt": False, "inner_lrs": True}
         self.add_param_group(group)
 
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Add a group; its adapted parameters get learnable rates (initialised to its ``inner_lr``)."""
+        super().add_param_group(param_group)
+        rates_group = next((g for g in self.param_groups if g.get("inner_lrs")), None)
+        if rates_group is None or param_group.get("inner_lrs"):
+            return  # the rates group itself, added by __init__
+        names, lrs = MAML._adapt_config(self)
+        params = dict(self.model.named_parameters())
+        new = {
+            n: nn.Parameter(torch.full_like(params[n].detach(), float(lrs[n])))
+            for n in names if n not in self.inner_lrs
+        }
+        self.inner_lrs.update(new)
+        rates_group["params"].extend(new.values())
+
     def _extra_params(self) -> set[torch.Tensor]:
         return set(self.inner_lrs.values())
 
@@ -79,13 +94,13 @@ class MetaSGD(MAML):
         names, lrs = super()._adapt_config()
         return names, {n: self.inner_lrs.get(n, lrs[n]) for n in names}
 
-    def state_dict(self) -> dict[str, Any]:
+    def _state_dict_impl(self) -> dict[str, Any]:
         """The outer optimizer's state dict plus ``"inner_lrs"`` (cloned rate tensors)."""
         sd = dict(self.outer.state_dict())
         sd["inner_lrs"] = {n: v.detach().clone() for n, v in self.inner_lrs.items()}
         return sd
 
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+    def _load_state_dict_impl(self, state_dict: dict[str, Any]) -> None:
         """Load the outer state and copy the stored rates into :attr:`inner_lrs` (in place)."""
         sd = dict(state_dict)
         rates = sd.pop("inner_lrs", None)

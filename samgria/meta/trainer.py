@@ -356,7 +356,8 @@ class MetaTrainer:
                     warnings.warn(f"meta-loss is {loss} at iteration {iteration}", RuntimeWarning, stacklevel=2)
                     warned = True
                 eval_loss = None
-                last = iteration == num_iterations
+                stop = callback is not None and callback(iteration, loss) is True
+                last = iteration == num_iterations or stop
                 if eval_tasks is not None and (
                     (eval_every is not None and iteration % eval_every == 0)
                     or (eval_every is None and last)
@@ -366,7 +367,7 @@ class MetaTrainer:
                     history.eval_iterations.append(iteration)
                 if bar is not None:
                     bar.update(iteration, loss, eval_loss)
-                if callback is not None and callback(iteration, loss) is True:
+                if stop:
                     break
         finally:
             if bar is not None:
