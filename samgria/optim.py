@@ -12,6 +12,7 @@ import torch
 from torch import nn
 from torch.optim import Optimizer
 
+from samgria.functional._grouping import group_indices_by_device_and_dtype
 from samgria.transforms.base import GradientTransform, ProtocolTransform, Transform, TransformContext
 from samgria.transforms.sam import ASAM, SAM, Perturbation, PerturbationTransform
 
@@ -119,22 +120,19 @@ class TransformingOptimizer(Optimizer):
         ):
             if value is not None and not callable(value):
                 raise TypeError(f"{name} must be a callable returning a context manager, got {value!r}")
+        self.transforms: list[Transform] = chain
+        self._transform_defaults = transform_defaults
         # Validate every group before touching any of them: nothing half-applied on error.
         for group in inner_optimizer.param_groups:
-            candidate = {**transform_defaults, **group}
-            for transform in chain:
-                transform.validate_group(candidate)
+            self._check_group(group)
         for group in inner_optimizer.param_groups:
-            for key, value in transform_defaults.items():
-                group.setdefault(key, value)
+            self._fill_group(group)
 
         self.inner = inner_optimizer
-        self.transforms: list[Transform] = chain
         self.model = model
         self.first_pass_context = first_pass_context
         self.reevaluation_context = reevaluation_context
         self.transform_foreach = True if transform_foreach is None else bool(transform_foreach)
-        self._transform_defaults = transform_defaults
         self._pending: _PendingStep | None = None
         # What torch.optim.Optimizer.__init__ sets up, minus building param groups: ours are the
         # inner optimizer's.
@@ -229,12 +227,20 @@ class TransformingOptimizer(Optimizer):
         """Add a group to the inner optimizer, filling in and checking transform hyperparameters."""
         if not isinstance(param_group, dict):
             raise TypeError(f"param_group must be a dict, got {type(param_group).__name__}")
-        candidate = {**self._transform_defaults, **param_group}
+        self._check_group(param_group)
+        self._fill_group(param_group)
+        self.inner.add_param_group(param_group)
+
+    def _check_group(self, group: Mapping[str, Any]) -> None:
+        """Validate a group's transform hyperparameters as they will be once defaults are filled in."""
+        candidate = {**self._transform_defaults, **group}
         for transform in self.transforms:
             transform.validate_group(candidate)
+
+    def _fill_group(self, group: dict[str, Any]) -> None:
+        """Give a group every transform hyperparameter it does not set (the constructor's values)."""
         for key, value in self._transform_defaults.items():
-            param_group.setdefault(key, value)
-        self.inner.add_param_group(param_group)
+            group.setdefault(key, value)
 
     # -- the step ----------------------------------------------------------------------------------
     def _context(self, reevaluate: Callable[[], Any] | None) -> TransformContext:
@@ -250,11 +256,6 @@ class TransformingOptimizer(Optimizer):
         for group in self.param_groups:
             for transform in self.transforms:
                 transform.validate_group(group)
-
-    def _clear_grads(self) -> None:
-        for group in self.param_groups:
-            for param in group["params"]:
-                param.grad = None
 
     def _enter(self, factory: Callable[[], ContextManager[Any]] | None) -> ContextManager[Any]:
         return factory() if factory is not None else contextlib.nullcontext()
@@ -273,13 +274,9 @@ class TransformingOptimizer(Optimizer):
         grad_scale = getattr(self, "grad_scale", None)
         if grad_scale is not None:
             inv_scale = grad_scale.double().reciprocal().float()
-            by_device: dict[torch.device, list[torch.Tensor]] = defaultdict(list)
-            for group in self.param_groups:
-                for param in group["params"]:
-                    if param.grad is not None:
-                        by_device[param.grad.device].append(param.grad)
-            for device, grads in by_device.items():
-                torch._foreach_mul_(grads, inv_scale.to(device))
+            grads = [p.grad for group in self.param_groups for p in group["params"] if p.grad is not None]
+            for (device, _dtype), indices in group_indices_by_device_and_dtype(grads).items():
+                torch._foreach_mul_([grads[i] for i in indices], inv_scale.to(device))
         return False
 
     def _finish(self, ctx: TransformContext, resume_at: int) -> None:
@@ -333,7 +330,7 @@ class TransformingOptimizer(Optimizer):
             loss = closure()
 
         def reevaluate() -> Any:
-            self._clear_grads()
+            self.zero_grad(set_to_none=True)
             with torch.enable_grad(), self._enter(self.reevaluation_context):
                 return closure()
 
@@ -484,8 +481,7 @@ class TransformingOptimizer(Optimizer):
             )
         self.inner.load_state_dict({"state": state_dict["state"], "param_groups": state_dict["param_groups"]})
         for group in self.param_groups:
-            for key, value in self._transform_defaults.items():
-                group.setdefault(key, value)
+            self._fill_group(group)
         self.state = defaultdict(dict)
         for index, param_state in transform_state.items():
             param = params[int(index)]

@@ -18,6 +18,7 @@ used beside a plain optimizer without the wrapper.
 
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -26,7 +27,15 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 from torch import nn
 
-__all__ = ["GradientTransform", "Transform", "TransformContext", "ProtocolTransform"]
+__all__ = ["GradientTransform", "Transform", "TransformContext", "ProtocolTransform", "check_non_negative"]
+
+
+def check_non_negative(name: str, value: Any) -> None:
+    """Raise unless ``value`` is a finite real number ``>= 0`` (messages name ``name`` and ``value``)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a real number, got {value!r}")
+    if not value >= 0 or math.isinf(value):
+        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
 
 
 @runtime_checkable

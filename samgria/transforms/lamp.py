@@ -28,7 +28,7 @@ from typing import Any
 import torch
 
 from samgria.functional import accumulate_, add_scaled_, assign_mean_, global_norm, magnitude_noise
-from samgria.transforms.base import Transform, TransformContext
+from samgria.transforms.base import Transform, TransformContext, check_non_negative
 
 __all__ = ["LAMP", "LAMPRollback"]
 
@@ -52,10 +52,7 @@ class LAMP(Transform):
     state_prefix = "lamp"
 
     def __init__(self, eps: float = 5e-3, rollback_len: int = 10, *, seed: int | None = None) -> None:
-        if isinstance(eps, bool) or not isinstance(eps, (int, float)):
-            raise TypeError(f"eps must be a real number, got {eps!r}")
-        if not eps >= 0 or math.isinf(eps):
-            raise ValueError(f"eps must be a finite number >= 0, got {eps!r}")
+        check_non_negative("eps", eps)
         if isinstance(rollback_len, bool) or not isinstance(rollback_len, int):
             raise TypeError(f"rollback_len must be an integer, got {rollback_len!r}")
         if rollback_len < 1:
@@ -103,9 +100,9 @@ class LAMP(Transform):
         all_params = list({id(p): p for group in ctx.param_groups for p in group["params"]}.values())
         if not all_params:
             return
-        # Standalone (seed protocol) post_step may run after optimizer.zero_grad(): use requires_grad.
         if ctx.standalone and self._had_grad is not None:
-            # Seed protocol: optimizer.zero_grad() may run between step() and post_step().
+            # Seed protocol: optimizer.zero_grad() may run between step() and post_step(), so the
+            # parameters that had a gradient at apply() count too.
             params = [p for p in all_params if p.grad is not None or id(p) in self._had_grad]
             self._had_grad = None
         else:

@@ -27,16 +27,9 @@ from typing import Any
 import torch
 
 from samgria.functional import adaptive_scaling, global_norm, mul, mul_, scale_and_add_
-from samgria.transforms.base import Transform, TransformContext
+from samgria.transforms.base import Transform, TransformContext, check_non_negative
 
 __all__ = ["SAM", "ASAM", "PerturbationTransform", "Perturbation"]
-
-
-def _check_non_negative(name: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a real number, got {value!r}")
-    if not value >= 0 or math.isinf(value):
-        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
 
 
 class Perturbation:
@@ -192,14 +185,14 @@ class SAM(PerturbationTransform):
     """
 
     def __init__(self, rho: float = 1e-2) -> None:
-        _check_non_negative("rho", rho)
+        check_non_negative("rho", rho)
         self.rho = float(rho)
 
     def group_defaults(self) -> dict[str, Any]:
         return {"rho": self.rho}
 
     def validate_group(self, group: Mapping[str, Any]) -> None:
-        _check_non_negative("rho", group["rho"])
+        check_non_negative("rho", group["rho"])
 
     def perturb(self, ctx: TransformContext) -> Perturbation | None:
         params, grads, groups = self._collect(ctx)
@@ -242,8 +235,8 @@ class ASAM(PerturbationTransform):
     """
 
     def __init__(self, rho: float = 0.5, eta: float = 0.01, adaptive: bool = True) -> None:
-        _check_non_negative("rho", rho)
-        _check_non_negative("eta", eta)
+        check_non_negative("rho", rho)
+        check_non_negative("eta", eta)
         if not isinstance(adaptive, bool):
             raise TypeError(f"adaptive must be a bool, got {adaptive!r}")
         self.rho = float(rho)
@@ -254,8 +247,8 @@ class ASAM(PerturbationTransform):
         return {"rho": self.rho, "eta": self.eta, "adaptive": self.adaptive}
 
     def validate_group(self, group: Mapping[str, Any]) -> None:
-        _check_non_negative("rho", group["rho"])
-        _check_non_negative("eta", group["eta"])
+        check_non_negative("rho", group["rho"])
+        check_non_negative("eta", group["eta"])
         if not isinstance(group["adaptive"], bool):
             raise TypeError(f"adaptive must be a bool, got {group['adaptive']!r}")
 
