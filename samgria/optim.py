@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import contextlib
-from collections import defaultdict
-from collections.abc import Callable, Iterable, Mapping, Sequence
+import math
+import warnings
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, ContextManager
 
@@ -12,8 +13,13 @@ import torch
 from torch import nn
 from torch.optim import Optimizer
 
+from samgria._checks import check_bool, check_choice
+from samgria._snapshot import StepSnapshot
+from samgria._wrapper import WrappingOptimizer
+from samgria.functional import global_norm
 from samgria.functional._grouping import group_indices_by_device_and_dtype
-from samgria.transforms.base import GradientTransform, ProtocolTransform, Transform, TransformContext
+from samgria.transforms.base import Transform, TransformContext
+from samgria.transforms.chain import CHAIN_KEY, Chain
 from samgria.transforms.sam import ASAM, SAM, Perturbation, PerturbationTransform
 
 __all__ = ["TransformingOptimizer", "sam_optimizer"]
@@ -25,44 +31,66 @@ _NEEDS_CLOSURE_MESSAGE = (
 )
 
 
+class _NonFiniteGradients(Exception):
+    """Raised inside a step when a re-evaluation produced non-finite gradients (caught by step)."""
+
+
 @dataclass
 class _PendingStep:
-    """What ``first_step`` left for ``second_step``: the perturbation and where to resume."""
+    """What ``first_step`` left for ``second_step``."""
 
     perturbation: Perturbation | None
     resume_at: int
+    #: The first pass's gradients, when the perturbation was skipped: ``step(closure)`` would not
+    #: re-evaluate, so the second pass's gradients are replaced by these.
+    kept_grads: list[tuple[torch.Tensor, torch.Tensor | None]] | None = None
+    #: The first pass's gradients were not finite: the step is skipped.
+    non_finite: bool = False
 
 
-def _as_transform(index: int, transform: Any) -> Transform:
-    if isinstance(transform, Transform):
-        return transform
-    if isinstance(transform, type):
-        raise TypeError(
-            f"transforms[{index}] is the class {transform.__name__}; pass an instance, "
-            f"e.g. {transform.__name__}()"
-        )
-    if isinstance(transform, GradientTransform):
-        return ProtocolTransform(transform)
-    raise TypeError(
-        f"transforms[{index}] must be a samgria Transform or an object with "
-        f"apply(model, loss_fn, batch) and post_step(model) methods, got {transform!r}"
-    )
+def _dense_real(grad: torch.Tensor) -> torch.Tensor:
+    if grad.is_sparse:
+        grad = grad.coalesce()._values()
+    return torch.view_as_real(grad) if grad.is_complex() else grad
 
 
-class TransformingOptimizer(Optimizer):
+class TransformingOptimizer(WrappingOptimizer):
     r"""Wraps any optimizer and runs a chain of transforms around its step.
 
     ``loss = optimizer.step(closure)`` evaluates the closure (under grad mode) at the current
-    weights, runs every transform's pre-step hook in list order (SAM perturbs, re-evaluates the
+    weights, runs every transform's pre-step hook in chain order (SAM perturbs, re-evaluates the
     closure and restores the weights exactly), steps the inner optimizer, runs every transform's
-    post-step hook in list order (LAMP), and returns the loss of the first evaluation.
+    post-step hook in chain order (LAMP), and returns the loss of the first evaluation.
 
-    The optimizer is a real :class:`torch.optim.Optimizer`: ``param_groups`` *are* the inner
-    optimizer's (one list), so LR schedulers, ``add_param_group`` and ``lr`` edits reach it.
-    Transform hyperparameters (``rho``, ``eta``, …) live in the param groups too: the transform's
-    constructor values are the defaults and a group may override them. ``state[p]`` holds the
-    transforms' per-parameter state; the inner optimizer keeps its own in ``inner.state``.
-    ``state_dict()`` holds both, so a resumed run continues bit for bit.
+    It is a real :class:`torch.optim.Optimizer` that keeps torch's contracts with torch's own
+    machinery: ``param_groups`` *are* the inner optimizer's (one list), so LR schedulers,
+    ``add_param_group`` and ``lr`` edits reach it; ``state`` holds the inner optimizer's
+    per-parameter state and every transform's slot, and is exactly what ``state_dict()["state"]``
+    packs; hooks, pickling and ``torch.distributed.checkpoint`` work as for torch's optimizers.
+
+    **Slots and hyperparameters.** Each transform owns a slot (``"sam"``, ``"lamp"``, ``"lamp_1"``
+    for a second LAMP, or the keys of a ``transforms`` mapping). Its per-parameter state is stored
+    in ``state[p]`` as ``"<slot>.<key>"`` (``state[p]["lamp.sum"]``) and its hyperparameters in
+    the param groups: under the short key (``"rho"``) when no other transform and not the inner
+    optimizer use that name, else under the qualified key (``"sam.rho"`` beside
+    ``torch.optim.Adadelta``'s own ``"rho"``). The qualified key is always accepted as input.
+    Every group also records the chain under ``"transform_chain"``; loading a checkpoint made by
+    another chain raises ``ValueError`` naming the difference.
+
+    **Atomic steps.** If anything raises during a step — the closure in either pass, a transform,
+    the inner step — the weights, the inner optimizer's state and every transform's state are
+    exactly as before the step. The pre-step phase restores itself (SAM puts the weights back in
+    a ``finally``); before the inner step the weights and the state are copied (one copy per
+    step, taken once the closure's activations are freed) and written back if the inner step or a
+    post-step transform raises. ``atomic=False`` skips that copy: then only the pre-step phase is
+    undone.
+
+    **Non-finite gradients.** A step whose gradients are not finite — in the first evaluation or
+    in a re-evaluation, with ``step(closure)`` or the two-call loop alike — is skipped whole
+    (weights and state untouched), with a :class:`RuntimeWarning`, and counted in
+    :attr:`skipped_steps`; ``non_finite="raise"`` raises :class:`FloatingPointError` instead
+    (also with nothing changed). Under ``torch.amp.GradScaler`` the scaler's verdict rules: it
+    skips the step and backs off.
 
     Args:
         params: Parameters or param-group dicts for the inner optimizer — or an already built
@@ -70,7 +98,8 @@ class TransformingOptimizer(Optimizer):
         inner: A :class:`torch.optim.Optimizer` subclass, or any callable returning an optimizer,
             called as ``inner(params, **inner_kwargs)``.
         transforms: Transforms in order (:class:`~samgria.SAM`, :class:`~samgria.ASAM`,
-            :class:`~samgria.LAMP`, or any object with ``apply`` and ``post_step``).
+            :class:`~samgria.LAMP`, or any object with ``apply`` and ``post_step``), or a mapping
+            ``{slot_name: transform}``.
         model: The module the closure evaluates; only handed to seed-protocol transforms.
         first_pass_context: Callable returning a context manager entered around the closure's
             first evaluation, e.g. ``ddp_model.no_sync`` so each replica perturbs with its own
@@ -79,39 +108,47 @@ class TransformingOptimizer(Optimizer):
             re-evaluation by a transform, e.g. ``lambda: frozen_bn_stats(model)``.
         transform_foreach: Use the ``torch._foreach_*`` kernels in transforms (default ``True``);
             ``False`` takes the per-tensor reference path.
+        non_finite: ``"skip"`` (default) or ``"raise"``: what a step with non-finite gradients does.
+        atomic: Copy the weights and state before the inner step so that a failure in it or after
+            it is undone (default ``True``).
         **inner_kwargs: Passed to ``inner`` (``lr``, ``momentum``, ``foreach``, …).
+
+    Attributes:
+        inner: The inner optimizer.
+        transforms: The transforms, in chain order.
+        slots: Their slot names, in the same order.
+        skipped_steps: Steps skipped because of non-finite gradients (not checkpointed).
+
+    Pickling and :func:`copy.deepcopy` drop hooks (as torch does) and the callables
+    ``first_pass_context`` and ``reevaluation_context`` (``None`` in the copy).
 
     Raises:
         TypeError: If ``inner`` is not an optimizer class or factory, or a transform lacks the hooks.
-        ValueError: If a transform hyperparameter is invalid or a transform's param-group key
-            collides with one of the inner optimizer's.
+        ValueError: If a hyperparameter is invalid, a param-group key is ambiguous, or a slot
+            name is not an identifier.
     """
 
     #: GradScaler calls ``step()`` even after an overflow and lets it unscale and skip (see
     #: :meth:`step`), so a skipped step still restores the weights perturbed by ``first_step``.
     _step_supports_amp_scaling = True
+    _driven_attr = "inner"
+    _dropped_on_pickle = ("first_pass_context", "reevaluation_context")
+    _transient = ("_loading", "_pending")
 
     def __init__(
         self,
         params: Iterable[Any] | Optimizer,
         inner: type[Optimizer] | Callable[..., Optimizer] | None = None,
         *,
-        transforms: Sequence[Any] | Transform = (),
+        transforms: Any = (),
         model: nn.Module | None = None,
         first_pass_context: Callable[[], ContextManager[Any]] | None = None,
         reevaluation_context: Callable[[], ContextManager[Any]] | None = None,
         transform_foreach: bool | None = None,
+        non_finite: str = "skip",
+        atomic: bool = True,
         **inner_kwargs: Any,
     ) -> None:
-        inner_optimizer = self._build_inner(params, inner, inner_kwargs)
-        if isinstance(transforms, Transform) or (
-            not isinstance(transforms, (list, tuple)) and isinstance(transforms, GradientTransform)
-        ):
-            transforms = [transforms]
-        if not isinstance(transforms, Iterable):
-            raise TypeError(f"transforms must be a sequence of transforms, got {transforms!r}")
-        chain = [_as_transform(i, t) for i, t in enumerate(transforms)]
-        transform_defaults = self._check_chain(chain, inner_optimizer)
         if model is not None and not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module or None, got {model!r}")
         for name, value in (
@@ -120,25 +157,34 @@ class TransformingOptimizer(Optimizer):
         ):
             if value is not None and not callable(value):
                 raise TypeError(f"{name} must be a callable returning a context manager, got {value!r}")
-        self.transforms: list[Transform] = chain
-        self._transform_defaults = transform_defaults
-        # Validate every group before touching any of them: nothing half-applied on error.
-        for group in inner_optimizer.param_groups:
-            self._check_group(group)
-        for group in inner_optimizer.param_groups:
-            self._fill_group(group)
+        check_choice("non_finite", non_finite, ("skip", "raise"))
+        check_bool("atomic", atomic)
+        if transform_foreach is not None:
+            check_bool("transform_foreach", transform_foreach)
+        inner_optimizer = self._build_inner(params, inner, inner_kwargs)
+        chain = Chain(transforms, inner_optimizer.defaults)
+        # Check every group before changing any: nothing half-applied on error.
+        normalized = []
+        for index, group in enumerate(inner_optimizer.param_groups):
+            candidate = dict(group)
+            chain.normalize_group(candidate, f"param_groups[{index}]")
+            chain.validate_group({**chain.defaults, **candidate}, f"param_groups[{index}]")
+            normalized.append(candidate)
+        for group, candidate in zip(inner_optimizer.param_groups, normalized):
+            group.clear()
+            group.update(candidate)
+            chain.fill_group(group)
 
-        self.inner = inner_optimizer
+        self.chain = chain
         self.model = model
         self.first_pass_context = first_pass_context
         self.reevaluation_context = reevaluation_context
-        self.transform_foreach = True if transform_foreach is None else bool(transform_foreach)
+        self.transform_foreach = True if transform_foreach is None else transform_foreach
+        self.non_finite = non_finite
+        self.atomic = atomic
+        self.skipped_steps = 0
         self._pending: _PendingStep | None = None
-        # What torch.optim.Optimizer.__init__ sets up, minus building param groups: ours are the
-        # inner optimizer's.
-        self.defaults = {**inner_optimizer.defaults, **transform_defaults}
-        self.state: defaultdict[torch.Tensor, dict[str, Any]] = defaultdict(dict)
-        self._init_hooks()
+        self._init_wrapper(inner_optimizer, {**inner_optimizer.defaults, **chain.defaults})
 
     # -- construction helpers ------------------------------------------------------------------
     @staticmethod
@@ -148,6 +194,11 @@ class TransformingOptimizer(Optimizer):
                 raise TypeError(
                     "when wrapping an existing optimizer, pass no inner optimizer or inner "
                     f"arguments; got inner={inner!r} and {sorted(inner_kwargs)}"
+                )
+            if isinstance(params, WrappingOptimizer):
+                raise TypeError(
+                    f"params must not be a samgria optimizer, got a {type(params).__name__}: put all "
+                    "transforms in one TransformingOptimizer"
                 )
             return params
         if inner is None:
@@ -160,11 +211,7 @@ class TransformingOptimizer(Optimizer):
                 f"inner must be an optimizer class or factory, got the optimizer instance {inner!r}; "
                 "to wrap an existing optimizer use TransformingOptimizer(optimizer, transforms=...)"
             )
-        if isinstance(inner, type) and not issubclass(inner, Optimizer):
-            raise TypeError(
-                f"inner must be a torch.optim.Optimizer subclass or a callable returning one, got {inner!r}"
-            )
-        if not callable(inner):
+        if (isinstance(inner, type) and not issubclass(inner, Optimizer)) or not callable(inner):
             raise TypeError(
                 f"inner must be a torch.optim.Optimizer subclass or a callable returning one, got {inner!r}"
             )
@@ -173,92 +220,86 @@ class TransformingOptimizer(Optimizer):
             raise TypeError(f"inner must build a torch.optim.Optimizer, but {inner!r} returned {built!r}")
         return built
 
-    @staticmethod
-    def _check_chain(chain: list[Transform], inner: Optimizer) -> dict[str, Any]:
-        defaults: dict[str, Any] = {}
-        owner: dict[str, Transform] = {}
-        prefixes: dict[str, Transform] = {}
-        for transform in chain:
-            for key, value in transform.group_defaults().items():
-                if key in inner.defaults or key == "params":
-                    raise ValueError(
-                        f"{type(transform).__name__}'s param-group key {key!r} collides with a key of "
-                        f"the inner optimizer {type(inner).__name__}; the two cannot share a param group"
-                    )
-                if key in defaults and defaults[key] != value:
-                    raise ValueError(
-                        f"{owner[key]!r} and {transform!r} both configure the param-group key {key!r} "
-                        f"with different defaults ({defaults[key]!r} and {value!r})"
-                    )
-                defaults[key] = value
-                owner[key] = transform
-            prefix = transform.state_prefix
-            if prefix is not None:
-                if prefix in prefixes:
-                    raise ValueError(
-                        f"{prefixes[prefix]!r} and {transform!r} would share optimizer state "
-                        f"(prefix {prefix!r}); use one of them"
-                    )
-                prefixes[prefix] = transform
-        return defaults
+    @property
+    def transforms(self) -> list[Transform]:
+        """The transforms, in chain order."""
+        return self.chain.transforms
 
-    def _init_hooks(self) -> None:
-        from collections import OrderedDict
+    @property
+    def slots(self) -> list[str]:
+        """The slot names, in chain order."""
+        return self.chain.slots
 
-        self._optimizer_step_pre_hooks: OrderedDict[int, Callable[..., Any]] = OrderedDict()
-        self._optimizer_step_post_hooks: OrderedDict[int, Callable[..., Any]] = OrderedDict()
-        self._optimizer_state_dict_pre_hooks: OrderedDict[int, Callable[..., Any]] = OrderedDict()
-        self._optimizer_state_dict_post_hooks: OrderedDict[int, Callable[..., Any]] = OrderedDict()
-        self._optimizer_load_state_dict_pre_hooks: OrderedDict[int, Callable[..., Any]] = OrderedDict()
-        self._optimizer_load_state_dict_post_hooks: OrderedDict[int, Callable[..., Any]] = OrderedDict()
-        self._patch_step_function()
+    def _hides_state_key(self, key: Any) -> bool:
+        return self.chain.hides(key)
 
-    # -- param groups are the inner optimizer's -------------------------------------------------
-    @property  # type: ignore[override]
-    def param_groups(self) -> list[dict[str, Any]]:  # type: ignore[override]
-        """The inner optimizer's param groups (the same list object)."""
-        return self.inner.param_groups
+    def _check_idle(self, action: str) -> None:
+        if self._pending is not None:
+            raise RuntimeError(
+                f"{action} between first_step() and second_step(): finish the step (or call "
+                "cancel_step()) first"
+            )
 
-    @param_groups.setter
-    def param_groups(self, value: list[dict[str, Any]]) -> None:
-        self.inner.param_groups = value
-
+    # -- param groups ----------------------------------------------------------------------------
     def add_param_group(self, param_group: dict[str, Any]) -> None:
-        """Add a group to the inner optimizer, filling in and checking transform hyperparameters."""
+        """Add a group to the inner optimizer; transform hyperparameters are checked and filled in.
+
+        Short and qualified keys are accepted as in the constructor (see the class docstring).
+        """
         if not isinstance(param_group, dict):
             raise TypeError(f"param_group must be a dict, got {type(param_group).__name__}")
-        self._check_group(param_group)
-        self._fill_group(param_group)
-        self.inner.add_param_group(param_group)
+        where = f"param_groups[{len(self.param_groups)}]"
+        group = dict(param_group)
+        self.chain.normalize_group(group, where)
+        self.chain.validate_group({**self.chain.defaults, **group}, where)
+        self.inner.add_param_group(group)
+        self.chain.fill_group(self.param_groups[-1])
 
-    def _check_group(self, group: Mapping[str, Any]) -> None:
-        """Validate a group's transform hyperparameters as they will be once defaults are filled in."""
-        candidate = {**self._transform_defaults, **group}
-        for transform in self.transforms:
-            transform.validate_group(candidate)
-
-    def _fill_group(self, group: dict[str, Any]) -> None:
-        """Give a group every transform hyperparameter it does not set (the constructor's values)."""
-        for key, value in self._transform_defaults.items():
-            group.setdefault(key, value)
+    def _check_groups(self) -> None:
+        """Validate every group's hyperparameters (they may have been edited or scheduled)."""
+        for index, group in enumerate(self.param_groups):
+            if group.get(CHAIN_KEY) != self.chain.spec():  # added to the inner optimizer directly
+                self.chain.normalize_group(group, f"param_groups[{index}]")
+                self.chain.validate_group({**self.chain.defaults, **group}, f"param_groups[{index}]")
+                self.chain.fill_group(group)
+            self.chain.validate_group(group, f"param_groups[{index}]")
 
     # -- the step ----------------------------------------------------------------------------------
-    def _context(self, reevaluate: Callable[[], Any] | None) -> TransformContext:
+    def _context(
+        self, slot: str, reevaluate: Callable[[], Any] | None, grad_norm: float | None = None
+    ) -> TransformContext:
         return TransformContext(
-            param_groups=self.param_groups,
-            state=self.state,
+            self.param_groups,
+            self.state,
+            slot=slot,
+            keys=self.chain.keys[slot],
             reevaluate=reevaluate,
             foreach=self.transform_foreach,
             model=self.model,
+            grad_norm=grad_norm,
         )
-
-    def _validate_groups(self) -> None:
-        for group in self.param_groups:
-            for transform in self.transforms:
-                transform.validate_group(group)
 
     def _enter(self, factory: Callable[[], ContextManager[Any]] | None) -> ContextManager[Any]:
         return factory() if factory is not None else contextlib.nullcontext()
+
+    def _params(self) -> list[torch.Tensor]:
+        return list({id(p): p for group in self.param_groups for p in group["params"]}.values())
+
+    def _grad_norm(self) -> float:
+        """The global L2 norm of every gradient (complex as pairs of reals), read on the host."""
+        grads = [_dense_real(p.grad) for p in self._params() if p.grad is not None]
+        return float(global_norm(grads, foreach=self.transform_foreach))
+
+    def _skip(self, which: str) -> None:
+        """Apply the non-finite policy to a step whose ``which`` gradients are not finite."""
+        message = (
+            f"the gradients of the {which} evaluation are not finite: the step is skipped (weights "
+            "and optimizer state unchanged)"
+        )
+        if self.non_finite == "raise":
+            raise FloatingPointError(message + "; non_finite='raise' was set")
+        self.skipped_steps += 1
+        warnings.warn(f"TransformingOptimizer: {message}", RuntimeWarning, stacklevel=4)
 
     def _amp_skip_or_unscale(self) -> bool:
         """Apply GradScaler's verdict when it called us: ``True`` means skip this step.
@@ -279,13 +320,33 @@ class TransformingOptimizer(Optimizer):
                 torch._foreach_mul_([grads[i] for i in indices], inv_scale.to(device))
         return False
 
-    def _finish(self, ctx: TransformContext, resume_at: int) -> None:
-        """Pre-step transforms from ``resume_at`` on, the inner step, the post-step transforms."""
-        for transform in self.transforms[resume_at:]:
-            transform.pre_update(ctx)
-        self.inner.step()
-        for transform in self.transforms:
-            transform.post_update(ctx)
+    def _is_state_init_step(self) -> bool:
+        """Every ``lr`` zero, every gradient zero and no state yet: only create state.
+
+        This is how ``torch.distributed.checkpoint`` initialises a fresh optimizer before it
+        loads into it (``_init_optim_state``); such a step must not move any weight.
+        """
+        if any(self.state.values()):
+            return False
+        if any(group.get("lr", 0.0) != 0.0 for group in self.param_groups):
+            return False
+        grads = [p.grad for p in self._params() if p.grad is not None]
+        return bool(grads) and not any(bool(torch.any(grad != 0)) for grad in grads)
+
+    @torch.no_grad()
+    def _run_chain(self, start: int, reevaluate: Callable[[], Any] | None, grad_norm: float | None) -> None:
+        """Pre-step transforms from ``start`` on, the inner step, the post-step transforms."""
+        for index, (slot, transform) in enumerate(list(self.chain)[start:]):
+            transform.pre_update(self._context(slot, reevaluate, grad_norm if index == 0 else None))
+        snapshot = StepSnapshot(self._params(), self.state) if self.atomic else None
+        try:
+            self._driven_step()
+            for slot, transform in self.chain:
+                transform.post_update(self._context(slot, None))
+        except BaseException:
+            if snapshot is not None:
+                snapshot.restore()
+            raise
 
     def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
         """Perform one optimization step.
@@ -305,55 +366,83 @@ class TransformingOptimizer(Optimizer):
                     "first_step() was called: finish this step with second_step() (or step() "
                     "without a closure) before calling step(closure)"
                 )
-            pending, self._pending = self._pending, None
-            if pending.perturbation is not None:
-                pending.perturbation.restore()
-            if self._amp_skip_or_unscale():
-                return None
-            with torch.no_grad():
-                self._finish(self._context(None), pending.resume_at)
-            return None
+            return self._finish_pending()
 
-        self._validate_groups()
+        self._check_groups()
         if closure is None:
+            if self._is_state_init_step():
+                self._driven_step()
+                with torch.no_grad():
+                    for slot, transform in self.chain:
+                        transform.init_state(self._context(slot, None))
+                return None
             needing = [t for t in self.transforms if t.needs_closure]
             if needing:
                 names = ", ".join(type(t).__name__ for t in needing)
                 raise RuntimeError(_NEEDS_CLOSURE_MESSAGE.format(names=names))
             if self._amp_skip_or_unscale():
                 return None
-            with torch.no_grad():
-                self._finish(self._context(None), 0)
+            if not math.isfinite(self._grad_norm()):
+                self._skip("first")
+                return None
+            self._run_chain(0, None, None)
             return None
 
         with torch.enable_grad(), self._enter(self.first_pass_context):
             loss = closure()
+        grad_norm = self._grad_norm()
+        if not math.isfinite(grad_norm):
+            self._skip("first")
+            return loss
 
         def reevaluate() -> Any:
             self.zero_grad(set_to_none=True)
             with torch.enable_grad(), self._enter(self.reevaluation_context):
-                return closure()
+                result = closure()
+            if not math.isfinite(self._grad_norm()):
+                raise _NonFiniteGradients
+            return result
 
-        with torch.no_grad():
-            self._finish(self._context(reevaluate), 0)
+        try:
+            self._run_chain(0, reevaluate, grad_norm)
+        except _NonFiniteGradients:
+            self._skip("second")
         return loss
+
+    def _finish_pending(self) -> Any:
+        pending, self._pending = self._pending, None
+        assert pending is not None
+        if pending.perturbation is not None:
+            pending.perturbation.restore()
+        if pending.kept_grads is not None:
+            for param, grad in pending.kept_grads:
+                param.grad = grad
+        if self._amp_skip_or_unscale():
+            return None
+        if pending.non_finite:
+            self._skip("first")
+            return None
+        if not math.isfinite(self._grad_norm()):
+            self._skip("second")
+            return None
+        self._run_chain(pending.resume_at, None, None)
+        return None
 
     @torch.no_grad()
     def first_step(self, zero_grad: bool = False) -> None:
         """First half of a step for loops without a closure (AMP, Hugging Face style).
 
         Call after the first ``backward()``: runs the pre-step transforms up to the re-evaluating
-        one (SAM), which moves the weights to :math:`w + e`. The gradients of the perturbed
-        parameters are consumed (set to ``None``). Then run the second forward and backward and
-        call :meth:`second_step`. Equal bit for bit to ``step(closure)``.
+        one (SAM), which moves the weights to :math:`w + e`. Every gradient is then cleared, as
+        ``step(closure)`` clears them before its second evaluation. Run the second forward and
+        backward and call :meth:`second_step`. Equal bit for bit to ``step(closure)``, also when
+        nothing is perturbed (``rho=0``, zero gradient): then the first pass's gradients are kept
+        and the second pass's are discarded, as ``step(closure)`` does not re-evaluate.
 
-        If the gradient norm is not finite (e.g. an fp16 overflow under ``GradScaler``), nothing
-        is perturbed and the gradients are kept even with ``zero_grad=True``: the second backward
-        accumulates onto them, so ``scaler.step`` sees the overflow, skips the step and backs off.
-
-        Every gradient is cleared afterwards, as ``step(closure)`` clears them before its second
-        evaluation, so the second backward starts from zero (otherwise a group with ``rho=0``
-        would step with the sum of both passes' gradients).
+        If the gradients are not finite (e.g. an fp16 overflow under ``GradScaler``), nothing is
+        perturbed and the gradients are kept: the second backward accumulates onto them, so
+        ``scaler.step`` sees the overflow, skips the step and backs off; without a scaler the
+        step is skipped by the non-finite policy.
 
         Args:
             zero_grad: Accepted for compatibility with the widely used PyTorch SAM; the gradients
@@ -364,34 +453,33 @@ class TransformingOptimizer(Optimizer):
                 "first_step() was called twice; call second_step() in between, or cancel_step() "
                 "to abandon the step"
             )
-        self._validate_groups()
+        self._check_groups()
         reevaluating = [i for i, t in enumerate(self.transforms) if t.needs_closure]
         if len(reevaluating) > 1:
             raise RuntimeError(
                 "first_step()/second_step() support one re-evaluating transform; this chain has "
                 f"{len(reevaluating)}: use optimizer.step(closure)"
             )
-        ctx = self._context(None)
-        # Transforms before the re-evaluating one act on the first gradients; the rest act on the
-        # second ones in second_step (all of them when nothing re-evaluates).
-        split = reevaluating[0] if reevaluating else 0
-        for transform in self.transforms[:split]:
-            transform.pre_update(ctx)
-        perturbation = None
-        if reevaluating:
-            transform = self.transforms[split]
-            if not isinstance(transform, PerturbationTransform):
-                raise RuntimeError(
-                    f"{transform!r} does not support first_step()/second_step(); use step(closure)"
-                )
-            perturbation = transform.perturb(ctx)
-        self._pending = _PendingStep(perturbation, split + 1 if reevaluating else 0)
-        if perturbation is not None and perturbation.non_finite:
-            # Keep the non-finite gradients: the second backward accumulates onto them, so the
-            # step sees the overflow too (GradScaler skips it and backs off; without a scaler the
-            # inner optimizer gets what it would have got without SAM).
+        if not reevaluating:  # every transform acts on the second pass's gradients
+            self._pending = _PendingStep(None, 0)
+            self.zero_grad(set_to_none=True)
             return
-        # Like step(closure)'s re-evaluation: the second backward starts from empty gradients.
+        split = reevaluating[0]
+        transform = self.transforms[split]
+        if not isinstance(transform, PerturbationTransform):
+            raise RuntimeError(f"{transform!r} does not support first_step()/second_step(); use step(closure)")
+        grad_norm = self._grad_norm()
+        if not math.isfinite(grad_norm):
+            self._pending = _PendingStep(None, split + 1, non_finite=True)
+            return
+        for index, (slot, before) in enumerate(list(self.chain)[:split]):
+            before.pre_update(self._context(slot, None, grad_norm if index == 0 else None))
+        slot = self.slots[split]
+        perturbation = transform.perturb(self._context(slot, None, grad_norm if split == 0 else None))
+        kept = None
+        if perturbation is None or not perturbation.params:
+            kept = [(p, p.grad) for p in self._params()]
+        self._pending = _PendingStep(perturbation, split + 1, kept_grads=kept)
         self.zero_grad(set_to_none=True)
 
     def cancel_step(self) -> None:
@@ -420,90 +508,30 @@ class TransformingOptimizer(Optimizer):
             self.zero_grad(set_to_none=True)
 
     # -- checkpoints -----------------------------------------------------------------------------
-    def _ordered_params(self) -> list[torch.Tensor]:
-        seen: dict[int, torch.Tensor] = {}
-        for group in self.param_groups:
-            for param in group["params"]:
-                seen.setdefault(id(param), param)
-        return list(seen.values())
-
-    def state_dict(self) -> dict[str, Any]:  # type: ignore[override]
-        """The inner optimizer's ``state_dict`` plus ``transform_state`` and ``transforms``.
-
-        ``transform_state`` maps the parameter index (torch's numbering) to that parameter's
-        transform state; ``transforms`` holds each transform's object-level state.
-        """
-        if self._pending is not None:
-            raise RuntimeError("state_dict() between first_step() and second_step(): finish the step first")
-        for pre_hook in self._optimizer_state_dict_pre_hooks.values():
-            pre_hook(self)
-        inner_state = self.inner.state_dict()
-        index_of = {id(p): i for i, p in enumerate(self._ordered_params())}
-        transform_state = {
-            index_of[id(param)]: dict(param_state)
-            for param, param_state in self.state.items()
-            if param_state and id(param) in index_of
-        }
-        state_dict = {
-            "state": inner_state["state"],
-            "param_groups": inner_state["param_groups"],
-            "transform_state": transform_state,
-            "transforms": [t.state_dict() for t in self.transforms],
-        }
-        for post_hook in self._optimizer_state_dict_post_hooks.values():
-            result = post_hook(self, state_dict)
-            if result is not None:
-                state_dict = result
-        return state_dict
-
-    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:  # type: ignore[override]
-        """Load a checkpoint made by :meth:`state_dict` (or a plain inner optimizer's)."""
-        if self._pending is not None:
-            raise RuntimeError("load_state_dict() between first_step() and second_step()")
-        state_dict = dict(state_dict)
-        for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():
-            result = pre_hook(self, state_dict)
-            if result is not None:
-                state_dict = result
-        params = self._ordered_params()
-        transform_state = state_dict.get("transform_state", {})
-        for index in transform_state:
-            if not 0 <= int(index) < len(params):
-                raise ValueError(
-                    f"transform_state refers to parameter index {index}, but the optimizer has "
-                    f"{len(params)} parameters"
-                )
-        saved_transforms = state_dict.get("transforms", [{} for _ in self.transforms])
-        if len(saved_transforms) != len(self.transforms):
-            raise ValueError(
-                f"the checkpoint holds state for {len(saved_transforms)} transforms, this optimizer "
-                f"has {len(self.transforms)}"
-            )
-        self.inner.load_state_dict({"state": state_dict["state"], "param_groups": state_dict["param_groups"]})
-        for group in self.param_groups:
-            self._fill_group(group)
-        self.state = defaultdict(dict)
-        for index, param_state in transform_state.items():
-            param = params[int(index)]
-            self.state[param] = {
-                key: value.to(device=param.device).clone() if isinstance(value, torch.Tensor) else value
-                for key, value in param_state.items()
-            }
-        for transform, saved in zip(self.transforms, saved_transforms):
-            transform.load_state_dict(saved)
-        for post_hook in self._optimizer_load_state_dict_post_hooks.values():
-            post_hook(self)
-
-    # -- pickling and printing -------------------------------------------------------------------
-    def __getstate__(self) -> dict[str, Any]:  # type: ignore[override]
-        return dict(self.__dict__)
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__dict__.update(state)
-        self._patch_step_function()
+    def _prepare_loaded(self, state: Any, groups: list[dict[str, Any]]) -> tuple[Any, list[dict[str, Any]]]:
+        for index, group in enumerate(groups):
+            where = f"the checkpoint's param_groups[{index}]"
+            if CHAIN_KEY in group:
+                self.chain.check_saved_spec(group[CHAIN_KEY])
+            else:  # a plain inner optimizer's checkpoint: the transforms start afresh
+                for entry in state.values():
+                    reserved = [key for key in entry if self.chain.hides(key)]
+                    if reserved:
+                        raise ValueError(
+                            f"{where} records no transform chain, but its state has the transform "
+                            f"keys {reserved}"
+                        )
+                self.chain.normalize_group(group, where)
+                self.chain.fill_group(group)
+            self.chain.validate_group(group, where)
+        for slot, transform in self.chain:
+            check = getattr(transform, "check_loaded_state", None)
+            if check is not None:
+                check(TransformContext(groups, state, slot=slot, keys=self.chain.keys[slot]))
+        return state, groups
 
     def __repr__(self) -> str:
-        transforms = ", ".join(repr(t) for t in self.transforms)
+        transforms = ", ".join(f"{slot}={t!r}" for slot, t in self.chain)
         inner = "\n    ".join(repr(self.inner).splitlines())
         return f"{type(self).__name__}(\n  inner={inner},\n  transforms=[{transforms}]\n)"
 

@@ -251,7 +251,9 @@ def test_param_groups_are_the_outer_optimizer_list_and_schedulers_work():
     assert meta.param_groups is meta.outer.param_groups
     assert meta.param_groups[0]["inner_lr"] == 0.1 and meta.param_groups[0]["adapt"] is True
     assert meta.defaults["inner_lr"] == 0.1 and meta.defaults["lr"] == 1.0
-    assert meta.state is meta.outer.state
+    weight = next(model.parameters())
+    meta.outer.state[weight]["written_by_outer"] = 1  # the outer optimizer writes into meta.state
+    assert meta.state[weight]["written_by_outer"] == 1
     sched = torch.optim.lr_scheduler.StepLR(meta, step_size=1, gamma=0.5)
     tasks = make_tasks()
     meta.step(lambda: closure_meta_grad(meta, tasks))

@@ -28,13 +28,18 @@ def scale_and_add_(
     With ``b = g`` (a gradient) and ``a = w`` this writes the perturbed weights
     :math:`w + s\,g` into the gradient's storage, so a perturbation costs no new memory.
 
-    The reference path is one fused ``torch.add(a, b, alpha=s, out=b)`` per tensor (one pass
+    16-bit tensors are computed in float32 and rounded once (the scale may exceed their range).
+    Otherwise the reference path is one fused ``torch.add(a, b, alpha=s, out=b)`` per tensor (one pass
     over memory). The foreach path uses it too for CPU tensors — there a fused per-tensor pass
     beats two foreach passes (``mul_`` then ``add_``) — and the two foreach passes on other
     devices, where one kernel launch per tensor would dominate.
     """
     if foreach:
-        for (device, _dtype), indices in group_indices_by_device_and_dtype(buffers).items():
+        for (device, dtype), indices in group_indices_by_device_and_dtype(buffers).items():
+            if dtype in _LOW_PRECISION:
+                for i in indices:
+                    _scale_and_add_wide(buffers[i], scales[i], addends[i])
+                continue
             if device.type == "cpu":
                 for i in indices:
                     torch.add(addends[i], buffers[i], alpha=scales[i], out=buffers[i])
@@ -44,7 +49,22 @@ def scale_and_add_(
             torch._foreach_add_(group, [addends[i] for i in indices])
         return
     for buffer, scale, addend in zip(buffers, scales, addends):
-        torch.add(addend, buffer, alpha=scale, out=buffer)
+        if buffer.dtype in _LOW_PRECISION:
+            _scale_and_add_wide(buffer, scale, addend)
+        else:
+            torch.add(addend, buffer, alpha=scale, out=buffer)
+
+
+_LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+def _scale_and_add_wide(buffer: torch.Tensor, scale: float, addend: torch.Tensor) -> None:
+    """``buffer <- addend + scale * buffer`` computed in float32 and rounded once.
+
+    A 16-bit tensor cannot take ``scale`` as a scalar operand when it exceeds its range (a tiny
+    gradient norm makes ``rho / norm`` huge), and the product would overflow anyway.
+    """
+    buffer.copy_(torch.add(addend.float(), buffer.float(), alpha=scale))
 
 
 def mul_(

@@ -31,13 +31,13 @@ from __future__ import annotations
 import math
 import numbers
 import warnings
-from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
+from samgria._wrapper import WrappingOptimizer
 from samgria.data.task import Task
 from samgria.meta.functional import check_lr, check_steps
 from samgria.meta.inner_optim import InnerStepFn
@@ -48,16 +48,6 @@ __all__ = ["MetaOptimizer"]
 
 LossFn = Callable[[Any, Any], torch.Tensor]
 
-_HOOK_DICTS = (
-    "_optimizer_step_pre_hooks",
-    "_optimizer_step_post_hooks",
-    "_optimizer_state_dict_pre_hooks",
-    "_optimizer_state_dict_post_hooks",
-    "_optimizer_load_state_dict_pre_hooks",
-    "_optimizer_load_state_dict_post_hooks",
-)
-
-
 def _check_weight(weight: Any, name: str = "weight") -> float:
     if isinstance(weight, bool) or not isinstance(weight, numbers.Real):
         raise TypeError(f"{name} must be a real number, got {weight!r}")
@@ -67,7 +57,7 @@ def _check_weight(weight: Any, name: str = "weight") -> float:
     return value
 
 
-class MetaOptimizer(torch.optim.Optimizer):
+class MetaOptimizer(WrappingOptimizer):
     """Base class of the meta-learners: an outer optimizer plus a differentiable inner loop.
 
     Args:
@@ -114,12 +104,6 @@ class MetaOptimizer(torch.optim.Optimizer):
         if not any(True for _ in model.parameters()):
             raise ValueError("model has no parameters to meta-train")
 
-        # What torch.optim.Optimizer.__init__ sets up, minus its own param_groups/state:
-        # those are the outer optimizer's (see the properties below).
-        for name in _HOOK_DICTS:
-            setattr(self, name, OrderedDict())
-        self._patch_step_function()
-
         self.model = model
         self.inner_lr = inner_lr
         self.inner_steps = inner_steps
@@ -147,39 +131,15 @@ class MetaOptimizer(torch.optim.Optimizer):
                 "outer must be a torch.optim.Optimizer subclass or instance, got "
                 f"{outer!r} of type {type(outer).__name__}"
             )
-        self.outer: torch.optim.Optimizer = built
-        self.defaults: dict[str, Any] = {**built.defaults, "inner_lr": inner_lr, "adapt": True}
+        self._init_wrapper(built, {**built.defaults, "inner_lr": inner_lr, "adapt": True})
         for i, group in enumerate(self.outer.param_groups):
             self._fill_group(group, i)
 
     # ------------------------------------------------------------------ optimizer plumbing
-    @property  # type: ignore[override]
-    def param_groups(self) -> list[dict[str, Any]]:
-        """The outer optimizer's param groups (the same list object)."""
-        return self.outer.param_groups
-
-    @param_groups.setter
-    def param_groups(self, value: list[dict[str, Any]]) -> None:
-        self.outer.param_groups = value
-
-    @property  # type: ignore[override]
-    def state(self) -> Any:
-        """The outer optimizer's per-parameter state."""
-        return self.outer.state
-
-    @state.setter
-    def state(self, value: Any) -> None:
-        self.outer.state = value
-
-    def __getstate__(self) -> dict[str, Any]:
-        # Like torch.optim.Optimizer: hooks are not pickled.
-        return {k: v for k, v in self.__dict__.items() if not k.startswith("_optimizer_")}
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__dict__.update(state)
-        for name in _HOOK_DICTS:
-            self.__dict__.setdefault(name, OrderedDict())
-        self._patch_step_function()
+    # param_groups (the outer optimizer's list), state, hooks, pickling and state_dict /
+    # load_state_dict come from WrappingOptimizer: torch's own machinery, shared with
+    # TransformingOptimizer.
+    _driven_attr = "outer"
 
     def _initial_groups(self, params: Iterable[Any] | None) -> list[dict[str, Any]]:
         if params is None:
@@ -226,36 +186,6 @@ class MetaOptimizer(torch.optim.Optimizer):
         """Reset the gradients of the meta-parameters (delegates to the outer optimizer)."""
         self.outer.zero_grad(set_to_none=set_to_none)
 
-    def state_dict(self) -> dict[str, Any]:
-        """Return the outer optimizer's state dict (param groups include ``inner_lr``/``adapt``).
-
-        Hooks registered on the meta-optimizer (``register_state_dict_pre/post_hook``) run.
-        """
-        for pre_hook in self._optimizer_state_dict_pre_hooks.values():
-            pre_hook(self)
-        state_dict = self._state_dict_impl()
-        for post_hook in self._optimizer_state_dict_post_hooks.values():
-            result = post_hook(self, state_dict)
-            if result is not None:
-                state_dict = result
-        return state_dict
-
-    def _state_dict_impl(self) -> dict[str, Any]:
-        return self.outer.state_dict()
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Load a state dict produced by :meth:`state_dict` into the outer optimizer."""
-        for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():
-            result = pre_hook(self, state_dict)
-            if result is not None:
-                state_dict = result
-        self._load_state_dict_impl(state_dict)
-        for post_hook in self._optimizer_load_state_dict_post_hooks.values():
-            post_hook(self)
-
-    def _load_state_dict_impl(self, state_dict: dict[str, Any]) -> None:
-        self.outer.load_state_dict(state_dict)
-
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
         """Apply the outer update.
 
@@ -267,11 +197,9 @@ class MetaOptimizer(torch.optim.Optimizer):
         Returns:
             What the outer optimizer's ``step`` returns (the closure's loss).
         """
-        if closure is None:
-            return self.outer.step()
-        if not callable(closure):
+        if closure is not None and not callable(closure):
             raise TypeError(f"closure must be callable, got {closure!r}")
-        return self.outer.step(closure)
+        return self._driven_step(closure)
 
     # ------------------------------------------------------------------ inner loop
     def _filter_adapt_names(self, names: list[str]) -> list[str]:

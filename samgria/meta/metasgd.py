@@ -94,14 +94,14 @@ class MetaSGD(MAML):
         names, lrs = super()._adapt_config()
         return names, {n: self.inner_lrs.get(n, lrs[n]) for n in names}
 
-    def _state_dict_impl(self) -> dict[str, Any]:
-        """The outer optimizer's state dict plus ``"inner_lrs"`` (cloned rate tensors)."""
-        sd = dict(self.outer.state_dict())
+    def state_dict(self) -> dict[str, Any]:  # type: ignore[override]
+        """torch's state dict of this optimizer plus ``"inner_lrs"`` (cloned rate tensors)."""
+        sd = super().state_dict()
         sd["inner_lrs"] = {n: v.detach().clone() for n, v in self.inner_lrs.items()}
         return sd
 
-    def _load_state_dict_impl(self, state_dict: dict[str, Any]) -> None:
-        """Load the outer state and copy the stored rates into :attr:`inner_lrs` (in place)."""
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:  # type: ignore[override]
+        """Load the optimizer state and copy the stored rates into :attr:`inner_lrs` (in place)."""
         sd = dict(state_dict)
         rates = sd.pop("inner_lrs", None)
         if rates is not None:
@@ -116,7 +116,7 @@ class MetaSGD(MAML):
                         f"state_dict['inner_lrs'][{n!r}] has shape {tuple(v.shape)}, expected "
                         f"{tuple(self.inner_lrs[n].shape)}"
                     )
-        self.outer.load_state_dict(sd)
+        super().load_state_dict(sd)
         if rates is not None:
             with torch.no_grad():
                 for n, v in rates.items():

@@ -151,7 +151,7 @@ class Reptile(MetaOptimizer):
         try:
             if closure is None:
                 self._set_pseudo_grads()
-                return self.outer.step()
+                return self._driven_step()
             if not callable(closure):
                 raise TypeError(f"closure must be callable, got {closure!r}")
 
@@ -161,6 +161,6 @@ class Reptile(MetaOptimizer):
                 self._set_pseudo_grads()
                 return loss
 
-            return self.outer.step(reptile_closure)
+            return self._driven_step(reptile_closure)
         finally:
             self._records.clear()

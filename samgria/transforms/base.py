@@ -7,9 +7,19 @@ A transform runs around the inner optimizer's step inside
   rewrite gradients or perturb the weights and re-evaluate the closure (SAM).
 * ``post_update(ctx)`` runs after the inner step (LAMP).
 
-Hyperparameters that may differ per param group are declared in :meth:`Transform.group_defaults`
-and read from each param group; per-parameter state lives in ``ctx.state[p]`` (the wrapping
-optimizer's ``state``), so it is checkpointed with :meth:`~torch.optim.Optimizer.state_dict`.
+Like each transform of an optax ``chain``, every transform in an optimizer owns one *slot*,
+named after the transform (``"sam"``, ``"lamp"``, ``"lamp_1"`` for a second LAMP, or a name you
+give). The slot holds
+
+* its per-group hyperparameters, declared by :meth:`Transform.group_defaults` and stored in the
+  param groups (see :class:`~samgria.TransformingOptimizer` for the key names), read through
+  ``ctx.param_groups`` by their short names;
+* its per-parameter state, ``ctx.state[p]``: the keys are stored in the optimizer's
+  ``state[p]`` as ``"<slot>.<key>"``, so they are checkpointed with it and never collide with
+  another transform's or the inner optimizer's;
+* its object-level state (counters, random generator states), ``ctx.slot_state()``: stored the
+  same way on the first parameter of the optimizer (or of a device), so that everything lives in
+  ``optimizer.state`` — which is all that ``torch.distributed.checkpoint`` carries.
 
 Every transform also speaks the seed protocol :class:`GradientTransform`
 (``apply(model, loss_fn, batch)`` before descent and ``post_step(model)`` after it), so it can be
@@ -18,24 +28,22 @@ used beside a plain optimizer without the wrapper.
 
 from __future__ import annotations
 
-import math
+import re
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator, Mapping, MutableMapping
 from typing import Any, Protocol, runtime_checkable
 
 import torch
 from torch import nn
 
-__all__ = ["GradientTransform", "Transform", "TransformContext", "ProtocolTransform", "check_non_negative"]
-
-
-def check_non_negative(name: str, value: Any) -> None:
-    """Raise unless ``value`` is a finite real number ``>= 0`` (messages name ``name`` and ``value``)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a real number, got {value!r}")
-    if not value >= 0 or math.isinf(value):
-        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+__all__ = [
+    "GradientTransform",
+    "Transform",
+    "TransformContext",
+    "GroupView",
+    "ProtocolTransform",
+    "default_slot_name",
+]
 
 
 @runtime_checkable
@@ -61,42 +69,171 @@ class GradientTransform(Protocol):
         ...
 
 
-@dataclass
-class TransformContext:
-    """What a transform sees during one optimizer step.
+def default_slot_name(obj: Any) -> str:
+    """``"sam"`` for ``SAM()``, ``"normalize_grad"`` for ``NormalizeGrad()``: snake case of the class."""
+    name = type(obj).__name__
+    name = re.sub(r"(?<=[a-z0-9])(?=[A-Z])|(?<=[A-Z])(?=[A-Z][a-z])", "_", name)
+    return name.lower()
 
-    Attributes:
-        param_groups: The optimizer's param groups (dicts with ``"params"`` and hyperparameters).
-        state: Per-parameter state, ``state[p]`` is a dict (the optimizer's ``state``).
-        reevaluate: Re-runs the closure at the current weights (under grad mode) with the
-            parameters' gradients cleared first, and returns its loss; ``None`` when the step
-            has no closure (then a transform that needs one must raise).
-        foreach: Whether to use the ``torch._foreach_*`` fast path.
-        model: The module the closure evaluates, when known (used by protocol adapters).
+
+class GroupView(Mapping):
+    """A param group as one transform sees it: its hyperparameters under their short names.
+
+    ``view["rho"]`` reads the group's key for this transform's ``rho`` (``"rho"`` or
+    ``"sam.rho"``, see :class:`~samgria.TransformingOptimizer`); every other key (``"params"``,
+    ``"lr"``, …) reads the group as it is.
     """
 
-    param_groups: list[dict[str, Any]]
-    state: Mapping[torch.Tensor, dict[str, Any]]
-    reevaluate: Callable[[], Any] | None = None
-    foreach: bool = True
-    model: nn.Module | None = None
-    standalone: bool = False
+    __slots__ = ("group", "_keys")
+
+    def __init__(self, group: Mapping[str, Any], keys: Mapping[str, str]) -> None:
+        self.group = group
+        self._keys = keys
+
+    def __getitem__(self, key: str) -> Any:
+        return self.group[self._keys.get(key, key)]
+
+    def __iter__(self) -> Iterator[str]:
+        stored = {value: key for key, value in self._keys.items()}
+        return (stored.get(key, key) for key in self.group)
+
+    def __len__(self) -> int:
+        return len(self.group)
+
+    def __repr__(self) -> str:
+        return f"GroupView({dict((k, v) for k, v in self.items() if k != 'params')})"
+
+
+class _SlotEntry(MutableMapping):
+    """One parameter's state in one slot: ``entry[key]`` is ``state[p]["<slot>.<key>"]``."""
+
+    __slots__ = ("_entry", "_prefix")
+
+    def __init__(self, entry: dict[Any, Any], prefix: str) -> None:
+        self._entry = entry
+        self._prefix = prefix
+
+    def __getitem__(self, key: str) -> Any:
+        return self._entry[self._prefix + key]
+
+    def __setitem__(self, key: str, value: Any) -> None:
+        self._entry[self._prefix + key] = value
+
+    def __delitem__(self, key: str) -> None:
+        del self._entry[self._prefix + key]
+
+    def __iter__(self) -> Iterator[str]:
+        size = len(self._prefix)
+        return (
+            key[size:] for key in list(self._entry) if isinstance(key, str) and key.startswith(self._prefix)
+        )
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self)
+
+    def __repr__(self) -> str:
+        return repr(dict(self.items()))
+
+
+class _SlotState(Mapping):
+    """``slot_state[p]``: parameter ``p``'s entry in one slot of the optimizer's ``state``."""
+
+    __slots__ = ("_state", "_prefix")
+
+    def __init__(self, state: MutableMapping[Any, dict[Any, Any]], prefix: str) -> None:
+        self._state = state
+        self._prefix = prefix
+
+    def __getitem__(self, param: torch.Tensor) -> _SlotEntry:
+        return _SlotEntry(self._state[param], self._prefix)
+
+    def __contains__(self, param: object) -> bool:
+        entry = self._state.get(param) if param in self._state else None
+        return bool(entry) and any(
+            isinstance(key, str) and key.startswith(self._prefix) for key in entry
+        )
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        return (param for param in list(self._state) if param in self)
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self)
+
+
+class TransformContext:
+    """What one transform sees during one optimizer step.
+
+    Attributes:
+        param_groups: The optimizer's param groups as :class:`GroupView` s (hyperparameters by
+            their short names; ``"params"`` and the inner optimizer's keys as they are).
+        state: ``state[p]`` is parameter ``p``'s entry in this transform's slot (a dict-like
+            view of the optimizer's ``state[p]``; created on first access).
+        reevaluate: Re-runs the closure at the current weights (under grad mode) with the
+            gradients cleared first, and returns its loss; ``None`` when the step has no closure
+            (then a transform that needs one must raise).
+        foreach: Whether to use the ``torch._foreach_*`` fast path.
+        model: The module the closure evaluates, when known (used by protocol adapters).
+        standalone: ``True`` when the transform runs through the seed protocol (``apply`` /
+            ``post_step``) rather than inside an optimizer.
+        grad_norm: The global L2 norm of the gradients as they are now, when the optimizer
+            already computed it (``None`` otherwise).
+    """
+
+    def __init__(
+        self,
+        param_groups: list[Mapping[str, Any]],
+        state: MutableMapping[Any, dict[Any, Any]],
+        *,
+        slot: str,
+        keys: Mapping[str, str] | None = None,
+        reevaluate: Callable[[], Any] | None = None,
+        foreach: bool = True,
+        model: nn.Module | None = None,
+        standalone: bool = False,
+        grad_norm: float | None = None,
+    ) -> None:
+        keys = keys or {}
+        self.raw_param_groups = param_groups
+        self.param_groups = [GroupView(group, keys) for group in param_groups]
+        self.slot = slot
+        self._optimizer_state = state
+        self.state = _SlotState(state, slot + ".")
+        self.reevaluate = reevaluate
+        self.foreach = foreach
+        self.model = model
+        self.standalone = standalone
+        self.grad_norm = grad_norm
+
+    def slot_state(self, device: torch.device | None = None) -> _SlotEntry | None:
+        """This transform's object-level state (counters, generator states).
+
+        Stored in the optimizer's ``state`` of the first parameter (the first on ``device``, when
+        given) under this slot's keys; ``None`` when there is no such parameter. Keys must not
+        coincide with the transform's per-parameter keys.
+        """
+        for group in self.raw_param_groups:
+            for param in group["params"]:
+                if device is None or param.device == device:
+                    return _SlotEntry(self._optimizer_state[param], self.slot + ".")
+        return None
 
 
 class Transform:
     """Base class of samgria transforms.
 
     Subclasses override :meth:`pre_update` and/or :meth:`post_update`, declare their per-group
-    hyperparameters in :meth:`group_defaults` and check them in :meth:`validate_group`.
+    hyperparameters in :meth:`group_defaults`, check them in :meth:`validate_group` and declare
+    constructor-only settings (a checkpoint must have been made with the same ones) in
+    :meth:`settings`.
 
     Attributes:
         needs_closure: ``True`` when :meth:`pre_update` re-evaluates the closure.
-        state_prefix: Prefix of the keys this transform writes into ``state[p]``; two transforms
-            in one optimizer may not share a prefix. ``None`` for stateless transforms.
+        slot_name: The default name of the transform's slot (default: the class name in snake
+            case).
     """
 
     needs_closure: bool = False
-    state_prefix: str | None = None
+    slot_name: str | None = None
 
     # -- configuration -----------------------------------------------------------------------
     def group_defaults(self) -> dict[str, Any]:
@@ -104,7 +241,26 @@ class Transform:
         return {}
 
     def validate_group(self, group: Mapping[str, Any]) -> None:
-        """Raise ``ValueError`` if a param group holds an invalid hyperparameter value."""
+        """Raise ``ValueError``/``TypeError`` if a group holds an invalid hyperparameter value.
+
+        ``group`` maps this transform's hyperparameters by their short names.
+        """
+
+    def settings(self) -> dict[str, Any]:
+        """Constructor-only settings that change behaviour (e.g. LAMP's ``rollback_len``).
+
+        They identify the transform in a checkpoint: loading one made with other settings raises.
+        """
+        return {}
+
+    def default_slot(self) -> str:
+        """The slot name used when the chain does not name this transform."""
+        return self.slot_name or default_slot_name(self)
+
+    def describe(self) -> str:
+        """``"LAMP(rollback_len=10, seed=0)"``: the type and settings, as checkpoints record them."""
+        args = ", ".join(f"{key}={value!r}" for key, value in self.settings().items())
+        return f"{type(self).__name__}({args})"
 
     # -- hooks inside TransformingOptimizer ----------------------------------------------------
     def pre_update(self, ctx: TransformContext) -> None:
@@ -113,27 +269,33 @@ class Transform:
     def post_update(self, ctx: TransformContext) -> None:
         """Runs after the inner optimizer's step. Default: nothing."""
 
-    def active(self, param_groups: Iterable[Mapping[str, Any]]) -> bool:
+    def init_state(self, ctx: TransformContext) -> None:
+        """Create the transform's state without changing any weight (default: nothing).
+
+        Called instead of the hooks by a step that only initialises state: every gradient zero
+        and every ``lr`` zero while the optimizer holds no state yet — what
+        ``torch.distributed.checkpoint`` does to a fresh optimizer before loading into it.
+        """
+
+    def active(self, param_groups: list[Mapping[str, Any]]) -> bool:
         """Whether the transform would do anything on these groups (e.g. ``rho > 0`` somewhere)."""
         return True
 
-    # -- object-level state (not per parameter) ----------------------------------------------
-    def state_dict(self) -> dict[str, Any]:
-        """Object-level state to checkpoint (per-parameter state lives in ``optimizer.state``)."""
-        return {}
-
-    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
-        """Load what :meth:`state_dict` returned."""
-
     # -- the seed protocol, for use beside a plain optimizer ---------------------------------
-    def _standalone_context(
-        self, model: nn.Module, reevaluate: Callable[[], Any] | None
-    ) -> TransformContext:
+    def _standalone_context(self, model: nn.Module, reevaluate: Callable[[], Any] | None) -> TransformContext:
         params = [p for p in model.parameters() if p.requires_grad]
         group = {"params": params, **self.group_defaults()}
-        if not hasattr(self, "_standalone_state"):
+        if "_standalone_state" not in self.__dict__:
             self._standalone_state: defaultdict[torch.Tensor, dict[str, Any]] = defaultdict(dict)
-        return TransformContext([group], self._standalone_state, reevaluate, True, model, standalone=True)
+        return TransformContext(
+            [group],
+            self._standalone_state,
+            slot=self.default_slot(),
+            reevaluate=reevaluate,
+            foreach=True,
+            model=model,
+            standalone=True,
+        )
 
     def apply(
         self,
@@ -163,12 +325,15 @@ class Transform:
         with torch.no_grad():
             self.post_update(self._standalone_context(model, None))
 
-    def __repr__(self) -> str:
-        args = ", ".join(f"{key}={value!r}" for key, value in self._repr_items())
-        return f"{type(self).__name__}({args})"
+    def state_dict(self) -> dict[str, Any]:
+        """The state of standalone (seed-protocol) use, keyed by parameter position in the model."""
+        state = self.__dict__.get("_standalone_state", {})
+        return {"state": {index: dict(entry) for index, entry in enumerate(state.values())}}
 
-    def _repr_items(self) -> list[tuple[str, Any]]:
-        return list(self.group_defaults().items())
+    def __repr__(self) -> str:
+        items = {**self.group_defaults(), **self.settings()}
+        args = ", ".join(f"{key}={value!r}" for key, value in items.items())
+        return f"{type(self).__name__}({args})"
 
 
 class _ParameterView(nn.Module):
@@ -177,7 +342,7 @@ class _ParameterView(nn.Module):
     ``parameters()`` / ``named_parameters()`` yield the optimizer's parameters; calling it raises.
     """
 
-    def __init__(self, param_groups: list[dict[str, Any]]) -> None:
+    def __init__(self, param_groups: list[Mapping[str, Any]]) -> None:
         super().__init__()
         self._groups = param_groups
 
@@ -203,14 +368,22 @@ class ProtocolTransform(Transform):
     Inside :meth:`TransformingOptimizer.step`, ``apply`` receives the optimizer's ``model`` (or a
     view of its parameters), a ``loss_fn`` that re-evaluates the closure — the closure already
     back-propagates, so the returned loss is detached and calling ``.backward()`` on it is a
-    harmless no-op — and ``batch=()``.
+    harmless no-op — and ``batch=()``. The object's own ``state_dict``/``load_state_dict``, when
+    it has them, are not part of the optimizer's checkpoint: keep such state in a
+    :class:`Transform` subclass instead (its slot is checkpointed).
     """
 
     def __init__(self, transform: GradientTransform) -> None:
         self.transform = transform
 
+    def default_slot(self) -> str:
+        return default_slot_name(self.transform)
+
+    def describe(self) -> str:
+        return type(self.transform).__qualname__
+
     def _model(self, ctx: TransformContext) -> nn.Module:
-        return ctx.model if ctx.model is not None else _ParameterView(ctx.param_groups)
+        return ctx.model if ctx.model is not None else _ParameterView(ctx.raw_param_groups)
 
     def pre_update(self, ctx: TransformContext) -> None:
         def loss_fn(*_batch: Any) -> torch.Tensor:
@@ -228,15 +401,6 @@ class ProtocolTransform(Transform):
 
     def post_update(self, ctx: TransformContext) -> None:
         self.transform.post_step(self._model(ctx))
-
-    def state_dict(self) -> dict[str, Any]:
-        method = getattr(self.transform, "state_dict", None)
-        return dict(method()) if callable(method) else {}
-
-    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
-        method = getattr(self.transform, "load_state_dict", None)
-        if callable(method):
-            method(state_dict)
 
     def __repr__(self) -> str:
         return repr(self.transform)

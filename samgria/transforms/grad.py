@@ -1,31 +1,24 @@
 r"""Small gradient transforms: clipping, sign, normalisation, affine scaling and clamping.
 
 Each runs before the inner step, rewrites ``p.grad`` in place (parameters whose grad is
-``None`` are skipped) and reads its hyperparameters from the param groups, so they can differ
+``None`` are skipped; complex gradients are treated as pairs of reals) and reads its hyperparameters from the param groups, so they can differ
 per group and be scheduled. Placed after :class:`~samgria.SAM` in a chain they act on the
 gradient at :math:`w + e`; placed before, on the gradient SAM perturbs with.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from typing import Any
 
 import torch
 
+from samgria._checks import check_real
 from samgria.functional import global_norm
 from samgria.functional._grouping import group_indices_by_device_and_dtype
 from samgria.transforms.base import Transform, TransformContext
 
 __all__ = ["ClipGradNorm", "GradSign", "NormalizeGrad", "ScaleGrad", "ClampGrad"]
-
-
-def _check_real(name: str, value: Any, *, positive: bool = False) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
-        raise TypeError(f"{name} must be a real number, got {value!r}")
-    if positive and not value > 0:
-        raise ValueError(f"{name} must be > 0, got {value!r}")
 
 
 def _grads_by_group(ctx: TransformContext) -> list[tuple[Mapping[str, Any], list[torch.Tensor]]]:
@@ -35,6 +28,8 @@ def _grads_by_group(ctx: TransformContext) -> list[tuple[Mapping[str, Any], list
         for grad in grads:
             if grad.is_sparse:
                 raise RuntimeError("gradient transforms do not support sparse gradients")
+        # Complex gradients as pairs of reals, as torch.optim treats complex parameters.
+        grads = [torch.view_as_real(g) if g.is_complex() else g for g in grads]
         if grads:
             result.append((group, grads))
     return result
@@ -60,14 +55,13 @@ class ClipGradNorm(Transform):
     """
 
     def __init__(self, max_grad_norm: float = 1.0) -> None:
-        _check_real("max_grad_norm", max_grad_norm, positive=True)
-        self.max_grad_norm = float(max_grad_norm)
+        self.max_grad_norm = check_real("max_grad_norm", max_grad_norm, low=0.0, low_open=True)
 
     def group_defaults(self) -> dict[str, Any]:
         return {"max_grad_norm": self.max_grad_norm}
 
     def validate_group(self, group: Mapping[str, Any]) -> None:
-        _check_real("max_grad_norm", group["max_grad_norm"], positive=True)
+        check_real("max_grad_norm", group["max_grad_norm"], low=0.0, low_open=True)
 
     def pre_update(self, ctx: TransformContext) -> None:
         for group, grads in _grads_by_group(ctx):
@@ -88,50 +82,51 @@ class GradSign(Transform):
 class NormalizeGrad(Transform):
     r"""Normalise each parameter's gradient to unit L2 norm: :math:`g \leftarrow g / (\lVert g \rVert_2 + \epsilon)`.
 
+    A zero gradient stays zero (also with ``eps=0``).
+
     Args:
-        eps: Added to the norm (per-group key ``"normalize_eps"``), ``>= 0``.
+        eps: Added to the norm (per-group key ``"eps"``, or ``"normalize_grad.eps"`` beside
+            another ``eps`` such as Adam's), a finite number ``>= 0``.
     """
 
     def __init__(self, eps: float = 1e-12) -> None:
-        _check_real("eps", eps)
-        if eps < 0:
-            raise ValueError(f"eps must be >= 0, got {eps!r}")
-        self.eps = float(eps)
+        self.eps = check_real("eps", eps, low=0.0)
 
     def group_defaults(self) -> dict[str, Any]:
-        return {"normalize_eps": self.eps}
+        return {"eps": self.eps}
 
     def validate_group(self, group: Mapping[str, Any]) -> None:
-        _check_real("normalize_eps", group["normalize_eps"])
-        if group["normalize_eps"] < 0:
-            raise ValueError(f"normalize_eps must be >= 0, got {group['normalize_eps']!r}")
+        check_real("eps", group["eps"], low=0.0)
 
     def pre_update(self, ctx: TransformContext) -> None:
         for group, grads in _grads_by_group(ctx):
-            eps = group["normalize_eps"]
+            eps = group["eps"]
 
             def fast(gs: list[torch.Tensor]) -> None:
                 norms = torch._foreach_norm(gs)
                 torch._foreach_add_(norms, eps)
+                torch._foreach_clamp_min_(norms, torch.finfo(gs[0].dtype).tiny)
                 torch._foreach_div_(gs, norms)
 
-            _foreach_or_loop(grads, ctx.foreach, fast, lambda g: g.div_(torch.linalg.vector_norm(g).add_(eps)))
+            def slow(g: torch.Tensor) -> None:
+                g.div_(torch.linalg.vector_norm(g).add_(eps).clamp_min_(torch.finfo(g.dtype).tiny))
+
+            _foreach_or_loop(grads, ctx.foreach, fast, slow)
 
 
 class ScaleGrad(Transform):
     r"""Affine map of every gradient: :math:`g \leftarrow s\,g + b` (per-group keys ``"grad_scale"``, ``"grad_bias"``)."""
 
     def __init__(self, scale: float = 1.0, bias: float = 0.0) -> None:
-        _check_real("scale", scale)
-        _check_real("bias", bias)
-        self.scale, self.bias = float(scale), float(bias)
+        self.scale = check_real("scale", scale)
+        self.bias = check_real("bias", bias)
 
     def group_defaults(self) -> dict[str, Any]:
         return {"grad_scale": self.scale, "grad_bias": self.bias}
 
     def validate_group(self, group: Mapping[str, Any]) -> None:
-        _check_real("grad_scale", group["grad_scale"])
-        _check_real("grad_bias", group["grad_bias"])
+        check_real("grad_scale", group["grad_scale"])
+        check_real("grad_bias", group["grad_bias"])
 
     def pre_update(self, ctx: TransformContext) -> None:
         for group, grads in _grads_by_group(ctx):
@@ -152,22 +147,15 @@ class ClampGrad(Transform):
     """
 
     def __init__(self, grad_min: float = -1.0, grad_max: float = 1.0) -> None:
-        _check_real("grad_min", grad_min)
-        _check_real("grad_max", grad_max)
-        if grad_min > grad_max:
-            raise ValueError(f"grad_min must be <= grad_max, got grad_min={grad_min!r}, grad_max={grad_max!r}")
+        self.validate_group({"grad_min": grad_min, "grad_max": grad_max})
         self.grad_min, self.grad_max = float(grad_min), float(grad_max)
 
     def group_defaults(self) -> dict[str, Any]:
         return {"grad_min": self.grad_min, "grad_max": self.grad_max}
 
     def validate_group(self, group: Mapping[str, Any]) -> None:
-        _check_real("grad_min", group["grad_min"])
-        _check_real("grad_max", group["grad_max"])
-        if group["grad_min"] > group["grad_max"]:
-            raise ValueError(
-                f"grad_min must be <= grad_max, got grad_min={group['grad_min']!r}, grad_max={group['grad_max']!r}"
-            )
+        low = check_real("grad_min", group["grad_min"])
+        check_real("grad_max", group["grad_max"], low=low)
 
     def pre_update(self, ctx: TransformContext) -> None:
         for group, grads in _grads_by_group(ctx):

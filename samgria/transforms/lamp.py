@@ -12,11 +12,18 @@ the noisy weights are added to a running sum, and after ``rollback_len + 1`` ste
 are set to the mean of those iterates and a new cycle starts — the seed library's
 ``LAMPRollback``. With ``eps = 0`` this is tail averaging of the plain iterates.
 
-State: ``state[p]["lamp_sum"]`` (the running sum; float32 for 16-bit parameters) and
-``state[p]["lamp_count"]`` (iterates summed for ``p``) per parameter, and the cycle position
-``state[first_param]["lamp_step"]`` on the optimizer's first parameter, so the whole cycle is
-checkpointed by ``optimizer.state_dict()``. Only parameters that have a gradient at a step are
-perturbed and summed at that step (frozen parameters are left alone).
+Hyperparameters: ``eps`` per param group (a group with ``eps=0`` gets no noise); the cycle
+length ``rollback_len`` and the noise ``seed`` are settings of the transform (a checkpoint must
+have been made with the same ones).
+
+State, all in the transform's slot of ``optimizer.state`` (so ``state_dict()`` and
+``torch.distributed.checkpoint`` carry it): per parameter ``"sum"`` (the running sum, in the
+parameter's dtype, as torch keeps its own state) and ``"count"`` (iterates summed); on the first
+parameter ``"cycle_step"`` (the position in the cycle); with a ``seed``, on the first parameter
+of each device ``"rng_state"`` (that device's generator state). A resumed run draws the same
+noise and rolls back at the same steps, bit for bit. Only parameters that have a gradient at a
+step are perturbed and summed at that step (frozen parameters are left alone). Complex
+parameters are treated as pairs of reals: each real component gets its own uniform factor.
 """
 
 from __future__ import annotations
@@ -27,79 +34,112 @@ from typing import Any
 
 import torch
 
+from samgria._checks import check_int, check_real
 from samgria.functional import accumulate_, add_scaled_, assign_mean_, global_norm, magnitude_noise
-from samgria.transforms.base import Transform, TransformContext, check_non_negative
+from samgria.transforms.base import Transform, TransformContext
 
 __all__ = ["LAMP", "LAMPRollback"]
+
+
+def _real(tensor: torch.Tensor) -> torch.Tensor:
+    return torch.view_as_real(tensor) if tensor.is_complex() else tensor
 
 
 class LAMP(Transform):
     r"""Noise injection, running mean of the weights and periodic rollback to that mean.
 
     Args:
-        eps: Size :math:`\varepsilon \ge 0` of the noise added after every step (global L2 norm).
+        eps: Default size :math:`\varepsilon \ge 0` of the noise added after every step (global
+            L2 norm; per-group key ``"eps"``).
         rollback_len: Steps per cycle minus one: after ``rollback_len + 1`` steps the weights are
             replaced by the mean of the iterates of the cycle. An integer ``>= 1``.
-        seed: When given, the noise comes from a generator of this transform seeded with it, and
-            its state is checkpointed with the optimizer (a resumed run draws the same noise).
+        seed: When given, the noise comes from generators of this transform seeded with it, whose
+            states are checkpointed with the optimizer (a resumed run draws the same noise).
             ``None``: PyTorch's default generator.
 
     Raises:
-        ValueError: If ``eps < 0`` or ``rollback_len < 1``.
-        TypeError: If ``rollback_len`` is not an integer.
+        ValueError: If ``eps`` is negative or not finite, or ``rollback_len < 1``.
+        TypeError: If ``rollback_len`` or ``seed`` is not an integer.
     """
 
-    state_prefix = "lamp"
-
     def __init__(self, eps: float = 5e-3, rollback_len: int = 10, *, seed: int | None = None) -> None:
-        check_non_negative("eps", eps)
-        if isinstance(rollback_len, bool) or not isinstance(rollback_len, int):
-            raise TypeError(f"rollback_len must be an integer, got {rollback_len!r}")
-        if rollback_len < 1:
-            raise ValueError(f"rollback_len must be >= 1, got {rollback_len!r}")
-        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
-            raise TypeError(f"seed must be an integer or None, got {seed!r}")
-        self.eps = float(eps)
-        self.rollback_len = rollback_len
-        self.seed = seed
-        self._generators: dict[str, torch.Generator] = {}
+        self.eps = check_real("eps", eps, low=0.0)
+        self.rollback_len = check_int("rollback_len", rollback_len, low=1)
+        self.seed = None if seed is None else check_int("seed", seed)
         self._had_grad: set[int] | None = None
+
+    def group_defaults(self) -> dict[str, Any]:
+        return {"eps": self.eps}
+
+    def validate_group(self, group: Mapping[str, Any]) -> None:
+        check_real("eps", group["eps"], low=0.0)
+
+    def settings(self) -> dict[str, Any]:
+        return {"rollback_len": self.rollback_len, "seed": self.seed}
 
     def pre_update(self, ctx: TransformContext) -> None:
         if ctx.standalone:  # apply() runs before the step: remember which parameters had a gradient
             self._had_grad = {id(p) for g in ctx.param_groups for p in g["params"] if p.grad is not None}
 
-    def _repr_items(self) -> list[tuple[str, Any]]:
-        items: list[tuple[str, Any]] = [("eps", self.eps), ("rollback_len", self.rollback_len)]
-        if self.seed is not None:
-            items.append(("seed", self.seed))
-        return items
-
     # -- random numbers --------------------------------------------------------------------------
-    def _generator_for(self, device: torch.device) -> torch.Generator | None:
+    def _generators(self, ctx: TransformContext) -> dict[torch.device, torch.Generator] | None:
+        """This step's generators, one per device, from the states in the slot (or the seed)."""
         if self.seed is None:
             return None
-        key = str(device)
-        if key not in self._generators:
-            self._generators[key] = torch.Generator(device=device).manual_seed(self.seed)
-        return self._generators[key]
+        return _GeneratorCache(ctx, self.seed)
 
-    def state_dict(self) -> dict[str, Any]:
-        return {"generators": {key: gen.get_state() for key, gen in self._generators.items()}}
-
-    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
-        self._generators = {}
-        for key, generator_state in state_dict.get("generators", {}).items():
-            generator = torch.Generator(device=torch.device(key))
-            generator.set_state(generator_state)
-            self._generators[key] = generator
+    def check_loaded_state(self, ctx: TransformContext) -> None:
+        """Raise ``ValueError`` unless the slot holds valid generator states and sums."""
+        for group in ctx.param_groups:
+            for param in group["params"]:
+                if param not in ctx.state:
+                    continue
+                entry = ctx.state[param]
+                total = entry.get("sum")
+                if total is not None and (not isinstance(total, torch.Tensor) or total.shape != param.shape):
+                    raise ValueError(
+                        f"the checkpoint's LAMP slot {ctx.slot!r} holds a sum of shape "
+                        f"{getattr(total, 'shape', None)} for a parameter of shape {tuple(param.shape)}"
+                    )
+                rng_state = entry.get("rng_state")
+                if rng_state is not None:
+                    try:
+                        torch.Generator(device=param.device).set_state(rng_state.cpu())
+                    except (RuntimeError, TypeError, AttributeError) as error:
+                        raise ValueError(
+                            f"the checkpoint's LAMP slot {ctx.slot!r} holds an invalid generator "
+                            f"state for device {param.device}: {error}"
+                        ) from None
 
     # -- the step --------------------------------------------------------------------------------
+    @torch.no_grad()
+    def init_state(self, ctx: TransformContext) -> None:
+        params = [p for g in ctx.param_groups for p in g["params"] if p.grad is not None]
+        for param in params:
+            self._ensure_sum(ctx, param)
+        cycle = ctx.slot_state()
+        if cycle is not None:
+            cycle.setdefault("cycle_step", 0)
+        generators = self._generators(ctx)
+        if generators is not None:
+            for param in params:
+                generators.get(param.device)
+            generators.save()
+
+    @staticmethod
+    def _ensure_sum(ctx: TransformContext, param: torch.Tensor) -> Any:
+        state = ctx.state[param]
+        if "sum" not in state:
+            state["sum"] = torch.zeros_like(param, memory_format=torch.preserve_format)
+            state["count"] = 0
+        return state
+
     @torch.no_grad()
     def post_update(self, ctx: TransformContext) -> None:
         all_params = list({id(p): p for group in ctx.param_groups for p in group["params"]}.values())
         if not all_params:
             return
+        eps_of = {id(p): group["eps"] for group in reversed(ctx.param_groups) for p in group["params"]}
         if ctx.standalone and self._had_grad is not None:
             # Seed protocol: optimizer.zero_grad() may run between step() and post_step(), so the
             # parameters that had a gradient at apply() count too.
@@ -107,39 +147,69 @@ class LAMP(Transform):
             self._had_grad = None
         else:
             params = [p for p in all_params if p.grad is not None]
-        cycle_state = ctx.state[all_params[0]]
-        step = cycle_state.get("lamp_step", 0) + 1
+        cycle = ctx.slot_state()
+        step = cycle.get("cycle_step", 0) + 1
 
-        if params and self.eps > 0:
-            noise = magnitude_noise(params, self._generator_for, foreach=ctx.foreach)
+        noisy = [p for p in params if eps_of[id(p)] > 0]
+        if noisy:
+            generators = self._generators(ctx)
+            real = [_real(p) for p in noisy]
+            noise = magnitude_noise(real, generators.get if generators is not None else (lambda _d: None), foreach=ctx.foreach)
+            if generators is not None:
+                generators.save()
             noise_norm = float(global_norm(noise, foreach=ctx.foreach))
             if math.isfinite(noise_norm) and noise_norm > 0:
-                add_scaled_(params, noise, self.eps / noise_norm, foreach=ctx.foreach)
+                for eps in sorted({eps_of[id(p)] for p in noisy}):
+                    chosen = [i for i, p in enumerate(noisy) if eps_of[id(p)] == eps]
+                    add_scaled_([real[i] for i in chosen], [noise[i] for i in chosen], eps / noise_norm, foreach=ctx.foreach)
             del noise
 
         sums = []
         for param in params:
-            state = ctx.state[param]
-            if "lamp_sum" not in state:
-                sum_dtype = torch.float32 if param.dtype in (torch.float16, torch.bfloat16) else param.dtype
-                state["lamp_sum"] = torch.zeros_like(param, dtype=sum_dtype, memory_format=torch.preserve_format)
-                state["lamp_count"] = 0
-            state["lamp_count"] += 1
-            sums.append(state["lamp_sum"])
-        accumulate_(sums, params, foreach=ctx.foreach)
+            state = self._ensure_sum(ctx, param)
+            state["count"] += 1
+            sums.append(_real(state["sum"]))
+        accumulate_(sums, [_real(p) for p in params], foreach=ctx.foreach)
 
         if step >= self.rollback_len + 1:
-            summed = [p for p in all_params if ctx.state[p].get("lamp_count", 0) > 0]
+            summed = [p for p in all_params if p in ctx.state and ctx.state[p].get("count", 0) > 0]
             assign_mean_(
-                summed,
-                [ctx.state[p]["lamp_sum"] for p in summed],
-                [ctx.state[p]["lamp_count"] for p in summed],
+                [_real(p) for p in summed],
+                [_real(ctx.state[p]["sum"]) for p in summed],
+                [ctx.state[p]["count"] for p in summed],
                 foreach=ctx.foreach,
             )
             for param in summed:
-                ctx.state[param]["lamp_count"] = 0
+                ctx.state[param]["count"] = 0
             step = 0
-        cycle_state["lamp_step"] = step
+        cycle["cycle_step"] = step
+
+
+class _GeneratorCache:
+    """One generator per device for one step, loaded from and saved to the slot's ``rng_state``."""
+
+    def __init__(self, ctx: TransformContext, seed: int) -> None:
+        self._ctx = ctx
+        self._seed = seed
+        self._generators: dict[torch.device, torch.Generator] = {}
+
+    def get(self, device: torch.device) -> torch.Generator:
+        generator = self._generators.get(device)
+        if generator is None:
+            generator = torch.Generator(device=device)
+            slot = self._ctx.slot_state(device)
+            if slot is not None and "rng_state" in slot:
+                generator.set_state(slot["rng_state"].cpu())
+            else:
+                generator.manual_seed(self._seed)
+            self._generators[device] = generator
+        return generator
+
+    def save(self) -> None:
+        for device, generator in self._generators.items():
+            slot = self._ctx.slot_state(device)
+            if slot is not None:
+                slot["rng_state"] = generator.get_state()
 
 
 #: The seed library's name for :class:`LAMP`.

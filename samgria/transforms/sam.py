@@ -12,9 +12,13 @@ at the untouched original storage. No copy of the weights is made, nothing is su
 the restored weights are the original tensors. Where a gradient's storage cannot be reused (a
 view into a DDP bucket, a different memory layout) a new buffer is allocated instead.
 
-A non-finite gradient norm skips the perturbation (with a warning): the inner optimizer then
-sees exactly the gradients of the first evaluation, as it would without SAM. The norm is read
-on the host once per step to take that decision.
+Complex parameters are treated as pairs of reals (as torch.optim does): norms and the ASAM
+operator act on ``torch.view_as_real`` views. 16-bit parameters are perturbed in float32 and
+rounded once, so neither a tiny gradient norm nor ASAM's :math:`T^2 \odot g` overflows.
+
+Inside :class:`~samgria.TransformingOptimizer` non-finite gradients never reach SAM (the
+optimizer skips such a step). Used on its own (seed protocol), a non-finite gradient norm skips
+the perturbation with a warning. The norm is read on the host once per step.
 """
 
 from __future__ import annotations
@@ -26,8 +30,9 @@ from typing import Any
 
 import torch
 
+from samgria._checks import check_bool, check_real
 from samgria.functional import adaptive_scaling, global_norm, mul, mul_, scale_and_add_
-from samgria.transforms.base import Transform, TransformContext, check_non_negative
+from samgria.transforms.base import Transform, TransformContext
 
 __all__ = ["SAM", "ASAM", "PerturbationTransform", "Perturbation"]
 
@@ -54,6 +59,11 @@ class Perturbation:
         self.params, self.originals = [], []
 
 
+def _real(tensor: torch.Tensor) -> torch.Tensor:
+    """A complex tensor as pairs of reals (a view); other tensors as they are."""
+    return torch.view_as_real(tensor) if tensor.is_complex() else tensor
+
+
 def _reusable_storage(param: torch.Tensor, grad: torch.Tensor) -> bool:
     """Whether ``grad``'s storage can hold the perturbed weights in ``param``'s place."""
     return (
@@ -67,11 +77,9 @@ def _reusable_storage(param: torch.Tensor, grad: torch.Tensor) -> bool:
     )
 
 
-def _weight_buffer(param: torch.Tensor, direction: torch.Tensor) -> torch.Tensor:
-    """``direction`` itself when it can become ``param``'s storage, else a copy laid out like ``param``."""
-    if _reusable_storage(param, direction):
-        return direction
-    return torch.empty_like(param).copy_(direction)
+def _wide(tensor: torch.Tensor) -> torch.Tensor:
+    """A 16-bit tensor as a float32 copy; other tensors as they are."""
+    return tensor.float() if tensor.dtype in (torch.float16, torch.bfloat16) else tensor
 
 
 class PerturbationTransform(Transform):
@@ -136,9 +144,14 @@ class PerturbationTransform(Transform):
                 groups.append(group)
         return params, grads, groups
 
-    def _finite_norm(self, directions: list[torch.Tensor], foreach: bool) -> float | None:
-        """The global norm of the directions, or ``None`` (with a warning) when it is not finite."""
-        norm = float(global_norm(directions, foreach=foreach))
+    def _finite_norm(
+        self, directions: list[torch.Tensor], foreach: bool, known: float | None = None
+    ) -> float | None:
+        """The global norm of the directions, or ``None`` (with a warning) when it is not finite.
+
+        ``known``: the norm, when the optimizer already computed it over the same tensors.
+        """
+        norm = known if known is not None else float(global_norm([_real(d) for d in directions], foreach=foreach))
         if not math.isfinite(norm):
             warnings.warn(
                 f"{type(self).__name__}: the gradient norm is {norm}; the perturbation is skipped "
@@ -150,14 +163,33 @@ class PerturbationTransform(Transform):
         return norm
 
     @staticmethod
-    def _move(
+    def _move_along(
         params: list[torch.Tensor],
-        buffers: list[torch.Tensor],
+        directions: list[torch.Tensor],
         scales: list[float],
         foreach: bool,
     ) -> Perturbation:
-        """Compute ``buffers <- scales * buffers + params`` and point each param at its buffer."""
-        scale_and_add_(buffers, scales, params, foreach=foreach)
+        """Move each param to ``param + scale * direction`` and return how to put it back.
+
+        ``directions`` are real views (of complex tensors) and may be wider than the parameters
+        (float32 for 16-bit ones). A direction that can become the parameter's storage (the
+        gradient itself, same dtype and layout) is overwritten with the perturbed weights;
+        otherwise a buffer laid out like the parameter is allocated.
+        """
+        buffers: list[torch.Tensor] = []
+        reused, reused_scales, reused_params = [], [], []
+        for param, direction, scale in zip(params, directions, scales):
+            real_param = _real(param)
+            if _reusable_storage(real_param, direction):
+                buffer = direction
+                reused.append(direction)
+                reused_scales.append(scale)
+                reused_params.append(real_param)
+            else:
+                buffer = torch.empty_like(real_param)
+                buffer.copy_(torch.add(real_param.to(direction.dtype), direction, alpha=scale))
+            buffers.append(torch.view_as_complex(buffer) if param.is_complex() else buffer)
+        scale_and_add_(reused, reused_scales, reused_params, foreach=foreach)
         originals = []
         for param, buffer in zip(params, buffers):
             originals.append(param.data)
@@ -185,29 +217,28 @@ class SAM(PerturbationTransform):
     """
 
     def __init__(self, rho: float = 1e-2) -> None:
-        check_non_negative("rho", rho)
-        self.rho = float(rho)
+        self.rho = check_real("rho", rho, low=0.0)
 
     def group_defaults(self) -> dict[str, Any]:
         return {"rho": self.rho}
 
     def validate_group(self, group: Mapping[str, Any]) -> None:
-        check_non_negative("rho", group["rho"])
+        check_real("rho", group["rho"], low=0.0)
 
     def perturb(self, ctx: TransformContext) -> Perturbation | None:
         params, grads, groups = self._collect(ctx)
         if not params or not self.active(groups):
             return None
-        norm = self._finite_norm(grads, ctx.foreach)
+        norm = self._finite_norm(grads, ctx.foreach, ctx.grad_norm)
         if norm is None or norm == 0.0:
             return None if norm == 0.0 else Perturbation([], [], non_finite=True)
-        moved, buffers, scales = [], [], []
+        moved, directions, scales = [], [], []
         for param, grad, group in zip(params, grads, groups):
             if group["rho"] > 0:
                 moved.append(param)
-                buffers.append(_weight_buffer(param, grad))
+                directions.append(_real(grad))
                 scales.append(group["rho"] / norm)
-        return self._move(moved, buffers, scales, ctx.foreach)
+        return self._move_along(moved, directions, scales, ctx.foreach)
 
 
 class ASAM(PerturbationTransform):
@@ -235,44 +266,40 @@ class ASAM(PerturbationTransform):
     """
 
     def __init__(self, rho: float = 0.5, eta: float = 0.01, adaptive: bool = True) -> None:
-        check_non_negative("rho", rho)
-        check_non_negative("eta", eta)
-        if not isinstance(adaptive, bool):
-            raise TypeError(f"adaptive must be a bool, got {adaptive!r}")
-        self.rho = float(rho)
-        self.eta = float(eta)
-        self.adaptive = adaptive
+        self.rho = check_real("rho", rho, low=0.0)
+        self.eta = check_real("eta", eta, low=0.0)
+        self.adaptive = check_bool("adaptive", adaptive)
 
     def group_defaults(self) -> dict[str, Any]:
         return {"rho": self.rho, "eta": self.eta, "adaptive": self.adaptive}
 
     def validate_group(self, group: Mapping[str, Any]) -> None:
-        check_non_negative("rho", group["rho"])
-        check_non_negative("eta", group["eta"])
-        if not isinstance(group["adaptive"], bool):
-            raise TypeError(f"adaptive must be a bool, got {group['adaptive']!r}")
+        check_real("rho", group["rho"], low=0.0)
+        check_real("eta", group["eta"], low=0.0)
+        check_bool("adaptive", group["adaptive"])
 
     def perturb(self, ctx: TransformContext) -> Perturbation | None:
         params, grads, groups = self._collect(ctx)
         if not params or not self.active(groups):
             return None
         adaptive = [i for i, group in enumerate(groups) if group["adaptive"]]
-        scalings = adaptive_scaling(
-            [params[i] for i in adaptive], [groups[i]["eta"] for i in adaptive], foreach=ctx.foreach
-        )
-        scaled_grads = mul([grads[i] for i in adaptive], scalings, foreach=ctx.foreach)
-        directions = list(grads)  # T ⊙ g for adaptive groups, g elsewhere
+        # Pairs of reals for complex tensors; float32 for 16-bit ones (T² ⊙ g would overflow).
+        weights = [_wide(_real(params[i])) for i in adaptive]
+        scalings = adaptive_scaling(weights, [groups[i]["eta"] for i in adaptive], foreach=ctx.foreach)
+        del weights
+        scaled_grads = mul([_wide(_real(grads[i])) for i in adaptive], scalings, foreach=ctx.foreach)
+        directions = [_real(grad) for grad in grads]  # T ⊙ g for adaptive groups, g elsewhere
         for index, scaled in zip(adaptive, scaled_grads):
             directions[index] = scaled
         norm = self._finite_norm(directions, ctx.foreach)
         if norm is None or norm == 0.0:
             return None if norm == 0.0 else Perturbation([], [], non_finite=True)
         mul_(scaled_grads, scalings, foreach=ctx.foreach)  # T² ⊙ g, in place
-        del scalings
-        moved, buffers, scales = [], [], []
+        del scalings, scaled_grads
+        moved, moved_directions, scales = [], [], []
         for index, (param, group) in enumerate(zip(params, groups)):
             if group["rho"] > 0:
                 moved.append(param)
-                buffers.append(_weight_buffer(param, directions[index]))
+                moved_directions.append(directions[index])
                 scales.append(group["rho"] / norm)
-        return self._move(moved, buffers, scales, ctx.foreach)
+        return self._move_along(moved, moved_directions, scales, ctx.foreach)

@@ -1,0 +1,101 @@
+"""Argument checks: the one place that validates hyperparameters, with one message shape.
+
+Every failed check raises with the message ``"{name} must be {rule}, got {value!r}"``:
+
+* ``TypeError`` when the value is not of the expected kind (a ``bool`` is not a number);
+* ``ValueError`` when it is of the right kind but outside the rule — NaN and ±inf included,
+  so the same bad value gives the same exception type everywhere.
+
+The rule in a message is always true of the accepted values (never "``>= 0``" for a check
+that also refuses ``inf``).
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Any
+
+__all__ = ["check_real", "check_int", "check_bool", "check_choice"]
+
+
+def _fail_type(name: str, rule: str, value: Any) -> TypeError:
+    return TypeError(f"{name} must be {rule}, got {value!r}")
+
+
+def check_real(
+    name: str,
+    value: Any,
+    *,
+    low: float | None = None,
+    high: float | None = None,
+    low_open: bool = False,
+    high_open: bool = False,
+    allow_inf: bool = False,
+) -> float:
+    """Check a real hyperparameter and return it as a ``float``.
+
+    Args:
+        name: The argument's name as the user wrote it (``"rho"``, ``"param_groups[1]['rho']"``).
+        value: The value to check (a Python or NumPy real, or a 0-dim real tensor's ``item()``).
+        low: Lower bound, inclusive unless ``low_open``.
+        high: Upper bound, inclusive unless ``high_open``.
+        allow_inf: Accept ``±inf`` (still subject to the bounds).
+
+    Raises:
+        TypeError: ``value`` is not a real number.
+        ValueError: ``value`` is NaN, infinite (unless allowed) or out of bounds.
+    """
+    rule = _real_rule(low, high, low_open, high_open, allow_inf)
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise _fail_type(name, rule, value)
+    number = float(value)
+    bad = math.isnan(number) or (not allow_inf and math.isinf(number))
+    if low is not None:
+        bad = bad or (number <= low if low_open else number < low)
+    if high is not None:
+        bad = bad or (number >= high if high_open else number > high)
+    if bad:
+        raise ValueError(f"{name} must be {rule}, got {value!r}")
+    return number
+
+
+def _real_rule(
+    low: float | None, high: float | None, low_open: bool, high_open: bool, allow_inf: bool
+) -> str:
+    kind = "a real number" if allow_inf else "a finite number"
+    if low is not None and high is not None:
+        left = "(" if low_open else "["
+        right = ")" if high_open else "]"
+        return f"{kind} in {left}{low:g}, {high:g}{right}"
+    if low is not None:
+        return f"{kind} {'>' if low_open else '>='} {low:g}"
+    if high is not None:
+        return f"{kind} {'<' if high_open else '<='} {high:g}"
+    return kind
+
+
+def check_int(name: str, value: Any, *, low: int | None = None) -> int:
+    """Check an integer hyperparameter (``bool`` refused, NumPy integers accepted)."""
+    rule = "an integer" if low is None else f"an integer >= {low}"
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise _fail_type(name, rule, value)
+    number = int(value)
+    if low is not None and number < low:
+        raise ValueError(f"{name} must be {rule}, got {value!r}")
+    return number
+
+
+def check_bool(name: str, value: Any) -> bool:
+    """Check a ``bool`` flag."""
+    if not isinstance(value, bool):
+        raise _fail_type(name, "a bool", value)
+    return value
+
+
+def check_choice(name: str, value: Any, choices: tuple[Any, ...]) -> Any:
+    """Check that ``value`` is one of ``choices``."""
+    if value not in choices:
+        rule = "one of " + ", ".join(repr(choice) for choice in choices)
+        raise ValueError(f"{name} must be {rule}, got {value!r}")
+    return value

@@ -1,0 +1,60 @@
+"""``StepSnapshot``: what a step may change, copied so that a failed step can be undone exactly."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import MutableMapping, Sequence
+from typing import Any
+
+import torch
+
+__all__ = ["StepSnapshot"]
+
+
+class StepSnapshot:
+    """Copies of the weights and of every optimizer-state entry, restorable bit for bit.
+
+    :meth:`restore` writes the copies back *in place* into the original tensors (so references
+    held elsewhere stay valid), removes state entries created since, and puts back the original
+    keys and non-tensor values (counters).
+
+    Args:
+        params: The parameters whose values may change.
+        state: The optimizer's ``state`` (parameter -> dict).
+    """
+
+    def __init__(self, params: Sequence[torch.Tensor], state: MutableMapping[Any, dict[Any, Any]]) -> None:
+        self._params = list(params)
+        self._state = state
+        with torch.no_grad():
+            self._weights = [param.detach().clone() for param in self._params]
+            self._entries: dict[Any, dict[Any, tuple[Any, Any]]] = {}
+            for param, entry in state.items():
+                saved = {}
+                for key, value in entry.items():
+                    if isinstance(value, torch.Tensor):
+                        saved[key] = (value, value.detach().clone())
+                    else:
+                        saved[key] = (value, copy.deepcopy(value))
+                self._entries[param] = saved
+
+    @torch.no_grad()
+    def restore(self) -> None:
+        """Put the weights and the state back as they were when the snapshot was taken."""
+        for param, weight in zip(self._params, self._weights):
+            param.copy_(weight)
+        for param in list(self._state):
+            if param not in self._entries:
+                del self._state[param]
+        for param, saved in self._entries.items():
+            entry = self._state[param]
+            entry.clear()
+            for key, (original, kept) in saved.items():
+                if isinstance(original, torch.Tensor):
+                    if original.shape == kept.shape:
+                        original.copy_(kept)
+                        entry[key] = original
+                    else:  # the step resized it out of place: the kept copy is the old value
+                        entry[key] = kept
+                else:
+                    entry[key] = kept

@@ -1,0 +1,230 @@
+"""``WrappingOptimizer``: the one base of optimizers that drive another optimizer.
+
+:class:`~samgria.TransformingOptimizer` drives its *inner* optimizer and every
+:class:`~samgria.MetaOptimizer` its *outer* one. Both are real :class:`torch.optim.Optimizer` s
+and use torch's own machinery for everything torch already does — no copies of it:
+
+* ``param_groups`` *is* the driven optimizer's list, so schedulers, ``add_param_group`` and
+  ``lr`` edits reach it.
+* ``state`` is one ``defaultdict(dict)`` owned by the wrapper, packed and loaded by torch's own
+  :meth:`~torch.optim.Optimizer.state_dict` / :meth:`~torch.optim.Optimizer.load_state_dict`
+  (so hooks run, floating-point state is cast to the parameter's dtype and device, and
+  ``torch.distributed.checkpoint`` sees all of it). The driven optimizer sees the same entries
+  through a view that hides the keys the wrapper reserves for itself (a transform's slot), so an
+  optimizer that initialises its state lazily (``if len(state) == 0``) still does.
+* Step hooks, state-dict hooks and pickling are torch's. The driven optimizer's ``step`` is
+  called without torch's hook wrapper, so the global step hooks fire once per step (for the
+  wrapper); hooks registered on the driven optimizer itself do not run — register them on the
+  wrapper.
+* Pickling and :func:`copy.deepcopy` drop hooks, as torch does, and the callables listed in
+  ``_dropped_on_pickle`` (they are ``None`` afterwards).
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Iterator, MutableMapping
+from typing import Any
+
+import torch
+from torch.optim import Optimizer
+
+__all__ = ["WrappingOptimizer"]
+
+
+class _VisibleEntry(MutableMapping):
+    """One parameter's state as the driven optimizer sees it: the reserved keys hidden."""
+
+    __slots__ = ("_entry", "_hidden")
+
+    def __init__(self, entry: dict[Any, Any], hidden: Any) -> None:
+        self._entry = entry
+        self._hidden = hidden
+
+    def __getitem__(self, key: Any) -> Any:
+        if self._hidden(key):
+            raise KeyError(key)
+        return self._entry[key]
+
+    def __setitem__(self, key: Any, value: Any) -> None:
+        if self._hidden(key):
+            raise KeyError(f"state key {key!r} is reserved by the wrapping optimizer")
+        self._entry[key] = value
+
+    def __delitem__(self, key: Any) -> None:
+        if self._hidden(key):
+            raise KeyError(key)
+        del self._entry[key]
+
+    def __iter__(self) -> Iterator[Any]:
+        return (key for key in list(self._entry) if not self._hidden(key))
+
+    def __len__(self) -> int:
+        return sum(1 for key in self._entry if not self._hidden(key))
+
+    def __repr__(self) -> str:
+        return repr(dict(self.items()))
+
+
+class _DrivenState(MutableMapping):
+    """The driven optimizer's ``state``: a live view of the wrapper's (see the module docstring)."""
+
+    def __init__(self, owner: WrappingOptimizer) -> None:
+        self._owner = owner
+
+    def __getitem__(self, param: Any) -> Any:
+        state = self._owner.__dict__.get("state")
+        if state is None:  # while unpickling, before the wrapper's own state is restored
+            raise KeyError(param)
+        entry = state[param]  # defaultdict: created on first access, as in torch
+        hidden = self._owner._hides_state_key
+        if any(hidden(key) for key in entry):
+            return _VisibleEntry(entry, hidden)
+        return entry
+
+    def __setitem__(self, param: Any, value: Any) -> None:
+        old = self._owner.state.get(param, {})
+        hidden = self._owner._hides_state_key
+        merged = {key: item for key, item in old.items() if hidden(key)}
+        merged.update(value)
+        self._owner.state[param] = merged
+
+    def __delitem__(self, param: Any) -> None:
+        entry = self._owner.state[param]
+        hidden = self._owner._hides_state_key
+        for key in [key for key in entry if not hidden(key)]:
+            del entry[key]
+
+    def __iter__(self) -> Iterator[Any]:
+        return iter(list(self._owner.__dict__.get("state", {})))
+
+    def __len__(self) -> int:
+        return len(self._owner.__dict__.get("state", {}))
+
+    def __contains__(self, param: object) -> bool:
+        return param in self._owner.__dict__.get("state", {})
+
+    def __repr__(self) -> str:
+        return f"<state of {type(self._owner).__name__}>"
+
+
+class WrappingOptimizer(Optimizer):
+    """Base of optimizers whose ``param_groups`` are another optimizer's (see the module docstring).
+
+    Subclasses call :meth:`_init_wrapper` from ``__init__`` and may override
+    :meth:`_hides_state_key`, :meth:`_prepare_loaded` and :meth:`_check_idle`.
+    """
+
+    #: Attribute that holds the driven optimizer.
+    _driven_attr = "inner"
+    #: Attributes holding user callables that, like hooks, are not pickled.
+    _dropped_on_pickle: tuple[str, ...] = ()
+    #: Attributes never pickled (transient step state).
+    _transient: tuple[str, ...] = ("_loading",)
+
+    def _init_wrapper(self, driven: Optimizer, defaults: dict[str, Any]) -> None:
+        """Set up what ``torch.optim.Optimizer.__init__`` sets up, around ``driven``'s groups.
+
+        ``Optimizer.__init__`` builds new param groups from ``params``; a wrapper's groups are the
+        driven optimizer's, so it is not called. torch's own ``__setstate__`` creates the hook
+        dictionaries and patches ``step`` with the profiling/hook wrapper instead.
+        """
+        setattr(self, self._driven_attr, driven)
+        self._loading = False
+        Optimizer.__setstate__(self, {"defaults": defaults, "state": defaultdict(dict)})
+        self._warned_capturable_if_run_uncaptured = True
+        for param, entry in driven.state.items():  # an already built optimizer may hold state
+            self.state[param] = entry
+        driven.state = _DrivenState(self)  # type: ignore[assignment]
+
+    @property
+    def _driven(self) -> Optimizer:
+        return getattr(self, self._driven_attr)
+
+    # -- param groups are the driven optimizer's ------------------------------------------------
+    @property  # type: ignore[override]
+    def param_groups(self) -> list[dict[str, Any]]:  # type: ignore[override]
+        """The driven optimizer's param groups (the same list object)."""
+        return self._driven.param_groups
+
+    @param_groups.setter
+    def param_groups(self, value: list[dict[str, Any]]) -> None:
+        self._driven.param_groups = value
+
+    # -- what subclasses refine -------------------------------------------------------------------
+    def _hides_state_key(self, key: Any) -> bool:
+        """Whether ``state[p][key]`` is reserved by the wrapper (hidden from the driven optimizer)."""
+        return False
+
+    def _check_idle(self, action: str) -> None:
+        """Raise if ``action`` may not run now (e.g. between ``first_step`` and ``second_step``)."""
+
+    def _prepare_loaded(
+        self, state: defaultdict[Any, dict[Any, Any]], groups: list[dict[str, Any]]
+    ) -> tuple[defaultdict[Any, dict[Any, Any]], list[dict[str, Any]]]:
+        """Validate what ``load_state_dict`` is about to install; raise to leave everything as is."""
+        return state, groups
+
+    # -- stepping the driven optimizer -------------------------------------------------------------
+    def _driven_step(self, closure: Any = None) -> Any:
+        """Call the driven optimizer's ``step`` without torch's hook wrapper around it.
+
+        torch wraps every optimizer class's ``step`` once (``Optimizer._patch_step_function``
+        marks the wrapper with ``hooked`` and ``functools.wraps`` keeps the original in
+        ``__wrapped__``); the wrapper runs the global and the wrapper's step hooks, so calling the
+        wrapped function makes them fire once per step. This is the one place samgria relies on
+        that detail of torch.
+        """
+        driven = self._driven
+        step = type(driven).step
+        if getattr(step, "hooked", False) and hasattr(step, "__wrapped__"):
+            step = step.__wrapped__
+        return step(driven) if closure is None else step(driven, closure)
+
+    # -- checkpoints: torch's own, with a validation point before anything changes ---------------
+    def state_dict(self) -> dict[str, Any]:  # type: ignore[override]
+        """torch's :meth:`~torch.optim.Optimizer.state_dict` of this optimizer (hooks run)."""
+        self._check_idle("state_dict()")
+        return super().state_dict()
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:  # type: ignore[override]
+        """torch's :meth:`~torch.optim.Optimizer.load_state_dict`, validated before it commits.
+
+        Everything is checked before anything changes: a load that raises leaves the optimizer
+        exactly as it was.
+        """
+        self._check_idle("load_state_dict()")
+        self._loading = True
+        try:
+            super().load_state_dict(state_dict)
+        finally:
+            self._loading = False
+
+    # -- pickling: torch's, plus the wrapper's own attributes ------------------------------------
+    def __getstate__(self) -> dict[str, Any]:  # type: ignore[override]
+        state = super().__getstate__()
+        skipped = set(self._dropped_on_pickle) | set(self._transient) | {"state", "param_groups", "defaults"}
+        for key, value in self.__dict__.items():
+            if key.startswith("_optimizer_") or key in skipped:
+                continue
+            state[key] = value
+        for key in self._dropped_on_pickle:
+            state[key] = None
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        if self.__dict__.get("_loading", False):
+            # torch's load_state_dict commits through __setstate__({"state", "param_groups"}).
+            loaded_state, groups = self._prepare_loaded(state["state"], state["param_groups"])
+            self.state = loaded_state
+            self.param_groups = groups
+            return
+        state = dict(state)
+        groups = state.pop("param_groups", None)
+        self._loading = False
+        Optimizer.__setstate__(self, state)  # hooks (empty, as torch unpickles), step patch
+        if groups is not None and self.__dict__.get(self._driven_attr) is not None:
+            self._driven.param_groups = groups
+        driven = self.__dict__.get(self._driven_attr)
+        if driven is not None and not isinstance(driven.state, _DrivenState):
+            driven.state = _DrivenState(self)  # type: ignore[assignment]

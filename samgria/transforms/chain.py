@@ -1,0 +1,201 @@
+"""``Chain``: the transforms of one optimizer, each in its own slot, and their param-group keys.
+
+Like optax's ``chain``/``named_chain``, each transform owns one slot, named after it (``"sam"``,
+``"lamp"``; a second transform of the same kind gets ``"lamp_1"``) or by you
+(``transforms={"fast": LAMP(...), "slow": LAMP(...)}``). The same transform class can therefore
+appear more than once, and nothing collides.
+
+Param-group keys of a transform's hyperparameter ``h`` in slot ``s``:
+
+* The *qualified* key ``"s.h"`` (``"sam.rho"``) always names it, in constructor groups,
+  ``add_param_group`` and ``param_groups`` edits alike.
+* The *short* key ``"h"`` (``"rho"``) names it too when it is unambiguous: no other transform of
+  the chain has a hyperparameter ``h`` and the inner optimizer has no key ``h``. The groups then
+  store it under the short key, as before — ``{"params": ..., "rho": 0.0}`` and
+  ``group["rho"] = ...`` from a scheduler keep working.
+* Otherwise the groups store it under the qualified key only: with ``torch.optim.Adadelta``
+  (whose ``rho`` is its own), ``"rho"`` is Adadelta's and SAM's is ``"sam.rho"``; with two LAMPs,
+  ``"lamp.eps"`` and ``"lamp_1.eps"``. A short key that two transforms share is refused with a
+  message naming the qualified keys.
+
+Every group also records the chain under ``"transform_chain"`` (slot names, transform types and
+their constructor-only settings), the one piece of metadata that travels with a checkpoint
+through ``torch.distributed.checkpoint``; loading a checkpoint made by another chain raises.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from samgria.transforms.base import GradientTransform, ProtocolTransform, Transform
+
+__all__ = ["Chain", "CHAIN_KEY"]
+
+#: The param-group key recording the chain that the group's hyperparameters belong to.
+CHAIN_KEY = "transform_chain"
+
+_SLOT_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+def _as_transform(where: str, transform: Any) -> Transform:
+    if isinstance(transform, Transform):
+        return transform
+    if isinstance(transform, type):
+        raise TypeError(
+            f"{where} must be a transform instance, got the class {transform.__name__} "
+            f"(e.g. {transform.__name__}())"
+        )
+    if isinstance(transform, GradientTransform):
+        return ProtocolTransform(transform)
+    raise TypeError(
+        f"{where} must be a samgria Transform or an object with apply(model, loss_fn, batch) and "
+        f"post_step(model) methods, got {transform!r}"
+    )
+
+
+class Chain:
+    """The slots of one optimizer and how their hyperparameters map onto param-group keys.
+
+    Args:
+        transforms: A transform, a sequence of transforms (slots named automatically) or a
+            mapping ``{slot_name: transform}``.
+        inner_keys: The inner optimizer's param-group keys (its ``defaults``).
+
+    Raises:
+        TypeError: A transform is neither a :class:`Transform` nor a ``GradientTransform``.
+        ValueError: A slot name is not an identifier or is used twice.
+    """
+
+    def __init__(self, transforms: Any, inner_keys: Iterable[str]) -> None:
+        self.slots: list[str] = []
+        self.transforms: list[Transform] = []
+        if isinstance(transforms, Mapping):
+            for name, transform in transforms.items():
+                if not isinstance(name, str) or not _SLOT_NAME.match(name):
+                    raise ValueError(f"transforms slot names must be identifiers, got {name!r}")
+                self._add(name, _as_transform(f"transforms[{name!r}]", transform))
+        else:
+            if isinstance(transforms, (Transform, GradientTransform)) and not isinstance(transforms, (list, tuple)):
+                transforms = [transforms]
+            if isinstance(transforms, (str, bytes)) or not isinstance(transforms, Iterable):
+                raise TypeError(f"transforms must be a sequence or mapping of transforms, got {transforms!r}")
+            for index, transform in enumerate(transforms):
+                transform = _as_transform(f"transforms[{index}]", transform)
+                base = transform.default_slot()
+                name, suffix = base, 0
+                while name in self.slots:
+                    suffix += 1
+                    name = f"{base}_{suffix}"
+                self._add(name, transform)
+        self._slot_set = frozenset(self.slots)
+        self.inner_keys = frozenset(inner_keys)
+        self._resolve_keys()
+
+    def _add(self, name: str, transform: Transform) -> None:
+        if name in self.slots:
+            raise ValueError(f"transforms slot name {name!r} is used twice")
+        self.slots.append(name)
+        self.transforms.append(transform)
+
+    def _resolve_keys(self) -> None:
+        owners: dict[str, list[str]] = {}
+        for slot, transform in zip(self.slots, self.transforms):
+            for short in transform.group_defaults():
+                owners.setdefault(short, []).append(slot)
+        #: slot -> {short name: stored group key}
+        self.keys: dict[str, dict[str, str]] = {}
+        #: stored group key -> default value
+        self.defaults: dict[str, Any] = {}
+        #: qualified key -> stored key (for input normalisation)
+        self._qualified: dict[str, str] = {}
+        #: short key shared by several transforms -> their qualified keys
+        self._ambiguous: dict[str, list[str]] = {}
+        for slot, transform in zip(self.slots, self.transforms):
+            keys = {}
+            for short, value in transform.group_defaults().items():
+                qualified = f"{slot}.{short}"
+                unambiguous = len(owners[short]) == 1 and short not in self.inner_keys and short != "params"
+                stored = short if unambiguous else qualified
+                keys[short] = stored
+                self.defaults[stored] = value
+                self._qualified[qualified] = stored
+                if len(owners[short]) > 1 and short not in self.inner_keys:
+                    self._ambiguous[short] = [f"{s}.{short}" for s in owners[short]]
+            self.keys[slot] = keys
+
+    # -- what the optimizer asks -----------------------------------------------------------------
+    def __iter__(self):
+        return iter(zip(self.slots, self.transforms))
+
+    def __len__(self) -> int:
+        return len(self.slots)
+
+    def spec(self) -> tuple[str, ...]:
+        """``("sam=SAM()", "lamp=LAMP(rollback_len=10, seed=0)")``: what a checkpoint records."""
+        return tuple(f"{slot}={transform.describe()}" for slot, transform in self)
+
+    def hides(self, key: Any) -> bool:
+        """Whether a ``state[p]`` key belongs to a slot (``"<slot>.<key>"``)."""
+        return isinstance(key, str) and key.partition(".")[0] in self._slot_set and "." in key
+
+    def normalize_group(self, group: dict[str, Any], where: str) -> None:
+        """Rewrite a user's group in place: qualified keys to stored keys; refuse ambiguous keys.
+
+        Raises:
+            ValueError: A short key is shared by two transforms, or a key is given both short and
+                qualified with different values.
+        """
+        for key in list(group):
+            if key in self._ambiguous:
+                raise ValueError(
+                    f"{where}: the key {key!r} is a hyperparameter of several transforms; write "
+                    + " or ".join(repr(k) for k in self._ambiguous[key])
+                )
+            stored = self._qualified.get(key)
+            if stored is not None and stored != key:
+                value = group.pop(key)
+                if stored in group and group[stored] != value:
+                    raise ValueError(
+                        f"{where} sets {key!r}={value!r} and {stored!r}={group[stored]!r}, which "
+                        "name the same hyperparameter"
+                    )
+                group[stored] = value
+
+    def fill_group(self, group: dict[str, Any]) -> None:
+        """Give a group every hyperparameter it does not set (the constructor's values) and the chain."""
+        for key, value in self.defaults.items():
+            group.setdefault(key, value)
+        group[CHAIN_KEY] = self.spec()
+
+    def validate_group(self, group: Mapping[str, Any], where: str) -> None:
+        """Check every transform's hyperparameters in a (filled) group; messages name the key."""
+        for slot, transform in self:
+            keys = self.keys[slot]
+            view = {short: group[stored] for short, stored in keys.items()}
+            try:
+                transform.validate_group(view)
+            except (TypeError, ValueError) as error:
+                renamed = str(error)
+                for short, stored in keys.items():
+                    if renamed.startswith(short + " ") and stored != short:
+                        renamed = stored + renamed[len(short):]
+                        break
+                raise type(error)(f"{where}: {renamed}") from None
+
+    def check_saved_spec(self, saved: Any) -> None:
+        """Raise ``ValueError`` naming the first difference between a checkpoint's chain and this one."""
+        ours = self.spec()
+        saved = tuple(saved)
+        if saved == ours:
+            return
+        for index in range(max(len(saved), len(ours))):
+            theirs = saved[index] if index < len(saved) else "nothing"
+            mine = ours[index] if index < len(ours) else "nothing"
+            if theirs != mine:
+                break
+        raise ValueError(
+            f"the checkpoint was made with the transform chain {list(saved)}, but this optimizer "
+            f"has {list(ours)}: transform {index} is {theirs} in the checkpoint and {mine} here"
+        )
