@@ -32,6 +32,7 @@ def check_real(
     low_open: bool = False,
     high_open: bool = False,
     allow_inf: bool = False,
+    low_name: str | None = None,
 ) -> float:
     """Check a real hyperparameter and return it as a ``float``.
 
@@ -41,12 +42,16 @@ def check_real(
         low: Lower bound, inclusive unless ``low_open``.
         high: Upper bound, inclusive unless ``high_open``.
         allow_inf: Accept ``±inf`` (still subject to the bounds).
+        low_name: Name of the argument that ``low`` comes from, for the message
+            (``"grad_max must be a finite number >= grad_min = 1, got 0.0"``).
 
     Raises:
         TypeError: ``value`` is not a real number.
         ValueError: ``value`` is NaN, infinite (unless allowed) or out of bounds.
     """
     rule = _real_rule(low, high, low_open, high_open, allow_inf)
+    if low_name is not None and low is not None and high is None:
+        rule = rule.replace(f" {low:g}", f" {low_name} = {low:g}", 1)
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise _fail_type(name, rule, value)
     number = float(value)

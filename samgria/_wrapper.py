@@ -165,6 +165,9 @@ class WrappingOptimizer(Optimizer):
         """Validate what ``load_state_dict`` is about to install; raise to leave everything as is."""
         return state, groups
 
+    def _after_load(self) -> None:
+        """Runs once ``load_state_dict`` has installed the new state and groups."""
+
     # -- stepping the driven optimizer -------------------------------------------------------------
     def _driven_step(self, closure: Any = None) -> Any:
         """Call the driven optimizer's ``step`` without torch's hook wrapper around it.
@@ -218,6 +221,7 @@ class WrappingOptimizer(Optimizer):
             loaded_state, groups = self._prepare_loaded(state["state"], state["param_groups"])
             self.state = loaded_state
             self.param_groups = groups
+            self._after_load()
             return
         state = dict(state)
         groups = state.pop("param_groups", None)

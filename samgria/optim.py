@@ -18,7 +18,7 @@ from samgria._snapshot import StepSnapshot
 from samgria._wrapper import WrappingOptimizer
 from samgria.functional import global_norm
 from samgria.functional._grouping import group_indices_by_device_and_dtype
-from samgria.transforms.base import Transform, TransformContext
+from samgria.transforms.base import ProtocolTransform, Transform, TransformContext
 from samgria.transforms.chain import CHAIN_KEY, Chain
 from samgria.transforms.sam import ASAM, SAM, Perturbation, PerturbationTransform
 
@@ -508,6 +508,22 @@ class TransformingOptimizer(WrappingOptimizer):
             self.zero_grad(set_to_none=True)
 
     # -- checkpoints -----------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:  # type: ignore[override]
+        """torch's :meth:`~torch.optim.Optimizer.state_dict`: ``state`` holds every slot.
+
+        Seed-protocol objects with their own ``state_dict`` are copied into their slots first.
+        """
+        self._check_idle("state_dict()")
+        for slot, transform in self.chain:
+            if isinstance(transform, ProtocolTransform):
+                transform.export_state(self._context(slot, None))
+        return super().state_dict()
+
+    def _after_load(self) -> None:
+        for slot, transform in self.chain:
+            if isinstance(transform, ProtocolTransform):
+                transform.import_state(self._context(slot, None))
+
     def _prepare_loaded(self, state: Any, groups: list[dict[str, Any]]) -> tuple[Any, list[dict[str, Any]]]:
         for index, group in enumerate(groups):
             where = f"the checkpoint's param_groups[{index}]"

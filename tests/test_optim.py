@@ -52,11 +52,15 @@ def test_wraps_an_existing_optimizer_and_a_factory():
         (lambda m: TransformingOptimizer(torch.optim.SGD(m.parameters(), lr=0.1), torch.optim.SGD), TypeError, r"when wrapping an existing optimizer"),
         (lambda m: TransformingOptimizer(torch.optim.SGD(m.parameters(), lr=0.1), lr=0.1), TypeError, r"when wrapping an existing optimizer.*\['lr'\]"),
         (lambda m: TransformingOptimizer(m.parameters(), torch.optim.SGD, lr=0.1, transforms=[object()]), TypeError, r"transforms\[0\] must be a samgria Transform or an object with apply\(model, loss_fn, batch\) and post_step\(model\)"),
-        (lambda m: TransformingOptimizer(m.parameters(), torch.optim.SGD, lr=0.1, transforms=[SAM]), TypeError, r"transforms\[0\] is the class SAM; pass an instance"),
-        (lambda m: TransformingOptimizer(m.parameters(), torch.optim.Adadelta, transforms=[SAM()]), ValueError, r"SAM's param-group key 'rho' collides with a key of the inner optimizer Adadelta"),
-        (lambda m: TransformingOptimizer(m.parameters(), torch.optim.SGD, lr=0.1, transforms=[LAMP(), LAMP()]), ValueError, r"would share optimizer state"),
-        (lambda m: TransformingOptimizer(m.parameters(), torch.optim.SGD, lr=0.1, transforms=[SAM(0.1), ASAM(0.5)]), ValueError, r"both configure the param-group key 'rho' with different defaults \(0\.1 and 0\.5\)"),
-        (lambda m: TransformingOptimizer([{"params": m.parameters(), "rho": -2.0}], torch.optim.SGD, lr=0.1, transforms=[SAM()]), ValueError, r"rho must be a finite number >= 0, got -2\.0"),
+        (lambda m: TransformingOptimizer(m.parameters(), torch.optim.SGD, lr=0.1, transforms=[SAM]), TypeError, r"transforms\[0\] must be a transform instance, got the class SAM \(e\.g\. SAM\(\)\)"),
+        (lambda m: TransformingOptimizer([{"params": m.parameters(), "eps": 0.1}], torch.optim.SGD, lr=0.1, transforms=[LAMP(), LAMP()]), ValueError, r"param_groups\[0\]: the key 'eps' is a hyperparameter of several transforms; write 'lamp\.eps' or 'lamp_1\.eps'"),
+        (lambda m: TransformingOptimizer([{"params": m.parameters(), "rho": 0.1}], torch.optim.SGD, lr=0.1, transforms=[SAM(0.1), ASAM(0.5)]), ValueError, r"the key 'rho' is a hyperparameter of several transforms; write 'sam\.rho' or 'asam\.rho'"),
+        (lambda m: TransformingOptimizer([{"params": m.parameters(), "rho": 0.1, "sam.rho": 0.2}], torch.optim.SGD, lr=0.1, transforms=[SAM()]), ValueError, r"param_groups\[0\] sets 'sam\.rho'=0\.2 and 'rho'=0\.1, which name the same hyperparameter"),
+        (lambda m: TransformingOptimizer(m.parameters(), torch.optim.SGD, lr=0.1, transforms={"a.b": SAM()}), ValueError, r"transforms slot names must be identifiers, got 'a\.b'"),
+        (lambda m: TransformingOptimizer([{"params": m.parameters(), "rho": -2.0}], torch.optim.SGD, lr=0.1, transforms=[SAM()]), ValueError, r"param_groups\[0\]: rho must be a finite number >= 0, got -2\.0"),
+        (lambda m: TransformingOptimizer([{"params": m.parameters(), "sam.rho": -2.0}], torch.optim.Adadelta, transforms=[SAM()]), ValueError, r"param_groups\[0\]: sam\.rho must be a finite number >= 0, got -2\.0"),
+        (lambda m: TransformingOptimizer(m.parameters(), torch.optim.SGD, lr=0.1, non_finite="ignore"), ValueError, r"non_finite must be one of 'skip', 'raise', got 'ignore'"),
+        (lambda m: TransformingOptimizer(m.parameters(), torch.optim.SGD, lr=0.1, atomic=1), TypeError, r"atomic must be a bool, got 1"),
         (lambda m: TransformingOptimizer(m.parameters(), torch.optim.SGD, lr=0.1, model=3), TypeError, r"model must be an nn\.Module or None, got 3"),
         (lambda m: TransformingOptimizer(m.parameters(), torch.optim.SGD, lr=0.1, first_pass_context=3), TypeError, r"first_pass_context must be a callable returning a context manager, got 3"),
     ],
@@ -79,7 +83,7 @@ def test_add_param_group_fills_and_validates_transform_keys_without_half_applyin
 
 def test_repr_shows_inner_optimizer_and_transforms():
     text = repr(TransformingOptimizer(make_model().parameters(), torch.optim.SGD, lr=0.1, transforms=[SAM(0.05), LAMP(eps=1e-3, rollback_len=4)]))
-    assert "inner=SGD" in text and "SAM(rho=0.05)" in text and "LAMP(eps=0.001, rollback_len=4)" in text
+    assert "inner=SGD" in text and "sam=SAM(rho=0.05)" in text and "lamp=LAMP(eps=0.001, rollback_len=4, seed=None)" in text
 
 
 # -- the step ---------------------------------------------------------------------------------------
@@ -120,9 +124,13 @@ def test_order_closure_pre_transforms_inner_post_transforms():
         def post_step(self, model):
             events.append(f"{self.name}.post_step")
 
+    class RecordingSGD(torch.optim.SGD):
+        def step(self, closure=None):
+            events.append("inner.step")
+            return super().step(closure)
+
     model = make_model()
-    optimizer = TransformingOptimizer(model.parameters(), torch.optim.SGD, lr=0.1, transforms=[Recorder("a"), Recorder("b")])
-    optimizer.inner.register_step_pre_hook(lambda *a: events.append("inner.step"))
+    optimizer = TransformingOptimizer(model.parameters(), RecordingSGD, lr=0.1, transforms=[Recorder("a"), Recorder("b")])
     optimizer.register_step_pre_hook(lambda *a: events.append("outer.pre_hook"))
     optimizer.register_step_post_hook(lambda *a: events.append("outer.post_hook"))
     x, y = make_data()
@@ -199,7 +207,7 @@ def test_two_call_protocol_errors():
         optimizer.first_step()
     with pytest.raises(RuntimeError, match=r"finish this step with second_step\(\)"):
         optimizer.step(make_closure(model, optimizer, x, y))
-    with pytest.raises(RuntimeError, match=r"finish the step first"):
+    with pytest.raises(RuntimeError, match=r"state_dict\(\) between first_step\(\) and second_step\(\): finish the step"):
         optimizer.state_dict()
     nn.functional.mse_loss(model(x), y).backward()
     optimizer.second_step(zero_grad=True)
@@ -284,7 +292,7 @@ def test_zero_grad():
 
 
 # -- checkpoints ----------------------------------------------------------------------------------
-def test_state_dict_holds_inner_and_transform_state():
+def test_state_dict_is_torchs_layout_with_every_slot_in_state():
     x, y = make_data()
     model = make_model()
     optimizer = TransformingOptimizer(model.parameters(), torch.optim.Adam, lr=1e-2, transforms=[SAM(0.05), LAMP(eps=1e-3, rollback_len=5, seed=0)])
@@ -292,13 +300,22 @@ def test_state_dict_holds_inner_and_transform_state():
     for _ in range(2):
         optimizer.step(closure)
     state = optimizer.state_dict()
-    assert set(state) == {"state", "param_groups", "transform_state", "transforms"}
-    assert state["param_groups"][0]["rho"] == 0.05
-    some_index = next(iter(state["state"]))
-    assert {"exp_avg", "exp_avg_sq", "step"} <= set(state["state"][some_index])
-    assert any("lamp_sum" in s for s in state["transform_state"].values())
-    assert "generators" in state["transforms"][1]
-    assert state["transforms"][0] == {}
+    assert set(state) == {"state", "param_groups"}
+    group = state["param_groups"][0]
+    # Adam has its own "eps", so LAMP's is qualified; SAM's "rho" is not ambiguous.
+    assert (group["rho"], group["lamp.eps"], group["eps"]) == (0.05, 1e-3, 1e-8)
+    assert group["transform_chain"] == ("sam=SAM()", "lamp=LAMP(rollback_len=5, seed=0)")
+    # Index 0 is the unused parameter (no gradient): it carries only LAMP's object-level state.
+    assert set(state["state"][0]) == {"lamp.cycle_step", "lamp.rng_state"} and state["state"][0]["lamp.cycle_step"] == 2
+    first = state["state"][1]
+    assert {"exp_avg", "exp_avg_sq", "step", "lamp.sum", "lamp.count"} <= set(first) and first["lamp.count"] == 2
+    # optimizer.state is what state_dict packs: the same live entries, keys written by a user included.
+    weight = model[0].weight
+    optimizer.state[weight]["user_key"] = 7
+    assert optimizer.state_dict()["state"][1]["user_key"] == 7
+    assert optimizer.state_dict()["state"][1]["exp_avg"] is optimizer.state[weight]["exp_avg"]
+    # The inner optimizer sees its own keys only (so lazily initialising optimizers still do).
+    assert set(optimizer.inner.state[weight]) == {"exp_avg", "exp_avg_sq", "step", "user_key"}
 
 
 def test_loads_a_plain_inner_optimizer_checkpoint_and_rejects_mismatches():
@@ -309,15 +326,15 @@ def test_loads_a_plain_inner_optimizer_checkpoint_and_rejects_mismatches():
     optimizer = sam_opt(model)
     optimizer.load_state_dict(plain.state_dict())
     assert optimizer.param_groups[0]["rho"] == 0.05  # filled in from the transform's default
+    assert optimizer.param_groups[0]["transform_chain"] == ("sam=SAM()",)
     assert len(optimizer.inner.state) == len(plain.state)
-    bad = optimizer.state_dict()
-    bad["transforms"] = [{}, {}]
-    with pytest.raises(ValueError, match="holds state for 2 transforms, this optimizer has 1"):
+    bad = plain.state_dict()
+    bad["state"][1]["sam.direction"] = torch.zeros(1)
+    with pytest.raises(ValueError, match=r"records no transform chain, but its state has the transform keys \['sam\.direction'\]"):
         optimizer.load_state_dict(bad)
-    bad = optimizer.state_dict()
-    bad["transform_state"] = {99: {"lamp_sum": torch.zeros(1)}}
-    with pytest.raises(ValueError, match="parameter index 99"):
-        optimizer.load_state_dict(bad)
+    lamp = TransformingOptimizer(model.parameters(), torch.optim.SGD, lr=0.1, transforms=[LAMP(rollback_len=3)])
+    with pytest.raises(ValueError, match=r"transform 0 is lamp=LAMP\(rollback_len=3, seed=None\) in the checkpoint and sam=SAM\(\) here"):
+        optimizer.load_state_dict(lamp.state_dict())
 
 
 def test_deepcopy_and_pickle_round_trip():
@@ -330,6 +347,11 @@ def test_deepcopy_and_pickle_round_trip():
     assert repr(clone) == repr(optimizer)
     restored = pickle.loads(pickle.dumps(optimizer))
     assert [type(t) for t in restored.transforms] == [SAM, LAMP]
+    assert restored.param_groups is restored.inner.param_groups
+    for p, q in zip(optimizer.param_groups[0]["params"], restored.param_groups[0]["params"]):
+        assert set(optimizer.state[p]) == set(restored.state[q])
+        for key, value in optimizer.state[p].items():
+            assert torch.equal(value, restored.state[q][key]) if isinstance(value, torch.Tensor) else value == restored.state[q][key]
 
 
 # -- the davda54-style convenience constructor ----------------------------------------------------

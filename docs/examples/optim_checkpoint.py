@@ -1,5 +1,5 @@
-"""Checkpoints: ``state_dict()`` holds the inner optimizer's state and every transform's, so a
-resumed run continues bit for bit."""
+"""Checkpoints: ``state_dict()`` holds the inner optimizer's state and every transform's slot, so
+a resumed run continues bit for bit."""
 
 import io
 
@@ -54,4 +54,11 @@ train(resumed_model, resumed_optimizer, range(5, 10))
 
 for p, q in zip(model.parameters(), resumed_model.parameters()):
     assert torch.equal(p, q)
-assert {"state", "param_groups", "transform_state", "transforms"} <= set(checkpoint["optimizer"])
+# The checkpoint is torch's layout: every transform's state sits in its slot of ``state``.
+assert set(checkpoint["optimizer"]) == {"state", "param_groups"}
+first = checkpoint["optimizer"]["state"][0]
+assert {"momentum_buffer", "lamp.sum", "lamp.count", "lamp.cycle_step", "lamp.rng_state"} <= set(first)
+assert checkpoint["optimizer"]["param_groups"][0]["transform_chain"] == (
+    "sam=SAM()",
+    "lamp=LAMP(rollback_len=3, seed=0)",
+)

@@ -1,5 +1,5 @@
 """Writing a transform: subclass ``Transform``, declare per-group hyperparameters, keep state in
-``ctx.state[p]`` (the optimizer's ``state``, so it is checkpointed)."""
+``ctx.state[p]`` (the transform's slot of the optimizer's ``state``, so it is checkpointed)."""
 
 import torch
 from torch import nn
@@ -26,19 +26,19 @@ class GradientCentralization(Transform):
 class WeightEMA(Transform):
     """Post-step: an exponential moving average of the weights, :math:`m \\leftarrow d\\,m + (1-d)\\,w`."""
 
-    state_prefix = "ema"  # the keys this transform writes into state[p] start with it
+    slot_name = "ema"  # its state is stored as optimizer.state[p]["ema.<key>"]
 
     def __init__(self, decay=0.9):
         self.decay = decay
-        self.validate_group({"ema_decay": decay})
+        self.validate_group({"decay": decay})
 
     def group_defaults(self):
-        return {"ema_decay": self.decay}  # a param-group key; a group may override it
+        return {"decay": self.decay}  # a param-group key ("decay", or "ema.decay"); a group may override it
 
     def validate_group(self, group):
-        decay = group["ema_decay"]
+        decay = group["decay"]
         if not 0.0 <= decay < 1.0:
-            raise ValueError(f"ema_decay must be in [0, 1), got {decay!r}")
+            raise ValueError(f"decay must be in [0, 1), got {decay!r}")
 
     @torch.no_grad()
     def post_update(self, ctx):
@@ -48,7 +48,7 @@ class WeightEMA(Transform):
                 if "ema_weight" not in state:
                     state["ema_weight"] = p.detach().clone()
                 else:
-                    state["ema_weight"].lerp_(p, 1.0 - group["ema_decay"])
+                    state["ema_weight"].lerp_(p, 1.0 - group["decay"])
 
 
 torch.manual_seed(0)
@@ -78,15 +78,15 @@ for _ in range(3):
     assert torch.allclose((after - before).mean(dim=1), torch.zeros(8), atol=1e-7)
     expected_ema = after.clone() if expected_ema is None else 0.5 * expected_ema + 0.5 * after
 
-assert torch.allclose(optimizer.state[model[0].weight]["ema_weight"], expected_ema)
-assert "ema_weight" in optimizer.state_dict()["transform_state"][0]  # checkpointed
+assert torch.allclose(optimizer.state[model[0].weight]["ema.ema_weight"], expected_ema)
+assert "ema.ema_weight" in optimizer.state_dict()["state"][0]  # checkpointed
 
 # Bad values are rejected at construction, also when a param group overrides the default.
 try:
     TransformingOptimizer(
-        [{"params": model.parameters(), "ema_decay": 1.5}], torch.optim.SGD, lr=0.1, transforms=[WeightEMA()]
+        [{"params": model.parameters(), "decay": 1.5}], torch.optim.SGD, lr=0.1, transforms=[WeightEMA()]
     )
 except ValueError as error:
-    assert "ema_decay must be in [0, 1), got 1.5" in str(error)
+    assert "param_groups[0]: decay must be in [0, 1), got 1.5" in str(error)
 else:
     raise AssertionError("ema_decay=1.5 was accepted")

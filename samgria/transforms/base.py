@@ -368,9 +368,10 @@ class ProtocolTransform(Transform):
     Inside :meth:`TransformingOptimizer.step`, ``apply`` receives the optimizer's ``model`` (or a
     view of its parameters), a ``loss_fn`` that re-evaluates the closure — the closure already
     back-propagates, so the returned loss is detached and calling ``.backward()`` on it is a
-    harmless no-op — and ``batch=()``. The object's own ``state_dict``/``load_state_dict``, when
-    it has them, are not part of the optimizer's checkpoint: keep such state in a
-    :class:`Transform` subclass instead (its slot is checkpointed).
+    harmless no-op — and ``batch=()``. When the object has ``state_dict``/``load_state_dict``, its
+    state is copied into the slot by the optimizer's ``state_dict()`` (one slot key per key; the
+    values should be tensors or numbers, which is what checkpoints carry) and handed back after
+    ``load_state_dict()``.
     """
 
     def __init__(self, transform: GradientTransform) -> None:
@@ -401,6 +402,20 @@ class ProtocolTransform(Transform):
 
     def post_update(self, ctx: TransformContext) -> None:
         self.transform.post_step(self._model(ctx))
+
+    def export_state(self, ctx: TransformContext) -> None:
+        """Copy the object's ``state_dict()`` (if it has one) into the slot, key by key."""
+        method = getattr(self.transform, "state_dict", None)
+        slot = ctx.slot_state()
+        if callable(method) and slot is not None:
+            slot.update(method())
+
+    def import_state(self, ctx: TransformContext) -> None:
+        """Hand the slot's keys to the object's ``load_state_dict`` (if it has one)."""
+        method = getattr(self.transform, "load_state_dict", None)
+        slot = ctx.slot_state()
+        if callable(method) and slot is not None and len(slot):
+            method(dict(slot.items()))
 
     def __repr__(self) -> str:
         return repr(self.transform)

@@ -143,7 +143,7 @@ class ClampGrad(Transform):
     r"""Clamp every gradient element to ``[grad_min, grad_max]`` (per-group keys of those names).
 
     Raises:
-        ValueError: If ``grad_min > grad_max``.
+        ValueError: If a bound is not finite or ``grad_min > grad_max``.
     """
 
     def __init__(self, grad_min: float = -1.0, grad_max: float = 1.0) -> None:
@@ -155,7 +155,7 @@ class ClampGrad(Transform):
 
     def validate_group(self, group: Mapping[str, Any]) -> None:
         low = check_real("grad_min", group["grad_min"])
-        check_real("grad_max", group["grad_max"], low=low)
+        check_real("grad_max", group["grad_max"], low=low, low_name="grad_min")
 
     def pre_update(self, ctx: TransformContext) -> None:
         for group, grads in _grads_by_group(ctx):

@@ -103,13 +103,17 @@ class LAMP(Transform):
                     )
                 rng_state = entry.get("rng_state")
                 if rng_state is not None:
+                    # torch's load_state_dict casts every tensor of a floating-point parameter's
+                    # state to its dtype; byte values survive that exactly, so cast them back.
                     try:
-                        torch.Generator(device=param.device).set_state(rng_state.cpu())
-                    except (RuntimeError, TypeError, AttributeError) as error:
+                        restored = _as_generator_state(rng_state)
+                        torch.Generator(device=param.device).set_state(restored)
+                    except (RuntimeError, TypeError, ValueError, AttributeError) as error:
                         raise ValueError(
                             f"the checkpoint's LAMP slot {ctx.slot!r} holds an invalid generator "
                             f"state for device {param.device}: {error}"
                         ) from None
+                    entry["rng_state"] = restored
 
     # -- the step --------------------------------------------------------------------------------
     @torch.no_grad()
@@ -185,6 +189,18 @@ class LAMP(Transform):
         cycle["cycle_step"] = step
 
 
+def _as_generator_state(value: torch.Tensor) -> torch.Tensor:
+    """A generator state as ``set_state`` takes it: a CPU byte tensor (it may come back cast)."""
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"expected a tensor, got {type(value).__name__}")
+    if value.dtype != torch.uint8:
+        as_bytes = value.to(torch.uint8)
+        if not torch.equal(as_bytes.to(value.dtype), value):
+            raise ValueError("the values are not bytes")
+        value = as_bytes
+    return value.cpu()
+
+
 class _GeneratorCache:
     """One generator per device for one step, loaded from and saved to the slot's ``rng_state``."""
 
@@ -199,7 +215,7 @@ class _GeneratorCache:
             generator = torch.Generator(device=device)
             slot = self._ctx.slot_state(device)
             if slot is not None and "rng_state" in slot:
-                generator.set_state(slot["rng_state"].cpu())
+                generator.set_state(_as_generator_state(slot["rng_state"]))
             else:
                 generator.manual_seed(self._seed)
             self._generators[device] = generator
