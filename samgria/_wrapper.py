@@ -26,7 +26,6 @@ from collections import defaultdict
 from collections.abc import Iterator, MutableMapping
 from typing import Any
 
-import torch
 from torch.optim import Optimizer
 
 __all__ = ["WrappingOptimizer"]

@@ -89,5 +89,5 @@ def test_head_must_be_a_submodule():
         ANIL(model, torch.optim.SGD, head=model[1], lr=0.1)
     with pytest.raises(TypeError, match="model must be a torch.nn.Module, got NoneType"):
         ANIL(None, torch.optim.SGD, head=model[2], lr=0.1)
-    with pytest.raises(ValueError, match="inner_lr must be >= 0, got -1"):
+    with pytest.raises(ValueError, match="inner_lr must be a finite number >= 0, got -1"):
         ANIL(model, torch.optim.SGD, head=model[2], inner_lr=-1, lr=0.1)

@@ -174,9 +174,9 @@ def test_inner_step_errors_name_argument_and_value():
     model, x, y = linear_problem()
     params = named_params(model)
     loss = nn.functional.mse_loss(functional_forward(model, params, x), y)
-    with pytest.raises(ValueError, match=r"lr must be >= 0, got -1\.0"):
+    with pytest.raises(ValueError, match=r"lr must be a finite number >= 0, got -1\.0"):
         inner_step(params, loss, -1.0)
-    with pytest.raises(TypeError, match="lr must be a real number, got True"):
+    with pytest.raises(TypeError, match="lr must be a finite number >= 0, got True"):
         inner_step(params, loss, True)
     with pytest.raises(ValueError, match=r"adapt_names contains names that are not in params: \['nope'\]"):
         inner_step(params, loss, 0.1, adapt_names=["nope"])
@@ -232,13 +232,13 @@ def test_adapt_errors_name_argument_and_value():
         adapt("model", params, lambda p: p["weight"].sum())
     with pytest.raises(TypeError, match="build_loss must be callable, got 3"):
         adapt(model, params, 3)
-    with pytest.raises(ValueError, match="inner_steps must be >= 0, got -2"):
+    with pytest.raises(ValueError, match="inner_steps must be an integer >= 0, got -2"):
         adapt(model, params, lambda p: p["weight"].sum(), inner_steps=-2)
-    with pytest.raises(TypeError, match="inner_steps must be a non-negative int, got True"):
+    with pytest.raises(TypeError, match="inner_steps must be an integer >= 0, got True"):
         adapt(model, params, lambda p: p["weight"].sum(), inner_steps=True)
-    with pytest.raises(TypeError, match=r"inner_steps must be a non-negative int, got 1\.5"):
+    with pytest.raises(TypeError, match=r"inner_steps must be an integer >= 0, got 1\.5"):
         adapt(model, params, lambda p: p["weight"].sum(), inner_steps=1.5)
-    with pytest.raises(ValueError, match=r"lr must be >= 0, got -0\.1"):
+    with pytest.raises(ValueError, match=r"lr must be a finite number >= 0, got -0\.1"):
         adapt(model, params, lambda p: p["weight"].sum(), lr=-0.1)
 
 
@@ -252,8 +252,8 @@ def test_helpers_copy_buffers_resolve_lrs_and_checks():
     rate = torch.ones(2)
     assert resolve_lrs(0.5, ["a", "b"]) == {"a": 0.5, "b": 0.5}
     assert resolve_lrs({"a": rate, "b": 1}, ["a"]) == {"a": rate}
-    with pytest.raises(ValueError, match=r"lr\['b'\] must be >= 0, got -1"):
+    with pytest.raises(ValueError, match=r"lr\['b'\] must be a finite number >= 0, got -1"):
         resolve_lrs({"b": -1}, ["b"])
     assert check_lr(3) == 3.0 and check_steps(2) == 2
-    with pytest.raises(ValueError, match=r"inner_lr must be >= 0, got nan"):
+    with pytest.raises(ValueError, match=r"inner_lr must be a finite number >= 0, got nan"):
         check_lr(float("nan"), "inner_lr")

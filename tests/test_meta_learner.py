@@ -123,9 +123,9 @@ def test_learner_errors_name_argument_and_value():
     model, x, y = setup()
     with pytest.raises(TypeError, match="model must be a torch.nn.Module, got dict"):
         Learner({})
-    with pytest.raises(ValueError, match=r"lr must be >= 0, got -0\.5"):
+    with pytest.raises(ValueError, match=r"lr must be a finite number >= 0, got -0\.5"):
         Learner(model, inner_lr=-0.5)
-    with pytest.raises(ValueError, match="inner_steps must be >= 0, got -1"):
+    with pytest.raises(ValueError, match="inner_steps must be an integer >= 0, got -1"):
         Learner(model, inner_steps=-1)
     with pytest.raises(ValueError, match=r"adapt_names contains names that are not parameters of model: \['bias'\]"):
         Learner(model, adapt_names=["bias"])
@@ -142,7 +142,7 @@ def test_learner_errors_name_argument_and_value():
         learner.adapt_on("mse", x, y)
     with pytest.raises(TypeError, match="support_closure must be callable, got 5"):
         learner.adapt_closure(5)
-    with pytest.raises(ValueError, match="steps must be >= 0, got -3"):
+    with pytest.raises(ValueError, match="steps must be an integer >= 0, got -3"):
         learner.adapt_on(mse, x, y, steps=-3)
     with pytest.raises(TypeError, match="the support loss must be a scalar tensor, got float"):
         learner.adapt(1.0)

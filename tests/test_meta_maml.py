@@ -421,13 +421,13 @@ def test_meta_loss_weighted_mean_and_count_mismatch():
 # ----------------------------------------------------------------------------- bad inputs
 def test_constructor_rejects_bad_inputs_with_messages():
     model = linear_model()
-    with pytest.raises(ValueError, match=r"inner_lr must be >= 0, got -1\.0"):
+    with pytest.raises(ValueError, match=r"inner_lr must be a finite number >= 0, got -1\.0"):
         MAML(model, torch.optim.SGD, inner_lr=-1.0, lr=0.1)
-    with pytest.raises(ValueError, match="inner_steps must be >= 0, got -1"):
+    with pytest.raises(ValueError, match="inner_steps must be an integer >= 0, got -1"):
         MAML(model, torch.optim.SGD, inner_steps=-1, lr=0.1)
-    with pytest.raises(TypeError, match=r"inner_steps must be a non-negative int, got 2\.0"):
+    with pytest.raises(TypeError, match=r"inner_steps must be an integer >= 0, got 2\.0"):
         MAML(model, torch.optim.SGD, inner_steps=2.0, lr=0.1)
-    with pytest.raises(TypeError, match="inner_steps must be a non-negative int, got True"):
+    with pytest.raises(TypeError, match="inner_steps must be an integer >= 0, got True"):
         MAML(model, torch.optim.SGD, inner_steps=True, lr=0.1)
     with pytest.raises(TypeError, match="model must be a torch.nn.Module, got list"):
         MAML([model.weight], torch.optim.SGD, lr=0.1)
@@ -447,7 +447,7 @@ def test_constructor_rejects_bad_inputs_with_messages():
         MAML(nn.ReLU(), torch.optim.SGD, lr=0.1)
     with pytest.raises(TypeError, match=r"param_groups\[0\]\['adapt'\] must be a bool, got 'yes'"):
         MAML(model, torch.optim.SGD([{"params": model.parameters(), "adapt": "yes"}], lr=0.1))
-    with pytest.raises(ValueError, match=r"param_groups\[0\]\['inner_lr'\] must be >= 0, got -0\.5"):
+    with pytest.raises(ValueError, match=r"param_groups\[0\]\['inner_lr'\] must be a finite number >= 0, got -0\.5"):
         MAML(model, torch.optim.SGD([{"params": model.parameters(), "inner_lr": -0.5}], lr=0.1))
 
 
@@ -456,7 +456,7 @@ def test_adapt_and_task_losses_reject_bad_inputs_with_messages():
     meta = MAML(model, torch.optim.SGD, lr=0.1)
     with pytest.raises(TypeError, match="support_closure must be callable, got 3"):
         meta.adapt(3)
-    with pytest.raises(ValueError, match="steps must be >= 0, got -1"):
+    with pytest.raises(ValueError, match="steps must be an integer >= 0, got -1"):
         meta.adapt(lambda f: f(torch.zeros(1, 3, dtype=DT)).sum(), steps=-1)
     with pytest.raises(ValueError, match="weight must be a finite number >= 0, got -1"):
         meta.adapt(lambda f: f(torch.zeros(1, 3, dtype=DT)).sum(), weight=-1)
@@ -472,7 +472,7 @@ def test_adapt_and_task_losses_reject_bad_inputs_with_messages():
         meta.adapt(lambda f: f(torch.zeros(2, 3, dtype=DT)))
     # a param group edited to a bad inner_lr is caught at adaptation time
     meta.param_groups[0]["inner_lr"] = -3.0
-    with pytest.raises(ValueError, match=r"param_groups\[0\]\['inner_lr'\] must be >= 0, got -3\.0"):
+    with pytest.raises(ValueError, match=r"param_groups\[0\]\['inner_lr'\] must be a finite number >= 0, got -3\.0"):
         meta.adapt(lambda f: f(torch.zeros(1, 3, dtype=DT)).sum())
 
 

@@ -207,9 +207,9 @@ def test_reptile_errors_name_argument_and_value():
     assert meta.num_recorded == 0  # cleared even after an error
     with pytest.raises(ValueError, match=r"weight must be a finite number >= 0, got -2\.0"):
         meta.adapt(lambda f: mse(f(t.support_x), t.support_y), weight=-2.0)
-    with pytest.raises(ValueError, match="inner_lr must be >= 0, got -0.1"):
+    with pytest.raises(ValueError, match="inner_lr must be a finite number >= 0, got -0.1"):
         Reptile(model, torch.optim.SGD, inner_lr=-0.1, lr=0.5)
-    with pytest.raises(TypeError, match="inner_steps must be a non-negative int, got 1.5"):
+    with pytest.raises(TypeError, match="inner_steps must be an integer >= 0, got 1.5"):
         Reptile(model, torch.optim.SGD, inner_steps=1.5, lr=0.5)
     with pytest.raises(TypeError, match="Reptile is always first order"):
         Reptile(model, torch.optim.SGD, first_order=False, lr=0.5)

@@ -28,15 +28,14 @@ changes it. See :mod:`samgria.meta.functional` for the BatchNorm policy.
 
 from __future__ import annotations
 
-import math
-import numbers
 import warnings
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
+from samgria._checks import check_real
 from samgria._wrapper import WrappingOptimizer
 from samgria.data.task import Task
 from samgria.meta.functional import check_lr, check_steps
@@ -49,12 +48,7 @@ __all__ = ["MetaOptimizer"]
 LossFn = Callable[[Any, Any], torch.Tensor]
 
 def _check_weight(weight: Any, name: str = "weight") -> float:
-    if isinstance(weight, bool) or not isinstance(weight, numbers.Real):
-        raise TypeError(f"{name} must be a real number, got {weight!r}")
-    value = float(weight)
-    if not math.isfinite(value) or value < 0:
-        raise ValueError(f"{name} must be a finite number >= 0, got {weight!r}")
-    return value
+    return check_real(name, weight, low=0.0)
 
 
 class MetaOptimizer(WrappingOptimizer):

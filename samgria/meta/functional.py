@@ -30,12 +30,12 @@ BatchNorm policy (running statistics):
 
 from __future__ import annotations
 
-import math
-import numbers
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Union
 
 import torch
+
+from samgria._checks import check_int, check_real
 from torch import nn
 from torch.func import functional_call
 
@@ -119,22 +119,13 @@ def functional_forward(
 
 
 def check_lr(lr: Any, name: str = "lr") -> float:
-    """Validate a scalar step size: a real, finite number ``>= 0`` (``bool`` is rejected)."""
-    if isinstance(lr, bool) or not isinstance(lr, numbers.Real):
-        raise TypeError(f"{name} must be a real number, got {lr!r}")
-    value = float(lr)
-    if not math.isfinite(value) or value < 0:
-        raise ValueError(f"{name} must be >= 0, got {lr!r}")
-    return value
+    """Validate a scalar step size: a finite real number ``>= 0`` (``bool`` is rejected)."""
+    return check_real(name, lr, low=0.0)
 
 
 def check_steps(steps: Any, name: str = "inner_steps") -> int:
-    """Validate a number of inner steps: an ``int >= 0`` (``bool`` and floats are rejected)."""
-    if isinstance(steps, bool) or not isinstance(steps, numbers.Integral):
-        raise TypeError(f"{name} must be a non-negative int, got {steps!r}")
-    if steps < 0:
-        raise ValueError(f"{name} must be >= 0, got {steps!r}")
-    return int(steps)
+    """Validate a number of inner steps: an integer ``>= 0`` (``bool`` and floats are rejected)."""
+    return check_int(name, steps, low=0)
 
 
 def check_support_loss(loss: Any) -> torch.Tensor:

@@ -19,14 +19,14 @@ weights, :math:`g = \\theta - \\sum_i w_i \\phi_i / \\sum_i w_i` (Nichol et al.,
 
 from __future__ import annotations
 
-import math
-import numbers
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any
 
 import torch
+
+from samgria._checks import check_real
 
 from samgria.meta.base import MetaOptimizer
 from samgria.meta.functional import check_steps
@@ -218,10 +218,7 @@ class MetaStep:
                 )
         else:
             _check_pair("query", query)
-        if isinstance(weight, bool) or not isinstance(weight, numbers.Real):
-            raise TypeError(f"weight must be a real number, got {weight!r}")
-        if not math.isfinite(float(weight)) or float(weight) < 0:
-            raise ValueError(f"weight must be a finite number >= 0, got {weight!r}")
+        check_real("weight", weight, low=0.0)
         steps = None if inner_steps is None else check_steps(inner_steps, "inner_steps")
         spec = _TaskSpec(
             tuple(support), None if query is None else tuple(query), float(weight), steps,
