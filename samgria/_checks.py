@@ -51,7 +51,7 @@ def check_real(
     """
     rule = _real_rule(low, high, low_open, high_open, allow_inf)
     if low_name is not None and low is not None and high is None:
-        rule = rule.replace(f" {low:g}", f" {low_name} = {low:g}", 1)
+        rule = rule.replace(f" {_bound(low)}", f" {low_name} = {_bound(low)}", 1)
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise _fail_type(name, rule, value)
     number = float(value)
@@ -65,6 +65,12 @@ def check_real(
     return number
 
 
+def _bound(value: float) -> str:
+    """A bound as the message states it: short when exact, else every digit (never rounded)."""
+    short = f"{value:g}"
+    return short if float(short) == value else repr(float(value))
+
+
 def _real_rule(
     low: float | None, high: float | None, low_open: bool, high_open: bool, allow_inf: bool
 ) -> str:
@@ -72,11 +78,11 @@ def _real_rule(
     if low is not None and high is not None:
         left = "(" if low_open else "["
         right = ")" if high_open else "]"
-        return f"{kind} in {left}{low:g}, {high:g}{right}"
+        return f"{kind} in {left}{_bound(low)}, {_bound(high)}{right}"
     if low is not None:
-        return f"{kind} {'>' if low_open else '>='} {low:g}"
+        return f"{kind} {'>' if low_open else '>='} {_bound(low)}"
     if high is not None:
-        return f"{kind} {'<' if high_open else '<='} {high:g}"
+        return f"{kind} {'<' if high_open else '<='} {_bound(high)}"
     return kind
 
 

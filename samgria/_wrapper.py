@@ -77,7 +77,7 @@ class _DrivenState(MutableMapping):
             raise KeyError(param)
         entry = state[param]  # defaultdict: created on first access, as in torch
         hidden = self._owner._hides_state_key
-        if any(hidden(key) for key in entry):
+        if any(map(hidden, entry)):
             return _VisibleEntry(entry, hidden)
         return entry
 

@@ -207,13 +207,14 @@ class TransformContext:
     def slot_state(self, device: torch.device | None = None) -> _SlotEntry | None:
         """This transform's object-level state (counters, generator states).
 
-        Stored in the optimizer's ``state`` of the first parameter (the first on ``device``, when
-        given) under this slot's keys; ``None`` when there is no such parameter. Keys must not
-        coincide with the transform's per-parameter keys.
+        Stored in the optimizer's ``state`` of the first parameter that requires grad (the first
+        on ``device``, when given) under this slot's keys — ``torch.distributed.checkpoint``
+        carries only the state of parameters that require grad; ``None`` when there is no such
+        parameter. Keys must not coincide with the transform's per-parameter keys.
         """
         for group in self.raw_param_groups:
             for param in group["params"]:
-                if device is None or param.device == device:
+                if param.requires_grad and (device is None or param.device == device):
                     return _SlotEntry(self._optimizer_state[param], self.slot + ".")
         return None
 

@@ -90,6 +90,8 @@ class Chain:
                     name = f"{base}_{suffix}"
                 self._add(name, transform)
         self._slot_set = frozenset(self.slots)
+        self._hidden_keys: dict[Any, bool] = {}
+        self._spec: tuple[str, ...] | None = None
         self.inner_keys = frozenset(inner_keys)
         self._resolve_keys()
 
@@ -133,12 +135,24 @@ class Chain:
         return len(self.slots)
 
     def spec(self) -> tuple[str, ...]:
-        """``("sam=SAM()", "lamp=LAMP(rollback_len=10, seed=0)")``: what a checkpoint records."""
-        return tuple(f"{slot}={transform.describe()}" for slot, transform in self)
+        """``("sam=SAM()", "lamp=LAMP(rollback_len=10, seed=0)")``: what a checkpoint records.
+
+        Fixed when the chain is built (settings are constructor-only).
+        """
+        if self._spec is None:
+            self._spec = tuple(f"{slot}={transform.describe()}" for slot, transform in self)
+        return self._spec
 
     def hides(self, key: Any) -> bool:
         """Whether a ``state[p]`` key belongs to a slot (``"<slot>.<key>"``)."""
-        return isinstance(key, str) and key.partition(".")[0] in self._slot_set and "." in key
+        try:
+            return self._hidden_keys[key]
+        except KeyError:
+            hidden = isinstance(key, str) and "." in key and key.partition(".")[0] in self._slot_set
+            self._hidden_keys[key] = hidden
+            return hidden
+        except TypeError:  # an unhashable key
+            return False
 
     def normalize_group(self, group: dict[str, Any], where: str) -> None:
         """Rewrite a user's group in place: qualified keys to stored keys; refuse ambiguous keys.

@@ -1,0 +1,674 @@
+"""Atomic steps, the non-finite policy, 16-bit safety and hyperparameter checks (fault injection).
+
+Every "nothing changed" check compares the weights and every entry of ``optimizer.state`` (inner
+optimizer and transform slots, tensors and plain values alike) bit for bit against a deepcopy
+taken before the step, and then checks that the next normal step equals that of an untouched
+twin optimizer.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import re
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import samgria.transforms.lamp as lamp_module
+from samgria import (
+    ASAM,
+    LAMP,
+    SAM,
+    ClampGrad,
+    ClipGradNorm,
+    NormalizeGrad,
+    ScaleGrad,
+    Transform,
+    TransformingOptimizer,
+)
+
+
+# -- helpers ----------------------------------------------------------------------------------------
+class Injected(Exception):
+    """The failure this file injects."""
+
+
+class RaisingPre(Transform):
+    """Raises in ``pre_update`` when armed, after changing nothing."""
+
+    def __init__(self) -> None:
+        self.armed = False
+
+    def pre_update(self, ctx) -> None:
+        if self.armed:
+            raise Injected("pre-step transform failed")
+
+
+class RaisingPost(Transform):
+    """Raises in ``post_update`` when armed (after every earlier post-step transform ran)."""
+
+    def __init__(self) -> None:
+        self.armed = False
+
+    def post_update(self, ctx) -> None:
+        if self.armed:
+            raise Injected("post-step transform failed")
+
+
+def failing(base):
+    """``base`` whose step does the real update and then raises when ``fail`` is set."""
+
+    class FailingAfterUpdate(base):
+        fail = False
+
+        @torch.no_grad()
+        def step(self, closure=None):
+            loss = super().step(closure)
+            if self.fail:
+                raise Injected("inner step failed after updating")
+            return loss
+
+    FailingAfterUpdate.__name__ = f"Failing{base.__name__}"
+    return FailingAfterUpdate
+
+
+FailingSGD, FailingAdam = failing(torch.optim.SGD), failing(torch.optim.Adam)
+
+
+class MidwaySGD(torch.optim.Optimizer):
+    """SGD with momentum written out, with a plain-number counter; raises midway when told."""
+
+    def __init__(self, params, lr=0.05, momentum=0.9):
+        super().__init__(params, {"lr": lr, "momentum": momentum})
+        self.fail_at = None
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        index = 0
+        for group in self.param_groups:
+            for param in group["params"]:
+                if param.grad is None:
+                    continue
+                state = self.state[param]
+                if "momentum_buffer" not in state:
+                    state["momentum_buffer"] = param.grad.clone()
+                else:
+                    state["momentum_buffer"].mul_(group["momentum"]).add_(param.grad)
+                state["updates"] = state.get("updates", 0) + 1
+                param.add_(state["momentum_buffer"], alpha=-group["lr"])
+                if self.fail_at is not None and index == self.fail_at:
+                    raise Injected("inner step failed midway through the parameters")
+                index += 1
+
+
+def make_model(dtype: torch.dtype = torch.float64, seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 2)).to(dtype)
+
+
+X = torch.randn(12, 4, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+Y = torch.randn(12, 2, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+
+
+def loss_of(model):
+    return nn.functional.mse_loss(model(X), Y)
+
+
+def make_closure(model, optimizer, on_call=None):
+    """A closure; ``on_call(n)`` runs after the n-th call's backward (n counts from 1)."""
+    calls = [0]
+
+    def closure():
+        calls[0] += 1
+        optimizer.zero_grad()
+        loss = loss_of(model)
+        loss.backward()
+        if on_call is not None:
+            on_call(calls[0])
+        return loss
+
+    return closure
+
+
+CHAINS = {
+    "sam": lambda: [SAM(0.05)],
+    # rollback_len=2: the third step (the faulty one after two warm-up steps) is a rollback.
+    "sam+lamp": lambda: [SAM(0.05), LAMP(1e-2, rollback_len=2, seed=0)],
+    "lamp": lambda: [LAMP(1e-2, rollback_len=2, seed=0)],
+}
+INNERS = {
+    "sgd": (FailingSGD, {"lr": 0.05, "momentum": 0.9}),
+    "adam": (FailingAdam, {"lr": 1e-2}),
+    "midway": (MidwaySGD, {"lr": 0.05, "momentum": 0.9}),
+}
+
+
+def build(model, chain, inner="sgd", **options):
+    cls, kwargs = INNERS[inner]
+    transforms = CHAINS[chain]() + [RaisingPre(), RaisingPost()]
+    return TransformingOptimizer(model.parameters(), cls, transforms=transforms, **kwargs, **options)
+
+
+def params_in_order(optimizer):
+    return [p for group in optimizer.param_groups for p in group["params"]]
+
+
+def state_by_index(optimizer):
+    """``optimizer.state`` keyed by parameter position; empty entries are the same as none."""
+    out = {}
+    for index, param in enumerate(params_in_order(optimizer)):
+        if param in optimizer.state and optimizer.state[param]:
+            out[index] = dict(optimizer.state[param])
+    return out
+
+
+def groups_without_params(optimizer):
+    return [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
+
+
+def assert_same_value(a, b, where):
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        assert isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor), where
+        assert (a.dtype, a.shape, a.device) == (b.dtype, b.shape, b.device), where
+        assert torch.equal(a, b), where
+    else:
+        assert type(a) is type(b) and a == b, (where, a, b)
+
+
+def assert_states_equal(first, second):
+    assert first.keys() == second.keys()
+    for index in first:
+        assert first[index].keys() == second[index].keys(), index
+        for key in first[index]:
+            assert_same_value(first[index][key], second[index][key], (index, key))
+
+
+class Before:
+    """Deepcopies of everything a step may change."""
+
+    def __init__(self, model, optimizer):
+        self.model, self.optimizer = model, optimizer
+        self.weights = [p.detach().clone() for p in model.parameters()]
+        self.state = copy.deepcopy(state_by_index(optimizer))
+        self.groups = copy.deepcopy(groups_without_params(optimizer))
+        self.skipped = optimizer.skipped_steps
+
+    def assert_unchanged(self):
+        for before, param in zip(self.weights, self.model.parameters()):
+            assert torch.equal(before, param)
+        assert_states_equal(state_by_index(self.optimizer), self.state)
+        assert groups_without_params(self.optimizer) == self.groups
+        assert self.optimizer.param_groups is self.optimizer.inner.param_groups
+
+
+def assert_runs_equal(model_a, opt_a, model_b, opt_b):
+    for a, b in zip(model_a.parameters(), model_b.parameters()):
+        assert torch.equal(a, b)
+    assert_states_equal(state_by_index(opt_a), state_by_index(opt_b))
+
+
+def make_twins(chain, inner, warmup):
+    runs = []
+    for _ in range(2):
+        model = make_model()
+        optimizer = build(model, chain, inner)
+        closure = make_closure(model, optimizer)
+        for _ in range(warmup):
+            optimizer.step(closure)
+        runs.append((model, optimizer))
+    return runs
+
+
+def step_both_normally(run, twin, steps=2):
+    for _ in range(steps):
+        for model, optimizer in (run, twin):
+            optimizer.step(make_closure(model, optimizer))
+        assert_runs_equal(*run, *twin)
+
+
+def raise_on_call(bad_call):
+    def on_call(n):
+        if n == bad_call:
+            raise Injected(f"closure failed on call {n}")
+
+    return on_call
+
+
+def out_of_memory(*args, **kwargs):
+    raise MemoryError("injected")
+
+
+def partly(kernel):
+    """``kernel`` (a list kernel of samgria.functional) done for the first tensor only, then OOM."""
+
+    def run(*lists, **kwargs):
+        kernel(*[items[:1] for items in lists], **kwargs)
+        raise MemoryError("injected after the first tensor")
+
+    return run
+
+
+def poison(model, value):
+    next(iter(model.parameters())).grad.view(-1)[0] = value
+
+
+# -- atomic steps: a failure anywhere leaves everything as it was ------------------------------------------
+FAULTS = [
+    "closure-first-pass",
+    "closure-second-pass",
+    "pre-step-transform",
+    "inner-after-update",
+    "inner-midway",
+    "post-step-transform",
+    "lamp-noise-memory-error",
+    "lamp-accumulate-memory-error",
+    "lamp-rollback-memory-error",
+]
+
+
+@pytest.mark.parametrize("warmup", [0, 2])
+@pytest.mark.parametrize("inner", ["sgd", "adam"])
+@pytest.mark.parametrize("chain", sorted(CHAINS))
+@pytest.mark.parametrize("fault", FAULTS)
+def test_a_step_that_raises_changes_nothing(fault, chain, inner, warmup, monkeypatch):
+    if fault == "closure-second-pass" and "sam" not in chain:
+        pytest.skip("only SAM re-evaluates the closure")
+    if fault.startswith("lamp") and "lamp" not in chain:
+        pytest.skip("no LAMP in the chain")
+    if fault == "lamp-rollback-memory-error" and warmup == 0:
+        pytest.skip("the first step does not roll back")
+    if fault == "inner-midway":
+        if inner == "adam":
+            pytest.skip("the midway failure has one inner optimizer")
+        inner = "midway"
+    (model, optimizer), twin = make_twins(chain, inner, warmup)
+    before = Before(model, optimizer)
+
+    on_call = None
+    expected = Injected
+    if fault == "closure-first-pass":
+        on_call = raise_on_call(1)
+    elif fault == "closure-second-pass":
+        on_call = raise_on_call(2)
+    elif fault == "pre-step-transform":
+        optimizer.transforms[-2].armed = True
+    elif fault == "inner-after-update":
+        optimizer.inner.fail = True
+    elif fault == "inner-midway":
+        optimizer.inner.fail_at = 1
+    elif fault == "post-step-transform":
+        optimizer.transforms[-1].armed = True
+    else:
+        # magnitude_noise: before LAMP changed anything; accumulate_: after it added the noise
+        # to the weights, counted the iterate and advanced its generator, and after summing the
+        # first parameter; assign_mean_ (the rollback at the third step): after setting the first
+        # parameter to its mean and zeroing its sum.
+        name = {"noise": "magnitude_noise", "accumulate": "accumulate_", "rollback": "assign_mean_"}[fault.split("-")[1]]
+        monkeypatch.setattr(lamp_module, name, out_of_memory if name == "magnitude_noise" else partly(getattr(lamp_module, name)))
+        expected = MemoryError
+
+    closure = make_closure(model, optimizer, on_call)
+    with pytest.raises(expected):
+        optimizer.step(closure)
+    before.assert_unchanged()
+
+    # Disarm and compare the next normal steps with the twin's.
+    monkeypatch.undo()
+    for transform in optimizer.transforms[-2:]:
+        transform.armed = False
+    optimizer.inner.fail = False
+    optimizer.inner.fail_at = None
+    step_both_normally((model, optimizer), twin)
+
+
+@pytest.mark.parametrize("chain", ["sam", "sam+lamp"])
+@pytest.mark.parametrize("fault", ["inner-after-update", "post-step-transform", "lamp-accumulate-memory-error"])
+def test_a_second_step_that_raises_changes_nothing(fault, chain, monkeypatch):
+    if fault.startswith("lamp") and "lamp" not in chain:
+        pytest.skip("no LAMP in the chain")
+    (model, optimizer), twin = make_twins(chain, "sgd", warmup=2)
+    before = Before(model, optimizer)
+    expected = Injected
+    if fault == "inner-after-update":
+        optimizer.inner.fail = True
+    elif fault == "post-step-transform":
+        optimizer.transforms[-1].armed = True
+    else:
+        monkeypatch.setattr(lamp_module, "accumulate_", partly(lamp_module.accumulate_))
+        expected = MemoryError
+
+    optimizer.zero_grad()
+    loss_of(model).backward()
+    optimizer.first_step()
+    loss_of(model).backward()
+    with pytest.raises(expected):
+        optimizer.second_step()
+    before.assert_unchanged()
+
+    monkeypatch.undo()
+    optimizer.inner.fail = False
+    optimizer.transforms[-1].armed = False
+    step_both_normally((model, optimizer), twin)
+
+
+# -- non-finite gradients ---------------------------------------------------------------------------------------
+def non_finite_step(model, optimizer, mode, where, value):
+    """One step whose ``where`` ("first"/"second") pass has a non-finite gradient."""
+    bad_call = 1 if where == "first" else 2
+    if mode == "closure":
+        closure = make_closure(model, optimizer, lambda n: poison(model, value) if n == bad_call else None)
+        return optimizer.step(closure)
+    if mode == "no-closure":  # the plain loop, for chains that do not re-evaluate
+        optimizer.zero_grad()
+        loss_of(model).backward()
+        poison(model, value)
+        return optimizer.step()
+    optimizer.zero_grad()
+    loss_of(model).backward()
+    if bad_call == 1:
+        poison(model, value)
+    optimizer.first_step()
+    loss_of(model).backward()
+    if bad_call == 2:
+        poison(model, value)
+    return optimizer.second_step()
+
+
+NON_FINITE_CASES = [
+    (chain, mode, where)
+    for chain in sorted(CHAINS)
+    for mode in ("closure", "two-call", "no-closure")
+    for where in ("first", "second")
+    if not (where == "second" and "sam" not in chain)
+    if not (mode == "two-call" and "sam" not in chain)
+    if not (mode == "no-closure" and ("sam" in chain or where == "second"))
+]
+
+
+@pytest.mark.parametrize("value", [math.inf, -math.inf, math.nan], ids=["inf", "-inf", "nan"])
+@pytest.mark.parametrize("chain,mode,where", NON_FINITE_CASES)
+def test_non_finite_gradients_skip_the_step_whole(chain, mode, where, value):
+    (model, optimizer), twin = make_twins(chain, "sgd", warmup=2)
+    before = Before(model, optimizer)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        non_finite_step(model, optimizer, mode, where, value)
+    runtime = [w for w in caught if issubclass(w.category, RuntimeWarning)]
+    assert len(runtime) == 1, [str(w.message) for w in caught]
+    assert "skipped" in str(runtime[0].message)
+    assert optimizer.skipped_steps == before.skipped + 1
+    before.assert_unchanged()
+    step_both_normally((model, optimizer), twin)
+    assert twin[1].skipped_steps == 0
+
+
+@pytest.mark.parametrize("value", [math.inf, math.nan], ids=["inf", "nan"])
+@pytest.mark.parametrize("chain,mode,where", NON_FINITE_CASES)
+def test_non_finite_raise_policy_raises_and_changes_nothing(chain, mode, where, value):
+    runs = []
+    for _ in range(2):
+        model = make_model()
+        optimizer = build(model, chain, "sgd", non_finite="raise")
+        for _ in range(2):
+            optimizer.step(make_closure(model, optimizer))
+        runs.append((model, optimizer))
+    (model, optimizer), twin = runs
+    before = Before(model, optimizer)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # no warning on top of the exception
+        with pytest.raises(FloatingPointError):
+            non_finite_step(model, optimizer, mode, where, value)
+    assert optimizer.skipped_steps == 0
+    before.assert_unchanged()
+    step_both_normally((model, optimizer), twin)
+
+
+# -- 16-bit parameters --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("foreach", [True, False])
+def test_asam_in_float16_does_not_overflow_from_finite_weights_and_gradients(foreach):
+    w = torch.tensor([300.0, -250.0, 200.0, 310.0], dtype=torch.float16)
+    c = torch.tensor([300.0, 280.0, -290.0, 250.0])  # the gradient, exactly representable in fp16
+    rho, eta = 0.5, 0.01
+    assert float(((w.float().abs() + eta) ** 2 * c).abs().max()) > 65504  # T^2 * g overflows fp16
+    param = nn.Parameter(w.clone())
+    optimizer = TransformingOptimizer(
+        [param], torch.optim.SGD, transforms=[ASAM(rho, eta=eta)], lr=1e-4, transform_foreach=foreach
+    )
+    seen = []
+
+    def closure():
+        optimizer.zero_grad()
+        seen.append(param.detach().clone())
+        loss = (param.float() * c).sum()  # gradient computed in fp32, stored in fp16
+        loss.backward()
+        return loss
+
+    optimizer.step(closure)
+    assert len(seen) == 2
+    perturbed = seen[1]
+    assert perturbed.dtype == torch.float16 and torch.isfinite(perturbed).all()
+    # By hand, in float64: e = rho * T^2 g / ||T g||, T = |w| + eta.
+    w64, g64 = w.double(), c.double()
+    t = w64.abs() + eta
+    expected = w64 + rho * t**2 * g64 / torch.linalg.vector_norm(t * g64)
+    torch.testing.assert_close(perturbed.double(), expected, rtol=2e-3, atol=0)
+    assert torch.equal(seen[0], w)
+    assert torch.isfinite(param).all()
+    torch.testing.assert_close(param.detach().double(), w64 - 1e-4 * g64, rtol=2e-3, atol=0)
+
+
+@pytest.mark.parametrize("foreach", [True, False])
+def test_sam_in_float16_with_a_tiny_gradient_norm_perturbs_by_rho(foreach):
+    w = torch.tensor([0.75, -0.5, 0.625, 0.875], dtype=torch.float16)
+    c = torch.tensor([1e-6, -2e-6, 1.5e-6, 3e-6])
+    rho = 0.5  # rho / ||g|| > 65504: the scale itself is out of float16's range
+    param = nn.Parameter(w.clone())
+    optimizer = TransformingOptimizer([param], torch.optim.SGD, transforms=[SAM(rho)], lr=0.1, transform_foreach=foreach)
+    seen, grads = [], []
+
+    def closure():
+        optimizer.zero_grad()
+        seen.append(param.detach().clone())
+        loss = (param.float() * c).sum()
+        loss.backward()
+        grads.append(param.grad.detach().clone())
+        return loss
+
+    optimizer.step(closure)
+    assert len(seen) == 2
+    g64 = grads[0].double()
+    assert 0 < float(torch.linalg.vector_norm(g64)) < 1e-5  # a tiny (subnormal fp16) gradient
+    assert rho / float(torch.linalg.vector_norm(g64)) > torch.finfo(torch.float16).max
+    expected = w.double() + rho * g64 / torch.linalg.vector_norm(g64)
+    perturbed = seen[1].double()
+    assert torch.isfinite(perturbed).all()
+    torch.testing.assert_close(perturbed, expected, rtol=0, atol=2**-10)  # one fp16 ulp in [1, 2)
+    assert abs(float(torch.linalg.vector_norm(perturbed - w.double())) - rho) < 2e-3
+    assert torch.isfinite(param).all()
+
+
+# -- first_step/second_step equals step(closure) when nothing is perturbed ----------------------------------------
+PRE_TRANSFORMS = {
+    "scale": lambda: ScaleGrad(scale=2.0),
+    "clip": lambda: ClipGradNorm(0.05),
+    "scale-to-zero": lambda: ScaleGrad(scale=0.0),  # SAM then sees a zero gradient
+}
+
+
+@pytest.mark.parametrize("after", [False, True], ids=["", "clamp-after-sam"])
+@pytest.mark.parametrize("case", ["rho-zero", "zero-gradient"])
+@pytest.mark.parametrize("pre", sorted(PRE_TRANSFORMS))
+def test_two_call_loop_equals_step_closure_when_the_perturbation_is_skipped(pre, case, after):
+    """step(closure) does not re-evaluate when nothing is perturbed, so the two-call loop must
+    keep the first pass's gradients (as rewritten by the transforms before SAM) and discard the
+    second pass's. The loop's second pass here uses another batch, so using its gradients would
+    show."""
+    rho = 0.0 if case == "rho-zero" else 0.05
+    if case == "zero-gradient" and pre == "scale-to-zero":
+        pytest.skip("same as the rho-zero case")
+    other_x, other_y = X.flip(0) * 2.0, Y.flip(0) - 1.0
+
+    def first_pass_loss(model):
+        loss = loss_of(model)
+        return loss * 0.0 if case == "zero-gradient" else loss
+
+    def second_pass_loss(model):
+        return nn.functional.mse_loss(model(other_x), other_y)
+
+    def build_one():
+        model = make_model()
+        transforms = [PRE_TRANSFORMS[pre](), SAM(rho)] + ([ClampGrad(-0.02, 0.02)] if after else [])
+        optimizer = TransformingOptimizer(
+            model.parameters(), torch.optim.SGD, transforms=transforms, lr=0.1, momentum=0.9, weight_decay=0.1
+        )
+        return model, optimizer
+
+    (model_a, closure_opt), (model_b, loop_opt) = build_one(), build_one()
+
+    def closure():
+        closure_opt.zero_grad()
+        loss = first_pass_loss(model_a)
+        loss.backward()
+        return loss
+
+    for _ in range(3):
+        closure_opt.step(closure)
+        loop_opt.zero_grad()
+        first_pass_loss(model_b).backward()
+        loop_opt.first_step()
+        second_pass_loss(model_b).backward()
+        loop_opt.second_step()
+        assert_runs_equal(model_a, closure_opt, model_b, loop_opt)
+    assert any(not torch.equal(a, b) for a, b in zip(model_a.parameters(), make_model().parameters()))
+
+
+# -- hyperparameter checks ------------------------------------------------------------------------------------
+MESSAGE = re.compile(r"^(?:param_groups\[\d+\]: )?(?P<name>[\w.]+) must be (?P<rule>.+), got (?P<value>.+)$")
+
+INF_REJECTED = [
+    ("scale", lambda: ScaleGrad(scale=math.inf), "inf"),
+    ("bias", lambda: ScaleGrad(bias=-math.inf), "-inf"),
+    ("grad_min", lambda: ClampGrad(math.inf, math.inf), "inf"),
+    ("rho", lambda: SAM(rho=math.inf), "inf"),
+    ("rho", lambda: ASAM(rho=math.inf), "inf"),
+    ("eta", lambda: ASAM(eta=math.inf), "inf"),
+    ("eps", lambda: LAMP(eps=math.inf), "inf"),
+    ("eps", lambda: NormalizeGrad(eps=math.inf), "inf"),
+]
+NAN_REJECTED = [
+    ("rho", lambda: SAM(rho=math.nan)),
+    ("rho", lambda: ASAM(rho=math.nan)),
+    ("eta", lambda: ASAM(eta=math.nan)),
+    ("eps", lambda: LAMP(eps=math.nan)),
+    ("max_grad_norm", lambda: ClipGradNorm(math.nan)),
+    ("eps", lambda: NormalizeGrad(math.nan)),
+    ("scale", lambda: ScaleGrad(scale=math.nan)),
+    ("bias", lambda: ScaleGrad(bias=math.nan)),
+    ("grad_min", lambda: ClampGrad(math.nan, 1.0)),
+    ("grad_max", lambda: ClampGrad(-1.0, math.nan)),
+]
+
+
+def assert_true_rule_message(error, name, value):
+    match = MESSAGE.match(str(error))
+    assert match, str(error)
+    assert match["name"] == name and match["value"] == value, str(error)
+    # The rule must be false of the value: an infinite or NaN value breaks only a "finite" rule.
+    assert "finite" in match["rule"], str(error)
+
+
+@pytest.mark.parametrize("name,make,value", INF_REJECTED, ids=[f"{n}-{i}" for i, (n, _, _) in enumerate(INF_REJECTED)])
+def test_infinite_hyperparameters_are_rejected_with_a_true_rule(name, make, value):
+    with pytest.raises(ValueError) as info:
+        make()
+    assert_true_rule_message(info.value, name, value)
+
+
+@pytest.mark.parametrize("name,make", NAN_REJECTED, ids=[f"{n}-{i}" for i, (n, _) in enumerate(NAN_REJECTED)])
+def test_nan_hyperparameters_are_value_errors(name, make):
+    with pytest.raises(ValueError) as info:
+        make()
+    assert_true_rule_message(info.value, name, "nan")
+
+
+GROUP_KEYS = [
+    (lambda: [SAM(0.05)], "rho"),
+    (lambda: [ASAM(0.5)], "eta"),
+    (lambda: [LAMP(1e-2, seed=0)], "eps"),
+    (lambda: [ClipGradNorm(1.0)], "max_grad_norm"),
+    (lambda: [NormalizeGrad(1e-3)], "eps"),
+    (lambda: [ScaleGrad(2.0)], "grad_scale"),
+    (lambda: [ScaleGrad(2.0)], "grad_bias"),
+    (lambda: [ClampGrad(-1.0, 1.0)], "grad_min"),
+    (lambda: [ClampGrad(-1.0, 1.0)], "grad_max"),
+]
+
+
+@pytest.mark.parametrize("value", [math.nan, math.inf], ids=["nan", "inf"])
+@pytest.mark.parametrize("chain,key", GROUP_KEYS, ids=[k + str(i) for i, (_, k) in enumerate(GROUP_KEYS)])
+def test_non_finite_group_values_are_value_errors_everywhere(chain, key, value):
+    text = repr(value)
+    model = make_model()
+    # In a constructor group ...
+    with pytest.raises(ValueError) as info:
+        TransformingOptimizer([{"params": model.parameters(), key: value}], torch.optim.SGD, transforms=chain(), lr=0.1)
+    assert_true_rule_message(info.value, key, text)
+    # ... in add_param_group ...
+    first, *rest = list(model.parameters())
+    optimizer = TransformingOptimizer([first], torch.optim.SGD, transforms=chain(), lr=0.1)
+    with pytest.raises(ValueError) as info:
+        optimizer.add_param_group({"params": rest, key: value})
+    assert_true_rule_message(info.value, key, text)
+    assert len(optimizer.param_groups) == 1
+    # ... and edited into a group, found by the next step, which changes nothing.
+    optimizer.add_param_group({"params": rest})
+    optimizer.step(make_closure(model, optimizer))
+    optimizer.param_groups[0][key] = value
+    before = Before(model, optimizer)
+    with pytest.raises(ValueError) as info:
+        optimizer.step(make_closure(model, optimizer))
+    assert_true_rule_message(info.value, key, text)
+    before.assert_unchanged()
+
+
+def test_qualified_key_is_named_in_the_message():
+    model = make_model()
+    with pytest.raises(ValueError) as info:
+        TransformingOptimizer(
+            [{"params": model.parameters(), "sam.rho": math.inf}], torch.optim.Adadelta, transforms=[SAM(0.05)]
+        )
+    assert_true_rule_message(info.value, "sam.rho", "inf")
+    with pytest.raises(ValueError) as info:
+        TransformingOptimizer(model.parameters(), torch.optim.Adam, transforms=[NormalizeGrad(math.nan)])
+    assert_true_rule_message(info.value, "eps", "nan")
+
+
+@pytest.mark.parametrize(
+    "make,name,value",
+    [
+        (lambda: SAM(rho=-1.0), "rho", "-1.0"),
+        (lambda: LAMP(eps=-0.5), "eps", "-0.5"),
+        (lambda: ClipGradNorm(0.0), "max_grad_norm", "0.0"),
+        (lambda: ClampGrad(1.0, 0.0), "grad_max", "0.0"),
+    ],
+)
+def test_out_of_range_messages_state_a_rule_the_value_breaks(make, name, value):
+    with pytest.raises(ValueError) as info:
+        make()
+    match = MESSAGE.match(str(info.value))
+    assert match and match["name"] == name and match["value"] == value, str(info.value)
+
+
+def test_a_bound_in_a_message_is_not_rounded_into_a_false_rule():
+    """``ClampGrad(0.1234574, 0.1234571)``: the rule must name a bound that 0.1234571 breaks."""
+    with pytest.raises(ValueError) as info:
+        ClampGrad(0.1234574, 0.1234571)
+    message = str(info.value)
+    match = MESSAGE.match(message)
+    assert match and match["name"] == "grad_max" and match["value"] == "0.1234571", message
+    bound = re.search(r">=\s*(?:\w+\s*=\s*)?([-+0-9.e]+)", match["rule"])
+    assert bound, message
+    assert 0.1234571 < float(bound[1]), f"the stated rule holds for the rejected value: {message}"

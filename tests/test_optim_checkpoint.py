@@ -1,0 +1,616 @@
+"""Checkpoints of TransformingOptimizer: torch.distributed.checkpoint, torch.save, chain checks.
+
+Every comparison is bit for bit (``torch.equal``) against an independent reference: a twin run
+that was never checkpointed, a deepcopy taken before, or values computed by hand.
+
+Note on torch's semantics: ``Optimizer.load_state_dict`` keeps the tensors of the dict it is
+given when no cast is needed (``tensor.to(same dtype)`` is the same tensor), for torch's own
+optimizers as well. A dict obtained from a *live* optimizer is therefore deep-copied before it is
+loaded into another one, as writing it to disk would.
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+
+import pytest
+import torch
+import torch.distributed.checkpoint as dcp
+from torch import nn
+from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
+
+from samgria import ASAM, LAMP, SAM, NormalizeGrad, TransformingOptimizer
+
+pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled:UserWarning")
+
+
+# -- helpers ----------------------------------------------------------------------------------------
+def make_model(dtype: torch.dtype = torch.float64, seed: int = 0) -> nn.Module:
+    """A tiny MLP whose every parameter gets a gradient (DCP wants state for each of them)."""
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 2)).to(dtype)
+
+
+def make_data(dtype: torch.dtype = torch.float64) -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(1)
+    x = torch.randn(16, 4, generator=generator, dtype=dtype)
+    y = torch.randn(16, 2, generator=generator, dtype=dtype)
+    return x, y
+
+
+def make_closure(model, optimizer, dtype=torch.float64):
+    x, y = make_data(dtype)
+
+    def closure():
+        optimizer.zero_grad()
+        loss = nn.functional.mse_loss(model(x), y)
+        loss.backward()
+        return loss
+
+    return closure
+
+
+CHAINS = {
+    "sam": lambda: [SAM(0.05)],
+    "asam": lambda: [ASAM(0.5, eta=0.01)],
+    "lamp": lambda: [LAMP(1e-2, rollback_len=3, seed=0)],
+    "sam+lamp": lambda: [SAM(0.05), LAMP(1e-2, rollback_len=3, seed=0)],
+}
+INNERS = {
+    "sgd": (torch.optim.SGD, {"lr": 0.05, "momentum": 0.9}),
+    "adamw": (torch.optim.AdamW, {"lr": 1e-2, "weight_decay": 0.01}),
+}
+
+
+def build(model, chain, inner="sgd", **extra):
+    cls, kwargs = INNERS[inner]
+    transforms = CHAINS[chain]() if isinstance(chain, str) else chain
+    return TransformingOptimizer(model.parameters(), cls, transforms=transforms, **{**kwargs, **extra})
+
+
+def params_in_order(optimizer):
+    return [p for group in optimizer.param_groups for p in group["params"]]
+
+
+def state_by_index(optimizer):
+    """``optimizer.state`` keyed by parameter position (empty entries dropped)."""
+    out = {}
+    for index, param in enumerate(params_in_order(optimizer)):
+        if param in optimizer.state and optimizer.state[param]:
+            out[index] = dict(optimizer.state[param])
+    return out
+
+
+def groups_without_params(optimizer):
+    return [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
+
+
+def assert_same_value(a, b, where):
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        assert isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor), where
+        assert (a.dtype, a.shape, a.device) == (b.dtype, b.shape, b.device), where
+        assert torch.equal(a, b), where
+    else:
+        assert type(a) is type(b) and a == b, (where, a, b)
+
+
+def assert_states_equal(first, second):
+    assert first.keys() == second.keys()
+    for index in first:
+        assert first[index].keys() == second[index].keys(), index
+        for key in first[index]:
+            assert_same_value(first[index][key], second[index][key], (index, key))
+
+
+def assert_weights_equal(model_a, model_b):
+    for (name, a), (_, b) in zip(model_a.named_parameters(), model_b.named_parameters()):
+        assert a.dtype == b.dtype and torch.equal(a, b), name
+
+
+def assert_optimizers_equal(model_a, opt_a, model_b, opt_b):
+    assert_weights_equal(model_a, model_b)
+    assert_states_equal(state_by_index(opt_a), state_by_index(opt_b))
+    assert groups_without_params(opt_a) == groups_without_params(opt_b)
+
+
+def trained(chain, inner="sgd", steps=2, **extra):
+    model = make_model()
+    optimizer = build(model, chain, inner, **extra)
+    closure = make_closure(model, optimizer)
+    for _ in range(steps):
+        optimizer.step(closure)
+    return model, optimizer
+
+
+def copy_of_model(model):
+    clone = make_model(seed=123)  # other weights, then load: nothing shared with ``model``
+    clone.load_state_dict(model.state_dict())
+    return clone
+
+
+def cycle_steps(optimizer):
+    """LAMP's cycle positions, wherever they are kept (the first parameter that requires grad)."""
+    return {
+        key: value
+        for param in params_in_order(optimizer)
+        for key, value in optimizer.state.get(param, {}).items()
+        if key.endswith("cycle_step")
+    }
+
+
+def continue_both(model_a, opt_a, model_b, opt_b, steps=4):
+    """Step both runs, checking weights and every state tensor after each step."""
+    closure_a, closure_b = make_closure(model_a, opt_a), make_closure(model_b, opt_b)
+    rolled_back = False
+    for _ in range(steps):
+        loss_a, loss_b = opt_a.step(closure_a), opt_b.step(closure_b)
+        assert torch.equal(loss_a, loss_b)
+        assert_optimizers_equal(model_a, opt_a, model_b, opt_b)
+        rolled_back = rolled_back or 0 in cycle_steps(opt_a).values()
+    return rolled_back
+
+
+# -- torch.distributed.checkpoint.state_dict ---------------------------------------------------------
+@pytest.mark.parametrize("inner", sorted(INNERS))
+@pytest.mark.parametrize("chain", sorted(CHAINS))
+def test_dcp_get_and_set_into_a_fresh_optimizer_continue_bit_for_bit(chain, inner):
+    model, optimizer = trained(chain, inner, steps=2)
+    saved = copy.deepcopy(get_optimizer_state_dict(model, optimizer))
+
+    fresh_model = copy_of_model(model)
+    fresh = build(fresh_model, chain, inner)
+    assert not fresh.state and all(p.grad is None for p in fresh_model.parameters())
+    set_optimizer_state_dict(fresh_model, fresh, optim_state_dict=saved)
+    assert fresh.param_groups is fresh.inner.param_groups
+    assert_optimizers_equal(model, optimizer, fresh_model, fresh)
+
+    # LAMP(rollback_len=3) rolls back at step 4: steps 3..6 cross it.
+    rolled_back = continue_both(model, optimizer, fresh_model, fresh, steps=4)
+    assert rolled_back == ("lamp" in chain)
+
+
+def test_dcp_round_trip_with_two_param_groups_and_per_group_hyperparameters():
+    def build_groups(model):
+        groups = [
+            {"params": model[0].parameters(), "rho": 0.1, "eps": 0.0},
+            {"params": model[2].parameters(), "lr": 0.01},
+        ]
+        return TransformingOptimizer(
+            groups, torch.optim.SGD, transforms=[SAM(0.05), LAMP(1e-2, rollback_len=3, seed=0)], lr=0.05, momentum=0.9
+        )
+
+    model = make_model()
+    optimizer = build_groups(model)
+    closure = make_closure(model, optimizer)
+    for _ in range(2):
+        optimizer.step(closure)
+    saved = copy.deepcopy(get_optimizer_state_dict(model, optimizer))
+    fresh_model = copy_of_model(model)
+    fresh = build_groups(fresh_model)
+    fresh.param_groups[1]["lr"] = 0.5  # overwritten by the checkpoint
+    set_optimizer_state_dict(fresh_model, fresh, optim_state_dict=saved)
+    assert [g["lr"] for g in fresh.param_groups] == [0.05, 0.01]
+    assert [g["rho"] for g in fresh.param_groups] == [0.1, 0.05]
+    assert continue_both(model, optimizer, fresh_model, fresh, steps=4)
+
+
+@pytest.mark.parametrize("chain", ["lamp", "sam+lamp"])
+def test_dcp_round_trip_when_the_first_parameter_is_frozen(chain):
+    """A frozen parameter in the optimizer is common (``model.parameters()``). DCP's
+    ``set_optimizer_state_dict`` loads state only for parameters that require grad, so LAMP's
+    object-level state (cycle position, generator state) must survive it wherever it is kept."""
+
+    def frozen_first(seed=0):
+        model = make_model(seed=seed)
+        model[0].weight.requires_grad_(False)
+        return model
+
+    model = frozen_first()
+    optimizer = build(model, chain)
+    closure = make_closure(model, optimizer)
+    for _ in range(2):
+        optimizer.step(closure)
+    saved = copy.deepcopy(get_optimizer_state_dict(model, optimizer))
+    fresh_model = frozen_first(seed=5)
+    fresh_model.load_state_dict(model.state_dict())
+    fresh = build(fresh_model, chain)
+    set_optimizer_state_dict(fresh_model, fresh, optim_state_dict=saved)
+    assert_optimizers_equal(model, optimizer, fresh_model, fresh)
+    assert continue_both(model, optimizer, fresh_model, fresh, steps=4)
+
+
+@pytest.mark.parametrize("inner", sorted(INNERS))
+@pytest.mark.parametrize(
+    "transforms",
+    [
+        lambda: [SAM(0.05)],
+        lambda: [ASAM(0.5)],
+        lambda: [LAMP(0.5, rollback_len=3, seed=0)],
+        lambda: [LAMP(0.5, rollback_len=3)],  # default generator
+        lambda: [SAM(0.05), LAMP(0.5, rollback_len=3, seed=0)],
+    ],
+    ids=["sam", "asam", "lamp-seeded", "lamp-unseeded", "sam+lamp"],
+)
+def test_dcp_get_on_a_fresh_optimizer_leaves_the_weights_alone(transforms, inner):
+    model = make_model()
+    before = [p.detach().clone() for p in model.parameters()]
+    optimizer = build(model, transforms(), inner)
+    saved = get_optimizer_state_dict(model, optimizer)  # DCP's step with lr=0 and zero grads
+    for a, b in zip(before, model.parameters()):
+        assert torch.equal(a, b)
+    assert all(p.grad is None for p in model.parameters())
+    assert [g["lr"] for g in optimizer.param_groups] == [INNERS[inner][1]["lr"]]
+    assert len(saved["state"]) == len(before)  # state was initialised for every parameter
+    for entry in optimizer.state.values():
+        for key, value in entry.items():
+            if key.endswith(".sum"):
+                assert torch.equal(value, torch.zeros_like(value))
+
+
+@pytest.mark.parametrize("chain", ["lamp", "sam+lamp"])
+def test_dcp_state_initialisation_does_not_change_the_run_that_follows(chain):
+    """With SGD(momentum) the initialised state (zero buffers, no LAMP step, seeded generator) is
+    the state a first step starts from, so the run equals one that was never inspected."""
+    model, twin_model = make_model(), make_model()
+    optimizer, twin = build(model, chain), build(twin_model, chain)
+    get_optimizer_state_dict(model, optimizer)
+    for value in cycle_steps(optimizer).values():
+        assert value == 0
+    continue_both(model, optimizer, twin_model, twin, steps=5)
+
+
+@pytest.mark.parametrize("chain,inner", [("sam+lamp", "sgd"), ("asam", "adamw"), ("lamp", "adamw")])
+def test_dcp_save_and_load_through_a_directory(tmp_path, chain, inner):
+    model, optimizer = trained(chain, inner, steps=2)
+    try:
+        dcp.save(
+            {"model": model.state_dict(), "optim": get_optimizer_state_dict(model, optimizer)},
+            checkpoint_id=str(tmp_path),
+        )
+    except RuntimeError as error:  # pragma: no cover - depends on the torch build
+        if "process group" in str(error).lower():
+            pytest.skip(f"torch.distributed.checkpoint needs a process group here: {error}")
+        raise
+
+    fresh_model = make_model(seed=7)
+    fresh = build(fresh_model, chain, inner)
+    target = {"model": fresh_model.state_dict(), "optim": get_optimizer_state_dict(fresh_model, fresh)}
+    dcp.load(target, checkpoint_id=str(tmp_path))
+    fresh_model.load_state_dict(target["model"])
+    set_optimizer_state_dict(fresh_model, fresh, optim_state_dict=target["optim"])
+    assert_optimizers_equal(model, optimizer, fresh_model, fresh)
+    continue_both(model, optimizer, fresh_model, fresh, steps=4)
+
+
+# -- torch.save / torch.load --------------------------------------------------------------------------
+@pytest.mark.parametrize("inner", sorted(INNERS))
+@pytest.mark.parametrize("chain", sorted(CHAINS))
+def test_torch_save_and_weights_only_load_continue_bit_for_bit(chain, inner):
+    model, optimizer = trained(chain, inner, steps=2)
+    buffer = io.BytesIO()
+    torch.save({"model": model.state_dict(), "optim": optimizer.state_dict()}, buffer)
+    buffer.seek(0)
+    checkpoint = torch.load(buffer, weights_only=True)
+
+    fresh_model = make_model(seed=9)
+    fresh_model.load_state_dict(checkpoint["model"])
+    fresh = build(fresh_model, chain, inner)
+    fresh.load_state_dict(checkpoint["optim"])
+    assert_optimizers_equal(model, optimizer, fresh_model, fresh)
+    rolled_back = continue_both(model, optimizer, fresh_model, fresh, steps=4)
+    assert rolled_back == ("lamp" in chain)
+
+
+# -- chain mismatches -----------------------------------------------------------------------------------
+MISMATCHES = {
+    "sam-into-asam": (lambda: [SAM(0.05)], lambda: [ASAM(0.5)], ["SAM()", "ASAM()"]),
+    "lamp-into-sam": (lambda: [LAMP(1e-2, 3, seed=0)], lambda: [SAM(0.05)], ["LAMP(rollback_len=3, seed=0)", "SAM()"]),
+    "sam,lamp-into-lamp,sam": (
+        lambda: [SAM(0.05), LAMP(1e-2, 3, seed=0)],
+        lambda: [LAMP(1e-2, 3, seed=0), SAM(0.05)],
+        ["sam=SAM()", "lamp=LAMP(rollback_len=3, seed=0)"],
+    ),
+    "rollback_len-3-into-4": (lambda: [LAMP(1e-2, 3, seed=0)], lambda: [LAMP(1e-2, 4, seed=0)], ["rollback_len=3", "rollback_len=4"]),
+    "seed-0-into-1": (lambda: [LAMP(1e-2, 3, seed=0)], lambda: [LAMP(1e-2, 3, seed=1)], ["seed=0", "seed=1"]),
+    "sam-into-nothing": (lambda: [SAM(0.05)], lambda: [], ["SAM()"]),
+    "nothing-into-sam": (lambda: [], lambda: [SAM(0.05)], ["SAM()"]),
+}
+
+
+@pytest.mark.parametrize("case", sorted(MISMATCHES))
+def test_loading_a_checkpoint_of_another_chain_raises_naming_it(case):
+    source_chain, target_chain, names = MISMATCHES[case]
+    _, source = trained(source_chain(), steps=1)
+    saved = copy.deepcopy(source.state_dict())
+    model, target = trained(target_chain(), steps=1)
+    state_before = copy.deepcopy(state_by_index(target))
+    groups_before = copy.deepcopy(groups_without_params(target))
+    with pytest.raises(ValueError) as info:
+        target.load_state_dict(saved)
+    message = str(info.value)
+    for name in names:
+        assert name in message, (name, message)
+    assert_states_equal(state_by_index(target), state_before)
+    assert groups_without_params(target) == groups_before
+
+
+def test_a_plain_inner_optimizers_checkpoint_loads_into_a_wrapper():
+    plain_model = make_model()
+    plain = torch.optim.SGD(plain_model.parameters(), lr=0.05, momentum=0.9)
+    closure = make_closure(plain_model, plain)
+    for _ in range(2):
+        plain.step(closure)
+    saved = copy.deepcopy(plain.state_dict())
+    assert "transform_chain" not in saved["param_groups"][0]
+
+    # SAM with rho=0 perturbs nothing: the wrapper must continue exactly as the plain optimizer.
+    model = copy_of_model(plain_model)
+    wrapper = TransformingOptimizer(model.parameters(), torch.optim.SGD, transforms=[SAM(0.0)], lr=0.3)
+    wrapper.load_state_dict(saved)
+    group = wrapper.param_groups[0]
+    assert group["lr"] == 0.05 and group["momentum"] == 0.9
+    assert group["rho"] == 0.0 and group["transform_chain"] == ("sam=SAM()",)
+    for plain_param, param in zip(plain_model.parameters(), model.parameters()):
+        assert torch.equal(wrapper.state[param]["momentum_buffer"], plain.state[plain_param]["momentum_buffer"])
+    wrapper_closure = make_closure(model, wrapper)
+    for _ in range(3):
+        plain.step(closure)
+        wrapper.step(wrapper_closure)
+        assert_weights_equal(plain_model, model)
+
+    # A transform's default fills a plain checkpoint's group.
+    other = TransformingOptimizer(make_model().parameters(), torch.optim.SGD, transforms=[SAM(0.07)], lr=0.3)
+    other.load_state_dict(copy.deepcopy(saved))
+    assert other.param_groups[0]["rho"] == 0.07
+
+
+@pytest.mark.parametrize(
+    "inner,kwargs,transforms,own_key,slot_key",
+    [
+        (torch.optim.Adam, {"lr": 1e-2, "eps": 1e-6}, lambda: [LAMP(2e-2, rollback_len=3, seed=0)], "eps", "lamp.eps"),
+        (torch.optim.Adadelta, {"lr": 1.0, "rho": 0.7}, lambda: [SAM(0.05)], "rho", "sam.rho"),
+    ],
+    ids=["adam-lamp", "adadelta-sam"],
+)
+def test_a_plain_checkpoint_keeps_the_inner_optimizers_own_key(inner, kwargs, transforms, own_key, slot_key):
+    plain_model = make_model()
+    plain = inner(plain_model.parameters(), **kwargs)
+    plain.step(make_closure(plain_model, plain))
+    saved = copy.deepcopy(plain.state_dict())
+    wrapper = TransformingOptimizer(make_model().parameters(), inner, transforms=transforms(), lr=0.5)
+    wrapper.load_state_dict(saved)
+    group = wrapper.param_groups[0]
+    assert group[own_key] == kwargs[own_key]  # the inner optimizer's value from the checkpoint
+    assert group[slot_key] == getattr(wrapper.transforms[0], slot_key.split(".")[1])
+    for param, plain_param in zip(params_in_order(wrapper), plain_model.parameters()):
+        for key, value in plain.state[plain_param].items():
+            assert_same_value(wrapper.state[param][key], value, key)
+
+
+# -- a failed load changes nothing -------------------------------------------------------------------------
+def _damage_rng(sd):
+    sd["state"][0]["lamp.rng_state"] = torch.zeros(3, dtype=torch.uint8)
+
+
+def _damage_sum(sd):
+    sd["state"][1]["lamp.sum"] = torch.zeros(7, dtype=torch.float64)
+
+
+def _damage_rho(sd):
+    sd["param_groups"][0]["rho"] = -1
+
+
+def _damage_eps(sd):
+    sd["param_groups"][0]["eps"] = float("nan")
+
+
+@pytest.mark.parametrize("damage", [_damage_rng, _damage_sum, _damage_rho, _damage_eps], ids=["rng_state", "sum-shape", "rho=-1", "eps=nan"])
+def test_a_failing_load_leaves_the_optimizer_exactly_as_before(damage):
+    chain = lambda: [SAM(0.05), LAMP(1e-2, rollback_len=3, seed=0)]  # noqa: E731
+    _, source = trained(chain(), steps=1)
+    saved = copy.deepcopy(source.state_dict())
+    assert "lamp.rng_state" in saved["state"][0] and "lamp.sum" in saved["state"][1]
+    damage(saved)
+
+    model, optimizer = trained(chain(), steps=2)
+    twin_model, twin = trained(chain(), steps=2)
+    state_before = copy.deepcopy(state_by_index(optimizer))
+    groups_before = copy.deepcopy(groups_without_params(optimizer))
+    groups_object = optimizer.param_groups
+    with pytest.raises(ValueError):
+        optimizer.load_state_dict(saved)
+    assert_states_equal(state_by_index(optimizer), state_before)
+    assert groups_without_params(optimizer) == groups_before
+    assert optimizer.param_groups is groups_object and optimizer.param_groups is optimizer.inner.param_groups
+    assert [p for p in optimizer.param_groups[0]["params"]] == list(model.parameters())
+    # ... and it steps exactly as an optimizer that never saw the bad checkpoint.
+    continue_both(model, optimizer, twin_model, twin, steps=3)
+
+
+# -- casting ------------------------------------------------------------------------------------------------
+def test_load_casts_floating_transform_state_to_the_parameters_dtype():
+    chain = lambda: [SAM(0.05), LAMP(1e-2, rollback_len=4, seed=0)]  # noqa: E731
+    model64, optimizer64 = trained(chain(), steps=2)
+    saved = copy.deepcopy(optimizer64.state_dict())
+
+    model32 = make_model(dtype=torch.float32, seed=5)
+    with torch.no_grad():
+        for p32, p64 in zip(model32.parameters(), model64.parameters()):
+            p32.copy_(p64)
+    optimizer32 = build(model32, chain())
+    optimizer32.load_state_dict(saved)
+    for index, param in enumerate(model32.parameters()):
+        entry, saved_entry = optimizer32.state[param], saved["state"][index]
+        for key in ("lamp.sum", "momentum_buffer"):
+            assert entry[key].dtype == torch.float32 and entry[key].device == param.device, key
+            assert torch.equal(entry[key], saved_entry[key].to(torch.float32)), key
+        assert type(entry["lamp.count"]) is int and entry["lamp.count"] == saved_entry["lamp.count"]
+    first = next(iter(model32.parameters()))
+    rng = optimizer32.state[first]["lamp.rng_state"]
+    assert rng.dtype == torch.uint8 and torch.equal(rng, saved["state"][0]["lamp.rng_state"])
+
+    closure = make_closure(model32, optimizer32, dtype=torch.float32)
+    for _ in range(3):  # crosses the rollback at step 5
+        optimizer32.step(closure)
+    for param in model32.parameters():
+        assert param.dtype == torch.float32 and torch.isfinite(param).all()
+        assert optimizer32.state[param]["lamp.sum"].dtype == torch.float32
+
+
+# -- the same transform twice ------------------------------------------------------------------------------
+def test_two_lamps_have_separate_slots_keys_and_checkpointed_state():
+    chain = lambda: [LAMP(1e-2, rollback_len=3, seed=0), LAMP(3e-2, rollback_len=5, seed=1)]  # noqa: E731
+    model, optimizer = trained(chain(), "sgd", steps=2)
+    assert optimizer.slots == ["lamp", "lamp_1"]
+    group = optimizer.param_groups[0]
+    assert group["lamp.eps"] == 1e-2 and group["lamp_1.eps"] == 3e-2 and "eps" not in group
+    first = next(iter(model.parameters()))
+    for slot in ("lamp", "lamp_1"):
+        for param in model.parameters():
+            assert f"{slot}.sum" in optimizer.state[param] and optimizer.state[param][f"{slot}.count"] == 2
+        assert optimizer.state[first][f"{slot}.cycle_step"] == 2
+    assert not torch.equal(optimizer.state[first]["lamp.rng_state"], optimizer.state[first]["lamp_1.rng_state"])
+
+    saved = optimizer.state_dict()
+    assert {"lamp.rng_state", "lamp_1.rng_state", "lamp.sum", "lamp_1.sum"} <= set(saved["state"][0])
+    buffer = io.BytesIO()
+    torch.save(saved, buffer)
+    buffer.seek(0)
+    fresh_model = copy_of_model(model)
+    fresh = build(fresh_model, chain(), "sgd")
+    fresh.load_state_dict(torch.load(buffer, weights_only=True))
+    assert continue_both(model, optimizer, fresh_model, fresh, steps=4)
+
+    # With Adam (its own "eps") the keys stay qualified and Adam's eps is Adam's.
+    adam = TransformingOptimizer(make_model().parameters(), torch.optim.Adam, transforms=chain(), lr=1e-3, eps=1e-7)
+    assert adam.param_groups[0]["eps"] == 1e-7
+    assert adam.param_groups[0]["lamp.eps"] == 1e-2 and adam.param_groups[0]["lamp_1.eps"] == 3e-2
+
+
+def test_two_normalize_grads_use_their_own_eps_in_order_and_checkpoint_it():
+    w0 = torch.tensor([3.0, -4.0], dtype=torch.float64)
+    coefficients = torch.tensor([0.6, 0.8], dtype=torch.float64)  # gradient of (c * w).sum()
+    eps_a, eps_b = 0.5, 2.0
+
+    def make(eps_first, eps_second):
+        param = nn.Parameter(w0.clone())
+        optimizer = TransformingOptimizer(
+            [param], torch.optim.Adam, transforms=[NormalizeGrad(eps_first), NormalizeGrad(eps_second)], lr=1.0, eps=1e-8
+        )
+        return param, optimizer
+
+    param, optimizer = make(eps_a, eps_b)
+    group = optimizer.param_groups[0]
+    assert group["normalize_grad.eps"] == eps_a and group["normalize_grad_1.eps"] == eps_b
+    assert group["eps"] == 1e-8  # Adam's
+
+    def closure():
+        optimizer.zero_grad()
+        loss = (coefficients * param).sum()
+        loss.backward()
+        return loss
+
+    optimizer.step(closure)  # the arithmetic of the two slots is checked with SGD below
+    assert torch.isfinite(param).all() and not torch.equal(param.detach(), w0)
+
+    # The hyperparameters are checkpointed per slot and restored from the checkpoint.
+    saved = copy.deepcopy(optimizer.state_dict())
+    assert saved["param_groups"][0]["normalize_grad.eps"] == eps_a
+    assert saved["param_groups"][0]["normalize_grad_1.eps"] == eps_b
+    other_param, other = make(1e-3, 1e-4)
+    other.load_state_dict(saved)
+    assert other.param_groups[0]["normalize_grad.eps"] == eps_a
+    assert other.param_groups[0]["normalize_grad_1.eps"] == eps_b
+
+
+def test_normalize_grads_eps_really_differ_per_slot():
+    """Swapping the two eps values changes the result (each slot reads its own key)."""
+
+    def run(eps_first, eps_second):
+        param = nn.Parameter(torch.tensor([1.0, 2.0, -2.0], dtype=torch.float64))
+        optimizer = TransformingOptimizer(
+            [param], torch.optim.SGD, transforms=[NormalizeGrad(eps_first), NormalizeGrad(eps_second)], lr=1.0
+        )
+
+        def closure():
+            optimizer.zero_grad()
+            loss = (param * torch.tensor([0.3, -0.1, 0.2], dtype=torch.float64)).sum()
+            loss.backward()
+            return loss
+
+        optimizer.step(closure)
+        return param.detach().clone()
+
+    g = torch.tensor([0.3, -0.1, 0.2], dtype=torch.float64)
+    w = torch.tensor([1.0, 2.0, -2.0], dtype=torch.float64)
+    for first, second in [(0.5, 2.0), (2.0, 0.5)]:
+        once = g / (torch.linalg.vector_norm(g) + first)
+        twice = once / (torch.linalg.vector_norm(once) + second)
+        torch.testing.assert_close(run(first, second), w - twice, rtol=1e-14, atol=1e-15)
+
+
+def test_a_dict_chain_of_two_lamps_checkpoints_both_slots():
+    def chain():
+        return {"fast": LAMP(1e-2, rollback_len=2, seed=0), "slow": LAMP(0.0, rollback_len=5, seed=1)}
+
+    model, optimizer = trained(chain(), "adamw", steps=3)
+    assert optimizer.slots == ["fast", "slow"]
+    group = optimizer.param_groups[0]
+    assert group["fast.eps"] == 1e-2 and group["slow.eps"] == 0.0 and group["eps"] == 1e-8  # AdamW's
+    assert group["transform_chain"] == (
+        "fast=LAMP(rollback_len=2, seed=0)",
+        "slow=LAMP(rollback_len=5, seed=1)",
+    )
+    first = next(iter(model.parameters()))
+    assert optimizer.state[first]["fast.cycle_step"] == 0  # rolled back after rollback_len + 1 = 3 steps
+    assert optimizer.state[first]["slow.cycle_step"] == 3
+    for param in model.parameters():
+        assert optimizer.state[param]["fast.count"] == 0 and optimizer.state[param]["slow.count"] == 3
+
+    saved = copy.deepcopy(get_optimizer_state_dict(model, optimizer))
+    fresh_model = copy_of_model(model)
+    fresh = build(fresh_model, chain(), "adamw")
+    set_optimizer_state_dict(fresh_model, fresh, optim_state_dict=saved)
+    assert continue_both(model, optimizer, fresh_model, fresh, steps=4)
+
+    # A dict chain with other slot names is another chain.
+    renamed = build(make_model(), {"a": LAMP(1e-2, rollback_len=2, seed=0), "b": LAMP(0.0, rollback_len=5, seed=1)}, "adamw")
+    with pytest.raises(ValueError, match="fast=LAMP"):
+        renamed.load_state_dict(copy.deepcopy(optimizer.state_dict()))
+
+
+# -- SAM around Adadelta (whose own key is "rho") -------------------------------------------------------------
+def test_sam_around_adadelta_uses_the_qualified_key():
+    model = make_model()
+    optimizer = TransformingOptimizer(model.parameters(), torch.optim.Adadelta, transforms=[SAM(0.05)], lr=1.0, rho=0.8)
+    group = optimizer.param_groups[0]
+    assert group["rho"] == 0.8 and group["sam.rho"] == 0.05
+
+    saved = copy.deepcopy(optimizer.state_dict())
+    assert saved["param_groups"][0]["rho"] == 0.8 and saved["param_groups"][0]["sam.rho"] == 0.05
+
+
+@pytest.mark.parametrize("adadelta_rho", [None, 0.5])
+def test_sam_rho_zero_group_override_equals_plain_adadelta(adadelta_rho):
+    plain_model, model, perturbed_model = make_model(), make_model(), make_model()
+    extra = {} if adadelta_rho is None else {"rho": adadelta_rho}
+    plain = torch.optim.Adadelta(plain_model.parameters(), lr=1.0, **extra)
+    optimizer = TransformingOptimizer(
+        [{"params": model.parameters(), "sam.rho": 0.0, **extra}], torch.optim.Adadelta, transforms=[SAM(0.05)], lr=1.0
+    )
+    perturbed = TransformingOptimizer(
+        [{"params": perturbed_model.parameters(), **extra}], torch.optim.Adadelta, transforms=[SAM(0.05)], lr=1.0
+    )
+    assert optimizer.param_groups[0]["sam.rho"] == 0.0
+    assert optimizer.param_groups[0]["rho"] == plain.param_groups[0]["rho"]
+    closures = [make_closure(m, o) for m, o in ((plain_model, plain), (model, optimizer), (perturbed_model, perturbed))]
+    for _ in range(3):
+        for (m, o), closure in zip(((plain_model, plain), (model, optimizer), (perturbed_model, perturbed)), closures):
+            o.step(closure)
+        assert_weights_equal(plain_model, model)
+    for plain_param, param in zip(plain_model.parameters(), model.parameters()):
+        for key in ("square_avg", "acc_delta"):
+            assert torch.equal(plain.state[plain_param][key], optimizer.state[param][key])
+    # Sanity: the default radius does perturb (so it was the override that switched SAM off).
+    assert any(not torch.equal(a, b) for a, b in zip(plain_model.parameters(), perturbed_model.parameters()))
