@@ -224,6 +224,8 @@ class WrappingOptimizer(Optimizer):
             return
         state = dict(state)
         groups = state.pop("param_groups", None)
+        for key in self._transient:  # not pickled: back to idle
+            self.__dict__[key] = None
         self._loading = False
         Optimizer.__setstate__(self, state)  # hooks (empty, as torch unpickles), step patch
         if groups is not None and self.__dict__.get(self._driven_attr) is not None:

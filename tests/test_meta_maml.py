@@ -317,6 +317,22 @@ def test_state_dict_round_trip_continues_bit_for_bit():
         assert torch.equal(pa, pb)
 
 
+@pytest.mark.parametrize("cls", ["MAML", "FOMAML", "MetaSGD", "Reptile"])
+def test_state_dict_hooks_registered_on_a_meta_optimizer_run(cls):
+    from samgria.meta.metasgd import MetaSGD
+    from samgria.meta.reptile import Reptile
+
+    classes = {"MAML": MAML, "FOMAML": FOMAML, "MetaSGD": MetaSGD, "Reptile": Reptile}
+    meta = classes[cls](mlp(), torch.optim.SGD, lr=0.1)
+    fired = []
+    meta.register_state_dict_pre_hook(lambda opt: fired.append("pre"))
+    meta.register_state_dict_post_hook(lambda opt, sd: fired.append("post"))
+    meta.register_load_state_dict_pre_hook(lambda opt, sd: fired.append("load_pre"))
+    meta.register_load_state_dict_post_hook(lambda opt: fired.append("load_post"))
+    meta.load_state_dict(meta.state_dict())
+    assert fired == ["pre", "post", "load_pre", "load_post"]
+
+
 class TwiceSGD(torch.optim.Optimizer):
     """A SAM-like optimizer: evaluates the closure twice, steps with the second gradient."""
 

@@ -156,6 +156,18 @@ def test_only_adapted_groups_get_rates():
     assert learner.params["0.weight"] is model[0].weight
 
 
+def test_add_param_group_gives_new_parameters_learnable_rates():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(1, 8), nn.Tanh(), nn.Linear(8, 1)).to(DT)
+    meta = MetaSGD(model, torch.optim.SGD, lr=0.1, params=[{"params": model[2].parameters()}])
+    assert set(meta.inner_lrs) == {"2.weight", "2.bias"}
+    meta.add_param_group({"params": model[0].parameters(), "inner_lr": 0.05})
+    assert set(meta.inner_lrs) == {"0.weight", "0.bias", "2.weight", "2.bias"}
+    _, lrs = meta._adapt_config()
+    assert all(isinstance(v, torch.Tensor) and v.requires_grad for v in lrs.values())
+    torch.testing.assert_close(meta.inner_lrs["0.weight"], torch.full_like(model[0].weight, 0.05))
+
+
 def test_state_dict_round_trips_rates_and_outer_state():
     torch.manual_seed(0)
     model = nn.Linear(3, 1).to(DT)

@@ -156,6 +156,16 @@ def test_callback_gets_iteration_and_loss_and_can_stop_early():
     assert len(history.meta_loss) == 3
 
 
+def test_early_stopped_fit_still_evaluates_eval_tasks_once_at_the_end():
+    meta = MAML(make_model(), torch.optim.SGD, lr=0.01)
+    sampler = SinusoidTaskSampler(k_support=5, k_query=5, seed=1, dtype=DT)
+    trainer = MetaTrainer(meta, F.mse_loss, sampler)
+    history = trainer.fit(5, 2, eval_tasks=fixed_tasks(2), callback=lambda i, loss: i == 2, progress=False)
+    assert len(history.meta_loss) == 2
+    assert history.eval_iterations == [2] and len(history.eval_loss) == 1
+    assert history.eval_loss == [pytest.approx(trainer.evaluate(fixed_tasks(2)), rel=1e-12)]
+
+
 def test_meta_training_reduces_the_post_adaptation_loss():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(1, 20), nn.ReLU(), nn.Linear(20, 1))

@@ -128,6 +128,27 @@ def test_batched_task_losses_is_pure_and_grad_and_value_gives_the_maml_gradient(
         torch.testing.assert_close(grads[n], r, rtol=0, atol=1e-10)
 
 
+@pytest.mark.parametrize("make", ["adapt_false_groups", "anil_frozen_head", "reptile_adapt_false"])
+def test_nothing_to_adapt_is_zero_step_adaptation_in_loop_and_vmap(make):
+    model = relu_mlp()
+    if make == "adapt_false_groups":
+        meta = MAML(model, torch.optim.SGD, lr=0.1, params=[{"params": model.parameters(), "adapt": False}])
+    elif make == "anil_frozen_head":
+        for p in model[4].parameters():
+            p.requires_grad_(False)
+        meta = ANIL(model, torch.optim.SGD, lr=0.1, head=model[4])
+    else:
+        meta = Reptile(model, torch.optim.SGD, lr=0.1)
+        meta.param_groups[0]["adapt"] = False
+    tasks = make_tasks()
+    vmapped = meta.task_losses(tasks, mse, vectorize=True)
+    looped = meta.task_losses(tasks, mse, vectorize=False)  # once raised deep in autograd.grad
+    torch.testing.assert_close(looped, vmapped)
+    # Zero-step adaptation: the query losses at the model's own weights.
+    expected = torch.stack([mse(model(t.query_x), t.query_y) for t in tasks])
+    torch.testing.assert_close(looped.detach(), expected.detach(), rtol=1e-12, atol=1e-12)
+
+
 def test_unequal_shapes_loop_and_vectorize_true_raises():
     model = relu_mlp()
     meta = MAML(model, torch.optim.SGD, lr=0.1)

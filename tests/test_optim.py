@@ -347,6 +347,24 @@ def test_deepcopy_and_pickle_round_trip():
     assert repr(clone) == repr(optimizer)
     restored = pickle.loads(pickle.dumps(optimizer))
     assert [type(t) for t in restored.transforms] == [SAM, LAMP]
+    # The copies are usable optimizers: they checkpoint and step exactly like the original.
+    def quadratic_closure(opt):
+        def closure():
+            opt.zero_grad()
+            loss = sum((p * p).sum() for group in opt.param_groups for p in group["params"] if p.requires_grad)
+            loss.backward()
+            return loss
+
+        return closure
+
+    for copied in (clone, restored):
+        assert copied.state_dict()["param_groups"] == optimizer.state_dict()["param_groups"]
+    for opt in (optimizer, clone, restored):
+        for _ in range(3):
+            opt.step(quadratic_closure(opt))
+    for copied in (clone, restored):
+        for p, q in zip(optimizer.param_groups[0]["params"], copied.param_groups[0]["params"]):
+            assert torch.equal(p, q)
     assert restored.param_groups is restored.inner.param_groups
     for p, q in zip(optimizer.param_groups[0]["params"], restored.param_groups[0]["params"]):
         assert set(optimizer.state[p]) == set(restored.state[q])
@@ -369,3 +387,112 @@ def test_sam_optimizer_convenience_matches_transforming_optimizer(adaptive):
         opt_a.second_step(zero_grad=True)
         opt_b.step(make_closure(model_b, opt_b, x, y))
     assert_bitwise_equal(params_of(model_a), params_of(model_b))
+
+
+# -- regressions (from the review of the optimizer half) --------------------------------------------
+def test_duplicate_parameter_in_a_group_is_restored_bit_for_bit():
+    torch.manual_seed(0)
+    weight = nn.Parameter(torch.randn(5))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch: "optimizer contains a parameter group with duplicate parameters"
+        optimizer = TransformingOptimizer([weight, weight], torch.optim.SGD, lr=0.0, transforms=[SAM(rho=0.1)])
+    before = weight.detach().clone()
+    evaluated_at = []
+
+    def closure():
+        optimizer.zero_grad()
+        evaluated_at.append(weight.detach().clone())
+        loss = weight.square().sum()
+        loss.backward()
+        return loss
+
+    optimizer.step(closure)  # lr=0: the weights must come back exactly
+    assert len(evaluated_at) == 2 and not torch.equal(evaluated_at[1], before)  # it was perturbed
+    torch.testing.assert_close(evaluated_at[1], before + 0.1 * before / before.norm())  # once, not twice
+    assert torch.equal(weight.detach(), before)
+
+
+@pytest.mark.parametrize("rhos", [(0.1, 0.0), (0.0, 0.0)], ids=["one_group_unperturbed", "nothing_perturbed"])
+def test_two_call_loop_equals_step_closure_with_unperturbed_groups(rhos):
+    # With nothing perturbed step(closure) does not re-evaluate: first_step keeps the first pass's
+    # gradients and second_step discards the second pass's.
+    def build():
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 1))
+        groups = [{"params": model[0].parameters(), "rho": rhos[0]}, {"params": model[1].parameters(), "rho": rhos[1]}]
+        return model, TransformingOptimizer(groups, torch.optim.SGD, lr=0.1, momentum=0.9, transforms=[SAM(rho=0.1)])
+
+    torch.manual_seed(1)
+    batches = [(torch.randn(8, 3), torch.randn(8, 1)) for _ in range(3)]
+    model_a, opt_a = build()
+    model_b, opt_b = build()
+    for x, y in batches:
+        opt_a.step(make_closure(model_a, opt_a, x, y))
+        nn.functional.mse_loss(model_b(x), y).backward()
+        opt_b.first_step()
+        nn.functional.mse_loss(model_b(x), y).backward()
+        opt_b.second_step(zero_grad=True)
+    assert_bitwise_equal(params_of(model_a), params_of(model_b))
+
+
+def test_state_dict_and_load_state_dict_hooks_run():
+    optimizer = TransformingOptimizer([nn.Parameter(torch.randn(3))], torch.optim.SGD, lr=0.1, transforms=[SAM()])
+    called = []
+    optimizer.register_state_dict_pre_hook(lambda opt: called.append("pre"))
+    optimizer.register_state_dict_post_hook(lambda opt, sd: called.append("post"))
+    optimizer.register_load_state_dict_pre_hook(lambda opt, sd: called.append("load_pre"))
+    optimizer.register_load_state_dict_post_hook(lambda opt: called.append("load_post"))
+    optimizer.load_state_dict(optimizer.state_dict())
+    assert called == ["pre", "post", "load_pre", "load_post"]
+
+
+class _CountingTransform:
+    """A user GradientTransform with object state and the usual state_dict protocol."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def apply(self, model, loss_fn, batch) -> None:
+        self.calls += 1
+
+    def post_step(self, model) -> None:
+        pass
+
+    def state_dict(self):
+        return {"calls": self.calls}
+
+    def load_state_dict(self, state_dict) -> None:
+        self.calls = state_dict["calls"]
+
+
+def test_protocol_object_state_round_trips_through_the_optimizer_checkpoint():
+    param = nn.Parameter(torch.randn(3))
+    user = _CountingTransform()
+    optimizer = TransformingOptimizer([param], torch.optim.SGD, lr=0.1, transforms=[user])
+    for _ in range(3):
+        param.grad = torch.ones(3)
+        optimizer.step()
+    resumed = _CountingTransform()
+    TransformingOptimizer([param], torch.optim.SGD, lr=0.1, transforms=[resumed]).load_state_dict(optimizer.state_dict())
+    assert resumed.calls == user.calls == 3
+
+
+def test_two_call_step_can_be_cancelled_after_a_failing_second_pass():
+    torch.manual_seed(0)
+    model, twin = nn.Linear(3, 1), nn.Linear(3, 1)
+    twin.load_state_dict(model.state_dict())
+    optimizer = TransformingOptimizer(model.parameters(), torch.optim.SGD, lr=0.1, momentum=0.9, transforms=[SAM(rho=0.1)])
+    twin_optimizer = TransformingOptimizer(twin.parameters(), torch.optim.SGD, lr=0.1, momentum=0.9, transforms=[SAM(rho=0.1)])
+    x, y = torch.randn(4, 3), torch.randn(4, 1)
+    before = params_of(model)
+    nn.functional.mse_loss(model(x), y).backward()
+    optimizer.first_step(zero_grad=True)
+    assert any(not torch.equal(a, b) for a, b in zip(before, params_of(model)))  # at w + e
+    # The second forward raises (e.g. OOM, caught by the trainer, which skips the batch):
+    optimizer.cancel_step()  # restores w exactly and clears the pending step
+    assert_bitwise_equal(before, params_of(model))
+    assert not any(optimizer.state.values())  # the inner optimizer did not step
+    copy.deepcopy(optimizer.state_dict())  # usable again (state_dict() refuses a pending step)
+    optimizer.step(make_closure(model, optimizer, x, y))
+    twin_optimizer.step(make_closure(twin, twin_optimizer, x, y))
+    assert_bitwise_equal(params_of(model), params_of(twin))

@@ -1,24 +1,64 @@
-"""Contracts every transform keeps, driven by the TransformInfo registry."""
+"""Contracts every transform keeps, in every configuration of the TransformInfo registry.
+
+Each test runs over every (info, config) pair of ``transform_infos.CONFIGS``: the default
+optimizer around a transform, per-group overrides, adaptive variants, chains, and qualified
+group keys beside an inner optimizer that owns the same name.
+"""
 
 from __future__ import annotations
 
 import copy
+import io
 
 import pytest
 import torch
 from torch import nn
 from transform_infos import (
+    CONFIGS,
     TRANSFORM_INFOS,
     assert_bitwise_equal,
+    config_id,
     make_closure,
     make_data,
     make_model,
     params_of,
 )
 
-from samgria import GradientTransform, TransformingOptimizer
+from samgria import TransformingOptimizer
 
-INFOS = {info.name: info for info in TRANSFORM_INFOS}
+INFO_OF_CLASS = {info.name: info for info in TRANSFORM_INFOS}
+
+SLOT_OF_CLASS = {
+    "SAM": "sam",
+    "ASAM": "asam",
+    "LAMP": "lamp",
+    "ClipGradNorm": "clip_grad_norm",
+    "GradSign": "grad_sign",
+    "NormalizeGrad": "normalize_grad",
+    "ScaleGrad": "scale_grad",
+    "ClampGrad": "clamp_grad",
+}
+
+all_configs = pytest.mark.parametrize("info,config", CONFIGS, ids=[config_id(pair) for pair in CONFIGS])
+reevaluating_configs = pytest.mark.parametrize(
+    "info,config",
+    [pair for pair in CONFIGS if pair[1].needs_closure],
+    ids=[config_id(pair) for pair in CONFIGS if pair[1].needs_closure],
+)
+standalone_configs = pytest.mark.parametrize(
+    "info,config",
+    [pair for pair in CONFIGS if pair[1].standalone_equivalent],
+    ids=[config_id(pair) for pair in CONFIGS if pair[1].standalone_equivalent],
+)
+
+CONSTRUCTOR_ERRORS = [(info, error) for info in TRANSFORM_INFOS for error in info.error_inputs]
+# Bad values of group keys: the same value in a param group must raise the same error, naming the group.
+GROUP_ERRORS = [(info, error) for info, error in CONSTRUCTOR_ERRORS if set(error.kwargs) <= set(info.group_keys)]
+
+
+def error_id(pair) -> str:
+    info, error = pair
+    return f"{info.name}-" + "-".join(f"{k}={v!r}" for k, v in error.kwargs.items())
 
 
 def assert_state_equal(actual, expected):
@@ -36,100 +76,159 @@ def assert_state_equal(actual, expected):
             assert_state_equal(a, b)
     else:
         assert actual == expected
-names = pytest.mark.parametrize("name", list(INFOS))
 
 
-def build(name: str, inner=torch.optim.SGD, dtype=torch.float64, foreach=True, **inner_kwargs):
-    model = make_model(dtype)
-    inner_kwargs = inner_kwargs or {"lr": 0.1, "momentum": 0.9}
-    optimizer = TransformingOptimizer(
-        model.parameters(), inner, transforms=[INFOS[name].make()], transform_foreach=foreach, **inner_kwargs
-    )
+def run(config, steps, *, model=None, **optimizer_kwargs):
+    x, y = make_data()
+    model = model if model is not None else make_model()
+    optimizer = config.build(model, **optimizer_kwargs)
+    closure = make_closure(model, optimizer, x, y)
+    for _ in range(steps):
+        optimizer.step(closure)
     return model, optimizer
 
 
-@names
-def test_bad_constructor_inputs_name_argument_and_value(name):
-    info = INFOS[name]
-    assert info.error_inputs
-    for error in info.error_inputs:
-        with pytest.raises(error.error_type, match=error.error_regex):
-            info.make(**error.kwargs)
+# -- construction -------------------------------------------------------------------------------
+@pytest.mark.parametrize("info,error", CONSTRUCTOR_ERRORS, ids=[error_id(pair) for pair in CONSTRUCTOR_ERRORS])
+def test_bad_constructor_input_names_argument_rule_and_value(info, error):
+    with pytest.raises(error.error_type, match=error.error_regex):
+        info.make(**error.kwargs)
 
 
-@names
-def test_is_a_gradient_transform_and_owns_declared_group_keys(name):
-    info = INFOS[name]
+@pytest.mark.parametrize("info,error", GROUP_ERRORS, ids=[error_id(pair) for pair in GROUP_ERRORS])
+def test_bad_group_value_names_the_group_argument_rule_and_value(info, error):
+    model = make_model()
+    with pytest.raises(error.error_type, match=r"param_groups\[1\]: " + error.error_regex):
+        TransformingOptimizer(
+            [{"params": list(model[0].parameters())}, {"params": list(model[4].parameters()), **error.kwargs}],
+            torch.optim.SGD,
+            lr=0.1,
+            transforms=[info.make()],
+        )
+
+
+@pytest.mark.parametrize("info", TRANSFORM_INFOS, ids=[info.name for info in TRANSFORM_INFOS])
+def test_declares_its_group_keys_and_whether_it_reevaluates(info):
     transform = info.make()
-    assert isinstance(transform, GradientTransform)
     assert tuple(transform.group_defaults()) == info.group_keys
     assert transform.needs_closure is info.needs_closure
-    _, optimizer = build(name)
+
+
+@all_configs
+def test_groups_hold_the_hyperparameters_under_the_expected_keys(info, config):
+    optimizer = config.build(make_model())
+    if config.expect_groups:
+        assert len(optimizer.param_groups) == len(config.expect_groups)
+        for group, expected in zip(optimizer.param_groups, config.expect_groups):
+            assert {key: group.get(key) for key in expected} == expected
+    else:  # the default: short keys with the constructor's values
+        defaults = info.make().group_defaults()
+        for group in optimizer.param_groups:
+            assert {key: group[key] for key in info.group_keys} == defaults
+    # Slots are named after the classes in snake case, a repeated class gets "_1"; every group
+    # records the chain as "<slot>=<Class>(<settings>)".
+    classes = [type(t).__name__ for t in config.transform_list()]
+    slots: list[str] = []
+    for name in classes:
+        slot, suffix = SLOT_OF_CLASS[name], 0
+        while slot in slots:
+            suffix += 1
+            slot = f"{SLOT_OF_CLASS[name]}_{suffix}"
+        slots.append(slot)
+    assert optimizer.slots == slots
     for group in optimizer.param_groups:
-        for key in info.group_keys:
-            assert key in group
+        recorded = [entry.partition("=") for entry in group["transform_chain"]]
+        assert [slot for slot, _, _ in recorded] == slots
+        assert all(described.startswith(name + "(") for (_, _, described), name in zip(recorded, classes))
 
 
-@names
-@pytest.mark.parametrize("inner,inner_kwargs", [(torch.optim.SGD, {"lr": 0.1, "momentum": 0.9}), (torch.optim.AdamW, {"lr": 1e-2})])
-def test_foreach_path_equals_reference_path_bitwise(name, inner, inner_kwargs):
+@all_configs
+def test_transforms_change_the_trajectory(info, config):
+    # Guards the bitwise comparisons below against a configuration that does nothing.
     x, y = make_data()
-    results = []
-    for foreach in (True, False):
-        model, optimizer = build(name, inner, foreach=foreach, **inner_kwargs)
-        closure = make_closure(model, optimizer, x, y)
-        for _ in range(5):
-            optimizer.step(closure)
-        results.append(params_of(model))
-    assert_bitwise_equal(*results)
+    model, _ = run(config, 3)
+    bare_model = make_model()
+    bare = config.build_bare(bare_model)
+    closure = make_closure(bare_model, bare, x, y)
+    for _ in range(3):
+        bare.step(closure)
+    assert any(not torch.equal(a, b) for a, b in zip(params_of(model), params_of(bare_model)))
 
 
-@names
-def test_two_call_mode_equals_step_closure_bitwise(name):
+@pytest.mark.parametrize(
+    "info,config",
+    [pair for pair in CONFIGS if pair[1].groups is not None],
+    ids=[config_id(pair) for pair in CONFIGS if pair[1].groups is not None],
+)
+def test_group_overrides_take_effect(info, config):
+    # The same optimizer without the groups' transform keys takes another path: the per-group
+    # values (short or qualified keys) are read, not the constructor's.
+    model, _ = run(config, 3)
+    plain_model, _ = run(config.without_group_overrides(), 3)
+    assert any(not torch.equal(a, b) for a, b in zip(params_of(model), params_of(plain_model)))
+
+
+# -- the step -------------------------------------------------------------------------------------
+@all_configs
+def test_foreach_path_equals_reference_path_bitwise(info, config):
+    fast_model, fast = run(config, 5, transform_foreach=True)
+    reference_model, reference = run(config, 5, transform_foreach=False)
+    assert_bitwise_equal(params_of(fast_model), params_of(reference_model))
+    assert_state_equal(fast.state_dict(), reference.state_dict())
+
+
+@all_configs
+def test_two_call_loop_equals_step_closure_bitwise(info, config):
     x, y = make_data()
-    model_a, opt_a = build(name)
-    model_b, opt_b = build(name)
+    model_a = make_model()
+    opt_a = config.build(model_a)
+    model_b = make_model()
+    opt_b = config.build(model_b)
     closure = make_closure(model_a, opt_a, x, y)
-    for _ in range(5):
-        opt_a.step(closure)
+    for _ in range(4):
+        loss_a = opt_a.step(closure)
 
-        loss = nn.functional.mse_loss(model_b(x), y)
-        loss.backward()
+        loss_b = nn.functional.mse_loss(model_b(x), y)
+        loss_b.backward()
         opt_b.first_step(zero_grad=True)
         nn.functional.mse_loss(model_b(x), y).backward()
         opt_b.second_step(zero_grad=True)
+        assert torch.equal(loss_a, loss_b)
     assert_bitwise_equal(params_of(model_a), params_of(model_b))
+    assert_state_equal(opt_b.state_dict(), opt_a.state_dict())
 
 
-@names
-def test_checkpoint_resume_continues_bitwise(name):
+@all_configs
+def test_checkpoint_resume_continues_bitwise(info, config):
     x, y = make_data()
-    model_a, opt_a = build(name)
+    model_a, opt_a = run(config, 3)
+    buffer = io.BytesIO()
+    torch.save({"model": model_a.state_dict(), "optimizer": opt_a.state_dict()}, buffer)
     closure_a = make_closure(model_a, opt_a, x, y)
     for _ in range(4):
         opt_a.step(closure_a)
-    checkpoint = copy.deepcopy({"model": model_a.state_dict(), "optimizer": opt_a.state_dict()})
-    for _ in range(5):
-        opt_a.step(closure_a)
 
-    model_b, opt_b = build(name)
+    buffer.seek(0)
+    checkpoint = torch.load(buffer)  # torch's default: weights_only=True
+    model_b = make_model(seed=5)
+    opt_b = config.build(model_b)
     model_b.load_state_dict(checkpoint["model"])
     opt_b.load_state_dict(checkpoint["optimizer"])
     closure_b = make_closure(model_b, opt_b, x, y)
-    for _ in range(5):
+    for _ in range(4):
         opt_b.step(closure_b)
     assert_bitwise_equal(params_of(model_a), params_of(model_b))
+    assert_state_equal(opt_b.state_dict(), opt_a.state_dict())
 
 
-@names
-def test_closure_raising_in_second_pass_leaves_model_and_state_untouched(name):
+@reevaluating_configs
+def test_closure_raising_in_second_pass_leaves_weights_and_state_untouched(info, config):
     x, y = make_data()
-    model, optimizer = build(name)
-    closure = make_closure(model, optimizer, x, y)
-    for _ in range(2):
-        optimizer.step(closure)
+    model, optimizer = run(config, 2)
+    twin_model, twin = run(config, 2)
     before_params = params_of(model)
     before_state = copy.deepcopy(optimizer.state_dict())
+    closure = make_closure(model, optimizer, x, y)
     calls = {"n": 0}
 
     def flaky():
@@ -138,77 +237,81 @@ def test_closure_raising_in_second_pass_leaves_model_and_state_untouched(name):
             raise KeyError("data loader died")
         return closure()
 
-    if INFOS[name].needs_closure:
-        with pytest.raises(KeyError, match="data loader died"):
-            optimizer.step(flaky)
-        assert calls["n"] == 2
-    else:  # a post-step transform never re-evaluates: make the first evaluation fail instead
-        with pytest.raises(KeyError):
-            optimizer.step(lambda: (_ for _ in ()).throw(KeyError("data loader died")))
+    with pytest.raises(KeyError, match="data loader died"):
+        optimizer.step(flaky)
+    assert calls["n"] == 2  # it was the re-evaluation that raised
     assert_bitwise_equal(before_params, params_of(model))
     assert_state_equal(optimizer.state_dict(), before_state)
+    # And the next step is the one a run without the failure takes.
+    optimizer.step(closure)
+    twin.step(make_closure(twin_model, twin, x, y))
+    assert_bitwise_equal(params_of(model), params_of(twin_model))
+    assert_state_equal(optimizer.state_dict(), twin.state_dict())
 
 
-@names
-def test_parameters_without_grad_are_left_alone(name):
-    x, y = make_data()
-    model, optimizer = build(name)
+@all_configs
+def test_parameters_without_grad_are_left_alone(info, config):
+    model = make_model()
     frozen, unused = model[2].bias, model.unused
+    assert next(iter(model.parameters())) is unused  # object-level state lands on it
     frozen_before, unused_before = frozen.detach().clone(), unused.detach().clone()
-    closure = make_closure(model, optimizer, x, y)
-    for _ in range(6):
-        optimizer.step(closure)
+    model, optimizer = run(config, 6, model=model)
     assert torch.equal(frozen, frozen_before)
     assert torch.equal(unused, unused_before)
-    assert frozen not in optimizer.state or "lamp_sum" not in optimizer.state[frozen]
+    infos = [INFO_OF_CLASS[type(t).__name__] for t in optimizer.transforms]
+    per_param = {f"{slot}.{key}" for slot, i in zip(optimizer.slots, infos) for key in i.param_state_keys}
+    object_level = {f"{slot}.{key}" for slot, i in zip(optimizer.slots, infos) for key in i.object_state_keys}
+    assert not optimizer.state.get(frozen)
+    assert set(optimizer.state.get(unused, {})) <= object_level
+    assert per_param <= set(optimizer.state[model[0].weight])
 
 
-@names
-def test_mixed_float64_float32_bfloat16_parameters(name):
+@all_configs
+def test_mixed_float64_float32_bfloat16_parameters(info, config):
     torch.manual_seed(0)
-    layers = [nn.Linear(4, 4).to(torch.float64), nn.Linear(4, 4).to(torch.float32), nn.Linear(4, 1).to(torch.bfloat16)]
+    layers = nn.Sequential(nn.Linear(4, 4).to(torch.float64), nn.Linear(4, 4).to(torch.float32), nn.Linear(4, 1).to(torch.bfloat16))
     x = torch.randn(16, 4, dtype=torch.float64)
 
-    def run(foreach, steps):
-        models = copy.deepcopy(layers)
-        params = [p for m in models for p in m.parameters()]
-        optimizer = TransformingOptimizer(params, torch.optim.SGD, lr=0.05, transforms=[INFOS[name].make()], transform_foreach=foreach)
+    def run_mixed(foreach, steps):
+        model = copy.deepcopy(layers)
+        optimizer = config.build(model, transform_foreach=foreach)
 
         def closure():
             optimizer.zero_grad()
-            h = torch.tanh(models[0](x)).float()
-            h = torch.tanh(models[1](h)).bfloat16()
-            loss = models[2](h).float().square().mean()
+            h = torch.tanh(model[0](x)).float()
+            h = torch.tanh(model[1](h)).bfloat16()
+            loss = model[2](h).float().square().mean()
             loss.backward()
             return loss
 
         for _ in range(steps):
             optimizer.step(closure)
-        return [p.detach().clone() for p in params]
+        return params_of(model)
 
-    initial = [p.detach().clone() for m in layers for p in m.parameters()]
+    initial = params_of(layers)
     # One step: the float64/float32 parameters agree bit for bit between the two paths; torch's
     # foreach and per-tensor bfloat16 kernels may round differently, so bfloat16 gets a tolerance.
-    fast, reference = run(True, 1), run(False, 1)
+    fast, reference = run_mixed(True, 1), run_mixed(False, 1)
     assert [p.dtype for p in fast] == [torch.float64] * 2 + [torch.float32] * 2 + [torch.bfloat16] * 2
     assert_bitwise_equal(fast[:4], reference[:4])
     torch.testing.assert_close(fast[4:], reference[4:])
     assert all(not torch.equal(a, b) for a, b in zip(fast[:4], initial[:4]))
-    fast, reference = run(True, 4), run(False, 4)
+    fast, reference = run_mixed(True, 4), run_mixed(False, 4)
     assert all(torch.isfinite(p.float()).all() for p in fast)
     # Later steps see the bfloat16 rounding through the loss: bfloat16-sized tolerances.
     torch.testing.assert_close(fast, reference, rtol=1.6e-2, atol=1e-3)
 
 
-@names
-def test_standalone_seed_protocol_equals_optimizer_step(name):
+@standalone_configs
+def test_standalone_seed_protocol_equals_optimizer_step(info, config):
     x, y = make_data()
-    model_a, opt_a = build(name, momentum=0.0, lr=0.1)
+    model_a = make_model()
+    opt_a = config.build(model_a)
     closure = make_closure(model_a, opt_a, x, y)
 
     model_b = make_model()
-    plain = torch.optim.SGD([p for p in model_b.parameters()], lr=0.1, momentum=0.0)
-    transform = INFOS[name].make()
+    plain = config.build_bare(model_b)
+    (transform,) = config.transform_list()
 
     def loss_fn(inputs, targets):
         return nn.functional.mse_loss(model_b(inputs), targets)

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from samgria import ClampGrad, ClipGradNorm, GradSign, NormalizeGrad, ScaleGrad, TransformingOptimizer
+from samgria import ASAM, ClampGrad, ClipGradNorm, GradSign, NormalizeGrad, ScaleGrad, TransformingOptimizer
 
 
 def grads_after(transform, groups_kwargs=({}, {})):
@@ -49,19 +49,34 @@ def test_sign_normalize_scale_clamp():
     assert torch.equal(got[0], raw_a.clamp(-0.5, 1.0)) and torch.equal(got[1], raw_b.clamp(-0.5, 2.0))
 
 
-def test_bad_group_values_are_rejected_at_construction():
+def test_bad_group_values_are_rejected_at_construction_naming_the_group():
     param = nn.Parameter(torch.ones(2))
-    with pytest.raises(ValueError, match=r"grad_min must be <= grad_max, got grad_min=0\.0, grad_max=-1\.0"):
+    with pytest.raises(ValueError, match=r"^param_groups\[0\]: grad_max must be a finite number >= grad_min = 0, got -1\.0$"):
         TransformingOptimizer([{"params": [param], "grad_max": -1.0}], torch.optim.SGD, lr=0.1, transforms=[ClampGrad(0.0, 1.0)])
-    with pytest.raises(ValueError, match=r"max_grad_norm must be > 0, got -3"):
+    with pytest.raises(ValueError, match=r"^param_groups\[0\]: max_grad_norm must be a finite number > 0, got -3$"):
         TransformingOptimizer([{"params": [param], "max_grad_norm": -3}], torch.optim.SGD, lr=0.1, transforms=[ClipGradNorm()])
+    with pytest.raises(ValueError, match=r"^param_groups\[0\]: grad_scale must be a finite number, got nan$"):
+        TransformingOptimizer([{"params": [param], "grad_scale": float("nan")}], torch.optim.SGD, lr=0.1, transforms=[ScaleGrad()])
+    with pytest.raises(TypeError, match=r"^param_groups\[0\]: grad_bias must be a finite number, got None$"):
+        TransformingOptimizer([{"params": [param], "grad_bias": None}], torch.optim.SGD, lr=0.1, transforms=[ScaleGrad()])
 
 
 def test_normalize_eps_and_asam_adaptive_group_values_are_checked():
-    from samgria import ASAM
-
     param = nn.Parameter(torch.ones(2))
-    with pytest.raises(ValueError, match=r"normalize_eps must be >= 0, got -1\.0"):
-        TransformingOptimizer([{"params": [param], "normalize_eps": -1.0}], torch.optim.SGD, lr=0.1, transforms=[NormalizeGrad()])
-    with pytest.raises(TypeError, match=r"adaptive must be a bool, got 'yes'"):
+    with pytest.raises(ValueError, match=r"^param_groups\[0\]: eps must be a finite number >= 0, got -1\.0$"):
+        TransformingOptimizer([{"params": [param], "eps": -1.0}], torch.optim.SGD, lr=0.1, transforms=[NormalizeGrad()])
+    # Beside Adam (which has its own eps) NormalizeGrad's key is qualified, and so is the message.
+    with pytest.raises(ValueError, match=r"^param_groups\[0\]: normalize_grad\.eps must be a finite number >= 0, got -1\.0$"):
+        TransformingOptimizer([{"params": [param], "normalize_grad.eps": -1.0}], torch.optim.Adam, lr=0.1, transforms=[NormalizeGrad()])
+    with pytest.raises(TypeError, match=r"^param_groups\[0\]: adaptive must be a bool, got 'yes'$"):
         TransformingOptimizer([{"params": [param], "adaptive": "yes"}], torch.optim.SGD, lr=0.1, transforms=[ASAM()])
+
+
+def test_normalize_grad_eps_is_read_per_group_under_short_or_qualified_key():
+    (raw_a, raw_b), got = grads_after(NormalizeGrad(eps=0.25), ({}, {"eps": 2.0}))
+    torch.testing.assert_close(got[0], raw_a / (raw_a.norm() + 0.25), rtol=1e-12, atol=0)
+    torch.testing.assert_close(got[1], raw_b / (raw_b.norm() + 2.0), rtol=1e-12, atol=0)
+    param = nn.Parameter(torch.ones(2))
+    beside_adam = TransformingOptimizer([{"params": [param], "normalize_grad.eps": 0.5}], torch.optim.Adam, lr=0.1, transforms=[NormalizeGrad()])
+    group = beside_adam.param_groups[0]
+    assert (group["normalize_grad.eps"], group["eps"]) == (0.5, 1e-8)  # Adam's eps untouched

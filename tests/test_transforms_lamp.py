@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import math
 
 import torch
@@ -47,7 +48,11 @@ def test_eps_zero_rolls_back_to_the_mean_of_the_plain_iterates():
         torch.testing.assert_close(got[i], expected[i], rtol=1e-14, atol=1e-15)
     for i in set(range(len(got))) - set(trainable):  # frozen and unused: untouched
         assert torch.equal(got[i], iterates[0][i])
-    assert optimizer.state[next(iter(model.parameters()))]["lamp_step"] == 0
+    # The cycle position is object-level state, kept on the optimizer's first parameter (here the
+    # unused one, which has no gradient): back at 0 after the rollback.
+    first = optimizer.param_groups[0]["params"][0]
+    assert first is model.unused
+    assert optimizer.state[first]["lamp.cycle_step"] == 0
 
 
 def test_noise_has_global_norm_eps_and_scales_with_weight_magnitude():
@@ -86,6 +91,27 @@ def test_same_seed_same_noise_different_seed_different_noise():
     assert any(not torch.equal(a, b) for a, b in zip(run(1), run(2)))
 
 
+def test_each_step_draws_fresh_noise_from_the_checkpointed_generator():
+    param = nn.Parameter(torch.tensor([1.0, -2.0, 3.0, 0.5], dtype=torch.float64))
+    optimizer = TransformingOptimizer([param], torch.optim.SGD, lr=0.0, transforms=[LAMP(eps=1e-2, rollback_len=100, seed=0)])
+
+    def closure():
+        optimizer.zero_grad()
+        loss = param.sum()
+        loss.backward()
+        return loss
+
+    weights = [param.detach().clone()]
+    states = []
+    for _ in range(3):  # lr=0: the noise is the only change
+        optimizer.step(closure)
+        weights.append(param.detach().clone())
+        states.append(optimizer.state[param]["lamp.rng_state"].clone())
+    first, second = weights[1] - weights[0], weights[2] - weights[1]
+    assert not torch.allclose(first / first.norm(), second / second.norm())
+    assert not torch.equal(states[0], states[1])  # the generator advanced and was saved
+
+
 def test_default_generator_is_torchs():
     def run():
         torch.manual_seed(123)
@@ -106,27 +132,87 @@ def test_state_lives_in_optimizer_state_and_cycles():
     model = make_model()
     optimizer = TransformingOptimizer(model.parameters(), torch.optim.SGD, lr=0.1, transforms=[LAMP(eps=1e-3, rollback_len=2, seed=0)])
     closure = make_closure(model, optimizer, x, y)
-    first = next(iter(model.parameters()))
-    steps = []
+    first = optimizer.param_groups[0]["params"][0]
+    assert first is model.unused  # object-level state lands on a parameter without gradient
+    weight = model[0].weight
+    steps, counts = [], []
     for _ in range(6):
         optimizer.step(closure)
-        steps.append(optimizer.state[first]["lamp_step"])
+        steps.append(optimizer.state[first]["lamp.cycle_step"])
+        counts.append(optimizer.state[weight]["lamp.count"])
     assert steps == [1, 2, 0, 1, 2, 0]
-    state = optimizer.state[model[0].weight]
-    assert state["lamp_count"] == 0 and torch.equal(state["lamp_sum"], torch.zeros_like(model[0].weight))
-    assert "lamp_sum" not in optimizer.state[model.unused]
+    assert counts == [1, 2, 0, 1, 2, 0]
+    state = optimizer.state[weight]
+    assert torch.equal(state["lamp.sum"], torch.zeros_like(weight))  # emptied by the rollback
+    assert state["lamp.sum"].dtype == weight.dtype
+    assert "lamp.cycle_step" not in state and "lamp.rng_state" not in state
+    # The first parameter holds only the object-level keys; the generator state is a byte tensor.
+    assert set(optimizer.state[first]) == {"lamp.cycle_step", "lamp.rng_state"}
+    assert optimizer.state[first]["lamp.rng_state"].dtype == torch.uint8
+    # The frozen parameter gets nothing; the inner optimizer sees no LAMP key.
+    assert not optimizer.state.get(model[2].bias)
+    assert not any(key.startswith("lamp.") for key in optimizer.inner.state[weight])
 
 
-def test_bfloat16_parameters_sum_in_float32():
-    param = nn.Parameter(torch.ones(3, dtype=torch.bfloat16))
-    optimizer = TransformingOptimizer([param], torch.optim.SGD, lr=0.1, transforms=[LAMP(eps=0.0, rollback_len=4)])
+def test_bfloat16_run_resumes_bitwise_through_state_dict_with_a_bfloat16_sum():
+    # torch's load_state_dict casts floating-point state to the parameter's dtype, so the sum is
+    # kept in bfloat16 from the start: a resumed run then continues bit for bit.
+    x, y = make_data(torch.bfloat16)
 
-    def closure():
+    def build(model):
+        return TransformingOptimizer(
+            model.parameters(), torch.optim.SGD, lr=0.1, momentum=0.9, transforms=[LAMP(eps=1e-2, rollback_len=3, seed=0)]
+        )
+
+    model_a = make_model(torch.bfloat16)
+    opt_a = build(model_a)
+    closure_a = make_closure(model_a, opt_a, x, y)
+    for _ in range(2):  # mid-cycle: the sum holds two iterates
+        opt_a.step(closure_a)
+    weight = model_a[0].weight
+    assert opt_a.state[weight]["lamp.sum"].dtype == torch.bfloat16
+    assert opt_a.state[weight]["lamp.count"] == 2 and opt_a.state[weight]["lamp.sum"].abs().sum() > 0
+    buffer = io.BytesIO()
+    torch.save({"model": model_a.state_dict(), "optimizer": opt_a.state_dict()}, buffer)
+    for _ in range(4):  # crosses the rollback at step 4
+        opt_a.step(closure_a)
+
+    buffer.seek(0)
+    checkpoint = torch.load(buffer)
+    model_b = make_model(torch.bfloat16, seed=3)
+    model_b.load_state_dict(checkpoint["model"])
+    opt_b = build(model_b)
+    opt_b.load_state_dict(checkpoint["optimizer"])
+    loaded = opt_b.state[model_b[0].weight]["lamp.sum"]
+    assert loaded.dtype == torch.bfloat16
+    assert torch.equal(loaded, checkpoint["optimizer"]["state"][1]["lamp.sum"])
+    closure_b = make_closure(model_b, opt_b, x, y)
+    for _ in range(4):
+        opt_b.step(closure_b)
+    assert all(p.dtype == torch.bfloat16 for p in model_b.parameters())
+    assert_bitwise_equal(params_of(model_a), params_of(model_b))
+    assert opt_b.state[model_b[0].weight]["lamp.sum"].dtype == torch.bfloat16
+
+
+def test_standalone_in_the_seed_readme_loop_rolls_back_to_the_mean():
+    # The seed README's loop: backward, apply, step, zero_grad, post_step. zero_grad() between
+    # step() and post_step() must not hide which parameters took part in the step.
+    torch.manual_seed(0)
+    model = nn.Linear(2, 1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    lamp = LAMPRollback(eps=0.0, rollback_len=1)  # mean of 2 plain iterates
+    iterates = []
+
+    def loss_fn(inputs):
+        return model(inputs).square().mean()
+
+    for _ in range(2):
+        batch = (torch.randn(4, 2),)
+        loss_fn(*batch).backward()
+        lamp.apply(model, loss_fn, batch)
+        optimizer.step()
         optimizer.zero_grad()
-        loss = param.float().sum()
-        loss.backward()
-        return loss
-
-    optimizer.step(closure)
-    assert optimizer.state[param]["lamp_sum"].dtype == torch.float32
-    assert param.dtype == torch.bfloat16
+        iterates.append(model.weight.detach().clone())
+        lamp.post_step(model)
+    assert not torch.equal(iterates[0], iterates[1])
+    torch.testing.assert_close(model.weight.detach(), (iterates[0] + iterates[1]) / 2)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 import warnings
 
@@ -253,30 +254,70 @@ def test_asam_is_invariant_to_rescaling_a_relu_layer_pair():
 
 
 # -- invariants -----------------------------------------------------------------------------------
-@pytest.mark.parametrize("transform", [SAM(rho=0.05), ASAM(rho=0.5)], ids=["SAM", "ASAM"])
-def test_non_finite_gradient_skips_perturbation_and_keeps_weights_finite(transform):
-    # One rho=0 group gets an inf gradient; the perturbed group's weights must not see it.
+def _inf_in_a_rho_zero_group(transform, non_finite="skip", inf_on_call=1):
+    """A momentum SGD over two groups after one good step; the ``inf_on_call``-th evaluation of
+    the next step's closure gives the ``rho=0`` group an infinite gradient."""
     torch.manual_seed(0)
     good = nn.Parameter(torch.randn(3, dtype=torch.float64))
     bad = nn.Parameter(torch.randn(2, dtype=torch.float64))
     optimizer = TransformingOptimizer(
-        [{"params": [good]}, {"params": [bad], "rho": 0.0, "lr": 0.0}], torch.optim.SGD, lr=0.1, transforms=[transform]
+        [{"params": [good]}, {"params": [bad], "rho": 0.0}],
+        torch.optim.SGD,
+        lr=0.1,
+        momentum=0.9,
+        transforms=[transform],
+        non_finite=non_finite,
     )
-    calls = {"n": 0}
+    calls = {"n": 0, "poison": False}
 
     def closure():
         calls["n"] += 1
         optimizer.zero_grad()
-        loss = (good**2).sum() + (bad * float("inf")).sum()
+        scale = float("inf") if calls["poison"] and calls["n"] == inf_on_call else 1.0
+        loss = (good**2).sum() + (bad * scale).sum()
         loss.backward()
         return loss
 
-    before = good.detach().clone()
-    with pytest.warns(RuntimeWarning, match="perturbation is skipped"):
+    optimizer.step(closure)  # a good step: momentum buffers exist
+    calls["n"], calls["poison"] = 0, True
+    return optimizer, closure, calls, (good, bad)
+
+
+@pytest.mark.parametrize("inf_on_call,which", [(1, "first"), (2, "second")])
+@pytest.mark.parametrize("transform", [SAM(rho=0.05), ASAM(rho=0.5)], ids=["SAM", "ASAM"])
+def test_non_finite_gradient_skips_the_whole_step(transform, inf_on_call, which):
+    # One rho=0 group gets an inf gradient, in the first evaluation or in the re-evaluation at
+    # w + e: the whole step is skipped -- no weight moves, no momentum buffer changes.
+    optimizer, closure, calls, params = _inf_in_a_rho_zero_group(transform, inf_on_call=inf_on_call)
+    before_params = [p.detach().clone() for p in params]
+    before_state = copy.deepcopy(optimizer.state_dict())
+    with pytest.warns(RuntimeWarning, match=rf"the gradients of the {which} evaluation are not finite: the step is skipped"):
         optimizer.step(closure)
-    assert calls["n"] == 1
-    assert torch.isfinite(good).all()
-    torch.testing.assert_close(good.detach(), before - 0.1 * 2 * before, rtol=0, atol=0)
+    assert calls["n"] == inf_on_call  # a first pass with inf gradients is not re-evaluated
+    assert optimizer.skipped_steps == 1
+    assert_bitwise_equal(before_params, [p.detach().clone() for p in params])
+    after_state = optimizer.state_dict()
+    for index, entry in before_state["state"].items():
+        assert_bitwise_equal(list(entry.values()), list(after_state["state"][index].values()))
+    # The next good step is taken as usual.
+    calls["poison"] = False
+    optimizer.step(closure)
+    assert optimizer.skipped_steps == 1
+    assert not torch.equal(params[0].detach(), before_params[0])
+
+
+@pytest.mark.parametrize("inf_on_call", [1, 2])
+def test_non_finite_raise_policy_raises_and_changes_nothing(inf_on_call):
+    optimizer, closure, _, params = _inf_in_a_rho_zero_group(SAM(rho=0.05), non_finite="raise", inf_on_call=inf_on_call)
+    before_params = [p.detach().clone() for p in params]
+    before_state = copy.deepcopy(optimizer.state_dict())
+    with pytest.raises(FloatingPointError, match="not finite"):
+        optimizer.step(closure)
+    assert optimizer.skipped_steps == 0
+    assert_bitwise_equal(before_params, [p.detach().clone() for p in params])
+    after_state = optimizer.state_dict()
+    for index, entry in before_state["state"].items():
+        assert_bitwise_equal(list(entry.values()), list(after_state["state"][index].values()))
 
 
 def test_sparse_gradient_raises_clear_error_and_leaves_weights():
@@ -324,9 +365,30 @@ def test_rho_is_read_from_param_groups_each_step():
         opt_a.step(make_closure(model_a, opt_a, x, y))
 
 
-def test_nan_gradient_warns_and_the_step_equals_the_bare_optimizers():
+@pytest.mark.parametrize("transform", [SAM(0.1), ASAM(0.5)], ids=["SAM", "ASAM"])
+def test_standalone_apply_with_nan_gradient_warns_and_leaves_weights_and_gradients(transform):
+    # The seed protocol has no step to skip: the perturbation is skipped, the gradients are kept.
     param = nn.Parameter(torch.ones(2))
-    optimizer = TransformingOptimizer([param], torch.optim.SGD, lr=0.0, transforms=[SAM(0.1)])
+    evaluations = []
+
+    def loss_fn():
+        evaluations.append(1)
+        return (param * float("nan")).sum()
+
+    loss_fn().backward()
+    grad = param.grad.clone()
+    model = nn.Module()
+    model.param = param
+    with pytest.warns(RuntimeWarning, match=r"the gradient norm is nan; the perturbation is skipped"):
+        transform.apply(model, loss_fn, ())
+    assert len(evaluations) == 1  # no re-evaluation
+    assert torch.equal(param.detach(), torch.ones(2))
+    torch.testing.assert_close(param.grad, grad, rtol=0, atol=0, equal_nan=True)
+
+
+def test_nan_gradient_inside_the_optimizer_skips_the_step_instead():
+    param = nn.Parameter(torch.ones(2))
+    optimizer = TransformingOptimizer([param], torch.optim.SGD, lr=0.1, transforms=[SAM(0.1)])
 
     def closure():
         optimizer.zero_grad()
@@ -336,11 +398,9 @@ def test_nan_gradient_warns_and_the_step_equals_the_bare_optimizers():
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        optimizer.step(closure)
-    assert any(issubclass(w.category, RuntimeWarning) and "gradient norm is nan" in str(w.message) for w in caught)
-    # The inner optimizer saw exactly the first gradients: the same result as without SAM.
-    bare_param = nn.Parameter(torch.ones(2))
-    bare = torch.optim.SGD([bare_param], lr=0.0)
-    (bare_param * float("nan")).sum().backward()
-    bare.step()
-    torch.testing.assert_close(param.detach(), bare_param.detach(), rtol=0, atol=0, equal_nan=True)
+        loss = optimizer.step(closure)
+    messages = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
+    assert len(messages) == 1 and "the gradients of the first evaluation are not finite: the step is skipped" in messages[0]
+    assert "perturbation" not in messages[0]
+    assert torch.isnan(loss)  # the first loss is still returned
+    assert torch.equal(param.detach(), torch.ones(2)) and optimizer.skipped_steps == 1

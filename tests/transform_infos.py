@@ -1,123 +1,385 @@
 """Registry of transforms for the generic tests (in the spirit of torch's OptimizerInfo).
 
-Each entry says how to build the transform, whether it re-evaluates the closure, which
-param-group keys it owns, and which bad constructor inputs must fail with which message.
+Each :class:`TransformInfo` says how to build the transform, whether it re-evaluates the
+closure, which param-group keys it owns (short names), which bad constructor inputs must fail
+with which message, and a list of :class:`Config` s: whole optimizers built around the transform
+(the default, per-group overrides, adaptive variants, chains, qualified keys beside an inner
+optimizer that owns the same name). The generic tests run over every (info, config) pair.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 
-from samgria import ASAM, LAMP, SAM, ClampGrad, ClipGradNorm, GradSign, NormalizeGrad, ScaleGrad, Transform
+from samgria import ASAM, LAMP, SAM, ClampGrad, ClipGradNorm, GradSign, NormalizeGrad, ScaleGrad, Transform, TransformingOptimizer
+
+__all__ = [
+    "ErrorInput",
+    "Config",
+    "TransformInfo",
+    "TRANSFORM_INFOS",
+    "CONFIGS",
+    "config_id",
+    "split_groups",
+    "make_model",
+    "make_data",
+    "make_closure",
+    "params_of",
+    "assert_bitwise_equal",
+]
 
 
-@dataclass
+@dataclass(frozen=True, eq=False)
 class ErrorInput:
+    """Constructor keyword arguments that must raise ``error_type`` matching ``error_regex``.
+
+    When every keyword is one of the transform's group keys, the same value given in a param
+    group must raise the same error, prefixed with ``"param_groups[0]: "``.
+    """
+
     kwargs: dict[str, Any]
     error_type: type[Exception]
     error_regex: str
 
 
+GroupsFn = Callable[[nn.Module], list[dict[str, Any]]]
+
+
+def split_groups(first: Mapping[str, Any], rest: Mapping[str, Any] | None = None) -> GroupsFn:
+    """Two param groups: the first half of ``model.parameters()`` with ``first``'s keys, the rest with ``rest``'s.
+
+    Works for any model (the generic tests also build a mixed-dtype one).
+    """
+    rest = dict(rest or {})
+
+    def groups(model: nn.Module) -> list[dict[str, Any]]:
+        params = list(model.parameters())
+        half = len(params) // 2
+        return [{"params": params[:half], **first}, {"params": params[half:], **rest}]
+
+    return groups
+
+
+@dataclass(frozen=True, eq=False)
+class Config:
+    """One optimizer built around a transform.
+
+    Attributes:
+        id: Short name for test ids.
+        transforms: Returns fresh transform instances (a list, or a mapping of slot names).
+        inner: The inner optimizer class.
+        inner_kwargs: Its keyword arguments.
+        groups: ``model -> param groups`` (with transform keys, short or qualified); ``None``
+            for ``model.parameters()``.
+        expect_groups: For each built group, items it must hold (stored key -> value): where
+            the config's hyperparameters land (short or qualified key).
+    """
+
+    id: str
+    transforms: Callable[[], Any]
+    inner: type[torch.optim.Optimizer] = torch.optim.SGD
+    inner_kwargs: dict[str, Any] = field(default_factory=lambda: {"lr": 0.1, "momentum": 0.9})
+    groups: GroupsFn | None = None
+    expect_groups: tuple[dict[str, Any], ...] = ()
+
+    def build(self, model: nn.Module, **optimizer_kwargs: Any) -> TransformingOptimizer:
+        """``TransformingOptimizer`` over ``model``; ``optimizer_kwargs`` (``transform_foreach``,
+        ``non_finite``, ``atomic``) go to its constructor."""
+        params = self.groups(model) if self.groups is not None else model.parameters()
+        return TransformingOptimizer(
+            params, self.inner, transforms=self.transforms(), **optimizer_kwargs, **self.inner_kwargs
+        )
+
+    def build_bare(self, model: nn.Module) -> torch.optim.Optimizer:
+        """The inner optimizer alone, with the same groups minus the transforms' keys."""
+        if self.groups is None:
+            return self.inner(model.parameters(), **self.inner_kwargs)
+        return self.inner(self.without_group_overrides().groups(model), **self.inner_kwargs)
+
+    def without_group_overrides(self) -> Config:
+        """The same optimizer with every transform key dropped from the groups (constructor values)."""
+        if self.groups is None:
+            return self
+        inner_keys = set(self.inner([nn.Parameter(torch.zeros(1))], **self.inner_kwargs).defaults)
+        groups = self.groups
+
+        def stripped(model: nn.Module) -> list[dict[str, Any]]:
+            return [{k: v for k, v in g.items() if k == "params" or k in inner_keys} for g in groups(model)]
+
+        return Config(f"{self.id}-stripped", self.transforms, self.inner, self.inner_kwargs, stripped)
+
+    def transform_list(self) -> list[Any]:
+        made = self.transforms()
+        return list(made.values()) if isinstance(made, Mapping) else list(made)
+
+    @property
+    def needs_closure(self) -> bool:
+        """Whether some transform of the chain re-evaluates the closure."""
+        return any(getattr(t, "needs_closure", False) for t in self.transform_list())
+
+    @property
+    def standalone_equivalent(self) -> bool:
+        """One transform and no group overrides: the seed protocol beside the bare inner
+        optimizer must give the same result."""
+        return len(self.transform_list()) == 1 and self.groups is None and not isinstance(self.transforms(), Mapping)
+
+
 @dataclass
 class TransformInfo:
+    """How to build and check one transform class.
+
+    Attributes:
+        name: The class name.
+        factory: ``factory(**overrides)`` builds the transform with test defaults.
+        needs_closure: Whether it re-evaluates the closure.
+        group_keys: Its per-group hyperparameters (short names), in declaration order.
+        error_inputs: Bad constructor inputs and the errors they must raise.
+        param_state_keys: Slot keys it keeps for every parameter that has a gradient.
+        object_state_keys: Slot keys it keeps at object level (on the first parameter), which
+            a parameter without a gradient may therefore carry.
+        configs: Optimizers built around it; ``configs[0]`` is the default one.
+    """
+
     name: str
     factory: Callable[..., Transform]
     needs_closure: bool
     group_keys: tuple[str, ...]
-    stateful: bool = False
     error_inputs: list[ErrorInput] = field(default_factory=list)
+    param_state_keys: tuple[str, ...] = ()
+    object_state_keys: tuple[str, ...] = ()
+    configs: list[Config] = field(default_factory=list)
 
     def make(self, **kwargs: Any) -> Transform:
         return self.factory(**kwargs)
 
+    def default_config(self) -> Config:
+        return Config("default", lambda: [self.make()])
+
+
+def _info(info: TransformInfo, *extra: Config) -> TransformInfo:
+    info.configs = [info.default_config(), *extra]
+    return info
+
+
+def _sam(**kw: Any) -> SAM:
+    return SAM(**{"rho": 0.05, **kw})
+
+
+def _asam(**kw: Any) -> ASAM:
+    return ASAM(**{"rho": 0.5, "eta": 0.01, **kw})
+
+
+def _lamp(**kw: Any) -> LAMP:
+    return LAMP(**{"eps": 5e-3, "rollback_len": 3, "seed": 0, **kw})
+
+
+def _clip(**kw: Any) -> ClipGradNorm:
+    return ClipGradNorm(**{"max_grad_norm": 0.05, **kw})
+
+
+def _scale(**kw: Any) -> ScaleGrad:
+    return ScaleGrad(**{"scale": 0.5, "bias": 1e-3, **kw})
+
+
+def _clamp(**kw: Any) -> ClampGrad:
+    return ClampGrad(**{"grad_min": -0.01, "grad_max": 0.02, **kw})
+
 
 TRANSFORM_INFOS = [
-    TransformInfo(
-        "SAM",
-        lambda **kw: SAM(**{"rho": 0.05, **kw}),
-        needs_closure=True,
-        group_keys=("rho",),
-        error_inputs=[
-            ErrorInput({"rho": -1.0}, ValueError, r"rho must be a finite number >= 0, got -1\.0"),
-            ErrorInput({"rho": float("nan")}, ValueError, r"rho must be .*got nan"),
-            ErrorInput({"rho": "0.1"}, TypeError, r"rho must be a real number, got '0\.1'"),
-        ],
+    _info(
+        TransformInfo(
+            "SAM",
+            _sam,
+            needs_closure=True,
+            group_keys=("rho",),
+            error_inputs=[
+                ErrorInput({"rho": -1.0}, ValueError, r"rho must be a finite number >= 0, got -1\.0"),
+                ErrorInput({"rho": float("nan")}, ValueError, r"rho must be a finite number >= 0, got nan"),
+                ErrorInput({"rho": float("inf")}, ValueError, r"rho must be a finite number >= 0, got inf"),
+                ErrorInput({"rho": "0.1"}, TypeError, r"rho must be a finite number >= 0, got '0\.1'"),
+                ErrorInput({"rho": True}, TypeError, r"rho must be a finite number >= 0, got True"),
+            ],
+        ),
+        Config(
+            "group_rho_zero",
+            lambda: [_sam()],
+            groups=split_groups({"rho": 0.0}, {"rho": 0.1}),
+            expect_groups=({"rho": 0.0}, {"rho": 0.1}),
+        ),
+        Config("scale_grad_then_sam", lambda: [ScaleGrad(2.0), _sam()], expect_groups=({"grad_scale": 2.0, "rho": 0.05},)),
+        Config(
+            "adadelta_qualified_rho",
+            lambda: [_sam()],
+            inner=torch.optim.Adadelta,
+            inner_kwargs={"lr": 0.5},
+            groups=split_groups({"sam.rho": 0.1}),
+            # Adadelta owns "rho": SAM's radius is stored as "sam.rho".
+            expect_groups=({"sam.rho": 0.1, "rho": 0.9}, {"sam.rho": 0.05, "rho": 0.9}),
+        ),
     ),
-    TransformInfo(
-        "ASAM",
-        lambda **kw: ASAM(**{"rho": 0.5, "eta": 0.01, **kw}),
-        needs_closure=True,
-        group_keys=("rho", "eta", "adaptive"),
-        error_inputs=[
-            ErrorInput({"rho": -0.5}, ValueError, r"rho must be a finite number >= 0, got -0\.5"),
-            ErrorInput({"eta": -1e-3}, ValueError, r"eta must be a finite number >= 0, got -0\.001"),
-            ErrorInput({"adaptive": 1}, TypeError, r"adaptive must be a bool, got 1"),
-        ],
+    _info(
+        TransformInfo(
+            "ASAM",
+            _asam,
+            needs_closure=True,
+            group_keys=("rho", "eta", "adaptive"),
+            error_inputs=[
+                ErrorInput({"rho": -0.5}, ValueError, r"rho must be a finite number >= 0, got -0\.5"),
+                ErrorInput({"eta": -1e-3}, ValueError, r"eta must be a finite number >= 0, got -0\.001"),
+                ErrorInput({"eta": float("inf")}, ValueError, r"eta must be a finite number >= 0, got inf"),
+                ErrorInput({"adaptive": 1}, TypeError, r"adaptive must be a bool, got 1"),
+            ],
+        ),
+        Config(
+            "group_not_adaptive",
+            lambda: [_asam()],
+            groups=split_groups({"adaptive": False}),
+            expect_groups=({"adaptive": False, "rho": 0.5}, {"adaptive": True, "rho": 0.5}),
+        ),
+        Config(
+            "group_eta",
+            lambda: [_asam()],
+            groups=split_groups({"eta": 0.1}, {"eta": 0.0, "rho": 1.0}),
+            expect_groups=({"eta": 0.1, "rho": 0.5}, {"eta": 0.0, "rho": 1.0}),
+        ),
     ),
-    TransformInfo(
-        "LAMP",
-        lambda **kw: LAMP(**{"eps": 5e-3, "rollback_len": 3, "seed": 0, **kw}),
-        needs_closure=False,
-        group_keys=(),
-        stateful=True,
-        error_inputs=[
-            ErrorInput({"eps": -1e-3}, ValueError, r"eps must be a finite number >= 0, got -0\.001"),
-            ErrorInput({"rollback_len": 0}, ValueError, r"rollback_len must be >= 1, got 0"),
-            ErrorInput({"rollback_len": 2.5}, TypeError, r"rollback_len must be an integer, got 2\.5"),
-            ErrorInput({"rollback_len": True}, TypeError, r"rollback_len must be an integer, got True"),
-            ErrorInput({"seed": 1.5}, TypeError, r"seed must be an integer or None, got 1\.5"),
-        ],
+    _info(
+        TransformInfo(
+            "LAMP",
+            _lamp,
+            needs_closure=False,
+            group_keys=("eps",),
+            param_state_keys=("sum", "count"),
+            object_state_keys=("cycle_step", "rng_state"),
+            error_inputs=[
+                ErrorInput({"eps": -1e-3}, ValueError, r"eps must be a finite number >= 0, got -0\.001"),
+                ErrorInput({"eps": float("nan")}, ValueError, r"eps must be a finite number >= 0, got nan"),
+                ErrorInput({"rollback_len": 0}, ValueError, r"rollback_len must be an integer >= 1, got 0"),
+                ErrorInput({"rollback_len": 2.5}, TypeError, r"rollback_len must be an integer >= 1, got 2\.5"),
+                ErrorInput({"rollback_len": True}, TypeError, r"rollback_len must be an integer >= 1, got True"),
+                ErrorInput({"seed": 1.5}, TypeError, r"seed must be an integer, got 1\.5"),
+            ],
+        ),
+        Config(
+            "two_lamps",
+            lambda: [_lamp(), _lamp(eps=1e-2, rollback_len=2, seed=1)],
+            groups=split_groups({"lamp_1.eps": 2e-2}),
+            expect_groups=({"lamp.eps": 5e-3, "lamp_1.eps": 2e-2}, {"lamp.eps": 5e-3, "lamp_1.eps": 1e-2}),
+        ),
+        Config("group_eps_zero", lambda: [_lamp()], groups=split_groups({"eps": 0.0}), expect_groups=({"eps": 0.0}, {"eps": 5e-3})),
+        Config("sam_then_lamp", lambda: [_sam(), _lamp()], expect_groups=({"rho": 0.05, "eps": 5e-3},)),
     ),
-    TransformInfo(
-        "ClipGradNorm",
-        lambda **kw: ClipGradNorm(**{"max_grad_norm": 0.05, **kw}),
-        needs_closure=False,
-        group_keys=("max_grad_norm",),
-        error_inputs=[
-            ErrorInput({"max_grad_norm": 0.0}, ValueError, r"max_grad_norm must be > 0, got 0\.0"),
-            ErrorInput({"max_grad_norm": None}, TypeError, r"max_grad_norm must be a real number, got None"),
-        ],
+    _info(
+        TransformInfo(
+            "ClipGradNorm",
+            _clip,
+            needs_closure=False,
+            group_keys=("max_grad_norm",),
+            error_inputs=[
+                ErrorInput({"max_grad_norm": 0.0}, ValueError, r"max_grad_norm must be a finite number > 0, got 0\.0"),
+                ErrorInput({"max_grad_norm": float("inf")}, ValueError, r"max_grad_norm must be a finite number > 0, got inf"),
+                ErrorInput({"max_grad_norm": None}, TypeError, r"max_grad_norm must be a finite number > 0, got None"),
+            ],
+        ),
+        Config(
+            "group_max_grad_norm",
+            lambda: [_clip()],
+            groups=split_groups({"max_grad_norm": 0.01}),
+            expect_groups=({"max_grad_norm": 0.01}, {"max_grad_norm": 0.05}),
+        ),
     ),
-    TransformInfo(
-        "GradSign",
-        lambda **kw: GradSign(**kw),
-        needs_closure=False,
-        group_keys=(),
-        error_inputs=[ErrorInput({"scale": 2.0}, TypeError, r"takes no arguments")],
+    # GradSign has no argument and no hyperparameter: nothing to get wrong at construction.
+    _info(TransformInfo("GradSign", GradSign, needs_closure=False, group_keys=())),
+    _info(
+        TransformInfo(
+            "NormalizeGrad",
+            NormalizeGrad,
+            needs_closure=False,
+            group_keys=("eps",),
+            error_inputs=[
+                ErrorInput({"eps": -1.0}, ValueError, r"eps must be a finite number >= 0, got -1\.0"),
+                ErrorInput({"eps": "1e-8"}, TypeError, r"eps must be a finite number >= 0, got '1e-8'"),
+            ],
+        ),
+        Config(
+            "two_normalize_grads",
+            lambda: [NormalizeGrad(eps=1.0), NormalizeGrad(eps=0.1)],
+            groups=split_groups({"normalize_grad.eps": 0.5}),
+            expect_groups=(
+                {"normalize_grad.eps": 0.5, "normalize_grad_1.eps": 0.1},
+                {"normalize_grad.eps": 1.0, "normalize_grad_1.eps": 0.1},
+            ),
+        ),
+        Config(
+            "adam_qualified_eps",
+            lambda: [NormalizeGrad()],
+            inner=torch.optim.Adam,
+            inner_kwargs={"lr": 1e-2},
+            # Adam owns "eps": NormalizeGrad's is stored as "normalize_grad.eps".
+            expect_groups=({"normalize_grad.eps": 1e-12, "eps": 1e-8},),
+        ),
     ),
-    TransformInfo(
-        "NormalizeGrad",
-        lambda **kw: NormalizeGrad(**kw),
-        needs_closure=False,
-        group_keys=("normalize_eps",),
-        error_inputs=[ErrorInput({"eps": -1.0}, ValueError, r"eps must be >= 0, got -1\.0")],
+    _info(
+        TransformInfo(
+            "ScaleGrad",
+            _scale,
+            needs_closure=False,
+            group_keys=("grad_scale", "grad_bias"),
+            error_inputs=[
+                ErrorInput({"scale": float("nan")}, ValueError, r"scale must be a finite number, got nan"),
+                ErrorInput({"bias": float("-inf")}, ValueError, r"bias must be a finite number, got -inf"),
+                ErrorInput({"scale": "2"}, TypeError, r"scale must be a finite number, got '2'"),
+            ],
+        ),
+        Config(
+            "group_scale_bias",
+            lambda: [_scale()],
+            groups=split_groups({"grad_scale": 2.0, "grad_bias": -1e-3}),
+            expect_groups=({"grad_scale": 2.0, "grad_bias": -1e-3}, {"grad_scale": 0.5, "grad_bias": 1e-3}),
+        ),
     ),
-    TransformInfo(
-        "ScaleGrad",
-        lambda **kw: ScaleGrad(**{"scale": 0.5, "bias": 1e-3, **kw}),
-        needs_closure=False,
-        group_keys=("grad_scale", "grad_bias"),
-        error_inputs=[ErrorInput({"scale": float("nan")}, TypeError, r"scale must be a real number, got nan")],
-    ),
-    TransformInfo(
-        "ClampGrad",
-        lambda **kw: ClampGrad(**{"grad_min": -0.01, "grad_max": 0.02, **kw}),
-        needs_closure=False,
-        group_keys=("grad_min", "grad_max"),
-        error_inputs=[
-            ErrorInput({"grad_min": 1.0, "grad_max": 0.0}, ValueError, r"grad_min must be <= grad_max, got grad_min=1\.0, grad_max=0\.0")
-        ],
+    _info(
+        TransformInfo(
+            "ClampGrad",
+            _clamp,
+            needs_closure=False,
+            group_keys=("grad_min", "grad_max"),
+            error_inputs=[
+                ErrorInput({"grad_min": 1.0, "grad_max": 0.0}, ValueError, r"grad_max must be a finite number >= grad_min = 1, got 0\.0"),
+                ErrorInput({"grad_min": float("nan")}, ValueError, r"grad_min must be a finite number, got nan"),
+                ErrorInput({"grad_max": float("inf")}, ValueError, r"grad_max must be a finite number >= grad_min = -0\.01, got inf"),
+                ErrorInput({"grad_max": "1"}, TypeError, r"grad_max must be a finite number >= grad_min = -0\.01, got '1'"),
+            ],
+        ),
+        Config(
+            "group_bounds",
+            lambda: [_clamp()],
+            groups=split_groups({"grad_min": -0.05, "grad_max": 0.005}),
+            expect_groups=({"grad_min": -0.05, "grad_max": 0.005}, {"grad_min": -0.01, "grad_max": 0.02}),
+        ),
     ),
 ]
 
+#: Every (info, config) pair, for ``pytest.mark.parametrize`` (ids from :func:`config_id`).
+CONFIGS = [(info, config) for info in TRANSFORM_INFOS for config in info.configs]
+
+
+def config_id(pair: tuple[TransformInfo, Config]) -> str:
+    info, config = pair
+    return f"{info.name}-{config.id}"
+
 
 def make_model(dtype: torch.dtype = torch.float64, seed: int = 0) -> nn.Module:
-    """A small MLP with a frozen parameter and an unused one (their grads stay ``None``)."""
+    """A small MLP with a frozen parameter and an unused one (their grads stay ``None``).
+
+    ``model.parameters()`` yields the unused parameter first (it is registered on the
+    ``Sequential`` itself), so object-level transform state lands on a parameter without grad.
+    """
     torch.manual_seed(seed)
     model = nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 3), nn.Tanh(), nn.Linear(3, 1)).to(dtype)
     model.register_parameter("unused", nn.Parameter(torch.randn(4, dtype=dtype)))
