@@ -21,6 +21,7 @@ from torch import nn
 from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
 
 from samgria import ASAM, LAMP, SAM, NormalizeGrad, TransformingOptimizer
+from state_helpers import assert_same_value, assert_states_equal, groups_without_params, params_in_order, state_by_index
 
 pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled:UserWarning")
 
@@ -67,40 +68,6 @@ def build(model, chain, inner="sgd", **extra):
     cls, kwargs = INNERS[inner]
     transforms = CHAINS[chain]() if isinstance(chain, str) else chain
     return TransformingOptimizer(model.parameters(), cls, transforms=transforms, **{**kwargs, **extra})
-
-
-def params_in_order(optimizer):
-    return [p for group in optimizer.param_groups for p in group["params"]]
-
-
-def state_by_index(optimizer):
-    """``optimizer.state`` keyed by parameter position (empty entries dropped)."""
-    out = {}
-    for index, param in enumerate(params_in_order(optimizer)):
-        if param in optimizer.state and optimizer.state[param]:
-            out[index] = dict(optimizer.state[param])
-    return out
-
-
-def groups_without_params(optimizer):
-    return [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
-
-
-def assert_same_value(a, b, where):
-    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
-        assert isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor), where
-        assert (a.dtype, a.shape, a.device) == (b.dtype, b.shape, b.device), where
-        assert torch.equal(a, b), where
-    else:
-        assert type(a) is type(b) and a == b, (where, a, b)
-
-
-def assert_states_equal(first, second):
-    assert first.keys() == second.keys()
-    for index in first:
-        assert first[index].keys() == second[index].keys(), index
-        for key in first[index]:
-            assert_same_value(first[index][key], second[index][key], (index, key))
 
 
 def assert_weights_equal(model_a, model_b):
