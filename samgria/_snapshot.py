@@ -3,12 +3,21 @@
 from __future__ import annotations
 
 import copy
-from collections.abc import MutableMapping, Sequence
+from collections.abc import Mapping, MutableMapping, Sequence
 from typing import Any
 
 import torch
 
 __all__ = ["StepSnapshot"]
+
+
+def _same_layout(buffer: torch.Tensor, param: torch.Tensor) -> bool:
+    return (
+        buffer.dtype == param.dtype
+        and buffer.device == param.device
+        and buffer.shape == param.shape
+        and buffer.stride() == param.stride()
+    )
 
 
 class StepSnapshot:
@@ -21,13 +30,27 @@ class StepSnapshot:
     Args:
         params: The parameters whose values may change.
         state: The optimizer's ``state`` (parameter -> dict).
+        spare_buffers: Free memory laid out like a parameter, by ``id(param)`` (e.g. the buffer
+            that held SAM's perturbed weights): the weights are copied into it, not into new memory.
     """
 
-    def __init__(self, params: Sequence[torch.Tensor], state: MutableMapping[Any, dict[Any, Any]]) -> None:
+    def __init__(
+        self,
+        params: Sequence[torch.Tensor],
+        state: MutableMapping[Any, dict[Any, Any]],
+        spare_buffers: Mapping[int, torch.Tensor] | None = None,
+    ) -> None:
         self._params = list(params)
         self._state = state
+        spare_buffers = spare_buffers or {}
         with torch.no_grad():
-            self._weights = [param.detach().clone() for param in self._params]
+            self._weights = []
+            for param in self._params:
+                buffer = spare_buffers.get(id(param))
+                if buffer is not None and _same_layout(buffer, param):
+                    self._weights.append(buffer.copy_(param))  # free memory: no allocation
+                else:
+                    self._weights.append(param.detach().clone())
             self._entries: dict[Any, dict[Any, tuple[Any, Any]]] = {}
             for param, entry in state.items():
                 saved = {}

@@ -266,7 +266,11 @@ class TransformingOptimizer(WrappingOptimizer):
 
     # -- the step ----------------------------------------------------------------------------------
     def _context(
-        self, slot: str, reevaluate: Callable[[], Any] | None, grad_norm: float | None = None
+        self,
+        slot: str,
+        reevaluate: Callable[[], Any] | None,
+        grad_norm: float | None = None,
+        spare_buffers: dict[int, torch.Tensor] | None = None,
     ) -> TransformContext:
         return TransformContext(
             self.param_groups,
@@ -277,6 +281,7 @@ class TransformingOptimizer(WrappingOptimizer):
             foreach=self.transform_foreach,
             model=self.model,
             grad_norm=grad_norm,
+            spare_buffers=spare_buffers,
         )
 
     def _enter(self, factory: Callable[[], ContextManager[Any]] | None) -> ContextManager[Any]:
@@ -334,11 +339,20 @@ class TransformingOptimizer(WrappingOptimizer):
         return bool(grads) and not any(bool(torch.any(grad != 0)) for grad in grads)
 
     @torch.no_grad()
-    def _run_chain(self, start: int, reevaluate: Callable[[], Any] | None, grad_norm: float | None) -> None:
+    def _run_chain(
+        self,
+        start: int,
+        reevaluate: Callable[[], Any] | None,
+        grad_norm: float | None,
+        spare_buffers: dict[int, torch.Tensor] | None = None,
+    ) -> None:
         """Pre-step transforms from ``start`` on, the inner step, the post-step transforms."""
+        spare_buffers = {} if spare_buffers is None else spare_buffers
         for index, (slot, transform) in enumerate(list(self.chain)[start:]):
-            transform.pre_update(self._context(slot, reevaluate, grad_norm if index == 0 else None))
-        snapshot = StepSnapshot(self._params(), self.state) if self.atomic else None
+            ctx = self._context(slot, reevaluate, grad_norm if index == 0 else None, spare_buffers)
+            transform.pre_update(ctx)
+        snapshot = StepSnapshot(self._params(), self.state, spare_buffers) if self.atomic else None
+        spare_buffers.clear()
         try:
             self._driven_step()
             for slot, transform in self.chain:
@@ -412,8 +426,9 @@ class TransformingOptimizer(WrappingOptimizer):
     def _finish_pending(self) -> Any:
         pending, self._pending = self._pending, None
         assert pending is not None
+        spare_buffers = {}
         if pending.perturbation is not None:
-            pending.perturbation.restore()
+            spare_buffers = pending.perturbation.restore()
         if pending.kept_grads is not None:
             for param, grad in pending.kept_grads:
                 param.grad = grad
@@ -425,7 +440,7 @@ class TransformingOptimizer(WrappingOptimizer):
         if not math.isfinite(self._grad_norm()):
             self._skip("second")
             return None
-        self._run_chain(pending.resume_at, None, None)
+        self._run_chain(pending.resume_at, None, None, spare_buffers)
         return None
 
     @torch.no_grad()

@@ -177,6 +177,8 @@ class TransformContext:
             ``post_step``) rather than inside an optimizer.
         grad_norm: The global L2 norm of the gradients as they are now, when the optimizer
             already computed it (``None`` otherwise).
+        spare_buffers: Memory a transform freed during this step, by ``id(param)`` (laid out like
+            that parameter); the optimizer reuses it for its snapshot of the weights.
     """
 
     def __init__(
@@ -191,8 +193,10 @@ class TransformContext:
         model: nn.Module | None = None,
         standalone: bool = False,
         grad_norm: float | None = None,
+        spare_buffers: dict[int, torch.Tensor] | None = None,
     ) -> None:
         keys = keys or {}
+        self.spare_buffers = {} if spare_buffers is None else spare_buffers
         self.raw_param_groups = param_groups
         self.param_groups = [GroupView(group, keys) for group in param_groups]
         self.slot = slot

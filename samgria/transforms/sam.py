@@ -52,11 +52,20 @@ class Perturbation:
         self.originals = originals
         self.non_finite = non_finite
 
-    def restore(self) -> None:
-        """Put the original weights back (idempotent)."""
+    def restore(self) -> dict[int, torch.Tensor]:
+        """Put the original weights back (idempotent).
+
+        Returns:
+            The buffers that held the perturbed weights, by ``id(param)``: memory laid out like
+            each parameter that is free again (the optimizer copies its pre-step snapshot of the
+            weights into it instead of allocating).
+        """
+        freed = {}
         for param, original in zip(self.params, self.originals):
+            freed[id(param)] = param.data
             param.data = original
         self.params, self.originals = [], []
+        return freed
 
 
 def _real(tensor: torch.Tensor) -> torch.Tensor:
@@ -113,7 +122,7 @@ class PerturbationTransform(Transform):
         try:
             ctx.reevaluate()
         finally:
-            perturbation.restore()
+            ctx.spare_buffers.update(perturbation.restore())
 
     def active(self, param_groups: Iterable[Mapping[str, Any]]) -> bool:
         return any(group.get("rho", 0) > 0 for group in param_groups)
