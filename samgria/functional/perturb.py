@@ -13,58 +13,53 @@ import torch
 
 from samgria.functional._grouping import group_indices_by_device_and_dtype
 
-__all__ = ["scale_and_add_", "mul", "mul_", "adaptive_scaling"]
+__all__ = ["add_directions_", "mul", "mul_", "adaptive_scaling"]
 
 
-def scale_and_add_(
-    buffers: Sequence[torch.Tensor],
+def add_directions_(
+    params: Sequence[torch.Tensor],
+    directions: Sequence[torch.Tensor],
     scales: Sequence[float],
-    addends: Sequence[torch.Tensor],
     *,
     foreach: bool = True,
 ) -> None:
-    r"""In place: :math:`b_i \leftarrow a_i + s_i\, b_i` for every buffer.
+    r"""In place: :math:`w_i \leftarrow w_i + s_i\, d_i` (a perturbation step).
 
-    With ``b = g`` (a gradient) and ``a = w`` this writes the perturbed weights
-    :math:`w + s\,g` into the gradient's storage, so a perturbation costs no new memory.
-
-    16-bit tensors are computed in float32 and rounded once (the scale may exceed their range).
-    Otherwise the reference path is one fused ``torch.add(a, b, alpha=s, out=b)`` per tensor (one pass
-    over memory). The foreach path uses it too for CPU tensors — there a fused per-tensor pass
-    beats two foreach passes (``mul_`` then ``add_``) — and the two foreach passes on other
-    devices, where one kernel launch per tensor would dominate.
+    ``directions`` may be overwritten (they are consumed). A direction wider than its parameter
+    (float32 for a 16-bit one), and every 16-bit parameter, is computed in float32 and rounded
+    once: a 16-bit tensor cannot take a huge ``s_i`` as a scalar operand. Otherwise the reference
+    path is one fused ``w.add_(d, alpha=s)`` per tensor; the foreach path uses it too on the CPU
+    (one pass over memory beats two foreach passes there) and ``_foreach_mul_`` /
+    ``_foreach_add_`` on other devices, where one kernel launch per tensor would dominate.
     """
+    plain: list[int] = []
+    for i, (param, direction) in enumerate(zip(params, directions)):
+        if param.dtype in _LOW_PRECISION or direction.dtype != param.dtype:
+            wide = torch.promote_types(_widened(param.dtype), _widened(direction.dtype))
+            param.copy_(torch.add(param.to(wide), direction.to(wide), alpha=scales[i]))
+        else:
+            plain.append(i)
     if foreach:
-        for (device, dtype), indices in group_indices_by_device_and_dtype(buffers).items():
-            if dtype in _LOW_PRECISION:
-                for i in indices:
-                    _scale_and_add_wide(buffers[i], scales[i], addends[i])
-                continue
+        groups = group_indices_by_device_and_dtype([params[i] for i in plain])
+        for (device, _dtype), positions in groups.items():
+            indices = [plain[k] for k in positions]
             if device.type == "cpu":
                 for i in indices:
-                    torch.add(addends[i], buffers[i], alpha=scales[i], out=buffers[i])
+                    params[i].add_(directions[i], alpha=scales[i])
                 continue
-            group = [buffers[i] for i in indices]
+            group = [directions[i] for i in indices]
             torch._foreach_mul_(group, [scales[i] for i in indices])
-            torch._foreach_add_(group, [addends[i] for i in indices])
+            torch._foreach_add_([params[i] for i in indices], group)
         return
-    for buffer, scale, addend in zip(buffers, scales, addends):
-        if buffer.dtype in _LOW_PRECISION:
-            _scale_and_add_wide(buffer, scale, addend)
-        else:
-            torch.add(addend, buffer, alpha=scale, out=buffer)
+    for i in plain:
+        params[i].add_(directions[i], alpha=scales[i])
 
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 
 
-def _scale_and_add_wide(buffer: torch.Tensor, scale: float, addend: torch.Tensor) -> None:
-    """``buffer <- addend + scale * buffer`` computed in float32 and rounded once.
-
-    A 16-bit tensor cannot take ``scale`` as a scalar operand when it exceeds its range (a tiny
-    gradient norm makes ``rho / norm`` huge), and the product would overflow anyway.
-    """
-    buffer.copy_(torch.add(addend.float(), buffer.float(), alpha=scale))
+def _widened(dtype: torch.dtype) -> torch.dtype:
+    return torch.float32 if dtype in _LOW_PRECISION else dtype
 
 
 def mul_(

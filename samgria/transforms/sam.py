@@ -5,12 +5,15 @@ to the approximate worst case :math:`w + e` in a small neighbourhood, re-evaluat
 there, and put the original weights back, bit for bit. The inner optimizer then steps from
 :math:`w` with the gradient :math:`\nabla L(w + e)`.
 
-How the weights are moved and restored (why it is exact and cheap): the perturbed weights
-:math:`w + e` are computed into the first gradient's own storage (that gradient is not needed
-any more), and each parameter's ``.data`` is pointed at that storage; restoring points it back
-at the untouched original storage. No copy of the weights is made, nothing is subtracted, so
-the restored weights are the original tensors. Where a gradient's storage cannot be reused (a
-view into a DDP bucket, a different memory layout) a new buffer is allocated instead.
+How the weights are moved and restored (why it is exact and cheap): each weight is copied once
+(``w.clone()``), the direction is scaled in the first gradient's own storage (that gradient is not
+needed any more) and added to the weight in place, and the weight is restored by copying the
+clone back. Nothing is subtracted, so the restored weights are the originals bit for bit; the
+parameters never change storage (no ``.data`` swap), so DDP bucket views, FSDP, compiled graphs
+and anything else holding the tensors keep seeing the same memory. This is the layout the
+widely used PyTorch SAM implementations use, and the one the allocator handles best: measured
+as process peak memory (``benchmarks/sam_overhead.py``), pointing ``.data`` at the gradient's
+storage instead cost about +1× the parameter bytes more, although live tensors peak the same.
 
 Complex parameters are treated as pairs of reals (as torch.optim does): norms and the ASAM
 operator act on ``torch.view_as_real`` views. 16-bit parameters are perturbed in float32 and
@@ -31,16 +34,16 @@ from typing import Any
 import torch
 
 from samgria._checks import check_bool, check_real
-from samgria.functional import adaptive_scaling, global_norm, mul, mul_, scale_and_add_
+from samgria.functional import adaptive_scaling, add_directions_, global_norm, mul, mul_
 from samgria.transforms.base import Transform, TransformContext
 
 __all__ = ["SAM", "ASAM", "PerturbationTransform", "Perturbation"]
 
 
 class Perturbation:
-    """Weights moved away from their original storage, and the way back.
+    """Weights moved in place, and the exact copies to put back.
 
-    ``restore()`` re-points every parameter at its original tensor: exact, and it cannot fail.
+    ``restore()`` copies the originals back into the parameters: exact, and it cannot fail.
     ``non_finite`` is true when the perturbation was skipped because the gradient norm was not
     finite (then nothing was moved).
     """
@@ -52,18 +55,19 @@ class Perturbation:
         self.originals = originals
         self.non_finite = non_finite
 
+    @torch.no_grad()
     def restore(self) -> dict[int, torch.Tensor]:
         """Put the original weights back (idempotent).
 
         Returns:
-            The buffers that held the perturbed weights, by ``id(param)``: memory laid out like
-            each parameter that is free again (the optimizer copies its pre-step snapshot of the
-            weights into it instead of allocating).
+            The copies, by ``id(param)``: memory laid out like each parameter that is free again
+            (the optimizer copies its pre-step snapshot of the weights into it instead of
+            allocating).
         """
         freed = {}
         for param, original in zip(self.params, self.originals):
-            freed[id(param)] = param.data
-            param.data = original
+            param.copy_(original)
+            freed[id(param)] = original
         self.params, self.originals = [], []
         return freed
 
@@ -71,19 +75,6 @@ class Perturbation:
 def _real(tensor: torch.Tensor) -> torch.Tensor:
     """A complex tensor as pairs of reals (a view); other tensors as they are."""
     return torch.view_as_real(tensor) if tensor.is_complex() else tensor
-
-
-def _reusable_storage(param: torch.Tensor, grad: torch.Tensor) -> bool:
-    """Whether ``grad``'s storage can hold the perturbed weights in ``param``'s place."""
-    return (
-        grad._base is None
-        and grad.grad_fn is None
-        and grad.dtype == param.dtype
-        and grad.device == param.device
-        and grad.shape == param.shape
-        and grad.stride() == param.stride()
-        and grad.storage_offset() == param.storage_offset() == 0
-    )
 
 
 def _wide(tensor: torch.Tensor) -> torch.Tensor:
@@ -178,32 +169,16 @@ class PerturbationTransform(Transform):
         scales: list[float],
         foreach: bool,
     ) -> Perturbation:
-        """Move each param to ``param + scale * direction`` and return how to put it back.
+        """Move each param to ``param + scale * direction`` in place; return how to put it back.
 
-        ``directions`` are real views (of complex tensors) and may be wider than the parameters
-        (float32 for 16-bit ones). A direction that can become the parameter's storage (the
-        gradient itself, same dtype and layout) is overwritten with the perturbed weights;
-        otherwise a buffer laid out like the parameter is allocated.
+        ``directions`` are real views (of complex tensors), may be the gradients themselves (they
+        are consumed) and may be wider than the parameters (float32 for 16-bit ones). Every moved
+        parameter's gradient is cleared.
         """
-        buffers: list[torch.Tensor] = []
-        reused, reused_scales, reused_params = [], [], []
-        for param, direction, scale in zip(params, directions, scales):
-            real_param = _real(param)
-            if _reusable_storage(real_param, direction):
-                buffer = direction
-                reused.append(direction)
-                reused_scales.append(scale)
-                reused_params.append(real_param)
-            else:
-                buffer = torch.empty_like(real_param)
-                buffer.copy_(torch.add(real_param.to(direction.dtype), direction, alpha=scale))
-            buffers.append(torch.view_as_complex(buffer) if param.is_complex() else buffer)
-        scale_and_add_(reused, reused_scales, reused_params, foreach=foreach)
-        originals = []
-        for param, buffer in zip(params, buffers):
-            originals.append(param.data)
+        originals = [param.detach().clone() for param in params]
+        add_directions_([_real(param) for param in params], directions, scales, foreach=foreach)
+        for param in params:
             param.grad = None
-            param.data = buffer
         return Perturbation(params, originals)
 
 
