@@ -80,10 +80,14 @@ class TransformingOptimizer(WrappingOptimizer):
     **Atomic steps.** If anything raises during a step — the closure in either pass, a transform,
     the inner step — the weights, the inner optimizer's state and every transform's state are
     exactly as before the step. The pre-step phase restores itself (SAM puts the weights back in
-    a ``finally``); before the inner step the weights and the state are copied (one copy per
-    step, taken once the closure's activations are freed) and written back if the inner step or a
-    post-step transform raises. ``atomic=False`` skips that copy: then only the pre-step phase is
-    undone.
+    a ``finally``), at no cost. Undoing the inner step needs a copy of the weights and of the
+    state taken before it; it is taken (once the closure's activations are freed; the weights go
+    into the memory of SAM's clone when SAM ran) only when something can fail after writing:
+    when the chain has a post-step transform (LAMP), or when the inner optimizer is not one of
+    ``torch.optim``'s own. torch's optimizers check their inputs before they write, so a chain of
+    pre-step transforms around one of them needs no copy — that is what keeps SAM's step as fast
+    and as small as a plain one. ``atomic=False`` never copies (then only the pre-step phase is
+    undone).
 
     **Non-finite gradients.** A step whose gradients are not finite — in the first evaluation or
     in a re-evaluation, with ``step(closure)`` or the two-call loop alike — is skipped whole
@@ -109,8 +113,8 @@ class TransformingOptimizer(WrappingOptimizer):
         transform_foreach: Use the ``torch._foreach_*`` kernels in transforms (default ``True``);
             ``False`` takes the per-tensor reference path.
         non_finite: ``"skip"`` (default) or ``"raise"``: what a step with non-finite gradients does.
-        atomic: Copy the weights and state before the inner step so that a failure in it or after
-            it is undone (default ``True``).
+        atomic: Undo a failure in or after the inner step (default ``True``; see above for when
+            that takes a copy of the weights and state).
         **inner_kwargs: Passed to ``inner`` (``lr``, ``momentum``, ``foreach``, …).
 
     Attributes:
@@ -338,6 +342,20 @@ class TransformingOptimizer(WrappingOptimizer):
         grads = [p.grad for p in self._params() if p.grad is not None]
         return bool(grads) and not any(bool(torch.any(grad != 0)) for grad in grads)
 
+    def _needs_snapshot(self) -> bool:
+        """Whether a failure after the inner step started could leave anything half-applied.
+
+        torch.optim's own optimizers validate before they write; anything else (another inner
+        optimizer, a post-step transform after a completed inner step) may fail after writing.
+        """
+        if not self.atomic:
+            return False
+        if not type(self.inner).__module__.startswith("torch.optim."):
+            return True
+        return any(
+            type(transform).post_update is not Transform.post_update for transform in self.transforms
+        )
+
     @torch.no_grad()
     def _run_chain(
         self,
@@ -351,7 +369,7 @@ class TransformingOptimizer(WrappingOptimizer):
         for index, (slot, transform) in enumerate(list(self.chain)[start:]):
             ctx = self._context(slot, reevaluate, grad_norm if index == 0 else None, spare_buffers)
             transform.pre_update(ctx)
-        snapshot = StepSnapshot(self._params(), self.state, spare_buffers) if self.atomic else None
+        snapshot = StepSnapshot(self._params(), self.state, spare_buffers) if self._needs_snapshot() else None
         spare_buffers.clear()
         try:
             self._driven_step()
