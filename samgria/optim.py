@@ -390,7 +390,8 @@ class TransformingOptimizer(WrappingOptimizer):
                 finishes the step like :meth:`second_step`.
 
         Returns:
-            The closure's loss at the current weights (its first evaluation), or ``None``.
+            The closure's loss at the current weights (its first evaluation; a tensor is returned
+            detached, its graph already released), or ``None``.
         """
         if self._pending is not None:
             if closure is not None:
@@ -422,6 +423,10 @@ class TransformingOptimizer(WrappingOptimizer):
 
         with torch.enable_grad(), self._enter(self.first_pass_context):
             loss = closure()
+        if isinstance(loss, torch.Tensor):
+            # Release the first evaluation's autograd graph before the re-evaluation: holding it
+            # pins thousands of small allocations across the second pass (process peak memory).
+            loss = loss.detach()
         grad_norm = self._grad_norm()
         if not math.isfinite(grad_norm):
             self._skip("first")
