@@ -5,10 +5,10 @@ to the approximate worst case :math:`w + e` in a small neighbourhood, re-evaluat
 there, and put the original weights back, bit for bit. The inner optimizer then steps from
 :math:`w` with the gradient :math:`\nabla L(w + e)`.
 
-How the weights are moved and restored (why it is exact and cheap): each weight is copied once
-(``w.clone()``), the direction is scaled in the first gradient's own storage (that gradient is not
-needed any more) and added to the weight in place, and the weight is restored by copying the
-clone back. Nothing is subtracted, so the restored weights are the originals bit for bit; the
+How the weights are moved and restored (why it is exact and cheap): each weight is copied into a
+backup buffer kept between steps, the direction is scaled in the first gradient's own storage
+(that gradient is not needed any more and is released before the re-evaluation) and added to the
+weight in place, and the weight is restored by copying the backup back. Nothing is subtracted, so the restored weights are the originals bit for bit; the
 parameters never change storage (no ``.data`` swap), so DDP bucket views, FSDP, compiled graphs
 and anything else holding the tensors keep seeing the same memory. This is the layout the
 widely used PyTorch SAM implementations use, and the one the allocator handles best: measured
@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import math
 import warnings
+import weakref
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -162,8 +163,40 @@ class PerturbationTransform(Transform):
             return None
         return norm
 
-    @staticmethod
+    def _backup_of(self, param: torch.Tensor) -> torch.Tensor:
+        """The buffer that holds ``param``'s original values while it is perturbed.
+
+        Kept between steps (one buffer the size of the perturbed parameters, as the widely used
+        PyTorch SAM keeps ``old_p``): allocating it afresh every step costs a page fault per page
+        on glibc, which returns freed memory of that size to the operating system. Not part of
+        the transform's state (it holds nothing between steps) and not pickled.
+        """
+        backups = self.__dict__.setdefault("_backups", {})  # id(param) -> (weak ref, buffer)
+        ref, backup = backups.get(id(param), (None, None))
+        if ref is None or ref() is not param:
+            backup = None
+            for key in [key for key, (held, _) in backups.items() if held() is None]:
+                del backups[key]  # parameters that no longer exist
+        if (
+            backup is None
+            or backup.shape != param.shape
+            or backup.dtype != param.dtype
+            or backup.device != param.device
+            or backup.stride() != param.stride()
+        ):
+            backup = torch.empty_like(param, memory_format=torch.preserve_format)
+            if backup.stride() != param.stride():
+                backup = torch.empty_strided(param.shape, param.stride(), dtype=param.dtype, device=param.device)
+            backups[id(param)] = (weakref.ref(param), backup)
+        return backup
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state.pop("_backups", None)
+        return state
+
     def _move_along(
+        self,
         params: list[torch.Tensor],
         directions: list[torch.Tensor],
         scales: list[float],
@@ -175,7 +208,7 @@ class PerturbationTransform(Transform):
         are consumed) and may be wider than the parameters (float32 for 16-bit ones). Every moved
         parameter's gradient is cleared.
         """
-        originals = [param.detach().clone() for param in params]
+        originals = [self._backup_of(param).copy_(param) for param in params]
         add_directions_([_real(param) for param in params], directions, scales, foreach=foreach)
         for param in params:
             param.grad = None
