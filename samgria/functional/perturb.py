@@ -13,7 +13,46 @@ import torch
 
 from samgria.functional._grouping import group_indices_by_device_and_dtype
 
-__all__ = ["add_directions_", "mul", "mul_", "adaptive_scaling"]
+__all__ = ["add_directions_", "perturbed_into_", "mul", "mul_", "adaptive_scaling"]
+
+
+def perturbed_into_(
+    buffers: Sequence[torch.Tensor],
+    params: Sequence[torch.Tensor],
+    directions: Sequence[torch.Tensor],
+    scales: Sequence[float],
+    *,
+    foreach: bool = True,
+) -> None:
+    r"""Out of place into ``buffers``: :math:`b_i \leftarrow w_i + s_i\, d_i` (perturbed weights).
+
+    ``directions`` may be overwritten (they are consumed). Wide and 16-bit cases are computed in
+    float32 and rounded once, as in :func:`add_directions_`. Otherwise one fused
+    ``torch.add(w, d, alpha=s, out=b)`` per tensor (both paths on the CPU), and ``_foreach_mul_``
+    / ``_foreach_copy_`` / ``_foreach_add_`` on other devices with ``foreach``.
+    """
+    plain: list[int] = []
+    for i, (param, direction) in enumerate(zip(params, directions)):
+        if param.dtype in _LOW_PRECISION or direction.dtype != param.dtype:
+            wide = torch.promote_types(_widened(param.dtype), _widened(direction.dtype))
+            buffers[i].copy_(torch.add(param.to(wide), direction.to(wide), alpha=scales[i]))
+        else:
+            plain.append(i)
+    if foreach:
+        groups = group_indices_by_device_and_dtype([params[i] for i in plain])
+        for (device, _dtype), positions in groups.items():
+            indices = [plain[k] for k in positions]
+            if device.type == "cpu":
+                for i in indices:
+                    torch.add(params[i], directions[i], alpha=scales[i], out=buffers[i])
+                continue
+            group = [directions[i] for i in indices]
+            torch._foreach_mul_(group, [scales[i] for i in indices])
+            torch._foreach_copy_([buffers[i] for i in indices], [params[i] for i in indices])
+            torch._foreach_add_([buffers[i] for i in indices], group)
+        return
+    for i in plain:
+        torch.add(params[i], directions[i], alpha=scales[i], out=buffers[i])
 
 
 def add_directions_(

@@ -5,15 +5,16 @@ to the approximate worst case :math:`w + e` in a small neighbourhood, re-evaluat
 there, and put the original weights back, bit for bit. The inner optimizer then steps from
 :math:`w` with the gradient :math:`\nabla L(w + e)`.
 
-How the weights are moved and restored (why it is exact and cheap): each weight is copied into a
-backup buffer kept between steps, the direction is scaled in the first gradient's own storage
-(that gradient is not needed any more and is released before the re-evaluation) and added to the
-weight in place, and the weight is restored by copying the backup back. Nothing is subtracted, so the restored weights are the originals bit for bit; the
-parameters never change storage (no ``.data`` swap), so DDP bucket views, FSDP, compiled graphs
-and anything else holding the tensors keep seeing the same memory. This is the layout the
-widely used PyTorch SAM implementations use, and the one the allocator handles best: measured
-as process peak memory (``benchmarks/sam_overhead.py``), pointing ``.data`` at the gradient's
-storage instead cost about +1× the parameter bytes more, although live tensors peak the same.
+How the weights are moved and restored (why it is exact and cheap): the perturbed weights
+:math:`w + e` are computed in one fused pass into a backup buffer that the transform keeps between
+steps, and each parameter's ``.data`` is pointed at it; restoring points it back at the untouched
+original storage, so the restored weights are the original tensors, bit for bit, without a copy.
+The first gradient (scaled in place into :math:`e`) is released before the re-evaluation. A
+parameter that is a view into other memory is perturbed in place instead and restored by copying
+its backup back. Measured as process peak memory (``benchmarks/sam_overhead.py``), keeping the
+buffer beats both writing :math:`w + e` into the first gradient's storage (which pinned memory
+that autograd had allocated among the activations: +1.9× the parameter bytes on a GPT-style
+model) and allocating a copy every step (a page fault per page on glibc).
 
 Complex parameters are treated as pairs of reals (as torch.optim does): norms and the ASAM
 operator act on ``torch.view_as_real`` views. 16-bit parameters are perturbed in float32 and
@@ -35,41 +36,50 @@ from typing import Any
 import torch
 
 from samgria._checks import check_bool, check_real
-from samgria.functional import adaptive_scaling, add_directions_, global_norm, mul, mul_
+from samgria.functional import adaptive_scaling, add_directions_, global_norm, mul, mul_, perturbed_into_
 from samgria.transforms.base import Transform, TransformContext
 
 __all__ = ["SAM", "ASAM", "PerturbationTransform", "Perturbation"]
 
 
 class Perturbation:
-    """Weights moved in place, and the exact copies to put back.
+    """Moved weights and the way back.
 
-    ``restore()`` copies the originals back into the parameters: exact, and it cannot fail.
+    ``restore()`` re-points each swapped parameter at its untouched original storage, or copies
+    the backup back into a parameter perturbed in place: exact, and it cannot fail.
     ``non_finite`` is true when the perturbation was skipped because the gradient norm was not
     finite (then nothing was moved).
+
+    Args:
+        moves: ``(param, original, buffer, swapped)`` per moved parameter.
     """
 
-    def __init__(
-        self, params: list[torch.Tensor], originals: list[torch.Tensor], *, non_finite: bool = False
-    ) -> None:
-        self.params = params
-        self.originals = originals
+    def __init__(self, moves: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, bool]], *, non_finite: bool = False) -> None:
+        self.moves = moves
         self.non_finite = non_finite
+
+    @property
+    def params(self) -> list[torch.Tensor]:
+        """The moved parameters."""
+        return [move[0] for move in self.moves]
 
     @torch.no_grad()
     def restore(self) -> dict[int, torch.Tensor]:
         """Put the original weights back (idempotent).
 
         Returns:
-            The copies, by ``id(param)``: memory laid out like each parameter that is free again
-            (the optimizer copies its pre-step snapshot of the weights into it instead of
-            allocating).
+            The backup buffers, by ``id(param)``: memory laid out like each parameter that is free
+            until the next perturbation (the optimizer copies its pre-step snapshot of the
+            weights into it instead of allocating).
         """
         freed = {}
-        for param, original in zip(self.params, self.originals):
-            param.copy_(original)
-            freed[id(param)] = original
-        self.params, self.originals = [], []
+        for param, original, buffer, swapped in self.moves:
+            if swapped:
+                param.data = original
+            else:
+                param.copy_(original)
+            freed[id(param)] = buffer
+        self.moves = []
         return freed
 
 
@@ -202,17 +212,48 @@ class PerturbationTransform(Transform):
         scales: list[float],
         foreach: bool,
     ) -> Perturbation:
-        """Move each param to ``param + scale * direction`` in place; return how to put it back.
+        """Move each param to ``param + scale * direction``; return how to put it back.
 
         ``directions`` are real views (of complex tensors), may be the gradients themselves (they
         are consumed) and may be wider than the parameters (float32 for 16-bit ones). Every moved
         parameter's gradient is cleared.
+
+        A parameter that owns its storage gets the perturbed weights computed into its backup
+        buffer in one fused pass, and ``.data`` pointed at it; its own storage is untouched, so
+        restoring re-points it, exactly and without a copy. A parameter that is a view into
+        other memory (a flat parameter buffer, a parametrization) is perturbed in place instead:
+        its values are copied into the backup first and copied back to restore.
         """
-        originals = [self._backup_of(param).copy_(param) for param in params]
-        add_directions_([_real(param) for param in params], directions, scales, foreach=foreach)
-        for param in params:
+        swapped = [i for i, param in enumerate(params) if param._base is None]
+        in_place = [i for i, param in enumerate(params) if param._base is not None]
+        backups = [self._backup_of(param) for param in params]
+        if swapped:
+            perturbed_into_(
+                [_real(backups[i]) for i in swapped],
+                [_real(params[i]) for i in swapped],
+                [directions[i] for i in swapped],
+                [scales[i] for i in swapped],
+                foreach=foreach,
+            )
+        for i in in_place:
+            backups[i].copy_(params[i])
+        if in_place:
+            add_directions_(
+                [_real(params[i]) for i in in_place],
+                [directions[i] for i in in_place],
+                [scales[i] for i in in_place],
+                foreach=foreach,
+            )
+        moves = []
+        for i, param in enumerate(params):
             param.grad = None
-        return Perturbation(params, originals)
+            if param._base is None:
+                original = param.data
+                param.data = backups[i]
+                moves.append((param, original, backups[i], True))
+            else:
+                moves.append((param, backups[i], backups[i], False))
+        return Perturbation(moves)
 
 
 class SAM(PerturbationTransform):
@@ -248,7 +289,7 @@ class SAM(PerturbationTransform):
             return None
         norm = self._finite_norm(grads, ctx.foreach, ctx.grad_norm)
         if norm is None or norm == 0.0:
-            return None if norm == 0.0 else Perturbation([], [], non_finite=True)
+            return None if norm == 0.0 else Perturbation([], non_finite=True)
         moved, directions, scales = [], [], []
         for param, grad, group in zip(params, grads, groups):
             if group["rho"] > 0:
@@ -310,7 +351,7 @@ class ASAM(PerturbationTransform):
             directions[index] = scaled
         norm = self._finite_norm(directions, ctx.foreach)
         if norm is None or norm == 0.0:
-            return None if norm == 0.0 else Perturbation([], [], non_finite=True)
+            return None if norm == 0.0 else Perturbation([], non_finite=True)
         mul_(scaled_grads, scalings, foreach=ctx.foreach)  # T² ⊙ g, in place
         del scalings, scaled_grads
         moved, moved_directions, scales = [], [], []
