@@ -6,9 +6,12 @@ plain loop. This script measures, in one run:
 1. **Time ratio** — SAM step time / (two forward-backward passes + one plain inner step), for a
    20×256 ReLU MLP (batch 64) and a small conv net with BatchNorm (32×32 inputs, batch 64),
    with momentum SGD as the inner optimizer. Targets on the CPU: ≤ 1.10 (MLP), ≤ 1.03 (conv).
-   Rows: samgria ``step(closure)``, samgria ``first_step()``/``second_step()``, and the widely
-   used "naive" SAM (davda54-style, written inline below: ``e_w = rho·g/‖g‖`` stored per
-   parameter, ``p.add_(e_w)``, then ``p.sub_(e_w)``). Every variant has its own model copy; the
+   Rows: samgria ``step(closure)``, samgria ``first_step()``/``second_step()``, and three
+   reference SAMs written inline below: the "naive" SAM (davda54's first version:
+   ``e_w = rho·g/‖g‖`` stored per parameter, ``p.add_(e_w)``, then ``p.sub_(e_w)``), davda54/sam
+   as it is today (``old_p = p.data.clone()``, ``p.add_(e_w)``, restore by ``p.data = old_p``) and
+   pytorch_optimizer's SAM (``old_p = p.clone()``, ``p.add_(e_w)``, restore by
+   ``p.copy_(old_p)``). Every variant has its own model copy; the
    variants are timed interleaved (round-robin, in a rotating order), and each ratio is the
    median of the per-round ratios to the baseline timed in the same round, so that load from
    other processes hits numerator and denominator alike.
@@ -24,7 +27,26 @@ plain loop. This script measures, in one run:
 3. **Memory kept between steps** beyond the inner optimizer's: "extra kept" is the bytes
    allocated during the step and still live after it, minus the plain step's (which keeps its
    gradients); "state" is the bytes of the wrapper's per-parameter transform state (for the
-   naive SAM: its ``e_w``). SAM should keep nothing; LAMP keeps its running sum.
+   naive SAM: its ``e_w``). SAM should keep nothing; LAMP keeps its running sum. (The
+   davda54-style row reads 1.00x kept although it keeps nothing net: its weights move into the
+   clone made during the step, and the old weight storage, made before the step, is freed --
+   the tracker counts only storages made during the step.) For samgria, "state" counts the
+   transforms' slots of ``optimizer.state`` and the weight backup SAM keeps between steps.
+4. **Process peak memory** (max RSS), which is what the operating system, a container limit or
+   a cluster scheduler sees, beside the live-tensor peak, for a GPT-style decoder (5.3M
+   parameters) with AdamW: plain two-pass AdamW, samgria (default; ``atomic=False``;
+   ``atomic=False`` with a closure that returns ``loss.detach()``), davda54-style and pytorch_optimizer-style. Each
+   variant runs in its own fresh single-thread process (``--peak-reps`` of them): peak RSS
+   (``VmHWM``, reset once the model and optimizer are built) minus the RSS at that point, per
+   parameter byte, then the live-tensor peak of one more step. The two measures differ because
+   glibc malloc serves tensors up to its dynamic mmap threshold (raised to the largest freed
+   block, so soon every activation and gradient size) from the heap, and a heap region freed in
+   the middle is never given back: the process peak is the heap's high-water mark, which grows
+   whenever a pass cannot reuse the holes the previous one left. Measured causes: memory kept alive *across the re-evaluation* that was allocated among
+   the first pass's activations -- the first gradients (samgria's ``.data`` swap writes w + e
+   into them) and the first loss's autograd graph (returned by ``step``) -- makes the second
+   pass lay its activations out anew. Single runs vary by about ±0.2x (heap layout); the
+   medians over ``--peak-reps`` are what to compare.
 
 The "(A/A)" row times the plain step a second time: its ratio shows the noise floor.
 "faults" is the median number of minor page faults per step. With glibc's default settings a
@@ -40,6 +62,7 @@ Usage::
     python benchmarks/sam_overhead.py                # more repetitions
     python benchmarks/sam_overhead.py --profile      # also a torch.profiler table of a SAM step
     python benchmarks/sam_overhead.py --retain-freed-memory --threads 1
+    python benchmarks/sam_overhead.py --models mlp --peak-reps 5   # process peak, 5 processes each
 
 Prints a table; when matplotlib is importable writes ``benchmarks/results/sam_overhead.png``
 and ``benchmarks/results/sam_overhead.json``.
@@ -143,6 +166,80 @@ class NaiveSAM(torch.optim.Optimizer):
             self.zero_grad()
 
 
+class Davda54SAM(torch.optim.Optimizer):
+    """The widely used PyTorch SAM (davda54/sam) as it is today: ``old_p = p.data.clone()`` kept in
+    ``state``, ``p.add_(e_w)`` in place, and ``p.data = old_p`` to restore (the weights move to the
+    clone's storage every step; the perturbed storage is freed)."""
+
+    def __init__(self, params: Any, base_optimizer: type[torch.optim.Optimizer], rho: float = 0.05, **kwargs: Any):
+        super().__init__(params, dict(rho=rho, **kwargs))
+        self.base_optimizer = base_optimizer(self.param_groups, **kwargs)
+        self.param_groups = self.base_optimizer.param_groups
+
+    @torch.no_grad()
+    def first_step(self, zero_grad: bool = False) -> None:
+        grads = [p.grad.norm(p=2) for group in self.param_groups for p in group["params"] if p.grad is not None]
+        grad_norm = torch.norm(torch.stack(grads), p=2)
+        for group in self.param_groups:
+            scale = group["rho"] / (grad_norm + 1e-12)
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                self.state[p]["old_p"] = p.data.clone()
+                e_w = p.grad * scale.to(p)
+                p.add_(e_w)
+        if zero_grad:
+            self.zero_grad()
+
+    @torch.no_grad()
+    def second_step(self, zero_grad: bool = False) -> None:
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                p.data = self.state[p]["old_p"]
+        self.base_optimizer.step()
+        if zero_grad:
+            self.zero_grad()
+
+
+class PytorchOptimizerSAM(torch.optim.Optimizer):
+    """pytorch_optimizer's SAM, same algorithm: ``old_p = p.clone()`` (in the base optimizer's state),
+    ``p.add_(e_w)`` in place, and ``p.copy_(state.pop("old_p"))`` to restore (the weights stay in
+    their storage; the clone is freed)."""
+
+    def __init__(self, params: Any, base_optimizer: type[torch.optim.Optimizer], rho: float = 0.05, **kwargs: Any):
+        super().__init__(params, dict(rho=rho, **kwargs))
+        self.base_optimizer = base_optimizer(self.param_groups, **kwargs)
+        self.param_groups = self.base_optimizer.param_groups
+        self.state = self.base_optimizer.state
+
+    @torch.no_grad()
+    def first_step(self, zero_grad: bool = False) -> None:
+        norms = [p.grad.norm(p=2) for group in self.param_groups for p in group["params"] if p.grad is not None]
+        grad_norm = torch.norm(torch.stack(norms), p=2).add_(1e-12)
+        for group in self.param_groups:
+            scale = group["rho"] / grad_norm
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                self.state[p]["old_p"] = p.clone()
+                e_w = p.grad * scale.to(p)
+                p.add_(e_w)
+        if zero_grad:
+            self.zero_grad()
+
+    @torch.no_grad()
+    def second_step(self, zero_grad: bool = False) -> None:
+        for group in self.param_groups:
+            for p in group["params"]:
+                if "old_p" in self.state[p]:
+                    p.copy_(self.state[p].pop("old_p"))
+        self.base_optimizer.step()
+        if zero_grad:
+            self.zero_grad()
+
+
 # -- the variants timed ---------------------------------------------------------------------------------
 class Variant:
     """One way of taking a training step, on its own copy of the model."""
@@ -197,7 +294,16 @@ class SamgriaClosure(Variant):
         self.optimizer.step(self.closure)
 
     def transform_state_bytes(self) -> int:
-        return _tensor_bytes(self.optimizer.state)
+        # optimizer.state holds the inner optimizer's keys too: count only the transforms' slots
+        # ("<slot>.<key>"), plus the weight backup SAM keeps between steps.
+        slots = tuple(f"{slot}." for slot in self.optimizer.slots)
+        kept = {p: {k: v for k, v in s.items() if k.startswith(slots)} for p, s in self.optimizer.state.items()}
+        backups = {
+            id(buffer): {"backup": buffer}
+            for transform in self.optimizer.transforms
+            for _ref, buffer in transform.__dict__.get("_backups", {}).values()
+        }
+        return _tensor_bytes(kept) + _tensor_bytes(backups)
 
 
 class SamgriaTwoCall(SamgriaClosure):
@@ -235,6 +341,23 @@ class Naive(Variant):
         return _tensor_bytes({p: {"e_w": s["e_w"]} for p, s in self.optimizer.state.items() if "e_w" in s})
 
 
+class Davda54(Naive):
+    def build(self) -> torch.optim.Optimizer:
+        return Davda54SAM(self.model.parameters(), torch.optim.SGD, rho=RHO, lr=LR, momentum=MOMENTUM)
+
+    def transform_state_bytes(self) -> int:
+        # old_p *is* the weights between steps (p.data = old_p): nothing beyond them
+        return 0
+
+
+class PytorchOptimizer(Naive):
+    def build(self) -> torch.optim.Optimizer:
+        return PytorchOptimizerSAM(self.model.parameters(), torch.optim.SGD, rho=RHO, lr=LR, momentum=MOMENTUM)
+
+    def transform_state_bytes(self) -> int:
+        return 0  # old_p is popped at the restore
+
+
 VARIANTS: dict[str, type[Variant]] = {
     "plain two-pass": Baseline,
     "plain two-pass (A/A)": Baseline,  # the noise floor: should read 1.00
@@ -242,6 +365,8 @@ VARIANTS: dict[str, type[Variant]] = {
     "samgria first/second_step": SamgriaTwoCall,
     "samgria SAM+LAMP": SamgriaLamp,
     "naive SAM (add/sub e_w)": Naive,
+    "davda54-style (.data=old_p)": Davda54,
+    "pytorch_optimizer-style": PytorchOptimizer,
 }
 BASELINE = "plain two-pass"
 
@@ -409,6 +534,254 @@ def measure_memory(variants: dict[str, Variant]) -> dict[str, dict[str, float]]:
     }
 
 
+# -- 4. process peak memory: a GPT-style decoder with AdamW, one fresh process per variant -----------------
+PEAK_MODEL = {"vocab": 1024, "d_model": 256, "layers": 6, "heads": 4, "seq": 64, "batch": 4}  # 5.28M parameters
+ADAMW = {"lr": 1e-3, "weight_decay": 0.01}
+
+
+class TinyGPT(nn.Module):
+    """A GPT-style decoder: token + position embeddings, pre-norm causal self-attention blocks, LM head."""
+
+    def __init__(self, vocab: int, d_model: int, layers: int, heads: int, seq: int) -> None:
+        super().__init__()
+        self.tok = nn.Embedding(vocab, d_model)
+        self.pos = nn.Parameter(torch.zeros(seq, d_model))
+        block = nn.TransformerEncoderLayer(
+            d_model, heads, 4 * d_model, dropout=0.0, batch_first=True, norm_first=True
+        )
+        self.blocks = nn.TransformerEncoder(block, layers, enable_nested_tensor=False)
+        self.norm = nn.LayerNorm(d_model)
+        self.head = nn.Linear(d_model, vocab, bias=False)
+        self.register_buffer("mask", nn.Transformer.generate_square_subsequent_mask(seq), persistent=False)
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        t = idx.shape[1]
+        x = self.tok(idx) + self.pos[:t]
+        x = self.blocks(x, mask=self.mask[:t, :t], is_causal=True)
+        return self.head(self.norm(x))
+
+
+def _samgria_sam(params: Any, **extra: Any) -> torch.optim.Optimizer:
+    return TransformingOptimizer(params, torch.optim.AdamW, **ADAMW, transforms=[SAM(rho=RHO)], **extra)
+
+
+def _accepts_atomic() -> bool:
+    import inspect
+
+    return "atomic" in inspect.signature(TransformingOptimizer.__init__).parameters
+
+
+PEAK_VARIANTS: dict[str, str] = {
+    "plain AdamW two-pass": "plain",
+    "samgria step(closure)": "samgria",
+    "samgria, atomic=False": "samgria-nonatomic",
+    "samgria, atomic=False, loss.detach()": "samgria-detached-loss",  # the closure returns loss.detach()
+    "davda54-style (.data=old_p)": "davda54",
+    "pytorch_optimizer-style": "pytorch_optimizer",
+}
+PEAK_BASELINE = "plain AdamW two-pass"
+
+
+def build_peak_step(kind: str) -> tuple[nn.Module, torch.optim.Optimizer, Callable[[], None]]:
+    """The decoder, its optimizer and one training step (every step starts with ``grad = None``)."""
+    config = dict(PEAK_MODEL)
+    batch = config.pop("batch")
+    torch.manual_seed(0)
+    model = TinyGPT(**config)
+    generator = torch.Generator().manual_seed(1)
+    tokens = torch.randint(0, config["vocab"], (batch, config["seq"] + 1), generator=generator)
+    x, y = tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()
+
+    def loss() -> torch.Tensor:
+        return F.cross_entropy(model(x).flatten(0, 1), y.flatten())
+
+    optimizer: torch.optim.Optimizer
+    if kind == "plain":
+        optimizer = torch.optim.AdamW(model.parameters(), **ADAMW)
+
+        def step() -> None:
+            optimizer.zero_grad()
+            loss().backward()
+            optimizer.zero_grad()
+            loss().backward()
+            optimizer.step()
+
+    elif kind in ("samgria", "samgria-nonatomic", "samgria-detached-loss"):
+        nonatomic = kind != "samgria" and _accepts_atomic()
+        optimizer = _samgria_sam(model.parameters(), **({"atomic": False} if nonatomic else {}))
+        detach = kind == "samgria-detached-loss"
+
+        def closure() -> torch.Tensor:
+            optimizer.zero_grad()
+            value = loss()
+            value.backward()
+            # Returning the loss itself keeps its autograd graph (freed of tensors by backward, but
+            # thousands of small C++ nodes) alive until step() returns, across the re-evaluation.
+            return value.detach() if detach else value
+
+        def step() -> None:
+            optimizer.zero_grad()
+            optimizer.step(closure)
+
+    elif kind in ("davda54", "pytorch_optimizer"):
+        cls = Davda54SAM if kind == "davda54" else PytorchOptimizerSAM
+        optimizer = cls(model.parameters(), torch.optim.AdamW, rho=RHO, **ADAMW)
+
+        def step() -> None:
+            optimizer.zero_grad()
+            loss().backward()
+            optimizer.first_step(zero_grad=True)
+            loss().backward()
+            optimizer.second_step()
+
+    else:
+        raise ValueError(f"unknown variant {kind!r}")
+    return model, optimizer, step
+
+
+def _rss_bytes() -> int:
+    """Resident set size now (Linux; 0 elsewhere)."""
+    try:
+        with open("/proc/self/statm") as statm:
+            return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except OSError:
+        return 0
+
+
+def _reset_peak_rss() -> bool:
+    """Reset this process's peak RSS to its current RSS (Linux >= 4.0: ``clear_refs`` 5)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as clear_refs:
+            clear_refs.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _peak_rss_bytes() -> int:
+    """Peak RSS of this process's own memory.
+
+    On Linux the high-water mark of the current address space (``VmHWM``): ``ru_maxrss`` also
+    counts the parent's RSS at the time of the fork, which can be larger than the child's.
+    """
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    import resource
+
+    scale = 1 if sys.platform == "darwin" else 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
+
+
+def peak_child(kind: str, steps: int, warmup: int) -> dict[str, float]:
+    """Run in a fresh process: peak RSS over ``warmup + steps`` steps above the RSS after the model
+    and optimizer are built, then the live-tensor peak of one more step, per parameter byte."""
+    torch.set_num_threads(1)
+    model, optimizer, step = build_peak_step(kind)
+    param_bytes = _param_bytes(model)
+    gc.collect()
+    rss0 = _rss_bytes()
+    peak0 = rss0 if _reset_peak_rss() else _peak_rss_bytes()
+    times = []
+    for index in range(warmup + steps):
+        start = time.perf_counter()
+        step()
+        if index >= warmup:
+            times.append(time.perf_counter() - start)
+    peak = _peak_rss_bytes()
+    optimizer.zero_grad()
+    gc.collect()
+    with LiveBytes() as tracker:
+        step()
+        gc.collect()
+        live_peak, live_kept = tracker.peak, tracker.current
+    return {
+        "param_bytes": param_bytes,
+        "rss0_mb": rss0 / 2**20,
+        "peak_x_params": (peak - peak0) / param_bytes,
+        "live_peak_x_params": live_peak / param_bytes,
+        "live_kept_x_params": live_kept / param_bytes,
+        "ms": 1e3 * statistics.median(times),
+    }
+
+
+def measure_process_peaks(reps: int, steps: int, warmup: int, jobs: int, retain: bool) -> dict[str, Any]:
+    """Every variant in ``reps`` fresh processes (``jobs`` at a time); medians over the repetitions.
+
+    "peak over plain" pairs repetition i of a variant with repetition i of the plain step.
+    """
+    import subprocess
+    from concurrent.futures import ThreadPoolExecutor
+
+    names = [n for n in PEAK_VARIANTS if PEAK_VARIANTS[n] != "samgria-nonatomic" or _accepts_atomic()]
+
+    def run(job: tuple[str, int]) -> dict[str, float]:
+        name, _rep = job
+        command = [
+            sys.executable, str(Path(__file__).resolve()), "--peak-child", PEAK_VARIANTS[name],
+            "--peak-steps", str(steps), "--peak-warmup", str(warmup),
+        ] + (["--retain-freed-memory"] if retain else [])  # fmt: skip
+        done = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        if done.returncode != 0:
+            raise RuntimeError(f"{name}: child process failed:\n{done.stderr[-2000:]}")
+        return json.loads(done.stdout.strip().splitlines()[-1])
+
+    jobs_list = [(name, rep) for rep in range(reps) for name in names]
+    with ThreadPoolExecutor(max(1, jobs)) as pool:
+        outcomes = list(pool.map(run, jobs_list))
+    runs: dict[str, list[dict[str, float]]] = {name: [] for name in names}
+    for (name, _rep), outcome in zip(jobs_list, outcomes):
+        runs[name].append(outcome)
+    base = runs[PEAK_BASELINE]
+    result: dict[str, Any] = {"param_bytes": base[0]["param_bytes"], "reps": reps, "steps": warmup + steps, "variants": {}}
+    for name in names:
+        rows = runs[name]
+        result["variants"][name] = {
+            "peak_x_params": [r["peak_x_params"] for r in rows],
+            "peak_over_plain_x_params": statistics.median(
+                r["peak_x_params"] - b["peak_x_params"] for r, b in zip(rows, base)
+            ),
+            "live_peak_over_plain_x_params": statistics.median(
+                r["live_peak_x_params"] - b["live_peak_x_params"] for r, b in zip(rows, base)
+            ),
+            "live_kept_over_plain_x_params": statistics.median(
+                r["live_kept_x_params"] - b["live_kept_x_params"] for r, b in zip(rows, base)
+            ),
+            "ms": statistics.median(r["ms"] for r in rows),
+            "time_ratio": statistics.median(r["ms"] for r in rows) / statistics.median(b["ms"] for b in base),
+        }
+    return result
+
+
+def print_process_peaks(result: dict[str, Any]) -> None:
+    config = ", ".join(f"{k} {v}" for k, v in PEAK_MODEL.items())
+    print(
+        f"\nGPT-style decoder ({config}): {result['param_bytes'] / 2**20:.2f} MB of parameters, AdamW; "
+        f"one fresh single-thread process per variant and repetition ({result['reps']}x, "
+        f"{result['steps']} steps each); medians"
+    )
+    print(
+        f"{'variant':<38} {'process peak (max RSS)':>23} {'over plain':>10} "
+        f"{'live peak over plain':>20} {'live kept':>9} {'ms/step':>8} {'ratio':>6}"
+    )
+    for name, row in result["variants"].items():
+        peaks = " ".join(f"{p:.2f}" for p in row["peak_x_params"][:4])
+        print(
+            f"{name:<38} {peaks:>22}x {row['peak_over_plain_x_params']:>+9.2f}x "
+            f"{row['live_peak_over_plain_x_params']:>+19.2f}x {row['live_kept_over_plain_x_params']:>+8.2f}x "
+            f"{row['ms']:>8.1f} {row['time_ratio']:>6.2f}"
+        )
+    print(
+        "(process peak: max RSS above the RSS after building model and optimizer; live: bytes of tensors "
+        "allocated during one step; both per parameter byte; ms/step from separate processes, so noisier "
+        "than the interleaved time ratios above)"
+    )
+
+
 # -- profiling (on request) ---------------------------------------------------------------------------------
 def profile_sam_step(variants: dict[str, Variant], model_name: str) -> None:
     from torch.profiler import ProfilerActivity, profile
@@ -438,7 +811,21 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         action="store_true",
         help="tell glibc malloc to keep freed memory mapped (see retain_freed_memory)",
     )
+    parser.add_argument(
+        "--peak-reps", type=int, default=None, help="fresh processes per variant for the process peak (default 3, 1 quick; 0 skips)"
+    )
+    parser.add_argument("--peak-steps", type=int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--peak-warmup", type=int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--peak-child", default=None, help=argparse.SUPPRESS)  # internal: one measuring process
     args = parser.parse_args(argv)
+    peak_steps = args.peak_steps or (4 if args.quick else 9)
+    peak_warmup = args.peak_warmup if args.peak_warmup is not None else (2 if args.quick else 3)
+
+    if args.peak_child is not None:
+        if args.retain_freed_memory:
+            retain_freed_memory()
+        print(json.dumps(peak_child(args.peak_child, peak_steps, peak_warmup)))
+        return {}
 
     threads = args.threads or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count())
     torch.set_num_threads(threads)
@@ -486,6 +873,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             )
         if args.profile:
             profile_sam_step(variants, model_name)
+
+    peak_reps = args.peak_reps if args.peak_reps is not None else (1 if args.quick else 3)
+    if peak_reps > 0:
+        jobs = min(2, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+        peaks = measure_process_peaks(peak_reps, peak_steps, peak_warmup, jobs, retained)
+        results["process_peak"] = {"model": PEAK_MODEL, "inner": "AdamW", **peaks}
+        print_process_peaks(peaks)
 
     write_results(results)
     return results
