@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import pickle
@@ -496,3 +497,21 @@ def test_two_call_step_can_be_cancelled_after_a_failing_second_pass():
     optimizer.step(make_closure(model, optimizer, x, y))
     twin_optimizer.step(make_closure(twin, twin_optimizer, x, y))
     assert_bitwise_equal(params_of(model), params_of(twin))
+
+
+def test_pickle_drops_hooks_and_context_callables_like_torch():
+    """torch drops hooks when pickling; samgria also drops the context callables (lambdas)."""
+    from samgria import frozen_bn_stats
+
+    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Linear(4, 1))
+    optimizer = TransformingOptimizer(
+        model.parameters(), torch.optim.SGD, lr=0.1, transforms=[SAM(0.05)],
+        reevaluation_context=lambda: frozen_bn_stats(model), first_pass_context=lambda: contextlib.nullcontext(),
+    )
+    optimizer.register_step_pre_hook(lambda *args: None)
+    restored = pickle.loads(pickle.dumps(optimizer))
+    assert restored.reevaluation_context is None and restored.first_pass_context is None
+    assert len(restored._optimizer_step_pre_hooks) == 0
+    assert optimizer.reevaluation_context is not None and len(optimizer._optimizer_step_pre_hooks) == 1
+    copied = copy.deepcopy(optimizer)
+    assert copied.reevaluation_context is None and len(copied._optimizer_step_pre_hooks) == 0
