@@ -76,9 +76,10 @@ class _DrivenState(MutableMapping):
         if state is None:  # while unpickling, before the wrapper's own state is restored
             raise KeyError(param)
         entry = state[param]  # defaultdict: created on first access, as in torch
-        hidden = self._owner._hides_state_key
-        if any(map(hidden, entry)):
-            return _VisibleEntry(entry, hidden)
+        if entry:
+            hidden = self._owner._hides_state_key
+            if any(map(hidden, entry)):
+                return _VisibleEntry(entry, hidden)
         return entry
 
     def __setitem__(self, param: Any, value: Any) -> None:

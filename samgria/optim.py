@@ -296,7 +296,14 @@ class TransformingOptimizer(WrappingOptimizer):
 
     def _grad_norm(self) -> float:
         """The global L2 norm of every gradient (complex as pairs of reals), read on the host."""
-        grads = [_dense_real(p.grad) for p in self._params() if p.grad is not None]
+        grads = []
+        seen = set()
+        for group in self.param_groups:
+            for param in group["params"]:
+                grad = param.grad
+                if grad is not None and id(param) not in seen:
+                    seen.add(id(param))
+                    grads.append(_dense_real(grad) if grad.is_sparse or grad.is_complex() else grad)
         return float(global_norm(grads, foreach=self.transform_foreach))
 
     def _skip(self, which: str) -> None:
