@@ -41,9 +41,10 @@ class _PendingStep:
 
     perturbation: Perturbation | None
     resume_at: int
-    #: The first pass's gradients, when the perturbation was skipped: ``step(closure)`` would not
-    #: re-evaluate, so the second pass's gradients are replaced by these.
-    kept_grads: list[tuple[torch.Tensor, torch.Tensor | None]] | None = None
+    #: Nothing was perturbed: the second pass ran at the unperturbed weights, so its gradients are
+    #: those ``step(closure)`` would use; the transforms before the re-evaluating one run on them
+    #: again (what they did to the first pass's gradients is discarded with those).
+    rerun_before: bool = False
     #: The first pass's gradients were not finite: the step is skipped.
     non_finite: bool = False
 
@@ -370,12 +371,33 @@ class TransformingOptimizer(WrappingOptimizer):
         reevaluate: Callable[[], Any] | None,
         grad_norm: float | None,
         spare_buffers: dict[int, torch.Tensor] | None = None,
+        skip: int | None = None,
     ) -> None:
-        """Pre-step transforms from ``start`` on, the inner step, the post-step transforms."""
+        """Pre-step transforms from ``start`` on (but ``skip``), the inner step, the post-step ones.
+
+        When the first evaluation ran under ``first_pass_context`` (e.g. DDP's ``no_sync``) and no
+        transform re-evaluated (nothing was perturbed), its gradients were never synchronised: the
+        closure is evaluated once more, normally, and the pre-step transforms run on those
+        gradients instead.
+        """
         spare_buffers = {} if spare_buffers is None else spare_buffers
-        for index, (slot, transform) in enumerate(list(self.chain)[start:]):
-            ctx = self._context(slot, reevaluate, grad_norm if index == 0 else None, spare_buffers)
+        evaluations = [0]
+
+        def counting() -> Any:
+            evaluations[0] += 1
+            return reevaluate()  # type: ignore[misc]
+
+        counted = counting if reevaluate is not None else None
+
+        transforms = [(i, slot, t) for i, (slot, t) in enumerate(self.chain) if i >= start and i != skip]
+        for index, (_, slot, transform) in enumerate(transforms):
+            ctx = self._context(slot, counted, grad_norm if index == 0 else None, spare_buffers)
             transform.pre_update(ctx)
+        if counted is not None and self.first_pass_context is not None and evaluations[0] == 0:
+            reevaluate()
+            for _, slot, transform in transforms:
+                if not transform.needs_closure:
+                    transform.pre_update(self._context(slot, None))
         snapshot = StepSnapshot(self._params(), self.state, spare_buffers) if self._needs_snapshot() else None
         spare_buffers.clear()
         try:
@@ -459,9 +481,6 @@ class TransformingOptimizer(WrappingOptimizer):
         spare_buffers = {}
         if pending.perturbation is not None:
             spare_buffers = pending.perturbation.restore()
-        if pending.kept_grads is not None:
-            for param, grad in pending.kept_grads:
-                param.grad = grad
         if self._amp_skip_or_unscale():
             return None
         if pending.non_finite:
@@ -470,7 +489,10 @@ class TransformingOptimizer(WrappingOptimizer):
         if not math.isfinite(self._grad_norm()):
             self._skip("second")
             return None
-        self._run_chain(pending.resume_at, None, None, spare_buffers)
+        if pending.rerun_before:
+            self._run_chain(0, None, None, spare_buffers, skip=pending.resume_at - 1)
+        else:
+            self._run_chain(pending.resume_at, None, None, spare_buffers)
         return None
 
     @torch.no_grad()
@@ -521,10 +543,8 @@ class TransformingOptimizer(WrappingOptimizer):
             before.pre_update(self._context(slot, None, grad_norm if index == 0 else None))
         slot = self.slots[split]
         perturbation = transform.perturb(self._context(slot, None, grad_norm if split == 0 else None))
-        kept = None
-        if perturbation is None or not perturbation.params:
-            kept = [(p, p.grad) for p in self._params()]
-        self._pending = _PendingStep(perturbation, split + 1, kept_grads=kept)
+        skipped = perturbation is None or not perturbation.params
+        self._pending = _PendingStep(perturbation, split + 1, rerun_before=skipped)
         self.zero_grad(set_to_none=True)
 
     def cancel_step(self) -> None:

@@ -469,21 +469,20 @@ PRE_TRANSFORMS = {
 @pytest.mark.parametrize("case", ["rho-zero", "zero-gradient"])
 @pytest.mark.parametrize("pre", sorted(PRE_TRANSFORMS))
 def test_two_call_loop_equals_step_closure_when_the_perturbation_is_skipped(pre, case, after):
-    """step(closure) does not re-evaluate when nothing is perturbed, so the two-call loop must
-    keep the first pass's gradients (as rewritten by the transforms before SAM) and discard the
-    second pass's. The loop's second pass here uses another batch, so using its gradients would
-    show."""
+    """step(closure) does not re-evaluate when nothing is perturbed; the two-call loop's second
+    pass (same batch, unperturbed weights) gives the same gradients, and the transforms before
+    SAM must run on them again (their work on the first pass's gradients is discarded with
+    those). Keeping the first pass's gradients instead would discard what the caller does to the
+    second pass's (GradScaler's unscale_, clipping): see the test below."""
     rho = 0.0 if case == "rho-zero" else 0.05
     if case == "zero-gradient" and pre == "scale-to-zero":
         pytest.skip("same as the rho-zero case")
-    other_x, other_y = X.flip(0) * 2.0, Y.flip(0) - 1.0
 
     def first_pass_loss(model):
         loss = loss_of(model)
         return loss * 0.0 if case == "zero-gradient" else loss
 
-    def second_pass_loss(model):
-        return nn.functional.mse_loss(model(other_x), other_y)
+    second_pass_loss = first_pass_loss
 
     def build_one():
         model = make_model()
@@ -510,6 +509,31 @@ def test_two_call_loop_equals_step_closure_when_the_perturbation_is_skipped(pre,
         loop_opt.second_step()
         assert_runs_equal(model_a, closure_opt, model_b, loop_opt)
     assert any(not torch.equal(a, b) for a, b in zip(model_a.parameters(), make_model().parameters()))
+
+
+def test_two_call_loop_with_nothing_perturbed_keeps_what_is_done_to_the_second_gradients():
+    """rho=0 in the two-call loop under GradScaler: unscale_ and clipping of the second pass's
+    gradients reach the inner step (it equals a plain SGD step on the unscaled gradients)."""
+    torch.manual_seed(0)
+    model = nn.Linear(4, 1).double()
+    reference = copy.deepcopy(model)
+    x = torch.randn(8, 4, dtype=torch.float64)
+    optimizer = TransformingOptimizer(model.parameters(), torch.optim.SGD, lr=0.1, transforms=[SAM(rho=0.0)])
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**16)
+    scaler.scale(model(x).pow(2).mean()).backward()
+    optimizer.first_step()
+    scaler.scale(model(x).pow(2).mean()).backward()
+    scaler.unscale_(optimizer)
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 0.01)
+    scaler.step(optimizer)
+    scaler.update()
+
+    plain = torch.optim.SGD(reference.parameters(), lr=0.1)
+    reference(x).pow(2).mean().backward()
+    torch.nn.utils.clip_grad_norm_(reference.parameters(), 0.01)
+    plain.step()
+    for p, q in zip(model.parameters(), reference.parameters()):
+        torch.testing.assert_close(p, q, rtol=0, atol=1e-12)
 
 
 # -- hyperparameter checks ------------------------------------------------------------------------------------

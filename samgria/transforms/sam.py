@@ -88,6 +88,19 @@ def _real(tensor: torch.Tensor) -> torch.Tensor:
     return torch.view_as_real(tensor) if tensor.is_complex() else tensor
 
 
+def _owns_storage(param: torch.Tensor) -> bool:
+    """Whether ``param`` is all of its storage (not a view into a flat buffer or another tensor).
+
+    Only then may SAM point ``param.data`` elsewhere during the re-evaluation: a forward that
+    reads the weights through the shared storage would otherwise not see the perturbation.
+    """
+    return (
+        param._base is None
+        and param.storage_offset() == 0
+        and param.untyped_storage().nbytes() == param.numel() * param.element_size()
+    )
+
+
 def _wide(tensor: torch.Tensor) -> torch.Tensor:
     """A 16-bit tensor as a float32 copy; other tensors as they are."""
     return tensor.float() if tensor.dtype in (torch.float16, torch.bfloat16) else tensor
@@ -224,8 +237,9 @@ class PerturbationTransform(Transform):
         other memory (a flat parameter buffer, a parametrization) is perturbed in place instead:
         its values are copied into the backup first and copied back to restore.
         """
-        swapped = [i for i, param in enumerate(params) if param._base is None]
-        in_place = [i for i, param in enumerate(params) if param._base is not None]
+        owns = [_owns_storage(param) for param in params]
+        swapped = [i for i, own in enumerate(owns) if own]
+        in_place = [i for i, own in enumerate(owns) if not own]
         backups = [self._backup_of(param) for param in params]
         if swapped:
             perturbed_into_(
@@ -247,7 +261,7 @@ class PerturbationTransform(Transform):
         moves = []
         for i, param in enumerate(params):
             param.grad = None
-            if param._base is None:
+            if owns[i]:
                 original = param.data
                 param.data = backups[i]
                 moves.append((param, original, backups[i], True))
