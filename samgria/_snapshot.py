@@ -8,7 +8,29 @@ from typing import Any
 
 import torch
 
-__all__ = ["StepSnapshot"]
+__all__ = ["StepSnapshot", "StateStructure"]
+
+
+class StateStructure:
+    """The keys of every state entry and the objects under them: restorable without copies.
+
+    Undoes what an optimizer that raises *before* it writes into a tensor may still have done: add
+    entries or keys (torch's Adam initialises the state of the parameters before a bad one), or
+    replace a value by a new object.
+    """
+
+    def __init__(self, state: MutableMapping[Any, dict[Any, Any]]) -> None:
+        self._state = state
+        self._entries = {param: dict(entry) for param, entry in state.items()}
+
+    def restore(self) -> None:
+        for param in list(self._state):
+            if param not in self._entries:
+                del self._state[param]
+        for param, saved in self._entries.items():
+            entry = self._state[param]
+            entry.clear()
+            entry.update(saved)
 
 
 def _same_layout(buffer: torch.Tensor, param: torch.Tensor) -> bool:

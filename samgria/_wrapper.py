@@ -197,11 +197,12 @@ class WrappingOptimizer(Optimizer):
         exactly as it was.
         """
         self._check_idle("load_state_dict()")
+        outer = self._loading  # a load_state_dict pre-hook may load too
         self._loading = True
         try:
             super().load_state_dict(state_dict)
         finally:
-            self._loading = False
+            self._loading = outer
 
     # -- pickling: torch's, plus the wrapper's own attributes ------------------------------------
     def __getstate__(self) -> dict[str, Any]:  # type: ignore[override]
@@ -216,7 +217,7 @@ class WrappingOptimizer(Optimizer):
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        if self.__dict__.get("_loading", False):
+        if self.__dict__.get("_loading"):
             # torch's load_state_dict commits through __setstate__({"state", "param_groups"}).
             loaded_state, groups = self._prepare_loaded(state["state"], state["param_groups"])
             self.state = loaded_state

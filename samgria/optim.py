@@ -14,7 +14,7 @@ from torch import nn
 from torch.optim import Optimizer
 
 from samgria._checks import check_bool, check_choice
-from samgria._snapshot import StepSnapshot
+from samgria._snapshot import StateStructure, StepSnapshot
 from samgria._wrapper import WrappingOptimizer
 from samgria.functional import global_norm
 from samgria.functional._grouping import group_indices_by_device_and_dtype
@@ -85,9 +85,10 @@ class TransformingOptimizer(WrappingOptimizer):
     state taken before it; it is taken (once the closure's activations are freed; the weights go
     into the memory of SAM's clone when SAM ran) only when something can fail after writing:
     when the chain has a post-step transform (LAMP), or when the inner optimizer is not one of
-    ``torch.optim``'s own. torch's optimizers check their inputs before they write, so a chain of
-    pre-step transforms around one of them needs no copy — that is what keeps SAM's step as fast
-    and as small as a plain one. ``atomic=False`` never copies (then only the pre-step phase is
+    ``torch.optim``'s own. torch's optimizers check their inputs before they write into a tensor
+    (what they may create before raising — new state entries — is undone without copies), so a
+    chain of pre-step transforms around one of them needs no copy — that is what keeps SAM's step
+    as fast and as small as a plain one. ``atomic=False`` never copies (then only the pre-step phase is
     undone).
 
     **Non-finite gradients.** A step whose gradients are not finite — in the first evaluation or
@@ -167,6 +168,11 @@ class TransformingOptimizer(WrappingOptimizer):
         if transform_foreach is not None:
             check_bool("transform_foreach", transform_foreach)
         inner_optimizer = self._build_inner(params, inner, inner_kwargs)
+        if isinstance(inner_optimizer, torch.optim.LBFGS):
+            raise TypeError(
+                "inner must be an optimizer whose step() works without a closure, got LBFGS (it "
+                "re-evaluates the closure itself): use it on its own"
+            )
         chain = Chain(transforms, inner_optimizer.defaults)
         # Check every group before changing any: nothing half-applied on error.
         normalized = []
@@ -398,7 +404,10 @@ class TransformingOptimizer(WrappingOptimizer):
             for _, slot, transform in transforms:
                 if not transform.needs_closure:
                     transform.pre_update(self._context(slot, None))
-        snapshot = StepSnapshot(self._params(), self.state, spare_buffers) if self._needs_snapshot() else None
+        if self._needs_snapshot():
+            snapshot: StepSnapshot | StateStructure | None = StepSnapshot(self._params(), self.state, spare_buffers)
+        else:  # torch's own optimizer, nothing after it: undo entries it created before raising
+            snapshot = StateStructure(self.state) if self.atomic else None
         spare_buffers.clear()
         try:
             self._driven_step()

@@ -515,3 +515,49 @@ def test_pickle_drops_hooks_and_context_callables_like_torch():
     assert optimizer.reevaluation_context is not None and len(optimizer._optimizer_step_pre_hooks) == 1
     copied = copy.deepcopy(optimizer)
     assert copied.reevaluation_context is None and len(copied._optimizer_step_pre_hooks) == 0
+
+
+def test_an_inner_optimizer_that_needs_a_closure_is_refused_with_the_reason():
+    with pytest.raises(TypeError, match=r"inner must be an optimizer whose step\(\) works without a closure, got LBFGS"):
+        TransformingOptimizer(make_model().parameters(), torch.optim.LBFGS, lr=0.1)
+
+
+def test_a_load_inside_a_load_pre_hook_does_not_skip_validation():
+    model = make_model()
+    optimizer = sam_opt(model)
+    good = copy.deepcopy(optimizer.state_dict())
+    inside = []
+
+    def load_good_first(opt, sd):
+        if not inside:
+            inside.append(True)
+            opt.load_state_dict(good)
+
+    optimizer.register_load_state_dict_pre_hook(load_good_first)
+    bad = copy.deepcopy(good)
+    bad["param_groups"][0]["rho"] = -1.0
+    with pytest.raises(ValueError, match=r"rho must be a finite number >= 0, got -1\.0"):
+        optimizer.load_state_dict(bad)
+    assert optimizer.param_groups[0]["rho"] == 0.05
+
+
+def test_view_parameters_of_a_flat_buffer_are_perturbed_where_the_forward_reads_them():
+    torch.manual_seed(0)
+    flat = torch.randn(6, dtype=torch.float64)
+    first, second = nn.Parameter(torch.empty(3, dtype=torch.float64)), nn.Parameter(torch.empty(3, dtype=torch.float64))
+    first.data, second.data = flat[:3], flat[3:]
+    seen = []
+
+    def closure():
+        optimizer.zero_grad()
+        seen.append(flat.clone())  # a forward that reads the weights through the flat buffer
+        loss = (flat * torch.arange(6.0, dtype=torch.float64)).sum() + (first * second).sum()
+        loss.backward()
+        return loss
+
+    optimizer = TransformingOptimizer([first, second], torch.optim.SGD, lr=0.0, transforms=[SAM(rho=0.5)])
+    before = flat.clone()
+    optimizer.step(closure)
+    assert not torch.equal(seen[1], before), "the re-evaluation saw the perturbed weights"
+    assert torch.equal(flat, before), "and they are restored bit for bit, in the same storage"
+    assert first.data_ptr() == flat.data_ptr()

@@ -663,3 +663,16 @@ def test_a_bound_in_a_message_is_not_rounded_into_a_false_rule():
     bound = re.search(r">=\s*(?:\w+\s*=\s*)?([-+0-9.e]+)", match["rule"])
     assert bound, message
     assert 0.1234571 < float(bound[1]), f"the stated rule holds for the rejected value: {message}"
+
+
+def test_torch_optimizer_raising_after_creating_state_leaves_no_new_state():
+    """torch's Adam initialises the state of the parameters before a bad one, then raises."""
+    dense, sparse = nn.Parameter(torch.randn(3)), nn.Parameter(torch.randn(3))
+    optimizer = TransformingOptimizer([dense, sparse], torch.optim.Adam, lr=0.1)
+    dense.grad = torch.ones(3)
+    sparse.grad = torch.ones(3).to_sparse()
+    before = (dense.detach().clone(), sparse.detach().clone())
+    with pytest.raises(RuntimeError, match="sparse"):
+        optimizer.step()
+    assert not any(optimizer.state.values())
+    assert torch.equal(dense, before[0]) and torch.equal(sparse, before[1])

@@ -216,3 +216,33 @@ def test_standalone_in_the_seed_readme_loop_rolls_back_to_the_mean():
         lamp.post_step(model)
     assert not torch.equal(iterates[0], iterates[1])
     torch.testing.assert_close(model.weight.detach(), (iterates[0] + iterates[1]) / 2)
+
+
+def test_cycle_and_generator_move_on_when_the_parameter_holding_them_is_frozen():
+    torch.manual_seed(0)
+    first, second = nn.Parameter(torch.randn(4)), nn.Parameter(torch.randn(4))
+    optimizer = TransformingOptimizer([first, second], torch.optim.SGD, lr=0.1, transforms=[LAMP(eps=1e-2, rollback_len=3, seed=0)])
+
+    def step():
+        for param in (first, second):
+            param.grad = torch.ones(4) if param.requires_grad else None
+        optimizer.step()
+
+    step()
+    step()
+    rng_before = optimizer.state[first]["lamp.rng_state"].clone()
+    first.requires_grad_(False)
+    step()
+    assert "lamp.cycle_step" not in optimizer.state[first]
+    assert optimizer.state[second]["lamp.cycle_step"] == 3  # the cycle went on
+    assert not torch.equal(optimizer.state[second]["lamp.rng_state"], rng_before)  # drawn from, not re-seeded
+    fresh = torch.Generator().manual_seed(0).get_state()
+    assert not torch.equal(optimizer.state[second]["lamp.rng_state"], fresh)
+
+
+def test_no_parameter_requiring_grad_is_a_no_op():
+    frozen = nn.Parameter(torch.randn(3), requires_grad=False)
+    optimizer = TransformingOptimizer([frozen], torch.optim.SGD, lr=0.1, transforms=[LAMP(seed=0)])
+    before = frozen.detach().clone()
+    optimizer.step()
+    assert torch.equal(frozen, before)

@@ -208,19 +208,38 @@ class TransformContext:
         self.standalone = standalone
         self.grad_norm = grad_norm
 
-    def slot_state(self, device: torch.device | None = None) -> _SlotEntry | None:
+    def slot_state(self, device: torch.device | None = None, keys: tuple[str, ...] = ()) -> _SlotEntry | None:
         """This transform's object-level state (counters, generator states).
 
         Stored in the optimizer's ``state`` of the first parameter that requires grad (the first
         on ``device``, when given) under this slot's keys — ``torch.distributed.checkpoint``
         carries only the state of parameters that require grad; ``None`` when there is no such
-        parameter. Keys must not coincide with the transform's per-parameter keys.
+        parameter. Keys must not coincide with the transform's per-parameter keys. ``keys``
+        names the object-level keys: when the parameter that held them has been frozen since,
+        they are moved to the new first parameter that requires grad.
         """
+        anchor = None
+        holders = []
+        prefix = self.slot + "."
         for group in self.raw_param_groups:
             for param in group["params"]:
-                if param.requires_grad and (device is None or param.device == device):
-                    return _SlotEntry(self._optimizer_state[param], self.slot + ".")
-        return None
+                if device is not None and param.device != device:
+                    continue
+                if anchor is None and param.requires_grad:
+                    anchor = param
+                if param is not anchor and param in self._optimizer_state:
+                    holders.append(param)
+        if anchor is None:
+            return None
+        entry = _SlotEntry(self._optimizer_state[anchor], prefix)
+        missing = [key for key in keys if key not in entry]
+        if missing:
+            # The parameter that held them was frozen since: move the object-level state along.
+            for param in holders:
+                held = _SlotEntry(self._optimizer_state[param], prefix)
+                for key in [key for key in missing if key in held]:
+                    entry[key] = held.pop(key)
+        return entry
 
 
 class Transform:

@@ -45,6 +45,10 @@ def _real(tensor: torch.Tensor) -> torch.Tensor:
     return torch.view_as_real(tensor) if tensor.is_complex() else tensor
 
 
+#: LAMP's object-level keys (on the first parameter that requires grad, per device for rng_state).
+_OBJECT_KEYS = ("cycle_step", "rng_state")
+
+
 class LAMP(Transform):
     r"""Noise injection, running mean of the weights and periodic rollback to that mean.
 
@@ -121,7 +125,7 @@ class LAMP(Transform):
         params = [p for g in ctx.param_groups for p in g["params"] if p.grad is not None]
         for param in params:
             self._ensure_sum(ctx, param)
-        cycle = ctx.slot_state()
+        cycle = ctx.slot_state(keys=_OBJECT_KEYS)
         if cycle is not None:
             cycle.setdefault("cycle_step", 0)
         generators = self._generators(ctx)
@@ -151,7 +155,9 @@ class LAMP(Transform):
             self._had_grad = None
         else:
             params = [p for p in all_params if p.grad is not None]
-        cycle = ctx.slot_state()
+        cycle = ctx.slot_state(keys=_OBJECT_KEYS)
+        if cycle is None:  # no parameter requires grad: nothing to perturb, sum or count
+            return
         step = cycle.get("cycle_step", 0) + 1
 
         noisy = [p for p in params if eps_of[id(p)] > 0]
@@ -213,7 +219,7 @@ class _GeneratorCache:
         generator = self._generators.get(device)
         if generator is None:
             generator = torch.Generator(device=device)
-            slot = self._ctx.slot_state(device)
+            slot = self._ctx.slot_state(device, keys=_OBJECT_KEYS)
             if slot is not None and "rng_state" in slot:
                 generator.set_state(_as_generator_state(slot["rng_state"]))
             else:
