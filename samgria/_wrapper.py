@@ -98,6 +98,11 @@ class _DrivenState(MutableMapping):
     def __iter__(self) -> Iterator[Any]:
         return iter(list(self._owner.__dict__.get("state", {})))
 
+    def items(self):  # type: ignore[override]
+        """Plain-dict copies of the visible entries (what the driven optimizer's own
+        ``state_dict()`` packs: picklable and loadable like any torch checkpoint)."""
+        return [(param, dict(self[param].items())) for param in self]
+
     def __len__(self) -> int:
         return len(self._owner.__dict__.get("state", {}))
 
@@ -179,15 +184,36 @@ class WrappingOptimizer(Optimizer):
         that detail of torch.
         """
         driven = self._driven
+        self._adopt_driven_state()
         step = type(driven).step
         if getattr(step, "hooked", False) and hasattr(step, "__wrapped__"):
             step = step.__wrapped__
         return step(driven) if closure is None else step(driven, closure)
 
+    def _adopt_driven_state(self) -> None:
+        """Take over a state the driven optimizer was given directly (its own ``load_state_dict``).
+
+        The wrapper's entries keep their reserved keys and get the driven optimizer's keys from
+        the new state; then the driven optimizer sees the wrapper's state again.
+        """
+        driven = self._driven
+        if isinstance(driven.state, _DrivenState):
+            return
+        loaded = driven.state
+        hidden = self._hides_state_key
+        for param in list(self.state):
+            entry = self.state[param]
+            for key in [key for key in entry if not hidden(key)]:
+                del entry[key]
+        for param, entry in loaded.items():
+            self.state[param].update(entry)
+        driven.state = _DrivenState(self)  # type: ignore[assignment]
+
     # -- checkpoints: torch's own, with a validation point before anything changes ---------------
     def state_dict(self) -> dict[str, Any]:  # type: ignore[override]
         """torch's :meth:`~torch.optim.Optimizer.state_dict` of this optimizer (hooks run)."""
         self._check_idle("state_dict()")
+        self._adopt_driven_state()
         return super().state_dict()
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:  # type: ignore[override]

@@ -588,6 +588,7 @@ class TransformingOptimizer(WrappingOptimizer):
         Seed-protocol objects with their own ``state_dict`` are copied into their slots first.
         """
         self._check_idle("state_dict()")
+        self._adopt_driven_state()
         for slot, transform in self.chain:
             if isinstance(transform, ProtocolTransform):
                 transform.export_state(self._context(slot, None))

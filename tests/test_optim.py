@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import functools
+import io
 import pickle
 import warnings
 
@@ -561,3 +562,25 @@ def test_view_parameters_of_a_flat_buffer_are_perturbed_where_the_forward_reads_
     assert not torch.equal(seen[1], before), "the re-evaluation saw the perturbed weights"
     assert torch.equal(flat, before), "and they are restored bit for bit, in the same storage"
     assert first.data_ptr() == flat.data_ptr()
+
+
+def test_the_wrapped_optimizers_own_checkpoints_keep_working():
+    """Wrapping an existing optimizer: its own state_dict()/load_state_dict() still behave."""
+    x, y = make_data()
+    model = make_model()
+    adam = torch.optim.Adam(model.parameters(), lr=1e-2)
+    optimizer = TransformingOptimizer(adam, transforms=[SAM(0.05), LAMP(eps=1e-3, rollback_len=3, seed=0)])
+    closure = make_closure(model, optimizer, x, y)
+    optimizer.step(closure)
+    buffer = io.BytesIO()
+    torch.save(adam.state_dict(), buffer)
+    buffer.seek(0)
+    inner_checkpoint = torch.load(buffer, weights_only=True)
+    assert not any(key.startswith("lamp.") for entry in inner_checkpoint["state"].values() for key in entry)
+    optimizer.step(closure)
+    adam.load_state_dict(inner_checkpoint)  # back to the inner state after one step
+    weight = model[0].weight
+    assert int(optimizer.state_dict()["state"][1]["step"]) == 1
+    assert "lamp.sum" in optimizer.state[weight]  # the transforms' slots are kept
+    optimizer.step(closure)
+    assert int(optimizer.state[weight]["step"]) == 2 and int(adam.state[weight]["step"]) == 2
