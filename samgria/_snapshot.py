@@ -24,13 +24,17 @@ class StateStructure:
         self._entries = {param: dict(entry) for param, entry in state.items()}
 
     def restore(self) -> None:
-        for param in list(self._state):
-            if param not in self._entries:
-                del self._state[param]
+        _drop_new_entries(self._state, self._entries)
         for param, saved in self._entries.items():
             entry = self._state[param]
             entry.clear()
             entry.update(saved)
+
+
+def _drop_new_entries(state: MutableMapping[Any, dict[Any, Any]], kept: Mapping[Any, Any]) -> None:
+    for param in list(state):
+        if param not in kept:
+            del state[param]
 
 
 def _same_layout(buffer: torch.Tensor, param: torch.Tensor) -> bool:
@@ -88,9 +92,7 @@ class StepSnapshot:
         """Put the weights and the state back as they were when the snapshot was taken."""
         for param, weight in zip(self._params, self._weights):
             param.copy_(weight)
-        for param in list(self._state):
-            if param not in self._entries:
-                del self._state[param]
+        _drop_new_entries(self._state, self._entries)
         for param, saved in self._entries.items():
             entry = self._state[param]
             entry.clear()

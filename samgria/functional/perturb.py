@@ -26,8 +26,10 @@ def perturbed_into_(
 ) -> None:
     r"""Out of place into ``buffers``: :math:`b_i \leftarrow w_i + s_i\, d_i` (perturbed weights).
 
-    ``directions`` may be overwritten (they are consumed). Wide and 16-bit cases are computed in
-    float32 and rounded once, as in :func:`add_directions_`. Otherwise one fused
+    ``buffers`` may be ``params`` themselves (in place). ``directions`` may be overwritten (they
+    are consumed). A direction wider than its parameter (float32 for a 16-bit one), and every
+    16-bit parameter, is computed in float32 and rounded once: a 16-bit tensor cannot take a huge
+    ``s_i`` as a scalar operand. Otherwise one fused
     ``torch.add(w, d, alpha=s, out=b)`` per tensor (both paths on the CPU), and ``_foreach_mul_``
     / ``_foreach_copy_`` / ``_foreach_add_`` on other devices with ``foreach``.
     """
@@ -48,7 +50,9 @@ def perturbed_into_(
                 continue
             group = [directions[i] for i in indices]
             torch._foreach_mul_(group, [scales[i] for i in indices])
-            torch._foreach_copy_([buffers[i] for i in indices], [params[i] for i in indices])
+            copied = [i for i in indices if buffers[i] is not params[i]]
+            if copied:
+                torch._foreach_copy_([buffers[i] for i in copied], [params[i] for i in copied])
             torch._foreach_add_([buffers[i] for i in indices], group)
         return
     for i in plain:
@@ -64,34 +68,10 @@ def add_directions_(
 ) -> None:
     r"""In place: :math:`w_i \leftarrow w_i + s_i\, d_i` (a perturbation step).
 
-    ``directions`` may be overwritten (they are consumed). A direction wider than its parameter
-    (float32 for a 16-bit one), and every 16-bit parameter, is computed in float32 and rounded
-    once: a 16-bit tensor cannot take a huge ``s_i`` as a scalar operand. Otherwise the reference
-    path is one fused ``w.add_(d, alpha=s)`` per tensor; the foreach path uses it too on the CPU
-    (one pass over memory beats two foreach passes there) and ``_foreach_mul_`` /
-    ``_foreach_add_`` on other devices, where one kernel launch per tensor would dominate.
+    :func:`perturbed_into_` with the parameters as their own buffers (same kernels, same
+    rounding). ``directions`` may be overwritten (they are consumed).
     """
-    plain: list[int] = []
-    for i, (param, direction) in enumerate(zip(params, directions)):
-        if param.dtype in _LOW_PRECISION or direction.dtype != param.dtype:
-            wide = torch.promote_types(_widened(param.dtype), _widened(direction.dtype))
-            param.copy_(torch.add(param.to(wide), direction.to(wide), alpha=scales[i]))
-        else:
-            plain.append(i)
-    if foreach:
-        groups = group_indices_by_device_and_dtype([params[i] for i in plain])
-        for (device, _dtype), positions in groups.items():
-            indices = [plain[k] for k in positions]
-            if device.type == "cpu":
-                for i in indices:
-                    params[i].add_(directions[i], alpha=scales[i])
-                continue
-            group = [directions[i] for i in indices]
-            torch._foreach_mul_(group, [scales[i] for i in indices])
-            torch._foreach_add_([params[i] for i in indices], group)
-        return
-    for i in plain:
-        params[i].add_(directions[i], alpha=scales[i])
+    perturbed_into_(params, params, directions, scales, foreach=foreach)
 
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
