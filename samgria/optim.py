@@ -18,7 +18,8 @@ from samgria._snapshot import StateStructure, StepSnapshot
 from samgria._wrapper import WrappingOptimizer
 from samgria.functional import global_norm
 from samgria.functional._grouping import group_indices_by_device_and_dtype
-from samgria.transforms.base import ProtocolTransform, Transform, TransformContext
+from samgria.functional._views import as_real
+from samgria.transforms.base import Transform, TransformContext
 from samgria.transforms.chain import CHAIN_KEY, Chain
 from samgria.transforms.sam import ASAM, SAM, Perturbation, PerturbationTransform
 
@@ -50,9 +51,7 @@ class _PendingStep:
 
 
 def _dense_real(grad: torch.Tensor) -> torch.Tensor:
-    if grad.is_sparse:
-        grad = grad.coalesce()._values()
-    return torch.view_as_real(grad) if grad.is_complex() else grad
+    return as_real(grad.coalesce()._values() if grad.is_sparse else grad)
 
 
 class TransformingOptimizer(WrappingOptimizer):
@@ -175,12 +174,10 @@ class TransformingOptimizer(WrappingOptimizer):
             )
         chain = Chain(transforms, inner_optimizer.defaults)
         # Check every group before changing any: nothing half-applied on error.
-        normalized = []
-        for index, group in enumerate(inner_optimizer.param_groups):
-            candidate = dict(group)
-            chain.normalize_group(candidate, f"param_groups[{index}]")
-            chain.validate_group({**chain.defaults, **candidate}, f"param_groups[{index}]")
-            normalized.append(candidate)
+        normalized = [
+            chain.checked_group(group, f"param_groups[{index}]")
+            for index, group in enumerate(inner_optimizer.param_groups)
+        ]
         for group, candidate in zip(inner_optimizer.param_groups, normalized):
             group.clear()
             group.update(candidate)
@@ -260,9 +257,7 @@ class TransformingOptimizer(WrappingOptimizer):
         if not isinstance(param_group, dict):
             raise TypeError(f"param_group must be a dict, got {type(param_group).__name__}")
         where = f"param_groups[{len(self.param_groups)}]"
-        group = dict(param_group)
-        self.chain.normalize_group(group, where)
-        self.chain.validate_group({**self.chain.defaults, **group}, where)
+        group = self.chain.checked_group(param_group, where)
         self.inner.add_param_group(group)
         self.chain.fill_group(self.param_groups[-1])
 
@@ -270,10 +265,12 @@ class TransformingOptimizer(WrappingOptimizer):
         """Validate every group's hyperparameters (they may have been edited or scheduled)."""
         for index, group in enumerate(self.param_groups):
             if group.get(CHAIN_KEY) != self.chain.spec():  # added to the inner optimizer directly
-                self.chain.normalize_group(group, f"param_groups[{index}]")
-                self.chain.validate_group({**self.chain.defaults, **group}, f"param_groups[{index}]")
+                checked = self.chain.checked_group(group, f"param_groups[{index}]")
+                group.clear()
+                group.update(checked)
                 self.chain.fill_group(group)
-            self.chain.validate_group(group, f"param_groups[{index}]")
+            else:
+                self.chain.validate_group(group, f"param_groups[{index}]")
 
     # -- the step ----------------------------------------------------------------------------------
     def _context(
@@ -512,8 +509,10 @@ class TransformingOptimizer(WrappingOptimizer):
         one (SAM), which moves the weights to :math:`w + e`. Every gradient is then cleared, as
         ``step(closure)`` clears them before its second evaluation. Run the second forward and
         backward and call :meth:`second_step`. Equal bit for bit to ``step(closure)``, also when
-        nothing is perturbed (``rho=0``, zero gradient): then the first pass's gradients are kept
-        and the second pass's are discarded, as ``step(closure)`` does not re-evaluate.
+        nothing is perturbed (``rho=0``, zero gradient): the second pass then ran at the
+        unperturbed weights, so ``second_step`` runs the transforms before the re-evaluating one
+        again, on its gradients (what the caller did to them — ``GradScaler.unscale_``,
+        clipping — is kept).
 
         If the gradients are not finite (e.g. an fp16 overflow under ``GradScaler``), nothing is
         perturbed and the gradients are kept: the second backward accumulates onto them, so
@@ -590,14 +589,12 @@ class TransformingOptimizer(WrappingOptimizer):
         self._check_idle("state_dict()")
         self._adopt_driven_state()
         for slot, transform in self.chain:
-            if isinstance(transform, ProtocolTransform):
-                transform.export_state(self._context(slot, None))
+            transform.export_state(self._context(slot, None))
         return super().state_dict()
 
     def _after_load(self) -> None:
         for slot, transform in self.chain:
-            if isinstance(transform, ProtocolTransform):
-                transform.import_state(self._context(slot, None))
+            transform.import_state(self._context(slot, None))
 
     def _prepare_loaded(self, state: Any, groups: list[dict[str, Any]]) -> tuple[Any, list[dict[str, Any]]]:
         for index, group in enumerate(groups):
@@ -616,9 +613,7 @@ class TransformingOptimizer(WrappingOptimizer):
                 self.chain.fill_group(group)
             self.chain.validate_group(group, where)
         for slot, transform in self.chain:
-            check = getattr(transform, "check_loaded_state", None)
-            if check is not None:
-                check(TransformContext(groups, state, slot=slot, keys=self.chain.keys[slot]))
+            transform.check_loaded_state(TransformContext(groups, state, slot=slot, keys=self.chain.keys[slot]))
         return state, groups
 
     def __repr__(self) -> str:

@@ -13,17 +13,13 @@ from collections.abc import Sequence
 import torch
 
 from samgria.functional._grouping import group_indices_by_device_and_dtype
+from samgria.functional._views import widened_dtype
 
 __all__ = ["global_norm"]
 
 
 def _accumulation_dtype(device: torch.device) -> torch.dtype:
     return torch.float32 if device.type == "mps" else torch.float64
-
-
-def _norm_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The dtype a tensor's own norm is computed in: its own, 16-bit types widened to float32."""
-    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
 def global_norm(tensors: Sequence[torch.Tensor], *, foreach: bool = True) -> torch.Tensor:
@@ -47,14 +43,14 @@ def global_norm(tensors: Sequence[torch.Tensor], *, foreach: bool = True) -> tor
         groups = group_indices_by_device_and_dtype(tensors)
         if len(groups) == 1:  # the common case: one stack, one cast
             ((_device, dtype),) = groups
-            group_norms = torch._foreach_norm(list(tensors), 2, dtype=_norm_dtype(dtype))
+            group_norms = torch._foreach_norm(list(tensors), 2, dtype=widened_dtype(dtype))
             return torch.linalg.vector_norm(torch.stack(group_norms).to(out_device, acc_dtype), 2)
         for (_device, dtype), indices in groups.items():
-            group_norms = torch._foreach_norm([tensors[i] for i in indices], 2, dtype=_norm_dtype(dtype))
+            group_norms = torch._foreach_norm([tensors[i] for i in indices], 2, dtype=widened_dtype(dtype))
             for index, norm in zip(indices, group_norms):
                 norms[index] = norm
     else:
         for index, tensor in enumerate(tensors):
-            norms[index] = torch.linalg.vector_norm(tensor, 2, dtype=_norm_dtype(tensor.dtype))
+            norms[index] = torch.linalg.vector_norm(tensor, 2, dtype=widened_dtype(tensor.dtype))
     stacked = torch.stack([norm.to(out_device, acc_dtype) for norm in norms])  # type: ignore[union-attr]
     return torch.linalg.vector_norm(stacked, 2)

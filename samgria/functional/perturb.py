@@ -12,6 +12,7 @@ from collections.abc import Sequence
 import torch
 
 from samgria.functional._grouping import group_indices_by_device_and_dtype
+from samgria.functional._views import LOW_PRECISION, widened_dtype
 
 __all__ = ["add_directions_", "perturbed_into_", "mul", "mul_", "adaptive_scaling"]
 
@@ -35,8 +36,8 @@ def perturbed_into_(
     """
     plain: list[int] = []
     for i, (param, direction) in enumerate(zip(params, directions)):
-        if param.dtype in _LOW_PRECISION or direction.dtype != param.dtype:
-            wide = torch.promote_types(_widened(param.dtype), _widened(direction.dtype))
+        if param.dtype in LOW_PRECISION or direction.dtype != param.dtype:
+            wide = torch.promote_types(widened_dtype(param.dtype), widened_dtype(direction.dtype))
             buffers[i].copy_(torch.add(param.to(wide), direction.to(wide), alpha=scales[i]))
         else:
             plain.append(i)
@@ -74,11 +75,6 @@ def add_directions_(
     perturbed_into_(params, params, directions, scales, foreach=foreach)
 
 
-_LOW_PRECISION = (torch.float16, torch.bfloat16)
-
-
-def _widened(dtype: torch.dtype) -> torch.dtype:
-    return torch.float32 if dtype in _LOW_PRECISION else dtype
 
 
 def mul_(

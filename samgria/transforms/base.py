@@ -301,6 +301,19 @@ class Transform:
         ``torch.distributed.checkpoint`` does to a fresh optimizer before loading into it.
         """
 
+    def check_loaded_state(self, ctx: TransformContext) -> None:
+        """Raise ``ValueError`` if the slot of a checkpoint being loaded is unusable (default: nothing).
+
+        Runs before the load commits, on the loaded state (``ctx.state``, ``ctx.slot_state()``);
+        it may normalise values in place (they are not installed yet).
+        """
+
+    def export_state(self, ctx: TransformContext) -> None:
+        """Copy state kept outside the slot into it, before ``state_dict()`` packs (default: nothing)."""
+
+    def import_state(self, ctx: TransformContext) -> None:
+        """Take state back from the slot after ``load_state_dict()`` (default: nothing)."""
+
     def active(self, param_groups: list[Mapping[str, Any]]) -> bool:
         """Whether the transform would do anything on these groups (e.g. ``rho > 0`` somewhere)."""
         return True

@@ -177,6 +177,14 @@ class Chain:
                     )
                 group[stored] = value
 
+    def checked_group(self, group: Mapping[str, Any], where: str) -> dict[str, Any]:
+        """A user's group normalised (see :meth:`normalize_group`) and checked as it will be once
+        the defaults are filled in; the group itself is not changed."""
+        candidate = dict(group)
+        self.normalize_group(candidate, where)
+        self.validate_group({**self.defaults, **candidate}, where)
+        return candidate
+
     def fill_group(self, group: dict[str, Any]) -> None:
         """Give a group every hyperparameter it does not set (the constructor's values) and the chain."""
         for key, value in self.defaults.items():

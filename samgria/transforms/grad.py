@@ -15,6 +15,7 @@ import torch
 
 from samgria._checks import check_real
 from samgria.functional import global_norm
+from samgria.functional._views import as_real
 from samgria.functional._grouping import group_indices_by_device_and_dtype
 from samgria.transforms.base import Transform, TransformContext
 
@@ -29,7 +30,7 @@ def _grads_by_group(ctx: TransformContext) -> list[tuple[Mapping[str, Any], list
             if grad.is_sparse:
                 raise RuntimeError("gradient transforms do not support sparse gradients")
         # Complex gradients as pairs of reals, as torch.optim treats complex parameters.
-        grads = [torch.view_as_real(g) if g.is_complex() else g for g in grads]
+        grads = [as_real(g) for g in grads]
         if grads:
             result.append((group, grads))
     return result

@@ -35,14 +35,11 @@ from typing import Any
 import torch
 
 from samgria._checks import check_int, check_real
+from samgria.functional._views import as_real
 from samgria.functional import accumulate_, add_scaled_, assign_mean_, global_norm, magnitude_noise
 from samgria.transforms.base import Transform, TransformContext
 
 __all__ = ["LAMP", "LAMPRollback"]
-
-
-def _real(tensor: torch.Tensor) -> torch.Tensor:
-    return torch.view_as_real(tensor) if tensor.is_complex() else tensor
 
 
 #: LAMP's object-level keys (on the first parameter that requires grad, per device for rng_state).
@@ -163,7 +160,7 @@ class LAMP(Transform):
         noisy = [p for p in params if eps_of[id(p)] > 0]
         if noisy:
             generators = self._generators(ctx)
-            real = [_real(p) for p in noisy]
+            real = [as_real(p) for p in noisy]
             noise = magnitude_noise(real, generators.get if generators is not None else (lambda _d: None), foreach=ctx.foreach)
             if generators is not None:
                 generators.save()
@@ -178,14 +175,14 @@ class LAMP(Transform):
         for param in params:
             state = self._ensure_sum(ctx, param)
             state["count"] += 1
-            sums.append(_real(state["sum"]))
-        accumulate_(sums, [_real(p) for p in params], foreach=ctx.foreach)
+            sums.append(as_real(state["sum"]))
+        accumulate_(sums, [as_real(p) for p in params], foreach=ctx.foreach)
 
         if step >= self.rollback_len + 1:
             summed = [p for p in all_params if p in ctx.state and ctx.state[p].get("count", 0) > 0]
             assign_mean_(
-                [_real(p) for p in summed],
-                [_real(ctx.state[p]["sum"]) for p in summed],
+                [as_real(p) for p in summed],
+                [as_real(ctx.state[p]["sum"]) for p in summed],
                 [ctx.state[p]["count"] for p in summed],
                 foreach=ctx.foreach,
             )

@@ -36,6 +36,7 @@ from typing import Any
 import torch
 
 from samgria._checks import check_bool, check_real
+from samgria.functional._views import as_real, widened_dtype
 from samgria.functional import adaptive_scaling, add_directions_, global_norm, mul, mul_, perturbed_into_
 from samgria.transforms.base import Transform, TransformContext
 
@@ -83,9 +84,9 @@ class Perturbation:
         return freed
 
 
-def _real(tensor: torch.Tensor) -> torch.Tensor:
-    """A complex tensor as pairs of reals (a view); other tensors as they are."""
-    return torch.view_as_real(tensor) if tensor.is_complex() else tensor
+def _widened(tensor: torch.Tensor) -> torch.Tensor:
+    """A 16-bit tensor as a float32 copy; other tensors as they are."""
+    return tensor.to(widened_dtype(tensor.dtype))
 
 
 def _owns_storage(param: torch.Tensor) -> bool:
@@ -99,11 +100,6 @@ def _owns_storage(param: torch.Tensor) -> bool:
         and param.storage_offset() == 0
         and param.untyped_storage().nbytes() == param.numel() * param.element_size()
     )
-
-
-def _wide(tensor: torch.Tensor) -> torch.Tensor:
-    """A 16-bit tensor as a float32 copy; other tensors as they are."""
-    return tensor.float() if tensor.dtype in (torch.float16, torch.bfloat16) else tensor
 
 
 class PerturbationTransform(Transform):
@@ -175,7 +171,7 @@ class PerturbationTransform(Transform):
 
         ``known``: the norm, when the optimizer already computed it over the same tensors.
         """
-        norm = known if known is not None else float(global_norm([_real(d) for d in directions], foreach=foreach))
+        norm = known if known is not None else float(global_norm([as_real(d) for d in directions], foreach=foreach))
         if not math.isfinite(norm):
             warnings.warn(
                 f"{type(self).__name__}: the gradient norm is {norm}; the perturbation is skipped "
@@ -243,8 +239,8 @@ class PerturbationTransform(Transform):
         backups = [self._backup_of(param) for param in params]
         if swapped:
             perturbed_into_(
-                [_real(backups[i]) for i in swapped],
-                [_real(params[i]) for i in swapped],
+                [as_real(backups[i]) for i in swapped],
+                [as_real(params[i]) for i in swapped],
                 [directions[i] for i in swapped],
                 [scales[i] for i in swapped],
                 foreach=foreach,
@@ -253,7 +249,7 @@ class PerturbationTransform(Transform):
             backups[i].copy_(params[i])
         if in_place:
             add_directions_(
-                [_real(params[i]) for i in in_place],
+                [as_real(params[i]) for i in in_place],
                 [directions[i] for i in in_place],
                 [scales[i] for i in in_place],
                 foreach=foreach,
@@ -308,7 +304,7 @@ class SAM(PerturbationTransform):
         for param, grad, group in zip(params, grads, groups):
             if group["rho"] > 0:
                 moved.append(param)
-                directions.append(_real(grad))
+                directions.append(as_real(grad))
                 scales.append(group["rho"] / norm)
         return self._move_along(moved, directions, scales, ctx.foreach)
 
@@ -356,11 +352,11 @@ class ASAM(PerturbationTransform):
             return None
         adaptive = [i for i, group in enumerate(groups) if group["adaptive"]]
         # Pairs of reals for complex tensors; float32 for 16-bit ones (T² ⊙ g would overflow).
-        weights = [_wide(_real(params[i])) for i in adaptive]
+        weights = [_widened(as_real(params[i])) for i in adaptive]
         scalings = adaptive_scaling(weights, [groups[i]["eta"] for i in adaptive], foreach=ctx.foreach)
         del weights
-        scaled_grads = mul([_wide(_real(grads[i])) for i in adaptive], scalings, foreach=ctx.foreach)
-        directions = [_real(grad) for grad in grads]  # T ⊙ g for adaptive groups, g elsewhere
+        scaled_grads = mul([_widened(as_real(grads[i])) for i in adaptive], scalings, foreach=ctx.foreach)
+        directions = [as_real(grad) for grad in grads]  # T ⊙ g for adaptive groups, g elsewhere
         for index, scaled in zip(adaptive, scaled_grads):
             directions[index] = scaled
         norm = self._finite_norm(directions, ctx.foreach)
