@@ -197,14 +197,39 @@ def test_progress_bar_only_on_terminals_unless_forced(monkeypatch, progress, tty
         assert text == ""
 
 
-def test_non_finite_meta_loss_warns_once():
-    tasks = fixed_tasks(4)
+def test_non_finite_meta_steps_are_skipped_and_fit_stops_after_max_skipped_steps():
+    tasks = fixed_tasks(10)
     for t in tasks:
         t.query_y[0] = float("nan")
+    model = make_model()
+    before = [p.detach().clone() for p in model.parameters()]
+    meta = MAML(model, torch.optim.SGD, lr=0.1)
+    trainer = MetaTrainer(meta, F.mse_loss, ListSampler(tasks), max_skipped_steps=3)
+    with pytest.warns(RuntimeWarning, match=r"MAML: the meta-loss is nan; the meta-step is skipped"):
+        with pytest.raises(RuntimeError, match=r"3 consecutive meta-steps were skipped .*max_skipped_steps=3"):
+            trainer.fit(5, 2, progress=False)
+    assert meta.skipped_steps == 3
+    for p, q in zip(model.parameters(), before):
+        assert torch.equal(p, q)  # nothing non-finite reached the weights
+
+
+def test_a_finite_step_resets_the_count_of_consecutive_skipped_steps():
+    good, bad = fixed_tasks(2, seed=1), fixed_tasks(2, seed=2)
+    for t in bad:
+        t.query_y[0] = float("inf")
+    batches = [bad, good, bad, good]
     meta = MAML(make_model(), torch.optim.SGD, lr=0.1)
-    with pytest.warns(RuntimeWarning, match=r"meta-loss is nan at iteration 1") as record:
-        MetaTrainer(meta, F.mse_loss, ListSampler(tasks)).fit(2, 2, progress=False)
-    assert len([w for w in record if "meta-loss" in str(w.message)]) == 1
+    with pytest.warns(RuntimeWarning, match="the meta-step is skipped"):
+        history = MetaTrainer(meta, F.mse_loss, ListSampler([t for b in batches for t in b]), max_skipped_steps=2).fit(
+            4, 2, progress=False
+        )
+    assert meta.skipped_steps == 2 and len(history.meta_loss) == 4
+
+
+def test_max_skipped_steps_is_checked():
+    meta = MAML(make_model(), torch.optim.SGD, lr=0.1)
+    with pytest.raises(ValueError, match=r"max_skipped_steps must be an integer >= 1, got 0"):
+        MetaTrainer(meta, F.mse_loss, ListSampler(fixed_tasks(2)), max_skipped_steps=0)
 
 
 def test_exception_mid_training_keeps_the_last_completed_update():

@@ -29,26 +29,63 @@ changes it. See :mod:`samgria.meta.functional` for the BatchNorm policy.
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable, Iterable, Sequence
-from typing import Any
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
-from samgria._checks import check_real
+from samgria._checks import check_bool, check_choice, check_real
 from samgria._wrapper import WrappingOptimizer
 from samgria.data.task import Task
+from samgria.meta import engine
+from samgria.meta.engine import InnerLoop, InnerRegFn, vmap_blocker
 from samgria.meta.functional import check_lr, check_steps
-from samgria.meta.inner_optim import InnerStepFn
-from samgria.meta.learner import InnerRegFn, Learner
-from samgria.meta.vectorize import can_vectorize, second_order_vmap_blocker, vmap_task_losses
+from samgria.meta.inner_optim import InnerStepFn, sgd_inner_step
+from samgria.meta.learner import Learner
+from samgria.meta.paths import PathPolicy, _stacklevel_outside
 
 __all__ = ["MetaOptimizer"]
 
 LossFn = Callable[[Any, Any], torch.Tensor]
 
+def _one_steps_argument(inner_steps: Any, steps: Any) -> Any:
+    """Merge ``inner_steps`` with its former name ``steps`` (at most one may be given)."""
+    if steps is None:
+        return inner_steps
+    if inner_steps is not None:
+        raise TypeError(f"give inner_steps or its former name steps, not both; got inner_steps={inner_steps!r}, steps={steps!r}")
+    return steps
+
+
 def _check_weight(weight: Any, name: str = "weight") -> float:
     return check_real(name, weight, low=0.0)
+
+
+class _NonFiniteMetaStep(Exception):
+    """Raised inside the closure to abort an outer step before it changes anything."""
+
+    def __init__(self, problem: str, loss: Any) -> None:
+        super().__init__(problem)
+        self.problem, self.loss = problem, loss
+
+
+def _check_inner_options(
+    inner_step_fn: Any, inner_reg_fn: Any, grad_transforms: Any
+) -> tuple[Any, ...]:
+    """Check the optional inner-loop pieces; return the transforms as a tuple."""
+    if inner_step_fn is not None and not callable(inner_step_fn):
+        raise TypeError(f"inner_step_fn must be callable, got {inner_step_fn!r}")
+    if inner_reg_fn is not None and not callable(inner_reg_fn):
+        raise TypeError(f"inner_reg_fn must be callable, got {inner_reg_fn!r}")
+    if grad_transforms is None:
+        return ()
+    if isinstance(grad_transforms, (str, bytes)) or not isinstance(grad_transforms, Sequence):
+        raise TypeError(f"grad_transforms must be a sequence of inner-loop gradient transforms, got {grad_transforms!r}")
+    for t in grad_transforms:
+        if not callable(getattr(t, "transform_inner_grads", None)):
+            raise TypeError(f"grad_transforms entries must have a transform_inner_grads method, got {t!r}")
+    return tuple(grad_transforms)
 
 
 class MetaOptimizer(WrappingOptimizer):
@@ -65,7 +102,25 @@ class MetaOptimizer(WrappingOptimizer):
         params: Parameters or param-group dicts of ``model`` to build the outer optimizer
             from (only with an optimizer class; default: all of ``model.parameters()``).
             Groups may carry ``inner_lr`` and ``adapt``.
+        checkpoint_inner_steps: Recompute each second-order inner step in the backward pass
+            instead of storing its activations (:func:`torch.utils.checkpoint.checkpoint`):
+            memory no longer grows with ``inner_steps``, for about one more forward and
+            backward per step. Same meta-gradient. Runs on the loop path.
+        non_finite: ``"skip"`` (default): a meta-step whose meta-loss or meta-gradient is not
+            finite is skipped whole (weights and outer state untouched) with a
+            ``RuntimeWarning``, counted in :attr:`skipped_steps`; ``"raise"`` raises
+            :class:`FloatingPointError` instead (nothing applied either).
         **outer_kwargs: Keyword arguments of the outer optimizer class (e.g. ``lr=1e-3``).
+
+    Attributes:
+        outer_update: What the algorithm hands the outer optimizer (a class attribute):
+            ``"meta_gradient"`` -- the gradient of the query loss through the inner loop (MAML
+            family) -- or ``"pseudo_gradient"`` -- :math:`\\theta - \\bar\\theta'` from the
+            adapted weights, which need no graph to the meta-parameters (Reptile).
+        needs_query: Whether the meta-loss needs a query set (a class attribute).
+        skipped_steps: Meta-steps skipped because of a non-finite meta-loss or meta-gradient.
+        path_policy: The :class:`~samgria.meta.paths.PathPolicy` that picks the loop, vmap or
+            compiled path for this meta-optimizer.
 
     Raises:
         TypeError: ``model`` is not a module, ``outer`` is neither an optimizer class nor an
@@ -75,8 +130,8 @@ class MetaOptimizer(WrappingOptimizer):
             tensor that is not a parameter of ``model``.
     """
 
-    #: Whether fast weights keep a graph to the meta-parameters (``False`` for Reptile).
-    _track_graph: bool = True
+    outer_update: ClassVar[str] = "meta_gradient"
+    needs_query: ClassVar[bool] = True
 
     def __init__(
         self,
@@ -87,8 +142,12 @@ class MetaOptimizer(WrappingOptimizer):
         inner_steps: int = 1,
         first_order: bool = False,
         params: Iterable[Any] | None = None,
+        checkpoint_inner_steps: bool = False,
+        non_finite: str = "skip",
         **outer_kwargs: Any,
     ) -> None:
+        check_bool("checkpoint_inner_steps", checkpoint_inner_steps)
+        check_choice("non_finite", non_finite, ("skip", "raise"))
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         inner_lr = check_lr(inner_lr, "inner_lr")
@@ -102,7 +161,10 @@ class MetaOptimizer(WrappingOptimizer):
         self.inner_lr = inner_lr
         self.inner_steps = inner_steps
         self.first_order = first_order
-        self._vectorize_failed = False
+        self.checkpoint_inner_steps = checkpoint_inner_steps
+        self.non_finite = non_finite
+        self.skipped_steps = 0
+        self.path_policy = PathPolicy(type(self).__name__)
 
         if isinstance(outer, type) and issubclass(outer, torch.optim.Optimizer):
             if issubclass(outer, MetaOptimizer):
@@ -190,10 +252,61 @@ class MetaOptimizer(WrappingOptimizer):
 
         Returns:
             What the outer optimizer's ``step`` returns (the closure's loss).
+
+        Raises:
+            FloatingPointError: ``non_finite="raise"`` and the meta-loss or a meta-gradient
+                is not finite (nothing is applied).
         """
         if closure is not None and not callable(closure):
             raise TypeError(f"closure must be callable, got {closure!r}")
-        return self._driven_step(closure)
+        return self._guarded_step(closure)
+
+    def _guarded_step(self, closure: Callable[[], Any] | None) -> Any:
+        """The outer step, skipped whole when the meta-loss or a meta-gradient is not finite.
+
+        The check runs inside the closure, before the outer optimizer changes anything; an
+        outer ``TransformingOptimizer`` rolls back its first pass when the closure raises.
+        """
+        if closure is None:
+            problem = self._non_finite(None)
+            if problem is not None:
+                return self._skip(problem, None)
+            return self._driven_step(None)
+
+        def checked_closure() -> Any:
+            loss = closure()
+            problem = self._non_finite(loss)
+            if problem is not None:
+                raise _NonFiniteMetaStep(problem, loss)
+            return loss
+
+        try:
+            return self._driven_step(checked_closure)
+        except _NonFiniteMetaStep as skipped:
+            return self._skip(skipped.problem, skipped.loss)
+
+    def _non_finite(self, loss: Any) -> str | None:
+        """Say what is not finite (the meta-loss or some meta-gradient), or ``None``."""
+        if isinstance(loss, torch.Tensor) and loss.numel() and not bool(torch.isfinite(loss.detach()).all()):
+            return f"the meta-loss is {loss.detach().flatten()[0].item()}"
+        by_device: dict[torch.device, list[torch.Tensor]] = {}
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    by_device.setdefault(p.grad.device, []).append(p.grad)
+        for grads in by_device.values():
+            finite = torch.stack([torch.isfinite(g).all() for g in grads]).all()
+            if not bool(finite):
+                return "a meta-gradient is not finite"
+        return None
+
+    def _skip(self, problem: str, loss: Any) -> Any:
+        message = f"{type(self).__name__}: {problem}; the meta-step is skipped (weights and outer state unchanged)"
+        if self.non_finite == "raise":
+            raise FloatingPointError(message + "; non_finite='raise' was set")
+        self.skipped_steps += 1
+        warnings.warn(message, RuntimeWarning, stacklevel=_stacklevel_outside())
+        return loss
 
     # ------------------------------------------------------------------ inner loop
     def _filter_adapt_names(self, names: list[str]) -> list[str]:
@@ -221,6 +334,54 @@ class MetaOptimizer(WrappingOptimizer):
         names = self._filter_adapt_names(names)
         return names, {n: lrs[n] for n in names}
 
+    def inner_loop(
+        self,
+        inner_steps: int | None = None,
+        *,
+        inner_step_fn: InnerStepFn | None = None,
+        inner_reg_fn: InnerRegFn | None = None,
+        grad_transforms: Sequence[Any] | None = None,
+        create_graph: bool | None = None,
+        track_graph: bool | None = None,
+    ) -> InnerLoop:
+        """Describe the inner loop this meta-optimizer runs now (read from its param groups).
+
+        Every path (loop, vmap, compiled) and every entry point runs this description.
+
+        Args:
+            inner_steps: Number of inner steps (default: :attr:`inner_steps`).
+            inner_step_fn: Update rule (default: plain SGD with each group's ``inner_lr``).
+            inner_reg_fn: ``inner_reg_fn(current, base) -> scalar`` added to the support loss.
+            grad_transforms: Inner-loop gradient transforms (e.g.
+                :class:`~samgria.meta.inner_optim.InnerSAM`).
+            create_graph: Differentiate through the support gradients (default:
+                ``not first_order``).
+            track_graph: Keep a graph to the meta-parameters (default: whether
+                :attr:`outer_update` is ``"meta_gradient"``).
+
+        Returns:
+            The :class:`~samgria.meta.engine.InnerLoop`.
+        """
+        steps = self.inner_steps if inner_steps is None else check_steps(inner_steps, "inner_steps")
+        transforms = _check_inner_options(inner_step_fn, inner_reg_fn, grad_transforms)
+        if create_graph is None:
+            create_graph = not self.first_order
+        check_bool("create_graph", create_graph)
+        if track_graph is None:
+            track_graph = self.outer_update == "meta_gradient"
+        names, lrs = self._adapt_config()
+        return InnerLoop(
+            adapt_names=tuple(names),
+            lrs=lrs,
+            inner_steps=steps,
+            first_order=not create_graph,
+            track_graph=track_graph,
+            inner_step_fn=inner_step_fn if inner_step_fn is not None else sgd_inner_step,
+            inner_reg_fn=inner_reg_fn,
+            grad_transforms=transforms,
+            checkpoint=self.checkpoint_inner_steps,
+        )
+
     def clone(
         self,
         *,
@@ -243,63 +404,77 @@ class MetaOptimizer(WrappingOptimizer):
         Returns:
             A fresh learner.
         """
-        names, lrs = self._adapt_config()
+        loop = self.inner_loop(inner_step_fn=inner_step_fn, inner_reg_fn=inner_reg_fn, grad_transforms=grad_transforms)
         return Learner(
             self.model,
-            inner_lr=lrs,
-            inner_steps=self.inner_steps,
-            first_order=self.first_order,
-            adapt_names=names,
-            inner_step_fn=inner_step_fn,
-            inner_reg_fn=inner_reg_fn,
-            grad_transforms=grad_transforms,
-            track_graph=self._track_graph,
+            inner_lr=dict(loop.lrs),
+            inner_steps=loop.inner_steps,
+            first_order=loop.first_order,
+            adapt_names=loop.adapt_names,
+            inner_step_fn=loop.inner_step_fn,
+            inner_reg_fn=loop.inner_reg_fn,
+            grad_transforms=loop.grad_transforms,
+            track_graph=loop.track_graph,
+            checkpoint=loop.checkpoint,
         )
 
     def adapt(
         self,
         support_closure: Callable[[Callable[..., Any]], torch.Tensor],
-        steps: int | None = None,
+        inner_steps: int | None = None,
         *,
         inner_step_fn: InnerStepFn | None = None,
         inner_reg_fn: InnerRegFn | None = None,
         grad_transforms: Sequence[Any] | None = None,
         weight: float = 1.0,
+        steps: int | None = None,
     ) -> Learner:
         """Run the inner loop on one task and return the adapted learner.
 
         Args:
             support_closure: ``support_closure(f) -> scalar support loss``, where ``f(*inputs)``
                 runs the model with the current fast weights.
-            steps: Number of inner steps (default: ``inner_steps``).
+            inner_steps: Number of inner steps (default: :attr:`inner_steps`).
             inner_step_fn: Inner update rule (default: plain SGD with each group's ``inner_lr``).
             inner_reg_fn: ``inner_reg_fn(current_params, base_params) -> scalar`` added to the
                 support loss at every step.
-            grad_transforms: Objects with ``transform_inner_grads(params, grads, loss_fn)``
+            grad_transforms: Objects with ``transform_inner_grads(params, grads, grad_fn)``
                 applied to the support gradients (e.g. :class:`~samgria.meta.inner_optim.InnerSAM`).
             weight: Task weight (``>= 0``). Used by Reptile's weighted mean; MAML-family
                 meta-optimizers accept and ignore it (weights enter through the meta-loss, see
                 :meth:`meta_loss`).
+            steps: Former name of ``inner_steps`` (still accepted).
 
         Returns:
             The adapted :class:`~samgria.meta.learner.Learner`; ``learner(x)`` is the adapted
             forward pass and ``learner.params`` the adapted parameters.
 
         Raises:
-            TypeError: ``support_closure`` is not callable or ``steps`` is not an int.
-            ValueError: ``steps`` or ``weight`` is negative.
+            TypeError: ``support_closure`` is not callable or ``inner_steps`` is not an int.
+            ValueError: ``inner_steps`` or ``weight`` is negative.
         """
         if not callable(support_closure):
             raise TypeError(f"support_closure must be callable, got {support_closure!r}")
-        steps = self.inner_steps if steps is None else check_steps(steps, "steps")
+        inner_steps = _one_steps_argument(inner_steps, steps)
+        inner_steps = self.inner_steps if inner_steps is None else check_steps(inner_steps, "inner_steps")
         weight = _check_weight(weight)
         learner = self.clone(inner_step_fn=inner_step_fn, inner_reg_fn=inner_reg_fn, grad_transforms=grad_transforms)
-        learner.adapt_closure(support_closure, steps)
-        self._record(learner, weight)
+        learner.adapt_closure(support_closure, inner_steps)
+        self.record_adaptation(learner.params, weight)
         return learner
 
-    def _record(self, learner: Learner, weight: float) -> None:
-        """Hook: remember an adapted learner for ``step`` (Reptile). No-op here."""
+    def record_adaptation(self, adapted: Mapping[str, torch.Tensor], weight: float = 1.0) -> None:
+        """Remember one task's adapted weights for the outer update.
+
+        Called for every adapted task by :meth:`adapt`, :meth:`task_losses` and the
+        ``meta_step`` builder. Algorithms whose outer update is formed from the adapted weights
+        (``outer_update == "pseudo_gradient"``, Reptile) keep them; the MAML family, whose
+        meta-gradient flows through the query loss, ignores them.
+
+        Args:
+            adapted: ``{name: adapted weight}`` (at least the adapted names).
+            weight: The task's weight ``>= 0``.
+        """
 
     def _check_tasks(self, tasks: Any) -> list[Task]:
         if isinstance(tasks, Task) or not isinstance(tasks, Sequence):
@@ -312,166 +487,158 @@ class MetaOptimizer(WrappingOptimizer):
                 raise TypeError(f"tasks[{i}] must be a Task, got {type(t).__name__}")
         return tasks
 
-    def _run_tasks(
+    def _meta_params(self) -> dict[str, torch.Tensor]:
+        return dict(self.model.named_parameters())
+
+    def default_path(self, loop: InnerLoop, tasks: Sequence[Task]) -> str:
+        """The path :meth:`task_losses` takes with ``vectorize=None``: vmap where it applies
+        and has not failed before, else the loop."""
+        if vmap_blocker(self.model, loop, tasks) is None and "vmap" not in self.path_policy.failed:
+            return "vmap"
+        return "loop"
+
+    def run_tasks(
         self,
-        tasks: list[Task],
+        tasks: Sequence[Task],
         loss_fn: LossFn,
-        steps: int,
-        vectorize: bool | None,
+        loop: InnerLoop,
         *,
-        first_order: bool,
-        track_graph: bool,
-        return_params: bool,
-    ) -> tuple[torch.Tensor, list[dict[str, torch.Tensor]] | None]:
+        path: str | None = None,
+        backward_weights: Sequence[float] | None = None,
+    ) -> tuple[torch.Tensor, str]:
+        """Adapt to every task with ``loop`` on a path and return the query losses.
+
+        The one entry to the engine's dispatcher (:func:`samgria.meta.engine.task_losses`)
+        for this meta-optimizer: it applies the fallback policy and records the adapted
+        weights (:meth:`record_adaptation`).
+
+        Args:
+            tasks: The meta-batch (checked).
+            loss_fn: ``loss_fn(prediction, target) -> scalar``.
+            loop: The inner loop (see :meth:`inner_loop`).
+            path: ``"loop"`` or ``"vmap"``; ``None`` picks :meth:`default_path` and falls
+                back to the loop (once, with a warning) if vmap fails on this model.
+            backward_weights: Back-propagate :math:`\\sum_i w_i \\ell_i` inside (per task on
+                the loop path) and return detached losses.
+
+        Returns:
+            ``(losses, path_used)``.
+        """
+        tasks = self._check_tasks(tasks)
         if not callable(loss_fn):
             raise TypeError(f"loss_fn must be callable, got {loss_fn!r}")
-        if vectorize is not None and not isinstance(vectorize, bool):
-            raise TypeError(f"vectorize must be None or a bool, got {vectorize!r}")
-        names, lrs = self._adapt_config()
-        equal = can_vectorize(tasks)
-        if vectorize is True and not equal:
-            raise ValueError("vectorize=True needs tasks whose tensors all have equal shapes, dtypes and devices")
-        use_vmap = vectorize is True or (vectorize is None and equal and not self._vectorize_failed)
-        second_order = track_graph and not first_order
-        blocker = second_order_vmap_blocker(self.model) if (use_vmap and second_order) else None
-        if blocker is not None:
-            if vectorize is True:
-                raise ValueError(
-                    f"vectorize=True cannot be honoured: torch.func.vmap gives wrong second-order "
-                    f"gradients through {blocker} (pytorch/functorch#534); use vectorize=None/False "
-                    "or a first-order meta-learner"
-                )
-            use_vmap = False
-        vmap_error: Exception | None = None
-        if use_vmap:
-            params = dict(self.model.named_parameters())
-            vm_lrs = lrs
-            if not track_graph:
-                params = {n: p.detach() for n, p in params.items()}
-                vm_lrs = {n: (v.detach() if isinstance(v, torch.Tensor) else v) for n, v in lrs.items()}
-            try:
-                with torch.set_grad_enabled(track_graph and torch.is_grad_enabled()):
-                    losses, fast = vmap_task_losses(
-                        self.model,
-                        params,
-                        names,
-                        vm_lrs,
-                        tasks,
-                        loss_fn,
-                        steps,
-                        first_order=first_order or not track_graph,
-                        return_params=return_params,
-                    )
-            except ValueError:
-                raise
-            except Exception as exc:  # maybe a model that cannot be vmapped: try the loop
-                if vectorize is True:
-                    raise RuntimeError(f"vectorize=True but vmap over tasks failed: {exc}") from exc
-                vmap_error = exc
-            else:
-                per_task = None
-                if return_params:
-                    assert fast is not None
-                    per_task = [{n: v[i] for n, v in fast.items()} for i in range(len(tasks))]
-                return losses, per_task
+        check_choice("path", path, (None, "loop", "vmap"))
+        explicit = path is not None
+        if path == "vmap":
+            blocker = vmap_blocker(self.model, loop, tasks)
+            if blocker is not None:
+                raise ValueError(f"vectorize=True cannot be honoured: {blocker}; use vectorize=None/False")
+        chosen = path if path is not None else self.default_path(loop, tasks)
+        params = self._meta_params()
 
-        losses_list = []
-        adapted: list[dict[str, torch.Tensor]] = []
-        for i, task in enumerate(tasks):
-            learner = Learner(
-                self.model,
-                inner_lr=lrs,
-                inner_steps=steps,
-                first_order=first_order,
-                adapt_names=names,
-                track_graph=track_graph,
+        def run(which: str) -> tuple[torch.Tensor, list[dict[str, torch.Tensor]]]:
+            return engine.task_losses(
+                self.model, loop, params, tasks, loss_fn, path=which, backward_weights=backward_weights
             )
-            learner.adapt_on(loss_fn, task.support_x, task.support_y, steps)
-            with torch.set_grad_enabled(track_graph and torch.is_grad_enabled()):
-                loss = loss_fn(learner(task.query_x), task.query_y)
-            if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
-                shape = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
-                raise ValueError(f"loss_fn must return a scalar per task, got {shape} for tasks[{i}]")
-            losses_list.append(loss)
-            if return_params:
-                adapted.append({n: learner.params[n].detach() for n in names})
-        if vmap_error is not None:
-            # Only now, when the loop worked, is the error vmap's and not the user's loss_fn's.
-            self._vectorize_failed = True
-            warnings.warn(
-                f"{type(self).__name__}: vmap over tasks failed ({type(vmap_error).__name__}: {vmap_error}); "
-                "falling back to a per-task loop from now on (pass vectorize=False to skip the attempt)",
-                RuntimeWarning,
-                stacklevel=3,
-            )
-        return torch.stack(losses_list), (adapted if return_params else None)
+
+        (losses, adapted), used = self.path_policy.run(chosen, "loop", run, explicit=explicit)
+        for fast in adapted:
+            self.record_adaptation(fast, 1.0)
+        return losses, used
 
     def task_losses(
         self,
         tasks: Sequence[Task],
         loss_fn: LossFn,
         *,
-        steps: int | None = None,
+        inner_steps: int | None = None,
         vectorize: bool | None = None,
         create_graph: bool | None = None,
+        inner_step_fn: InnerStepFn | None = None,
+        inner_reg_fn: InnerRegFn | None = None,
+        grad_transforms: Sequence[Any] | None = None,
+        steps: int | None = None,
     ) -> torch.Tensor:
         """Adapt to each task on its support set and return the query losses after adaptation.
 
         Args:
             tasks: The meta-batch (a non-empty sequence of :class:`~samgria.data.task.Task`).
             loss_fn: ``loss_fn(prediction, target) -> scalar``, used for support and query.
-            steps: Number of inner steps (default: ``inner_steps``).
-            vectorize: ``None`` uses :func:`torch.func.vmap` over tasks when all tasks have
-                equal shapes, falling back (once, with a warning, remembered) to a loop if the
-                model cannot be vmapped; ``True`` forces vmap (raises if impossible);
-                ``False`` forces the loop.
+            inner_steps: Number of inner steps (default: :attr:`inner_steps`).
+            vectorize: ``None`` uses :func:`torch.func.vmap` over tasks when it applies,
+                falling back (once, with a warning, remembered) to a loop if the model cannot
+                be vmapped; ``True`` forces vmap (raises if impossible); ``False`` forces the
+                loop.
             create_graph: Differentiate through the inner loop (second order). Default:
                 ``not first_order``. ``False`` still gives first-order meta-gradients.
+            inner_step_fn: Inner update rule (default plain SGD), on every path.
+            inner_reg_fn: Inner-loop regulariser, on every path.
+            grad_transforms: Inner-loop gradient transforms (e.g. ``InnerSAM``), on every path.
+            steps: Former name of ``inner_steps`` (still accepted).
 
         Returns:
-            A tensor of shape ``(len(tasks),)``, differentiable w.r.t. the meta-parameters.
+            A tensor of shape ``(len(tasks),)``, differentiable w.r.t. the meta-parameters
+            (detached for Reptile, whose outer update uses the recorded adapted weights).
 
         Raises:
-            ValueError: ``tasks`` is empty, or ``vectorize=True`` with tasks of unequal shapes.
+            ValueError: ``tasks`` is empty, or ``vectorize=True`` with tasks of unequal shapes
+                or a second-order loop through a normalisation layer.
             TypeError: ``tasks`` holds something that is not a Task.
         """
-        tasks = self._check_tasks(tasks)
-        steps = self.inner_steps if steps is None else check_steps(steps, "steps")
-        if create_graph is None:
-            create_graph = not self.first_order
-        if not isinstance(create_graph, bool):
-            raise TypeError(f"create_graph must be None or a bool, got {create_graph!r}")
-        losses, _ = self._run_tasks(
-            tasks,
-            loss_fn,
-            steps,
-            vectorize,
-            first_order=not create_graph,
-            track_graph=self._track_graph,
-            return_params=False,
+        if vectorize is not None and not isinstance(vectorize, bool):
+            raise TypeError(f"vectorize must be None or a bool, got {vectorize!r}")
+        loop = self.inner_loop(
+            _one_steps_argument(inner_steps, steps),
+            inner_step_fn=inner_step_fn,
+            inner_reg_fn=inner_reg_fn,
+            grad_transforms=grad_transforms,
+            create_graph=create_graph,
         )
-        return losses
+        path = None if vectorize is None else ("vmap" if vectorize else "loop")
+        losses, _ = self.run_tasks(tasks, loss_fn, loop, path=path)
+        return losses if self.outer_update == "meta_gradient" else losses.detach()
 
     @torch.no_grad()
-    def evaluate(self, tasks: Sequence[Task], loss_fn: LossFn, steps: int | None = None) -> float:
+    def evaluate(
+        self,
+        tasks: Sequence[Task],
+        loss_fn: LossFn,
+        inner_steps: int | None = None,
+        *,
+        vectorize: bool | None = None,
+        steps: int | None = None,
+    ) -> float:
         """Mean post-adaptation query loss over ``tasks``, without a meta-gradient graph.
 
         The inner loop runs on detached copies of the meta-parameters, so the model, its
-        gradients and the outer optimizer are left untouched.
+        gradients, the outer optimizer and any recorded adaptations are left untouched.
 
         Args:
             tasks: Held-out tasks (non-empty).
             loss_fn: ``loss_fn(prediction, target) -> scalar``.
-            steps: Number of inner steps (default: ``inner_steps``).
+            inner_steps: Number of inner steps (default: :attr:`inner_steps`).
+            vectorize: As in :meth:`task_losses`.
+            steps: Former name of ``inner_steps`` (still accepted).
 
         Returns:
             The mean query loss as a float.
         """
+        if vectorize is not None and not isinstance(vectorize, bool):
+            raise TypeError(f"vectorize must be None or a bool, got {vectorize!r}")
+        loop = self.inner_loop(_one_steps_argument(inner_steps, steps), create_graph=False, track_graph=False)
         tasks = self._check_tasks(tasks)
-        steps = self.inner_steps if steps is None else check_steps(steps, "steps")
-        losses, _ = self._run_tasks(
-            tasks, loss_fn, steps, None, first_order=True, track_graph=False, return_params=False
-        )
+        path = None if vectorize is None else ("vmap" if vectorize else "loop")
+        if path == "vmap":
+            blocker = vmap_blocker(self.model, loop, tasks)
+            if blocker is not None:
+                raise ValueError(f"vectorize=True cannot be honoured: {blocker}; use vectorize=None/False")
+        chosen = path if path is not None else self.default_path(loop, tasks)
+        params = self._meta_params()
+
+        def run(which: str) -> torch.Tensor:
+            return engine.task_losses(self.model, loop, params, tasks, loss_fn, path=which)[0]
+
+        losses, _ = self.path_policy.run(chosen, "loop", run, explicit=path is not None)
         return float(losses.mean())
 
     @staticmethod

@@ -35,7 +35,6 @@ zero gradient instead of ``None``; dropout draws its random numbers inside the c
 
 from __future__ import annotations
 
-import inspect
 import itertools
 import sys
 import types
@@ -45,29 +44,24 @@ from typing import Any
 import torch
 
 from samgria.data.task import Task
-from samgria.meta.base import MetaOptimizer
+from samgria.meta.base import MetaOptimizer, _one_steps_argument
 from samgria.meta.functional import check_steps
-from samgria.meta.vectorize import (
-    batched_task_losses,
-    can_vectorize,
-    second_order_vmap_blocker,
-    stack_tasks,
-)
+from samgria.meta.engine import InnerLoop, InnerRegFn, stack_tasks, vmap_blocker, vmapped_task_losses
+from samgria.meta.inner_optim import InnerStepFn
 
 __all__ = ["CompiledMetaLoss", "compiled_path_blocker"]
 
 LossFn = Callable[[Any, Any], torch.Tensor]
 
-#: The methods whose base-class versions define the computation the compiled path reproduces.
-_CORE_METHODS = ("task_losses", "_run_tasks", "step")
-
-
-def compiled_path_blocker(meta: MetaOptimizer, tasks: Sequence[Task] | None = None) -> str | None:
+def compiled_path_blocker(
+    meta: MetaOptimizer, tasks: Sequence[Task] | None = None, loop: InnerLoop | None = None
+) -> str | None:
     """Say why :class:`CompiledMetaLoss` cannot reproduce ``meta.task_losses``, or return ``None``.
 
     Args:
         meta: The meta-optimizer.
         tasks: The meta-batch to check too (``None``: check ``meta`` only).
+        loop: The inner loop to check (default: ``meta.inner_loop()``).
 
     Returns:
         A human-readable reason, or ``None`` when the compiled path applies.
@@ -78,30 +72,16 @@ def compiled_path_blocker(meta: MetaOptimizer, tasks: Sequence[Task] | None = No
     if not isinstance(meta, MetaOptimizer):
         raise TypeError(f"meta must be a samgria MetaOptimizer, got {type(meta).__name__}")
     name = type(meta).__name__
-    if not meta._track_graph:
+    if meta.outer_update != "meta_gradient":
         return (
-            f"{name} computes its outer update in step() (Reptile's pseudo-gradient "
-            "theta - mean(theta')), not from a meta-gradient"
+            f"{name} forms its outer update from the adapted weights (outer_update="
+            f"{meta.outer_update!r}), not from a meta-gradient"
         )
-    # inspect.unwrap: torch.optim wraps a class's ``step`` with its hook machinery.
-    custom = [
-        m for m in _CORE_METHODS
-        if inspect.unwrap(getattr(type(meta), m)) is not inspect.unwrap(getattr(MetaOptimizer, m))
-    ]
-    if custom:
-        return f"{name} overrides {', '.join(custom)} (a custom inner loop or outer update)"
-    if meta._vectorize_failed:
-        return f"{name}: vmap over tasks failed earlier for this model"
-    if not meta.first_order:
-        blocker = second_order_vmap_blocker(meta.model)
-        if blocker is not None:
-            return (
-                f"second-order gradients through {blocker} are wrong under torch.func.vmap "
-                "(pytorch/functorch#534)"
-            )
-    if tasks is not None and not can_vectorize(list(tasks)):
-        return "the tasks do not all have equal shapes, dtypes and devices"
-    return None
+    for path in ("vmap", "compiled"):
+        if path in meta.path_policy.failed:
+            return f"{name}: the {path} path failed earlier for this model ({meta.path_policy.failed[path]})"
+    loop = meta.inner_loop() if loop is None else loop
+    return vmap_blocker(meta.model, loop, None if tasks is None else list(tasks))
 
 
 _program_ids = itertools.count()
@@ -151,7 +131,11 @@ class CompiledMetaLoss:
             steps (see :func:`compiled_path_blocker`).
         loss_fn: ``loss_fn(prediction, target) -> scalar`` for support and query losses; it
             must be traceable by ``torch.compile``.
-        steps: Number of inner steps (default: ``meta.inner_steps`` at each call).
+        inner_steps: Number of inner steps (default: ``meta.inner_steps`` at each call).
+        inner_step_fn: Inner update rule (default plain SGD); must be traceable.
+        inner_reg_fn: Inner-loop regulariser; must be traceable.
+        grad_transforms: Inner-loop gradient transforms (e.g. ``InnerSAM``).
+        steps: Former name of ``inner_steps``.
         **compile_options: Keyword arguments of :func:`torch.compile` (e.g. ``mode=...``,
             ``backend=...``). Default ``dynamic=False``: one specialised program per task shape.
 
@@ -166,17 +150,29 @@ class CompiledMetaLoss:
         meta: MetaOptimizer,
         loss_fn: LossFn,
         *,
+        inner_steps: int | None = None,
+        inner_step_fn: InnerStepFn | None = None,
+        inner_reg_fn: InnerRegFn | None = None,
+        grad_transforms: Sequence[Any] | None = None,
         steps: int | None = None,
         **compile_options: Any,
     ) -> None:
-        reason = compiled_path_blocker(meta)
+        if not isinstance(meta, MetaOptimizer):
+            raise TypeError(f"meta must be a samgria MetaOptimizer, got {type(meta).__name__}")
+        inner_steps = _one_steps_argument(inner_steps, steps)
+        self.inner_options: dict[str, Any] = {
+            "inner_step_fn": inner_step_fn,
+            "inner_reg_fn": inner_reg_fn,
+            "grad_transforms": grad_transforms,
+        }
+        reason = compiled_path_blocker(meta, loop=meta.inner_loop(inner_steps, **self.inner_options))
         if reason is not None:
             raise ValueError(f"meta cannot use the compiled path: {reason}")
         if not callable(loss_fn):
             raise TypeError(f"loss_fn must be callable, got {type(loss_fn).__name__}")
         self.meta = meta
         self.loss_fn = loss_fn
-        self.steps = None if steps is None else check_steps(steps, "steps")
+        self.steps = None if inner_steps is None else check_steps(inner_steps, "inner_steps")
         self.compile_options: dict[str, Any] = {"dynamic": False, **compile_options}
         self._programs: dict[tuple[Any, ...], Callable[..., Any]] = {}
         self._lr_tensors: dict[tuple[Any, ...], torch.Tensor] = {}
@@ -191,12 +187,10 @@ class CompiledMetaLoss:
         self._programs.clear()
         self._lr_tensors.clear()
 
-    def _program(self, key: tuple[Any, ...]) -> Callable[..., Any]:
+    def _program(self, key: tuple[Any, ...], loop: InnerLoop) -> Callable[..., Any]:
         program = self._programs.get(key)
         if program is not None:
             return program
-        adapt_names, _, _, steps, first_order = key
-        names = list(adapt_names)
         model, loss_fn = self.meta.model, self.loss_fn
 
         def meta_loss(
@@ -209,9 +203,8 @@ class CompiledMetaLoss:
         ) -> torch.Tensor:
             params = {**constant["params"], **trainable["params"]}
             lrs = {**constant["lrs"], **trainable["lrs"]}
-            losses, _ = batched_task_losses(
-                model, params, names, lrs, support_x, support_y, query_x, query_y, loss_fn, steps,
-                first_order=first_order,
+            losses, _ = vmapped_task_losses(
+                model, loop.replace(lrs=lrs), params, support_x, support_y, query_x, query_y, loss_fn
             )
             return losses.mean()
 
@@ -245,11 +238,11 @@ class CompiledMetaLoss:
         """
         meta = self.meta
         tasks = meta._check_tasks(tasks)
-        reason = compiled_path_blocker(meta, tasks)
+        loop = meta.inner_loop(self.steps, **self.inner_options)
+        reason = compiled_path_blocker(meta, tasks, loop)
         if reason is not None:
             raise ValueError(f"the compiled path cannot be used: {reason}")
-        steps = meta.inner_steps if self.steps is None else self.steps
-        adapt_names, lrs = meta._adapt_config()
+        adapt_names, lrs = loop.adapt_names, loop.lrs
         model_params = dict(meta.model.named_parameters())
 
         trainable: dict[str, dict[str, torch.Tensor]] = {"params": {}, "lrs": {}}
@@ -274,10 +267,10 @@ class CompiledMetaLoss:
             tuple(adapt_names),
             tuple(trainable["params"]),
             tuple(trainable["lrs"]),
-            steps,
-            meta.first_order,
+            loop.inner_steps,
+            loop.first_order,
         )
-        program = self._program(key)
+        program = self._program(key, loop)
         try:
             with torch.enable_grad():  # one grad mode for every call: no recompile on a mode guard
                 grads, loss = program(trainable, constant, *stack_tasks(tasks))

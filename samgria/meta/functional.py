@@ -36,6 +36,13 @@ from typing import Any, Union
 import torch
 
 from samgria._checks import check_int, check_real
+from samgria.meta.engine import (
+    InnerLoop,
+    apply_inner_update,
+    check_support_loss,
+    grads_of_loss,
+    run_inner_loop,
+)
 from torch import nn
 from torch.func import functional_call
 
@@ -128,20 +135,6 @@ def check_steps(steps: Any, name: str = "inner_steps") -> int:
     return check_int(name, steps, low=0)
 
 
-def check_support_loss(loss: Any) -> torch.Tensor:
-    """Check that a support loss is a scalar tensor that can be differentiated."""
-    if not isinstance(loss, torch.Tensor):
-        raise TypeError(f"the support loss must be a scalar tensor, got {type(loss).__name__}")
-    if loss.dim() != 0:
-        raise ValueError(f"the support loss must be a scalar tensor, got shape {tuple(loss.shape)}")
-    if not loss.requires_grad:
-        raise ValueError(
-            "the support loss does not depend on any parameter that requires grad; compute it "
-            "from the fast weights (the callable or learner passed to the closure), with grad enabled"
-        )
-    return loss
-
-
 def resolve_lrs(lr: LearningRate, names: Iterable[str]) -> dict[str, float | torch.Tensor]:
     """Expand a step size into a ``{name: lr}`` mapping over ``names``."""
     names = list(names)
@@ -191,8 +184,8 @@ def inner_step(
             result is still connected to ``params`` through :math:`p' = p - \\alpha g`.
         adapt_names: Names of the parameters to update (ANIL adapts only the head). ``None``
             updates every parameter that requires grad.
-        allow_unused: Passed to :func:`torch.autograd.grad`. A parameter whose gradient is
-            ``None`` is left unchanged.
+        allow_unused: Passed to :func:`torch.autograd.grad`: ``True`` leaves a parameter the
+            loss does not depend on unchanged (zero gradient), ``False`` raises.
 
     Returns:
         A new mapping with the adapted parameters.
@@ -202,21 +195,13 @@ def inner_step(
             ``adapt_names`` names an unknown parameter.
     """
     names = _resolve_names(params, adapt_names)
-    lrs = resolve_lrs(lr, names)
+    loop = InnerLoop(tuple(names), resolve_lrs(lr, names), 1, first_order=first_order)
     check_support_loss(loss)
     if not names:
         return dict(params)
-    grads = torch.autograd.grad(
-        loss,
-        [params[n] for n in names],
-        create_graph=not first_order,
-        allow_unused=allow_unused,
-    )
-    new = dict(params)
-    for n, g in zip(names, grads):
-        if g is not None:
-            new[n] = params[n] - lrs[n] * g
-    return new
+    current = {n: params[n] for n in names}
+    grads = grads_of_loss(loss, current, not first_order, allow_unused)
+    return {**params, **apply_inner_update(loop, current, grads, {}, not first_order, None)}
 
 
 def adapt(
@@ -243,7 +228,8 @@ def adapt(
         inner_steps: Number of gradient steps (``>= 0``).
         first_order: See :func:`inner_step`.
         adapt_names: See :func:`inner_step`.
-        allow_unused: See :func:`inner_step`.
+        allow_unused: Kept for compatibility; a parameter the loss does not depend on is
+            always left unchanged.
 
     Returns:
         The adapted parameter mapping (``params`` itself, copied, when ``inner_steps == 0``).
@@ -259,18 +245,10 @@ def adapt(
     steps = check_steps(inner_steps)
     if not isinstance(lr, Mapping):
         check_lr(lr)
-    current = dict(params)
+    names = _resolve_names(params, adapt_names)
+    loop = InnerLoop(tuple(names), resolve_lrs(lr, names), steps, first_order=first_order)
     with torch.enable_grad():
-        for _ in range(steps):
-            current = inner_step(
-                current,
-                build_loss(current),
-                lr,
-                first_order=first_order,
-                adapt_names=adapt_names,
-                allow_unused=allow_unused,
-            )
-    return current
+        return run_inner_loop(loop, params, build_loss)
 
 
 def _check_module(model: Any) -> None:

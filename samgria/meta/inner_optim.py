@@ -64,17 +64,19 @@ class InnerStepFn(Protocol):
 class InnerGradTransform(Protocol):
     """Rewrites support gradients inside the inner loop (e.g. :class:`InnerSAM`).
 
-    ``transform_inner_grads(params, grads, loss_fn)`` receives the adapted fast weights, their
-    gradients and ``loss_fn(params) -> scalar support loss`` (evaluated with the given fast
-    weights; parameters missing from the mapping keep their current values) and returns the
-    new gradients for the same names.
+    ``transform_inner_grads(params, grads, grad_fn)`` receives the adapted fast weights, their
+    support gradients and ``grad_fn(weights) -> gradients``, the support gradient at other fast
+    weights (same names), computed the way the running path computes gradients (autograd on
+    the loop path, :func:`torch.func.grad` under vmap), so one transform works on every path.
+    It returns the new gradients for the same names, using out-of-place tensor operations and
+    no data-dependent Python control flow (so that it can be vmapped).
     """
 
     def transform_inner_grads(
         self,
         params: Tensors,
         grads: Tensors,
-        loss_fn: Callable[[dict[str, torch.Tensor]], torch.Tensor],
+        grad_fn: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]],
     ) -> dict[str, torch.Tensor]:
         """Return transformed gradients."""
         ...
@@ -231,8 +233,9 @@ class InnerSAM:
         \\tilde g = \\nabla \\mathcal{L}_{\\text{sup}}(\\phi + \\epsilon),
 
     with :math:`\\epsilon` treated as a constant (as in SAM). The norm is global over the
-    adapted parameters. When the incoming gradients carry a graph (second-order MAML) so does
-    :math:`\\tilde g`; in a first-order inner loop it does not.
+    adapted parameters. In a second-order inner loop :math:`\\tilde g` carries its graph to
+    the meta-parameters; in a first-order loop it does not. It runs on every path (loop, vmap,
+    compiled).
 
     Args:
         rho: Neighbourhood radius :math:`\\rho \\ge 0`.
@@ -252,25 +255,23 @@ class InnerSAM:
         self,
         params: Tensors,
         grads: Tensors,
-        loss_fn: Callable[[dict[str, torch.Tensor]], torch.Tensor],
+        grad_fn: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]],
     ) -> dict[str, torch.Tensor]:
-        """Return the support gradients at the perturbed fast weights."""
+        """Return the support gradients at the perturbed fast weights.
+
+        Where the gradient norm is zero or not finite the perturbation is zero (the gradient
+        is re-evaluated at the same weights); written without data-dependent control flow so
+        that it runs under :func:`torch.func.vmap`.
+        """
         names = list(grads)
         if not names or self.rho == 0.0:
             return dict(grads)
         with torch.no_grad():
             norm = torch.sqrt(sum((grads[n].detach().double() ** 2).sum() for n in names))
-            if not torch.isfinite(norm) or norm == 0:
-                return dict(grads)
-            scale = self.rho / norm
-        perturbed = {n: params[n] + (grads[n].detach() * scale.to(grads[n].dtype)) for n in names}
-        create_graph = any(g.requires_grad for g in grads.values())
-        with torch.enable_grad():
-            loss = loss_fn(perturbed)
-            new = torch.autograd.grad(
-                loss, [perturbed[n] for n in names], create_graph=create_graph, allow_unused=True
-            )
-        return {n: (g if g is not None else grads[n]) for n, g in zip(names, new)}
+            usable = torch.isfinite(norm) & (norm > 0)
+            scale = torch.where(usable, self.rho / torch.where(usable, norm, torch.ones_like(norm)), torch.zeros_like(norm))
+        perturbed = {n: params[n] + grads[n].detach() * scale.to(grads[n].dtype) for n in names}
+        return dict(grad_fn(perturbed))
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(rho={self.rho})"

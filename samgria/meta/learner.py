@@ -26,18 +26,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from samgria.meta.functional import (
-    LearningRate,
-    check_steps,
-    check_support_loss,
-    functional_forward,
-    resolve_lrs,
-)
+from samgria.meta.engine import InnerLoop, InnerRegFn, apply_inner_update, grads_of_loss, take_inner_steps
+from samgria.meta.functional import LearningRate, check_steps, functional_forward, resolve_lrs
 from samgria.meta.inner_optim import InnerStepFn, sgd_inner_step
 
 __all__ = ["Learner"]
 
-InnerRegFn = Callable[[dict[str, torch.Tensor], dict[str, torch.Tensor]], torch.Tensor]
 
 
 class Learner:
@@ -59,6 +53,12 @@ class Learner:
             :meth:`adapt_closure` steps (e.g. :class:`~samgria.meta.inner_optim.InnerSAM`).
         track_graph: ``False`` detaches the fast weights after every step (no graph to the
             meta-parameters at all; used by Reptile and evaluation).
+        checkpoint: Recompute each second-order inner step in the backward pass instead of
+            keeping its activations (memory that does not grow with the number of steps).
+
+    Attributes:
+        loop: The :class:`~samgria.meta.engine.InnerLoop` this learner runs (its rule,
+            rates, order, regulariser and transforms).
 
     Raises:
         TypeError: ``model`` is not a module or a callable argument is not callable.
@@ -79,6 +79,7 @@ class Learner:
         inner_reg_fn: InnerRegFn | None = None,
         grad_transforms: Sequence[Any] | None = None,
         track_graph: bool = True,
+        checkpoint: bool = False,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -106,18 +107,31 @@ class Learner:
             if unknown:
                 raise ValueError(f"adapt_names contains names that are not parameters of model: {unknown}")
             names = [n for n in names if start[n].requires_grad]
-        self.adapt_names: list[str] = names
-        self.lrs = resolve_lrs(inner_lr, names)
-        self.inner_steps = check_steps(inner_steps)
-        self.first_order = first_order
-        self.inner_step_fn: InnerStepFn = inner_step_fn if inner_step_fn is not None else sgd_inner_step
-        self.inner_reg_fn = inner_reg_fn
-        self.grad_transforms = transforms
-        self.track_graph = bool(track_graph)
+        self.loop = InnerLoop(
+            adapt_names=tuple(names),
+            lrs=resolve_lrs(inner_lr, names),
+            inner_steps=check_steps(inner_steps),
+            first_order=first_order,
+            track_graph=bool(track_graph),
+            inner_step_fn=inner_step_fn if inner_step_fn is not None else sgd_inner_step,
+            inner_reg_fn=inner_reg_fn,
+            grad_transforms=tuple(transforms),
+            checkpoint=bool(checkpoint),
+        )
         self.base_params: dict[str, torch.Tensor] = dict(start)
         self._params: dict[str, torch.Tensor] = dict(start)
         self._inner_state: dict[str, Any] = {}
         self.steps_taken = 0
+
+    # The inner-loop settings, read from the loop description.
+    adapt_names = property(lambda self: list(self.loop.adapt_names), doc="Names of the adapted parameters.")
+    lrs = property(lambda self: dict(self.loop.lrs), doc="Step size of each adapted parameter.")
+    inner_steps = property(lambda self: self.loop.inner_steps, doc="Default number of inner steps.")
+    first_order = property(lambda self: self.loop.first_order, doc="Whether support gradients are constants.")
+    track_graph = property(lambda self: self.loop.track_graph, doc="Whether fast weights keep a graph to the model.")
+    inner_step_fn = property(lambda self: self.loop.inner_step_fn, doc="The update rule.")
+    inner_reg_fn = property(lambda self: self.loop.inner_reg_fn, doc="The inner-loop regulariser, or None.")
+    grad_transforms = property(lambda self: list(self.loop.grad_transforms), doc="Inner gradient transforms.")
 
     @property
     def params(self) -> dict[str, torch.Tensor]:
@@ -149,7 +163,7 @@ class Learner:
         Raises:
             ValueError: ``loss`` is not a scalar connected to the fast weights.
         """
-        self._step(loss, None)
+        self._step(loss)
         return self
 
     def adapt_on(
@@ -195,56 +209,44 @@ class Learner:
             raise TypeError(f"support_closure must be callable, got {support_closure!r}")
         steps = self.inner_steps if steps is None else check_steps(steps, "steps")
 
-        def loss_at(params: dict[str, torch.Tensor]) -> torch.Tensor:
+        names = self.loop.adapt_names
+
+        def support_loss(params: dict[str, torch.Tensor]) -> torch.Tensor:
             return support_closure(self.forward_with(params))
 
         with torch.enable_grad():
-            for _ in range(steps):
-                self._step(support_closure(self), loss_at)
+            fast, self._inner_state = take_inner_steps(
+                self.loop,
+                self.base_params,
+                {n: self._params[n] for n in names},
+                self._inner_state,
+                support_loss,
+                steps,
+            )
+        self._set_fast(fast)
+        self.steps_taken += steps
         return self
 
-    def _step(
-        self,
-        loss: torch.Tensor,
-        loss_at: Callable[[dict[str, torch.Tensor]], torch.Tensor] | None,
-    ) -> None:
-        names = self.adapt_names
+    def _step(self, loss: torch.Tensor) -> None:
+        """One inner step on a support loss computed by the caller."""
+        names = self.loop.adapt_names
         if not names:  # nothing to adapt (all frozen / adapt=False): a no-op step, as in the vmap path
             self.steps_taken += 1
             return
-        if self.inner_reg_fn is not None:
-            loss = loss + self.inner_reg_fn(dict(self._params), dict(self.base_params))
-        check_support_loss(loss)
-        create_graph = self.track_graph and not self.first_order
-        raw = torch.autograd.grad(
-            loss, [self._params[n] for n in names], create_graph=create_graph, allow_unused=True
-        )
-        grads = {n: g for n, g in zip(names, raw) if g is not None}
-        current = {n: self._params[n] for n in grads}
-        if self.grad_transforms:
-            if loss_at is None:
-                raise ValueError(
-                    "grad_transforms need to re-evaluate the support loss: use adapt_on or "
-                    "adapt_closure instead of adapt(loss)"
-                )
-
-            def transform_loss(params: dict[str, torch.Tensor]) -> torch.Tensor:
-                total = loss_at(params)
-                if self.inner_reg_fn is not None:
-                    total = total + self.inner_reg_fn({**self._params, **params}, dict(self.base_params))
-                return total
-
-            for t in self.grad_transforms:
-                grads = dict(t.transform_inner_grads(current, grads, transform_loss))
-        if not create_graph:
-            grads = {n: g.detach() for n, g in grads.items()}
-        lrs = {n: self.lrs[n] for n in grads}
-        updated = self.inner_step_fn(current, grads, lrs, self._inner_state)
-        new = dict(self._params)
-        for n, value in updated.items():
-            new[n] = value if self.track_graph else value.detach().requires_grad_(True)
-        self._params = new
+        if self.loop.inner_reg_fn is not None:
+            loss = loss + self.loop.inner_reg_fn(dict(self._params), dict(self.base_params))
+        create_graph = self.loop.second_order and torch.is_grad_enabled()
+        fast = {n: self._params[n] for n in names}
+        grads = grads_of_loss(loss, fast, create_graph)
+        state = {k: (dict(v) if isinstance(v, dict) else v) for k, v in self._inner_state.items()}
+        self._set_fast(apply_inner_update(self.loop, fast, grads, state, create_graph, None))
+        self._inner_state = state
         self.steps_taken += 1
+
+    def _set_fast(self, fast: dict[str, torch.Tensor]) -> None:
+        if not self.loop.track_graph:
+            fast = {n: v.detach().requires_grad_(True) for n, v in fast.items()}
+        self._params = {**self._params, **fast}
 
     def __repr__(self) -> str:
         return (

@@ -16,16 +16,13 @@ adaptive variant. No query set is needed; the query losses of
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
 from torch import nn
 
-from samgria.data.task import Task
-from samgria.meta.base import LossFn, MetaOptimizer
-from samgria.meta.functional import check_steps
-from samgria.meta.learner import Learner
+from samgria.meta.base import MetaOptimizer
 
 __all__ = ["Reptile"]
 
@@ -52,7 +49,8 @@ class Reptile(MetaOptimizer):
         **outer_kwargs: Forwarded to the outer optimizer class.
     """
 
-    _track_graph = False
+    outer_update = "pseudo_gradient"
+    needs_query = False
 
     def __init__(
         self,
@@ -68,45 +66,15 @@ class Reptile(MetaOptimizer):
         super().__init__(model, outer, inner_lr=inner_lr, inner_steps=inner_steps, first_order=True, **outer_kwargs)
         self._records: list[tuple[dict[str, torch.Tensor], float]] = []
 
-    def _record(self, learner: Learner, weight: float) -> None:
-        params = learner.params
-        self._records.append(({n: params[n].detach() for n in learner.adapt_names}, weight))
+    def record_adaptation(self, adapted: Mapping[str, torch.Tensor], weight: float = 1.0) -> None:
+        """Keep one task's adapted weights (those of the adapted names) for :meth:`step`."""
+        names = self._adapt_config()[0]
+        self._records.append(({n: adapted[n].detach() for n in names if n in adapted}, weight))
 
     @property
     def num_recorded(self) -> int:
         """Number of tasks adapted since the last :meth:`step`."""
         return len(self._records)
-
-    def task_losses(
-        self,
-        tasks: Sequence[Task],
-        loss_fn: LossFn,
-        *,
-        steps: int | None = None,
-        vectorize: bool | None = None,
-        create_graph: bool | None = None,
-    ) -> torch.Tensor:
-        """Adapt to each task, record the adapted weights for :meth:`step`, return query losses.
-
-        Args:
-            tasks: The meta-batch (non-empty).
-            loss_fn: ``loss_fn(prediction, target) -> scalar``.
-            steps: Number of inner steps (default: ``inner_steps``).
-            vectorize: As in :meth:`MetaOptimizer.task_losses <samgria.meta.base.MetaOptimizer.task_losses>`.
-            create_graph: Ignored (Reptile's inner loop never builds a meta-graph).
-
-        Returns:
-            The detached post-adaptation query losses, shape ``(len(tasks),)`` (for monitoring).
-        """
-        tasks = self._check_tasks(tasks)
-        steps = self.inner_steps if steps is None else check_steps(steps, "steps")
-        losses, adapted = self._run_tasks(
-            tasks, loss_fn, steps, vectorize, first_order=True, track_graph=False, return_params=True
-        )
-        assert adapted is not None
-        for params in adapted:
-            self._records.append(({n: v.detach() for n, v in params.items()}, 1.0))
-        return losses.detach()
 
     @torch.no_grad()
     def _set_pseudo_grads(self) -> None:
@@ -151,7 +119,7 @@ class Reptile(MetaOptimizer):
         try:
             if closure is None:
                 self._set_pseudo_grads()
-                return self._driven_step()
+                return self._guarded_step(None)
             if not callable(closure):
                 raise TypeError(f"closure must be callable, got {closure!r}")
 
@@ -161,6 +129,6 @@ class Reptile(MetaOptimizer):
                 self._set_pseudo_grads()
                 return loss
 
-            return self._driven_step(reptile_closure)
+            return self._guarded_step(reptile_closure)
         finally:
             self._records.clear()

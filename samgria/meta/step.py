@@ -32,7 +32,6 @@ from samgria.meta.base import MetaOptimizer
 from samgria.meta.functional import check_steps
 from samgria.meta.inner_optim import InnerStepFn
 from samgria.meta.learner import InnerRegFn, Learner
-from samgria.meta.reptile import Reptile
 
 __all__ = ["MetaStep", "meta_step"]
 
@@ -135,7 +134,8 @@ class MetaStep:
         self.inner_reg_fn = inner_reg_fn
         self.grad_transforms = _check_transforms("grad_transforms", grad_transforms)
         self.loss: torch.Tensor | None = None
-        self._is_reptile = isinstance(meta, Reptile)
+        # What the algorithm declares: is its outer update formed from the adapted weights?
+        self._pseudo_gradient = meta.outer_update == "pseudo_gradient"
         self._active = False
         self._steps_in_block = 0
         self._reset()
@@ -211,7 +211,7 @@ class MetaStep:
         """
         _check_pair("support", support)
         if query is None:
-            if not self._is_reptile:
+            if self.meta.needs_query:
                 raise ValueError(
                     f"query is required for {type(self.meta).__name__} (the meta-loss is the query "
                     "loss); only Reptile can do without a query set"
@@ -227,7 +227,7 @@ class MetaStep:
         if not self._specs:
             self.meta.zero_grad()
         index = len(self._specs)
-        if self._is_reptile:
+        if self._pseudo_gradient:
             learner = self._adapt(spec, record=False)
             with torch.no_grad():
                 loss = self._task_loss(spec, learner, index).detach()
@@ -274,7 +274,7 @@ class MetaStep:
             def closure() -> torch.Tensor:
                 nonlocal calls
                 calls += 1
-                if self._is_reptile:
+                if self._pseudo_gradient:
                     return self._reptile_closure(first=calls == 1)
                 return self._maml_closure(first=calls == 1, total=total)
 
@@ -303,7 +303,7 @@ class MetaStep:
     def _reptile_closure(self, *, first: bool) -> torch.Tensor:
         if first:
             for learner, spec in zip(self._learners, self._specs):
-                self.meta._record(learner, spec.weight)  # the hook Reptile.adapt uses
+                self.meta.record_adaptation(learner.params, spec.weight)
             return self._weighted_loss(self.losses)
         losses = []
         for i, spec in enumerate(self._specs):

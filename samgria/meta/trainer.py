@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import sys
 import time
 import warnings
@@ -12,9 +11,12 @@ from typing import Any, TextIO
 
 import torch
 
+from samgria._checks import check_int
 from samgria.data.task import Task, TaskSampler
-from samgria.meta.base import MetaOptimizer
+from samgria.meta.base import MetaOptimizer, _one_steps_argument
 from samgria.meta.compiled import CompiledMetaLoss, compiled_path_blocker
+from samgria.meta.engine import InnerLoop, InnerRegFn, vmap_blocker
+from samgria.meta.inner_optim import InnerStepFn
 
 __all__ = ["History", "MetaTrainer"]
 
@@ -98,43 +100,63 @@ class MetaTrainer:
     r"""Drive a :class:`~samgria.meta.base.MetaOptimizer` over batches of sampled tasks.
 
     One meta-iteration samples ``meta_batch_size`` tasks and calls ``meta.step(closure)``
-    with a closure that zero-grads, computes the per-task post-adaptation query losses with
-    ``meta.task_losses`` (tasks of equal shape are adapted together with ``torch.func.vmap``,
-    with a per-task loop as fallback), back-propagates their mean
+    with a closure that zero-grads, adapts to every task with the meta-optimizer's inner loop
+    (:meth:`~samgria.meta.base.MetaOptimizer.inner_loop`), back-propagates the mean query loss
 
     .. math:: \mathcal{L}(\theta) = \frac{1}{B} \sum_{i=1}^{B}
               \ell\big(f_{\theta'_i}(x^{q}_i), y^{q}_i\big),
               \qquad \theta'_i = \text{inner loop on } (x^{s}_i, y^{s}_i),
 
     and returns it. The algorithm (MAML, FOMAML, Reptile, MetaSGD, ANIL) is whatever ``meta``
-    is; for Reptile the outer update is the pseudo-gradient the optimizer computes itself.
+    is; for Reptile the outer update is the pseudo-gradient the optimizer forms itself.
 
-    With ``compile=True`` the closure instead gets the meta-loss and its meta-gradient from a
-    :class:`~samgria.meta.compiled.CompiledMetaLoss` (``torch.compile`` of the vectorised inner
-    loop), writes the gradients into ``.grad`` and returns the loss; the closure recomputes them
-    at the current weights on every call, so an outer optimizer that re-evaluates it (SAM) gets
-    what it would get without compilation. The first meta-iteration pays the compilation.
-    Where the compiled path does not apply (Reptile, a subclass with its own inner loop, tasks of
-    unequal shapes, a second-order inner loop through BatchNorm, a compilation error), the
-    trainer uses the uncompiled path and warns once per reason.
+    Paths and memory. The closure runs one of three paths of the engine:
+
+    * ``"loop"``: task by task, each task back-propagated as soon as it is adapted, so only one
+      task's (second-order) graph is alive at a time -- memory independent of the meta-batch
+      size, and the only path that can checkpoint inner steps;
+    * ``"vmap"``: all tasks at once with :func:`torch.func.vmap` and one backward (every task's
+      graph alive together);
+    * ``"compiled"`` (``compile=True``): the vmap path compiled with ``torch.compile``.
+
+    With ``vectorize=None`` (default) the trainer measures: the first meta-iterations alternate
+    between the loop and vmap paths (two each) and the faster one is used from then on
+    (:attr:`path`). The two give the same meta-gradient up to rounding. Where vmap cannot apply
+    (unequal task shapes, a second-order loop through BatchNorm/LayerNorm, checkpointed steps)
+    the loop runs without measuring. ``vectorize=True``/``False`` fixes the path.
+
+    With ``compile=True`` the closure gets the meta-loss and its meta-gradient from a
+    :class:`~samgria.meta.compiled.CompiledMetaLoss`, recomputed at the current weights on every
+    call (an outer optimizer that re-evaluates it, such as SAM, gets what it would get without
+    compilation). Where the compiled path does not apply (Reptile, unequal shapes, a second-order
+    loop through BatchNorm, a compilation error) the trainer uses the uncompiled paths and warns
+    once per reason.
+
+    Non-finite meta-steps are skipped by the meta-optimizer (its ``non_finite`` policy);
+    :meth:`fit` stops with an error after ``max_skipped_steps`` consecutive skipped steps.
 
     Args:
         meta: The meta-optimizer holding the model's meta-parameters.
         loss_fn: ``loss_fn(prediction, target) -> scalar`` used for support and query losses
             (e.g. ``torch.nn.functional.mse_loss``).
         sampler: A :class:`~samgria.data.TaskSampler` (anything with ``sample(n)``).
-        vectorize: Forwarded to ``meta.task_losses``: ``None`` picks vmap when possible,
-            ``True`` requires it, ``False`` forces the per-task loop.
+        vectorize: ``None`` chooses the path by measurement, ``True`` requires vmap, ``False``
+            forces the per-task loop; for training and :meth:`evaluate` alike.
         compile: Compute meta-gradients with the compiled path (MAML, FOMAML, MetaSGD, ANIL).
         compile_options: Keyword arguments of :func:`torch.compile` (e.g. ``{"mode":
             "max-autotune"}``), only with ``compile=True``.
+        inner_step_fn: Inner update rule (default plain SGD), on every path.
+        inner_reg_fn: Inner-loop regulariser, on every path.
+        grad_transforms: Inner-loop gradient transforms (e.g. ``InnerSAM``), on every path.
+        max_skipped_steps: Consecutive skipped (non-finite) meta-steps after which :meth:`fit`
+            raises.
 
     Raises:
         TypeError: ``meta`` is not a ``MetaOptimizer``, ``loss_fn`` is not callable,
-            ``sampler`` has no ``sample`` method, or ``compile``/``compile_options`` has the
-            wrong type.
+            ``sampler`` has no ``sample`` method, or an argument has the wrong type.
         ValueError: ``compile=True`` with ``vectorize=False`` (the compiled path is the
-            vectorised one), or ``compile_options`` without ``compile=True``.
+            vectorised one), ``compile_options`` without ``compile=True``, or
+            ``max_skipped_steps < 1``.
     """
 
     def __init__(
@@ -146,6 +168,10 @@ class MetaTrainer:
         vectorize: bool | None = None,
         compile: bool = False,  # noqa: A002 - the name users expect (torch.compile)
         compile_options: Mapping[str, Any] | None = None,
+        inner_step_fn: InnerStepFn | None = None,
+        inner_reg_fn: InnerRegFn | None = None,
+        grad_transforms: Sequence[Any] | None = None,
+        max_skipped_steps: int = 10,
     ) -> None:
         if not isinstance(meta, MetaOptimizer):
             raise TypeError(f"meta must be a samgria MetaOptimizer, got {type(meta).__name__}")
@@ -169,6 +195,13 @@ class MetaTrainer:
                 raise TypeError(f"compile_options must be a dict, got {type(compile_options).__name__}")
             if not compile:
                 raise ValueError(f"compile_options need compile=True, got compile=False and {dict(compile_options)!r}")
+        self.max_skipped_steps = check_int("max_skipped_steps", max_skipped_steps, low=1)
+        self.inner_options: dict[str, Any] = {
+            "inner_step_fn": inner_step_fn,
+            "inner_reg_fn": inner_reg_fn,
+            "grad_transforms": grad_transforms,
+        }
+        meta.inner_loop(**self.inner_options)  # checks them now, before any work
         self.meta = meta
         self.loss_fn = loss_fn
         self.sampler = sampler
@@ -176,15 +209,36 @@ class MetaTrainer:
         self.compile = compile
         self.compile_options: dict[str, Any] = dict(compile_options or {})
         self._compiled: CompiledMetaLoss | None = None
-        self._compile_disabled = False  # set after a compilation error (warned once)
         self._fallback_reasons: set[str] = set()
+        self.path: str | None = None
 
     @property
     def compiled_loss(self) -> CompiledMetaLoss | None:
         """The :class:`~samgria.meta.compiled.CompiledMetaLoss` in use (built on the first
         compiled meta-iteration), or ``None`` without ``compile=True``, before that iteration
         or after a compilation error disabled the compiled path."""
-        return None if self._compile_disabled else self._compiled
+        return None if "compiled" in self.meta.path_policy.failed else self._compiled
+
+    def _candidates(self, loop: InnerLoop, tasks: list[Task], evaluation: bool) -> list[str]:
+        """The paths that can run ``loop`` on ``tasks``, in order of preference."""
+        vmap_ok = vmap_blocker(self.meta.model, loop, tasks) is None
+        if self.vectorize is True:
+            return ["vmap"]
+        if self.vectorize is False:
+            return ["loop"]
+        if self.compile and not evaluation:
+            reason = compiled_path_blocker(self.meta, tasks, loop)
+            if reason is None:
+                return ["compiled"]
+            if "compiled" not in self.meta.path_policy.failed:  # that failure was warned about
+                self._warn_fallback(reason)
+        return ["loop", "vmap"] if vmap_ok else ["loop"]
+
+    @staticmethod
+    def _key(loop: InnerLoop, tasks: list[Task], evaluation: bool) -> tuple[Any, ...]:
+        first = tasks[0]
+        shapes = tuple(tuple(getattr(first, f).shape) for f in ("support_x", "query_x"))
+        return (evaluation, len(tasks), shapes, loop.inner_steps, loop.second_order)
 
     def meta_step(self, tasks: Sequence[Task]) -> float:
         """Run one meta-update on ``tasks`` and return the mean query loss (before the update).
@@ -202,34 +256,34 @@ class MetaTrainer:
         if not tasks:
             raise ValueError("tasks must not be empty, got 0 tasks")
         meta = self.meta
-        compile_error: Exception | None = None
-        if self.compile and not self._compile_disabled:
-            reason = compiled_path_blocker(meta, tasks)
-            if reason is None:
-                compiled_loss, compile_error = self._compiled_meta_step(tasks)
-                if compile_error is None:
-                    return compiled_loss
-            else:
-                self._warn_fallback(reason)
+        tasks = meta._check_tasks(tasks)
+        loop = meta.inner_loop(**self.inner_options)
+        candidates = self._candidates(loop, tasks, evaluation=False)
+        policy = meta.path_policy
+        key = self._key(loop, tasks, evaluation=False)
+        path = policy.choose(key, candidates)
+        explicit = self.vectorize is True
+        weights = [1.0 / len(tasks)] * len(tasks) if meta.outer_update == "meta_gradient" else None
+
+        def run(which: str) -> torch.Tensor:
+            meta.zero_grad()
+            if which == "compiled":
+                return self._compiled_for().backward(tasks)
+            losses, _ = meta.run_tasks(tasks, self.loss_fn, loop, path=which, backward_weights=weights)
+            return losses.detach().mean()
 
         def closure() -> torch.Tensor:
-            meta.zero_grad()
-            losses = meta.task_losses(tasks, self.loss_fn, vectorize=self.vectorize)
-            loss = losses.mean()
-            if loss.requires_grad:
-                loss.backward()
+            loss, used = policy.timed(key, path, lambda: policy.run(path, "loop", run, explicit=explicit))
+            self.path = used
             return loss
 
         loss = meta.step(closure)
-        if compile_error is not None:
-            # Only now, when the uncompiled path worked, is the error the compiled path's own
-            # (and not, say, the user's loss_fn's): give it up for good.
-            self._compile_disabled = True
-            self._warn_fallback(
-                f"the compiled path failed ({type(compile_error).__name__}: {compile_error}); "
-                "it stays disabled for this trainer"
-            )
         return float(loss.detach()) if isinstance(loss, torch.Tensor) else float(loss)
+
+    def _compiled_for(self) -> CompiledMetaLoss:
+        if self._compiled is None:
+            self._compiled = CompiledMetaLoss(self.meta, self.loss_fn, **self.inner_options, **self.compile_options)
+        return self._compiled
 
     def _warn_fallback(self, reason: str) -> None:
         """Warn once per distinct reason that the uncompiled path is used."""
@@ -241,43 +295,16 @@ class MetaTrainer:
                 stacklevel=_caller_stacklevel(),
             )
 
-    def _compiled_meta_step(self, tasks: list[Task]) -> tuple[float, Exception | None]:
-        """One meta-update through the compiled path.
-
-        Returns ``(loss, None)``, or ``(nan, error)`` when the compiled computation raised: the
-        closure raised before any update (a re-evaluating outer optimizer such as SAM restores
-        its perturbation when the closure raises), so the caller can run the uncompiled path.
-        """
-        meta = self.meta
-        if self._compiled is None:
-            self._compiled = CompiledMetaLoss(meta, self.loss_fn, **self.compile_options)
-        compiled = self._compiled
-        failure: list[Exception] = []
-
-        def closure() -> torch.Tensor:
-            meta.zero_grad()
-            try:
-                return compiled.backward(tasks)
-            except Exception as exc:
-                failure.append(exc)
-                raise
-
-        try:
-            loss = meta.step(closure)
-        except Exception:
-            if not failure:
-                raise  # the outer optimizer's own error, not the compiled path's
-            return math.nan, failure[0]
-        return (float(loss.detach()) if isinstance(loss, torch.Tensor) else float(loss)), None
-
-    def evaluate(self, tasks: Sequence[Task], steps: int | None = None) -> float:
+    def evaluate(self, tasks: Sequence[Task], inner_steps: int | None = None, *, steps: int | None = None) -> float:
         """Mean post-adaptation query loss over ``tasks``; the model is left untouched.
 
-        No second-order graph is built (the inner loop runs first-order).
+        No second-order graph is built (the inner loop runs first-order). The path follows
+        ``vectorize`` as in training (measured when ``None``).
 
         Args:
             tasks: Held-out tasks.
-            steps: Inner steps (default: the meta-optimizer's ``inner_steps``).
+            inner_steps: Inner steps (default: the meta-optimizer's ``inner_steps``).
+            steps: Former name of ``inner_steps``.
 
         Returns:
             The mean query loss after adaptation, as a Python float.
@@ -288,7 +315,16 @@ class MetaTrainer:
         tasks = list(tasks)
         if not tasks:
             raise ValueError("tasks must not be empty, got 0 tasks")
-        return float(self.meta.evaluate(tasks, self.loss_fn, steps=steps))
+        meta = self.meta
+        tasks = meta._check_tasks(tasks)
+        inner_steps = _one_steps_argument(inner_steps, steps)
+        loop = meta.inner_loop(inner_steps, create_graph=False, track_graph=False)
+        candidates = self._candidates(loop, tasks, evaluation=True)
+        key = self._key(loop, tasks, evaluation=True)
+        path = meta.path_policy.choose(key, candidates)
+        return meta.path_policy.timed(
+            key, path, lambda: float(meta.evaluate(tasks, self.loss_fn, inner_steps, vectorize=path == "vmap"))
+        )
 
     def fit(
         self,
@@ -342,7 +378,7 @@ class MetaTrainer:
         show = progress is True or (progress is None and hasattr(stream, "isatty") and stream.isatty())
         bar = _ProgressBar(num_iterations, stream) if show else None
         history = History()
-        warned = False
+        consecutive_skips = 0
         try:
             for iteration in range(1, num_iterations + 1):
                 tasks = self.sampler.sample(meta_batch_size)
@@ -350,11 +386,20 @@ class MetaTrainer:
                     raise ValueError(
                         f"sampler.sample({meta_batch_size}) returned {len(tasks)} tasks"
                     )
+                skipped_before = self.meta.skipped_steps
                 loss = self.meta_step(tasks)
                 history.meta_loss.append(loss)
-                if not math.isfinite(loss) and not warned:
-                    warnings.warn(f"meta-loss is {loss} at iteration {iteration}", RuntimeWarning, stacklevel=2)
-                    warned = True
+                if self.meta.skipped_steps > skipped_before:
+                    consecutive_skips += 1
+                    if consecutive_skips >= self.max_skipped_steps:
+                        raise RuntimeError(
+                            f"MetaTrainer.fit: {consecutive_skips} consecutive meta-steps were skipped "
+                            f"because the meta-loss or meta-gradient was not finite (last meta-loss "
+                            f"{loss} at iteration {iteration}); lower the learning rates or check the "
+                            f"data (max_skipped_steps={self.max_skipped_steps})"
+                        )
+                else:
+                    consecutive_skips = 0
                 eval_loss = None
                 stop = callback is not None and callback(iteration, loss) is True
                 last = iteration == num_iterations or stop

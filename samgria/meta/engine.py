@@ -1,0 +1,531 @@
+"""The one inner-loop engine of the meta-learning half.
+
+Every meta-learner, every entry point (``Learner``, ``MetaOptimizer.adapt``,
+``task_losses``, ``evaluate``, the ``meta_step`` builder, ``MetaTrainer``,
+``CompiledMetaLoss``) describes its inner loop with one :class:`InnerLoop` and runs it here.
+
+An inner loop of :math:`k` steps on a support loss :math:`\\mathcal{L}^s` with an optional
+regulariser :math:`R` and gradient transforms :math:`T` (e.g. SAM) is
+
+.. math::
+
+    \\phi^{(0)} = \\theta, \\qquad
+    g^{(j)} = T\\big(\\nabla_\\phi [\\mathcal{L}^s(\\phi^{(j)}) + R(\\phi^{(j)}, \\theta)]\\big), \\qquad
+    \\phi^{(j+1)}, s^{(j+1)} = U(\\phi^{(j)}, g^{(j)}, \\alpha, s^{(j)}),
+
+where :math:`U` is the update rule (plain SGD :math:`\\phi - \\alpha \\odot g` by default,
+:func:`~samgria.meta.inner_optim.sgd_inner_step`) with state :math:`s`. Second order keeps the
+graph of :math:`g` (MAML); first order treats :math:`g` as a constant (FOMAML); without
+``track_graph`` the loop starts from detached weights (Reptile, evaluation).
+
+Three paths run the same loop over a meta-batch of tasks, chosen by one dispatcher
+(:func:`task_losses`, in the shape of ``torch.optim.sgd()`` choosing a for-loop or a
+multi-tensor implementation):
+
+* ``"loop"``: one task after the other, gradients by :func:`torch.autograd.grad`. The only
+  path that can back-propagate each task as soon as it is done (memory independent of the
+  meta-batch size) and checkpoint inner steps.
+* ``"vmap"``: all tasks at once with :func:`torch.func.vmap`, gradients by
+  :func:`torch.func.grad`. Needs tasks of equal shapes.
+* ``"compiled"``: the vmap path inside ``torch.compile(torch.func.grad_and_value(...))``
+  (:class:`~samgria.meta.compiled.CompiledMetaLoss`).
+
+The per-step code (:func:`run_inner_loop`) is shared by all three; only the source of the
+support gradient differs (:func:`autograd_support_grads` or :func:`functorch_support_grads`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+from torch.func import functional_call, vmap
+
+from samgria.data.task import Task
+from samgria.meta.inner_optim import InnerStepFn, sgd_inner_step
+
+__all__ = [
+    "InnerLoop",
+    "PATHS",
+    "autograd_support_grads",
+    "can_vectorize",
+    "functorch_support_grads",
+    "run_inner_loop",
+    "take_inner_steps",
+    "second_order_vmap_blocker",
+    "stack_tasks",
+    "task_losses",
+    "vmap_blocker",
+]
+
+Tensors = dict[str, torch.Tensor]
+LossOf = Callable[[Tensors], torch.Tensor]
+#: ``grad_source(loss_of, at, create_graph) -> {name: gradient}`` over the names of ``at``.
+GradSource = Callable[[LossOf, Tensors, bool], Tensors]
+InnerRegFn = Callable[[Tensors, Tensors], torch.Tensor]
+
+#: The paths of :func:`task_losses` and of the trainer.
+PATHS = ("loop", "vmap", "compiled")
+
+
+@dataclasses.dataclass(frozen=True)
+class InnerLoop:
+    """One description of an inner loop (what every path runs).
+
+    Attributes:
+        adapt_names: Names of the adapted parameters (ANIL: the head's).
+        lrs: Step size of each adapted name: a number, or a tensor (Meta-SGD's learned rates).
+        inner_steps: Number of inner steps.
+        first_order: Treat the support gradients as constants (FOMAML).
+        track_graph: Start from the meta-parameters themselves, so the adapted weights are
+            connected to them (``False``: detached copies; Reptile, evaluation).
+        inner_step_fn: The update rule (an :class:`~samgria.meta.inner_optim.InnerStepFn`).
+        inner_reg_fn: ``inner_reg_fn(current, base) -> scalar`` added to the support loss.
+        grad_transforms: Support-gradient transforms applied in order (e.g. ``InnerSAM``).
+        checkpoint: Recompute each second-order inner step in the backward pass instead of
+            storing its activations (:func:`torch.utils.checkpoint.checkpoint`); loop path only.
+    """
+
+    adapt_names: tuple[str, ...]
+    lrs: Mapping[str, float | torch.Tensor]
+    inner_steps: int
+    first_order: bool = False
+    track_graph: bool = True
+    inner_step_fn: InnerStepFn = sgd_inner_step
+    inner_reg_fn: InnerRegFn | None = None
+    grad_transforms: tuple[Any, ...] = ()
+    checkpoint: bool = False
+
+    @property
+    def second_order(self) -> bool:
+        """Whether the meta-gradient flows through the support gradients."""
+        return self.track_graph and not self.first_order
+
+    def replace(self, **changes: Any) -> InnerLoop:
+        """Return a copy with some fields changed."""
+        return dataclasses.replace(self, **changes)
+
+
+# ---------------------------------------------------------------------- support gradients
+def check_support_loss(loss: Any) -> torch.Tensor:
+    """Check that a support loss is a scalar tensor that can be differentiated."""
+    if not isinstance(loss, torch.Tensor):
+        raise TypeError(f"the support loss must be a scalar tensor, got {type(loss).__name__}")
+    if loss.dim() != 0:
+        raise ValueError(f"the support loss must be a scalar tensor, got shape {tuple(loss.shape)}")
+    if not loss.requires_grad:
+        raise ValueError(
+            "the support loss does not depend on any parameter that requires grad; compute it "
+            "from the fast weights (the callable or learner passed to the closure), with grad enabled"
+        )
+    return loss
+
+
+def grads_of_loss(loss: torch.Tensor, at: Tensors, create_graph: bool, allow_unused: bool = True) -> Tensors:
+    """Gradients of a computed support loss w.r.t. ``at``.
+
+    A weight the loss does not depend on gets no entry (the update leaves it as it is); with
+    ``allow_unused=False`` it raises instead.
+    """
+    check_support_loss(loss)
+    names = list(at)
+    raw = torch.autograd.grad(loss, [at[n] for n in names], create_graph=create_graph, allow_unused=allow_unused)
+    return {n: g for n, g in zip(names, raw) if g is not None}
+
+
+def autograd_support_grads(loss_of: LossOf, at: Tensors, create_graph: bool) -> Tensors:
+    """Support gradients with :func:`torch.autograd.grad` (the loop path).
+
+    First order evaluates the loss at detached copies of ``at``, so no graph to the
+    meta-parameters is built for it.
+    """
+    if not create_graph:
+        at = {n: v.detach().requires_grad_(True) for n, v in at.items()}
+    with torch.enable_grad():
+        return grads_of_loss(loss_of(at), at, create_graph)
+
+
+def functorch_support_grads(loss_of: LossOf, at: Tensors, create_graph: bool) -> Tensors:
+    """Support gradients with :func:`torch.func.grad` (the vmap and compiled paths)."""
+    if create_graph:
+        return torch.func.grad(loss_of)(at)
+    with torch.no_grad():  # torch.func.grad still differentiates; no graph to the outer level
+        return torch.func.grad(loss_of)(at)
+
+
+# ---------------------------------------------------------------------- one inner loop
+@contextlib.contextmanager
+def twice_differentiable_attention(enabled: bool) -> Iterator[None]:
+    """Run scaled-dot-product attention through its math backend when ``enabled``.
+
+    torch's fused CPU/GPU attention kernels (flash, memory-efficient) have backward passes that
+    cannot be differentiated again; second-order MAML through a transformer needs the math
+    backend, which is composed of ordinary differentiable operations.
+    """
+    if not enabled:
+        yield
+        return
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    with sdpa_kernel([SDPBackend.MATH]):
+        yield
+
+
+def _copy_state(state: dict[str, Any]) -> dict[str, Any]:
+    """A copy of an update rule's state two levels deep (rules replace, never mutate, tensors)."""
+    return {k: (dict(v) if isinstance(v, dict) else v) for k, v in state.items()}
+
+
+def apply_inner_update(
+    loop: InnerLoop,
+    fast: Tensors,
+    grads: Tensors,
+    state: dict[str, Any],
+    create_graph: bool,
+    grad_fn: Callable[[Tensors], Tensors] | None,
+) -> Tensors:
+    """Transform the support gradients and apply the update rule; return the new fast weights.
+
+    Args:
+        loop: The inner loop.
+        fast: Current adapted weights.
+        grads: Their support gradients.
+        state: The update rule's state (updated in place by the rule).
+        create_graph: Whether the gradients keep their graph (second order).
+        grad_fn: ``grad_fn(weights) -> gradients`` at other values of (some of) the adapted
+            weights, the rest kept at ``fast``, for the gradient transforms (``None`` when the support loss cannot be re-evaluated).
+    """
+    if loop.grad_transforms:
+        if grad_fn is None:
+            raise ValueError(
+                "grad_transforms need to re-evaluate the support loss: use adapt_on or "
+                "adapt_closure instead of adapt(loss)"
+            )
+        for transform in loop.grad_transforms:
+            grads = dict(transform.transform_inner_grads(fast, grads, grad_fn))
+    if not create_graph:
+        grads = {n: g.detach() for n, g in grads.items()}
+    current = {n: fast[n] for n in grads}
+    return {**fast, **loop.inner_step_fn(current, grads, {n: loop.lrs[n] for n in grads}, state)}
+
+
+def _one_step(
+    loop: InnerLoop,
+    loss_of: LossOf,
+    grad_source: GradSource,
+    create_graph: bool,
+    fast: Tensors,
+    state: dict[str, Any],
+) -> tuple[Tensors, dict[str, Any]]:
+    state = _copy_state(state)  # the input stays intact: a checkpoint recomputes from it
+    grads = grad_source(loss_of, fast, create_graph)
+
+    def grad_fn(weights: Mapping[str, torch.Tensor]) -> Tensors:
+        at_weights = grad_source(loss_of, {**fast, **weights}, create_graph)
+        return {n: at_weights[n] for n in weights if n in at_weights}
+
+    return apply_inner_update(loop, fast, grads, state, create_graph, grad_fn), state
+
+
+def run_inner_loop(
+    loop: InnerLoop,
+    params: Mapping[str, torch.Tensor],
+    support_loss: LossOf,
+    grad_source: GradSource = autograd_support_grads,
+) -> Tensors:
+    """Run ``loop`` from ``params`` and return every parameter, the adapted ones updated.
+
+    Args:
+        loop: The inner loop.
+        params: All parameters ``{name: tensor}`` (the starting point :math:`\\theta`).
+        support_loss: ``support_loss(all_params) -> scalar``.
+        grad_source: :func:`autograd_support_grads` (loop path) or
+            :func:`functorch_support_grads` (vmap/compiled paths).
+
+    Returns:
+        ``{name: tensor}`` of all parameters after ``loop.inner_steps`` steps.
+    """
+    if loop.track_graph:
+        base = dict(params)
+    else:
+        base = {n: p.detach() for n, p in params.items()}
+    fast = {n: base[n] for n in loop.adapt_names}
+    fast, _ = take_inner_steps(loop, base, fast, {}, support_loss, loop.inner_steps, grad_source)
+    return {**base, **fast}
+
+
+def take_inner_steps(
+    loop: InnerLoop,
+    base: Mapping[str, torch.Tensor],
+    fast: Tensors,
+    state: dict[str, Any],
+    support_loss: LossOf,
+    steps: int,
+    grad_source: GradSource = autograd_support_grads,
+) -> tuple[Tensors, dict[str, Any]]:
+    """Take ``steps`` inner steps from ``fast`` (with the update rule's ``state``).
+
+    Args:
+        loop: The inner loop (its ``inner_steps`` is not used here).
+        base: All parameters at the start of the adaptation (the regulariser's anchor; the
+            values of the parameters that are not adapted).
+        fast: Current adapted weights.
+        state: The update rule's state so far (not modified).
+        support_loss: ``support_loss(all_params) -> scalar``.
+        steps: Number of steps.
+        grad_source: See :func:`run_inner_loop`.
+
+    Returns:
+        ``(fast, state)`` after the steps.
+    """
+    if not fast or steps == 0:
+        return fast, state
+    create_graph = loop.second_order and torch.is_grad_enabled()
+    base = dict(base)
+
+    def loss_of(adapted: Tensors) -> torch.Tensor:
+        current = {**base, **adapted}
+        loss = support_loss(current)
+        if loop.inner_reg_fn is not None:
+            loss = loss + loop.inner_reg_fn(current, dict(base))
+        return loss
+
+    checkpointed = loop.checkpoint and create_graph
+    with twice_differentiable_attention(create_graph):
+        for _ in range(steps):
+            if checkpointed:
+                from torch.utils.checkpoint import checkpoint
+
+                fast, state = checkpoint(
+                    _one_step, loop, loss_of, grad_source, create_graph, fast, state,
+                    use_reentrant=False,
+                    context_fn=_attention_contexts,
+                )
+            else:
+                fast, state = _one_step(loop, loss_of, grad_source, create_graph, fast, state)
+    return fast, state
+
+
+def _attention_contexts() -> tuple[Any, Any]:
+    """The forward and the recomputation of a checkpointed step both use the math backend."""
+    return twice_differentiable_attention(True), twice_differentiable_attention(True)
+
+
+# ---------------------------------------------------------------------- one task
+def _task_loss(
+    model: nn.Module,
+    loop: InnerLoop,
+    loss_fn: Callable[[Any, Any], torch.Tensor],
+    grad_source: GradSource,
+    params: Tensors,
+    buffers: Tensors,
+    support_x: Any,
+    support_y: Any,
+    query_x: Any,
+    query_y: Any,
+) -> tuple[torch.Tensor, Tensors]:
+    """Adapt on the support set and return (query loss, adapted weights) of one task."""
+
+    def forward(weights: Tensors, x: Any) -> Any:
+        # A fresh copy of the buffers per forward (the BatchNorm policy of functional.py).
+        return functional_call(model, (weights, {n: b.clone() for n, b in buffers.items()}), (x,))
+
+    adapted = run_inner_loop(loop, params, lambda w: loss_fn(forward(w, support_x), support_y), grad_source)
+    with torch.set_grad_enabled(loop.track_graph and torch.is_grad_enabled()):
+        loss = loss_fn(forward(adapted, query_x), query_y)
+    return loss, {n: adapted[n] for n in loop.adapt_names}
+
+
+def _check_task_loss(loss: Any, index: int) -> None:
+    if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
+        shape = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
+        raise ValueError(f"loss_fn must return a scalar per task, got {shape} for tasks[{index}]")
+
+
+def _loop_task_losses(
+    model: nn.Module,
+    loop: InnerLoop,
+    params: Tensors,
+    tasks: Sequence[Task],
+    loss_fn: Callable[[Any, Any], torch.Tensor],
+    backward_weights: Sequence[float] | None,
+) -> tuple[torch.Tensor, list[Tensors]]:
+    buffers = {n: b.detach() for n, b in model.named_buffers()}
+    losses, adapted = [], []
+    for i, task in enumerate(tasks):
+        loss, fast = _task_loss(
+            model, loop, loss_fn, autograd_support_grads, params, buffers,
+            task.support_x, task.support_y, task.query_x, task.query_y,
+        )
+        _check_task_loss(loss, i)
+        if backward_weights is not None:
+            if loss.requires_grad and backward_weights[i] != 0:
+                (loss * backward_weights[i]).backward()
+            loss = loss.detach()  # this task's graph is freed before the next task
+        losses.append(loss)
+        adapted.append(fast)
+    return torch.stack(losses), adapted
+
+
+def _vmap_task_losses(
+    model: nn.Module,
+    loop: InnerLoop,
+    params: Tensors,
+    tasks: Sequence[Task],
+    loss_fn: Callable[[Any, Any], torch.Tensor],
+    backward_weights: Sequence[float] | None,
+) -> tuple[torch.Tensor, list[Tensors]]:
+    losses, fast = vmapped_task_losses(model, loop, params, *stack_tasks(tasks), loss_fn)
+    if backward_weights is not None:
+        if losses.requires_grad:
+            weights = torch.as_tensor(list(backward_weights), dtype=losses.dtype, device=losses.device)
+            (losses * weights).sum().backward()
+        losses = losses.detach()
+    return losses, [{n: v[i] for n, v in fast.items()} for i in range(len(tasks))]
+
+
+def vmapped_task_losses(
+    model: nn.Module,
+    loop: InnerLoop,
+    params: Tensors,
+    support_x: torch.Tensor,
+    support_y: torch.Tensor,
+    query_x: torch.Tensor,
+    query_y: torch.Tensor,
+    loss_fn: Callable[[Any, Any], torch.Tensor],
+) -> tuple[torch.Tensor, Tensors]:
+    """The vmap path on stacked task tensors (leading axis: task); a pure function.
+
+    Returns:
+        ``(losses, adapted)``: shape ``(T,)`` query losses and the adapted weights, each with a
+        leading task axis.
+    """
+    n_tasks = support_x.shape[0]
+    buffers = {n: b.detach().unsqueeze(0).expand(n_tasks, *b.shape).clone() for n, b in model.named_buffers()}
+
+    def one_task(p: Tensors, bufs: Tensors, sx: Any, sy: Any, qx: Any, qy: Any) -> tuple[torch.Tensor, Tensors]:
+        return _task_loss(model, loop, loss_fn, functorch_support_grads, p, bufs, sx, sy, qx, qy)
+
+    losses, fast = vmap(one_task, in_dims=(None, 0, 0, 0, 0, 0), randomness="different")(
+        dict(params), buffers, support_x, support_y, query_x, query_y
+    )
+    if not isinstance(losses, torch.Tensor) or tuple(losses.shape) != (n_tasks,):
+        shape = tuple(losses.shape[1:]) if isinstance(losses, torch.Tensor) else type(losses).__name__
+        raise ValueError(f"loss_fn must return a scalar per task, got shape {shape}")
+    return losses, fast
+
+
+_IMPLEMENTATIONS = {"loop": _loop_task_losses, "vmap": _vmap_task_losses}
+
+
+def task_losses(
+    model: nn.Module,
+    loop: InnerLoop,
+    params: Mapping[str, torch.Tensor],
+    tasks: Sequence[Task],
+    loss_fn: Callable[[Any, Any], torch.Tensor],
+    *,
+    path: str = "loop",
+    backward_weights: Sequence[float] | None = None,
+) -> tuple[torch.Tensor, list[Tensors]]:
+    """Adapt to every task and return the query losses and adapted weights: the dispatcher.
+
+    Args:
+        model: The module (run with :func:`torch.func.functional_call`).
+        loop: The inner loop.
+        params: All parameters ``{name: tensor}``.
+        tasks: The meta-batch.
+        loss_fn: ``loss_fn(prediction, target) -> scalar``.
+        path: ``"loop"`` or ``"vmap"`` (the compiled path computes gradients, see
+            :class:`~samgria.meta.compiled.CompiledMetaLoss`).
+        backward_weights: Back-propagate ``sum_i w_i * loss_i`` here (per task on the loop path,
+            so only one task's graph is alive at a time) and return detached losses.
+
+    Returns:
+        ``(losses, adapted)``: shape ``(len(tasks),)`` and one ``{name: tensor}`` per task.
+    """
+    if path not in _IMPLEMENTATIONS:
+        raise ValueError(f"path must be one of {sorted(_IMPLEMENTATIONS)}, got {path!r}")
+    blocker = None if path == "loop" else vmap_blocker(model, loop, tasks)
+    if blocker is not None:
+        raise ValueError(f"the {path} path cannot be used: {blocker}")
+    return _IMPLEMENTATIONS[path](model, loop, dict(params), tasks, loss_fn, backward_weights)
+
+
+# ---------------------------------------------------------------------- what vmap can do
+def second_order_vmap_blocker(model: nn.Module) -> str | None:
+    """Name a submodule whose second-order gradient torch's ``vmap`` gets wrong, or ``None``.
+
+    These are BatchNorm/InstanceNorm layers normalising with batch statistics (train mode or
+    ``track_running_stats=False``) and LayerNorm layers: the batching rules of their double
+    backward give wrong values (pytorch/functorch#534; checked against a loop and finite
+    differences with torch 2.13).
+
+    Args:
+        model: The module to inspect (its current train/eval mode counts).
+
+    Returns:
+        ``"name (TypeName)"`` of the first such submodule, or ``None``.
+    """
+    norm_types = (nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm)
+    for name, module in model.named_modules():
+        if isinstance(module, norm_types):
+            if module.training or not module.track_running_stats:
+                return f"{name or '<model>'} ({type(module).__name__})"
+        elif isinstance(module, nn.LayerNorm):
+            return f"{name or '<model>'} ({type(module).__name__})"
+    return None
+
+
+def _signature(t: torch.Tensor) -> tuple[Any, ...]:
+    return (tuple(t.shape), t.dtype, t.device)
+
+
+def can_vectorize(tasks: Sequence[Task]) -> bool:
+    """Return ``True`` when every task's four tensors have the same shapes, dtypes and devices."""
+    if not tasks:
+        return False
+    fields = ("support_x", "support_y", "query_x", "query_y")
+    first = tasks[0]
+    if not all(isinstance(getattr(first, f, None), torch.Tensor) for f in fields):
+        return False
+    ref = [_signature(getattr(first, f)) for f in fields]
+    for task in tasks[1:]:
+        for f, r in zip(fields, ref):
+            value = getattr(task, f, None)
+            if not isinstance(value, torch.Tensor) or _signature(value) != r:
+                return False
+    return True
+
+
+def stack_tasks(tasks: Sequence[Task]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Stack equal-shape tasks into ``(support_x, support_y, query_x, query_y)`` with a task axis."""
+    return (
+        torch.stack([t.support_x for t in tasks]),
+        torch.stack([t.support_y for t in tasks]),
+        torch.stack([t.query_x for t in tasks]),
+        torch.stack([t.query_y for t in tasks]),
+    )
+
+
+def vmap_blocker(model: nn.Module, loop: InnerLoop, tasks: Sequence[Task] | None = None) -> str | None:
+    """Say why the vmap (and compiled) path cannot run ``loop`` on ``tasks``, or ``None``."""
+    if loop.checkpoint and loop.second_order:
+        return (
+            "checkpointed inner steps need the loop path (torch.func transforms do not support "
+            "the saved-tensor hooks of torch.utils.checkpoint)"
+        )
+    if loop.second_order:
+        blocker = second_order_vmap_blocker(model)
+        if blocker is not None:
+            return (
+                f"second-order gradients through {blocker} are wrong under torch.func.vmap "
+                "(pytorch/functorch#534)"
+            )
+    if tasks is not None and not can_vectorize(list(tasks)):
+        return "the tasks do not all have equal shapes, dtypes and devices"
+    return None
