@@ -107,10 +107,10 @@ def test_too_many_ways():
 @pytest.mark.parametrize(
     ("kwargs", "error", "match"),
     [
-        ({"n_way": 0}, ValueError, r"n_way must be >= 1, got 0"),
-        ({"k_shot": 0}, ValueError, r"k_shot must be >= 1, got 0"),
-        ({"k_query": -1}, ValueError, r"k_query must be >= 0, got -1"),
-        ({"n_way": 2.0}, TypeError, r"n_way must be an int, got 2.0"),
+        ({"n_way": 0}, ValueError, r"n_way must be an integer >= 1, got 0"),
+        ({"k_shot": 0}, ValueError, r"k_shot must be an integer >= 1, got 0"),
+        ({"k_query": -1}, ValueError, r"k_query must be an integer >= 0, got -1"),
+        ({"n_way": 2.0}, TypeError, r"n_way must be an integer >= 1, got 2\.0"),
         ({"classes": [0, 99]}, ValueError, r"classes contains labels that do not occur in labels: \[99\]"),
         ({"seed": 0, "generator": torch.Generator()}, ValueError, r"either generator or seed"),
     ],
@@ -135,7 +135,7 @@ def test_bad_data():
     with pytest.raises(ValueError, match=r"same number of examples, got inputs of shape \(47, 3\) and labels of shape \(48,\)"):
         FewShotSampler(inputs[:-1], labels, 2, 1, 1)
     sampler = FewShotSampler(inputs, labels, 2, 1, 1)
-    with pytest.raises(ValueError, match=r"n must be >= 0, got -1"):
+    with pytest.raises(ValueError, match=r"n must be an integer >= 0, got -1"):
         sampler.sample(-1)
 
 
@@ -164,3 +164,80 @@ def test_tasks_drive_a_meta_learner_with_cross_entropy():
     before = trainer.evaluate(tasks)
     trainer.fit(10, 4, progress=False)
     assert trainer.evaluate(tasks) < before
+
+
+# ------------------------------------------------------------------ NumPy integers
+np = pytest.importorskip("numpy")
+
+
+@pytest.mark.parametrize("integer", [np.int64, np.int32, np.uint16])
+def test_numpy_integers_are_accepted_wherever_an_int_is_and_give_the_same_tasks(integer):
+    inputs, labels = make_data()
+    reference = FewShotSampler(inputs, labels, n_way=3, k_shot=2, k_query=1, seed=5)
+    sampler = FewShotSampler(
+        inputs, labels, n_way=integer(3), k_shot=integer(2), k_query=integer(1), seed=integer(5)
+    )
+    assert (type(sampler.n_way), type(sampler.k_shot), type(sampler.k_query)) == (int, int, int)
+    assert repr(sampler) == repr(reference)
+    tasks, classes = sampler.sample_with_classes(integer(4))
+    expected, expected_classes = reference.sample_with_classes(4)
+    assert len(tasks) == 4 and classes.shape == (4, 3)
+    assert torch.equal(classes, expected_classes)
+    for task, ref in zip(tasks, expected):
+        for field in ("support_x", "support_y", "query_x", "query_y"):
+            assert torch.equal(getattr(task, field), getattr(ref, field))
+    assert len(sampler.sample(integer(2))) == 2
+    assert sampler.sample(integer(0)) == []
+    empty_tasks, empty_classes = sampler.sample_with_classes(integer(0))
+    assert empty_tasks == [] and empty_classes.shape == (0, 3)
+
+
+def test_numpy_classes_array_and_zero_query_points():
+    inputs, labels = make_data()
+    sampler = FewShotSampler(
+        inputs, labels, n_way=np.int64(2), k_shot=np.int64(1), k_query=np.int64(0),
+        classes=np.array([1, 3, 4], dtype=np.int64), seed=np.int64(0),
+    )
+    assert sampler.classes.tolist() == [1, 3, 4]
+    task = sampler.sample(np.int64(1))[0]
+    assert task.support_x.shape == (2, 3) and task.query_x.shape == (0, 3)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"n_way": np.int64(0)}, ValueError, r"n_way must be an integer >= 1, got (np\.int64\()?0"),
+        ({"k_shot": np.int32(0)}, ValueError, r"k_shot must be an integer >= 1, got (np\.int32\()?0"),
+        ({"k_query": np.int64(-1)}, ValueError, r"k_query must be an integer >= 0, got (np\.int64\()?-1"),
+        ({"n_way": np.float64(2.0)}, TypeError, r"n_way must be an integer >= 1, got (np\.float64\()?2\.0"),
+        ({"n_way": True}, TypeError, r"n_way must be an integer >= 1, got True"),
+        ({"k_shot": np.bool_(True)}, TypeError, r"k_shot must be an integer >= 1, got (np\.)?True"),
+        ({"k_query": 1.0}, TypeError, r"k_query must be an integer >= 0, got 1\.0"),
+        ({"seed": np.float64(0.0)}, TypeError, r"seed must be an integer, got (np\.float64\()?0\.0"),
+        ({"seed": False}, TypeError, r"seed must be an integer, got False"),
+        ({"n_way": np.int64(7)}, ValueError, r"n_way must be <= the number of usable classes \(6\), got 7"),
+    ],
+)
+def test_numpy_bools_floats_and_out_of_range_integers_are_rejected(kwargs, error, match):
+    inputs, labels = make_data()
+    args = {"n_way": 2, "k_shot": 1, "k_query": 1, **kwargs}
+    with pytest.raises(error, match=match):
+        FewShotSampler(inputs, labels, **args)
+
+
+@pytest.mark.parametrize(
+    ("n", "error", "match"),
+    [
+        (np.int64(-1), ValueError, r"n must be an integer >= 0, got (np\.int64\()?-1"),
+        (np.float32(1.0), TypeError, r"n must be an integer >= 0, got (np\.float32\()?1\.0"),
+        (np.bool_(True), TypeError, r"n must be an integer >= 0, got (np\.)?True"),
+        (False, TypeError, r"n must be an integer >= 0, got False"),
+    ],
+)
+def test_bad_numpy_task_counts_are_rejected(n, error, match):
+    inputs, labels = make_data()
+    sampler = FewShotSampler(inputs, labels, 2, 1, 1, seed=0)
+    with pytest.raises(error, match=match):
+        sampler.sample(n)
+    with pytest.raises(error, match=match):
+        sampler.sample_with_classes(n)

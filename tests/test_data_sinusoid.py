@@ -92,17 +92,17 @@ def test_zero_tasks_and_zero_query_points():
 @pytest.mark.parametrize(
     ("kwargs", "error", "match"),
     [
-        ({"k_support": 0}, ValueError, r"k_support must be >= 1, got 0"),
-        ({"k_support": 2.5}, TypeError, r"k_support must be an int, got 2.5"),
-        ({"k_support": True}, TypeError, r"k_support must be an int, got True"),
-        ({"k_query": -1}, ValueError, r"k_query must be >= 0, got -1"),
+        ({"k_support": 0}, ValueError, r"k_support must be an integer >= 1, got 0"),
+        ({"k_support": 2.5}, TypeError, r"k_support must be an integer >= 1, got 2\.5"),
+        ({"k_support": True}, TypeError, r"k_support must be an integer >= 1, got True"),
+        ({"k_query": -1}, ValueError, r"k_query must be an integer >= 0, got -1"),
         ({"amp_range": (5.0, 1.0)}, ValueError, r"amp_range must satisfy low <= high, got \(5.0, 1.0\)"),
         ({"phase_range": (0.0, float("inf"))}, ValueError, r"phase_range must be finite"),
         ({"x_range": 3.0}, TypeError, r"x_range must be a \(low, high\) pair of numbers, got 3.0"),
         ({"x_range": (1.0, 2.0, 3.0)}, TypeError, r"x_range must be a \(low, high\) pair"),
         ({"seed": 1, "generator": torch.Generator()}, ValueError, r"either generator or seed"),
         ({"generator": 3}, TypeError, r"generator must be a torch.Generator, got int"),
-        ({"seed": "a"}, TypeError, r"seed must be an int, got 'a'"),
+        ({"seed": "a"}, TypeError, r"seed must be an integer, got 'a'"),
         ({"dtype": torch.int64}, TypeError, r"dtype must be a floating torch.dtype, got torch.int64"),
     ],
 )
@@ -113,11 +113,76 @@ def test_bad_arguments_are_rejected_with_named_message(kwargs, error, match):
 
 def test_bad_task_count_is_rejected():
     sampler = SinusoidTaskSampler(seed=0)
-    with pytest.raises(ValueError, match=r"n must be >= 0, got -2"):
+    with pytest.raises(ValueError, match=r"n must be an integer >= 0, got -2"):
         sampler.sample(-2)
-    with pytest.raises(TypeError, match=r"n must be an int, got 2.0"):
+    with pytest.raises(TypeError, match=r"n must be an integer >= 0, got 2\.0"):
         sampler.sample(2.0)
 
 
 def test_repr_names_configuration():
     assert "k_support=10" in repr(SinusoidTaskSampler(seed=0))
+
+
+# ------------------------------------------------------------------ NumPy integers
+np = pytest.importorskip("numpy")
+
+
+@pytest.mark.parametrize("integer", [np.int64, np.int32, np.uint8, np.intp])
+def test_numpy_integers_are_accepted_wherever_an_int_is_and_give_the_same_tasks(integer):
+    reference = SinusoidTaskSampler(k_support=5, k_query=3, seed=7, dtype=torch.float64)
+    sampler = SinusoidTaskSampler(k_support=integer(5), k_query=integer(3), seed=integer(7), dtype=torch.float64)
+    assert type(sampler.k_support) is int and type(sampler.k_query) is int
+    assert sampler.k_support == 5 and sampler.k_query == 3
+    assert repr(sampler) == repr(reference)
+    tasks, amplitudes, phases = sampler.sample_with_params(integer(4))
+    expected, expected_amplitudes, expected_phases = reference.sample_with_params(4)
+    assert len(tasks) == 4
+    assert torch.equal(amplitudes, expected_amplitudes) and torch.equal(phases, expected_phases)
+    for task, ref in zip(tasks, expected):
+        for field in ("support_x", "support_y", "query_x", "query_y"):
+            assert torch.equal(getattr(task, field), getattr(ref, field))
+    assert len(sampler.sample(integer(2))) == 2
+    assert sampler.sample(integer(0)) == []
+
+
+def test_numpy_zero_query_points_and_large_unsigned_seed():
+    task = SinusoidTaskSampler(k_query=np.int64(0), seed=np.uint64(2**64 - 1)).sample(np.int64(1))[0]
+    assert task.query_x.shape == (0, 1)
+    reference = SinusoidTaskSampler(k_query=0, seed=2**64 - 1).sample(1)[0]
+    assert torch.equal(task.support_x, reference.support_x)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"k_support": np.int64(0)}, ValueError, r"k_support must be an integer >= 1, got np\.int64\(0\)|k_support must be an integer >= 1, got 0"),
+        ({"k_query": np.int64(-1)}, ValueError, r"k_query must be an integer >= 0, got (np\.int64\()?-1"),
+        ({"k_support": np.float64(5.0)}, TypeError, r"k_support must be an integer >= 1, got (np\.float64\()?5\.0"),
+        ({"k_support": np.bool_(True)}, TypeError, r"k_support must be an integer >= 1, got (np\.)?True"),
+        ({"k_query": False}, TypeError, r"k_query must be an integer >= 0, got False"),
+        ({"seed": np.float32(1.0)}, TypeError, r"seed must be an integer, got (np\.float32\()?1\.0"),
+        ({"seed": True}, TypeError, r"seed must be an integer, got True"),
+        ({"seed": 1.0}, TypeError, r"seed must be an integer, got 1\.0"),
+    ],
+)
+def test_numpy_bools_floats_and_out_of_range_integers_are_rejected(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        SinusoidTaskSampler(**kwargs)
+
+
+@pytest.mark.parametrize(
+    ("n", "error", "match"),
+    [
+        (np.int64(-2), ValueError, r"n must be an integer >= 0, got (np\.int64\()?-2"),
+        (np.float64(2.0), TypeError, r"n must be an integer >= 0, got (np\.float64\()?2\.0"),
+        (True, TypeError, r"n must be an integer >= 0, got True"),
+        (np.bool_(False), TypeError, r"n must be an integer >= 0, got (np\.)?False"),
+        ("2", TypeError, r"n must be an integer >= 0, got '2'"),
+    ],
+)
+def test_bad_numpy_task_counts_are_rejected(n, error, match):
+    sampler = SinusoidTaskSampler(seed=0)
+    with pytest.raises(error, match=match):
+        sampler.sample(n)
+    with pytest.raises(error, match=match):
+        sampler.sample_with_params(n)

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from samgria.meta.anil import ANIL, head_names
 from samgria.meta.base import MetaOptimizer
+from samgria.meta.engine import InnerLoop
 from samgria.meta.functional import (
     adapt,
+    adapt_params,
     functional_forward,
     inner_step,
     named_buffers,
@@ -23,6 +25,7 @@ from samgria.meta.inner_optim import (
 )
 from samgria.meta.learner import Learner
 from samgria.meta.maml import FOMAML, MAML
+from samgria.meta.paths import PathPolicy
 from samgria.meta.metasgd import MetaSGD
 from samgria.meta.reptile import Reptile
 from samgria.meta.step import MetaStep, meta_step
@@ -41,6 +44,7 @@ __all__ = [
     "FOMAML",
     "History",
     "InnerGradTransform",
+    "InnerLoop",
     "InnerSAM",
     "InnerStepFn",
     "Learner",
@@ -50,9 +54,11 @@ __all__ = [
     "MetaStep",
     "MetaTrainer",
     "MomentumInnerStep",
+    "PathPolicy",
     "Reptile",
     "adam_inner_step",
     "adapt",
+    "adapt_params",
     "batched_task_losses",
     "can_vectorize",
     "functional_forward",

@@ -40,7 +40,7 @@ from samgria._wrapper import WrappingOptimizer
 from samgria.data.task import Task
 from samgria.meta import engine
 from samgria.meta.engine import InnerLoop, InnerRegFn, vmap_blocker
-from samgria.meta.functional import check_lr, check_steps
+from samgria.meta.functional import check_lr, check_steps, one_steps_argument
 from samgria.meta.inner_optim import InnerStepFn, sgd_inner_step
 from samgria.meta.learner import Learner
 from samgria.meta.paths import PathPolicy, _stacklevel_outside
@@ -48,15 +48,6 @@ from samgria.meta.paths import PathPolicy, _stacklevel_outside
 __all__ = ["MetaOptimizer"]
 
 LossFn = Callable[[Any, Any], torch.Tensor]
-
-def _one_steps_argument(inner_steps: Any, steps: Any) -> Any:
-    """Merge ``inner_steps`` with its former name ``steps`` (at most one may be given)."""
-    if steps is None:
-        return inner_steps
-    if inner_steps is not None:
-        raise TypeError(f"give inner_steps or its former name steps, not both; got inner_steps={inner_steps!r}, steps={steps!r}")
-    return steps
-
 
 def _check_weight(weight: Any, name: str = "weight") -> float:
     return check_real(name, weight, low=0.0)
@@ -455,7 +446,7 @@ class MetaOptimizer(WrappingOptimizer):
         """
         if not callable(support_closure):
             raise TypeError(f"support_closure must be callable, got {support_closure!r}")
-        inner_steps = _one_steps_argument(inner_steps, steps)
+        inner_steps = one_steps_argument(inner_steps, steps)
         inner_steps = self.inner_steps if inner_steps is None else check_steps(inner_steps, "inner_steps")
         weight = _check_weight(weight)
         learner = self.clone(inner_step_fn=inner_step_fn, inner_reg_fn=inner_reg_fn, grad_transforms=grad_transforms)
@@ -588,7 +579,7 @@ class MetaOptimizer(WrappingOptimizer):
         if vectorize is not None and not isinstance(vectorize, bool):
             raise TypeError(f"vectorize must be None or a bool, got {vectorize!r}")
         loop = self.inner_loop(
-            _one_steps_argument(inner_steps, steps),
+            one_steps_argument(inner_steps, steps),
             inner_step_fn=inner_step_fn,
             inner_reg_fn=inner_reg_fn,
             grad_transforms=grad_transforms,
@@ -625,7 +616,7 @@ class MetaOptimizer(WrappingOptimizer):
         """
         if vectorize is not None and not isinstance(vectorize, bool):
             raise TypeError(f"vectorize must be None or a bool, got {vectorize!r}")
-        loop = self.inner_loop(_one_steps_argument(inner_steps, steps), create_graph=False, track_graph=False)
+        loop = self.inner_loop(one_steps_argument(inner_steps, steps), create_graph=False, track_graph=False)
         tasks = self._check_tasks(tasks)
         path = None if vectorize is None else ("vmap" if vectorize else "loop")
         if path == "vmap":

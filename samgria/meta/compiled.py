@@ -44,7 +44,8 @@ from typing import Any
 import torch
 
 from samgria.data.task import Task
-from samgria.meta.base import MetaOptimizer, _one_steps_argument
+from samgria.meta.base import MetaOptimizer
+from samgria.meta.functional import one_steps_argument
 from samgria.meta.functional import check_steps
 from samgria.meta.engine import InnerLoop, InnerRegFn, stack_tasks, vmap_blocker, vmapped_task_losses
 from samgria.meta.inner_optim import InnerStepFn
@@ -159,7 +160,7 @@ class CompiledMetaLoss:
     ) -> None:
         if not isinstance(meta, MetaOptimizer):
             raise TypeError(f"meta must be a samgria MetaOptimizer, got {type(meta).__name__}")
-        inner_steps = _one_steps_argument(inner_steps, steps)
+        inner_steps = one_steps_argument(inner_steps, steps)
         self.inner_options: dict[str, Any] = {
             "inner_step_fn": inner_step_fn,
             "inner_reg_fn": inner_reg_fn,

@@ -310,9 +310,21 @@ def take_inner_steps(
     return fast, state
 
 
+class _MathAttention:
+    """A re-enterable :func:`twice_differentiable_attention` (a checkpoint may recompute a step
+    more than once, e.g. in a double backward)."""
+
+    def __enter__(self) -> None:
+        self._context = twice_differentiable_attention(True)
+        self._context.__enter__()
+
+    def __exit__(self, *exc_info: Any) -> Any:
+        return self._context.__exit__(*exc_info)
+
+
 def _attention_contexts() -> tuple[Any, Any]:
     """The forward and the recomputation of a checkpointed step both use the math backend."""
-    return twice_differentiable_attention(True), twice_differentiable_attention(True)
+    return _MathAttention(), _MathAttention()
 
 
 # ---------------------------------------------------------------------- one task

@@ -49,6 +49,7 @@ from torch.func import functional_call
 __all__ = [
     "LearningRate",
     "adapt",
+    "adapt_params",
     "functional_forward",
     "inner_step",
     "named_buffers",
@@ -135,19 +136,30 @@ def check_steps(steps: Any, name: str = "inner_steps") -> int:
     return check_int(name, steps, low=0)
 
 
-def resolve_lrs(lr: LearningRate, names: Iterable[str]) -> dict[str, float | torch.Tensor]:
-    """Expand a step size into a ``{name: lr}`` mapping over ``names``."""
+def one_steps_argument(inner_steps: Any, steps: Any) -> Any:
+    """Merge ``inner_steps`` with its former name ``steps`` (at most one may be given)."""
+    if steps is None:
+        return inner_steps
+    if inner_steps is not None:
+        raise TypeError(
+            f"give inner_steps or its former name steps, not both; got inner_steps={inner_steps!r}, steps={steps!r}"
+        )
+    return steps
+
+
+def resolve_lrs(lr: LearningRate, names: Iterable[str], arg: str = "lr") -> dict[str, float | torch.Tensor]:
+    """Expand a step size (the argument called ``arg``) into a ``{name: lr}`` mapping over ``names``."""
     names = list(names)
     if isinstance(lr, Mapping):
         missing = [n for n in names if n not in lr]
         if missing:
-            raise KeyError(f"lr has no entry for the adapted parameters {missing}")
+            raise KeyError(f"{arg} has no entry for the adapted parameters {missing}")
         out: dict[str, float | torch.Tensor] = {}
         for n in names:
             value = lr[n]
-            out[n] = value if isinstance(value, torch.Tensor) else check_lr(value, f"lr[{n!r}]")
+            out[n] = value if isinstance(value, torch.Tensor) else check_lr(value, f"{arg}[{n!r}]")
         return out
-    value = check_lr(lr)
+    value = check_lr(lr, arg)
     return {n: value for n in names}
 
 
@@ -204,32 +216,35 @@ def inner_step(
     return {**params, **apply_inner_update(loop, current, grads, {}, not first_order, None)}
 
 
-def adapt(
+def adapt_params(
     model: nn.Module,
     params: Mapping[str, torch.Tensor],
     build_loss: Callable[[dict[str, torch.Tensor]], torch.Tensor],
     *,
-    lr: LearningRate = 0.01,
+    inner_lr: LearningRate | None = None,
     inner_steps: int = 1,
     first_order: bool = False,
     adapt_names: Iterable[str] | None = None,
     allow_unused: bool = True,
+    lr: LearningRate | None = None,
 ) -> dict[str, torch.Tensor]:
     """Run the whole inner loop and return the adapted parameters :math:`\\theta'`.
 
-    Repeats ``params = inner_step(params, build_loss(params), lr, ...)`` ``inner_steps`` times.
+    Repeats ``params = inner_step(params, build_loss(params), inner_lr, ...)`` ``inner_steps``
+    times, with the engine's one inner loop. Also available as ``adapt`` (its former name).
 
     Args:
         model: The module whose architecture defines the forward pass (checked to be a module;
             ``build_loss`` usually calls :func:`functional_forward` on it).
         params: Starting parameter mapping :math:`\\theta`.
         build_loss: Callable mapping a parameter dict to the scalar support loss.
-        lr: Inner step size, see :func:`inner_step`.
+        inner_lr: Inner step size (default 0.01), see :func:`inner_step`.
         inner_steps: Number of gradient steps (``>= 0``).
         first_order: See :func:`inner_step`.
         adapt_names: See :func:`inner_step`.
         allow_unused: Kept for compatibility; a parameter the loss does not depend on is
             always left unchanged.
+        lr: Former name of ``inner_lr``.
 
     Returns:
         The adapted parameter mapping (``params`` itself, copied, when ``inner_steps == 0``).
@@ -243,12 +258,20 @@ def adapt(
     if not callable(build_loss):
         raise TypeError(f"build_loss must be callable, got {build_loss!r}")
     steps = check_steps(inner_steps)
-    if not isinstance(lr, Mapping):
-        check_lr(lr)
+    if lr is not None:
+        if inner_lr is not None:
+            raise TypeError(f"give inner_lr or its former name lr, not both; got inner_lr={inner_lr!r}, lr={lr!r}")
+        inner_lr = lr
+    if inner_lr is None:
+        inner_lr = 0.01
     names = _resolve_names(params, adapt_names)
-    loop = InnerLoop(tuple(names), resolve_lrs(lr, names), steps, first_order=first_order)
+    loop = InnerLoop(tuple(names), resolve_lrs(inner_lr, names, "inner_lr"), steps, first_order=first_order)
     with torch.enable_grad():
         return run_inner_loop(loop, params, build_loss)
+
+
+#: Former name of :func:`adapt_params`.
+adapt = adapt_params
 
 
 def _check_module(model: Any) -> None:

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from samgria.meta.engine import InnerLoop, InnerRegFn, apply_inner_update, grads_of_loss, take_inner_steps
-from samgria.meta.functional import LearningRate, check_steps, functional_forward, resolve_lrs
+from samgria.meta.functional import LearningRate, check_steps, functional_forward, one_steps_argument, resolve_lrs
 from samgria.meta.inner_optim import InnerStepFn, sgd_inner_step
 
 __all__ = ["Learner"]
@@ -109,7 +109,7 @@ class Learner:
             names = [n for n in names if start[n].requires_grad]
         self.loop = InnerLoop(
             adapt_names=tuple(names),
-            lrs=resolve_lrs(inner_lr, names),
+            lrs=resolve_lrs(inner_lr, names, "inner_lr"),
             inner_steps=check_steps(inner_steps),
             first_order=first_order,
             track_graph=bool(track_graph),
@@ -171,9 +171,11 @@ class Learner:
         loss_fn: Callable[[Any, Any], torch.Tensor],
         x: Any,
         y: Any,
+        inner_steps: int | None = None,
+        *,
         steps: int | None = None,
     ) -> Learner:
-        """Run ``steps`` inner steps on the support batch ``(x, y)``.
+        """Run ``inner_steps`` inner steps on the support batch ``(x, y)``.
 
         The support loss ``loss_fn(learner(x), y)`` is recomputed at each step.
 
@@ -181,33 +183,42 @@ class Learner:
             loss_fn: ``loss_fn(prediction, target) -> scalar``.
             x: Support inputs.
             y: Support targets.
-            steps: Number of steps (default: ``inner_steps``).
+            inner_steps: Number of steps (default: the learner's ``inner_steps``).
+            steps: Former name of ``inner_steps``.
 
         Returns:
             ``self``.
         """
         if not callable(loss_fn):
             raise TypeError(f"loss_fn must be callable, got {loss_fn!r}")
-        return self.adapt_closure(lambda f: loss_fn(f(x), y), steps)
+        return self.adapt_closure(lambda f: loss_fn(f(x), y), one_steps_argument(inner_steps, steps))
 
-    def adapt_closure(self, support_closure: Callable[[Callable[..., Any]], torch.Tensor], steps: int | None = None) -> Learner:
-        """Run ``steps`` inner steps on ``support_closure(f)``.
+    def adapt_closure(
+        self,
+        support_closure: Callable[[Callable[..., Any]], torch.Tensor],
+        inner_steps: int | None = None,
+        *,
+        steps: int | None = None,
+    ) -> Learner:
+        """Run ``inner_steps`` inner steps on ``support_closure(f)``.
 
         Args:
             support_closure: ``support_closure(f) -> scalar support loss`` where ``f(*inputs)``
                 runs the model with the current fast weights.
-            steps: Number of steps (default: ``inner_steps``).
+            inner_steps: Number of steps (default: the learner's ``inner_steps``).
+            steps: Former name of ``inner_steps``.
 
         Returns:
             ``self``.
 
         Raises:
-            TypeError: ``support_closure`` is not callable or ``steps`` not an int.
-            ValueError: ``steps`` is negative.
+            TypeError: ``support_closure`` is not callable or ``inner_steps`` not an int.
+            ValueError: ``inner_steps`` is negative.
         """
         if not callable(support_closure):
             raise TypeError(f"support_closure must be callable, got {support_closure!r}")
-        steps = self.inner_steps if steps is None else check_steps(steps, "steps")
+        inner_steps = one_steps_argument(inner_steps, steps)
+        steps = self.inner_steps if inner_steps is None else check_steps(inner_steps, "inner_steps")
 
         names = self.loop.adapt_names
 

@@ -13,7 +13,8 @@ import torch
 
 from samgria._checks import check_int
 from samgria.data.task import Task, TaskSampler
-from samgria.meta.base import MetaOptimizer, _one_steps_argument
+from samgria.meta.base import MetaOptimizer
+from samgria.meta.functional import one_steps_argument
 from samgria.meta.compiled import CompiledMetaLoss, compiled_path_blocker
 from samgria.meta.engine import InnerLoop, InnerRegFn, vmap_blocker
 from samgria.meta.inner_optim import InnerStepFn
@@ -240,8 +241,10 @@ class MetaTrainer:
         shapes = tuple(tuple(getattr(first, f).shape) for f in ("support_x", "query_x"))
         return (evaluation, len(tasks), shapes, loop.inner_steps, loop.second_order)
 
-    def meta_step(self, tasks: Sequence[Task]) -> float:
+    def train_step(self, tasks: Sequence[Task]) -> float:
         """Run one meta-update on ``tasks`` and return the mean query loss (before the update).
+
+        (Also available under its former name ``meta_step``.)
 
         Args:
             tasks: The meta-batch.
@@ -280,6 +283,9 @@ class MetaTrainer:
         loss = meta.step(closure)
         return float(loss.detach()) if isinstance(loss, torch.Tensor) else float(loss)
 
+    #: Former name of :meth:`train_step` (``samgria.meta_step`` is the task-by-task builder).
+    meta_step = train_step
+
     def _compiled_for(self) -> CompiledMetaLoss:
         if self._compiled is None:
             self._compiled = CompiledMetaLoss(self.meta, self.loss_fn, **self.inner_options, **self.compile_options)
@@ -317,7 +323,7 @@ class MetaTrainer:
             raise ValueError("tasks must not be empty, got 0 tasks")
         meta = self.meta
         tasks = meta._check_tasks(tasks)
-        inner_steps = _one_steps_argument(inner_steps, steps)
+        inner_steps = one_steps_argument(inner_steps, steps)
         loop = meta.inner_loop(inner_steps, create_graph=False, track_graph=False)
         candidates = self._candidates(loop, tasks, evaluation=True)
         key = self._key(loop, tasks, evaluation=True)
@@ -387,7 +393,7 @@ class MetaTrainer:
                         f"sampler.sample({meta_batch_size}) returned {len(tasks)} tasks"
                     )
                 skipped_before = self.meta.skipped_steps
-                loss = self.meta_step(tasks)
+                loss = self.train_step(tasks)
                 history.meta_loss.append(loss)
                 if self.meta.skipped_steps > skipped_before:
                     consecutive_skips += 1
