@@ -1,96 +1,121 @@
-"""Meta-iteration throughput: per-task Python loop vs ``vmap`` vs ``torch.compile``.
+"""Meta-iteration throughput (and memory): a hand-written per-task loop against samgria's paths.
 
-The workload is one sinusoid MAML meta-iteration as in Finn et al. (2017): an MLP 1-40-40-1
-with ReLU, a meta-batch of 25 tasks with K=10 support and 10 query points, 5 inner SGD steps
-(inner lr 0.01), second order, outer Adam (lr 1e-3). Every path runs exactly this math on its
-own copy of the same initial model:
-
-* ``loop (hand-written)`` -- the baseline: a per-task Python loop with
-  ``torch.autograd.grad(create_graph=True)`` and ``torch.func.functional_call``, as published
-  meta-learning libraries do it;
-* ``samgria loop`` -- ``MAML.task_losses(tasks, mse, vectorize=False)``;
-* ``samgria vmap`` -- ``MAML.task_losses(tasks, mse)`` (tasks adapted together with
-  ``torch.func.vmap``);
-* ``samgria compiled`` -- the library's compiled path, ``MetaTrainer(..., compile=True)
-  .meta_step(tasks)``: a :class:`samgria.meta.compiled.CompiledMetaLoss`
-  (``torch.compile(torch.func.grad_and_value(...))`` of the vectorised inner loop
-  :func:`samgria.meta.vectorize.batched_task_losses`) inside ``meta.step(closure)`` of the same
-  ``MAML`` optimizer (full mode only, or ``--compile``).
-
-Timings are interleaved over rounds (each round times every path in turn) and the median per
-path is reported, with speed-ups relative to the hand-written loop measured in the same run.
+Every path runs the same math on its own copy of the same initial model. Paths are timed
+interleaved (each round times every path in turn, in a rotating order) and the median per path
+is reported, as a ratio to a hand-written per-task loop measured in the same run: a Python loop
+over tasks with ``torch.autograd.grad(create_graph=True)`` and ``torch.func.functional_call``,
+as published meta-learning libraries do it, all tasks back-propagated together at the end.
 Before timing, every path's meta-gradient at the shared initial weights is compared with the
-hand-written loop's.
+hand-written loop's (``max|dgrad|``).
+
+1. **Sinusoid MLP** (Finn et al., 2017): an MLP 1-40-40-1 with ReLU, a meta-batch of 25 tasks
+   with K=10 support and 10 query points, 5 inner SGD steps (inner lr 0.01), second order, outer
+   Adam (lr 1e-3). Rows: the hand-written loop; ``MAML.task_losses(tasks, mse,
+   vectorize=False)`` (samgria loop) and ``vectorize=True`` (tasks adapted together with
+   ``torch.func.vmap``), inside ``meta.step(closure)``; ``MetaTrainer(..., vectorize=None)
+   .meta_step`` (the measured default; timed after 5 warm-up meta-steps, the path it chose in
+   brackets); and the compiled path, ``MetaTrainer(..., compile=True).meta_step``
+   (``torch.compile`` of the vectorised inner loop; full mode only, or ``--compile``).
+
+2. **Few-shot classification**, second-order MAML, one inner SGD step (inner lr 0.01), outer Adam
+   (lr 1e-3), cross-entropy, 5-way 1-shot with 15 queries per class, meta-batch 32, random
+   inputs (no downloads), on three models:
+
+   * ``conv4-bn``: the standard few-shot model, four blocks of Conv2d(64, 3x3, padding=1) -
+     BatchNorm2d (train mode: batch statistics) - ReLU - MaxPool2d(2) on 1x28x28 inputs, then a
+     Linear head;
+   * ``conv4``: the same without BatchNorm, where vmap applies;
+   * ``transformer``: ``nn.TransformerEncoderLayer(d_model=32, nhead=4, dim_feedforward=128,
+     dropout=0, batch_first=True)`` over 16 random token features, mean-pooled, Linear head.
+
+   Rows: the hand-written loop; ``MetaTrainer(meta, cross_entropy, sampler, vectorize=False)
+   .meta_step(tasks)`` (per-task loop, each task back-propagated as soon as it is adapted);
+   ``vectorize=True`` (vmap; only where it applies: vmap's second-order gradients through
+   BatchNorm and LayerNorm in train mode are wrong, so the library refuses them);
+   ``vectorize=None``, the measured default (its first 4 meta-steps alternate loop and vmap, then
+   it keeps the faster; timed after 5 warm-up meta-steps; ``trainer.path`` is reported). Beside
+   each time, **process peak memory**: the max RSS above the RSS after building the model, the
+   tasks and the optimizer, each row in its own fresh single-thread process running
+   ``--memory-steps`` meta-steps (for ``vectorize=None`` that includes its timed trials of both
+   paths). CPU PyTorch has no allocator statistics; the peak is the process's ``VmHWM`` (reset
+   with ``/proc/self/clear_refs`` once everything is built), or ``ru_maxrss`` elsewhere.
+
+Everything runs single-threaded by default (``--threads``).
 
 Usage::
 
-    python benchmarks/meta_throughput.py            # full: more iterations + compiled path
-    python benchmarks/meta_throughput.py --quick    # CI: < 60 s, no compile
+    python benchmarks/meta_throughput.py            # full (about 8 minutes on 2 cores)
+    python benchmarks/meta_throughput.py --quick    # CI: < 60 s; meta-batch 4, 8 channels, no compile
+    python benchmarks/meta_throughput.py --workloads conv4-bn conv4 --rounds-few-shot 5
+
+Prints one table per workload; when matplotlib is importable writes
+``benchmarks/results/meta_throughput.json`` and ``benchmarks/results/meta_throughput.png``.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import gc
 import json
 import math
 import os
 import statistics
+import subprocess
 import sys
 import time
 import warnings
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 from torch.func import functional_call
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from samgria.data.task import Task  # noqa: E402
+from samgria.meta.engine import second_order_vmap_blocker  # noqa: E402
 from samgria.meta.maml import MAML  # noqa: E402
 from samgria.meta.trainer import MetaTrainer  # noqa: E402
 
+RESULTS = Path(__file__).resolve().parent / "results"
 META_BATCH, K_SUPPORT, K_QUERY, INNER_STEPS, INNER_LR, OUTER_LR = 25, 10, 10, 5, 0.01, 1e-3
+WAYS, SHOTS, QUERIES = 5, 1, 15
+FEW_SHOT_INNER_STEPS, FEW_SHOT_INNER_LR = 1, 0.01
+SEQ_LEN, D_MODEL = 16, 32
+HAND = "loop (hand-written)"
 mse = nn.functional.mse_loss
+cross_entropy = nn.functional.cross_entropy
 
 
-def sinusoid_tasks(n: int, generator: torch.Generator) -> list[Task]:
-    """``n`` tasks y = A sin(x - phi), A ~ U[0.1, 5], phi ~ U[0, pi], x ~ U[-5, 5]."""
-    tasks = []
-    for _ in range(n):
-        amp = 0.1 + 4.9 * torch.rand((), generator=generator)
-        phase = math.pi * torch.rand((), generator=generator)
-        x = -5.0 + 10.0 * torch.rand(K_SUPPORT + K_QUERY, 1, generator=generator)
-        y = amp * torch.sin(x - phase)
-        tasks.append(Task(x[:K_SUPPORT], y[:K_SUPPORT], x[K_SUPPORT:], y[K_SUPPORT:]))
-    return tasks
-
-
-def make_model(seed: int = 0) -> nn.Module:
-    torch.manual_seed(seed)
-    return nn.Sequential(nn.Linear(1, 40), nn.ReLU(), nn.Linear(40, 40), nn.ReLU(), nn.Linear(40, 1))
-
-
+# -- the paths compared ----------------------------------------------------------------------------
 class HandLoop:
-    """Baseline: per-task Python loop, second order, outer Adam."""
+    """Baseline: per-task Python loop, second order, outer Adam; one backward over all tasks."""
 
-    def __init__(self, model: nn.Module) -> None:
-        self.model = model
+    def __init__(self, model: nn.Module, loss_fn: Callable = mse, inner_lr: float = INNER_LR,
+                 inner_steps: int = INNER_STEPS) -> None:  # fmt: skip
+        self.model, self.loss_fn, self.inner_lr, self.inner_steps = model, loss_fn, inner_lr, inner_steps
         self.opt = torch.optim.Adam(model.parameters(), lr=OUTER_LR)
+
+    def adapted_query_loss(self, params: dict[str, torch.Tensor], task: Task) -> torch.Tensor:
+        fast = dict(params)
+        for _ in range(self.inner_steps):
+            loss = self.loss_fn(functional_call(self.model, fast, (task.support_x,)), task.support_y)
+            grads = torch.autograd.grad(loss, list(fast.values()), create_graph=True)
+            fast = {n: p - self.inner_lr * g for (n, p), g in zip(fast.items(), grads)}
+        return self.loss_fn(functional_call(self.model, fast, (task.query_x,)), task.query_y)
 
     def meta_grad(self, tasks: list[Task]) -> torch.Tensor:
         params = dict(self.model.named_parameters())
-        losses = []
-        for t in tasks:
-            fast = dict(params)
-            for _ in range(INNER_STEPS):
-                loss = mse(functional_call(self.model, fast, (t.support_x,)), t.support_y)
-                grads = torch.autograd.grad(loss, list(fast.values()), create_graph=True)
-                fast = {n: p - INNER_LR * g for (n, p), g in zip(fast.items(), grads)}
-            losses.append(mse(functional_call(self.model, fast, (t.query_x,)), t.query_y))
-        meta_loss = torch.stack(losses).mean()
-        meta_loss.backward()
+        # The fused attention kernels' backward cannot be differentiated again: math backend.
+        with sdpa_kernel([SDPBackend.MATH]):
+            meta_loss = torch.stack([self.adapted_query_loss(params, t) for t in tasks]).mean()
+            meta_loss.backward()
         return meta_loss
 
     def iteration(self, tasks: list[Task]) -> None:
@@ -126,6 +151,25 @@ class _NoSampler:
         raise RuntimeError("not used")
 
 
+class TrainerPath:
+    """``MetaTrainer(MAML(model, outer), loss_fn, sampler, vectorize=...).meta_step(tasks)``."""
+
+    def __init__(self, model: nn.Module, loss_fn: Callable, vectorize: bool | None, inner_lr: float,
+                 inner_steps: int, outer: type[torch.optim.Optimizer] = torch.optim.Adam,
+                 lr: float = OUTER_LR, **maml_options: Any) -> None:  # fmt: skip
+        self.meta = MAML(model, outer, lr=lr, inner_lr=inner_lr, inner_steps=inner_steps, **maml_options)
+        self.trainer = MetaTrainer(self.meta, loss_fn, _NoSampler(), vectorize=vectorize)
+
+    def iteration(self, tasks: list[Task]) -> None:
+        self.trainer.meta_step(tasks)
+
+    def measured(self) -> dict[str, float]:
+        """The fastest of the trainer's timed trials per path (empty when it did not measure)."""
+        timings = self.meta.path_policy.timings
+        trials = {path: min(t) for key in timings for path, t in timings[key].items()}
+        return trials if len(trials) > 1 else {}
+
+
 class CompiledPath:
     """The library's compiled path: ``MetaTrainer(meta, mse, sampler, compile=True).meta_step``."""
 
@@ -152,43 +196,145 @@ class CompiledPath:
         self.trainer.meta_step(tasks)
 
 
-def check_gradients(paths: dict[str, object], tasks: list[Task]) -> dict[str, float]:
+# -- measuring ---------------------------------------------------------------------------------------
+def flat_grad(model: nn.Module) -> torch.Tensor:
+    return torch.cat([p.grad.reshape(-1) for p in model.parameters()])
+
+
+def trainer_meta_gradient(model: nn.Module, tasks: list[Task], loss_fn: Callable, vectorize: bool | None,
+                          inner_lr: float, inner_steps: int, **maml_options: Any) -> torch.Tensor:  # fmt: skip
+    """The meta-gradient a trainer's meta-step computes (outer SGD with lr 0 leaves it in ``.grad``)."""
+    path = TrainerPath(model, loss_fn, vectorize, inner_lr, inner_steps, outer=torch.optim.SGD, lr=0.0, **maml_options)
+    path.iteration(tasks)
+    return flat_grad(model)
+
+
+def time_paths(paths: dict[str, Any], pool: list[list[Task]], rounds: int, iters: int) -> dict[str, float]:
+    """Median over ``rounds`` of the mean seconds per iteration; paths interleaved, order rotating."""
+    times: dict[str, list[float]] = {name: [] for name in paths}
+    names = list(paths)
+    it = 0
+    for r in range(rounds):
+        for name in names[r % len(names):] + names[: r % len(names)]:
+            start = time.perf_counter()
+            for j in range(iters):
+                paths[name].iteration(pool[(it + j) % len(pool)])
+            times[name].append((time.perf_counter() - start) / iters)
+        it += iters
+    return {name: statistics.median(v) for name, v in times.items()}
+
+
+def warm_up(paths: dict[str, Any], pool: list[list[Task]], steps: dict[str, int]) -> None:
+    for name, path in paths.items():
+        for i in range(steps.get(name, 1)):
+            path.iteration(pool[i % len(pool)])
+
+
+def rss_bytes() -> int:
+    """Resident set size now (Linux; 0 elsewhere)."""
+    try:
+        with open("/proc/self/statm") as statm:
+            return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except OSError:
+        return 0
+
+
+def reset_peak_rss() -> bool:
+    """Reset this process's peak RSS to its current RSS (Linux >= 4.0: ``clear_refs`` 5)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as clear_refs:
+            clear_refs.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def peak_rss_bytes() -> int:
+    """Peak RSS of this process: ``VmHWM`` on Linux, else ``ru_maxrss``."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    import resource
+
+    scale = 1 if sys.platform == "darwin" else 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
+
+
+def extra_peak_mib(step: Callable[[int], None], steps: int) -> dict[str, float]:
+    """Run ``step(i)`` ``steps`` times; peak RSS above the RSS before the first, in MiB."""
+    gc.collect()
+    rss0 = rss_bytes()
+    peak0 = rss0 if reset_peak_rss() else peak_rss_bytes()
+    for i in range(steps):
+        step(i)
+    return {"extra_mib": (peak_rss_bytes() - peak0) / 2**20, "rss0_mib": rss0 / 2**20}
+
+
+def run_children(script: Path, specs: list[dict[str, Any]], jobs: int) -> list[dict[str, Any]]:
+    """Run ``script --memory-child SPEC`` in a fresh single-thread process per spec; parse its last line."""
+
+    def run(spec: dict[str, Any]) -> dict[str, Any]:
+        command = [sys.executable, str(script), "--memory-child", json.dumps(spec)]
+        done = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        if done.returncode != 0:
+            raise RuntimeError(f"memory child {spec} failed:\n{done.stderr[-3000:]}")
+        return json.loads(done.stdout.strip().splitlines()[-1])
+
+    with ThreadPoolExecutor(max(1, jobs)) as pool:
+        return list(pool.map(run, specs))
+
+
+# -- 1. sinusoid MLP ---------------------------------------------------------------------------------
+def sinusoid_tasks(n: int, generator: torch.Generator) -> list[Task]:
+    """``n`` tasks y = A sin(x - phi), A ~ U[0.1, 5], phi ~ U[0, pi], x ~ U[-5, 5]."""
+    tasks = []
+    for _ in range(n):
+        amp = 0.1 + 4.9 * torch.rand((), generator=generator)
+        phase = math.pi * torch.rand((), generator=generator)
+        x = -5.0 + 10.0 * torch.rand(K_SUPPORT + K_QUERY, 1, generator=generator)
+        y = amp * torch.sin(x - phase)
+        tasks.append(Task(x[:K_SUPPORT], y[:K_SUPPORT], x[K_SUPPORT:], y[K_SUPPORT:]))
+    return tasks
+
+
+def make_model(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(1, 40), nn.ReLU(), nn.Linear(40, 40), nn.ReLU(), nn.Linear(40, 1))
+
+
+def check_gradients(paths: dict[str, Any], tasks: list[Task]) -> dict[str, float]:
     """Max |meta-grad(path) - meta-grad(hand loop)| at the shared initial weights."""
     grads = {}
     for name, path in paths.items():
+        if not hasattr(path, "meta_grad"):
+            continue
         model = path.model if isinstance(path, HandLoop) else path.meta.model
         for p in model.parameters():
             p.grad = None
         path.meta_grad(tasks)
-        grads[name] = torch.cat([p.grad.reshape(-1) for p in model.parameters()])
+        grads[name] = flat_grad(model)
         for p in model.parameters():
             p.grad = None
-    ref = grads["loop (hand-written)"]
+    ref = grads[HAND]
     return {name: float((g - ref).abs().max()) for name, g in grads.items()}
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="few iterations, no compile (CI, < 60 s)")
-    parser.add_argument("--rounds", type=int, default=None, help="timing rounds (default 3 quick / 7 full)")
-    parser.add_argument("--iters", type=int, default=None, help="iterations per path per round (default 3 / 10)")
-    parser.add_argument("--compile", dest="compile", action="store_true", default=None, help="time the compiled path")
-    parser.add_argument("--no-compile", dest="compile", action="store_false", help="skip the compiled path")
-    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1: tiny ops)")
-    parser.add_argument("--output", default="benchmarks/results", help="folder for results and plot")
-    args = parser.parse_args()
+def run_sinusoid(args: argparse.Namespace) -> dict[str, Any]:
     rounds = args.rounds or (3 if args.quick else 7)
     iters = args.iters or (3 if args.quick else 10)
     use_compile = (not args.quick) if args.compile is None else args.compile
-    torch.set_num_threads(args.threads)
-
     gen = torch.Generator().manual_seed(0)
     pool = [sinusoid_tasks(META_BATCH, gen) for _ in range(8)]
     base = make_model()
-    paths: dict[str, object] = {
-        "loop (hand-written)": HandLoop(copy.deepcopy(base)),
+    paths: dict[str, Any] = {
+        HAND: HandLoop(copy.deepcopy(base)),
         "samgria loop": SamgriaPath(copy.deepcopy(base), vectorize=False),
         "samgria vmap": SamgriaPath(copy.deepcopy(base), vectorize=True),
+        "trainer vectorize=None": TrainerPath(copy.deepcopy(base), mse, None, INNER_LR, INNER_STEPS),
     }
     notes = []
     if use_compile:
@@ -204,63 +350,293 @@ def main() -> None:
         notes.append("compiled path skipped (--quick or --no-compile)")
 
     diffs = check_gradients(paths, pool[0])
-
-    for path in paths.values():  # warm-up (vmap and compile caches, allocator)
-        path.iteration(pool[1])
-    times: dict[str, list[float]] = {name: [] for name in paths}
-    it = 0
-    for _ in range(rounds):
-        for name, path in paths.items():
-            start = time.perf_counter()
-            for j in range(iters):
-                path.iteration(pool[(it + j) % len(pool)])
-            times[name].append((time.perf_counter() - start) / iters * 1e3)
-        it += iters
-
-    ms = {name: statistics.median(v) for name, v in times.items()}
-    base_ms = ms["loop (hand-written)"]
+    warm_up(paths, pool[1:], {"trainer vectorize=None": 5})  # vmap/compile caches; the trainer decides
+    seconds = time_paths(paths, pool, rounds, iters)
+    ms = {name: 1e3 * s for name, s in seconds.items()}
+    chosen = paths["trainer vectorize=None"].trainer.path
+    base_ms = ms[HAND]
     print(
         f"\nsinusoid MAML meta-iteration: MLP 1-40-40-1, meta-batch {META_BATCH}, K={K_SUPPORT}+{K_QUERY}, "
         f"{INNER_STEPS} inner SGD steps, second order, Adam; torch {torch.__version__}, "
         f"{args.threads} thread(s), {os.cpu_count()} CPUs, {rounds} rounds x {iters} iterations"
     )
-    print(f"{'path':<22}{'ms/iter':>10}{'speed-up':>10}{'max|dgrad|':>13}")
+    print(f"{'path':<32}{'ms/iter':>10}{'speed-up':>10}{'max|dgrad|':>13}")
     for name in paths:
-        print(f"{name:<22}{ms[name]:>10.2f}{base_ms / ms[name]:>9.1f}x{diffs[name]:>13.1e}")
+        label = f"{name} ({chosen})" if name == "trainer vectorize=None" else name
+        diff = f"{diffs[name]:>13.1e}" if name in diffs else f"{'-':>13}"
+        print(f"{label:<32}{ms[name]:>10.2f}{base_ms / ms[name]:>9.1f}x{diff}")
     print("targets: vmap >= 5x the loop; compiled >= 20x")
     for note in notes:
         print(note)
+    return {
+        "ms_per_iteration": ms,
+        "speedup_vs_hand_loop": {n: base_ms / v for n, v in ms.items()},
+        "max_abs_grad_diff_vs_hand_loop": diffs,
+        "trainer_vectorize_none_path": chosen,
+        "rounds": rounds,
+        "iters": iters,
+        "notes": notes,
+    }
 
+
+# -- 2. few-shot classification ------------------------------------------------------------------------
+def conv4(channels: int, batch_norm: bool) -> nn.Module:
+    """Four Conv2d(3x3, padding 1) [- BatchNorm2d] - ReLU - MaxPool2d(2) blocks, 1x28x28 -> Linear."""
+    layers: list[nn.Module] = []
+    c_in = 1
+    for _ in range(4):
+        layers.append(nn.Conv2d(c_in, channels, 3, padding=1))
+        if batch_norm:
+            layers.append(nn.BatchNorm2d(channels))
+        layers += [nn.ReLU(), nn.MaxPool2d(2)]
+        c_in = channels
+    return nn.Sequential(*layers, nn.Flatten(), nn.Linear(channels, WAYS))  # 28 -> 14 -> 7 -> 3 -> 1
+
+
+class TinyTransformer(nn.Module):
+    """One post-norm TransformerEncoderLayer (LayerNorm) over token features, mean-pooled, Linear."""
+
+    def __init__(self, d_model: int = D_MODEL, heads: int = 4) -> None:
+        super().__init__()
+        self.encoder = nn.TransformerEncoderLayer(
+            d_model, heads, dim_feedforward=4 * d_model, dropout=0.0, batch_first=True
+        )
+        self.head = nn.Linear(d_model, WAYS)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.encoder(x).mean(dim=1))
+
+
+@dataclass(frozen=True)
+class Workload:
+    title: str
+    build: Callable[[int], nn.Module]  # channels -> model
+    input_shape: tuple[int, ...]
+
+
+WORKLOADS = {
+    "conv4-bn": Workload("conv4 + BatchNorm (train mode)", lambda c: conv4(c, batch_norm=True), (1, 28, 28)),
+    "conv4": Workload("conv4 without BatchNorm", lambda c: conv4(c, batch_norm=False), (1, 28, 28)),
+    "transformer": Workload(
+        f"TransformerEncoderLayer(d_model={D_MODEL}, nhead=4) + mean-pool + Linear, {SEQ_LEN} tokens",
+        lambda c: TinyTransformer(),
+        (SEQ_LEN, D_MODEL),
+    ),
+}
+#: Few-shot rows: key -> (label, ``vectorize`` of the trainer); "hand" is the baseline.
+KINDS = {
+    "hand": (HAND, None),
+    "loop": ("trainer vectorize=False", False),
+    "vmap": ("trainer vectorize=True", True),
+    "auto": ("trainer vectorize=None", None),
+}
+WARMUP = {"auto": 5}  # the measured default decides after 4 meta-steps; the others warm up once
+
+
+def few_shot_task(input_shape: tuple[int, ...], generator: torch.Generator) -> Task:
+    """A WAYS-way SHOTS-shot task with QUERIES queries per class; random inputs."""
+    support_y = torch.arange(WAYS).repeat_interleave(SHOTS)
+    query_y = torch.arange(WAYS).repeat_interleave(QUERIES)
+    support_x = torch.randn(len(support_y), *input_shape, generator=generator)
+    query_x = torch.randn(len(query_y), *input_shape, generator=generator)
+    return Task(support_x, support_y, query_x, query_y)
+
+
+@dataclass(frozen=True)
+class FewShotSetup:
+    """One few-shot workload at one size; rebuilt identically in every memory child process."""
+
+    workload: str
+    channels: int
+    meta_batch: int
+    pool_size: int = 3
+
+    def model(self, seed: int = 0) -> nn.Module:
+        torch.manual_seed(seed)
+        return WORKLOADS[self.workload].build(self.channels)
+
+    def task_pool(self, seed: int = 0) -> list[list[Task]]:
+        gen = torch.Generator().manual_seed(seed)
+        shape = WORKLOADS[self.workload].input_shape
+        return [[few_shot_task(shape, gen) for _ in range(self.meta_batch)] for _ in range(self.pool_size)]
+
+    def path(self, kind: str, model: nn.Module) -> Any:
+        if kind == "hand":
+            return HandLoop(model, cross_entropy, FEW_SHOT_INNER_LR, FEW_SHOT_INNER_STEPS)
+        return TrainerPath(model, cross_entropy, KINDS[kind][1], FEW_SHOT_INNER_LR, FEW_SHOT_INNER_STEPS)
+
+    def kinds(self) -> tuple[list[str], str | None]:
+        """The rows that apply, and why vmap does not (or ``None``)."""
+        blocker = second_order_vmap_blocker(self.model())
+        return (["hand", "loop", "auto"] if blocker else ["hand", "loop", "vmap", "auto"]), blocker
+
+
+def few_shot_gradient_diffs(setup: FewShotSetup, kinds: list[str], tasks: list[Task]) -> dict[str, float]:
+    """Max |meta-grad - hand loop's| of the trainers with a fixed path, at the initial weights."""
+    hand = HandLoop(setup.model(), cross_entropy, FEW_SHOT_INNER_LR, FEW_SHOT_INNER_STEPS)
+    hand.meta_grad(tasks)
+    ref = flat_grad(hand.model)
+    diffs = {"hand": 0.0}
+    for kind in kinds:
+        if kind in ("loop", "vmap"):
+            grad = trainer_meta_gradient(
+                setup.model(), tasks, cross_entropy, KINDS[kind][1], FEW_SHOT_INNER_LR, FEW_SHOT_INNER_STEPS
+            )
+            diffs[kind] = float((grad - ref).abs().max())
+    return diffs
+
+
+def memory_child(spec: dict[str, Any]) -> dict[str, float]:
+    """In a fresh process: extra peak RSS of ``spec["steps"]`` meta-steps of one few-shot row."""
+    torch.set_num_threads(1)
+    setup = FewShotSetup(spec["workload"], spec["channels"], spec["meta_batch"])
+    pool = setup.task_pool()
+    path = setup.path(spec["kind"], setup.model())
+    result = extra_peak_mib(lambda i: path.iteration(pool[i % len(pool)]), spec["steps"])
+    if spec["kind"] == "auto":
+        result["path"] = path.trainer.path
+    return result
+
+
+def few_shot_memory(setup: FewShotSetup, kinds: list[str], steps: int, jobs: int) -> dict[str, dict[str, float]]:
+    specs = [{**asdict(setup), "kind": kind, "steps": steps} for kind in kinds]
+    for spec in specs:
+        del spec["pool_size"]
+    return dict(zip(kinds, run_children(Path(__file__).resolve(), specs, jobs)))
+
+
+def run_few_shot(setup: FewShotSetup, rounds: int, memory_steps: int, jobs: int) -> dict[str, Any]:
+    kinds, blocker = setup.kinds()
+    pool = setup.task_pool()
+    diffs = few_shot_gradient_diffs(setup, kinds, pool[0])
+    paths = {kind: setup.path(kind, setup.model()) for kind in kinds}
+    warm_up(paths, pool[1:], WARMUP)
+    seconds = time_paths(paths, pool, rounds, iters=1)
+    auto: TrainerPath = paths["auto"]
+    memory = few_shot_memory(setup, kinds, memory_steps, jobs) if memory_steps > 0 else {}
+    return {
+        "setup": asdict(setup),
+        "title": WORKLOADS[setup.workload].title,
+        "vmap_blocker": blocker,
+        "seconds": seconds,
+        "time_ratio": {k: s / seconds["hand"] for k, s in seconds.items()},
+        "max_abs_grad_diff_vs_hand_loop": diffs,
+        "memory": memory,
+        "memory_ratio": {k: m["extra_mib"] / memory["hand"]["extra_mib"] for k, m in memory.items()} if memory else {},
+        "auto_path": auto.trainer.path,
+        "auto_trials_s": auto.measured(),
+        "auto_steps": WARMUP["auto"] + rounds,
+        "rounds": rounds,
+        "memory_steps": memory_steps,
+    }
+
+
+def print_few_shot(result: dict[str, Any], threads: int) -> None:
+    setup = result["setup"]
+    width = f" ({setup['channels']} channels)" if setup["workload"].startswith("conv4") else ""
+    print(
+        f"\n{setup['workload']}: {result['title']}{width}; second-order MAML, {WAYS}-way {SHOTS}-shot, "
+        f"{QUERIES} queries/class, meta-batch {setup['meta_batch']}, {FEW_SHOT_INNER_STEPS} inner step, "
+        f"cross-entropy, Adam; {threads} thread(s), median of {result['rounds']} rounds"
+    )
+    print(f"{'path':<32}{'s/iter':>9}{'time ratio':>12}{'peak MiB':>10}{'mem ratio':>11}{'max|dgrad|':>12}")
+    memory, diffs = result["memory"], result["max_abs_grad_diff_vs_hand_loop"]
+    for kind, (label, _) in KINDS.items():
+        if kind == "auto":
+            label = f"{label} -> {result['auto_path']}"
+        if kind not in result["seconds"]:
+            print(f"{label:<32} n/a: {result['vmap_blocker']} (vmap's second-order gradients would be wrong)")
+            continue
+        mib = f"{memory[kind]['extra_mib']:>10.0f}{result['memory_ratio'][kind]:>11.2f}" if memory else f"{'-':>10}{'-':>11}"
+        diff = f"{diffs[kind]:>12.1e}" if kind in diffs else f"{'-':>12}"
+        print(f"{label:<32}{result['seconds'][kind]:>9.3f}{result['time_ratio'][kind]:>12.2f}{mib}{diff}")
+    trials = result["auto_trials_s"]
+    if trials:
+        measured = ", ".join(f"{p} {s:.3f} s" for p, s in sorted(trials.items()))
+        print(f"vectorize=None measured (fastest trial per path): {measured}; chose {result['auto_path']}")
+    else:
+        print(f"vectorize=None did not measure (only the loop applies); path after {result['auto_steps']} meta-steps: "
+              f"{result['auto_path']}")  # fmt: skip
+    if memory:
+        auto_memory_path = memory["auto"].get("path")
+        print(
+            f"peak MiB: max RSS above the RSS after building model, tasks and optimizer, over "
+            f"{result['memory_steps']} meta-steps, one fresh single-thread process per row "
+            f"(vectorize=None there ended on {auto_memory_path}, its trials of both paths included)"
+        )
+
+
+# -- output ------------------------------------------------------------------------------------------
+def write_results(results: dict[str, Any]) -> None:
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
+        print("matplotlib not importable: no plot or results written")
         return
-    out = Path(args.output)
-    out.mkdir(parents=True, exist_ok=True)
-    result = {
-        "ms_per_iteration": ms,
-        "speedup_vs_hand_loop": {n: base_ms / v for n, v in ms.items()},
-        "max_abs_grad_diff_vs_hand_loop": diffs,
-        "rounds": rounds,
-        "iters": iters,
-        "threads": args.threads,
-        "torch": torch.__version__,
-        "notes": notes,
-    }
-    (out / "meta_throughput.json").write_text(json.dumps(result, indent=2))
-    fig, ax = plt.subplots(figsize=(6, 3))
-    names = list(ms)
-    ax.barh(names, [ms[n] for n in names], color="tab:blue")
-    for i, n in enumerate(names):
-        ax.text(ms[n], i, f" {base_ms / ms[n]:.1f}x", va="center")
-    ax.set_xlabel("ms per meta-iteration (lower is better)")
-    ax.invert_yaxis()
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "meta_throughput.json").write_text(json.dumps(results, indent=2))
+    panels = ([("sinusoid", results["sinusoid"]["ms_per_iteration"])] if "sinusoid" in results else []) + [
+        (name, {KINDS[k][0]: s * 1e3 for k, s in r["seconds"].items()}) for name, r in results["few_shot"].items()
+    ]
+    if not panels:
+        return
+    fig, axes = plt.subplots(len(panels), 1, figsize=(7, 2.2 * len(panels)), squeeze=False)
+    for ax, (title, ms) in zip(axes[:, 0], panels):
+        names = list(ms)
+        ax.barh(names, [ms[n] for n in names], color="tab:blue")
+        for i, n in enumerate(names):
+            ax.text(ms[n], i, f" {ms[n] / ms[HAND]:.2f}x", va="center")
+        ax.set_title(f"{title}: ms per meta-iteration (x hand loop)")
+        ax.invert_yaxis()
     fig.tight_layout()
-    fig.savefig(out / "meta_throughput.png", dpi=120)
-    print(f"wrote {out / 'meta_throughput.json'} and {out / 'meta_throughput.png'}")
+    fig.savefig(RESULTS / "meta_throughput.png", dpi=110)
+    print(f"\nwrote {RESULTS / 'meta_throughput.json'} and {RESULTS / 'meta_throughput.png'}")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="CI, < 60 s: small sizes, few iterations, no compile")
+    parser.add_argument("--workloads", nargs="+", default=["sinusoid", *WORKLOADS],
+                        choices=["sinusoid", *WORKLOADS], help="what to run (default: all)")  # fmt: skip
+    parser.add_argument("--rounds", type=int, default=None, help="sinusoid timing rounds (default 3 quick / 7 full)")
+    parser.add_argument("--iters", type=int, default=None, help="sinusoid iterations per path per round (3 / 10)")
+    parser.add_argument("--compile", dest="compile", action="store_true", default=None, help="time the compiled path")
+    parser.add_argument("--no-compile", dest="compile", action="store_false", help="skip the compiled path")
+    parser.add_argument("--rounds-few-shot", type=int, default=None, help="few-shot rounds of 1 iteration (1 / 3)")
+    parser.add_argument("--meta-batch", type=int, default=None, help="few-shot meta-batch (default 4 quick / 32)")
+    parser.add_argument("--channels", type=int, default=None, help="conv4 width (default 8 quick / 64)")
+    parser.add_argument("--memory-steps", type=int, default=None,
+                        help="meta-steps per memory process (default 5: covers the measured default's trials; "
+                             "0 skips the memory column)")  # fmt: skip
+    parser.add_argument("--jobs", type=int, default=2, help="memory processes run at a time")
+    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1)")
+    parser.add_argument("--memory-child", default=None, help=argparse.SUPPRESS)
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    if args.memory_child is not None:
+        print(json.dumps(memory_child(json.loads(args.memory_child))))
+        return
+    torch.set_num_threads(args.threads)
+    start = time.perf_counter()
+    results: dict[str, Any] = {"torch": torch.__version__, "threads": args.threads, "few_shot": {}}
+    if "sinusoid" in args.workloads:
+        results["sinusoid"] = run_sinusoid(args)
+    rounds = args.rounds_few_shot or (1 if args.quick else 3)
+    memory_steps = 5 if args.memory_steps is None else args.memory_steps
+    for name in (w for w in args.workloads if w in WORKLOADS):
+        setup = FewShotSetup(
+            name, args.channels or (8 if args.quick else 64), args.meta_batch or (4 if args.quick else 32)
+        )
+        results["few_shot"][name] = run_few_shot(setup, rounds, memory_steps, args.jobs)
+        print_few_shot(results["few_shot"][name], args.threads)
+    print(f"\ntotal run time {time.perf_counter() - start:.0f} s")
+    write_results(results)
 
 
 if __name__ == "__main__":
