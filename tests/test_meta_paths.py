@@ -1,0 +1,233 @@
+"""Path choice (loop / vmap) by the one PathPolicy: measurement, fallback, the trainer's use of
+it in training and evaluation, and the memory behaviour of the loop path."""
+
+from __future__ import annotations
+
+import warnings
+import weakref
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from samgria import MAML, MetaTrainer, PathPolicy
+from samgria.data.task import Task
+
+DT = torch.float64
+
+
+def make_tasks(n, k=6, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [Task(*(torch.randn(k, s, generator=g, dtype=DT) for s in (2, 1, 2, 1))) for _ in range(n)]
+
+
+def mlp(seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(2, 16), nn.Tanh(), nn.Linear(16, 1)).to(DT)
+
+
+class ListSampler:
+    def __init__(self, tasks):
+        self.tasks, self.position = tasks, 0
+
+    def sample(self, n):
+        out = self.tasks[self.position : self.position + n]
+        self.position += n
+        return out
+
+
+class ItemModel(nn.Module):
+    """A model that cannot be vmapped: it calls .item() in forward."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(2, 1)
+
+    def forward(self, x):
+        scale = 1.0 if x.abs().max().item() < 1e6 else 0.0
+        return self.lin(x) * scale
+
+
+# ---------------------------------------------------------------------- PathPolicy itself
+def test_choose_measures_each_candidate_then_keeps_the_fastest():
+    policy = PathPolicy("M", trials=2)
+    seen = []
+    durations = {"loop": [3.0, 2.0], "vmap": [1.5, 1.0]}
+    for _ in range(4):
+        path = policy.choose("key", ["loop", "vmap"])
+        seen.append(path)
+        policy.timings.setdefault("key", {}).setdefault(path, []).append(durations[path][len(policy.timings["key"].get(path, []))])
+    assert sorted(seen) == ["loop", "loop", "vmap", "vmap"]  # interleaved trials, two each
+    assert policy.choose("key", ["loop", "vmap"]) == "vmap"
+    assert policy.decided("key", ["loop", "vmap"]) == "vmap"
+    assert policy.decided("other", ["loop", "vmap"]) is None  # each key is measured on its own
+    assert policy.choose("key", ["loop"]) == "loop"  # a single candidate is never measured
+
+
+def test_timed_records_the_duration_of_each_use():
+    policy = PathPolicy("M")
+    assert policy.timed("k", "loop", lambda: 7) == 7
+    assert len(policy.timings["k"]["loop"]) == 1 and policy.timings["k"]["loop"][0] >= 0
+
+
+def test_run_falls_back_and_blames_the_path_only_when_the_fallback_works():
+    policy = PathPolicy("M")
+
+    def broken_vmap(path):
+        if path == "vmap":
+            raise RuntimeError("cannot vmap this")
+        return path
+
+    with pytest.warns(RuntimeWarning, match=r"M: the vmap path failed \(RuntimeError: cannot vmap this\); using the loop path from now on"):
+        assert policy.run("vmap", "loop", broken_vmap, explicit=False) == ("loop", "loop")
+    assert policy.failed == {"vmap": "RuntimeError: cannot vmap this"}
+    assert policy.usable(["loop", "vmap"]) == ["loop"]
+    with pytest.raises(RuntimeError, match=r"M: the vmap path failed earlier \(RuntimeError: cannot vmap this\)"):
+        policy.run("vmap", "loop", broken_vmap, explicit=True)
+
+    def always_broken(path):
+        raise KeyError("user bug")
+
+    fresh = PathPolicy("M")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(KeyError, match="user bug"):
+            fresh.run("vmap", "loop", always_broken, explicit=False)
+    assert fresh.failed == {}  # the loop failed too: the error was the user's, not vmap's
+
+
+def test_run_raises_when_the_path_was_asked_for():
+    policy = PathPolicy("M")
+    with pytest.raises(RuntimeError, match=r"M: the vmap path failed: boom"):
+        policy.run("vmap", "loop", lambda path: (_ for _ in ()).throw(RuntimeError("boom")), explicit=True)
+    with pytest.raises(ValueError, match="bad input"):  # ValueError is never a path failure
+        policy.run("vmap", "loop", lambda path: (_ for _ in ()).throw(ValueError("bad input")), explicit=False)
+    assert policy.failed == {}
+
+
+# ---------------------------------------------------------------------- the trainer
+def test_trainer_measures_both_paths_then_uses_the_faster_one():
+    meta = MAML(mlp(), torch.optim.SGD, lr=0.05, inner_lr=0.1)
+    trainer = MetaTrainer(meta, F.mse_loss, ListSampler(make_tasks(12)))
+    used = []
+    for i in range(6):
+        trainer.train_step(make_tasks(2, seed=i))
+        used.append(trainer.path)
+    assert sorted(used[:4]) == ["loop", "loop", "vmap", "vmap"]
+    (key,) = [k for k in meta.path_policy.timings if k[0] is False]
+    fastest = meta.path_policy.decided(key, ["loop", "vmap"])
+    assert fastest in ("loop", "vmap") and used[4:] == [fastest, fastest]
+
+
+def test_trainer_paths_give_the_same_update():
+    weights = []
+    for vectorize in (False, True):
+        model = mlp()
+        meta = MAML(model, torch.optim.SGD, lr=0.05, inner_lr=0.1, inner_steps=2)
+        trainer = MetaTrainer(meta, F.mse_loss, ListSampler([]), vectorize=vectorize)
+        trainer.train_step(make_tasks(4))
+        assert trainer.path == ("vmap" if vectorize else "loop")
+        weights.append([p.detach().clone() for p in model.parameters()])
+    for a, b in zip(*weights):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+
+
+def test_second_order_through_batchnorm_trains_on_the_loop_without_measuring():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(2, 8), nn.BatchNorm1d(8), nn.Linear(8, 1)).to(DT)
+    meta = MAML(model, torch.optim.SGD, lr=0.05)
+    trainer = MetaTrainer(meta, F.mse_loss, ListSampler([]))
+    for i in range(3):
+        trainer.train_step(make_tasks(2, seed=i))
+        assert trainer.path == "loop"
+    assert all(set(times) == {"loop"} for times in meta.path_policy.timings.values())
+
+
+def test_vectorize_reaches_evaluate():
+    torch.manual_seed(0)
+    meta = MAML(ItemModel().to(DT), torch.optim.SGD, lr=0.1, inner_lr=0.1)
+    tasks = make_tasks(3)
+    with pytest.raises(RuntimeError, match="MAML: the vmap path failed"):
+        MetaTrainer(meta, F.mse_loss, ListSampler([]), vectorize=True).evaluate(tasks)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the loop was asked for: vmap is not even tried
+        value = MetaTrainer(meta, F.mse_loss, ListSampler([]), vectorize=False).evaluate(tasks)
+    assert value == pytest.approx(meta.evaluate(tasks, F.mse_loss, vectorize=False), rel=0, abs=0)
+
+
+def test_evaluate_accepts_inner_steps_and_its_former_name():
+    meta = MAML(mlp(), torch.optim.SGD, lr=0.1, inner_lr=0.1)
+    trainer = MetaTrainer(meta, F.mse_loss, ListSampler([]), vectorize=False)
+    tasks = make_tasks(2)
+    assert trainer.evaluate(tasks, inner_steps=3) == trainer.evaluate(tasks, steps=3)
+    assert trainer.evaluate(tasks, inner_steps=3) != trainer.evaluate(tasks, inner_steps=0)
+    with pytest.raises(TypeError, match=r"give inner_steps or its former name steps, not both; got inner_steps=1, steps=2"):
+        trainer.evaluate(tasks, inner_steps=1, steps=2)
+
+
+def test_meta_step_is_the_former_name_of_train_step():
+    assert MetaTrainer.meta_step is MetaTrainer.train_step
+
+
+# ---------------------------------------------------------------------- memory of the loop path
+def _peak_saved_bytes(run):
+    """Peak bytes of tensors saved for backward that are alive at once while ``run()`` runs."""
+    alive = {"now": 0, "peak": 0}
+
+    class Held:
+        def __init__(self, tensor):
+            self.tensor = tensor
+
+    def release(nbytes):
+        alive["now"] -= nbytes
+
+    def pack(tensor):
+        held = Held(tensor)
+        nbytes = tensor.numel() * tensor.element_size()
+        alive["now"] += nbytes
+        alive["peak"] = max(alive["peak"], alive["now"])
+        weakref.finalize(held, release, nbytes)
+        return held
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda held: held.tensor):
+        run()
+    return alive["peak"]
+
+
+def test_loop_path_memory_does_not_grow_with_the_meta_batch():
+    def peak(n_tasks):
+        meta = MAML(mlp(), torch.optim.SGD, lr=0.05, inner_lr=0.1, inner_steps=2)
+        trainer = MetaTrainer(meta, F.mse_loss, ListSampler([]), vectorize=False)
+        return _peak_saved_bytes(lambda: trainer.train_step(make_tasks(n_tasks, k=64)))
+
+    one, sixteen = peak(1), peak(16)
+    assert one > 0
+    assert sixteen < 1.5 * one  # one task's second-order graph at a time, not sixteen
+
+
+def test_checkpointed_inner_steps_keep_less_saved_memory_and_the_same_gradient():
+    def run(checkpoint):
+        model = mlp()
+        meta = MAML(model, torch.optim.SGD, lr=0.05, inner_lr=0.1, inner_steps=8, checkpoint_inner_steps=checkpoint)
+        tasks = make_tasks(1, k=64)
+
+        def meta_backward():
+            meta.zero_grad()
+            meta.task_losses(tasks, F.mse_loss, vectorize=False).sum().backward()
+
+        peak = _peak_saved_bytes(meta_backward)
+        return peak, [p.grad.clone() for p in model.parameters()]
+
+    (plain_peak, plain), (ckpt_peak, ckpt) = run(False), run(True)
+    for a, b in zip(plain, ckpt):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert ckpt_peak < 0.5 * plain_peak
+
+
+def test_checkpointed_inner_steps_cannot_be_vmapped():
+    meta = MAML(mlp(), torch.optim.SGD, lr=0.05, checkpoint_inner_steps=True)
+    with pytest.raises(ValueError, match=r"vectorize=True cannot be honoured: checkpointed inner steps need the loop path"):
+        meta.task_losses(make_tasks(2), F.mse_loss, vectorize=True)
+    with pytest.raises(TypeError, match=r"checkpoint_inner_steps must be a bool, got 1"):
+        MAML(mlp(), torch.optim.SGD, lr=0.05, checkpoint_inner_steps=1)
