@@ -39,7 +39,7 @@ from samgria._checks import check_bool, check_choice, check_real
 from samgria._wrapper import WrappingOptimizer
 from samgria.data.task import Task
 from samgria.meta import engine
-from samgria.meta.engine import InnerLoop, InnerRegFn, vmap_blocker
+from samgria.meta.engine import InnerLoop, InnerRegFn, check_inner_options, vmap_blocker
 from samgria.meta.functional import check_lr, check_steps, one_steps_argument
 from samgria.meta.inner_optim import InnerStepFn, sgd_inner_step
 from samgria.meta.learner import Learner
@@ -59,24 +59,6 @@ class _NonFiniteMetaStep(Exception):
     def __init__(self, problem: str, loss: Any) -> None:
         super().__init__(problem)
         self.problem, self.loss = problem, loss
-
-
-def _check_inner_options(
-    inner_step_fn: Any, inner_reg_fn: Any, grad_transforms: Any
-) -> tuple[Any, ...]:
-    """Check the optional inner-loop pieces; return the transforms as a tuple."""
-    if inner_step_fn is not None and not callable(inner_step_fn):
-        raise TypeError(f"inner_step_fn must be callable, got {inner_step_fn!r}")
-    if inner_reg_fn is not None and not callable(inner_reg_fn):
-        raise TypeError(f"inner_reg_fn must be callable, got {inner_reg_fn!r}")
-    if grad_transforms is None:
-        return ()
-    if isinstance(grad_transforms, (str, bytes)) or not isinstance(grad_transforms, Sequence):
-        raise TypeError(f"grad_transforms must be a sequence of inner-loop gradient transforms, got {grad_transforms!r}")
-    for t in grad_transforms:
-        if not callable(getattr(t, "transform_inner_grads", None)):
-            raise TypeError(f"grad_transforms entries must have a transform_inner_grads method, got {t!r}")
-    return tuple(grad_transforms)
 
 
 class MetaOptimizer(WrappingOptimizer):
@@ -354,7 +336,7 @@ class MetaOptimizer(WrappingOptimizer):
             The :class:`~samgria.meta.engine.InnerLoop`.
         """
         steps = self.inner_steps if inner_steps is None else check_steps(inner_steps, "inner_steps")
-        transforms = _check_inner_options(inner_step_fn, inner_reg_fn, grad_transforms)
+        transforms = check_inner_options(inner_step_fn, inner_reg_fn, grad_transforms)
         if create_graph is None:
             create_graph = not self.first_order
         check_bool("create_graph", create_graph)

@@ -110,6 +110,25 @@ class InnerLoop:
         return dataclasses.replace(self, **changes)
 
 
+# ---------------------------------------------------------------------- checks
+def check_inner_options(
+    inner_step_fn: Any, inner_reg_fn: Any, grad_transforms: Any
+) -> tuple[Any, ...]:
+    """Check the optional inner-loop pieces (the one place); return the transforms as a tuple."""
+    if inner_step_fn is not None and not callable(inner_step_fn):
+        raise TypeError(f"inner_step_fn must be callable, got {inner_step_fn!r}")
+    if inner_reg_fn is not None and not callable(inner_reg_fn):
+        raise TypeError(f"inner_reg_fn must be callable, got {inner_reg_fn!r}")
+    if grad_transforms is None:
+        return ()
+    if isinstance(grad_transforms, (str, bytes)) or not isinstance(grad_transforms, Sequence):
+        raise TypeError(f"grad_transforms must be a sequence of inner-loop gradient transforms, got {grad_transforms!r}")
+    for t in grad_transforms:
+        if not callable(getattr(t, "transform_inner_grads", None)):
+            raise TypeError(f"grad_transforms entries must have a transform_inner_grads method, got {t!r}")
+    return tuple(grad_transforms)
+
+
 # ---------------------------------------------------------------------- support gradients
 def check_support_loss(loss: Any) -> torch.Tensor:
     """Check that a support loss is a scalar tensor that can be differentiated."""

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from samgria.meta.engine import InnerLoop, InnerRegFn, apply_inner_update, grads_of_loss, take_inner_steps
+from samgria.meta.engine import InnerLoop, InnerRegFn, apply_inner_update, check_inner_options, grads_of_loss, take_inner_steps
 from samgria.meta.functional import LearningRate, check_steps, functional_forward, one_steps_argument, resolve_lrs
 from samgria.meta.inner_optim import InnerStepFn, sgd_inner_step
 
@@ -48,7 +48,7 @@ class Learner:
         inner_step_fn: Update rule (default plain SGD).
         inner_reg_fn: ``inner_reg_fn(current_params, base_params) -> scalar`` added to the
             support loss at every step.
-        grad_transforms: Objects with ``transform_inner_grads(params, grads, loss_fn)``
+        grad_transforms: Objects with ``transform_inner_grads(params, grads, grad_fn)``
             applied in order to the support gradients of :meth:`adapt_on` /
             :meth:`adapt_closure` steps (e.g. :class:`~samgria.meta.inner_optim.InnerSAM`).
         track_graph: ``False`` detaches the fast weights after every step (no graph to the
@@ -85,16 +85,7 @@ class Learner:
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         if not isinstance(first_order, bool):
             raise TypeError(f"first_order must be a bool, got {first_order!r}")
-        if inner_step_fn is not None and not callable(inner_step_fn):
-            raise TypeError(f"inner_step_fn must be callable, got {inner_step_fn!r}")
-        if inner_reg_fn is not None and not callable(inner_reg_fn):
-            raise TypeError(f"inner_reg_fn must be callable, got {inner_reg_fn!r}")
-        transforms = list(grad_transforms) if grad_transforms is not None else []
-        for t in transforms:
-            if not callable(getattr(t, "transform_inner_grads", None)):
-                raise TypeError(
-                    f"grad_transforms entries must have a transform_inner_grads method, got {t!r}"
-                )
+        transforms = check_inner_options(inner_step_fn, inner_reg_fn, grad_transforms)
         self.model = model
         start = dict(model.named_parameters()) if params is None else dict(params)
         if not track_graph:

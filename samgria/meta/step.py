@@ -29,6 +29,7 @@ import torch
 from samgria._checks import check_real
 
 from samgria.meta.base import MetaOptimizer
+from samgria.meta.engine import check_inner_options
 from samgria.meta.functional import check_steps
 from samgria.meta.inner_optim import InnerStepFn
 from samgria.meta.learner import InnerRegFn, Learner
@@ -53,15 +54,9 @@ def _check_pair(name: str, value: Any) -> tuple[Any, Any]:
     return value[0], value[1]
 
 
-def _check_transforms(name: str, transforms: Any) -> list[Any] | None:
-    if transforms is None:
-        return None
-    if not isinstance(transforms, Sequence):
-        raise TypeError(f"{name} must be a sequence of inner-loop gradient transforms, got {transforms!r}")
-    for t in transforms:
-        if not callable(getattr(t, "transform_inner_grads", None)):
-            raise TypeError(f"{name} entries must have a transform_inner_grads method, got {t!r}")
-    return list(transforms)
+def _check_transforms(transforms: Any) -> list[Any] | None:
+    """``None`` (use the default) or the checked transforms."""
+    return None if transforms is None else list(check_inner_options(None, None, transforms))
 
 
 class MetaStep:
@@ -123,16 +118,13 @@ class MetaStep:
             raise TypeError(f"meta must be a samgria MetaOptimizer, got {type(meta).__name__}")
         if not callable(loss_fn):
             raise TypeError(f"loss_fn must be callable, got {loss_fn!r}")
-        if inner_step_fn is not None and not callable(inner_step_fn):
-            raise TypeError(f"inner_step_fn must be callable, got {inner_step_fn!r}")
-        if inner_reg_fn is not None and not callable(inner_reg_fn):
-            raise TypeError(f"inner_reg_fn must be callable, got {inner_reg_fn!r}")
+        check_inner_options(inner_step_fn, inner_reg_fn, None)
         self.meta = meta
         self.loss_fn = loss_fn
         self.inner_steps = None if inner_steps is None else check_steps(inner_steps, "inner_steps")
         self.inner_step_fn = inner_step_fn
         self.inner_reg_fn = inner_reg_fn
-        self.grad_transforms = _check_transforms("grad_transforms", grad_transforms)
+        self.grad_transforms = _check_transforms(grad_transforms)
         self.loss: torch.Tensor | None = None
         # What the algorithm declares: is its outer update formed from the adapted weights?
         self._pseudo_gradient = meta.outer_update == "pseudo_gradient"
@@ -222,7 +214,7 @@ class MetaStep:
         steps = None if inner_steps is None else check_steps(inner_steps, "inner_steps")
         spec = _TaskSpec(
             tuple(support), None if query is None else tuple(query), float(weight), steps,
-            _check_transforms("grad_transforms", grad_transforms),
+            _check_transforms(grad_transforms),
         )
         if not self._specs:
             self.meta.zero_grad()
