@@ -522,7 +522,7 @@ def run_few_shot(setup: FewShotSetup, rounds: int, memory_steps: int, jobs: int)
         "time_ratio": {k: s / seconds["hand"] for k, s in seconds.items()},
         "max_abs_grad_diff_vs_hand_loop": diffs,
         "memory": memory,
-        "memory_ratio": {k: m["extra_mib"] / memory["hand"]["extra_mib"] for k, m in memory.items()} if memory else {},
+        "memory_ratio": {k: m["extra_mib"] / max(memory["hand"]["extra_mib"], 1e-9) for k, m in memory.items()},
         "auto_path": auto.trainer.path,
         "auto_trials_s": auto.measured(),
         "auto_steps": WARMUP["auto"] + rounds,
@@ -545,7 +545,7 @@ def print_few_shot(result: dict[str, Any], threads: int) -> None:
         if kind == "auto":
             label = f"{label} -> {result['auto_path']}"
         if kind not in result["seconds"]:
-            print(f"{label:<32} n/a: {result['vmap_blocker']} (vmap's second-order gradients would be wrong)")
+            print(f"{label:<32}{'n/a':>9}   (second order through {result['vmap_blocker']}: wrong under vmap)")
             continue
         mib = f"{memory[kind]['extra_mib']:>10.0f}{result['memory_ratio'][kind]:>11.2f}" if memory else f"{'-':>10}{'-':>11}"
         diff = f"{diffs[kind]:>12.1e}" if kind in diffs else f"{'-':>12}"

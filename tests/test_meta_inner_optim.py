@@ -170,24 +170,28 @@ def test_inner_sam_with_zero_rho_is_plain_sgd_and_combines_with_regulariser():
 
 
 def test_inner_optimizer_arguments_are_validated():
-    with pytest.raises(ValueError, match=r"momentum must be in \[0, 1\), got 1\.5"):
+    with pytest.raises(ValueError, match=r"momentum must be a finite number in \[0, 1\), got 1\.5"):
         MomentumInnerStep(1.5)
-    with pytest.raises(ValueError, match=r"dampening must be in \[0, 1\), got -0\.1"):
+    with pytest.raises(ValueError, match=r"dampening must be a finite number in \[0, 1\), got -0\.1"):
         MomentumInnerStep(0.9, dampening=-0.1)
     with pytest.raises(ValueError, match="nesterov=True needs momentum > 0 and dampening == 0"):
         MomentumInnerStep(0.0, nesterov=True)
     with pytest.raises(TypeError, match="nesterov must be a bool, got 1"):
         MomentumInnerStep(0.9, nesterov=1)
-    with pytest.raises(ValueError, match=r"betas\[1\] must be in \[0, 1\), got 1\.0"):
+    with pytest.raises(ValueError, match=r"betas\[1\] must be a finite number in \[0, 1\), got 1\.0"):
         AdamInnerStep(betas=(0.9, 1.0))
-    with pytest.raises(TypeError, match="betas must be a pair of floats, got 0.9"):
+    with pytest.raises(TypeError, match=r"betas must be a pair of numbers in \[0, 1\), got 0.9"):
         AdamInnerStep(betas=0.9)
-    with pytest.raises(ValueError, match="eps must be > 0, got 0"):
+    with pytest.raises(ValueError, match="eps must be a finite number > 0, got 0"):
         AdamInnerStep(eps=0)
-    with pytest.raises(ValueError, match=r"rho must be >= 0, got -0\.1"):
+    with pytest.raises(ValueError, match=r"rho must be a finite number >= 0, got -0\.1"):
         InnerSAM(-0.1)
-    with pytest.raises(TypeError, match="rho must be a real number, got '0.1'"):
+    with pytest.raises(TypeError, match="rho must be a finite number >= 0, got '0.1'"):
         InnerSAM("0.1")
+    with pytest.raises(ValueError, match="rho must be a finite number >= 0, got inf"):
+        InnerSAM(float("inf"))
+    with pytest.raises(ValueError, match="eps must be a finite number > 0, got nan"):
+        AdamInnerStep(eps=float("nan"))
 
 
 def test_adam_inner_step_second_order_is_finite_with_zero_gradients():

@@ -21,12 +21,12 @@ minimisation inside the inner loop.
 
 from __future__ import annotations
 
-import math
-import numbers
 from collections.abc import Callable, Mapping
 from typing import Any, Protocol, runtime_checkable
 
 import torch
+
+from samgria._checks import check_bool, check_real
 
 __all__ = [
     "AdamInnerStep",
@@ -100,11 +100,7 @@ def sgd_inner_step(
 
 
 def _check_unit_interval(value: Any, name: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a real number, got {value!r}")
-    if not 0.0 <= float(value) < 1.0:
-        raise ValueError(f"{name} must be in [0, 1), got {value!r}")
-    return float(value)
+    return check_real(name, value, low=0.0, high=1.0, high_open=True)
 
 
 class MomentumInnerStep:
@@ -129,8 +125,7 @@ class MomentumInnerStep:
     def __init__(self, momentum: float = 0.9, dampening: float = 0.0, nesterov: bool = False) -> None:
         self.momentum = _check_unit_interval(momentum, "momentum")
         self.dampening = _check_unit_interval(dampening, "dampening")
-        if not isinstance(nesterov, bool):
-            raise TypeError(f"nesterov must be a bool, got {nesterov!r}")
+        check_bool("nesterov", nesterov)
         if nesterov and (self.momentum <= 0 or self.dampening != 0):
             raise ValueError(
                 f"nesterov=True needs momentum > 0 and dampening == 0, got momentum={momentum!r}, "
@@ -184,13 +179,9 @@ class AdamInnerStep:
 
     def __init__(self, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8) -> None:
         if not isinstance(betas, (tuple, list)) or len(betas) != 2:
-            raise TypeError(f"betas must be a pair of floats, got {betas!r}")
+            raise TypeError(f"betas must be a pair of numbers in [0, 1), got {betas!r}")
         self.betas = (_check_unit_interval(betas[0], "betas[0]"), _check_unit_interval(betas[1], "betas[1]"))
-        if isinstance(eps, bool) or not isinstance(eps, numbers.Real):
-            raise TypeError(f"eps must be a real number, got {eps!r}")
-        if not (float(eps) > 0 and math.isfinite(float(eps))):
-            raise ValueError(f"eps must be > 0, got {eps!r}")
-        self.eps = float(eps)
+        self.eps = check_real("eps", eps, low=0.0, low_open=True)
 
     def __call__(
         self, params: Tensors, grads: Tensors, lrs: Rates, state: dict[str, Any]
@@ -245,11 +236,7 @@ class InnerSAM:
     """
 
     def __init__(self, rho: float = 0.05) -> None:
-        if isinstance(rho, bool) or not isinstance(rho, numbers.Real):
-            raise TypeError(f"rho must be a real number, got {rho!r}")
-        if not (float(rho) >= 0 and math.isfinite(float(rho))):
-            raise ValueError(f"rho must be >= 0, got {rho!r}")
-        self.rho = float(rho)
+        self.rho = check_real("rho", rho, low=0.0)
 
     def transform_inner_grads(
         self,
