@@ -501,6 +501,12 @@ class TransformingOptimizer(WrappingOptimizer):
             self._run_chain(pending.resume_at, None, None, spare_buffers)
         return None
 
+    @property
+    def base_optimizer(self) -> Optimizer:
+        """The wrapped optimizer (the same object as :attr:`inner`), under the name the widely
+        used PyTorch SAM gives it."""
+        return self.inner
+
     @torch.no_grad()
     def first_step(self, zero_grad: bool = False) -> None:
         """First half of a step for loops without a closure (AMP, Hugging Face style).

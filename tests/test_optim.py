@@ -584,3 +584,88 @@ def test_the_wrapped_optimizers_own_checkpoints_keep_working():
     assert "lamp.sum" in optimizer.state[weight]  # the transforms' slots are kept
     optimizer.step(closure)
     assert int(optimizer.state[weight]["step"]) == 2 and int(adam.state[weight]["step"]) == 2
+
+
+# ---------------------------------------------------------------------- coming from the PyTorch SAM
+@pytest.mark.parametrize("transform", [SAM, ASAM])
+def test_a_transform_called_like_the_pytorch_sam_points_to_sam_optimizer(transform):
+    model = nn.Linear(2, 1)
+    name = transform.__name__
+    expected = (
+        rf"samgria\.{name} is a transform, not an optimizer: {name}\(params, base_optimizer, \.\.\.\) is the "
+        r"constructor of the widely used PyTorch SAM\. Use samgria\.sam_optimizer\(params, base_optimizer"
+    )
+    with pytest.raises(TypeError, match=expected):
+        transform(model.parameters(), torch.optim.SGD, rho=0.05)
+    with pytest.raises(TypeError, match=expected):
+        transform(list(model.parameters()))
+    assert transform(0.1).rho == 0.1 and transform(rho=0.2).rho == 0.2  # the transform's own call
+    assert pickle.loads(pickle.dumps(transform(0.3))).rho == 0.3
+
+
+def test_base_optimizer_is_the_inner_optimizer():
+    model = nn.Linear(2, 1)
+    optimizer = sam_optimizer(model.parameters(), torch.optim.SGD, lr=0.1, momentum=0.9)
+    assert optimizer.base_optimizer is optimizer.inner
+    assert optimizer.base_optimizer.param_groups is optimizer.param_groups
+
+
+# ---------------------------------------------------------------------- gradient accumulation
+def _sam_by_hand(weights, loss_of, rho, lr):
+    """One SAM step with SGD on the whole batch, written out (the reference)."""
+    w = [t.detach().clone().requires_grad_(True) for t in weights]
+    grads = torch.autograd.grad(loss_of(w), w)
+    norm = torch.sqrt(sum((g * g).sum() for g in grads))
+    perturbed = [(t + rho * g / norm).detach().requires_grad_(True) for t, g in zip(w, grads)]
+    grads_at_perturbed = torch.autograd.grad(loss_of(perturbed), perturbed)
+    return [t.detach() - lr * g for t, g in zip(w, grads_at_perturbed)]
+
+
+def _accumulation_problem(micro_batches=4, size=5):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 1)).double()
+    xs = torch.randn(micro_batches, size, 3, dtype=torch.float64)
+    ys = torch.randn(micro_batches, size, 1, dtype=torch.float64)
+    return model, xs, ys
+
+
+def _whole_batch_loss(model, xs, ys):
+    def loss_of(weights):
+        names = [n for n, _ in model.named_parameters()]
+        out = torch.func.functional_call(model, dict(zip(names, weights)), (xs.flatten(0, 1),))
+        return nn.functional.mse_loss(out, ys.flatten(0, 1))
+
+    return loss_of
+
+
+def test_gradient_accumulation_in_a_closure_equals_sam_on_the_concatenated_batch():
+    model, xs, ys = _accumulation_problem()
+    expected = _sam_by_hand(list(model.parameters()), _whole_batch_loss(model, xs, ys), rho=0.05, lr=0.1)
+    optimizer = sam_optimizer(model.parameters(), torch.optim.SGD, rho=0.05, lr=0.1)
+
+    def closure():
+        optimizer.zero_grad()
+        total = 0.0
+        for x, y in zip(xs, ys):  # micro-batches of equal size: the mean of means is the mean
+            loss = nn.functional.mse_loss(model(x), y) / len(xs)
+            loss.backward()
+            total += loss.detach()
+        return total
+
+    optimizer.step(closure)
+    for got, want in zip(model.parameters(), expected):
+        torch.testing.assert_close(got.detach(), want, rtol=1e-13, atol=1e-15)
+
+
+def test_gradient_accumulation_in_the_two_call_loop_equals_sam_on_the_concatenated_batch():
+    model, xs, ys = _accumulation_problem()
+    expected = _sam_by_hand(list(model.parameters()), _whole_batch_loss(model, xs, ys), rho=0.05, lr=0.1)
+    optimizer = sam_optimizer(model.parameters(), torch.optim.SGD, rho=0.05, lr=0.1)
+    for x, y in zip(xs, ys):  # first pass over every micro-batch
+        (nn.functional.mse_loss(model(x), y) / len(xs)).backward()
+    optimizer.first_step(zero_grad=True)
+    for x, y in zip(xs, ys):  # second pass, at the perturbed weights
+        (nn.functional.mse_loss(model(x), y) / len(xs)).backward()
+    optimizer.second_step(zero_grad=True)
+    for got, want in zip(model.parameters(), expected):
+        torch.testing.assert_close(got.detach(), want, rtol=1e-13, atol=1e-15)

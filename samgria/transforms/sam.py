@@ -266,6 +266,24 @@ class PerturbationTransform(Transform):
         return Perturbation(moves)
 
 
+def _refuse_optimizer_style_call(cls: type, args: tuple[Any, ...]) -> None:
+    """Point ``SAM(params, base_optimizer, ...)`` -- the widely used PyTorch SAM's constructor --
+    to :func:`samgria.sam_optimizer` instead of failing on the argument binding."""
+    first = args[0] if args else None
+    looks_like_params = isinstance(first, (torch.Tensor, dict, list, tuple, torch.nn.Module)) or (
+        first is not None and not isinstance(first, (str, bytes)) and hasattr(first, "__next__")
+    )
+    if len(args) > 1 or looks_like_params:
+        name = cls.__name__
+        raise TypeError(
+            f"samgria.{name} is a transform, not an optimizer: {name}(params, base_optimizer, ...) is "
+            f"the constructor of the widely used PyTorch SAM. Use samgria.sam_optimizer(params, "
+            f"base_optimizer, rho=..., adaptive=..., **base_kwargs), or "
+            f"samgria.TransformingOptimizer(params, base_optimizer, transforms=[samgria.{name}(rho=...)], "
+            "**base_kwargs)"
+        )
+
+
 class SAM(PerturbationTransform):
     r"""Sharpness-Aware Minimization (Foret et al., ICLR 2021).
 
@@ -283,6 +301,10 @@ class SAM(PerturbationTransform):
     Raises:
         ValueError: If ``rho`` is negative or not finite.
     """
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> SAM:
+        _refuse_optimizer_style_call(cls, args)
+        return super().__new__(cls)
 
     def __init__(self, rho: float = 1e-2) -> None:
         self.rho = check_real("rho", rho, low=0.0)
@@ -332,6 +354,10 @@ class ASAM(PerturbationTransform):
     Raises:
         ValueError: If ``rho`` or ``eta`` is negative or not finite.
     """
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> ASAM:
+        _refuse_optimizer_style_call(cls, args)
+        return super().__new__(cls)
 
     def __init__(self, rho: float = 0.5, eta: float = 0.01, adaptive: bool = True) -> None:
         self.rho = check_real("rho", rho, low=0.0)
