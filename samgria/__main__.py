@@ -134,6 +134,7 @@ def run_demo(
         raise ValueError(f"unknown methods {unknown}; choose from {list(METHODS)}")
     x_train, y_train = make_spirals(n_train, label_noise=label_noise, seed=seed)
     x_test, y_test = make_spirals(n_test, seed=seed + 1)
+    _warm_up(methods, x_train[:batch_size], y_train[:batch_size], lr, width, seed)
     results = []
     for method in methods:
         start = time.perf_counter()
@@ -166,6 +167,26 @@ def run_demo(
             accuracy = float((model(x_test).argmax(dim=1) == y_test).float().mean())
         results.append(DemoResult(method, train_loss, accuracy, time.perf_counter() - start))
     return results
+
+
+def _warm_up(
+    methods: Sequence[str], x: torch.Tensor, y: torch.Tensor, lr: float, width: int, seed: int, steps: int = 3
+) -> None:
+    """A few untimed steps of every method on throwaway models, so that one-off costs (kernel
+    selection, allocator growth, first-call dispatch) do not land on whichever method is timed
+    first."""
+    for method in methods:
+        model = _model(seed, width)
+        optimizer = _optimizer(method, model, lr, seed)
+
+        def closure() -> torch.Tensor:
+            optimizer.zero_grad()
+            loss = F.cross_entropy(model(x), y)
+            loss.backward()
+            return loss
+
+        for _ in range(steps):
+            optimizer.step(closure)
 
 
 def format_table(results: Sequence[DemoResult]) -> str:
