@@ -231,3 +231,27 @@ def test_checkpointed_inner_steps_cannot_be_vmapped():
         meta.task_losses(make_tasks(2), F.mse_loss, vectorize=True)
     with pytest.raises(TypeError, match=r"checkpoint_inner_steps must be a bool, got 1"):
         MAML(mlp(), torch.optim.SGD, lr=0.05, checkpoint_inner_steps=1)
+
+
+def test_trainer_evaluates_with_its_own_inner_loop():
+    from samgria import AdamInnerStep
+
+    meta = MAML(mlp(), torch.optim.SGD, lr=0.1, inner_lr=0.1, inner_steps=2)
+    tasks = make_tasks(2)
+    rule = AdamInnerStep()
+    trainer = MetaTrainer(meta, F.mse_loss, ListSampler([]), vectorize=False, inner_step_fn=rule)
+    with_rule = meta.evaluate(tasks, F.mse_loss, vectorize=False, inner_step_fn=rule)
+    assert trainer.evaluate(tasks) == with_rule
+    assert with_rule != meta.evaluate(tasks, F.mse_loss, vectorize=False)  # the rule matters
+
+
+def test_fit_accepts_numpy_integers():
+    np = pytest.importorskip("numpy")
+    meta = MAML(mlp(), torch.optim.SGD, lr=0.1, inner_lr=0.1)
+    trainer = MetaTrainer(meta, F.mse_loss, ListSampler(make_tasks(4)), vectorize=False)
+    history = trainer.fit(np.int64(2), np.int32(2), progress=False)
+    assert len(history.meta_loss) == 2
+    with pytest.raises(TypeError, match=r"num_iterations must be an integer >= 1, got True"):
+        trainer.fit(True, 2, progress=False)
+    with pytest.raises(ValueError, match=r"meta_batch_size must be an integer >= 1, got 0"):
+        trainer.fit(1, 0, progress=False)

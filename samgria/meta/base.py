@@ -579,6 +579,9 @@ class MetaOptimizer(WrappingOptimizer):
         inner_steps: int | None = None,
         *,
         vectorize: bool | None = None,
+        inner_step_fn: InnerStepFn | None = None,
+        inner_reg_fn: InnerRegFn | None = None,
+        grad_transforms: Sequence[Any] | None = None,
         steps: int | None = None,
     ) -> float:
         """Mean post-adaptation query loss over ``tasks``, without a meta-gradient graph.
@@ -591,6 +594,9 @@ class MetaOptimizer(WrappingOptimizer):
             loss_fn: ``loss_fn(prediction, target) -> scalar``.
             inner_steps: Number of inner steps (default: :attr:`inner_steps`).
             vectorize: As in :meth:`task_losses`.
+            inner_step_fn: Inner update rule (default plain SGD).
+            inner_reg_fn: Inner-loop regulariser.
+            grad_transforms: Inner-loop gradient transforms.
             steps: Former name of ``inner_steps`` (still accepted).
 
         Returns:
@@ -598,7 +604,14 @@ class MetaOptimizer(WrappingOptimizer):
         """
         if vectorize is not None and not isinstance(vectorize, bool):
             raise TypeError(f"vectorize must be None or a bool, got {vectorize!r}")
-        loop = self.inner_loop(one_steps_argument(inner_steps, steps), create_graph=False, track_graph=False)
+        loop = self.inner_loop(
+            one_steps_argument(inner_steps, steps),
+            inner_step_fn=inner_step_fn,
+            inner_reg_fn=inner_reg_fn,
+            grad_transforms=grad_transforms,
+            create_graph=False,
+            track_graph=False,
+        )
         tasks = self._check_tasks(tasks)
         path = None if vectorize is None else ("vmap" if vectorize else "loop")
         if path == "vmap":

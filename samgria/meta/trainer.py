@@ -89,14 +89,6 @@ def _caller_stacklevel() -> int:
     return level
 
 
-def _check_positive_int(name: str, value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {value!r}")
-    if value < 1:
-        raise ValueError(f"{name} must be >= 1, got {value}")
-    return value
-
-
 class MetaTrainer:
     r"""Drive a :class:`~samgria.meta.base.MetaOptimizer` over batches of sampled tasks.
 
@@ -304,8 +296,10 @@ class MetaTrainer:
     def evaluate(self, tasks: Sequence[Task], inner_steps: int | None = None, *, steps: int | None = None) -> float:
         """Mean post-adaptation query loss over ``tasks``; the model is left untouched.
 
-        No second-order graph is built (the inner loop runs first-order). The path follows
-        ``vectorize`` as in training (measured when ``None``).
+        No second-order graph is built (the inner loop runs first-order). The inner loop is the
+        one of training (the trainer's ``inner_step_fn``, ``inner_reg_fn`` and
+        ``grad_transforms``), and the path follows ``vectorize`` as in training (measured when
+        ``None``).
 
         Args:
             tasks: Held-out tasks.
@@ -324,12 +318,14 @@ class MetaTrainer:
         meta = self.meta
         tasks = meta._check_tasks(tasks)
         inner_steps = one_steps_argument(inner_steps, steps)
-        loop = meta.inner_loop(inner_steps, create_graph=False, track_graph=False)
+        loop = meta.inner_loop(inner_steps, create_graph=False, track_graph=False, **self.inner_options)
         candidates = self._candidates(loop, tasks, evaluation=True)
         key = self._key(loop, tasks, evaluation=True)
         path = meta.path_policy.choose(key, candidates)
         return meta.path_policy.timed(
-            key, path, lambda: float(meta.evaluate(tasks, self.loss_fn, inner_steps, vectorize=path == "vmap"))
+            key,
+            path,
+            lambda: float(meta.evaluate(tasks, self.loss_fn, inner_steps, vectorize=path == "vmap", **self.inner_options)),
         )
 
     def fit(
@@ -365,10 +361,10 @@ class MetaTrainer:
                 ``eval_every`` is given without ``eval_tasks``, ``eval_tasks`` is empty, or the
                 sampler returns the wrong number of tasks.
         """
-        num_iterations = _check_positive_int("num_iterations", num_iterations)
-        meta_batch_size = _check_positive_int("meta_batch_size", meta_batch_size)
+        num_iterations = check_int("num_iterations", num_iterations, low=1)
+        meta_batch_size = check_int("meta_batch_size", meta_batch_size, low=1)
         if eval_every is not None:
-            eval_every = _check_positive_int("eval_every", eval_every)
+            eval_every = check_int("eval_every", eval_every, low=1)
             if eval_tasks is None:
                 raise ValueError(f"eval_every={eval_every} needs eval_tasks, got eval_tasks=None")
         if eval_tasks is not None:

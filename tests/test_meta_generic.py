@@ -1,0 +1,938 @@
+"""Contracts every meta-learner keeps, in every configuration of the MetaInfo registry.
+
+Each registry test runs over the entries of ``meta_infos.META_INFOS`` (MAML, FOMAML, Reptile,
+MetaSGD and ANIL with 1-3 inner steps, per-group ``inner_lr`` and ``adapt=False`` groups,
+frozen parameters, momentum / Adam inner rules, ``InnerSAM``, an inner regulariser, checkpointed
+second-order steps, BatchNorm, outer SGD / Adam / an already built SAM ``TransformingOptimizer``):
+
+* every path (loop, vmap, compiled, the ``adapt`` closure API, ``MetaTrainer``) gives the same
+  losses, meta-gradients and outer steps, and the loop equals independent hand-written
+  references (``torch.autograd.grad`` per task; Reptile's pseudo-gradient by hand);
+* inner options act the same on every path;
+* ``state_dict`` round trips continue bit for bit; step hooks fire once per step; pickling and
+  ``copy.deepcopy`` work as in ``torch.optim``;
+* bad inputs fail with the project's messages;
+* a non-finite meta-step changes nothing (weights, outer state), on every path and with an
+  outer SAM ``TransformingOptimizer``.
+
+Then a small transformer encoder with second-order MAML (the loop path with the math attention
+backend), against finite differences and with checkpointed inner steps.
+
+Everything is float64 and tiny; the compiled path uses the ``aot_eager`` backend (Dynamo and
+AOTAutograd tracing of the same program, seconds instead of inductor's tens of seconds;
+inductor itself is covered by ``test_meta_compiled.py``).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import io
+import pickle
+import warnings
+from typing import Any
+
+import pytest
+import torch
+from meta_infos import ALGORITHMS, DT, META_INFOS, MODELS, MetaInfo, info_id, make_tasks, mse, proximal
+from torch import nn
+from torch.func import functional_call
+from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
+
+from samgria.data import Task
+from samgria.meta import (
+    ANIL,
+    FOMAML,
+    MAML,
+    AdamInnerStep,
+    InnerSAM,
+    MetaSGD,
+    MetaTrainer,
+    MomentumInnerStep,
+    Reptile,
+)
+from samgria.meta import engine
+from samgria.meta.compiled import CompiledMetaLoss, compiled_path_blocker
+from samgria.optim import TransformingOptimizer
+
+COMPILE_BACKEND = "aot_eager"
+
+
+def _params(infos: list[MetaInfo]) -> Any:
+    return pytest.mark.parametrize("info", infos, ids=[info_id(i) for i in infos])
+
+
+all_infos = _params(META_INFOS)
+vmap_infos = _params([i for i in META_INFOS if "vmap" in i.paths])
+compiled_infos = _params([i for i in META_INFOS if "compiled" in i.paths])
+checkpoint_infos = _params([i for i in META_INFOS if i.checkpoint and i.second_order])
+reference_infos = _params(
+    [i for i in META_INFOS if i.meta_gradient and i.plain_sgd_inner and i.outer != "sam"]
+)
+reptile_reference_infos = _params(
+    [i for i in META_INFOS if i.algorithm == "Reptile" and i.plain_sgd_inner and i.outer != "sam"]
+)
+sam_outer_infos = _params([i for i in META_INFOS if i.outer == "sam"])
+
+
+# ============================================================================ helpers
+def all_model_tensors(meta) -> dict[str, torch.Tensor]:
+    """Every parameter of the model (frozen ones included) and Meta-SGD's rates."""
+    tensors = dict(meta.model.named_parameters())
+    tensors.update({f"inner_lrs[{n}]": r for n, r in getattr(meta, "inner_lrs", {}).items()})
+    return tensors
+
+
+@dataclasses.dataclass
+class Outcome:
+    """What one outer step produced: the meta-loss (and per-task losses), the gradients the
+    outer optimizer saw, and the weights after the step."""
+
+    loss: torch.Tensor
+    losses: torch.Tensor | None
+    grads: dict[str, torch.Tensor | None]
+    weights: dict[str, torch.Tensor]
+
+
+def snapshot_grads(meta) -> dict[str, torch.Tensor | None]:
+    return {n: None if t.grad is None else t.grad.detach().clone() for n, t in all_model_tensors(meta).items()}
+
+
+def snapshot_weights(meta) -> dict[str, torch.Tensor]:
+    return {n: t.detach().clone() for n, t in all_model_tensors(meta).items()}
+
+
+def task_losses_closure(info: MetaInfo, meta, tasks, path: str, record: dict, compiled=None):
+    """The closure of one outer step on ``path`` (``"loop"``, ``"vmap"``, ``"default"`` for
+    ``vectorize=None``, ``"compiled"`` or ``"adapt"`` for the per-task ``meta.adapt`` API)."""
+
+    def closure():
+        meta.zero_grad()
+        losses = None
+        if path == "compiled":
+            loss = compiled.backward(tasks)
+        elif path == "adapt":
+            per_task = []
+            for t in tasks:
+                learner = meta.adapt(lambda f, t=t: mse(f(t.support_x), t.support_y), **info.inner_options)
+                per_task.append(mse(learner(t.query_x), t.query_y))
+            losses = torch.stack(per_task)
+            loss = losses.mean()
+        else:
+            vectorize = {"loop": False, "vmap": True, "default": None}[path]
+            losses = meta.task_losses(tasks, mse, vectorize=vectorize, **info.inner_options)
+            loss = losses.mean()
+        if path != "compiled" and meta.outer_update == "meta_gradient":
+            loss.backward()
+        record.setdefault("loss", loss.detach().clone())
+        if losses is not None:
+            record.setdefault("losses", losses.detach().clone())
+        return loss.detach()
+
+    return closure
+
+
+def one_step(info: MetaInfo, meta, tasks, path: str = "loop", compiled=None) -> Outcome:
+    record: dict[str, Any] = {}
+    meta.step(task_losses_closure(info, meta, tasks, path, record, compiled))
+    return Outcome(record["loss"], record.get("losses"), snapshot_grads(meta), snapshot_weights(meta))
+
+
+def fresh(info: MetaInfo, seed: int = 0, **meta_kwargs):
+    model = info.make_model(seed)
+    return model, info.build(model, **meta_kwargs)
+
+
+def assert_tensors(actual, expected, rtol: float, atol: float, what: str, none_is_zero: bool = False) -> None:
+    if none_is_zero:
+        if actual is None and expected is not None:
+            actual = torch.zeros_like(expected)
+        if expected is None and actual is not None:
+            expected = torch.zeros_like(actual)
+    if expected is None or actual is None:
+        assert actual is None and expected is None, f"{what}: one gradient is None, the other is not"
+        return
+    assert actual.dtype == expected.dtype and actual.shape == expected.shape, what
+    if rtol == 0 and atol == 0:
+        assert torch.equal(actual, expected), f"{what}: not bitwise equal, max diff {(actual - expected).abs().max()}"
+    else:
+        torch.testing.assert_close(actual, expected, rtol=rtol, atol=atol, msg=lambda m: f"{what}: {m}")
+
+
+def assert_outcomes(actual: Outcome, expected: Outcome, rtol: float, atol: float, none_is_zero: bool = False) -> None:
+    assert_tensors(actual.loss, expected.loss, rtol, atol, "meta-loss")
+    if actual.losses is not None and expected.losses is not None:
+        assert_tensors(actual.losses, expected.losses, rtol, atol, "task losses")
+    assert actual.grads.keys() == expected.grads.keys()
+    for n in expected.grads:
+        assert_tensors(actual.grads[n], expected.grads[n], rtol, atol, f"grad of {n}", none_is_zero)
+    for n in expected.weights:
+        assert_tensors(actual.weights[n], expected.weights[n], rtol, atol, f"weight {n} after the step")
+
+
+def assert_state_equal(actual: Any, expected: Any, where: str = "state_dict") -> None:
+    """Nested dicts/lists equal, tensors bit for bit."""
+    if isinstance(expected, torch.Tensor):
+        assert isinstance(actual, torch.Tensor) and actual.dtype == expected.dtype, where
+        assert torch.equal(actual, expected), where
+    elif isinstance(expected, dict):
+        assert actual.keys() == expected.keys(), where
+        for key in expected:
+            assert_state_equal(actual[key], expected[key], f"{where}[{key!r}]")
+    elif isinstance(expected, (list, tuple)):
+        assert len(actual) == len(expected), where
+        for i, (a, b) in enumerate(zip(actual, expected)):
+            assert_state_equal(a, b, f"{where}[{i}]")
+    else:
+        assert actual == expected, where
+
+
+def poisoned(tasks: list[Task], field: str) -> list[Task]:
+    """A copy of ``tasks`` whose second task has a NaN in ``field``."""
+    out = [copy.deepcopy(t) for t in tasks]
+    value = getattr(out[1], field).clone()
+    value[0, 0] = float("nan")
+    setattr(out[1], field, value)
+    return out
+
+
+class ListSampler:
+    """A task sampler returning fixed batches."""
+
+    def __init__(self, tasks):
+        self.tasks = tasks
+
+    def sample(self, n):
+        return list(self.tasks[:n])
+
+
+TASKS = make_tasks()
+TASKS_2 = make_tasks(seed=2)
+
+
+# ============================================================================ the registry
+def test_registry_has_several_configurations_of_every_algorithm():
+    for algorithm in ALGORITHMS:
+        infos = [i for i in META_INFOS if i.algorithm == algorithm]
+        assert len(infos) >= 5, algorithm
+        assert {i.inner_steps for i in infos} >= {1, 2, 3} or algorithm == "MetaSGD", algorithm
+        assert any(not i.plain_sgd_inner for i in infos), algorithm
+        assert any(i.outer == "sam" for i in infos), algorithm
+    assert len([i for i in META_INFOS if "compiled" in i.paths]) == 2
+    assert any("compiled" in i.paths and i.inner_step_fn is not None for i in META_INFOS)
+
+
+@all_infos
+def test_declared_paths_match_the_engine_vmap_and_compiled_blockers(info):
+    model, meta = fresh(info)
+    loop = meta.inner_loop(**info.inner_options)
+    blocker = engine.vmap_blocker(model, loop, TASKS)
+    assert (blocker is None) == ("vmap" in info.paths), blocker
+    if info.vmap_blocker is not None:
+        assert info.vmap_blocker in blocker
+    compiled_blocker = compiled_path_blocker(meta, TASKS, loop)
+    assert (compiled_blocker is None) == (blocker is None and info.meta_gradient), compiled_blocker
+    # the loop describes what the registry declares
+    assert dict(loop.lrs).keys() == info.adapted_lrs(model).keys()
+    assert loop.inner_steps == info.inner_steps
+    assert loop.second_order == info.second_order
+    assert meta.default_path(loop, TASKS) == ("vmap" if blocker is None else "loop")
+    assert type(meta).outer_update == ("meta_gradient" if info.meta_gradient else "pseudo_gradient")
+    assert type(meta).needs_query is info.meta_gradient
+
+
+# ============================================================================ paths agree
+@vmap_infos
+def test_loop_and_vmap_give_the_same_losses_meta_gradients_and_step(info):
+    _, loop_meta = fresh(info)
+    _, vmap_meta = fresh(info)
+    loop = one_step(info, loop_meta, TASKS, "loop")
+    vmap = one_step(info, vmap_meta, TASKS, "vmap")
+    assert any(g is not None and g.abs().sum() > 0 for g in loop.grads.values())
+    assert_outcomes(vmap, loop, rtol=1e-10, atol=1e-12)
+    # evaluation (no graph, plain SGD inner steps) agrees too
+    assert vmap_meta.evaluate(TASKS_2, mse, vectorize=True) == pytest.approx(
+        loop_meta.evaluate(TASKS_2, mse, vectorize=False), rel=1e-12, abs=1e-14
+    )
+
+
+@all_infos
+def test_default_path_is_bitwise_the_path_it_chooses(info):
+    _, default_meta = fresh(info)
+    _, explicit_meta = fresh(info)
+    chosen = info.paths[1] if "vmap" in info.paths else "loop"
+    default = one_step(info, default_meta, TASKS, "default")
+    explicit = one_step(info, explicit_meta, TASKS, chosen)
+    assert_outcomes(default, explicit, rtol=0, atol=0)
+
+
+@compiled_infos
+def test_compiled_path_equals_the_loop(info):
+    _, loop_meta = fresh(info)
+    _, compiled_meta = fresh(info)
+    compiled = CompiledMetaLoss(compiled_meta, mse, backend=COMPILE_BACKEND, **info.inner_options)
+    loop = one_step(info, loop_meta, TASKS, "loop")
+    result = one_step(info, compiled_meta, TASKS, "compiled", compiled)
+    assert compiled.num_programs == 1
+    assert_outcomes(result, loop, rtol=1e-10, atol=1e-12, none_is_zero=True)
+    # a second meta-batch runs the same program from the updated weights
+    loop = one_step(info, loop_meta, TASKS_2, "loop")
+    result = one_step(info, compiled_meta, TASKS_2, "compiled", compiled)
+    assert compiled.num_programs == 1
+    assert_outcomes(result, loop, rtol=1e-10, atol=1e-12, none_is_zero=True)
+
+
+@checkpoint_infos
+def test_checkpointed_inner_steps_equal_the_plain_loop_bitwise(info):
+    plain_info = dataclasses.replace(info, checkpoint=False)
+    _, plain_meta = fresh(plain_info)
+    _, checkpointed_meta = fresh(info)
+    assert checkpointed_meta.checkpoint_inner_steps and not plain_meta.checkpoint_inner_steps
+    for tasks in (TASKS, TASKS_2):
+        plain = one_step(plain_info, plain_meta, tasks, "loop")
+        checkpointed = one_step(info, checkpointed_meta, tasks, "loop")
+        assert_outcomes(checkpointed, plain, rtol=0, atol=0)
+    # the per-task adapt API checkpoints the same way
+    assert_outcomes(one_step(info, checkpointed_meta, TASKS, "adapt"), one_step(plain_info, plain_meta, TASKS, "adapt"), 0, 0)
+
+
+@all_infos
+def test_adapt_closure_api_equals_task_losses_on_the_loop_bitwise(info):
+    _, adapt_meta = fresh(info)
+    _, loop_meta = fresh(info)
+    assert_outcomes(one_step(info, adapt_meta, TASKS, "adapt"), one_step(info, loop_meta, TASKS, "loop"), rtol=0, atol=0)
+
+
+@all_infos
+def test_meta_trainer_steps_and_evaluates_like_the_meta_optimizer(info):
+    for path in info.paths:
+        if path == "compiled":
+            continue
+        _, trainer_meta = fresh(info)
+        _, meta = fresh(info)
+        trainer = MetaTrainer(
+            trainer_meta, mse, ListSampler(TASKS), vectorize=path == "vmap", **info.inner_options
+        )
+        loss = trainer.train_step(TASKS)
+        assert trainer.path == path
+        expected = one_step(info, meta, TASKS, path)
+        # the trainer back-propagates sum_i loss_i / n (per task on the loop): other rounding
+        assert loss == pytest.approx(float(expected.loss), rel=1e-12)
+        assert_outcomes(
+            Outcome(expected.loss, None, snapshot_grads(trainer_meta), snapshot_weights(trainer_meta)),
+            expected, rtol=1e-10, atol=1e-12,
+        )
+        evaluated = trainer.evaluate(TASKS_2)  # with the trainer's inner loop (its options)
+        assert evaluated == trainer_meta.evaluate(TASKS_2, mse, vectorize=path == "vmap", **info.inner_options)
+        assert evaluated == pytest.approx(
+            meta.evaluate(TASKS_2, mse, vectorize=path == "vmap", **info.inner_options), rel=1e-12
+        )
+
+
+# ============================================================================ references
+def reference_maml_family(info: MetaInfo, model: nn.Module, tasks: list[Task]):
+    """Per-task inner loop by hand: plain SGD steps with ``torch.autograd.grad`` on
+    ``functional_call``, the step sizes of the declaration (learnable tensors for Meta-SGD),
+    second order unless declared first order; returns the per-task query losses and the
+    gradient of their mean w.r.t. every trainable meta-parameter (and Meta-SGD's rates)."""
+    theta = {n: p.detach().clone().requires_grad_(p.requires_grad) for n, p in model.named_parameters()}
+    buffers = {n: b.detach().clone() for n, b in model.named_buffers()}
+    lrs = info.adapted_lrs(model)
+    if info.algorithm == "MetaSGD":
+        rates = {n: torch.full_like(theta[n], lr).requires_grad_(True) for n, lr in lrs.items()}
+    else:
+        rates = dict(lrs)
+
+    def forward(weights, x):
+        return functional_call(model, ({**theta, **weights}, {n: b.clone() for n, b in buffers.items()}), (x,))
+
+    losses = []
+    for task in tasks:
+        fast = {n: theta[n] for n in lrs}
+        for _ in range(info.inner_steps):
+            loss = mse(forward(fast, task.support_x), task.support_y)
+            if info.inner_reg_fn is not None:
+                loss = loss + info.inner_reg_fn({**theta, **fast}, theta)
+            names = list(fast)
+            grads = torch.autograd.grad(loss, [fast[n] for n in names], create_graph=info.second_order)
+            fast = {n: fast[n] - rates[n] * g for n, g in zip(names, grads)}
+        losses.append(mse(forward(fast, task.query_x), task.query_y))
+    losses = torch.stack(losses)
+    wrt = {n: t for n, t in theta.items() if t.requires_grad}
+    if info.algorithm == "MetaSGD":
+        wrt.update({f"inner_lrs[{n}]": r for n, r in rates.items()})
+    grads = torch.autograd.grad(losses.mean(), list(wrt.values()), allow_unused=True)
+    return losses.detach(), dict(zip(wrt, grads))
+
+
+@reference_infos
+def test_loop_meta_gradient_equals_a_hand_written_per_task_reference(info):
+    model, meta = fresh(info)
+    expected_losses, expected = reference_maml_family(info, model, TASKS)
+    meta.zero_grad()
+    losses = meta.task_losses(TASKS, mse, vectorize=False, **info.inner_options)
+    losses.mean().backward()
+    torch.testing.assert_close(losses.detach(), expected_losses, rtol=1e-12, atol=1e-14)
+    tensors = all_model_tensors(meta)
+    for name, tensor in tensors.items():
+        if name not in expected:
+            assert tensor.grad is None, f"{name} is frozen and must get no gradient"
+            continue
+        ref = expected[name] if expected[name] is not None else torch.zeros_like(tensor)
+        got = tensor.grad if tensor.grad is not None else torch.zeros_like(tensor)
+        torch.testing.assert_close(got, ref, rtol=1e-10, atol=1e-13, msg=lambda m, n=name: f"{n}: {m}")
+    # the reference distinguishes the orders: it is not the first-order gradient when second order
+    if info.second_order:
+        _, first_order = reference_maml_family(dataclasses.replace(info, first_order=True), model, TASKS)
+        assert any(
+            g is not None and not torch.allclose(g, expected[n], rtol=1e-6, atol=1e-9) for n, g in first_order.items()
+        )
+
+
+def reference_reptile_pseudo_gradient(info: MetaInfo, model: nn.Module, tasks: list[Task]) -> dict[str, torch.Tensor]:
+    """theta - mean_i(theta'_i) with theta'_i from ``inner_steps`` plain SGD steps by hand."""
+    theta = {n: p.detach().clone() for n, p in model.named_parameters()}
+    buffers = {n: b.detach().clone() for n, b in model.named_buffers()}
+    lrs = info.adapted_lrs(model)
+    mean = {n: torch.zeros_like(theta[n]) for n in lrs}
+    for task in tasks:
+        fast = {n: theta[n].clone() for n in lrs}
+        for _ in range(info.inner_steps):
+            leaves = {n: v.requires_grad_(True) for n, v in fast.items()}
+            current = {**theta, **leaves}
+            out = functional_call(model, (current, {n: b.clone() for n, b in buffers.items()}), (task.support_x,))
+            loss = mse(out, task.support_y)
+            if info.inner_reg_fn is not None:
+                loss = loss + info.inner_reg_fn(current, theta)
+            grads = torch.autograd.grad(loss, list(leaves.values()))
+            fast = {n: (leaves[n] - lrs[n] * g).detach() for n, g in zip(leaves, grads)}
+        for n in lrs:
+            mean[n] += fast[n] / len(tasks)
+    return {n: theta[n] - mean[n] for n in lrs}
+
+
+@reptile_reference_infos
+@pytest.mark.parametrize("path", ["loop", "vmap", "adapt"])
+def test_reptile_pseudo_gradient_equals_the_hand_written_formula(info, path):
+    model, meta = fresh(info)
+    theta = snapshot_weights(meta)
+    expected = reference_reptile_pseudo_gradient(info, model, TASKS)
+    outcome = one_step(info, meta, TASKS, path)
+    for name, weight in theta.items():
+        if name not in expected:
+            assert outcome.grads[name] is None, f"{name} is not adapted and must get no pseudo-gradient"
+            assert torch.equal(outcome.weights[name], weight)
+            continue
+        torch.testing.assert_close(outcome.grads[name], expected[name], rtol=1e-10, atol=1e-13)
+        if info.outer == "sgd":  # theta <- theta - beta * (theta - mean theta')
+            lr = meta.param_groups[0]["lr"]
+            torch.testing.assert_close(outcome.weights[name], weight - lr * expected[name], rtol=1e-12, atol=1e-14)
+
+
+# ============================================================================ inner options
+INNER_OPTIONS = {
+    "inner_step_fn": MomentumInnerStep(0.9),
+    "inner_reg_fn": proximal,
+    "grad_transforms": (InnerSAM(0.05),),
+}
+
+
+@pytest.mark.parametrize("algorithm", ALGORITHMS)
+@pytest.mark.parametrize("option", ["inner_step_fn", "inner_reg_fn", "grad_transforms", "all"])
+def test_inner_options_act_the_same_on_the_loop_vmap_and_adapt_paths(algorithm, option):
+    base = MetaInfo(f"{algorithm}-options", algorithm, inner_steps=2)
+    chosen = INNER_OPTIONS if option == "all" else {option: INNER_OPTIONS[option]}
+    info = dataclasses.replace(base, **chosen)
+    outcomes = {path: one_step(info, fresh(info)[1], TASKS, path) for path in ("loop", "vmap", "adapt")}
+    assert_outcomes(outcomes["vmap"], outcomes["loop"], rtol=1e-10, atol=1e-12)
+    assert_outcomes(outcomes["adapt"], outcomes["loop"], rtol=0, atol=0)
+    # the option is applied on every path: without it, every path gives something else
+    plain = one_step(base, fresh(base)[1], TASKS, "vmap")
+    for path, outcome in outcomes.items():
+        differs = [
+            n for n, g in outcome.grads.items()
+            if g is not None and not torch.allclose(g, plain.grads[n], rtol=1e-8, atol=1e-10)
+        ]
+        assert differs, f"{option} changed nothing on the {path} path"
+    # MetaTrainer hands them to both paths as well
+    for path in ("loop", "vmap"):
+        _, meta = fresh(info)
+        trainer = MetaTrainer(meta, mse, ListSampler(TASKS), vectorize=path == "vmap", **chosen)
+        trainer.train_step(TASKS)
+        for n, w in snapshot_weights(meta).items():
+            torch.testing.assert_close(w, outcomes[path].weights[n], rtol=1e-10, atol=1e-12)
+
+
+# ============================================================================ state dicts
+def state_dict_via_torch_save(meta) -> dict:
+    buffer = io.BytesIO()
+    torch.save(meta.state_dict(), buffer)
+    buffer.seek(0)
+    return torch.load(buffer)
+
+
+@all_infos
+def test_state_dict_round_trip_into_a_fresh_meta_optimizer_continues_bit_for_bit(info):
+    model, meta = fresh(info)
+    one_step(info, meta, TASKS)
+    one_step(info, meta, TASKS_2)
+    saved = state_dict_via_torch_save(meta)
+    if info.algorithm == "MetaSGD":
+        assert saved["inner_lrs"].keys() == meta.inner_lrs.keys()
+        assert any(not torch.equal(v, torch.full_like(v, info.inner_lr)) for v in saved["inner_lrs"].values())
+
+    twin_model = info.make_model(seed=123)  # other initial weights, overwritten below
+    twin_model.load_state_dict(model.state_dict())
+    twin = info.build(twin_model)
+    twin.load_state_dict(saved)
+    assert_state_equal(twin.state_dict(), meta.state_dict())
+    if info.algorithm == "MetaSGD":
+        for n, rate in meta.inner_lrs.items():
+            assert torch.equal(twin.inner_lrs[n], rate)
+            assert twin.inner_lrs[n] is not rate
+    if info.algorithm == "ANIL":
+        assert twin.head_names == meta.head_names
+
+    continued = one_step(info, meta, TASKS)
+    resumed = one_step(info, twin, TASKS)
+    assert_outcomes(resumed, continued, rtol=0, atol=0)
+    assert_state_equal(twin.state_dict(), meta.state_dict())
+
+
+# ============================================================================ hooks, pickling
+@all_infos
+def test_step_pre_and_post_hooks_fire_once_per_step(info):
+    _, meta = fresh(info)
+    seen = []
+    handles = [
+        meta.register_step_pre_hook(lambda opt, args, kwargs: seen.append(("pre", opt))),
+        meta.register_step_post_hook(lambda opt, args, kwargs: seen.append(("post", opt))),
+        register_optimizer_step_pre_hook(lambda opt, args, kwargs: seen.append(("global-pre", opt))),
+        register_optimizer_step_post_hook(lambda opt, args, kwargs: seen.append(("global-post", opt))),
+    ]
+    try:
+        one_step(info, meta, TASKS)
+        one_step(info, meta, TASKS_2)
+    finally:
+        for handle in handles:
+            handle.remove()
+    kinds = [kind for kind, _ in seen]
+    assert kinds == ["global-pre", "pre", "post", "global-post"] * 2
+    assert all(opt is meta for _, opt in seen)
+
+
+def plain_torch_optimizer_with_hooks():
+    model = nn.Linear(2, 1).to(DT)
+    opt = torch.optim.Adam(model.parameters(), lr=0.1)
+    opt.register_step_pre_hook(lambda *a: None)
+    opt.register_step_post_hook(lambda *a: None)
+    opt.register_state_dict_pre_hook(lambda *a: None)
+    return opt
+
+
+@all_infos
+@pytest.mark.parametrize("how", ["pickle", "deepcopy"])
+def test_pickle_and_deepcopy_give_an_independent_twin_that_continues_identically(info, how):
+    clone = (lambda obj: pickle.loads(pickle.dumps(obj))) if how == "pickle" else copy.deepcopy
+    _, meta = fresh(info)
+    one_step(info, meta, TASKS)
+    for register in (meta.register_step_pre_hook, meta.register_step_post_hook, meta.register_state_dict_pre_hook):
+        register(lambda *a: None)
+
+    twin = clone(meta)
+    # hooks are dropped, as torch.optim drops them
+    torch_twin = clone(plain_torch_optimizer_with_hooks())
+    for attr in ("_optimizer_step_pre_hooks", "_optimizer_step_post_hooks", "_optimizer_state_dict_pre_hooks"):
+        assert len(getattr(torch_twin, attr)) == 0
+        assert len(getattr(twin, attr)) == 0
+        assert len(getattr(meta, attr)) == 1
+    # the twin's groups are its outer optimizer's and hold its own model's tensors
+    assert twin.param_groups is twin.outer.param_groups
+    assert type(twin.outer) is type(meta.outer)
+    twin_tensors = {id(t) for t in all_model_tensors(twin).values()}
+    assert all(id(p) in twin_tensors for g in twin.param_groups for p in g["params"])
+    assert not twin_tensors & {id(t) for t in all_model_tensors(meta).values()}
+    if info.algorithm == "ANIL":
+        assert twin.head is twin.model[-1]
+    assert_state_equal(twin.state_dict(), meta.state_dict())
+
+    assert_outcomes(one_step(info, twin, TASKS_2), one_step(info, meta, TASKS_2), rtol=0, atol=0)
+
+
+# ============================================================================ bad inputs
+def _model() -> nn.Module:
+    return META_INFOS[0].make_model()
+
+
+def _maml(**kw) -> MAML:
+    return MAML(_model(), torch.optim.SGD, lr=0.1, **kw)
+
+
+class NoTransform:
+    def __repr__(self) -> str:
+        return "NoTransform()"
+
+
+CONSTRUCTORS = {
+    "MAML": lambda m, **kw: MAML(m, torch.optim.SGD, lr=0.1, **kw),
+    "FOMAML": lambda m, **kw: FOMAML(m, torch.optim.SGD, lr=0.1, **kw),
+    "Reptile": lambda m, **kw: Reptile(m, torch.optim.SGD, lr=0.1, **kw),
+    "MetaSGD": lambda m, **kw: MetaSGD(m, torch.optim.SGD, lr=0.1, **kw),
+    "ANIL": lambda m, **kw: ANIL(m, torch.optim.SGD, head=m[-1], lr=0.1, **kw),
+}
+
+CONSTRUCTOR_ERRORS = [
+    ({"inner_lr": -0.1}, ValueError, r"^inner_lr must be a finite number >= 0, got -0\.1$"),
+    ({"inner_lr": float("nan")}, ValueError, r"^inner_lr must be a finite number >= 0, got nan$"),
+    ({"inner_lr": True}, TypeError, r"^inner_lr must be a finite number >= 0, got True$"),
+    ({"inner_steps": True}, TypeError, r"^inner_steps must be an integer >= 0, got True$"),
+    ({"inner_steps": 2.0}, TypeError, r"^inner_steps must be an integer >= 0, got 2\.0$"),
+    ({"inner_steps": -1}, ValueError, r"^inner_steps must be an integer >= 0, got -1$"),
+    ({"non_finite": "maybe"}, ValueError, r"^non_finite must be one of 'skip', 'raise', got 'maybe'$"),
+    ({"checkpoint_inner_steps": "yes"}, TypeError, r"^checkpoint_inner_steps must be a bool, got 'yes'$"),
+]
+
+
+@pytest.mark.parametrize("algorithm", ALGORITHMS)
+@pytest.mark.parametrize(
+    "kwargs,error,match", CONSTRUCTOR_ERRORS, ids=[f"{k}={v!r}" for kw, _, _ in CONSTRUCTOR_ERRORS for k, v in kw.items()]
+)
+def test_constructors_reject_bad_arguments_with_the_project_message(algorithm, kwargs, error, match):
+    with pytest.raises(error, match=match):
+        CONSTRUCTORS[algorithm](_model(), **kwargs)
+
+
+def test_numpy_integer_inner_steps_are_accepted():
+    np = pytest.importorskip("numpy")
+    meta = _maml(inner_steps=np.int64(2))
+    assert meta.inner_steps == 2 and type(meta.inner_steps) is int
+    assert meta.inner_loop(np.int32(3)).inner_steps == 3
+
+
+def unequal_tasks() -> list[Task]:
+    return make_tasks(n=3, sizes=[5, 5, 6])
+
+
+CALL_ERRORS = [
+    # (id, call(meta), error, match)
+    ("tasks-empty", lambda m: m.task_losses([], mse), ValueError,
+     r"^tasks must be a non-empty sequence of Task, got 0 tasks$"),
+    ("tasks-a-task", lambda m: m.task_losses(TASKS[0], mse), TypeError,
+     r"^tasks must be a sequence of Task, got Task$"),
+    ("tasks-not-tasks", lambda m: m.task_losses([TASKS[0], (1, 2)], mse), TypeError,
+     r"^tasks\[1\] must be a Task, got tuple$"),
+    ("evaluate-empty", lambda m: m.evaluate([], mse), ValueError,
+     r"^tasks must be a non-empty sequence of Task, got 0 tasks$"),
+    ("loss-fn", lambda m: m.task_losses(TASKS, "mse"), TypeError, r"^loss_fn must be callable, got 'mse'$"),
+    ("vectorize-not-bool", lambda m: m.task_losses(TASKS, mse, vectorize="yes"), TypeError,
+     r"^vectorize must be None or a bool, got 'yes'$"),
+    ("vectorize-unequal-shapes", lambda m: m.task_losses(unequal_tasks(), mse, vectorize=True), ValueError,
+     r"^vectorize=True cannot be honoured: the tasks do not all have equal shapes, dtypes and devices; "
+     r"use vectorize=None/False$"),
+    ("evaluate-vectorize-unequal-shapes", lambda m: m.evaluate(unequal_tasks(), mse, vectorize=True), ValueError,
+     r"^vectorize=True cannot be honoured: the tasks do not all have equal shapes"),
+    ("inner-steps-bool", lambda m: m.task_losses(TASKS, mse, inner_steps=True), TypeError,
+     r"^inner_steps must be an integer >= 0, got True$"),
+    ("inner-steps-negative", lambda m: m.task_losses(TASKS, mse, inner_steps=-2), ValueError,
+     r"^inner_steps must be an integer >= 0, got -2$"),
+    ("adapt-inner-steps-float", lambda m: m.adapt(lambda f: f(TASKS[0].support_x).sum(), 1.5), TypeError,
+     r"^inner_steps must be an integer >= 0, got 1\.5$"),
+    ("inner-step-fn", lambda m: m.task_losses(TASKS, mse, inner_step_fn=3), TypeError,
+     r"^inner_step_fn must be callable, got 3$"),
+    ("inner-reg-fn", lambda m: m.task_losses(TASKS, mse, inner_reg_fn="l2"), TypeError,
+     r"^inner_reg_fn must be callable, got 'l2'$"),
+    ("grad-transforms-entry", lambda m: m.task_losses(TASKS, mse, grad_transforms=[NoTransform()]), TypeError,
+     r"^grad_transforms entries must have a transform_inner_grads method, got NoTransform\(\)$"),
+    ("grad-transforms-not-a-sequence", lambda m: m.task_losses(TASKS, mse, grad_transforms=InnerSAM()), TypeError,
+     r"^grad_transforms must be a sequence of inner-loop gradient transforms, got InnerSAM\(rho=0\.05\)$"),
+    ("adapt-inner-step-fn", lambda m: m.adapt(lambda f: f(TASKS[0].support_x).sum(), inner_step_fn=3), TypeError,
+     r"^inner_step_fn must be callable, got 3$"),
+    ("adapt-grad-transforms-entry",
+     lambda m: m.adapt(lambda f: f(TASKS[0].support_x).sum(), grad_transforms=[NoTransform()]), TypeError,
+     r"^grad_transforms entries must have a transform_inner_grads method, got NoTransform\(\)$"),
+    ("adapt-closure", lambda m: m.adapt(3), TypeError, r"^support_closure must be callable, got 3$"),
+    ("adapt-weight", lambda m: m.adapt(lambda f: f(TASKS[0].support_x).sum(), weight=-1.0), ValueError,
+     r"^weight must be a finite number >= 0, got -1\.0$"),
+    ("step-closure", lambda m: m.step(3), TypeError, r"^closure must be callable, got 3$"),
+    ("create-graph", lambda m: m.task_losses(TASKS, mse, create_graph="yes"), TypeError,
+     r"^create_graph must be a bool, got 'yes'$"),
+    ("group-inner-lr-edited", lambda m: (m.param_groups[0].__setitem__("inner_lr", -1.0), m.task_losses(TASKS, mse)),
+     ValueError, r"^param_groups\[0\]\['inner_lr'\] must be a finite number >= 0, got -1\.0$"),
+]
+
+
+@pytest.mark.parametrize("algorithm", ALGORITHMS)
+@pytest.mark.parametrize("call,error,match", [c[1:] for c in CALL_ERRORS], ids=[c[0] for c in CALL_ERRORS])
+def test_calls_reject_bad_arguments_with_the_project_message_and_change_nothing(algorithm, call, error, match):
+    model = _model()
+    meta = CONSTRUCTORS[algorithm](model)
+    before = snapshot_weights(meta)
+    with pytest.raises(error, match=match):
+        call(meta)
+    for n, w in before.items():
+        assert torch.equal(all_model_tensors(meta)[n], w)
+
+
+def test_vectorize_true_names_why_vmap_cannot_run_second_order_loops():
+    checkpointed = _maml(checkpoint_inner_steps=True, inner_steps=2)
+    with pytest.raises(ValueError, match=r"^vectorize=True cannot be honoured: checkpointed inner steps need the loop path"):
+        checkpointed.task_losses(TASKS, mse, vectorize=True)
+    bn = MAML(MODELS["bn_mlp"](0), torch.optim.SGD, lr=0.1)
+    with pytest.raises(
+        ValueError,
+        match=r"^vectorize=True cannot be honoured: second-order gradients through 1 \(BatchNorm1d\) are wrong "
+        r"under torch\.func\.vmap \(pytorch/functorch#534\); use vectorize=None/False$",
+    ):
+        bn.task_losses(TASKS, mse, vectorize=True)
+
+
+def test_other_constructor_and_trainer_errors():
+    model = _model()
+    with pytest.raises(TypeError, match=r"^Reptile is always first order; got first_order=True$"):
+        Reptile(model, torch.optim.SGD, first_order=True, lr=0.1)
+    with pytest.raises(TypeError, match=r"^FOMAML is always first order; got first_order=False"):
+        FOMAML(model, torch.optim.SGD, first_order=False, lr=0.1)
+    with pytest.raises(ValueError, match=r"^head must be a submodule of model"):
+        ANIL(model, torch.optim.SGD, head=nn.Linear(5, 1), lr=0.1)
+    with pytest.raises(TypeError, match=r"^lrs_group must be a dict of param-group options, got 3$"):
+        MetaSGD(model, torch.optim.SGD, lrs_group=3, lr=0.1)
+    with pytest.raises(ValueError, match=r"^meta cannot use the compiled path: Reptile forms its outer update"):
+        CompiledMetaLoss(Reptile(model, torch.optim.SGD, lr=0.1), mse)
+    meta = MAML(model, torch.optim.SGD, lr=0.1)
+    with pytest.raises(ValueError, match=r"^max_skipped_steps must be an integer >= 1, got 0$"):
+        MetaTrainer(meta, mse, ListSampler(TASKS), max_skipped_steps=0)
+    with pytest.raises(TypeError, match=r"^inner_step_fn must be callable, got 3$"):
+        MetaTrainer(meta, mse, ListSampler(TASKS), inner_step_fn=3)
+    with pytest.raises(TypeError, match=r"^grad_transforms entries must have a transform_inner_grads method"):
+        MetaTrainer(meta, mse, ListSampler(TASKS), grad_transforms=[NoTransform()])
+    trainer = MetaTrainer(meta, mse, ListSampler(TASKS), vectorize=True)
+    with pytest.raises(ValueError, match=r"^tasks must not be empty, got 0 tasks$"):
+        trainer.train_step([])
+    with pytest.raises(ValueError, match=r"^tasks must not be empty, got 0 tasks$"):
+        trainer.evaluate([])
+    with pytest.raises(ValueError, match=r"vectorize=True cannot be honoured: the tasks do not all have equal shapes"):
+        trainer.train_step(unequal_tasks())
+
+
+@pytest.mark.parametrize(
+    "make,error,match",
+    [
+        (lambda: InnerSAM(rho=-0.1), ValueError, r"^rho must be a finite number >= 0, got -0\.1$"),
+        (lambda: InnerSAM(rho=float("inf")), ValueError, r"^rho must be a finite number >= 0, got inf$"),
+        (lambda: InnerSAM(rho=True), TypeError, r"^rho must be a finite number >= 0, got True$"),
+        (lambda: AdamInnerStep(eps=0.0), ValueError, r"^eps must be a finite number > 0, got 0\.0$"),
+        (lambda: AdamInnerStep(eps=float("inf")), ValueError, r"^eps must be a finite number > 0, got inf$"),
+        (lambda: AdamInnerStep(eps="1e-8"), TypeError, r"^eps must be a finite number > 0, got '1e-8'$"),
+        (lambda: AdamInnerStep(betas=(0.9, 1.0)), ValueError, r"^betas\[1\] must be a finite number in \[0, 1\), got 1\.0$"),
+        (lambda: MomentumInnerStep(momentum=1.0), ValueError, r"^momentum must be a finite number in \[0, 1\), got 1\.0$"),
+        (lambda: MomentumInnerStep(momentum=True), TypeError, r"^momentum must be a finite number in \[0, 1\), got True$"),
+        (lambda: MomentumInnerStep(dampening=-0.5), ValueError, r"^dampening must be a finite number in \[0, 1\), got -0\.5$"),
+        (lambda: MomentumInnerStep(nesterov=1), TypeError, r"^nesterov must be a bool, got 1$"),
+    ],
+    ids=[
+        "sam-rho-negative", "sam-rho-inf", "sam-rho-bool", "adam-eps-zero", "adam-eps-inf", "adam-eps-str",
+        "adam-beta2-one", "momentum-one", "momentum-bool", "dampening-negative", "nesterov-int",
+    ],
+)
+def test_inner_rules_reject_bad_hyperparameters_with_the_project_message(make, error, match):
+    with pytest.raises(error, match=match):
+        make()
+
+
+# ============================================================================ non-finite steps
+def skip_warning(meta):
+    return pytest.warns(
+        RuntimeWarning,
+        match=rf"^{type(meta).__name__}: the meta-loss is nan; the meta-step is skipped \(weights and outer state unchanged\)$",
+    )
+
+
+def assert_nothing_changed(meta, weights, state):
+    for n, w in snapshot_weights(meta).items():
+        assert torch.equal(w, weights[n]), f"{n} changed in a skipped step"
+    assert_state_equal(meta.state_dict(), state)
+
+
+#: The first entry of each algorithm, for the checks that need not run over the whole registry.
+REPRESENTATIVES = [next(i for i in META_INFOS if i.algorithm == a) for a in ALGORITHMS]
+# A NaN query target on every path of every entry; a NaN support target (NaN adapted weights,
+# so a NaN pseudo-gradient for Reptile) on the loop of one entry per algorithm.
+NAN_CASES = [(info, path, "query_y") for info in META_INFOS for path in info.paths if path != "compiled"] + [
+    (info, "loop", "support_y") for info in REPRESENTATIVES
+]
+
+
+@pytest.mark.parametrize(
+    "info,path,field", NAN_CASES, ids=[f"{i.name}-{p}-{f}" for i, p, f in NAN_CASES]
+)
+def test_a_nan_task_skips_the_whole_meta_step_and_the_next_step_is_unaffected(info, path, field):
+    _, meta = fresh(info)
+    one_step(info, meta, TASKS, path)  # the outer optimizer has state now (Adam's moments)
+    weights, state = snapshot_weights(meta), copy.deepcopy(meta.state_dict())
+    with skip_warning(meta):
+        one_step(info, meta, poisoned(TASKS_2, field), path)
+    assert meta.skipped_steps == 1
+    assert_nothing_changed(meta, weights, state)
+    # the next good step is the one of a twin that never saw the bad batch
+    _, twin = fresh(info)
+    one_step(info, twin, TASKS, path)
+    assert_outcomes(one_step(info, meta, TASKS_2, path), one_step(info, twin, TASKS_2, path), rtol=0, atol=0)
+    assert meta.skipped_steps == 1 and twin.skipped_steps == 0
+
+
+@pytest.mark.parametrize("info", [i for i in REPRESENTATIVES if i.meta_gradient], ids=info_id)
+def test_a_finite_meta_loss_with_a_nan_meta_gradient_is_skipped(info):
+    _, meta = fresh(info)
+    one_step(info, meta, TASKS)
+    weights, state = snapshot_weights(meta), copy.deepcopy(meta.state_dict())
+
+    def closure():
+        meta.zero_grad()
+        losses = meta.task_losses(TASKS_2, mse, vectorize=False, **info.inner_options)
+        loss = losses.mean() + torch.sqrt(0.0 * losses.sum())  # value + 0, gradient inf * 0 = nan
+        loss.backward()
+        return loss
+
+    with pytest.warns(
+        RuntimeWarning,
+        match=rf"^{type(meta).__name__}: a meta-gradient is not finite; the meta-step is skipped",
+    ):
+        loss = meta.step(closure)
+    assert torch.isfinite(loss)
+    assert meta.skipped_steps == 1
+    assert_nothing_changed(meta, weights, state)
+
+
+@all_infos
+def test_non_finite_raise_raises_floating_point_error_and_changes_nothing(info):
+    _, meta = fresh(info, non_finite="raise")
+    one_step(info, meta, TASKS)
+    weights, state = snapshot_weights(meta), copy.deepcopy(meta.state_dict())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(
+            FloatingPointError,
+            match=rf"^{type(meta).__name__}: the meta-loss is nan; the meta-step is skipped .*non_finite='raise' was set$",
+        ):
+            one_step(info, meta, poisoned(TASKS_2, "query_y"))
+    assert meta.skipped_steps == 0
+    assert_nothing_changed(meta, weights, state)
+
+
+@sam_outer_infos
+@pytest.mark.parametrize("non_finite", ["skip", "raise"])
+def test_outer_sam_nan_at_the_perturbed_point_is_rolled_back(info, non_finite):
+    """The SAM outer optimizer evaluates the closure twice; a NaN only in the second evaluation
+    (at the perturbed weights) must undo the perturbation too."""
+    _, meta = fresh(info, non_finite=non_finite)
+    assert isinstance(meta.outer, TransformingOptimizer)
+    one_step(info, meta, TASKS)
+    weights, state = snapshot_weights(meta), copy.deepcopy(meta.state_dict())
+    calls = []
+    good = task_losses_closure(info, meta, TASKS_2, "loop", {})
+    bad = task_losses_closure(info, meta, poisoned(TASKS_2, "query_y"), "loop", {})
+
+    def closure():
+        calls.append(len(calls))
+        return good() if len(calls) == 1 else bad()
+
+    if non_finite == "skip":
+        with skip_warning(meta):
+            meta.step(closure)
+        assert meta.skipped_steps == 1
+    else:
+        with pytest.raises(FloatingPointError, match="non_finite='raise' was set"):
+            meta.step(closure)
+        assert meta.skipped_steps == 0
+    assert calls == [0, 1]
+    assert_nothing_changed(meta, weights, state)
+    # and a good step afterwards is the one of a twin that never saw the bad evaluation
+    _, twin = fresh(info)
+    one_step(info, twin, TASKS)
+    assert_outcomes(one_step(info, meta, TASKS_2), one_step(info, twin, TASKS_2), rtol=0, atol=0)
+
+
+# ============================================================================ a transformer
+class TinyTransformer(nn.Module):
+    """One encoder layer (d_model 8, 2 heads, no dropout) and a linear read-out of the mean token."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.encoder = nn.TransformerEncoderLayer(
+            d_model=8, nhead=2, dim_feedforward=16, dropout=0.0, batch_first=True
+        )
+        self.head = nn.Linear(8, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.encoder(x).mean(dim=1))
+
+
+def transformer_and_tasks():
+    torch.manual_seed(0)
+    model = TinyTransformer().to(DT)
+    g = torch.Generator().manual_seed(3)
+    tasks = [
+        Task(*(torch.randn(*shape, generator=g, dtype=DT) for shape in ((4, 3, 8), (4, 1), (4, 3, 8), (4, 1))))
+        for _ in range(2)
+    ]
+    return model, tasks
+
+
+TRANSFORMER_COORDINATES = [
+    ("encoder.self_attn.in_proj_weight", (1, 2)),
+    ("encoder.self_attn.in_proj_weight", (17, 5)),  # a value projection entry
+    ("encoder.linear1.weight", (3, 4)),
+    ("encoder.norm1.weight", (2,)),
+]
+
+
+def transformer_meta_gradient(model, tasks, **kwargs):
+    meta = MAML(model, torch.optim.SGD, inner_lr=0.1, inner_steps=2, lr=0.1, **kwargs)
+    meta.zero_grad()
+    losses = meta.task_losses(tasks, mse, vectorize=False)
+    losses.mean().backward()
+    return meta, losses.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+def test_transformer_second_order_maml_matches_finite_differences_on_the_loop_path():
+    model, tasks = transformer_and_tasks()
+    meta, _, grads = transformer_meta_gradient(model, tasks)
+    first_order_meta, _, first_order = transformer_meta_gradient(model, tasks, first_order=True)
+    params = dict(model.named_parameters())
+
+    def meta_loss() -> float:
+        return meta.task_losses(tasks, mse, vectorize=False).mean().item()
+
+    h = 1e-5
+    for name, index in TRANSFORMER_COORDINATES:
+        p = params[name]
+        with torch.no_grad():
+            original = p[index].item()
+            p[index] = original + h
+        plus = meta_loss()
+        with torch.no_grad():
+            p[index] = original - h
+        minus = meta_loss()
+        with torch.no_grad():
+            p[index] = original
+        numeric = (plus - minus) / (2 * h)
+        assert grads[name][index].item() == pytest.approx(numeric, rel=1e-6, abs=1e-9), name
+        # the check can tell second from first order at this coordinate
+        assert abs(first_order[name][index].item() - numeric) > 1e-6, name
+    # LayerNorm blocks second order under vmap: the default path is the loop, with the same result
+    with pytest.raises(ValueError, match=r"second-order gradients through encoder\.norm1 \(LayerNorm\)"):
+        meta.task_losses(tasks, mse, vectorize=True)
+    meta.zero_grad()
+    meta.task_losses(tasks, mse).mean().backward()
+    for n, p in params.items():
+        assert torch.equal(p.grad, grads[n]), n
+
+
+def test_transformer_checkpointed_second_order_maml_equals_the_plain_one_exactly():
+    model, tasks = transformer_and_tasks()
+    _, losses, grads = transformer_meta_gradient(model, tasks)
+    _, checkpointed_losses, checkpointed = transformer_meta_gradient(model, tasks, checkpoint_inner_steps=True)
+    assert torch.equal(checkpointed_losses, losses)
+    for n in grads:
+        assert torch.equal(checkpointed[n], grads[n]), n
+    assert any(g.abs().sum() > 0 for n, g in grads.items() if n.startswith("encoder.self_attn"))
