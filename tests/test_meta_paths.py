@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from meta_helpers import ItemModel, ListSampler
 from samgria import MAML, MetaTrainer, PathPolicy
 from samgria.data.task import Task
 
@@ -27,29 +28,6 @@ def mlp(seed=0):
     return nn.Sequential(nn.Linear(2, 16), nn.Tanh(), nn.Linear(16, 1)).to(DT)
 
 
-class ListSampler:
-    def __init__(self, tasks):
-        self.tasks, self.position = tasks, 0
-
-    def sample(self, n):
-        out = self.tasks[self.position : self.position + n]
-        self.position += n
-        return out
-
-
-class ItemModel(nn.Module):
-    """A model that cannot be vmapped: it calls .item() in forward."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.lin = nn.Linear(2, 1)
-
-    def forward(self, x):
-        scale = 1.0 if x.abs().max().item() < 1e6 else 0.0
-        return self.lin(x) * scale
-
-
-# ---------------------------------------------------------------------- PathPolicy itself
 def test_choose_measures_each_candidate_then_keeps_the_fastest():
     policy = PathPolicy("M", trials=2)
     seen = []

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import io
 import sys
-import warnings
 
 import pytest
 import torch
@@ -12,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
+from meta_helpers import ListSampler
 from samgria.data import SinusoidTaskSampler, Task
 from samgria.meta.maml import MAML
 from samgria.meta.reptile import Reptile
@@ -23,18 +23,6 @@ DT = torch.float64
 def make_model(seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)
     return nn.Sequential(nn.Linear(1, 6), nn.Tanh(), nn.Linear(6, 1)).to(DT)
-
-
-class ListSampler:
-    """Deterministic sampler: batch i is tasks[i * n : (i + 1) * n] of a fixed list."""
-
-    def __init__(self, tasks):
-        self.tasks, self.position = tasks, 0
-
-    def sample(self, n):
-        out = self.tasks[self.position : self.position + n]
-        self.position += n
-        return out
 
 
 def fixed_tasks(count: int, seed: int = 3):

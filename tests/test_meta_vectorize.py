@@ -9,6 +9,7 @@ import pytest
 import torch
 from torch import nn
 
+from meta_helpers import ItemModel
 from samgria.data.task import Task
 from samgria.meta.anil import ANIL
 from samgria.meta.maml import FOMAML, MAML
@@ -166,18 +167,6 @@ def test_stack_tasks_adds_a_task_axis():
     sx, sy, qx, qy = stack_tasks(tasks)
     assert sx.shape == (3, 6, 2) and qy.shape == (3, 6, 1)
     assert torch.equal(qx[2], tasks[2].query_x)
-
-
-class ItemModel(nn.Module):
-    """A model that cannot be vmapped: it calls .item() in forward."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.lin = nn.Linear(2, 1)
-
-    def forward(self, x):
-        scale = 1.0 if x.abs().max().item() < 1e6 else 0.0
-        return self.lin(x) * scale
 
 
 def test_fallback_to_loop_warns_once_and_remembers():

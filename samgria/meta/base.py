@@ -49,6 +49,13 @@ __all__ = ["MetaOptimizer"]
 
 LossFn = Callable[[Any, Any], torch.Tensor]
 
+def _path_of(vectorize: Any) -> str | None:
+    """The path a ``vectorize`` argument asks for (``None``: the policy chooses)."""
+    if vectorize is not None and not isinstance(vectorize, bool):
+        raise TypeError(f"vectorize must be None or a bool, got {vectorize!r}")
+    return None if vectorize is None else ("vmap" if vectorize else "loop")
+
+
 def _check_weight(weight: Any, name: str = "weight") -> float:
     return check_real(name, weight, low=0.0)
 
@@ -478,6 +485,7 @@ class MetaOptimizer(WrappingOptimizer):
         *,
         path: str | None = None,
         backward_weights: Sequence[float] | None = None,
+        record: bool = True,
     ) -> tuple[torch.Tensor, str]:
         """Adapt to every task with ``loop`` on a path and return the query losses.
 
@@ -493,6 +501,7 @@ class MetaOptimizer(WrappingOptimizer):
                 back to the loop (once, with a warning) if vmap fails on this model.
             backward_weights: Back-propagate :math:`\\sum_i w_i \\ell_i` inside (per task on
                 the loop path) and return detached losses.
+            record: Hand every task's adapted weights to :meth:`record_adaptation`.
 
         Returns:
             ``(losses, path_used)``.
@@ -515,8 +524,9 @@ class MetaOptimizer(WrappingOptimizer):
             )
 
         (losses, adapted), used = self.path_policy.run(chosen, "loop", run, explicit=explicit)
-        for fast in adapted:
-            self.record_adaptation(fast, 1.0)
+        if record:
+            for fast in adapted:
+                self.record_adaptation(fast, 1.0)
         return losses, used
 
     def task_losses(
@@ -558,8 +568,6 @@ class MetaOptimizer(WrappingOptimizer):
                 or a second-order loop through a normalisation layer.
             TypeError: ``tasks`` holds something that is not a Task.
         """
-        if vectorize is not None and not isinstance(vectorize, bool):
-            raise TypeError(f"vectorize must be None or a bool, got {vectorize!r}")
         loop = self.inner_loop(
             one_steps_argument(inner_steps, steps),
             inner_step_fn=inner_step_fn,
@@ -567,7 +575,7 @@ class MetaOptimizer(WrappingOptimizer):
             grad_transforms=grad_transforms,
             create_graph=create_graph,
         )
-        path = None if vectorize is None else ("vmap" if vectorize else "loop")
+        path = _path_of(vectorize)
         losses, _ = self.run_tasks(tasks, loss_fn, loop, path=path)
         return losses if self.outer_update == "meta_gradient" else losses.detach()
 
@@ -602,8 +610,6 @@ class MetaOptimizer(WrappingOptimizer):
         Returns:
             The mean query loss as a float.
         """
-        if vectorize is not None and not isinstance(vectorize, bool):
-            raise TypeError(f"vectorize must be None or a bool, got {vectorize!r}")
         loop = self.inner_loop(
             one_steps_argument(inner_steps, steps),
             inner_step_fn=inner_step_fn,
@@ -612,19 +618,8 @@ class MetaOptimizer(WrappingOptimizer):
             create_graph=False,
             track_graph=False,
         )
-        tasks = self._check_tasks(tasks)
-        path = None if vectorize is None else ("vmap" if vectorize else "loop")
-        if path == "vmap":
-            blocker = vmap_blocker(self.model, loop, tasks)
-            if blocker is not None:
-                raise ValueError(f"vectorize=True cannot be honoured: {blocker}; use vectorize=None/False")
-        chosen = path if path is not None else self.default_path(loop, tasks)
-        params = self._meta_params()
-
-        def run(which: str) -> torch.Tensor:
-            return engine.task_losses(self.model, loop, params, tasks, loss_fn, path=which)[0]
-
-        losses, _ = self.path_policy.run(chosen, "loop", run, explicit=path is not None)
+        path = _path_of(vectorize)
+        losses, _ = self.run_tasks(tasks, loss_fn, loop, path=path, record=False)
         return float(losses.mean())
 
     @staticmethod
