@@ -48,6 +48,12 @@ plain loop. This script measures, in one run:
    pass lay its activations out anew. Single runs vary by about ±0.2x (heap layout); the
    medians over ``--peak-reps`` are what to compare.
 
+5. **LookSAM** (``--looksam-only`` runs just this section, writing no files): step time of
+   ``LookSAM(k)`` for k = 5 and 10, of SAM and -- when installed -- of pytorch_optimizer's
+   LookSAM, against a plain *one-pass* step (one forward-backward pass and one inner step), with
+   the ideal ratio (passes per step: 1 + 1/k for LookSAM, 2 for SAM). LookSAM alternates SAM
+   steps and one-pass steps, so ratios are taken over blocks of lcm(k) interleaved rounds.
+
 The "(A/A)" row times the plain step a second time: its ratio shows the noise floor.
 "faults" is the median number of minor page faults per step. With glibc's default settings a
 step whose transient peak is above the previous step's re-faults that memory (about 1 µs per
@@ -59,6 +65,7 @@ tcmalloc do, which PyTorch's CPU performance guides recommend) to measure withou
 Usage::
 
     python benchmarks/sam_overhead.py --quick        # CI, < 60 s
+    python benchmarks/sam_overhead.py --looksam-only --quick   # section 5 alone
     python benchmarks/sam_overhead.py                # more repetitions
     python benchmarks/sam_overhead.py --profile      # also a torch.profiler table of a SAM step
     python benchmarks/sam_overhead.py --retain-freed-memory --threads 1
@@ -73,6 +80,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import math
 import os
 import statistics
 import sys
@@ -795,6 +803,156 @@ def profile_sam_step(variants: dict[str, Variant], model_name: str) -> None:
         print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12))
 
 
+# -- 5. LookSAM: the cost of a step against a plain one-pass step --------------------------------------------
+LOOKSAM_KS = (5, 10)
+
+
+class PlainOnePass(Variant):
+    """The floor of LookSAM: one forward-backward pass and one plain inner step."""
+
+    def build(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.model.parameters(), lr=LR, momentum=MOMENTUM)
+
+    def step(self) -> None:
+        self.optimizer.zero_grad()
+        self.loss().backward()
+        self.optimizer.step()
+
+
+class SamgriaNoTransform(SamgriaClosure):
+    """``TransformingOptimizer`` with no transform: the wrapper's own cost (one gradient norm)."""
+
+    def build(self) -> torch.optim.Optimizer:
+        return TransformingOptimizer(self.model.parameters(), torch.optim.SGD, lr=LR, momentum=MOMENTUM)
+
+
+class SamgriaLookSAM(SamgriaClosure):
+    """``TransformingOptimizer`` + ``LookSAM(k)``: a second pass on every k-th step only."""
+
+    k = 5
+
+    def build(self) -> torch.optim.Optimizer:
+        from samgria import LookSAM
+
+        return TransformingOptimizer(
+            self.model.parameters(), torch.optim.SGD, lr=LR, momentum=MOMENTUM, transforms=[LookSAM(rho=RHO, k=self.k)]
+        )
+
+
+class PytorchOptimizerLookSAM(Variant):
+    """pytorch_optimizer's LookSAM (if installed), called as its docstring shows: the first pass,
+    then ``step(closure)``, which runs the closure again on every step."""
+
+    k = 5
+
+    def build(self) -> torch.optim.Optimizer:
+        from pytorch_optimizer import LookSAM as TheirLookSAM
+
+        return TheirLookSAM(self.model.parameters(), torch.optim.SGD, rho=RHO, k=self.k, lr=LR, momentum=MOMENTUM)
+
+    def closure(self) -> torch.Tensor:
+        self.optimizer.zero_grad()
+        loss = self.loss()
+        loss.backward()
+        return loss
+
+    def step(self) -> None:
+        self.closure()
+        self.optimizer.step(self.closure)
+
+
+def looksam_variants(model_name: str) -> dict[str, tuple[Variant, float | None]]:
+    """The variants of the LookSAM section and the ratio each ideally has (passes per step)."""
+    import importlib.util
+
+    factory, shape = MODELS[model_name]
+    batch = make_batch(shape)
+    kinds: list[tuple[str, type[Variant], float | None]] = [
+        ("plain one-pass", PlainOnePass, 1.0),
+        ("plain one-pass (A/A)", PlainOnePass, 1.0),
+        ("samgria, no transform", SamgriaNoTransform, 1.0),
+        ("samgria SAM step(closure)", SamgriaClosure, 2.0),
+    ]
+    for k in LOOKSAM_KS:
+        kinds.append((f"samgria LookSAM k={k}", type(f"SamgriaLookSAM{k}", (SamgriaLookSAM,), {"k": k}), 1 + 1 / k))
+    if importlib.util.find_spec("pytorch_optimizer") is not None:
+        k = LOOKSAM_KS[0]
+        kinds.append((f"pytorch_optimizer LookSAM k={k}", type("TheirLookSAM", (PytorchOptimizerLookSAM,), {"k": k}), None))
+    variants = {}
+    for name, cls, ideal in kinds:
+        torch.manual_seed(0)
+        variants[name] = (cls(name, factory(), batch), ideal)
+    return variants
+
+
+def time_looksam(variants: dict[str, Variant], max_rounds: int, seconds: float, warmup: int) -> dict[str, dict[str, float]]:
+    """Round-robin timing (rotating order) as in :func:`time_variants`, against a one-pass step.
+
+    LookSAM's steps alternate (a SAM step every k), so the ratio is taken over blocks of
+    ``lcm(k...)`` consecutive rounds -- each holds the same mix of steps -- as the median over
+    blocks of (variant time / plain one-pass time in the same block).
+    """
+    names = list(variants)
+    baseline = names[0]
+    block = math.lcm(*LOOKSAM_KS)
+    times: dict[str, list[float]] = {name: [] for name in names}
+    deadline = None
+    round_index = 0
+    while round_index < warmup + max_rounds:
+        if round_index == warmup:
+            deadline = time.perf_counter() + seconds
+        shift = round_index % len(names)
+        for name in names[shift:] + names[:shift]:
+            start = time.perf_counter()
+            variants[name].step()
+            if round_index >= warmup:
+                times[name].append(time.perf_counter() - start)
+        round_index += 1
+        timed = round_index - warmup
+        if deadline is not None and time.perf_counter() > deadline and timed >= 2 * block and timed % block == 0:
+            break
+    blocks = len(times[baseline]) // block
+    sums = {name: [sum(times[name][b * block : (b + 1) * block]) for b in range(blocks)] for name in names}
+    result = {}
+    for name in names:
+        ratios = sorted(t / b for t, b in zip(sums[name], sums[baseline]))
+        quartiles = statistics.quantiles(ratios, n=4) if len(ratios) >= 2 else [ratios[0]] * 3
+        result[name] = {
+            "mean_ms": 1e3 * statistics.mean(times[name][: blocks * block]),
+            "ratio": statistics.median(ratios),
+            "ratio_q1": quartiles[0],
+            "ratio_q3": quartiles[2],
+            "blocks": blocks,
+        }
+    return result
+
+
+def run_looksam_section(models: list[str], rounds: int, seconds: float, warmup: int) -> dict[str, Any]:
+    """Section 5: print and return the LookSAM table of every model."""
+    results = {}
+    for model_name in models:
+        built = looksam_variants(model_name)
+        timing = time_looksam({name: variant for name, (variant, _) in built.items()}, rounds, seconds, warmup)
+        block = math.lcm(*LOOKSAM_KS)
+        print(
+            f"\nLookSAM, {model_name}: step time / plain one-pass step (median over {timing[next(iter(built))]['blocks']} "
+            f"blocks of {block} interleaved rounds)"
+        )
+        print(f"{'variant':<34} {'ms/step':>8} {'ratio':>6} {'IQR':>12} {'ideal':>6}")
+        for name, (_, ideal) in built.items():
+            row = timing[name]
+            row["ideal"] = ideal
+            iqr = f"[{row['ratio_q1']:.2f}, {row['ratio_q3']:.2f}]"
+            ideal_text = f"{ideal:.2f}" if ideal is not None else "-"
+            print(f"{name:<34} {row['mean_ms']:>8.2f} {row['ratio']:>6.3f} {iqr:>12} {ideal_text:>6}")
+        results[model_name] = timing
+    print(
+        "(ideal: forward-backward passes per step; pytorch_optimizer's LookSAM runs the closure on every "
+        "step, so it saves nothing over SAM)"
+    )
+    return results
+
+
 # -- main --------------------------------------------------------------------------------------------------
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -817,6 +975,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--peak-steps", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--peak-warmup", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--peak-child", default=None, help=argparse.SUPPRESS)  # internal: one measuring process
+    parser.add_argument(
+        "--looksam-only", action="store_true", help="only section 5 (LookSAM against a one-pass step); writes no files"
+    )
     args = parser.parse_args(argv)
     peak_steps = args.peak_steps or (4 if args.quick else 9)
     peak_warmup = args.peak_warmup if args.peak_warmup is not None else (2 if args.quick else 3)
@@ -837,6 +998,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         f"torch {torch.__version__}, {threads} threads, up to {rounds} interleaved rounds or {seconds:g} s "
         f"per model; glibc keeps freed memory: {'yes' if retained else 'no (default malloc settings)'}"
     )
+
+    if args.looksam_only:
+        return {"looksam": run_looksam_section(args.models, rounds, seconds, warmup)}
 
     results: dict[str, Any] = {
         "torch": torch.__version__,
@@ -873,6 +1037,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             )
         if args.profile:
             profile_sam_step(variants, model_name)
+
+    results["looksam"] = run_looksam_section(args.models, rounds, seconds, warmup)
 
     peak_reps = args.peak_reps if args.peak_reps is not None else (1 if args.quick else 3)
     if peak_reps > 0:

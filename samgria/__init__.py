@@ -52,6 +52,7 @@ from samgria.transforms import (
     Transform,
     TransformContext,
 )
+from samgria.transforms import ESAM, GSAM, WSAM, FriendlySAM, LookSAM
 from samgria.utils import frozen_bn_stats, get_grad, set_grad
 
 __version__ = "0.1.0"
@@ -75,6 +76,11 @@ __all__ = [
     "NormalizeGrad",
     "ScaleGrad",
     "ClampGrad",
+    "GSAM",
+    "WSAM",
+    "FriendlySAM",
+    "LookSAM",
+    "ESAM",
     "get_grad",
     "set_grad",
     "frozen_bn_stats",

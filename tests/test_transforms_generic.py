@@ -37,6 +37,11 @@ SLOT_OF_CLASS = {
     "NormalizeGrad": "normalize_grad",
     "ScaleGrad": "scale_grad",
     "ClampGrad": "clamp_grad",
+    "GSAM": "gsam",
+    "WSAM": "wsam",
+    "FriendlySAM": "friendly_sam",
+    "LookSAM": "look_sam",
+    "ESAM": "esam",
 }
 
 all_configs = pytest.mark.parametrize("info,config", CONFIGS, ids=[config_id(pair) for pair in CONFIGS])

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from samgria import ASAM, LAMP, SAM, ClampGrad, ClipGradNorm, GradSign, NormalizeGrad, ScaleGrad, Transform, TransformingOptimizer
+from samgria import ESAM, GSAM, WSAM, FriendlySAM, LookSAM
 
 __all__ = [
     "ErrorInput",
@@ -362,6 +363,172 @@ TRANSFORM_INFOS = [
             groups=split_groups({"grad_min": -0.05, "grad_max": 0.005}),
             expect_groups=({"grad_min": -0.05, "grad_max": 0.005}, {"grad_min": -0.01, "grad_max": 0.02}),
         ),
+    ),
+]
+
+
+# -- the SAM family (samgria/transforms/sam_family.py) ---------------------------------------------
+def _gsam(**kw: Any) -> GSAM:
+    return GSAM(**{"rho": 0.05, "alpha": 0.4, **kw})
+
+
+def _wsam(**kw: Any) -> WSAM:
+    # decouple=False by default here: the decoupled form needs the optimizer's lr, which the seed
+    # protocol (the standalone generic test of the default config) does not have.
+    return WSAM(**{"rho": 0.05, "gamma": 0.8, "decouple": False, **kw})
+
+
+def _friendly_sam(**kw: Any) -> FriendlySAM:
+    return FriendlySAM(**{"rho": 0.05, "sigma": 1.0, "lmbda": 0.9, **kw})
+
+
+def _look_sam(**kw: Any) -> LookSAM:
+    # k=2: step 2 (the third) is a SAM step, which the generic re-evaluation tests need.
+    return LookSAM(**{"rho": 0.05, "alpha": 0.7, "k": 2, **kw})
+
+
+def _esam(**kw: Any) -> ESAM:
+    return ESAM(**{"rho": 0.05, "beta": 0.5, "seed": 0, **kw})
+
+
+TRANSFORM_INFOS += [
+    _info(
+        TransformInfo(
+            "GSAM",
+            _gsam,
+            needs_closure=True,
+            group_keys=("rho", "alpha"),
+            error_inputs=[
+                ErrorInput({"rho": -1.0}, ValueError, r"rho must be a finite number >= 0, got -1\.0"),
+                ErrorInput({"alpha": -0.5}, ValueError, r"alpha must be a finite number >= 0, got -0\.5"),
+                ErrorInput({"alpha": float("nan")}, ValueError, r"alpha must be a finite number >= 0, got nan"),
+                ErrorInput({"alpha": "0.1"}, TypeError, r"alpha must be a finite number >= 0, got '0\.1'"),
+            ],
+        ),
+        Config(
+            "group_alpha_rho",
+            lambda: [_gsam()],
+            groups=split_groups({"alpha": 0.0, "rho": 0.1}, {"alpha": 1.0}),
+            expect_groups=({"alpha": 0.0, "rho": 0.1}, {"alpha": 1.0, "rho": 0.05}),
+        ),
+        Config("scale_grad_then_gsam", lambda: [ScaleGrad(2.0), _gsam()], expect_groups=({"grad_scale": 2.0, "alpha": 0.4},)),
+        Config(
+            "adadelta_qualified_rho",
+            lambda: [_gsam()],
+            inner=torch.optim.Adadelta,
+            inner_kwargs={"lr": 0.5},
+            groups=split_groups({"gsam.rho": 0.1}),
+            expect_groups=({"gsam.rho": 0.1, "rho": 0.9}, {"gsam.rho": 0.05, "rho": 0.9}),
+        ),
+    ),
+    _info(
+        TransformInfo(
+            "WSAM",
+            _wsam,
+            needs_closure=True,
+            group_keys=("rho", "gamma"),
+            error_inputs=[
+                ErrorInput({"gamma": 1.0}, ValueError, r"gamma must be a finite number in \[0, 1\), got 1\.0"),
+                ErrorInput({"gamma": -0.1}, ValueError, r"gamma must be a finite number in \[0, 1\), got -0\.1"),
+                ErrorInput({"gamma": float("nan")}, ValueError, r"gamma must be a finite number in \[0, 1\), got nan"),
+                ErrorInput({"rho": float("inf")}, ValueError, r"rho must be a finite number >= 0, got inf"),
+                ErrorInput({"decouple": 1}, TypeError, r"decouple must be a bool, got 1"),
+            ],
+        ),
+        Config(
+            "decoupled_group_gamma",
+            lambda: [_wsam(decouple=True)],
+            groups=split_groups({"gamma": 0.5}, {"lr": 0.05}),
+            expect_groups=({"gamma": 0.5, "rho": 0.05}, {"gamma": 0.8, "lr": 0.05}),
+        ),
+        Config("decoupled_then_lamp", lambda: [_wsam(decouple=True), _lamp()], expect_groups=({"gamma": 0.8, "eps": 5e-3},)),
+        Config(
+            "decoupled_adamw",
+            lambda: [_wsam(decouple=True)],
+            inner=torch.optim.AdamW,
+            inner_kwargs={"lr": 1e-2, "weight_decay": 0.1},
+            groups=split_groups({"gamma": 0.6}),
+            expect_groups=({"gamma": 0.6, "weight_decay": 0.1}, {"gamma": 0.8, "lr": 1e-2}),
+        ),
+        Config("wsam_then_clip", lambda: [_wsam(), _clip()], expect_groups=({"max_grad_norm": 0.05, "gamma": 0.8},)),
+    ),
+    _info(
+        TransformInfo(
+            "FriendlySAM",
+            _friendly_sam,
+            needs_closure=True,
+            group_keys=("rho", "sigma", "lmbda"),
+            param_state_keys=("momentum",),
+            error_inputs=[
+                ErrorInput({"sigma": -1.0}, ValueError, r"sigma must be a finite number >= 0, got -1\.0"),
+                ErrorInput({"lmbda": 1.5}, ValueError, r"lmbda must be a finite number in \[0, 1\], got 1\.5"),
+                ErrorInput({"lmbda": "0.9"}, TypeError, r"lmbda must be a finite number in \[0, 1\], got '0\.9'"),
+                ErrorInput({"rho": float("nan")}, ValueError, r"rho must be a finite number >= 0, got nan"),
+            ],
+        ),
+        Config(
+            "group_sigma_lmbda",
+            lambda: [_friendly_sam()],
+            groups=split_groups({"sigma": 0.5, "lmbda": 0.6}, {"rho": 0.0}),
+            expect_groups=({"sigma": 0.5, "lmbda": 0.6, "rho": 0.05}, {"sigma": 1.0, "lmbda": 0.9, "rho": 0.0}),
+        ),
+        Config("friendly_sam_then_clip", lambda: [_friendly_sam(), _clip()], expect_groups=({"sigma": 1.0, "max_grad_norm": 0.05},)),
+        Config(
+            "adam",
+            lambda: [_friendly_sam(sigma=0.5)],
+            inner=torch.optim.Adam,
+            inner_kwargs={"lr": 1e-2},
+            expect_groups=({"sigma": 0.5, "lmbda": 0.9, "lr": 1e-2},),
+        ),
+    ),
+    _info(
+        TransformInfo(
+            "LookSAM",
+            _look_sam,
+            needs_closure=True,
+            group_keys=("rho", "alpha"),
+            param_state_keys=("g_v",),
+            object_state_keys=("step",),
+            error_inputs=[
+                ErrorInput({"k": 0}, ValueError, r"k must be an integer >= 1, got 0"),
+                ErrorInput({"k": 2.0}, TypeError, r"k must be an integer >= 1, got 2\.0"),
+                ErrorInput({"k": True}, TypeError, r"k must be an integer >= 1, got True"),
+                ErrorInput({"alpha": -1.0}, ValueError, r"alpha must be a finite number >= 0, got -1\.0"),
+                ErrorInput({"rho": -0.1}, ValueError, r"rho must be a finite number >= 0, got -0\.1"),
+            ],
+        ),
+        Config(
+            "group_alpha_rho",
+            lambda: [_look_sam()],
+            groups=split_groups({"alpha": 0.0}, {"rho": 0.1, "alpha": 2.0}),
+            expect_groups=({"alpha": 0.0, "rho": 0.05}, {"alpha": 2.0, "rho": 0.1}),
+        ),
+        # A transform before LookSAM: the two-call loop must still equal step(closure) bit for bit.
+        Config("scale_grad_then_look_sam", lambda: [ScaleGrad(2.0, 1e-3), _look_sam()], expect_groups=({"grad_scale": 2.0, "alpha": 0.7},)),
+        Config("look_sam_then_lamp", lambda: [_look_sam(), _lamp()], expect_groups=({"alpha": 0.7, "eps": 5e-3},)),
+    ),
+    _info(
+        TransformInfo(
+            "ESAM",
+            _esam,
+            needs_closure=True,
+            group_keys=("rho", "beta"),
+            object_state_keys=("rng_state",),
+            error_inputs=[
+                ErrorInput({"beta": 0.0}, ValueError, r"beta must be a finite number in \(0, 1\], got 0\.0"),
+                ErrorInput({"beta": 1.5}, ValueError, r"beta must be a finite number in \(0, 1\], got 1\.5"),
+                ErrorInput({"beta": float("nan")}, ValueError, r"beta must be a finite number in \(0, 1\], got nan"),
+                ErrorInput({"rho": -1.0}, ValueError, r"rho must be a finite number >= 0, got -1\.0"),
+                ErrorInput({"seed": 1.5}, TypeError, r"seed must be an integer, got 1\.5"),
+            ],
+        ),
+        Config(
+            "group_beta",
+            lambda: [_esam()],
+            groups=split_groups({"beta": 1.0}, {"beta": 0.3, "rho": 0.1}),
+            expect_groups=({"beta": 1.0, "rho": 0.05}, {"beta": 0.3, "rho": 0.1}),
+        ),
+        Config("esam_then_lamp", lambda: [_esam(), _lamp(seed=1)], expect_groups=({"beta": 0.5, "eps": 5e-3},)),
     ),
 ]
 

@@ -4,6 +4,7 @@ from samgria.transforms.base import GradientTransform, ProtocolTransform, Transf
 from samgria.transforms.grad import ClampGrad, ClipGradNorm, GradSign, NormalizeGrad, ScaleGrad
 from samgria.transforms.lamp import LAMP, LAMPRollback
 from samgria.transforms.sam import ASAM, SAM, Perturbation, PerturbationTransform
+from samgria.transforms.sam_family import ESAM, GSAM, WSAM, FriendlySAM, LookSAM
 
 __all__ = [
     "ASAM",
@@ -21,4 +22,9 @@ __all__ = [
     "SAM",
     "Transform",
     "TransformContext",
+    "GSAM",
+    "WSAM",
+    "FriendlySAM",
+    "LookSAM",
+    "ESAM",
 ]

@@ -1,0 +1,716 @@
+r"""The SAM family: GSAM, WSAM, FriendlySAM, LookSAM and ESAM's stochastic weight perturbation.
+
+Each is a :class:`~samgria.PerturbationTransform` built from the same pieces as
+:class:`~samgria.SAM` (``_collect``, ``_finite_norm``, ``_move_along``): it moves the weights to
+:math:`w + e`, re-evaluates the closure there, restores :math:`w` bit for bit, and then *finishes*
+the step — combines the first gradient :math:`g = \nabla L(w)` with the gradient at the perturbed
+weights :math:`g_p = \nabla L(w + e)` (GSAM, WSAM, LookSAM) or commits the state it updated
+(FriendlySAM's moving average, ESAM's random stream, LookSAM's stored direction and counter).
+
+How a step finishes, in both of the optimizer's loops:
+
+* ``step(closure)``: :meth:`pre_update` perturbs, re-evaluates, restores and finishes. If the
+  re-evaluation raises (or its gradients are not finite, which the optimizer turns into a skipped
+  step) the weights are restored and nothing is committed: the transform's state is as before.
+* ``first_step()`` / ``second_step()``: the optimizer calls the perturbation's ``restore()`` once
+  the second backward is done, before unscaling (``GradScaler``) and before it checks the
+  gradients; the perturbation returned here finishes there, on the second pass's gradients.
+  State is committed only when those gradients are finite (one extra norm, read on the host).
+
+State is committed by assigning new objects, never by writing into a tensor that ``state``
+holds. The commit happens at the end of the transform's pre-step phase; if something later in
+the same step raises (a transform after it in the chain, the inner step, a post-step transform),
+the optimizer puts back the weights and the inner optimizer's state, but not this commit; and
+``cancel_step()`` calls ``restore()`` too, so a cancelled two-call step keeps it. A copy of the structure of ``optimizer.state`` taken by the optimizer
+at the start of a step (``samgria._snapshot.StateStructure``: no tensor copies) would undo it.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import torch
+
+from samgria._checks import check_bool, check_int, check_real
+from samgria.functional import global_norm, mul_
+from samgria.functional._grouping import group_indices_by_device_and_dtype
+from samgria.functional._views import LOW_PRECISION, as_real, widened_dtype
+from samgria.functional.norms import _accumulation_dtype
+from samgria.transforms.base import TransformContext
+from samgria.transforms.lamp import _GeneratorCache, _as_generator_state
+from samgria.transforms.sam import Perturbation, PerturbationTransform
+
+__all__ = ["GSAM", "WSAM", "FriendlySAM", "LookSAM", "ESAM"]
+
+Finish = Callable[[bool], None]
+
+
+# -- kernels: a foreach fast path and a per-tensor path with the same arithmetic ---------------------
+def _mul_(tensors: Sequence[torch.Tensor], scales: Sequence[float], foreach: bool) -> None:
+    r"""In place: :math:`t_i \leftarrow s_i\, t_i`.
+
+    16-bit tensors always take the per-tensor kernel: it rounds the exact product once, while
+    ``torch._foreach_mul_`` with a scalar rounds differently for them (PyTorch 2.x, CPU).
+    """
+    if foreach:
+        for (_device, dtype), indices in group_indices_by_device_and_dtype(tensors).items():
+            if dtype not in LOW_PRECISION:
+                torch._foreach_mul_([tensors[i] for i in indices], [scales[i] for i in indices])
+                continue
+            for i in indices:
+                tensors[i].mul_(scales[i])
+        return
+    for tensor, scale in zip(tensors, scales):
+        tensor.mul_(scale)
+
+
+def _scaled(tensors: Sequence[torch.Tensor], scales: Sequence[float], foreach: bool) -> list[torch.Tensor]:
+    r"""New tensors :math:`s_i\, t_i` (same dtypes as ``tensors``)."""
+    if foreach:
+        result: list[torch.Tensor] = [torch.empty(0)] * len(tensors)
+        for indices in group_indices_by_device_and_dtype(tensors).values():
+            products = torch._foreach_mul([tensors[i] for i in indices], [scales[i] for i in indices])
+            for index, product in zip(indices, products):
+                result[index] = product
+        return result
+    return [torch.mul(tensor, scale) for tensor, scale in zip(tensors, scales)]
+
+
+def _add_scaled_(
+    targets: Sequence[torch.Tensor], sources: Sequence[torch.Tensor], scales: Sequence[float], foreach: bool
+) -> None:
+    r"""In place: :math:`t_i \leftarrow t_i + s_i\, u_i` (``sources`` are left as they are)."""
+    if foreach:
+        groups: dict[tuple[Any, ...], list[int]] = {}
+        for index, target in enumerate(targets):
+            groups.setdefault((target.device, target.dtype, scales[index]), []).append(index)
+        for (_device, _dtype, scale), indices in groups.items():
+            torch._foreach_add_([targets[i] for i in indices], [sources[i] for i in indices], alpha=scale)
+        return
+    for target, source, scale in zip(targets, sources, scales):
+        target.add_(source, alpha=scale)
+
+
+def _dot(first: Sequence[torch.Tensor], second: Sequence[torch.Tensor]) -> float:
+    r""":math:`\sum_i \langle a_i, b_i \rangle` (16-bit tensors in float32), summed in float64 per
+    device and read on the host once per device."""
+    totals: dict[torch.device, torch.Tensor] = {}
+    for a, b in zip(first, second):
+        wide = widened_dtype(a.dtype)
+        value = torch.linalg.vecdot(a.reshape(-1).to(wide), b.reshape(-1).to(wide))
+        value = value.to(_accumulation_dtype(a.device))
+        totals[a.device] = value if a.device not in totals else totals[a.device] + value
+    return sum(float(total) for total in totals.values())
+
+
+def _norm(tensors: Sequence[torch.Tensor], foreach: bool) -> float:
+    return float(global_norm([as_real(t) for t in tensors], foreach=foreach))
+
+
+def _current_grads_finite(ctx: TransformContext) -> bool:
+    grads = [p.grad for group in ctx.param_groups for p in group["params"] if p.grad is not None]
+    return math.isfinite(_norm(grads, ctx.foreach))
+
+
+class _Step(Perturbation):
+    """A perturbation (possibly empty) and what finishes the step once the gradients at w + e are in.
+
+    Args:
+        moves: As for :class:`Perturbation`.
+        finish: ``finish(checked)``; ``checked`` says the gradients are known to be finite.
+        held: Parameters whose final gradients the finish puts back (LookSAM between its SAM
+            steps): in the two-call loop the optimizer then resumes after this transform, as after
+            a perturbation, instead of running the transforms before it again.
+    """
+
+    def __init__(
+        self,
+        moves: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, bool]],
+        finish: Finish | None = None,
+        *,
+        held: Sequence[torch.Tensor] = (),
+    ) -> None:
+        super().__init__(moves)
+        self._finish = finish
+        self._held = list(held)
+
+    @property
+    def params(self) -> list[torch.Tensor]:
+        """The moved parameters, and those whose gradients the finish sets."""
+        return [move[0] for move in self.moves] + self._held
+
+    def restore_weights(self) -> dict[int, torch.Tensor]:
+        """Put the original weights back (:meth:`Perturbation.restore`), finishing nothing."""
+        return super().restore()
+
+    def finish(self, checked: bool) -> None:
+        """Combine the gradients / commit the state (once)."""
+        finish, self._finish = self._finish, None
+        if finish is not None:
+            finish(checked)
+
+    def restore(self) -> dict[int, torch.Tensor]:
+        """What the optimizer calls in the two-call loop: restore the weights, then finish."""
+        freed = super().restore()
+        self.finish(checked=False)
+        return freed
+
+
+class _FinishingTransform(PerturbationTransform):
+    """Perturb, re-evaluate (only when something moved), restore, then finish the step."""
+
+    def pre_update(self, ctx: TransformContext) -> None:
+        if ctx.reevaluate is None:
+            raise RuntimeError(
+                f"{type(self).__name__} re-evaluates the loss and needs a closure: call "
+                "optimizer.step(closure), or call optimizer.first_step() after the first "
+                "backward and optimizer.second_step() after the second"
+            )
+        step = self.perturb(ctx)
+        if step is None or step.non_finite:
+            return
+        assert isinstance(step, _Step)
+        if step.moves:
+            try:
+                ctx.reevaluate()
+            except BaseException:
+                ctx.spare_buffers.update(step.restore_weights())
+                raise
+            ctx.spare_buffers.update(step.restore_weights())
+        # Inside the optimizer a re-evaluation with non-finite gradients raises; standalone, not.
+        step.finish(checked=not ctx.standalone)
+
+    def _sam_moves(
+        self,
+        ctx: TransformContext,
+        params: list[torch.Tensor],
+        grads: list[torch.Tensor],
+        groups: list[Mapping[str, Any]],
+        norm: float,
+    ) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, bool]]:
+        r"""SAM's move, :math:`e = \rho\, g / \lVert g \rVert` per group, keeping ``grads`` intact."""
+        moving = [i for i, group in enumerate(groups) if group["rho"] > 0]
+        directions = [as_real(grads[i]).clone() for i in moving]  # consumed by the move
+        scales = [groups[i]["rho"] / norm for i in moving]
+        return self._move_along([params[i] for i in moving], directions, scales, ctx.foreach).moves
+
+    def _sam_step(
+        self, ctx: TransformContext, finish: Callable[[dict[int, torch.Tensor], bool], None]
+    ) -> Perturbation | None:
+        """SAM's perturbation; ``finish(first, checked)`` gets the first gradients by ``id(param)``."""
+        params, grads, groups = self._collect(ctx)
+        if not params or not self.active(groups):
+            return None
+        norm = self._finite_norm(grads, ctx.foreach, ctx.grad_norm)
+        if norm is None:
+            return Perturbation([], non_finite=True)
+        if norm == 0.0:  # g = 0: g_p = g, nothing to combine
+            return None
+        first = {id(p): g for p, g in zip(params, grads)}
+        moves = self._sam_moves(ctx, params, grads, groups, norm)
+        return _Step(moves, lambda checked: finish(first, checked))
+
+    def _first_and_perturbed(
+        self, ctx: TransformContext, first: dict[int, torch.Tensor]
+    ) -> tuple[list[torch.Tensor], list[torch.Tensor], list[Mapping[str, Any]], list[int], list[torch.Tensor]]:
+        """The parameters with a gradient now (``g_p``), those gradients, their groups, the indices
+        of those that also had a first gradient, and those first gradients (real views)."""
+        params, perturbed, groups = self._collect(ctx)
+        both = [i for i, param in enumerate(params) if id(param) in first]
+        kept = [as_real(first[id(params[i])]) for i in both]
+        return params, [as_real(g) for g in perturbed], groups, both, kept
+
+
+# -- GSAM ----------------------------------------------------------------------------------------------
+class GSAM(_FinishingTransform):
+    r"""Surrogate gap guided SAM (Zhuang et al., "Surrogate Gap Minimization Improves
+    Sharpness-Aware Training", ICLR 2022), Algorithm 1.
+
+    With :math:`g = \nabla L(w)`, the perturbed gradient :math:`g_p = \nabla L(w + e)` at SAM's
+    :math:`e = \rho\, g / \lVert g \rVert_2`, and the component of :math:`g` orthogonal to
+    :math:`g_p`,
+
+    .. math::
+
+        g_\perp = g - \frac{\langle g, g_p \rangle}{\lVert g_p \rVert_2^2}\, g_p, \qquad
+        d = g_p - \alpha\, g_\perp,
+
+    the inner optimizer steps with :math:`d`: it descends the perturbed loss and ascends the
+    surrogate gap :math:`L(w + e) - L(w)` along :math:`g_\perp`, which leaves the perturbed loss
+    unchanged to first order. Norms and the inner product are global (over every parameter with a
+    gradient); ``rho`` and ``alpha`` are per-group keys. The paper schedules :math:`\rho_t`
+    proportionally to the learning rate; assign ``group["rho"]`` each step to do the same.
+
+    Args:
+        rho: Default radius :math:`\rho \ge 0` (per-group key ``"rho"``).
+        alpha: Default weight :math:`\alpha \ge 0` of the surrogate-gap ascent (per-group key
+            ``"alpha"``); ``alpha=0`` is SAM.
+
+    Raises:
+        ValueError: If ``rho`` or ``alpha`` is negative or not finite.
+    """
+
+    def __init__(self, rho: float = 0.05, alpha: float = 0.4) -> None:
+        self.rho = check_real("rho", rho, low=0.0)
+        self.alpha = check_real("alpha", alpha, low=0.0)
+
+    def group_defaults(self) -> dict[str, Any]:
+        return {"rho": self.rho, "alpha": self.alpha}
+
+    def validate_group(self, group: Mapping[str, Any]) -> None:
+        check_real("rho", group["rho"], low=0.0)
+        check_real("alpha", group["alpha"], low=0.0)
+
+    def perturb(self, ctx: TransformContext) -> Perturbation | None:
+        return self._sam_step(ctx, lambda first, checked: self._decompose(ctx, first))
+
+    def _decompose(self, ctx: TransformContext, first: dict[int, torch.Tensor]) -> None:
+        _, perturbed, groups, both, kept = self._first_and_perturbed(ctx, first)
+        if not perturbed:
+            return
+        norm_sq = _norm(perturbed, ctx.foreach) ** 2
+        dot = _dot(kept, [perturbed[i] for i in both])
+        parallel = dot / norm_sq if norm_sq > 0 else 0.0
+        # d = g_p - alpha (g - c g_p) = (1 + alpha c) g_p - alpha g  (no first gradient: g = 0)
+        _mul_(perturbed, [1.0 + group["alpha"] * parallel for group in groups], ctx.foreach)
+        _add_scaled_([perturbed[i] for i in both], kept, [-groups[i]["alpha"] for i in both], ctx.foreach)
+
+
+# -- WSAM ----------------------------------------------------------------------------------------------
+class WSAM(_FinishingTransform):
+    r"""Weighted SAM (Yue et al., "Sharpness-Aware Minimization Revisited: Weighted Sharpness as a
+    Regularization Term", KDD 2023).
+
+    WSAM minimises :math:`L(w) + \frac{\gamma}{1-\gamma}\big(L(w + e) - L(w)\big)` with SAM's
+    :math:`e = \rho\, g / \lVert g \rVert_2`, whose gradient is
+
+    .. math::
+
+        \frac{1 - 2\gamma}{1 - \gamma}\, g + \frac{\gamma}{1 - \gamma}\, g_p,
+        \qquad g = \nabla L(w),\ g_p = \nabla L(w + e).
+
+    ``decouple=True`` (the default) is the paper's weight-decoupled form: the inner optimizer
+    steps with :math:`g` alone and the sharpness term is applied afterwards as a plain step,
+
+    .. math::
+
+        w \leftarrow \mathrm{inner\_step}(w, g) - \eta\,\frac{\gamma}{1 - \gamma}\,(g_p - g)
+
+    with the group's learning rate :math:`\eta` (``group["lr"]``), the way AdamW decouples weight
+    decay; with plain SGD both forms are the same update. ``decouple=False`` gives the inner
+    optimizer the gradient above. :math:`\gamma = 1/2` is SAM, :math:`\gamma = 0` the inner
+    optimizer alone. ``rho`` and ``gamma`` are per-group keys.
+
+    Args:
+        rho: Default radius :math:`\rho \ge 0` (per-group key ``"rho"``).
+        gamma: Default weight :math:`\gamma \in [0, 1)` of the sharpness (per-group key
+            ``"gamma"``).
+        decouple: Apply the sharpness term after the inner step (a setting of the transform).
+
+    Raises:
+        ValueError: If ``rho`` is negative or not finite, or ``gamma`` is outside ``[0, 1)``.
+        TypeError: If ``decouple`` is not a bool.
+    """
+
+    def __init__(self, rho: float = 0.05, gamma: float = 0.9, *, decouple: bool = True) -> None:
+        self.rho = check_real("rho", rho, low=0.0)
+        self.gamma = check_real("gamma", gamma, low=0.0, high=1.0, high_open=True)
+        self.decouple = check_bool("decouple", decouple)
+        self._sharpness: list[tuple[torch.Tensor, torch.Tensor, float]] = []
+        self._scale_probe: tuple[list[torch.Tensor], float] | None = None
+
+    def group_defaults(self) -> dict[str, Any]:
+        return {"rho": self.rho, "gamma": self.gamma}
+
+    def validate_group(self, group: Mapping[str, Any]) -> None:
+        check_real("rho", group["rho"], low=0.0)
+        check_real("gamma", group["gamma"], low=0.0, high=1.0, high_open=True)
+
+    def settings(self) -> dict[str, Any]:
+        return {"decouple": self.decouple}
+
+    def active(self, param_groups: Sequence[Mapping[str, Any]]) -> bool:
+        return super().active(param_groups) and any(group["gamma"] > 0 for group in param_groups)
+
+    def perturb(self, ctx: TransformContext) -> Perturbation | None:
+        if ctx.standalone and self.decouple:
+            raise RuntimeError(
+                "WSAM(decouple=True) applies its sharpness term with the group's learning rate, "
+                "which the seed protocol does not know: use it inside TransformingOptimizer, or "
+                "use WSAM(decouple=False)"
+            )
+        self._sharpness, self._scale_probe = [], None
+        return self._sam_step(ctx, lambda first, checked: self._weigh(ctx, first, checked))
+
+    def _weigh(self, ctx: TransformContext, first: dict[int, torch.Tensor], checked: bool) -> None:
+        params, perturbed, groups, both, kept = self._first_and_perturbed(ctx, first)
+        weights = [group["gamma"] / (1.0 - group["gamma"]) for group in groups]
+        if not self.decouple:
+            # a g_p + (1 - a) g with a = gamma / (1 - gamma)  (no first gradient: g = 0)
+            _mul_(perturbed, weights, ctx.foreach)
+            _add_scaled_([perturbed[i] for i in both], kept, [1.0 - weights[i] for i in both], ctx.foreach)
+            return
+        # The sharpness s = g_p - g is computed in the perturbed gradient's memory; the inner
+        # optimizer gets g back (zero where there was no first gradient).
+        _add_scaled_([perturbed[i] for i in both], kept, [-1.0] * len(both), ctx.foreach)
+        gradients = [first[id(p)] if id(p) in first else torch.zeros_like(p) for p in params]
+        for param, grad in zip(params, gradients):
+            param.grad = grad
+        self._sharpness = [(p, s, a) for p, s, a in zip(params, perturbed, weights) if a]
+        # Two-call loop (finished unchecked, by restore()): under GradScaler the optimizer unscales
+        # the gradients after this; post_update unscales the sharpness by the same factor, read
+        # off the norm of g before and after.
+        self._scale_probe = None if checked else (gradients, _norm(gradients, ctx.foreach))
+
+    @torch.no_grad()
+    def post_update(self, ctx: TransformContext) -> None:
+        """Decoupled sharpness step: :math:`w \\leftarrow w - \\eta\\,\\frac{\\gamma}{1-\\gamma}(g_p - g)`."""
+        sharpness, self._sharpness = self._sharpness, []
+        probe, self._scale_probe = self._scale_probe, None
+        if not sharpness:
+            return
+        unscaled = 1.0
+        if probe is not None and probe[1] > 0:
+            unscaled = _norm(probe[0], ctx.foreach) / probe[1]
+        lr_of = {id(p): group["lr"] for group in reversed(ctx.param_groups) for p in group["params"]}
+        _add_scaled_(
+            [as_real(param) for param, _, _ in sharpness],
+            [grad for _, grad, _ in sharpness],
+            [-float(lr_of[id(param)]) * weight * unscaled for param, _, weight in sharpness],
+            ctx.foreach,
+        )
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = super().__getstate__()
+        state.update(_sharpness=[], _scale_probe=None)
+        return state
+
+
+# -- FriendlySAM ---------------------------------------------------------------------------------------
+class FriendlySAM(_FinishingTransform):
+    r"""Friendly SAM (Li et al., "Friendly Sharpness-Aware Minimization", CVPR 2024).
+
+    The full-gradient component of :math:`g` does not help generalisation; F-SAM removes an
+    estimate of it — an exponential moving average :math:`m` of past gradients — from the
+    perturbation direction, keeping the batch-specific part:
+
+    .. math::
+
+        d_t = g_t - \sigma\, m_{t-1}, \qquad
+        m_t = \lambda\, m_{t-1} + (1 - \lambda)\, g_t, \qquad
+        e = \rho\, \frac{d_t}{\lVert d_t \rVert_2},
+
+    and the inner optimizer steps with :math:`\nabla L(w + e)`. As in the authors' code, a
+    parameter's first step starts the average at :math:`m = g` and perturbs along :math:`g`.
+    ``rho``, ``sigma`` and ``lmbda`` are per-group keys; the norm is global. The average is kept
+    in the slot (``"momentum"``, in the parameter's dtype) and updated also when nothing is
+    perturbed (``rho=0``).
+
+    Args:
+        rho: Default radius :math:`\rho \ge 0` (per-group key ``"rho"``).
+        sigma: Default weight :math:`\sigma \ge 0` of the average removed (key ``"sigma"``);
+            ``sigma=0`` is SAM.
+        lmbda: Default decay :math:`\lambda \in [0, 1]` of the average (key ``"lmbda"``).
+
+    Raises:
+        ValueError: If a value is negative or not finite, or ``lmbda > 1``.
+    """
+
+    def __init__(self, rho: float = 0.05, sigma: float = 1.0, lmbda: float = 0.9) -> None:
+        self.rho = check_real("rho", rho, low=0.0)
+        self.sigma = check_real("sigma", sigma, low=0.0)
+        self.lmbda = check_real("lmbda", lmbda, low=0.0, high=1.0)
+
+    def group_defaults(self) -> dict[str, Any]:
+        return {"rho": self.rho, "sigma": self.sigma, "lmbda": self.lmbda}
+
+    def validate_group(self, group: Mapping[str, Any]) -> None:
+        check_real("rho", group["rho"], low=0.0)
+        check_real("sigma", group["sigma"], low=0.0)
+        check_real("lmbda", group["lmbda"], low=0.0, high=1.0)
+
+    def perturb(self, ctx: TransformContext) -> Perturbation | None:
+        params, grads, groups = self._collect(ctx)
+        if not params:
+            return None
+        averages = [ctx.state[p].get("momentum") for p in params]
+        old = [i for i, m in enumerate(averages) if m is not None]
+        # A parameter's first step: m = g and d = g. Later: m_t = lmbda m + (1 - lmbda) g and
+        # d = g - sigma m, both in new memory (the gradients stay g until something moves; the
+        # average is committed once the step is through).
+        new_averages = [grad.clone() if m is None else None for grad, m in zip(grads, averages)]
+        directions = [as_real(grad) for grad in grads]
+        if old:
+            olds = [averages[i] for i in old]
+            updated = _scaled(olds, [groups[i]["lmbda"] for i in old], ctx.foreach)
+            mix = [1.0 - groups[i]["lmbda"] for i in old]
+            _add_scaled_([as_real(m) for m in updated], [directions[i] for i in old], mix, ctx.foreach)
+            shifted = [directions[i].clone() for i in old]
+            _add_scaled_(shifted, [as_real(m) for m in olds], [-groups[i]["sigma"] for i in old], ctx.foreach)
+            for k, i in enumerate(old):
+                new_averages[i] = updated[k]
+                directions[i] = shifted[k]
+
+        def commit(checked: bool) -> None:
+            if checked or _current_grads_finite(ctx):
+                for param, average in zip(params, new_averages):
+                    ctx.state[param]["momentum"] = average
+
+        norm = self._finite_norm(directions, ctx.foreach)
+        if norm is None:
+            return Perturbation([], non_finite=True)
+        moving = [i for i, group in enumerate(groups) if group["rho"] > 0]
+        if norm == 0.0 or not moving:
+            return _Step([], commit)
+        scales = [groups[i]["rho"] / norm for i in moving]
+        moved = [params[i] for i in moving]
+        return _Step(self._move_along(moved, [directions[i] for i in moving], scales, ctx.foreach).moves, commit)
+
+    @torch.no_grad()
+    def init_state(self, ctx: TransformContext) -> None:
+        for group in ctx.param_groups:
+            for param in group["params"]:
+                if param.grad is not None and "momentum" not in ctx.state[param]:
+                    ctx.state[param]["momentum"] = torch.zeros_like(param, memory_format=torch.preserve_format)
+
+
+# -- LookSAM -------------------------------------------------------------------------------------------
+class LookSAM(_FinishingTransform):
+    r"""LookSAM (Liu et al., "Towards Efficient and Scalable Sharpness-Aware Minimization", CVPR
+    2022), Algorithm 1: a SAM step every ``k`` steps, a reused sharpness direction in between.
+
+    Every ``k``-th step (the first one included) is a SAM step that also stores the component of
+    the SAM gradient :math:`g_s = \nabla L(w + e)`, :math:`e = \rho\, g / \lVert g \rVert_2`,
+    orthogonal to :math:`g = \nabla L(w)`:
+
+    .. math::
+
+        g_v = g_s - \frac{\langle g, g_s \rangle}{\lVert g \rVert_2^2}\, g .
+
+    The ``k - 1`` steps in between do not re-evaluate the closure; the inner optimizer steps with
+
+    .. math::
+
+        g_s = g + \alpha\, \frac{\lVert g \rVert_2}{\lVert g_v \rVert_2}\, g_v ,
+
+    so a step costs one forward-backward pass, and LookSAM costs about :math:`(1 + 1/k)` times a
+    plain step instead of SAM's two. As in the paper, :math:`g` and :math:`g_v` are whole-model
+    vectors (global norms and inner product); ``rho`` and ``alpha`` are per-group keys.
+
+    State in the slot: per parameter ``"g_v"``, the direction :math:`g_v / \lVert g_v \rVert_2`
+    (in the parameter's dtype); on the first parameter ``"step"``, the steps taken.
+
+    Inside an optimizer with ``first_pass_context`` (DDP ``no_sync``), a step without a
+    re-evaluation is evaluated once more, synchronised, and LookSAM's correction is lost: do not
+    combine them. The two-call loop (``first_step()`` / ``second_step()``) works, but its second
+    pass is wasted on the steps in between (their gradients are those of the first pass).
+
+    Args:
+        rho: Default radius :math:`\rho \ge 0` of the SAM steps (per-group key ``"rho"``).
+        alpha: Default weight :math:`\alpha \ge 0` of the reused direction (key ``"alpha"``).
+        k: A SAM step every ``k`` steps, an integer ``>= 1`` (a setting; ``k=1`` is SAM).
+
+    Raises:
+        ValueError: If ``rho`` or ``alpha`` is negative or not finite, or ``k < 1``.
+        TypeError: If ``k`` is not an integer.
+    """
+
+    def __init__(self, rho: float = 0.05, alpha: float = 0.7, k: int = 5) -> None:
+        self.rho = check_real("rho", rho, low=0.0)
+        self.alpha = check_real("alpha", alpha, low=0.0)
+        self.k = check_int("k", k, low=1)
+
+    def group_defaults(self) -> dict[str, Any]:
+        return {"rho": self.rho, "alpha": self.alpha}
+
+    def validate_group(self, group: Mapping[str, Any]) -> None:
+        check_real("rho", group["rho"], low=0.0)
+        check_real("alpha", group["alpha"], low=0.0)
+
+    def settings(self) -> dict[str, Any]:
+        return {"k": self.k}
+
+    @staticmethod
+    def _count(ctx: TransformContext) -> None:
+        slot = ctx.slot_state(keys=("step",))
+        if slot is not None:
+            slot["step"] = slot.get("step", 0) + 1
+
+    def perturb(self, ctx: TransformContext) -> Perturbation | None:
+        slot = ctx.slot_state(keys=("step",))
+        params, grads, groups = self._collect(ctx)
+        if not params or slot is None:
+            return None
+        norm = self._finite_norm(grads, ctx.foreach, ctx.grad_norm)
+        if norm is None:
+            return Perturbation([], non_finite=True)
+
+        if slot.get("step", 0) % self.k == 0:  # a SAM step
+            if norm == 0.0 or not self.active(groups):  # nothing to perturb: g_s = g, keep g_v
+
+                def count(checked: bool) -> None:
+                    if checked or _current_grads_finite(ctx):
+                        self._count(ctx)
+
+                return _Step([], count)
+            first = {id(p): g for p, g in zip(params, grads)}
+            moves = self._sam_moves(ctx, params, grads, groups, norm)
+            return _Step(moves, lambda checked: self._store_direction(ctx, first, norm))
+
+        # In between: g + alpha |g| g_v / |g_v|, no re-evaluation.
+        units = [ctx.state[p].get("g_v") for p in params]
+        chosen = [i for i, unit in enumerate(units) if unit is not None and groups[i]["alpha"] != 0]
+        scales = [groups[i]["alpha"] * norm for i in chosen]
+        _add_scaled_([as_real(grads[i]) for i in chosen], [as_real(units[i]) for i in chosen], scales, ctx.foreach)
+
+        def reinstall(checked: bool) -> None:
+            # Two-call loop: the second pass repeated the first; its gradients give way to these.
+            for param, grad in zip(params, grads):
+                param.grad = grad
+            self._count(ctx)
+
+        return _Step([], reinstall, held=params)
+
+    def _store_direction(self, ctx: TransformContext, first: dict[int, torch.Tensor], norm: float) -> None:
+        params, perturbed, _groups, both, kept = self._first_and_perturbed(ctx, first)
+        parallel = _dot(kept, [perturbed[i] for i in both]) / norm**2
+        # g_v = g_s - c g, in the first gradient's memory (no first gradient: g_v = g_s).
+        _mul_(kept, [-parallel] * len(kept), ctx.foreach)
+        _add_scaled_(kept, [perturbed[i] for i in both], [1.0] * len(kept), ctx.foreach)
+        directions = {id(params[i]): first[id(params[i])] for i in both}
+        values = [directions[id(p)] if id(p) in directions else p.grad.clone() for p in params]
+        size = _norm(values, ctx.foreach)
+        if not (math.isfinite(parallel) and math.isfinite(size)):
+            return  # non-finite gradients at w + e: the step is skipped, the state kept
+        if size > 0:
+            _mul_([as_real(v) for v in values], [1.0 / size] * len(values), ctx.foreach)
+        params_now = set(map(id, params))
+        for group in ctx.param_groups:
+            for param in group["params"]:
+                if id(param) not in params_now and param in ctx.state and "g_v" in ctx.state[param]:
+                    del ctx.state[param]["g_v"]
+        for param, value in zip(params, values):
+            ctx.state[param]["g_v"] = value
+        self._count(ctx)
+
+    @torch.no_grad()
+    def init_state(self, ctx: TransformContext) -> None:
+        for group in ctx.param_groups:
+            for param in group["params"]:
+                if param.grad is not None and "g_v" not in ctx.state[param]:
+                    ctx.state[param]["g_v"] = torch.zeros_like(param, memory_format=torch.preserve_format)
+        slot = ctx.slot_state(keys=("step",))
+        if slot is not None:
+            slot.setdefault("step", 0)
+
+
+# -- ESAM's stochastic weight perturbation ---------------------------------------------------------------
+class ESAM(_FinishingTransform):
+    r"""Stochastic weight perturbation of ESAM (Du et al., "Efficient Sharpness-aware Minimization
+    for Improved Training of Neural Networks", ICLR 2022).
+
+    SAM's perturbation on a random subset of the weights: every element is kept with probability
+    :math:`\beta` (a Bernoulli mask :math:`m`, drawn afresh each step) and the perturbation is
+    scaled by :math:`1/\beta`, so that it equals SAM's in expectation:
+
+    .. math::
+
+        e = \frac{\rho}{\beta}\, \frac{m \odot g}{\lVert g \rVert_2}, \qquad
+        m_i \sim \mathrm{Bernoulli}(\beta).
+
+    The mask is element-wise, as the paper defines it (the authors' code draws one bit per
+    parameter tensor, to skip whole gradients in its first backward pass, which a closure here
+    computes anyway). ESAM's other half, sharpness-sensitive data selection, changes the batch
+    of the second pass and belongs in the closure. ``rho`` and ``beta`` are per-group keys
+    (``beta=1`` is SAM, without drawing).
+
+    Random numbers: one draw per element, tensor by tensor in param-group order. With ``seed``,
+    they come from generators of this transform (one per device), whose states are kept in the
+    slot (``"rng_state"``, on the first parameter of each device) and checkpointed, so a resumed
+    run draws the same masks. ``seed=None`` uses PyTorch's default generator.
+
+    Args:
+        rho: Default radius :math:`\rho \ge 0` (per-group key ``"rho"``).
+        beta: Default probability :math:`\beta \in (0, 1]` of perturbing a weight (key ``"beta"``).
+        seed: Seed of the transform's generators, or ``None``.
+
+    Raises:
+        ValueError: If ``rho`` is negative or not finite, or ``beta`` is outside ``(0, 1]``.
+        TypeError: If ``seed`` is not an integer.
+    """
+
+    def __init__(self, rho: float = 0.05, beta: float = 0.5, *, seed: int | None = None) -> None:
+        self.rho = check_real("rho", rho, low=0.0)
+        self.beta = check_real("beta", beta, low=0.0, high=1.0, low_open=True)
+        self.seed = None if seed is None else check_int("seed", seed)
+
+    def group_defaults(self) -> dict[str, Any]:
+        return {"rho": self.rho, "beta": self.beta}
+
+    def validate_group(self, group: Mapping[str, Any]) -> None:
+        check_real("rho", group["rho"], low=0.0)
+        check_real("beta", group["beta"], low=0.0, high=1.0, low_open=True)
+
+    def settings(self) -> dict[str, Any]:
+        return {"seed": self.seed}
+
+    def _generators(self, ctx: TransformContext) -> _GeneratorCache | None:
+        return None if self.seed is None else _GeneratorCache(ctx, self.seed)
+
+    def perturb(self, ctx: TransformContext) -> Perturbation | None:
+        params, grads, groups = self._collect(ctx)
+        if not params or not self.active(groups):
+            return None
+        norm = self._finite_norm(grads, ctx.foreach, ctx.grad_norm)
+        if norm is None:
+            return Perturbation([], non_finite=True)
+        if norm == 0.0:
+            return None
+        generators = self._generators(ctx)
+        moving = [i for i, group in enumerate(groups) if group["rho"] > 0]
+        directions = [as_real(grads[i]) for i in moving]  # consumed by the move
+        masked = [k for k, i in enumerate(moving) if groups[i]["beta"] < 1.0]
+        masks = []
+        for k in masked:  # one draw per element, tensor by tensor
+            generator = None if generators is None else generators.get(directions[k].device)
+            mask = torch.empty_like(directions[k], memory_format=torch.preserve_format)
+            masks.append(mask.bernoulli_(groups[moving[k]]["beta"], generator=generator))
+        mul_([directions[k] for k in masked], masks, foreach=ctx.foreach)
+        del masks
+        scales = [groups[i]["rho"] / (groups[i]["beta"] * norm) for i in moving]
+        moves = self._move_along([params[i] for i in moving], directions, scales, ctx.foreach).moves
+
+        def commit(checked: bool) -> None:  # the generators advance only with a step taken
+            if generators is not None and (checked or _current_grads_finite(ctx)):
+                generators.save()
+
+        return _Step(moves, commit)
+
+    @torch.no_grad()
+    def init_state(self, ctx: TransformContext) -> None:
+        generators = self._generators(ctx)
+        if generators is not None:
+            for group in ctx.param_groups:
+                for param in group["params"]:
+                    if param.grad is not None:
+                        generators.get(param.device)
+            generators.save()
+
+    def check_loaded_state(self, ctx: TransformContext) -> None:
+        """Raise ``ValueError`` unless every generator state in the slot is valid (cast back to bytes)."""
+        for group in ctx.param_groups:
+            for param in group["params"]:
+                if param not in ctx.state or "rng_state" not in ctx.state[param]:
+                    continue
+                entry = ctx.state[param]
+                try:
+                    restored = _as_generator_state(entry["rng_state"])
+                    torch.Generator(device=param.device).set_state(restored)
+                except (RuntimeError, TypeError, ValueError, AttributeError) as error:
+                    raise ValueError(
+                        f"the checkpoint's ESAM slot {ctx.slot!r} holds an invalid generator state "
+                        f"for device {param.device}: {error}"
+                    ) from None
+                entry["rng_state"] = restored

@@ -1,0 +1,593 @@
+"""GSAM, WSAM, FriendlySAM, LookSAM and ESAM against hand-written float64 references.
+
+Each reference is a per-tensor transcription of the paper's equations (dicts of tensors by
+parameter name, gradients from ``torch.func.functional_call``), independent of samgria; the inner
+optimizer is torch's own, stepped with the reference's gradients. Where pytorch_optimizer
+implements the same algorithm, the trajectories are also compared with it (skipped when it is not
+installed). The contracts every transform keeps (checkpoints, the two-call loop, bad inputs, ...)
+are tested for these transforms by ``test_transforms_generic.py`` through ``transform_infos.py``.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+from torch import nn
+from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
+from torch.func import functional_call
+from transform_infos import assert_bitwise_equal, make_closure, make_data, make_model, params_of
+
+from samgria import ESAM, GSAM, SAM, WSAM, FriendlySAM, LookSAM, TransformingOptimizer
+
+SGD = (torch.optim.SGD, {"lr": 0.1, "momentum": 0.9})
+ADAMW = (torch.optim.AdamW, {"lr": 1e-2, "weight_decay": 1e-2})
+FIRST_LAYER = {"0.weight", "0.bias"}
+
+
+# -- the independent reference -------------------------------------------------------------------------
+def gradients(model, weights, x, y):
+    """Gradient of the MSE loss at ``weights`` (name -> tensor); ``None`` where torch gives none."""
+    trainable = {n: w.detach().clone().requires_grad_(p.requires_grad) for (n, p), w in zip(model.named_parameters(), weights.values())}
+    loss = nn.functional.mse_loss(functional_call(model, trainable, (x,)), y)
+    names = [n for n, t in trainable.items() if t.requires_grad]
+    out = dict.fromkeys(trainable)
+    out.update(zip(names, torch.autograd.grad(loss, [trainable[n] for n in names], allow_unused=True)))
+    return out
+
+
+def dot(a, b):
+    return sum(float((a[n] * b[n]).sum()) for n in a if a[n] is not None and b.get(n) is not None)
+
+
+def norm(a):
+    return math.sqrt(dot(a, a))
+
+
+def sam_point(weights, g, rho_of, scale=None):
+    """w + e with e = rho g / |g| (``scale``: a per-name factor on e, e.g. ESAM's mask / beta)."""
+    size = norm(g)
+    moved = {}
+    for n, w in weights.items():
+        if g[n] is None:
+            moved[n] = w
+            continue
+        e = rho_of(n) * g[n] / size
+        moved[n] = w + (e if scale is None else e * scale[n])
+    return moved
+
+
+def run_reference(algorithm, steps, inner=SGD, groups=None):
+    """Steps torch's ``inner`` with the gradients ``algorithm(t, weights, grad_fn)`` returns.
+
+    ``algorithm`` may return ``(grads, after)``: ``after(weights, lr_of)`` runs after the inner step.
+    ``groups``: ``model -> param groups`` for the inner optimizer (per-group lr, ...).
+    """
+    x, y = make_data()
+    model = make_model()
+    named = dict(model.named_parameters())
+    cls, kwargs = inner
+    optimizer = cls(groups(model) if groups else model.parameters(), **kwargs)
+    lr_of = {id(p): group["lr"] for group in optimizer.param_groups for p in group["params"]}
+    for t in range(steps):
+        weights = {n: p.detach().clone() for n, p in named.items()}
+        result = algorithm(t, weights, lambda w: gradients(model, w, x, y))
+        grads, after = result if isinstance(result, tuple) else (result, None)
+        for n, p in named.items():
+            p.grad = grads.get(n)
+        optimizer.step()
+        if after is not None:
+            with torch.no_grad():
+                after(named, lambda n: lr_of[id(named[n])])
+    return params_of(model)
+
+
+def run_samgria(transform, steps, inner=SGD, groups=None):
+    x, y = make_data()
+    model = make_model()
+    cls, kwargs = inner
+    optimizer = TransformingOptimizer(groups(model) if groups else model.parameters(), cls, transforms=[transform], **kwargs)
+    closure = make_closure(model, optimizer, x, y)
+    for _ in range(steps):
+        optimizer.step(closure)
+    return params_of(model)
+
+
+def two_groups(first=None, rest=None):
+    """The first layer with ``first``'s keys, every other parameter with ``rest``'s."""
+
+    def groups(model):
+        named = dict(model.named_parameters())
+        return [
+            {"params": [named[n] for n in named if n in FIRST_LAYER], **(first or {})},
+            {"params": [named[n] for n in named if n not in FIRST_LAYER], **(rest or {})},
+        ]
+
+    return groups
+
+
+def per_group(first, rest):
+    return lambda name: first if name in FIRST_LAYER else rest
+
+
+def assert_close(got, expected):
+    torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-12)
+
+
+# -- references, one per paper -------------------------------------------------------------------------
+def gsam_reference(rho_of, alpha_of):
+    def step(t, w, grad):
+        g = grad(w)
+        g_p = grad(sam_point(w, g, rho_of))
+        c = dot(g, g_p) / dot(g_p, g_p)
+        # d = g_p - alpha g_perp,  g_perp = g - <g, g_p>/|g_p|^2 g_p
+        return {n: None if g_p[n] is None else g_p[n] - alpha_of(n) * (g[n] - c * g_p[n]) for n in w}
+
+    return step
+
+
+def wsam_reference(rho_of, gamma_of, decouple):
+    def step(t, w, grad):
+        g = grad(w)
+        g_p = grad(sam_point(w, g, rho_of))
+        a = {n: gamma_of(n) / (1 - gamma_of(n)) for n in w}
+        if not decouple:  # (1 - 2 gamma)/(1 - gamma) g + gamma/(1 - gamma) g_p
+            return {n: None if g[n] is None else (1 - 2 * gamma_of(n)) / (1 - gamma_of(n)) * g[n] + a[n] * g_p[n] for n in w}
+
+        def after(params, lr_of):  # w <- w - lr gamma/(1 - gamma) (g_p - g), after the inner step
+            for n, p in params.items():
+                if g[n] is not None:
+                    p.sub_(lr_of(n) * a[n] * (g_p[n] - g[n]))
+
+        return g, after
+
+    return step
+
+
+def friendly_sam_reference(rho_of, sigma_of, lmbda_of):
+    m = {}
+
+    def step(t, w, grad):
+        g = grad(w)
+        d = {}
+        for n, gn in g.items():
+            if gn is None:
+                d[n] = None
+            elif n not in m:  # first step: m = g, d = g
+                d[n], m[n] = gn, gn.clone()
+            else:  # d = g - sigma m_{t-1};  m_t = lmbda m_{t-1} + (1 - lmbda) g
+                d[n] = gn - sigma_of(n) * m[n]
+                m[n] = lmbda_of(n) * m[n] + (1 - lmbda_of(n)) * gn
+        return grad(sam_point(w, d, rho_of))
+
+    return step
+
+
+def look_sam_reference(rho_of, alpha_of, k):
+    g_v = {}
+
+    def step(t, w, grad):
+        g = grad(w)
+        if t % k == 0:  # SAM step; g_v = g_s - <g, g_s>/|g|^2 g
+            g_s = grad(sam_point(w, g, rho_of))
+            c = dot(g, g_s) / dot(g, g)
+            g_v.clear()
+            g_v.update({n: g_s[n] - c * g[n] for n in g if g_s[n] is not None})
+            return g_s
+        scale = norm(g) / norm(g_v)  # g_s = g + alpha |g|/|g_v| g_v
+        return {n: None if g[n] is None else g[n] + alpha_of(n) * scale * g_v[n] for n in g}
+
+    return step
+
+
+def esam_reference(rho_of, beta_of, seed):
+    generator = torch.Generator().manual_seed(seed)
+
+    def step(t, w, grad):
+        g = grad(w)
+        # m ~ Bernoulli(beta) per element, drawn tensor by tensor in parameter order; e = rho/beta m g/|g|
+        scale = {
+            n: torch.empty_like(g[n]).bernoulli_(beta_of(n), generator=generator) / beta_of(n) if beta_of(n) < 1 else 1.0
+            for n in w
+            if g[n] is not None and rho_of(n) > 0
+        }
+        return grad(sam_point(w, g, rho_of, scale={n: scale.get(n, 0.0) for n in w}))
+
+    return step
+
+
+# -- samgria equals the references ------------------------------------------------------------------------
+@pytest.mark.parametrize("inner", [SGD, ADAMW], ids=["sgd", "adamw"])
+def test_gsam_matches_reference(inner):
+    expected = run_reference(gsam_reference(lambda n: 0.05, lambda n: 0.4), 5, inner)
+    assert_close(run_samgria(GSAM(rho=0.05, alpha=0.4), 5, inner), expected)
+
+
+def test_gsam_per_group_rho_and_alpha():
+    expected = run_reference(gsam_reference(per_group(0.2, 0.03), per_group(0.0, 0.7)), 5)
+    got = run_samgria(GSAM(rho=0.03, alpha=0.7), 5, groups=two_groups({"rho": 0.2, "alpha": 0.0}))
+    assert_close(got, expected)
+
+
+@pytest.mark.parametrize("decouple", [False, True], ids=["coupled", "decoupled"])
+@pytest.mark.parametrize("inner", [SGD, ADAMW], ids=["sgd", "adamw"])
+def test_wsam_matches_reference(inner, decouple):
+    expected = run_reference(wsam_reference(lambda n: 0.05, lambda n: 0.8, decouple), 5, inner)
+    assert_close(run_samgria(WSAM(rho=0.05, gamma=0.8, decouple=decouple), 5, inner), expected)
+
+
+def test_wsam_decoupled_per_group_gamma_and_lr():
+    groups = two_groups({"gamma": 0.3, "lr": 0.05}, {"gamma": 0.9})
+    expected = run_reference(wsam_reference(lambda n: 0.05, per_group(0.3, 0.9), True), 5, groups=two_groups({"lr": 0.05}))
+    assert_close(run_samgria(WSAM(rho=0.05, gamma=0.9), 5, groups=groups), expected)
+
+
+def test_wsam_forms_agree_for_plain_sgd():
+    # Without momentum the decoupled step is the gradient of the WSAM loss.
+    plain = (torch.optim.SGD, {"lr": 0.1})
+    assert_close(run_samgria(WSAM(0.05, 0.8, decouple=True), 4, plain), run_samgria(WSAM(0.05, 0.8, decouple=False), 4, plain))
+
+
+@pytest.mark.parametrize("inner", [SGD, ADAMW], ids=["sgd", "adamw"])
+def test_friendly_sam_matches_reference(inner):
+    expected = run_reference(friendly_sam_reference(lambda n: 0.05, lambda n: 1.0, lambda n: 0.9), 6, inner)
+    assert_close(run_samgria(FriendlySAM(rho=0.05, sigma=1.0, lmbda=0.9), 6, inner), expected)
+
+
+def test_friendly_sam_per_group_hyperparameters_and_a_rho_zero_group():
+    reference = friendly_sam_reference(per_group(0.0, 0.1), per_group(0.5, 1.0), per_group(0.6, 0.9))
+    expected = run_reference(reference, 6)
+    got = run_samgria(FriendlySAM(rho=0.1), 6, groups=two_groups({"rho": 0.0, "sigma": 0.5, "lmbda": 0.6}))
+    assert_close(got, expected)
+
+
+@pytest.mark.parametrize("k", [1, 3])
+@pytest.mark.parametrize("inner", [SGD, ADAMW], ids=["sgd", "adamw"])
+def test_look_sam_matches_reference(inner, k):
+    expected = run_reference(look_sam_reference(lambda n: 0.05, lambda n: 0.7, k), 7, inner)
+    assert_close(run_samgria(LookSAM(rho=0.05, alpha=0.7, k=k), 7, inner), expected)
+
+
+def test_look_sam_per_group_alpha_and_rho():
+    expected = run_reference(look_sam_reference(per_group(0.1, 0.05), per_group(0.0, 1.5), 3), 7)
+    got = run_samgria(LookSAM(rho=0.05, alpha=1.5, k=3), 7, groups=two_groups({"rho": 0.1, "alpha": 0.0}))
+    assert_close(got, expected)
+
+
+@pytest.mark.parametrize("inner", [SGD, ADAMW], ids=["sgd", "adamw"])
+def test_esam_matches_reference(inner):
+    expected = run_reference(esam_reference(lambda n: 0.05, lambda n: 0.5, seed=3), 5, inner)
+    assert_close(run_samgria(ESAM(rho=0.05, beta=0.5, seed=3), 5, inner), expected)
+
+
+def test_esam_per_group_beta():
+    expected = run_reference(esam_reference(per_group(0.1, 0.05), per_group(1.0, 0.3), seed=0), 5)
+    got = run_samgria(ESAM(rho=0.05, beta=0.3, seed=0), 5, groups=two_groups({"rho": 0.1, "beta": 1.0}))
+    assert_close(got, expected)
+
+
+# -- limits: each reduces to SAM --------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "transform",
+    [GSAM(0.05, alpha=0.0), WSAM(0.05, gamma=0.5, decouple=False), FriendlySAM(0.05, sigma=0.0), LookSAM(0.05, k=1), ESAM(0.05, beta=1.0)],
+    ids=["GSAM-alpha0", "WSAM-gamma-half", "FriendlySAM-sigma0", "LookSAM-k1", "ESAM-beta1"],
+)
+def test_each_reduces_to_sam_bitwise(transform):
+    assert_bitwise_equal(run_samgria(transform, 4), run_samgria(SAM(0.05), 4))
+
+
+# -- LookSAM's cost --------------------------------------------------------------------------------------
+@pytest.mark.parametrize("k", [1, 4, 5])
+def test_look_sam_evaluates_the_closure_one_plus_one_over_k_times_per_step(k):
+    x, y = make_data()
+    model = make_model()
+    optimizer = TransformingOptimizer(model.parameters(), torch.optim.SGD, lr=0.1, transforms=[LookSAM(k=k)])
+    closure = make_closure(model, optimizer, x, y)
+    calls = {"n": 0}
+
+    def counting():
+        calls["n"] += 1
+        return closure()
+
+    for _ in range(20):
+        optimizer.step(counting)
+    assert calls["n"] == 20 + math.ceil(20 / k)  # one pass per step, a second on every k-th
+
+
+# -- pytorch_optimizer ------------------------------------------------------------------------------------
+@pytest.fixture
+def pytorch_optimizer_float64_norm(monkeypatch):
+    """pytorch_optimizer, with its SAM family's global gradient norm taken in float64.
+
+    pytorch_optimizer (4.1) casts the squared norms to float32 before summing them, which moves its
+    trajectories by about 1e-9 from a float64 computation; with the norm in float64 the updates
+    agree to rounding.
+    """
+    pytest.importorskip("pytorch_optimizer")
+    import pytorch_optimizer.optimizer.sam as sam_module
+
+    def norm64(param_groups, device=None, *, weight_adaptive=False):
+        grads = [p.grad for group in param_groups for p in group["params"] if p.grad is not None]
+        return torch.stack([grad.double().norm() for grad in grads]).square().sum().reshape(1)
+
+    monkeypatch.setattr(sam_module, "get_global_gradient_norm", norm64)
+    import pytorch_optimizer
+
+    return pytorch_optimizer
+
+
+def _run_theirs(build, steps, first_pass):
+    x, y = make_data()
+    model = make_model()
+    optimizer = build(model)
+    closure = make_closure(model, optimizer, x, y)
+    for _ in range(steps):
+        if first_pass:  # their SAMs expect the first gradients before step()
+            closure()
+        optimizer.step(closure)
+    return params_of(model)
+
+
+class _ConstantRho:
+    def __init__(self, rho):
+        self.rho = rho
+
+    def step(self):
+        return self.rho
+
+
+def test_gsam_equals_pytorch_optimizer(pytorch_optimizer_float64_norm):
+    po = pytorch_optimizer_float64_norm
+    x, y = make_data()
+    model = make_model()
+    base = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    theirs = po.GSAM(model.parameters(), base, model, _ConstantRho(0.05), alpha=0.4, perturb_eps=0.0)
+
+    def closure():  # their GSAM wants (outputs, loss) and calls it under no_grad
+        base.zero_grad()
+        with torch.enable_grad():
+            outputs = model(x)
+            loss = nn.functional.mse_loss(outputs, y)
+            loss.backward()
+        return outputs, loss.detach()
+
+    for _ in range(5):
+        theirs.step(closure)
+    assert_close(run_samgria(GSAM(0.05, alpha=0.4), 5), params_of(model))
+
+
+@pytest.mark.parametrize("decouple", [False, True], ids=["coupled", "decoupled"])
+def test_wsam_equals_pytorch_optimizer(pytorch_optimizer_float64_norm, decouple):
+    po = pytorch_optimizer_float64_norm
+
+    def build(model):
+        return po.WSAM(model, model.parameters(), torch.optim.SGD, rho=0.05, gamma=0.8, decouple=decouple, eps=0.0, lr=0.1, momentum=0.9)
+
+    assert_close(run_samgria(WSAM(0.05, gamma=0.8, decouple=decouple), 5), _run_theirs(build, 5, first_pass=False))
+
+
+@pytest.mark.parametrize("sigma,lmbda", [(1.0, 0.9), (0.5, 0.6)])
+def test_friendly_sam_equals_pytorch_optimizer(pytorch_optimizer_float64_norm, sigma, lmbda):
+    po = pytorch_optimizer_float64_norm
+
+    def build(model):
+        return po.FriendlySAM(model.parameters(), torch.optim.SGD, rho=0.05, sigma=sigma, lmbda=lmbda, perturb_eps=0.0, lr=0.1, momentum=0.9)
+
+    assert_close(run_samgria(FriendlySAM(0.05, sigma=sigma, lmbda=lmbda), 6), _run_theirs(build, 6, first_pass=True))
+
+
+def test_pytorch_optimizers_look_sam_evaluates_twice_per_step_and_decomposes_per_tensor(pytorch_optimizer_float64_norm):
+    # Documented difference: their LookSAM skips the perturbation between SAM steps but its
+    # step(closure) still runs the closure, and it decomposes each tensor on its own.
+    po = pytorch_optimizer_float64_norm
+    calls = {"n": 0}
+
+    def build(model):
+        optimizer = po.LookSAM(model.parameters(), torch.optim.SGD, rho=0.05, k=3, alpha=0.7, perturb_eps=0.0, lr=0.1, momentum=0.9)
+        step = optimizer.step
+
+        def counting_step(closure):
+            def counted():
+                calls["n"] += 1
+                return closure()
+
+            return step(counted)
+
+        optimizer.step = counting_step
+        return optimizer
+
+    theirs = _run_theirs(build, 6, first_pass=True)
+    assert calls["n"] == 6  # a second evaluation on every step (ours: 2 in 6 steps with k=3)
+    ours = run_samgria(LookSAM(0.05, alpha=0.7, k=3), 6)
+    assert max(float((a - b).abs().max()) for a, b in zip(ours, theirs)) > 1e-6
+
+
+# -- per-group hyperparameters are read every step (schedulable) ------------------------------------------
+SCHEDULES = [
+    (GSAM, {"rho": 0.05, "alpha": 0.4}, {"rho": 0.1, "alpha": 0.2}),
+    (WSAM, {"rho": 0.05, "gamma": 0.8}, {"rho": 0.1, "gamma": 0.6}),
+    (FriendlySAM, {"rho": 0.05, "sigma": 1.0, "lmbda": 0.9}, {"rho": 0.1, "sigma": 0.5, "lmbda": 0.7}),
+    (LookSAM, {"rho": 0.05, "alpha": 0.7}, {"rho": 0.1, "alpha": 0.3}),
+    (ESAM, {"rho": 0.05, "beta": 0.5}, {"rho": 0.1, "beta": 0.8}),
+]
+
+
+@pytest.mark.parametrize("cls,start,later", SCHEDULES, ids=[s[0].__name__ for s in SCHEDULES])
+def test_group_hyperparameters_are_read_each_step(cls, start, later):
+    extra = {"seed": 0} if cls is ESAM else {"k": 2} if cls is LookSAM else {}
+    x, y = make_data()
+    model_a, model_b = make_model(), make_model()
+    opt_a = TransformingOptimizer(model_a.parameters(), torch.optim.SGD, lr=0.1, transforms=[cls(**start, **extra)])
+    opt_b = TransformingOptimizer(model_b.parameters(), torch.optim.SGD, lr=0.1, transforms=[cls(**later, **extra)])
+    for group in opt_a.param_groups:
+        group.update(later)  # e.g. a schedule
+    for optimizer, model in ((opt_a, model_a), (opt_b, model_b)):
+        closure = make_closure(model, optimizer, x, y)
+        for _ in range(4):
+            optimizer.step(closure)
+    assert_bitwise_equal(params_of(model_a), params_of(model_b))
+    key = next(iter(later))
+    opt_a.param_groups[0][key] = -1.0
+    with pytest.raises(ValueError, match=rf"param_groups\[0\]: {key} must be a finite number"):
+        opt_a.step(make_closure(model_a, opt_a, x, y))
+
+
+# -- ESAM's mask ----------------------------------------------------------------------------------------------
+def test_esam_perturbs_a_beta_fraction_of_the_elements_by_rho_over_beta():
+    torch.manual_seed(0)
+    coefficients = torch.randn(20_000, dtype=torch.float64)
+    param = nn.Parameter(torch.zeros(20_000, dtype=torch.float64))
+    optimizer = TransformingOptimizer([param], torch.optim.SGD, lr=0.0, transforms=[ESAM(rho=0.5, beta=0.25, seed=1)])
+    seen = []
+
+    def closure():
+        optimizer.zero_grad()
+        seen.append(param.detach().clone())
+        loss = (coefficients * param).sum()
+        loss.backward()
+        return loss
+
+    optimizer.step(closure)
+    e = seen[1] - seen[0]
+    moved = e != 0
+    full = 0.5 / 0.25 * coefficients / coefficients.norm()  # rho/beta g/|g| where the mask is 1
+    torch.testing.assert_close(e[moved], full[moved], rtol=1e-14, atol=0)
+    fraction = float(moved.double().mean())
+    assert abs(fraction - 0.25) < 5 * math.sqrt(0.25 * 0.75 / 20_000)
+
+
+def test_esam_without_seed_draws_from_torchs_default_generator():
+    x, y = make_data()
+
+    def run(seed):
+        model = make_model()  # seeds torch itself: the default generator is seeded after it
+        optimizer = TransformingOptimizer(model.parameters(), torch.optim.SGD, lr=0.1, transforms=[ESAM(0.05, beta=0.5)])
+        torch.manual_seed(seed)
+        closure = make_closure(model, optimizer, x, y)
+        for _ in range(3):
+            optimizer.step(closure)
+        assert not optimizer.state  # nothing checkpointed without a seed
+        return params_of(model)
+
+    assert_bitwise_equal(run(7), run(7))
+    assert any(not torch.equal(a, b) for a, b in zip(run(7), run(8)))
+
+
+# -- state is committed only with a step taken ---------------------------------------------------------------
+STATEFUL = {
+    "LookSAM": lambda: LookSAM(0.05, k=2),
+    "FriendlySAM": lambda: FriendlySAM(0.05),
+    "ESAM": lambda: ESAM(0.05, seed=0),
+}
+
+
+@pytest.mark.parametrize("name", sorted(STATEFUL))
+def test_two_call_step_with_non_finite_second_pass_is_skipped_and_commits_nothing(name):
+    x, y = make_data()
+    model, twin_model = make_model(), make_model()
+    optimizer = TransformingOptimizer(model.parameters(), torch.optim.SGD, lr=0.1, momentum=0.9, transforms=[STATEFUL[name]()])
+    twin = TransformingOptimizer(twin_model.parameters(), torch.optim.SGD, lr=0.1, momentum=0.9, transforms=[STATEFUL[name]()])
+    for opt, mdl in ((optimizer, model), (twin, twin_model)):
+        closure = make_closure(mdl, opt, x, y)
+        for _ in range(2):
+            opt.step(closure)
+    before = copy.deepcopy(optimizer.state_dict())
+
+    nn.functional.mse_loss(model(x), y).backward()
+    optimizer.first_step(zero_grad=True)
+    (nn.functional.mse_loss(model(x), y) * float("inf")).backward()
+    with pytest.warns(RuntimeWarning, match="second evaluation are not finite"):
+        optimizer.second_step(zero_grad=True)
+    after = optimizer.state_dict()
+    for index, entry in before["state"].items():
+        assert entry.keys() == after["state"][index].keys()
+        for key, value in entry.items():
+            assert torch.equal(value, after["state"][index][key]) if isinstance(value, torch.Tensor) else value == after["state"][index][key]
+
+    for opt, mdl in ((optimizer, model), (twin, twin_model)):  # then both runs continue alike
+        closure = make_closure(mdl, opt, x, y)
+        for _ in range(3):
+            opt.step(closure)
+    assert_bitwise_equal(params_of(model), params_of(twin_model))
+
+
+AMP_FAMILY = {
+    "GSAM": lambda: GSAM(0.05),
+    "WSAM-decoupled": lambda: WSAM(0.05, gamma=0.8),
+    "WSAM-coupled": lambda: WSAM(0.05, gamma=0.8, decouple=False),
+    "FriendlySAM": lambda: FriendlySAM(0.05),
+    "LookSAM": lambda: LookSAM(0.05, k=2),
+    "ESAM": lambda: ESAM(0.05, seed=0),
+}
+
+
+@pytest.mark.parametrize("name", sorted(AMP_FAMILY))
+def test_two_call_loop_under_grad_scaler_equals_the_unscaled_loop_bitwise(name):
+    # The AMP recipe: both passes are scaled, the transforms finish on scaled gradients and the
+    # optimizer unscales afterwards. With a power-of-two scale that never changes, scaling is
+    # exact: the run equals the unscaled two-call loop bit for bit (decoupled WSAM unscales its
+    # sharpness step by the factor the optimizer applied to the gradients).
+    x, y = make_data()
+
+    def run(scaler):
+        model = make_model()
+        optimizer = TransformingOptimizer(model.parameters(), torch.optim.SGD, lr=0.1, momentum=0.9, transforms=[AMP_FAMILY[name]()])
+        scale = scaler.scale if scaler is not None else (lambda loss: loss)
+        for _ in range(4):
+            scale(nn.functional.mse_loss(model(x), y)).backward()
+            optimizer.first_step(zero_grad=True)
+            scale(nn.functional.mse_loss(model(x), y)).backward()
+            if scaler is not None:
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                optimizer.second_step()
+            optimizer.zero_grad()
+        return params_of(model)
+
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10, growth_interval=1000)
+    assert_bitwise_equal(run(scaler), run(None))
+    assert scaler.get_scale() == 2.0**10
+
+
+def test_wsam_decoupled_refuses_the_seed_protocol_with_a_clear_error():
+    x, y = make_data()
+    model = make_model()
+
+    def loss_fn(inputs, targets):
+        return nn.functional.mse_loss(model(inputs), targets)
+
+    loss_fn(x, y).backward()
+    with pytest.raises(RuntimeError, match=r"WSAM\(decouple=True\) .* use WSAM\(decouple=False\)"):
+        WSAM(decouple=True).apply(model, loss_fn, (x, y))
+    WSAM(decouple=False).apply(model, loss_fn, (x, y))  # the coupled form works standalone
+
+
+@pytest.mark.filterwarnings("ignore:torch.distributed is disabled:UserWarning")
+@pytest.mark.parametrize("name", sorted(STATEFUL))
+def test_dcp_state_dict_into_a_fresh_optimizer_continues_bitwise(name):
+    # torch.distributed.checkpoint first initialises a fresh optimizer's state (a step with lr=0
+    # and zero gradients), then loads into it: every state key must exist after the init.
+    x = torch.randn(16, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    y = torch.randn(16, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+
+    def build(seed):
+        torch.manual_seed(seed)
+        model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 2)).double()
+        return model, TransformingOptimizer(model.parameters(), torch.optim.SGD, lr=0.05, momentum=0.9, transforms=[STATEFUL[name]()])
+
+    model, optimizer = build(0)
+    closure = make_closure(model, optimizer, x, y)
+    for _ in range(3):
+        optimizer.step(closure)
+    saved = copy.deepcopy(get_optimizer_state_dict(model, optimizer))
+    fresh_model, fresh = build(1)
+    fresh_model.load_state_dict(model.state_dict())
+    set_optimizer_state_dict(fresh_model, fresh, optim_state_dict=saved)
+    fresh_closure = make_closure(fresh_model, fresh, x, y)
+    for _ in range(4):
+        optimizer.step(closure)
+        fresh.step(fresh_closure)
+    assert_bitwise_equal(params_of(model), params_of(fresh_model))
