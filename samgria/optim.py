@@ -28,7 +28,24 @@ __all__ = ["TransformingOptimizer", "sam_optimizer"]
 _NEEDS_CLOSURE_MESSAGE = (
     "{names} re-evaluate(s) the loss, so step() needs a closure: call optimizer.step(closure), or "
     "call optimizer.first_step() after the first backward and optimizer.second_step() after the "
-    "second (loops without a closure, e.g. AMP)"
+    "second (loops without a closure, e.g. AMP); a framework's training loop: see "
+    "samgria.integrations (Hugging Face Trainer: SAMTrainer, accelerate: SAMAccelerator)"
+)
+_SCALER_WITHOUT_FIRST_STEP_MESSAGE = (
+    "{names} re-evaluate(s) the loss, but torch.amp.GradScaler.step(optimizer) called step() "
+    "without first_step(): the scaler cannot run a second forward and backward. Call "
+    "optimizer.first_step() after the first scaled backward and scaler.step(optimizer) after the "
+    "second; Lightning's precision='16-mixed' under automatic optimization: "
+    "plugins=[samgria.integrations.lightning.SAMMixedPrecision('16-mixed', device)] or "
+    "precision='bf16-mixed'; Hugging Face Trainer: samgria.integrations.transformers.SAMTrainer; "
+    "accelerate: samgria.integrations.accelerate.SAMAccelerator"
+)
+_SCALER_WITH_CLOSURE_MESSAGE = (
+    "torch.amp.GradScaler.step(optimizer, closure) cannot drive step(closure): the scaler checked "
+    "and would unscale gradients the closure has not computed yet, so the step would apply scaled "
+    "gradients. Use the two-call loop: scaler.scale(loss).backward(); optimizer.first_step(); "
+    "scaler.scale(loss).backward(); scaler.step(optimizer); scaler.update() (accelerate's fp16: "
+    "samgria.integrations.accelerate.SAMAccelerator, whose step(closure) does this)"
 )
 
 
@@ -48,6 +65,21 @@ class _PendingStep:
     rerun_before: bool = False
     #: The first pass's gradients were not finite: the step is skipped.
     non_finite: bool = False
+
+
+@dataclass
+class _StepProgress:
+    """The two-call step in progress, in one object that every view of the optimizer shares.
+
+    Lightning's ``LightningOptimizer`` is a subclass of the optimizer's class that forwards reads
+    of attributes it lacks to the optimizer (older versions copied its ``__dict__``): methods
+    called through it write their attributes on the wrapper, but mutate this shared object.
+    """
+
+    pending: _PendingStep | None = None
+    #: ``second_step()`` is calling ``step()``: a framework wrapper around the optimizer (Lightning)
+    #: may pass a closure of its own (its hooks, no forward or backward); it runs once.
+    finishing: bool = False
 
 
 def _dense_real(grad: torch.Tensor) -> torch.Tensor:
@@ -138,7 +170,7 @@ class TransformingOptimizer(WrappingOptimizer):
     _step_supports_amp_scaling = True
     _driven_attr = "inner"
     _dropped_on_pickle = ("first_pass_context", "reevaluation_context")
-    _transient = ("_loading", "_pending")
+    _transient = ("_loading", "_progress")
 
     def __init__(
         self,
@@ -191,7 +223,7 @@ class TransformingOptimizer(WrappingOptimizer):
         self.non_finite = non_finite
         self.atomic = atomic
         self.skipped_steps = 0
-        self._pending: _PendingStep | None = None
+        self._progress = _StepProgress()
         self._init_wrapper(inner_optimizer, {**inner_optimizer.defaults, **chain.defaults})
 
     # -- construction helpers ------------------------------------------------------------------
@@ -240,6 +272,19 @@ class TransformingOptimizer(WrappingOptimizer):
 
     def _hides_state_key(self, key: Any) -> bool:
         return self.chain.hides(key)
+
+    @property
+    def _pending(self) -> _PendingStep | None:
+        return self._progress.pending
+
+    @_pending.setter
+    def _pending(self, pending: _PendingStep | None) -> None:
+        self._progress.pending = pending
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        if self.__dict__.get("_progress") is None:  # unpickled or copied: idle
+            self._progress = _StepProgress()
 
     def _check_idle(self, action: str) -> None:
         if self._pending is not None:
@@ -340,6 +385,12 @@ class TransformingOptimizer(WrappingOptimizer):
                 torch._foreach_mul_([grads[i] for i in indices], inv_scale.to(device))
         return False
 
+    def _forget_scaler(self) -> None:
+        """Drop what ``GradScaler.step`` set before a step that raises (it deletes them only after
+        a step returns), so a later step without a scaler does not read them."""
+        self.__dict__.pop("found_inf", None)
+        self.__dict__.pop("grad_scale", None)
+
     def _is_state_init_step(self) -> bool:
         """Every ``lr`` zero, every gradient zero and no state yet: only create state.
 
@@ -427,15 +478,23 @@ class TransformingOptimizer(WrappingOptimizer):
         Returns:
             The closure's loss at the current weights (its first evaluation; a tensor is returned
             detached, its graph already released), or ``None``.
+
+        Raises:
+            RuntimeError: Before anything changes, if a transform needs a closure and none was
+                given without :meth:`first_step`, or if ``torch.amp.GradScaler.step`` passes a
+                closure (the scaler cannot scale and unscale the passes the closure runs).
         """
         if self._pending is not None:
             if closure is not None:
-                raise RuntimeError(
-                    "first_step() was called: finish this step with second_step() (or step() "
-                    "without a closure) before calling step(closure)"
-                )
+                if not self._progress.finishing:
+                    raise RuntimeError(
+                        "first_step() was called: finish this step with second_step() (or step() "
+                        "without a closure) before calling step(closure)"
+                    )
+                closure()  # the closure of a wrapper that second_step() went through: its hooks
             return self._finish_pending()
 
+        scaled = getattr(self, "found_inf", None) is not None  # GradScaler.step called us
         self._check_groups()
         if closure is None:
             if self._is_state_init_step():
@@ -447,7 +506,9 @@ class TransformingOptimizer(WrappingOptimizer):
             needing = [t for t in self.transforms if t.needs_closure]
             if needing:
                 names = ", ".join(type(t).__name__ for t in needing)
-                raise RuntimeError(_NEEDS_CLOSURE_MESSAGE.format(names=names))
+                message = _SCALER_WITHOUT_FIRST_STEP_MESSAGE if scaled else _NEEDS_CLOSURE_MESSAGE
+                self._forget_scaler()
+                raise RuntimeError(message.format(names=names))
             if self._amp_skip_or_unscale():
                 return None
             if not math.isfinite(self._grad_norm()):
@@ -456,6 +517,9 @@ class TransformingOptimizer(WrappingOptimizer):
             self._run_chain(0, None, None)
             return None
 
+        if scaled:
+            self._forget_scaler()
+            raise RuntimeError(_SCALER_WITH_CLOSURE_MESSAGE)
         with torch.enable_grad(), self._enter(self.first_pass_context):
             loss = closure()
         if isinstance(loss, torch.Tensor):
@@ -575,14 +639,22 @@ class TransformingOptimizer(WrappingOptimizer):
         """Second half: restore the weights, step the inner optimizer, run post-step transforms.
 
         Call after the second ``backward()``. Goes through :meth:`step`, so step hooks run and an
-        LR scheduler sees the optimizer step.
+        LR scheduler sees the optimizer step. Called on a framework's wrapper of the optimizer
+        (``self.optimizers()`` in Lightning), it goes through the wrapper's ``step()``, so the
+        framework's hooks run and its step counter advances; a closure the wrapper passes on is
+        run once, before the step (Lightning's runs its ``on_before_optimizer_step`` hooks).
 
         Args:
             zero_grad: Clear every gradient afterwards.
         """
         if self._pending is None:
             raise RuntimeError("second_step() called without first_step()")
-        self.step()
+        progress = self._progress
+        progress.finishing = True
+        try:
+            self.step()
+        finally:
+            progress.finishing = False
         if zero_grad:
             self.zero_grad(set_to_none=True)
 

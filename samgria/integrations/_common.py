@@ -1,0 +1,65 @@
+"""What the framework integrations share: finding the samgria optimizer, and stand-in bases."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from samgria.optim import TransformingOptimizer
+
+INSTALL_HINT = "pip install 'samgria[integrations]'"
+
+
+def missing_base(package: str, error: ImportError) -> type:
+    """A stand-in for a framework class when ``package`` cannot be imported.
+
+    A samgria class that subclasses it can be imported and documented; constructing one raises
+    ``ImportError`` naming the package to install and the original error.
+    """
+
+    class Unavailable:
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            raise ImportError(
+                f"{type(self).__name__} needs {package}: pip install {package} (or {INSTALL_HINT}); "
+                f"importing it failed with: {error}"
+            )
+
+    Unavailable.__qualname__ = Unavailable.__name__ = f"Unavailable_{package}"
+    return Unavailable
+
+
+def find_transforming(optimizer: Any) -> TransformingOptimizer | None:
+    """The :class:`~samgria.TransformingOptimizer` inside a framework's optimizer wrappers, if any.
+
+    Follows ``.optimizer`` (accelerate's ``AcceleratedOptimizer``, Lightning's
+    ``LightningOptimizer``) and ``._optimizer`` a few levels deep.
+    """
+    for _ in range(8):
+        if isinstance(optimizer, TransformingOptimizer):
+            # A LightningOptimizer is an instance of the optimizer's class too: take the optimizer.
+            inner = optimizer.__dict__.get("_optimizer")
+            return inner if isinstance(inner, TransformingOptimizer) else optimizer
+        wrapped = getattr(optimizer, "optimizer", None)
+        if wrapped is None or wrapped is optimizer:
+            wrapped = getattr(optimizer, "_optimizer", None)
+        if wrapped is None or wrapped is optimizer:
+            return None
+        optimizer = wrapped
+    return None
+
+
+def reevaluating(optimizer: TransformingOptimizer | None) -> list[str]:
+    """The names of the transforms in ``optimizer``'s chain that re-evaluate the loss (SAM, ASAM)."""
+    if optimizer is None:
+        return []
+    return [type(transform).__name__ for transform in optimizer.transforms if transform.needs_closure]
+
+
+def first_pass_overflowed(optimizer: TransformingOptimizer) -> bool:
+    """Whether ``first_step()`` found non-finite gradients (an fp16 overflow) and kept them.
+
+    The second pass must then accumulate onto them, so that the loss scaler sees the overflow,
+    skips the step and backs off; a second pass that zeroes the gradients first (a framework's
+    closure does) would hide it, so it is not run.
+    """
+    pending = optimizer._pending
+    return pending is not None and pending.non_finite

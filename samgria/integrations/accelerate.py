@@ -1,0 +1,192 @@
+"""Hugging Face accelerate: SAM's two-call loop and float16 mixed precision on prepared optimizers.
+
+``accelerate.Accelerator().prepare(optimizer)`` wraps a samgria optimizer in an
+``AcceleratedOptimizer``: ``step(closure)`` works through it (without a loss scaler), but it has
+no ``first_step`` / ``second_step``, and under ``mixed_precision="fp16"`` its
+``step(closure)`` hands the closure to ``GradScaler.step``, which cannot scale and unscale the
+passes the closure runs (the optimizer refuses that before anything changes).
+:class:`SAMAccelerator` is an ``Accelerator`` whose ``prepare`` returns a
+:class:`SAMAcceleratedOptimizer` for every samgria optimizer, which adds both.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from samgria.integrations._common import find_transforming, first_pass_overflowed, missing_base, reevaluating
+from samgria.optim import TransformingOptimizer
+
+try:
+    from accelerate import Accelerator
+    from accelerate.optimizer import AcceleratedOptimizer
+    from accelerate.utils import DistributedType
+except ImportError as _error:  # importable and documented without accelerate; using it raises
+    Accelerator = AcceleratedOptimizer = missing_base("accelerate", _error)  # type: ignore[misc]
+    DistributedType = None  # type: ignore[assignment,misc]
+
+__all__ = ["SAMAccelerator", "SAMAcceleratedOptimizer"]
+
+
+class SAMAcceleratedOptimizer(AcceleratedOptimizer):
+    """accelerate's ``AcceleratedOptimizer`` around a samgria optimizer, with SAM's two-call loop.
+
+    :class:`SAMAccelerator` returns one from ``prepare`` (it is the ``AcceleratedOptimizer``
+    accelerate built, nothing copied). On top of accelerate's:
+
+    * :meth:`first_step`, :meth:`second_step` and :meth:`cancel_step` as on
+      :class:`~samgria.TransformingOptimizer`; ``second_step`` goes through accelerate's
+      ``step()``, so under ``mixed_precision="fp16"`` the loss scaler finishes the step (it
+      restores the weights and steps, or skips on an overflow and backs off);
+    * ``step(closure)`` under ``"fp16"`` runs the two passes itself (closure, ``first_step()``,
+      closure, the scaler's step), each scaled by ``accelerator.backward``;
+    * ``step(closure)`` returns the loss of the first evaluation;
+    * ``step_was_skipped`` is true after a step the loss scaler skipped.
+
+    Both passes must see the whole batch, so ``first_step()`` and ``step(closure)`` refuse to run
+    on a micro-batch that accelerate does not synchronise (inside ``accelerator.accumulate()``
+    before the last micro-batch, where accelerate's step does nothing). Loop over the
+    micro-batches yourself instead, in both passes (``accelerator.no_sync(model)`` around all but
+    the last backward of each pass).
+    """
+
+    @property
+    def sam(self) -> TransformingOptimizer:
+        """The samgria optimizer inside."""
+        found = find_transforming(self.optimizer)
+        assert found is not None
+        return found
+
+    def _check_synchronised(self, action: str) -> None:
+        if not self.gradient_state.sync_gradients:
+            raise RuntimeError(
+                f"{action} on a micro-batch that accelerate does not synchronise (inside "
+                "accelerator.accumulate() before the last micro-batch, where accelerate's step does "
+                "nothing): SAM's two passes must each see every micro-batch. Do not use "
+                "accumulate() with SAM; loop over the micro-batches inside one step instead (see the "
+                "samgria docs, Integrations)"
+            )
+
+    def first_step(self, zero_grad: bool = False) -> None:
+        """:meth:`samgria.TransformingOptimizer.first_step`, on a synchronised micro-batch only."""
+        self._check_synchronised("first_step()")
+        self._record_scale()
+        self.sam.first_step(zero_grad)
+
+    def second_step(self, zero_grad: bool = False) -> None:
+        """Finish the step through accelerate's ``step()`` (and its loss scaler under fp16)."""
+        sam = self.sam
+        if sam._pending is None:
+            raise RuntimeError("second_step() called without first_step()")
+        if not self.gradient_state.sync_gradients:
+            sam.cancel_step()  # the weights back at w: accelerate's step would do nothing
+            self._check_synchronised("second_step()")
+        self.step()
+        if zero_grad:
+            self.zero_grad(set_to_none=True)
+
+    def cancel_step(self) -> None:
+        """:meth:`samgria.TransformingOptimizer.cancel_step`."""
+        self.sam.cancel_step()
+
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        """accelerate's ``step``; with a closure, SAM's step on it (see the class docstring)."""
+        sam = self.sam
+        if closure is None or sam._pending is not None or not reevaluating(sam):
+            self._record_scale()
+            return super().step(closure)
+        self._check_synchronised("step(closure)")
+        if self.scaler is None:
+            losses: list[Any] = []
+
+            def recording() -> Any:
+                result = closure()
+                losses.append(result)
+                return result
+
+            super().step(recording)
+            return _detached(losses[0]) if losses else None
+        # GradScaler cannot run a closure: the two passes here, each scaled by accelerator.backward.
+        self._record_scale()
+        with torch.enable_grad(), sam._enter(sam.first_pass_context):
+            loss = closure()
+        sam.first_step()
+        if not first_pass_overflowed(sam):  # else the kept inf gradients make the scaler skip
+            try:
+                with torch.enable_grad(), sam._enter(sam.reevaluation_context):
+                    closure()
+            except BaseException:
+                sam.cancel_step()
+                raise
+        super().step()
+        return _detached(loss)
+
+    def _record_scale(self) -> None:
+        self._sam_scale = self.scaler.get_scale() if self.scaler is not None else None
+
+    @property
+    def step_was_skipped(self) -> bool:
+        """Whether the loss scaler skipped the last step (an overflow in either pass).
+
+        accelerate tells by whether the scaler called the optimizer's ``step()``, but it calls a
+        samgria optimizer's also on an overflow (to restore the weights ``first_step()`` moved):
+        here a skipped step is one after which the scale backed off.
+        """
+        scale = self.__dict__.get("_sam_scale")
+        if self.scaler is None or scale is None:
+            return bool(self.__dict__.get("_is_overflow", False))
+        return self.scaler.get_scale() < scale
+
+
+def _detached(loss: Any) -> Any:
+    return loss.detach() if isinstance(loss, torch.Tensor) else loss
+
+
+def adopt(prepared: Any) -> Any:
+    """Turn accelerate's ``AcceleratedOptimizer`` around a re-evaluating samgria optimizer into a
+    :class:`SAMAcceleratedOptimizer` (the same object: accelerate's lists still hold it).
+
+    An LR scheduler built on the prepared optimizer before this wraps its ``step`` per instance
+    with accelerate's own (torch's ``_opt_called`` bookkeeping): the two-call loop and
+    ``step_was_skipped`` still work through it, ``step(closure)`` under a scaler does not.
+    """
+    if isinstance(prepared, SAMAcceleratedOptimizer) or not isinstance(prepared, AcceleratedOptimizer):
+        return prepared
+    if reevaluating(find_transforming(prepared.optimizer)):
+        prepared.__class__ = SAMAcceleratedOptimizer
+    return prepared
+
+
+class SAMAccelerator(Accelerator):
+    """``accelerate.Accelerator`` whose ``prepare`` gives samgria optimizers SAM's two-call loop.
+
+    A drop-in replacement: every argument is ``Accelerator``'s. ``prepare`` (and
+    ``prepare_optimizer``) return a :class:`SAMAcceleratedOptimizer` for every samgria optimizer
+    whose chain re-evaluates (SAM, ASAM); everything else is prepared as by ``Accelerator``.
+
+    Raises:
+        ValueError: From ``prepare``, under DeepSpeed or Megatron-LM, whose engines run the
+            optimizer step themselves.
+    """
+
+    def prepare(self, *args: Any, **kwargs: Any) -> Any:
+        self._refuse_engines(args)
+        return super().prepare(*args, **kwargs)
+
+    def prepare_optimizer(self, optimizer: Any, device_placement: Any = None) -> Any:
+        self._refuse_engines((optimizer,))
+        return adopt(super().prepare_optimizer(optimizer, device_placement=device_placement))
+
+    def _refuse_engines(self, objects: tuple[Any, ...]) -> None:
+        engines = (DistributedType.DEEPSPEED, DistributedType.MEGATRON_LM)
+        if self.distributed_type not in engines:
+            return
+        for obj in objects:
+            names = reevaluating(find_transforming(obj))
+            if names:
+                raise ValueError(
+                    f"{', '.join(names)} under {self.distributed_type.value}: its engine runs the "
+                    "optimizer step itself, so SAM's second pass cannot run; train with DDP or FSDP"
+                )

@@ -1,0 +1,167 @@
+"""PyTorch Lightning (the ``lightning`` package): checks and float16 mixed precision for SAM.
+
+What works without anything from here (``configure_optimizers`` returns a samgria optimizer):
+
+* **Automatic optimization**, ``precision="32-true"`` or ``"bf16-mixed"``: Lightning passes its
+  closure (``training_step`` and ``backward``) to ``optimizer.step(closure)``, which SAM calls
+  twice.
+* **Manual optimization**: the two-call loop through ``self.optimizers()`` — ``manual_backward``,
+  ``first_step()``, ``manual_backward``, ``second_step()`` — also with ``precision="16-mixed"``
+  (the scaler finishes the step); ``global_step`` advances once per step. ``opt.step(closure)``
+  works too, except under ``"16-mixed"``: Lightning then runs the closure itself, once, and the
+  optimizer refuses the step before it changes anything.
+
+What needs this module:
+
+* ``precision="16-mixed"`` under automatic optimization: Lightning's ``MixedPrecision`` runs the
+  closure once and then ``scaler.step(optimizer)``, so SAM cannot re-evaluate. Pass
+  ``plugins=[SAMMixedPrecision("16-mixed", device)]`` instead of ``precision="16-mixed"``.
+* ``accumulate_grad_batches > 1`` under automatic optimization: Lightning runs all micro-batches
+  but the last outside the optimizer, so SAM's second pass would see the last micro-batch only.
+  That cannot be repaired from the optimizer; :class:`SAMCallback` (and :class:`SAMMixedPrecision`)
+  refuse it before the first training step. Accumulate inside ``training_step`` under manual
+  optimization instead (both passes over every micro-batch).
+
+Add ``callbacks=[SAMCallback()]`` to every ``Trainer`` that trains a samgria optimizer: it checks
+these settings when ``fit`` starts, after ``configure_optimizers`` and before any weight changes.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from samgria.integrations._common import find_transforming, first_pass_overflowed, missing_base, reevaluating
+
+try:
+    import lightning.pytorch as pl
+    from lightning.pytorch.callbacks import Callback
+    from lightning.pytorch.plugins.precision import MixedPrecision, Precision
+except ImportError as _error:  # importable and documented without lightning; using it raises
+    pl = None
+    Callback = MixedPrecision = Precision = missing_base("lightning", _error)  # type: ignore[misc]
+
+__all__ = ["SAMCallback", "SAMMixedPrecision", "check_trainer"]
+
+
+def check_trainer(trainer: Any, module: Any, optimizers: list[Any] | None = None) -> None:
+    """Refuse the ``Trainer`` settings under which a samgria optimizer would not run SAM.
+
+    Checks every optimizer whose chain re-evaluates the loss (SAM, ASAM); others pass.
+    :class:`SAMCallback` calls this when ``fit`` starts and :class:`SAMMixedPrecision` when it is
+    connected (right after ``configure_optimizers``); call it yourself elsewhere.
+
+    Args:
+        trainer: The ``lightning.pytorch.Trainer``.
+        module: The ``LightningModule`` being trained.
+        optimizers: The optimizers to check (default: ``trainer.optimizers``).
+
+    Raises:
+        ValueError: Under automatic optimization, with ``accumulate_grad_batches > 1`` (SAM's
+            second pass would see the last micro-batch only), or with a loss scaler
+            (``precision="16-mixed"``) in any precision plugin but :class:`SAMMixedPrecision`.
+    """
+    optimizers = trainer.optimizers if optimizers is None else optimizers
+    names = sorted({name for opt in optimizers for name in reevaluating(find_transforming(opt))})
+    if not names or not getattr(module, "automatic_optimization", True):
+        return
+    what = ", ".join(names)
+    accumulate = trainer.accumulate_grad_batches
+    if accumulate > 1:
+        raise ValueError(
+            f"Trainer(accumulate_grad_batches={accumulate}) with {what} under automatic optimization: "
+            f"Lightning runs the first {accumulate - 1} micro-batches of every step outside the "
+            "optimizer, so the second pass of SAM would see the last micro-batch only (a different "
+            "algorithm). Use accumulate_grad_batches=1 with a larger batch, or manual optimization "
+            "that runs both passes over every micro-batch (first_step() after the first, "
+            "second_step() after the second; see the samgria docs, Integrations)"
+        )
+    plugin = trainer.precision_plugin
+    if getattr(plugin, "scaler", None) is not None and not isinstance(plugin, SAMMixedPrecision):
+        precision = getattr(plugin, "precision", "16-mixed")
+        device = getattr(plugin, "device", "cuda")
+        raise ValueError(
+            f"Trainer(precision={precision!r}) with {what} under automatic optimization: Lightning's "
+            f"{type(plugin).__name__} evaluates the closure once and then calls scaler.step(optimizer), "
+            "so SAM cannot re-evaluate the loss. Pass plugins=[samgria.integrations.lightning."
+            f"SAMMixedPrecision({precision!r}, {device!r})] instead of precision={precision!r}, or use "
+            "precision='bf16-mixed'"
+        )
+
+
+class SAMCallback(Callback):
+    """Refuses, when ``fit`` starts, the ``Trainer`` settings under which SAM would be wrong.
+
+    ``fit`` calls it after ``configure_optimizers`` and before the first training step, so a
+    refused run changes no weight. See :func:`check_trainer` for what is refused and why.
+
+    .. code-block:: text
+
+        trainer = lightning.pytorch.Trainer(..., callbacks=[SAMCallback()])
+    """
+
+    def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
+        check_trainer(trainer, pl_module)
+
+
+class SAMMixedPrecision(MixedPrecision):
+    """Lightning's ``MixedPrecision`` with a ``GradScaler`` that runs SAM's two passes.
+
+    Use it instead of ``precision="16-mixed"``:
+    ``Trainer(plugins=[SAMMixedPrecision("16-mixed", "cuda")])``. Under automatic optimization
+    each step of a samgria optimizer whose chain re-evaluates (SAM, ASAM) runs the closure
+    (``training_step``, scaled ``backward``), ``first_step()`` (the loss scale cancels in SAM's
+    perturbation), the closure again at the perturbed weights, unscales the gradients (so
+    gradient clipping and the ``on_before_optimizer_step`` hooks see true gradients) and lets the
+    scaler finish the step: it restores the weights and steps, or skips the step on an overflow
+    in either pass and backs off. Everything else — other optimizers, manual optimization,
+    ``"bf16-mixed"`` — runs as in ``MixedPrecision``.
+
+    When connected (right after ``configure_optimizers``) it refuses what :func:`check_trainer`
+    refuses, such as ``accumulate_grad_batches > 1``.
+
+    Args:
+        precision: ``"16-mixed"`` (or ``"bf16-mixed"``, which needs no scaler and no plugin).
+        device: The device type for ``torch.autocast`` (``"cuda"``).
+        scaler: A ``torch.amp.GradScaler``; by default one for ``device``.
+    """
+
+    def connect(self, model: Any, optimizers: list[Any], lr_schedulers: list[Any]) -> Any:
+        if pl is not None and isinstance(model, pl.LightningModule):
+            trainer = getattr(model, "_trainer", None)  # model.trainer raises when detached
+            if trainer is not None:
+                check_trainer(trainer, model, optimizers)
+        return super().connect(model, optimizers, lr_schedulers)
+
+    def optimizer_step(self, optimizer: Any, model: Any, closure: Any, **kwargs: Any) -> Any:
+        sam = find_transforming(optimizer)
+        automatic = getattr(model, "automatic_optimization", True)
+        if self.scaler is None or not automatic or not reevaluating(sam):
+            return super().optimizer_step(optimizer, model=model, closure=closure, **kwargs)
+        assert sam is not None
+        closure_result = closure()  # training_step, zero_grad, scaled backward
+        if closure_result is None:  # training_step returned None: Lightning skips the step
+            return closure_result
+        sam.first_step()  # w -> w + e; the loss scale cancels in e
+        if not first_pass_overflowed(sam):
+            try:
+                closure()  # the second pass, at w + e
+            except BaseException:
+                sam.cancel_step()
+                raise
+        self.scaler.unscale_(optimizer)
+        self._unscaled_for_sam = True
+        try:
+            self._after_closure(model, optimizer)  # hooks and gradient clipping, on true gradients
+        finally:
+            self._unscaled_for_sam = False
+        step_output = self.scaler.step(optimizer, **kwargs)  # restores w, then steps or skips
+        self.scaler.update()
+        return step_output
+
+    def clip_gradients(self, optimizer: Any, *args: Any, **kwargs: Any) -> None:
+        if getattr(self, "_unscaled_for_sam", False):
+            # MixedPrecision refuses to clip for an optimizer that unscales in its step(); this
+            # plugin unscaled the gradients itself, before the hooks that clip them.
+            Precision.clip_gradients(self, optimizer, *args, **kwargs)
+        else:
+            super().clip_gradients(optimizer, *args, **kwargs)

@@ -1,0 +1,116 @@
+"""Hugging Face ``transformers``: a ``Trainer`` whose step is SAM's, over the whole accumulated batch.
+
+A samgria optimizer passed to the stock ``Trainer`` (``optimizers=(optimizer, None)``) raises on
+the first step: the ``Trainer`` calls ``optimizer.step()`` without a closure, and SAM needs a second
+forward and backward at the perturbed weights. :class:`SAMTrainer` runs it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any
+
+from samgria.integrations._common import find_transforming, first_pass_overflowed, missing_base, reevaluating
+from samgria.integrations.accelerate import SAMAcceleratedOptimizer, adopt
+from samgria.optim import TransformingOptimizer
+
+try:
+    from transformers import Trainer
+except ImportError as _error:  # importable and documented without transformers; using it raises
+    Trainer = missing_base("transformers", _error)  # type: ignore[misc]
+
+__all__ = ["SAMTrainer"]
+
+
+class SAMTrainer(Trainer):
+    """``transformers.Trainer`` whose optimizer step runs SAM's two passes.
+
+    Takes every ``Trainer`` argument, and either a samgria optimizer in ``optimizers=(optimizer,
+    scheduler_or_None)`` or ``transforms=[SAM(rho=0.05)]`` to wrap the optimizer the ``Trainer``
+    creates (``args.optim``, ``args.learning_rate``, ``args.weight_decay``) in a
+    :class:`~samgria.TransformingOptimizer`. The ``Trainer``'s LR scheduler then drives it.
+
+    Each optimizer step, for a chain that re-evaluates the loss (SAM, ASAM):
+
+    1. the ``Trainer`` runs :meth:`training_step` on each of the ``gradient_accumulation_steps``
+       micro-batches (forward, ``backward``), as usual;
+    2. after the last one, ``first_step()`` perturbs the weights with the gradient of the whole
+       accumulated batch, and :meth:`training_step` runs the second pass over every micro-batch of
+       the step again (``accelerator.no_sync`` around all but the last);
+    3. the ``Trainer`` clips the gradients (``max_grad_norm``) and calls ``optimizer.step()``, which
+       restores the weights and steps with the second pass's gradients — through the loss scaler
+       under ``fp16``, which skips the step on an overflow in either pass.
+
+    So one step equals SAM on the concatenated batch. ``bf16``, ``fp16``, LR schedulers and
+    gradient clipping work as with any optimizer (a step the loss scaler skips does not advance
+    the LR schedule); the training loss logged is the first pass's. Other optimizers and chains
+    without a re-evaluating transform train as with ``Trainer``.
+
+    Args:
+        *args: ``Trainer``'s positional arguments.
+        transforms: Transforms to wrap the optimizer the ``Trainer`` creates in; not with a
+            samgria optimizer in ``optimizers``.
+        **kwargs: ``Trainer``'s keyword arguments.
+
+    Raises:
+        TypeError: If ``transforms`` is given together with an optimizer in ``optimizers``.
+        ValueError: From ``train()``, under DeepSpeed, whose engine runs the optimizer step
+            itself.
+    """
+
+    def __init__(self, *args: Any, transforms: Any = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        if transforms is not None and self.optimizer is not None:
+            raise TypeError(
+                "SAMTrainer(transforms=...) wraps the optimizer the Trainer creates; with "
+                "optimizers=(optimizer, ...) pass a samgria TransformingOptimizer instead and omit "
+                "transforms"
+            )
+        self.sam_transforms = transforms
+        self._sam_window: list[tuple[Any, Any]] = []
+
+    def create_optimizer(self, *args: Any, **kwargs: Any) -> Any:
+        created = self.optimizer is None
+        optimizer = super().create_optimizer(*args, **kwargs)
+        if created and self.sam_transforms is not None and not isinstance(optimizer, TransformingOptimizer):
+            self.optimizer = TransformingOptimizer(optimizer, transforms=self.sam_transforms)
+        return self.optimizer
+
+    def train(self, *args: Any, **kwargs: Any) -> Any:
+        self._sam_window = []
+        if getattr(self, "is_deepspeed_enabled", False) and (
+            self.sam_transforms is not None or reevaluating(find_transforming(self.optimizer))
+        ):
+            raise ValueError(
+                "SAMTrainer under DeepSpeed: its engine runs the optimizer step itself, so SAM's "
+                "second pass cannot run; train with DDP or FSDP"
+            )
+        return super().train(*args, **kwargs)
+
+    def training_step(self, model: Any, inputs: Any, num_items_in_batch: Any = None) -> Any:
+        """The ``Trainer``'s step on one micro-batch; after the last of a step, SAM's second pass."""
+        sam = find_transforming(self.optimizer)
+        if not reevaluating(sam):
+            return super().training_step(model, inputs, num_items_in_batch)
+        assert sam is not None
+        self._sam_window.append((inputs, num_items_in_batch))
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        if not self.accelerator.sync_gradients:  # not the last micro-batch of this step
+            return loss
+        window, self._sam_window = self._sam_window, []
+        prepared = adopt(self.optimizer)
+        if isinstance(prepared, SAMAcceleratedOptimizer):
+            prepared.first_step()  # w -> w + e, from the gradient of every micro-batch
+        else:
+            sam.first_step()
+        if first_pass_overflowed(sam):  # kept: the scaler (or the non-finite policy) skips the step
+            return loss
+        try:
+            for index, (batch, items) in enumerate(window):
+                last = index == len(window) - 1
+                with contextlib.nullcontext() if last else self.accelerator.no_sync(model):
+                    super().training_step(model, batch, items)
+        except BaseException:
+            sam.cancel_step()
+            raise
+        return loss

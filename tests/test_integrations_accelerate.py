@@ -1,0 +1,255 @@
+"""Hugging Face accelerate: SAM through prepared optimizers, and what is refused before it changes weights.
+
+``SAMAccelerator`` gives prepared samgria optimizers the two-call loop and ``step(closure)`` under
+a loss scaler; every run is checked against a hand-written SAM loop on the same batches (float64;
+float32 with a power-of-two loss scale, which scales and unscales exactly). accelerate has no fp16
+on the CPU, so the scaler that ``mixed_precision="fp16"`` creates on a GPU is set by hand.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+
+import pytest
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+if not os.environ.get("SAMGRIA_REQUIRE_INTEGRATIONS"):
+    pytest.importorskip("accelerate", reason="pip install 'samgria[integrations]'")
+from accelerate import Accelerator  # noqa: E402
+from accelerate.state import AcceleratorState, GradientState  # noqa: E402
+from accelerate.utils import DistributedType  # noqa: E402
+
+from samgria import sam_optimizer  # noqa: E402
+from samgria.integrations.accelerate import SAMAccelerator, SAMAcceleratedOptimizer  # noqa: E402
+
+LR, RHO = 0.1, 0.05
+SCALE = 2.0**10
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerate_state():
+    """accelerate keeps process-wide singletons; every test starts from none."""
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    yield
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+
+
+def model_and_optimizer(dtype=torch.float64):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 1)).to(dtype)
+    return model, sam_optimizer(model.parameters(), torch.optim.SGD, rho=RHO, lr=LR)
+
+
+def batches(dtype=torch.float64, count=3, size=8):
+    generator = torch.Generator().manual_seed(1)
+    return [(torch.randn(size, 4, generator=generator, dtype=dtype), torch.randn(size, 1, generator=generator, dtype=dtype)) for _ in range(count)]
+
+
+def reference(data, dtype=torch.float64):
+    net, _ = model_and_optimizer(dtype)
+    params = list(net.parameters())
+    for x, y in data:
+        grads = torch.autograd.grad(F.mse_loss(net(x), y), params)
+        norm = math.sqrt(sum(float(g.double().pow(2).sum()) for g in grads))
+        weights = [p.detach().clone() for p in params]
+        with torch.no_grad():
+            for p, g in zip(params, grads):
+                p.add_(g, alpha=RHO / norm)
+        grads = torch.autograd.grad(F.mse_loss(net(x), y), params)
+        with torch.no_grad():
+            for p, w, g in zip(params, weights, grads):
+                p.copy_(w - LR * g)
+    return [p.detach() for p in params]
+
+
+def assert_weights(model, expected, **tolerance):
+    for got, want in zip(model.parameters(), expected):
+        torch.testing.assert_close(got.detach(), want, **tolerance)
+
+
+def with_loss_scaler(accelerator: Accelerator) -> torch.amp.GradScaler:
+    """What ``mixed_precision="fp16"`` sets up on a GPU, on the CPU (float32 compute)."""
+    accelerator.scaler = torch.amp.GradScaler("cpu", init_scale=SCALE, growth_interval=1000)
+    return accelerator.scaler
+
+
+def two_call_step(accelerator, model, optimizer, x, y) -> None:
+    accelerator.backward(F.mse_loss(model(x), y))
+    optimizer.first_step(zero_grad=True)
+    accelerator.backward(F.mse_loss(model(x), y))
+    optimizer.second_step(zero_grad=True)
+
+
+# -- what works ----------------------------------------------------------------------------------------
+def test_step_closure_through_accelerates_own_prepared_optimizer() -> None:
+    accelerator = Accelerator(cpu=True)
+    model, optimizer = accelerator.prepare(*model_and_optimizer())
+    data = batches()
+    for x, y in data:
+
+        def closure():
+            optimizer.zero_grad()
+            loss = F.mse_loss(model(x), y)
+            accelerator.backward(loss)
+            return loss
+
+        optimizer.step(closure)
+    assert_weights(model, reference(data), rtol=1e-12, atol=1e-14)
+
+
+def test_two_call_loop_on_the_prepared_optimizer_with_a_prepared_scheduler() -> None:
+    accelerator = SAMAccelerator(cpu=True)
+    model, optimizer = model_and_optimizer()
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=1.0)
+    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    assert isinstance(optimizer, SAMAcceleratedOptimizer)
+    data = batches()
+    for x, y in data:
+        two_call_step(accelerator, model, optimizer, x, y)
+        scheduler.step()
+    assert not optimizer.step_was_skipped
+    assert scheduler.scheduler.last_epoch == len(data)
+    assert_weights(model, reference(data), rtol=1e-12, atol=1e-14)
+
+
+def test_step_closure_returns_the_first_loss() -> None:
+    accelerator = SAMAccelerator(cpu=True)
+    model, optimizer = accelerator.prepare(*model_and_optimizer())
+    data = batches()
+    for x, y in data:
+
+        def closure():
+            optimizer.zero_grad()
+            loss = F.mse_loss(model(x), y)
+            accelerator.backward(loss)
+            return loss
+
+        start = F.mse_loss(model(x), y).detach()
+        loss = optimizer.step(closure)
+        assert torch.equal(loss, start) and not loss.requires_grad
+    assert_weights(model, reference(data), rtol=1e-12, atol=1e-14)
+
+
+def test_micro_batches_in_both_passes_equal_sam_on_the_whole_batch() -> None:
+    """The accumulation accelerate's accumulate() cannot do: both passes over every micro-batch."""
+    accelerator = SAMAccelerator(cpu=True)
+    model, optimizer = accelerator.prepare(*model_and_optimizer())
+    data = batches()
+    for x, y in data:
+        chunks = list(zip(x.chunk(2), y.chunk(2)))
+        for pass_ in ("first", "second"):
+            for index, (cx, cy) in enumerate(chunks):
+                last = index == len(chunks) - 1
+                with contextlib.nullcontext() if last else accelerator.no_sync(model):
+                    accelerator.backward(F.mse_loss(model(cx), cy) / len(chunks))
+            if pass_ == "first":
+                optimizer.first_step(zero_grad=True)
+        optimizer.second_step(zero_grad=True)
+    assert_weights(model, reference(data), rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("route", ["two-call", "closure"])
+def test_loss_scaler_equals_sam_and_an_overflow_skips_the_step(route: str) -> None:
+    accelerator = SAMAccelerator(cpu=True)
+    scaler = with_loss_scaler(accelerator)
+    model, optimizer = accelerator.prepare(*model_and_optimizer(torch.float32))
+    data = batches(torch.float32)
+
+    def step(x, y):
+        if route == "two-call":
+            two_call_step(accelerator, model, optimizer, x, y)
+            return
+
+        def closure():
+            optimizer.zero_grad()
+            loss = F.mse_loss(model(x), y)
+            accelerator.backward(loss)
+            return loss
+
+        optimizer.step(closure)
+
+    for x, y in data:
+        step(x, y)
+        assert not optimizer.step_was_skipped
+    assert scaler.get_scale() == SCALE
+    assert_weights(model, reference(data, torch.float32), rtol=1e-5, atol=1e-6)
+
+    for overflow_pass in (0, 1):
+        before = [p.detach().clone() for p in model.parameters()]
+        calls = []
+
+        def overflow(grad, overflow_pass=overflow_pass):
+            calls.append(None)
+            return torch.full_like(grad, math.inf) if len(calls) - 1 == overflow_pass else grad
+
+        handle = model[2].weight.register_hook(overflow)
+        step(*data[0])
+        handle.remove()
+        assert optimizer.step_was_skipped
+        assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
+    assert scaler.get_scale() == SCALE / 4
+
+
+# -- what is refused, before any weight changes ----------------------------------------------------------
+def test_a_scaler_driving_step_closure_is_refused_before_anything_changes() -> None:
+    """accelerate's own fp16 step(closure) calls scaler.step(optimizer, closure)."""
+    accelerator = Accelerator(cpu=True)
+    with_loss_scaler(accelerator)
+    model, optimizer = accelerator.prepare(*model_and_optimizer(torch.float32))
+    x, y = batches(torch.float32)[0]
+    accelerator.backward(F.mse_loss(model(x), y))  # the scaler has scaled a loss: it will call step()
+    optimizer.zero_grad()
+    before = [p.detach().clone() for p in model.parameters()]
+
+    def closure():
+        optimizer.zero_grad()
+        loss = F.mse_loss(model(x), y)
+        accelerator.backward(loss)
+        return loss
+
+    with pytest.raises(RuntimeError, match=r"^torch\.amp\.GradScaler\.step\(optimizer, closure\) cannot drive step\(closure\).*SAMAccelerator"):
+        optimizer.step(closure)
+    assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
+    assert not hasattr(optimizer.optimizer, "found_inf") and not hasattr(optimizer.optimizer, "grad_scale")
+
+
+def test_accumulate_is_refused_on_a_micro_batch_that_does_not_step() -> None:
+    accelerator = SAMAccelerator(cpu=True, gradient_accumulation_steps=2)
+    model, optimizer = accelerator.prepare(*model_and_optimizer())
+    x, y = batches()[0]
+    before = [p.detach().clone() for p in model.parameters()]
+    with accelerator.accumulate(model):
+        accelerator.backward(F.mse_loss(model(x), y))
+        with pytest.raises(RuntimeError, match=r"^first_step\(\) on a micro-batch that accelerate does not synchronise"):
+            optimizer.first_step()
+        with pytest.raises(RuntimeError, match=r"^step\(closure\) on a micro-batch that accelerate does not synchronise"):
+            optimizer.step(lambda: F.mse_loss(model(x), y))
+    assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
+
+    # A step begun on the micro-batch that steps and finished on one that does not: put back, refused.
+    with accelerator.accumulate(model):
+        accelerator.backward(F.mse_loss(model(x), y))
+        optimizer.first_step(zero_grad=True)
+    assert not all(torch.equal(p, b) for p, b in zip(model.parameters(), before)), "perturbed"
+    with accelerator.accumulate(model):
+        accelerator.backward(F.mse_loss(model(x), y))
+        with pytest.raises(RuntimeError, match=r"^second_step\(\) on a micro-batch that accelerate does not synchronise"):
+            optimizer.second_step()
+    assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
+    assert optimizer.optimizer._pending is None
+
+
+def test_deepspeed_and_megatron_are_refused_at_prepare() -> None:
+    class UnderDeepSpeed(SAMAccelerator):
+        distributed_type = DistributedType.DEEPSPEED  # what a DeepSpeed plugin sets (not installed)
+
+    accelerator = UnderDeepSpeed(cpu=True)
+    model, optimizer = model_and_optimizer()
+    with pytest.raises(ValueError, match=r"^SAM under DEEPSPEED: its engine runs the optimizer step itself"):
+        accelerator.prepare(model, optimizer)

@@ -1,0 +1,309 @@
+"""PyTorch Lightning: every route trains SAM exactly, or is refused before any weight changes.
+
+Each run is checked against a hand-written SAM loop on the same batches (float64, or float32 under
+float16 autocast to round-off): automatic optimization in 32-bit, manual optimization with the
+two-call loop through ``self.optimizers()`` (also accumulating micro-batches inside
+``training_step``, which equals SAM on the whole batch, and under ``"16-mixed"``), and
+``SAMMixedPrecision`` for ``"16-mixed"`` under automatic optimization. Refused:
+``accumulate_grad_batches > 1`` and the stock ``"16-mixed"`` plugin under automatic optimization.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import pytest
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+if not os.environ.get("SAMGRIA_REQUIRE_INTEGRATIONS"):
+    pytest.importorskip("lightning", reason="pip install 'samgria[integrations]'")
+import lightning.pytorch as pl  # noqa: E402
+from lightning.pytorch.plugins.precision import MixedPrecision  # noqa: E402
+
+from samgria import sam_optimizer  # noqa: E402
+from samgria.integrations.lightning import SAMCallback, SAMMixedPrecision  # noqa: E402
+
+pytestmark = pytest.mark.filterwarnings(
+    # lightning 2.6 uses a torch.utils._pytree API that torch 2.13 deprecates
+    r"ignore:`isinstance\(treespec, LeafSpec\)` is deprecated:FutureWarning",
+)
+
+LR, RHO = 0.1, 0.05
+SCALE = 2.0**10  # a power of two: scaling and unscaling are exact
+
+
+class Regression(pl.LightningModule):
+    """A tiny MLP; manual optimization runs the documented two-call loop over ``micro_batches``."""
+
+    def __init__(self, manual: bool = False, micro_batches: int = 1, dtype: torch.dtype = torch.float64) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 1)).to(dtype)
+        self.automatic_optimization = not manual
+        self.micro_batches = micro_batches
+        self.training_steps = 0
+        self.before_optimizer_step_calls = 0
+
+    def training_step(self, batch, batch_idx):
+        self.training_steps += 1
+        x, y = batch
+        if self.automatic_optimization:
+            return F.mse_loss(self.net(x), y)
+        optimizer = self.optimizers()
+        chunks = list(zip(x.chunk(self.micro_batches), y.chunk(self.micro_batches)))
+        for cx, cy in chunks:
+            self.manual_backward(F.mse_loss(self.net(cx), cy) / len(chunks))
+        optimizer.first_step(zero_grad=True)
+        for cx, cy in chunks:
+            self.manual_backward(F.mse_loss(self.net(cx), cy) / len(chunks))
+        optimizer.second_step(zero_grad=True)
+
+    def on_before_optimizer_step(self, optimizer):
+        self.before_optimizer_step_calls += 1
+
+    def configure_optimizers(self):
+        return sam_optimizer(self.parameters(), torch.optim.SGD, rho=RHO, lr=LR)
+
+
+def batches(dtype: torch.dtype = torch.float64, count: int = 3) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    generator = torch.Generator().manual_seed(1)
+    return [(torch.randn(8, 4, generator=generator, dtype=dtype), torch.randn(8, 1, generator=generator, dtype=dtype)) for _ in range(count)]
+
+
+def loader(data: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.utils.data.DataLoader:
+    x = torch.cat([x for x, _ in data])
+    y = torch.cat([y for _, y in data])
+    return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=len(data[0][0]))
+
+
+def trainer(**kwargs) -> pl.Trainer:
+    options = dict(
+        max_epochs=1,
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+    )
+    options.update(kwargs)
+    return pl.Trainer(**options)
+
+
+def reference(data, dtype=torch.float64, autocast: bool = False) -> list[torch.Tensor]:
+    """SGD + SAM by hand, from the same initial weights, one step per batch."""
+    net = Regression(dtype=dtype).net
+    params = list(net.parameters())
+
+    def gradient(x, y):
+        with torch.autocast("cpu", dtype=torch.float16, cache_enabled=False, enabled=autocast):
+            loss = F.mse_loss(net(x), y)
+        return torch.autograd.grad(loss, params)
+
+    for x, y in data:
+        grads = gradient(x, y)
+        norm = math.sqrt(sum(float(g.double().pow(2).sum()) for g in grads))
+        weights = [p.detach().clone() for p in params]
+        with torch.no_grad():
+            for p, g in zip(params, grads):
+                p.add_(g, alpha=RHO / norm)
+        grads = gradient(x, y)
+        with torch.no_grad():
+            for p, w, g in zip(params, weights, grads):
+                p.copy_(w - LR * g)
+    return [p.detach() for p in params]
+
+
+def assert_weights(module: Regression, expected: list[torch.Tensor], **tolerance) -> None:
+    for got, want in zip(module.net.parameters(), expected):
+        torch.testing.assert_close(got.detach(), want, **tolerance)
+
+
+def weights_of(module: Regression) -> list[torch.Tensor]:
+    return [p.detach().clone() for p in module.net.parameters()]
+
+
+# -- what works ----------------------------------------------------------------------------------------
+def test_automatic_optimization_32_bit_equals_hand_written_sam() -> None:
+    data = batches()
+    module = Regression()
+    fit = trainer(callbacks=[SAMCallback()])
+    fit.fit(module, loader(data))
+    assert fit.global_step == len(data)
+    assert module.training_steps == 2 * len(data), "SAM evaluates training_step twice per step"
+    assert_weights(module, reference(data), rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("micro_batches", [1, 2], ids=["one-batch", "two-micro-batches"])
+def test_manual_optimization_two_call_loop_through_self_optimizers(micro_batches: int) -> None:
+    """Manual accumulation over micro-batches in both passes equals SAM on the whole batch."""
+    data = batches()
+    module = Regression(manual=True, micro_batches=micro_batches)
+    fit = trainer(callbacks=[SAMCallback()])
+    fit.fit(module, loader(data))
+    assert fit.global_step == len(data), "second_step() went through LightningOptimizer.step"
+    assert module.before_optimizer_step_calls == len(data)
+    assert module.optimizers().optimizer._pending is None
+    assert_weights(module, reference(data), rtol=1e-12, atol=1e-14)
+
+
+def test_16_mixed_automatic_optimization_with_sam_mixed_precision() -> None:
+    data = batches(torch.float32)
+    module = Regression(dtype=torch.float32)
+    scaler = torch.amp.GradScaler("cpu", init_scale=SCALE, growth_interval=1000)
+    fit = trainer(plugins=[SAMMixedPrecision("16-mixed", "cpu", scaler=scaler)], callbacks=[SAMCallback()])
+    fit.fit(module, loader(data))
+    assert fit.global_step == len(data)
+    assert module.before_optimizer_step_calls == len(data)
+    assert scaler.get_scale() == SCALE, "no overflow"
+    assert_weights(module, reference(data, torch.float32, autocast=True), rtol=1e-5, atol=1e-6)
+
+
+def test_16_mixed_manual_optimization_two_call_loop_with_lightnings_plugin() -> None:
+    data = batches(torch.float32)
+    module = Regression(manual=True, dtype=torch.float32)
+    scaler = torch.amp.GradScaler("cpu", init_scale=SCALE, growth_interval=1000)
+    fit = trainer(plugins=[MixedPrecision("16-mixed", "cpu", scaler=scaler)], callbacks=[SAMCallback()])
+    fit.fit(module, loader(data))
+    assert fit.global_step == len(data)
+    assert scaler.get_scale() == SCALE
+    assert_weights(module, reference(data, torch.float32, autocast=True), rtol=1e-5, atol=1e-6)
+
+
+def test_16_mixed_gradient_clipping_sees_unscaled_gradients() -> None:
+    """``gradient_clip_val`` clips the second pass's true gradients (the plugin unscales first)."""
+    data = batches(torch.float32, count=1)
+    module = Regression(dtype=torch.float32)
+    scaler = torch.amp.GradScaler("cpu", init_scale=SCALE)
+    fit = trainer(plugins=[SAMMixedPrecision("16-mixed", "cpu", scaler=scaler)], gradient_clip_val=0.05)
+    fit.fit(module, loader(data))
+
+    net = Regression(dtype=torch.float32).net
+    params = list(net.parameters())
+    (x, y), weights = data[0], [p.detach().clone() for p in params]
+    with torch.autocast("cpu", dtype=torch.float16, cache_enabled=False):
+        grads = torch.autograd.grad(F.mse_loss(net(x), y), params)
+    norm = math.sqrt(sum(float(g.double().pow(2).sum()) for g in grads))
+    with torch.no_grad():
+        for p, g in zip(params, grads):
+            p.add_(g, alpha=RHO / norm)
+    with torch.autocast("cpu", dtype=torch.float16, cache_enabled=False):
+        grads = torch.autograd.grad(F.mse_loss(net(x), y), params)
+    total = math.sqrt(sum(float(g.double().pow(2).sum()) for g in grads))
+    assert total > 0.05, "the clipping is active"
+    for got, w, g in zip(module.net.parameters(), weights, grads):
+        torch.testing.assert_close(got.detach(), w - LR * g * (0.05 / total), rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("overflow_pass", [0, 1], ids=["first-pass", "second-pass"])
+def test_16_mixed_overflow_skips_the_step_and_backs_off(overflow_pass: int) -> None:
+    data = batches(torch.float32, count=1)
+    module = Regression(dtype=torch.float32)
+    before = weights_of(module)
+    calls = []
+
+    def overflow(grad):
+        calls.append(None)
+        return torch.full_like(grad, math.inf) if len(calls) - 1 == overflow_pass else grad
+
+    module.net[2].weight.register_hook(overflow)
+    scaler = torch.amp.GradScaler("cpu", init_scale=SCALE)
+    fit = trainer(plugins=[SAMMixedPrecision("16-mixed", "cpu", scaler=scaler)])
+    fit.fit(module, loader(data))
+    assert len(calls) == (1 if overflow_pass == 0 else 2), "no second pass after a first-pass overflow"
+    assert scaler.get_scale() == SCALE / 2
+    for got, want in zip(weights_of(module), before):
+        assert torch.equal(got, want)
+    assert module.optimizers().optimizer.skipped_steps == 0, "the scaler's verdict rules"
+
+
+# -- what is refused, before any weight changes ----------------------------------------------------------
+def _refused(fit: pl.Trainer, module: Regression, error: type[Exception], match: str) -> None:
+    before = weights_of(module)
+    with pytest.raises(error, match=match):
+        fit.fit(module, loader(batches(module.net[0].weight.dtype)))
+    for got, want in zip(weights_of(module), before):
+        assert torch.equal(got, want), "a refused run changed the weights"
+
+
+@pytest.mark.parametrize("plugin", [None, "sam-mixed-precision"])
+def test_accumulate_grad_batches_is_refused_before_the_first_training_step(plugin) -> None:
+    module = Regression(dtype=torch.float32)
+    if plugin is None:  # the callback refuses it when fit starts
+        fit = trainer(accumulate_grad_batches=2, callbacks=[SAMCallback()])
+    else:  # the plugin refuses it when it is connected, right after configure_optimizers
+        fit = trainer(accumulate_grad_batches=2, plugins=[SAMMixedPrecision("16-mixed", "cpu")])
+    _refused(
+        fit,
+        module,
+        ValueError,
+        r"^Trainer\(accumulate_grad_batches=2\) with SAM under automatic optimization: .*second pass of "
+        r"SAM would see the last micro-batch only.*accumulate_grad_batches=1.*manual optimization",
+    )
+    assert module.training_steps == 0
+
+
+def test_lightnings_16_mixed_plugin_is_refused_when_fit_starts() -> None:
+    module = Regression(dtype=torch.float32)
+    fit = trainer(plugins=[MixedPrecision("16-mixed", "cpu")], callbacks=[SAMCallback()])
+    _refused(
+        fit,
+        module,
+        ValueError,
+        r"^Trainer\(precision='16-mixed'\) with SAM under automatic optimization: .*cannot re-evaluate.*"
+        r"plugins=\[samgria\.integrations\.lightning\.SAMMixedPrecision\('16-mixed', 'cpu'\)\].*bf16-mixed",
+    )
+    assert module.training_steps == 0
+
+
+def test_lightnings_16_mixed_plugin_without_the_callback_fails_at_the_first_step() -> None:
+    module = Regression(dtype=torch.float32)
+    fit = trainer(plugins=[MixedPrecision("16-mixed", "cpu")])
+    _refused(
+        fit,
+        module,
+        RuntimeError,
+        r"^SAM re-evaluate\(s\) the loss, but torch\.amp\.GradScaler\.step\(optimizer\) called step\(\) "
+        r"without first_step\(\).*SAMMixedPrecision",
+    )
+    assert module.training_steps == 1
+    optimizer = fit.optimizers[0]
+    assert not hasattr(optimizer, "found_inf") and not hasattr(optimizer, "grad_scale")
+
+
+def test_manual_step_closure_under_16_mixed_is_refused_at_the_step() -> None:
+    """Lightning's plugin runs a manual closure itself, once: SAM could not re-evaluate it."""
+
+    class ClosureStep(Regression):
+        def training_step(self, batch, batch_idx):
+            self.training_steps += 1
+            x, y = batch
+            optimizer = self.optimizers()
+
+            def closure():
+                optimizer.zero_grad()
+                loss = F.mse_loss(self.net(x), y)
+                self.manual_backward(loss)
+                return loss
+
+            optimizer.step(closure)
+
+    module = ClosureStep(manual=True, dtype=torch.float32)
+    fit = trainer(plugins=[MixedPrecision("16-mixed", "cpu")], callbacks=[SAMCallback()])
+    _refused(fit, module, RuntimeError, r"GradScaler\.step\(optimizer\) called step\(\) without first_step\(\)")
+    assert fit.global_step == 0
+
+
+def test_callback_leaves_plain_optimizers_alone() -> None:
+    class Plain(Regression):
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=LR)
+
+    module = Plain()
+    fit = trainer(accumulate_grad_batches=2, callbacks=[SAMCallback()])
+    fit.fit(module, loader(batches()))
+    assert fit.global_step == 2  # 3 batches: a step after the second and after the last

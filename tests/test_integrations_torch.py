@@ -1,0 +1,330 @@
+"""What the framework integrations rely on in plain torch (no framework needed).
+
+* ``torch.amp.GradScaler`` with float16 ``autocast``: the two-call loop trains SAM; every
+  combination that cannot work raises before any weight changes and leaves no scaler attribute
+  behind (``scaler.step(optimizer, closure)``, ``scaler.step(optimizer)`` without ``first_step``).
+* The two-call loop through a wrapper that forwards to the optimizer, as Lightning's
+  ``LightningOptimizer`` does (a subclass of the optimizer's class whose ``step`` calls the
+  optimizer's with a closure of its own).
+* ``torch.compile``: a compiled model trains as the eager one, and SAM's perturbation does not
+  recompile it.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import pickle
+
+import pytest
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from samgria import ASAM, TransformingOptimizer, sam_optimizer
+
+LR, RHO = 0.1, 0.05
+SCALE = 2.0**10
+
+
+def model_and_optimizer(dtype=torch.float32):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 1)).to(dtype)
+    return model, sam_optimizer(model.parameters(), torch.optim.SGD, rho=RHO, lr=LR)
+
+
+def batches(dtype=torch.float32, count=3):
+    generator = torch.Generator().manual_seed(1)
+    return [(torch.randn(8, 4, generator=generator, dtype=dtype), torch.randn(8, 1, generator=generator, dtype=dtype)) for _ in range(count)]
+
+
+def reference(data, dtype=torch.float32, autocast=False):
+    net, _ = model_and_optimizer(dtype)
+    params = list(net.parameters())
+
+    def gradient(x, y):
+        with torch.autocast("cpu", dtype=torch.float16, enabled=autocast):
+            loss = F.mse_loss(net(x), y)
+        return torch.autograd.grad(loss, params)
+
+    for x, y in data:
+        grads = gradient(x, y)
+        norm = math.sqrt(sum(float(g.double().pow(2).sum()) for g in grads))
+        weights = [p.detach().clone() for p in params]
+        with torch.no_grad():
+            for p, g in zip(params, grads):
+                p.add_(g, alpha=RHO / norm)
+        grads = gradient(x, y)
+        with torch.no_grad():
+            for p, w, g in zip(params, weights, grads):
+                p.copy_(w - LR * g)
+    return [p.detach() for p in params]
+
+
+def snapshot(model):
+    return [p.detach().clone() for p in model.parameters()]
+
+
+def unchanged(model, before) -> bool:
+    return all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
+
+
+# -- GradScaler with float16 autocast --------------------------------------------------------------------
+def test_float16_autocast_two_call_loop_with_grad_scaler() -> None:
+    model, optimizer = model_and_optimizer()
+    scaler = torch.amp.GradScaler("cpu", init_scale=SCALE, growth_interval=1000)
+    data = batches()
+    for x, y in data:
+        with torch.autocast("cpu", dtype=torch.float16):
+            loss = F.mse_loss(model(x), y)
+        scaler.scale(loss).backward()
+        optimizer.first_step(zero_grad=True)
+        with torch.autocast("cpu", dtype=torch.float16):
+            loss = F.mse_loss(model(x), y)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad()
+    assert scaler.get_scale() == SCALE
+    for got, want in zip(model.parameters(), reference(data, autocast=True)):
+        torch.testing.assert_close(got.detach(), want, rtol=1e-5, atol=1e-6)
+
+
+def _scaled_backward(model, scaler, x, y):
+    with torch.autocast("cpu", dtype=torch.float16):
+        loss = F.mse_loss(model(x), y)
+    scaler.scale(loss).backward()
+
+
+def test_scaler_step_with_a_positional_closure_is_refused_before_anything_changes() -> None:
+    """What accelerate's fp16 ``step(closure)`` does; the scaler has seen a scaled loss before."""
+    model, optimizer = model_and_optimizer()
+    scaler = torch.amp.GradScaler("cpu", init_scale=SCALE)
+    x, y = batches()[0]
+    _scaled_backward(model, scaler, x, y)
+    before = snapshot(model)
+    inner_state = copy.deepcopy(optimizer.inner.state_dict())
+
+    def closure():
+        optimizer.zero_grad()
+        with torch.autocast("cpu", dtype=torch.float16):
+            loss = F.mse_loss(model(x), y)
+        scaler.scale(loss).backward()
+        return loss
+
+    with pytest.raises(
+        RuntimeError,
+        match=r"^torch\.amp\.GradScaler\.step\(optimizer, closure\) cannot drive step\(closure\): .*would apply "
+        r"scaled gradients\. Use the two-call loop: .*first_step\(\).*scaler\.step\(optimizer\)",
+    ):
+        scaler.step(optimizer, closure)
+    assert unchanged(model, before)
+    assert optimizer.inner.state_dict() == inner_state
+    assert not hasattr(optimizer, "found_inf") and not hasattr(optimizer, "grad_scale")
+    # Nothing stale is left: a plain step(closure) afterwards is an ordinary SAM step.
+    optimizer.step(lambda: (optimizer.zero_grad(), F.mse_loss(model(x), y).backward())[1])
+    assert not unchanged(model, before)
+
+
+def test_scaler_step_with_a_keyword_closure_is_refused_by_torch() -> None:
+    model, optimizer = model_and_optimizer()
+    scaler = torch.amp.GradScaler("cpu", init_scale=SCALE)
+    x, y = batches()[0]
+    _scaled_backward(model, scaler, x, y)
+    before = snapshot(model)
+    with pytest.raises(RuntimeError, match="Closure use is not currently supported if GradScaler is enabled"):
+        scaler.step(optimizer, closure=lambda: None)
+    assert unchanged(model, before)
+
+
+def test_scaler_step_without_first_step_is_refused_before_anything_changes() -> None:
+    """What Lightning's stock ``"16-mixed"`` plugin does under automatic optimization."""
+    model, optimizer = model_and_optimizer()
+    scaler = torch.amp.GradScaler("cpu", init_scale=SCALE)
+    x, y = batches()[0]
+    _scaled_backward(model, scaler, x, y)
+    before = snapshot(model)
+    with pytest.raises(
+        RuntimeError,
+        match=r"^SAM re-evaluate\(s\) the loss, but torch\.amp\.GradScaler\.step\(optimizer\) called step\(\) "
+        r"without first_step\(\).*SAMMixedPrecision.*SAMTrainer.*SAMAccelerator",
+    ):
+        scaler.step(optimizer)
+    assert unchanged(model, before)
+    assert not hasattr(optimizer, "found_inf") and not hasattr(optimizer, "grad_scale")
+
+
+def test_step_without_a_closure_names_the_integrations() -> None:
+    model, optimizer = model_and_optimizer()
+    x, y = batches()[0]
+    F.mse_loss(model(x), y).backward()
+    before = snapshot(model)
+    with pytest.raises(RuntimeError, match=r"needs a closure.*samgria\.integrations.*SAMTrainer.*SAMAccelerator"):
+        optimizer.step()
+    assert unchanged(model, before)
+
+
+# -- the two-call loop through a forwarding wrapper (Lightning's LightningOptimizer) ---------------------
+class ForwardingWrapper:
+    """What Lightning 2.x does: a subclass of the optimizer's class that forwards what it lacks,
+    and whose ``step`` calls the optimizer's with a closure of its own (the framework's hooks)."""
+
+    def __init__(self, optimizer):
+        self._optimizer = optimizer
+        self.hook_calls = 0
+        self.steps = 0
+        self.__class__ = type("Wrapped" + type(optimizer).__name__, (type(self), type(optimizer)), {})
+
+    def __getattr__(self, name):
+        return getattr(self._optimizer, name)
+
+    def step(self, closure=None):
+        def framework_closure():
+            self.hook_calls += 1  # e.g. on_before_optimizer_step
+
+        result = self._optimizer.step(closure=framework_closure)
+        self.steps += 1
+        return result
+
+
+def test_two_call_loop_through_a_forwarding_wrapper() -> None:
+    model, optimizer = model_and_optimizer(torch.float64)
+    wrapper = ForwardingWrapper(optimizer)
+    data = batches(torch.float64)
+    for x, y in data:
+        F.mse_loss(model(x), y).backward()
+        wrapper.first_step(zero_grad=True)
+        assert optimizer._pending is not None, "the pending step lives on the optimizer"
+        F.mse_loss(model(x), y).backward()
+        wrapper.second_step(zero_grad=True)
+        assert optimizer._pending is None
+    assert wrapper.steps == wrapper.hook_calls == len(data)
+    assert "_pending" not in wrapper.__dict__ and "_progress" not in wrapper.__dict__
+    for got, want in zip(model.parameters(), reference(data, torch.float64)):
+        torch.testing.assert_close(got.detach(), want, rtol=1e-12, atol=1e-14)
+
+
+def test_step_with_a_closure_after_first_step_is_still_refused() -> None:
+    model, optimizer = model_and_optimizer()
+    x, y = batches()[0]
+    F.mse_loss(model(x), y).backward()
+    optimizer.first_step()
+    with pytest.raises(RuntimeError, match=r"first_step\(\) was called: finish this step with second_step\(\)"):
+        optimizer.step(lambda: None)
+    optimizer.cancel_step()
+
+
+def test_copies_do_not_share_the_step_in_progress() -> None:
+    model, optimizer = model_and_optimizer()
+    copied, unpickled = copy.deepcopy(optimizer), pickle.loads(pickle.dumps(optimizer))
+    x, y = batches()[0]
+    F.mse_loss(model(x), y).backward()
+    optimizer.first_step()
+    assert copied._pending is None and unpickled._pending is None
+    assert copied._progress is not optimizer._progress is not unpickled._progress
+    optimizer.cancel_step()
+
+
+# -- torch.compile -------------------------------------------------------------------------------------
+class CountingBackend:
+    """A ``torch.compile`` backend that runs the captured graph eagerly and counts compilations."""
+
+    def __init__(self) -> None:
+        self.compilations = 0
+
+    def __call__(self, graph_module, example_inputs):
+        self.compilations += 1
+        return graph_module.forward
+
+
+@pytest.mark.parametrize("route", ["closure", "two-call"])
+def test_compiled_model_trains_as_the_eager_one_without_recompiling(route: str) -> None:
+    torch._dynamo.reset()
+    model, optimizer = model_and_optimizer(torch.float64)
+    backend = CountingBackend()
+    compiled = torch.compile(model, backend=backend)
+    data = batches(torch.float64)
+    for x, y in data:
+        if route == "closure":
+
+            def closure():
+                optimizer.zero_grad()
+                loss = F.mse_loss(compiled(x), y)
+                loss.backward()
+                return loss
+
+            optimizer.step(closure)
+        else:
+            F.mse_loss(compiled(x), y).backward()
+            optimizer.first_step(zero_grad=True)
+            F.mse_loss(compiled(x), y).backward()
+            optimizer.second_step(zero_grad=True)
+    assert backend.compilations == 1, "SAM's perturbation changes no guard"
+    for got, want in zip(model.parameters(), reference(data, torch.float64)):
+        torch.testing.assert_close(got.detach(), want, rtol=1e-12, atol=1e-14)
+
+
+def test_compiled_model_with_asam_matches_the_eager_one() -> None:
+    """ASAM's element-wise scaling reads the weights too; still one compilation."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 1)).double()
+    optimizer = TransformingOptimizer(model.parameters(), torch.optim.SGD, lr=LR, transforms=[ASAM(rho=0.5)])
+    backend = CountingBackend()
+    compiled = torch.compile(model, backend=backend)
+    eager = copy.deepcopy(model)
+    eager_optimizer = TransformingOptimizer(eager.parameters(), torch.optim.SGD, lr=LR, transforms=[ASAM(rho=0.5)])
+    for x, y in batches(torch.float64):
+        for net, opt in ((compiled, optimizer), (eager, eager_optimizer)):
+
+            def closure(net=net, opt=opt):
+                opt.zero_grad()
+                loss = F.mse_loss(net(x), y)
+                loss.backward()
+                return loss
+
+            opt.step(closure)
+    assert backend.compilations == 1
+    for got, want in zip(model.parameters(), eager.parameters()):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-14)
+
+
+# -- without the frameworks ------------------------------------------------------------------------------
+_WITHOUT_FRAMEWORKS = r"""
+import runpy, sys, unittest
+import samgria, samgria.integrations
+assert not {"lightning", "transformers", "accelerate"} & set(sys.modules), "import samgria imports a framework"
+for name in ("lightning", "transformers", "accelerate"):
+    sys.modules[name] = None  # what an environment without them gives: ImportError
+from samgria.integrations import accelerate, lightning, transformers
+for cls in (lightning.SAMCallback, lightning.SAMMixedPrecision, transformers.SAMTrainer, accelerate.SAMAccelerator):
+    try:
+        cls()
+    except ImportError as error:
+        print(cls.__name__, "|", error)
+for example in sys.argv[1:]:
+    try:
+        runpy.run_path(example, run_name="__main__")
+    except unittest.SkipTest as skip:
+        print("skipped |", skip)
+"""
+
+
+def test_without_the_frameworks_the_integrations_explain_and_the_examples_skip() -> None:
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    examples = [str(root / "docs" / "examples" / f"integration_{name}.py") for name in ("lightning", "transformers", "accelerate")]
+    env = {k: v for k, v in os.environ.items() if k != "SAMGRIA_REQUIRE_INTEGRATIONS"}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(root), env.get("PYTHONPATH")]))
+    result = subprocess.run(
+        [sys.executable, "-c", _WITHOUT_FRAMEWORKS, *examples], cwd=root, env=env, capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    lines = result.stdout.splitlines()
+    for name, package in (("SAMCallback", "lightning"), ("SAMMixedPrecision", "lightning"), ("SAMTrainer", "transformers"), ("SAMAccelerator", "accelerate")):
+        assert any(line.startswith(f"{name} | {name} needs {package}: pip install {package} (or pip install 'samgria[integrations]')") for line in lines), lines
+    assert sum(line.startswith("skipped | needs") for line in lines) == 3, lines

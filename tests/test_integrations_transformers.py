@@ -1,0 +1,284 @@
+"""Hugging Face ``transformers.Trainer``: ``SAMTrainer`` trains SAM exactly; the stock one refuses.
+
+Every run records the batches the model sees and is checked against a hand-written SAM loop on
+them: with ``gradient_accumulation_steps=2`` one step equals SAM on the concatenated batch (both
+passes see both micro-batches), with the ``Trainer``'s linear LR schedule and gradient clipping, in
+float64 — and for a two-layer BERT built from a config, under bf16 autocast, and with a loss
+scaler (float16's path, simulated on the CPU), whose overflow skips the step and the LR schedule.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import os
+
+import pytest
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+if not os.environ.get("SAMGRIA_REQUIRE_INTEGRATIONS"):
+    pytest.importorskip("transformers", reason="pip install 'samgria[integrations]'")
+    pytest.importorskip("accelerate", reason="pip install 'samgria[integrations]'")
+import transformers  # noqa: E402
+
+from samgria import SAM, TransformingOptimizer, sam_optimizer  # noqa: E402
+from samgria.integrations.accelerate import SAMAcceleratedOptimizer  # noqa: E402
+from samgria.integrations.transformers import SAMTrainer  # noqa: E402
+
+LR, RHO, K = 0.1, 0.05, 2
+
+
+class Regression(nn.Module):
+    """A plain module that returns a loss dict, as ``Trainer`` expects."""
+
+    def __init__(self, dtype: torch.dtype = torch.float64) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 1)).to(dtype)
+
+    def forward(self, x, labels):
+        out = self.net(x)
+        return {"loss": F.mse_loss(out, labels), "logits": out}
+
+
+class Pairs(torch.utils.data.Dataset):
+    def __init__(self, size: int = 16, dtype: torch.dtype = torch.float64) -> None:
+        generator = torch.Generator().manual_seed(1)
+        self.x = torch.randn(size, 4, generator=generator, dtype=dtype)
+        self.y = torch.randn(size, 1, generator=generator, dtype=dtype)
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        return {"x": self.x[index], "labels": self.y[index]}
+
+
+def arguments(tmp_path, **kwargs) -> transformers.TrainingArguments:
+    options = dict(
+        output_dir=str(tmp_path),
+        per_device_train_batch_size=2,
+        gradient_accumulation_steps=K,
+        num_train_epochs=1,
+        learning_rate=LR,
+        use_cpu=True,
+        report_to=[],
+        save_strategy="no",
+        logging_strategy="no",
+        disable_tqdm=True,
+        seed=0,
+    )
+    options.update(kwargs)
+    return transformers.TrainingArguments(**options)
+
+
+def record_batches(model: nn.Module) -> list[dict[str, torch.Tensor]]:
+    seen: list[dict[str, torch.Tensor]] = []
+    model.register_forward_pre_hook(
+        lambda module, args, kwargs: seen.append({k: v.detach().clone() for k, v in kwargs.items()}),
+        with_kwargs=True,
+    )
+    return seen
+
+
+def windows(seen: list[dict[str, torch.Tensor]], k: int = K) -> list[list[dict[str, torch.Tensor]]]:
+    """The first-pass micro-batches of each step; checks that the second pass saw the same ones."""
+    assert len(seen) % (2 * k) == 0, len(seen)
+    steps = []
+    for start in range(0, len(seen), 2 * k):
+        first, second = seen[start : start + k], seen[start + k : start + 2 * k]
+        for a, b in zip(first, second):
+            assert a.keys() == b.keys() and all(torch.equal(a[key], b[key]) for key in a)
+        steps.append(first)
+    return steps
+
+
+def reference(model, steps, *, lrs, max_grad_norm=0.0, autocast=None) -> list[torch.Tensor]:
+    """SGD + SAM by hand: per step, both passes over every micro-batch (each loss / k)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def gradient(window):
+        total = [torch.zeros_like(p) for p in params]
+        for batch in window:
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast is not None):
+                loss = model(**batch)["loss"]
+            loss = loss.float() if autocast else loss
+            if "num_items_in_batch" not in batch:  # else the model divided by the whole step's count
+                loss = loss / len(window)
+            grads = torch.autograd.grad(loss, params)
+            for t, g in zip(total, grads):
+                t += g
+        return total
+
+    for window, lr in zip(steps, lrs):
+        grads = gradient(window)
+        norm = math.sqrt(sum(float(g.double().pow(2).sum()) for g in grads))
+        weights = [p.detach().clone() for p in params]
+        with torch.no_grad():
+            for p, g in zip(params, grads):
+                p.add_(g, alpha=RHO / norm)
+        grads = gradient(window)
+        with torch.no_grad():
+            for p, w, g in zip(params, weights, grads):
+                p.copy_(w)
+                p.grad = g
+        if max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+        with torch.no_grad():
+            for p in params:
+                p.sub_(lr * p.grad)
+                p.grad = None
+    return [p.detach() for p in params]
+
+
+def linear_lrs(steps: int) -> list[float]:
+    return [LR * (steps - t) / steps for t in range(steps)]
+
+
+# -- what works ----------------------------------------------------------------------------------------
+def test_gradient_accumulation_lr_schedule_and_clipping_equal_sam_on_the_whole_batch(tmp_path) -> None:
+    model = Regression()
+    start = copy.deepcopy(model)
+    seen = record_batches(model)
+    optimizer = sam_optimizer(model.parameters(), torch.optim.SGD, rho=RHO, lr=LR)
+    trainer = SAMTrainer(model=model, args=arguments(tmp_path, max_grad_norm=0.5), train_dataset=Pairs(), optimizers=(optimizer, None))
+    trainer.train()
+    steps = windows(seen)
+    assert trainer.state.global_step == len(steps) == 4
+    assert isinstance(trainer.optimizer, SAMAcceleratedOptimizer) and trainer.optimizer.optimizer is optimizer
+    assert optimizer._pending is None and optimizer.param_groups[0]["lr"] == 0.0, "linear decay to 0"
+    expected = reference(start, steps, lrs=linear_lrs(4), max_grad_norm=0.5)
+    for got, want in zip(model.parameters(), expected):
+        torch.testing.assert_close(got.detach(), want, rtol=1e-12, atol=1e-14)
+
+
+def test_transforms_wrap_the_optimizer_the_trainer_creates(tmp_path) -> None:
+    model = Regression()
+    start = copy.deepcopy(model)
+    seen = record_batches(model)
+    args = arguments(tmp_path, optim="sgd", lr_scheduler_type="constant", max_grad_norm=0.0, weight_decay=0.0)
+    trainer = SAMTrainer(model=model, args=args, train_dataset=Pairs(), transforms=[SAM(rho=RHO)])
+    trainer.train()
+    optimizer = trainer.optimizer.optimizer
+    assert isinstance(optimizer, TransformingOptimizer) and isinstance(optimizer.inner, torch.optim.SGD)
+    expected = reference(start, windows(seen), lrs=[LR] * 4)
+    for got, want in zip(model.parameters(), expected):
+        torch.testing.assert_close(got.detach(), want, rtol=1e-12, atol=1e-14)
+
+
+class TokenPairs(torch.utils.data.Dataset):
+    def __init__(self, size: int = 8) -> None:
+        generator = torch.Generator().manual_seed(2)
+        self.ids = torch.randint(0, 32, (size, 6), generator=generator)
+        self.labels = torch.randint(0, 2, (size,), generator=generator)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        return {"input_ids": self.ids[index], "attention_mask": torch.ones(6, dtype=torch.long), "labels": self.labels[index]}
+
+
+def tiny_bert() -> nn.Module:
+    config = transformers.BertConfig(
+        vocab_size=32,
+        hidden_size=16,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=32,
+        max_position_embeddings=16,
+        num_labels=2,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+    )
+    torch.manual_seed(0)
+    return transformers.BertForSequenceClassification(config)
+
+
+@pytest.mark.parametrize("bf16", [False, True], ids=["fp32", "bf16"])
+def test_two_layer_bert_from_a_config(tmp_path, bf16: bool) -> None:
+    model = tiny_bert()
+    start = copy.deepcopy(model)
+    seen = record_batches(model)
+    optimizer = sam_optimizer(model.parameters(), torch.optim.SGD, rho=RHO, lr=LR)
+    args = arguments(tmp_path, bf16=bf16, lr_scheduler_type="constant", max_grad_norm=0.0)
+    trainer = SAMTrainer(model=model, args=args, train_dataset=TokenPairs(), optimizers=(optimizer, None))
+    trainer.train()
+    steps = windows(seen)
+    assert trainer.state.global_step == len(steps) == 2
+    expected = reference(start, steps, lrs=[LR] * 2, autocast=torch.bfloat16 if bf16 else None)
+    tolerance = dict(rtol=1e-3, atol=1e-4) if bf16 else dict(rtol=1e-5, atol=1e-6)
+    for got, want in zip(model.parameters(), expected):
+        torch.testing.assert_close(got.detach(), want, **tolerance)
+    assert not torch.equal(next(model.parameters()), next(start.parameters())), "it trained"
+
+
+def _with_loss_scaler(trainer: SAMTrainer, scale: float) -> torch.amp.GradScaler:
+    """What ``fp16=True`` sets up on a GPU, on the CPU: accelerate's loss scaler (float32 compute)."""
+    scaler = torch.amp.GradScaler("cpu", init_scale=scale, growth_interval=1000)
+    trainer.accelerator.scaler = scaler
+    return scaler
+
+
+def test_loss_scaler_path_equals_sam_and_an_overflow_skips_the_step_and_the_schedule(tmp_path) -> None:
+    model = Regression(torch.float32)
+    start = copy.deepcopy(model)
+    seen = record_batches(model)
+    calls = []
+
+    def overflow_in_the_second_pass_of_the_second_step(grad):
+        calls.append(None)
+        return torch.full_like(grad, math.inf) if len(calls) == 7 else grad  # 4 backwards per step
+
+    model.net[2].weight.register_hook(overflow_in_the_second_pass_of_the_second_step)
+    optimizer = sam_optimizer(model.parameters(), torch.optim.SGD, rho=RHO, lr=LR)
+    lrs = []
+
+    class RecordLR(transformers.TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            lrs.append(optimizer.param_groups[0]["lr"])
+
+    args = arguments(tmp_path, max_grad_norm=0.0, lr_scheduler_type="linear")
+    trainer = SAMTrainer(
+        model=model, args=args, train_dataset=Pairs(dtype=torch.float32), optimizers=(optimizer, None), callbacks=[RecordLR()]
+    )
+    scaler = _with_loss_scaler(trainer, 2.0**10)
+    trainer.train()
+    assert scaler.get_scale() == 2.0**9, "one overflow: the scaler backed off once"
+    steps = windows(seen)
+    # Step 0 at lr 0.1; step 1 skipped (the schedule does not advance); steps 2 and 3 at 0.075, 0.05.
+    assert lrs == pytest.approx([0.075, 0.075, 0.05, 0.025])
+    expected = reference(start, [steps[0], steps[2], steps[3]], lrs=[0.1, 0.075, 0.05])
+    for got, want in zip(model.parameters(), expected):
+        torch.testing.assert_close(got.detach(), want, rtol=1e-5, atol=1e-6)
+
+
+# -- what is refused, before any weight changes ----------------------------------------------------------
+def test_the_stock_trainer_refuses_a_sam_optimizer_at_its_first_step(tmp_path) -> None:
+    model = Regression()
+    before = [p.detach().clone() for p in model.parameters()]
+    optimizer = sam_optimizer(model.parameters(), torch.optim.SGD, rho=RHO, lr=LR)
+    trainer = transformers.Trainer(model=model, args=arguments(tmp_path), train_dataset=Pairs(), optimizers=(optimizer, None))
+    with pytest.raises(RuntimeError, match=r"needs a closure.*samgria\.integrations.*SAMTrainer"):
+        trainer.train()
+    assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
+
+
+def test_transforms_and_an_optimizer_together_are_refused(tmp_path) -> None:
+    model = Regression()
+    optimizer = sam_optimizer(model.parameters(), torch.optim.SGD, rho=RHO, lr=LR)
+    with pytest.raises(TypeError, match=r"transforms=.*wraps the optimizer the Trainer creates"):
+        SAMTrainer(model=model, args=arguments(tmp_path), train_dataset=Pairs(), optimizers=(optimizer, None), transforms=[SAM()])
+
+
+def test_deepspeed_is_refused_when_training_starts(tmp_path) -> None:
+    model = Regression()
+    before = [p.detach().clone() for p in model.parameters()]
+    optimizer = sam_optimizer(model.parameters(), torch.optim.SGD, rho=RHO, lr=LR)
+    trainer = SAMTrainer(model=model, args=arguments(tmp_path), train_dataset=Pairs(), optimizers=(optimizer, None))
+    trainer.is_deepspeed_enabled = True  # what a DeepSpeed config sets (deepspeed is not installed here)
+    with pytest.raises(ValueError, match=r"^SAMTrainer under DeepSpeed: .*second pass cannot run"):
+        trainer.train()
+    assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
