@@ -65,6 +65,8 @@ class _PendingStep:
     rerun_before: bool = False
     #: The first pass's gradients were not finite: the step is skipped.
     non_finite: bool = False
+    #: The state's references at ``first_step`` (see ``_pre_step_structure``).
+    structure: StateStructure | None = None
 
 
 @dataclass
@@ -418,6 +420,15 @@ class TransformingOptimizer(WrappingOptimizer):
             type(transform).post_update is not Transform.post_update for transform in self.transforms
         )
 
+    def _pre_step_structure(self) -> StateStructure | None:
+        """The state's references at the start of a step, when a transform saves state before the
+        inner step (the SAM family's averages, directions, random streams): put back if the step
+        raises later, is skipped or cancelled. No tensor is copied (such transforms assign new
+        objects)."""
+        if self.atomic and any(t.saves_state_before_step for t in self.transforms):
+            return StateStructure(self.state)
+        return None
+
     @torch.no_grad()
     def _run_chain(
         self,
@@ -539,30 +550,47 @@ class TransformingOptimizer(WrappingOptimizer):
                 raise _NonFiniteGradients
             return result
 
+        structure = self._pre_step_structure()
         try:
             self._run_chain(0, reevaluate, grad_norm)
         except _NonFiniteGradients:
+            if structure is not None:
+                structure.restore()
             self._skip("second")
+        except BaseException:
+            if structure is not None:
+                structure.restore()
+            raise
         return loss
 
     def _finish_pending(self) -> Any:
         pending, self._pending = self._pending, None
         assert pending is not None
-        spare_buffers = {}
-        if pending.perturbation is not None:
-            spare_buffers = pending.perturbation.restore()
-        if self._amp_skip_or_unscale():
-            return None
-        if pending.non_finite:
-            self._skip("first")
-            return None
-        if not math.isfinite(self._grad_norm()):
-            self._skip("second")
-            return None
-        if pending.rerun_before:
-            self._run_chain(0, None, None, spare_buffers, skip=pending.resume_at - 1)
-        else:
-            self._run_chain(pending.resume_at, None, None, spare_buffers)
+        structure = pending.structure
+        try:
+            spare_buffers = {}
+            if pending.perturbation is not None:
+                spare_buffers = pending.perturbation.restore()
+            if self._amp_skip_or_unscale():
+                skipped = True
+            elif pending.non_finite:
+                self._skip("first")
+                skipped = True
+            elif not math.isfinite(self._grad_norm()):
+                self._skip("second")
+                skipped = True
+            else:
+                skipped = False
+                if pending.rerun_before:
+                    self._run_chain(0, None, None, spare_buffers, skip=pending.resume_at - 1)
+                else:
+                    self._run_chain(pending.resume_at, None, None, spare_buffers)
+        except BaseException:
+            if structure is not None:
+                structure.restore()
+            raise
+        if skipped and structure is not None:
+            structure.restore()
         return None
 
     @property
@@ -617,12 +645,18 @@ class TransformingOptimizer(WrappingOptimizer):
         if not math.isfinite(grad_norm):
             self._pending = _PendingStep(None, split + 1, non_finite=True)
             return
-        for index, (slot, before) in enumerate(list(self.chain)[:split]):
-            before.pre_update(self._context(slot, None, grad_norm if index == 0 else None))
-        slot = self.slots[split]
-        perturbation = transform.perturb(self._context(slot, None, grad_norm if split == 0 else None))
+        structure = self._pre_step_structure()
+        try:
+            for index, (slot, before) in enumerate(list(self.chain)[:split]):
+                before.pre_update(self._context(slot, None, grad_norm if index == 0 else None))
+            slot = self.slots[split]
+            perturbation = transform.perturb(self._context(slot, None, grad_norm if split == 0 else None))
+        except BaseException:
+            if structure is not None:
+                structure.restore()
+            raise
         skipped = perturbation is None or not perturbation.params
-        self._pending = _PendingStep(perturbation, split + 1, rerun_before=skipped)
+        self._pending = _PendingStep(perturbation, split + 1, rerun_before=skipped, structure=structure)
         self.zero_grad(set_to_none=True)
 
     def cancel_step(self) -> None:
@@ -634,6 +668,8 @@ class TransformingOptimizer(WrappingOptimizer):
         pending, self._pending = self._pending, None
         if pending is not None and pending.perturbation is not None:
             pending.perturbation.restore()
+        if pending is not None and pending.structure is not None:
+            pending.structure.restore()
 
     def second_step(self, zero_grad: bool = False) -> None:
         """Second half: restore the weights, step the inner optimizer, run post-step transforms.

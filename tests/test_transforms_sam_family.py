@@ -21,6 +21,7 @@ from torch.func import functional_call
 from transform_infos import assert_bitwise_equal, make_closure, make_data, make_model, params_of
 
 from samgria import ESAM, GSAM, SAM, WSAM, FriendlySAM, LookSAM, TransformingOptimizer
+from samgria import Transform as GradientTransformBase
 
 SGD = (torch.optim.SGD, {"lr": 0.1, "momentum": 0.9})
 ADAMW = (torch.optim.AdamW, {"lr": 1e-2, "weight_decay": 1e-2})
@@ -511,6 +512,71 @@ def test_two_call_step_with_non_finite_second_pass_is_skipped_and_commits_nothin
         for _ in range(3):
             opt.step(closure)
     assert_bitwise_equal(params_of(model), params_of(twin_model))
+
+
+class _RaisesAfterwards(GradientTransformBase):
+    """A pre-step transform placed after the SAM-family one that raises on demand."""
+
+    def __init__(self):
+        self.armed = False
+
+    def pre_update(self, ctx):
+        if self.armed:
+            raise RuntimeError("later transform failed")
+
+
+def _state_snapshot(optimizer):
+    return copy.deepcopy(optimizer.state_dict())
+
+
+def _assert_same_state(before, after):
+    assert before["state"].keys() == after["state"].keys()
+    for index, entry in before["state"].items():
+        assert entry.keys() == after["state"][index].keys()
+        for key, value in entry.items():
+            other = after["state"][index][key]
+            assert torch.equal(value, other) if isinstance(value, torch.Tensor) else value == other
+
+
+class _FlakySGD(torch.optim.SGD):
+    """SGD whose step raises on demand (e.g. out of memory)."""
+
+    fail = False
+
+    def step(self, closure=None):
+        if self.fail:
+            raise MemoryError("inner step failed")
+        return super().step(closure)
+
+
+@pytest.mark.parametrize("name", sorted(STATEFUL))
+@pytest.mark.parametrize("where", ["later-transform", "cancel_step", "inner-step"])
+def test_a_failure_after_the_commit_puts_the_state_back(name, where):
+    x, y = make_data()
+    model = make_model()
+    later = _RaisesAfterwards()
+    optimizer = TransformingOptimizer(
+        model.parameters(), _FlakySGD, lr=0.1, momentum=0.9, transforms=[STATEFUL[name](), later]
+    )
+    closure = make_closure(model, optimizer, x, y)
+    for _ in range(3):
+        optimizer.step(closure)
+    before, weights = _state_snapshot(optimizer), params_of(model)
+    if where == "later-transform":
+        later.armed = True
+        with pytest.raises(RuntimeError, match="later transform failed"):
+            optimizer.step(closure)
+    elif where == "inner-step":
+        optimizer.inner.fail = True
+        with pytest.raises(MemoryError, match="inner step failed"):
+            optimizer.step(closure)
+    else:
+        nn.functional.mse_loss(model(x), y).backward()
+        optimizer.first_step(zero_grad=True)
+        nn.functional.mse_loss(model(x), y).backward()
+        optimizer.cancel_step()
+    _assert_same_state(before, _state_snapshot(optimizer))
+    assert_bitwise_equal(params_of(model), weights)
 
 
 AMP_FAMILY = {

@@ -252,11 +252,17 @@ class Transform:
 
     Attributes:
         needs_closure: ``True`` when :meth:`pre_update` re-evaluates the closure.
+        saves_state_before_step: ``True`` when the transform writes its state before the inner
+            step (in :meth:`pre_update`, or when its perturbation is restored). It must then
+            assign new objects, never write into existing tensors: the optimizer keeps the
+            references of the state at the start of the step (no copies) and puts them back if
+            anything later in the step raises, the step is skipped or cancelled.
         slot_name: The default name of the transform's slot (default: the class name in snake
             case).
     """
 
     needs_closure: bool = False
+    saves_state_before_step: bool = False
     slot_name: str | None = None
 
     # -- configuration -----------------------------------------------------------------------

@@ -18,11 +18,10 @@ How a step finishes, in both of the optimizer's loops:
   State is committed only when those gradients are finite (one extra norm, read on the host).
 
 State is committed by assigning new objects, never by writing into a tensor that ``state``
-holds. The commit happens at the end of the transform's pre-step phase; if something later in
-the same step raises (a transform after it in the chain, the inner step, a post-step transform),
-the optimizer puts back the weights and the inner optimizer's state, but not this commit; and
-``cancel_step()`` calls ``restore()`` too, so a cancelled two-call step keeps it. A copy of the structure of ``optimizer.state`` taken by the optimizer
-at the start of a step (``samgria._snapshot.StateStructure``: no tensor copies) would undo it.
+holds, and these transforms declare ``saves_state_before_step``: the optimizer keeps the
+references of its state at the start of the step (no tensor copies) and puts them back if
+something later in the same step raises (a transform after it in the chain, the inner step, a
+post-step transform), if the step is skipped, or if a two-call step is cancelled.
 """
 
 from __future__ import annotations
@@ -160,6 +159,8 @@ class _Step(Perturbation):
 
 class _FinishingTransform(PerturbationTransform):
     """Perturb, re-evaluate (only when something moved), restore, then finish the step."""
+
+    saves_state_before_step = True
 
     def pre_update(self, ctx: TransformContext) -> None:
         if ctx.reevaluate is None:
