@@ -23,6 +23,8 @@ extensions = [
     "sphinx.ext.autodoc",
     "sphinx.ext.napoleon",
     "sphinx.ext.mathjax",
+    # MathJax bundled into the built pages (no CDN): the math renders offline.
+    "sphinx-mathjax-offline",
     "sphinx.ext.viewcode",
 ]
 

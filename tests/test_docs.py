@@ -190,6 +190,13 @@ def test_sphinx_build_has_no_warnings(tmp_path: Path) -> None:
     assert not not_rendered, f"api.html has no entry for {not_rendered}"
     for page in ("index", "getting_started", "optimizer_guide", "meta_guide", "benchmarks"):
         assert (out / f"{page}.html").is_file(), page
+    # The math renders offline: MathJax is bundled into the build, never loaded from a CDN.
+    guide = (out / "meta_guide.html").read_text()
+    scripts = re.findall(r'<script[^>]*src="([^"]*mathjax[^"]*)"', guide, flags=re.IGNORECASE)
+    assert scripts, "meta_guide.html loads no MathJax"
+    for src in scripts:
+        assert not src.startswith(("http:", "https:", "//")), src
+        assert (out / src).is_file(), src
 
 
 # -- (5) getting started shows the README's commands -------------------------------------------
