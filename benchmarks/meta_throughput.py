@@ -13,8 +13,8 @@ hand-written loop's (``max|dgrad|``).
    Adam (lr 1e-3). Rows: the hand-written loop; ``MAML.task_losses(tasks, mse,
    vectorize=False)`` (samgria loop) and ``vectorize=True`` (tasks adapted together with
    ``torch.func.vmap``), inside ``meta.step(closure)``; ``MetaTrainer(..., vectorize=None)
-   .meta_step`` (the measured default; timed after 5 warm-up meta-steps, the path it chose in
-   brackets); and the compiled path, ``MetaTrainer(..., compile=True).meta_step``
+   .train_step`` (the measured default; timed after 5 warm-up meta-steps, the path it chose in
+   brackets); and the compiled path, ``MetaTrainer(..., compile=True).train_step``
    (``torch.compile`` of the vectorised inner loop; full mode only, or ``--compile``).
 
 2. **Few-shot classification**, second-order MAML, one inner SGD step (inner lr 0.01), outer Adam
@@ -29,23 +29,33 @@ hand-written loop's (``max|dgrad|``).
      dropout=0, batch_first=True)`` over 16 random token features, mean-pooled, Linear head.
 
    Rows: the hand-written loop; ``MetaTrainer(meta, cross_entropy, sampler, vectorize=False)
-   .meta_step(tasks)`` (per-task loop, each task back-propagated as soon as it is adapted);
+   .train_step(tasks)`` (per-task loop, each task back-propagated as soon as it is adapted);
    ``vectorize=True`` (vmap; only where it applies: vmap's second-order gradients through
    BatchNorm and LayerNorm in train mode are wrong, so the library refuses them);
    ``vectorize=None``, the measured default (its first 4 meta-steps alternate loop and vmap, then
-   it keeps the faster; timed after 5 warm-up meta-steps; ``trainer.path`` is reported). Beside
-   each time, **process peak memory**: the max RSS above the RSS after building the model, the
-   tasks and the optimizer, each row in its own fresh single-thread process running
-   ``--memory-steps`` meta-steps (for ``vectorize=None`` that includes its timed trials of both
-   paths). CPU PyTorch has no allocator statistics; the peak is the process's ``VmHWM`` (reset
-   with ``/proc/self/clear_refs`` once everything is built), or ``ru_maxrss`` elsewhere.
+   it keeps the faster; timed after 5 warm-up meta-steps; ``trainer.path`` is reported).
 
-Everything runs single-threaded by default (``--threads``).
+   Each row also runs in **its own fresh single-thread process** (``--memory-steps`` meta-steps,
+   one process at a time), which reports: the **process peak memory**, the max RSS above the RSS
+   after building the model, the tasks and the optimizer (for ``vectorize=None`` its timed trials
+   of both paths included; CPU PyTorch has no allocator statistics: the peak is the process's
+   ``VmHWM``, reset with ``/proc/self/clear_refs`` once everything is built, or ``ru_maxrss``
+   elsewhere); and the seconds and minor page faults per meta-step after the first
+   (``vectorize=None``: after its trials). The two timings differ because glibc malloc returns
+   freed memory at the top of its heap to the system: a path that frees its graph task by task
+   faults those pages in again for every task, unless a bigger allocation earlier in the same
+   process (another row's) left the heap fragmented and kept. ``--retain-freed-memory`` asks glibc
+   to keep freed memory (as jemalloc and tcmalloc do), in this process and every own process.
+
+Everything runs single-threaded by default (``--threads``) and is then timed in CPU time of the
+process (user + sys, so page faults count), which other processes' load on a shared machine
+inflates less than wall time; with ``--threads`` above 1, in wall time.
 
 Usage::
 
-    python benchmarks/meta_throughput.py            # full (about 8 minutes on 2 cores)
-    python benchmarks/meta_throughput.py --quick    # CI: < 60 s; meta-batch 4, 8 channels, no compile
+    python benchmarks/meta_throughput.py            # full (about 11 minutes on 2 cores)
+    python benchmarks/meta_throughput.py --quick    # CI: < 60 s; meta-batch 4, 8 channels, no compile,
+                                                    # own-process rows for conv4 only
     python benchmarks/meta_throughput.py --workloads conv4-bn conv4 --rounds-few-shot 5
 
 Prints one table per workload; when matplotlib is importable writes
@@ -145,14 +155,14 @@ class SamgriaPath:
 
 
 class _NoSampler:
-    """The benchmark hands tasks to ``meta_step`` itself; the trainer never samples."""
+    """The benchmark hands tasks to ``train_step`` itself; the trainer never samples."""
 
     def sample(self, n: int) -> list[Task]:
         raise RuntimeError("not used")
 
 
 class TrainerPath:
-    """``MetaTrainer(MAML(model, outer), loss_fn, sampler, vectorize=...).meta_step(tasks)``."""
+    """``MetaTrainer(MAML(model, outer), loss_fn, sampler, vectorize=...).train_step(tasks)``."""
 
     def __init__(self, model: nn.Module, loss_fn: Callable, vectorize: bool | None, inner_lr: float,
                  inner_steps: int, outer: type[torch.optim.Optimizer] = torch.optim.Adam,
@@ -161,7 +171,7 @@ class TrainerPath:
         self.trainer = MetaTrainer(self.meta, loss_fn, _NoSampler(), vectorize=vectorize)
 
     def iteration(self, tasks: list[Task]) -> None:
-        self.trainer.meta_step(tasks)
+        self.trainer.train_step(tasks)
 
     def measured(self) -> dict[str, float]:
         """The fastest of the trainer's timed trials per path (empty when it did not measure)."""
@@ -171,7 +181,7 @@ class TrainerPath:
 
 
 class CompiledPath:
-    """The library's compiled path: ``MetaTrainer(meta, mse, sampler, compile=True).meta_step``."""
+    """The library's compiled path: ``MetaTrainer(meta, mse, sampler, compile=True).train_step``."""
 
     def __init__(self, model: nn.Module) -> None:
         self.meta = MAML(model, torch.optim.Adam, inner_lr=INNER_LR, inner_steps=INNER_STEPS, lr=OUTER_LR)
@@ -183,7 +193,7 @@ class CompiledPath:
         outer_state = copy.deepcopy(self.meta.state_dict())
         with warnings.catch_warnings():
             warnings.simplefilter("error", RuntimeWarning)  # a fallback is a failure here
-            self.trainer.meta_step(tasks)
+            self.trainer.train_step(tasks)
         self.meta.model.load_state_dict(weights)
         self.meta.load_state_dict(outer_state)
         if self.trainer.compiled_loss is None:
@@ -193,7 +203,7 @@ class CompiledPath:
         return self.trainer.compiled_loss.backward(tasks)
 
     def iteration(self, tasks: list[Task]) -> None:
-        self.trainer.meta_step(tasks)
+        self.trainer.train_step(tasks)
 
 
 # -- measuring ---------------------------------------------------------------------------------------
@@ -209,17 +219,24 @@ def trainer_meta_gradient(model: nn.Module, tasks: list[Task], loss_fn: Callable
     return flat_grad(model)
 
 
-def time_paths(paths: dict[str, Any], pool: list[list[Task]], rounds: int, iters: int) -> dict[str, float]:
+def clock_for(threads: int) -> tuple[Callable[[], float], str]:
+    """The clock of the timings: single-threaded, this process's CPU time (user + sys, page faults
+    included), which other processes' load inflates less than wall time; else wall time."""
+    return (time.process_time, "CPU") if threads == 1 else (time.perf_counter, "wall")
+
+
+def time_paths(paths: dict[str, Any], pool: list[list[Task]], rounds: int, iters: int,
+               clock: Callable[[], float] = time.perf_counter) -> dict[str, float]:  # fmt: skip
     """Median over ``rounds`` of the mean seconds per iteration; paths interleaved, order rotating."""
     times: dict[str, list[float]] = {name: [] for name in paths}
     names = list(paths)
     it = 0
     for r in range(rounds):
         for name in names[r % len(names):] + names[: r % len(names)]:
-            start = time.perf_counter()
+            start = clock()
             for j in range(iters):
                 paths[name].iteration(pool[(it + j) % len(pool)])
-            times[name].append((time.perf_counter() - start) / iters)
+            times[name].append((clock() - start) / iters)
         it += iters
     return {name: statistics.median(v) for name, v in times.items()}
 
@@ -228,6 +245,18 @@ def warm_up(paths: dict[str, Any], pool: list[list[Task]], steps: dict[str, int]
     for name, path in paths.items():
         for i in range(steps.get(name, 1)):
             path.iteration(pool[i % len(pool)])
+
+
+def progress(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+def load_average() -> float:
+    """The 1-minute load average (other processes' load; nan where unknown)."""
+    try:
+        return os.getloadavg()[0]
+    except OSError:
+        return float("nan")
 
 
 def rss_bytes() -> int:
@@ -264,14 +293,46 @@ def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
 
 
-def extra_peak_mib(step: Callable[[int], None], steps: int) -> dict[str, float]:
-    """Run ``step(i)`` ``steps`` times; peak RSS above the RSS before the first, in MiB."""
+def minor_faults() -> int:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
+def measure_steps(step: Callable[[int], None], steps: int) -> dict[str, Any]:
+    """Run ``step(i)`` ``steps`` times in a fresh single-thread process: the peak RSS above the RSS
+    before the first step in MiB, and each step's CPU seconds, wall seconds and minor page faults."""
     gc.collect()
     rss0 = rss_bytes()
     peak0 = rss0 if reset_peak_rss() else peak_rss_bytes()
+    cpu, wall, faults = [], [], []
     for i in range(steps):
+        faults0, cpu0, wall0 = minor_faults(), time.process_time(), time.perf_counter()
         step(i)
-    return {"extra_mib": (peak_rss_bytes() - peak0) / 2**20, "rss0_mib": rss0 / 2**20}
+        cpu.append(time.process_time() - cpu0)
+        wall.append(time.perf_counter() - wall0)
+        faults.append(minor_faults() - faults0)
+    return {
+        "extra_mib": (peak_rss_bytes() - peak0) / 2**20,
+        "rss0_mib": rss0 / 2**20,
+        "step_seconds": cpu,
+        "step_wall_seconds": wall,
+        "step_faults": faults,
+    }
+
+
+def settled(values: list[float], skip: int) -> float:
+    """Median of ``values`` after the first ``skip`` (warm-up) entries."""
+    return statistics.median(values[skip:] or values[-1:])
+
+
+def apply_malloc_setting(retain: bool) -> bool:
+    """With ``retain``, ask glibc to keep freed memory (``sam_overhead.retain_freed_memory``)."""
+    if not retain:
+        return False
+    from sam_overhead import retain_freed_memory
+
+    return retain_freed_memory()
 
 
 def run_children(script: Path, specs: list[dict[str, Any]], jobs: int) -> list[dict[str, Any]]:
@@ -351,14 +412,15 @@ def run_sinusoid(args: argparse.Namespace) -> dict[str, Any]:
 
     diffs = check_gradients(paths, pool[0])
     warm_up(paths, pool[1:], {"trainer vectorize=None": 5})  # vmap/compile caches; the trainer decides
-    seconds = time_paths(paths, pool, rounds, iters)
+    clock, clock_name = clock_for(args.threads)
+    seconds = time_paths(paths, pool, rounds, iters, clock=clock)
     ms = {name: 1e3 * s for name, s in seconds.items()}
     chosen = paths["trainer vectorize=None"].trainer.path
     base_ms = ms[HAND]
     print(
         f"\nsinusoid MAML meta-iteration: MLP 1-40-40-1, meta-batch {META_BATCH}, K={K_SUPPORT}+{K_QUERY}, "
         f"{INNER_STEPS} inner SGD steps, second order, Adam; torch {torch.__version__}, "
-        f"{args.threads} thread(s), {os.cpu_count()} CPUs, {rounds} rounds x {iters} iterations"
+        f"{args.threads} thread(s), {os.cpu_count()} CPUs, {rounds} rounds x {iters} iterations, {clock_name} time"
     )
     print(f"{'path':<32}{'ms/iter':>10}{'speed-up':>10}{'max|dgrad|':>13}")
     for name in paths:
@@ -375,6 +437,7 @@ def run_sinusoid(args: argparse.Namespace) -> dict[str, Any]:
         "trainer_vectorize_none_path": chosen,
         "rounds": rounds,
         "iters": iters,
+        "clock": clock_name,
         "notes": notes,
     }
 
@@ -430,7 +493,8 @@ KINDS = {
     "vmap": ("trainer vectorize=True", True),
     "auto": ("trainer vectorize=None", None),
 }
-WARMUP = {"auto": 5}  # the measured default decides after 4 meta-steps; the others warm up once
+AUTO_TRIALS = 4  # the measured default times 2 meta-steps on each path, then keeps the faster
+WARMUP = {"auto": AUTO_TRIALS + 1}  # the others warm up with one meta-step
 
 
 def few_shot_task(input_shape: tuple[int, ...], generator: torch.Generator) -> Task:
@@ -444,7 +508,7 @@ def few_shot_task(input_shape: tuple[int, ...], generator: torch.Generator) -> T
 
 @dataclass(frozen=True)
 class FewShotSetup:
-    """One few-shot workload at one size; rebuilt identically in every memory child process."""
+    """One few-shot workload at one size; rebuilt identically in every own process."""
 
     workload: str
     channels: int
@@ -486,34 +550,50 @@ def few_shot_gradient_diffs(setup: FewShotSetup, kinds: list[str], tasks: list[T
     return diffs
 
 
-def memory_child(spec: dict[str, Any]) -> dict[str, float]:
-    """In a fresh process: extra peak RSS of ``spec["steps"]`` meta-steps of one few-shot row."""
+def memory_child(spec: dict[str, Any]) -> dict[str, Any]:
+    """In a fresh process: peak RSS, seconds and page faults of ``spec["steps"]`` meta-steps of one row."""
     torch.set_num_threads(1)
+    apply_malloc_setting(spec["retain_freed_memory"])
     setup = FewShotSetup(spec["workload"], spec["channels"], spec["meta_batch"])
     pool = setup.task_pool()
     path = setup.path(spec["kind"], setup.model())
-    result = extra_peak_mib(lambda i: path.iteration(pool[i % len(pool)]), spec["steps"])
+    result = measure_steps(lambda i: path.iteration(pool[i % len(pool)]), spec["steps"])
     if spec["kind"] == "auto":
         result["path"] = path.trainer.path
     return result
 
 
-def few_shot_memory(setup: FewShotSetup, kinds: list[str], steps: int, jobs: int) -> dict[str, dict[str, float]]:
-    specs = [{**asdict(setup), "kind": kind, "steps": steps} for kind in kinds]
+def few_shot_memory(setup: FewShotSetup, kinds: list[str], steps: int, jobs: int,
+                    retain: bool) -> dict[str, dict[str, Any]]:  # fmt: skip
+    """One fresh process per row: peak MiB, and seconds and page faults per settled meta-step."""
+    specs = [{**asdict(setup), "kind": kind, "steps": steps, "retain_freed_memory": retain} for kind in kinds]
     for spec in specs:
         del spec["pool_size"]
-    return dict(zip(kinds, run_children(Path(__file__).resolve(), specs, jobs)))
+    rows = dict(zip(kinds, run_children(Path(__file__).resolve(), specs, jobs)))
+    for kind, row in rows.items():
+        skip = AUTO_TRIALS if kind == "auto" else 1  # the first step allocates Adam's state
+        row["seconds"] = settled(row["step_seconds"], skip)
+        row["faults"] = settled(row["step_faults"], skip)
+    return rows
 
 
-def run_few_shot(setup: FewShotSetup, rounds: int, memory_steps: int, jobs: int) -> dict[str, Any]:
+def run_few_shot(setup: FewShotSetup, rounds: int, memory_steps: int, jobs: int, retain: bool,
+                 clock: Callable[[], float]) -> dict[str, Any]:  # fmt: skip
     kinds, blocker = setup.kinds()
     pool = setup.task_pool()
+    progress(f"{setup.workload}: gradient check")
     diffs = few_shot_gradient_diffs(setup, kinds, pool[0])
     paths = {kind: setup.path(kind, setup.model()) for kind in kinds}
+    progress(f"{setup.workload}: warm-up")
     warm_up(paths, pool[1:], WARMUP)
-    seconds = time_paths(paths, pool, rounds, iters=1)
+    progress(f"{setup.workload}: timing {rounds} rounds")
+    seconds = time_paths(paths, pool, rounds, iters=1, clock=clock)
     auto: TrainerPath = paths["auto"]
-    memory = few_shot_memory(setup, kinds, memory_steps, jobs) if memory_steps > 0 else {}
+    memory = {}
+    if memory_steps > 0:
+        progress(f"{setup.workload}: own processes, {len(kinds)}")
+        memory = few_shot_memory(setup, kinds, memory_steps, jobs, retain)
+    own = {k: m["seconds"] for k, m in memory.items()}
     return {
         "setup": asdict(setup),
         "title": WORKLOADS[setup.workload].title,
@@ -523,6 +603,7 @@ def run_few_shot(setup: FewShotSetup, rounds: int, memory_steps: int, jobs: int)
         "max_abs_grad_diff_vs_hand_loop": diffs,
         "memory": memory,
         "memory_ratio": {k: m["extra_mib"] / max(memory["hand"]["extra_mib"], 1e-9) for k, m in memory.items()},
+        "own_process_time_ratio": {k: s / own["hand"] for k, s in own.items()},
         "auto_path": auto.trainer.path,
         "auto_trials_s": auto.measured(),
         "auto_steps": WARMUP["auto"] + rounds,
@@ -531,15 +612,19 @@ def run_few_shot(setup: FewShotSetup, rounds: int, memory_steps: int, jobs: int)
     }
 
 
-def print_few_shot(result: dict[str, Any], threads: int) -> None:
+def print_few_shot(result: dict[str, Any], threads: int, clock_name: str) -> None:
     setup = result["setup"]
     width = f" ({setup['channels']} channels)" if setup["workload"].startswith("conv4") else ""
     print(
         f"\n{setup['workload']}: {result['title']}{width}; second-order MAML, {WAYS}-way {SHOTS}-shot, "
         f"{QUERIES} queries/class, meta-batch {setup['meta_batch']}, {FEW_SHOT_INNER_STEPS} inner step, "
-        f"cross-entropy, Adam; {threads} thread(s), median of {result['rounds']} rounds"
+        f"cross-entropy, Adam; {threads} thread(s)"
     )
-    print(f"{'path':<32}{'s/iter':>9}{'time ratio':>12}{'peak MiB':>10}{'mem ratio':>11}{'max|dgrad|':>12}")
+    print(
+        f"{'':<32}{' one process ':-^16}{' own process per row ':-^42}\n"
+        f"{'path':<32}{'s/iter':>9}{'ratio':>7}{'s/iter':>10}{'ratio':>7}{'faults':>9}{'peak MiB':>9}"
+        f"{'ratio':>7}{'max|dgrad|':>12}"
+    )
     memory, diffs = result["memory"], result["max_abs_grad_diff_vs_hand_loop"]
     for kind, (label, _) in KINDS.items():
         if kind == "auto":
@@ -547,9 +632,16 @@ def print_few_shot(result: dict[str, Any], threads: int) -> None:
         if kind not in result["seconds"]:
             print(f"{label:<32}{'n/a':>9}   (second order through {result['vmap_blocker']}: wrong under vmap)")
             continue
-        mib = f"{memory[kind]['extra_mib']:>10.0f}{result['memory_ratio'][kind]:>11.2f}" if memory else f"{'-':>10}{'-':>11}"
+        if memory:
+            m = memory[kind]
+            own = (
+                f"{m['seconds']:>10.3f}{result['own_process_time_ratio'][kind]:>7.2f}{m['faults'] / 1e3:>8.0f}k"
+                f"{m['extra_mib']:>9.0f}{result['memory_ratio'][kind]:>7.2f}"
+            )
+        else:
+            own = f"{'-':>10}{'-':>7}{'-':>9}{'-':>9}{'-':>7}"
         diff = f"{diffs[kind]:>12.1e}" if kind in diffs else f"{'-':>12}"
-        print(f"{label:<32}{result['seconds'][kind]:>9.3f}{result['time_ratio'][kind]:>12.2f}{mib}{diff}")
+        print(f"{label:<32}{result['seconds'][kind]:>9.3f}{result['time_ratio'][kind]:>7.2f}{own}{diff}")
     trials = result["auto_trials_s"]
     if trials:
         measured = ", ".join(f"{p} {s:.3f} s" for p, s in sorted(trials.items()))
@@ -557,13 +649,21 @@ def print_few_shot(result: dict[str, Any], threads: int) -> None:
     else:
         print(f"vectorize=None did not measure (only the loop applies); path after {result['auto_steps']} meta-steps: "
               f"{result['auto_path']}")  # fmt: skip
+    print(
+        f"one process: all rows interleaved in this process, {clock_name} seconds, median of {result['rounds']} "
+        f"rounds; ratios to the hand loop"
+    )
     if memory:
-        auto_memory_path = memory["auto"].get("path")
+        trials_note = f", {AUTO_TRIALS} trial steps of both paths included in its peak" if trials else ""
         print(
-            f"peak MiB: max RSS above the RSS after building model, tasks and optimizer, over "
-            f"{result['memory_steps']} meta-steps, one fresh single-thread process per row "
-            f"(vectorize=None there ended on {auto_memory_path}, its trials of both paths included)"
+            f"own process: a fresh single-thread process per row, {result['memory_steps']} meta-steps; s/iter (CPU "
+            f"seconds) and minor page faults per meta-step: median after the first step (vectorize=None: after its "
+            f"trials); "
+            f"peak MiB: max RSS above the RSS after building model, tasks and optimizer "
+            f"(vectorize=None there ended on {memory['auto'].get('path')}{trials_note})"
         )
+    else:
+        print("own process: not measured (--quick measures it for conv4 only; --memory-steps N forces it)")
 
 
 # -- output ------------------------------------------------------------------------------------------
@@ -609,10 +709,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--meta-batch", type=int, default=None, help="few-shot meta-batch (default 4 quick / 32)")
     parser.add_argument("--channels", type=int, default=None, help="conv4 width (default 8 quick / 64)")
     parser.add_argument("--memory-steps", type=int, default=None,
-                        help="meta-steps per memory process (default 5: covers the measured default's trials; "
-                             "0 skips the memory column)")  # fmt: skip
-    parser.add_argument("--jobs", type=int, default=2, help="memory processes run at a time")
+                        help="meta-steps per own-process row (default 6: the measured default's 4 trials "
+                             "and 2 more; 0 skips those columns)")  # fmt: skip
+    parser.add_argument("--jobs", type=int, default=None, help="own-process rows run at a time (2 quick / 1)")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1)")
+    parser.add_argument("--retain-freed-memory", action="store_true",
+                        help="ask glibc malloc to keep freed memory (no trimming), here and in every own process")
     parser.add_argument("--memory-child", default=None, help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
@@ -623,19 +725,30 @@ def main(argv: list[str] | None = None) -> None:
         print(json.dumps(memory_child(json.loads(args.memory_child))))
         return
     torch.set_num_threads(args.threads)
-    start = time.perf_counter()
-    results: dict[str, Any] = {"torch": torch.__version__, "threads": args.threads, "few_shot": {}}
+    start, load_before = time.perf_counter(), load_average()
+    retained = apply_malloc_setting(args.retain_freed_memory)
+    clock, clock_name = clock_for(args.threads)
+    results: dict[str, Any] = {
+        "torch": torch.__version__, "threads": args.threads, "clock": clock_name,
+        "retain_freed_memory": retained, "few_shot": {},
+    }  # fmt: skip
     if "sinusoid" in args.workloads:
         results["sinusoid"] = run_sinusoid(args)
     rounds = args.rounds_few_shot or (1 if args.quick else 3)
-    memory_steps = 5 if args.memory_steps is None else args.memory_steps
+    memory_steps = 6 if args.memory_steps is None else args.memory_steps
+    jobs = args.jobs or (2 if args.quick else 1)
     for name in (w for w in args.workloads if w in WORKLOADS):
         setup = FewShotSetup(
             name, args.channels or (8 if args.quick else 64), args.meta_batch or (4 if args.quick else 32)
         )
-        results["few_shot"][name] = run_few_shot(setup, rounds, memory_steps, args.jobs)
-        print_few_shot(results["few_shot"][name], args.threads)
-    print(f"\ntotal run time {time.perf_counter() - start:.0f} s")
+        # --quick: own processes (a few seconds each to start) only for conv4, which has every kind of row.
+        steps = 0 if args.quick and args.memory_steps is None and name != "conv4" else memory_steps
+        results["few_shot"][name] = run_few_shot(setup, rounds, steps, jobs, args.retain_freed_memory, clock)
+        print_few_shot(results["few_shot"][name], args.threads, clock_name)
+    results["load_average"] = [load_before, load_average()]
+    malloc = "glibc malloc keeping freed memory" if retained else "default malloc settings"
+    print(f"\ntotal run time {time.perf_counter() - start:.0f} s; 1-minute load average at start and end: "
+          f"{load_before:.2f}, {results['load_average'][1]:.2f} on {os.cpu_count()} CPUs; {malloc}")  # fmt: skip
     write_results(results)
 
 
