@@ -53,6 +53,8 @@ from samgria.transforms import (
     TransformContext,
 )
 from samgria.transforms import ESAM, GSAM, WSAM, FriendlySAM, LookSAM
+from samgria.transforms import ClampParams, ParamTransform, ProjectParams, SparsifyGrad
+from samgria.transforms import EMA, Lookahead
 from samgria.utils import frozen_bn_stats, get_grad, set_grad
 
 __version__ = "0.1.0"
@@ -81,6 +83,12 @@ __all__ = [
     "FriendlySAM",
     "LookSAM",
     "ESAM",
+    "SparsifyGrad",
+    "ClampParams",
+    "ProjectParams",
+    "ParamTransform",
+    "Lookahead",
+    "EMA",
     "get_grad",
     "set_grad",
     "frozen_bn_stats",

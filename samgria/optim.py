@@ -715,6 +715,9 @@ class TransformingOptimizer(WrappingOptimizer):
             where = f"the checkpoint's param_groups[{index}]"
             if CHAIN_KEY in group:
                 self.chain.check_saved_spec(group[CHAIN_KEY])
+                # Keys a transform gained since the checkpoint get their defaults, as torch fills
+                # in hyperparameters an optimizer gained since (``Optimizer.__setstate__``).
+                self.chain.fill_group(group)
             else:  # a plain inner optimizer's checkpoint: the transforms start afresh
                 for entry in state.values():
                     reserved = [key for key in entry if self.chain.hides(key)]

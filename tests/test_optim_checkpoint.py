@@ -581,3 +581,14 @@ def test_sam_rho_zero_group_override_equals_plain_adadelta(adadelta_rho):
             assert torch.equal(plain.state[plain_param][key], optimizer.state[param][key])
     # Sanity: the default radius does perturb (so it was the override that switched SAM off).
     assert any(not torch.equal(a, b) for a, b in zip(plain_model.parameters(), perturbed_model.parameters()))
+
+
+def test_a_checkpoint_from_before_a_transform_gained_a_key_loads_with_its_default():
+    model = nn.Linear(3, 2)
+    optimizer = TransformingOptimizer(model.parameters(), torch.optim.SGD, lr=0.1, transforms=[NormalizeGrad(1e-8)])
+    saved = optimizer.state_dict()
+    for group in saved["param_groups"]:  # as written before NormalizeGrad had p and param_ndim
+        del group["p"], group["param_ndim"]
+    fresh = TransformingOptimizer(model.parameters(), torch.optim.SGD, lr=0.1, transforms=[NormalizeGrad(1e-8)])
+    fresh.load_state_dict(saved)
+    assert fresh.param_groups[0]["p"] == 2.0 and fresh.param_groups[0]["param_ndim"] is None

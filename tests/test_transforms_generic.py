@@ -42,6 +42,12 @@ SLOT_OF_CLASS = {
     "FriendlySAM": "friendly_sam",
     "LookSAM": "look_sam",
     "ESAM": "esam",
+    "SparsifyGrad": "sparsify_grad",
+    "ClampParams": "clamp_params",
+    "ProjectParams": "project_params",
+    "HookedRowTransform": "hooked_row_transform",
+    "Lookahead": "lookahead",
+    "EMA": "ema",
 }
 
 all_configs = pytest.mark.parametrize("info,config", CONFIGS, ids=[config_id(pair) for pair in CONFIGS])

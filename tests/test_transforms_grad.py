@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from samgria import ASAM, ClampGrad, ClipGradNorm, GradSign, NormalizeGrad, ScaleGrad, TransformingOptimizer
+from samgria import ASAM, ClampGrad, ClipGradNorm, GradSign, NormalizeGrad, ScaleGrad, SparsifyGrad, TransformingOptimizer
 
 
 def grads_after(transform, groups_kwargs=({}, {})):
@@ -80,3 +80,23 @@ def test_normalize_grad_eps_is_read_per_group_under_short_or_qualified_key():
     beside_adam = TransformingOptimizer([{"params": [param], "normalize_grad.eps": 0.5}], torch.optim.Adam, lr=0.1, transforms=[NormalizeGrad()])
     group = beside_adam.param_groups[0]
     assert (group["normalize_grad.eps"], group["eps"]) == (0.5, 1e-8)  # Adam's eps untouched
+
+
+def test_normalize_grad_norm_order_per_group_matches_torch():
+    # p is a per-group key; the default param_ndim=None normalises each whole gradient, as before.
+    (raw_a, raw_b), got = grads_after(NormalizeGrad(eps=0.0, p=1), ({}, {"p": float("inf")}))
+    torch.testing.assert_close(got[0], raw_a / torch.linalg.vector_norm(raw_a, ord=1), rtol=1e-14, atol=0)
+    torch.testing.assert_close(got[1], raw_b / raw_b.abs().max(), rtol=1e-14, atol=0)
+    # Per row of the (4, 3) gradient for group 0, whole for group 1.
+    (raw_a, raw_b), got = grads_after(NormalizeGrad(eps=0.0), ({"param_ndim": -1}, {}))
+    torch.testing.assert_close(got[0], raw_a / raw_a.norm(dim=1, keepdim=True), rtol=1e-14, atol=0)
+    torch.testing.assert_close(got[1], raw_b / raw_b.norm(), rtol=1e-14, atol=0)
+
+
+def test_sparsify_grad_keeps_the_largest_fraction_per_group():
+    (raw_a, raw_b), got = grads_after(SparsifyGrad(q=0.25), ({}, {"q": 0.5}))
+    for raw, grad, kept in ((raw_a, got[0], 3), (raw_b, got[1], 3)):  # ceil(0.25 * 12), ceil(0.5 * 5)
+        top = raw.abs().flatten().topk(kept).indices
+        expected = torch.zeros_like(raw).flatten()
+        expected[top] = raw.flatten()[top]
+        assert torch.equal(grad, expected.view_as(raw))

@@ -9,6 +9,7 @@ optimizer that owns the same name). The generic tests run over every (info, conf
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -16,8 +17,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from samgria._checks import check_real
 from samgria import ASAM, LAMP, SAM, ClampGrad, ClipGradNorm, GradSign, NormalizeGrad, ScaleGrad, Transform, TransformingOptimizer
 from samgria import ESAM, GSAM, WSAM, FriendlySAM, LookSAM
+from samgria import ClampParams, ParamTransform, ProjectParams, SparsifyGrad
+from samgria import EMA, Lookahead
 
 __all__ = [
     "ErrorInput",
@@ -301,10 +305,16 @@ TRANSFORM_INFOS = [
             "NormalizeGrad",
             NormalizeGrad,
             needs_closure=False,
-            group_keys=("eps",),
+            group_keys=("eps", "p", "param_ndim"),
             error_inputs=[
                 ErrorInput({"eps": -1.0}, ValueError, r"eps must be a finite number >= 0, got -1\.0"),
                 ErrorInput({"eps": "1e-8"}, TypeError, r"eps must be a finite number >= 0, got '1e-8'"),
+                ErrorInput({"p": 0.0}, ValueError, r"p must be a real number > 0, got 0\.0"),
+                ErrorInput({"p": -1}, ValueError, r"p must be a real number > 0, got -1"),
+                ErrorInput({"p": float("nan")}, ValueError, r"p must be a real number > 0, got nan"),
+                ErrorInput({"p": "inf"}, TypeError, r"p must be a real number > 0, got 'inf'"),
+                ErrorInput({"param_ndim": 1.0}, TypeError, r"param_ndim must be an integer or None, got 1\.0"),
+                ErrorInput({"param_ndim": True}, TypeError, r"param_ndim must be an integer or None, got True"),
             ],
         ),
         Config(
@@ -323,6 +333,22 @@ TRANSFORM_INFOS = [
             inner_kwargs={"lr": 1e-2},
             # Adam owns "eps": NormalizeGrad's is stored as "normalize_grad.eps".
             expect_groups=({"normalize_grad.eps": 1e-12, "eps": 1e-8},),
+        ),
+        # param_ndim (samgria/transforms/param_ndim.py): per row with L1, per group overrides.
+        Config("l1_rows", lambda: [NormalizeGrad(p=1, param_ndim=-1)], expect_groups=({"p": 1.0, "param_ndim": -1},)),
+        Config(
+            "group_param_ndim_p",
+            lambda: [NormalizeGrad(eps=1e-3)],
+            groups=split_groups({"param_ndim": 0, "p": math.inf}, {"param_ndim": 1, "p": 0.5}),
+            expect_groups=({"param_ndim": 0, "p": math.inf}, {"param_ndim": 1, "p": 0.5}),
+        ),
+        Config(
+            "adam_linf_rows_group_whole",
+            lambda: [NormalizeGrad(p=math.inf, param_ndim=-1)],
+            inner=torch.optim.Adam,
+            inner_kwargs={"lr": 1e-2},
+            groups=split_groups({"param_ndim": None}),
+            expect_groups=({"param_ndim": None, "normalize_grad.eps": 1e-12}, {"param_ndim": -1, "p": math.inf}),
         ),
     ),
     _info(
@@ -529,6 +555,269 @@ TRANSFORM_INFOS += [
             expect_groups=({"beta": 1.0, "rho": 0.05}, {"beta": 0.3, "rho": 0.1}),
         ),
         Config("esam_then_lamp", lambda: [_esam(), _lamp(seed=1)], expect_groups=({"beta": 0.5, "eps": 5e-3},)),
+    ),
+]
+
+# -- weight averaging after the step (samgria/transforms/averaging.py) --------------------------------------
+def _lookahead(**kw: Any) -> Lookahead:
+    # k=2: the second step synchronises, so every generic test sees synchronisations.
+    return Lookahead(**{"alpha": 0.5, "k": 2, **kw})
+
+
+def _ema(**kw: Any) -> EMA:
+    # A pure EMA leaves the weights alone, which the generic tests cannot tell from doing nothing:
+    # the default switches the averages into the weights every 2 steps (Switch EMA). The pure EMA
+    # runs in the chains below, where the state comparisons see it.
+    return EMA(**{"decay": 0.8, "switch_every": 2, **kw})
+
+
+TRANSFORM_INFOS += [
+    _info(
+        TransformInfo(
+            "Lookahead",
+            _lookahead,
+            needs_closure=False,
+            group_keys=("alpha",),
+            param_state_keys=("slow",),
+            object_state_keys=("step",),
+            error_inputs=[
+                ErrorInput({"alpha": 0.0}, ValueError, r"alpha must be a finite number in \(0, 1\], got 0\.0"),
+                ErrorInput({"alpha": 1.5}, ValueError, r"alpha must be a finite number in \(0, 1\], got 1\.5"),
+                ErrorInput({"alpha": float("nan")}, ValueError, r"alpha must be a finite number in \(0, 1\], got nan"),
+                ErrorInput({"alpha": "0.5"}, TypeError, r"alpha must be a finite number in \(0, 1\], got '0\.5'"),
+                ErrorInput({"k": 0}, ValueError, r"k must be an integer >= 1, got 0"),
+                ErrorInput({"k": 2.5}, TypeError, r"k must be an integer >= 1, got 2\.5"),
+                ErrorInput({"k": True}, TypeError, r"k must be an integer >= 1, got True"),
+            ],
+        ),
+        Config(
+            "group_alpha",
+            lambda: [_lookahead()],
+            groups=split_groups({"alpha": 1.0}, {"alpha": 0.2}),
+            expect_groups=({"alpha": 1.0}, {"alpha": 0.2}),
+        ),
+        Config("sam_then_lookahead", lambda: [_sam(), _lookahead()], expect_groups=({"rho": 0.05, "alpha": 0.5},)),
+        # Lookahead writes its slow weights before SAM re-evaluates: a failing re-evaluation must undo that.
+        Config("lookahead_then_sam", lambda: [_lookahead(k=3), _sam()], expect_groups=({"rho": 0.05, "alpha": 0.5},)),
+        Config(
+            "rmsprop_qualified_alpha",
+            lambda: [_lookahead()],
+            inner=torch.optim.RMSprop,
+            inner_kwargs={"lr": 1e-2},
+            groups=split_groups({"lookahead.alpha": 0.8}),
+            # RMSprop owns "alpha": Lookahead's is stored as "lookahead.alpha".
+            expect_groups=({"lookahead.alpha": 0.8, "alpha": 0.99}, {"lookahead.alpha": 0.5, "alpha": 0.99}),
+        ),
+        Config(
+            "look_sam_then_lookahead",
+            lambda: [_look_sam(), _lookahead()],
+            expect_groups=({"look_sam.alpha": 0.7, "lookahead.alpha": 0.5},),
+        ),
+    ),
+    _info(
+        TransformInfo(
+            "EMA",
+            _ema,
+            needs_closure=False,
+            group_keys=("decay",),
+            param_state_keys=("average",),
+            object_state_keys=("step",),
+            error_inputs=[
+                ErrorInput({"decay": 1.5}, ValueError, r"decay must be a finite number in \[0, 1\], got 1\.5"),
+                ErrorInput({"decay": -0.1}, ValueError, r"decay must be a finite number in \[0, 1\], got -0\.1"),
+                ErrorInput({"decay": float("nan")}, ValueError, r"decay must be a finite number in \[0, 1\], got nan"),
+                ErrorInput({"decay": "0.9"}, TypeError, r"decay must be a finite number in \[0, 1\], got '0\.9'"),
+                ErrorInput({"warmup": 1}, TypeError, r"warmup must be a bool, got 1"),
+                ErrorInput({"warmup_gamma": 0.0}, ValueError, r"warmup_gamma must be a finite number > 0, got 0\.0"),
+                ErrorInput({"warmup_power": float("inf")}, ValueError, r"warmup_power must be a finite number > 0, got inf"),
+                ErrorInput({"switch_every": 0}, ValueError, r"switch_every must be an integer >= 1, got 0"),
+                ErrorInput({"switch_every": 1.5}, TypeError, r"switch_every must be an integer >= 1, got 1\.5"),
+            ],
+        ),
+        Config(
+            "group_decay",
+            lambda: [_ema()],
+            groups=split_groups({"decay": 0.0}, {"decay": 0.95}),
+            expect_groups=({"decay": 0.0}, {"decay": 0.95}),
+        ),
+        Config("sam_then_ema", lambda: [_sam(), EMA(0.9)], expect_groups=({"rho": 0.05, "decay": 0.9},)),
+        Config(
+            "sam_then_ema_warmup_groups",
+            lambda: [_sam(), EMA(0.95, warmup=True, warmup_power=0.75)],
+            groups=split_groups({"decay": 0.5, "rho": 0.1}),
+            expect_groups=({"rho": 0.1, "decay": 0.5}, {"rho": 0.05, "decay": 0.95}),
+        ),
+        Config("lookahead_then_ema", lambda: [_lookahead(), EMA(0.9)], expect_groups=({"alpha": 0.5, "decay": 0.9},)),
+    ),
+]
+
+# -- param_ndim transforms: top-q sparsification, constraints, per-parameter hooks ----------------------------
+def _sparsify(**kw: Any) -> SparsifyGrad:
+    return SparsifyGrad(**{"q": 0.3, **kw})
+
+
+def _clamp_params(**kw: Any) -> ClampParams:
+    return ClampParams(**{"param_min": -0.3, "param_max": 0.3, **kw})
+
+
+def _project(**kw: Any) -> ProjectParams:
+    # center="initial": a radius small enough to bind within the generic tests' few steps, and
+    # state to checkpoint. Projection around zero is tested in test_transforms_param_ndim.py.
+    return ProjectParams(**{"radius": 0.01, "center": "initial", **kw})
+
+
+class HookedRowTransform(ParamTransform):
+    """A ParamTransform written with both hooks, as a user would, reading a key of its own.
+
+    Before the step: centre each sub-tensor's gradient (subtract its mean). After the step: scale
+    each sub-tensor down so that its largest magnitude is at most ``limit``.
+    """
+
+    def __init__(self, limit: float = 0.3, param_ndim: int | None = -1) -> None:
+        super().__init__(param_ndim)
+        self.limit = limit
+        self.validate_group(self.group_defaults())
+
+    def group_defaults(self) -> dict[str, Any]:
+        return {**super().group_defaults(), "limit": self.limit}
+
+    def validate_group(self, group: Mapping[str, Any]) -> None:
+        super().validate_group(group)
+        check_real("limit", group["limit"], low=0.0, low_open=True)
+
+    def pre_step_transform_(self, param: torch.Tensor, group: Mapping[str, Any]) -> None:
+        dims = tuple(range(1, param.ndim))
+        param.grad.sub_(param.grad.mean(dim=dims, keepdim=True))
+
+    def post_step_transform_(self, param: torch.Tensor, group: Mapping[str, Any]) -> None:
+        dims = tuple(range(1, param.ndim))
+        largest = param.abs().amax(dim=dims, keepdim=True)
+        param.mul_(torch.where(largest > group["limit"], group["limit"] / largest, 1.0))
+
+
+TRANSFORM_INFOS += [
+    _info(
+        TransformInfo(
+            "SparsifyGrad",
+            _sparsify,
+            needs_closure=False,
+            group_keys=("q", "param_ndim"),
+            error_inputs=[
+                ErrorInput({"q": 0.0}, ValueError, r"q must be a finite number in \(0, 1\], got 0\.0"),
+                ErrorInput({"q": 1.5}, ValueError, r"q must be a finite number in \(0, 1\], got 1\.5"),
+                ErrorInput({"q": -0.1}, ValueError, r"q must be a finite number in \(0, 1\], got -0\.1"),
+                ErrorInput({"q": float("nan")}, ValueError, r"q must be a finite number in \(0, 1\], got nan"),
+                ErrorInput({"q": "0.5"}, TypeError, r"q must be a finite number in \(0, 1\], got '0\.5'"),
+                ErrorInput({"param_ndim": "rows"}, TypeError, r"param_ndim must be an integer or None, got 'rows'"),
+            ],
+        ),
+        Config("rows", lambda: [_sparsify(q=0.5, param_ndim=-1)], expect_groups=({"q": 0.5, "param_ndim": -1},)),
+        Config(
+            "group_q_param_ndim",
+            lambda: [_sparsify()],
+            groups=split_groups({"q": 1.0}, {"q": 0.2, "param_ndim": 1}),
+            expect_groups=({"q": 1.0, "param_ndim": None}, {"q": 0.2, "param_ndim": 1}),
+        ),
+        # rai-toolbox's L1qNormedGradientOptim as a chain; two transforms own param_ndim: qualified keys.
+        Config(
+            "l1q_chain_qualified_param_ndim",
+            lambda: [_sparsify(q=0.25, param_ndim=-1), GradSign(), NormalizeGrad(p=1, param_ndim=-1)],
+            groups=split_groups({"sparsify_grad.param_ndim": None, "normalize_grad.param_ndim": None}),
+            expect_groups=(
+                {"sparsify_grad.param_ndim": None, "normalize_grad.param_ndim": None, "q": 0.25, "p": 1.0},
+                {"sparsify_grad.param_ndim": -1, "normalize_grad.param_ndim": -1, "q": 0.25, "p": 1.0},
+            ),
+        ),
+    ),
+    _info(
+        TransformInfo(
+            "ClampParams",
+            _clamp_params,
+            needs_closure=False,
+            group_keys=("param_min", "param_max"),
+            error_inputs=[
+                ErrorInput({"param_min": 1.0, "param_max": 0.0}, ValueError, r"param_max must be a real number >= param_min = 1, got 0\.0"),
+                ErrorInput({"param_min": float("nan")}, ValueError, r"param_min must be a real number < inf, got nan"),
+                ErrorInput({"param_min": float("inf")}, ValueError, r"param_min must be a real number < inf, got inf"),
+                ErrorInput({"param_max": float("-inf")}, ValueError, r"param_max must be a real number > -inf, got -inf"),
+                ErrorInput({"param_max": "1"}, TypeError, r"param_max must be a real number > -inf, got '1'"),
+            ],
+        ),
+        Config(
+            "group_bounds",
+            lambda: [_clamp_params()],
+            groups=split_groups({"param_min": -0.1, "param_max": 0.05}),
+            expect_groups=({"param_min": -0.1, "param_max": 0.05}, {"param_min": -0.3, "param_max": 0.3}),
+        ),
+        Config("non_negative", lambda: [ClampParams(0.0, math.inf)], expect_groups=({"param_min": 0.0, "param_max": math.inf},)),
+        # ClampParams owns no param_ndim (elementwise): NormalizeGrad's short key stays unambiguous.
+        Config(
+            "normalize_rows_then_clamp",
+            lambda: [NormalizeGrad(param_ndim=-1), _clamp_params()],
+            groups=split_groups({"param_ndim": 0}),
+            expect_groups=({"param_ndim": 0, "param_min": -0.3}, {"param_ndim": -1, "param_max": 0.3}),
+        ),
+    ),
+    _info(
+        TransformInfo(
+            "ProjectParams",
+            _project,
+            needs_closure=False,
+            group_keys=("radius", "p", "param_ndim"),
+            param_state_keys=("center",),
+            error_inputs=[
+                ErrorInput({"radius": -1.0}, ValueError, r"radius must be a finite number >= 0, got -1\.0"),
+                ErrorInput({"radius": float("inf")}, ValueError, r"radius must be a finite number >= 0, got inf"),
+                ErrorInput({"radius": None}, TypeError, r"radius must be a finite number >= 0, got None"),
+                ErrorInput({"p": 1}, ValueError, r"p must be one of 2, inf, got 1"),
+                ErrorInput({"center": "origin"}, ValueError, r"center must be one of 'zero', 'initial', got 'origin'"),
+                ErrorInput({"param_ndim": 0.5}, TypeError, r"param_ndim must be an integer or None, got 0\.5"),
+            ],
+        ),
+        Config(
+            "linf_group_radius",
+            lambda: [_project(p=math.inf)],
+            groups=split_groups({"radius": 0.002}),
+            expect_groups=({"radius": 0.002, "p": math.inf}, {"radius": 0.01, "p": math.inf}),
+        ),
+        Config(
+            "group_param_ndim",
+            lambda: [_project()],
+            groups=split_groups({"param_ndim": None}, {"param_ndim": 0, "radius": 0.005}),
+            expect_groups=({"param_ndim": None, "radius": 0.01}, {"param_ndim": 0, "radius": 0.005}),
+        ),
+        Config(
+            "adam_whole_tensor",
+            lambda: [_project(param_ndim=None, radius=0.02)],
+            inner=torch.optim.Adam,
+            inner_kwargs={"lr": 1e-2},
+            expect_groups=({"param_ndim": None, "radius": 0.02},),
+        ),
+        # rai-toolbox's LinfProjectedOptim: the sign of the gradient, then the L-inf ball.
+        Config("sign_then_linf", lambda: [GradSign(), _project(p=math.inf)], expect_groups=({"p": math.inf, "radius": 0.01},)),
+    ),
+    _info(
+        TransformInfo(
+            "HookedRowTransform",
+            HookedRowTransform,
+            needs_closure=False,
+            group_keys=("param_ndim", "limit"),
+            error_inputs=[
+                ErrorInput({"param_ndim": 1.5}, TypeError, r"param_ndim must be an integer or None, got 1\.5"),
+                ErrorInput({"limit": 0.0}, ValueError, r"limit must be a finite number > 0, got 0\.0"),
+            ],
+        ),
+        Config(
+            "group_param_ndim_limit",
+            lambda: [HookedRowTransform()],
+            groups=split_groups({"param_ndim": None}, {"param_ndim": 0, "limit": 0.2}),
+            expect_groups=({"param_ndim": None, "limit": 0.3}, {"param_ndim": 0, "limit": 0.2}),
+        ),
+        Config(
+            "sam_then_hooks_whole",
+            lambda: [_sam(), HookedRowTransform(limit=0.25, param_ndim=None)],
+            expect_groups=({"rho": 0.05, "param_ndim": None, "limit": 0.25},),
+        ),
     ),
 ]
 

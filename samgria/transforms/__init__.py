@@ -5,6 +5,10 @@ from samgria.transforms.grad import ClampGrad, ClipGradNorm, GradSign, Normalize
 from samgria.transforms.lamp import LAMP, LAMPRollback
 from samgria.transforms.sam import ASAM, SAM, Perturbation, PerturbationTransform
 from samgria.transforms.sam_family import ESAM, GSAM, WSAM, FriendlySAM, LookSAM
+from samgria.transforms.grad import SparsifyGrad
+from samgria.transforms.constraints import ClampParams, ProjectParams
+from samgria.transforms.param_ndim import ParamTransform
+from samgria.transforms.averaging import EMA, Lookahead
 
 __all__ = [
     "ASAM",
@@ -27,4 +31,10 @@ __all__ = [
     "FriendlySAM",
     "LookSAM",
     "ESAM",
+    "SparsifyGrad",
+    "ClampParams",
+    "ProjectParams",
+    "ParamTransform",
+    "Lookahead",
+    "EMA",
 ]

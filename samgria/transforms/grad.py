@@ -1,13 +1,21 @@
-r"""Small gradient transforms: clipping, sign, normalisation, affine scaling and clamping.
+r"""Small gradient transforms: clipping, sign, normalisation, sparsification, affine scaling, clamping.
 
 Each runs before the inner step, rewrites ``p.grad`` in place (parameters whose grad is
 ``None`` are skipped; complex gradients are treated as pairs of reals) and reads its hyperparameters from the param groups, so they can differ
 per group and be scheduled. Placed after :class:`~samgria.SAM` in a chain they act on the
 gradient at :math:`w + e`; placed before, on the gradient SAM perturbs with.
+
+:class:`NormalizeGrad` and :class:`SparsifyGrad` act on sub-tensors chosen by ``param_ndim``
+(see :mod:`samgria.transforms.param_ndim`; default ``None``: each parameter's whole gradient).
+:class:`GradSign`, :class:`ScaleGrad` and :class:`ClampGrad` are elementwise, so every
+``param_ndim`` gives them the same result: they take none, which leaves the short group key
+``"param_ndim"`` to the one transform of a chain whose result depends on it.
+:class:`ClipGradNorm` clips each group's global norm, as :func:`torch.nn.utils.clip_grad_norm_`.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -18,8 +26,9 @@ from samgria.functional import global_norm
 from samgria.functional._views import as_real
 from samgria.functional._grouping import group_indices_by_device_and_dtype
 from samgria.transforms.base import Transform, TransformContext
+from samgria.transforms.param_ndim import batched, check_param_ndim, ndim_entries
 
-__all__ = ["ClipGradNorm", "GradSign", "NormalizeGrad", "ScaleGrad", "ClampGrad"]
+__all__ = ["ClipGradNorm", "GradSign", "NormalizeGrad", "SparsifyGrad", "ScaleGrad", "ClampGrad"]
 
 
 def _grads_by_group(ctx: TransformContext) -> list[tuple[Mapping[str, Any], list[torch.Tensor]]]:
@@ -81,26 +90,50 @@ class GradSign(Transform):
 
 
 class NormalizeGrad(Transform):
-    r"""Normalise each parameter's gradient to unit L2 norm: :math:`g \leftarrow g / (\lVert g \rVert_2 + \epsilon)`.
+    r"""Normalise gradients by their :math:`L_p` norm: :math:`g \leftarrow g / (\lVert g \rVert_p + \epsilon)`.
 
-    A zero gradient stays zero (also with ``eps=0``).
+    By default each parameter's whole gradient gets unit L2 norm (``p=2``, ``param_ndim=None``).
+    With ``param_ndim`` (see :mod:`samgria.transforms.param_ndim`) the norm is taken over each
+    sub-tensor instead: ``-1`` normalises every row of a ``Linear`` weight's gradient (every
+    output filter of a convolution's), ``0`` every element (:math:`g / (|g| + \epsilon)`, the
+    sign for ``eps=0``). :math:`\lVert g \rVert_p = (\sum_i |g_i|^p)^{1/p}` for ``p > 0``
+    (a quasi-norm below 1) and :math:`\max_i |g_i|` for ``p=inf``; complex gradients count as
+    pairs of reals. A zero gradient (sub-tensor) stays zero, also with ``eps=0``.
 
     Args:
         eps: Added to the norm (per-group key ``"eps"``, or ``"normalize_grad.eps"`` beside
             another ``eps`` such as Adam's), a finite number ``>= 0``.
+        p: The norm's order (per-group key ``"p"``): a real number ``> 0``, ``math.inf``
+            included (``1``: L1, ``2``: L2, ``inf``: L∞).
+        param_ndim: Dimension of the sub-tensors normalised independently (per-group key
+            ``"param_ndim"``); ``None`` (the default) for the whole gradient of each parameter.
+
+    Raises:
+        ValueError: If ``eps`` is negative or not finite, or ``p`` is not ``> 0``; at the step,
+            if a group's ``param_ndim`` is outside :math:`[-n, n]` for one of its parameters.
+        TypeError: If ``param_ndim`` is neither an integer nor ``None``.
     """
 
-    def __init__(self, eps: float = 1e-12) -> None:
+    def __init__(self, eps: float = 1e-12, p: float = 2.0, param_ndim: int | None = None) -> None:
         self.eps = check_real("eps", eps, low=0.0)
+        self.p = check_real("p", p, low=0.0, low_open=True, allow_inf=True)
+        self.param_ndim = check_param_ndim("param_ndim", param_ndim)
 
     def group_defaults(self) -> dict[str, Any]:
-        return {"eps": self.eps}
+        return {"eps": self.eps, "p": self.p, "param_ndim": self.param_ndim}
 
     def validate_group(self, group: Mapping[str, Any]) -> None:
         check_real("eps", group["eps"], low=0.0)
+        check_real("p", group["p"], low=0.0, low_open=True, allow_inf=True)
+        check_param_ndim("param_ndim", group["param_ndim"])
 
     def pre_update(self, ctx: TransformContext) -> None:
+        entries = ndim_entries(ctx)  # checks every group's param_ndim before any change
+        whole_l2 = [id(g) for g in ctx.param_groups if g["param_ndim"] is None and float(g["p"]) == 2.0]
+        # The whole gradient's L2 norm (the default): torch._foreach_norm on the fast path.
         for group, grads in _grads_by_group(ctx):
+            if id(group) not in whole_l2:
+                continue
             eps = group["eps"]
 
             def fast(gs: list[torch.Tensor]) -> None:
@@ -113,6 +146,73 @@ class NormalizeGrad(Transform):
                 g.div_(torch.linalg.vector_norm(g).add_(eps).clamp_min_(torch.finfo(g.dtype).tiny))
 
             _foreach_or_loop(grads, ctx.foreach, fast, slow)
+        # Any other norm or param_ndim: one tensor at a time, on both paths.
+        for group, param, param_ndim in entries:
+            if id(group) in whole_l2 or param.grad.numel() == 0:
+                continue
+            with batched(param.grad, param_ndim) as view:
+                grad = as_real(view)
+                norm = torch.linalg.vector_norm(grad, ord=float(group["p"]), dim=tuple(range(1, grad.ndim)), keepdim=True)
+                grad.div_(norm.add_(group["eps"]).clamp_min_(torch.finfo(grad.dtype).tiny))
+
+
+def kept_count(q: float, size: int) -> int:
+    r"""How many of ``size`` elements :class:`SparsifyGrad` keeps: :math:`\lceil q \cdot size \rceil`.
+
+    Computed with a relative tolerance of ``1e-12``, so that ``q=0.1`` of 30 elements keeps 3
+    (``0.1 * 30`` is ``3.0000000000000004`` in floating point).
+    """
+    return min(size, max(1, math.ceil(q * size * (1.0 - 1e-12))))
+
+
+class SparsifyGrad(Transform):
+    r"""Top-q sparsification: keep the largest-magnitude fraction ``q`` of each gradient, zero the rest.
+
+    In each sub-tensor of :math:`m` elements (the whole gradient of a parameter by default, see
+    ``param_ndim``), let :math:`\tau` be the :math:`k`-th largest magnitude,
+    :math:`k = \lceil q\, m \rceil`; then :math:`g_i \leftarrow g_i\, \mathbb{1}[|g_i| \ge \tau]`.
+    Elements tied with :math:`\tau` are all kept, so ties may keep more than :math:`k`; ``q=1``
+    leaves the gradient untouched. Complex gradients count as pairs of reals (each real and
+    imaginary part is an element).
+
+    Followed by :class:`GradSign` and ``NormalizeGrad(p=1)`` with the same ``param_ndim``, this is
+    rai-toolbox's ``L1qNormedGradientOptim`` (whose ``q`` is the percentile *dropped*: its
+    ``q=0.9`` is ``SparsifyGrad(q=0.1)``; its random ``dq`` is not provided).
+
+    Args:
+        q: Fraction of the elements kept (per-group key ``"q"``), in :math:`(0, 1]`.
+        param_ndim: Dimension of the sub-tensors sparsified independently (per-group key
+            ``"param_ndim"``); ``None`` (the default) for each parameter's whole gradient.
+
+    Raises:
+        ValueError: If ``q`` is outside :math:`(0, 1]`; at the step, if a group's ``param_ndim``
+            is outside :math:`[-n, n]` for one of its parameters.
+        TypeError: If ``q`` is not a real number or ``param_ndim`` neither an integer nor ``None``.
+    """
+
+    def __init__(self, q: float = 0.1, param_ndim: int | None = None) -> None:
+        self.q = check_real("q", q, low=0.0, high=1.0, low_open=True)
+        self.param_ndim = check_param_ndim("param_ndim", param_ndim)
+
+    def group_defaults(self) -> dict[str, Any]:
+        return {"q": self.q, "param_ndim": self.param_ndim}
+
+    def validate_group(self, group: Mapping[str, Any]) -> None:
+        check_real("q", group["q"], low=0.0, high=1.0, low_open=True)
+        check_param_ndim("param_ndim", group["param_ndim"])
+
+    def pre_update(self, ctx: TransformContext) -> None:
+        for group, param, param_ndim in ndim_entries(ctx):
+            with batched(param.grad, param_ndim) as view:
+                grad = as_real(view)
+                rows = grad.shape[0]
+                size = grad.numel() // rows if rows else 0
+                kept = kept_count(group["q"], size) if size else 0
+                if kept >= size:
+                    continue
+                magnitude = grad.abs()
+                threshold = magnitude.reshape(rows, size).topk(kept, dim=1, sorted=False).values.amin(dim=1)
+                grad.masked_fill_(magnitude < threshold.view(rows, *[1] * (grad.ndim - 1)), 0)
 
 
 class ScaleGrad(Transform):

@@ -1,0 +1,414 @@
+r"""Weight averaging after the inner step: Lookahead and an exponential moving average (EMA).
+
+Both are post-step transforms: the inner optimizer takes its step as usual and the transform then
+acts on (Lookahead) or reads (EMA) the updated weights. Each keeps one extra copy of the weights
+per parameter in its slot of ``optimizer.state`` (Lookahead's slow weights, the EMA's averages),
+in the parameter's dtype, and a step counter on the first parameter, so ``state_dict()`` and
+``torch.distributed.checkpoint`` carry everything and a resumed run continues bit for bit.
+
+As everywhere in samgria, only the parameters that have a gradient at a step take part in it
+(frozen and unused parameters are left alone), and complex parameters are treated as pairs of
+reals. Both transforms can put their kept weights into the model for a while —
+:meth:`EMA.averaged_weights` and :meth:`Lookahead.slow_weights` — and restore the training
+weights bit for bit afterwards, also when the block raises.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from samgria._checks import check_bool, check_int, check_real
+from samgria.functional._grouping import group_indices_by_device_and_dtype
+from samgria.functional._views import LOW_PRECISION, as_real
+from samgria.transforms.base import Transform, TransformContext
+
+__all__ = ["Lookahead", "EMA"]
+
+#: Object-level keys (on the first parameter that requires grad).
+_OBJECT_KEYS = ("step",)
+
+
+# -- kernels: a foreach fast path and a per-tensor path with the same arithmetic ---------------------
+def _lerp_(starts: Sequence[torch.Tensor], ends: Sequence[torch.Tensor], weight: float, *, foreach: bool) -> None:
+    r"""In place: :math:`s_i \leftarrow s_i + w\,(e_i - s_i)`, rounded as :func:`torch.lerp` rounds.
+
+    16-bit tensors take the per-tensor kernel on both paths, so the two paths agree bit for bit.
+    """
+    if foreach:
+        for (_device, dtype), indices in group_indices_by_device_and_dtype(starts).items():
+            if dtype not in LOW_PRECISION:
+                torch._foreach_lerp_([starts[i] for i in indices], [ends[i] for i in indices], weight)
+                continue
+            for i in indices:
+                starts[i].lerp_(ends[i], weight)
+        return
+    for start, end in zip(starts, ends):
+        start.lerp_(end, weight)
+
+
+def _copy_(targets: Sequence[torch.Tensor], sources: Sequence[torch.Tensor], *, foreach: bool) -> None:
+    r"""In place: :math:`t_i \leftarrow s_i` (exact)."""
+    if foreach:
+        for indices in group_indices_by_device_and_dtype(targets).values():
+            torch._foreach_copy_([targets[i] for i in indices], [sources[i] for i in indices])
+        return
+    for target, source in zip(targets, sources):
+        target.copy_(source)
+
+
+def _unique_params(param_groups: Sequence[Mapping[str, Any]]) -> list[torch.Tensor]:
+    return list({id(p): p for group in param_groups for p in group["params"]}.values())
+
+
+class _KeptWeights(Transform):
+    """What Lookahead and EMA share: one kept copy of the weights per parameter and a step counter.
+
+    Subclasses name the per-parameter key (``_kept_key``) and implement :meth:`post_update`.
+    """
+
+    #: The per-parameter slot key that holds the kept weights.
+    _kept_key = ""
+
+    def __init__(self) -> None:
+        # Seed protocol: the parameters that had a gradient at apply() (zero_grad() may run
+        # between the inner step and post_step()).
+        self._had_grad: set[int] | None = None
+        # How many swap blocks (averaged_weights / slow_weights) are open: no step inside one.
+        self._open_swaps = 0
+
+    # -- who takes part in a step ----------------------------------------------------------------
+    def _check_not_swapped(self) -> None:
+        if self._open_swaps:
+            raise RuntimeError(
+                f"{type(self).__name__}: a step inside the block that swapped in its kept weights "
+                "would be undone when the block exits; step after the block"
+            )
+
+    def pre_update(self, ctx: TransformContext) -> None:
+        self._check_not_swapped()
+        if ctx.standalone:  # apply() runs before the step: remember which parameters had a gradient
+            self._had_grad = {id(p) for g in ctx.param_groups for p in g["params"] if p.grad is not None}
+
+    def _participants(self, ctx: TransformContext) -> list[torch.Tensor]:
+        """The parameters that took part in this step: those with a gradient (seed protocol: also
+        those that had one at ``apply()``)."""
+        params = _unique_params(ctx.param_groups)
+        if ctx.standalone and self._had_grad is not None:
+            had_grad, self._had_grad = self._had_grad, None
+            return [p for p in params if p.grad is not None or id(p) in had_grad]
+        return [p for p in params if p.grad is not None]
+
+    def _ensure_kept(self, ctx: TransformContext, params: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """Give every parameter without kept weights a copy of its current weights; return those."""
+        fresh = []
+        for param in params:
+            entry = ctx.state[param]
+            if self._kept_key not in entry:
+                entry[self._kept_key] = param.detach().clone(memory_format=torch.preserve_format)
+                fresh.append(param)
+        return fresh
+
+    @torch.no_grad()
+    def init_state(self, ctx: TransformContext) -> None:
+        self._ensure_kept(ctx, [p for p in _unique_params(ctx.param_groups) if p.grad is not None])
+        slot = ctx.slot_state(keys=_OBJECT_KEYS)
+        if slot is not None:
+            slot.setdefault("step", 0)
+
+    def check_loaded_state(self, ctx: TransformContext) -> None:
+        """Raise ``ValueError`` unless the kept weights fit their parameters and the counter is valid."""
+        name = type(self).__name__
+        for param in _unique_params(ctx.param_groups):
+            if param not in ctx.state:
+                continue
+            kept = ctx.state[param].get(self._kept_key)
+            if kept is not None and (not isinstance(kept, torch.Tensor) or kept.shape != param.shape):
+                raise ValueError(
+                    f"the checkpoint's {name} slot {ctx.slot!r} holds {self._kept_key!r} of shape "
+                    f"{tuple(getattr(kept, 'shape', ()))} for a parameter of shape {tuple(param.shape)}"
+                )
+        slot = ctx.slot_state(keys=_OBJECT_KEYS)
+        step = None if slot is None else slot.get("step")
+        if step is not None and (isinstance(step, bool) or not isinstance(step, int) or step < 0):
+            raise ValueError(f"the checkpoint's {name} slot {ctx.slot!r} holds step={step!r}, not an integer >= 0")
+
+    # -- swapping the kept weights into the model ------------------------------------------------
+    def _kept_pairs(self, owner: Any) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """``(parameter, kept weights)`` for every parameter of ``owner`` that has kept weights."""
+        if isinstance(owner, nn.Module):  # the seed protocol: the transform keeps the state
+            state: Mapping[Any, Mapping[str, Any]] = self.__dict__.get("_standalone_state", {})
+            prefix = self.default_slot() + "."
+            params = list(owner.parameters())
+        else:
+            slots = [s for s, t in zip(getattr(owner, "slots", ()), getattr(owner, "transforms", ())) if t is self]
+            if not slots:
+                raise ValueError(
+                    f"owner must be the TransformingOptimizer that holds this {type(self).__name__} "
+                    f"(or the nn.Module it is used with through apply/post_step), got {type(owner).__name__}"
+                )
+            state, prefix = owner.state, slots[0] + "."
+            params = _unique_params(owner.param_groups)
+        pairs = []
+        for param in params:
+            entry = state.get(param) if param in state else None  # no defaultdict insertion
+            kept = entry.get(prefix + self._kept_key) if entry else None
+            if kept is not None:
+                pairs.append((param, kept))
+        return pairs
+
+    @contextlib.contextmanager
+    def _swapped_in(self, owner: Any) -> Iterator[None]:
+        pairs = self._kept_pairs(owner)
+        with torch.no_grad():
+            training = [param.detach().clone(memory_format=torch.preserve_format) for param, _ in pairs]
+            for param, kept in pairs:
+                param.copy_(kept)
+        self._open_swaps += 1
+        try:
+            yield
+        finally:
+            self._open_swaps -= 1
+            with torch.no_grad():
+                for (param, _), weights in zip(pairs, training):
+                    param.copy_(weights)
+
+
+class Lookahead(_KeptWeights):
+    r"""Lookahead (Zhang, Lucas, Hinton & Ba, "Lookahead Optimizer: k steps forward, 1 step back",
+    NeurIPS 2019), Algorithm 1, around any inner optimizer.
+
+    The inner optimizer updates the *fast* weights :math:`\theta` as usual; the transform keeps
+    *slow* weights :math:`\phi`, starting at the weights before a parameter's first step
+    (:math:`\phi_0 = \theta_0`). After every ``k``-th inner step,
+
+    .. math::
+
+        \phi \leftarrow \phi + \alpha\,(\theta - \phi), \qquad \theta \leftarrow \phi ,
+
+    computed as ``phi.lerp_(theta, alpha)`` followed by a copy. The inner optimizer's state
+    (momentum, Adam's moments) is kept across the synchronisation, as in the paper (the authors'
+    code's default ``pullback_momentum="none"``).
+
+    ``alpha`` is a per-group key: a group with ``alpha=1`` is the plain inner optimizer. ``k`` is a
+    setting (constructor-only, recorded in checkpoints): the step counter is one object-level
+    count shared by every group, as in the paper, so every group synchronises at the same steps,
+    and a resumed run must use the same ``k`` to synchronise at the same steps.
+
+    State in the slot: per parameter ``"slow"`` (:math:`\phi`, in the parameter's dtype; created
+    before the first inner step in which the parameter has a gradient, so
+    ``saves_state_before_step`` is set); on the first parameter ``"step"``, the inner steps taken.
+    Only parameters that have a gradient at a step are synchronised at it.
+
+    Args:
+        alpha: Default slow-weights step size :math:`\alpha \in (0, 1]` (per-group key ``"alpha"``).
+        k: Synchronise every ``k`` inner steps, an integer ``>= 1``.
+
+    Raises:
+        ValueError: If ``alpha`` is not in ``(0, 1]`` or ``k < 1``.
+        TypeError: If ``alpha`` is not a real number or ``k`` not an integer.
+    """
+
+    saves_state_before_step = True
+    _kept_key = "slow"
+
+    def __init__(self, alpha: float = 0.5, k: int = 5) -> None:
+        super().__init__()
+        self.alpha = check_real("alpha", alpha, low=0.0, high=1.0, low_open=True)
+        self.k = check_int("k", k, low=1)
+
+    def group_defaults(self) -> dict[str, Any]:
+        return {"alpha": self.alpha}
+
+    def validate_group(self, group: Mapping[str, Any]) -> None:
+        check_real("alpha", group["alpha"], low=0.0, high=1.0, low_open=True)
+
+    def settings(self) -> dict[str, Any]:
+        return {"k": self.k}
+
+    @torch.no_grad()
+    def pre_update(self, ctx: TransformContext) -> None:
+        """Create the slow weights :math:`\\phi_0 = \\theta_0` of parameters stepping for the first time."""
+        super().pre_update(ctx)
+        self._ensure_kept(ctx, [p for p in _unique_params(ctx.param_groups) if p.grad is not None])
+
+    @torch.no_grad()
+    def post_update(self, ctx: TransformContext) -> None:
+        """Count the inner step; every ``k``-th: :math:`\\phi \\leftarrow \\phi + \\alpha(\\theta - \\phi)`, :math:`\\theta \\leftarrow \\phi`."""
+        self._check_not_swapped()
+        params = self._participants(ctx)
+        slot = ctx.slot_state(keys=_OBJECT_KEYS)
+        if slot is None:  # no parameter requires grad
+            return
+        step = slot.get("step", 0) + 1
+        slot["step"] = step
+        self._ensure_kept(ctx, params)  # a step without pre_update (never inside the optimizer)
+        if step % self.k != 0 or not params:
+            return
+        alpha_of = {id(p): group["alpha"] for group in ctx.param_groups for p in group["params"]}
+        for alpha in sorted({alpha_of[id(p)] for p in params}):
+            fast = [as_real(p) for p in params if alpha_of[id(p)] == alpha]
+            slow = [as_real(ctx.state[p]["slow"]) for p in params if alpha_of[id(p)] == alpha]
+            _lerp_(slow, fast, alpha, foreach=ctx.foreach)
+            _copy_(fast, slow, foreach=ctx.foreach)
+
+    def slow_weights(self, owner: Any) -> contextlib.AbstractContextManager[None]:
+        """Context manager: the parameters hold the slow weights :math:`\\phi` inside the block.
+
+        On exit the fast (training) weights are restored bit for bit, also when the block raises.
+        Parameters without slow weights (never stepped, frozen) keep their values. No optimizer
+        step may be taken inside the block (it raises ``RuntimeError``).
+
+        Args:
+            owner: The :class:`~samgria.TransformingOptimizer` that holds this transform, or the
+                ``nn.Module`` it is used with through ``apply`` / ``post_step``.
+
+        Raises:
+            ValueError: If ``owner`` is an optimizer that does not hold this transform.
+        """
+        return self._swapped_in(owner)
+
+
+class EMA(_KeptWeights):
+    r"""Exponential moving average of the weights (Polyak averaging with exponential weights).
+
+    After every inner step the average :math:`a` moves towards the new weights :math:`\theta_n`:
+
+    .. math::
+
+        a_1 = \theta_1, \qquad a_n = d_n\, a_{n-1} + (1 - d_n)\,\theta_n \quad (n \ge 2),
+
+    computed as ``a.lerp_(theta, 1 - d)``, exactly as :class:`torch.optim.swa_utils.AveragedModel`
+    with :func:`~torch.optim.swa_utils.get_ema_multi_avg_fn` computes it (its first update copies
+    the weights too): with ``warmup=False`` the averages are equal to that model's parameters, bit
+    for bit. :math:`d_n` is the group's ``decay``; with ``warmup=True`` it follows timm's
+    ``ModelEmaV3`` warm-up (``use_warmup=True``, ``update_after_step=0``, ``min_decay=0``),
+
+    .. math::
+
+        d_n = \min\bigl(\mathrm{decay},\ 1 - (1 + (n - 1)/\gamma)^{-p}\bigr),
+
+    which averages over a window that grows with the number of steps instead of starting with
+    a strong pull towards the initial weights (:math:`\gamma` = ``warmup_gamma``, :math:`p` =
+    ``warmup_power``; timm's defaults :math:`\gamma = 1`, :math:`p = 2/3`, and it suggests
+    :math:`p = 3/4` for long runs).
+
+    The training weights are not changed — evaluate the average with
+    ``with ema.averaged_weights(optimizer): ...`` — unless ``switch_every`` is given: then every
+    ``switch_every`` steps the averages are copied into the weights after the update (Switch EMA:
+    Li et al., "Switch EMA: A Free Lunch for Better Flatness and Sharpness", 2024, who switch
+    once per epoch: pass the number of steps of an epoch).
+
+    ``decay`` is a per-group key (a group with ``decay=0`` tracks its weights exactly). The
+    average covers the optimizer's parameters only; buffers (BatchNorm's running statistics)
+    stay the model's, as with ``AveragedModel(..., use_buffers=False)`` — recompute them for the
+    averaged weights with :func:`torch.optim.swa_utils.update_bn` if they matter. The averages
+    are kept in the parameter's dtype (as torch keeps optimizer state and timm its EMA model):
+    with bfloat16 parameters and a decay near 1 the per-step change can fall below bfloat16's
+    resolution.
+
+    State in the slot: per parameter ``"average"``; on the first parameter ``"step"``, the updates
+    made (``AveragedModel.n_averaged``). A parameter that gets its first gradient late starts its
+    average with a copy of its weights then.
+
+    Args:
+        decay: Default decay :math:`\mathrm{decay} \in [0, 1]` (per-group key ``"decay"``).
+        warmup: Use the warm-up schedule above.
+        warmup_gamma: :math:`\gamma > 0` of the warm-up.
+        warmup_power: :math:`p > 0` of the warm-up.
+        switch_every: Copy the averages into the weights every this many steps (an integer
+            ``>= 1``), or ``None`` (default): never.
+
+    Raises:
+        ValueError: If ``decay`` is not in ``[0, 1]``, ``warmup_gamma`` or ``warmup_power`` is not
+            positive and finite, or ``switch_every < 1``.
+        TypeError: If an argument is of the wrong type (``warmup`` not a bool, ``switch_every`` not
+            an integer).
+    """
+
+    _kept_key = "average"
+
+    def __init__(
+        self,
+        decay: float = 0.999,
+        *,
+        warmup: bool = False,
+        warmup_gamma: float = 1.0,
+        warmup_power: float = 2.0 / 3.0,
+        switch_every: int | None = None,
+    ) -> None:
+        super().__init__()
+        self.decay = check_real("decay", decay, low=0.0, high=1.0)
+        self.warmup = check_bool("warmup", warmup)
+        self.warmup_gamma = check_real("warmup_gamma", warmup_gamma, low=0.0, low_open=True)
+        self.warmup_power = check_real("warmup_power", warmup_power, low=0.0, low_open=True)
+        self.switch_every = None if switch_every is None else check_int("switch_every", switch_every, low=1)
+
+    def group_defaults(self) -> dict[str, Any]:
+        return {"decay": self.decay}
+
+    def validate_group(self, group: Mapping[str, Any]) -> None:
+        check_real("decay", group["decay"], low=0.0, high=1.0)
+
+    def settings(self) -> dict[str, Any]:
+        warmup = {"warmup_gamma": self.warmup_gamma, "warmup_power": self.warmup_power} if self.warmup else {}
+        return {"warmup": self.warmup, **warmup, "switch_every": self.switch_every}
+
+    def decay_at(self, update: int, decay: float | None = None) -> float:
+        r"""The decay :math:`d_n` of update ``update`` (:math:`n`, counted from 1; 0 at the first).
+
+        Args:
+            update: The update's number :math:`n \ge 1`.
+            decay: The group's ``decay`` (default: the constructor's).
+        """
+        decay = self.decay if decay is None else decay
+        if update <= 1:
+            return 0.0
+        if self.warmup:
+            return min(decay, 1.0 - (1.0 + (update - 1) / self.warmup_gamma) ** -self.warmup_power)
+        return decay
+
+    @torch.no_grad()
+    def post_update(self, ctx: TransformContext) -> None:
+        """Move the averages towards the new weights; every ``switch_every`` steps, switch."""
+        self._check_not_swapped()
+        params = self._participants(ctx)
+        slot = ctx.slot_state(keys=_OBJECT_KEYS)
+        if slot is None:  # no parameter requires grad
+            return
+        update = slot.get("step", 0) + 1
+        slot["step"] = update
+        fresh = {id(p) for p in self._ensure_kept(ctx, params)}  # a first average is a copy
+        tracked = [p for p in params if id(p) not in fresh]
+        decay_of = {id(p): group["decay"] for group in ctx.param_groups for p in group["params"]}
+        if update == 1:  # AveragedModel's first update: a copy (also of init_state's averages)
+            _copy_([as_real(ctx.state[p]["average"]) for p in tracked], [as_real(p) for p in tracked], foreach=ctx.foreach)
+        else:
+            for decay in sorted({decay_of[id(p)] for p in tracked}):
+                chosen = [p for p in tracked if decay_of[id(p)] == decay]
+                weight = 1 - self.decay_at(update, decay)
+                _lerp_([as_real(ctx.state[p]["average"]) for p in chosen], [as_real(p) for p in chosen], weight, foreach=ctx.foreach)
+        if self.switch_every is not None and update % self.switch_every == 0:
+            _copy_([as_real(p) for p in params], [as_real(ctx.state[p]["average"]) for p in params], foreach=ctx.foreach)
+
+    def averaged_weights(self, owner: Any) -> contextlib.AbstractContextManager[None]:
+        """Context manager: the parameters hold the averages inside the block.
+
+        ``with ema.averaged_weights(optimizer): evaluate(model)``. On exit the training weights
+        are restored bit for bit, also when the block raises. Parameters without an average
+        (never stepped, frozen) keep their values. No optimizer step may be taken inside the
+        block (it raises ``RuntimeError``). Saving ``model.state_dict()`` inside the block saves
+        the averaged model (copy the tensors: they are the parameters' own).
+
+        Args:
+            owner: The :class:`~samgria.TransformingOptimizer` that holds this transform, or the
+                ``nn.Module`` it is used with through ``apply`` / ``post_step``.
+
+        Raises:
+            ValueError: If ``owner`` is an optimizer that does not hold this transform.
+        """
+        return self._swapped_in(owner)

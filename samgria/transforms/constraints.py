@@ -1,0 +1,166 @@
+r"""Parameter constraints after the step: clamping and projection onto a ball around a centre.
+
+Both run after the inner optimizer's step (like rai-toolbox's ``_post_step_transform_``) on every
+parameter that has a gradient — a parameter without one was not moved by the inner step either,
+so it is left alone — and read their hyperparameters from the param groups.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+from samgria._checks import check_choice, check_real
+from samgria.functional._grouping import group_indices_by_device_and_dtype
+from samgria.functional._views import as_real
+from samgria.transforms.base import Transform, TransformContext
+from samgria.transforms.param_ndim import batched, check_param_ndim, ndim_entries
+
+__all__ = ["ClampParams", "ProjectParams"]
+
+
+class ClampParams(Transform):
+    r"""Clamp every parameter element to ``[param_min, param_max]`` after the step.
+
+    :math:`w \leftarrow \min(\max(w, a), b)` elementwise (so every ``param_ndim`` would give the
+    same result, and the transform takes none). A bound may be infinite for a one-sided
+    constraint: ``ClampParams(0.0, math.inf)`` keeps the weights non-negative. Complex parameters
+    count as pairs of reals (each part is clamped).
+
+    Args:
+        param_min: Lower bound :math:`a` (per-group key ``"param_min"``), a real number
+            ``< inf``.
+        param_max: Upper bound :math:`b` (per-group key ``"param_max"``), a real number
+            ``>= param_min`` and ``> -inf``.
+
+    Raises:
+        ValueError: If a bound is NaN, ``param_min`` is ``inf``, ``param_max`` is ``-inf`` or
+            ``param_max < param_min``.
+    """
+
+    def __init__(self, param_min: float = -1.0, param_max: float = 1.0) -> None:
+        self.validate_group({"param_min": param_min, "param_max": param_max})
+        self.param_min, self.param_max = float(param_min), float(param_max)
+
+    def group_defaults(self) -> dict[str, Any]:
+        return {"param_min": self.param_min, "param_max": self.param_max}
+
+    def validate_group(self, group: Mapping[str, Any]) -> None:
+        low = check_real("param_min", group["param_min"], high=math.inf, high_open=True, allow_inf=True)
+        check_real("param_max", group["param_max"], low=-math.inf, low_open=True, allow_inf=True)
+        check_real("param_max", group["param_max"], low=low, low_name="param_min", allow_inf=True)
+
+    def post_update(self, ctx: TransformContext) -> None:
+        for group in ctx.param_groups:
+            params = [as_real(p) for p in group["params"] if p.grad is not None]
+            if not params:
+                continue
+            low, high = group["param_min"], group["param_max"]
+            if ctx.foreach:
+                for indices in group_indices_by_device_and_dtype(params).values():
+                    chunk = [params[i] for i in indices]
+                    torch._foreach_clamp_min_(chunk, low)
+                    torch._foreach_clamp_max_(chunk, high)
+            else:
+                for param in params:
+                    param.clamp_(low, high)
+
+
+class ProjectParams(Transform):
+    r"""Project parameters onto an :math:`L_2` or :math:`L_\infty` ball around a centre after the step.
+
+    With centre :math:`c` (zero, or the weights before the first step) and radius :math:`r`, each
+    sub-tensor :math:`w` (chosen by ``param_ndim``, see :mod:`samgria.transforms.param_ndim`)
+    becomes its nearest point of the ball:
+
+    .. math::
+
+        p = 2:\quad w \leftarrow c + (w - c)\,\min\!\Big(1, \frac{r}{\lVert w - c \rVert_2}\Big),
+        \qquad
+        p = \infty:\quad w \leftarrow \min(\max(w, c - r), c + r).
+
+    A sub-tensor already inside the ball is left bit for bit as it is. The default
+    ``param_ndim=-1`` bounds the norm of each row of a ``Linear`` weight (each output filter of a
+    convolution): the max-norm constraint on every unit's incoming weights, or on every example
+    of a batch of adversarial perturbations (rai-toolbox's ``L2ProjectedOptim``); ``None`` bounds
+    each whole parameter. The :math:`L_\infty` projection is elementwise, so its result does not
+    depend on ``param_ndim``. Complex parameters count as pairs of reals.
+
+    Args:
+        radius: :math:`r` (per-group key ``"radius"``), a finite number ``>= 0``.
+        p: The ball's norm (per-group key ``"p"``): ``2`` or ``math.inf``.
+        center: ``"zero"`` (default) or ``"initial"``: the weights as they are before the first
+            step that updates them, stored per parameter in the transform's slot
+            (``state[w]["project_params.center"]``, so checkpoints carry it) — a trust region
+            around pretrained weights when fine-tuning.
+        param_ndim: Dimension of the sub-tensors projected independently (per-group key
+            ``"param_ndim"``), default ``-1``.
+
+    Raises:
+        ValueError: If ``radius`` is negative or not finite, ``p`` is not ``2`` or ``inf``, or
+            ``center`` is neither ``"zero"`` nor ``"initial"``; at the step, if a group's
+            ``param_ndim`` is outside :math:`[-n, n]` for one of its parameters.
+    """
+
+    def __init__(self, radius: float = 1.0, p: float = 2.0, center: str = "zero", param_ndim: int | None = -1) -> None:
+        self.radius = check_real("radius", radius, low=0.0)
+        self.p = float(check_choice("p", p, (2, math.inf)))
+        self.center = check_choice("center", center, ("zero", "initial"))
+        self.param_ndim = check_param_ndim("param_ndim", param_ndim)
+        #: The centre is recorded before the inner step, by assigning new tensors.
+        self.saves_state_before_step = center == "initial"
+
+    def group_defaults(self) -> dict[str, Any]:
+        return {"radius": self.radius, "p": self.p, "param_ndim": self.param_ndim}
+
+    def validate_group(self, group: Mapping[str, Any]) -> None:
+        check_real("radius", group["radius"], low=0.0)
+        check_choice("p", group["p"], (2, math.inf))
+        check_param_ndim("param_ndim", group["param_ndim"])
+
+    def settings(self) -> dict[str, Any]:
+        return {"center": self.center}
+
+    def _record_centers(self, ctx: TransformContext) -> None:
+        if self.center != "initial":
+            return
+        for group in ctx.param_groups:
+            for param in group["params"]:
+                if param.grad is not None:
+                    state = ctx.state[param]
+                    if "center" not in state:
+                        state["center"] = param.detach().clone(memory_format=torch.contiguous_format)
+
+    def init_state(self, ctx: TransformContext) -> None:
+        self._record_centers(ctx)
+
+    def pre_update(self, ctx: TransformContext) -> None:
+        ndim_entries(ctx)  # refuse a param_ndim that does not fit before the inner step
+        self._record_centers(ctx)
+
+    def post_update(self, ctx: TransformContext) -> None:
+        for group, param, param_ndim in ndim_entries(ctx):
+            if param.numel() == 0:
+                continue
+            radius = group["radius"]
+            center = ctx.state[param]["center"] if self.center == "initial" else None
+            if group["p"] == math.inf:
+                weights = as_real(param)
+                if center is None:
+                    weights.clamp_(-radius, radius)
+                else:
+                    middle = as_real(center)
+                    weights.copy_(torch.minimum(torch.maximum(weights, middle - radius), middle + radius))
+                continue
+            with batched(param, param_ndim) as view:
+                weights = as_real(view)
+                offset = weights if center is None else weights - as_real(center.reshape(view.shape))
+                norm = torch.linalg.vector_norm(offset, dim=tuple(range(1, weights.ndim)), keepdim=True)
+                outside = norm > radius
+                projected = offset * (radius / norm)
+                if center is not None:
+                    projected.add_(as_real(center.reshape(view.shape)))
+                weights.copy_(torch.where(outside, projected, weights))

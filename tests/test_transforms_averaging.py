@@ -1,0 +1,366 @@
+"""Lookahead and EMA against hand-written float64 references, AveragedModel and pytorch_optimizer.
+
+Each reference is a per-tensor transcription of the paper's update around torch's own inner
+optimizer, independent of samgria. The contracts every transform keeps (checkpoints, the two-call
+loop, bad inputs, chains with SAM, ...) are tested by ``test_transforms_generic.py`` through
+``transform_infos.py``; this file adds what is particular to weight averaging: the references,
+the swap context managers and the states they leave.
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+
+import pytest
+import torch
+from torch import nn
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+from transform_infos import assert_bitwise_equal, make_closure, make_data, make_model, params_of
+
+from samgria import EMA, SAM, Lookahead, TransformingOptimizer
+
+SGD = (torch.optim.SGD, {"lr": 0.1, "momentum": 0.9})
+ADAM = (torch.optim.Adam, {"lr": 1e-2})
+TIGHT = {"rtol": 1e-13, "atol": 1e-15}
+
+
+def two_groups(model, first, second):
+    """The first layer with ``first``'s keys, everything else with ``second``'s."""
+    head = list(model[0].parameters())
+    rest = [p for p in model.parameters() if all(p is not q for q in head)]
+    return [{"params": head, **first}, {"params": rest, **second}]
+
+
+def trainable(model):
+    return [p for p in model.parameters() if p.requires_grad and p is not model.unused]
+
+
+def build(model, transforms, inner=SGD, groups=None):
+    cls, kwargs = inner
+    params = groups if groups is not None else model.parameters()
+    return TransformingOptimizer(params, cls, transforms=transforms, **kwargs)
+
+
+# -- Lookahead ----------------------------------------------------------------------------------------
+def lookahead_reference(steps, alpha_of, k, inner):
+    """Algorithm 1 of the paper, per tensor: k inner steps, then phi += alpha (theta - phi), theta = phi."""
+    x, y = make_data()
+    model = make_model()
+    cls, kwargs = inner
+    optimizer = cls(model.parameters(), **kwargs)
+    closure = make_closure(model, optimizer, x, y)
+    params = trainable(model)
+    slow = [p.detach().clone() for p in params]  # phi_0 = theta_0
+    for step in range(1, steps + 1):
+        optimizer.step(closure)
+        if step % k == 0:
+            with torch.no_grad():
+                for index, param in enumerate(params):
+                    slow[index] = slow[index] + alpha_of(param, model) * (param - slow[index])
+                    param.copy_(slow[index])
+    return params_of(model), slow
+
+
+@pytest.mark.parametrize("inner", [SGD, ADAM], ids=["sgd_momentum", "adam"])
+def test_lookahead_equals_the_papers_update_in_float64(inner):
+    steps, k = 11, 3
+    expected, expected_slow = lookahead_reference(steps, lambda p, m: 0.5, k, inner)
+    x, y = make_data()
+    model = make_model()
+    optimizer = build(model, [Lookahead(alpha=0.5, k=k)], inner)
+    closure = make_closure(model, optimizer, x, y)
+    for _ in range(steps):
+        optimizer.step(closure)
+    torch.testing.assert_close(params_of(model), expected, **TIGHT)
+    slow = [optimizer.state[p]["lookahead.slow"] for p in trainable(model)]
+    torch.testing.assert_close(slow, expected_slow, **TIGHT)
+    assert optimizer.state[model.unused]["lookahead.step"] == steps  # object level, on the first parameter
+    assert not optimizer.state.get(model[2].bias)  # frozen: no slow weights, untouched
+
+
+def test_lookahead_per_group_alpha_equals_the_reference():
+    steps, k = 8, 2
+
+    def alpha_of(param, model):
+        return 0.8 if any(param is q for q in model[0].parameters()) else 0.3
+
+    expected, _ = lookahead_reference(steps, alpha_of, k, SGD)
+    x, y = make_data()
+    model = make_model()
+    optimizer = build(model, [Lookahead(alpha=0.3, k=k)], groups=two_groups(model, {"alpha": 0.8}, {}))
+    closure = make_closure(model, optimizer, x, y)
+    for _ in range(steps):
+        optimizer.step(closure)
+    torch.testing.assert_close(params_of(model), expected, **TIGHT)
+
+
+def test_lookahead_alpha_one_is_the_inner_optimizer_and_weights_equal_slow_weights_after_a_sync():
+    x, y = make_data()
+    plain_model = make_model()
+    plain = torch.optim.SGD(plain_model.parameters(), lr=0.1, momentum=0.9)
+    model = make_model()
+    optimizer = build(model, [Lookahead(alpha=1.0, k=2)])
+    closure, plain_closure = make_closure(model, optimizer, x, y), make_closure(plain_model, plain, x, y)
+    for _ in range(4):
+        optimizer.step(closure)
+        plain.step(plain_closure)
+    assert_bitwise_equal(params_of(model), params_of(plain_model))
+    for param in trainable(model):  # right after a synchronisation theta = phi
+        assert torch.equal(param, optimizer.state[param]["lookahead.slow"])
+
+
+def test_lookahead_agrees_with_pytorch_optimizer():
+    pytorch_optimizer = pytest.importorskip("pytorch_optimizer")
+    steps, k, alpha = 10, 3, 0.6
+    x, y = make_data()
+    theirs_model = make_model()
+    theirs = pytorch_optimizer.Lookahead(torch.optim.SGD(theirs_model.parameters(), lr=0.1, momentum=0.9), k=k, alpha=alpha)
+    ours_model = make_model()
+    ours = build(ours_model, [Lookahead(alpha=alpha, k=k)])
+    theirs_closure, ours_closure = make_closure(theirs_model, theirs, x, y), make_closure(ours_model, ours, x, y)
+    for _ in range(steps):
+        theirs.step(theirs_closure)
+        ours.step(ours_closure)
+    # They compute theta.lerp_(phi, 1 - alpha), the paper's phi + alpha (theta - phi) rearranged.
+    torch.testing.assert_close(params_of(ours_model), params_of(theirs_model), **TIGHT)
+
+
+def test_slow_weights_are_swapped_in_and_the_fast_weights_restored_bitwise():
+    x, y = make_data()
+    model = make_model()
+    lookahead = Lookahead(alpha=0.5, k=4)
+    optimizer = build(model, [lookahead])
+    closure = make_closure(model, optimizer, x, y)
+    for _ in range(6):  # mid-cycle: fast and slow weights differ
+        optimizer.step(closure)
+    fast = params_of(model)
+    with lookahead.slow_weights(optimizer):
+        for param in trainable(model):
+            assert torch.equal(param, optimizer.state[param]["lookahead.slow"])
+        assert not torch.equal(model[0].weight, fast[1])  # params_of: the unused parameter comes first
+    assert_bitwise_equal(params_of(model), fast)
+
+
+# -- EMA ----------------------------------------------------------------------------------------------
+def timm_v3_decay(step, decay, gamma, power):
+    """timm's ModelEmaV3.get_decay with use_warmup=True, update_after_step=0, min_decay=0."""
+    step = max(0, step - 0 - 1)
+    if step <= 0:
+        return 0.0
+    return max(min(1 - (1 + step / gamma) ** -power, decay), 0.0)
+
+
+def ema_reference(steps, decay_of, inner=SGD, warmup=None):
+    """a_1 = theta_1, a_n = d a_{n-1} + (1 - d) theta_n, per tensor, after each inner step."""
+    x, y = make_data()
+    model = make_model()
+    cls, kwargs = inner
+    optimizer = cls(model.parameters(), **kwargs)
+    closure = make_closure(model, optimizer, x, y)
+    params = trainable(model)
+    averages = None
+    for step in range(1, steps + 1):
+        optimizer.step(closure)
+        if averages is None:
+            averages = [p.detach().clone() for p in params]
+            continue
+        for index, param in enumerate(params):
+            d = decay_of(param, model)
+            if warmup is not None:
+                d = timm_v3_decay(step, d, *warmup)
+            averages[index] = d * averages[index] + (1 - d) * param.detach()
+    return params_of(model), averages
+
+
+def run_ema(steps, ema, groups=None, inner=SGD):
+    x, y = make_data()
+    model = make_model()
+    optimizer = build(model, [ema], inner, groups(model) if groups else None)
+    closure = make_closure(model, optimizer, x, y)
+    for _ in range(steps):
+        optimizer.step(closure)
+    return model, optimizer
+
+
+def averages_of(model, optimizer, slot="ema"):
+    return [optimizer.state[p][f"{slot}.average"] for p in trainable(model)]
+
+
+@pytest.mark.parametrize("inner", [SGD, ADAM], ids=["sgd_momentum", "adam"])
+def test_ema_equals_the_reference_in_float64_and_leaves_the_weights_alone(inner):
+    expected_weights, expected = ema_reference(9, lambda p, m: 0.9, inner)
+    model, optimizer = run_ema(9, EMA(decay=0.9), inner=inner)
+    assert_bitwise_equal(params_of(model), expected_weights)  # the trajectory is the inner optimizer's
+    torch.testing.assert_close(averages_of(model, optimizer), expected, **TIGHT)
+    assert optimizer.state[model.unused]["ema.step"] == 9
+    assert not optimizer.state.get(model[2].bias)
+
+
+def test_ema_per_group_decay_and_warmup_equal_the_reference():
+    def decay_of(param, model):
+        return 0.5 if any(param is q for q in model[0].parameters()) else 0.95
+
+    _, expected = ema_reference(12, decay_of, warmup=(2.0, 0.75))
+    ema = EMA(decay=0.95, warmup=True, warmup_gamma=2.0, warmup_power=0.75)
+    model, optimizer = run_ema(12, ema, groups=lambda m: two_groups(m, {"decay": 0.5}, {}))
+    torch.testing.assert_close(averages_of(model, optimizer), expected, **TIGHT)
+    assert [ema.decay_at(n) for n in (1, 2)] == [0.0, timm_v3_decay(2, 0.95, 2.0, 0.75)]
+    assert ema.decay_at(10**9) == 0.95  # the warm-up ends at decay
+
+
+@pytest.mark.parametrize("transforms", [lambda: [], lambda: [SAM(0.05)]], ids=["alone", "after_sam"])
+def test_ema_equals_averaged_model_with_get_ema_multi_avg_fn_bitwise(transforms):
+    # Where the definitions coincide: every parameter has a gradient at every step.
+    decay = 0.9
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 1)).double()
+    x, y = make_data()
+    averaged = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay))
+    ema = EMA(decay)
+    optimizer = TransformingOptimizer(model.parameters(), torch.optim.SGD, lr=0.1, momentum=0.9, transforms=[*transforms(), ema])
+    closure = make_closure(model, optimizer, x, y)
+    for _ in range(7):
+        optimizer.step(closure)
+        averaged.update_parameters(model)
+        assert_bitwise_equal([optimizer.state[p]["ema.average"] for p in model.parameters()], list(averaged.module.parameters()))
+    with ema.averaged_weights(optimizer):
+        assert_bitwise_equal(params_of(model), params_of(averaged.module))
+
+
+def test_averaged_weights_restores_the_training_weights_bitwise_also_when_the_block_raises():
+    model, optimizer = run_ema(5, EMA(decay=0.9))
+    ema = optimizer.transforms[0]
+    training = params_of(model)
+    state = copy.deepcopy(optimizer.state_dict())
+    with ema.averaged_weights(optimizer):
+        swapped = params_of(model)
+        for param in trainable(model):
+            assert torch.equal(param, optimizer.state[param]["ema.average"])
+    assert any(not torch.equal(a, b) for a, b in zip(swapped, training))
+    untouched = [i for i, p in enumerate(model.parameters()) if p is model.unused or p is model[2].bias]
+    assert untouched == [0, 4] and all(torch.equal(swapped[i], training[i]) for i in untouched)  # no average: kept
+    assert_bitwise_equal(params_of(model), training)
+    with pytest.raises(KeyError, match="evaluation failed"):
+        with ema.averaged_weights(optimizer):
+            model[0].weight.data.mul_(3.0)  # even scribbling on the weights is undone
+            raise KeyError("evaluation failed")
+    assert_bitwise_equal(params_of(model), training)
+    assert_state_equal(optimizer.state_dict(), state)
+
+
+def assert_state_equal(actual, expected):
+    assert actual["param_groups"] == expected["param_groups"]
+    assert actual["state"].keys() == expected["state"].keys()
+    for index, entry in expected["state"].items():
+        assert actual["state"][index].keys() == entry.keys()
+        for key, value in entry.items():
+            got = actual["state"][index][key]
+            assert torch.equal(got, value) if isinstance(value, torch.Tensor) else got == value
+
+
+def test_a_step_inside_the_swap_block_raises_and_changes_nothing():
+    x, y = make_data()
+    model, optimizer = run_ema(3, EMA(decay=0.9))
+    twin_model, twin = run_ema(3, EMA(decay=0.9))
+    ema = optimizer.transforms[0]
+    closure = make_closure(model, optimizer, x, y)
+    with ema.averaged_weights(optimizer):
+        inside = params_of(model)
+        state = copy.deepcopy(optimizer.state_dict())
+        with pytest.raises(RuntimeError, match="step after the block"):
+            optimizer.step(closure)
+        assert_bitwise_equal(params_of(model), inside)
+        assert_state_equal(optimizer.state_dict(), state)
+    for _ in range(2):  # and training goes on as if nothing had happened
+        optimizer.step(closure)
+        twin.step(make_closure(twin_model, twin, x, y))
+    assert_bitwise_equal(params_of(model), params_of(twin_model))
+    assert_state_equal(optimizer.state_dict(), twin.state_dict())
+
+
+def test_switch_every_copies_the_averages_into_the_weights():
+    _, expected = ema_reference(3, lambda p, m: 0.8)  # no switch before step 3
+    model, optimizer = run_ema(3, EMA(decay=0.8, switch_every=3))
+    torch.testing.assert_close(averages_of(model, optimizer), expected, **TIGHT)
+    assert_bitwise_equal(averages_of(model, optimizer), [p.detach() for p in trainable(model)])
+
+
+def test_pure_ema_checkpoint_resumes_bitwise_with_warmup():
+    x, y = make_data()
+
+    def make(model):
+        return build(model, [EMA(decay=0.99, warmup=True)])
+
+    model_a = make_model()
+    opt_a = make(model_a)
+    closure_a = make_closure(model_a, opt_a, x, y)
+    for _ in range(3):
+        opt_a.step(closure_a)
+    buffer = io.BytesIO()
+    torch.save({"model": model_a.state_dict(), "optimizer": opt_a.state_dict()}, buffer)
+    for _ in range(4):
+        opt_a.step(closure_a)
+    buffer.seek(0)
+    checkpoint = torch.load(buffer)
+    model_b = make_model(seed=5)
+    model_b.load_state_dict(checkpoint["model"])
+    opt_b = make(model_b)
+    opt_b.load_state_dict(checkpoint["optimizer"])
+    closure_b = make_closure(model_b, opt_b, x, y)
+    for _ in range(4):
+        opt_b.step(closure_b)
+    assert_bitwise_equal(averages_of(model_a, opt_a), averages_of(model_b, opt_b))
+    assert opt_b.state[model_b.unused]["ema.step"] == 7
+    with pytest.raises(ValueError, match="EMA\\(warmup=False, switch_every=None\\)"):
+        build(make_model(), [EMA(decay=0.99)]).load_state_dict(checkpoint["optimizer"])
+
+
+def test_a_checkpoint_with_misshapen_averages_is_refused():
+    model, optimizer = run_ema(2, EMA(decay=0.9))
+    checkpoint = optimizer.state_dict()
+    checkpoint["state"][1]["ema.average"] = torch.zeros(3, dtype=torch.float64)
+    fresh = build(make_model(), [EMA(decay=0.9)])
+    with pytest.raises(ValueError, match=r"EMA slot 'ema' holds 'average' of shape \(3,\) for a parameter of shape \(8, 5\)"):
+        fresh.load_state_dict(checkpoint)
+
+
+def test_seed_protocol_beside_a_plain_optimizer_and_its_swap():
+    torch.manual_seed(0)
+    model = nn.Linear(3, 1).double()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    ema = EMA(decay=0.5)
+    weights = []
+
+    def loss_fn(inputs):
+        return model(inputs).square().mean()
+
+    for _ in range(2):
+        batch = (torch.randn(4, 3, dtype=torch.float64),)
+        loss_fn(*batch).backward()
+        ema.apply(model, loss_fn, batch)
+        optimizer.step()
+        optimizer.zero_grad()  # between step() and post_step(), as the seed README's loop does
+        ema.post_step(model)
+        weights.append(model.weight.detach().clone())
+    expected = weights[0].lerp(weights[1], 0.5)
+    with ema.averaged_weights(model):
+        assert torch.equal(model.weight, expected)
+    assert torch.equal(model.weight, weights[1])
+
+
+def test_owner_must_hold_the_transform():
+    model, optimizer = run_ema(1, EMA())
+    with pytest.raises(ValueError, match="owner must be the TransformingOptimizer that holds this EMA"):
+        with EMA().averaged_weights(optimizer):
+            pass
+    with pytest.raises(ValueError, match="holds this Lookahead"):
+        with Lookahead().slow_weights(object()):
+            pass
+
+
+def test_settings_and_repr():
+    assert Lookahead(0.8, k=10).describe() == "Lookahead(k=10)"
+    assert repr(Lookahead(0.8, k=10)) == "Lookahead(alpha=0.8, k=10)"
+    assert repr(EMA(0.99, switch_every=5)) == "EMA(decay=0.99, warmup=False, switch_every=5)"
+    assert EMA(warmup=True).settings() == {"warmup": True, "warmup_gamma": 1.0, "warmup_power": 2 / 3, "switch_every": None}

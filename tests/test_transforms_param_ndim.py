@@ -1,0 +1,579 @@
+"""``param_ndim`` (rai-toolbox's ParamTransformingOptimizer): broadcasting, references, hooks, bad inputs.
+
+The references below never reshape: they walk the sub-tensors with explicit index loops
+(:func:`subtensors`) and compute on Python floats, so they share no code with the library.
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+import itertools
+import math
+import re
+
+import pytest
+import torch
+from torch import nn
+
+from samgria import (
+    SAM,
+    ClampGrad,
+    ClampParams,
+    GradSign,
+    NormalizeGrad,
+    ParamTransform,
+    ProjectParams,
+    ScaleGrad,
+    SparsifyGrad,
+    Transform,
+    TransformingOptimizer,
+)
+from samgria.transforms.grad import kept_count
+from samgria.transforms.param_ndim import batch_shape
+
+F64 = torch.float64
+
+
+# -- references -------------------------------------------------------------------------------------
+def sub_ndim(param_ndim, ndim):
+    ndim = max(ndim, 1)
+    if param_ndim is None:
+        return ndim
+    return param_ndim + ndim if param_ndim < 0 else param_ndim
+
+
+def subtensors(tensor, param_ndim):
+    """Every sub-tensor of ``tensor`` under ``param_ndim``, as index tuples into it (loops only)."""
+    shape = tuple(tensor.shape) or (1,)
+    lead = len(shape) - sub_ndim(param_ndim, len(shape))
+    inner = [range(size) for size in shape[lead:]]
+    for outer in itertools.product(*[range(size) for size in shape[:lead]]):
+        yield [outer + rest for rest in itertools.product(*inner)]
+
+
+def apply_per_subtensor(tensor, param_ndim, fn, other=None):
+    """A float64 copy of ``tensor`` with ``fn(values) -> values`` applied to each sub-tensor
+    (``fn(values, other_values)`` with the same sub-tensor of ``other`` when given)."""
+    out = tensor.detach().clone().to(F64)
+    view = out.reshape(1) if out.ndim == 0 else out
+    other_view = None if other is None else (other.reshape(1) if other.ndim == 0 else other)
+    for indices in subtensors(view, param_ndim):
+        values = [float(view[i]) for i in indices]
+        new = fn(values) if other is None else fn(values, [float(other_view[i]) for i in indices])
+        for i, value in zip(indices, new):
+            view[i] = value
+    return out
+
+
+def lp_norm(values, p):
+    if p == math.inf:
+        return max(abs(v) for v in values)
+    return sum(abs(v) ** p for v in values) ** (1.0 / p)
+
+
+def ref_normalize(values, p, eps):
+    norm = lp_norm(values, p) + eps
+    return [v / norm if norm > 0 else 0.0 for v in values]
+
+
+def ref_sparsify(values, q):
+    k = math.ceil(q * len(values))  # the tests use q * m that are not within 1e-12 of an integer
+    tau = sorted((abs(v) for v in values), reverse=True)[k - 1]
+    return [v if abs(v) >= tau else 0.0 for v in values]
+
+
+def ref_project_l2(values, center, radius):
+    offset = [v - c for v, c in zip(values, center)]
+    norm = math.sqrt(sum(d * d for d in offset))
+    if norm <= radius:
+        return values
+    return [c + d * radius / norm for c, d in zip(center, offset)]
+
+
+# -- fixtures ---------------------------------------------------------------------------------------
+SHAPES = [(), (5,), (4, 3), (2, 3, 4)]
+
+
+def make_params(seed=0, dtype=F64):
+    generator = torch.Generator().manual_seed(seed)
+    return [nn.Parameter(torch.randn(shape, generator=generator, dtype=dtype)) for shape in SHAPES]
+
+
+def set_grads(params, seed=1):
+    generator = torch.Generator().manual_seed(seed)
+    for param in params:
+        param.grad = torch.randn(param.shape, generator=generator, dtype=param.dtype)
+
+
+def two_groups(params, first, second):
+    """Group 0: the 0-dim and 1-dim parameters, group 1: the 2-dim and 3-dim ones."""
+    return [{"params": params[:2], **first}, {"params": params[2:], **second}]
+
+
+def grads_after(transforms, first, second, *, foreach=True, lr=0.0):
+    params = make_params()
+    optimizer = TransformingOptimizer(
+        two_groups(params, first, second), torch.optim.SGD, transforms=transforms, lr=lr, transform_foreach=foreach
+    )
+    set_grads(params)
+    raw = [p.grad.clone() for p in params]
+    optimizer.step()
+    return raw, [p.grad for p in params], params, optimizer
+
+
+# -- the semantics of param_ndim ----------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "param_ndim,expected",
+    [
+        (0, (120, 1)),
+        (1, (24, 5)),
+        (-3, (24, 5)),
+        (2, (6, 4, 5)),
+        (-2, (6, 4, 5)),
+        (3, (2, 3, 4, 5)),
+        (-1, (2, 3, 4, 5)),
+        (4, (1, 2, 3, 4, 5)),
+        (-4, (120, 1)),
+        (None, (1, 2, 3, 4, 5)),
+    ],
+)
+def test_batch_shape_follows_the_rai_table(param_ndim, expected):
+    # rai-toolbox's "Additional Explanation of param_ndim" for a shape-(d0, d1, d2, d3) parameter.
+    assert batch_shape((2, 3, 4, 5), param_ndim) == expected
+
+
+def test_batch_shape_of_0_dim_and_empty_tensors():
+    for param_ndim in (-1, 0, 1, None):
+        assert batch_shape((), param_ndim) == (1, 1)
+    assert batch_shape((5, 0), 1) == (5, 0)
+    assert batch_shape((0, 3), -1) == (0, 3)
+
+
+# -- float64 references, per group --------------------------------------------------------------------
+@pytest.mark.parametrize("foreach", [True, False], ids=["foreach", "loop"])
+@pytest.mark.parametrize(
+    "ctor,first,second",
+    [
+        ({}, {}, {}),  # the default: each whole gradient, L2
+        ({"p": 1, "param_ndim": -1}, {"param_ndim": 0}, {"p": 0.5}),
+        ({"p": math.inf, "eps": 0.25}, {"param_ndim": 1, "eps": 0.0}, {"param_ndim": -2, "p": 3.0}),
+        ({"p": 2, "param_ndim": 1}, {"param_ndim": -1, "p": 1.5}, {"param_ndim": None}),
+    ],
+)
+def test_normalize_grad_matches_a_per_subtensor_loop(foreach, ctor, first, second):
+    transform = NormalizeGrad(**ctor)
+    raw, got, _, optimizer = grads_after([transform], first, second, foreach=foreach)
+    for index, (g_raw, g_got) in enumerate(zip(raw, got)):
+        group = optimizer.param_groups[0 if index < 2 else 1]
+        expected = apply_per_subtensor(
+            g_raw, group["param_ndim"], lambda v: ref_normalize(v, group["p"], group["eps"])
+        )
+        torch.testing.assert_close(g_got, expected, rtol=1e-12, atol=1e-15)
+
+
+def test_normalize_grad_keeps_its_whole_tensor_default():
+    """The rai default (-1) would normalise each row: NormalizeGrad keeps its documented whole-tensor L2."""
+    assert NormalizeGrad().param_ndim is None and NormalizeGrad().p == 2.0
+    raw, got, _, _ = grads_after([NormalizeGrad()], {}, {})
+    for g_raw, g_got in zip(raw, got):
+        torch.testing.assert_close(g_got, g_raw / (g_raw.norm() + 1e-12), rtol=1e-14, atol=0)
+    _, rows, _, _ = grads_after([NormalizeGrad(param_ndim=-1)], {}, {})
+    assert not torch.allclose(rows[2], got[2])
+
+
+def test_normalize_grad_zero_subtensor_stays_zero_with_eps_zero():
+    param = nn.Parameter(torch.ones(3, 2, dtype=F64))
+    optimizer = TransformingOptimizer([param], torch.optim.SGD, lr=0.0, transforms=[NormalizeGrad(eps=0.0, p=1, param_ndim=-1)])
+    param.grad = torch.tensor([[0.0, 0.0], [3.0, -1.0], [0.0, 2.0]], dtype=F64)
+    optimizer.step()
+    assert torch.equal(param.grad, torch.tensor([[0.0, 0.0], [0.75, -0.25], [0.0, 1.0]], dtype=F64))
+
+
+@pytest.mark.parametrize("foreach", [True, False], ids=["foreach", "loop"])
+@pytest.mark.parametrize(
+    "ctor,first,second",
+    [
+        ({"q": 0.3}, {}, {}),
+        ({"q": 0.45, "param_ndim": -1}, {"q": 1.0}, {"param_ndim": 1}),
+        ({"q": 0.55, "param_ndim": 0}, {"param_ndim": None, "q": 0.7}, {"param_ndim": 2, "q": 0.15}),
+    ],
+)
+def test_sparsify_grad_matches_a_per_subtensor_loop(foreach, ctor, first, second):
+    raw, got, _, optimizer = grads_after([SparsifyGrad(**ctor)], first, second, foreach=foreach)
+    for index, (g_raw, g_got) in enumerate(zip(raw, got)):
+        group = optimizer.param_groups[0 if index < 2 else 1]
+        expected = apply_per_subtensor(g_raw, group["param_ndim"], lambda v: ref_sparsify(v, group["q"]))
+        assert torch.equal(g_got, expected), index
+
+
+def test_sparsify_grad_count_ties_and_q_one():
+    assert kept_count(0.1, 30) == 3  # 0.1 * 30 == 3.0000000000000004 in floating point
+    assert [kept_count(q, 10) for q in (1e-9, 0.1, 0.15, 0.3, 0.95, 1.0)] == [1, 1, 2, 3, 10, 10]
+    param = nn.Parameter(torch.zeros(2, 4, dtype=F64))
+    optimizer = TransformingOptimizer([param], torch.optim.SGD, lr=0.0, transforms=[SparsifyGrad(q=0.25, param_ndim=-1)])
+    param.grad = torch.tensor([[1.0, -3.0, 3.0, 2.0], [0.5, 0.25, -4.0, 1.0]], dtype=F64)
+    optimizer.step()
+    # Row 0: the largest magnitude 3 is tied: both are kept. Row 1: one element.
+    assert torch.equal(param.grad, torch.tensor([[0.0, -3.0, 3.0, 0.0], [0.0, 0.0, -4.0, 0.0]], dtype=F64))
+    untouched = torch.randn(3, 5, dtype=F64)
+    param = nn.Parameter(torch.zeros(3, 5, dtype=F64))
+    optimizer = TransformingOptimizer([param], torch.optim.SGD, lr=0.0, transforms=[SparsifyGrad(q=1.0)])
+    param.grad = untouched.clone()
+    optimizer.step()
+    assert torch.equal(param.grad, untouched)
+
+
+def test_rai_l1q_normed_gradient_as_a_chain():
+    """rai's L1qNormedGradientOptim(q=0.75): signs of the top 25% per row, with unit L1 norm."""
+    transforms = [SparsifyGrad(q=0.25, param_ndim=-1), GradSign(), NormalizeGrad(eps=0.0, p=1, param_ndim=-1)]
+    raw, got, _, _ = grads_after(transforms, {}, {})
+
+    def l1q(values):
+        kept = ref_sparsify(values, 0.25)
+        signs = [math.copysign(1.0, v) if v != 0 else 0.0 for v in kept]
+        total = sum(abs(s) for s in signs)
+        return [s / total for s in signs]
+
+    for g_raw, g_got in zip(raw, got):
+        torch.testing.assert_close(g_got, apply_per_subtensor(g_raw, -1, l1q), rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("foreach", [True, False], ids=["foreach", "loop"])
+@pytest.mark.parametrize("center", ["zero", "initial"])
+@pytest.mark.parametrize(
+    "ctor,first,second",
+    [
+        ({"radius": 0.8}, {}, {}),  # the default param_ndim=-1
+        ({"radius": 1.5, "param_ndim": None}, {"param_ndim": 0, "radius": 0.3}, {"param_ndim": 2}),
+        ({"radius": 0.4, "p": math.inf}, {"radius": 1.0}, {"param_ndim": 0}),
+        ({"radius": 0.0, "param_ndim": 1}, {}, {"radius": 2.0, "param_ndim": -1}),
+    ],
+)
+def test_project_params_matches_a_per_subtensor_loop(foreach, center, ctor, first, second):
+    params = make_params()
+    start = [p.detach().clone() for p in params]
+    transform = ProjectParams(center=center, **ctor)
+    optimizer = TransformingOptimizer(
+        two_groups(params, first, second), torch.optim.SGD, transforms=[transform], lr=0.7, transform_foreach=foreach
+    )
+    for step in range(2):
+        set_grads(params, seed=10 + step)
+        stepped = [(p - 0.7 * p.grad).detach() for p in params]
+        optimizer.step()
+        for index, (param, moved) in enumerate(zip(params, stepped)):
+            group = optimizer.param_groups[0 if index < 2 else 1]
+            radius = group["radius"]
+            middle = start[index] if center == "initial" else torch.zeros_like(moved)
+            if group["p"] == math.inf:
+                expected = torch.tensor(
+                    [min(max(w, c - radius), c + radius) for w, c in zip(moved.reshape(-1).tolist(), middle.reshape(-1).tolist())],
+                    dtype=F64,
+                ).reshape(moved.shape)
+            else:
+                expected = apply_per_subtensor(
+                    moved, group["param_ndim"], lambda v, c: ref_project_l2(v, c, radius), other=middle
+                )
+            torch.testing.assert_close(param.detach(), expected, rtol=1e-12, atol=1e-15)
+            if center == "initial":
+                assert torch.equal(optimizer.state[param]["project_params.center"], start[index])
+
+
+def test_project_params_leaves_points_inside_the_ball_bit_for_bit():
+    param = nn.Parameter(torch.tensor([[0.1, 0.2], [3.0, 4.0]], dtype=F64))
+    optimizer = TransformingOptimizer([param], torch.optim.SGD, lr=0.0, transforms=[ProjectParams(radius=1.0)])
+    param.grad = torch.ones_like(param)
+    optimizer.step()
+    assert torch.equal(param[0], torch.tensor([0.1, 0.2], dtype=F64))
+    torch.testing.assert_close(param[1].detach(), torch.tensor([0.6, 0.8], dtype=F64), rtol=1e-15, atol=0)
+
+
+def test_clamp_params_matches_an_elementwise_loop_per_group():
+    params = make_params()
+    optimizer = TransformingOptimizer(
+        two_groups(params, {"param_min": -0.2}, {"param_max": math.inf}), torch.optim.SGD, lr=0.5,
+        transforms=[ClampParams(-0.5, 0.4)],
+    )
+    set_grads(params)
+    stepped = [(p - 0.5 * p.grad).detach() for p in params]
+    optimizer.step()
+    for index, (param, moved) in enumerate(zip(params, stepped)):
+        low, high = (-0.2, 0.4) if index < 2 else (-0.5, math.inf)
+        expected = torch.tensor([min(max(v, low), high) for v in moved.reshape(-1).tolist()], dtype=F64).reshape(moved.shape)
+        assert torch.equal(param.detach(), expected)
+
+
+# -- elementwise transforms honour every param_ndim (so they need no key) -----------------------------
+class _PreHook(ParamTransform):
+    def __init__(self, fn, param_ndim=-1):
+        super().__init__(param_ndim)
+        self.fn = fn
+
+    def pre_step_transform_(self, param, group):
+        self.fn(param.grad)
+
+
+class _PostHook(ParamTransform):
+    def __init__(self, fn, param_ndim=-1):
+        super().__init__(param_ndim)
+        self.fn = fn
+
+    def post_step_transform_(self, param, group):
+        self.fn(param)
+
+
+def _Hooked(fn, post=False, param_ndim=-1):
+    return (_PostHook if post else _PreHook)(fn, param_ndim=param_ndim)
+
+
+@pytest.mark.parametrize(
+    "builtin,fn,post",
+    [
+        (GradSign(), torch.Tensor.sign_, False),
+        (ScaleGrad(0.5, 0.1), lambda g: g.mul_(0.5).add_(0.1), False),
+        (ClampGrad(-0.3, 0.2), lambda g: g.clamp_(-0.3, 0.2), False),
+        (ClampParams(-0.3, 0.2), lambda w: w.clamp_(-0.3, 0.2), True),
+    ],
+    ids=["GradSign", "ScaleGrad", "ClampGrad", "ClampParams"],
+)
+def test_elementwise_transforms_equal_their_per_subtensor_hook_for_every_param_ndim(builtin, fn, post):
+    _, _, expected, _ = grads_after([copy.deepcopy(builtin)], {}, {}, lr=0.3)
+    for param_ndim in (-1, 0, 1, None):
+        _, _, got, _ = grads_after([_Hooked(fn, post)], {"param_ndim": param_ndim}, {"param_ndim": param_ndim}, lr=0.3)
+        for a, b in zip(got, expected):
+            assert torch.equal(a, b) and torch.equal(a.grad, b.grad)
+    assert "param_ndim" not in builtin.group_defaults()
+
+
+# -- bad inputs -------------------------------------------------------------------------------------
+def make_out_of_range(transforms, key="param_ndim", value=2):
+    params = make_params()
+    optimizer = TransformingOptimizer(
+        two_groups(params, {key: value}, {}), torch.optim.SGD, lr=0.1, transforms=transforms
+    )
+    set_grads(params)
+    return params, optimizer
+
+
+@pytest.mark.parametrize(
+    "transforms,key",
+    [
+        (lambda: [NormalizeGrad()], "param_ndim"),
+        (lambda: [SparsifyGrad()], "param_ndim"),
+        (lambda: [ProjectParams(center="initial")], "param_ndim"),
+        (lambda: [_Hooked(torch.Tensor.sign_)], "param_ndim"),
+        (lambda: [_Hooked(torch.Tensor.sign_, post=True)], "param_ndim"),
+        (lambda: [SAM(0.05), NormalizeGrad(), ProjectParams()], "normalize_grad.param_ndim"),
+        (lambda: [SAM(0.05), NormalizeGrad(), ProjectParams()], "project_params.param_ndim"),
+    ],
+    ids=["normalize", "sparsify", "project", "pre_hook", "post_hook", "qualified_normalize", "qualified_project"],
+)
+@pytest.mark.parametrize("value", [2, -2, 7])
+def test_param_ndim_out_of_range_is_refused_before_anything_changes(transforms, key, value):
+    # Group 0 holds a 0-dim and a 1-dim parameter: param_ndim must lie in [-1, 1] for both.
+    params, optimizer = make_out_of_range(transforms(), key, value)
+    grads = [p.grad.clone() for p in params]
+    weights = [p.detach().clone() for p in params]
+    state = copy.deepcopy(optimizer.state_dict())
+
+    def closure():
+        for p, g in zip(params, grads):
+            p.grad = g.clone()
+        return torch.tensor(0.0)
+
+    message = (
+        rf"^param_groups\[0\]: {re.escape(key)} must be None or an integer in \[-1, 1\] for "
+        rf"param_groups\[0\]\['params'\]\[0\] of shape \(\), got {value}$"
+    )
+    with pytest.raises(ValueError, match=message):
+        optimizer.step(closure)
+    assert all(torch.equal(p, w) for p, w in zip(params, weights))
+    if "." not in key:  # alone in the chain: not even the gradients changed
+        assert all(torch.equal(p.grad, g) for p, g in zip(params, grads))
+    assert str(optimizer.state_dict()) == str(state)
+
+
+def test_param_ndim_range_is_per_parameter():
+    # 1 fits the 2-dim and 3-dim parameters of group 1, and -3 / 3 only the 3-dim one.
+    params = make_params()
+    optimizer = TransformingOptimizer(
+        two_groups(params, {}, {"param_ndim": 3}), torch.optim.SGD, lr=0.1, transforms=[NormalizeGrad()]
+    )
+    set_grads(params)
+    with pytest.raises(ValueError, match=r"param_groups\[1\]: param_ndim must be None or an integer in \[-2, 2\] for param_groups\[1\]\['params'\]\[0\] of shape \(4, 3\), got 3$"):
+        optimizer.step()
+    optimizer.param_groups[1]["param_ndim"] = 2
+    optimizer.step()
+
+
+def test_param_ndim_must_be_an_integer_or_none_everywhere():
+    params = make_params()
+    for bad in (1.0, "1", True):
+        with pytest.raises(TypeError, match=rf"^param_ndim must be an integer or None, got {re.escape(repr(bad))}$"):
+            NormalizeGrad(param_ndim=bad)
+        with pytest.raises(TypeError, match=rf"^param_groups\[1\]: param_ndim must be an integer or None, got {re.escape(repr(bad))}$"):
+            TransformingOptimizer(two_groups(params, {}, {"param_ndim": bad}), torch.optim.SGD, lr=0.1, transforms=[ProjectParams()])
+    optimizer = TransformingOptimizer(params[:2], torch.optim.SGD, lr=0.1, transforms=[NormalizeGrad()])
+    with pytest.raises(TypeError, match=r"^param_groups\[1\]: param_ndim must be an integer or None, got 0\.5$"):
+        optimizer.add_param_group({"params": params[2:], "param_ndim": 0.5})
+    import numpy as np
+
+    assert NormalizeGrad(param_ndim=np.int64(-1)).param_ndim == -1
+
+
+@pytest.mark.parametrize(
+    "make,error,message",
+    [
+        (lambda: SparsifyGrad(q=0.0), ValueError, r"^q must be a finite number in \(0, 1\], got 0\.0$"),
+        (lambda: SparsifyGrad(q=1.0000001), ValueError, r"^q must be a finite number in \(0, 1\], got 1\.0000001$"),
+        (lambda: NormalizeGrad(p=0), ValueError, r"^p must be a real number > 0, got 0$"),
+        (lambda: NormalizeGrad(p=-2.0), ValueError, r"^p must be a real number > 0, got -2\.0$"),
+        (lambda: ProjectParams(p=1), ValueError, r"^p must be one of 2, inf, got 1$"),
+        (lambda: ProjectParams(radius=-0.1), ValueError, r"^radius must be a finite number >= 0, got -0\.1$"),
+        (lambda: ProjectParams(center="init"), ValueError, r"^center must be one of 'zero', 'initial', got 'init'$"),
+        (lambda: ClampParams(0.5, 0.25), ValueError, r"^param_max must be a real number >= param_min = 0\.5, got 0\.25$"),
+    ],
+)
+def test_bad_constructor_values_name_the_argument_and_value(make, error, message):
+    with pytest.raises(error, match=message):
+        make()
+
+
+def test_bad_group_values_name_the_group():
+    params = make_params()
+    with pytest.raises(ValueError, match=r"^param_groups\[1\]: q must be a finite number in \(0, 1\], got 1\.5$"):
+        TransformingOptimizer(two_groups(params, {}, {"q": 1.5}), torch.optim.SGD, lr=0.1, transforms=[SparsifyGrad()])
+    with pytest.raises(ValueError, match=r"^param_groups\[0\]: normalize_grad\.p must be a real number > 0, got -1$"):
+        TransformingOptimizer(
+            two_groups(params, {"normalize_grad.p": -1}, {}), torch.optim.SGD, lr=0.1, transforms=[NormalizeGrad(), ProjectParams()]
+        )
+
+
+# -- the hook base class ------------------------------------------------------------------------------
+def test_hooks_that_replace_grad_or_data_raise():
+    class ReplacesGrad(ParamTransform):
+        def pre_step_transform_(self, param, group):
+            param.grad = param.grad.sign()
+
+    class ReplacesData(ParamTransform):
+        def post_step_transform_(self, param, group):
+            param.data = param.clamp(-1, 1)
+
+    for transform, hook, what in [
+        (ReplacesGrad(), "pre_step_transform_", "param.grad"),
+        (ReplacesData(), "post_step_transform_", "param.data"),
+    ]:
+        param = nn.Parameter(torch.tensor([-3.0, 2.0]))
+        optimizer = TransformingOptimizer([param], torch.optim.SGD, lr=0.1, transforms=[transform])
+        param.grad = torch.tensor([1.0, -1.0])
+        with pytest.raises(RuntimeError, match=rf"^{type(transform).__name__}\.{hook} assigned a new tensor to {re.escape(what)}, "):
+            optimizer.step()
+        assert torch.equal(param.detach(), torch.tensor([-3.0, 2.0]))  # a post-step failure is undone too
+
+
+def test_only_the_hooks_a_subclass_defines_run():
+    class PreOnly(ParamTransform):
+        def pre_step_transform_(self, param, group):
+            param.grad.mul_(2)
+
+    class Both(PreOnly):
+        def post_step_transform_(self, param, group):
+            param.clamp_(-1, 1)
+
+    class OwnPost(PreOnly):
+        def post_update(self, ctx):
+            self.seen = True
+            super().post_update(ctx)
+
+    # A pre-step-only transform is no post-step transform: the optimizer copies nothing for it.
+    assert PreOnly.post_update is Transform.post_update
+    assert Both.post_update is ParamTransform.post_update
+    assert OwnPost.post_update is not Transform.post_update
+    param = nn.Parameter(torch.tensor([0.95, -3.0]))
+    optimizer = TransformingOptimizer([param], torch.optim.SGD, lr=0.1, transforms=[Both()])
+    param.grad = torch.tensor([-1.0, 1.0])
+    optimizer.step()
+    assert torch.equal(param.detach(), torch.tensor([1.0, -1.0]))
+    assert torch.equal(param.grad, torch.tensor([-2.0, 2.0]))  # the hook's view wrote into the real gradient
+    own = OwnPost()
+    TransformingOptimizer([param], torch.optim.SGD, lr=0.1, transforms=[own]).step()
+    assert own.seen
+
+
+def test_hooks_see_sub_tensors_and_the_group_by_short_names():
+    seen = []
+
+    class Recorder(ParamTransform):
+        def pre_step_transform_(self, param, group):
+            seen.append((tuple(param.shape), tuple(param.grad.shape), group["param_ndim"], group["lr"]))
+
+    params = make_params()
+    optimizer = TransformingOptimizer(
+        two_groups(params, {"recorder.param_ndim": 0}, {"recorder.param_ndim": None}), torch.optim.SGD, lr=0.1,
+        transforms=[Recorder(), NormalizeGrad()],  # both own param_ndim: Recorder's key is "recorder.param_ndim"
+    )
+    set_grads(params)
+    optimizer.step()
+    assert seen == [
+        ((1, 1), (1, 1), 0, 0.1),
+        ((5, 1), (5, 1), 0, 0.1),
+        ((1, 4, 3), (1, 4, 3), None, 0.1),
+        ((1, 2, 3, 4), (1, 2, 3, 4), None, 0.1),
+    ]
+
+
+# -- layouts and dtypes -------------------------------------------------------------------------------
+def test_channels_last_weights_are_written_back_when_no_view_exists():
+    torch.manual_seed(0)
+    weight = torch.randn(3, 4, 2, 2, dtype=F64)
+    grad = torch.randn(3, 4, 2, 2, dtype=F64)
+    results = []
+    for layout in (torch.contiguous_format, torch.channels_last):
+        param = nn.Parameter(weight.clone().to(memory_format=layout))
+        transforms = [NormalizeGrad(eps=0.0, p=math.inf, param_ndim=0), ProjectParams(radius=0.5, param_ndim=0), _Hooked(lambda g: g.mul_(3.0), param_ndim=0)]
+        optimizer = TransformingOptimizer([param], torch.optim.SGD, lr=0.1, transforms=transforms)
+        param.grad = grad.clone().to(memory_format=layout)
+        optimizer.step()
+        results.append((param.detach().contiguous(), param.grad.contiguous()))
+    assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])
+    assert torch.equal(results[1][1], 3.0 * grad.sign())
+
+
+def test_complex_parameters_count_as_pairs_of_reals():
+    z = torch.tensor([[3.0 + 4.0j, 1.0 - 1.0j], [0.0 + 0.0j, -2.0 + 0.0j]], dtype=torch.complex128)
+    param = nn.Parameter(torch.zeros_like(z))
+    optimizer = TransformingOptimizer([param], torch.optim.SGD, lr=0.0, transforms=[NormalizeGrad(eps=0.0, param_ndim=0)])
+    param.grad = z.clone()
+    optimizer.step()
+    torch.testing.assert_close(param.grad, torch.where(z == 0, 0, z / z.abs()), rtol=1e-15, atol=0)
+    param = nn.Parameter(z.clone())
+    # lr=1 with a zero gradient: an lr of 0 would make it a state-initialising step (no hooks run).
+    optimizer = TransformingOptimizer([param], torch.optim.SGD, lr=1.0, transforms=[ProjectParams(radius=1.0, param_ndim=-1)])
+    param.grad = torch.zeros_like(z)
+    optimizer.step()
+    norms = torch.linalg.vector_norm(z, dim=1, keepdim=True)
+    torch.testing.assert_close(param.detach(), z / norms, rtol=1e-15, atol=0)
+
+
+def test_project_params_initial_center_is_checkpointed_and_initialised_by_a_state_init_step():
+    torch.manual_seed(0)
+    model = nn.Linear(4, 3)
+    start = [p.detach().clone() for p in model.parameters()]
+    optimizer = TransformingOptimizer(model.parameters(), torch.optim.SGD, lr=0.0, transforms=[ProjectParams(0.1, center="initial")])
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    optimizer.step()  # every lr and gradient zero, no state: what torch.distributed.checkpoint runs first
+    assert all(torch.equal(optimizer.state[p]["project_params.center"], s) for p, s in zip(model.parameters(), start))
+    buffer = io.BytesIO()
+    torch.save(optimizer.state_dict(), buffer)
+    other_model = nn.Linear(4, 3)
+    other = TransformingOptimizer(other_model.parameters(), torch.optim.SGD, lr=0.0, transforms=[ProjectParams(0.1, center="initial")])
+    buffer.seek(0)
+    other.load_state_dict(torch.load(buffer))
+    other.param_groups[0]["lr"] = 1.0
+    for p in other_model.parameters():
+        p.grad = torch.ones_like(p)
+    other.step()
+    # Projected around the checkpoint's centre (model's start), not other_model's own weights.
+    distance = torch.linalg.vector_norm(other_model.weight.detach() - start[0], dim=1)
+    assert torch.all(distance <= 0.1 + 1e-6), distance
