@@ -15,6 +15,7 @@ import io
 import pytest
 import torch
 from torch import nn
+from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from transform_infos import assert_bitwise_equal, make_closure, make_data, make_model, params_of
 
@@ -314,6 +315,38 @@ def test_pure_ema_checkpoint_resumes_bitwise_with_warmup():
     assert opt_b.state[model_b.unused]["ema.step"] == 7
     with pytest.raises(ValueError, match="EMA\\(warmup=False, switch_every=None\\)"):
         build(make_model(), [EMA(decay=0.99)]).load_state_dict(checkpoint["optimizer"])
+
+
+@pytest.mark.filterwarnings("ignore:torch.distributed is disabled:UserWarning")
+@pytest.mark.parametrize(
+    "transforms",
+    [lambda: [Lookahead(alpha=0.5, k=2)], lambda: [SAM(0.05), EMA(decay=0.9, warmup=True)]],
+    ids=["lookahead", "sam_then_ema"],
+)
+def test_dcp_state_dict_into_a_fresh_optimizer_continues_bitwise(transforms):
+    # torch.distributed.checkpoint first initialises a fresh optimizer's state (a step with lr=0
+    # and zero gradients: init_state), then loads into it.
+    x, y = make_data()
+
+    def make(seed):
+        torch.manual_seed(seed)
+        model = nn.Sequential(nn.Linear(5, 6), nn.Tanh(), nn.Linear(6, 1)).double()
+        return model, TransformingOptimizer(model.parameters(), torch.optim.SGD, lr=0.05, momentum=0.9, transforms=transforms())
+
+    model, optimizer = make(0)
+    closure = make_closure(model, optimizer, x, y)
+    for _ in range(3):
+        optimizer.step(closure)
+    saved = copy.deepcopy(get_optimizer_state_dict(model, optimizer))
+    fresh_model, fresh = make(1)
+    fresh_model.load_state_dict(model.state_dict())
+    set_optimizer_state_dict(fresh_model, fresh, optim_state_dict=saved)
+    fresh_closure = make_closure(fresh_model, fresh, x, y)
+    for _ in range(4):
+        optimizer.step(closure)
+        fresh.step(fresh_closure)
+    assert_bitwise_equal(params_of(model), params_of(fresh_model))
+    assert_state_equal(fresh.state_dict(), optimizer.state_dict())
 
 
 def test_a_checkpoint_with_misshapen_averages_is_refused():
