@@ -120,13 +120,17 @@ class PerturbationTransform(Transform):
         """
         raise NotImplementedError
 
-    def pre_update(self, ctx: TransformContext) -> None:
+    def _require_reevaluate(self, ctx: TransformContext) -> None:
+        """Raise, naming both remedies, when the optimizer cannot re-evaluate the closure."""
         if ctx.reevaluate is None:
             raise RuntimeError(
                 f"{type(self).__name__} re-evaluates the loss and needs a closure: call "
                 "optimizer.step(closure), or call optimizer.first_step() after the first "
                 "backward and optimizer.second_step() after the second"
             )
+
+    def pre_update(self, ctx: TransformContext) -> None:
+        self._require_reevaluate(ctx)
         perturbation = self.perturb(ctx)
         if perturbation is None or not perturbation.params:
             return

@@ -163,12 +163,7 @@ class _FinishingTransform(PerturbationTransform):
     saves_state_before_step = True
 
     def pre_update(self, ctx: TransformContext) -> None:
-        if ctx.reevaluate is None:
-            raise RuntimeError(
-                f"{type(self).__name__} re-evaluates the loss and needs a closure: call "
-                "optimizer.step(closure), or call optimizer.first_step() after the first "
-                "backward and optimizer.second_step() after the second"
-            )
+        self._require_reevaluate(ctx)
         step = self.perturb(ctx)
         if step is None or step.non_finite:
             return
