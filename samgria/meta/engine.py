@@ -194,7 +194,7 @@ def twice_differentiable_attention(enabled: bool) -> Iterator[None]:
         yield
 
 
-def _copy_state(state: dict[str, Any]) -> dict[str, Any]:
+def copy_update_state(state: dict[str, Any]) -> dict[str, Any]:
     """A copy of an update rule's state two levels deep (rules replace, never mutate, tensors)."""
     return {k: (dict(v) if isinstance(v, dict) else v) for k, v in state.items()}
 
@@ -240,7 +240,7 @@ def _one_step(
     fast: Tensors,
     state: dict[str, Any],
 ) -> tuple[Tensors, dict[str, Any]]:
-    state = _copy_state(state)  # the input stays intact: a checkpoint recomputes from it
+    state = copy_update_state(state)  # the input stays intact: a checkpoint recomputes from it
     grads = grad_source(loss_of, fast, create_graph)
 
     def grad_fn(weights: Mapping[str, torch.Tensor]) -> Tensors:

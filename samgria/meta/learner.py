@@ -26,7 +26,15 @@ from typing import Any
 import torch
 from torch import nn
 
-from samgria.meta.engine import InnerLoop, InnerRegFn, apply_inner_update, check_inner_options, grads_of_loss, take_inner_steps
+from samgria.meta.engine import (
+    InnerLoop,
+    InnerRegFn,
+    apply_inner_update,
+    check_inner_options,
+    copy_update_state,
+    grads_of_loss,
+    take_inner_steps,
+)
 from samgria.meta.functional import LearningRate, check_steps, functional_forward, one_steps_argument, resolve_lrs
 from samgria.meta.inner_optim import InnerStepFn, sgd_inner_step
 
@@ -240,7 +248,7 @@ class Learner:
         create_graph = self.loop.second_order and torch.is_grad_enabled()
         fast = {n: self._params[n] for n in names}
         grads = grads_of_loss(loss, fast, create_graph)
-        state = {k: (dict(v) if isinstance(v, dict) else v) for k, v in self._inner_state.items()}
+        state = copy_update_state(self._inner_state)
         self._set_fast(apply_inner_update(self.loop, fast, grads, state, create_graph, None))
         self._inner_state = state
         self.steps_taken += 1

@@ -103,6 +103,18 @@ class _KeptWeights(Transform):
             return [p for p in params if p.grad is not None or id(p) in had_grad]
         return [p for p in params if p.grad is not None]
 
+    def _count_step(self, ctx: TransformContext) -> tuple[list[torch.Tensor], int] | None:
+        """Start ``post_update``: the step's participants and the step count, incremented in the
+        slot; ``None`` when no parameter requires grad."""
+        self._check_not_swapped()
+        params = self._participants(ctx)
+        slot = ctx.slot_state(keys=_OBJECT_KEYS)
+        if slot is None:
+            return None
+        step = slot.get("step", 0) + 1
+        slot["step"] = step
+        return params, step
+
     def _ensure_kept(self, ctx: TransformContext, params: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         """Give every parameter without kept weights a copy of its current weights; return those."""
         fresh = []
@@ -239,13 +251,10 @@ class Lookahead(_KeptWeights):
     @torch.no_grad()
     def post_update(self, ctx: TransformContext) -> None:
         """Count the inner step; every ``k``-th: :math:`\\phi \\leftarrow \\phi + \\alpha(\\theta - \\phi)`, :math:`\\theta \\leftarrow \\phi`."""
-        self._check_not_swapped()
-        params = self._participants(ctx)
-        slot = ctx.slot_state(keys=_OBJECT_KEYS)
-        if slot is None:  # no parameter requires grad
+        counted = self._count_step(ctx)
+        if counted is None:  # no parameter requires grad
             return
-        step = slot.get("step", 0) + 1
-        slot["step"] = step
+        params, step = counted
         self._ensure_kept(ctx, params)  # a step without pre_update (never inside the optimizer)
         if step % self.k != 0 or not params:
             return
@@ -375,13 +384,10 @@ class EMA(_KeptWeights):
     @torch.no_grad()
     def post_update(self, ctx: TransformContext) -> None:
         """Move the averages towards the new weights; every ``switch_every`` steps, switch."""
-        self._check_not_swapped()
-        params = self._participants(ctx)
-        slot = ctx.slot_state(keys=_OBJECT_KEYS)
-        if slot is None:  # no parameter requires grad
+        counted = self._count_step(ctx)
+        if counted is None:  # no parameter requires grad
             return
-        update = slot.get("step", 0) + 1
-        slot["step"] = update
+        params, update = counted
         fresh = {id(p) for p in self._ensure_kept(ctx, params)}  # a first average is a copy
         tracked = [p for p in params if id(p) not in fresh]
         decay_of = {id(p): group["decay"] for group in ctx.param_groups for p in group["params"]}
