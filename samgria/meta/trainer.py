@@ -18,6 +18,7 @@ from samgria.meta.functional import one_steps_argument
 from samgria.meta.compiled import CompiledMetaLoss, compiled_path_blocker
 from samgria.meta.engine import InnerLoop, InnerRegFn, vmap_blocker
 from samgria.meta.inner_optim import InnerStepFn
+from samgria.meta.paths import _stacklevel_outside
 
 __all__ = ["History", "MetaTrainer"]
 
@@ -79,14 +80,6 @@ class _ProgressBar:
             self._draw(time.perf_counter() - self.start)
         self.stream.write("\n")
         self.stream.flush()
-
-
-def _caller_stacklevel() -> int:
-    """``stacklevel`` that makes a warning point at the first frame outside this module."""
-    frame, level = sys._getframe(2), 2  # the frame that calls warnings.warn is level 1
-    while frame is not None and frame.f_code.co_filename == __file__:
-        frame, level = frame.f_back, level + 1
-    return level
 
 
 class MetaTrainer:
@@ -290,7 +283,7 @@ class MetaTrainer:
             warnings.warn(
                 f"MetaTrainer(compile=True): {reason}; using the uncompiled path",
                 RuntimeWarning,
-                stacklevel=_caller_stacklevel(),
+                stacklevel=_stacklevel_outside(),
             )
 
     def evaluate(self, tasks: Sequence[Task], inner_steps: int | None = None, *, steps: int | None = None) -> float:
