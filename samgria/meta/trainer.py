@@ -207,7 +207,6 @@ class MetaTrainer:
 
     def _candidates(self, loop: InnerLoop, tasks: list[Task], evaluation: bool) -> list[str]:
         """The paths that can run ``loop`` on ``tasks``, in order of preference."""
-        vmap_ok = vmap_blocker(self.meta.model, loop, tasks) is None
         if self.vectorize is True:
             return ["vmap"]
         if self.vectorize is False:
@@ -218,7 +217,7 @@ class MetaTrainer:
                 return ["compiled"]
             if "compiled" not in self.meta.path_policy.failed:  # that failure was warned about
                 self._warn_fallback(reason)
-        return ["loop", "vmap"] if vmap_ok else ["loop"]
+        return ["loop", "vmap"] if vmap_blocker(self.meta.model, loop, tasks) is None else ["loop"]
 
     @staticmethod
     def _key(loop: InnerLoop, tasks: list[Task], evaluation: bool) -> tuple[Any, ...]:
