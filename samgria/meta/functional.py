@@ -208,11 +208,11 @@ def inner_step(
     """
     names = _resolve_names(params, adapt_names)
     loop = InnerLoop(tuple(names), resolve_lrs(lr, names), 1, first_order=first_order)
-    check_support_loss(loss)
     if not names:
+        check_support_loss(loss)  # a bad loss is refused also when nothing is adapted
         return dict(params)
     current = {n: params[n] for n in names}
-    grads = grads_of_loss(loss, current, not first_order, allow_unused)
+    grads = grads_of_loss(loss, current, not first_order, allow_unused)  # checks the loss
     return {**params, **apply_inner_update(loop, current, grads, {}, not first_order, None)}
 
 
