@@ -1,7 +1,7 @@
 """SAM under DistributedDataParallel: 2 CPU processes, gloo backend.
 
-The test starts this file twice as a script (one process per rank, a free localhost port picked
-at run time, a hard timeout) and compares what the ranks save against single-process references:
+The test starts this file twice as a script (one process per rank, through
+``tests/distributed_harness.py``) and compares what the ranks save against single-process references:
 
 * synced SAM (both passes all-reduced) equals one process on the global batch;
 * ``first_pass_context=ddp_model.no_sync`` (the SAM paper's m-sharpness) keeps the replicas
@@ -14,14 +14,12 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
-import subprocess
 import sys
-from datetime import timedelta
 from pathlib import Path
 
 import pytest
 import torch
+from distributed_harness import run_ranks, skip_without_gloo
 from torch import nn
 
 WORLD_SIZE = 2
@@ -29,7 +27,6 @@ STEPS = 3
 LOCAL_BATCH = 8
 LR, MOMENTUM, RHO = 0.1, 0.9, 0.05
 MODES = ("synced", "two_call", "bucket_view", "no_sync")
-TIMEOUT_S = 35
 
 
 def _make_model() -> nn.Module:
@@ -89,17 +86,12 @@ def _train_ddp(rank: int, mode: str) -> list[torch.Tensor]:
     return [p.detach().clone() for p in model.parameters()]
 
 
-def _worker(rank: int, port: int, out_dir: str) -> None:
+def _worker(out_dir: str) -> None:
     import torch.distributed as dist
 
     torch.set_num_threads(1)
-    dist.init_process_group(
-        "gloo",
-        init_method=f"tcp://127.0.0.1:{port}",
-        rank=rank,
-        world_size=WORLD_SIZE,
-        timeout=timedelta(seconds=TIMEOUT_S),
-    )
+    dist.init_process_group("gloo")
+    rank = dist.get_rank()
     try:
         results = {mode: _train_ddp(rank, mode) for mode in MODES}
         dist.barrier()
@@ -160,50 +152,11 @@ def _reference_m_sharpness() -> list[torch.Tensor]:
 
 
 # -- the test --------------------------------------------------------------------------------------
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _run_ranks(out_dir: Path) -> None:
-    port = _free_port()
-    env = dict(os.environ)
-    repo_root = str(Path(__file__).resolve().parent.parent)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [repo_root, env.get("PYTHONPATH")]))
-    env["OMP_NUM_THREADS"] = "1"
-    processes = [
-        subprocess.Popen(
-            [sys.executable, __file__, "--rank", str(rank), "--port", str(port), "--out", str(out_dir)],
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        for rank in range(WORLD_SIZE)
-    ]
-    outputs = []
-    try:
-        for process in processes:
-            output, _ = process.communicate(timeout=TIMEOUT_S)
-            outputs.append(output)
-    except subprocess.TimeoutExpired:
-        for process in processes:
-            process.kill()
-            process.communicate()
-        pytest.fail(f"the DDP workers did not finish within {TIMEOUT_S} s")
-    for rank, (process, output) in enumerate(zip(processes, outputs)):
-        assert process.returncode == 0, f"rank {rank} failed:\n{output}"
-
-
 @pytest.fixture(scope="module")
 def ddp_results(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, list[torch.Tensor]]]:
-    import torch.distributed as dist
-
-    if not dist.is_available() or not dist.is_gloo_available():
-        pytest.skip("torch.distributed with the gloo backend is not available in this build")
+    skip_without_gloo()
     out_dir = tmp_path_factory.mktemp("ddp")
-    _run_ranks(out_dir)
+    run_ranks(__file__, WORLD_SIZE, ["--out", str(out_dir)])
     return [torch.load(out_dir / f"rank{rank}.pt") for rank in range(WORLD_SIZE)]
 
 
@@ -235,8 +188,5 @@ def test_no_sync_first_pass_is_m_sharpness(ddp_results: list[dict]) -> None:
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description="one DDP rank of tests/test_optim_distributed.py")
-    parser.add_argument("--rank", type=int, required=True)
-    parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--out", required=True)
-    arguments = parser.parse_args()
-    _worker(arguments.rank, arguments.port, arguments.out)
+    _worker(parser.parse_args().out)
