@@ -18,6 +18,7 @@ from samgria._snapshot import StateStructure, StepSnapshot
 from samgria._wrapper import WrappingOptimizer
 from samgria.functional import global_norm
 from samgria.functional._grouping import group_indices_by_device_and_dtype
+from samgria.functional._sharding import is_sharded
 from samgria.functional._views import as_real
 from samgria.transforms.base import Transform, TransformContext
 from samgria.transforms.chain import CHAIN_KEY, Chain
@@ -142,7 +143,9 @@ class TransformingOptimizer(WrappingOptimizer):
         model: The module the closure evaluates; only handed to seed-protocol transforms.
         first_pass_context: Callable returning a context manager entered around the closure's
             first evaluation, e.g. ``ddp_model.no_sync`` so each replica perturbs with its own
-            gradient (the SAM paper's m-sharpness; saves one all-reduce).
+            gradient (the SAM paper's m-sharpness; saves one all-reduce). Refused (``ValueError``)
+            with sharded (FSDP2) parameters: FSDP2 without gradient synchronisation keeps the
+            local gradients outside ``param.grad``. There SAM perturbs with the global gradient.
         reevaluation_context: Callable returning a context manager entered around every
             re-evaluation by a transform, e.g. ``lambda: frozen_bn_stats(model)``.
         transform_foreach: Use the ``torch._foreach_*`` kernels in transforms (default ``True``);
@@ -163,8 +166,10 @@ class TransformingOptimizer(WrappingOptimizer):
 
     Raises:
         TypeError: If ``inner`` is not an optimizer class or factory, or a transform lacks the hooks.
-        ValueError: If a hyperparameter is invalid, a param-group key is ambiguous, or a slot
-            name is not an identifier.
+        ValueError: If a hyperparameter is invalid, a param-group key is ambiguous, a slot
+            name is not an identifier, or sharded (``DTensor``) parameters meet
+            ``first_pass_context`` or a transform that does not support them
+            (``Transform.supports_sharded_params``).
     """
 
     #: GradScaler calls ``step()`` even after an overflow and lets it unscale and skip (see
@@ -205,6 +210,15 @@ class TransformingOptimizer(WrappingOptimizer):
             raise TypeError(
                 "inner must be an optimizer whose step() works without a closure, got LBFGS (it "
                 "re-evaluates the closure itself): use it on its own"
+            )
+        if first_pass_context is not None and any(
+            is_sharded(p) for group in inner_optimizer.param_groups for p in group["params"]
+        ):
+            raise ValueError(
+                "first_pass_context (m-sharpness) needs unsharded parameters, got sharded (DTensor) "
+                "ones: FSDP2 without gradient synchronisation keeps each rank's unsharded gradient "
+                "outside param.grad, so SAM would see none; drop first_pass_context (SAM then "
+                "perturbs with the global gradient) or train with DDP"
             )
         chain = Chain(transforms, inner_optimizer.defaults)
         # Check every group before changing any: nothing half-applied on error.

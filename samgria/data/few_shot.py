@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 
 from samgria.data._validation import check_int, make_generator
-from samgria.data.task import Task
+from samgria.data.sharding import shard_bounds
+from samgria.data.task import Task, generator_state_dict, load_generator_state_dict
 
 __all__ = ["FewShotSampler"]
 
@@ -126,6 +128,36 @@ class FewShotSampler:
     def _draw(self, count: int) -> torch.Tensor:
         return torch.randperm(count, generator=self.generator)
 
+    def _draw_task(self) -> tuple[torch.Tensor, ...]:
+        """Draw one task's random numbers: the chosen class positions and, per split, the
+        example indices (into ``inputs``) and the remapped labels, shuffled."""
+        chosen = self._draw(len(self._indices))[: self.n_way]
+        support_idx, query_idx = [], []
+        for position in chosen.tolist():
+            pool = self._indices[position]
+            picked = pool[self._draw(pool.numel())[: self.k_shot + self.k_query]]
+            support_idx.append(picked[: self.k_shot])
+            query_idx.append(picked[self.k_shot :])
+        support_index, support_labels = self._shuffled(torch.cat(support_idx), self.k_shot)
+        query_index, query_labels = self._shuffled(torch.cat(query_idx), self.k_query)
+        return chosen, support_index, support_labels, query_index, query_labels
+
+    def _shuffled(self, index: torch.Tensor, per_class: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Shuffle a class-major index together with its remapped labels."""
+        remapped = torch.arange(self.n_way).repeat_interleave(per_class)
+        order = self._draw(index.numel())
+        return index[order], remapped[order]
+
+    def _task(self, draw: tuple[torch.Tensor, ...]) -> Task:
+        """Gather the examples of one drawn task (no random numbers are used here)."""
+        _, support_index, support_labels, query_index, query_labels = draw
+        return Task(
+            self.inputs[support_index.to(self.inputs.device)].to(self.device),
+            support_labels.to(self.device),
+            self.inputs[query_index.to(self.inputs.device)].to(self.device),
+            query_labels.to(self.device),
+        )
+
     def sample_with_classes(self, n: int) -> tuple[list[Task], torch.Tensor]:
         """Draw ``n`` tasks and return them with their original class labels.
 
@@ -138,35 +170,46 @@ class FewShotSampler:
             task ``i`` maps to label ``j``.
         """
         n = check_int("n", n, 0)
-        tasks: list[Task] = []
-        chosen_classes = []
-        for _ in range(n):
-            chosen = self._draw(len(self._indices))[: self.n_way]
-            support_idx, query_idx = [], []
-            for position in chosen.tolist():
-                pool = self._indices[position]
-                picked = pool[self._draw(pool.numel())[: self.k_shot + self.k_query]]
-                support_idx.append(picked[: self.k_shot])
-                query_idx.append(picked[self.k_shot :])
-            support_x, support_y = self._split(torch.cat(support_idx), self.k_shot)
-            query_x, query_y = self._split(torch.cat(query_idx), self.k_query)
-            tasks.append(Task(support_x, support_y, query_x, query_y))
-            chosen_classes.append(self.classes[chosen])
-        if not chosen_classes:
+        draws = [self._draw_task() for _ in range(n)]
+        tasks = [self._task(draw) for draw in draws]
+        if not draws:
             return tasks, torch.empty(0, self.n_way, dtype=torch.long)
-        return tasks, torch.stack(chosen_classes)
-
-    def _split(self, index: torch.Tensor, per_class: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Shuffle a class-major index and return its inputs and remapped labels."""
-        remapped = torch.arange(self.n_way).repeat_interleave(per_class)
-        order = self._draw(index.numel())
-        index, remapped = index[order], remapped[order]
-        x = self.inputs[index.to(self.inputs.device)].to(self.device)
-        return x, remapped.to(self.device)
+        return tasks, torch.stack([self.classes[draw[0]] for draw in draws])
 
     def sample(self, n: int) -> list[Task]:
         """Return ``n`` freshly sampled N-way K-shot tasks (``n >= 0``)."""
         return self.sample_with_classes(n)[0]
+
+    def sample_shard(self, n: int, rank: int, world_size: int) -> list[Task]:
+        """Rank ``rank``'s share of the ``n`` tasks :meth:`sample` would draw.
+
+        The indices of all ``n`` tasks are drawn (the stream advances as for ``sample(n)``);
+        only the share's examples are gathered and moved to ``device``. Equal, bit for bit, to
+        ``sample(n)[start:stop]`` with the bounds of
+        :func:`~samgria.data.sharding.shard_bounds`.
+
+        Args:
+            n: Tasks in the global batch (``>= 0``).
+            rank: This process's rank, in ``[0, world_size - 1]``.
+            world_size: Number of processes (``>= 1``).
+        """
+        n = check_int("n", n, 0)
+        start, stop = shard_bounds(n, rank, world_size)
+        draws = [self._draw_task() for _ in range(n)]
+        return [self._task(draw) for draw in draws[start:stop]]
+
+    def state_dict(self) -> dict[str, Any]:
+        """``{"generator": state}`` of the sampler's generator (``None`` with torch's global one)."""
+        return generator_state_dict(self.generator)
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue the random stream from a :meth:`state_dict`.
+
+        Raises:
+            TypeError: ``state`` is not such a dict.
+            ValueError: ``state`` and this sampler disagree on having a generator of their own.
+        """
+        load_generator_state_dict(self.generator, state, type(self).__name__)
 
     def __repr__(self) -> str:
         return (

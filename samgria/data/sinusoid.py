@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 
 from samgria.data._validation import check_int, check_range, make_generator
-from samgria.data.task import Task
+from samgria.data.sharding import shard_bounds
+from samgria.data.task import Task, generator_state_dict, load_generator_state_dict
 
 __all__ = ["SinusoidTaskSampler", "sinusoid"]
 
@@ -89,6 +91,19 @@ class SinusoidTaskSampler:
         u = torch.rand(size, generator=self.generator, device=self._draw_device, dtype=self.dtype)
         return (low + (high - low) * u).to(self.device)
 
+    def _draw(self, n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The random numbers of ``n`` tasks: amplitudes ``(n,)``, phases ``(n,)``, inputs ``(n, K, 1)``."""
+        amplitudes = self._uniform((n,), self.amp_range)
+        phases = self._uniform((n,), self.phase_range)
+        x = self._uniform((n, self.k_support + self.k_query, 1), self.x_range)
+        return amplitudes, phases, x
+
+    def _tasks(self, amplitudes: torch.Tensor, phases: torch.Tensor, x: torch.Tensor) -> list[Task]:
+        n = amplitudes.shape[0]
+        y = sinusoid(x, amplitudes.view(n, 1, 1), phases.view(n, 1, 1))
+        ks = self.k_support
+        return [Task(x[i, :ks], y[i, :ks], x[i, ks:], y[i, ks:]) for i in range(n)]
+
     def sample_with_params(self, n: int) -> tuple[list[Task], torch.Tensor, torch.Tensor]:
         """Draw ``n`` tasks and return them with their amplitudes and phases.
 
@@ -103,14 +118,39 @@ class SinusoidTaskSampler:
             tensors of shape ``(n,)`` with each task's :math:`A` and :math:`\\varphi`.
         """
         n = check_int("n", n, 0)
-        amplitudes = self._uniform((n,), self.amp_range)
-        phases = self._uniform((n,), self.phase_range)
-        k = self.k_support + self.k_query
-        x = self._uniform((n, k, 1), self.x_range)
-        y = sinusoid(x, amplitudes.view(n, 1, 1), phases.view(n, 1, 1))
-        ks = self.k_support
-        tasks = [Task(x[i, :ks], y[i, :ks], x[i, ks:], y[i, ks:]) for i in range(n)]
-        return tasks, amplitudes, phases
+        amplitudes, phases, x = self._draw(n)
+        return self._tasks(amplitudes, phases, x), amplitudes, phases
+
+    def sample_shard(self, n: int, rank: int, world_size: int) -> list[Task]:
+        """Rank ``rank``'s share of the ``n`` tasks :meth:`sample` would draw.
+
+        The random numbers of all ``n`` tasks are drawn (the stream advances as for
+        ``sample(n)``); only the share's targets are computed. Equal, bit for bit, to
+        ``sample(n)[start:stop]`` with the bounds of
+        :func:`~samgria.data.sharding.shard_bounds`.
+
+        Args:
+            n: Tasks in the global batch (``>= 0``).
+            rank: This process's rank, in ``[0, world_size - 1]``.
+            world_size: Number of processes (``>= 1``).
+        """
+        n = check_int("n", n, 0)
+        start, stop = shard_bounds(n, rank, world_size)
+        amplitudes, phases, x = self._draw(n)
+        return self._tasks(amplitudes[start:stop], phases[start:stop], x[start:stop])
+
+    def state_dict(self) -> dict[str, Any]:
+        """``{"generator": state}`` of the sampler's generator (``None`` with torch's global one)."""
+        return generator_state_dict(self.generator)
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue the random stream from a :meth:`state_dict`.
+
+        Raises:
+            TypeError: ``state`` is not such a dict.
+            ValueError: ``state`` and this sampler disagree on having a generator of their own.
+        """
+        load_generator_state_dict(self.generator, state, type(self).__name__)
 
     def sample(self, n: int) -> list[Task]:
         """Return ``n`` freshly sampled sinusoid tasks (``n >= 0``)."""

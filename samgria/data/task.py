@@ -3,11 +3,18 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 
-__all__ = ["Task", "TaskSampler"]
+__all__ = [
+    "Task",
+    "TaskSampler",
+    "generator_state_dict",
+    "load_generator_state_dict",
+    "load_sampler_state_dict",
+    "sampler_state_dict",
+]
 
 
 @dataclass
@@ -38,8 +45,78 @@ class Task:
 
 @runtime_checkable
 class TaskSampler(Protocol):
-    """Anything with ``sample(n) -> list[Task]`` that draws ``n`` tasks from p(T)."""
+    """Anything with ``sample(n) -> list[Task]`` that draws ``n`` tasks from p(T).
+
+    Two optional methods, which the samplers of :mod:`samgria.data` have, are used where present
+    (they are not part of the protocol, so ``isinstance`` checks only ``sample``):
+
+    * ``sample_shard(n, rank, world_size) -> list[Task]``: the tasks of rank ``rank``'s
+      contiguous share (:func:`samgria.data.sharding.shard_bounds`) of the global batch that
+      ``sample(n)`` would draw, advancing the random stream exactly as ``sample(n)`` does.
+      Without it, :class:`~samgria.DistributedTaskSampler` calls ``sample(n)`` and slices.
+    * ``state_dict()`` / ``load_state_dict(state)``: the position in the random stream, which
+      :meth:`samgria.MetaTrainer.state_dict` checkpoints. Without them a sampler's
+      ``generator`` attribute, when it is a :class:`torch.Generator`, is saved instead.
+    """
 
     def sample(self, n: int) -> list[Task]:
         """Return ``n`` freshly sampled tasks."""
         ...
+
+
+def generator_state_dict(generator: torch.Generator | None) -> dict[str, Any]:
+    """A sampler's state: ``{"generator": generator.get_state()}`` (``None`` for torch's global one)."""
+    return {"generator": None if generator is None else generator.get_state()}
+
+
+def load_generator_state_dict(generator: torch.Generator | None, state: Any, owner: str) -> None:
+    """Restore a state from :func:`generator_state_dict` into ``generator``.
+
+    Raises:
+        TypeError: ``state`` is not a dict with a ``"generator"`` entry.
+        ValueError: The state and the sampler disagree on having a generator of their own.
+    """
+    if not isinstance(state, dict) or "generator" not in state:
+        raise TypeError(f"state must be a dict with a 'generator' entry (from {owner}.state_dict()), got {state!r}")
+    saved = state["generator"]
+    if (saved is None) != (generator is None):
+        mine = "torch's global generator" if generator is None else "a generator of its own"
+        raise ValueError(
+            f"state['generator'] must match the sampler, which uses {mine}; got "
+            f"{'None' if saved is None else 'a generator state'}"
+        )
+    if generator is not None:
+        generator.set_state(saved)
+
+
+def sampler_state_dict(sampler: Any) -> Any:
+    """The state of any sampler: its ``state_dict()``, else its ``generator``'s, else ``None``."""
+    own = getattr(sampler, "state_dict", None)
+    if callable(own):
+        return own()
+    generator = getattr(sampler, "generator", None)
+    if isinstance(generator, torch.Generator):
+        return generator_state_dict(generator)
+    return None
+
+
+def load_sampler_state_dict(sampler: Any, state: Any) -> None:
+    """Restore what :func:`sampler_state_dict` returned (``None``: nothing to restore).
+
+    Raises:
+        ValueError: ``state`` is not ``None`` but the sampler can restore nothing.
+    """
+    if state is None:
+        return
+    own = getattr(sampler, "load_state_dict", None)
+    if callable(own):
+        own(state)
+        return
+    generator = getattr(sampler, "generator", None)
+    if isinstance(generator, torch.Generator):
+        load_generator_state_dict(generator, state, type(sampler).__name__)
+        return
+    raise ValueError(
+        f"sampler must have load_state_dict or a torch.Generator 'generator' to restore a saved state, "
+        f"got {type(sampler).__name__}"
+    )

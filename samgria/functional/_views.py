@@ -1,8 +1,10 @@
-"""Views that let every kernel treat tensors alike: complex as pairs of reals, 16-bit widened."""
+"""Views that let every kernel treat tensors alike: local shards, complex as pairs of reals, 16-bit widened."""
 
 from __future__ import annotations
 
 import torch
+
+from samgria.functional._sharding import local_shard
 
 __all__ = ["as_real", "widened_dtype", "LOW_PRECISION"]
 
@@ -11,7 +13,9 @@ LOW_PRECISION = (torch.float16, torch.bfloat16)
 
 
 def as_real(tensor: torch.Tensor) -> torch.Tensor:
-    """A complex tensor as pairs of reals (a view, as torch.optim treats complex parameters)."""
+    """The tensor every kernel works on: this rank's shard of a ``DTensor``, complex as pairs of
+    reals (views, as torch.optim treats complex parameters)."""
+    tensor = local_shard(tensor)
     return torch.view_as_real(tensor) if tensor.is_complex() else tensor
 
 

@@ -3,7 +3,8 @@
 Each tensor's norm is taken in its own dtype (16-bit tensors in float32: casting every float32
 gradient to float64 first costs several times the norm itself on the CPU), and the per-tensor
 norms are combined in float64 (float32 on devices without float64), so a model mixing bfloat16,
-float32 and float64 parameters gets one accurate norm.
+float32 and float64 parameters gets one accurate norm. Sharded tensors (``DTensor``) count whole:
+the per-shard squared norms are summed across ranks (see :mod:`samgria.functional._sharding`).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from collections.abc import Sequence
 import torch
 
 from samgria.functional._grouping import group_indices_by_device_and_dtype
+from samgria.functional._sharding import is_sharded, local_shard, reduce_partial_sums
 from samgria.functional._views import widened_dtype
 
 __all__ = ["global_norm"]
@@ -22,29 +24,53 @@ def _accumulation_dtype(device: torch.device) -> torch.dtype:
     return torch.float32 if device.type == "mps" else torch.float64
 
 
-def global_norm(tensors: Sequence[torch.Tensor], *, foreach: bool = True) -> torch.Tensor:
+def global_norm(
+    tensors: Sequence[torch.Tensor], *, foreach: bool = True, like: Sequence[torch.Tensor] | None = None
+) -> torch.Tensor:
     r"""Return :math:`\sqrt{\sum_i \lVert t_i \rVert_2^2}` over every tensor in ``tensors``.
 
+    Sharded tensors (``DTensor``, e.g. the parameters and gradients of a model sharded with
+    FSDP2's ``fully_shard``) count whole: each rank takes the norm of its shards, and the squared
+    norms are summed across ranks with one ``all_reduce`` per device mesh, so every rank gets the
+    norm of the global tensors.
+
     Args:
-        tensors: Dense tensors of any shapes, devices and floating dtypes.
+        tensors: Dense tensors of any shapes, devices and floating dtypes, or ``DTensor``s.
         foreach: Use one ``torch._foreach_norm`` per (device, dtype) group; ``False`` takes the
             per-tensor reference path. Both give the same value.
+        like: When ``tensors`` are local shards computed from sharded tensors (e.g. ASAM's
+            :math:`T \odot g` from a ``DTensor`` gradient), the sharded tensors they are shards
+            of, one per entry: their sharding decides the reduction.
 
     Returns:
-        A 0-dim tensor on the device of the first tensor, in float64 (float32 on MPS).
+        A 0-dim tensor on the device of the first (local) tensor, in float64 (float32 on MPS).
         The norm of an empty list is 0.
     """
+    if like is not None and len(like) != len(tensors):
+        raise ValueError(f"like must have one tensor per tensor, got {len(like)} for {len(tensors)}")
     if len(tensors) == 0:
         return torch.zeros((), dtype=torch.float64)
+    sources = tensors if like is None else like
+    tensors = [local_shard(tensor) for tensor in tensors]
     out_device = tensors[0].device
     acc_dtype = _accumulation_dtype(out_device)
+    stacked = _stacked_norms(tensors, foreach, out_device, acc_dtype)
+    if any(is_sharded(source) for source in sources):
+        return reduce_partial_sums(stacked.square(), sources).sum().sqrt()
+    return torch.linalg.vector_norm(stacked, 2)
+
+
+def _stacked_norms(
+    tensors: Sequence[torch.Tensor], foreach: bool, out_device: torch.device, acc_dtype: torch.dtype
+) -> torch.Tensor:
+    """Each tensor's L2 norm (in its own dtype, 16-bit in float32), as one 1-D tensor."""
     norms: list[torch.Tensor | None] = [None] * len(tensors)
     if foreach:
         groups = group_indices_by_device_and_dtype(tensors)
         if len(groups) == 1:  # the common case: one stack, one cast
             ((_device, dtype),) = groups
             group_norms = torch._foreach_norm(list(tensors), 2, dtype=widened_dtype(dtype))
-            return torch.linalg.vector_norm(torch.stack(group_norms).to(out_device, acc_dtype), 2)
+            return torch.stack(group_norms).to(out_device, acc_dtype)
         for (_device, dtype), indices in groups.items():
             group_norms = torch._foreach_norm([tensors[i] for i in indices], 2, dtype=widened_dtype(dtype))
             for index, norm in zip(indices, group_norms):
@@ -52,5 +78,4 @@ def global_norm(tensors: Sequence[torch.Tensor], *, foreach: bool = True) -> tor
     else:
         for index, tensor in enumerate(tensors):
             norms[index] = torch.linalg.vector_norm(tensor, 2, dtype=widened_dtype(tensor.dtype))
-    stacked = torch.stack([norm.to(out_device, acc_dtype) for norm in norms])  # type: ignore[union-attr]
-    return torch.linalg.vector_norm(stacked, 2)
+    return torch.stack([norm.to(out_device, acc_dtype) for norm in norms])  # type: ignore[union-attr]

@@ -24,6 +24,11 @@ not adapted but still receives meta-gradients).
 
 The model itself (parameters and buffers) is never modified by the inner loop; only ``step``
 changes it. See :mod:`samgria.meta.functional` for the BatchNorm policy.
+
+With ``distributed=True`` each process (rank) adapts its own share of the meta-batch and
+``step`` all-reduces the outer gradient, weighted by each rank's tasks, before the outer
+optimizer uses it (:mod:`samgria.meta.distributed`): the update equals one process adapting the
+whole meta-batch.
 """
 
 from __future__ import annotations
@@ -38,6 +43,7 @@ from torch import nn
 from samgria._checks import check_bool, check_choice, check_real
 from samgria._wrapper import WrappingOptimizer
 from samgria.data.task import Task
+from samgria.meta import distributed as collectives
 from samgria.meta import engine
 from samgria.meta.engine import InnerLoop, InnerRegFn, check_inner_options, vmap_blocker
 from samgria.meta.functional import check_lr, check_steps, one_steps_argument
@@ -92,6 +98,18 @@ class MetaOptimizer(WrappingOptimizer):
             finite is skipped whole (weights and outer state untouched) with a
             ``RuntimeWarning``, counted in :attr:`skipped_steps`; ``"raise"`` raises
             :class:`FloatingPointError` instead (nothing applied either).
+        distributed: Meta-train across the processes of a ``torch.distributed`` process group
+            (which must be initialised): each rank adapts its own tasks, and every outer step
+            replaces the gradients by their task-weighted mean over the ranks,
+            :math:`g = \\sum_r W_r g_r / \\sum_r W_r` with :math:`W_r` the summed weights of the
+            tasks rank :math:`r` adapted in the step (:meth:`add_task_weight`), before the
+            non-finite check and the outer optimizer; the returned meta-loss is the same mean.
+            :meth:`evaluate` returns the mean over every rank's tasks. Building the
+            meta-optimizer copies rank 0's parameters and buffers to every rank (as
+            ``DistributedDataParallel`` does), so every rank must build it. Default ``False``:
+            one process, no collectives.
+        process_group: The process group of ``distributed=True`` (default ``None``: the default
+            group). Not pickled (a copy uses the default group).
         **outer_kwargs: Keyword arguments of the outer optimizer class (e.g. ``lr=1e-3``).
 
     Attributes:
@@ -108,12 +126,14 @@ class MetaOptimizer(WrappingOptimizer):
         TypeError: ``model`` is not a module, ``outer`` is neither an optimizer class nor an
             optimizer, ``outer_kwargs`` are given with a built optimizer, or an argument has
             the wrong type.
-        ValueError: ``inner_lr`` or ``inner_steps`` is negative, or the outer optimizer holds a
-            tensor that is not a parameter of ``model``.
+        ValueError: ``inner_lr`` or ``inner_steps`` is negative, the outer optimizer holds a
+            tensor that is not a parameter of ``model``, ``distributed=True`` without an
+            initialised process group, or ``process_group`` without ``distributed=True``.
     """
 
     outer_update: ClassVar[str] = "meta_gradient"
     needs_query: ClassVar[bool] = True
+    _dropped_on_pickle = ("process_group",)
 
     def __init__(
         self,
@@ -126,10 +146,13 @@ class MetaOptimizer(WrappingOptimizer):
         params: Iterable[Any] | None = None,
         checkpoint_inner_steps: bool = False,
         non_finite: str = "skip",
+        distributed: bool = False,
+        process_group: Any = None,
         **outer_kwargs: Any,
     ) -> None:
         check_bool("checkpoint_inner_steps", checkpoint_inner_steps)
         check_choice("non_finite", non_finite, ("skip", "raise"))
+        distributed, process_group = collectives.check_distributed(distributed, process_group)
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         inner_lr = check_lr(inner_lr, "inner_lr")
@@ -147,6 +170,9 @@ class MetaOptimizer(WrappingOptimizer):
         self.non_finite = non_finite
         self.skipped_steps = 0
         self.path_policy = PathPolicy(type(self).__name__)
+        self.distributed = distributed
+        self.process_group = process_group
+        self._task_weight = 0.0
 
         if isinstance(outer, type) and issubclass(outer, torch.optim.Optimizer):
             if issubclass(outer, MetaOptimizer):
@@ -172,6 +198,35 @@ class MetaOptimizer(WrappingOptimizer):
         self._init_wrapper(built, {**built.defaults, "inner_lr": inner_lr, "adapt": True})
         for i, group in enumerate(self.outer.param_groups):
             self._fill_group(group, i)
+        if self.distributed:
+            collectives.broadcast_module(model, process_group)
+
+    # ------------------------------------------------------------------ processes
+    @property
+    def world_size(self) -> int:
+        """Number of processes meta-training together (1 without ``distributed=True``)."""
+        return collectives.world(self.process_group)[1] if self.distributed else 1
+
+    @property
+    def rank(self) -> int:
+        """This process's rank in the process group (0 without ``distributed=True``)."""
+        return collectives.world(self.process_group)[0] if self.distributed else 0
+
+    def add_task_weight(self, weight: float = 1.0) -> None:
+        """Count one adapted task of weight ``weight`` in this rank's share of the meta-step.
+
+        :meth:`record_adaptation` calls it for every task adapted through :meth:`adapt`,
+        :meth:`task_losses`, ``meta_step`` or ``MetaTrainer``; call it yourself for each task
+        a closure adapts another way (through :meth:`clone` and a
+        :class:`~samgria.meta.learner.Learner`). With ``distributed=True`` the sum :math:`W_r`
+        weights this rank's gradient in the all-reduce of :meth:`step`; it restarts at 0 with
+        every evaluation of the closure and after every step. Without ``distributed`` it has no
+        effect on the update.
+
+        Args:
+            weight: The task's weight (``>= 0``), as in :meth:`meta_loss`.
+        """
+        self._task_weight += _check_weight(weight)
 
     # ------------------------------------------------------------------ optimizer plumbing
     # param_groups (the outer optimizer's list), state, hooks, pickling and state_dict /
@@ -248,24 +303,64 @@ class MetaOptimizer(WrappingOptimizer):
 
         The check runs inside the closure, before the outer optimizer changes anything; an
         outer ``TransformingOptimizer`` rolls back its first pass when the closure raises.
+        With ``distributed=True`` the gradients and the loss are all-reduced first, so every
+        rank takes the same decision.
         """
-        if closure is None:
-            problem = self._non_finite(None)
-            if problem is not None:
-                return self._skip(problem, None)
-            return self._driven_step(None)
-
-        def checked_closure() -> Any:
-            loss = closure()
-            problem = self._non_finite(loss)
-            if problem is not None:
-                raise _NonFiniteMetaStep(problem, loss)
-            return loss
-
         try:
-            return self._driven_step(checked_closure)
-        except _NonFiniteMetaStep as skipped:
-            return self._skip(skipped.problem, skipped.loss)
+            if closure is None:
+                self._reduce_across_ranks(None)
+                problem = self._non_finite(None)
+                if problem is not None:
+                    return self._skip(problem, None)
+                return self._driven_step(None)
+
+            def checked_closure() -> Any:
+                self._task_weight = 0.0
+                loss = self._reduce_across_ranks(closure())
+                problem = self._non_finite(loss)
+                if problem is not None:
+                    raise _NonFiniteMetaStep(problem, loss)
+                return loss
+
+            try:
+                return self._driven_step(checked_closure)
+            except _NonFiniteMetaStep as skipped:
+                return self._skip(skipped.problem, skipped.loss)
+        finally:
+            self._task_weight = 0.0
+
+    def _unique_params(self) -> list[torch.Tensor]:
+        """The meta-parameters of every group, each once, in group order."""
+        seen: set[int] = set()
+        params = []
+        for group in self.param_groups:
+            for p in group["params"]:
+                if id(p) not in seen:
+                    seen.add(id(p))
+                    params.append(p)
+        return params
+
+    def _reduce_across_ranks(self, loss: Any) -> Any:
+        """All-reduce the outer gradients (and a scalar loss) over the ranks; return the loss.
+
+        A no-op with one process. Raises when no rank adapted a task.
+        """
+        if self.world_size == 1:
+            return loss
+        scalar = loss if isinstance(loss, torch.Tensor) and loss.numel() == 1 else None
+        total, mean_loss = collectives.all_reduce_meta_gradients(
+            self._unique_params(), self._task_weight, scalar, self.process_group
+        )
+        if total == 0.0:
+            raise ValueError(
+                f"{type(self).__name__}.step found no adapted tasks on any of the {self.world_size} ranks "
+                "(their task weights sum to 0): adapt through meta.adapt, meta.task_losses, meta_step or "
+                "MetaTrainer, which count each task, or count tasks adapted another way with "
+                "meta.add_task_weight(weight)"
+            )
+        if scalar is None or mean_loss is None:
+            return loss
+        return torch.tensor(mean_loss, dtype=scalar.dtype, device=scalar.device).reshape(scalar.shape)
 
     def _non_finite(self, loss: Any) -> str | None:
         """Say what is not finite (the meta-loss or some meta-gradient), or ``None``."""
@@ -451,12 +546,14 @@ class MetaOptimizer(WrappingOptimizer):
         Called for every adapted task by :meth:`adapt`, :meth:`task_losses` and the
         ``meta_step`` builder. Algorithms whose outer update is formed from the adapted weights
         (``outer_update == "pseudo_gradient"``, Reptile) keep them; the MAML family, whose
-        meta-gradient flows through the query loss, ignores them.
+        meta-gradient flows through the query loss, ignores them. Every algorithm counts the
+        task's weight (:meth:`add_task_weight`).
 
         Args:
             adapted: ``{name: adapted weight}`` (at least the adapted names).
             weight: The task's weight ``>= 0``.
         """
+        self.add_task_weight(weight)
 
     def _check_tasks(self, tasks: Any) -> list[Task]:
         if isinstance(tasks, Task) or not isinstance(tasks, Sequence):
@@ -599,8 +696,12 @@ class MetaOptimizer(WrappingOptimizer):
         The inner loop runs on detached copies of the meta-parameters, so the model, its
         gradients, the outer optimizer and any recorded adaptations are left untouched.
 
+        With ``distributed=True`` ``tasks`` are this rank's share (possibly empty) and every
+        rank returns the mean over the tasks of all ranks,
+        :math:`\\sum_r \\sum_{i \\in \\mathcal{B}_r} \\ell_i / \\sum_r |\\mathcal{B}_r|`.
+
         Args:
-            tasks: Held-out tasks (non-empty).
+            tasks: Held-out tasks (non-empty; with ``distributed=True``, non-empty on some rank).
             loss_fn: ``loss_fn(prediction, target) -> scalar``.
             inner_steps: Number of inner steps (default: :attr:`inner_steps`).
             vectorize: As in :meth:`task_losses`.
@@ -621,8 +722,31 @@ class MetaOptimizer(WrappingOptimizer):
             track_graph=False,
         )
         path = _path_of(vectorize)
+        if self.world_size > 1 and isinstance(tasks, Sequence) and not isinstance(tasks, Task) and len(tasks) == 0:
+            return self.mean_query_loss(None)
         losses, _ = self.run_tasks(tasks, loss_fn, loop, path=path, record=False)
-        return float(losses.mean())
+        return self.mean_query_loss(losses)
+
+    def mean_query_loss(self, losses: torch.Tensor | None) -> float:
+        """The mean of per-task losses, over every rank's tasks with ``distributed=True``.
+
+        Args:
+            losses: This rank's per-task losses (1-D), or ``None`` for a rank without tasks.
+
+        Returns:
+            ``losses.mean()`` with one process; with several, :math:`\\sum_r s_r / \\sum_r n_r`
+            from each rank's sum :math:`s_r` and count :math:`n_r` (the same on every rank).
+
+        Raises:
+            ValueError: No task on any rank.
+        """
+        if self.world_size == 1:
+            if losses is None or losses.numel() == 0:
+                raise ValueError("tasks must be a non-empty sequence of Task, got 0 tasks")
+            return float(losses.mean())
+        total = 0.0 if losses is None else float(losses.detach().double().sum())
+        count = 0 if losses is None else losses.numel()
+        return collectives.mean_over_ranks(total, count, self.process_group, self._unique_params()[0].device)
 
     @staticmethod
     def meta_loss(losses: Sequence[torch.Tensor] | torch.Tensor, weights: Sequence[float] | torch.Tensor | None = None) -> torch.Tensor:

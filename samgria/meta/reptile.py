@@ -40,6 +40,11 @@ class Reptile(MetaOptimizer):
     needs only the values of :math:`\\theta'_i`); the learners returned by :meth:`adapt` are
     therefore detached.
 
+    With ``distributed=True`` each rank forms the pseudo-gradient of its own tasks and
+    :meth:`step` all-reduces it weighted by the ranks' task weights, which gives
+    :math:`\\theta - \\sum_i w_i \\theta'_i / \\sum_i w_i` over the tasks of every rank; a rank
+    may adapt no task in a step.
+
     Args:
         model: The module to meta-train.
         outer: Outer optimizer class (``torch.optim.SGD`` with ``lr=β`` is the paper's update)
@@ -68,6 +73,7 @@ class Reptile(MetaOptimizer):
 
     def record_adaptation(self, adapted: Mapping[str, torch.Tensor], weight: float = 1.0) -> None:
         """Keep one task's adapted weights (those of the adapted names) for :meth:`step`."""
+        super().record_adaptation(adapted, weight)
         names = self._adapt_config()[0]
         self._records.append(({n: adapted[n].detach() for n in names if n in adapted}, weight))
 
@@ -78,6 +84,11 @@ class Reptile(MetaOptimizer):
 
     @torch.no_grad()
     def _set_pseudo_grads(self) -> None:
+        if self.world_size > 1 and sum(w for _, w in self._records) <= 0:
+            # A rank without (weighted) tasks contributes nothing; step raises if no rank had any.
+            for p in self._unique_params():
+                p.grad = None
+            return
         if not self._records:
             raise ValueError(
                 "Reptile.step found no adapted tasks: call meta.adapt(...) or meta.task_losses(...) "

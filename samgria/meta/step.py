@@ -281,6 +281,8 @@ class MetaStep:
         return self.loss
 
     def _maml_closure(self, *, first: bool, total: float) -> torch.Tensor:
+        for spec in self._specs:  # this rank's share of a distributed meta-step
+            self.meta.add_task_weight(spec.weight)
         if first:
             with torch.no_grad():
                 for p in self._meta_params():

@@ -259,10 +259,16 @@ class Transform:
             anything later in the step raises, the step is skipped or cancelled.
         slot_name: The default name of the transform's slot (default: the class name in snake
             case).
+        supports_sharded_params: ``True`` when the transform is right for sharded (``DTensor``)
+            parameters such as FSDP2's: it works elementwise on each rank's shard, or takes
+            norms with :func:`~samgria.functional.global_norm` (which sums over the shards), or
+            uses ``DTensor`` operations. Transforms that take a per-tensor quantity of a local
+            shard set it to ``False``; the optimizer then refuses sharded parameters.
     """
 
     needs_closure: bool = False
     saves_state_before_step: bool = False
+    supports_sharded_params: bool = True
     slot_name: str | None = None
 
     # -- configuration -----------------------------------------------------------------------

@@ -29,6 +29,7 @@ import re
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+from samgria.functional._sharding import is_sharded
 from samgria.transforms.base import GradientTransform, ProtocolTransform, Transform
 
 __all__ = ["Chain", "CHAIN_KEY"]
@@ -183,7 +184,21 @@ class Chain:
         candidate = dict(group)
         self.normalize_group(candidate, where)
         self.validate_group({**self.defaults, **candidate}, where)
+        self.check_sharding(candidate.get("params", ()), where)
         return candidate
+
+    def check_sharding(self, params: Any, where: str) -> None:
+        """Raise ``ValueError`` when sharded (``DTensor``) parameters meet a transform that would
+        compute a per-tensor quantity on one shard only."""
+        if not any(is_sharded(param) for param in params):
+            return
+        for slot, transform in self:
+            if not transform.supports_sharded_params:
+                raise ValueError(
+                    f"{where}: {type(transform).__name__} (slot {slot!r}) does not support sharded "
+                    "(DTensor) parameters such as FSDP2's: it would compute per-tensor norms on each "
+                    "rank's shard alone; use it on unsharded parameters (DDP)"
+                )
 
     def fill_group(self, group: dict[str, Any]) -> None:
         """Give a group every hyperparameter it does not set (the constructor's values) and the chain."""

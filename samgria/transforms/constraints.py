@@ -105,6 +105,8 @@ class ProjectParams(Transform):
             ``param_ndim`` is outside :math:`[-n, n]` for one of its parameters.
     """
 
+    supports_sharded_params = False  # per-tensor norms and ranks of a shard alone
+
     def __init__(self, radius: float = 1.0, p: float = 2.0, center: str = "zero", param_ndim: int | None = -1) -> None:
         self.radius = check_real("radius", radius, low=0.0)
         self.p = float(check_choice("p", p, (2, math.inf)))

@@ -114,6 +114,8 @@ class NormalizeGrad(Transform):
         TypeError: If ``param_ndim`` is neither an integer nor ``None``.
     """
 
+    supports_sharded_params = False  # per-tensor norms and ranks of a shard alone
+
     def __init__(self, eps: float = 1e-12, p: float = 2.0, param_ndim: int | None = None) -> None:
         self.eps = check_real("eps", eps, low=0.0)
         self.p = check_real("p", p, low=0.0, low_open=True, allow_inf=True)
@@ -189,6 +191,8 @@ class SparsifyGrad(Transform):
             is outside :math:`[-n, n]` for one of its parameters.
         TypeError: If ``q`` is not a real number or ``param_ndim`` neither an integer nor ``None``.
     """
+
+    supports_sharded_params = False  # per-tensor norms and ranks of a shard alone
 
     def __init__(self, q: float = 0.1, param_ndim: int | None = None) -> None:
         self.q = check_real("q", q, low=0.0, high=1.0, low_open=True)

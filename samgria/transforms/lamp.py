@@ -24,10 +24,21 @@ of each device ``"rng_state"`` (that device's generator state). A resumed run dr
 noise and rolls back at the same steps, bit for bit. Only parameters that have a gradient at a
 step are perturbed and summed at that step (frozen parameters are left alone). Complex
 parameters are treated as pairs of reals: each real component gets its own uniform factor.
+
+Sharded parameters (``DTensor``, e.g. FSDP2's ``fully_shard``): each rank draws the noise of its
+own shards and keeps the sums of its own shards; only :math:`\lVert u \rVert_2` is summed across
+ranks. With a ``seed``, the noise of a step's :math:`n`-th draw on the shard at mesh coordinates
+:math:`c` (the rank's position along the sharded mesh dimensions; replicas share it) comes from a
+generator seeded with a hash of ``(seed, n, c)``, tensor by tensor in parameter order (see
+:func:`sharded_noise_seed`). The state is then the draw counter ``"noise_draws"`` (the same on
+every rank, so a distributed checkpoint carries it whole): a run is reproducible for a given
+world size and resumes bit for bit on the same number of ranks; on another number of ranks it
+resumes with other (equally distributed) noise.
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections.abc import Mapping
 from typing import Any
@@ -35,15 +46,31 @@ from typing import Any
 import torch
 
 from samgria._checks import check_int, check_real
+from samgria.functional._sharding import is_sharded, shard_coordinates
 from samgria.functional._views import as_real
 from samgria.functional import accumulate_, add_scaled_, assign_mean_, global_norm, magnitude_noise
 from samgria.transforms.base import Transform, TransformContext
 
-__all__ = ["LAMP", "LAMPRollback"]
+__all__ = ["LAMP", "LAMPRollback", "sharded_noise_seed"]
 
 
 #: LAMP's object-level keys (on the first parameter that requires grad, per device for rng_state).
-_OBJECT_KEYS = ("cycle_step", "rng_state")
+_OBJECT_KEYS = ("cycle_step", "rng_state", "noise_draws")
+
+
+def sharded_noise_seed(seed: int, draw: int, coordinates: tuple[int, ...]) -> int:
+    """The seed of the generator that draws LAMP's noise for one shard.
+
+    Args:
+        seed: LAMP's ``seed``.
+        draw: How many noise draws came before (``"noise_draws"`` in LAMP's slot).
+        coordinates: The shard's coordinates along the sharded mesh dimensions.
+
+    Returns:
+        A 63-bit seed, the same on every platform.
+    """
+    text = f"samgria.LAMP/{seed}/{draw}/{','.join(map(str, coordinates))}".encode()
+    return int.from_bytes(hashlib.blake2b(text, digest_size=8).digest(), "little") >> 1
 
 
 class LAMP(Transform):
@@ -128,8 +155,11 @@ class LAMP(Transform):
         generators = self._generators(ctx)
         if generators is not None:
             for param in params:
-                generators.get(param.device)
+                if not is_sharded(param):
+                    generators.get(param.device)
             generators.save()
+        if cycle is not None and any(is_sharded(p) for p in params):
+            cycle.setdefault("noise_draws", 0)
 
     @staticmethod
     def _ensure_sum(ctx: TransformContext, param: torch.Tensor) -> Any:
@@ -156,15 +186,14 @@ class LAMP(Transform):
         if cycle is None:  # no parameter requires grad: nothing to perturb, sum or count
             return
         step = cycle.get("cycle_step", 0) + 1
+        if any(is_sharded(p) for p in params):
+            cycle.setdefault("noise_draws", 0)  # also without noise: the same keys in every checkpoint
 
         noisy = [p for p in params if eps_of[id(p)] > 0]
         if noisy:
-            generators = self._generators(ctx)
             real = [as_real(p) for p in noisy]
-            noise = magnitude_noise(real, generators.get if generators is not None else (lambda _d: None), foreach=ctx.foreach)
-            if generators is not None:
-                generators.save()
-            noise_norm = float(global_norm(noise, foreach=ctx.foreach))
+            noise = self._noise(ctx, noisy, real, cycle)
+            noise_norm = float(global_norm(noise, foreach=ctx.foreach, like=noisy))
             if math.isfinite(noise_norm) and noise_norm > 0:
                 for eps in sorted({eps_of[id(p)] for p in noisy}):
                     chosen = [i for i, p in enumerate(noisy) if eps_of[id(p)] == eps]
@@ -190,6 +219,47 @@ class LAMP(Transform):
                 ctx.state[param]["count"] = 0
             step = 0
         cycle["cycle_step"] = step
+
+
+    def _noise(
+        self, ctx: TransformContext, params: list[torch.Tensor], real: list[torch.Tensor], cycle: Any
+    ) -> list[torch.Tensor]:
+        r""":math:`w \odot r` for each parameter (on this rank's shard of a sharded one)."""
+        noise: list[torch.Tensor] = [torch.empty(0)] * len(params)
+        plain = [i for i, p in enumerate(params) if not is_sharded(p)]
+        if plain:
+            generators = self._generators(ctx)
+            drawn = magnitude_noise(
+                [real[i] for i in plain],
+                generators.get if generators is not None else (lambda _d: None),
+                foreach=ctx.foreach,
+            )
+            if generators is not None:
+                generators.save()
+            for i, sample in zip(plain, drawn):
+                noise[i] = sample
+        by_shard: dict[tuple[int, ...], list[int]] = {}
+        for i, param in enumerate(params):
+            if is_sharded(param):
+                by_shard.setdefault(shard_coordinates(param), []).append(i)
+        if by_shard:
+            draw = cycle.get("noise_draws", 0)
+            for coordinates, indices in by_shard.items():
+                seeded: dict[torch.device, torch.Generator] = {}
+
+                def generator_for(device: torch.device) -> torch.Generator | None:
+                    if self.seed is None:
+                        return None
+                    if device not in seeded:
+                        seed = sharded_noise_seed(self.seed, draw, coordinates)
+                        seeded[device] = torch.Generator(device=device).manual_seed(seed)
+                    return seeded[device]
+
+                drawn = magnitude_noise([real[i] for i in indices], generator_for, foreach=ctx.foreach)
+                for i, sample in zip(indices, drawn):
+                    noise[i] = sample
+            cycle["noise_draws"] = draw + 1
+        return noise
 
 
 def _as_generator_state(value: torch.Tensor) -> torch.Tensor:

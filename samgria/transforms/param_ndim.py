@@ -168,6 +168,8 @@ class ParamTransform(Transform):
         TypeError: If ``param_ndim`` is neither an integer nor ``None``.
     """
 
+    supports_sharded_params = False  # param_ndim reshapes would act on a shard's rows only
+
     #: The default when a subclass's ``__init__`` does not call ``super().__init__()``.
     param_ndim: int | None = -1
 

@@ -36,6 +36,7 @@ from typing import Any
 import torch
 
 from samgria._checks import check_bool, check_real
+from samgria.functional._sharding import is_sharded
 from samgria.functional._views import as_real, widened_dtype
 from samgria.functional import adaptive_scaling, add_directions_, global_norm, mul, mul_, perturbed_into_
 from samgria.transforms.base import Transform, TransformContext
@@ -96,7 +97,8 @@ def _owns_storage(param: torch.Tensor) -> bool:
     reads the weights through the shared storage would otherwise not see the perturbation.
     """
     return (
-        param._base is None
+        not is_sharded(param)  # FSDP2 all-gathers from its own shard storage: perturb that in place
+        and param._base is None
         and param.storage_offset() == 0
         and param.untyped_storage().nbytes() == param.numel() * param.element_size()
     )
@@ -169,13 +171,21 @@ class PerturbationTransform(Transform):
         return params, grads, groups
 
     def _finite_norm(
-        self, directions: list[torch.Tensor], foreach: bool, known: float | None = None
+        self,
+        directions: list[torch.Tensor],
+        foreach: bool,
+        known: float | None = None,
+        like: list[torch.Tensor] | None = None,
     ) -> float | None:
         """The global norm of the directions, or ``None`` (with a warning) when it is not finite.
 
         ``known``: the norm, when the optimizer already computed it over the same tensors.
+        ``like``: the (possibly sharded) tensors that local ``directions`` were computed from.
         """
-        norm = known if known is not None else float(global_norm([as_real(d) for d in directions], foreach=foreach))
+        if known is None:
+            real = [as_real(d) for d in directions]
+            known = float(global_norm(real, foreach=foreach, like=directions if like is None else like))
+        norm = known
         if not math.isfinite(norm):
             warnings.warn(
                 f"{type(self).__name__}: the gradient norm is {norm}; the perturbation is skipped "
@@ -389,7 +399,7 @@ class ASAM(PerturbationTransform):
         directions = [as_real(grad) for grad in grads]  # T ⊙ g for adaptive groups, g elsewhere
         for index, scaled in zip(adaptive, scaled_grads):
             directions[index] = scaled
-        norm = self._finite_norm(directions, ctx.foreach)
+        norm = self._finite_norm(directions, ctx.foreach, like=grads)
         if norm is None or norm == 0.0:
             return None if norm == 0.0 else Perturbation([], non_finite=True)
         mul_(scaled_grads, scalings, foreach=ctx.foreach)  # T² ⊙ g, in place

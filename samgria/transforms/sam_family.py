@@ -160,6 +160,8 @@ class _Step(Perturbation):
 class _FinishingTransform(PerturbationTransform):
     """Perturb, re-evaluate (only when something moved), restore, then finish the step."""
 
+    supports_sharded_params = False  # their inner products are not yet summed over shards
+
     saves_state_before_step = True
 
     def pre_update(self, ctx: TransformContext) -> None:

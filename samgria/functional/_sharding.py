@@ -1,0 +1,102 @@
+"""Parameters sharded as ``DTensor`` (FSDP2's ``fully_shard``, tensor parallelism).
+
+Every samgria kernel runs on plain tensors: a ``DTensor`` enters as its local shard
+(:func:`local_shard`, a view of the same memory, so in-place updates land in the sharded
+parameter), elementwise work stays on the shard and costs no communication. What is not
+elementwise is a sum over the whole tensor -- a norm or an inner product. Its per-shard partial
+sums are added across the ranks that hold the other shards with one ``all_reduce`` per device
+mesh (:func:`reduce_partial_sums`); replicated mesh dimensions hold the same values and are not
+summed over.
+
+This is the one module that knows about ``DTensor``; without ``torch.distributed`` nothing here
+is ever sharded.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+try:  # torch >= 2.5 exports DTensor publicly; earlier releases keep it under _tensor
+    from torch.distributed.tensor import DTensor, Shard
+except ImportError:  # pragma: no cover - depends on the torch build
+    try:
+        from torch.distributed._tensor import DTensor, Shard  # type: ignore[no-redef]
+    except ImportError:
+        DTensor = None  # type: ignore[assignment,misc]
+        Shard = None  # type: ignore[assignment,misc]
+
+__all__ = ["is_sharded", "local_shard", "shard_key", "shard_coordinates", "reduce_partial_sums"]
+
+
+def is_sharded(tensor: Any) -> bool:
+    """Whether ``tensor`` is a ``DTensor`` (sharded or replicated over a device mesh)."""
+    return DTensor is not None and isinstance(tensor, DTensor)
+
+
+def local_shard(tensor: torch.Tensor) -> torch.Tensor:
+    """The part of ``tensor`` this rank holds: a ``DTensor``'s local tensor, any other tensor itself."""
+    return tensor.to_local() if is_sharded(tensor) else tensor
+
+
+def shard_key(tensor: torch.Tensor) -> tuple[Any, tuple[int, ...]] | None:
+    """``(mesh, sharded mesh dims)`` of a ``DTensor`` split over some mesh dimension, else ``None``.
+
+    Tensors with the same key need the same reduction; a ``DTensor`` replicated over its whole
+    mesh holds the whole value on every rank and needs none.
+    """
+    if not is_sharded(tensor):
+        return None
+    if any(placement.is_partial() for placement in tensor.placements):
+        raise ValueError(
+            f"a DTensor with placements {tensor.placements} holds partial values; samgria needs "
+            "sharded or replicated gradients and parameters (reduce the partial values first)"
+        )
+    dims = tuple(dim for dim, placement in enumerate(tensor.placements) if isinstance(placement, Shard))
+    return (tensor.device_mesh, dims) if dims else None
+
+
+def shard_coordinates(tensor: torch.Tensor) -> tuple[int, ...]:
+    """This rank's coordinates along the mesh dimensions that shard ``tensor`` (``()`` if none).
+
+    Ranks that hold the same shard (replicas) have the same coordinates.
+    """
+    key = shard_key(tensor)
+    if key is None:
+        return ()
+    mesh, dims = key
+    coordinates = mesh.get_coordinate()
+    return tuple(coordinates[dim] for dim in dims)
+
+
+def reduce_partial_sums(partial: torch.Tensor, like: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Add up per-shard partial sums across ranks: one ``all_reduce`` per distinct sharding.
+
+    Args:
+        partial: 1-D tensor, one partial sum (over this rank's shard) per entry of ``like``.
+        like: The tensors the partial sums were taken over (``DTensor``s or plain tensors).
+
+    Returns:
+        ``partial`` with each entry of a sharded tensor summed over the ranks holding its other
+        shards; entries of plain or replicated tensors are unchanged.
+    """
+    import torch.distributed as dist
+
+    groups: dict[Any, list[int]] = {}
+    for index, tensor in enumerate(like):
+        key = shard_key(tensor)
+        if key is not None:
+            groups.setdefault(key, []).append(index)
+    if not groups:
+        return partial
+    result = partial.clone()
+    for (mesh, dims), indices in groups.items():
+        where = torch.tensor(indices, device=partial.device)
+        values = result.index_select(0, where)
+        for dim in dims:
+            dist.all_reduce(values, group=mesh.get_group(dim))
+        result.index_copy_(0, where, values)
+    return result
+

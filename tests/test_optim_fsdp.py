@@ -1,0 +1,348 @@
+"""SAM, ASAM and LAMP over a model sharded with FSDP2 (``fully_shard``): gloo, 2 and 4 CPU processes.
+
+The test starts this file as a script on 2 and on 4 ranks (``tests/distributed_harness.py``);
+each run trains every configuration below, saves the full (gathered) weights, and also saves and
+resumes a run through ``torch.distributed.checkpoint``. The pytest process compares them with
+single-process references on the same global batch:
+
+* SAM, ASAM, SAM with per-group ``rho`` and SAM + LAMP without noise: single-process samgria on
+  the unsharded model (the norm is of the **global** gradient, so the weights agree to float32
+  round-off);
+* SAM + LAMP with noise: a hand-written LAMP after single-process SAM, which draws the noise of
+  each shard (``torch.chunk`` along dim 0, as FSDP2 shards) from the documented per-shard stream
+  (:func:`samgria.transforms.lamp.sharded_noise_seed`);
+* a run checkpointed with DCP after ``RESUME_AT`` steps and resumed into a fresh model and
+  optimizer continues bit for bit; a checkpoint of the 2-rank run loads on 4 ranks (resharding).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+import pytest
+import torch
+from distributed_harness import run_ranks, skip_without_gloo
+from torch import nn
+
+STEPS = 4
+RESUME_AT = 2
+LOCAL_BATCH = 4
+GLOBAL_BATCH = 16
+LR, MOMENTUM = 0.1, 0.9
+ROLLBACK_LEN = 2
+SEED = 7
+CONFIGS = ("sam", "asam", "sam_group_rho", "sam_lamp_no_noise", "sam_lamp")
+LAMP_EPS = 0.01
+
+
+def _make_model() -> nn.Module:
+    torch.manual_seed(0)
+    # Odd sizes: FSDP2 shards dim 0 unevenly (and 4 ranks leave one rank an empty bias shard).
+    return nn.Sequential(nn.Linear(5, 13), nn.Tanh(), nn.Linear(13, 3))
+
+
+def _global_batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(1000 + step)
+    x = torch.randn(GLOBAL_BATCH, 5, generator=generator)
+    y = torch.randint(0, 3, (GLOBAL_BATCH,), generator=generator)
+    return x, y
+
+
+def _local_batch(step: int, rank: int, world_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    x, y = _global_batch(step)
+    rows = GLOBAL_BATCH // world_size
+    return x[rank * rows : (rank + 1) * rows], y[rank * rows : (rank + 1) * rows]
+
+
+def _loss(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    return nn.functional.cross_entropy(output, target)
+
+
+def _optimizer(model: nn.Module, config: str):
+    from samgria import ASAM, LAMP, SAM, TransformingOptimizer
+
+    params: object = model.parameters()
+    transforms: list = [SAM(rho=0.05)]
+    if config == "asam":
+        transforms = [ASAM(rho=0.5, eta=0.01)]
+    elif config == "sam_group_rho":
+        params = [{"params": model[0].parameters(), "rho": 0.02}, {"params": model[2].parameters()}]
+    elif config == "sam_lamp_no_noise":
+        transforms = [SAM(rho=0.05), LAMP(eps=0.0, rollback_len=ROLLBACK_LEN)]
+    elif config == "sam_lamp":
+        transforms = [SAM(rho=0.05), LAMP(eps=LAMP_EPS, rollback_len=ROLLBACK_LEN, seed=SEED)]
+    return TransformingOptimizer(params, torch.optim.SGD, lr=LR, momentum=MOMENTUM, transforms=transforms)
+
+
+def _sam_step(optimizer, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> None:
+    def closure() -> torch.Tensor:
+        optimizer.zero_grad()
+        loss = _loss(model(x), y)
+        loss.backward()
+        return loss
+
+    optimizer.step(closure)
+
+
+# -- the worker (runs in a child process) ----------------------------------------------------------
+def _sharded_model() -> nn.Module:
+    from torch.distributed.fsdp import fully_shard
+
+    model = _make_model()
+    for layer in model:
+        if isinstance(layer, nn.Linear):
+            fully_shard(layer)
+    fully_shard(model)
+    return model
+
+
+def _full(model: nn.Module) -> list[torch.Tensor]:
+    return [p.full_tensor().detach().clone() for p in model.parameters()]
+
+
+def _train(config: str, rank: int, world_size: int, steps: range, model=None, optimizer=None):
+    model = _sharded_model() if model is None else model
+    optimizer = _optimizer(model, config) if optimizer is None else optimizer
+    for step in steps:
+        _sam_step(optimizer, model, *_local_batch(step, rank, world_size))
+    return model, optimizer
+
+
+def _checkpoint(model: nn.Module, optimizer, directory: str) -> None:
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+
+    dcp.save(
+        {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, optimizer)},
+        checkpoint_id=directory,
+    )
+
+
+def _resume(config: str, directory: str):
+    """A fresh sharded model and optimizer, loaded from ``directory`` as DCP's docs show."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (
+        get_model_state_dict,
+        get_optimizer_state_dict,
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
+
+    model = _sharded_model()
+    optimizer = _optimizer(model, config)
+    state = {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, optimizer)}
+    dcp.load(state, checkpoint_id=directory)
+    set_model_state_dict(model, state["model"])
+    set_optimizer_state_dict(model, optimizer, state["optim"])
+    return model, optimizer
+
+
+def _lamp_state(model: nn.Module, optimizer) -> dict[str, object]:
+    """LAMP's state gathered whole: sums, counts and the object-level keys."""
+    out: dict[str, object] = {}
+    for index, param in enumerate(model.parameters()):
+        entry = optimizer.state[param]
+        out[f"{index}.sum"] = entry["lamp.sum"].full_tensor().clone()
+        out[f"{index}.count"] = entry["lamp.count"]
+        for key in ("lamp.cycle_step", "lamp.noise_draws"):
+            if key in entry:
+                out[key] = entry[key]
+    return out
+
+
+def _worker(out_dir: str, reshard_from: str | None) -> None:
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo")
+    rank, world_size = dist.get_rank(), dist.get_world_size()
+    results: dict[str, object] = {}
+    try:
+        for config in CONFIGS:
+            model, optimizer = _train(config, rank, world_size, range(STEPS))
+            results[config] = _full(model)
+            if config == "sam":
+                # The perturbation buffers are sharded like the parameters.
+                backups = optimizer.transforms[0].__dict__["_backups"]
+                results["backup_numel"] = sorted(buffer.to_local().numel() for _, buffer in backups.values())
+                results["shard_numel"] = sorted(p.to_local().numel() for p in model.parameters())
+        for config in ("sam_lamp", "sam_lamp_no_noise"):
+            directory = os.path.join(out_dir, f"dcp-{config}-{world_size}")
+            model, optimizer = _train(config, rank, world_size, range(RESUME_AT))
+            _checkpoint(model, optimizer, directory)
+            results[f"{config}.saved_lamp"] = _lamp_state(model, optimizer)
+            _train(config, rank, world_size, range(RESUME_AT, STEPS), model, optimizer)
+            results[f"{config}.uninterrupted"] = _full(model)
+            model, optimizer = _resume(config, directory)
+            results[f"{config}.loaded_lamp"] = _lamp_state(model, optimizer)
+            _train(config, rank, world_size, range(RESUME_AT, STEPS), model, optimizer)
+            results[f"{config}.resumed"] = _full(model)
+            if reshard_from is not None:
+                model, optimizer = _resume(config, os.path.join(reshard_from, f"dcp-{config}-2"))
+                results[f"{config}.resharded_lamp"] = _lamp_state(model, optimizer)
+                _train(config, rank, world_size, range(RESUME_AT, STEPS), model, optimizer)
+                results[f"{config}.resharded"] = _full(model)
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+    torch.save(results, os.path.join(out_dir, f"rank{rank}-of-{world_size}.pt"))
+
+
+# -- single-process references ---------------------------------------------------------------------
+def _reference(config: str) -> list[torch.Tensor]:
+    """Single-process samgria on the unsharded model and the global batch."""
+    model = _make_model()
+    optimizer = _optimizer(model, config)
+    for step in range(STEPS):
+        _sam_step(optimizer, model, *_global_batch(step))
+    return [p.detach().clone() for p in model.parameters()]
+
+
+def _reference_sharded_lamp(world_size: int) -> list[torch.Tensor]:
+    """SAM (single-process samgria), then LAMP written out by hand with per-shard noise streams."""
+    from samgria import SAM, TransformingOptimizer
+    from samgria.transforms.lamp import sharded_noise_seed
+
+    model = _make_model()
+    optimizer = TransformingOptimizer(
+        model.parameters(), torch.optim.SGD, lr=LR, momentum=MOMENTUM, transforms=[SAM(rho=0.05)]
+    )
+    params = list(model.parameters())
+    sums = [torch.zeros_like(p) for p in params]
+    counts = 0
+    for step in range(STEPS):
+        _sam_step(optimizer, model, *_global_batch(step))
+        with torch.no_grad():
+            noise = [torch.empty_like(p) for p in params]
+            for shard in range(world_size):
+                generator = torch.Generator().manual_seed(sharded_noise_seed(SEED, step, (shard,)))
+                for p, u in zip(params, noise):
+                    chunks = torch.chunk(p, world_size, dim=0)
+                    if shard < len(chunks):
+                        rows = chunks[shard]
+                        start = sum(c.shape[0] for c in chunks[:shard])
+                        u[start : start + rows.shape[0]] = rows * torch.empty_like(rows).uniform_(-1, 1, generator=generator)
+            norm = torch.sqrt(sum((u.double() ** 2).sum() for u in noise))
+            for p, u in zip(params, noise):
+                p.add_(u, alpha=LAMP_EPS / float(norm))
+            for total, p in zip(sums, params):
+                total.add_(p)
+            counts += 1
+            if (step + 1) % (ROLLBACK_LEN + 1) == 0:
+                for total, p in zip(sums, params):
+                    p.copy_(total / counts)
+                    total.zero_()
+                counts = 0
+    return [p.detach().clone() for p in params]
+
+
+# -- the tests -------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[int, list[dict]]:
+    skip_without_gloo()
+    out_dir = tmp_path_factory.mktemp("fsdp")
+    run_ranks(__file__, 2, ["--out", str(out_dir)])
+    run_ranks(__file__, 4, ["--out", str(out_dir), "--reshard-from", str(out_dir)])
+    return {n: [torch.load(out_dir / f"rank{r}-of-{n}.pt") for r in range(n)] for n in (2, 4)}
+
+
+def _assert_close(actual: list[torch.Tensor], expected: list[torch.Tensor]) -> None:
+    assert len(actual) == len(expected)
+    for a, e in zip(actual, expected):
+        torch.testing.assert_close(a, e, rtol=2e-5, atol=2e-6)
+
+
+@pytest.mark.parametrize("world_size", [2, 4])
+@pytest.mark.parametrize("config", ["sam", "asam", "sam_group_rho", "sam_lamp_no_noise"])
+def test_sharded_weights_equal_one_process_on_the_global_batch(runs: dict, world_size: int, config: str) -> None:
+    reference = _reference(config)
+    for rank_results in runs[world_size]:
+        _assert_close(rank_results[config], reference)
+    assert not torch.equal(reference[0], _make_model()[0].weight), "it trained"
+
+
+@pytest.mark.parametrize("world_size", [2, 4])
+def test_sharded_lamp_noise_follows_the_documented_per_shard_stream(runs: dict, world_size: int) -> None:
+    _assert_close(runs[world_size][0]["sam_lamp"], _reference_sharded_lamp(world_size))
+    # ... and the noise is really there: without it the weights differ.
+    differences = [(a - b).abs().max() for a, b in zip(runs[world_size][0]["sam_lamp"], _reference("sam_lamp_no_noise"))]
+    assert max(differences) > 1e-5
+
+
+def test_the_global_norm_is_not_the_local_one(runs: dict) -> None:
+    """Guard against a test that cannot fail: a per-shard norm gives other weights."""
+    local_norm = _local_norm_reference()
+    differences = [(a - b).abs().max() for a, b in zip(runs[2][0]["sam"], local_norm)]
+    assert max(differences) > 1e-4
+
+
+def _local_norm_reference() -> list[torch.Tensor]:
+    """SAM on 2 ranks if each rank normalised its shards by their own norm (a local norm)."""
+    model = _make_model()
+    names = [name for name, _ in model.named_parameters()]
+    params = list(model.parameters())
+    buffers: list[torch.Tensor] = []
+    for step in range(STEPS):
+        x, y = _global_batch(step)
+        grads = torch.autograd.grad(_loss(model(x), y), params)
+        shards = [torch.chunk(g, 2, dim=0) for g in grads]
+        local_norms = [torch.sqrt(sum((chunks[r] ** 2).sum() for chunks in shards)) for r in range(2)]
+        perturbed = [
+            (p.detach() + 0.05 * torch.cat([chunks[r] / local_norms[r] for r in range(2)])).requires_grad_()
+            for p, chunks in zip(params, shards)
+        ]
+        outputs = torch.func.functional_call(model, dict(zip(names, perturbed)), (x,))
+        grads = torch.autograd.grad(_loss(outputs, y), perturbed)
+        buffers = list(grads) if step == 0 else [MOMENTUM * b + g for b, g in zip(buffers, grads)]
+        with torch.no_grad():
+            for p, b in zip(params, buffers):
+                p.sub_(LR * b)
+    return [p.detach().clone() for p in params]
+
+
+@pytest.mark.parametrize("world_size", [2, 4])
+@pytest.mark.parametrize("config", ["sam_lamp", "sam_lamp_no_noise"])
+def test_dcp_resume_continues_bit_for_bit(runs: dict, world_size: int, config: str) -> None:
+    for rank_results in runs[world_size]:
+        for a, b in zip(rank_results[f"{config}.resumed"], rank_results[f"{config}.uninterrupted"]):
+            assert torch.equal(a, b)
+        saved, loaded = rank_results[f"{config}.saved_lamp"], rank_results[f"{config}.loaded_lamp"]
+        assert saved.keys() == loaded.keys() and "lamp.cycle_step" in saved
+        for key in saved:
+            assert torch.equal(torch.as_tensor(saved[key]), torch.as_tensor(loaded[key])), key
+    if config == "sam_lamp":
+        assert runs[world_size][0][f"{config}.saved_lamp"]["lamp.noise_draws"] == RESUME_AT
+
+
+@pytest.mark.parametrize("config", ["sam_lamp", "sam_lamp_no_noise"])
+def test_dcp_checkpoint_of_2_ranks_loads_on_4(runs: dict, config: str) -> None:
+    saved = runs[2][0][f"{config}.saved_lamp"]
+    for rank_results in runs[4]:
+        loaded = rank_results[f"{config}.resharded_lamp"]
+        for key in saved:
+            assert torch.equal(torch.as_tensor(saved[key]), torch.as_tensor(loaded[key])), key
+    if config == "sam_lamp_no_noise":  # deterministic: equals the uninterrupted one-process run
+        _assert_close(runs[4][0][f"{config}.resharded"], _reference(config))
+
+
+@pytest.mark.parametrize("world_size", [2, 4])
+def test_replicas_of_the_gathered_weights_agree(runs: dict, world_size: int) -> None:
+    for config in CONFIGS:
+        for rank_results in runs[world_size][1:]:
+            for a, b in zip(rank_results[config], runs[world_size][0][config]):
+                assert torch.equal(a, b)
+
+
+def test_perturbation_buffers_stay_sharded(runs: dict) -> None:
+    for n in (2, 4):
+        for rank_results in runs[n]:
+            assert rank_results["backup_numel"] == rank_results["shard_numel"]
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description="one rank of tests/test_optim_fsdp.py")
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--reshard-from", default=None)
+    arguments = parser.parse_args()
+    _worker(arguments.out, arguments.reshard_from)

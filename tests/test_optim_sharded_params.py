@@ -1,0 +1,120 @@
+"""Sharded (``DTensor``) parameters in one process: a 1-rank gloo group, so the checks run in pytest.
+
+The multi-rank behaviour (global norms, DCP, resharding) is in ``tests/test_optim_fsdp.py``;
+here: what is refused with sharded parameters, and that a 1-rank sharding changes nothing.
+"""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+from distributed_harness import skip_without_gloo
+from torch import nn
+
+from samgria import LAMP, SAM, LookSAM, NormalizeGrad, TransformingOptimizer
+from samgria.functional import global_norm
+from samgria.transforms.lamp import sharded_noise_seed
+
+
+@pytest.fixture(scope="module")
+def one_rank_group():
+    skip_without_gloo()
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        pytest.skip("a process group is already initialised in this process")
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+def _model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 2)).double()
+
+
+def _sharded(model: nn.Module) -> nn.Module:
+    from torch.distributed.fsdp import fully_shard
+
+    fully_shard(model)
+    return model
+
+
+def _train(model: nn.Module, optimizer: TransformingOptimizer) -> list[torch.Tensor]:
+    generator = torch.Generator().manual_seed(1)
+    for _ in range(3):
+        x = torch.randn(8, 4, dtype=torch.float64, generator=generator)
+        y = torch.randn(8, 2, dtype=torch.float64, generator=generator)
+
+        def closure() -> torch.Tensor:
+            optimizer.zero_grad()
+            loss = nn.functional.mse_loss(model(x), y)
+            loss.backward()
+            return loss
+
+        optimizer.step(closure)
+    return [p.full_tensor() if hasattr(p, "full_tensor") else p.detach().clone() for p in model.parameters()]
+
+
+def test_one_rank_sharding_gives_the_unsharded_sam_and_lamp(one_rank_group: None) -> None:
+    def build(model: nn.Module) -> TransformingOptimizer:
+        return TransformingOptimizer(
+            model.parameters(), torch.optim.SGD, lr=0.1, momentum=0.9, transforms=[SAM(rho=0.05), LAMP(eps=0.0, rollback_len=1)]
+        )
+
+    sharded = _sharded(_model())
+    assert all(type(p).__name__ == "DTensor" for p in sharded.parameters())
+    plain = _model()
+    for a, b in zip(_train(sharded, build(sharded)), _train(plain, build(plain))):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("transform", [NormalizeGrad(), LookSAM(rho=0.05)], ids=lambda t: type(t).__name__)
+def test_a_transform_that_cannot_shard_is_refused_by_name(one_rank_group: None, transform) -> None:
+    model = _sharded(_model())
+    name = type(transform).__name__
+    with pytest.raises(ValueError, match=rf"param_groups\[0\]: {name} \(slot '\w+'\) does not support sharded \(DTensor\) parameters"):
+        TransformingOptimizer(model.parameters(), torch.optim.SGD, lr=0.1, transforms=[transform])
+    optimizer = TransformingOptimizer(_model().parameters(), torch.optim.SGD, lr=0.1, transforms=[transform])
+    with pytest.raises(ValueError, match=r"param_groups\[1\]: .* does not support sharded"):
+        optimizer.add_param_group({"params": list(model.parameters())})
+    assert len(optimizer.param_groups) == 1, "nothing half-applied"
+
+
+def test_m_sharpness_is_refused_with_sharded_params(one_rank_group: None) -> None:
+    model = _sharded(_model())
+    with pytest.raises(ValueError, match=re.escape("first_pass_context (m-sharpness) needs unsharded parameters")):
+        TransformingOptimizer(
+            model.parameters(), torch.optim.SGD, lr=0.1, transforms=[SAM()], first_pass_context=lambda: torch.no_grad()
+        )
+
+
+def test_global_norm_of_dtensors_equals_the_norm_of_the_whole_tensors(one_rank_group: None) -> None:
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    mesh = init_device_mesh("cpu", (1,))
+    tensors = [torch.randn(5, 3, dtype=torch.float64), torch.randn(7, dtype=torch.float64)]
+    sharded = [distribute_tensor(t, mesh, [Shard(0)]) for t in tensors]
+    expected = torch.sqrt(sum((t**2).sum() for t in tensors))
+    for foreach in (True, False):
+        torch.testing.assert_close(global_norm(sharded, foreach=foreach), expected)
+        local = [t.to_local() * 2 for t in sharded]
+        torch.testing.assert_close(global_norm(local, foreach=foreach, like=sharded), 2 * expected)
+
+
+def test_global_norm_rejects_a_like_of_another_length() -> None:
+    with pytest.raises(ValueError, match="like must have one tensor per tensor, got 1 for 2"):
+        global_norm([torch.ones(2), torch.ones(3)], like=[torch.ones(2)])
+
+
+def test_sharded_noise_seed_is_a_stable_function_of_seed_draw_and_shard() -> None:
+    seeds = {sharded_noise_seed(7, draw, (shard,)) for draw in range(3) for shard in range(4)}
+    assert len(seeds) == 12
+    assert all(0 <= seed < 2**63 for seed in seeds)
+    assert sharded_noise_seed(7, 2, (1,)) == sharded_noise_seed(7, 2, (1,))
+    assert sharded_noise_seed(7, 2, (1,)) != sharded_noise_seed(8, 2, (1,))
