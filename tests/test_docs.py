@@ -1,6 +1,7 @@
 """The documentation is executed, complete and builds cleanly.
 
-* every ``docs/examples/*.py`` runs (in-process; the DDP example as a script with 2 gloo ranks)
+* every ``docs/examples/*.py`` runs (in-process; the DDP and FSDP2 examples as scripts with 2
+  gloo ranks)
   and is shown in the guides through ``literalinclude``;
 * every ``.. code-block:: python`` in ``README.rst`` and ``docs/*.rst`` runs;
 * ``docs/api.rst`` documents every name of ``samgria.__all__`` (and nothing else);
@@ -32,7 +33,7 @@ DOCS = ROOT / "docs"
 EXAMPLES = sorted((DOCS / "examples").glob("*.py"))
 GUIDES = sorted(DOCS.glob("*.rst"))
 #: Examples that start processes: run as a script in a subprocess, not in-process.
-SCRIPT_EXAMPLES = {"optim_ddp.py"}
+SCRIPT_EXAMPLES = {"optim_ddp.py", "optim_fsdp.py"}
 
 _CODE_BLOCK = re.compile(r"^(?P<indent>[ \t]*)\.\. (?:code-block|code|sourcecode):: (?:python3?|py)\s*$")
 _API_DIRECTIVE = re.compile(
@@ -116,6 +117,14 @@ def test_ddp_example_runs_with_two_gloo_processes() -> None:
     )
     assert result.returncode == 0, result.stdout + result.stderr
     assert "DDP SAM equals one process on the global batch" in result.stdout
+
+
+def test_fsdp_example_runs_under_torchrun_with_two_gloo_ranks() -> None:
+    from distributed_harness import run_ranks, skip_without_gloo
+
+    skip_without_gloo()
+    outputs = run_ranks(DOCS / "examples" / "optim_fsdp.py", 2)
+    assert "FSDP2 SAM+LAMP on 2 ranks: the resumed run continued bit for bit" in outputs[0]
 
 
 def test_every_example_is_shown_and_every_include_exists() -> None:

@@ -1,7 +1,9 @@
-"""A small meta-training loop: sample tasks, take meta-steps, evaluate, report progress."""
+"""A small meta-training loop: sample tasks, take meta-steps, evaluate, report progress, checkpoint."""
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import sys
 import time
 import warnings
@@ -12,7 +14,8 @@ from typing import Any, TextIO
 import torch
 
 from samgria._checks import check_int
-from samgria.data.task import Task, TaskSampler
+from samgria.data.sharding import DistributedTaskSampler, shard_bounds
+from samgria.data.task import Task, TaskSampler, load_sampler_state_dict, sampler_state_dict
 from samgria.meta.base import MetaOptimizer
 from samgria.meta.functional import one_steps_argument
 from samgria.meta.compiled import CompiledMetaLoss, compiled_path_blocker
@@ -121,6 +124,21 @@ class MetaTrainer:
     Non-finite meta-steps are skipped by the meta-optimizer (its ``non_finite`` policy);
     :meth:`fit` stops with an error after ``max_skipped_steps`` consecutive skipped steps.
 
+    Across processes. When ``meta`` was built with ``distributed=True``, every rank runs the
+    same trainer with the same seeded ``sampler``: :meth:`fit` draws the global meta-batch of
+    ``meta_batch_size`` tasks on every rank and adapts only this rank's contiguous share
+    (:class:`~samgria.DistributedTaskSampler`), the meta-optimizer all-reduces the task-weighted
+    meta-gradient, and the recorded meta-loss is the mean over all tasks -- the same on every
+    rank and equal, up to the order of the sums, to one process adapting the whole meta-batch.
+    :meth:`evaluate` takes the full list of held-out tasks on every rank, evaluates this rank's
+    share and returns the mean over all of them. :meth:`train_step` takes this rank's tasks.
+
+    Checkpoints. :meth:`state_dict` holds everything a resumed run needs to continue bit for
+    bit: the model, the outer optimizer, the sampler's random stream, torch's global random
+    state, the :attr:`history`, the :attr:`iteration` counter and the path choice;
+    :meth:`load_state_dict` restores them and :meth:`fit` continues the count. In a
+    distributed run every rank holds the same state: save rank 0's and load it on every rank.
+
     Args:
         meta: The meta-optimizer holding the model's meta-parameters.
         loss_fn: ``loss_fn(prediction, target) -> scalar`` used for support and query losses
@@ -137,13 +155,24 @@ class MetaTrainer:
         max_skipped_steps: Consecutive skipped (non-finite) meta-steps after which :meth:`fit`
             raises.
 
+    Attributes:
+        iteration: Meta-iterations completed by :meth:`fit` over the trainer's life (restored
+            by :meth:`load_state_dict`).
+        history: The :class:`History` of every :meth:`fit` call so far (restored by
+            :meth:`load_state_dict`); each call also returns its own.
+        path: The path of the last meta-iteration (``None`` before the first).
+
     Raises:
         TypeError: ``meta`` is not a ``MetaOptimizer``, ``loss_fn`` is not callable,
             ``sampler`` has no ``sample`` method, or an argument has the wrong type.
         ValueError: ``compile=True`` with ``vectorize=False`` (the compiled path is the
-            vectorised one), ``compile_options`` without ``compile=True``, or
-            ``max_skipped_steps < 1``.
+            vectorised one), ``compile_options`` without ``compile=True``,
+            ``max_skipped_steps < 1``, or a ``DistributedTaskSampler`` sharded for another
+            rank or world size than ``meta``.
     """
+
+    #: Version of the :meth:`state_dict` layout.
+    STATE_VERSION = 1
 
     def __init__(
         self,
@@ -197,6 +226,23 @@ class MetaTrainer:
         self._compiled: CompiledMetaLoss | None = None
         self._fallback_reasons: set[str] = set()
         self.path: str | None = None
+        self.iteration = 0
+        self.history = History()
+        self._shares = self._shares_of(sampler)
+
+    def _shares_of(self, sampler: TaskSampler) -> TaskSampler:
+        """What ``fit`` draws from: the sampler itself, or this rank's share of it."""
+        rank, world_size = self.meta.rank, self.meta.world_size
+        if isinstance(sampler, DistributedTaskSampler):
+            if (sampler.rank, sampler.world_size) != (rank, world_size):
+                raise ValueError(
+                    f"sampler must be sharded like meta (rank {rank} of {world_size}), got a "
+                    f"DistributedTaskSampler for rank {sampler.rank} of {sampler.world_size}"
+                )
+            return sampler
+        if world_size == 1:
+            return sampler
+        return DistributedTaskSampler(sampler, rank=rank, world_size=world_size)
 
     @property
     def compiled_loss(self) -> CompiledMetaLoss | None:
@@ -231,10 +277,10 @@ class MetaTrainer:
         (Also available under its former name ``meta_step``.)
 
         Args:
-            tasks: The meta-batch.
+            tasks: The meta-batch; with a distributed ``meta``, this rank's share of it.
 
         Returns:
-            The meta-loss as a Python float.
+            The meta-loss as a Python float (distributed: the mean over every rank's tasks).
 
         Raises:
             ValueError: ``tasks`` is empty.
@@ -255,7 +301,9 @@ class MetaTrainer:
         def run(which: str) -> torch.Tensor:
             meta.zero_grad()
             if which == "compiled":
-                return self._compiled_for().backward(tasks)
+                loss = self._compiled_for().backward(tasks)
+                meta.add_task_weight(float(len(tasks)))  # the other paths record each task
+                return loss
             losses, _ = meta.run_tasks(tasks, self.loss_fn, loop, path=which, backward_weights=weights)
             return losses.detach().mean()
 
@@ -293,6 +341,10 @@ class MetaTrainer:
         ``grad_transforms``), and the path follows ``vectorize`` as in training (measured when
         ``None``).
 
+        With a distributed ``meta``, pass the same ``tasks`` on every rank: each rank evaluates
+        its contiguous share (possibly empty when there are fewer tasks than ranks) and every
+        rank returns the mean over all of ``tasks``.
+
         Args:
             tasks: Held-out tasks.
             inner_steps: Inner steps (default: the meta-optimizer's ``inner_steps``).
@@ -309,16 +361,96 @@ class MetaTrainer:
             raise ValueError("tasks must not be empty, got 0 tasks")
         meta = self.meta
         tasks = meta._check_tasks(tasks)
+        if meta.world_size > 1:
+            start, stop = shard_bounds(len(tasks), meta.rank, meta.world_size)
+            tasks = tasks[start:stop]
         inner_steps = one_steps_argument(inner_steps, steps)
         loop = meta.inner_loop(inner_steps, create_graph=False, track_graph=False, **self.inner_options)
-        candidates = self._candidates(loop, tasks, evaluation=True)
-        key = self._key(loop, tasks, evaluation=True)
-        path = meta.path_policy.choose(key, candidates)
-        return meta.path_policy.timed(
-            key,
-            path,
-            lambda: float(meta.evaluate(tasks, self.loss_fn, inner_steps, vectorize=path == "vmap", **self.inner_options)),
-        )
+        losses = None
+        if tasks:
+            candidates = self._candidates(loop, tasks, evaluation=True)
+            key = self._key(loop, tasks, evaluation=True)
+            path = meta.path_policy.choose(key, candidates)
+
+            def run() -> torch.Tensor:
+                with torch.no_grad():
+                    return meta.run_tasks(tasks, self.loss_fn, loop, path=path, record=False)[0]
+
+            losses = meta.path_policy.timed(key, path, run)
+        return meta.mean_query_loss(losses)
+
+    # ------------------------------------------------------------------ checkpoints
+    def state_dict(self) -> dict[str, Any]:
+        """A snapshot of the training state (copies, safe to keep while training goes on).
+
+        Returns:
+            A dict that ``torch.save`` writes and ``torch.load`` (``weights_only=True``) reads:
+            ``"version"``, ``"iteration"``, ``"history"`` (the :class:`History` as a dict),
+            ``"model"`` (``model.state_dict()``), ``"meta"`` (the meta-optimizer's
+            ``state_dict()``: outer optimizer state, Meta-SGD's rates), ``"skipped_steps"``,
+            ``"sampler"`` (the sampler's state: its ``state_dict()`` or its generator's, see
+            :class:`~samgria.TaskSampler`), ``"rng"`` (torch's global CPU random state, which
+            a sampler without a generator of its own and dropout draw from) and ``"paths"``
+            (the last path and the path policy's measurements and failures, so a resumed run
+            makes the same choice).
+        """
+        policy = self.meta.path_policy
+        state = {
+            "version": self.STATE_VERSION,
+            "iteration": self.iteration,
+            "history": dataclasses.asdict(self.history),
+            "model": self.meta.model.state_dict(),
+            "meta": self.meta.state_dict(),
+            "skipped_steps": self.meta.skipped_steps,
+            "sampler": sampler_state_dict(self.sampler),
+            "rng": torch.get_rng_state(),
+            "paths": {
+                "path": self.path,
+                "failed": dict(policy.failed),
+                "timings": {key: {path: list(times) for path, times in by_path.items()}
+                            for key, by_path in policy.timings.items()},  # fmt: skip
+                "fallback_reasons": sorted(self._fallback_reasons),
+            },
+        }
+        return copy.deepcopy(state)
+
+    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
+        """Restore a :meth:`state_dict`, so that :meth:`fit` continues where it was saved.
+
+        The meta-optimizer's state is loaded first (it is validated before it changes
+        anything), then the model, the sampler and the rest.
+
+        Args:
+            state_dict: What :meth:`state_dict` returned (or ``torch.load`` read back).
+
+        Raises:
+            TypeError: ``state_dict`` is not a mapping.
+            ValueError: It lacks an entry or has another version.
+        """
+        if not isinstance(state_dict, Mapping):
+            raise TypeError(f"state_dict must be a dict from MetaTrainer.state_dict(), got {type(state_dict).__name__}")
+        keys = {"version", "iteration", "history", "model", "meta", "skipped_steps", "sampler", "rng", "paths"}
+        missing = sorted(keys - set(state_dict))
+        if missing:
+            raise ValueError(f"state_dict must hold every entry of MetaTrainer.state_dict(), missing {missing}")
+        if state_dict["version"] != self.STATE_VERSION:
+            raise ValueError(f"state_dict['version'] must be {self.STATE_VERSION}, got {state_dict['version']!r}")
+        state = copy.deepcopy(dict(state_dict))
+        history = History(**state["history"])
+        self.meta.load_state_dict(state["meta"])
+        self.meta.model.load_state_dict(state["model"])
+        load_sampler_state_dict(self.sampler, state["sampler"])
+        torch.set_rng_state(state["rng"])
+        self.meta.skipped_steps = check_int("state_dict['skipped_steps']", state["skipped_steps"], low=0)
+        self.iteration = check_int("state_dict['iteration']", state["iteration"], low=0)
+        self.history = history
+        paths = state["paths"]
+        policy = self.meta.path_policy
+        policy.failed = dict(paths["failed"])
+        policy.timings = {key: {path: list(times) for path, times in by_path.items()}
+                          for key, by_path in paths["timings"].items()}  # fmt: skip
+        self.path = paths["path"]
+        self._fallback_reasons = set(paths["fallback_reasons"])
 
     def fit(
         self,
@@ -332,29 +464,45 @@ class MetaTrainer:
     ) -> History:
         """Meta-train for ``num_iterations`` outer updates.
 
+        Iterations are counted over the trainer's life (:attr:`iteration`): after
+        :meth:`load_state_dict`, or a previous call, the count continues, and ``eval_every`` and
+        ``callback`` see the continued count.
+
         Args:
-            num_iterations: Number of meta-updates (``>= 1``).
-            meta_batch_size: Tasks sampled per meta-update (``>= 1``).
-            eval_every: Evaluate on ``eval_tasks`` after every ``eval_every`` meta-updates.
-            eval_tasks: Held-out tasks. Required with ``eval_every``; given alone they are
-                evaluated once, after the last meta-update.
+            num_iterations: Number of meta-updates to take now (``>= 1``).
+            meta_batch_size: Tasks sampled per meta-update (``>= 1``); with a distributed
+                ``meta``, the global meta-batch (at least one task per rank), of which each rank
+                adapts its share.
+            eval_every: Evaluate on ``eval_tasks`` whenever the iteration count is a multiple
+                of ``eval_every``.
+            eval_tasks: Held-out tasks (the same on every rank). Required with
+                ``eval_every``; given alone they are evaluated once, after the last meta-update.
             callback: ``callback(iteration, meta_loss)`` after each meta-update, where
-                ``iteration`` counts completed updates (1-based). Returning ``True`` stops
-                training early.
+                ``iteration`` counts completed updates (1-based, continued across calls).
+                Returning ``True`` stops training early.
             progress: ``None`` shows a progress bar with the running meta-loss on stderr
-                only when stderr is a terminal; ``True`` always shows it; ``False`` never.
+                only when stderr is a terminal (distributed: on rank 0 only); ``True`` always
+                shows it; ``False`` never.
 
         Returns:
-            The :class:`History` of meta-losses and evaluation losses.
+            The :class:`History` of this call's meta-losses and evaluation losses (
+            :attr:`history` holds every call's).
 
         Raises:
             TypeError: An argument has the wrong type.
             ValueError: ``num_iterations``/``meta_batch_size``/``eval_every`` is below 1,
-                ``eval_every`` is given without ``eval_tasks``, ``eval_tasks`` is empty, or the
-                sampler returns the wrong number of tasks.
+                ``meta_batch_size`` is below the number of processes, ``eval_every`` is given
+                without ``eval_tasks``, ``eval_tasks`` is empty, or the sampler returns the
+                wrong number of tasks.
         """
         num_iterations = check_int("num_iterations", num_iterations, low=1)
         meta_batch_size = check_int("meta_batch_size", meta_batch_size, low=1)
+        world_size = self.meta.world_size
+        if meta_batch_size < world_size:
+            raise ValueError(
+                f"meta_batch_size must be >= the number of processes ({world_size}) so that every rank "
+                f"adapts a task, got {meta_batch_size}"
+            )
         if eval_every is not None:
             eval_every = check_int("eval_every", eval_every, low=1)
             if eval_tasks is None:
@@ -369,20 +517,21 @@ class MetaTrainer:
             raise TypeError(f"progress must be None, True or False, got {progress!r}")
 
         stream = sys.stderr
-        show = progress is True or (progress is None and hasattr(stream, "isatty") and stream.isatty())
+        on_terminal = hasattr(stream, "isatty") and stream.isatty() and self.meta.rank == 0
+        show = progress is True or (progress is None and on_terminal)
         bar = _ProgressBar(num_iterations, stream) if show else None
         history = History()
+        histories = (history, self.history)
         consecutive_skips = 0
         try:
-            for iteration in range(1, num_iterations + 1):
-                tasks = self.sampler.sample(meta_batch_size)
-                if len(tasks) != meta_batch_size:
-                    raise ValueError(
-                        f"sampler.sample({meta_batch_size}) returned {len(tasks)} tasks"
-                    )
+            for done in range(1, num_iterations + 1):
+                iteration = self.iteration + 1
+                tasks = self._sample(meta_batch_size)
                 skipped_before = self.meta.skipped_steps
                 loss = self.train_step(tasks)
-                history.meta_loss.append(loss)
+                self.iteration = iteration
+                for h in histories:
+                    h.meta_loss.append(loss)
                 if self.meta.skipped_steps > skipped_before:
                     consecutive_skips += 1
                     if consecutive_skips >= self.max_skipped_steps:
@@ -396,19 +545,29 @@ class MetaTrainer:
                     consecutive_skips = 0
                 eval_loss = None
                 stop = callback is not None and callback(iteration, loss) is True
-                last = iteration == num_iterations or stop
+                last = done == num_iterations or stop
                 if eval_tasks is not None and (
                     (eval_every is not None and iteration % eval_every == 0)
                     or (eval_every is None and last)
                 ):
                     eval_loss = self.evaluate(eval_tasks)
-                    history.eval_loss.append(eval_loss)
-                    history.eval_iterations.append(iteration)
+                    for h in histories:
+                        h.eval_loss.append(eval_loss)
+                        h.eval_iterations.append(iteration)
                 if bar is not None:
-                    bar.update(iteration, loss, eval_loss)
+                    bar.update(done, loss, eval_loss)
                 if stop:
                     break
         finally:
             if bar is not None:
                 bar.close()
         return history
+
+    def _sample(self, meta_batch_size: int) -> list[Task]:
+        """This iteration's tasks: the meta-batch, or with several processes this rank's share."""
+        if self.meta.world_size == 1:
+            tasks = self.sampler.sample(meta_batch_size)
+            if len(tasks) != meta_batch_size:
+                raise ValueError(f"sampler.sample({meta_batch_size}) returned {len(tasks)} tasks")
+            return tasks
+        return self._shares.sample(meta_batch_size)
