@@ -3,7 +3,7 @@
 Everything public is re-exported here; nothing else lives in this module.
 """
 
-from samgria.data import FewShotSampler, SinusoidTaskSampler, Task, TaskSampler
+from samgria.data import DistributedTaskSampler, FewShotSampler, SinusoidTaskSampler, Task, TaskSampler
 from samgria.meta import (
     ANIL,
     FOMAML,
@@ -131,4 +131,5 @@ __all__ = [
     "TaskSampler",
     "SinusoidTaskSampler",
     "FewShotSampler",
+    "DistributedTaskSampler",
 ]

@@ -5,8 +5,8 @@ each run trains every configuration below, saves the full (gathered) weights, an
 resumes a run through ``torch.distributed.checkpoint``. The pytest process compares them with
 single-process references on the same global batch:
 
-* SAM, ASAM, SAM with per-group ``rho`` and SAM + LAMP without noise: single-process samgria on
-  the unsharded model (the norm is of the **global** gradient, so the weights agree to float32
+* SAM, ASAM, SAM with per-group ``rho``, SAM + LAMP without noise, GSAM, WSAM, FriendlySAM and
+  LookSAM: single-process samgria on the unsharded model (the norm is of the **global** gradient, so the weights agree to float32
   round-off);
 * SAM + LAMP with noise: a hand-written LAMP after single-process SAM, which draws the noise of
   each shard (``torch.chunk`` along dim 0, as FSDP2 shards) from the documented per-shard stream
@@ -32,7 +32,8 @@ GLOBAL_BATCH = 16
 LR, MOMENTUM = 0.1, 0.9
 ROLLBACK_LEN = 2
 SEED = 7
-CONFIGS = ("sam", "asam", "sam_group_rho", "sam_lamp_no_noise", "sam_lamp")
+SAM_FAMILY = ("gsam", "wsam", "friendly_sam", "looksam")
+CONFIGS = ("sam", "asam", "sam_group_rho", "sam_lamp_no_noise", "sam_lamp", *SAM_FAMILY)
 LAMP_EPS = 0.01
 
 
@@ -60,7 +61,7 @@ def _loss(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 
 def _optimizer(model: nn.Module, config: str):
-    from samgria import ASAM, LAMP, SAM, TransformingOptimizer
+    from samgria import ASAM, GSAM, LAMP, SAM, WSAM, FriendlySAM, LookSAM, TransformingOptimizer
 
     params: object = model.parameters()
     transforms: list = [SAM(rho=0.05)]
@@ -72,6 +73,9 @@ def _optimizer(model: nn.Module, config: str):
         transforms = [SAM(rho=0.05), LAMP(eps=0.0, rollback_len=ROLLBACK_LEN)]
     elif config == "sam_lamp":
         transforms = [SAM(rho=0.05), LAMP(eps=LAMP_EPS, rollback_len=ROLLBACK_LEN, seed=SEED)]
+    elif config in SAM_FAMILY:
+        family = {"gsam": GSAM(rho=0.05, alpha=0.4), "wsam": WSAM(rho=0.05, gamma=0.8), "friendly_sam": FriendlySAM(rho=0.05), "looksam": LookSAM(rho=0.05, k=2, alpha=0.7)}
+        transforms = [family[config]]
     return TransformingOptimizer(params, torch.optim.SGD, lr=LR, momentum=MOMENTUM, transforms=transforms)
 
 
@@ -254,7 +258,7 @@ def _assert_close(actual: list[torch.Tensor], expected: list[torch.Tensor]) -> N
 
 
 @pytest.mark.parametrize("world_size", [2, 4])
-@pytest.mark.parametrize("config", ["sam", "asam", "sam_group_rho", "sam_lamp_no_noise"])
+@pytest.mark.parametrize("config", ["sam", "asam", "sam_group_rho", "sam_lamp_no_noise", *SAM_FAMILY])
 def test_sharded_weights_equal_one_process_on_the_global_batch(runs: dict, world_size: int, config: str) -> None:
     reference = _reference(config)
     for rank_results in runs[world_size]:

@@ -13,7 +13,7 @@ import torch
 from distributed_harness import skip_without_gloo
 from torch import nn
 
-from samgria import LAMP, SAM, LookSAM, NormalizeGrad, TransformingOptimizer
+from samgria import ESAM, LAMP, SAM, NormalizeGrad, TransformingOptimizer
 from samgria.functional import global_norm
 from samgria.transforms.lamp import sharded_noise_seed
 
@@ -73,7 +73,7 @@ def test_one_rank_sharding_gives_the_unsharded_sam_and_lamp(one_rank_group: None
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
 
 
-@pytest.mark.parametrize("transform", [NormalizeGrad(), LookSAM(rho=0.05)], ids=lambda t: type(t).__name__)
+@pytest.mark.parametrize("transform", [NormalizeGrad(), ESAM(rho=0.05)], ids=lambda t: type(t).__name__)
 def test_a_transform_that_cannot_shard_is_refused_by_name(one_rank_group: None, transform) -> None:
     model = _sharded(_model())
     name = type(transform).__name__

@@ -35,6 +35,7 @@ import torch
 from samgria._checks import check_bool, check_int, check_real
 from samgria.functional import global_norm, mul_
 from samgria.functional._grouping import group_indices_by_device_and_dtype
+from samgria.functional._sharding import is_sharded, local_shard, reduce_partial_sums
 from samgria.functional._views import LOW_PRECISION, as_real, widened_dtype
 from samgria.functional.norms import _accumulation_dtype
 from samgria.transforms.base import TransformContext
@@ -92,20 +93,33 @@ def _add_scaled_(
         target.add_(source, alpha=scale)
 
 
-def _dot(first: Sequence[torch.Tensor], second: Sequence[torch.Tensor]) -> float:
+def _dot(
+    first: Sequence[torch.Tensor], second: Sequence[torch.Tensor], like: Sequence[torch.Tensor] | None = None
+) -> float:
     r""":math:`\sum_i \langle a_i, b_i \rangle` (16-bit tensors in float32), summed in float64 per
-    device and read on the host once per device."""
-    totals: dict[torch.device, torch.Tensor] = {}
+    device and read on the host once per device.
+
+    Sharded tensors (``DTensor``s, or local shards of the sharded tensors ``like``) count whole:
+    the per-shard partial sums are added across ranks (one ``all_reduce`` per device mesh).
+    """
+    sources = first if like is None else like
+    partials = []
     for a, b in zip(first, second):
+        a, b = local_shard(a), local_shard(b)
         wide = widened_dtype(a.dtype)
         value = torch.linalg.vecdot(a.reshape(-1).to(wide), b.reshape(-1).to(wide))
-        value = value.to(_accumulation_dtype(a.device))
-        totals[a.device] = value if a.device not in totals else totals[a.device] + value
+        partials.append(value.to(_accumulation_dtype(a.device)))
+    if partials and any(is_sharded(source) for source in sources):
+        device = partials[0].device
+        return float(reduce_partial_sums(torch.stack([v.to(device) for v in partials]), sources).sum())
+    totals: dict[torch.device, torch.Tensor] = {}
+    for value in partials:
+        totals[value.device] = value if value.device not in totals else totals[value.device] + value
     return sum(float(total) for total in totals.values())
 
 
-def _norm(tensors: Sequence[torch.Tensor], foreach: bool) -> float:
-    return float(global_norm([as_real(t) for t in tensors], foreach=foreach))
+def _norm(tensors: Sequence[torch.Tensor], foreach: bool, like: Sequence[torch.Tensor] | None = None) -> float:
+    return float(global_norm([as_real(t) for t in tensors], foreach=foreach, like=tensors if like is None else like))
 
 
 def _current_grads_finite(ctx: TransformContext) -> bool:
@@ -159,8 +173,6 @@ class _Step(Perturbation):
 
 class _FinishingTransform(PerturbationTransform):
     """Perturb, re-evaluate (only when something moved), restore, then finish the step."""
-
-    supports_sharded_params = False  # their inner products are not yet summed over shards
 
     saves_state_before_step = True
 
@@ -265,11 +277,11 @@ class GSAM(_FinishingTransform):
         return self._sam_step(ctx, lambda first, checked: self._decompose(ctx, first))
 
     def _decompose(self, ctx: TransformContext, first: dict[int, torch.Tensor]) -> None:
-        _, perturbed, groups, both, kept = self._first_and_perturbed(ctx, first)
+        params, perturbed, groups, both, kept = self._first_and_perturbed(ctx, first)
         if not perturbed:
             return
-        norm_sq = _norm(perturbed, ctx.foreach) ** 2
-        dot = _dot(kept, [perturbed[i] for i in both])
+        norm_sq = _norm(perturbed, ctx.foreach, like=params) ** 2
+        dot = _dot(kept, [perturbed[i] for i in both], like=[params[i] for i in both])
         parallel = dot / norm_sq if norm_sq > 0 else 0.0
         # d = g_p - alpha (g - c g_p) = (1 + alpha c) g_p - alpha g  (no first gradient: g = 0)
         _mul_(perturbed, [1.0 + group["alpha"] * parallel for group in groups], ctx.foreach)
@@ -456,7 +468,7 @@ class FriendlySAM(_FinishingTransform):
                 for param, average in zip(params, new_averages):
                     ctx.state[param]["momentum"] = average
 
-        norm = self._finite_norm(directions, ctx.foreach)
+        norm = self._finite_norm(directions, ctx.foreach, like=grads)
         if norm is None:
             return Perturbation([], non_finite=True)
         moving = [i for i, group in enumerate(groups) if group["rho"] > 0]
@@ -573,7 +585,7 @@ class LookSAM(_FinishingTransform):
 
     def _store_direction(self, ctx: TransformContext, first: dict[int, torch.Tensor], norm: float) -> None:
         params, perturbed, _groups, both, kept = self._first_and_perturbed(ctx, first)
-        parallel = _dot(kept, [perturbed[i] for i in both]) / norm**2
+        parallel = _dot(kept, [perturbed[i] for i in both], like=[params[i] for i in both]) / norm**2
         # g_v = g_s - c g, in the first gradient's memory (no first gradient: g_v = g_s).
         _mul_(kept, [-parallel] * len(kept), ctx.foreach)
         _add_scaled_(kept, [perturbed[i] for i in both], [1.0] * len(kept), ctx.foreach)
@@ -638,6 +650,10 @@ class ESAM(_FinishingTransform):
         ValueError: If ``rho`` is negative or not finite, or ``beta`` is outside ``(0, 1]``.
         TypeError: If ``seed`` is not an integer.
     """
+
+    # Its random selection would come from per-rank generators whose states a distributed
+    # checkpoint cannot hold apart; refused with sharded parameters until it draws per shard.
+    supports_sharded_params = False
 
     def __init__(self, rho: float = 0.05, beta: float = 0.5, *, seed: int | None = None) -> None:
         self.rho = check_real("rho", rho, low=0.0)

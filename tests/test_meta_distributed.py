@@ -1,0 +1,344 @@
+"""Meta-training across processes: 2 CPU ranks (gloo) against one process on the whole meta-batch.
+
+The test starts this file once as a script on 2 ranks (``tests/distributed_harness.py``, the
+way torchrun would); each rank runs every case below with ``distributed=True`` and saves what it
+got. The tests compare the ranks with each other (replicas stay identical) and with the same case
+run here in one process over the whole meta-batch, where nothing is distributed. The global
+meta-batch has 5 tasks, so the ranks hold 3 and 2: the all-reduce must weight ranks by their
+tasks to give the mean over all 5.
+
+Cases: the closure API (second-order MAML with ``meta.adapt``, MetaSGD with ``task_losses``,
+Reptile), ``MetaTrainer.fit`` with evaluation (the same three), the ``meta_step`` builder with
+per-task weights, Reptile with an idle rank, a non-finite task on one rank, the samplers' shares,
+evaluation with fewer tasks than ranks, and a checkpoint saved after 3 of 6 iterations and
+resumed by fresh trainers on both ranks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import warnings
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import torch.nn.functional as F
+from distributed_harness import run_ranks, skip_without_gloo
+from torch import nn
+
+from samgria import (
+    MAML,
+    DistributedTaskSampler,
+    FewShotSampler,
+    MetaSGD,
+    MetaTrainer,
+    Reptile,
+    SinusoidTaskSampler,
+    meta_step,
+)
+
+WORLD_SIZE = 2
+GLOBAL_BATCH = 5  # shares of 3 and 2 tasks
+STEPS = 3
+DT = torch.float64
+ALGORITHMS = ("maml", "metasgd", "reptile")
+ROOT = Path(__file__).resolve().parent.parent
+EXAMPLE = ROOT / "docs" / "examples" / "meta_distributed.py"
+
+
+def make_model(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(1, 8), nn.Tanh(), nn.Linear(8, 1)).to(DT)
+
+
+def make_sampler(seed: int) -> SinusoidTaskSampler:
+    return SinusoidTaskSampler(k_support=5, k_query=6, seed=seed, dtype=DT)
+
+
+def build(algorithm: str, model: nn.Module, distributed: bool) -> Any:
+    if algorithm == "maml":  # second order, two inner steps
+        return MAML(model, torch.optim.SGD, lr=0.1, momentum=0.9, inner_lr=0.05, inner_steps=2, distributed=distributed)
+    if algorithm == "metasgd":
+        return MetaSGD(model, torch.optim.Adam, lr=0.01, inner_lr=0.05, inner_steps=1, distributed=distributed)
+    return Reptile(model, torch.optim.SGD, lr=0.5, inner_lr=0.05, inner_steps=3, distributed=distributed)
+
+
+def meta_weights(meta: Any) -> list[torch.Tensor]:
+    """Every meta-parameter (Meta-SGD's rates included), detached copies."""
+    return [p.detach().clone() for group in meta.param_groups for p in group["params"]]
+
+
+def share(items: list, rank: int, world_size: int) -> list:
+    return DistributedTaskSampler(make_sampler(0), rank=rank, world_size=world_size).shard(items)
+
+
+# -- the cases: each runs one process's part (the whole meta-batch when world_size == 1) ----------
+def closure_case(algorithm: str, rank: int, world_size: int) -> dict[str, Any]:
+    """``meta.step(closure)`` on this rank's share of each meta-batch."""
+    meta = build(algorithm, make_model(), world_size > 1)
+    tasks_of_rank = DistributedTaskSampler(make_sampler(0), rank=rank, world_size=world_size)
+    losses = []
+    for _ in range(STEPS):
+        tasks = tasks_of_rank.sample(GLOBAL_BATCH)
+
+        def closure() -> torch.Tensor:
+            meta.zero_grad()
+            if algorithm == "metasgd":  # vectorised: all tasks of the rank at once
+                loss = meta.task_losses(tasks, F.mse_loss, vectorize=True).mean()
+            else:
+                query = []
+                for task in tasks:
+                    learner = meta.adapt(lambda f, t=task: F.mse_loss(f(t.support_x), t.support_y))
+                    query.append(F.mse_loss(learner(task.query_x), task.query_y))
+                loss = torch.stack(query).mean()
+            if loss.requires_grad:
+                loss.backward()
+            return loss
+
+        losses.append(float(meta.step(closure)))
+    return {"weights": meta_weights(meta), "losses": losses}
+
+
+def trainer_case(algorithm: str, rank: int, world_size: int) -> dict[str, Any]:
+    """``MetaTrainer.fit`` with evaluation every 2 iterations (5 held-out tasks: shares 3 and 2)."""
+    meta = build(algorithm, make_model(), world_size > 1)
+    trainer = MetaTrainer(meta, F.mse_loss, make_sampler(1), vectorize=algorithm != "maml")
+    history = trainer.fit(4, GLOBAL_BATCH, eval_every=2, eval_tasks=make_sampler(9).sample(5), progress=False)
+    return {"weights": meta_weights(meta), "history": vars(history)}
+
+
+def meta_step_case(rank: int, world_size: int) -> dict[str, Any]:
+    """The ``meta_step`` builder with per-task weights: the weighted mean over every rank's tasks."""
+    meta = build("maml", make_model(), world_size > 1)
+    sampler = make_sampler(2)
+    losses = []
+    for _ in range(2):
+        tasks = sampler.sample(GLOBAL_BATCH)
+        weights = [0.5 + i for i in range(GLOBAL_BATCH)]
+        with meta_step(meta, loss_fn=F.mse_loss) as ms:
+            for task, weight in share(list(zip(tasks, weights)), rank, world_size):
+                ms.task((task.support_x, task.support_y), (task.query_x, task.query_y), weight=weight)
+        losses.append(float(ms.loss))
+    return {"weights": meta_weights(meta), "losses": losses}
+
+
+def idle_rank_case(rank: int, world_size: int) -> dict[str, Any]:
+    """Reptile with one task per meta-batch: rank 1 adapts nothing."""
+    meta = build("reptile", make_model(), world_size > 1)
+    sampler = DistributedTaskSampler(make_sampler(3), rank=rank, world_size=world_size)
+    for _ in range(2):
+        tasks = sampler.sample(1)
+
+        def closure() -> torch.Tensor:
+            for task in tasks:
+                meta.adapt(lambda f, t=task: F.mse_loss(f(t.support_x), t.support_y))
+            return torch.zeros((), dtype=DT)
+
+        meta.step(closure)
+    return {"weights": meta_weights(meta), "tasks": len(tasks)}
+
+
+def non_finite_case(rank: int, world_size: int) -> dict[str, Any]:
+    """A NaN target in the last task (rank 1's share): every rank skips the meta-step."""
+    meta = build("maml", make_model(), world_size > 1)
+    before = meta_weights(meta)
+    tasks = make_sampler(4).sample(4)
+    tasks[-1].query_y[0] = float("nan")
+    mine = share(tasks, rank, world_size)
+
+    def closure() -> torch.Tensor:
+        meta.zero_grad()
+        loss = meta.task_losses(mine, F.mse_loss).mean()
+        loss.backward()
+        return loss
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        meta.step(closure)
+    unchanged = all(torch.equal(a, b) for a, b in zip(before, meta_weights(meta)))
+    return {"skipped": meta.skipped_steps, "unchanged": unchanged, "warned": any("skipped" in str(w.message) for w in caught)}
+
+
+def shares_case(rank: int, world_size: int) -> dict[str, Any]:
+    """Two meta-batches of 5 few-shot tasks, this rank's shares."""
+    inputs = torch.randn(60, 3, generator=torch.Generator().manual_seed(0), dtype=DT)
+    labels = torch.arange(60) % 6
+    sampler = DistributedTaskSampler(FewShotSampler(inputs, labels, 3, 2, 2, seed=5), rank=rank, world_size=world_size)
+    return {"draws": [[vars(t) for t in sampler.sample(5)] for _ in range(2)]}
+
+
+def evaluate_case(rank: int, world_size: int) -> dict[str, Any]:
+    """Evaluation over 5 tasks, over 1 task (rank 1 holds none), and ``meta.evaluate`` on shares."""
+    meta = build("maml", make_model(), world_size > 1)
+    trainer = MetaTrainer(meta, F.mse_loss, make_sampler(0), vectorize=False)
+    tasks = make_sampler(9).sample(5)
+    return {
+        "five": trainer.evaluate(tasks),
+        "one": trainer.evaluate(tasks[:1]),
+        "meta": meta.evaluate(share(tasks, rank, world_size), F.mse_loss, inner_steps=3),
+    }
+
+
+def checkpoint_case(rank: int, world_size: int, directory: Path) -> dict[str, Any]:
+    """fit(6) against fit(3), checkpoint (rank 0 saves, every rank loads), fresh trainer, fit(3)."""
+    distributed = world_size > 1
+    eval_tasks = make_sampler(9).sample(3)
+
+    def trainer(seed: int) -> MetaTrainer:
+        meta = build("metasgd", make_model(seed), distributed)
+        return MetaTrainer(meta, F.mse_loss, make_sampler(seed), vectorize=True)
+
+    whole = trainer(0)
+    whole.fit(6, GLOBAL_BATCH, eval_every=2, eval_tasks=eval_tasks, progress=False)
+    first = trainer(0)
+    first.fit(3, GLOBAL_BATCH, eval_every=2, eval_tasks=eval_tasks, progress=False)
+    path = directory / "checkpoint.pt"
+    if rank == 0:
+        torch.save(first.state_dict(), path)
+    if distributed:
+        import torch.distributed as dist
+
+        dist.barrier()
+    resumed = trainer(7)  # another initialisation and another seed: everything must come from the file
+    resumed.load_state_dict(torch.load(path))
+    resumed.fit(3, GLOBAL_BATCH, eval_every=2, eval_tasks=eval_tasks, progress=False)
+    return {
+        "whole": {"weights": meta_weights(whole.meta), "history": vars(whole.history), "outer": whole.meta.state_dict()},
+        "resumed": {"weights": meta_weights(resumed.meta), "history": vars(resumed.history), "outer": resumed.meta.state_dict()},
+        "iterations": (whole.iteration, resumed.iteration),
+    }
+
+
+def run_cases(rank: int, world_size: int, directory: Path) -> dict[str, Any]:
+    results: dict[str, Any] = {}
+    for algorithm in ALGORITHMS:
+        results[f"closure/{algorithm}"] = closure_case(algorithm, rank, world_size)
+        results[f"trainer/{algorithm}"] = trainer_case(algorithm, rank, world_size)
+    results["meta_step"] = meta_step_case(rank, world_size)
+    results["idle_rank"] = idle_rank_case(rank, world_size)
+    results["non_finite"] = non_finite_case(rank, world_size)
+    results["shares"] = shares_case(rank, world_size)
+    results["evaluate"] = evaluate_case(rank, world_size)
+    results["checkpoint"] = checkpoint_case(rank, world_size, directory)
+    return results
+
+
+# -- the worker (runs in a child process) ----------------------------------------------------------
+def _worker(out_dir: str) -> None:
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo")
+    rank, world_size = dist.get_rank(), dist.get_world_size()
+    try:
+        results = run_cases(rank, world_size, Path(out_dir))
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+    torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+
+
+# -- the tests -------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
+    skip_without_gloo()
+    out_dir = tmp_path_factory.mktemp("meta_ddp")
+    run_ranks(__file__, WORLD_SIZE, ["--out", str(out_dir)])
+    return [torch.load(out_dir / f"rank{rank}.pt") for rank in range(WORLD_SIZE)]
+
+
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # the non-finite case warns
+        return run_cases(0, 1, tmp_path_factory.mktemp("meta_one"))
+
+
+def assert_close(actual: Any, expected: Any) -> None:
+    """Equal up to the order of the sums over ranks (float64)."""
+    torch.testing.assert_close(actual, expected, rtol=1e-12, atol=1e-13)
+
+
+def test_replicas_are_identical(ranks: list[dict[str, Any]]) -> None:
+    for name in [f"{kind}/{a}" for kind in ("closure", "trainer") for a in ALGORITHMS] + ["meta_step", "idle_rank"]:
+        for a, b in zip(ranks[0][name]["weights"], ranks[1][name]["weights"]):
+            assert torch.equal(a, b), name
+
+
+@pytest.mark.parametrize("algorithm", ALGORITHMS)
+def test_closure_api_equals_one_process_on_the_whole_meta_batch(ranks, one_process, algorithm) -> None:
+    name = f"closure/{algorithm}"
+    assert_close(ranks[0][name]["weights"], one_process[name]["weights"])
+    for rank in ranks:  # the returned meta-loss is the mean over all 5 tasks, on every rank
+        assert_close(rank[name]["losses"], one_process[name]["losses"])
+    trained = one_process[name]["weights"][0]
+    assert not torch.equal(trained, make_model()[0].weight.detach()), "it trained"
+
+
+@pytest.mark.parametrize("algorithm", ALGORITHMS)
+def test_trainer_equals_one_process_history_included(ranks, one_process, algorithm) -> None:
+    name = f"trainer/{algorithm}"
+    expected = one_process[name]
+    for rank in ranks:
+        assert_close(rank[name]["weights"], expected["weights"])
+        assert_close(rank[name]["history"]["meta_loss"], expected["history"]["meta_loss"])
+        assert_close(rank[name]["history"]["eval_loss"], expected["history"]["eval_loss"])
+        assert rank[name]["history"]["eval_iterations"] == [2, 4]
+
+
+def test_meta_step_builder_weights_every_rank_by_its_task_weights(ranks, one_process) -> None:
+    for rank in ranks:
+        assert_close(rank["meta_step"]["weights"], one_process["meta_step"]["weights"])
+        assert_close(rank["meta_step"]["losses"], one_process["meta_step"]["losses"])
+
+
+def test_a_rank_without_tasks_contributes_nothing(ranks, one_process) -> None:
+    assert [rank["idle_rank"]["tasks"] for rank in ranks] == [1, 0]
+    assert_close(ranks[1]["idle_rank"]["weights"], one_process["idle_rank"]["weights"])
+
+
+def test_a_non_finite_task_on_one_rank_skips_the_step_on_every_rank(ranks, one_process) -> None:
+    expected = {"skipped": 1, "unchanged": True, "warned": True}
+    assert one_process["non_finite"] == expected
+    assert [rank["non_finite"] for rank in ranks] == [expected, expected]
+
+
+def test_sampler_shares_are_disjoint_and_together_the_one_process_batch(ranks, one_process) -> None:
+    for draw, whole in enumerate(one_process["shares"]["draws"]):
+        mine = [ranks[0]["shares"]["draws"][draw], ranks[1]["shares"]["draws"][draw]]
+        assert [len(m) for m in mine] == [3, 2]
+        for got, want in zip(mine[0] + mine[1], whole):
+            assert all(torch.equal(got[k], want[k]) for k in want)
+
+
+def test_evaluation_is_the_mean_over_every_rank(ranks, one_process) -> None:
+    for key in ("five", "one", "meta"):
+        values = [rank["evaluate"][key] for rank in ranks]
+        assert values[0] == values[1], key
+        assert values[0] == pytest.approx(one_process["evaluate"][key], rel=1e-12), key
+
+
+def test_checkpoint_resumes_bit_for_bit(ranks, one_process) -> None:
+    for result in [one_process, *ranks]:
+        case = result["checkpoint"]
+        assert case["iterations"] == (6, 6)
+        whole, resumed = case["whole"], case["resumed"]
+        assert all(torch.equal(a, b) for a, b in zip(whole["weights"], resumed["weights"]))
+        assert whole["history"] == resumed["history"]
+        assert whole["history"]["eval_iterations"] == [2, 4, 6]
+        torch.testing.assert_close(whole["outer"], resumed["outer"], rtol=0, atol=0)
+    assert_close(ranks[0]["checkpoint"]["whole"]["weights"], one_process["checkpoint"]["whole"]["weights"])
+
+
+def test_documented_torchrun_example_runs_on_two_ranks() -> None:
+    skip_without_gloo()
+    outputs = run_ranks(EXAMPLE, WORLD_SIZE)
+    assert "rank 0 of 2" in outputs[0] and "rank 1 of 2" in outputs[1]
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description="one rank of tests/test_meta_distributed.py")
+    parser.add_argument("--out", required=True)
+    _worker(parser.parse_args().out)
