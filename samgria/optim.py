@@ -14,6 +14,7 @@ from torch import nn
 from torch.optim import Optimizer
 
 from samgria._checks import check_bool, check_choice
+from samgria._frameworks import accumulating_framework
 from samgria._snapshot import StateStructure, StepSnapshot
 from samgria._wrapper import WrappingOptimizer
 from samgria.functional import global_norm
@@ -491,6 +492,21 @@ class TransformingOptimizer(WrappingOptimizer):
                 snapshot.restore()
             raise
 
+    def _refuse_framework_accumulation(self, closure: Callable[[], Any]) -> None:
+        """Raise before anything changes when a framework accumulated micro-batches outside the
+        closure that a re-evaluating transform would run again (see :mod:`samgria._frameworks`)."""
+        needing = [type(t).__name__ for t in self.transforms if t.needs_closure]
+        setting = accumulating_framework(closure) if needing else None
+        if setting is not None:
+            raise RuntimeError(
+                f"{', '.join(needing)} re-evaluate(s) the loss, but {setting} ran the earlier "
+                "micro-batches of this step outside the optimizer: the second pass would see the "
+                "last micro-batch only (a different algorithm). Accumulate inside the closure (or "
+                "use the two-call loop over every micro-batch), or train with one micro-batch per "
+                "step; for Lightning add callbacks=[samgria.integrations.lightning.SAMCallback()], "
+                "which refuses this setting when fit starts"
+            )
+
     def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
         """Perform one optimization step.
 
@@ -506,8 +522,10 @@ class TransformingOptimizer(WrappingOptimizer):
 
         Raises:
             RuntimeError: Before anything changes, if a transform needs a closure and none was
-                given without :meth:`first_step`, or if ``torch.amp.GradScaler.step`` passes a
-                closure (the scaler cannot scale and unscale the passes the closure runs).
+                given without :meth:`first_step`, if ``torch.amp.GradScaler.step`` passes a
+                closure (the scaler cannot scale and unscale the passes the closure runs), or if
+                a framework accumulated earlier micro-batches outside the closure that a
+                transform re-evaluates (Lightning's ``accumulate_grad_batches > 1``).
         """
         if self._pending is not None:
             if closure is not None:
@@ -545,6 +563,7 @@ class TransformingOptimizer(WrappingOptimizer):
         if scaled:
             self._forget_scaler()
             raise RuntimeError(_SCALER_WITH_CLOSURE_MESSAGE)
+        self._refuse_framework_accumulation(closure)
         with torch.enable_grad(), self._enter(self.first_pass_context):
             loss = closure()
         if isinstance(loss, torch.Tensor):

@@ -247,6 +247,30 @@ def test_accumulate_grad_batches_is_refused_before_the_first_training_step(plugi
     assert module.training_steps == 0
 
 
+def test_accumulate_grad_batches_without_the_callback_is_refused_at_the_first_step() -> None:
+    """The net under the callback: the optimizer recognises Lightning's accumulating closure."""
+    module = Regression(dtype=torch.float32)
+    fit = trainer(accumulate_grad_batches=2)
+    _refused(
+        fit,
+        module,
+        RuntimeError,
+        r"^SAM re-evaluate\(s\) the loss, but Lightning's Trainer\(accumulate_grad_batches > 1\) under "
+        r"automatic optimization ran the earlier micro-batches .*last micro-batch only.*SAMCallback",
+    )
+    assert module.training_steps == 1  # the first micro-batch ran; the step was refused before the second
+
+
+def test_one_micro_batch_per_step_is_not_mistaken_for_accumulation() -> None:
+    module = Regression()
+    data = batches()
+    fit = trainer()
+    fit.fit(module, loader(data))
+    assert fit.global_step == len(data)
+    for got, want in zip(weights_of(module), reference(data)):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
 def test_lightnings_16_mixed_plugin_is_refused_when_fit_starts() -> None:
     module = Regression(dtype=torch.float32)
     fit = trainer(plugins=[MixedPrecision("16-mixed", "cpu")], callbacks=[SAMCallback()])

@@ -19,7 +19,8 @@ What needs this module:
 * ``accumulate_grad_batches > 1`` under automatic optimization: Lightning runs all micro-batches
   but the last outside the optimizer, so SAM's second pass would see the last micro-batch only.
   That cannot be repaired from the optimizer; :class:`SAMCallback` (and :class:`SAMMixedPrecision`)
-  refuse it before the first training step. Accumulate inside ``training_step`` under manual
+  refuse it before the first training step (without them, the optimizer recognises Lightning's
+  accumulating closure and refuses the first step, unchanged). Accumulate inside ``training_step`` under manual
   optimization instead (both passes over every micro-batch).
 
 Add ``callbacks=[SAMCallback()]`` to every ``Trainer`` that trains a samgria optimizer: it checks
