@@ -4,7 +4,8 @@ The demo generates two interleaved spirals (1000 training points with 15% of the
 flipped, 2000 clean held-out points), trains the same 2-256-256-2 ReLU MLP from the same
 initialisation with momentum SGD alone, with SAM, with ASAM and with SAM + LAMP, and prints a table of the final training
 loss (on the noisy training labels) and the accuracy on a clean held-out set. Progress goes to
-stderr, one line per method every few epochs; the table goes to stdout.
+stderr, one line per method every few epochs; the table goes to stdout; ``--plot PATH`` also
+draws each method's decision regions (needs matplotlib).
 """
 
 from __future__ import annotations
@@ -14,7 +15,8 @@ import math
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -23,7 +25,7 @@ from torch.nn import functional as F
 from samgria.optim import TransformingOptimizer
 from samgria.transforms import ASAM, LAMP, SAM
 
-__all__ = ["main", "make_spirals", "DemoResult", "run_demo"]
+__all__ = ["main", "make_spirals", "DemoResult", "run_demo", "plot_demo"]
 
 METHODS = ("plain", "SAM", "ASAM", "SAM+LAMP")
 
@@ -92,6 +94,8 @@ class DemoResult:
     train_loss: float
     test_accuracy: float
     seconds: float
+    #: The trained classifier (for :func:`plot_demo`); not part of the comparison or the repr.
+    model: nn.Module | None = field(default=None, repr=False, compare=False)
 
 
 def run_demo(
@@ -165,7 +169,7 @@ def run_demo(
         with torch.no_grad():
             train_loss = float(F.cross_entropy(model(x_train), y_train))
             accuracy = float((model(x_test).argmax(dim=1) == y_test).float().mean())
-        results.append(DemoResult(method, train_loss, accuracy, time.perf_counter() - start))
+        results.append(DemoResult(method, train_loss, accuracy, time.perf_counter() - start, model))
     return results
 
 
@@ -187,6 +191,50 @@ def _warm_up(
 
         for _ in range(steps):
             optimizer.step(closure)
+
+
+def plot_demo(results: Sequence[DemoResult], path: str | Path, *, seed: int = 0, n_points: int = 1000) -> None:
+    """Draw each method's decision regions over the noisy training spirals into an image file.
+
+    One panel per method (title: held-out accuracy); needs matplotlib.
+
+    Args:
+        results: What :func:`run_demo` returned (each with its ``model``).
+        path: The image file to write (its suffix picks the format, e.g. ``.png``).
+        seed: The seed the demo ran with (the training points drawn are the same).
+        n_points: Training points the demo used.
+
+    Raises:
+        ImportError: If matplotlib is not installed.
+        ValueError: If a result has no model.
+    """
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as error:
+        raise ImportError(f"--plot needs matplotlib: pip install matplotlib ({error})") from None
+    if any(result.model is None for result in results):
+        raise ValueError("plot_demo needs the results of run_demo, with their models")
+    x, y = make_spirals(n_points, label_noise=0.15, seed=seed)
+    extent = 1.05 * float(x.abs().max())
+    grid = torch.linspace(-extent, extent, 241)
+    xx, yy = torch.meshgrid(grid, grid, indexing="xy")
+    points = torch.stack([xx.reshape(-1), yy.reshape(-1)], dim=1)
+    fig, axes = plt.subplots(1, len(results), figsize=(3.2 * len(results), 3.4), squeeze=False)
+    for ax, result in zip(axes[0], results):
+        with torch.no_grad():
+            region = result.model(points).argmax(dim=1).reshape(xx.shape)  # type: ignore[misc]
+        ax.contourf(xx, yy, region, levels=[-0.5, 0.5, 1.5], colors=["#c6dbef", "#fdd0a2"])
+        ax.scatter(x[:, 0], x[:, 1], c=["#08519c" if label == 0 else "#d94801" for label in y.tolist()], s=3)
+        ax.set_title(f"{result.method}: {100 * result.test_accuracy:.1f}% held-out", fontsize=10)
+        ax.set_xticks([])
+        ax.set_yticks([])
+    fig.suptitle("decision regions after training on spirals with 15% flipped labels", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
 
 
 def format_table(results: Sequence[DemoResult]) -> str:
@@ -221,6 +269,9 @@ def _demo(args: argparse.Namespace) -> int:
     )
     results = run_demo(methods=args.methods, log=log, **settings)
     print(format_table(results))
+    if args.plot is not None:
+        plot_demo(results, args.plot, seed=args.seed, n_points=settings.get("n_train", 1000))
+        log(f"wrote {args.plot}")
     return 0
 
 
@@ -246,6 +297,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=0, help="seed of data, initialisation and shuffling")
     demo.add_argument(
         "--methods", nargs="+", choices=METHODS, default=list(METHODS), help="methods to train (default: all)"
+    )
+    demo.add_argument(
+        "--plot", metavar="PATH", default=None, help="also draw each method's decision regions into an image (needs matplotlib)"
     )
     demo.set_defaults(handler=_demo)
     return parser

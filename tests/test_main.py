@@ -186,3 +186,26 @@ def test_format_table() -> None:
     assert header.split() == ["method", "final", "train", "loss", "held-out", "accuracy", "time"]
     assert set(rule) == {"-"}
     assert ROW.match(row).groups() == ("SAM", "0.1235", "87.5", "1.2")
+
+
+# -- the picture ------------------------------------------------------------------------------------
+def test_plot_draws_the_decision_regions_of_the_trained_models(tmp_path, capsys) -> None:
+    path = tmp_path / "demo.png"
+    assert main(["demo", "--quick", "--methods", "plain", "SAM", "--plot", str(path)]) == 0
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert f"wrote {path}" in capsys.readouterr().err
+
+
+def test_plot_needs_the_models_of_run_demo(tmp_path) -> None:
+    from samgria.__main__ import plot_demo
+
+    with pytest.raises(ValueError, match="plot_demo needs the results of run_demo, with their models"):
+        plot_demo([DemoResult("plain", 0.5, 0.9, 1.0)], tmp_path / "demo.png")
+
+
+def test_run_demo_results_carry_their_trained_models() -> None:
+    (result,) = run_demo(methods=["plain"], **_TINY)
+    x_test, y_test = make_spirals(64, seed=8)
+    with torch.no_grad():
+        accuracy = float((result.model(x_test).argmax(1) == y_test).float().mean())
+    assert accuracy == result.test_accuracy
