@@ -55,6 +55,7 @@ from samgria.transforms import (
 from samgria.transforms import ESAM, GSAM, WSAM, FriendlySAM, LookSAM
 from samgria.transforms import ClampParams, ParamTransform, ProjectParams, SparsifyGrad
 from samgria.transforms import EMA, Lookahead
+from samgria.transforms import MultiStepSAM
 from samgria.utils import frozen_bn_stats, get_grad, set_grad
 
 __version__ = "0.1.0"
@@ -89,6 +90,7 @@ __all__ = [
     "ParamTransform",
     "Lookahead",
     "EMA",
+    "MultiStepSAM",
     "get_grad",
     "set_grad",
     "frozen_bn_stats",

@@ -48,6 +48,7 @@ SLOT_OF_CLASS = {
     "HookedRowTransform": "hooked_row_transform",
     "Lookahead": "lookahead",
     "EMA": "ema",
+    "MultiStepSAM": "multi_step_sam",
 }
 
 all_configs = pytest.mark.parametrize("info,config", CONFIGS, ids=[config_id(pair) for pair in CONFIGS])

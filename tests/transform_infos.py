@@ -22,6 +22,7 @@ from samgria import ASAM, LAMP, SAM, ClampGrad, ClipGradNorm, GradSign, Normaliz
 from samgria import ESAM, GSAM, WSAM, FriendlySAM, LookSAM
 from samgria import ClampParams, ParamTransform, ProjectParams, SparsifyGrad
 from samgria import EMA, Lookahead
+from samgria import MultiStepSAM
 
 __all__ = [
     "ErrorInput",
@@ -817,6 +818,67 @@ TRANSFORM_INFOS += [
             "sam_then_hooks_whole",
             lambda: [_sam(), HookedRowTransform(limit=0.25, param_ndim=None)],
             expect_groups=({"rho": 0.05, "param_ndim": None, "limit": 0.25},),
+        ),
+    ),
+]
+
+
+# -- multi-step adversarial ascent (samgria/transforms/ascent.py) ------------------------------------------
+# The generic tests include the two-call loop, which takes one ascent step: every config here has
+# ascent_steps=1 (ascent_steps > 1 is tested in test_transforms_ascent.py).
+def _multi_step_sam(**kw: Any) -> MultiStepSAM:
+    return MultiStepSAM(**{"rho": 0.05, **kw})
+
+
+def _momentum_adversary(groups: list[dict[str, Any]]) -> torch.optim.Optimizer:
+    return torch.optim.SGD(groups, momentum=0.9)
+
+
+TRANSFORM_INFOS += [
+    _info(
+        TransformInfo(
+            "MultiStepSAM",
+            _multi_step_sam,
+            needs_closure=True,
+            group_keys=("rho",),
+            error_inputs=[
+                ErrorInput({"rho": -1.0}, ValueError, r"rho must be a finite number >= 0, got -1\.0"),
+                ErrorInput({"rho": float("nan")}, ValueError, r"rho must be a finite number >= 0, got nan"),
+                ErrorInput({"ascent_steps": 0}, ValueError, r"ascent_steps must be an integer >= 1, got 0"),
+                ErrorInput({"ascent_steps": 2.0}, TypeError, r"ascent_steps must be an integer >= 1, got 2\.0"),
+                ErrorInput({"ascent_steps": True}, TypeError, r"ascent_steps must be an integer >= 1, got True"),
+                ErrorInput({"normalize": 1}, TypeError, r"normalize must be a bool, got 1"),
+                ErrorInput({"reset_state": "no"}, TypeError, r"reset_state must be a bool, got 'no'"),
+                ErrorInput({"adversary": 3}, TypeError, r"adversary must be a callable that builds a torch\.optim\.Optimizer .*, got 3"),
+                ErrorInput({"adversary": lambda groups: None}, TypeError, r"adversary must be .*, but adversary\(param_groups\) returned None"),
+                ErrorInput({"adversary": torch.optim.LBFGS}, TypeError, r"adversary must be .* whose step\(\) works without a closure, got one that builds LBFGS"),
+                ErrorInput(
+                    {"adversary": lambda groups: torch.optim.SGD(groups, maximize=True)},
+                    ValueError,
+                    r"adversary must build an optimizer that minimises .* got one with maximize=True",
+                ),
+            ],
+        ),
+        Config(
+            "momentum_adversary_kept_state",
+            lambda: [_multi_step_sam(adversary=_momentum_adversary, reset_state=False)],
+            groups=split_groups({"rho": 0.1}),
+            expect_groups=({"rho": 0.1}, {"rho": 0.05}),
+        ),
+        Config(
+            "adam_adversary_kept_state_group_rho_zero",
+            lambda: [_multi_step_sam(rho=0.01, adversary=torch.optim.Adam, reset_state=False)],
+            groups=split_groups({"rho": 0.0}, {"rho": 0.02}),
+            expect_groups=({"rho": 0.0}, {"rho": 0.02}),
+        ),
+        Config("unnormalized_then_lamp", lambda: [_multi_step_sam(rho=0.5, normalize=False), _lamp()], expect_groups=({"rho": 0.5, "eps": 5e-3},)),
+        Config(
+            "adadelta_qualified_rho",
+            lambda: [_multi_step_sam(adversary=torch.optim.SGD)],
+            inner=torch.optim.Adadelta,
+            inner_kwargs={"lr": 0.5},
+            groups=split_groups({"multi_step_sam.rho": 0.1}),
+            expect_groups=({"multi_step_sam.rho": 0.1, "rho": 0.9}, {"multi_step_sam.rho": 0.05, "rho": 0.9}),
         ),
     ),
 ]

@@ -9,6 +9,7 @@ from samgria.transforms.grad import SparsifyGrad
 from samgria.transforms.constraints import ClampParams, ProjectParams
 from samgria.transforms.param_ndim import ParamTransform
 from samgria.transforms.averaging import EMA, Lookahead
+from samgria.transforms.ascent import MultiStepSAM
 
 __all__ = [
     "ASAM",
@@ -37,4 +38,5 @@ __all__ = [
     "ParamTransform",
     "Lookahead",
     "EMA",
+    "MultiStepSAM",
 ]

@@ -1,0 +1,450 @@
+r"""Multi-step adversarial ascent: optax's ``sam`` as a transform.
+
+:class:`MultiStepSAM` generalises :class:`~samgria.SAM` the way ``optax.contrib.sam`` does: the
+weights climb the loss for ``ascent_steps`` steps (optax's ``sync_period - 1``), each step taken
+by an *adversary* — SAM's normalised gradient step by default, or any ``torch.optim`` optimizer —
+the closure is re-evaluated after every step, and the inner optimizer then steps from the
+original weights with the last gradient. The weights are restored bit for bit afterwards (the
+machinery of :class:`~samgria.SAM`).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import warnings
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
+from torch.optim import Optimizer
+
+from samgria._checks import check_bool, check_int, check_real
+from samgria.functional import add_directions_, global_norm
+from samgria.functional._grouping import group_indices_by_device_and_dtype
+from samgria.functional._views import as_real
+from samgria.transforms.base import TransformContext
+from samgria.transforms.sam import Perturbation, _owns_storage
+from samgria.transforms.sam_family import Finish, _current_grads_finite, _FinishingTransform, _mul_, _Step
+
+__all__ = ["MultiStepSAM"]
+
+#: ``adversary(param_groups) -> torch.optim.Optimizer``: builds the optimizer that takes the ascent steps.
+AdversaryFactory = Callable[[list[dict[str, Any]]], Optimizer]
+
+
+def _check_adversary(adversary: Any, rho: float) -> str:
+    """Build the adversary once over a probe tensor; return its class name (the checkpoint's record).
+
+    Raises:
+        TypeError: ``adversary`` is not callable, is an optimizer instance, does not build a
+            ``torch.optim.Optimizer``, or builds one whose ``step`` needs a closure (LBFGS).
+        ValueError: The optimizer it builds maximises (it is handed the gradient of ``-L``).
+    """
+    rule = (
+        "a callable that builds a torch.optim.Optimizer from a list of param groups (e.g. "
+        "torch.optim.SGD or functools.partial(torch.optim.SGD, momentum=0.9)), or None"
+    )
+    if isinstance(adversary, Optimizer):
+        raise TypeError(f"adversary must be {rule}, got the optimizer instance {adversary!r}")
+    if not callable(adversary):
+        raise TypeError(f"adversary must be {rule}, got {adversary!r}")
+    built = adversary([{"params": [torch.zeros(1)], "lr": rho}])
+    if not isinstance(built, Optimizer):
+        raise TypeError(f"adversary must be {rule}, but adversary(param_groups) returned {built!r}")
+    if isinstance(built, torch.optim.LBFGS):
+        raise TypeError(
+            f"adversary must be {rule} whose step() works without a closure, got one that builds LBFGS"
+        )
+    if any(group.get("maximize", False) for group in built.param_groups):
+        raise ValueError(
+            f"adversary must build an optimizer that minimises (it is handed the gradient of -L, "
+            f"so its steps climb L), got one with maximize=True: {built!r}"
+        )
+    return type(built).__name__
+
+
+def _to_slot(key: str, value: Any) -> Any:
+    """An adversary state value as the slot keeps it.
+
+    A step counter (a 0-dim tensor under ``"step"``) is kept as a number: on load, torch casts
+    every other floating-point state tensor to the parameter's dtype (which would round a count
+    held in a 16-bit dtype), and the adversary's own ``load_state_dict`` turns it back into the
+    tensor it expects.
+    """
+    if key == "step" and isinstance(value, torch.Tensor) and value.ndim == 0:
+        return value.item()
+    return value
+
+
+def _fresh(value: Any) -> Any:
+    """A copy the adversary may write into (state in the slot is never written in place)."""
+    if isinstance(value, torch.Tensor):
+        return value.clone(memory_format=torch.preserve_format)
+    return copy.deepcopy(value)
+
+
+class _Ascent(_Step):
+    """The ascent in progress: the moves from :math:`w`, what takes the next step, the commit.
+
+    Args:
+        moves: As for :class:`~samgria.Perturbation` (the backups hold :math:`w`).
+        finish: Commits the adversary's state (``None`` when nothing is kept).
+        moved: The moved parameters, in order.
+        groups: Their param groups (views).
+        adversary: The optimizer taking the ascent steps, or ``None`` for SAM's step.
+    """
+
+    def __init__(
+        self,
+        moves: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, bool]],
+        finish: Finish | None,
+        *,
+        moved: list[torch.Tensor],
+        groups: list[Mapping[str, Any]],
+        adversary: Optimizer | None,
+    ) -> None:
+        super().__init__(moves, finish)
+        self.moved = moved
+        self.groups = groups
+        self.adversary = adversary
+
+
+class MultiStepSAM(_FinishingTransform):
+    r"""SAM with a multi-step adversarial ascent by any optimizer (``optax.contrib.sam``).
+
+    With :math:`n` = ``ascent_steps``, starting from the weights :math:`a_0 = w` and the gradient
+    :math:`g_0 = \nabla L(w)` of the closure's first evaluation,
+
+    .. math::
+
+        a_{i+1} = a_i + u_i, \qquad g_{i+1} = \nabla L(a_{i+1}), \qquad i = 0, \dots, n - 1,
+
+        w_{t+1} = \mathrm{inner\_step}\big(w_t,\ g_n\big),
+
+    the closure is re-evaluated at every :math:`a_{i+1}` (``n`` re-evaluations per step) and
+    :math:`w` is restored bit for bit before the inner step. The ascent step :math:`u_i` is
+
+    * by default (``adversary=None``) SAM's normalised gradient step,
+      :math:`u_i = \rho\, g_i / \lVert g_i \rVert_2` — with ``ascent_steps=1`` this is
+      :class:`~samgria.SAM`, bit for bit;
+    * with an ``adversary``, the step of a torch optimizer over the perturbed weights that is
+      handed :math:`-\hat g_i`, the gradient of :math:`-L` (so it climbs :math:`L`), where
+      :math:`\hat g_i = g_i / \lVert g_i \rVert_2` (``normalize=True``) or :math:`g_i`. It is
+      built for each step as ``adversary(param_groups)`` with one group per param group of the
+      optimizer, holding that group's moved parameters and ``"lr"`` set to its ``rho``, e.g.
+      ``adversary=functools.partial(torch.optim.SGD, momentum=0.9)`` or
+      ``adversary=torch.optim.Adam``. ``torch.optim.SGD`` is the default step up to rounding.
+
+    The norms are global (one over every parameter that has a gradient), as in SAM; each group's
+    part of the ascent is scaled by (or, with an adversary, uses as learning rate) the group's
+    ``rho``, and a group with ``rho=0`` is not perturbed. A gradient of norm zero at :math:`w`
+    perturbs nothing (no re-evaluation, as SAM); at a later point it moves nothing on that step
+    when ``normalize=True``.
+
+    **The adversary's state.** With ``reset_state=True`` (the default, as in optax) the
+    adversary starts afresh every step, so its state (momentum, Adam's moments) spans the
+    ``ascent_steps`` steps of one optimizer step. With ``reset_state=False`` it carries over
+    from step to step: it is kept in the slot (``state[p]["multi_step_sam.<key>"]``, the
+    adversary's own keys, a step counter as a number) and checkpointed with the optimizer —
+    ``state_dict()`` and ``torch.distributed.checkpoint`` alike — and committed only once the
+    step's gradients are in (a failed or skipped step leaves it as it was).
+
+    **optax's modes.** ``optax.contrib.sam(opt, adv_opt, sync_period=k, opaque_mode=True,
+    reset_state=r)`` is ``TransformingOptimizer(params, inner, transforms=[MultiStepSAM(rho,
+    ascent_steps=k - 1, adversary=..., reset_state=r)])`` driven by ``optimizer.step(closure)``:
+    one call evaluates the closure ``k`` times (optax: the gradient it is given, then ``grad_fn``
+    ``k - 1`` times) and the adversarial points are never visible outside the call. optax's
+    default adversary ``chain(normalize(), sgd(rho))`` is ``adversary=None``;
+    ``chain(normalize(), sgd(rho, momentum=m))`` is
+    ``adversary=functools.partial(torch.optim.SGD, momentum=m)`` (optax negates the adversary's
+    descent update, samgria negates its gradient: the same step for rules that commute with a
+    sign flip — SGD, momentum, Nesterov, Adam, RMSprop — but not with weight decay inside the
+    adversary). optax's transparent mode spreads the period over ``k`` calls of ``update``, one
+    gradient each, with the adversarial weights visible between calls; samgria's
+    counterpart is the two-call loop (:meth:`~samgria.TransformingOptimizer.first_step` moves
+    the weights to :math:`a_1`, the caller runs the second forward and backward,
+    :meth:`~samgria.TransformingOptimizer.second_step` restores and steps), for
+    ``ascent_steps=1`` (``sync_period=2``); longer ascents need the closure and
+    ``first_step()`` refuses them. optax needs opaque mode when every call to ``update`` has side
+    effects such as BatchNorm statistics; here the closure's forward passes are the side
+    effects, and ``reevaluation_context=lambda: samgria.frozen_bn_stats(model)`` keeps the
+    running statistics to one update per step, from the pass at :math:`w`. optax's
+    ``grad_fn(params, i)`` may pick a batch per ascent step; a closure can do the same with a
+    counter of its own.
+
+    Memory: SAM's (one backup of the moved parameters), plus the adversary's state. Time: one
+    forward and backward pass per ascent step beyond the first evaluation, plus one global norm
+    per step after the first.
+
+    References:
+        Foret et al., "Sharpness-Aware Minimization for Efficiently Improving Generalization",
+        ICLR 2021; ``optax.contrib.sam`` (DeepMind, Apache-2.0); Kim et al., "Exploring the Effect
+        of Multi-step Ascent in Sharpness-Aware Minimization", arXiv:2302.10181, 2023.
+
+    Args:
+        rho: Default ascent step size :math:`\rho \ge 0` (per-group key ``"rho"``): the radius of
+            each of SAM's steps, or the adversary's learning rate.
+        ascent_steps: Ascent steps (closure re-evaluations) per optimizer step, an integer
+            ``>= 1`` (optax's ``sync_period - 1``; a setting).
+        adversary: ``None`` (SAM's step), or a callable building a :class:`torch.optim.Optimizer`
+            from a list of param-group dicts (a torch optimizer class, a
+            :func:`functools.partial` of one; a lambda works but does not pickle). It must
+            minimise (not ``maximize=True``) and step without a closure. It is built once at
+            construction over a probe tensor, to check it.
+        normalize: Divide the gradient by its global L2 norm before the ascent step (optax's
+            ``normalize()``; a setting). With ``normalize=False`` and the two-call loop under
+            ``GradScaler`` the adversary sees loss-scaled gradients.
+        reset_state: Start the adversary afresh at every step (a setting; see above).
+
+    Raises:
+        ValueError: If ``rho`` is negative or not finite, ``ascent_steps < 1``, or the adversary
+            maximises.
+        TypeError: If ``ascent_steps`` is not an integer, ``normalize`` or ``reset_state`` is
+            not a bool, or ``adversary`` does not build a torch optimizer that steps without a
+            closure.
+    """
+
+    # The adversary may be any optimizer, whose state a sharded checkpoint may not hold apart.
+    supports_sharded_params = False
+
+    def __init__(
+        self,
+        rho: float = 0.05,
+        ascent_steps: int = 1,
+        *,
+        adversary: AdversaryFactory | None = None,
+        normalize: bool = True,
+        reset_state: bool = True,
+    ) -> None:
+        self.rho = check_real("rho", rho, low=0.0)
+        self.ascent_steps = check_int("ascent_steps", ascent_steps, low=1)
+        self.normalize = check_bool("normalize", normalize)
+        self.reset_state = check_bool("reset_state", reset_state)
+        self._adversary_name = None if adversary is None else _check_adversary(adversary, self.rho)
+        self.adversary = adversary
+        # Only a kept adversary state is written before the inner step (committed with new objects).
+        self.saves_state_before_step = self._keeps_state
+
+    @property
+    def _keeps_state(self) -> bool:
+        return self.adversary is not None and not self.reset_state
+
+    def group_defaults(self) -> dict[str, Any]:
+        return {"rho": self.rho}
+
+    def validate_group(self, group: Mapping[str, Any]) -> None:
+        check_real("rho", group["rho"], low=0.0)
+
+    def settings(self) -> dict[str, Any]:
+        return {
+            "ascent_steps": self.ascent_steps,
+            "adversary": self._adversary_name,
+            "normalize": self.normalize,
+            "reset_state": self.reset_state,
+        }
+
+    # -- the step ------------------------------------------------------------------------------
+    def pre_update(self, ctx: TransformContext) -> None:
+        """Ascend ``ascent_steps`` times (re-evaluating after each), restore :math:`w`, commit."""
+        self._require_reevaluate(ctx)
+        ascent = self.perturb(ctx)
+        if ascent is None or ascent.non_finite:
+            return
+        assert isinstance(ascent, _Ascent) and ctx.reevaluate is not None
+        try:
+            ctx.reevaluate()
+            for _ in range(1, self.ascent_steps):
+                if not self._advance(ctx, ascent):
+                    break  # standalone, non-finite gradients: stop climbing (warned)
+                ctx.reevaluate()
+        except BaseException:
+            ctx.spare_buffers.update(ascent.restore_weights())
+            raise
+        ctx.spare_buffers.update(ascent.restore_weights())
+        # Inside the optimizer a re-evaluation with non-finite gradients raises; standalone, not.
+        ascent.finish(checked=not ctx.standalone)
+
+    def perturb(self, ctx: TransformContext) -> Perturbation | None:
+        """Take the first ascent step, :math:`w \\to a_1`; return the ascent (restores :math:`w`).
+
+        This is all of the ascent in the two-call loop, which therefore needs ``ascent_steps=1``.
+        """
+        if self.ascent_steps > 1 and ctx.reevaluate is None:
+            raise RuntimeError(
+                f"MultiStepSAM(ascent_steps={self.ascent_steps}) re-evaluates the loss "
+                f"{self.ascent_steps} times per step, which first_step()/second_step() cannot do: "
+                "call optimizer.step(closure), or use ascent_steps=1 in the two-call loop"
+            )
+        params, grads, groups = self._collect(ctx)
+        if not params or not self.active(groups):
+            return None
+        norm = self._finite_norm(grads, ctx.foreach, ctx.grad_norm)
+        if norm is None:
+            return Perturbation([], non_finite=True)
+        if norm == 0.0:
+            return None
+        moving = [i for i, group in enumerate(groups) if group["rho"] > 0]
+        moved = [params[i] for i in moving]
+        moved_groups = [groups[i] for i in moving]
+        if self.adversary is None:  # SAM's move, the same kernels (bit for bit)
+            scales = [group["rho"] / norm if self.normalize else group["rho"] for group in moved_groups]
+            directions = [as_real(grads[i]) for i in moving]  # consumed by the move
+            moves = self._move_along(moved, directions, scales, ctx.foreach).moves
+            return _Ascent(moves, None, moved=moved, groups=moved_groups, adversary=None)
+
+        moves = self._hold(moved, ctx.foreach)
+        try:
+            adversary = self._build_adversary(moved, moved_groups)
+            if self._keeps_state:
+                self._load_adversary_state(ctx, adversary, moved)
+            self._adversary_step(adversary, moved, [grads[i] for i in moving], norm, ctx.foreach)
+        except BaseException:
+            Perturbation(moves).restore()
+            raise
+        commit = self._committer(ctx, adversary, moved) if self._keeps_state else None
+        return _Ascent(moves, commit, moved=moved, groups=moved_groups, adversary=adversary)
+
+    def _advance(self, ctx: TransformContext, ascent: _Ascent) -> bool:
+        """Take the next ascent step from the current gradients; ``False`` if they are not finite."""
+        params, grads, _ = self._collect(ctx)
+        norm = float(global_norm([as_real(grad) for grad in grads], foreach=ctx.foreach, like=grads))
+        if not math.isfinite(norm):  # only standalone: inside the optimizer the step is skipped
+            warnings.warn(
+                f"MultiStepSAM: the gradient norm at an ascent point is {norm}; the ascent stops "
+                "there and the gradients stay as they are",
+                RuntimeWarning,
+                stacklevel=4,
+            )
+            return False
+        if self.normalize and norm == 0.0:
+            return True  # a stationary point: nothing moves on this step
+        grad_of = {id(param): grad for param, grad in zip(params, grads)}
+        chosen = [k for k, param in enumerate(ascent.moved) if id(param) in grad_of]
+        movers = [ascent.moved[k] for k in chosen]
+        movers_grads = [grad_of[id(param)] for param in movers]
+        if not movers:
+            return True
+        if ascent.adversary is None:
+            groups = [ascent.groups[k] for k in chosen]
+            scales = [group["rho"] / norm if self.normalize else group["rho"] for group in groups]
+            # In place: a swapped parameter's data is its backup buffer, a view is perturbed in place.
+            add_directions_([as_real(p) for p in movers], [as_real(g) for g in movers_grads], scales, foreach=ctx.foreach)
+            for param in movers:
+                param.grad = None
+        else:
+            self._adversary_step(ascent.adversary, movers, movers_grads, norm, ctx.foreach)
+        return True
+
+    # -- helpers ---------------------------------------------------------------------------------
+    def _hold(self, params: list[torch.Tensor], foreach: bool) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, bool]]:
+        """Point each parameter at a copy of itself (its backup buffer) that the adversary may move.
+
+        As in :meth:`~samgria.PerturbationTransform._move_along`: a parameter that owns its
+        storage keeps its original tensor untouched (restored by re-pointing); a view is moved in
+        place and restored from the copy.
+        """
+        backups = [self._backup_of(param) for param in params]
+        if foreach:
+            for indices in group_indices_by_device_and_dtype(params).values():
+                torch._foreach_copy_([backups[i] for i in indices], [params[i] for i in indices])
+        else:
+            for backup, param in zip(backups, params):
+                backup.copy_(param)
+        moves = []
+        for param, backup in zip(params, backups):
+            if _owns_storage(param):
+                original = param.data
+                param.data = backup
+                moves.append((param, original, backup, True))
+            else:
+                moves.append((param, backup, backup, False))
+        return moves
+
+    def _build_adversary(
+        self, params: list[torch.Tensor], groups: list[Mapping[str, Any]], lr: float | None = None
+    ) -> Optimizer:
+        """``adversary(param_groups)``: one group per param group, ``lr`` its ``rho`` (or ``lr``)."""
+        buckets: dict[int, dict[str, Any]] = {}
+        for param, group in zip(params, groups):
+            bucket = buckets.setdefault(id(group), {"params": [], "lr": group["rho"] if lr is None else lr})
+            bucket["params"].append(param)
+        assert self.adversary is not None
+        adversary = self.adversary(list(buckets.values()))
+        if not isinstance(adversary, Optimizer):
+            raise TypeError(f"adversary(param_groups) must return a torch.optim.Optimizer, got {adversary!r}")
+        return adversary
+
+    def _adversary_step(
+        self,
+        adversary: Optimizer,
+        params: list[torch.Tensor],
+        grads: list[torch.Tensor],
+        norm: float,
+        foreach: bool,
+    ) -> None:
+        r"""Hand the adversary :math:`-\hat g` (in the gradients' memory, which is consumed) and step it."""
+        scale = -1.0 / norm if self.normalize else -1.0
+        _mul_([as_real(grad) for grad in grads], [scale] * len(grads), foreach)
+        for param, grad in zip(params, grads):
+            param.grad = grad
+        adversary.step()
+        for param in params:
+            param.grad = None
+
+    @staticmethod
+    def _load_adversary_state(ctx: TransformContext, adversary: Optimizer, params: list[torch.Tensor]) -> None:
+        """Give the adversary copies of the state kept in the slot, through its ``load_state_dict``."""
+        stored = {id(param): ctx.state[param] for param in params if param in ctx.state}
+        if not stored:
+            return
+        saved = adversary.state_dict()
+        order = [param for group in adversary.param_groups for param in group["params"]]
+        state = {
+            index: {key: _fresh(value) for key, value in stored[id(param)].items()}
+            for index, param in enumerate(order)
+            if id(param) in stored
+        }
+        adversary.load_state_dict({"state": state, "param_groups": saved["param_groups"]})
+
+    @staticmethod
+    def _committer(ctx: TransformContext, adversary: Optimizer, params: list[torch.Tensor]) -> Finish:
+        """The commit of the adversary's state: new objects, once the step's gradients are in."""
+
+        def commit(checked: bool) -> None:
+            if not (checked or _current_grads_finite(ctx)):
+                return
+            for param in params:
+                state = adversary.state.get(param)
+                if not state:
+                    continue
+                entry = ctx.state[param]
+                for key in list(entry):
+                    del entry[key]
+                for key, value in state.items():
+                    entry[key] = _to_slot(key, value)
+
+        return commit
+
+    @torch.no_grad()
+    def init_state(self, ctx: TransformContext) -> None:
+        """Create the kept adversary state (what ``torch.distributed.checkpoint`` loads into).
+
+        The adversary takes one step with learning rate zero and zero gradients on stand-ins of
+        the parameters, so no weight changes.
+        """
+        if not self._keeps_state:
+            return
+        params, _grads, groups = self._collect(ctx)
+        missing = [i for i, group in enumerate(groups) if group["rho"] > 0 and params[i] not in ctx.state]
+        if not missing:
+            return
+        stand_ins = [torch.zeros_like(params[i], memory_format=torch.preserve_format) for i in missing]
+        for stand_in in stand_ins:
+            stand_in.grad = torch.zeros_like(stand_in)
+        adversary = self._build_adversary(stand_ins, [groups[i] for i in missing], lr=0.0)
+        adversary.step()
+        for i, stand_in in zip(missing, stand_ins):
+            entry = ctx.state[params[i]]
+            for key, value in adversary.state.get(stand_in, {}).items():
+                entry[key] = _to_slot(key, value)
