@@ -8,10 +8,12 @@ meta-batch has 5 tasks, so the ranks hold 3 and 2: the all-reduce must weight ra
 tasks to give the mean over all 5.
 
 Cases: the closure API (second-order MAML with ``meta.adapt``, MetaSGD with ``task_losses``,
-Reptile), ``MetaTrainer.fit`` with evaluation (the same three), the ``meta_step`` builder with
-per-task weights, Reptile with an idle rank, a non-finite task on one rank, the samplers' shares,
-evaluation with fewer tasks than ranks, and a checkpoint saved after 3 of 6 iterations and
-resumed by fresh trainers on both ranks.
+Reptile, MAML through ``meta.clone()`` learners counted with ``add_task_weight``),
+``MetaTrainer.fit`` with evaluation (the same three algorithms), the ``meta_step`` builder with
+per-task weights (MAML, Reptile), SAM on the outer loop, Reptile with an idle rank, a non-finite
+task on one rank, errors that every rank raises together, the samplers' shares, evaluation with
+fewer tasks than ranks, and a checkpoint saved after 3 of 6 iterations and resumed by fresh
+trainers on both ranks. The docs' torchrun example runs on 2 ranks as well.
 """
 
 from __future__ import annotations
@@ -97,8 +99,60 @@ def closure_case(algorithm: str, rank: int, world_size: int) -> dict[str, Any]:
                 loss.backward()
             return loss
 
-        losses.append(float(meta.step(closure)))
+        losses.append(float(meta.step(closure).detach()))
     return {"weights": meta_weights(meta), "losses": losses}
+
+
+def learner_case(rank: int, world_size: int) -> dict[str, Any]:
+    """The closure API through ``meta.clone()`` learners, which count their tasks themselves."""
+    meta = build("maml", make_model(), world_size > 1)
+    tasks_of_rank = DistributedTaskSampler(make_sampler(0), rank=rank, world_size=world_size)
+    for _ in range(STEPS):
+        tasks = tasks_of_rank.sample(GLOBAL_BATCH)
+
+        def closure() -> torch.Tensor:
+            meta.zero_grad()
+            query = []
+            for task in tasks:
+                learner = meta.clone().adapt_on(F.mse_loss, task.support_x, task.support_y)
+                meta.add_task_weight(1.0)  # adapted without meta.adapt: count the task
+                query.append(F.mse_loss(learner(task.query_x), task.query_y))
+            loss = torch.stack(query).mean()
+            loss.backward()
+            return loss
+
+        meta.step(closure)
+    return {"weights": meta_weights(meta)}
+
+
+def errors_case() -> dict[str, str]:
+    """What every rank raises, together (no rank is left waiting in a collective)."""
+    messages = {}
+
+    def message(run) -> str:
+        try:
+            run()
+        except ValueError as error:
+            return str(error)
+        return "no error"
+
+    trainer = MetaTrainer(build("maml", make_model(), True), F.mse_loss, make_sampler(0))
+    messages["meta_batch_size"] = message(lambda: trainer.fit(2, 1, progress=False))
+    reptile = build("reptile", make_model(), True)
+    messages["reptile"] = message(lambda: reptile.step(lambda: None))
+    maml = build("maml", make_model(), True)
+    task = make_sampler(0).sample(1)[0]
+
+    def uncounted() -> torch.Tensor:
+        maml.zero_grad()
+        learner = maml.clone().adapt_on(F.mse_loss, task.support_x, task.support_y)
+        loss = F.mse_loss(learner(task.query_x), task.query_y)
+        loss.backward()
+        return loss
+
+    messages["uncounted"] = message(lambda: maml.step(uncounted))
+    messages["unchanged"] = str(all(torch.equal(a, b) for a, b in zip(meta_weights(maml), meta_weights(build("maml", make_model(), True)))))
+    return messages
 
 
 def trainer_case(algorithm: str, rank: int, world_size: int) -> dict[str, Any]:
@@ -109,9 +163,9 @@ def trainer_case(algorithm: str, rank: int, world_size: int) -> dict[str, Any]:
     return {"weights": meta_weights(meta), "history": vars(history)}
 
 
-def meta_step_case(rank: int, world_size: int) -> dict[str, Any]:
+def meta_step_case(algorithm: str, rank: int, world_size: int) -> dict[str, Any]:
     """The ``meta_step`` builder with per-task weights: the weighted mean over every rank's tasks."""
-    meta = build("maml", make_model(), world_size > 1)
+    meta = build(algorithm, make_model(), world_size > 1)
     sampler = make_sampler(2)
     losses = []
     for _ in range(2):
@@ -122,6 +176,27 @@ def meta_step_case(rank: int, world_size: int) -> dict[str, Any]:
                 ms.task((task.support_x, task.support_y), (task.query_x, task.query_y), weight=weight)
         losses.append(float(ms.loss))
     return {"weights": meta_weights(meta), "losses": losses}
+
+
+def outer_sam_case(rank: int, world_size: int) -> dict[str, Any]:
+    """SAM on the outer loop: both closure evaluations are reduced, so SAM sees the global gradient."""
+    from samgria import SAM, TransformingOptimizer
+
+    model = make_model()
+    outer = TransformingOptimizer(model.parameters(), torch.optim.SGD, lr=0.1, transforms=[SAM(rho=0.05)])
+    meta = MAML(model, outer, inner_lr=0.05, distributed=world_size > 1)
+    tasks_of_rank = DistributedTaskSampler(make_sampler(5), rank=rank, world_size=world_size)
+    for _ in range(2):
+        tasks = tasks_of_rank.sample(GLOBAL_BATCH)
+
+        def closure() -> torch.Tensor:
+            meta.zero_grad()
+            loss = meta.task_losses(tasks, F.mse_loss).mean()
+            loss.backward()
+            return loss
+
+        meta.step(closure)
+    return {"weights": meta_weights(meta)}
 
 
 def idle_rank_case(rank: int, world_size: int) -> dict[str, Any]:
@@ -216,7 +291,12 @@ def run_cases(rank: int, world_size: int, directory: Path) -> dict[str, Any]:
     for algorithm in ALGORITHMS:
         results[f"closure/{algorithm}"] = closure_case(algorithm, rank, world_size)
         results[f"trainer/{algorithm}"] = trainer_case(algorithm, rank, world_size)
-    results["meta_step"] = meta_step_case(rank, world_size)
+    results["learner"] = learner_case(rank, world_size)
+    if world_size > 1:
+        results["errors"] = errors_case()
+    for algorithm in ("maml", "reptile"):
+        results[f"meta_step/{algorithm}"] = meta_step_case(algorithm, rank, world_size)
+    results["outer_sam"] = outer_sam_case(rank, world_size)
     results["idle_rank"] = idle_rank_case(rank, world_size)
     results["non_finite"] = non_finite_case(rank, world_size)
     results["shares"] = shares_case(rank, world_size)
@@ -262,7 +342,8 @@ def assert_close(actual: Any, expected: Any) -> None:
 
 
 def test_replicas_are_identical(ranks: list[dict[str, Any]]) -> None:
-    for name in [f"{kind}/{a}" for kind in ("closure", "trainer") for a in ALGORITHMS] + ["meta_step", "idle_rank"]:
+    cases = ["meta_step/maml", "meta_step/reptile", "outer_sam", "idle_rank", "learner"]
+    for name in [f"{kind}/{a}" for kind in ("closure", "trainer") for a in ALGORITHMS] + cases:
         for a, b in zip(ranks[0][name]["weights"], ranks[1][name]["weights"]):
             assert torch.equal(a, b), name
 
@@ -288,10 +369,33 @@ def test_trainer_equals_one_process_history_included(ranks, one_process, algorit
         assert rank[name]["history"]["eval_iterations"] == [2, 4]
 
 
-def test_meta_step_builder_weights_every_rank_by_its_task_weights(ranks, one_process) -> None:
+def test_learners_counted_with_add_task_weight_give_the_same_update(ranks, one_process) -> None:
     for rank in ranks:
-        assert_close(rank["meta_step"]["weights"], one_process["meta_step"]["weights"])
-        assert_close(rank["meta_step"]["losses"], one_process["meta_step"]["losses"])
+        assert_close(rank["learner"]["weights"], one_process["closure/maml"]["weights"])
+
+
+def test_errors_are_raised_on_every_rank_alike(ranks) -> None:
+    assert ranks[0]["errors"] == ranks[1]["errors"]
+    errors = ranks[0]["errors"]
+    assert errors["meta_batch_size"] == (
+        "meta_batch_size must be >= the number of processes (2) so that every rank adapts a task, got 1"
+    )
+    assert errors["reptile"].startswith("Reptile.step found no adapted tasks on any of the 2 ranks")
+    assert errors["uncounted"].startswith("MAML.step found no adapted tasks on any of the 2 ranks")
+    assert "meta.add_task_weight(weight)" in errors["uncounted"]
+    assert errors["unchanged"] == "True"
+
+
+@pytest.mark.parametrize("algorithm", ["maml", "reptile"])
+def test_meta_step_builder_weights_every_rank_by_its_task_weights(ranks, one_process, algorithm) -> None:
+    name = f"meta_step/{algorithm}"
+    for rank in ranks:
+        assert_close(rank[name]["weights"], one_process[name]["weights"])
+        assert_close(rank[name]["losses"], one_process[name]["losses"])
+
+
+def test_sam_on_the_outer_loop_perturbs_with_the_global_meta_gradient(ranks, one_process) -> None:
+    assert_close(ranks[0]["outer_sam"]["weights"], one_process["outer_sam"]["weights"])
 
 
 def test_a_rank_without_tasks_contributes_nothing(ranks, one_process) -> None:
@@ -330,6 +434,54 @@ def test_checkpoint_resumes_bit_for_bit(ranks, one_process) -> None:
         assert whole["history"]["eval_iterations"] == [2, 4, 6]
         torch.testing.assert_close(whole["outer"], resumed["outer"], rtol=0, atol=0)
     assert_close(ranks[0]["checkpoint"]["whole"]["weights"], one_process["checkpoint"]["whole"]["weights"])
+
+
+# -- one process ---------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"distributed": "yes"}, TypeError, r"distributed must be a bool, got 'yes'"),
+        ({"process_group": "group"}, ValueError, r"process_group needs distributed=True, got distributed=False"),
+        ({"distributed": True}, ValueError, r"distributed=True needs an initialised torch.distributed process group"),
+    ],
+)
+def test_distributed_arguments_are_checked(kwargs, error, match) -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        pytest.skip("a process group is initialised in this process")
+    with pytest.raises(error, match=match):
+        MAML(make_model(), torch.optim.SGD, lr=0.1, **kwargs)
+
+
+@pytest.fixture
+def group_of_one():
+    skip_without_gloo()
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        pytest.skip("a process group is initialised in this process")
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+def test_a_group_of_one_process_changes_nothing(group_of_one) -> None:
+    import copy
+
+    def fit(distributed: bool) -> tuple[MetaTrainer, list[torch.Tensor]]:
+        meta = build("metasgd", make_model(), distributed)
+        trainer = MetaTrainer(meta, F.mse_loss, make_sampler(0), vectorize=True)
+        trainer.fit(3, GLOBAL_BATCH, eval_tasks=make_sampler(9).sample(2), progress=False)
+        return trainer, meta_weights(meta)
+
+    (trainer, distributed), (plain_trainer, plain) = fit(True), fit(False)
+    assert (trainer.meta.rank, trainer.meta.world_size) == (0, 1)
+    assert (plain_trainer.meta.rank, plain_trainer.meta.world_size) == (0, 1)
+    assert all(torch.equal(a, b) for a, b in zip(distributed, plain))
+    assert trainer.history == plain_trainer.history
+    copied = copy.deepcopy(trainer.meta)
+    assert copied.distributed and copied.process_group is None
 
 
 def test_documented_torchrun_example_runs_on_two_ranks() -> None:

@@ -295,3 +295,136 @@ def test_constructor_validation():
         MetaTrainer(meta, F.mse_loss, [Task(*(torch.zeros(1, 1),) * 4)])
     with pytest.raises(TypeError, match=r"vectorize must be None, True or False, got 1"):
         MetaTrainer(meta, F.mse_loss, sampler, vectorize=1)
+
+
+# -- checkpoints: resume bit for bit ------------------------------------------------------------
+def _algorithm(name, model):
+    from samgria.meta.metasgd import MetaSGD
+
+    if name == "maml":
+        return MAML(model, torch.optim.Adam, lr=0.01, inner_lr=0.05, inner_steps=2)
+    if name == "metasgd":
+        return MetaSGD(model, torch.optim.Adam, lr=0.01, inner_lr=0.05)
+    return Reptile(model, torch.optim.SGD, lr=0.5, momentum=0.9, inner_lr=0.05, inner_steps=3)
+
+
+def _trainer(name, seed, vectorize, sampler_seed=None):
+    sampler = SinusoidTaskSampler(k_support=5, k_query=5, seed=seed if sampler_seed is None else sampler_seed, dtype=DT)
+    return MetaTrainer(_algorithm(name, make_model(seed)), F.mse_loss, sampler, vectorize=vectorize)
+
+
+def _meta_weights(trainer):
+    return [p.detach().clone() for group in trainer.meta.param_groups for p in group["params"]]
+
+
+def _checkpoint_round_trip(trainer):
+    buffer = io.BytesIO()
+    torch.save(trainer.state_dict(), buffer)
+    buffer.seek(0)
+    return torch.load(buffer)  # weights_only: the checkpoint holds only tensors and plain data
+
+
+@pytest.mark.parametrize("vectorize", [False, True])
+@pytest.mark.parametrize("name", ["maml", "metasgd", "reptile"])
+def test_fit_resumed_from_a_checkpoint_continues_bit_for_bit(name, vectorize):
+    eval_tasks = fixed_tasks(3, seed=9)
+    whole = _trainer(name, 0, vectorize)
+    expected = whole.fit(6, 3, eval_every=2, eval_tasks=eval_tasks, progress=False)
+
+    first = _trainer(name, 0, vectorize)
+    first.fit(3, 3, eval_every=2, eval_tasks=eval_tasks, progress=False)
+    state = _checkpoint_round_trip(first)
+    resumed = _trainer(name, 5, vectorize)  # other weights, another sampler seed: all from the checkpoint
+    resumed.load_state_dict(state)
+    calls = []
+    second = resumed.fit(
+        3, 3, eval_every=2, eval_tasks=eval_tasks, progress=False, callback=lambda i, loss: calls.append(i)
+    )
+
+    assert resumed.iteration == whole.iteration == 6 and calls == [4, 5, 6]
+    assert second.meta_loss == expected.meta_loss[3:] and second.eval_iterations == [4, 6]
+    assert resumed.history == whole.history == expected
+    for p, q in zip(_meta_weights(resumed), _meta_weights(whole)):
+        assert torch.equal(p, q)
+    torch.testing.assert_close(resumed.meta.state_dict(), whole.meta.state_dict(), rtol=0, atol=0)
+    assert state["iteration"] == 3 and state["history"]["eval_iterations"] == [2]
+
+
+def test_resume_with_torchs_global_generator_restores_its_state():
+    def trainer(seed):
+        sampler = SinusoidTaskSampler(k_support=5, k_query=5, dtype=DT)  # draws from torch's global generator
+        return MetaTrainer(MAML(make_model(seed), torch.optim.SGD, lr=0.1), F.mse_loss, sampler, vectorize=True)
+
+    whole = trainer(0)
+    torch.manual_seed(11)
+    whole.fit(4, 2, progress=False)
+    first = trainer(0)
+    torch.manual_seed(11)
+    first.fit(2, 2, progress=False)
+    state = _checkpoint_round_trip(first)
+    resumed = trainer(3)
+    torch.manual_seed(12345)  # whatever the global generator did meanwhile
+    resumed.load_state_dict(state)
+    resumed.fit(2, 2, progress=False)
+    assert resumed.history == whole.history
+    for p, q in zip(_meta_weights(resumed), _meta_weights(whole)):
+        assert torch.equal(p, q)
+
+
+def test_state_dict_is_a_snapshot_and_restores_the_path_choice():
+    trainer = _trainer("maml", 0, None)
+    trainer.fit(5, 3, progress=False)  # the measured default: loop and vmap twice each, then the faster
+    state = trainer.state_dict()
+    snapshot = {name: value.clone() for name, value in state["model"].items()}
+    trainer.fit(2, 3, progress=False)
+    assert all(torch.equal(state["model"][name], value) for name, value in snapshot.items())
+
+    resumed = _trainer("maml", 1, None)
+    resumed.load_state_dict(state)
+    policy, restored = trainer.meta.path_policy, resumed.meta.path_policy
+    (key,) = [k for k in restored.timings if not k[0]]  # the training key
+    assert restored.timings[key] == {p: t[: len(restored.timings[key][p])] for p, t in policy.timings[key].items()}
+    assert resumed.path == state["paths"]["path"] in ("loop", "vmap")
+    assert restored.decided(key, ["loop", "vmap"]) == policy.decided(key, ["loop", "vmap"]) is not None
+
+
+def test_fit_counts_iterations_across_calls_and_keeps_the_whole_history():
+    trainer = _trainer("maml", 0, True)
+    first = trainer.fit(2, 2, eval_tasks=fixed_tasks(1), progress=False)
+    second = trainer.fit(3, 2, eval_every=2, eval_tasks=fixed_tasks(1), progress=False)
+    assert first.eval_iterations == [2] and second.eval_iterations == [4]
+    assert trainer.iteration == 5
+    assert trainer.history.meta_loss == first.meta_loss + second.meta_loss
+    assert trainer.history.eval_iterations == [2, 4]
+
+
+def test_a_sampler_without_state_is_not_saved_and_loading_leaves_it_alone():
+    tasks = fixed_tasks(8)
+    trainer = MetaTrainer(MAML(make_model(), torch.optim.SGD, lr=0.1), F.mse_loss, ListSampler(tasks))
+    trainer.fit(2, 2, progress=False)
+    state = trainer.state_dict()
+    assert state["sampler"] is None
+    fresh = MetaTrainer(MAML(make_model(1), torch.optim.SGD, lr=0.1), F.mse_loss, ListSampler(tasks))
+    fresh.load_state_dict(state)
+    assert fresh.sampler.position == 0 and fresh.iteration == 2
+
+
+def test_load_state_dict_rejects_what_is_not_a_trainer_checkpoint():
+    trainer = _trainer("maml", 0, True)
+    state = trainer.state_dict()
+    with pytest.raises(TypeError, match=r"state_dict must be a dict from MetaTrainer.state_dict\(\), got list"):
+        trainer.load_state_dict([])
+    with pytest.raises(ValueError, match=r"missing \['history', 'rng'\]"):
+        trainer.load_state_dict({k: v for k, v in state.items() if k not in ("history", "rng")})
+    with pytest.raises(ValueError, match=r"state_dict\['version'\] must be 1, got 7"):
+        trainer.load_state_dict({**state, "version": 7})
+    with pytest.raises(ValueError, match=r"state_dict\['iteration'\] must be an integer >= 0, got -1"):
+        trainer.load_state_dict({**state, "iteration": -1})
+
+
+def test_a_distributed_task_sampler_must_match_the_meta_optimizers_ranks():
+    from samgria import DistributedTaskSampler
+
+    sampler = DistributedTaskSampler(SinusoidTaskSampler(seed=0), rank=1, world_size=2)
+    with pytest.raises(ValueError, match=r"sampler must be sharded like meta \(rank 0 of 1\), got a DistributedTaskSampler for rank 1 of 2"):
+        MetaTrainer(MAML(make_model(), torch.optim.SGD, lr=0.1), F.mse_loss, sampler)

@@ -121,6 +121,8 @@ class MetaOptimizer(WrappingOptimizer):
         skipped_steps: Meta-steps skipped because of a non-finite meta-loss or meta-gradient.
         path_policy: The :class:`~samgria.meta.paths.PathPolicy` that picks the loop, vmap or
             compiled path for this meta-optimizer.
+        distributed: Whether outer steps and evaluations are reduced over a process group.
+        process_group: That process group (``None``: the default one).
 
     Raises:
         TypeError: ``model`` is not a module, ``outer`` is neither an optimizer class nor an
@@ -288,11 +290,15 @@ class MetaOptimizer(WrappingOptimizer):
                 than once (SAM). ``None``: the gradients were already computed by the caller.
 
         Returns:
-            What the outer optimizer's ``step`` returns (the closure's loss).
+            What the outer optimizer's ``step`` returns (the closure's loss; with
+            ``distributed=True`` a scalar loss is replaced by its task-weighted mean over the
+            ranks).
 
         Raises:
             FloatingPointError: ``non_finite="raise"`` and the meta-loss or a meta-gradient
                 is not finite (nothing is applied).
+            ValueError: ``distributed=True`` and no rank counted a task in the step (raised on
+                every rank; nothing is applied).
         """
         if closure is not None and not callable(closure):
             raise TypeError(f"closure must be callable, got {closure!r}")
@@ -696,8 +702,8 @@ class MetaOptimizer(WrappingOptimizer):
         The inner loop runs on detached copies of the meta-parameters, so the model, its
         gradients, the outer optimizer and any recorded adaptations are left untouched.
 
-        With ``distributed=True`` ``tasks`` are this rank's share (possibly empty) and every
-        rank returns the mean over the tasks of all ranks,
+        With ``distributed=True`` this is a collective (every rank calls it): ``tasks`` are this
+        rank's share (possibly empty) and every rank returns the mean over the tasks of all ranks,
         :math:`\\sum_r \\sum_{i \\in \\mathcal{B}_r} \\ell_i / \\sum_r |\\mathcal{B}_r|`.
 
         Args:

@@ -30,7 +30,14 @@ from torch import nn
 
 from samgria._checks import check_bool
 
-__all__ = ["all_reduce_meta_gradients", "broadcast_module", "check_distributed", "mean_over_ranks", "world"]
+__all__ = [
+    "all_reduce_meta_gradients",
+    "broadcast_index",
+    "broadcast_module",
+    "check_distributed",
+    "mean_over_ranks",
+    "world",
+]
 
 
 def _dist() -> Any:
@@ -81,6 +88,13 @@ def broadcast_module(module: nn.Module, process_group: Any) -> None:
     source = _source_rank(process_group)
     for tensor in [*module.parameters(), *module.buffers()]:
         dist.broadcast(tensor.data, src=source, group=process_group)
+
+
+def broadcast_index(index: int, process_group: Any, device: torch.device | None = None) -> int:
+    """Rank 0's ``index`` (a small integer, e.g. of a choice), on every rank."""
+    buffer = torch.tensor([index], dtype=torch.int64, device=torch.device("cpu") if device is None else device)
+    _dist().broadcast(buffer, src=_source_rank(process_group), group=process_group)
+    return int(buffer.item())
 
 
 def _scalar_dtype(device: torch.device) -> torch.dtype:

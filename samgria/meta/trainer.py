@@ -19,7 +19,8 @@ from samgria.data.task import Task, TaskSampler, load_sampler_state_dict, sample
 from samgria.meta.base import MetaOptimizer
 from samgria.meta.functional import one_steps_argument
 from samgria.meta.compiled import CompiledMetaLoss, compiled_path_blocker
-from samgria.meta.engine import InnerLoop, InnerRegFn, vmap_blocker
+from samgria.meta import distributed as collectives
+from samgria.meta.engine import PATHS, InnerLoop, InnerRegFn, vmap_blocker
 from samgria.meta.inner_optim import InnerStepFn
 from samgria.meta.paths import _stacklevel_outside
 
@@ -132,6 +133,8 @@ class MetaTrainer:
     rank and equal, up to the order of the sums, to one process adapting the whole meta-batch.
     :meth:`evaluate` takes the full list of held-out tasks on every rank, evaluates this rank's
     share and returns the mean over all of them. :meth:`train_step` takes this rank's tasks.
+    With ``vectorize=None`` every rank takes the path rank 0 measured (one broadcast per
+    meta-iteration); the ranks' results agree whichever path each used, up to rounding.
 
     Checkpoints. :meth:`state_dict` holds everything a resumed run needs to continue bit for
     bit: the model, the outer optimizer, the sampler's random stream, torch's global random
@@ -265,6 +268,24 @@ class MetaTrainer:
                 self._warn_fallback(reason)
         return ["loop", "vmap"] if vmap_blocker(self.meta.model, loop, tasks) is None else ["loop"]
 
+    def _choose(self, key: tuple[Any, ...] | None, candidates: Sequence[str]) -> str | None:
+        """The path for ``key`` among ``candidates`` (``None`` for a rank without tasks).
+
+        With several processes and a measured choice (``vectorize=None``) every rank takes rank
+        0's choice (one broadcast), so that rank 0's path state, which a checkpoint carries,
+        decides for all ranks; a rank that cannot take it uses its own.
+        """
+        policy = self.meta.path_policy
+        path = policy.choose(key, candidates) if candidates else None
+        if self.vectorize is not None or self.meta.world_size == 1:
+            return path
+        agreed = collectives.broadcast_index(
+            -1 if path is None else PATHS.index(path),
+            self.meta.process_group,
+            self.meta._unique_params()[0].device,
+        )
+        return PATHS[agreed] if agreed >= 0 and PATHS[agreed] in candidates else path
+
     @staticmethod
     def _key(loop: InnerLoop, tasks: list[Task], evaluation: bool) -> tuple[Any, ...]:
         first = tasks[0]
@@ -294,7 +315,7 @@ class MetaTrainer:
         candidates = self._candidates(loop, tasks, evaluation=False)
         policy = meta.path_policy
         key = self._key(loop, tasks, evaluation=False)
-        path = policy.choose(key, candidates)
+        path = self._choose(key, candidates)
         explicit = self.vectorize is True
         weights = [1.0 / len(tasks)] * len(tasks) if meta.outer_update == "meta_gradient" else None
 
@@ -341,9 +362,9 @@ class MetaTrainer:
         ``grad_transforms``), and the path follows ``vectorize`` as in training (measured when
         ``None``).
 
-        With a distributed ``meta``, pass the same ``tasks`` on every rank: each rank evaluates
-        its contiguous share (possibly empty when there are fewer tasks than ranks) and every
-        rank returns the mean over all of ``tasks``.
+        With a distributed ``meta`` this is a collective: every rank calls it with the same
+        ``tasks``; each rank evaluates its contiguous share (possibly empty when there are fewer
+        tasks than ranks) and every rank returns the mean over all of ``tasks``.
 
         Args:
             tasks: Held-out tasks.
@@ -367,10 +388,12 @@ class MetaTrainer:
         inner_steps = one_steps_argument(inner_steps, steps)
         loop = meta.inner_loop(inner_steps, create_graph=False, track_graph=False, **self.inner_options)
         losses = None
-        if tasks:
+        if not tasks:  # a rank without held-out tasks still takes part in the collectives
+            self._choose(None, [])
+        else:
             candidates = self._candidates(loop, tasks, evaluation=True)
             key = self._key(loop, tasks, evaluation=True)
-            path = meta.path_policy.choose(key, candidates)
+            path = self._choose(key, candidates)
 
             def run() -> torch.Tensor:
                 with torch.no_grad():

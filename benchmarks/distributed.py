@@ -1,0 +1,453 @@
+"""Training across processes: the time of one iteration on 2 ranks against 1 rank, same global batch.
+
+The script starts its own ranks: for each configuration it runs ``W`` copies of itself with
+torchrun's environment (``RANK``, ``WORLD_SIZE``, ``MASTER_ADDR``, ``MASTER_PORT``, ...), each
+rank calls ``torch.distributed.init_process_group("gloo")`` (CPU), and rank 0 reports its
+timings. Configurations are launched in turn, in a rotating order over ``--rounds`` rounds, and
+the median over rounds of each launch's median iteration time is reported (wall clock: the ranks
+are separate processes). Every rank runs ``--threads`` intra-op threads (default 1).
+
+Sections (``--sections``):
+
+* ``meta``: ``MetaTrainer.fit`` with second-order MAML (outer Adam, lr 1e-3) on the same global
+  meta-batch, drawn from the same seeded sampler, by 1 rank (``distributed=False``: an ordinary
+  single process) and by 2 ranks (``distributed=True``: each rank adapts half the tasks, the
+  meta-gradient is all-reduced), plus, in full runs, 1 rank with 2 threads (the same 2 cores used
+  by threads instead of processes). One launch per configuration runs every workload. Workloads:
+
+  * ``sinusoid``: the MLP 1-40-40-1 of Finn et al. (2017), K=10 support and 10 query points, 5 inner
+    SGD steps (inner lr 0.01), tasks adapted together with ``torch.func.vmap``
+    (``vectorize=True``); meta-batch 32 (``--quick``: 16);
+  * ``conv4``: four blocks Conv2d(C, 3x3) - ReLU - MaxPool2d(2) on 1x28x28 random inputs (no
+    downloads), 5-way 1-shot with 15 queries per class, one inner step, the per-task loop
+    (``vectorize=False``, faster than vmap for convolutions on CPU); C=32, meta-batch 16
+    (``--quick``: C=8, meta-batch 8).
+
+  Reported per configuration: ms per meta-iteration ``t`` (rank 0's time from one completed
+  meta-update to the next, sampling included; the all-reduce synchronises the ranks every
+  iteration, so this is the job's iteration time), the speedup ``t_1 / t`` and the **scaling
+  efficiency** ``E = t_1 / (c * t)`` with ``c`` the cores used (ranks x threads): 1.0 is perfect
+  scaling, 0.5 on two cores means no gain at all. ``reduce ms`` is the time per iteration rank 0
+  spends in the meta-step's all-reduces, waiting for the other rank included; ``all-reduce ms``
+  is one all-reduce of a buffer the meta-gradient's size with the ranks in step (a barrier
+  first), the communication alone. ``CPU ms/iter`` is the CPU time per iteration summed over the
+  ranks and ``work eff.`` the 1-rank CPU time over it: the work that distributing adds (the
+  duplicated sampling, per-rank overheads, communication), which other processes' load on a shared
+  machine distorts less than wall time; on an idle machine the wall-clock efficiency cannot exceed
+  it by much. ``max|dw|`` compares
+  the final weights with the 1-rank run's after the same iterations on the same tasks. They differ
+  only because the sums over ranks are ordered differently: in float32, Adam amplifies that
+  rounding over the iterations on conv4 (about 1e-2 after 23 iterations at C=32), while the same
+  run in float64 agrees to 6e-16.
+
+* ``sam``: reserved for FSDP2 SAM against FSDP2 plain two-pass training (see the marked place
+  below); not implemented yet.
+
+Usage::
+
+    python benchmarks/distributed.py            # full: 3 rounds, 20 timed meta-iterations (a few minutes)
+    python benchmarks/distributed.py --quick    # CI: < 60 s, 1 round, small sizes
+    python benchmarks/distributed.py --workloads sinusoid --rounds 5
+    python benchmarks/distributed.py --configs 1x1 2x1 --iters 10   # without the 2-thread row
+
+Prints one table per workload; a full run (not ``--quick``) writes
+``benchmarks/results/distributed.json`` and, when matplotlib is importable,
+``benchmarks/results/distributed.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from samgria.data import FewShotSampler, SinusoidTaskSampler  # noqa: E402
+from samgria.data.sharding import shard_bounds  # noqa: E402
+from samgria.meta import distributed as collectives  # noqa: E402
+from samgria.meta.maml import MAML  # noqa: E402
+from samgria.meta.trainer import MetaTrainer  # noqa: E402
+
+SCRIPT = Path(__file__).resolve()
+RESULTS = SCRIPT.parent / "results"
+#: Upper bound of one launch (a busy machine is slow, not failing).
+LAUNCH_LIMIT_S = 1800
+#: How long the other ranks may go on after one rank failed (they wait in a collective).
+GRACE_AFTER_FAILURE_S = 30
+
+
+# -- launching ranks (shared by every section) -------------------------------------------------------
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def launch(section: str, world_size: int, threads: int, config: dict[str, Any]) -> dict[str, Any]:
+    """Run ``section``'s worker on ``world_size`` local ranks; return what rank 0 reported.
+
+    Each rank is ``python distributed.py --worker SECTION --config JSON --out DIR`` with torchrun's
+    environment and ``OMP_NUM_THREADS=threads``. On a failure every rank's output is raised.
+    """
+    port = free_port()
+    with tempfile.TemporaryDirectory() as out_dir:
+        logs, processes = [], []
+        for rank in range(world_size):
+            env = {
+                **os.environ,
+                "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world_size),
+                "LOCAL_WORLD_SIZE": str(world_size), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
+                "OMP_NUM_THREADS": str(threads),
+            }  # fmt: skip
+            log = tempfile.TemporaryFile("w+")  # noqa: SIM115 (closed below)
+            logs.append(log)
+            command = [sys.executable, str(SCRIPT), "--worker", section, "--config", json.dumps(config),
+                       "--threads", str(threads), "--out", out_dir]  # fmt: skip
+            processes.append(subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, text=True))
+        started, failed_at, failure = time.monotonic(), None, ""
+        try:
+            while any(p.poll() is None for p in processes):
+                now = time.monotonic()
+                if failed_at is None and any(p.returncode not in (None, 0) for p in processes):
+                    failed_at = now
+                if failed_at is not None and now - failed_at > GRACE_AFTER_FAILURE_S:
+                    failure = "a rank failed; the others were stopped"
+                    break
+                if now - started > LAUNCH_LIMIT_S:
+                    failure = f"the ranks did not finish within {LAUNCH_LIMIT_S} s"
+                    break
+                time.sleep(0.2)
+        finally:
+            for p in processes:
+                if p.poll() is None:
+                    p.kill()
+                p.wait()
+        outputs = []
+        for log in logs:
+            log.seek(0)
+            outputs.append(log.read())
+            log.close()
+        if not failure and any(p.returncode != 0 for p in processes):
+            failure = "a rank failed"
+        if failure:
+            report = "\n".join(f"----- rank {r} (exit code {p.returncode}) -----\n{o.rstrip()}"
+                               for r, (p, o) in enumerate(zip(processes, outputs)))  # fmt: skip
+            raise RuntimeError(f"{section} on {world_size} rank(s) x {threads} thread(s): {failure}\n{report}")
+        result = json.loads((Path(out_dir) / "result.json").read_text())
+        weights = Path(out_dir) / "weights.pt"
+        if weights.exists():
+            result["weights"] = torch.load(weights)
+        return result
+
+
+def worker_main(section: str, config: dict[str, Any], threads: int, out_dir: str) -> None:
+    """One rank: set up the process group (several ranks only), run the section's worker, report."""
+    import torch.distributed as dist
+
+    torch.set_num_threads(threads)
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size > 1:
+        dist.init_process_group("gloo")
+    try:
+        result, weights = WORKERS[section](config, world_size)
+        if world_size > 1:
+            dist.barrier()
+    finally:
+        if world_size > 1:
+            dist.destroy_process_group()
+    if int(os.environ.get("RANK", "0")) == 0:
+        (Path(out_dir) / "result.json").write_text(json.dumps(result))
+        if weights is not None:
+            torch.save(weights, Path(out_dir) / "weights.pt")
+
+
+def progress(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+def load_average() -> float:
+    try:
+        return os.getloadavg()[0]
+    except OSError:
+        return float("nan")
+
+
+# -- the `meta` section --------------------------------------------------------------------------------
+#: (world_size, threads) of the configurations; the first is the baseline.
+META_CONFIGS = [(1, 1), (2, 1), (1, 2)]
+WAYS, SHOTS, QUERIES = 5, 1, 15
+
+
+def meta_workload(name: str, quick: bool) -> dict[str, Any]:
+    """The configuration of a meta workload (sent to the workers as JSON)."""
+    if name == "sinusoid":
+        return {"workload": name, "meta_batch": 16 if quick else 32, "inner_steps": 5, "inner_lr": 0.01,
+                "vectorize": True}  # fmt: skip
+    return {"workload": name, "meta_batch": 8 if quick else 16, "channels": 8 if quick else 32,
+            "inner_steps": 1, "inner_lr": 0.01, "vectorize": False}  # fmt: skip
+
+
+def conv4(channels: int) -> nn.Module:
+    layers: list[nn.Module] = []
+    for i in range(4):
+        layers += [nn.Conv2d(1 if i == 0 else channels, channels, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2)]
+    return nn.Sequential(*layers, nn.Flatten(), nn.Linear(channels, WAYS))
+
+
+def meta_setup(config: dict[str, Any]) -> tuple[nn.Module, Callable, Any]:
+    """Model (seeded), loss and sampler (seeded: the same global stream on every rank)."""
+    torch.manual_seed(0)
+    if config["workload"] == "sinusoid":
+        model = nn.Sequential(nn.Linear(1, 40), nn.ReLU(), nn.Linear(40, 40), nn.ReLU(), nn.Linear(40, 1))
+        return model, nn.functional.mse_loss, SinusoidTaskSampler(k_support=10, k_query=10, seed=0)
+    model = conv4(config["channels"])
+    generator = torch.Generator().manual_seed(0)
+    classes, per_class = 20, SHOTS + QUERIES
+    inputs = torch.randn(classes * per_class, 1, 28, 28, generator=generator)
+    labels = torch.arange(classes).repeat_interleave(per_class)
+    return model, nn.functional.cross_entropy, FewShotSampler(inputs, labels, WAYS, SHOTS, QUERIES, seed=0)
+
+
+def meta_worker(config: dict[str, Any], world_size: int) -> tuple[dict[str, Any], Any]:
+    """Every workload of ``config["workloads"]`` in turn (one process start for all)."""
+    results, weights = {}, {}
+    for workload in config["workloads"]:
+        results[workload["workload"]], weights[workload["workload"]] = meta_workload_run(workload, world_size)
+    return results, weights
+
+
+def meta_workload_run(config: dict[str, Any], world_size: int) -> tuple[dict[str, Any], list[torch.Tensor]]:
+    """Fit ``warmup + iters`` meta-iterations; rank 0's per-iteration times and reduce times."""
+    model, loss_fn, sampler = meta_setup(config)
+    meta = MAML(model, torch.optim.Adam, lr=1e-3, inner_lr=config["inner_lr"], inner_steps=config["inner_steps"],
+                distributed=world_size > 1)  # fmt: skip
+    trainer = MetaTrainer(meta, loss_fn, sampler, vectorize=config["vectorize"])
+    reduce_seconds = []
+    reduce = collectives.all_reduce_meta_gradients
+
+    def timed_reduce(*args: Any, **kwargs: Any) -> Any:
+        start = time.perf_counter()
+        try:
+            return reduce(*args, **kwargs)
+        finally:
+            reduce_seconds.append(time.perf_counter() - start)
+
+    collectives.all_reduce_meta_gradients = timed_reduce  # base.py looks it up at every step
+    stamps, cpu_stamps = [time.perf_counter()], [time.process_time()]
+
+    def stamp(iteration: int, loss: float) -> None:
+        stamps.append(time.perf_counter())
+        cpu_stamps.append(time.process_time())
+
+    trainer.fit(config["warmup"] + config["iters"], config["meta_batch"], progress=False, callback=stamp)
+    collectives.all_reduce_meta_gradients = reduce
+    seconds = [b - a for a, b in zip(stamps, stamps[1:])][config["warmup"]:]
+    cpu_seconds = [b - a for a, b in zip(cpu_stamps, cpu_stamps[1:])][config["warmup"]:]
+    cpu_per_rank = [cpu_seconds]
+    if world_size > 1:
+        import torch.distributed as dist
+
+        cpu_per_rank = [None] * world_size
+        dist.all_gather_object(cpu_per_rank, cpu_seconds)
+    result = {
+        "seconds": seconds,
+        "cpu_seconds_per_rank": cpu_per_rank,
+        "reduce_seconds": reduce_seconds[config["warmup"]:],
+        "comm_seconds": all_reduce_alone(model, world_size),
+        "local_tasks": len(range(*shard_bounds(config["meta_batch"], meta.rank, world_size))),
+    }
+    return result, [p.detach().clone() for p in model.parameters()]
+
+
+def all_reduce_alone(model: nn.Module, world_size: int, repeats: int = 10) -> list[float]:
+    """Seconds of one ``all_reduce`` of a buffer the size of the meta-gradient, the ranks in step
+    (a barrier before each): the communication alone, without waiting for a slower rank."""
+    if world_size == 1:
+        return []
+    import torch.distributed as dist
+
+    flat = torch.zeros(sum(p.numel() for p in model.parameters()))
+    seconds = []
+    for _ in range(repeats):
+        dist.barrier()
+        start = time.perf_counter()
+        dist.all_reduce(flat)
+        seconds.append(time.perf_counter() - start)
+    return seconds
+
+
+def run_meta(args: argparse.Namespace) -> dict[str, Any]:
+    rounds = args.rounds or (1 if args.quick else 3)
+    iters = args.iters or (3 if args.quick else 20)
+    warmup = 2 if args.quick else 3
+    # 1 rank x 2 threads (full runs only): the same two cores used by threads instead of processes.
+    chosen = args.configs or [f"{w}x{t}" for w, t in (META_CONFIGS[:2] if args.quick else META_CONFIGS)]
+    configs = [(int(c.split("x")[0]), int(c.split("x")[1]) * args.threads) for c in chosen]
+    workloads = [{**meta_workload(name, args.quick), "iters": iters, "warmup": warmup} for name in args.workloads]
+    runs: dict[tuple[int, int], list[dict[str, Any]]] = {c: [] for c in configs}
+    for r in range(rounds):
+        for world_size, threads in configs[r % len(configs):] + configs[: r % len(configs)]:
+            progress(f"meta: round {r + 1}/{rounds}, {world_size} rank(s) x {threads} thread(s)")
+            runs[(world_size, threads)].append(launch("meta", world_size, threads, {"workloads": workloads}))
+    base = configs[0]
+    results: dict[str, Any] = {}
+    for config in workloads:
+        name = config["workload"]
+
+        def median_seconds(key: tuple[int, int], field: str = "seconds") -> float | None:
+            values = [statistics.median(run[name][field]) for run in runs[key] if run[name][field]]
+            return statistics.median(values) if values else None
+
+        t_base = median_seconds(base)
+        rows = {}
+        for world_size, threads in configs:
+            t = median_seconds((world_size, threads))
+            reduce = median_seconds((world_size, threads), "reduce_seconds")
+            comm = median_seconds((world_size, threads), "comm_seconds")
+            cpu = statistics.median(
+                sum(statistics.median(r) for r in run[name]["cpu_seconds_per_rank"]) for run in runs[(world_size, threads)]
+            )
+            cpu_base = statistics.median(
+                sum(statistics.median(r) for r in run[name]["cpu_seconds_per_rank"]) for run in runs[base]
+            )
+            last = runs[(world_size, threads)][-1]
+            rows[f"{world_size}x{threads}"] = {
+                "ranks": world_size, "threads": threads, "ms_per_iteration": 1e3 * t,
+                "speedup": t_base / t, "efficiency": t_base / (world_size * threads * t),
+                "reduce_ms": None if reduce is None else 1e3 * reduce,
+                "all_reduce_ms": None if comm is None else 1e3 * comm,
+                "cpu_ms_per_iteration": 1e3 * cpu, "work_efficiency": cpu_base / cpu,
+                "max_dw": max(float((a - b).abs().max())
+                              for a, b in zip(last["weights"][name], runs[base][-1]["weights"][name])),
+                "local_tasks": last[name]["local_tasks"],
+            }  # fmt: skip
+        results[name] = {"config": config, "rows": rows}
+        print_meta(name, results[name])
+    return results
+
+
+def describe(config: dict[str, Any]) -> str:
+    if config["workload"] == "sinusoid":
+        return (f"sinusoid MLP 1-40-40-1, 2nd-order MAML, {config['inner_steps']} inner steps, meta-batch "
+                f"{config['meta_batch']}, vmap")  # fmt: skip
+    return (f"conv4 (C={config['channels']}) 5-way 1-shot 15 queries, 2nd-order MAML, {config['inner_steps']} inner "
+            f"step, meta-batch {config['meta_batch']}, per-task loop")  # fmt: skip
+
+
+def print_meta(name: str, result: dict[str, Any]) -> None:
+    config = result["config"]
+    print(f"\nmeta/{name}: {describe(config)}; {config['iters']} timed meta-iterations per launch")
+    print(f"{'ranks x threads':<16}{'tasks/rank':>11}{'ms/iter':>10}{'speedup':>9}{'efficiency':>12}"
+          f"{'CPU ms/iter':>13}{'work eff.':>11}{'reduce ms':>11}{'all-reduce ms':>15}{'max|dw|':>10}")  # fmt: skip
+    for key, row in result["rows"].items():
+        reduce = "-" if row["reduce_ms"] is None else f"{row['reduce_ms']:.2f}"
+        comm = "-" if row["all_reduce_ms"] is None else f"{row['all_reduce_ms']:.2f}"
+        print(f"{key:<16}{row['local_tasks']:>11}{row['ms_per_iteration']:>10.1f}{row['speedup']:>9.2f}"
+              f"{row['efficiency']:>12.2f}{row['cpu_ms_per_iteration']:>13.1f}{row['work_efficiency']:>11.2f}"
+              f"{reduce:>11}{comm:>15}{row['max_dw']:>10.1e}")  # fmt: skip
+    print("efficiency = t(1x1) / (ranks x threads x t): 1.0 is perfect scaling, 0.5 no gain on two cores; "
+          "work eff. = CPU time of 1x1 / CPU time of all ranks (the work distribution adds, whatever the load); "
+          "reduce ms: in the meta-step's all-reduces per iteration, waiting for the other rank included; "
+          "all-reduce ms: one all-reduce of the meta-gradient's size alone")  # fmt: skip
+
+
+# -- the `sam` section (to be added) ---------------------------------------------------------------------
+# FSDP2 SAM against FSDP2 plain two-pass training, on the same global batch. To add it, write
+#
+#   def sam_worker(config: dict, world_size: int) -> tuple[dict, list[torch.Tensor] | None]:
+#       runs on every rank (process group initialised by worker_main when world_size > 1);
+#       returns rank 0's JSON-able timings and, optionally, final weights to compare
+#   def run_sam(args: argparse.Namespace) -> dict:
+#       builds the configurations and calls launch("sam", world_size, threads, config) for each
+#   def print_sam(name: str, result: dict) -> None  (or print from run_sam)
+#
+# and register them: WORKERS["sam"] = sam_worker and SECTIONS["sam"] = run_sam.
+
+#: Section name -> driver (runs in the launching process, returns the section's results).
+SECTIONS: dict[str, Callable[[argparse.Namespace], dict[str, Any]]] = {"meta": run_meta}
+#: Section name -> worker (runs on every rank).
+WORKERS: dict[str, Callable[[dict[str, Any], int], tuple[dict[str, Any], Any]]] = {"meta": meta_worker}
+
+
+# -- results ---------------------------------------------------------------------------------------------
+def write_results(results: dict[str, Any]) -> None:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "distributed.json").write_text(json.dumps(results, indent=2))
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print(f"\nwrote {RESULTS / 'distributed.json'} (matplotlib not importable: no plot)")
+        return
+    panels = list(results.get("meta", {}).items())
+    if not panels:
+        return
+    fig, axes = plt.subplots(len(panels), 1, figsize=(7, 1.9 * len(panels)), squeeze=False)
+    for ax, (name, result) in zip(axes[:, 0], panels):
+        rows = result["rows"]
+        labels = [f"{r['ranks']} rank(s) x {r['threads']} thread(s)" for r in rows.values()]
+        ms = [r["ms_per_iteration"] for r in rows.values()]
+        ax.barh(labels, ms, color="tab:blue")
+        for i, row in enumerate(rows.values()):
+            ax.text(ms[i], i, f" E={row['efficiency']:.2f}", va="center")
+        ax.set_xlim(0, 1.2 * max(ms))
+        ax.set_title(f"meta/{name}: ms per meta-iteration (E: scaling efficiency)")
+        ax.invert_yaxis()
+    fig.tight_layout()
+    fig.savefig(RESULTS / "distributed.png", dpi=110)
+    print(f"\nwrote {RESULTS / 'distributed.json'} and {RESULTS / 'distributed.png'}")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true",
+                        help="CI, < 60 s: 1 round, 3 timed iterations, small sizes, no 2-thread row")  # fmt: skip
+    parser.add_argument("--sections", nargs="+", default=list(SECTIONS), choices=list(SECTIONS),
+                        help="what to run (default: all)")  # fmt: skip
+    parser.add_argument("--workloads", nargs="+", default=["sinusoid", "conv4"], choices=["sinusoid", "conv4"],
+                        help="meta workloads (default: both)")  # fmt: skip
+    parser.add_argument("--rounds", type=int, default=None, help="launches per configuration (1 quick / 3)")
+    parser.add_argument("--iters", type=int, default=None, help="timed meta-iterations per launch (3 / 20)")
+    parser.add_argument("--threads", type=int, default=1, help="intra-op threads of each rank (default 1)")
+    parser.add_argument("--configs", nargs="+", default=None, metavar="RANKSxTHREADS",
+                        choices=[f"{w}x{t}" for w, t in META_CONFIGS],
+                        help="meta configurations, the first is the baseline (default 1x1 2x1 1x2; quick 1x1 2x1)")  # fmt: skip
+    parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--config", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--out", default=None, help=argparse.SUPPRESS)
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    if args.worker is not None:
+        worker_main(args.worker, json.loads(args.config), args.threads, args.out)
+        return
+    start, load_before = time.perf_counter(), load_average()
+    results: dict[str, Any] = {"torch": torch.__version__, "cpus": os.cpu_count(), "quick": args.quick}
+    for section in args.sections:
+        results[section] = SECTIONS[section](args)
+    results["load_average"] = [load_before, load_average()]
+    print(f"\ntotal run time {time.perf_counter() - start:.0f} s; 1-minute load average at start and end: "
+          f"{load_before:.2f}, {results['load_average'][1]:.2f} on {os.cpu_count()} CPUs")  # fmt: skip
+    if not args.quick:
+        write_results(results)
+
+
+if __name__ == "__main__":
+    main()

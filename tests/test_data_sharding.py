@@ -1,0 +1,172 @@
+"""Tests for samgria.data.sharding and the samplers' shares and states (one process)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from samgria import DistributedTaskSampler, FewShotSampler, SinusoidTaskSampler, Task, TaskSampler
+from samgria.data.sharding import sample_shard, shard_bounds
+from samgria.data.task import load_sampler_state_dict, sampler_state_dict
+
+FIELDS = ("support_x", "support_y", "query_x", "query_y")
+
+
+def same_tasks(a: list[Task], b: list[Task]) -> bool:
+    return len(a) == len(b) and all(torch.equal(getattr(x, f), getattr(y, f)) for x, y in zip(a, b) for f in FIELDS)
+
+
+def few_shot(seed: int | None = 3, **kwargs) -> FewShotSampler:
+    inputs = torch.randn(80, 2, generator=torch.Generator().manual_seed(0))
+    labels = torch.arange(80) % 8
+    return FewShotSampler(inputs, labels, 3, 2, 2, seed=seed, **kwargs)
+
+
+def sinusoid(seed: int | None = 3) -> SinusoidTaskSampler:
+    return SinusoidTaskSampler(k_support=4, k_query=3, seed=seed, dtype=torch.float64)
+
+
+class PlainSampler:
+    """A sampler with only ``sample(n)`` (no sample_shard, no state)."""
+
+    def __init__(self, seed: int) -> None:
+        self.inner = sinusoid(seed)
+
+    def sample(self, n: int) -> list[Task]:
+        return self.inner.sample(n)
+
+
+@pytest.mark.parametrize("world_size", [1, 2, 3, 5])
+@pytest.mark.parametrize("n", [0, 1, 4, 5, 7, 12])
+def test_shares_are_torch_tensor_split(n: int, world_size: int) -> None:
+    expected = torch.tensor_split(torch.arange(n), world_size)
+    for rank in range(world_size):
+        start, stop = shard_bounds(n, rank, world_size)
+        assert list(range(start, stop)) == expected[rank].tolist()
+
+
+@pytest.mark.parametrize("make", [few_shot, sinusoid, lambda: PlainSampler(3)], ids=["few_shot", "sinusoid", "plain"])
+@pytest.mark.parametrize("world_size", [1, 2, 3])
+def test_shares_concatenate_to_the_one_process_batch_and_advance_the_stream_alike(make, world_size: int) -> None:
+    whole = make()
+    batches = [whole.sample(5), whole.sample(3)]
+    for rank in range(world_size):
+        sampler = DistributedTaskSampler(make(), rank=rank, world_size=world_size)
+        for batch in batches:
+            start, stop = shard_bounds(len(batch), rank, world_size)
+            assert same_tasks(sampler.sample(len(batch)), batch[start:stop])
+
+
+@pytest.mark.parametrize("make", [few_shot, sinusoid], ids=["few_shot", "sinusoid"])
+def test_sample_shard_equals_slicing_sample_bit_for_bit(make) -> None:
+    reference, sharded = make(), make()
+    tasks = reference.sample(7)
+    assert same_tasks(sharded.sample_shard(7, 1, 3), tasks[3:5])
+    assert same_tasks(sharded.sample(2), reference.sample(2))  # the stream advanced alike
+
+
+def test_few_shot_shard_gathers_only_its_own_examples() -> None:
+    class CountingInputs(torch.Tensor):
+        gathered = 0
+
+        @classmethod
+        def __torch_function__(cls, func, types, args=(), kwargs=None):
+            if func is torch.Tensor.__getitem__:
+                cls.gathered += 1
+            return super().__torch_function__(func, types, args, kwargs or {})
+
+    sampler = few_shot()
+    sampler.inputs = sampler.inputs.as_subclass(CountingInputs)
+    sampler.sample_shard(6, 0, 3)
+    assert CountingInputs.gathered == 2 * 2  # 2 tasks of the share, support and query each
+
+
+def test_distributed_task_sampler_shards_any_sequence_and_is_a_task_sampler() -> None:
+    sampler = DistributedTaskSampler(sinusoid(), rank=1, world_size=3)
+    assert isinstance(sampler, TaskSampler)
+    assert sampler.shard(list("abcdefg")) == ["d", "e"]
+    assert sampler.bounds(7) == (3, 5)
+    assert "rank=1, world_size=3" in repr(sampler)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"rank": 2, "world_size": 2}, ValueError, r"rank must be an integer in \[0, 1\] \(world_size=2\), got 2"),
+        ({"rank": -1, "world_size": 2}, ValueError, r"rank must be an integer >= 0, got -1"),
+        ({"rank": 0, "world_size": 0}, ValueError, r"world_size must be an integer >= 1, got 0"),
+        ({"rank": 0.0, "world_size": 2}, TypeError, r"rank must be an integer >= 0, got 0.0"),
+        ({"rank": 0, "world_size": True}, TypeError, r"world_size must be an integer >= 1, got True"),
+        ({"rank": None, "world_size": 2}, ValueError, r"rank=None and world_size=None are read from torch.distributed"),
+    ],
+)
+def test_distributed_task_sampler_rejects_bad_arguments(kwargs, error, match) -> None:
+    with pytest.raises(error, match=match):
+        DistributedTaskSampler(sinusoid(), **kwargs)
+
+
+def test_distributed_task_sampler_needs_a_sampler() -> None:
+    with pytest.raises(TypeError, match=r"sampler must have a sample\(n\) -> list\[Task\] method, got list"):
+        DistributedTaskSampler([], rank=0, world_size=1)
+
+
+def test_a_sampler_returning_the_wrong_count_is_named() -> None:
+    class Short:
+        def sample(self, n):
+            return sinusoid().sample(n - 1)
+
+    class ShortShard(Short):
+        def sample_shard(self, n, rank, world_size):
+            return sinusoid().sample(n)
+
+    with pytest.raises(ValueError, match=r"sampler.sample\(4\) returned 3 tasks"):
+        sample_shard(Short(), 4, 0, 2)
+    with pytest.raises(ValueError, match=r"sampler.sample_shard\(4, 0, 2\) returned 4 tasks, expected 2"):
+        sample_shard(ShortShard(), 4, 0, 2)
+
+
+@pytest.mark.parametrize("make", [few_shot, sinusoid], ids=["few_shot", "sinusoid"])
+def test_sampler_state_round_trips_through_torch_save(make, tmp_path) -> None:
+    sampler = make()
+    sampler.sample(3)
+    torch.save(sampler.state_dict(), tmp_path / "state.pt")
+    ahead = sampler.sample(4)
+    resumed = make(seed=99)
+    resumed.load_state_dict(torch.load(tmp_path / "state.pt"))
+    assert same_tasks(resumed.sample(4), ahead)
+
+
+@pytest.mark.parametrize("make", [few_shot, sinusoid], ids=["few_shot", "sinusoid"])
+def test_sampler_state_must_match_the_kind_of_generator(make) -> None:
+    with_generator, global_generator = make(), make(seed=None)
+    assert global_generator.state_dict() == {"generator": None}
+    with pytest.raises(ValueError, match=r"state\['generator'\] must match the sampler, which uses torch's global generator"):
+        global_generator.load_state_dict(with_generator.state_dict())
+    with pytest.raises(ValueError, match=r"which uses a generator of its own; got None"):
+        with_generator.load_state_dict(global_generator.state_dict())
+    with pytest.raises(TypeError, match=r"state must be a dict with a 'generator' entry"):
+        with_generator.load_state_dict({"seed": 3})
+
+
+def test_state_helpers_cover_samplers_with_a_generator_attribute_or_nothing() -> None:
+    class WithGenerator:
+        def __init__(self) -> None:
+            self.generator = torch.Generator().manual_seed(1)
+
+        def sample(self, n):
+            return [torch.rand(1, generator=self.generator) for _ in range(n)]
+
+    sampler = WithGenerator()
+    state = sampler_state_dict(sampler)
+    ahead = sampler.sample(2)
+    load_sampler_state_dict(sampler, state)
+    assert sampler.sample(2) == ahead
+    assert sampler_state_dict(PlainSampler(0)) is None
+    load_sampler_state_dict(PlainSampler(0), None)  # nothing to restore
+    with pytest.raises(ValueError, match=r"sampler must have load_state_dict or a torch.Generator 'generator'"):
+        load_sampler_state_dict(PlainSampler(0), {"generator": None})
+    wrapped = DistributedTaskSampler(sinusoid(), rank=0, world_size=2)
+    saved = wrapped.state_dict()
+    ahead = wrapped.sample(4)
+    wrapped.load_state_dict(saved)
+    assert same_tasks(wrapped.sample(4), ahead)
