@@ -40,8 +40,15 @@ Sections (``--sections``):
   rounding over the iterations on conv4 (about 1e-2 after 23 iterations at C=32), while the same
   run in float64 agrees to 6e-16.
 
-* ``sam``: reserved for FSDP2 SAM against FSDP2 plain two-pass training (see the marked place
-  below); not implemented yet.
+* ``sam``: a SAM step (momentum SGD inside ``SAM(rho=0.05)``) against the plain two-pass step
+  (two forward-backward passes and the inner step: SAM's floor) on an MLP, global batch 64, once
+  in one ordinary process and once on 2 ranks over FSDP2 (``fully_shard`` per layer; gloo). The
+  two kinds run interleaved in the same processes; reported: the median of the paired per-round
+  ratios ``SAM / two-pass`` (the goal: FSDP2's ratio equals the single process's, within noise --
+  the global norm costs one all-reduce of one number per step) and the **extra peak memory** of
+  SAM's first step over the two-pass step's, on rank 0, in multiples of the rank's parameter
+  (shard) bytes, counted as live tensor storages (``PeakBytes``; the perturbation buffers are
+  sharded like the parameters, so this stays about 1x). Sizes: 4x1024 (``--quick``: 2x256).
 
 Usage::
 
@@ -60,9 +67,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -72,80 +77,39 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.multiprocessing.reductions import StorageWeakRef
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the suite's rank launcher
 
 from samgria.data import FewShotSampler, SinusoidTaskSampler  # noqa: E402
 from samgria.data.sharding import shard_bounds  # noqa: E402
 from samgria.meta import distributed as collectives  # noqa: E402
 from samgria.meta.maml import MAML  # noqa: E402
 from samgria.meta.trainer import MetaTrainer  # noqa: E402
+from distributed_harness import launch_ranks  # noqa: E402
 
 SCRIPT = Path(__file__).resolve()
 RESULTS = SCRIPT.parent / "results"
 #: Upper bound of one launch (a busy machine is slow, not failing).
 LAUNCH_LIMIT_S = 1800
-#: How long the other ranks may go on after one rank failed (they wait in a collective).
-GRACE_AFTER_FAILURE_S = 30
 
 
 # -- launching ranks (shared by every section) -------------------------------------------------------
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def launch(section: str, world_size: int, threads: int, config: dict[str, Any]) -> dict[str, Any]:
     """Run ``section``'s worker on ``world_size`` local ranks; return what rank 0 reported.
 
     Each rank is ``python distributed.py --worker SECTION --config JSON --out DIR`` with torchrun's
-    environment and ``OMP_NUM_THREADS=threads``. On a failure every rank's output is raised.
+    environment and ``OMP_NUM_THREADS=threads``, started by the test suite's launcher
+    (``tests/distributed_harness.py``). On a failure every rank's output is raised.
     """
-    port = free_port()
     with tempfile.TemporaryDirectory() as out_dir:
-        logs, processes = [], []
-        for rank in range(world_size):
-            env = {
-                **os.environ,
-                "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world_size),
-                "LOCAL_WORLD_SIZE": str(world_size), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
-                "OMP_NUM_THREADS": str(threads),
-            }  # fmt: skip
-            log = tempfile.TemporaryFile("w+")  # noqa: SIM115 (closed below)
-            logs.append(log)
-            command = [sys.executable, str(SCRIPT), "--worker", section, "--config", json.dumps(config),
-                       "--threads", str(threads), "--out", out_dir]  # fmt: skip
-            processes.append(subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, text=True))
-        started, failed_at, failure = time.monotonic(), None, ""
-        try:
-            while any(p.poll() is None for p in processes):
-                now = time.monotonic()
-                if failed_at is None and any(p.returncode not in (None, 0) for p in processes):
-                    failed_at = now
-                if failed_at is not None and now - failed_at > GRACE_AFTER_FAILURE_S:
-                    failure = "a rank failed; the others were stopped"
-                    break
-                if now - started > LAUNCH_LIMIT_S:
-                    failure = f"the ranks did not finish within {LAUNCH_LIMIT_S} s"
-                    break
-                time.sleep(0.2)
-        finally:
-            for p in processes:
-                if p.poll() is None:
-                    p.kill()
-                p.wait()
-        outputs = []
-        for log in logs:
-            log.seek(0)
-            outputs.append(log.read())
-            log.close()
-        if not failure and any(p.returncode != 0 for p in processes):
-            failure = "a rank failed"
-        if failure:
-            report = "\n".join(f"----- rank {r} (exit code {p.returncode}) -----\n{o.rstrip()}"
-                               for r, (p, o) in enumerate(zip(processes, outputs)))  # fmt: skip
-            raise RuntimeError(f"{section} on {world_size} rank(s) x {threads} thread(s): {failure}\n{report}")
+        command = [SCRIPT, "--worker", section, "--config", json.dumps(config), "--threads", str(threads), "--out", out_dir]
+        run = launch_ranks(command, world_size, threads=threads, limit_s=LAUNCH_LIMIT_S)
+        if run.failure:
+            raise RuntimeError(run.report(f"{section} on {world_size} rank(s) x {threads} thread(s)"))
         result = json.loads((Path(out_dir) / "result.json").read_text())
         weights = Path(out_dir) / "weights.pt"
         if weights.exists():
@@ -364,22 +328,180 @@ def print_meta(name: str, result: dict[str, Any]) -> None:
           "all-reduce ms: one all-reduce of the meta-gradient's size alone")  # fmt: skip
 
 
-# -- the `sam` section (to be added) ---------------------------------------------------------------------
-# FSDP2 SAM against FSDP2 plain two-pass training, on the same global batch. To add it, write
-#
-#   def sam_worker(config: dict, world_size: int) -> tuple[dict, list[torch.Tensor] | None]:
-#       runs on every rank (process group initialised by worker_main when world_size > 1);
-#       returns rank 0's JSON-able timings and, optionally, final weights to compare
-#   def run_sam(args: argparse.Namespace) -> dict:
-#       builds the configurations and calls launch("sam", world_size, threads, config) for each
-#   def print_sam(name: str, result: dict) -> None  (or print from run_sam)
-#
-# and register them: WORKERS["sam"] = sam_worker and SECTIONS["sam"] = run_sam.
+# -- the `sam` section -------------------------------------------------------------------------------------
+#: world sizes of the configurations: 1 is an ordinary single process (no FSDP), the baseline ratio.
+SAM_WORLD_SIZES = [1, 2]
+
+
+def sam_workload(quick: bool) -> dict[str, Any]:
+    """An MLP ``depth`` x ``width`` (GELU), global batch 64, momentum SGD inside SAM(rho=0.05)."""
+    return {"width": 256 if quick else 1024, "depth": 2 if quick else 4, "global_batch": 64,
+            "rounds": 6 if quick else 40, "warmup": 2 if quick else 5}  # fmt: skip
+
+
+class PeakBytes(TorchDispatchMode):
+    """Peak bytes of the tensor storages created inside the context and alive at the same time.
+
+    Counts every storage an operator allocates (a ``DTensor``'s local shard, FSDP2's all-gathered
+    parameters, gradients, activations, optimizer state, SAM's buffers) once, until it is freed;
+    views and in-place results (which return an input's memory) and storages that existed before
+    the context do not count.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.live: dict[Any, int] = {}
+        self.current = self.peak = 0
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        out = func(*args, **(kwargs or {}))
+        for key in [key for key in self.live if key.expired()]:
+            self.current -= self.live.pop(key)
+        if any(ret.alias_info is not None for ret in func._schema.returns):
+            return out  # a view or an in-place result: the memory of an input, not new memory
+        for tensor in tree_leaves(out):
+            if not isinstance(tensor, torch.Tensor):
+                continue
+            tensor = getattr(tensor, "_local_tensor", tensor)  # a DTensor's shard
+            if type(tensor) not in (torch.Tensor, nn.Parameter):
+                continue
+            storage = tensor.untyped_storage()
+            key = StorageWeakRef(storage)
+            if key not in self.live:
+                self.live[key] = storage.nbytes()
+                self.current += storage.nbytes()
+        self.peak = max(self.peak, self.current)
+        return out
+
+
+def sam_model(config: dict[str, Any], world_size: int) -> nn.Module:
+    torch.manual_seed(0)
+    width = config["width"]
+    layers: list[nn.Module] = []
+    for _ in range(config["depth"]):
+        layers += [nn.Linear(width, width), nn.GELU()]
+    model = nn.Sequential(*layers, nn.Linear(width, 10))
+    if world_size > 1:
+        from torch.distributed.fsdp import fully_shard
+
+        for layer in model:
+            if isinstance(layer, nn.Linear):
+                fully_shard(layer)
+        fully_shard(model)
+    return model
+
+
+def sam_step_fn(config: dict[str, Any], world_size: int, kind: str) -> tuple[nn.Module, Callable[[], None]]:
+    """A fresh (sharded) model and one training step of ``kind``: "sam" or "two-pass" (the floor:
+    two forward-backward passes and the inner step, no perturbation)."""
+    from samgria import SAM, TransformingOptimizer
+
+    model = sam_model(config, world_size)
+    rank = int(os.environ.get("RANK", "0"))
+    rows = config["global_batch"] // world_size
+    generator = torch.Generator().manual_seed(1)
+    x = torch.randn(config["global_batch"], config["width"], generator=generator)[rank * rows : (rank + 1) * rows]
+    y = torch.randint(0, 10, (config["global_batch"],), generator=generator)[rank * rows : (rank + 1) * rows]
+    if kind == "sam":
+        optimizer = TransformingOptimizer(model.parameters(), torch.optim.SGD, lr=0.01, momentum=0.9,
+                                          transforms=[SAM(rho=0.05)])  # fmt: skip
+    else:
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+
+    def closure() -> torch.Tensor:
+        optimizer.zero_grad()
+        loss = nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        return loss
+
+    def step() -> None:
+        if kind == "sam":
+            optimizer.step(closure)
+        else:
+            closure()
+            closure()
+            optimizer.step()
+
+    return model, step
+
+
+def sam_worker(config: dict[str, Any], world_size: int) -> tuple[dict[str, Any], Any]:
+    """Interleaved step times of SAM and of the two-pass floor; peak extra bytes of SAM's first step."""
+    import torch.distributed as dist
+
+    def barrier() -> None:
+        if world_size > 1:
+            dist.barrier()
+
+    kinds = ("two-pass", "sam")
+    models, steps = {}, {}
+    for kind in kinds:
+        models[kind], steps[kind] = sam_step_fn(config, world_size, kind)
+    for _ in range(config["warmup"]):
+        for kind in kinds:
+            steps[kind]()
+    seconds: dict[str, list[float]] = {kind: [] for kind in kinds}
+    for _ in range(config["rounds"]):
+        for kind in kinds:
+            barrier()
+            start = time.perf_counter()
+            steps[kind]()
+            barrier()
+            seconds[kind].append(time.perf_counter() - start)
+    # Memory: the first step of a fresh model and optimizer (state and SAM's buffers are created in it).
+    peaks = {}
+    for kind in kinds:
+        model, step = sam_step_fn(config, world_size, kind)
+        barrier()
+        with PeakBytes() as tracker:
+            step()
+        peaks[kind] = tracker.peak
+        shard_bytes = sum(getattr(p, "_local_tensor", p).numel() * p.element_size() for p in model.parameters())
+    result = {"seconds": seconds, "peak_bytes": peaks, "shard_bytes": shard_bytes,
+              "params": sum(p.numel() for p in models["sam"].parameters())}  # fmt: skip
+    return result, None
+
+
+def run_sam(args: argparse.Namespace) -> dict[str, Any]:
+    config = sam_workload(args.quick)
+    rows = {}
+    for world_size in SAM_WORLD_SIZES:
+        progress(f"sam: {world_size} rank(s), {'FSDP2' if world_size > 1 else 'one process'}")
+        run = launch("sam", world_size, args.threads, config)
+        t_floor = statistics.median(run["seconds"]["two-pass"])
+        t_sam = statistics.median(run["seconds"]["sam"])
+        paired = [s / f for s, f in zip(run["seconds"]["sam"], run["seconds"]["two-pass"])]
+        rows[str(world_size)] = {
+            "ranks": world_size, "ms_two_pass": 1e3 * t_floor, "ms_sam": 1e3 * t_sam,
+            "ratio": statistics.median(paired),
+            "ratio_iqr": statistics.quantiles(paired, n=4)[::2] if len(paired) >= 4 else None,
+            "extra_peak_shards": (run["peak_bytes"]["sam"] - run["peak_bytes"]["two-pass"]) / run["shard_bytes"],
+            "shard_bytes": run["shard_bytes"], "params": run["params"],
+        }  # fmt: skip
+    result = {"config": config, "rows": rows}
+    print_sam(result)
+    return result
+
+
+def print_sam(result: dict[str, Any]) -> None:
+    config, rows = result["config"], result["rows"]
+    params = next(iter(rows.values()))["params"]
+    print(f"\nsam: MLP {config['depth']}x{config['width']} (GELU; {params / 1e6:.2f}M parameters), global batch "
+          f"{config['global_batch']}, momentum SGD in SAM(rho=0.05); {config['rounds']} interleaved rounds")  # fmt: skip
+    print(f"{'ranks':<22}{'two-pass ms':>12}{'SAM ms':>9}{'SAM / two-pass':>16}{'IQR':>16}{'extra peak':>12}")
+    for key, row in rows.items():
+        label = "1 (one process)" if row["ranks"] == 1 else f"{row['ranks']} (FSDP2, gloo)"
+        iqr = "-" if row["ratio_iqr"] is None else f"[{row['ratio_iqr'][0]:.2f}, {row['ratio_iqr'][1]:.2f}]"
+        print(f"{label:<22}{row['ms_two_pass']:>12.1f}{row['ms_sam']:>9.1f}{row['ratio']:>16.3f}{iqr:>16}"
+              f"{row['extra_peak_shards']:>11.2f}x")  # fmt: skip
+    print("SAM / two-pass: median of paired per-round ratios; extra peak: SAM's first step over the two-pass "
+          "step's, live tensor bytes on rank 0, in multiples of the rank's parameter (shard) bytes")
+
 
 #: Section name -> driver (runs in the launching process, returns the section's results).
-SECTIONS: dict[str, Callable[[argparse.Namespace], dict[str, Any]]] = {"meta": run_meta}
+SECTIONS: dict[str, Callable[[argparse.Namespace], dict[str, Any]]] = {"meta": run_meta, "sam": run_sam}
 #: Section name -> worker (runs on every rank).
-WORKERS: dict[str, Callable[[dict[str, Any], int], tuple[dict[str, Any], Any]]] = {"meta": meta_worker}
+WORKERS: dict[str, Callable[[dict[str, Any], int], tuple[dict[str, Any], Any]]] = {"meta": meta_worker, "sam": sam_worker}
 
 
 # -- results ---------------------------------------------------------------------------------------------
@@ -395,9 +517,19 @@ def write_results(results: dict[str, Any]) -> None:
         print(f"\nwrote {RESULTS / 'distributed.json'} (matplotlib not importable: no plot)")
         return
     panels = list(results.get("meta", {}).items())
-    if not panels:
+    sam = results.get("sam")
+    if not panels and sam is None:
         return
-    fig, axes = plt.subplots(len(panels), 1, figsize=(7, 1.9 * len(panels)), squeeze=False)
+    fig, axes = plt.subplots(len(panels) + (sam is not None), 1, figsize=(7, 1.9 * (len(panels) + (sam is not None))), squeeze=False)
+    if sam is not None:
+        ax = axes[-1, 0]
+        rows = list(sam["rows"].values())
+        labels = ["1 process" if r["ranks"] == 1 else f"{r['ranks']} ranks, FSDP2" for r in rows]
+        ax.barh(labels, [r["ratio"] for r in rows], color="tab:orange")
+        for i, row in enumerate(rows):
+            ax.text(row["ratio"], i, f" {row['ratio']:.2f}, +{row['extra_peak_shards']:.2f}x shard bytes", va="center")
+        ax.set_title("sam: SAM step / plain two-pass step (and extra peak memory)")
+        ax.invert_yaxis()
     for ax, (name, result) in zip(axes[:, 0], panels):
         rows = result["rows"]
         labels = [f"{r['ranks']} rank(s) x {r['threads']} thread(s)" for r in rows.values()]

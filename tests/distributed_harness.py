@@ -7,7 +7,8 @@ Each rank is ``python <script> <args>`` with torchrun's environment (``RANK``, `
 Robust to a busy machine: the only limit is a generous overall one (minutes, not seconds).
 When one rank fails, the others (which would wait in a collective until the process group's
 own timeout) are stopped after a grace period; on any failure the output of every rank is
-reported.
+reported. :func:`launch_ranks` (no pytest) is also what ``benchmarks/distributed.py`` starts its
+ranks with.
 """
 
 from __future__ import annotations
@@ -19,9 +20,8 @@ import sys
 import tempfile
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
-
-import pytest
 
 #: Upper bound for one multi-process run: generous, so a busy machine is slow, not failing.
 RUN_LIMIT_S = 900
@@ -37,6 +37,8 @@ def gloo_available() -> bool:
 
 def skip_without_gloo() -> None:
     """Skip the calling test when this torch build has no ``torch.distributed`` gloo backend."""
+    import pytest
+
     if not gloo_available():
         pytest.skip("torch.distributed with the gloo backend is not available in this build")
 
@@ -47,7 +49,7 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _rank_env(rank: int, world_size: int, port: int) -> dict[str, str]:
+def _rank_env(rank: int, world_size: int, port: int, threads: int) -> dict[str, str]:
     env = dict(os.environ)
     repo_root = str(Path(__file__).resolve().parent.parent)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [repo_root, env.get("PYTHONPATH")]))
@@ -58,23 +60,40 @@ def _rank_env(rank: int, world_size: int, port: int) -> dict[str, str]:
         LOCAL_WORLD_SIZE=str(world_size),
         MASTER_ADDR="127.0.0.1",
         MASTER_PORT=str(port),
-        OMP_NUM_THREADS="1",
+        OMP_NUM_THREADS=str(threads),
     )
     return env
 
 
-def _report(what: str, processes: Sequence[subprocess.Popen], outputs: Sequence[str]) -> str:
-    parts = [what]
-    for rank, (process, output) in enumerate(zip(processes, outputs)):
-        parts.append(f"----- rank {rank} (exit code {process.returncode}) -----\n{output.rstrip()}")
-    return "\n".join(parts)
+@dataclass
+class RankRun:
+    """What :func:`launch_ranks` saw: each rank's exit code and output, and what went wrong."""
+
+    returncodes: list[int]
+    outputs: list[str]
+    failure: str
+
+    def report(self, what: str) -> str:
+        """``what``, the failure and the output of every rank."""
+        parts = [f"{what}: {self.failure}"]
+        for rank, (code, output) in enumerate(zip(self.returncodes, self.outputs)):
+            parts.append(f"----- rank {rank} (exit code {code}) -----\n{output.rstrip()}")
+        return "\n".join(parts)
 
 
-def run_ranks(script: str | Path, world_size: int, args: Sequence[str] = ()) -> list[str]:
-    """Run ``script`` on ``world_size`` local processes; return each rank's output.
+def launch_ranks(
+    argv: Sequence[str], world_size: int, *, threads: int = 1, limit_s: float = RUN_LIMIT_S
+) -> RankRun:
+    """Run ``python *argv`` on ``world_size`` local processes with torchrun's environment.
 
-    Fails the calling test, with the output of every rank, when a rank exits with an error or the
-    run exceeds :data:`RUN_LIMIT_S`.
+    Args:
+        argv: The script and its arguments.
+        world_size: Number of ranks.
+        threads: ``OMP_NUM_THREADS`` of each rank.
+        limit_s: Upper bound of the whole run (generous: a busy machine is slow, not failing).
+
+    Returns:
+        The exit codes and outputs; ``failure`` is empty when every rank exited with 0.
     """
     port = _free_port()
     logs = []
@@ -84,8 +103,8 @@ def run_ranks(script: str | Path, world_size: int, args: Sequence[str] = ()) -> 
         logs.append(log)
         processes.append(
             subprocess.Popen(
-                [sys.executable, str(script), *args],
-                env=_rank_env(rank, world_size, port),
+                [sys.executable, *map(str, argv)],
+                env=_rank_env(rank, world_size, port, threads),
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 text=True,
@@ -102,8 +121,8 @@ def run_ranks(script: str | Path, world_size: int, args: Sequence[str] = ()) -> 
             if failed_at is not None and now - failed_at > GRACE_AFTER_FAILURE_S:
                 failure = "a rank failed; the others were stopped"
                 break
-            if now - started > RUN_LIMIT_S:
-                failure = f"the ranks did not finish within {RUN_LIMIT_S} s"
+            if now - started > limit_s:
+                failure = f"the ranks did not finish within {limit_s:.0f} s"
                 break
             time.sleep(0.2)
     finally:
@@ -118,7 +137,18 @@ def run_ranks(script: str | Path, world_size: int, args: Sequence[str] = ()) -> 
         log.close()
     if not failure and any(process.returncode != 0 for process in processes):
         failure = "a rank failed"
-    if failure:
-        pytest.fail(_report(f"{Path(script).name} on {world_size} ranks: {failure}", processes, outputs), pytrace=False)
-    return outputs
+    return RankRun([process.returncode for process in processes], outputs, failure)
 
+
+def run_ranks(script: str | Path, world_size: int, args: Sequence[str] = ()) -> list[str]:
+    """Run ``script`` on ``world_size`` local processes; return each rank's output.
+
+    Fails the calling test, with the output of every rank, when a rank exits with an error or the
+    run exceeds :data:`RUN_LIMIT_S`.
+    """
+    import pytest
+
+    run = launch_ranks([script, *args], world_size)
+    if run.failure:
+        pytest.fail(run.report(f"{Path(script).name} on {world_size} ranks"), pytrace=False)
+    return run.outputs
