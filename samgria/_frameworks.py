@@ -40,10 +40,14 @@ def accumulating_framework(closure: Any) -> str | None:
     Returns:
         A description of the setting, or ``None`` when the closure is not recognised as such.
     """
-    candidates = [closure]
-    if isinstance(closure, functools.partial):  # Lightning's precision plugins wrap their closure
-        candidates += list(closure.args)
-    for candidate in candidates:
+    pending, seen = [closure], set()
+    while pending:  # Lightning's precision plugins wrap their closure in functools.partial
+        candidate = pending.pop()
+        if id(candidate) in seen:
+            continue
+        seen.add(id(candidate))
         if _lightning_accumulates(candidate):
             return "Lightning's Trainer(accumulate_grad_batches > 1) under automatic optimization"
+        if isinstance(candidate, functools.partial):
+            pending += [candidate.func, *candidate.args, *candidate.keywords.values()]
     return None

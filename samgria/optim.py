@@ -86,6 +86,17 @@ class _StepProgress:
     finishing: bool = False
 
 
+def _refuse_sharded_m_sharpness(first_pass_context: Any, params: Iterable[Any]) -> None:
+    """``first_pass_context`` (m-sharpness) with sharded parameters: ``ValueError``."""
+    if first_pass_context is not None and any(is_sharded(p) for p in params):
+        raise ValueError(
+            "first_pass_context (m-sharpness) needs unsharded parameters, got sharded (DTensor) "
+            "ones: FSDP2 without gradient synchronisation keeps each rank's unsharded gradient "
+            "outside param.grad, so SAM would see none; drop first_pass_context (SAM then "
+            "perturbs with the global gradient) or train with DDP"
+        )
+
+
 def _dense_real(grad: torch.Tensor) -> torch.Tensor:
     return as_real(grad.coalesce()._values() if grad.is_sparse else grad)
 
@@ -212,15 +223,7 @@ class TransformingOptimizer(WrappingOptimizer):
                 "inner must be an optimizer whose step() works without a closure, got LBFGS (it "
                 "re-evaluates the closure itself): use it on its own"
             )
-        if first_pass_context is not None and any(
-            is_sharded(p) for group in inner_optimizer.param_groups for p in group["params"]
-        ):
-            raise ValueError(
-                "first_pass_context (m-sharpness) needs unsharded parameters, got sharded (DTensor) "
-                "ones: FSDP2 without gradient synchronisation keeps each rank's unsharded gradient "
-                "outside param.grad, so SAM would see none; drop first_pass_context (SAM then "
-                "perturbs with the global gradient) or train with DDP"
-            )
+        _refuse_sharded_m_sharpness(first_pass_context, [p for g in inner_optimizer.param_groups for p in g["params"]])
         chain = Chain(transforms, inner_optimizer.defaults)
         # Check every group before changing any: nothing half-applied on error.
         normalized = [
@@ -320,6 +323,7 @@ class TransformingOptimizer(WrappingOptimizer):
             raise TypeError(f"param_group must be a dict, got {type(param_group).__name__}")
         where = f"param_groups[{len(self.param_groups)}]"
         group = self.chain.checked_group(param_group, where)
+        _refuse_sharded_m_sharpness(self.first_pass_context, group["params"])
         self.inner.add_param_group(group)
         self.chain.fill_group(self.param_groups[-1])
 
@@ -362,7 +366,7 @@ class TransformingOptimizer(WrappingOptimizer):
 
     def _grad_norm(self) -> float:
         """The global L2 norm of every gradient (complex as pairs of reals), read on the host."""
-        grads = []
+        grads, sources = [], []
         seen = set()
         for group in self.param_groups:
             for param in group["params"]:
@@ -370,7 +374,8 @@ class TransformingOptimizer(WrappingOptimizer):
                 if grad is not None and id(param) not in seen:
                     seen.add(id(param))
                     grads.append(_dense_real(grad) if grad.is_sparse or grad.is_complex() else grad)
-        return float(global_norm(grads, foreach=self.transform_foreach))
+                    sources.append(grad)
+        return float(global_norm(grads, foreach=self.transform_foreach, like=sources))
 
     def _skip(self, which: str) -> None:
         """Apply the non-finite policy to a step whose ``which`` gradients are not finite."""

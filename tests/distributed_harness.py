@@ -49,8 +49,12 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
+#: Variables of an enclosing torchrun/elastic agent that would make rank 0 join another store.
+_ELASTIC_PREFIXES = ("TORCHELASTIC_", "GROUP_", "ROLE_")
+
+
 def _rank_env(rank: int, world_size: int, port: int, threads: int) -> dict[str, str]:
-    env = dict(os.environ)
+    env = {key: value for key, value in os.environ.items() if not key.startswith(_ELASTIC_PREFIXES)}
     repo_root = str(Path(__file__).resolve().parent.parent)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [repo_root, env.get("PYTHONPATH")]))
     env.update(
@@ -93,9 +97,18 @@ def launch_ranks(
         limit_s: Upper bound of the whole run (generous: a busy machine is slow, not failing).
 
     Returns:
-        The exit codes and outputs; ``failure`` is empty when every rank exited with 0.
+        The exit codes and outputs; ``failure`` is empty when every rank exited with 0. A run
+        whose store port was taken in the meantime (another run picked the same free port) is
+        retried on another port, twice at most.
     """
-    port = _free_port()
+    for _attempt in range(3):
+        run = _launch_once(argv, world_size, threads, limit_s, _free_port())
+        if not (run.failure and any("Address already in use" in output for output in run.outputs)):
+            break
+    return run
+
+
+def _launch_once(argv: Sequence[str], world_size: int, threads: int, limit_s: float, port: int) -> RankRun:
     logs = []
     processes = []
     for rank in range(world_size):

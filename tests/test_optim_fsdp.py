@@ -5,14 +5,16 @@ each run trains every configuration below, saves the full (gathered) weights, an
 resumes a run through ``torch.distributed.checkpoint``. The pytest process compares them with
 single-process references on the same global batch:
 
-* SAM, ASAM, SAM with per-group ``rho``, SAM + LAMP without noise, GSAM, WSAM, FriendlySAM and
-  LookSAM: single-process samgria on the unsharded model (the norm is of the **global** gradient, so the weights agree to float32
+* SAM, ASAM, SAM with per-group ``rho``, SAM + LAMP without noise, ClipGradNorm + SAM, GSAM,
+  WSAM, FriendlySAM and LookSAM: single-process samgria on the unsharded model (the norm is of the **global** gradient, so the weights agree to float32
   round-off);
 * SAM + LAMP with noise: a hand-written LAMP after single-process SAM, which draws the noise of
   each shard (``torch.chunk`` along dim 0, as FSDP2 shards) from the documented per-shard stream
   (:func:`samgria.transforms.lamp.sharded_noise_seed`);
 * a run checkpointed with DCP after ``RESUME_AT`` steps and resumed into a fresh model and
-  optimizer continues bit for bit; a checkpoint of the 2-rank run loads on 4 ranks (resharding).
+  optimizer continues bit for bit; a checkpoint of the 2-rank run loads on 4 ranks (resharding);
+* on 4 ranks, HSDP (a 2x2 mesh: replicated over one dimension, sharded over the other) gives
+  the one-process weights, and replicas hold identical shards (LAMP's noise included).
 """
 
 from __future__ import annotations
@@ -33,7 +35,9 @@ LR, MOMENTUM = 0.1, 0.9
 ROLLBACK_LEN = 2
 SEED = 7
 SAM_FAMILY = ("gsam", "wsam", "friendly_sam", "looksam")
-CONFIGS = ("sam", "asam", "sam_group_rho", "sam_lamp_no_noise", "sam_lamp", *SAM_FAMILY)
+CONFIGS = ("sam", "asam", "sam_group_rho", "sam_lamp_no_noise", "sam_lamp", "clip_sam", *SAM_FAMILY)
+#: Run on a 2x2 mesh (HSDP: replicated over dim 0, sharded over dim 1) in the 4-rank run.
+HSDP_CONFIGS = ("sam_lamp_no_noise", "sam_lamp", "clip_sam")
 LAMP_EPS = 0.01
 
 
@@ -61,7 +65,7 @@ def _loss(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 
 def _optimizer(model: nn.Module, config: str):
-    from samgria import ASAM, GSAM, LAMP, SAM, WSAM, FriendlySAM, LookSAM, TransformingOptimizer
+    from samgria import ASAM, GSAM, LAMP, SAM, WSAM, ClipGradNorm, FriendlySAM, LookSAM, TransformingOptimizer
 
     params: object = model.parameters()
     transforms: list = [SAM(rho=0.05)]
@@ -73,6 +77,8 @@ def _optimizer(model: nn.Module, config: str):
         transforms = [SAM(rho=0.05), LAMP(eps=0.0, rollback_len=ROLLBACK_LEN)]
     elif config == "sam_lamp":
         transforms = [SAM(rho=0.05), LAMP(eps=LAMP_EPS, rollback_len=ROLLBACK_LEN, seed=SEED)]
+    elif config == "clip_sam":  # clipping by the global norm (0.05 is below it: it clips)
+        transforms = [ClipGradNorm(max_grad_norm=0.05), SAM(rho=0.05)]
     elif config in SAM_FAMILY:
         family = {"gsam": GSAM(rho=0.05, alpha=0.4), "wsam": WSAM(rho=0.05, gamma=0.8), "friendly_sam": FriendlySAM(rho=0.05), "looksam": LookSAM(rho=0.05, k=2, alpha=0.7)}
         transforms = [family[config]]
@@ -90,14 +96,17 @@ def _sam_step(optimizer, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> 
 
 
 # -- the worker (runs in a child process) ----------------------------------------------------------
-def _sharded_model() -> nn.Module:
+def _sharded_model(hsdp: bool = False) -> nn.Module:
+    """FSDP2 over all ranks, or HSDP on a 2x2 mesh (replicated over dim 0, sharded over dim 1)."""
+    from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
+    mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("replicate", "shard")) if hsdp else None
     model = _make_model()
     for layer in model:
         if isinstance(layer, nn.Linear):
-            fully_shard(layer)
-    fully_shard(model)
+            fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
     return model
 
 
@@ -105,8 +114,8 @@ def _full(model: nn.Module) -> list[torch.Tensor]:
     return [p.full_tensor().detach().clone() for p in model.parameters()]
 
 
-def _train(config: str, rank: int, world_size: int, steps: range, model=None, optimizer=None):
-    model = _sharded_model() if model is None else model
+def _train(config: str, rank: int, world_size: int, steps: range, model=None, optimizer=None, hsdp: bool = False):
+    model = _sharded_model(hsdp) if model is None else model
     optimizer = _optimizer(model, config) if optimizer is None else optimizer
     for step in steps:
         _sam_step(optimizer, model, *_local_batch(step, rank, world_size))
@@ -187,6 +196,11 @@ def _worker(out_dir: str, reshard_from: str | None) -> None:
                 results[f"{config}.resharded_lamp"] = _lamp_state(model, optimizer)
                 _train(config, rank, world_size, range(RESUME_AT, STEPS), model, optimizer)
                 results[f"{config}.resharded"] = _full(model)
+        if world_size == 4:
+            for config in HSDP_CONFIGS:
+                model, _ = _train(config, rank, world_size, range(STEPS), hsdp=True)
+                results[f"hsdp.{config}"] = _full(model)
+                results[f"hsdp.{config}.local"] = [p.to_local().detach().clone() for p in model.parameters()]
         dist.barrier()
     finally:
         dist.destroy_process_group()
@@ -258,7 +272,7 @@ def _assert_close(actual: list[torch.Tensor], expected: list[torch.Tensor]) -> N
 
 
 @pytest.mark.parametrize("world_size", [2, 4])
-@pytest.mark.parametrize("config", ["sam", "asam", "sam_group_rho", "sam_lamp_no_noise", *SAM_FAMILY])
+@pytest.mark.parametrize("config", ["sam", "asam", "sam_group_rho", "sam_lamp_no_noise", "clip_sam", *SAM_FAMILY])
 def test_sharded_weights_equal_one_process_on_the_global_batch(runs: dict, world_size: int, config: str) -> None:
     reference = _reference(config)
     for rank_results in runs[world_size]:
@@ -330,12 +344,22 @@ def test_dcp_checkpoint_of_2_ranks_loads_on_4(runs: dict, config: str) -> None:
         _assert_close(runs[4][0][f"{config}.resharded"], _reference(config))
 
 
-@pytest.mark.parametrize("world_size", [2, 4])
-def test_replicas_of_the_gathered_weights_agree(runs: dict, world_size: int) -> None:
-    for config in CONFIGS:
-        for rank_results in runs[world_size][1:]:
-            for a, b in zip(rank_results[config], runs[world_size][0][config]):
-                assert torch.equal(a, b)
+@pytest.mark.parametrize("config", ["sam_lamp_no_noise", "clip_sam"])
+def test_hsdp_weights_equal_one_process_on_the_global_batch(runs: dict, config: str) -> None:
+    """On a 2x2 mesh the norms are summed over the sharded dimension only, not the replicas."""
+    reference = _reference(config)
+    for rank_results in runs[4]:
+        _assert_close(rank_results[f"hsdp.{config}"], reference)
+
+
+@pytest.mark.parametrize("config", HSDP_CONFIGS)
+def test_hsdp_replicas_hold_identical_shards(runs: dict, config: str) -> None:
+    """Ranks r and r + 2 hold the same shard (replicated over mesh dim 0): LAMP's noise too."""
+    for rank in (0, 1):
+        first, replica = runs[4][rank][f"hsdp.{config}.local"], runs[4][rank + 2][f"hsdp.{config}.local"]
+        assert all(torch.equal(a, b) for a, b in zip(first, replica))
+    # ... and the two shards are really different halves.
+    assert not torch.equal(runs[4][0][f"hsdp.{config}.local"][0], runs[4][1][f"hsdp.{config}.local"][0])
 
 
 def test_perturbation_buffers_stay_sharded(runs: dict) -> None:

@@ -17,6 +17,8 @@ from samgria import ESAM, LAMP, SAM, NormalizeGrad, TransformingOptimizer
 from samgria.functional import global_norm
 from samgria.transforms.lamp import sharded_noise_seed
 
+PINNED_SEED = 5576177639296541329  # sharded_noise_seed(7, 2, (1,)) as released
+
 
 @pytest.fixture(scope="module")
 def one_rank_group():
@@ -93,7 +95,8 @@ def test_m_sharpness_is_refused_with_sharded_params(one_rank_group: None) -> Non
         )
 
 
-def test_global_norm_of_dtensors_equals_the_norm_of_the_whole_tensors(one_rank_group: None) -> None:
+def test_global_norm_accepts_dtensors_and_local_shards_with_like(one_rank_group: None) -> None:
+    """The API on a 1-rank mesh (the reduction across ranks is checked in test_optim_fsdp.py)."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import Shard, distribute_tensor
 
@@ -118,3 +121,25 @@ def test_sharded_noise_seed_is_a_stable_function_of_seed_draw_and_shard() -> Non
     assert all(0 <= seed < 2**63 for seed in seeds)
     assert sharded_noise_seed(7, 2, (1,)) == sharded_noise_seed(7, 2, (1,))
     assert sharded_noise_seed(7, 2, (1,)) != sharded_noise_seed(8, 2, (1,))
+    # Pinned: a resumed run draws the noise of its checkpoint's streams only if this never changes.
+    assert sharded_noise_seed(7, 2, (1,)) == PINNED_SEED
+
+
+def test_add_param_group_reads_a_generator_once_and_takes_a_single_tensor() -> None:
+    model = nn.Linear(3, 2)
+    optimizer = TransformingOptimizer([model.weight], torch.optim.SGD, lr=0.1, transforms=[SAM()])
+    optimizer.add_param_group({"params": (p for p in [model.bias])})
+    assert optimizer.param_groups[1]["params"] == [model.bias]
+    extra = nn.Parameter(torch.zeros(()))
+    optimizer.add_param_group({"params": extra})
+    assert optimizer.param_groups[2]["params"] == [extra]
+
+
+def test_m_sharpness_is_refused_when_sharded_params_are_added_later(one_rank_group: None) -> None:
+    model = _sharded(_model())
+    optimizer = TransformingOptimizer(
+        [nn.Parameter(torch.zeros(2))], torch.optim.SGD, lr=0.1, transforms=[SAM()], first_pass_context=lambda: torch.no_grad()
+    )
+    with pytest.raises(ValueError, match=re.escape("first_pass_context (m-sharpness) needs unsharded parameters")):
+        optimizer.add_param_group({"params": list(model.parameters())})
+    assert len(optimizer.param_groups) == 1

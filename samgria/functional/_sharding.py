@@ -4,9 +4,9 @@ Every samgria kernel runs on plain tensors: a ``DTensor`` enters as its local sh
 (:func:`local_shard`, a view of the same memory, so in-place updates land in the sharded
 parameter), elementwise work stays on the shard and costs no communication. What is not
 elementwise is a sum over the whole tensor -- a norm or an inner product. Its per-shard partial
-sums are added across the ranks that hold the other shards with one ``all_reduce`` per device
-mesh (:func:`reduce_partial_sums`); replicated mesh dimensions hold the same values and are not
-summed over.
+sums are added across the ranks that hold the other shards (:func:`reduce_partial_sums`: one
+``all_reduce`` of all the partial sums of one kind of sharding, per sharded mesh dimension);
+replicated mesh dimensions hold the same values and are not summed over.
 
 This is the one module that knows about ``DTensor``; without ``torch.distributed`` nothing here
 is ever sharded.
@@ -14,26 +14,39 @@ is ever sharded.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Sequence
 from typing import Any
 
 import torch
 
-try:  # torch >= 2.5 exports DTensor publicly; earlier releases keep it under _tensor
-    from torch.distributed.tensor import DTensor, Shard
-except ImportError:  # pragma: no cover - depends on the torch build
-    try:
-        from torch.distributed._tensor import DTensor, Shard  # type: ignore[no-redef]
-    except ImportError:
-        DTensor = None  # type: ignore[assignment,misc]
-        Shard = None  # type: ignore[assignment,misc]
+
+
+def _dtensor_types() -> tuple[type, type] | None:
+    """``(DTensor, Shard)``, once ``torch.distributed.tensor`` has been imported by someone.
+
+    A ``DTensor`` cannot exist before its module is imported, so until then nothing is sharded
+    and ``import samgria`` does not pay for importing it.
+    """
+    if "torch.distributed.tensor" not in sys.modules and "torch.distributed._tensor" not in sys.modules:
+        return None
+    try:  # torch >= 2.5 exports DTensor publicly; earlier releases keep it under _tensor
+        from torch.distributed.tensor import DTensor, Shard
+    except ImportError:  # pragma: no cover - depends on the torch build
+        try:
+            from torch.distributed._tensor import DTensor, Shard  # type: ignore[no-redef]
+        except ImportError:
+            return None
+    return DTensor, Shard
+
 
 __all__ = ["is_sharded", "local_shard", "shard_key", "shard_coordinates", "reduce_partial_sums"]
 
 
 def is_sharded(tensor: Any) -> bool:
     """Whether ``tensor`` is a ``DTensor`` (sharded or replicated over a device mesh)."""
-    return DTensor is not None and isinstance(tensor, DTensor)
+    types = _dtensor_types()
+    return types is not None and isinstance(tensor, types[0])
 
 
 def local_shard(tensor: torch.Tensor) -> torch.Tensor:
@@ -54,21 +67,25 @@ def shard_key(tensor: torch.Tensor) -> tuple[Any, tuple[int, ...]] | None:
             f"a DTensor with placements {tensor.placements} holds partial values; samgria needs "
             "sharded or replicated gradients and parameters (reduce the partial values first)"
         )
-    dims = tuple(dim for dim, placement in enumerate(tensor.placements) if isinstance(placement, Shard))
+    shard_type = _dtensor_types()[1]  # type: ignore[index]
+    dims = tuple(dim for dim, placement in enumerate(tensor.placements) if isinstance(placement, shard_type))
     return (tensor.device_mesh, dims) if dims else None
 
 
 def shard_coordinates(tensor: torch.Tensor) -> tuple[int, ...]:
-    """This rank's coordinates along the mesh dimensions that shard ``tensor`` (``()`` if none).
+    """Which shard of ``tensor`` this rank holds: its coordinate along each mesh dimension that
+    shards ``tensor``, and -1 along each that replicates it (``()`` for an unsharded tensor).
 
-    Ranks that hold the same shard (replicas) have the same coordinates.
+    Ranks that hold the same shard (replicas, e.g. HSDP's) get the same coordinates; tensors
+    sharded along different mesh dimensions get different ones. On a 1-D mesh (FSDP2's default)
+    this is ``(rank,)``.
     """
     key = shard_key(tensor)
     if key is None:
         return ()
     mesh, dims = key
     coordinates = mesh.get_coordinate()
-    return tuple(coordinates[dim] for dim in dims)
+    return tuple(coordinates[dim] if dim in dims else -1 for dim in range(mesh.ndim))
 
 
 def reduce_partial_sums(partial: torch.Tensor, like: Sequence[torch.Tensor]) -> torch.Tensor:

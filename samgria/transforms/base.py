@@ -423,6 +423,9 @@ class ProtocolTransform(Transform):
     ``load_state_dict()``.
     """
 
+    # A seed-protocol object typically takes p.grad.norm() per tensor: on a shard, a shard's norm.
+    supports_sharded_params = False
+
     def __init__(self, transform: GradientTransform) -> None:
         self.transform = transform
 

@@ -29,6 +29,8 @@ import re
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+import torch
+
 from samgria.functional._sharding import is_sharded
 from samgria.transforms.base import GradientTransform, ProtocolTransform, Transform
 
@@ -182,6 +184,11 @@ class Chain:
         """A user's group normalised (see :meth:`normalize_group`) and checked as it will be once
         the defaults are filled in; the group itself is not changed."""
         candidate = dict(group)
+        params = candidate.get("params")
+        if isinstance(params, torch.Tensor):  # as torch's add_param_group: one tensor, or an iterable
+            candidate["params"] = [params]
+        elif params is not None and not isinstance(params, (list, tuple, set)):
+            candidate["params"] = list(params)  # a generator is read once, here
         self.normalize_group(candidate, where)
         self.validate_group({**self.defaults, **candidate}, where)
         self.check_sharding(candidate.get("params", ()), where)
@@ -196,8 +203,9 @@ class Chain:
             if not transform.supports_sharded_params:
                 raise ValueError(
                     f"{where}: {type(transform).__name__} (slot {slot!r}) does not support sharded "
-                    "(DTensor) parameters such as FSDP2's: it would compute per-tensor norms on each "
-                    "rank's shard alone; use it on unsharded parameters (DDP)"
+                    "(DTensor) parameters such as FSDP2's: it would take per-tensor quantities of each "
+                    "rank's shard alone or keep per-rank state (Transform.supports_sharded_params); "
+                    "use it on unsharded parameters (DDP)"
                 )
 
     def fill_group(self, group: dict[str, Any]) -> None:

@@ -31,17 +31,21 @@ from samgria.transforms.param_ndim import batched, check_param_ndim, ndim_entrie
 __all__ = ["ClipGradNorm", "GradSign", "NormalizeGrad", "SparsifyGrad", "ScaleGrad", "ClampGrad"]
 
 
-def _grads_by_group(ctx: TransformContext) -> list[tuple[Mapping[str, Any], list[torch.Tensor]]]:
-    result = []
+def _grads_by_group(
+    ctx: TransformContext, *, with_sources: bool = False
+) -> list[tuple[Mapping[str, Any], list[torch.Tensor]]] | list[tuple[Mapping[str, Any], list[torch.Tensor], list[torch.Tensor]]]:
+    """Per group, the gradients as the kernels see them (local shards, complex as pairs of reals);
+    with ``with_sources``, also the gradients themselves (whose sharding a norm must follow)."""
+    result: list[Any] = []
     for group in ctx.param_groups:
-        grads = [p.grad for p in group["params"] if p.grad is not None]
-        for grad in grads:
+        sources = [p.grad for p in group["params"] if p.grad is not None]
+        for grad in sources:
             if grad.is_sparse:
                 raise RuntimeError("gradient transforms do not support sparse gradients")
         # Complex gradients as pairs of reals, as torch.optim treats complex parameters.
-        grads = [as_real(g) for g in grads]
+        grads = [as_real(g) for g in sources]
         if grads:
-            result.append((group, grads))
+            result.append((group, grads, sources) if with_sources else (group, grads))
     return result
 
 
@@ -74,8 +78,8 @@ class ClipGradNorm(Transform):
         check_real("max_grad_norm", group["max_grad_norm"], low=0.0, low_open=True)
 
     def pre_update(self, ctx: TransformContext) -> None:
-        for group, grads in _grads_by_group(ctx):
-            norm = float(global_norm(grads, foreach=ctx.foreach))
+        for group, grads, sources in _grads_by_group(ctx, with_sources=True):
+            norm = float(global_norm(grads, foreach=ctx.foreach, like=sources))
             factor = group["max_grad_norm"] / (norm + 1e-6)
             if factor < 1.0:
                 _foreach_or_loop(grads, ctx.foreach, lambda gs: torch._foreach_mul_(gs, factor), lambda g: g.mul_(factor))
