@@ -17,16 +17,25 @@ Usage::
     python benchmarks/sinusoid.py --quick                    # CI sanity check, < 60 s
     python benchmarks/sinusoid.py --algorithms maml          # full 70k-iteration protocol
     python benchmarks/sinusoid.py --iterations 10000 --algorithms maml fomaml
+    python benchmarks/sinusoid.py --plot-from benchmarks/results/sinusoid.json   # redraw, no training
 
 Prints a table of MSEs with ratios to our MAML and to the reference numbers, and (when
 matplotlib is importable) writes ``benchmarks/results/sinusoid.png`` (adapted curves for one
-held-out task) and ``benchmarks/results/sinusoid.json``.
+held-out task), ``benchmarks/results/sinusoid_steps.png`` (post-adaptation MSE against inner
+steps, one line per algorithm) and ``benchmarks/results/sinusoid.json`` (``--output`` changes the
+stem). A run of the full protocol (70 000 iterations, every algorithm, not ``--quick``) also copies
+both figures to ``docs/images/`` (``sinusoid.png``, ``sinusoid_steps.png``) for the docs'
+benchmarks page. ``--plot-from PATH.json`` trains nothing: it draws the steps figure from the
+results JSON of an earlier run, as ``<stem of PATH>_steps.png`` under ``benchmarks/results/``.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
+import math
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -51,6 +60,9 @@ EVAL_STEPS = (0, 1, 10)
 #: Algorithms whose own test-time inner loop differs from plain SGD on every parameter.
 OWN_INNER_LOOP = {"metasgd": "learned rates", "anil": "head only"}
 RESULTS = Path(__file__).resolve().parent / "results"
+#: The docs' images (tracked in git); a full-protocol run refreshes its figures there.
+DOCS_IMAGES = Path(__file__).resolve().parent.parent / "docs" / "images"
+FULL_ITERATIONS = 70_000
 
 
 def make_model(seed: int) -> nn.Sequential:
@@ -117,6 +129,57 @@ def fmt(value: float) -> str:
     return f"{value:.3f}" if value == value else "diverged"
 
 
+def plot_steps(summary: dict, path: Path) -> None:
+    """Post-adaptation MSE against inner steps, one line per row of ``summary["results"]``.
+
+    ``summary`` is the results JSON the benchmark writes. A mean that is not finite (an adaptation
+    that diverged on some task) is left out of its line, and named in the legend like a mean whose
+    95% CI is wider than itself (a few tasks' huge errors).
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8.4, 4.2))
+    all_steps: set[int] = set()
+    for label, row in summary["results"].items():
+        points = sorted((int(s), cell["mean"], cell.get("ci95")) for s, cell in row["mse"].items())
+        all_steps.update(s for s, _, _ in points)
+        finite = [(s, m, c) for s, m, c in points if m is not None and math.isfinite(m)]
+        # Diverged on some tasks: a mean that is not finite (left out), or a CI wider than the mean.
+        diverged = [s for s, m, c in points if m is None or not math.isfinite(m) or (c is not None and c >= m)]
+        if diverged:
+            label = f"{label}: some tasks diverge at {', '.join(map(str, diverged))} steps"
+        if not finite:
+            continue
+        steps, means, cis = zip(*finite)
+        # 95% CI as error bars, clipped above zero for the log axis.
+        errors = None if any(c is None for c in cis) else [[min(c, 0.999 * m) for m, c in zip(means, cis)], list(cis)]
+        ax.errorbar(steps, means, yerr=errors, marker="o", capsize=3,
+                    linestyle="--" if "(" in label else "-", label=label)  # fmt: skip
+    ax.set_yscale("log")
+    ax.set_xscale("symlog", linthresh=1.0)  # 0, 1 and 10 steps evenly spaced
+    ax.set_xticks(sorted(all_steps), [str(s) for s in sorted(all_steps)])
+    ax.set_xlabel(f"inner steps at test time (solid: SGD lr {summary.get('inner_lr', 0.01):g} on all weights; "
+                  "dashed: own inner loop)", fontsize=8)
+    ax.set_ylabel("post-adaptation MSE (held-out tasks)")
+    reference = summary.get("reference_maml") or {}
+    for s, value in reference.items():
+        ax.plot([int(s)], [value], "k*", markersize=10, label="reference MAML" if s == min(reference) else None)
+    ax.set_title(
+        f"sinusoid, K={summary.get('k')}: {summary.get('iterations')} meta-iterations, "
+        f"{summary.get('eval_tasks')} held-out tasks (95% CI)",
+        fontsize=9,
+    )
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="a few hundred iterations, < 60 s (CI)")
@@ -131,10 +194,26 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--log-every", type=int, default=None, help="print the mean meta-loss every N iterations")
     parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (1 is fastest for this tiny MLP)")
-    parser.add_argument("--output", default="sinusoid", help="file stem of the plot and JSON under benchmarks/results/")
+    parser.add_argument("--output", default=None,
+                        help="file stem of the plots and JSON under benchmarks/results/ (default sinusoid; "
+                             "with --plot-from, the JSON's stem)")  # fmt: skip
+    parser.add_argument("--plot-from", default=None, metavar="PATH.json",
+                        help="train nothing: draw the MSE-against-inner-steps figure from an earlier run's JSON")
     args = parser.parse_args(argv)
+    if args.plot_from is not None:
+        source = Path(args.plot_from)
+        summary = json.loads(source.read_text())
+        if importlib.util.find_spec("matplotlib") is None:
+            print("matplotlib not importable: no plot written")
+            return 1
+        target = RESULTS / f"{args.output or source.stem}_steps.png"
+        plot_steps(summary, target)
+        print(f"wrote {target} from {source}")
+        return 0
+    if args.output is None:
+        args.output = "sinusoid"
     if args.iterations is None:
-        args.iterations = 300 if args.quick else 70_000
+        args.iterations = 300 if args.quick else FULL_ITERATIONS
     if args.eval_tasks is None:
         args.eval_tasks = 100 if args.quick else 600
     torch.set_num_threads(args.threads)
@@ -181,8 +260,8 @@ def main(argv: list[str] | None = None) -> int:
         ref = REFERENCE["maml"]
         print(f"\nreference MAML, K=10, full protocol (independent run): MSE@1 {ref[1]:.2f}, MSE@10 {ref[10]:.2f}; "
               f"ours / reference: @1 {base['mse'][1][0] / ref[1]:.2f}, @10 {base['mse'][10][0] / ref[10]:.2f}")
-    if args.iterations < 70_000:
-        print(f"note: {args.iterations} < 70000 meta-iterations, so the reference numbers do not apply.")
+    if args.iterations < FULL_ITERATIONS:
+        print(f"note: {args.iterations} < {FULL_ITERATIONS} meta-iterations, so the reference numbers do not apply.")
 
     try:
         import matplotlib
@@ -221,13 +300,23 @@ def main(argv: list[str] | None = None) -> int:
         "iterations": args.iterations,
         "meta_batch": args.meta_batch,
         "k": args.k,
+        "inner_lr": args.inner_lr,
         "eval_tasks": args.eval_tasks,
         "reptile_inner_steps": args.reptile_inner_steps,
         "reference_maml": {str(s): v for s, v in REFERENCE["maml"].items()},
         "results": {label: as_json(run) for label, run in rows},
     }
     (RESULTS / f"{args.output}.json").write_text(json.dumps(summary, indent=2))
-    print(f"wrote {RESULTS / (args.output + '.png')} and {RESULTS / (args.output + '.json')}")
+    plot_steps(summary, RESULTS / f"{args.output}_steps.png")
+    print(f"wrote {RESULTS / (args.output + '.png')}, {RESULTS / (args.output + '_steps.png')} and "
+          f"{RESULTS / (args.output + '.json')}")
+    full = not args.quick and args.iterations == FULL_ITERATIONS and set(args.algorithms) == set(ALGORITHMS)
+    if full:
+        # A full-protocol run refreshes the figures on the docs' benchmarks page (tracked in git).
+        DOCS_IMAGES.mkdir(exist_ok=True)
+        shutil.copyfile(RESULTS / f"{args.output}.png", DOCS_IMAGES / "sinusoid.png")
+        shutil.copyfile(RESULTS / f"{args.output}_steps.png", DOCS_IMAGES / "sinusoid_steps.png")
+        print(f"copied the figures to {DOCS_IMAGES / 'sinusoid.png'} and {DOCS_IMAGES / 'sinusoid_steps.png'}")
     return 0
 
 
