@@ -276,14 +276,10 @@ class MultiStepSAM(_FinishingTransform):
                 f"{self.ascent_steps} times per step, which first_step()/second_step() cannot do: "
                 "call optimizer.step(closure), or use ascent_steps=1 in the two-call loop"
             )
-        params, grads, groups = self._collect(ctx)
-        if not params or not self.active(groups):
-            return None
-        norm = self._finite_norm(grads, ctx.foreach, ctx.grad_norm)
-        if norm is None:
-            return Perturbation([], non_finite=True)
-        if norm == 0.0:
-            return None
+        gathered = self._gather(ctx)
+        if not isinstance(gathered, tuple):
+            return gathered
+        params, grads, groups, norm = gathered
         moving = [i for i, group in enumerate(groups) if group["rho"] > 0]
         moved = [params[i] for i in moving]
         moved_groups = [groups[i] for i in moving]

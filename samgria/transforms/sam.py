@@ -170,6 +170,26 @@ class PerturbationTransform(Transform):
                 groups.append(group)
         return params, grads, groups
 
+    def _gather(
+        self, ctx: TransformContext
+    ) -> tuple[list[torch.Tensor], list[torch.Tensor], list[Mapping[str, Any]], float] | Perturbation | None:
+        """The prologue of a SAM-style perturbation: the parameters with a gradient, their
+        gradients and groups, and the global gradient norm.
+
+        Returns instead ``None`` when there is nothing to perturb (no gradient, every ``rho``
+        zero, a zero gradient) and an empty non-finite :class:`Perturbation` when the norm is
+        not finite (with the warning of :meth:`_finite_norm`).
+        """
+        params, grads, groups = self._collect(ctx)
+        if not params or not self.active(groups):
+            return None
+        norm = self._finite_norm(grads, ctx.foreach, ctx.grad_norm)
+        if norm is None:
+            return Perturbation([], non_finite=True)
+        if norm == 0.0:
+            return None
+        return params, grads, groups, norm
+
     def _finite_norm(
         self,
         directions: list[torch.Tensor],
@@ -330,12 +350,10 @@ class SAM(PerturbationTransform):
         check_real("rho", group["rho"], low=0.0)
 
     def perturb(self, ctx: TransformContext) -> Perturbation | None:
-        params, grads, groups = self._collect(ctx)
-        if not params or not self.active(groups):
-            return None
-        norm = self._finite_norm(grads, ctx.foreach, ctx.grad_norm)
-        if norm is None or norm == 0.0:
-            return None if norm == 0.0 else Perturbation([], non_finite=True)
+        gathered = self._gather(ctx)
+        if not isinstance(gathered, tuple):
+            return gathered
+        params, grads, groups, norm = gathered
         moved, directions, scales = [], [], []
         for param, grad, group in zip(params, grads, groups):
             if group["rho"] > 0:

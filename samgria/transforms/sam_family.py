@@ -210,14 +210,10 @@ class _FinishingTransform(PerturbationTransform):
         self, ctx: TransformContext, finish: Callable[[dict[int, torch.Tensor], bool], None]
     ) -> Perturbation | None:
         """SAM's perturbation; ``finish(first, checked)`` gets the first gradients by ``id(param)``."""
-        params, grads, groups = self._collect(ctx)
-        if not params or not self.active(groups):
-            return None
-        norm = self._finite_norm(grads, ctx.foreach, ctx.grad_norm)
-        if norm is None:
-            return Perturbation([], non_finite=True)
-        if norm == 0.0:  # g = 0: g_p = g, nothing to combine
-            return None
+        gathered = self._gather(ctx)  # None also for g = 0: g_p = g, nothing to combine
+        if not isinstance(gathered, tuple):
+            return gathered
+        params, grads, groups, norm = gathered
         first = {id(p): g for p, g in zip(params, grads)}
         moves = self._sam_moves(ctx, params, grads, groups, norm)
         return _Step(moves, lambda checked: finish(first, checked))
@@ -674,14 +670,10 @@ class ESAM(_FinishingTransform):
         return None if self.seed is None else _GeneratorCache(ctx, self.seed)
 
     def perturb(self, ctx: TransformContext) -> Perturbation | None:
-        params, grads, groups = self._collect(ctx)
-        if not params or not self.active(groups):
-            return None
-        norm = self._finite_norm(grads, ctx.foreach, ctx.grad_norm)
-        if norm is None:
-            return Perturbation([], non_finite=True)
-        if norm == 0.0:
-            return None
+        gathered = self._gather(ctx)
+        if not isinstance(gathered, tuple):
+            return gathered
+        params, grads, groups, norm = gathered
         generators = self._generators(ctx)
         moving = [i for i, group in enumerate(groups) if group["rho"] > 0]
         directions = [as_real(grads[i]) for i in moving]  # consumed by the move
