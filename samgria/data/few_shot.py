@@ -4,18 +4,17 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Sequence
-from typing import Any
 
 import torch
 
 from samgria.data._validation import check_int, make_generator
 from samgria.data.sharding import shard_bounds
-from samgria.data.task import Task, generator_state_dict, load_generator_state_dict
+from samgria.data.task import GeneratorStateMixin, Task
 
 __all__ = ["FewShotSampler"]
 
 
-class FewShotSampler:
+class FewShotSampler(GeneratorStateMixin):
     r"""Sample N-way K-shot classification tasks from a labelled tensor data set.
 
     A task draws ``n_way`` distinct classes uniformly at random, then ``k_shot + k_query``
@@ -197,19 +196,6 @@ class FewShotSampler:
         start, stop = shard_bounds(n, rank, world_size)
         draws = [self._draw_task() for _ in range(n)]
         return [self._task(draw) for draw in draws[start:stop]]
-
-    def state_dict(self) -> dict[str, Any]:
-        """``{"generator": state}`` of the sampler's generator (``None`` with torch's global one)."""
-        return generator_state_dict(self.generator)
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Continue the random stream from a :meth:`state_dict`.
-
-        Raises:
-            TypeError: ``state`` is not such a dict.
-            ValueError: ``state`` and this sampler disagree on having a generator of their own.
-        """
-        load_generator_state_dict(self.generator, state, type(self).__name__)
 
     def __repr__(self) -> str:
         return (

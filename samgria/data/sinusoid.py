@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import math
-from typing import Any
 
 import torch
 
 from samgria.data._validation import check_int, check_range, make_generator
 from samgria.data.sharding import shard_bounds
-from samgria.data.task import Task, generator_state_dict, load_generator_state_dict
+from samgria.data.task import GeneratorStateMixin, Task
 
 __all__ = ["SinusoidTaskSampler", "sinusoid"]
 
@@ -28,7 +27,7 @@ def sinusoid(x: torch.Tensor, amplitude: float | torch.Tensor, phase: float | to
     return amplitude * torch.sin(x - phase)
 
 
-class SinusoidTaskSampler:
+class SinusoidTaskSampler(GeneratorStateMixin):
     r"""Sample few-shot sinusoid regression tasks, the MAML benchmark.
 
     Each task is a sine wave :math:`y = A \sin(x - \varphi)` with
@@ -138,19 +137,6 @@ class SinusoidTaskSampler:
         start, stop = shard_bounds(n, rank, world_size)
         amplitudes, phases, x = self._draw(n)
         return self._tasks(amplitudes[start:stop], phases[start:stop], x[start:stop])
-
-    def state_dict(self) -> dict[str, Any]:
-        """``{"generator": state}`` of the sampler's generator (``None`` with torch's global one)."""
-        return generator_state_dict(self.generator)
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Continue the random stream from a :meth:`state_dict`.
-
-        Raises:
-            TypeError: ``state`` is not such a dict.
-            ValueError: ``state`` and this sampler disagree on having a generator of their own.
-        """
-        load_generator_state_dict(self.generator, state, type(self).__name__)
 
     def sample(self, n: int) -> list[Task]:
         """Return ``n`` freshly sampled sinusoid tasks (``n >= 0``)."""

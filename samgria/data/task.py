@@ -10,6 +10,7 @@ import torch
 __all__ = [
     "Task",
     "TaskSampler",
+    "GeneratorStateMixin",
     "generator_state_dict",
     "load_generator_state_dict",
     "load_sampler_state_dict",
@@ -87,6 +88,25 @@ def load_generator_state_dict(generator: torch.Generator | None, state: Any, own
         )
     if generator is not None:
         generator.set_state(saved)
+
+
+class GeneratorStateMixin:
+    """``state_dict``/``load_state_dict`` of a sampler whose randomness is its ``generator``."""
+
+    generator: torch.Generator | None
+
+    def state_dict(self) -> dict[str, Any]:
+        """``{"generator": state}`` of the sampler's generator (``None`` with torch's global one)."""
+        return generator_state_dict(self.generator)
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue the random stream from a :meth:`state_dict`.
+
+        Raises:
+            TypeError: ``state`` is not such a dict.
+            ValueError: ``state`` and this sampler disagree on having a generator of their own.
+        """
+        load_generator_state_dict(self.generator, state, type(self).__name__)
 
 
 def sampler_state_dict(sampler: Any) -> Any:
