@@ -22,12 +22,21 @@ import torch
 
 
 
+#: ``(DTensor, Shard)`` once found (see :func:`_dtensor_types`).
+_TYPES: tuple[type, type] | None = None
+#: Plain tensors: never sharded (checked first: the common case costs one ``type`` lookup).
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
+
+
 def _dtensor_types() -> tuple[type, type] | None:
     """``(DTensor, Shard)``, once ``torch.distributed.tensor`` has been imported by someone.
 
     A ``DTensor`` cannot exist before its module is imported, so until then nothing is sharded
     and ``import samgria`` does not pay for importing it.
     """
+    global _TYPES
+    if _TYPES is not None:
+        return _TYPES
     if "torch.distributed.tensor" not in sys.modules and "torch.distributed._tensor" not in sys.modules:
         return None
     try:  # torch >= 2.5 exports DTensor publicly; earlier releases keep it under _tensor
@@ -37,7 +46,8 @@ def _dtensor_types() -> tuple[type, type] | None:
             from torch.distributed._tensor import DTensor, Shard  # type: ignore[no-redef]
         except ImportError:
             return None
-    return DTensor, Shard
+    _TYPES = (DTensor, Shard)
+    return _TYPES
 
 
 __all__ = ["is_sharded", "local_shard", "shard_key", "shard_coordinates", "reduce_partial_sums"]
@@ -45,6 +55,8 @@ __all__ = ["is_sharded", "local_shard", "shard_key", "shard_coordinates", "reduc
 
 def is_sharded(tensor: Any) -> bool:
     """Whether ``tensor`` is a ``DTensor`` (sharded or replicated over a device mesh)."""
+    if type(tensor) in _PLAIN:
+        return False
     types = _dtensor_types()
     return types is not None and isinstance(tensor, types[0])
 
