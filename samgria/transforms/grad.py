@@ -31,12 +31,10 @@ from samgria.transforms.param_ndim import batched, check_param_ndim, ndim_entrie
 __all__ = ["ClipGradNorm", "GradSign", "NormalizeGrad", "SparsifyGrad", "ScaleGrad", "ClampGrad"]
 
 
-def _grads_by_group(
-    ctx: TransformContext, *, with_sources: bool = False
-) -> list[tuple[Mapping[str, Any], list[torch.Tensor]]] | list[tuple[Mapping[str, Any], list[torch.Tensor], list[torch.Tensor]]]:
-    """Per group, the gradients as the kernels see them (local shards, complex as pairs of reals);
-    with ``with_sources``, also the gradients themselves (whose sharding a norm must follow)."""
-    result: list[Any] = []
+def _grads_by_group(ctx: TransformContext) -> list[tuple[Mapping[str, Any], list[torch.Tensor], list[torch.Tensor]]]:
+    """Per group with gradients: the group, the gradients as the kernels see them (local shards,
+    complex as pairs of reals) and the gradients themselves (whose sharding a norm follows)."""
+    result = []
     for group in ctx.param_groups:
         sources = [p.grad for p in group["params"] if p.grad is not None]
         for grad in sources:
@@ -45,7 +43,7 @@ def _grads_by_group(
         # Complex gradients as pairs of reals, as torch.optim treats complex parameters.
         grads = [as_real(g) for g in sources]
         if grads:
-            result.append((group, grads, sources) if with_sources else (group, grads))
+            result.append((group, grads, sources))
     return result
 
 
@@ -78,7 +76,7 @@ class ClipGradNorm(Transform):
         check_real("max_grad_norm", group["max_grad_norm"], low=0.0, low_open=True)
 
     def pre_update(self, ctx: TransformContext) -> None:
-        for group, grads, sources in _grads_by_group(ctx, with_sources=True):
+        for group, grads, sources in _grads_by_group(ctx):
             norm = float(global_norm(grads, foreach=ctx.foreach, like=sources))
             factor = group["max_grad_norm"] / (norm + 1e-6)
             if factor < 1.0:
@@ -89,7 +87,7 @@ class GradSign(Transform):
     r"""Replace every gradient by its sign: :math:`g \leftarrow \operatorname{sign}(g)` (signSGD)."""
 
     def pre_update(self, ctx: TransformContext) -> None:
-        for _, grads in _grads_by_group(ctx):
+        for _, grads, _ in _grads_by_group(ctx):
             _foreach_or_loop(grads, ctx.foreach, torch._foreach_sign_, lambda g: g.sign_())
 
 
@@ -137,7 +135,7 @@ class NormalizeGrad(Transform):
         entries = ndim_entries(ctx)  # checks every group's param_ndim before any change
         whole_l2 = [id(g) for g in ctx.param_groups if g["param_ndim"] is None and float(g["p"]) == 2.0]
         # The whole gradient's L2 norm (the default): torch._foreach_norm on the fast path.
-        for group, grads in _grads_by_group(ctx):
+        for group, grads, _ in _grads_by_group(ctx):
             if id(group) not in whole_l2:
                 continue
             eps = group["eps"]
@@ -238,7 +236,7 @@ class ScaleGrad(Transform):
         check_real("grad_bias", group["grad_bias"])
 
     def pre_update(self, ctx: TransformContext) -> None:
-        for group, grads in _grads_by_group(ctx):
+        for group, grads, _ in _grads_by_group(ctx):
             scale, bias = group["grad_scale"], group["grad_bias"]
 
             def fast(gs: list[torch.Tensor]) -> None:
@@ -267,7 +265,7 @@ class ClampGrad(Transform):
         check_real("grad_max", group["grad_max"], low=low, low_name="grad_min")
 
     def pre_update(self, ctx: TransformContext) -> None:
-        for group, grads in _grads_by_group(ctx):
+        for group, grads, _ in _grads_by_group(ctx):
             low, high = group["grad_min"], group["grad_max"]
 
             def fast(gs: list[torch.Tensor]) -> None:
