@@ -2,9 +2,13 @@
 
 Every path runs the same math on its own copy of the same initial model. Paths are timed
 interleaved (each round times every path in turn, in a rotating order) and the median per path
-is reported, as a ratio to a hand-written per-task loop measured in the same run: a Python loop
-over tasks with ``torch.autograd.grad(create_graph=True)`` and ``torch.func.functional_call``,
-as published meta-learning libraries do it, all tasks back-propagated together at the end.
+is reported, with its ratio to a hand-written per-task loop measured in the same run: a Python
+loop over tasks with ``torch.autograd.grad(create_graph=True)`` and
+``torch.func.functional_call``, as published meta-learning libraries do it, all tasks
+back-propagated together at the end. For the few-shot workloads the ratio is the median over
+rounds of the row's time divided by the hand loop's in the same round (load from other
+processes hits both alike), over at least ``--rounds-few-shot`` rounds and as many more as fit in
+``--seconds-few-shot`` (60 s per workload; at most 30 rounds).
 Before timing, every path's meta-gradient at the shared initial weights is compared with the
 hand-written loop's (``max|dgrad|``).
 
@@ -230,20 +234,40 @@ def clock_for(threads: int) -> tuple[Callable[[], float], str]:
     return (time.process_time, "CPU") if threads == 1 else (time.perf_counter, "wall")
 
 
-def time_paths(paths: dict[str, Any], pool: list[list[Task]], rounds: int, iters: int,
-               clock: Callable[[], float] = time.perf_counter) -> dict[str, float]:  # fmt: skip
-    """Median over ``rounds`` of the mean seconds per iteration; paths interleaved, order rotating."""
+def time_rounds(paths: dict[str, Any], pool: list[list[Task]], rounds: int, iters: int,
+                clock: Callable[[], float] = time.perf_counter, budget_s: float = 0.0,
+                max_rounds: int | None = None) -> dict[str, list[float]]:  # fmt: skip
+    """Mean seconds per iteration of every path, per round; paths interleaved, order rotating.
+
+    Runs ``rounds`` rounds, then more while less than ``budget_s`` wall seconds have passed (up
+    to ``max_rounds``), so that cheap workloads get enough rounds for a stable median.
+    """
     times: dict[str, list[float]] = {name: [] for name in paths}
     names = list(paths)
-    it = 0
-    for r in range(rounds):
+    it, started, r = 0, time.perf_counter(), 0
+    while r < rounds or (time.perf_counter() - started < budget_s and (max_rounds is None or r < max_rounds)):
         for name in names[r % len(names):] + names[: r % len(names)]:
             start = clock()
             for j in range(iters):
                 paths[name].iteration(pool[(it + j) % len(pool)])
             times[name].append((clock() - start) / iters)
         it += iters
-    return {name: statistics.median(v) for name, v in times.items()}
+        r += 1
+    return times
+
+
+def time_paths(paths: dict[str, Any], pool: list[list[Task]], rounds: int, iters: int,
+               clock: Callable[[], float] = time.perf_counter) -> dict[str, float]:  # fmt: skip
+    """Median over ``rounds`` of the mean seconds per iteration; paths interleaved, order rotating."""
+    return {name: statistics.median(v) for name, v in time_rounds(paths, pool, rounds, iters, clock).items()}
+
+
+def paired_ratios(times: dict[str, list[float]], baseline: str) -> dict[str, float]:
+    """Median over rounds of each path's time / the baseline's time in the same round (load from
+    other processes during a round hits numerator and denominator alike)."""
+    return {
+        name: statistics.median(t / b for t, b in zip(values, times[baseline])) for name, values in times.items()
+    }
 
 
 def warm_up(paths: dict[str, Any], pool: list[list[Task]], steps: dict[str, int]) -> None:
@@ -498,6 +522,7 @@ KINDS = {
     "vmap": ("trainer vectorize=True", True),
     "auto": ("trainer vectorize=None", None),
 }
+MAX_ROUNDS = 30  # few-shot timing rounds at most (cheap workloads stop here, within the time budget)
 AUTO_TRIALS = 4  # the measured default times 2 meta-steps on each path, then keeps the faster
 WARMUP = {"auto": AUTO_TRIALS + 1}  # the others warm up with one meta-step
 
@@ -582,7 +607,7 @@ def few_shot_memory(setup: FewShotSetup, kinds: list[str], steps: int, jobs: int
     return rows
 
 
-def run_few_shot(setup: FewShotSetup, rounds: int, memory_steps: int, jobs: int, retain: bool,
+def run_few_shot(setup: FewShotSetup, rounds: int, budget_s: float, memory_steps: int, jobs: int, retain: bool,
                  clock: Callable[[], float]) -> dict[str, Any]:  # fmt: skip
     kinds, blocker = setup.kinds()
     pool = setup.task_pool()
@@ -591,8 +616,10 @@ def run_few_shot(setup: FewShotSetup, rounds: int, memory_steps: int, jobs: int,
     paths = {kind: setup.path(kind, setup.model()) for kind in kinds}
     progress(f"{setup.workload}: warm-up")
     warm_up(paths, pool[1:], WARMUP)
-    progress(f"{setup.workload}: timing {rounds} rounds")
-    seconds = time_paths(paths, pool, rounds, iters=1, clock=clock)
+    progress(f"{setup.workload}: timing at least {rounds} rounds, up to {budget_s:.0f} s")
+    per_round = time_rounds(paths, pool, rounds, iters=1, clock=clock, budget_s=budget_s, max_rounds=MAX_ROUNDS)
+    seconds = {kind: statistics.median(values) for kind, values in per_round.items()}
+    rounds = len(per_round["hand"])
     auto: TrainerPath = paths["auto"]
     memory = {}
     if memory_steps > 0:
@@ -604,7 +631,8 @@ def run_few_shot(setup: FewShotSetup, rounds: int, memory_steps: int, jobs: int,
         "title": WORKLOADS[setup.workload].title,
         "vmap_blocker": blocker,
         "seconds": seconds,
-        "time_ratio": {k: s / seconds["hand"] for k, s in seconds.items()},
+        "time_ratio": paired_ratios(per_round, "hand"),
+        "seconds_per_round": per_round,
         "max_abs_grad_diff_vs_hand_loop": diffs,
         "memory": memory,
         "memory_ratio": {k: m["extra_mib"] / max(memory["hand"]["extra_mib"], 1e-9) for k, m in memory.items()},
@@ -656,7 +684,7 @@ def print_few_shot(result: dict[str, Any], threads: int, clock_name: str) -> Non
               f"{result['auto_path']}")  # fmt: skip
     print(
         f"one process: all rows interleaved in this process, {clock_name} seconds, median of {result['rounds']} "
-        f"rounds; ratios to the hand loop"
+        f"rounds; ratio: median over rounds of the row's time / the hand loop's in the same round"
     )
     if memory:
         trials_note = f", {AUTO_TRIALS} trial steps of both paths included in its peak" if trials else ""
@@ -713,7 +741,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--iters", type=int, default=None, help="sinusoid iterations per path per round (3 / 10)")
     parser.add_argument("--compile", dest="compile", action="store_true", default=None, help="time the compiled path")
     parser.add_argument("--no-compile", dest="compile", action="store_false", help="skip the compiled path")
-    parser.add_argument("--rounds-few-shot", type=int, default=None, help="few-shot rounds of 1 iteration (1 / 3)")
+    parser.add_argument("--rounds-few-shot", type=int, default=None, help="few-shot rounds of 1 iteration, at least (1 / 3)")
+    parser.add_argument("--seconds-few-shot", type=float, default=None,
+                        help="few-shot: more rounds while under this many seconds per workload (0 quick / 60)")
     parser.add_argument("--meta-batch", type=int, default=None, help="few-shot meta-batch (default 4 quick / 32)")
     parser.add_argument("--channels", type=int, default=None, help="conv4 width (default 8 quick / 64)")
     parser.add_argument("--memory-steps", type=int, default=None,
@@ -743,6 +773,7 @@ def main(argv: list[str] | None = None) -> None:
     if "sinusoid" in args.workloads:
         results["sinusoid"] = run_sinusoid(args)
     rounds = args.rounds_few_shot or (1 if args.quick else 3)
+    budget_s = args.seconds_few_shot if args.seconds_few_shot is not None else (0.0 if args.quick else 60.0)
     memory_steps = 6 if args.memory_steps is None else args.memory_steps
     jobs = args.jobs or (2 if args.quick else 1)
     for name in (w for w in args.workloads if w in WORKLOADS):
@@ -751,7 +782,9 @@ def main(argv: list[str] | None = None) -> None:
         )
         # --quick: own processes (a few seconds each to start) only for conv4, which has every kind of row.
         steps = 0 if args.quick and args.memory_steps is None and name != "conv4" else memory_steps
-        results["few_shot"][name] = run_few_shot(setup, rounds, steps, jobs, args.retain_freed_memory, clock)
+        results["few_shot"][name] = run_few_shot(
+            setup, rounds, budget_s, steps, jobs, args.retain_freed_memory, clock
+        )
         print_few_shot(results["few_shot"][name], args.threads, clock_name)
     results["load_average"] = [load_before, load_average()]
     malloc = "glibc malloc keeping freed memory" if retained else "default malloc settings"
