@@ -47,7 +47,9 @@ _SCALER_WITH_CLOSURE_MESSAGE = (
     "and would unscale gradients the closure has not computed yet, so the step would apply scaled "
     "gradients. Use the two-call loop: scaler.scale(loss).backward(); optimizer.first_step(); "
     "scaler.scale(loss).backward(); scaler.step(optimizer); scaler.update() (accelerate's fp16: "
-    "samgria.integrations.accelerate.SAMAccelerator, whose step(closure) does this)"
+    "samgria.integrations.accelerate.SAMAccelerator, or with an Accelerator you keep, optimizer = "
+    "samgria.integrations.accelerate.sam_accelerated(accelerator.prepare(optimizer)); their "
+    "step(closure) does this)"
 )
 
 

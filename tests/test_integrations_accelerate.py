@@ -1,7 +1,8 @@
 """Hugging Face accelerate: SAM through prepared optimizers, and what is refused before it changes weights.
 
 ``SAMAccelerator`` gives prepared samgria optimizers the two-call loop and ``step(closure)`` under
-a loss scaler; every run is checked against a hand-written SAM loop on the same batches (float64;
+a loss scaler, and so does ``sam_accelerated`` on what the stock ``Accelerator`` prepared (the
+tests marked ``route`` run both); every run is checked against a hand-written SAM loop on the same batches (float64;
 float32 with a power-of-two loss scale, which scales and unscales exactly). accelerate has no fp16
 on the CPU, so the scaler that ``mixed_precision="fp16"`` creates on a GPU is set by hand.
 """
@@ -20,14 +21,18 @@ from torch.nn import functional as F
 if not os.environ.get("SAMGRIA_REQUIRE_INTEGRATIONS"):
     pytest.importorskip("accelerate", reason="pip install 'samgria[integrations]'")
 from accelerate import Accelerator  # noqa: E402
+from accelerate.optimizer import AcceleratedOptimizer  # noqa: E402
 from accelerate.state import AcceleratorState, GradientState  # noqa: E402
 from accelerate.utils import DistributedType  # noqa: E402
 
-from samgria import sam_optimizer  # noqa: E402
-from samgria.integrations.accelerate import SAMAccelerator, SAMAcceleratedOptimizer  # noqa: E402
+from samgria import ClipGradNorm, TransformingOptimizer, sam_optimizer  # noqa: E402
+from samgria.integrations.accelerate import SAMAccelerator, SAMAcceleratedOptimizer, sam_accelerated  # noqa: E402
 
 LR, RHO = 0.1, 0.05
 SCALE = 2.0**10
+#: The two ways to a SAMAcceleratedOptimizer: SAMAccelerator's prepare, or the stock Accelerator's
+#: prepare and then sam_accelerated on the optimizer it returned.
+ROUTES = ["SAMAccelerator", "sam_accelerated"]
 
 
 @pytest.fixture(autouse=True)
@@ -79,6 +84,20 @@ def with_loss_scaler(accelerator: Accelerator) -> torch.amp.GradScaler:
     return accelerator.scaler
 
 
+def make_accelerator(route: str, **kwargs) -> Accelerator:
+    return (SAMAccelerator if route == "SAMAccelerator" else Accelerator)(cpu=True, **kwargs)
+
+
+def prepare(route: str, accelerator: Accelerator, *objects):
+    """``accelerator.prepare(*objects)``; on the stock route, then ``sam_accelerated`` on the optimizer."""
+    prepared = list(accelerator.prepare(*objects))
+    if route == "sam_accelerated":
+        assert not any(isinstance(obj, SAMAcceleratedOptimizer) for obj in prepared)
+        prepared = [sam_accelerated(obj) if isinstance(obj, AcceleratedOptimizer) else obj for obj in prepared]
+    assert sum(isinstance(obj, SAMAcceleratedOptimizer) for obj in prepared) == 1
+    return prepared
+
+
 def two_call_step(accelerator, model, optimizer, x, y) -> None:
     accelerator.backward(F.mse_loss(model(x), y))
     optimizer.first_step(zero_grad=True)
@@ -103,11 +122,12 @@ def test_step_closure_through_accelerates_own_prepared_optimizer() -> None:
     assert_weights(model, reference(data), rtol=1e-12, atol=1e-14)
 
 
-def test_two_call_loop_on_the_prepared_optimizer_with_a_prepared_scheduler() -> None:
-    accelerator = SAMAccelerator(cpu=True)
+@pytest.mark.parametrize("route", ROUTES)
+def test_two_call_loop_on_the_prepared_optimizer_with_a_prepared_scheduler(route: str) -> None:
+    accelerator = make_accelerator(route)
     model, optimizer = model_and_optimizer()
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=1.0)
-    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    model, optimizer, scheduler = prepare(route, accelerator, model, optimizer, scheduler)
     assert isinstance(optimizer, SAMAcceleratedOptimizer)
     data = batches()
     for x, y in data:
@@ -118,9 +138,10 @@ def test_two_call_loop_on_the_prepared_optimizer_with_a_prepared_scheduler() -> 
     assert_weights(model, reference(data), rtol=1e-12, atol=1e-14)
 
 
-def test_step_closure_returns_the_first_loss() -> None:
-    accelerator = SAMAccelerator(cpu=True)
-    model, optimizer = accelerator.prepare(*model_and_optimizer())
+@pytest.mark.parametrize("route", ROUTES)
+def test_step_closure_returns_the_first_loss(route: str) -> None:
+    accelerator = make_accelerator(route)
+    model, optimizer = prepare(route, accelerator, *model_and_optimizer())
     data = batches()
     for x, y in data:
 
@@ -136,10 +157,11 @@ def test_step_closure_returns_the_first_loss() -> None:
     assert_weights(model, reference(data), rtol=1e-12, atol=1e-14)
 
 
-def test_micro_batches_in_both_passes_equal_sam_on_the_whole_batch() -> None:
+@pytest.mark.parametrize("route", ROUTES)
+def test_micro_batches_in_both_passes_equal_sam_on_the_whole_batch(route: str) -> None:
     """The accumulation accelerate's accumulate() cannot do: both passes over every micro-batch."""
-    accelerator = SAMAccelerator(cpu=True)
-    model, optimizer = accelerator.prepare(*model_and_optimizer())
+    accelerator = make_accelerator(route)
+    model, optimizer = prepare(route, accelerator, *model_and_optimizer())
     data = batches()
     for x, y in data:
         chunks = list(zip(x.chunk(2), y.chunk(2)))
@@ -154,15 +176,80 @@ def test_micro_batches_in_both_passes_equal_sam_on_the_whole_batch() -> None:
     assert_weights(model, reference(data), rtol=1e-12, atol=1e-14)
 
 
-@pytest.mark.parametrize("route", ["two-call", "closure"])
-def test_loss_scaler_equals_sam_and_an_overflow_skips_the_step(route: str) -> None:
-    accelerator = SAMAccelerator(cpu=True)
+def test_sam_accelerated_two_call_loop_equals_step_closure_of_the_unprepared_optimizer_bit_for_bit() -> None:
+    accelerator = Accelerator(cpu=True)
+    model, optimizer = accelerator.prepare(*model_and_optimizer())
+    assert type(optimizer) is AcceleratedOptimizer and not hasattr(optimizer, "first_step")
+    prepared = optimizer
+    optimizer = sam_accelerated(optimizer)
+    assert optimizer is prepared and isinstance(optimizer, SAMAcceleratedOptimizer)
+    assert accelerator._optimizers == [optimizer] and accelerator._optimizers[0] is optimizer
+    plain_model, plain_optimizer = model_and_optimizer()
+    for x, y in batches():
+        two_call_step(accelerator, model, optimizer, x, y)
+
+        def closure():
+            plain_optimizer.zero_grad()
+            loss = F.mse_loss(plain_model(x), y)
+            loss.backward()
+            return loss
+
+        plain_optimizer.step(closure)
+        assert all(torch.equal(p, q) for p, q in zip(model.parameters(), plain_model.parameters()))
+    assert not optimizer.step_was_skipped
+
+
+def test_sam_accelerated_is_idempotent_and_leaves_sam_accelerators_optimizer_as_it_is() -> None:
+    optimizer = sam_accelerated(Accelerator(cpu=True).prepare(model_and_optimizer()[1]))
+    state = dict(optimizer.__dict__)
+    assert sam_accelerated(optimizer) is optimizer and sam_accelerated(sam_accelerated(optimizer)) is optimizer
+    assert type(optimizer) is SAMAcceleratedOptimizer and optimizer.__dict__ == state
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    prepared = SAMAccelerator(cpu=True).prepare(model_and_optimizer()[1])
+    assert sam_accelerated(prepared) is prepared and type(prepared) is SAMAcceleratedOptimizer
+
+
+def test_sam_accelerated_refuses_what_has_no_two_call_loop() -> None:
+    accelerator = Accelerator(cpu=True)
+    model, sam = model_and_optimizer()
+    with pytest.raises(TypeError, match=r"^sam_accelerated\(prepared_optimizer\) takes the accelerate\.optimizer\.AcceleratedOptimizer that Accelerator\.prepare returns, got samgria\.optim\.TransformingOptimizer: prepare it first, sam_accelerated\(accelerator\.prepare\(optimizer\)\)$"):
+        sam_accelerated(sam)
+    with pytest.raises(TypeError, match=r"^sam_accelerated\(prepared_optimizer\) takes .*, got torch\.optim\.sgd\.SGD$"):
+        sam_accelerated(torch.optim.SGD(model.parameters(), lr=LR))
+    with pytest.raises(TypeError, match=r"got builtins\.NoneType$"):
+        sam_accelerated(None)
+
+    from accelerate.utils.deepspeed import DeepSpeedOptimizerWrapper
+
+    with pytest.raises(TypeError, match=r"^sam_accelerated\(prepared_optimizer\) takes accelerate's AcceleratedOptimizer itself, got its subclass accelerate\.utils\.deepspeed\.DeepSpeedOptimizerWrapper: under DeepSpeed the engine runs the optimizer step itself"):
+        sam_accelerated(DeepSpeedOptimizerWrapper(sam))
+
+    class OwnWrapper(AcceleratedOptimizer):
+        pass
+
+    with pytest.raises(TypeError, match=r"got its subclass .*OwnWrapper: its methods would be replaced; subclass SAMAcceleratedOptimizer instead$"):
+        sam_accelerated(OwnWrapper(sam, device_placement=False))
+
+    plain = accelerator.prepare(torch.optim.SGD(model.parameters(), lr=LR))
+    with pytest.raises(ValueError, match=r"^sam_accelerated\(prepared_optimizer\) needs a prepared samgria optimizer, got an AcceleratedOptimizer around torch\.optim\.sgd\.SGD"):
+        sam_accelerated(plain)
+    clipping = accelerator.prepare(TransformingOptimizer(model.parameters(), torch.optim.SGD, transforms=[ClipGradNorm(1.0)], lr=LR))
+    with pytest.raises(ValueError, match=r"^sam_accelerated\(prepared_optimizer\) needs a samgria optimizer whose chain re-evaluates the loss \(SAM, ASAM\), got .*\[ClipGradNorm\]: there is no second pass"):
+        sam_accelerated(clipping)
+    assert type(plain) is AcceleratedOptimizer and type(clipping) is AcceleratedOptimizer
+
+
+@pytest.mark.parametrize("loop", ["two-call", "closure"])
+@pytest.mark.parametrize("route", ROUTES)
+def test_loss_scaler_equals_sam_and_an_overflow_skips_the_step(route: str, loop: str) -> None:
+    accelerator = make_accelerator(route)
     scaler = with_loss_scaler(accelerator)
-    model, optimizer = accelerator.prepare(*model_and_optimizer(torch.float32))
+    model, optimizer = prepare(route, accelerator, *model_and_optimizer(torch.float32))
     data = batches(torch.float32)
 
     def step(x, y):
-        if route == "two-call":
+        if loop == "two-call":
             two_call_step(accelerator, model, optimizer, x, y)
             return
 
@@ -213,15 +300,20 @@ def test_a_scaler_driving_step_closure_is_refused_before_anything_changes() -> N
         accelerator.backward(loss)
         return loss
 
-    with pytest.raises(RuntimeError, match=r"^torch\.amp\.GradScaler\.step\(optimizer, closure\) cannot drive step\(closure\).*SAMAccelerator"):
+    with pytest.raises(
+        RuntimeError,
+        match=r"^torch\.amp\.GradScaler\.step\(optimizer, closure\) cannot drive step\(closure\).*SAMAccelerator.*"
+        r"optimizer = samgria\.integrations\.accelerate\.sam_accelerated\(accelerator\.prepare\(optimizer\)\)",
+    ):
         optimizer.step(closure)
     assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
     assert not hasattr(optimizer.optimizer, "found_inf") and not hasattr(optimizer.optimizer, "grad_scale")
 
 
-def test_accumulate_is_refused_on_a_micro_batch_that_does_not_step() -> None:
-    accelerator = SAMAccelerator(cpu=True, gradient_accumulation_steps=2)
-    model, optimizer = accelerator.prepare(*model_and_optimizer())
+@pytest.mark.parametrize("route", ROUTES)
+def test_accumulate_is_refused_on_a_micro_batch_that_does_not_step(route: str) -> None:
+    accelerator = make_accelerator(route, gradient_accumulation_steps=2)
+    model, optimizer = prepare(route, accelerator, *model_and_optimizer())
     x, y = batches()[0]
     before = [p.detach().clone() for p in model.parameters()]
     with accelerator.accumulate(model):

@@ -2,11 +2,16 @@
 
 ``accelerate.Accelerator().prepare(optimizer)`` wraps a samgria optimizer in an
 ``AcceleratedOptimizer``: ``step(closure)`` works through it (without a loss scaler), but it has
-no ``first_step`` / ``second_step``, and under ``mixed_precision="fp16"`` its
-``step(closure)`` hands the closure to ``GradScaler.step``, which cannot scale and unscale the
-passes the closure runs (the optimizer refuses that before anything changes).
-:class:`SAMAccelerator` is an ``Accelerator`` whose ``prepare`` returns a
-:class:`SAMAcceleratedOptimizer` for every samgria optimizer, which adds both.
+no ``first_step`` / ``second_step`` (calling them raises accelerate's ``AttributeError``), and
+under ``mixed_precision="fp16"`` its ``step(closure)`` hands the closure to ``GradScaler.step``,
+which cannot scale and unscale the passes the closure runs (the optimizer refuses that before
+anything changes). A :class:`SAMAcceleratedOptimizer` adds both. Two ways to get one:
+
+* :class:`SAMAccelerator`, an ``Accelerator`` whose ``prepare`` returns one for every samgria
+  optimizer;
+* :func:`sam_accelerated`, for an optimizer prepared by an ``Accelerator`` you cannot replace (your
+  own subclass, or one another library builds):
+  ``optimizer = sam_accelerated(accelerator.prepare(optimizer))``.
 """
 
 from __future__ import annotations
@@ -27,14 +32,15 @@ except ImportError as _error:  # importable and documented without accelerate; u
     Accelerator = AcceleratedOptimizer = missing_base("accelerate", _error)  # type: ignore[misc]
     DistributedType = None  # type: ignore[assignment,misc]
 
-__all__ = ["SAMAccelerator", "SAMAcceleratedOptimizer"]
+__all__ = ["SAMAccelerator", "SAMAcceleratedOptimizer", "sam_accelerated"]
 
 
 class SAMAcceleratedOptimizer(AcceleratedOptimizer):
     """accelerate's ``AcceleratedOptimizer`` around a samgria optimizer, with SAM's two-call loop.
 
-    :class:`SAMAccelerator` returns one from ``prepare`` (it is the ``AcceleratedOptimizer``
-    accelerate built, nothing copied). On top of accelerate's:
+    :class:`SAMAccelerator` returns one from ``prepare``, and :func:`sam_accelerated` turns a
+    stock prepared optimizer into one (it is the ``AcceleratedOptimizer`` accelerate built,
+    nothing copied). On top of accelerate's:
 
     * :meth:`first_step`, :meth:`second_step` and :meth:`cancel_step` as on
       :class:`~samgria.TransformingOptimizer`; ``second_step`` goes through accelerate's
@@ -148,6 +154,9 @@ def adopt(prepared: Any) -> Any:
     """Turn accelerate's ``AcceleratedOptimizer`` around a re-evaluating samgria optimizer into a
     :class:`SAMAcceleratedOptimizer` (the same object: accelerate's lists still hold it).
 
+    Anything else is returned as it is (``SAMAccelerator.prepare_optimizer`` prepares every
+    optimizer); :func:`sam_accelerated` is the public, checking form.
+
     An LR scheduler built on the prepared optimizer before this wraps its ``step`` per instance
     with accelerate's own (torch's ``_opt_called`` bookkeeping): the two-call loop and
     ``step_was_skipped`` still work through it, ``step(closure)`` under a scaler does not.
@@ -159,12 +168,95 @@ def adopt(prepared: Any) -> Any:
     return prepared
 
 
+#: accelerate's optimizer wrappers whose engine runs the optimizer step itself.
+_ENGINE_WRAPPERS = {"DeepSpeedOptimizerWrapper": "DeepSpeed", "MegatronLMOptimizerWrapper": "Megatron-LM"}
+
+
+def sam_accelerated(prepared_optimizer: AcceleratedOptimizer) -> SAMAcceleratedOptimizer:
+    """SAM's two-call loop (and ``step(closure)`` under fp16) on an optimizer a stock
+    ``accelerate.Accelerator`` prepared.
+
+    For an ``Accelerator`` you cannot replace by :class:`SAMAccelerator` (your own subclass, or one
+    another library builds)::
+
+        model, optimizer = accelerator.prepare(model, optimizer)
+        optimizer = sam_accelerated(optimizer)
+
+    The prepared optimizer becomes a :class:`SAMAcceleratedOptimizer` in place: the same object,
+    so the references accelerate keeps (``accelerator._optimizers``, a prepared scheduler) see it
+    too. Calling it again, or on what :class:`SAMAccelerator` prepared, returns the argument
+    unchanged. Call it before building an LR scheduler on the *prepared* optimizer (a scheduler
+    built on the samgria optimizer before ``prepare``, the usual order, is fine): torch's scheduler
+    pins the ``step`` method it finds, and ``step(closure)`` under a loss scaler would then be
+    refused.
+
+    Args:
+        prepared_optimizer: What ``Accelerator.prepare`` (or ``prepare_optimizer``) returned for a
+            samgria optimizer whose chain re-evaluates the loss (SAM, ASAM).
+
+    Returns:
+        ``prepared_optimizer`` itself, now a :class:`SAMAcceleratedOptimizer`.
+
+    Raises:
+        TypeError: ``prepared_optimizer`` is not accelerate's ``AcceleratedOptimizer`` (e.g. the
+            samgria optimizer before ``prepare``), or is a subclass of it other than
+            :class:`SAMAcceleratedOptimizer` (under DeepSpeed and Megatron-LM, whose engines run
+            the optimizer step themselves, or a wrapper whose methods this would replace).
+        ValueError: The optimizer inside is not a samgria optimizer whose chain re-evaluates the
+            loss, so there is no second pass to run.
+    """
+    if isinstance(prepared_optimizer, SAMAcceleratedOptimizer):
+        return prepared_optimizer
+    got = type(prepared_optimizer)
+    if not isinstance(prepared_optimizer, AcceleratedOptimizer):
+        hint = (
+            ": prepare it first, sam_accelerated(accelerator.prepare(optimizer))"
+            if find_transforming(prepared_optimizer) is not None
+            else ""
+        )
+        raise TypeError(
+            "sam_accelerated(prepared_optimizer) takes the accelerate.optimizer.AcceleratedOptimizer "
+            f"that Accelerator.prepare returns, got {got.__module__}.{got.__qualname__}{hint}"
+        )
+    if got is not AcceleratedOptimizer:
+        engine = _ENGINE_WRAPPERS.get(got.__name__)
+        reason = (
+            f"under {engine} the engine runs the optimizer step itself, so SAM's second pass cannot "
+            "run; train with DDP or FSDP"
+            if engine is not None
+            else "its methods would be replaced; subclass SAMAcceleratedOptimizer instead"
+        )
+        raise TypeError(
+            "sam_accelerated(prepared_optimizer) takes accelerate's AcceleratedOptimizer itself, got "
+            f"its subclass {got.__module__}.{got.__qualname__}: {reason}"
+        )
+    inner = prepared_optimizer.optimizer
+    sam = find_transforming(inner)
+    if sam is None:
+        raise ValueError(
+            "sam_accelerated(prepared_optimizer) needs a prepared samgria optimizer, got an "
+            f"AcceleratedOptimizer around {type(inner).__module__}.{type(inner).__qualname__}, which "
+            "has no two-call loop; build it with samgria (e.g. samgria.sam_optimizer) before prepare"
+        )
+    if not reevaluating(sam):
+        raise ValueError(
+            "sam_accelerated(prepared_optimizer) needs a samgria optimizer whose chain re-evaluates "
+            f"the loss (SAM, ASAM), got an AcceleratedOptimizer around {type(sam).__qualname__} with "
+            f"transforms [{', '.join(type(t).__name__ for t in sam.transforms)}]: there is no second "
+            "pass; use the prepared optimizer's step() as it is"
+        )
+    adopted = adopt(prepared_optimizer)
+    assert isinstance(adopted, SAMAcceleratedOptimizer)
+    return adopted
+
+
 class SAMAccelerator(Accelerator):
     """``accelerate.Accelerator`` whose ``prepare`` gives samgria optimizers SAM's two-call loop.
 
     A drop-in replacement: every argument is ``Accelerator``'s. ``prepare`` (and
     ``prepare_optimizer``) return a :class:`SAMAcceleratedOptimizer` for every samgria optimizer
-    whose chain re-evaluates (SAM, ASAM); everything else is prepared as by ``Accelerator``.
+    whose chain re-evaluates (SAM, ASAM); everything else is prepared as by ``Accelerator``. For
+    an ``Accelerator`` you cannot replace, see :func:`sam_accelerated`.
 
     Raises:
         ValueError: From ``prepare``, under DeepSpeed or Megatron-LM, whose engines run the
