@@ -32,7 +32,10 @@ hand-written loop's (``max|dgrad|``).
    * ``transformer``: ``nn.TransformerEncoderLayer(d_model=32, nhead=4, dim_feedforward=128,
      dropout=0, batch_first=True)`` over 16 random token features, mean-pooled, Linear head.
 
-   Rows: the hand-written loop; ``MetaTrainer(meta, cross_entropy, sampler, vectorize=False)
+   Rows: the hand-written loop (the baseline: one backward over all tasks); the same loop with
+   each task back-propagated as soon as it is adapted (``hand, per-task bwd``: the memory
+   behaviour of samgria's loop path and of learn2learn's examples, so the like-for-like time
+   baseline of that path); ``MetaTrainer(meta, cross_entropy, sampler, vectorize=False)
    .train_step(tasks)`` (per-task loop, each task back-propagated as soon as it is adapted);
    ``vectorize=True`` (vmap; only where it applies: vmap's second-order gradients through
    BatchNorm and LayerNorm in train mode are wrong, so the library refuses them);
@@ -108,6 +111,7 @@ WAYS, SHOTS, QUERIES = 5, 1, 15
 FEW_SHOT_INNER_STEPS, FEW_SHOT_INNER_LR = 1, 0.01
 SEQ_LEN, D_MODEL = 16, 32
 HAND = "loop (hand-written)"
+HAND_PER_TASK = "loop (hand, per-task bwd)"
 mse = nn.functional.mse_loss
 cross_entropy = nn.functional.cross_entropy
 
@@ -141,6 +145,21 @@ class HandLoop:
         self.opt.zero_grad()
         self.meta_grad(tasks)
         self.opt.step()
+
+
+class HandLoopPerTask(HandLoop):
+    """The hand-written loop, each task back-propagated as soon as it is adapted (as learn2learn's
+    examples do, and as samgria's loop path does): one task's graph alive at a time."""
+
+    def meta_grad(self, tasks: list[Task]) -> torch.Tensor:
+        params = dict(self.model.named_parameters())
+        losses = []
+        with sdpa_kernel([SDPBackend.MATH]):
+            for task in tasks:
+                loss = self.adapted_query_loss(params, task) / len(tasks)
+                loss.backward()
+                losses.append(loss.detach())
+        return torch.stack(losses).sum()
 
 
 class SamgriaPath:
@@ -518,6 +537,7 @@ WORKLOADS = {
 #: Few-shot rows: key -> (label, ``vectorize`` of the trainer); "hand" is the baseline.
 KINDS = {
     "hand": (HAND, None),
+    "hand_per_task": (HAND_PER_TASK, None),
     "loop": ("trainer vectorize=False", False),
     "vmap": ("trainer vectorize=True", True),
     "auto": ("trainer vectorize=None", None),
@@ -555,14 +575,16 @@ class FewShotSetup:
         return [[few_shot_task(shape, gen) for _ in range(self.meta_batch)] for _ in range(self.pool_size)]
 
     def path(self, kind: str, model: nn.Module) -> Any:
-        if kind == "hand":
-            return HandLoop(model, cross_entropy, FEW_SHOT_INNER_LR, FEW_SHOT_INNER_STEPS)
+        if kind in ("hand", "hand_per_task"):
+            hand = HandLoop if kind == "hand" else HandLoopPerTask
+            return hand(model, cross_entropy, FEW_SHOT_INNER_LR, FEW_SHOT_INNER_STEPS)
         return TrainerPath(model, cross_entropy, KINDS[kind][1], FEW_SHOT_INNER_LR, FEW_SHOT_INNER_STEPS)
 
     def kinds(self) -> tuple[list[str], str | None]:
         """The rows that apply, and why vmap does not (or ``None``)."""
         blocker = second_order_vmap_blocker(self.model())
-        return (["hand", "loop", "auto"] if blocker else ["hand", "loop", "vmap", "auto"]), blocker
+        kinds = ["hand", "hand_per_task", "loop", "vmap", "auto"]
+        return ([kind for kind in kinds if kind != "vmap"] if blocker else kinds), blocker
 
 
 def few_shot_gradient_diffs(setup: FewShotSetup, kinds: list[str], tasks: list[Task]) -> dict[str, float]:
@@ -571,6 +593,10 @@ def few_shot_gradient_diffs(setup: FewShotSetup, kinds: list[str], tasks: list[T
     hand.meta_grad(tasks)
     ref = flat_grad(hand.model)
     diffs = {"hand": 0.0}
+    if "hand_per_task" in kinds:
+        per_task = HandLoopPerTask(setup.model(), cross_entropy, FEW_SHOT_INNER_LR, FEW_SHOT_INNER_STEPS)
+        per_task.meta_grad(tasks)
+        diffs["hand_per_task"] = float((flat_grad(per_task.model) - ref).abs().max())
     for kind in kinds:
         if kind in ("loop", "vmap"):
             grad = trainer_meta_gradient(
