@@ -6,7 +6,9 @@ plain loop. This script measures, in one run:
 1. **Time ratio** — SAM step time / (two forward-backward passes + one plain inner step), for a
    20×256 ReLU MLP (batch 64) and a small conv net with BatchNorm (32×32 inputs, batch 64),
    with momentum SGD as the inner optimizer. Targets on the CPU: ≤ 1.10 (MLP), ≤ 1.03 (conv).
-   Rows: samgria ``step(closure)``, samgria ``first_step()``/``second_step()``, and three
+   Rows: samgria ``step(closure)``, samgria ``first_step()``/``second_step()``, a diagnostic
+   row of ``step(closure)`` without the non-finite check of the second pass's gradients (what
+   the non-finite policy costs; not a mode the library offers), and three
    reference SAMs written inline below: the "naive" SAM (davda54's first version:
    ``e_w = rho·g/‖g‖`` stored per parameter, ``p.add_(e_w)``, then ``p.sub_(e_w)``), davda54/sam
    as it is today (``old_p = p.data.clone()``, ``p.add_(e_w)``, restore by ``p.data = old_p``) and
@@ -327,6 +329,26 @@ class SamgriaTwoCall(SamgriaClosure):
         self.optimizer.second_step()
 
 
+class SamgriaUnchecked(SamgriaClosure):
+    """Diagnostic, not a supported mode: ``step(closure)`` without the non-finite check of the
+    re-evaluation's gradients (the optimizer's second ``_grad_norm()`` of a step answers 0), to
+    measure what the non-finite policy costs: one more read of every gradient."""
+
+    def step(self) -> None:
+        checked = type(self.optimizer)._grad_norm.__get__(self.optimizer)
+        calls = []
+
+        def first_only() -> float:
+            calls.append(None)
+            return checked() if len(calls) == 1 else 0.0
+
+        self.optimizer._grad_norm = first_only  # type: ignore[method-assign]
+        try:
+            self.optimizer.step(self.closure)
+        finally:
+            del self.optimizer._grad_norm
+
+
 class SamgriaLamp(SamgriaClosure):
     def build(self) -> torch.optim.Optimizer:
         return TransformingOptimizer(
@@ -375,6 +397,7 @@ VARIANTS: dict[str, type[Variant]] = {
     "plain two-pass (A/A)": Baseline,  # the noise floor: should read 1.00
     "samgria step(closure)": SamgriaClosure,
     "samgria first/second_step": SamgriaTwoCall,
+    "samgria, 2nd-pass check off": SamgriaUnchecked,  # diagnostic: the non-finite policy's cost
     "samgria SAM+LAMP": SamgriaLamp,
     "naive SAM (add/sub e_w)": Naive,
     "davda54-style (.data=old_p)": Davda54,
