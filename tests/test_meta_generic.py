@@ -928,6 +928,29 @@ def test_transformer_second_order_maml_matches_finite_differences_on_the_loop_pa
         assert torch.equal(p.grad, grads[n]), n
 
 
+def test_transformer_second_order_through_a_learner_runs_attention_twice_differentiably():
+    # learn2learn style: the support loss comes from learner(x), outside the engine's inner loop
+    model, tasks = transformer_and_tasks()
+    _, _, grads = transformer_meta_gradient(model, tasks)
+    meta = MAML(model, torch.optim.SGD, inner_lr=0.1, inner_steps=2, lr=0.1)
+    meta.zero_grad()
+    for task in tasks:
+        learner = meta.clone()
+        for _ in range(2):
+            learner.adapt(mse(learner(task.support_x), task.support_y))
+        (mse(learner(task.query_x), task.query_y) / len(tasks)).backward()
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, grads[n], rtol=1e-10, atol=1e-12, msg=n)
+    # in float32 too, where torch's default backend is the fused flash kernel on the CPU
+    model32 = model.float()
+    meta32 = MAML(model32, torch.optim.SGD, inner_lr=0.1, inner_steps=1, lr=0.1)
+    learner = meta32.clone()
+    task = tasks[0]
+    learner.adapt(mse(learner(task.support_x.float()), task.support_y.float()))
+    mse(learner(task.query_x.float()), task.query_y.float()).backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model32.parameters())
+
+
 def test_transformer_checkpointed_second_order_maml_equals_the_plain_one_exactly():
     model, tasks = transformer_and_tasks()
     _, losses, grads = transformer_meta_gradient(model, tasks)

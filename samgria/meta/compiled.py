@@ -1,7 +1,8 @@
 """A compiled meta-loss and meta-gradient: ``torch.compile`` around the vectorised inner loop.
 
-:func:`~samgria.meta.vectorize.batched_task_losses` is a pure function of the meta-parameters
-and the stacked task tensors. :class:`CompiledMetaLoss` wraps its mean,
+The engine's vectorised inner loop (:func:`~samgria.meta.engine.vmapped_task_losses`) is a pure
+function of the meta-parameters and the stacked task tensors. :class:`CompiledMetaLoss` wraps its
+mean, here written for plain SGD,
 
 .. math::
 
@@ -15,7 +16,9 @@ exact meta-gradient with respect to :math:`\\theta` (and Meta-SGD's rates :math:
 single compiled program: no Python interpreter overhead per operation and no autograd graph
 kept between calls. It computes what ``meta.task_losses(tasks, loss_fn).mean().backward()``
 computes for MAML (Finn et al., 2017), FOMAML, Meta-SGD (Li et al., 2017) and ANIL (Raghu et
-al., 2020), whose inner loop is plain SGD with per-group (or learned) step sizes.
+al., 2020), with per-group (or learned) step sizes, and with the inner loop's other options
+when they are traceable: an update rule (``inner_step_fn``, e.g. momentum or Adam), a
+regulariser (``inner_reg_fn``) and gradient transforms (``grad_transforms``, e.g. ``InnerSAM``).
 
 The compiled program is built once per configuration (adapted names, trainable names,
 ``steps``, ``first_order``) and kept; ``torch.compile`` itself recompiles only when the task

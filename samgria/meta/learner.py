@@ -34,6 +34,7 @@ from samgria.meta.engine import (
     copy_update_state,
     grads_of_loss,
     take_inner_steps,
+    twice_differentiable_attention,
 )
 from samgria.meta.functional import LearningRate, check_steps, functional_forward, one_steps_argument, resolve_lrs
 from samgria.meta.inner_optim import InnerStepFn, sgd_inner_step
@@ -142,13 +143,24 @@ class Learner:
         merged = {**self._params, **params}
 
         def forward(*args: Any, **kwargs: Any) -> Any:
-            return functional_forward(self.model, merged, *args, **kwargs)
+            return self._forward(merged, args, kwargs)
 
         return forward
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        """Forward pass with the current fast weights."""
-        return functional_forward(self.model, self._params, *args, **kwargs)
+        """Forward pass with the current fast weights.
+
+        For a second-order learner, scaled-dot-product attention runs through torch's math
+        backend (as in every second-order inner loop of samgria): the fused kernels' backward
+        cannot be differentiated again, which the meta-gradient through the support gradients
+        needs. The learner cannot tell a support forward from a query one, so both use it.
+        """
+        return self._forward(self._params, args, kwargs)
+
+    def _forward(self, params: Mapping[str, torch.Tensor], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        second_order = self.loop.second_order and torch.is_grad_enabled()
+        with twice_differentiable_attention(second_order):
+            return functional_forward(self.model, params, *args, **kwargs)
 
     def adapt(self, loss: torch.Tensor) -> Learner:
         """Take one differentiable inner step on a support loss computed with this learner.
