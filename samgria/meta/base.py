@@ -656,7 +656,10 @@ class MetaOptimizer(WrappingOptimizer):
             vectorize: ``None`` uses :func:`torch.func.vmap` over tasks when it applies,
                 falling back (once, with a warning, remembered) to a loop if the model cannot
                 be vmapped; ``True`` forces vmap (raises if impossible); ``False`` forces the
-                loop.
+                loop. The losses' backward runs outside this call, so it cannot time the
+                paths: :class:`~samgria.meta.trainer.MetaTrainer` with ``vectorize=None``
+                chooses by measuring whole meta-steps (vmap is slower than the loop for
+                convolutional models on the CPU; see the benchmarks page).
             create_graph: Differentiate through the inner loop (second order). Default:
                 ``not first_order``. ``False`` still gives first-order meta-gradients.
             inner_step_fn: Inner update rule (default plain SGD), on every path.
