@@ -87,8 +87,15 @@ def _real_rule(
 
 
 def check_int(name: str, value: Any, *, low: int | None = None) -> int:
-    """Check an integer hyperparameter (``bool`` refused, NumPy integers accepted)."""
+    """Check an integer hyperparameter (``bool`` refused, NumPy integers accepted).
+
+    A non-integral number is of the wrong kind (``TypeError``), except NaN and ±inf, which raise
+    ``ValueError`` as they do from every other check.
+    """
     rule = "an integer" if low is None else f"an integer >= {low}"
+    if isinstance(value, numbers.Real) and not isinstance(value, (bool, numbers.Integral)):
+        if not math.isfinite(float(value)):  # NaN and ±inf: a ValueError, as from every check
+            raise ValueError(f"{name} must be {rule}, got {value!r}")
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise _fail_type(name, rule, value)
     number = int(value)

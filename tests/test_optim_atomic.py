@@ -21,6 +21,8 @@ import samgria.transforms.lamp as lamp_module
 from samgria import (
     ASAM,
     LAMP,
+    LookSAM,
+    MultiStepSAM,
     SAM,
     ClampGrad,
     ClipGradNorm,
@@ -583,6 +585,25 @@ def test_nan_hyperparameters_are_value_errors(name, make):
     with pytest.raises(ValueError) as info:
         make()
     assert_true_rule_message(info.value, name, "nan")
+
+
+INTEGER_NON_FINITE_REJECTED = [
+    ("rollback_len", lambda value: LAMP(rollback_len=value), "an integer >= 1"),
+    ("seed", lambda value: LAMP(seed=value), "an integer"),
+    ("k", lambda value: LookSAM(0.05, k=value), "an integer >= 1"),
+    ("ascent_steps", lambda value: MultiStepSAM(0.05, ascent_steps=value), "an integer >= 1"),
+]
+
+
+@pytest.mark.parametrize("value", [math.nan, math.inf, -math.inf], ids=["nan", "inf", "-inf"])
+@pytest.mark.parametrize("name,make,rule", INTEGER_NON_FINITE_REJECTED, ids=[n for n, _, _ in INTEGER_NON_FINITE_REJECTED])
+def test_non_finite_integer_hyperparameters_are_value_errors_too(name, make, rule, value):
+    with pytest.raises(ValueError) as info:
+        make(value)
+    assert str(info.value) == f"{name} must be {rule}, got {value!r}"
+    # a finite non-integral number is of the wrong kind
+    with pytest.raises(TypeError, match=rf"^{name} must be {rule}, got 2\.5$"):
+        make(2.5)
 
 
 GROUP_KEYS = [
