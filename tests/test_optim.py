@@ -12,6 +12,7 @@ import warnings
 import pytest
 import torch
 from torch import nn
+from state_helpers import assert_states_equal
 from transform_infos import assert_bitwise_equal, make_closure, make_data, make_model, params_of
 
 from samgria import ASAM, LAMP, SAM, GradientTransform, TransformingOptimizer, sam_optimizer
@@ -477,6 +478,35 @@ def test_protocol_object_state_round_trips_through_the_optimizer_checkpoint():
     resumed = _CountingTransform()
     TransformingOptimizer([param], torch.optim.SGD, lr=0.1, transforms=[resumed]).load_state_dict(optimizer.state_dict())
     assert resumed.calls == user.calls == 3
+
+
+class _StrictCountingTransform(_CountingTransform):
+    def load_state_dict(self, state_dict) -> None:
+        if state_dict["calls"] < 0:
+            raise ValueError(f"calls must be >= 0, got {state_dict['calls']}")
+        super().load_state_dict(state_dict)
+
+
+def test_a_protocol_object_refusing_its_state_fails_the_load_before_anything_changes():
+    param = nn.Parameter(torch.randn(3))
+    user = _StrictCountingTransform()
+    optimizer = TransformingOptimizer([param], torch.optim.SGD, lr=0.1, momentum=0.9, transforms=[user])
+    for _ in range(3):
+        param.grad = torch.ones(3)
+        optimizer.step()
+    damaged = copy.deepcopy(optimizer.state_dict())
+    for entry in damaged["state"].values():
+        for key in [k for k in entry if k.endswith(".calls")]:
+            entry[key] = -1
+    for entry in damaged["state"].values():
+        entry["momentum_buffer"] = entry["momentum_buffer"] * 0 + 7.0  # would change the inner state
+    before = copy.deepcopy(optimizer.state_dict())
+    with pytest.raises(ValueError, match=r"^calls must be >= 0, got -1$"):
+        optimizer.load_state_dict(damaged)
+    assert user.calls == 3
+    after = optimizer.state_dict()
+    assert_states_equal(after["state"], before["state"])
+    assert after["param_groups"] == before["param_groups"]
 
 
 def test_two_call_step_can_be_cancelled_after_a_failing_second_pass():

@@ -28,6 +28,7 @@ used beside a plain optimizer without the wrapper.
 
 from __future__ import annotations
 
+import copy
 import re
 from collections import defaultdict
 from collections.abc import Callable, Iterator, Mapping, MutableMapping
@@ -420,7 +421,8 @@ class ProtocolTransform(Transform):
     harmless no-op — and ``batch=()``. When the object has ``state_dict``/``load_state_dict``, its
     state is copied into the slot by the optimizer's ``state_dict()`` (one slot key per key; the
     values should be tensors or numbers, which is what checkpoints carry) and handed back after
-    ``load_state_dict()``.
+    ``load_state_dict()`` (tried on a deep copy of the object first, so that a state it refuses
+    fails the load before anything changes).
     """
 
     # A seed-protocol object typically takes p.grad.norm() per tensor: on a shard, a shard's norm.
@@ -461,6 +463,20 @@ class ProtocolTransform(Transform):
         slot = ctx.slot_state()
         if callable(method) and slot is not None:
             slot.update(method())
+
+    def check_loaded_state(self, ctx: TransformContext) -> None:
+        """Try the checkpoint's slot on a deep copy of the object before the load commits, so a
+        state the object's own ``load_state_dict`` refuses fails with nothing changed (an object
+        that cannot be deep-copied is only loaded after the commit)."""
+        method = getattr(self.transform, "load_state_dict", None)
+        slot = ctx.slot_state()
+        if not callable(method) or slot is None or not len(slot):
+            return
+        try:
+            trial = copy.deepcopy(self.transform)
+        except Exception:  # noqa: BLE001 - any failure to copy: no trial, as documented
+            return
+        trial.load_state_dict(dict(slot.items()))
 
     def import_state(self, ctx: TransformContext) -> None:
         """Hand the slot's keys to the object's ``load_state_dict`` (if it has one)."""
