@@ -73,6 +73,7 @@ def main():
         assert torch.equal(p.full_tensor(), q.full_tensor())
     if dist.get_rank() == 0:
         print(f"FSDP2 SAM+LAMP on {dist.get_world_size()} ranks: the resumed run continued bit for bit")
+    dist.barrier()  # neither rank tears down while the other still talks to it
     dist.destroy_process_group()
 
 
