@@ -8,6 +8,7 @@ rank's share, and the meta-optimizer all-reduces the meta-gradient weighted by e
 The checkpoint is the same on every rank: rank 0 writes it, every rank reads it.
 """
 
+import gc
 import os
 import tempfile
 
@@ -64,3 +65,7 @@ def main():
 
 if __name__ == "__main__":
     main()
+    # Free reference cycles that still hold the process group (optimizer hooks, the trainer)
+    # while the interpreter is alive: destroyed during interpreter shutdown instead, gloo's
+    # worker threads can abort the process ("terminate called without an active exception").
+    gc.collect()

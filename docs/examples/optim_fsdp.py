@@ -6,6 +6,7 @@ gradient, so the weights equal single-process SAM on the global batch; the resum
 bit for bit.
 """
 
+import gc
 import tempfile
 
 import torch
@@ -79,3 +80,7 @@ def main():
 
 if __name__ == "__main__":
     main()
+    # Free reference cycles that still hold the process group (optimizer hooks, the trainer)
+    # while the interpreter is alive: destroyed during interpreter shutdown instead, gloo's
+    # worker threads can abort the process ("terminate called without an active exception").
+    gc.collect()
