@@ -68,7 +68,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import statistics
 import sys
 import tempfile
@@ -92,11 +91,10 @@ from samgria.meta import distributed as collectives  # noqa: E402
 from samgria.meta.maml import MAML  # noqa: E402
 from samgria.meta.trainer import MetaTrainer  # noqa: E402
 from distributed_harness import launch_ranks  # noqa: E402
+from _docs_figures import publish_figures  # noqa: E402
 
 SCRIPT = Path(__file__).resolve()
 RESULTS = SCRIPT.parent / "results"
-#: The docs' images (tracked in git); a full run refreshes its figure there.
-DOCS_IMAGES = SCRIPT.parent.parent / "docs" / "images"
 #: Upper bound of one launch (a busy machine is slow, not failing).
 LAUNCH_LIMIT_S = 1800
 
@@ -585,11 +583,8 @@ def main(argv: list[str] | None = None) -> None:
     if not args.quick:
         write_results(results)
         full = set(args.sections) == set(SECTIONS) and set(args.workloads) == {"sinusoid", "conv4"}
-        if full and (RESULTS / "distributed.png").is_file():
-            # A full run (every section and workload) refreshes the figure on the docs' page (tracked in git).
-            DOCS_IMAGES.mkdir(exist_ok=True)
-            shutil.copyfile(RESULTS / "distributed.png", DOCS_IMAGES / "distributed.png")
-            print(f"copied the figure to {DOCS_IMAGES / 'distributed.png'}")
+        if full:  # every section and workload
+            publish_figures({RESULTS / "distributed.png": "distributed.png"})
 
 
 if __name__ == "__main__":

@@ -43,7 +43,6 @@ import copy
 import gc
 import json
 import os
-import shutil
 import sys
 import time
 from collections.abc import Callable
@@ -56,6 +55,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from _docs_figures import publish_figures  # noqa: E402
 from meta_throughput import (  # noqa: E402
     FEW_SHOT_INNER_LR,
     QUERIES,
@@ -238,10 +238,6 @@ def print_table(result: dict[str, Any]) -> None:
     )
 
 
-#: Figures of full runs, shown on the docs' benchmarks page.
-DOCS_IMAGES = Path(__file__).resolve().parent.parent / "docs" / "images"
-
-
 def write_results(result: dict[str, Any]) -> None:
     try:
         import matplotlib
@@ -302,11 +298,8 @@ def main(argv: list[str] | None = None) -> None:
         + ("glibc malloc keeping freed memory" if retained else "default malloc settings")
     )
     write_results(result)
-    if not args.quick and (RESULTS / "meta_memory.png").is_file():
-        # A full run refreshes the figure on the docs' benchmarks page (tracked in git).
-        DOCS_IMAGES.mkdir(exist_ok=True)
-        shutil.copyfile(RESULTS / "meta_memory.png", DOCS_IMAGES / "meta_memory.png")
-        print(f"copied the figure to {DOCS_IMAGES / 'meta_memory.png'}")
+    if not args.quick:
+        publish_figures({RESULTS / "meta_memory.png": "meta_memory.png"})
 
 
 if __name__ == "__main__":

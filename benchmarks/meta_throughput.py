@@ -79,7 +79,6 @@ import gc
 import json
 import math
 import os
-import shutil
 import statistics
 import subprocess
 import sys
@@ -102,10 +101,9 @@ from samgria.data.task import Task  # noqa: E402
 from samgria.meta.engine import second_order_vmap_blocker  # noqa: E402
 from samgria.meta.maml import MAML  # noqa: E402
 from samgria.meta.trainer import MetaTrainer  # noqa: E402
+from _docs_figures import publish_figures  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
-#: The docs' images (tracked in git); a full run refreshes its figure there.
-DOCS_IMAGES = Path(__file__).resolve().parent.parent / "docs" / "images"
 META_BATCH, K_SUPPORT, K_QUERY, INNER_STEPS, INNER_LR, OUTER_LR = 25, 10, 10, 5, 0.01, 1e-3
 WAYS, SHOTS, QUERIES = 5, 1, 15
 FEW_SHOT_INNER_STEPS, FEW_SHOT_INNER_LR = 1, 0.01
@@ -827,11 +825,8 @@ def main(argv: list[str] | None = None) -> None:
           f"{load_before:.2f}, {results['load_average'][1]:.2f} on {os.cpu_count()} CPUs; {malloc}")  # fmt: skip
     write_results(results)
     full = not args.quick and set(args.workloads) == {"sinusoid", *WORKLOADS}
-    if full and (RESULTS / "meta_throughput.png").is_file():
-        # A full run (every workload) refreshes the figure on the docs' benchmarks page (tracked in git).
-        DOCS_IMAGES.mkdir(exist_ok=True)
-        shutil.copyfile(RESULTS / "meta_throughput.png", DOCS_IMAGES / "meta_throughput.png")
-        print(f"copied the figure to {DOCS_IMAGES / 'meta_throughput.png'}")
+    if full:  # every workload
+        publish_figures({RESULTS / "meta_throughput.png": "meta_throughput.png"})
 
 
 if __name__ == "__main__":

@@ -85,7 +85,6 @@ import gc
 import json
 import math
 import os
-import shutil
 import statistics
 import sys
 import time
@@ -103,10 +102,9 @@ from torch.utils._pytree import tree_flatten
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from samgria import LAMP, SAM, TransformingOptimizer  # noqa: E402
+from _docs_figures import publish_figures  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
-#: The docs' images (tracked in git); a full run refreshes its figure there.
-DOCS_IMAGES = Path(__file__).resolve().parent.parent / "docs" / "images"
 TARGETS = {"mlp": 1.10, "conv": 1.03}
 RHO, LR, MOMENTUM = 0.05, 1e-3, 0.9
 
@@ -1077,11 +1075,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     write_results(results)
     full = not args.quick and set(args.models) == {"mlp", "conv"}
-    if full and (RESULTS / "sam_overhead.png").is_file():
-        # A full run (both models) refreshes the figure on the docs' benchmarks page (tracked in git).
-        DOCS_IMAGES.mkdir(exist_ok=True)
-        shutil.copyfile(RESULTS / "sam_overhead.png", DOCS_IMAGES / "sam_overhead.png")
-        print(f"copied the figure to {DOCS_IMAGES / 'sam_overhead.png'}")
+    if full:  # both models
+        publish_figures({RESULTS / "sam_overhead.png": "sam_overhead.png"})
     return results
 
 

@@ -35,7 +35,6 @@ import argparse
 import importlib.util
 import json
 import math
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -52,6 +51,7 @@ from samgria.meta.maml import FOMAML, MAML  # noqa: E402
 from samgria.meta.metasgd import MetaSGD  # noqa: E402
 from samgria.meta.reptile import Reptile  # noqa: E402
 from samgria.meta.trainer import MetaTrainer  # noqa: E402
+from _docs_figures import publish_figures  # noqa: E402
 
 ALGORITHMS = ("maml", "fomaml", "reptile", "metasgd", "anil")
 #: Reference MSEs for MAML at K = 10 (careful independent run of the protocol).
@@ -60,8 +60,6 @@ EVAL_STEPS = (0, 1, 10)
 #: Algorithms whose own test-time inner loop differs from plain SGD on every parameter.
 OWN_INNER_LOOP = {"metasgd": "learned rates", "anil": "head only"}
 RESULTS = Path(__file__).resolve().parent / "results"
-#: The docs' images (tracked in git); a full-protocol run refreshes its figures there.
-DOCS_IMAGES = Path(__file__).resolve().parent.parent / "docs" / "images"
 FULL_ITERATIONS = 70_000
 
 
@@ -311,12 +309,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"wrote {RESULTS / (args.output + '.png')}, {RESULTS / (args.output + '_steps.png')} and "
           f"{RESULTS / (args.output + '.json')}")
     full = not args.quick and args.iterations == FULL_ITERATIONS and set(args.algorithms) == set(ALGORITHMS)
-    if full:
-        # A full-protocol run refreshes the figures on the docs' benchmarks page (tracked in git).
-        DOCS_IMAGES.mkdir(exist_ok=True)
-        shutil.copyfile(RESULTS / f"{args.output}.png", DOCS_IMAGES / "sinusoid.png")
-        shutil.copyfile(RESULTS / f"{args.output}_steps.png", DOCS_IMAGES / "sinusoid_steps.png")
-        print(f"copied the figures to {DOCS_IMAGES / 'sinusoid.png'} and {DOCS_IMAGES / 'sinusoid_steps.png'}")
+    if full:  # the full protocol
+        publish_figures(
+            {RESULTS / f"{args.output}.png": "sinusoid.png", RESULTS / f"{args.output}_steps.png": "sinusoid_steps.png"}
+        )
     return 0
 
 
