@@ -30,19 +30,24 @@ def make_model():
     return nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 1)).double()
 
 
+def make_closure(optimizer, model, x, y):
+    """The usual closure: clear the gradients, forward, backward, return the loss."""
+
+    def closure():
+        optimizer.zero_grad()
+        loss = criterion(model(x), y)
+        loss.backward()
+        return loss
+
+    return closure
+
+
 def samgria_run(transform):
     """samgria: the optimizer you use, plus the variant as a transform; the usual closure."""
     model = make_model()
     optimizer = TransformingOptimizer(model.parameters(), torch.optim.SGD, transforms=[transform], lr=0.1, momentum=0.9)
     for x, y in batches:
-
-        def closure():
-            optimizer.zero_grad()
-            loss = criterion(model(x), y)
-            loss.backward()
-            return loss
-
-        optimizer.step(closure)
+        optimizer.step(make_closure(optimizer, model, x, y))
     return model
 
 
@@ -59,14 +64,7 @@ theirs = pytorch_optimizer.WSAM(
     model, model.parameters(), torch.optim.SGD, rho=0.05, gamma=0.8, decouple=True, eps=0.0, lr=0.1, momentum=0.9
 )
 for x, y in batches:
-
-    def closure():
-        theirs.zero_grad()
-        loss = criterion(model(x), y)
-        loss.backward()
-        return loss
-
-    theirs.step(closure)
+    theirs.step(make_closure(theirs, model, x, y))
 assert_same_weights(model, samgria_run(WSAM(0.05, gamma=0.8, decouple=True)))
 
 # FriendlySAM. Before: FriendlySAM(params, SGD, rho, sigma, lmbda, ...); the first backward runs
@@ -77,13 +75,7 @@ theirs = pytorch_optimizer.FriendlySAM(
     model.parameters(), torch.optim.SGD, rho=0.05, sigma=1.0, lmbda=0.9, perturb_eps=0.0, lr=0.1, momentum=0.9
 )
 for x, y in batches:
-
-    def closure():
-        theirs.zero_grad()
-        loss = criterion(model(x), y)
-        loss.backward()
-        return loss
-
+    closure = make_closure(theirs, model, x, y)
     closure()
     theirs.step(closure)
 assert_same_weights(model, samgria_run(FriendlySAM(0.05, sigma=1.0, lmbda=0.9)))
