@@ -27,6 +27,7 @@ from accelerate.utils import DistributedType  # noqa: E402
 
 from samgria import ClipGradNorm, TransformingOptimizer, sam_optimizer  # noqa: E402
 from samgria.integrations.accelerate import SAMAccelerator, SAMAcceleratedOptimizer, sam_accelerated  # noqa: E402
+from transform_infos import make_closure  # noqa: E402
 
 LR, RHO = 0.1, 0.05
 SCALE = 2.0**10
@@ -98,6 +99,18 @@ def prepare(route: str, accelerator: Accelerator, *objects):
     return prepared
 
 
+def accelerated_closure(accelerator, model, optimizer, x, y):
+    """The closure of a prepared optimizer: its backward through ``accelerator.backward``."""
+
+    def closure():
+        optimizer.zero_grad()
+        loss = F.mse_loss(model(x), y)
+        accelerator.backward(loss)
+        return loss
+
+    return closure
+
+
 def two_call_step(accelerator, model, optimizer, x, y) -> None:
     accelerator.backward(F.mse_loss(model(x), y))
     optimizer.first_step(zero_grad=True)
@@ -111,14 +124,7 @@ def test_step_closure_through_accelerates_own_prepared_optimizer() -> None:
     model, optimizer = accelerator.prepare(*model_and_optimizer())
     data = batches()
     for x, y in data:
-
-        def closure():
-            optimizer.zero_grad()
-            loss = F.mse_loss(model(x), y)
-            accelerator.backward(loss)
-            return loss
-
-        optimizer.step(closure)
+        optimizer.step(accelerated_closure(accelerator, model, optimizer, x, y))
     assert_weights(model, reference(data), rtol=1e-12, atol=1e-14)
 
 
@@ -144,15 +150,8 @@ def test_step_closure_returns_the_first_loss(route: str) -> None:
     model, optimizer = prepare(route, accelerator, *model_and_optimizer())
     data = batches()
     for x, y in data:
-
-        def closure():
-            optimizer.zero_grad()
-            loss = F.mse_loss(model(x), y)
-            accelerator.backward(loss)
-            return loss
-
         start = F.mse_loss(model(x), y).detach()
-        loss = optimizer.step(closure)
+        loss = optimizer.step(accelerated_closure(accelerator, model, optimizer, x, y))
         assert torch.equal(loss, start) and not loss.requires_grad
     assert_weights(model, reference(data), rtol=1e-12, atol=1e-14)
 
@@ -187,14 +186,7 @@ def test_sam_accelerated_two_call_loop_equals_step_closure_of_the_unprepared_opt
     plain_model, plain_optimizer = model_and_optimizer()
     for x, y in batches():
         two_call_step(accelerator, model, optimizer, x, y)
-
-        def closure():
-            plain_optimizer.zero_grad()
-            loss = F.mse_loss(plain_model(x), y)
-            loss.backward()
-            return loss
-
-        plain_optimizer.step(closure)
+        plain_optimizer.step(make_closure(plain_model, plain_optimizer, x, y))
         assert all(torch.equal(p, q) for p, q in zip(model.parameters(), plain_model.parameters()))
     assert not optimizer.step_was_skipped
 
@@ -252,14 +244,7 @@ def test_loss_scaler_equals_sam_and_an_overflow_skips_the_step(route: str, loop:
         if loop == "two-call":
             two_call_step(accelerator, model, optimizer, x, y)
             return
-
-        def closure():
-            optimizer.zero_grad()
-            loss = F.mse_loss(model(x), y)
-            accelerator.backward(loss)
-            return loss
-
-        optimizer.step(closure)
+        optimizer.step(accelerated_closure(accelerator, model, optimizer, x, y))
 
     for x, y in data:
         step(x, y)
@@ -293,13 +278,7 @@ def test_a_scaler_driving_step_closure_is_refused_before_anything_changes() -> N
     accelerator.backward(F.mse_loss(model(x), y))  # the scaler has scaled a loss: it will call step()
     optimizer.zero_grad()
     before = [p.detach().clone() for p in model.parameters()]
-
-    def closure():
-        optimizer.zero_grad()
-        loss = F.mse_loss(model(x), y)
-        accelerator.backward(loss)
-        return loss
-
+    closure = accelerated_closure(accelerator, model, optimizer, x, y)
     with pytest.raises(
         RuntimeError,
         match=r"^torch\.amp\.GradScaler\.step\(optimizer, closure\) cannot drive step\(closure\).*SAMAccelerator.*"
