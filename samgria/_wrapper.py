@@ -23,7 +23,7 @@ and use torch's own machinery for everything torch already does — no copies of
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Iterator, MutableMapping
+from collections.abc import Iterable, Iterator, MutableMapping
 from typing import Any
 
 from torch.optim import Optimizer
@@ -76,10 +76,8 @@ class _DrivenState(MutableMapping):
         if state is None:  # while unpickling, before the wrapper's own state is restored
             raise KeyError(param)
         entry = state[param]  # defaultdict: created on first access, as in torch
-        if entry:
-            hidden = self._owner._hides_state_key
-            if any(map(hidden, entry)):
-                return _VisibleEntry(entry, hidden)
+        if entry and self._owner._hides_any_state_key(entry):
+            return _VisibleEntry(entry, self._owner._hides_state_key)
         return entry
 
     def __setitem__(self, param: Any, value: Any) -> None:
@@ -160,6 +158,10 @@ class WrappingOptimizer(Optimizer):
     def _hides_state_key(self, key: Any) -> bool:
         """Whether ``state[p][key]`` is reserved by the wrapper (hidden from the driven optimizer)."""
         return False
+
+    def _hides_any_state_key(self, keys: Iterable[Any]) -> bool:
+        """Whether :meth:`_hides_state_key` holds for any of ``keys`` (a subclass may answer faster)."""
+        return any(map(self._hides_state_key, keys))
 
     def _check_idle(self, action: str) -> None:
         """Raise if ``action`` may not run now (e.g. between ``first_step`` and ``second_step``)."""

@@ -17,10 +17,10 @@ from samgria._checks import check_bool, check_choice
 from samgria._frameworks import accumulating_framework
 from samgria._snapshot import StateStructure, StepSnapshot
 from samgria._wrapper import WrappingOptimizer
-from samgria.functional import global_norm
+from samgria.functional import all_finite, global_norm
 from samgria.functional._grouping import group_indices_by_device_and_dtype
 from samgria.functional._sharding import is_sharded
-from samgria.functional._views import as_real
+from samgria.functional._views import values_as_real
 from samgria.transforms.base import Transform, TransformContext
 from samgria.transforms.chain import CHAIN_KEY, Chain
 from samgria.transforms.sam import ASAM, SAM, Perturbation, PerturbationTransform
@@ -97,10 +97,6 @@ def _refuse_sharded_m_sharpness(first_pass_context: Any, params: Iterable[Any]) 
             "outside param.grad, so SAM would see none; drop first_pass_context (SAM then "
             "perturbs with the global gradient) or train with DDP"
         )
-
-
-def _dense_real(grad: torch.Tensor) -> torch.Tensor:
-    return as_real(grad.coalesce()._values() if grad.is_sparse else grad)
 
 
 class TransformingOptimizer(WrappingOptimizer):
@@ -295,6 +291,9 @@ class TransformingOptimizer(WrappingOptimizer):
     def _hides_state_key(self, key: Any) -> bool:
         return self.chain.hides(key)
 
+    def _hides_any_state_key(self, keys: Iterable[Any]) -> bool:
+        return self.chain.hides_any(keys)
+
     @property
     def _pending(self) -> _PendingStep | None:
         return self._progress.pending
@@ -366,8 +365,9 @@ class TransformingOptimizer(WrappingOptimizer):
     def _params(self) -> list[torch.Tensor]:
         return list({id(p): p for group in self.param_groups for p in group["params"]}.values())
 
-    def _grad_norm(self) -> float:
-        """The global L2 norm of every gradient (complex as pairs of reals), read on the host."""
+    def _grads(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Every parameter's gradient once, dense and real (complex as pairs of reals), and the
+        gradients they were made from."""
         grads, sources = [], []
         seen = set()
         for group in self.param_groups:
@@ -375,9 +375,25 @@ class TransformingOptimizer(WrappingOptimizer):
                 grad = param.grad
                 if grad is not None and id(param) not in seen:
                     seen.add(id(param))
-                    grads.append(_dense_real(grad) if grad.is_sparse or grad.is_complex() else grad)
+                    grads.append(values_as_real(grad) if grad.is_sparse or grad.is_complex() else grad)
                     sources.append(grad)
+        return grads, sources
+
+    def _grad_norm(self) -> float:
+        """The global L2 norm of every gradient (complex as pairs of reals), read on the host."""
+        grads, sources = self._grads()
         return float(global_norm(grads, foreach=self.transform_foreach, like=sources))
+
+    def _grads_finite(self, grad_norm: float | None = None) -> bool:
+        """Whether every gradient element is finite: the non-finite policy's verdict.
+
+        ``grad_norm``: the global norm, when it was computed anyway (a finite norm answers without
+        another read; an infinite one may be the overflow of finite gradients, so they are read).
+        """
+        if grad_norm is not None and math.isfinite(grad_norm):
+            return True
+        grads, sources = self._grads()
+        return all_finite(grads, foreach=self.transform_foreach, like=sources)
 
     def _skip(self, which: str) -> None:
         """Apply the non-finite policy to a step whose ``which`` gradients are not finite."""
@@ -561,7 +577,7 @@ class TransformingOptimizer(WrappingOptimizer):
                 raise RuntimeError(message.format(names=names))
             if self._amp_skip_or_unscale():
                 return None
-            if not math.isfinite(self._grad_norm()):
+            if not self._grads_finite():
                 self._skip("first")
                 return None
             self._run_chain(0, None, None)
@@ -578,7 +594,7 @@ class TransformingOptimizer(WrappingOptimizer):
             # pins thousands of small allocations across the second pass (process peak memory).
             loss = loss.detach()
         grad_norm = self._grad_norm()
-        if not math.isfinite(grad_norm):
+        if not self._grads_finite(grad_norm):
             self._skip("first")
             return loss
 
@@ -586,7 +602,7 @@ class TransformingOptimizer(WrappingOptimizer):
             self.zero_grad(set_to_none=True)
             with torch.enable_grad(), self._enter(self.reevaluation_context):
                 result = closure()
-            if not math.isfinite(self._grad_norm()):
+            if not self._grads_finite():
                 raise _NonFiniteGradients
             return result
 
@@ -616,7 +632,7 @@ class TransformingOptimizer(WrappingOptimizer):
             elif pending.non_finite:
                 self._skip("first")
                 skipped = True
-            elif not math.isfinite(self._grad_norm()):
+            elif not self._grads_finite():
                 self._skip("second")
                 skipped = True
             else:
@@ -682,7 +698,7 @@ class TransformingOptimizer(WrappingOptimizer):
         if not isinstance(transform, PerturbationTransform):
             raise RuntimeError(f"{transform!r} does not support first_step()/second_step(); use step(closure)")
         grad_norm = self._grad_norm()
-        if not math.isfinite(grad_norm):
+        if not self._grads_finite(grad_norm):
             self._pending = _PendingStep(None, split + 1, non_finite=True)
             return
         structure = self._pre_step_structure()

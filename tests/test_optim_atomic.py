@@ -395,6 +395,44 @@ def test_non_finite_raise_policy_raises_and_changes_nothing(chain, mode, where, 
     step_both_normally((model, optimizer), twin)
 
 
+@pytest.mark.parametrize("mode", ["closure", "two-call", "no-closure"])
+def test_finite_gradients_whose_norm_overflows_are_not_a_non_finite_step(mode):
+    """The policy looks at the gradients, not at their norm: float32 gradients of 1e20 are finite
+    although the sum of their squares overflows. SAM cannot scale by an infinite norm: it warns
+    and skips the perturbation, and the inner optimizer steps with the unperturbed gradients."""
+    lr = 1e-22
+    weight = nn.Parameter(torch.zeros(4))
+    transforms = [] if mode == "no-closure" else [SAM(0.1)]
+    optimizer = TransformingOptimizer([weight], torch.optim.SGD, lr=lr, transforms=transforms)
+
+    def backward():
+        optimizer.zero_grad()
+        loss = (weight * 1e20).sum()
+        loss.backward()
+        return loss
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        if mode == "closure":
+            optimizer.step(backward)
+        elif mode == "two-call":
+            backward()
+            optimizer.first_step()
+            backward()
+            optimizer.second_step()
+        else:
+            backward()
+            optimizer.step()
+    messages = [str(w.message) for w in caught]
+    if transforms:  # SAM's warning, once; no warning of the non-finite policy
+        assert len(messages) == 1 and messages[0].startswith("SAM: the gradient norm is inf;"), messages
+    else:
+        assert messages == []
+    assert optimizer.skipped_steps == 0
+    expected = torch.zeros(4).add_(torch.full((4,), 1e20), alpha=-lr)  # plain SGD's update
+    assert torch.equal(weight.detach(), expected)
+
+
 # -- 16-bit parameters --------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("foreach", [True, False])
 def test_asam_in_float16_does_not_overflow_from_finite_weights_and_gradients(foreach):

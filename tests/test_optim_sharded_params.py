@@ -14,7 +14,7 @@ from distributed_harness import skip_without_gloo
 from torch import nn
 
 from samgria import ESAM, LAMP, SAM, NormalizeGrad, TransformingOptimizer
-from samgria.functional import global_norm
+from samgria.functional import all_finite, global_norm
 from samgria.transforms.lamp import sharded_noise_seed
 
 PINNED_SEED = 5576177639296541329  # sharded_noise_seed(7, 2, (1,)) as released
@@ -108,6 +108,22 @@ def test_global_norm_accepts_dtensors_and_local_shards_with_like(one_rank_group:
         torch.testing.assert_close(global_norm(sharded, foreach=foreach), expected)
         local = [t.to_local() * 2 for t in sharded]
         torch.testing.assert_close(global_norm(local, foreach=foreach, like=sharded), 2 * expected)
+
+
+def test_all_finite_accepts_dtensors_and_local_shards_with_like(one_rank_group: None) -> None:
+    """The API on a 1-rank mesh (every rank's verdict is combined by the sharded path)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    mesh = init_device_mesh("cpu", (1,))
+    tensors = [torch.randn(5, 3, dtype=torch.float64), torch.randn(7, dtype=torch.float64)]
+    for foreach in (True, False):
+        sharded = [distribute_tensor(t, mesh, [Shard(0)]) for t in tensors]
+        assert all_finite(sharded, foreach=foreach)
+        assert all_finite([t.to_local() for t in sharded], foreach=foreach, like=sharded)
+        sharded[1].to_local()[6] = float("nan")
+        assert not all_finite(sharded, foreach=foreach)
+        assert not all_finite([t.to_local() for t in sharded], foreach=foreach, like=sharded)
 
 
 def test_global_norm_rejects_a_like_of_another_length() -> None:

@@ -26,6 +26,7 @@ import torch
 _TYPES: tuple[type, type] | None = None
 #: Plain tensors: never sharded (checked first: the common case costs one ``type`` lookup).
 _PLAIN = (torch.Tensor, torch.nn.Parameter)
+_PLAIN_SET = frozenset(_PLAIN)
 
 
 def _dtensor_types() -> tuple[type, type] | None:
@@ -50,7 +51,7 @@ def _dtensor_types() -> tuple[type, type] | None:
     return _TYPES
 
 
-__all__ = ["is_sharded", "local_shard", "shard_key", "shard_coordinates", "reduce_partial_sums"]
+__all__ = ["is_sharded", "any_sharded", "local_shard", "shard_key", "shard_coordinates", "reduce_partial_sums"]
 
 
 def is_sharded(tensor: Any) -> bool:
@@ -59,6 +60,13 @@ def is_sharded(tensor: Any) -> bool:
         return False
     types = _dtensor_types()
     return types is not None and isinstance(tensor, types[0])
+
+
+def any_sharded(tensors: Sequence[Any]) -> bool:
+    """Whether any of ``tensors`` is a ``DTensor`` (one set comparison when all are plain)."""
+    if _PLAIN_SET.issuperset(map(type, tensors)):
+        return False
+    return any(map(is_sharded, tensors))
 
 
 def local_shard(tensor: torch.Tensor) -> torch.Tensor:

@@ -6,7 +6,7 @@ import torch
 
 from samgria.functional._sharding import local_shard
 
-__all__ = ["as_real", "widened_dtype", "LOW_PRECISION"]
+__all__ = ["as_real", "values_as_real", "widened_dtype", "LOW_PRECISION"]
 
 #: Dtypes that cannot hold a large scalar operand or an intermediate product: computed in float32.
 LOW_PRECISION = (torch.float16, torch.bfloat16)
@@ -17,6 +17,12 @@ def as_real(tensor: torch.Tensor) -> torch.Tensor:
     reals (views, as torch.optim treats complex parameters)."""
     tensor = local_shard(tensor)
     return torch.view_as_real(tensor) if tensor.is_complex() else tensor
+
+
+def values_as_real(tensor: torch.Tensor) -> torch.Tensor:
+    """:func:`as_real` of a tensor's values: a sparse tensor's stored values (coalesced), so that a
+    reduction over every element (a norm, a finiteness check) reads each value once."""
+    return as_real(tensor.coalesce()._values() if tensor.is_sparse else tensor)
 
 
 def widened_dtype(dtype: torch.dtype) -> torch.dtype:

@@ -43,6 +43,8 @@ from torch import nn
 from samgria._checks import check_bool, check_choice, check_real
 from samgria._wrapper import WrappingOptimizer
 from samgria.data.task import Task
+from samgria.functional import all_finite
+from samgria.functional._views import values_as_real
 from samgria.meta import distributed as collectives
 from samgria.meta import engine
 from samgria.meta.engine import InnerLoop, InnerRegFn, check_inner_options, vmap_blocker
@@ -372,15 +374,9 @@ class MetaOptimizer(WrappingOptimizer):
         """Say what is not finite (the meta-loss or some meta-gradient), or ``None``."""
         if isinstance(loss, torch.Tensor) and loss.numel() and not bool(torch.isfinite(loss.detach()).all()):
             return f"the meta-loss is {loss.detach().flatten()[0].item()}"
-        by_device: dict[torch.device, list[torch.Tensor]] = {}
-        for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is not None:
-                    by_device.setdefault(p.grad.device, []).append(p.grad)
-        for grads in by_device.values():
-            finite = torch.stack([torch.isfinite(g).all() for g in grads]).all()
-            if not bool(finite):
-                return "a meta-gradient is not finite"
+        grads = [p.grad for group in self.param_groups for p in group["params"] if p.grad is not None]
+        if not all_finite([values_as_real(grad) for grad in grads], like=grads):
+            return "a meta-gradient is not finite"
         return None
 
     def _skip(self, problem: str, loss: Any) -> Any:

@@ -94,6 +94,7 @@ class Chain:
                 self._add(name, transform)
         self._slot_set = frozenset(self.slots)
         self._hidden_keys: dict[Any, bool] = {}
+        self._visible_keys: set[Any] = set()  # keys hides() answered False for
         self._spec: tuple[str, ...] | None = None
         self.inner_keys = frozenset(inner_keys)
         self._resolve_keys()
@@ -153,9 +154,25 @@ class Chain:
         except KeyError:
             hidden = isinstance(key, str) and "." in key and key.partition(".")[0] in self._slot_set
             self._hidden_keys[key] = hidden
+            if not hidden:
+                self._visible_keys.add(key)
             return hidden
         except TypeError:  # an unhashable key
             return False
+
+    def hides_any(self, keys: Iterable[Any]) -> bool:
+        """Whether any of ``keys`` (e.g. a ``state[p]`` entry) belongs to a slot.
+
+        The inner optimizer reads ``state[p]`` for every parameter on every step: an entry with
+        only keys seen before as the inner optimizer's (``momentum_buffer``, ``exp_avg``) is
+        answered by one set comparison.
+        """
+        try:
+            if self._visible_keys.issuperset(keys):
+                return False
+        except TypeError:  # an unhashable key
+            pass
+        return any(map(self.hides, keys))
 
     def normalize_group(self, group: dict[str, Any], where: str) -> None:
         """Rewrite a user's group in place: qualified keys to stored keys; refuse ambiguous keys.

@@ -90,6 +90,11 @@ def _widened(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.to(widened_dtype(tensor.dtype))
 
 
+def _real(tensor: torch.Tensor) -> torch.Tensor:
+    """A plain (unsharded) tensor as real numbers: complex as pairs of reals (a view)."""
+    return torch.view_as_real(tensor) if tensor.is_complex() else tensor
+
+
 def _owns_storage(param: torch.Tensor) -> bool:
     """Whether ``param`` is all of its storage (not a view into a flat buffer or another tensor).
 
@@ -224,23 +229,26 @@ class PerturbationTransform(Transform):
         on glibc, which returns freed memory of that size to the operating system. Not part of
         the transform's state (it holds nothing between steps) and not pickled.
         """
-        backups = self.__dict__.setdefault("_backups", {})  # id(param) -> (weak ref, buffer)
-        ref, backup = backups.get(id(param), (None, None))
-        if ref is None or ref() is not param:
-            backup = None
-            for key in [key for key, (held, _) in backups.items() if held() is None]:
+        backups = self.__dict__.get("_backups")
+        if backups is None:
+            backups = self.__dict__["_backups"] = {}  # id(param) -> (weak ref, buffer)
+        held = backups.get(id(param))
+        if held is not None and held[0]() is param:
+            backup = held[1]
+            if (
+                backup.shape == param.shape
+                and backup.dtype == param.dtype
+                and backup.stride() == param.stride()
+                and backup.device == param.device
+            ):
+                return backup
+        else:
+            for key in [key for key, (ref, _) in backups.items() if ref() is None]:
                 del backups[key]  # parameters that no longer exist
-        if (
-            backup is None
-            or backup.shape != param.shape
-            or backup.dtype != param.dtype
-            or backup.device != param.device
-            or backup.stride() != param.stride()
-        ):
-            backup = torch.empty_like(param, memory_format=torch.preserve_format)
-            if backup.stride() != param.stride():
-                backup = torch.empty_strided(param.shape, param.stride(), dtype=param.dtype, device=param.device)
-            backups[id(param)] = (weakref.ref(param), backup)
+        backup = torch.empty_like(param, memory_format=torch.preserve_format)
+        if backup.stride() != param.stride():
+            backup = torch.empty_strided(param.shape, param.stride(), dtype=param.dtype, device=param.device)
+        backups[id(param)] = (weakref.ref(param), backup)
         return backup
 
     def __getstate__(self) -> dict[str, Any]:
@@ -271,17 +279,17 @@ class PerturbationTransform(Transform):
         swapped = [i for i, own in enumerate(owns) if own]
         in_place = [i for i, own in enumerate(owns) if not own]
         backups = [self._backup_of(param) for param in params]
-        if swapped:
+        if swapped:  # whole, unsharded tensors: as_real is a complex view at most
             perturbed_into_(
-                [as_real(backups[i]) for i in swapped],
-                [as_real(params[i]) for i in swapped],
+                [_real(backups[i]) for i in swapped],
+                [_real(params[i]) for i in swapped],
                 [directions[i] for i in swapped],
                 [scales[i] for i in swapped],
                 foreach=foreach,
             )
-        for i in in_place:
-            backups[i].copy_(params[i])
         if in_place:
+            for i in in_place:
+                backups[i].copy_(params[i])
             add_directions_(
                 [as_real(params[i]) for i in in_place],
                 [directions[i] for i in in_place],
@@ -289,14 +297,14 @@ class PerturbationTransform(Transform):
                 foreach=foreach,
             )
         moves = []
-        for i, param in enumerate(params):
+        for param, backup, own in zip(params, backups, owns):
             param.grad = None
-            if owns[i]:
+            if own:
                 original = param.data
-                param.data = backups[i]
-                moves.append((param, original, backups[i], True))
+                param.data = backup
+                moves.append((param, original, backup, True))
             else:
-                moves.append((param, backups[i], backups[i], False))
+                moves.append((param, backup, backup, False))
         return Perturbation(moves)
 
 
