@@ -140,7 +140,10 @@ class TransformingOptimizer(WrappingOptimizer):
     (weights and state untouched), with a :class:`RuntimeWarning`, and counted in
     :attr:`skipped_steps`; ``non_finite="raise"`` raises :class:`FloatingPointError` instead
     (also with nothing changed). Under ``torch.amp.GradScaler`` the scaler's verdict rules: it
-    skips the step and backs off.
+    skips the step and backs off. Not finite means an infinite or NaN element
+    (``samgria.functional.all_finite``); finite gradients whose norm overflows are stepped,
+    and SAM, which cannot scale by an infinite norm, then leaves the weights unperturbed (with a
+    warning).
 
     Args:
         params: Parameters or param-group dicts for the inner optimizer — or an already built
