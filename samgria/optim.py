@@ -141,9 +141,10 @@ class TransformingOptimizer(WrappingOptimizer):
     :attr:`skipped_steps`; ``non_finite="raise"`` raises :class:`FloatingPointError` instead
     (also with nothing changed). Under ``torch.amp.GradScaler`` the scaler's verdict rules: it
     skips the step and backs off. Not finite means an infinite or NaN element
-    (``samgria.functional.all_finite``); finite gradients whose norm overflows are stepped,
-    and SAM, which cannot scale by an infinite norm, then leaves the weights unperturbed (with a
-    warning).
+    (``samgria.functional.all_finite``). Finite gradients whose norm overflows are stepped, and
+    transforms that divide by the norm see an infinite one: SAM leaves the weights unperturbed
+    (with a warning), ``ClipGradNorm`` and ``NormalizeGrad`` scale the gradients to zero (as
+    ``torch.nn.utils.clip_grad_norm_`` does).
 
     Args:
         params: Parameters or param-group dicts for the inner optimizer — or an already built

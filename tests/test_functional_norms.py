@@ -45,19 +45,46 @@ def test_all_finite_takes_mixed_dtypes_views_and_empty_lists():
 
 
 def test_all_finite_leaves_every_value_bit_for_bit():
-    """Denormals (also under flush-to-zero mode) and NaN payloads are not touched."""
-    tensors = [torch.tensor([1e-40, 1.0, -0.0]), torch.tensor([0.0, 2.0]), torch.tensor([5e-324], dtype=torch.float64)]
-    tensors[1].view(torch.int32)[0] = 0x7FC00123  # a NaN with a payload
+    """Denormals (also under flush-to-zero mode) and NaN payloads are not touched, in every dtype."""
+    tensors = [
+        torch.tensor([1e-40, 1.0, -0.0]),
+        torch.zeros(100),
+        torch.tensor([5e-324], dtype=torch.float64),
+        torch.zeros(40, dtype=torch.bfloat16),
+        torch.zeros(40, dtype=torch.float16),
+    ]
+    tensors[1].view(torch.int32)[[0, 37, 99]] = torch.tensor([0x7FC00123, 0x7F800001, -0x3FFFFF], dtype=torch.int32)
+    tensors[3].view(torch.int16)[[0, 17]] = torch.tensor([0x7FC1, 0x7F81], dtype=torch.int16)  # NaNs
+    tensors[4].view(torch.int16)[[0, 17]] = torch.tensor([0x7C01, -0x1FF], dtype=torch.int16)  # NaNs
     bits = [t.clone() for t in tensors]
     flushing = torch.set_flush_denormal(True)
     try:
-        assert not all_finite(tensors)
+        for tensor in tensors[1], tensors[3], tensors[4]:
+            assert not all_finite([tensors[0], tensor, tensors[2]])
         assert all_finite([tensors[0], tensors[2]])
     finally:
         if flushing:
             torch.set_flush_denormal(False)
     for tensor, before in zip(tensors, bits):
         assert torch.equal(tensor.view(torch.uint8), before.view(torch.uint8))
+
+
+def test_all_finite_checks_what_the_fused_kernel_refuses_one_by_one():
+    """A gradient whose elements share memory (an expanded tensor) cannot be written to."""
+    shared = torch.ones(1).expand(6)
+    assert all_finite([torch.ones(3), shared])
+    assert not all_finite([torch.ones(3), torch.full((1,), math.inf).expand(6)])
+    assert not all_finite([torch.tensor([math.nan, 1.0]), shared])
+
+
+def test_all_finite_does_not_depend_on_the_default_dtype():
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        assert all_finite([torch.ones(3), torch.ones(2, dtype=torch.float32)])
+        assert not all_finite([torch.tensor([1.0, math.inf])])
+    finally:
+        torch.set_default_dtype(previous)
 
 
 def test_all_finite_rejects_a_like_of_another_length():

@@ -530,6 +530,19 @@ def test_two_call_step_can_be_cancelled_after_a_failing_second_pass():
     assert_bitwise_equal(params_of(model), params_of(twin))
 
 
+def test_a_chain_pickled_without_the_state_key_cache_unpickles_with_an_empty_one():
+    """The previous release's pickles have no ``_visible_keys``; lookups work after loading."""
+    model = make_model()
+    optimizer = TransformingOptimizer(model.parameters(), torch.optim.SGD, lr=0.1, transforms=[SAM(0.05), LAMP(seed=0)])
+    chain = copy.deepcopy(optimizer.chain)
+    del chain.__dict__["_visible_keys"]
+    restored = pickle.loads(pickle.dumps(chain))
+    assert restored._visible_keys == set()
+    lamp_key = f"{restored.slots[1]}.sum"
+    assert restored.hides_any(["momentum_buffer", lamp_key]) and not restored.hides_any(["momentum_buffer"])
+    assert restored.hides(lamp_key) and not restored.hides("exp_avg")
+
+
 def test_pickle_drops_hooks_and_context_callables_like_torch():
     """torch drops hooks when pickling; samgria also drops the context callables (lambdas)."""
     from samgria import frozen_bn_stats

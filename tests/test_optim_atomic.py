@@ -433,6 +433,25 @@ def test_finite_gradients_whose_norm_overflows_are_not_a_non_finite_step(mode):
     assert torch.equal(weight.detach(), expected)
 
 
+@pytest.mark.parametrize("transform", [ClipGradNorm(1.0), NormalizeGrad()], ids=["ClipGradNorm", "NormalizeGrad"])
+def test_norm_transforms_scale_finite_gradients_with_an_overflowing_norm_to_zero(transform):
+    """As torch.nn.utils.clip_grad_norm_ does (the step is not skipped: the gradients are finite)."""
+    weight = nn.Parameter(torch.ones(4))
+    optimizer = TransformingOptimizer([weight], torch.optim.SGD, lr=0.1, weight_decay=0.5, transforms=[transform])
+    reference = nn.Parameter(torch.ones(4))
+    reference.grad = torch.full((4,), 1e20)
+    torch.nn.utils.clip_grad_norm_([reference], 1.0)
+    assert torch.equal(reference.grad, torch.zeros(4))
+    optimizer.zero_grad()
+    (weight * 1e20).sum().backward()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        optimizer.step()
+    assert optimizer.skipped_steps == 0
+    assert torch.equal(weight.grad, torch.zeros(4))
+    assert torch.equal(weight.detach(), torch.ones(4).mul_(1 - 0.1 * 0.5))  # weight decay alone
+
+
 # -- 16-bit parameters --------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("foreach", [True, False])
 def test_asam_in_float16_does_not_overflow_from_finite_weights_and_gradients(foreach):

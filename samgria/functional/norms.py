@@ -83,10 +83,11 @@ def _stacked_norms(
     return torch.stack([norm.to(out_device, acc_dtype) for norm in norms])  # type: ignore[union-attr]
 
 
-#: Dtypes torch's own non-finite check (the one ``GradScaler`` runs) takes, on the devices it has
-#: kernels for; other tensors take the per-tensor path.
-_CHECKED_DTYPES_SET = frozenset((torch.float16, torch.bfloat16, torch.float32, torch.float64))
-_CHECKED_DEVICES = ("cpu", "cuda")
+#: Dtypes and devices that take torch's fused non-finite check (the one ``GradScaler`` runs). It
+#: hands float32 and float64 values back bit for bit; 16-bit NaNs can come back as other NaNs,
+#: and CUDA has no bfloat16 kernel, so 16-bit tensors take the per-tensor path.
+_FUSED_DTYPES = frozenset((torch.float32, torch.float64))
+_FUSED_DEVICES = ("cpu", "cuda")
 
 
 def all_finite(
@@ -99,10 +100,11 @@ def all_finite(
 
     Args:
         tensors: Real dense tensors of any shapes, devices and floating dtypes, or ``DTensor``\ s.
-        foreach: On the CPU and CUDA, one call per device of the check
-            ``torch.amp.GradScaler`` runs on gradients (``torch._amp_foreach_non_finite_check_and_unscale_``
-            with an unscale factor of 1, which leaves every value as it is, bit for bit); ``False``
-            takes the per-tensor reference path (``torch.isfinite(t).all()``). Both agree.
+        foreach: float32 and float64 tensors on the CPU and CUDA take one call per device of the
+            check ``torch.amp.GradScaler`` runs on gradients
+            (``torch._amp_foreach_non_finite_check_and_unscale_`` with an unscale factor of 1,
+            which leaves every value as it was, bit for bit); other tensors, and every tensor with
+            ``False``, take the per-tensor reference path (``torch.isfinite(t).all()``). Both agree.
         like: As in :func:`global_norm`: the sharded tensors that local ``tensors`` stand for.
 
     Returns:
@@ -114,9 +116,7 @@ def all_finite(
     if any_sharded(sources):
         local = [local_shard(tensor) for tensor in tensors]
         flags = [(~torch.isfinite(tensor)).any().to(torch.float32) for tensor in local]
-        if not flags:
-            return True
-        device = local[0].device
+        device = local[0].device  # not empty: some tensor is sharded
         stacked = torch.stack([flag.to(device) for flag in flags])
         return not bool(reduce_partial_sums(stacked, sources).any())
     if not foreach:
@@ -126,15 +126,30 @@ def all_finite(
         by_device.setdefault(tensor.device, []).append(tensor)
     checked: list[torch.Tensor] = []
     for device, group in by_device.items():
-        if device.type not in _CHECKED_DEVICES or not _CHECKED_DTYPES_SET.issuperset(t.dtype for t in group):
-            if not all(bool(torch.isfinite(tensor).all()) for tensor in group):
-                return False
-            continue
-        found = torch.zeros(1, device=device)
+        fusable = [t for t in group if t.dtype in _FUSED_DTYPES] if device.type in _FUSED_DEVICES else []
+        found = _fused_non_finite_check(fusable, device) if fusable else None
+        if found is not None:
+            checked.append(found)
+            group = [t for t in group if t.dtype not in _FUSED_DTYPES]
+        if not all(bool(torch.isfinite(tensor).all()) for tensor in group):
+            return False
+    return not any(bool(found) for found in checked)
+
+
+def _fused_non_finite_check(tensors: list[torch.Tensor], device: torch.device) -> torch.Tensor | None:
+    """A one-element tensor, non-zero when some element of ``tensors`` (float32/float64 on one
+    device) is not finite; ``None`` where torch's kernel refuses them (torch < 2.3 on the CPU, a
+    gradient whose elements share memory): then the caller checks them one by one."""
+    found = torch.zeros(1, dtype=torch.float32, device=device)
+    try:
         # Private torch API, used here only: torch's one fused non-finite check (GradScaler's).
         # The public torch.isfinite(t).all() makes a bool tensor per gradient and costs about 15x
-        # more on the CPU. With an unscale factor of exactly 1 every value stays as it was, bit
-        # for bit (denormals under set_flush_denormal and NaN payloads too; tested).
-        torch._amp_foreach_non_finite_check_and_unscale_(group, found, torch.ones(1, device=device))
-        checked.append(found)
-    return not any(bool(found) for found in checked)
+        # more on the CPU. With an unscale factor of exactly 1 the kernel writes every float32 and
+        # float64 value back as it was, bit for bit (denormals under set_flush_denormal and NaN
+        # payloads too; tested).
+        torch._amp_foreach_non_finite_check_and_unscale_(
+            tensors, found, torch.ones(1, dtype=torch.float32, device=device)
+        )
+    except (RuntimeError, NotImplementedError):
+        return None
+    return found

@@ -305,7 +305,7 @@ class MultiStepSAM(_FinishingTransform):
         """Take the next ascent step from the current gradients; ``False`` if they are not finite."""
         params, grads, _ = self._collect(ctx)
         norm = float(global_norm([as_real(grad) for grad in grads], foreach=ctx.foreach, like=grads))
-        if not math.isfinite(norm):  # only standalone: inside the optimizer the step is skipped
+        if not math.isfinite(norm):  # standalone, or finite gradients whose norm overflows
             warnings.warn(
                 f"MultiStepSAM: the gradient norm at an ascent point is {norm}; the ascent stops "
                 "there and the gradients stay as they are",

@@ -147,6 +147,10 @@ class Chain:
             self._spec = tuple(f"{slot}={transform.describe()}" for slot, transform in self)
         return self._spec
 
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self.__dict__.setdefault("_visible_keys", set())  # a Chain pickled by an earlier release
+
     def hides(self, key: Any) -> bool:
         """Whether a ``state[p]`` key belongs to a slot (``"<slot>.<key>"``)."""
         try:

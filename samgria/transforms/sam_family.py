@@ -33,7 +33,7 @@ from typing import Any
 import torch
 
 from samgria._checks import check_bool, check_int, check_real
-from samgria.functional import global_norm, mul_
+from samgria.functional import all_finite, global_norm, mul_
 from samgria.functional._grouping import group_indices_by_device_and_dtype
 from samgria.functional._sharding import is_sharded, local_shard, reduce_partial_sums
 from samgria.functional._views import LOW_PRECISION, as_real, widened_dtype
@@ -123,8 +123,9 @@ def _norm(tensors: Sequence[torch.Tensor], foreach: bool, like: Sequence[torch.T
 
 
 def _current_grads_finite(ctx: TransformContext) -> bool:
+    """The non-finite policy's verdict on the current gradients (every element finite)."""
     grads = [p.grad for group in ctx.param_groups for p in group["params"] if p.grad is not None]
-    return math.isfinite(_norm(grads, ctx.foreach))
+    return all_finite([as_real(grad) for grad in grads], foreach=ctx.foreach, like=grads)
 
 
 class _Step(Perturbation):
