@@ -66,6 +66,7 @@ for the docs' benchmarks page.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import statistics
@@ -129,11 +130,16 @@ def worker_main(section: str, config: dict[str, Any], threads: int, out_dir: str
         dist.init_process_group("gloo")
     try:
         result, weights = WORKERS[section](config, world_size)
+        # Free reference cycles that still hold the process group (optimizers, models wrapped
+        # for DDP) while it is alive: destroyed at interpreter shutdown instead, gloo's threads
+        # can abort a rank that has finished ("terminate called without an active exception").
+        gc.collect()
         if world_size > 1:
             dist.barrier()
     finally:
         if world_size > 1:
             dist.destroy_process_group()
+        gc.collect()
     if int(os.environ.get("RANK", "0")) == 0:
         (Path(out_dir) / "result.json").write_text(json.dumps(result))
         if weights is not None:
