@@ -1070,11 +1070,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         variants = build_variants(model_name)
         param_bytes = _param_bytes(variants[BASELINE].model)
         timing = time_variants(variants, rounds, seconds, warmup)
-        in_a_row = (
-            time_in_a_row(variants, IN_A_ROW // 2, rounds // 4, seconds / 4, min_rounds=2)
-            if args.quick
-            else time_in_a_row(variants, IN_A_ROW, rounds // 4, seconds / 2)
-        )
+        block, budget, least = (IN_A_ROW // 2, seconds / 4, 2) if args.quick else (IN_A_ROW, seconds / 2, 3)
+        in_a_row = time_in_a_row(variants, block, rounds // 4, budget, min_rounds=least)
         memory = measure_memory(variants)
         results["models"][model_name] = {
             "param_mb": param_bytes / 2**20,

@@ -26,7 +26,10 @@ from collections import defaultdict
 from collections.abc import Iterable, Iterator, MutableMapping
 from typing import Any
 
+import torch
 from torch.optim import Optimizer
+
+from samgria.functional._views import values_as_real
 
 __all__ = ["WrappingOptimizer"]
 
@@ -162,6 +165,20 @@ class WrappingOptimizer(Optimizer):
     def _hides_any_state_key(self, keys: Iterable[Any]) -> bool:
         """Whether :meth:`_hides_state_key` holds for any of ``keys`` (a subclass may answer faster)."""
         return any(map(self._hides_state_key, keys))
+
+    def _grads(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Every parameter's gradient once, dense and real (complex as pairs of reals), and the
+        gradients they were made from."""
+        grads, sources = [], []
+        seen = set()
+        for group in self.param_groups:
+            for param in group["params"]:
+                grad = param.grad
+                if grad is not None and id(param) not in seen:
+                    seen.add(id(param))
+                    grads.append(values_as_real(grad) if grad.is_sparse or grad.is_complex() else grad)
+                    sources.append(grad)
+        return grads, sources
 
     def _check_idle(self, action: str) -> None:
         """Raise if ``action`` may not run now (e.g. between ``first_step`` and ``second_step``)."""

@@ -20,7 +20,6 @@ from samgria._wrapper import WrappingOptimizer
 from samgria.functional import all_finite, global_norm
 from samgria.functional._grouping import group_indices_by_device_and_dtype
 from samgria.functional._sharding import is_sharded
-from samgria.functional._views import values_as_real
 from samgria.transforms.base import Transform, TransformContext
 from samgria.transforms.chain import CHAIN_KEY, Chain
 from samgria.transforms.sam import ASAM, SAM, Perturbation, PerturbationTransform
@@ -368,20 +367,6 @@ class TransformingOptimizer(WrappingOptimizer):
 
     def _params(self) -> list[torch.Tensor]:
         return list({id(p): p for group in self.param_groups for p in group["params"]}.values())
-
-    def _grads(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        """Every parameter's gradient once, dense and real (complex as pairs of reals), and the
-        gradients they were made from."""
-        grads, sources = [], []
-        seen = set()
-        for group in self.param_groups:
-            for param in group["params"]:
-                grad = param.grad
-                if grad is not None and id(param) not in seen:
-                    seen.add(id(param))
-                    grads.append(values_as_real(grad) if grad.is_sparse or grad.is_complex() else grad)
-                    sources.append(grad)
-        return grads, sources
 
     def _grad_norm(self) -> float:
         """The global L2 norm of every gradient (complex as pairs of reals), read on the host."""

@@ -120,7 +120,7 @@ def all_finite(
         stacked = torch.stack([flag.to(device) for flag in flags])
         return not bool(reduce_partial_sums(stacked, sources).any())
     if not foreach:
-        return all(bool(torch.isfinite(tensor).all()) for tensor in tensors)
+        return _each_finite(tensors)
     by_device: dict[torch.device, list[torch.Tensor]] = {}
     for tensor in tensors:
         by_device.setdefault(tensor.device, []).append(tensor)
@@ -131,9 +131,14 @@ def all_finite(
         if found is not None:
             checked.append(found)
             group = [t for t in group if t.dtype not in _FUSED_DTYPES]
-        if not all(bool(torch.isfinite(tensor).all()) for tensor in group):
+        if not _each_finite(group):
             return False
     return not any(bool(found) for found in checked)
+
+
+def _each_finite(tensors: Sequence[torch.Tensor]) -> bool:
+    """The reference path of :func:`all_finite`: one ``torch.isfinite`` per tensor."""
+    return all(bool(torch.isfinite(tensor).all()) for tensor in tensors)
 
 
 def _fused_non_finite_check(tensors: list[torch.Tensor], device: torch.device) -> torch.Tensor | None:

@@ -44,7 +44,6 @@ from samgria._checks import check_bool, check_choice, check_real
 from samgria._wrapper import WrappingOptimizer
 from samgria.data.task import Task
 from samgria.functional import all_finite
-from samgria.functional._views import values_as_real
 from samgria.meta import distributed as collectives
 from samgria.meta import engine
 from samgria.meta.engine import InnerLoop, InnerRegFn, check_inner_options, vmap_blocker
@@ -374,8 +373,8 @@ class MetaOptimizer(WrappingOptimizer):
         """Say what is not finite (the meta-loss or some meta-gradient), or ``None``."""
         if isinstance(loss, torch.Tensor) and loss.numel() and not bool(torch.isfinite(loss.detach()).all()):
             return f"the meta-loss is {loss.detach().flatten()[0].item()}"
-        grads = [p.grad for group in self.param_groups for p in group["params"] if p.grad is not None]
-        if not all_finite([values_as_real(grad) for grad in grads], like=grads):
+        grads, sources = self._grads()
+        if not all_finite(grads, like=sources):
             return "a meta-gradient is not finite"
         return None
 

@@ -90,11 +90,6 @@ def _widened(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.to(widened_dtype(tensor.dtype))
 
 
-def _real(tensor: torch.Tensor) -> torch.Tensor:
-    """A plain (unsharded) tensor as real numbers: complex as pairs of reals (a view)."""
-    return torch.view_as_real(tensor) if tensor.is_complex() else tensor
-
-
 def _owns_storage(param: torch.Tensor) -> bool:
     """Whether ``param`` is all of its storage (not a view into a flat buffer or another tensor).
 
@@ -279,10 +274,10 @@ class PerturbationTransform(Transform):
         swapped = [i for i, own in enumerate(owns) if own]
         in_place = [i for i, own in enumerate(owns) if not own]
         backups = [self._backup_of(param) for param in params]
-        if swapped:  # whole, unsharded tensors: as_real is a complex view at most
+        if swapped:
             perturbed_into_(
-                [_real(backups[i]) for i in swapped],
-                [_real(params[i]) for i in swapped],
+                [as_real(backups[i]) for i in swapped],
+                [as_real(params[i]) for i in swapped],
                 [directions[i] for i in swapped],
                 [scales[i] for i in swapped],
                 foreach=foreach,
