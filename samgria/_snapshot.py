@@ -21,19 +21,21 @@ class StateStructure:
 
     def __init__(self, state: MutableMapping[Any, dict[Any, Any]]) -> None:
         self._state = state
-        self._entries = {param: dict(entry) for param, entry in state.items()}
+        # A list, not a dict by parameter: taken on every step, and hashing a tensor is a Python call.
+        self._entries = [(param, dict(entry)) for param, entry in state.items()]
 
     def restore(self) -> None:
-        _drop_new_entries(self._state, self._entries)
-        for param, saved in self._entries.items():
+        _drop_new_entries(self._state, {id(param) for param, _ in self._entries})
+        for param, saved in self._entries:
             entry = self._state[param]
             entry.clear()
             entry.update(saved)
 
 
-def _drop_new_entries(state: MutableMapping[Any, dict[Any, Any]], kept: Mapping[Any, Any]) -> None:
+def _drop_new_entries(state: MutableMapping[Any, dict[Any, Any]], kept_ids: set[int]) -> None:
+    """Delete the entries of parameters whose ``id`` is not in ``kept_ids``."""
     for param in list(state):
-        if param not in kept:
+        if id(param) not in kept_ids:
             del state[param]
 
 
@@ -92,7 +94,7 @@ class StepSnapshot:
         """Put the weights and the state back as they were when the snapshot was taken."""
         for param, weight in zip(self._params, self._weights):
             param.copy_(weight)
-        _drop_new_entries(self._state, self._entries)
+        _drop_new_entries(self._state, {id(param) for param in self._entries})
         for param, saved in self._entries.items():
             entry = self._state[param]
             entry.clear()

@@ -75,12 +75,15 @@ class _DrivenState(MutableMapping):
         self._owner = owner
 
     def __getitem__(self, param: Any) -> Any:
-        state = self._owner.__dict__.get("state")
+        owner = self._owner
+        state = owner.__dict__.get("state")
         if state is None:  # while unpickling, before the wrapper's own state is restored
             raise KeyError(param)
         entry = state[param]  # defaultdict: created on first access, as in torch
-        if entry and self._owner._hides_any_state_key(entry):
-            return _VisibleEntry(entry, self._owner._hides_state_key)
+        # The driven optimizer reads every parameter's entry on every step: an entry with only
+        # keys already known to be visible is answered by one set comparison.
+        if entry and not owner._visible_state_keys.issuperset(entry) and owner._hides_any_state_key(entry):
+            return _VisibleEntry(entry, owner._hides_state_key)
         return entry
 
     def __setitem__(self, param: Any, value: Any) -> None:
@@ -127,6 +130,9 @@ class WrappingOptimizer(Optimizer):
     _dropped_on_pickle: tuple[str, ...] = ()
     #: Attributes never pickled (transient step state).
     _transient: tuple[str, ...] = ("_loading",)
+    #: State keys known to be the driven optimizer's (never hidden): a subclass that learns them
+    #: (``Chain``) shares its set here; an entry with only such keys needs no further check.
+    _visible_state_keys: frozenset[Any] | set[Any] = frozenset()
 
     def _init_wrapper(self, driven: Optimizer, defaults: dict[str, Any]) -> None:
         """Set up what ``torch.optim.Optimizer.__init__`` sets up, around ``driven``'s groups.
@@ -169,16 +175,12 @@ class WrappingOptimizer(Optimizer):
     def _grads(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """Every parameter's gradient once, dense and real (complex as pairs of reals), and the
         gradients they were made from."""
-        grads, sources = [], []
-        seen = set()
-        for group in self.param_groups:
-            for param in group["params"]:
-                grad = param.grad
-                if grad is not None and id(param) not in seen:
-                    seen.add(id(param))
-                    grads.append(values_as_real(grad) if grad.is_sparse or grad.is_complex() else grad)
-                    sources.append(grad)
-        return grads, sources
+        unique = {id(param): param for group in self.param_groups for param in group["params"]}
+        sources = [grad for grad in [param.grad for param in unique.values()] if grad is not None]
+        kinds = {(grad.layout, grad.dtype) for grad in sources}
+        if all(layout == torch.strided and not dtype.is_complex for layout, dtype in kinds):
+            return sources, sources  # the common case: dense and real
+        return [values_as_real(grad) if grad.is_sparse or grad.is_complex() else grad for grad in sources], sources
 
     def _check_idle(self, action: str) -> None:
         """Raise if ``action`` may not run now (e.g. between ``first_step`` and ``second_step``)."""

@@ -245,6 +245,7 @@ class TransformingOptimizer(WrappingOptimizer):
         self.atomic = atomic
         self.skipped_steps = 0
         self._progress = _StepProgress()
+        self._visible_state_keys = chain.visible_keys
         self._init_wrapper(inner_optimizer, {**inner_optimizer.defaults, **chain.defaults})
 
     # -- construction helpers ------------------------------------------------------------------
@@ -309,6 +310,8 @@ class TransformingOptimizer(WrappingOptimizer):
         super().__setstate__(state)
         if self.__dict__.get("_progress") is None:  # unpickled or copied: idle
             self._progress = _StepProgress()
+        if "chain" in self.__dict__:  # the chain's set, also when pickled by an earlier release
+            self._visible_state_keys = self.chain.visible_keys
 
     def _check_idle(self, action: str) -> None:
         if self._pending is not None:

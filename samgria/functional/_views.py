@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import torch
 
-from samgria.functional._sharding import local_shard
+from samgria.functional._sharding import any_sharded, local_shard
 
-__all__ = ["as_real", "values_as_real", "widened_dtype", "LOW_PRECISION"]
+__all__ = ["as_real", "all_as_real", "values_as_real", "widened_dtype", "LOW_PRECISION"]
 
 #: Dtypes that cannot hold a large scalar operand or an intermediate product: computed in float32.
 LOW_PRECISION = (torch.float16, torch.bfloat16)
@@ -17,6 +17,14 @@ def as_real(tensor: torch.Tensor) -> torch.Tensor:
     reals (views, as torch.optim treats complex parameters)."""
     tensor = local_shard(tensor)
     return torch.view_as_real(tensor) if tensor.is_complex() else tensor
+
+
+def all_as_real(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """:func:`as_real` of every tensor; ``tensors`` itself when none is complex or sharded (the
+    common case, answered by two passes over attributes instead of one call per tensor)."""
+    if any_sharded(tensors) or any(tensor.is_complex() for tensor in tensors):
+        return [as_real(tensor) for tensor in tensors]
+    return tensors
 
 
 def values_as_real(tensor: torch.Tensor) -> torch.Tensor:

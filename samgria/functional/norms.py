@@ -121,19 +121,22 @@ def all_finite(
         return not bool(reduce_partial_sums(stacked, sources).any())
     if not foreach:
         return _each_finite(tensors)
-    by_device: dict[torch.device, list[torch.Tensor]] = {}
-    for tensor in tensors:
-        by_device.setdefault(tensor.device, []).append(tensor)
+    fusable: dict[torch.device, list[torch.Tensor]] = {}
+    others: list[torch.Tensor] = []
+    for (device, dtype), indices in group_indices_by_device_and_dtype(tensors).items():
+        group = [tensors[i] for i in indices]
+        if dtype in _FUSED_DTYPES and device.type in _FUSED_DEVICES:
+            fusable.setdefault(device, []).extend(group)
+        else:
+            others.extend(group)
     checked: list[torch.Tensor] = []
-    for device, group in by_device.items():
-        fusable = [t for t in group if t.dtype in _FUSED_DTYPES] if device.type in _FUSED_DEVICES else []
-        found = _fused_non_finite_check(fusable, device) if fusable else None
-        if found is not None:
+    for device, group in fusable.items():
+        found = _fused_non_finite_check(group, device)
+        if found is None:
+            others.extend(group)
+        else:
             checked.append(found)
-            group = [t for t in group if t.dtype not in _FUSED_DTYPES]
-        if not _each_finite(group):
-            return False
-    return not any(bool(found) for found in checked)
+    return _each_finite(others) and not any(bool(found) for found in checked)
 
 
 def _each_finite(tensors: Sequence[torch.Tensor]) -> bool:

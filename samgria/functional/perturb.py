@@ -30,34 +30,64 @@ def perturbed_into_(
     ``buffers`` may be ``params`` themselves (in place). ``directions`` may be overwritten (they
     are consumed). A direction wider than its parameter (float32 for a 16-bit one), and every
     16-bit parameter, is computed in float32 and rounded once: a 16-bit tensor cannot take a huge
-    ``s_i`` as a scalar operand. Otherwise one fused
-    ``torch.add(w, d, alpha=s, out=b)`` per tensor (both paths on the CPU), and ``_foreach_mul_``
-    / ``_foreach_copy_`` / ``_foreach_add_`` on other devices with ``foreach``.
+    ``s_i`` as a scalar operand. Otherwise one fused ``torch.add(w, d, alpha=s, out=b)`` per
+    tensor (the reference path, and large tensors on the CPU), ``_foreach_copy_`` /
+    ``_foreach_add_`` for small CPU tensors with ``foreach`` (the same arithmetic, bit for bit),
+    and ``_foreach_mul_`` / ``_foreach_copy_`` / ``_foreach_add_`` on other devices with
+    ``foreach``.
     """
-    plain: list[int] = []
-    for i, (param, direction) in enumerate(zip(params, directions)):
-        if param.dtype in LOW_PRECISION or direction.dtype != param.dtype:
-            wide = torch.promote_types(widened_dtype(param.dtype), widened_dtype(direction.dtype))
-            buffers[i].copy_(torch.add(param.to(wide), direction.to(wide), alpha=scales[i]))
+    for (device, dtype), indices in group_indices_by_device_and_dtype(params).items():
+        if dtype in LOW_PRECISION:
+            plain, widened = [], indices
         else:
-            plain.append(i)
-    if foreach:
-        groups = group_indices_by_device_and_dtype([params[i] for i in plain])
-        for (device, _dtype), positions in groups.items():
-            indices = [plain[k] for k in positions]
-            if device.type == "cpu":
-                for i in indices:
-                    torch.add(params[i], directions[i], alpha=scales[i], out=buffers[i])
-                continue
-            group = [directions[i] for i in indices]
-            torch._foreach_mul_(group, [scales[i] for i in indices])
-            copied = [i for i in indices if buffers[i] is not params[i]]
-            if copied:
-                torch._foreach_copy_([buffers[i] for i in copied], [params[i] for i in copied])
-            torch._foreach_add_([buffers[i] for i in indices], group)
-        return
-    for i in plain:
-        torch.add(params[i], directions[i], alpha=scales[i], out=buffers[i])
+            plain = [i for i in indices if directions[i].dtype == dtype]
+            widened = [i for i in indices if directions[i].dtype != dtype] if len(plain) < len(indices) else []
+        for i in widened:
+            wide = torch.promote_types(widened_dtype(params[i].dtype), widened_dtype(directions[i].dtype))
+            buffers[i].copy_(torch.add(params[i].to(wide), directions[i].to(wide), alpha=scales[i]))
+        if not plain:
+            continue
+        if not foreach:
+            for i in plain:
+                torch.add(params[i], directions[i], alpha=scales[i], out=buffers[i])
+            continue
+        if device.type == "cpu":
+            _perturbed_into_on_cpu(buffers, params, directions, scales, plain)
+            continue
+        group = [directions[i] for i in plain]
+        torch._foreach_mul_(group, [scales[i] for i in plain])
+        copied = [i for i in plain if buffers[i] is not params[i]]
+        if copied:
+            torch._foreach_copy_([buffers[i] for i in copied], [params[i] for i in copied])
+        torch._foreach_add_([buffers[i] for i in plain], group)
+
+
+#: On the CPU, tensors of at most this many elements (64 KiB in float32: in cache) are perturbed by
+#: ``torch._foreach_copy_`` and ``torch._foreach_add_`` (one dispatch per list instead of one per
+#: tensor; the same arithmetic, bit for bit); larger ones by one ``torch.add(..., out=)`` each, a
+#: single pass over memory that is not in cache.
+_CPU_LIST_NUMEL = 1 << 14
+
+
+def _perturbed_into_on_cpu(
+    buffers: Sequence[torch.Tensor],
+    params: Sequence[torch.Tensor],
+    directions: Sequence[torch.Tensor],
+    scales: Sequence[float],
+    indices: list[int],
+) -> None:
+    """:func:`perturbed_into_`'s foreach path for ``indices`` (one CPU dtype, same dtype directions)."""
+    by_scale: dict[float, list[int]] = {}
+    for i in indices:
+        if params[i].numel() > _CPU_LIST_NUMEL:
+            torch.add(params[i], directions[i], alpha=scales[i], out=buffers[i])
+        else:
+            by_scale.setdefault(scales[i], []).append(i)
+    for scale, small in by_scale.items():
+        copied = [i for i in small if buffers[i] is not params[i]]
+        if copied:
+            torch._foreach_copy_([buffers[i] for i in copied], [params[i] for i in copied])
+        torch._foreach_add_([buffers[i] for i in small], [directions[i] for i in small], alpha=scale)
 
 
 def add_directions_(

@@ -340,7 +340,7 @@ class MultiStepSAM(_FinishingTransform):
         storage keeps its original tensor untouched (restored by re-pointing); a view is moved in
         place and restored from the copy.
         """
-        backups = [self._backup_of(param) for param in params]
+        backups = self._backups_of(params)
         if foreach:
             for indices in group_indices_by_device_and_dtype(params).values():
                 torch._foreach_copy_([backups[i] for i in indices], [params[i] for i in indices])

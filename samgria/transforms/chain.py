@@ -164,6 +164,11 @@ class Chain:
         except TypeError:  # an unhashable key
             return False
 
+    @property
+    def visible_keys(self) -> set[Any]:
+        """The keys :meth:`hides` answered ``False`` for so far (a live set, grown by :meth:`hides`)."""
+        return self._visible_keys
+
     def hides_any(self, keys: Iterable[Any]) -> bool:
         """Whether any of ``keys`` (e.g. a ``state[p]`` entry) belongs to a slot.
 

@@ -37,7 +37,7 @@ import torch
 
 from samgria._checks import check_bool, check_real
 from samgria.functional._sharding import is_sharded
-from samgria.functional._views import as_real, widened_dtype
+from samgria.functional._views import all_as_real, as_real, widened_dtype
 from samgria.functional import adaptive_scaling, add_directions_, global_norm, mul, mul_, perturbed_into_
 from samgria.transforms.base import Transform, TransformContext
 
@@ -100,7 +100,7 @@ def _owns_storage(param: torch.Tensor) -> bool:
         not is_sharded(param)  # FSDP2 all-gathers from its own shard storage: perturb that in place
         and param._base is None
         and param.storage_offset() == 0
-        and param.untyped_storage().nbytes() == param.numel() * param.element_size()
+        and param.untyped_storage().nbytes() == param.nbytes
     )
 
 
@@ -157,17 +157,21 @@ class PerturbationTransform(Transform):
         for group in ctx.param_groups:
             for param in group["params"]:
                 grad = param.grad
-                if grad is None or id(param) in seen:
+                if grad is None:
                     continue
-                seen.add(id(param))
-                if grad.is_sparse:
-                    raise RuntimeError(
-                        "SAM and ASAM do not support sparse gradients (a parameter of shape "
-                        f"{tuple(param.shape)} has one); use a dense embedding or exclude it"
-                    )
+                key = id(param)
+                if key in seen:
+                    continue
+                seen.add(key)
                 params.append(param)
                 grads.append(grad)
                 groups.append(group)
+        for param, grad in zip(params, grads):
+            if grad.is_sparse:
+                raise RuntimeError(
+                    "SAM and ASAM do not support sparse gradients (a parameter of shape "
+                    f"{tuple(param.shape)} has one); use a dense embedding or exclude it"
+                )
         return params, grads, groups
 
     def _gather(
@@ -216,35 +220,40 @@ class PerturbationTransform(Transform):
             return None
         return norm
 
-    def _backup_of(self, param: torch.Tensor) -> torch.Tensor:
-        """The buffer that holds ``param``'s original values while it is perturbed.
+    def _backups_of(self, params: list[torch.Tensor]) -> list[torch.Tensor]:
+        """The buffers that hold each parameter's original values while it is perturbed.
 
         Kept between steps (one buffer the size of the perturbed parameters, as the widely used
         PyTorch SAM keeps ``old_p``): allocating it afresh every step costs a page fault per page
         on glibc, which returns freed memory of that size to the operating system. Not part of
-        the transform's state (it holds nothing between steps) and not pickled.
+        the transform's state (it holds nothing between steps) and not pickled. A buffer is made
+        anew when its parameter's dtype, shape, strides or device changed.
         """
         backups = self.__dict__.get("_backups")
         if backups is None:
             backups = self.__dict__["_backups"] = {}  # id(param) -> (weak ref, buffer)
-        held = backups.get(id(param))
-        if held is not None and held[0]() is param:
-            backup = held[1]
-            if (
-                backup.shape == param.shape
-                and backup.dtype == param.dtype
-                and backup.stride() == param.stride()
-                and backup.device == param.device
-            ):
-                return backup
-        else:
-            for key in [key for key, (ref, _) in backups.items() if ref() is None]:
-                del backups[key]  # parameters that no longer exist
-        backup = torch.empty_like(param, memory_format=torch.preserve_format)
-        if backup.stride() != param.stride():
-            backup = torch.empty_strided(param.shape, param.stride(), dtype=param.dtype, device=param.device)
-        backups[id(param)] = (weakref.ref(param), backup)
-        return backup
+        found = []
+        for param in params:
+            held = backups.get(id(param))
+            if held is not None and held[0]() is param:
+                backup = held[1]
+                if (
+                    backup.dtype == param.dtype
+                    and backup.stride() == param.stride()
+                    and backup.is_same_size(param)
+                    and backup.device == param.device
+                ):
+                    found.append(backup)
+                    continue
+            else:
+                for key in [key for key, (ref, _) in backups.items() if ref() is None]:
+                    del backups[key]  # parameters that no longer exist
+            backup = torch.empty_like(param, memory_format=torch.preserve_format)
+            if backup.stride() != param.stride():
+                backup = torch.empty_strided(param.shape, param.stride(), dtype=param.dtype, device=param.device)
+            backups[id(param)] = (weakref.ref(param), backup)
+            found.append(backup)
+        return found
 
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
@@ -270,19 +279,27 @@ class PerturbationTransform(Transform):
         other memory (a flat parameter buffer, a parametrization) is perturbed in place instead:
         its values are copied into the backup first and copied back to restore.
         """
-        owns = [_owns_storage(param) for param in params]
-        swapped = [i for i, own in enumerate(owns) if own]
-        in_place = [i for i, own in enumerate(owns) if not own]
-        backups = [self._backup_of(param) for param in params]
-        if swapped:
-            perturbed_into_(
-                [as_real(backups[i]) for i in swapped],
-                [as_real(params[i]) for i in swapped],
-                [directions[i] for i in swapped],
-                [scales[i] for i in swapped],
-                foreach=foreach,
-            )
-        if in_place:
+        backups = self._backups_of(params)
+        moves = []
+        in_place = []
+        for index, (param, backup) in enumerate(zip(params, backups)):
+            if _owns_storage(param):
+                moves.append((param, param.data, backup, True))
+            else:
+                moves.append((param, backup, backup, False))
+                in_place.append(index)
+        if not in_place:  # the common case: every parameter owns its storage
+            perturbed_into_(all_as_real(backups), all_as_real(params), directions, scales, foreach=foreach)
+        else:
+            swapped = [i for i, move in enumerate(moves) if move[3]]
+            if swapped:
+                perturbed_into_(
+                    [as_real(backups[i]) for i in swapped],
+                    [as_real(params[i]) for i in swapped],
+                    [directions[i] for i in swapped],
+                    [scales[i] for i in swapped],
+                    foreach=foreach,
+                )
             for i in in_place:
                 backups[i].copy_(params[i])
             add_directions_(
@@ -291,15 +308,10 @@ class PerturbationTransform(Transform):
                 [scales[i] for i in in_place],
                 foreach=foreach,
             )
-        moves = []
-        for param, backup, own in zip(params, backups, owns):
+        for param, _original, backup, swapped_storage in moves:
             param.grad = None
-            if own:
-                original = param.data
+            if swapped_storage:
                 param.data = backup
-                moves.append((param, original, backup, True))
-            else:
-                moves.append((param, backup, backup, False))
         return Perturbation(moves)
 
 
@@ -358,12 +370,16 @@ class SAM(PerturbationTransform):
             return gathered
         params, grads, groups, norm = gathered
         moved, directions, scales = [], [], []
+        group_seen, rho = None, 0.0
         for param, grad, group in zip(params, grads, groups):
-            if group["rho"] > 0:
+            if group is not group_seen:  # one group's parameters are consecutive
+                group_seen, rho = group, group["rho"]
+                scale = rho / norm
+            if rho > 0:
                 moved.append(param)
-                directions.append(as_real(grad))
-                scales.append(group["rho"] / norm)
-        return self._move_along(moved, directions, scales, ctx.foreach)
+                directions.append(grad)
+                scales.append(scale)
+        return self._move_along(moved, all_as_real(directions), scales, ctx.foreach)
 
 
 class ASAM(PerturbationTransform):

@@ -1,0 +1,72 @@
+"""``samgria.functional.perturb``: the weight-perturbation kernels, fast paths against a per-tensor
+loop written here, and the grouping they share."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from samgria.functional import add_directions_, perturbed_into_
+from samgria.functional._grouping import group_indices_by_device_and_dtype
+from samgria.functional.perturb import _CPU_LIST_NUMEL
+
+
+def _case(dtype: torch.dtype = torch.float32):
+    """Small tensors (the list kernels on the CPU) and large ones (one fused add each), with two
+    scales, as SAM produces for two param groups with different ``rho``."""
+    generator = torch.Generator().manual_seed(0)
+    shapes = [(3, 4), (_CPU_LIST_NUMEL + 1,), (5,), (2, _CPU_LIST_NUMEL), (1,), (0,)]
+    params = [torch.randn(shape, generator=generator).to(dtype) for shape in shapes]
+    directions = [torch.randn(shape, generator=generator).to(dtype) for shape in shapes]
+    scales = [0.3, 0.3, 1e-3, 1e-3, 0.3, 0.3]
+    return params, directions, scales
+
+
+def _loop(params, directions, scales):
+    """w + s * d per tensor, as ``torch.add`` computes it with ``alpha``."""
+    return [torch.add(w, d, alpha=s) for w, d, s in zip(params, directions, scales)]
+
+
+@pytest.mark.parametrize("foreach", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_perturbed_into_writes_w_plus_s_d_into_the_buffers_and_leaves_the_weights(foreach, dtype):
+    params, directions, scales = _case(dtype)
+    originals = [w.clone() for w in params]
+    buffers = [torch.full_like(w, float("nan")) for w in params]
+    expected = _loop(params, [d.clone() for d in directions], scales)
+    perturbed_into_(buffers, params, directions, scales, foreach=foreach)
+    for buffer, want in zip(buffers, expected):
+        assert torch.equal(buffer, want)  # bit for bit: the same arithmetic on both paths
+    for param, original in zip(params, originals):
+        assert torch.equal(param, original)
+
+
+@pytest.mark.parametrize("foreach", [True, False])
+def test_add_directions_moves_the_weights_in_place(foreach):
+    params, directions, scales = _case()
+    storages = [w.data_ptr() for w in params]
+    expected = _loop(params, [d.clone() for d in directions], scales)
+    add_directions_(params, directions, scales, foreach=foreach)
+    for param, want, storage in zip(params, expected, storages):
+        assert torch.equal(param, want)
+        assert param.data_ptr() == storage
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_perturbed_into_computes_16_bit_weights_in_float32_and_rounds_once(dtype):
+    params = [torch.tensor([1.0, -2.0, 0.5], dtype=dtype)]
+    directions = [torch.tensor([1e-4, 2e-4, -1e-4], dtype=torch.float32)]
+    scale = 1e6  # larger than float16 can hold as a scalar operand
+    buffers = [torch.empty_like(params[0])]
+    perturbed_into_(buffers, params, directions, [scale])
+    want = (params[0].float() + scale * directions[0]).to(dtype)
+    assert torch.equal(buffers[0], want)
+
+
+def test_group_indices_by_device_and_dtype_keeps_each_dtype_apart_in_order():
+    tensors = [torch.zeros(1), torch.zeros(1, dtype=torch.float64), torch.zeros(2), torch.zeros(1, dtype=torch.float16)]
+    groups = group_indices_by_device_and_dtype(tensors)
+    cpu = torch.device("cpu")
+    assert groups == {(cpu, torch.float32): [0, 2], (cpu, torch.float64): [1], (cpu, torch.float16): [3]}
+    assert group_indices_by_device_and_dtype(tensors[:1] + tensors[2:3]) == {(cpu, torch.float32): [0, 1]}
+    assert group_indices_by_device_and_dtype([]) == {}
