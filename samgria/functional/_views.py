@@ -22,7 +22,7 @@ def as_real(tensor: torch.Tensor) -> torch.Tensor:
 def all_as_real(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
     """:func:`as_real` of every tensor; ``tensors`` itself when none is complex or sharded (the
     common case, answered by two passes over attributes instead of one call per tensor)."""
-    if any_sharded(tensors) or any(tensor.is_complex() for tensor in tensors):
+    if any_sharded(tensors) or any(dtype.is_complex for dtype in {tensor.dtype for tensor in tensors}):
         return [as_real(tensor) for tensor in tensors]
     return tensors
 

@@ -289,7 +289,9 @@ class PerturbationTransform(Transform):
                 moves.append((param, backup, backup, False))
                 in_place.append(index)
         if not in_place:  # the common case: every parameter owns its storage
-            perturbed_into_(all_as_real(backups), all_as_real(params), directions, scales, foreach=foreach)
+            real_params = all_as_real(params)
+            real_backups = backups if real_params is params else [as_real(backup) for backup in backups]
+            perturbed_into_(real_backups, real_params, directions, scales, foreach=foreach)
         else:
             swapped = [i for i, move in enumerate(moves) if move[3]]
             if swapped:
