@@ -63,6 +63,65 @@ def test_perturbed_into_computes_16_bit_weights_in_float32_and_rounds_once(dtype
     assert torch.equal(buffers[0], want)
 
 
+def _out_of_place_reference(buffers, params, directions, scales):
+    """What one ``torch.add(w, d, alpha=s, out=b)`` per tensor, in order, leaves in each buffer."""
+    expected = [buffer.clone() for buffer in buffers]
+    params = [w.clone() for w in params]
+    directions = [d.clone() for d in directions]
+    for want, w, d, s in zip(expected, params, directions, scales):
+        torch.add(w, d, alpha=s, out=want)
+    return expected
+
+
+@pytest.mark.parametrize("foreach", [True, False])
+def test_perturbed_into_mixes_dtypes_in_place_entries_and_zero_scales_of_either_sign(foreach):
+    generator = torch.Generator().manual_seed(1)
+    params = [
+        torch.randn(4, generator=generator),
+        torch.randn(3, generator=generator, dtype=torch.float64),
+        torch.tensor([-0.0, 0.0, 1.5]),
+        torch.tensor([-0.0, 0.0, 1.5]),
+        torch.randn(5, generator=generator),
+        torch.randn(2, generator=generator),
+    ]
+    directions = [torch.randn(w.shape, generator=generator, dtype=w.dtype) for w in params]
+    scales = [0.25, 0.25, 0.0, -0.0, 0.25, 0.5]
+    buffers = [torch.empty_like(w) for w in params]
+    buffers[4] = params[4]  # this one in place
+    expected = _out_of_place_reference([b.clone() for b in buffers[:4]] + [params[4].clone(), buffers[5]], params, directions, scales)
+    perturbed_into_(buffers, params, directions, scales, foreach=foreach)
+    for buffer, want in zip(buffers, expected):
+        assert buffer.dtype == want.dtype and torch.equal(buffer, want)
+        assert torch.equal(torch.signbit(buffer), torch.signbit(want))  # -0.0 stays -0.0
+
+
+def test_perturbed_into_with_a_wider_buffer_or_one_sharing_the_direction_matches_torch_add():
+    weights = torch.tensor([1.0, 2.0])
+    tiny = torch.tensor([1e-8, -1e-8])
+    wide = torch.empty(2, dtype=torch.float64)
+    perturbed_into_([wide], [weights], [tiny.clone()], [1.0])
+    assert torch.equal(wide, torch.add(weights, tiny, alpha=1.0).double())  # float32 arithmetic
+
+    direction = torch.tensor([2.0, 3.0])
+    perturbed_into_([direction], [weights], [direction], [1.0])  # the buffer is the direction
+    assert torch.equal(direction, torch.tensor([3.0, 5.0]))
+
+
+def test_perturbed_into_under_grad_mode_refuses_weights_that_require_grad_as_torch_add_does():
+    weights = torch.ones(3, requires_grad=True)
+    buffer = torch.empty(3)
+    with pytest.raises(RuntimeError, match="don't support automatic differentiation"):
+        perturbed_into_([buffer], [weights], [torch.ones(3)], [0.5])
+
+
+def test_perturbed_into_rejects_lists_of_other_lengths():
+    weights = [torch.zeros(2), torch.zeros(2)]
+    with pytest.raises(ValueError, match=r"directions must have one entry per parameter, got 1 for 2"):
+        perturbed_into_([torch.empty(2), torch.empty(2)], weights, [torch.ones(2)], [1.0, 1.0])
+    with pytest.raises(ValueError, match=r"scales must have one entry per parameter, got 3 for 2"):
+        add_directions_(weights, [torch.ones(2), torch.ones(2)], [1.0, 1.0, 1.0])
+
+
 def test_group_indices_by_device_and_dtype_keeps_each_dtype_apart_in_order():
     tensors = [torch.zeros(1), torch.zeros(1, dtype=torch.float64), torch.zeros(2), torch.zeros(1, dtype=torch.float16)]
     groups = group_indices_by_device_and_dtype(tensors)

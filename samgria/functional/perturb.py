@@ -7,7 +7,9 @@ agree bit for bit.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 
@@ -36,6 +38,10 @@ def perturbed_into_(
     and ``_foreach_mul_`` / ``_foreach_copy_`` / ``_foreach_add_`` on other devices with
     ``foreach``.
     """
+    for name, values in (("buffers", buffers), ("directions", directions), ("scales", scales)):
+        if len(values) != len(params):
+            raise ValueError(f"{name} must have one entry per parameter, got {len(values)} for {len(params)}")
+    groups = []
     for (device, dtype), indices in group_indices_by_device_and_dtype(params).items():
         if dtype in LOW_PRECISION:
             plain, widened = [], indices
@@ -45,14 +51,15 @@ def perturbed_into_(
         for i in widened:
             wide = torch.promote_types(widened_dtype(params[i].dtype), widened_dtype(directions[i].dtype))
             buffers[i].copy_(torch.add(params[i].to(wide), directions[i].to(wide), alpha=scales[i]))
-        if not plain:
-            continue
+        if plain:
+            groups.append((device, dtype, plain))
+    for device, dtype, plain in groups:  # after every widened one, as before the grouping
         if not foreach:
             for i in plain:
                 torch.add(params[i], directions[i], alpha=scales[i], out=buffers[i])
             continue
         if device.type == "cpu":
-            _perturbed_into_on_cpu(buffers, params, directions, scales, plain)
+            _perturbed_into_on_cpu(buffers, params, directions, scales, plain, dtype)
             continue
         group = [directions[i] for i in plain]
         torch._foreach_mul_(group, [scales[i] for i in plain])
@@ -69,25 +76,63 @@ def perturbed_into_(
 _CPU_LIST_NUMEL = 1 << 14
 
 
+def _listable(buffer: torch.Tensor, param: torch.Tensor, direction: torch.Tensor, dtype: torch.dtype) -> bool:
+    """Whether a copy and an add give what ``torch.add(param, direction, out=buffer)`` gives: a
+    small tensor whose buffer is the parameter itself, or has its dtype and does not share memory
+    with the direction (the copy would overwrite it first)."""
+    if param.numel() > _CPU_LIST_NUMEL:
+        return False
+    if buffer is param:
+        return True
+    return buffer.dtype == dtype and buffer.untyped_storage().data_ptr() != direction.untyped_storage().data_ptr()
+
+
+def _same_scale(first: Any, second: Any) -> bool:
+    """Whether two scales are the same float, sign of zero included."""
+    return (
+        isinstance(first, float)
+        and isinstance(second, float)
+        and first == second
+        and math.copysign(1.0, first) == math.copysign(1.0, second)
+    )
+
+
 def _perturbed_into_on_cpu(
     buffers: Sequence[torch.Tensor],
     params: Sequence[torch.Tensor],
     directions: Sequence[torch.Tensor],
     scales: Sequence[float],
     indices: list[int],
+    dtype: torch.dtype,
 ) -> None:
-    """:func:`perturbed_into_`'s foreach path for ``indices`` (one CPU dtype, same dtype directions)."""
-    by_scale: dict[float, list[int]] = {}
-    for i in indices:
-        if params[i].numel() > _CPU_LIST_NUMEL:
+    """:func:`perturbed_into_`'s foreach path for ``indices`` (CPU tensors of ``dtype``, directions
+    of the same dtype), tensor by tensor in order: consecutive small tensors with the same float
+    scale go through the list kernels together, every other one through ``torch.add(..., out=)``.
+    Under grad mode every tensor does (its refusal of inputs that require grad is kept)."""
+    if torch.is_grad_enabled():
+        for i in indices:
             torch.add(params[i], directions[i], alpha=scales[i], out=buffers[i])
-        else:
-            by_scale.setdefault(scales[i], []).append(i)
-    for scale, small in by_scale.items():
-        copied = [i for i in small if buffers[i] is not params[i]]
+        return
+    run: list[int] = []
+
+    def flush() -> None:
+        copied = [i for i in run if buffers[i] is not params[i]]
         if copied:
             torch._foreach_copy_([buffers[i] for i in copied], [params[i] for i in copied])
-        torch._foreach_add_([buffers[i] for i in small], [directions[i] for i in small], alpha=scale)
+        torch._foreach_add_([buffers[i] for i in run], [directions[i] for i in run], alpha=scales[run[0]])
+        run.clear()
+
+    for i in indices:
+        if isinstance(scales[i], float) and _listable(buffers[i], params[i], directions[i], dtype):
+            if run and not _same_scale(scales[run[0]], scales[i]):
+                flush()
+            run.append(i)
+            continue
+        if run:
+            flush()
+        torch.add(params[i], directions[i], alpha=scales[i], out=buffers[i])
+    if run:
+        flush()
 
 
 def add_directions_(
