@@ -19,6 +19,7 @@ trainers on both ranks. The docs' torchrun example runs on 2 ranks as well.
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import warnings
 from pathlib import Path
@@ -314,9 +315,14 @@ def _worker(out_dir: str) -> None:
     rank, world_size = dist.get_rank(), dist.get_world_size()
     try:
         results = run_cases(rank, world_size, Path(out_dir))
+        # Free reference cycles (optimizers, DDP/FSDP modules) that still hold the process group
+        # while it is alive: destroyed at interpreter exit instead, gloo's threads can abort a rank
+        # that has finished (as benchmarks/distributed.py does).
+        gc.collect()
         dist.barrier()
     finally:
         dist.destroy_process_group()
+        gc.collect()
     torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
 
 

@@ -13,6 +13,7 @@ The test starts this file twice as a script (one process per rank, through
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 
 import pytest
@@ -92,9 +93,14 @@ def _worker(out_dir: str) -> None:
     rank = dist.get_rank()
     try:
         results = {mode: _train_ddp(rank, mode) for mode in MODES}
+        # Free reference cycles (optimizers, DDP/FSDP modules) that still hold the process group
+        # while it is alive: destroyed at interpreter exit instead, gloo's threads can abort a rank
+        # that has finished (as benchmarks/distributed.py does).
+        gc.collect()
         dist.barrier()
     finally:
         dist.destroy_process_group()
+        gc.collect()
     torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
 
 

@@ -20,6 +20,7 @@ single-process references on the same global batch:
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 
 import pytest
@@ -201,9 +202,15 @@ def _worker(out_dir: str, reshard_from: str | None) -> None:
                 model, _ = _train(config, rank, world_size, range(STEPS), hsdp=True)
                 results[f"hsdp.{config}"] = _full(model)
                 results[f"hsdp.{config}.local"] = [p.to_local().detach().clone() for p in model.parameters()]
+        # Free reference cycles (optimizers, DDP/FSDP modules) that still hold the process group
+        # while it is alive: destroyed at interpreter exit instead, gloo's threads can abort a rank
+        # that has finished (as benchmarks/distributed.py does).
+        model = optimizer = None
+        gc.collect()
         dist.barrier()
     finally:
         dist.destroy_process_group()
+        gc.collect()
     torch.save(results, os.path.join(out_dir, f"rank{rank}-of-{world_size}.pt"))
 
 
