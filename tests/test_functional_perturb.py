@@ -8,7 +8,7 @@ import torch
 
 from samgria.functional import add_directions_, perturbed_into_
 from samgria.functional._grouping import group_indices_by_device_and_dtype
-from samgria.functional.perturb import _CPU_LIST_NUMEL
+from samgria.functional.perturb import _CPU_LIST_NUMEL, _perturbed_into_by_lists
 
 
 def _case(dtype: torch.dtype = torch.float32):
@@ -39,6 +39,18 @@ def test_perturbed_into_writes_w_plus_s_d_into_the_buffers_and_leaves_the_weight
         assert torch.equal(buffer, want)  # bit for bit: the same arithmetic on both paths
     for param, original in zip(params, originals):
         assert torch.equal(param, original)
+
+
+@torch.no_grad()
+def test_the_list_path_without_a_size_limit_as_on_cuda_gives_the_same_bits():
+    """Off the CPU every size takes the list kernels: the run logic, checked here on the CPU."""
+    params, directions, scales = _case()
+    buffers = [torch.full_like(w, float("nan")) for w in params]
+    buffers[2] = params[2]  # one in place
+    expected = _out_of_place_reference(buffers, params, directions, scales)
+    _perturbed_into_by_lists(buffers, params, directions, scales, list(range(len(params))), torch.float32, None)
+    for buffer, want in zip(buffers, expected):
+        assert torch.equal(buffer, want)
 
 
 @pytest.mark.parametrize("foreach", [True, False])

@@ -33,10 +33,12 @@ def perturbed_into_(
     are consumed). A direction wider than its parameter (float32 for a 16-bit one), and every
     16-bit parameter, is computed in float32 and rounded once: a 16-bit tensor cannot take a huge
     ``s_i`` as a scalar operand. Otherwise one fused ``torch.add(w, d, alpha=s, out=b)`` per
-    tensor (the reference path, and large tensors on the CPU), ``_foreach_copy_`` /
-    ``_foreach_add_`` for small CPU tensors with ``foreach`` (the same arithmetic, bit for bit),
-    and ``_foreach_mul_`` / ``_foreach_copy_`` / ``_foreach_add_`` on other devices with
-    ``foreach``.
+    tensor (the reference path, and large tensors on the CPU), or with ``foreach``
+    ``_foreach_copy_`` and ``_foreach_add_(b, d, alpha=s)`` per list of tensors with the same
+    scale: the same arithmetic (:math:`w + s\,d` with one rounding; bit for bit on the CPU, tested).
+
+    Raises:
+        ValueError: If ``buffers``, ``directions`` or ``scales`` has another length than ``params``.
     """
     for name, values in (("buffers", buffers), ("directions", directions), ("scales", scales)):
         if len(values) != len(params):
@@ -58,29 +60,25 @@ def perturbed_into_(
             for i in plain:
                 torch.add(params[i], directions[i], alpha=scales[i], out=buffers[i])
             continue
-        if device.type == "cpu":
-            _perturbed_into_on_cpu(buffers, params, directions, scales, plain, dtype)
-            continue
-        group = [directions[i] for i in plain]
-        torch._foreach_mul_(group, [scales[i] for i in plain])
-        copied = [i for i in plain if buffers[i] is not params[i]]
-        if copied:
-            torch._foreach_copy_([buffers[i] for i in copied], [params[i] for i in copied])
-        torch._foreach_add_([buffers[i] for i in plain], group)
+        size_limit = _CPU_LIST_NUMEL if device.type == "cpu" else None
+        _perturbed_into_by_lists(buffers, params, directions, scales, plain, dtype, size_limit)
 
 
 #: On the CPU, tensors of at most this many elements (64 KiB in float32: in cache) are perturbed by
-#: ``torch._foreach_copy_`` and ``torch._foreach_add_`` (one dispatch per list instead of one per
-#: tensor; the same arithmetic, bit for bit); larger ones by one ``torch.add(..., out=)`` each, a
-#: single pass over memory that is not in cache.
+#: ``torch._foreach_copy_`` and ``torch._foreach_add_`` (the CPU runs these lists tensor by tensor
+#: in C++: one dispatch per list instead of one per tensor); larger ones by one
+#: ``torch.add(..., out=)`` each, a single pass over memory that is not in cache. On other devices
+#: the list kernels are fused and take every size.
 _CPU_LIST_NUMEL = 1 << 14
 
 
-def _listable(buffer: torch.Tensor, param: torch.Tensor, direction: torch.Tensor, dtype: torch.dtype) -> bool:
+def _listable(
+    buffer: torch.Tensor, param: torch.Tensor, direction: torch.Tensor, dtype: torch.dtype, size_limit: int | None
+) -> bool:
     """Whether a copy and an add give what ``torch.add(param, direction, out=buffer)`` gives: a
-    small tensor whose buffer is the parameter itself, or has its dtype and does not share memory
-    with the direction (the copy would overwrite it first)."""
-    if param.numel() > _CPU_LIST_NUMEL:
+    tensor (of at most ``size_limit`` elements) whose buffer is the parameter itself, or has its
+    dtype and does not share memory with the direction (the copy would overwrite it first)."""
+    if size_limit is not None and param.numel() > size_limit:
         return False
     if buffer is param:
         return True
@@ -97,18 +95,21 @@ def _same_scale(first: Any, second: Any) -> bool:
     )
 
 
-def _perturbed_into_on_cpu(
+def _perturbed_into_by_lists(
     buffers: Sequence[torch.Tensor],
     params: Sequence[torch.Tensor],
     directions: Sequence[torch.Tensor],
     scales: Sequence[float],
     indices: list[int],
     dtype: torch.dtype,
+    size_limit: int | None,
 ) -> None:
-    """:func:`perturbed_into_`'s foreach path for ``indices`` (CPU tensors of ``dtype``, directions
-    of the same dtype), tensor by tensor in order: consecutive small tensors with the same float
-    scale go through the list kernels together, every other one through ``torch.add(..., out=)``.
-    Under grad mode every tensor does (its refusal of inputs that require grad is kept)."""
+    """:func:`perturbed_into_`'s foreach path for ``indices`` (tensors of ``dtype`` on one device,
+    directions of the same dtype), in order: consecutive tensors (of at most ``size_limit``
+    elements) with the same float scale go through ``_foreach_copy_`` and ``_foreach_add_`` with
+    ``alpha`` together -- the arithmetic of ``torch.add(w, d, alpha=s)``, one rounding -- every
+    other one through ``torch.add(..., out=)``. Under grad mode every tensor does (its refusal
+    of inputs that require grad is kept)."""
     if torch.is_grad_enabled():
         for i in indices:
             torch.add(params[i], directions[i], alpha=scales[i], out=buffers[i])
@@ -123,7 +124,7 @@ def _perturbed_into_on_cpu(
         run.clear()
 
     for i in indices:
-        if isinstance(scales[i], float) and _listable(buffers[i], params[i], directions[i], dtype):
+        if isinstance(scales[i], float) and _listable(buffers[i], params[i], directions[i], dtype, size_limit):
             if run and not _same_scale(scales[run[0]], scales[i]):
                 flush()
             run.append(i)
