@@ -433,25 +433,8 @@ def time_variants(
     ever adds time, so the minima are its least disturbed estimate).
     """
     names = list(variants)
-    times: dict[str, list[float]] = {name: [] for name in names}
     faults: dict[str, list[int]] = {name: [] for name in names}
-    deadline = None
-    round_index = 0
-    while round_index < warmup + max_rounds:
-        if round_index == warmup:
-            deadline = time.perf_counter() + seconds
-        shift = round_index % len(names)
-        for name in names[shift:] + names[:shift]:
-            faults_before = _minor_faults()
-            start = time.perf_counter()
-            variants[name].step()
-            elapsed = time.perf_counter() - start
-            if round_index >= warmup:
-                times[name].append(elapsed)
-                faults[name].append(_minor_faults() - faults_before)
-        round_index += 1
-        if deadline is not None and time.perf_counter() > deadline and round_index >= warmup + min_rounds:
-            break
+    times = round_robin_times(variants, max_rounds, seconds, warmup, lambda timed: timed >= min_rounds, faults)
     result = {}
     for name in names:
         ratios = sorted(t / b for t, b in zip(times[name], times[BASELINE]))
@@ -469,6 +452,68 @@ def time_variants(
     return result
 
 
+def round_robin_times(
+    variants: dict[str, Variant],
+    max_rounds: int,
+    seconds: float,
+    warmup: int,
+    enough: Callable[[int], bool],
+    faults: dict[str, list[int]] | None = None,
+) -> dict[str, list[float]]:
+    """Every variant's step times, one step per variant and round in a rotating order.
+
+    Runs ``warmup`` untimed rounds, then timed ones: ``max_rounds`` at most, and no more once
+    ``seconds`` have passed and ``enough(timed rounds)`` holds. ``faults``, when given, gets each
+    timed step's minor page faults.
+    """
+    names = list(variants)
+    times: dict[str, list[float]] = {name: [] for name in names}
+    deadline = None
+    round_index = 0
+    while round_index < warmup + max_rounds:
+        if round_index == warmup:
+            deadline = time.perf_counter() + seconds
+        shift = round_index % len(names)
+        for name in names[shift:] + names[:shift]:
+            faults_before = _minor_faults() if faults is not None else 0
+            start = time.perf_counter()
+            variants[name].step()
+            elapsed = time.perf_counter() - start
+            if round_index >= warmup:
+                times[name].append(elapsed)
+                if faults is not None:
+                    faults[name].append(_minor_faults() - faults_before)
+        round_index += 1
+        if deadline is not None and time.perf_counter() > deadline and enough(round_index - warmup):
+            break
+    return times
+
+
+def in_a_row_times(
+    variants: dict[str, Variant], block: int, max_rounds: int, seconds: float, min_rounds: int = 3
+) -> dict[str, list[float]]:
+    """Per round (rotating order), each variant's time for ``block - 1`` steps after one untimed
+    step (see :func:`time_in_a_row`): ``max_rounds`` rounds at most, and no more once ``seconds``
+    have passed and ``min_rounds`` were run."""
+    names = list(variants)
+    times: dict[str, list[float]] = {name: [] for name in names}
+    deadline = time.perf_counter() + seconds
+    round_index = 0
+    while round_index < max_rounds:
+        shift = round_index % len(names)
+        for name in names[shift:] + names[:shift]:
+            variant = variants[name]
+            variant.step()
+            start = time.perf_counter()
+            for _ in range(block - 1):
+                variant.step()
+            times[name].append(time.perf_counter() - start)
+        round_index += 1
+        if time.perf_counter() > deadline and round_index >= min_rounds:
+            break
+    return times
+
+
 def time_in_a_row(
     variants: dict[str, Variant], block: int, max_rounds: int, seconds: float, min_rounds: int = 3
 ) -> dict[str, float]:
@@ -480,26 +525,10 @@ def time_in_a_row(
     previous step left them. Returns each variant's median over rounds of (its time / the
     baseline's time in the same round).
     """
-    names = list(variants)
-    ratios: dict[str, list[float]] = {name: [] for name in names}
-    deadline = time.perf_counter() + seconds
-    round_index = 0
-    while round_index < max_rounds:
-        shift = round_index % len(names)
-        elapsed = {}
-        for name in names[shift:] + names[:shift]:
-            variant = variants[name]
-            variant.step()
-            start = time.perf_counter()
-            for _ in range(block - 1):
-                variant.step()
-            elapsed[name] = time.perf_counter() - start
-        for name in names:
-            ratios[name].append(elapsed[name] / elapsed[BASELINE])
-        round_index += 1
-        if time.perf_counter() > deadline and round_index >= min_rounds:
-            break
-    return {name: statistics.median(values) for name, values in ratios.items()}
+    times = in_a_row_times(variants, block, max_rounds, seconds, min_rounds)
+    return {
+        name: statistics.median(t / b for t, b in zip(values, times[BASELINE])) for name, values in times.items()
+    }
 
 
 def _minor_faults() -> int:
@@ -952,22 +981,9 @@ def time_looksam(variants: dict[str, Variant], max_rounds: int, seconds: float, 
     names = list(variants)
     baseline = names[0]
     block = math.lcm(*LOOKSAM_KS)
-    times: dict[str, list[float]] = {name: [] for name in names}
-    deadline = None
-    round_index = 0
-    while round_index < warmup + max_rounds:
-        if round_index == warmup:
-            deadline = time.perf_counter() + seconds
-        shift = round_index % len(names)
-        for name in names[shift:] + names[:shift]:
-            start = time.perf_counter()
-            variants[name].step()
-            if round_index >= warmup:
-                times[name].append(time.perf_counter() - start)
-        round_index += 1
-        timed = round_index - warmup
-        if deadline is not None and time.perf_counter() > deadline and timed >= 2 * block and timed % block == 0:
-            break
+    times = round_robin_times(
+        variants, max_rounds, seconds, warmup, lambda timed: timed >= 2 * block and timed % block == 0
+    )
     blocks = len(times[baseline]) // block
     sums = {name: [sum(times[name][b * block : (b + 1) * block]) for b in range(blocks)] for name in names}
     result = {}

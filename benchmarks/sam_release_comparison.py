@@ -9,10 +9,10 @@ its ``TransformingOptimizer`` + ``SAM`` -- ``step(closure)`` and the two-call lo
 beside every variant of ``sam_overhead.py`` (the same models, data, inner optimizer, closure and
 timing functions), and runs, in each of ``--processes`` fresh processes:
 
-* the round-robin timing of ``sam_overhead.time_variants`` (every step starts with the caches full
-  of another variant's model), and
-* ``--blocks`` rounds of the steady-state timing of ``sam_overhead.time_in_a_row`` (8 steps per
-  variant and round, the first one untimed).
+* the round-robin timing of ``sam_overhead.time_variants`` (``round_robin_times``: every step
+  starts with the caches full of another variant's model), and
+* ``--blocks`` rounds of the steady-state timing of ``sam_overhead.time_in_a_row``
+  (``in_a_row_times``: 8 steps per variant and round, the first one untimed).
 
 It prints, per process, each samgria variant's ratio to the floor and the paired ratio
 *this checkout / the release* (median over rounds of the per-round quotient), then the range over
@@ -32,13 +32,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import re
 import shutil
 import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
@@ -100,10 +100,12 @@ def _worker(package_dir: str, package: str, model: str, rounds: int, seconds: fl
     harness.VARIANTS["release step(closure)"] = ReleaseClosure
     harness.VARIANTS["release first/second_step"] = ReleaseTwoCall
     variants = harness.build_variants(model)
-    names = list(variants)
-    round_robin = _paired_round_robin(harness, variants, names, rounds, seconds)
-    in_a_row = _paired_in_a_row(harness, variants, names, blocks)
-    return {"round_robin": round_robin, "in_a_row": in_a_row}
+    round_robin = harness.round_robin_times(variants, rounds, seconds, warmup=3, enough=lambda timed: timed >= 3)
+    in_a_row = harness.in_a_row_times(variants, harness.IN_A_ROW, blocks, seconds=math.inf, min_rounds=blocks)
+    return {
+        "round_robin": _summary(round_robin, harness.BASELINE) | {"rounds": len(round_robin[harness.BASELINE])},
+        "in_a_row": _summary(in_a_row, harness.BASELINE) | {"blocks": blocks},
+    }
 
 
 def _pairs() -> list[tuple[str, str, str]]:
@@ -122,40 +124,6 @@ def _summary(times: dict[str, list[float]], baseline: str) -> dict[str, dict[str
             "paired": statistics.median(a / b for a, b in zip(times[ours], times[theirs])),
         }
     return result
-
-
-def _paired_round_robin(harness: Any, variants: dict, names: list[str], rounds: int, seconds: float) -> dict:
-    """``sam_overhead.time_variants``' rotation, keeping every step's time for paired ratios."""
-    times: dict[str, list[float]] = {name: [] for name in names}
-    warmup = 3
-    deadline = None
-    for index in range(warmup + rounds):
-        if index == warmup:
-            deadline = time.perf_counter() + seconds
-        shift = index % len(names)
-        for name in names[shift:] + names[:shift]:
-            start = time.perf_counter()
-            variants[name].step()
-            if index >= warmup:
-                times[name].append(time.perf_counter() - start)
-        if deadline is not None and time.perf_counter() > deadline and index >= warmup + 3:
-            break
-    return _summary(times, harness.BASELINE) | {"rounds": len(times[harness.BASELINE])}
-
-
-def _paired_in_a_row(harness: Any, variants: dict, names: list[str], blocks: int) -> dict:
-    """``sam_overhead.time_in_a_row``'s blocks, keeping every block's time for paired ratios."""
-    times: dict[str, list[float]] = {name: [] for name in names}
-    for index in range(blocks):
-        shift = index % len(names)
-        for name in names[shift:] + names[:shift]:
-            variant = variants[name]
-            variant.step()
-            start = time.perf_counter()
-            for _ in range(harness.IN_A_ROW - 1):
-                variant.step()
-            times[name].append(time.perf_counter() - start)
-    return _summary(times, harness.BASELINE) | {"blocks": blocks}
 
 
 def _run_process(package_dir: Path, package: str, args: argparse.Namespace) -> dict[str, Any]:
