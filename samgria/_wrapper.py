@@ -29,6 +29,7 @@ from typing import Any
 import torch
 from torch.optim import Optimizer
 
+from samgria.functional._grouping import unique_params
 from samgria.functional._views import values_as_real
 
 __all__ = ["WrappingOptimizer"]
@@ -172,11 +173,14 @@ class WrappingOptimizer(Optimizer):
         """Whether :meth:`_hides_state_key` holds for any of ``keys`` (a subclass may answer faster)."""
         return any(map(self._hides_state_key, keys))
 
+    def _unique_params(self) -> list[torch.Tensor]:
+        """Every parameter of every group once, in group order."""
+        return unique_params(self.param_groups)
+
     def _grads(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """Every parameter's gradient once, dense and real (complex as pairs of reals), and the
         gradients they were made from."""
-        unique = {id(param): param for group in self.param_groups for param in group["params"]}
-        sources = [grad for grad in [param.grad for param in unique.values()] if grad is not None]
+        sources = [grad for grad in [param.grad for param in self._unique_params()] if grad is not None]
         kinds = {(grad.layout, grad.dtype) for grad in sources}
         if all(layout == torch.strided and not dtype.is_complex for layout, dtype in kinds):
             return sources, sources  # the common case: dense and real

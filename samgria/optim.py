@@ -368,9 +368,6 @@ class TransformingOptimizer(WrappingOptimizer):
     def _enter(self, factory: Callable[[], ContextManager[Any]] | None) -> ContextManager[Any]:
         return factory() if factory is not None else contextlib.nullcontext()
 
-    def _params(self) -> list[torch.Tensor]:
-        return list({id(p): p for group in self.param_groups for p in group["params"]}.values())
-
     def _grad_norm(self) -> float:
         """The global L2 norm of every gradient (complex as pairs of reals), read on the host."""
         grads, sources = self._grads()
@@ -433,7 +430,7 @@ class TransformingOptimizer(WrappingOptimizer):
             return False
         if any(group.get("lr", 0.0) != 0.0 for group in self.param_groups):
             return False
-        grads = [p.grad for p in self._params() if p.grad is not None]
+        grads = [p.grad for p in self._unique_params() if p.grad is not None]
         return bool(grads) and not any(bool(torch.any(grad != 0)) for grad in grads)
 
     def _needs_snapshot(self) -> bool:
@@ -494,7 +491,7 @@ class TransformingOptimizer(WrappingOptimizer):
                 if not transform.needs_closure:
                     transform.pre_update(self._context(slot, None))
         if self._needs_snapshot():
-            snapshot: StepSnapshot | StateStructure | None = StepSnapshot(self._params(), self.state, spare_buffers)
+            snapshot: StepSnapshot | StateStructure | None = StepSnapshot(self._unique_params(), self.state, spare_buffers)
         else:  # torch's own optimizer, nothing after it: undo entries it created before raising
             snapshot = StateStructure(self.state) if self.atomic else None
         spare_buffers.clear()

@@ -1,13 +1,20 @@
-"""Grouping tensor lists by device and dtype for ``torch._foreach_*`` kernels."""
+"""Grouping tensor lists by device and dtype for ``torch._foreach_*`` kernels, and the parameters
+of param groups, each once."""
 
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 
-__all__ = ["group_indices_by_device_and_dtype"]
+__all__ = ["group_indices_by_device_and_dtype", "unique_params"]
+
+
+def unique_params(param_groups: Sequence[Mapping[str, Any]]) -> list[torch.Tensor]:
+    """Every parameter of ``param_groups`` once, in group order (a parameter listed twice counts once)."""
+    return list({id(param): param for group in param_groups for param in group["params"]}.values())
 
 
 def group_indices_by_device_and_dtype(

@@ -336,17 +336,6 @@ class MetaOptimizer(WrappingOptimizer):
         finally:
             self._task_weight = 0.0
 
-    def _unique_params(self) -> list[torch.Tensor]:
-        """The meta-parameters of every group, each once, in group order."""
-        seen: set[int] = set()
-        params = []
-        for group in self.param_groups:
-            for p in group["params"]:
-                if id(p) not in seen:
-                    seen.add(id(p))
-                    params.append(p)
-        return params
-
     def _reduce_across_ranks(self, loss: Any) -> Any:
         """All-reduce the outer gradients (and a scalar loss) over the ranks; return the loss.
 

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from samgria._checks import check_bool, check_int, check_real
-from samgria.functional._grouping import group_indices_by_device_and_dtype
+from samgria.functional._grouping import group_indices_by_device_and_dtype, unique_params
 from samgria.functional._views import LOW_PRECISION, as_real
 from samgria.transforms.base import Transform, TransformContext
 
@@ -61,10 +61,6 @@ def _copy_(targets: Sequence[torch.Tensor], sources: Sequence[torch.Tensor], *, 
         target.copy_(source)
 
 
-def _unique_params(param_groups: Sequence[Mapping[str, Any]]) -> list[torch.Tensor]:
-    return list({id(p): p for group in param_groups for p in group["params"]}.values())
-
-
 class _KeptWeights(Transform):
     """What Lookahead and EMA share: one kept copy of the weights per parameter and a step counter.
 
@@ -97,7 +93,7 @@ class _KeptWeights(Transform):
     def _participants(self, ctx: TransformContext) -> list[torch.Tensor]:
         """The parameters that took part in this step: those with a gradient (seed protocol: also
         those that had one at ``apply()``)."""
-        params = _unique_params(ctx.param_groups)
+        params = unique_params(ctx.param_groups)
         if ctx.standalone and self._had_grad is not None:
             had_grad, self._had_grad = self._had_grad, None
             return [p for p in params if p.grad is not None or id(p) in had_grad]
@@ -127,7 +123,7 @@ class _KeptWeights(Transform):
 
     @torch.no_grad()
     def init_state(self, ctx: TransformContext) -> None:
-        self._ensure_kept(ctx, [p for p in _unique_params(ctx.param_groups) if p.grad is not None])
+        self._ensure_kept(ctx, [p for p in unique_params(ctx.param_groups) if p.grad is not None])
         slot = ctx.slot_state(keys=_OBJECT_KEYS)
         if slot is not None:
             slot.setdefault("step", 0)
@@ -135,7 +131,7 @@ class _KeptWeights(Transform):
     def check_loaded_state(self, ctx: TransformContext) -> None:
         """Raise ``ValueError`` unless the kept weights fit their parameters and the counter is valid."""
         name = type(self).__name__
-        for param in _unique_params(ctx.param_groups):
+        for param in unique_params(ctx.param_groups):
             if param not in ctx.state:
                 continue
             kept = ctx.state[param].get(self._kept_key)
@@ -164,7 +160,7 @@ class _KeptWeights(Transform):
                     f"(or the nn.Module it is used with through apply/post_step), got {type(owner).__name__}"
                 )
             state, prefix = owner.state, slots[0] + "."
-            params = _unique_params(owner.param_groups)
+            params = unique_params(owner.param_groups)
         pairs = []
         for param in params:
             entry = state.get(param) if param in state else None  # no defaultdict insertion
@@ -246,7 +242,7 @@ class Lookahead(_KeptWeights):
     def pre_update(self, ctx: TransformContext) -> None:
         """Create the slow weights :math:`\\phi_0 = \\theta_0` of parameters stepping for the first time."""
         super().pre_update(ctx)
-        self._ensure_kept(ctx, [p for p in _unique_params(ctx.param_groups) if p.grad is not None])
+        self._ensure_kept(ctx, [p for p in unique_params(ctx.param_groups) if p.grad is not None])
 
     @torch.no_grad()
     def post_update(self, ctx: TransformContext) -> None:

@@ -288,20 +288,18 @@ class PerturbationTransform(Transform):
             else:
                 moves.append((param, backup, backup, False))
                 in_place.append(index)
-        if not in_place:  # the common case: every parameter owns its storage
-            real_params = all_as_real(params)
-            real_backups = backups if real_params is params else [as_real(backup) for backup in backups]
-            perturbed_into_(real_backups, real_params, directions, scales, foreach=foreach)
-        else:
+        swapped_params, swapped_backups, swapped_directions, swapped_scales = params, backups, directions, scales
+        if in_place:  # not the common case, where every parameter owns its storage
             swapped = [i for i, move in enumerate(moves) if move[3]]
-            if swapped:
-                perturbed_into_(
-                    [as_real(backups[i]) for i in swapped],
-                    [as_real(params[i]) for i in swapped],
-                    [directions[i] for i in swapped],
-                    [scales[i] for i in swapped],
-                    foreach=foreach,
-                )
+            swapped_params = [params[i] for i in swapped]
+            swapped_backups = [backups[i] for i in swapped]
+            swapped_directions = [directions[i] for i in swapped]
+            swapped_scales = [scales[i] for i in swapped]
+        if swapped_params:
+            real_params = all_as_real(swapped_params)  # a backup is complex where its parameter is
+            real_backups = swapped_backups if real_params is swapped_params else all_as_real(swapped_backups)
+            perturbed_into_(real_backups, real_params, swapped_directions, swapped_scales, foreach=foreach)
+        if in_place:
             for i in in_place:
                 backups[i].copy_(params[i])
             add_directions_(
