@@ -47,6 +47,11 @@ ROOT = Path(__file__).resolve().parent.parent
 #: was filed on.
 FILING_RELEASE = "f31c715"
 _IMPORT = re.compile(r"^(\s*)(from|import)\s+samgria\b", re.MULTILINE)
+#: (label, this checkout's variant, the release's variant)
+PAIRS = [
+    ("step(closure)", "samgria step(closure)", "release step(closure)"),
+    ("two-call loop", "samgria first/second_step", "release first/second_step"),
+]
 
 
 def extract_release(rev: str, into: Path) -> str:
@@ -103,21 +108,14 @@ def _worker(package_dir: str, package: str, model: str, rounds: int, seconds: fl
     round_robin = harness.round_robin_times(variants, rounds, seconds, warmup=3, enough=lambda timed: timed >= 3)
     in_a_row = harness.in_a_row_times(variants, harness.IN_A_ROW, blocks, seconds=math.inf, min_rounds=blocks)
     return {
-        "round_robin": _summary(round_robin, harness.BASELINE) | {"rounds": len(round_robin[harness.BASELINE])},
-        "in_a_row": _summary(in_a_row, harness.BASELINE) | {"blocks": blocks},
+        "round_robin": _summary(round_robin, harness.BASELINE),
+        "in_a_row": _summary(in_a_row, harness.BASELINE),
     }
-
-
-def _pairs() -> list[tuple[str, str, str]]:
-    return [
-        ("step(closure)", "samgria step(closure)", "release step(closure)"),
-        ("two-call loop", "samgria first/second_step", "release first/second_step"),
-    ]
 
 
 def _summary(times: dict[str, list[float]], baseline: str) -> dict[str, dict[str, float]]:
     result = {}
-    for label, ours, theirs in _pairs():
+    for label, ours, theirs in PAIRS:
         result[label] = {
             "samgria": statistics.median(a / b for a, b in zip(times[ours], times[baseline])),
             "release": statistics.median(a / b for a, b in zip(times[theirs], times[baseline])),
@@ -140,7 +138,7 @@ def _run_process(package_dir: Path, package: str, args: argparse.Namespace) -> d
 
 def _print_process(index: int, result: dict[str, Any]) -> None:
     for timing in ("round_robin", "in_a_row"):
-        for label, _, _ in _pairs():
+        for label, _, _ in PAIRS:
             row = result[timing][label]
             print(
                 f"process {index}  {timing:11s}  {label:14s}  samgria {row['samgria']:.3f}  "
@@ -184,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
             _print_process(index, results[-1])
     print("range over processes (min-max):")
     for timing in ("round_robin", "in_a_row"):
-        for label, _, _ in _pairs():
+        for label, _, _ in PAIRS:
             parts = []
             for key in ("samgria", "release", "paired"):
                 values = [result[timing][label][key] for result in results]

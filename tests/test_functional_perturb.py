@@ -22,9 +22,14 @@ def _case(dtype: torch.dtype = torch.float32):
     return params, directions, scales
 
 
-def _loop(params, directions, scales):
-    """w + s * d per tensor, as ``torch.add`` computes it with ``alpha``."""
-    return [torch.add(w, d, alpha=s) for w, d, s in zip(params, directions, scales)]
+def _out_of_place_reference(buffers, params, directions, scales):
+    """What one ``torch.add(w, d, alpha=s, out=b)`` per tensor, in order, leaves in each buffer."""
+    expected = [buffer.clone() for buffer in buffers]
+    params = [w.clone() for w in params]
+    directions = [d.clone() for d in directions]
+    for want, w, d, s in zip(expected, params, directions, scales):
+        torch.add(w, d, alpha=s, out=want)
+    return expected
 
 
 @pytest.mark.parametrize("foreach", [True, False])
@@ -33,7 +38,7 @@ def test_perturbed_into_writes_w_plus_s_d_into_the_buffers_and_leaves_the_weight
     params, directions, scales = _case(dtype)
     originals = [w.clone() for w in params]
     buffers = [torch.full_like(w, float("nan")) for w in params]
-    expected = _loop(params, [d.clone() for d in directions], scales)
+    expected = _out_of_place_reference(buffers, params, directions, scales)
     perturbed_into_(buffers, params, directions, scales, foreach=foreach)
     for buffer, want in zip(buffers, expected):
         assert torch.equal(buffer, want)  # bit for bit: the same arithmetic on both paths
@@ -57,7 +62,7 @@ def test_the_list_path_without_a_size_limit_as_on_cuda_gives_the_same_bits():
 def test_add_directions_moves_the_weights_in_place(foreach):
     params, directions, scales = _case()
     storages = [w.data_ptr() for w in params]
-    expected = _loop(params, [d.clone() for d in directions], scales)
+    expected = _out_of_place_reference(params, params, directions, scales)
     add_directions_(params, directions, scales, foreach=foreach)
     for param, want, storage in zip(params, expected, storages):
         assert torch.equal(param, want)
@@ -73,16 +78,6 @@ def test_perturbed_into_computes_16_bit_weights_in_float32_and_rounds_once(dtype
     perturbed_into_(buffers, params, directions, [scale])
     want = (params[0].float() + scale * directions[0]).to(dtype)
     assert torch.equal(buffers[0], want)
-
-
-def _out_of_place_reference(buffers, params, directions, scales):
-    """What one ``torch.add(w, d, alpha=s, out=b)`` per tensor, in order, leaves in each buffer."""
-    expected = [buffer.clone() for buffer in buffers]
-    params = [w.clone() for w in params]
-    directions = [d.clone() for d in directions]
-    for want, w, d, s in zip(expected, params, directions, scales):
-        torch.add(w, d, alpha=s, out=want)
-    return expected
 
 
 @pytest.mark.parametrize("foreach", [True, False])
