@@ -114,6 +114,53 @@ def test_perturbed_into_with_a_wider_buffer_or_one_sharing_the_direction_matches
     assert torch.equal(direction, torch.tensor([3.0, 5.0]))
 
 
+def _aliased_world(pattern: str):
+    """Entries whose buffers are other entries' weights, directions or buffers, as a caller of the
+    public kernel may pass them: ``(buffers, params, directions, scales, tensors)``."""
+    generator = torch.Generator().manual_seed(2)
+    t = [torch.randn(4, generator=generator) for _ in range(5)]
+    if pattern == "buffer is a later weight":  # b0 = w1: entry 1 reads what entry 0 wrote
+        return [t[0], t[1]], [t[2], t[0]], [t[3], t[4]], [0.5, 0.5], t
+    if pattern == "buffer is an earlier direction":  # b1 = d0: entry 0 reads it before it is written
+        return [t[0], t[1]], [t[2], t[3]], [t[1], t[4]], [0.5, 0.5], t
+    if pattern == "same buffer twice":  # the last write wins
+        return [t[0], t[0]], [t[1], t[2]], [t[3], t[4]], [0.5, 0.5], t
+    if pattern == "buffer is an earlier in-place weight":  # w0 += d0, then b1 = w1 + d1 overwrites w0
+        return [t[0], t[0]], [t[0], t[1]], [t[2], t[3]], [0.5, 0.5], t
+    if pattern == "weight is an earlier in-place weight":  # w0 += d0, then b1 = w0 + d1
+        return [t[0], t[1]], [t[0], t[0]], [t[2], t[3]], [0.5, 0.5], t
+    if pattern == "buffer is an earlier in-place direction":  # w0 += d0, then b1 = w1 + d1 into d0
+        return [t[0], t[2]], [t[0], t[1]], [t[2], t[3]], [0.5, 0.5], t
+    raise AssertionError(pattern)
+
+
+ALIASING_PATTERNS = [
+    "buffer is a later weight",
+    "buffer is an earlier direction",
+    "same buffer twice",
+    "buffer is an earlier in-place weight",
+    "weight is an earlier in-place weight",
+    "buffer is an earlier in-place direction",
+]
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("path", ["foreach", "reference", "lists without a size limit"])
+@pytest.mark.parametrize("pattern", ALIASING_PATTERNS)
+def test_perturbed_into_with_entries_sharing_memory_equals_torch_add_in_order(pattern, path):
+    """Each entry sees what the entries before it wrote, as one ``torch.add`` after another."""
+    buffers, params, directions, scales, expected = _aliased_world(pattern)
+    for b, w, d, s in zip(buffers, params, directions, scales):
+        torch.add(w, d, alpha=s, out=b)
+    buffers, params, directions, scales, tensors = _aliased_world(pattern)
+    if path == "lists without a size limit":
+        _perturbed_into_by_lists(buffers, params, directions, scales, [0, 1], torch.float32, None)
+    else:
+        perturbed_into_(buffers, params, directions, scales, foreach=path == "foreach")
+    for got, want in zip(tensors, expected):
+        assert torch.equal(got, want)
+
+
 def test_perturbed_into_under_grad_mode_refuses_weights_that_require_grad_as_torch_add_does():
     weights = torch.ones(3, requires_grad=True)
     buffer = torch.empty(3)

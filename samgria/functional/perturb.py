@@ -30,7 +30,8 @@ def perturbed_into_(
     r"""Out of place into ``buffers``: :math:`b_i \leftarrow w_i + s_i\, d_i` (perturbed weights).
 
     ``buffers`` may be ``params`` themselves (in place). ``directions`` may be overwritten (they
-    are consumed). A direction wider than its parameter (float32 for a 16-bit one), and every
+    are consumed). Entries may share memory: each sees what the entries before it wrote, as with
+    one ``torch.add`` after another. A direction wider than its parameter (float32 for a 16-bit one), and every
     16-bit parameter, is computed in float32 and rounded once: a 16-bit tensor cannot take a huge
     ``s_i`` as a scalar operand. Otherwise one fused ``torch.add(w, d, alpha=s, out=b)`` per
     tensor (the reference path, and large tensors on the CPU), or with ``foreach``
@@ -72,17 +73,9 @@ def perturbed_into_(
 _CPU_LIST_NUMEL = 1 << 14
 
 
-def _listable(
-    buffer: torch.Tensor, param: torch.Tensor, direction: torch.Tensor, dtype: torch.dtype, size_limit: int | None
-) -> bool:
-    """Whether a copy and an add give what ``torch.add(param, direction, out=buffer)`` gives: a
-    tensor (of at most ``size_limit`` elements) whose buffer is the parameter itself, or has its
-    dtype and does not share memory with the direction (the copy would overwrite it first)."""
-    if size_limit is not None and param.numel() > size_limit:
-        return False
-    if buffer is param:
-        return True
-    return buffer.dtype == dtype and buffer.untyped_storage().data_ptr() != direction.untyped_storage().data_ptr()
+def _storage(tensor: torch.Tensor) -> int:
+    """Where ``tensor``'s storage starts: equal for tensors that may share memory."""
+    return tensor.untyped_storage().data_ptr()
 
 
 def _same_scale(first: Any, second: Any) -> bool:
@@ -115,6 +108,8 @@ def _perturbed_into_by_lists(
             torch.add(params[i], directions[i], alpha=scales[i], out=buffers[i])
         return
     run: list[int] = []
+    written: set[int] = set()  # the storages of the run's buffers
+    directions_read: set[int] = set()  # and of its directions
 
     def flush() -> None:
         copied = [i for i in run if buffers[i] is not params[i]]
@@ -122,16 +117,31 @@ def _perturbed_into_by_lists(
             torch._foreach_copy_([buffers[i] for i in copied], [params[i] for i in copied])
         torch._foreach_add_([buffers[i] for i in run], [directions[i] for i in run], alpha=scales[run[0]])
         run.clear()
+        written.clear()
+        directions_read.clear()
 
     for i in indices:
-        if isinstance(scales[i], float) and _listable(buffers[i], params[i], directions[i], dtype, size_limit):
-            if run and not _same_scale(scales[run[0]], scales[i]):
-                flush()
-            run.append(i)
-            continue
+        buffer, param, direction, scale = buffers[i], params[i], directions[i], scales[i]
+        if isinstance(scale, float) and (size_limit is None or param.numel() <= size_limit):
+            buffer_at, direction_at = _storage(buffer), _storage(direction)
+            if buffer is param:  # in place: added at its turn, after the earlier entries
+                conflicts = False
+            elif buffer.dtype == dtype and buffer_at != direction_at:
+                # The run copies every buffer before it adds: a copy must not read an earlier
+                # buffer (not yet added to), nor write into an earlier buffer or direction.
+                conflicts = _storage(param) in written or buffer_at in written or buffer_at in directions_read
+            else:  # a wider buffer, or one that is the direction: torch.add's own arithmetic
+                conflicts = None
+            if conflicts is not None:
+                if run and (conflicts or not _same_scale(scales[run[0]], scale)):
+                    flush()
+                run.append(i)
+                written.add(buffer_at)
+                directions_read.add(direction_at)
+                continue
         if run:
             flush()
-        torch.add(params[i], directions[i], alpha=scales[i], out=buffers[i])
+        torch.add(param, direction, alpha=scale, out=buffer)
     if run:
         flush()
 
