@@ -87,6 +87,12 @@ class _StepProgress:
     finishing: bool = False
 
 
+def _has_post_update(transform: Transform) -> bool:
+    """Whether ``transform`` does anything after the inner step (not the base class's no-op)."""
+    overridden = type(transform).post_update is not Transform.post_update
+    return overridden or "post_update" in getattr(transform, "__dict__", ())
+
+
 def _refuse_sharded_m_sharpness(first_pass_context: Any, params: Iterable[Any]) -> None:
     """``first_pass_context`` (m-sharpness) with sharded parameters: ``ValueError``."""
     if first_pass_context is not None and any(is_sharded(p) for p in params):
@@ -443,9 +449,7 @@ class TransformingOptimizer(WrappingOptimizer):
             return False
         if not type(self.inner).__module__.startswith("torch.optim."):
             return True
-        return any(
-            type(transform).post_update is not Transform.post_update for transform in self.transforms
-        )
+        return any(_has_post_update(transform) for transform in self.transforms)
 
     def _pre_step_structure(self) -> StateStructure | None:
         """The state's references at the start of a step, when a transform saves state before the
@@ -498,7 +502,8 @@ class TransformingOptimizer(WrappingOptimizer):
         try:
             self._driven_step()
             for slot, transform in self.chain:
-                transform.post_update(self._context(slot, None))
+                if _has_post_update(transform):
+                    transform.post_update(self._context(slot, None))
         except BaseException:
             if snapshot is not None:
                 snapshot.restore()

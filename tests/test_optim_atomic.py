@@ -754,3 +754,24 @@ def test_torch_optimizer_raising_after_creating_state_leaves_no_new_state():
         optimizer.step()
     assert not any(optimizer.state.values())
     assert torch.equal(dense, before[0]) and torch.equal(sparse, before[1])
+
+
+def test_a_post_step_hook_set_on_the_instance_runs_and_its_failure_changes_nothing():
+    """``post_update`` assigned to a transform object (not its class) is a post-step transform."""
+    model = make_model()
+    hook = Transform()
+    calls = []
+
+    def post_update(ctx):
+        calls.append(ctx.slot)
+        if len(calls) == 2:
+            raise Injected("instance post_update failed")
+
+    hook.post_update = post_update
+    optimizer = TransformingOptimizer(model.parameters(), torch.optim.SGD, transforms=[SAM(0.05), hook], lr=0.05)
+    optimizer.step(make_closure(model, optimizer))
+    assert len(calls) == 1
+    before = Before(model, optimizer)
+    with pytest.raises(Injected):
+        optimizer.step(make_closure(model, optimizer))
+    before.assert_unchanged()
