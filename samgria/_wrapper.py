@@ -17,7 +17,8 @@ and use torch's own machinery for everything torch already does — no copies of
   wrapper); hooks registered on the driven optimizer itself do not run — register them on the
   wrapper.
 * Pickling and :func:`copy.deepcopy` drop hooks, as torch does, and the callables listed in
-  ``_dropped_on_pickle`` (they are ``None`` afterwards).
+  ``_dropped_on_pickle`` (they are ``None`` afterwards). Like ``state_dict()``, they refuse while
+  a step is half done (:meth:`_check_idle`).
 """
 
 from __future__ import annotations
@@ -257,6 +258,7 @@ class WrappingOptimizer(Optimizer):
 
     # -- pickling: torch's, plus the wrapper's own attributes ------------------------------------
     def __getstate__(self) -> dict[str, Any]:  # type: ignore[override]
+        self._check_idle("pickling or copy.deepcopy")  # a copy could not finish or undo the step
         state = super().__getstate__()
         skipped = set(self._dropped_on_pickle) | set(self._transient) | {"state", "param_groups", "defaults"}
         for key, value in self.__dict__.items():

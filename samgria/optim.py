@@ -181,7 +181,9 @@ class TransformingOptimizer(WrappingOptimizer):
         skipped_steps: Steps skipped because of non-finite gradients (not checkpointed).
 
     Pickling and :func:`copy.deepcopy` drop hooks (as torch does) and the callables
-    ``first_pass_context`` and ``reevaluation_context`` (``None`` in the copy).
+    ``first_pass_context`` and ``reevaluation_context`` (``None`` in the copy). Like
+    ``state_dict()``, they raise ``RuntimeError`` between :meth:`first_step` and
+    :meth:`second_step`: the copy could not put the weights back.
 
     Raises:
         TypeError: If ``inner`` is not an optimizer class or factory, or a transform lacks the hooks.

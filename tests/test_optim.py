@@ -7,6 +7,7 @@ import copy
 import functools
 import io
 import pickle
+import re
 import warnings
 
 import pytest
@@ -212,6 +213,12 @@ def test_two_call_protocol_errors():
         optimizer.step(make_closure(model, optimizer, x, y))
     with pytest.raises(RuntimeError, match=r"state_dict\(\) between first_step\(\) and second_step\(\): finish the step"):
         optimizer.state_dict()
+    perturbed = [p.detach().clone() for p in model.parameters()]
+    for copying in (copy.deepcopy, pickle.dumps):
+        message = "pickling or copy.deepcopy between first_step() and second_step(): finish the step"
+        with pytest.raises(RuntimeError, match=re.escape(message)):
+            copying(optimizer)  # the copy could not put the weights back
+    assert_bitwise_equal(params_of(model), perturbed)
     nn.functional.mse_loss(model(x), y).backward()
     optimizer.second_step(zero_grad=True)
     assert all(p.grad is None for p in model.parameters())
