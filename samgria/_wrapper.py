@@ -33,7 +33,23 @@ from torch.optim import Optimizer
 from samgria.functional._grouping import unique_params
 from samgria.functional._views import values_as_real
 
-__all__ = ["WrappingOptimizer"]
+__all__ = ["WrappingOptimizer", "unhooked_step"]
+
+
+def unhooked_step(optimizer: Optimizer, closure: Any = None) -> Any:
+    """``optimizer.step(closure)`` without torch's hook wrapper: no step hook fires.
+
+    For an optimizer that runs inside another one's step (a wrapper's driven optimizer, an
+    adversary inside a transform), so that the global step hooks fire once per user-visible step.
+    torch wraps every optimizer class's ``step`` once (``Optimizer._patch_step_function`` marks
+    the wrapper with ``hooked`` and ``functools.wraps`` keeps the original in ``__wrapped__``);
+    the wrapper runs the global and the optimizer's own step hooks. This is the one place samgria
+    relies on that detail of torch.
+    """
+    step = type(optimizer).step
+    if getattr(step, "hooked", False) and hasattr(step, "__wrapped__"):
+        step = step.__wrapped__
+    return step(optimizer) if closure is None else step(optimizer, closure)
 
 
 class _VisibleEntry(MutableMapping):
@@ -201,20 +217,10 @@ class WrappingOptimizer(Optimizer):
 
     # -- stepping the driven optimizer -------------------------------------------------------------
     def _driven_step(self, closure: Any = None) -> Any:
-        """Call the driven optimizer's ``step`` without torch's hook wrapper around it.
-
-        torch wraps every optimizer class's ``step`` once (``Optimizer._patch_step_function``
-        marks the wrapper with ``hooked`` and ``functools.wraps`` keeps the original in
-        ``__wrapped__``); the wrapper runs the global and the wrapper's step hooks, so calling the
-        wrapped function makes them fire once per step. This is the one place samgria relies on
-        that detail of torch.
-        """
-        driven = self._driven
+        """Call the driven optimizer's ``step`` without torch's hook wrapper around it
+        (:func:`unhooked_step`): the global step hooks fire once per step, for the wrapper."""
         self._adopt_driven_state()
-        step = type(driven).step
-        if getattr(step, "hooked", False) and hasattr(step, "__wrapped__"):
-            step = step.__wrapped__
-        return step(driven) if closure is None else step(driven, closure)
+        return unhooked_step(self._driven, closure)
 
     def _adopt_driven_state(self) -> None:
         """Take over a state the driven optimizer was given directly (its own ``load_state_dict``).

@@ -596,3 +596,25 @@ def test_adversary_equals_optax_sam_with_the_same_adversarial_optimizer(optax_pr
     expected = _run_optax(optax_problem, optax.chain(optax.contrib.normalize(), theirs), 3, reset_state, 4)
     got = run_samgria(MultiStepSAM(0.05, ascent_steps=2, adversary=ours, reset_state=reset_state), 4)
     _compare_with_optax(got, expected)
+
+
+@pytest.mark.parametrize("name", ["adam-kept", "adam-reset"])
+def test_global_step_hooks_fire_once_per_step_not_for_the_adversary(name):
+    """The adversary steps inside the optimizer's step: torch's global hooks see one step."""
+    from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
+
+    model, optimizer = build(ASCENTS[name]())
+    x, y = make_data()
+    closure = make_closure(model, optimizer, x, y)
+    seen = []
+    handles = [
+        register_optimizer_step_pre_hook(lambda opt, args, kwargs: seen.append(("pre", type(opt).__name__))),
+        register_optimizer_step_post_hook(lambda opt, args, kwargs: seen.append(("post", type(opt).__name__))),
+    ]
+    try:
+        optimizer.step(closure)
+        optimizer.step(closure)
+    finally:
+        for handle in handles:
+            handle.remove()
+    assert seen == [("pre", "TransformingOptimizer"), ("post", "TransformingOptimizer")] * 2

@@ -20,6 +20,7 @@ import torch
 from torch.optim import Optimizer
 
 from samgria._checks import check_bool, check_int, check_real
+from samgria._wrapper import unhooked_step
 from samgria.functional import add_directions_, global_norm
 from samgria.functional._grouping import group_indices_by_device_and_dtype
 from samgria.functional._views import as_real
@@ -384,7 +385,7 @@ class MultiStepSAM(_FinishingTransform):
         _mul_([as_real(grad) for grad in grads], [scale] * len(grads), foreach)
         for param, grad in zip(params, grads):
             param.grad = grad
-        adversary.step()
+        unhooked_step(adversary)  # inside the optimizer's step: no second round of global hooks
         for param in params:
             param.grad = None
 
@@ -439,7 +440,7 @@ class MultiStepSAM(_FinishingTransform):
         for stand_in in stand_ins:
             stand_in.grad = torch.zeros_like(stand_in)
         adversary = self._build_adversary(stand_ins, [groups[i] for i in missing], lr=0.0)
-        adversary.step()
+        unhooked_step(adversary)  # inside the optimizer's step: no second round of global hooks
         for i, stand_in in zip(missing, stand_ins):
             entry = ctx.state[params[i]]
             for key, value in adversary.state.get(stand_in, {}).items():
