@@ -345,13 +345,20 @@ class TransformingOptimizer(WrappingOptimizer):
     def _check_groups(self) -> None:
         """Validate every group's hyperparameters (they may have been edited or scheduled)."""
         for index, group in enumerate(self.param_groups):
-            if group.get(CHAIN_KEY) != self.chain.spec():  # added to the inner optimizer directly
-                checked = self.chain.checked_group(group, f"param_groups[{index}]")
-                group.clear()
-                group.update(checked)
-                self.chain.fill_group(group)
-            else:
+            if not self._adopt_group(group, index):
+                self.chain.take_qualified_edits(group, f"param_groups[{index}]")
                 self.chain.validate_group(group, f"param_groups[{index}]")
+
+    def _adopt_group(self, group: dict[str, Any], index: int) -> bool:
+        """Check and fill a group added to the inner optimizer directly (``inner.add_param_group``),
+        as :meth:`add_param_group` would have; ``False`` for a group that already has the chain."""
+        if group.get(CHAIN_KEY) == self.chain.spec():
+            return False
+        checked = self.chain.checked_group(group, f"param_groups[{index}]")
+        group.clear()
+        group.update(checked)
+        self.chain.fill_group(group)
+        return True
 
     # -- the step ----------------------------------------------------------------------------------
     def _context(
@@ -754,6 +761,8 @@ class TransformingOptimizer(WrappingOptimizer):
         """
         self._check_idle("state_dict()")
         self._adopt_driven_state()
+        for index, group in enumerate(self.param_groups):  # record the chain of every group
+            self._adopt_group(group, index)
         for slot, transform in self.chain:
             transform.export_state(self._context(slot, None))
         return super().state_dict()
@@ -771,8 +780,8 @@ class TransformingOptimizer(WrappingOptimizer):
                 # in hyperparameters an optimizer gained since (``Optimizer.__setstate__``).
                 self.chain.fill_group(group)
             else:  # a plain inner optimizer's checkpoint: the transforms start afresh
-                for entry in state.values():
-                    reserved = [key for key in entry if self.chain.hides(key)]
+                for param in group["params"]:
+                    reserved = [key for key in state.get(param, ()) if self.chain.hides(key)]
                     if reserved:
                         raise ValueError(
                             f"{where} records no transform chain, but its state has the transform "

@@ -592,3 +592,47 @@ def test_a_checkpoint_from_before_a_transform_gained_a_key_loads_with_its_defaul
     fresh = TransformingOptimizer(model.parameters(), torch.optim.SGD, lr=0.1, transforms=[NormalizeGrad(1e-8)])
     fresh.load_state_dict(saved)
     assert fresh.param_groups[0]["p"] == 2.0 and fresh.param_groups[0]["param_ndim"] is None
+
+
+# -- edits under the qualified key; groups added to the inner optimizer directly ----------------------------
+def test_an_edit_under_the_qualified_key_replaces_the_stored_short_key():
+    """``group["sam.rho"] = 0.0`` switches SAM off although the group stores ``"rho"``."""
+    plain_model, model = make_model(), make_model()
+    plain = torch.optim.SGD(plain_model.parameters(), lr=0.1)
+    optimizer = TransformingOptimizer(model.parameters(), torch.optim.SGD, transforms=[SAM(0.05)], lr=0.1)
+    group = optimizer.param_groups[0]
+    assert "rho" in group and "sam.rho" not in group
+    group["sam.rho"] = 0.0
+    for opt, m in ((plain, plain_model), (optimizer, model)):
+        opt.step(make_closure(m, opt))
+    assert_weights_equal(plain_model, model)
+    assert group["rho"] == 0.0 and "sam.rho" not in group
+
+    group["sam.rho"] = -1.0  # an invalid edit is refused and leaves the group as it was
+    before = dict(group)
+    with pytest.raises(ValueError, match=r"param_groups\[0\]: rho must be a finite number >= 0, got -1\.0"):
+        optimizer.step(make_closure(model, optimizer))
+    assert group == before
+    assert_weights_equal(plain_model, model)
+
+
+def test_a_checkpoint_taken_before_a_directly_added_group_steps_loads_into_the_same_setup():
+    """A group added through ``optimizer.inner.add_param_group`` gets the chain when it is saved."""
+
+    def setup():
+        model = make_model()
+        first, second = list(model.children())[0], list(model.children())[-1]
+        optimizer = TransformingOptimizer(first.parameters(), torch.optim.SGD, transforms=[LAMP(1e-2, rollback_len=2, seed=0)], lr=0.1)
+        optimizer.inner.add_param_group({"params": list(second.parameters())})
+        return model, optimizer
+
+    model, optimizer = setup()
+    saved = copy.deepcopy(optimizer.state_dict())
+    assert [group["transform_chain"] for group in saved["param_groups"]] == [optimizer.chain.spec()] * 2
+    fresh_model, fresh = setup()
+    fresh.load_state_dict(saved)
+    assert continue_both(model, optimizer, fresh_model, fresh, steps=3)
+
+    later = copy.deepcopy(optimizer.state_dict())  # with LAMP's state in both groups
+    _, again = setup()
+    again.load_state_dict(later)

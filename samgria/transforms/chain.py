@@ -118,6 +118,8 @@ class Chain:
         self._qualified: dict[str, str] = {}
         #: short key shared by several transforms -> their qualified keys
         self._ambiguous: dict[str, list[str]] = {}
+        #: qualified keys whose hyperparameter the groups store under the short key
+        self._aliases: set[str] = set()
         for slot, transform in zip(self.slots, self.transforms):
             keys = {}
             for short, value in transform.group_defaults().items():
@@ -127,6 +129,8 @@ class Chain:
                 keys[short] = stored
                 self.defaults[stored] = value
                 self._qualified[qualified] = stored
+                if stored != qualified:
+                    self._aliases.add(qualified)
                 if len(owners[short]) > 1 and short not in self.inner_keys:
                     self._ambiguous[short] = [f"{s}.{short}" for s in owners[short]]
             self.keys[slot] = keys
@@ -205,6 +209,26 @@ class Chain:
                         "name the same hyperparameter"
                     )
                 group[stored] = value
+
+    def take_qualified_edits(self, group: dict[str, Any], where: str) -> None:
+        """Apply ``param_groups`` edits made under a qualified key to a filled group.
+
+        A group stores a hyperparameter under its short key when that is unambiguous; a value
+        written since under the qualified key (``group["sam.rho"] = 0.0`` beside the stored
+        ``"rho"``) is the newer one: it replaces the stored value and the qualified key is
+        removed. Checked before the group changes.
+
+        Raises:
+            ValueError: If an edited value is invalid (the group is left as it was).
+        """
+        if self._aliases.isdisjoint(group):
+            return
+        candidate = dict(group)
+        for key in self._aliases.intersection(group):
+            candidate[self._qualified[key]] = candidate.pop(key)
+        self.validate_group(candidate, where)
+        group.clear()
+        group.update(candidate)
 
     def checked_group(self, group: Mapping[str, Any], where: str) -> dict[str, Any]:
         """A user's group normalised (see :meth:`normalize_group`) and checked as it will be once
