@@ -60,6 +60,9 @@ class StepSnapshot:
         state: The optimizer's ``state`` (parameter -> dict).
         spare_buffers: Free memory laid out like a parameter, by ``id(param)`` (e.g. the buffer
             that held SAM's perturbed weights): the weights are copied into it, not into new memory.
+        only_params_state: Copy the state entries of ``params`` only; of every other entry keep
+            the keys and objects (as :class:`StateStructure`): for a step that can write into
+            nothing else before it raises.
     """
 
     def __init__(
@@ -67,10 +70,14 @@ class StepSnapshot:
         params: Sequence[torch.Tensor],
         state: MutableMapping[Any, dict[Any, Any]],
         spare_buffers: Mapping[int, torch.Tensor] | None = None,
+        *,
+        only_params_state: bool = False,
     ) -> None:
         self._params = list(params)
         self._state = state
         spare_buffers = spare_buffers or {}
+        copied = {id(param) for param in self._params} if only_params_state else None
+        self._structure: list[tuple[Any, dict[Any, Any]]] = []
         with torch.no_grad():
             self._weights = []
             for param in self._params:
@@ -81,6 +88,9 @@ class StepSnapshot:
                     self._weights.append(param.detach().clone())
             self._entries: dict[Any, dict[Any, tuple[Any, Any]]] = {}
             for param, entry in state.items():
+                if copied is not None and id(param) not in copied:
+                    self._structure.append((param, dict(entry)))
+                    continue
                 saved = {}
                 for key, value in entry.items():
                     if isinstance(value, torch.Tensor):
@@ -94,7 +104,11 @@ class StepSnapshot:
         """Put the weights and the state back as they were when the snapshot was taken."""
         for param, weight in zip(self._params, self._weights):
             param.copy_(weight)
-        _drop_new_entries(self._state, {id(param) for param in self._entries})
+        _drop_new_entries(self._state, {id(param) for param in self._entries} | {id(param) for param, _ in self._structure})
+        for param, kept in self._structure:
+            entry = self._state[param]
+            entry.clear()
+            entry.update(kept)
         for param, saved in self._entries.items():
             entry = self._state[param]
             entry.clear()

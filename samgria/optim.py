@@ -18,7 +18,7 @@ from samgria._frameworks import accumulating_framework
 from samgria._snapshot import StateStructure, StepSnapshot
 from samgria._wrapper import WrappingOptimizer
 from samgria.functional import all_finite, global_norm
-from samgria.functional._grouping import group_indices_by_device_and_dtype
+from samgria.functional._grouping import group_indices_by_device_and_dtype, unique_params
 from samgria.functional._sharding import is_sharded
 from samgria.transforms.base import Transform, TransformContext
 from samgria.transforms.chain import CHAIN_KEY, Chain
@@ -132,13 +132,15 @@ class TransformingOptimizer(WrappingOptimizer):
     exactly as before the step. The pre-step phase restores itself (SAM puts the weights back in
     a ``finally``), at no cost. Undoing the inner step needs a copy of the weights and of the
     state taken before it; it is taken (once the closure's activations are freed; the weights go
-    into the memory of SAM's clone when SAM ran) only when something can fail after writing:
-    when the chain has a post-step transform (LAMP), or when the inner optimizer is not one of
-    ``torch.optim``'s own. torch's optimizers check their inputs before they write into a tensor
-    (what they may create before raising — new state entries — is undone without copies), so a
-    chain of pre-step transforms around one of them needs no copy — that is what keeps SAM's step
-    as fast and as small as a plain one. ``atomic=False`` never copies (then only the pre-step phase is
-    undone).
+    into the memory of SAM's clone when SAM ran) only where something can fail after writing:
+    everything when the chain has a post-step transform (LAMP) or the inner optimizer is not one
+    of ``torch.optim``'s own. torch's optimizers check a param group's inputs before they write
+    into its tensors (what they may create before raising — new state entries — is undone without
+    copies), but step the groups one after another, so with several groups the weights and state
+    of every group before the last one with a gradient are copied. A chain of pre-step
+    transforms around one of them with one param group needs no copy — that is what keeps SAM's
+    step as fast and as small as a plain one. ``atomic=False`` never copies (then only the
+    pre-step phase is undone).
 
     **Non-finite gradients.** A step whose gradients are not finite — in the first evaluation or
     in a re-evaluation, with ``step(closure)`` or the two-call loop alike — is skipped whole
@@ -448,17 +450,33 @@ class TransformingOptimizer(WrappingOptimizer):
         grads = [p.grad for p in self._unique_params() if p.grad is not None]
         return bool(grads) and not any(bool(torch.any(grad != 0)) for grad in grads)
 
-    def _needs_snapshot(self) -> bool:
-        """Whether a failure after the inner step started could leave anything half-applied.
+    def _snapshot_before_inner_step(
+        self, spare_buffers: dict[int, torch.Tensor]
+    ) -> StepSnapshot | StateStructure | None:
+        """What undoes a failure in or after the inner step, taken just before it.
 
-        torch.optim's own optimizers validate before they write; anything else (another inner
-        optimizer, a post-step transform after a completed inner step) may fail after writing.
+        torch.optim's own optimizers check a param group's inputs before they write into its
+        tensors (what they may create before raising, new state entries, is undone without
+        copies: :class:`StateStructure`), but they step the groups one after another: a group
+        they refuse leaves the groups before it stepped. So the weights and state of every group
+        before the last one with a gradient are copied. Any other inner optimizer, or a post-step
+        transform after a completed inner step, may fail after writing anywhere: everything is
+        copied.
         """
         if not self.atomic:
-            return False
-        if not type(self.inner).__module__.startswith("torch.optim."):
-            return True
-        return any(_has_post_update(transform) for transform in self.transforms)
+            return None
+        if not type(self.inner).__module__.startswith("torch.optim.") or any(
+            _has_post_update(transform) for transform in self.transforms
+        ):
+            return StepSnapshot(self._unique_params(), self.state, spare_buffers)
+        groups = self.param_groups
+        if len(groups) > 1:
+            stepped = [i for i, group in enumerate(groups) if any(p.grad is not None for p in group["params"])]
+            if len(stepped) > 1:
+                earlier = unique_params(groups[: stepped[-1]])
+                params = [param for param in earlier if param.grad is not None]
+                return StepSnapshot(params, self.state, spare_buffers, only_params_state=True)
+        return StateStructure(self.state)
 
     def _pre_step_structure(self) -> StateStructure | None:
         """The state's references at the start of a step, when a transform saves state before the
@@ -503,10 +521,7 @@ class TransformingOptimizer(WrappingOptimizer):
             for _, slot, transform in transforms:
                 if not transform.needs_closure:
                     transform.pre_update(self._context(slot, None))
-        if self._needs_snapshot():
-            snapshot: StepSnapshot | StateStructure | None = StepSnapshot(self._unique_params(), self.state, spare_buffers)
-        else:  # torch's own optimizer, nothing after it: undo entries it created before raising
-            snapshot = StateStructure(self.state) if self.atomic else None
+        snapshot = self._snapshot_before_inner_step(spare_buffers)
         spare_buffers.clear()
         try:
             self._driven_step()

@@ -775,3 +775,32 @@ def test_a_post_step_hook_set_on_the_instance_runs_and_its_failure_changes_nothi
     with pytest.raises(Injected):
         optimizer.step(make_closure(model, optimizer))
     before.assert_unchanged()
+
+
+@pytest.mark.parametrize("refusal, chain", [("tensor-lr", "none"), ("tensor-lr", "sam"), ("sparse-gradient", "none")])
+def test_a_later_param_group_refused_by_torch_leaves_the_earlier_groups_unstepped(refusal, chain):
+    """torch's Adam checks and writes group by group: a refused second group must not leave the
+    first one stepped. (SAM refuses sparse gradients itself, before anything changes.)"""
+    torch.manual_seed(0)
+    body, embedding = nn.Linear(4, 3).double(), nn.Embedding(5, 3, sparse=refusal == "sparse-gradient").double()
+    model = nn.ModuleList([body, embedding])
+    optimizer = TransformingOptimizer(
+        [{"params": body.parameters()}, {"params": embedding.parameters()}], torch.optim.Adam, lr=0.1,
+        foreach=True, transforms=[SAM(0.05)] if chain == "sam" else [],
+    )
+    tokens = torch.tensor([0, 2, 4])
+
+    def closure(use_embedding=True):
+        optimizer.zero_grad()
+        features = body(X[:3])
+        loss = ((features * embedding(tokens)).sum() if use_embedding else features.sum()) ** 2
+        loss.backward()
+        return loss
+
+    optimizer.step(lambda: closure(use_embedding=refusal == "tensor-lr"))  # Adam state in group 0
+    if refusal == "tensor-lr":
+        optimizer.param_groups[1]["lr"] = torch.tensor(0.1)  # refused with foreach=True
+    before = Before(model, optimizer)
+    with pytest.raises(RuntimeError, match="lr as a Tensor is not supported" if refusal == "tensor-lr" else "does not support sparse gradients"):
+        optimizer.step(closure)
+    before.assert_unchanged()
