@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import sys
 import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -91,6 +92,34 @@ def _has_post_update(transform: Transform) -> bool:
     """Whether ``transform`` does anything after the inner step (not the base class's no-op)."""
     overridden = type(transform).post_update is not Transform.post_update
     return overridden or "post_update" in getattr(transform, "__dict__", ())
+
+
+def _called_by_checkpoint_state_init() -> bool:
+    """Whether ``torch.distributed.checkpoint``'s ``_init_optim_state`` is calling ``step()``.
+
+    It initialises a fresh optimizer's state by one step with every ``lr`` zero and zero gradients
+    before it loads a checkpoint into it; a user's first step may look the same (a warm-up from
+    lr 0 with zero gradients) and must run every transform. The function is private to torch and
+    this is the one place that names it; where a torch build lacks it, the look of the step alone
+    decides.
+    """
+    try:
+        from torch.distributed.checkpoint.state_dict import _init_optim_state
+    except ImportError:
+        return True
+    code = getattr(_init_optim_state, "__code__", None)
+    frame = sys._getframe(1)
+    for _ in range(_STATE_INIT_FRAMES):  # step(), torch's hook wrapper around it, the caller
+        if frame is None:
+            return False
+        if frame.f_code is code:
+            return True
+        frame = frame.f_back
+    return False
+
+
+#: How many callers up :func:`_called_by_checkpoint_state_init` looks.
+_STATE_INIT_FRAMES = 6
 
 
 def _refuse_sharded_m_sharpness(first_pass_context: Any, params: Iterable[Any]) -> None:
@@ -438,17 +467,18 @@ class TransformingOptimizer(WrappingOptimizer):
         self.__dict__.pop("grad_scale", None)
 
     def _is_state_init_step(self) -> bool:
-        """Every ``lr`` zero, every gradient zero and no state yet: only create state.
-
-        This is how ``torch.distributed.checkpoint`` initialises a fresh optimizer before it
-        loads into it (``_init_optim_state``); such a step must not move any weight.
+        """Every ``lr`` zero, every gradient zero, no state yet, and called by
+        ``torch.distributed.checkpoint``'s initialisation of a fresh optimizer before it loads
+        into it (``_init_optim_state``): only create state; no weight may move.
         """
         if any(self.state.values()):
             return False
         if any(group.get("lr", 0.0) != 0.0 for group in self.param_groups):
             return False
         grads = [p.grad for p in self._unique_params() if p.grad is not None]
-        return bool(grads) and not any(bool(torch.any(grad != 0)) for grad in grads)
+        if not grads or any(bool(torch.any(grad != 0)) for grad in grads):
+            return False
+        return _called_by_checkpoint_state_init()
 
     def _snapshot_before_inner_step(
         self, spare_buffers: dict[int, torch.Tensor]

@@ -636,3 +636,22 @@ def test_a_checkpoint_taken_before_a_directly_added_group_steps_loads_into_the_s
     later = copy.deepcopy(optimizer.state_dict())  # with LAMP's state in both groups
     _, again = setup()
     again.load_state_dict(later)
+
+
+def test_a_first_step_at_lr_zero_with_zero_gradients_is_a_real_step_outside_checkpoint_loading():
+    """Only torch.distributed.checkpoint's state initialisation is treated as one; a user's warm-up
+    step from lr 0 with zero gradients runs every transform (LAMP's noise moves the weights)."""
+    model = make_model()
+    optimizer = TransformingOptimizer(model.parameters(), torch.optim.SGD, transforms=[LAMP(1e-2, rollback_len=2, seed=0)], lr=0.0)
+    before = [p.detach().clone() for p in model.parameters()]
+    for param in model.parameters():
+        param.grad = torch.zeros_like(param)
+    optimizer.step()
+    assert any(not torch.equal(a, p) for a, p in zip(before, model.parameters()))
+    twin_model = make_model()
+    twin = TransformingOptimizer(twin_model.parameters(), torch.optim.SGD, transforms=[LAMP(1e-2, rollback_len=2, seed=0)], lr=0.0)
+    for param in twin_model.parameters():
+        param.grad = torch.zeros_like(param)
+    twin.step(lambda: None)  # the same step through a closure: no doubt it is a real step
+    assert_weights_equal(model, twin_model)
+    assert_states_equal(state_by_index(optimizer), state_by_index(twin))
