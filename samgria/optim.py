@@ -258,6 +258,12 @@ class TransformingOptimizer(WrappingOptimizer):
         if transform_foreach is not None:
             check_bool("transform_foreach", transform_foreach)
         inner_optimizer = self._build_inner(params, inner, inner_kwargs)
+        if not isinstance(getattr(inner_optimizer, "defaults", None), dict):
+            raise TypeError(
+                f"inner must be a torch.optim.Optimizer with defaults and param_groups of its own, "
+                f"got a {type(inner_optimizer).__name__} without defaults (an optimizer that drives another "
+                "one, which TransformingOptimizer cannot drive in turn)"
+            )
         if isinstance(inner_optimizer, torch.optim.LBFGS):
             raise TypeError(
                 "inner must be an optimizer whose step() works without a closure, got LBFGS (it "

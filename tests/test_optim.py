@@ -573,6 +573,24 @@ def test_an_inner_optimizer_that_needs_a_closure_is_refused_with_the_reason():
         TransformingOptimizer(make_model().parameters(), torch.optim.LBFGS, lr=0.1)
 
 
+def test_an_optimizer_that_drives_another_without_defaults_is_refused_with_the_reason():
+    """Like torch.distributed.optim.PostLocalSGDOptimizer: an Optimizer that never called
+    ``Optimizer.__init__`` and forwards to the optimizer it holds."""
+
+    class Forwarding(torch.optim.Optimizer):
+        def __init__(self, optim):  # no super().__init__: no defaults of its own
+            self.optim = optim
+            self.param_groups = optim.param_groups
+            self.state = optim.state
+
+        def step(self, closure=None):
+            return self.optim.step(closure)
+
+    forwarding = Forwarding(torch.optim.SGD(make_model().parameters(), lr=0.1))
+    with pytest.raises(TypeError, match=r"inner must be a torch\.optim\.Optimizer with defaults .*got a Forwarding without defaults"):
+        TransformingOptimizer(forwarding, transforms=[SAM(0.05)])
+
+
 def test_a_load_inside_a_load_pre_hook_does_not_skip_validation():
     model = make_model()
     optimizer = sam_opt(model)
