@@ -217,6 +217,13 @@ class MetaInfo:
         return self.algorithm != "Reptile"
 
     @property
+    def update_field(self) -> str:
+        """The task field a NaN in which makes the update itself non-finite: the query target
+        (the meta-loss) for the MAML family, the support target (the adapted weights, so the
+        pseudo-gradient) for Reptile, whose query loss is monitoring only."""
+        return "query_y" if self.meta_gradient else "support_y"
+
+    @property
     def second_order(self) -> bool:
         return self.algorithm in ("MAML", "MetaSGD", "ANIL") and not self.first_order
 

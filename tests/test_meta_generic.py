@@ -54,6 +54,7 @@ from samgria.meta import (
 from samgria.meta import engine
 from samgria.meta.compiled import CompiledMetaLoss, compiled_path_blocker
 from samgria.optim import TransformingOptimizer
+from samgria.transforms import SAM
 
 COMPILE_BACKEND = "aot_eager"
 
@@ -602,6 +603,78 @@ def test_constructors_reject_bad_arguments_with_the_project_message(algorithm, k
         CONSTRUCTORS[algorithm](_model(), **kwargs)
 
 
+BUILT_CONSTRUCTORS = {
+    "MAML": lambda m, outer, **kw: MAML(m, outer, **kw),
+    "FOMAML": lambda m, outer, **kw: FOMAML(m, outer, **kw),
+    "Reptile": lambda m, outer, **kw: Reptile(m, outer, **kw),
+    "MetaSGD": lambda m, outer, **kw: MetaSGD(m, outer, **kw),
+    "ANIL": lambda m, outer, **kw: ANIL(m, outer, head=m[-1], **kw),
+}
+
+def foreign_groups(model: nn.Module) -> list[dict[str, Any]]:
+    return [{"params": model.parameters()}, {"params": [nn.Parameter(torch.zeros(3, dtype=DT))]}]
+
+
+REJECTED_OUTERS = [
+    # (id, model -> param groups of the built optimizer, error, match)
+    ("foreign-tensor", foreign_groups, ValueError,
+     r"^param_groups\[1\] holds a tensor of shape \(3,\) that is not a parameter of model \(Sequential\)$"),
+    ("group-inner-lr", lambda m: [{"params": m.parameters(), "inner_lr": -1.0}], ValueError,
+     r"^param_groups\[0\]\['inner_lr'\] must be a finite number >= 0, got -1\.0$"),
+    ("group-adapt", lambda m: [{"params": m.parameters(), "adapt": "yes"}], TypeError,
+     r"^param_groups\[0\]\['adapt'\] must be a bool, got 'yes'$"),
+]
+
+
+def plain_step(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor) -> None:
+    """One step of ``optimizer`` on a loss of ``model`` and of every tensor it optimizes."""
+    optimizer.zero_grad()
+    loss = model(x).sum() + sum((p**2).sum() for g in optimizer.param_groups for p in g["params"])
+    loss.backward()
+    optimizer.step()
+
+
+def group_options(optimizer: torch.optim.Optimizer) -> list[tuple[dict[str, Any], list[int]]]:
+    """Each group's options and the ids of its tensors."""
+    groups = optimizer.param_groups
+    return [({k: v for k, v in g.items() if k != "params"}, [id(p) for p in g["params"]]) for g in groups]
+
+
+def assert_optimizer_as_before(optimizer, state_type, options, state) -> None:
+    assert type(optimizer.state) is state_type
+    assert group_options(optimizer) == options
+    assert_state_equal(optimizer.state_dict(), state)
+
+
+@pytest.mark.parametrize("algorithm", ALGORITHMS)
+@pytest.mark.parametrize("groups,error,match", [r[1:] for r in REJECTED_OUTERS], ids=[r[0] for r in REJECTED_OUTERS])
+def test_a_constructor_that_rejects_a_built_optimizer_leaves_it_as_it_was(algorithm, groups, error, match):
+    model = _model()
+    outer = torch.optim.Adam(groups(model), lr=0.01)
+    plain_step(model, outer, TASKS[0].support_x)  # the optimizer holds state to lose
+    twin_model, twin_outer = copy.deepcopy((model, outer))  # a copy no constructor sees
+    before = type(outer.state), group_options(outer), copy.deepcopy(outer.state_dict())
+    with pytest.raises(error, match=match):
+        BUILT_CONSTRUCTORS[algorithm](model, outer)
+    assert_optimizer_as_before(outer, *before)
+    for x in (TASKS[1].support_x, TASKS[2].support_x):  # and it steps on like the copy
+        plain_step(model, outer, x)
+        plain_step(twin_model, twin_outer, x)
+    for p, q in zip(model.parameters(), twin_model.parameters()):
+        assert torch.equal(p, q)
+    assert_state_equal(outer.state_dict(), twin_outer.state_dict())
+
+
+def test_metasgd_checks_lrs_group_before_taking_over_a_built_optimizer():
+    model = _model()
+    outer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    plain_step(model, outer, TASKS[0].support_x)
+    before = type(outer.state), group_options(outer), copy.deepcopy(outer.state_dict())
+    with pytest.raises(ValueError, match=r"^lrs_group\['inner_lr'\] must be a finite number >= 0, got -1\.0$"):
+        MetaSGD(model, outer, lrs_group={"inner_lr": -1.0})
+    assert_optimizer_as_before(outer, *before)
+
+
 def test_numpy_integer_inner_steps_are_accepted():
     np = pytest.importorskip("numpy")
     meta = _maml(inner_steps=np.int64(2))
@@ -740,10 +813,15 @@ def test_inner_rules_reject_bad_hyperparameters_with_the_project_message(make, e
 
 
 # ============================================================================ non-finite steps
+def skip_problem(meta) -> str:
+    """What a NaN in the update's task field (``MetaInfo.update_field``) makes non-finite."""
+    return "the meta-loss is nan" if meta.outer_update == "meta_gradient" else "the pseudo-gradient is not finite"
+
+
 def skip_warning(meta):
     return pytest.warns(
         RuntimeWarning,
-        match=rf"^{type(meta).__name__}: the meta-loss is nan; the meta-step is skipped \(weights and outer state unchanged\)$",
+        match=rf"^{type(meta).__name__}: {skip_problem(meta)}; the meta-step is skipped \(weights and outer state unchanged\)$",
     )
 
 
@@ -755,10 +833,11 @@ def assert_nothing_changed(meta, weights, state):
 
 #: The first entry of each algorithm, for the checks that need not run over the whole registry.
 REPRESENTATIVES = [next(i for i in META_INFOS if i.algorithm == a) for a in ALGORITHMS]
-# A NaN query target on every path of every entry; a NaN support target (NaN adapted weights,
-# so a NaN pseudo-gradient for Reptile) on the loop of one entry per algorithm.
-NAN_CASES = [(info, path, "query_y") for info in META_INFOS for path in info.paths if path != "compiled"] + [
-    (info, "loop", "support_y") for info in REPRESENTATIVES
+# A NaN in what the update uses on every path of every entry (the query target of the MAML
+# family; the support target of Reptile: NaN adapted weights, so a NaN pseudo-gradient); a NaN
+# support target also on the loop of one MAML-family entry per algorithm.
+NAN_CASES = [(info, path, info.update_field) for info in META_INFOS for path in info.paths if path != "compiled"] + [
+    (info, "loop", "support_y") for info in REPRESENTATIVES if info.meta_gradient
 ]
 
 
@@ -812,9 +891,9 @@ def test_non_finite_raise_raises_floating_point_error_and_changes_nothing(info):
         warnings.simplefilter("error")
         with pytest.raises(
             FloatingPointError,
-            match=rf"^{type(meta).__name__}: the meta-loss is nan; the meta-step is skipped .*non_finite='raise' was set$",
+            match=rf"^{type(meta).__name__}: {skip_problem(meta)}; the meta-step is skipped .*non_finite='raise' was set$",
         ):
-            one_step(info, meta, poisoned(TASKS_2, "query_y"))
+            one_step(info, meta, poisoned(TASKS_2, info.update_field))
     assert meta.skipped_steps == 0
     assert_nothing_changed(meta, weights, state)
 
@@ -830,7 +909,7 @@ def test_outer_sam_nan_at_the_perturbed_point_is_rolled_back(info, non_finite):
     weights, state = snapshot_weights(meta), copy.deepcopy(meta.state_dict())
     calls = []
     good = task_losses_closure(info, meta, TASKS_2, "loop", {})
-    bad = task_losses_closure(info, meta, poisoned(TASKS_2, "query_y"), "loop", {})
+    bad = task_losses_closure(info, meta, poisoned(TASKS_2, info.update_field), "loop", {})
 
     def closure():
         calls.append(len(calls))
@@ -850,6 +929,114 @@ def test_outer_sam_nan_at_the_perturbed_point_is_rolled_back(info, non_finite):
     _, twin = fresh(info)
     one_step(info, twin, TASKS)
     assert_outcomes(one_step(info, meta, TASKS_2), one_step(info, twin, TASKS_2), rtol=0, atol=0)
+
+
+reptile_infos = _params([i for i in META_INFOS if not i.meta_gradient])
+
+
+@pytest.mark.parametrize("path", ["loop", "vmap"])
+@reptile_infos
+def test_a_nan_in_reptiles_monitoring_query_loss_does_not_skip_its_finite_pseudo_gradient(info, path):
+    if path not in info.paths:
+        pytest.skip(f"{info.name} has no {path} path")
+    _, meta = fresh(info)
+    _, twin = fresh(info)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        outcome = one_step(info, meta, poisoned(TASKS_2, "query_y"), path)
+    assert torch.isnan(outcome.loss) and meta.skipped_steps == 0
+    reference = one_step(info, twin, TASKS_2, path)  # the update never reads the query set
+    for n in reference.grads:
+        assert_tensors(outcome.grads[n], reference.grads[n], 0, 0, f"pseudo-gradient of {n}")
+    for n in reference.weights:
+        assert_tensors(outcome.weights[n], reference.weights[n], 0, 0, f"weight {n} after the step")
+    assert_state_equal(meta.state_dict(), twin.state_dict())
+
+
+def lbfgs_meta(non_finite: str) -> MAML:
+    meta = MAML(MODELS["mlp"](0), torch.optim.LBFGS, inner_lr=0.1, lr=0.5, max_iter=4, non_finite=non_finite)
+    meta.step(task_losses_closure(REPRESENTATIVES[0], meta, TASKS, "loop", {}))  # LBFGS has state now
+    return meta
+
+
+@pytest.mark.parametrize(
+    "non_finite,failure", [("skip", "nan"), ("raise", "nan"), ("skip", "error")], ids=["skip-nan", "raise-nan", "error"]
+)
+def test_outer_lbfgs_failing_in_a_later_closure_evaluation_leaves_weights_and_outer_state_unchanged(non_finite, failure):
+    """LBFGS moves the weights between its evaluations of the closure: a NaN or an exception in a
+    later one must put back the weights and LBFGS's state (its history, counters) exactly."""
+    meta = lbfgs_meta(non_finite)
+    weights, state = snapshot_weights(meta), copy.deepcopy(meta.state_dict())
+    assert state["state"], "LBFGS keeps its state under the first parameter"
+    good = task_losses_closure(REPRESENTATIVES[0], meta, TASKS_2, "loop", {})
+    bad = task_losses_closure(REPRESENTATIVES[0], meta, poisoned(TASKS_2, "query_y"), "loop", {})
+    calls = []
+
+    def closure():
+        calls.append(len(calls))
+        if len(calls) < 3:
+            return good()
+        if failure == "error":
+            raise RuntimeError("closure failed")
+        return bad()
+
+    if failure == "error":
+        with pytest.raises(RuntimeError, match="^closure failed$"):
+            meta.step(closure)
+    elif non_finite == "skip":
+        with skip_warning(meta):
+            meta.step(closure)
+    else:
+        with pytest.raises(FloatingPointError, match="non_finite='raise' was set$"):
+            meta.step(closure)
+    assert len(calls) == 3, "LBFGS stepped between the evaluations"
+    assert meta.skipped_steps == (1 if (non_finite, failure) == ("skip", "nan") else 0)
+    assert_nothing_changed(meta, weights, state)
+    # the next step is the one of a twin that never saw the failed step
+    twin = lbfgs_meta(non_finite)
+    meta.step(task_losses_closure(REPRESENTATIVES[0], meta, TASKS_2, "loop", {}))
+    twin.step(task_losses_closure(REPRESENTATIVES[0], twin, TASKS_2, "loop", {}))
+    for n, w in snapshot_weights(twin).items():
+        assert_tensors(snapshot_weights(meta)[n], w, 0, 0, f"weight {n} after the next step")
+    assert_state_equal(meta.state_dict(), twin.state_dict())
+
+
+@pytest.mark.parametrize(
+    "outer,copies",
+    [
+        (lambda params: torch.optim.SGD(params, lr=0.1, momentum=0.9), False),
+        (lambda params: torch.optim.Adam(params, lr=0.01), False),
+        (lambda params: TransformingOptimizer(params, torch.optim.SGD, transforms=[SAM(rho=0.05)], lr=0.1), False),
+        (lambda params: TransformingOptimizer(
+            params, torch.optim.SGD, transforms=[SAM(rho=0.05)], lr=0.1, atomic=False), True),
+        (lambda params: torch.optim.LBFGS(params, lr=0.5, max_iter=2), True),
+        (lambda params: OwnSGD(params, lr=0.1), True),
+    ],
+    ids=["sgd", "adam", "sam", "sam-not-atomic", "lbfgs", "not-torchs"],
+)
+def test_the_weights_and_outer_state_are_copied_only_when_the_outer_step_is_not_atomic(monkeypatch, outer, copies):
+    """torch's optimizers but LBFGS evaluate the closure once, before they write, and an atomic
+    TransformingOptimizer undoes its own passes: no copy. LBFGS, a non-atomic
+    TransformingOptimizer and unknown optimizers get one."""
+    import samgria.meta.base as base
+
+    taken = []
+
+    class CountingSnapshot(base.StepSnapshot):
+        def __init__(self, *args, **kwargs):
+            taken.append(1)
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(base, "StepSnapshot", CountingSnapshot)
+    model = MODELS["mlp"](0)
+    meta = MAML(model, outer(model.parameters()), inner_lr=0.1)
+    for _ in range(2):
+        meta.step(task_losses_closure(REPRESENTATIVES[0], meta, TASKS, "loop", {}))
+    assert len(taken) == (2 if copies else 0)
+
+
+class OwnSGD(torch.optim.SGD):
+    """torch's SGD, defined outside torch.optim: not known to evaluate the closure once."""
 
 
 # ============================================================================ a transformer

@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.func import functional_call
 
 from meta_helpers import ItemModel, ListSampler
 from samgria import MAML, MetaTrainer, PathPolicy
@@ -132,6 +133,51 @@ def test_vectorize_reaches_evaluate():
         warnings.simplefilter("error")  # the loop was asked for: vmap is not even tried
         value = MetaTrainer(meta, F.mse_loss, ListSampler([]), vectorize=False).evaluate(tasks)
     assert value == pytest.approx(meta.evaluate(tasks, F.mse_loss, vectorize=False), rel=0, abs=0)
+
+
+def first_order_eval_loss(model, tasks, lr):
+    """Reference: the mean query loss after one plain SGD step on each support set."""
+    params = dict(model.named_parameters())
+    total = 0.0
+    for t in tasks:
+        support_loss = F.mse_loss(functional_call(model, params, (t.support_x,)), t.support_y)
+        grads = torch.autograd.grad(support_loss, list(params.values()))
+        fast = {n: p - lr * g for (n, p), g in zip(params.items(), grads)}
+        total += F.mse_loss(functional_call(model, fast, (t.query_x,)), t.query_y).item()
+    return total / len(tasks)
+
+
+def test_trainer_evaluate_falls_back_to_the_loop_once_with_a_warning_and_remembers():
+    """vectorize=None: evaluation measures loop and vmap; vmap fails on this model, so it falls
+    back to the loop once, with one warning, and every later evaluation takes the loop."""
+    torch.manual_seed(0)
+    model = ItemModel().to(DT)
+    meta = MAML(model, torch.optim.SGD, lr=0.1, inner_lr=0.1)
+    trainer = MetaTrainer(meta, F.mse_loss, ListSampler([]))
+    tasks = make_tasks(3)
+    expected = first_order_eval_loss(model, tasks, 0.1)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        values = [trainer.evaluate(tasks) for _ in range(4)]
+    assert values == pytest.approx([expected] * 4, rel=1e-12)
+    fallbacks = [w for w in caught if "path failed" in str(w.message)]
+    assert len(fallbacks) == 1 and issubclass(fallbacks[0].category, RuntimeWarning)
+    message = str(fallbacks[0].message)
+    assert message.startswith("MAML: the vmap path failed") and message.endswith("using the loop path from now on")
+    assert "vmap" in meta.path_policy.failed
+
+
+def test_fit_evaluating_every_iteration_survives_a_model_vmap_cannot_run():
+    """Training on the loop only (checkpointed steps) never tries vmap; evaluation does, and its
+    fallback must not end fit at the second evaluation."""
+    torch.manual_seed(0)
+    meta = MAML(ItemModel().to(DT), torch.optim.SGD, lr=0.1, inner_lr=0.1, checkpoint_inner_steps=True)
+    trainer = MetaTrainer(meta, F.mse_loss, ListSampler(make_tasks(8, seed=1)))
+    eval_tasks = make_tasks(2, seed=2)
+    with pytest.warns(RuntimeWarning, match=r"^MAML: the vmap path failed"):
+        history = trainer.fit(4, 2, eval_every=1, eval_tasks=eval_tasks, progress=False)
+    assert history.eval_iterations == [1, 2, 3, 4]
+    assert history.eval_loss[-1] == pytest.approx(first_order_eval_loss(meta.model, eval_tasks, 0.1), rel=1e-12)
 
 
 def test_evaluate_accepts_inner_steps_and_its_former_name():

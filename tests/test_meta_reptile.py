@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import warnings
 
 import pytest
 import torch
@@ -137,6 +138,55 @@ def test_reptile_query_losses_match_reference():
     torch.testing.assert_close(losses, torch.stack(expected), rtol=0, atol=1e-12)
     assert meta.evaluate(tasks, mse) == pytest.approx(torch.stack(expected).mean().item(), rel=1e-12)
     assert meta.num_recorded == 3  # task_losses recorded; evaluate did not
+
+
+def without_query(tasks):
+    """The tasks with an empty query set (``k_query=0``)."""
+    return [Task(t.support_x, t.support_y, t.query_x[:0], t.query_y[:0]) for t in tasks]
+
+
+def support_loss_after(model, task, lr, steps):
+    """Reference: the support loss of a copy of ``model`` trained on the support set with SGD."""
+    clone, adapted = copy.deepcopy(model), sgd_adapted(model, task, lr, steps)
+    with torch.no_grad():
+        for p, a in zip(clone.parameters(), adapted):
+            p.copy_(a)
+        return mse(clone(task.support_x), task.support_y)
+
+
+@pytest.mark.parametrize("vectorize", [False, True, None])
+def test_an_empty_query_set_steps_with_the_pseudo_gradient_and_reports_the_support_loss(vectorize):
+    """k_query=0 is allowed: the step is the interpolation formula (never skipped), and the
+    monitoring loss is each task's post-adaptation support loss."""
+    model = mlp()
+    tasks = without_query(make_tasks())
+    theta = [p.detach().clone() for p in model.parameters()]
+    adapted = [sgd_adapted(model, t, 0.05, 2) for t in tasks]
+    expected_losses = torch.stack([support_loss_after(model, t, 0.05, 2) for t in tasks])
+    meta = Reptile(model, torch.optim.SGD, inner_lr=0.05, inner_steps=2, lr=0.5)
+    assert meta.evaluate(tasks, mse, vectorize=vectorize) == pytest.approx(expected_losses.mean().item(), rel=1e-12)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        loss = meta.step(lambda: meta.task_losses(tasks, mse, vectorize=vectorize).mean())
+    assert meta.skipped_steps == 0
+    torch.testing.assert_close(loss, expected_losses.mean(), rtol=0, atol=1e-12)
+    for j, p in enumerate(model.parameters()):
+        mean = sum(a[j] for a in adapted) / len(adapted)
+        torch.testing.assert_close(p.detach(), theta[j] + 0.5 * (mean - theta[j]), rtol=0, atol=1e-12)
+
+
+def test_a_non_finite_pseudo_gradient_is_still_skipped_without_a_query_set():
+    model = mlp()
+    tasks = without_query(make_tasks())
+    bad = tasks[1]
+    tasks[1] = Task(bad.support_x, torch.full_like(bad.support_y, float("inf")), bad.query_x, bad.query_y)
+    before = [p.detach().clone() for p in model.parameters()]
+    meta = Reptile(model, torch.optim.SGD, inner_lr=0.05, inner_steps=2, lr=0.5)
+    with pytest.warns(RuntimeWarning, match=r"^Reptile: the pseudo-gradient is not finite; the meta-step is skipped"):
+        meta.step(lambda: meta.task_losses(tasks, mse).mean())
+    assert meta.skipped_steps == 1
+    for p, b in zip(model.parameters(), before):
+        assert torch.equal(p, b)
 
 
 def test_adapt_false_group_is_not_moved_and_gets_no_pseudo_gradient():

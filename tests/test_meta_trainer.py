@@ -84,6 +84,31 @@ def test_fit_with_reptile_matches_interpolation_update():
         torch.testing.assert_close(p, q, rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize("vectorize", [None, False])
+def test_fit_with_reptile_and_no_query_set_steps_every_iteration(vectorize):
+    """k_query=0: every meta-step is taken (none skipped) and the history holds the mean
+    post-adaptation support loss, the monitoring loss of a task without a query set."""
+    tasks = SinusoidTaskSampler(k_support=5, k_query=0, seed=3, dtype=DT).sample(6)
+    model, reference = make_model(), make_model()
+    beta = 0.5
+    meta = Reptile(model, torch.optim.SGD, lr=beta, inner_lr=0.05, inner_steps=3)
+    history = MetaTrainer(meta, F.mse_loss, ListSampler(tasks), vectorize=vectorize).fit(3, 2, progress=False)
+    expected_losses = []
+    for it in range(3):
+        params = {n: p.detach().clone().requires_grad_(True) for n, p in reference.named_parameters()}
+        batch = tasks[2 * it : 2 * it + 2]
+        fast = [adapted(reference, params, t, 0.05, 3, True) for t in batch]
+        with torch.no_grad():
+            support_losses = [F.mse_loss(functional_call(reference, f, (t.support_x,)), t.support_y) for f, t in zip(fast, batch)]
+            expected_losses.append(torch.stack(support_losses).mean().item())
+            for n, p in reference.named_parameters():
+                p.add_(beta * ((fast[0][n] + fast[1][n]) / 2 - p))
+    assert meta.skipped_steps == 0
+    assert history.meta_loss == pytest.approx(expected_losses, rel=1e-10)
+    for p, q in zip(model.parameters(), reference.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-10, atol=1e-12)
+
+
 def test_evaluate_is_first_order_post_adaptation_loss_and_leaves_model_untouched():
     tasks = fixed_tasks(3)
     model = make_model()

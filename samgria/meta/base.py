@@ -41,6 +41,7 @@ import torch
 from torch import nn
 
 from samgria._checks import check_bool, check_choice, check_real
+from samgria._snapshot import StepSnapshot
 from samgria._wrapper import WrappingOptimizer
 from samgria.data.task import Task
 from samgria.functional import all_finite
@@ -51,6 +52,7 @@ from samgria.meta.functional import check_lr, check_steps, one_steps_argument
 from samgria.meta.inner_optim import InnerStepFn, sgd_inner_step
 from samgria.meta.learner import Learner
 from samgria.meta.paths import PathPolicy, _stacklevel_outside
+from samgria.optim import TransformingOptimizer
 
 __all__ = ["MetaOptimizer"]
 
@@ -67,6 +69,19 @@ def _check_weight(weight: Any, name: str = "weight") -> float:
     return check_real(name, weight, low=0.0)
 
 
+def _closure_failure_changes_nothing(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether ``optimizer.step(closure)`` leaves the weights and its state as they were when an
+    evaluation of the closure raises.
+
+    torch.optim's own optimizers evaluate the closure once, before they write, except LBFGS,
+    which steps between evaluations; a ``TransformingOptimizer`` with ``atomic=True`` undoes its
+    own passes. Nothing is assumed of any other optimizer.
+    """
+    if isinstance(optimizer, TransformingOptimizer):
+        return optimizer.atomic
+    return type(optimizer).__module__.startswith("torch.optim.") and not isinstance(optimizer, torch.optim.LBFGS)
+
+
 class _NonFiniteMetaStep(Exception):
     """Raised inside the closure to abort an outer step before it changes anything."""
 
@@ -81,7 +96,9 @@ class MetaOptimizer(WrappingOptimizer):
     Args:
         model: The module to meta-train; its parameters are the meta-parameters.
         outer: An optimizer class, built as ``outer(param_groups, **outer_kwargs)``, or an
-            already built optimizer over (a subset of) ``model``'s parameters.
+            already built optimizer over (a subset of) ``model``'s parameters. A built one is
+            taken over (its state and groups become the meta-optimizer's) only once every
+            argument and group is checked: a constructor that raises leaves it as it was.
         inner_lr: Default inner step size :math:`\\alpha \\ge 0` of every param group.
         inner_steps: Default number of inner steps (an ``int >= 0``).
         first_order: Drop second-order terms (do not differentiate through the support
@@ -95,10 +112,12 @@ class MetaOptimizer(WrappingOptimizer):
             of a whole step's activations and graph (0.21x at 50 steps on conv4), for a
             recomputed forward and backward per step (1.2-1.9x the time). Same meta-gradient,
             bit for bit. Runs on the loop path. See the benchmarks page for process memory.
-        non_finite: ``"skip"`` (default): a meta-step whose meta-loss or meta-gradient is not
-            finite is skipped whole (weights and outer state untouched) with a
-            ``RuntimeWarning``, counted in :attr:`skipped_steps`; ``"raise"`` raises
-            :class:`FloatingPointError` instead (nothing applied either).
+        non_finite: ``"skip"`` (default): a meta-step whose update is not finite -- the
+            meta-loss or a meta-gradient of the MAML family, Reptile's pseudo-gradient (its loss
+            is monitoring only) -- is skipped whole (weights and outer state untouched, whatever
+            the outer optimizer, LBFGS included) with a ``RuntimeWarning``, counted in
+            :attr:`skipped_steps`; ``"raise"`` raises :class:`FloatingPointError` instead
+            (nothing applied either).
         distributed: Meta-train across the processes of a ``torch.distributed`` process group
             (which must be initialised): each rank adapts its own tasks, and every outer step
             replaces the gradients by their task-weighted mean over the ranks,
@@ -119,7 +138,7 @@ class MetaOptimizer(WrappingOptimizer):
             family) -- or ``"pseudo_gradient"`` -- :math:`\\theta - \\bar\\theta'` from the
             adapted weights, which need no graph to the meta-parameters (Reptile).
         needs_query: Whether the meta-loss needs a query set (a class attribute).
-        skipped_steps: Meta-steps skipped because of a non-finite meta-loss or meta-gradient.
+        skipped_steps: Meta-steps skipped because of a non-finite update (see ``non_finite``).
         path_policy: The :class:`~samgria.meta.paths.PathPolicy` that picks the loop, vmap or
             compiled path for this meta-optimizer.
         distributed: Whether outer steps and evaluations are reduced over a process group.
@@ -127,11 +146,12 @@ class MetaOptimizer(WrappingOptimizer):
 
     Raises:
         TypeError: ``model`` is not a module, ``outer`` is neither an optimizer class nor an
-            optimizer, ``outer_kwargs`` are given with a built optimizer, or an argument has
-            the wrong type.
-        ValueError: ``inner_lr`` or ``inner_steps`` is negative, the outer optimizer holds a
-            tensor that is not a parameter of ``model``, ``distributed=True`` without an
-            initialised process group, or ``process_group`` without ``distributed=True``.
+            optimizer, ``outer_kwargs`` are given with a built optimizer, or an argument (or a
+            group's ``adapt``) has the wrong type.
+        ValueError: ``inner_lr`` (or a group's) or ``inner_steps`` is negative, the outer
+            optimizer holds a tensor that is not a parameter of ``model``, ``distributed=True``
+            without an initialised process group, or ``process_group`` without
+            ``distributed=True``.
     """
 
     outer_update: ClassVar[str] = "meta_gradient"
@@ -198,6 +218,8 @@ class MetaOptimizer(WrappingOptimizer):
                 "outer must be a torch.optim.Optimizer subclass or instance, got "
                 f"{outer!r} of type {type(outer).__name__}"
             )
+        for i, group in enumerate(built.param_groups):  # a rejected optimizer is left as it was
+            self._check_group(group, i)
         self._init_wrapper(built, {**built.defaults, "inner_lr": inner_lr, "adapt": True})
         for i, group in enumerate(self.outer.param_groups):
             self._fill_group(group, i)
@@ -253,12 +275,12 @@ class MetaOptimizer(WrappingOptimizer):
         """Meta-parameters that are not parameters of the model (Meta-SGD's rates)."""
         return set()
 
-    def _fill_group(self, group: dict[str, Any], index: int) -> None:
-        group.setdefault("inner_lr", self.inner_lr)
-        group.setdefault("adapt", True)
-        check_lr(group["inner_lr"], f"param_groups[{index}]['inner_lr']")
-        if not isinstance(group["adapt"], bool):
-            raise TypeError(f"param_groups[{index}]['adapt'] must be a bool, got {group['adapt']!r}")
+    def _check_group(self, group: Mapping[str, Any], index: int) -> None:
+        """Raise if param group ``index`` cannot be a meta-optimizer's group; change nothing."""
+        check_lr(group.get("inner_lr", self.inner_lr), f"param_groups[{index}]['inner_lr']")
+        adapt = group.get("adapt", True)
+        if not isinstance(adapt, bool):
+            raise TypeError(f"param_groups[{index}]['adapt'] must be a bool, got {adapt!r}")
         model_params = set(self.model.parameters()) | self._extra_params()
         for p in group["params"]:
             if p not in model_params:
@@ -266,6 +288,12 @@ class MetaOptimizer(WrappingOptimizer):
                     f"param_groups[{index}] holds a tensor of shape {tuple(p.shape)} that is not a "
                     f"parameter of model ({type(self.model).__name__})"
                 )
+
+    def _fill_group(self, group: dict[str, Any], index: int) -> None:
+        """Check param group ``index`` and give it the default ``inner_lr`` and ``adapt``."""
+        self._check_group(group, index)
+        group.setdefault("inner_lr", self.inner_lr)
+        group.setdefault("adapt", True)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Add a group (of the model's parameters) to the outer optimizer.
@@ -288,7 +316,9 @@ class MetaOptimizer(WrappingOptimizer):
         Args:
             closure: Zeroes the gradients, adapts per task, back-propagates the meta-loss and
                 returns it. It is handed to the outer optimizer, which may evaluate it more
-                than once (SAM). ``None``: the gradients were already computed by the caller.
+                than once (SAM, LBFGS); if an evaluation raises, the step leaves the weights
+                and the outer state as they were. ``None``: the gradients were already computed
+                by the caller.
 
         Returns:
             What the outer optimizer's ``step`` returns (the closure's loss; with
@@ -296,8 +326,8 @@ class MetaOptimizer(WrappingOptimizer):
             ranks).
 
         Raises:
-            FloatingPointError: ``non_finite="raise"`` and the meta-loss or a meta-gradient
-                is not finite (nothing is applied).
+            FloatingPointError: ``non_finite="raise"`` and the update is not finite (see
+                ``non_finite``; nothing is applied).
             ValueError: ``distributed=True`` and no rank counted a task in the step (raised on
                 every rank; nothing is applied).
         """
@@ -306,12 +336,15 @@ class MetaOptimizer(WrappingOptimizer):
         return self._guarded_step(closure)
 
     def _guarded_step(self, closure: Callable[[], Any] | None) -> Any:
-        """The outer step, skipped whole when the meta-loss or a meta-gradient is not finite.
+        """The outer step, skipped whole when what the update uses is not finite.
 
-        The check runs inside the closure, before the outer optimizer changes anything; an
-        outer ``TransformingOptimizer`` rolls back its first pass when the closure raises.
-        With ``distributed=True`` the gradients and the loss are all-reduced first, so every
-        rank takes the same decision.
+        The check runs inside every evaluation of the closure. An outer optimizer that
+        evaluates it once, before it writes (torch's own but LBFGS), or that undoes its own
+        passes (an atomic ``TransformingOptimizer``), has changed nothing when the check or the
+        closure raises; any other (LBFGS, which steps between evaluations, or one not known)
+        gets a copy of the weights and of the outer state, put back when the step is skipped
+        or raises. With ``distributed=True`` the gradients and the loss are all-reduced first,
+        so every rank takes the same decision.
         """
         try:
             if closure is None:
@@ -329,12 +362,25 @@ class MetaOptimizer(WrappingOptimizer):
                     raise _NonFiniteMetaStep(problem, loss)
                 return loss
 
+            snapshot = self._outer_step_snapshot()
             try:
                 return self._driven_step(checked_closure)
-            except _NonFiniteMetaStep as skipped:
-                return self._skip(skipped.problem, skipped.loss)
+            except BaseException as error:
+                if snapshot is not None:
+                    snapshot.restore()
+                if isinstance(error, _NonFiniteMetaStep):
+                    return self._skip(error.problem, error.loss)
+                raise
         finally:
             self._task_weight = 0.0
+
+    def _outer_step_snapshot(self) -> StepSnapshot | None:
+        """A copy of the weights and the outer state, when a failed closure evaluation could
+        otherwise leave the outer step half done (see :func:`_closure_failure_changes_nothing`)."""
+        if _closure_failure_changes_nothing(self.outer):
+            return None
+        self._adopt_driven_state()  # the state the outer optimizer is about to use
+        return StepSnapshot(self._unique_params(), self.state)
 
     def _reduce_across_ranks(self, loss: Any) -> Any:
         """All-reduce the outer gradients (and a scalar loss) over the ranks; return the loss.
@@ -359,12 +405,23 @@ class MetaOptimizer(WrappingOptimizer):
         return torch.tensor(mean_loss, dtype=scalar.dtype, device=scalar.device).reshape(scalar.shape)
 
     def _non_finite(self, loss: Any) -> str | None:
-        """Say what is not finite (the meta-loss or some meta-gradient), or ``None``."""
-        if isinstance(loss, torch.Tensor) and loss.numel() and not bool(torch.isfinite(loss.detach()).all()):
+        """Say what is not finite in what the update uses, or ``None``.
+
+        The MAML family differentiates the meta-loss: it and every meta-gradient are checked. A
+        pseudo-gradient algorithm (Reptile) updates with its pseudo-gradient alone; its loss is
+        monitoring only and is not judged.
+        """
+        meta_gradient = self.outer_update == "meta_gradient"
+        if (
+            meta_gradient
+            and isinstance(loss, torch.Tensor)
+            and loss.numel()
+            and not bool(torch.isfinite(loss.detach()).all())
+        ):
             return f"the meta-loss is {loss.detach().flatten()[0].item()}"
         grads, sources = self._grads()
         if not all_finite(grads, like=sources):
-            return "a meta-gradient is not finite"
+            return "a meta-gradient is not finite" if meta_gradient else "the pseudo-gradient is not finite"
         return None
 
     def _skip(self, problem: str, loss: Any) -> Any:

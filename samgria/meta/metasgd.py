@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from samgria.meta.functional import check_lr
 from samgria.meta.maml import MAML
 
 __all__ = ["MetaSGD"]
@@ -45,6 +46,10 @@ class MetaSGD(MAML):
         first_order: Drop second-order terms (the rates still get gradients).
         lrs_group: Extra options of the rates' param group (e.g. ``{"lr": 1e-4}``).
         **outer_kwargs: Forwarded to the outer optimizer class.
+
+    Raises:
+        TypeError: ``lrs_group`` is not a dict.
+        ValueError: ``lrs_group['inner_lr']`` is negative (and as :class:`~samgria.meta.base.MetaOptimizer`).
     """
 
     def __init__(
@@ -60,6 +65,8 @@ class MetaSGD(MAML):
     ) -> None:
         if lrs_group is not None and not isinstance(lrs_group, dict):
             raise TypeError(f"lrs_group must be a dict of param-group options, got {lrs_group!r}")
+        if lrs_group is not None and "inner_lr" in lrs_group:  # checked before outer is taken over
+            check_lr(lrs_group["inner_lr"], "lrs_group['inner_lr']")
         self.inner_lrs: dict[str, nn.Parameter] = {}
         super().__init__(
             model, outer, inner_lr=inner_lr, inner_steps=inner_steps, first_order=first_order, **outer_kwargs

@@ -11,20 +11,31 @@ writes this as a pseudo-gradient handed to the outer optimizer,
 so an outer ``SGD(lr=β)`` gives exactly the paper's update
 :math:`\\theta \\leftarrow \\theta + \\beta (\\bar\\theta' - \\theta)` and an outer Adam its
 adaptive variant. No query set is needed; the query losses of
-:meth:`Reptile.task_losses` are reported for monitoring only.
+:meth:`Reptile.task_losses` are reported for monitoring only, and a task with an empty query set
+(``k_query=0``) is scored on its support set, as ``meta_step`` scores a task without ``query``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+import dataclasses
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
-from samgria.meta.base import MetaOptimizer
+from samgria.data.task import Task
+from samgria.meta.base import LossFn, MetaOptimizer
+from samgria.meta.engine import InnerLoop
 
 __all__ = ["Reptile"]
+
+
+def _scored_on_support(task: Task) -> Task:
+    """``task``, or when its query set is empty its support set in place of one."""
+    if task.query_x.shape[:1] != (0,):
+        return task
+    return dataclasses.replace(task, query_x=task.support_x, query_y=task.support_y)
 
 
 class Reptile(MetaOptimizer):
@@ -39,6 +50,12 @@ class Reptile(MetaOptimizer):
     The inner loop is always first order and keeps no graph to the meta-parameters (Reptile
     needs only the values of :math:`\\theta'_i`); the learners returned by :meth:`adapt` are
     therefore detached.
+
+    No query set is needed. The losses of :meth:`task_losses`, :meth:`evaluate` and
+    ``MetaTrainer`` are for monitoring; a task with an empty query set (``k_query=0``) is scored
+    on its support set (its post-adaptation support loss), as ``meta_step`` scores a task
+    without ``query``. The non-finite policy (``non_finite``) judges the pseudo-gradient, which
+    is what the update uses, never the monitoring loss.
 
     With ``distributed=True`` each rank forms the pseudo-gradient of its own tasks and
     :meth:`step` all-reduces it weighted by the ranks' task weights, which gives
@@ -76,6 +93,23 @@ class Reptile(MetaOptimizer):
         super().record_adaptation(adapted, weight)
         names = self._adapt_config()[0]
         self._records.append(({n: adapted[n].detach() for n in names if n in adapted}, weight))
+
+    def run_tasks(
+        self,
+        tasks: Sequence[Task],
+        loss_fn: LossFn,
+        loop: InnerLoop,
+        *,
+        path: str | None = None,
+        backward_weights: Sequence[float] | None = None,
+        record: bool = True,
+    ) -> tuple[torch.Tensor, str]:
+        """As :meth:`MetaOptimizer.run_tasks`; a task with an empty query set is scored on its
+        support set."""
+        tasks = [_scored_on_support(task) for task in self._check_tasks(tasks)]
+        return super().run_tasks(
+            tasks, loss_fn, loop, path=path, backward_weights=backward_weights, record=record
+        )
 
     @property
     def num_recorded(self) -> int:

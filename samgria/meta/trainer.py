@@ -35,7 +35,8 @@ class History:
 
     Attributes:
         meta_loss: Mean query loss of each meta-iteration (before its outer update), one per
-            iteration. For Reptile it is the mean post-adaptation loss the core reports.
+            iteration. For Reptile it is the mean post-adaptation loss the core reports, for
+            monitoring (a task with an empty query set is scored on its support set).
         eval_loss: Mean post-adaptation query loss on the evaluation tasks, one per evaluation.
         eval_iterations: Number of completed meta-iterations at each evaluation.
     """
@@ -359,8 +360,9 @@ class MetaTrainer:
 
         No second-order graph is built (the inner loop runs first-order). The inner loop is the
         one of training (the trainer's ``inner_step_fn``, ``inner_reg_fn`` and
-        ``grad_transforms``), and the path follows ``vectorize`` as in training (measured when
-        ``None``).
+        ``grad_transforms``), and the path follows ``vectorize`` as in training: measured when
+        ``None``, with the same fallback to the loop (once, with a warning, remembered for
+        training and evaluation alike) if vmap fails on the model.
 
         With a distributed ``meta`` this is a collective: every rank calls it with the same
         ``tasks``; each rank evaluates its contiguous share (possibly empty when there are fewer
@@ -392,14 +394,16 @@ class MetaTrainer:
             self._choose(None, [])
         else:
             candidates = self._candidates(loop, tasks, evaluation=True)
+            policy = meta.path_policy
             key = self._key(loop, tasks, evaluation=True)
             path = self._choose(key, candidates)
+            explicit = self.vectorize is True
 
-            def run() -> torch.Tensor:
+            def run(which: str) -> torch.Tensor:
                 with torch.no_grad():
-                    return meta.run_tasks(tasks, self.loss_fn, loop, path=path, record=False)[0]
+                    return meta.run_tasks(tasks, self.loss_fn, loop, path=which, record=False)[0]
 
-            losses = meta.path_policy.timed(key, path, run)
+            losses, _ = policy.timed(key, path, lambda: policy.run(path, "loop", run, explicit=explicit))
         return meta.mean_query_loss(losses)
 
     # ------------------------------------------------------------------ checkpoints
