@@ -16,7 +16,7 @@ import math
 import numbers
 from typing import Any
 
-__all__ = ["check_real", "check_int", "check_bool", "check_choice"]
+__all__ = ["check_real", "check_int", "check_seed", "check_bool", "check_choice"]
 
 
 def _fail_type(name: str, rule: str, value: Any) -> TypeError:
@@ -47,14 +47,18 @@ def check_real(
 
     Raises:
         TypeError: ``value`` is not a real number.
-        ValueError: ``value`` is NaN, infinite (unless allowed) or out of bounds.
+        ValueError: ``value`` is NaN, infinite (unless allowed), out of bounds, or beyond the range
+            of a float (an integer such as ``10**400``).
     """
     rule = _real_rule(low, high, low_open, high_open, allow_inf)
     if low_name is not None and low is not None and high is None:
         rule = rule.replace(f" {_bound(low)}", f" {low_name} = {_bound(low)}", 1)
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise _fail_type(name, rule, value)
-    number = float(value)
+    try:
+        number = float(value)
+    except OverflowError:  # a huge integer (or Fraction): no float holds it
+        raise ValueError(f"{name} must be {rule} that fits in a float, got {value!r}") from None
     bad = math.isnan(number) or (not allow_inf and math.isinf(number))
     if low is not None:
         bad = bad or (number <= low if low_open else number < low)
@@ -101,6 +105,22 @@ def check_int(name: str, value: Any, *, low: int | None = None) -> int:
     number = int(value)
     if low is not None and number < low:
         raise ValueError(f"{name} must be {rule}, got {value!r}")
+    return number
+
+
+def check_seed(name: str, value: Any) -> int | None:
+    """Check a random seed: ``None``, or an integer that ``torch.Generator.manual_seed`` takes,
+    :math:`[-2^{63}, 2^{64} - 1]` (a negative seed counts modulo :math:`2^{64}`).
+
+    Raises:
+        TypeError: ``value`` is neither ``None`` nor an integer.
+        ValueError: ``value`` is outside that range.
+    """
+    if value is None:
+        return None
+    number = check_int(name, value)
+    if not -(2**63) <= number <= 2**64 - 1:
+        raise ValueError(f"{name} must be an integer in [-2**63, 2**64 - 1], got {value!r}")
     return number
 
 

@@ -804,3 +804,68 @@ def test_a_later_param_group_refused_by_torch_leaves_the_earlier_groups_unsteppe
     with pytest.raises(RuntimeError, match="lr as a Tensor is not supported" if refusal == "tensor-lr" else "does not support sparse gradients"):
         optimizer.step(closure)
     before.assert_unchanged()
+
+
+# -- values beyond what a float or a dtype holds -----------------------------------------------------------
+HUGE = 10**400  # a Python integer no float holds
+
+
+def _clamp_params(*args, **kwargs):
+    from samgria import ClampParams  # imported here: this section was added at the end of the file
+
+    return ClampParams(*args, **kwargs)
+
+
+def _project_params(*args, **kwargs):
+    from samgria import ProjectParams
+
+    return ProjectParams(*args, **kwargs)
+
+
+@pytest.mark.parametrize(
+    "name,make,value",
+    [
+        ("rho", lambda: SAM(rho=HUGE), HUGE),
+        ("rho", lambda: SAM(rho=-HUGE), -HUGE),
+        ("grad_scale", lambda: TransformingOptimizer([{"params": [nn.Parameter(torch.ones(2))], "grad_scale": HUGE}], torch.optim.SGD, lr=0.1, transforms=[ScaleGrad()]), HUGE),
+        ("param_min", lambda: _clamp_params(-HUGE, HUGE), -HUGE),
+    ],
+    ids=["rho", "rho-negative", "group-grad_scale", "param_min"],
+)
+def test_integers_beyond_the_float_range_are_value_errors_with_the_usual_message(name, make, value):
+    with pytest.raises(ValueError) as info:
+        make()
+    match = MESSAGE.match(str(info.value))
+    assert match, str(info.value)
+    assert match["name"] == name and match["value"] == repr(value), str(info.value)
+    assert match["rule"].endswith(" that fits in a float"), str(info.value)
+
+
+@pytest.mark.parametrize(
+    "bounded,unbounded",
+    [
+        (lambda: ClampGrad(-1e5, 1e5), None),  # ClampGrad takes finite bounds only
+        (lambda: _clamp_params(0.0, 1e5), lambda: _clamp_params(0.0, math.inf)),
+        (lambda: _project_params(1e5, p=math.inf), None),
+    ],
+    ids=["ClampGrad", "ClampParams", "ProjectParams-inf"],
+)
+@pytest.mark.parametrize("foreach", [True, False], ids=["foreach", "loop"])
+def test_a_bound_beyond_float16_range_steps_a_float32_and_float16_model_as_no_bound(bounded, unbounded, foreach):
+    """It used to raise "value cannot be converted to type c10::Half without overflow" at the step."""
+
+    def run(transforms):
+        weights = [nn.Parameter(torch.tensor([1.0, -2.0, 3.0], dtype=dtype)) for dtype in (torch.float32, torch.float16)]
+        optimizer = TransformingOptimizer(
+            weights, torch.optim.SGD, lr=0.1, momentum=0.9, transforms=transforms, transform_foreach=foreach
+        )
+        for step in range(2):
+            for weight in weights:
+                weight.grad = torch.full((3,), 0.5 + step, dtype=weight.dtype)
+            optimizer.step()
+        return [weight.detach().clone() for weight in weights]
+
+    got = run([bounded()])
+    expected = run([] if unbounded is None else [unbounded()])
+    for a, b in zip(got, expected):
+        assert a.dtype == b.dtype and torch.equal(a, b)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from torch import nn
@@ -100,3 +102,81 @@ def test_sparsify_grad_keeps_the_largest_fraction_per_group():
         expected = torch.zeros_like(raw).flatten()
         expected[top] = raw.flatten()[top]
         assert torch.equal(grad, expected.view_as(raw))
+
+
+# -- 16-bit gradients: computed in float32, rounded once, the same on both paths ------------------------
+SIXTEEN_BIT = [torch.float16, torch.bfloat16]
+
+
+def grad_after_16_bit(transform, grad, *, foreach):
+    """``transform``'s gradient for one 16-bit parameter whose gradient is ``grad`` (lr=0)."""
+    param = nn.Parameter(torch.zeros_like(grad))
+    optimizer = TransformingOptimizer([param], torch.optim.SGD, lr=0.0, transforms=[transform], transform_foreach=foreach)
+    param.grad = grad.clone()
+    optimizer.step()
+    return param.grad
+
+
+def grad_16_bit(dtype, size=1000, scale=0.1):
+    return (torch.randn(size, generator=torch.Generator().manual_seed(1)) * scale).to(dtype)
+
+
+def positive_grad_16_bit(dtype, size=1000):
+    """Values in [0.05, 0.3]: ``1e5 * g - 7e4`` stays within float16's range."""
+    return (torch.rand(size, generator=torch.Generator().manual_seed(1)) * 0.25 + 0.05).to(dtype)
+
+
+@pytest.mark.parametrize("foreach", [True, False], ids=["foreach", "loop"])
+@pytest.mark.parametrize("dtype", SIXTEEN_BIT, ids=str)
+@pytest.mark.parametrize("scale,bias", [(1e5, 0.0), (1e-7, 0.0), (0.7, 0.01), (1e5, -7e4)])
+def test_scale_grad_on_16_bit_gradients_is_computed_in_float32_and_rounded_once(foreach, dtype, scale, bias):
+    grad = positive_grad_16_bit(dtype)
+    expected = (grad.float() * scale + bias).to(dtype)
+    assert torch.equal(grad_after_16_bit(ScaleGrad(scale, bias), grad, foreach=foreach), expected)
+
+
+@pytest.mark.parametrize("foreach", [True, False], ids=["foreach", "loop"])
+@pytest.mark.parametrize("dtype", SIXTEEN_BIT, ids=str)
+def test_clip_grad_norm_on_16_bit_gradients_is_computed_in_float32_and_rounded_once(foreach, dtype):
+    grad = grad_16_bit(dtype, scale=1.0)
+    norm = float(torch.linalg.vector_norm(grad.float()))  # 16-bit norms are taken in float32
+    expected = (grad.float() * (0.3 / (norm + 1e-6))).to(dtype)
+    assert torch.equal(grad_after_16_bit(ClipGradNorm(0.3), grad, foreach=foreach), expected)
+
+
+NORMALIZE_16_BIT = [
+    ("tiny", {}),  # ||g|| below float16's tiny: it used to be clamped up to it
+    ("tiny", {"param_ndim": -1}),
+    ("tiny", {"p": 1.0}),
+    ("large", {}),  # ||g|| beyond 65504 (finite elements): it used to overflow, zeroing g
+    ("large", {"param_ndim": -1}),
+    ("large", {"p": 1.0}),
+    ("large", {"p": math.inf}),
+]
+
+
+@pytest.mark.parametrize("foreach", [True, False], ids=["foreach", "loop"])
+@pytest.mark.parametrize("size,kwargs", NORMALIZE_16_BIT, ids=[f"{s}-{k}" for s, k in NORMALIZE_16_BIT])
+def test_normalize_grad_on_float16_takes_the_norm_in_float32(foreach, size, kwargs):
+    values = torch.linspace(0.5, 1.0, 100).view(4, 25) * (1e-5 if size == "tiny" else 16000.0)
+    grad = values.to(torch.float16)
+    transform = NormalizeGrad(eps=0.0, **kwargs)
+    wide = grad.float()
+    dims = (1,) if kwargs.get("param_ndim") == -1 else (0, 1)
+    norm = torch.linalg.vector_norm(wide, ord=kwargs.get("p", 2.0), dim=dims, keepdim=True)
+    expected = (wide / norm.clamp_min(torch.finfo(torch.float32).tiny)).to(torch.float16)
+    got = grad_after_16_bit(transform, grad, foreach=foreach)
+    assert torch.equal(got, expected)
+    # and, independently of float32: the float64 quotient, to float16's precision
+    exact = grad.double() / torch.linalg.vector_norm(grad.double(), ord=kwargs.get("p", 2.0), dim=dims, keepdim=True)
+    torch.testing.assert_close(got.double(), exact, rtol=2**-10, atol=0)
+
+
+@pytest.mark.parametrize("foreach", [True, False], ids=["foreach", "loop"])
+@pytest.mark.parametrize("low,high", [(-1e5, 1e5), (0.0, 1e5), (-7e4, 0.5)])
+def test_clamp_grad_bounds_beyond_the_float16_range_clamp_exactly(foreach, low, high):
+    """A bound above 65504 never changes a finite float16 value: no "cannot be converted" error."""
+    grad = grad_16_bit(torch.float16, scale=15000.0)
+    assert torch.isfinite(grad).all() and float(grad.abs().max()) > 30000.0
+    expected = grad.double().clamp(low, high).to(torch.float16)
+    assert torch.equal(grad_after_16_bit(ClampGrad(low, high), grad, foreach=foreach), expected)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import math
 
+import pytest
 import torch
 from torch import nn
 from transform_infos import assert_bitwise_equal, make_closure, make_data, make_model, params_of
@@ -246,3 +247,25 @@ def test_no_parameter_requiring_grad_is_a_no_op():
     before = frozen.detach().clone()
     optimizer.step()
     assert torch.equal(frozen, before)
+
+
+@pytest.mark.parametrize("seed", [2**64, 2**70, -(2**63) - 1])
+def test_a_seed_torch_generators_do_not_take_is_refused_at_construction(seed):
+    with pytest.raises(ValueError, match=rf"^seed must be an integer in \[-2\*\*63, 2\*\*64 - 1\], got {seed}$"):
+        LAMP(seed=seed)
+
+
+@pytest.mark.parametrize("negative", [-1, -(2**63)])
+def test_a_negative_seed_counts_modulo_2_to_the_64_as_in_torch(negative):
+    assert torch.Generator().manual_seed(negative).initial_seed() == negative + 2**64
+
+    def run(seed):
+        x, y = make_data()
+        model = make_model()
+        optimizer = TransformingOptimizer(model.parameters(), torch.optim.SGD, lr=0.1, transforms=[LAMP(eps=1e-2, rollback_len=2, seed=seed)])
+        closure = make_closure(model, optimizer, x, y)
+        for _ in range(2):
+            optimizer.step(closure)
+        return params_of(model)
+
+    assert_bitwise_equal(run(negative), run(negative + 2**64))

@@ -577,3 +577,68 @@ def test_project_params_initial_center_is_checkpointed_and_initialised_by_a_stat
     # Projected around the checkpoint's centre (model's start), not other_model's own weights.
     distance = torch.linalg.vector_norm(other_model.weight.detach() - start[0], dim=1)
     assert torch.all(distance <= 0.1 + 1e-6), distance
+
+
+# -- 16-bit parameters: norms and projections in float32, bounds beyond the dtype's range ---------------
+@pytest.mark.parametrize("foreach", [True, False], ids=["foreach", "loop"])
+@pytest.mark.parametrize("center", ["zero", "initial"])
+@pytest.mark.parametrize("param_ndim", [-1, None])
+def test_project_params_l2_on_float16_takes_the_norm_in_float32(foreach, center, param_ndim):
+    """Rows of finite float16 weights whose norm exceeds 65504 are projected, not zeroed."""
+    generator = torch.Generator().manual_seed(0)
+    start = torch.randn(3, 40, generator=generator).to(torch.float16)
+    grad = (-16000.0 - 100.0 * torch.rand(3, 40, generator=generator)).to(torch.float16)
+    param = nn.Parameter(start.clone())
+    optimizer = TransformingOptimizer(
+        [param], torch.optim.SGD, lr=1.0, transform_foreach=foreach,
+        transforms=[ProjectParams(radius=2.0, center=center, param_ndim=param_ndim)],
+    )
+    param.grad = grad.clone()
+    optimizer.step()
+    moved = start.clone().add_(grad, alpha=-1.0)  # SGD's step alone
+    # The reference: computed in float32, rounded once.
+    middle = start.float() if center == "initial" else torch.zeros(3, 40)
+    offset = moved.float() - middle
+    dims = (1,) if param_ndim == -1 else (0, 1)
+    norm = torch.linalg.vector_norm(offset, dim=dims, keepdim=True)
+    assert float(norm.min()) > 65504  # beyond float16's range
+    expected = (middle + offset * (2.0 / norm)).to(torch.float16)
+    assert torch.equal(param.detach(), expected)
+    # and, in float64: every sub-tensor now lies on the sphere of radius 2, to float16's precision
+    sizes = torch.linalg.vector_norm(param.detach().double() - middle.double(), dim=dims)
+    torch.testing.assert_close(sizes, torch.full_like(sizes, 2.0), rtol=2e-3, atol=0)
+
+
+BEYOND_FLOAT16 = [
+    ("clamp-both", lambda: ClampParams(-1e5, 1e5)),
+    ("clamp-above", lambda: ClampParams(0.0, 1e5)),
+    ("clamp-below", lambda: ClampParams(-7e4, 0.5)),
+    ("clamp-float32-range", lambda: ClampParams(-1e300, 1e300)),
+    ("project-inf", lambda: ProjectParams(1e5, p=math.inf)),
+    ("project-inf-initial", lambda: ProjectParams(7e4, p=math.inf, center="initial")),
+]
+
+
+@pytest.mark.parametrize("foreach", [True, False], ids=["foreach", "loop"])
+@pytest.mark.parametrize("name,make", BEYOND_FLOAT16, ids=[name for name, _ in BEYOND_FLOAT16])
+def test_bounds_beyond_a_parameters_dtype_clamp_exactly(foreach, name, make):
+    """A bound beyond float16's (or float32's) range never changes a finite value on that side:
+    no "value cannot be converted to type c10::Half without overflow" on a float32 + float16 model."""
+    generator = torch.Generator().manual_seed(0)
+    starts = [(torch.randn(50, generator=generator) * 20000.0).to(dtype) for dtype in (torch.float32, torch.float16)]
+    grads = [torch.randn(50, generator=generator).to(start.dtype) for start in starts]
+    params = [nn.Parameter(start.clone()) for start in starts]
+    transform = make()
+    optimizer = TransformingOptimizer(params, torch.optim.SGD, lr=0.5, transforms=[transform], transform_foreach=foreach)
+    for param, grad in zip(params, grads):
+        param.grad = grad.clone()
+    optimizer.step()
+    for param, start, grad in zip(params, starts, grads):
+        moved = start.clone().add_(grad, alpha=-0.5).double()  # SGD's step alone
+        if isinstance(transform, ClampParams):
+            low, high = transform.param_min, transform.param_max
+        else:
+            middle = start.double() if transform.center == "initial" else 0.0
+            low, high = middle - transform.radius, middle + transform.radius
+        expected = torch.minimum(torch.maximum(moved, torch.as_tensor(low, dtype=F64)), torch.as_tensor(high, dtype=F64))
+        assert torch.equal(param.detach(), expected.to(param.dtype))

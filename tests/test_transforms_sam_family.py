@@ -657,3 +657,79 @@ def test_dcp_state_dict_into_a_fresh_optimizer_continues_bitwise(name):
         optimizer.step(closure)
         fresh.step(fresh_closure)
     assert_bitwise_equal(params_of(model), params_of(fresh_model))
+
+
+# -- one object in two slots ------------------------------------------------------------------------------
+TWICE = {
+    "GSAM": lambda: GSAM(0.05, alpha=0.3),
+    "WSAM-coupled": lambda: WSAM(0.05, gamma=0.8, decouple=False),
+    "WSAM-decoupled": lambda: WSAM(0.05, gamma=0.8),
+    "FriendlySAM": lambda: FriendlySAM(0.05),
+    "LookSAM": lambda: LookSAM(0.05, k=2),
+    "ESAM": lambda: ESAM(0.05, seed=0),
+}
+
+
+@pytest.mark.parametrize("name", sorted(TWICE))
+def test_one_object_in_two_slots_steps_like_two_objects(name):
+    """What a transform keeps between the parts of a step belongs to its slot, not to the object."""
+
+    def run(transforms):
+        x, y = make_data()
+        model = make_model()
+        optimizer = TransformingOptimizer(model.parameters(), torch.optim.SGD, lr=0.1, transforms=transforms)
+        closure = make_closure(model, optimizer, x, y)
+        for _ in range(4):
+            optimizer.step(closure)
+        return params_of(model)
+
+    shared = TWICE[name]()
+    assert_bitwise_equal(run([shared, shared]), run([TWICE[name](), TWICE[name]()]))
+
+
+# -- 16-bit parameters ------------------------------------------------------------------------------------
+@pytest.mark.parametrize("foreach", [True, False], ids=["foreach", "loop"])
+def test_look_sam_on_float16_adds_alpha_times_a_gradient_norm_beyond_float16_range(foreach):
+    """Between SAM steps the scale alpha * ||g|| (here about 1e5) is no float16 scalar: the sum is
+    computed in float32 and rounded once (it used to raise "cannot be converted to c10::Half")."""
+    size, alpha = 100, 1e4
+    target = torch.linspace(0.5, 1.5, size)
+    curvature = torch.linspace(1.0, 50.0, size)
+    param = nn.Parameter(torch.zeros(size, dtype=torch.float16))
+    optimizer = TransformingOptimizer(
+        [param], torch.optim.SGD, lr=1e-8, transforms=[LookSAM(0.05, alpha=alpha, k=2)], transform_foreach=foreach
+    )
+    seen = []
+
+    def closure():
+        optimizer.zero_grad()
+        param.grad = (param.detach().float() * curvature - target).to(torch.float16)
+        seen.append(param.grad.clone())
+        return torch.zeros(())
+
+    optimizer.step(closure)  # the SAM step: stores the unit direction g_v
+    unit = optimizer.state[param]["look_sam.g_v"].clone()
+    assert unit.dtype == torch.float16 and float(unit.abs().max()) > 0
+    optimizer.step(closure)  # in between: g + alpha ||g|| g_v, no re-evaluation
+    g = seen[-1]
+    scale = alpha * float(torch.linalg.vector_norm(g.float()))  # 16-bit norms are taken in float32
+    assert scale > torch.finfo(torch.float16).max
+    expected = torch.add(g.float(), unit.float(), alpha=scale).to(torch.float16)
+    assert torch.isfinite(expected).all()
+    assert torch.equal(param.grad, expected)
+    # and, in float64, to float16's precision
+    exact = g.double() + scale * unit.double()
+    torch.testing.assert_close(param.grad.double(), exact, rtol=2**-10, atol=0)
+
+
+# -- seeds ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("seed", [2**64, 2**70, -(2**63) - 1])
+def test_esam_refuses_a_seed_torch_generators_do_not_take_at_construction(seed):
+    with pytest.raises(ValueError, match=rf"^seed must be an integer in \[-2\*\*63, 2\*\*64 - 1\], got {seed}$"):
+        ESAM(0.05, seed=seed)
+
+
+@pytest.mark.parametrize("negative", [-1, -(2**63)])
+def test_esam_takes_a_negative_seed_modulo_2_to_the_64_as_torch_does(negative):
+    assert torch.Generator().manual_seed(negative).initial_seed() == negative + 2**64
+    assert_bitwise_equal(run_samgria(ESAM(0.05, seed=negative), 2), run_samgria(ESAM(0.05, seed=negative + 2**64), 2))

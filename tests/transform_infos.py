@@ -269,6 +269,7 @@ TRANSFORM_INFOS = [
                 ErrorInput({"rollback_len": 2.5}, TypeError, r"rollback_len must be an integer >= 1, got 2\.5"),
                 ErrorInput({"rollback_len": True}, TypeError, r"rollback_len must be an integer >= 1, got True"),
                 ErrorInput({"seed": 1.5}, TypeError, r"seed must be an integer, got 1\.5"),
+                ErrorInput({"seed": 2**64}, ValueError, r"seed must be an integer in \[-2\*\*63, 2\*\*64 - 1\], got 18446744073709551616"),
             ],
         ),
         Config(
@@ -547,6 +548,7 @@ TRANSFORM_INFOS += [
                 ErrorInput({"beta": float("nan")}, ValueError, r"beta must be a finite number in \(0, 1\], got nan"),
                 ErrorInput({"rho": -1.0}, ValueError, r"rho must be a finite number >= 0, got -1\.0"),
                 ErrorInput({"seed": 1.5}, TypeError, r"seed must be an integer, got 1\.5"),
+                ErrorInput({"seed": 2**64}, ValueError, r"seed must be an integer in \[-2\*\*63, 2\*\*64 - 1\], got 18446744073709551616"),
             ],
         ),
         Config(

@@ -5,6 +5,9 @@ gradient to float64 first costs several times the norm itself on the CPU), and t
 norms are combined in float64 (float32 on devices without float64), so a model mixing bfloat16,
 float32 and float64 parameters gets one accurate norm. Sharded tensors (``DTensor``) count whole:
 the per-shard squared norms are summed across ranks (see :mod:`samgria.functional._sharding`).
+
+:func:`scale_` rescales tensors by one number each (what clipping and normalising by a norm do),
+16-bit tensors in float32 with one rounding.
 """
 
 from __future__ import annotations
@@ -15,9 +18,9 @@ import torch
 
 from samgria.functional._grouping import group_indices_by_device_and_dtype
 from samgria.functional._sharding import any_sharded, local_shard, reduce_partial_sums
-from samgria.functional._views import widened_dtype
+from samgria.functional._views import LOW_PRECISION, widened_dtype
 
-__all__ = ["global_norm", "all_finite"]
+__all__ = ["global_norm", "all_finite", "scale_"]
 
 
 def _accumulation_dtype(device: torch.device) -> torch.dtype:
@@ -81,6 +84,59 @@ def _stacked_norms(
         for index, tensor in enumerate(tensors):
             norms[index] = torch.linalg.vector_norm(tensor, 2, dtype=widened_dtype(tensor.dtype))
     return torch.stack([norm.to(out_device, acc_dtype) for norm in norms])  # type: ignore[union-attr]
+
+
+def scale_(
+    tensors: Sequence[torch.Tensor],
+    scales: Sequence[float],
+    shifts: Sequence[float] | None = None,
+    *,
+    foreach: bool = True,
+) -> None:
+    r"""In place: :math:`t_i \leftarrow s_i\, t_i` (:math:`s_i\, t_i + b_i` with ``shifts``).
+
+    A 16-bit tensor is computed in float32 and rounded once, on both paths: ``torch._foreach_mul_``
+    and ``torch._foreach_add_`` with a scalar round the scalar to the tensor's dtype first
+    (PyTorch 2.x, CPU), so a scale beyond 65504 made float16 values infinite and every other one
+    rounded differently from the per-tensor kernel. Other dtypes take one ``torch._foreach_mul_``
+    (and ``torch._foreach_add_``) per device and dtype, or ``mul_`` (and ``add_``) tensor by
+    tensor: the same arithmetic. Both paths agree bit for bit.
+
+    Args:
+        tensors: Real dense tensors, rewritten in place.
+        scales: :math:`s_i`, one per tensor.
+        shifts: :math:`b_i`, one per tensor, or ``None`` for none.
+        foreach: Use the ``torch._foreach_*`` kernels for the tensors that are not 16-bit.
+
+    Raises:
+        ValueError: If ``scales`` or ``shifts`` has another length than ``tensors``.
+    """
+    for name, values in (("scales", scales), ("shifts", shifts)):
+        if values is not None and len(values) != len(tensors):
+            raise ValueError(f"{name} must have one entry per tensor, got {len(values)} for {len(tensors)}")
+    if foreach:
+        for (_device, dtype), indices in group_indices_by_device_and_dtype(tensors).items():
+            if dtype in LOW_PRECISION:
+                for i in indices:
+                    _scale_one_(tensors[i], scales[i], None if shifts is None else shifts[i])
+                continue
+            chunk = [tensors[i] for i in indices]
+            torch._foreach_mul_(chunk, [scales[i] for i in indices])
+            if shifts is not None:
+                torch._foreach_add_(chunk, [shifts[i] for i in indices])
+        return
+    for i, tensor in enumerate(tensors):
+        _scale_one_(tensor, scales[i], None if shifts is None else shifts[i])
+
+
+def _scale_one_(tensor: torch.Tensor, scale: float, shift: float | None) -> None:
+    """:func:`scale_`'s per-tensor path (and its 16-bit tensors on the foreach path)."""
+    if shift is None:
+        tensor.mul_(scale)  # a 16-bit tensor's kernel multiplies in float32 and rounds once
+    elif tensor.dtype in LOW_PRECISION:
+        tensor.copy_(tensor.to(widened_dtype(tensor.dtype)).mul_(scale).add_(shift))
+    else:
+        tensor.mul_(scale).add_(shift)
 
 
 #: Dtypes and devices that take torch's fused non-finite check (the one ``GradScaler`` runs). It

@@ -14,9 +14,9 @@ from typing import Any
 import torch
 
 from samgria._checks import check_choice, check_real
-from samgria.functional._grouping import group_indices_by_device_and_dtype
-from samgria.functional._views import as_real
+from samgria.functional._views import as_real, widened_dtype
 from samgria.transforms.base import Transform, TransformContext
+from samgria.transforms.grad import _clamp_
 from samgria.transforms.param_ndim import batched, check_param_ndim, ndim_entries
 
 __all__ = ["ClampParams", "ProjectParams"]
@@ -27,8 +27,9 @@ class ClampParams(Transform):
 
     :math:`w \leftarrow \min(\max(w, a), b)` elementwise (so every ``param_ndim`` would give the
     same result, and the transform takes none). A bound may be infinite for a one-sided
-    constraint: ``ClampParams(0.0, math.inf)`` keeps the weights non-negative. Complex parameters
-    count as pairs of reals (each part is clamped).
+    constraint: ``ClampParams(0.0, math.inf)`` keeps the weights non-negative; a bound beyond the
+    range of a parameter's dtype (``1e5`` for float16) is taken as the value it rounds to there
+    (``inf``). Complex parameters count as pairs of reals (each part is clamped).
 
     Args:
         param_min: Lower bound :math:`a` (per-group key ``"param_min"``), a real number
@@ -58,15 +59,7 @@ class ClampParams(Transform):
             params = [as_real(p) for p in group["params"] if p.grad is not None]
             if not params:
                 continue
-            low, high = group["param_min"], group["param_max"]
-            if ctx.foreach:
-                for indices in group_indices_by_device_and_dtype(params).values():
-                    chunk = [params[i] for i in indices]
-                    torch._foreach_clamp_min_(chunk, low)
-                    torch._foreach_clamp_max_(chunk, high)
-            else:
-                for param in params:
-                    param.clamp_(low, high)
+            _clamp_(params, float(group["param_min"]), float(group["param_max"]), ctx.foreach)
 
 
 class ProjectParams(Transform):
@@ -87,7 +80,8 @@ class ProjectParams(Transform):
     convolution): the max-norm constraint on every unit's incoming weights, or on every example
     of a batch of adversarial perturbations (rai-toolbox's ``L2ProjectedOptim``); ``None`` bounds
     each whole parameter. The :math:`L_\infty` projection is elementwise, so its result does not
-    depend on ``param_ndim``. Complex parameters count as pairs of reals.
+    depend on ``param_ndim``. Complex parameters count as pairs of reals. 16-bit parameters are
+    projected in float32 (norms included) and rounded once.
 
     Args:
         radius: :math:`r` (per-group key ``"radius"``), a finite number ``>= 0``.
@@ -152,17 +146,20 @@ class ProjectParams(Transform):
             if group["p"] == math.inf:
                 weights = as_real(param)
                 if center is None:
-                    weights.clamp_(-radius, radius)
+                    _clamp_([weights], -radius, radius, foreach=False)
                 else:
-                    middle = as_real(center)
-                    weights.copy_(torch.minimum(torch.maximum(weights, middle - radius), middle + radius))
+                    wide = widened_dtype(weights.dtype)
+                    middle = as_real(center).to(wide)
+                    weights.copy_(torch.minimum(torch.maximum(weights.to(wide), middle - radius), middle + radius))
                 continue
             with batched(param, param_ndim) as view:
                 weights = as_real(view)
-                offset = weights if center is None else weights - as_real(center.reshape(view.shape))
+                wide = widened_dtype(weights.dtype)  # 16-bit: norm and projection in float32
+                middle = None if center is None else as_real(center.reshape(view.shape)).to(wide)
+                offset = weights.to(wide) if middle is None else weights.to(wide) - middle
                 norm = torch.linalg.vector_norm(offset, dim=tuple(range(1, weights.ndim)), keepdim=True)
                 outside = norm > radius
                 projected = offset * (radius / norm)
-                if center is not None:
-                    projected.add_(as_real(center.reshape(view.shape)))
+                if middle is not None:
+                    projected.add_(middle)
                 weights.copy_(torch.where(outside, projected, weights))

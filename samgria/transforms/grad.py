@@ -23,8 +23,9 @@ import torch
 
 from samgria._checks import check_real
 from samgria.functional import global_norm
-from samgria.functional._views import as_real
+from samgria.functional._views import LOW_PRECISION, as_real, widened_dtype
 from samgria.functional._grouping import group_indices_by_device_and_dtype
+from samgria.functional.norms import scale_
 from samgria.transforms.base import Transform, TransformContext
 from samgria.transforms.param_ndim import batched, check_param_ndim, ndim_entries
 
@@ -56,6 +57,40 @@ def _foreach_or_loop(grads: list[torch.Tensor], foreach: bool, fast, slow) -> No
             slow(grad)
 
 
+def _div_(tensor: torch.Tensor, divisor: torch.Tensor) -> None:
+    """In place: ``tensor / divisor`` (a norm in :func:`widened_dtype`); a 16-bit tensor is divided
+    in the divisor's float32 and rounded once, so a norm beyond its range still divides."""
+    if tensor.dtype in LOW_PRECISION:
+        tensor.copy_(tensor.to(divisor.dtype).div_(divisor))
+    else:
+        tensor.div_(divisor)
+
+
+def _clamp_bound(value: float, dtype: torch.dtype) -> float:
+    """A clamp bound as tensors of ``dtype`` take it: the value itself, or the value it rounds to in
+    ``dtype`` when it lies beyond the dtype's largest finite value (torch refuses such a scalar).
+
+    Clamping to a bound rounded to the nearest value of the dtype gives the exact clamp rounded
+    once: a bound above 65504 never changes a finite float16 value and turns ``inf`` into the
+    bound's rounding (``inf`` from 65520 up).
+    """
+    if not dtype.is_floating_point or math.isinf(value) or abs(value) <= torch.finfo(dtype).max:
+        return value
+    return float(torch.tensor(value, dtype=torch.float64).to(dtype))
+
+
+def _clamp_(tensors: list[torch.Tensor], low: float, high: float, foreach: bool) -> None:
+    """In place: every element of every (real) tensor clamped to ``[low, high]`` (see :func:`_clamp_bound`)."""
+    if foreach:
+        for (_device, dtype), indices in group_indices_by_device_and_dtype(tensors).items():
+            chunk = [tensors[i] for i in indices]
+            torch._foreach_clamp_min_(chunk, _clamp_bound(low, dtype))
+            torch._foreach_clamp_max_(chunk, _clamp_bound(high, dtype))
+    else:
+        for tensor in tensors:
+            tensor.clamp_(_clamp_bound(low, tensor.dtype), _clamp_bound(high, tensor.dtype))
+
+
 class ClipGradNorm(Transform):
     r"""Clip the gradients of each group to a global L2 norm of at most ``max_grad_norm``.
 
@@ -80,7 +115,7 @@ class ClipGradNorm(Transform):
             norm = float(global_norm(grads, foreach=ctx.foreach, like=sources))
             factor = group["max_grad_norm"] / (norm + 1e-6)
             if factor < 1.0:
-                _foreach_or_loop(grads, ctx.foreach, lambda gs: torch._foreach_mul_(gs, factor), lambda g: g.mul_(factor))
+                scale_(grads, [factor] * len(grads), foreach=ctx.foreach)
 
 
 class GradSign(Transform):
@@ -134,6 +169,8 @@ class NormalizeGrad(Transform):
     def pre_update(self, ctx: TransformContext) -> None:
         entries = ndim_entries(ctx)  # checks every group's param_ndim before any change
         whole_l2 = [id(g) for g in ctx.param_groups if g["param_ndim"] is None and float(g["p"]) == 2.0]
+        # Norms of 16-bit gradients in float32 (as torch.optim and global_norm take them), clamped
+        # to float32's tiny; the quotient is rounded once.
         # The whole gradient's L2 norm (the default): torch._foreach_norm on the fast path.
         for group, grads, _ in _grads_by_group(ctx):
             if id(group) not in whole_l2:
@@ -141,13 +178,19 @@ class NormalizeGrad(Transform):
             eps = group["eps"]
 
             def fast(gs: list[torch.Tensor]) -> None:
-                norms = torch._foreach_norm(gs)
+                wide = widened_dtype(gs[0].dtype)
+                norms = torch._foreach_norm(gs, 2, dtype=wide)
                 torch._foreach_add_(norms, eps)
-                torch._foreach_clamp_min_(norms, torch.finfo(gs[0].dtype).tiny)
-                torch._foreach_div_(gs, norms)
+                torch._foreach_clamp_min_(norms, torch.finfo(wide).tiny)
+                if wide == gs[0].dtype:
+                    torch._foreach_div_(gs, norms)
+                else:
+                    for g, norm in zip(gs, norms):
+                        _div_(g, norm)
 
             def slow(g: torch.Tensor) -> None:
-                g.div_(torch.linalg.vector_norm(g).add_(eps).clamp_min_(torch.finfo(g.dtype).tiny))
+                wide = widened_dtype(g.dtype)
+                _div_(g, torch.linalg.vector_norm(g, dtype=wide).add_(eps).clamp_min_(torch.finfo(wide).tiny))
 
             _foreach_or_loop(grads, ctx.foreach, fast, slow)
         # Any other norm or param_ndim: one tensor at a time, on both paths.
@@ -156,8 +199,10 @@ class NormalizeGrad(Transform):
                 continue
             with batched(param.grad, param_ndim) as view:
                 grad = as_real(view)
-                norm = torch.linalg.vector_norm(grad, ord=float(group["p"]), dim=tuple(range(1, grad.ndim)), keepdim=True)
-                grad.div_(norm.add_(group["eps"]).clamp_min_(torch.finfo(grad.dtype).tiny))
+                wide = widened_dtype(grad.dtype)
+                dims = tuple(range(1, grad.ndim))
+                norm = torch.linalg.vector_norm(grad, ord=float(group["p"]), dim=dims, keepdim=True, dtype=wide)
+                _div_(grad, norm.add_(group["eps"]).clamp_min_(torch.finfo(wide).tiny))
 
 
 def kept_count(q: float, size: int) -> int:
@@ -222,7 +267,11 @@ class SparsifyGrad(Transform):
 
 
 class ScaleGrad(Transform):
-    r"""Affine map of every gradient: :math:`g \leftarrow s\,g + b` (per-group keys ``"grad_scale"``, ``"grad_bias"``)."""
+    r"""Affine map of every gradient: :math:`g \leftarrow s\,g + b` (per-group keys ``"grad_scale"``, ``"grad_bias"``).
+
+    A 16-bit gradient is mapped in float32 and rounded once, on both paths (a scale or bias
+    beyond 65504 is taken as it is, not rounded to float16 first).
+    """
 
     def __init__(self, scale: float = 1.0, bias: float = 0.0) -> None:
         self.scale = check_real("scale", scale)
@@ -237,17 +286,15 @@ class ScaleGrad(Transform):
 
     def pre_update(self, ctx: TransformContext) -> None:
         for group, grads, _ in _grads_by_group(ctx):
-            scale, bias = group["grad_scale"], group["grad_bias"]
-
-            def fast(gs: list[torch.Tensor]) -> None:
-                torch._foreach_mul_(gs, scale)
-                torch._foreach_add_(gs, bias)
-
-            _foreach_or_loop(grads, ctx.foreach, fast, lambda g: g.mul_(scale).add_(bias))
+            count = len(grads)
+            scale_(grads, [float(group["grad_scale"])] * count, [float(group["grad_bias"])] * count, foreach=ctx.foreach)
 
 
 class ClampGrad(Transform):
     r"""Clamp every gradient element to ``[grad_min, grad_max]`` (per-group keys of those names).
+
+    A bound beyond the range of a gradient's dtype (``1e5`` for float16) is taken as the value it
+    rounds to there (``inf``), which leaves every finite element on that side as it is.
 
     Raises:
         ValueError: If a bound is not finite or ``grad_min > grad_max``.
@@ -266,10 +313,4 @@ class ClampGrad(Transform):
 
     def pre_update(self, ctx: TransformContext) -> None:
         for group, grads, _ in _grads_by_group(ctx):
-            low, high = group["grad_min"], group["grad_max"]
-
-            def fast(gs: list[torch.Tensor]) -> None:
-                torch._foreach_clamp_min_(gs, low)
-                torch._foreach_clamp_max_(gs, high)
-
-            _foreach_or_loop(grads, ctx.foreach, fast, lambda g: g.clamp_(low, high))
+            _clamp_(grads, float(group["grad_min"]), float(group["grad_max"]), ctx.foreach)

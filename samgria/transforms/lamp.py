@@ -45,7 +45,7 @@ from typing import Any
 
 import torch
 
-from samgria._checks import check_int, check_real
+from samgria._checks import check_int, check_real, check_seed
 from samgria.functional._sharding import is_sharded, shard_coordinates
 from samgria.functional._views import as_real
 from samgria.functional import accumulate_, add_scaled_, assign_mean_, global_norm, magnitude_noise
@@ -86,14 +86,15 @@ class LAMP(Transform):
             ``None``: PyTorch's default generator.
 
     Raises:
-        ValueError: If ``eps`` is negative or not finite, or ``rollback_len < 1``.
+        ValueError: If ``eps`` is negative or not finite, ``rollback_len < 1``, or ``seed`` is
+            outside :math:`[-2^{63}, 2^{64} - 1]` (what ``torch.Generator.manual_seed`` takes).
         TypeError: If ``rollback_len`` or ``seed`` is not an integer.
     """
 
     def __init__(self, eps: float = 5e-3, rollback_len: int = 10, *, seed: int | None = None) -> None:
         self.eps = check_real("eps", eps, low=0.0)
         self.rollback_len = check_int("rollback_len", rollback_len, low=1)
-        self.seed = None if seed is None else check_int("seed", seed)
+        self.seed = check_seed("seed", seed)
         self._had_grad: set[int] | None = None
 
     def group_defaults(self) -> dict[str, Any]:

@@ -32,12 +32,11 @@ from typing import Any
 
 import torch
 
-from samgria._checks import check_bool, check_int, check_real
+from samgria._checks import check_bool, check_int, check_real, check_seed
 from samgria.functional import all_finite, global_norm, mul_
-from samgria.functional._grouping import group_indices_by_device_and_dtype
 from samgria.functional._sharding import is_sharded, local_shard, reduce_partial_sums
 from samgria.functional._views import LOW_PRECISION, as_real, widened_dtype
-from samgria.functional.norms import _accumulation_dtype
+from samgria.functional.norms import _accumulation_dtype, scale_
 from samgria.transforms.base import TransformContext
 from samgria.transforms.lamp import _GeneratorCache, _as_generator_state
 from samgria.transforms.sam import Perturbation, PerturbationTransform
@@ -49,47 +48,46 @@ Finish = Callable[[bool], None]
 
 # -- kernels: a foreach fast path and a per-tensor path with the same arithmetic ---------------------
 def _mul_(tensors: Sequence[torch.Tensor], scales: Sequence[float], foreach: bool) -> None:
-    r"""In place: :math:`t_i \leftarrow s_i\, t_i`.
-
-    16-bit tensors always take the per-tensor kernel: it rounds the exact product once, while
-    ``torch._foreach_mul_`` with a scalar rounds differently for them (PyTorch 2.x, CPU).
-    """
-    if foreach:
-        for (_device, dtype), indices in group_indices_by_device_and_dtype(tensors).items():
-            if dtype not in LOW_PRECISION:
-                torch._foreach_mul_([tensors[i] for i in indices], [scales[i] for i in indices])
-                continue
-            for i in indices:
-                tensors[i].mul_(scales[i])
-        return
-    for tensor, scale in zip(tensors, scales):
-        tensor.mul_(scale)
+    r"""In place: :math:`t_i \leftarrow s_i\, t_i` (16-bit tensors in float32, rounded once: :func:`scale_`)."""
+    scale_(tensors, scales, foreach=foreach)
 
 
 def _scaled(tensors: Sequence[torch.Tensor], scales: Sequence[float], foreach: bool) -> list[torch.Tensor]:
-    r"""New tensors :math:`s_i\, t_i` (same dtypes as ``tensors``)."""
-    if foreach:
-        result: list[torch.Tensor] = [torch.empty(0)] * len(tensors)
-        for indices in group_indices_by_device_and_dtype(tensors).values():
-            products = torch._foreach_mul([tensors[i] for i in indices], [scales[i] for i in indices])
-            for index, product in zip(indices, products):
-                result[index] = product
-        return result
-    return [torch.mul(tensor, scale) for tensor, scale in zip(tensors, scales)]
+    r"""New tensors :math:`s_i\, t_i` (same dtypes as ``tensors``; the arithmetic of :func:`_mul_`)."""
+    result = [tensor.clone(memory_format=torch.preserve_format) for tensor in tensors]
+    _mul_(result, scales, foreach)
+    return result
 
 
 def _add_scaled_(
     targets: Sequence[torch.Tensor], sources: Sequence[torch.Tensor], scales: Sequence[float], foreach: bool
 ) -> None:
-    r"""In place: :math:`t_i \leftarrow t_i + s_i\, u_i` (``sources`` are left as they are)."""
+    r"""In place: :math:`t_i \leftarrow t_i + s_i\, u_i` (``sources`` are left as they are).
+
+    A 16-bit target is computed in float32 and rounded once, on both paths: ``add_`` refuses an
+    ``alpha`` beyond the dtype's range (``LookSAM``'s :math:`\alpha \lVert g \rVert`) and the
+    foreach kernel rounds it to the dtype first.
+    """
     if foreach:
         groups: dict[tuple[Any, ...], list[int]] = {}
         for index, target in enumerate(targets):
+            if target.dtype in LOW_PRECISION:
+                _add_scaled_one_(target, sources[index], scales[index])
+                continue
             groups.setdefault((target.device, target.dtype, scales[index]), []).append(index)
         for (_device, _dtype, scale), indices in groups.items():
             torch._foreach_add_([targets[i] for i in indices], [sources[i] for i in indices], alpha=scale)
         return
     for target, source, scale in zip(targets, sources, scales):
+        _add_scaled_one_(target, source, scale)
+
+
+def _add_scaled_one_(target: torch.Tensor, source: torch.Tensor, scale: float) -> None:
+    """:func:`_add_scaled_` for one tensor."""
+    if target.dtype in LOW_PRECISION:
+        wide = torch.promote_types(widened_dtype(target.dtype), widened_dtype(source.dtype))
+        target.copy_(torch.add(target.to(wide), source.to(wide), alpha=scale))
+    else:
         target.add_(source, alpha=scale)
 
 
@@ -325,8 +323,11 @@ class WSAM(_FinishingTransform):
         self.rho = check_real("rho", rho, low=0.0)
         self.gamma = check_real("gamma", gamma, low=0.0, high=1.0, high_open=True)
         self.decouple = check_bool("decouple", decouple)
-        self._sharpness: list[tuple[torch.Tensor, torch.Tensor, float]] = []
-        self._scale_probe: tuple[list[torch.Tensor], float] | None = None
+        # Between the finish and post_update of one step, per slot (one object may hold several):
+        # the sharpness terms (param, g_p - g, weight) and, in the two-call loop, the unscale probe.
+        self._pending: dict[
+            str, tuple[list[tuple[torch.Tensor, torch.Tensor, float]], tuple[list[torch.Tensor], float] | None]
+        ] = {}
 
     def group_defaults(self) -> dict[str, Any]:
         return {"rho": self.rho, "gamma": self.gamma}
@@ -348,7 +349,7 @@ class WSAM(_FinishingTransform):
                 "which the seed protocol does not know: use it inside TransformingOptimizer, or "
                 "use WSAM(decouple=False)"
             )
-        self._sharpness, self._scale_probe = [], None
+        self._pending.pop(ctx.slot, None)
         return self._sam_step(ctx, lambda first, checked: self._weigh(ctx, first, checked))
 
     def _weigh(self, ctx: TransformContext, first: dict[int, torch.Tensor], checked: bool) -> None:
@@ -365,17 +366,17 @@ class WSAM(_FinishingTransform):
         gradients = [first[id(p)] if id(p) in first else torch.zeros_like(p) for p in params]
         for param, grad in zip(params, gradients):
             param.grad = grad
-        self._sharpness = [(p, s, a) for p, s, a in zip(params, perturbed, weights) if a]
+        sharpness = [(p, s, a) for p, s, a in zip(params, perturbed, weights) if a]
         # Two-call loop (finished unchecked, by restore()): under GradScaler the optimizer unscales
         # the gradients after this; post_update unscales the sharpness by the same factor, read
         # off the norm of g before and after.
-        self._scale_probe = None if checked else (gradients, _norm(gradients, ctx.foreach))
+        probe = None if checked else (gradients, _norm(gradients, ctx.foreach))
+        self._pending[ctx.slot] = (sharpness, probe)
 
     @torch.no_grad()
     def post_update(self, ctx: TransformContext) -> None:
         """Decoupled sharpness step: :math:`w \\leftarrow w - \\eta\\,\\frac{\\gamma}{1-\\gamma}(g_p - g)`."""
-        sharpness, self._sharpness = self._sharpness, []
-        probe, self._scale_probe = self._scale_probe, None
+        sharpness, probe = self._pending.pop(ctx.slot, ([], None))
         if not sharpness:
             return
         unscaled = 1.0
@@ -391,7 +392,7 @@ class WSAM(_FinishingTransform):
 
     def __getstate__(self) -> dict[str, Any]:
         state = super().__getstate__()
-        state.update(_sharpness=[], _scale_probe=None)
+        state.update(_pending={})
         return state
 
 
@@ -644,7 +645,9 @@ class ESAM(_FinishingTransform):
         seed: Seed of the transform's generators, or ``None``.
 
     Raises:
-        ValueError: If ``rho`` is negative or not finite, or ``beta`` is outside ``(0, 1]``.
+        ValueError: If ``rho`` is negative or not finite, ``beta`` is outside ``(0, 1]``, or
+            ``seed`` is outside :math:`[-2^{63}, 2^{64} - 1]` (what ``torch.Generator.manual_seed``
+            takes).
         TypeError: If ``seed`` is not an integer.
     """
 
@@ -655,7 +658,7 @@ class ESAM(_FinishingTransform):
     def __init__(self, rho: float = 0.05, beta: float = 0.5, *, seed: int | None = None) -> None:
         self.rho = check_real("rho", rho, low=0.0)
         self.beta = check_real("beta", beta, low=0.0, high=1.0, low_open=True)
-        self.seed = None if seed is None else check_int("seed", seed)
+        self.seed = check_seed("seed", seed)
 
     def group_defaults(self) -> dict[str, Any]:
         return {"rho": self.rho, "beta": self.beta}
