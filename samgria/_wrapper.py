@@ -12,6 +12,9 @@ and use torch's own machinery for everything torch already does — no copies of
   ``torch.distributed.checkpoint`` sees all of it). The driven optimizer sees the same entries
   through a view that hides the keys the wrapper reserves for itself (a transform's slot), so an
   optimizer that initialises its state lazily (``if len(state) == 0``) still does.
+* A driven optimizer that is itself a wrapper (a ``TransformingOptimizer`` as a
+  ``MetaOptimizer``'s outer optimizer) shares the state and groups: its own checkpoint steps
+  (the transform chain's record, validation and export) run inside the outer wrapper's.
 * Step hooks, state-dict hooks and pickling are torch's. The driven optimizer's ``step`` is
   called without torch's hook wrapper, so the global step hooks fire once per step (for the
   wrapper); hooks registered on the driven optimizer itself do not run — register them on the
@@ -203,17 +206,37 @@ class WrappingOptimizer(Optimizer):
             return sources, sources  # the common case: dense and real
         return [values_as_real(grad) if grad.is_sparse or grad.is_complex() else grad for grad in sources], sources
 
+    # A driven optimizer that is itself a wrapper (a MetaOptimizer driving a TransformingOptimizer)
+    # shares this wrapper's state and groups: its checkpoint hooks run as part of this wrapper's.
+    def _driven_wrapper(self) -> WrappingOptimizer | None:
+        driven = self.__dict__.get(self._driven_attr)
+        return driven if isinstance(driven, WrappingOptimizer) else None
+
     def _check_idle(self, action: str) -> None:
         """Raise if ``action`` may not run now (e.g. between ``first_step`` and ``second_step``)."""
+        driven = self._driven_wrapper()
+        if driven is not None:
+            driven._check_idle(action)
+
+    def _before_pack(self) -> None:
+        """Bring ``state`` and ``param_groups`` up to date before ``state_dict()`` packs them."""
+        self._adopt_driven_state()
+        driven = self._driven_wrapper()
+        if driven is not None:
+            driven._before_pack()
 
     def _prepare_loaded(
         self, state: defaultdict[Any, dict[Any, Any]], groups: list[dict[str, Any]]
     ) -> tuple[defaultdict[Any, dict[Any, Any]], list[dict[str, Any]]]:
         """Validate what ``load_state_dict`` is about to install; raise to leave everything as is."""
-        return state, groups
+        driven = self._driven_wrapper()
+        return (state, groups) if driven is None else driven._prepare_loaded(state, groups)
 
     def _after_load(self) -> None:
         """Runs once ``load_state_dict`` has installed the new state and groups."""
+        driven = self._driven_wrapper()
+        if driven is not None:
+            driven._after_load()
 
     # -- stepping the driven optimizer -------------------------------------------------------------
     def _driven_step(self, closure: Any = None) -> Any:
@@ -245,7 +268,7 @@ class WrappingOptimizer(Optimizer):
     def state_dict(self) -> dict[str, Any]:  # type: ignore[override]
         """torch's :meth:`~torch.optim.Optimizer.state_dict` of this optimizer (hooks run)."""
         self._check_idle("state_dict()")
-        self._adopt_driven_state()
+        self._before_pack()
         return super().state_dict()
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:  # type: ignore[override]

@@ -359,6 +359,7 @@ class TransformingOptimizer(WrappingOptimizer):
             self._visible_state_keys = self.chain.visible_keys
 
     def _check_idle(self, action: str) -> None:
+        super()._check_idle(action)
         if self._pending is not None:
             raise RuntimeError(
                 f"{action} between first_step() and second_step(): finish the step (or call "
@@ -810,17 +811,19 @@ class TransformingOptimizer(WrappingOptimizer):
 
         Seed-protocol objects with their own ``state_dict`` are copied into their slots first.
         """
-        self._check_idle("state_dict()")
-        self._adopt_driven_state()
+        return super().state_dict()
+
+    def _before_pack(self) -> None:
+        super()._before_pack()
         for index, group in enumerate(self.param_groups):  # record the chain of every group
             self._adopt_group(group, index)
         for slot, transform in self.chain:
             transform.export_state(self._context(slot, None))
-        return super().state_dict()
 
     def _after_load(self) -> None:
         for slot, transform in self.chain:
             transform.import_state(self._context(slot, None))
+        super()._after_load()
 
     def _prepare_loaded(self, state: Any, groups: list[dict[str, Any]]) -> tuple[Any, list[dict[str, Any]]]:
         for index, group in enumerate(groups):
@@ -843,7 +846,7 @@ class TransformingOptimizer(WrappingOptimizer):
             self.chain.validate_group(group, where)
         for slot, transform in self.chain:
             transform.check_loaded_state(TransformContext(groups, state, slot=slot, keys=self.chain.keys[slot]))
-        return state, groups
+        return super()._prepare_loaded(state, groups)
 
     def __repr__(self) -> str:
         transforms = ", ".join(f"{slot}={t!r}" for slot, t in self.chain)

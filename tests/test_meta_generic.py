@@ -1146,3 +1146,44 @@ def test_transformer_checkpointed_second_order_maml_equals_the_plain_one_exactly
     for n in grads:
         assert torch.equal(checkpointed[n], grads[n]), n
     assert any(g.abs().sum() > 0 for n, g in grads.items() if n.startswith("encoder.self_attn"))
+
+
+def test_a_transforming_outer_optimizer_checks_and_restores_its_chain_through_the_meta_checkpoint():
+    """The meta-optimizer's state_dict/load_state_dict run the outer TransformingOptimizer's own
+    checkpoint steps: another chain is refused naming it, the same chain resumes bit for bit."""
+    from samgria.transforms import LAMP
+
+    def build(transforms):
+        torch.manual_seed(0)
+        model = nn.Linear(3, 2).double()
+        outer = TransformingOptimizer(model.parameters(), torch.optim.SGD, lr=0.1, transforms=transforms)
+        return model, MAML(model, outer, inner_lr=0.1)
+
+    x = torch.randn(4, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    y = torch.randn(4, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+
+    def run(model, meta, steps):
+        def closure():
+            meta.zero_grad()
+            loss = ((model(x) - y) ** 2).mean()
+            loss.backward()
+            return loss
+
+        for _ in range(steps):
+            meta.step(closure)
+
+    model, meta = build([LAMP(1e-2, rollback_len=2, seed=0)])
+    run(model, meta, 3)
+    saved = copy.deepcopy(meta.state_dict())
+    _, other = build([SAM(0.05)])
+    before = copy.deepcopy(other.state_dict())
+    with pytest.raises(ValueError, match=r"made with the transform chain \['lamp=LAMP\(rollback_len=2, seed=0\)'\], but this optimizer has \['sam=SAM\(\)'\]"):
+        other.load_state_dict(saved)
+    assert other.state_dict() == before
+    resumed_model, resumed = build([LAMP(1e-2, rollback_len=2, seed=0)])
+    resumed_model.load_state_dict(model.state_dict())
+    resumed.load_state_dict(saved)
+    run(model, meta, 3)
+    run(resumed_model, resumed, 3)
+    for a, b in zip(model.parameters(), resumed_model.parameters()):
+        assert torch.equal(a, b)
