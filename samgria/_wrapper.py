@@ -36,7 +36,7 @@ from torch.optim import Optimizer
 from samgria.functional._grouping import unique_params
 from samgria.functional._views import values_as_real
 
-__all__ = ["WrappingOptimizer", "unhooked_step"]
+__all__ = ["WrappingOptimizer", "refuse_driven", "unhooked_step"]
 
 
 def unhooked_step(optimizer: Optimizer, closure: Any = None) -> Any:
@@ -53,6 +53,21 @@ def unhooked_step(optimizer: Optimizer, closure: Any = None) -> Any:
     if getattr(step, "hooked", False) and hasattr(step, "__wrapped__"):
         step = step.__wrapped__
     return step(optimizer) if closure is None else step(optimizer, closure)
+
+
+def refuse_driven(optimizer: Optimizer, name: str) -> None:
+    """Raise ``ValueError`` if ``optimizer`` is already driven by a wrapper.
+
+    A wrapper takes the optimizer's state and param groups over; a second wrapper around the same
+    optimizer would share them with the first (and take the first one's filled-in settings for
+    its own). Called by constructors before they change anything.
+    """
+    state = getattr(optimizer, "state", None)
+    if isinstance(state, _DrivenState):
+        raise ValueError(
+            f"{name} is already driven by a {type(state._owner).__name__}, which holds its state and "
+            f"param groups: build a new {type(optimizer).__name__} to wrap again"
+        )
 
 
 class _VisibleEntry(MutableMapping):

@@ -17,7 +17,7 @@ from torch.optim import Optimizer
 from samgria._checks import check_bool, check_choice
 from samgria._frameworks import accumulating_framework
 from samgria._snapshot import StateStructure, StepSnapshot
-from samgria._wrapper import WrappingOptimizer
+from samgria._wrapper import WrappingOptimizer, refuse_driven
 from samgria.functional import all_finite, global_norm
 from samgria.functional._grouping import group_indices_by_device_and_dtype, unique_params
 from samgria.functional._sharding import is_sharded
@@ -184,7 +184,8 @@ class TransformingOptimizer(WrappingOptimizer):
 
     Args:
         params: Parameters or param-group dicts for the inner optimizer — or an already built
-            optimizer to wrap (then ``inner`` and ``inner_kwargs`` must be omitted).
+            optimizer to wrap (then ``inner`` and ``inner_kwargs`` must be omitted), which is
+            then the wrapper's: one that another wrapper already drives is refused.
         inner: A :class:`torch.optim.Optimizer` subclass, or any callable returning an optimizer,
             called as ``inner(params, **inner_kwargs)``.
         transforms: Transforms in order (:class:`~samgria.SAM`, :class:`~samgria.ASAM`,
@@ -219,7 +220,8 @@ class TransformingOptimizer(WrappingOptimizer):
     Raises:
         TypeError: If ``inner`` is not an optimizer class or factory, or a transform lacks the hooks.
         ValueError: If a hyperparameter is invalid, a param-group key is ambiguous, a slot
-            name is not an identifier, or sharded (``DTensor``) parameters meet
+            name is not an identifier, the optimizer to wrap is already driven by a wrapper,
+            or sharded (``DTensor``) parameters meet
             ``first_pass_context`` or a transform that does not support them
             (``Transform.supports_sharded_params``).
     """
@@ -307,6 +309,7 @@ class TransformingOptimizer(WrappingOptimizer):
                     f"params must not be a samgria optimizer, got a {type(params).__name__}: put all "
                     "transforms in one TransformingOptimizer"
                 )
+            refuse_driven(params, "params")
             return params
         if inner is None:
             raise TypeError(

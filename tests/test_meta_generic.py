@@ -1187,3 +1187,12 @@ def test_a_transforming_outer_optimizer_checks_and_restores_its_chain_through_th
     run(resumed_model, resumed, 3)
     for a, b in zip(model.parameters(), resumed_model.parameters()):
         assert torch.equal(a, b)
+
+
+def test_an_outer_optimizer_already_driven_by_a_wrapper_is_refused():
+    model = nn.Linear(3, 2)
+    base = torch.optim.SGD(model.parameters(), lr=0.1)
+    TransformingOptimizer(base, transforms=[SAM(0.05)])
+    with pytest.raises(ValueError, match=r"outer is already driven by a TransformingOptimizer"):
+        MAML(model, base, inner_lr=0.1)
+    assert "inner_lr" not in base.param_groups[0]

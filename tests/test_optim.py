@@ -737,3 +737,14 @@ def test_gradient_accumulation_in_the_two_call_loop_equals_sam_on_the_concatenat
     optimizer.second_step(zero_grad=True)
     for got, want in zip(model.parameters(), expected):
         torch.testing.assert_close(got.detach(), want, rtol=1e-13, atol=1e-15)
+
+
+def test_an_optimizer_already_driven_by_a_wrapper_is_refused_before_anything_changes():
+    model = make_model()
+    base = torch.optim.SGD(model.parameters(), lr=0.1)
+    first = TransformingOptimizer(base, transforms=[SAM(0.05)])
+    groups = copy.deepcopy([{k: v for k, v in g.items() if k != "params"} for g in base.param_groups])
+    with pytest.raises(ValueError, match=r"params is already driven by a TransformingOptimizer, which holds its state and param groups: build a new SGD"):
+        TransformingOptimizer(base, transforms=[SAM(rho=0.5)])
+    assert [{k: v for k, v in g.items() if k != "params"} for g in base.param_groups] == groups
+    assert first.param_groups[0]["rho"] == 0.05

@@ -42,7 +42,7 @@ from torch import nn
 
 from samgria._checks import check_bool, check_choice, check_real
 from samgria._snapshot import StepSnapshot
-from samgria._wrapper import WrappingOptimizer
+from samgria._wrapper import WrappingOptimizer, refuse_driven
 from samgria.data.task import Task
 from samgria.functional import all_finite
 from samgria.meta import distributed as collectives
@@ -212,6 +212,7 @@ class MetaOptimizer(WrappingOptimizer):
                 )
             if params is not None:
                 raise TypeError("params can only be given when outer is an optimizer class")
+            refuse_driven(outer, "outer")
             built = outer
         else:
             raise TypeError(
