@@ -624,6 +624,11 @@ class MetaOptimizer(WrappingOptimizer):
             return "vmap"
         return "loop"
 
+    def _scored_tasks(self, tasks: list[Task]) -> list[Task]:
+        """The tasks as :meth:`run_tasks` adapts and scores them (a subclass may substitute a
+        query set)."""
+        return tasks
+
     def run_tasks(
         self,
         tasks: Sequence[Task],
@@ -653,7 +658,7 @@ class MetaOptimizer(WrappingOptimizer):
         Returns:
             ``(losses, path_used)``.
         """
-        tasks = self._check_tasks(tasks)
+        tasks = self._scored_tasks(self._check_tasks(tasks))
         if not callable(loss_fn):
             raise TypeError(f"loss_fn must be callable, got {loss_fn!r}")
         check_choice("path", path, (None, "loop", "vmap"))

@@ -18,15 +18,14 @@ adaptive variant. No query set is needed; the query losses of
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
 from torch import nn
 
 from samgria.data.task import Task
-from samgria.meta.base import LossFn, MetaOptimizer
-from samgria.meta.engine import InnerLoop
+from samgria.meta.base import MetaOptimizer
 
 __all__ = ["Reptile"]
 
@@ -94,22 +93,9 @@ class Reptile(MetaOptimizer):
         names = self._adapt_config()[0]
         self._records.append(({n: adapted[n].detach() for n in names if n in adapted}, weight))
 
-    def run_tasks(
-        self,
-        tasks: Sequence[Task],
-        loss_fn: LossFn,
-        loop: InnerLoop,
-        *,
-        path: str | None = None,
-        backward_weights: Sequence[float] | None = None,
-        record: bool = True,
-    ) -> tuple[torch.Tensor, str]:
-        """As :meth:`MetaOptimizer.run_tasks`; a task with an empty query set is scored on its
-        support set."""
-        tasks = [_scored_on_support(task) for task in self._check_tasks(tasks)]
-        return super().run_tasks(
-            tasks, loss_fn, loop, path=path, backward_weights=backward_weights, record=record
-        )
+    def _scored_tasks(self, tasks: list[Task]) -> list[Task]:
+        """A task with an empty query set is scored on its support set."""
+        return [_scored_on_support(task) for task in tasks]
 
     @property
     def num_recorded(self) -> int:
