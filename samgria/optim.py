@@ -122,6 +122,24 @@ def _called_by_checkpoint_state_init() -> bool:
 _STATE_INIT_FRAMES = 6
 
 
+def _on_any_rank(flag: bool, first_pass_context: Any, device: torch.device) -> bool:
+    """Whether ``flag`` holds on any rank of the data-parallel group, under ``first_pass_context``.
+
+    With m-sharpness each rank decides from its own first-pass gradient, but the ranks must take
+    the same path through the step: the second pass all-reduces, so a rank that skips or
+    re-evaluates at another point than the others would pair collectives of different steps.
+    One all-reduce of one number agrees. The group is that of the module whose ``no_sync`` is
+    ``first_pass_context`` (``DistributedDataParallel.process_group``), else the default group;
+    without an initialised process group, ``flag`` itself.
+    """
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return flag
+    group = getattr(getattr(first_pass_context, "__self__", None), "process_group", None)
+    votes = torch.tensor([1.0 if flag else 0.0], device=device)
+    torch.distributed.all_reduce(votes, op=torch.distributed.ReduceOp.MAX, group=group)
+    return bool(votes.item())
+
+
 def _refuse_sharded_m_sharpness(first_pass_context: Any, params: Iterable[Any]) -> None:
     """``first_pass_context`` (m-sharpness) with sharded parameters: ``ValueError``."""
     if first_pass_context is not None and any(is_sharded(p) for p in params):
@@ -273,6 +291,14 @@ class TransformingOptimizer(WrappingOptimizer):
             )
         _refuse_sharded_m_sharpness(first_pass_context, [p for g in inner_optimizer.param_groups for p in g["params"]])
         chain = Chain(transforms, inner_optimizer.defaults)
+        mixing = [type(t).__name__ for t in chain.transforms if not t.supports_local_first_pass]
+        if first_pass_context is not None and mixing:
+            raise ValueError(
+                f"first_pass_context (m-sharpness) cannot be used with {', '.join(mixing)}: the update "
+                "mixes in the first pass's gradients, which are then each rank's own, so the "
+                "replicas would drift apart (Transform.supports_local_first_pass); drop "
+                "first_pass_context"
+            )
         # Check every group before changing any: nothing half-applied on error.
         normalized = [
             chain.checked_group(group, f"param_groups[{index}]")
@@ -424,6 +450,10 @@ class TransformingOptimizer(WrappingOptimizer):
     def _enter(self, factory: Callable[[], ContextManager[Any]] | None) -> ContextManager[Any]:
         return factory() if factory is not None else contextlib.nullcontext()
 
+    def _device(self) -> torch.device:
+        """The device of the first parameter (where a collective's tensor goes)."""
+        return next(param for group in self.param_groups for param in group["params"]).device
+
     def _grad_norm(self) -> float:
         """The global L2 norm of every gradient (complex as pairs of reals), read on the host."""
         grads, sources = self._grads()
@@ -440,11 +470,11 @@ class TransformingOptimizer(WrappingOptimizer):
         grads, sources = self._grads()
         return all_finite(grads, foreach=self.transform_foreach, like=sources)
 
-    def _skip(self, which: str) -> None:
-        """Apply the non-finite policy to a step whose ``which`` gradients are not finite."""
+    def _skip(self, which: str, where: str = "") -> None:
+        """Apply the non-finite policy to a step whose ``which`` gradients (``where``) are not finite."""
         message = (
-            f"the gradients of the {which} evaluation are not finite: the step is skipped (weights "
-            "and optimizer state unchanged)"
+            f"the gradients of the {which} evaluation{where} are not finite: the step is skipped "
+            "(weights and optimizer state unchanged)"
         )
         if self.non_finite == "raise":
             raise FloatingPointError(message + "; non_finite='raise' was set")
@@ -539,9 +569,11 @@ class TransformingOptimizer(WrappingOptimizer):
         """Pre-step transforms from ``start`` on (but ``skip``), the inner step, the post-step ones.
 
         When the first evaluation ran under ``first_pass_context`` (e.g. DDP's ``no_sync``) and no
-        transform re-evaluated (nothing was perturbed), its gradients were never synchronised: the
-        closure is evaluated once more, normally, and the pre-step transforms run on those
-        gradients instead.
+        transform re-evaluated on this rank (nothing was perturbed), its gradients were never
+        synchronised: the closure is evaluated once more, normally. If no rank re-evaluated, the
+        pre-step transforms run again on those gradients; if another rank did (it perturbed with
+        its own gradient), only those after the re-evaluating transform run again, as they ran
+        there, so that every replica applies the same update.
         """
         spare_buffers = {} if spare_buffers is None else spare_buffers
         evaluations = [0]
@@ -556,11 +588,20 @@ class TransformingOptimizer(WrappingOptimizer):
         for index, (_, slot, transform) in enumerate(transforms):
             ctx = self._context(slot, counted, grad_norm if index == 0 else None, spare_buffers)
             transform.pre_update(ctx)
-        if counted is not None and self.first_pass_context is not None and evaluations[0] == 0:
-            reevaluate()
-            for _, slot, transform in transforms:
-                if not transform.needs_closure:
-                    transform.pre_update(self._context(slot, None))
+        if counted is not None and self.first_pass_context is not None:
+            reevaluated_here = evaluations[0] > 0
+            if not reevaluated_here:
+                reevaluate()
+            # After every rank's one synchronised backward: the same order of collectives.
+            reevaluated_anywhere = _on_any_rank(reevaluated_here, self.first_pass_context, self._device())
+            if not reevaluated_here:
+                rerun = transforms
+                if reevaluated_anywhere:
+                    first = next((i for i, (_, _, t) in enumerate(transforms) if t.needs_closure), -1)
+                    rerun = transforms[first + 1 :]
+                for _, slot, transform in rerun:
+                    if not transform.needs_closure:
+                        transform.pre_update(self._context(slot, None))
         snapshot = self._snapshot_before_inner_step(spare_buffers)
         spare_buffers.clear()
         try:
@@ -652,8 +693,12 @@ class TransformingOptimizer(WrappingOptimizer):
             # pins thousands of small allocations across the second pass (process peak memory).
             loss = loss.detach()
         grad_norm = self._grad_norm()
-        if not self._grads_finite(grad_norm):
-            self._skip("first")
+        finite_here = self._grads_finite(grad_norm)
+        finite = finite_here
+        if self.first_pass_context is not None:  # local gradients: every rank skips, or none
+            finite = not _on_any_rank(not finite_here, self.first_pass_context, self._device())
+        if not finite:
+            self._skip("first", "" if not finite_here else " on another rank")
             return loss
 
         def reevaluate() -> Any:

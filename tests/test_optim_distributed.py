@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import gc
 import os
+import warnings
 
 import pytest
 import torch
@@ -85,6 +86,39 @@ def _train_ddp(rank: int, mode: str) -> list[torch.Tensor]:
     return [p.detach().clone() for p in model.parameters()]
 
 
+def _train_m_sharpness_with_a_local_fault(rank: int, fault: str) -> tuple[list[torch.Tensor], int]:
+    """m-sharpness where rank 0's first-pass gradient is not like the others' at step 0: NaN
+    (``"non_finite"``: every rank must skip) or zero, so that only rank 1 perturbs, with
+    ``ClipGradNorm`` before SAM (``"zero"``: every replica must apply the same update)."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    from samgria import SAM, ClipGradNorm, TransformingOptimizer
+
+    model = _make_model()
+    ddp_model = DistributedDataParallel(model)
+    transforms = [ClipGradNorm(0.05), SAM(rho=RHO)] if fault == "zero" else [SAM(rho=RHO)]
+    optimizer = TransformingOptimizer(
+        ddp_model.parameters(), torch.optim.SGD, lr=LR, transforms=transforms, first_pass_context=ddp_model.no_sync
+    )
+    for step in range(STEPS):
+        x, y = _local_batch(step, rank)
+        calls = [0]
+
+        def closure() -> torch.Tensor:
+            calls[0] += 1
+            optimizer.zero_grad()
+            loss = _loss(ddp_model(x), y)
+            if step == 0 and rank == 0 and calls[0] == 1:
+                loss = loss * (float("nan") if fault == "non_finite" else 0.0)
+            loss.backward()
+            return loss
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            optimizer.step(closure)
+    return [p.detach().clone() for p in model.parameters()], optimizer.skipped_steps
+
+
 def _worker(out_dir: str) -> None:
     import torch.distributed as dist
 
@@ -93,6 +127,7 @@ def _worker(out_dir: str) -> None:
     rank = dist.get_rank()
     try:
         results = {mode: _train_ddp(rank, mode) for mode in MODES}
+        results["faults"] = {fault: _train_m_sharpness_with_a_local_fault(rank, fault) for fault in ("non_finite", "zero")}
         # Free reference cycles (optimizers, DDP/FSDP modules) that still hold the process group
         # while it is alive: destroyed at interpreter exit instead, gloo's threads can abort a rank
         # that has finished (as benchmarks/distributed.py does).
@@ -188,6 +223,25 @@ def test_no_sync_first_pass_is_m_sharpness(ddp_results: list[dict]) -> None:
     # ... which is not the synced update: each replica perturbed with its own gradient.
     differences = [(a - b).abs().max() for a, b in zip(ddp_results[0]["no_sync"], ddp_results[0]["synced"])]
     assert max(differences) > 1e-6
+
+
+def test_m_sharpness_with_a_non_finite_local_gradient_on_one_rank_skips_on_every_rank(ddp_results: list[dict]) -> None:
+    """Each rank judges its own first-pass gradient; all must skip together (one rank running the
+    second pass alone would pair its all-reduce with the next step's)."""
+    for rank in range(WORLD_SIZE):
+        weights, skipped = ddp_results[rank]["faults"]["non_finite"]
+        assert skipped == 1, f"rank {rank} skipped {skipped} steps"
+    for rank0, rank1 in zip(ddp_results[0]["faults"]["non_finite"][0], ddp_results[1]["faults"]["non_finite"][0]):
+        assert torch.equal(rank0, rank1)
+
+
+def test_m_sharpness_where_one_rank_perturbs_nothing_keeps_the_replicas_identical(ddp_results: list[dict]) -> None:
+    """Rank 0's zero local gradient perturbs nothing, rank 1 perturbs: ClipGradNorm (before SAM)
+    must not be applied to the synchronised gradient on rank 0 only."""
+    weights = [ddp_results[rank]["faults"]["zero"][0] for rank in range(WORLD_SIZE)]
+    assert all(ddp_results[rank]["faults"]["zero"][1] == 0 for rank in range(WORLD_SIZE))
+    for rank0, rank1 in zip(*weights):
+        assert torch.equal(rank0, rank1)
 
 
 if __name__ == "__main__":

@@ -733,3 +733,17 @@ def test_esam_refuses_a_seed_torch_generators_do_not_take_at_construction(seed):
 def test_esam_takes_a_negative_seed_modulo_2_to_the_64_as_torch_does(negative):
     assert torch.Generator().manual_seed(negative).initial_seed() == negative + 2**64
     assert_bitwise_equal(run_samgria(ESAM(0.05, seed=negative), 2), run_samgria(ESAM(0.05, seed=negative + 2**64), 2))
+
+
+@pytest.mark.parametrize("make", [GSAM, WSAM], ids=["GSAM", "WSAM"])
+def test_transforms_whose_update_mixes_in_the_first_gradient_refuse_m_sharpness(make):
+    """With ``first_pass_context`` (DDP's ``no_sync``) the first-pass gradient is each rank's own:
+    GSAM's and WSAM's updates use it, so the replicas would drift apart."""
+    import contextlib
+
+    model = nn.Linear(3, 2)
+    name = make.__name__
+    with pytest.raises(ValueError, match=rf"first_pass_context \(m-sharpness\) cannot be used with {name}: the update mixes in"):
+        TransformingOptimizer(model.parameters(), torch.optim.SGD, lr=0.1, transforms=[make()], first_pass_context=contextlib.nullcontext)
+    TransformingOptimizer(model.parameters(), torch.optim.SGD, lr=0.1, transforms=[make()])  # without it: fine
+    assert SAM.supports_local_first_pass and not make.supports_local_first_pass

@@ -265,11 +265,17 @@ class Transform:
             norms with :func:`~samgria.functional.global_norm` (which sums over the shards), or
             uses ``DTensor`` operations. Transforms that take a per-tensor quantity of a local
             shard set it to ``False``; the optimizer then refuses sharded parameters.
+        supports_local_first_pass: ``True`` when the update stays the same on every replica if
+            the first pass's gradients are each rank's own (``first_pass_context``, the SAM
+            paper's m-sharpness): the transform uses them only to perturb. Transforms whose
+            update mixes them in (GSAM, WSAM) set it to ``False``; the optimizer then refuses
+            ``first_pass_context``.
     """
 
     needs_closure: bool = False
     saves_state_before_step: bool = False
     supports_sharded_params: bool = True
+    supports_local_first_pass: bool = True
     slot_name: str | None = None
 
     # -- configuration -----------------------------------------------------------------------

@@ -257,6 +257,8 @@ class GSAM(_FinishingTransform):
         ValueError: If ``rho`` or ``alpha`` is negative or not finite.
     """
 
+    supports_local_first_pass = False  # the update mixes in the first-pass gradient
+
     def __init__(self, rho: float = 0.05, alpha: float = 0.4) -> None:
         self.rho = check_real("rho", rho, low=0.0)
         self.alpha = check_real("alpha", alpha, low=0.0)
@@ -318,6 +320,8 @@ class WSAM(_FinishingTransform):
         ValueError: If ``rho`` is negative or not finite, or ``gamma`` is outside ``[0, 1)``.
         TypeError: If ``decouple`` is not a bool.
     """
+
+    supports_local_first_pass = False  # the update mixes in the first-pass gradient
 
     def __init__(self, rho: float = 0.05, gamma: float = 0.9, *, decouple: bool = True) -> None:
         self.rho = check_real("rho", rho, low=0.0)
