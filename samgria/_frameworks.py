@@ -5,12 +5,15 @@ micro-batch outside the optimizer and hands ``step()`` a closure for the last on
 transform that re-evaluates the closure (SAM's second pass) would then see the last micro-batch
 only -- a different algorithm, silently. The optimizer refuses such a step before anything
 changes. The frameworks' own checks (``samgria.integrations``) refuse the setting earlier, when
-training starts; this is the net for users who did not add them.
+training starts; this is the net for users who did not add them. Recognised: Lightning's
+accumulating closure, and a step made through accelerate's ``AcceleratedOptimizer`` with
+``gradient_accumulation_steps > 1``.
 """
 
 from __future__ import annotations
 
 import functools
+import sys
 from typing import Any
 
 __all__ = ["accumulating_framework"]
@@ -34,6 +37,34 @@ def _lightning_accumulates(candidate: Any) -> bool:
     )
 
 
+#: How many callers up :func:`_accelerate_accumulation_steps` looks for accelerate's ``step``.
+_ACCELERATE_FRAMES = 12
+
+
+def _accelerate_accumulation_steps() -> int:
+    """accelerate's ``gradient_accumulation_steps`` when its ``AcceleratedOptimizer.step`` is
+    stepping the optimizer now, else 1.
+
+    ``AcceleratedOptimizer.step`` does not call the optimizer on the micro-batches that
+    ``accelerator.accumulate()`` does not step, so a closure handed through it covers the last
+    one only. Looked up only where accelerate is already imported (never imported here).
+    """
+    optimizer_module = sys.modules.get("accelerate.optimizer")
+    state_module = sys.modules.get("accelerate.state")
+    if optimizer_module is None or state_module is None:
+        return 1
+    step = getattr(getattr(optimizer_module, "AcceleratedOptimizer", None), "step", None)
+    code = getattr(step, "__code__", None)
+    frame = sys._getframe(1)
+    for _ in range(_ACCELERATE_FRAMES):
+        if frame is None or code is None:
+            return 1
+        if frame.f_code is code:
+            return int(state_module.GradientState().num_steps)
+        frame = frame.f_back
+    return 1
+
+
 def accumulating_framework(closure: Any) -> str | None:
     """The framework setting under which ``closure`` covers only the last accumulated micro-batch.
 
@@ -50,4 +81,7 @@ def accumulating_framework(closure: Any) -> str | None:
             return "Lightning's Trainer(accumulate_grad_batches > 1) under automatic optimization"
         if isinstance(candidate, functools.partial):
             pending += [candidate.func, *candidate.args, *candidate.keywords.values()]
+    steps = _accelerate_accumulation_steps()
+    if steps > 1:
+        return f"accelerate's gradient_accumulation_steps={steps} (accumulate() steps the optimizer on the last micro-batch only)"
     return None

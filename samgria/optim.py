@@ -625,8 +625,10 @@ class TransformingOptimizer(WrappingOptimizer):
                 "micro-batches of this step outside the optimizer: the second pass would see the "
                 "last micro-batch only (a different algorithm). Accumulate inside the closure (or "
                 "use the two-call loop over every micro-batch), or train with one micro-batch per "
-                "step; for Lightning add callbacks=[samgria.integrations.lightning.SAMCallback()], "
-                "which refuses this setting when fit starts"
+                "step; with Lightning add callbacks=[samgria.integrations.lightning.SAMCallback()], "
+                "which refuses this setting when fit starts; with accelerate set "
+                "gradient_accumulation_steps=1 (samgria.integrations.accelerate.SAMAccelerator "
+                "refuses the others on the first micro-batch)"
             )
 
     def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]

@@ -316,6 +316,34 @@ def test_accumulate_is_refused_on_a_micro_batch_that_does_not_step(route: str) -
     assert optimizer.optimizer._pending is None
 
 
+def test_stock_accelerator_accumulation_with_step_closure_is_refused_before_anything_changes() -> None:
+    """accelerate's own AcceleratedOptimizer.step skips the micro-batches accumulate() does not step,
+    so a SAM step(closure) would see the last one only: the optimizer refuses it on the one that
+    steps, before any weight changes."""
+    accelerator = Accelerator(cpu=True, gradient_accumulation_steps=2)
+    model, optimizer = accelerator.prepare(*model_and_optimizer())
+    assert not isinstance(optimizer, SAMAcceleratedOptimizer)
+    before = [p.detach().clone() for p in model.parameters()]
+    ran = []
+    data = batches()[:2]
+    with pytest.raises(RuntimeError, match=r"^SAM re-evaluate\(s\) the loss, but accelerate's gradient_accumulation_steps=2 \(accumulate\(\) steps the optimizer on the last micro-batch only\)"):
+        for index, (x, y) in enumerate(data):
+            with accelerator.accumulate(model):
+                closure = accelerated_closure(accelerator, model, optimizer, x, y)
+                optimizer.step(lambda: (ran.append(index), closure())[1])
+    assert ran == []  # micro-batch 0 was never run by accelerate, micro-batch 1 was refused
+    assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
+
+    # One micro-batch per step through the same stock route is not refused.
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    accelerator = Accelerator(cpu=True)
+    model, optimizer = accelerator.prepare(*model_and_optimizer())
+    x, y = data[0]
+    optimizer.step(accelerated_closure(accelerator, model, optimizer, x, y))
+    assert not all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
+
+
 def test_deepspeed_and_megatron_are_refused_at_prepare() -> None:
     class UnderDeepSpeed(SAMAccelerator):
         distributed_type = DistributedType.DEEPSPEED  # what a DeepSpeed plugin sets (not installed)
