@@ -247,6 +247,23 @@ def test_accumulate_grad_batches_is_refused_before_the_first_training_step(plugi
     assert module.training_steps == 0
 
 
+def test_a_gradient_accumulation_scheduler_that_accumulates_later_is_refused_when_fit_starts() -> None:
+    """Accumulation from epoch 1 on would be refused only after a whole epoch: the callback
+    reads the schedule when fit starts."""
+    from lightning.pytorch.callbacks import GradientAccumulationScheduler
+
+    module = Regression(dtype=torch.float32)
+    fit = trainer(max_epochs=2, callbacks=[SAMCallback(), GradientAccumulationScheduler(scheduling={1: 2})])
+    _refused(
+        fit,
+        module,
+        ValueError,
+        r"^GradientAccumulationScheduler\(scheduling=\{.*1: 2.*\}\) with SAM under automatic optimization: "
+        r".*second pass of SAM would see the last micro-batch only",
+    )
+    assert module.training_steps == 0
+
+
 def test_accumulate_grad_batches_without_the_callback_is_refused_at_the_first_step() -> None:
     """The net under the callback: the optimizer recognises Lightning's accumulating closure."""
     module = Regression(dtype=torch.float32)

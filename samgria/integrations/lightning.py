@@ -57,8 +57,9 @@ def check_trainer(trainer: Any, module: Any, optimizers: list[Any] | None = None
         optimizers: The optimizers to check (default: ``trainer.optimizers``).
 
     Raises:
-        ValueError: Under automatic optimization, with ``accumulate_grad_batches > 1`` (SAM's
-            second pass would see the last micro-batch only), or with a loss scaler
+        ValueError: Under automatic optimization, with ``accumulate_grad_batches > 1`` or a
+            ``GradientAccumulationScheduler`` that accumulates in some epoch (SAM's second pass
+            would see the last micro-batch only), or with a loss scaler
             (``precision="16-mixed"``) in any precision plugin but :class:`SAMMixedPrecision`.
     """
     optimizers = trainer.optimizers if optimizers is None else optimizers
@@ -67,9 +68,17 @@ def check_trainer(trainer: Any, module: Any, optimizers: list[Any] | None = None
         return
     what = ", ".join(names)
     accumulate = trainer.accumulate_grad_batches
+    setting = f"Trainer(accumulate_grad_batches={accumulate})"
+    for callback in getattr(trainer, "callbacks", ()):
+        scheduling = getattr(callback, "scheduling", None)  # GradientAccumulationScheduler's {epoch: factor}
+        if type(callback).__name__ == "GradientAccumulationScheduler" and scheduling:
+            factor = max(scheduling.values())
+            if factor > accumulate:
+                accumulate = factor
+                setting = f"GradientAccumulationScheduler(scheduling={scheduling})"
     if accumulate > 1:
         raise ValueError(
-            f"Trainer(accumulate_grad_batches={accumulate}) with {what} under automatic optimization: "
+            f"{setting} with {what} under automatic optimization: "
             f"Lightning runs the first {accumulate - 1} micro-batches of every step outside the "
             "optimizer, so the second pass of SAM would see the last micro-batch only (a different "
             "algorithm). Use accumulate_grad_batches=1 with a larger batch, or manual optimization "
