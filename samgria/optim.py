@@ -244,9 +244,18 @@ class TransformingOptimizer(WrappingOptimizer):
             (``Transform.supports_sharded_params``).
     """
 
-    #: GradScaler calls ``step()`` even after an overflow and lets it unscale and skip (see
-    #: :meth:`step`), so a skipped step still restores the weights perturbed by ``first_step``.
-    _step_supports_amp_scaling = True
+    @property
+    def _step_supports_amp_scaling(self) -> bool:
+        """Whether ``step()`` unscales the gradients itself (torch's flag for ``GradScaler``).
+
+        True for a chain that re-evaluates the closure (SAM, ASAM): GradScaler then calls
+        ``step()`` even after an overflow and lets it unscale and skip (see :meth:`step`), so a
+        skipped step still restores the weights perturbed by ``first_step``, and a closure or a
+        step without ``first_step()`` is refused with the reason. Any other chain steps as a
+        plain optimizer under a scaler: unscaled first, not called after an overflow (so
+        frameworks unscale before their hooks and may clip, as for any optimizer).
+        """
+        return self._pending is not None or any(t.needs_closure for t in self.transforms)
     _driven_attr = "inner"
     _dropped_on_pickle = ("first_pass_context", "reevaluation_context")
     _transient = ("_loading", "_progress")

@@ -23,7 +23,7 @@ if not os.environ.get("SAMGRIA_REQUIRE_INTEGRATIONS"):
 import lightning.pytorch as pl  # noqa: E402
 from lightning.pytorch.plugins.precision import MixedPrecision  # noqa: E402
 
-from samgria import sam_optimizer  # noqa: E402
+from samgria import TransformingOptimizer, sam_optimizer  # noqa: E402
 from samgria.integrations.lightning import SAMCallback, SAMMixedPrecision  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings(
@@ -348,3 +348,21 @@ def test_callback_leaves_plain_optimizers_alone() -> None:
     fit = trainer(accumulate_grad_batches=2, callbacks=[SAMCallback()])
     fit.fit(module, loader(batches()))
     assert fit.global_step == 2  # 3 batches: a step after the second and after the last
+
+
+def test_a_chain_without_a_second_pass_clips_under_bf16_mixed_as_a_plain_optimizer() -> None:
+    """Only a chain that re-evaluates unscales inside step(); with Lookahead alone Lightning's
+    MixedPrecision clips (it refuses clipping for an optimizer that unscales itself) and trains."""
+    from samgria import Lookahead
+
+    class WithLookahead(Regression):
+        def configure_optimizers(self):
+            return TransformingOptimizer(self.parameters(), torch.optim.SGD, lr=LR, transforms=[Lookahead(alpha=0.5, k=2)])
+
+    module = WithLookahead(dtype=torch.float32)
+    assert not module.configure_optimizers()._step_supports_amp_scaling
+    assert sam_optimizer(module.parameters(), torch.optim.SGD, rho=RHO, lr=LR)._step_supports_amp_scaling
+    before = weights_of(module)
+    trainer(precision="bf16-mixed", gradient_clip_val=0.05).fit(module, loader(batches(torch.float32)))
+    assert module.training_steps == 3
+    assert any(not torch.equal(got, want) for got, want in zip(weights_of(module), before))
