@@ -1,4 +1,4 @@
-"""What the core recognises of frameworks' closures, without importing any framework.
+"""What the core recognises of frameworks' closures and callers, without importing any framework.
 
 A framework that accumulates gradients over micro-batches by itself runs all but the last
 micro-batch outside the optimizer and hands ``step()`` a closure for the last one only. A
@@ -16,7 +16,7 @@ import functools
 import sys
 from typing import Any
 
-__all__ = ["accumulating_framework"]
+__all__ = ["accumulating_framework", "called_from"]
 
 _LIGHTNING_MODULES = ("lightning.pytorch.", "pytorch_lightning.")
 
@@ -37,6 +37,23 @@ def _lightning_accumulates(candidate: Any) -> bool:
     )
 
 
+def called_from(function: Any, depth: int) -> bool:
+    """Whether ``function`` is running among the ``depth`` callers of the function that asks.
+
+    How the core recognises who is stepping it when the framework passes no marker (accelerate's
+    ``AcceleratedOptimizer.step``, ``torch.distributed.checkpoint``'s state initialisation).
+    """
+    code = getattr(function, "__code__", None)
+    frame = sys._getframe(2)  # the asking function's caller
+    for _ in range(depth):
+        if frame is None or code is None:
+            return False
+        if frame.f_code is code:
+            return True
+        frame = frame.f_back
+    return False
+
+
 #: How many callers up :func:`_accelerate_accumulation_steps` looks for accelerate's ``step``.
 _ACCELERATE_FRAMES = 12
 
@@ -54,15 +71,9 @@ def _accelerate_accumulation_steps() -> int:
     if optimizer_module is None or state_module is None:
         return 1
     step = getattr(getattr(optimizer_module, "AcceleratedOptimizer", None), "step", None)
-    code = getattr(step, "__code__", None)
-    frame = sys._getframe(1)
-    for _ in range(_ACCELERATE_FRAMES):
-        if frame is None or code is None:
-            return 1
-        if frame.f_code is code:
-            return int(state_module.GradientState().num_steps)
-        frame = frame.f_back
-    return 1
+    if not called_from(step, _ACCELERATE_FRAMES):
+        return 1
+    return int(state_module.GradientState().num_steps)
 
 
 def accumulating_framework(closure: Any) -> str | None:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import sys
 import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -15,7 +14,7 @@ from torch import nn
 from torch.optim import Optimizer
 
 from samgria._checks import check_bool, check_choice
-from samgria._frameworks import accumulating_framework
+from samgria._frameworks import accumulating_framework, called_from
 from samgria._snapshot import StateStructure, StepSnapshot
 from samgria._wrapper import WrappingOptimizer, refuse_driven
 from samgria.functional import all_finite, global_norm
@@ -107,15 +106,7 @@ def _called_by_checkpoint_state_init() -> bool:
         from torch.distributed.checkpoint.state_dict import _init_optim_state
     except ImportError:
         return True
-    code = getattr(_init_optim_state, "__code__", None)
-    frame = sys._getframe(1)
-    for _ in range(_STATE_INIT_FRAMES):  # step(), torch's hook wrapper around it, the caller
-        if frame is None:
-            return False
-        if frame.f_code is code:
-            return True
-        frame = frame.f_back
-    return False
+    return called_from(_init_optim_state, _STATE_INIT_FRAMES)  # step(), torch's hook wrapper, the caller
 
 
 #: How many callers up :func:`_called_by_checkpoint_state_init` looks.
