@@ -77,7 +77,7 @@ class StepSnapshot:
         self._state = state
         spare_buffers = spare_buffers or {}
         copied = {id(param) for param in self._params} if only_params_state else None
-        self._structure: list[tuple[Any, dict[Any, Any]]] = []
+        self._structure = StateStructure(state)  # every entry's keys and objects; new entries dropped
         with torch.no_grad():
             self._weights = []
             for param in self._params:
@@ -89,7 +89,6 @@ class StepSnapshot:
             self._entries: dict[Any, dict[Any, tuple[Any, Any]]] = {}
             for param, entry in state.items():
                 if copied is not None and id(param) not in copied:
-                    self._structure.append((param, dict(entry)))
                     continue
                 saved = {}
                 for key, value in entry.items():
@@ -104,20 +103,11 @@ class StepSnapshot:
         """Put the weights and the state back as they were when the snapshot was taken."""
         for param, weight in zip(self._params, self._weights):
             param.copy_(weight)
-        _drop_new_entries(self._state, {id(param) for param in self._entries} | {id(param) for param, _ in self._structure})
-        for param, kept in self._structure:
-            entry = self._state[param]
-            entry.clear()
-            entry.update(kept)
+        self._structure.restore()
         for param, saved in self._entries.items():
             entry = self._state[param]
-            entry.clear()
             for key, (original, kept) in saved.items():
-                if isinstance(original, torch.Tensor):
-                    if original.shape == kept.shape:
-                        original.copy_(kept)
-                        entry[key] = original
-                    else:  # the step resized it out of place: the kept copy is the old value
-                        entry[key] = kept
-                else:
+                if isinstance(original, torch.Tensor) and original.shape == kept.shape:
+                    original.copy_(kept)  # the structure put the original object back
+                else:  # a value, or a tensor the step resized out of place: the kept copy
                     entry[key] = kept
