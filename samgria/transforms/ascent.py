@@ -24,9 +24,10 @@ from samgria._wrapper import unhooked_step
 from samgria.functional import add_directions_, global_norm
 from samgria.functional._grouping import group_indices_by_device_and_dtype
 from samgria.functional._views import as_real
+from samgria.functional.norms import scale_
 from samgria.transforms.base import TransformContext
 from samgria.transforms.sam import Perturbation, _owns_storage
-from samgria.transforms.sam_family import Finish, _current_grads_finite, _FinishingTransform, _mul_, _Step
+from samgria.transforms.sam_family import Finish, _current_grads_finite, _FinishingTransform, _Step
 
 __all__ = ["MultiStepSAM"]
 
@@ -382,7 +383,7 @@ class MultiStepSAM(_FinishingTransform):
     ) -> None:
         r"""Hand the adversary :math:`-\hat g` (in the gradients' memory, which is consumed) and step it."""
         scale = -1.0 / norm if self.normalize else -1.0
-        _mul_([as_real(grad) for grad in grads], [scale] * len(grads), foreach)
+        scale_([as_real(grad) for grad in grads], [scale] * len(grads), foreach=foreach)
         for param, grad in zip(params, grads):
             param.grad = grad
         unhooked_step(adversary)  # inside the optimizer's step: no second round of global hooks

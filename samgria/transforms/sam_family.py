@@ -47,15 +47,10 @@ Finish = Callable[[bool], None]
 
 
 # -- kernels: a foreach fast path and a per-tensor path with the same arithmetic ---------------------
-def _mul_(tensors: Sequence[torch.Tensor], scales: Sequence[float], foreach: bool) -> None:
-    r"""In place: :math:`t_i \leftarrow s_i\, t_i` (16-bit tensors in float32, rounded once: :func:`scale_`)."""
-    scale_(tensors, scales, foreach=foreach)
-
-
 def _scaled(tensors: Sequence[torch.Tensor], scales: Sequence[float], foreach: bool) -> list[torch.Tensor]:
-    r"""New tensors :math:`s_i\, t_i` (same dtypes as ``tensors``; the arithmetic of :func:`_mul_`)."""
+    r"""New tensors :math:`s_i\, t_i` (same dtypes as ``tensors``; the arithmetic of :func:`scale_`)."""
     result = [tensor.clone(memory_format=torch.preserve_format) for tensor in tensors]
-    _mul_(result, scales, foreach)
+    scale_(result, scales, foreach=foreach)
     return result
 
 
@@ -281,7 +276,7 @@ class GSAM(_FinishingTransform):
         dot = _dot(kept, [perturbed[i] for i in both], like=[params[i] for i in both])
         parallel = dot / norm_sq if norm_sq > 0 else 0.0
         # d = g_p - alpha (g - c g_p) = (1 + alpha c) g_p - alpha g  (no first gradient: g = 0)
-        _mul_(perturbed, [1.0 + group["alpha"] * parallel for group in groups], ctx.foreach)
+        scale_(perturbed, [1.0 + group["alpha"] * parallel for group in groups], foreach=ctx.foreach)
         _add_scaled_([perturbed[i] for i in both], kept, [-groups[i]["alpha"] for i in both], ctx.foreach)
 
 
@@ -361,7 +356,7 @@ class WSAM(_FinishingTransform):
         weights = [group["gamma"] / (1.0 - group["gamma"]) for group in groups]
         if not self.decouple:
             # a g_p + (1 - a) g with a = gamma / (1 - gamma)  (no first gradient: g = 0)
-            _mul_(perturbed, weights, ctx.foreach)
+            scale_(perturbed, weights, foreach=ctx.foreach)
             _add_scaled_([perturbed[i] for i in both], kept, [1.0 - weights[i] for i in both], ctx.foreach)
             return
         # The sharpness s = g_p - g is computed in the perturbed gradient's memory; the inner
@@ -589,7 +584,7 @@ class LookSAM(_FinishingTransform):
         params, perturbed, _groups, both, kept = self._first_and_perturbed(ctx, first)
         parallel = _dot(kept, [perturbed[i] for i in both], like=[params[i] for i in both]) / norm**2
         # g_v = g_s - c g, in the first gradient's memory (no first gradient: g_v = g_s).
-        _mul_(kept, [-parallel] * len(kept), ctx.foreach)
+        scale_(kept, [-parallel] * len(kept), foreach=ctx.foreach)
         _add_scaled_(kept, [perturbed[i] for i in both], [1.0] * len(kept), ctx.foreach)
         directions = {id(params[i]): first[id(params[i])] for i in both}
         values = [directions[id(p)] if id(p) in directions else p.grad.clone() for p in params]
@@ -597,7 +592,7 @@ class LookSAM(_FinishingTransform):
         if not (math.isfinite(parallel) and math.isfinite(size)):
             return  # non-finite gradients at w + e: the step is skipped, the state kept
         if size > 0:
-            _mul_([as_real(v) for v in values], [1.0 / size] * len(values), ctx.foreach)
+            scale_([as_real(v) for v in values], [1.0 / size] * len(values), foreach=ctx.foreach)
         params_now = set(map(id, params))
         for group in ctx.param_groups:
             for param in group["params"]:
