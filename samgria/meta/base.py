@@ -222,8 +222,8 @@ class MetaOptimizer(WrappingOptimizer):
         for i, group in enumerate(built.param_groups):  # a rejected optimizer is left as it was
             self._check_group(group, i)
         self._init_wrapper(built, {**built.defaults, "inner_lr": inner_lr, "adapt": True})
-        for i, group in enumerate(self.outer.param_groups):
-            self._fill_group(group, i)
+        for group in self.outer.param_groups:  # checked above
+            self._fill_group(group)
         if self.distributed:
             collectives.broadcast_module(model, process_group)
 
@@ -290,9 +290,8 @@ class MetaOptimizer(WrappingOptimizer):
                     f"parameter of model ({type(self.model).__name__})"
                 )
 
-    def _fill_group(self, group: dict[str, Any], index: int) -> None:
-        """Check param group ``index`` and give it the default ``inner_lr`` and ``adapt``."""
-        self._check_group(group, index)
+    def _fill_group(self, group: dict[str, Any]) -> None:
+        """Give a (checked) param group the default ``inner_lr`` and ``adapt``."""
         group.setdefault("inner_lr", self.inner_lr)
         group.setdefault("adapt", True)
 
@@ -304,7 +303,8 @@ class MetaOptimizer(WrappingOptimizer):
         group = dict(param_group)
         params = group["params"]
         group["params"] = [params] if isinstance(params, torch.Tensor) else list(params)
-        self._fill_group(group, len(self.param_groups))
+        self._check_group(group, len(self.param_groups))
+        self._fill_group(group)
         self.outer.add_param_group(group)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
