@@ -113,6 +113,15 @@ def test_too_many_ways():
         ({"n_way": 2.0}, TypeError, r"n_way must be an integer >= 1, got 2\.0"),
         ({"classes": [0, 99]}, ValueError, r"classes contains labels that do not occur in labels: \[99\]"),
         ({"seed": 0, "generator": torch.Generator()}, ValueError, r"either generator or seed"),
+        ({"seed": 2**64}, ValueError, r"seed must be an integer in \[-2\*\*63, 2\*\*64 - 1\], got 18446744073709551616$"),
+        ({"drop_small_classes": "no"}, TypeError, r"drop_small_classes must be a bool, got 'no'$"),
+        ({"drop_small_classes": 0}, TypeError, r"drop_small_classes must be a bool, got 0$"),
+        ({"classes": [True, 2]}, TypeError, r"classes\[0\] must be an integer, got True$"),
+        ({"classes": [1, 2.0]}, TypeError, r"classes\[1\] must be an integer, got 2\.0$"),
+        ({"classes": {1, 2}}, TypeError, r"classes must be a sequence or tensor of integer labels, got \{1, 2\}$"),
+        ({"classes": "12"}, TypeError, r"classes must be a sequence or tensor of integer labels, got '12'$"),
+        ({"classes": torch.tensor([1.0, 2.0])}, TypeError, r"classes must hold integer labels, got a tensor of dtype torch\.float32$"),
+        ({"classes": torch.tensor([True, False])}, TypeError, r"classes must hold integer labels, got a tensor of dtype torch\.bool$"),
     ],
 )
 def test_bad_arguments(kwargs, error, match):

@@ -106,8 +106,10 @@ def test_distributed_task_sampler_rejects_bad_arguments(kwargs, error, match) ->
 
 
 def test_distributed_task_sampler_needs_a_sampler() -> None:
-    with pytest.raises(TypeError, match=r"sampler must have a sample\(n\) -> list\[Task\] method, got list"):
+    with pytest.raises(TypeError, match=r"sampler must have a sample\(n\) -> list\[Task\] method, got list$"):
         DistributedTaskSampler([], rank=0, world_size=1)
+    with pytest.raises(TypeError, match=r"sampler must have a sample\(n\) -> list\[Task\] method, got the class SinusoidTaskSampler$"):
+        DistributedTaskSampler(SinusoidTaskSampler, rank=0, world_size=1)
 
 
 def test_a_sampler_returning_the_wrong_count_is_named() -> None:

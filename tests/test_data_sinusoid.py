@@ -97,7 +97,13 @@ def test_zero_tasks_and_zero_query_points():
         ({"k_support": True}, TypeError, r"k_support must be an integer >= 1, got True"),
         ({"k_query": -1}, ValueError, r"k_query must be an integer >= 0, got -1"),
         ({"amp_range": (5.0, 1.0)}, ValueError, r"amp_range must satisfy low <= high, got \(5.0, 1.0\)"),
-        ({"phase_range": (0.0, float("inf"))}, ValueError, r"phase_range must be finite"),
+        ({"phase_range": (0.0, float("inf"))}, ValueError, r"phase_range\[1\] must be a finite number, got inf$"),
+        ({"amp_range": "12"}, TypeError, r"amp_range must be a \(low, high\) pair of numbers, got '12'$"),
+        ({"amp_range": (False, True)}, TypeError, r"amp_range\[0\] must be a finite number, got False$"),
+        ({"amp_range": (10**400, 1)}, ValueError, r"amp_range\[0\] must be a finite number that fits in a float, got 1000"),
+        ({"x_range": (-1e5, 1e5), "dtype": torch.float16}, ValueError,
+         r"x_range must lie within \+-65504 \(the range of torch\.float16\), got \(-100000\.0, 100000\.0\)$"),
+        ({"seed": 2**64}, ValueError, r"seed must be an integer in \[-2\*\*63, 2\*\*64 - 1\], got 18446744073709551616$"),
         ({"x_range": 3.0}, TypeError, r"x_range must be a \(low, high\) pair of numbers, got 3.0"),
         ({"x_range": (1.0, 2.0, 3.0)}, TypeError, r"x_range must be a \(low, high\) pair"),
         ({"seed": 1, "generator": torch.Generator()}, ValueError, r"either generator or seed"),
@@ -109,6 +115,20 @@ def test_zero_tasks_and_zero_query_points():
 def test_bad_arguments_are_rejected_with_named_message(kwargs, error, match):
     with pytest.raises(error, match=match):
         SinusoidTaskSampler(**kwargs)
+
+
+def test_sixteen_bit_tasks_are_float32_draws_rounded_once():
+    """A 16-bit sampler draws in float32 (11 random bits would repeat inputs) and rounds once:
+    its tasks are the float32 sampler's tasks, rounded."""
+    for dtype in (torch.float16, torch.bfloat16):
+        tasks, amplitudes, phases = SinusoidTaskSampler(seed=3, dtype=dtype).sample_with_params(200)
+        reference, ref_amplitudes, ref_phases = SinusoidTaskSampler(seed=3, dtype=torch.float32).sample_with_params(200)
+        assert torch.equal(amplitudes, ref_amplitudes.to(dtype)) and torch.equal(phases, ref_phases.to(dtype))
+        assert all(torch.equal(t.support_x, r.support_x.to(dtype)) for t, r in zip(tasks, reference))
+        assert all(t.support_y.dtype == dtype for t in tasks)
+    # Edges of the float16 range stay finite.
+    task = SinusoidTaskSampler(x_range=(-65504.0, 65504.0), seed=0, dtype=torch.float16).sample(50)
+    assert all(torch.isfinite(t.support_x).all() and torch.isfinite(t.query_x).all() for t in task)
 
 
 def test_bad_task_count_is_rejected():

@@ -316,7 +316,7 @@ def test_constructor_validation():
         MetaTrainer(torch.optim.SGD(model.parameters(), lr=0.1), F.mse_loss, sampler)
     with pytest.raises(TypeError, match=r"loss_fn must be callable, got str"):
         MetaTrainer(meta, "mse", sampler)
-    with pytest.raises(TypeError, match=r"sampler must have a sample\(n\) -> list\[Task\] method, got list"):
+    with pytest.raises(TypeError, match=r"sampler must have a sample\(n\) -> list\[Task\] method, got list$"):
         MetaTrainer(meta, F.mse_loss, [Task(*(torch.zeros(1, 1),) * 4)])
     with pytest.raises(TypeError, match=r"vectorize must be None, True or False, got 1"):
         MetaTrainer(meta, F.mse_loss, sampler, vectorize=1)
@@ -445,6 +445,51 @@ def test_load_state_dict_rejects_what_is_not_a_trainer_checkpoint():
         trainer.load_state_dict({**state, "version": 7})
     with pytest.raises(ValueError, match=r"state_dict\['iteration'\] must be an integer >= 0, got -1"):
         trainer.load_state_dict({**state, "iteration": -1})
+
+
+def _same(a, b) -> bool:
+    """Equal, bit for bit, as nested dicts/lists of tensors and plain data."""
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b)
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return type(a) is type(b) and len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    return a == b
+
+
+@pytest.mark.parametrize("damage", ["iteration", "model", "sampler", "rng"])
+def test_a_load_that_fails_leaves_the_trainer_and_the_random_state_as_they_were(damage):
+    source = _trainer("maml", 0, True)
+    source.fit(2, 2, progress=False)
+    state = source.state_dict()
+    if damage == "iteration":
+        state["iteration"] = -1
+    elif damage == "model":
+        state["model"]["0.weight"] = torch.zeros(3, 3)  # another architecture: torch refuses after copying the rest
+    elif damage == "sampler":
+        state["sampler"] = {"generator": None}  # saved with torch's global generator: this sampler has its own
+    else:
+        state["rng"] = torch.zeros(3, dtype=torch.uint8)
+    target = _trainer("maml", 5, True)
+    target.fit(1, 2, progress=False)
+    torch.manual_seed(77)
+    before = target.state_dict()  # also torch's global random state
+    with pytest.raises((ValueError, RuntimeError)):
+        target.load_state_dict(state)
+    assert _same(target.state_dict(), before)
+
+
+def test_a_sampler_class_or_a_sample_attribute_that_is_not_a_method_is_refused():
+    meta = MAML(make_model(), torch.optim.SGD, lr=0.1)
+
+    class NotCallable:
+        sample = 5
+
+    with pytest.raises(TypeError, match=r"sampler must have a sample\(n\) -> list\[Task\] method, got the class SinusoidTaskSampler$"):
+        MetaTrainer(meta, F.mse_loss, SinusoidTaskSampler)
+    with pytest.raises(TypeError, match=r"sampler must have a sample\(n\) -> list\[Task\] method, got NotCallable$"):
+        MetaTrainer(meta, F.mse_loss, NotCallable())
 
 
 def test_a_distributed_task_sampler_must_match_the_meta_optimizers_ranks():

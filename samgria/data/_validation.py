@@ -7,13 +7,12 @@ fail with the project's message shape ``"{name} must be {rule}, got {value!r}"``
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 from samgria._checks import check_int as _check_integer
+from samgria._checks import check_real, check_seed
 
-__all__ = ["check_int", "check_range", "make_generator"]
+__all__ = ["check_int", "check_range", "check_sampler", "make_generator"]
 
 
 def check_int(name: str, value: object, minimum: int) -> int:
@@ -28,17 +27,33 @@ def check_int(name: str, value: object, minimum: int) -> int:
     return _check_integer(name, value, low=minimum)
 
 
-def check_range(name: str, value: object) -> tuple[float, float]:
-    """Return ``value`` as a ``(low, high)`` pair of finite floats with ``low <= high``."""
-    try:
-        low, high = (float(v) for v in value)  # type: ignore[union-attr]
-    except (TypeError, ValueError):
-        raise TypeError(f"{name} must be a (low, high) pair of numbers, got {value!r}") from None
-    if not (math.isfinite(low) and math.isfinite(high)):
-        raise ValueError(f"{name} must be finite, got {value!r}")
+def check_range(name: str, value: object, dtype: torch.dtype | None = None) -> tuple[float, float]:
+    """Return ``value`` as a ``(low, high)`` pair of finite floats with ``low <= high``.
+
+    Each bound is checked like a hyperparameter (:func:`samgria._checks.check_real`: a real
+    number, not a ``bool`` or a string). With ``dtype``, both bounds must also be finite in it
+    (``(-1e5, 1e5)`` is not a range of ``float16`` values).
+    """
+    if isinstance(value, (str, bytes)) or not hasattr(value, "__iter__"):
+        raise TypeError(f"{name} must be a (low, high) pair of numbers, got {value!r}")
+    bounds = list(value)  # type: ignore[call-overload]
+    if len(bounds) != 2:
+        raise TypeError(f"{name} must be a (low, high) pair of numbers, got {value!r}")
+    low, high = (check_real(f"{name}[{i}]", bound) for i, bound in enumerate(bounds))
     if low > high:
         raise ValueError(f"{name} must satisfy low <= high, got {value!r}")
+    if dtype is not None:
+        largest = torch.finfo(dtype).max
+        if max(abs(low), abs(high)) > largest:
+            raise ValueError(f"{name} must lie within +-{largest:g} (the range of {dtype}), got {value!r}")
     return low, high
+
+
+def check_sampler(name: str, sampler: object) -> None:
+    """Refuse anything but an object with a callable ``sample`` (a sampler class is not one)."""
+    if isinstance(sampler, type) or not callable(getattr(sampler, "sample", None)):
+        kind = f"the class {sampler.__name__}" if isinstance(sampler, type) else type(sampler).__name__
+        raise TypeError(f"{name} must have a sample(n) -> list[Task] method, got {kind}")
 
 
 def make_generator(generator: torch.Generator | None, seed: int | None) -> torch.Generator | None:
@@ -55,5 +70,5 @@ def make_generator(generator: torch.Generator | None, seed: int | None) -> torch
             raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
         return generator
     if seed is not None:
-        return torch.Generator().manual_seed(_check_integer("seed", seed))
+        return torch.Generator().manual_seed(check_seed("seed", seed))
     return None

@@ -7,6 +7,8 @@ from collections.abc import Sequence
 
 import torch
 
+from samgria._checks import check_bool
+from samgria._checks import check_int as check_integer
 from samgria.data._validation import check_int, make_generator
 from samgria.data.sharding import shard_bounds
 from samgria.data.task import GeneratorStateMixin, Task
@@ -45,10 +47,12 @@ class FewShotSampler(GeneratorStateMixin):
 
     Raises:
         TypeError: ``inputs``/``labels`` are not tensors, ``labels`` is not an integer tensor,
-            or a count is not an int.
+            ``classes`` is not a sequence (or tensor) of integers, ``drop_small_classes`` is
+            not a ``bool``, or a count is not an int.
         ValueError: ``labels`` is not 1-D or its length differs from ``inputs``, a count is
             out of range, ``classes`` names a label that does not occur, a class has too
-            few examples, or fewer than ``n_way`` classes are usable.
+            few examples, fewer than ``n_way`` classes are usable, or ``seed`` is beyond what
+            ``torch.Generator`` takes.
 
     Attributes:
         classes: 1-D tensor of the class labels tasks are drawn from.
@@ -81,6 +85,7 @@ class FewShotSampler(GeneratorStateMixin):
                 f"inputs and labels must have the same number of examples, got inputs of shape "
                 f"{tuple(inputs.shape)} and labels of shape {tuple(labels.shape)}"
             )
+        drop_small_classes = check_bool("drop_small_classes", drop_small_classes)
         self.n_way = check_int("n_way", n_way, 1)
         self.k_shot = check_int("k_shot", k_shot, 1)
         self.k_query = check_int("k_query", k_query, 0)
@@ -97,7 +102,7 @@ class FewShotSampler(GeneratorStateMixin):
         if classes is None:
             wanted = present.tolist()
         else:
-            wanted = torch.as_tensor(classes).flatten().tolist()
+            wanted = _class_labels(classes)
             missing = sorted({c for c in wanted if c not in count_of})
             if missing:
                 raise ValueError(f"classes contains labels that do not occur in labels: {missing}")
@@ -202,3 +207,16 @@ class FewShotSampler(GeneratorStateMixin):
             f"{type(self).__name__}(n_way={self.n_way}, k_shot={self.k_shot}, "
             f"k_query={self.k_query}, classes={len(self.classes)}, examples={self.labels.numel()})"
         )
+
+
+def _class_labels(classes: object) -> list[int]:
+    """The labels of ``classes`` (an integer tensor or array, or a sequence of integers) as a list."""
+    if not isinstance(classes, torch.Tensor) and hasattr(classes, "__array__"):  # a NumPy array
+        classes = torch.as_tensor(classes)
+    if isinstance(classes, torch.Tensor):
+        if classes.dtype.is_floating_point or classes.dtype.is_complex or classes.dtype == torch.bool:
+            raise TypeError(f"classes must hold integer labels, got a tensor of dtype {classes.dtype}")
+        return classes.flatten().tolist()
+    if isinstance(classes, (str, bytes)) or not isinstance(classes, Sequence):
+        raise TypeError(f"classes must be a sequence or tensor of integer labels, got {classes!r}")
+    return [check_integer(f"classes[{i}]", label) for i, label in enumerate(classes)]

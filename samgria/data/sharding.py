@@ -23,6 +23,7 @@ from typing import Any, TypeVar
 
 from samgria._checks import check_int
 from samgria.data.task import Task, TaskSampler, load_sampler_state_dict, sampler_state_dict
+from samgria.data._validation import check_sampler
 
 __all__ = ["DistributedTaskSampler", "check_shard", "sample_shard", "shard_bounds"]
 
@@ -115,8 +116,7 @@ class DistributedTaskSampler:
     """
 
     def __init__(self, sampler: TaskSampler, *, rank: int | None = None, world_size: int | None = None) -> None:
-        if not isinstance(sampler, TaskSampler):
-            raise TypeError(f"sampler must have a sample(n) -> list[Task] method, got {type(sampler).__name__}")
+        check_sampler("sampler", sampler)
         if rank is None or world_size is None:
             import torch.distributed as dist
 

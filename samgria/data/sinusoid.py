@@ -39,7 +39,9 @@ class SinusoidTaskSampler(GeneratorStateMixin):
 
     Sampling is reproducible: pass ``seed`` (a private generator is created) or your own
     ``generator``; with neither, torch's global generator is used. Random numbers are drawn on
-    the generator's device and the tasks are then moved to ``device`` and cast to ``dtype``.
+    the generator's device in ``dtype`` (in ``float32`` for a 16-bit ``dtype``, then rounded
+    once), so one seed gives different task streams in ``float32`` and ``float64``; the tasks
+    are then moved to ``device``.
 
     Args:
         amp_range: ``(low, high)`` range of the amplitude :math:`A`.
@@ -55,7 +57,8 @@ class SinusoidTaskSampler(GeneratorStateMixin):
     Raises:
         TypeError: A count is not an int, a range is not a pair of numbers, ``dtype`` is not
             floating, or ``generator`` is not a ``torch.Generator``.
-        ValueError: A count is out of range, a range has ``low > high`` or is not finite, or
+        ValueError: A count is out of range, a range has ``low > high``, is not finite or lies
+            beyond what ``dtype`` holds, a ``seed`` is beyond what ``torch.Generator`` takes, or
             both ``generator`` and ``seed`` are given.
     """
 
@@ -71,24 +74,26 @@ class SinusoidTaskSampler(GeneratorStateMixin):
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
-        self.amp_range = check_range("amp_range", amp_range)
-        self.phase_range = check_range("phase_range", phase_range)
-        self.x_range = check_range("x_range", x_range)
-        self.k_support = check_int("k_support", k_support, 1)
-        self.k_query = check_int("k_query", k_query, 0)
-        self.generator = make_generator(generator, seed)
         if dtype is None:
             dtype = torch.get_default_dtype()
         if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
             raise TypeError(f"dtype must be a floating torch.dtype, got {dtype!r}")
         self.dtype = dtype
+        self.amp_range = check_range("amp_range", amp_range, dtype)
+        self.phase_range = check_range("phase_range", phase_range, dtype)
+        self.x_range = check_range("x_range", x_range, dtype)
+        self.k_support = check_int("k_support", k_support, 1)
+        self.k_query = check_int("k_query", k_query, 0)
+        self.generator = make_generator(generator, seed)
+        # 16-bit uniforms have 8 to 11 random bits: draw in float32 and round the result once.
+        self._draw_dtype = dtype if torch.finfo(dtype).bits >= 32 else torch.float32
         self._draw_device = self.generator.device if self.generator is not None else torch.device("cpu")
         self.device = torch.device(device) if device is not None else self._draw_device
 
     def _uniform(self, size: tuple[int, ...], bounds: tuple[float, float]) -> torch.Tensor:
         low, high = bounds
-        u = torch.rand(size, generator=self.generator, device=self._draw_device, dtype=self.dtype)
-        return (low + (high - low) * u).to(self.device)
+        u = torch.rand(size, generator=self.generator, device=self._draw_device, dtype=self._draw_dtype)
+        return (low + (high - low) * u).to(device=self.device, dtype=self.dtype)
 
     def _draw(self, n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The random numbers of ``n`` tasks: amplitudes ``(n,)``, phases ``(n,)``, inputs ``(n, K, 1)``."""

@@ -14,6 +14,7 @@ from typing import Any, TextIO
 import torch
 
 from samgria._checks import check_int
+from samgria.data._validation import check_sampler
 from samgria.data.sharding import DistributedTaskSampler, shard_bounds
 from samgria.data.task import Task, TaskSampler, load_sampler_state_dict, sampler_state_dict
 from samgria.meta.base import MetaOptimizer
@@ -196,10 +197,7 @@ class MetaTrainer:
             raise TypeError(f"meta must be a samgria MetaOptimizer, got {type(meta).__name__}")
         if not callable(loss_fn):
             raise TypeError(f"loss_fn must be callable, got {type(loss_fn).__name__}")
-        if not isinstance(sampler, TaskSampler):
-            raise TypeError(
-                f"sampler must have a sample(n) -> list[Task] method, got {type(sampler).__name__}"
-            )
+        check_sampler("sampler", sampler)
         if vectorize is not None and not isinstance(vectorize, bool):
             raise TypeError(f"vectorize must be None, True or False, got {vectorize!r}")
         if not isinstance(compile, bool):
@@ -444,8 +442,10 @@ class MetaTrainer:
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
         """Restore a :meth:`state_dict`, so that :meth:`fit` continues where it was saved.
 
-        The meta-optimizer's state is loaded first (it is validated before it changes
-        anything), then the model, the sampler and the rest.
+        Everything is checked or loaded before anything of the trainer changes; when a part
+        refuses (a model of another architecture, a sampler state of another kind), the
+        meta-optimizer, the model, the sampler and torch's random state are put back as they
+        were, and the exception propagates.
 
         Args:
             state_dict: What :meth:`state_dict` returned (or ``torch.load`` read back).
@@ -464,20 +464,37 @@ class MetaTrainer:
             raise ValueError(f"state_dict['version'] must be {self.STATE_VERSION}, got {state_dict['version']!r}")
         state = copy.deepcopy(dict(state_dict))
         history = History(**state["history"])
+        skipped_steps = check_int("state_dict['skipped_steps']", state["skipped_steps"], low=0)
+        iteration = check_int("state_dict['iteration']", state["iteration"], low=0)
+        paths = state["paths"]
+        failed = dict(paths["failed"])
+        timings = {key: {path: list(times) for path, times in by_path.items()}
+                   for key, by_path in paths["timings"].items()}  # fmt: skip
+        fallback_reasons = set(paths["fallback_reasons"])
+        # The meta-optimizer validates before it changes anything, but the model (torch copies
+        # the matching entries before it reports the others), the sampler and the random state
+        # come after it: if any of them refuses, what was loaded before is put back.
+        before = self.state_dict()
+        try:
+            self._load_components(state)
+        except BaseException:
+            self._load_components(before)
+            raise
+        self.meta.skipped_steps = skipped_steps
+        self.iteration = iteration
+        self.history = history
+        policy = self.meta.path_policy
+        policy.failed = failed
+        policy.timings = timings
+        self.path = paths["path"]
+        self._fallback_reasons = fallback_reasons
+
+    def _load_components(self, state: Mapping[str, Any]) -> None:
+        """Load the meta-optimizer, the model, the sampler and torch's random state."""
         self.meta.load_state_dict(state["meta"])
         self.meta.model.load_state_dict(state["model"])
         load_sampler_state_dict(self.sampler, state["sampler"])
         torch.set_rng_state(state["rng"])
-        self.meta.skipped_steps = check_int("state_dict['skipped_steps']", state["skipped_steps"], low=0)
-        self.iteration = check_int("state_dict['iteration']", state["iteration"], low=0)
-        self.history = history
-        paths = state["paths"]
-        policy = self.meta.path_policy
-        policy.failed = dict(paths["failed"])
-        policy.timings = {key: {path: list(times) for path, times in by_path.items()}
-                          for key, by_path in paths["timings"].items()}  # fmt: skip
-        self.path = paths["path"]
-        self._fallback_reasons = set(paths["fallback_reasons"])
 
     def fit(
         self,
