@@ -795,6 +795,9 @@ class TransformingOptimizer(WrappingOptimizer):
                 f"{len(reevaluating)}: use optimizer.step(closure)"
             )
         if not reevaluating:  # every transform acts on the second pass's gradients
+            if not self._grads_finite():  # skipped as step(closure) skips it; kept for GradScaler
+                self._pending = _PendingStep(None, 0, non_finite=True)
+                return
             self._pending = _PendingStep(None, 0)
             self.zero_grad(set_to_none=True)
             return
@@ -828,7 +831,7 @@ class TransformingOptimizer(WrappingOptimizer):
         """
         pending, self._pending = self._pending, None
         if pending is not None and pending.perturbation is not None:
-            pending.perturbation.restore()
+            pending.perturbation.restore_weights()  # no finish: nothing of this step is committed
         if pending is not None and pending.structure is not None:
             pending.structure.restore()
 

@@ -514,13 +514,24 @@ def test_batchnorm_statistics_are_updated_once_per_step_with_frozen_bn_stats():
 
 def test_the_checkpoint_records_the_settings_and_refuses_another_adversary():
     transform = MultiStepSAM(0.05, 2, adversary=MOMENTUM, reset_state=False)
-    assert transform.describe() == "MultiStepSAM(ascent_steps=2, adversary='SGD', normalize=True, reset_state=False)"
+    assert transform.describe() == (
+        "MultiStepSAM(ascent_steps=2, adversary='SGD(dampening=0, maximize=False, momentum=0.9, "
+        "nesterov=False, weight_decay=0)', normalize=True, reset_state=False)"
+    )
     x, y = make_data()
     model, optimizer = build(transform)
     optimizer.step(make_closure(model, optimizer, x, y))
     _, other = build(MultiStepSAM(0.05, 2, adversary=torch.optim.Adam, reset_state=False))
-    with pytest.raises(ValueError, match="adversary='Adam'|adversary='SGD'"):
+    with pytest.raises(ValueError, match=r"adversary='Adam\(amsgrad=False, betas=\(0\.9, 0\.999\)"):
         other.load_state_dict(optimizer.state_dict())
+    # The same class with other hyperparameters keeps other momentum buffers: refused too.
+    for kwargs in ({"momentum": 0.5}, {"momentum": 0.9, "nesterov": True}):
+        _, other = build(MultiStepSAM(0.05, 2, adversary=functools.partial(torch.optim.SGD, **kwargs), reset_state=False))
+        with pytest.raises(ValueError, match=r"adversary='SGD\(dampening=0, maximize=False, momentum=0\.9, nesterov=False"):
+            other.load_state_dict(optimizer.state_dict())
+    # How the adversary computes is no part of the record.
+    _, same = build(MultiStepSAM(0.05, 2, adversary=functools.partial(torch.optim.SGD, momentum=0.9, foreach=False), reset_state=False))
+    same.load_state_dict(optimizer.state_dict())
 
 
 # -- optax.contrib.sam -------------------------------------------------------------------------------------

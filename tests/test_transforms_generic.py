@@ -261,6 +261,62 @@ def test_closure_raising_in_second_pass_leaves_weights_and_state_untouched(info,
     assert_state_equal(optimizer.state_dict(), twin.state_dict())
 
 
+def _poisoned_two_call_step(model, optimizer, x, y, where):
+    """One two-call step whose ``where`` ("first"/"second") backward gives NaN gradients."""
+    for which in ("first", "second"):
+        loss = nn.functional.mse_loss(model(x), y)
+        (loss * float("nan") if which == where else loss).backward()
+        if which == "first":
+            optimizer.first_step(zero_grad=True)
+    optimizer.second_step(zero_grad=True)
+
+
+@all_configs
+@pytest.mark.parametrize("non_finite", ["skip", "raise"])
+@pytest.mark.parametrize("where", ["first", "second"])
+def test_two_call_loop_with_a_non_finite_pass_changes_nothing(info, config, where, non_finite):
+    """The non-finite policy of the two-call loop: either pass non-finite skips the step whole
+    (warned and counted) or raises, and the weights and every state are as before the step."""
+    x, y = make_data()
+    model, optimizer = run(config, 2, non_finite=non_finite)  # LookSAM(k=2): the next step is a SAM step
+    twin_model, twin = run(config, 2, non_finite=non_finite)
+    before_params = params_of(model)
+    before_state = copy.deepcopy(optimizer.state_dict())
+    if non_finite == "skip":
+        with pytest.warns(RuntimeWarning, match=f"the gradients of the {where} evaluation are not finite"):
+            _poisoned_two_call_step(model, optimizer, x, y, where)
+        assert optimizer.skipped_steps == 1
+    else:
+        with pytest.raises(FloatingPointError, match=f"the gradients of the {where} evaluation are not finite"):
+            _poisoned_two_call_step(model, optimizer, x, y, where)
+        assert optimizer.skipped_steps == 0
+    assert_bitwise_equal(before_params, params_of(model))
+    assert_state_equal(optimizer.state_dict(), before_state)
+    optimizer.step(make_closure(model, optimizer, x, y))
+    twin.step(make_closure(twin_model, twin, x, y))
+    assert_bitwise_equal(params_of(model), params_of(twin_model))
+    assert_state_equal(optimizer.state_dict(), twin.state_dict())
+
+
+@reevaluating_configs
+@pytest.mark.parametrize("atomic", [True, False])
+def test_cancel_step_commits_nothing_of_the_abandoned_step(info, config, atomic):
+    x, y = make_data()
+    model, optimizer = run(config, 2, atomic=atomic)  # LookSAM(k=2): the next step is a SAM step
+    twin_model, twin = run(config, 2, atomic=atomic)
+    before_params = params_of(model)
+    before_state = copy.deepcopy(optimizer.state_dict())
+    nn.functional.mse_loss(model(x), y).backward()
+    optimizer.first_step(zero_grad=True)
+    optimizer.cancel_step()
+    assert_bitwise_equal(before_params, params_of(model))
+    assert_state_equal(optimizer.state_dict(), before_state)
+    optimizer.step(make_closure(model, optimizer, x, y))
+    twin.step(make_closure(twin_model, twin, x, y))
+    assert_bitwise_equal(params_of(model), params_of(twin_model))
+    assert_state_equal(optimizer.state_dict(), twin.state_dict())
+
+
 @all_configs
 def test_parameters_without_grad_are_left_alone(info, config):
     model = make_model()

@@ -735,10 +735,11 @@ def test_esam_takes_a_negative_seed_modulo_2_to_the_64_as_torch_does(negative):
     assert_bitwise_equal(run_samgria(ESAM(0.05, seed=negative), 2), run_samgria(ESAM(0.05, seed=negative + 2**64), 2))
 
 
-@pytest.mark.parametrize("make", [GSAM, WSAM], ids=["GSAM", "WSAM"])
+@pytest.mark.parametrize("make", [GSAM, WSAM, LookSAM], ids=["GSAM", "WSAM", "LookSAM"])
 def test_transforms_whose_update_mixes_in_the_first_gradient_refuse_m_sharpness(make):
     """With ``first_pass_context`` (DDP's ``no_sync``) the first-pass gradient is each rank's own:
-    GSAM's and WSAM's updates use it, so the replicas would drift apart."""
+    GSAM's and WSAM's updates use it, and LookSAM's steps in between and its direction g_v, so
+    the replicas would drift apart."""
     import contextlib
 
     model = nn.Linear(3, 2)

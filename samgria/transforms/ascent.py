@@ -36,7 +36,8 @@ AdversaryFactory = Callable[[list[dict[str, Any]]], Optimizer]
 
 
 def _check_adversary(adversary: Any, rho: float) -> str:
-    """Build the adversary once over a probe tensor; return its class name (the checkpoint's record).
+    """Build the adversary once over a probe tensor; return its class and its hyperparameters but
+    ``lr`` (``"SGD(dampening=0, maximize=False, momentum=0.9, ...)"``): the checkpoint's record.
 
     Raises:
         TypeError: ``adversary`` is not callable, is an optimizer instance, does not build a
@@ -63,7 +64,10 @@ def _check_adversary(adversary: Any, rho: float) -> str:
             f"adversary must build an optimizer that minimises (it is handed the gradient of -L, "
             f"so its steps climb L), got one with maximize=True: {built!r}"
         )
-    return type(built).__name__
+    # How the adversary computes (foreach, fused, ...) changes no result a checkpoint depends on.
+    how = {"lr", "foreach", "fused", "differentiable", "capturable"}
+    settings = ", ".join(f"{key}={value!r}" for key, value in sorted(built.defaults.items()) if key not in how)
+    return f"{type(built).__name__}({settings})"
 
 
 def _to_slot(key: str, value: Any) -> Any:
@@ -223,7 +227,7 @@ class MultiStepSAM(_FinishingTransform):
         self.ascent_steps = check_int("ascent_steps", ascent_steps, low=1)
         self.normalize = check_bool("normalize", normalize)
         self.reset_state = check_bool("reset_state", reset_state)
-        self._adversary_name = None if adversary is None else _check_adversary(adversary, self.rho)
+        self._adversary_record = None if adversary is None else _check_adversary(adversary, self.rho)
         self.adversary = adversary
         # Only a kept adversary state is written before the inner step (committed with new objects).
         self.saves_state_before_step = self._keeps_state
@@ -241,7 +245,7 @@ class MultiStepSAM(_FinishingTransform):
     def settings(self) -> dict[str, Any]:
         return {
             "ascent_steps": self.ascent_steps,
-            "adversary": self._adversary_name,
+            "adversary": self._adversary_record,
             "normalize": self.normalize,
             "reset_state": self.reset_state,
         }

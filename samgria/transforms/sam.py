@@ -84,6 +84,12 @@ class Perturbation:
         self.moves = []
         return freed
 
+    def restore_weights(self) -> dict[int, torch.Tensor]:
+        """Put the original weights back and finish nothing: what abandoning a step calls
+        (:meth:`restore` here; a perturbation that finishes the step in :meth:`restore`
+        overrides it)."""
+        return Perturbation.restore(self)
+
 
 def _widened(tensor: torch.Tensor) -> torch.Tensor:
     """A 16-bit tensor as a float32 copy; other tensors as they are."""

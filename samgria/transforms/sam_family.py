@@ -148,10 +148,6 @@ class _Step(Perturbation):
         """The moved parameters, and those whose gradients the finish sets."""
         return [move[0] for move in self.moves] + self._held
 
-    def restore_weights(self) -> dict[int, torch.Tensor]:
-        """Put the original weights back (:meth:`Perturbation.restore`), finishing nothing."""
-        return super().restore()
-
     def finish(self, checked: bool) -> None:
         """Combine the gradients / commit the state (once)."""
         finish, self._finish = self._finish, None
@@ -359,6 +355,10 @@ class WSAM(_FinishingTransform):
             scale_(perturbed, weights, foreach=ctx.foreach)
             _add_scaled_([perturbed[i] for i in both], kept, [1.0 - weights[i] for i in both], ctx.foreach)
             return
+        if not (checked or _current_grads_finite(ctx)):
+            # Two-call loop, non-finite second pass: leave g_p in place for the optimizer's
+            # check (or GradScaler's) to skip the step; putting the finite g back would hide it.
+            return
         # The sharpness s = g_p - g is computed in the perturbed gradient's memory; the inner
         # optimizer gets g back (zero where there was no first gradient).
         _add_scaled_([perturbed[i] for i in both], kept, [-1.0] * len(both), ctx.foreach)
@@ -509,9 +509,9 @@ class LookSAM(_FinishingTransform):
     State in the slot: per parameter ``"g_v"``, the direction :math:`g_v / \lVert g_v \rVert_2`
     (in the parameter's dtype); on the first parameter ``"step"``, the steps taken.
 
-    Inside an optimizer with ``first_pass_context`` (DDP ``no_sync``), a step without a
-    re-evaluation is evaluated once more, synchronised, and LookSAM's correction is lost: do not
-    combine them. The two-call loop (``first_step()`` / ``second_step()``) works, but its second
+    LookSAM refuses ``first_pass_context`` (DDP ``no_sync``, m-sharpness): its steps in between
+    use the first pass's gradient, and its direction :math:`g_v` is computed from it, so with
+    each rank's own gradient the replicas would drift apart. The two-call loop (``first_step()`` / ``second_step()``) works, but its second
     pass is wasted on the steps in between (their gradients are those of the first pass).
 
     Args:
@@ -523,6 +523,8 @@ class LookSAM(_FinishingTransform):
         ValueError: If ``rho`` or ``alpha`` is negative or not finite, or ``k < 1``.
         TypeError: If ``k`` is not an integer.
     """
+
+    supports_local_first_pass = False  # the steps in between and g_v use the first-pass gradient
 
     def __init__(self, rho: float = 0.05, alpha: float = 0.7, k: int = 5) -> None:
         self.rho = check_real("rho", rho, low=0.0)
