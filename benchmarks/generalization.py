@@ -17,8 +17,8 @@ by every method:
 * ``looksam``: ``LookSAM(rho=0.05, alpha=0.7, k=5)``;
 * ``sam_lamp``: ``SAM(rho=0.05)`` followed by ``LAMP(eps=5e-3, rollback_len=10)``.
 
-The hyperparameters are the papers' (and samgria's) defaults for CIFAR-scale training, not tuned
-for this task. All methods take the same number of epochs, so SAM and its variants use about
+The hyperparameters are the papers' defaults for CIFAR-scale training, not tuned for this task
+(samgria's ``SAM`` defaults to ``rho=0.01``; the other transforms' defaults are these). All methods take the same number of epochs, so SAM and its variants use about
 twice the gradient computations of SGD (LookSAM about 1.2×). For each seed, every method starts
 from the same initial weights and sees the same noisy labels and the same batch order (paired
 comparison). Reported: final test accuracy (mean ± 95% confidence interval over seeds,

@@ -7,9 +7,9 @@ lr 1e-3; inner SGD with lr 0.01 and 1 inner step during training; 70 000 meta-it
 Evaluation: post-adaptation MSE after 0, 1 and 10 inner steps (SGD, lr 0.01) on a fixed set of
 held-out tasks (K = 10 support points, 100 query points each).
 
-Each algorithm adapts at test time with its own inner loop: MAML, FOMAML and Reptile with
-plain SGD (lr 0.01) on every parameter, ANIL on the head only, MetaSGD with its learned
-per-parameter rates. Reptile trains with ``--reptile-inner-steps`` (default 5) inner steps,
+Every algorithm is evaluated with the same test-time inner loop, plain SGD (lr 0.01) on every
+parameter, the row each table compares; ANIL and MetaSGD get a second row with their own inner
+loop (the head only; the learned per-parameter rates). Reptile trains with ``--reptile-inner-steps`` (default 5) inner steps,
 because with a single step its update reduces to joint training (Nichol et al., 2018).
 
 Usage::

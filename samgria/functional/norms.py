@@ -38,7 +38,7 @@ def global_norm(
     norm of the global tensors.
 
     Args:
-        tensors: Dense tensors of any shapes, devices and floating dtypes, or ``DTensor``s.
+        tensors: Dense tensors of any shapes, devices and floating dtypes, or ``DTensor`` objects.
         foreach: Use one ``torch._foreach_norm`` per (device, dtype) group; ``False`` takes the
             per-tensor reference path. Both give the same value.
         like: When ``tensors`` are local shards computed from sharded tensors (e.g. ASAM's
