@@ -3,6 +3,8 @@ loop written here, and the grouping they share."""
 
 from __future__ import annotations
 
+import random
+
 import pytest
 import torch
 
@@ -159,6 +161,37 @@ def test_perturbed_into_with_entries_sharing_memory_equals_torch_add_in_order(pa
         perturbed_into_(buffers, params, directions, scales, foreach=path == "foreach")
     for got, want in zip(tensors, expected):
         assert torch.equal(got, want)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("seed", range(4))
+def test_perturbed_into_lists_with_small_and_large_entries_sharing_memory_equal_torch_add_in_order(seed):
+    """Large entries are added at once, ahead of the run of small ones before them, unless they
+    touch its memory: random entries over a few shared tensors of both sizes (each entry's
+    buffer, weight and direction drawn from them) give what one ``torch.add`` after another gives."""
+    rng = random.Random(seed)
+    for _ in range(150):
+        generator = torch.Generator().manual_seed(rng.randrange(2**31))
+        small = [torch.randn(4, generator=generator) for _ in range(4)]
+        large = [torch.randn(8, generator=generator) for _ in range(4)]  # above size_limit=4 below
+        picks = []
+        for _ in range(rng.randrange(1, 9)):
+            pool = rng.choice((0, 1))
+            picks.append((pool, rng.randrange(4), rng.randrange(4), rng.randrange(4), rng.choice((0.5, 0.25))))
+
+        def world():
+            tensors = ([t.clone() for t in small], [t.clone() for t in large])
+            entries = [(tensors[p][b], tensors[p][w], tensors[p][d], s) for p, b, w, d, s in picks]
+            return tensors, entries
+
+        (expected_small, expected_large), entries = world()
+        for b, w, d, s in entries:
+            torch.add(w, d, alpha=s, out=b)
+        (got_small, got_large), entries = world()
+        buffers, params, directions, scales = (list(column) for column in zip(*entries))
+        _perturbed_into_by_lists(buffers, params, directions, scales, list(range(len(entries))), torch.float32, 4)
+        for got, want in zip(got_small + got_large, expected_small + expected_large):
+            assert torch.equal(got, want), picks
 
 
 def test_perturbed_into_under_grad_mode_refuses_weights_that_require_grad_as_torch_add_does():

@@ -109,7 +109,8 @@ def _perturbed_into_by_lists(
         return
     run: list[int] = []
     written: set[int] = set()  # the storages of the run's buffers
-    directions_read: set[int] = set()  # and of its directions
+    directions_read: set[int] = set()  # of its directions
+    params_read: set[int] = set()  # and of its parameters
 
     def flush() -> None:
         copied = [i for i in run if buffers[i] is not params[i]]
@@ -119,17 +120,18 @@ def _perturbed_into_by_lists(
         run.clear()
         written.clear()
         directions_read.clear()
+        params_read.clear()
 
     for i in indices:
         buffer, param, direction, scale = buffers[i], params[i], directions[i], scales[i]
+        buffer_at, param_at, direction_at = _storage(buffer), _storage(param), _storage(direction)
         if isinstance(scale, float) and (size_limit is None or param.numel() <= size_limit):
-            buffer_at, direction_at = _storage(buffer), _storage(direction)
             if buffer is param:  # in place: added at its turn, after the earlier entries
                 conflicts = False
             elif buffer.dtype == dtype and buffer_at != direction_at:
                 # The run copies every buffer before it adds: a copy must not read an earlier
                 # buffer (not yet added to), nor write into an earlier buffer or direction.
-                conflicts = _storage(param) in written or buffer_at in written or buffer_at in directions_read
+                conflicts = param_at in written or buffer_at in written or buffer_at in directions_read
             else:  # a wider buffer, or one that is the direction: torch.add's own arithmetic
                 conflicts = None
             if conflicts is not None:
@@ -138,8 +140,17 @@ def _perturbed_into_by_lists(
                 run.append(i)
                 written.add(buffer_at)
                 directions_read.add(direction_at)
+                params_read.add(param_at)
                 continue
-        if run:
+        # Added now, before the run's earlier entries, unless it touches their memory: the small
+        # tensors between large ones (a network's biases) then still go in one run.
+        if run and (
+            param_at in written
+            or direction_at in written
+            or buffer_at in written
+            or buffer_at in directions_read
+            or buffer_at in params_read
+        ):
             flush()
         torch.add(param, direction, alpha=scale, out=buffer)
     if run:
