@@ -125,10 +125,12 @@ def check_seed(name: str, value: Any) -> int | None:
 
 
 def check_bool(name: str, value: Any) -> bool:
-    """Check a ``bool`` flag."""
-    if not isinstance(value, bool):
-        raise _fail_type(name, "a bool", value)
-    return value
+    """Check a ``bool`` flag (a NumPy bool is one too, as a NumPy integer is an integer)."""
+    if isinstance(value, bool):
+        return value
+    if type(value).__module__ == "numpy" and type(value).__name__ in ("bool_", "bool"):
+        return bool(value)
+    raise _fail_type(name, "a bool", value)
 
 
 def check_choice(name: str, value: Any, choices: tuple[Any, ...]) -> Any:

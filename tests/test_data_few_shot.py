@@ -98,6 +98,14 @@ def test_small_classes_error_or_are_dropped_with_warning():
     assert 2 not in classes.flatten().tolist()
 
 
+def test_classes_may_be_label_tensors_and_drop_small_classes_a_numpy_bool():
+    inputs, labels = make_data()
+    picked = [labels[0], labels[1], labels[2]]  # one-element tensors, as indexing labels gives
+    sampler = FewShotSampler(inputs, labels, 2, 1, 1, classes=picked, seed=0)
+    assert sampler.classes.tolist() == sorted({int(label) for label in picked})
+    assert FewShotSampler(inputs, labels, 2, 1, 1, drop_small_classes=np.True_).classes.tolist() == list(range(6))
+
+
 def test_too_many_ways():
     inputs, labels = make_data(num_classes=3)
     with pytest.raises(ValueError, match=r"n_way must be <= the number of usable classes \(3\), got 4"):

@@ -117,6 +117,16 @@ def test_bad_arguments_are_rejected_with_named_message(kwargs, error, match):
         SinusoidTaskSampler(**kwargs)
 
 
+def test_ranges_given_as_tensors_or_decimals_are_ranges_of_their_values():
+    import decimal
+
+    assert SinusoidTaskSampler(amp_range=torch.tensor([0.5, 4.0])).amp_range == (0.5, 4.0)
+    assert SinusoidTaskSampler(amp_range=(torch.tensor(0.5), torch.tensor(4))).amp_range == (0.5, 4.0)
+    assert SinusoidTaskSampler(x_range=(decimal.Decimal("-2.5"), decimal.Decimal(3))).x_range == (-2.5, 3.0)
+    with pytest.raises(TypeError, match=r"amp_range\[0\] must be a finite number, got tensor\(\[1\., 2\.\]\)$"):
+        SinusoidTaskSampler(amp_range=(torch.tensor([1.0, 2.0]), 3.0))
+
+
 def test_sixteen_bit_tasks_are_float32_draws_rounded_once():
     """A 16-bit sampler draws in float32 (11 random bits would repeat inputs) and rounds once:
     its tasks are the float32 sampler's tasks, rounded."""

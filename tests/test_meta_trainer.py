@@ -458,7 +458,7 @@ def _same(a, b) -> bool:
     return a == b
 
 
-@pytest.mark.parametrize("damage", ["iteration", "model", "sampler", "rng"])
+@pytest.mark.parametrize("damage", ["iteration", "model", "sampler", "rng", "path"])
 def test_a_load_that_fails_leaves_the_trainer_and_the_random_state_as_they_were(damage):
     source = _trainer("maml", 0, True)
     source.fit(2, 2, progress=False)
@@ -469,8 +469,10 @@ def test_a_load_that_fails_leaves_the_trainer_and_the_random_state_as_they_were(
         state["model"]["0.weight"] = torch.zeros(3, 3)  # another architecture: torch refuses after copying the rest
     elif damage == "sampler":
         state["sampler"] = {"generator": None}  # saved with torch's global generator: this sampler has its own
-    else:
+    elif damage == "rng":
         state["rng"] = torch.zeros(3, dtype=torch.uint8)
+    else:
+        state["paths"]["path"] = "jit"
     target = _trainer("maml", 5, True)
     target.fit(1, 2, progress=False)
     torch.manual_seed(77)

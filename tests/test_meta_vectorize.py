@@ -221,6 +221,91 @@ def batchnorm_model(seed=0):
     return nn.Sequential(nn.Linear(2, 6), nn.BatchNorm1d(6), nn.Tanh(), nn.Linear(6, 1)).to(DT)
 
 
+def _per_task_reference(model, tasks, lr, steps, first_order):
+    """Query losses and their summed meta-gradient, task by task with torch.autograd (MAML)."""
+    names = [n for n, _ in model.named_parameters()]
+    meta_params = [p for _, p in model.named_parameters()]
+    losses = []
+    for task in tasks:
+        fast = list(meta_params)
+        for _ in range(steps):
+            support = mse(torch.func.functional_call(model, dict(zip(names, fast)), (task.support_x,)), task.support_y)
+            grads = torch.autograd.grad(support, fast, create_graph=not first_order)
+            fast = [w - lr * g for w, g in zip(fast, grads)]
+        losses.append(mse(torch.func.functional_call(model, dict(zip(names, fast)), (task.query_x,)), task.query_y))
+    losses = torch.stack(losses)
+    return losses.detach(), torch.autograd.grad(losses.sum(), meta_params)
+
+
+@pytest.mark.parametrize("first_order", [False, True])
+@pytest.mark.parametrize("entry", ["vmap_task_losses", "batched_task_losses"])
+def test_the_public_vmap_functions_equal_a_per_task_loop_in_losses_and_meta_gradients(entry, first_order):
+    model = relu_mlp()
+    tasks = make_tasks(n=3)
+    params = dict(model.named_parameters())
+    names = list(params)
+    lrs = {n: 0.05 for n in names}
+    if entry == "vmap_task_losses":
+        losses, _ = vmap_task_losses(model, params, names, lrs, tasks, mse, 2, first_order=first_order)
+    else:
+        losses, _ = batched_task_losses(model, params, names, lrs, *stack_tasks(tasks), mse, 2, first_order=first_order)
+    grads = torch.autograd.grad(losses.sum(), list(params.values()))
+    expected_losses, expected_grads = _per_task_reference(model, tasks, 0.05, 2, first_order)
+    torch.testing.assert_close(losses.detach(), expected_losses, rtol=1e-12, atol=1e-14)
+    for got, want in zip(grads, expected_grads):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("norm", ["layer_norm", "batch_norm"])
+def test_the_public_vmap_functions_refuse_second_order_through_a_norm_vmap_gets_wrong(norm):
+    """Their second-order meta-gradients would be wrong (pytorch/functorch#534); first order is exact."""
+    torch.manual_seed(0)
+    layer = nn.LayerNorm(8) if norm == "layer_norm" else nn.BatchNorm1d(8)
+    model = nn.Sequential(nn.Linear(2, 8), layer, nn.Tanh(), nn.Linear(8, 1)).to(DT)
+    tasks = make_tasks(n=3)
+    params = dict(model.named_parameters())
+    names = list(params)
+    lrs = {n: 0.3 for n in names}
+    name = "LayerNorm" if norm == "layer_norm" else "BatchNorm1d"
+    message = rf"this inner loop cannot be vmapped: second-order gradients through 1 \({name}\) are wrong"
+    with pytest.raises(ValueError, match=message):
+        vmap_task_losses(model, params, names, lrs, tasks, mse, 2)
+    with pytest.raises(ValueError, match=message):
+        batched_task_losses(model, params, names, lrs, *stack_tasks(tasks), mse, 2)
+    losses, _ = vmap_task_losses(model, params, names, lrs, tasks, mse, 2, first_order=True)
+    grads = torch.autograd.grad(losses.sum(), list(params.values()))
+    expected_losses, expected_grads = _per_task_reference(model, tasks, 0.3, 2, first_order=True)
+    torch.testing.assert_close(losses.detach(), expected_losses, rtol=1e-12, atol=1e-14)
+    for got, want in zip(grads, expected_grads):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-13)
+
+
+def test_the_public_vmap_functions_check_their_arguments():
+    model = relu_mlp()
+    tasks = make_tasks(n=2)
+    params = dict(model.named_parameters())
+    names = list(params)
+    lrs = {n: 0.1 for n in names}
+    with pytest.raises(ValueError, match=r"^loss_fn must return a scalar per task, got \(6, 1\) for the support loss$"):
+        vmap_task_losses(model, params, names, lrs, tasks, lambda p, t: (p - t) ** 2, 1, first_order=True)
+    with pytest.raises(ValueError, match=r"^steps must be an integer >= 0, got -1$"):
+        vmap_task_losses(model, params, names, lrs, tasks, mse, -1)
+    with pytest.raises(TypeError, match=r"^steps must be an integer >= 0, got 1\.5$"):
+        batched_task_losses(model, params, names, lrs, *stack_tasks(tasks), mse, 1.5)
+    with pytest.raises(ValueError, match=r"^tasks must be a non-empty sequence of Task, got \[\]$"):
+        vmap_task_losses(model, params, names, lrs, [], mse, 1)
+
+
+def test_stack_tasks_names_the_task_and_field_that_differ():
+    tasks = make_tasks(n=2)
+    with pytest.raises(ValueError, match=r"got tasks\[1\]\.query_x of shape \(4, 2\), torch\.float64 on cpu and tasks\[0\]\.query_x of shape \(6, 2\), torch\.float64 on cpu$"):
+        stack_tasks([tasks[0], Task(tasks[1].support_x, tasks[1].support_y, tasks[1].query_x[:4], tasks[1].query_y[:4])])
+    with pytest.raises(ValueError, match=r"got tasks\[1\]\.support_y of shape \(6, 1\), torch\.float32 on cpu and tasks\[0\]\.support_y of shape \(6, 1\), torch\.float64 on cpu$"):
+        stack_tasks([tasks[0], Task(tasks[1].support_x, tasks[1].support_y.float(), tasks[1].query_x, tasks[1].query_y)])
+    with pytest.raises(ValueError, match=r"stack_tasks needs tasks whose tensors all have equal shapes, dtypes and devices, got no tasks$"):
+        stack_tasks([])
+
+
 def test_second_order_vmap_blocker_names_the_module():
     assert second_order_vmap_blocker(relu_mlp()) is None
     bn = batchnorm_model()

@@ -16,7 +16,7 @@ from torch import nn
 from state_helpers import assert_states_equal
 from transform_infos import assert_bitwise_equal, make_closure, make_data, make_model, params_of
 
-from samgria import ASAM, LAMP, SAM, GradientTransform, TransformingOptimizer, sam_optimizer
+from samgria import ASAM, LAMP, SAM, GradientTransform, Perturbation, PerturbationTransform, TransformingOptimizer, sam_optimizer
 
 
 def sam_opt(model, **kwargs):
@@ -535,6 +535,47 @@ def test_two_call_step_can_be_cancelled_after_a_failing_second_pass():
     optimizer.step(make_closure(model, optimizer, x, y))
     twin_optimizer.step(make_closure(twin, twin_optimizer, x, y))
     assert_bitwise_equal(params_of(model), params_of(twin))
+
+
+class _InPlaceMove(Perturbation):
+    """A user's perturbation that moves the weights in place and undoes that in ``restore``."""
+
+    def __init__(self, params, deltas):
+        super().__init__([])
+        self._moved, self._deltas = params, deltas
+
+    @property
+    def params(self):
+        return self._moved
+
+    @torch.no_grad()
+    def restore(self):
+        for param, delta in zip(self._moved, self._deltas):
+            param.sub_(delta)
+        self._moved = []
+        return {}
+
+
+class _UsersPerturbation(PerturbationTransform):
+    @torch.no_grad()
+    def perturb(self, ctx):
+        params = [p for group in ctx.param_groups for p in group["params"] if p.grad is not None]
+        deltas = [torch.full_like(p, 0.5) for p in params]  # exact in float32, so sub_ undoes add_
+        for param, delta in zip(params, deltas):
+            param.add_(delta)
+        return _InPlaceMove(params, deltas)
+
+
+def test_cancel_step_restores_the_weights_through_a_users_perturbation_restore():
+    x, y = make_data()
+    model = make_model()
+    optimizer = TransformingOptimizer(model.parameters(), torch.optim.SGD, lr=0.1, transforms=[_UsersPerturbation()])
+    before = params_of(model)
+    nn.functional.mse_loss(model(x), y).backward()
+    optimizer.first_step(zero_grad=True)
+    assert any(not torch.equal(a, b) for a, b in zip(before, params_of(model)))
+    optimizer.cancel_step()
+    assert_bitwise_equal(before, params_of(model))
 
 
 def test_a_chain_pickled_without_the_state_key_cache_unpickles_with_an_empty_one():

@@ -514,6 +514,41 @@ def test_two_call_step_with_non_finite_second_pass_is_skipped_and_commits_nothin
     assert_bitwise_equal(params_of(model), params_of(twin_model))
 
 
+@pytest.mark.parametrize("non_finite", ["skip", "raise"])
+def test_looksam_step_in_between_with_a_non_finite_second_pass_changes_nothing(non_finite):
+    """Between its SAM steps LookSAM uses the first pass's gradients; in the two-call loop a
+    non-finite second pass still skips (or raises), as it does under GradScaler."""
+    x, y = make_data()
+    model, twin_model = make_model(), make_model()
+    optimizer, twin = (
+        TransformingOptimizer(m.parameters(), torch.optim.SGD, lr=0.1, momentum=0.9, transforms=[LookSAM(0.05, k=2)], non_finite=non_finite)
+        for m in (model, twin_model)
+    )
+    for opt, mdl in ((optimizer, model), (twin, twin_model)):
+        opt.step(make_closure(mdl, opt, x, y))  # a SAM step: the next one is in between
+    before_params, before = params_of(model), copy.deepcopy(optimizer.state_dict())
+    nn.functional.mse_loss(model(x), y).backward()
+    optimizer.first_step(zero_grad=True)
+    (nn.functional.mse_loss(model(x), y) * float("nan")).backward()
+    if non_finite == "skip":
+        with pytest.warns(RuntimeWarning, match="second evaluation are not finite"):
+            optimizer.second_step(zero_grad=True)
+        assert optimizer.skipped_steps == 1
+    else:
+        with pytest.raises(FloatingPointError, match="second evaluation are not finite"):
+            optimizer.second_step(zero_grad=True)
+    assert_bitwise_equal(before_params, params_of(model))
+    after = optimizer.state_dict()
+    for index, entry in before["state"].items():
+        assert entry.keys() == after["state"][index].keys()
+        for key, value in entry.items():
+            assert torch.equal(value, after["state"][index][key]) if isinstance(value, torch.Tensor) else value == after["state"][index][key]
+    for opt, mdl in ((optimizer, model), (twin, twin_model)):  # then both runs continue alike
+        for _ in range(3):
+            opt.step(make_closure(mdl, opt, x, y))
+    assert_bitwise_equal(params_of(model), params_of(twin_model))
+
+
 class _RaisesAfterwards(GradientTransformBase):
     """A pre-step transform placed after the SAM-family one that raises on demand."""
 

@@ -7,6 +7,8 @@ fail with the project's message shape ``"{name} must be {rule}, got {value!r}"``
 
 from __future__ import annotations
 
+import decimal
+
 import torch
 
 from samgria._checks import check_int as _check_integer
@@ -39,7 +41,7 @@ def check_range(name: str, value: object, dtype: torch.dtype | None = None) -> t
     bounds = list(value)  # type: ignore[call-overload]
     if len(bounds) != 2:
         raise TypeError(f"{name} must be a (low, high) pair of numbers, got {value!r}")
-    low, high = (check_real(f"{name}[{i}]", bound) for i, bound in enumerate(bounds))
+    low, high = (check_real(f"{name}[{i}]", _plain_number(bound)) for i, bound in enumerate(bounds))
     if low > high:
         raise ValueError(f"{name} must satisfy low <= high, got {value!r}")
     if dtype is not None:
@@ -47,6 +49,16 @@ def check_range(name: str, value: object, dtype: torch.dtype | None = None) -> t
         if max(abs(low), abs(high)) > largest:
             raise ValueError(f"{name} must lie within +-{largest:g} (the range of {dtype}), got {value!r}")
     return low, high
+
+
+def _plain_number(value: object) -> object:
+    """A one-element real tensor as its Python number and a ``Decimal`` as a float (what a range
+    given as ``torch.tensor([low, high])`` or in decimals holds); anything else as it is."""
+    if isinstance(value, torch.Tensor) and value.numel() == 1 and not (value.dtype.is_complex or value.dtype == torch.bool):
+        return value.item()
+    if isinstance(value, decimal.Decimal):
+        return float(value)
+    return value
 
 
 def check_sampler(name: str, sampler: object) -> None:

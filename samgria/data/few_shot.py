@@ -219,4 +219,13 @@ def _class_labels(classes: object) -> list[int]:
         return classes.flatten().tolist()
     if isinstance(classes, (str, bytes)) or not isinstance(classes, Sequence):
         raise TypeError(f"classes must be a sequence or tensor of integer labels, got {classes!r}")
-    return [check_integer(f"classes[{i}]", label) for i, label in enumerate(classes)]
+    return [check_integer(f"classes[{i}]", _label(label)) for i, label in enumerate(classes)]
+
+
+def _label(value: object) -> object:
+    """A one-element integer tensor (``labels[i]``) as its Python int; anything else as it is."""
+    if isinstance(value, torch.Tensor) and value.numel() == 1 and not (
+        value.dtype.is_floating_point or value.dtype.is_complex or value.dtype == torch.bool
+    ):
+        return value.item()
+    return value

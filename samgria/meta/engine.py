@@ -170,10 +170,18 @@ def autograd_support_grads(loss_of: LossOf, at: Tensors, create_graph: bool) -> 
 
 def functorch_support_grads(loss_of: LossOf, at: Tensors, create_graph: bool) -> Tensors:
     """Support gradients with :func:`torch.func.grad` (the vmap and compiled paths)."""
+
+    def scalar_loss_of(weights: Tensors) -> torch.Tensor:
+        loss = loss_of(weights)
+        if not isinstance(loss, torch.Tensor) or loss.dim() != 0:  # torch.func.grad's own error names no argument
+            shape = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
+            raise ValueError(f"loss_fn must return a scalar per task, got {shape} for the support loss")
+        return loss
+
     if create_graph:
-        return torch.func.grad(loss_of)(at)
+        return torch.func.grad(scalar_loss_of)(at)
     with torch.no_grad():  # torch.func.grad still differentiates; no graph to the outer level
-        return torch.func.grad(loss_of)(at)
+        return torch.func.grad(scalar_loss_of)(at)
 
 
 # ---------------------------------------------------------------------- one inner loop
@@ -516,6 +524,26 @@ def _signature(t: torch.Tensor) -> tuple[Any, ...]:
     return (tuple(t.shape), t.dtype, t.device)
 
 
+def _difference(tasks: Sequence[Task]) -> str:
+    """Where :func:`can_vectorize` fails, for a message: ``"got ..."``."""
+    if not tasks:
+        return "got no tasks"
+    fields = ("support_x", "support_y", "query_x", "query_y")
+    for index, task in enumerate(tasks):
+        for field in fields:
+            value, first = getattr(task, field, None), getattr(tasks[0], field, None)
+            if not isinstance(value, torch.Tensor):
+                return f"got tasks[{index}].{field} = {type(value).__name__}"
+            if isinstance(first, torch.Tensor) and _signature(value) != _signature(first):
+                shape, dtype, device = _signature(value)
+                first_shape, first_dtype, first_device = _signature(first)
+                return (
+                    f"got tasks[{index}].{field} of shape {shape}, {dtype} on {device} and tasks[0].{field} "
+                    f"of shape {first_shape}, {first_dtype} on {first_device}"
+                )
+    return "got tasks that differ"
+
+
 def can_vectorize(tasks: Sequence[Task]) -> bool:
     """Return ``True`` when every task's four tensors have the same shapes, dtypes and devices."""
     if not tasks:
@@ -534,7 +562,14 @@ def can_vectorize(tasks: Sequence[Task]) -> bool:
 
 
 def stack_tasks(tasks: Sequence[Task]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Stack equal-shape tasks into ``(support_x, support_y, query_x, query_y)`` with a task axis."""
+    """Stack equal-shape tasks into ``(support_x, support_y, query_x, query_y)`` with a task axis.
+
+    Raises:
+        ValueError: ``tasks`` is empty, or a task's tensor differs from the first task's in
+            shape, dtype or device (the message names the task and the field).
+    """
+    if not can_vectorize(tasks):
+        raise ValueError(f"stack_tasks needs tasks whose tensors all have equal shapes, dtypes and devices, {_difference(tasks)}")
     return (
         torch.stack([t.support_x for t in tasks]),
         torch.stack([t.support_y for t in tasks]),

@@ -471,6 +471,9 @@ class MetaTrainer:
         timings = {key: {path: list(times) for path, times in by_path.items()}
                    for key, by_path in paths["timings"].items()}  # fmt: skip
         fallback_reasons = set(paths["fallback_reasons"])
+        path = paths["path"]
+        if path is not None and path not in PATHS:
+            raise ValueError(f"state_dict['paths']['path'] must be None or one of {list(PATHS)}, got {path!r}")
         # The meta-optimizer validates before it changes anything, but the model (torch copies
         # the matching entries before it reports the others), the sampler and the random state
         # come after it: if any of them refuses, what was loaded before is put back.
@@ -486,7 +489,7 @@ class MetaTrainer:
         policy = self.meta.path_policy
         policy.failed = failed
         policy.timings = timings
-        self.path = paths["path"]
+        self.path = path
         self._fallback_reasons = fallback_reasons
 
     def _load_components(self, state: Mapping[str, Any]) -> None:

@@ -27,12 +27,14 @@ from typing import Any
 import torch
 from torch import nn
 
+from samgria._checks import check_int
 from samgria.data.task import Task
 from samgria.meta.engine import (
     InnerLoop,
     can_vectorize,
     second_order_vmap_blocker,
     stack_tasks,
+    vmap_blocker,
     vmapped_task_losses,
 )
 
@@ -78,10 +80,15 @@ def vmap_task_losses(
         ``{name: tensor}`` of batched adapted parameters, or ``None`` unless ``return_params``.
 
     Raises:
-        ValueError: The tasks are not of equal shape or ``loss_fn`` does not return a scalar
-            per task.
+        ValueError: ``tasks`` is empty or not of equal shapes, dtypes and devices, ``steps`` is
+            negative, ``loss_fn`` does not return a scalar per task, or ``first_order=False``
+            with a module whose second-order gradient vmap gets wrong
+            (:func:`second_order_vmap_blocker`).
+        TypeError: ``steps`` is not an integer.
         RuntimeError: The model cannot be vmapped (raised by :func:`torch.func.vmap`).
     """
+    if isinstance(tasks, (str, bytes)) or not isinstance(tasks, Sequence) or not tasks:
+        raise ValueError(f"tasks must be a non-empty sequence of Task, got {tasks!r}")
     if not can_vectorize(tasks):
         raise ValueError("vmap over tasks needs tasks whose tensors all have equal shapes, dtypes and devices")
     return batched_task_losses(
@@ -140,8 +147,17 @@ def batched_task_losses(
         ``(losses, adapted)`` as in :func:`vmap_task_losses`.
 
     Raises:
-        ValueError: ``loss_fn`` does not return a scalar per task.
+        ValueError: ``steps`` is negative, ``loss_fn`` does not return a scalar per task, or
+            ``first_order=False`` with a module whose second-order gradient vmap gets wrong
+            (:func:`second_order_vmap_blocker`: BatchNorm in train mode, LayerNorm).
+        TypeError: ``steps`` is not an integer.
     """
-    loop = InnerLoop(tuple(adapt_names), dict(lrs), steps, first_order=first_order)
+    loop = InnerLoop(tuple(adapt_names), dict(lrs), check_int("steps", steps, low=0), first_order=first_order)
+    blocker = vmap_blocker(model, loop)
+    if blocker is not None:
+        raise ValueError(
+            f"this inner loop cannot be vmapped: {blocker}; adapt task by task instead "
+            "(samgria.meta.engine.task_losses with path='loop'), or pass first_order=True"
+        )
     losses, fast = vmapped_task_losses(model, loop, dict(params), support_x, support_y, query_x, query_y, loss_fn)
     return losses, (fast if return_params else None)

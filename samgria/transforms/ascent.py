@@ -36,8 +36,9 @@ AdversaryFactory = Callable[[list[dict[str, Any]]], Optimizer]
 
 
 def _check_adversary(adversary: Any, rho: float) -> str:
-    """Build the adversary once over a probe tensor; return its class and its hyperparameters but
-    ``lr`` (``"SGD(dampening=0, maximize=False, momentum=0.9, ...)"``): the checkpoint's record.
+    """Build the adversary once over a probe tensor; return the checkpoint's record of it: its
+    class and the hyperparameters it sets differently from that class's defaults, ``lr`` and
+    how it computes (``foreach``, ``fused``, ...) aside (``"SGD(momentum=0.9)"``, or ``"SGD"``).
 
     Raises:
         TypeError: ``adversary`` is not callable, is an optimizer instance, does not build a
@@ -64,10 +65,54 @@ def _check_adversary(adversary: Any, rho: float) -> str:
             f"adversary must build an optimizer that minimises (it is handed the gradient of -L, "
             f"so its steps climb L), got one with maximize=True: {built!r}"
         )
-    # How the adversary computes (foreach, fused, ...) changes no result a checkpoint depends on.
+    return _adversary_record(built, rho)
+
+
+def _adversary_record(built: Optimizer, rho: float) -> str:
+    """``"SGD(momentum=0.9)"``: what the checkpoint records of an adversary (see above).
+
+    Only the hyperparameters that differ from the class's own defaults are named, each by a
+    representation that does not depend on the process (a function or another object by its type
+    name), so that a record does not change with a torch release that adds a default nor between
+    processes.
+    """
     how = {"lr", "foreach", "fused", "differentiable", "capturable"}
-    settings = ", ".join(f"{key}={value!r}" for key, value in sorted(built.defaults.items()) if key not in how)
-    return f"{type(built).__name__}({settings})"
+    try:
+        plain = type(built)([{"params": [torch.zeros(1)], "lr": rho}]).defaults
+    except Exception:  # a class without defaults for its other arguments: name every value
+        plain = {}
+    changed = []
+    for key, value in sorted(built.defaults.items()):
+        if key in how or (key in plain and _same_value(plain[key], value)):
+            continue
+        changed.append(f"{key}={_stable_repr(value)}")
+    name = type(built).__name__
+    return f"{name}({', '.join(changed)})" if changed else name
+
+
+def _same_value(first: Any, second: Any) -> bool:
+    """Whether two hyperparameter values are equal (tensors element for element)."""
+    if isinstance(first, torch.Tensor) or isinstance(second, torch.Tensor):
+        return (
+            isinstance(first, torch.Tensor) and isinstance(second, torch.Tensor)
+            and first.shape == second.shape and bool(torch.equal(first, second))
+        )
+    try:
+        return bool(first == second)
+    except Exception:
+        return False
+
+
+def _stable_repr(value: Any) -> str:
+    """``repr`` of plain values (tensors as lists); another object's type name."""
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return repr(value)
+    if isinstance(value, (tuple, list)):
+        inner = ", ".join(_stable_repr(item) for item in value)
+        return f"({inner}{',' if len(value) == 1 else ''})" if isinstance(value, tuple) else f"[{inner}]"
+    if isinstance(value, torch.Tensor):
+        return f"tensor({_stable_repr(value.tolist())})"
+    return type(value).__qualname__
 
 
 def _to_slot(key: str, value: Any) -> Any:

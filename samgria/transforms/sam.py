@@ -86,9 +86,9 @@ class Perturbation:
 
     def restore_weights(self) -> dict[int, torch.Tensor]:
         """Put the original weights back and finish nothing: what abandoning a step calls
-        (:meth:`restore` here; a perturbation that finishes the step in :meth:`restore`
-        overrides it)."""
-        return Perturbation.restore(self)
+        (:meth:`restore`, also a subclass's; a perturbation that finishes the step in
+        :meth:`restore` overrides this)."""
+        return self.restore()
 
 
 def _widened(tensor: torch.Tensor) -> torch.Tensor:

@@ -148,6 +148,10 @@ class _Step(Perturbation):
         """The moved parameters, and those whose gradients the finish sets."""
         return [move[0] for move in self.moves] + self._held
 
+    def restore_weights(self) -> dict[int, torch.Tensor]:
+        """Put the original weights back (:meth:`Perturbation.restore`), finishing nothing."""
+        return Perturbation.restore(self)
+
     def finish(self, checked: bool) -> None:
         """Combine the gradients / commit the state (once)."""
         finish, self._finish = self._finish, None
@@ -575,7 +579,11 @@ class LookSAM(_FinishingTransform):
         _add_scaled_([as_real(grads[i]) for i in chosen], [as_real(units[i]) for i in chosen], scales, ctx.foreach)
 
         def reinstall(checked: bool) -> None:
-            # Two-call loop: the second pass repeated the first; its gradients give way to these.
+            # Two-call loop: the second pass repeated the first; its gradients give way to these,
+            # unless they are not finite: left in place, the optimizer's check (or GradScaler's)
+            # skips the step, as it skips every other step with a non-finite pass.
+            if not (checked or _current_grads_finite(ctx)):
+                return
             for param, grad in zip(params, grads):
                 param.grad = grad
             self._count(ctx)
