@@ -16,7 +16,7 @@ import functools
 import sys
 from typing import Any
 
-__all__ = ["accumulating_framework", "called_from"]
+__all__ = ["accumulating_framework", "called_from", "stepping_grad_scaler"]
 
 _LIGHTNING_MODULES = ("lightning.pytorch.", "pytorch_lightning.")
 
@@ -52,6 +52,28 @@ def called_from(function: Any, depth: int) -> bool:
             return True
         frame = frame.f_back
     return False
+
+
+def stepping_grad_scaler(depth: int) -> Any:
+    """The ``torch.amp.GradScaler`` whose ``step`` is running among the ``depth`` callers of the
+    function that asks, or ``None``.
+
+    ``GradScaler.step`` tells an optimizer that handles scaling itself the overflow verdict
+    (``found_inf``) and the scale (``grad_scale``), but not the scale when the user unscaled the
+    gradients first (``scaler.unscale_``, to clip them): then the scaler is asked here.
+    """
+    import torch
+
+    code = torch.amp.GradScaler.step.__code__
+    frame = sys._getframe(2)
+    for _ in range(depth):
+        if frame is None:
+            return None
+        if frame.f_code is code:
+            scaler = frame.f_locals.get("self")
+            return scaler if isinstance(scaler, torch.amp.GradScaler) else None
+        frame = frame.f_back
+    return None
 
 
 #: How many callers up :func:`_accelerate_accumulation_steps` looks for accelerate's ``step``.

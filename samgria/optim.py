@@ -14,7 +14,7 @@ from torch import nn
 from torch.optim import Optimizer
 
 from samgria._checks import check_bool, check_choice
-from samgria._frameworks import accumulating_framework, called_from
+from samgria._frameworks import accumulating_framework, called_from, stepping_grad_scaler
 from samgria._snapshot import StateStructure, StepSnapshot
 from samgria._wrapper import WrappingOptimizer, refuse_driven
 from samgria.functional import all_finite, global_norm
@@ -108,6 +108,10 @@ def _called_by_checkpoint_state_init() -> bool:
         return True
     return called_from(_init_optim_state, _STATE_INIT_FRAMES)  # step(), torch's hook wrapper, the caller
 
+
+#: How many callers up ``_rescale_unscaled_grads`` looks for ``GradScaler.step`` (its caller
+#: ``_finish_pending``, ``step``, torch's hook wrapper, then a framework's wrappers).
+_SCALER_FRAMES = 10
 
 #: How many callers up :func:`_called_by_checkpoint_state_init` looks.
 _STATE_INIT_FRAMES = 6
@@ -500,6 +504,30 @@ class TransformingOptimizer(WrappingOptimizer):
                 torch._foreach_mul_([grads[i] for i in indices], inv_scale.to(device))
         return False
 
+    def _rescale_unscaled_grads(self) -> None:
+        """Put the second pass's gradients back into the loss scale when ``GradScaler.unscale_``
+        unscaled them (to clip them) before ``scaler.step``, for a step that finishes by mixing
+        in the first pass's gradients, which are still scaled (GSAM, WSAM, LookSAM): the finish
+        then sees both in one scale, and the step unscales its result as when the scaler had not
+        unscaled first. The scale is a power of two, so both multiplications are exact.
+        """
+        found_inf = getattr(self, "found_inf", None)
+        if found_inf is None or getattr(self, "grad_scale", None) is not None or float(found_inf) != 0.0:
+            return  # no scaler, a scaler that did not unscale first, or an overflow (skipped)
+        scaler = stepping_grad_scaler(_SCALER_FRAMES)
+        if scaler is None:
+            raise RuntimeError(
+                "the gradients were unscaled before this step, but the GradScaler that unscaled "
+                "them is not the one stepping (torch.amp.GradScaler.step): the first pass's "
+                "gradients, which this chain mixes in, cannot be brought into the same scale; call "
+                "scaler.step(optimizer) after scaler.unscale_(optimizer)"
+            )
+        scale = scaler._scale  # the scale unscale_ divided by: GradScaler keeps it nowhere else
+        grads = [p.grad for p in self._unique_params() if p.grad is not None]
+        for (device, _dtype), indices in group_indices_by_device_and_dtype(grads).items():
+            torch._foreach_mul_([grads[i] for i in indices], scale.to(device))
+        self.grad_scale = scale
+
     def _forget_scaler(self) -> None:
         """Drop what ``GradScaler.step`` set before a step that raises (it deletes them only after
         a step returns), so a later step without a scaler does not read them."""
@@ -728,9 +756,24 @@ class TransformingOptimizer(WrappingOptimizer):
         pending, self._pending = self._pending, None
         assert pending is not None
         structure = pending.structure
+        if getattr(self, "found_inf", None) is not None and getattr(pending.perturbation, "scale_dependent", False):
+            pending.perturbation.restore_weights()  # type: ignore[union-attr]
+            if structure is not None:
+                structure.restore()
+            self._forget_scaler()
+            name = type(self.transforms[pending.resume_at - 1]).__name__
+            raise RuntimeError(
+                f"{name} computed its move in first_step() from the size of the first pass's "
+                "gradients, which GradScaler has multiplied by the loss scale (MultiStepSAM's "
+                "ascent with normalize=False): the step would be wrong; the weights are restored. "
+                "Use normalize=True, or train without a loss scaler (float32, or bfloat16 "
+                "autocast, which needs none)"
+            )
         try:
             spare_buffers = {}
             if pending.perturbation is not None:
+                if getattr(pending.perturbation, "mixes_first_pass", False):
+                    self._rescale_unscaled_grads()
                 spare_buffers = pending.perturbation.restore()
             if self._amp_skip_or_unscale():
                 skipped = True

@@ -154,8 +154,9 @@ class _Ascent(_Step):
         moved: list[torch.Tensor],
         groups: list[Mapping[str, Any]],
         adversary: Optimizer | None,
+        scale_dependent: bool = False,
     ) -> None:
-        super().__init__(moves, finish)
+        super().__init__(moves, finish, scale_dependent=scale_dependent)
         self.moved = moved
         self.groups = groups
         self.adversary = adversary
@@ -338,7 +339,7 @@ class MultiStepSAM(_FinishingTransform):
             scales = [group["rho"] / norm if self.normalize else group["rho"] for group in moved_groups]
             directions = [as_real(grads[i]) for i in moving]  # consumed by the move
             moves = self._move_along(moved, directions, scales, ctx.foreach).moves
-            return _Ascent(moves, None, moved=moved, groups=moved_groups, adversary=None)
+            return _Ascent(moves, None, moved=moved, groups=moved_groups, adversary=None, scale_dependent=not self.normalize)
 
         moves = self._hold(moved, ctx.foreach)
         try:
@@ -350,7 +351,9 @@ class MultiStepSAM(_FinishingTransform):
             Perturbation(moves).restore()
             raise
         commit = self._committer(ctx, adversary, moved) if self._keeps_state else None
-        return _Ascent(moves, commit, moved=moved, groups=moved_groups, adversary=adversary)
+        return _Ascent(
+            moves, commit, moved=moved, groups=moved_groups, adversary=adversary, scale_dependent=not self.normalize
+        )
 
     def _advance(self, ctx: TransformContext, ascent: _Ascent) -> bool:
         """Take the next ascent step from the current gradients; ``False`` if they are not finite."""

@@ -130,6 +130,12 @@ class _Step(Perturbation):
         held: Parameters whose final gradients the finish puts back (LookSAM between its SAM
             steps): in the two-call loop the optimizer then resumes after this transform, as after
             a perturbation, instead of running the transforms before it again.
+        mixes_first_pass: The finish combines the first pass's gradients (or quantities taken
+            from them) with the current ones, so both must be in one loss scale (in the two-call
+            loop under ``GradScaler``, the optimizer sees to it).
+        scale_dependent: The move depends on the size of the first pass's gradients, not only
+            on their direction (``MultiStepSAM(normalize=False)``): under a loss scale it would
+            be wrong, so the optimizer refuses ``GradScaler``'s step.
     """
 
     def __init__(
@@ -138,10 +144,14 @@ class _Step(Perturbation):
         finish: Finish | None = None,
         *,
         held: Sequence[torch.Tensor] = (),
+        mixes_first_pass: bool = False,
+        scale_dependent: bool = False,
     ) -> None:
         super().__init__(moves)
         self._finish = finish
         self._held = list(held)
+        self.mixes_first_pass = mixes_first_pass
+        self.scale_dependent = scale_dependent
 
     @property
     def params(self) -> list[torch.Tensor]:
@@ -210,7 +220,7 @@ class _FinishingTransform(PerturbationTransform):
         params, grads, groups, norm = gathered
         first = {id(p): g for p, g in zip(params, grads)}
         moves = self._sam_moves(ctx, params, grads, groups, norm)
-        return _Step(moves, lambda checked: finish(first, checked))
+        return _Step(moves, lambda checked: finish(first, checked), mixes_first_pass=True)
 
     def _first_and_perturbed(
         self, ctx: TransformContext, first: dict[int, torch.Tensor]
@@ -570,7 +580,7 @@ class LookSAM(_FinishingTransform):
                 return _Step([], count)
             first = {id(p): g for p, g in zip(params, grads)}
             moves = self._sam_moves(ctx, params, grads, groups, norm)
-            return _Step(moves, lambda checked: self._store_direction(ctx, first, norm))
+            return _Step(moves, lambda checked: self._store_direction(ctx, first, norm), mixes_first_pass=True)
 
         # In between: g + alpha |g| g_v / |g_v|, no re-evaluation.
         units = [ctx.state[p].get("g_v") for p in params]
@@ -588,7 +598,7 @@ class LookSAM(_FinishingTransform):
                 param.grad = grad
             self._count(ctx)
 
-        return _Step([], reinstall, held=params)
+        return _Step([], reinstall, held=params, mixes_first_pass=True)
 
     def _store_direction(self, ctx: TransformContext, first: dict[int, torch.Tensor], norm: float) -> None:
         params, perturbed, _groups, both, kept = self._first_and_perturbed(ctx, first)
