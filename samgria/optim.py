@@ -190,7 +190,8 @@ class TransformingOptimizer(WrappingOptimizer):
     :attr:`skipped_steps`; ``non_finite="raise"`` raises :class:`FloatingPointError` instead
     (also with nothing changed). Under ``torch.amp.GradScaler`` the scaler's verdict rules: it
     skips the step and backs off. Not finite means an infinite or NaN element
-    (``samgria.functional.all_finite``). Finite gradients whose norm overflows are stepped, and
+    (``samgria.functional.all_finite``). Finite gradients whose norm overflows (float64: a
+    float32 or 16-bit norm that overflows float32 is taken again in float64) are stepped, and
     transforms that divide by the norm see an infinite one: SAM leaves the weights unperturbed
     (with a warning), ``ClipGradNorm`` and ``NormalizeGrad`` scale the gradients to zero (as
     ``torch.nn.utils.clip_grad_norm_`` does).

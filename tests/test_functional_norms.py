@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from samgria.functional import all_finite, global_norm
+from samgria.functional.norms import scale_
 
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 
@@ -100,3 +101,81 @@ def test_global_norm_equals_the_norm_of_all_elements_in_float64(foreach):
     assert norm.dtype == torch.float64
     torch.testing.assert_close(norm, expected, rtol=1e-6, atol=0)
     assert global_norm([], foreach=foreach) == 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.complex64])
+@pytest.mark.parametrize("exponent", [66, 100, -84, -120])
+def test_global_norm_is_exact_where_float32_squares_overflow_or_underflow(dtype, exponent):
+    """Four elements of 2**e have the norm 2**(e+1): float32 squares overflowed to inf above about
+    1.8e19 and flushed to 0 below about 1e-23. Both paths give it, bit for bit."""
+    value = 2.0**exponent
+    if dtype.is_complex:  # two elements of 2**e (1 + 1j): the same squared norm
+        tensors = [torch.full((2,), complex(value, value), dtype=dtype)]
+    else:
+        tensors = [torch.full((4,), value, dtype=dtype)]
+    for foreach in (True, False):
+        norm = global_norm(tensors, foreach=foreach)
+        assert norm.dtype == torch.float64 and norm.item() == 2.0 ** (exponent + 1)
+
+
+@pytest.mark.parametrize("foreach", [True, False])
+def test_global_norm_of_huge_or_tiny_float32_values_among_others_equals_a_float64_norm(foreach):
+    generator = torch.Generator().manual_seed(1)
+    for scale in (1e20, 1e30, 1e-20, 1e-25, 1e-40):
+        tensors = [
+            torch.randn(4, 3, generator=generator).mul_(scale).t(),  # non-contiguous
+            torch.randn(6, generator=generator).to(torch.bfloat16).mul_(scale),
+            torch.randn(5, generator=generator, dtype=torch.float64).mul_(scale),
+            torch.zeros(0),
+        ]
+        expected = torch.cat([t.double().reshape(-1) for t in tensors]).norm()
+        norm = global_norm(tensors, foreach=foreach)
+        assert math.isfinite(norm.item()) and norm.item() > 0, scale
+        torch.testing.assert_close(norm, expected, rtol=1e-12, atol=0)
+        assert torch.equal(norm, global_norm(tensors, foreach=not foreach))
+
+
+def test_global_norm_of_tiny_values_in_a_huge_tensor_keeps_float32_precision():
+    """1e5 elements of 1e-20: float32 squares are subnormal, and their sum lost five digits."""
+    tensors = [torch.full((100_000,), 1e-20)]
+    expected = math.sqrt(100_000) * torch.tensor(1e-20).item()
+    for foreach in (True, False):
+        assert global_norm(tensors, foreach=foreach).item() == pytest.approx(expected, rel=1e-12, abs=0)
+
+
+def test_global_norm_is_infinite_or_nan_only_where_an_element_is():
+    for foreach in (True, False):
+        assert global_norm([torch.ones(3), torch.tensor([1e20, math.inf])], foreach=foreach).item() == math.inf
+        assert math.isnan(global_norm([torch.full((3,), 1e30), torch.tensor([1.0, math.nan])], foreach=foreach).item())
+        assert global_norm([torch.zeros(3), torch.zeros(2, 2)], foreach=foreach).item() == 0.0
+        # float64 tensors beyond float64's range of squares stay as torch computes them
+        assert global_norm([torch.full((2,), 1e200, dtype=torch.float64)], foreach=foreach).item() == math.inf
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.complex64])
+def test_global_norm_of_each_dtype_equals_a_float64_loop_on_both_paths(dtype):
+    generator = torch.Generator().manual_seed(2)
+    real = torch.float32 if dtype.is_complex else dtype
+    base = torch.randn(5, 6, generator=generator).to(real)
+    tensors = [base.t(), base[:, 1], torch.randn(3, generator=generator).to(real), torch.zeros(0, dtype=real)]
+    if dtype.is_complex:
+        tensors = [torch.complex(t, t * 0.5) for t in tensors]
+    total = 0.0
+    for tensor in tensors:  # by hand, in float64
+        for element in tensor.reshape(-1).tolist():
+            total += abs(complex(element)) ** 2
+    norms = [global_norm(tensors, foreach=foreach) for foreach in (True, False)]
+    assert torch.equal(norms[0], norms[1])
+    assert norms[0].item() == pytest.approx(math.sqrt(total), rel=1e-6, abs=0)
+
+
+def test_scale_rejects_scales_or_shifts_of_another_length():
+    with pytest.raises(ValueError, match=r"^scales must have one entry per tensor, got 1 for 2$"):
+        scale_([torch.ones(2), torch.ones(2)], [0.5])
+    with pytest.raises(ValueError, match=r"^shifts must have one entry per tensor, got 3 for 2$"):
+        scale_([torch.ones(2), torch.ones(2)], [0.5, 0.5], [0.0, 0.0, 0.0])
+
+
+def test_global_norm_rejects_a_like_of_another_length():
+    with pytest.raises(ValueError, match=r"^like must have one tensor per tensor, got 3 for 2$"):
+        global_norm([torch.ones(2), torch.ones(3)], like=[torch.ones(2)] * 3)

@@ -8,7 +8,7 @@ import random
 import pytest
 import torch
 
-from samgria.functional import add_directions_, perturbed_into_
+from samgria.functional import adaptive_scaling, add_directions_, mul, mul_, perturbed_into_
 from samgria.functional._grouping import group_indices_by_device_and_dtype
 from samgria.functional.perturb import _CPU_LIST_NUMEL, _perturbed_into_by_lists
 
@@ -216,3 +216,153 @@ def test_group_indices_by_device_and_dtype_keeps_each_dtype_apart_in_order():
     assert groups == {(cpu, torch.float32): [0, 2], (cpu, torch.float64): [1], (cpu, torch.float16): [3]}
     assert group_indices_by_device_and_dtype(tensors[:1] + tensors[2:3]) == {(cpu, torch.float32): [0, 1]}
     assert group_indices_by_device_and_dtype([]) == {}
+
+
+# -- mul, mul_, adaptive_scaling: values against a float64 loop written here, both paths --------------------------
+VALUE_DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.complex64]
+
+
+def _values(dtype: torch.dtype, seed: int = 3) -> list[torch.Tensor]:
+    """A list with a transposed view, a strided column, a contiguous tensor, a scalar and an empty
+    tensor: every layout a caller may pass."""
+    generator = torch.Generator().manual_seed(seed)
+    real = torch.float32 if dtype.is_complex else dtype
+
+    def draw(*shape: int) -> torch.Tensor:
+        values = torch.randn(*shape, generator=generator).to(real)
+        if dtype.is_complex:
+            values = torch.complex(values, torch.randn(*shape, generator=generator).to(real))
+        return values
+
+    matrix, grid = draw(4, 3), draw(5, 6)
+    tensors = [matrix.t(), grid[:, 2], draw(7), draw(()), draw(0)]
+    assert not tensors[0].is_contiguous() and not tensors[1].is_contiguous()
+    return tensors
+
+
+def _assert_equals_float64(got: torch.Tensor, exact: torch.Tensor, dtype: torch.dtype) -> None:
+    """``got`` is ``exact`` (computed in float64/complex128) rounded once to ``dtype``: bit for bit
+    for real dtypes (the products and sums here are exact in float64), close for complex ones
+    (a complex product rounds its parts)."""
+    assert got.dtype == dtype and got.shape == exact.shape
+    if dtype.is_complex:
+        torch.testing.assert_close(got, exact.to(dtype), rtol=2e-7, atol=0)
+    else:
+        assert torch.equal(got, exact.to(dtype))
+
+
+@pytest.mark.parametrize("dtype", VALUE_DTYPES)
+def test_mul_and_mul_in_place_equal_a_float64_product_on_both_paths(dtype):
+    tensors, factors = _values(dtype), _values(dtype, seed=4)
+    wide = torch.complex128 if dtype.is_complex else torch.float64
+    exact = [t.to(wide) * f.to(wide) for t, f in zip(tensors, factors)]
+    results = {}
+    for foreach in (True, False):
+        originals = [t.clone() for t in tensors]
+        products = mul(tensors, factors, foreach=foreach)
+        for tensor, original in zip(tensors, originals):
+            assert torch.equal(tensor, original)  # out of place
+        buffers = [t.clone() for t in tensors]
+        mul_(buffers, factors, foreach=foreach)
+        for got, in_place, want in zip(products, buffers, exact):
+            _assert_equals_float64(got, want, dtype)
+            _assert_equals_float64(in_place, want, dtype)
+        results[foreach] = products, buffers
+    for fast, reference in zip(results[True], results[False]):
+        for fast_tensor, reference_tensor in zip(fast, reference):
+            assert torch.equal(fast_tensor, reference_tensor)  # bit for bit
+    assert mul([], [], foreach=True) == mul([], [], foreach=False) == []
+    mul_([], [], foreach=True)
+    mul_([], [], foreach=False)
+
+
+def test_mul_in_place_writes_through_a_non_contiguous_view():
+    for foreach in (True, False):
+        base = torch.arange(12.0).reshape(3, 4)
+        mul_([base.t(), base[0]], [torch.full((4, 3), 2.0), torch.full((4,), 3.0)], foreach=foreach)
+        want = torch.arange(12.0).reshape(3, 4) * 2
+        want[0] *= 3
+        assert torch.equal(base, want)
+
+
+@pytest.mark.parametrize("dtype", VALUE_DTYPES)
+def test_adaptive_scaling_equals_abs_plus_eta_in_float64_on_both_paths(dtype):
+    params = _values(dtype)
+    etas = [0.5, 0.125, 0.25, 0.0, 1.0]  # exact in every dtype: |w| + eta rounds once
+    results = {}
+    for foreach in (True, False):
+        scalings = adaptive_scaling(params, etas, foreach=foreach)
+        for got, param, eta in zip(scalings, params, etas):
+            exact = param.to(torch.complex128 if dtype.is_complex else torch.float64).abs() + eta
+            real = torch.float32 if dtype.is_complex else dtype  # |w| of a complex w is real
+            assert got.dtype == real
+            if dtype.is_complex:  # the modulus itself is rounded: close, not equal
+                torch.testing.assert_close(got, exact.to(real), rtol=2e-7, atol=0)
+            else:
+                assert torch.equal(got, exact.to(real))
+        results[foreach] = scalings
+    for fast, reference in zip(results[True], results[False]):
+        assert torch.equal(fast, reference)
+    assert adaptive_scaling([], [], foreach=True) == adaptive_scaling([], [], foreach=False) == []
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.complex64])
+@pytest.mark.parametrize("foreach", [True, False])
+def test_add_directions_equals_a_float64_sum_in_16_bit_and_complex_dtypes(dtype, foreach):
+    params, directions = _values(dtype), _values(dtype, seed=5)
+    scales = [0.5, 0.25, 2.0, 1.0, 0.5]  # powers of two: s * d is exact
+    wide = torch.complex128 if dtype.is_complex else torch.float64
+    exact = [w.to(wide) + s * d.to(wide) for w, d, s in zip(params, directions, scales)]
+    add_directions_(params, directions, scales, foreach=foreach)
+    for got, want in zip(params, exact):
+        _assert_equals_float64(got, want, dtype)
+    add_directions_([], [], [], foreach=foreach)
+
+
+# -- bad inputs: one message shape from one helper -----------------------------------------------------------------
+@pytest.mark.parametrize("foreach", [True, False])
+def test_every_perturbation_kernel_rejects_lists_of_other_lengths(foreach):
+    two = [torch.ones(2), torch.ones(2)]
+    one = [torch.ones(2)]
+    with pytest.raises(ValueError, match=r"^factors must have one entry per tensor, got 1 for 2$"):
+        mul(two, one, foreach=foreach)
+    with pytest.raises(ValueError, match=r"^factors must have one entry per buffer, got 1 for 2$"):
+        mul_(two, one, foreach=foreach)
+    with pytest.raises(ValueError, match=r"^factors must have one entry per buffer, got 2 for 1$"):
+        mul_(one, two, foreach=foreach)
+    with pytest.raises(ValueError, match=r"^etas must have one entry per parameter, got 1 for 2$"):
+        adaptive_scaling(two, [0.1], foreach=foreach)
+    with pytest.raises(ValueError, match=r"^buffers must have one entry per parameter, got 1 for 2$"):
+        perturbed_into_(one, two, two, [1.0, 1.0], foreach=foreach)
+    assert torch.equal(two[0], torch.ones(2)) and torch.equal(two[1], torch.ones(2))  # nothing written
+
+
+@pytest.mark.parametrize("foreach", [True, False])
+@pytest.mark.parametrize("dtype", [torch.int64, torch.int32, torch.uint8, torch.bool])
+def test_every_perturbation_kernel_rejects_integer_and_bool_tensors(dtype, foreach):
+    """An integer weight would truncate ``w + s d`` silently (``[1, 2] + 0.5 [1, 1]`` left ``[1, 2]``)."""
+    bad = torch.tensor([1, 0], dtype=dtype)
+    good = torch.ones(2)
+    name = str(dtype)
+    with pytest.raises(TypeError, match=rf"^params\[1\] must be a floating-point or complex tensor, got a {name} tensor$"):
+        add_directions_([good.clone(), bad], [torch.ones(2), torch.ones(2)], [0.5, 0.5], foreach=foreach)
+    with pytest.raises(TypeError, match=rf"^params\[0\] must be a floating-point or complex tensor, got a {name} tensor$"):
+        perturbed_into_([torch.empty(2)], [bad], [torch.ones(2)], [0.5], foreach=foreach)
+    with pytest.raises(TypeError, match=rf"^buffers\[0\] must be a floating-point or complex tensor, got a {name} tensor$"):
+        perturbed_into_([bad.clone()], [good], [torch.ones(2)], [0.5], foreach=foreach)
+    with pytest.raises(TypeError, match=rf"^tensors\[0\] must be a floating-point or complex tensor, got a {name} tensor$"):
+        mul([bad], [good], foreach=foreach)
+    with pytest.raises(TypeError, match=rf"^buffers\[1\] must be a floating-point or complex tensor, got a {name} tensor$"):
+        mul_([good, bad], [good, good], foreach=foreach)
+    with pytest.raises(TypeError, match=rf"^params\[0\] must be a floating-point or complex tensor, got a {name} tensor$"):
+        adaptive_scaling([bad], [0.1], foreach=foreach)
+
+
+def test_add_directions_names_the_first_integer_weight_among_mixed_dtypes():
+    params = [torch.ones(2), torch.ones(2, dtype=torch.float64), torch.tensor([1, 2]), torch.tensor([1], dtype=torch.int32)]
+    before = [p.clone() for p in params]
+    for foreach in (True, False):
+        with pytest.raises(TypeError, match=r"^params\[2\] must be .*, got a torch.int64 tensor$"):
+            add_directions_(params, [torch.ones_like(p, dtype=torch.float32) for p in params], [0.5] * 4, foreach=foreach)
+        for param, original in zip(params, before):
+            assert torch.equal(param, original)  # checked before anything is written

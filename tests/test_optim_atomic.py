@@ -397,17 +397,17 @@ def test_non_finite_raise_policy_raises_and_changes_nothing(chain, mode, where, 
 
 @pytest.mark.parametrize("mode", ["closure", "two-call", "no-closure"])
 def test_finite_gradients_whose_norm_overflows_are_not_a_non_finite_step(mode):
-    """The policy looks at the gradients, not at their norm: float32 gradients of 1e20 are finite
+    """The policy looks at the gradients, not at their norm: float64 gradients of 1e200 are finite
     although the sum of their squares overflows. SAM cannot scale by an infinite norm: it warns
     and skips the perturbation, and the inner optimizer steps with the unperturbed gradients."""
-    lr = 1e-22
-    weight = nn.Parameter(torch.zeros(4))
+    lr = 1e-202
+    weight = nn.Parameter(torch.zeros(4, dtype=torch.float64))
     transforms = [] if mode == "no-closure" else [SAM(0.1)]
     optimizer = TransformingOptimizer([weight], torch.optim.SGD, lr=lr, transforms=transforms)
 
     def backward():
         optimizer.zero_grad()
-        loss = (weight * 1e20).sum()
+        loss = (weight * 1e200).sum()
         loss.backward()
         return loss
 
@@ -429,27 +429,55 @@ def test_finite_gradients_whose_norm_overflows_are_not_a_non_finite_step(mode):
     else:
         assert messages == []
     assert optimizer.skipped_steps == 0
-    expected = torch.zeros(4).add_(torch.full((4,), 1e20), alpha=-lr)  # plain SGD's update
-    assert torch.equal(weight.detach(), expected)
+    expected = torch.zeros(4, dtype=torch.float64).add_(torch.full((4,), 1e200, dtype=torch.float64), alpha=-lr)
+    assert torch.equal(weight.detach(), expected)  # plain SGD's update
+
+
+def test_float32_gradients_whose_squares_overflow_float32_get_their_true_norm():
+    """Gradients of 1e20 in float32: the norm, 2e20, is taken again in float64, so SAM perturbs by
+    rho along them (no warning) and ClipGradNorm clips them to norm 1 (torch's clip_grad_norm_,
+    whose float32 norm overflows, zeroes them)."""
+    weight = nn.Parameter(torch.zeros(4))
+    seen = []
+
+    def closure():
+        optimizer.zero_grad()
+        seen.append(weight.detach().clone())
+        loss = (weight * 1e20).sum()
+        loss.backward()
+        return loss
+
+    optimizer = TransformingOptimizer([weight], torch.optim.SGD, lr=1e-22, transforms=[SAM(0.1)])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        optimizer.step(closure)
+    assert torch.equal(seen[1], torch.full((4,), 0.05))  # w + rho g / |g| = 0.1 * 1e20 / 2e20
+
+    clipped = nn.Parameter(torch.ones(4))
+    clipping = TransformingOptimizer([clipped], torch.optim.SGD, lr=0.1, transforms=[ClipGradNorm(1.0)])
+    (clipped * 1e20).sum().backward()
+    clipping.step()
+    assert torch.equal(clipped.grad, torch.full((4,), 0.5))
 
 
 @pytest.mark.parametrize("transform", [ClipGradNorm(1.0), NormalizeGrad()], ids=["ClipGradNorm", "NormalizeGrad"])
 def test_norm_transforms_scale_finite_gradients_with_an_overflowing_norm_to_zero(transform):
     """As torch.nn.utils.clip_grad_norm_ does (the step is not skipped: the gradients are finite)."""
-    weight = nn.Parameter(torch.ones(4))
+    dt = torch.float64  # whose squares overflow at 1e200 (float32 norms are taken again in float64)
+    weight = nn.Parameter(torch.ones(4, dtype=dt))
     optimizer = TransformingOptimizer([weight], torch.optim.SGD, lr=0.1, weight_decay=0.5, transforms=[transform])
-    reference = nn.Parameter(torch.ones(4))
-    reference.grad = torch.full((4,), 1e20)
+    reference = nn.Parameter(torch.ones(4, dtype=dt))
+    reference.grad = torch.full((4,), 1e200, dtype=dt)
     torch.nn.utils.clip_grad_norm_([reference], 1.0)
-    assert torch.equal(reference.grad, torch.zeros(4))
+    assert torch.equal(reference.grad, torch.zeros(4, dtype=dt))
     optimizer.zero_grad()
-    (weight * 1e20).sum().backward()
+    (weight * 1e200).sum().backward()
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         optimizer.step()
     assert optimizer.skipped_steps == 0
-    assert torch.equal(weight.grad, torch.zeros(4))
-    assert torch.equal(weight.detach(), torch.ones(4).mul_(1 - 0.1 * 0.5))  # weight decay alone
+    assert torch.equal(weight.grad, torch.zeros(4, dtype=dt))
+    assert torch.equal(weight.detach(), torch.ones(4, dtype=dt).mul_(1 - 0.1 * 0.5))  # weight decay alone
 
 
 # -- 16-bit parameters --------------------------------------------------------------------------------------------

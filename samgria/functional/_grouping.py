@@ -1,15 +1,15 @@
-"""Grouping tensor lists by device and dtype for ``torch._foreach_*`` kernels, and the parameters
-of param groups, each once."""
+"""Grouping tensor lists by device and dtype for ``torch._foreach_*`` kernels, the parameters of
+param groups, each once, and the checks every kernel makes of its lists (lengths, dtypes)."""
 
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence, Sized
 from typing import Any
 
 import torch
 
-__all__ = ["group_indices_by_device_and_dtype", "unique_params"]
+__all__ = ["group_indices_by_device_and_dtype", "unique_params", "check_lengths", "check_floating"]
 
 
 def unique_params(param_groups: Sequence[Mapping[str, Any]]) -> list[torch.Tensor]:
@@ -30,3 +30,37 @@ def group_indices_by_device_and_dtype(
     for index, tensor in enumerate(tensors):
         groups[(tensor.device, tensor.dtype)].append(index)
     return dict(groups)
+
+
+def check_lengths(count: int, per: str, *named: tuple[str, Sized | None], entry: str = "entry") -> None:
+    """Check that every list in ``named`` (``(name, values)`` pairs; ``None`` values skipped) has
+    ``count`` entries, one per ``per`` (``"parameter"``, ``"tensor"``): the one length check of the
+    kernels, O(1) per list.
+
+    Raises:
+        ValueError: ``"{name} must have one {entry} per {per}, got {len(values)} for {count}"``.
+    """
+    for name, values in named:
+        if values is not None and len(values) != count:
+            raise ValueError(f"{name} must have one {entry} per {per}, got {len(values)} for {count}")
+
+
+def check_floating(name: str, tensors: Sequence[torch.Tensor], dtypes: Iterable[torch.dtype] | None = None) -> None:
+    """Check that every tensor of ``tensors`` is floating-point or complex (the kernels write
+    fractional values: an integer or ``bool`` tensor would truncate them silently).
+
+    ``dtypes``: the dtypes of ``tensors`` when known (the keys of
+    :func:`group_indices_by_device_and_dtype`), so that the common case costs one check per dtype;
+    the tensors are read one by one only to name the first bad one.
+
+    Raises:
+        TypeError: ``"{name}[i] must be a floating-point or complex tensor, got a {dtype} tensor"``
+            for the first such tensor.
+    """
+    if dtypes is None:
+        dtypes = {tensor.dtype for tensor in tensors}
+    if all(dtype.is_floating_point or dtype.is_complex for dtype in dtypes):
+        return
+    for index, tensor in enumerate(tensors):
+        if not (tensor.dtype.is_floating_point or tensor.dtype.is_complex):
+            raise TypeError(f"{name}[{index}] must be a floating-point or complex tensor, got a {tensor.dtype} tensor")

@@ -1,4 +1,11 @@
-r"""Kernels for LAMP: magnitude-scaled uniform noise and running sums of weights."""
+r"""Kernels for LAMP: magnitude-scaled uniform noise and running sums of weights.
+
+Every kernel has a ``foreach`` fast path (``torch._foreach_*`` calls per device and dtype) and a
+per-tensor reference path that performs the same arithmetic tensor by tensor, so the two agree
+bit for bit. The lists a kernel writes into must be floating-point or complex (an integer tensor
+would truncate silently), and every list must have one entry per parameter; both are checked once
+per list (or per device and dtype), before anything is written.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +13,9 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from samgria.functional._grouping import group_indices_by_device_and_dtype
+from samgria._checks import check_int
+from samgria.functional._grouping import check_floating, check_lengths, group_indices_by_device_and_dtype
+from samgria.functional._views import LOW_PRECISION, widened_dtype
 
 __all__ = ["magnitude_noise", "add_scaled_", "accumulate_", "assign_mean_"]
 
@@ -22,16 +31,22 @@ def magnitude_noise(
     Because :math:`r` is symmetric, :math:`w \odot r` has the same distribution as the seed's
     :math:`|w| \odot r` and saves a temporary copy of every parameter. Random numbers are drawn
     tensor by tensor in the order of ``params`` (so both paths draw the same numbers) from
-    ``generator_for(device)`` (``None``: the default generator).
+    ``generator_for(device)`` (``None``: the default generator), in each parameter's dtype (a
+    complex parameter gets independent real and imaginary parts).
+
+    Raises:
+        TypeError: If a parameter is neither floating-point nor complex (before anything is drawn).
     """
+    groups = group_indices_by_device_and_dtype(params) if foreach else None
+    check_floating("params", params, None if groups is None else [dtype for _device, dtype in groups])
     noise = [
         torch.empty_like(param, memory_format=torch.preserve_format).uniform_(
             -1.0, 1.0, generator=generator_for(param.device)
         )
         for param in params
     ]
-    if foreach:
-        for indices in group_indices_by_device_and_dtype(params).values():
+    if groups is not None:
+        for indices in groups.values():
             torch._foreach_mul_([noise[i] for i in indices], [params[i] for i in indices])
         return noise
     for sample, param in zip(noise, params):
@@ -42,26 +57,64 @@ def magnitude_noise(
 def add_scaled_(
     params: Sequence[torch.Tensor], updates: Sequence[torch.Tensor], alpha: float, *, foreach: bool = True
 ) -> None:
-    r"""In place: :math:`w_i \leftarrow w_i + \alpha\, u_i`."""
+    r"""In place: :math:`w_i \leftarrow w_i + \alpha\, u_i`.
+
+    A 16-bit parameter is computed in float32 (wider if its update is) and rounded once, on both
+    paths: a 16-bit tensor cannot take an ``alpha`` beyond its range as a scalar operand (as
+    :func:`~samgria.functional.perturbed_into_` does). Other parameters take one
+    ``torch._foreach_add_`` per device and dtype, or ``add_`` tensor by tensor
+    (``foreach=False``): the same arithmetic, bit for bit. ``alpha`` is not checked: it follows
+    ``torch.add`` (IEEE arithmetic, so a NaN or infinite ``alpha`` gives NaN or infinite weights;
+    one beyond the range of the computing dtype raises torch's ``RuntimeError``).
+
+    Raises:
+        ValueError: If ``updates`` has another length than ``params``.
+        TypeError: If a parameter is neither floating-point nor complex.
+    """
+    check_lengths(len(params), "parameter", ("updates", updates))
     if foreach:
-        for indices in group_indices_by_device_and_dtype(params).values():
-            torch._foreach_add_(
-                [params[i] for i in indices], [updates[i] for i in indices], alpha=alpha
-            )
+        groups = group_indices_by_device_and_dtype(params)
+        check_floating("params", params, [dtype for _device, dtype in groups])
+        for (_device, dtype), indices in groups.items():
+            if dtype in LOW_PRECISION:
+                for i in indices:
+                    _add_scaled_one_(params[i], updates[i], alpha)
+                continue
+            torch._foreach_add_([params[i] for i in indices], [updates[i] for i in indices], alpha=alpha)
         return
+    check_floating("params", params)
     for param, update in zip(params, updates):
+        _add_scaled_one_(param, update, alpha)
+
+
+def _add_scaled_one_(param: torch.Tensor, update: torch.Tensor, alpha: float) -> None:
+    """:func:`add_scaled_`'s per-tensor path (and its 16-bit parameters on the foreach path)."""
+    if param.dtype in LOW_PRECISION:
+        wide = torch.promote_types(widened_dtype(param.dtype), widened_dtype(update.dtype))
+        param.copy_(torch.add(param.to(wide), update.to(wide), alpha=alpha))
+    else:
         param.add_(update, alpha=alpha)
 
 
 def accumulate_(sums: Sequence[torch.Tensor], params: Sequence[torch.Tensor], *, foreach: bool = True) -> None:
-    r"""In place: :math:`S_i \leftarrow S_i + w_i` (``S_i`` may be wider than ``w_i``)."""
+    r"""In place: :math:`S_i \leftarrow S_i + w_i` (``S_i`` may be wider than ``w_i``).
+
+    Each parameter is cast to its sum's dtype, then added: one ``torch._foreach_add_`` per device
+    and dtype of the sums, or ``add_`` tensor by tensor (``foreach=False``), bit for bit alike.
+
+    Raises:
+        ValueError: If ``params`` has another length than ``sums``.
+        TypeError: If a sum is neither floating-point nor complex.
+    """
+    check_lengths(len(sums), "sum", ("params", params))
     if foreach:
-        for indices in group_indices_by_device_and_dtype(params).values():
-            group_params = [params[i] for i in indices]
-            if group_params[0].dtype != sums[indices[0]].dtype:
-                group_params = [p.to(sums[indices[0]].dtype) for p in group_params]
+        groups = group_indices_by_device_and_dtype(sums)
+        check_floating("sums", sums, [dtype for _device, dtype in groups])
+        for (_device, dtype), indices in groups.items():
+            group_params = [params[i] if params[i].dtype == dtype else params[i].to(dtype) for i in indices]
             torch._foreach_add_([sums[i] for i in indices], group_params)
         return
+    check_floating("sums", sums)
     for total, param in zip(sums, params):
         total.add_(param.to(total.dtype))
 
@@ -69,14 +122,38 @@ def accumulate_(sums: Sequence[torch.Tensor], params: Sequence[torch.Tensor], *,
 def assign_mean_(
     params: Sequence[torch.Tensor], sums: Sequence[torch.Tensor], counts: Sequence[int], *, foreach: bool = True
 ) -> None:
-    r"""In place: :math:`w_i \leftarrow S_i / n_i`, then :math:`S_i \leftarrow 0`."""
+    r"""In place: :math:`w_i \leftarrow S_i / n_i`, then :math:`S_i \leftarrow 0`.
+
+    The mean is taken in the sum's dtype and rounded once to the parameter's: one
+    ``torch._foreach_div``, ``_foreach_copy_`` and ``_foreach_zero_`` per device and dtype of the
+    parameters, or tensor by tensor (``foreach=False``), bit for bit alike. Everything is checked
+    before anything is written.
+
+    Raises:
+        ValueError: If ``sums`` or ``counts`` has another length than ``params``, or a count is
+            below 1 (a mean of nothing).
+        TypeError: If a count is not an integer (``bool`` refused), or a parameter is neither
+            floating-point nor complex.
+    """
+    check_lengths(len(params), "parameter", ("sums", sums), ("counts", counts))
+    divisors = _divisors(counts)
     if foreach:
-        for indices in group_indices_by_device_and_dtype(params).values():
+        groups = group_indices_by_device_and_dtype(params)
+        check_floating("params", params, [dtype for _device, dtype in groups])
+        for indices in groups.values():
             group_sums = [sums[i] for i in indices]
-            means = torch._foreach_div(group_sums, [float(counts[i]) for i in indices])
+            means = torch._foreach_div(group_sums, [divisors[i] for i in indices])
             torch._foreach_copy_([params[i] for i in indices], means)
             torch._foreach_zero_(group_sums)
         return
-    for param, total, count in zip(params, sums, counts):
-        param.copy_(total / float(count))
+    check_floating("params", params)
+    for param, total, divisor in zip(params, sums, divisors):
+        param.copy_(total / divisor)
         total.zero_()
+
+
+def _divisors(counts: Sequence[int]) -> list[float]:
+    """The counts as floats, each checked to be an integer >= 1 (one pass in the common case)."""
+    if all(type(count) is int and count >= 1 for count in counts):
+        return [float(count) for count in counts]
+    return [float(check_int(f"counts[{i}]", count, low=1)) for i, count in enumerate(counts)]

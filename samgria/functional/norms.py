@@ -3,7 +3,12 @@
 Each tensor's norm is taken in its own dtype (16-bit tensors in float32: casting every float32
 gradient to float64 first costs several times the norm itself on the CPU), and the per-tensor
 norms are combined in float64 (float32 on devices without float64), so a model mixing bfloat16,
-float32 and float64 parameters gets one accurate norm. Sharded tensors (``DTensor``) count whole:
+float32 and float64 parameters gets one accurate norm. Where float32 arithmetic cannot give it --
+squares that overflow (a norm above about 1.8e19 comes out infinite) or that fall into float32's
+subnormal range (a norm below about 1e-19 comes out inaccurate or 0) -- the norm comes out
+infinite or below 1e-15, and the norms of the float32 and 16-bit tensors are
+taken again in float64: the common case pays one read of the result, which every caller makes
+anyway. Sharded tensors (``DTensor``) count whole:
 the per-shard squared norms are summed across ranks (see :mod:`samgria.functional._sharding`).
 
 :func:`scale_` rescales tensors by one number each (what clipping and normalising by a norm do),
@@ -12,11 +17,12 @@ the per-shard squared norms are summed across ranks (see :mod:`samgria.functiona
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
 
-from samgria.functional._grouping import group_indices_by_device_and_dtype
+from samgria.functional._grouping import check_lengths, group_indices_by_device_and_dtype
 from samgria.functional._sharding import any_sharded, local_shard, reduce_partial_sums
 from samgria.functional._views import LOW_PRECISION, widened_dtype
 
@@ -47,10 +53,16 @@ def global_norm(
 
     Returns:
         A 0-dim tensor on the device of the first (local) tensor, in float64 (float32 on MPS).
-        The norm of an empty list is 0.
+        The norm of an empty list is 0. It is infinite or NaN only when some element is (or when
+        the true norm is beyond float64's range): a norm that float32 arithmetic overflows or
+        flushes to the subnormal range (infinite, or below 1e-15) is taken
+        again with the float32 and 16-bit tensors in float64 (not on MPS, which has no float64),
+        on both paths alike. The result is read on the host once, to decide that.
+
+    Raises:
+        ValueError: If ``like`` has another length than ``tensors``.
     """
-    if like is not None and len(like) != len(tensors):
-        raise ValueError(f"like must have one tensor per tensor, got {len(like)} for {len(tensors)}")
+    check_lengths(len(tensors), "tensor", ("like", like), entry="tensor")
     if len(tensors) == 0:
         return torch.zeros((), dtype=torch.float64)
     sources = tensors if like is None else like
@@ -60,7 +72,36 @@ def global_norm(
     out_device = tensors[0].device
     acc_dtype = _accumulation_dtype(out_device)
     stacked = _stacked_norms(tensors, foreach, out_device, acc_dtype)
-    if sharded:
+    norm = _combined(stacked, sources if sharded else None)
+    value = float(norm)  # one read of the result (a device sync the caller makes anyway)
+    if acc_dtype == torch.float64 and (math.isinf(value) or value < _RECOMPUTE_BELOW):
+        for index, tensor in enumerate(tensors):  # both paths alike: the same bits
+            wide = _WIDE.get(tensor.dtype)
+            if wide is not None and tensor.device.type != "mps":
+                stacked[index] = torch.linalg.vector_norm(tensor, 2, dtype=wide).to(out_device, acc_dtype)
+        norm = _combined(stacked, sources if sharded else None)
+    return norm
+
+
+#: A global norm below this, or an infinite one, is taken again with the norms of float32 and
+#: 16-bit tensors in float64. Below it, float32 squares may have fallen into the subnormal range
+#: (below about 1.2e-38) and lost digits: n such squares err by at most about n * 7e-46, under
+#: float32's precision relative to a squared norm of at least 1e-30 for tensors of up to 1e8
+#: elements. Above it, and finite, the float32 norms are as accurate as float32 arithmetic allows.
+_RECOMPUTE_BELOW = 1e-15
+
+#: The dtype a tensor's norm is taken again in (see ``_RECOMPUTE_BELOW``).
+_WIDE = {
+    torch.float32: torch.float64,
+    torch.float16: torch.float64,
+    torch.bfloat16: torch.float64,
+    torch.complex64: torch.complex128,
+}
+
+
+def _combined(stacked: torch.Tensor, sources: Sequence[torch.Tensor] | None) -> torch.Tensor:
+    """The L2 norm of the per-tensor norms; with ``sources`` (sharded), summed across ranks."""
+    if sources is not None:
         return reduce_partial_sums(stacked.square(), sources).sum().sqrt()
     return torch.linalg.vector_norm(stacked, 2)
 
@@ -111,9 +152,7 @@ def scale_(
     Raises:
         ValueError: If ``scales`` or ``shifts`` has another length than ``tensors``.
     """
-    for name, values in (("scales", scales), ("shifts", shifts)):
-        if values is not None and len(values) != len(tensors):
-            raise ValueError(f"{name} must have one entry per tensor, got {len(values)} for {len(tensors)}")
+    check_lengths(len(tensors), "tensor", ("scales", scales), ("shifts", shifts))
     if foreach:
         for (_device, dtype), indices in group_indices_by_device_and_dtype(tensors).items():
             if dtype in LOW_PRECISION:
@@ -166,8 +205,7 @@ def all_finite(
     Returns:
         ``True`` when no element is infinite or NaN (also for an empty list).
     """
-    if like is not None and len(like) != len(tensors):
-        raise ValueError(f"like must have one tensor per tensor, got {len(like)} for {len(tensors)}")
+    check_lengths(len(tensors), "tensor", ("like", like), entry="tensor")
     sources = tensors if like is None else like
     if any_sharded(sources):
         local = [local_shard(tensor) for tensor in tensors]

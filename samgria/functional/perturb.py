@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from samgria.functional._grouping import group_indices_by_device_and_dtype
+from samgria.functional._grouping import check_floating, check_lengths, group_indices_by_device_and_dtype
 from samgria.functional._views import LOW_PRECISION, widened_dtype
 
 __all__ = ["add_directions_", "perturbed_into_", "mul", "mul_", "adaptive_scaling"]
@@ -37,15 +37,22 @@ def perturbed_into_(
     tensor (the reference path, and large tensors on the CPU), or with ``foreach``
     ``_foreach_copy_`` and ``_foreach_add_(b, d, alpha=s)`` per list of tensors with the same
     scale: the same arithmetic (:math:`w + s\,d` with one rounding; bit for bit on the CPU, tested).
+    The scales are not checked: they follow ``torch.add``'s ``alpha`` (IEEE arithmetic, so a NaN
+    or infinite scale gives NaN or infinite weights; one beyond the range of the computing dtype
+    raises torch's ``RuntimeError``).
 
     Raises:
         ValueError: If ``buffers``, ``directions`` or ``scales`` has another length than ``params``.
+        TypeError: If a parameter or buffer is neither floating-point nor complex (an integer
+            tensor would truncate the result).
     """
-    for name, values in (("buffers", buffers), ("directions", directions), ("scales", scales)):
-        if len(values) != len(params):
-            raise ValueError(f"{name} must have one entry per parameter, got {len(values)} for {len(params)}")
+    check_lengths(len(params), "parameter", ("buffers", buffers), ("directions", directions), ("scales", scales))
+    by_dtype = group_indices_by_device_and_dtype(params)
+    check_floating("params", params, [dtype for _device, dtype in by_dtype])
+    if buffers is not params:
+        check_floating("buffers", buffers)
     groups = []
-    for (device, dtype), indices in group_indices_by_device_and_dtype(params).items():
+    for (device, dtype), indices in by_dtype.items():
         if dtype in LOW_PRECISION:
             plain, widened = [], indices
         else:
@@ -167,21 +174,35 @@ def add_directions_(
     r"""In place: :math:`w_i \leftarrow w_i + s_i\, d_i` (a perturbation step).
 
     :func:`perturbed_into_` with the parameters as their own buffers (same kernels, same
-    rounding). ``directions`` may be overwritten (they are consumed).
+    rounding, same checks). ``directions`` may be overwritten (they are consumed).
+
+    Raises:
+        ValueError: If ``directions`` or ``scales`` has another length than ``params``.
+        TypeError: If a parameter is neither floating-point nor complex.
     """
     perturbed_into_(params, params, directions, scales, foreach=foreach)
-
-
 
 
 def mul_(
     buffers: Sequence[torch.Tensor], factors: Sequence[torch.Tensor], *, foreach: bool = True
 ) -> None:
-    r"""In place: :math:`b_i \leftarrow b_i \odot f_i` for every buffer."""
+    r"""In place: :math:`b_i \leftarrow b_i \odot f_i` for every buffer.
+
+    One ``torch._foreach_mul_`` per device and dtype of the buffers, or ``mul_`` tensor by tensor
+    (``foreach=False``): the same arithmetic, bit for bit.
+
+    Raises:
+        ValueError: If ``factors`` has another length than ``buffers``.
+        TypeError: If a buffer is neither floating-point nor complex.
+    """
+    check_lengths(len(buffers), "buffer", ("factors", factors))
     if foreach:
-        for indices in group_indices_by_device_and_dtype(buffers).values():
+        groups = group_indices_by_device_and_dtype(buffers)
+        check_floating("buffers", buffers, [dtype for _device, dtype in groups])
+        for indices in groups.values():
             torch._foreach_mul_([buffers[i] for i in indices], [factors[i] for i in indices])
         return
+    check_floating("buffers", buffers)
     for buffer, factor in zip(buffers, factors):
         buffer.mul_(factor)
 
@@ -189,29 +210,56 @@ def mul_(
 def adaptive_scaling(
     params: Sequence[torch.Tensor], etas: Sequence[float], *, foreach: bool = True
 ) -> list[torch.Tensor]:
-    r"""Return the ASAM scaling operators :math:`T_i = |w_i| + \eta_i` (new tensors)."""
+    r"""Return the ASAM scaling operators :math:`T_i = |w_i| + \eta_i` (new tensors).
+
+    One ``torch._foreach_abs`` and ``torch._foreach_add_`` per device and dtype, or
+    ``abs().add_()`` tensor by tensor (``foreach=False``): the same arithmetic, bit for bit. A
+    complex parameter gives a real :math:`T_i` (its modulus). The etas are not checked: they
+    follow ``torch.add`` (IEEE arithmetic; one beyond the parameter's dtype raises torch's
+    ``RuntimeError``).
+
+    Raises:
+        ValueError: If ``etas`` has another length than ``params``.
+        TypeError: If a parameter is neither floating-point nor complex.
+    """
+    check_lengths(len(params), "parameter", ("etas", etas))
     if foreach:
         result: list[torch.Tensor | None] = [None] * len(params)
-        for indices in group_indices_by_device_and_dtype(params).values():
+        groups = group_indices_by_device_and_dtype(params)
+        check_floating("params", params, [dtype for _device, dtype in groups])
+        for indices in groups.values():
             scaled = torch._foreach_abs([params[i] for i in indices])
             torch._foreach_add_(scaled, [etas[i] for i in indices])
             for index, tensor in zip(indices, scaled):
                 result[index] = tensor
         return result  # type: ignore[return-value]
+    check_floating("params", params)
     return [param.abs().add_(eta) for param, eta in zip(params, etas)]
 
 
 def mul(
     tensors: Sequence[torch.Tensor], factors: Sequence[torch.Tensor], *, foreach: bool = True
 ) -> list[torch.Tensor]:
-    r"""Out of place: return :math:`t_i \odot f_i` for every tensor."""
+    r"""Out of place: return :math:`t_i \odot f_i` for every tensor.
+
+    One ``torch._foreach_mul`` per device and dtype of ``tensors``, or ``mul`` tensor by tensor
+    (``foreach=False``): the same arithmetic, bit for bit.
+
+    Raises:
+        ValueError: If ``factors`` has another length than ``tensors``.
+        TypeError: If a tensor is neither floating-point nor complex.
+    """
+    check_lengths(len(tensors), "tensor", ("factors", factors))
     if foreach:
         result: list[torch.Tensor | None] = [None] * len(tensors)
-        for indices in group_indices_by_device_and_dtype(tensors).values():
+        groups = group_indices_by_device_and_dtype(tensors)
+        check_floating("tensors", tensors, [dtype for _device, dtype in groups])
+        for indices in groups.values():
             products = torch._foreach_mul(
                 [tensors[i] for i in indices], [factors[i] for i in indices]
             )
             for index, tensor in zip(indices, products):
                 result[index] = tensor
         return result  # type: ignore[return-value]
+    check_floating("tensors", tensors)
     return [tensor.mul(factor) for tensor, factor in zip(tensors, factors)]

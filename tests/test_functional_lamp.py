@@ -1,0 +1,225 @@
+"""``samgria.functional.lamp``: LAMP's kernels (noise, scaled updates, running sums, means), both
+paths against a float64 loop written here, and their checks of bad lists, dtypes and counts."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from samgria.functional import accumulate_, add_scaled_, assign_mean_, magnitude_noise
+
+DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.complex64]
+
+
+def _values(dtype: torch.dtype, seed: int = 0, *, coarse: bool = False) -> list[torch.Tensor]:
+    """A transposed view, a strided column, a contiguous tensor, a scalar and an empty tensor.
+
+    ``coarse``: multiples of 1/64 in [-1, 1] (exact in every dtype, and any product with a float
+    of at most 17 significant bits is exact in float32)."""
+    generator = torch.Generator().manual_seed(seed)
+    real = torch.float32 if dtype.is_complex else dtype
+
+    def draw(*shape: int) -> torch.Tensor:
+        def part() -> torch.Tensor:
+            if coarse:
+                return (torch.randint(-64, 65, shape, generator=generator) / 64).to(real)
+            return torch.randn(shape, generator=generator).to(real)
+
+        return torch.complex(part(), part()) if dtype.is_complex else part()
+
+    tensors = [draw(4, 3).t(), draw(5, 6)[:, 2], draw(7), draw(), draw(0)]
+    assert not tensors[0].is_contiguous() and not tensors[1].is_contiguous()
+    return tensors
+
+
+def _wide(dtype: torch.dtype) -> torch.dtype:
+    return torch.complex128 if dtype.is_complex else torch.float64
+
+
+def _assert_rounded_once(got: torch.Tensor, exact: torch.Tensor, dtype: torch.dtype) -> None:
+    """``got`` is ``exact`` (float64, exact) rounded once to ``dtype``; complex: close."""
+    assert got.dtype == dtype and got.shape == exact.shape
+    if dtype.is_complex:
+        torch.testing.assert_close(got, exact.to(dtype), rtol=2e-7, atol=0)
+    else:
+        assert torch.equal(got, exact.to(dtype))
+
+
+# -- values -------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_magnitude_noise_is_the_weights_times_uniform_draws_in_order_on_both_paths(dtype):
+    params = _values(dtype)
+    results = {}
+    for foreach in (True, False):
+        generator = torch.Generator().manual_seed(7)
+        noise = magnitude_noise(params, lambda device: generator, foreach=foreach)
+        replay = torch.Generator().manual_seed(7)  # the same draws, tensor by tensor, in order
+        for sample, param in zip(noise, params):
+            draw = torch.empty_like(param, memory_format=torch.preserve_format).uniform_(-1.0, 1.0, generator=replay)
+            assert bool((draw.real.abs() <= 1).all())
+            _assert_rounded_once(sample, draw.to(_wide(dtype)) * param.to(_wide(dtype)), dtype)
+        results[foreach] = noise
+    for fast, reference in zip(results[True], results[False]):
+        assert torch.equal(fast, reference)
+    assert magnitude_noise([], lambda device: None, foreach=True) == []
+    assert magnitude_noise([], lambda device: None, foreach=False) == []
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_add_scaled_equals_w_plus_alpha_u_in_float64_on_both_paths(dtype):
+    updates = _values(dtype, seed=1, coarse=True)
+    results = {}
+    for foreach in (True, False):
+        params = _values(dtype, coarse=True)
+        exact = [w.to(_wide(dtype)) + 0.375 * u.to(_wide(dtype)) for w, u in zip(params, updates)]
+        add_scaled_(params, updates, 0.375, foreach=foreach)
+        for got, want in zip(params, exact):
+            _assert_rounded_once(got, want, dtype)
+        results[foreach] = params
+    for fast, reference in zip(results[True], results[False]):
+        assert torch.equal(fast, reference)
+    add_scaled_([], [], 0.5, foreach=True)
+    add_scaled_([], [], 0.5, foreach=False)
+
+
+@pytest.mark.parametrize("update_dtype", ["same", torch.float32])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("foreach", [True, False])
+def test_add_scaled_takes_an_alpha_beyond_the_16_bit_range_and_rounds_once(dtype, update_dtype, foreach):
+    """A 16-bit weight is computed in float32 and rounded once (``7e4`` overflowed float16 as a
+    scalar operand: "value cannot be converted to type c10::Half without overflow")."""
+    params = _values(dtype, coarse=True)
+    update_dtype = dtype if update_dtype == "same" else update_dtype
+    # multiples of 2**-16 in [-1/16, 1/16]: exact in every dtype, and 7e4 * u exact in float32
+    updates = [(u / 1024).to(update_dtype) for u in _values(torch.float32, seed=1, coarse=True)]
+    exact = [w.double() + 7e4 * u.double() for w, u in zip(params, updates)]
+    add_scaled_(params, updates, 7e4, foreach=foreach)
+    for got, want in zip(params, exact):
+        _assert_rounded_once(got, want, dtype)
+
+
+def test_add_scaled_gives_the_same_bits_on_both_paths_for_16_bit_weights_among_others():
+    def world():
+        generator = torch.Generator().manual_seed(3)
+        params = [torch.randn(5, generator=generator).to(dtype) for dtype in (torch.float16, torch.float32, torch.bfloat16)]
+        updates = [torch.randn(5, generator=generator) for _ in params]
+        return params, updates
+
+    fast, updates = world()
+    add_scaled_(fast, updates, 1e5 / 3, foreach=True)
+    reference, updates = world()
+    add_scaled_(reference, updates, 1e5 / 3, foreach=False)
+    for got, want in zip(fast, reference):
+        assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_accumulate_adds_the_weights_to_wider_or_equal_sums_on_both_paths(dtype):
+    params = _values(dtype)
+    sum_dtypes = [_wide(dtype), dtype, _wide(dtype), dtype, dtype]  # mixed within one weight dtype
+    results = {}
+    for foreach in (True, False):
+        sums = [s.to(d) for s, d in zip(_values(dtype, seed=2), sum_dtypes)]
+        exact = [s.to(_wide(dtype)) + w.to(_wide(dtype)) for s, w in zip(sums, params)]
+        accumulate_(sums, params, foreach=foreach)
+        for got, want, sum_dtype in zip(sums, exact, sum_dtypes):
+            _assert_rounded_once(got, want, sum_dtype)
+        results[foreach] = sums
+    for fast, reference in zip(results[True], results[False]):
+        assert torch.equal(fast, reference)
+    accumulate_([], [], foreach=True)
+    accumulate_([], [], foreach=False)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_assign_mean_writes_the_sum_over_the_count_and_zeroes_the_sums_on_both_paths(dtype):
+    counts = [3, 1, 7, 2, 5]
+    results = {}
+    for foreach in (True, False):
+        params = _values(dtype)
+        sums = [s.to(_wide(dtype)) * 3 for s in _values(dtype, seed=4)]  # wider sums, as LAMP may keep
+        exact = [s / n for s, n in zip(sums, counts)]
+        assign_mean_(params, sums, counts, foreach=foreach)
+        for got, want, total in zip(params, exact, sums):
+            _assert_rounded_once(got, want, dtype)
+            assert torch.equal(total, torch.zeros_like(total))
+        results[foreach] = params
+    for fast, reference in zip(results[True], results[False]):
+        assert torch.equal(fast, reference)
+    assign_mean_([], [], [], foreach=True)
+    assign_mean_([], [], [], foreach=False)
+
+
+# -- bad inputs ---------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("foreach", [True, False])
+def test_every_lamp_kernel_rejects_lists_of_other_lengths_before_writing(foreach):
+    two = [torch.ones(2), torch.ones(2)]
+    one = [torch.ones(2)]
+    with pytest.raises(ValueError, match=r"^updates must have one entry per parameter, got 1 for 2$"):
+        add_scaled_(two, one, 0.5, foreach=foreach)
+    with pytest.raises(ValueError, match=r"^params must have one entry per sum, got 1 for 2$"):
+        accumulate_(two, one, foreach=foreach)
+    with pytest.raises(ValueError, match=r"^params must have one entry per sum, got 2 for 1$"):
+        accumulate_(one, two, foreach=foreach)
+    with pytest.raises(ValueError, match=r"^sums must have one entry per parameter, got 1 for 2$"):
+        assign_mean_(two, one, [1, 1], foreach=foreach)
+    with pytest.raises(ValueError, match=r"^counts must have one entry per parameter, got 3 for 2$"):
+        assign_mean_(two, [torch.ones(2), torch.ones(2)], [1, 1, 1], foreach=foreach)
+    for tensor in two + one:
+        assert torch.equal(tensor, torch.ones(2))
+
+
+@pytest.mark.parametrize("foreach", [True, False])
+@pytest.mark.parametrize("dtype", [torch.int64, torch.int32, torch.bool])
+def test_every_lamp_kernel_rejects_integer_and_bool_tensors_it_writes(dtype, foreach):
+    """They would truncate: ``accumulate_`` and ``assign_mean_`` left integer tensors unchanged."""
+    bad = torch.tensor([1, 0], dtype=dtype)
+    good = torch.ones(2)
+    message = rf" must be a floating-point or complex tensor, got a {dtype} tensor$"
+    with pytest.raises(TypeError, match=r"^params\[0\]" + message):
+        magnitude_noise([bad], lambda device: None, foreach=foreach)
+    with pytest.raises(TypeError, match=r"^params\[1\]" + message):
+        add_scaled_([good, bad], [good, good], 0.5, foreach=foreach)
+    with pytest.raises(TypeError, match=r"^sums\[0\]" + message):
+        accumulate_([bad], [torch.full((2,), 0.5)], foreach=foreach)
+    with pytest.raises(TypeError, match=r"^params\[0\]" + message):
+        assign_mean_([bad], [torch.full((2,), 3.0)], [2], foreach=foreach)
+    assert torch.equal(good, torch.ones(2))
+
+
+def test_magnitude_noise_checks_before_drawing():
+    generator = torch.Generator().manual_seed(0)
+    state = generator.get_state()
+    for foreach in (True, False):
+        with pytest.raises(TypeError, match=r"^params\[1\] "):
+            magnitude_noise([torch.ones(3), torch.ones(3, dtype=torch.int64)], lambda device: generator, foreach=foreach)
+        assert torch.equal(generator.get_state(), state)
+
+
+@pytest.mark.parametrize("foreach", [True, False])
+@pytest.mark.parametrize(
+    "count, error, rule",
+    [
+        (0, ValueError, "an integer >= 1"),
+        (-2, ValueError, "an integer >= 1"),
+        (1.5, TypeError, "an integer >= 1"),
+        (2.0, TypeError, "an integer >= 1"),
+        (True, TypeError, "an integer >= 1"),
+        (float("nan"), ValueError, "an integer >= 1"),
+    ],
+)
+def test_assign_mean_rejects_counts_that_are_not_integers_of_at_least_one(count, error, rule, foreach):
+    """A count of 0 gave inf and NaN weights (and zeroed the sums); a negative one flipped them."""
+    params = [torch.ones(2), torch.ones(2)]
+    sums = [torch.full((2,), 4.0), torch.full((2,), 6.0)]
+    with pytest.raises(error, match=rf"^counts\[1\] must be {rule}, got {count!r}$"):
+        assign_mean_(params, sums, [2, count], foreach=foreach)
+    assert all(torch.equal(p, torch.ones(2)) for p in params)  # nothing written
+    assert torch.equal(sums[0], torch.full((2,), 4.0)) and torch.equal(sums[1], torch.full((2,), 6.0))
+
+
+def test_assign_mean_takes_numpy_integer_counts():
+    numpy = pytest.importorskip("numpy")
+    params = [torch.zeros(2)]
+    assign_mean_(params, [torch.full((2,), 6.0)], [numpy.int64(4)])
+    assert torch.equal(params[0], torch.full((2,), 1.5))
