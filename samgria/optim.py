@@ -110,7 +110,7 @@ def _called_by_checkpoint_state_init() -> bool:
 
 
 #: How many callers up ``_rescale_unscaled_grads`` looks for ``GradScaler.step`` (its caller
-#: ``_finish_pending``, ``step``, torch's hook wrapper, then a framework's wrappers).
+#: ``_finish_pending``, ``_step``, ``step``, torch's hook wrapper, then a framework's wrappers).
 _SCALER_FRAMES = 10
 
 #: How many callers up :func:`_called_by_checkpoint_state_init` looks.
@@ -505,6 +505,43 @@ class TransformingOptimizer(WrappingOptimizer):
                 torch._foreach_mul_([grads[i] for i in indices], inv_scale.to(device))
         return False
 
+    def _loss_scale_refusal(self, pending: _PendingStep) -> str | None:
+        """Why a two-call step that ``GradScaler`` finishes would be wrong, or ``None``.
+
+        ``first_step()`` saw the first pass's gradients multiplied by the loss scale, which it
+        does not know. That is harmless where only their direction counts, but not where the
+        size of what was computed from them does: a move by their size
+        (``MultiStepSAM(normalize=False)``), or a transform before GSAM, WSAM or LookSAM (which
+        mix them into the step) that is not scale-equivariant.
+        """
+        perturbation = pending.perturbation
+        split = pending.resume_at - 1
+        name = type(self.transforms[split]).__name__
+        if getattr(perturbation, "scale_dependent", False):
+            return (
+                f"{name} computed its move in first_step() from the size of the first pass's "
+                "gradients, which GradScaler has multiplied by the loss scale (MultiStepSAM's "
+                "ascent with normalize=False): use normalize=True, or train without a loss scaler "
+                "(float32, or bfloat16 autocast, which needs none)"
+            )
+        if not getattr(perturbation, "mixes_first_pass", False):
+            return None
+        before = [
+            type(transform).__name__
+            for slot, transform in list(self.chain)[:split]
+            if type(transform).pre_update is not Transform.pre_update
+            and not transform.scales_with_gradients(self._context(slot, None).param_groups)
+        ]
+        if not before:
+            return None
+        return (
+            f"{name} mixes the first pass's gradients into the step, and {', '.join(before)} "
+            "acted on them in first_step() while GradScaler had them multiplied by the loss scale, "
+            "which its result does not scale with (Transform.scales_with_gradients): place "
+            f"{', '.join(before)} after {name}, or train without a loss scaler (float32, or "
+            "bfloat16 autocast, which needs none)"
+        )
+
     def _rescale_unscaled_grads(self) -> None:
         """Put the second pass's gradients back into the loss scale when ``GradScaler.unscale_``
         unscaled them (to clip them) before ``scaler.step``, for a step that finishes by mixing
@@ -680,6 +717,16 @@ class TransformingOptimizer(WrappingOptimizer):
                 a framework accumulated earlier micro-batches outside the closure that a
                 transform re-evaluates (Lightning's ``accumulate_grad_batches > 1``).
         """
+        if getattr(self, "found_inf", None) is None:
+            return self._step(closure)
+        try:  # GradScaler.step deletes what it set only after step() returns
+            return self._step(closure)
+        except BaseException:
+            self._forget_scaler()
+            raise
+
+    def _step(self, closure: Callable[[], Any] | None) -> Any:
+        """:meth:`step`'s body."""
         if self._pending is not None:
             if closure is not None:
                 if not self._progress.finishing:
@@ -757,19 +804,13 @@ class TransformingOptimizer(WrappingOptimizer):
         pending, self._pending = self._pending, None
         assert pending is not None
         structure = pending.structure
-        if getattr(self, "found_inf", None) is not None and getattr(pending.perturbation, "scale_dependent", False):
-            pending.perturbation.restore_weights()  # type: ignore[union-attr]
+        refusal = self._loss_scale_refusal(pending) if getattr(self, "found_inf", None) is not None else None
+        if refusal is not None:
+            if pending.perturbation is not None:
+                pending.perturbation.restore_weights()
             if structure is not None:
                 structure.restore()
-            self._forget_scaler()
-            name = type(self.transforms[pending.resume_at - 1]).__name__
-            raise RuntimeError(
-                f"{name} computed its move in first_step() from the size of the first pass's "
-                "gradients, which GradScaler has multiplied by the loss scale (MultiStepSAM's "
-                "ascent with normalize=False): the step would be wrong; the weights are restored. "
-                "Use normalize=True, or train without a loss scaler (float32, or bfloat16 "
-                "autocast, which needs none)"
-            )
+            raise RuntimeError(refusal + "; the weights are restored")
         try:
             spare_buffers = {}
             if pending.perturbation is not None:

@@ -19,7 +19,7 @@ import pytest
 import torch
 from torch import nn
 
-from samgria import ASAM, SAM, TransformingOptimizer
+from samgria import ASAM, GSAM, SAM, WSAM, ClipGradNorm, GradSign, LookSAM, NormalizeGrad, ScaleGrad, SparsifyGrad, TransformingOptimizer
 
 SCALE = 2.0**10  # a power of two: scaling and unscaling are exact in floating point
 
@@ -219,3 +219,111 @@ def test_lr_scheduler_after_scaled_steps_does_not_warn() -> None:
     assert scaler.get_scale() == SCALE / 2
     assert optimizer.param_groups[0]["lr"] == pytest.approx(0.1 * 0.5**3)
     assert optimizer.inner.param_groups[0]["lr"] == optimizer.param_groups[0]["lr"]
+
+
+# -- a step that raises leaves nothing of the scaler behind ---------------------------------------
+class _FailingOnceSGD(torch.optim.SGD):
+    """SGD whose next step raises when ``fail`` is set (an out-of-memory error, say)."""
+
+    fail = False
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        if self.fail:
+            self.fail = False
+            raise RuntimeError("out of memory (injected)")
+        return super().step(closure)
+
+
+@pytest.mark.parametrize("failure", ["inner step", "bad group value"])
+def test_a_scaled_step_that_raises_leaves_no_scaler_attributes_and_training_continues_like_a_twin(failure: str) -> None:
+    """GradScaler.step sets found_inf and grad_scale on the optimizer and deletes them only after
+    step() returns: a step that raises must drop them, or the next steps are unscaled twice (or,
+    without a scaler, divided by the stale scale)."""
+    runs = []
+    for _ in range(2):
+        model = _model()
+        optimizer = TransformingOptimizer(model.parameters(), _FailingOnceSGD, lr=0.1, momentum=0.9, transforms=[SAM(rho=0.1)])
+        runs.append((model, optimizer, _scaler()))
+    (model, optimizer, scaler), (twin_model, twin, twin_scaler) = runs
+    inputs, targets = _batch()
+    loss_fn = nn.functional.cross_entropy
+    if failure == "inner step":  # in the step that finishes a first_step()
+        scaler.scale(loss_fn(model(inputs), targets)).backward()
+        optimizer.first_step(zero_grad=True)
+        scaler.scale(loss_fn(model(inputs), targets)).backward()
+        optimizer.inner.fail = True
+        with pytest.raises(RuntimeError, match=r"out of memory \(injected\)"):
+            scaler.step(optimizer)
+    else:  # refused by the group check, before anything else
+        scaler.scale(loss_fn(model(inputs), targets)).backward()
+        optimizer.param_groups[0]["rho"] = -1.0
+        with pytest.raises(ValueError, match=r"rho must be a finite number >= 0, got -1\.0"):
+            scaler.step(optimizer)
+        optimizer.param_groups[0]["rho"] = 0.1
+    assert "found_inf" not in vars(optimizer) and "grad_scale" not in vars(optimizer)
+    scaler.update()  # no overflow was found: the scale stays (growth_interval=1000)
+    assert scaler.get_scale() == twin_scaler.get_scale() == SCALE
+    optimizer.zero_grad()
+    for index in range(1, 3):  # the recipe goes on, then the plain loop without a scaler
+        inputs, targets = _batch(index)
+        amp_sam_step(model, optimizer, scaler, loss_fn, inputs, targets)
+        amp_sam_step(twin_model, twin, twin_scaler, loss_fn, inputs, targets)
+    for mdl, opt in ((model, optimizer), (twin_model, twin)):
+        loss_fn(mdl(inputs), targets).backward()
+        opt.first_step(zero_grad=True)
+        loss_fn(mdl(inputs), targets).backward()
+        opt.second_step(zero_grad=True)
+    for got, want in zip(model.parameters(), twin_model.parameters()):
+        assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize(
+    "chain,refused",
+    [
+        (lambda: [NormalizeGrad(), WSAM(0.05)], "NormalizeGrad"),
+        (lambda: [ClipGradNorm(0.05), GSAM(0.05)], "ClipGradNorm"),
+        (lambda: [GradSign(), LookSAM(0.05, k=2)], "GradSign"),
+        (lambda: [ScaleGrad(2.0, 1e-3), GSAM(0.05)], "ScaleGrad"),
+        (lambda: [ClipGradNorm(0.05), SAM(0.05)], "rounding"),  # SAM uses only their direction
+        (lambda: [ScaleGrad(2.0), GSAM(0.05)], None),  # equivariant: 2 g scales with g
+        (lambda: [SparsifyGrad(0.5), WSAM(0.05)], None),
+        (lambda: [GSAM(0.05), ClipGradNorm(0.05)], None),  # after: acts on the unscaled gradients
+    ],
+)
+def test_a_transform_before_gsam_wsam_or_looksam_that_does_not_scale_with_the_gradients_is_refused_under_a_loss_scale(chain, refused):
+    """In first_step() such a transform acts on the first pass's gradients still multiplied by
+    the loss scale, which GSAM, WSAM and LookSAM then mix into the step: a different update,
+    silently (|dw| 0.49 against 1.38 for NormalizeGrad before WSAM). It is refused, the weights
+    restored; equivariant ones equal the loop without a scaler bit for bit, and before SAM, which
+    uses only the direction, clipping changes nothing but rounding."""
+    inputs, targets = _batch()
+    loss_fn = nn.functional.cross_entropy
+
+    def run(scaler):
+        model = _model()
+        optimizer = TransformingOptimizer(model.parameters(), torch.optim.SGD, lr=0.1, momentum=0.9, transforms=chain())
+        scale = scaler.scale if scaler is not None else (lambda loss: loss)
+        before = [p.detach().clone() for p in model.parameters()]
+        scale(loss_fn(model(inputs), targets)).backward()
+        optimizer.first_step(zero_grad=True)
+        scale(loss_fn(model(inputs), targets)).backward()
+        if scaler is None:
+            optimizer.second_step()
+        elif refused not in (None, "rounding"):
+            with pytest.raises(RuntimeError, match=rf"mixes the first pass's gradients into the step, and {refused} acted on them"):
+                scaler.step(optimizer)
+            for got, want in zip(model.parameters(), before):
+                assert torch.equal(got, want)
+            assert not any(optimizer.state.values()) and "found_inf" not in vars(optimizer)
+        else:
+            scaler.step(optimizer)
+        return list(model.parameters())
+
+    scaled = run(_scaler())
+    if refused is None:
+        for got, want in zip(scaled, run(None)):
+            assert torch.equal(got, want)
+    elif refused == "rounding":  # clipping the scaled gradients keeps their direction, up to rounding
+        for got, want in zip(scaled, run(None)):
+            torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)

@@ -245,6 +245,9 @@ class SparsifyGrad(Transform):
         self.q = check_real("q", q, low=0.0, high=1.0, low_open=True)
         self.param_ndim = check_param_ndim("param_ndim", param_ndim)
 
+    def scales_with_gradients(self, param_groups: list[Mapping[str, Any]]) -> bool:
+        return True  # the kept elements are chosen by relative magnitude
+
     def group_defaults(self) -> dict[str, Any]:
         return {"q": self.q, "param_ndim": self.param_ndim}
 
@@ -276,6 +279,9 @@ class ScaleGrad(Transform):
     def __init__(self, scale: float = 1.0, bias: float = 0.0) -> None:
         self.scale = check_real("scale", scale)
         self.bias = check_real("bias", bias)
+
+    def scales_with_gradients(self, param_groups: list[Mapping[str, Any]]) -> bool:
+        return all(group["grad_bias"] == 0 for group in param_groups)
 
     def group_defaults(self) -> dict[str, Any]:
         return {"grad_scale": self.scale, "grad_bias": self.bias}
