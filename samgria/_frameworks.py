@@ -16,7 +16,7 @@ import functools
 import sys
 from typing import Any
 
-__all__ = ["accumulating_framework", "called_from", "stepping_grad_scaler"]
+__all__ = ["accumulating_framework", "called_from", "stacklevel_outside", "stepping_grad_scaler"]
 
 _LIGHTNING_MODULES = ("lightning.pytorch.", "pytorch_lightning.")
 
@@ -52,6 +52,17 @@ def called_from(function: Any, depth: int) -> bool:
             return True
         frame = frame.f_back
     return False
+
+
+def stacklevel_outside(*prefixes: str) -> int:
+    """``stacklevel`` for a warning that points at the first caller outside the modules named by
+    ``prefixes`` (default: samgria and torch, whose hook wrappers and ``GradScaler.step`` sit
+    between the user's line and samgria), counted from the function that warns."""
+    prefixes = prefixes or ("samgria.", "torch.")
+    frame, level = sys._getframe(2), 2
+    while frame is not None and (frame.f_globals.get("__name__", "") + ".").startswith(prefixes):
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 def stepping_grad_scaler(depth: int) -> Any:

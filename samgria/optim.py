@@ -14,7 +14,7 @@ from torch import nn
 from torch.optim import Optimizer
 
 from samgria._checks import check_bool, check_choice
-from samgria._frameworks import accumulating_framework, called_from, stepping_grad_scaler
+from samgria._frameworks import accumulating_framework, called_from, stacklevel_outside, stepping_grad_scaler
 from samgria._snapshot import StateStructure, StepSnapshot
 from samgria._wrapper import WrappingOptimizer, refuse_driven
 from samgria.functional import all_finite, global_norm
@@ -190,11 +190,12 @@ class TransformingOptimizer(WrappingOptimizer):
     :attr:`skipped_steps`; ``non_finite="raise"`` raises :class:`FloatingPointError` instead
     (also with nothing changed). Under ``torch.amp.GradScaler`` the scaler's verdict rules: it
     skips the step and backs off. Not finite means an infinite or NaN element
-    (``samgria.functional.all_finite``). Finite gradients whose norm overflows (float64: a
-    float32 or 16-bit norm that overflows float32 is taken again in float64) are stepped, and
+    (``samgria.functional.all_finite``). Finite gradients whose norm overflows are stepped, and
     transforms that divide by the norm see an infinite one: SAM leaves the weights unperturbed
     (with a warning), ``ClipGradNorm`` and ``NormalizeGrad`` scale the gradients to zero (as
-    ``torch.nn.utils.clip_grad_norm_`` does).
+    ``torch.nn.utils.clip_grad_norm_`` does). Global norms of float32 and 16-bit gradients are
+    taken again in float64 when float32 overflows (``samgria.functional.global_norm``);
+    ``NormalizeGrad``'s per-tensor norms are float32's, as torch's.
 
     Args:
         params: Parameters or param-group dicts for the inner optimizer — or an already built
@@ -484,7 +485,7 @@ class TransformingOptimizer(WrappingOptimizer):
         if self.non_finite == "raise":
             raise FloatingPointError(message + "; non_finite='raise' was set")
         self.skipped_steps += 1
-        warnings.warn(f"TransformingOptimizer: {message}", RuntimeWarning, stacklevel=4)
+        warnings.warn(f"TransformingOptimizer: {message}", RuntimeWarning, stacklevel=stacklevel_outside())
 
     def _amp_skip_or_unscale(self) -> bool:
         """Apply GradScaler's verdict when it called us: ``True`` means skip this step.

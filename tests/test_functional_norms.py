@@ -179,3 +179,30 @@ def test_scale_rejects_scales_or_shifts_of_another_length():
 def test_global_norm_rejects_a_like_of_another_length():
     with pytest.raises(ValueError, match=r"^like must have one tensor per tensor, got 3 for 2$"):
         global_norm([torch.ones(2), torch.ones(3)], like=[torch.ones(2)] * 3)
+
+
+def test_global_norm_takes_no_float64_norm_of_zero_tensors(monkeypatch):
+    """A zero global norm is exact: the float64 recomputation skips tensors that are all zero
+    (a frozen layer's gradients) and takes only the nonzero ones whose squares underflowed."""
+    calls = []
+    original = torch.linalg.vector_norm
+
+    def counting(tensor, *args, **kwargs):
+        if kwargs.get("dtype") in (torch.float64, torch.complex128):
+            calls.append(tuple(tensor.shape))
+        return original(tensor, *args, **kwargs)
+
+    monkeypatch.setattr(torch.linalg, "vector_norm", counting)
+    zeros = [torch.zeros(64, 64), torch.zeros(3)]
+    assert global_norm(zeros).item() == 0.0 and calls == []
+    tiny = torch.full((5,), 1e-25)
+    assert global_norm(zeros + [tiny]).item() == pytest.approx(tiny.double().norm().item(), rel=1e-12, abs=0)
+    assert calls == [(5,)]
+
+
+def test_global_norm_without_exact_reads_nothing_on_the_host_and_keeps_float32s_range():
+    assert global_norm([torch.full((4,), 1e20)], exact=False).item() == math.inf
+    assert global_norm([torch.full((4,), 1e20)]).item() == torch.full((4,), 1e20).double().norm().item()
+    compiled = torch.compile(lambda tensors: global_norm(tensors, exact=False), fullgraph=True, backend="eager")
+    assert compiled([torch.full((4,), 2.0)]).item() == 4.0
+

@@ -19,7 +19,23 @@ import pytest
 import torch
 from torch import nn
 
-from samgria import ASAM, GSAM, SAM, WSAM, ClipGradNorm, GradSign, LookSAM, NormalizeGrad, ScaleGrad, SparsifyGrad, TransformingOptimizer
+from samgria import (
+    ASAM,
+    EMA,
+    GSAM,
+    LAMP,
+    SAM,
+    WSAM,
+    ClipGradNorm,
+    GradSign,
+    Lookahead,
+    LookSAM,
+    NormalizeGrad,
+    ProjectParams,
+    ScaleGrad,
+    SparsifyGrad,
+    TransformingOptimizer,
+)
 
 SCALE = 2.0**10  # a power of two: scaling and unscaling are exact in floating point
 
@@ -289,6 +305,11 @@ def test_a_scaled_step_that_raises_leaves_no_scaler_attributes_and_training_cont
         (lambda: [ScaleGrad(2.0), GSAM(0.05)], None),  # equivariant: 2 g scales with g
         (lambda: [SparsifyGrad(0.5), WSAM(0.05)], None),
         (lambda: [GSAM(0.05), ClipGradNorm(0.05)], None),  # after: acts on the unscaled gradients
+        # Transforms whose pre_update leaves the gradients alone:
+        (lambda: [LAMP(1e-2, seed=0), GSAM(0.05)], None),
+        (lambda: [Lookahead(), WSAM(0.05)], None),
+        (lambda: [EMA(), GSAM(0.05)], None),
+        (lambda: [ProjectParams(radius=100.0), LookSAM(0.05, k=2)], None),
     ],
 )
 def test_a_transform_before_gsam_wsam_or_looksam_that_does_not_scale_with_the_gradients_is_refused_under_a_loss_scale(chain, refused):

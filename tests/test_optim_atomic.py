@@ -897,3 +897,34 @@ def test_a_bound_beyond_float16_range_steps_a_float32_and_float16_model_as_no_bo
     expected = run([] if unbounded is None else [unbounded()])
     for a, b in zip(got, expected):
         assert a.dtype == b.dtype and torch.equal(a, b)
+
+
+def test_the_non_finite_policy_and_sam_warnings_point_at_the_users_line():
+    """Through torch's hook wrapper, step() and the chain, the warnings name the caller's line."""
+    weight = nn.Parameter(torch.ones(3))
+    optimizer = TransformingOptimizer([weight], torch.optim.SGD, lr=0.1, transforms=[SAM(0.1)])
+
+    def closure():
+        optimizer.zero_grad()
+        loss = (weight * float("inf")).sum()
+        loss.backward()
+        return loss
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        optimizer.step(closure)  # the non-finite policy's warning
+    assert [w.filename for w in caught] == [__file__], [(w.filename, str(w.message)) for w in caught]
+
+    wide = nn.Parameter(torch.ones(3, dtype=torch.float64))
+    sam = TransformingOptimizer([wide], torch.optim.SGD, lr=1e-300, transforms=[SAM(0.1)])
+
+    def overflowing():
+        sam.zero_grad()
+        loss = (wide * 1e200).sum()
+        loss.backward()
+        return loss
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        sam.step(overflowing)  # SAM's "the gradient norm is inf" warning
+    assert [w.filename for w in caught] == [__file__], [(w.filename, str(w.message)) for w in caught]

@@ -9,6 +9,7 @@ per list (or per device and dtype), before anything is written.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 
 import torch
@@ -59,11 +60,10 @@ def add_scaled_(
 ) -> None:
     r"""In place: :math:`w_i \leftarrow w_i + \alpha\, u_i`.
 
-    A 16-bit parameter is computed in float32 (wider if its update is) and rounded once, on both
-    paths: a 16-bit tensor cannot take an ``alpha`` beyond its range as a scalar operand (as
-    :func:`~samgria.functional.perturbed_into_` does). Other parameters take one
-    ``torch._foreach_add_`` per device and dtype, or ``add_`` tensor by tensor
-    (``foreach=False``): the same arithmetic, bit for bit. ``alpha`` is not checked: it follows
+    One ``torch._foreach_add_`` per device and dtype, or ``add_`` tensor by tensor
+    (``foreach=False``): the same arithmetic, bit for bit. A 16-bit parameter cannot take an
+    ``alpha`` beyond its range as a scalar operand: then it is computed in float32 (wider if its
+    update is) and rounded once, on both paths. ``alpha`` is not checked: it follows
     ``torch.add`` (IEEE arithmetic, so a NaN or infinite ``alpha`` gives NaN or infinite weights;
     one beyond the range of the computing dtype raises torch's ``RuntimeError``).
 
@@ -76,7 +76,7 @@ def add_scaled_(
         groups = group_indices_by_device_and_dtype(params)
         check_floating("params", params, [dtype for _device, dtype in groups])
         for (_device, dtype), indices in groups.items():
-            if dtype in LOW_PRECISION:
+            if _needs_widening(dtype, alpha):
                 for i in indices:
                     _add_scaled_one_(params[i], updates[i], alpha)
                 continue
@@ -87,9 +87,16 @@ def add_scaled_(
         _add_scaled_one_(param, update, alpha)
 
 
+def _needs_widening(dtype: torch.dtype, alpha: float) -> bool:
+    """Whether a ``dtype`` tensor cannot take ``alpha`` as its scalar operand: a 16-bit dtype and an
+    ``alpha`` beyond its range (torch refuses to convert it)."""
+    return dtype in LOW_PRECISION and math.isfinite(alpha) and abs(alpha) > torch.finfo(dtype).max
+
+
 def _add_scaled_one_(param: torch.Tensor, update: torch.Tensor, alpha: float) -> None:
-    """:func:`add_scaled_`'s per-tensor path (and its 16-bit parameters on the foreach path)."""
-    if param.dtype in LOW_PRECISION:
+    """:func:`add_scaled_`'s per-tensor path (and, on the foreach path, 16-bit parameters with an
+    ``alpha`` beyond their range)."""
+    if _needs_widening(param.dtype, alpha):
         wide = torch.promote_types(widened_dtype(param.dtype), widened_dtype(update.dtype))
         param.copy_(torch.add(param.to(wide), update.to(wide), alpha=alpha))
     else:

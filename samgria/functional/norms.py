@@ -34,7 +34,11 @@ def _accumulation_dtype(device: torch.device) -> torch.dtype:
 
 
 def global_norm(
-    tensors: Sequence[torch.Tensor], *, foreach: bool = True, like: Sequence[torch.Tensor] | None = None
+    tensors: Sequence[torch.Tensor],
+    *,
+    foreach: bool = True,
+    like: Sequence[torch.Tensor] | None = None,
+    exact: bool = True,
 ) -> torch.Tensor:
     r"""Return :math:`\sqrt{\sum_i \lVert t_i \rVert_2^2}` over every tensor in ``tensors``.
 
@@ -50,14 +54,17 @@ def global_norm(
         like: When ``tensors`` are local shards computed from sharded tensors (e.g. ASAM's
             :math:`T \odot g` from a ``DTensor`` gradient), the sharded tensors they are shards
             of, one per entry: their sharding decides the reduction.
+        exact: Read the result on the host once (a device synchronisation) and, when float32
+            arithmetic overflowed or flushed it to the subnormal range (infinite, or below
+            1e-15), take the norms of the float32 and 16-bit tensors concerned again in float64
+            (not on MPS, which has no float64), on both paths alike; zero tensors are skipped.
+            ``False``: no host read (asynchronous, and traceable by ``torch.compile``), with
+            float32's range, as ``torch.nn.utils.clip_grad_norm_`` has.
 
     Returns:
         A 0-dim tensor on the device of the first (local) tensor, in float64 (float32 on MPS).
-        The norm of an empty list is 0. It is infinite or NaN only when some element is (or when
-        the true norm is beyond float64's range): a norm that float32 arithmetic overflows or
-        flushes to the subnormal range (infinite, or below 1e-15) is taken
-        again with the float32 and 16-bit tensors in float64 (not on MPS, which has no float64),
-        on both paths alike. The result is read on the host once, to decide that.
+        The norm of an empty list is 0. With ``exact``, it is infinite or NaN only when some
+        element is, or when the true norm is beyond float64's range.
 
     Raises:
         ValueError: If ``like`` has another length than ``tensors``.
@@ -73,14 +80,22 @@ def global_norm(
     acc_dtype = _accumulation_dtype(out_device)
     stacked = _stacked_norms(tensors, foreach, out_device, acc_dtype)
     norm = _combined(stacked, sources if sharded else None)
+    if not exact or acc_dtype != torch.float64:
+        return norm
     value = float(norm)  # one read of the result (a device sync the caller makes anyway)
-    if acc_dtype == torch.float64 and (math.isinf(value) or value < _RECOMPUTE_BELOW):
-        for index, tensor in enumerate(tensors):  # both paths alike: the same bits
-            wide = _WIDE.get(tensor.dtype)
-            if wide is not None and tensor.device.type != "mps":
-                stacked[index] = torch.linalg.vector_norm(tensor, 2, dtype=wide).to(out_device, acc_dtype)
-        norm = _combined(stacked, sources if sharded else None)
-    return norm
+    if not (math.isinf(value) or value < _RECOMPUTE_BELOW):
+        return norm
+    recomputed = False
+    for index, (tensor, per_tensor) in enumerate(zip(tensors, stacked.tolist())):  # both paths alike
+        wide = _WIDE.get(tensor.dtype)
+        if wide is None or tensor.device.type == "mps":
+            continue
+        if not math.isinf(per_tensor) and (per_tensor >= _RECOMPUTE_BELOW or not bool(tensor.any())):
+            continue  # accurate already, or exactly zero (a frozen layer's gradient)
+        stacked[index] = torch.linalg.vector_norm(tensor, 2, dtype=wide).to(out_device, acc_dtype)
+        recomputed = True
+    # Sharded: every rank entered here (the global value), so every rank reduces again.
+    return _combined(stacked, sources if sharded else None) if recomputed or sharded else norm
 
 
 #: A global norm below this, or an infinite one, is taken again with the norms of float32 and

@@ -51,7 +51,8 @@ from samgria.meta.engine import InnerLoop, InnerRegFn, check_inner_options, vmap
 from samgria.meta.functional import check_lr, check_steps, one_steps_argument
 from samgria.meta.inner_optim import InnerStepFn, sgd_inner_step
 from samgria.meta.learner import Learner
-from samgria.meta.paths import PathPolicy, _stacklevel_outside
+from samgria._frameworks import stacklevel_outside
+from samgria.meta.paths import PathPolicy
 from samgria.optim import TransformingOptimizer
 
 __all__ = ["MetaOptimizer"]
@@ -430,7 +431,7 @@ class MetaOptimizer(WrappingOptimizer):
         if self.non_finite == "raise":
             raise FloatingPointError(message + "; non_finite='raise' was set")
         self.skipped_steps += 1
-        warnings.warn(message, RuntimeWarning, stacklevel=_stacklevel_outside())
+        warnings.warn(message, RuntimeWarning, stacklevel=stacklevel_outside())
         return loss
 
     # ------------------------------------------------------------------ inner loop

@@ -17,23 +17,16 @@ case a failure raises, or chosen by the policy:
 
 from __future__ import annotations
 
-import sys
 import time
 import warnings
 from collections.abc import Callable, Hashable, Sequence
 from typing import TypeVar
 
+from samgria._frameworks import stacklevel_outside
+
 __all__ = ["PathPolicy"]
 
 T = TypeVar("T")
-
-
-def _stacklevel_outside(package_prefix: str = "samgria") -> int:
-    """``stacklevel`` for a warning pointing at the first frame outside the package."""
-    frame, level = sys._getframe(2), 2
-    while frame is not None and frame.f_globals.get("__name__", "").startswith(package_prefix):
-        frame, level = frame.f_back, level + 1
-    return level
 
 
 class PathPolicy:
@@ -125,7 +118,7 @@ class PathPolicy:
                 f"{self.owner}: the {path} path failed ({self.failed[path]}); using the {fallback} "
                 "path from now on",
                 RuntimeWarning,
-                stacklevel=_stacklevel_outside(),
+                stacklevel=stacklevel_outside(),
             )
             return result, fallback
 

@@ -23,7 +23,7 @@ from samgria.meta.compiled import CompiledMetaLoss, compiled_path_blocker
 from samgria.meta import distributed as collectives
 from samgria.meta.engine import PATHS, InnerLoop, InnerRegFn, vmap_blocker
 from samgria.meta.inner_optim import InnerStepFn
-from samgria.meta.paths import _stacklevel_outside
+from samgria._frameworks import stacklevel_outside
 
 __all__ = ["History", "MetaTrainer"]
 
@@ -350,7 +350,7 @@ class MetaTrainer:
             warnings.warn(
                 f"MetaTrainer(compile=True): {reason}; using the uncompiled path",
                 RuntimeWarning,
-                stacklevel=_stacklevel_outside(),
+                stacklevel=stacklevel_outside(),
             )
 
     def evaluate(self, tasks: Sequence[Task], inner_steps: int | None = None, *, steps: int | None = None) -> float:

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from torch.optim import Optimizer
 
+from samgria._frameworks import stacklevel_outside
 from samgria._checks import check_bool, check_int, check_real
 from samgria._wrapper import unhooked_step
 from samgria.functional import add_directions_, global_norm
@@ -364,7 +365,7 @@ class MultiStepSAM(_FinishingTransform):
                 f"MultiStepSAM: the gradient norm at an ascent point is {norm}; the ascent stops "
                 "there and the gradients stay as they are",
                 RuntimeWarning,
-                stacklevel=4,
+                stacklevel=stacklevel_outside(),
             )
             return False
         if self.normalize and norm == 0.0:

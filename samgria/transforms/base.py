@@ -338,15 +338,16 @@ class Transform:
         return True
 
     def scales_with_gradients(self, param_groups: list[Mapping[str, Any]]) -> bool:
-        r"""Whether :meth:`pre_update` maps gradients :math:`g` to a result that scales with them,
-        :math:`T(s\,g) = s\,T(g)` for every :math:`s > 0`, keeping nothing of their size.
+        r"""Whether :meth:`pre_update` leaves the gradients alone, or maps gradients :math:`g` to
+        a result that scales with them, :math:`T(s\,g) = s\,T(g)` for every :math:`s > 0`,
+        keeping nothing of their size.
 
         In the two-call loop under ``torch.amp.GradScaler`` the transforms before the
         re-evaluating one act on the first pass's gradients still multiplied by the loss scale.
         GSAM, WSAM and LookSAM mix those into the step, so the optimizer refuses that step when a
         transform before them is not scale-equivariant (clipping to a threshold, adding an
-        ``eps`` or a bias, taking signs). Default: ``False`` (the safe answer); a transform whose
-        ``pre_update`` does nothing is not asked.
+        ``eps`` or a bias, taking signs). Default: ``False`` (the safe answer for a transform that
+        may rewrite gradients); a transform whose ``pre_update`` does nothing is not asked.
         """
         return False
 

@@ -133,6 +133,9 @@ class ProjectParams(Transform):
     def init_state(self, ctx: TransformContext) -> None:
         self._record_centers(ctx)
 
+    def scales_with_gradients(self, param_groups: list[Mapping[str, Any]]) -> bool:
+        return True  # its pre_update leaves the gradients alone
+
     def pre_update(self, ctx: TransformContext) -> None:
         ndim_entries(ctx)  # refuse a param_ndim that does not fit before the inner step
         self._record_centers(ctx)

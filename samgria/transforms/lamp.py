@@ -106,6 +106,9 @@ class LAMP(Transform):
     def settings(self) -> dict[str, Any]:
         return {"rollback_len": self.rollback_len, "seed": self.seed}
 
+    def scales_with_gradients(self, param_groups: list[Mapping[str, Any]]) -> bool:
+        return True  # its pre_update leaves the gradients alone
+
     def pre_update(self, ctx: TransformContext) -> None:
         if ctx.standalone:  # apply() runs before the step: remember which parameters had a gradient
             self._had_grad = {id(p) for g in ctx.param_groups for p in g["params"] if p.grad is not None}

@@ -35,6 +35,7 @@ from typing import Any
 
 import torch
 
+from samgria._frameworks import stacklevel_outside
 from samgria._checks import check_bool, check_real
 from samgria.functional._sharding import is_sharded
 from samgria.functional._views import all_as_real, as_real, widened_dtype
@@ -221,7 +222,7 @@ class PerturbationTransform(Transform):
                 f"{type(self).__name__}: the gradient norm is {norm}; the perturbation is skipped "
                 "and the inner optimizer sees the unperturbed gradients",
                 RuntimeWarning,
-                stacklevel=4,
+                stacklevel=stacklevel_outside(),
             )
             return None
         return norm
