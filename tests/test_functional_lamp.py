@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from functional_helpers import assert_rounded_once
 from samgria.functional import accumulate_, add_scaled_, assign_mean_, magnitude_noise
 
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.complex64]
@@ -36,15 +37,6 @@ def _wide(dtype: torch.dtype) -> torch.dtype:
     return torch.complex128 if dtype.is_complex else torch.float64
 
 
-def _assert_rounded_once(got: torch.Tensor, exact: torch.Tensor, dtype: torch.dtype) -> None:
-    """``got`` is ``exact`` (float64, exact) rounded once to ``dtype``; complex: close."""
-    assert got.dtype == dtype and got.shape == exact.shape
-    if dtype.is_complex:
-        torch.testing.assert_close(got, exact.to(dtype), rtol=2e-7, atol=0)
-    else:
-        assert torch.equal(got, exact.to(dtype))
-
-
 # -- values -------------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_magnitude_noise_is_the_weights_times_uniform_draws_in_order_on_both_paths(dtype):
@@ -57,7 +49,7 @@ def test_magnitude_noise_is_the_weights_times_uniform_draws_in_order_on_both_pat
         for sample, param in zip(noise, params):
             draw = torch.empty_like(param, memory_format=torch.preserve_format).uniform_(-1.0, 1.0, generator=replay)
             assert bool((draw.real.abs() <= 1).all())
-            _assert_rounded_once(sample, draw.to(_wide(dtype)) * param.to(_wide(dtype)), dtype)
+            assert_rounded_once(sample, draw.to(_wide(dtype)) * param.to(_wide(dtype)), dtype)
         results[foreach] = noise
     for fast, reference in zip(results[True], results[False]):
         assert torch.equal(fast, reference)
@@ -74,7 +66,7 @@ def test_add_scaled_equals_w_plus_alpha_u_in_float64_on_both_paths(dtype):
         exact = [w.to(_wide(dtype)) + 0.375 * u.to(_wide(dtype)) for w, u in zip(params, updates)]
         add_scaled_(params, updates, 0.375, foreach=foreach)
         for got, want in zip(params, exact):
-            _assert_rounded_once(got, want, dtype)
+            assert_rounded_once(got, want, dtype)
         results[foreach] = params
     for fast, reference in zip(results[True], results[False]):
         assert torch.equal(fast, reference)
@@ -96,7 +88,7 @@ def test_add_scaled_takes_an_alpha_beyond_the_16_bit_range_and_rounds_once(dtype
     exact = [w.double() + 7e4 * u.double() for w, u in zip(params, updates)]
     add_scaled_(params, updates, 7e4, foreach=foreach)
     for got, want in zip(params, exact):
-        _assert_rounded_once(got, want, dtype)
+        assert_rounded_once(got, want, dtype)
 
 
 def test_add_scaled_gives_the_same_bits_on_both_paths_for_16_bit_weights_among_others():
@@ -124,7 +116,7 @@ def test_accumulate_adds_the_weights_to_wider_or_equal_sums_on_both_paths(dtype)
         exact = [s.to(_wide(dtype)) + w.to(_wide(dtype)) for s, w in zip(sums, params)]
         accumulate_(sums, params, foreach=foreach)
         for got, want, sum_dtype in zip(sums, exact, sum_dtypes):
-            _assert_rounded_once(got, want, sum_dtype)
+            assert_rounded_once(got, want, sum_dtype)
         results[foreach] = sums
     for fast, reference in zip(results[True], results[False]):
         assert torch.equal(fast, reference)
@@ -142,7 +134,7 @@ def test_assign_mean_writes_the_sum_over_the_count_and_zeroes_the_sums_on_both_p
         exact = [s / n for s, n in zip(sums, counts)]
         assign_mean_(params, sums, counts, foreach=foreach)
         for got, want, total in zip(params, exact, sums):
-            _assert_rounded_once(got, want, dtype)
+            assert_rounded_once(got, want, dtype)
             assert torch.equal(total, torch.zeros_like(total))
         results[foreach] = params
     for fast, reference in zip(results[True], results[False]):

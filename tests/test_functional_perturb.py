@@ -8,6 +8,7 @@ import random
 import pytest
 import torch
 
+from functional_helpers import assert_rounded_once
 from samgria.functional import adaptive_scaling, add_directions_, mul, mul_, perturbed_into_
 from samgria.functional._grouping import group_indices_by_device_and_dtype
 from samgria.functional.perturb import _CPU_LIST_NUMEL, _perturbed_into_by_lists
@@ -240,17 +241,6 @@ def _values(dtype: torch.dtype, seed: int = 3) -> list[torch.Tensor]:
     return tensors
 
 
-def _assert_equals_float64(got: torch.Tensor, exact: torch.Tensor, dtype: torch.dtype) -> None:
-    """``got`` is ``exact`` (computed in float64/complex128) rounded once to ``dtype``: bit for bit
-    for real dtypes (the products and sums here are exact in float64), close for complex ones
-    (a complex product rounds its parts)."""
-    assert got.dtype == dtype and got.shape == exact.shape
-    if dtype.is_complex:
-        torch.testing.assert_close(got, exact.to(dtype), rtol=2e-7, atol=0)
-    else:
-        assert torch.equal(got, exact.to(dtype))
-
-
 @pytest.mark.parametrize("dtype", VALUE_DTYPES)
 def test_mul_and_mul_in_place_equal_a_float64_product_on_both_paths(dtype):
     tensors, factors = _values(dtype), _values(dtype, seed=4)
@@ -265,8 +255,8 @@ def test_mul_and_mul_in_place_equal_a_float64_product_on_both_paths(dtype):
         buffers = [t.clone() for t in tensors]
         mul_(buffers, factors, foreach=foreach)
         for got, in_place, want in zip(products, buffers, exact):
-            _assert_equals_float64(got, want, dtype)
-            _assert_equals_float64(in_place, want, dtype)
+            assert_rounded_once(got, want, dtype)
+            assert_rounded_once(in_place, want, dtype)
         results[foreach] = products, buffers
     for fast, reference in zip(results[True], results[False]):
         for fast_tensor, reference_tensor in zip(fast, reference):
@@ -315,7 +305,7 @@ def test_add_directions_equals_a_float64_sum_in_16_bit_and_complex_dtypes(dtype,
     exact = [w.to(wide) + s * d.to(wide) for w, d, s in zip(params, directions, scales)]
     add_directions_(params, directions, scales, foreach=foreach)
     for got, want in zip(params, exact):
-        _assert_equals_float64(got, want, dtype)
+        assert_rounded_once(got, want, dtype)
     add_directions_([], [], [], foreach=foreach)
 
 

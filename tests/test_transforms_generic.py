@@ -261,6 +261,16 @@ def test_closure_raising_in_second_pass_leaves_weights_and_state_untouched(info,
     assert_state_equal(optimizer.state_dict(), twin.state_dict())
 
 
+def _assert_as_before_then_like_the_twin(model, optimizer, before_params, before_state, twin_model, twin, x, y):
+    """The weights and state are as before the failed step, and the next step is the twin's."""
+    assert_bitwise_equal(before_params, params_of(model))
+    assert_state_equal(optimizer.state_dict(), before_state)
+    optimizer.step(make_closure(model, optimizer, x, y))
+    twin.step(make_closure(twin_model, twin, x, y))
+    assert_bitwise_equal(params_of(model), params_of(twin_model))
+    assert_state_equal(optimizer.state_dict(), twin.state_dict())
+
+
 def _poisoned_two_call_step(model, optimizer, x, y, where):
     """One two-call step whose ``where`` ("first"/"second") backward gives NaN gradients."""
     for which in ("first", "second"):
@@ -290,12 +300,7 @@ def test_two_call_loop_with_a_non_finite_pass_changes_nothing(info, config, wher
         with pytest.raises(FloatingPointError, match=f"the gradients of the {where} evaluation are not finite"):
             _poisoned_two_call_step(model, optimizer, x, y, where)
         assert optimizer.skipped_steps == 0
-    assert_bitwise_equal(before_params, params_of(model))
-    assert_state_equal(optimizer.state_dict(), before_state)
-    optimizer.step(make_closure(model, optimizer, x, y))
-    twin.step(make_closure(twin_model, twin, x, y))
-    assert_bitwise_equal(params_of(model), params_of(twin_model))
-    assert_state_equal(optimizer.state_dict(), twin.state_dict())
+    _assert_as_before_then_like_the_twin(model, optimizer, before_params, before_state, twin_model, twin, x, y)
 
 
 @all_configs
@@ -370,12 +375,7 @@ def test_cancel_step_commits_nothing_of_the_abandoned_step(info, config, atomic)
     nn.functional.mse_loss(model(x), y).backward()
     optimizer.first_step(zero_grad=True)
     optimizer.cancel_step()
-    assert_bitwise_equal(before_params, params_of(model))
-    assert_state_equal(optimizer.state_dict(), before_state)
-    optimizer.step(make_closure(model, optimizer, x, y))
-    twin.step(make_closure(twin_model, twin, x, y))
-    assert_bitwise_equal(params_of(model), params_of(twin_model))
-    assert_state_equal(optimizer.state_dict(), twin.state_dict())
+    _assert_as_before_then_like_the_twin(model, optimizer, before_params, before_state, twin_model, twin, x, y)
 
 
 @all_configs

@@ -501,11 +501,7 @@ def test_two_call_step_with_non_finite_second_pass_is_skipped_and_commits_nothin
     (nn.functional.mse_loss(model(x), y) * float("inf")).backward()
     with pytest.warns(RuntimeWarning, match="second evaluation are not finite"):
         optimizer.second_step(zero_grad=True)
-    after = optimizer.state_dict()
-    for index, entry in before["state"].items():
-        assert entry.keys() == after["state"][index].keys()
-        for key, value in entry.items():
-            assert torch.equal(value, after["state"][index][key]) if isinstance(value, torch.Tensor) else value == after["state"][index][key]
+    _assert_same_state(before, optimizer.state_dict())
 
     for opt, mdl in ((optimizer, model), (twin, twin_model)):  # then both runs continue alike
         closure = make_closure(mdl, opt, x, y)
@@ -538,11 +534,7 @@ def test_looksam_step_in_between_with_a_non_finite_second_pass_changes_nothing(n
         with pytest.raises(FloatingPointError, match="second evaluation are not finite"):
             optimizer.second_step(zero_grad=True)
     assert_bitwise_equal(before_params, params_of(model))
-    after = optimizer.state_dict()
-    for index, entry in before["state"].items():
-        assert entry.keys() == after["state"][index].keys()
-        for key, value in entry.items():
-            assert torch.equal(value, after["state"][index][key]) if isinstance(value, torch.Tensor) else value == after["state"][index][key]
+    _assert_same_state(before, optimizer.state_dict())
     for opt, mdl in ((optimizer, model), (twin, twin_model)):  # then both runs continue alike
         for _ in range(3):
             opt.step(make_closure(mdl, opt, x, y))
