@@ -31,6 +31,7 @@ from samgria import (
     Lookahead,
     LookSAM,
     NormalizeGrad,
+    ParamTransform,
     ProjectParams,
     ScaleGrad,
     SparsifyGrad,
@@ -294,6 +295,20 @@ def test_a_scaled_step_that_raises_leaves_no_scaler_attributes_and_training_cont
         assert torch.equal(got, want)
 
 
+class _PostStepOnly(ParamTransform):
+    """A constraint after the step: its pre_update leaves the gradients alone."""
+
+    def post_step_transform_(self, param, group):
+        param.clamp_(-10.0, 10.0)
+
+
+class _PreStepHook(ParamTransform):
+    """A pre-step hook that adds to the gradients (not scale-equivariant)."""
+
+    def pre_step_transform_(self, param, group):
+        param.grad.add_(1e-3)
+
+
 @pytest.mark.parametrize(
     "chain,refused",
     [
@@ -310,6 +325,8 @@ def test_a_scaled_step_that_raises_leaves_no_scaler_attributes_and_training_cont
         (lambda: [Lookahead(), WSAM(0.05)], None),
         (lambda: [EMA(), GSAM(0.05)], None),
         (lambda: [ProjectParams(radius=100.0), LookSAM(0.05, k=2)], None),
+        (lambda: [_PostStepOnly(), GSAM(0.05)], None),  # a ParamTransform with a post-step hook only
+        (lambda: [_PreStepHook(), GSAM(0.05)], "_PreStepHook"),  # may rewrite the gradients
     ],
 )
 def test_a_transform_before_gsam_wsam_or_looksam_that_does_not_scale_with_the_gradients_is_refused_under_a_loss_scale(chain, refused):

@@ -238,6 +238,10 @@ class ParamTransform(Transform):
                         "param.grad.copy_(new), param.clamp_(...))"
                     )
 
+    def scales_with_gradients(self, param_groups: list[Mapping[str, Any]]) -> bool:
+        # Without a pre-step hook, pre_update leaves the gradients alone.
+        return type(self).pre_step_transform_ is ParamTransform.pre_step_transform_
+
     def pre_update(self, ctx: TransformContext) -> None:
         self._run_hook(ctx, "pre_step_transform_")
 
