@@ -500,11 +500,14 @@ class TransformingOptimizer(WrappingOptimizer):
             return True
         grad_scale = getattr(self, "grad_scale", None)
         if grad_scale is not None:
-            inv_scale = grad_scale.double().reciprocal().float()
-            grads = [p.grad for group in self.param_groups for p in group["params"] if p.grad is not None]
-            for (device, _dtype), indices in group_indices_by_device_and_dtype(grads).items():
-                torch._foreach_mul_([grads[i] for i in indices], inv_scale.to(device))
+            self._mul_grads_(grad_scale.double().reciprocal().float())
         return False
+
+    def _mul_grads_(self, factor: torch.Tensor) -> None:
+        """Multiply every gradient by ``factor`` (a 0-dim tensor), one list call per device and dtype."""
+        grads = [p.grad for p in self._unique_params() if p.grad is not None]
+        for (device, _dtype), indices in group_indices_by_device_and_dtype(grads).items():
+            torch._foreach_mul_([grads[i] for i in indices], factor.to(device))
 
     def _loss_scale_refusal(self, pending: _PendingStep) -> str | None:
         """Why a two-call step that ``GradScaler`` finishes would be wrong, or ``None``.
@@ -562,9 +565,7 @@ class TransformingOptimizer(WrappingOptimizer):
                 "scaler.step(optimizer) after scaler.unscale_(optimizer)"
             )
         scale = scaler._scale  # the scale unscale_ divided by: GradScaler keeps it nowhere else
-        grads = [p.grad for p in self._unique_params() if p.grad is not None]
-        for (device, _dtype), indices in group_indices_by_device_and_dtype(grads).items():
-            torch._foreach_mul_([grads[i] for i in indices], scale.to(device))
+        self._mul_grads_(scale)
         self.grad_scale = scale
 
     def _forget_scaler(self) -> None:
