@@ -3,6 +3,7 @@ once when a model cannot be vmapped, and refuses second order through batch-stat
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 
 import pytest
@@ -208,12 +209,17 @@ def test_non_scalar_loss_is_an_error_in_both_paths():
     def per_element(pred, target):
         return (pred - target) ** 2
 
-    with pytest.raises(ValueError, match=r"loss_fn must return a scalar per task, got shape \(6, 1\)"):
+    with pytest.raises(ValueError, match=r"^the query loss of a task must be a scalar tensor, got shape \(6, 1\)$"):
         meta.task_losses(tasks, per_element, steps=0, vectorize=True)
-    with pytest.raises(ValueError, match=r"loss_fn must return a scalar per task, got shape \(6, 1\)"):
+    with pytest.raises(ValueError, match=r"^the query loss of a task must be a scalar tensor, got shape \(6, 1\)$"):
         meta.evaluate(tasks, per_element, steps=0)  # not mistaken for a model that cannot be vmapped
-    with pytest.raises(ValueError, match=r"loss_fn must return a scalar per task, got \(6, 1\) for tasks\[0\]"):
+    with pytest.raises(ValueError, match=r"^the query loss of tasks\[0\] must be a scalar tensor, got shape \(6, 1\)$"):
         meta.task_losses(tasks, per_element, steps=0, vectorize=False)
+    # A TypeError is not taken for the user's own error by the path policy: vmap reports it as its failure.
+    with pytest.raises(RuntimeError, match=r"the vmap path failed: the query loss of a task must be a scalar tensor, got float$"):
+        meta.task_losses(tasks, lambda p, t: 1.0, steps=0, vectorize=True)
+    with pytest.raises(TypeError, match=r"^the query loss of tasks\[0\] must be a scalar tensor, got float$"):
+        meta.task_losses(tasks, lambda p, t: 1.0, steps=0, vectorize=False)
 
 
 def batchnorm_model(seed=0):
@@ -286,8 +292,10 @@ def test_the_public_vmap_functions_check_their_arguments():
     params = dict(model.named_parameters())
     names = list(params)
     lrs = {n: 0.1 for n in names}
-    with pytest.raises(ValueError, match=r"^loss_fn must return a scalar per task, got \(6, 1\) for the support loss$"):
+    with pytest.raises(ValueError, match=r"^the support loss must be a scalar tensor, got shape \(6, 1\)$"):
         vmap_task_losses(model, params, names, lrs, tasks, lambda p, t: (p - t) ** 2, 1, first_order=True)
+    with pytest.raises(ValueError, match=r"^stack_tasks needs tasks whose tensors all have equal shapes, dtypes and devices, got tasks\[1\]\.query_x of shape"):
+        vmap_task_losses(model, params, names, lrs, [tasks[0], dataclasses.replace(tasks[1], query_x=tasks[1].query_x[:2])], mse, 1)
     with pytest.raises(ValueError, match=r"^steps must be an integer >= 0, got -1$"):
         vmap_task_losses(model, params, names, lrs, tasks, mse, -1)
     with pytest.raises(TypeError, match=r"^steps must be an integer >= 0, got 1\.5$"):

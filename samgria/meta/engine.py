@@ -130,12 +130,22 @@ def check_inner_options(
 
 
 # ---------------------------------------------------------------------- support gradients
+def check_scalar_loss(loss: Any, what: str) -> None:
+    """Check that a loss is a scalar tensor; ``what`` names it (``"the support loss"``).
+
+    Raises:
+        TypeError: ``loss`` is not a tensor.
+        ValueError: ``loss`` has a dimension (under vmap: per task).
+    """
+    if not isinstance(loss, torch.Tensor):
+        raise TypeError(f"{what} must be a scalar tensor, got {type(loss).__name__}")
+    if loss.dim() != 0:
+        raise ValueError(f"{what} must be a scalar tensor, got shape {tuple(loss.shape)}")
+
+
 def check_support_loss(loss: Any) -> torch.Tensor:
     """Check that a support loss is a scalar tensor that can be differentiated."""
-    if not isinstance(loss, torch.Tensor):
-        raise TypeError(f"the support loss must be a scalar tensor, got {type(loss).__name__}")
-    if loss.dim() != 0:
-        raise ValueError(f"the support loss must be a scalar tensor, got shape {tuple(loss.shape)}")
+    check_scalar_loss(loss, "the support loss")
     if not loss.requires_grad:
         raise ValueError(
             "the support loss does not depend on any parameter that requires grad; compute it "
@@ -173,9 +183,7 @@ def functorch_support_grads(loss_of: LossOf, at: Tensors, create_graph: bool) ->
 
     def scalar_loss_of(weights: Tensors) -> torch.Tensor:
         loss = loss_of(weights)
-        if not isinstance(loss, torch.Tensor) or loss.dim() != 0:  # torch.func.grad's own error names no argument
-            shape = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
-            raise ValueError(f"loss_fn must return a scalar per task, got {shape} for the support loss")
+        check_scalar_loss(loss, "the support loss")  # torch.func.grad's own error names no argument
         return loss
 
     if create_graph:
@@ -379,12 +387,6 @@ def _task_loss(
     return loss, {n: adapted[n] for n in loop.adapt_names}
 
 
-def _check_task_loss(loss: Any, index: int) -> None:
-    if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
-        shape = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
-        raise ValueError(f"loss_fn must return a scalar per task, got {shape} for tasks[{index}]")
-
-
 def _loop_task_losses(
     model: nn.Module,
     loop: InnerLoop,
@@ -400,7 +402,7 @@ def _loop_task_losses(
             model, loop, loss_fn, autograd_support_grads, params, buffers,
             task.support_x, task.support_y, task.query_x, task.query_y,
         )
-        _check_task_loss(loss, i)
+        check_scalar_loss(loss, f"the query loss of tasks[{i}]")
         if backward_weights is not None:
             if loss.requires_grad and backward_weights[i] != 0:
                 (loss * backward_weights[i]).backward()
@@ -447,15 +449,13 @@ def vmapped_task_losses(
     buffers = {n: b.detach().unsqueeze(0).expand(n_tasks, *b.shape).clone() for n, b in model.named_buffers()}
 
     def one_task(p: Tensors, bufs: Tensors, sx: Any, sy: Any, qx: Any, qy: Any) -> tuple[torch.Tensor, Tensors]:
-        return _task_loss(model, loop, loss_fn, functorch_support_grads, p, bufs, sx, sy, qx, qy)
+        loss, fast = _task_loss(model, loop, loss_fn, functorch_support_grads, p, bufs, sx, sy, qx, qy)
+        check_scalar_loss(loss, "the query loss of a task")  # under vmap: one task's shape
+        return loss, fast
 
-    losses, fast = vmap(one_task, in_dims=(None, 0, 0, 0, 0, 0), randomness="different")(
+    return vmap(one_task, in_dims=(None, 0, 0, 0, 0, 0), randomness="different")(
         dict(params), buffers, support_x, support_y, query_x, query_y
     )
-    if not isinstance(losses, torch.Tensor) or tuple(losses.shape) != (n_tasks,):
-        shape = tuple(losses.shape[1:]) if isinstance(losses, torch.Tensor) else type(losses).__name__
-        raise ValueError(f"loss_fn must return a scalar per task, got shape {shape}")
-    return losses, fast
 
 
 _IMPLEMENTATIONS = {"loop": _loop_task_losses, "vmap": _vmap_task_losses}
@@ -524,8 +524,12 @@ def _signature(t: torch.Tensor) -> tuple[Any, ...]:
     return (tuple(t.shape), t.dtype, t.device)
 
 
-def _difference(tasks: Sequence[Task]) -> str:
-    """Where :func:`can_vectorize` fails, for a message: ``"got ..."``."""
+def _task_mismatch(tasks: Sequence[Task]) -> str | None:
+    """Why ``tasks`` cannot be stacked along a task axis, or ``None`` when they can.
+
+    The reason reads ``"got ..."`` and names the first task and field whose tensor is missing or
+    differs from the first task's in shape, dtype or device.
+    """
     if not tasks:
         return "got no tasks"
     fields = ("support_x", "support_y", "query_x", "query_y")
@@ -534,31 +538,19 @@ def _difference(tasks: Sequence[Task]) -> str:
             value, first = getattr(task, field, None), getattr(tasks[0], field, None)
             if not isinstance(value, torch.Tensor):
                 return f"got tasks[{index}].{field} = {type(value).__name__}"
-            if isinstance(first, torch.Tensor) and _signature(value) != _signature(first):
+            if _signature(value) != _signature(first):
                 shape, dtype, device = _signature(value)
                 first_shape, first_dtype, first_device = _signature(first)
                 return (
                     f"got tasks[{index}].{field} of shape {shape}, {dtype} on {device} and tasks[0].{field} "
                     f"of shape {first_shape}, {first_dtype} on {first_device}"
                 )
-    return "got tasks that differ"
+    return None
 
 
 def can_vectorize(tasks: Sequence[Task]) -> bool:
     """Return ``True`` when every task's four tensors have the same shapes, dtypes and devices."""
-    if not tasks:
-        return False
-    fields = ("support_x", "support_y", "query_x", "query_y")
-    first = tasks[0]
-    if not all(isinstance(getattr(first, f, None), torch.Tensor) for f in fields):
-        return False
-    ref = [_signature(getattr(first, f)) for f in fields]
-    for task in tasks[1:]:
-        for f, r in zip(fields, ref):
-            value = getattr(task, f, None)
-            if not isinstance(value, torch.Tensor) or _signature(value) != r:
-                return False
-    return True
+    return _task_mismatch(tasks) is None
 
 
 def stack_tasks(tasks: Sequence[Task]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -568,8 +560,9 @@ def stack_tasks(tasks: Sequence[Task]) -> tuple[torch.Tensor, torch.Tensor, torc
         ValueError: ``tasks`` is empty, or a task's tensor differs from the first task's in
             shape, dtype or device (the message names the task and the field).
     """
-    if not can_vectorize(tasks):
-        raise ValueError(f"stack_tasks needs tasks whose tensors all have equal shapes, dtypes and devices, {_difference(tasks)}")
+    mismatch = _task_mismatch(tasks)
+    if mismatch is not None:
+        raise ValueError(f"stack_tasks needs tasks whose tensors all have equal shapes, dtypes and devices, {mismatch}")
     return (
         torch.stack([t.support_x for t in tasks]),
         torch.stack([t.support_y for t in tasks]),

@@ -29,7 +29,7 @@ import torch
 from samgria._checks import check_real
 
 from samgria.meta.base import MetaOptimizer
-from samgria.meta.engine import check_inner_options
+from samgria.meta.engine import check_inner_options, check_scalar_loss
 from samgria.meta.functional import check_steps
 from samgria.meta.inner_optim import InnerStepFn
 from samgria.meta.learner import InnerRegFn, Learner
@@ -157,9 +157,7 @@ class MetaStep:
         x, y = spec.query if spec.query is not None else spec.support
         with torch.enable_grad():
             loss = self.loss_fn(learner(x), y)
-        if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
-            shape = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
-            raise ValueError(f"loss_fn must return a scalar tensor, got {shape} for task {index}")
+        check_scalar_loss(loss, f"the query loss of task {index}")
         return loss
 
     def _run_maml(self, spec: _TaskSpec, index: int, scale: float) -> torch.Tensor:

@@ -81,16 +81,14 @@ def vmap_task_losses(
 
     Raises:
         ValueError: ``tasks`` is empty or not of equal shapes, dtypes and devices, ``steps`` is
-            negative, ``loss_fn`` does not return a scalar per task, or ``first_order=False``
+            negative, ``loss_fn`` returns a tensor with a dimension per task, or ``first_order=False``
             with a module whose second-order gradient vmap gets wrong
             (:func:`second_order_vmap_blocker`).
-        TypeError: ``steps`` is not an integer.
+        TypeError: ``steps`` is not an integer, or ``loss_fn`` returns something other than a tensor.
         RuntimeError: The model cannot be vmapped (raised by :func:`torch.func.vmap`).
     """
     if isinstance(tasks, (str, bytes)) or not isinstance(tasks, Sequence) or not tasks:
         raise ValueError(f"tasks must be a non-empty sequence of Task, got {tasks!r}")
-    if not can_vectorize(tasks):
-        raise ValueError("vmap over tasks needs tasks whose tensors all have equal shapes, dtypes and devices")
     return batched_task_losses(
         model, params, adapt_names, lrs, *stack_tasks(tasks), loss_fn, steps,
         first_order=first_order, return_params=return_params,
@@ -147,10 +145,10 @@ def batched_task_losses(
         ``(losses, adapted)`` as in :func:`vmap_task_losses`.
 
     Raises:
-        ValueError: ``steps`` is negative, ``loss_fn`` does not return a scalar per task, or
+        ValueError: ``steps`` is negative, ``loss_fn`` returns a tensor with a dimension per task, or
             ``first_order=False`` with a module whose second-order gradient vmap gets wrong
             (:func:`second_order_vmap_blocker`: BatchNorm in train mode, LayerNorm).
-        TypeError: ``steps`` is not an integer.
+        TypeError: ``steps`` is not an integer, or ``loss_fn`` returns something other than a tensor.
     """
     loop = InnerLoop(tuple(adapt_names), dict(lrs), check_int("steps", steps, low=0), first_order=first_order)
     blocker = vmap_blocker(model, loop)
