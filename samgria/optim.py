@@ -305,6 +305,16 @@ class TransformingOptimizer(WrappingOptimizer):
                 "replicas would drift apart (Transform.supports_local_first_pass); drop "
                 "first_pass_context"
             )
+        reevaluating = [(type(t).__name__, t.reevaluations) for t in chain.transforms if t.reevaluations]
+        if first_pass_context is not None and sum(count for _, count in reevaluating) > 1:
+            counts = ", ".join(f"{name} {count}" for name, count in reevaluating)
+            raise ValueError(
+                "first_pass_context (m-sharpness) needs a chain that re-evaluates the loss at most "
+                f"once per step, got re-evaluations per step: {counts}; a rank that perturbs "
+                "nothing re-evaluates once, and its synchronised backward would meet another "
+                "rank's second one (Transform.reevaluations); drop first_pass_context or keep one "
+                "re-evaluation"
+            )
         # Check every group before changing any: nothing half-applied on error.
         normalized = [
             chain.checked_group(group, f"param_groups[{index}]")

@@ -16,7 +16,7 @@ from torch import nn
 from state_helpers import assert_states_equal
 from transform_infos import assert_bitwise_equal, make_closure, make_data, make_model, params_of
 
-from samgria import ASAM, LAMP, SAM, GradientTransform, Perturbation, PerturbationTransform, TransformingOptimizer, sam_optimizer
+from samgria import ASAM, LAMP, SAM, GradientTransform, MultiStepSAM, Perturbation, PerturbationTransform, TransformingOptimizer, sam_optimizer
 
 
 def sam_opt(model, **kwargs):
@@ -67,6 +67,8 @@ def test_wraps_an_existing_optimizer_and_a_factory():
         (lambda m: TransformingOptimizer(m.parameters(), torch.optim.SGD, lr=0.1, atomic=1), TypeError, r"atomic must be a bool, got 1"),
         (lambda m: TransformingOptimizer(m.parameters(), torch.optim.SGD, lr=0.1, model=3), TypeError, r"model must be an nn\.Module or None, got 3"),
         (lambda m: TransformingOptimizer(m.parameters(), torch.optim.SGD, lr=0.1, first_pass_context=3), TypeError, r"first_pass_context must be a callable returning a context manager, got 3"),
+        (lambda m: TransformingOptimizer(m.parameters(), torch.optim.SGD, lr=0.1, transforms=[SAM(), ASAM()], first_pass_context=contextlib.nullcontext), ValueError, r"^first_pass_context \(m-sharpness\) needs a chain that re-evaluates the loss at most once per step, got re-evaluations per step: SAM 1, ASAM 1; .*drop first_pass_context or keep one re-evaluation$"),
+        (lambda m: TransformingOptimizer(m.parameters(), torch.optim.SGD, lr=0.1, transforms=[MultiStepSAM(ascent_steps=3)], first_pass_context=contextlib.nullcontext), ValueError, r"at most once per step, got re-evaluations per step: MultiStepSAM 3; "),
     ],
 )
 def test_bad_construction_names_argument_and_value(make, error, match):

@@ -217,6 +217,7 @@ def test_evaluates_the_closure_one_plus_ascent_steps_times(n):
     for _ in range(3):
         optimizer.step(counting)
     assert calls["n"] == 3 * (1 + n)
+    assert optimizer.transforms[0].reevaluations == n
 
 
 # -- restoration, state and atomicity for longer ascents --------------------------------------------------

@@ -233,6 +233,25 @@ def test_checkpoint_resume_continues_bitwise(info, config):
     assert_state_equal(opt_b.state_dict(), opt_a.state_dict())
 
 
+@all_configs
+def test_evaluates_the_closure_once_plus_at_most_its_declared_reevaluations(info, config):
+    x, y = make_data()
+    model, optimizer = run(config, 0)
+    closure = make_closure(model, optimizer, x, y)
+    declared = sum(t.reevaluations for t in optimizer.transforms)
+    assert declared == 0 or config.needs_closure
+    calls = []
+    for _ in range(4):
+        calls.append(0)
+
+        def counting():
+            calls[-1] += 1
+            return closure()
+
+        optimizer.step(counting)
+    assert min(calls) >= 1 and max(calls) == 1 + declared, (declared, calls)  # LookSAM: not every step
+
+
 @reevaluating_configs
 def test_closure_raising_in_second_pass_leaves_weights_and_state_untouched(info, config):
     x, y = make_data()

@@ -297,6 +297,11 @@ class MultiStepSAM(_FinishingTransform):
             "reset_state": self.reset_state,
         }
 
+    @property
+    def reevaluations(self) -> int:
+        """One re-evaluation per ascent step."""
+        return self.ascent_steps
+
     # -- the step ------------------------------------------------------------------------------
     def pre_update(self, ctx: TransformContext) -> None:
         """Ascend ``ascent_steps`` times (re-evaluating after each), restore :math:`w`, commit."""
