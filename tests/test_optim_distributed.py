@@ -119,6 +119,55 @@ def _train_m_sharpness_with_a_local_fault(rank: int, fault: str) -> tuple[list[t
     return [p.detach().clone() for p in model.parameters()], optimizer.skipped_steps
 
 
+def _resume_m_sharpness_from_this_ranks_checkpoint(rank: int, name: str) -> tuple[bool, dict]:
+    """m-sharpness with a transform whose state comes from each rank's own first pass: save this
+    rank's ``state_dict()`` after 2 steps, train 2 more, then load it into a fresh optimizer and
+    train the same 2 steps. Returns (bit-equal weights, the saved state)."""
+    import copy
+
+    from torch.nn.parallel import DistributedDataParallel
+
+    from samgria import ESAM, FriendlySAM, TransformingOptimizer
+
+    make = {"friendly_sam": lambda: FriendlySAM(rho=RHO), "esam": lambda: ESAM(rho=RHO, seed=1)}[name]
+
+    def build() -> tuple[nn.Module, nn.Module, TransformingOptimizer]:
+        model = _make_model()
+        ddp_model = DistributedDataParallel(model)
+        optimizer = TransformingOptimizer(
+            ddp_model.parameters(), torch.optim.SGD, lr=LR, momentum=MOMENTUM, transforms=[make()],
+            first_pass_context=ddp_model.no_sync,
+        )
+        return model, ddp_model, optimizer
+
+    def train(ddp_model: nn.Module, optimizer: TransformingOptimizer, steps: range) -> None:
+        for step in steps:
+            x, y = _local_batch(step, rank)
+            calls = [0]
+
+            def closure() -> torch.Tensor:
+                calls[0] += 1
+                optimizer.zero_grad()
+                loss = _loss(ddp_model(x), y)
+                if step == 0 and rank == 0 and calls[0] == 1:
+                    loss = loss * 0.0  # rank 0 perturbs nothing: ESAM draws no mask there
+                loss.backward()
+                return loss
+
+            optimizer.step(closure)
+
+    model, ddp_model, optimizer = build()
+    train(ddp_model, optimizer, range(2))
+    weights, saved = copy.deepcopy(model.state_dict()), copy.deepcopy(optimizer.state_dict())
+    train(ddp_model, optimizer, range(2, 4))
+    resumed_model, resumed_ddp_model, resumed = build()
+    resumed_model.load_state_dict(weights)
+    resumed.load_state_dict(saved)
+    train(resumed_ddp_model, resumed, range(2, 4))
+    same = all(torch.equal(p, q) for p, q in zip(model.parameters(), resumed_model.parameters()))
+    return same, saved
+
+
 def _worker(out_dir: str) -> None:
     import torch.distributed as dist
 
@@ -128,6 +177,7 @@ def _worker(out_dir: str) -> None:
     try:
         results = {mode: _train_ddp(rank, mode) for mode in MODES}
         results["faults"] = {fault: _train_m_sharpness_with_a_local_fault(rank, fault) for fault in ("non_finite", "zero")}
+        results["resume"] = {name: _resume_m_sharpness_from_this_ranks_checkpoint(rank, name) for name in ("friendly_sam", "esam")}
         # Free reference cycles (optimizers, DDP/FSDP modules) that still hold the process group
         # while it is alive: destroyed at interpreter exit instead, gloo's threads can abort a rank
         # that has finished (as benchmarks/distributed.py does).
@@ -242,6 +292,28 @@ def test_m_sharpness_where_one_rank_perturbs_nothing_keeps_the_replicas_identica
     assert all(ddp_results[rank]["faults"]["zero"][1] == 0 for rank in range(WORLD_SIZE))
     for rank0, rank1 in zip(*weights):
         assert torch.equal(rank0, rank1)
+
+
+def _tensors(tree: object) -> list[torch.Tensor]:
+    if isinstance(tree, torch.Tensor):
+        return [tree]
+    if isinstance(tree, dict):
+        return [t for key in sorted(tree, key=str) for t in _tensors(tree[key])]
+    if isinstance(tree, (list, tuple)):
+        return [t for item in tree for t in _tensors(item)]
+    return []
+
+
+@pytest.mark.parametrize("name", ["friendly_sam", "esam"])
+def test_m_sharpness_resumes_bitwise_from_each_ranks_own_checkpoint(ddp_results: list[dict], name: str) -> None:
+    """FriendlySAM's average of the first-pass gradients, and ESAM's random stream on a rank that
+    perturbed nothing, are each rank's own under m-sharpness (documented): the ranks' saved states
+    differ, and each rank resumes bit for bit from its own."""
+    for rank in range(WORLD_SIZE):
+        assert ddp_results[rank]["resume"][name][0], f"rank {rank} did not resume bit for bit"
+    states = [_tensors(ddp_results[rank]["resume"][name][1]["state"]) for rank in range(WORLD_SIZE)]
+    assert len(states[0]) == len(states[1]) > 0
+    assert not all(torch.equal(a, b) for a, b in zip(*states))
 
 
 if __name__ == "__main__":
