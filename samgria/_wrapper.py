@@ -123,34 +123,72 @@ class _DrivenState(MutableMapping):
         return entry
 
     def __setitem__(self, param: Any, value: Any) -> None:
-        old = self._owner.state.get(param, {})
-        hidden = self._owner._hides_state_key
-        merged = {key: item for key, item in old.items() if hidden(key)}
+        owner = self._owner
+        old = owner.state.get(param, {})
+        hidden = owner._hides_state_key
+        kept = {key: item for key, item in old.items() if hidden(key)}
+        if type(value) is dict and not owner._hides_any_state_key(value):
+            # The object itself, as torch keeps it: an optimizer that assigns a new dict and then
+            # fills it (``state = {}; self.state[p] = state; state["step"] = 0``) writes into it.
+            value.update(kept)
+            owner.state[param] = value
+            return
+        merged = kept
         merged.update(value)
-        self._owner.state[param] = merged
+        owner.state[param] = merged
 
     def __delitem__(self, param: Any) -> None:
-        entry = self._owner.state[param]
+        state = self._owner.state
+        entry = state[param]
         hidden = self._owner._hides_state_key
         for key in [key for key in entry if not hidden(key)]:
             del entry[key]
+        if not entry:
+            del state[param]
+
+    def _holds(self, entry: dict[Any, Any]) -> bool:
+        """Whether the driven optimizer sees ``entry`` as present: it is empty (created by an
+        access, as torch's ``defaultdict`` creates it) or holds a key that is not hidden."""
+        owner = self._owner
+        return not entry or owner._visible_state_keys.issuperset(entry) or not all(map(owner._hides_state_key, entry))
 
     def __iter__(self) -> Iterator[Any]:
-        return iter(list(self._owner.__dict__.get("state", {})))
+        state = self._owner.__dict__.get("state", {})
+        return iter([param for param, entry in state.items() if self._holds(entry)])
 
     def items(self):  # type: ignore[override]
-        """Plain-dict copies of the visible entries (what the driven optimizer's own
-        ``state_dict()`` packs: picklable and loadable like any torch checkpoint)."""
-        return [(param, dict(self[param].items())) for param in self]
+        """The live entries, as torch's ``state.items()`` gives them (what an optimizer writes into
+        while it iterates lands in the state)."""
+        return [(param, self[param]) for param in self]
 
     def __len__(self) -> int:
-        return len(self._owner.__dict__.get("state", {}))
+        return sum(1 for _ in self)
 
     def __contains__(self, param: object) -> bool:
-        return param in self._owner.__dict__.get("state", {})
+        entry = self._owner.__dict__.get("state", {}).get(param)
+        return entry is not None and self._holds(entry)
 
     def __repr__(self) -> str:
         return f"<state of {type(self._owner).__name__}>"
+
+
+def _plain_entries(optimizer: Optimizer, state_dict: dict[str, Any]) -> dict[str, Any]:
+    """A state-dict post-hook of the driven optimizer: its own ``state_dict()`` packs plain dicts
+    (picklable and loadable like any torch checkpoint), not the live views of entries that hold
+    a wrapper's hidden keys."""
+    packed = state_dict["state"]
+    for key, entry in packed.items():
+        if not isinstance(entry, dict):
+            packed[key] = dict(entry.items())
+    return state_dict
+
+
+def _show_state(driven: Optimizer, owner: WrappingOptimizer) -> None:
+    """Give ``driven`` the view of ``owner``'s state (and the hook that packs it as plain dicts)."""
+    driven.state = _DrivenState(owner)  # type: ignore[assignment]
+    hooks = getattr(driven, "_optimizer_state_dict_post_hooks", None)
+    if hooks is not None and _plain_entries not in hooks.values():
+        driven.register_state_dict_post_hook(_plain_entries, prepend=True)
 
 
 class WrappingOptimizer(Optimizer):
@@ -183,7 +221,7 @@ class WrappingOptimizer(Optimizer):
         self._warned_capturable_if_run_uncaptured = True
         for param, entry in driven.state.items():  # an already built optimizer may hold state
             self.state[param] = entry
-        driven.state = _DrivenState(self)  # type: ignore[assignment]
+        _show_state(driven, self)
 
     @property
     def _driven(self) -> Optimizer:
@@ -277,7 +315,7 @@ class WrappingOptimizer(Optimizer):
                 del entry[key]
         for param, entry in loaded.items():
             self.state[param].update(entry)
-        driven.state = _DrivenState(self)  # type: ignore[assignment]
+        _show_state(driven, self)
 
     # -- checkpoints: torch's own, with a validation point before anything changes ---------------
     def state_dict(self) -> dict[str, Any]:  # type: ignore[override]
@@ -331,4 +369,4 @@ class WrappingOptimizer(Optimizer):
             self._driven.param_groups = groups
         driven = self.__dict__.get(self._driven_attr)
         if driven is not None and not isinstance(driven.state, _DrivenState):
-            driven.state = _DrivenState(self)  # type: ignore[assignment]
+            _show_state(driven, self)

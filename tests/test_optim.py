@@ -16,7 +16,7 @@ from torch import nn
 from state_helpers import assert_states_equal
 from transform_infos import assert_bitwise_equal, make_closure, make_data, make_model, params_of
 
-from samgria import ASAM, LAMP, SAM, GradientTransform, MultiStepSAM, Perturbation, PerturbationTransform, TransformingOptimizer, sam_optimizer
+from samgria import ASAM, LAMP, SAM, FriendlySAM, GradientTransform, MultiStepSAM, Perturbation, PerturbationTransform, TransformingOptimizer, sam_optimizer
 
 
 def sam_opt(model, **kwargs):
@@ -328,6 +328,81 @@ def test_state_dict_is_torchs_layout_with_every_slot_in_state():
     assert optimizer.state_dict()["state"][1]["exp_avg"] is optimizer.state[weight]["exp_avg"]
     # The inner optimizer sees its own keys only (so lazily initialising optimizers still do).
     assert set(optimizer.inner.state[weight]) == {"exp_avg", "exp_avg_sq", "step", "user_key"}
+
+
+class _CountingSGD(torch.optim.SGD):
+    """Writes a new key into every entry while it iterates ``self.state.items()``."""
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = super().step(closure)
+        for _, entry in self.state.items():
+            entry["seen"] = entry.get("seen", 0) + 1
+        return loss
+
+
+class _AssignThenFill(torch.optim.Optimizer):
+    """Assigns a new dict to ``self.state[p]`` and then fills it (``p not in self.state``)."""
+
+    def __init__(self, params, lr=0.1):
+        super().__init__(params, {"lr": lr})
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                if p not in self.state:
+                    entry = {}
+                    self.state[p] = entry
+                    entry["buf"], entry["step"] = p.grad.clone(), 1
+                else:
+                    entry = self.state[p]
+                    entry["buf"].mul_(0.9).add_(p.grad)
+                    entry["step"] += 1
+                p.add_(entry["buf"], alpha=-group["lr"])
+        return loss
+
+
+@pytest.mark.parametrize("chain", ["none", "rho0", "friendly_sam", "lamp"])
+@pytest.mark.parametrize("inner", [_CountingSGD, _AssignThenFill])
+def test_the_inner_optimizer_sees_its_state_as_torch_gives_it(inner, chain):
+    """What an inner optimizer writes lands in the state, whatever hidden keys a transform keeps
+    in the same entries; an entry holding only hidden keys is absent to it; ``del`` and ``clear``
+    remove its keys and leave the transforms'."""
+    transforms = {"none": [], "rho0": [SAM(0.0)], "friendly_sam": [FriendlySAM(0.05)], "lamp": [LAMP(seed=1)]}[chain]
+    kwargs = {"momentum": 0.9} if inner is _CountingSGD else {}
+    x, y = make_data()
+    model, bare_model = make_model(), make_model()
+    optimizer = TransformingOptimizer(model.parameters(), inner, lr=0.1, transforms=transforms, **kwargs)
+    bare = inner(bare_model.parameters(), lr=0.1, **kwargs)
+    for _ in range(3):
+        optimizer.step(make_closure(model, optimizer, x, y))
+        bare.step(make_closure(bare_model, bare, x, y))
+    stepped = [p for p in model.parameters() if p.grad is not None]
+    key = "seen" if inner is _CountingSGD else "step"
+    assert [optimizer.state[p][key] for p in stepped] == [3] * len(stepped)
+    assert len(optimizer.inner.state) == len(bare.state) == len(stepped)
+    if chain in ("none", "rho0"):  # the same algorithm as the bare optimizer
+        assert_bitwise_equal(params_of(model), params_of(bare_model))
+    packed = optimizer.inner.state_dict()["state"]  # plain dicts, loadable like torch's
+    assert all(type(entry) is dict and not any("." in str(k) for k in entry) for entry in packed.values())
+    buffer = io.BytesIO()
+    torch.save(optimizer.inner.state_dict(), buffer)
+    buffer.seek(0)
+    assert torch.load(buffer, weights_only=True)["state"].keys() == packed.keys()
+    hidden_before = {id(p): {k: v for k, v in optimizer.state.get(p, {}).items() if "." in k} for p in model.parameters()}
+    del optimizer.inner.state[stepped[0]]
+    assert stepped[0] not in optimizer.inner.state and len(optimizer.inner.state) == len(stepped) - 1
+    optimizer.inner.state.clear()
+    assert len(optimizer.inner.state) == 0 and list(optimizer.inner.state) == []
+    hidden_after = {id(p): dict(optimizer.state[p]) for p in model.parameters() if p in optimizer.state}
+    assert hidden_after == {i: kept for i, kept in hidden_before.items() if kept}
 
 
 def test_loads_a_plain_inner_optimizer_checkpoint_and_rejects_mismatches():
