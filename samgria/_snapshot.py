@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["StepSnapshot", "StateStructure"]
+__all__ = ["GroupValues", "StepSnapshot", "StateStructure"]
 
 
 class StateStructure:
@@ -30,6 +30,28 @@ class StateStructure:
             entry = self._state[param]
             entry.clear()
             entry.update(saved)
+
+
+class GroupValues:
+    """Every param group's values but ``params``, restorable: an optimizer may keep counters in
+    its groups (``group["step"] += 1``, as timm's and pytorch-optimizer's do) and fail after."""
+
+    def __init__(self, groups: Sequence[dict[str, Any]]) -> None:
+        self._saved = [
+            (group, {key: (value, value.clone() if isinstance(value, torch.Tensor) else value)
+                     for key, value in group.items() if key != "params"})
+            for group in groups
+        ]
+
+    @torch.no_grad()
+    def restore(self) -> None:
+        for group, saved in self._saved:
+            for key in [key for key in group if key != "params" and key not in saved]:
+                del group[key]
+            for key, (original, kept) in saved.items():
+                if isinstance(original, torch.Tensor) and original.shape == kept.shape:
+                    original.copy_(kept)  # a tensor counter raised in place
+                group[key] = original
 
 
 def _drop_new_entries(state: MutableMapping[Any, dict[Any, Any]], kept_ids: set[int]) -> None:

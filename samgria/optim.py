@@ -15,7 +15,7 @@ from torch.optim import Optimizer
 
 from samgria._checks import check_bool, check_choice
 from samgria._frameworks import accumulating_framework, called_from, stacklevel_outside, stepping_grad_scaler
-from samgria._snapshot import StateStructure, StepSnapshot
+from samgria._snapshot import GroupValues, StateStructure, StepSnapshot
 from samgria._wrapper import WrappingOptimizer, refuse_driven
 from samgria.functional import all_finite, global_norm
 from samgria.functional._grouping import group_indices_by_device_and_dtype, unique_params
@@ -681,6 +681,7 @@ class TransformingOptimizer(WrappingOptimizer):
                     if not transform.needs_closure:
                         transform.pre_update(self._context(slot, None))
         snapshot = self._snapshot_before_inner_step(spare_buffers)
+        group_values = GroupValues(self.param_groups) if snapshot is not None else None
         spare_buffers.clear()
         try:
             self._driven_step()
@@ -690,6 +691,7 @@ class TransformingOptimizer(WrappingOptimizer):
         except BaseException:
             if snapshot is not None:
                 snapshot.restore()
+                group_values.restore()  # type: ignore[union-attr]
             raise
 
     def _refuse_framework_accumulation(self, closure: Callable[[], Any]) -> None:

@@ -82,7 +82,8 @@ FailingSGD, FailingAdam = failing(torch.optim.SGD), failing(torch.optim.Adam)
 
 
 class MidwaySGD(torch.optim.Optimizer):
-    """SGD with momentum written out, with a plain-number counter; raises midway when told."""
+    """SGD with momentum written out, with plain-number counters in the state and in the groups
+    (as timm's and pytorch-optimizer's optimizers keep them); raises midway when told."""
 
     def __init__(self, params, lr=0.05, momentum=0.9):
         super().__init__(params, {"lr": lr, "momentum": momentum})
@@ -92,6 +93,7 @@ class MidwaySGD(torch.optim.Optimizer):
     def step(self, closure=None):
         index = 0
         for group in self.param_groups:
+            group["steps_taken"] = group.get("steps_taken", 0) + 1
             for param in group["params"]:
                 if param.grad is None:
                     continue
