@@ -204,3 +204,42 @@ def test_adam_inner_step_second_order_is_finite_with_zero_gradients():
     learner = meta.adapt(lambda f: mse(f(x), y), inner_step_fn=AdamInnerStep())
     mse(learner(x), y).backward()
     assert all(torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+class TwoHeads(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(3, 1)
+        self.b = nn.Linear(3, 1)
+
+    def forward(self, x, heads):
+        return sum(getattr(self, h)(x) for h in heads)
+
+
+@pytest.mark.parametrize("dtype, atol", [(torch.float64, 1e-12), (torch.float32, 1e-7)])
+def test_adam_counts_steps_per_weight_as_torch_adam(dtype, atol):
+    # Head b gets no gradient at inner step 1: like torch.optim.Adam with its grad set to None,
+    # it neither moves nor counts the step, so its first gradient gets a first step's bias
+    # correction (one shared count would give it step 2's).
+    torch.manual_seed(0)
+    model = TwoHeads().to(dtype)
+    x, y = torch.randn(6, 3, dtype=dtype), torch.randn(6, 1, dtype=dtype)
+    schedule = ["a", "b", "ab", "b"]
+    step_fn = AdamInnerStep(betas=(0.8, 0.95), eps=1e-6)
+
+    reference = copy.deepcopy(model)
+    opt = torch.optim.Adam(reference.parameters(), lr=0.1, betas=(0.8, 0.95), eps=1e-6)
+    for heads in schedule:
+        opt.zero_grad(set_to_none=True)
+        mse(reference(x, heads), y).backward()
+        opt.step()
+
+    meta = MAML(model, torch.optim.SGD, inner_lr=0.1, lr=0.1)
+    by_loss = meta.clone(inner_step_fn=step_fn)
+    for heads in schedule:
+        by_loss.adapt(mse(by_loss(x, heads), y))
+    calls = iter(schedule)
+    by_closure = meta.adapt(lambda f: mse(f(x, next(calls)), y), inner_steps=len(schedule), inner_step_fn=step_fn)
+    for n, p in reference.named_parameters():
+        for learner in (by_loss, by_closure):
+            torch.testing.assert_close(learner.params[n].detach(), p.detach(), rtol=0, atol=atol)

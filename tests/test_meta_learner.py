@@ -146,3 +146,46 @@ def test_learner_errors_name_argument_and_value():
         learner.adapt_on(mse, x, y, steps=-3)
     with pytest.raises(TypeError, match="the support loss must be a scalar tensor, got float"):
         learner.adapt(1.0)
+
+
+@pytest.mark.parametrize("first_order", [False, True])
+def test_adapt_on_a_loss_not_built_from_the_fast_weights_raises_and_changes_nothing(first_order):
+    model, x, y = setup()
+    meta = MAML(model, torch.optim.SGD, inner_lr=0.1, lr=0.5, first_order=first_order)
+    learner = meta.clone()
+    learner.adapt(mse(learner(x), y))  # the fast weights are no longer the model's own
+    params, state = learner.params, learner._inner_state
+    other = torch.randn(3, 1, dtype=DT, requires_grad=True)
+    for loss in (mse(model(x), y), mse(x @ other, y)):
+        with pytest.raises(ValueError, match="the support loss is not connected to the fast weights"):
+            learner.adapt(loss)
+        assert learner.steps_taken == 1
+        assert learner._inner_state is state
+        assert all(learner.params[n] is p for n, p in params.items())
+    w = model.weight.detach() - 0.1 * ls_grad(model.weight.detach(), x, y)
+    torch.testing.assert_close(learner.params["weight"], w, rtol=0, atol=1e-12)
+
+
+class UsesOneHead(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.used = nn.Linear(3, 1, bias=False)
+        self.unused = nn.Linear(3, 1, bias=False)
+
+    def forward(self, x):
+        return self.used(x)
+
+
+def test_a_loss_using_only_some_adapted_weights_adapts_those_and_leaves_the_rest():
+    torch.manual_seed(0)
+    model = UsesOneHead().to(DT)
+    x, y = torch.randn(6, 3, dtype=DT), torch.randn(6, 1, dtype=DT)
+    meta = MAML(model, torch.optim.SGD, inner_lr=0.1, lr=0.5)
+    w = model.used.weight.detach()
+    for _ in range(2):
+        w = w - 0.1 * ls_grad(w, x, y)
+    learner = meta.clone()
+    learner.adapt(mse(learner(x), y)).adapt(mse(learner(x), y))
+    for adapted in (learner, meta.adapt(lambda f: mse(f(x), y), inner_steps=2)):
+        torch.testing.assert_close(adapted.params["used.weight"], w, rtol=0, atol=1e-12)
+        assert adapted.params["unused.weight"] is model.unused.weight

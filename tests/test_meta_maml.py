@@ -426,12 +426,38 @@ def test_meta_loss_weighted_mean_and_count_mismatch():
     assert MetaOptimizer.meta_loss(list(losses), [1.0, 0.0, 1.0]).item() == pytest.approx(2.5)
     with pytest.raises(ValueError, match="got 2 weights for 3 losses"):
         MetaOptimizer.meta_loss(losses, [1.0, 2.0])
+    with pytest.raises(
+        ValueError, match=r"^weights must be a 1-D sequence of one weight per task loss, got shape \(1, 2\)$"
+    ):
+        MetaOptimizer.meta_loss(torch.tensor([1.0, 2.0]), [[1, 2]])
+    with pytest.raises(ValueError, match=r"got shape \(\)$"):
+        MetaOptimizer.meta_loss(torch.tensor([1.0]), 1.0)
     with pytest.raises(ValueError, match="at least one task loss, got 0"):
         MetaOptimizer.meta_loss([])
     with pytest.raises(ValueError, match="weights must be finite and >= 0"):
         MetaOptimizer.meta_loss(losses, [1.0, -1.0, 1.0])
     with pytest.raises(ValueError, match="must not all be 0"):
         MetaOptimizer.meta_loss(losses, [0.0, 0.0, 0.0])
+
+
+@pytest.mark.parametrize("cls", [MAML, FOMAML])
+def test_adapt_with_a_closure_that_ignores_the_fast_weights_raises_and_changes_nothing(cls):
+    model = mlp()
+    t = make_tasks(n=1)[0]
+    meta = cls(model, torch.optim.SGD, inner_lr=0.1, inner_steps=2, lr=0.5)
+    before = copy.deepcopy(model.state_dict())
+    other = torch.randn(3, 1, dtype=DT, requires_grad=True)
+    closures = (
+        lambda f: mse(model(t.support_x), t.support_y),  # the model, not f: unconnected from step 2 on
+        lambda f: mse(t.support_x @ other, t.support_y),
+    )
+    for closure in closures:
+        with pytest.raises(ValueError, match="the support loss is not connected to the fast weights"):
+            meta.adapt(closure)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k])
+    assert all(p.grad is None for p in model.parameters())
+    assert meta._task_weight == 0.0  # no task was counted
 
 
 # ----------------------------------------------------------------------------- bad inputs

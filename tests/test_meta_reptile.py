@@ -278,3 +278,57 @@ def test_reptile_errors_name_argument_and_value():
     assert meta.num_recorded == 0
     for p, b in zip(model.parameters(), before):
         assert torch.equal(p, b)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_16_bit_pseudo_gradient_is_exact_up_to_one_rounding(dtype):
+    # Weights ~ +-1 and inner updates ~ 1e-3: theta - mean(theta') in the parameter dtype loses
+    # the update to rounding (bfloat16: an error 22 times the exact value); the differences
+    # theta'_i - theta are exact, so only the final rounding to the dtype remains.
+    torch.manual_seed(0)
+    model = nn.Linear(64, 64).to(dtype)
+    with torch.no_grad():
+        model.weight.mul_(8.0)
+    g = torch.Generator().manual_seed(1)
+    tasks = [Task(*(torch.randn(8, 64, generator=g).to(dtype) for _ in range(4))) for _ in range(32)]
+    weights = [float(1 + i % 3) for i in range(32)]
+    theta = {n: p.detach().clone() for n, p in model.named_parameters()}
+    meta = Reptile(model, torch.optim.SGD, inner_lr=0.01, inner_steps=5, lr=0.0)
+    adapted = [
+        meta.adapt(lambda f, t=t: mse(f(t.support_x), t.support_y), weight=w).params
+        for t, w in zip(tasks, weights)
+    ]
+    meta.step()
+    total = sum(weights)
+    for n, p in model.named_parameters():
+        exact = -sum((w / total) * (a[n].double() - theta[n].double()) for a, w in zip(adapted, weights))
+        error = ((p.grad.double() - exact).norm() / exact.norm()).item()
+        assert error < torch.finfo(dtype).eps, (n, error)
+
+
+def test_a_weight_0_task_adds_nothing_even_with_nan_adapted_weights():
+    tasks = make_tasks(n=2)
+    bad = tasks[1]
+    tasks[1] = Task(bad.support_x, torch.full_like(bad.support_y, float("nan")), bad.query_x, bad.query_y)
+    both, alone = mlp(), mlp()
+    meta_both = Reptile(both, torch.optim.SGD, inner_lr=0.05, inner_steps=2, lr=0.5)
+    meta_alone = Reptile(alone, torch.optim.SGD, inner_lr=0.05, inner_steps=2, lr=0.5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "pseudo-gradient is not finite" skip
+        meta_both.step(reptile_closure(meta_both, tasks, weights=[1.0, 0.0]))
+    meta_alone.step(reptile_closure(meta_alone, tasks[:1]))
+    assert meta_both.skipped_steps == 0
+    for p, q in zip(both.parameters(), alone.parameters()):
+        assert torch.equal(p.grad, q.grad)
+        assert torch.equal(p, q)
+
+
+def test_adapt_with_a_closure_that_ignores_the_fast_weights_raises_and_records_nothing():
+    model = mlp()
+    t = make_tasks(n=1)[0]
+    meta = Reptile(model, torch.optim.SGD, inner_lr=0.1, inner_steps=2, lr=0.5)
+    with pytest.raises(ValueError, match="the support loss is not connected to the fast weights"):
+        meta.adapt(lambda f: mse(model(t.support_x), t.support_y))
+    assert meta.num_recorded == 0
+    with pytest.raises(ValueError, match="Reptile.step found no adapted tasks"):
+        meta.step()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -107,6 +109,28 @@ def test_zero_weight_task_is_excluded_and_uniform_weights_give_the_mean():
         ms.task(*tasks[2])
     for pa, pb in zip(a.parameters(), b.parameters()):
         torch.testing.assert_close(pa, pb, rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("cls", [MAML, Reptile])
+def test_a_zero_weight_task_with_a_nan_loss_neither_skips_nor_changes_the_step(cls):
+    (good, good_query), (bad, bad_query) = make_tasks(2)
+    nan = float("nan")
+    bad, bad_query = (bad[0], torch.full_like(bad[1], nan)), (bad_query[0], torch.full_like(bad_query[1], nan))
+    both, alone = make_model(), make_model()
+    meta_both = cls(both, torch.optim.SGD, lr=0.5, inner_lr=0.1, inner_steps=2)
+    meta_alone = cls(alone, torch.optim.SGD, lr=0.5, inner_lr=0.1, inner_steps=2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "meta-loss is nan" skip
+        with meta_step(meta_both, loss_fn=F.mse_loss) as ms_both:
+            ms_both.task(good, good_query, weight=1.0)
+            assert torch.isnan(ms_both.task(bad, bad_query, weight=0.0))
+    with meta_step(meta_alone, loss_fn=F.mse_loss) as ms_alone:
+        ms_alone.task(good, good_query)
+    assert meta_both.skipped_steps == meta_alone.skipped_steps == 0
+    assert not torch.equal(next(both.parameters()), next(make_model().parameters()))  # it stepped
+    assert torch.equal(ms_both.loss, ms_alone.loss)
+    for p, q in zip(both.parameters(), alone.parameters()):
+        assert torch.equal(p, q)
 
 
 def test_per_task_inner_steps_override():

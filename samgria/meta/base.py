@@ -577,7 +577,8 @@ class MetaOptimizer(WrappingOptimizer):
 
         Raises:
             TypeError: ``support_closure`` is not callable or ``inner_steps`` is not an int.
-            ValueError: ``inner_steps`` or ``weight`` is negative.
+            ValueError: ``inner_steps`` or ``weight`` is negative, or the support loss depends
+                on none of the fast weights (nothing is recorded).
         """
         if not callable(support_closure):
             raise TypeError(f"support_closure must be callable, got {support_closure!r}")
@@ -809,6 +810,14 @@ class MetaOptimizer(WrappingOptimizer):
     def meta_loss(losses: Sequence[torch.Tensor] | torch.Tensor, weights: Sequence[float] | torch.Tensor | None = None) -> torch.Tensor:
         """Weighted mean of per-task query losses, :math:`\\sum_i w_i \\ell_i / \\sum_i w_i`.
 
+        A task of weight 0 still enters the sum as :math:`0 \\cdot \\ell_i`, so a non-finite
+        loss of such a task makes the meta-loss non-finite (:math:`0 \\cdot \\text{nan}` is
+        ``nan``) and a ``non_finite="skip"`` step is skipped. Dropping it here would not make the
+        update exact: once its loss is in ``losses`` (e.g. a row of :meth:`task_losses`), the
+        backward pass sends :math:`0` through its graph, which makes the meta-gradient ``nan``
+        all the same. Leave such a task out of ``losses`` instead (the ``meta_step`` builder
+        leaves weight-0 tasks out of its loss and never back-propagates them).
+
         Args:
             losses: Per-task scalar losses (a 1-D tensor or a sequence of scalars).
             weights: Per-task weights ``>= 0`` (default: all equal), one per loss.
@@ -817,8 +826,8 @@ class MetaOptimizer(WrappingOptimizer):
             The scalar meta-loss.
 
         Raises:
-            ValueError: No losses, a count mismatch between ``losses`` and ``weights``, a
-                negative weight, or weights summing to zero.
+            ValueError: No losses, weights that are not 1-D, a count mismatch between ``losses``
+                and ``weights``, a negative weight, or weights summing to zero.
         """
         if isinstance(losses, torch.Tensor):
             if losses.dim() != 1:
@@ -834,7 +843,11 @@ class MetaOptimizer(WrappingOptimizer):
         if weights is None:
             return stacked.mean()
         w = torch.as_tensor(weights, dtype=stacked.dtype, device=stacked.device).detach()
-        if w.dim() != 1 or w.numel() != stacked.numel():
+        if w.dim() != 1:
+            raise ValueError(
+                f"weights must be a 1-D sequence of one weight per task loss, got shape {tuple(w.shape)}"
+            )
+        if w.numel() != stacked.numel():
             raise ValueError(
                 f"weights must hold one weight per task loss: got {w.numel()} weights for {stacked.numel()} losses"
             )

@@ -159,10 +159,21 @@ def grads_of_loss(loss: torch.Tensor, at: Tensors, create_graph: bool, allow_unu
 
     A weight the loss does not depend on gets no entry (the update leaves it as it is); with
     ``allow_unused=False`` it raises instead.
+
+    Raises:
+        ValueError: ``loss`` is not a differentiable scalar, or depends on none of the weights
+            of ``at`` (e.g. computed with the model instead of the fast weights): a step would
+            silently change nothing.
     """
     check_support_loss(loss)
     names = list(at)
     raw = torch.autograd.grad(loss, [at[n] for n in names], create_graph=create_graph, allow_unused=allow_unused)
+    if names and all(g is None for g in raw):
+        raise ValueError(
+            f"the support loss is not connected to the fast weights: it depends on none of the "
+            f"{len(names)} adapted weights {names[:3]}{' ...' if len(names) > 3 else ''}; compute it from the fast weights "
+            "(the learner, or the callable passed to the closure), not from the model itself"
+        )
     return {n: g for n, g in zip(names, raw) if g is not None}
 
 

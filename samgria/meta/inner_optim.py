@@ -186,16 +186,24 @@ class AdamInnerStep:
     def __call__(
         self, params: Tensors, grads: Tensors, lrs: Rates, state: dict[str, Any]
     ) -> dict[str, torch.Tensor]:
-        """Return the updated fast weights; moments live in ``state["exp_avg"/"exp_avg_sq"]``."""
+        """Return the updated fast weights.
+
+        The moments live in ``state["exp_avg"]`` and ``state["exp_avg_sq"]`` and the step counts
+        in ``state["step"]``, each a dict by name. As in ``torch.optim.Adam``, every weight
+        counts its own steps: one without a gradient at this step (not in ``grads``) neither
+        moves nor advances its count, so its first gradient later gets the bias correction of
+        a first step.
+        """
         beta1, beta2 = self.betas
-        step = state.get("step", 0) + 1
-        state["step"] = step
+        steps: dict[str, int] = state.setdefault("step", {})
         exp_avg: dict[str, torch.Tensor] = state.setdefault("exp_avg", {})
         exp_avg_sq: dict[str, torch.Tensor] = state.setdefault("exp_avg_sq", {})
-        bias1 = 1.0 - beta1**step
-        bias2 = 1.0 - beta2**step
         new = {}
         for n, g in grads.items():
+            step = steps.get(n, 0) + 1
+            steps[n] = step
+            bias1 = 1.0 - beta1**step
+            bias2 = 1.0 - beta2**step
             m = (1.0 - beta1) * g if n not in exp_avg else beta1 * exp_avg[n] + (1.0 - beta1) * g
             v = (1.0 - beta2) * g * g if n not in exp_avg_sq else beta2 * exp_avg_sq[n] + (1.0 - beta2) * g * g
             exp_avg[n], exp_avg_sq[n] = m, v

@@ -224,7 +224,8 @@ class Learner:
 
         Raises:
             TypeError: ``support_closure`` is not callable or ``inner_steps`` not an int.
-            ValueError: ``inner_steps`` is negative.
+            ValueError: ``inner_steps`` is negative, or the support loss depends on none of
+                the fast weights (nothing changes).
         """
         if not callable(support_closure):
             raise TypeError(f"support_closure must be callable, got {support_closure!r}")

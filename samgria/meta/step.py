@@ -97,7 +97,9 @@ class MetaStep:
     Attributes:
         losses: Detached post-adaptation query losses of the tasks added so far.
         weights: Their weights.
-        loss: The weighted meta-loss returned by the last :meth:`step` (``None`` before).
+        loss: The weighted meta-loss returned by the last :meth:`step` (``None`` before). A task
+            of weight 0 takes no part in the update nor in this loss, so its loss may be
+            non-finite without skipping the step.
 
     Raises:
         TypeError: ``meta`` is not a ``MetaOptimizer`` or an argument has the wrong type.
@@ -241,7 +243,13 @@ class MetaStep:
         return out
 
     def _weighted_loss(self, losses: list[torch.Tensor]) -> torch.Tensor:
-        return MetaOptimizer.meta_loss(torch.stack(losses), self.weights)
+        """The weighted mean of the (detached) ``losses``, leaving out the tasks of weight 0.
+
+        Those tasks take no part in the update, so their loss (``nan`` even) must not make the
+        reported meta-loss non-finite and skip the step (``0 * nan`` is ``nan``).
+        """
+        kept = [(loss, w) for loss, w in zip(losses, self.weights) if w != 0.0]
+        return MetaOptimizer.meta_loss(torch.stack([loss for loss, _ in kept]), [w for _, w in kept])
 
     def step(self) -> torch.Tensor:
         """Apply the outer update for the tasks added so far and start a new meta-update.
