@@ -270,9 +270,6 @@ class Transform:
             paper's m-sharpness): the transform uses them only to perturb. Transforms whose
             update mixes them in (GSAM, WSAM) set it to ``False``; the optimizer then refuses
             ``first_pass_context``.
-        reevaluations: The most closure re-evaluations :meth:`pre_update` makes in one step
-            (default: 1 when ``needs_closure``, else 0; ``MultiStepSAM``: ``ascent_steps``).
-            ``first_pass_context`` needs a chain that re-evaluates at most once per step.
     """
 
     needs_closure: bool = False
@@ -283,7 +280,11 @@ class Transform:
 
     @property
     def reevaluations(self) -> int:
-        """The most closure re-evaluations :meth:`pre_update` makes in one step."""
+        """The most closure re-evaluations :meth:`pre_update` makes in one step.
+
+        1 when ``needs_closure``, else 0 (``MultiStepSAM``: ``ascent_steps``).
+        ``first_pass_context`` needs a chain that re-evaluates at most once per step.
+        """
         return int(self.needs_closure)
 
     # -- configuration -----------------------------------------------------------------------
