@@ -24,7 +24,7 @@ from transform_infos import (
     params_of,
 )
 
-from samgria import FriendlySAM, TransformingOptimizer
+from samgria import ClampGrad, FriendlySAM, ScaleGrad, TransformingOptimizer
 
 INFO_OF_CLASS = {info.name: info for info in TRANSFORM_INFOS}
 
@@ -250,6 +250,39 @@ def test_evaluates_the_closure_once_plus_at_most_its_declared_reevaluations(info
 
         optimizer.step(counting)
     assert min(calls) >= 1 and max(calls) == 1 + declared, (declared, calls)  # LookSAM: not every step
+
+
+@all_configs
+def test_maximizing_a_loss_equals_minimizing_its_negation_bitwise(info, config):
+    """``maximize=True`` on the inner optimizer means the objective is :math:`-L`: the SAM
+    family's worst case then lies down the gradient of :math:`L` (found by review: it climbed)."""
+    if any(isinstance(t, (ScaleGrad, ClampGrad)) for t in config.build(make_model()).transforms):
+        pytest.skip("an affine map or a clamp of the gradient is not odd: maximising differs by design")
+    x, y = make_data()
+    runs = []
+    for maximize in (True, False):
+        model = make_model()
+        optimizer = config.build(model, **({"maximize": True} if maximize else {}))
+        sign = 1.0 if maximize else -1.0
+
+        def closure(model=model, optimizer=optimizer, sign=sign):
+            optimizer.zero_grad()
+            loss = sign * nn.functional.mse_loss(model(x), y)
+            loss.backward()
+            return loss
+
+        adversary = any(getattr(t, "adversary", None) is not None for t in optimizer.transforms)
+        if maximize and adversary:
+            before = params_of(model)
+            with pytest.raises(ValueError, match=r"^MultiStepSAM's adversary climbs L .*maximize=True"):
+                optimizer.step(closure)
+            assert_bitwise_equal(before, params_of(model))
+            return
+        for _ in range(3):
+            optimizer.step(closure)
+        runs.append(params_of(model))
+    assert_bitwise_equal(*runs)
+    assert not all(torch.equal(a, b) for a, b in zip(runs[0], params_of(make_model()))), "it trained"
 
 
 @reevaluating_configs

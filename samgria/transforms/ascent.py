@@ -342,11 +342,17 @@ class MultiStepSAM(_FinishingTransform):
         moved = [params[i] for i in moving]
         moved_groups = [groups[i] for i in moving]
         if self.adversary is None:  # SAM's move, the same kernels (bit for bit)
-            scales = [group["rho"] / norm if self.normalize else group["rho"] for group in moved_groups]
+            scales = [self._radius(group) / norm if self.normalize else self._radius(group) for group in moved_groups]
             directions = [as_real(grads[i]) for i in moving]  # consumed by the move
             moves = self._move_along(moved, directions, scales, ctx.foreach).moves
             return _Ascent(moves, None, moved=moved, groups=moved_groups, adversary=None, scale_dependent=not self.normalize)
 
+        if any(group.get("maximize", False) for group in moved_groups):
+            raise ValueError(
+                "MultiStepSAM's adversary climbs L (it is handed the gradient of -L), but the inner "
+                "optimizer maximises (maximize=True), whose worst case lies down L: minimise the "
+                "negated loss instead of maximize=True, or use MultiStepSAM without an adversary"
+            )
         moves = self._hold(moved, ctx.foreach)
         try:
             adversary = self._build_adversary(moved, moved_groups)
@@ -383,7 +389,7 @@ class MultiStepSAM(_FinishingTransform):
             return True
         if ascent.adversary is None:
             groups = [ascent.groups[k] for k in chosen]
-            scales = [group["rho"] / norm if self.normalize else group["rho"] for group in groups]
+            scales = [self._radius(group) / norm if self.normalize else self._radius(group) for group in groups]
             # In place: a swapped parameter's data is its backup buffer, a view is perturbed in place.
             add_directions_([as_real(p) for p in movers], [as_real(g) for g in movers_grads], scales, foreach=ctx.foreach)
             for param in movers:

@@ -151,6 +151,13 @@ class PerturbationTransform(Transform):
     def active(self, param_groups: Iterable[Mapping[str, Any]]) -> bool:
         return any(group.get("rho", 0) > 0 for group in param_groups)
 
+    @staticmethod
+    def _radius(group: Mapping[str, Any]) -> float:
+        """The group's ``rho`` with the sign of the climb: negative when the inner optimizer
+        maximises (``maximize=True``: it minimises :math:`-L`, whose worst case within the radius
+        lies down the gradient of :math:`L`)."""
+        return -group["rho"] if group.get("maximize", False) else group["rho"]
+
     # -- helpers shared by SAM and ASAM --------------------------------------------------------
     @staticmethod
     def _collect(
@@ -349,7 +356,9 @@ class SAM(PerturbationTransform):
         w_{t+1} = \mathrm{inner\_step}\big(w_t,\ \nabla L(w_t + e)\big)
 
     One norm over every parameter that has a gradient; each group's part of :math:`e` is scaled
-    by that group's ``rho``, and a group with ``rho=0`` is not perturbed.
+    by that group's ``rho``, and a group with ``rho=0`` is not perturbed. A group whose inner
+    optimizer maximises (``maximize=True``, the objective :math:`-L`) is perturbed by
+    :math:`-e`, as is every transform of the SAM family.
 
     Args:
         rho: Default neighbourhood radius :math:`\rho \ge 0` (per-group key ``"rho"``).
@@ -381,7 +390,7 @@ class SAM(PerturbationTransform):
         for param, grad, group in zip(params, grads, groups):
             if group is not group_seen:  # one group's parameters are consecutive
                 group_seen, rho = group, group["rho"]
-                scale = rho / norm
+                scale = self._radius(group) / norm
             if rho > 0:
                 moved.append(param)
                 directions.append(grad)
@@ -453,5 +462,5 @@ class ASAM(PerturbationTransform):
             if group["rho"] > 0:
                 moved.append(param)
                 moved_directions.append(directions[index])
-                scales.append(group["rho"] / norm)
+                scales.append(self._radius(group) / norm)
         return self._move_along(moved, moved_directions, scales, ctx.foreach)

@@ -207,7 +207,7 @@ class _FinishingTransform(PerturbationTransform):
         r"""SAM's move, :math:`e = \rho\, g / \lVert g \rVert` per group, keeping ``grads`` intact."""
         moving = [i for i, group in enumerate(groups) if group["rho"] > 0]
         directions = [as_real(grads[i]).clone() for i in moving]  # consumed by the move
-        scales = [groups[i]["rho"] / norm for i in moving]
+        scales = [self._radius(groups[i]) / norm for i in moving]
         return self._move_along([params[i] for i in moving], directions, scales, ctx.foreach).moves
 
     def _sam_step(
@@ -388,18 +388,24 @@ class WSAM(_FinishingTransform):
 
     @torch.no_grad()
     def post_update(self, ctx: TransformContext) -> None:
-        """Decoupled sharpness step: :math:`w \\leftarrow w - \\eta\\,\\frac{\\gamma}{1-\\gamma}(g_p - g)`."""
+        """Decoupled sharpness step: :math:`w \\leftarrow w - \\eta\\,\\frac{\\gamma}{1-\\gamma}(g_p - g)` (``+`` when the inner optimizer maximises)."""
         sharpness, probe = self._pending.pop(ctx.slot, ([], None))
         if not sharpness:
             return
         unscaled = 1.0
         if probe is not None and probe[1] > 0:
             unscaled = _norm(probe[0], ctx.foreach) / probe[1]
-        lr_of = {id(p): group["lr"] for group in reversed(ctx.param_groups) for p in group["params"]}
+        # A descent step on the sharpness; an ascent when the inner optimizer maximises (the
+        # objective is then -L, whose sharpness term has the gradient -(g_p - g)).
+        step_of = {
+            id(p): float(group["lr"]) if group.get("maximize", False) else -float(group["lr"])
+            for group in reversed(ctx.param_groups)
+            for p in group["params"]
+        }
         _add_scaled_(
             [as_real(param) for param, _, _ in sharpness],
             [grad for _, grad, _ in sharpness],
-            [-float(lr_of[id(param)]) * weight * unscaled for param, _, weight in sharpness],
+            [step_of[id(param)] * weight * unscaled for param, _, weight in sharpness],
             ctx.foreach,
         )
 
@@ -485,7 +491,7 @@ class FriendlySAM(_FinishingTransform):
         moving = [i for i, group in enumerate(groups) if group["rho"] > 0]
         if norm == 0.0 or not moving:
             return _Step([], commit)
-        scales = [groups[i]["rho"] / norm for i in moving]
+        scales = [self._radius(groups[i]) / norm for i in moving]
         moved = [params[i] for i in moving]
         return _Step(self._move_along(moved, [directions[i] for i in moving], scales, ctx.foreach).moves, commit)
 
@@ -708,7 +714,7 @@ class ESAM(_FinishingTransform):
             masks.append(mask.bernoulli_(groups[moving[k]]["beta"], generator=generator))
         mul_([directions[k] for k in masked], masks, foreach=ctx.foreach)
         del masks
-        scales = [groups[i]["rho"] / (groups[i]["beta"] * norm) for i in moving]
+        scales = [self._radius(groups[i]) / (groups[i]["beta"] * norm) for i in moving]
         moves = self._move_along([params[i] for i in moving], directions, scales, ctx.foreach).moves
 
         def commit(checked: bool) -> None:  # the generators advance only with a step taken
