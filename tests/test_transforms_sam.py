@@ -404,3 +404,74 @@ def test_nan_gradient_inside_the_optimizer_skips_the_step_instead():
     assert "perturbation" not in messages[0]
     assert torch.isnan(loss)  # the first loss is still returned
     assert torch.equal(param.detach(), torch.ones(2)) and optimizer.skipped_steps == 1
+
+
+# -- parameters tied through one storage ---------------------------------------------------------------
+class _StorageTied(nn.Module):
+    """An embedding and an output layer tied the old way: two Parameters over one storage."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.embedding = nn.Embedding(6, 4).double()
+        self.head = nn.Linear(4, 6, bias=False).double()
+        self.head.weight.data = self.embedding.weight.data
+        self.tied_in_forward: list[bool] = []
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        self.tied_in_forward.append(torch.equal(self.embedding.weight, self.head.weight))
+        return self.head(torch.tanh(self.embedding(tokens)))
+
+
+TIED_TOKENS = torch.tensor([0, 3, 5, 1, 3])
+TIED_TARGETS = torch.tensor([2, 2, 4, 0, 1])
+
+
+def _tied_loss(model: nn.Module) -> torch.Tensor:
+    return nn.functional.cross_entropy(model(TIED_TOKENS), TIED_TARGETS)
+
+
+def _tied_reference(steps: int, rho: float, lr: float) -> torch.Tensor:
+    """SAM written out on the shared memory, as torch's in-place updates treat it: each
+    Parameter moves the memory by its own part of the step."""
+    model = _StorageTied()
+    params = [model.embedding.weight, model.head.weight]
+    for _ in range(steps):
+        grads = torch.autograd.grad(_tied_loss(model), params)
+        norm = torch.sqrt(sum((g * g).sum() for g in grads))
+        kept = params[0].detach().clone()
+        with torch.no_grad():
+            for param, grad in zip(params, grads):
+                param.add_(grad, alpha=rho / norm.item())
+        grads = torch.autograd.grad(_tied_loss(model), params)
+        with torch.no_grad():
+            params[0].copy_(kept)
+            for param, grad in zip(params, grads):
+                param.add_(grad, alpha=-lr)
+    return params[0].detach().clone()
+
+
+@pytest.mark.parametrize("mode", ["closure", "two-call"])
+def test_parameters_tied_through_one_storage_stay_tied_and_match_the_in_place_reference(mode):
+    """Found by review: each Parameter's .data was pointed at its own perturbed buffer, so the
+    second pass saw two different weights where the model has one."""
+    model = _StorageTied()
+    optimizer = TransformingOptimizer(model.parameters(), torch.optim.SGD, lr=0.1, transforms=[SAM(0.05)])
+    for _ in range(3):
+        if mode == "closure":
+
+            def closure():
+                optimizer.zero_grad()
+                loss = _tied_loss(model)
+                loss.backward()
+                return loss
+
+            optimizer.step(closure)
+        else:
+            _tied_loss(model).backward()
+            optimizer.first_step(zero_grad=True)
+            _tied_loss(model).backward()
+            optimizer.second_step(zero_grad=True)
+    assert model.tied_in_forward == [True] * 6
+    assert model.head.weight.data_ptr() == model.embedding.weight.data_ptr()
+    torch.testing.assert_close(model.embedding.weight.detach(), _tied_reference(3, 0.05, 0.1), rtol=1e-12, atol=1e-14)

@@ -27,7 +27,7 @@ from samgria.functional._grouping import group_indices_by_device_and_dtype
 from samgria.functional._views import as_real
 from samgria.functional.norms import scale_
 from samgria.transforms.base import TransformContext
-from samgria.transforms.sam import Perturbation, _owns_storage
+from samgria.transforms.sam import Perturbation, _swappable
 from samgria.transforms.sam_family import Finish, _current_grads_finite, _FinishingTransform, _Step
 
 __all__ = ["MultiStepSAM"]
@@ -414,8 +414,8 @@ class MultiStepSAM(_FinishingTransform):
             for backup, param in zip(backups, params):
                 backup.copy_(param)
         moves = []
-        for param, backup in zip(params, backups):
-            if _owns_storage(param):
+        for param, backup, swappable in zip(params, backups, _swappable(params)):
+            if swappable:
                 original = param.data
                 param.data = backup
                 moves.append((param, original, backup, True))

@@ -111,6 +111,25 @@ def _owns_storage(param: torch.Tensor) -> bool:
     )
 
 
+def _swappable(params: list[torch.Tensor]) -> list[bool]:
+    """For each parameter, whether SAM may point its ``.data`` at a buffer of perturbed weights.
+
+    A parameter must own its storage (:func:`_owns_storage`), and no other one of ``params`` may
+    share it: parameters tied through one storage (``head.weight.data = embedding.weight.data``)
+    must see one perturbed weight, so they are perturbed in place, each by its own move.
+    """
+    flags = [_owns_storage(param) for param in params]
+    first_at: dict[int, int] = {}
+    for index, (param, owns) in enumerate(zip(params, flags)):
+        if owns:
+            address = param.data_ptr()
+            if address in first_at:
+                flags[index] = flags[first_at[address]] = False
+            else:
+                first_at[address] = index
+    return flags
+
+
 class PerturbationTransform(Transform):
     """Base of transforms that perturb the weights, re-evaluate the closure and restore.
 
@@ -290,14 +309,15 @@ class PerturbationTransform(Transform):
         A parameter that owns its storage gets the perturbed weights computed into its backup
         buffer in one fused pass, and ``.data`` pointed at it; its own storage is untouched, so
         restoring re-points it, exactly and without a copy. A parameter that is a view into
-        other memory (a flat parameter buffer, a parametrization) is perturbed in place instead:
-        its values are copied into the backup first and copied back to restore.
+        other memory (a flat parameter buffer, a parametrization) or shares its storage with
+        another parameter (tied weights) is perturbed in place instead: its values are copied
+        into the backup first and copied back to restore.
         """
         backups = self._backups_of(params)
         moves = []
         in_place = []
-        for index, (param, backup) in enumerate(zip(params, backups)):
-            if _owns_storage(param):
+        for index, (param, backup, swappable) in enumerate(zip(params, backups, _swappable(params))):
+            if swappable:
                 moves.append((param, param.data, backup, True))
             else:
                 moves.append((param, backup, backup, False))
