@@ -280,6 +280,35 @@ def test_a_step_inside_the_swap_block_raises_and_changes_nothing():
     assert_state_equal(optimizer.state_dict(), twin.state_dict())
 
 
+@pytest.mark.parametrize("copier", ["deepcopy", "pickle"])
+@pytest.mark.parametrize("name", ["ema", "lookahead"])
+def test_a_copy_made_inside_the_swap_block_steps_from_the_weights_it_copied(name, copier):
+    """Found by review: the copy inherited the open block and refused every step forever."""
+    x, y = make_data()
+    transform = EMA(decay=0.9) if name == "ema" else Lookahead(k=2, alpha=0.5)
+    model = make_model()
+    optimizer = TransformingOptimizer(model.parameters(), torch.optim.SGD, lr=0.1, transforms=[SAM(0.05), transform])
+    for _ in range(3):
+        optimizer.step(make_closure(model, optimizer, x, y))
+    block = transform.averaged_weights if name == "ema" else transform.slow_weights
+    with block(optimizer):
+        if copier == "deepcopy":
+            copied_model, copied = copy.deepcopy((model, optimizer))
+        else:
+            buffer = io.BytesIO()
+            torch.save((model, optimizer), buffer)
+            buffer.seek(0)
+            copied_model, copied = torch.load(buffer, weights_only=False)
+        # The reference: a fresh run from the same weights and state, outside any block.
+        twin_model = copy.deepcopy(model)
+        twin = TransformingOptimizer(twin_model.parameters(), torch.optim.SGD, lr=0.1, transforms=[SAM(0.05), EMA(decay=0.9) if name == "ema" else Lookahead(k=2, alpha=0.5)])
+        twin.load_state_dict(optimizer.state_dict())
+    for _ in range(2):
+        copied.step(make_closure(copied_model, copied, x, y))
+        twin.step(make_closure(twin_model, twin, x, y))
+    assert_bitwise_equal(params_of(copied_model), params_of(twin_model))
+
+
 def test_switch_every_copies_the_averages_into_the_weights():
     _, expected = ema_reference(3, lambda p, m: 0.8)  # no switch before step 3
     model, optimizer = run_ema(3, EMA(decay=0.8, switch_every=3))

@@ -77,6 +77,13 @@ class _KeptWeights(Transform):
         # How many swap blocks (averaged_weights / slow_weights) are open: no step inside one.
         self._open_swaps = 0
 
+    def __getstate__(self) -> dict[str, Any]:
+        # A copy made inside a swap block is outside every block: the block's exit belongs to
+        # the original and would never run for the copy, which could then never step.
+        state = dict(super().__getstate__())
+        state["_open_swaps"] = 0
+        return state
+
     # -- who takes part in a step ----------------------------------------------------------------
     def _check_not_swapped(self) -> None:
         if self._open_swaps:
