@@ -624,6 +624,13 @@ class TransformingOptimizer(WrappingOptimizer):
                 earlier = unique_params(groups[: stepped[-1]])
                 params = [param for param in earlier if param.grad is not None]
                 return StepSnapshot(params, self.state, spare_buffers, only_params_state=True)
+        if not any(t.needs_closure for t in self.transforms) and any(
+            param.grad is not None and param.grad.is_sparse for param in self._unique_params()
+        ):
+            # torch's Adagrad refuses a sparse gradient with weight_decay inside its per-tensor
+            # loop, after the tensors before it stepped (the SAM family refuses sparse gradients
+            # before anything changes).
+            return StepSnapshot(self._unique_params(), self.state, spare_buffers)
         return StateStructure(self.state)
 
     def _pre_step_structure(self) -> StateStructure | None:

@@ -836,6 +836,29 @@ def test_a_later_param_group_refused_by_torch_leaves_the_earlier_groups_unsteppe
     before.assert_unchanged()
 
 
+def test_a_sparse_gradient_refused_midway_by_torch_leaves_every_parameter_unstepped():
+    """torch's Adagrad refuses a sparse gradient with weight_decay inside its per-tensor loop,
+    after stepping the tensors before it (found by review: they stayed stepped)."""
+    torch.manual_seed(0)
+    body, embedding = nn.Linear(3, 1).double(), nn.Embedding(5, 3, sparse=True).double()
+    model = nn.ModuleList([body, embedding])
+    optimizer = TransformingOptimizer(
+        list(body.parameters()) + list(embedding.parameters()), torch.optim.Adagrad, lr=0.1, weight_decay=0.01,
+        transforms=[],
+    )
+
+    def closure():
+        optimizer.zero_grad()
+        loss = body(embedding(torch.tensor([1, 2]))).sum()
+        loss.backward()
+        return loss
+
+    before = Before(model, optimizer)
+    with pytest.raises(RuntimeError, match="weight_decay option is not compatible with sparse gradients"):
+        optimizer.step(closure)
+    before.assert_unchanged()
+
+
 # -- values beyond what a float or a dtype holds -----------------------------------------------------------
 HUGE = 10**400  # a Python integer no float holds
 
