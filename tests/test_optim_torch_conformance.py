@@ -349,6 +349,8 @@ def test_sam_matches_hand_written_sam_around_bare_optimizer(name, optim_input):
     optimizer = build(name, optim_input, "sam", params)
     bare = build_bare(name, optim_input, bare_params)
     run(optimizer)
+    # With maximize=True the objective is -L: its worst case within rho lies down the gradient of L.
+    radius = -rho if optim_input.kwargs.get("maximize", False) else rho
     for _ in range(STEPS):
         bare.zero_grad()
         loss_fn(bare_params).backward()
@@ -357,7 +359,7 @@ def test_sam_matches_hand_written_sam_around_bare_optimizer(name, optim_input):
         originals = [p.detach().clone() for p in bare_params]
         with torch.no_grad():
             for p, g in zip(bare_params, grads):
-                p.add_(g, alpha=float(rho / norm))
+                p.add_(g, alpha=float(radius / norm))
         bare.zero_grad()
         loss_fn(bare_params).backward()
         with torch.no_grad():
