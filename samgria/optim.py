@@ -778,7 +778,13 @@ class TransformingOptimizer(WrappingOptimizer):
             if not self._grads_finite():
                 self._skip("first")
                 return None
-            self._run_chain(0, None, None)
+            structure = self._pre_step_structure()
+            try:
+                self._run_chain(0, None, None)
+            except BaseException:
+                if structure is not None:
+                    structure.restore()
+                raise
             return None
 
         if scaled:

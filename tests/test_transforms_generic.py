@@ -313,6 +313,36 @@ def test_closure_raising_in_second_pass_leaves_weights_and_state_untouched(info,
     assert_state_equal(optimizer.state_dict(), twin.state_dict())
 
 
+@all_configs
+def test_a_first_step_without_closure_that_raises_leaves_no_state(info, config, monkeypatch):
+    """Transforms that create state before the inner step (Lookahead's slow weights,
+    ProjectParams' centre) must not keep it when the step fails (found by review: the plain
+    loop kept it, step(closure) did not)."""
+    if config.needs_closure:
+        pytest.skip("needs a closure")
+    x, y = make_data()
+    model, twin_model = make_model(), make_model()
+    optimizer, twin = config.build(model), config.build(twin_model)
+    before_params, before_state = params_of(model), copy.deepcopy(optimizer.state_dict())
+
+    def failing(self, closure=None):  # refused before writing, as torch's own optimizers refuse
+        raise KeyError("inner step refused")
+
+    monkeypatch.setattr(type(optimizer.inner), "step", failing)
+    nn.functional.mse_loss(model(x), y).backward()
+    with pytest.raises(KeyError, match="inner step refused"):
+        optimizer.step()
+    assert_bitwise_equal(before_params, params_of(model))
+    assert_state_equal(optimizer.state_dict(), before_state)
+    monkeypatch.undo()
+    for run_model, run_optimizer in ((model, optimizer), (twin_model, twin)):
+        run_optimizer.zero_grad()
+        nn.functional.mse_loss(run_model(x), y).backward()
+        run_optimizer.step()
+    assert_bitwise_equal(params_of(model), params_of(twin_model))
+    assert_state_equal(optimizer.state_dict(), twin.state_dict())
+
+
 def _assert_as_before_then_like_the_twin(model, optimizer, before_params, before_state, twin_model, twin, x, y):
     """The weights and state are as before the failed step, and the next step is the twin's."""
     assert_bitwise_equal(before_params, params_of(model))
