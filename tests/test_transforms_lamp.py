@@ -264,3 +264,22 @@ def test_a_negative_seed_counts_modulo_2_to_the_64_as_in_torch(negative):
         weights_after_lamp_steps(negative, rollback_len=2, steps=2),
         weights_after_lamp_steps(negative + 2**64, rollback_len=2, steps=2),
     )
+
+
+def test_a_parameter_frozen_mid_cycle_is_rolled_back_to_the_mean_of_its_iterates():
+    """Documented: the rollback sets every parameter summed during the cycle to its mean, also one
+    without a gradient at the rollback step (its last iterate is a noisy one)."""
+    first = nn.Parameter(torch.tensor([1.0, -2.0], dtype=torch.float64))
+    second = nn.Parameter(torch.tensor([0.5, 0.25], dtype=torch.float64))
+    optimizer = TransformingOptimizer([first, second], torch.optim.SGD, lr=0.1, transforms=[LAMP(eps=0.0, rollback_len=3)])
+    start = first.detach().clone()
+    for step in range(4):  # the 4th step ends the cycle
+        if step == 2:
+            first.requires_grad_(False)
+        for param in (first, second):
+            param.grad = torch.ones_like(param) if param.requires_grad else None
+        optimizer.step()
+        if step == 2:
+            assert torch.equal(first.detach(), start - 0.2)  # left alone while frozen
+    torch.testing.assert_close(first.detach(), ((start - 0.1) + (start - 0.2)) / 2, rtol=0, atol=1e-15)
+    assert optimizer.state[first]["lamp.count"] == 0

@@ -416,6 +416,9 @@ def test_param_ndim_must_be_an_integer_or_none_everywhere():
     optimizer = TransformingOptimizer(params[:2], torch.optim.SGD, lr=0.1, transforms=[NormalizeGrad()])
     with pytest.raises(TypeError, match=r"^param_groups\[1\]: param_ndim must be an integer or None, got 0\.5$"):
         optimizer.add_param_group({"params": params[2:], "param_ndim": 0.5})
+    for bad in (math.nan, math.inf):  # NaN and inf are value errors everywhere; the rule still says "or None"
+        with pytest.raises(ValueError, match=rf"^param_ndim must be an integer or None, got {bad!r}$"):
+            NormalizeGrad(param_ndim=bad)
     import numpy as np
 
     assert NormalizeGrad(param_ndim=np.int64(-1)).param_ndim == -1

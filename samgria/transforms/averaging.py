@@ -300,7 +300,8 @@ class EMA(_KeptWeights):
     computed as ``a.lerp_(theta, 1 - d)``, exactly as :class:`torch.optim.swa_utils.AveragedModel`
     with :func:`~torch.optim.swa_utils.get_ema_multi_avg_fn` computes it (its first update copies
     the weights too): with ``warmup=False`` the averages are equal to that model's parameters, bit
-    for bit. :math:`d_n` is the group's ``decay``; with ``warmup=True`` it follows timm's
+    for bit, for real parameters (complex ones are averaged as pairs of reals, which rounds
+    differently from a complex ``lerp_``). :math:`d_n` is the group's ``decay``; with ``warmup=True`` it follows timm's
     ``ModelEmaV3`` warm-up (``use_warmup=True``, ``update_after_step=0``, ``min_decay=0``),
 
     .. math::

@@ -22,7 +22,10 @@ parameter's dtype, as torch keeps its own state) and ``"count"`` (iterates summe
 parameter ``"cycle_step"`` (the position in the cycle); with a ``seed``, on the first parameter
 of each device ``"rng_state"`` (that device's generator state). A resumed run draws the same
 noise and rolls back at the same steps, bit for bit. Only parameters that have a gradient at a
-step are perturbed and summed at that step (frozen parameters are left alone). Complex
+step are perturbed and summed at that step (frozen parameters are left alone). The rollback at the
+end of a cycle sets every parameter summed during the cycle to its mean, also one without a
+gradient at the rollback step (an expert a router skipped, a layer frozen mid-cycle): its last
+iterate is a noisy one, and its mean is what the cycle computed for it. Complex
 parameters are treated as pairs of reals: each real component gets its own uniform factor.
 
 Sharded parameters (``DTensor``, e.g. FSDP2's ``fully_shard``): each rank draws the noise of its

@@ -54,6 +54,8 @@ def check_param_ndim(name: str, value: Any) -> int | None:
         return check_int(name, value)
     except TypeError:
         raise TypeError(f"{name} must be an integer or None, got {value!r}") from None
+    except ValueError:  # a non-finite float
+        raise ValueError(f"{name} must be an integer or None, got {value!r}") from None
 
 
 def _sub_ndim(param_ndim: int | None, ndim: int) -> int:
