@@ -165,8 +165,10 @@ class _DrivenState(MutableMapping):
         return sum(1 for _ in self)
 
     def __contains__(self, param: object) -> bool:
-        entry = self._owner.__dict__.get("state", {}).get(param)
-        return entry is not None and self._holds(entry)
+        state = self._owner.__dict__.get("state")
+        # ``in`` first: the owner's state may itself be a view (a wrapper driving a wrapper),
+        # whose ``get`` would read through a defaultdict and create the entry.
+        return state is not None and param in state and self._holds(state[param])
 
     def __repr__(self) -> str:
         return f"<state of {type(self._owner).__name__}>"
@@ -368,5 +370,5 @@ class WrappingOptimizer(Optimizer):
         if groups is not None and self.__dict__.get(self._driven_attr) is not None:
             self._driven.param_groups = groups
         driven = self.__dict__.get(self._driven_attr)
-        if driven is not None and not isinstance(driven.state, _DrivenState):
+        if driven is not None:  # torch's own __setstate__ gave it empty hook dicts: hook again
             _show_state(driven, self)

@@ -20,7 +20,7 @@ from samgria._wrapper import WrappingOptimizer, refuse_driven
 from samgria.functional import all_finite, global_norm
 from samgria.functional._grouping import group_indices_by_device_and_dtype, unique_params
 from samgria.functional._sharding import is_sharded
-from samgria.transforms.base import Transform, TransformContext
+from samgria.transforms.base import ProtocolTransform, Transform, TransformContext
 from samgria.transforms.chain import CHAIN_KEY, Chain
 from samgria.transforms.sam import ASAM, SAM, Perturbation, PerturbationTransform
 
@@ -297,13 +297,17 @@ class TransformingOptimizer(WrappingOptimizer):
             )
         _refuse_sharded_m_sharpness(first_pass_context, [p for g in inner_optimizer.param_groups for p in g["params"]])
         chain = Chain(transforms, inner_optimizer.defaults)
-        mixing = [type(t).__name__ for t in chain.transforms if not t.supports_local_first_pass]
+        mixing = [
+            f"{t.describe()} (seed protocol)" if isinstance(t, ProtocolTransform) else type(t).__name__
+            for t in chain.transforms
+            if not t.supports_local_first_pass
+        ]
         if first_pass_context is not None and mixing:
             raise ValueError(
                 f"first_pass_context (m-sharpness) cannot be used with {', '.join(mixing)}: the update "
-                "mixes in the first pass's gradients, which are then each rank's own, so the "
-                "replicas would drift apart (Transform.supports_local_first_pass); drop "
-                "first_pass_context"
+                "mixes in (for a seed-protocol object: may mix in) the first pass's gradients, "
+                "which are then each rank's own, so the replicas would drift apart "
+                "(Transform.supports_local_first_pass); drop first_pass_context"
             )
         reevaluating = [(type(t).__name__, t.reevaluations) for t in chain.transforms if t.reevaluations]
         if first_pass_context is not None and sum(count for _, count in reevaluating) > 1:
@@ -617,6 +621,13 @@ class TransformingOptimizer(WrappingOptimizer):
             _has_post_update(transform) for transform in self.transforms
         ):
             return StepSnapshot(self._unique_params(), self.state, spare_buffers)
+        if not any(isinstance(t, PerturbationTransform) for t in self.transforms) and any(
+            param.grad is not None and param.grad.is_sparse for param in self._unique_params()
+        ):
+            # torch's Adagrad refuses a sparse gradient with weight_decay inside its per-tensor
+            # loop, after the tensors before it stepped (the SAM family refuses sparse gradients
+            # before anything changes).
+            return StepSnapshot(self._unique_params(), self.state, spare_buffers)
         groups = self.param_groups
         if len(groups) > 1:
             stepped = [i for i, group in enumerate(groups) if any(p.grad is not None for p in group["params"])]
@@ -624,13 +635,6 @@ class TransformingOptimizer(WrappingOptimizer):
                 earlier = unique_params(groups[: stepped[-1]])
                 params = [param for param in earlier if param.grad is not None]
                 return StepSnapshot(params, self.state, spare_buffers, only_params_state=True)
-        if not any(t.needs_closure for t in self.transforms) and any(
-            param.grad is not None and param.grad.is_sparse for param in self._unique_params()
-        ):
-            # torch's Adagrad refuses a sparse gradient with weight_decay inside its per-tensor
-            # loop, after the tensors before it stepped (the SAM family refuses sparse gradients
-            # before anything changes).
-            return StepSnapshot(self._unique_params(), self.state, spare_buffers)
         return StateStructure(self.state)
 
     def _pre_step_structure(self) -> StateStructure | None:

@@ -243,3 +243,17 @@ def test_adam_counts_steps_per_weight_as_torch_adam(dtype, atol):
     for n, p in reference.named_parameters():
         for learner in (by_loss, by_closure):
             torch.testing.assert_close(learner.params[n].detach(), p.detach(), rtol=0, atol=atol)
+
+
+def test_adam_continues_an_inner_state_with_the_single_step_count_of_earlier_versions():
+    """Inner state kept by a user from before the per-weight counts ({"step": 3, ...}) continues
+    as the per-weight form with every moment at step 3 (found by review: AttributeError)."""
+    g = torch.Generator().manual_seed(0)
+    weight, grad = torch.randn(4, generator=g, dtype=torch.float64), torch.randn(4, generator=g, dtype=torch.float64)
+    moments = {"exp_avg": {"w": torch.randn(4, generator=g, dtype=torch.float64)}, "exp_avg_sq": {"w": torch.rand(4, generator=g, dtype=torch.float64)}}
+    old_form = {"step": 3, **{k: dict(v) for k, v in moments.items()}}
+    new_form = {"step": {"w": 3}, **{k: dict(v) for k, v in moments.items()}}
+    step = AdamInnerStep()
+    got = step({"w": weight}, {"w": grad}, {"w": 0.1}, old_form)
+    want = step({"w": weight}, {"w": grad}, {"w": 0.1}, new_form)
+    assert torch.equal(got["w"], want["w"]) and old_form["step"] == {"w": 4}

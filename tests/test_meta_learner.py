@@ -10,6 +10,7 @@ from samgria.meta.functional import functional_forward
 from samgria.meta.inner_optim import InnerSAM
 from samgria.meta.learner import Learner
 from samgria.meta.maml import MAML
+from samgria.data.task import Task
 
 DT = torch.float64
 mse = nn.functional.mse_loss
@@ -157,7 +158,7 @@ def test_adapt_on_a_loss_not_built_from_the_fast_weights_raises_and_changes_noth
     params, state = learner.params, learner._inner_state
     other = torch.randn(3, 1, dtype=DT, requires_grad=True)
     for loss in (mse(model(x), y), mse(x @ other, y)):
-        with pytest.raises(ValueError, match="the support loss is not connected to the fast weights"):
+        with pytest.raises(ValueError, match="the support loss depends on none of the [0-9]+ adapted weights"):
             learner.adapt(loss)
         assert learner.steps_taken == 1
         assert learner._inner_state is state
@@ -189,3 +190,28 @@ def test_a_loss_using_only_some_adapted_weights_adapts_those_and_leaves_the_rest
     for adapted in (learner, meta.adapt(lambda f: mse(f(x), y), inner_steps=2)):
         torch.testing.assert_close(adapted.params["used.weight"], w, rtol=0, atol=1e-12)
         assert adapted.params["unused.weight"] is model.unused.weight
+
+
+def test_an_adapted_group_the_task_loss_does_not_use_gives_the_same_losses_on_both_paths():
+    """The refusal of a disconnected support loss is for losses the user computes (learner and
+    closure APIs); task_losses computes its own, and its loop path must agree with vmap (which
+    gets zero gradients for unused weights) rather than raise. Found by review."""
+    class Gated(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body, self.extra = nn.Linear(3, 1), nn.Linear(3, 1)
+
+        def forward(self, x):
+            return self.body(x)
+
+    torch.manual_seed(0)
+    model = Gated()
+    meta = MAML(model, torch.optim.SGD, lr=0.1, params=[{"params": model.body.parameters(), "adapt": False}, {"params": model.extra.parameters()}])
+    generator = torch.Generator().manual_seed(0)
+    tasks = [Task(*(torch.randn(5, n, generator=generator) for n in (3, 1, 3, 1))) for _ in range(3)]
+    loop = meta.task_losses(tasks, nn.functional.mse_loss, vectorize=False)
+    vmapped = meta.task_losses(tasks, nn.functional.mse_loss, vectorize=True)
+    torch.testing.assert_close(loop, vmapped, rtol=1e-6, atol=1e-7)
+    with torch.no_grad():
+        expected = torch.stack([nn.functional.mse_loss(model(t.query_x), t.query_y) for t in tasks])
+    torch.testing.assert_close(loop, expected, rtol=1e-6, atol=1e-7)

@@ -452,7 +452,7 @@ def test_adapt_with_a_closure_that_ignores_the_fast_weights_raises_and_changes_n
         lambda f: mse(t.support_x @ other, t.support_y),
     )
     for closure in closures:
-        with pytest.raises(ValueError, match="the support loss is not connected to the fast weights"):
+        with pytest.raises(ValueError, match="the support loss depends on none of the [0-9]+ adapted weights"):
             meta.adapt(closure)
     for k, v in model.state_dict().items():
         assert torch.equal(v, before[k])

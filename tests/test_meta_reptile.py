@@ -327,7 +327,7 @@ def test_adapt_with_a_closure_that_ignores_the_fast_weights_raises_and_records_n
     model = mlp()
     t = make_tasks(n=1)[0]
     meta = Reptile(model, torch.optim.SGD, inner_lr=0.1, inner_steps=2, lr=0.5)
-    with pytest.raises(ValueError, match="the support loss is not connected to the fast weights"):
+    with pytest.raises(ValueError, match="the support loss depends on none of the [0-9]+ adapted weights"):
         meta.adapt(lambda f: mse(model(t.support_x), t.support_y))
     assert meta.num_recorded == 0
     with pytest.raises(ValueError, match="Reptile.step found no adapted tasks"):

@@ -45,6 +45,16 @@ def test_wraps_an_existing_optimizer_and_a_factory():
     assert isinstance(built.inner, torch.optim.SGD) and len(built.transforms) == 1
 
 
+class _SeedProtocolSAM:
+    """A seed-protocol object (apply + post_step) that re-evaluates the loss."""
+
+    def apply(self, model, loss_fn, batch):
+        loss_fn(*batch)
+
+    def post_step(self, model):
+        pass
+
+
 @pytest.mark.parametrize(
     "make,error,match",
     [
@@ -69,6 +79,7 @@ def test_wraps_an_existing_optimizer_and_a_factory():
         (lambda m: TransformingOptimizer(m.parameters(), torch.optim.SGD, lr=0.1, first_pass_context=3), TypeError, r"first_pass_context must be a callable returning a context manager, got 3"),
         (lambda m: TransformingOptimizer(m.parameters(), torch.optim.SGD, lr=0.1, transforms=[SAM(), ASAM()], first_pass_context=contextlib.nullcontext), ValueError, r"^first_pass_context \(m-sharpness\) needs a chain that re-evaluates the loss at most once per step, got re-evaluations per step: SAM 1, ASAM 1; .*drop first_pass_context or keep one re-evaluation$"),
         (lambda m: TransformingOptimizer(m.parameters(), torch.optim.SGD, lr=0.1, transforms=[MultiStepSAM(ascent_steps=3)], first_pass_context=contextlib.nullcontext), ValueError, r"at most once per step, got re-evaluations per step: MultiStepSAM 3; "),
+        (lambda m: TransformingOptimizer(m.parameters(), torch.optim.SGD, lr=0.1, transforms=[_SeedProtocolSAM()], first_pass_context=contextlib.nullcontext), ValueError, r"^first_pass_context \(m-sharpness\) cannot be used with _SeedProtocolSAM \(seed protocol\): the update mixes in \(for a seed-protocol object: may mix in\)"),
     ],
 )
 def test_bad_construction_names_argument_and_value(make, error, match):
@@ -403,6 +414,50 @@ def test_the_inner_optimizer_sees_its_state_as_torch_gives_it(inner, chain):
     assert len(optimizer.inner.state) == 0 and list(optimizer.inner.state) == []
     hidden_after = {id(p): dict(optimizer.state[p]) for p in model.parameters() if p in optimizer.state}
     assert hidden_after == {i: kept for i, kept in hidden_before.items() if kept}
+
+
+@pytest.mark.parametrize("copier", ["deepcopy", "pickle"])
+def test_the_inner_optimizer_of_a_copy_packs_plain_dicts(copier):
+    """Found by review: the hook that packs plain dicts was lost on unpickling (torch's
+    __setstate__ gives the inner optimizer empty hook dicts)."""
+    x, y = make_data()
+    model = make_model()
+    optimizer = TransformingOptimizer(model.parameters(), torch.optim.Adam, lr=0.1, transforms=[SAM(0.05), LAMP(eps=1e-3, rollback_len=3)])
+    optimizer.step(make_closure(model, optimizer, x, y))
+    copied = copy.deepcopy(optimizer) if copier == "deepcopy" else pickle.loads(pickle.dumps(optimizer))
+    packed = copied.inner.state_dict()
+    assert packed["state"] and all(type(entry) is dict for entry in packed["state"].values())
+    buffer = io.BytesIO()
+    torch.save(packed, buffer)
+    buffer.seek(0)
+    assert torch.load(buffer, weights_only=True)["state"].keys() == packed["state"].keys()
+
+
+def test_membership_in_a_driven_wrappers_inner_state_creates_no_entry():
+    """A MetaOptimizer driving a TransformingOptimizer: the inner optimizer's ``p in state`` must
+    not create an entry (found by review: it did, through the view's defaultdict, so custom
+    optimizers' 'if p not in self.state' broke and the meta checkpoint failed)."""
+    from samgria import MAML
+
+    model = nn.Linear(3, 1)
+    outer = TransformingOptimizer(model.parameters(), _AssignThenFill, lr=0.1, transforms=[SAM(0.05)])
+    meta = MAML(model, outer, inner_lr=0.1)
+    stranger = torch.zeros(1, requires_grad=True)
+    assert stranger not in outer.inner.state and len(meta.state) == 0
+    x, y = torch.randn(4, 3), torch.randn(4, 1)
+
+    def closure():
+        meta.zero_grad()
+        learner = meta.adapt(lambda f: nn.functional.mse_loss(f(x), y))
+        loss = nn.functional.mse_loss(learner(x), y)
+        loss.backward()
+        return loss
+
+    for _ in range(2):
+        meta.step(closure)
+    assert [outer.state[p]["step"] for p in model.parameters()] == [2, 2]
+    assert stranger not in outer.inner.state and len(meta.state) == 2
+    assert set(meta.state_dict()["state"]) == {0, 1}
 
 
 def test_loads_a_plain_inner_optimizer_checkpoint_and_rejects_mismatches():

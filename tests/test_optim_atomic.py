@@ -836,15 +836,28 @@ def test_a_later_param_group_refused_by_torch_leaves_the_earlier_groups_unsteppe
     before.assert_unchanged()
 
 
-def test_a_sparse_gradient_refused_midway_by_torch_leaves_every_parameter_unstepped():
+class _Reevaluating(Transform):
+    """Re-evaluates the closure and accepts sparse gradients (unlike the SAM family)."""
+
+    needs_closure = True
+
+    def pre_update(self, ctx) -> None:
+        ctx.reevaluate()
+
+
+@pytest.mark.parametrize("layout", ["one-group", "two-groups", "reevaluating-transform"])
+def test_a_sparse_gradient_refused_midway_by_torch_leaves_every_parameter_unstepped(layout):
     """torch's Adagrad refuses a sparse gradient with weight_decay inside its per-tensor loop,
     after stepping the tensors before it (found by review: they stayed stepped)."""
     torch.manual_seed(0)
     body, embedding = nn.Linear(3, 1).double(), nn.Embedding(5, 3, sparse=True).double()
     model = nn.ModuleList([body, embedding])
+    params = list(body.parameters()) + list(embedding.parameters())
+    if layout == "two-groups":  # the refused tensor is in the last group, after a dense one
+        params = [{"params": [body.weight]}, {"params": [body.bias, embedding.weight]}]
     optimizer = TransformingOptimizer(
-        list(body.parameters()) + list(embedding.parameters()), torch.optim.Adagrad, lr=0.1, weight_decay=0.01,
-        transforms=[],
+        params, torch.optim.Adagrad, lr=0.1, weight_decay=0.01,
+        transforms=[_Reevaluating()] if layout == "reevaluating-transform" else [],
     )
 
     def closure():

@@ -154,39 +154,49 @@ def check_support_loss(loss: Any) -> torch.Tensor:
     return loss
 
 
-def grads_of_loss(loss: torch.Tensor, at: Tensors, create_graph: bool, allow_unused: bool = True) -> Tensors:
+def grads_of_loss(
+    loss: torch.Tensor, at: Tensors, create_graph: bool, allow_unused: bool = True, *, connected: bool = False
+) -> Tensors:
     """Gradients of a computed support loss w.r.t. ``at``.
 
     A weight the loss does not depend on gets no entry (the update leaves it as it is); with
-    ``allow_unused=False`` it raises instead.
+    ``allow_unused=False`` it raises instead. ``connected=True`` (a loss the user computed: the
+    learner and closure APIs) refuses a loss that depends on none of ``at``.
 
     Raises:
-        ValueError: ``loss`` is not a differentiable scalar, or depends on none of the weights
-            of ``at`` (e.g. computed with the model instead of the fast weights): a step would
-            silently change nothing.
+        ValueError: ``loss`` is not a differentiable scalar, or (``connected``) depends on none
+            of the weights of ``at`` (e.g. computed with the model instead of the fast weights):
+            a step would silently change nothing.
     """
     check_support_loss(loss)
     names = list(at)
     raw = torch.autograd.grad(loss, [at[n] for n in names], create_graph=create_graph, allow_unused=allow_unused)
-    if names and all(g is None for g in raw):
+    if connected and names and all(g is None for g in raw):
+        shown = ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
         raise ValueError(
-            f"the support loss is not connected to the fast weights: it depends on none of the "
-            f"{len(names)} adapted weights {names[:3]}{' ...' if len(names) > 3 else ''}; compute it from the fast weights "
-            "(the learner, or the callable passed to the closure), not from the model itself"
+            f"the support loss depends on none of the {len(names)} adapted weights ({shown}): "
+            "compute it from the fast weights (the learner, or the callable passed to the "
+            "closure), not from the model itself, and adapt weights that it uses"
         )
     return {n: g for n, g in zip(names, raw) if g is not None}
 
 
-def autograd_support_grads(loss_of: LossOf, at: Tensors, create_graph: bool) -> Tensors:
+def autograd_support_grads(loss_of: LossOf, at: Tensors, create_graph: bool, *, connected: bool = False) -> Tensors:
     """Support gradients with :func:`torch.autograd.grad` (the loop path).
 
     First order evaluates the loss at detached copies of ``at``, so no graph to the
-    meta-parameters is built for it.
+    meta-parameters is built for it. ``connected``: see :func:`grads_of_loss`.
     """
     if not create_graph:
         at = {n: v.detach().requires_grad_(True) for n, v in at.items()}
     with torch.enable_grad():
-        return grads_of_loss(loss_of(at), at, create_graph)
+        return grads_of_loss(loss_of(at), at, create_graph, connected=connected)
+
+
+def connected_support_grads(loss_of: LossOf, at: Tensors, create_graph: bool) -> Tensors:
+    """:func:`autograd_support_grads` for a support loss the user computes (the closure API):
+    a loss that depends on none of the adapted weights raises instead of adapting nothing."""
+    return autograd_support_grads(loss_of, at, create_graph, connected=True)
 
 
 def functorch_support_grads(loss_of: LossOf, at: Tensors, create_graph: bool) -> Tensors:

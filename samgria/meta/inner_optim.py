@@ -195,8 +195,10 @@ class AdamInnerStep:
         a first step.
         """
         beta1, beta2 = self.betas
-        steps: dict[str, int] = state.setdefault("step", {})
         exp_avg: dict[str, torch.Tensor] = state.setdefault("exp_avg", {})
+        steps: dict[str, int] = state.setdefault("step", {})
+        if not isinstance(steps, dict):  # the one count of earlier versions: every moment has it
+            steps = state["step"] = {n: int(steps) for n in exp_avg}
         exp_avg_sq: dict[str, torch.Tensor] = state.setdefault("exp_avg_sq", {})
         new = {}
         for n, g in grads.items():

@@ -32,6 +32,7 @@ from samgria.meta.engine import (
     apply_inner_update,
     check_inner_options,
     copy_update_state,
+    connected_support_grads,
     grads_of_loss,
     take_inner_steps,
     twice_differentiable_attention,
@@ -245,6 +246,7 @@ class Learner:
                 self._inner_state,
                 support_loss,
                 steps,
+                connected_support_grads,
             )
         self._set_fast(fast)
         self.steps_taken += steps
@@ -260,7 +262,7 @@ class Learner:
             loss = loss + self.loop.inner_reg_fn(dict(self._params), dict(self.base_params))
         create_graph = self.loop.second_order and torch.is_grad_enabled()
         fast = {n: self._params[n] for n in names}
-        grads = grads_of_loss(loss, fast, create_graph)
+        grads = grads_of_loss(loss, fast, create_graph, connected=True)
         state = copy_update_state(self._inner_state)
         self._set_fast(apply_inner_update(self.loop, fast, grads, state, create_graph, None))
         self._inner_state = state

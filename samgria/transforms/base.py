@@ -456,6 +456,14 @@ class ProtocolTransform(Transform):
 
     # A seed-protocol object typically takes p.grad.norm() per tensor: on a shard, a shard's norm.
     supports_sharded_params = False
+    # What it does with the first pass's gradients, and how often it calls loss_fn, is not
+    # declared: m-sharpness (first_pass_context) is refused with it.
+    supports_local_first_pass = False
+
+    @property
+    def reevaluations(self) -> int:
+        """Unknown; counted as one (its ``apply`` may call ``loss_fn``)."""
+        return 1
 
     def __init__(self, transform: GradientTransform) -> None:
         self.transform = transform
