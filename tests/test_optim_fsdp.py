@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import gc
 import os
+import warnings
 
 import pytest
 import torch
@@ -197,6 +198,10 @@ def _worker(out_dir: str, reshard_from: str | None) -> None:
                 results[f"{config}.resharded_lamp"] = _lamp_state(model, optimizer)
                 _train(config, rank, world_size, range(RESUME_AT, STEPS), model, optimizer)
                 results[f"{config}.resharded"] = _full(model)
+        # A checkpoint of one unsharded process (made by the test, see _unsharded_checkpoint).
+        model, optimizer = _resume("sam_lamp_no_noise", os.path.join(out_dir, "dcp-unsharded"))
+        _train("sam_lamp_no_noise", rank, world_size, range(RESUME_AT, STEPS), model, optimizer)
+        results["sam_lamp_no_noise.from_unsharded"] = _full(model)
         if world_size == 4:
             for config in HSDP_CONFIGS:
                 model, _ = _train(config, rank, world_size, range(STEPS), hsdp=True)
@@ -262,11 +267,29 @@ def _reference_sharded_lamp(world_size: int) -> list[torch.Tensor]:
     return [p.detach().clone() for p in params]
 
 
+def _unsharded_checkpoint(directory: str) -> None:
+    """One unsharded process trains ``RESUME_AT`` steps on the global batch and saves with DCP."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+
+    model = _make_model()
+    optimizer = _optimizer(model, "sam_lamp_no_noise")
+    for step in range(RESUME_AT):
+        _sam_step(optimizer, model, *_global_batch(step))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # DCP notes that it runs without a process group
+        dcp.save(
+            {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, optimizer)},
+            checkpoint_id=directory,
+        )
+
+
 # -- the tests -------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[int, list[dict]]:
     skip_without_gloo()
     out_dir = tmp_path_factory.mktemp("fsdp")
+    _unsharded_checkpoint(str(out_dir / "dcp-unsharded"))
     run_ranks(__file__, 2, ["--out", str(out_dir)])
     run_ranks(__file__, 4, ["--out", str(out_dir), "--reshard-from", str(out_dir)])
     return {n: [torch.load(out_dir / f"rank{r}-of-{n}.pt") for r in range(n)] for n in (2, 4)}
@@ -349,6 +372,14 @@ def test_dcp_checkpoint_of_2_ranks_loads_on_4(runs: dict, config: str) -> None:
             assert torch.equal(torch.as_tensor(saved[key]), torch.as_tensor(loaded[key])), key
     if config == "sam_lamp_no_noise":  # deterministic: equals the uninterrupted one-process run
         _assert_close(runs[4][0][f"{config}.resharded"], _reference(config))
+
+
+@pytest.mark.parametrize("world_size", [2, 4])
+def test_an_unseeded_lamp_checkpoint_of_one_unsharded_process_resumes_sharded(runs: dict, world_size: int) -> None:
+    """Found by review: a sharded LAMP kept a draw counter also without a seed, so DCP asked an
+    unsharded checkpoint for 'lamp.noise_draws' and refused to load it."""
+    for rank_results in runs[world_size]:
+        _assert_close(rank_results["sam_lamp_no_noise.from_unsharded"], _reference("sam_lamp_no_noise"))
 
 
 @pytest.mark.parametrize("config", ["sam_lamp_no_noise", "clip_sam"])

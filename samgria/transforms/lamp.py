@@ -165,7 +165,7 @@ class LAMP(Transform):
                 if not is_sharded(param):
                     generators.get(param.device)
             generators.save()
-        if cycle is not None and any(is_sharded(p) for p in params):
+        if cycle is not None and self.seed is not None and any(is_sharded(p) for p in params):
             cycle.setdefault("noise_draws", 0)
 
     @staticmethod
@@ -193,8 +193,11 @@ class LAMP(Transform):
         if cycle is None:  # no parameter requires grad: nothing to perturb, sum or count
             return
         step = cycle.get("cycle_step", 0) + 1
-        if any(is_sharded(p) for p in params):
-            cycle.setdefault("noise_draws", 0)  # also without noise: the same keys in every checkpoint
+        if self.seed is not None and any(is_sharded(p) for p in params):
+            # Also without noise (eps=0): the same keys in every checkpoint of a seeded run. An
+            # unseeded run keeps no counter, so its checkpoints load across the sharded and the
+            # unsharded layouts.
+            cycle.setdefault("noise_draws", 0)
 
         noisy = [p for p in params if eps_of[id(p)] > 0]
         if noisy:
@@ -265,7 +268,8 @@ class LAMP(Transform):
                 drawn = magnitude_noise([real[i] for i in indices], generator_for, foreach=ctx.foreach)
                 for i, sample in zip(indices, drawn):
                     noise[i] = sample
-            cycle["noise_draws"] = draw + 1
+            if self.seed is not None:
+                cycle["noise_draws"] = draw + 1
         return noise
 
 
