@@ -475,3 +475,31 @@ def test_parameters_tied_through_one_storage_stay_tied_and_match_the_in_place_re
     assert model.tied_in_forward == [True] * 6
     assert model.head.weight.data_ptr() == model.embedding.weight.data_ptr()
     torch.testing.assert_close(model.embedding.weight.detach(), _tied_reference(3, 0.05, 0.1), rtol=1e-12, atol=1e-14)
+
+
+def test_a_failure_while_perturbing_in_place_puts_the_weights_back(monkeypatch):
+    """Parameters perturbed in place (views, tied storage, shards) are restored also when the
+    in-place move itself raises halfway (found by review: they kept the perturbation)."""
+    import samgria.transforms.sam as sam_module
+
+    real_add = sam_module.add_directions_
+
+    def halfway(params, directions, scales, foreach):
+        real_add(params[:1], directions[:1], scales[:1], foreach=foreach)
+        raise MemoryError("injected after the first tensor")
+
+    model = _StorageTied()
+    optimizer = TransformingOptimizer(model.parameters(), torch.optim.SGD, lr=0.1, transforms=[SAM(0.05)])
+    before = params_of(model)
+    monkeypatch.setattr(sam_module, "add_directions_", halfway)
+
+    def closure():
+        optimizer.zero_grad()
+        loss = _tied_loss(model)
+        loss.backward()
+        return loss
+
+    with pytest.raises(MemoryError, match="injected"):
+        optimizer.step(closure)
+    assert_bitwise_equal(before, params_of(model))
+    assert model.head.weight.data_ptr() == model.embedding.weight.data_ptr()

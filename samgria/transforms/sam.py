@@ -336,12 +336,17 @@ class PerturbationTransform(Transform):
         if in_place:
             for i in in_place:
                 backups[i].copy_(params[i])
-            add_directions_(
-                [as_real(params[i]) for i in in_place],
-                [directions[i] for i in in_place],
-                [scales[i] for i in in_place],
-                foreach=foreach,
-            )
+            try:
+                add_directions_(
+                    [as_real(params[i]) for i in in_place],
+                    [directions[i] for i in in_place],
+                    [scales[i] for i in in_place],
+                    foreach=foreach,
+                )
+            except BaseException:  # nothing is returned to restore from: put the weights back here
+                for i in in_place:
+                    params[i].copy_(backups[i])
+                raise
         for param, _original, backup, swapped_storage in moves:
             param.grad = None
             if swapped_storage:
