@@ -19,7 +19,7 @@ from samgria._snapshot import GroupValues, StateStructure, StepSnapshot
 from samgria._wrapper import WrappingOptimizer, refuse_driven
 from samgria.functional import all_finite, global_norm
 from samgria.functional._grouping import group_indices_by_device_and_dtype, unique_params
-from samgria.functional._sharding import is_sharded
+from samgria.functional._sharding import any_sharded, is_sharded
 from samgria.transforms.base import ProtocolTransform, Transform, TransformContext
 from samgria.transforms.chain import CHAIN_KEY, Chain
 from samgria.transforms.sam import ASAM, SAM, Perturbation, PerturbationTransform
@@ -339,6 +339,7 @@ class TransformingOptimizer(WrappingOptimizer):
         self.skipped_steps = 0
         self._progress = _StepProgress()
         self._visible_state_keys = chain.visible_keys
+        self._sharded = any_sharded(unique_params(inner_optimizer.param_groups))
         self._init_wrapper(inner_optimizer, {**inner_optimizer.defaults, **chain.defaults})
 
     # -- construction helpers ------------------------------------------------------------------
@@ -428,6 +429,7 @@ class TransformingOptimizer(WrappingOptimizer):
         _refuse_sharded_m_sharpness(self.first_pass_context, group["params"])
         self.inner.add_param_group(group)
         self.chain.fill_group(self.param_groups[-1])
+        self._sharded = self.__dict__.get("_sharded", True) or any_sharded(list(group["params"]))
 
     def _check_groups(self) -> None:
         """Validate every group's hyperparameters (they may have been edited or scheduled)."""
@@ -445,9 +447,31 @@ class TransformingOptimizer(WrappingOptimizer):
         group.clear()
         group.update(checked)
         self.chain.fill_group(group)
+        self._sharded = self.__dict__.get("_sharded", True) or any_sharded(list(group["params"]))
         return True
 
     # -- the step ----------------------------------------------------------------------------------
+    def _align_sharded_grads(self) -> None:
+        """Give every sharded parameter's gradient the parameter's placements.
+
+        Tensor parallelism gives a replicated bias a sharded gradient (it meets a sharded
+        activation); the transforms compute on local shards, which must line up with the
+        parameter's element for element (torch's optimizers use ``DTensor`` operations, which
+        redistribute by themselves).
+        """
+        if not self.__dict__.get("_sharded", True):
+            return
+        with torch.no_grad():
+            for param in self._unique_params():
+                grad = param.grad
+                if (
+                    grad is not None
+                    and is_sharded(param)
+                    and is_sharded(grad)
+                    and (grad.placements != param.placements or grad.device_mesh != param.device_mesh)
+                ):
+                    param.grad = grad.redistribute(param.device_mesh, param.placements)
+
     def _context(
         self,
         slot: str,
@@ -777,6 +801,7 @@ class TransformingOptimizer(WrappingOptimizer):
                 message = _SCALER_WITHOUT_FIRST_STEP_MESSAGE if scaled else _NEEDS_CLOSURE_MESSAGE
                 self._forget_scaler()
                 raise RuntimeError(message.format(names=names))
+            self._align_sharded_grads()
             if self._amp_skip_or_unscale():
                 return None
             if not self._grads_finite():
@@ -801,6 +826,7 @@ class TransformingOptimizer(WrappingOptimizer):
             # Release the first evaluation's autograd graph before the re-evaluation: holding it
             # pins thousands of small allocations across the second pass (process peak memory).
             loss = loss.detach()
+        self._align_sharded_grads()
         grad_norm = self._grad_norm()
         finite_here = self._grads_finite(grad_norm)
         finite = finite_here
@@ -814,6 +840,7 @@ class TransformingOptimizer(WrappingOptimizer):
             self.zero_grad(set_to_none=True)
             with torch.enable_grad(), self._enter(self.reevaluation_context):
                 result = closure()
+            self._align_sharded_grads()
             if not self._grads_finite():
                 raise _NonFiniteGradients
             return result
@@ -844,6 +871,7 @@ class TransformingOptimizer(WrappingOptimizer):
             raise RuntimeError(refusal + "; the weights are restored")
         try:
             spare_buffers = {}
+            self._align_sharded_grads()
             if pending.perturbation is not None:
                 if getattr(pending.perturbation, "mixes_first_pass", False):
                     self._rescale_unscaled_grads()
@@ -904,6 +932,7 @@ class TransformingOptimizer(WrappingOptimizer):
                 "to abandon the step"
             )
         self._check_groups()
+        self._align_sharded_grads()
         reevaluating = [i for i, t in enumerate(self.transforms) if t.needs_closure]
         if len(reevaluating) > 1:
             raise RuntimeError(

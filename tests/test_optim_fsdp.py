@@ -166,6 +166,43 @@ def _lamp_state(model: nn.Module, optimizer) -> dict[str, object]:
     return out
 
 
+TP_TRANSFORMS = ("asam", "wsam", "gsam", "looksam")
+
+
+def _tensor_parallel(name: str, sharded: bool) -> list[torch.Tensor]:
+    """A column/row-parallel MLP written with DTensors (or plain tensors): the replicated bias
+    meets a sharded activation, so its gradient comes back sharded (Shard(0)) while the bias is
+    Replicate(); 3 steps of ``name`` with SGD."""
+    from samgria import ASAM, GSAM, WSAM, LookSAM, TransformingOptimizer
+
+    generator = torch.Generator().manual_seed(3)
+    weights = [torch.randn(4, 5, generator=generator, dtype=torch.float64),
+               torch.randn(4, generator=generator, dtype=torch.float64),
+               torch.randn(3, 4, generator=generator, dtype=torch.float64)]
+    batches = [(torch.randn(8, 5, generator=generator, dtype=torch.float64), torch.randn(8, 3, generator=generator, dtype=torch.float64)) for _ in range(3)]
+    if sharded:
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+
+        mesh = init_device_mesh("cpu", (2,))
+        params = [nn.Parameter(distribute_tensor(w, mesh, [placement])) for w, placement in zip(weights, (Shard(0), Replicate(), Shard(1)))]
+        batches = [tuple(distribute_tensor(t, mesh, [Replicate()]) for t in batch) for batch in batches]
+    else:
+        params = [nn.Parameter(w) for w in weights]
+    transform = {"asam": ASAM(rho=0.5), "wsam": WSAM(rho=0.05, gamma=0.8), "gsam": GSAM(rho=0.05, alpha=0.4), "looksam": LookSAM(rho=0.05, k=2, alpha=0.7)}[name]
+    optimizer = TransformingOptimizer(params, torch.optim.SGD, lr=LR, transforms=[transform])
+    for x, y in batches:
+
+        def closure() -> torch.Tensor:
+            optimizer.zero_grad()
+            loss = ((torch.tanh(x @ params[0].T + params[1]) @ params[2].T - y) ** 2).mean()
+            loss.backward()
+            return loss
+
+        optimizer.step(closure)
+    return [p.full_tensor().detach().clone() if sharded else p.detach().clone() for p in params]
+
+
 def _worker(out_dir: str, reshard_from: str | None) -> None:
     import torch.distributed as dist
 
@@ -202,6 +239,9 @@ def _worker(out_dir: str, reshard_from: str | None) -> None:
         model, optimizer = _resume("sam_lamp_no_noise", os.path.join(out_dir, "dcp-unsharded"))
         _train("sam_lamp_no_noise", rank, world_size, range(RESUME_AT, STEPS), model, optimizer)
         results["sam_lamp_no_noise.from_unsharded"] = _full(model)
+        if world_size == 2:
+            for name in TP_TRANSFORMS:
+                results[f"tp.{name}"] = _tensor_parallel(name, sharded=True)
         if world_size == 4:
             for config in HSDP_CONFIGS:
                 model, _ = _train(config, rank, world_size, range(STEPS), hsdp=True)
@@ -380,6 +420,17 @@ def test_an_unseeded_lamp_checkpoint_of_one_unsharded_process_resumes_sharded(ru
     unsharded checkpoint for 'lamp.noise_draws' and refused to load it."""
     for rank_results in runs[world_size]:
         _assert_close(rank_results["sam_lamp_no_noise.from_unsharded"], _reference("sam_lamp_no_noise"))
+
+
+@pytest.mark.parametrize("name", TP_TRANSFORMS)
+def test_a_gradient_placed_unlike_its_parameter_is_redistributed_first(runs: dict, name: str) -> None:
+    """Tensor parallelism: the replicated bias gets a Shard(0) gradient. Found by review: the
+    transforms combined the local shards as if they lined up (ASAM, GSAM, LookSAM gave other
+    weights; WSAM made the replicated bias differ between ranks)."""
+    reference = _tensor_parallel(name, sharded=False)
+    for rank_results in runs[2]:
+        _assert_close(rank_results[f"tp.{name}"], reference)
+        torch.testing.assert_close(rank_results[f"tp.{name}"], reference, rtol=1e-12, atol=1e-13)
 
 
 @pytest.mark.parametrize("config", ["sam_lamp_no_noise", "clip_sam"])
