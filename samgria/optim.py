@@ -716,7 +716,12 @@ class TransformingOptimizer(WrappingOptimizer):
                     if not transform.needs_closure:
                         transform.pre_update(self._context(slot, None))
         snapshot = self._snapshot_before_inner_step(spare_buffers)
-        group_values = GroupValues(self.param_groups) if snapshot is not None else None
+        # torch's own optimizers keep nothing in their groups; others may (group["step"] += 1).
+        group_values = (
+            GroupValues(self.param_groups)
+            if snapshot is not None and not type(self.inner).__module__.startswith("torch.optim.")
+            else None
+        )
         spare_buffers.clear()
         try:
             self._driven_step()
@@ -726,7 +731,8 @@ class TransformingOptimizer(WrappingOptimizer):
         except BaseException:
             if snapshot is not None:
                 snapshot.restore()
-                group_values.restore()  # type: ignore[union-attr]
+            if group_values is not None:
+                group_values.restore()
             raise
 
     def _refuse_framework_accumulation(self, closure: Callable[[], Any]) -> None:
