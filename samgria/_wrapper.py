@@ -159,6 +159,11 @@ class _DrivenState(MutableMapping):
     def items(self):  # type: ignore[override]
         """The live entries, as torch's ``state.items()`` gives them (what an optimizer writes into
         while it iterates lands in the state)."""
+        # The driven optimizer's state_dict() reads this before its post-hooks run: make sure the
+        # packing hook is there (an optimizer unpickled after its wrapper got fresh hook dicts).
+        driven = self._owner.__dict__.get(self._owner._driven_attr)
+        if driven is not None:
+            _hook_packing(driven)
         return [(param, self[param]) for param in self]
 
     def __len__(self) -> int:
@@ -185,12 +190,18 @@ def _plain_entries(optimizer: Optimizer, state_dict: dict[str, Any]) -> dict[str
     return state_dict
 
 
+def _hook_packing(driven: Optimizer) -> None:
+    """Register :func:`_plain_entries` on ``driven`` unless it is there (or ``driven`` is not yet
+    unpickled: its hook dictionaries come with torch's ``__setstate__``)."""
+    hooks = driven.__dict__.get("_optimizer_state_dict_post_hooks")
+    if hooks is not None and _plain_entries not in hooks.values():
+        driven.register_state_dict_post_hook(_plain_entries, prepend=True)
+
+
 def _show_state(driven: Optimizer, owner: WrappingOptimizer) -> None:
     """Give ``driven`` the view of ``owner``'s state (and the hook that packs it as plain dicts)."""
     driven.state = _DrivenState(owner)  # type: ignore[assignment]
-    hooks = getattr(driven, "_optimizer_state_dict_post_hooks", None)
-    if hooks is not None and _plain_entries not in hooks.values():
-        driven.register_state_dict_post_hook(_plain_entries, prepend=True)
+    _hook_packing(driven)
 
 
 class WrappingOptimizer(Optimizer):

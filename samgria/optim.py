@@ -297,19 +297,20 @@ class TransformingOptimizer(WrappingOptimizer):
             )
         _refuse_sharded_m_sharpness(first_pass_context, [p for g in inner_optimizer.param_groups for p in g["params"]])
         chain = Chain(transforms, inner_optimizer.defaults)
-        mixing = [
-            f"{t.describe()} (seed protocol)" if isinstance(t, ProtocolTransform) else type(t).__name__
-            for t in chain.transforms
-            if not t.supports_local_first_pass
-        ]
+        def named(t: Transform) -> str:
+            return f"{t.describe()} (seed protocol)" if isinstance(t, ProtocolTransform) else type(t).__name__
+
+        mixing = [named(t) for t in chain.transforms if not t.supports_local_first_pass]
         if first_pass_context is not None and mixing:
             raise ValueError(
                 f"first_pass_context (m-sharpness) cannot be used with {', '.join(mixing)}: the update "
                 "mixes in (for a seed-protocol object: may mix in) the first pass's gradients, "
                 "which are then each rank's own, so the replicas would drift apart "
-                "(Transform.supports_local_first_pass); drop first_pass_context"
+                "(Transform.supports_local_first_pass; a seed-protocol object that uses them only "
+                "to perturb, or not at all, may declare supports_local_first_pass = True); drop "
+                "first_pass_context"
             )
-        reevaluating = [(type(t).__name__, t.reevaluations) for t in chain.transforms if t.reevaluations]
+        reevaluating = [(named(t), t.reevaluations) for t in chain.transforms if t.reevaluations]
         if first_pass_context is not None and sum(count for _, count in reevaluating) > 1:
             counts = ", ".join(f"{name} {count}" for name, count in reevaluating)
             raise ValueError(
@@ -875,6 +876,7 @@ class TransformingOptimizer(WrappingOptimizer):
             if structure is not None:
                 structure.restore()
             raise RuntimeError(refusal + "; the weights are restored")
+        restored = pending.perturbation is None
         try:
             spare_buffers = {}
             self._align_sharded_grads()
@@ -882,6 +884,7 @@ class TransformingOptimizer(WrappingOptimizer):
                 if getattr(pending.perturbation, "mixes_first_pass", False):
                     self._rescale_unscaled_grads()
                 spare_buffers = pending.perturbation.restore()
+                restored = True
             if self._amp_skip_or_unscale():
                 skipped = True
             elif pending.non_finite:
@@ -897,6 +900,8 @@ class TransformingOptimizer(WrappingOptimizer):
                 else:
                     self._run_chain(pending.resume_at, None, None, spare_buffers)
         except BaseException:
+            if not restored:  # raised before (or while) the weights went back: w, not w + e
+                pending.perturbation.restore_weights()  # type: ignore[union-attr]
             if structure is not None:
                 structure.restore()
             raise

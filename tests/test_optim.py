@@ -416,7 +416,7 @@ def test_the_inner_optimizer_sees_its_state_as_torch_gives_it(inner, chain):
     assert hidden_after == {i: kept for i, kept in hidden_before.items() if kept}
 
 
-@pytest.mark.parametrize("copier", ["deepcopy", "pickle"])
+@pytest.mark.parametrize("copier", ["deepcopy", "pickle", "pickle-inner-first"])
 def test_the_inner_optimizer_of_a_copy_packs_plain_dicts(copier):
     """Found by review: the hook that packs plain dicts was lost on unpickling (torch's
     __setstate__ gives the inner optimizer empty hook dicts)."""
@@ -424,7 +424,12 @@ def test_the_inner_optimizer_of_a_copy_packs_plain_dicts(copier):
     model = make_model()
     optimizer = TransformingOptimizer(model.parameters(), torch.optim.Adam, lr=0.1, transforms=[SAM(0.05), LAMP(eps=1e-3, rollback_len=3)])
     optimizer.step(make_closure(model, optimizer, x, y))
-    copied = copy.deepcopy(optimizer) if copier == "deepcopy" else pickle.loads(pickle.dumps(optimizer))
+    if copier == "deepcopy":
+        copied = copy.deepcopy(optimizer)
+    elif copier == "pickle":
+        copied = pickle.loads(pickle.dumps(optimizer))
+    else:  # the inner optimizer first in the pickled graph: unpickled after its wrapper
+        _, copied = pickle.loads(pickle.dumps((optimizer.inner, optimizer)))
     packed = copied.inner.state_dict()
     assert packed["state"] and all(type(entry) is dict for entry in packed["state"].values())
     buffer = io.BytesIO()
@@ -458,6 +463,29 @@ def test_membership_in_a_driven_wrappers_inner_state_creates_no_entry():
     assert [outer.state[p]["step"] for p in model.parameters()] == [2, 2]
     assert stranger not in outer.inner.state and len(meta.state) == 2
     assert set(meta.state_dict()["state"]) == {0, 1}
+
+
+def test_a_seed_protocol_object_may_declare_that_m_sharpness_suits_it():
+    """Undeclared, a seed-protocol object refuses first_pass_context (see the construction
+    errors); one that declares supports_local_first_pass = True and reevaluations = 0 (a
+    gradient clip after SAM) is accepted, and its reevaluations count."""
+
+    class Clip:
+        supports_local_first_pass = True
+        reevaluations = 0
+
+        def apply(self, model, loss_fn, batch):
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+
+        def post_step(self, model):
+            pass
+
+    model = make_model()
+    optimizer = TransformingOptimizer(model.parameters(), torch.optim.SGD, lr=0.1, transforms=[SAM(0.05), Clip()], first_pass_context=contextlib.nullcontext)
+    assert [t.reevaluations for t in optimizer.transforms] == [1, 0]
+    Clip.reevaluations = 1  # declares a re-evaluation: two in the chain
+    with pytest.raises(ValueError, match=r"re-evaluations per step: SAM 1, .*Clip \(seed protocol\) 1"):
+        TransformingOptimizer(make_model().parameters(), torch.optim.SGD, lr=0.1, transforms=[SAM(0.05), Clip()], first_pass_context=contextlib.nullcontext)
 
 
 def test_loads_a_plain_inner_optimizer_checkpoint_and_rejects_mismatches():

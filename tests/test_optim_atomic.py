@@ -966,3 +966,30 @@ def test_the_non_finite_policy_and_sam_warnings_point_at_the_users_line():
         warnings.simplefilter("always")
         sam.step(overflowing)  # SAM's "the gradient norm is inf" warning
     assert [w.filename for w in caught] == [__file__], [(w.filename, str(w.message)) for w in caught]
+
+
+@pytest.mark.parametrize("chain", ["sam", "sam+lamp"])
+def test_second_step_raising_before_the_weights_go_back_restores_them(chain, monkeypatch):
+    """A failure in second_step before the perturbation is undone (found by review: the
+    gradient alignment or GradScaler's rescaling raising there left the weights at w + e, and
+    cancel_step could not help: the pending step was already gone)."""
+    (model, optimizer), twin = make_twins(chain, "sgd", 1)
+    before = Before(model, optimizer)
+    loss_of(model).backward()
+    optimizer.first_step()
+    calls = []
+
+    def failing_alignment():
+        calls.append(1)
+        raise MemoryError("all-gather ran out of memory")
+
+    monkeypatch.setattr(optimizer, "_align_sharded_grads", failing_alignment)
+    loss_of(model).backward()
+    with pytest.raises(MemoryError, match="all-gather"):
+        optimizer.second_step()
+    assert calls == [1]
+    optimizer.zero_grad()
+    before.assert_unchanged()
+    monkeypatch.undo()
+    optimizer.cancel_step()  # nothing pending: does nothing
+    step_both_normally((model, optimizer), twin)

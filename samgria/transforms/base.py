@@ -456,14 +456,17 @@ class ProtocolTransform(Transform):
 
     # A seed-protocol object typically takes p.grad.norm() per tensor: on a shard, a shard's norm.
     supports_sharded_params = False
-    # What it does with the first pass's gradients, and how often it calls loss_fn, is not
-    # declared: m-sharpness (first_pass_context) is refused with it.
-    supports_local_first_pass = False
+    @property
+    def supports_local_first_pass(self) -> bool:  # type: ignore[override]
+        """The object's own ``supports_local_first_pass``; ``False`` (m-sharpness refused) when it
+        does not declare one: what it does with the first pass's gradients is not known."""
+        return bool(getattr(self.transform, "supports_local_first_pass", False))
 
     @property
     def reevaluations(self) -> int:
-        """Unknown; counted as one (its ``apply`` may call ``loss_fn``)."""
-        return 1
+        """The object's own ``reevaluations``; 1 when it does not declare one (its ``apply`` may
+        call ``loss_fn``)."""
+        return int(getattr(self.transform, "reevaluations", 1))
 
     def __init__(self, transform: GradientTransform) -> None:
         self.transform = transform
