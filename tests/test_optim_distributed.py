@@ -86,6 +86,24 @@ def _train_ddp(rank: int, mode: str) -> list[torch.Tensor]:
     return [p.detach().clone() for p in model.parameters()]
 
 
+def _closure_with_a_rank_0_fault(optimizer, ddp_model: nn.Module, step: int, rank: int, factor: float):
+    """The closure of ``step``; at step 0 rank 0's first evaluation multiplies its loss by
+    ``factor`` (NaN: a non-finite local gradient; 0: a zero one)."""
+    x, y = _local_batch(step, rank)
+    calls = [0]
+
+    def closure() -> torch.Tensor:
+        calls[0] += 1
+        optimizer.zero_grad()
+        loss = _loss(ddp_model(x), y)
+        if step == 0 and rank == 0 and calls[0] == 1:
+            loss = loss * factor
+        loss.backward()
+        return loss
+
+    return closure
+
+
 def _train_m_sharpness_with_a_local_fault(rank: int, fault: str) -> tuple[list[torch.Tensor], int]:
     """m-sharpness where rank 0's first-pass gradient is not like the others' at step 0: NaN
     (``"non_finite"``: every rank must skip) or zero, so that only rank 1 perturbs, with
@@ -101,18 +119,7 @@ def _train_m_sharpness_with_a_local_fault(rank: int, fault: str) -> tuple[list[t
         ddp_model.parameters(), torch.optim.SGD, lr=LR, transforms=transforms, first_pass_context=ddp_model.no_sync
     )
     for step in range(STEPS):
-        x, y = _local_batch(step, rank)
-        calls = [0]
-
-        def closure() -> torch.Tensor:
-            calls[0] += 1
-            optimizer.zero_grad()
-            loss = _loss(ddp_model(x), y)
-            if step == 0 and rank == 0 and calls[0] == 1:
-                loss = loss * (float("nan") if fault == "non_finite" else 0.0)
-            loss.backward()
-            return loss
-
+        closure = _closure_with_a_rank_0_fault(optimizer, ddp_model, step, rank, float("nan") if fault == "non_finite" else 0.0)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)
             optimizer.step(closure)
@@ -141,20 +148,8 @@ def _resume_m_sharpness_from_this_ranks_checkpoint(rank: int, name: str) -> tupl
         return model, ddp_model, optimizer
 
     def train(ddp_model: nn.Module, optimizer: TransformingOptimizer, steps: range) -> None:
-        for step in steps:
-            x, y = _local_batch(step, rank)
-            calls = [0]
-
-            def closure() -> torch.Tensor:
-                calls[0] += 1
-                optimizer.zero_grad()
-                loss = _loss(ddp_model(x), y)
-                if step == 0 and rank == 0 and calls[0] == 1:
-                    loss = loss * 0.0  # rank 0 perturbs nothing: ESAM draws no mask there
-                loss.backward()
-                return loss
-
-            optimizer.step(closure)
+        for step in steps:  # rank 0 perturbs nothing at step 0: ESAM draws no mask there
+            optimizer.step(_closure_with_a_rank_0_fault(optimizer, ddp_model, step, rank, 0.0))
 
     model, ddp_model, optimizer = build()
     train(ddp_model, optimizer, range(2))
