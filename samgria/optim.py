@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import math
 import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any, ContextManager
 
@@ -50,6 +50,17 @@ _SCALER_WITH_CLOSURE_MESSAGE = (
     "samgria.integrations.accelerate.sam_accelerated(accelerator.prepare(optimizer)); their "
     "step(closure) does this)"
 )
+
+
+@contextlib.contextmanager
+def _put_back_on_error(structure: StateStructure | None) -> Iterator[None]:
+    """Put the state's references back (``structure``, when atomic) if the block raises."""
+    try:
+        yield
+    except BaseException:
+        if structure is not None:
+            structure.restore()
+        raise
 
 
 class _NonFiniteGradients(Exception):
@@ -814,13 +825,8 @@ class TransformingOptimizer(WrappingOptimizer):
             if not self._grads_finite():
                 self._skip("first")
                 return None
-            structure = self._pre_step_structure()
-            try:
+            with _put_back_on_error(self._pre_step_structure()):
                 self._run_chain(0, None, None)
-            except BaseException:
-                if structure is not None:
-                    structure.restore()
-                raise
             return None
 
         if scaled:
@@ -852,17 +858,11 @@ class TransformingOptimizer(WrappingOptimizer):
                 raise _NonFiniteGradients
             return result
 
-        structure = self._pre_step_structure()
         try:
-            self._run_chain(0, reevaluate, grad_norm)
+            with _put_back_on_error(self._pre_step_structure()):
+                self._run_chain(0, reevaluate, grad_norm)
         except _NonFiniteGradients:
-            if structure is not None:
-                structure.restore()
             self._skip("second")
-        except BaseException:
-            if structure is not None:
-                structure.restore()
-            raise
         return loss
 
     def _finish_pending(self) -> Any:
@@ -966,15 +966,11 @@ class TransformingOptimizer(WrappingOptimizer):
             self._pending = _PendingStep(None, split + 1, non_finite=True)
             return
         structure = self._pre_step_structure()
-        try:
+        with _put_back_on_error(structure):
             for index, (slot, before) in enumerate(list(self.chain)[:split]):
                 before.pre_update(self._context(slot, None, grad_norm if index == 0 else None))
             slot = self.slots[split]
             perturbation = transform.perturb(self._context(slot, None, grad_norm if split == 0 else None))
-        except BaseException:
-            if structure is not None:
-                structure.restore()
-            raise
         skipped = perturbation is None or not perturbation.params
         self._pending = _PendingStep(perturbation, split + 1, rerun_before=skipped, structure=structure)
         self.zero_grad(set_to_none=True)
