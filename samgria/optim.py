@@ -441,7 +441,12 @@ class TransformingOptimizer(WrappingOptimizer):
         _refuse_sharded_m_sharpness(self.first_pass_context, group["params"])
         self.inner.add_param_group(group)
         self.chain.fill_group(self.param_groups[-1])
-        self._sharded = self.__dict__.get("_sharded", True) or any_sharded(list(group["params"]))
+        self._note_sharded(group["params"])
+
+    def _note_sharded(self, params: Iterable[Any]) -> None:
+        """Remember whether any parameter is a ``DTensor`` (:meth:`_align_sharded_grads` needs to
+        look at the gradients only then); an optimizer pickled before the flag existed looks."""
+        self._sharded = self.__dict__.get("_sharded", True) or any_sharded(list(params))
 
     def _check_groups(self) -> None:
         """Validate every group's hyperparameters (they may have been edited or scheduled)."""
@@ -459,7 +464,7 @@ class TransformingOptimizer(WrappingOptimizer):
         group.clear()
         group.update(checked)
         self.chain.fill_group(group)
-        self._sharded = self.__dict__.get("_sharded", True) or any_sharded(list(group["params"]))
+        self._note_sharded(group["params"])
         return True
 
     # -- the step ----------------------------------------------------------------------------------
