@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import math
 import sys
 
 import pytest
@@ -272,6 +273,57 @@ def test_meta_step_and_evaluate_reject_empty_task_lists():
         trainer.meta_step([])
     with pytest.raises(ValueError, match=r"tasks must not be empty, got 0 tasks"):
         trainer.evaluate([])
+
+
+@pytest.mark.parametrize("vectorize", [None, False, True])
+def test_maml_refuses_tasks_without_a_query_set_before_touching_the_model(vectorize):
+    """MAML's meta-loss is the query loss: an empty query set (``k_query=0``) is an error that
+    names the task, not a NaN meta-loss that skips every step; Reptile takes such tasks."""
+    model = make_model()
+    meta = MAML(model, torch.optim.SGD, lr=0.1, inner_lr=0.1)
+    before = [p.detach().clone() for p in model.parameters()]
+    tasks = SinusoidTaskSampler(k_support=5, k_query=0, seed=3, dtype=DT).sample(3)
+    trainer = MetaTrainer(meta, F.mse_loss, SinusoidTaskSampler(k_support=5, k_query=0, seed=3, dtype=DT), vectorize=vectorize)
+    match = (
+        r"^tasks\[0\] has an empty query set \(query_x of shape \(0, 1\)\): MAML's meta-loss is the "
+        r"query loss; only Reptile can do without a query set$"
+    )
+    for call in (
+        lambda: trainer.fit(2, 3, progress=False),
+        lambda: trainer.evaluate(tasks),
+        lambda: meta.task_losses(tasks, F.mse_loss, vectorize=vectorize),
+        lambda: meta.evaluate(tasks, F.mse_loss, vectorize=vectorize),
+    ):
+        with pytest.raises(ValueError, match=match):
+            call()
+    mixed = fixed_tasks(2) + tasks[:1]
+    with pytest.raises(ValueError, match=r"^tasks\[2\] has an empty query set"):
+        meta.task_losses(mixed, F.mse_loss)
+    assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
+    assert trainer.iteration == 0 and meta.skipped_steps == 0
+    reptile = Reptile(make_model(), torch.optim.SGD, lr=0.1, inner_lr=0.1)
+    assert math.isfinite(reptile.evaluate(tasks, F.mse_loss))
+
+
+@pytest.mark.parametrize("vectorize", [True, False])
+def test_the_loss_functions_errors_keep_their_type_on_the_path_asked_for(vectorize):
+    """A user's exception (here a KeyError, and torch's OutOfMemoryError, a RuntimeError
+    subclass that code catches to shrink the batch) comes out of ``fit`` as raised, whichever
+    path was asked for; with ``vectorize=True`` a note (Python 3.11+) says where, once."""
+    for error in (KeyError("label"), torch.OutOfMemoryError("out of memory (simulated)")):
+
+        def broken_loss(prediction, target):
+            raise error
+
+        meta = MAML(make_model(), torch.optim.SGD, lr=0.1, inner_lr=0.1)
+        trainer = MetaTrainer(meta, broken_loss, ListSampler(fixed_tasks(4)), vectorize=vectorize)
+        with pytest.raises(type(error)) as raised:
+            trainer.fit(1, 2, progress=False)
+        assert raised.value is error
+        notes = getattr(raised.value, "__notes__", [])
+        expected = ["MAML: raised on the vmap path, which was asked for"] if vectorize and hasattr(error, "add_note") else []
+        assert notes == expected
+        error.__notes__ = []
 
 
 @pytest.mark.parametrize(

@@ -614,6 +614,12 @@ class MetaOptimizer(WrappingOptimizer):
         for i, t in enumerate(tasks):
             if not isinstance(t, Task):
                 raise TypeError(f"tasks[{i}] must be a Task, got {type(t).__name__}")
+            if self.needs_query and t.query_x.shape[:1] == (0,):
+                raise ValueError(
+                    f"tasks[{i}] has an empty query set (query_x of shape {tuple(t.query_x.shape)}): "
+                    f"{type(self).__name__}'s meta-loss is the query loss; only Reptile can do without "
+                    "a query set"
+                )
         return tasks
 
     def _meta_params(self) -> dict[str, torch.Tensor]:
@@ -721,8 +727,9 @@ class MetaOptimizer(WrappingOptimizer):
             (detached for Reptile, whose outer update uses the recorded adapted weights).
 
         Raises:
-            ValueError: ``tasks`` is empty, or ``vectorize=True`` with tasks of unequal shapes
-                or a second-order loop through a normalisation layer.
+            ValueError: ``tasks`` is empty, a task's query set is empty (except for Reptile,
+                which scores such a task on its support set), or ``vectorize=True`` with tasks
+                of unequal shapes or a second-order loop through a normalisation layer.
             TypeError: ``tasks`` holds something that is not a Task.
         """
         loop = self.inner_loop(
@@ -770,6 +777,10 @@ class MetaOptimizer(WrappingOptimizer):
 
         Returns:
             The mean query loss as a float.
+
+        Raises:
+            ValueError: As :meth:`task_losses`.
+            TypeError: As :meth:`task_losses`.
         """
         loop = self.inner_loop(
             one_steps_argument(inner_steps, steps),

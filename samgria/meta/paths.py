@@ -29,6 +29,13 @@ __all__ = ["PathPolicy"]
 T = TypeVar("T")
 
 
+def _note_once(error: BaseException, note: str) -> None:
+    """Add ``note`` to ``error``'s notes (Python 3.11+) unless it is there already (a path run
+    inside another one's)."""
+    if hasattr(error, "add_note") and note not in getattr(error, "__notes__", ()):
+        error.add_note(note)
+
+
 class PathPolicy:
     """Fallback after failures and choice by measurement, shared by a meta-optimizer's users.
 
@@ -93,7 +100,8 @@ class PathPolicy:
             path: The path to try.
             fallback: The path that always applies (the loop).
             run: Does the work on a given path.
-            explicit: The user asked for ``path``: its failure raises.
+            explicit: The user asked for ``path``: its failure raises the error as raised (with
+                a note naming the path, on Python 3.11+), not the fallback.
 
         Returns:
             ``(result, path_used)``.
@@ -109,8 +117,9 @@ class PathPolicy:
         except ValueError:
             raise
         except Exception as error:  # maybe a model that this path cannot handle: try the fallback
-            if explicit:
-                raise RuntimeError(f"{self.owner}: the {path} path failed: {error}") from error
+            if explicit:  # the error as raised (an OutOfMemoryError stays one), saying where
+                _note_once(error, f"{self.owner}: raised on the {path} path, which was asked for")
+                raise
             result = run(fallback)
             # Only now, when the fallback worked, is the error the path's and not the user's.
             self.failed[path] = f"{type(error).__name__}: {error}"
