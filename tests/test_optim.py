@@ -98,6 +98,58 @@ def test_add_param_group_fills_and_validates_transform_keys_without_half_applyin
     assert (group["rho"], group["eta"], group["adaptive"], group["lr"]) == (2.0, 0.01, True, 0.1)
 
 
+@pytest.mark.parametrize("two_call", [False, True])
+def test_a_step_refuses_an_edit_of_a_short_key_that_several_transforms_share(two_call):
+    """``group["rho"] = 0.0`` with SAM and ASAM in the chain names neither: refused at the next
+    step as in the constructor, before anything changes, not stored and never read."""
+    from samgria import NormalizeGrad, SparsifyGrad
+
+    x, y = make_data()
+    model = make_model()
+    optimizer = TransformingOptimizer(model.parameters(), torch.optim.SGD, lr=0.1, momentum=0.9, transforms=[SAM(0.05), ASAM(0.5)])
+    closure = make_closure(model, optimizer, x, y)
+    optimizer.step(closure)
+    optimizer.param_groups[0]["rho"] = 0.0
+    before, state = params_of(model), copy.deepcopy(optimizer.state_dict())
+    message = r"^param_groups\[0\]: the key 'rho' is a hyperparameter of several transforms; write 'sam\.rho' or 'asam\.rho'$"
+    with pytest.raises(ValueError, match=message):
+        if two_call:
+            closure()
+            optimizer.first_step()
+        else:
+            optimizer.step(closure)
+    assert_bitwise_equal(before, params_of(model))
+    assert_states_equal(state["state"], optimizer.state_dict()["state"])
+    del optimizer.param_groups[0]["rho"]
+    optimizer.param_groups[0]["sam.rho"] = 0.0  # the qualified key is the way to say it
+    optimizer.step(closure)
+    assert optimizer.param_groups[0]["sam.rho"] == 0.0
+    # The same for a key two gradient transforms share, in a step without a closure.
+    optimizer = TransformingOptimizer(model.parameters(), torch.optim.SGD, lr=0.1, transforms=[NormalizeGrad(), SparsifyGrad(q=0.5)])
+    optimizer.param_groups[0]["param_ndim"] = -1
+    nn.functional.mse_loss(model(x), y).backward()
+    with_grad = [p for p in model.parameters() if p.grad is not None]
+    grads = [p.grad.clone() for p in with_grad]
+    with pytest.raises(ValueError, match=r"the key 'param_ndim' is a hyperparameter of several transforms; write 'normalize_grad\.param_ndim' or 'sparsify_grad\.param_ndim'$"):
+        optimizer.step()
+    assert_bitwise_equal(grads, [p.grad for p in with_grad])
+
+
+def test_a_message_about_a_qualified_key_names_every_key_by_its_group_name():
+    """With two ClampGrads every key is qualified: a message relating two keys names both as the
+    group stores them."""
+    from samgria import ClampGrad
+
+    model = make_model()
+    optimizer = TransformingOptimizer(model.parameters(), torch.optim.SGD, lr=0.1, transforms=[ClampGrad(-1.0, 1.0), ClampGrad(-2.0, 2.0)])
+    optimizer.param_groups[0]["clamp_grad_1.grad_min"] = 5.0
+    with pytest.raises(
+        ValueError,
+        match=r"^param_groups\[0\]: clamp_grad_1\.grad_max must be a finite number >= clamp_grad_1\.grad_min = 5, got 2\.0$",
+    ):
+        optimizer.step()
+
+
 def test_repr_shows_inner_optimizer_and_transforms():
     text = repr(TransformingOptimizer(make_model().parameters(), torch.optim.SGD, lr=0.1, transforms=[SAM(0.05), LAMP(eps=1e-3, rollback_len=4)]))
     assert "inner=SGD" in text and "sam=SAM(rho=0.05)" in text and "lamp=LAMP(eps=0.001, rollback_len=4, seed=None)" in text

@@ -194,12 +194,8 @@ class Chain:
             ValueError: A short key is shared by two transforms, or a key is given both short and
                 qualified with different values.
         """
+        self._refuse_ambiguous(group, where)
         for key in list(group):
-            if key in self._ambiguous:
-                raise ValueError(
-                    f"{where}: the key {key!r} is a hyperparameter of several transforms; write "
-                    + " or ".join(repr(k) for k in self._ambiguous[key])
-                )
             stored = self._qualified.get(key)
             if stored is not None and stored != key:
                 value = group.pop(key)
@@ -210,17 +206,31 @@ class Chain:
                     )
                 group[stored] = value
 
+    def _refuse_ambiguous(self, group: Mapping[str, Any], where: str) -> None:
+        """Raise ``ValueError`` if ``group`` has a short key that several transforms share."""
+        if not self._ambiguous or self._ambiguous.keys().isdisjoint(group):
+            return
+        key = next(key for key in group if key in self._ambiguous)
+        raise ValueError(
+            f"{where}: the key {key!r} is a hyperparameter of several transforms; write "
+            + " or ".join(repr(k) for k in self._ambiguous[key])
+        )
+
     def take_qualified_edits(self, group: dict[str, Any], where: str) -> None:
         """Apply ``param_groups`` edits made under a qualified key to a filled group.
 
         A group stores a hyperparameter under its short key when that is unambiguous; a value
         written since under the qualified key (``group["sam.rho"] = 0.0`` beside the stored
         ``"rho"``) is the newer one: it replaces the stored value and the qualified key is
-        removed. Checked before the group changes.
+        removed. Checked before the group changes. A short key that several transforms share
+        (``group["rho"] = 0.0`` with SAM and ASAM in the chain) is refused, as in the
+        constructor, rather than stored and never read.
 
         Raises:
-            ValueError: If an edited value is invalid (the group is left as it was).
+            ValueError: If an edited value is invalid, or a short key names the hyperparameters
+                of several transforms (the group is left as it was).
         """
+        self._refuse_ambiguous(group, where)
         if self._aliases.isdisjoint(group):
             return
         candidate = dict(group)
@@ -274,9 +284,8 @@ class Chain:
             except (TypeError, ValueError) as error:
                 renamed = str(error)
                 for short, stored in keys.items():
-                    if renamed.startswith(short + " ") and stored != short:
-                        renamed = stored + renamed[len(short):]
-                        break
+                    if stored != short:  # every mention of the key, not only the leading one
+                        renamed = re.sub(rf"(?<![\w.'\"]){re.escape(short)}(?![\w.'\"])", stored, renamed)
                 raise type(error)(f"{where}: {renamed}") from None
 
     def check_saved_spec(self, saved: Any) -> None:
