@@ -64,7 +64,20 @@ def _put_back_on_error(structure: StateStructure | None) -> Iterator[None]:
 
 
 class _NonFiniteGradients(Exception):
-    """Raised inside a step when a re-evaluation produced non-finite gradients (caught by step)."""
+    """Raised inside a step when a re-evaluation produced non-finite gradients (caught by step);
+    ``evaluation`` counts the closure's evaluations in the step, the first one being 1."""
+
+    def __init__(self, evaluation: int) -> None:
+        super().__init__(evaluation)
+        self.evaluation = evaluation
+
+
+def _ordinal(number: int) -> str:
+    """``"first"``, ``"second"``, ``"third"``, then ``"4th"``, ..., ``"21st"``, ..."""
+    if number <= 3:
+        return ("first", "second", "third")[number - 1]
+    suffix = "th" if number % 100 in (11, 12, 13) else {1: "st", 2: "nd", 3: "rd"}.get(number % 10, "th")
+    return f"{number}{suffix}"
 
 
 @dataclass
@@ -854,20 +867,24 @@ class TransformingOptimizer(WrappingOptimizer):
             self._skip("first", "" if not finite_here else " on another rank")
             return loss
 
+        evaluations = 1
+
         def reevaluate() -> Any:
+            nonlocal evaluations
+            evaluations += 1
             self.zero_grad(set_to_none=True)
             with torch.enable_grad(), self._enter(self.reevaluation_context):
                 result = closure()
             self._align_sharded_grads()
             if not self._grads_finite():
-                raise _NonFiniteGradients
+                raise _NonFiniteGradients(evaluations)
             return result
 
         try:
             with _put_back_on_error(self._pre_step_structure()):
                 self._run_chain(0, reevaluate, grad_norm)
-        except _NonFiniteGradients:
-            self._skip("second")
+        except _NonFiniteGradients as non_finite:
+            self._skip(_ordinal(non_finite.evaluation))
         return loss
 
     def _finish_pending(self) -> Any:
