@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import math
 import warnings
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, ContextManager
 
@@ -1093,6 +1093,13 @@ def sam_optimizer(
     Returns a :class:`TransformingOptimizer` with :class:`~samgria.SAM` (or :class:`~samgria.ASAM`
     with ``eta=0.01`` when ``adaptive=True``) around ``base_optimizer(params, **kwargs)``, so
     ``first_step``/``second_step`` loops written for the widely used PyTorch SAM keep working.
+    That library reads ``adaptive`` per param group, as ``rho``: when a group sets its own
+    ``"adaptive"``, the transform is :class:`~samgria.ASAM` with ``adaptive`` as the groups'
+    default, so a group with ``"adaptive": False`` gets SAM's move (:math:`T_w = 1`) and one with
+    ``True`` ASAM's.
     """
-    transform: Transform = ASAM(rho=rho) if adaptive else SAM(rho=rho)
+    if not isinstance(params, torch.Tensor):
+        params = list(params)  # read once: a generator of groups is looked at, then handed on
+    per_group = isinstance(params, list) and any(isinstance(group, Mapping) and "adaptive" in group for group in params)
+    transform: Transform = ASAM(rho=rho, adaptive=adaptive) if adaptive or per_group else SAM(rho=rho)
     return TransformingOptimizer(params, base_optimizer, transforms=[transform], **kwargs)

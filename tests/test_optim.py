@@ -611,6 +611,50 @@ def test_sam_optimizer_convenience_matches_transforming_optimizer(adaptive):
     assert_bitwise_equal(params_of(model_a), params_of(model_b))
 
 
+def test_sam_optimizer_honours_a_groups_own_adaptive_key_as_that_library_does():
+    """The widely used PyTorch SAM reads ``adaptive`` per group; a per-group loop of its move
+    (``T_w = |w| + eta`` for adaptive groups, ``1`` elsewhere, one global norm) is the reference."""
+    x, y = make_data()
+    rho, eta, lr = 0.1, 0.01, 0.1
+    model = make_model()
+    groups = [
+        {"params": list(model[0].parameters()), "adaptive": True},
+        {"params": list(model[2].parameters()) + list(model[4].parameters())},  # the default: False
+    ]
+    optimizer = sam_optimizer(iter(groups), torch.optim.SGD, rho=rho, lr=lr)
+    assert [group["adaptive"] for group in optimizer.param_groups] == [True, False]
+    reference = make_model()
+    ref_groups = [(list(reference[0].parameters()), True), (list(reference[2].parameters()) + list(reference[4].parameters()), False)]
+    for _ in range(3):
+        nn.functional.mse_loss(model(x), y).backward()
+        optimizer.first_step(zero_grad=True)
+        nn.functional.mse_loss(model(x), y).backward()
+        optimizer.second_step(zero_grad=True)
+
+        nn.functional.mse_loss(reference(x), y).backward()
+        with torch.no_grad():
+            moving = [(p, (p.abs() + eta) if adaptive else torch.ones_like(p)) for params, adaptive in ref_groups for p in params if p.grad is not None]
+            norm = torch.sqrt(sum(((t * p.grad) ** 2).sum() for p, t in moving))
+            moves = [(p, rho * t * t * p.grad / norm) for p, t in moving]
+            for p, e in moves:
+                p.add_(e)
+        for p in reference.parameters():
+            p.grad = None
+        nn.functional.mse_loss(reference(x), y).backward()
+        with torch.no_grad():
+            for p, e in moves:
+                p.sub_(e)
+                p.sub_(lr * p.grad)
+        for p in reference.parameters():
+            p.grad = None
+    for ours, theirs in zip(params_of(model), params_of(reference)):
+        torch.testing.assert_close(ours, theirs, rtol=1e-12, atol=1e-14)
+    # Without a group's own key, the constructor's choice stands (SAM, as before).
+    assert type(sam_optimizer(make_model().parameters(), torch.optim.SGD, rho=rho, lr=lr).transforms[0]) is SAM
+    with pytest.raises(TypeError, match=r"adaptive must be a bool, got 'yes'"):
+        sam_optimizer(make_model().parameters(), torch.optim.SGD, rho=rho, adaptive="yes", lr=lr)
+
+
 # -- regressions (from the review of the optimizer half) --------------------------------------------
 def test_duplicate_parameter_in_a_group_is_restored_bit_for_bit():
     torch.manual_seed(0)
