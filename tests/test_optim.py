@@ -655,6 +655,36 @@ def test_sam_optimizer_honours_a_groups_own_adaptive_key_as_that_library_does():
         sam_optimizer(make_model().parameters(), torch.optim.SGD, rho=rho, adaptive="yes", lr=lr)
 
 
+def test_the_two_call_loop_keeps_batchnorm_to_one_update_with_frozen_bn_stats_around_its_second_forward():
+    """The guide's recipe: ``reevaluation_context`` serves ``step(closure)``; in the two-call loop
+    the user wraps the second forward, and the two loops agree bit for bit (weights, statistics)."""
+    from samgria import frozen_bn_stats
+
+    def build():
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.Tanh(), nn.Linear(8, 1)).double()
+        optimizer = TransformingOptimizer(
+            model.parameters(), torch.optim.SGD, lr=0.1, momentum=0.9, transforms=[SAM(0.05)],
+            reevaluation_context=lambda: frozen_bn_stats(model),
+        )
+        return model, optimizer
+
+    torch.manual_seed(1)
+    batches = [(torch.randn(16, 4, dtype=torch.float64), torch.randn(16, 1, dtype=torch.float64)) for _ in range(3)]
+    model_a, opt_a = build()
+    model_b, opt_b = build()
+    for x, y in batches:
+        opt_a.step(make_closure(model_a, opt_a, x, y))
+        nn.functional.mse_loss(model_b(x), y).backward()
+        opt_b.first_step(zero_grad=True)
+        with frozen_bn_stats(model_b):
+            nn.functional.mse_loss(model_b(x), y).backward()
+        opt_b.second_step(zero_grad=True)
+    assert int(model_b[1].num_batches_tracked) == len(batches)
+    assert_bitwise_equal(params_of(model_a), params_of(model_b))
+    assert_bitwise_equal(list(model_a.buffers()), list(model_b.buffers()))
+
+
 # -- regressions (from the review of the optimizer half) --------------------------------------------
 def test_duplicate_parameter_in_a_group_is_restored_bit_for_bit():
     torch.manual_seed(0)
