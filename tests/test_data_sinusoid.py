@@ -103,6 +103,14 @@ def test_zero_tasks_and_zero_query_points():
         ({"amp_range": (10**400, 1)}, ValueError, r"amp_range\[0\] must be a finite number that fits in a float, got 1000"),
         ({"x_range": (-1e5, 1e5), "dtype": torch.float16}, ValueError,
          r"x_range must lie within \+-65504 \(the range of torch\.float16\), got \(-100000\.0, 100000\.0\)$"),
+        ({"x_range": (-3.1e38, 3.1e38), "dtype": torch.float32}, ValueError,
+         r"^x_range must be at most 3\.40282e\+38 wide \(high - low is computed in torch\.float32\), got \(-3\.1e\+38, 3\.1e\+38\)$"),
+        ({"amp_range": (-1.7e308, 1.7e308), "dtype": torch.float64}, ValueError,
+         r"^amp_range must be at most 1\.79769e\+308 wide \(high - low is computed in torch\.float64\)"),
+        ({"x_range": (-3.3e38, 0.0), "phase_range": (0.0, 1e38), "dtype": torch.float32}, ValueError,
+         r"^x_range and phase_range must keep x - phase within \+-3\.40282e\+38 \(the range of torch\.float32\), "
+         r"got x_range=\(-3\.3e\+38, 0\.0\) and phase_range=\(0\.0, 1e\+38\)$"),
+        ({"x_range": (-65504.0, 0.0), "phase_range": (0.0, 60.0), "dtype": torch.bfloat16}, None, None),
         ({"seed": 2**64}, ValueError, r"seed must be an integer in \[-2\*\*63, 2\*\*64 - 1\], got 18446744073709551616$"),
         ({"x_range": 3.0}, TypeError, r"x_range must be a \(low, high\) pair of numbers, got 3.0"),
         ({"x_range": (1.0, 2.0, 3.0)}, TypeError, r"x_range must be a \(low, high\) pair"),
@@ -113,8 +121,23 @@ def test_zero_tasks_and_zero_query_points():
     ],
 )
 def test_bad_arguments_are_rejected_with_named_message(kwargs, error, match):
+    if error is None:  # a range near the edge that stays finite: accepted, and its draws finite
+        tasks = SinusoidTaskSampler(seed=0, **kwargs).sample(20)
+        assert all(torch.isfinite(t.support_x).all() and torch.isfinite(t.support_y).all() for t in tasks)
+        return
     with pytest.raises(error, match=match):
         SinusoidTaskSampler(**kwargs)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_the_widest_accepted_ranges_give_finite_tasks(dtype):
+    """A range as wide as ``dtype`` allows (and ``x - phase`` at the edge) draws finite inputs
+    and targets: what the constructor accepts, sampling can hold."""
+    largest = torch.finfo(dtype).max
+    sampler = SinusoidTaskSampler(x_range=(-largest / 2, largest / 2), phase_range=(0.0, largest / 2), seed=0, dtype=dtype)
+    for task in sampler.sample(20):
+        for tensor in (task.support_x, task.support_y, task.query_x, task.query_y):
+            assert torch.isfinite(tensor).all()
 
 
 def test_ranges_given_as_tensors_or_decimals_are_ranges_of_their_values():

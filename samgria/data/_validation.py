@@ -14,7 +14,7 @@ import torch
 from samgria._checks import check_int as _check_integer
 from samgria._checks import check_real, check_seed
 
-__all__ = ["check_int", "check_range", "check_sampler", "make_generator"]
+__all__ = ["check_int", "check_range", "check_sampler", "check_span", "finite_in", "make_generator"]
 
 
 def check_int(name: str, value: object, minimum: int) -> int:
@@ -49,6 +49,21 @@ def check_range(name: str, value: object, dtype: torch.dtype | None = None) -> t
         if max(abs(low), abs(high)) > largest:
             raise ValueError(f"{name} must lie within +-{largest:g} (the range of {dtype}), got {value!r}")
     return low, high
+
+
+def finite_in(value: float, dtype: torch.dtype) -> bool:
+    """Whether the float ``value`` rounds to a finite number of ``dtype``."""
+    return bool(torch.isfinite(torch.tensor(value, dtype=torch.float64).to(dtype)))
+
+
+def check_span(name: str, low: float, high: float, value: object, dtype: torch.dtype) -> None:
+    """Raise ``ValueError`` unless ``high - low`` is finite in ``dtype``: a uniform draw
+    ``low + (high - low) * u`` computed in ``dtype`` would otherwise be infinite everywhere."""
+    if not finite_in(high - low, dtype):
+        raise ValueError(
+            f"{name} must be at most {torch.finfo(dtype).max:g} wide (high - low is computed in {dtype}), "
+            f"got {value!r}"
+        )
 
 
 def _plain_number(value: object) -> object:

@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from samgria.data._validation import check_int, check_range, make_generator
+from samgria.data._validation import check_int, check_range, check_span, finite_in, make_generator
 from samgria.data.sharding import shard_bounds
 from samgria.data.task import GeneratorStateMixin, Task
 
@@ -57,9 +57,9 @@ class SinusoidTaskSampler(GeneratorStateMixin):
     Raises:
         TypeError: A count is not an int, a range is not a pair of numbers, ``dtype`` is not
             floating, or ``generator`` is not a ``torch.Generator``.
-        ValueError: A count is out of range, a range has ``low > high``, is not finite or lies
-            beyond what ``dtype`` holds, a ``seed`` is beyond what ``torch.Generator`` takes, or
-            both ``generator`` and ``seed`` are given.
+        ValueError: A count is out of range, a range has ``low > high``, is not finite, lies
+            beyond what ``dtype`` holds or is wider than it (as is ``x - phase``), a ``seed`` is
+            beyond what ``torch.Generator`` takes, or both ``generator`` and ``seed`` are given.
     """
 
     def __init__(
@@ -82,6 +82,20 @@ class SinusoidTaskSampler(GeneratorStateMixin):
         self.amp_range = check_range("amp_range", amp_range, dtype)
         self.phase_range = check_range("phase_range", phase_range, dtype)
         self.x_range = check_range("x_range", x_range, dtype)
+        # The draws are low + (high - low) * u and the targets A sin(x - phase): both finite.
+        draw_dtype = dtype if torch.finfo(dtype).bits >= 32 else torch.float32
+        for name, value, bounds in (
+            ("amp_range", amp_range, self.amp_range),
+            ("phase_range", phase_range, self.phase_range),
+            ("x_range", x_range, self.x_range),
+        ):
+            check_span(name, *bounds, value, draw_dtype)
+        (x_low, x_high), (phase_low, phase_high) = self.x_range, self.phase_range
+        if not (finite_in(x_low - phase_high, dtype) and finite_in(x_high - phase_low, dtype)):
+            raise ValueError(
+                f"x_range and phase_range must keep x - phase within +-{torch.finfo(dtype).max:g} (the "
+                f"range of {dtype}), got x_range={x_range!r} and phase_range={phase_range!r}"
+            )
         self.k_support = check_int("k_support", k_support, 1)
         self.k_query = check_int("k_query", k_query, 0)
         self.generator = make_generator(generator, seed)
