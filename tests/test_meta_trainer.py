@@ -275,6 +275,32 @@ def test_meta_step_and_evaluate_reject_empty_task_lists():
         trainer.evaluate([])
 
 
+@pytest.mark.parametrize("vectorize", [False, True])
+def test_evaluating_with_dropout_does_not_change_the_training_run(vectorize):
+    """Monitoring is not part of training: ``fit`` with ``eval_every`` ends at the same weights
+    as without, bit for bit, though dropout (train mode) draws random numbers in evaluate; and
+    two evaluations of the same tasks agree."""
+
+    def run(eval_every):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(1, 16), nn.Tanh(), nn.Dropout(0.3), nn.Linear(16, 1)).to(DT)
+        meta = MAML(model, torch.optim.SGD, lr=0.05, inner_lr=0.1)
+        trainer = MetaTrainer(meta, F.mse_loss, ListSampler(fixed_tasks(12)), vectorize=vectorize)
+        eval_tasks = fixed_tasks(3, seed=7)
+        kwargs = {"eval_every": eval_every, "eval_tasks": eval_tasks} if eval_every else {}
+        trainer.fit(4, 2, progress=False, **kwargs)
+        return [p.detach().clone() for p in model.parameters()], trainer, eval_tasks
+
+    plain, _, _ = run(None)
+    monitored, trainer, eval_tasks = run(1)
+    assert all(torch.equal(a, b) for a, b in zip(plain, monitored))
+    assert trainer.evaluate(eval_tasks) == trainer.evaluate(eval_tasks)
+    meta = trainer.meta
+    before = torch.get_rng_state()
+    meta.evaluate(eval_tasks, F.mse_loss, vectorize=vectorize)
+    assert torch.equal(torch.get_rng_state(), before)
+
+
 @pytest.mark.parametrize("vectorize", [None, False, True])
 def test_maml_refuses_tasks_without_a_query_set_before_touching_the_model(vectorize):
     """MAML's meta-loss is the query loss: an empty query set (``k_query=0``) is an error that

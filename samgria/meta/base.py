@@ -33,6 +33,7 @@ whole meta-batch.
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, ClassVar
@@ -58,6 +59,14 @@ from samgria.optim import TransformingOptimizer
 __all__ = ["MetaOptimizer"]
 
 LossFn = Callable[[Any, Any], torch.Tensor]
+
+def rng_untouched(model: nn.Module) -> contextlib.AbstractContextManager[Any]:
+    """A fork of torch's global random state (the CPU's and that of every CUDA device ``model``
+    is on) for an evaluation: dropout inside draws from the fork, so evaluating leaves the numbers
+    that training draws next as they were."""
+    cuda = sorted({p.device.index or 0 for p in model.parameters() if p.device.type == "cuda"})
+    return torch.random.fork_rng(devices=cuda)
+
 
 def _path_of(vectorize: Any) -> str | None:
     """The path a ``vectorize`` argument asks for (``None``: the policy chooses)."""
@@ -759,7 +768,9 @@ class MetaOptimizer(WrappingOptimizer):
         """Mean post-adaptation query loss over ``tasks``, without a meta-gradient graph.
 
         The inner loop runs on detached copies of the meta-parameters, so the model, its
-        gradients, the outer optimizer and any recorded adaptations are left untouched.
+        gradients, the outer optimizer and any recorded adaptations are left untouched; so is
+        torch's global random state (dropout, run in whatever mode the model is in, draws from
+        a fork of it), so evaluating does not change what training draws next.
 
         With ``distributed=True`` this is a collective (every rank calls it): ``tasks`` are this
         rank's share (possibly empty) and every rank returns the mean over the tasks of all ranks,
@@ -793,7 +804,8 @@ class MetaOptimizer(WrappingOptimizer):
         path = _path_of(vectorize)
         if self.world_size > 1 and isinstance(tasks, Sequence) and not isinstance(tasks, Task) and len(tasks) == 0:
             return self.mean_query_loss(None)
-        losses, _ = self.run_tasks(tasks, loss_fn, loop, path=path, record=False)
+        with rng_untouched(self.model):
+            losses, _ = self.run_tasks(tasks, loss_fn, loop, path=path, record=False)
         return self.mean_query_loss(losses)
 
     def mean_query_loss(self, losses: torch.Tensor | None) -> float:

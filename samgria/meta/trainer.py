@@ -17,7 +17,7 @@ from samgria._checks import check_int
 from samgria.data._validation import check_sampler
 from samgria.data.sharding import DistributedTaskSampler, shard_bounds
 from samgria.data.task import Task, TaskSampler, load_sampler_state_dict, sampler_state_dict
-from samgria.meta.base import MetaOptimizer
+from samgria.meta.base import MetaOptimizer, rng_untouched
 from samgria.meta.functional import one_steps_argument
 from samgria.meta.compiled import CompiledMetaLoss, compiled_path_blocker
 from samgria.meta import distributed as collectives
@@ -354,7 +354,9 @@ class MetaTrainer:
             )
 
     def evaluate(self, tasks: Sequence[Task], inner_steps: int | None = None, *, steps: int | None = None) -> float:
-        """Mean post-adaptation query loss over ``tasks``; the model is left untouched.
+        """Mean post-adaptation query loss over ``tasks``; the model is left untouched, and so is
+        torch's global random state (dropout draws from a fork of it), so ``eval_every`` does not
+        change the training run.
 
         No second-order graph is built (the inner loop runs first-order). The inner loop is the
         one of training (the trainer's ``inner_step_fn``, ``inner_reg_fn`` and
@@ -398,7 +400,7 @@ class MetaTrainer:
             explicit = self.vectorize is True
 
             def run(which: str) -> torch.Tensor:
-                with torch.no_grad():
+                with torch.no_grad(), rng_untouched(meta.model):
                     return meta.run_tasks(tasks, self.loss_fn, loop, path=which, record=False)[0]
 
             losses, _ = policy.timed(key, path, lambda: policy.run(path, "loop", run, explicit=explicit))
