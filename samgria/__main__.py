@@ -11,23 +11,89 @@ draws each method's decision regions (needs matplotlib).
 from __future__ import annotations
 
 import argparse
+import functools
 import math
+import os
+import shutil
 import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
+from samgria._checks import check_choice, check_int, check_real, check_seed
 from samgria.optim import TransformingOptimizer
 from samgria.transforms import ASAM, LAMP, SAM
 
 __all__ = ["main", "make_spirals", "DemoResult", "run_demo", "plot_demo"]
 
 METHODS = ("plain", "SAM", "ASAM", "SAM+LAMP")
+
+#: ``torch.set_num_threads`` takes a C ``int``.
+_MAX_THREADS = 2**31 - 1
+
+
+def _check_demo_seed(name: str, value: Any) -> int:
+    """A seed of the demo: an integer that ``torch.manual_seed`` takes (``None`` refused)."""
+    number = check_int(name, value)
+    check_seed(name, number)
+    return number
+
+
+def _offset_seed(seed: int, offset: int) -> int:
+    """``seed + offset`` as ``torch.manual_seed`` reads it (modulo :math:`2^{64}`), so that every
+    accepted seed has its derived seeds in range; the same seed as ``seed + offset`` wherever that
+    one is in range."""
+    return (seed + offset) % 2**64
+
+
+def _check_sequence(name: str, value: Any, rule: str) -> tuple:
+    """A non-empty sequence (not a ``str``), as a tuple; ``rule`` says what its items must be."""
+    if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):
+        raise TypeError(f"{name} must be {rule}, got {value!r}")
+    if not value:
+        raise ValueError(f"{name} must be {rule}, got {value!r}")
+    return tuple(value)
+
+
+def _check_image_path(name: str, path: Any) -> None:
+    """Check, before anything is drawn, that matplotlib can write an image file at ``path``.
+
+    Raises:
+        TypeError: ``path`` is not a ``str`` or ``os.PathLike``.
+        ImportError: matplotlib does not import.
+        ValueError: ``path``'s folder does not exist, ``path`` is a folder, its suffix is not a format
+            that matplotlib's ``savefig`` writes, or it is ``.pgf`` and matplotlib's TeX program is
+            missing.
+    """
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"{name} must be a str or os.PathLike, got {path!r}")
+    file = Path(path)
+    if not file.parent.is_dir():
+        raise ValueError(f"{name} must be a file name in an existing folder, got {os.fspath(path)!r}")
+    if file.is_dir():
+        raise ValueError(f"{name} must be a file name, not a folder, got {os.fspath(path)!r}")
+    try:
+        import matplotlib
+        from matplotlib.backend_bases import FigureCanvasBase
+    except ImportError as error:
+        raise ImportError(f"{name} {os.fspath(path)!r} needs matplotlib: pip install matplotlib ({error})") from None
+    formats = sorted(FigureCanvasBase.get_supported_filetypes())
+    suffix = file.suffix[1:].lower()
+    if suffix not in formats:
+        rule = "a file name ending in one of " + ", ".join(f".{format_}" for format_ in formats)
+        raise ValueError(f"{name} must be {rule}, got {os.fspath(path)!r}")
+    tex = matplotlib.rcParams["pgf.texsystem"]
+    if suffix == "pgf" and shutil.which(tex) is None:
+        raise ValueError(
+            f"{name} must not end in .pgf without {tex} (matplotlib's pgf.texsystem) on PATH, "
+            f"got {os.fspath(path)!r}"
+        )
 
 
 def make_spirals(
@@ -42,20 +108,23 @@ def make_spirals(
 
     Args:
         n_points: Number of points (even split between the classes).
-        noise: Position noise, relative to the distance between spiral arms.
+        noise: Position noise (finite, ``>= 0``), relative to the distance between spiral arms.
         label_noise: Share of labels to flip, in ``[0, 1]``.
-        seed: Seed of the generator; equal seeds give equal data.
+        seed: Seed of the generator, in :math:`[-2^{63}, 2^{64} - 1]`; equal seeds give equal data.
 
     Returns:
         ``(x, y)``: float32 points of shape ``(n_points, 2)`` and int64 labels.
 
     Raises:
-        ValueError: If ``n_points < 2`` or ``label_noise`` is outside ``[0, 1]``.
+        TypeError: If ``n_points`` or ``seed`` is not an integer, or ``noise`` or ``label_noise``
+            not a real number.
+        ValueError: If ``n_points < 2``, ``noise`` is negative or not finite, ``label_noise`` is
+            outside ``[0, 1]``, or ``seed`` is out of range.
     """
-    if n_points < 2:
-        raise ValueError(f"n_points must be >= 2, got {n_points}")
-    if not 0.0 <= label_noise <= 1.0:
-        raise ValueError(f"label_noise must be in [0, 1], got {label_noise}")
+    n_points = check_int("n_points", n_points, low=2)
+    noise = check_real("noise", noise, low=0.0)
+    label_noise = check_real("label_noise", label_noise, low=0.0, high=1.0)
+    seed = _check_demo_seed("seed", seed)
     generator = torch.Generator().manual_seed(seed)
     labels = torch.arange(n_points) % 2
     t = 3 * math.pi * torch.rand(n_points, generator=generator).sqrt()
@@ -122,8 +191,9 @@ def run_demo(
         lr: Learning rate of the momentum SGD (momentum 0.9) inside every method.
         width: Hidden width of the 2-hidden-layer ReLU MLP.
         label_noise: Share of flipped training labels.
-        seed: Seed of the data, the initialisation (the same for every method) and the shuffling.
-        methods: Any of ``"plain"``, ``"SAM"``, ``"ASAM"``, ``"SAM+LAMP"``.
+        seed: Seed of the data, the initialisation (the same for every method) and the shuffling, in
+            :math:`[-2^{63}, 2^{64} - 1]` (what ``torch.manual_seed`` takes).
+        methods: A non-empty sequence of ``"plain"``, ``"SAM"``, ``"ASAM"``, ``"SAM+LAMP"``.
         log: Called with a progress line every ``log_every`` epochs and at the last epoch.
         log_every: Epochs between progress lines.
 
@@ -131,20 +201,35 @@ def run_demo(
         One :class:`DemoResult` per method, in order.
 
     Raises:
-        ValueError: If a method is unknown.
+        TypeError: If an argument is of the wrong kind (``methods`` a ``str``, a count not an
+            integer, ``log`` not callable, ...).
+        ValueError: If ``n_train`` or ``n_test`` is below 2, ``epochs``, ``batch_size``, ``width``
+            or ``log_every`` below 1, ``lr`` negative or not finite, ``label_noise`` outside
+            ``[0, 1]``, ``seed`` out of range, ``methods`` empty or a method unknown.
     """
-    unknown = [m for m in methods if m not in METHODS]
-    if unknown:
-        raise ValueError(f"unknown methods {unknown}; choose from {list(METHODS)}")
+    n_train = check_int("n_train", n_train, low=2)
+    n_test = check_int("n_test", n_test, low=2)
+    epochs = check_int("epochs", epochs, low=1)
+    batch_size = check_int("batch_size", batch_size, low=1)
+    lr = check_real("lr", lr, low=0.0)
+    width = check_int("width", width, low=1)
+    label_noise = check_real("label_noise", label_noise, low=0.0, high=1.0)
+    seed = _check_demo_seed("seed", seed)
+    methods = _check_sequence("methods", methods, f"a non-empty sequence of names from {list(METHODS)}")
+    for index, method in enumerate(methods):
+        check_choice(f"methods[{index}]", method, METHODS)
+    if log is not None and not callable(log):
+        raise TypeError(f"log must be a callable or None, got {log!r}")
+    log_every = check_int("log_every", log_every, low=1)
     x_train, y_train = make_spirals(n_train, label_noise=label_noise, seed=seed)
-    x_test, y_test = make_spirals(n_test, seed=seed + 1)
+    x_test, y_test = make_spirals(n_test, seed=_offset_seed(seed, 1))
     _warm_up(methods, x_train[:batch_size], y_train[:batch_size], lr, width, seed)
     results = []
     for method in methods:
         start = time.perf_counter()
         model = _model(seed, width)
         optimizer = _optimizer(method, model, lr, seed)
-        shuffle = torch.Generator().manual_seed(seed + 2)
+        shuffle = torch.Generator().manual_seed(_offset_seed(seed, 2))
         for epoch in range(1, epochs + 1):
             model.train()
             total, count = 0.0, 0
@@ -200,23 +285,34 @@ def plot_demo(results: Sequence[DemoResult], path: str | Path, *, seed: int = 0,
 
     Args:
         results: What :func:`run_demo` returned (each with its ``model``).
-        path: The image file to write (its suffix picks the format, e.g. ``.png``).
+        path: The image file to write, in an existing folder (its suffix picks the format, e.g.
+            ``.png``; any format that matplotlib's ``savefig`` writes).
         seed: The seed the demo ran with (the training points drawn are the same).
         n_points: Training points the demo used.
 
     Raises:
         ImportError: If matplotlib is not installed.
-        ValueError: If a result has no model.
+        TypeError: If ``results`` is not a sequence of :class:`DemoResult`, ``path`` not a path, or
+            ``seed`` or ``n_points`` not an integer.
+        ValueError: If ``results`` is empty, a result has no model, ``path`` is not a file matplotlib
+            can write (see above), ``n_points < 2`` or ``seed`` is out of range.
     """
-    try:
-        import matplotlib
+    results = _check_sequence("results", results, "a non-empty sequence of DemoResult (what run_demo returns)")
+    for index, result in enumerate(results):
+        if not isinstance(result, DemoResult):
+            raise TypeError(f"results[{index}] must be a DemoResult, got {result!r}")
+        if result.model is None:
+            raise ValueError(
+                f"results[{index}] must be a DemoResult with its model (as run_demo returns it), got {result!r}"
+            )
+    seed = _check_demo_seed("seed", seed)
+    n_points = check_int("n_points", n_points, low=2)
+    _check_image_path("path", path)
+    import matplotlib
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError as error:
-        raise ImportError(f"--plot needs matplotlib: pip install matplotlib ({error})") from None
-    if any(result.model is None for result in results):
-        raise ValueError("plot_demo needs the results of run_demo, with their models")
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
     x, y = make_spirals(n_points, label_noise=0.15, seed=seed)
     extent = 1.05 * float(x.abs().max())
     grid = torch.linspace(-extent, extent, 241)
@@ -251,7 +347,23 @@ def format_table(results: Sequence[DemoResult]) -> str:
     return "\n".join(lines)
 
 
-def _demo(args: argparse.Namespace) -> int:
+def _check_demo_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    """Refuse, with ``parser``'s usage line and exit status 2, the arguments that would only fail
+    during or after the training."""
+    try:
+        if args.epochs is not None:
+            check_int("--epochs", args.epochs, low=1)
+        if not 1 <= args.threads <= _MAX_THREADS:
+            raise ValueError(f"--threads must be an integer in [1, 2**31 - 1], got {args.threads!r}")
+        _check_demo_seed("--seed", args.seed)
+        if args.plot is not None:
+            _check_image_path("--plot", args.plot)
+    except (TypeError, ValueError, ImportError) as error:
+        parser.error(str(error))
+
+
+def _demo(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    _check_demo_args(args, parser)
     settings: dict = dict(n_train=400, n_test=400, epochs=3, width=64, log_every=1) if args.quick else {}
     if args.epochs is not None:
         settings["epochs"] = args.epochs
@@ -294,24 +406,28 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--quick", action="store_true", help="a few seconds: fewer points and epochs")
     demo.add_argument("--epochs", type=int, default=None, help="epochs per method (default 150, 3 with --quick)")
     demo.add_argument("--threads", type=int, default=1, help="torch threads (default 1: the model is tiny)")
-    demo.add_argument("--seed", type=int, default=0, help="seed of data, initialisation and shuffling")
+    demo.add_argument(
+        "--seed", type=int, default=0, help="seed of data, initialisation and shuffling, in [-2**63, 2**64 - 1]"
+    )
     demo.add_argument(
         "--methods", nargs="+", choices=METHODS, default=list(METHODS), help="methods to train (default: all)"
     )
     demo.add_argument(
-        "--plot", metavar="PATH", default=None, help="also draw each method's decision regions into an image (needs matplotlib)"
+        "--plot",
+        metavar="PATH",
+        default=None,
+        help=(
+            "also draw each method's decision regions into an image file in an existing folder; "
+            "its suffix picks the format (.png, .pdf, .svg, ...; needs matplotlib)"
+        ),
     )
-    demo.set_defaults(handler=_demo)
+    demo.set_defaults(handler=functools.partial(_demo, parser=demo))
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit status."""
     args = build_parser().parse_args(argv)
-    if getattr(args, "epochs", None) is not None and args.epochs < 1:
-        build_parser().error(f"--epochs must be >= 1, got {args.epochs}")
-    if getattr(args, "threads", 1) < 1:
-        build_parser().error(f"--threads must be >= 1, got {args.threads}")
     return args.handler(args)
 
 

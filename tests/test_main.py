@@ -14,7 +14,8 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from samgria.__main__ import METHODS, DemoResult, format_table, main, make_spirals, run_demo
+import samgria.__main__
+from samgria.__main__ import METHODS, DemoResult, format_table, main, make_spirals, plot_demo, run_demo
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -76,22 +77,103 @@ def test_help_lists_the_commands(capsys: pytest.CaptureFixture[str]) -> None:
     assert re.search(r"^\s+demo\s+train a small classifier", out, re.MULTILINE)
 
 
-@pytest.mark.parametrize(
-    "argv, message",
-    [
-        ([], r"the following arguments are required: command"),
-        (["demo", "--epochs", "0"], r"--epochs must be >= 1, got 0"),
-        (["demo", "--threads", "0"], r"--threads must be >= 1, got 0"),
-        (["demo", "--methods", "Adam"], r"invalid choice: 'Adam'"),
-    ],
-)
-def test_bad_arguments_exit_with_a_message(argv: list[str], message: str, capsys: pytest.CaptureFixture[str]) -> None:
+@pytest.fixture
+def no_training(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Make any training fail loudly: an argument error must come before it."""
+
+    def train(**kwargs: object) -> None:
+        raise AssertionError(f"trained with {kwargs} despite a bad argument")
+
+    monkeypatch.setattr(samgria.__main__, "run_demo", train)
+
+
+def _exit_message(argv: list[str], capsys: pytest.CaptureFixture[str]) -> str:
+    """Run ``main(argv)``, check it exits with status 2 and prints nothing to stdout; the stderr."""
     with pytest.raises(SystemExit) as exit_info:
         main(argv)
     assert exit_info.value.code == 2
-    err = capsys.readouterr().err
-    assert err.startswith("usage: python -m samgria")
-    assert re.search(message, err)
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    return captured.err
+
+
+def test_missing_command_gives_the_top_level_usage(capsys: pytest.CaptureFixture[str]) -> None:
+    err = _exit_message([], capsys)
+    assert err.startswith("usage: python -m samgria [-h] command ...\n")
+    assert err.endswith("python -m samgria: error: the following arguments are required: command\n")
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--epochs", "0"], "--epochs must be an integer >= 1, got 0"),
+        (["--epochs", "-1"], "--epochs must be an integer >= 1, got -1"),
+        (["--threads", "0"], "--threads must be an integer in [1, 2**31 - 1], got 0"),
+        (["--threads", str(2**31)], f"--threads must be an integer in [1, 2**31 - 1], got {2**31}"),
+        (["--seed", str(2**64)], f"--seed must be an integer in [-2**63, 2**64 - 1], got {2**64}"),
+        (["--seed", str(-(2**63) - 1)], f"--seed must be an integer in [-2**63, 2**64 - 1], got {-(2**63) - 1}"),
+        (["--methods", "Adam"], "argument --methods: invalid choice: 'Adam'"),
+        (
+            ["--plot", "/nonexistent/folder/demo.png"],
+            "--plot must be a file name in an existing folder, got '/nonexistent/folder/demo.png'",
+        ),
+        (["--plot", "."], "--plot must be a file name, not a folder, got '.'"),
+    ],
+)
+def test_bad_demo_arguments_exit_with_the_demo_usage_before_training(
+    argv: list[str], message: str, capsys: pytest.CaptureFixture[str], no_training: None
+) -> None:
+    err = _exit_message(["demo", *argv], capsys)
+    assert err.startswith("usage: python -m samgria demo [-h] [--quick]")
+    # argparse's own messages go on (the choices) in a wording that varies between Python versions
+    assert err.splitlines()[-1].startswith(f"python -m samgria demo: error: {message}"), err
+    assert err.endswith(f"python -m samgria demo: error: {message}\n") or message.startswith("argument "), err
+
+
+def test_seed_range_is_what_torch_manual_seed_takes() -> None:
+    """The range the demo states is exactly the one torch accepts."""
+    torch.manual_seed(2**64 - 1)
+    torch.manual_seed(-(2**63))
+    for seed in (2**64, -(2**63) - 1):
+        with pytest.raises((ValueError, RuntimeError, OverflowError)):
+            torch.manual_seed(seed)
+    torch.manual_seed(0)
+
+
+def test_plot_without_matplotlib_exits_before_training(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], no_training: None
+) -> None:
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # "import matplotlib" now raises ImportError
+    path = str(tmp_path / "demo.png")
+    err = _exit_message(["demo", "--plot", path], capsys)
+    assert err.startswith("usage: python -m samgria demo [-h]")
+    assert f"python -m samgria demo: error: --plot {path!r} needs matplotlib: pip install matplotlib (" in err
+
+
+@pytest.mark.parametrize("name", ["demo.xyz", "demo"])
+def test_plot_format_must_be_one_matplotlib_writes(
+    name: str, tmp_path: Path, capsys: pytest.CaptureFixture[str], no_training: None
+) -> None:
+    figure = pytest.importorskip("matplotlib.figure")
+    formats = sorted(figure.Figure().canvas.get_supported_filetypes())
+    assert "png" in formats and "xyz" not in formats
+    path = str(tmp_path / name)
+    err = _exit_message(["demo", "--plot", path], capsys)
+    suffixes = ", ".join("." + format_ for format_ in formats)
+    assert err.endswith(f"error: --plot must be a file name ending in one of {suffixes}, got {path!r}\n"), err
+
+
+def test_plot_pgf_needs_the_tex_program(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], no_training: None
+) -> None:
+    matplotlib = pytest.importorskip("matplotlib")
+    monkeypatch.setenv("PATH", str(tmp_path))  # no TeX program on it
+    path = str(tmp_path / "demo.pgf")
+    err = _exit_message(["demo", "--plot", path], capsys)
+    tex = matplotlib.rcParams["pgf.texsystem"]
+    assert err.endswith(
+        f"error: --plot must not end in .pgf without {tex} (matplotlib's pgf.texsystem) on PATH, got {path!r}\n"
+    )
 
 
 def test_main_demo_in_process(capsys: pytest.CaptureFixture[str]) -> None:
@@ -125,16 +207,23 @@ def test_spirals_label_noise_flips_exactly_the_requested_share() -> None:
 
 
 @pytest.mark.parametrize(
-    "kwargs, message",
+    "kwargs, error, message",
     [
-        ({"n_points": 1}, r"n_points must be >= 2, got 1"),
-        ({"n_points": 10, "label_noise": 1.5}, r"label_noise must be in \[0, 1\], got 1\.5"),
-        ({"n_points": 10, "label_noise": -0.1}, r"label_noise must be in \[0, 1\], got -0\.1"),
+        ({"n_points": 1}, ValueError, "n_points must be an integer >= 2, got 1"),
+        ({"n_points": 10.0}, TypeError, "n_points must be an integer >= 2, got 10.0"),
+        ({"n_points": 10, "label_noise": 1.5}, ValueError, "label_noise must be a finite number in [0, 1], got 1.5"),
+        ({"n_points": 10, "label_noise": -0.1}, ValueError, "label_noise must be a finite number in [0, 1], got -0.1"),
+        ({"n_points": 10, "noise": -0.5}, ValueError, "noise must be a finite number >= 0, got -0.5"),
+        ({"n_points": 10, "noise": math.nan}, ValueError, "noise must be a finite number >= 0, got nan"),
+        ({"n_points": 10, "noise": "0.2"}, TypeError, "noise must be a finite number >= 0, got '0.2'"),
+        ({"n_points": 10, "seed": None}, TypeError, "seed must be an integer, got None"),
+        ({"n_points": 10, "seed": 2**64}, ValueError, f"seed must be an integer in [-2**63, 2**64 - 1], got {2**64}"),
     ],
 )
-def test_spirals_reject_bad_input(kwargs: dict, message: str) -> None:
-    with pytest.raises(ValueError, match=message):
+def test_spirals_reject_bad_input(kwargs: dict, error: type[Exception], message: str) -> None:
+    with pytest.raises(error) as info:
         make_spirals(**kwargs)
+    assert str(info.value) == message
 
 
 # -- the training loop -------------------------------------------------------------------------------
@@ -176,8 +265,62 @@ def test_run_demo_logs_progress_and_rejects_unknown_methods() -> None:
     lines: list[str] = []
     run_demo(methods=["SAM"], log=lines.append, log_every=1, **_TINY)
     assert [line.split("running")[0].strip() for line in lines] == ["[     SAM] epoch   1/2", "[     SAM] epoch   2/2"]
-    with pytest.raises(ValueError, match=r"unknown methods \['Adam'\]; choose from \['plain', 'SAM', 'ASAM', 'SAM\+LAMP'\]"):
-        run_demo(methods=["Adam"], **_TINY)
+    with pytest.raises(ValueError) as info:
+        run_demo(methods=["SAM", "Adam"], **_TINY)
+    assert str(info.value) == "methods[1] must be one of 'plain', 'SAM', 'ASAM', 'SAM+LAMP', got 'Adam'"
+
+
+_METHODS_RULE = "methods must be a non-empty sequence of names from ['plain', 'SAM', 'ASAM', 'SAM+LAMP']"
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, message",
+    [
+        ({"n_train": 1}, ValueError, "n_train must be an integer >= 2, got 1"),
+        ({"n_train": 96.0}, TypeError, "n_train must be an integer >= 2, got 96.0"),
+        ({"n_test": 1}, ValueError, "n_test must be an integer >= 2, got 1"),
+        ({"epochs": 0}, ValueError, "epochs must be an integer >= 1, got 0"),
+        ({"epochs": True}, TypeError, "epochs must be an integer >= 1, got True"),
+        ({"batch_size": 0}, ValueError, "batch_size must be an integer >= 1, got 0"),
+        ({"batch_size": -1}, ValueError, "batch_size must be an integer >= 1, got -1"),
+        ({"lr": -0.1}, ValueError, "lr must be a finite number >= 0, got -0.1"),
+        ({"lr": math.inf}, ValueError, "lr must be a finite number >= 0, got inf"),
+        ({"lr": "0.05"}, TypeError, "lr must be a finite number >= 0, got '0.05'"),
+        ({"width": 0}, ValueError, "width must be an integer >= 1, got 0"),
+        ({"label_noise": 1.5}, ValueError, "label_noise must be a finite number in [0, 1], got 1.5"),
+        ({"seed": 2**64}, ValueError, f"seed must be an integer in [-2**63, 2**64 - 1], got {2**64}"),
+        ({"seed": -(2**63) - 1}, ValueError, f"seed must be an integer in [-2**63, 2**64 - 1], got {-(2**63) - 1}"),
+        ({"seed": None}, TypeError, "seed must be an integer, got None"),
+        ({"methods": "SAM"}, TypeError, f"{_METHODS_RULE}, got 'SAM'"),
+        ({"methods": {"SAM"}}, TypeError, f"{_METHODS_RULE}, got {{'SAM'}}"),
+        ({"methods": []}, ValueError, f"{_METHODS_RULE}, got []"),
+        ({"methods": ["sam"]}, ValueError, "methods[0] must be one of 'plain', 'SAM', 'ASAM', 'SAM+LAMP', got 'sam'"),
+        ({"log": "stderr"}, TypeError, "log must be a callable or None, got 'stderr'"),
+        ({"log_every": 0}, ValueError, "log_every must be an integer >= 1, got 0"),
+    ],
+)
+def test_run_demo_rejects_bad_arguments_before_training(
+    kwargs: dict, error: type[Exception], message: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def no_training(*args: object) -> None:
+        raise AssertionError("built a model despite a bad argument")
+
+    monkeypatch.setattr(samgria.__main__, "_model", no_training)
+    with pytest.raises(error) as info:
+        run_demo(**{**_TINY, "methods": ["plain"], **kwargs})
+    assert str(info.value) == message
+
+
+def test_run_demo_takes_every_seed_torch_takes() -> None:
+    """torch reads seeds modulo 2**64: the largest seed trains exactly as -1 does (no overflow of a
+    seed derived from it)."""
+    assert torch.Generator().manual_seed(-1).initial_seed() == 2**64 - 1
+    settings = {**_TINY, "epochs": 1, "methods": ["plain"]}
+    (largest,) = run_demo(**{**settings, "seed": 2**64 - 1})
+    (minus_one,) = run_demo(**{**settings, "seed": -1})
+    assert (largest.train_loss, largest.test_accuracy) == (minus_one.train_loss, minus_one.test_accuracy)
+    (smallest,) = run_demo(**{**settings, "seed": -(2**63)})
+    assert math.isfinite(smallest.train_loss)
 
 
 def test_format_table() -> None:
@@ -197,10 +340,65 @@ def test_plot_draws_the_decision_regions_of_the_trained_models(tmp_path, capsys)
 
 
 def test_plot_needs_the_models_of_run_demo(tmp_path) -> None:
-    from samgria.__main__ import plot_demo
-
-    with pytest.raises(ValueError, match="plot_demo needs the results of run_demo, with their models"):
+    with pytest.raises(ValueError) as info:
         plot_demo([DemoResult("plain", 0.5, 0.9, 1.0)], tmp_path / "demo.png")
+    assert str(info.value) == (
+        "results[0] must be a DemoResult with its model (as run_demo returns it), "
+        "got DemoResult(method='plain', train_loss=0.5, test_accuracy=0.9, seconds=1.0)"
+    )
+
+
+def _trained_result() -> DemoResult:
+    return DemoResult("plain", 0.5, 0.9, 1.0, torch.nn.Linear(2, 2))
+
+
+_RESULTS_RULE = "results must be a non-empty sequence of DemoResult (what run_demo returns)"
+_SEED_RULE = "seed must be an integer in [-2**63, 2**64 - 1]"
+
+
+@pytest.mark.parametrize(
+    "results, path, kwargs, error, message",
+    [
+        ([], "demo.png", {}, ValueError, f"{_RESULTS_RULE}, got []"),
+        (None, "demo.png", {}, TypeError, f"{_RESULTS_RULE}, got None"),
+        ([object], "demo.png", {}, TypeError, f"results[0] must be a DemoResult, got {object!r}"),
+        ([_trained_result()], 3, {}, TypeError, "path must be a str or os.PathLike, got 3"),
+        (
+            [_trained_result()],
+            "no/such/folder/demo.png",
+            {},
+            ValueError,
+            "path must be a file name in an existing folder, got '{tmp}/no/such/folder/demo.png'",
+        ),
+        ([_trained_result()], "demo.png", {"n_points": 1}, ValueError, "n_points must be an integer >= 2, got 1"),
+        ([_trained_result()], "demo.png", {"seed": 2**64}, ValueError, f"{_SEED_RULE}, got {2**64}"),
+    ],
+)
+def test_plot_demo_rejects_bad_arguments_before_drawing(
+    results: list, path: object, kwargs: dict, error: type[Exception], message: str, tmp_path: Path
+) -> None:
+    if isinstance(path, str):
+        path = str(tmp_path / path)
+    with pytest.raises(error) as info:
+        plot_demo(results, path, **kwargs)  # type: ignore[arg-type]
+    assert str(info.value) == message.format(tmp=tmp_path)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_plot_demo_without_matplotlib(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    path = str(tmp_path / "demo.png")
+    with pytest.raises(ImportError) as info:
+        plot_demo([_trained_result()], path)
+    assert str(info.value).startswith(f"path {path!r} needs matplotlib: pip install matplotlib (")
+
+
+def test_plot_demo_suffix_is_case_insensitive(tmp_path: Path) -> None:
+    """matplotlib reads ``.PNG`` as png: so does the check."""
+    pytest.importorskip("matplotlib")
+    path = tmp_path / "demo.PNG"
+    plot_demo([_trained_result()], path, n_points=20)
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_run_demo_results_carry_their_trained_models() -> None:
