@@ -7,7 +7,10 @@ The test starts this file twice as a script (one process per rank, through
 * ``first_pass_context=ddp_model.no_sync`` (the SAM paper's m-sharpness) keeps the replicas
   identical and equals a hand-written reference: each replica perturbs with its own local
   gradient, :math:`e_k = \\rho g_k / \\lVert g_k \\rVert`, and the update uses the average of the
-  local gradients at :math:`w + e_k`.
+  local gradients at :math:`w + e_k`;
+* GSAM, WSAM and LookSAM, which keep the first pass's gradients past the second backward, give
+  the same weights with ``gradient_as_bucket_view`` (both passes written into the same buckets)
+  as without it, in both loops.
 """
 
 from __future__ import annotations
@@ -16,17 +19,42 @@ import argparse
 import gc
 import os
 import warnings
+from typing import TYPE_CHECKING
 
 import pytest
 import torch
 from distributed_harness import run_ranks, skip_without_gloo
 from torch import nn
 
+if TYPE_CHECKING:
+    from samgria.transforms.base import Transform
+
 WORLD_SIZE = 2
 STEPS = 3
 LOCAL_BATCH = 8
 LR, MOMENTUM, RHO = 0.1, 0.9, 0.05
-MODES = ("synced", "two_call", "bucket_view", "no_sync")
+#: How ``_train_ddp`` runs in each mode of the SAM tests.
+MODES = {
+    "synced": {},
+    "two_call": {"two_call": True},
+    "bucket_view": {"bucket_view": True},
+    "no_sync": {"no_sync": True},
+}
+#: The transforms that mix the first pass's gradients into the update (LookSAM: a step in between).
+FIRST_PASS_MIXERS = ("gsam", "wsam", "wsam_coupled", "looksam")
+LOOPS = ("closure", "two_call")
+
+
+def _first_pass_mixer(name: str) -> Transform:
+    """A new transform of ``FIRST_PASS_MIXERS``."""
+    from samgria import GSAM, WSAM, LookSAM
+
+    return {
+        "gsam": lambda: GSAM(rho=RHO),
+        "wsam": lambda: WSAM(rho=RHO),
+        "wsam_coupled": lambda: WSAM(rho=RHO, decouple=False),
+        "looksam": lambda: LookSAM(rho=RHO, k=2),
+    }[name]()
 
 
 def _make_model() -> nn.Module:
@@ -52,24 +80,27 @@ def _loss(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 
 # -- the worker (runs in a child process) ----------------------------------------------------------
-def _train_ddp(rank: int, mode: str) -> list[torch.Tensor]:
+def _train_ddp(
+    rank: int, transform: Transform | None = None, *, two_call: bool = False, bucket_view: bool = False, no_sync: bool = False
+) -> list[torch.Tensor]:
+    """Train with ``transform`` (SAM by default) over DDP; return the weights."""
     from torch.nn.parallel import DistributedDataParallel
 
     from samgria import SAM, TransformingOptimizer
 
     model = _make_model()
-    ddp_model = DistributedDataParallel(model, gradient_as_bucket_view=(mode == "bucket_view"))
+    ddp_model = DistributedDataParallel(model, gradient_as_bucket_view=bucket_view)
     optimizer = TransformingOptimizer(
         ddp_model.parameters(),
         torch.optim.SGD,
         lr=LR,
         momentum=MOMENTUM,
-        transforms=[SAM(rho=RHO)],
-        first_pass_context=ddp_model.no_sync if mode == "no_sync" else None,
+        transforms=[SAM(rho=RHO) if transform is None else transform],
+        first_pass_context=ddp_model.no_sync if no_sync else None,
     )
     for step in range(STEPS):
         x, y = _local_batch(step, rank)
-        if mode == "two_call":
+        if two_call:
             _loss(ddp_model(x), y).backward()
             optimizer.first_step(zero_grad=True)
             _loss(ddp_model(x), y).backward()
@@ -170,7 +201,15 @@ def _worker(out_dir: str) -> None:
     dist.init_process_group("gloo")
     rank = dist.get_rank()
     try:
-        results = {mode: _train_ddp(rank, mode) for mode in MODES}
+        results = {mode: _train_ddp(rank, **flags) for mode, flags in MODES.items()}
+        results["first_pass_mixers"] = {
+            (name, loop, bucket_view): _train_ddp(
+                rank, _first_pass_mixer(name), two_call=loop == "two_call", bucket_view=bucket_view
+            )
+            for name in FIRST_PASS_MIXERS
+            for loop in LOOPS
+            for bucket_view in (False, True)
+        }
         results["faults"] = {fault: _train_m_sharpness_with_a_local_fault(rank, fault) for fault in ("non_finite", "zero")}
         results["resume"] = {name: _resume_m_sharpness_from_this_ranks_checkpoint(rank, name) for name in ("friendly_sam", "esam")}
         # Free reference cycles (optimizers, DDP/FSDP modules) that still hold the process group
@@ -185,13 +224,14 @@ def _worker(out_dir: str) -> None:
 
 
 # -- single-process references ---------------------------------------------------------------------
-def _reference_global_batch() -> list[torch.Tensor]:
-    """One process, the global batch, the same optimizer."""
+def _reference_global_batch(transform: Transform | None = None) -> list[torch.Tensor]:
+    """One process, the global batch, the same optimizer (with ``transform``, SAM by default)."""
     from samgria import SAM, TransformingOptimizer
 
     model = _make_model()
     optimizer = TransformingOptimizer(
-        model.parameters(), torch.optim.SGD, lr=LR, momentum=MOMENTUM, transforms=[SAM(rho=RHO)]
+        model.parameters(), torch.optim.SGD, lr=LR, momentum=MOMENTUM,
+        transforms=[SAM(rho=RHO) if transform is None else transform],
     )
     for step in range(STEPS):
         x, y = _global_batch(step)
@@ -260,6 +300,28 @@ def test_replicas_stay_identical(ddp_results: list[dict], mode: str) -> None:
 def test_ddp_sam_equals_one_process_on_the_global_batch(ddp_results: list[dict], mode: str) -> None:
     reference = _reference_global_batch()
     _assert_all_close(ddp_results[0][mode], reference)
+    assert not torch.equal(reference[0], _make_model()[0].weight), "it trained"
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+@pytest.mark.parametrize("name", FIRST_PASS_MIXERS)
+def test_first_pass_mixers_under_gradient_as_bucket_view_equal_the_run_without(
+    ddp_results: list[dict], name: str, loop: str
+) -> None:
+    """With ``gradient_as_bucket_view`` the second backward writes into the buckets that hold the
+    first pass's gradients (and ``.grad`` points there): GSAM, WSAM and LookSAM, which use those
+    gradients after it, must give the weights of the run without bucket views and of one process
+    on the global batch (to rounding: reductions over a bucket's unaligned views may round
+    otherwise), the same on every rank. LookSAM(k=2) also takes a step in between, whose
+    gradients the two-call loop puts back after the second backward."""
+    reference = _reference_global_batch(_first_pass_mixer(name))
+    for rank in range(WORLD_SIZE):
+        results = ddp_results[rank]["first_pass_mixers"]
+        bucketed = results[name, loop, True]
+        _assert_all_close(bucketed, results[name, loop, False])
+        _assert_all_close(bucketed, reference)
+        for a, b in zip(bucketed, ddp_results[0]["first_pass_mixers"][name, loop, True]):
+            assert torch.equal(a, b), f"rank {rank} differs from rank 0"
     assert not torch.equal(reference[0], _make_model()[0].weight), "it trained"
 
 

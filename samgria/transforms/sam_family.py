@@ -39,7 +39,7 @@ from samgria.functional._views import LOW_PRECISION, as_real, widened_dtype
 from samgria.functional.norms import _accumulation_dtype, scale_
 from samgria.transforms.base import TransformContext
 from samgria.transforms.lamp import _GeneratorCache, _as_generator_state
-from samgria.transforms.sam import Perturbation, PerturbationTransform
+from samgria.transforms.sam import Perturbation, PerturbationTransform, _owns_storage
 
 __all__ = ["GSAM", "WSAM", "FriendlySAM", "LookSAM", "ESAM"]
 
@@ -113,6 +113,22 @@ def _dot(
 
 def _norm(tensors: Sequence[torch.Tensor], foreach: bool, like: Sequence[torch.Tensor] | None = None) -> float:
     return float(global_norm([as_real(t) for t in tensors], foreach=foreach, like=tensors if like is None else like))
+
+
+def _kept_past_backward(grads: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """``grads`` as they can be kept past the next backward: a gradient that does not own its
+    storage (a local shard's, for a sharded one) is copied, the others are kept as they are.
+
+    A gradient that is a view into a larger buffer may be written by the next backward: DDP with
+    ``gradient_as_bucket_view=True`` back-propagates into the same bucket and points ``.grad`` at
+    it, so a first-pass gradient kept by reference would turn into the second pass's. A gradient
+    that owns its storage is safe without a copy: the optimizer clears ``.grad`` before the next
+    backward, which then allocates anew.
+    """
+    return [
+        grad if _owns_storage(local_shard(grad)) else grad.clone(memory_format=torch.preserve_format)
+        for grad in grads
+    ]
 
 
 def _current_grads_finite(ctx: TransformContext) -> bool:
@@ -218,7 +234,7 @@ class _FinishingTransform(PerturbationTransform):
         if not isinstance(gathered, tuple):
             return gathered
         params, grads, groups, norm = gathered
-        first = {id(p): g for p, g in zip(params, grads)}
+        first = {id(p): g for p, g in zip(params, _kept_past_backward(grads))}  # used after g_p's backward
         moves = self._sam_moves(ctx, params, grads, groups, norm)
         return _Step(moves, lambda checked: finish(first, checked), mixes_first_pass=True)
 
@@ -584,11 +600,14 @@ class LookSAM(_FinishingTransform):
                         self._count(ctx)
 
                 return _Step([], count)
-            first = {id(p): g for p, g in zip(params, grads)}
+            first = {id(p): g for p, g in zip(params, _kept_past_backward(grads))}  # used after g_s's backward
             moves = self._sam_moves(ctx, params, grads, groups, norm)
             return _Step(moves, lambda checked: self._store_direction(ctx, first, norm), mixes_first_pass=True)
 
-        # In between: g + alpha |g| g_v / |g_v|, no re-evaluation.
+        # In between: g + alpha |g| g_v / |g_v|, no re-evaluation. In the two-call loop these
+        # gradients are put back after the caller's second backward.
+        if ctx.reevaluate is None:
+            grads = _kept_past_backward(grads)
         units = [ctx.state[p].get("g_v") for p in params]
         chosen = [i for i, unit in enumerate(units) if unit is not None and groups[i]["alpha"] != 0]
         scales = [groups[i]["alpha"] * norm for i in chosen]
