@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import math
+from fractions import Fraction
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -180,3 +182,108 @@ def test_clamp_grad_bounds_beyond_the_float16_range_clamp_exactly(foreach, low, 
     assert torch.isfinite(grad).all() and float(grad.abs().max()) > 30000.0
     expected = grad.double().clamp(low, high).to(torch.float16)
     assert torch.equal(grad_after_16_bit(ClampGrad(low, high), grad, foreach=foreach), expected)
+
+
+# -- float32 norms that underflow or overflow: taken again in float64 --------------------------------
+NORMALIZE_RANGE = [{}, {"param_ndim": -1}, {"p": 1.0}, {"p": 3.0}, {"p": 3.0, "param_ndim": -1}]
+
+
+@pytest.mark.parametrize("foreach", [True, False], ids=["foreach", "loop"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("magnitude", [1e-25, 1e-30, 1e19])
+@pytest.mark.parametrize("kwargs", NORMALIZE_RANGE, ids=[str(k) for k in NORMALIZE_RANGE])
+def test_normalize_grad_beyond_float32_squares_matches_a_float64_reference(foreach, dtype, magnitude, kwargs):
+    # |g|^p of such gradients underflows or overflows float32: the float32 norm came out 0 (the
+    # quotient then blew up by ~1e14 or lost digits) or inf (the quotient was 0).
+    generator = torch.Generator().manual_seed(2)
+    grad = (torch.randn(4, 250, generator=generator, dtype=torch.float64) * magnitude).to(dtype)
+    p = kwargs.get("p", 2.0)
+    dims = (1,) if kwargs.get("param_ndim") == -1 else (0, 1)
+    exact = grad.double() / torch.linalg.vector_norm(grad.double(), ord=p, dim=dims, keepdim=True)
+    got = grad_after_16_bit(NormalizeGrad(eps=0.0, **kwargs), grad, foreach=foreach)
+    # float32: a few roundings in the norm's sum; bfloat16: the float32 quotient rounded once
+    rtol = 16 * torch.finfo(torch.float32).eps if dtype == torch.float32 else torch.finfo(dtype).eps
+    torch.testing.assert_close(got.double(), exact, rtol=rtol, atol=0)
+    other = grad_after_16_bit(NormalizeGrad(eps=0.0, **kwargs), grad, foreach=not foreach)
+    assert torch.equal(got, other)
+
+
+@pytest.mark.parametrize("foreach", [True, False], ids=["foreach", "loop"])
+@pytest.mark.parametrize("eps", [0.0, 1e-12])
+def test_normalize_grad_retakes_only_the_rows_whose_norm_float32_cannot_hold(foreach, eps):
+    # Rows of ordinary, tiny, zero and huge gradients; and a whole tiny gradient [3e-23, -4e-23, 0].
+    generator = torch.Generator().manual_seed(3)
+    scales = torch.tensor([[1.0], [1e-25], [0.0], [1e19]], dtype=torch.float64)
+    grad = (torch.randn(4, 50, generator=generator, dtype=torch.float64) * scales).float()
+    exact = grad.double() / (torch.linalg.vector_norm(grad.double(), dim=1, keepdim=True) + eps)
+    got = grad_after_16_bit(NormalizeGrad(eps=eps, param_ndim=-1), grad, foreach=foreach)
+    torch.testing.assert_close(got.double(), exact.nan_to_num(0.0), rtol=16 * torch.finfo(torch.float32).eps, atol=0)
+    assert torch.equal(got[2], torch.zeros(50))
+    ordinary = grad[:1] / torch.linalg.vector_norm(grad[:1], dim=1, keepdim=True).add(eps)
+    assert torch.equal(got[:1], ordinary)  # float32 arithmetic, as before: not taken again
+    tiny = torch.tensor([3e-23, -4e-23, 0.0])
+    got = grad_after_16_bit(NormalizeGrad(eps=0.0), tiny, foreach=foreach)
+    torch.testing.assert_close(got, torch.tensor([0.6, -0.8, 0.0]), rtol=torch.finfo(torch.float32).eps, atol=0)
+
+
+# -- hyperparameters of any real type act as the equal float ------------------------------------------
+REAL_HYPERPARAMETERS = [
+    (lambda: ClipGradNorm(), "max_grad_norm", Fraction(1, 3)),
+    (lambda: NormalizeGrad(), "eps", Fraction(1, 3)),
+    (lambda: NormalizeGrad(), "p", Fraction(3, 2)),
+    (lambda: NormalizeGrad(param_ndim=-1), "p", Fraction(5, 2)),
+    (lambda: SparsifyGrad(), "q", Fraction(1, 3)),
+    (lambda: ScaleGrad(), "grad_scale", Fraction(-2, 3)),
+    (lambda: ScaleGrad(), "grad_bias", Fraction(1, 7)),
+    (lambda: ClampGrad(-1.0, 1.0), "grad_min", Fraction(-1, 3)),
+    (lambda: ClampGrad(-1.0, 1.0), "grad_max", Fraction(2, 7)),
+]
+
+
+def grads_with_value(make, key, value, *, when, dtype):
+    """Gradients after one step of ``[ScaleGrad(0.5), make()]`` (``ClampGrad(-3, 3)`` first for a
+    ``ScaleGrad``) with ``key`` set to ``value`` in the param groups ``when`` the optimizer is built
+    or after it (a step-time edit)."""
+    generator = torch.Generator().manual_seed(4)
+    params = [nn.Parameter(torch.zeros(shape, dtype=dtype)) for shape in ((6, 5), (7,))]
+    groups = [{"params": params, **({key: value} if when == "built" else {})}]
+    transform = make()
+    before = ClampGrad(-3.0, 3.0) if isinstance(transform, ScaleGrad) else ScaleGrad(0.5)
+    optimizer = TransformingOptimizer(groups, torch.optim.SGD, lr=0.0, transforms=[before, transform])
+    if when == "edited":
+        optimizer.param_groups[0][key] = value
+    for param in params:
+        param.grad = torch.randn(param.shape, generator=generator, dtype=dtype)
+    optimizer.step()
+    return [param.grad for param in params]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("when", ["built", "edited"])
+@pytest.mark.parametrize("kind", [Fraction, np.float64, np.float32], ids=["Fraction", "float64", "float32"])
+@pytest.mark.parametrize(
+    "make,key,fraction", REAL_HYPERPARAMETERS, ids=[f"{k}-{i}" for i, (_, k, _) in enumerate(REAL_HYPERPARAMETERS)]
+)
+def test_real_hyperparameters_of_any_type_act_as_the_equal_float(make, key, fraction, kind, when, dtype):
+    value = fraction if kind is Fraction else kind(fraction)
+    expected = grads_with_value(make, key, float(value), when=when, dtype=dtype)
+    got = grads_with_value(make, key, value, when=when, dtype=dtype)
+    assert all(torch.equal(a, b) for a, b in zip(got, expected))
+
+
+@pytest.mark.parametrize("kind", [Fraction, np.float64, np.float32], ids=["Fraction", "float64", "float32"])
+def test_constructor_hyperparameters_of_any_real_type_are_kept_as_floats(kind):
+    def real(fraction):
+        return fraction if kind is Fraction else kind(fraction)
+
+    transforms = [
+        ClipGradNorm(real(Fraction(1, 3))),
+        NormalizeGrad(eps=real(Fraction(1, 3)), p=real(Fraction(3, 2))),
+        SparsifyGrad(q=real(Fraction(1, 3))),
+        ScaleGrad(real(Fraction(-2, 3)), real(Fraction(1, 7))),
+        ClampGrad(real(Fraction(-1, 3)), real(Fraction(2, 7))),
+    ]
+    for transform in transforms:
+        for key, value in transform.group_defaults().items():
+            assert value is None or type(value) is float, (transform, key, value)
+    assert NormalizeGrad(param_ndim=np.int64(-1)).group_defaults()["param_ndim"] == -1

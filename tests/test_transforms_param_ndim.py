@@ -346,13 +346,11 @@ def test_elementwise_transforms_equal_their_per_subtensor_hook_for_every_param_n
 
 
 # -- bad inputs -------------------------------------------------------------------------------------
-def make_out_of_range(transforms, key="param_ndim", value=2):
-    params = make_params()
-    optimizer = TransformingOptimizer(
-        two_groups(params, {key: value}, {}), torch.optim.SGD, lr=0.1, transforms=transforms
+def out_of_range_message(key, value, where="param_groups[0]", bound=1, position=0, shape="()"):
+    return (
+        rf"^{re.escape(where)}: {re.escape(key)} must be None or an integer in \[-{bound}, {bound}\] for "
+        rf"params\[{position}\] of shape {re.escape(shape)}, got {value}$"
     )
-    set_grads(params)
-    return params, optimizer
 
 
 @pytest.mark.parametrize(
@@ -363,44 +361,89 @@ def make_out_of_range(transforms, key="param_ndim", value=2):
         (lambda: [ProjectParams(center="initial")], "param_ndim"),
         (lambda: [_Hooked(torch.Tensor.sign_)], "param_ndim"),
         (lambda: [_Hooked(torch.Tensor.sign_, post=True)], "param_ndim"),
+        (lambda: [ScaleGrad(2.0), NormalizeGrad()], "param_ndim"),
+        (lambda: [ScaleGrad(2.0), SparsifyGrad(q=1.0)], "param_ndim"),
+        (lambda: [ClampGrad(-0.5, 0.5), ProjectParams()], "param_ndim"),
+        (lambda: [ScaleGrad(2.0), _Hooked(torch.Tensor.sign_)], "param_ndim"),
         (lambda: [SAM(0.05), NormalizeGrad(), ProjectParams()], "normalize_grad.param_ndim"),
         (lambda: [SAM(0.05), NormalizeGrad(), ProjectParams()], "project_params.param_ndim"),
     ],
-    ids=["normalize", "sparsify", "project", "pre_hook", "post_hook", "qualified_normalize", "qualified_project"],
+    ids=[
+        "normalize", "sparsify", "project", "pre_hook", "post_hook", "scale_then_normalize", "scale_then_sparsify",
+        "clamp_then_project", "scale_then_pre_hook", "qualified_normalize", "qualified_project",
+    ],
 )
 @pytest.mark.parametrize("value", [2, -2, 7])
-def test_param_ndim_out_of_range_is_refused_before_anything_changes(transforms, key, value):
-    # Group 0 holds a 0-dim and a 1-dim parameter: param_ndim must lie in [-1, 1] for both.
-    params, optimizer = make_out_of_range(transforms(), key, value)
-    grads = [p.grad.clone() for p in params]
-    weights = [p.detach().clone() for p in params]
-    state = copy.deepcopy(optimizer.state_dict())
+@pytest.mark.parametrize("with_closure", [True, False], ids=["closure", "no_closure"])
+def test_param_ndim_out_of_range_is_refused_before_anything_changes(transforms, key, value, with_closure):
+    # Group 0 holds a 0-dim and a 1-dim parameter: param_ndim must lie in [-1, 1] for both. The
+    # value is set after a first step (momentum buffers exist) and refused before any transform of
+    # the step runs (before the closure too), so the transforms before the one that owns the key
+    # change nothing either.
+    params = make_params()
+    chain = transforms()
+    optimizer = TransformingOptimizer(two_groups(params, {}, {}), torch.optim.SGD, lr=0.1, momentum=0.9, transforms=chain)
+    grads = [torch.randn(p.shape, generator=torch.Generator().manual_seed(i), dtype=p.dtype) for i, p in enumerate(params)]
 
     def closure():
         for p, g in zip(params, grads):
             p.grad = g.clone()
         return torch.tensor(0.0)
 
-    message = (
-        rf"^param_groups\[0\]: {re.escape(key)} must be None or an integer in \[-1, 1\] for "
-        rf"param_groups\[0\]\['params'\]\[0\] of shape \(\), got {value}$"
-    )
-    with pytest.raises(ValueError, match=message):
-        optimizer.step(closure)
+    closure()
+    optimizer.step(closure)
+    optimizer.param_groups[0][key] = value
+    closure()
+    weights = [p.detach().clone() for p in params]
+    state = copy.deepcopy(optimizer.state_dict())
+    with pytest.raises(ValueError, match=out_of_range_message(key, value)):
+        optimizer.step(closure) if with_closure else optimizer.step()
     assert all(torch.equal(p, w) for p, w in zip(params, weights))
-    if "." not in key:  # alone in the chain: not even the gradients changed
-        assert all(torch.equal(p.grad, g) for p, g in zip(params, grads))
+    assert all(torch.equal(p.grad, g) for p, g in zip(params, grads))
     assert str(optimizer.state_dict()) == str(state)
+
+
+def test_param_ndim_out_of_range_is_refused_where_a_group_is_checked():
+    # When the optimizer is built, by add_param_group and load_state_dict, and in the seed protocol
+    # (the constructor's value, checked at apply).
+    params = make_params()
+    message = out_of_range_message("param_ndim", 3, "param_groups[1]", 2, 0, "(4, 3)")
+    with pytest.raises(ValueError, match=message):
+        TransformingOptimizer(two_groups(params, {}, {"param_ndim": 3}), torch.optim.SGD, lr=0.1, transforms=[SparsifyGrad()])
+    with pytest.raises(ValueError, match=out_of_range_message("param_ndim", 2, "param_groups[0]", 1, 0, "()")):
+        TransformingOptimizer(params, torch.optim.SGD, lr=0.1, transforms=[NormalizeGrad(param_ndim=2)])
+    optimizer = TransformingOptimizer(params[:2], torch.optim.SGD, lr=0.1, transforms=[NormalizeGrad()])
+    with pytest.raises(ValueError, match=message):
+        optimizer.add_param_group({"params": params[2:], "param_ndim": 3})
+    assert len(optimizer.param_groups) == 1
+    with pytest.raises(ValueError, match=out_of_range_message("normalize_grad.param_ndim", -3, "param_groups[0]", 2, 1, "(4, 3)")):
+        TransformingOptimizer(
+            [{"params": [params[3], params[2]], "normalize_grad.param_ndim": -3}], torch.optim.SGD, lr=0.1,
+            transforms=[NormalizeGrad(), SparsifyGrad()],
+        )
+    model = nn.Linear(3, 2)  # a 2-dim weight and a 1-dim bias
+    optimizer = TransformingOptimizer(model.parameters(), torch.optim.SGD, lr=0.1, transforms=[NormalizeGrad()])
+    saved = optimizer.state_dict()
+    saved["param_groups"][0]["param_ndim"] = 2
+    with pytest.raises(ValueError, match=out_of_range_message("param_ndim", 2, "the checkpoint's param_groups[0]", 1, 1, "(2,)")):
+        optimizer.load_state_dict(saved)
+    assert optimizer.param_groups[0]["param_ndim"] is None
+    set_grads(list(model.parameters()))
+    grads = [p.grad.clone() for p in model.parameters()]
+    with pytest.raises(ValueError, match=out_of_range_message("param_ndim", 2, "param_groups[0]", 1, 1, "(2,)")):
+        NormalizeGrad(param_ndim=2).apply(model, lambda: model.weight.sum(), ())
+    assert all(torch.equal(p.grad, g) for p, g in zip(model.parameters(), grads))
 
 
 def test_param_ndim_range_is_per_parameter():
     # 1 fits the 2-dim and 3-dim parameters of group 1, and -3 / 3 only the 3-dim one.
     params = make_params()
     optimizer = TransformingOptimizer(
-        two_groups(params, {}, {"param_ndim": 3}), torch.optim.SGD, lr=0.1, transforms=[NormalizeGrad()]
+        two_groups(params, {}, {"param_ndim": 1}), torch.optim.SGD, lr=0.1, transforms=[NormalizeGrad()]
     )
     set_grads(params)
-    with pytest.raises(ValueError, match=r"param_groups\[1\]: param_ndim must be None or an integer in \[-2, 2\] for param_groups\[1\]\['params'\]\[0\] of shape \(4, 3\), got 3$"):
+    optimizer.param_groups[1]["param_ndim"] = 3
+    with pytest.raises(ValueError, match=out_of_range_message("param_ndim", 3, "param_groups[1]", 2, 0, "(4, 3)")):
         optimizer.step()
     optimizer.param_groups[1]["param_ndim"] = 2
     optimizer.step()

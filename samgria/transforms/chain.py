@@ -279,6 +279,8 @@ class Chain:
         for slot, transform in self:
             keys = self.keys[slot]
             view = {short: group[stored] for short, stored in keys.items()}
+            if "params" in group:  # a rule may depend on the parameters (param_ndim's range)
+                view["params"] = group["params"]
             try:
                 transform.validate_group(view)
             except (TypeError, ValueError) as error:

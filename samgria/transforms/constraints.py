@@ -115,7 +115,7 @@ class ProjectParams(Transform):
     def validate_group(self, group: Mapping[str, Any]) -> None:
         check_real("radius", group["radius"], low=0.0)
         check_choice("p", group["p"], (2, math.inf))
-        check_param_ndim("param_ndim", group["param_ndim"])
+        check_param_ndim("param_ndim", group["param_ndim"], group.get("params", ()))
 
     def settings(self) -> dict[str, Any]:
         return {"center": self.center}

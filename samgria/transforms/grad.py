@@ -15,9 +15,10 @@ gradient at :math:`w + e`; placed before, on the gradient SAM perturbs with.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -25,7 +26,7 @@ from samgria._checks import check_real
 from samgria.functional import global_norm
 from samgria.functional._views import LOW_PRECISION, as_real, widened_dtype
 from samgria.functional._grouping import group_indices_by_device_and_dtype
-from samgria.functional.norms import scale_
+from samgria.functional.norms import _RECOMPUTE_BELOW, scale_
 from samgria.transforms.base import Transform, TransformContext
 from samgria.transforms.param_ndim import batched, check_param_ndim, ndim_entries
 
@@ -113,7 +114,7 @@ class ClipGradNorm(Transform):
     def pre_update(self, ctx: TransformContext) -> None:
         for group, grads, sources in _grads_by_group(ctx):
             norm = float(global_norm(grads, foreach=ctx.foreach, like=sources))
-            factor = group["max_grad_norm"] / (norm + 1e-6)
+            factor = float(group["max_grad_norm"]) / (norm + 1e-6)
             if factor < 1.0:
                 scale_(grads, [factor] * len(grads), foreach=ctx.foreach)
 
@@ -137,6 +138,12 @@ class NormalizeGrad(Transform):
     (a quasi-norm below 1) and :math:`\max_i |g_i|` for ``p=inf``; complex gradients count as
     pairs of reals. A zero gradient (sub-tensor) stays zero, also with ``eps=0``.
 
+    Norms of 16-bit gradients are taken in float32 and the quotient rounded once. A float32 norm
+    that overflowed, or is small enough that the powers :math:`|g_i|^p` may have underflowed
+    (below ``1e-15`` for ``p=2``), is taken again in float64 with its quotient, for that gradient
+    (sub-tensor) alone: elements near ``1e-25`` or ``1e19`` still give unit norm. Both
+    ``transform_foreach`` paths give the same bits.
+
     Args:
         eps: Added to the norm (per-group key ``"eps"``, or ``"normalize_grad.eps"`` beside
             another ``eps`` such as Adam's), a finite number ``>= 0``.
@@ -146,8 +153,9 @@ class NormalizeGrad(Transform):
             ``"param_ndim"``); ``None`` (the default) for the whole gradient of each parameter.
 
     Raises:
-        ValueError: If ``eps`` is negative or not finite, or ``p`` is not ``> 0``; at the step,
-            if a group's ``param_ndim`` is outside :math:`[-n, n]` for one of its parameters.
+        ValueError: If ``eps`` is negative or not finite, or ``p`` is not ``> 0``; wherever a
+            group is checked (before any transform of a step runs), if its ``param_ndim`` is
+            outside :math:`[-n, n]` for one of its parameters.
         TypeError: If ``param_ndim`` is neither an integer nor ``None``.
     """
 
@@ -164,45 +172,129 @@ class NormalizeGrad(Transform):
     def validate_group(self, group: Mapping[str, Any]) -> None:
         check_real("eps", group["eps"], low=0.0)
         check_real("p", group["p"], low=0.0, low_open=True, allow_inf=True)
-        check_param_ndim("param_ndim", group["param_ndim"])
+        check_param_ndim("param_ndim", group["param_ndim"], group.get("params", ()))
 
     def pre_update(self, ctx: TransformContext) -> None:
         entries = ndim_entries(ctx)  # checks every group's param_ndim before any change
-        whole_l2 = [id(g) for g in ctx.param_groups if g["param_ndim"] is None and float(g["p"]) == 2.0]
-        # Norms of 16-bit gradients in float32 (as torch.optim and global_norm take them), clamped
-        # to float32's tiny; the quotient is rounded once.
-        # The whole gradient's L2 norm (the default): torch._foreach_norm on the fast path.
-        for group, grads, _ in _grads_by_group(ctx):
-            if id(group) not in whole_l2:
-                continue
-            eps = group["eps"]
-
-            def fast(gs: list[torch.Tensor]) -> None:
-                wide = widened_dtype(gs[0].dtype)
-                norms = torch._foreach_norm(gs, 2, dtype=wide)
-                torch._foreach_add_(norms, eps)
-                torch._foreach_clamp_min_(norms, torch.finfo(wide).tiny)
-                if wide == gs[0].dtype:
-                    torch._foreach_div_(gs, norms)
+        whole_l2 = {id(g) for g in ctx.param_groups if g["param_ndim"] is None and float(g["p"]) == 2.0}
+        with contextlib.ExitStack() as views:  # copies of non-viewable layouts go back on exit
+            quotients: list[_Quotients] = []
+            # The whole gradient's L2 norm (the default): torch._foreach_norm on the fast path.
+            for group, grads, _ in _grads_by_group(ctx):
+                if id(group) not in whole_l2:
+                    continue
+                eps = float(group["eps"])
+                if ctx.foreach:
+                    for indices in group_indices_by_device_and_dtype(grads).values():
+                        chunk = [grads[i] for i in indices]
+                        norms = list(torch._foreach_norm(chunk, 2, dtype=widened_dtype(chunk[0].dtype)))
+                        quotients.append(_Quotients(chunk, norms, 2.0, eps, fused=True))
                 else:
-                    for g, norm in zip(gs, norms):
-                        _div_(g, norm)
-
-            def slow(g: torch.Tensor) -> None:
-                wide = widened_dtype(g.dtype)
-                _div_(g, torch.linalg.vector_norm(g, dtype=wide).add_(eps).clamp_min_(torch.finfo(wide).tiny))
-
-            _foreach_or_loop(grads, ctx.foreach, fast, slow)
-        # Any other norm or param_ndim: one tensor at a time, on both paths.
-        for group, param, param_ndim in entries:
-            if id(group) in whole_l2 or param.grad.numel() == 0:
-                continue
-            with batched(param.grad, param_ndim) as view:
-                grad = as_real(view)
-                wide = widened_dtype(grad.dtype)
+                    for grad in grads:
+                        norm = torch.linalg.vector_norm(grad, dtype=widened_dtype(grad.dtype))
+                        quotients.append(_Quotients([grad], [norm], 2.0, eps))
+            # Any other norm or param_ndim: one tensor at a time, on both paths.
+            for group, param, param_ndim in entries:
+                if id(group) in whole_l2 or param.grad.numel() == 0:
+                    continue
+                grad = as_real(views.enter_context(batched(param.grad, param_ndim)))
+                p = float(group["p"])
                 dims = tuple(range(1, grad.ndim))
-                norm = torch.linalg.vector_norm(grad, ord=float(group["p"]), dim=dims, keepdim=True, dtype=wide)
-                _div_(grad, norm.add_(group["eps"]).clamp_min_(torch.finfo(wide).tiny))
+                norm = torch.linalg.vector_norm(grad, ord=p, dim=dims, keepdim=True, dtype=widened_dtype(grad.dtype))
+                quotients.append(_Quotients([grad], [norm], p, float(group["eps"])))
+            _normalize_(quotients)
+
+
+class _Quotients(NamedTuple):
+    """Gradients (each seen as ``(N, *sub)`` with ``(N, 1, ...)`` norms, or whole with 0-dim norms)
+    that :func:`_normalize_` divides by ``norms + eps``; ``fused``: with one ``torch._foreach_*``
+    call each (one device and dtype)."""
+
+    grads: list[torch.Tensor]
+    norms: list[torch.Tensor]
+    p: float
+    eps: float
+    fused: bool = False
+
+
+def _recompute_below(p: float) -> float:
+    r"""The float32 :math:`L_p` norm below which :class:`NormalizeGrad` takes it again in float64.
+
+    As :func:`~samgria.functional.global_norm` for L2 norms (below ``1e-15``): under ``1e-30`` for
+    the sum :math:`\lVert g \rVert_p^p`, the terms :math:`|g_i|^p` that fell into float32's
+    subnormal range (or to 0) may have lost more than float32's precision; a norm under ``1e-30``
+    is itself near that range. The :math:`L_\infty` norm (a maximum) is exact.
+    """
+    if math.isinf(p):
+        return 0.0
+    floor = _RECOMPUTE_BELOW**2
+    return max(floor ** (1.0 / p), floor)
+
+
+def _inexact(norms: torch.Tensor, p: float) -> torch.Tensor:
+    """Where float32 norms may be wrong: infinite (overflowed terms) or below :func:`_recompute_below`."""
+    return (norms < _recompute_below(p)) | norms.isinf()
+
+
+def _normalize_(quotients: list[_Quotients]) -> None:
+    """Divide every gradient (sub-tensor) by its norm plus ``eps``, clamped to the norm dtype's tiny;
+    16-bit gradients in float32, rounded once.
+
+    float32 norms (of float32 and 16-bit gradients) that overflowed or may have underflowed (see
+    :func:`_recompute_below`) are taken again in float64, with their quotients, for those
+    gradients (rows) alone (not on MPS, which has no float64); finding that none did costs one
+    host read per device.
+    """
+    retaken = _float64_quotients(quotients)  # from the gradients as they are now
+    for quotient in quotients:
+        tiny = torch.finfo(quotient.norms[0].dtype).tiny
+        if quotient.fused:
+            torch._foreach_add_(quotient.norms, quotient.eps)
+            torch._foreach_clamp_min_(quotient.norms, tiny)
+            if quotient.norms[0].dtype == quotient.grads[0].dtype:
+                torch._foreach_div_(quotient.grads, quotient.norms)
+                continue
+        else:
+            for norm in quotient.norms:
+                norm.add_(quotient.eps).clamp_min_(tiny)
+        for grad, norm in zip(quotient.grads, quotient.norms):
+            _div_(grad, norm)
+    for rows, where, value in retaken:
+        rows[where] = value
+
+
+def _float64_quotients(quotients: list[_Quotients]) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """``(rows, where, quotient)`` for the rows of the gradients (``(1, *shape)`` for a whole one)
+    whose float32 norm :func:`_inexact` flags and that are not zero: ``rows[where]``'s quotient by its
+    norm plus ``eps``, computed in float64 and rounded once. Call before the gradients change."""
+    candidates = [
+        (grad, norm, quotient)
+        for quotient in quotients
+        for grad, norm in zip(quotient.grads, quotient.norms)
+        if norm.dtype == torch.float32 and norm.device.type != "mps"
+    ]
+    by_device_and_order: dict[tuple[torch.device, float], list[torch.Tensor]] = {}
+    for _grad, norm, quotient in candidates:
+        by_device_and_order.setdefault((norm.device, quotient.p), []).append(norm.reshape(-1))
+    found: dict[torch.device, list[torch.Tensor]] = {}
+    for (device, p), norms in by_device_and_order.items():
+        found.setdefault(device, []).append(_inexact(torch.cat(norms), p).any())
+    if not any(bool(torch.stack(flags).any()) for flags in found.values()):  # the common case
+        return []
+    result = []
+    for grad, norm, quotient in candidates:
+        where = _inexact(norm, quotient.p).reshape(-1)
+        if not bool(where.any()):
+            continue
+        rows = grad.unsqueeze(0) if norm.ndim == 0 else grad
+        wide = rows[where].to(torch.float64)
+        if not bool(wide.any()):  # zero stays zero, in float32 too
+            continue
+        dims = tuple(range(1, wide.ndim))
+        divisor = torch.linalg.vector_norm(wide, ord=quotient.p, dim=dims, keepdim=True)
+        wide.div_(divisor.add_(quotient.eps).clamp_min_(torch.finfo(torch.float64).tiny))
+        result.append((rows, where, wide.to(grad.dtype)))
+    return result
 
 
 def kept_count(q: float, size: int) -> int:
@@ -234,8 +326,9 @@ class SparsifyGrad(Transform):
             ``"param_ndim"``); ``None`` (the default) for each parameter's whole gradient.
 
     Raises:
-        ValueError: If ``q`` is outside :math:`(0, 1]`; at the step, if a group's ``param_ndim``
-            is outside :math:`[-n, n]` for one of its parameters.
+        ValueError: If ``q`` is outside :math:`(0, 1]`; wherever a group is checked (before any
+            transform of a step runs), if its ``param_ndim`` is outside :math:`[-n, n]` for one of
+            its parameters.
         TypeError: If ``q`` is not a real number or ``param_ndim`` neither an integer nor ``None``.
     """
 
@@ -253,7 +346,7 @@ class SparsifyGrad(Transform):
 
     def validate_group(self, group: Mapping[str, Any]) -> None:
         check_real("q", group["q"], low=0.0, high=1.0, low_open=True)
-        check_param_ndim("param_ndim", group["param_ndim"])
+        check_param_ndim("param_ndim", group["param_ndim"], group.get("params", ()))
 
     def pre_update(self, ctx: TransformContext) -> None:
         for group, param, param_ndim in ndim_entries(ctx):
@@ -261,7 +354,7 @@ class SparsifyGrad(Transform):
                 grad = as_real(view)
                 rows = grad.shape[0]
                 size = grad.numel() // rows if rows else 0
-                kept = kept_count(group["q"], size) if size else 0
+                kept = kept_count(float(group["q"]), size) if size else 0
                 if kept >= size:
                     continue
                 magnitude = grad.abs()

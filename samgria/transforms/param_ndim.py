@@ -13,9 +13,11 @@ sub-tensors; the transform is applied to every sub-tensor independently. For a p
   example of a batch of perturbations; on a 1-dim parameter (a bias) it is elementwise;
 * ``param_ndim = None``: the whole tensor, whatever its dimension.
 
-Values outside :math:`[-n, n]` are refused at the step (a group may hold parameters of different
-dimensions, so the range is known only per parameter), before anything is changed, with a
-``ValueError`` naming the group key, the parameter and the value.
+Values outside :math:`[-n, n]` for some parameter of the group (a group may hold parameters of
+different dimensions, so the range is known only per parameter) are refused wherever the group is
+checked -- when the optimizer is built, by ``add_param_group`` and ``load_state_dict``, and at every
+step (a group edited since) before any transform runs -- with a ``ValueError`` naming the group
+key, the parameter and the value.
 
 Like every transform hyperparameter, ``param_ndim`` is a per-group key (``"param_ndim"``, or
 ``"<slot>.param_ndim"`` when another transform of the chain owns one too), defaulting to the
@@ -26,7 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 import torch
@@ -43,19 +45,34 @@ __all__ = [
 ]
 
 
-def check_param_ndim(name: str, value: Any) -> int | None:
-    """Check a ``param_ndim`` value: an integer (NumPy integers accepted, ``bool`` refused) or ``None``.
+def check_param_ndim(name: str, value: Any, params: Iterable[Any] = ()) -> int | None:
+    """Check a ``param_ndim`` value: an integer (NumPy integers accepted, ``bool`` refused) or ``None``,
+    in :math:`[-n, n]` for every tensor of ``params`` with :math:`n` dimensions (a 0-dim one counts
+    as 1; entries that are not tensors are left to the optimizer to refuse).
 
-    Whether the integer fits a parameter is checked at the step, by :func:`ndim_entries`.
+    Raises:
+        TypeError: ``"param_ndim must be an integer or None, got 1.0"``.
+        ValueError: ``"param_ndim must be None or an integer in [-1, 1] for params[2] of shape
+            (8,), got 2"``, or a non-finite float.
     """
     if value is None:
         return None
     try:
-        return check_int(name, value)
+        number = check_int(name, value)
     except TypeError:
         raise TypeError(f"{name} must be an integer or None, got {value!r}") from None
     except ValueError:  # a non-finite float
         raise ValueError(f"{name} must be an integer or None, got {value!r}") from None
+    for position, param in enumerate(params):
+        if not isinstance(param, torch.Tensor):
+            continue
+        ndim = max(param.ndim, 1)
+        if not -ndim <= number <= ndim:
+            raise ValueError(
+                f"{name} must be None or an integer in [{-ndim}, {ndim}] for params[{position}] "
+                f"of shape {tuple(param.shape)}, got {value!r}"
+            )
+    return number
 
 
 def _sub_ndim(param_ndim: int | None, ndim: int) -> int:
@@ -111,24 +128,23 @@ def ndim_entries(
     """``(group, param, param_ndim)`` for every parameter with a gradient, in group order.
 
     Checks first that the ``param_ndim`` of every group fits every parameter of that group (with or
-    without a gradient), so a transform that calls it before writing changes nothing on error.
+    without a gradient), so a transform that calls it before writing changes nothing on error. (Inside
+    the optimizer, :meth:`ParamTransform.validate_group` has refused such a value before any transform
+    of the step ran; this check covers the seed protocol and subclasses that replace that method.)
 
     Raises:
         ValueError: ``"param_groups[0]: param_ndim must be None or an integer in [-1, 1] for
-            param_groups[0]['params'][2] of shape (8,), got 2"``.
+            params[2] of shape (8,), got 2"``.
         RuntimeError: A gradient is sparse.
     """
     entries = []
     for index, group in enumerate(ctx.param_groups):
         param_ndim = group[key]
-        for position, param in enumerate(group["params"]):
-            ndim = max(param.ndim, 1)
-            if param_ndim is not None and not -ndim <= param_ndim <= ndim:
-                where = f"param_groups[{index}]"
-                raise ValueError(
-                    f"{where}: {_group_key(group, key)} must be None or an integer in [{-ndim}, {ndim}] "
-                    f"for {where}['params'][{position}] of shape {tuple(param.shape)}, got {param_ndim!r}"
-                )
+        try:
+            check_param_ndim(_group_key(group, key), param_ndim, group["params"])
+        except ValueError as error:
+            raise ValueError(f"param_groups[{index}]: {error}") from None
+        for param in group["params"]:
             if param.grad is None:
                 continue
             if param.grad.is_sparse:
@@ -192,7 +208,7 @@ class ParamTransform(Transform):
         return {"param_ndim": self.param_ndim}
 
     def validate_group(self, group: Mapping[str, Any]) -> None:
-        check_param_ndim("param_ndim", group["param_ndim"])
+        check_param_ndim("param_ndim", group["param_ndim"], group.get("params", ()))
 
     def pre_step_transform_(self, param: torch.Tensor, group: Mapping[str, Any]) -> None:
         """Change ``param.grad`` (and/or ``param``) in place, before the inner step (default: nothing).
