@@ -13,7 +13,9 @@ plain loop. This script measures, in one run:
    ``e_w = rho·g/‖g‖`` stored per parameter, ``p.add_(e_w)``, then ``p.sub_(e_w)``), davda54/sam
    as it is today (``old_p = p.data.clone()``, ``p.add_(e_w)``, restore by ``p.data = old_p``) and
    pytorch_optimizer's SAM (``old_p = p.clone()``, ``p.add_(e_w)``, restore by
-   ``p.copy_(old_p)``). Every variant has its own model copy; the
+   ``p.copy_(old_p)``), both without the ``1.0 *`` multiplication the two libraries run for
+   ``adaptive=False`` (in the norm and in ``e_w``; the real classes are slightly slower and peak
+   higher, so the rows flatter them). Every variant has its own model copy; the
    variants are timed interleaved (round-robin, in a rotating order), and each ratio is the
    median of the per-round ratios to the baseline timed in the same round, so that load from
    other processes hits numerator and denominator alike. Every such step starts with the caches
@@ -185,7 +187,8 @@ class NaiveSAM(torch.optim.Optimizer):
 class Davda54SAM(torch.optim.Optimizer):
     """The widely used PyTorch SAM (davda54/sam) as it is today: ``old_p = p.data.clone()`` kept in
     ``state``, ``p.add_(e_w)`` in place, and ``p.data = old_p`` to restore (the weights move to the
-    clone's storage every step; the perturbed storage is freed)."""
+    clone's storage every step; the perturbed storage is freed). Without its ``1.0 *`` factor for
+    ``adaptive=False`` (one multiplication per tensor in the norm and in ``e_w``)."""
 
     def __init__(self, params: Any, base_optimizer: type[torch.optim.Optimizer], rho: float = 0.05, **kwargs: Any):
         super().__init__(params, dict(rho=rho, **kwargs))
@@ -222,7 +225,7 @@ class Davda54SAM(torch.optim.Optimizer):
 class PytorchOptimizerSAM(torch.optim.Optimizer):
     """pytorch_optimizer's SAM, same algorithm: ``old_p = p.clone()`` (in the base optimizer's state),
     ``p.add_(e_w)`` in place, and ``p.copy_(state.pop("old_p"))`` to restore (the weights stay in
-    their storage; the clone is freed)."""
+    their storage; the clone is freed). Without its ``1.0 *`` factor for ``adaptive=False``."""
 
     def __init__(self, params: Any, base_optimizer: type[torch.optim.Optimizer], rho: float = 0.05, **kwargs: Any):
         super().__init__(params, dict(rho=rho, **kwargs))
