@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import re
 
 import pytest
 import torch
@@ -257,3 +258,21 @@ def test_helpers_copy_buffers_resolve_lrs_and_checks():
     assert check_lr(3) == 3.0 and check_steps(2) == 2
     with pytest.raises(ValueError, match=r"inner_lr must be a finite number >= 0, got nan"):
         check_lr(float("nan"), "inner_lr")
+
+
+@pytest.mark.parametrize("names", ["2.weight", b"weight", "weight"], ids=["dotted", "bytes", "one-name"])
+def test_adapt_names_given_as_one_string_is_refused_naming_the_argument(names):
+    """A string is a sequence of characters: it was read as the names '2', '.', 'w', ... (and a
+    one-character parameter name would have been adapted silently)."""
+    model, x, y = linear_problem()
+    params = named_params(model)
+    loss = nn.functional.mse_loss(functional_forward(model, params, x), y)
+    message = "^" + re.escape(f"adapt_names must be a sequence of parameter names, got {names!r}") + "$"
+    with pytest.raises(TypeError, match=message):
+        inner_step(params, loss, 0.1, adapt_names=names)
+    with pytest.raises(TypeError, match=message):
+        adapt(model, params, lambda p: nn.functional.mse_loss(functional_forward(model, p, x), y), adapt_names=names)
+    # The sequence of that one name adapts it.
+    step = inner_step(params, loss, 0.1, adapt_names=["weight"])
+    expected = model.weight.detach() - 0.1 * analytic_grad(model.weight.detach(), x, y)
+    torch.testing.assert_close(step["weight"].detach(), expected, rtol=0, atol=1e-12)

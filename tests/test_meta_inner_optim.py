@@ -257,3 +257,139 @@ def test_adam_continues_an_inner_state_with_the_single_step_count_of_earlier_ver
     got = step({"w": weight}, {"w": grad}, {"w": 0.1}, old_form)
     want = step({"w": weight}, {"w": grad}, {"w": 0.1}, new_form)
     assert torch.equal(got["w"], want["w"]) and old_form["step"] == {"w": 4}
+
+
+def bits(t):
+    return t.view(torch.int64 if t.element_size() == 8 else torch.int32)
+
+
+def test_inner_sam_with_a_non_finite_gradient_reevaluates_at_the_same_weights_bit_for_bit():
+    """The perturbation inf * 0 was NaN: the gradient was taken at a = [nan, -0.0], and the
+    NaN weight poisoned the gradient of every other weight."""
+    params = {"a": torch.tensor([1.0, -0.0]), "b": torch.tensor([3.0])}
+    seen = {}
+
+    def grad_fn(weights):
+        seen.update(weights)
+        return {n: torch.full_like(v, 7.0) for n, v in weights.items()}
+
+    for bad in (float("inf"), float("nan")):
+        seen.clear()
+        grads = {"a": torch.tensor([bad, 1.0]), "b": torch.tensor([1.0])}
+        out = InnerSAM(0.05).transform_inner_grads(params, grads, grad_fn)
+        for n in params:
+            assert torch.equal(bits(seen[n]), bits(params[n])), (bad, n, seen[n])
+            assert torch.equal(out[n], torch.full_like(params[n], 7.0))
+
+
+class Line(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Parameter(torch.tensor([0.1]))
+        self.b = nn.Parameter(torch.tensor([0.0]))
+
+    def forward(self, x):
+        return self.a * x + self.b
+
+
+@pytest.mark.parametrize(
+    "path, first_order, checkpoint",
+    [("loop", False, False), ("loop", True, False), ("loop", False, True), ("vmap", False, False), ("vmap", True, False)],
+)
+def test_inner_sam_with_an_overflowing_gradient_steps_as_plain_sgd_on_every_path(path, first_order, checkpoint):
+    # float32, x = 1e20: the support loss (1e38) is finite, d/da = 2e39 overflows to inf and
+    # d/db = 2e19 is finite. SAM cannot perturb (no finite norm), so its gradient is the plain
+    # one: a steps to -inf as in SGD, and b keeps its finite step (it was NaN).
+    from samgria.meta.engine import InnerLoop, task_losses
+
+    model = Line()
+    x = torch.full((2, 1), 1e20)
+    task = Task(x, torch.zeros(2, 1), torch.zeros(2, 1), torch.zeros(2, 1))
+    plain = InnerLoop(("a", "b"), {"a": 0.1, "b": 0.1}, 1, first_order=first_order, checkpoint=checkpoint)
+    sam = plain.replace(grad_transforms=(InnerSAM(0.05),))
+    params = dict(model.named_parameters())
+    _, (want,) = task_losses(model, plain, params, [task], mse, path=path)
+    _, (got,) = task_losses(model, sam, params, [task], mse, path=path)
+    assert torch.isfinite(want["b"]).all() and torch.isinf(want["a"]).all()
+    for n in ("a", "b"):
+        assert torch.equal(got[n].detach(), want[n].detach()), (n, got[n], want[n])
+
+
+def complex_weights_and_grads(steps=4):
+    g = torch.Generator().manual_seed(0)
+    weight = torch.randn(2, 3, generator=g, dtype=torch.complex128)
+    return weight, [torch.randn(2, 3, generator=g, dtype=torch.complex128) for _ in range(steps)]
+
+
+@pytest.mark.parametrize(
+    "make_fn, make_opt",
+    [
+        (lambda: AdamInnerStep(), lambda ps: torch.optim.Adam(ps, lr=0.1)),
+        (lambda: AdamInnerStep(betas=(0.5, 0.9), eps=1e-3), lambda ps: torch.optim.Adam(ps, lr=0.1, betas=(0.5, 0.9), eps=1e-3)),
+        (lambda: MomentumInnerStep(0.9, dampening=0.2), lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9, dampening=0.2)),
+        (lambda: MomentumInnerStep(0.9, nesterov=True), lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9, nesterov=True)),
+        (lambda: sgd_inner_step, lambda ps: torch.optim.SGD(ps, lr=0.1)),
+    ],
+    ids=["adam", "adam_betas_eps", "momentum", "nesterov", "sgd"],
+)
+def test_inner_steps_treat_complex_weights_as_pairs_of_reals_as_torch_optim(make_fn, make_opt):
+    """AdamInnerStep raised 'clamp is not supported for complex types'; torch.optim.Adam takes
+    the moments of the real and imaginary parts (view_as_real)."""
+    weight, grads = complex_weights_and_grads()
+    reference = weight.clone().requires_grad_(True)
+    opt = make_opt([reference])
+    step_fn, state, fast = make_fn(), {}, weight
+    for grad in grads:
+        reference.grad = grad.clone()
+        opt.step()
+        fast = step_fn({"w": fast}, {"w": grad}, {"w": 0.1}, state)["w"]
+        assert fast.dtype == torch.complex128
+        torch.testing.assert_close(fast, reference.detach(), rtol=0, atol=1e-13)
+
+
+def test_adam_inner_step_meta_gradient_with_complex_weights_matches_finite_differences():
+    torch.manual_seed(0)
+    model = nn.Linear(2, 1, bias=False, dtype=torch.complex128)
+    g = torch.Generator().manual_seed(1)
+    xs, ys, xq, yq = (torch.randn(4, s, generator=g, dtype=torch.complex128) for s in (2, 1, 2, 1))
+
+    def loss(pred, target):
+        return torch.view_as_real(pred - target).pow(2).mean()
+
+    step_fn = AdamInnerStep(betas=(0.8, 0.9))
+    meta = MAML(model, torch.optim.SGD, inner_lr=0.05, inner_steps=2, lr=0.1)
+    learner = meta.adapt(lambda f: loss(f(xs), ys), inner_step_fn=step_fn)
+    loss(learner(xq), yq).backward()
+    grad = torch.view_as_real(model.weight.grad).reshape(-1)  # d/dRe + i d/dIm, as pairs
+
+    def value():
+        ref = Learner(model, inner_lr=0.05, inner_step_fn=step_fn, track_graph=False)
+        ref.adapt_on(loss, xs, ys, steps=2)
+        with torch.no_grad():
+            return loss(ref(xq), yq).item()
+
+    h = 1e-6
+    with torch.no_grad():
+        flat = torch.view_as_real(model.weight).view(-1)
+        for i in range(flat.numel()):
+            old = flat[i].item()
+            flat[i] = old + h
+            up = value()
+            flat[i] = old - h
+            down = value()
+            flat[i] = old
+            assert grad[i].item() == pytest.approx((up - down) / (2 * h), rel=1e-5, abs=1e-8)
+
+
+def test_inner_sam_norm_of_complex_gradients_counts_their_imaginary_parts():
+    """The norm was taken of .double(), which drops the imaginary part (with a warning)."""
+    weight, (grad, *_) = complex_weights_and_grads(1)
+    seen = {}
+
+    def grad_fn(weights):
+        seen.update(weights)
+        return dict(weights)
+
+    InnerSAM(0.3).transform_inner_grads({"w": weight}, {"w": grad}, grad_fn)
+    norm = torch.sqrt((grad.abs() ** 2).sum())
+    torch.testing.assert_close(seen["w"], weight + 0.3 * grad / norm, rtol=0, atol=1e-15)

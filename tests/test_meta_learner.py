@@ -130,6 +130,8 @@ def test_learner_errors_name_argument_and_value():
         Learner(model, inner_steps=-1)
     with pytest.raises(ValueError, match=r"adapt_names contains names that are not parameters of model: \['bias'\]"):
         Learner(model, adapt_names=["bias"])
+    with pytest.raises(TypeError, match=r"^adapt_names must be a sequence of parameter names, got 'weight'$"):
+        Learner(model, adapt_names="weight")  # not the names 'w', 'e', 'i', ...
     with pytest.raises(TypeError, match="inner_step_fn must be callable, got 1"):
         Learner(model, inner_step_fn=1)
     with pytest.raises(TypeError, match="inner_reg_fn must be callable, got 'l2'"):

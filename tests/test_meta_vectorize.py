@@ -109,6 +109,8 @@ def test_vmap_task_losses_function_returns_batched_adapted_params():
     assert fast["0.weight"].shape == (3, 8, 2)
     g = torch.autograd.grad(mse(model(tasks[1].support_x), tasks[1].support_y), model[0].weight)[0]
     torch.testing.assert_close(fast["0.weight"][1], model[0].weight - 0.1 * g, rtol=0, atol=1e-12)
+    with pytest.raises(TypeError, match=r"^adapt_names must be a sequence of parameter names, got '0\.weight'$"):
+        vmap_task_losses(model, params, "0.weight", {"0.weight": 0.1}, tasks, mse, 1)
 
 
 def test_batched_task_losses_is_pure_and_grad_and_value_gives_the_maml_gradient():

@@ -163,10 +163,18 @@ def resolve_lrs(lr: LearningRate, names: Iterable[str], arg: str = "lr") -> dict
     return {n: value for n in names}
 
 
+def check_adapt_names(adapt_names: Iterable[str]) -> list[str]:
+    """``adapt_names`` as a list; a ``str`` or ``bytes`` (whose items would be its characters) is
+    refused with a ``TypeError`` naming the argument."""
+    if isinstance(adapt_names, (str, bytes)):  # list("2.weight") would be its characters
+        raise TypeError(f"adapt_names must be a sequence of parameter names, got {adapt_names!r}")
+    return list(adapt_names)
+
+
 def _resolve_names(params: Mapping[str, torch.Tensor], adapt_names: Iterable[str] | None) -> list[str]:
     if adapt_names is None:
         return [n for n, p in params.items() if p.requires_grad]
-    names = list(adapt_names)
+    names = check_adapt_names(adapt_names)
     unknown = [n for n in names if n not in params]
     if unknown:
         raise ValueError(f"adapt_names contains names that are not in params: {unknown}")
@@ -194,8 +202,9 @@ def inner_step(
         lr: Step size: a number ``>= 0`` or a mapping name -> number or tensor (Meta-SGD).
         first_order: If ``True`` the gradient is not differentiated through (FOMAML); the
             result is still connected to ``params`` through :math:`p' = p - \\alpha g`.
-        adapt_names: Names of the parameters to update (ANIL adapts only the head). ``None``
-            updates every parameter that requires grad.
+        adapt_names: Names of the parameters to update (ANIL adapts only the head), a
+            sequence of names (not one name as a string). ``None`` updates every parameter
+            that requires grad.
         allow_unused: Passed to :func:`torch.autograd.grad`: ``True`` leaves a parameter the
             loss does not depend on unchanged (zero gradient), ``False`` raises.
 
@@ -203,6 +212,7 @@ def inner_step(
         A new mapping with the adapted parameters.
 
     Raises:
+        TypeError: ``adapt_names`` is a string (not a sequence of names).
         ValueError: ``lr`` is negative, ``loss`` is not a differentiable scalar, or
             ``adapt_names`` names an unknown parameter.
     """
@@ -250,9 +260,10 @@ def adapt_params(
         The adapted parameter mapping (``params`` itself, copied, when ``inner_steps == 0``).
 
     Raises:
-        TypeError: ``model`` is not a module, ``build_loss`` is not callable or
-            ``inner_steps`` is not an int.
-        ValueError: ``inner_steps`` or ``lr`` is negative.
+        TypeError: ``model`` is not a module, ``build_loss`` is not callable,
+            ``inner_steps`` is not an int, or ``adapt_names`` is a string.
+        ValueError: ``inner_steps`` or ``lr`` is negative, or ``adapt_names`` names an unknown
+            parameter.
     """
     _check_module(model)
     if not callable(build_loss):

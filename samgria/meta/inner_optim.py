@@ -99,6 +99,11 @@ def sgd_inner_step(
     return {n: params[n] - lrs[n] * grads[n] for n in grads}
 
 
+def _real_view(tensor: torch.Tensor) -> torch.Tensor:
+    """Return ``tensor``, or a complex one as pairs of reals (``torch.optim``'s treatment)."""
+    return torch.view_as_real(tensor) if tensor.is_complex() else tensor
+
+
 def _check_unit_interval(value: Any, name: str) -> float:
     return check_real(name, value, low=0.0, high=1.0, high_open=True)
 
@@ -192,7 +197,9 @@ class AdamInnerStep:
         in ``state["step"]``, each a dict by name. As in ``torch.optim.Adam``, every weight
         counts its own steps: one without a gradient at this step (not in ``grads``) neither
         moves nor advances its count, so its first gradient later gets the bias correction of
-        a first step.
+        a first step. A complex weight is a pair of real weights (its real and imaginary
+        parts), as in ``torch.optim.Adam``: its moments are kept as real tensors with a last
+        axis of size 2.
         """
         beta1, beta2 = self.betas
         exp_avg: dict[str, torch.Tensor] = state.setdefault("exp_avg", {})
@@ -206,11 +213,17 @@ class AdamInnerStep:
             steps[n] = step
             bias1 = 1.0 - beta1**step
             bias2 = 1.0 - beta2**step
-            m = (1.0 - beta1) * g if n not in exp_avg else beta1 * exp_avg[n] + (1.0 - beta1) * g
-            v = (1.0 - beta2) * g * g if n not in exp_avg_sq else beta2 * exp_avg_sq[n] + (1.0 - beta2) * g * g
+            g_real = _real_view(g)
+            m = (1.0 - beta1) * g_real if n not in exp_avg else beta1 * exp_avg[n] + (1.0 - beta1) * g_real
+            v = (1.0 - beta2) * g_real * g_real
+            if n in exp_avg_sq:
+                v = beta2 * exp_avg_sq[n] + v
             exp_avg[n], exp_avg_sq[n] = m, v
             v_hat = (v / bias2).clamp_min(torch.finfo(v.dtype).tiny)
-            new[n] = params[n] - lrs[n] * (m / bias1) / (v_hat.sqrt() + self.eps)
+            direction = (m / bias1) / (v_hat.sqrt() + self.eps)
+            if g.is_complex():
+                direction = torch.complex(direction[..., 0], direction[..., 1])
+            new[n] = params[n] - lrs[n] * direction
         return new
 
     def __repr__(self) -> str:
@@ -256,18 +269,23 @@ class InnerSAM:
     ) -> dict[str, torch.Tensor]:
         """Return the support gradients at the perturbed fast weights.
 
-        Where the gradient norm is zero or not finite the perturbation is zero (the gradient
-        is re-evaluated at the same weights); written without data-dependent control flow so
-        that it runs under :func:`torch.func.vmap`.
+        The norm of a complex gradient counts its real and imaginary parts. Where the
+        gradient norm is zero or not finite the gradient is re-evaluated at the same weights,
+        bit for bit; written without data-dependent control flow so that it runs under
+        :func:`torch.func.vmap`.
         """
         names = list(grads)
         if not names or self.rho == 0.0:
             return dict(grads)
         with torch.no_grad():
-            norm = torch.sqrt(sum((grads[n].detach().double() ** 2).sum() for n in names))
+            norm = torch.sqrt(sum((_real_view(grads[n].detach()).double() ** 2).sum() for n in names))
             usable = torch.isfinite(norm) & (norm > 0)
-            scale = torch.where(usable, self.rho / torch.where(usable, norm, torch.ones_like(norm)), torch.zeros_like(norm))
-        perturbed = {n: params[n] + grads[n].detach() * scale.to(grads[n].dtype) for n in names}
+            scale = self.rho / torch.where(usable, norm, torch.ones_like(norm))
+        # A non-finite gradient times any scale is NaN: select the weights themselves instead.
+        perturbed = {
+            n: torch.where(usable, params[n] + grads[n].detach() * scale.to(grads[n].dtype), params[n])
+            for n in names
+        }
         return dict(grad_fn(perturbed))
 
     def __repr__(self) -> str:

@@ -37,7 +37,14 @@ from samgria.meta.engine import (
     take_inner_steps,
     twice_differentiable_attention,
 )
-from samgria.meta.functional import LearningRate, check_steps, functional_forward, one_steps_argument, resolve_lrs
+from samgria.meta.functional import (
+    LearningRate,
+    check_adapt_names,
+    check_steps,
+    functional_forward,
+    one_steps_argument,
+    resolve_lrs,
+)
 from samgria.meta.inner_optim import InnerStepFn, sgd_inner_step
 
 __all__ = ["Learner"]
@@ -103,7 +110,7 @@ class Learner:
         if adapt_names is None:
             names = [n for n, p in start.items() if p.requires_grad]
         else:
-            names = list(adapt_names)
+            names = check_adapt_names(adapt_names)
             unknown = [n for n in names if n not in start]
             if unknown:
                 raise ValueError(f"adapt_names contains names that are not parameters of model: {unknown}")

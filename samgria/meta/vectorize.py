@@ -29,6 +29,7 @@ from torch import nn
 
 from samgria._checks import check_int
 from samgria.data.task import Task
+from samgria.meta.functional import check_adapt_names
 from samgria.meta.engine import (
     InnerLoop,
     can_vectorize,
@@ -150,7 +151,7 @@ def batched_task_losses(
             (:func:`second_order_vmap_blocker`: BatchNorm in train mode, LayerNorm).
         TypeError: ``steps`` is not an integer, or ``loss_fn`` returns something other than a tensor.
     """
-    loop = InnerLoop(tuple(adapt_names), dict(lrs), check_int("steps", steps, low=0), first_order=first_order)
+    loop = InnerLoop(tuple(check_adapt_names(adapt_names)), dict(lrs), check_int("steps", steps, low=0), first_order=first_order)
     blocker = vmap_blocker(model, loop)
     if blocker is not None:
         raise ValueError(
