@@ -937,6 +937,29 @@ class TransformingOptimizer(WrappingOptimizer):
         used PyTorch SAM gives it."""
         return self.inner
 
+    def _two_call_refusal(self) -> str | None:
+        """Why :meth:`first_step`/:meth:`second_step` cannot run this chain, or ``None``: the two-call
+        loop has one second pass, so it takes at most one re-evaluating transform, a
+        :class:`PerturbationTransform` that re-evaluates once. The integrations that drive the
+        two-call loop themselves ask before training starts."""
+        reevaluating = [t for t in self.transforms if t.needs_closure]
+        if len(reevaluating) > 1:
+            return (
+                "first_step()/second_step() support one re-evaluating transform; this chain has "
+                f"{len(reevaluating)}: use optimizer.step(closure)"
+            )
+        if not reevaluating:
+            return None
+        transform = reevaluating[0]
+        if not isinstance(transform, PerturbationTransform):
+            return f"{transform!r} does not support first_step()/second_step(); use step(closure)"
+        if transform.reevaluations > 1:
+            return (
+                f"{transform.describe()} re-evaluates the loss {transform.reevaluations} times per step, "
+                "which first_step()/second_step() cannot do: use optimizer.step(closure)"
+            )
+        return None
+
     @torch.no_grad()
     def first_step(self, zero_grad: bool = False) -> None:
         """First half of a step for loops without a closure (AMP, Hugging Face style).
@@ -964,14 +987,12 @@ class TransformingOptimizer(WrappingOptimizer):
                 "first_step() was called twice; call second_step() in between, or cancel_step() "
                 "to abandon the step"
             )
+        refusal = self._two_call_refusal()
+        if refusal is not None:
+            raise RuntimeError(refusal)
         self._check_groups()
         self._align_sharded_grads()
         reevaluating = [i for i, t in enumerate(self.transforms) if t.needs_closure]
-        if len(reevaluating) > 1:
-            raise RuntimeError(
-                "first_step()/second_step() support one re-evaluating transform; this chain has "
-                f"{len(reevaluating)}: use optimizer.step(closure)"
-            )
         if not reevaluating:  # every transform acts on the second pass's gradients
             if not self._grads_finite():  # skipped as step(closure) skips it; kept for GradScaler
                 self._pending = _PendingStep(None, 0, non_finite=True)
@@ -981,8 +1002,6 @@ class TransformingOptimizer(WrappingOptimizer):
             return
         split = reevaluating[0]
         transform = self.transforms[split]
-        if not isinstance(transform, PerturbationTransform):
-            raise RuntimeError(f"{transform!r} does not support first_step()/second_step(); use step(closure)")
         grad_norm = self._grad_norm()
         if not self._grads_finite(grad_norm):
             self._pending = _PendingStep(None, split + 1, non_finite=True)

@@ -10,6 +10,7 @@ two-call loop through ``self.optimizers()`` (also accumulating micro-batches ins
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 
@@ -23,7 +24,7 @@ if not os.environ.get("SAMGRIA_REQUIRE_INTEGRATIONS"):
 import lightning.pytorch as pl  # noqa: E402
 from lightning.pytorch.plugins.precision import MixedPrecision  # noqa: E402
 
-from samgria import TransformingOptimizer, sam_optimizer  # noqa: E402
+from samgria import MultiStepSAM, TransformingOptimizer, frozen_bn_stats, sam_optimizer  # noqa: E402
 from samgria.integrations.lightning import SAMCallback, SAMMixedPrecision  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings(
@@ -222,6 +223,60 @@ def test_16_mixed_overflow_skips_the_step_and_backs_off(overflow_pass: int) -> N
 
 
 # -- what is refused, before any weight changes ----------------------------------------------------------
+class NormRegression(Regression):
+    """Linear -> BatchNorm -> Tanh -> Linear; its optimizer wraps SAM's second pass in
+    ``frozen_bn_stats`` and counts the first passes."""
+
+    def __init__(self) -> None:
+        super().__init__(dtype=torch.float32)
+        torch.manual_seed(0)
+        self.net = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.Tanh(), nn.Linear(8, 1))
+        self.first_passes = 0
+
+    def configure_optimizers(self):
+        @contextlib.contextmanager
+        def first_pass():
+            self.first_passes += 1
+            yield
+
+        return sam_optimizer(
+            self.parameters(), torch.optim.SGD, rho=RHO, lr=LR,
+            first_pass_context=first_pass, reevaluation_context=lambda: frozen_bn_stats(self.net),
+        )
+
+
+@pytest.mark.parametrize("plugin", ["sam-mixed-precision", "32-true"])
+def test_the_optimizers_contexts_wrap_the_passes_and_batchnorm_updates_once_per_step(plugin) -> None:
+    """``SAMMixedPrecision`` drives the two passes itself: it enters the optimizer's contexts, as
+    ``step(closure)`` does under 32-true (one BatchNorm update per step, not two)."""
+    data = batches(torch.float32)
+    module = NormRegression()
+    plugins = [SAMMixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu", init_scale=SCALE))] if plugin != "32-true" else []
+    fit = trainer(plugins=plugins)
+    fit.fit(module, loader(data))
+    assert fit.global_step == len(data)
+    assert int(module.net[1].num_batches_tracked) == len(data)
+    assert module.first_passes == len(data)
+
+
+def test_sam_mixed_precision_refuses_a_chain_the_two_call_loop_cannot_run_before_training() -> None:
+    class Ascending(Regression):
+        def configure_optimizers(self):
+            return TransformingOptimizer(self.parameters(), torch.optim.SGD, lr=LR, transforms=[MultiStepSAM(RHO, ascent_steps=2)])
+
+    module = Ascending(dtype=torch.float32)
+    fit = trainer(plugins=[SAMMixedPrecision("16-mixed", "cpu")])
+    _refused(
+        fit,
+        module,
+        ValueError,
+        r"^SAMMixedPrecision runs SAM through first_step\(\)/second_step\(\) under automatic optimization, "
+        r"and this chain cannot: MultiStepSAM\(ascent_steps=2, .*\) re-evaluates the loss 2 times per step.*"
+        r'Train it in "bf16-mixed" or "32-true" precision',
+    )
+    assert module.training_steps == 0
+
+
 def _refused(fit: pl.Trainer, module: Regression, error: type[Exception], match: str) -> None:
     before = weights_of(module)
     with pytest.raises(error, match=match):

@@ -9,6 +9,7 @@ scaler (float16's path, simulated on the CPU), whose overflow skips the step and
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import os
@@ -23,7 +24,7 @@ if not os.environ.get("SAMGRIA_REQUIRE_INTEGRATIONS"):
     pytest.importorskip("accelerate", reason="pip install 'samgria[integrations]'")
 import transformers  # noqa: E402
 
-from samgria import SAM, TransformingOptimizer, sam_optimizer  # noqa: E402
+from samgria import SAM, MultiStepSAM, TransformingOptimizer, frozen_bn_stats, sam_optimizer  # noqa: E402
 from samgria.integrations.accelerate import SAMAcceleratedOptimizer  # noqa: E402
 from samgria.integrations.transformers import SAMTrainer  # noqa: E402
 
@@ -269,8 +270,74 @@ def test_the_stock_trainer_refuses_a_sam_optimizer_at_its_first_step(tmp_path) -
 def test_transforms_and_an_optimizer_together_are_refused(tmp_path) -> None:
     model = Regression()
     optimizer = sam_optimizer(model.parameters(), torch.optim.SGD, rho=RHO, lr=LR)
-    with pytest.raises(TypeError, match=r"transforms=.*wraps the optimizer the Trainer creates"):
+    with pytest.raises(TypeError, match=r"transforms=.*configure the optimizer the Trainer creates"):
         SAMTrainer(model=model, args=arguments(tmp_path), train_dataset=Pairs(), optimizers=(optimizer, None), transforms=[SAM()])
+    with pytest.raises(TypeError, match=r"TransformingOptimizer built with them instead$"):
+        SAMTrainer(
+            model=model, args=arguments(tmp_path), train_dataset=Pairs(), optimizers=(optimizer, None),
+            reevaluation_context=lambda: frozen_bn_stats(model),
+        )
+
+
+class NormRegression(nn.Module):
+    """Linear -> BatchNorm -> Tanh -> Linear, returning a loss dict."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.Tanh(), nn.Linear(8, 1)).double()
+
+    def forward(self, x, labels):
+        out = self.net(x)
+        return {"loss": F.mse_loss(out, labels), "logits": out}
+
+
+@pytest.mark.parametrize("route", ["optimizers", "transforms"])
+def test_the_optimizers_contexts_wrap_the_passes_and_batchnorm_updates_once_per_micro_batch(tmp_path, route) -> None:
+    """``reevaluation_context=lambda: frozen_bn_stats(model)`` keeps BatchNorm to one update per
+    first-pass forward (per micro-batch), as ``step(closure)`` does; ``first_pass_context`` wraps
+    each first pass."""
+    model = NormRegression()
+    entered = {"first": 0}
+
+    @contextlib.contextmanager
+    def first_pass():
+        entered["first"] += 1
+        yield
+
+    contexts = {"first_pass_context": first_pass, "reevaluation_context": lambda: frozen_bn_stats(model)}
+    args = arguments(tmp_path, optim="sgd", lr_scheduler_type="constant", max_grad_norm=0.0, weight_decay=0.0)
+    if route == "optimizers":
+        optimizer = sam_optimizer(model.parameters(), torch.optim.SGD, rho=RHO, lr=LR, **contexts)
+        trainer = SAMTrainer(model=model, args=args, train_dataset=Pairs(), optimizers=(optimizer, None))
+    else:
+        trainer = SAMTrainer(model=model, args=args, train_dataset=Pairs(), transforms=[SAM(rho=RHO)], **contexts)
+    trainer.train()
+    micro_batches = len(Pairs()) // 2
+    assert trainer.state.global_step == micro_batches // K
+    assert int(model.net[1].num_batches_tracked) == micro_batches  # not twice that
+    assert entered["first"] == micro_batches
+
+
+@pytest.mark.parametrize("route", ["optimizers", "transforms"])
+def test_a_chain_the_two_call_loop_cannot_run_is_refused_before_training(tmp_path, route) -> None:
+    model = Regression()
+    before = [p.detach().clone() for p in model.parameters()]
+    args = arguments(tmp_path, optim="sgd")
+    if route == "optimizers":
+        optimizer = TransformingOptimizer(model.parameters(), torch.optim.SGD, lr=LR, transforms=[MultiStepSAM(RHO, ascent_steps=2)])
+        trainer = SAMTrainer(model=model, args=args, train_dataset=Pairs(), optimizers=(optimizer, None))
+    else:
+        trainer = SAMTrainer(model=model, args=args, train_dataset=Pairs(), transforms=[MultiStepSAM(RHO, ascent_steps=2)])
+    forwards = record_batches(model)
+    with pytest.raises(
+        ValueError,
+        match=r"^SAMTrainer runs SAM through first_step\(\)/second_step\(\) .*and this chain cannot: "
+        r"MultiStepSAM\(ascent_steps=2, .*\) re-evaluates the loss 2 times per step",
+    ):
+        trainer.train()
+    assert forwards == []
+    assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
 
 
 def test_deepspeed_is_refused_when_training_starts(tmp_path) -> None:

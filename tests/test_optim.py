@@ -98,41 +98,56 @@ def test_add_param_group_fills_and_validates_transform_keys_without_half_applyin
     assert (group["rho"], group["eta"], group["adaptive"], group["lr"]) == (2.0, 0.01, True, 0.1)
 
 
-@pytest.mark.parametrize("two_call", [False, True])
-def test_a_step_refuses_an_edit_of_a_short_key_that_several_transforms_share(two_call):
+@pytest.mark.parametrize("loop", ["closure", "two_call", "no_closure"])
+def test_a_step_refuses_an_edit_of_a_short_key_that_several_transforms_share(loop):
     """``group["rho"] = 0.0`` with SAM and ASAM in the chain names neither: refused at the next
     step as in the constructor, before anything changes, not stored and never read."""
     from samgria import NormalizeGrad, SparsifyGrad
 
     x, y = make_data()
     model = make_model()
-    optimizer = TransformingOptimizer(model.parameters(), torch.optim.SGD, lr=0.1, momentum=0.9, transforms=[SAM(0.05), ASAM(0.5)])
+    if loop == "closure":
+        transforms, key, qualified = [SAM(0.05), ASAM(0.5)], "rho", ("sam.rho", "asam.rho")
+    else:  # one re-evaluating transform at most, so that first_step() can run the chain
+        transforms = [NormalizeGrad(), SparsifyGrad(q=1.0)] + ([SAM(0.05)] if loop == "two_call" else [])
+        key, qualified = "param_ndim", ("normalize_grad.param_ndim", "sparsify_grad.param_ndim")
+    optimizer = TransformingOptimizer(model.parameters(), torch.optim.SGD, lr=0.1, momentum=0.9, transforms=transforms)
     closure = make_closure(model, optimizer, x, y)
-    optimizer.step(closure)
-    optimizer.param_groups[0]["rho"] = 0.0
-    before, state = params_of(model), copy.deepcopy(optimizer.state_dict())
-    message = r"^param_groups\[0\]: the key 'rho' is a hyperparameter of several transforms; write 'sam\.rho' or 'asam\.rho'$"
-    with pytest.raises(ValueError, match=message):
-        if two_call:
-            closure()
-            optimizer.first_step()
-        else:
-            optimizer.step(closure)
-    assert_bitwise_equal(before, params_of(model))
-    assert_states_equal(state["state"], optimizer.state_dict()["state"])
-    del optimizer.param_groups[0]["rho"]
-    optimizer.param_groups[0]["sam.rho"] = 0.0  # the qualified key is the way to say it
-    optimizer.step(closure)
-    assert optimizer.param_groups[0]["sam.rho"] == 0.0
-    # The same for a key two gradient transforms share, in a step without a closure.
-    optimizer = TransformingOptimizer(model.parameters(), torch.optim.SGD, lr=0.1, transforms=[NormalizeGrad(), SparsifyGrad(q=0.5)])
-    optimizer.param_groups[0]["param_ndim"] = -1
-    nn.functional.mse_loss(model(x), y).backward()
-    with_grad = [p for p in model.parameters() if p.grad is not None]
-    grads = [p.grad.clone() for p in with_grad]
-    with pytest.raises(ValueError, match=r"the key 'param_ndim' is a hyperparameter of several transforms; write 'normalize_grad\.param_ndim' or 'sparsify_grad\.param_ndim'$"):
+    if loop == "no_closure":
+        closure()
         optimizer.step()
+    else:
+        optimizer.step(closure)
+    optimizer.param_groups[0][key] = -1 if key == "param_ndim" else 0.0
+    closure()
+    with_grad = [p for p in model.parameters() if p.grad is not None]
+    before, grads, state = params_of(model), [p.grad.clone() for p in with_grad], copy.deepcopy(optimizer.state_dict())
+    message = (
+        rf"^param_groups\[0\]: the key '{key}' is a hyperparameter of several transforms; write "
+        + " or ".join(re.escape(repr(name)) for name in qualified)
+        + "$"
+    )
+    with pytest.raises(ValueError, match=message):
+        if loop == "two_call":
+            optimizer.first_step()
+        elif loop == "closure":
+            optimizer.step(closure)
+        else:
+            optimizer.step()
+    assert_bitwise_equal(before, params_of(model))
     assert_bitwise_equal(grads, [p.grad for p in with_grad])
+    assert_states_equal(state["state"], optimizer.state_dict()["state"])
+    del optimizer.param_groups[0][key]
+    optimizer.param_groups[0][qualified[0]] = -1 if key == "param_ndim" else 0.0  # the way to say it
+    if loop == "closure":
+        optimizer.step(closure)
+    elif loop == "no_closure":
+        optimizer.step()
+    else:
+        optimizer.first_step()
+        closure()
+        optimizer.second_step()
+    assert optimizer.param_groups[0][qualified[0]] == (-1 if key == "param_ndim" else 0.0)
 
 
 def test_a_message_about_a_qualified_key_names_every_key_by_its_group_name():

@@ -432,8 +432,13 @@ def test_two_call_loop_refuses_a_longer_ascent_and_changes_nothing():
     optimizer.step(make_closure(model, optimizer, x, y))
     before, weights = state_snapshot(optimizer), params_of(model)
     nn.functional.mse_loss(model(x), y).backward()
-    with pytest.raises(RuntimeError, match=r"MultiStepSAM\(ascent_steps=2\) re-evaluates .* call optimizer\.step\(closure\)"):
+    with pytest.raises(
+        RuntimeError,
+        match=r"^MultiStepSAM\(ascent_steps=2, .*\) re-evaluates the loss 2 times per step, which "
+        r"first_step\(\)/second_step\(\) cannot do: use optimizer\.step\(closure\)$",
+    ):
         optimizer.first_step()
+    assert optimizer._two_call_refusal() is not None  # what the integrations ask before training
     assert_bitwise_equal(params_of(model), weights)
     assert_same_state(before, state_snapshot(optimizer))
     optimizer.zero_grad()

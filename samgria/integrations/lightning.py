@@ -123,11 +123,15 @@ class SAMMixedPrecision(MixedPrecision):
     perturbation), the closure again at the perturbed weights, unscales the gradients (so
     gradient clipping and the ``on_before_optimizer_step`` hooks see true gradients) and lets the
     scaler finish the step: it restores the weights and steps, or skips the step on an overflow
-    in either pass and backs off. Everything else — other optimizers, manual optimization,
-    ``"bf16-mixed"`` — runs as in ``MixedPrecision``.
+    in either pass and backs off. The two passes run inside the optimizer's
+    ``first_pass_context`` and ``reevaluation_context``, as in ``step(closure)`` (so
+    ``reevaluation_context=lambda: frozen_bn_stats(model)`` keeps BatchNorm to one update per
+    step). Everything else — other optimizers, manual optimization, ``"bf16-mixed"`` — runs as in
+    ``MixedPrecision``.
 
     When connected (right after ``configure_optimizers``) it refuses what :func:`check_trainer`
-    refuses, such as ``accumulate_grad_batches > 1``.
+    refuses, such as ``accumulate_grad_batches > 1``, and, under automatic optimization, a chain
+    that the two-call loop cannot run (``MultiStepSAM(ascent_steps=2)``).
 
     Args:
         precision: ``"16-mixed"`` (or ``"bf16-mixed"``, which needs no scaler and no plugin).
@@ -140,6 +144,16 @@ class SAMMixedPrecision(MixedPrecision):
             trainer = getattr(model, "_trainer", None)  # model.trainer raises when detached
             if trainer is not None:
                 check_trainer(trainer, model, optimizers)
+            if self.scaler is not None and getattr(model, "automatic_optimization", True):
+                for optimizer in optimizers:
+                    sam = find_transforming(optimizer)
+                    refusal = sam._two_call_refusal() if reevaluating(sam) else None
+                    if refusal is not None:  # this plugin drives the two-call loop
+                        raise ValueError(
+                            f"SAMMixedPrecision runs SAM through first_step()/second_step() under "
+                            f"automatic optimization, and this chain cannot: {refusal}. Train it in "
+                            '"bf16-mixed" or "32-true" precision, where Lightning calls step(closure)'
+                        )
         return super().connect(model, optimizers, lr_schedulers)
 
     def optimizer_step(self, optimizer: Any, model: Any, closure: Any, **kwargs: Any) -> Any:
@@ -148,13 +162,15 @@ class SAMMixedPrecision(MixedPrecision):
         if self.scaler is None or not automatic or not reevaluating(sam):
             return super().optimizer_step(optimizer, model=model, closure=closure, **kwargs)
         assert sam is not None
-        closure_result = closure()  # training_step, zero_grad, scaled backward
+        with sam._enter(sam.first_pass_context):  # the optimizer's contexts, as step(closure) enters them
+            closure_result = closure()  # training_step, zero_grad, scaled backward
         if closure_result is None:  # training_step returned None: Lightning skips the step
             return closure_result
         sam.first_step()  # w -> w + e; the loss scale cancels in e
         if not first_pass_overflowed(sam):
             try:
-                closure()  # the second pass, at w + e
+                with sam._enter(sam.reevaluation_context):
+                    closure()  # the second pass, at w + e
             except BaseException:
                 sam.cancel_step()
                 raise

@@ -46,35 +46,67 @@ class SAMTrainer(Trainer):
     the LR schedule); the training loss logged is the first pass's. Other optimizers and chains
     without a re-evaluating transform train as with ``Trainer``.
 
+    The first pass of each micro-batch runs inside the optimizer's ``first_pass_context`` and the
+    second inside its ``reevaluation_context``, as in ``step(closure)``: with
+    ``reevaluation_context=lambda: frozen_bn_stats(model)`` BatchNorm's statistics are updated once
+    per step.
+
     Args:
         *args: ``Trainer``'s positional arguments.
         transforms: Transforms to wrap the optimizer the ``Trainer`` creates in; not with a
             samgria optimizer in ``optimizers``.
+        first_pass_context: With ``transforms``, the wrapping optimizer's ``first_pass_context``.
+        reevaluation_context: With ``transforms``, the wrapping optimizer's
+            ``reevaluation_context``.
         **kwargs: ``Trainer``'s keyword arguments.
 
     Raises:
-        TypeError: If ``transforms`` is given together with an optimizer in ``optimizers``.
+        TypeError: If ``transforms`` or a context is given together with an optimizer in
+            ``optimizers``.
         ValueError: From ``train()``, under DeepSpeed, whose engine runs the optimizer step
-            itself.
+            itself, or with a chain that ``first_step()``/``second_step()`` cannot run (more
+            than one re-evaluation per step), before any step.
     """
 
-    def __init__(self, *args: Any, transforms: Any = None, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        *args: Any,
+        transforms: Any = None,
+        first_pass_context: Any = None,
+        reevaluation_context: Any = None,
+        **kwargs: Any,
+    ) -> None:
         super().__init__(*args, **kwargs)
-        if transforms is not None and self.optimizer is not None:
+        if self.optimizer is not None and (
+            transforms is not None or first_pass_context is not None or reevaluation_context is not None
+        ):
             raise TypeError(
-                "SAMTrainer(transforms=...) wraps the optimizer the Trainer creates; with "
-                "optimizers=(optimizer, ...) pass a samgria TransformingOptimizer instead and omit "
-                "transforms"
+                "SAMTrainer(transforms=..., first_pass_context=..., reevaluation_context=...) "
+                "configure the optimizer the Trainer creates; with optimizers=(optimizer, ...) pass "
+                "a samgria TransformingOptimizer built with them instead"
             )
         self.sam_transforms = transforms
+        self._sam_contexts = {"first_pass_context": first_pass_context, "reevaluation_context": reevaluation_context}
         self._sam_window: list[tuple[Any, Any]] = []
 
     def create_optimizer(self, *args: Any, **kwargs: Any) -> Any:
         created = self.optimizer is None
         optimizer = super().create_optimizer(*args, **kwargs)
         if created and self.sam_transforms is not None and not isinstance(optimizer, TransformingOptimizer):
-            self.optimizer = TransformingOptimizer(optimizer, transforms=self.sam_transforms)
+            self.optimizer = TransformingOptimizer(optimizer, transforms=self.sam_transforms, **self._sam_contexts)
+            self._refuse_two_call_incapable()
         return self.optimizer
+
+    def _refuse_two_call_incapable(self) -> None:
+        """Raise ``ValueError`` before training when the chain re-evaluates in a way the two-call
+        loop this trainer drives cannot (``MultiStepSAM(ascent_steps=2)``, two SAMs)."""
+        sam = find_transforming(self.optimizer)
+        refusal = sam._two_call_refusal() if reevaluating(sam) else None
+        if refusal is not None:
+            raise ValueError(
+                f"SAMTrainer runs SAM through first_step()/second_step() (the Trainer calls "
+                f"optimizer.step() without a closure), and this chain cannot: {refusal}"
+            )
 
     def train(self, *args: Any, **kwargs: Any) -> Any:
         self._sam_window = []
@@ -85,6 +117,8 @@ class SAMTrainer(Trainer):
                 "SAMTrainer under DeepSpeed: its engine runs the optimizer step itself, so SAM's "
                 "second pass cannot run; train with DDP or FSDP"
             )
+        if self.optimizer is not None:
+            self._refuse_two_call_incapable()
         return super().train(*args, **kwargs)
 
     def training_step(self, model: Any, inputs: Any, num_items_in_batch: Any = None) -> Any:
@@ -94,7 +128,8 @@ class SAMTrainer(Trainer):
             return super().training_step(model, inputs, num_items_in_batch)
         assert sam is not None
         self._sam_window.append((inputs, num_items_in_batch))
-        loss = super().training_step(model, inputs, num_items_in_batch)
+        with sam._enter(sam.first_pass_context):  # the optimizer's contexts, as step(closure) enters them
+            loss = super().training_step(model, inputs, num_items_in_batch)
         if not self.accelerator.sync_gradients:  # not the last micro-batch of this step
             return loss
         window, self._sam_window = self._sam_window, []
@@ -109,7 +144,8 @@ class SAMTrainer(Trainer):
             for index, (batch, items) in enumerate(window):
                 last = index == len(window) - 1
                 with contextlib.nullcontext() if last else self.accelerator.no_sync(model):
-                    super().training_step(model, batch, items)
+                    with sam._enter(sam.reevaluation_context):
+                        super().training_step(model, batch, items)
         except BaseException:
             sam.cancel_step()
             raise
