@@ -3,6 +3,8 @@ paths against a float64 loop written here, and their checks of bad lists, dtypes
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
@@ -160,6 +162,29 @@ def test_every_lamp_kernel_rejects_lists_of_other_lengths_before_writing(foreach
         assign_mean_(two, [torch.ones(2), torch.ones(2)], [1, 1, 1], foreach=foreach)
     for tensor in two + one:
         assert torch.equal(tensor, torch.ones(2))
+
+
+@pytest.mark.parametrize("foreach", [True, False])
+@pytest.mark.parametrize("other", [(4,), (1,), (3, 1)], ids=["longer", "broadcast", "reshaped"])
+def test_every_lamp_kernel_rejects_a_tensor_of_another_shape_before_writing(other, foreach):
+    """A longer sum wrote the first weight (and zeroed its sum on the reference path) before torch
+    refused it; one that broadcasts was taken silently."""
+    def world():
+        params = [torch.zeros(3), torch.zeros(3, dtype=torch.float64), torch.zeros(3)]
+        sums = [torch.full((3,), 2.0), torch.full((3,), 2.0, dtype=torch.float64), torch.full(other, 2.0)]
+        return params, sums
+
+    shape = re.escape(repr(other))
+    params, sums = world()
+    with pytest.raises(ValueError, match=rf"^sums\[2\] must have the shape of params\[2\], \(3,\), got {shape}$"):
+        assign_mean_(params, sums, [2, 2, 2], foreach=foreach)
+    with pytest.raises(ValueError, match=rf"^params\[2\] must have the shape of sums\[2\], {shape}, got \(3,\)$"):
+        accumulate_(sums, params, foreach=foreach)
+    with pytest.raises(ValueError, match=rf"^updates\[2\] must have the shape of params\[2\], \(3,\), got {shape}$"):
+        add_scaled_(params, sums, 0.5, foreach=foreach)
+    untouched_params, untouched_sums = world()
+    for got, want in zip(params + sums, untouched_params + untouched_sums):
+        assert torch.equal(got, want)  # nothing written
 
 
 @pytest.mark.parametrize("foreach", [True, False])

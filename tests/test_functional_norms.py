@@ -148,8 +148,60 @@ def test_global_norm_is_infinite_or_nan_only_where_an_element_is():
         assert global_norm([torch.ones(3), torch.tensor([1e20, math.inf])], foreach=foreach).item() == math.inf
         assert math.isnan(global_norm([torch.full((3,), 1e30), torch.tensor([1.0, math.nan])], foreach=foreach).item())
         assert global_norm([torch.zeros(3), torch.zeros(2, 2)], foreach=foreach).item() == 0.0
-        # float64 tensors beyond float64's range of squares stay as torch computes them
-        assert global_norm([torch.full((2,), 1e200, dtype=torch.float64)], foreach=foreach).item() == math.inf
+        # float64 squares beyond float64's range: the norm is finite while it is
+        huge = [torch.full((2,), 1e200, dtype=torch.float64)]
+        assert global_norm(huge, foreach=foreach).item() == math.hypot(1e200, 1e200)
+        assert global_norm([torch.full((4,), 1e308, dtype=torch.float64)], foreach=foreach).item() == math.inf
+        huge = [torch.full((2,), complex(1e200, 1e200), dtype=torch.complex128)]
+        assert global_norm(huge, foreach=foreach).item() == 2e200
+        assert global_norm([torch.tensor([1e300, math.inf], dtype=torch.float64)], foreach=foreach).item() == math.inf
+        assert math.isnan(global_norm([torch.tensor([1e300, math.nan], dtype=torch.float64)], foreach=foreach).item())
+        assert math.isnan(global_norm([torch.tensor([1e-300, math.nan], dtype=torch.float64)], foreach=foreach).item())
+
+
+def _float64_cases(dtype: torch.dtype) -> dict[str, list[torch.Tensor]]:
+    """Lists whose float64 squares overflow or underflow, in each tensor or only once combined."""
+    generator = torch.Generator().manual_seed(3)
+
+    def full(count: int, value: float, kind: torch.dtype = dtype) -> torch.Tensor:
+        return torch.full((count,), complex(value, value / 2) if kind.is_complex else value, dtype=kind)
+
+    def drawn(scale: float) -> list[torch.Tensor]:
+        def draw(*shape: int) -> torch.Tensor:
+            real, imaginary = (torch.randn(*shape, generator=generator, dtype=torch.float64) * scale for _ in "ri")
+            return torch.complex(real, imaginary) if dtype.is_complex else real
+
+        return [draw(4, 3).t(), draw(5, 6)[:, 2]]  # non-contiguous
+
+    return {
+        "huge elements": [full(4, 1e200)],
+        "tiny elements": [full(4, 1e-200)],
+        "elements whose squares are subnormal": [full(8, 1e-160)],
+        "subnormal elements": [full(9, 5e-324)],
+        "huge norms": [full(1, 1e200), full(1, 3e200), full(0, 0.0)],
+        "tiny norms": [full(1, 1e-170), full(1, 3e-170), full(3, 0.0)],
+        "tiny norms of every width": [full(1, 1e-170), full(3, 1e-30, torch.float32), full(2, 1e-20, torch.bfloat16)],
+        "huge float64 and float32 norms": [full(2, 1e300), full(3, 1e30, torch.float32)],
+        "huge drawn values": drawn(1e250),
+        "tiny drawn values": drawn(1e-300),
+        "tiny and huge": [full(3, 1e-300), full(2, 1e300)],
+    }
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.complex128])
+def test_global_norm_is_exact_where_float64_squares_overflow_or_underflow(dtype):
+    """``[1e200] * 4`` gave inf, ``[1e-200] * 4`` gave 0 and ``[1e-160] * 8`` erred by 6e-6: the
+    norm of every element, by ``math.hypot`` (scaled, and exact to an ulp), on both paths alike."""
+    for case, tensors in _float64_cases(dtype).items():
+        elements = [
+            value
+            for tensor in tensors
+            for value in (torch.view_as_real(tensor) if tensor.is_complex() else tensor.double()).reshape(-1).tolist()
+        ]
+        norms = [global_norm(tensors, foreach=foreach) for foreach in (True, False)]
+        assert torch.equal(norms[0], norms[1]), case
+        assert norms[0].dtype == torch.float64
+        assert norms[0].item() == pytest.approx(math.hypot(*elements), rel=1e-15, abs=0), case
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.complex64])

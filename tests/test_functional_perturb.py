@@ -3,7 +3,9 @@ loop written here, and the grouping they share."""
 
 from __future__ import annotations
 
+import math
 import random
+import re
 
 import pytest
 import torch
@@ -195,6 +197,86 @@ def test_perturbed_into_lists_with_small_and_large_entries_sharing_memory_equal_
             assert torch.equal(got, want), picks
 
 
+def _one_entry_after_another(entries):
+    """What :func:`perturbed_into_` promises, entry by entry in order: ``torch.add(w, d, alpha=s,
+    out=b)``, or, for a 16-bit weight or a direction of another dtype, ``w + s d`` computed in the
+    wider of their dtypes (float32 at least) and rounded once into ``b``."""
+    for b, w, d, s in entries:
+        if w.dtype in (torch.float16, torch.bfloat16) or d.dtype != w.dtype:
+            wide = torch.promote_types(torch.promote_types(w.dtype, d.dtype), torch.float32)
+            b.copy_(torch.add(w.to(wide), d.to(wide), alpha=s))
+        else:
+            torch.add(w, d, alpha=s, out=b)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("foreach", [True, False])
+def test_perturbed_into_runs_entries_computed_wider_at_their_turn_among_the_others(foreach):
+    """A direction wider than its weight is computed apart from the plain entries, but an entry
+    still sees what the entries before it wrote, and not what the entries after it write."""
+    x, b0, b1 = torch.arange(4.0), torch.zeros(4), torch.zeros(4)
+    wider = torch.ones(4, dtype=torch.float64)
+    perturbed_into_([b0, b1], [x, b0], [torch.ones(4), wider], [1.0, 1.0], foreach=foreach)
+    assert torch.equal(b1, torch.tensor([2.0, 3.0, 4.0, 5.0]))  # it read b0 after entry 0 wrote it
+
+    x, b0, y = torch.arange(4.0), torch.zeros(4), torch.full((4,), 10.0)
+    perturbed_into_([b0, x], [x, y], [torch.ones(4), wider], [1.0, 1.0], foreach=foreach)
+    assert torch.equal(b0, torch.tensor([1.0, 2.0, 3.0, 4.0]))  # it read x before entry 1 overwrote it
+    assert torch.equal(x, torch.full((4,), 11.0))
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("foreach", [True, False])
+@pytest.mark.parametrize("seed", range(3))
+def test_perturbed_into_with_mixed_dtypes_sharing_memory_equals_one_entry_after_another(seed, foreach):
+    """Random entries over a few tensors of every dtype -- 16-bit ones, float64 ones, float32 views
+    of one buffer -- each entry's buffer, weight and direction drawn from them: the same bits as
+    one entry after another."""
+    rng = random.Random(seed)
+    dtypes = [torch.float32, torch.float32, torch.float32, torch.float64, torch.float64, torch.float16, torch.bfloat16]
+    for _ in range(100):
+        generator = torch.Generator().manual_seed(rng.randrange(2**31))
+        values = [torch.randn(4, generator=generator).to(dtype) for dtype in dtypes]
+        picks = [
+            (*(rng.randrange(len(dtypes)) for _ in range(3)), rng.choice((0.5, 0.25)))  # b, w, d, s
+            for _ in range(rng.randrange(1, 7))
+        ]
+
+        def world():
+            joined = torch.cat(values[:2])  # two float32 tensors: views of one storage
+            tensors = [joined[:4], joined[4:]] + [t.clone() for t in values[2:]]
+            return tensors, [(tensors[b], tensors[w], tensors[d], s) for b, w, d, s in picks]
+
+        expected, entries = world()
+        _one_entry_after_another(entries)
+        got, entries = world()
+        buffers, params, directions, scales = (list(column) for column in zip(*entries))
+        perturbed_into_(buffers, params, directions, scales, foreach=foreach)
+        for tensor, want in zip(got, expected):
+            assert torch.equal(tensor, want), picks
+
+
+@torch.no_grad()
+def test_perturbed_into_keeps_one_list_per_dtype_unless_entries_taken_out_of_order_share_memory(monkeypatch):
+    """Strict order (runs of consecutive entries) only where widened or other-dtype entries, taken
+    apart, share a storage with the others: not for one dtype, nor for mixed dtypes apart."""
+    import samgria.functional.perturb as perturb
+
+    taken = []
+    original = perturb._runs_in_order
+    monkeypatch.setattr(perturb, "_runs_in_order", lambda *args: taken.append(1) or original(*args))
+    params = [torch.ones(4), torch.ones(4, dtype=torch.float64), torch.ones(4), torch.ones(4, dtype=torch.float16)]
+    directions = [torch.ones(4), torch.ones(4, dtype=torch.float64), torch.ones(4, dtype=torch.float64), torch.ones(4)]
+    perturbed_into_(params[:1] + params[2:3], params[:1] + params[2:3], directions[:1] * 2, [0.5, 0.5])
+    perturbed_into_(params, params, directions, [0.5] * 4)  # in place, nothing shared
+    perturbed_into_([torch.empty(4) for _ in params], params, directions, [0.5] * 4)
+    assert taken == []
+    perturbed_into_([params[1].float(), params[0]], [params[0], params[2]], directions[2:], [0.5, 0.5])
+    assert taken == []  # both widened: taken in order
+    perturbed_into_([torch.empty(4), params[0]], [params[0], params[2]], directions[::2], [0.5, 0.5])
+    assert taken == [1]  # the widened entry 1 writes the weight that entry 0 reads
+
+
 def test_perturbed_into_under_grad_mode_refuses_weights_that_require_grad_as_torch_add_does():
     weights = torch.ones(3, requires_grad=True)
     buffer = torch.empty(3)
@@ -346,6 +428,41 @@ def test_every_perturbation_kernel_rejects_integer_and_bool_tensors(dtype, forea
         mul_([good, bad], [good, good], foreach=foreach)
     with pytest.raises(TypeError, match=rf"^params\[0\] must be a floating-point or complex tensor, got a {name} tensor$"):
         adaptive_scaling([bad], [0.1], foreach=foreach)
+
+
+@pytest.mark.parametrize("foreach", [True, False])
+@pytest.mark.parametrize(
+    "dtype, eta, largest",
+    [
+        (torch.float16, 1e5, "65504.0"),
+        (torch.float16, -65520.0, "65504.0"),
+        (torch.bfloat16, 1e39, "3.3895313892515355e+38"),
+        (torch.float32, 1e39, "3.4028234663852886e+38"),
+        (torch.complex64, -1e39, "3.4028234663852886e+38"),
+    ],
+)
+def test_adaptive_scaling_refuses_a_finite_eta_beyond_its_weights_dtype(dtype, eta, largest, foreach):
+    """torch rounded it to infinity silently (float16: ``|w| + 1e5`` was ``inf``)."""
+    params = [torch.ones(2), torch.ones(3, dtype=dtype), torch.ones(2, dtype=dtype)]
+    message = (
+        rf"^etas\[1\] must fit in params\[1\]'s dtype {dtype} \(at most {re.escape(largest)} in magnitude, "
+        rf"or infinite, or NaN\), got {re.escape(repr(eta))}$"
+    )
+    with pytest.raises(ValueError, match=message):
+        adaptive_scaling(params, [0.5, eta, 0.5], foreach=foreach)
+    with pytest.raises(ValueError, match=message):  # a NaN eta before it does not hide it
+        adaptive_scaling(params, [0.5, eta, math.nan], foreach=foreach)
+
+
+@pytest.mark.parametrize("foreach", [True, False])
+def test_adaptive_scaling_takes_etas_within_range_and_non_finite_ones_as_torch_add(foreach):
+    half = torch.ones(2, dtype=torch.float16)
+    largest, = adaptive_scaling([half * 0], [65504.0], foreach=foreach)
+    assert torch.equal(largest, torch.full((2,), 65504.0, dtype=torch.float16))
+    wide, = adaptive_scaling([torch.ones(2, dtype=torch.float64)], [1e300], foreach=foreach)  # any float fits
+    assert torch.equal(wide, torch.full((2,), 1e300, dtype=torch.float64))
+    infinite, not_a_number = adaptive_scaling([half, half], [math.inf, math.nan], foreach=foreach)
+    assert bool(torch.isposinf(infinite).all()) and bool(torch.isnan(not_a_number).all())
 
 
 def test_add_directions_names_the_first_integer_weight_among_mixed_dtypes():

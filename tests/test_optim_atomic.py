@@ -399,9 +399,10 @@ def test_non_finite_raise_policy_raises_and_changes_nothing(chain, mode, where, 
 
 @pytest.mark.parametrize("mode", ["closure", "two-call", "no-closure"])
 def test_finite_gradients_whose_norm_overflows_are_not_a_non_finite_step(mode):
-    """The policy looks at the gradients, not at their norm: float64 gradients of 1e200 are finite
-    although the sum of their squares overflows. SAM cannot scale by an infinite norm: it warns
-    and skips the perturbation, and the inner optimizer steps with the unperturbed gradients."""
+    """The policy looks at the gradients, not at their norm: four float64 gradients of 1e308 are
+    finite although their norm, 2e308, is beyond float64's range. SAM cannot scale by an infinite
+    norm: it warns and skips the perturbation, and the inner optimizer steps with the unperturbed
+    gradients."""
     lr = 1e-202
     weight = nn.Parameter(torch.zeros(4, dtype=torch.float64))
     transforms = [] if mode == "no-closure" else [SAM(0.1)]
@@ -409,7 +410,7 @@ def test_finite_gradients_whose_norm_overflows_are_not_a_non_finite_step(mode):
 
     def backward():
         optimizer.zero_grad()
-        loss = (weight * 1e200).sum()
+        loss = (weight * 1e308).sum()
         loss.backward()
         return loss
 
@@ -431,7 +432,7 @@ def test_finite_gradients_whose_norm_overflows_are_not_a_non_finite_step(mode):
     else:
         assert messages == []
     assert optimizer.skipped_steps == 0
-    expected = torch.zeros(4, dtype=torch.float64).add_(torch.full((4,), 1e200, dtype=torch.float64), alpha=-lr)
+    expected = torch.zeros(4, dtype=torch.float64).add_(torch.full((4,), 1e308, dtype=torch.float64), alpha=-lr)
     assert torch.equal(weight.detach(), expected)  # plain SGD's update
 
 
@@ -465,15 +466,15 @@ def test_float32_gradients_whose_squares_overflow_float32_get_their_true_norm():
 @pytest.mark.parametrize("transform", [ClipGradNorm(1.0), NormalizeGrad()], ids=["ClipGradNorm", "NormalizeGrad"])
 def test_norm_transforms_scale_finite_gradients_with_an_overflowing_norm_to_zero(transform):
     """As torch.nn.utils.clip_grad_norm_ does (the step is not skipped: the gradients are finite)."""
-    dt = torch.float64  # whose squares overflow at 1e200 (float32 norms are taken again in float64)
+    dt = torch.float64  # four of 1e308: a norm of 2e308, beyond float64's range
     weight = nn.Parameter(torch.ones(4, dtype=dt))
     optimizer = TransformingOptimizer([weight], torch.optim.SGD, lr=0.1, weight_decay=0.5, transforms=[transform])
     reference = nn.Parameter(torch.ones(4, dtype=dt))
-    reference.grad = torch.full((4,), 1e200, dtype=dt)
+    reference.grad = torch.full((4,), 1e308, dtype=dt)
     torch.nn.utils.clip_grad_norm_([reference], 1.0)
     assert torch.equal(reference.grad, torch.zeros(4, dtype=dt))
     optimizer.zero_grad()
-    (weight * 1e200).sum().backward()
+    (weight * 1e308).sum().backward()
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         optimizer.step()
@@ -953,12 +954,12 @@ def test_the_non_finite_policy_and_sam_warnings_point_at_the_users_line():
         optimizer.step(closure)  # the non-finite policy's warning
     assert [w.filename for w in caught] == [__file__], [(w.filename, str(w.message)) for w in caught]
 
-    wide = nn.Parameter(torch.ones(3, dtype=torch.float64))
+    wide = nn.Parameter(torch.ones(4, dtype=torch.float64))
     sam = TransformingOptimizer([wide], torch.optim.SGD, lr=1e-300, transforms=[SAM(0.1)])
 
     def overflowing():
         sam.zero_grad()
-        loss = (wide * 1e200).sum()
+        loss = (wide * 1e308).sum()
         loss.backward()
         return loss
 

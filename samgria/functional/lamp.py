@@ -3,8 +3,10 @@ r"""Kernels for LAMP: magnitude-scaled uniform noise and running sums of weights
 Every kernel has a ``foreach`` fast path (``torch._foreach_*`` calls per device and dtype) and a
 per-tensor reference path that performs the same arithmetic tensor by tensor, so the two agree
 bit for bit. The lists a kernel writes into must be floating-point or complex (an integer tensor
-would truncate silently), and every list must have one entry per parameter; both are checked once
-per list (or per device and dtype), before anything is written.
+would truncate silently), every list must have one entry per parameter, and the tensors a kernel
+combines must have one shape (torch would broadcast a smaller one silently, or fail after writing
+the entries before it); each is checked once per list (or per device and dtype), before anything
+is written.
 """
 
 from __future__ import annotations
@@ -68,10 +70,12 @@ def add_scaled_(
     one beyond the range of the computing dtype raises torch's ``RuntimeError``).
 
     Raises:
-        ValueError: If ``updates`` has another length than ``params``.
+        ValueError: If ``updates`` has another length than ``params``, or an update another shape
+            than its parameter.
         TypeError: If a parameter is neither floating-point nor complex.
     """
     check_lengths(len(params), "parameter", ("updates", updates))
+    _check_shapes("updates", updates, "params", params)
     if foreach:
         groups = group_indices_by_device_and_dtype(params)
         check_floating("params", params, [dtype for _device, dtype in groups])
@@ -110,10 +114,12 @@ def accumulate_(sums: Sequence[torch.Tensor], params: Sequence[torch.Tensor], *,
     and dtype of the sums, or ``add_`` tensor by tensor (``foreach=False``), bit for bit alike.
 
     Raises:
-        ValueError: If ``params`` has another length than ``sums``.
+        ValueError: If ``params`` has another length than ``sums``, or a parameter another shape
+            than its sum.
         TypeError: If a sum is neither floating-point nor complex.
     """
     check_lengths(len(sums), "sum", ("params", params))
+    _check_shapes("params", params, "sums", sums)
     if foreach:
         groups = group_indices_by_device_and_dtype(sums)
         check_floating("sums", sums, [dtype for _device, dtype in groups])
@@ -137,12 +143,13 @@ def assign_mean_(
     before anything is written.
 
     Raises:
-        ValueError: If ``sums`` or ``counts`` has another length than ``params``, or a count is
-            below 1 (a mean of nothing).
+        ValueError: If ``sums`` or ``counts`` has another length than ``params``, a sum another
+            shape than its parameter, or a count is below 1 (a mean of nothing).
         TypeError: If a count is not an integer (``bool`` refused), or a parameter is neither
             floating-point nor complex.
     """
     check_lengths(len(params), "parameter", ("sums", sums), ("counts", counts))
+    _check_shapes("sums", sums, "params", params)
     divisors = _divisors(counts)
     if foreach:
         groups = group_indices_by_device_and_dtype(params)
@@ -157,6 +164,24 @@ def assign_mean_(
     for param, total, divisor in zip(params, sums, divisors):
         param.copy_(total / divisor)
         total.zero_()
+
+
+def _check_shapes(name: str, tensors: Sequence[torch.Tensor], like_name: str, like: Sequence[torch.Tensor]) -> None:
+    """Check that every tensor of ``tensors`` has the shape of its entry of ``like`` (lists of one
+    length): one comparison of two lists of shapes in the common case, the entries read one by one
+    only to name the first that differs.
+
+    Raises:
+        ValueError: ``"{name}[i] must have the shape of {like_name}[i], {shape}, got {shape}"``.
+    """
+    if [tensor.shape for tensor in tensors] == [tensor.shape for tensor in like]:
+        return
+    for index, (tensor, model) in enumerate(zip(tensors, like)):
+        if tensor.shape != model.shape:
+            raise ValueError(
+                f"{name}[{index}] must have the shape of {like_name}[{index}], {tuple(model.shape)}, "
+                f"got {tuple(tensor.shape)}"
+            )
 
 
 def _divisors(counts: Sequence[int]) -> list[float]:

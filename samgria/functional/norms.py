@@ -8,7 +8,9 @@ squares that overflow (a norm above about 1.8e19 comes out infinite) or that fal
 subnormal range (a norm below about 1e-19 comes out inaccurate or 0) -- the norm comes out
 infinite or below 1e-15, and the norms of the float32 and 16-bit tensors are
 taken again in float64: the common case pays one read of the result, which every caller makes
-anyway. Sharded tensors (``DTensor``) count whole:
+anyway. float64 arithmetic meets the same limits further out (squares beyond about 1.8e308, or
+below 2.2e-308): float64 and complex128 norms, and their combination, that come out infinite or
+below 1e-140 are taken again scaled by a power of two. Sharded tensors (``DTensor``) count whole:
 the per-shard squared norms are summed across ranks (see :mod:`samgria.functional._sharding`).
 
 :func:`scale_` rescales tensors by one number each (what clipping and normalising by a norm do),
@@ -57,7 +59,9 @@ def global_norm(
         exact: Read the result on the host once (a device synchronisation) and, when float32
             arithmetic overflowed or flushed it to the subnormal range (infinite, or below
             1e-15), take the norms of the float32 and 16-bit tensors concerned again in float64
-            (not on MPS, which has no float64), on both paths alike; zero tensors are skipped.
+            (not on MPS, which has no float64), and those of the float64 and complex128 tensors
+            (and their combination) that overflowed or fell below 1e-140 again scaled by a power
+            of two, on both paths alike; zero tensors are skipped.
             ``False``: no host read (asynchronous, and traceable by ``torch.compile``), with
             float32's range, as ``torch.nn.utils.clip_grad_norm_`` has.
 
@@ -86,16 +90,35 @@ def global_norm(
     if not (math.isinf(value) or value < _RECOMPUTE_BELOW):
         return norm
     recomputed = False
+    beyond_float64 = False  # whether a norm or the combined one may be beyond float64's squares
     for index, (tensor, per_tensor) in enumerate(zip(tensors, stacked.tolist())):  # both paths alike
-        wide = _WIDE.get(tensor.dtype)
-        if wide is None or tensor.device.type == "mps":
+        if tensor.device.type == "mps":
             continue
-        if not math.isinf(per_tensor) and (per_tensor >= _RECOMPUTE_BELOW or not bool(tensor.any())):
+        if tensor.dtype in _FLOAT64_DTYPES:
+            beyond_float64 = True
+            below = _FLOAT64_RECOMPUTE_BELOW
+        elif tensor.dtype in _WIDE:
+            below = _RECOMPUTE_BELOW
+        else:
+            continue
+        if not math.isinf(per_tensor) and (per_tensor >= below or not bool(tensor.any())):
             continue  # accurate already, or exactly zero (a frozen layer's gradient)
-        stacked[index] = torch.linalg.vector_norm(tensor, 2, dtype=wide).to(out_device, acc_dtype)
+        if tensor.dtype in _FLOAT64_DTYPES:
+            scale = _SCALE_DOWN if math.isinf(per_tensor) else _SCALE_UP
+            wide_norm = torch.linalg.vector_norm(tensor * scale, 2) / scale
+        else:
+            wide_norm = torch.linalg.vector_norm(tensor, 2, dtype=_WIDE[tensor.dtype])
+        stacked[index] = wide_norm.to(out_device, acc_dtype)
         recomputed = True
     # Sharded: every rank entered here (the global value), so every rank reduces again.
-    return _combined(stacked, sources if sharded else None) if recomputed or sharded else norm
+    if recomputed or sharded:
+        norm = _combined(stacked, sources if sharded else None)
+        if beyond_float64:
+            value = float(norm)
+    if beyond_float64 and (math.isinf(value) or value < _FLOAT64_RECOMPUTE_BELOW):
+        scale = _SCALE_DOWN if math.isinf(value) else _SCALE_UP  # float64 norms' squares: out of range
+        norm = _combined(stacked * scale, sources if sharded else None) / scale
+    return norm
 
 
 #: A global norm below this, or an infinite one, is taken again with the norms of float32 and
@@ -104,6 +127,21 @@ def global_norm(
 #: float32's precision relative to a squared norm of at least 1e-30 for tensors of up to 1e8
 #: elements. Above it, and finite, the float32 norms are as accurate as float32 arithmetic allows.
 _RECOMPUTE_BELOW = 1e-15
+
+#: A float64 or complex128 norm below this, or an infinite one, is taken again scaled by a power of
+#: two (``_SCALE_UP`` or ``_SCALE_DOWN``: exact), and so is the combination of the per-tensor norms.
+#: Below it every element is below it too (a larger one's square is a normal float64), so that scaled
+#: by ``_SCALE_UP`` every element squares into float64's normal range without overflow; above it the
+#: squares lost no digit that counts (subnormal squares err by at most 2.5e-324 each, under
+#: float64's precision relative to a squared norm of 1e-280). An infinite norm is taken again scaled
+#: by ``_SCALE_DOWN``: every finite element then squares below 1e256, and an element whose scaled
+#: square underflows is below 1e27, negligible next to a squared norm beyond 1.8e308.
+_FLOAT64_RECOMPUTE_BELOW = 1e-140
+_SCALE_UP = 2.0**600
+_SCALE_DOWN = 2.0**-600
+
+#: The dtypes whose norms are taken in float64 arithmetic (see ``_FLOAT64_RECOMPUTE_BELOW``).
+_FLOAT64_DTYPES = (torch.float64, torch.complex128)
 
 #: The dtype a tensor's norm is taken again in (see ``_RECOMPUTE_BELOW``).
 _WIDE = {

@@ -51,25 +51,90 @@ def perturbed_into_(
     check_floating("params", params, [dtype for _device, dtype in by_dtype])
     if buffers is not params:
         check_floating("buffers", buffers)
-    groups = []
+    widened: list[_Segment] = []
+    plain: list[_Segment] = []
     for (device, dtype), indices in by_dtype.items():
         if dtype in LOW_PRECISION:
-            plain, widened = [], indices
-        else:
-            plain = [i for i in indices if directions[i].dtype == dtype]
-            widened = [i for i in indices if directions[i].dtype != dtype] if len(plain) < len(indices) else []
-        for i in widened:
+            widened.append((None, indices))
+            continue
+        same = [i for i in indices if directions[i].dtype == dtype]
+        if len(same) < len(indices):
+            widened.append((None, [i for i in indices if directions[i].dtype != dtype]))
+        if same:
+            plain.append(((device, dtype), same))
+    segments = widened + plain
+    if len(segments) > 1 and _reordered_onto_shared_memory(segments, buffers, params, directions):
+        segments = _runs_in_order(segments, len(params))
+    for kind, indices in segments:
+        _perturb_segment(kind, indices, buffers, params, directions, scales, foreach)
+
+
+#: Entries that one kernel perturbs: ``(None, indices)`` for entries computed in a wider dtype
+#: (every 16-bit parameter, and a direction of another dtype than its parameter), one by one;
+#: ``((device, dtype), indices)`` for parameters and directions of that device and dtype.
+_Segment = tuple[tuple[torch.device, torch.dtype] | None, list[int]]
+
+
+def _perturb_segment(
+    kind: tuple[torch.device, torch.dtype] | None,
+    indices: list[int],
+    buffers: Sequence[torch.Tensor],
+    params: Sequence[torch.Tensor],
+    directions: Sequence[torch.Tensor],
+    scales: Sequence[float],
+    foreach: bool,
+) -> None:
+    """:func:`perturbed_into_` for the entries ``indices`` of one segment (see ``_Segment``), in order."""
+    if kind is None:
+        for i in indices:
             wide = torch.promote_types(widened_dtype(params[i].dtype), widened_dtype(directions[i].dtype))
             buffers[i].copy_(torch.add(params[i].to(wide), directions[i].to(wide), alpha=scales[i]))
-        if plain:
-            groups.append((device, dtype, plain))
-    for device, dtype, plain in groups:  # after every widened one, as before the grouping
-        if not foreach:
-            for i in plain:
-                torch.add(params[i], directions[i], alpha=scales[i], out=buffers[i])
-            continue
-        size_limit = _CPU_LIST_NUMEL if device.type == "cpu" else None
-        _perturbed_into_by_lists(buffers, params, directions, scales, plain, dtype, size_limit)
+        return
+    device, dtype = kind
+    if not foreach:
+        for i in indices:
+            torch.add(params[i], directions[i], alpha=scales[i], out=buffers[i])
+        return
+    size_limit = _CPU_LIST_NUMEL if device.type == "cpu" else None
+    _perturbed_into_by_lists(buffers, params, directions, scales, indices, dtype, size_limit)
+
+
+def _reordered_onto_shared_memory(
+    segments: list[_Segment],
+    buffers: Sequence[torch.Tensor],
+    params: Sequence[torch.Tensor],
+    directions: Sequence[torch.Tensor],
+) -> bool:
+    """Whether perturbing ``segments`` one after another could differ from perturbing the entries in
+    order: they take the entries out of order, and an entry writes a storage that an entry of
+    another segment reads or writes (by storage, so views of one buffer count as shared)."""
+    if [i for _kind, indices in segments for i in indices] == list(range(len(params))):
+        return False
+    owner: dict[int, int] = {}  # storage -> the one segment that touches it, or -1 for several
+    written: set[int] = set()
+    for number, (_kind, indices) in enumerate(segments):
+        for i in indices:
+            written.add(_storage(buffers[i]))
+            for tensor in (buffers[i], params[i], directions[i]):
+                if owner.setdefault(_storage(tensor), number) != number:
+                    owner[_storage(tensor)] = -1
+    return any(owner[at] == -1 for at in written if at)  # a storage at 0 holds no memory
+
+
+def _runs_in_order(segments: list[_Segment], count: int) -> list[_Segment]:
+    """``segments`` cut into runs of consecutive entries, in the order of the entries (each run is
+    perturbed at its turn, with its segment's kernel)."""
+    kind_of: list[Any] = [None] * count
+    for kind, indices in segments:
+        for i in indices:
+            kind_of[i] = kind
+    runs: list[_Segment] = []
+    for i, kind in enumerate(kind_of):
+        if runs and runs[-1][0] == kind:
+            runs[-1][1].append(i)
+        else:
+            runs.append((kind, [i]))
+    return runs
 
 
 #: On the CPU, tensors of at most this many elements (64 KiB in float32: in cache) are perturbed by
@@ -214,27 +279,59 @@ def adaptive_scaling(
 
     One ``torch._foreach_abs`` and ``torch._foreach_add_`` per device and dtype, or
     ``abs().add_()`` tensor by tensor (``foreach=False``): the same arithmetic, bit for bit. A
-    complex parameter gives a real :math:`T_i` (its modulus). The etas are not checked: they
-    follow ``torch.add`` (IEEE arithmetic; one beyond the parameter's dtype raises torch's
-    ``RuntimeError``).
+    complex parameter gives a real :math:`T_i` (its modulus). The etas follow ``torch.add`` (IEEE
+    arithmetic: a NaN or infinite eta gives a NaN or infinite :math:`T_i`), except that a finite
+    eta beyond the largest finite value of its :math:`T_i`'s dtype, which torch would round to
+    infinity silently, is refused before anything is computed.
 
     Raises:
-        ValueError: If ``etas`` has another length than ``params``.
+        ValueError: If ``etas`` has another length than ``params``, or an eta is finite and beyond
+            the range of its parameter's (real) dtype.
         TypeError: If a parameter is neither floating-point nor complex.
     """
     check_lengths(len(params), "parameter", ("etas", etas))
+    groups = group_indices_by_device_and_dtype(params)
+    check_floating("params", params, [dtype for _device, dtype in groups])
+    _check_etas_fit(params, etas, groups)
     if foreach:
         result: list[torch.Tensor | None] = [None] * len(params)
-        groups = group_indices_by_device_and_dtype(params)
-        check_floating("params", params, [dtype for _device, dtype in groups])
         for indices in groups.values():
             scaled = torch._foreach_abs([params[i] for i in indices])
             torch._foreach_add_(scaled, [etas[i] for i in indices])
             for index, tensor in zip(indices, scaled):
                 result[index] = tensor
         return result  # type: ignore[return-value]
-    check_floating("params", params)
     return [param.abs().add_(eta) for param, eta in zip(params, etas)]
+
+
+#: The largest finite value of each dtype narrower than a Python float (a complex dtype's ASAM
+#: operator is real: its parts' dtype).
+_LARGEST = {dtype: torch.finfo(dtype).max for dtype in (torch.float16, torch.bfloat16, torch.float32, torch.complex64)}
+
+
+def _check_etas_fit(
+    params: Sequence[torch.Tensor], etas: Sequence[float], groups: dict[tuple[torch.device, torch.dtype], list[int]]
+) -> None:
+    """Check that no eta is finite and beyond its parameter's range (one ``max`` per dtype group in
+    the common case; the entries are read one by one only to name the first bad one).
+
+    Raises:
+        ValueError: ``"etas[i] must fit in params[i]'s dtype {dtype} (at most {largest} in
+            magnitude, or infinite, or NaN), got {eta!r}"`` for the first such eta.
+    """
+    for (_device, dtype), indices in groups.items():
+        largest = _LARGEST.get(dtype)
+        if largest is not None and not max(map(abs, map(etas.__getitem__, indices)), default=0.0) <= largest:
+            break  # a NaN may hide a larger eta from max: every entry is read below
+    else:
+        return
+    for index, (param, eta) in enumerate(zip(params, etas)):
+        largest = _LARGEST.get(param.dtype)
+        if largest is not None and math.isfinite(eta) and abs(eta) > largest:
+            raise ValueError(
+                f"etas[{index}] must fit in params[{index}]'s dtype {param.dtype} (at most {largest!r} in magnitude, "
+                f"or infinite, or NaN), got {eta!r}"
+            )
 
 
 def mul(
