@@ -956,7 +956,8 @@ class TransformingOptimizer(WrappingOptimizer):
         if transform.reevaluations > 1:
             return (
                 f"{transform.describe()} re-evaluates the loss {transform.reevaluations} times per step, "
-                "which first_step()/second_step() cannot do: use optimizer.step(closure)"
+                "which first_step()/second_step() cannot do: use optimizer.step(closure), or one "
+                "re-evaluation per step (ascent_steps=1 for MultiStepSAM)"
             )
         return None
 

@@ -290,6 +290,33 @@ def test_a_scaler_driving_step_closure_is_refused_before_anything_changes() -> N
 
 
 @pytest.mark.parametrize("route", ROUTES)
+def test_step_closure_under_a_loss_scaler_refuses_m_sharpness_before_the_closure_runs(route: str) -> None:
+    """Under a loss scaler step(closure) runs the two-call loop, in which a rank whose local first
+    pass overflowed would skip its second pass alone: ``first_pass_context`` is refused."""
+    accelerator = make_accelerator(route)
+    with_loss_scaler(accelerator)
+    net, sam = model_and_optimizer(torch.float32)
+    sam.first_pass_context = contextlib.nullcontext
+    model, optimizer = prepare(route, accelerator, net, sam)
+    x, y = batches(torch.float32)[0]
+    before = [p.detach().clone() for p in model.parameters()]
+    calls = []
+
+    def closure():
+        calls.append(None)
+        return accelerated_closure(accelerator, model, optimizer, x, y)()
+
+    with pytest.raises(
+        RuntimeError,
+        match=r"^SAMAcceleratedOptimizer\.step\(closure\) under a loss scaler runs SAM through "
+        r"first_step\(\)/second_step\(\), and this optimizer cannot: first_pass_context \(m-sharpness\)",
+    ):
+        optimizer.step(closure)
+    assert calls == []
+    assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
+
+
+@pytest.mark.parametrize("route", ROUTES)
 def test_accumulate_is_refused_on_a_micro_batch_that_does_not_step(route: str) -> None:
     accelerator = make_accelerator(route, gradient_accumulation_steps=2)
     model, optimizer = prepare(route, accelerator, *model_and_optimizer())

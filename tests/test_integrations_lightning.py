@@ -225,29 +225,24 @@ def test_16_mixed_overflow_skips_the_step_and_backs_off(overflow_pass: int) -> N
 # -- what is refused, before any weight changes ----------------------------------------------------------
 class NormRegression(Regression):
     """Linear -> BatchNorm -> Tanh -> Linear; its optimizer wraps SAM's second pass in
-    ``frozen_bn_stats`` and counts the first passes."""
+    ``frozen_bn_stats``."""
 
-    def __init__(self) -> None:
+    def __init__(self, first_pass_context=None) -> None:
         super().__init__(dtype=torch.float32)
         torch.manual_seed(0)
         self.net = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.Tanh(), nn.Linear(8, 1))
-        self.first_passes = 0
+        self.first_pass_context = first_pass_context
 
     def configure_optimizers(self):
-        @contextlib.contextmanager
-        def first_pass():
-            self.first_passes += 1
-            yield
-
         return sam_optimizer(
             self.parameters(), torch.optim.SGD, rho=RHO, lr=LR,
-            first_pass_context=first_pass, reevaluation_context=lambda: frozen_bn_stats(self.net),
+            first_pass_context=self.first_pass_context, reevaluation_context=lambda: frozen_bn_stats(self.net),
         )
 
 
 @pytest.mark.parametrize("plugin", ["sam-mixed-precision", "32-true"])
-def test_the_optimizers_contexts_wrap_the_passes_and_batchnorm_updates_once_per_step(plugin) -> None:
-    """``SAMMixedPrecision`` drives the two passes itself: it enters the optimizer's contexts, as
+def test_the_reevaluation_context_wraps_the_second_pass_and_batchnorm_updates_once_per_step(plugin) -> None:
+    """``SAMMixedPrecision`` drives the two passes itself: it enters ``reevaluation_context``, as
     ``step(closure)`` does under 32-true (one BatchNorm update per step, not two)."""
     data = batches(torch.float32)
     module = NormRegression()
@@ -256,7 +251,21 @@ def test_the_optimizers_contexts_wrap_the_passes_and_batchnorm_updates_once_per_
     fit.fit(module, loader(data))
     assert fit.global_step == len(data)
     assert int(module.net[1].num_batches_tracked) == len(data)
-    assert module.first_passes == len(data)
+
+
+def test_sam_mixed_precision_refuses_m_sharpness_before_training() -> None:
+    """A rank whose local first pass overflowed would skip its second pass alone (the others wait
+    in its all-reduce): ``first_pass_context`` needs ``step(closure)``."""
+    module = NormRegression(first_pass_context=contextlib.nullcontext)
+    fit = trainer(plugins=[SAMMixedPrecision("16-mixed", "cpu")])
+    _refused(
+        fit,
+        module,
+        ValueError,
+        r"^SAMMixedPrecision \(under automatic optimization\) runs SAM through first_step\(\)/second_step\(\), "
+        r"and this optimizer cannot: first_pass_context \(m-sharpness\) needs step\(closure\)",
+    )
+    assert module.training_steps == 0
 
 
 def test_sam_mixed_precision_refuses_a_chain_the_two_call_loop_cannot_run_before_training() -> None:
@@ -270,9 +279,9 @@ def test_sam_mixed_precision_refuses_a_chain_the_two_call_loop_cannot_run_before
         fit,
         module,
         ValueError,
-        r"^SAMMixedPrecision runs SAM through first_step\(\)/second_step\(\) under automatic optimization, "
-        r"and this chain cannot: MultiStepSAM\(ascent_steps=2, .*\) re-evaluates the loss 2 times per step.*"
-        r'Train it in "bf16-mixed" or "32-true" precision',
+        r"^SAMMixedPrecision \(under automatic optimization\) runs SAM through first_step\(\)/second_step\(\), "
+        r"and this optimizer cannot: MultiStepSAM\(ascent_steps=2, .*\) re-evaluates the loss 2 times per step.*"
+        r'Or train in "bf16-mixed" or "32-true" precision',
     )
     assert module.training_steps == 0
 

@@ -150,6 +150,37 @@ def test_a_step_refuses_an_edit_of_a_short_key_that_several_transforms_share(loo
     assert optimizer.param_groups[0][qualified[0]] == (-1 if key == "param_ndim" else 0.0)
 
 
+def test_validate_group_of_a_users_transform_sees_its_own_short_keys_only():
+    """The documented contract: ``group`` maps the transform's short names (a subclass may iterate
+    it or unpack it); only a transform with ``param_ndim`` also finds ``params`` there."""
+    from samgria import NormalizeGrad, Transform
+
+    seen = []
+
+    class Weighted(Transform):
+        def group_defaults(self):
+            return {"a": 0.5, "b": 0.5}
+
+        def validate_group(self, group):
+            seen.append(dict(group))
+            for key, value in group.items():
+                if not 0 <= value <= 1:
+                    raise ValueError(f"{key} must be in [0, 1], got {value!r}")
+
+    class NormalizedWeighted(NormalizeGrad):
+        def validate_group(self, group):
+            seen.append(sorted(group))
+            super().validate_group(group)
+
+    model = make_model()
+    optimizer = TransformingOptimizer(model.parameters(), torch.optim.SGD, lr=0.1, transforms=[Weighted(), NormalizedWeighted()])
+    assert seen[0] == {"a": 0.5, "b": 0.5}
+    assert seen[1] == ["eps", "p", "param_ndim", "params"]
+    optimizer.param_groups[0]["a"] = 2.0
+    with pytest.raises(ValueError, match=r"^param_groups\[0\]: a must be in \[0, 1\], got 2\.0$"):
+        optimizer.step()
+
+
 def test_a_message_about_a_qualified_key_names_every_key_by_its_group_name():
     """With two ClampGrads every key is qualified: a message relating two keys names both as the
     group stores them."""

@@ -435,7 +435,8 @@ def test_two_call_loop_refuses_a_longer_ascent_and_changes_nothing():
     with pytest.raises(
         RuntimeError,
         match=r"^MultiStepSAM\(ascent_steps=2, .*\) re-evaluates the loss 2 times per step, which "
-        r"first_step\(\)/second_step\(\) cannot do: use optimizer\.step\(closure\)$",
+        r"first_step\(\)/second_step\(\) cannot do: use optimizer\.step\(closure\), or one re-evaluation "
+        r"per step \(ascent_steps=1 for MultiStepSAM\)$",
     ):
         optimizer.first_step()
     assert optimizer._two_call_refusal() is not None  # what the integrations ask before training

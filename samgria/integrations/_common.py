@@ -63,3 +63,24 @@ def first_pass_overflowed(optimizer: TransformingOptimizer) -> bool:
     """
     pending = optimizer._pending
     return pending is not None and pending.non_finite
+
+
+def two_call_refusal(optimizer: TransformingOptimizer, driver: str) -> str | None:
+    """Why ``driver`` (an integration that runs ``first_step()``/``second_step()`` itself) cannot
+    run ``optimizer``, or ``None``.
+
+    Besides a chain the two-call loop cannot run (more than one re-evaluation per step),
+    ``first_pass_context`` (m-sharpness) is refused: ``step(closure)`` agrees the ranks' verdicts
+    on their local first-pass gradients, but in the two-call loop a rank whose local first pass
+    overflowed would skip its second pass alone, and the others would wait in its all-reduce.
+    """
+    refusal = optimizer._two_call_refusal()
+    if refusal is None and optimizer.first_pass_context is not None:
+        refusal = (
+            "first_pass_context (m-sharpness) needs step(closure), which agrees the ranks' verdicts "
+            "on their local first-pass gradients; drop it (SAM then perturbs with the global "
+            "gradient)"
+        )
+    if refusal is None:
+        return None
+    return f"{driver} runs SAM through first_step()/second_step(), and this optimizer cannot: {refusal}"

@@ -21,7 +21,13 @@ from typing import Any
 
 import torch
 
-from samgria.integrations._common import find_transforming, first_pass_overflowed, missing_base, reevaluating
+from samgria.integrations._common import (
+    find_transforming,
+    first_pass_overflowed,
+    missing_base,
+    reevaluating,
+    two_call_refusal,
+)
 from samgria.optim import TransformingOptimizer
 
 try:
@@ -115,8 +121,11 @@ class SAMAcceleratedOptimizer(AcceleratedOptimizer):
             super().step(recording)
             return _detached(losses[0]) if losses else None
         # GradScaler cannot run a closure: the two passes here, each scaled by accelerator.backward.
+        refusal = two_call_refusal(sam, "SAMAcceleratedOptimizer.step(closure) under a loss scaler")
+        if refusal is not None:  # before the closure runs: nothing has changed
+            raise RuntimeError(refusal)
         self._record_scale()
-        with torch.enable_grad(), sam._enter(sam.first_pass_context):
+        with torch.enable_grad():
             loss = closure()
         sam.first_step()
         if not first_pass_overflowed(sam):  # else the kept inf gradients make the scaler skip

@@ -31,7 +31,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from samgria.integrations._common import find_transforming, first_pass_overflowed, missing_base, reevaluating
+from samgria.integrations._common import (
+    find_transforming,
+    first_pass_overflowed,
+    missing_base,
+    reevaluating,
+    two_call_refusal,
+)
 
 try:
     import lightning.pytorch as pl
@@ -123,15 +129,17 @@ class SAMMixedPrecision(MixedPrecision):
     perturbation), the closure again at the perturbed weights, unscales the gradients (so
     gradient clipping and the ``on_before_optimizer_step`` hooks see true gradients) and lets the
     scaler finish the step: it restores the weights and steps, or skips the step on an overflow
-    in either pass and backs off. The two passes run inside the optimizer's
-    ``first_pass_context`` and ``reevaluation_context``, as in ``step(closure)`` (so
+    in either pass and backs off. The second pass runs inside the optimizer's
+    ``reevaluation_context``, as in ``step(closure)`` (so
     ``reevaluation_context=lambda: frozen_bn_stats(model)`` keeps BatchNorm to one update per
     step). Everything else — other optimizers, manual optimization, ``"bf16-mixed"`` — runs as in
     ``MixedPrecision``.
 
     When connected (right after ``configure_optimizers``) it refuses what :func:`check_trainer`
-    refuses, such as ``accumulate_grad_batches > 1``, and, under automatic optimization, a chain
-    that the two-call loop cannot run (``MultiStepSAM(ascent_steps=2)``).
+    refuses, such as ``accumulate_grad_batches > 1``, and, under automatic optimization, what the
+    two-call loop cannot run: a chain with more than one re-evaluation per step
+    (``MultiStepSAM(ascent_steps=2)``) and ``first_pass_context`` (m-sharpness, which needs
+    ``step(closure)`` to agree the ranks' verdicts on their local gradients).
 
     Args:
         precision: ``"16-mixed"`` (or ``"bf16-mixed"``, which needs no scaler and no plugin).
@@ -146,15 +154,19 @@ class SAMMixedPrecision(MixedPrecision):
                 check_trainer(trainer, model, optimizers)
             if self.scaler is not None and getattr(model, "automatic_optimization", True):
                 for optimizer in optimizers:
-                    sam = find_transforming(optimizer)
-                    refusal = sam._two_call_refusal() if reevaluating(sam) else None
-                    if refusal is not None:  # this plugin drives the two-call loop
-                        raise ValueError(
-                            f"SAMMixedPrecision runs SAM through first_step()/second_step() under "
-                            f"automatic optimization, and this chain cannot: {refusal}. Train it in "
-                            '"bf16-mixed" or "32-true" precision, where Lightning calls step(closure)'
-                        )
+                    self._refuse_two_call_incapable(find_transforming(optimizer))
         return super().connect(model, optimizers, lr_schedulers)
+
+    @staticmethod
+    def _refuse_two_call_incapable(sam: Any) -> None:
+        if not reevaluating(sam):
+            return
+        refusal = two_call_refusal(sam, "SAMMixedPrecision (under automatic optimization)")
+        if refusal is not None:
+            raise ValueError(
+                f'{refusal}. Or train in "bf16-mixed" or "32-true" precision, where Lightning calls '
+                "step(closure)"
+            )
 
     def optimizer_step(self, optimizer: Any, model: Any, closure: Any, **kwargs: Any) -> Any:
         sam = find_transforming(optimizer)
@@ -162,14 +174,14 @@ class SAMMixedPrecision(MixedPrecision):
         if self.scaler is None or not automatic or not reevaluating(sam):
             return super().optimizer_step(optimizer, model=model, closure=closure, **kwargs)
         assert sam is not None
-        with sam._enter(sam.first_pass_context):  # the optimizer's contexts, as step(closure) enters them
-            closure_result = closure()  # training_step, zero_grad, scaled backward
+        self._refuse_two_call_incapable(sam)  # also an optimizer changed since it was connected
+        closure_result = closure()  # training_step, zero_grad, scaled backward
         if closure_result is None:  # training_step returned None: Lightning skips the step
             return closure_result
         sam.first_step()  # w -> w + e; the loss scale cancels in e
         if not first_pass_overflowed(sam):
             try:
-                with sam._enter(sam.reevaluation_context):
+                with sam._enter(sam.reevaluation_context):  # as step(closure) enters it
                     closure()  # the second pass, at w + e
             except BaseException:
                 sam.cancel_step()

@@ -10,7 +10,13 @@ from __future__ import annotations
 import contextlib
 from typing import Any
 
-from samgria.integrations._common import find_transforming, first_pass_overflowed, missing_base, reevaluating
+from samgria.integrations._common import (
+    find_transforming,
+    first_pass_overflowed,
+    missing_base,
+    reevaluating,
+    two_call_refusal,
+)
 from samgria.integrations.accelerate import SAMAcceleratedOptimizer, adopt
 from samgria.optim import TransformingOptimizer
 
@@ -46,47 +52,37 @@ class SAMTrainer(Trainer):
     the LR schedule); the training loss logged is the first pass's. Other optimizers and chains
     without a re-evaluating transform train as with ``Trainer``.
 
-    The first pass of each micro-batch runs inside the optimizer's ``first_pass_context`` and the
-    second inside its ``reevaluation_context``, as in ``step(closure)``: with
-    ``reevaluation_context=lambda: frozen_bn_stats(model)`` BatchNorm's statistics are updated once
-    per step.
+    The second pass of each micro-batch runs inside the optimizer's ``reevaluation_context``, as in
+    ``step(closure)``: with ``reevaluation_context=lambda: frozen_bn_stats(model)`` BatchNorm's
+    statistics are updated once per micro-batch, by the first pass. ``first_pass_context``
+    (m-sharpness) needs ``step(closure)`` and is refused.
 
     Args:
         *args: ``Trainer``'s positional arguments.
         transforms: Transforms to wrap the optimizer the ``Trainer`` creates in; not with a
             samgria optimizer in ``optimizers``.
-        first_pass_context: With ``transforms``, the wrapping optimizer's ``first_pass_context``.
         reevaluation_context: With ``transforms``, the wrapping optimizer's
             ``reevaluation_context``.
         **kwargs: ``Trainer``'s keyword arguments.
 
     Raises:
-        TypeError: If ``transforms`` or a context is given together with an optimizer in
-            ``optimizers``.
+        TypeError: If ``transforms`` or ``reevaluation_context`` is given together with an
+            optimizer in ``optimizers``.
         ValueError: From ``train()``, under DeepSpeed, whose engine runs the optimizer step
-            itself, or with a chain that ``first_step()``/``second_step()`` cannot run (more
-            than one re-evaluation per step), before any step.
+            itself, or, before any step, with an optimizer that ``first_step()``/``second_step()``
+            cannot run (more than one re-evaluation per step, or ``first_pass_context``).
     """
 
-    def __init__(
-        self,
-        *args: Any,
-        transforms: Any = None,
-        first_pass_context: Any = None,
-        reevaluation_context: Any = None,
-        **kwargs: Any,
-    ) -> None:
+    def __init__(self, *args: Any, transforms: Any = None, reevaluation_context: Any = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        if self.optimizer is not None and (
-            transforms is not None or first_pass_context is not None or reevaluation_context is not None
-        ):
+        if self.optimizer is not None and (transforms is not None or reevaluation_context is not None):
             raise TypeError(
-                "SAMTrainer(transforms=..., first_pass_context=..., reevaluation_context=...) "
-                "configure the optimizer the Trainer creates; with optimizers=(optimizer, ...) pass "
-                "a samgria TransformingOptimizer built with them instead"
+                "SAMTrainer(transforms=..., reevaluation_context=...) configure the optimizer the "
+                "Trainer creates; with optimizers=(optimizer, ...) pass a samgria "
+                "TransformingOptimizer built with them instead"
             )
         self.sam_transforms = transforms
-        self._sam_contexts = {"first_pass_context": first_pass_context, "reevaluation_context": reevaluation_context}
+        self._sam_contexts = {"reevaluation_context": reevaluation_context}
         self._sam_window: list[tuple[Any, Any]] = []
 
     def create_optimizer(self, *args: Any, **kwargs: Any) -> Any:
@@ -98,15 +94,16 @@ class SAMTrainer(Trainer):
         return self.optimizer
 
     def _refuse_two_call_incapable(self) -> None:
-        """Raise ``ValueError`` before training when the chain re-evaluates in a way the two-call
-        loop this trainer drives cannot (``MultiStepSAM(ascent_steps=2)``, two SAMs)."""
+        """Raise ``ValueError`` before training when the optimizer needs what the two-call loop
+        this trainer drives cannot do (``MultiStepSAM(ascent_steps=2)``, two SAMs,
+        ``first_pass_context``)."""
         sam = find_transforming(self.optimizer)
-        refusal = sam._two_call_refusal() if reevaluating(sam) else None
+        if not reevaluating(sam):
+            return
+        assert sam is not None
+        refusal = two_call_refusal(sam, "SAMTrainer (the Trainer calls optimizer.step() without a closure)")
         if refusal is not None:
-            raise ValueError(
-                f"SAMTrainer runs SAM through first_step()/second_step() (the Trainer calls "
-                f"optimizer.step() without a closure), and this chain cannot: {refusal}"
-            )
+            raise ValueError(refusal)
 
     def train(self, *args: Any, **kwargs: Any) -> Any:
         self._sam_window = []
@@ -127,9 +124,10 @@ class SAMTrainer(Trainer):
         if not reevaluating(sam):
             return super().training_step(model, inputs, num_items_in_batch)
         assert sam is not None
+        if not self._sam_window:  # the first micro-batch of a step: an optimizer changed since train()
+            self._refuse_two_call_incapable()
         self._sam_window.append((inputs, num_items_in_batch))
-        with sam._enter(sam.first_pass_context):  # the optimizer's contexts, as step(closure) enters them
-            loss = super().training_step(model, inputs, num_items_in_batch)
+        loss = super().training_step(model, inputs, num_items_in_batch)
         if not self.accelerator.sync_gradients:  # not the last micro-batch of this step
             return loss
         window, self._sam_window = self._sam_window, []
@@ -144,7 +142,7 @@ class SAMTrainer(Trainer):
             for index, (batch, items) in enumerate(window):
                 last = index == len(window) - 1
                 with contextlib.nullcontext() if last else self.accelerator.no_sync(model):
-                    with sam._enter(sam.reevaluation_context):
+                    with sam._enter(sam.reevaluation_context):  # as step(closure) enters it
                         super().training_step(model, batch, items)
         except BaseException:
             sam.cancel_step()

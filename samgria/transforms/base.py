@@ -295,7 +295,9 @@ class Transform:
     def validate_group(self, group: Mapping[str, Any]) -> None:
         """Raise ``ValueError``/``TypeError`` if a group holds an invalid hyperparameter value.
 
-        ``group`` maps this transform's hyperparameters by their short names.
+        ``group`` maps this transform's hyperparameters by their short names; a transform with a
+        ``param_ndim`` hyperparameter also finds the group's ``"params"`` there (whether a
+        ``param_ndim`` fits depends on each parameter's dimension).
         """
 
     def settings(self) -> dict[str, Any]:

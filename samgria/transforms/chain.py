@@ -279,7 +279,7 @@ class Chain:
         for slot, transform in self:
             keys = self.keys[slot]
             view = {short: group[stored] for short, stored in keys.items()}
-            if "params" in group:  # a rule may depend on the parameters (param_ndim's range)
+            if "param_ndim" in keys and "params" in group:  # its range depends on the parameters
                 view["params"] = group["params"]
             try:
                 transform.validate_group(view)
