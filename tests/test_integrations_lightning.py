@@ -253,35 +253,30 @@ def test_the_reevaluation_context_wraps_the_second_pass_and_batchnorm_updates_on
     assert int(module.net[1].num_batches_tracked) == len(data)
 
 
-def test_sam_mixed_precision_refuses_m_sharpness_before_training() -> None:
-    """A rank whose local first pass overflowed would skip its second pass alone (the others wait
-    in its all-reduce): ``first_pass_context`` needs ``step(closure)``."""
-    module = NormRegression(first_pass_context=contextlib.nullcontext)
+class Ascending(Regression):
+    def configure_optimizers(self):
+        return TransformingOptimizer(self.parameters(), torch.optim.SGD, lr=LR, transforms=[MultiStepSAM(RHO, ascent_steps=2)])
+
+
+@pytest.mark.parametrize(
+    "module, refusal",
+    [
+        # A rank whose local first pass overflowed would skip its second pass alone (the others
+        # wait in its all-reduce): first_pass_context needs step(closure).
+        (lambda: NormRegression(first_pass_context=contextlib.nullcontext), r"first_pass_context \(m-sharpness\) needs step\(closure\)"),
+        (lambda: Ascending(dtype=torch.float32), r"MultiStepSAM\(ascent_steps=2, .*\) re-evaluates the loss 2 times per step"),
+    ],
+    ids=["m-sharpness", "two-ascent-steps"],
+)
+def test_sam_mixed_precision_refuses_what_the_two_call_loop_cannot_run_before_training(module, refusal) -> None:
+    module = module()
     fit = trainer(plugins=[SAMMixedPrecision("16-mixed", "cpu")])
     _refused(
         fit,
         module,
         ValueError,
         r"^SAMMixedPrecision \(under automatic optimization\) runs SAM through first_step\(\)/second_step\(\), "
-        r"and this optimizer cannot: first_pass_context \(m-sharpness\) needs step\(closure\)",
-    )
-    assert module.training_steps == 0
-
-
-def test_sam_mixed_precision_refuses_a_chain_the_two_call_loop_cannot_run_before_training() -> None:
-    class Ascending(Regression):
-        def configure_optimizers(self):
-            return TransformingOptimizer(self.parameters(), torch.optim.SGD, lr=LR, transforms=[MultiStepSAM(RHO, ascent_steps=2)])
-
-    module = Ascending(dtype=torch.float32)
-    fit = trainer(plugins=[SAMMixedPrecision("16-mixed", "cpu")])
-    _refused(
-        fit,
-        module,
-        ValueError,
-        r"^SAMMixedPrecision \(under automatic optimization\) runs SAM through first_step\(\)/second_step\(\), "
-        r"and this optimizer cannot: MultiStepSAM\(ascent_steps=2, .*\) re-evaluates the loss 2 times per step.*"
-        r'Or train in "bf16-mixed" or "32-true" precision',
+        r"and this optimizer cannot: " + refusal + r'.*Or train in "bf16-mixed" or "32-true" precision',
     )
     assert module.training_steps == 0
 

@@ -27,6 +27,22 @@ DT = torch.float64
 mse = nn.functional.mse_loss
 
 
+@torch.no_grad()
+def central_differences(flat: torch.Tensor, value, h: float = 1e-6) -> list[float]:
+    """``(value(x + h e_i) - value(x - h e_i)) / 2h`` for each element ``i`` of the view ``flat``
+    (moved in place and put back)."""
+    estimates = []
+    for i in range(flat.numel()):
+        old = flat[i].item()
+        flat[i] = old + h
+        up = value()
+        flat[i] = old - h
+        down = value()
+        flat[i] = old
+        estimates.append((up - down) / (2 * h))
+    return estimates
+
+
 def setup(seed=0):
     torch.manual_seed(seed)
     model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 1)).to(DT)
@@ -89,18 +105,9 @@ def test_meta_gradient_through_stateful_inner_optimizer_matches_finite_differenc
         with torch.no_grad():
             return mse(ref(task.query_x), task.query_y).item()
 
-    h = 1e-6
-    with torch.no_grad():
-        for p in model.parameters():
-            flat = p.view(-1)
-            for i in range(flat.numel()):
-                old = flat[i].item()
-                flat[i] = old + h
-                up = value()
-                flat[i] = old - h
-                down = value()
-                flat[i] = old
-                assert p.grad.view(-1)[i].item() == pytest.approx((up - down) / (2 * h), rel=1e-5, abs=1e-8)
+    for p in model.parameters():
+        for i, estimate in enumerate(central_differences(p.view(-1), value)):
+            assert p.grad.view(-1)[i].item() == pytest.approx(estimate, rel=1e-5, abs=1e-8)
 
 
 def test_state_is_per_adaptation_so_shared_instances_do_not_leak():
@@ -368,17 +375,8 @@ def test_adam_inner_step_meta_gradient_with_complex_weights_matches_finite_diffe
         with torch.no_grad():
             return loss(ref(xq), yq).item()
 
-    h = 1e-6
-    with torch.no_grad():
-        flat = torch.view_as_real(model.weight).view(-1)
-        for i in range(flat.numel()):
-            old = flat[i].item()
-            flat[i] = old + h
-            up = value()
-            flat[i] = old - h
-            down = value()
-            flat[i] = old
-            assert grad[i].item() == pytest.approx((up - down) / (2 * h), rel=1e-5, abs=1e-8)
+    for i, estimate in enumerate(central_differences(torch.view_as_real(model.weight).view(-1), value)):
+        assert grad[i].item() == pytest.approx(estimate, rel=1e-5, abs=1e-8)
 
 
 def test_inner_sam_norm_of_complex_gradients_counts_their_imaginary_parts():
