@@ -9,6 +9,7 @@ import pytest
 import torch
 from torch import nn
 
+from meta_helpers import central_differences
 from samgria.data.task import Task
 from samgria.meta.inner_optim import (
     AdamInnerStep,
@@ -25,22 +26,6 @@ from samgria.meta.maml import MAML
 
 DT = torch.float64
 mse = nn.functional.mse_loss
-
-
-@torch.no_grad()
-def central_differences(flat: torch.Tensor, value, h: float = 1e-6) -> list[float]:
-    """``(value(x + h e_i) - value(x - h e_i)) / 2h`` for each element ``i`` of the view ``flat``
-    (moved in place and put back)."""
-    estimates = []
-    for i in range(flat.numel()):
-        old = flat[i].item()
-        flat[i] = old + h
-        up = value()
-        flat[i] = old - h
-        down = value()
-        flat[i] = old
-        estimates.append((up - down) / (2 * h))
-    return estimates
 
 
 def setup(seed=0):

@@ -9,6 +9,7 @@ import pytest
 import torch
 from torch import nn
 
+from meta_helpers import finite_difference_grad
 from samgria.data.task import Task
 from samgria.meta.base import MetaOptimizer
 from samgria.meta.functional import functional_forward, named_params
@@ -59,24 +60,6 @@ def closed_form_maml_grad(w, tasks, alpha, first_order=False):
         g_q = ls_grad(w_adapted, t.query_x, t.query_y)
         total += g_q if first_order else g_q @ (eye - alpha * ls_hessian(t.support_x))
     return total / len(tasks)
-
-
-def finite_difference_grad(fn, params, h=1e-6):
-    grads = []
-    with torch.no_grad():
-        for p in params:
-            g = torch.zeros_like(p)
-            flat = p.view(-1)
-            for i in range(flat.numel()):
-                old = flat[i].item()
-                flat[i] = old + h
-                up = fn().item()
-                flat[i] = old - h
-                down = fn().item()
-                flat[i] = old
-                g.view(-1)[i] = (up - down) / (2 * h)
-            grads.append(g)
-    return grads
 
 
 def closure_meta_grad(meta, tasks, steps=None):

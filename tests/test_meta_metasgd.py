@@ -9,6 +9,7 @@ import pytest
 import torch
 from torch import nn
 
+from meta_helpers import finite_difference_grad
 from samgria.data.task import Task
 from samgria.meta.metasgd import MetaSGD
 
@@ -23,24 +24,6 @@ def make_tasks(n=3, d=3, k=5, seed=0):
 
 def ls_grad(w, x, y):
     return (2.0 / x.shape[0]) * ((x @ w.T - y).T @ x)
-
-
-def finite_difference_grad(fn, tensors, h=1e-6):
-    out = []
-    with torch.no_grad():
-        for p in tensors:
-            g = torch.zeros_like(p)
-            flat = p.view(-1)
-            for i in range(flat.numel()):
-                old = flat[i].item()
-                flat[i] = old + h
-                up = fn()
-                flat[i] = old - h
-                down = fn()
-                flat[i] = old
-                g.view(-1)[i] = (up - down) / (2 * h)
-            out.append(g)
-    return out
 
 
 def test_inner_lrs_are_learnable_tensors_in_an_extra_outer_group():
