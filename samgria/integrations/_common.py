@@ -65,15 +65,19 @@ def first_pass_overflowed(optimizer: TransformingOptimizer) -> bool:
     return pending is not None and pending.non_finite
 
 
-def two_call_refusal(optimizer: TransformingOptimizer, driver: str) -> str | None:
+def two_call_refusal(optimizer: TransformingOptimizer | None, driver: str) -> str | None:
     """Why ``driver`` (an integration that runs ``first_step()``/``second_step()`` itself) cannot
-    run ``optimizer``, or ``None``.
+    run ``optimizer``, or ``None`` (also for no samgria optimizer, or a chain without a second pass,
+    which the integration steps as any optimizer).
 
     Besides a chain the two-call loop cannot run (more than one re-evaluation per step),
     ``first_pass_context`` (m-sharpness) is refused: ``step(closure)`` agrees the ranks' verdicts
     on their local first-pass gradients, but in the two-call loop a rank whose local first pass
     overflowed would skip its second pass alone, and the others would wait in its all-reduce.
     """
+    if not reevaluating(optimizer):
+        return None
+    assert optimizer is not None
     refusal = optimizer._two_call_refusal()
     if refusal is None and optimizer.first_pass_context is not None:
         refusal = (

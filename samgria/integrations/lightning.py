@@ -159,8 +159,6 @@ class SAMMixedPrecision(MixedPrecision):
 
     @staticmethod
     def _refuse_two_call_incapable(sam: Any) -> None:
-        if not reevaluating(sam):
-            return
         refusal = two_call_refusal(sam, "SAMMixedPrecision (under automatic optimization)")
         if refusal is not None:
             raise ValueError(

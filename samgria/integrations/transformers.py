@@ -82,14 +82,16 @@ class SAMTrainer(Trainer):
                 "TransformingOptimizer built with them instead"
             )
         self.sam_transforms = transforms
-        self._sam_contexts = {"reevaluation_context": reevaluation_context}
+        self.sam_reevaluation_context = reevaluation_context
         self._sam_window: list[tuple[Any, Any]] = []
 
     def create_optimizer(self, *args: Any, **kwargs: Any) -> Any:
         created = self.optimizer is None
         optimizer = super().create_optimizer(*args, **kwargs)
         if created and self.sam_transforms is not None and not isinstance(optimizer, TransformingOptimizer):
-            self.optimizer = TransformingOptimizer(optimizer, transforms=self.sam_transforms, **self._sam_contexts)
+            self.optimizer = TransformingOptimizer(
+                optimizer, transforms=self.sam_transforms, reevaluation_context=self.sam_reevaluation_context
+            )
             self._refuse_two_call_incapable()
         return self.optimizer
 
@@ -97,11 +99,9 @@ class SAMTrainer(Trainer):
         """Raise ``ValueError`` before training when the optimizer needs what the two-call loop
         this trainer drives cannot do (``MultiStepSAM(ascent_steps=2)``, two SAMs,
         ``first_pass_context``)."""
-        sam = find_transforming(self.optimizer)
-        if not reevaluating(sam):
-            return
-        assert sam is not None
-        refusal = two_call_refusal(sam, "SAMTrainer (the Trainer calls optimizer.step() without a closure)")
+        refusal = two_call_refusal(
+            find_transforming(self.optimizer), "SAMTrainer (the Trainer calls optimizer.step() without a closure)"
+        )
         if refusal is not None:
             raise ValueError(refusal)
 
