@@ -239,7 +239,7 @@ def test_adam_counts_steps_per_weight_as_torch_adam(dtype, atol):
 
 def test_adam_continues_an_inner_state_with_the_single_step_count_of_earlier_versions():
     """Inner state kept by a user from before the per-weight counts ({"step": 3, ...}) continues
-    as the per-weight form with every moment at step 3 (found by review: AttributeError)."""
+    as the per-weight form with every moment at step 3 (it raised AttributeError before)."""
     g = torch.Generator().manual_seed(0)
     weight, grad = torch.randn(4, generator=g, dtype=torch.float64), torch.randn(4, generator=g, dtype=torch.float64)
     moments = {"exp_avg": {"w": torch.randn(4, generator=g, dtype=torch.float64)}, "exp_avg_sq": {"w": torch.rand(4, generator=g, dtype=torch.float64)}}

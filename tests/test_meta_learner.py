@@ -197,7 +197,7 @@ def test_a_loss_using_only_some_adapted_weights_adapts_those_and_leaves_the_rest
 def test_an_adapted_group_the_task_loss_does_not_use_gives_the_same_losses_on_both_paths():
     """The refusal of a disconnected support loss is for losses the user computes (learner and
     closure APIs); task_losses computes its own, and its loop path must agree with vmap (which
-    gets zero gradients for unused weights) rather than raise. Found by review."""
+    gets zero gradients for unused weights) rather than raise."""
     class Gated(nn.Module):
         def __init__(self):
             super().__init__()

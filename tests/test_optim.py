@@ -516,8 +516,8 @@ def test_the_inner_optimizer_sees_its_state_as_torch_gives_it(inner, chain):
 
 @pytest.mark.parametrize("copier", ["deepcopy", "pickle", "pickle-inner-first"])
 def test_the_inner_optimizer_of_a_copy_packs_plain_dicts(copier):
-    """Found by review: the hook that packs plain dicts was lost on unpickling (torch's
-    __setstate__ gives the inner optimizer empty hook dicts)."""
+    """The hook that packs plain dicts survives unpickling (torch's
+    __setstate__ gives the inner optimizer empty hook dicts; the hook was lost there before)."""
     x, y = make_data()
     model = make_model()
     optimizer = TransformingOptimizer(model.parameters(), torch.optim.Adam, lr=0.1, transforms=[SAM(0.05), LAMP(eps=1e-3, rollback_len=3)])
@@ -538,7 +538,7 @@ def test_the_inner_optimizer_of_a_copy_packs_plain_dicts(copier):
 
 def test_membership_in_a_driven_wrappers_inner_state_creates_no_entry():
     """A MetaOptimizer driving a TransformingOptimizer: the inner optimizer's ``p in state`` must
-    not create an entry (found by review: it did, through the view's defaultdict, so custom
+    not create an entry (it did before, through the view's defaultdict, so custom
     optimizers' 'if p not in self.state' broke and the meta checkpoint failed)."""
     from samgria import MAML
 
@@ -731,7 +731,7 @@ def test_the_two_call_loop_keeps_batchnorm_to_one_update_with_frozen_bn_stats_ar
     assert_bitwise_equal(list(model_a.buffers()), list(model_b.buffers()))
 
 
-# -- regressions (from the review of the optimizer half) --------------------------------------------
+# -- edge cases: duplicate and view parameters, hooks, cancelled steps, pickling, refused inners ------
 def test_duplicate_parameter_in_a_group_is_restored_bit_for_bit():
     torch.manual_seed(0)
     weight = nn.Parameter(torch.randn(5))

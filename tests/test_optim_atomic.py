@@ -849,7 +849,7 @@ class _Reevaluating(Transform):
 @pytest.mark.parametrize("layout", ["one-group", "two-groups", "reevaluating-transform"])
 def test_a_sparse_gradient_refused_midway_by_torch_leaves_every_parameter_unstepped(layout):
     """torch's Adagrad refuses a sparse gradient with weight_decay inside its per-tensor loop,
-    after stepping the tensors before it (found by review: they stayed stepped)."""
+    after stepping the tensors before it (they stayed stepped before)."""
     torch.manual_seed(0)
     body, embedding = nn.Linear(3, 1).double(), nn.Embedding(5, 3, sparse=True).double()
     model = nn.ModuleList([body, embedding])
@@ -971,7 +971,7 @@ def test_the_non_finite_policy_and_sam_warnings_point_at_the_users_line():
 
 @pytest.mark.parametrize("chain", ["sam", "sam+lamp"])
 def test_second_step_raising_before_the_weights_go_back_restores_them(chain, monkeypatch):
-    """A failure in second_step before the perturbation is undone (found by review: the
+    """A failure in second_step before the perturbation is undone (before, the
     gradient alignment or GradScaler's rescaling raising there left the weights at w + e, and
     cancel_step could not help: the pending step was already gone)."""
     (model, optimizer), twin = make_twins(chain, "sgd", 1)

@@ -416,7 +416,7 @@ def test_dcp_checkpoint_of_2_ranks_loads_on_4(runs: dict, config: str) -> None:
 
 @pytest.mark.parametrize("world_size", [2, 4])
 def test_an_unseeded_lamp_checkpoint_of_one_unsharded_process_resumes_sharded(runs: dict, world_size: int) -> None:
-    """Found by review: a sharded LAMP kept a draw counter also without a seed, so DCP asked an
+    """A sharded LAMP used to keep a draw counter also without a seed, so DCP asked an
     unsharded checkpoint for 'lamp.noise_draws' and refused to load it."""
     for rank_results in runs[world_size]:
         _assert_close(rank_results["sam_lamp_no_noise.from_unsharded"], _reference("sam_lamp_no_noise"))
@@ -424,7 +424,7 @@ def test_an_unseeded_lamp_checkpoint_of_one_unsharded_process_resumes_sharded(ru
 
 @pytest.mark.parametrize("name", TP_TRANSFORMS)
 def test_a_gradient_placed_unlike_its_parameter_is_redistributed_first(runs: dict, name: str) -> None:
-    """Tensor parallelism: the replicated bias gets a Shard(0) gradient. Found by review: the
+    """Tensor parallelism: the replicated bias gets a Shard(0) gradient. Before, the
     transforms combined the local shards as if they lined up (ASAM, GSAM, LookSAM gave other
     weights; WSAM made the replicated bias differ between ranks)."""
     reference = _tensor_parallel(name, sharded=False)

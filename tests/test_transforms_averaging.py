@@ -283,7 +283,7 @@ def test_a_step_inside_the_swap_block_raises_and_changes_nothing():
 @pytest.mark.parametrize("copier", ["deepcopy", "pickle"])
 @pytest.mark.parametrize("name", ["ema", "lookahead"])
 def test_a_copy_made_inside_the_swap_block_steps_from_the_weights_it_copied(name, copier):
-    """Found by review: the copy inherited the open block and refused every step forever."""
+    """The copy used to inherit the open block and refuse every step forever."""
     x, y = make_data()
     transform = EMA(decay=0.9) if name == "ema" else Lookahead(k=2, alpha=0.5)
     model = make_model()

@@ -255,7 +255,7 @@ def test_evaluates_the_closure_once_plus_at_most_its_declared_reevaluations(info
 @all_configs
 def test_maximizing_a_loss_equals_minimizing_its_negation_bitwise(info, config):
     """``maximize=True`` on the inner optimizer means the objective is :math:`-L`: the SAM
-    family's worst case then lies down the gradient of :math:`L` (found by review: it climbed)."""
+    family's worst case then lies down the gradient of :math:`L` (it climbed before)."""
     if any(isinstance(t, (ScaleGrad, ClampGrad)) for t in config.build(make_model()).transforms):
         pytest.skip("an affine map or a clamp of the gradient is not odd: maximising differs by design")
     x, y = make_data()
@@ -316,7 +316,7 @@ def test_closure_raising_in_second_pass_leaves_weights_and_state_untouched(info,
 @all_configs
 def test_a_first_step_without_closure_that_raises_leaves_no_state(info, config, monkeypatch):
     """Transforms that create state before the inner step (Lookahead's slow weights,
-    ProjectParams' centre) must not keep it when the step fails (found by review: the plain
+    ProjectParams' centre) must not keep it when the step fails (before, the plain
     loop kept it, step(closure) did not)."""
     if config.needs_closure:
         pytest.skip("needs a closure")

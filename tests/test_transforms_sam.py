@@ -453,7 +453,7 @@ def _tied_reference(steps: int, rho: float, lr: float) -> torch.Tensor:
 
 @pytest.mark.parametrize("mode", ["closure", "two-call"])
 def test_parameters_tied_through_one_storage_stay_tied_and_match_the_in_place_reference(mode):
-    """Found by review: each Parameter's .data was pointed at its own perturbed buffer, so the
+    """Before, each Parameter's .data was pointed at its own perturbed buffer, so the
     second pass saw two different weights where the model has one."""
     model = _StorageTied()
     optimizer = TransformingOptimizer(model.parameters(), torch.optim.SGD, lr=0.1, transforms=[SAM(0.05)])
@@ -479,7 +479,7 @@ def test_parameters_tied_through_one_storage_stay_tied_and_match_the_in_place_re
 
 def test_a_failure_while_perturbing_in_place_puts_the_weights_back(monkeypatch):
     """Parameters perturbed in place (views, tied storage, shards) are restored also when the
-    in-place move itself raises halfway (found by review: they kept the perturbation)."""
+    in-place move itself raises halfway (they kept the perturbation before)."""
     import samgria.transforms.sam as sam_module
 
     real_add = sam_module.add_directions_
