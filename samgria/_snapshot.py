@@ -85,6 +85,8 @@ class StepSnapshot:
         only_params_state: Copy the state entries of ``params`` only; of every other entry keep
             the keys and objects (as :class:`StateStructure`): for a step that can write into
             nothing else before it raises.
+        copy_state: ``False`` copies no state tensor (every entry as :class:`StateStructure`):
+            for a phase that writes into the weights but only assigns new state objects.
     """
 
     def __init__(
@@ -94,11 +96,14 @@ class StepSnapshot:
         spare_buffers: Mapping[int, torch.Tensor] | None = None,
         *,
         only_params_state: bool = False,
+        copy_state: bool = True,
     ) -> None:
         self._params = list(params)
         self._state = state
         spare_buffers = spare_buffers or {}
         copied = {id(param) for param in self._params} if only_params_state else None
+        if not copy_state:
+            copied = set()
         self._structure = StateStructure(state)  # every entry's keys and objects; new entries dropped
         with torch.no_grad():
             self._weights = []

@@ -311,15 +311,16 @@ class WrappingOptimizer(Optimizer):
         self._adopt_driven_state()
         return unhooked_step(self._driven, closure)
 
-    def _adopt_driven_state(self) -> None:
+    def _adopt_driven_state(self) -> bool:
         """Take over a state the driven optimizer was given directly (its own ``load_state_dict``).
 
         The wrapper's entries keep their reserved keys and get the driven optimizer's keys from
-        the new state; then the driven optimizer sees the wrapper's state again.
+        the new state; then the driven optimizer sees the wrapper's state again. Returns whether
+        there was such a state.
         """
         driven = self._driven
         if isinstance(driven.state, _DrivenState):
-            return
+            return False
         loaded = driven.state
         hidden = self._hides_state_key
         for param in list(self.state):
@@ -329,6 +330,7 @@ class WrappingOptimizer(Optimizer):
         for param, entry in loaded.items():
             self.state[param].update(entry)
         _show_state(driven, self)
+        return True
 
     # -- checkpoints: torch's own, with a validation point before anything changes ---------------
     def state_dict(self) -> dict[str, Any]:  # type: ignore[override]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import math
 import warnings
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ContextManager
 
@@ -67,9 +67,15 @@ class _NonFiniteGradients(Exception):
     """Raised inside a step when a re-evaluation produced non-finite gradients (caught by step);
     ``evaluation`` counts the closure's evaluations in the step, the first one being 1."""
 
-    def __init__(self, evaluation: int) -> None:
+    def __init__(self, evaluation: int, combined_by: str | None = None) -> None:
         super().__init__(evaluation)
         self.evaluation = evaluation
+        self.combined_by = combined_by
+
+
+def _combined_by(name: str | None) -> str:
+    """The ``where`` of a skip message for gradients a transform combined (or ``""``)."""
+    return "" if name is None else f", as {name} combined them,"
 
 
 def _ordinal(number: int) -> str:
@@ -196,17 +202,22 @@ class TransformingOptimizer(WrappingOptimizer):
     **Atomic steps.** If anything raises during a step — the closure in either pass, a transform,
     the inner step — the weights, the inner optimizer's state and every transform's state are
     exactly as before the step. The pre-step phase restores itself (SAM puts the weights back in
-    a ``finally``), at no cost. Undoing the inner step needs a copy of the weights and of the
+    a ``finally``), at no cost — except a transform that writes the weights before the inner
+    step and leaves them changed (a :class:`~samgria.transforms.ParamTransform` pre-step hook,
+    ``Transform.writes_weights_before_step``): for it the weights are copied at the start of the
+    step. Undoing the inner step needs a copy of the weights and of the
     state taken before it; it is taken (once the closure's activations are freed; the weights go
     into the memory of SAM's clone when SAM ran) only where something can fail after writing:
-    everything when the chain has a post-step transform (LAMP) or the inner optimizer is not one
-    of ``torch.optim``'s own. torch's optimizers check a param group's inputs before they write
+    everything when the chain has a post-step transform (LAMP), the inner optimizer is not one
+    of ``torch.optim``'s own, or a checkpoint was loaded since the last step (its state's tensors
+    may not fit the parameters, which torch's optimizers find out only while they write).
+    torch's optimizers check a param group's inputs before they write
     into its tensors (what they may create before raising — new state entries — is undone without
     copies), but step the groups one after another, so with several groups the weights and state
     of every group before the last one with a gradient are copied. A chain of pre-step
     transforms around one of them with one param group needs no copy — that is what keeps SAM's
     step as fast and as small as a plain one. ``atomic=False`` never copies (then only the
-    pre-step phase is undone).
+    pre-step phase is undone, without the weights of a transform that writes them).
 
     **Non-finite gradients.** A step whose gradients are not finite — in the first evaluation or
     in a re-evaluation, with ``step(closure)`` or the two-call loop alike — is skipped whole
@@ -214,12 +225,14 @@ class TransformingOptimizer(WrappingOptimizer):
     :attr:`skipped_steps`; ``non_finite="raise"`` raises :class:`FloatingPointError` instead
     (also with nothing changed). Under ``torch.amp.GradScaler`` the scaler's verdict rules: it
     skips the step and backs off. Not finite means an infinite or NaN element
-    (``samgria.functional.all_finite``). Finite gradients whose norm overflows are stepped, and
-    transforms that divide by the norm see an infinite one: SAM leaves the weights unperturbed
-    (with a warning), ``ClipGradNorm`` and ``NormalizeGrad`` scale the gradients to zero (as
-    ``torch.nn.utils.clip_grad_norm_`` does). Global norms of float32 and 16-bit gradients are
-    taken again in float64 when float32 overflows (``samgria.functional.global_norm``);
-    ``NormalizeGrad``'s per-tensor norms are float32's, as torch's.
+    (``samgria.functional.all_finite``). The gradients GSAM, WSAM and LookSAM compute from the
+    evaluations' (``Transform.combines_gradients``) are checked too, in both loops. Norms that
+    float32 (or a 16-bit dtype) cannot hold are taken again in float64
+    (``samgria.functional.global_norm`` for SAM and ``ClipGradNorm``; per tensor for
+    ``NormalizeGrad``), so finite gradients are scaled by their true norm; only a norm beyond
+    float64's range is infinite: SAM then leaves the weights unperturbed (with a warning), and
+    ``ClipGradNorm`` and ``NormalizeGrad`` scale the gradients to zero (as
+    ``torch.nn.utils.clip_grad_norm_`` does).
 
     Args:
         params: Parameters or param-group dicts for the inner optimizer — or an already built
@@ -555,11 +568,12 @@ class TransformingOptimizer(WrappingOptimizer):
         self.skipped_steps += 1
         warnings.warn(f"TransformingOptimizer: {message}", RuntimeWarning, stacklevel=stacklevel_outside())
 
-    def _amp_skip_or_unscale(self) -> bool:
+    def _amp_skip_or_unscale(self, also: Sequence[torch.Tensor] = ()) -> bool:
         """Apply GradScaler's verdict when it called us: ``True`` means skip this step.
 
         ``torch.amp.GradScaler.step`` sets ``found_inf`` and ``grad_scale`` on an optimizer whose
         ``_step_supports_amp_scaling`` is true, and calls ``step()`` even after an overflow.
+        ``also``: tensors in the gradients' scale that are unscaled with them.
         """
         found_inf = getattr(self, "found_inf", None)
         if found_inf is None:
@@ -568,12 +582,13 @@ class TransformingOptimizer(WrappingOptimizer):
             return True
         grad_scale = getattr(self, "grad_scale", None)
         if grad_scale is not None:
-            self._mul_grads_(grad_scale.double().reciprocal().float())
+            self._mul_grads_(grad_scale.double().reciprocal().float(), also)
         return False
 
-    def _mul_grads_(self, factor: torch.Tensor) -> None:
-        """Multiply every gradient by ``factor`` (a 0-dim tensor), one list call per device and dtype."""
-        grads = [p.grad for p in self._unique_params() if p.grad is not None]
+    def _mul_grads_(self, factor: torch.Tensor, also: Sequence[torch.Tensor] = ()) -> None:
+        """Multiply every gradient (and ``also``) by ``factor`` (a 0-dim tensor), one list call
+        per device and dtype."""
+        grads = [p.grad for p in self._unique_params() if p.grad is not None] + list(also)
         for (device, _dtype), indices in group_indices_by_device_and_dtype(grads).items():
             torch._foreach_mul_([grads[i] for i in indices], factor.to(device))
 
@@ -671,9 +686,14 @@ class TransformingOptimizer(WrappingOptimizer):
         """
         if not self.atomic:
             return None
-        if not type(self.inner).__module__.startswith("torch.optim.") or any(
-            _has_post_update(transform) for transform in self.transforms
+        self._adopt_driven_state()
+        if (
+            self.__dict__.get("_loaded_state_unstepped", False)
+            or not type(self.inner).__module__.startswith("torch.optim.")
+            or any(_has_post_update(transform) for transform in self.transforms)
         ):
+            # A loaded state's tensors may not fit the parameters (a checkpoint of another model
+            # with as many parameters): torch's optimizers find that out only while they write.
             return StepSnapshot(self._unique_params(), self.state, spare_buffers)
         if not any(isinstance(t, PerturbationTransform) for t in self.transforms) and any(
             param.grad is not None and param.grad.is_sparse for param in self._unique_params()
@@ -691,12 +711,17 @@ class TransformingOptimizer(WrappingOptimizer):
                 return StepSnapshot(params, self.state, spare_buffers, only_params_state=True)
         return StateStructure(self.state)
 
-    def _pre_step_structure(self) -> StateStructure | None:
+    def _pre_step_structure(self) -> StepSnapshot | StateStructure | None:
         """The state's references at the start of a step, when a transform saves state before the
         inner step (the SAM family's averages, directions, random streams): put back if the step
-        raises later, is skipped or cancelled. No tensor is copied (such transforms assign new
-        objects)."""
-        if self.atomic and any(t.saves_state_before_step for t in self.transforms):
+        raises later, is skipped or cancelled. No state tensor is copied (such transforms assign
+        new objects); the weights are, when a transform writes them before the inner step and
+        leaves them changed (``writes_weights_before_step``)."""
+        if not self.atomic:
+            return None
+        if any(t.writes_weights_before_step for t in self.transforms):
+            return StepSnapshot(self._unique_params(), self.state, copy_state=False)
+        if any(t.saves_state_before_step for t in self.transforms):
             return StateStructure(self.state)
         return None
 
@@ -731,6 +756,9 @@ class TransformingOptimizer(WrappingOptimizer):
         for index, (_, slot, transform) in enumerate(transforms):
             ctx = self._context(slot, counted, grad_norm if index == 0 else None, spare_buffers)
             transform.pre_update(ctx)
+            if counted is not None and transform.combines_gradients and not self._grads_finite():
+                # What the two-call loop checks once second_step() has finished the combination.
+                raise _NonFiniteGradients(1 + evaluations[0], combined_by=type(transform).__name__)
         if counted is not None and self.first_pass_context is not None:
             reevaluated_here = evaluations[0] > 0
             if not reevaluated_here:
@@ -755,6 +783,7 @@ class TransformingOptimizer(WrappingOptimizer):
         spare_buffers.clear()
         try:
             self._driven_step()
+            self._loaded_state_unstepped = False
             for slot, transform in self.chain:
                 if _has_post_update(transform):
                     transform.post_update(self._context(slot, None))
@@ -884,7 +913,7 @@ class TransformingOptimizer(WrappingOptimizer):
             with _put_back_on_error(self._pre_step_structure()):
                 self._run_chain(0, reevaluate, grad_norm)
         except _NonFiniteGradients as non_finite:
-            self._skip(_ordinal(non_finite.evaluation))
+            self._skip(_ordinal(non_finite.evaluation), _combined_by(non_finite.combined_by))
         return loss
 
     def _finish_pending(self) -> Any:
@@ -907,7 +936,7 @@ class TransformingOptimizer(WrappingOptimizer):
                     self._rescale_unscaled_grads()
                 spare_buffers = pending.perturbation.restore()
                 restored = True
-            if self._amp_skip_or_unscale():
+            if self._amp_skip_or_unscale(getattr(pending.perturbation, "scaled_with_gradients", ())):
                 skipped = True
             elif pending.non_finite:
                 self._skip("first")
@@ -1014,6 +1043,11 @@ class TransformingOptimizer(WrappingOptimizer):
             slot = self.slots[split]
             perturbation = transform.perturb(self._context(slot, None, grad_norm if split == 0 else None))
         skipped = perturbation is None or not perturbation.params
+        if skipped and structure is not None:
+            # second_step() runs the transforms before again, on the second pass's gradients:
+            # undo what they did here (weights a hook wrote, state they saved), so that the
+            # second pass runs at the step's weights and they act once, as in step(closure).
+            structure.restore()
         self._pending = _PendingStep(perturbation, split + 1, rerun_before=skipped, structure=structure)
         self.zero_grad(set_to_none=True)
 
@@ -1067,9 +1101,16 @@ class TransformingOptimizer(WrappingOptimizer):
         for slot, transform in self.chain:
             transform.export_state(self._context(slot, None))
 
+    def _adopt_driven_state(self) -> bool:
+        adopted = super()._adopt_driven_state()
+        if adopted:  # the inner optimizer's own load_state_dict: as a load of the wrapper's
+            self._loaded_state_unstepped = True
+        return adopted
+
     def _after_load(self) -> None:
         for slot, transform in self.chain:
             transform.import_state(self._context(slot, None))
+        self._loaded_state_unstepped = True
         super()._after_load()
 
     def _prepare_loaded(self, state: Any, groups: list[dict[str, Any]]) -> tuple[Any, list[dict[str, Any]]]:

@@ -31,6 +31,7 @@ from samgria import (
     Transform,
     TransformingOptimizer,
 )
+from samgria.transforms import ParamTransform
 from state_helpers import assert_states_equal, groups_without_params, state_by_index
 
 
@@ -59,6 +60,14 @@ class RaisingPost(Transform):
     def post_update(self, ctx) -> None:
         if self.armed:
             raise Injected("post-step transform failed")
+
+
+class ShrinkingHook(ParamTransform):
+    """A pre-step hook that writes the weights (a decay applied before the inner step), as
+    ParamTransform allows; they stay changed, so the optimizer must copy them to undo a step."""
+
+    def pre_step_transform_(self, param, group) -> None:
+        param.mul_(0.99)
 
 
 def failing(base):
@@ -143,6 +152,7 @@ CHAINS = {
     # rollback_len=2: the third step (the faulty one after two warm-up steps) is a rollback.
     "sam+lamp": lambda: [SAM(0.05), LAMP(1e-2, rollback_len=2, seed=0)],
     "lamp": lambda: [LAMP(1e-2, rollback_len=2, seed=0)],
+    "weight-hook+sam": lambda: [ShrinkingHook(param_ndim=None), SAM(0.05)],
 }
 INNERS = {
     "sgd": (FailingSGD, {"lr": 0.05, "momentum": 0.9}),
@@ -552,6 +562,7 @@ PRE_TRANSFORMS = {
     "scale": lambda: ScaleGrad(scale=2.0),
     "clip": lambda: ClipGradNorm(0.05),
     "scale-to-zero": lambda: ScaleGrad(scale=0.0),  # SAM then sees a zero gradient
+    "weight-hook": lambda: ShrinkingHook(param_ndim=None),  # writes the weights, not the gradients
 }
 
 
@@ -994,3 +1005,104 @@ def test_second_step_raising_before_the_weights_go_back_restores_them(chain, mon
     monkeypatch.undo()
     optimizer.cancel_step()  # nothing pending: does nothing
     step_both_normally((model, optimizer), twin)
+
+
+# -- a loaded state that does not fit the parameters ----------------------------------------------------------
+def shaped_model(outputs: int) -> nn.Module:
+    """As many parameters as ``shaped_model(k)`` for any k, of other shapes."""
+    torch.manual_seed(outputs)
+    return nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, outputs)).double()
+
+
+@pytest.mark.parametrize("foreach", [False, True])
+@pytest.mark.parametrize("how", ["wrapper", "inner"])
+def test_a_step_failing_on_a_loaded_state_of_other_shapes_changes_nothing(how, foreach):
+    """A checkpoint of a model with as many parameters but other shapes loads (torch checks the
+    counts only) and torch's Adam finds the misfit while it writes: after a first parameter
+    stepped (for-loop) or after every step counter went up (foreach). The step is undone whole."""
+    x = torch.randn(8, 3, dtype=torch.float64)
+
+    def build_run(outputs):
+        model = shaped_model(outputs)
+        optimizer = TransformingOptimizer(
+            model.parameters(), torch.optim.Adam, lr=1e-2, foreach=foreach, transforms=[SAM(0.05)]
+        )
+        y = torch.randn(8, outputs, dtype=torch.float64)
+        return model, optimizer, make_closure_for(model, optimizer, x, y)
+
+    model, optimizer, closure = build_run(1)
+    optimizer.step(closure)
+    checkpoint = copy.deepcopy(optimizer.state_dict() if how == "wrapper" else optimizer.inner.state_dict())
+    model, optimizer, closure = build_run(2)
+    optimizer.step(closure)
+    if how == "wrapper":
+        optimizer.load_state_dict(checkpoint)
+    else:
+        optimizer.inner.load_state_dict(checkpoint)
+        optimizer.state_dict()  # the wrapper takes the inner optimizer's new state over
+    before = Before(model, optimizer)
+    with pytest.raises(RuntimeError, match="shape"):
+        optimizer.step(closure)
+    before.assert_unchanged()
+
+
+def make_closure_for(model, optimizer, x, y):
+    def closure():
+        optimizer.zero_grad()
+        loss = nn.functional.mse_loss(model(x), y)
+        loss.backward()
+        return loss
+
+    return closure
+
+
+def test_the_first_step_after_a_load_is_undone_whole_and_later_ones_copy_nothing_again(monkeypatch):
+    """The copy for a loaded state is taken for the steps until one completes; then SAM around a
+    torch optimizer with one param group copies nothing again (its speed and memory)."""
+    model = make_model()
+    optimizer = TransformingOptimizer(model.parameters(), torch.optim.SGD, lr=0.1, momentum=0.9, transforms=[SAM(0.05)])
+    closure = make_closure(model, optimizer)
+    optimizer.step(closure)
+    optimizer.load_state_dict(copy.deepcopy(optimizer.state_dict()))
+    import samgria.optim as optim_module
+
+    taken = []
+    original = optim_module.StepSnapshot
+
+    def counting(*args, **kwargs):
+        taken.append(1)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(optim_module, "StepSnapshot", counting)
+    optimizer.step(closure)
+    assert len(taken) == 1
+    optimizer.step(closure)
+    assert len(taken) == 1
+
+
+# -- which ParamTransforms count as writing the weights -----------------------------------------------------
+def test_param_transforms_declare_writing_the_weights_only_with_a_pre_step_hook():
+    class GradOnly(ParamTransform):
+        writes_weights_before_step = False
+
+        def pre_step_transform_(self, param, group) -> None:
+            param.grad.mul_(2.0)
+
+    class PostOnly(ParamTransform):
+        def post_step_transform_(self, param, group) -> None:
+            param.clamp_(-1.0, 1.0)
+
+    class PostThenPre(PostOnly):  # a pre-step hook added below a class without one
+        def pre_step_transform_(self, param, group) -> None:
+            param.mul_(0.5)
+
+    class GradOnlyChild(GradOnly):  # inherits the declaration
+        def pre_step_transform_(self, param, group) -> None:
+            param.grad.mul_(3.0)
+
+    assert ShrinkingHook.writes_weights_before_step is True
+    assert GradOnly.writes_weights_before_step is False
+    assert PostOnly.writes_weights_before_step is False
+    assert PostThenPre.writes_weights_before_step is True
+    assert GradOnlyChild.writes_weights_before_step is False
+    assert SAM(0.05).writes_weights_before_step is False  # it puts the weights back itself

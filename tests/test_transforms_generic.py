@@ -535,3 +535,28 @@ def test_standalone_seed_protocol_equals_optimizer_step(info, config):
         plain.step()
         transform.post_step(model_b)
     assert_bitwise_equal(params_of(model_a), params_of(model_b))
+
+
+def test_standalone_state_dict_is_keyed_by_the_parameters_positions_in_the_model():
+    """State created for the first and third parameters before the second: the keys are still
+    the positions 0, 1, 2 of the model's parameters, each with the state of its own shape."""
+    from samgria import EMA
+
+    model = nn.Module()
+    model.a = nn.Parameter(torch.zeros(1))
+    model.b = nn.Parameter(torch.zeros(2))
+    model.c = nn.Parameter(torch.zeros(3))
+    model.frozen = nn.Parameter(torch.zeros(4), requires_grad=False)  # not numbered
+    ema = EMA(0.5)
+    model.a.grad, model.c.grad = torch.ones(1), torch.ones(3)
+    ema.apply(model, None, ())
+    ema.post_step(model)
+    assert sorted(ema.state_dict()["state"]) == [0, 2]
+    model.b.grad = torch.ones(2)
+    ema.apply(model, None, ())
+    ema.post_step(model)
+    state = ema.state_dict()["state"]
+    assert sorted(state) == [0, 1, 2]
+    for index, param in enumerate([model.a, model.b, model.c]):
+        tensors = [value for value in state[index].values() if isinstance(value, torch.Tensor) and value.dim() > 0]
+        assert tensors and all(value.shape == param.shape for value in tensors), (index, state[index])

@@ -270,10 +270,23 @@ class Transform:
             paper's m-sharpness): the transform uses them only to perturb. Transforms whose
             update mixes them in (GSAM, WSAM) set it to ``False``; the optimizer then refuses
             ``first_pass_context``.
+        writes_weights_before_step: ``True`` when :meth:`pre_update` changes weights in place and
+            leaves them changed (a :class:`~samgria.transforms.ParamTransform` whose pre-step
+            hook may write ``param``). With ``atomic=True`` the optimizer then copies the weights
+            at the start of the step and writes them back if the step raises, is skipped or
+            cancelled. (A transform that moves the weights and puts them back itself, as SAM
+            does, leaves it ``False``.)
+        combines_gradients: ``True`` when :meth:`pre_update` hands on gradients it computed
+            from the evaluations' gradients (GSAM, WSAM, LookSAM's steps in between), which can
+            overflow where theirs did not: ``step(closure)`` then checks them once more, as the
+            two-call loop checks what ``second_step()`` finishes, so that both loops skip the
+            same steps.
     """
 
     needs_closure: bool = False
     saves_state_before_step: bool = False
+    writes_weights_before_step: bool = False
+    combines_gradients: bool = False
     supports_sharded_params: bool = True
     supports_local_first_pass: bool = True
     slot_name: str | None = None
@@ -368,6 +381,7 @@ class Transform:
         group = {"params": params, **self.group_defaults()}
         if "_standalone_state" not in self.__dict__:
             self._standalone_state: defaultdict[torch.Tensor, dict[str, Any]] = defaultdict(dict)
+        self._standalone_params = params  # the positions state_dict() numbers the state by
         return TransformContext(
             [group],
             self._standalone_state,
@@ -407,9 +421,19 @@ class Transform:
             self.post_update(self._standalone_context(model, None))
 
     def state_dict(self) -> dict[str, Any]:
-        """The state of standalone (seed-protocol) use, keyed by parameter position in the model."""
+        """The state of standalone (seed-protocol) use, for inspection.
+
+        Keyed by each parameter's position among the model's parameters that require grad (as
+        the last :meth:`apply` or :meth:`post_step` saw them); parameters without state are
+        left out. There is no ``load_state_dict`` for standalone use: to checkpoint and resume,
+        use the transform inside :class:`~samgria.TransformingOptimizer`, whose ``state_dict``
+        carries every slot.
+        """
         state = self.__dict__.get("_standalone_state", {})
-        return {"state": {index: dict(entry) for index, entry in enumerate(state.values())}}
+        params = self.__dict__.get("_standalone_params", [])
+        return {
+            "state": {index: dict(state[param]) for index, param in enumerate(params) if state.get(param)}
+        }
 
     def __repr__(self) -> str:
         items = {**self.group_defaults(), **self.settings()}
@@ -453,7 +477,13 @@ class ProtocolTransform(Transform):
     state is copied into the slot by the optimizer's ``state_dict()`` (one slot key per key; the
     values should be tensors or numbers, which is what checkpoints carry) and handed back after
     ``load_state_dict()`` (tried on a deep copy of the object first, so that a state it refuses
-    fails the load before anything changes).
+    fails the load before anything changes). The slot sits in the state of the first parameter,
+    so ``load_state_dict()`` casts its floating-point tensors to that parameter's dtype, as torch
+    casts all floating-point state.
+
+    The object's own attributes are outside the optimizer's atomic steps: the optimizer cannot
+    see them, so what the object changed in itself during a step that later raises or is skipped
+    stays changed (the weights and every slot are restored).
     """
 
     # A seed-protocol object typically takes p.grad.norm() per tensor: on a shard, a shard's norm.

@@ -174,8 +174,13 @@ class ParamTransform(Transform):
     ``param_ndim`` is a per-group key (constructor default ``-1``, rai's); a subclass with
     hyperparameters of its own extends :meth:`group_defaults` and :meth:`validate_group` with
     ``super()``'s. Only the hooks a subclass overrides run, so a transform with only a
-    pre-step hook is a pure pre-step transform (the optimizer then takes no copy of the weights
-    for atomicity, see :class:`~samgria.TransformingOptimizer`).
+    pre-step hook is a pure pre-step transform (the optimizer takes no copy of the weights
+    before its inner step, see :class:`~samgria.TransformingOptimizer`). Because a pre-step hook
+    may change ``param``, the optimizer copies the weights at the start of each step for a
+    subclass that overrides it, to put them back if the step raises or is skipped
+    (:attr:`~samgria.transforms.Transform.writes_weights_before_step`); a subclass whose
+    pre-step hook changes only ``param.grad`` sets ``writes_weights_before_step = False`` in its
+    class body to save that copy.
 
     Args:
         param_ndim: Default dimension of the sub-tensors (per-group key ``"param_ndim"``): an
@@ -203,6 +208,17 @@ class ParamTransform(Transform):
             cls.post_update = Transform.post_update  # type: ignore[method-assign]
         elif defines and cls.post_update is Transform.post_update:  # reset by a parent class
             cls.post_update = ParamTransform.post_update  # type: ignore[method-assign]
+        # A pre-step hook may write ``param``: the optimizer copies the weights first (atomicity),
+        # unless a class between this one and ParamTransform says the hook does not.
+        declared = any(
+            "writes_weights_before_step" in vars(klass) and not vars(klass).get("_derived_writes", False)
+            for klass in cls.__mro__[: cls.__mro__.index(ParamTransform)]
+        )
+        if not declared:
+            cls.writes_weights_before_step = cls.pre_step_transform_ is not ParamTransform.pre_step_transform_
+            cls._derived_writes = True
+        else:
+            cls._derived_writes = False
 
     def group_defaults(self) -> dict[str, Any]:
         return {"param_ndim": self.param_ndim}
