@@ -20,7 +20,7 @@ import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
 
-from samgria import ASAM, LAMP, SAM, NormalizeGrad, TransformingOptimizer
+from samgria import ASAM, LAMP, SAM, FriendlySAM, LookSAM, NormalizeGrad, TransformingOptimizer
 from state_helpers import assert_same_value, assert_states_equal, groups_without_params, params_in_order, state_by_index
 
 pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled:UserWarning")
@@ -392,6 +392,91 @@ def test_a_failing_load_leaves_the_optimizer_exactly_as_before(damage):
     assert optimizer.param_groups is groups_object and optimizer.param_groups is optimizer.inner.param_groups
     assert [p for p in optimizer.param_groups[0]["params"]] == list(model.parameters())
     # ... and it steps exactly as an optimizer that never saw the bad checkpoint.
+    continue_both(model, optimizer, twin_model, twin, steps=3)
+
+
+def _set(index, key, value):
+    def damage(sd):
+        sd["state"][index][key] = value
+
+    return damage
+
+
+def _drop(index, key):
+    def damage(sd):
+        del sd["state"][index][key]
+
+    return damage
+
+
+UNUSABLE_SLOTS = {
+    "FriendlySAM-momentum-shape": (
+        lambda: [FriendlySAM(0.05)],
+        _set(1, "friendly_sam.momentum", torch.zeros(5, dtype=torch.float64)),
+        r"^the checkpoint's FriendlySAM slot 'friendly_sam' holds 'momentum' of shape \(5,\) for a parameter of shape \(6,\)$",
+    ),
+    "LookSAM-g_v-shape": (
+        lambda: [LookSAM(0.05, k=3)],
+        _set(0, "look_sam.g_v", torch.zeros(5, dtype=torch.float64)),
+        r"^the checkpoint's LookSAM slot 'look_sam' holds 'g_v' of shape \(5,\) for a parameter of shape \(6, 4\)$",
+    ),
+    "LookSAM-step-negative": (
+        lambda: [LookSAM(0.05, k=3)],
+        _set(0, "look_sam.step", -1),
+        r"^the checkpoint's LookSAM slot 'look_sam' holds step=-1, not an integer >= 0$",
+    ),
+    "LAMP-count-none": (
+        lambda: [LAMP(1e-2, rollback_len=3, seed=0)],
+        _set(1, "lamp.count", None),
+        r"^the checkpoint's LAMP slot 'lamp' holds count=None, not an integer >= 0$",
+    ),
+    "LAMP-count-negative": (
+        lambda: [LAMP(1e-2, rollback_len=3, seed=0)],
+        _set(1, "lamp.count", -3),
+        r"^the checkpoint's LAMP slot 'lamp' holds count=-3, not an integer >= 0$",
+    ),
+    "LAMP-count-float": (
+        lambda: [LAMP(1e-2, rollback_len=3, seed=0)],
+        _set(1, "lamp.count", 2.5),
+        r"^the checkpoint's LAMP slot 'lamp' holds count=2.5, not an integer >= 0$",
+    ),
+    "LAMP-count-missing": (
+        lambda: [LAMP(1e-2, rollback_len=3, seed=0)],
+        _drop(1, "lamp.count"),
+        r"^the checkpoint's LAMP slot 'lamp' holds a parameter's sum without its count$",
+    ),
+    "LAMP-cycle_step-float": (
+        lambda: [LAMP(1e-2, rollback_len=3, seed=0)],
+        _set(0, "lamp.cycle_step", 1.5),
+        r"^the checkpoint's LAMP slot 'lamp' holds cycle_step=1.5, not an integer in \[0, 3\]$",
+    ),
+    "LAMP-cycle_step-beyond-the-cycle": (
+        lambda: [LAMP(1e-2, rollback_len=3, seed=0)],
+        _set(0, "lamp.cycle_step", 4),
+        r"^the checkpoint's LAMP slot 'lamp' holds cycle_step=4, not an integer in \[0, 3\]$",
+    ),
+    "LAMP-sum-not-a-tensor": (
+        lambda: [LAMP(1e-2, rollback_len=3, seed=0)],
+        _set(1, "lamp.sum", [0.0] * 6),
+        r"^the checkpoint's LAMP slot 'lamp' holds 'sum' = \[0\.0, 0\.0, 0\.0, 0\.0, 0\.0, 0\.0\], not a tensor, for a parameter of shape \(6,\)$",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(UNUSABLE_SLOTS))
+def test_an_unusable_slot_is_refused_at_load_naming_it_and_changes_nothing(case):
+    """A slot the next step could not use (a tensor of another shape, a counter that is not a
+    count) is refused when it is loaded, with nothing changed, not at a later step."""
+    chain, damage, message = UNUSABLE_SLOTS[case]
+    _, source = trained(chain(), steps=2)
+    saved = copy.deepcopy(source.state_dict())
+    damage(saved)
+    model, optimizer = trained(chain(), steps=2)
+    twin_model, twin = trained(chain(), steps=2)
+    state_before = copy.deepcopy(state_by_index(optimizer))
+    with pytest.raises(ValueError, match=message):
+        optimizer.load_state_dict(saved)
+    assert_states_equal(state_by_index(optimizer), state_before)
     continue_both(model, optimizer, twin_model, twin, steps=3)
 
 

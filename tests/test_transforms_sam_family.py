@@ -20,7 +20,7 @@ from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, se
 from torch.func import functional_call
 from transform_infos import assert_bitwise_equal, make_closure, make_data, make_model, params_of
 
-from samgria import ESAM, GSAM, SAM, WSAM, FriendlySAM, LookSAM, TransformingOptimizer
+from samgria import ESAM, GSAM, SAM, WSAM, ClipGradNorm, FriendlySAM, GradSign, LookSAM, NormalizeGrad, ScaleGrad, TransformingOptimizer
 from samgria import Transform as GradientTransformBase
 
 SGD = (torch.optim.SGD, {"lr": 0.1, "momentum": 0.9})
@@ -775,3 +775,266 @@ def test_transforms_whose_update_mixes_in_the_first_gradient_refuse_m_sharpness(
         TransformingOptimizer(model.parameters(), torch.optim.SGD, lr=0.1, transforms=[make()], first_pass_context=contextlib.nullcontext)
     TransformingOptimizer(model.parameters(), torch.optim.SGD, lr=0.1, transforms=[make()])  # without it: fine
     assert SAM.supports_local_first_pass and not make.supports_local_first_pass
+
+
+# -- GSAM's and WSAM(decouple=False)'s final gradient: one rounding in 16 bits -------------------------------
+def _step_with_fixed_gradients(transform, passes, dtype, loop, foreach, lr=2.0**-10):
+    """One SGD(lr) step with ``transform`` on zero parameters of ``dtype`` whose gradients are
+    ``passes[0]`` (at w) and ``passes[1]`` (at w + e) whatever the weights: per parameter, a
+    float64 tensor (representable in ``dtype``) or ``None`` (no gradient in that pass)."""
+    params = [nn.Parameter(torch.zeros(len(g_p), dtype=dtype)) for g_p in passes[1]]
+    optimizer = TransformingOptimizer(params, torch.optim.SGD, lr=lr, transforms=[transform], transform_foreach=foreach)
+
+    def install(grads):
+        for param, grad in zip(params, grads):
+            assert grad is None or torch.equal(grad.to(dtype).double(), grad)
+            param.grad = None if grad is None else grad.to(dtype)
+
+    if loop == "closure":
+        evaluations = iter(passes)
+
+        def closure():
+            optimizer.zero_grad()
+            install(next(evaluations))
+            return torch.zeros(())
+
+        optimizer.step(closure)
+    else:
+        install(passes[0])
+        optimizer.first_step()
+        install(passes[1])
+        optimizer.second_step()
+    return params, optimizer
+
+
+def _gsam_reference(g, g_p, alpha):
+    """GSAM's docstring in float64: d = g_p - alpha g_perp, g_perp = g - <g, g_p> / |g_p|^2 g_p."""
+    parallel = float(g @ g_p) / float(g_p @ g_p)
+    return g_p - alpha * (g - parallel * g_p)
+
+
+def _wsam_reference(g, g_p, gamma):
+    """WSAM's docstring in float64: (1 - 2 gamma) / (1 - gamma) g + gamma / (1 - gamma) g_p."""
+    return (1 - 2 * gamma) / (1 - gamma) * g + gamma / (1 - gamma) * g_p
+
+
+_F64 = torch.float64
+_BF16_GAMMA = 3.995 / 4.995  # a = gamma / (1 - gamma) = 3.995: a * 2**126 is beyond bfloat16's range, within float32's
+# (name, transform, dtype, g, g_p, reference). GSAM: g = g_p + h with h orthogonal to g_p (c = 1) and
+# alpha = 0.5, so float32 arithmetic is exact; WSAM at gamma = 0.9: a = 9, 1 - a = -8.
+_ONE_ROUNDING_CASES = {
+    # (1 + alpha c) g_p = 1.5 g_p = 73728 > 65504 was rounded to inf first; d = g_p - h / 2 fits.
+    "GSAM-float16-overflow": (
+        lambda: GSAM(0.05, alpha=0.5),
+        torch.float16,
+        torch.tensor([53248.0, 45056.0, -45056.0, 1024.0], dtype=_F64),
+        torch.tensor([49152.0, 49152.0, -45056.0, 1024.0], dtype=_F64),
+        lambda g, g_p: _gsam_reference(g, g_p, 0.5),
+    ),
+    # a g_p = 9 g_p (up to 2.7e5) was rounded to inf first; 9 g_p - 8 g fits.
+    "WSAM-float16-overflow": (
+        lambda: WSAM(0.05, 0.9, decouple=False),
+        torch.float16,
+        torch.tensor([12000.0, 32000.0, -20800.0, 7000.0], dtype=_F64),
+        torch.tensor([10000.0, 30000.0, -20000.0, 8000.0], dtype=_F64),
+        lambda g, g_p: _wsam_reference(g, g_p, 0.9),
+    ),
+    # a g_p = 1.9975 * 2**127 rounds to inf in bfloat16 (not in float32); d = g_p where g = g_p.
+    "WSAM-bfloat16-overflow": (
+        lambda: WSAM(0.05, _BF16_GAMMA, decouple=False),
+        torch.bfloat16,
+        torch.tensor([2.0**126, -(2.0**126), 0.5], dtype=_F64),
+        torch.tensor([2.0**126, -(2.0**126), 1.0], dtype=_F64),
+        lambda g, g_p: _wsam_reference(g, g_p, _BF16_GAMMA),
+    ),
+    # No bfloat16 overflow here: GSAM takes <g, g_p> in float32, whose range is bfloat16's, so a
+    # g_p with 1.5 g_p beyond it makes c infinite. Rounding 1.5 g_p to bfloat16 first gave
+    # 0.98046875 for 0.9765625.
+    "GSAM-bfloat16-rounding": (
+        lambda: GSAM(0.05, alpha=0.5),
+        torch.bfloat16,
+        torch.tensor([1.0703125, 0.9453125, -3.015625, 5.0], dtype=_F64),
+        torch.tensor([1.0078125, 1.0078125, -3.015625, 5.0], dtype=_F64),
+        lambda g, g_p: _gsam_reference(g, g_p, 0.5),
+    ),
+    # rounding 9 g_p to bfloat16 first gave 1 for 1.0078125.
+    "WSAM-bfloat16-rounding": (
+        lambda: WSAM(0.05, 0.9, decouple=False),
+        torch.bfloat16,
+        torch.tensor([1.0078125, -2.015625, 3.0], dtype=_F64),
+        torch.tensor([1.0078125, -2.015625, 3.0], dtype=_F64),
+        lambda g, g_p: _wsam_reference(g, g_p, 0.9),
+    ),
+}
+
+
+@pytest.mark.parametrize("foreach", [True, False], ids=["foreach", "loop"])
+@pytest.mark.parametrize("loop", ["closure", "two-call"])
+@pytest.mark.parametrize("case", sorted(_ONE_ROUNDING_CASES))
+def test_gsam_and_wsam_round_a_16_bit_final_gradient_once(case, loop, foreach):
+    """The final gradient (1 + alpha c) g_p - alpha g (GSAM), a g_p + (1 - a) g (WSAM) of a 16-bit
+    parameter is computed in float32 and rounded once: rounding the first term to the dtype made
+    it infinite where the sum fits (float16: above 65504 / 9 = 7.3e3 at gamma = 0.9)."""
+    make, dtype, g, g_p, reference = _ONE_ROUNDING_CASES[case]
+    (param,), optimizer = _step_with_fixed_gradients(make(), [[g], [g_p]], dtype, loop, foreach)
+    expected = reference(g, g_p).to(dtype)
+    assert torch.isfinite(expected).all()
+    assert optimizer.skipped_steps == 0
+    assert param.grad.dtype == dtype and torch.equal(param.grad, expected), (param.grad, expected)
+    assert torch.isfinite(param).all()
+    assert torch.equal(param.detach(), (-(2.0**-10) * expected.double()).to(dtype))
+
+
+@pytest.mark.parametrize("foreach", [True, False], ids=["foreach", "loop"])
+@pytest.mark.parametrize("loop", ["closure", "two-call"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("name", ["GSAM", "WSAM"])
+def test_gsam_and_wsam_keep_scale_then_add_in_float32_and_float64(name, dtype, loop, foreach):
+    """float32 and float64 gradients are as before, bit for bit: round(round(a g_p) + b g), and
+    round(a g_p) for a parameter without a first gradient (g = 0)."""
+    # The first parameter has both gradients, the second only g_p. GSAM: |g_p| = 18 and 24 per
+    # tensor, 30 in all, and integer <g, g_p>, so c = <g, g_p> / 30**2 is the float64 quotient.
+    g = torch.tensor([6.0, -5.0, 11.0, 9.0], dtype=_F64)
+    g_p = [torch.tensor([5.0, -7.0, 9.0, 13.0], dtype=_F64), torch.tensor([-8.0, 16.0, 16.0], dtype=_F64)]
+    if name == "GSAM":
+        transform, alpha = GSAM(0.05, alpha=0.4), 0.4
+        scale, scale_first = 1.0 + alpha * (float(g @ g_p[0]) / 30.0**2), -alpha
+    else:
+        generator = torch.Generator().manual_seed(0)
+        g = torch.randn(64, generator=generator, dtype=torch.float32).double()
+        g_p = [torch.randn(n, generator=generator, dtype=torch.float32).double() for n in (64, 3)]
+        transform, gamma = WSAM(0.05, 0.7, decouple=False), 0.7
+        scale = gamma / (1.0 - gamma)
+        scale_first = 1.0 - scale
+    params, optimizer = _step_with_fixed_gradients(transform, [[g, None], g_p], dtype, loop, foreach)
+    expected = [g_p[0].to(dtype).mul_(scale).add_(g.to(dtype), alpha=scale_first), g_p[1].to(dtype).mul_(scale)]
+    assert optimizer.skipped_steps == 0
+    assert_bitwise_equal([p.grad for p in params], expected)
+    if dtype == torch.float32:  # the two roundings show: one rounding gives other bits
+        once = (scale * g_p[0] + scale_first * g).to(dtype)
+        assert not torch.equal(expected[0], once)
+
+
+# -- gradients a transform combines are checked in both loops ---------------------------------------------
+@pytest.mark.parametrize("non_finite", ["skip", "raise"])
+@pytest.mark.parametrize("loop", ["closure", "two-call"])
+@pytest.mark.parametrize(
+    "make",
+    [lambda: WSAM(0.05, 0.9, decouple=False), lambda: GSAM(0.05, 4.0)],
+    ids=["WSAM-coupled", "GSAM"],
+)
+def test_a_combined_gradient_beyond_the_dtype_is_a_non_finite_step_in_both_loops(make, loop, non_finite):
+    """Finite evaluations whose combination does not fit float16 (WSAM: 9 g_p - 8 g = 1.7e5;
+    GSAM with alpha=4: g_p - 4 g_perp with g_perp = g near -1e4, about 5e4 + 4e4): the step is
+    skipped (or raises), weights and state untouched, in step(closure) as in the two-call loop."""
+    g, g_p = torch.tensor([-1e4, 0.0], dtype=_F64), torch.tensor([1e4, 1.0], dtype=_F64)
+    transform = make()
+    if isinstance(transform, WSAM):
+        assert abs(float(_wsam_reference(g, g_p, 0.9)[0])) > 65504
+    else:
+        g, g_p = torch.tensor([-1e4, 1e4], dtype=_F64), torch.tensor([5e4, 5e4], dtype=_F64)
+        assert float(_gsam_reference(g, g_p, 4.0).abs().max()) > 65504
+    params = [nn.Parameter(torch.zeros(2, dtype=torch.float16))]
+    optimizer = TransformingOptimizer(params, torch.optim.SGD, lr=2.0**-10, transforms=[transform], non_finite=non_finite)
+    passes = iter([[g], [g_p]])
+    before = copy.deepcopy(optimizer.state_dict())
+
+    def install():
+        params[0].grad = next(passes)[0].to(torch.float16)
+
+    def closure():
+        optimizer.zero_grad()
+        install()
+        return torch.zeros(())
+
+    def run():
+        if loop == "closure":
+            optimizer.step(closure)
+        else:
+            install()
+            optimizer.first_step()
+            install()
+            optimizer.second_step()
+
+    if non_finite == "raise":
+        with pytest.raises(FloatingPointError, match="not finite"):
+            run()
+    else:
+        with pytest.warns(RuntimeWarning, match="not finite: the step is skipped"):
+            run()
+        assert optimizer.skipped_steps == 1
+    assert torch.equal(params[0].detach(), torch.zeros(2, dtype=torch.float16))
+    _assert_same_state(before, optimizer.state_dict())
+
+
+@pytest.mark.parametrize("loop", ["closure", "two-call"])
+def test_looksam_steps_in_between_that_overflow_the_dtype_are_skipped_in_both_loops(loop):
+    """LookSAM's step in between, g + alpha |g| g_v, overflows float16 from finite gradients."""
+    param = nn.Parameter(torch.zeros(2, dtype=torch.float16))
+    optimizer = TransformingOptimizer([param], torch.optim.SGD, lr=1e-6, transforms=[LookSAM(rho=0.05, alpha=0.7, k=2)])
+    grads = iter([[4e4, 0.0], [4e4, 3e4], [0.0, 4e4], [0.0, 4e4]])
+
+    def install():
+        param.grad = torch.tensor(next(grads), dtype=torch.float16)
+
+    def closure():
+        optimizer.zero_grad()
+        install()
+        return torch.zeros(())
+
+    def step():
+        if loop == "closure":
+            optimizer.step(closure)
+        else:
+            install()
+            optimizer.first_step()
+            install()
+            optimizer.second_step()
+
+    step()  # a SAM step: stores g_v
+    before = (param.detach().clone(), copy.deepcopy(optimizer.state_dict()))
+    if loop == "two-call":
+        grads = iter([[0.0, 4e4], [0.0, 4e4]])
+    with pytest.warns(RuntimeWarning, match="not finite: the step is skipped"):
+        step()
+    assert optimizer.skipped_steps == 1
+    assert torch.equal(param.detach(), before[0]) and torch.isfinite(param).all()
+    _assert_same_state(before[1], optimizer.state_dict())
+
+
+@pytest.mark.parametrize(
+    "after",
+    [lambda: ScaleGrad(0.5), lambda: ClipGradNorm(0.01), lambda: NormalizeGrad(), lambda: GradSign()],
+    ids=["ScaleGrad", "ClipGradNorm", "NormalizeGrad", "GradSign"],
+)
+def test_decoupled_wsam_before_a_gradient_transform_is_the_same_in_both_loops(after):
+    """The decoupled sharpness term is applied as computed: what a later transform does to the
+    gradient the inner optimizer gets (g) does not scale it, in the two-call loop as in
+    step(closure)."""
+    x, y = make_data()
+    (model_a, closure_opt), (model_b, loop_opt) = [
+        (model, TransformingOptimizer(model.parameters(), torch.optim.SGD, lr=0.1, momentum=0.9, transforms=[WSAM(0.05, 0.9), after()]))
+        for model in (make_model(), make_model())
+    ]
+    closure = make_closure(model_a, closure_opt, x, y)
+    for _ in range(3):
+        closure_opt.step(closure)
+        loop_opt.zero_grad()
+        nn.functional.mse_loss(model_b(x), y).backward()
+        loop_opt.first_step()
+        nn.functional.mse_loss(model_b(x), y).backward()
+        loop_opt.second_step()
+        assert_bitwise_equal(params_of(model_a), params_of(model_b))
+
+
+@pytest.mark.parametrize("loop", ["closure", "two-call"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
+def test_gsam_inner_product_of_gradients_beyond_float32_products_is_taken_in_float64(dtype, loop):
+    """<g, g_p> of elements near 1e20 overflows float32 products (1e40) though every gradient and
+    the result fit: GSAM still gives its documented gradient, not a skipped step."""
+    g = torch.tensor([2.0**66, 0.0, 2.0**60], dtype=_F64)
+    g_p = torch.tensor([2.0**66, 2.0**66, 0.0], dtype=_F64)
+    params, optimizer = _step_with_fixed_gradients(GSAM(0.05, 0.5), [[g], [g_p]], dtype, loop, foreach=True, lr=1.0)
+    assert optimizer.skipped_steps == 0
+    expected = -_gsam_reference(g, g_p, 0.5)
+    torch.testing.assert_close(params[0].detach().double(), expected.to(dtype).double(), rtol=1e-2 if dtype == torch.bfloat16 else 1e-6, atol=0)

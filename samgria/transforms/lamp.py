@@ -48,7 +48,7 @@ from typing import Any
 
 import torch
 
-from samgria._checks import check_int, check_real, check_seed
+from samgria._checks import check_int, check_loaded_tensor, check_real, check_seed
 from samgria.functional._sharding import is_sharded, shard_coordinates
 from samgria.functional._views import as_real
 from samgria.functional import accumulate_, add_scaled_, assign_mean_, global_norm, magnitude_noise
@@ -124,18 +124,29 @@ class LAMP(Transform):
         return _GeneratorCache(ctx, self.seed)
 
     def check_loaded_state(self, ctx: TransformContext) -> None:
-        """Raise ``ValueError`` unless the slot holds valid generator states and sums."""
+        """Raise ``ValueError`` unless the slot holds valid generator states, sums with their
+        counts and counters."""
+        where = f"the checkpoint's LAMP slot {ctx.slot!r} holds"
+        cycle = ctx.slot_state(keys=_OBJECT_KEYS)
+        if cycle is not None:
+            for key, high in (("cycle_step", self.rollback_len), ("noise_draws", None)):
+                value = cycle.get(key)
+                if value is not None and not _is_count(value, high):
+                    rule = "an integer >= 0" if high is None else f"an integer in [0, {high}]"
+                    raise ValueError(f"{where} {key}={value!r}, not {rule}")
         for group in ctx.param_groups:
             for param in group["params"]:
                 if param not in ctx.state:
                     continue
                 entry = ctx.state[param]
                 total = entry.get("sum")
-                if total is not None and (not isinstance(total, torch.Tensor) or total.shape != param.shape):
-                    raise ValueError(
-                        f"the checkpoint's LAMP slot {ctx.slot!r} holds a sum of shape "
-                        f"{getattr(total, 'shape', None)} for a parameter of shape {tuple(param.shape)}"
-                    )
+                if total is not None:
+                    check_loaded_tensor("LAMP", ctx.slot, "sum", total, param)
+                if (total is None) != ("count" not in entry):
+                    missing = "count" if total is not None else "sum"
+                    raise ValueError(f"{where} a parameter's {'sum' if missing == 'count' else 'count'} without its {missing}")
+                if "count" in entry and not _is_count(entry["count"], None):
+                    raise ValueError(f"{where} count={entry['count']!r}, not an integer >= 0")
                 rng_state = entry.get("rng_state")
                 if rng_state is not None:
                     # torch's load_state_dict casts every tensor of a floating-point parameter's
@@ -271,6 +282,11 @@ class LAMP(Transform):
             if self.seed is not None:
                 cycle["noise_draws"] = draw + 1
         return noise
+
+
+def _is_count(value: Any, high: int | None) -> bool:
+    """Whether ``value`` is a Python integer in ``[0, high]`` (no bool; ``high=None``: no bound)."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0 and (high is None or value <= high)
 
 
 def _as_generator_state(value: torch.Tensor) -> torch.Tensor:

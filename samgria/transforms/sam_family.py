@@ -32,7 +32,7 @@ from typing import Any
 
 import torch
 
-from samgria._checks import check_bool, check_int, check_real, check_seed
+from samgria._checks import check_bool, check_int, check_loaded_tensor, check_real, check_seed
 from samgria.functional import all_finite, global_norm, mul_
 from samgria.functional._sharding import is_sharded, local_shard, reduce_partial_sums
 from samgria.functional._views import LOW_PRECISION, as_real, widened_dtype
@@ -86,20 +86,78 @@ def _add_scaled_one_(target: torch.Tensor, source: torch.Tensor, scale: float) -
         target.add_(source, alpha=scale)
 
 
+def _scale_and_add_(
+    targets: Sequence[torch.Tensor],
+    scales: Sequence[float],
+    both: Sequence[int],
+    sources: Sequence[torch.Tensor],
+    source_scales: Sequence[float],
+    foreach: bool,
+) -> None:
+    r"""In place: :math:`t_i \leftarrow a_i\, t_i + b_k\, u_k` for :math:`i` = ``both[k]``, and
+    :math:`t_i \leftarrow a_i\, t_i` for the other :math:`i` (``sources`` are left as they are).
+
+    A 16-bit target in ``both`` is computed in float32 and rounded once, on both paths: rounding
+    :math:`a_i\, t_i` to its dtype first made it infinite where the sum fits (WSAM's
+    :math:`a = 9` at :math:`\gamma = 0.9`) and rounded it twice. The other targets take
+    :func:`scale_`, then :func:`_add_scaled_`: the same arithmetic on both paths.
+    """
+    paired = {i: k for k, i in enumerate(both)}
+    at_once = {i for i in both if targets[i].dtype in LOW_PRECISION}
+    for i in at_once:
+        _scale_and_add_one_(targets[i], scales[i], sources[paired[i]], source_scales[paired[i]])
+    rest = [i for i in range(len(targets)) if i not in at_once]
+    scale_([targets[i] for i in rest], [scales[i] for i in rest], foreach=foreach)
+    added = [i for i in both if i not in at_once]
+    _add_scaled_(
+        [targets[i] for i in added],
+        [sources[paired[i]] for i in added],
+        [source_scales[paired[i]] for i in added],
+        foreach,
+    )
+
+
+def _scale_and_add_one_(target: torch.Tensor, scale: float, source: torch.Tensor, source_scale: float) -> None:
+    """:func:`_scale_and_add_` for one 16-bit target with a source."""
+    wide = torch.promote_types(widened_dtype(target.dtype), widened_dtype(source.dtype))
+    target.copy_(torch.add(target.to(wide).mul_(scale), source.to(wide), alpha=source_scale))
+
+
 def _dot(
     first: Sequence[torch.Tensor], second: Sequence[torch.Tensor], like: Sequence[torch.Tensor] | None = None
 ) -> float:
     r""":math:`\sum_i \langle a_i, b_i \rangle` (16-bit tensors in float32), summed in float64 per
-    device and read on the host once per device.
+    device and read on the host once per device; taken again with float64 products when float32
+    overflows.
 
     Sharded tensors (``DTensor``s, or local shards of the sharded tensors ``like``) count whole:
     the per-shard partial sums are added across ranks (one ``all_reduce`` per device mesh).
     """
+    total = _dot_in(first, second, like, lambda tensor: widened_dtype(tensor.dtype))
+    if not math.isfinite(total):
+        # Products float32 cannot hold (elements near 1e19 and beyond): again in the summing dtype
+        # (float64), which holds every product of float32 values. Non-finite inputs stay so.
+        total = _dot_in(
+            first,
+            second,
+            like,
+            lambda tensor: torch.promote_types(widened_dtype(tensor.dtype), _accumulation_dtype(tensor.device)),
+        )
+    return total
+
+
+def _dot_in(
+    first: Sequence[torch.Tensor],
+    second: Sequence[torch.Tensor],
+    like: Sequence[torch.Tensor] | None,
+    wide_of: Callable[[torch.Tensor], torch.dtype],
+) -> float:
+    """:func:`_dot` with every product taken in ``wide_of(tensor)``."""
     sources = first if like is None else like
     partials = []
     for a, b in zip(first, second):
         a, b = local_shard(a), local_shard(b)
-        wide = widened_dtype(a.dtype)
+        wide = wide_of(a)
         value = torch.linalg.vecdot(a.reshape(-1).to(wide), b.reshape(-1).to(wide))
         partials.append(value.to(_accumulation_dtype(a.device)))
     if partials and any(is_sharded(source) for source in sources):
@@ -113,6 +171,14 @@ def _dot(
 
 def _norm(tensors: Sequence[torch.Tensor], foreach: bool, like: Sequence[torch.Tensor] | None = None) -> float:
     return float(global_norm([as_real(t) for t in tensors], foreach=foreach, like=tensors if like is None else like))
+
+
+def _check_loaded_per_param(transform: Any, ctx: TransformContext, key: str) -> None:
+    """``check_loaded_tensor`` for every parameter's ``key`` in a checkpoint's slot."""
+    for group in ctx.param_groups:
+        for param in group["params"]:
+            if param in ctx.state and key in ctx.state[param]:
+                check_loaded_tensor(type(transform).__name__, ctx.slot, key, ctx.state[param][key], param)
 
 
 def _kept_past_backward(grads: Sequence[torch.Tensor]) -> list[torch.Tensor]:
@@ -152,6 +218,11 @@ class _Step(Perturbation):
         scale_dependent: The move depends on the size of the first pass's gradients, not only
             on their direction (``MultiStepSAM(normalize=False)``): under a loss scale it would
             be wrong, so the optimizer refuses ``GradScaler``'s step.
+
+    Attributes:
+        scaled_with_gradients: Tensors the finish kept aside in the gradients' scale (decoupled
+            WSAM's sharpness terms): in the two-call loop the optimizer unscales them with the
+            gradients (``GradScaler``).
     """
 
     def __init__(
@@ -166,6 +237,7 @@ class _Step(Perturbation):
         super().__init__(moves)
         self._finish = finish
         self._held = list(held)
+        self.scaled_with_gradients: list[torch.Tensor] = []
         self.mixes_first_pass = mixes_first_pass
         self.scale_dependent = scale_dependent
 
@@ -227,16 +299,23 @@ class _FinishingTransform(PerturbationTransform):
         return self._move_along([params[i] for i in moving], directions, scales, ctx.foreach).moves
 
     def _sam_step(
-        self, ctx: TransformContext, finish: Callable[[dict[int, torch.Tensor], bool], None]
+        self, ctx: TransformContext, finish: Callable[[dict[int, torch.Tensor], bool], Sequence[torch.Tensor] | None]
     ) -> Perturbation | None:
-        """SAM's perturbation; ``finish(first, checked)`` gets the first gradients by ``id(param)``."""
+        """SAM's perturbation; ``finish(first, checked)`` gets the first gradients by ``id(param)``
+        and may return tensors it kept in the gradients' scale (``_Step.scaled_with_gradients``)."""
         gathered = self._gather(ctx)  # None also for g = 0: g_p = g, nothing to combine
         if not isinstance(gathered, tuple):
             return gathered
         params, grads, groups, norm = gathered
         first = {id(p): g for p, g in zip(params, _kept_past_backward(grads))}  # used after g_p's backward
         moves = self._sam_moves(ctx, params, grads, groups, norm)
-        return _Step(moves, lambda checked: finish(first, checked), mixes_first_pass=True)
+        step = _Step(moves, None, mixes_first_pass=True)
+
+        def finish_step(checked: bool) -> None:
+            step.scaled_with_gradients.extend(finish(first, checked) or ())
+
+        step._finish = finish_step
+        return step
 
     def _first_and_perturbed(
         self, ctx: TransformContext, first: dict[int, torch.Tensor]
@@ -279,6 +358,7 @@ class GSAM(_FinishingTransform):
     """
 
     supports_local_first_pass = False  # the update mixes in the first-pass gradient
+    combines_gradients = True  # (1 + alpha c) g_p - alpha g
 
     def __init__(self, rho: float = 0.05, alpha: float = 0.4) -> None:
         self.rho = check_real("rho", rho, low=0.0)
@@ -302,8 +382,14 @@ class GSAM(_FinishingTransform):
         dot = _dot(kept, [perturbed[i] for i in both], like=[params[i] for i in both])
         parallel = dot / norm_sq if norm_sq > 0 else 0.0
         # d = g_p - alpha (g - c g_p) = (1 + alpha c) g_p - alpha g  (no first gradient: g = 0)
-        scale_(perturbed, [1.0 + group["alpha"] * parallel for group in groups], foreach=ctx.foreach)
-        _add_scaled_([perturbed[i] for i in both], kept, [-groups[i]["alpha"] for i in both], ctx.foreach)
+        _scale_and_add_(
+            perturbed,
+            [1.0 + group["alpha"] * parallel for group in groups],
+            both,
+            kept,
+            [-groups[i]["alpha"] for i in both],
+            ctx.foreach,
+        )
 
 
 # -- WSAM ----------------------------------------------------------------------------------------------
@@ -348,11 +434,10 @@ class WSAM(_FinishingTransform):
         self.rho = check_real("rho", rho, low=0.0)
         self.gamma = check_real("gamma", gamma, low=0.0, high=1.0, high_open=True)
         self.decouple = check_bool("decouple", decouple)
+        self.combines_gradients = not self.decouple  # a g_p + (1 - a) g; decoupled: g itself
         # Between the finish and post_update of one step, per slot (one object may hold several):
-        # the sharpness terms (param, g_p - g, weight) and, in the two-call loop, the unscale probe.
-        self._pending: dict[
-            str, tuple[list[tuple[torch.Tensor, torch.Tensor, float]], tuple[list[torch.Tensor], float] | None]
-        ] = {}
+        # the sharpness terms (param, g_p - g, weight).
+        self._pending: dict[str, list[tuple[torch.Tensor, torch.Tensor, float]]] = {}
 
     def group_defaults(self) -> dict[str, Any]:
         return {"rho": self.rho, "gamma": self.gamma}
@@ -377,18 +462,19 @@ class WSAM(_FinishingTransform):
         self._pending.pop(ctx.slot, None)
         return self._sam_step(ctx, lambda first, checked: self._weigh(ctx, first, checked))
 
-    def _weigh(self, ctx: TransformContext, first: dict[int, torch.Tensor], checked: bool) -> None:
+    def _weigh(self, ctx: TransformContext, first: dict[int, torch.Tensor], checked: bool) -> list[torch.Tensor]:
+        """Combine g and g_p, or (decoupled) put g back and keep the sharpness terms; returns the
+        tensors kept in the gradients' scale (for the optimizer to unscale with them)."""
         params, perturbed, groups, both, kept = self._first_and_perturbed(ctx, first)
         weights = [group["gamma"] / (1.0 - group["gamma"]) for group in groups]
         if not self.decouple:
             # a g_p + (1 - a) g with a = gamma / (1 - gamma)  (no first gradient: g = 0)
-            scale_(perturbed, weights, foreach=ctx.foreach)
-            _add_scaled_([perturbed[i] for i in both], kept, [1.0 - weights[i] for i in both], ctx.foreach)
-            return
+            _scale_and_add_(perturbed, weights, both, kept, [1.0 - weights[i] for i in both], ctx.foreach)
+            return []
         if not (checked or _current_grads_finite(ctx)):
             # Two-call loop, non-finite second pass: leave g_p in place for the optimizer's
             # check (or GradScaler's) to skip the step; putting the finite g back would hide it.
-            return
+            return []
         # The sharpness s = g_p - g is computed in the perturbed gradient's memory; the inner
         # optimizer gets g back (zero where there was no first gradient).
         _add_scaled_([perturbed[i] for i in both], kept, [-1.0] * len(both), ctx.foreach)
@@ -396,21 +482,17 @@ class WSAM(_FinishingTransform):
         for param, grad in zip(params, gradients):
             param.grad = grad
         sharpness = [(p, s, a) for p, s, a in zip(params, perturbed, weights) if a]
-        # Two-call loop (finished unchecked, by restore()): under GradScaler the optimizer unscales
-        # the gradients after this; post_update unscales the sharpness by the same factor, read
-        # off the norm of g before and after.
-        probe = None if checked else (gradients, _norm(gradients, ctx.foreach))
-        self._pending[ctx.slot] = (sharpness, probe)
+        self._pending[ctx.slot] = sharpness
+        # Two-call loop (finished by restore()): under GradScaler the optimizer unscales these
+        # with the gradients, after this.
+        return [s for _, s, _ in sharpness]
 
     @torch.no_grad()
     def post_update(self, ctx: TransformContext) -> None:
         """Decoupled sharpness step: :math:`w \\leftarrow w - \\eta\\,\\frac{\\gamma}{1-\\gamma}(g_p - g)` (``+`` when the inner optimizer maximises)."""
-        sharpness, probe = self._pending.pop(ctx.slot, ([], None))
+        sharpness = self._pending.pop(ctx.slot, [])
         if not sharpness:
             return
-        unscaled = 1.0
-        if probe is not None and probe[1] > 0:
-            unscaled = _norm(probe[0], ctx.foreach) / probe[1]
         # A descent step on the sharpness; an ascent when the inner optimizer maximises (the
         # objective is then -L, whose sharpness term has the gradient -(g_p - g)).
         step_of = {
@@ -421,7 +503,7 @@ class WSAM(_FinishingTransform):
         _add_scaled_(
             [as_real(param) for param, _, _ in sharpness],
             [grad for _, grad, _ in sharpness],
-            [step_of[id(param)] * weight * unscaled for param, _, weight in sharpness],
+            [step_of[id(param)] * weight for param, _, weight in sharpness],
             ctx.foreach,
         )
 
@@ -518,6 +600,10 @@ class FriendlySAM(_FinishingTransform):
                 if param.grad is not None and "momentum" not in ctx.state[param]:
                     ctx.state[param]["momentum"] = torch.zeros_like(param, memory_format=torch.preserve_format)
 
+    def check_loaded_state(self, ctx: TransformContext) -> None:
+        """Raise ``ValueError`` unless every moving average fits its parameter."""
+        _check_loaded_per_param(self, ctx, "momentum")
+
 
 # -- LookSAM -------------------------------------------------------------------------------------------
 class LookSAM(_FinishingTransform):
@@ -561,6 +647,7 @@ class LookSAM(_FinishingTransform):
     """
 
     supports_local_first_pass = False  # the steps in between and g_v use the first-pass gradient
+    combines_gradients = True  # the steps in between: g + alpha |g| g_v
 
     def __init__(self, rho: float = 0.05, alpha: float = 0.7, k: int = 5) -> None:
         self.rho = check_real("rho", rho, low=0.0)
@@ -629,8 +716,8 @@ class LookSAM(_FinishingTransform):
         params, perturbed, _groups, both, kept = self._first_and_perturbed(ctx, first)
         parallel = _dot(kept, [perturbed[i] for i in both], like=[params[i] for i in both]) / norm**2
         # g_v = g_s - c g, in the first gradient's memory (no first gradient: g_v = g_s).
-        scale_(kept, [-parallel] * len(kept), foreach=ctx.foreach)
-        _add_scaled_(kept, [perturbed[i] for i in both], [1.0] * len(kept), ctx.foreach)
+        count = len(kept)
+        _scale_and_add_(kept, [-parallel] * count, range(count), [perturbed[i] for i in both], [1.0] * count, ctx.foreach)
         directions = {id(params[i]): first[id(params[i])] for i in both}
         values = [directions[id(p)] if id(p) in directions else p.grad.clone() for p in params]
         size = _norm(values, ctx.foreach)
@@ -656,6 +743,15 @@ class LookSAM(_FinishingTransform):
         slot = ctx.slot_state(keys=("step",))
         if slot is not None:
             slot.setdefault("step", 0)
+
+    def check_loaded_state(self, ctx: TransformContext) -> None:
+        """Raise ``ValueError`` unless every stored direction fits its parameter and the step
+        counter is an integer >= 0."""
+        _check_loaded_per_param(self, ctx, "g_v")
+        slot = ctx.slot_state(keys=("step",))
+        step = None if slot is None else slot.get("step")
+        if step is not None and (isinstance(step, bool) or not isinstance(step, int) or step < 0):
+            raise ValueError(f"the checkpoint's LookSAM slot {ctx.slot!r} holds step={step!r}, not an integer >= 0")
 
 
 # -- ESAM's stochastic weight perturbation ---------------------------------------------------------------
