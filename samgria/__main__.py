@@ -201,8 +201,8 @@ def run_demo(
         One :class:`DemoResult` per method, in order.
 
     Raises:
-        TypeError: If an argument is of the wrong kind (``methods`` a ``str``, a count not an
-            integer, ``log`` not callable, ...).
+        TypeError: If an argument is of the wrong kind (``methods`` a ``str`` or holding a
+            method that is not one, a count not an integer, ``log`` not callable, ...).
         ValueError: If ``n_train`` or ``n_test`` is below 2, ``epochs``, ``batch_size``, ``width``
             or ``log_every`` below 1, ``lr`` negative or not finite, ``label_noise`` outside
             ``[0, 1]``, ``seed`` out of range, ``methods`` empty or a method unknown.

@@ -8,6 +8,9 @@ Every failed check raises with the message ``"{name} must be {rule}, got {value!
 
 The rule in a message is always true of the accepted values (never "``>= 0``" for a check
 that also refuses ``inf``).
+
+:func:`check_loaded_tensor` checks a transform's per-parameter tensor in a checkpoint being
+loaded (a ``ValueError`` naming the transform, slot, key and shapes or dtypes).
 """
 
 from __future__ import annotations
@@ -16,7 +19,9 @@ import math
 import numbers
 from typing import Any
 
-__all__ = ["check_real", "check_int", "check_seed", "check_bool", "check_choice"]
+import torch
+
+__all__ = ["check_real", "check_int", "check_seed", "check_bool", "check_choice", "check_loaded_tensor"]
 
 
 def _fail_type(name: str, rule: str, value: Any) -> TypeError:
@@ -134,8 +139,57 @@ def check_bool(name: str, value: Any) -> bool:
 
 
 def check_choice(name: str, value: Any, choices: tuple[Any, ...]) -> Any:
-    """Check that ``value`` is one of ``choices``."""
+    """Check that ``value`` is one of ``choices`` and return it.
+
+    A value of none of the choices' kinds (a ``str`` or a tensor where the choices are numbers, a
+    number where they are names) is of the wrong kind; a number is any real but a ``bool``, so
+    ``2.0`` and ``numpy.float64(2)`` are the choice ``2``.
+
+    Raises:
+        TypeError: ``value`` is of none of the choices' kinds (``"p must be one of 2, inf, got '2'"``).
+        ValueError: ``value`` is of a choice's kind but none of the choices (NaN included).
+    """
+    rule = "one of " + ", ".join(repr(choice) for choice in choices)
+    if not any(_same_kind(value, choice) for choice in choices):
+        raise _fail_type(name, rule, value)
     if value not in choices:
-        rule = "one of " + ", ".join(repr(choice) for choice in choices)
         raise ValueError(f"{name} must be {rule}, got {value!r}")
     return value
+
+
+def _same_kind(value: Any, choice: Any) -> bool:
+    """Whether ``value`` is of ``choice``'s kind: both ``None``, both ``bool``, both real numbers
+    (``bool`` excluded), or ``value`` an instance of ``choice``'s type."""
+    if choice is None or value is None:
+        return value is choice
+    if isinstance(choice, bool) or isinstance(value, bool):
+        return isinstance(choice, bool) and isinstance(value, bool)
+    if isinstance(choice, numbers.Real):
+        return isinstance(value, numbers.Real)
+    return isinstance(value, type(choice))
+
+
+def check_loaded_tensor(owner: str, slot: str, key: str, value: Any, param: Any) -> None:
+    """Check a per-parameter tensor of a checkpoint's slot against its parameter, before the load commits.
+
+    It must be a tensor of the parameter's shape, complex exactly when the parameter is (torch's
+    ``load_state_dict`` has cast it to a floating parameter's dtype already, but leaves the dtype
+    of a complex parameter's state as it was).
+
+    Args:
+        owner: The transform's class name (``"EMA"``).
+        slot: The slot's name (``"ema"``).
+        key: The per-parameter key (``"average"``).
+
+    Raises:
+        ValueError: ``"the checkpoint's EMA slot 'ema' holds 'average' of shape (2, 3) for a
+            parameter of shape (3, 2)"`` (or of dtype ``torch.float32`` for one of dtype
+            ``torch.complex64``, or ``= [1.0]``, not a tensor).
+    """
+    where = f"the checkpoint's {owner} slot {slot!r} holds {key!r}"
+    if not isinstance(value, torch.Tensor):
+        raise ValueError(f"{where} = {value!r}, not a tensor, for a parameter of shape {tuple(param.shape)}")
+    if value.shape != param.shape:
+        raise ValueError(f"{where} of shape {tuple(value.shape)} for a parameter of shape {tuple(param.shape)}")
+    if value.is_complex() != param.is_complex():
+        raise ValueError(f"{where} of dtype {value.dtype} for a parameter of dtype {param.dtype}")

@@ -426,3 +426,81 @@ def test_settings_and_repr():
     assert repr(Lookahead(0.8, k=10)) == "Lookahead(alpha=0.8, k=10)"
     assert repr(EMA(0.99, switch_every=5)) == "EMA(decay=0.99, warmup=False, switch_every=5)"
     assert EMA(warmup=True).settings() == {"warmup": True, "warmup_gamma": 1.0, "warmup_power": 2 / 3, "switch_every": None}
+
+
+# -- steps in which no parameter has a gradient; checkpoints for complex parameters --------------------
+@pytest.mark.parametrize(
+    "transforms",
+    [
+        lambda: [EMA(decay=0.9, warmup=True)],
+        lambda: [Lookahead(alpha=0.5, k=2)],
+        lambda: [EMA(decay=0.8, switch_every=3), Lookahead(alpha=0.5, k=3)],
+    ],
+    ids=["ema_warmup", "lookahead", "switch_ema_then_lookahead"],
+)
+def test_a_step_without_any_gradient_changes_nothing(transforms):
+    """torch's optimizers take no step when no parameter has a gradient; neither do EMA and Lookahead:
+    such a step used to count, advancing the warm-up's decay, the switch and the k-cycle."""
+    x, y = make_data()
+    model, twin_model = make_model(), make_model()
+    optimizer, twin = build(model, transforms()), build(twin_model, transforms())
+    closure, twin_closure = make_closure(model, optimizer, x, y), make_closure(twin_model, twin, x, y)
+    for _ in range(7):
+        optimizer.step(closure)
+        twin.step(twin_closure)
+        optimizer.zero_grad(set_to_none=True)
+        weights, state = params_of(model), copy.deepcopy(optimizer.state_dict())
+        optimizer.step()  # no gradient anywhere
+        assert_bitwise_equal(params_of(model), weights)
+        assert_state_equal(optimizer.state_dict(), state)
+    # and the run is the one without the empty steps, bit for bit
+    assert_bitwise_equal(params_of(model), params_of(twin_model))
+    assert_state_equal(optimizer.state_dict(), twin.state_dict())
+
+
+def test_a_seed_protocol_step_without_any_gradient_changes_nothing():
+    torch.manual_seed(0)
+    model = nn.Linear(3, 1).double()
+    ema = EMA(decay=0.5)
+    model.weight.grad = torch.ones_like(model.weight)
+    ema.post_step(model)  # the first update: a copy
+    with torch.no_grad():
+        model.weight.add_(1.0)
+    model.weight.grad = None
+    ema.post_step(model)  # no gradient: no update
+    with ema.averaged_weights(model):
+        averaged = model.weight.detach().clone()
+    assert torch.equal(averaged, model.weight.detach() - 1.0)
+    assert ema.state_dict()["state"][0]["ema.step"] == 1
+
+
+@pytest.mark.parametrize(
+    "make,key", [(lambda: EMA(decay=0.9), "average"), (lambda: Lookahead(alpha=0.5, k=2), "slow")], ids=["ema", "lookahead"]
+)
+def test_a_checkpoint_with_real_kept_weights_for_a_complex_parameter_is_refused_with_nothing_loaded(make, key):
+    # torch casts a real parameter's state to its dtype, but leaves a complex parameter's as it was:
+    # real weights of the same shape were loaded, and averaged as pairs of reals against nothing.
+    real = nn.Parameter(torch.randn(3, dtype=torch.float64))
+    source = TransformingOptimizer([real], torch.optim.SGD, lr=0.1, transforms=[make()])
+    real.grad = torch.ones_like(real)
+    source.step()
+    z = nn.Parameter(torch.randn(3, dtype=torch.complex128))
+    target = TransformingOptimizer([z], torch.optim.SGD, lr=0.1, momentum=0.9, transforms=[make()])
+    z.grad = torch.ones_like(z)
+    target.step()
+    weights, state = z.detach().clone(), copy.deepcopy(target.state_dict())
+    name, slot = type(make()).__name__, target.slots[0]
+    message = rf"^the checkpoint's {name} slot '{slot}' holds '{key}' of dtype torch\.float64 for a parameter of dtype torch\.complex128$"
+    with pytest.raises(ValueError, match=message):
+        target.load_state_dict(source.state_dict())
+    assert torch.equal(z.detach(), weights)
+    assert_state_equal(target.state_dict(), state)
+
+
+def test_a_checkpoint_whose_kept_weights_are_not_a_tensor_is_refused():
+    model, optimizer = run_ema(2, EMA(decay=0.9))
+    checkpoint = optimizer.state_dict()
+    checkpoint["state"][1]["ema.average"] = [0.0, 1.0]
+    fresh = build(make_model(), [EMA(decay=0.9)])
+    with pytest.raises(ValueError, match=r"^the checkpoint's EMA slot 'ema' holds 'average' = \[0\.0, 1\.0\], not a tensor, for a parameter of shape \(8, 5\)$"):
+        fresh.load_state_dict(checkpoint)

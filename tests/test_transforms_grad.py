@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import decimal
 import math
+from decimal import Decimal
 from fractions import Fraction
 
 import numpy as np
@@ -224,6 +226,36 @@ def test_normalize_grad_retakes_only_the_rows_whose_norm_float32_cannot_hold(for
     tiny = torch.tensor([3e-23, -4e-23, 0.0])
     got = grad_after_16_bit(NormalizeGrad(eps=0.0), tiny, foreach=foreach)
     torch.testing.assert_close(got, torch.tensor([0.6, -0.8, 0.0]), rtol=torch.finfo(torch.float32).eps, atol=0)
+
+
+def exact_lp_quotients(grad, p, param_ndim):
+    """``grad / ||grad||_p`` per row (``param_ndim=-1``) or whole, the norms in 60-digit decimals
+    (no range limit), each quotient rounded to float64 once."""
+    rows = grad.double().reshape(grad.shape[0], -1) if param_ndim == -1 else grad.double().reshape(1, -1)
+    out = torch.zeros_like(rows)
+    with decimal.localcontext() as context:
+        context.prec = 60
+        for index, row in enumerate(rows.tolist()):
+            norm = sum(abs(Decimal(v)) ** Decimal(p) for v in row) ** (Decimal(1) / Decimal(p))
+            out[index] = torch.tensor([float(Decimal(v) / norm) if norm else 0.0 for v in row], dtype=torch.float64)
+    return out.reshape(grad.shape)
+
+
+@pytest.mark.parametrize("foreach", [True, False], ids=["foreach", "loop"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("magnitude", [1e19, 1e30, 1e-19, 1e-30])
+@pytest.mark.parametrize("p,param_ndim", [(20.0, None), (20.0, -1), (50.0, None), (7.0, -1)])
+def test_normalize_grad_large_p_beyond_float64_powers_matches_an_exact_reference(foreach, dtype, magnitude, p, param_ndim):
+    # |g|^p leaves even float64's range ((1e19)^20 = 1e380, (1e-19)^20 = 1e-380): the float64
+    # retake of the norm came out inf (a zero quotient) or 0 (an infinite quotient) as well.
+    generator = torch.Generator().manual_seed(5)
+    scales = torch.tensor([[1.0], [3.0], [0.0], [0.25]], dtype=torch.float64) * magnitude  # a zero row
+    grad = (torch.randn(4, 30, generator=generator, dtype=torch.float64) * scales).to(dtype)
+    transform = NormalizeGrad(eps=0.0, p=p, param_ndim=param_ndim)
+    got = grad_after_16_bit(transform, grad, foreach=foreach)
+    # the quotients are computed in float64 and rounded once
+    torch.testing.assert_close(got.double(), exact_lp_quotients(grad, p, param_ndim), rtol=torch.finfo(dtype).eps, atol=0)
+    assert torch.equal(got, grad_after_16_bit(NormalizeGrad(eps=0.0, p=p, param_ndim=param_ndim), grad, foreach=not foreach))
 
 
 # -- hyperparameters of any real type act as the equal float ------------------------------------------

@@ -11,7 +11,9 @@ import io
 import itertools
 import math
 import re
+from fractions import Fraction
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -29,6 +31,7 @@ from samgria import (
     Transform,
     TransformingOptimizer,
 )
+from samgria._checks import check_choice
 from samgria.transforms.grad import kept_count
 from samgria.transforms.param_ndim import batch_shape
 
@@ -495,6 +498,62 @@ def test_bad_group_values_name_the_group():
         )
 
 
+@pytest.mark.parametrize(
+    "value,error",
+    [("2", TypeError), (torch.tensor(2.0), TypeError), (True, TypeError), (None, TypeError), (1, ValueError), (math.nan, ValueError)],
+    ids=["str", "tensor", "bool", "none", "one", "nan"],
+)
+def test_project_params_p_of_the_wrong_kind_is_a_type_error_wherever_it_is_checked(value, error):
+    """One message shape: a value of none of the choices' kinds is a TypeError, as a string is for
+    every real hyperparameter (a tensor p used to be accepted: ``tensor(2.) in (2, inf)`` is true)."""
+    message = rf"p must be one of 2, inf, got {re.escape(repr(value))}$"
+    with pytest.raises(error, match="^" + message):
+        ProjectParams(p=value)
+    params = make_params()
+    with pytest.raises(error, match=r"^param_groups\[1\]: " + message):
+        TransformingOptimizer(two_groups(params, {}, {"p": value}), torch.optim.SGD, lr=0.1, transforms=[ProjectParams()])
+    optimizer = TransformingOptimizer(params, torch.optim.SGD, lr=0.1, transforms=[ProjectParams(0.5)])
+    optimizer.param_groups[0]["p"] = value  # a step-time edit
+    set_grads(params)
+    weights = [p.detach().clone() for p in params]
+    with pytest.raises(error, match=r"^param_groups\[0\]: " + message):
+        optimizer.step()
+    assert all(torch.equal(p, w) for p, w in zip(params, weights))
+
+
+def test_project_params_center_of_the_wrong_kind_is_a_type_error():
+    with pytest.raises(TypeError, match=r"^center must be one of 'zero', 'initial', got 0$"):
+        ProjectParams(center=0)
+    with pytest.raises(TypeError, match=r"^center must be one of 'zero', 'initial', got None$"):
+        ProjectParams(center=None)
+
+
+@pytest.mark.parametrize("value", [2, 2.0, np.float64(2.0), Fraction(2), math.inf, np.float32(math.inf)], ids=repr)
+def test_project_params_p_of_any_real_type_is_the_equal_choice(value):
+    params, twin = make_params(), make_params()
+    optimizer = TransformingOptimizer(params, torch.optim.SGD, lr=0.5, transforms=[ProjectParams(0.5, p=value)])
+    reference = TransformingOptimizer(twin, torch.optim.SGD, lr=0.5, transforms=[ProjectParams(0.5, p=float(value))])
+    set_grads(params)
+    set_grads(twin)
+    optimizer.step()
+    reference.step()
+    assert all(torch.equal(a, b) for a, b in zip(params, twin))
+
+
+def test_check_choice_type_error_for_a_value_of_no_choices_kind_value_error_for_another_value():
+    assert check_choice("path", None, (None, "loop", "vmap")) is None
+    assert check_choice("path", "loop", (None, "loop", "vmap")) == "loop"
+    with pytest.raises(TypeError, match=r"^path must be one of None, 'loop', 'vmap', got 1$"):
+        check_choice("path", 1, (None, "loop", "vmap"))
+    with pytest.raises(ValueError, match=r"^path must be one of None, 'loop', 'vmap', got 'Loop'$"):
+        check_choice("path", "Loop", (None, "loop", "vmap"))
+    with pytest.raises(TypeError, match=r"^non_finite must be one of 'skip', 'raise', got None$"):
+        check_choice("non_finite", None, ("skip", "raise"))
+    with pytest.raises(TypeError, match=r"^flag must be one of True, 'auto', got 1$"):
+        check_choice("flag", 1, (True, "auto"))  # a bool choice takes bools only
+    assert check_choice("flag", True, (True, "auto")) is True
+
+
 # -- the hook base class ------------------------------------------------------------------------------
 def test_hooks_that_replace_grad_or_data_raise():
     class ReplacesGrad(ParamTransform):
@@ -623,6 +682,103 @@ def test_project_params_initial_center_is_checkpointed_and_initialised_by_a_stat
     # Projected around the checkpoint's centre (model's start), not other_model's own weights.
     distance = torch.linalg.vector_norm(other_model.weight.detach() - start[0], dim=1)
     assert torch.all(distance <= 0.1 + 1e-6), distance
+
+
+def assert_same_state(actual, expected):
+    assert actual["param_groups"] == expected["param_groups"]
+    assert actual["state"].keys() == expected["state"].keys()
+    for index, entry in expected["state"].items():
+        assert actual["state"][index].keys() == entry.keys()
+        for key, value in entry.items():
+            got = actual["state"][index][key]
+            assert torch.equal(got, value) if isinstance(value, torch.Tensor) else got == value
+
+
+CENTER_MISFITS = {
+    # checkpoint's parameter, this optimizer's parameter, what the message says of each
+    "transposed": (torch.zeros(2, 3), torch.zeros(3, 2), "of shape (2, 3) for a parameter of shape (3, 2)"),
+    "other_size": (torch.zeros(2, 2), torch.zeros(3), "of shape (2, 2) for a parameter of shape (3,)"),
+    "real_for_complex": (
+        torch.zeros(3, dtype=F64), torch.zeros(3, dtype=torch.complex128),
+        "of dtype torch.float64 for a parameter of dtype torch.complex128",
+    ),
+    "not_a_tensor": (torch.zeros(3), torch.zeros(3), "= [0.0, 1.0, 2.0], not a tensor, for a parameter of shape (3,)"),
+}
+
+
+@pytest.mark.parametrize("case", list(CENTER_MISFITS))
+def test_project_params_refuses_a_checkpoint_whose_centre_does_not_fit_with_nothing_loaded(case):
+    """As EMA, Lookahead and LAMP refuse theirs: a centre of another shape was loaded and used
+    reshaped (the wrong centre), or failed in the middle of a later step."""
+    saved, own, says = CENTER_MISFITS[case]
+
+    def built(start):
+        param = nn.Parameter(start.clone() + 0.1)
+        optimizer = TransformingOptimizer([param], torch.optim.SGD, lr=1.0, momentum=0.9, transforms=[ProjectParams(0.1, center="initial")])
+        param.grad = torch.ones_like(param)
+        optimizer.step()
+        return param, optimizer
+
+    _, source = built(saved)
+    checkpoint = source.state_dict()
+    if case == "not_a_tensor":
+        checkpoint["state"][0]["project_params.center"] = [0.0, 1.0, 2.0]
+    param, optimizer = built(own)
+    weights, state = param.detach().clone(), copy.deepcopy(optimizer.state_dict())
+    message = f"the checkpoint's ProjectParams slot 'project_params' holds 'center' {says}"
+    with pytest.raises(ValueError, match="^" + re.escape(message) + "$"):
+        optimizer.load_state_dict(checkpoint)
+    assert torch.equal(param.detach(), weights)
+    assert_same_state(optimizer.state_dict(), state)
+
+
+def float64_projection(moved, middle, radius, param_ndim):
+    """The L2 projection of ``moved`` (float64) around ``middle`` per sub-tensor, on Python floats."""
+    return apply_per_subtensor(moved, param_ndim, lambda v, c: ref_project_l2(v, c, radius), other=middle)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("center", ["zero", "initial"])
+def test_project_params_l2_beyond_float32_squares_matches_a_float64_reference(dtype, center):
+    """Finite weights whose float32 L2 norm overflows (near 1e20) were projected onto the centre;
+    with a tiny radius, weights whose squares underflow (near 1e-25) were left outside the ball.
+    Those sub-tensors are projected in float64 and rounded once; the others as before, bit for bit."""
+    generator = torch.Generator().manual_seed(7)
+    # group 0 (radius 1, rows): ordinary outside, huge, inside, huge beyond float32's squares
+    big_scales = torch.tensor([[1.0], [1e20], [1e-3], [1e30]], dtype=F64)
+    # group 1 (radius 1e-26): rows of tiny weights (one inside the ball), a zero row; and a whole tensor
+    tiny_scales = torch.tensor([[1e-25], [1e-30], [0.0], [3e-26]], dtype=F64)
+    starts = [
+        (torch.randn(4, 30, generator=generator, dtype=F64) * big_scales).to(dtype),
+        (torch.randn(4, 30, generator=generator, dtype=F64) * tiny_scales).to(dtype),
+        torch.full((4,), 1e-25, dtype=dtype),
+    ]
+    grads = [
+        (torch.randn(4, 30, generator=generator, dtype=F64) * big_scales).to(dtype),
+        (torch.randn(4, 30, generator=generator, dtype=F64) * tiny_scales).to(dtype),
+        torch.full((4,), -2e-25, dtype=dtype),
+    ]
+    params = [nn.Parameter(start.clone()) for start in starts]
+    groups = [{"params": params[:1]}, {"params": params[1:2], "radius": 1e-26}, {"params": params[2:], "radius": 1e-26, "param_ndim": None}]
+    optimizer = TransformingOptimizer(groups, torch.optim.SGD, lr=1.0, transforms=[ProjectParams(1.0, center=center)])
+    for param, grad in zip(params, grads):
+        param.grad = grad.clone()
+    optimizer.step()
+    for param, start, grad, group in zip(params, starts, grads, optimizer.param_groups):
+        moved = start.clone().add_(grad, alpha=-1.0)  # SGD's step alone
+        middle = start.double() if center == "initial" else torch.zeros(moved.shape, dtype=F64)
+        expected = float64_projection(moved.double(), middle, group["radius"], group["param_ndim"])
+        rows = slice(1, None) if param is params[0] else slice(None)  # the ordinary row: below
+        torch.testing.assert_close(param[rows].detach().double(), expected[rows], rtol=torch.finfo(dtype).eps, atol=0)
+        distance = torch.linalg.vector_norm(param[rows].detach().double() - middle[rows], dim=-1)
+        assert torch.all(distance <= group["radius"] * (1 + 2 * torch.finfo(dtype).eps)), distance
+    # the ordinary row: float32 arithmetic, exactly as before
+    moved = starts[0].clone().add_(grads[0], alpha=-1.0)[:1].float()
+    middle = starts[0][:1].float() if center == "initial" else torch.zeros(1, 30)
+    offset = moved - middle
+    ordinary = middle + offset * (1.0 / torch.linalg.vector_norm(offset, dim=1, keepdim=True))
+    assert torch.equal(params[0][:1].detach(), ordinary.to(dtype))
+    assert torch.equal(params[0][2], (starts[0][2] - grads[0][2]))  # inside the ball: as SGD left it
 
 
 # -- 16-bit parameters: norms and projections in float32, bounds beyond the dtype's range ---------------

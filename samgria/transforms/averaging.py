@@ -8,7 +8,9 @@ in the parameter's dtype, and a step counter on the first parameter, so ``state_
 
 As everywhere in samgria, only the parameters that have a gradient at a step take part in it
 (frozen and unused parameters are left alone), and complex parameters are treated as pairs of
-reals. Both transforms can put their kept weights into the model for a while —
+reals. A step in which no parameter has a gradient is no step for them either, as for torch's
+optimizers: it leaves the counter, the kept weights and the weights as they are. Both
+transforms can put their kept weights into the model for a while —
 :meth:`EMA.averaged_weights` and :meth:`Lookahead.slow_weights` — and restore the training
 weights bit for bit afterwards, also when the block raises.
 """
@@ -22,7 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from samgria._checks import check_bool, check_int, check_real
+from samgria._checks import check_bool, check_int, check_loaded_tensor, check_real
 from samgria.functional._grouping import group_indices_by_device_and_dtype, unique_params
 from samgria.functional._views import LOW_PRECISION, as_real
 from samgria.transforms.base import Transform, TransformContext
@@ -111,11 +113,11 @@ class _KeptWeights(Transform):
 
     def _count_step(self, ctx: TransformContext) -> tuple[list[torch.Tensor], int] | None:
         """Start ``post_update``: the step's participants and the step count, incremented in the
-        slot; ``None`` when no parameter requires grad."""
+        slot; ``None`` (nothing counted) when no parameter has a gradient or none requires grad."""
         self._check_not_swapped()
         params = self._participants(ctx)
         slot = ctx.slot_state(keys=_OBJECT_KEYS)
-        if slot is None:
+        if slot is None or not params:
             return None
         step = slot.get("step", 0) + 1
         slot["step"] = step
@@ -139,17 +141,12 @@ class _KeptWeights(Transform):
             slot.setdefault("step", 0)
 
     def check_loaded_state(self, ctx: TransformContext) -> None:
-        """Raise ``ValueError`` unless the kept weights fit their parameters and the counter is valid."""
+        """Raise ``ValueError`` unless the kept weights fit their parameters (a tensor of the
+        parameter's shape, complex exactly when it is) and the counter is valid."""
         name = type(self).__name__
         for param in unique_params(ctx.param_groups):
-            if param not in ctx.state:
-                continue
-            kept = ctx.state[param].get(self._kept_key)
-            if kept is not None and (not isinstance(kept, torch.Tensor) or kept.shape != param.shape):
-                raise ValueError(
-                    f"the checkpoint's {name} slot {ctx.slot!r} holds {self._kept_key!r} of shape "
-                    f"{tuple(getattr(kept, 'shape', ()))} for a parameter of shape {tuple(param.shape)}"
-                )
+            if param in ctx.state and self._kept_key in ctx.state[param]:
+                check_loaded_tensor(name, ctx.slot, self._kept_key, ctx.state[param][self._kept_key], param)
         slot = ctx.slot_state(keys=_OBJECT_KEYS)
         step = None if slot is None else slot.get("step")
         if step is not None and (isinstance(step, bool) or not isinstance(step, int) or step < 0):
@@ -219,8 +216,9 @@ class Lookahead(_KeptWeights):
 
     State in the slot: per parameter ``"slow"`` (:math:`\phi`, in the parameter's dtype; created
     before the first inner step in which the parameter has a gradient, so
-    ``saves_state_before_step`` is set); on the first parameter ``"step"``, the inner steps taken.
-    Only parameters that have a gradient at a step are synchronised at it.
+    ``saves_state_before_step`` is set); on the first parameter ``"step"``, the inner steps taken
+    in which some parameter had a gradient (a step without any gradient does not count towards
+    ``k``). Only parameters that have a gradient at a step are synchronised at it.
 
     Args:
         alpha: Default slow-weights step size :math:`\alpha \in (0, 1]` (per-group key ``"alpha"``).
@@ -258,11 +256,11 @@ class Lookahead(_KeptWeights):
     def post_update(self, ctx: TransformContext) -> None:
         """Count the inner step; every ``k``-th: :math:`\\phi \\leftarrow \\phi + \\alpha(\\theta - \\phi)`, :math:`\\theta \\leftarrow \\phi`."""
         counted = self._count_step(ctx)
-        if counted is None:  # no parameter requires grad
+        if counted is None:  # no parameter has a gradient
             return
         params, step = counted
         self._ensure_kept(ctx, params)  # a step without pre_update (never inside the optimizer)
-        if step % self.k != 0 or not params:
+        if step % self.k != 0:
             return
         alpha_of = {id(p): group["alpha"] for group in ctx.param_groups for p in group["params"]}
         for alpha in sorted({alpha_of[id(p)] for p in params}):
@@ -328,8 +326,11 @@ class EMA(_KeptWeights):
     resolution.
 
     State in the slot: per parameter ``"average"``; on the first parameter ``"step"``, the updates
-    made (``AveragedModel.n_averaged``). A parameter that gets its first gradient late starts its
-    average with a copy of its weights then.
+    made (``AveragedModel.n_averaged``): the steps in which some parameter had a gradient (a step
+    without any gradient changes nothing, the counter and the warm-up's :math:`n` included). Only
+    the parameters with a gradient at a step are averaged at it, with that step's :math:`d_n`; a
+    parameter that gets its first gradient late starts its average with a copy of its weights
+    then.
 
     Args:
         decay: Default decay :math:`\mathrm{decay} \in [0, 1]` (per-group key ``"decay"``).
@@ -392,7 +393,7 @@ class EMA(_KeptWeights):
     def post_update(self, ctx: TransformContext) -> None:
         """Move the averages towards the new weights; every ``switch_every`` steps, switch."""
         counted = self._count_step(ctx)
-        if counted is None:  # no parameter requires grad
+        if counted is None:  # no parameter has a gradient
             return
         params, update = counted
         fresh = {id(p) for p in self._ensure_kept(ctx, params)}  # a first average is a copy

@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
-from samgria._checks import check_choice, check_real
+from samgria._checks import check_choice, check_loaded_tensor, check_real
+from samgria.functional._grouping import unique_params
 from samgria.functional._views import as_real, widened_dtype
+from samgria.functional.norms import _RECOMPUTE_BELOW
 from samgria.transforms.base import Transform, TransformContext
 from samgria.transforms.grad import _clamp_
 from samgria.transforms.param_ndim import batched, check_param_ndim, ndim_entries
@@ -81,7 +83,13 @@ class ProjectParams(Transform):
     of a batch of adversarial perturbations (rai-toolbox's ``L2ProjectedOptim``); ``None`` bounds
     each whole parameter. The :math:`L_\infty` projection is elementwise, so its result does not
     depend on ``param_ndim``. Complex parameters count as pairs of reals. 16-bit parameters are
-    projected in float32 (norms included) and rounded once.
+    projected in float32 (norms included) and rounded once. Where a float32 :math:`L_2` norm
+    cannot be right -- infinite (squares beyond float32's range: finite weights near ``1e19``
+    or beyond), or below ``1e-15`` (squares in float32's subnormal range) with a radius below
+    ``1e-14`` -- that sub-tensor is projected in float64 and rounded once, so finite weights always
+    land on the nearest point of the ball (not on MPS, which has no float64); looking for such
+    sub-tensors costs one host read per device and step. float64 parameters are projected in
+    float64 alone (their squares overflow from about ``1e154``).
 
     Args:
         radius: :math:`r` (per-group key ``"radius"``), a finite number ``>= 0``.
@@ -94,9 +102,13 @@ class ProjectParams(Transform):
             ``"param_ndim"``), default ``-1``.
 
     Raises:
-        ValueError: If ``radius`` is negative or not finite, ``p`` is not ``2`` or ``inf``, or
-            ``center`` is neither ``"zero"`` nor ``"initial"``; at the step, if a group's
-            ``param_ndim`` is outside :math:`[-n, n]` for one of its parameters.
+        ValueError: If ``radius`` is negative or not finite, ``p`` is a number other than ``2``
+            and ``inf``, or ``center`` a string other than ``"zero"`` and ``"initial"``; at the
+            step, if a group's ``param_ndim`` is outside :math:`[-n, n]` for one of its
+            parameters; at ``load_state_dict``, if a checkpoint's centre is not a tensor of its
+            parameter's shape (complex exactly when the parameter is), with nothing loaded.
+        TypeError: If ``radius`` or ``p`` is not a real number (a string, a tensor, a ``bool``),
+            ``center`` not a string, or ``param_ndim`` neither an integer nor ``None``.
     """
 
     supports_sharded_params = False  # per-tensor norms and ranks of a shard alone
@@ -140,7 +152,14 @@ class ProjectParams(Transform):
         ndim_entries(ctx)  # refuse a param_ndim that does not fit before the inner step
         self._record_centers(ctx)
 
+    def check_loaded_state(self, ctx: TransformContext) -> None:
+        """Raise ``ValueError`` unless every centre of the checkpoint fits its parameter."""
+        for param in unique_params(ctx.param_groups):
+            if param in ctx.state and "center" in ctx.state[param]:
+                check_loaded_tensor(type(self).__name__, ctx.slot, "center", ctx.state[param]["center"], param)
+
     def post_update(self, ctx: TransformContext) -> None:
+        retakes: list[_Retake] = []
         for group, param, param_ndim in ndim_entries(ctx):
             if param.numel() == 0:
                 continue
@@ -162,7 +181,69 @@ class ProjectParams(Transform):
                 offset = weights.to(wide) if middle is None else weights.to(wide) - middle
                 norm = torch.linalg.vector_norm(offset, dim=tuple(range(1, weights.ndim)), keepdim=True)
                 outside = norm > radius
+                inexact = _float32_norm_inexact(norm, float(radius))
+                if inexact is not None:  # those rows are projected in float64 below, from as they are
+                    outside &= ~inexact
+                    retakes.append(_Retake(param, param_ndim, float(radius), center, inexact))
                 projected = offset * (radius / norm)
                 if middle is not None:
                     projected.add_(middle)
                 weights.copy_(torch.where(outside, projected, weights))
+        _project_in_float64(retakes)
+
+
+#: A radius from which a sub-tensor whose float32 L2 norm is below ``_RECOMPUTE_BELOW`` lies inside
+#: the ball whatever float32 lost to subnormal squares (at most about n * 7e-46 on the squared norm,
+#: under 1e-28 - 1e-30 for up to 1e17 elements): no retake is needed for it.
+_SMALL_RADIUS = 1e-14
+
+
+class _Retake(NamedTuple):
+    """A parameter whose rows ``inexact`` (a ``(N, 1, ...)`` mask of its batched view) are projected in float64."""
+
+    param: torch.Tensor
+    param_ndim: int | None
+    radius: float
+    center: torch.Tensor | None
+    inexact: torch.Tensor
+
+
+def _float32_norm_inexact(norm: torch.Tensor, radius: float) -> torch.Tensor | None:
+    """Where a float32 L2 norm may decide or compute the projection wrongly: infinite (squares that
+    overflowed), or below ``1e-15`` (squares that fell into the subnormal range, perhaps to 0)
+    when the radius is below :data:`_SMALL_RADIUS`; ``None`` for norms that are not float32 or are
+    on MPS (no float64 there)."""
+    if norm.dtype != torch.float32 or norm.device.type == "mps":
+        return None
+    inexact = norm.isinf()
+    if radius < _SMALL_RADIUS:
+        inexact |= norm < _RECOMPUTE_BELOW
+    return inexact
+
+
+@torch.no_grad()
+def _project_in_float64(retakes: list[_Retake]) -> None:
+    """Project the flagged rows of every retake in float64, from their weights as they are (the float32
+    pass left them alone), rounded once. Finding that no row is flagged costs one host read per device."""
+    by_device: dict[torch.device, list[torch.Tensor]] = {}
+    for retake in retakes:
+        by_device.setdefault(retake.inexact.device, []).append(retake.inexact.any())
+    if not any(bool(torch.stack(flags).any()) for flags in by_device.values()):  # the common case
+        return
+    for retake in retakes:
+        where = retake.inexact.reshape(-1)
+        if not bool(where.any()):
+            continue
+        with batched(retake.param, retake.param_ndim) as view:
+            weights = as_real(view)
+            rows = weights[where].to(torch.float64)
+            offset = rows
+            if retake.center is not None:
+                middle = as_real(retake.center.reshape(view.shape))[where].to(torch.float64)
+                offset = rows - middle
+            # float32 (and 16-bit) values square well within float64's range
+            norm = torch.linalg.vector_norm(offset, dim=tuple(range(1, rows.ndim)), keepdim=True)
+            projected = offset * (retake.radius / norm)
+            if retake.center is not None:
+                projected.add_(middle)
+            weights[where] = torch.where(norm > retake.radius, projected, rows).to(weights.dtype)

@@ -95,7 +95,7 @@ def _clamp_(tensors: list[torch.Tensor], low: float, high: float, foreach: bool)
 class ClipGradNorm(Transform):
     r"""Clip the gradients of each group to a global L2 norm of at most ``max_grad_norm``.
 
-    :math:`g \leftarrow g \cdot \min(1, c / \lVert g \rVert_2)` with one norm per group (as
+    :math:`g \leftarrow g \cdot \min(1, c / (\lVert g \rVert_2 + 10^{-6}))` with one norm per group (as
     :func:`torch.nn.utils.clip_grad_norm_` on that group's parameters).
 
     Args:
@@ -141,8 +141,13 @@ class NormalizeGrad(Transform):
     Norms of 16-bit gradients are taken in float32 and the quotient rounded once. A float32 norm
     that overflowed, or is small enough that the powers :math:`|g_i|^p` may have underflowed
     (below ``1e-15`` for ``p=2``), is taken again in float64 with its quotient, for that gradient
-    (sub-tensor) alone: elements near ``1e-25`` or ``1e19`` still give unit norm. Both
-    ``transform_foreach`` paths give the same bits.
+    (sub-tensor) alone, divided first by its largest magnitude so that no power leaves
+    float64's range either: elements near ``1e19`` still give unit norm, for every ``p``
+    (``p=20`` included), and so do elements near ``1e-25`` with ``eps=0`` (or an ``eps`` far below
+    their norm; the default ``1e-12`` dominates it). Both ``transform_foreach`` paths give the same bits. Norms of
+    float64 gradients are float64's own, as torch's: right while the powers :math:`|g_i|^p` stay
+    within float64's range (for ``p=2`` elements between about ``1e-154`` and ``1e154``, for
+    ``p=20`` between about ``4e-16`` and ``2.6e15``).
 
     Args:
         eps: Added to the norm (per-group key ``"eps"``, or ``"normalize_grad.eps"`` beside
@@ -266,7 +271,8 @@ def _normalize_(quotients: list[_Quotients]) -> None:
 def _float64_quotients(quotients: list[_Quotients]) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     """``(rows, where, quotient)`` for the rows of the gradients (``(1, *shape)`` for a whole one)
     whose float32 norm :func:`_inexact` flags and that are not zero: ``rows[where]``'s quotient by its
-    norm plus ``eps``, computed in float64 and rounded once. Call before the gradients change."""
+    norm (:func:`_scaled_norm`) plus ``eps``, computed in float64 and rounded once. Call before the
+    gradients change."""
     candidates = [
         (grad, norm, quotient)
         for quotient in quotients
@@ -290,11 +296,26 @@ def _float64_quotients(quotients: list[_Quotients]) -> list[tuple[torch.Tensor, 
         wide = rows[where].to(torch.float64)
         if not bool(wide.any()):  # zero stays zero, in float32 too
             continue
-        dims = tuple(range(1, wide.ndim))
-        divisor = torch.linalg.vector_norm(wide, ord=quotient.p, dim=dims, keepdim=True)
+        divisor = _scaled_norm(wide, quotient.p)
         wide.div_(divisor.add_(quotient.eps).clamp_min_(torch.finfo(torch.float64).tiny))
         result.append((rows, where, wide.to(grad.dtype)))
     return result
+
+
+def _scaled_norm(rows: torch.Tensor, p: float) -> torch.Tensor:
+    r"""The :math:`L_p` norms of float64 rows (``(N, 1, ...)``) as :math:`m\,\lVert g / m \rVert_p`,
+    :math:`m` the row's largest magnitude (1 for a zero row).
+
+    Every :math:`|g_i / m|^p` is then at most 1 and the largest exactly 1, so the sum lies in
+    :math:`[1, n]` for every ``p``: no power overflows float64 (``p=20`` of elements near
+    ``1e19``), and those that underflow are negligible next to 1.
+    """
+    dims = tuple(range(1, rows.ndim))
+    if math.isinf(p):
+        return torch.linalg.vector_norm(rows, ord=p, dim=dims, keepdim=True)
+    peak = rows.abs().amax(dim=dims, keepdim=True)
+    peak = torch.where(peak > 0, peak, 1.0)
+    return torch.linalg.vector_norm(rows / peak, ord=p, dim=dims, keepdim=True).mul_(peak)
 
 
 def kept_count(q: float, size: int) -> int:
