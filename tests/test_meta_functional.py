@@ -185,7 +185,7 @@ def test_inner_step_errors_name_argument_and_value():
         inner_step(params, functional_forward(model, params, x), 0.1)
     with pytest.raises(ValueError, match="does not depend on any parameter"):
         inner_step(params, torch.tensor(1.0, dtype=DT), 0.1)
-    with pytest.raises(KeyError, match="lr has no entry"):
+    with pytest.raises(ValueError, match=r"^lr has no entry for the adapted parameters \['weight'\]$"):
         inner_step(params, loss, {"other": 0.1})
 
 
@@ -276,3 +276,131 @@ def test_adapt_names_given_as_one_string_is_refused_naming_the_argument(names):
     step = inner_step(params, loss, 0.1, adapt_names=["weight"])
     expected = model.weight.detach() - 0.1 * analytic_grad(model.weight.detach(), x, y)
     torch.testing.assert_close(step["weight"].detach(), expected, rtol=0, atol=1e-12)
+
+
+# ---------------------------------------------------------------------------- tensor step sizes
+def layer_problem(seed: int = 0):
+    """A ``Linear(3, 4)`` (weight ``(4, 3)``, bias ``(4,)``), its support data and loss gradients."""
+    g = torch.Generator().manual_seed(seed)
+    model = nn.Linear(3, 4).to(DT)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=g, dtype=DT))
+    x, y = torch.randn(5, 3, generator=g, dtype=DT), torch.randn(5, 4, generator=g, dtype=DT)
+    return model, x, y
+
+
+def layer_loss(model, params, x, y):
+    return nn.functional.mse_loss(functional_forward(model, params, x), y)
+
+
+def both_entry_points(model, x, y, lr):
+    """``inner_step`` (argument ``lr``) and ``adapt_params`` (argument ``inner_lr``) with ``lr``."""
+    params = named_params(model)
+    yield "lr", lambda: inner_step(params, layer_loss(model, params, x, y), lr)
+    yield "inner_lr", lambda: adapt(model, params, lambda p: layer_loss(model, p, x, y), inner_lr=lr)
+
+
+BAD_SHAPES = [
+    # (rate shape for the bias of shape (4,), why): each would give an adapted bias of another shape
+    ((3,), "not broadcastable"),
+    ((2, 4), "broadcasts to (2, 4)"),
+    ((4, 1), "broadcasts to (4, 4)"),
+]
+
+
+@pytest.mark.parametrize("shape", [s for s, _ in BAD_SHAPES], ids=[why for _, why in BAD_SHAPES])
+@pytest.mark.parametrize("learned", [False, True], ids=["fixed", "learned"])
+def test_a_tensor_rate_that_would_change_its_parameters_shape_is_refused(shape, learned):
+    """The rate entered p - rate * g unchecked: a bias of shape (4,) was adapted to shape (2, 4).
+    The shape check applies to learned rates (Meta-SGD's, requiring grad) as well."""
+    model, x, y = layer_problem()
+    rate = torch.full(shape, 0.1, dtype=DT, requires_grad=learned)
+    for arg, call in both_entry_points(model, x, y, {"weight": 0.1, "bias": rate}):
+        message = (
+            f"{arg}['bias'] must be a number or a tensor broadcastable to its parameter's shape (4,), "
+            f"got a tensor of shape {shape}"
+        )
+        with pytest.raises(ValueError, match="^" + re.escape(message) + "$"):
+            call()
+
+
+def test_the_reviewers_rate_of_shape_3_for_a_bias_of_shape_1_is_refused():
+    model = nn.Linear(2, 1)
+    x, y = torch.randn(4, 2), torch.randn(4, 1)
+    params = named_params(model)
+    with pytest.raises(ValueError, match=r"^lr\['bias'\] must be .* its parameter's shape \(1,\), got a tensor of shape \(3,\)$"):
+        inner_step(params, nn.functional.mse_loss(model(x), y), {"weight": 0.1, "bias": torch.ones(3)})
+    with pytest.raises(ValueError, match=r"^lr\['bias'\] must be .* its parameter's shape \(1,\), got a tensor of shape \(2, 1\)$"):
+        inner_step(params, nn.functional.mse_loss(model(x), y), {"weight": 0.1, "bias": torch.ones(2, 1)})
+
+
+@pytest.mark.parametrize(
+    "entries",
+    [[0.1, -0.2, 0.3, 0.4], [0.1, float("nan"), 0.3, 0.4], [0.1, 0.2, float("inf"), 0.4]],
+    ids=["negative", "nan", "inf"],
+)
+def test_a_fixed_tensor_rate_with_a_negative_or_non_finite_entry_is_refused_like_a_number(entries):
+    """A negative float rate was refused but a negative tensor rate was not."""
+    model, x, y = layer_problem()
+    rate = torch.tensor(entries, dtype=DT)
+    for arg, call in both_entry_points(model, x, y, {"weight": 0.1, "bias": rate}):
+        message = f"{arg}['bias'] must be a tensor of finite numbers >= 0, got {rate!r}"
+        with pytest.raises(ValueError, match="^" + re.escape(message) + "$"):
+            call()
+    for arg, call in both_entry_points(model, x, y, {"weight": 0.1, "bias": -0.2}):  # the number's message
+        with pytest.raises(ValueError, match="^" + re.escape(f"{arg}['bias'] must be a finite number >= 0, got -0.2") + "$"):
+            call()
+
+
+def test_a_bool_tensor_rate_is_refused_as_not_a_number():
+    model, x, y = layer_problem()
+    for arg, call in both_entry_points(model, x, y, {"weight": 0.1, "bias": torch.ones(4, dtype=torch.bool)}):
+        with pytest.raises(TypeError, match=r"^" + re.escape(arg) + r"\['bias'\] must be a real number or a real tensor, got a tensor of dtype torch\.bool$"):
+            call()
+
+
+def test_a_rate_mapping_without_an_adapted_name_is_a_value_error_naming_the_argument():
+    model, x, y = layer_problem()
+    for arg, call in both_entry_points(model, x, y, {"weight": 0.1}):
+        with pytest.raises(ValueError, match="^" + re.escape(f"{arg} has no entry for the adapted parameters ['bias']") + "$"):
+            call()
+
+
+def test_broadcastable_scalar_and_zero_tensor_rates_step_each_entry_by_its_rate():
+    """Valid tensor rates: a scalar tensor, a (1,) rate on the (4,) bias, a per-row (4, 1) rate on
+    the (4, 3) weight, zero entries. Reference: each entry stepped by hand, p_ij - a_ij g_ij."""
+    model, x, y = layer_problem()
+    params = named_params(model)
+    g_w, g_b = torch.autograd.grad(layer_loss(model, params, x, y), [model.weight, model.bias])
+    cases = [
+        (torch.tensor(0.2, dtype=DT), torch.tensor([0.3], dtype=DT)),
+        (torch.tensor([[0.0], [0.1], [0.2], [0.5]], dtype=DT), torch.tensor([0.0, 0.1, 0.0, 0.4], dtype=DT)),
+    ]
+    for rate_w, rate_b in cases:
+        new = inner_step(params, layer_loss(model, params, x, y), {"weight": rate_w, "bias": rate_b})
+        assert new["weight"].shape == (4, 3) and new["bias"].shape == (4,)
+        full_w, full_b = rate_w.expand(4, 3), rate_b.expand(4)
+        for i in range(4):
+            assert new["bias"][i].item() == model.bias[i].item() - full_b[i].item() * g_b[i].item()
+            for j in range(3):
+                assert new["weight"][i, j].item() == model.weight[i, j].item() - full_w[i, j].item() * g_w[i, j].item()
+        out = adapt(model, params, lambda p: layer_loss(model, p, x, y), inner_lr={"weight": rate_w, "bias": rate_b})
+        assert torch.equal(out["weight"], new["weight"]) and torch.equal(out["bias"], new["bias"])
+
+
+@pytest.mark.parametrize("kind", ["parameter", "requires_grad"])
+def test_a_learned_rate_may_be_negative_and_receives_its_gradient(kind):
+    """Meta-SGD's rates are learned and may go negative (Li et al., 2017): they are not refused and
+    their values are not read. d(sum p')/d(rate) = -g."""
+    model, x, y = layer_problem()
+    params = named_params(model)
+    values = torch.tensor([0.1, -0.2, 0.3, -0.4], dtype=DT)
+    rate = nn.Parameter(values.clone()) if kind == "parameter" else values.clone().requires_grad_(True)
+    loss = layer_loss(model, params, x, y)
+    (g_b,) = torch.autograd.grad(loss, [model.bias], retain_graph=True)
+    new = inner_step(params, loss, {"weight": 0.1, "bias": rate}, first_order=True)
+    for i in range(4):
+        assert new["bias"][i].item() == model.bias[i].item() - values[i].item() * g_b[i].item()
+    (d_rate,) = torch.autograd.grad(new["bias"].sum(), [rate])
+    assert torch.equal(d_rate, -g_b)

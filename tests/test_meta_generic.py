@@ -787,6 +787,153 @@ def test_other_constructor_and_trainer_errors():
         trainer.train_step(unequal_tasks())
 
 
+def _task_fields(k: int = 5, q: int = 4) -> dict[str, Any]:
+    t = make_tasks(n=1, k=k, q=q)[0]
+    return {f.name: getattr(t, f.name) for f in dataclasses.fields(Task)}
+
+
+TASK_ERRORS = [
+    # (id, fields replaced in a task of 5 support and 4 query rows, error, match)
+    ("list", {"support_x": [[1.0, 2.0]] * 5}, TypeError, r"^support_x must be a torch\.Tensor, got list$"),
+    ("tuple", {"support_y": (1.0,) * 5}, TypeError, r"^support_y must be a torch\.Tensor, got tuple$"),
+    ("none", {"query_x": None}, TypeError, r"^query_x must be a torch\.Tensor, got NoneType$"),
+    ("0-dim", {"query_y": torch.tensor(1.0, dtype=DT)}, ValueError,
+     r"^query_y must have a leading dimension of examples, got a 0-dim tensor$"),
+    ("support-rows", {"support_y": torch.zeros(3, 1, dtype=DT)}, ValueError,
+     r"^support_x and support_y must have the same number of examples \(first dimension\), got 5 and 3 "
+     r"\(shapes \(5, 2\) and \(3, 1\)\)$"),
+    ("query-rows", {"query_x": torch.zeros(6, 2, dtype=DT)}, ValueError,
+     r"^query_x and query_y must have the same number of examples \(first dimension\), got 6 and 4 "
+     r"\(shapes \(6, 2\) and \(4, 1\)\)$"),
+]
+
+
+@pytest.mark.parametrize("fields,error,match", [e[1:] for e in TASK_ERRORS], ids=[e[0] for e in TASK_ERRORS])
+def test_a_task_is_checked_when_it_is_built(fields, error, match):
+    """Lists were accepted and failed deep inside with AttributeError; a support_y of 3 rows for a
+    support_x of 5 failed deep inside with a broadcasting warning and a size error naming nothing."""
+    with pytest.raises(error, match=match):
+        Task(**{**_task_fields(), **fields})
+    with pytest.raises(error, match=match):
+        dataclasses.replace(make_tasks(n=1)[0], **fields)
+
+
+def test_a_task_given_a_numpy_array_is_refused_naming_the_field():
+    np = pytest.importorskip("numpy")
+    with pytest.raises(TypeError, match=r"^support_x must be a torch\.Tensor, got ndarray$"):
+        Task(**{**_task_fields(), "support_x": np.zeros((5, 2))})
+
+
+@pytest.mark.parametrize("algorithm", ALGORITHMS)
+@pytest.mark.parametrize("fields,error,match", [e[1:] for e in TASK_ERRORS], ids=[e[0] for e in TASK_ERRORS])
+def test_a_task_whose_field_was_reassigned_is_named_by_its_index(algorithm, fields, error, match):
+    """A field set after the task was built is checked by task_losses and evaluate before any
+    work, and the message names the task by its index; nothing changes."""
+    meta = CONSTRUCTORS[algorithm](_model())
+    bad = make_tasks(n=1)[0]
+    for name, value in fields.items():
+        setattr(bad, name, value)
+    match = match.replace("^", r"^tasks\[2\]\.", 1).replace(" and ", r" and tasks\[2\]\.", 1)
+    before = snapshot_weights(meta)
+    with pytest.raises(error, match=match):
+        meta.task_losses([TASKS[0], TASKS[1], bad], mse)
+    with pytest.raises(error, match=match):
+        meta.evaluate([TASKS[0], TASKS[1], bad], mse)
+    for n, w in before.items():
+        assert torch.equal(all_model_tensors(meta)[n], w)
+
+
+def test_valid_tasks_an_empty_query_set_a_parameter_field_and_to_still_work():
+    fields = _task_fields()
+    fields["query_x"], fields["query_y"] = fields["query_x"][:0], fields["query_y"][:0]  # k_query=0
+    no_query = Task(**fields)
+    # Reptile scores a task without a query set on its support set: as if the support were the query.
+    as_query = Task(no_query.support_x, no_query.support_y, no_query.support_x, no_query.support_y)
+    losses = [CONSTRUCTORS["Reptile"](_model()).task_losses([t], mse) for t in (no_query, as_query)]
+    assert torch.equal(losses[0], losses[1])
+    with pytest.raises(ValueError, match=r"^tasks\[0\] has an empty query set \(query_x of shape \(0, 2\)\)"):
+        _maml().task_losses([no_query], mse)
+    moved = Task(nn.Parameter(fields["support_x"]), *list(fields.values())[1:]).to(torch.float32)
+    assert moved.support_x.dtype == torch.float32 and moved.query_x.shape == (0, 2)
+
+
+@pytest.mark.parametrize("algorithm", ALGORITHMS)
+def test_a_meta_optimizer_that_adapts_nothing_is_refused_at_use_until_a_group_adapts(algorithm):
+    """With every group adapt=False the inner loop silently adapted nothing (task_losses returned
+    the un-adapted losses). The groups are read at each use and add_param_group can add adapted
+    parameters later, so the refusal is at use -- every entry point, before anything runs."""
+    model = _model()
+    meta = CONSTRUCTORS[algorithm](model, params=[{"params": model[0].parameters(), "adapt": False}])
+    before = snapshot_weights(meta)
+    match = (
+        rf"^{algorithm} adapts no parameter in the inner loop: every param group has adapt=False; give the "
+        r"parameters to adapt a param group with adapt=True \(add_param_group adds one\); to train without "
+        r"adaptation, keep such a group and use inner_steps=0$"
+    )
+    t = TASKS[0]
+
+    def closure():
+        meta.zero_grad()
+        loss = meta.task_losses(TASKS, mse).mean()
+        loss.backward()
+        return loss
+
+    calls = [
+        lambda: meta.task_losses(TASKS, mse),
+        lambda: meta.task_losses(TASKS, mse, inner_steps=0),
+        lambda: meta.evaluate(TASKS, mse),
+        lambda: meta.adapt(lambda f: mse(f(t.support_x), t.support_y)),
+        lambda: meta.clone(),
+        lambda: meta.step(closure),
+        lambda: MetaTrainer(meta, mse, ListSampler(TASKS)),
+    ]
+    for call in calls:
+        with pytest.raises(ValueError, match=match):
+            call()
+    for n, w in before.items():
+        assert torch.equal(all_model_tensors(meta)[n], w)
+    # Once a group adapts, it runs as one built with that group from the start.
+    rest = [p for i, layer in enumerate(model) if i > 0 for p in layer.parameters()]
+    meta.add_param_group({"params": rest})
+    twin_model = _model()
+    twin = CONSTRUCTORS[algorithm](
+        twin_model,
+        params=[{"params": twin_model[0].parameters(), "adapt": False},
+                {"params": [p for i, layer in enumerate(twin_model) if i > 0 for p in layer.parameters()]}],
+    )
+    assert meta.inner_loop().adapt_names == twin.inner_loop().adapt_names != ()
+    assert torch.equal(meta.task_losses(TASKS, mse), twin.task_losses(TASKS, mse))
+
+
+def test_metasgd_rates_driven_negative_still_adapt_and_train():
+    """Meta-SGD's learned rates may take either sign (Li et al., 2017): negative rates are not
+    refused like a negative fixed rate. Reference: phi = theta - alpha * g by hand, and one outer
+    SGD step moves every rate by -lr times its meta-gradient."""
+    model = _model()
+    meta = MetaSGD(model, torch.optim.SGD, lr=0.1, inner_lr=0.05)
+    with torch.no_grad():
+        for rate in meta.inner_lrs.values():
+            rate.copy_(-torch.linspace(0.01, 0.1, rate.numel(), dtype=DT).view_as(rate))
+    t = TASKS[0]
+    learner = meta.adapt(lambda f: mse(f(t.support_x), t.support_y))
+    grads = torch.autograd.grad(mse(model(t.support_x), t.support_y), list(model.parameters()))
+    for (n, p), g in zip(model.named_parameters(), grads):
+        torch.testing.assert_close(learner.params[n], p - meta.inner_lrs[n] * g, rtol=0, atol=1e-14)
+    before = {n: r.detach().clone() for n, r in meta.inner_lrs.items()}
+
+    def closure():
+        meta.zero_grad()
+        loss = meta.task_losses(TASKS, mse).mean()
+        loss.backward()
+        return loss
+
+    meta.step(closure)
+    assert meta.skipped_steps == 0
+    for n, rate in meta.inner_lrs.items():
+        assert rate.grad.abs().sum() > 0
+        torch.testing.assert_close(rate.detach(), before[n] - 0.1 * rate.grad, rtol=0, atol=1e-15)
+
+
 @pytest.mark.parametrize(
     "make,error,match",
     [

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 from torch import nn
@@ -217,3 +219,18 @@ def test_an_adapted_group_the_task_loss_does_not_use_gives_the_same_losses_on_bo
     with torch.no_grad():
         expected = torch.stack([nn.functional.mse_loss(model(t.query_x), t.query_y) for t in tasks])
     torch.testing.assert_close(loop, expected, rtol=1e-6, atol=1e-7)
+
+
+def test_a_learner_refuses_a_tensor_rate_that_would_change_its_parameters_shape():
+    """Learner(m, inner_lr={"bias": torch.ones(3)}) for a bias of shape (1,) adapted it to shape (3,)."""
+    model = nn.Linear(2, 1)
+    message = "inner_lr['bias'] must be a number or a tensor broadcastable to its parameter's shape (1,), got a tensor of shape (3,)"
+    with pytest.raises(ValueError, match="^" + re.escape(message) + "$"):
+        Learner(model, inner_lr={"weight": 0.1, "bias": torch.ones(3)})
+    learner = Learner(model, inner_lr={"weight": torch.tensor(0.1), "bias": torch.full((1,), 0.2)})
+    x, y = torch.randn(4, 2), torch.randn(4, 1)
+    g_w, g_b = torch.autograd.grad(nn.functional.mse_loss(model(x), y), [model.weight, model.bias])
+    learner.adapt_on(nn.functional.mse_loss, x, y)
+    assert learner.params["bias"].shape == (1,)
+    torch.testing.assert_close(learner.params["bias"], model.bias - 0.2 * g_b)
+    torch.testing.assert_close(learner.params["weight"], model.weight - 0.1 * g_w)

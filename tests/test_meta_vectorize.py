@@ -133,22 +133,33 @@ def test_batched_task_losses_is_pure_and_grad_and_value_gives_the_maml_gradient(
 
 
 @pytest.mark.parametrize("make", ["adapt_false_groups", "anil_frozen_head", "reptile_adapt_false"])
-def test_nothing_to_adapt_is_zero_step_adaptation_in_loop_and_vmap(make):
+def test_nothing_to_adapt_is_refused_on_the_loop_and_vmap_paths_alike(make):
+    """A meta-optimizer that adapts no parameter is refused when used, on every path (the loop
+    once raised deep in autograd.grad while vmap ran zero-step adaptation); inner_steps=0 with an
+    adapted group is the way to train without adaptation."""
     model = relu_mlp()
     if make == "adapt_false_groups":
         meta = MAML(model, torch.optim.SGD, lr=0.1, params=[{"params": model.parameters(), "adapt": False}])
+        reason = "every param group has adapt=False"
     elif make == "anil_frozen_head":
         for p in model[4].parameters():
             p.requires_grad_(False)
         meta = ANIL(model, torch.optim.SGD, lr=0.1, head=model[4])
+        reason = r"none of head's parameters \['4\.weight', '4\.bias'\] in a param group with adapt=True requires grad"
     else:
         meta = Reptile(model, torch.optim.SGD, lr=0.1)
         meta.param_groups[0]["adapt"] = False
+        reason = "every param group has adapt=False"
     tasks = make_tasks()
-    vmapped = meta.task_losses(tasks, mse, vectorize=True)
-    looped = meta.task_losses(tasks, mse, vectorize=False)  # once raised deep in autograd.grad
+    for vectorize in (True, False):
+        with pytest.raises(ValueError, match=rf"^{type(meta).__name__} adapts no parameter in the inner loop: {reason}; "):
+            meta.task_losses(tasks, mse, vectorize=vectorize)
+    # Zero-step adaptation: inner_steps=0 gives the query losses at the model's own weights.
+    model = relu_mlp()
+    meta = MAML(model, torch.optim.SGD, lr=0.1)
+    vmapped = meta.task_losses(tasks, mse, inner_steps=0, vectorize=True)
+    looped = meta.task_losses(tasks, mse, inner_steps=0, vectorize=False)
     torch.testing.assert_close(looped, vmapped)
-    # Zero-step adaptation: the query losses at the model's own weights.
     expected = torch.stack([mse(model(t.query_x), t.query_y) for t in tasks])
     torch.testing.assert_close(looped.detach(), expected.detach(), rtol=1e-12, atol=1e-12)
 
@@ -297,7 +308,7 @@ def test_the_public_vmap_functions_check_their_arguments():
     with pytest.raises(ValueError, match=r"^the support loss must be a scalar tensor, got shape \(6, 1\)$"):
         vmap_task_losses(model, params, names, lrs, tasks, lambda p, t: (p - t) ** 2, 1, first_order=True)
     with pytest.raises(ValueError, match=r"^stack_tasks needs tasks whose tensors all have equal shapes, dtypes and devices, got tasks\[1\]\.query_x of shape"):
-        vmap_task_losses(model, params, names, lrs, [tasks[0], dataclasses.replace(tasks[1], query_x=tasks[1].query_x[:2])], mse, 1)
+        vmap_task_losses(model, params, names, lrs, [tasks[0], dataclasses.replace(tasks[1], query_x=tasks[1].query_x[:2], query_y=tasks[1].query_y[:2])], mse, 1)
     with pytest.raises(ValueError, match=r"^steps must be an integer >= 0, got -1$"):
         vmap_task_losses(model, params, names, lrs, tasks, mse, -1)
     with pytest.raises(TypeError, match=r"^steps must be an integer >= 0, got 1\.5$"):

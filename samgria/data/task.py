@@ -26,13 +26,54 @@ class Task:
         support_x: Support inputs, shape ``(K, ...)``.
         support_y: Support targets, shape ``(K, ...)``.
         query_x: Query inputs, shape ``(Q, ...)``.
-        query_y: Query targets, shape ``(Q, ...)``.
+        query_y: Query targets, shape ``(Q, ...)`` (``Q`` may be 0: no query set, as Reptile
+            allows).
+
+    Raises:
+        TypeError: A field is not a tensor.
+        ValueError: A field is a 0-dim tensor, or ``support_x`` and ``support_y`` (or
+            ``query_x`` and ``query_y``) differ in their first dimension. See :meth:`check`.
     """
 
     support_x: torch.Tensor
     support_y: torch.Tensor
     query_x: torch.Tensor
     query_y: torch.Tensor
+
+    def __post_init__(self) -> None:
+        self.check()
+
+    def check(self, name: str = "") -> None:
+        """Raise if the fields are not tensors whose inputs and targets pair up row by row.
+
+        An empty query set (``Q = 0`` rows, e.g. ``query_x[:0]``) is a valid split.
+
+        Args:
+            name: How the caller names this task in a message (``"tasks[2]"``): a field is then
+                called ``tasks[2].support_x``; by default just ``support_x``.
+
+        Raises:
+            TypeError: A field is not a :class:`torch.Tensor`.
+            ValueError: A field has no leading (example) dimension, or the inputs and targets of
+                a split disagree in it (``support_x`` of 5 rows with ``support_y`` of 3).
+        """
+        prefix = f"{name}." if name else ""
+        for field in ("support_x", "support_y", "query_x", "query_y"):
+            value = getattr(self, field)
+            if not isinstance(value, torch.Tensor):
+                raise TypeError(f"{prefix}{field} must be a torch.Tensor, got {type(value).__name__}")
+            if value.dim() == 0:
+                raise ValueError(
+                    f"{prefix}{field} must have a leading dimension of examples, got a 0-dim tensor"
+                )
+        for split in ("support", "query"):
+            x, y = getattr(self, f"{split}_x"), getattr(self, f"{split}_y")
+            if x.shape[0] != y.shape[0]:
+                raise ValueError(
+                    f"{prefix}{split}_x and {prefix}{split}_y must have the same number of examples "
+                    f"(first dimension), got {x.shape[0]} and {y.shape[0]} "
+                    f"(shapes {tuple(x.shape)} and {tuple(y.shape)})"
+                )
 
     def to(self, *args, **kwargs) -> "Task":
         """Return a copy with every tensor moved/cast with ``Tensor.to(*args, **kwargs)``."""

@@ -56,8 +56,10 @@ def head_names(model: nn.Module, head: nn.Module) -> list[str]:
 class ANIL(MAML):
     """MAML that adapts only the parameters of ``head`` in the inner loop.
 
-    Param-group settings still apply: a head parameter in an ``adapt=False`` group is not
-    adapted either. Everything else is as in :class:`~samgria.meta.maml.MAML`.
+    Param-group settings still apply: a head parameter in an ``adapt=False`` group (or in no
+    group of the outer optimizer) is not adapted either, and an ANIL that adapts no head
+    parameter at all is refused when it is used (:meth:`inner_loop` raises ``ValueError``).
+    Everything else is as in :class:`~samgria.meta.maml.MAML`.
 
     Args:
         model: The full model to meta-train.
@@ -95,3 +97,15 @@ class ANIL(MAML):
 
     def _filter_adapt_names(self, names: list[str]) -> list[str]:
         return [n for n in names if n in self._head_set]
+
+    def _why_nothing_is_adapted(self) -> str:
+        adapted = {p for g in self.param_groups if g.get("adapt", True) for p in g["params"]}
+        if not adapted:
+            return super()._why_nothing_is_adapted()
+        params = dict(self.model.named_parameters())
+        if not any(params[n] in adapted for n in self.head_names):
+            return (
+                f"none of head's parameters {self.head_names} is in a param group with adapt=True "
+                "(ANIL adapts only the head, and only those of its parameters that the outer optimizer holds)"
+            )
+        return f"none of head's parameters {self.head_names} in a param group with adapt=True requires grad"

@@ -469,6 +469,12 @@ class MetaOptimizer(WrappingOptimizer):
         names = self._filter_adapt_names(names)
         return names, {n: lrs[n] for n in names}
 
+    def _why_nothing_is_adapted(self) -> str:
+        """Why :meth:`_adapt_config` finds no parameter to adapt (for the message of :meth:`inner_loop`)."""
+        if not any(g.get("adapt", True) for g in self.param_groups):
+            return "every param group has adapt=False"
+        return "no parameter of the model in a param group with adapt=True requires grad"
+
     def inner_loop(
         self,
         inner_steps: int | None = None,
@@ -496,6 +502,13 @@ class MetaOptimizer(WrappingOptimizer):
 
         Returns:
             The :class:`~samgria.meta.engine.InnerLoop`.
+
+        Raises:
+            ValueError: No parameter is adapted -- every param group has ``adapt=False``, the
+                parameters of the ``adapt=True`` groups do not require grad, or (ANIL) no head
+                parameter is in such a group. The param groups are read at each call (they may
+                change with :meth:`add_param_group`), so this is checked here, before anything
+                runs, and not at construction.
         """
         steps = self.inner_steps if inner_steps is None else check_steps(inner_steps, "inner_steps")
         transforms = check_inner_options(inner_step_fn, inner_reg_fn, grad_transforms)
@@ -505,6 +518,12 @@ class MetaOptimizer(WrappingOptimizer):
         if track_graph is None:
             track_graph = self.outer_update == "meta_gradient"
         names, lrs = self._adapt_config()
+        if not names:
+            raise ValueError(
+                f"{type(self).__name__} adapts no parameter in the inner loop: {self._why_nothing_is_adapted()}; "
+                "give the parameters to adapt a param group with adapt=True (add_param_group adds one); to "
+                "train without adaptation, keep such a group and use inner_steps=0"
+            )
         return InnerLoop(
             adapt_names=tuple(names),
             lrs=lrs,
@@ -623,6 +642,7 @@ class MetaOptimizer(WrappingOptimizer):
         for i, t in enumerate(tasks):
             if not isinstance(t, Task):
                 raise TypeError(f"tasks[{i}] must be a Task, got {type(t).__name__}")
+            t.check(f"tasks[{i}]")  # its fields may have been reassigned since it was built
             if self.needs_query and t.query_x.shape[:1] == (0,):
                 raise ValueError(
                     f"tasks[{i}] has an empty query set (query_x of shape {tuple(t.query_x.shape)}): "

@@ -57,7 +57,7 @@ __all__ = [
 ]
 
 #: An inner-loop step size: one non-negative number for every parameter, or a mapping from
-#: parameter name to a number or a tensor broadcastable to the parameter (Meta-SGD).
+#: parameter name to a number or a tensor broadcastable to the parameter's shape (Meta-SGD).
 LearningRate = Union[float, Mapping[str, Union[float, torch.Tensor]]]
 
 
@@ -147,20 +147,85 @@ def one_steps_argument(inner_steps: Any, steps: Any) -> Any:
     return steps
 
 
-def resolve_lrs(lr: LearningRate, names: Iterable[str], arg: str = "lr") -> dict[str, float | torch.Tensor]:
-    """Expand a step size (the argument called ``arg``) into a ``{name: lr}`` mapping over ``names``."""
+def resolve_lrs(
+    lr: LearningRate,
+    names: Iterable[str],
+    arg: str = "lr",
+    params: Mapping[str, torch.Tensor] | None = None,
+) -> dict[str, float | torch.Tensor]:
+    """Expand a step size (the argument called ``arg``) into a ``{name: lr}`` mapping over ``names``.
+
+    A number must be finite and ``>= 0``. A tensor rate :math:`\\alpha_p` must broadcast to its
+    parameter :math:`p` without changing ``p``'s shape (checked when ``params`` is given), so
+    :math:`p - \\alpha_p \\odot g` is shaped like ``p``. A fixed tensor rate must hold finite
+    numbers ``>= 0``, like a number (one host sync for all of them). A *learned* rate -- an
+    :class:`~torch.nn.Parameter` or a tensor that requires grad, as Meta-SGD's -- may take any
+    value (training can drive a Meta-SGD rate negative; Li et al. allow either sign) and its
+    values are not read.
+
+    Args:
+        lr: A number, or a mapping from every name in ``names`` to a number or a tensor.
+        names: The adapted parameter names.
+        arg: The argument's name in messages (``"inner_lr"``).
+        params: ``{name: parameter}`` for the shape check of tensor rates (default: not checked).
+
+    Raises:
+        TypeError: A rate is neither a real number nor a real tensor (a ``bool`` is not a number).
+        ValueError: ``lr`` is a mapping without an entry for an adapted name, a number or an
+            entry of a fixed tensor rate is negative or not finite, or a tensor rate does not
+            broadcast to its parameter's shape.
+    """
     names = list(names)
-    if isinstance(lr, Mapping):
-        missing = [n for n in names if n not in lr]
-        if missing:
-            raise KeyError(f"{arg} has no entry for the adapted parameters {missing}")
-        out: dict[str, float | torch.Tensor] = {}
-        for n in names:
-            value = lr[n]
-            out[n] = value if isinstance(value, torch.Tensor) else check_lr(value, f"{arg}[{n!r}]")
-        return out
-    value = check_lr(lr, arg)
-    return {n: value for n in names}
+    if not isinstance(lr, Mapping):
+        value = check_lr(lr, arg)
+        return {n: value for n in names}
+    missing = [n for n in names if n not in lr]
+    if missing:
+        raise ValueError(f"{arg} has no entry for the adapted parameters {missing}")
+    out: dict[str, float | torch.Tensor] = {}
+    fixed: list[tuple[str, torch.Tensor]] = []
+    for n in names:
+        value, name = lr[n], f"{arg}[{n!r}]"
+        if not isinstance(value, torch.Tensor):
+            out[n] = check_lr(value, name)
+            continue
+        if value.dtype == torch.bool or value.is_complex():
+            raise TypeError(f"{name} must be a real number or a real tensor, got a tensor of dtype {value.dtype}")
+        if params is not None and n in params:
+            _check_rate_shape(name, value, params[n])
+        if not (isinstance(value, nn.Parameter) or value.requires_grad):
+            fixed.append((name, value))
+        out[n] = value
+    _check_fixed_rates(fixed)
+    return out
+
+
+def _check_rate_shape(name: str, rate: torch.Tensor, param: torch.Tensor) -> None:
+    """Refuse a rate whose broadcast with ``param`` is not ``param``'s shape (metadata only)."""
+    try:
+        fits = torch.broadcast_shapes(rate.shape, param.shape) == param.shape
+    except RuntimeError:
+        fits = False
+    if not fits:
+        raise ValueError(
+            f"{name} must be a number or a tensor broadcastable to its parameter's shape "
+            f"{tuple(param.shape)}, got a tensor of shape {tuple(rate.shape)}"
+        )
+
+
+def _check_fixed_rates(rates: list[tuple[str, torch.Tensor]]) -> None:
+    """Refuse a fixed tensor rate with a negative or non-finite entry (one host sync for all)."""
+    if not rates:
+        return
+    with torch.no_grad():
+        flags = [((r < 0) | ~torch.isfinite(r)).any() for _, r in rates]
+        if any(f.device != flags[0].device for f in flags):
+            flags = [f.cpu() for f in flags]
+        bad = torch.stack(flags)
+    if not bool(bad.any()):
+        return
+    name, rate = rates[int(bad.to(torch.uint8).argmax())]
+    raise ValueError(f"{name} must be a tensor of finite numbers >= 0, got {rate.detach()!r}")
 
 
 def check_adapt_names(adapt_names: Iterable[str]) -> list[str]:
@@ -199,7 +264,8 @@ def inner_step(
     Args:
         params: Current parameter mapping (the point at which ``loss`` was computed).
         loss: Scalar support loss, differentiable w.r.t. ``params``.
-        lr: Step size: a number ``>= 0`` or a mapping name -> number or tensor (Meta-SGD).
+        lr: Step size: a number ``>= 0`` or a mapping from every adapted name to a number or a
+            tensor that broadcasts to the parameter's shape (Meta-SGD); see :func:`resolve_lrs`.
         first_order: If ``True`` the gradient is not differentiated through (FOMAML); the
             result is still connected to ``params`` through :math:`p' = p - \\alpha g`.
         adapt_names: Names of the parameters to update (ANIL adapts only the head), a
@@ -212,12 +278,15 @@ def inner_step(
         A new mapping with the adapted parameters.
 
     Raises:
-        TypeError: ``adapt_names`` is a string (not a sequence of names).
-        ValueError: ``lr`` is negative, ``loss`` is not a differentiable scalar, or
+        TypeError: ``adapt_names`` is a string (not a sequence of names), or a rate is not a
+            real number or tensor.
+        ValueError: ``lr`` is negative or not finite (a number, or an entry of a tensor that does
+            not require grad), a tensor rate does not broadcast to its parameter's shape, a
+            mapping ``lr`` lacks an adapted name, ``loss`` is not a differentiable scalar, or
             ``adapt_names`` names an unknown parameter.
     """
     names = _resolve_names(params, adapt_names)
-    loop = InnerLoop(tuple(names), resolve_lrs(lr, names), 1, first_order=first_order)
+    loop = InnerLoop(tuple(names), resolve_lrs(lr, names, "lr", params), 1, first_order=first_order)
     if not names:
         check_support_loss(loss)  # a bad loss is refused also when nothing is adapted
         return dict(params)
@@ -262,8 +331,8 @@ def adapt_params(
     Raises:
         TypeError: ``model`` is not a module, ``build_loss`` is not callable,
             ``inner_steps`` is not an int, or ``adapt_names`` is a string.
-        ValueError: ``inner_steps`` or ``lr`` is negative, or ``adapt_names`` names an unknown
-            parameter.
+        ValueError: ``inner_steps`` is negative, ``inner_lr`` is refused (as ``lr`` of
+            :func:`inner_step`), or ``adapt_names`` names an unknown parameter.
     """
     _check_module(model)
     if not callable(build_loss):
@@ -276,7 +345,7 @@ def adapt_params(
     if inner_lr is None:
         inner_lr = 0.01
     names = _resolve_names(params, adapt_names)
-    loop = InnerLoop(tuple(names), resolve_lrs(inner_lr, names, "inner_lr"), steps, first_order=first_order)
+    loop = InnerLoop(tuple(names), resolve_lrs(inner_lr, names, "inner_lr", params), steps, first_order=first_order)
     with torch.enable_grad():
         return run_inner_loop(loop, params, build_loss)
 

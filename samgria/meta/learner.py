@@ -117,7 +117,7 @@ class Learner:
             names = [n for n in names if start[n].requires_grad]
         self.loop = InnerLoop(
             adapt_names=tuple(names),
-            lrs=resolve_lrs(inner_lr, names, "inner_lr"),
+            lrs=resolve_lrs(inner_lr, names, "inner_lr", start),
             inner_steps=check_steps(inner_steps),
             first_order=first_order,
             track_graph=bool(track_graph),
