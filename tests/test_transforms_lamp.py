@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import io
 import math
 
@@ -10,7 +11,7 @@ import torch
 from torch import nn
 from transform_infos import assert_bitwise_equal, make_closure, make_data, make_model, params_of
 
-from samgria import LAMP, LAMPRollback, TransformingOptimizer
+from samgria import LAMP, LAMPRollback, Transform, TransformingOptimizer
 
 
 def plain_iterates(steps, lr=0.1):
@@ -157,9 +158,9 @@ def test_state_lives_in_optimizer_state_and_cycles():
     assert not any(key.startswith("lamp.") for key in optimizer.inner.state[weight])
 
 
-def test_bfloat16_run_resumes_bitwise_through_state_dict_with_a_bfloat16_sum():
-    # torch's load_state_dict casts floating-point state to the parameter's dtype, so the sum is
-    # kept in bfloat16 from the start: a resumed run then continues bit for bit.
+def test_bfloat16_run_resumes_bitwise_through_state_dict_with_a_bfloat16_running_mean():
+    # torch's load_state_dict casts floating-point state to the parameter's dtype, so the running
+    # mean is kept in bfloat16 from the start: a resumed run then continues bit for bit.
     x, y = make_data(torch.bfloat16)
 
     def build(model):
@@ -170,11 +171,12 @@ def test_bfloat16_run_resumes_bitwise_through_state_dict_with_a_bfloat16_sum():
     model_a = make_model(torch.bfloat16)
     opt_a = build(model_a)
     closure_a = make_closure(model_a, opt_a, x, y)
-    for _ in range(2):  # mid-cycle: the sum holds two iterates
+    for _ in range(2):  # mid-cycle: the mean holds two iterates
         opt_a.step(closure_a)
     weight = model_a[0].weight
-    assert opt_a.state[weight]["lamp.sum"].dtype == torch.bfloat16
-    assert opt_a.state[weight]["lamp.count"] == 2 and opt_a.state[weight]["lamp.sum"].abs().sum() > 0
+    assert "lamp.sum" not in opt_a.state[weight]
+    assert opt_a.state[weight]["lamp.mean"].dtype == torch.bfloat16
+    assert opt_a.state[weight]["lamp.count"] == 2 and opt_a.state[weight]["lamp.mean"].abs().sum() > 0
     buffer = io.BytesIO()
     torch.save({"model": model_a.state_dict(), "optimizer": opt_a.state_dict()}, buffer)
     for _ in range(4):  # crosses the rollback at step 4
@@ -186,15 +188,84 @@ def test_bfloat16_run_resumes_bitwise_through_state_dict_with_a_bfloat16_sum():
     model_b.load_state_dict(checkpoint["model"])
     opt_b = build(model_b)
     opt_b.load_state_dict(checkpoint["optimizer"])
-    loaded = opt_b.state[model_b[0].weight]["lamp.sum"]
+    loaded = opt_b.state[model_b[0].weight]["lamp.mean"]
     assert loaded.dtype == torch.bfloat16
-    assert torch.equal(loaded, checkpoint["optimizer"]["state"][1]["lamp.sum"])
+    assert torch.equal(loaded, checkpoint["optimizer"]["state"][1]["lamp.mean"])
     closure_b = make_closure(model_b, opt_b, x, y)
     for _ in range(4):
         opt_b.step(closure_b)
     assert all(p.dtype == torch.bfloat16 for p in model_b.parameters())
     assert_bitwise_equal(params_of(model_a), params_of(model_b))
-    assert opt_b.state[model_b[0].weight]["lamp.sum"].dtype == torch.bfloat16
+    assert opt_b.state[model_b[0].weight]["lamp.mean"].dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize(
+    "dtype,value,rollback_len",
+    [(torch.float16, 700.0, 99), (torch.bfloat16, 1.2890625, 99), (torch.bfloat16, 1.2890625, 10)],
+    ids=["float16-sum-beyond-65504", "bfloat16-long-cycle", "bfloat16-default-cycle"],
+)
+def test_16_bit_parameters_roll_back_to_the_mean_of_their_iterates(dtype, value, rollback_len):
+    """With eps=0 and lr=0 every iterate is the weight itself, so the mean is the weight: a sum in
+    float16 overflowed to inf (700 * 100 > 65504) and one in bfloat16 drifted by up to 4.8%."""
+    param = nn.Parameter(torch.full((3,), value, dtype=dtype))
+    optimizer = TransformingOptimizer([param], torch.optim.SGD, lr=0.0, transforms=[LAMP(eps=0.0, rollback_len=rollback_len)])
+    for _ in range(rollback_len + 1):
+        param.grad = torch.ones_like(param)
+        optimizer.step()
+    assert optimizer.state[param]["lamp.count"] == 0  # rolled back
+    assert torch.equal(param.detach(), torch.full((3,), value, dtype=dtype))
+
+
+class _RecordIterates(Transform):
+    """A post-step transform placed before LAMP: records each iterate LAMP sums."""
+
+    def __init__(self) -> None:
+        self.iterates: list[torch.Tensor] = []
+
+    def post_update(self, ctx) -> None:
+        self.iterates.append(ctx.param_groups[0]["params"][0].detach().clone())
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_16_bit_running_mean_matches_a_float64_mean_of_the_iterates(dtype):
+    """Iterates that differ (SGD moves the weights): the rollback gives the float64 mean of the
+    iterates, within a few of the dtype's ulps at their size."""
+    generator = torch.Generator().manual_seed(0)
+    param = nn.Parameter((torch.randn(64, generator=generator) * 50).to(dtype))
+    recorder = _RecordIterates()
+    optimizer = TransformingOptimizer([param], torch.optim.SGD, lr=0.5, transforms=[recorder, LAMP(eps=0.0, rollback_len=30)])
+    for _ in range(31):
+        param.grad = torch.randn(64, generator=generator).to(dtype)
+        optimizer.step()
+    assert optimizer.state[param]["lamp.count"] == 0 and len(recorder.iterates) == 31
+    reference = torch.stack([iterate.double() for iterate in recorder.iterates]).mean(0)
+    spacing = torch.finfo(dtype).eps * reference.abs().clamp_min(1.0)
+    assert ((param.detach().double() - reference).abs() <= 4 * spacing).all()
+
+
+@pytest.mark.parametrize("source,target", [(torch.float32, torch.bfloat16), (torch.bfloat16, torch.float32)])
+def test_a_checkpoint_converts_between_a_sum_and_a_running_mean_with_the_parameters_dtype(source, target):
+    """A float32 run's sum loads into a bfloat16 model as sum / count, a bfloat16 run's mean into a
+    float32 model as mean * count; the rollback then gives the mean of every iterate."""
+    param = nn.Parameter(torch.tensor([1.0, 2.0, 4.0], dtype=source))
+    optimizer = TransformingOptimizer([param], torch.optim.SGD, lr=0.0, transforms=[LAMP(eps=0.0, rollback_len=3)])
+    for _ in range(2):
+        param.grad = torch.ones_like(param)
+        optimizer.step()
+    saved = copy.deepcopy(optimizer.state_dict())
+    resumed = nn.Parameter(torch.tensor([1.0, 2.0, 4.0], dtype=target))
+    twin = TransformingOptimizer([resumed], torch.optim.SGD, lr=0.0, transforms=[LAMP(eps=0.0, rollback_len=3)])
+    twin.load_state_dict(saved)
+    key, other = ("lamp.mean", "lamp.sum") if target == torch.bfloat16 else ("lamp.sum", "lamp.mean")
+    assert other not in twin.state[resumed] and twin.state[resumed]["lamp.count"] == 2
+    expected = torch.tensor([1.0, 2.0, 4.0]) * (1 if key == "lamp.mean" else 2)
+    assert torch.equal(twin.state[resumed][key], expected.to(target))
+    with torch.no_grad():
+        resumed.copy_(torch.tensor([3.0, 4.0, 8.0]))  # two more iterates at other weights
+    for _ in range(2):
+        resumed.grad = torch.ones_like(resumed)
+        twin.step()
+    assert torch.equal(resumed.detach(), torch.tensor([2.0, 3.0, 6.0], dtype=target))
 
 
 def test_standalone_in_the_seed_readme_loop_rolls_back_to_the_mean():

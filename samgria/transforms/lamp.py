@@ -18,7 +18,12 @@ have been made with the same ones).
 
 State, all in the transform's slot of ``optimizer.state`` (so ``state_dict()`` and
 ``torch.distributed.checkpoint`` carry it): per parameter ``"sum"`` (the running sum, in the
-parameter's dtype, as torch keeps its own state) and ``"count"`` (iterates summed); on the first
+parameter's dtype, as torch keeps its own state) and ``"count"`` (iterates summed); a 16-bit
+parameter keeps ``"mean"`` instead of ``"sum"``, the running mean
+:math:`\bar w_n = \bar w_{n-1} + (w_n - \bar w_{n-1}) / n` computed in float32 and rounded once
+(as ``torch.optim.swa_utils`` averages): a sum in float16 overflows at 65504 and one in bfloat16
+keeps about three significant digits (a checkpoint's ``"sum"`` or ``"mean"`` is converted to what
+the parameter's dtype keeps when it is loaded); on the first
 parameter ``"cycle_step"`` (the position in the cycle); with a ``seed``, on the first parameter
 of each device ``"rng_state"`` (that device's generator state). A resumed run draws the same
 noise and rolls back at the same steps, bit for bit. Only parameters that have a gradient at a
@@ -50,7 +55,7 @@ import torch
 
 from samgria._checks import check_int, check_loaded_tensor, check_real, check_seed
 from samgria.functional._sharding import is_sharded, shard_coordinates
-from samgria.functional._views import as_real
+from samgria.functional._views import LOW_PRECISION, as_real, widened_dtype
 from samgria.functional import accumulate_, add_scaled_, assign_mean_, global_norm, magnitude_noise
 from samgria.transforms.base import Transform, TransformContext
 
@@ -139,14 +144,32 @@ class LAMP(Transform):
                 if param not in ctx.state:
                     continue
                 entry = ctx.state[param]
-                total = entry.get("sum")
-                if total is not None:
-                    check_loaded_tensor("LAMP", ctx.slot, "sum", total, param)
-                if (total is None) != ("count" not in entry):
-                    missing = "count" if total is not None else "sum"
-                    raise ValueError(f"{where} a parameter's {'sum' if missing == 'count' else 'count'} without its {missing}")
+                kept = [key for key in ("sum", "mean") if key in entry]
+                for key in kept:
+                    check_loaded_tensor("LAMP", ctx.slot, key, entry[key], param)
+                if len(kept) > 1:
+                    raise ValueError(f"{where} both a sum and a mean for one parameter")
+                if bool(kept) != ("count" in entry):
+                    raise ValueError(
+                        f"{where} a parameter's {kept[0]} without its count" if kept else f"{where} a count without its sum"
+                    )
                 if "count" in entry and not _is_count(entry["count"], None):
                     raise ValueError(f"{where} count={entry['count']!r}, not an integer >= 0")
+        for group in ctx.param_groups:  # checked: convert to what each parameter's dtype keeps
+            for param in group["params"]:
+                if param not in ctx.state:
+                    continue
+                entry = ctx.state[param]
+                key = _accumulator_key(param)
+                other = "mean" if key == "sum" else "sum"
+                if other in entry:
+                    value, count = entry.pop(other), entry["count"]
+                    wide = value.to(widened_dtype(value.dtype))
+                    if key == "mean":
+                        converted = wide / count if count else torch.zeros_like(wide)
+                    else:
+                        converted = wide * count
+                    entry[key] = converted.to(param.dtype)
                 rng_state = entry.get("rng_state")
                 if rng_state is not None:
                     # torch's load_state_dict casts every tensor of a floating-point parameter's
@@ -166,7 +189,7 @@ class LAMP(Transform):
     def init_state(self, ctx: TransformContext) -> None:
         params = [p for g in ctx.param_groups for p in g["params"] if p.grad is not None]
         for param in params:
-            self._ensure_sum(ctx, param)
+            self._ensure_accumulator(ctx, param)
         cycle = ctx.slot_state(keys=_OBJECT_KEYS)
         if cycle is not None:
             cycle.setdefault("cycle_step", 0)
@@ -180,10 +203,11 @@ class LAMP(Transform):
             cycle.setdefault("noise_draws", 0)
 
     @staticmethod
-    def _ensure_sum(ctx: TransformContext, param: torch.Tensor) -> Any:
+    def _ensure_accumulator(ctx: TransformContext, param: torch.Tensor) -> Any:
         state = ctx.state[param]
-        if "sum" not in state:
-            state["sum"] = torch.zeros_like(param, memory_format=torch.preserve_format)
+        key = _accumulator_key(param)
+        if key not in state:
+            state[key] = torch.zeros_like(param, memory_format=torch.preserve_format)
             state["count"] = 0
         return state
 
@@ -221,22 +245,30 @@ class LAMP(Transform):
                     add_scaled_([real[i] for i in chosen], [noise[i] for i in chosen], eps / noise_norm, foreach=ctx.foreach)
             del noise
 
-        sums = []
+        summing, averaging = [], []
         for param in params:
-            state = self._ensure_sum(ctx, param)
+            state = self._ensure_accumulator(ctx, param)
             state["count"] += 1
-            sums.append(as_real(state["sum"]))
-        accumulate_(sums, [as_real(p) for p in params], foreach=ctx.foreach)
+            (averaging if "mean" in state else summing).append(param)
+        accumulate_(
+            [as_real(ctx.state[p]["sum"]) for p in summing], [as_real(p) for p in summing], foreach=ctx.foreach
+        )
+        for param in averaging:
+            _update_mean_(as_real(ctx.state[param]["mean"]), as_real(param), ctx.state[param]["count"])
 
         if step >= self.rollback_len + 1:
-            summed = [p for p in all_params if p in ctx.state and ctx.state[p].get("count", 0) > 0]
+            counted = [p for p in all_params if p in ctx.state and ctx.state[p].get("count", 0) > 0]
+            summed = [p for p in counted if "sum" in ctx.state[p]]
             assign_mean_(
                 [as_real(p) for p in summed],
                 [as_real(ctx.state[p]["sum"]) for p in summed],
                 [ctx.state[p]["count"] for p in summed],
                 foreach=ctx.foreach,
             )
-            for param in summed:
+            for param in counted:
+                if "mean" in ctx.state[param]:
+                    param.copy_(ctx.state[param]["mean"])
+                    ctx.state[param]["mean"].zero_()
                 ctx.state[param]["count"] = 0
             step = 0
         cycle["cycle_step"] = step
@@ -282,6 +314,18 @@ class LAMP(Transform):
             if self.seed is not None:
                 cycle["noise_draws"] = draw + 1
         return noise
+
+
+def _accumulator_key(param: torch.Tensor) -> str:
+    """``"mean"`` for a 16-bit (or complex-of-16-bit) parameter, ``"sum"`` for the others."""
+    return "mean" if as_real(param).dtype in LOW_PRECISION else "sum"
+
+
+@torch.no_grad()
+def _update_mean_(mean: torch.Tensor, value: torch.Tensor, count: int) -> None:
+    r"""In place: :math:`\bar w \leftarrow \bar w + (w - \bar w) / n`, in float32, rounded once."""
+    wide = mean.to(widened_dtype(mean.dtype))
+    mean.copy_(wide.add_(torch.sub(value.to(wide.dtype), wide), alpha=1.0 / count))
 
 
 def _is_count(value: Any, high: int | None) -> bool:
