@@ -19,13 +19,17 @@ and use torch's own machinery for everything torch already does — no copies of
   called without torch's hook wrapper, so the global step hooks fire once per step (for the
   wrapper); hooks registered on the driven optimizer itself do not run — register them on the
   wrapper.
-* Pickling and :func:`copy.deepcopy` drop hooks, as torch does, and the callables listed in
-  ``_dropped_on_pickle`` (they are ``None`` afterwards). Like ``state_dict()``, they refuse while
-  a step is half done (:meth:`_check_idle`).
+* Pickling and :func:`copy.deepcopy` drop hooks, as torch does, the callables listed in
+  ``_dropped_on_pickle`` (they are ``None`` afterwards), and what another object patched onto the
+  instance (an LR scheduler's wrapper of ``step``, which a copy would call on the original), as
+  torch's pickling carries none of it. Like ``state_dict()``, they refuse while a step is half
+  done (:meth:`_check_idle`).
 """
 
 from __future__ import annotations
 
+import functools
+import types
 from collections import defaultdict
 from collections.abc import Iterable, Iterator, MutableMapping
 from typing import Any
@@ -52,6 +56,11 @@ def unhooked_step(optimizer: Optimizer, closure: Any = None) -> Any:
     step = type(optimizer).step
     if getattr(step, "hooked", False) and hasattr(step, "__wrapped__"):
         step = step.__wrapped__
+    if getattr(optimizer.__dict__.get("step"), "_wrapped_by_lr_sched", False):
+        # An LR scheduler built on this optimizer before it was wrapped patched its ``step`` on
+        # the instance to record the call; record it as that patch would (else the scheduler
+        # warns that it stepped before the optimizer).
+        optimizer._opt_called = True  # type: ignore[attr-defined]
     return step(optimizer) if closure is None else step(optimizer, closure)
 
 
@@ -202,6 +211,15 @@ def _show_state(driven: Optimizer, owner: WrappingOptimizer) -> None:
     """Give ``driven`` the view of ``owner``'s state (and the hook that packs it as plain dicts)."""
     driven.state = _DrivenState(owner)  # type: ignore[assignment]
     _hook_packing(driven)
+
+
+def _patched_by_someone_else(optimizer: Optimizer, key: str, value: Any) -> bool:
+    """Whether ``optimizer.<key>`` is what another object set on the instance and torch's own
+    pickling does not carry: a method patched on the instance (every LR scheduler wraps
+    ``optimizer.step`` so; a copy would call the original's) or the scheduler's call flag."""
+    if key == "_opt_called":
+        return True
+    return hasattr(type(optimizer), key) and isinstance(value, (types.FunctionType, types.MethodType, functools.partial))
 
 
 class WrappingOptimizer(Optimizer):
@@ -359,7 +377,7 @@ class WrappingOptimizer(Optimizer):
         state = super().__getstate__()
         skipped = set(self._dropped_on_pickle) | set(self._transient) | {"state", "param_groups", "defaults"}
         for key, value in self.__dict__.items():
-            if key.startswith("_optimizer_") or key in skipped:
+            if key.startswith("_optimizer_") or key in skipped or _patched_by_someone_else(self, key, value):
                 continue
             state[key] = value
         for key in self._dropped_on_pickle:

@@ -265,7 +265,8 @@ class TransformingOptimizer(WrappingOptimizer):
         slots: Their slot names, in the same order.
         skipped_steps: Steps skipped because of non-finite gradients (not checkpointed).
 
-    Pickling and :func:`copy.deepcopy` drop hooks (as torch does) and the callables
+    Pickling and :func:`copy.deepcopy` drop hooks (as torch does), an LR scheduler's patch of
+    ``step`` (as torch does: the copy steps its own parameters) and the callables
     ``first_pass_context`` and ``reevaluation_context`` (``None`` in the copy). Like
     ``state_dict()``, they raise ``RuntimeError`` between :meth:`first_step` and
     :meth:`second_step`: the copy could not put the weights back.

@@ -1343,3 +1343,37 @@ def test_an_outer_optimizer_already_driven_by_a_wrapper_is_refused():
     with pytest.raises(ValueError, match=r"outer is already driven by a TransformingOptimizer"):
         MAML(model, base, inner_lr=0.1)
     assert "inner_lr" not in base.param_groups[0]
+
+
+@pytest.mark.parametrize("how", ["deepcopy", "pickle"])
+def test_a_copy_of_a_meta_optimizer_with_a_scheduler_steps_its_own_model(how):
+    """An LR scheduler patches ``meta.step`` on the instance; the copy (torch.save/load or
+    deepcopy, with its model) must step its own parameters, not the original's."""
+    from samgria import FOMAML
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(2, 4), torch.nn.Tanh(), torch.nn.Linear(4, 1)).to(DT)
+    meta = FOMAML(model, torch.optim.SGD, lr=0.1, inner_lr=0.05)
+    scheduler = torch.optim.lr_scheduler.StepLR(meta, step_size=1, gamma=0.5)
+    tasks = make_tasks()
+    meta.step(lambda: _meta_loss_backward(meta, tasks))
+    scheduler.step()
+    if how == "deepcopy":
+        model_copy, meta_copy = copy.deepcopy((model, meta))
+    else:
+        buffer = io.BytesIO()
+        torch.save((model, meta), buffer)
+        buffer.seek(0)
+        model_copy, meta_copy = torch.load(buffer, weights_only=False)
+    original = [p.detach().clone() for p in model.parameters()]
+    copied = [p.detach().clone() for p in model_copy.parameters()]
+    meta_copy.step(lambda: _meta_loss_backward(meta_copy, tasks))
+    assert all(torch.equal(a, b) for a, b in zip(original, model.parameters()))
+    assert any(not torch.equal(a, b) for a, b in zip(copied, model_copy.parameters()))
+
+
+def _meta_loss_backward(meta, tasks):
+    meta.zero_grad()
+    loss = meta.task_losses(tasks, mse).mean()
+    loss.backward()
+    return loss

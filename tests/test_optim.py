@@ -941,6 +941,53 @@ def test_pickle_drops_hooks_and_context_callables_like_torch():
     assert copied.reevaluation_context is None and len(copied._optimizer_step_pre_hooks) == 0
 
 
+@pytest.mark.parametrize("chain", [(), ("sam",)], ids=["plain", "sam"])
+@pytest.mark.parametrize("how", ["deepcopy", "pickle"])
+def test_a_copy_of_an_optimizer_with_a_scheduler_steps_its_own_parameters(how, chain):
+    """Every LR scheduler patches ``optimizer.step`` on the instance; torch's pickling carries
+    only defaults, state and groups, so a copy (with its model) steps its own parameters, and
+    torch.save works. A copy that kept the patch stepped the original's weights instead."""
+    x, y = make_data()
+    model = make_model()
+    transforms = [SAM(0.05)] if chain else []
+    optimizer = TransformingOptimizer(model.parameters(), torch.optim.SGD, lr=0.1, transforms=transforms)
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=0.5)
+    optimizer.step(make_closure(model, optimizer, x, y))
+    scheduler.step()
+    if how == "deepcopy":
+        model_copy, optimizer_copy = copy.deepcopy((model, optimizer))
+    else:
+        buffer = io.BytesIO()
+        torch.save((model, optimizer), buffer)
+        buffer.seek(0)
+        model_copy, optimizer_copy = torch.load(buffer, weights_only=False)
+    original, copied = params_of(model), params_of(model_copy)
+    optimizer_copy.step(make_closure(model_copy, optimizer_copy, x, y))
+    assert_bitwise_equal(params_of(model), original)
+    assert any(not torch.equal(a, b) for a, b in zip(params_of(model_copy), copied))
+    assert "step" not in optimizer_copy.__dict__ and "_opt_called" not in optimizer_copy.__dict__
+
+
+def test_a_scheduler_built_on_the_optimizer_before_it_was_wrapped_sees_its_steps():
+    """A scheduler built on a torch optimizer that is then wrapped: as with the bare optimizer,
+    no warning that the scheduler stepped before the optimizer, and the same learning rates."""
+    x, y = make_data()
+    lrs = []
+    for wrap in (False, True):
+        model = make_model()
+        base = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        scheduler = torch.optim.lr_scheduler.StepLR(base, step_size=1, gamma=0.5)
+        optimizer = TransformingOptimizer(base, transforms=[SAM(0.05)]) if wrap else base
+        closure = make_closure(model, optimizer, x, y)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            for _ in range(3):
+                optimizer.step(closure)
+                scheduler.step()
+        lrs.append(base.param_groups[0]["lr"])
+    assert lrs[0] == lrs[1] == 0.1 * 0.5**3
+
+
 def test_an_inner_optimizer_that_needs_a_closure_is_refused_with_the_reason():
     with pytest.raises(TypeError, match=r"inner must be an optimizer whose step\(\) works without a closure, got LBFGS"):
         TransformingOptimizer(make_model().parameters(), torch.optim.LBFGS, lr=0.1)
