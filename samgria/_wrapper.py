@@ -367,9 +367,15 @@ class WrappingOptimizer(Optimizer):
         outer = self._loading  # a load_state_dict pre-hook may load too
         self._loading = True
         try:
-            super().load_state_dict(state_dict)
+            super().load_state_dict(self._before_cast(state_dict))
         finally:
             self._loading = outer
+
+    def _before_cast(self, state_dict: dict[str, Any]) -> dict[str, Any]:
+        """The checkpoint as torch's ``load_state_dict`` should see it, before it casts the state to
+        the parameters' dtypes (default: as given; a subclass returns a changed copy, never
+        changing the caller's dict)."""
+        return state_dict
 
     # -- pickling: torch's, plus the wrapper's own attributes ------------------------------------
     def __getstate__(self) -> dict[str, Any]:  # type: ignore[override]

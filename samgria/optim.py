@@ -843,6 +843,10 @@ class TransformingOptimizer(WrappingOptimizer):
 
     def _step(self, closure: Callable[[], Any] | None) -> Any:
         """:meth:`step`'s body."""
+        if self._pending is None:
+            # A state given to the inner optimizer directly becomes the wrapper's before anything
+            # records the state's structure (to put it back if the step fails).
+            self._adopt_driven_state()
         if self._pending is not None:
             if closure is not None:
                 if not self._progress.finishing:
@@ -922,6 +926,9 @@ class TransformingOptimizer(WrappingOptimizer):
         pending, self._pending = self._pending, None
         assert pending is not None
         structure = pending.structure
+        if structure is None and pending.perturbation is None and pending.resume_at == 0:
+            # Nothing re-evaluates: the whole chain runs now, as in step() without a closure.
+            structure = self._pre_step_structure()
         refusal = self._loss_scale_refusal(pending) if getattr(self, "found_inf", None) is not None else None
         if refusal is not None:
             if pending.perturbation is not None:
@@ -1022,6 +1029,7 @@ class TransformingOptimizer(WrappingOptimizer):
         refusal = self._two_call_refusal()
         if refusal is not None:
             raise RuntimeError(refusal)
+        self._adopt_driven_state()
         self._check_groups()
         self._align_sharded_grads()
         reevaluating = [i for i, t in enumerate(self.transforms) if t.needs_closure]
@@ -1039,17 +1047,24 @@ class TransformingOptimizer(WrappingOptimizer):
             self._pending = _PendingStep(None, split + 1, non_finite=True)
             return
         structure = self._pre_step_structure()
+        # If nothing is perturbed, second_step() runs the transforms before again, on the second
+        # pass's gradients: what they did here (weights a hook wrote, state they saved) is undone
+        # first, so that the second pass runs at the step's weights and they act once, as in
+        # step(closure) -- also with atomic=False, which takes no structure.
+        undo = structure
+        before = self.transforms[:split]
+        if undo is None and any(t.writes_weights_before_step for t in before):
+            undo = StepSnapshot(self._unique_params(), self.state, copy_state=False)
+        elif undo is None and any(t.saves_state_before_step for t in before):
+            undo = StateStructure(self.state)
         with _put_back_on_error(structure):
-            for index, (slot, before) in enumerate(list(self.chain)[:split]):
-                before.pre_update(self._context(slot, None, grad_norm if index == 0 else None))
+            for index, (slot, before_transform) in enumerate(list(self.chain)[:split]):
+                before_transform.pre_update(self._context(slot, None, grad_norm if index == 0 else None))
             slot = self.slots[split]
             perturbation = transform.perturb(self._context(slot, None, grad_norm if split == 0 else None))
         skipped = perturbation is None or not perturbation.params
-        if skipped and structure is not None:
-            # second_step() runs the transforms before again, on the second pass's gradients:
-            # undo what they did here (weights a hook wrote, state they saved), so that the
-            # second pass runs at the step's weights and they act once, as in step(closure).
-            structure.restore()
+        if skipped and undo is not None:
+            undo.restore()
         self._pending = _PendingStep(perturbation, split + 1, rerun_before=skipped, structure=structure)
         self.zero_grad(set_to_none=True)
 
@@ -1114,6 +1129,32 @@ class TransformingOptimizer(WrappingOptimizer):
             transform.import_state(self._context(slot, None))
         self._loaded_state_unstepped = True
         super()._after_load()
+
+    def _before_cast(self, state_dict: dict[str, Any]) -> dict[str, Any]:
+        """Let each transform convert its per-parameter entries for the parameter's dtype while
+        they still have the checkpoint's (``Transform.convert_loaded``): torch's cast comes next."""
+        converting = [(slot, t) for slot, t in self.chain if type(t).convert_loaded is not Transform.convert_loaded]
+        saved = state_dict.get("state") if isinstance(state_dict, dict) else None
+        if not converting or not isinstance(saved, dict):
+            return state_dict
+        try:
+            indices = [index for group in state_dict["param_groups"] for index in group["params"]]
+        except (KeyError, TypeError):
+            return state_dict  # torch's load_state_dict says what is wrong
+        params = [param for group in self.param_groups for param in group["params"]]
+        if len(indices) != len(params):
+            return state_dict
+        state = dict(saved)
+        for slot, transform in converting:
+            prefix = slot + "."
+            for index, param in zip(indices, params):
+                entry = state.get(index)
+                if isinstance(entry, dict) and any(isinstance(key, str) and key.startswith(prefix) for key in entry):
+                    converted = {key[len(prefix):]: value for key, value in entry.items() if isinstance(key, str) and key.startswith(prefix)}
+                    transform.convert_loaded(converted, param)
+                    kept = {key: value for key, value in entry.items() if not (isinstance(key, str) and key.startswith(prefix))}
+                    state[index] = {**kept, **{prefix + key: value for key, value in converted.items()}}
+        return {**state_dict, "state": state}
 
     def _prepare_loaded(self, state: Any, groups: list[dict[str, Any]]) -> tuple[Any, list[dict[str, Any]]]:
         for index, group in enumerate(groups):

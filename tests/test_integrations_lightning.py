@@ -164,6 +164,34 @@ def test_16_mixed_automatic_optimization_with_sam_mixed_precision() -> None:
     assert_weights(module, reference(data, torch.float32, autocast=True), rtol=1e-5, atol=1e-6)
 
 
+class SkippingOddBatches(Regression):
+    """``training_step`` returns None on odd batches: Lightning skips those steps."""
+
+    def training_step(self, batch, batch_idx):
+        if batch_idx % 2 == 1:
+            self.training_steps += 1
+            return None
+        return super().training_step(batch, batch_idx)
+
+
+@pytest.mark.parametrize("gradient_clip_val", [None, 0.05], ids=["", "clipping"])
+def test_sam_mixed_precision_runs_the_hooks_of_a_skipped_step_as_lightnings_plugin_does(gradient_clip_val) -> None:
+    """Lightning's MixedPrecision calls on_before_optimizer_step (and clipping) also for a step
+    whose training_step returned None; so does SAMMixedPrecision."""
+    data = batches(torch.float32, count=4)
+    counts = []
+    for plugin, make in (
+        (lambda: MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu", init_scale=SCALE)), lambda m: torch.optim.SGD(m.parameters(), lr=LR)),
+        (lambda: SAMMixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu", init_scale=SCALE)), None),
+    ):
+        module = SkippingOddBatches(dtype=torch.float32)
+        if make is not None:
+            module.configure_optimizers = lambda module=module, make=make: make(module)
+        trainer(plugins=[plugin()], gradient_clip_val=gradient_clip_val).fit(module, loader(data))
+        counts.append(module.before_optimizer_step_calls)
+    assert counts[0] == counts[1] == len(data)
+
+
 def test_16_mixed_manual_optimization_two_call_loop_with_lightnings_plugin() -> None:
     data = batches(torch.float32)
     module = Regression(manual=True, dtype=torch.float32)

@@ -325,7 +325,7 @@ def test_a_tensor_rate_that_would_change_its_parameters_shape_is_refused(shape, 
             call()
 
 
-def test_the_reviewers_rate_of_shape_3_for_a_bias_of_shape_1_is_refused():
+def test_rates_of_shape_3_and_2_by_1_for_a_bias_of_shape_1_are_refused():
     model = nn.Linear(2, 1)
     x, y = torch.randn(4, 2), torch.randn(4, 1)
     params = named_params(model)
@@ -333,6 +333,26 @@ def test_the_reviewers_rate_of_shape_3_for_a_bias_of_shape_1_is_refused():
         inner_step(params, nn.functional.mse_loss(model(x), y), {"weight": 0.1, "bias": torch.ones(3)})
     with pytest.raises(ValueError, match=r"^lr\['bias'\] must be .* its parameter's shape \(1,\), got a tensor of shape \(2, 1\)$"):
         inner_step(params, nn.functional.mse_loss(model(x), y), {"weight": 0.1, "bias": torch.ones(2, 1)})
+
+
+@pytest.mark.parametrize("learned", [False, True], ids=["fixed", "learned"])
+def test_a_tensor_rate_that_would_change_its_parameters_dtype_is_refused(learned):
+    """A float32 rate tensor for a float64 parameter would be fine (float64 wins), but a float64
+    rate of shape (4,) for a float32 bias made the adapted bias float64 and the next forward
+    failed naming no rate; a 0-dim float64 rate keeps the parameter's dtype and is fine."""
+    model, x, y = layer_problem()
+    model, x, y = model.float(), x.float(), y.float()
+    rate = torch.full((4,), 0.1, dtype=torch.float64, requires_grad=learned)
+    message = (
+        "['bias'] must be a tensor that keeps its parameter's dtype torch.float32 (a 0-dim tensor, or "
+        "one of that dtype), got a tensor of dtype torch.float64, which would make it torch.float64"
+    )
+    for arg, call in both_entry_points(model, x, y, {"weight": 0.1, "bias": rate}):
+        with pytest.raises(ValueError, match="^" + re.escape(arg + message) + "$"):
+            call()
+    params = named_params(model)
+    adapted = inner_step(params, layer_loss(model, params, x, y), {"weight": 0.1, "bias": torch.tensor(0.1, dtype=torch.float64)})
+    assert adapted["bias"].dtype == torch.float32
 
 
 @pytest.mark.parametrize(

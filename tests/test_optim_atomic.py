@@ -1106,3 +1106,104 @@ def test_param_transforms_declare_writing_the_weights_only_with_a_pre_step_hook(
     assert PostThenPre.writes_weights_before_step is True
     assert GradOnlyChild.writes_weights_before_step is False
     assert SAM(0.05).writes_weights_before_step is False  # it puts the weights back itself
+
+
+# -- the two-call loop, seed-protocol objects and states given to the inner optimizer --------------------
+class DecayingObject:
+    """A seed-protocol object whose ``apply`` writes the weights (a decay) and leaves them so."""
+
+    def __init__(self) -> None:
+        self.fail = False
+
+    def apply(self, model, loss_fn, batch) -> None:
+        with torch.no_grad():
+            for param in model.parameters():
+                param.mul_(0.5)
+
+    def post_step(self, model) -> None:
+        if self.fail:
+            raise Injected("post_step failed")
+
+
+@pytest.mark.parametrize("chain", ["weight-hook", "protocol"])
+@pytest.mark.parametrize("mode", ["closure", "two-call"])
+def test_a_chain_without_a_second_pass_that_writes_the_weights_is_undone_in_either_loop(chain, mode):
+    """No transform re-evaluates: the two-call loop runs the whole chain in second_step(); a
+    post-step failure must undo the weights a pre-step hook (or a seed-protocol object) wrote,
+    as step() does."""
+    model = make_model()
+    first = ShrinkingHook(param_ndim=None) if chain == "weight-hook" else DecayingObject()
+    failing_post = RaisingPost()
+    optimizer = TransformingOptimizer(model.parameters(), torch.optim.SGD, lr=0.1, momentum=0.9, transforms=[first, failing_post])
+    optimizer.step(make_closure(model, optimizer))
+    before = Before(model, optimizer)
+    failing_post.armed = True
+    with pytest.raises(Injected):
+        if mode == "closure":
+            optimizer.step(make_closure(model, optimizer))
+        else:
+            make_closure(model, optimizer)()
+            optimizer.first_step()
+            make_closure(model, optimizer)()
+            optimizer.second_step()
+    before.assert_unchanged()
+
+
+def test_a_seed_protocol_object_writing_the_weights_is_undone_when_the_step_is_skipped():
+    model = make_model()
+    optimizer = TransformingOptimizer(model.parameters(), torch.optim.SGD, lr=0.1, transforms=[DecayingObject(), SAM(0.05)])
+    optimizer.step(make_closure(model, optimizer))
+    before = Before(model, optimizer)
+    with pytest.warns(RuntimeWarning, match="second evaluation are not finite"):
+        optimizer.step(make_closure(model, optimizer, lambda n: poison(model, math.inf) if n == 2 else None))
+    before.assert_unchanged()
+
+
+def test_a_two_call_loop_with_nothing_perturbed_runs_a_weight_hook_once_also_without_atomic():
+    """atomic=False takes no copies for atomicity, but the two-call loop's second_step() runs the
+    transforms before SAM again when nothing was perturbed: the weights the hook wrote in
+    first_step() are undone first, or it would act twice."""
+    runs = []
+    for loop in ("closure", "two-call"):
+        model = make_model()
+        optimizer = TransformingOptimizer(
+            model.parameters(), torch.optim.SGD, lr=0.1, atomic=False, transforms=[ShrinkingHook(param_ndim=None), SAM(0.0)]
+        )
+        for _ in range(2):
+            if loop == "closure":
+                optimizer.step(make_closure(model, optimizer))
+            else:
+                make_closure(model, optimizer)()
+                optimizer.first_step()
+                make_closure(model, optimizer)()
+                optimizer.second_step()
+        runs.append(model)
+    for a, b in zip(runs[0].parameters(), runs[1].parameters()):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("chain", ["post-only", "lookahead"], ids=["a-post-step-failure", "with-a-pre-step-structure"])
+def test_a_state_given_to_the_inner_optimizer_survives_a_failed_step(chain):
+    """inner.load_state_dict(...) and then a step that raises: the loaded state is what the step
+    started from, so it is what the failure leaves (it was once put back to the state before the
+    load when the chain recorded the state's structure)."""
+    from samgria import Lookahead
+
+    source_model = make_model()
+    source = torch.optim.SGD(source_model.parameters(), lr=0.1, momentum=0.9)
+    for _ in range(2):
+        source.zero_grad()
+        loss_of(source_model).backward()
+        source.step()
+    checkpoint = copy.deepcopy(source.state_dict())
+    model = make_model()
+    failing_post = RaisingPost()
+    transforms = ([Lookahead()] if chain == "lookahead" else []) + [failing_post]
+    optimizer = TransformingOptimizer(model.parameters(), torch.optim.SGD, lr=0.1, momentum=0.9, transforms=transforms)
+    optimizer.inner.load_state_dict(copy.deepcopy(checkpoint))
+    failing_post.armed = True
+    with pytest.raises(Injected):
+        optimizer.step(make_closure(model, optimizer))
+    buffers = [optimizer.state[p].get("momentum_buffer") for p in model.parameters()]
+    expected = [checkpoint["state"][i]["momentum_buffer"] for i in range(len(buffers))]
+    assert all(b is not None and torch.equal(b, e) for b, e in zip(buffers, expected))

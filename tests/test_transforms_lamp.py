@@ -354,3 +354,25 @@ def test_a_parameter_frozen_mid_cycle_is_rolled_back_to_the_mean_of_its_iterates
             assert torch.equal(first.detach(), start - 0.2)  # left alone while frozen
     torch.testing.assert_close(first.detach(), ((start - 0.1) + (start - 0.2)) / 2, rtol=0, atol=1e-15)
     assert optimizer.state[first]["lamp.count"] == 0
+
+
+def test_a_float32_sum_beyond_float16_loads_into_a_float16_model_as_its_mean():
+    """A float32 run's sum of 100 iterates of 700 (70000) is beyond float16: it is turned into the
+    mean before torch's load casts it, and the rollback gives 700, not NaN."""
+    param = nn.Parameter(torch.full((3,), 700.0))
+    optimizer = TransformingOptimizer([param], torch.optim.SGD, lr=0.0, transforms=[LAMP(eps=0.0, rollback_len=100)])
+    for _ in range(100):
+        param.grad = torch.ones_like(param)
+        optimizer.step()
+    saved = optimizer.state_dict()
+    assert float(saved["state"][0]["lamp.sum"][0]) == 70000.0
+    untouched = copy.deepcopy(saved)
+    half = nn.Parameter(torch.full((3,), 700.0, dtype=torch.float16))
+    resumed = TransformingOptimizer([half], torch.optim.SGD, lr=0.0, transforms=[LAMP(eps=0.0, rollback_len=100)])
+    resumed.load_state_dict(saved)
+    assert torch.equal(resumed.state[half]["lamp.mean"], torch.full((3,), 700.0, dtype=torch.float16))
+    assert torch.equal(saved["state"][0]["lamp.sum"], untouched["state"][0]["lamp.sum"])  # the caller's dict
+    half.grad = torch.ones_like(half)
+    resumed.step()  # the rollback
+    assert resumed.state[half]["lamp.count"] == 0
+    assert torch.equal(half.detach(), torch.full((3,), 700.0, dtype=torch.float16))

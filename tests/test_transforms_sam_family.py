@@ -1038,3 +1038,46 @@ def test_gsam_inner_product_of_gradients_beyond_float32_products_is_taken_in_flo
     assert optimizer.skipped_steps == 0
     expected = -_gsam_reference(g, g_p, 0.5)
     torch.testing.assert_close(params[0].detach().double(), expected.to(dtype).double(), rtol=1e-2 if dtype == torch.bfloat16 else 1e-6, atol=0)
+
+
+@pytest.mark.parametrize("make", [lambda: GSAM(0.05, alpha=2.0), lambda: LookSAM(0.05, alpha=0.7, k=2)], ids=["GSAM", "LookSAM"])
+def test_the_inner_product_of_tiny_float32_gradients_is_not_lost_to_underflow(make):
+    """Scaling the loss by 1e-24 and the learning rate by 1e24 leaves the update as it was (every
+    quantity is scale-equivariant): <g, g_p> of float32 gradients near 1e-25 underflowed to 0
+    in float32 products, which dropped GSAM's and LookSAM's parallel part."""
+    x = torch.randn(32, 50, generator=torch.Generator().manual_seed(1))
+    y = torch.randn(32, 1, generator=torch.Generator().manual_seed(2))
+
+    def update(scale):
+        torch.manual_seed(0)
+        model = nn.Linear(50, 1)
+        optimizer = TransformingOptimizer(model.parameters(), torch.optim.SGD, lr=0.1 / scale, transforms=[make()])
+        start = torch.cat([p.detach().reshape(-1) for p in model.parameters()]).double()
+
+        def closure():
+            optimizer.zero_grad()
+            loss = (model(x) - y).pow(2).mean() * scale
+            loss.backward()
+            return loss
+
+        for _ in range(2):
+            optimizer.step(closure)
+        return torch.cat([p.detach().reshape(-1) for p in model.parameters()]).double() - start
+
+    reference = update(1.0)
+    tiny = update(1e-24)
+    assert float((tiny - reference).norm() / reference.norm()) < 1e-5
+
+
+@pytest.mark.parametrize("loop", ["closure", "two-call"])
+def test_decoupled_wsam_sharpness_beyond_float16_is_applied_from_float32(loop):
+    """g = -14000 and g_p = 56000 fit float16, g_p - g = 70000 does not: the decoupled sharpness
+    step is taken from the float32 difference and rounded once, not -inf."""
+    g, g_p = torch.tensor([-14000.0], dtype=_F64), torch.tensor([56000.0], dtype=_F64)
+    lr = 2.0**-20
+    params, optimizer = _step_with_fixed_gradients(WSAM(0.05, 0.9), [[g], [g_p]], torch.float16, loop, foreach=True, lr=lr)
+    assert optimizer.skipped_steps == 0
+    inner = (torch.zeros(1) - lr * g.float()).half()  # SGD's step, rounded once
+    expected = (inner.float() - lr * (0.9 / (1 - 0.9)) * (g_p - g).float()).half()
+    assert torch.isfinite(params[0]).all()
+    assert torch.equal(params[0].detach(), expected)

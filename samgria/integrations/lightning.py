@@ -175,6 +175,7 @@ class SAMMixedPrecision(MixedPrecision):
         self._refuse_two_call_incapable(sam)  # also an optimizer changed since it was connected
         closure_result = closure()  # training_step, zero_grad, scaled backward
         if closure_result is None:  # training_step returned None: Lightning skips the step
+            self._after_closure_unscaled(model, optimizer)  # its hooks still run, as Lightning's do
             return closure_result
         sam.first_step()  # w -> w + e; the loss scale cancels in e
         if not first_pass_overflowed(sam):
@@ -185,14 +186,19 @@ class SAMMixedPrecision(MixedPrecision):
                 sam.cancel_step()
                 raise
         self.scaler.unscale_(optimizer)
-        self._unscaled_for_sam = True
-        try:
-            self._after_closure(model, optimizer)  # hooks and gradient clipping, on true gradients
-        finally:
-            self._unscaled_for_sam = False
+        self._after_closure_unscaled(model, optimizer)  # hooks and gradient clipping, on true gradients
         step_output = self.scaler.step(optimizer, **kwargs)  # restores w, then steps or skips
         self.scaler.update()
         return step_output
+
+    def _after_closure_unscaled(self, model: Any, optimizer: Any) -> None:
+        """Lightning's hooks and gradient clipping after the closure, on gradients this plugin
+        unscaled itself (or that a skipped step never computed)."""
+        self._unscaled_for_sam = True
+        try:
+            self._after_closure(model, optimizer)
+        finally:
+            self._unscaled_for_sam = False
 
     def clip_gradients(self, optimizer: Any, *args: Any, **kwargs: Any) -> None:
         if getattr(self, "_unscaled_for_sam", False):

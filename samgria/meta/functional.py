@@ -211,6 +211,17 @@ def _check_rate_shape(name: str, rate: torch.Tensor, param: torch.Tensor) -> Non
             f"{name} must be a number or a tensor broadcastable to its parameter's shape "
             f"{tuple(param.shape)}, got a tensor of shape {tuple(rate.shape)}"
         )
+    promoted = torch.result_type(param, rate)
+    if promoted != param.dtype:
+        raise ValueError(
+            f"{name} must be a tensor that keeps its parameter's dtype {param.dtype} (a 0-dim tensor, "
+            f"or one of that dtype), got a tensor of dtype {rate.dtype}, which would make it {promoted}"
+        )
+    if rate.dim() > 0 and rate.device != param.device:
+        raise ValueError(
+            f"{name} must be on its parameter's device {param.device} (or a 0-dim tensor), got a "
+            f"tensor on {rate.device}"
+        )
 
 
 def _check_fixed_rates(rates: list[tuple[str, torch.Tensor]]) -> None:

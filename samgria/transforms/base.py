@@ -351,6 +351,17 @@ class Transform:
         it may normalise values in place (they are not installed yet).
         """
 
+    def convert_loaded(self, entry: dict[str, Any], param: torch.Tensor) -> None:
+        """Convert a parameter's entries of a checkpoint being loaded for ``param``, in place, while
+        they still have the checkpoint's dtypes (default: nothing).
+
+        Runs before torch's ``load_state_dict`` casts floating-point state to the parameter's
+        dtype, on a copy of the entry with this slot's keys by their short names (LAMP turns a
+        float32 run's sum into the running mean a 16-bit parameter keeps, which the cast would
+        otherwise have overflowed). Nothing is checked yet: leave what is not as expected alone
+        for :meth:`check_loaded_state`.
+        """
+
     def export_state(self, ctx: TransformContext) -> None:
         """Copy state kept outside the slot into it, before ``state_dict()`` packs (default: nothing)."""
 
@@ -483,7 +494,10 @@ class ProtocolTransform(Transform):
 
     The object's own attributes are outside the optimizer's atomic steps: the optimizer cannot
     see them, so what the object changed in itself during a step that later raises or is skipped
-    stays changed (the weights and every slot are restored).
+    stays changed (the weights and every slot are restored). The weights are copied at the start
+    of each step, as ``apply`` may change them; an object whose ``apply`` leaves them as they
+    were (or puts them back itself) declares ``writes_weights_before_step = False`` to save that
+    copy.
     """
 
     # A seed-protocol object typically takes p.grad.norm() per tensor: on a shard, a shard's norm.
@@ -493,6 +507,13 @@ class ProtocolTransform(Transform):
         """The object's own ``supports_local_first_pass``; ``False`` (m-sharpness refused) when it
         does not declare one: what it does with the first pass's gradients is not known."""
         return bool(getattr(self.transform, "supports_local_first_pass", False))
+
+    @property
+    def writes_weights_before_step(self) -> bool:  # type: ignore[override]
+        """The object's own ``writes_weights_before_step``; ``True`` (the optimizer copies the
+        weights at the start of the step) when it does not declare one: its ``apply`` may change
+        the weights and leave them changed."""
+        return bool(getattr(self.transform, "writes_weights_before_step", True))
 
     @property
     def reevaluations(self) -> int:

@@ -128,6 +128,25 @@ class LAMP(Transform):
             return None
         return _GeneratorCache(ctx, self.seed)
 
+    def convert_loaded(self, entry: dict[str, Any], param: torch.Tensor) -> None:
+        """A checkpoint's ``"sum"`` for a 16-bit parameter becomes ``sum / count`` (a float32 run's
+        sum may exceed float16's range, a mean of weights does not), its ``"mean"`` for another
+        parameter ``mean * count``, computed in the checkpoint's dtype, before torch casts it."""
+        key = _accumulator_key(param)
+        other = "mean" if key == "sum" else "sum"
+        value, count = entry.get(other), entry.get("count")
+        if not isinstance(value, torch.Tensor) or key in entry or not _is_count(count, None):
+            return  # nothing to convert, or check_loaded_state refuses it
+        if not (value.is_floating_point() or value.is_complex()):
+            return
+        wide = value.to(widened_dtype(value.dtype))
+        if key == "mean":
+            converted = wide / count if count else torch.zeros_like(wide)
+        else:
+            converted = wide * count
+        del entry[other]
+        entry[key] = converted
+
     def check_loaded_state(self, ctx: TransformContext) -> None:
         """Raise ``ValueError`` unless the slot holds valid generator states, sums with their
         counts and counters."""

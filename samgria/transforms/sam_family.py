@@ -128,15 +128,18 @@ def _dot(
 ) -> float:
     r""":math:`\sum_i \langle a_i, b_i \rangle` (16-bit tensors in float32), summed in float64 per
     device and read on the host once per device; taken again with float64 products when float32
-    overflows.
+    products overflow or the result is below ``1e-30`` (they may have underflowed).
 
     Sharded tensors (``DTensor``s, or local shards of the sharded tensors ``like``) count whole:
     the per-shard partial sums are added across ranks (one ``all_reduce`` per device mesh).
     """
     total = _dot_in(first, second, like, lambda tensor: widened_dtype(tensor.dtype))
-    if not math.isfinite(total):
-        # Products float32 cannot hold (elements near 1e19 and beyond): again in the summing dtype
-        # (float64), which holds every product of float32 values. Non-finite inputs stay so.
+    narrow = any(widened_dtype(tensor.dtype) != torch.float64 for tensor in first)
+    if narrow and not (math.isfinite(total) and abs(total) >= _DOT_RETAKE_BELOW):
+        # Products float32 cannot hold (elements near 1e19 and beyond) or may have lost to
+        # underflow (a result below 1e-30, as global_norm retakes norms below 1e-15): again in
+        # the summing dtype (float64), which holds every product of float32 values. Non-finite
+        # inputs stay so.
         total = _dot_in(
             first,
             second,
@@ -144,6 +147,10 @@ def _dot(
             lambda tensor: torch.promote_types(widened_dtype(tensor.dtype), _accumulation_dtype(tensor.device)),
         )
     return total
+
+
+#: Below this, a dot product of float32 (or 16-bit) tensors is taken again with float64 products.
+_DOT_RETAKE_BELOW = 1e-30
 
 
 def _dot_in(
@@ -158,7 +165,10 @@ def _dot_in(
     for a, b in zip(first, second):
         a, b = local_shard(a), local_shard(b)
         wide = wide_of(a)
-        value = torch.linalg.vecdot(a.reshape(-1).to(wide), b.reshape(-1).to(wide))
+        # A step inside torch.autocast (Lightning's manual optimization runs it there) must not
+        # let autocast take vecdot in a 16-bit dtype.
+        with torch.autocast(a.device.type, enabled=False):
+            value = torch.linalg.vecdot(a.reshape(-1).to(wide), b.reshape(-1).to(wide))
         partials.append(value.to(_accumulation_dtype(a.device)))
     if partials and any(is_sharded(source) for source in sources):
         device = partials[0].device
@@ -475,8 +485,11 @@ class WSAM(_FinishingTransform):
             # Two-call loop, non-finite second pass: leave g_p in place for the optimizer's
             # check (or GradScaler's) to skip the step; putting the finite g back would hide it.
             return []
-        # The sharpness s = g_p - g is computed in the perturbed gradient's memory; the inner
+        # The sharpness s = g_p - g is computed in the perturbed gradient's memory (16-bit ones:
+        # in float32, as g_p - g may leave the dtype's range where neither does); the inner
         # optimizer gets g back (zero where there was no first gradient).
+        perturbed = [grad.float() if grad.dtype in LOW_PRECISION else grad for grad in perturbed]
+        kept = [grad.float() if grad.dtype in LOW_PRECISION else grad for grad in kept]
         _add_scaled_([perturbed[i] for i in both], kept, [-1.0] * len(both), ctx.foreach)
         gradients = [first[id(p)] if id(p) in first else torch.zeros_like(p) for p in params]
         for param, grad in zip(params, gradients):
