@@ -997,6 +997,14 @@ class TransformingOptimizer(WrappingOptimizer):
                 "which first_step()/second_step() cannot do: use optimizer.step(closure), or one "
                 "re-evaluation per step (ascent_steps=1 for MultiStepSAM)"
             )
+        if self.first_pass_context is not None:
+            return (
+                "first_pass_context (m-sharpness) needs step(closure), which agrees the ranks' "
+                "decisions on their local first-pass gradients; first_step()/second_step() cannot "
+                "(a rank that perturbed nothing would run the transforms before SAM again alone): "
+                "use step(closure), or drop first_pass_context (SAM then perturbs with the global "
+                "gradient)"
+            )
         return None
 
     @torch.no_grad()

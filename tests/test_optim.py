@@ -1168,3 +1168,22 @@ def test_an_optimizer_already_driven_by_a_wrapper_is_refused_before_anything_cha
         TransformingOptimizer(base, transforms=[SAM(rho=0.5)])
     assert [{k: v for k, v in g.items() if k != "params"} for g in base.param_groups] == groups
     assert first.param_groups[0]["rho"] == 0.05
+
+
+def test_first_step_refuses_first_pass_context_before_anything_changes():
+    """m-sharpness needs step(closure), which agrees the ranks' decisions; in the two-call loop a
+    rank that perturbed nothing re-ran the transforms before SAM alone and the replicas drifted."""
+    x, y = make_data()
+    model = make_model()
+    optimizer = TransformingOptimizer(
+        model.parameters(), torch.optim.SGD, lr=0.1, transforms=[SAM(0.05)], first_pass_context=contextlib.nullcontext
+    )
+    nn.functional.mse_loss(model(x), y).backward()
+    weights = params_of(model)
+    grads = [None if p.grad is None else p.grad.clone() for p in model.parameters()]
+    with pytest.raises(RuntimeError, match=r"^first_pass_context \(m-sharpness\) needs step\(closure\), which agrees the ranks' decisions"):
+        optimizer.first_step()
+    assert_bitwise_equal(params_of(model), weights)
+    assert all((p.grad is None) == (g is None) and (g is None or torch.equal(p.grad, g)) for p, g in zip(model.parameters(), grads))
+    assert optimizer._pending is None
+    optimizer.step(make_closure(model, optimizer, x, y))  # step(closure) works

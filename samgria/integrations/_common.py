@@ -70,21 +70,15 @@ def two_call_refusal(optimizer: TransformingOptimizer | None, driver: str) -> st
     run ``optimizer``, or ``None`` (also for no samgria optimizer, or a chain without a second pass,
     which the integration steps as any optimizer).
 
-    Besides a chain the two-call loop cannot run (more than one re-evaluation per step),
-    ``first_pass_context`` (m-sharpness) is refused: ``step(closure)`` agrees the ranks' verdicts
-    on their local first-pass gradients, but in the two-call loop a rank whose local first pass
-    overflowed would skip its second pass alone, and the others would wait in its all-reduce.
+    The optimizer's own refusal (``first_step()`` raises the same): more than one re-evaluation
+    per step, or ``first_pass_context`` (m-sharpness), whose ranks' decisions only
+    ``step(closure)`` agrees (in the two-call loop a rank whose local first pass overflowed would
+    skip its second pass alone, and the others would wait in its all-reduce).
     """
     if not reevaluating(optimizer):
         return None
     assert optimizer is not None
     refusal = optimizer._two_call_refusal()
-    if refusal is None and optimizer.first_pass_context is not None:
-        refusal = (
-            "first_pass_context (m-sharpness) needs step(closure), which agrees the ranks' verdicts "
-            "on their local first-pass gradients; drop it (SAM then perturbs with the global "
-            "gradient)"
-        )
     if refusal is None:
         return None
     return f"{driver} runs SAM through first_step()/second_step(), and this optimizer cannot: {refusal}"
