@@ -37,3 +37,9 @@ def assert_states_equal(first, second):
         assert first[index].keys() == second[index].keys(), index
         for key in first[index]:
             assert_same_value(first[index][key], second[index][key], (index, key))
+
+
+def assert_state_dicts_equal(actual, expected):
+    """Two ``state_dict()``s equal: the same param groups, every state entry bit for bit."""
+    assert actual["param_groups"] == expected["param_groups"]
+    assert_states_equal(actual["state"], expected["state"])

@@ -33,6 +33,7 @@ from samgria import (
 )
 from samgria.transforms import ParamTransform
 from state_helpers import assert_states_equal, groups_without_params, state_by_index
+from transform_infos import make_closure as closure_on
 
 
 # -- helpers ----------------------------------------------------------------------------------------
@@ -208,6 +209,17 @@ def step_both_normally(run, twin, steps=2):
         for model, optimizer in (run, twin):
             optimizer.step(make_closure(model, optimizer))
         assert_runs_equal(*run, *twin)
+
+
+def step_in(loop, model, optimizer):
+    """One step of ``loop``: ``step(closure)``, or ``first_step()``/``second_step()`` after backwards."""
+    if loop == "closure":
+        optimizer.step(make_closure(model, optimizer))
+    else:
+        make_closure(model, optimizer)()
+        optimizer.first_step()
+        make_closure(model, optimizer)()
+        optimizer.second_step()
 
 
 def raise_on_call(bad_call):
@@ -1028,7 +1040,7 @@ def test_a_step_failing_on_a_loaded_state_of_other_shapes_changes_nothing(how, f
             model.parameters(), torch.optim.Adam, lr=1e-2, foreach=foreach, transforms=[SAM(0.05)]
         )
         y = torch.randn(8, outputs, dtype=torch.float64)
-        return model, optimizer, make_closure_for(model, optimizer, x, y)
+        return model, optimizer, closure_on(model, optimizer, x, y)
 
     model, optimizer, closure = build_run(1)
     optimizer.step(closure)
@@ -1044,16 +1056,6 @@ def test_a_step_failing_on_a_loaded_state_of_other_shapes_changes_nothing(how, f
     with pytest.raises(RuntimeError, match="shape"):
         optimizer.step(closure)
     before.assert_unchanged()
-
-
-def make_closure_for(model, optimizer, x, y):
-    def closure():
-        optimizer.zero_grad()
-        loss = nn.functional.mse_loss(model(x), y)
-        loss.backward()
-        return loss
-
-    return closure
 
 
 def test_the_first_step_after_a_load_is_undone_whole_and_later_ones_copy_nothing_again(monkeypatch):
@@ -1139,13 +1141,7 @@ def test_a_chain_without_a_second_pass_that_writes_the_weights_is_undone_in_eith
     before = Before(model, optimizer)
     failing_post.armed = True
     with pytest.raises(Injected):
-        if mode == "closure":
-            optimizer.step(make_closure(model, optimizer))
-        else:
-            make_closure(model, optimizer)()
-            optimizer.first_step()
-            make_closure(model, optimizer)()
-            optimizer.second_step()
+        step_in(mode, model, optimizer)
     before.assert_unchanged()
 
 
@@ -1170,13 +1166,7 @@ def test_a_two_call_loop_with_nothing_perturbed_runs_a_weight_hook_once_also_wit
             model.parameters(), torch.optim.SGD, lr=0.1, atomic=False, transforms=[ShrinkingHook(param_ndim=None), SAM(0.0)]
         )
         for _ in range(2):
-            if loop == "closure":
-                optimizer.step(make_closure(model, optimizer))
-            else:
-                make_closure(model, optimizer)()
-                optimizer.first_step()
-                make_closure(model, optimizer)()
-                optimizer.second_step()
+            step_in(loop, model, optimizer)
         runs.append(model)
     for a, b in zip(runs[0].parameters(), runs[1].parameters()):
         assert torch.equal(a, b)

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+from state_helpers import assert_state_dicts_equal
 from transform_infos import assert_bitwise_equal, make_closure, make_data, make_model, params_of
 
 from samgria import EMA, SAM, Lookahead, TransformingOptimizer
@@ -247,17 +248,7 @@ def test_averaged_weights_restores_the_training_weights_bitwise_also_when_the_bl
             model[0].weight.data.mul_(3.0)  # even scribbling on the weights is undone
             raise KeyError("evaluation failed")
     assert_bitwise_equal(params_of(model), training)
-    assert_state_equal(optimizer.state_dict(), state)
-
-
-def assert_state_equal(actual, expected):
-    assert actual["param_groups"] == expected["param_groups"]
-    assert actual["state"].keys() == expected["state"].keys()
-    for index, entry in expected["state"].items():
-        assert actual["state"][index].keys() == entry.keys()
-        for key, value in entry.items():
-            got = actual["state"][index][key]
-            assert torch.equal(got, value) if isinstance(value, torch.Tensor) else got == value
+    assert_state_dicts_equal(optimizer.state_dict(), state)
 
 
 def test_a_step_inside_the_swap_block_raises_and_changes_nothing():
@@ -272,12 +263,12 @@ def test_a_step_inside_the_swap_block_raises_and_changes_nothing():
         with pytest.raises(RuntimeError, match="step after the block"):
             optimizer.step(closure)
         assert_bitwise_equal(params_of(model), inside)
-        assert_state_equal(optimizer.state_dict(), state)
+        assert_state_dicts_equal(optimizer.state_dict(), state)
     for _ in range(2):  # and training goes on as if nothing had happened
         optimizer.step(closure)
         twin.step(make_closure(twin_model, twin, x, y))
     assert_bitwise_equal(params_of(model), params_of(twin_model))
-    assert_state_equal(optimizer.state_dict(), twin.state_dict())
+    assert_state_dicts_equal(optimizer.state_dict(), twin.state_dict())
 
 
 @pytest.mark.parametrize("copier", ["deepcopy", "pickle"])
@@ -375,7 +366,7 @@ def test_dcp_state_dict_into_a_fresh_optimizer_continues_bitwise(transforms):
         optimizer.step(closure)
         fresh.step(fresh_closure)
     assert_bitwise_equal(params_of(model), params_of(fresh_model))
-    assert_state_equal(fresh.state_dict(), optimizer.state_dict())
+    assert_state_dicts_equal(fresh.state_dict(), optimizer.state_dict())
 
 
 def test_a_checkpoint_with_misshapen_averages_is_refused():
@@ -452,10 +443,10 @@ def test_a_step_without_any_gradient_changes_nothing(transforms):
         weights, state = params_of(model), copy.deepcopy(optimizer.state_dict())
         optimizer.step()  # no gradient anywhere
         assert_bitwise_equal(params_of(model), weights)
-        assert_state_equal(optimizer.state_dict(), state)
+        assert_state_dicts_equal(optimizer.state_dict(), state)
     # and the run is the one without the empty steps, bit for bit
     assert_bitwise_equal(params_of(model), params_of(twin_model))
-    assert_state_equal(optimizer.state_dict(), twin.state_dict())
+    assert_state_dicts_equal(optimizer.state_dict(), twin.state_dict())
 
 
 def test_a_seed_protocol_step_without_any_gradient_changes_nothing():
@@ -494,7 +485,7 @@ def test_a_checkpoint_with_real_kept_weights_for_a_complex_parameter_is_refused_
     with pytest.raises(ValueError, match=message):
         target.load_state_dict(source.state_dict())
     assert torch.equal(z.detach(), weights)
-    assert_state_equal(target.state_dict(), state)
+    assert_state_dicts_equal(target.state_dict(), state)
 
 
 def test_a_checkpoint_whose_kept_weights_are_not_a_tensor_is_refused():

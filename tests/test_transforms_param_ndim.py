@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 import torch
 from torch import nn
+from state_helpers import assert_state_dicts_equal
 
 from samgria import (
     SAM,
@@ -684,16 +685,6 @@ def test_project_params_initial_center_is_checkpointed_and_initialised_by_a_stat
     assert torch.all(distance <= 0.1 + 1e-6), distance
 
 
-def assert_same_state(actual, expected):
-    assert actual["param_groups"] == expected["param_groups"]
-    assert actual["state"].keys() == expected["state"].keys()
-    for index, entry in expected["state"].items():
-        assert actual["state"][index].keys() == entry.keys()
-        for key, value in entry.items():
-            got = actual["state"][index][key]
-            assert torch.equal(got, value) if isinstance(value, torch.Tensor) else got == value
-
-
 CENTER_MISFITS = {
     # checkpoint's parameter, this optimizer's parameter, what the message says of each
     "transposed": (torch.zeros(2, 3), torch.zeros(3, 2), "of shape (2, 3) for a parameter of shape (3, 2)"),
@@ -729,7 +720,7 @@ def test_project_params_refuses_a_checkpoint_whose_centre_does_not_fit_with_noth
     with pytest.raises(ValueError, match="^" + re.escape(message) + "$"):
         optimizer.load_state_dict(checkpoint)
     assert torch.equal(param.detach(), weights)
-    assert_same_state(optimizer.state_dict(), state)
+    assert_state_dicts_equal(optimizer.state_dict(), state)
 
 
 def float64_projection(moved, middle, radius, param_ndim):

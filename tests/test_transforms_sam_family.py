@@ -807,6 +807,23 @@ def _step_with_fixed_gradients(transform, passes, dtype, loop, foreach, lr=2.0**
     return params, optimizer
 
 
+def _step_installing(optimizer, install, loop):
+    """One step of ``loop`` ("closure" or "two-call") whose passes' gradients ``install()`` sets."""
+    if loop == "closure":
+
+        def closure():
+            optimizer.zero_grad()
+            install()
+            return torch.zeros(())
+
+        optimizer.step(closure)
+    else:
+        install()
+        optimizer.first_step()
+        install()
+        optimizer.second_step()
+
+
 def _gsam_reference(g, g_p, alpha):
     """GSAM's docstring in float64: d = g_p - alpha g_perp, g_perp = g - <g, g_p> / |g_p|^2 g_p."""
     parallel = float(g @ g_p) / float(g_p @ g_p)
@@ -847,9 +864,8 @@ _ONE_ROUNDING_CASES = {
         torch.tensor([2.0**126, -(2.0**126), 1.0], dtype=_F64),
         lambda g, g_p: _wsam_reference(g, g_p, _BF16_GAMMA),
     ),
-    # No bfloat16 overflow here: GSAM takes <g, g_p> in float32, whose range is bfloat16's, so a
-    # g_p with 1.5 g_p beyond it makes c infinite. Rounding 1.5 g_p to bfloat16 first gave
-    # 0.98046875 for 0.9765625.
+    # Rounding 1.5 g_p to bfloat16 first gave 0.98046875 for 0.9765625 (gradients beyond
+    # float32's products: test_gsam_inner_product_of_gradients_beyond_float32_products_...).
     "GSAM-bfloat16-rounding": (
         lambda: GSAM(0.05, alpha=0.5),
         torch.bfloat16,
@@ -942,26 +958,12 @@ def test_a_combined_gradient_beyond_the_dtype_is_a_non_finite_step_in_both_loops
     def install():
         params[0].grad = next(passes)[0].to(torch.float16)
 
-    def closure():
-        optimizer.zero_grad()
-        install()
-        return torch.zeros(())
-
-    def run():
-        if loop == "closure":
-            optimizer.step(closure)
-        else:
-            install()
-            optimizer.first_step()
-            install()
-            optimizer.second_step()
-
     if non_finite == "raise":
         with pytest.raises(FloatingPointError, match="not finite"):
-            run()
+            _step_installing(optimizer, install, loop)
     else:
         with pytest.warns(RuntimeWarning, match="not finite: the step is skipped"):
-            run()
+            _step_installing(optimizer, install, loop)
         assert optimizer.skipped_steps == 1
     assert torch.equal(params[0].detach(), torch.zeros(2, dtype=torch.float16))
     _assert_same_state(before, optimizer.state_dict())
@@ -977,26 +979,12 @@ def test_looksam_steps_in_between_that_overflow_the_dtype_are_skipped_in_both_lo
     def install():
         param.grad = torch.tensor(next(grads), dtype=torch.float16)
 
-    def closure():
-        optimizer.zero_grad()
-        install()
-        return torch.zeros(())
-
-    def step():
-        if loop == "closure":
-            optimizer.step(closure)
-        else:
-            install()
-            optimizer.first_step()
-            install()
-            optimizer.second_step()
-
-    step()  # a SAM step: stores g_v
+    _step_installing(optimizer, install, loop)  # a SAM step: stores g_v
     before = (param.detach().clone(), copy.deepcopy(optimizer.state_dict()))
     if loop == "two-call":
         grads = iter([[0.0, 4e4], [0.0, 4e4]])
     with pytest.warns(RuntimeWarning, match="not finite: the step is skipped"):
-        step()
+        _step_installing(optimizer, install, loop)
     assert optimizer.skipped_steps == 1
     assert torch.equal(param.detach(), before[0]) and torch.isfinite(param).all()
     _assert_same_state(before[1], optimizer.state_dict())
