@@ -174,6 +174,7 @@ class SkippingOddBatches(Regression):
         return super().training_step(batch, batch_idx)
 
 
+@pytest.mark.filterwarnings("ignore:`training_step` returned `None`:UserWarning")  # on purpose here
 @pytest.mark.parametrize("gradient_clip_val", [None, 0.05], ids=["", "clipping"])
 def test_sam_mixed_precision_runs_the_hooks_of_a_skipped_step_as_lightnings_plugin_does(gradient_clip_val) -> None:
     """Lightning's MixedPrecision calls on_before_optimizer_step (and clipping) also for a step
