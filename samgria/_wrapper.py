@@ -366,16 +366,23 @@ class WrappingOptimizer(Optimizer):
         self._check_idle("load_state_dict()")
         outer = self._loading  # a load_state_dict pre-hook may load too
         self._loading = True
+        # Registered last, so it runs after the user's pre-hooks (which may remap the checkpoint)
+        # and before torch casts the state to the parameters' dtypes; once (a pre-hook that loads
+        # again runs while torch iterates the hooks, which must not change then).
+        handle = None if outer else self.register_load_state_dict_pre_hook(lambda _o, loaded: self._before_cast(loaded))
         try:
-            super().load_state_dict(self._before_cast(state_dict))
+            super().load_state_dict(state_dict)
         finally:
+            if handle is not None:
+                handle.remove()
             self._loading = outer
 
     def _before_cast(self, state_dict: dict[str, Any]) -> dict[str, Any]:
-        """The checkpoint as torch's ``load_state_dict`` should see it, before it casts the state to
-        the parameters' dtypes (default: as given; a subclass returns a changed copy, never
-        changing the caller's dict)."""
-        return state_dict
+        """The checkpoint as torch's ``load_state_dict`` should cast it to the parameters' dtypes
+        (default: the driven wrapper's answer, or as given; a subclass returns a changed copy,
+        never changing the caller's dict)."""
+        driven = self._driven_wrapper()
+        return driven._before_cast(state_dict) if driven is not None else state_dict
 
     # -- pickling: torch's, plus the wrapper's own attributes ------------------------------------
     def __getstate__(self) -> dict[str, Any]:  # type: ignore[override]

@@ -1141,6 +1141,7 @@ class TransformingOptimizer(WrappingOptimizer):
     def _before_cast(self, state_dict: dict[str, Any]) -> dict[str, Any]:
         """Let each transform convert its per-parameter entries for the parameter's dtype while
         they still have the checkpoint's (``Transform.convert_loaded``): torch's cast comes next."""
+        state_dict = super()._before_cast(state_dict)
         converting = [(slot, t) for slot, t in self.chain if type(t).convert_loaded is not Transform.convert_loaded]
         saved = state_dict.get("state") if isinstance(state_dict, dict) else None
         if not converting or not isinstance(saved, dict):

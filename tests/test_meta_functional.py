@@ -355,6 +355,18 @@ def test_a_tensor_rate_that_would_change_its_parameters_dtype_is_refused(learned
     assert adapted["bias"].dtype == torch.float32
 
 
+@pytest.mark.parametrize("shape", [(), (4,)], ids=["0-dim", "shaped"])
+def test_a_tensor_rate_on_another_device_is_refused_unless_a_0_dim_cpu_tensor(shape):
+    """torch lets a 0-dim CPU tensor meet tensors on any device, not the reverse: a rate on
+    another device (here "meta") failed inside the inner step naming nothing."""
+    model, x, y = layer_problem()
+    rate = torch.full(shape, 0.1, dtype=DT, device="meta")
+    for arg, call in both_entry_points(model, x, y, {"weight": 0.1, "bias": rate}):
+        message = f"{arg}['bias'] must be on its parameter's device cpu (or a 0-dim CPU tensor), got a tensor on meta"
+        with pytest.raises(ValueError, match="^" + re.escape(message) + "$"):
+            call()
+
+
 @pytest.mark.parametrize(
     "entries",
     [[0.1, -0.2, 0.3, 0.4], [0.1, float("nan"), 0.3, 0.4], [0.1, 0.2, float("inf"), 0.4]],

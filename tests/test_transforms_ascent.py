@@ -657,3 +657,73 @@ def test_global_step_hooks_fire_once_per_step_not_for_the_adversary(name):
         for handle in handles:
             handle.remove()
     assert seen == [("pre", "TransformingOptimizer"), ("post", "TransformingOptimizer")] * 2
+
+
+# -- what reset_state=False keeps, and how ----------------------------------------------------------------
+class _CountingInGroups(torch.optim.SGD):
+    """An adversary that keeps a step counter in its param groups (as AdamP and Lion do)."""
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            group["step"] = group.get("step", 0) + 1
+        return super().step(closure)
+
+
+def test_an_adversary_with_state_in_its_param_groups_is_refused_when_its_state_is_kept():
+    """reset_state=False carries the per-parameter state over; a counter in the groups would
+    restart every step (bias corrections against moments of many steps): refused, with the step
+    undone; with reset_state=True it is rebuilt every step anyway, as documented."""
+    x, y = make_data()
+    model = make_model()
+    optimizer = TransformingOptimizer(
+        model.parameters(), torch.optim.SGD, lr=0.1,
+        transforms=[MultiStepSAM(0.05, 2, adversary=_CountingInGroups, reset_state=False)],
+    )
+    weights, state = params_of(model), copy.deepcopy(optimizer.state_dict())
+    with pytest.raises(RuntimeError, match=r"^MultiStepSAM\(reset_state=False\) keeps the adversary's per-parameter state between steps, but _CountingInGroups keeps state in its param groups \(step\)"):
+        optimizer.step(make_closure(model, optimizer, x, y))
+    assert_bitwise_equal(params_of(model), weights)
+    assert optimizer.state_dict()["state"] == state["state"]
+    resetting = TransformingOptimizer(
+        model.parameters(), torch.optim.SGD, lr=0.1, transforms=[MultiStepSAM(0.05, 2, adversary=_CountingInGroups)]
+    )
+    resetting.step(make_closure(model, resetting, x, y))
+
+
+def test_kept_nadam_state_of_a_bfloat16_model_stays_in_float32_between_steps():
+    """NAdam keeps its mu_product in float32 also for bfloat16 parameters; the kept state was handed
+    back through load_state_dict, which cast it to bfloat16 at every step."""
+    seen = []
+
+    class Watched(torch.optim.NAdam):
+        @torch.no_grad()
+        def step(self, closure=None):
+            for state in self.state.values():
+                if "mu_product" in state:
+                    seen.append(state["mu_product"].dtype)
+            return super().step(closure)
+
+    x, y = make_data()
+    model = make_model().to(torch.bfloat16)
+    optimizer = TransformingOptimizer(
+        model.parameters(), torch.optim.SGD, lr=0.1,
+        transforms=[MultiStepSAM(0.05, 2, adversary=functools.partial(Watched, eps=1e-3), reset_state=False)],
+    )
+    for _ in range(3):
+        optimizer.step(make_closure(model, optimizer, x.bfloat16(), y.bfloat16()))
+    assert seen and set(seen) == {torch.float32}
+
+
+def test_sparse_gradients_are_refused_naming_multistepsam():
+    embedding = nn.Embedding(10, 3, sparse=True)
+    optimizer = TransformingOptimizer(embedding.parameters(), torch.optim.SGD, lr=0.1, transforms=[MultiStepSAM(0.05, 2)])
+
+    def closure():
+        optimizer.zero_grad()
+        loss = embedding(torch.tensor([1, 2])).sum()
+        loss.backward()
+        return loss
+
+    with pytest.raises(RuntimeError, match=r"^MultiStepSAM does not support sparse gradients"):
+        optimizer.step(closure)

@@ -376,3 +376,76 @@ def test_a_float32_sum_beyond_float16_loads_into_a_float16_model_as_its_mean():
     resumed.step()  # the rollback
     assert resumed.state[half]["lamp.count"] == 0
     assert torch.equal(half.detach(), torch.full((3,), 700.0, dtype=torch.float16))
+
+
+def _lamp_at_700(dtype, params=None):
+    params = params if params is not None else [nn.Parameter(torch.full((3,), 700.0, dtype=dtype))]
+    return params, TransformingOptimizer(params, torch.optim.SGD, lr=0.0, transforms=[LAMP(eps=0.0, rollback_len=100)])
+
+
+def _step_n(params, optimizer, steps):
+    for _ in range(steps):
+        for param in params:
+            param.grad = torch.ones_like(param)
+        optimizer.step()
+
+
+def test_the_sum_is_converted_after_the_users_load_pre_hooks_remap_the_checkpoint():
+    """torch's documented way to adapt a checkpoint is a load_state_dict pre-hook; the conversion
+    runs after it, on the parameter the entry then belongs to."""
+    a, b = nn.Parameter(torch.full((3,), 700.0)), nn.Parameter(torch.ones(2))
+    _, optimizer = _lamp_at_700(None, [a, b])
+    _step_n([a, b], optimizer, 100)
+    saved = optimizer.state_dict()
+    half, other = nn.Parameter(torch.full((3,), 700.0, dtype=torch.float16)), nn.Parameter(torch.ones(2))
+    _, resumed = _lamp_at_700(None, [other, half])
+
+    def reverse(_optimizer, state_dict):  # the checkpoint lists [a, b], this optimizer [b, a]
+        group = dict(state_dict["param_groups"][0])
+        group["params"] = group["params"][::-1]
+        return {**state_dict, "param_groups": [group]}
+
+    resumed.register_load_state_dict_pre_hook(reverse)
+    resumed.load_state_dict(copy.deepcopy(saved))
+    assert torch.equal(resumed.state[half]["lamp.mean"], torch.full((3,), 700.0, dtype=torch.float16))
+
+
+def test_the_sum_is_converted_when_a_meta_optimizer_loads_its_outer_optimizers_checkpoint():
+    from samgria import FOMAML
+
+    def build(dtype):
+        model = nn.Linear(3, 1).to(dtype)
+        with torch.no_grad():
+            for param in model.parameters():
+                param.fill_(700.0)
+        _, outer = _lamp_at_700(None, list(model.parameters()))
+        return model, outer, FOMAML(model, outer, inner_lr=0.0)
+
+    model, outer, meta = build(torch.float32)
+    _step_n(list(model.parameters()), outer, 100)
+    saved = meta.state_dict()
+    model16, outer16, meta16 = build(torch.float16)
+    meta16.load_state_dict(copy.deepcopy(saved))
+    assert torch.equal(outer16.state[model16.weight]["lamp.mean"], torch.full((1, 3), 700.0, dtype=torch.float16))
+    _step_n(list(model16.parameters()), outer16, 1)  # the rollback
+    assert torch.equal(model16.weight.detach(), torch.full((1, 3), 700.0, dtype=torch.float16))
+
+
+def test_set_optimizer_state_dict_with_a_full_state_dict_converts_the_sum():
+    """torch.distributed.checkpoint merges the checkpoint into the state a fresh optimizer creates,
+    which holds this dtype's key too: the checkpoint's sum wins, as its mean."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict, set_optimizer_state_dict
+
+    model = nn.Linear(3, 1)
+    with torch.no_grad():
+        for param in model.parameters():
+            param.fill_(700.0)
+    _, optimizer = _lamp_at_700(None, list(model.parameters()))
+    _step_n(list(model.parameters()), optimizer, 100)
+    options = StateDictOptions(full_state_dict=True)
+    saved = get_optimizer_state_dict(model, optimizer, options=options)
+    model16 = nn.Linear(3, 1).half()
+    _, resumed = _lamp_at_700(None, list(model16.parameters()))
+    set_optimizer_state_dict(model16, resumed, copy.deepcopy(saved), options=options)
+    assert torch.equal(resumed.state[model16.weight]["lamp.mean"], torch.full((1, 3), 700.0, dtype=torch.float16))
+    assert "lamp.sum" not in resumed.state[model16.weight]

@@ -217,10 +217,10 @@ def _check_rate_shape(name: str, rate: torch.Tensor, param: torch.Tensor) -> Non
             f"{name} must be a tensor that keeps its parameter's dtype {param.dtype} (a 0-dim tensor, "
             f"or one of that dtype), got a tensor of dtype {rate.dtype}, which would make it {promoted}"
         )
-    if rate.dim() > 0 and rate.device != param.device:
+    if rate.device != param.device and not (rate.dim() == 0 and rate.device.type == "cpu"):
         raise ValueError(
-            f"{name} must be on its parameter's device {param.device} (or a 0-dim tensor), got a "
-            f"tensor on {rate.device}"
+            f"{name} must be on its parameter's device {param.device} (or a 0-dim CPU tensor), got "
+            f"a tensor on {rate.device}"
         )
 
 
@@ -292,8 +292,9 @@ def inner_step(
         TypeError: ``adapt_names`` is a string (not a sequence of names), or a rate is not a
             real number or tensor.
         ValueError: ``lr`` is negative or not finite (a number, or an entry of a tensor that does
-            not require grad), a tensor rate does not broadcast to its parameter's shape, a
-            mapping ``lr`` lacks an adapted name, ``loss`` is not a differentiable scalar, or
+            not require grad), a tensor rate does not broadcast to its parameter's shape, would
+            change its dtype or is on another device (a 0-dim CPU tensor may be), a mapping
+            ``lr`` lacks an adapted name, ``loss`` is not a differentiable scalar, or
             ``adapt_names`` names an unknown parameter.
     """
     names = _resolve_names(params, adapt_names)

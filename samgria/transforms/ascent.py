@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 import math
 import warnings
+from collections import defaultdict
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -226,7 +227,9 @@ class MultiStepSAM(_FinishingTransform):
     ``grad_fn(params, i)`` may pick a batch per ascent step; a closure can do the same with a
     counter of its own.
 
-    Memory: SAM's (one backup of the moved parameters), plus the adversary's state. Time: one
+    Memory: SAM's (one backup of the moved parameters), plus the adversary's state; during a step
+    with ``reset_state=False`` the adversary works on a copy of its kept state (so that a failed
+    step leaves it as it was), which holds it twice until the step ends. Time: one
     forward and backward pass per ascent step beyond the first evaluation, plus one global norm
     per step after the first.
 
@@ -450,24 +453,49 @@ class MultiStepSAM(_FinishingTransform):
         scale_([as_real(grad) for grad in grads], [scale] * len(grads), foreach=foreach)
         for param, grad in zip(params, grads):
             param.grad = grad
+        before = [{k: v for k, v in group.items() if k != "params"} for group in adversary.param_groups]
         unhooked_step(adversary)  # inside the optimizer's step: no second round of global hooks
         for param in params:
             param.grad = None
+        if self._keeps_state:
+            self._refuse_state_in_groups(adversary, before)
+
+    @staticmethod
+    def _refuse_state_in_groups(adversary: Optimizer, before: list[dict[str, Any]]) -> None:
+        """Raise if the adversary wrote into its param groups (a step counter, as AdamP and Lion
+        keep ``group["step"]``): with ``reset_state=False`` only its per-parameter state is kept,
+        so that would restart every step (the optimizer undoes the step that raises)."""
+        for group, saved in zip(adversary.param_groups, before):
+            changed = sorted(
+                str(key)
+                for key in set(group) | set(saved)
+                if key != "params"
+                and (key not in group or key not in saved or not (group[key] is saved[key] or _same_value(group[key], saved[key])))
+            )
+            if changed:
+                raise RuntimeError(
+                    f"MultiStepSAM(reset_state=False) keeps the adversary's per-parameter state "
+                    f"between steps, but {type(adversary).__name__} keeps state in its param groups "
+                    f"({', '.join(changed)}), which would restart every step: use reset_state=True, "
+                    "or an adversary that keeps its state per parameter (torch.optim's do)"
+                )
 
     @staticmethod
     def _load_adversary_state(ctx: TransformContext, adversary: Optimizer, params: list[torch.Tensor]) -> None:
-        """Give the adversary copies of the state kept in the slot, through its ``load_state_dict``."""
+        """Give the adversary copies of the state kept in the slot, as its ``load_state_dict``
+        installs a state (its ``__setstate__``, which turns a numeric ``"step"`` back into the
+        tensor it expects) but without that method's cast of every floating-point value to the
+        parameter's dtype, which would round NAdam's ``mu_product`` of a 16-bit parameter at
+        every step (torch's NAdam keeps it in float32)."""
         stored = {id(param): ctx.state[param] for param in params if param in ctx.state}
         if not stored:
             return
-        saved = adversary.state_dict()
-        order = [param for group in adversary.param_groups for param in group["params"]]
-        state = {
-            index: {key: _fresh(value) for key, value in stored[id(param)].items()}
-            for index, param in enumerate(order)
-            if id(param) in stored
-        }
-        adversary.load_state_dict({"state": state, "param_groups": saved["param_groups"]})
+        state: defaultdict[torch.Tensor, dict[str, Any]] = defaultdict(dict)
+        for group in adversary.param_groups:
+            for param in group["params"]:
+                if id(param) in stored:
+                    state[param] = {key: _fresh(value) for key, value in stored[id(param)].items()}
+        adversary.__setstate__({"state": state, "param_groups": adversary.param_groups})
 
     @staticmethod
     def _committer(ctx: TransformContext, adversary: Optimizer, params: list[torch.Tensor]) -> Finish:

@@ -23,7 +23,9 @@ parameter keeps ``"mean"`` instead of ``"sum"``, the running mean
 :math:`\bar w_n = \bar w_{n-1} + (w_n - \bar w_{n-1}) / n` computed in float32 and rounded once
 (as ``torch.optim.swa_utils`` averages): a sum in float16 overflows at 65504 and one in bfloat16
 keeps about three significant digits (a checkpoint's ``"sum"`` or ``"mean"`` is converted to what
-the parameter's dtype keeps when it is loaded); on the first
+the parameter's dtype keeps by ``load_state_dict`` and ``set_optimizer_state_dict``; ``dcp.load``
+reads the keys of the state it loads into, so across the 16-bit boundary it finds no such key and
+raises ``Missing key in checkpoint state_dict``); on the first
 parameter ``"cycle_step"`` (the position in the cycle); with a ``seed``, on the first parameter
 of each device ``"rng_state"`` (that device's generator state). A resumed run draws the same
 noise and rolls back at the same steps, bit for bit. Only parameters that have a gradient at a
@@ -135,8 +137,10 @@ class LAMP(Transform):
         key = _accumulator_key(param)
         other = "mean" if key == "sum" else "sum"
         value, count = entry.get(other), entry.get("count")
-        if not isinstance(value, torch.Tensor) or key in entry or not _is_count(count, None):
+        if not isinstance(value, torch.Tensor) or not _is_count(count, None):
             return  # nothing to convert, or check_loaded_state refuses it
+        # Both: torch.distributed.checkpoint merged the checkpoint into the state a fresh optimizer
+        # created for this parameter, whose key is this dtype's; the checkpoint's is the other.
         if not (value.is_floating_point() or value.is_complex()):
             return
         wide = value.to(widened_dtype(value.dtype))

@@ -178,9 +178,8 @@ class PerturbationTransform(Transform):
         return -group["rho"] if group.get("maximize", False) else group["rho"]
 
     # -- helpers shared by SAM and ASAM --------------------------------------------------------
-    @staticmethod
     def _collect(
-        ctx: TransformContext,
+        self, ctx: TransformContext
     ) -> tuple[list[torch.Tensor], list[torch.Tensor], list[Mapping[str, Any]]]:
         """Parameters with a gradient, their gradients and groups; sparse gradients raise."""
         params: list[torch.Tensor] = []
@@ -202,7 +201,7 @@ class PerturbationTransform(Transform):
         for param, grad in zip(params, grads):
             if grad.is_sparse:
                 raise RuntimeError(
-                    "SAM and ASAM do not support sparse gradients (a parameter of shape "
+                    f"{type(self).__name__} does not support sparse gradients (a parameter of shape "
                     f"{tuple(param.shape)} has one); use a dense embedding or exclude it"
                 )
         return params, grads, groups
