@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import functools
 import types
-from collections import defaultdict
+from collections import OrderedDict, defaultdict
 from collections.abc import Iterable, Iterator, MutableMapping
 from typing import Any
 
@@ -366,15 +366,25 @@ class WrappingOptimizer(Optimizer):
         self._check_idle("load_state_dict()")
         outer = self._loading  # a load_state_dict pre-hook may load too
         self._loading = True
-        # Registered last, so it runs after the user's pre-hooks (which may remap the checkpoint)
-        # and before torch casts the state to the parameters' dtypes; once (a pre-hook that loads
-        # again runs while torch iterates the hooks, which must not change then).
-        handle = None if outer else self.register_load_state_dict_pre_hook(lambda _o, loaded: self._before_cast(loaded))
+        # The user's pre-hooks run here, as torch runs them (over a copy of the hooks, so one that
+        # removes itself is fine), then _before_cast, which must see the checkpoint as they left
+        # it and before torch's load casts it to the parameters' dtypes. torch's load_state_dict
+        # runs its pre-hooks before the cast and offers no other point in between, so they are
+        # hidden from it for the call: the one use of its private hook dictionary.
+        hooks = self._optimizer_load_state_dict_pre_hooks
         try:
-            super().load_state_dict(state_dict)
+            state_dict = state_dict.copy()  # as torch hands its pre-hooks a shallow copy
+            for hook in list(hooks.values()):
+                result = hook(self, state_dict)
+                if result is not None:
+                    state_dict = result
+            state_dict = self._before_cast(state_dict)
+            self._optimizer_load_state_dict_pre_hooks = OrderedDict()
+            try:
+                super().load_state_dict(state_dict)
+            finally:
+                self._optimizer_load_state_dict_pre_hooks = hooks
         finally:
-            if handle is not None:
-                handle.remove()
             self._loading = outer
 
     def _before_cast(self, state_dict: dict[str, Any]) -> dict[str, Any]:

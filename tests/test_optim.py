@@ -1187,3 +1187,26 @@ def test_first_step_refuses_first_pass_context_before_anything_changes():
     assert all((p.grad is None) == (g is None) and (g is None or torch.equal(p.grad, g)) for p, g in zip(model.parameters(), grads))
     assert optimizer._pending is None
     optimizer.step(make_closure(model, optimizer, x, y))  # step(closure) works
+
+
+def test_a_load_pre_hook_that_removes_itself_runs_once_as_with_torchs_optimizers():
+    """A one-shot hook (it removes its own handle) works with torch's optimizers; the wrapper's
+    own step between the user's pre-hooks and torch's cast must not make that fail."""
+    x, y = make_data()
+    model = make_model()
+    optimizer = TransformingOptimizer(model.parameters(), torch.optim.SGD, lr=0.1, transforms=[SAM(0.05), LAMP(1e-2)])
+    optimizer.step(make_closure(model, optimizer, x, y))
+    calls = []
+
+    def once(_optimizer, state_dict):
+        calls.append(1)
+        handle.remove()
+        state_dict["param_groups"] = copy.deepcopy(state_dict["param_groups"])  # in place, on torch's shallow copy
+
+    handle = optimizer.register_load_state_dict_pre_hook(once)
+    saved = optimizer.state_dict()
+    groups = saved["param_groups"]
+    optimizer.load_state_dict(saved)
+    optimizer.load_state_dict(saved)
+    assert calls == [1]
+    assert saved["param_groups"] is groups  # the caller's dict is not changed

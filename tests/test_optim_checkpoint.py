@@ -455,6 +455,11 @@ UNUSABLE_SLOTS = {
         _set(0, "lamp.cycle_step", 4),
         r"^the checkpoint's LAMP slot 'lamp' holds cycle_step=4, not an integer in \[0, 3\]$",
     ),
+    "LAMP-sum-and-mean": (
+        lambda: [LAMP(1e-2, rollback_len=3, seed=0)],
+        _set(1, "lamp.mean", torch.ones(6, dtype=torch.float64)),
+        r"^the checkpoint's LAMP slot 'lamp' holds both a sum and a mean for one parameter$",
+    ),
     "LAMP-sum-not-a-tensor": (
         lambda: [LAMP(1e-2, rollback_len=3, seed=0)],
         _set(1, "lamp.sum", [0.0] * 6),

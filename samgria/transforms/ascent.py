@@ -202,7 +202,13 @@ class MultiStepSAM(_FinishingTransform):
     from step to step: it is kept in the slot (``state[p]["multi_step_sam.<key>"]``, the
     adversary's own keys, a step counter as a number) and checkpointed with the optimizer —
     ``state_dict()`` and ``torch.distributed.checkpoint`` alike — and committed only once the
-    step's gradients are in (a failed or skipped step leaves it as it was).
+    step's gradients are in (a failed or skipped step leaves it as it was). Between steps it keeps
+    the adversary's dtypes; loading a checkpoint casts it as torch's ``load_state_dict`` casts
+    an optimizer's own state (every floating-point value but ``"step"`` to the parameter's
+    dtype), so a resumed run of a 16-bit model with NAdam's float32 ``mu_product`` (or ASGD's
+    ``eta`` and ``mu``) continues as torch's NAdam (ASGD) would after a load, not bit for bit.
+    An adversary that keeps state in its param groups (a ``group["step"]``) is refused: only the
+    per-parameter state carries over.
 
     **optax's modes.** ``optax.contrib.sam(opt, adv_opt, sync_period=k, opaque_mode=True,
     reset_state=r)`` is ``TransformingOptimizer(params, inner, transforms=[MultiStepSAM(rho,

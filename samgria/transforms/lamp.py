@@ -24,8 +24,8 @@ parameter keeps ``"mean"`` instead of ``"sum"``, the running mean
 (as ``torch.optim.swa_utils`` averages): a sum in float16 overflows at 65504 and one in bfloat16
 keeps about three significant digits (a checkpoint's ``"sum"`` or ``"mean"`` is converted to what
 the parameter's dtype keeps by ``load_state_dict`` and ``set_optimizer_state_dict``; ``dcp.load``
-reads the keys of the state it loads into, so across the 16-bit boundary it finds no such key and
-raises ``Missing key in checkpoint state_dict``); on the first
+and ``set_optimizer_state_dict(..., flatten_optimizer_state_dict=True)`` read the keys of the
+state they load into, so across the 16-bit boundary they find no such key and raise); on the first
 parameter ``"cycle_step"`` (the position in the cycle); with a ``seed``, on the first parameter
 of each device ``"rng_state"`` (that device's generator state). A resumed run draws the same
 noise and rolls back at the same steps, bit for bit. Only parameters that have a gradient at a
@@ -139,8 +139,11 @@ class LAMP(Transform):
         value, count = entry.get(other), entry.get("count")
         if not isinstance(value, torch.Tensor) or not _is_count(count, None):
             return  # nothing to convert, or check_loaded_state refuses it
-        # Both: torch.distributed.checkpoint merged the checkpoint into the state a fresh optimizer
-        # created for this parameter, whose key is this dtype's; the checkpoint's is the other.
+        current = entry.get(key)
+        if current is not None and not (isinstance(current, torch.Tensor) and not bool(current.any())):
+            return  # both hold values: check_loaded_state refuses the checkpoint
+        # This dtype's key holds the zeros a fresh optimizer's state starts with:
+        # torch.distributed.checkpoint merged the checkpoint into that state. The other is real.
         if not (value.is_floating_point() or value.is_complex()):
             return
         wide = value.to(widened_dtype(value.dtype))
