@@ -1,0 +1,206 @@
+"""The optimizer and a meta-learner on a CUDA device (skipped where there is none).
+
+What the CPU suite cannot see: the CUDA kernels of the foreach and fused paths, CUDA generators
+(LAMP's and ESAM's noise), ``torch.amp.GradScaler("cuda")`` with float16 autocast, and
+checkpoints of CUDA state. References: the same run on the CPU (within float32 rounding), the
+other loop on the same device (bit for bit), and a run never checkpointed (bit for bit).
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+
+import pytest
+import torch
+from torch import nn
+
+from samgria import ASAM, ESAM, GSAM, LAMP, SAM, WSAM, FriendlySAM, LookSAM, MultiStepSAM, TransformingOptimizer
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+CHAINS = {
+    "SAM": lambda: [SAM(0.05)],
+    "ASAM": lambda: [ASAM(0.5)],
+    "GSAM": lambda: [GSAM(0.05, alpha=0.4)],
+    "WSAM": lambda: [WSAM(0.05, 0.9)],
+    "LookSAM": lambda: [LookSAM(0.05, k=2)],
+    "FriendlySAM": lambda: [FriendlySAM(0.05)],
+    "MultiStepSAM": lambda: [MultiStepSAM(0.05, 2)],
+    "SAM+LAMP": lambda: [SAM(0.05), LAMP(1e-2, rollback_len=2, seed=0)],
+}
+INNERS = {
+    "sgd-foreach": lambda params: torch.optim.SGD(params, lr=0.05, momentum=0.9, foreach=True),
+    "adam-fused": lambda params: torch.optim.Adam(params, lr=1e-2, fused=True),
+}
+
+
+def make_model(device: str) -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 1)).to(device)
+
+
+def make_data(device: str) -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(1)
+    return torch.randn(32, 8, generator=generator).to(device), torch.randn(32, 1, generator=generator).to(device)
+
+
+def build(device: str, chain: str, inner: str):
+    model = make_model(device)
+    optimizer = TransformingOptimizer(model.parameters(), INNERS[inner], transforms=CHAINS[chain]())
+    return model, optimizer
+
+
+def closure_for(model, optimizer, x, y):
+    def closure():
+        optimizer.zero_grad()
+        loss = nn.functional.mse_loss(model(x), y)
+        loss.backward()
+        return loss
+
+    return closure
+
+
+def weights(model) -> list[torch.Tensor]:
+    return [p.detach().clone() for p in model.parameters()]
+
+
+@pytest.mark.parametrize("inner", sorted(INNERS))
+@pytest.mark.parametrize("chain", sorted(set(CHAINS) - {"SAM+LAMP"}))  # LAMP's noise: CUDA's own stream
+def test_a_cuda_run_follows_the_cpu_run(chain, inner):
+    runs = []
+    for device in ("cpu", "cuda"):
+        model, optimizer = build(device, chain, inner)
+        x, y = make_data(device)
+        for _ in range(4):
+            optimizer.step(closure_for(model, optimizer, x, y))
+        runs.append([w.cpu() for w in weights(model)])
+    for cpu, cuda in zip(*runs):
+        torch.testing.assert_close(cuda, cpu, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("chain", ["SAM", "ASAM", "GSAM", "WSAM", "FriendlySAM", "SAM+LAMP"])
+def test_the_two_call_loop_equals_step_closure_on_cuda(chain):
+    (model_a, closure_opt), (model_b, loop_opt) = build("cuda", chain, "adam-fused"), build("cuda", chain, "adam-fused")
+    x, y = make_data("cuda")
+    for _ in range(3):
+        closure_opt.step(closure_for(model_a, closure_opt, x, y))
+        loop_opt.zero_grad()
+        nn.functional.mse_loss(model_b(x), y).backward()
+        loop_opt.first_step()
+        nn.functional.mse_loss(model_b(x), y).backward()
+        loop_opt.second_step()
+        for a, b in zip(model_a.parameters(), model_b.parameters()):
+            assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("chain", sorted(CHAINS))
+def test_a_cuda_checkpoint_resumes_bit_for_bit(chain):
+    x, y = make_data("cuda")
+    model, optimizer = build("cuda", chain, "adam-fused")
+    for _ in range(3):
+        optimizer.step(closure_for(model, optimizer, x, y))
+    buffer = io.BytesIO()
+    torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict()}, buffer)
+    for _ in range(3):
+        optimizer.step(closure_for(model, optimizer, x, y))
+    buffer.seek(0)
+    checkpoint = torch.load(buffer)
+    resumed_model, resumed = build("cuda", chain, "adam-fused")
+    resumed_model.load_state_dict(checkpoint["model"])
+    resumed.load_state_dict(checkpoint["optimizer"])
+    for _ in range(3):
+        resumed.step(closure_for(resumed_model, resumed, x, y))
+    for a, b in zip(model.parameters(), resumed_model.parameters()):
+        assert torch.equal(a, b)
+
+
+def test_a_seeded_noise_checkpoint_of_the_cpu_is_refused_on_cuda_naming_the_device():
+    """LAMP's generator state is the device's own; a CPU one cannot seed a CUDA generator."""
+    x, y = make_data("cpu")
+    model = make_model("cpu")
+    optimizer = TransformingOptimizer(model.parameters(), torch.optim.SGD, lr=0.05, transforms=[LAMP(1e-2, seed=0)])
+    optimizer.step(closure_for(model, optimizer, x, y))
+    saved = copy.deepcopy(optimizer.state_dict())
+    cuda_model = make_model("cuda")
+    cuda_optimizer = TransformingOptimizer(cuda_model.parameters(), torch.optim.SGD, lr=0.05, transforms=[LAMP(1e-2, seed=0)])
+    before = copy.deepcopy(cuda_optimizer.state_dict())
+    with pytest.raises(ValueError, match="invalid generator state for device cuda"):
+        cuda_optimizer.load_state_dict(saved)
+    assert cuda_optimizer.state_dict()["state"] == before["state"]
+
+
+@pytest.mark.parametrize("chain", ["SAM", "GSAM", "LookSAM"])
+def test_float16_autocast_with_gradscaler_trains_and_skips_an_overflow(chain):
+    """The documented AMP recipe: the two-call loop, scaler.step finishes the step; an overflowing
+    first pass skips the step (weights unchanged) and the scale backs off."""
+    model, optimizer = build("cuda", chain, "sgd-foreach")
+    scaler = torch.amp.GradScaler("cuda", init_scale=2.0**10)
+    x, y = make_data("cuda")
+
+    def backward(poison: bool = False) -> None:
+        with torch.autocast("cuda", dtype=torch.float16):
+            loss = nn.functional.mse_loss(model(x), y)
+        scaler.scale(loss * (float("inf") if poison else 1.0)).backward()
+
+    start = weights(model)
+    for _ in range(3):
+        optimizer.zero_grad()
+        backward()
+        optimizer.first_step()
+        backward()
+        scaler.step(optimizer)
+        scaler.update()
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert any(not torch.equal(a, b) for a, b in zip(start, weights(model)))
+    before, scale = weights(model), scaler.get_scale()
+    optimizer.zero_grad()
+    backward(poison=True)
+    optimizer.first_step()
+    backward()
+    scaler.step(optimizer)
+    scaler.update()
+    assert all(torch.equal(a, b) for a, b in zip(before, weights(model)))
+    assert scaler.get_scale() < scale
+
+
+def test_esam_and_lamp_draw_their_noise_from_cuda_generators_reproducibly():
+    runs = []
+    for _ in range(2):
+        model = make_model("cuda")
+        optimizer = TransformingOptimizer(
+            model.parameters(), torch.optim.SGD, lr=0.05, transforms=[ESAM(0.05, seed=3), LAMP(1e-2, seed=4)]
+        )
+        x, y = make_data("cuda")
+        torch.cuda.manual_seed(123 + len(runs))  # the global CUDA stream must not matter
+        for _ in range(3):
+            optimizer.step(closure_for(model, optimizer, x, y))
+        runs.append(weights(model))
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
+
+
+def test_second_order_maml_on_cuda_follows_the_cpu():
+    from samgria import MAML
+    from samgria.data import Task
+
+    losses = []
+    for device in ("cpu", "cuda"):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(1, 16), nn.Tanh(), nn.Linear(16, 1)).to(device)
+        meta = MAML(model, torch.optim.Adam, lr=1e-3, inner_lr=0.05, inner_steps=2)
+        generator = torch.Generator().manual_seed(2)
+        tasks = [
+            Task(*(torch.randn(5, 1, generator=generator).to(device) for _ in range(4))) for _ in range(3)
+        ]
+
+        def closure():
+            meta.zero_grad()
+            loss = meta.task_losses(tasks, nn.functional.mse_loss).mean()
+            loss.backward()
+            return loss
+
+        for _ in range(3):
+            meta.step(closure)
+        losses.append(float(meta.task_losses(tasks, nn.functional.mse_loss).mean().detach()))
+    assert losses[1] == pytest.approx(losses[0], rel=1e-4)
