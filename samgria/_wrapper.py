@@ -222,6 +222,20 @@ def _patched_by_someone_else(optimizer: Optimizer, key: str, value: Any) -> bool
     return hasattr(type(optimizer), key) and isinstance(value, (types.FunctionType, types.MethodType, functools.partial))
 
 
+class _RanAlready:
+    """Stands in for an optimizer's load pre-hooks while torch's ``load_state_dict`` would run
+    them again: reading its ``values()`` (torch's loop) puts the real dictionary back and yields
+    nothing."""
+
+    def __init__(self, optimizer: Optimizer, hooks: OrderedDict[Any, Any]) -> None:
+        self._optimizer = optimizer
+        self._hooks = hooks
+
+    def values(self) -> tuple[()]:
+        self._optimizer._optimizer_load_state_dict_pre_hooks = self._hooks  # type: ignore[attr-defined]
+        return ()
+
+
 class WrappingOptimizer(Optimizer):
     """Base of optimizers whose ``param_groups`` are another optimizer's (see the module docstring).
 
@@ -369,8 +383,10 @@ class WrappingOptimizer(Optimizer):
         # The user's pre-hooks run here, as torch runs them (over a copy of the hooks, so one that
         # removes itself is fine), then _before_cast, which must see the checkpoint as they left
         # it and before torch's load casts it to the parameters' dtypes. torch's load_state_dict
-        # runs its pre-hooks before the cast and offers no other point in between, so they are
-        # hidden from it for the call: the one use of its private hook dictionary.
+        # runs its pre-hooks before the cast and offers no other point in between, so its loop
+        # over them is given nothing (the one use of its private hook dictionary): the stand-in
+        # puts the real dictionary back as that loop reads it, so post-hooks, and loads or hook
+        # registrations from them, see the real one.
         hooks = self._optimizer_load_state_dict_pre_hooks
         try:
             state_dict = state_dict.copy()  # as torch hands its pre-hooks a shallow copy
@@ -379,11 +395,12 @@ class WrappingOptimizer(Optimizer):
                 if result is not None:
                     state_dict = result
             state_dict = self._before_cast(state_dict)
-            self._optimizer_load_state_dict_pre_hooks = OrderedDict()
+            self._optimizer_load_state_dict_pre_hooks = _RanAlready(self, hooks)
             try:
                 super().load_state_dict(state_dict)
             finally:
-                self._optimizer_load_state_dict_pre_hooks = hooks
+                if isinstance(self.__dict__.get("_optimizer_load_state_dict_pre_hooks"), _RanAlready):
+                    self._optimizer_load_state_dict_pre_hooks = hooks
         finally:
             self._loading = outer
 

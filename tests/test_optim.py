@@ -1210,3 +1210,32 @@ def test_a_load_pre_hook_that_removes_itself_runs_once_as_with_torchs_optimizers
     optimizer.load_state_dict(saved)
     assert calls == [1]
     assert saved["param_groups"] is groups  # the caller's dict is not changed
+
+
+@pytest.mark.parametrize("make", [lambda params: torch.optim.Adam(params, lr=0.1), lambda params: TransformingOptimizer(params, torch.optim.Adam, lr=0.1, transforms=[SAM(0.05)])], ids=["torch", "wrapper"])
+def test_load_post_hooks_see_the_real_pre_hooks_as_with_torch(make):
+    """A pre-hook registered by a post-hook runs at the next load (its handle stays valid), and a
+    load from a post-hook runs the pre-hooks: the wrapper's own handling of pre-hooks ends before
+    torch runs the post-hooks."""
+    model = make_model()
+    optimizer = make(model.parameters())
+    x, y = make_data()
+    optimizer.step(make_closure(model, optimizer, x, y))
+    ran, handles, depth = [], [], [0]
+    optimizer.register_load_state_dict_pre_hook(lambda _o, _sd: ran.append("pre"))
+
+    def post(opt):
+        if not handles:
+            handles.append(opt.register_load_state_dict_pre_hook(lambda _o, _sd: ran.append("late")))
+        if depth[0] == 0:
+            depth[0] = 1
+            opt.load_state_dict(opt.state_dict())  # a load from a post-hook runs the pre-hooks
+
+    optimizer.register_load_state_dict_post_hook(post)
+    optimizer.load_state_dict(optimizer.state_dict())
+    assert ran == ["pre", "pre", "late"]
+    optimizer.load_state_dict(optimizer.state_dict())
+    assert ran == ["pre", "pre", "late", "pre", "late"]
+    handles[0].remove()
+    optimizer.load_state_dict(optimizer.state_dict())
+    assert ran[-1] == "pre"
