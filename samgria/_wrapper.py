@@ -394,6 +394,7 @@ class WrappingOptimizer(Optimizer):
                 result = hook(self, state_dict)
                 if result is not None:
                     state_dict = result
+            state_dict, extras = self._take_extras(state_dict)
             state_dict = self._before_cast(state_dict)
             self._optimizer_load_state_dict_pre_hooks = _RanAlready(self, hooks)
             try:
@@ -401,8 +402,18 @@ class WrappingOptimizer(Optimizer):
             finally:
                 if isinstance(self.__dict__.get("_optimizer_load_state_dict_pre_hooks"), _RanAlready):
                     self._optimizer_load_state_dict_pre_hooks = hooks
+            self._load_extras(extras)
         finally:
             self._loading = outer
+
+    def _take_extras(self, state_dict: dict[str, Any]) -> tuple[dict[str, Any], Any]:
+        """Split off (and check, raising before anything changes) what a subclass keeps in its
+        checkpoints beside torch's ``state`` and ``param_groups``, once the user's pre-hooks have
+        run (default: nothing)."""
+        return state_dict, None
+
+    def _load_extras(self, extras: Any) -> None:
+        """Install what :meth:`_take_extras` split off, once the load has committed."""
 
     def _before_cast(self, state_dict: dict[str, Any]) -> dict[str, Any]:
         """The checkpoint as torch's ``load_state_dict`` should cast it to the parameters' dtypes

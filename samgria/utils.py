@@ -75,9 +75,18 @@ def frozen_bn_stats(model: nn.Module) -> Iterator[nn.Module]:
 
     Raises:
         TypeError: If ``model`` is not an ``nn.Module``.
+        ValueError: If a lazy BatchNorm layer of ``model`` has not run a forward yet.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {model!r}")
+    for name, module in model.named_modules():
+        if isinstance(module, nn.modules.batchnorm._LazyNormBase) and module.has_uninitialized_params():
+            # Without running statistics to keep, its first forward would create none and leave
+            # the layer half-initialised for good.
+            raise ValueError(
+                f"frozen_bn_stats: {name or 'model'} is a lazy BatchNorm that has not run a forward "
+                "yet (it has no running statistics to keep): run one forward before the block"
+            )
     layers = [
         m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats
     ]

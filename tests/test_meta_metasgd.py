@@ -180,3 +180,23 @@ def test_state_dict_round_trips_rates_and_outer_state():
     bad["inner_lrs"]["weight"] = torch.zeros(2)
     with pytest.raises(ValueError, match=r"state_dict\['inner_lrs'\]\['weight'\] has shape \(2,\), expected \(1, 3\)"):
         twin.load_state_dict(bad)
+
+
+def test_a_load_pre_hook_sees_and_may_rename_the_stored_rates():
+    """As torch hands its load pre-hooks the whole checkpoint: a hook that renames parameters can
+    rename the rates too (they were taken out and checked before any hook ran)."""
+    torch.manual_seed(0)
+    source = MetaSGD(nn.Sequential(nn.Linear(2, 1)), torch.optim.Adam, lr=0.1, inner_lr=0.3)
+    saved = source.state_dict()
+    target = MetaSGD(nn.Sequential(nn.Sequential(nn.Linear(2, 1))), torch.optim.Adam, lr=0.1, inner_lr=0.1)
+    seen = []
+
+    def rename(_optimizer, state_dict):
+        seen.append(sorted(state_dict))
+        state_dict["inner_lrs"] = {"0." + name: rate for name, rate in state_dict["inner_lrs"].items()}
+
+    target.register_load_state_dict_pre_hook(rename)
+    target.load_state_dict(saved)
+    assert seen == [["inner_lrs", "param_groups", "state"]]
+    assert sorted(target.inner_lrs) == ["0.0.bias", "0.0.weight"]
+    assert all(torch.equal(target.inner_lrs["0." + n], r) for n, r in source.inner_lrs.items())

@@ -229,3 +229,20 @@ def test_set_grad_rejects_a_non_tensor_with_a_type_error():
     param = torch.nn.Parameter(torch.zeros(2))
     with pytest.raises(TypeError, match="grads must be a torch.Tensor, got list"):
         set_grad([0.0, 1.0], [param])
+
+
+def test_frozen_bn_stats_refuses_a_lazy_batchnorm_that_has_not_run_and_leaves_it_working():
+    """Its first forward inside the block would create no running statistics and leave the layer
+    half-initialised for good; refused before anything changes. Once it has run, it is frozen."""
+    model = nn.Sequential(nn.LazyBatchNorm1d())
+    x = torch.randn(5, 4)
+    with pytest.raises(ValueError, match=r"^frozen_bn_stats: 0 is a lazy BatchNorm that has not run a forward yet"):
+        with frozen_bn_stats(model):
+            model(x)
+    model(x)  # an ordinary first forward still initialises it
+    layer = model[0]
+    assert isinstance(layer, nn.BatchNorm1d) and int(layer.num_batches_tracked) == 1
+    mean = layer.running_mean.clone()
+    with frozen_bn_stats(model):
+        model(torch.randn(5, 4))
+    assert torch.equal(layer.running_mean, mean) and int(layer.num_batches_tracked) == 1

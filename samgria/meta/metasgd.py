@@ -108,7 +108,13 @@ class MetaSGD(MAML):
         return sd
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:  # type: ignore[override]
-        """Load the optimizer state and copy the stored rates into :attr:`inner_lrs` (in place)."""
+        """Load the optimizer state and copy the stored rates into :attr:`inner_lrs` (in place).
+
+        Load pre-hooks see the whole checkpoint, ``"inner_lrs"`` included, as torch's see theirs.
+        """
+        super().load_state_dict(state_dict)
+
+    def _take_extras(self, state_dict: dict[str, Any]) -> tuple[dict[str, Any], Any]:
         sd = dict(state_dict)
         rates = sd.pop("inner_lrs", None)
         if rates is not None:
@@ -123,8 +129,10 @@ class MetaSGD(MAML):
                         f"state_dict['inner_lrs'][{n!r}] has shape {tuple(v.shape)}, expected "
                         f"{tuple(self.inner_lrs[n].shape)}"
                     )
-        super().load_state_dict(sd)
-        if rates is not None:
+        return sd, rates
+
+    def _load_extras(self, extras: Any) -> None:
+        if extras is not None:
             with torch.no_grad():
-                for n, v in rates.items():
+                for n, v in extras.items():
                     self.inner_lrs[n].copy_(v)
