@@ -14,6 +14,7 @@ import io
 import pytest
 import torch
 from torch import nn
+from transform_infos import make_closure as closure_for
 
 from samgria import ASAM, ESAM, GSAM, LAMP, SAM, WSAM, FriendlySAM, LookSAM, MultiStepSAM, TransformingOptimizer
 
@@ -49,16 +50,6 @@ def build(device: str, chain: str, inner: str):
     model = make_model(device)
     optimizer = TransformingOptimizer(model.parameters(), INNERS[inner], transforms=CHAINS[chain]())
     return model, optimizer
-
-
-def closure_for(model, optimizer, x, y):
-    def closure():
-        optimizer.zero_grad()
-        loss = nn.functional.mse_loss(model(x), y)
-        loss.backward()
-        return loss
-
-    return closure
 
 
 def weights(model) -> list[torch.Tensor]:
