@@ -39,6 +39,14 @@ def _wide(dtype: torch.dtype) -> torch.dtype:
     return torch.complex128 if dtype.is_complex else torch.float64
 
 
+def _pairwise_product(draw, param):
+    """``draw * param`` element by element, a complex number as a pair of reals (each component
+    times its own factor), as torch.optim treats complex parameters."""
+    if param.is_complex():
+        return torch.view_as_complex(torch.view_as_real(draw) * torch.view_as_real(param))
+    return draw * param
+
+
 # -- values -------------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_magnitude_noise_is_the_weights_times_uniform_draws_in_order_on_both_paths(dtype):
@@ -51,7 +59,7 @@ def test_magnitude_noise_is_the_weights_times_uniform_draws_in_order_on_both_pat
         for sample, param in zip(noise, params):
             draw = torch.empty_like(param, memory_format=torch.preserve_format).uniform_(-1.0, 1.0, generator=replay)
             assert bool((draw.real.abs() <= 1).all())
-            assert_rounded_once(sample, draw.to(_wide(dtype)) * param.to(_wide(dtype)), dtype)
+            assert_rounded_once(sample, _pairwise_product(draw.to(_wide(dtype)), param.to(_wide(dtype))), dtype)
         results[foreach] = noise
     for fast, reference in zip(results[True], results[False]):
         assert torch.equal(fast, reference)
@@ -241,3 +249,30 @@ def test_assign_mean_takes_numpy_integer_counts():
     params = [torch.zeros(2)]
     assign_mean_(params, [torch.full((2,), 6.0)], [numpy.int64(4)])
     assert torch.equal(params[0], torch.full((2,), 1.5))
+
+
+@pytest.mark.parametrize("foreach", [True, False])
+def test_add_scaled_computes_16_bit_parameters_in_float32_and_rounds_once(foreach):
+    """float16: -40000 + 2 * 40000 = 40000 fits, but torch's float16 add_ rounded 2 * 40000 to inf
+    first; bfloat16: torch's add_ rounds alpha (0.3) to bfloat16 first."""
+    half = [torch.tensor([-40000.0], dtype=torch.float16)]
+    add_scaled_(half, [torch.tensor([40000.0], dtype=torch.float16)], 2.0, foreach=foreach)
+    assert torch.equal(half[0], torch.tensor([40000.0], dtype=torch.float16))
+    generator = torch.Generator().manual_seed(0)
+    weights = torch.randn(1000, generator=generator).bfloat16()
+    update = torch.randn(1000, generator=generator).bfloat16()
+    params = [weights.clone()]
+    add_scaled_(params, [update], 0.3, foreach=foreach)
+    assert torch.equal(params[0], torch.add(weights.float(), update.float(), alpha=0.3).bfloat16())
+
+
+@pytest.mark.parametrize("foreach", [True, False])
+def test_magnitude_noise_treats_a_complex_parameter_as_a_pair_of_reals(foreach):
+    """Each real component gets its own factor: |Re u| <= |Re w| and |Im u| <= |Im w| (the
+    complex product rotated the noise: up to 1.41 |w| in either part)."""
+    weights = torch.full((1000,), complex(0.6, -0.8), dtype=torch.complex64)
+    noise = magnitude_noise([weights], lambda _device: torch.Generator().manual_seed(3), foreach=foreach)[0]
+    factors = torch.empty_like(weights).uniform_(-1.0, 1.0, generator=torch.Generator().manual_seed(3))
+    expected = torch.view_as_complex(torch.view_as_real(weights) * torch.view_as_real(factors))
+    assert noise.dtype == torch.complex64 and torch.equal(noise, expected)
+    assert float(noise.real.abs().max()) <= 0.6 and float(noise.imag.abs().max()) <= 0.8

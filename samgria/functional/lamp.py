@@ -11,7 +11,6 @@ is written.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Sequence
 
 import torch
@@ -34,8 +33,10 @@ def magnitude_noise(
     Because :math:`r` is symmetric, :math:`w \odot r` has the same distribution as the seed's
     :math:`|w| \odot r` and saves a temporary copy of every parameter. Random numbers are drawn
     tensor by tensor in the order of ``params`` (so both paths draw the same numbers) from
-    ``generator_for(device)`` (``None``: the default generator), in each parameter's dtype (a
-    complex parameter gets independent real and imaginary parts).
+    ``generator_for(device)`` (``None``: the default generator), in each parameter's dtype. A
+    complex parameter is a pair of reals, as in torch.optim: its real and imaginary parts each get
+    their own factor, :math:`\operatorname{Re} u = \operatorname{Re} w \cdot r',
+    \operatorname{Im} u = \operatorname{Im} w \cdot r''` (not the complex product).
 
     Raises:
         TypeError: If a parameter is neither floating-point nor complex (before anything is drawn).
@@ -48,13 +49,21 @@ def magnitude_noise(
         )
         for param in params
     ]
+    real_noise, real_params = _complex_as_real(noise), _complex_as_real(params)
     if groups is not None:
         for indices in groups.values():
-            torch._foreach_mul_([noise[i] for i in indices], [params[i] for i in indices])
+            torch._foreach_mul_([real_noise[i] for i in indices], [real_params[i] for i in indices])
         return noise
-    for sample, param in zip(noise, params):
+    for sample, param in zip(real_noise, real_params):
         sample.mul_(param)
     return noise
+
+
+def _complex_as_real(tensors: Sequence[torch.Tensor]) -> Sequence[torch.Tensor]:
+    """Complex tensors as their real views (``(..., 2)``), the others as they are."""
+    if not any(tensor.is_complex() for tensor in tensors):
+        return tensors
+    return [torch.view_as_real(tensor) if tensor.is_complex() else tensor for tensor in tensors]
 
 
 def add_scaled_(
@@ -63,9 +72,10 @@ def add_scaled_(
     r"""In place: :math:`w_i \leftarrow w_i + \alpha\, u_i`.
 
     One ``torch._foreach_add_`` per device and dtype, or ``add_`` tensor by tensor
-    (``foreach=False``): the same arithmetic, bit for bit. A 16-bit parameter cannot take an
-    ``alpha`` beyond its range as a scalar operand: then it is computed in float32 (wider if its
-    update is) and rounded once, on both paths. ``alpha`` is not checked: it follows
+    (``foreach=False``): the same arithmetic, bit for bit. A 16-bit parameter is computed in
+    float32 (wider if its update is) and rounded once, on both paths: torch's 16-bit ``add_``
+    rounds :math:`\alpha u` (float16: to infinity where the sum fits) or :math:`\alpha` itself
+    (bfloat16) to the dtype first. ``alpha`` is not checked: it follows
     ``torch.add`` (IEEE arithmetic, so a NaN or infinite ``alpha`` gives NaN or infinite weights;
     one beyond the range of the computing dtype raises torch's ``RuntimeError``).
 
@@ -92,14 +102,12 @@ def add_scaled_(
 
 
 def _needs_widening(dtype: torch.dtype, alpha: float) -> bool:
-    """Whether a ``dtype`` tensor cannot take ``alpha`` as its scalar operand: a 16-bit dtype and an
-    ``alpha`` beyond its range (torch refuses to convert it)."""
-    return dtype in LOW_PRECISION and math.isfinite(alpha) and abs(alpha) > torch.finfo(dtype).max
+    """Whether :func:`add_scaled_` computes a ``dtype`` tensor in float32: every 16-bit one."""
+    return dtype in LOW_PRECISION
 
 
 def _add_scaled_one_(param: torch.Tensor, update: torch.Tensor, alpha: float) -> None:
-    """:func:`add_scaled_`'s per-tensor path (and, on the foreach path, 16-bit parameters with an
-    ``alpha`` beyond their range)."""
+    """:func:`add_scaled_`'s per-tensor path (and, on the foreach path, 16-bit parameters)."""
     if _needs_widening(param.dtype, alpha):
         wide = torch.promote_types(widened_dtype(param.dtype), widened_dtype(update.dtype))
         param.copy_(torch.add(param.to(wide), update.to(wide), alpha=alpha))
