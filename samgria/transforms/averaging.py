@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from samgria._checks import check_bool, check_int, check_loaded_tensor, check_real
+from samgria._checks import check_bool, check_int, check_real
 from samgria.functional._grouping import group_indices_by_device_and_dtype, unique_params
 from samgria.functional._views import LOW_PRECISION, as_real
 from samgria.transforms.base import Transform, TransformContext
@@ -144,9 +144,7 @@ class _KeptWeights(Transform):
         """Raise ``ValueError`` unless the kept weights fit their parameters (a tensor of the
         parameter's shape, complex exactly when it is) and the counter is valid."""
         name = type(self).__name__
-        for param in unique_params(ctx.param_groups):
-            if param in ctx.state and self._kept_key in ctx.state[param]:
-                check_loaded_tensor(name, ctx.slot, self._kept_key, ctx.state[param][self._kept_key], param)
+        self._check_loaded_tensors(ctx, self._kept_key)
         slot = ctx.slot_state(keys=_OBJECT_KEYS)
         step = None if slot is None else slot.get("step")
         if step is not None and (isinstance(step, bool) or not isinstance(step, int) or step < 0):

@@ -37,6 +37,9 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 from torch import nn
 
+from samgria._checks import check_loaded_tensor
+from samgria.functional._grouping import unique_params
+
 __all__ = [
     "GradientTransform",
     "Transform",
@@ -350,6 +353,13 @@ class Transform:
         Runs before the load commits, on the loaded state (``ctx.state``, ``ctx.slot_state()``);
         it may normalise values in place (they are not installed yet).
         """
+
+    def _check_loaded_tensors(self, ctx: TransformContext, key: str) -> None:
+        """:func:`~samgria._checks.check_loaded_tensor` for every parameter's ``key`` in the slot
+        of a checkpoint being loaded (for :meth:`check_loaded_state`)."""
+        for param in unique_params(ctx.param_groups):
+            if param in ctx.state and key in ctx.state[param]:
+                check_loaded_tensor(type(self).__name__, ctx.slot, key, ctx.state[param][key], param)
 
     def convert_loaded(self, entry: dict[str, Any], param: torch.Tensor) -> None:
         """Convert a parameter's entries of a checkpoint being loaded for ``param``, in place, while

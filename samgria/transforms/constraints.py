@@ -13,8 +13,7 @@ from typing import Any, NamedTuple
 
 import torch
 
-from samgria._checks import check_choice, check_loaded_tensor, check_real
-from samgria.functional._grouping import unique_params
+from samgria._checks import check_choice, check_real
 from samgria.functional._views import as_real, widened_dtype
 from samgria.functional.norms import _RECOMPUTE_BELOW
 from samgria.transforms.base import Transform, TransformContext
@@ -154,9 +153,7 @@ class ProjectParams(Transform):
 
     def check_loaded_state(self, ctx: TransformContext) -> None:
         """Raise ``ValueError`` unless every centre of the checkpoint fits its parameter."""
-        for param in unique_params(ctx.param_groups):
-            if param in ctx.state and "center" in ctx.state[param]:
-                check_loaded_tensor(type(self).__name__, ctx.slot, "center", ctx.state[param]["center"], param)
+        self._check_loaded_tensors(ctx, "center")
 
     def post_update(self, ctx: TransformContext) -> None:
         retakes: list[_Retake] = []

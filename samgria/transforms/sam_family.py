@@ -32,7 +32,7 @@ from typing import Any
 
 import torch
 
-from samgria._checks import check_bool, check_int, check_loaded_tensor, check_real, check_seed
+from samgria._checks import check_bool, check_int, check_real, check_seed
 from samgria.functional import all_finite, global_norm, mul_
 from samgria.functional._sharding import is_sharded, local_shard, reduce_partial_sums
 from samgria.functional._views import LOW_PRECISION, as_real, widened_dtype
@@ -181,14 +181,6 @@ def _dot_in(
 
 def _norm(tensors: Sequence[torch.Tensor], foreach: bool, like: Sequence[torch.Tensor] | None = None) -> float:
     return float(global_norm([as_real(t) for t in tensors], foreach=foreach, like=tensors if like is None else like))
-
-
-def _check_loaded_per_param(transform: Any, ctx: TransformContext, key: str) -> None:
-    """``check_loaded_tensor`` for every parameter's ``key`` in a checkpoint's slot."""
-    for group in ctx.param_groups:
-        for param in group["params"]:
-            if param in ctx.state and key in ctx.state[param]:
-                check_loaded_tensor(type(transform).__name__, ctx.slot, key, ctx.state[param][key], param)
 
 
 def _kept_past_backward(grads: Sequence[torch.Tensor]) -> list[torch.Tensor]:
@@ -615,7 +607,7 @@ class FriendlySAM(_FinishingTransform):
 
     def check_loaded_state(self, ctx: TransformContext) -> None:
         """Raise ``ValueError`` unless every moving average fits its parameter."""
-        _check_loaded_per_param(self, ctx, "momentum")
+        self._check_loaded_tensors(ctx, "momentum")
 
 
 # -- LookSAM -------------------------------------------------------------------------------------------
@@ -760,7 +752,7 @@ class LookSAM(_FinishingTransform):
     def check_loaded_state(self, ctx: TransformContext) -> None:
         """Raise ``ValueError`` unless every stored direction fits its parameter and the step
         counter is an integer >= 0."""
-        _check_loaded_per_param(self, ctx, "g_v")
+        self._check_loaded_tensors(ctx, "g_v")
         slot = ctx.slot_state(keys=("step",))
         step = None if slot is None else slot.get("step")
         if step is not None and (isinstance(step, bool) or not isinstance(step, int) or step < 0):
