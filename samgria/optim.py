@@ -719,11 +719,14 @@ class TransformingOptimizer(WrappingOptimizer):
         raises later, is skipped or cancelled. No state tensor is copied (such transforms assign
         new objects); the weights are, when a transform writes them before the inner step and
         leaves them changed (``writes_weights_before_step``)."""
-        if not self.atomic:
-            return None
-        if any(t.writes_weights_before_step for t in self.transforms):
+        return self._structure_for(self.transforms) if self.atomic else None
+
+    def _structure_for(self, transforms: Sequence[Transform]) -> StepSnapshot | StateStructure | None:
+        """What undoes ``transforms``' pre-step work: a copy of the weights (without state tensors)
+        when one writes them, the state's references when one saves state, else nothing."""
+        if any(t.writes_weights_before_step for t in transforms):
             return StepSnapshot(self._unique_params(), self.state, copy_state=False)
-        if any(t.saves_state_before_step for t in self.transforms):
+        if any(t.saves_state_before_step for t in transforms):
             return StateStructure(self.state)
         return None
 
@@ -1059,15 +1062,10 @@ class TransformingOptimizer(WrappingOptimizer):
         # pass's gradients: what they did here (weights a hook wrote, state they saved) is undone
         # first, so that the second pass runs at the step's weights and they act once, as in
         # step(closure) -- also with atomic=False, which takes no structure.
-        undo = structure
-        before = self.transforms[:split]
-        if undo is None and any(t.writes_weights_before_step for t in before):
-            undo = StepSnapshot(self._unique_params(), self.state, copy_state=False)
-        elif undo is None and any(t.saves_state_before_step for t in before):
-            undo = StateStructure(self.state)
+        undo = structure if structure is not None else self._structure_for(self.transforms[:split])
         with _put_back_on_error(structure):
-            for index, (slot, before_transform) in enumerate(list(self.chain)[:split]):
-                before_transform.pre_update(self._context(slot, None, grad_norm if index == 0 else None))
+            for index, (slot, before) in enumerate(list(self.chain)[:split]):
+                before.pre_update(self._context(slot, None, grad_norm if index == 0 else None))
             slot = self.slots[split]
             perturbation = transform.perturb(self._context(slot, None, grad_norm if split == 0 else None))
         skipped = perturbation is None or not perturbation.params
