@@ -146,13 +146,8 @@ class LAMP(Transform):
         # torch.distributed.checkpoint merged the checkpoint into that state. The other is real.
         if not (value.is_floating_point() or value.is_complex()):
             return
-        wide = value.to(widened_dtype(value.dtype))
-        if key == "mean":
-            converted = wide / count if count else torch.zeros_like(wide)
-        else:
-            converted = wide * count
         del entry[other]
-        entry[key] = converted
+        entry[key] = _as_accumulator(key, value, count)
 
     def check_loaded_state(self, ctx: TransformContext) -> None:
         """Raise ``ValueError`` unless the slot holds valid generator states, sums with their
@@ -189,13 +184,8 @@ class LAMP(Transform):
                 key = _accumulator_key(param)
                 other = "mean" if key == "sum" else "sum"
                 if other in entry:
-                    value, count = entry.pop(other), entry["count"]
-                    wide = value.to(widened_dtype(value.dtype))
-                    if key == "mean":
-                        converted = wide / count if count else torch.zeros_like(wide)
-                    else:
-                        converted = wide * count
-                    entry[key] = converted.to(param.dtype)
+                    value = entry.pop(other)
+                    entry[key] = _as_accumulator(key, value, entry["count"]).to(param.dtype)
                 rng_state = entry.get("rng_state")
                 if rng_state is not None:
                     # torch's load_state_dict casts every tensor of a floating-point parameter's
@@ -340,6 +330,15 @@ class LAMP(Transform):
             if self.seed is not None:
                 cycle["noise_draws"] = draw + 1
         return noise
+
+
+def _as_accumulator(key: str, value: torch.Tensor, count: int) -> torch.Tensor:
+    """A checkpoint's sum (``key="mean"``) or mean (``key="sum"``) of ``count`` iterates as the
+    other, computed in float32 (or wider) from ``value``'s dtype."""
+    wide = value.to(widened_dtype(value.dtype))
+    if key == "mean":
+        return wide / count if count else torch.zeros_like(wide)
+    return wide * count
 
 
 def _accumulator_key(param: torch.Tensor) -> str:
