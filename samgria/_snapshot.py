@@ -21,13 +21,23 @@ class StateStructure:
 
     def __init__(self, state: MutableMapping[Any, dict[Any, Any]]) -> None:
         self._state = state
-        # A list, not a dict by parameter: taken on every step, and hashing a tensor is a Python call.
-        self._entries = [(param, dict(entry)) for param, entry in state.items()]
+        # A list, not a dict by parameter: taken on every step, and hashing a tensor is a Python
+        # call. A value that is not an entry (a driven optimizer's own counter under a key of its
+        # own, which torch's state allows) is kept as the object itself (``None`` for its keys).
+        self._entries = [
+            (param, entry, dict(entry) if type(entry) is dict or isinstance(entry, Mapping) else None)
+            for param, entry in state.items()
+        ]
 
     def restore(self) -> None:
-        _drop_new_entries(self._state, {id(param) for param, _ in self._entries})
-        for param, saved in self._entries:
+        _drop_new_entries(self._state, {id(param) for param, _, _ in self._entries})
+        for param, original, saved in self._entries:
+            if saved is None:
+                self._state[param] = original
+                continue
             entry = self._state[param]
+            if not isinstance(entry, Mapping):  # the step put a value where the entry was
+                self._state[param] = entry = original
             entry.clear()
             entry.update(saved)
 
@@ -114,7 +124,14 @@ class StepSnapshot:
                 else:
                     self._weights.append(param.detach().clone())
             self._entries: dict[Any, dict[Any, tuple[Any, Any]]] = {}
+            self._values: list[tuple[Any, torch.Tensor, torch.Tensor]] = []  # tensors under keys of their own
             for param, entry in state.items():
+                if not isinstance(entry, Mapping):
+                    # A tensor the driven optimizer keeps beside the entries (a few elements, and
+                    # any step of it may write into it); the structure puts other values back.
+                    if copy_state and isinstance(entry, torch.Tensor):
+                        self._values.append((param, entry, entry.detach().clone()))
+                    continue
                 if copied is not None and id(param) not in copied:
                     continue
                 saved = {}
@@ -131,6 +148,11 @@ class StepSnapshot:
         for param, weight in zip(self._params, self._weights):
             param.copy_(weight)
         self._structure.restore()
+        for key, original, kept in self._values:
+            if original.shape == kept.shape:
+                original.copy_(kept)
+            else:  # resized out of place: the structure put the original object back
+                self._state[key] = kept
         for param, saved in self._entries.items():
             entry = self._state[param]
             for key, (original, kept) in saved.items():

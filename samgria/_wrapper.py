@@ -31,7 +31,7 @@ from __future__ import annotations
 import functools
 import types
 from collections import OrderedDict, defaultdict
-from collections.abc import Iterable, Iterator, MutableMapping
+from collections.abc import Iterable, Iterator, Mapping, MutableMapping
 from typing import Any
 
 import torch
@@ -65,7 +65,8 @@ def unhooked_step(optimizer: Optimizer, closure: Any = None) -> Any:
 
 
 def refuse_driven(optimizer: Optimizer, name: str) -> None:
-    """Raise ``ValueError`` if ``optimizer`` is already driven by a wrapper.
+    """Raise ``ValueError`` if ``optimizer`` is already driven by a wrapper, ``TypeError`` if its
+    ``state`` cannot be replaced by the wrapper's view.
 
     A wrapper takes the optimizer's state and param groups over; a second wrapper around the same
     optimizer would share them with the first (and take the first one's filled-in settings for
@@ -77,6 +78,22 @@ def refuse_driven(optimizer: Optimizer, name: str) -> None:
             f"{name} is already driven by a {type(state._owner).__name__}, which holds its state and "
             f"param groups: build a new {type(optimizer).__name__} to wrap again"
         )
+    attribute = getattr(type(optimizer), "state", None)
+    if isinstance(attribute, property) and attribute.fset is None:
+        # The wrapper owns the state and gives the driven optimizer a view of it; an optimizer
+        # whose ``state`` is a read-only property (one that wraps another optimizer and answers
+        # with that one's, as pytorch_optimizer's Magma) cannot take the view.
+        raise TypeError(
+            f"{name} must be an optimizer whose state can be set, got a {type(optimizer).__name__}, "
+            "whose state is a read-only property (an optimizer wrapping another one?): wrap the "
+            "optimizer it wraps, or put it outside"
+        )
+
+
+def _is_entry(value: Any) -> bool:
+    """Whether a value of ``state`` is a parameter's entry (a dict, or a view of one) rather than
+    a value a driven optimizer keeps under a key of its own (torch's state takes any value)."""
+    return type(value) is dict or isinstance(value, Mapping)
 
 
 class _VisibleEntry(MutableMapping):
@@ -125,17 +142,34 @@ class _DrivenState(MutableMapping):
         if state is None:  # while unpickling, before the wrapper's own state is restored
             raise KeyError(param)
         entry = state[param]  # defaultdict: created on first access, as in torch
+        if not _is_entry(entry):  # a value of the driven optimizer's own (a global counter)
+            return entry
         # The driven optimizer reads every parameter's entry on every step: an entry with only
         # keys already known to be visible is answered by one set comparison.
         if entry and not owner._visible_state_keys.issuperset(entry) and owner._hides_any_state_key(entry):
             return _VisibleEntry(entry, owner._hides_state_key)
         return entry
 
+    def get(self, param: Any, default: Any = None) -> Any:
+        """``state.get(param)`` as torch's ``defaultdict`` answers it: ``default`` for an absent
+        entry, which it does not create."""
+        return self[param] if param in self else default
+
     def __setitem__(self, param: Any, value: Any) -> None:
         owner = self._owner
         old = owner.state.get(param, {})
         hidden = owner._hides_state_key
-        kept = {key: item for key, item in old.items() if hidden(key)}
+        kept = {key: item for key, item in old.items() if hidden(key)} if isinstance(old, dict) else {}
+        if not isinstance(value, Mapping):
+            # Any value under any key, as torch's state takes it (MADGRAD keeps a tensor counter
+            # under "k"); a parameter's entry holding a wrapper's keys stays a dict.
+            if kept:
+                raise TypeError(
+                    f"the state entry of a parameter holds the wrapper's keys {sorted(kept)}: it "
+                    f"must stay a dict, got {type(value).__name__}"
+                )
+            owner.state[param] = value
+            return
         if type(value) is dict and not owner._hides_any_state_key(value):
             # The object itself, as torch keeps it: an optimizer that assigns a new dict and then
             # fills it (``state = {}; self.state[p] = state; state["step"] = 0``) writes into it.
@@ -148,7 +182,12 @@ class _DrivenState(MutableMapping):
 
     def __delitem__(self, param: Any) -> None:
         state = self._owner.state
+        if param not in self:
+            raise KeyError(param)
         entry = state[param]
+        if not _is_entry(entry):
+            del state[param]
+            return
         hidden = self._owner._hides_state_key
         for key in [key for key in entry if not hidden(key)]:
             del entry[key]
@@ -158,6 +197,8 @@ class _DrivenState(MutableMapping):
     def _holds(self, entry: dict[Any, Any]) -> bool:
         """Whether the driven optimizer sees ``entry`` as present: it is empty (created by an
         access, as torch's ``defaultdict`` creates it) or holds a key that is not hidden."""
+        if not _is_entry(entry):
+            return True
         owner = self._owner
         return not entry or owner._visible_state_keys.issuperset(entry) or not all(map(owner._hides_state_key, entry))
 
@@ -194,7 +235,7 @@ def _plain_entries(optimizer: Optimizer, state_dict: dict[str, Any]) -> dict[str
     a wrapper's hidden keys."""
     packed = state_dict["state"]
     for key, entry in packed.items():
-        if not isinstance(entry, dict):
+        if isinstance(entry, _VisibleEntry):
             packed[key] = dict(entry.items())
     return state_dict
 
@@ -357,10 +398,16 @@ class WrappingOptimizer(Optimizer):
         hidden = self._hides_state_key
         for param in list(self.state):
             entry = self.state[param]
+            if not _is_entry(entry):  # a value of the driven optimizer's own
+                del self.state[param]
+                continue
             for key in [key for key in entry if not hidden(key)]:
                 del entry[key]
         for param, entry in loaded.items():
-            self.state[param].update(entry)
+            if isinstance(entry, Mapping):
+                self.state[param].update(entry)
+            else:
+                self.state[param] = entry
         _show_state(driven, self)
         return True
 

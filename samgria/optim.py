@@ -415,6 +415,7 @@ class TransformingOptimizer(WrappingOptimizer):
         built = inner(params, **inner_kwargs)
         if not isinstance(built, Optimizer):
             raise TypeError(f"inner must build a torch.optim.Optimizer, but {inner!r} returned {built!r}")
+        refuse_driven(built, "inner")
         return built
 
     @property
@@ -664,7 +665,7 @@ class TransformingOptimizer(WrappingOptimizer):
         ``torch.distributed.checkpoint``'s initialisation of a fresh optimizer before it loads
         into it (``_init_optim_state``): only create state; no weight may move.
         """
-        if any(self.state.values()):
+        if any(not isinstance(entry, dict) or entry for entry in self.state.values()):
             return False
         if any(group.get("lr", 0.0) != 0.0 for group in self.param_groups):
             return False
@@ -1173,7 +1174,8 @@ class TransformingOptimizer(WrappingOptimizer):
                 self.chain.fill_group(group)
             else:  # a plain inner optimizer's checkpoint: the transforms start afresh
                 for param in group["params"]:
-                    reserved = [key for key in state.get(param, ()) if self.chain.hides(key)]
+                    entry = state.get(param, ())
+                    reserved = [key for key in entry if self.chain.hides(key)] if isinstance(entry, Mapping) else []
                     if reserved:
                         raise ValueError(
                             f"{where} records no transform chain, but its state has the transform "

@@ -536,6 +536,145 @@ def test_the_inner_optimizer_of_a_copy_packs_plain_dicts(copier):
     assert torch.load(buffer, weights_only=True)["state"].keys() == packed["state"].keys()
 
 
+class _LazyGetSGD(torch.optim.Optimizer):
+    """Momentum SGD that finds its state with ``state.get(p)`` and keeps two values under keys of
+    its own, as torch's ``state`` allows: a step count (an int) and a tensor counter raised in place
+    (MADGRAD keeps one under ``"k"``)."""
+
+    def __init__(self, params, lr=0.1, fail_after_counting=False):
+        super().__init__(params, {"lr": lr})
+        self.fail_after_counting = fail_after_counting
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        if closure is not None:
+            with torch.enable_grad():
+                closure()
+        self.state["steps"] = self.state.get("steps", 0) + 1
+        if "k" not in self.state:
+            self.state["k"] = torch.zeros(1, dtype=torch.int64)
+        self.state["k"] += 1
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                entry = self.state.get(p)
+                if entry is None:
+                    self.state[p] = entry = {"buf": torch.zeros_like(p)}
+                entry["buf"].mul_(0.9).add_(p.grad)
+                p.add_(entry["buf"], alpha=-group["lr"])
+        if self.fail_after_counting:
+            raise RuntimeError("inner step failed")
+
+
+def _full_state(optimizer):
+    """``optimizer.state`` as plain data: every entry (by parameter position), and the values under
+    other keys."""
+    position = {id(p): i for i, p in enumerate(p for group in optimizer.param_groups for p in group["params"])}
+    return {
+        (key if isinstance(key, str) else position[id(key)]): (
+            {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in value.items()}
+            if isinstance(value, dict) else value.clone() if isinstance(value, torch.Tensor) else value
+        )
+        for key, value in optimizer.state.items()
+    }
+
+
+def _assert_same_state(first, second):
+    assert first.keys() == second.keys()
+    for key in first:
+        a, b = first[key], second[key]
+        if isinstance(a, dict):
+            assert a.keys() == b.keys(), key
+            for k in a:
+                assert type(a[k]) is type(b[k]) and (torch.equal(a[k], b[k]) if isinstance(a[k], torch.Tensor) else a[k] == b[k]), (key, k)
+        else:
+            assert type(a) is type(b) and (torch.equal(a, b) if isinstance(a, torch.Tensor) else a == b), key
+
+
+@pytest.mark.parametrize("chain", ["none", "rho0", "sam", "lamp"])
+def test_an_inner_optimizer_keeps_values_under_keys_of_its_own_and_reads_state_with_get(chain):
+    """torch's ``state`` is a ``defaultdict(dict)``: ``state.get(p)`` gives ``None`` for a
+    parameter without state (and creates nothing), and any key may hold any value. The wrapper
+    raised ``KeyError: 'buf'`` (``get`` created an empty entry) and ``TypeError`` (a non-dict value)
+    for such inner optimizers (pytorch_optimizer's MADGRAD and SPAM among them)."""
+    transforms = {"none": [], "rho0": [SAM(0.0)], "sam": [SAM(0.05)], "lamp": [LAMP(seed=1)]}[chain]
+    x, y = make_data()
+    model, bare_model, resumed_model = make_model(), make_model(), make_model()
+    optimizer = TransformingOptimizer(model.parameters(), _LazyGetSGD, lr=0.1, transforms=transforms)
+    assert optimizer.inner.state.get(next(model.parameters())) is None and len(optimizer.state) == 0
+    bare = _LazyGetSGD(bare_model.parameters(), lr=0.1)
+    for _ in range(3):
+        optimizer.step(make_closure(model, optimizer, x, y))
+        bare.step(make_closure(bare_model, bare, x, y))
+    assert optimizer.state["steps"] == 3 and torch.equal(optimizer.state["k"], torch.tensor([3]))
+    if chain in ("none", "rho0"):
+        assert_bitwise_equal(params_of(model), params_of(bare_model))
+    # Through a weights_only checkpoint into a fresh optimizer: the values under the inner
+    # optimizer's own keys come along, and the resumed run continues bit for bit.
+    buffer = io.BytesIO()
+    torch.save(optimizer.state_dict(), buffer)
+    buffer.seek(0)
+    resumed_model.load_state_dict(model.state_dict())
+    transforms = {"none": [], "rho0": [SAM(0.0)], "sam": [SAM(0.05)], "lamp": [LAMP(seed=1)]}[chain]
+    resumed = TransformingOptimizer(resumed_model.parameters(), _LazyGetSGD, lr=0.1, transforms=transforms)
+    resumed.load_state_dict(torch.load(buffer, weights_only=True))
+    assert resumed.state["steps"] == 3 and torch.equal(resumed.state["k"], torch.tensor([3]))
+    for _ in range(2):
+        optimizer.step(make_closure(model, optimizer, x, y))
+        resumed.step(make_closure(resumed_model, resumed, x, y))
+    assert_bitwise_equal(params_of(model), params_of(resumed_model))
+    _assert_same_state(_full_state(optimizer), _full_state(resumed))
+    # A step whose inner step raises after counting leaves everything as it was.
+    before, weights = _full_state(optimizer), params_of(model)
+    optimizer.inner.fail_after_counting = True
+    with pytest.raises(RuntimeError, match="inner step failed"):
+        optimizer.step(make_closure(model, optimizer, x, y))
+    assert_bitwise_equal(params_of(model), weights)
+    _assert_same_state(_full_state(optimizer), before)
+    assert optimizer.state["steps"] == 5 and torch.equal(optimizer.state["k"], torch.tensor([5]))
+    del optimizer.inner.state["steps"]
+    assert "steps" not in optimizer.state and "steps" not in optimizer.inner.state
+
+
+class _ReadOnlyState(torch.optim.Optimizer):
+    """An optimizer that wraps another and answers with its state (as pytorch_optimizer's Magma)."""
+
+    def __init__(self, params, lr=0.1):
+        self.optimizer = torch.optim.SGD(params, lr=lr)
+        self.defaults = self.optimizer.defaults
+
+    @property
+    def param_groups(self):
+        return self.optimizer.param_groups
+
+    @property
+    def state(self):
+        return self.optimizer.state
+
+    def step(self, closure=None):
+        return self.optimizer.step(closure)
+
+
+def test_an_optimizer_whose_state_is_a_read_only_property_is_refused_clearly():
+    """The wrapper gives the inner optimizer a view of its own state; one whose ``state`` cannot be
+    set failed with ``AttributeError: property 'state' ... has no setter`` from inside the wrapper."""
+    from samgria import MAML
+
+    model = nn.Linear(2, 1)
+    message = r"must be an optimizer whose state can be set, got a _ReadOnlyState, whose state is a read-only property"
+    with pytest.raises(TypeError, match="^inner " + message):
+        TransformingOptimizer(model.parameters(), _ReadOnlyState, lr=0.1, transforms=[SAM(0.05)])
+    existing = _ReadOnlyState(model.parameters())
+    with pytest.raises(TypeError, match="^params " + message):
+        TransformingOptimizer(existing, transforms=[SAM(0.05)])
+    assert isinstance(existing.state, type(torch.optim.SGD([nn.Parameter(torch.ones(1))]).state))
+    with pytest.raises(TypeError, match="^outer " + message):
+        MAML(model, existing, inner_lr=0.1)
+    with pytest.raises(TypeError, match="^outer " + message):
+        MAML(model, _ReadOnlyState, lr=0.1, inner_lr=0.1)
+
+
 def test_membership_in_a_driven_wrappers_inner_state_creates_no_entry():
     """A MetaOptimizer driving a TransformingOptimizer: the inner optimizer's ``p in state`` must
     not create an entry (it did before, through the view's defaultdict, so custom

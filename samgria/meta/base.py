@@ -212,6 +212,7 @@ class MetaOptimizer(WrappingOptimizer):
                 raise TypeError(f"outer must be an ordinary optimizer, not a meta-optimizer, got {outer.__name__}")
             groups = self._initial_groups(params)
             built = outer(groups, **outer_kwargs)
+            refuse_driven(built, "outer")
         elif isinstance(outer, torch.optim.Optimizer):
             if isinstance(outer, MetaOptimizer):
                 raise TypeError(f"outer must be an ordinary optimizer, not a meta-optimizer, got {type(outer).__name__}")
