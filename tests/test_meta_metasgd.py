@@ -200,3 +200,245 @@ def test_a_load_pre_hook_sees_and_may_rename_the_stored_rates():
     assert seen == [["inner_lrs", "param_groups", "state"]]
     assert sorted(target.inner_lrs) == ["0.0.bias", "0.0.weight"]
     assert all(torch.equal(target.inner_lrs["0." + n], r) for n, r in source.inner_lrs.items())
+
+
+# ---------------------------------------------------------------- complex parameters: real rates
+
+
+class ComplexModel(nn.Module):
+    """A complex weight ``w`` and a real weight ``v``; a real output."""
+
+    def __init__(self, dtype=torch.complex128):
+        super().__init__()
+        real = torch.empty((), dtype=dtype).real.dtype
+        self.w = nn.Parameter(torch.randn(2, dtype=dtype))
+        self.v = nn.Parameter(torch.randn(2, dtype=real))
+
+    def forward(self, x):
+        return (x.to(self.w.dtype) * self.w).sum(-1, keepdim=True).abs() + (x * self.v).sum(-1, keepdim=True)
+
+
+def complex_tasks(n=3, k=4, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [Task(*(torch.randn(k, s, generator=g, dtype=DT) for s in (2, 1, 2, 1))) for _ in range(n)]
+
+
+def complex_reference(model, rates, tasks):
+    """Per-task hand-written Meta-SGD (one second-order step, phi = theta - alpha * g): the mean
+    query loss's gradients w.r.t. w, v and the rates, and the per-task query losses."""
+    w, v = (p.detach().clone().requires_grad_(True) for p in (model.w, model.v))
+    a = {n: r.detach().clone().requires_grad_(True) for n, r in rates.items()}
+
+    def f(w_, v_, x):
+        return (x.to(w_.dtype) * w_).sum(-1, keepdim=True).abs() + (x * v_).sum(-1, keepdim=True)
+
+    losses = []
+    for t in tasks:
+        gw, gv = torch.autograd.grad(mse(f(w, v, t.support_x), t.support_y), (w, v), create_graph=True)
+        losses.append(mse(f(w - a["w"] * gw, v - a["v"] * gv, t.query_x), t.query_y))
+    losses = torch.stack(losses)
+    grads = torch.autograd.grad(losses.mean(), (w, v, a["w"], a["v"]))
+    return losses.detach(), dict(zip(("w", "v", "rate_w", "rate_v"), grads))
+
+
+@pytest.mark.parametrize("dtype, real", [(torch.complex64, torch.float32), (torch.complex128, torch.float64)])
+def test_a_complex_parameter_gets_real_rates_of_its_real_dtype(dtype, real):
+    torch.manual_seed(0)
+    model = ComplexModel(dtype)
+    meta = MetaSGD(model, torch.optim.SGD, lr=0.1, inner_lr=0.2)
+    assert meta.inner_lrs["w"].dtype == real and meta.inner_lrs["v"].dtype == real
+    assert meta.inner_lrs["w"].shape == model.w.shape
+    assert torch.equal(meta.inner_lrs["w"], torch.full((2,), 0.2, dtype=real))
+    x, y = torch.randn(4, 2, dtype=real), torch.randn(4, 1, dtype=real)
+    learner = meta.adapt(lambda f: mse(f(x), y))  # refused complex rates before
+    assert learner.params["w"].dtype == dtype
+
+
+def test_complex_parameter_rates_agree_on_every_path_and_with_finite_differences():
+    from samgria.meta.step import meta_step
+
+    torch.manual_seed(0)
+    tasks = complex_tasks()
+    model = ComplexModel()
+    meta = MetaSGD(model, torch.optim.SGD, lr=0.1, inner_lr=0.2)
+    assert meta.inner_lrs["w"].dtype == DT
+    with torch.no_grad():
+        meta.inner_lrs["w"].copy_(torch.tensor([0.15, 0.3], dtype=DT))
+        meta.inner_lrs["v"].copy_(torch.tensor([0.05, 0.25], dtype=DT))
+    ref_losses, ref = complex_reference(model, meta.inner_lrs, tasks)
+    assert ref["rate_w"].dtype == DT and ref["w"].dtype == torch.complex128
+
+    def grads():
+        out = {"w": model.w.grad, "v": model.v.grad, "rate_w": meta.inner_lrs["w"].grad, "rate_v": meta.inner_lrs["v"].grad}
+        return {k: g.clone() for k, g in out.items()}
+
+    def check(got, losses=None):
+        for k in ref:
+            assert got[k].dtype == ref[k].dtype, k
+            torch.testing.assert_close(got[k], ref[k], rtol=0, atol=1e-12, msg=k)
+        if losses is not None:
+            torch.testing.assert_close(losses, ref_losses, rtol=0, atol=1e-12)
+
+    for vectorize in (False, True):
+        meta.zero_grad()
+        losses = meta.task_losses(tasks, mse, vectorize=vectorize)
+        losses.mean().backward()
+        check(grads(), losses.detach())
+
+    meta.zero_grad()  # meta.adapt, one learner per task
+    losses = []
+    for t in tasks:
+        learner = meta.adapt(lambda f, t=t: mse(f(t.support_x), t.support_y))
+        losses.append(mse(learner(t.query_x), t.query_y))
+    torch.stack(losses).mean().backward()
+    check(grads(), torch.stack(losses).detach())
+
+    meta.zero_grad()  # clone().adapt_closure
+    losses = []
+    for t in tasks:
+        learner = meta.clone().adapt_closure(lambda f, t=t: mse(f(t.support_x), t.support_y))
+        losses.append(mse(learner(t.query_x), t.query_y))
+    torch.stack(losses).mean().backward()
+    check(grads(), torch.stack(losses).detach())
+
+    # the rates' meta-gradient is real and is the central finite difference of the meta-loss
+    fd = finite_difference_grad(lambda: meta.evaluate(tasks, mse), [meta.inner_lrs["w"], meta.inner_lrs["v"]])
+    torch.testing.assert_close(ref["rate_w"], fd[0], rtol=1e-6, atol=1e-8)
+    torch.testing.assert_close(ref["rate_v"], fd[1], rtol=1e-6, atol=1e-8)
+
+    # meta_step applies the same update (SGD, lr=0.1) to the weights and to the real rates
+    before = {"w": model.w.detach().clone(), "v": model.v.detach().clone(),
+              "rate_w": meta.inner_lrs["w"].detach().clone(), "rate_v": meta.inner_lrs["v"].detach().clone()}
+    with meta_step(meta, loss_fn=mse) as ms:
+        for t in tasks:
+            ms.task(support=(t.support_x, t.support_y), query=(t.query_x, t.query_y))
+    torch.testing.assert_close(ms.loss, ref_losses.mean(), rtol=0, atol=1e-12)
+    after = {"w": model.w.detach(), "v": model.v.detach(), "rate_w": meta.inner_lrs["w"].detach(),
+             "rate_v": meta.inner_lrs["v"].detach()}
+    for k in ref:
+        assert after[k].dtype == before[k].dtype, k
+        torch.testing.assert_close(after[k], before[k] - 0.1 * ref[k], rtol=0, atol=1e-12, msg=k)
+
+
+def test_a_checkpoint_with_complex_rates_is_refused_before_anything_changes():
+    torch.manual_seed(0)
+    meta = MetaSGD(ComplexModel(), torch.optim.Adam, lr=0.1, inner_lr=0.2)
+    saved = meta.state_dict()
+    assert saved["inner_lrs"]["w"].dtype == DT
+    twin = MetaSGD(ComplexModel(), torch.optim.Adam, lr=0.1, inner_lr=0.3)
+    twin.load_state_dict(copy.deepcopy(saved))
+    assert torch.equal(twin.inner_lrs["w"], saved["inner_lrs"]["w"])
+    fresh = MetaSGD(ComplexModel(), torch.optim.Adam, lr=0.5, inner_lr=0.3)
+    old = copy.deepcopy(saved)  # as saved when the rates were complex
+    old["inner_lrs"]["w"] = old["inner_lrs"]["w"].to(torch.complex128) * (1 + 1j)
+    with pytest.raises(ValueError, match=r"state_dict\['inner_lrs'\]\['w'\] must be a real tensor .*complex128"):
+        fresh.load_state_dict(old)
+    assert torch.equal(fresh.inner_lrs["w"], torch.full((2,), 0.3, dtype=DT))
+    assert all(g["lr"] == 0.5 for g in fresh.param_groups)
+
+
+# ---------------------------------------------------------------- LBFGS: one param group only
+
+
+class MyLBFGS(torch.optim.LBFGS):
+    pass
+
+
+@pytest.mark.parametrize("outer", [torch.optim.LBFGS, MyLBFGS])
+def test_an_lbfgs_outer_class_is_refused_at_construction(outer):
+    model = nn.Linear(3, 1).to(DT)
+    with pytest.raises(ValueError, match=rf"outer={outer.__name__}: {outer.__name__} supports exactly one param group"):
+        MetaSGD(model, outer, lr=0.1)
+
+
+def test_an_already_built_lbfgs_is_refused_and_left_as_it_was():
+    model = nn.Linear(3, 1).to(DT)
+    outer = torch.optim.LBFGS(model.parameters(), lr=0.1)
+    state_type = type(outer.state)
+    with pytest.raises(ValueError, match=r"outer=an already built LBFGS: LBFGS supports exactly one param group"):
+        MetaSGD(model, outer)
+    assert len(outer.param_groups) == 1 and type(outer.state) is state_type
+    x, y = torch.randn(5, 3, dtype=DT), torch.randn(5, 1, dtype=DT)
+
+    def closure():
+        outer.zero_grad()
+        loss = mse(model(x), y)
+        loss.backward()
+        return loss
+
+    outer.step(closure)  # still usable on its own
+
+
+# ---------------------------------------------------------------- add_param_group: rates stay last
+
+
+def _two_stage(outer=torch.optim.Adam):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 1)).to(DT)
+    meta = MetaSGD(model, outer, lr=1e-2, inner_lr=0.1, params=[{"params": model[2].parameters()}])
+    return model, meta
+
+
+def _closure(meta, tasks):
+    def run():
+        meta.zero_grad()
+        loss = meta.task_losses(tasks, mse).mean()
+        loss.backward()
+        return loss
+
+    return run
+
+
+def test_add_param_group_appends_as_torch_and_adds_rates_to_the_rates_group():
+    """The new group is appended (torch's order, which LR schedulers and checkpoints pair by
+    position); its rates join the group marked ``inner_lrs``, which the docs name so."""
+    model, meta = _two_stage()
+    tasks = make_tasks()
+    meta.step(_closure(meta, tasks))
+    state_before = {p: {k: v.clone() for k, v in meta.state[p].items()} for p in meta.state}
+    rates_group = meta.param_groups[-1]
+    assert rates_group["inner_lrs"] is True and rates_group["adapt"] is False
+    meta.add_param_group({"params": model[0].parameters(), "inner_lr": 0.05})
+    groups = meta.param_groups
+    assert len(groups) == 3 and groups[1] is rates_group
+    assert {id(p) for p in rates_group["params"]} == {id(r) for r in meta.inner_lrs.values()}
+    assert [id(p) for p in groups[2]["params"]] == [id(model[0].weight), id(model[0].bias)]
+    assert groups[2]["lr"] == 1e-2 and groups[2]["betas"] == (0.9, 0.999) and groups[2]["adapt"] is True
+    assert "inner_lrs" not in groups[2] or groups[2]["inner_lrs"] is not True
+    for p, entry in state_before.items():  # the outer state is kept
+        assert all(torch.equal(meta.state[p][k], v) for k, v in entry.items())
+    # torch's duplicate check still applies, and a refused group changes nothing
+    with pytest.raises(ValueError, match="some parameters appear in more than one parameter group"):
+        meta.add_param_group({"params": [model[0].weight]})
+    assert len(meta.param_groups) == 3 and meta.param_groups[1] is rates_group
+    assert len(meta.inner_lrs) == 4
+    before = model[0].weight.detach().clone()
+    meta.step(_closure(meta, tasks))  # training continues, the new group too
+    assert not torch.equal(model[0].weight, before)
+
+
+def test_state_dict_after_add_param_group_resumes_bit_for_bit_in_a_fresh_twin():
+    tasks = make_tasks()
+    model, meta = _two_stage()
+    meta.step(_closure(meta, tasks))
+    meta.add_param_group({"params": model[0].parameters(), "inner_lr": 0.05})
+    meta.step(_closure(meta, tasks))
+    saved = copy.deepcopy(meta.state_dict())
+    assert saved["param_groups"][1]["inner_lrs"] is True
+
+    twin_model, twin = _two_stage()
+    twin.add_param_group({"params": twin_model[0].parameters(), "inner_lr": 0.05})
+    twin_model.load_state_dict(model.state_dict())
+    twin.load_state_dict(saved)
+    assert twin.param_groups[1]["inner_lrs"] is True
+    for _ in range(2):
+        meta.step(_closure(meta, tasks))
+        twin.step(_closure(twin, tasks))
+    for p, q in zip(model.parameters(), twin_model.parameters()):
+        assert torch.equal(p, q)
+    for n, r in meta.inner_lrs.items():
+        assert torch.equal(twin.inner_lrs[n], r)
+    a, b = meta.state_dict(), twin.state_dict()
+    assert a["state"].keys() == b["state"].keys()
+    for k in a["state"]:
+        assert all(torch.equal(a["state"][k][s], b["state"][k][s]) for s in a["state"][k])

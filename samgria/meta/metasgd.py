@@ -12,7 +12,9 @@ parameter entry, :math:`\\alpha` (a tensor shaped like :math:`\\theta`):
 The rates receive the meta-gradient
 :math:`\\partial \\mathcal{L}^q_i / \\partial \\alpha = -\\nabla \\mathcal{L}^s_i(\\theta) \\odot
 \\nabla \\mathcal{L}^q_i(\\phi_i)` (also in first-order mode) and are trained by the outer
-optimizer, in a param group of their own.
+optimizer, in a param group of their own. The rates are real step sizes: those of a complex
+parameter have its real dtype (``complex64`` -> ``float32``), as a complex rate would rotate the
+gradient instead of scaling it.
 """
 
 from __future__ import annotations
@@ -22,25 +24,49 @@ from typing import Any
 import torch
 from torch import nn
 
+from samgria._wrapper import WrappingOptimizer
 from samgria.meta.functional import check_lr
 from samgria.meta.maml import MAML
 
 __all__ = ["MetaSGD"]
 
 
+def _rate_like(param: torch.Tensor, value: float) -> nn.Parameter:
+    """A learnable rate shaped like ``param``, filled with ``value``, of ``param``'s real dtype
+    (a complex parameter's rate is real: ``complex64`` -> ``float32``, ``complex128`` -> ``float64``)."""
+    param = param.detach()
+    dtype = param.real.dtype if param.is_complex() else param.dtype
+    return nn.Parameter(torch.full_like(param, value, dtype=dtype))
+
+
+def _one_group_only(outer: Any) -> str | None:
+    """The name of the optimizer ``outer`` builds or drives when its ``step`` supports a single
+    param group (``torch.optim.LBFGS`` and subclasses), else ``None``. A built optimizer is
+    looked through the wrappers that drive it (metadata only: nothing is built)."""
+    if isinstance(outer, type):
+        return outer.__name__ if issubclass(outer, torch.optim.LBFGS) else None
+    while isinstance(outer, WrappingOptimizer):
+        outer = outer.__dict__.get(outer._driven_attr)
+    return type(outer).__name__ if isinstance(outer, torch.optim.LBFGS) else None
+
+
 class MetaSGD(MAML):
     """MAML with learnable per-parameter inner learning rates.
 
     ``meta.inner_lrs`` maps the name of every adapted parameter to a learnable tensor of the
-    same shape, initialised to its group's ``inner_lr``. The rates form an extra param group
-    of the outer optimizer (``meta.param_groups[-1]``, with ``adapt=False`` and
-    ``inner_lrs=True``); ``outer_kwargs`` (e.g. the learning rate) apply to it as to the others
-    and ``lrs_group`` can override its settings. :meth:`state_dict` also stores the rates.
+    same shape, initialised to its group's ``inner_lr`` (real: a complex parameter's rate has its
+    real dtype). The rates form an extra param group of the outer optimizer, marked
+    ``inner_lrs=True`` (and ``adapt=False``): the last group when it is built; a group added later
+    with :meth:`add_param_group` is appended after it, as torch appends (LR schedulers and
+    checkpoints pair groups by position). ``outer_kwargs`` (e.g. the learning rate) apply to it as
+    to the others and ``lrs_group`` can override its settings. :meth:`state_dict` also stores the
+    rates.
 
     Args:
         model: The module to meta-train.
         outer: Outer optimizer class or an already built optimizer (the rates are added to it
-            with ``add_param_group``).
+            with ``add_param_group``); one that supports a single param group (LBFGS) cannot
+            hold the rates' group.
         inner_lr: Initial value of every rate.
         inner_steps: Default number of inner steps.
         first_order: Drop second-order terms (the rates still get gradients).
@@ -49,7 +75,8 @@ class MetaSGD(MAML):
 
     Raises:
         TypeError: ``lrs_group`` is not a dict.
-        ValueError: ``lrs_group['inner_lr']`` is negative (and as :class:`~samgria.meta.base.MetaOptimizer`).
+        ValueError: ``lrs_group['inner_lr']`` is negative, ``outer`` is (or builds) an LBFGS,
+            which supports one param group only (and as :class:`~samgria.meta.base.MetaOptimizer`).
     """
 
     def __init__(
@@ -67,30 +94,35 @@ class MetaSGD(MAML):
             raise TypeError(f"lrs_group must be a dict of param-group options, got {lrs_group!r}")
         if lrs_group is not None and "inner_lr" in lrs_group:  # checked before outer is taken over
             check_lr(lrs_group["inner_lr"], "lrs_group['inner_lr']")
+        single = _one_group_only(outer)
+        if single is not None:  # refused before a built outer is taken over
+            shown = f"outer={single}" if isinstance(outer, type) else f"outer=an already built {single}"
+            raise ValueError(
+                f"{type(self).__name__} cannot drive {shown}: {single} supports exactly one param group, and "
+                f"{type(self).__name__} trains its inner rates in a param group of their own; use another "
+                "outer optimizer (e.g. torch.optim.SGD or Adam)"
+            )
         self.inner_lrs: dict[str, nn.Parameter] = {}
         super().__init__(
             model, outer, inner_lr=inner_lr, inner_steps=inner_steps, first_order=first_order, **outer_kwargs
         )
         names, lrs = super()._adapt_config()
         params = dict(model.named_parameters())
-        self.inner_lrs = {
-            n: nn.Parameter(torch.full_like(params[n].detach(), float(lrs[n]))) for n in names
-        }
+        self.inner_lrs = {n: _rate_like(params[n], float(lrs[n])) for n in names}
         group = {**(lrs_group or {}), "params": list(self.inner_lrs.values()), "adapt": False, "inner_lrs": True}
         self.add_param_group(group)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
-        """Add a group; its adapted parameters get learnable rates (initialised to its ``inner_lr``)."""
+        """Add a group of the model's parameters, appended as torch appends; its adapted
+        parameters get learnable rates (initialised to its ``inner_lr``), added to the rates'
+        group (the one marked ``inner_lrs=True``)."""
         super().add_param_group(param_group)
         rates_group = next((g for g in self.param_groups if g.get("inner_lrs")), None)
         if rates_group is None or param_group.get("inner_lrs"):
             return  # the rates group itself, added by __init__
         names, lrs = MAML._adapt_config(self)
         params = dict(self.model.named_parameters())
-        new = {
-            n: nn.Parameter(torch.full_like(params[n].detach(), float(lrs[n])))
-            for n in names if n not in self.inner_lrs
-        }
+        new = {n: _rate_like(params[n], float(lrs[n])) for n in names if n not in self.inner_lrs}
         self.inner_lrs.update(new)
         rates_group["params"].extend(new.values())
 
@@ -108,7 +140,9 @@ class MetaSGD(MAML):
         return sd
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:  # type: ignore[override]
-        """Load the optimizer state and copy the stored rates into :attr:`inner_lrs` (in place).
+        """Load the optimizer state and copy the stored rates into :attr:`inner_lrs` (in place,
+        cast to their dtype, as torch casts the state; a complex or wrong-shaped rate is refused
+        before anything changes).
 
         Load pre-hooks see the whole checkpoint, ``"inner_lrs"`` included, as torch's see theirs.
         """
@@ -124,6 +158,12 @@ class MetaSGD(MAML):
             for n, v in rates.items():
                 if n not in self.inner_lrs:
                     raise ValueError(f"state_dict['inner_lrs'] has a rate for an unknown parameter {n!r}")
+                if not isinstance(v, torch.Tensor) or v.is_complex() or v.dtype == torch.bool:
+                    what = f"a tensor of dtype {v.dtype}" if isinstance(v, torch.Tensor) else repr(v)
+                    raise ValueError(
+                        f"state_dict['inner_lrs'][{n!r}] must be a real tensor (the rates are real step sizes, "
+                        f"loaded as {self.inner_lrs[n].dtype}), got {what}"
+                    )
                 if tuple(v.shape) != tuple(self.inner_lrs[n].shape):
                     raise ValueError(
                         f"state_dict['inner_lrs'][{n!r}] has shape {tuple(v.shape)}, expected "
