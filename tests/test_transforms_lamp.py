@@ -449,3 +449,30 @@ def test_set_optimizer_state_dict_with_a_full_state_dict_converts_the_sum():
     set_optimizer_state_dict(model16, resumed, copy.deepcopy(saved), options=options)
     assert torch.equal(resumed.state[model16.weight]["lamp.mean"], torch.full((1, 3), 700.0, dtype=torch.float16))
     assert "lamp.sum" not in resumed.state[model16.weight]
+
+
+@pytest.mark.parametrize("seed", [None, 3])
+def test_a_step_without_any_gradient_is_no_step_of_the_cycle(seed):
+    """``step()`` when no parameter has a gradient moves no weight: LAMP neither perturbs, sums nor
+    counts it, so the rollback comes after ``rollback_len + 1`` real steps, as in a run without
+    that call (it advanced the cycle, and the rollback came a step early)."""
+    x, y = make_data()
+    runs = []
+    for with_empty_step in (False, True):
+        model = make_model()
+        optimizer = TransformingOptimizer(
+            model.parameters(), torch.optim.SGD, lr=0.1, transforms=[LAMP(eps=1e-2, rollback_len=2, seed=seed)]
+        )
+        for index in range(5):
+            if with_empty_step and index == 1:
+                optimizer.zero_grad(set_to_none=True)
+                optimizer.step()
+            optimizer.step(make_closure(model, optimizer, x, y))
+        runs.append((params_of(model), optimizer.state_dict()["state"]))
+    assert_bitwise_equal(runs[0][0], runs[1][0])
+    first, second = runs[0][1], runs[1][1]
+    assert first.keys() == second.keys()
+    for index in first:
+        assert first[index].keys() == second[index].keys()
+        for key, value in first[index].items():
+            assert torch.equal(value, second[index][key]) if isinstance(value, torch.Tensor) else value == second[index][key]

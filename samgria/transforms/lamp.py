@@ -29,7 +29,9 @@ state they load into, so across the 16-bit boundary they find no such key and ra
 parameter ``"cycle_step"`` (the position in the cycle); with a ``seed``, on the first parameter
 of each device ``"rng_state"`` (that device's generator state). A resumed run draws the same
 noise and rolls back at the same steps, bit for bit. Only parameters that have a gradient at a
-step are perturbed and summed at that step (frozen parameters are left alone). The rollback at the
+step are perturbed and summed at that step (frozen parameters are left alone); a step at which
+no parameter has a gradient is no step of the cycle (as for :class:`~samgria.EMA` and
+:class:`~samgria.Lookahead`). The rollback at the
 end of a cycle sets every parameter summed during the cycle to its mean, also one without a
 gradient at the rollback step (an expert a router skipped, a layer frozen mid-cycle): its last
 iterate is a noisy one, and its mean is what the cycle computed for it. Complex
@@ -240,6 +242,8 @@ class LAMP(Transform):
             self._had_grad = None
         else:
             params = [p for p in all_params if p.grad is not None]
+        if not params:  # no weight moved: not an iterate, and not a step of the cycle (as EMA, Lookahead)
+            return
         cycle = ctx.slot_state(keys=_OBJECT_KEYS)
         if cycle is None:  # no parameter requires grad: nothing to perturb, sum or count
             return
