@@ -12,8 +12,10 @@ Reptile, MAML through ``meta.clone()`` learners counted with ``add_task_weight``
 ``MetaTrainer.fit`` with evaluation (the same three algorithms), the ``meta_step`` builder with
 per-task weights (MAML, Reptile), SAM on the outer loop, Reptile with an idle rank, a non-finite
 task on one rank, errors that every rank raises together, the samplers' shares, evaluation with
-fewer tasks than ranks, and a checkpoint saved after 3 of 6 iterations and resumed by fresh
-trainers on both ranks. The docs' torchrun example runs on 2 ranks as well.
+fewer tasks than ranks, a checkpoint saved after 3 of 6 iterations and resumed by fresh
+trainers on both ranks, and the same with dropout, whose ranks draw different amounts from torch's
+global random stream (3 and 2 tasks) from differently seeded streams. The docs' torchrun example
+runs on 2 ranks as well.
 """
 
 from __future__ import annotations
@@ -287,6 +289,53 @@ def checkpoint_case(rank: int, world_size: int, directory: Path) -> dict[str, An
     }
 
 
+def dropout_checkpoint_case(rank: int, world_size: int, directory: Path) -> dict[str, Any]:
+    """fit(4) against fit(2), checkpoint (rank 0 saves, every rank loads), fresh trainer, fit(2),
+    with dropout: each rank draws from torch's global random stream per task it adapts (3 and 2),
+    and the ranks' streams are seeded differently, so the ranks' random states differ."""
+    distributed = world_size > 1
+
+    def trainer(seed: int) -> MetaTrainer:
+        torch.manual_seed(seed)
+        model = nn.Sequential(nn.Linear(1, 16), nn.Tanh(), nn.Dropout(0.3), nn.Linear(16, 1)).to(DT)
+        meta = MAML(model, torch.optim.SGD, lr=0.01, inner_lr=0.05, distributed=distributed)
+        torch.manual_seed(100 + seed + rank)  # each rank its own stream
+        return MetaTrainer(meta, F.mse_loss, make_sampler(seed), vectorize=False)
+
+    whole = trainer(0)
+    whole.fit(4, GLOBAL_BATCH, progress=False)
+    first = trainer(0)
+    first.fit(2, GLOBAL_BATCH, progress=False)
+    path = directory / "dropout_checkpoint.pt"
+    if rank == 0:  # only rank 0 takes the snapshot: no collective may run in state_dict
+        torch.save(first.state_dict(), path)
+    if distributed:
+        import torch.distributed as dist
+
+        dist.barrier()
+    state = torch.load(path)
+    resumed = trainer(7)  # another initialisation and another seed: everything must come from the file
+    refused, unchanged = "", False
+    if distributed:  # a checkpoint of 3 ranks is refused before anything changes
+        before = meta_weights(resumed.meta), torch.get_rng_state()
+        try:
+            resumed.load_state_dict({**state, "rng": [*state["rng"], state["rng"][0]]})
+        except Exception as error:  # noqa: BLE001 - the test says what it was
+            refused = f"{type(error).__name__}: {error}"
+        after = meta_weights(resumed.meta), torch.get_rng_state()
+        unchanged = all(torch.equal(a, b) for a, b in zip(before[0], after[0])) and torch.equal(before[1], after[1])
+    resumed.load_state_dict(state)
+    resumed.fit(2, GLOBAL_BATCH, progress=False)
+    rng = state["rng"]
+    return {
+        "whole": {"weights": meta_weights(whole.meta), "history": vars(whole.history)},
+        "resumed": {"weights": meta_weights(resumed.meta), "history": vars(resumed.history)},
+        "rng": rng if isinstance(rng, torch.Tensor) else list(rng),
+        "refused": refused,
+        "unchanged": unchanged,
+    }
+
+
 def run_cases(rank: int, world_size: int, directory: Path) -> dict[str, Any]:
     results: dict[str, Any] = {}
     for algorithm in ALGORITHMS:
@@ -303,6 +352,7 @@ def run_cases(rank: int, world_size: int, directory: Path) -> dict[str, Any]:
     results["shares"] = shares_case(rank, world_size)
     results["evaluate"] = evaluate_case(rank, world_size)
     results["checkpoint"] = checkpoint_case(rank, world_size, directory)
+    results["dropout_checkpoint"] = dropout_checkpoint_case(rank, world_size, directory)
     return results
 
 
@@ -440,6 +490,28 @@ def test_checkpoint_resumes_bit_for_bit(ranks, one_process) -> None:
         assert whole["history"]["eval_iterations"] == [2, 4, 6]
         torch.testing.assert_close(whole["outer"], resumed["outer"], rtol=0, atol=0)
     assert_close(ranks[0]["checkpoint"]["whole"]["weights"], one_process["checkpoint"]["whole"]["weights"])
+
+
+def test_checkpoint_with_dropout_resumes_bit_for_bit_on_every_rank(ranks, one_process) -> None:
+    for result in [one_process, *ranks]:
+        case = result["dropout_checkpoint"]
+        whole, resumed = case["whole"], case["resumed"]
+        assert all(torch.equal(a, b) for a, b in zip(whole["weights"], resumed["weights"]))
+        assert whole["history"] == resumed["history"]
+        assert len(whole["history"]["meta_loss"]) == 4
+    assert all(torch.equal(a, b) for a, b in zip(ranks[0]["dropout_checkpoint"]["whole"]["weights"],
+                                                 ranks[1]["dropout_checkpoint"]["whole"]["weights"]))
+    # One process: torch's random state as before; two: one per rank, and they differ.
+    assert isinstance(one_process["dropout_checkpoint"]["rng"], torch.Tensor)
+    saved = ranks[0]["dropout_checkpoint"]["rng"]
+    assert isinstance(saved, list) and len(saved) == WORLD_SIZE
+    assert not torch.equal(saved[0], saved[1])
+    for rank in ranks:
+        assert rank["dropout_checkpoint"]["refused"] == (
+            "ValueError: state_dict['rng'] holds the random states of 3 ranks, but this run has 2: a checkpoint "
+            "of a distributed run resumes on the same number of ranks"
+        )
+        assert rank["dropout_checkpoint"]["unchanged"] is True
 
 
 # -- one process ---------------------------------------------------------------------------------

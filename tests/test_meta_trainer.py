@@ -6,6 +6,7 @@ import io
 import math
 import sys
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -578,3 +579,110 @@ def test_a_distributed_task_sampler_must_match_the_meta_optimizers_ranks():
     sampler = DistributedTaskSampler(SinusoidTaskSampler(seed=0), rank=1, world_size=2)
     with pytest.raises(ValueError, match=r"sampler must be sharded like meta \(rank 0 of 1\), got a DistributedTaskSampler for rank 1 of 2"):
         MetaTrainer(MAML(make_model(), torch.optim.SGD, lr=0.1), F.mse_loss, sampler)
+
+
+# ---------------------------------------------------------------- compile=True with vectorize=True
+def _fixed_batches_trainer(algorithm, tasks, **kwargs):
+    model = make_model()
+    if algorithm == "maml":
+        meta = MAML(model, torch.optim.SGD, lr=0.2, inner_lr=0.05, inner_steps=2)
+    else:
+        meta = Reptile(model, torch.optim.SGD, lr=0.5, inner_lr=0.05, inner_steps=2)
+    return MetaTrainer(meta, F.mse_loss, ListSampler(tasks), **kwargs)
+
+
+def _fit_recording_warnings(trainer, iterations, batch):
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        history = trainer.fit(iterations, batch, progress=False)
+    return history, [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
+
+
+def test_compile_with_vectorize_true_compiles_and_equals_the_vmap_path():
+    tasks = fixed_tasks(4)
+    compiled = _fixed_batches_trainer("maml", tasks, vectorize=True, compile=True, compile_options={"backend": "eager"})
+    history, warned = _fit_recording_warnings(compiled, 2, 2)
+    vmap = _fixed_batches_trainer("maml", tasks, vectorize=True)
+    expected = vmap.fit(2, 2, progress=False)
+    assert compiled.compiled_loss is not None and compiled.compiled_loss.num_programs == 1
+    assert compiled.path == "compiled" and warned == []
+    assert history.meta_loss == pytest.approx(expected.meta_loss, rel=1e-12)
+    for p, q in zip(compiled.meta.model.parameters(), vmap.meta.model.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-12, atol=1e-14)
+
+
+def test_compile_with_vectorize_true_falls_back_to_vmap_with_one_warning():
+    tasks = fixed_tasks(6)
+    compiled = _fixed_batches_trainer("reptile", tasks, vectorize=True, compile=True)
+    history, warned = _fit_recording_warnings(compiled, 3, 2)
+    vmap = _fixed_batches_trainer("reptile", tasks, vectorize=True)
+    expected = vmap.fit(3, 2, progress=False)
+    assert warned == [
+        "MetaTrainer(compile=True): Reptile forms its outer update from the adapted weights "
+        "(outer_update='pseudo_gradient'), not from a meta-gradient; using the uncompiled path"
+    ]
+    assert compiled.path == "vmap" and compiled.compiled_loss is None
+    assert history.meta_loss == expected.meta_loss  # the vmap path, bit for bit
+    assert all(torch.equal(p, q) for p, q in zip(compiled.meta.model.parameters(), vmap.meta.model.parameters()))
+
+
+def test_compile_with_vectorize_true_falls_back_to_vmap_after_a_compilation_error():
+    def failing_backend(graph_module, example_inputs):
+        raise RuntimeError("backend exploded on purpose")
+
+    tasks = fixed_tasks(6)
+    compiled = _fixed_batches_trainer("maml", tasks, vectorize=True, compile=True, compile_options={"backend": failing_backend})
+    history, warned = _fit_recording_warnings(compiled, 3, 2)
+    vmap = _fixed_batches_trainer("maml", tasks, vectorize=True)
+    expected = vmap.fit(3, 2, progress=False)
+    assert len(warned) == 1 and "backend exploded on purpose" in warned[0]
+    assert "using the vmap path from now on" in warned[0]
+    assert compiled.path == "vmap" and compiled.compiled_loss is None
+    assert history.meta_loss == expected.meta_loss
+    assert all(torch.equal(p, q) for p, q in zip(compiled.meta.model.parameters(), vmap.meta.model.parameters()))
+
+
+# ---------------------------------------------------------------- callback: any true value stops
+@pytest.mark.parametrize(
+    ("stop", "keep_going"),
+    [
+        (np.True_, np.False_),
+        (torch.tensor(True), torch.tensor(False)),
+        (True, None),  # a callback without a return value never stops
+    ],
+    ids=["numpy", "tensor", "none"],
+)
+def test_a_callback_returning_any_true_value_stops_training(stop, keep_going):
+    trainer = _trainer("maml", 0, True)
+    calls = []
+
+    def callback(iteration, loss):
+        calls.append(iteration)
+        return stop if iteration == 3 else keep_going
+
+    history = trainer.fit(6, 2, callback=callback, progress=False)
+    assert calls == [1, 2, 3] and len(history.meta_loss) == 3 and trainer.iteration == 3
+
+
+# ---------------------------------------------------------------- checkpoints of several ranks
+def test_a_checkpoint_of_several_ranks_is_refused_by_one_process_before_anything_changes():
+    source = _trainer("maml", 0, True)
+    source.fit(2, 2, progress=False)
+    state = source.state_dict()
+    assert isinstance(state["rng"], torch.Tensor)  # one process: torch's random state, as it was
+    state["rng"] = [state["rng"], state["rng"].clone()]  # what rank 0 of a 2-rank run saves
+    target = _trainer("maml", 5, True)
+    target.fit(1, 2, progress=False)
+    before = target.state_dict()
+    with pytest.raises(
+        ValueError,
+        match=r"^state_dict\['rng'\] holds the random states of 2 ranks, but this run has 1: a checkpoint "
+        r"of a distributed run resumes on the same number of ranks$",
+    ):
+        target.load_state_dict(state)
+    assert _same(target.state_dict(), before)
+    with pytest.raises(TypeError, match=r"state_dict\['rng'\] must be torch's random state .* got str"):
+        target.load_state_dict({**state, "rng": "seed"})
+    assert _same(target.state_dict(), before)

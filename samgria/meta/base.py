@@ -595,9 +595,17 @@ class MetaOptimizer(WrappingOptimizer):
                 support loss at every step.
             grad_transforms: Objects with ``transform_inner_grads(params, grads, grad_fn)``
                 applied to the support gradients (e.g. :class:`~samgria.meta.inner_optim.InnerSAM`).
-            weight: Task weight (``>= 0``). Used by Reptile's weighted mean; MAML-family
-                meta-optimizers accept and ignore it (weights enter through the meta-loss, see
-                :meth:`meta_loss`).
+            weight: Task weight :math:`w_i \\ge 0`, counted in this rank's share of the step
+                (:meth:`add_task_weight`). Reptile moves towards the weighted mean of the
+                adapted weights. For the MAML family the meta-gradient is whatever the closure
+                back-propagates, so weight tasks in the meta-loss too (:meth:`meta_loss`): with
+                one process ``weight`` then changes nothing; with ``distributed=True`` the
+                weights of a rank's tasks sum to :math:`W_r`, and :meth:`step` reduces the
+                ranks' gradients to :math:`\\sum_r W_r g_r / \\sum_r W_r` -- the weighted mean
+                over every task when each rank's closure back-propagates
+                :math:`\\sum_i w_i \\mathcal{L}^q_i / W_r` with the same weights; with an
+                unweighted mean over its tasks instead, the weights still weight the ranks
+                (a task of rank :math:`r` counts :math:`W_r / (|\\mathcal{B}_r| \\sum_s W_s)`).
             steps: Former name of ``inner_steps`` (still accepted).
 
         Returns:

@@ -109,7 +109,8 @@ class MetaTrainer:
       size, and the only path that can checkpoint inner steps;
     * ``"vmap"``: all tasks at once with :func:`torch.func.vmap` and one backward (every task's
       graph alive together);
-    * ``"compiled"`` (``compile=True``): the vmap path compiled with ``torch.compile``.
+    * ``"compiled"`` (``compile=True``): the vmap path compiled with ``torch.compile``, with
+      ``vectorize=None`` or ``True``.
 
     With ``vectorize=None`` (default) the trainer measures: the first meta-iterations alternate
     between the loop and vmap paths (two each) and the faster one is used from then on
@@ -121,8 +122,9 @@ class MetaTrainer:
     :class:`~samgria.meta.compiled.CompiledMetaLoss`, recomputed at the current weights on every
     call (an outer optimizer that re-evaluates it, such as SAM, gets what it would get without
     compilation). Where the compiled path does not apply (Reptile, unequal shapes, a second-order
-    loop through BatchNorm, a compilation error) the trainer uses the uncompiled paths and warns
-    once per reason.
+    loop through BatchNorm, a compilation error) the trainer uses the uncompiled paths -- with
+    ``vectorize=True`` the vmap path, otherwise the measured choice -- and warns once per reason.
+    Evaluation never compiles.
 
     Non-finite meta-steps are skipped by the meta-optimizer (its ``non_finite`` policy);
     :meth:`fit` stops with an error after ``max_skipped_steps`` consecutive skipped steps.
@@ -142,7 +144,10 @@ class MetaTrainer:
     bit: the model, the outer optimizer, the sampler's random stream, torch's global random
     state, the :attr:`history`, the :attr:`iteration` counter and the path choice;
     :meth:`load_state_dict` restores them and :meth:`fit` continues the count. In a
-    distributed run every rank holds the same state: save rank 0's and load it on every rank.
+    distributed run save rank 0's and load it on every rank, on the same number of ranks: the
+    ranks share everything but torch's random state, which may differ (dropout draws as many
+    numbers as a rank has tasks), so every :meth:`train_step` gathers every rank's state and a
+    checkpoint carries one per rank (:meth:`state_dict` itself runs no collective).
 
     Args:
         meta: The meta-optimizer holding the model's meta-parameters.
@@ -151,7 +156,8 @@ class MetaTrainer:
         sampler: A :class:`~samgria.data.TaskSampler` (anything with ``sample(n)``).
         vectorize: ``None`` chooses the path by measurement, ``True`` requires vmap, ``False``
             forces the per-task loop; for training and :meth:`evaluate` alike.
-        compile: Compute meta-gradients with the compiled path (MAML, FOMAML, MetaSGD, ANIL).
+        compile: Compute meta-gradients with the compiled path (MAML, FOMAML, MetaSGD, ANIL),
+            with ``vectorize=None`` or ``True``.
         compile_options: Keyword arguments of :func:`torch.compile` (e.g. ``{"mode":
             "max-autotune"}``), only with ``compile=True``.
         inner_step_fn: Inner update rule (default plain SGD), on every path.
@@ -227,6 +233,9 @@ class MetaTrainer:
         self.compile_options: dict[str, Any] = dict(compile_options or {})
         self._compiled: CompiledMetaLoss | None = None
         self._fallback_reasons: set[str] = set()
+        # Every rank's torch CPU random state, gathered at the end of each train_step of a
+        # distributed run (None before the first one, or with one process).
+        self._rng_states: list[torch.Tensor] | None = None
         self.path: str | None = None
         self.iteration = 0
         self.history = History()
@@ -255,8 +264,6 @@ class MetaTrainer:
 
     def _candidates(self, loop: InnerLoop, tasks: list[Task], evaluation: bool) -> list[str]:
         """The paths that can run ``loop`` on ``tasks``, in order of preference."""
-        if self.vectorize is True:
-            return ["vmap"]
         if self.vectorize is False:
             return ["loop"]
         if self.compile and not evaluation:
@@ -265,6 +272,8 @@ class MetaTrainer:
                 return ["compiled"]
             if "compiled" not in self.meta.path_policy.failed:  # that failure was warned about
                 self._warn_fallback(reason)
+        if self.vectorize is True:
+            return ["vmap"]
         return ["loop", "vmap"] if vmap_blocker(self.meta.model, loop, tasks) is None else ["loop"]
 
     def _choose(self, key: tuple[Any, ...] | None, candidates: Sequence[str]) -> str | None:
@@ -315,7 +324,10 @@ class MetaTrainer:
         policy = meta.path_policy
         key = self._key(loop, tasks, evaluation=False)
         path = self._choose(key, candidates)
-        explicit = self.vectorize is True
+        # A compiled path that fails falls back to the path that runs without compile=True: vmap
+        # when it was asked for, else the loop. Only an uncompiled path can be the one asked for.
+        fallback = "vmap" if path == "compiled" and self.vectorize is True else "loop"
+        explicit = self.vectorize is True and path != "compiled"
         weights = [1.0 / len(tasks)] * len(tasks) if meta.outer_update == "meta_gradient" else None
 
         def run(which: str) -> torch.Tensor:
@@ -328,12 +340,23 @@ class MetaTrainer:
             return losses.detach().mean()
 
         def closure() -> torch.Tensor:
-            loss, used = policy.timed(key, path, lambda: policy.run(path, "loop", run, explicit=explicit))
+            loss, used = policy.timed(key, path, lambda: policy.run(path, fallback, run, explicit=explicit))
             self.path = used
             return loss
 
         loss = meta.step(closure)
+        if meta.world_size > 1:
+            self._gather_rng_states()
         return float(loss.detach()) if isinstance(loss, torch.Tensor) else float(loss)
+
+    def _gather_rng_states(self) -> None:
+        """Keep every rank's torch CPU random state (one ``all_gather`` on the device of the
+        meta-parameters, which is the process group's: CPU for gloo, the GPU for NCCL)."""
+        meta = self.meta
+        local = torch.get_rng_state().to(meta._unique_params()[0].device)
+        gathered = [torch.empty_like(local) for _ in range(meta.world_size)]
+        collectives._dist().all_gather(gathered, local, group=meta.process_group)
+        self._rng_states = [state.cpu() for state in gathered]
 
     #: Former name of :meth:`train_step` (``samgria.meta_step`` is the task-by-task builder).
     meta_step = train_step
@@ -420,8 +443,23 @@ class MetaTrainer:
             a sampler without a generator of its own and dropout draw from) and ``"paths"``
             (the last path and the path policy's measurements and failures, so a resumed run
             makes the same choice).
+
+            With one process ``"rng"`` is that state (a ``uint8`` tensor). With a distributed
+            ``meta`` it is a list of one state per rank, in rank order: the calling rank's as it
+            is now, every other rank's as it was at the end of the last :meth:`train_step` (the
+            trainer gathers them there), or as loaded by :meth:`load_state_dict` if no step ran
+            since (what another rank draws outside the trainer after its last step is not
+            seen). Before either, the other ranks' states are unknown and the calling rank's
+            stands in for them. No collective runs, so rank 0 alone may call this.
         """
         policy = self.meta.path_policy
+        rng: torch.Tensor | list[torch.Tensor] = torch.get_rng_state()
+        world_size = self.meta.world_size
+        if world_size > 1:
+            known = self._rng_states
+            states = list(known) if known is not None and len(known) == world_size else [rng] * world_size
+            states[self.meta.rank] = rng
+            rng = states
         state = {
             "version": self.STATE_VERSION,
             "iteration": self.iteration,
@@ -430,7 +468,7 @@ class MetaTrainer:
             "meta": self.meta.state_dict(),
             "skipped_steps": self.meta.skipped_steps,
             "sampler": sampler_state_dict(self.sampler),
-            "rng": torch.get_rng_state(),
+            "rng": rng,
             "paths": {
                 "path": self.path,
                 "failed": dict(policy.failed),
@@ -449,12 +487,19 @@ class MetaTrainer:
         meta-optimizer, the model, the sampler and torch's random state are put back as they
         were, and the exception propagates.
 
+        Torch's random state is ``state_dict["rng"]``: with a distributed ``meta``, every rank
+        loads the same checkpoint and takes its own rank's entry of a per-rank list; a single
+        state (a checkpoint of one process) is set on every rank. A per-rank list from another
+        number of ranks is refused.
+
         Args:
             state_dict: What :meth:`state_dict` returned (or ``torch.load`` read back).
 
         Raises:
-            TypeError: ``state_dict`` is not a mapping.
-            ValueError: It lacks an entry or has another version.
+            TypeError: ``state_dict`` is not a mapping, or its ``"rng"`` is neither a tensor nor
+                a list of tensors.
+            ValueError: It lacks an entry, has another version, or holds the random states of
+                another number of ranks than this run's.
         """
         if not isinstance(state_dict, Mapping):
             raise TypeError(f"state_dict must be a dict from MetaTrainer.state_dict(), got {type(state_dict).__name__}")
@@ -476,15 +521,17 @@ class MetaTrainer:
         path = paths["path"]
         if path is not None and path not in PATHS:
             raise ValueError(f"state_dict['paths']['path'] must be None or one of {list(PATHS)}, got {path!r}")
+        rng_states = self._rng_states_of(state["rng"])
         # The meta-optimizer validates before it changes anything, but the model (torch copies
         # the matching entries before it reports the others), the sampler and the random state
         # come after it: if any of them refuses, what was loaded before is put back.
-        before = self.state_dict()
+        before, rng_before = self.state_dict(), torch.get_rng_state()
         try:
-            self._load_components(state)
+            self._load_components(state, rng_states[self.meta.rank])
         except BaseException:
-            self._load_components(before)
+            self._load_components(before, rng_before)
             raise
+        self._rng_states = rng_states if self.meta.world_size > 1 else None
         self.meta.skipped_steps = skipped_steps
         self.iteration = iteration
         self.history = history
@@ -494,12 +541,30 @@ class MetaTrainer:
         self.path = path
         self._fallback_reasons = fallback_reasons
 
-    def _load_components(self, state: Mapping[str, Any]) -> None:
-        """Load the meta-optimizer, the model, the sampler and torch's random state."""
+    def _rng_states_of(self, rng: Any) -> list[torch.Tensor]:
+        """The random state of every rank of this run from a checkpoint's ``"rng"``: a single
+        state (one process) for every rank, or a per-rank list of this run's number of ranks."""
+        world_size = self.meta.world_size
+        if isinstance(rng, torch.Tensor):
+            return [rng] * world_size
+        if not isinstance(rng, (list, tuple)) or not all(isinstance(r, torch.Tensor) for r in rng):
+            raise TypeError(
+                "state_dict['rng'] must be torch's random state (a tensor) or a list of one per rank, "
+                f"got {type(rng).__name__}"
+            )
+        if len(rng) != world_size:
+            raise ValueError(
+                f"state_dict['rng'] holds the random states of {len(rng)} ranks, but this run has "
+                f"{world_size}: a checkpoint of a distributed run resumes on the same number of ranks"
+            )
+        return list(rng)
+
+    def _load_components(self, state: Mapping[str, Any], rng: torch.Tensor) -> None:
+        """Load the meta-optimizer, the model, the sampler and torch's random state ``rng``."""
         self.meta.load_state_dict(state["meta"])
         self.meta.model.load_state_dict(state["model"])
         load_sampler_state_dict(self.sampler, state["sampler"])
-        torch.set_rng_state(state["rng"])
+        torch.set_rng_state(rng)
 
     def fit(
         self,
@@ -528,7 +593,8 @@ class MetaTrainer:
                 ``eval_every``; given alone they are evaluated once, after the last meta-update.
             callback: ``callback(iteration, meta_loss)`` after each meta-update, where
                 ``iteration`` counts completed updates (1-based, continued across calls).
-                Returning ``True`` stops training early.
+                Returning a true value (``True``, ``np.True_``, a one-element tensor holding
+                ``True``) stops training early; ``None`` or a false value continues.
             progress: ``None`` shows a progress bar with the running meta-loss on stderr
                 only when stderr is a terminal (distributed: on rank 0 only); ``True`` always
                 shows it; ``False`` never.
@@ -593,7 +659,7 @@ class MetaTrainer:
                 else:
                     consecutive_skips = 0
                 eval_loss = None
-                stop = callback is not None and callback(iteration, loss) is True
+                stop = callback is not None and bool(callback(iteration, loss))
                 last = done == num_iterations or stop
                 if eval_tasks is not None and (
                     (eval_every is not None and iteration % eval_every == 0)
