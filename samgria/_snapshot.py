@@ -124,13 +124,14 @@ class StepSnapshot:
                 else:
                     self._weights.append(param.detach().clone())
             self._entries: dict[Any, dict[Any, tuple[Any, Any]]] = {}
-            self._values: list[tuple[Any, torch.Tensor, torch.Tensor]] = []  # tensors under keys of their own
+            self._values: list[tuple[Any, Any, Any]] = []  # values under keys of their own
             for param, entry in state.items():
                 if not isinstance(entry, Mapping):
-                    # A tensor the driven optimizer keeps beside the entries (a few elements, and
-                    # any step of it may write into it); the structure puts other values back.
-                    if copy_state and isinstance(entry, torch.Tensor):
-                        self._values.append((param, entry, entry.detach().clone()))
+                    # A value the driven optimizer keeps beside the entries (a tensor counter, a
+                    # list it appends to): small, and any step of it may change it in place.
+                    if copy_state:
+                        kept = entry.detach().clone() if isinstance(entry, torch.Tensor) else copy.deepcopy(entry)
+                        self._values.append((param, entry, kept))
                     continue
                 if copied is not None and id(param) not in copied:
                     continue
@@ -149,9 +150,9 @@ class StepSnapshot:
             param.copy_(weight)
         self._structure.restore()
         for key, original, kept in self._values:
-            if original.shape == kept.shape:
-                original.copy_(kept)
-            else:  # resized out of place: the structure put the original object back
+            if isinstance(original, torch.Tensor) and original.shape == kept.shape:
+                original.copy_(kept)  # the structure put the original object back
+            else:  # a value (as an entry's values are restored), or a tensor resized out of place
                 self._state[key] = kept
         for param, saved in self._entries.items():
             entry = self._state[param]

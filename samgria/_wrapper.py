@@ -66,7 +66,7 @@ def unhooked_step(optimizer: Optimizer, closure: Any = None) -> Any:
 
 def refuse_driven(optimizer: Optimizer, name: str) -> None:
     """Raise ``ValueError`` if ``optimizer`` is already driven by a wrapper, ``TypeError`` if its
-    ``state`` cannot be replaced by the wrapper's view.
+    ``state`` or ``param_groups`` cannot be set (the wrapper's view, a load's groups).
 
     A wrapper takes the optimizer's state and param groups over; a second wrapper around the same
     optimizer would share them with the first (and take the first one's filled-in settings for
@@ -78,16 +78,21 @@ def refuse_driven(optimizer: Optimizer, name: str) -> None:
             f"{name} is already driven by a {type(state._owner).__name__}, which holds its state and "
             f"param groups: build a new {type(optimizer).__name__} to wrap again"
         )
-    attribute = getattr(type(optimizer), "state", None)
-    if isinstance(attribute, property) and attribute.fset is None:
-        # The wrapper owns the state and gives the driven optimizer a view of it; an optimizer
-        # whose ``state`` is a read-only property (one that wraps another optimizer and answers
-        # with that one's, as pytorch_optimizer's Magma) cannot take the view.
-        raise TypeError(
-            f"{name} must be an optimizer whose state can be set, got a {type(optimizer).__name__}, "
-            "whose state is a read-only property (an optimizer wrapping another one?): wrap the "
-            "optimizer it wraps, or put it outside"
-        )
+    for attribute_name in ("state", "param_groups"):
+        attribute = getattr(type(optimizer), attribute_name, None)
+        if isinstance(attribute, property) and attribute.fset is None:
+            # The wrapper owns the state and gives the driven optimizer a view of it, and a load
+            # installs new param groups; an optimizer whose ``state`` or ``param_groups`` is a
+            # read-only property (one that wraps another optimizer and answers with that one's,
+            # as pytorch_optimizer's Magma and Lookahead) can take neither.
+            raise TypeError(
+                f"{name} must be an optimizer whose {attribute_name} can be set, got a "
+                f"{type(optimizer).__name__}, whose {attribute_name} is a read-only property (an "
+                "optimizer wrapping another one?): wrap the optimizer it wraps, or put it outside"
+            )
+
+
+_MISSING = object()
 
 
 def _is_entry(value: Any) -> bool:
@@ -150,19 +155,47 @@ class _DrivenState(MutableMapping):
             return _VisibleEntry(entry, owner._hides_state_key)
         return entry
 
+    # ``MutableMapping``'s ``get``, ``pop``, ``popitem`` and ``setdefault`` rely on ``self[key]``
+    # raising ``KeyError``; this view reads through a ``defaultdict`` (as torch's state does), so
+    # they are written out, with ``defaultdict``'s answers.
     def get(self, param: Any, default: Any = None) -> Any:
-        """``state.get(param)`` as torch's ``defaultdict`` answers it: ``default`` for an absent
-        entry, which it does not create."""
+        """``default`` for an absent entry, which it does not create."""
         return self[param] if param in self else default
+
+    def pop(self, param: Any, default: Any = _MISSING) -> Any:
+        """The entry, removed (as ``del``); ``default`` or ``KeyError`` for an absent one."""
+        if param in self:
+            value = self[param]
+            del self[param]
+            return value
+        if default is _MISSING:
+            raise KeyError(param)
+        return default
+
+    def popitem(self) -> tuple[Any, Any]:
+        for param in self:
+            return param, self.pop(param)
+        raise KeyError("popitem(): the state is empty")
+
+    def setdefault(self, param: Any, default: Any = None) -> Any:
+        """The entry; an absent one is set to ``default`` first."""
+        if param not in self:
+            self[param] = default
+        return self[param]
+
+    def copy(self) -> defaultdict[Any, Any]:
+        """A shallow copy, as ``defaultdict.copy`` gives it."""
+        return defaultdict(dict, self.items())
 
     def __setitem__(self, param: Any, value: Any) -> None:
         owner = self._owner
         old = owner.state.get(param, {})
         hidden = owner._hides_state_key
         kept = {key: item for key, item in old.items() if hidden(key)} if isinstance(old, dict) else {}
-        if not isinstance(value, Mapping):
-            # Any value under any key, as torch's state takes it (MADGRAD keeps a tensor counter
-            # under "k"); a parameter's entry holding a wrapper's keys stays a dict.
+        if not isinstance(value, Mapping) or (type(value) is not dict and not kept):
+            # Any value under any key, kept as the object itself, as torch's state takes it
+            # (MADGRAD keeps a tensor counter under "k"); a parameter's entry holding a wrapper's
+            # keys stays a dict.
             if kept:
                 raise TypeError(
                     f"the state entry of a parameter holds the wrapper's keys {sorted(kept)}: it "
@@ -181,18 +214,19 @@ class _DrivenState(MutableMapping):
         owner.state[param] = merged
 
     def __delitem__(self, param: Any) -> None:
-        state = self._owner.state
         if param not in self:
             raise KeyError(param)
+        state = self._owner.state
         entry = state[param]
-        if not _is_entry(entry):
-            del state[param]
-            return
-        hidden = self._owner._hides_state_key
-        for key in [key for key in entry if not hidden(key)]:
-            del entry[key]
-        if not entry:
-            del state[param]
+        if _is_entry(entry):
+            hidden = self._owner._hides_state_key
+            kept = {key: value for key, value in entry.items() if hidden(key)}
+            if kept:
+                # The entry object leaves with whoever holds it, as torch's ``del`` unlinks it;
+                # the wrapper's keys stay in a new entry.
+                state[param] = kept
+                return
+        del state[param]
 
     def _holds(self, entry: dict[Any, Any]) -> bool:
         """Whether the driven optimizer sees ``entry`` as present: it is empty (created by an

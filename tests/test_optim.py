@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import collections
+import collections.abc
 import contextlib
 import copy
 import functools
@@ -637,6 +639,91 @@ def test_an_inner_optimizer_keeps_values_under_keys_of_its_own_and_reads_state_w
     assert "steps" not in optimizer.state and "steps" not in optimizer.inner.state
 
 
+@pytest.mark.parametrize("chain", ["none", "lookahead"])
+def test_the_inner_state_answers_setdefault_pop_popitem_copy_as_torchs_defaultdict(chain):
+    """``MutableMapping``'s methods rely on ``KeyError``, which a view reading through a
+    ``defaultdict`` never raised: ``setdefault`` stored nothing, ``pop`` returned an emptied dict,
+    ``del`` emptied a dict its caller still held. Every answer is compared with torch's own
+    ``defaultdict(dict)`` fed the same calls; a transform's keys stay where they were."""
+    from collections import OrderedDict, defaultdict
+
+    from samgria import Lookahead
+
+    def exercise(state, params):
+        first, second = params
+        results = [state.setdefault(first, {"step": 0}), state.setdefault("k", torch.zeros(1)).add_(1)]
+        results.append(state.pop("missing", None))
+        with pytest.raises(KeyError):
+            state.pop("missing")
+        state["e"] = {"buf": 1}
+        held = state["e"]
+        results += [state.pop("e"), held, "e" in state]
+        counts = defaultdict(int)
+        state["counts"] = counts
+        counts["a"] += 1
+        results += [type(state["counts"]).__name__, state["counts"]["never_seen"], dict(counts)]
+        state["ordered"] = OrderedDict(b=2)
+        results.append(type(state["ordered"]).__name__)
+        state[second] = {"step": 5}
+        held = state[second]
+        del state[second]
+        results += [dict(held), second in state, state.get(second)]
+        copied = state.copy()
+        results += [type(copied).__name__, sorted(map(str, (k if isinstance(k, str) else "param" for k in copied)))]
+        popped = []
+        while len(state):
+            key, value = state.popitem()
+            # (a parameter's entry that holds a transform's keys comes as a view without them)
+            kind = "a mapping" if isinstance(value, collections.abc.Mapping) and type(value).__name__ in ("dict", "_VisibleEntry") else type(value).__name__
+            popped.append((key if isinstance(key, str) else "param", kind))
+        results += [sorted(popped), len(state)]
+        with pytest.raises(KeyError):
+            state.popitem()
+        return results
+
+    plain_params = [nn.Parameter(torch.ones(2)), nn.Parameter(torch.ones(3))]
+    expected = exercise(defaultdict(dict), plain_params)
+    params = [nn.Parameter(torch.ones(2)), nn.Parameter(torch.ones(3))]
+    transforms = [Lookahead(k=2)] if chain == "lookahead" else []
+    optimizer = TransformingOptimizer(params, torch.optim.SGD, lr=0.1, transforms=transforms)
+    if transforms:  # give both parameters a transform's hidden keys first
+        for p in params:
+            p.grad = torch.ones_like(p)
+        optimizer.step()
+    hidden = {id(p): {k: v for k, v in optimizer.state.get(p, {}).items() if "." in str(k)} for p in params}
+    got = exercise(optimizer.inner.state, params)
+    assert repr(got) == repr(expected)
+    for p in params:  # the transform's keys stay
+        assert {k: v for k, v in optimizer.state.get(p, {}).items() if "." in str(k)} == hidden[id(p)]
+
+
+def test_a_failed_step_restores_a_value_the_inner_changes_in_place_under_its_own_key():
+    """A list the inner optimizer appends to under a key of its own was put back as the same,
+    already changed object; it is now restored as it was (as an entry's values are)."""
+
+    class _Recording(torch.optim.SGD):
+        fail = False
+
+        @torch.no_grad()
+        def step(self, closure=None):
+            self.state.setdefault("losses", []).append(len(self.state["losses"]))
+            super().step()
+            if self.fail:
+                raise RuntimeError("inner step failed")
+
+    x, y = make_data()
+    model = make_model()
+    optimizer = TransformingOptimizer(model.parameters(), _Recording, lr=0.1, transforms=[SAM(0.05)])
+    for _ in range(2):
+        optimizer.step(make_closure(model, optimizer, x, y))
+    weights = params_of(model)
+    optimizer.inner.fail = True
+    with pytest.raises(RuntimeError, match="inner step failed"):
+        optimizer.step(make_closure(model, optimizer, x, y))
+    assert optimizer.state["losses"] == [0, 1]
+    assert_bitwise_equal(params_of(model), weights)
+
+
 class _ReadOnlyState(torch.optim.Optimizer):
     """An optimizer that wraps another and answers with its state (as pytorch_optimizer's Magma)."""
 
@@ -673,6 +760,39 @@ def test_an_optimizer_whose_state_is_a_read_only_property_is_refused_clearly():
         MAML(model, existing, inner_lr=0.1)
     with pytest.raises(TypeError, match="^outer " + message):
         MAML(model, _ReadOnlyState, lr=0.1, inner_lr=0.1)
+
+
+class _ReadOnlyGroups(torch.optim.Optimizer):
+    """An optimizer that answers with another one's param groups (as pytorch_optimizer's Lookahead)."""
+
+    def __init__(self, params, lr=0.1):
+        self.optimizer = torch.optim.SGD(params, lr=lr)
+        self.defaults = self.optimizer.defaults
+        self.state = collections.defaultdict(dict)
+
+    @property
+    def param_groups(self):
+        return self.optimizer.param_groups
+
+    def step(self, closure=None):
+        return self.optimizer.step(closure)
+
+
+def test_an_optimizer_whose_param_groups_are_a_read_only_property_is_refused_clearly():
+    """A load installs new param groups: one that cannot take them was accepted at construction
+    and a later load_state_dict raised after it had replaced the state (half applied)."""
+    from samgria import MAML
+
+    model = nn.Linear(2, 1)
+    message = r"must be an optimizer whose param_groups can be set, got a _ReadOnlyGroups, whose param_groups is a read-only property"
+    existing = _ReadOnlyGroups(model.parameters())
+    with pytest.raises(TypeError, match="^params " + message):
+        TransformingOptimizer(existing, transforms=[SAM(0.05)])
+    assert type(existing.state) is collections.defaultdict
+    with pytest.raises(TypeError, match="^inner " + message):
+        TransformingOptimizer(model.parameters(), _ReadOnlyGroups, lr=0.1)
+    with pytest.raises(TypeError, match="^outer " + message):
+        MAML(model, existing, inner_lr=0.1)
 
 
 def test_membership_in_a_driven_wrappers_inner_state_creates_no_entry():
