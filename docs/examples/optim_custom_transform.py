@@ -89,4 +89,4 @@ try:
 except ValueError as error:
     assert "param_groups[0]: decay must be in [0, 1), got 1.5" in str(error)
 else:
-    raise AssertionError("ema_decay=1.5 was accepted")
+    raise AssertionError("decay=1.5 was accepted")

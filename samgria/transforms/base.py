@@ -261,8 +261,8 @@ class Transform:
             assign new objects, never write into existing tensors: the optimizer keeps the
             references of the state at the start of the step (no copies) and puts them back if
             anything later in the step raises, the step is skipped or cancelled.
-        slot_name: The default name of the transform's slot (default: the class name in snake
-            case).
+        slot_name: The default name of the transform's slot, an identifier (default: the class
+            name in snake case).
         supports_sharded_params: ``True`` when the transform is right for sharded (``DTensor``)
             parameters such as FSDP2's: it works elementwise on each rank's shard, or takes
             norms with :func:`~samgria.functional.global_norm` (which sums over the shards), or
@@ -273,12 +273,14 @@ class Transform:
             paper's m-sharpness): the transform uses them only to perturb. Transforms whose
             update mixes them in (GSAM, WSAM) set it to ``False``; the optimizer then refuses
             ``first_pass_context``.
-        writes_weights_before_step: ``True`` when :meth:`pre_update` changes weights in place and
-            leaves them changed (a :class:`~samgria.transforms.ParamTransform` whose pre-step
-            hook may write ``param``). With ``atomic=True`` the optimizer then copies the weights
-            at the start of the step and writes them back if the step raises, is skipped or
-            cancelled. (A transform that moves the weights and puts them back itself, as SAM
-            does, leaves it ``False``.)
+        writes_weights_before_step: ``True`` when :meth:`pre_update` may change weights in
+            place and leave them changed (a :class:`~samgria.transforms.ParamTransform` whose
+            pre-step hook may write ``param``; a :class:`~samgria.PerturbationTransform` whose
+            ``perturb`` may raise after moving weights in place — the default of subclasses that
+            override it). With ``atomic=True`` the optimizer then copies the weights at the
+            start of the step and writes them back if the step raises, is skipped or cancelled.
+            (A transform that moves the weights and always puts them back itself, also when it
+            raises, as SAM does, declares ``False``.)
         combines_gradients: ``True`` when :meth:`pre_update` hands on gradients it computed
             from the evaluations' gradients (GSAM, WSAM, LookSAM's steps in between), which can
             overflow where theirs did not: ``step(closure)`` then checks them once more, as the
@@ -494,9 +496,12 @@ class ProtocolTransform(Transform):
     Inside :meth:`TransformingOptimizer.step`, ``apply`` receives the optimizer's ``model`` (or a
     view of its parameters), a ``loss_fn`` that re-evaluates the closure — the closure already
     back-propagates, so the returned loss is detached and calling ``.backward()`` on it is a
-    harmless no-op — and ``batch=()``. When the object has ``state_dict``/``load_state_dict``, its
-    state is copied into the slot by the optimizer's ``state_dict()`` (one slot key per key; the
-    values should be tensors or numbers, which is what checkpoints carry) and handed back after
+    harmless no-op — and ``batch=()``. Without a closure (``step()`` without one, or the two-call
+    loop ``first_step()`` / ``second_step()``) ``loss_fn`` raises ``RuntimeError``: an object
+    that calls it needs ``optimizer.step(closure)``. When the object has
+    ``state_dict``/``load_state_dict``, its state is copied into the slot by the optimizer's
+    ``state_dict()`` (one slot key per key, and exactly the keys it returns then; the values
+    should be tensors or numbers, which is what checkpoints carry) and handed back after
     ``load_state_dict()`` (tried on a deep copy of the object first, so that a state it refuses
     fails the load before anything changes). The slot sits in the state of the first parameter,
     so ``load_state_dict()`` casts its floating-point tensors to that parameter's dtype, as torch
@@ -545,10 +550,10 @@ class ProtocolTransform(Transform):
 
     def pre_update(self, ctx: TransformContext) -> None:
         def loss_fn(*_batch: Any) -> torch.Tensor:
-            if ctx.reevaluate is None:
+            if ctx.reevaluate is None:  # the two-call loop, or step() without a closure
                 raise RuntimeError(
                     f"{self.transform!r} re-evaluates the loss, which needs a closure: call "
-                    "optimizer.step(closure), or use optimizer.first_step() / second_step()"
+                    "optimizer.step(closure)"
                 )
             loss = ctx.reevaluate()
             if not isinstance(loss, torch.Tensor):
@@ -561,11 +566,27 @@ class ProtocolTransform(Transform):
         self.transform.post_step(self._model(ctx))
 
     def export_state(self, ctx: TransformContext) -> None:
-        """Copy the object's ``state_dict()`` (if it has one) into the slot, key by key."""
+        """Make the slot hold exactly the object's ``state_dict()`` (if it has one), key by key.
+
+        Keys the object no longer returns are removed, also from a parameter that held the slot
+        before it was frozen: the adapter keeps nothing else in the slot.
+        """
         method = getattr(self.transform, "state_dict", None)
         slot = ctx.slot_state()
-        if callable(method) and slot is not None:
-            slot.update(method())
+        if not callable(method) or slot is None:
+            return
+        current = dict(method())  # asked and checked first: if either fails, the slot is as it was
+        bad = next((key for key in current if not isinstance(key, str)), None)
+        if bad is not None:
+            raise TypeError(f"{self.transform!r}.state_dict() must have string keys, got {bad!r}")
+        for param in list(ctx.state):
+            entry = ctx.state[param]
+            # On the anchor: the keys the object no longer returns; elsewhere (a parameter that
+            # held the slot before it was frozen): every key.
+            stale = list(entry) if entry._entry is not slot._entry else [key for key in entry if key not in current]
+            for key in stale:
+                del entry[key]
+        slot.update(current)
 
     def check_loaded_state(self, ctx: TransformContext) -> None:
         """Try the checkpoint's slot on a deep copy of the object before the load commits, so a

@@ -68,7 +68,8 @@ class Chain:
 
     Raises:
         TypeError: A transform is neither a :class:`Transform` nor a ``GradientTransform``.
-        ValueError: A slot name is not an identifier or is used twice.
+        ValueError: A slot name (given, or a transform's ``slot_name``) is not an identifier or
+            is used twice.
     """
 
     def __init__(self, transforms: Any, inner_keys: Iterable[str]) -> None:
@@ -87,6 +88,13 @@ class Chain:
             for index, transform in enumerate(transforms):
                 transform = _as_transform(f"transforms[{index}]", transform)
                 base = transform.default_slot()
+                if not isinstance(base, str) or not _SLOT_NAME.match(base):
+                    owner = transform.transform if isinstance(transform, ProtocolTransform) else transform
+                    raise ValueError(
+                        f"transforms slot names must be identifiers, got {base!r}, the slot name of "
+                        f"transforms[{index}] ({type(owner).__name__}): set its slot_name to an identifier, "
+                        "or name its slot with transforms={'name': ...}"
+                    )
                 name, suffix = base, 0
                 while name in self.slots:
                     suffix += 1

@@ -135,16 +135,42 @@ class PerturbationTransform(Transform):
 
     Subclasses implement :meth:`perturb`. :meth:`pre_update` perturbs, re-evaluates and always
     restores — also when the closure raises.
+
+    A :meth:`perturb` that raises returns no :class:`Perturbation` to restore from, so weights
+    it had already moved in place would stay moved. For a subclass that overrides
+    :meth:`perturb`, the optimizer therefore copies the weights at the start of each step and
+    writes them back if the step raises (``writes_weights_before_step`` is ``True``, with
+    ``atomic=True``). A subclass whose :meth:`perturb` leaves the weights as they were whenever
+    it raises (it moves them last, or puts them back before raising, as the built-in
+    transforms' ``_move_along`` does) declares ``writes_weights_before_step = False`` in its
+    class body to save that copy.
     """
 
     needs_closure = True
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        # A perturb() that raises after moving weights in place leaves them moved: the optimizer
+        # copies the weights first (atomicity), unless a class between this one and
+        # PerturbationTransform says its perturb() does not (as ParamTransform derives it).
+        declared = any(
+            "writes_weights_before_step" in vars(klass) and not vars(klass).get("_derived_writes", False)
+            for klass in cls.__mro__[: cls.__mro__.index(PerturbationTransform)]
+        )
+        if not declared:
+            cls.writes_weights_before_step = cls.perturb is not PerturbationTransform.perturb
+            cls._derived_writes = True
+        else:
+            cls._derived_writes = False
 
     def perturb(self, ctx: TransformContext) -> Perturbation | None:
         """Move the weights to :math:`w + e` and return how to restore them.
 
         Returns ``None`` when nothing is perturbed (no gradients, every ``rho`` zero, zero
         gradient), and an empty :class:`Perturbation` with ``non_finite=True`` when the gradient
-        norm is not finite.
+        norm is not finite. If it raises, the weights must be as they were — the optimizer
+        makes sure of it by copying them first unless the class declares
+        ``writes_weights_before_step = False`` (see the class).
         """
         raise NotImplementedError
 
@@ -391,6 +417,10 @@ class SAM(PerturbationTransform):
         ValueError: If ``rho`` is negative or not finite.
     """
 
+    # perturb() computes w + e into backup buffers and swaps them in only once nothing can
+    # raise; views are moved in place and put back if that raises (_move_along).
+    writes_weights_before_step = False
+
     def __new__(cls, *args: Any, **kwargs: Any) -> SAM:
         _refuse_optimizer_style_call(cls, args)
         return super().__new__(cls)
@@ -445,6 +475,8 @@ class ASAM(PerturbationTransform):
     Raises:
         ValueError: If ``rho`` or ``eta`` is negative or not finite.
     """
+
+    writes_weights_before_step = False  # computes e in new tensors, then moves as SAM does
 
     def __new__(cls, *args: Any, **kwargs: Any) -> ASAM:
         _refuse_optimizer_style_call(cls, args)

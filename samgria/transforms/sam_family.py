@@ -269,6 +269,9 @@ class _FinishingTransform(PerturbationTransform):
     """Perturb, re-evaluate (only when something moved), restore, then finish the step."""
 
     saves_state_before_step = True
+    # Subclasses move the weights with _move_along (or, as MultiStepSAM's adversary, put them back
+    # before raising): a perturb() that raises leaves them as they were, so nothing is copied.
+    writes_weights_before_step = False
 
     def pre_update(self, ctx: TransformContext) -> None:
         self._require_reevaluate(ctx)
@@ -361,6 +364,7 @@ class GSAM(_FinishingTransform):
 
     supports_local_first_pass = False  # the update mixes in the first-pass gradient
     combines_gradients = True  # (1 + alpha c) g_p - alpha g
+    writes_weights_before_step = False  # SAM's move (_move_along)
 
     def __init__(self, rho: float = 0.05, alpha: float = 0.4) -> None:
         self.rho = check_real("rho", rho, low=0.0)
@@ -431,6 +435,7 @@ class WSAM(_FinishingTransform):
     """
 
     supports_local_first_pass = False  # the update mixes in the first-pass gradient
+    writes_weights_before_step = False  # SAM's move (_move_along); its decoupled term is post-step
 
     def __init__(self, rho: float = 0.05, gamma: float = 0.9, *, decouple: bool = True) -> None:
         self.rho = check_real("rho", rho, low=0.0)
@@ -548,6 +553,8 @@ class FriendlySAM(_FinishingTransform):
         ValueError: If a value is negative or not finite, or ``lmbda > 1``.
     """
 
+    writes_weights_before_step = False  # d and m in new tensors, then SAM's move (_move_along)
+
     def __init__(self, rho: float = 0.05, sigma: float = 1.0, lmbda: float = 0.9) -> None:
         self.rho = check_real("rho", rho, low=0.0)
         self.sigma = check_real("sigma", sigma, low=0.0)
@@ -653,6 +660,7 @@ class LookSAM(_FinishingTransform):
 
     supports_local_first_pass = False  # the steps in between and g_v use the first-pass gradient
     combines_gradients = True  # the steps in between: g + alpha |g| g_v
+    writes_weights_before_step = False  # SAM's move (_move_along); in between only gradients change
 
     def __init__(self, rho: float = 0.05, alpha: float = 0.7, k: int = 5) -> None:
         self.rho = check_real("rho", rho, low=0.0)
@@ -799,6 +807,7 @@ class ESAM(_FinishingTransform):
     # Its random selection would come from per-rank generators whose states a distributed
     # checkpoint cannot hold apart; refused with sharded parameters until it draws per shard.
     supports_sharded_params = False
+    writes_weights_before_step = False  # masks the direction, then SAM's move (_move_along)
 
     def __init__(self, rho: float = 0.05, beta: float = 0.5, *, seed: int | None = None) -> None:
         self.rho = check_real("rho", rho, low=0.0)

@@ -1,0 +1,401 @@
+"""The transform base classes and the chain, as users writing their own transforms use them.
+
+``PerturbationTransform`` subclasses, seed-protocol objects (``ProtocolTransform``) and slot
+names of user transforms (``Chain``); the references are the weights before the step (bit for
+bit), the object's own ``state_dict()`` and hand-written messages.
+"""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+from torch import nn
+from transform_infos import assert_bitwise_equal, make_closure, make_data, make_model, params_of
+
+import samgria.transforms.sam as sam_module
+from samgria import (
+    ASAM,
+    ESAM,
+    GSAM,
+    SAM,
+    WSAM,
+    FriendlySAM,
+    LookSAM,
+    MultiStepSAM,
+    Perturbation,
+    PerturbationTransform,
+    Transform,
+    TransformingOptimizer,
+)
+
+
+def _step(optimizer, closure, loop):
+    """One step of ``loop``: ``"closure"`` (``step(closure)``) or ``"two-call"``."""
+    if loop == "closure":
+        optimizer.step(closure)
+    else:
+        closure()
+        optimizer.first_step()
+        closure()
+        optimizer.second_step()
+
+
+# -- PerturbationTransform subclasses: a perturb() that raises -------------------------------------
+class SignPerturbation(PerturbationTransform):
+    r"""Moves each weight in place, :math:`w \leftarrow w + \rho\,\operatorname{sign}(g)`, and fails
+    (a simulated out-of-memory) before the ``fail_at``-th parameter with a gradient."""
+
+    def __init__(self, rho=0.5, fail_at=None):
+        self.rho = rho
+        self.fail_at = fail_at
+
+    def group_defaults(self):
+        return {"rho": self.rho}
+
+    @torch.no_grad()
+    def perturb(self, ctx):
+        moves = []
+        for group in ctx.param_groups:
+            for param in group["params"]:
+                if param.grad is None:
+                    continue
+                if len(moves) == self.fail_at:
+                    raise RuntimeError("out of memory (simulated)")
+                backup = param.detach().clone()
+                param.add_(torch.sign(param.grad), alpha=group["rho"])
+                param.grad = None
+                moves.append((param, backup, backup, False))
+        return Perturbation(moves) if moves else None
+
+
+class DeclaredSafe(SignPerturbation):
+    """Says its perturb() leaves the weights as they were when it raises (it does not, here)."""
+
+    writes_weights_before_step = False
+
+
+class OverridesAgain(DeclaredSafe):
+    """A subclass of a class that declared: the declaration carries over, as for ParamTransform."""
+
+    def perturb(self, ctx):
+        return super().perturb(ctx)
+
+
+class NoPerturbOverride(PerturbationTransform):
+    """Overrides pre_update only: perturb() is the base's."""
+
+    def pre_update(self, ctx):
+        pass
+
+
+@pytest.mark.parametrize("loop", ["closure", "two-call"])
+def test_a_users_perturb_that_raises_after_moving_weights_leaves_them_bit_for_bit(loop):
+    model = make_model()
+    x, y = make_data()
+    optimizer = TransformingOptimizer(
+        model.parameters(), torch.optim.SGD, lr=0.1, momentum=0.9, transforms=[SignPerturbation(0.5)]
+    )
+    closure = make_closure(model, optimizer, x, y)
+    optimizer.step(closure)  # momentum state exists
+    optimizer.transforms[0].fail_at = 2
+    before = params_of(model)
+    state_before = {p: {k: v.clone() for k, v in s.items()} for p, s in optimizer.state.items()}
+    with pytest.raises(RuntimeError, match=r"^out of memory \(simulated\)$"):
+        if loop == "closure":
+            optimizer.step(closure)
+        else:
+            closure()
+            optimizer.first_step()
+    assert_bitwise_equal(before, params_of(model))
+    assert set(optimizer.state) == set(state_before)
+    for param, entry in state_before.items():
+        assert set(optimizer.state[param]) == set(entry)
+        assert all(torch.equal(optimizer.state[param][k], v) for k, v in entry.items())
+    # The optimizer goes on as if the failed step had not been tried.
+    optimizer.transforms[0].fail_at = None
+    _step(optimizer, closure, loop)
+
+
+def test_a_users_perturb_that_raises_with_atomic_false_is_not_undone():
+    """``atomic=False`` copies nothing: the weights the failing perturb() moved stay moved."""
+    model = make_model()
+    x, y = make_data()
+    optimizer = TransformingOptimizer(
+        model.parameters(), torch.optim.SGD, lr=0.1, transforms=[SignPerturbation(0.5, fail_at=2)], atomic=False
+    )
+    before = params_of(model)
+    with pytest.raises(RuntimeError, match="simulated"):
+        optimizer.step(make_closure(model, optimizer, x, y))
+    moved = [not torch.equal(a, b) for a, b in zip(before, params_of(model))]
+    assert sum(moved) == 2
+
+
+def test_writes_weights_before_step_is_derived_for_subclasses_that_override_perturb():
+    assert SignPerturbation.writes_weights_before_step is True
+    assert SignPerturbation().writes_weights_before_step is True
+    assert DeclaredSafe.writes_weights_before_step is False
+    assert OverridesAgain.writes_weights_before_step is False
+    assert NoPerturbOverride.writes_weights_before_step is False
+
+    class Child(SignPerturbation):  # inherits the derived value, derived again
+        pass
+
+    assert Child.writes_weights_before_step is True
+
+    class DeclaresTrue(PerturbationTransform):
+        writes_weights_before_step = True
+
+    assert DeclaresTrue.writes_weights_before_step is True
+
+
+@pytest.mark.parametrize(
+    "cls", [SAM, ASAM, GSAM, WSAM, FriendlySAM, LookSAM, ESAM, MultiStepSAM], ids=lambda cls: cls.__name__
+)
+def test_the_built_in_perturbations_take_no_copy_of_the_weights(cls):
+    assert cls.writes_weights_before_step is False
+    assert cls().writes_weights_before_step is False
+    assert PerturbationTransform.writes_weights_before_step is False
+
+
+@pytest.mark.parametrize("tied", [False, True], ids=["swapped", "in-place"])
+def test_sams_perturb_that_raises_leaves_the_weights_without_the_optimizers_copy(monkeypatch, tied):
+    """Why SAM may declare ``False``: a failure inside its move leaves the weights as they were
+    (swapped parameters are computed into buffers; tied ones are put back), with no copy taken."""
+    model = make_model()
+    if tied:  # one storage for two parameters: perturbed in place
+        model[0].bias.data = model[2].weight.data.view(-1)[:8]
+    x, y = make_data()
+    optimizer = TransformingOptimizer(model.parameters(), torch.optim.SGD, lr=0.1, transforms=[SAM(0.5)])
+    name = "add_directions_" if tied else "perturbed_into_"
+    original = getattr(sam_module, name)
+
+    def apply_then_fail(*args, **kwargs):
+        original(*args, **kwargs)
+        raise RuntimeError("out of memory (simulated)")
+
+    monkeypatch.setattr(sam_module, name, apply_then_fail)
+    monkeypatch.setattr(optimizer, "_structure_for", lambda transforms: None)  # no copy to fall back on
+    before = params_of(model)
+    with pytest.raises(RuntimeError, match="simulated"):
+        optimizer.step(make_closure(model, optimizer, x, y))
+    assert_bitwise_equal(before, params_of(model))
+
+
+# -- seed-protocol objects ---------------------------------------------------------------------------
+class Pending:
+    """Keeps a ``saved`` tensor only while a two-step cycle is open; its state_dict has it only then."""
+
+    writes_weights_before_step = False
+
+    def __init__(self):
+        self.t = 0
+        self.saved = None
+
+    def apply(self, model, loss_fn, batch):
+        pass
+
+    def post_step(self, model):
+        self.t += 1
+        self.saved = None if self.t % 2 == 0 else torch.tensor(float(self.t))
+
+    def state_dict(self):
+        state = {"t": self.t}
+        if self.saved is not None:
+            state["saved"] = self.saved
+        return state
+
+    def load_state_dict(self, state):
+        self.t = state["t"]
+        self.saved = state.get("saved")
+
+    def __repr__(self):
+        return "Pending()"
+
+
+def _slot_entries(optimizer, slot):
+    """Every ``"<slot>.<key>"`` entry of the optimizer's state, by parameter position."""
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    return {
+        index: {k: v for k, v in optimizer.state[p].items() if k.startswith(slot + ".")}
+        for index, p in enumerate(params)
+        if p in optimizer.state and any(k.startswith(slot + ".") for k in optimizer.state[p])
+    }
+
+
+def _grad_step(optimizer, model):
+    for param in model.parameters():
+        if param.requires_grad:
+            param.grad = torch.ones_like(param)
+    optimizer.step()
+
+
+def test_a_seed_objects_slot_holds_exactly_what_its_state_dict_returns_now():
+    model = nn.Linear(2, 1)
+    obj = Pending()
+    optimizer = TransformingOptimizer(model.parameters(), torch.optim.SGD, lr=0.1, transforms=[obj])
+    _grad_step(optimizer, model)
+    assert optimizer.state_dict()["state"][0] == {"pending.t": 1, "pending.saved": torch.tensor(1.0)}
+    _grad_step(optimizer, model)
+    assert obj.state_dict() == {"t": 2}
+    checkpoint = optimizer.state_dict()
+    assert checkpoint["state"] == {0: {"pending.t": 2}}
+
+    resumed = Pending()
+    twin = TransformingOptimizer(nn.Linear(2, 1).parameters(), torch.optim.SGD, lr=0.1, transforms=[resumed])
+    twin.load_state_dict(checkpoint)
+    assert resumed.state_dict() == {"t": 2} and resumed.saved is None
+
+
+def test_a_seed_objects_state_leaves_the_parameter_that_held_it_once_that_is_frozen():
+    model = nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 1))
+    obj = Pending()
+    optimizer = TransformingOptimizer(model.parameters(), torch.optim.SGD, lr=0.1, transforms=[obj])
+    _grad_step(optimizer, model)
+    optimizer.state_dict()
+    assert _slot_entries(optimizer, "pending") == {0: {"pending.t": 1, "pending.saved": torch.tensor(1.0)}}
+    model[0].weight.requires_grad_(False)
+    model[0].weight.grad = None
+    _grad_step(optimizer, model)
+    _grad_step(optimizer, model)
+    checkpoint = optimizer.state_dict()
+    assert {k: v for k, v in checkpoint["state"].get(0, {}).items() if k.startswith("pending.")} == {}
+    assert {k: v for k, v in checkpoint["state"][1].items() if k.startswith("pending.")} == {"pending.t": 3, "pending.saved": torch.tensor(3.0)}
+    assert _slot_entries(optimizer, "pending") == {1: {"pending.t": 3, "pending.saved": torch.tensor(3.0)}}
+
+
+def _raises():
+    raise RuntimeError("cannot export")
+
+
+@pytest.mark.parametrize(
+    "state_dict,error,message",
+    [
+        (_raises, RuntimeError, "^cannot export$"),
+        (lambda: {"t": 5, 0: 1}, TypeError, r"^Pending\(\)\.state_dict\(\) must have string keys, got 0$"),
+    ],
+    ids=["raises", "non-string-key"],
+)
+def test_a_seed_objects_state_dict_that_fails_leaves_the_slot_as_it_was(state_dict, error, message):
+    model = nn.Linear(2, 1)
+    obj = Pending()
+    optimizer = TransformingOptimizer(model.parameters(), torch.optim.SGD, lr=0.1, transforms=[obj])
+    _grad_step(optimizer, model)
+    optimizer.state_dict()
+    obj.state_dict = state_dict
+    with pytest.raises(error, match=message):
+        optimizer.state_dict()
+    assert _slot_entries(optimizer, "pending") == {0: {"pending.t": 1, "pending.saved": torch.tensor(1.0)}}
+
+
+class SeedSAM:
+    """A seed-library SAM as a plain object: its apply moves the weights and calls loss_fn."""
+
+    def __init__(self, rho=0.05):
+        self.rho = rho
+
+    def apply(self, model, loss_fn, batch):
+        params = [p for p in model.parameters() if p.grad is not None]
+        norm = torch.sqrt(sum((p.grad**2).sum() for p in params))
+        moves = []
+        with torch.no_grad():
+            for p in params:
+                e = self.rho * p.grad / norm
+                p.add_(e)
+                moves.append(e)
+        loss_fn(*batch).backward()
+        with torch.no_grad():
+            for p, e in zip(params, moves):
+                p.sub_(e)
+
+    def post_step(self, model):
+        pass
+
+    def __repr__(self):
+        return f"SeedSAM(rho={self.rho})"
+
+
+_NEEDS_CLOSURE = "SeedSAM(rho=0.05) re-evaluates the loss, which needs a closure: call optimizer.step(closure)"
+
+
+@pytest.mark.parametrize("loop", ["two-call", "closure-less"])
+def test_a_seed_object_that_re_evaluates_names_only_step_closure_without_a_closure(loop):
+    model = make_model()
+    x, y = make_data()
+    optimizer = TransformingOptimizer(model.parameters(), torch.optim.SGD, lr=0.1, transforms=[SeedSAM(0.05)], model=model)
+    closure = make_closure(model, optimizer, x, y)
+    optimizer.step(closure)  # works with a closure
+    before = params_of(model)
+    with pytest.raises(RuntimeError) as caught:
+        closure()
+        if loop == "two-call":
+            optimizer.first_step()
+            closure()
+            optimizer.second_step()
+        else:
+            optimizer.step()
+    assert str(caught.value) == _NEEDS_CLOSURE
+    assert_bitwise_equal(before, params_of(model))
+
+
+# -- the chain: slot names of user transforms --------------------------------------------------------
+class GradEMA(Transform):
+    """Pre-step: replaces each gradient by an exponential moving average of the gradients."""
+
+    saves_state_before_step = True
+
+    def __init__(self, beta=0.5):
+        self.beta = beta
+
+    def group_defaults(self):
+        return {"beta": self.beta}
+
+    @torch.no_grad()
+    def pre_update(self, ctx):
+        for group in ctx.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = ctx.state[p]
+                average = p.grad.clone() if "m" not in state else state["m"] * group["beta"] + p.grad * (1 - group["beta"])
+                state["m"] = average
+                p.grad.copy_(average)
+
+
+class DottedEMA(GradEMA):
+    slot_name = "my.ema"
+
+
+def test_a_slot_name_that_is_not_an_identifier_is_refused_in_a_list_as_in_a_mapping():
+    model = make_model()
+    with pytest.raises(ValueError) as caught:
+        TransformingOptimizer(model.parameters(), torch.optim.Adam, lr=0.1, transforms=[SAM(0.05), DottedEMA()])
+    assert str(caught.value) == (
+        "transforms slot names must be identifiers, got 'my.ema', the slot name of transforms[1] "
+        "(DottedEMA): set its slot_name to an identifier, or name its slot with transforms={'name': ...}"
+    )
+    with pytest.raises(ValueError, match=re.escape("transforms slot names must be identifiers, got 'my.ema'")):
+        TransformingOptimizer(model.parameters(), torch.optim.Adam, lr=0.1, transforms={"my.ema": GradEMA()})
+
+
+def test_a_seed_objects_class_name_that_is_not_an_identifier_is_refused():
+    Dotted = type("Seed.Clip", (), {"apply": lambda self, m, f, b: None, "post_step": lambda self, m: None})
+    with pytest.raises(ValueError) as caught:
+        TransformingOptimizer(make_model().parameters(), torch.optim.SGD, lr=0.1, transforms=[Dotted()])
+    assert str(caught.value).startswith(
+        "transforms slot names must be identifiers, got 'seed.clip', the slot name of transforms[0] (Seed.Clip)"
+    )
+
+
+def test_a_users_slot_name_names_its_state_and_is_numbered_when_repeated():
+    class NamedEMA(GradEMA):
+        slot_name = "ema"
+
+    model = make_model()
+    x, y = make_data()
+    optimizer = TransformingOptimizer(model.parameters(), torch.optim.Adam, lr=0.1, transforms=[NamedEMA(), NamedEMA(0.9)])
+    assert optimizer.slots == ["ema", "ema_1"]
+    optimizer.step(make_closure(model, optimizer, x, y))
+    weight = model[0].weight
+    assert {"exp_avg", "exp_avg_sq", "step", "ema.m", "ema_1.m"} <= set(optimizer.state[weight])
