@@ -1139,20 +1139,32 @@ class TransformingOptimizer(WrappingOptimizer):
 
     def _before_cast(self, state_dict: dict[str, Any]) -> dict[str, Any]:
         """Let each transform convert its per-parameter entries for the parameter's dtype while
-        they still have the checkpoint's (``Transform.convert_loaded``): torch's cast comes next."""
+        they still have the checkpoint's (``Transform.convert_loaded``), and shield the slots'
+        non-floating tensors from torch's cast, which comes next (:class:`_AsSaved`)."""
         state_dict = super()._before_cast(state_dict)
-        converting = [(slot, t) for slot, t in self.chain if type(t).convert_loaded is not Transform.convert_loaded]
         saved = state_dict.get("state") if isinstance(state_dict, dict) else None
-        if not converting or not isinstance(saved, dict):
+        if not isinstance(saved, dict):
             return state_dict
+        state = self._converted(state_dict, dict(saved))
+        hides = self.chain.hides
+        for index, entry in state.items():
+            if isinstance(entry, dict) and any(hides(key) and _AsSaved.needed(value) for key, value in entry.items()):
+                state[index] = {key: _AsSaved.shield(value) if hides(key) else value for key, value in entry.items()}
+        return {**state_dict, "state": state}
+
+    def _converted(self, state_dict: dict[str, Any], state: dict[Any, Any]) -> dict[Any, Any]:
+        """``state`` (a copy of the checkpoint's) with each converting transform's entries
+        converted for its parameter's dtype (``Transform.convert_loaded``)."""
+        converting = [(slot, t) for slot, t in self.chain if type(t).convert_loaded is not Transform.convert_loaded]
+        if not converting:
+            return state
         try:
             indices = [index for group in state_dict["param_groups"] for index in group["params"]]
         except (KeyError, TypeError):
-            return state_dict  # torch's load_state_dict says what is wrong
+            return state  # torch's load_state_dict says what is wrong
         params = [param for group in self.param_groups for param in group["params"]]
         if len(indices) != len(params):
-            return state_dict
-        state = dict(saved)
+            return state
         for slot, transform in converting:
             prefix = slot + "."
             for index, param in zip(indices, params):
@@ -1162,9 +1174,12 @@ class TransformingOptimizer(WrappingOptimizer):
                     transform.convert_loaded(converted, param)
                     kept = {key: value for key, value in entry.items() if not (isinstance(key, str) and key.startswith(prefix))}
                     state[index] = {**kept, **{prefix + key: value for key, value in converted.items()}}
-        return {**state_dict, "state": state}
+        return state
 
     def _prepare_loaded(self, state: Any, groups: list[dict[str, Any]]) -> tuple[Any, list[dict[str, Any]]]:
+        for param, entry in list(state.items()):
+            if isinstance(param, torch.Tensor) and isinstance(entry, dict) and any(map(_AsSaved.held, entry.values())):
+                state[param] = {key: _AsSaved.unshield(value, param.device) for key, value in entry.items()}
         for index, group in enumerate(groups):
             where = f"the checkpoint's param_groups[{index}]"
             if CHAIN_KEY in group:
@@ -1192,6 +1207,64 @@ class TransformingOptimizer(WrappingOptimizer):
         transforms = ", ".join(f"{slot}={t!r}" for slot, t in self.chain)
         inner = "\n    ".join(repr(self.inner).splitlines())
         return f"{type(self).__name__}(\n  inner={inner},\n  transforms=[{transforms}]\n)"
+
+
+class _AsSaved:
+    """A non-floating tensor of a transform's slot, hidden from torch's ``load_state_dict`` cast.
+
+    torch casts every tensor of a parameter's state but ``"step"`` to a floating parameter's
+    dtype (its own optimizers keep only floating state): a slot's counter or generator state
+    (``int64``, ``uint8``) would come back as floats, rounded in 16 bits. Shielded before the
+    cast (an object torch passes through as it is), the tensor keeps its dtype and is moved to
+    the parameter's device, as torch moves the state of a non-floating parameter.
+    """
+
+    __slots__ = ("tensor",)
+
+    def __init__(self, tensor: torch.Tensor) -> None:
+        self.tensor = tensor
+
+    @staticmethod
+    def needed(value: Any) -> bool:
+        """Whether ``value`` holds a non-floating tensor (in dicts, lists and tuples too)."""
+        if isinstance(value, torch.Tensor):
+            return not (value.is_floating_point() or value.is_complex())
+        if isinstance(value, dict):
+            return any(map(_AsSaved.needed, value.values()))
+        if isinstance(value, (list, tuple)):
+            return any(map(_AsSaved.needed, value))
+        return False
+
+    @staticmethod
+    def shield(value: Any) -> Any:
+        if isinstance(value, torch.Tensor):
+            return _AsSaved(value) if _AsSaved.needed(value) else value
+        if isinstance(value, dict):
+            return {key: _AsSaved.shield(item) for key, item in value.items()}
+        if isinstance(value, (list, tuple)):
+            return type(value)(map(_AsSaved.shield, value))
+        return value
+
+    @staticmethod
+    def held(value: Any) -> bool:
+        """Whether ``value`` holds a shielded tensor."""
+        if isinstance(value, _AsSaved):
+            return True
+        if isinstance(value, dict):
+            return any(map(_AsSaved.held, value.values()))
+        if isinstance(value, (list, tuple)):
+            return any(map(_AsSaved.held, value))
+        return False
+
+    @staticmethod
+    def unshield(value: Any, device: torch.device) -> Any:
+        if isinstance(value, _AsSaved):
+            return value.tensor.to(device=device)
+        if isinstance(value, dict):
+            return {key: _AsSaved.unshield(item, device) for key, item in value.items()}
+        if isinstance(value, (list, tuple)):
+            return type(value)(_AsSaved.unshield(item, device) for item in value)
+        return value
 
 
 def sam_optimizer(

@@ -20,7 +20,7 @@ import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
 
-from samgria import ASAM, LAMP, SAM, FriendlySAM, LookSAM, NormalizeGrad, TransformingOptimizer
+from samgria import ASAM, LAMP, SAM, FriendlySAM, LookSAM, NormalizeGrad, Transform, TransformingOptimizer
 from state_helpers import assert_same_value, assert_states_equal, groups_without_params, params_in_order, state_by_index
 
 pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled:UserWarning")
@@ -745,3 +745,74 @@ def test_a_first_step_at_lr_zero_with_zero_gradients_is_a_real_step_outside_chec
     twin.step(lambda: None)  # the same step through a closure: no doubt it is a real step
     assert_weights_equal(model, twin_model)
     assert_states_equal(state_by_index(optimizer), state_by_index(twin))
+
+
+class _SeededNoise(Transform):
+    """A post-step transform with object-level state of other dtypes than the parameters': a
+    generator state (uint8), a draw counter (int64) and a nested record holding a bool mask."""
+
+    slot_name = "seeded_noise"
+
+    def __init__(self, seed: int = 0) -> None:
+        self.seed = seed
+
+    def settings(self):
+        return {"seed": self.seed}
+
+    @torch.no_grad()
+    def post_update(self, ctx):
+        slot = ctx.slot_state(keys=("rng", "draws", "record"))
+        generator = torch.Generator()
+        if "rng" in slot:
+            generator.set_state(slot["rng"].cpu())
+        else:
+            generator.manual_seed(self.seed)
+        for group in ctx.param_groups:
+            for param in group["params"]:
+                param.add_(torch.randn(param.shape, generator=generator).to(param.dtype), alpha=1e-3)
+        slot["rng"] = generator.get_state()
+        slot["draws"] = slot.get("draws", torch.tensor(0)) + 1
+        slot["record"] = {"mask": torch.tensor([True, False]), "history": [slot["draws"].clone()]}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_non_floating_tensors_of_a_slot_load_with_their_dtype(dtype):
+    """torch's load casts every tensor of a parameter's state but "step" to a floating parameter's
+    dtype: a transform's generator state came back as floats (the next step failed) and a counter
+    of 2049 came back as 2048 in float16. Slots keep their non-floating tensors' dtypes now, and the
+    resumed run continues bit for bit."""
+    torch.manual_seed(0)
+    model = nn.Linear(2, 2).to(dtype)
+    optimizer = TransformingOptimizer(model.parameters(), torch.optim.SGD, lr=0.1, transforms=[_SeededNoise(1)])
+    x = torch.randn(4, 2).to(dtype)
+
+    def step(model, optimizer):
+        optimizer.zero_grad()
+        model(x).float().pow(2).sum().backward()
+        optimizer.step()
+
+    for _ in range(3):
+        step(model, optimizer)
+    def slot_of(optimizer):
+        return next(entry for entry in optimizer.state.values() if "seeded_noise.rng" in entry)
+
+    slot_of(optimizer)["seeded_noise.draws"] = torch.tensor(2049)  # a long run
+    buffer = io.BytesIO()
+    torch.save(optimizer.state_dict(), buffer)
+    buffer.seek(0)
+    resumed_model = nn.Linear(2, 2).to(dtype)
+    resumed_model.load_state_dict(model.state_dict())
+    resumed = TransformingOptimizer(resumed_model.parameters(), torch.optim.SGD, lr=0.1, transforms=[_SeededNoise(1)])
+    resumed.load_state_dict(torch.load(buffer, weights_only=True))
+    slot, loaded = slot_of(optimizer), slot_of(resumed)
+    for key in ("seeded_noise.rng", "seeded_noise.draws"):
+        assert loaded[key].dtype == slot[key].dtype and torch.equal(loaded[key], slot[key])
+    assert loaded["seeded_noise.draws"].item() == 2049
+    record = loaded["seeded_noise.record"]
+    assert record["mask"].dtype == torch.bool and record["history"][0].dtype == torch.int64
+    for _ in range(2):
+        step(model, optimizer)
+        step(resumed_model, resumed)
+    for a, b in zip(model.parameters(), resumed_model.parameters()):
+        assert torch.equal(a, b)
+    assert slot_of(resumed)["seeded_noise.draws"].item() == 2051

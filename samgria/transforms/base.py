@@ -367,8 +367,8 @@ class Transform:
         """Convert a parameter's entries of a checkpoint being loaded for ``param``, in place, while
         they still have the checkpoint's dtypes (default: nothing).
 
-        Runs before torch's ``load_state_dict`` casts floating-point state to the parameter's
-        dtype, on a copy of the entry with this slot's keys by their short names (LAMP turns a
+        Runs before torch's ``load_state_dict`` casts the state's tensors to the parameter's
+        dtype (a slot's non-floating tensors keep theirs), on a copy of the entry with this slot's keys by their short names (LAMP turns a
         float32 run's sum into the running mean a 16-bit parameter keeps, which the cast would
         otherwise have overflowed). Nothing is checked yet: leave what is not as expected alone
         for :meth:`check_loaded_state`.
@@ -505,7 +505,8 @@ class ProtocolTransform(Transform):
     ``load_state_dict()`` (tried on a deep copy of the object first, so that a state it refuses
     fails the load before anything changes). The slot sits in the state of the first parameter,
     so ``load_state_dict()`` casts its floating-point tensors to that parameter's dtype, as torch
-    casts all floating-point state.
+    casts its state; non-floating tensors (counters, generator states) keep their dtype and move
+    to the parameter's device (torch would cast them to a floating parameter's dtype too).
 
     The object's own attributes are outside the optimizer's atomic steps: the optimizer cannot
     see them, so what the object changed in itself during a step that later raises or is skipped
