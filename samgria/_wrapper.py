@@ -13,6 +13,9 @@ and use torch's own machinery for everything torch already does — no copies of
   ``torch.distributed.checkpoint`` sees all of it). The driven optimizer sees the same entries
   through a view that hides the keys the wrapper reserves for itself (a transform's slot), so an
   optimizer that initialises its state lazily (``if len(state) == 0``) still does.
+* A driven optimizer whose class has its own ``state_dict`` / ``load_state_dict`` keeps them:
+  what the former adds beside ``state`` and ``param_groups`` is packed too, and the latter runs
+  on the checkpoint without the wrapper's keys (see ``_own_driven``).
 * A driven optimizer that is itself a wrapper (a ``TransformingOptimizer`` as a
   ``MetaOptimizer``'s outer optimizer) shares the state and groups: its own checkpoint steps
   (the transform chain's record, validation and export) run inside the outer wrapper's.
@@ -324,7 +327,7 @@ class WrappingOptimizer(Optimizer):
     #: Attributes holding user callables that, like hooks, are not pickled.
     _dropped_on_pickle: tuple[str, ...] = ()
     #: Attributes never pickled (transient step state).
-    _transient: tuple[str, ...] = ("_loading",)
+    _transient: tuple[str, ...] = ("_loading", "_own_load_checkpoint")
     #: State keys known to be the driven optimizer's (never hidden): a subclass that learns them
     #: (``Chain``) shares its set here; an entry with only such keys needs no further check.
     _visible_state_keys: frozenset[Any] | set[Any] = frozenset()
@@ -448,10 +451,17 @@ class WrappingOptimizer(Optimizer):
 
     # -- checkpoints: torch's own, with a validation point before anything changes ---------------
     def state_dict(self) -> dict[str, Any]:  # type: ignore[override]
-        """torch's :meth:`~torch.optim.Optimizer.state_dict` of this optimizer (hooks run)."""
+        """torch's :meth:`~torch.optim.Optimizer.state_dict` of this optimizer (hooks run), with
+        what a driven optimizer's own ``state_dict`` adds beside ``state`` and ``param_groups``."""
         self._check_idle("state_dict()")
         self._before_pack()
-        return super().state_dict()
+        packed = super().state_dict()
+        driven = self._own_driven()
+        if driven is not None and type(driven).state_dict is not Optimizer.state_dict:
+            for key, value in driven.state_dict().items():
+                if key not in ("state", "param_groups"):
+                    packed.setdefault(key, value)
+        return packed
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:  # type: ignore[override]
         """torch's :meth:`~torch.optim.Optimizer.load_state_dict`, validated before it commits.
@@ -479,14 +489,81 @@ class WrappingOptimizer(Optimizer):
             state_dict, extras = self._take_extras(state_dict)
             state_dict = self._before_cast(state_dict)
             self._optimizer_load_state_dict_pre_hooks = _RanAlready(self, hooks)
+            self._own_load_checkpoint = state_dict  # for the driven optimizer's own load (__setstate__)
             try:
                 super().load_state_dict(state_dict)
             finally:
+                self._own_load_checkpoint = None
                 if isinstance(self.__dict__.get("_optimizer_load_state_dict_pre_hooks"), _RanAlready):
                     self._optimizer_load_state_dict_pre_hooks = hooks
             self._load_extras(extras)
         finally:
             self._loading = outer
+
+    # -- a driven optimizer's own state_dict / load_state_dict -----------------------------------
+    # The wrapper packs and loads the whole state with torch's methods. A driven optimizer whose
+    # class overrides them (pytorch_optimizer's restore the dtypes torch's cast changed and keep a
+    # warm-up schedule or a step count beside the state) gets its own run too: what its
+    # state_dict() adds beside "state" and "param_groups" comes along, and its load_state_dict()
+    # runs on the checkpoint without the wrapper's keys, first on a shallow copy of it (so that a
+    # refusal fails the load before anything changes), then its state and attributes are taken.
+    def _own_driven(self) -> Optimizer | None:
+        """The innermost driven optimizer when its class overrides torch's ``state_dict`` or
+        ``load_state_dict``, else ``None``."""
+        driven = self._driven_wrapper()
+        if driven is not None:
+            return driven._own_driven()
+        driven = self.__dict__.get(self._driven_attr)
+        if driven is None:
+            return None
+        kind = type(driven)
+        if kind.state_dict is Optimizer.state_dict and kind.load_state_dict is Optimizer.load_state_dict:
+            return None
+        return driven
+
+    def _own_checkpoint(self, state_dict: dict[str, Any]) -> dict[str, Any]:
+        """``state_dict`` as the driven optimizer would have packed it: the keys hidden from it
+        (a transform's slot, through every wrapper in between) left out."""
+        hides = [wrapper._hides_state_key for wrapper in self._wrapper_chain()]
+        state = {}
+        for index, entry in state_dict["state"].items():
+            if _is_entry(entry):
+                visible = {key: value for key, value in entry.items() if not any(hide(key) for hide in hides)}
+                if visible or not entry:
+                    state[index] = visible
+            else:
+                state[index] = entry
+        return {**state_dict, "state": state}
+
+    def _wrapper_chain(self) -> list[WrappingOptimizer]:
+        """This wrapper and every wrapper it drives, outermost first."""
+        chain: list[WrappingOptimizer] = [self]
+        while (driven := chain[-1]._driven_wrapper()) is not None:
+            chain.append(driven)
+        return chain
+
+    def _probe_own_load(self) -> Any:
+        """Run the driven optimizer's own ``load_state_dict`` on a shallow copy of it; return the
+        copy (``None`` when its class has no such method of its own)."""
+        checkpoint = self.__dict__.get("_own_load_checkpoint")
+        driven = self._own_driven()
+        if checkpoint is None or driven is None or type(driven).load_state_dict is Optimizer.load_state_dict:
+            return None
+        probe = object.__new__(type(driven))
+        probe.__dict__.update(driven.__dict__)
+        probe.load_state_dict(self._own_checkpoint(checkpoint))
+        return probe
+
+    def _take_own_load(self, probe: Any) -> None:
+        """Give the driven optimizer what its own load made of the copy: its state (taken over by
+        the wrapper that drives it) and the attributes it set; the param groups stay the wrapper's."""
+        driven = self._own_driven()
+        original = dict(driven.__dict__)
+        for key, value in probe.__dict__.items():
+            if key not in ("state", "param_groups") and original.get(key, _MISSING) is not value:
+                driven.__dict__[key] = value
+        driven.__dict__["state"] = probe.__dict__["state"]
+        self._wrapper_chain()[-1]._adopt_driven_state()
 
     def _take_extras(self, state_dict: dict[str, Any]) -> tuple[dict[str, Any], Any]:
         """Split off (and check, raising before anything changes) what a subclass keeps in its
@@ -521,8 +598,11 @@ class WrappingOptimizer(Optimizer):
         if self.__dict__.get("_loading"):
             # torch's load_state_dict commits through __setstate__({"state", "param_groups"}).
             loaded_state, groups = self._prepare_loaded(state["state"], state["param_groups"])
+            probe = self._probe_own_load()  # a refusal comes before anything changes
             self.state = loaded_state
             self.param_groups = groups
+            if probe is not None:
+                self._take_own_load(probe)
             self._after_load()
             return
         state = dict(state)

@@ -294,7 +294,7 @@ class TransformingOptimizer(WrappingOptimizer):
         return self._pending is not None or any(t.needs_closure for t in self.transforms)
     _driven_attr = "inner"
     _dropped_on_pickle = ("first_pass_context", "reevaluation_context")
-    _transient = ("_loading", "_progress")
+    _transient = ("_loading", "_own_load_checkpoint", "_progress")
 
     def __init__(
         self,

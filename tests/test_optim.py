@@ -724,6 +724,127 @@ def test_a_failed_step_restores_a_value_the_inner_changes_in_place_under_its_own
     assert_bitwise_equal(params_of(model), weights)
 
 
+class _MaskedSGD(torch.optim.Optimizer):
+    """SGD that keeps a bool mask per parameter and a step count as an attribute, with its own
+    ``state_dict`` (adds ``"total_step"``) and ``load_state_dict`` (restores the mask's dtype,
+    which torch's cast turns into the parameter's, and the count; refuses a checkpoint without
+    it), as pytorch_optimizer's SPAM and StableSPAM do."""
+
+    def __init__(self, params, lr=0.1):
+        super().__init__(params, {"lr": lr})
+        self.total_step = 0
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        if closure is not None:
+            with torch.enable_grad():
+                closure()
+        self.total_step += 1
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if "mask" not in state:
+                    state["mask"] = torch.ones_like(p, dtype=torch.bool)
+                state["mask"] ^= p.grad > 0
+                p.add_(torch.where(state["mask"], p.grad, 0.5 * p.grad), alpha=-group["lr"] / self.total_step)
+
+    def state_dict(self):
+        packed = super().state_dict()
+        packed["total_step"] = self.total_step
+        return packed
+
+    def load_state_dict(self, state_dict):
+        if "total_step" not in state_dict:
+            raise KeyError("total_step")
+        super().load_state_dict(state_dict)
+        for group, saved_group in zip(self.param_groups, state_dict["param_groups"]):
+            for p, index in zip(group["params"], saved_group["params"]):
+                if index in state_dict["state"]:
+                    self.state[p]["mask"] = self.state[p]["mask"].to(state_dict["state"][index]["mask"].dtype)
+        self.total_step = state_dict["total_step"]
+
+
+@pytest.mark.parametrize("chain", ["none", "sam", "lamp"])
+def test_an_inner_optimizers_own_state_dict_and_load_state_dict_run(chain):
+    """The wrapper packed and loaded with torch's methods only: an inner optimizer's own additions
+    (a step count) were lost and its own load (restoring a bool state's dtype) never ran, so the
+    resumed run differed or failed (pytorch_optimizer's SPAM, StableSPAM, AdaFactor, Kron)."""
+
+    def build(model):
+        transforms = {"none": [], "sam": [SAM(0.05)], "lamp": [SAM(0.05), LAMP(seed=2)]}[chain]
+        return TransformingOptimizer(model.parameters(), _MaskedSGD, lr=0.1, transforms=transforms)
+
+    x, y = make_data()
+    model, resumed_model, bare_model = make_model(), make_model(), make_model()
+    optimizer, bare = build(model), _MaskedSGD(bare_model.parameters(), lr=0.1)
+    for _ in range(3):
+        optimizer.step(make_closure(model, optimizer, x, y))
+        bare.step(make_closure(bare_model, bare, x, y))
+    if chain == "none":
+        assert_bitwise_equal(params_of(model), params_of(bare_model))
+        assert optimizer.state_dict().keys() == bare.state_dict().keys()
+    saved = optimizer.state_dict()
+    assert saved["total_step"] == 3
+    buffer = io.BytesIO()
+    torch.save(saved, buffer)
+    buffer.seek(0)
+    resumed_model.load_state_dict(model.state_dict())
+    resumed = build(resumed_model)
+    resumed.load_state_dict(torch.load(buffer, weights_only=True))
+    assert resumed.inner.total_step == 3
+    assert all(resumed.state[p]["mask"].dtype == torch.bool for p in resumed_model.parameters() if p.grad is not None)
+    for _ in range(2):
+        optimizer.step(make_closure(model, optimizer, x, y))
+        resumed.step(make_closure(resumed_model, resumed, x, y))
+    assert_bitwise_equal(params_of(model), params_of(resumed_model))
+    # The inner optimizer's own load refuses a checkpoint: nothing changes.
+    before, weights = copy.deepcopy(resumed.state_dict()), params_of(resumed_model)
+    broken = copy.deepcopy(saved)
+    del broken["total_step"]
+    with pytest.raises(KeyError, match="total_step"):
+        resumed.load_state_dict(broken)
+    assert_bitwise_equal(params_of(resumed_model), weights)
+    after = resumed.state_dict()
+    assert after["total_step"] == before["total_step"] == 5
+    assert_states_equal(after["state"], before["state"])
+
+
+def test_a_meta_optimizers_outer_optimizer_runs_its_own_state_dict_and_load_state_dict():
+    from samgria import MAML
+
+    def build():
+        model = nn.Linear(3, 1)
+        return model, MAML(model, _MaskedSGD, lr=0.1, inner_lr=0.1)
+
+    x, y = torch.randn(8, 3), torch.randn(8, 1)
+
+    def closure_of(model, meta):
+        def closure():
+            meta.zero_grad()
+            learner = meta.adapt(lambda f: nn.functional.mse_loss(f(x), y))
+            loss = nn.functional.mse_loss(learner(x), y)
+            loss.backward()
+            return loss
+        return closure
+
+    torch.manual_seed(0)
+    model, meta = build()
+    torch.manual_seed(0)
+    resumed_model, resumed = build()
+    for _ in range(2):
+        meta.step(closure_of(model, meta))
+    saved = meta.state_dict()
+    assert saved["total_step"] == 2
+    resumed_model.load_state_dict(model.state_dict())
+    resumed.load_state_dict(copy.deepcopy(saved))
+    assert resumed.outer.total_step == 2
+    meta.step(closure_of(model, meta))
+    resumed.step(closure_of(resumed_model, resumed))
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), resumed_model.parameters()))
+
+
 class _ReadOnlyState(torch.optim.Optimizer):
     """An optimizer that wraps another and answers with its state (as pytorch_optimizer's Magma)."""
 
