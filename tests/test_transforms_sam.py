@@ -503,3 +503,63 @@ def test_a_failure_while_perturbing_in_place_puts_the_weights_back(monkeypatch):
         optimizer.step(closure)
     assert_bitwise_equal(before, params_of(model))
     assert model.head.weight.data_ptr() == model.embedding.weight.data_ptr()
+
+
+@pytest.mark.parametrize("where, hit", [("param.data = original", 1), ("param.data = backup", 2)])
+def test_an_interrupt_between_two_parameters_of_sams_swap_leaves_nothing_moved(where, hit):
+    """Ctrl-C arriving while SAM points the parameters at the perturbed weights or back (between
+    two parameters) left the rest moved, pointing at SAM's backup buffers for good: every later
+    step kept +e in the weights. Now the swap is undone (or finished), and training continues as
+    if the interrupted step had not been taken."""
+    import linecache
+    import sys
+
+    import samgria.transforms.sam as sam_module
+
+    def make():
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 1))
+        return model, TransformingOptimizer(model.parameters(), torch.optim.SGD, lr=0.1, transforms=[SAM(0.05)])
+
+    x, y = torch.randn(8, 3), torch.randn(8, 1)
+
+    def closure_for(model, optimizer):
+        def closure():
+            optimizer.zero_grad()
+            loss = nn.functional.mse_loss(model(x), y)
+            loss.backward()
+            return loss
+        return closure
+
+    model, optimizer = make()
+    twin_model, twin = make()
+    optimizer.step(closure_for(model, optimizer))
+    twin.step(closure_for(twin_model, twin))
+    weights, pointers = params_of(model), [p.data_ptr() for p in model.parameters()]
+    hits = []
+
+    def local(frame, event, arg):
+        if event == "line" and linecache.getline(frame.f_code.co_filename, frame.f_lineno).strip() == where:
+            hits.append(frame.f_lineno)
+            if len(hits) == hit:
+                sys.settrace(None)
+                frame.f_trace = None
+                raise KeyboardInterrupt
+        return local
+
+    def tracer(frame, event, arg):
+        return local if frame.f_code.co_filename == sam_module.__file__ else None
+
+    sys.settrace(tracer)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            optimizer.step(closure_for(model, optimizer))
+    finally:
+        sys.settrace(None)
+    assert len(hits) == hit
+    assert_bitwise_equal(params_of(model), weights)
+    assert [p.data_ptr() for p in model.parameters()] == pointers
+    for _ in range(3):
+        optimizer.step(closure_for(model, optimizer))
+        twin.step(closure_for(twin_model, twin))
+    assert_bitwise_equal(params_of(model), params_of(twin_model))

@@ -75,6 +75,18 @@ class Perturbation:
             until the next perturbation (the optimizer copies its pre-step snapshot of the
             weights into it instead of allocating).
         """
+        try:
+            freed = self._put_back()
+        except BaseException:
+            # An interrupt (Ctrl-C) between two parameters: finish the way back, or the weights
+            # would stay moved and point at the backup buffers for good.
+            freed = self._put_back()
+            self.moves = []
+            raise
+        self.moves = []
+        return freed
+
+    def _put_back(self) -> dict[int, torch.Tensor]:
         freed = {}
         for param, original, buffer, swapped in self.moves:
             if swapped:
@@ -82,7 +94,6 @@ class Perturbation:
             else:
                 param.copy_(original)
             freed[id(param)] = buffer
-        self.moves = []
         return freed
 
     def restore_weights(self) -> dict[int, torch.Tensor]:
@@ -296,7 +307,8 @@ class PerturbationTransform(Transform):
             if held is not None and held[0]() is param:
                 backup = held[1]
                 if (
-                    backup.dtype == param.dtype
+                    backup.data_ptr() != param.data_ptr()  # not the weights themselves (an interrupted swap)
+                    and backup.dtype == param.dtype
                     and backup.stride() == param.stride()
                     and backup.is_same_size(param)
                     and backup.device == param.device
@@ -372,10 +384,14 @@ class PerturbationTransform(Transform):
                 for i in in_place:
                     params[i].copy_(backups[i])
                 raise
-        for param, _original, backup, swapped_storage in moves:
-            param.grad = None
-            if swapped_storage:
-                param.data = backup
+        try:
+            for param, _original, backup, swapped_storage in moves:
+                param.grad = None
+                if swapped_storage:
+                    param.data = backup
+        except BaseException:  # an interrupt between two parameters: nothing stays moved
+            Perturbation(moves).restore()
+            raise
         return Perturbation(moves)
 
 
