@@ -1197,3 +1197,61 @@ def test_a_state_given_to_the_inner_optimizer_survives_a_failed_step(chain):
     buffers = [optimizer.state[p].get("momentum_buffer") for p in model.parameters()]
     expected = [checkpoint["state"][i]["momentum_buffer"] for i in range(len(buffers))]
     assert all(b is not None and torch.equal(b, e) for b, e in zip(buffers, expected))
+
+
+@pytest.mark.parametrize("foreach", [True, False])
+def test_atomic_full_undoes_an_allocation_failing_inside_torchs_step(foreach):
+    """torch's Adam allocates sqrt(v) after it updated the moments (foreach), or steps parameter
+    after parameter (for-loop): an out-of-memory error there left part of the inner step applied.
+    ``atomic="full"`` copies before the inner step, so the optimizer is exactly as before and the
+    next step equals that of a twin that never saw the failure."""
+    def build():
+        model = make_model()
+        optimizer = TransformingOptimizer(
+            model.parameters(), torch.optim.Adam, lr=0.01, foreach=foreach, transforms=[SAM(0.05)], atomic="full"
+        )
+        return model, optimizer
+
+    model, optimizer = build()
+    twin_model, twin = build()
+    for _ in range(2):
+        optimizer.step(make_closure(model, optimizer))
+        twin.step(make_closure(twin_model, twin))
+    weights, saved = [p.detach().clone() for p in model.parameters()], copy.deepcopy(optimizer.state_dict())
+    calls = []
+    if foreach:
+        target, name = torch, "_foreach_sqrt"
+    else:
+        target, name = torch.Tensor, "sqrt"
+    original = getattr(target, name)
+
+    def failing(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2 or foreach:
+            raise torch.OutOfMemoryError("simulated: out of memory inside the inner step")
+        return original(*args, **kwargs)
+
+    setattr(target, name, failing)
+    try:
+        with pytest.raises(torch.OutOfMemoryError, match="simulated"):
+            optimizer.step(make_closure(model, optimizer))
+    finally:
+        setattr(target, name, original)
+    assert calls  # the failure came from inside the inner step
+    for before, param in zip(weights, model.parameters()):
+        assert torch.equal(before, param)
+    after = optimizer.state_dict()
+    assert_states_equal(after["state"], saved["state"])
+    for _ in range(2):
+        optimizer.step(make_closure(model, optimizer))
+        twin.step(make_closure(twin_model, twin))
+    for a, b in zip(model.parameters(), twin_model.parameters()):
+        assert torch.equal(a, b)
+
+
+def test_atomic_accepts_a_numpy_bool_and_full():
+    import numpy as np
+
+    model = make_model()
+    assert TransformingOptimizer(model.parameters(), torch.optim.SGD, lr=0.1, atomic=np.bool_(False)).atomic is False
+    assert TransformingOptimizer(model.parameters(), torch.optim.SGD, lr=0.1, atomic="full").atomic == "full"
