@@ -467,7 +467,8 @@ class WrappingOptimizer(Optimizer):
         """torch's :meth:`~torch.optim.Optimizer.load_state_dict`, validated before it commits.
 
         Everything is checked before anything changes: a load that raises leaves the optimizer
-        exactly as it was.
+        exactly as it was -- except through a load post-hook, which runs once the load is
+        applied (as torch runs it): the load stays when one raises.
         """
         self._check_idle("load_state_dict()")
         outer = self._loading  # a load_state_dict pre-hook may load too
