@@ -16,7 +16,7 @@ import torch
 from torch import nn
 from transform_infos import make_closure as closure_for
 
-from samgria import ASAM, ESAM, GSAM, LAMP, SAM, WSAM, FriendlySAM, LookSAM, MultiStepSAM, TransformingOptimizer
+from samgria import ASAM, ESAM, GSAM, LAMP, SAM, WSAM, FriendlySAM, LookSAM, MultiStepSAM, Transform, TransformingOptimizer
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -195,3 +195,90 @@ def test_second_order_maml_on_cuda_follows_the_cpu():
             meta.step(closure)
         losses.append(float(meta.task_losses(tasks, nn.functional.mse_loss).mean().detach()))
     assert losses[1] == pytest.approx(losses[0], rel=1e-4)
+
+
+class _CountingNoise(Transform):
+    """Post-step noise from a CPU generator, with an int64 draw counter beside it."""
+
+    slot_name = "counting_noise"
+
+    def settings(self):
+        return {}
+
+    @torch.no_grad()
+    def post_update(self, ctx):
+        slot = ctx.slot_state(keys=("rng", "draws"))
+        generator = torch.Generator()
+        if "rng" in slot:
+            generator.set_state(slot["rng"].cpu())
+        else:
+            generator.manual_seed(0)
+        for group in ctx.param_groups:
+            for param in group["params"]:
+                param.add_(torch.randn(param.shape, generator=generator).to(param), alpha=1e-3)
+        slot["rng"] = generator.get_state()
+        slot["draws"] = slot.get("draws", torch.tensor(0, device=ctx.param_groups[0]["params"][0].device)) + 1
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_a_slots_integer_tensors_keep_their_dtype_through_a_cpu_mapped_checkpoint(dtype):
+    """Saved on CUDA, read with map_location="cpu", loaded into a CUDA model: the counter keeps
+    int64 and moves to the parameter's device; the generator state stays a uint8 tensor."""
+    x, y = make_data("cuda")
+    model = make_model("cuda").to(dtype)
+    optimizer = TransformingOptimizer(model.parameters(), torch.optim.SGD, lr=1e-2, momentum=0.9, transforms=[SAM(0.05), _CountingNoise()])
+    x = x.to(dtype)
+    for _ in range(2):
+        optimizer.step(closure_for(model, optimizer, x, y.to(dtype)))
+    buffer = io.BytesIO()
+    torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict()}, buffer)
+    buffer.seek(0)
+    checkpoint = torch.load(buffer, map_location="cpu", weights_only=True)
+    resumed_model = make_model("cuda").to(dtype)
+    resumed_model.load_state_dict(checkpoint["model"])
+    resumed = TransformingOptimizer(resumed_model.parameters(), torch.optim.SGD, lr=1e-2, momentum=0.9, transforms=[SAM(0.05), _CountingNoise()])
+    resumed.load_state_dict(checkpoint["optimizer"])
+    slot = next(entry for entry in resumed.state.values() if "counting_noise.draws" in entry)
+    assert slot["counting_noise.draws"].dtype == torch.int64 and slot["counting_noise.draws"].device.type == "cuda"
+    assert slot["counting_noise.rng"].dtype == torch.uint8 and slot["counting_noise.draws"].item() == 2
+    for _ in range(2):
+        optimizer.step(closure_for(model, optimizer, x, y.to(dtype)))
+        resumed.step(closure_for(resumed_model, resumed, x, y.to(dtype)))
+    assert slot["counting_noise.draws"].item() == 4
+    for a, b in zip(model.parameters(), resumed_model.parameters()):
+        assert torch.isfinite(a).all() and torch.equal(a, b)
+
+
+def test_atomic_full_undoes_an_out_of_memory_inside_foreach_adam_on_cuda():
+    x, y = make_data("cuda")
+
+    def build_full():
+        model = make_model("cuda")
+        return model, TransformingOptimizer(model.parameters(), torch.optim.Adam, lr=1e-2, foreach=True, transforms=[SAM(0.05)], atomic="full")
+
+    model, optimizer = build_full()
+    twin_model, twin = build_full()
+    for _ in range(2):
+        optimizer.step(closure_for(model, optimizer, x, y))
+        twin.step(closure_for(twin_model, twin, x, y))
+    before, saved = weights(model), copy.deepcopy(optimizer.state_dict())
+    original = torch._foreach_sqrt
+
+    def failing(*args, **kwargs):
+        raise torch.OutOfMemoryError("simulated CUDA out of memory")
+
+    torch._foreach_sqrt = failing
+    try:
+        with pytest.raises(torch.OutOfMemoryError):
+            optimizer.step(closure_for(model, optimizer, x, y))
+    finally:
+        torch._foreach_sqrt = original
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    after = optimizer.state_dict()["state"]
+    for index, entry in saved["state"].items():
+        for key, value in entry.items():
+            assert torch.equal(after[index][key], value), (index, key)
+    for _ in range(2):
+        optimizer.step(closure_for(model, optimizer, x, y))
+        twin.step(closure_for(twin_model, twin, x, y))
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), twin_model.parameters()))
