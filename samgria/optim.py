@@ -1245,46 +1245,43 @@ class _AsSaved:
         self.tensor = tensor
 
     @staticmethod
-    def needed(value: Any) -> bool:
-        """Whether ``value`` holds a non-floating tensor (in dicts, lists and tuples too)."""
-        if isinstance(value, torch.Tensor):
-            return not (value.is_floating_point() or value.is_complex())
+    def _is_non_floating(value: Any) -> bool:
+        return isinstance(value, torch.Tensor) and not (value.is_floating_point() or value.is_complex())
+
+    @staticmethod
+    def _any(value: Any, test: Callable[[Any], bool]) -> bool:
+        """Whether ``value`` or an item of it (in dicts, lists and tuples) passes ``test``."""
+        if test(value):
+            return True
+        items = value.values() if isinstance(value, dict) else value if isinstance(value, (list, tuple)) else ()
+        return any(_AsSaved._any(item, test) for item in items)
+
+    @staticmethod
+    def _map(value: Any, leaf: Callable[[Any], Any]) -> Any:
+        """``value`` with ``leaf`` applied to everything but its dicts, lists and tuples."""
         if isinstance(value, dict):
-            return any(map(_AsSaved.needed, value.values()))
+            return {key: _AsSaved._map(item, leaf) for key, item in value.items()}
         if isinstance(value, (list, tuple)):
-            return any(map(_AsSaved.needed, value))
-        return False
+            return type(value)(_AsSaved._map(item, leaf) for item in value)
+        return leaf(value)
+
+    @staticmethod
+    def needed(value: Any) -> bool:
+        """Whether ``value`` holds a non-floating tensor."""
+        return _AsSaved._any(value, _AsSaved._is_non_floating)
 
     @staticmethod
     def shield(value: Any) -> Any:
-        if isinstance(value, torch.Tensor):
-            return _AsSaved(value) if _AsSaved.needed(value) else value
-        if isinstance(value, dict):
-            return {key: _AsSaved.shield(item) for key, item in value.items()}
-        if isinstance(value, (list, tuple)):
-            return type(value)(map(_AsSaved.shield, value))
-        return value
+        return _AsSaved._map(value, lambda leaf: _AsSaved(leaf) if _AsSaved._is_non_floating(leaf) else leaf)
 
     @staticmethod
     def held(value: Any) -> bool:
         """Whether ``value`` holds a shielded tensor."""
-        if isinstance(value, _AsSaved):
-            return True
-        if isinstance(value, dict):
-            return any(map(_AsSaved.held, value.values()))
-        if isinstance(value, (list, tuple)):
-            return any(map(_AsSaved.held, value))
-        return False
+        return _AsSaved._any(value, lambda leaf: isinstance(leaf, _AsSaved))
 
     @staticmethod
     def unshield(value: Any, device: torch.device) -> Any:
-        if isinstance(value, _AsSaved):
-            return value.tensor.to(device=device)
-        if isinstance(value, dict):
-            return {key: _AsSaved.unshield(item, device) for key, item in value.items()}
-        if isinstance(value, (list, tuple)):
-            return type(value)(_AsSaved.unshield(item, device) for item in value)
-        return value
+        return _AsSaved._map(value, lambda leaf: leaf.tensor.to(device=device) if isinstance(leaf, _AsSaved) else leaf)
 
 
 def sam_optimizer(

@@ -865,56 +865,40 @@ class _ReadOnlyState(torch.optim.Optimizer):
         return self.optimizer.step(closure)
 
 
-def test_an_optimizer_whose_state_is_a_read_only_property_is_refused_clearly():
-    """The wrapper gives the inner optimizer a view of its own state; one whose ``state`` cannot be
-    set failed with ``AttributeError: property 'state' ... has no setter`` from inside the wrapper."""
-    from samgria import MAML
+class _ReadOnlyGroups(_ReadOnlyState):
+    """Only its param groups are another optimizer's (as pytorch_optimizer's Lookahead)."""
 
-    model = nn.Linear(2, 1)
-    message = r"must be an optimizer whose state can be set, got a _ReadOnlyState, whose state is a read-only property"
-    with pytest.raises(TypeError, match="^inner " + message):
-        TransformingOptimizer(model.parameters(), _ReadOnlyState, lr=0.1, transforms=[SAM(0.05)])
-    existing = _ReadOnlyState(model.parameters())
-    with pytest.raises(TypeError, match="^params " + message):
-        TransformingOptimizer(existing, transforms=[SAM(0.05)])
-    assert isinstance(existing.state, type(torch.optim.SGD([nn.Parameter(torch.ones(1))]).state))
-    with pytest.raises(TypeError, match="^outer " + message):
-        MAML(model, existing, inner_lr=0.1)
-    with pytest.raises(TypeError, match="^outer " + message):
-        MAML(model, _ReadOnlyState, lr=0.1, inner_lr=0.1)
-
-
-class _ReadOnlyGroups(torch.optim.Optimizer):
-    """An optimizer that answers with another one's param groups (as pytorch_optimizer's Lookahead)."""
+    state = None  # an attribute of each instance, set below
 
     def __init__(self, params, lr=0.1):
-        self.optimizer = torch.optim.SGD(params, lr=lr)
-        self.defaults = self.optimizer.defaults
+        super().__init__(params, lr)
         self.state = collections.defaultdict(dict)
 
-    @property
-    def param_groups(self):
-        return self.optimizer.param_groups
 
-    def step(self, closure=None):
-        return self.optimizer.step(closure)
-
-
-def test_an_optimizer_whose_param_groups_are_a_read_only_property_is_refused_clearly():
-    """A load installs new param groups: one that cannot take them was accepted at construction
-    and a later load_state_dict raised after it had replaced the state (half applied)."""
+@pytest.mark.parametrize("kind, attribute", [(_ReadOnlyState, "state"), (_ReadOnlyGroups, "param_groups")])
+def test_an_optimizer_whose_state_or_param_groups_are_read_only_properties_is_refused_clearly(kind, attribute):
+    """The wrapper gives the driven optimizer a view of its own state, and a load installs new
+    param groups: one whose ``state`` could not be set failed with ``AttributeError`` from inside
+    the wrapper; one whose ``param_groups`` could not was accepted, and a later load_state_dict
+    raised after it had replaced the state (half applied)."""
     from samgria import MAML
 
     model = nn.Linear(2, 1)
-    message = r"must be an optimizer whose param_groups can be set, got a _ReadOnlyGroups, whose param_groups is a read-only property"
-    existing = _ReadOnlyGroups(model.parameters())
+    message = (
+        f"must be an optimizer whose {attribute} can be set, got a {kind.__name__}, whose {attribute} "
+        "is a read-only property"
+    )
+    with pytest.raises(TypeError, match="^inner " + message):
+        TransformingOptimizer(model.parameters(), kind, lr=0.1, transforms=[SAM(0.05)])
+    existing = kind(model.parameters())
+    state_before = existing.state
     with pytest.raises(TypeError, match="^params " + message):
         TransformingOptimizer(existing, transforms=[SAM(0.05)])
-    assert type(existing.state) is collections.defaultdict
-    with pytest.raises(TypeError, match="^inner " + message):
-        TransformingOptimizer(model.parameters(), _ReadOnlyGroups, lr=0.1)
+    assert existing.state is state_before and type(existing.state) is collections.defaultdict
     with pytest.raises(TypeError, match="^outer " + message):
         MAML(model, existing, inner_lr=0.1)
+    with pytest.raises(TypeError, match="^outer " + message):
+        MAML(model, kind, lr=0.1, inner_lr=0.1)
 
 
 def test_membership_in_a_driven_wrappers_inner_state_creates_no_entry():

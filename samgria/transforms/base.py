@@ -73,6 +73,19 @@ class GradientTransform(Protocol):
         ...
 
 
+def _derive_writes_weights(cls: type, base: type, hook: str) -> None:
+    """Set ``cls.writes_weights_before_step`` to whether ``cls`` overrides ``base``'s ``hook`` (a
+    method that may move the weights before the inner step: the optimizer then copies them first,
+    for atomicity), unless a class between ``cls`` and ``base`` declares the attribute itself."""
+    declared = any(
+        "writes_weights_before_step" in vars(klass) and not vars(klass).get("_derived_writes", False)
+        for klass in cls.__mro__[: cls.__mro__.index(base)]
+    )
+    if not declared:
+        cls.writes_weights_before_step = getattr(cls, hook) is not getattr(base, hook)  # type: ignore[attr-defined]
+    cls._derived_writes = not declared  # type: ignore[attr-defined]
+
+
 def default_slot_name(obj: Any) -> str:
     """``"sam"`` for ``SAM()``, ``"normalize_grad"`` for ``NormalizeGrad()``: snake case of the class."""
     name = type(obj).__name__

@@ -34,7 +34,7 @@ from typing import Any
 import torch
 
 from samgria._checks import check_int
-from samgria.transforms.base import Transform, TransformContext
+from samgria.transforms.base import Transform, TransformContext, _derive_writes_weights
 
 __all__ = [
     "ParamTransform",
@@ -208,17 +208,8 @@ class ParamTransform(Transform):
             cls.post_update = Transform.post_update  # type: ignore[method-assign]
         elif defines and cls.post_update is Transform.post_update:  # reset by a parent class
             cls.post_update = ParamTransform.post_update  # type: ignore[method-assign]
-        # A pre-step hook may write ``param``: the optimizer copies the weights first (atomicity),
-        # unless a class between this one and ParamTransform says the hook does not.
-        declared = any(
-            "writes_weights_before_step" in vars(klass) and not vars(klass).get("_derived_writes", False)
-            for klass in cls.__mro__[: cls.__mro__.index(ParamTransform)]
-        )
-        if not declared:
-            cls.writes_weights_before_step = cls.pre_step_transform_ is not ParamTransform.pre_step_transform_
-            cls._derived_writes = True
-        else:
-            cls._derived_writes = False
+        # A pre-step hook may write ``param``.
+        _derive_writes_weights(cls, ParamTransform, "pre_step_transform_")
 
     def group_defaults(self) -> dict[str, Any]:
         return {"param_ndim": self.param_ndim}

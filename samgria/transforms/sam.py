@@ -40,7 +40,7 @@ from samgria._checks import check_bool, check_real
 from samgria.functional._sharding import is_sharded
 from samgria.functional._views import all_as_real, as_real, widened_dtype
 from samgria.functional import adaptive_scaling, add_directions_, global_norm, mul, mul_, perturbed_into_
-from samgria.transforms.base import Transform, TransformContext
+from samgria.transforms.base import Transform, TransformContext, _derive_writes_weights
 
 __all__ = ["SAM", "ASAM", "PerturbationTransform", "Perturbation"]
 
@@ -161,18 +161,8 @@ class PerturbationTransform(Transform):
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
-        # A perturb() that raises after moving weights in place leaves them moved: the optimizer
-        # copies the weights first (atomicity), unless a class between this one and
-        # PerturbationTransform says its perturb() does not (as ParamTransform derives it).
-        declared = any(
-            "writes_weights_before_step" in vars(klass) and not vars(klass).get("_derived_writes", False)
-            for klass in cls.__mro__[: cls.__mro__.index(PerturbationTransform)]
-        )
-        if not declared:
-            cls.writes_weights_before_step = cls.perturb is not PerturbationTransform.perturb
-            cls._derived_writes = True
-        else:
-            cls._derived_writes = False
+        # A perturb() that raises after moving weights in place leaves them moved.
+        _derive_writes_weights(cls, PerturbationTransform, "perturb")
 
     def perturb(self, ctx: TransformContext) -> Perturbation | None:
         """Move the weights to :math:`w + e` and return how to restore them.
