@@ -177,9 +177,14 @@ class _DrivenState(MutableMapping):
         return default
 
     def popitem(self) -> tuple[Any, Any]:
-        for param in self:
+        """The last entry, removed (as ``dict.popitem``)."""
+        for param in reversed(list(self)):
             return param, self.pop(param)
         raise KeyError("popitem(): the state is empty")
+
+    def clear(self) -> None:
+        for param in list(self):
+            del self[param]
 
     def setdefault(self, param: Any, default: Any = None) -> Any:
         """The entry; an absent one is set to ``default`` first."""
@@ -536,6 +541,17 @@ class WrappingOptimizer(Optimizer):
                 state[index] = entry
         return {**state_dict, "state": state}
 
+    def _driven_setstate(self) -> None:
+        """Run the innermost driven optimizer's class ``__setstate__`` over the state and groups
+        just loaded, as torch's ``load_state_dict`` ends with ``self.__setstate__``: torch's
+        optimizers fill in there what a checkpoint of an older torch lacks (Adam's ``amsgrad``,
+        ``foreach``, ...) and turn a number ``step`` into a tensor."""
+        chain = self._wrapper_chain()
+        driven = chain[-1].__dict__.get(chain[-1]._driven_attr)
+        if driven is None or type(driven).__setstate__ is Optimizer.__setstate__:
+            return
+        type(driven).__setstate__(driven, {"state": driven.state, "param_groups": driven.param_groups})
+
     def _wrapper_chain(self) -> list[WrappingOptimizer]:
         """This wrapper and every wrapper it drives, outermost first."""
         chain: list[WrappingOptimizer] = [self]
@@ -543,26 +559,46 @@ class WrappingOptimizer(Optimizer):
             chain.append(driven)
         return chain
 
-    def _probe_own_load(self) -> Any:
-        """Run the driven optimizer's own ``load_state_dict`` on a shallow copy of it; return the
-        copy (``None`` when its class has no such method of its own)."""
+    def _probe_own_load(self, groups: list[dict[str, Any]]) -> Any:
+        """Run the driven optimizer's own ``load_state_dict`` on a copy of it; return the copy
+        (``None`` when its class has no such method of its own).
+
+        The copy has its own state (the visible entries, copied) and param groups (``groups``, as
+        this wrapper is about to install them, with the checkpoint's indices), so a load that
+        changes them and then raises changes nothing of the driven optimizer's; its other
+        attributes are the driven optimizer's own objects (what such a load changes inside them
+        before it raises stays changed, as it would without the wrapper).
+        """
         checkpoint = self.__dict__.get("_own_load_checkpoint")
         driven = self._own_driven()
         if checkpoint is None or driven is None or type(driven).load_state_dict is Optimizer.load_state_dict:
             return None
+        own = self._own_checkpoint(checkpoint)
+        saved_groups = own["param_groups"]
+        own["param_groups"] = [
+            {**group, "params": saved["params"]} for group, saved in zip(groups, saved_groups)
+        ] if len(groups) == len(saved_groups) else saved_groups
         probe = object.__new__(type(driven))
         probe.__dict__.update(driven.__dict__)
-        probe.load_state_dict(self._own_checkpoint(checkpoint))
+        probe.__dict__["state"] = defaultdict(dict, {key: dict(entry) if _is_entry(entry) else entry for key, entry in driven.state.items()})
+        probe.__dict__["param_groups"] = [dict(group) for group in driven.param_groups]
+        probe.load_state_dict(own)
         return probe
 
     def _take_own_load(self, probe: Any) -> None:
         """Give the driven optimizer what its own load made of the copy: its state (taken over by
-        the wrapper that drives it) and the attributes it set; the param groups stay the wrapper's."""
+        the wrapper that drives it), the attributes it set, and what it changed in the param
+        groups (their values; the parameters are the wrapper's)."""
         driven = self._own_driven()
         original = dict(driven.__dict__)
         for key, value in probe.__dict__.items():
             if key not in ("state", "param_groups") and original.get(key, _MISSING) is not value:
                 driven.__dict__[key] = value
+        for group, loaded in zip(driven.param_groups, probe.__dict__["param_groups"]):
+            params = group["params"]
+            group.clear()
+            group.update(loaded)
+            group["params"] = params
         driven.__dict__["state"] = probe.__dict__["state"]
         self._wrapper_chain()[-1]._adopt_driven_state()
 
@@ -599,11 +635,12 @@ class WrappingOptimizer(Optimizer):
         if self.__dict__.get("_loading"):
             # torch's load_state_dict commits through __setstate__({"state", "param_groups"}).
             loaded_state, groups = self._prepare_loaded(state["state"], state["param_groups"])
-            probe = self._probe_own_load()  # a refusal comes before anything changes
+            probe = self._probe_own_load(groups)  # a refusal comes before anything changes
             self.state = loaded_state
             self.param_groups = groups
             if probe is not None:
                 self._take_own_load(probe)
+            self._driven_setstate()
             self._after_load()
             return
         state = dict(state)

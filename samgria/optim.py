@@ -1198,8 +1198,10 @@ class TransformingOptimizer(WrappingOptimizer):
 
     def _prepare_loaded(self, state: Any, groups: list[dict[str, Any]]) -> tuple[Any, list[dict[str, Any]]]:
         for param, entry in list(state.items()):
-            if isinstance(param, torch.Tensor) and isinstance(entry, dict) and any(map(_AsSaved.held, entry.values())):
-                state[param] = {key: _AsSaved.unshield(value, param.device) for key, value in entry.items()}
+            if isinstance(entry, dict) and any(map(_AsSaved.held, entry.values())):
+                # (an entry of no parameter, which torch keeps as saved, keeps its device)
+                device = param.device if isinstance(param, torch.Tensor) else None
+                state[param] = {key: _AsSaved.unshield(value, device) for key, value in entry.items()}
         for index, group in enumerate(groups):
             where = f"the checkpoint's param_groups[{index}]"
             if CHAIN_KEY in group:
@@ -1236,7 +1238,8 @@ class _AsSaved:
     dtype (its own optimizers keep only floating state): a slot's counter or generator state
     (``int64``, ``uint8``) would come back as floats, rounded in 16 bits. Shielded before the
     cast (an object torch passes through as it is), the tensor keeps its dtype and is moved to
-    the parameter's device, as torch moves the state of a non-floating parameter.
+    the parameter's device, as torch moves the state of a non-floating parameter. So does a
+    complex tensor on a real parameter (the cast would drop its imaginary part).
     """
 
     __slots__ = ("tensor",)
@@ -1246,7 +1249,8 @@ class _AsSaved:
 
     @staticmethod
     def _is_non_floating(value: Any) -> bool:
-        return isinstance(value, torch.Tensor) and not (value.is_floating_point() or value.is_complex())
+        """An integer, bool or complex tensor (a complex one would lose its imaginary part)."""
+        return isinstance(value, torch.Tensor) and not value.is_floating_point()
 
     @staticmethod
     def _any(value: Any, test: Callable[[Any], bool]) -> bool:
@@ -1280,8 +1284,11 @@ class _AsSaved:
         return _AsSaved._any(value, lambda leaf: isinstance(leaf, _AsSaved))
 
     @staticmethod
-    def unshield(value: Any, device: torch.device) -> Any:
-        return _AsSaved._map(value, lambda leaf: leaf.tensor.to(device=device) if isinstance(leaf, _AsSaved) else leaf)
+    def unshield(value: Any, device: torch.device | None) -> Any:
+        """``value`` with each shielded tensor back, moved to ``device`` (as saved for ``None``)."""
+        return _AsSaved._map(
+            value, lambda leaf: (leaf.tensor if device is None else leaf.tensor.to(device=device)) if isinstance(leaf, _AsSaved) else leaf
+        )
 
 
 def sam_optimizer(

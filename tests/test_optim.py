@@ -677,7 +677,7 @@ def test_the_inner_state_answers_setdefault_pop_popitem_copy_as_torchs_defaultdi
             # (a parameter's entry that holds a transform's keys comes as a view without them)
             kind = "a mapping" if isinstance(value, collections.abc.Mapping) and type(value).__name__ in ("dict", "_VisibleEntry") else type(value).__name__
             popped.append((key if isinstance(key, str) else "param", kind))
-        results += [sorted(popped), len(state)]
+        results += [popped, len(state)]  # the last entry first, as dict.popitem
         with pytest.raises(KeyError):
             state.popitem()
         return results
@@ -810,6 +810,79 @@ def test_an_inner_optimizers_own_state_dict_and_load_state_dict_run(chain):
     after = resumed.state_dict()
     assert after["total_step"] == before["total_step"] == 5
     assert_states_equal(after["state"], before["state"])
+
+
+class _GroupEditingSGD(torch.optim.SGD):
+    """SGD whose own load halves each group's lr and adds a key (as FlashAdamW sets
+    ``initial_lr``), and clears its state and refuses a checkpoint marked ``"refuse"``."""
+
+    def load_state_dict(self, state_dict):
+        if state_dict.get("refuse"):
+            self.state.clear()
+            for group in self.param_groups:
+                group["lr"] = 123.0
+            raise ValueError("refused after clearing its state")
+        super().load_state_dict(state_dict)
+        for group in self.param_groups:
+            group["lr"] *= 0.5
+            group.setdefault("warm", 0)
+
+
+@pytest.mark.parametrize("chain", ["none", "lamp"])
+def test_what_an_inner_optimizers_own_load_does_to_its_groups_stays_and_a_refusal_changes_nothing(chain):
+    """The groups an inner optimizer's own load_state_dict edits were replaced by the wrapper's
+    (lr not halved, the added key gone: a scheduler could not resume); a load that cleared the
+    state before it raised left it cleared."""
+    transforms = {"none": [], "lamp": [LAMP(seed=1)]}[chain]
+    x, y = make_data()
+    model, plain_model = make_model(), make_model()
+    optimizer = TransformingOptimizer(model.parameters(), _GroupEditingSGD, lr=0.1, momentum=0.9, transforms=transforms)
+    plain = _GroupEditingSGD(plain_model.parameters(), lr=0.1, momentum=0.9)
+    for _ in range(2):
+        optimizer.step(make_closure(model, optimizer, x, y))
+        plain.step(make_closure(plain_model, plain, x, y))
+    optimizer.load_state_dict(copy.deepcopy(optimizer.state_dict()))
+    plain.load_state_dict(copy.deepcopy(plain.state_dict()))
+    for group, plain_group in zip(optimizer.param_groups, plain.param_groups):
+        assert group["lr"] == plain_group["lr"] == 0.05 and group["warm"] == plain_group["warm"] == 0
+    before = copy.deepcopy(optimizer.state_dict())
+    with pytest.raises(ValueError, match="refused after clearing its state"):
+        optimizer.load_state_dict({**copy.deepcopy(before), "refuse": True})
+    after = optimizer.state_dict()
+    assert [g["lr"] for g in after["param_groups"]] == [0.05]
+    assert_states_equal(after["state"], before["state"])
+    assert type(optimizer.inner.state).__name__ == "_DrivenState"
+    for _ in range(2):
+        optimizer.step(make_closure(model, optimizer, x, y))
+        plain.step(make_closure(plain_model, plain, x, y))
+    if chain == "none":
+        assert_bitwise_equal(params_of(model), params_of(plain_model))
+
+
+def test_a_checkpoint_of_an_older_torch_loads_as_into_torchs_own_optimizer():
+    """Adam's __setstate__ fills in the group keys an older torch did not save (amsgrad, foreach,
+    ...) and turns a number step into a tensor; the wrapper's load never ran it, and the next step
+    failed with KeyError 'amsgrad'."""
+    x, y = make_data()
+    model, plain_model = make_model(), make_model()
+    optimizer = TransformingOptimizer(model.parameters(), torch.optim.Adam, lr=0.01, transforms=[])
+    plain = torch.optim.Adam(plain_model.parameters(), lr=0.01)
+    for _ in range(2):
+        optimizer.step(make_closure(model, optimizer, x, y))
+        plain.step(make_closure(plain_model, plain, x, y))
+    old = copy.deepcopy(plain.state_dict())
+    for group in old["param_groups"]:
+        for key in ("amsgrad", "foreach", "maximize", "capturable", "differentiable", "fused", "decoupled_weight_decay"):
+            group.pop(key, None)
+    for entry in old["state"].values():
+        entry["step"] = float(entry["step"])
+    optimizer.load_state_dict(copy.deepcopy(old))
+    plain.load_state_dict(copy.deepcopy(old))
+    assert optimizer.param_groups[0]["amsgrad"] is False and torch.is_tensor(optimizer.state[next(iter(optimizer.state))]["step"])
+    for _ in range(2):
+        optimizer.step(make_closure(model, optimizer, x, y))
+        plain.step(make_closure(plain_model, plain, x, y))
+    assert_bitwise_equal(params_of(model), params_of(plain_model))
 
 
 def test_a_meta_optimizers_outer_optimizer_runs_its_own_state_dict_and_load_state_dict():

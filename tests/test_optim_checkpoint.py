@@ -772,7 +772,7 @@ class _SeededNoise(Transform):
                 param.add_(torch.randn(param.shape, generator=generator).to(param.dtype), alpha=1e-3)
         slot["rng"] = generator.get_state()
         slot["draws"] = slot.get("draws", torch.tensor(0)) + 1
-        slot["record"] = {"mask": torch.tensor([True, False]), "history": [slot["draws"].clone()]}
+        slot["record"] = {"mask": torch.tensor([True, False]), "history": [slot["draws"].clone()], "spectrum": torch.tensor([1 + 2j])}
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
@@ -810,6 +810,7 @@ def test_non_floating_tensors_of_a_slot_load_with_their_dtype(dtype):
     assert loaded["seeded_noise.draws"].item() == 2049
     record = loaded["seeded_noise.record"]
     assert record["mask"].dtype == torch.bool and record["history"][0].dtype == torch.int64
+    assert record["spectrum"].dtype == torch.complex64 and torch.equal(record["spectrum"], torch.tensor([1 + 2j]))
     for _ in range(2):
         step(model, optimizer)
         step(resumed_model, resumed)
