@@ -99,6 +99,12 @@ def refuse_driven(optimizer: Optimizer, name: str) -> None:
 _MISSING = object()
 
 
+def _unpickled(optimizer: Optimizer) -> bool:
+    """Whether ``optimizer`` has its attributes (not a wrapper whose ``__setstate__`` is yet to run,
+    in a cycle being unpickled)."""
+    return not isinstance(optimizer, WrappingOptimizer) or optimizer._driven_attr in optimizer.__dict__
+
+
 def _is_entry(value: Any) -> bool:
     """Whether a value of ``state`` is a parameter's entry (a dict, or a view of one) rather than
     a value a driven optimizer keeps under a key of its own (torch's state takes any value)."""
@@ -649,8 +655,10 @@ class WrappingOptimizer(Optimizer):
             self.__dict__[key] = None
         self._loading = False
         Optimizer.__setstate__(self, state)  # hooks (empty, as torch unpickles), step patch
-        if groups is not None and self.__dict__.get(self._driven_attr) is not None:
-            self._driven.param_groups = groups
         driven = self.__dict__.get(self._driven_attr)
+        if groups is not None and driven is not None and _unpickled(driven):
+            self._driven.param_groups = groups
+        # (a driven wrapper still being unpickled -- copying it alone reaches this wrapper through
+        # its state's view -- gets the same groups from its own state)
         if driven is not None:  # torch's own __setstate__ gave it empty hook dicts: hook again
             _show_state(driven, self)

@@ -1677,3 +1677,37 @@ def test_load_post_hooks_see_the_real_pre_hooks_as_with_torch(make):
     handles[0].remove()
     optimizer.load_state_dict(optimizer.state_dict())
     assert ran[-1] == "pre"
+
+
+@pytest.mark.parametrize("copier", ["deepcopy-outer", "deepcopy-inner", "pickle-outer"])
+def test_a_transforming_optimizer_driven_by_a_meta_optimizer_copies_alone(copier):
+    """Copying a meta-optimizer's outer TransformingOptimizer (or its inner) reaches the
+    meta-optimizer through the state's view; unpickling it set the groups of the outer before
+    the outer had its attributes (AttributeError: no attribute 'inner')."""
+    from samgria import MAML
+
+    torch.manual_seed(0)
+    model = nn.Linear(3, 1)
+    outer = TransformingOptimizer(model.parameters(), torch.optim.SGD, lr=0.1, momentum=0.9, transforms=[SAM(0.05)])
+    meta = MAML(model, outer, inner_lr=0.05)
+    x, y = torch.randn(8, 3), torch.randn(8, 1)
+
+    def closure():
+        meta.zero_grad()
+        learner = meta.adapt(lambda f: nn.functional.mse_loss(f(x), y))
+        loss = nn.functional.mse_loss(learner(x), y)
+        loss.backward()
+        return loss
+
+    meta.step(closure)
+    if copier == "deepcopy-outer":
+        copied = copy.deepcopy(meta.outer)
+    elif copier == "deepcopy-inner":
+        copied = copy.deepcopy(meta.outer.inner)
+    else:
+        copied = pickle.loads(pickle.dumps(meta.outer))
+    original = meta.outer if copier != "deepcopy-inner" else meta.outer.inner
+    saved, copied_saved = original.state_dict(), copied.state_dict()
+    assert_states_equal(copied_saved["state"], saved["state"])
+    assert [len(g["params"]) for g in copied.param_groups] == [len(g["params"]) for g in original.param_groups]
+    assert all(p is not q for p, q in zip(copied.param_groups[0]["params"], original.param_groups[0]["params"]))
