@@ -1098,7 +1098,7 @@ def test_param_transforms_declare_writing_the_weights_only_with_a_pre_step_hook(
         def pre_step_transform_(self, param, group) -> None:
             param.mul_(0.5)
 
-    class GradOnlyChild(GradOnly):  # inherits the declaration
+    class GradOnlyChild(GradOnly):  # overrides the hook its parent declared for: derived again
         def pre_step_transform_(self, param, group) -> None:
             param.grad.mul_(3.0)
 
@@ -1106,7 +1106,7 @@ def test_param_transforms_declare_writing_the_weights_only_with_a_pre_step_hook(
     assert GradOnly.writes_weights_before_step is False
     assert PostOnly.writes_weights_before_step is False
     assert PostThenPre.writes_weights_before_step is True
-    assert GradOnlyChild.writes_weights_before_step is False
+    assert GradOnlyChild.writes_weights_before_step is True
     assert SAM(0.05).writes_weights_before_step is False  # it puts the weights back itself
 
 

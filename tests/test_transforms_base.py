@@ -7,8 +7,6 @@ bit), the object's own ``state_dict()`` and hand-written messages.
 
 from __future__ import annotations
 
-import re
-
 import pytest
 import torch
 from torch import nn
@@ -24,6 +22,7 @@ from samgria import (
     FriendlySAM,
     LookSAM,
     MultiStepSAM,
+    ParamTransform,
     Perturbation,
     PerturbationTransform,
     Transform,
@@ -77,7 +76,7 @@ class DeclaredSafe(SignPerturbation):
 
 
 class OverridesAgain(DeclaredSafe):
-    """A subclass of a class that declared: the declaration carries over, as for ParamTransform."""
+    """Overrides the perturb() its parent declared for: the declaration does not speak for this one."""
 
     def perturb(self, ctx):
         return super().perturb(ctx)
@@ -136,13 +135,18 @@ def test_writes_weights_before_step_is_derived_for_subclasses_that_override_pert
     assert SignPerturbation.writes_weights_before_step is True
     assert SignPerturbation().writes_weights_before_step is True
     assert DeclaredSafe.writes_weights_before_step is False
-    assert OverridesAgain.writes_weights_before_step is False
+    assert OverridesAgain.writes_weights_before_step is True
     assert NoPerturbOverride.writes_weights_before_step is False
 
     class Child(SignPerturbation):  # inherits the derived value, derived again
         pass
 
     assert Child.writes_weights_before_step is True
+
+    class SafeChild(DeclaredSafe):  # DeclaredSafe's declaration covers the perturb() it inherits
+        pass
+
+    assert SafeChild.writes_weights_before_step is False
 
     class DeclaresTrue(PerturbationTransform):
         writes_weights_before_step = True
@@ -179,6 +183,106 @@ def test_sams_perturb_that_raises_leaves_the_weights_without_the_optimizers_copy
     monkeypatch.setattr(optimizer, "_structure_for", lambda transforms: None)  # no copy to fall back on
     before = params_of(model)
     with pytest.raises(RuntimeError, match="simulated"):
+        optimizer.step(make_closure(model, optimizer, x, y))
+    assert_bitwise_equal(before, params_of(model))
+
+
+# -- subclasses of the built-ins that override the hook --------------------------------------------
+def _moves_then_raises(cls):
+    """A subclass of ``cls`` whose perturb() moves every weight with a gradient in place by +1,
+    then raises."""
+
+    class MovesThenRaises(cls):
+        @torch.no_grad()
+        def perturb(self, ctx):
+            for group in ctx.param_groups:
+                for param in group["params"]:
+                    if param.grad is not None:
+                        param.add_(1.0)
+            raise RuntimeError("perturb failed after moving the weights")
+
+    MovesThenRaises.__name__ = f"My{cls.__name__}"
+    return MovesThenRaises
+
+
+@pytest.mark.parametrize("loop", ["closure", "two-call"])
+@pytest.mark.parametrize("cls", [SAM, GSAM, MultiStepSAM], ids=lambda cls: cls.__name__)
+def test_a_subclass_overriding_a_built_ins_perturb_gets_the_copy_and_a_raise_moves_nothing(cls, loop):
+    """``class MySAM(SAM)`` overriding perturb() inherited SAM's writes_weights_before_step =
+    False, which speaks for SAM's own perturb(): no copy was taken, and a perturb() that raised
+    after moving the weights in place left them moved (by +1 here). Now it gets True and the
+    optimizer puts the weights back, bit for bit."""
+    custom = _moves_then_raises(cls)
+    assert custom.writes_weights_before_step is True
+    assert custom().writes_weights_before_step is True
+    model = make_model()
+    x, y = make_data()
+    optimizer = TransformingOptimizer(model.parameters(), torch.optim.SGD, lr=0.1, transforms=[custom()])
+    closure = make_closure(model, optimizer, x, y)
+    before = params_of(model)
+    with pytest.raises(RuntimeError, match="^perturb failed after moving the weights$"):
+        _step(optimizer, closure, loop)
+    assert_bitwise_equal(before, params_of(model))
+
+
+def test_a_declaration_counts_in_the_class_that_overrides_the_hook_or_below_it():
+    class MySAM(SAM):  # overrides perturb and says it is safe: its own word
+        writes_weights_before_step = False
+
+        def perturb(self, ctx):
+            return super().perturb(ctx)
+
+    class MyGSAM(GSAM):
+        def perturb(self, ctx):
+            return super().perturb(ctx)
+
+    class Declared(MyGSAM):  # below the override: speaks for it
+        writes_weights_before_step = False
+
+    class LoggingSAM(SAM):  # SAM's perturb, SAM's declaration
+        pass
+
+    class Mixed(LoggingSAM, MySAM):  # MySAM's perturb (and declaration), through the MRO
+        pass
+
+    assert MySAM.writes_weights_before_step is False
+    assert MyGSAM.writes_weights_before_step is True
+    assert Declared.writes_weights_before_step is False
+    assert LoggingSAM.writes_weights_before_step is False
+    assert Mixed.writes_weights_before_step is False
+    assert _moves_then_raises(Declared).writes_weights_before_step is True
+
+
+def test_a_param_transform_overriding_a_declared_pre_step_hook_gets_the_copy():
+    """The same rule for ParamTransform's pre-step hook: a parent's False (its hook changes only
+    the gradients) does not speak for a child's hook, which may write the weights."""
+
+    class GradOnly(ParamTransform):
+        writes_weights_before_step = False
+
+        def pre_step_transform_(self, param, group):
+            param.grad.mul_(2.0)
+
+    class Shrinks(GradOnly):
+        def pre_step_transform_(self, param, group):
+            param.mul_(0.5)
+            if param.shape[0] == 1:  # the last layer: after the others were shrunk
+                raise RuntimeError("hook failed after writing the weights")
+
+    class GradOnlyToo(GradOnly):
+        writes_weights_before_step = False
+
+        def pre_step_transform_(self, param, group):
+            param.grad.mul_(3.0)
+
+    assert GradOnly.writes_weights_before_step is False
+    assert Shrinks.writes_weights_before_step is True
+    assert GradOnlyToo.writes_weights_before_step is False
+    model = make_model()
+    x, y = make_data()
+    optimizer = TransformingOptimizer(model.parameters(), torch.optim.SGD, lr=0.1, transforms=[Shrinks()])
+    before = params_of(model)
+    with pytest.raises(RuntimeError, match="^hook failed after writing the weights$"):
         optimizer.step(make_closure(model, optimizer, x, y))
     assert_bitwise_equal(before, params_of(model))
 
@@ -373,10 +477,15 @@ def test_a_slot_name_that_is_not_an_identifier_is_refused_in_a_list_as_in_a_mapp
         TransformingOptimizer(model.parameters(), torch.optim.Adam, lr=0.1, transforms=[SAM(0.05), DottedEMA()])
     assert str(caught.value) == (
         "transforms slot names must be identifiers, got 'my.ema', the slot name of transforms[1] "
-        "(DottedEMA): set its slot_name to an identifier, or name its slot with transforms={'name': ...}"
+        "(DottedEMA): set its slot_name to ASCII letters, digits and underscores, not starting with "
+        "a digit, or name its slot with transforms={'name': ...}"
     )
-    with pytest.raises(ValueError, match=re.escape("transforms slot names must be identifiers, got 'my.ema'")):
+    with pytest.raises(ValueError) as caught:
         TransformingOptimizer(model.parameters(), torch.optim.Adam, lr=0.1, transforms={"my.ema": GradEMA()})
+    assert str(caught.value) == (
+        "transforms slot names must be identifiers, got 'my.ema' (ASCII letters, digits and "
+        "underscores, not starting with a digit)"
+    )
 
 
 def test_a_seed_objects_class_name_that_is_not_an_identifier_is_refused():
@@ -399,3 +508,74 @@ def test_a_users_slot_name_names_its_state_and_is_numbered_when_repeated():
     optimizer.step(make_closure(model, optimizer, x, y))
     weight = model[0].weight
     assert {"exp_avg", "exp_avg_sq", "step", "ema.m", "ema_1.m"} <= set(optimizer.state[weight])
+
+
+class Glättung:
+    """A seed-protocol object whose class name is a Python identifier but not an ASCII one."""
+
+    def apply(self, model, loss_fn, batch):
+        pass
+
+    def post_step(self, model):
+        pass
+
+
+def test_a_non_ascii_slot_name_is_refused_with_the_rule_and_the_advice_works():
+    """'glättung'.isidentifier() is True, yet slot names are ASCII: the message said
+    "identifiers" and advised setting slot_name, which a seed-protocol object's own slot_name
+    did not change. Now the message states the rule, and following its advice works."""
+    obj = Glättung()
+    with pytest.raises(ValueError) as caught:
+        TransformingOptimizer(make_model().parameters(), torch.optim.SGD, lr=0.1, transforms=[obj])
+    assert str(caught.value) == (
+        "transforms slot names must be identifiers, got 'glättung', the slot name of transforms[0] "
+        "(Glättung): set its slot_name to ASCII letters, digits and underscores, not starting with "
+        "a digit, or name its slot with transforms={'name': ...}"
+    )
+    with pytest.raises(ValueError) as caught:
+        TransformingOptimizer(make_model().parameters(), torch.optim.SGD, lr=0.1, transforms={"glättung": obj})
+    assert str(caught.value) == (
+        "transforms slot names must be identifiers, got 'glättung' (ASCII letters, digits and "
+        "underscores, not starting with a digit)"
+    )
+    obj.slot_name = "smooth"  # the advice
+    optimizer = TransformingOptimizer(make_model().parameters(), torch.optim.SGD, lr=0.1, transforms=[obj])
+    assert optimizer.slots == ["smooth"]
+
+
+class NamedCounter:
+    """A seed-protocol object that names its slot, as a Transform's slot_name does."""
+
+    slot_name = "my_slot"
+
+    def __init__(self):
+        self.n = 0
+
+    def apply(self, model, loss_fn, batch):
+        pass
+
+    def post_step(self, model):
+        self.n += 1
+
+    def state_dict(self):
+        return {"n": torch.tensor(float(self.n))}
+
+    def load_state_dict(self, state):
+        self.n = int(state["n"])
+
+
+def test_a_seed_objects_slot_name_names_its_slot_and_its_state():
+    model = make_model()
+    x, y = make_data()
+    optimizer = TransformingOptimizer(
+        model.parameters(), torch.optim.SGD, lr=0.1, transforms=[NamedCounter(), NamedCounter()]
+    )
+    assert optimizer.slots == ["my_slot", "my_slot_1"]
+    optimizer.step(make_closure(model, optimizer, x, y))
+    keys = {key for entry in optimizer.state_dict()["state"].values() for key in entry}
+    assert {"my_slot.n", "my_slot_1.n"} <= keys
+    assert not any(key.startswith("named_counter") for key in keys)
+    other = NamedCounter()
+    other.slot_name = "per_object"  # an instance's attribute wins over its class's
+    optimizer = TransformingOptimizer(make_model().parameters(), torch.optim.SGD, lr=0.1, transforms=[other])
+    assert optimizer.slots == ["per_object"]

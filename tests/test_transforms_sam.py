@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 import copy
+import functools
+import linecache
 import math
+import sys
 import warnings
+from collections.abc import Callable
+from typing import Any
 
 import pytest
 import torch
@@ -12,7 +17,10 @@ from torch import nn
 from torch.func import functional_call
 from transform_infos import assert_bitwise_equal, make_closure, make_data, make_model, params_of
 
-from samgria import ASAM, SAM, TransformingOptimizer
+import samgria.transforms.ascent as ascent_module
+import samgria.transforms.sam as sam_module
+import samgria.transforms.sam_family as sam_family_module
+from samgria import ASAM, ESAM, GSAM, SAM, WSAM, FriendlySAM, LookSAM, MultiStepSAM, TransformingOptimizer
 
 
 # -- independent reference ------------------------------------------------------------------------
@@ -480,8 +488,6 @@ def test_parameters_tied_through_one_storage_stay_tied_and_match_the_in_place_re
 def test_a_failure_while_perturbing_in_place_puts_the_weights_back(monkeypatch):
     """Parameters perturbed in place (views, tied storage, shards) are restored also when the
     in-place move itself raises halfway (they kept the perturbation before)."""
-    import samgria.transforms.sam as sam_module
-
     real_add = sam_module.add_directions_
 
     def halfway(params, directions, scales, foreach):
@@ -505,23 +511,65 @@ def test_a_failure_while_perturbing_in_place_puts_the_weights_back(monkeypatch):
     assert model.head.weight.data_ptr() == model.embedding.weight.data_ptr()
 
 
-@pytest.mark.parametrize("where, hit", [("param.data = original", 1), ("param.data = backup", 2)])
-def test_an_interrupt_between_two_parameters_of_sams_swap_leaves_nothing_moved(where, hit):
-    """Ctrl-C arriving while SAM points the parameters at the perturbed weights or back (between
-    two parameters) left the rest moved, pointing at SAM's backup buffers for good: every later
-    step kept +e in the weights. Now the swap is undone (or finished), and training continues as
-    if the interrupted step had not been taken."""
-    import linecache
-    import sys
+# -- Ctrl-C anywhere in a step -------------------------------------------------------------------------
+_INTERRUPTED = {
+    "SAM": lambda: SAM(0.05),
+    "ASAM": lambda: ASAM(0.05),
+    "GSAM": lambda: GSAM(0.05),
+    "WSAM": lambda: WSAM(0.05),
+    "FriendlySAM": lambda: FriendlySAM(0.05),
+    "LookSAM": lambda: LookSAM(0.05, k=2),  # the interrupted step (the third) is a SAM step
+    "ESAM": lambda: ESAM(0.05, seed=0),
+    "MultiStepSAM": lambda: MultiStepSAM(0.05, ascent_steps=2),
+    "MultiStepSAM-adversary": lambda: MultiStepSAM(
+        0.05, ascent_steps=2, adversary=functools.partial(torch.optim.SGD, momentum=0.9), reset_state=False
+    ),
+}
 
-    import samgria.transforms.sam as sam_module
 
-    def make():
-        torch.manual_seed(0)
-        model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 1))
-        return model, TransformingOptimizer(model.parameters(), torch.optim.SGD, lr=0.1, transforms=[SAM(0.05)])
+def _interrupt_at(event: int, files: set[str], step: Callable[[], Any]) -> list[tuple[str, int]]:
+    """Run ``step`` with a KeyboardInterrupt raised at its ``event``-th line event in ``files``
+    (none when ``event`` is past the last); return the line events up to it."""
+    seen: list[tuple[str, int]] = []
 
-    x, y = torch.randn(8, 3), torch.randn(8, 1)
+    def local(frame, event_name, arg):
+        if event_name == "line":
+            seen.append((frame.f_code.co_filename, frame.f_lineno))
+            if len(seen) == event + 1:
+                raise KeyboardInterrupt
+        return local
+
+    def tracer(frame, event_name, arg):
+        return local if frame.f_code.co_filename in files else None
+
+    previous = sys.gettrace()
+    sys.settrace(tracer)
+    try:
+        step()
+    finally:
+        sys.settrace(previous)
+    return seen
+
+
+@pytest.mark.parametrize("name", list(_INTERRUPTED))
+def test_an_interrupt_at_any_line_of_a_step_leaves_the_weights_as_they_were(name):
+    """Ctrl-C landing anywhere in a SAM-family step (while perturb() runs, after it returned and
+    before the re-evaluation's try, while a _Step is built, inside restore()) left the weights at
+    w + e, parameters pointing at the backup buffers for good: every later step differed. Now,
+    injected at every line that sam.py, sam_family.py and ascent.py execute in one step (one run
+    per line event, a parameter that is a view perturbed in place among swapped ones), the
+    weights are bit for bit and storage for storage those before the step, and the next steps
+    equal those of a twin that never took it."""
+    files = {sam_module.__file__, sam_family_module.__file__, ascent_module.__file__}
+    x, y = torch.randn(8, 3, generator=torch.Generator().manual_seed(1)), torch.randn(8, 2, generator=torch.Generator().manual_seed(2))
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
+    flat = torch.zeros(3)
+    flat[1:] = model[2].bias.detach()
+    model[2].bias.data = flat[1:]  # a view: perturbed in place, restored by a copy
+    optimizer = TransformingOptimizer(
+        model.parameters(), torch.optim.SGD, lr=0.1, momentum=0.9, transforms=[_INTERRUPTED[name]()]
+    )
 
     def closure_for(model, optimizer):
         def closure():
@@ -529,37 +577,45 @@ def test_an_interrupt_between_two_parameters_of_sams_swap_leaves_nothing_moved(w
             loss = nn.functional.mse_loss(model(x), y)
             loss.backward()
             return loss
+
         return closure
 
-    model, optimizer = make()
-    twin_model, twin = make()
-    optimizer.step(closure_for(model, optimizer))
-    twin.step(closure_for(twin_model, twin))
-    weights, pointers = params_of(model), [p.data_ptr() for p in model.parameters()]
-    hits = []
-
-    def local(frame, event, arg):
-        if event == "line" and linecache.getline(frame.f_code.co_filename, frame.f_lineno).strip() == where:
-            hits.append(frame.f_lineno)
-            if len(hits) == hit:
-                sys.settrace(None)
-                frame.f_trace = None
-                raise KeyboardInterrupt
-        return local
-
-    def tracer(frame, event, arg):
-        return local if frame.f_code.co_filename == sam_module.__file__ else None
-
-    sys.settrace(tracer)
-    try:
-        with pytest.raises(KeyboardInterrupt):
-            optimizer.step(closure_for(model, optimizer))
-    finally:
-        sys.settrace(None)
-    assert len(hits) == hit
-    assert_bitwise_equal(params_of(model), weights)
-    assert [p.data_ptr() for p in model.parameters()] == pointers
-    for _ in range(3):
+    for _ in range(2):  # state exists (momentum, averages, LookSAM's direction, the adversary's)
         optimizer.step(closure_for(model, optimizer))
+    twin_model, twin = copy.deepcopy((model, optimizer))
+    for _ in range(2):
         twin.step(closure_for(twin_model, twin))
-    assert_bitwise_equal(params_of(model), params_of(twin_model))
+    expected = params_of(twin_model)
+    trial_model, trial = copy.deepcopy((model, optimizer))
+    events = _interrupt_at(-1, files, lambda: trial.step(closure_for(trial_model, trial)))
+    lines = {(file.rsplit("/", 1)[-1], linecache.getline(file, line).strip()) for file, line in events}
+    assert ("sam.py", "param.data = original") in lines  # restore() is among the lines interrupted
+    if not name.startswith("MultiStepSAM-"):
+        assert ("sam.py", "param.data = backup") in lines  # so is _move_along's swap
+    assert len(events) > 100
+    failures = []
+    for event in range(len(events)):
+        file, line = events[event]
+        if linecache.getline(file, line).lstrip().startswith("with "):
+            # A with-line's event also comes as its block exits, before __exit__ runs: an
+            # interrupt there skips __exit__ (Python's limit, not samgria's), and for
+            # torch.autocast(enabled=False) it leaves autocast's nesting raised for the rest of the
+            # process (its weight cache is then never cleared, which breaks later autocast runs).
+            continue
+        trial_model, trial = copy.deepcopy((model, optimizer))
+        weights = params_of(trial_model)
+        pointers = [p.data_ptr() for p in trial_model.parameters()]
+        with pytest.raises(KeyboardInterrupt):
+            _interrupt_at(event, files, lambda: trial.step(closure_for(trial_model, trial)))
+        where = f"{file.rsplit('/', 1)[-1]}:{line} {linecache.getline(file, line).strip()!r}"
+        if [p.data_ptr() for p in trial_model.parameters()] != pointers or not all(
+            torch.equal(a, b) for a, b in zip(weights, params_of(trial_model))
+        ):
+            failures.append(f"moved: {where}")
+            continue
+        for _ in range(2):
+            trial.step(closure_for(trial_model, trial))
+        if not all(torch.equal(a, b) for a, b in zip(expected, params_of(trial_model))):
+            failures.append(f"differs from the twin: {where}")
+    assert not failures, f"{len(failures)} of {len(events)} interrupts:\n" + "\n".join(failures)
+

@@ -1069,3 +1069,33 @@ def test_decoupled_wsam_sharpness_beyond_float16_is_applied_from_float32(loop):
     expected = (inner.float() - lr * (0.9 / (1 - 0.9)) * (g_p - g).float()).half()
     assert torch.isfinite(params[0]).all()
     assert torch.equal(params[0].detach(), expected)
+
+
+@pytest.mark.parametrize("name", ["GSAM", "LookSAM", "FriendlySAM"])
+def test_moves_left_registered_by_a_two_call_step_are_not_put_back_by_a_later_step(name):
+    """_move_along registers its moves on the transform until perturb() returns, for pre_update
+    to undo them after an interrupt; the two-call loop calls perturb() itself, so they stay
+    registered after second_step(). A later step(closure) whose perturb() raises before moving
+    anything must not restore them: for a parameter perturbed in place, that copied the two-call
+    step's starting weights back over its update."""
+    make = {"GSAM": lambda: GSAM(0.05), "LookSAM": lambda: LookSAM(0.05, k=1), "FriendlySAM": lambda: FriendlySAM(0.05)}
+    model = make_model()
+    flat = torch.zeros(model[0].bias.numel() + 1, dtype=model[0].bias.dtype)
+    flat[1:] = model[0].bias.detach()
+    model[0].bias.data = flat[1:]  # a view: perturbed in place, restored by a copy
+    x, y = make_data()
+    optimizer = TransformingOptimizer(model.parameters(), torch.optim.SGD, lr=0.1, transforms=[make[name]()])
+    closure = make_closure(model, optimizer, x, y)
+    closure()
+    optimizer.first_step()
+    closure()
+    optimizer.second_step()
+    before = params_of(model)
+
+    def refuse(ctx):
+        raise RuntimeError("injected before anything moved")
+
+    optimizer.transforms[0]._collect = refuse
+    with pytest.raises(RuntimeError, match="^injected before anything moved$"):
+        optimizer.step(closure)
+    assert_bitwise_equal(before, params_of(model))

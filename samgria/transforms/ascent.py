@@ -269,6 +269,8 @@ class MultiStepSAM(_FinishingTransform):
 
     # The adversary may be any optimizer, whose state a sharded checkpoint may not hold apart.
     supports_sharded_params = False
+    # SAM's move (_move_along), or the adversary's on copies (_hold) put back if it raises.
+    writes_weights_before_step = False
 
     def __init__(
         self,
@@ -312,25 +314,15 @@ class MultiStepSAM(_FinishingTransform):
         return self.ascent_steps
 
     # -- the step ------------------------------------------------------------------------------
-    def pre_update(self, ctx: TransformContext) -> None:
-        """Ascend ``ascent_steps`` times (re-evaluating after each), restore :math:`w`, commit."""
-        self._require_reevaluate(ctx)
-        ascent = self.perturb(ctx)
-        if ascent is None or ascent.non_finite:
-            return
-        assert isinstance(ascent, _Ascent) and ctx.reevaluate is not None
-        try:
+    def _climb(self, ctx: TransformContext, step: _Step) -> None:
+        """Re-evaluate at :math:`a_1` and ascend the other ``ascent_steps - 1`` times (re-evaluating
+        after each); ``pre_update`` then restores :math:`w` and commits."""
+        assert isinstance(step, _Ascent) and ctx.reevaluate is not None
+        ctx.reevaluate()
+        for _ in range(1, self.ascent_steps):
+            if not self._advance(ctx, step):
+                break  # standalone, non-finite gradients: stop climbing (warned)
             ctx.reevaluate()
-            for _ in range(1, self.ascent_steps):
-                if not self._advance(ctx, ascent):
-                    break  # standalone, non-finite gradients: stop climbing (warned)
-                ctx.reevaluate()
-        except BaseException:
-            ctx.spare_buffers.update(ascent.restore_weights())
-            raise
-        ctx.spare_buffers.update(ascent.restore_weights())
-        # Inside the optimizer a re-evaluation with non-finite gradients raises; standalone, not.
-        ascent.finish(checked=not ctx.standalone)
 
     def perturb(self, ctx: TransformContext) -> Perturbation | None:
         """Take the first ascent step, :math:`w \\to a_1`; return the ascent (restores :math:`w`).
@@ -362,18 +354,18 @@ class MultiStepSAM(_FinishingTransform):
                 "optimizer maximises (maximize=True), whose worst case lies down L: minimise the "
                 "negated loss instead of maximize=True, or use MultiStepSAM without an adversary"
             )
-        moves = self._hold(moved, ctx.foreach)
+        held = self._hold(moved, ctx.foreach)
         try:
             adversary = self._build_adversary(moved, moved_groups)
             if self._keeps_state:
                 self._load_adversary_state(ctx, adversary, moved)
             self._adversary_step(adversary, moved, [grads[i] for i in moving], norm, ctx.foreach)
         except BaseException:
-            Perturbation(moves).restore()
+            held.restore()
             raise
         commit = self._committer(ctx, adversary, moved) if self._keeps_state else None
         return _Ascent(
-            moves, commit, moved=moved, groups=moved_groups, adversary=adversary, scale_dependent=not self.normalize
+            held.moves, commit, moved=moved, groups=moved_groups, adversary=adversary, scale_dependent=not self.normalize
         )
 
     def _advance(self, ctx: TransformContext, ascent: _Ascent) -> bool:
@@ -408,12 +400,13 @@ class MultiStepSAM(_FinishingTransform):
         return True
 
     # -- helpers ---------------------------------------------------------------------------------
-    def _hold(self, params: list[torch.Tensor], foreach: bool) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, bool]]:
+    def _hold(self, params: list[torch.Tensor], foreach: bool) -> Perturbation:
         """Point each parameter at a copy of itself (its backup buffer) that the adversary may move.
 
         As in :meth:`~samgria.PerturbationTransform._move_along`: a parameter that owns its
         storage keeps its original tensor untouched (restored by re-pointing); a view is moved in
-        place and restored from the copy.
+        place and restored from the copy. The moves are registered before the first one, as
+        there, so that ``pre_update`` undoes them after an interrupt.
         """
         backups = self._backups_of(params)
         if foreach:
@@ -422,15 +415,19 @@ class MultiStepSAM(_FinishingTransform):
         else:
             for backup, param in zip(backups, params):
                 backup.copy_(param)
-        moves = []
-        for param, backup, swappable in zip(params, backups, _swappable(params)):
-            if swappable:
-                original = param.data
-                param.data = backup
-                moves.append((param, original, backup, True))
-            else:
-                moves.append((param, backup, backup, False))
-        return moves
+        moves = [
+            (param, param.data, backup, True) if swappable else (param, backup, backup, False)
+            for param, backup, swappable in zip(params, backups, _swappable(params))
+        ]
+        held = self.__dict__["_moving"] = Perturbation(moves)
+        try:
+            for param, _original, backup, swapped in moves:
+                if swapped:
+                    param.data = backup
+        except BaseException:  # the two-call loop has no pre_update to put them back
+            held.restore()
+            raise
+        return held
 
     def _build_adversary(
         self, params: list[torch.Tensor], groups: list[Mapping[str, Any]], lr: float | None = None

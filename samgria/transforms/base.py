@@ -74,12 +74,19 @@ class GradientTransform(Protocol):
 
 
 def _derive_writes_weights(cls: type, base: type, hook: str) -> None:
-    """Set ``cls.writes_weights_before_step`` to whether ``cls`` overrides ``base``'s ``hook`` (a
+    """Set ``cls.writes_weights_before_step`` to whether ``cls``'s ``hook`` is not ``base``'s (a
     method that may move the weights before the inner step: the optimizer then copies them first,
-    for atomicity), unless a class between ``cls`` and ``base`` declares the attribute itself."""
+    for atomicity), unless a class declares the attribute that defines that ``hook`` or derives
+    from the one that does.
+
+    A declaration speaks for the hook its class sees: one made above the class that overrides
+    the hook (``class MySAM(SAM)`` overriding ``perturb`` below SAM's ``False``) does not count.
+    """
+    mro = cls.__mro__
+    definer = next(index for index, klass in enumerate(mro) if hook in vars(klass))
     declared = any(
         "writes_weights_before_step" in vars(klass) and not vars(klass).get("_derived_writes", False)
-        for klass in cls.__mro__[: cls.__mro__.index(base)]
+        for klass in mro[: definer + 1]
     )
     if not declared:
         cls.writes_weights_before_step = getattr(cls, hook) is not getattr(base, hook)  # type: ignore[attr-defined]
@@ -274,8 +281,8 @@ class Transform:
             assign new objects, never write into existing tensors: the optimizer keeps the
             references of the state at the start of the step (no copies) and puts them back if
             anything later in the step raises, the step is skipped or cancelled.
-        slot_name: The default name of the transform's slot, an identifier (default: the class
-            name in snake case).
+        slot_name: The default name of the transform's slot: ASCII letters, digits and
+            underscores, not starting with a digit (default: the class name in snake case).
         supports_sharded_params: ``True`` when the transform is right for sharded (``DTensor``)
             parameters such as FSDP2's: it works elementwise on each rank's shard, or takes
             norms with :func:`~samgria.functional.global_norm` (which sums over the shards), or
@@ -381,9 +388,9 @@ class Transform:
         they still have the checkpoint's dtypes (default: nothing).
 
         Runs before torch's ``load_state_dict`` casts the state's tensors to the parameter's
-        dtype (a slot's non-floating tensors keep theirs), on a copy of the entry with this slot's keys by their short names (LAMP turns a
-        float32 run's sum into the running mean a 16-bit parameter keeps, which the cast would
-        otherwise have overflowed). Nothing is checked yet: leave what is not as expected alone
+        dtype (a slot's non-floating tensors keep theirs), on a copy of the entry with this
+        slot's keys by their short names (LAMP turns a float32 run's sum into the running mean a
+        16-bit parameter keeps, which the cast would otherwise have overflowed). Nothing is checked yet: leave what is not as expected alone
         for :meth:`check_loaded_state`.
         """
 
@@ -526,7 +533,7 @@ class ProtocolTransform(Transform):
     stays changed (the weights and every slot are restored). The weights are copied at the start
     of each step, as ``apply`` may change them; an object whose ``apply`` leaves them as they
     were (or puts them back itself) declares ``writes_weights_before_step = False`` to save that
-    copy.
+    copy. Its ``slot_name`` attribute, if it has one, names its slot as a :class:`Transform`'s does.
     """
 
     # A seed-protocol object typically takes p.grad.norm() per tensor: on a shard, a shard's norm.
@@ -554,7 +561,8 @@ class ProtocolTransform(Transform):
         self.transform = transform
 
     def default_slot(self) -> str:
-        return default_slot_name(self.transform)
+        """The object's own ``slot_name`` (as a :class:`Transform`'s), else its class name in snake case."""
+        return getattr(self.transform, "slot_name", None) or default_slot_name(self.transform)
 
     def describe(self) -> str:
         return type(self.transform).__qualname__

@@ -40,6 +40,8 @@ __all__ = ["Chain", "CHAIN_KEY"]
 CHAIN_KEY = "transform_chain"
 
 _SLOT_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+#: What ``_SLOT_NAME`` accepts, in words (``str.isidentifier`` also takes non-ASCII letters).
+_SLOT_RULE = "ASCII letters, digits and underscores, not starting with a digit"
 
 
 def _as_transform(where: str, transform: Any) -> Transform:
@@ -68,8 +70,8 @@ class Chain:
 
     Raises:
         TypeError: A transform is neither a :class:`Transform` nor a ``GradientTransform``.
-        ValueError: A slot name (given, or a transform's ``slot_name``) is not an identifier or
-            is used twice.
+        ValueError: A slot name (given, or a transform's ``slot_name``) is not an identifier of
+            ASCII letters, digits and underscores, or is used twice.
     """
 
     def __init__(self, transforms: Any, inner_keys: Iterable[str]) -> None:
@@ -78,7 +80,7 @@ class Chain:
         if isinstance(transforms, Mapping):
             for name, transform in transforms.items():
                 if not isinstance(name, str) or not _SLOT_NAME.match(name):
-                    raise ValueError(f"transforms slot names must be identifiers, got {name!r}")
+                    raise ValueError(f"transforms slot names must be identifiers, got {name!r} ({_SLOT_RULE})")
                 self._add(name, _as_transform(f"transforms[{name!r}]", transform))
         else:
             if isinstance(transforms, (Transform, GradientTransform)) and not isinstance(transforms, (list, tuple)):
@@ -92,7 +94,7 @@ class Chain:
                     owner = transform.transform if isinstance(transform, ProtocolTransform) else transform
                     raise ValueError(
                         f"transforms slot names must be identifiers, got {base!r}, the slot name of "
-                        f"transforms[{index}] ({type(owner).__name__}): set its slot_name to an identifier, "
+                        f"transforms[{index}] ({type(owner).__name__}): set its slot_name to {_SLOT_RULE}, "
                         "or name its slot with transforms={'name': ...}"
                     )
                 name, suffix = base, 0

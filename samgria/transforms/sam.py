@@ -30,7 +30,7 @@ from __future__ import annotations
 import math
 import warnings
 import weakref
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import torch
@@ -68,25 +68,14 @@ class Perturbation:
 
     @torch.no_grad()
     def restore(self) -> dict[int, torch.Tensor]:
-        """Put the original weights back (idempotent).
+        """Put the original weights back (idempotent: the moves are kept until all are undone,
+        so a restore cut short by an interrupt may simply be called again).
 
         Returns:
             The backup buffers, by ``id(param)``: memory laid out like each parameter that is free
             until the next perturbation (the optimizer copies its pre-step snapshot of the
             weights into it instead of allocating).
         """
-        try:
-            freed = self._put_back()
-        except BaseException:
-            # An interrupt (Ctrl-C) between two parameters: finish the way back, or the weights
-            # would stay moved and point at the backup buffers for good.
-            freed = self._put_back()
-            self.moves = []
-            raise
-        self.moves = []
-        return freed
-
-    def _put_back(self) -> dict[int, torch.Tensor]:
         freed = {}
         for param, original, buffer, swapped in self.moves:
             if swapped:
@@ -94,6 +83,7 @@ class Perturbation:
             else:
                 param.copy_(original)
             freed[id(param)] = buffer
+        self.moves = []
         return freed
 
     def restore_weights(self) -> dict[int, torch.Tensor]:
@@ -145,7 +135,8 @@ class PerturbationTransform(Transform):
     """Base of transforms that perturb the weights, re-evaluate the closure and restore.
 
     Subclasses implement :meth:`perturb`. :meth:`pre_update` perturbs, re-evaluates and always
-    restores — also when the closure raises.
+    restores — also when the closure raises, or Ctrl-C interrupts the step anywhere (moves that
+    ``_move_along`` made are registered until :meth:`perturb` returns them).
 
     A :meth:`perturb` that raises returns no :class:`Perturbation` to restore from, so weights
     it had already moved in place would stay moved. For a subclass that overrides
@@ -154,7 +145,9 @@ class PerturbationTransform(Transform):
     ``atomic=True``). A subclass whose :meth:`perturb` leaves the weights as they were whenever
     it raises (it moves them last, or puts them back before raising, as the built-in
     transforms' ``_move_along`` does) declares ``writes_weights_before_step = False`` in its
-    class body to save that copy.
+    class body to save that copy. A declaration covers the :meth:`perturb` of the class that
+    makes it (and of its subclasses that do not override it): a subclass of :class:`SAM` that
+    overrides :meth:`perturb` gets ``True`` unless it declares ``False`` itself.
     """
 
     needs_closure = True
@@ -186,13 +179,45 @@ class PerturbationTransform(Transform):
 
     def pre_update(self, ctx: TransformContext) -> None:
         self._require_reevaluate(ctx)
-        perturbation = self.perturb(ctx)
-        if perturbation is None or not perturbation.params:
-            return
+        self._perturbed(ctx, lambda perturbation: ctx.reevaluate(), finish=True)
+
+    def _perturbed(
+        self, ctx: TransformContext, climb: Callable[[Perturbation], Any], *, finish: bool
+    ) -> Perturbation | None:
+        """:meth:`perturb`, ``climb(perturbation)`` (the re-evaluations) when it moved anything,
+        and the weights put back whatever raises, Ctrl-C (``KeyboardInterrupt``) included.
+
+        Put back are the returned perturbation (by ``restore()``, which may finish the step, when
+        ``finish``; else by ``restore_weights()``) and the moves that :meth:`_move_along`
+        registered while :meth:`perturb` ran, which an interrupt before it returned would have
+        left in place. A put-back that is itself interrupted is done once more (restoring is
+        idempotent). Returns the perturbation, its weights restored.
+        """
+        self.__dict__.pop("_moving", None)  # a two-call step's (the optimizer restores its perturbation)
+        perturbation = put_back = None
         try:
-            ctx.reevaluate()
-        finally:
-            ctx.spare_buffers.update(perturbation.restore())
+            try:
+                perturbation = self.perturb(ctx)
+                self.__dict__.pop("_moving", None)  # the perturbation returned holds the moves now
+                if perturbation is not None and perturbation.params:
+                    climb(perturbation)
+            finally:
+                self._put_back(ctx, perturbation, finish)
+                put_back = True
+        except BaseException:
+            if not put_back:  # interrupted on the way back
+                self._put_back(ctx, perturbation, finish)
+            raise
+        return perturbation
+
+    def _put_back(self, ctx: TransformContext, perturbation: Perturbation | None, finish: bool) -> None:
+        """Restore ``perturbation`` and the moves registered by :meth:`_move_along` (see :meth:`_perturbed`)."""
+        if perturbation is not None and perturbation.params:
+            ctx.spare_buffers.update(perturbation.restore() if finish else perturbation.restore_weights())
+        moving = self.__dict__.get("_moving")
+        if moving is not None:
+            moving.restore()
+            del self.__dict__["_moving"]
 
     def active(self, param_groups: Iterable[Mapping[str, Any]]) -> bool:
         return any(group.get("rho", 0) > 0 for group in param_groups)
@@ -318,6 +343,7 @@ class PerturbationTransform(Transform):
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
         state.pop("_backups", None)
+        state.pop("_moving", None)
         return state
 
     def _move_along(
@@ -339,6 +365,10 @@ class PerturbationTransform(Transform):
         other memory (a flat parameter buffer, a parametrization) or shares its storage with
         another parameter (tied weights) is perturbed in place instead: its values are copied
         into the backup first and copied back to restore.
+
+        The perturbation is registered on the transform before the first weight moves, so that
+        :meth:`pre_update` puts the weights back also when an interrupt lands before
+        :meth:`perturb` returns it (see :meth:`_perturbed`).
         """
         backups = self._backups_of(params)
         moves = []
@@ -363,26 +393,26 @@ class PerturbationTransform(Transform):
         if in_place:
             for i in in_place:
                 backups[i].copy_(params[i])
-            try:
+        moved = Perturbation(moves)
+        # From here the weights move: registered, so that pre_update puts them back also when an
+        # interrupt (Ctrl-C) lands before perturb() returns (see _perturbed).
+        self.__dict__["_moving"] = moved
+        try:
+            if in_place:
                 add_directions_(
                     [as_real(params[i]) for i in in_place],
                     [directions[i] for i in in_place],
                     [scales[i] for i in in_place],
                     foreach=foreach,
                 )
-            except BaseException:  # nothing is returned to restore from: put the weights back here
-                for i in in_place:
-                    params[i].copy_(backups[i])
-                raise
-        try:
             for param, _original, backup, swapped_storage in moves:
                 param.grad = None
                 if swapped_storage:
                     param.data = backup
-        except BaseException:  # an interrupt between two parameters: nothing stays moved
-            Perturbation(moves).restore()
+        except BaseException:  # nothing is returned to restore from (the two-call loop): put them back here
+            moved.restore()
             raise
-        return Perturbation(moves)
+        return moved
 
 
 def _refuse_optimizer_style_call(cls: type, args: tuple[Any, ...]) -> None:

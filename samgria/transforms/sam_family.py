@@ -269,25 +269,25 @@ class _FinishingTransform(PerturbationTransform):
     """Perturb, re-evaluate (only when something moved), restore, then finish the step."""
 
     saves_state_before_step = True
-    # Subclasses move the weights with _move_along (or, as MultiStepSAM's adversary, put them back
-    # before raising): a perturb() that raises leaves them as they were, so nothing is copied.
+    # The built-in subclasses move the weights with _move_along (or, as MultiStepSAM's adversary,
+    # put them back before raising): a perturb() that raises leaves them as they were, so nothing
+    # is copied. Each declares it beside its own perturb(); a declaration here covers only
+    # PerturbationTransform's.
     writes_weights_before_step = False
 
     def pre_update(self, ctx: TransformContext) -> None:
         self._require_reevaluate(ctx)
-        step = self.perturb(ctx)
+        step = self._perturbed(ctx, lambda step: self._climb(ctx, step), finish=False)  # weights restored
         if step is None or step.non_finite:
             return
         assert isinstance(step, _Step)
-        if step.moves:
-            try:
-                ctx.reevaluate()
-            except BaseException:
-                ctx.spare_buffers.update(step.restore_weights())
-                raise
-            ctx.spare_buffers.update(step.restore_weights())
         # Inside the optimizer a re-evaluation with non-finite gradients raises; standalone, not.
         step.finish(checked=not ctx.standalone)
+
+    def _climb(self, ctx: TransformContext, step: _Step) -> None:
+        """The re-evaluation at the moved weights (none when nothing moved)."""
+        if step.moves:
+            ctx.reevaluate()
 
     def _sam_moves(
         self,
