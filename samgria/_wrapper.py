@@ -253,6 +253,8 @@ class _DrivenState(MutableMapping):
 
     def __iter__(self) -> Iterator[Any]:
         state = self._owner.__dict__.get("state", {})
+        if not _unpickled(self._owner):  # see __contains__
+            return iter(())
         return iter([param for param, entry in state.items() if self._holds(entry)])
 
     def items(self):  # type: ignore[override]
@@ -270,9 +272,13 @@ class _DrivenState(MutableMapping):
 
     def __contains__(self, param: object) -> bool:
         state = self._owner.__dict__.get("state")
+        if state is None or not _unpickled(self._owner):
+            # (while a copy is unpickled, the driven optimizer's own __setstate__ -- Adam's reads
+            # its state -- may run before the wrapper has what tells its keys apart: empty then)
+            return False
         # ``in`` first: the owner's state may itself be a view (a wrapper driving a wrapper),
         # whose ``get`` would read through a defaultdict and create the entry.
-        return state is not None and param in state and self._holds(state[param])
+        return param in state and self._holds(state[param])
 
     def __repr__(self) -> str:
         return f"<state of {type(self._owner).__name__}>"

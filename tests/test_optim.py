@@ -1679,16 +1679,18 @@ def test_load_post_hooks_see_the_real_pre_hooks_as_with_torch(make):
     assert ran[-1] == "pre"
 
 
+@pytest.mark.parametrize("inner", [torch.optim.SGD, torch.optim.Adam, torch.optim.NAdam])
 @pytest.mark.parametrize("copier", ["deepcopy-outer", "deepcopy-inner", "pickle-outer"])
-def test_a_transforming_optimizer_driven_by_a_meta_optimizer_copies_alone(copier):
+def test_a_transforming_optimizer_driven_by_a_meta_optimizer_copies_alone(copier, inner):
     """Copying a meta-optimizer's outer TransformingOptimizer (or its inner) reaches the
     meta-optimizer through the state's view; unpickling it set the groups of the outer before
-    the outer had its attributes (AttributeError: no attribute 'inner')."""
+    the outer had its attributes (AttributeError: no attribute 'inner'), and Adam's own
+    __setstate__ read its state's view before the outer had its chain."""
     from samgria import MAML
 
     torch.manual_seed(0)
     model = nn.Linear(3, 1)
-    outer = TransformingOptimizer(model.parameters(), torch.optim.SGD, lr=0.1, momentum=0.9, transforms=[SAM(0.05)])
+    outer = TransformingOptimizer(model.parameters(), inner, lr=0.1, transforms=[SAM(0.05), LAMP(seed=1)])
     meta = MAML(model, outer, inner_lr=0.05)
     x, y = torch.randn(8, 3), torch.randn(8, 1)
 

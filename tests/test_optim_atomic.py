@@ -1255,3 +1255,36 @@ def test_atomic_accepts_a_numpy_bool_and_full():
     model = make_model()
     assert TransformingOptimizer(model.parameters(), torch.optim.SGD, lr=0.1, atomic=np.bool_(False)).atomic is False
     assert TransformingOptimizer(model.parameters(), torch.optim.SGD, lr=0.1, atomic="full").atomic == "full"
+
+
+@pytest.mark.parametrize("chain", ["sam", "looksam"])
+def test_an_interrupt_in_first_step_before_the_step_is_pending_leaves_the_weights(chain, monkeypatch):
+    """Ctrl-C after perturb() moved the weights and before first_step() made the step pending
+    (where cancel_step() finds it) left them at w + e, pointing at SAM's backup buffers; and a
+    completed first_step() left its moves registered on the transform."""
+    import samgria.optim as optim_module
+
+    transforms = {"sam": [SAM(0.05)], "looksam": [LookSAM(0.05, k=2)]}[chain]
+    model = make_model()
+    optimizer = TransformingOptimizer(model.parameters(), torch.optim.SGD, lr=0.1, transforms=transforms)
+    weights, pointers = [p.detach().clone() for p in model.parameters()], [p.data_ptr() for p in model.parameters()]
+    loss_of(model).backward()
+    real = optim_module._PendingStep
+
+    def interrupted(*args, **kwargs):
+        monkeypatch.setattr(optim_module, "_PendingStep", real)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(optim_module, "_PendingStep", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        optimizer.first_step()
+    assert optim_module._PendingStep is real
+    assert all(torch.equal(a, b) for a, b in zip(weights, model.parameters()))
+    assert [p.data_ptr() for p in model.parameters()] == pointers
+    assert "_moving" not in optimizer.transforms[0].__dict__
+    optimizer.zero_grad()
+    loss_of(model).backward()
+    optimizer.first_step()
+    assert "_moving" not in optimizer.transforms[0].__dict__
+    loss_of(model).backward()
+    optimizer.second_step()
