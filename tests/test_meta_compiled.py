@@ -303,7 +303,7 @@ def test_compilation_error_falls_back_once_and_stays_off():
     messages = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
     assert len(messages) == 1
     assert "the compiled path failed" in messages[0] and "backend exploded on purpose" in messages[0]
-    assert "using the loop path from now on" in messages[0]
+    assert "this step ran on the loop path, and the compiled path is not tried again" in messages[0]
     plain = fit("maml", False, batches)
     # The weights match bit for bit. Adam's moments match to rounding only: the failed compiled
     # iteration ran the loop path outside the loop/vmap measurement, so the next two iterations

@@ -58,7 +58,7 @@ def test_run_falls_back_and_blames_the_path_only_when_the_fallback_works():
             raise RuntimeError("cannot vmap this")
         return path
 
-    with pytest.warns(RuntimeWarning, match=r"M: the vmap path failed \(RuntimeError: cannot vmap this\); using the loop path from now on"):
+    with pytest.warns(RuntimeWarning, match=r"M: the vmap path failed \(RuntimeError: cannot vmap this\); this step ran on the loop path, and the vmap path is not tried again"):
         assert policy.run("vmap", "loop", broken_vmap, explicit=False) == ("loop", "loop")
     assert policy.failed == {"vmap": "RuntimeError: cannot vmap this"}
     assert policy.usable(["loop", "vmap"]) == ["loop"]
@@ -180,7 +180,7 @@ def test_trainer_evaluate_falls_back_to_the_loop_once_with_a_warning_and_remembe
     fallbacks = [w for w in caught if "path failed" in str(w.message)]
     assert len(fallbacks) == 1 and issubclass(fallbacks[0].category, RuntimeWarning)
     message = str(fallbacks[0].message)
-    assert message.startswith("MAML: the vmap path failed") and message.endswith("using the loop path from now on")
+    assert message.startswith("MAML: the vmap path failed") and message.endswith("this step ran on the loop path, and the vmap path is not tried again")
     assert "vmap" in meta.path_policy.failed
 
 

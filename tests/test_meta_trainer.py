@@ -638,7 +638,7 @@ def test_compile_with_vectorize_true_falls_back_to_vmap_after_a_compilation_erro
     vmap = _fixed_batches_trainer("maml", tasks, vectorize=True)
     expected = vmap.fit(3, 2, progress=False)
     assert len(warned) == 1 and "backend exploded on purpose" in warned[0]
-    assert "using the vmap path from now on" in warned[0]
+    assert "this step ran on the vmap path, and the compiled path is not tried again" in warned[0]
     assert compiled.path == "vmap" and compiled.compiled_loss is None
     assert history.meta_loss == expected.meta_loss
     assert all(torch.equal(p, q) for p, q in zip(compiled.meta.model.parameters(), vmap.meta.model.parameters()))

@@ -188,7 +188,7 @@ def test_fallback_to_loop_warns_once_and_remembers():
     model = ItemModel().to(DT)
     meta = MAML(model, torch.optim.SGD, inner_lr=0.1, lr=0.1)
     tasks = make_tasks(n=3)
-    with pytest.warns(RuntimeWarning, match="MAML: the vmap path failed .*; using the loop path from now on"):
+    with pytest.warns(RuntimeWarning, match="MAML: the vmap path failed .*; this step ran on the loop path, and the vmap path is not tried again"):
         first = meta.task_losses(tasks, mse)
     with warnings.catch_warnings():
         warnings.simplefilter("error")

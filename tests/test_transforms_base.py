@@ -543,6 +543,19 @@ def test_a_non_ascii_slot_name_is_refused_with_the_rule_and_the_advice_works():
     assert optimizer.slots == ["smooth"]
 
 
+def test_a_slot_name_with_a_trailing_newline_is_refused():
+    """The rule's regex ended in "$", which also matches before a final newline: "sam\n" was
+    accepted, as a given name and as a slot_name, and state keys became "sam\n.x"."""
+    with pytest.raises(ValueError, match=r"slot names must be identifiers, got 'sam\\n'"):
+        TransformingOptimizer(make_model().parameters(), torch.optim.SGD, lr=0.1, transforms={"sam\n": SAM(0.05)})
+
+    class Trailing(SAM):
+        slot_name = "sam\n"
+
+    with pytest.raises(ValueError, match=r"got 'sam\\n', the slot name of transforms\[0\]"):
+        TransformingOptimizer(make_model().parameters(), torch.optim.SGD, lr=0.1, transforms=[Trailing(0.05)])
+
+
 class NamedCounter:
     """A seed-protocol object that names its slot, as a Transform's slot_name does."""
 

@@ -124,8 +124,8 @@ class PathPolicy:
             # Only now, when the fallback worked, is the error the path's and not the user's.
             self.failed[path] = f"{type(error).__name__}: {error}"
             warnings.warn(
-                f"{self.owner}: the {path} path failed ({self.failed[path]}); using the {fallback} "
-                "path from now on",
+                f"{self.owner}: the {path} path failed ({self.failed[path]}); this step ran on the "
+                f"{fallback} path, and the {path} path is not tried again",
                 RuntimeWarning,
                 stacklevel=stacklevel_outside(),
             )

@@ -39,7 +39,7 @@ __all__ = ["Chain", "CHAIN_KEY"]
 #: The param-group key recording the chain that the group's hyperparameters belong to.
 CHAIN_KEY = "transform_chain"
 
-_SLOT_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_SLOT_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")  # fullmatch: "$" would let a trailing newline in
 #: What ``_SLOT_NAME`` accepts, in words (``str.isidentifier`` also takes non-ASCII letters).
 _SLOT_RULE = "ASCII letters, digits and underscores, not starting with a digit"
 
@@ -79,7 +79,7 @@ class Chain:
         self.transforms: list[Transform] = []
         if isinstance(transforms, Mapping):
             for name, transform in transforms.items():
-                if not isinstance(name, str) or not _SLOT_NAME.match(name):
+                if not isinstance(name, str) or not _SLOT_NAME.fullmatch(name):
                     raise ValueError(f"transforms slot names must be identifiers, got {name!r} ({_SLOT_RULE})")
                 self._add(name, _as_transform(f"transforms[{name!r}]", transform))
         else:
@@ -90,7 +90,7 @@ class Chain:
             for index, transform in enumerate(transforms):
                 transform = _as_transform(f"transforms[{index}]", transform)
                 base = transform.default_slot()
-                if not isinstance(base, str) or not _SLOT_NAME.match(base):
+                if not isinstance(base, str) or not _SLOT_NAME.fullmatch(base):
                     owner = transform.transform if isinstance(transform, ProtocolTransform) else transform
                     raise ValueError(
                         f"transforms slot names must be identifiers, got {base!r}, the slot name of "
