@@ -1257,16 +1257,18 @@ def test_atomic_accepts_a_numpy_bool_and_full():
     assert TransformingOptimizer(model.parameters(), torch.optim.SGD, lr=0.1, atomic="full").atomic == "full"
 
 
-@pytest.mark.parametrize("chain", ["sam", "looksam"])
-def test_an_interrupt_in_first_step_before_the_step_is_pending_leaves_the_weights(chain, monkeypatch):
+@pytest.mark.parametrize("atomic", [True, "full"])
+@pytest.mark.parametrize("chain", ["sam", "looksam", "hook+sam"])
+def test_an_interrupt_in_first_step_before_the_step_is_pending_leaves_the_weights(chain, atomic, monkeypatch):
     """Ctrl-C after perturb() moved the weights and before first_step() made the step pending
     (where cancel_step() finds it) left them at w + e, pointing at SAM's backup buffers; and a
-    completed first_step() left its moves registered on the transform."""
+    completed first_step() left its moves registered on the transform. Behind a hook that
+    writes the weights, the hook's write stayed too."""
     import samgria.optim as optim_module
 
-    transforms = {"sam": [SAM(0.05)], "looksam": [LookSAM(0.05, k=2)]}[chain]
+    transforms = {"sam": [SAM(0.05)], "looksam": [LookSAM(0.05, k=2)], "hook+sam": [ShrinkingHook(), SAM(0.05)]}[chain]
     model = make_model()
-    optimizer = TransformingOptimizer(model.parameters(), torch.optim.SGD, lr=0.1, transforms=transforms)
+    optimizer = TransformingOptimizer(model.parameters(), torch.optim.SGD, lr=0.1, transforms=transforms, atomic=atomic)
     weights, pointers = [p.detach().clone() for p in model.parameters()], [p.data_ptr() for p in model.parameters()]
     loss_of(model).backward()
     real = optim_module._PendingStep
@@ -1281,10 +1283,35 @@ def test_an_interrupt_in_first_step_before_the_step_is_pending_leaves_the_weight
     assert optim_module._PendingStep is real
     assert all(torch.equal(a, b) for a, b in zip(weights, model.parameters()))
     assert [p.data_ptr() for p in model.parameters()] == pointers
-    assert "_moving" not in optimizer.transforms[0].__dict__
+    assert "_moving" not in optimizer.transforms[-1].__dict__
     optimizer.zero_grad()
     loss_of(model).backward()
     optimizer.first_step()
-    assert "_moving" not in optimizer.transforms[0].__dict__
+    assert "_moving" not in optimizer.transforms[-1].__dict__
     loss_of(model).backward()
     optimizer.second_step()
+
+
+class _MovesThenRaises(SAM):
+    """SAM whose perturb() raises after it moved the weights (it declares nothing: the
+    optimizer copies the weights first)."""
+
+    def perturb(self, ctx):
+        super().perturb(ctx)
+        raise ValueError("perturb failed after moving the weights")
+
+
+@pytest.mark.parametrize("atomic", [True, "full"])
+def test_a_perturb_that_raises_behind_a_weight_writing_hook_leaves_the_weights_in_first_step(atomic):
+    """first_step() put the structure's copy of the weights back while they pointed at SAM's
+    backup buffers, then re-pointed them at their own storage, which held the hook's write."""
+    model = make_model()
+    optimizer = TransformingOptimizer(
+        model.parameters(), torch.optim.SGD, lr=0.1, transforms=[ShrinkingHook(), _MovesThenRaises(0.05)], atomic=atomic
+    )
+    weights, pointers = [p.detach().clone() for p in model.parameters()], [p.data_ptr() for p in model.parameters()]
+    loss_of(model).backward()
+    with pytest.raises(ValueError, match="perturb failed after moving the weights"):
+        optimizer.first_step()
+    assert all(torch.equal(a, b) for a, b in zip(weights, model.parameters()))
+    assert [p.data_ptr() for p in model.parameters()] == pointers
