@@ -9,7 +9,8 @@ and use torch's own machinery for everything torch already does — no copies of
 * ``state`` is one ``defaultdict(dict)`` owned by the wrapper, packed and loaded by torch's own
   :meth:`~torch.optim.Optimizer.state_dict` / :meth:`~torch.optim.Optimizer.load_state_dict`
   (so hooks run, floating-point state is cast to the parameter's dtype and device -- a
-  transform slot's non-floating tensors keep their dtype, ``TransformingOptimizer._before_cast`` --, and
+  transform slot's non-floating tensors keep their dtype (``TransformingOptimizer._before_cast``)
+  --, and
   ``torch.distributed.checkpoint`` sees all of it). The driven optimizer sees the same entries
   through a view that hides the keys the wrapper reserves for itself (a transform's slot), so an
   optimizer that initialises its state lazily (``if len(state) == 0``) still does.

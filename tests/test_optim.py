@@ -725,6 +725,19 @@ def test_a_failed_step_restores_a_value_the_inner_changes_in_place_under_its_own
     assert_bitwise_equal(params_of(model), weights)
 
 
+def _meta_closure(meta, x, y):
+    """A closure for ``meta.step``: one inner step on (x, y) and the query loss on the same."""
+
+    def closure():
+        meta.zero_grad()
+        learner = meta.adapt(lambda f: nn.functional.mse_loss(f(x), y))
+        loss = nn.functional.mse_loss(learner(x), y)
+        loss.backward()
+        return loss
+
+    return closure
+
+
 class _MaskedSGD(torch.optim.Optimizer):
     """SGD that keeps a bool mask per parameter and a step count as an attribute, with its own
     ``state_dict`` (adds ``"total_step"``) and ``load_state_dict`` (restores the mask's dtype,
@@ -894,28 +907,19 @@ def test_a_meta_optimizers_outer_optimizer_runs_its_own_state_dict_and_load_stat
 
     x, y = torch.randn(8, 3), torch.randn(8, 1)
 
-    def closure_of(model, meta):
-        def closure():
-            meta.zero_grad()
-            learner = meta.adapt(lambda f: nn.functional.mse_loss(f(x), y))
-            loss = nn.functional.mse_loss(learner(x), y)
-            loss.backward()
-            return loss
-        return closure
-
     torch.manual_seed(0)
     model, meta = build()
     torch.manual_seed(0)
     resumed_model, resumed = build()
     for _ in range(2):
-        meta.step(closure_of(model, meta))
+        meta.step(_meta_closure(meta, x, y))
     saved = meta.state_dict()
     assert saved["total_step"] == 2
     resumed_model.load_state_dict(model.state_dict())
     resumed.load_state_dict(copy.deepcopy(saved))
     assert resumed.outer.total_step == 2
-    meta.step(closure_of(model, meta))
-    resumed.step(closure_of(resumed_model, resumed))
+    meta.step(_meta_closure(meta, x, y))
+    resumed.step(_meta_closure(resumed, x, y))
     assert all(torch.equal(a, b) for a, b in zip(model.parameters(), resumed_model.parameters()))
 
 
@@ -986,16 +990,8 @@ def test_membership_in_a_driven_wrappers_inner_state_creates_no_entry():
     stranger = torch.zeros(1, requires_grad=True)
     assert stranger not in outer.inner.state and len(meta.state) == 0
     x, y = torch.randn(4, 3), torch.randn(4, 1)
-
-    def closure():
-        meta.zero_grad()
-        learner = meta.adapt(lambda f: nn.functional.mse_loss(f(x), y))
-        loss = nn.functional.mse_loss(learner(x), y)
-        loss.backward()
-        return loss
-
     for _ in range(2):
-        meta.step(closure)
+        meta.step(_meta_closure(meta, x, y))
     assert [outer.state[p]["step"] for p in model.parameters()] == [2, 2]
     assert stranger not in outer.inner.state and len(meta.state) == 2
     assert set(meta.state_dict()["state"]) == {0, 1}
@@ -1693,15 +1689,7 @@ def test_a_transforming_optimizer_driven_by_a_meta_optimizer_copies_alone(copier
     outer = TransformingOptimizer(model.parameters(), inner, lr=0.1, transforms=[SAM(0.05), LAMP(seed=1)])
     meta = MAML(model, outer, inner_lr=0.05)
     x, y = torch.randn(8, 3), torch.randn(8, 1)
-
-    def closure():
-        meta.zero_grad()
-        learner = meta.adapt(lambda f: nn.functional.mse_loss(f(x), y))
-        loss = nn.functional.mse_loss(learner(x), y)
-        loss.backward()
-        return loss
-
-    meta.step(closure)
+    meta.step(_meta_closure(meta, x, y))
     if copier == "deepcopy-outer":
         copied = copy.deepcopy(meta.outer)
     elif copier == "deepcopy-inner":

@@ -572,13 +572,7 @@ def test_an_interrupt_at_any_line_of_a_step_leaves_the_weights_as_they_were(name
     )
 
     def closure_for(model, optimizer):
-        def closure():
-            optimizer.zero_grad()
-            loss = nn.functional.mse_loss(model(x), y)
-            loss.backward()
-            return loss
-
-        return closure
+        return make_closure(model, optimizer, x, y)
 
     for _ in range(2):  # state exists (momentum, averages, LookSAM's direction, the adversary's)
         optimizer.step(closure_for(model, optimizer))
