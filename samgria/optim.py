@@ -1084,24 +1084,30 @@ class TransformingOptimizer(WrappingOptimizer):
         # first, so that the second pass runs at the step's weights and they act once, as in
         # step(closure) -- also with atomic=False, which takes no structure.
         undo = structure if structure is not None else self._structure_for(self.transforms[:split])
-        ctx, perturbation = None, None
+        ctx, perturbation, put_back = None, None, False
         with _put_back_on_error(structure):  # second: the weights and state from before the step
             try:
-                for index, (slot, before) in enumerate(list(self.chain)[:split]):
-                    before.pre_update(self._context(slot, None, grad_norm if index == 0 else None))
-                ctx = self._context(self.slots[split], None, grad_norm if split == 0 else None)
-                perturbation = transform.perturb(ctx)
-                skipped = perturbation is None or not perturbation.params
-                if skipped and undo is not None:
-                    undo.restore()
-                self._pending = _PendingStep(perturbation, split + 1, rerun_before=skipped, structure=structure)
+                try:
+                    for index, (slot, before) in enumerate(list(self.chain)[:split]):
+                        before.pre_update(self._context(slot, None, grad_norm if index == 0 else None))
+                    ctx = self._context(self.slots[split], None, grad_norm if split == 0 else None)
+                    perturbation = transform.perturb(ctx)
+                    skipped = perturbation is None or not perturbation.params
+                    if skipped and undo is not None:
+                        undo.restore()
+                    self._pending = _PendingStep(perturbation, split + 1, rerun_before=skipped, structure=structure)
+                except BaseException:
+                    # First, SAM's moves: a failure (Ctrl-C) after perturb() moved the weights and
+                    # before the step is pending, where cancel_step() would find them -- what it
+                    # returned, or the moves it registered -- so that the weights point at their
+                    # own storage again when the structure restores them.
+                    if ctx is not None and self._pending is None:
+                        transform._put_back(ctx, perturbation, finish=False)
+                    put_back = True
+                    raise
             except BaseException:
-                # First, SAM's moves: a failure (Ctrl-C) after perturb() moved the weights and
-                # before the step is pending, where cancel_step() would find them -- what it
-                # returned, or the moves it registered -- so that the weights point at their own
-                # storage again when the structure restores them.
-                if ctx is not None and self._pending is None:
-                    transform._put_back(ctx, perturbation, finish=False)
+                if not put_back and ctx is not None and self._pending is None:
+                    transform._put_back(ctx, perturbation, finish=False)  # a second Ctrl-C cut it short
                 raise
         transform.__dict__.pop("_moving", None)  # the pending step holds the moves now
         self.zero_grad(set_to_none=True)

@@ -1315,3 +1315,49 @@ def test_a_perturb_that_raises_behind_a_weight_writing_hook_leaves_the_weights_i
         optimizer.first_step()
     assert all(torch.equal(a, b) for a, b in zip(weights, model.parameters()))
     assert [p.data_ptr() for p in model.parameters()] == pointers
+
+
+@pytest.mark.parametrize("chain", ["sam", "hook+sam"])
+def test_a_second_interrupt_while_first_step_puts_the_weights_back_is_finished(chain, monkeypatch):
+    """A first Ctrl-C after perturb() moved the weights, a second one as first_step() started
+    putting them back: they stayed at w + e, on SAM's backup buffers (step(closure) finishes the
+    way back once more; first_step did not)."""
+    import linecache
+    import sys
+
+    import samgria.optim as optim_module
+
+    transforms = {"sam": [SAM(0.05)], "hook+sam": [ShrinkingHook(), SAM(0.05)]}[chain]
+    model = make_model()
+    optimizer = TransformingOptimizer(model.parameters(), torch.optim.SGD, lr=0.1, transforms=transforms)
+    sam = optimizer.transforms[-1]
+    weights, pointers = [p.detach().clone() for p in model.parameters()], [p.data_ptr() for p in model.parameters()]
+    loss_of(model).backward()
+
+    def moves_then_interrupted(ctx):
+        type(sam).perturb(sam, ctx)
+        raise KeyboardInterrupt  # the first Ctrl-C
+
+    monkeypatch.setattr(sam, "perturb", moves_then_interrupted)
+    hits = []
+
+    def local(frame, event, arg):
+        line = linecache.getline(frame.f_code.co_filename, frame.f_lineno).strip()
+        if event == "line" and line == "transform._put_back(ctx, perturbation, finish=False)" and not hits:
+            hits.append(frame.f_lineno)
+            raise KeyboardInterrupt  # the second, as the weights are about to be put back
+        return local
+
+    def tracer(frame, event, arg):
+        return local if frame.f_code.co_filename == optim_module.__file__ else None
+
+    sys.settrace(tracer)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            optimizer.first_step()
+    finally:
+        sys.settrace(None)
+    assert hits
+    assert all(torch.equal(a, b) for a, b in zip(weights, model.parameters()))
+    assert [p.data_ptr() for p in model.parameters()] == pointers
+    assert "_moving" not in sam.__dict__
