@@ -8,7 +8,14 @@ from typing import Any
 
 import torch
 
-__all__ = ["GroupValues", "StepSnapshot", "StateStructure"]
+__all__ = ["GroupValues", "StepSnapshot", "StateStructure", "is_entry"]
+
+
+def is_entry(value: Any) -> bool:
+    """Whether a value of an optimizer's ``state`` is a parameter's entry (a dict, or a view of
+    one) rather than a value an optimizer keeps under a key of its own (torch's state takes any
+    value: MADGRAD keeps a tensor counter under ``"k"``)."""
+    return type(value) is dict or isinstance(value, Mapping)
 
 
 class StateStructure:
@@ -25,7 +32,7 @@ class StateStructure:
         # call. A value that is not an entry (a driven optimizer's own counter under a key of its
         # own, which torch's state allows) is kept as the object itself (``None`` for its keys).
         self._entries = [
-            (param, entry, dict(entry) if type(entry) is dict or isinstance(entry, Mapping) else None)
+            (param, entry, dict(entry) if is_entry(entry) else None)
             for param, entry in state.items()
         ]
 
@@ -36,7 +43,7 @@ class StateStructure:
                 self._state[param] = original
                 continue
             entry = self._state[param]
-            if not isinstance(entry, Mapping):  # the step put a value where the entry was
+            if not is_entry(entry):  # the step put a value where the entry was
                 self._state[param] = entry = original
             entry.clear()
             entry.update(saved)
@@ -126,7 +133,7 @@ class StepSnapshot:
             self._entries: dict[Any, dict[Any, tuple[Any, Any]]] = {}
             self._values: list[tuple[Any, Any, Any]] = []  # values under keys of their own
             for param, entry in state.items():
-                if not isinstance(entry, Mapping):
+                if not is_entry(entry):
                     # A value the driven optimizer keeps beside the entries (a tensor counter, a
                     # list it appends to): small, and any step of it may change it in place.
                     if copy_state:

@@ -36,12 +36,13 @@ from __future__ import annotations
 import functools
 import types
 from collections import OrderedDict, defaultdict
-from collections.abc import Iterable, Iterator, Mapping, MutableMapping
+from collections.abc import Iterable, Iterator, MutableMapping
 from typing import Any
 
 import torch
 from torch.optim import Optimizer
 
+from samgria._snapshot import is_entry
 from samgria.functional._grouping import unique_params
 from samgria.functional._views import values_as_real
 
@@ -106,12 +107,6 @@ def _unpickled(optimizer: Optimizer) -> bool:
     return not isinstance(optimizer, WrappingOptimizer) or optimizer._driven_attr in optimizer.__dict__
 
 
-def _is_entry(value: Any) -> bool:
-    """Whether a value of ``state`` is a parameter's entry (a dict, or a view of one) rather than
-    a value a driven optimizer keeps under a key of its own (torch's state takes any value)."""
-    return type(value) is dict or isinstance(value, Mapping)
-
-
 class _VisibleEntry(MutableMapping):
     """One parameter's state as the driven optimizer sees it: the reserved keys hidden."""
 
@@ -158,7 +153,7 @@ class _DrivenState(MutableMapping):
         if state is None:  # while unpickling, before the wrapper's own state is restored
             raise KeyError(param)
         entry = state[param]  # defaultdict: created on first access, as in torch
-        if not _is_entry(entry):  # a value of the driven optimizer's own (a global counter)
+        if not is_entry(entry):  # a value of the driven optimizer's own (a global counter)
             return entry
         # The driven optimizer reads every parameter's entry on every step: an entry with only
         # keys already known to be visible is answered by one set comparison.
@@ -208,7 +203,7 @@ class _DrivenState(MutableMapping):
         old = owner.state.get(param, {})
         hidden = owner._hides_state_key
         kept = {key: item for key, item in old.items() if hidden(key)} if isinstance(old, dict) else {}
-        if not isinstance(value, Mapping) or (type(value) is not dict and not kept):
+        if not is_entry(value) or (type(value) is not dict and not kept):
             # Any value under any key, kept as the object itself, as torch's state takes it
             # (MADGRAD keeps a tensor counter under "k"); a parameter's entry holding a wrapper's
             # keys stays a dict.
@@ -234,7 +229,7 @@ class _DrivenState(MutableMapping):
             raise KeyError(param)
         state = self._owner.state
         entry = state[param]
-        if _is_entry(entry):
+        if is_entry(entry):
             hidden = self._owner._hides_state_key
             kept = {key: value for key, value in entry.items() if hidden(key)}
             if kept:
@@ -247,7 +242,7 @@ class _DrivenState(MutableMapping):
     def _holds(self, entry: dict[Any, Any]) -> bool:
         """Whether the driven optimizer sees ``entry`` as present: it is empty (created by an
         access, as torch's ``defaultdict`` creates it) or holds a key that is not hidden."""
-        if not _is_entry(entry):
+        if not is_entry(entry):
             return True
         owner = self._owner
         return not entry or owner._visible_state_keys.issuperset(entry) or not all(map(owner._hides_state_key, entry))
@@ -454,13 +449,13 @@ class WrappingOptimizer(Optimizer):
         hidden = self._hides_state_key
         for param in list(self.state):
             entry = self.state[param]
-            if not _is_entry(entry):  # a value of the driven optimizer's own
+            if not is_entry(entry):  # a value of the driven optimizer's own
                 del self.state[param]
                 continue
             for key in [key for key in entry if not hidden(key)]:
                 del entry[key]
         for param, entry in loaded.items():
-            if isinstance(entry, Mapping):
+            if is_entry(entry):
                 self.state[param].update(entry)
             else:
                 self.state[param] = entry
@@ -546,7 +541,7 @@ class WrappingOptimizer(Optimizer):
         hides = [wrapper._hides_state_key for wrapper in self._wrapper_chain()]
         state = {}
         for index, entry in state_dict["state"].items():
-            if _is_entry(entry):
+            if is_entry(entry):
                 visible = {key: value for key, value in entry.items() if not any(hide(key) for hide in hides)}
                 if visible or not entry:
                     state[index] = visible
@@ -593,7 +588,7 @@ class WrappingOptimizer(Optimizer):
         ] if len(groups) == len(saved_groups) else saved_groups
         probe = object.__new__(type(driven))
         probe.__dict__.update(driven.__dict__)
-        probe.__dict__["state"] = defaultdict(dict, {key: dict(entry) if _is_entry(entry) else entry for key, entry in driven.state.items()})
+        probe.__dict__["state"] = defaultdict(dict, {key: dict(entry) if is_entry(entry) else entry for key, entry in driven.state.items()})
         probe.__dict__["param_groups"] = [dict(group) for group in driven.param_groups]
         probe.load_state_dict(own)
         return probe

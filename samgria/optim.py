@@ -15,7 +15,7 @@ from torch.optim import Optimizer
 
 from samgria._checks import check_bool, check_choice
 from samgria._frameworks import accumulating_framework, called_from, stacklevel_outside, stepping_grad_scaler
-from samgria._snapshot import GroupValues, StateStructure, StepSnapshot
+from samgria._snapshot import GroupValues, StateStructure, StepSnapshot, is_entry
 from samgria._wrapper import WrappingOptimizer, refuse_driven
 from samgria.functional import all_finite, global_norm
 from samgria.functional._grouping import group_indices_by_device_and_dtype, unique_params
@@ -1229,7 +1229,7 @@ class TransformingOptimizer(WrappingOptimizer):
             else:  # a plain inner optimizer's checkpoint: the transforms start afresh
                 for param in group["params"]:
                     entry = state.get(param, ())
-                    reserved = [key for key in entry if self.chain.hides(key)] if isinstance(entry, Mapping) else []
+                    reserved = [key for key in entry if self.chain.hides(key)] if is_entry(entry) else []
                     if reserved:
                         raise ValueError(
                             f"{where} records no transform chain, but its state has the transform "

@@ -390,8 +390,8 @@ class Transform:
         Runs before torch's ``load_state_dict`` casts the state's tensors to the parameter's
         dtype (a slot's non-floating tensors keep theirs), on a copy of the entry with this
         slot's keys by their short names (LAMP turns a float32 run's sum into the running mean a
-        16-bit parameter keeps, which the cast would otherwise have overflowed). Nothing is checked yet: leave what is not as expected alone
-        for :meth:`check_loaded_state`.
+        16-bit parameter keeps, which the cast would otherwise have overflowed). Nothing is
+        checked yet: leave what is not as expected alone for :meth:`check_loaded_state`.
         """
 
     def export_state(self, ctx: TransformContext) -> None:

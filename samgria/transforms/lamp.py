@@ -190,8 +190,9 @@ class LAMP(Transform):
                     entry[key] = _as_accumulator(key, value, entry["count"]).to(param.dtype)
                 rng_state = entry.get("rng_state")
                 if rng_state is not None:
-                    # torch's load_state_dict casts every tensor of a floating-point parameter's
-                    # state to its dtype; byte values survive that exactly, so cast them back.
+                    # Loaded as bytes on the parameter's device (a slot's non-floating tensors are
+                    # shielded from torch's cast, TransformingOptimizer._before_cast); a generator
+                    # takes a CPU byte tensor.
                     try:
                         restored = _as_generator_state(rng_state)
                         torch.Generator(device=param.device).set_state(restored)
@@ -363,7 +364,8 @@ def _is_count(value: Any, high: int | None) -> bool:
 
 
 def _as_generator_state(value: torch.Tensor) -> torch.Tensor:
-    """A generator state as ``set_state`` takes it: a CPU byte tensor (it may come back cast)."""
+    """A generator state as ``set_state`` takes it: a CPU byte tensor (one moved to another
+    device, or holding byte values in another dtype, is taken back)."""
     if not isinstance(value, torch.Tensor):
         raise TypeError(f"expected a tensor, got {type(value).__name__}")
     if value.dtype != torch.uint8:
