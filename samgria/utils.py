@@ -1,4 +1,4 @@
-"""Small utilities: flat gradient vectors and BatchNorm running-statistics control."""
+"""Small utilities: flat gradient vectors and control of norm layers' running statistics."""
 
 from __future__ import annotations
 
@@ -65,7 +65,7 @@ def set_grad(grads: torch.Tensor, params: Iterable[torch.Tensor]) -> None:
 
 @contextlib.contextmanager
 def frozen_bn_stats(model: nn.Module) -> Iterator[nn.Module]:
-    """Run forward passes in train mode without touching BatchNorm running statistics.
+    """Run forward passes in train mode without touching the running statistics of norm layers.
 
     Inside the block every BatchNorm layer of ``model`` normalises with the batch statistics, as
     in training, but its ``running_mean``, ``running_var`` and ``num_batches_tracked`` stay
@@ -73,9 +73,13 @@ def frozen_bn_stats(model: nn.Module) -> Iterator[nn.Module]:
     match a plain optimizer step's (one update per step), e.g.
     ``TransformingOptimizer(..., reevaluation_context=lambda: frozen_bn_stats(model))``.
 
+    BatchNorm layers (also ``SyncBatchNorm``) stop tracking for the block. An ``InstanceNorm``
+    layer with ``track_running_stats=True`` updates its running statistics in train mode whatever
+    that flag says, so its statistics are copied on entry and written back on exit instead.
+
     Raises:
         TypeError: If ``model`` is not an ``nn.Module``.
-        ValueError: If a lazy BatchNorm layer of ``model`` has not run a forward yet.
+        ValueError: If a lazy norm layer of ``model`` has not run a forward yet.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {model!r}")
@@ -84,16 +88,27 @@ def frozen_bn_stats(model: nn.Module) -> Iterator[nn.Module]:
             # Without running statistics to keep, its first forward would create none and leave
             # the layer half-initialised for good.
             raise ValueError(
-                f"frozen_bn_stats: {name or 'model'} is a lazy BatchNorm that has not run a forward "
-                "yet (it has no running statistics to keep): run one forward before the block"
+                f"frozen_bn_stats: {name or 'model'} is a lazy norm layer ({type(module).__name__}) that "
+                "has not run a forward yet (it has no running statistics to keep): run one forward before "
+                "the block"
             )
-    layers = [
-        m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats
+    tracking = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._NormBase) and m.track_running_stats]
+    switched = [m for m in tracking if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    # Every other norm layer with running statistics (InstanceNorm): copies to write back.
+    kept = [
+        (buffer, buffer.clone())
+        for m in tracking
+        if not isinstance(m, nn.modules.batchnorm._BatchNorm)
+        for buffer in (m.running_mean, m.running_var, m.num_batches_tracked)
+        if buffer is not None
     ]
-    for layer in layers:
+    for layer in switched:
         layer.track_running_stats = False
     try:
         yield model
     finally:
-        for layer in layers:
+        for layer in switched:
             layer.track_running_stats = True
+        with torch.no_grad():
+            for buffer, value in kept:
+                buffer.copy_(value)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 
 import pytest
@@ -172,6 +173,31 @@ def test_frozen_bn_stats_restores_flags_on_exception_and_leaves_eval_layers_alon
         assert torch.equal(model(x), expected)
 
 
+@pytest.mark.parametrize("raise_inside", [False, True], ids=["normal exit", "exception"])
+def test_frozen_bn_stats_keeps_instancenorm_running_stats(raise_inside: bool) -> None:
+    """InstanceNorm with ``track_running_stats=True`` updates its statistics in train mode whatever
+    the flag says; inside the block they must stay bit for bit, and outside they update again."""
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv1d(2, 3, 3), nn.InstanceNorm1d(3, affine=True, track_running_stats=True), nn.BatchNorm1d(3)
+    ).double()
+    x = torch.randn(4, 2, 7, dtype=torch.float64)
+    model(x)
+    before = _bn_buffers(model)
+    reference = copy.deepcopy(model)
+    with contextlib.suppress(RuntimeError):
+        with frozen_bn_stats(model):
+            out = model(x)
+            model(3 * x - 1)
+            if raise_inside:
+                raise RuntimeError("boom")
+    _assert_buffers_equal(model, before)
+    assert torch.equal(out, reference(x)), "train-mode output: batch statistics, as a plain forward"
+    assert not torch.equal(reference[1].running_mean, before["1.running_mean"]), "a plain forward updates them"
+    model(x)
+    assert torch.equal(model[1].running_var, reference[1].running_var), "tracking resumes after the block"
+
+
 def test_frozen_bn_stats_rejects_non_module() -> None:
     with pytest.raises(TypeError, match=r"model must be an nn.Module, got \[1, 2\]"):
         with frozen_bn_stats([1, 2]):  # type: ignore[arg-type]
@@ -236,7 +262,7 @@ def test_frozen_bn_stats_refuses_a_lazy_batchnorm_that_has_not_run_and_leaves_it
     half-initialised for good; refused before anything changes. Once it has run, it is frozen."""
     model = nn.Sequential(nn.LazyBatchNorm1d())
     x = torch.randn(5, 4)
-    with pytest.raises(ValueError, match=r"^frozen_bn_stats: 0 is a lazy BatchNorm that has not run a forward yet"):
+    with pytest.raises(ValueError, match=r"^frozen_bn_stats: 0 is a lazy norm layer \(LazyBatchNorm1d\) that has not run a forward yet"):
         with frozen_bn_stats(model):
             model(x)
     model(x)  # an ordinary first forward still initialises it
