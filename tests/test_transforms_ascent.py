@@ -547,6 +547,49 @@ def test_the_checkpoint_records_the_settings_and_refuses_another_adversary():
         same.load_state_dict(optimizer.state_dict())
 
 
+@pytest.mark.parametrize(
+    "adversary, damage, message",
+    [
+        (MOMENTUM, "shape", r"holds 'momentum_buffer' of shape \(1, 5\) and dtype torch.float64 where SGD\(momentum=0\.9\) keeps shape \(8, 5\)"),
+        (torch.optim.Adam, "missing", r"holds adversary state without \['exp_avg_sq'\] for a parameter of shape \(8, 5\) \(Adam keeps \['exp_avg', 'exp_avg_sq', 'step'\]\)"),
+        (torch.optim.Adam, "not a tensor", r"holds 'exp_avg' = \[0\.0\], not a tensor, where Adam keeps one"),
+        (torch.optim.Adafactor, "shape", r"holds 'row_var' of shape \(1, 1\) and dtype torch.float64 where Adafactor keeps shape \(8, 1\)"),
+    ],
+    ids=["momentum-shape", "adam-missing", "adam-not-a-tensor", "adafactor-factor-shape"],
+)
+def test_a_damaged_kept_adversary_state_is_refused_at_load_and_nothing_changes(adversary, damage, message):
+    """reset_state=False: the kept adversary state is compared with the state a fresh adversary
+    makes (Adafactor's factored moments are not shaped like the parameter), before the load commits."""
+    x, y = make_data()
+    model, optimizer = build(MultiStepSAM(0.05, 2, adversary=adversary, reset_state=False))
+    for _ in range(2):
+        optimizer.step(make_closure(model, optimizer, x, y))
+    saved = copy.deepcopy(optimizer.state_dict())  # its entries are the optimizer's own dicts
+    first = saved["state"][1]  # the first linear layer's weight (index 0: a parameter without gradient)
+    if adversary is torch.optim.Adafactor:
+        first["multi_step_sam.row_var"] = first["multi_step_sam.row_var"][:1]
+    elif damage == "shape":
+        first["multi_step_sam.momentum_buffer"] = first["multi_step_sam.momentum_buffer"][:1]
+    elif damage == "missing":
+        del first["multi_step_sam.exp_avg_sq"]
+    else:
+        first["multi_step_sam.exp_avg"] = [0.0]
+    other_model, other = build(MultiStepSAM(0.05, 2, adversary=adversary, reset_state=False))
+    other.step(make_closure(other_model, other, x, y))
+    before = copy.deepcopy(other.state_dict())
+    with pytest.raises(ValueError, match=r"^the checkpoint's MultiStepSAM slot 'multi_step_sam' " + message):
+        other.load_state_dict(saved)
+    after = other.state_dict()
+    assert after["param_groups"] == before["param_groups"]
+    for index, entry in before["state"].items():
+        for name, value in entry.items():
+            got = after["state"][index][name]
+            assert torch.equal(got, value) if isinstance(value, torch.Tensor) else got == value, (index, name)
+    # The undamaged checkpoint loads and the run goes on.
+    other.load_state_dict(optimizer.state_dict())
+    other.step(make_closure(other_model, other, x, y))
+
+
 def test_the_adversary_record_names_only_what_differs_from_the_class_defaults_and_no_address():
     def record(adversary):
         return MultiStepSAM(0.05, adversary=adversary).settings()["adversary"]

@@ -207,7 +207,9 @@ class MultiStepSAM(_FinishingTransform):
     an optimizer's own state (every floating-point value but ``"step"`` to the parameter's
     dtype), so a resumed run of a 16-bit model with NAdam's float32 ``mu_product`` (or ASGD's
     ``eta`` and ``mu``) continues as torch's NAdam (ASGD) would after a load, not bit for bit.
-    An adversary that keeps state in its param groups (a ``group["step"]``) is refused: only the
+    A loaded state must have the keys the adversary makes, each tensor of the shape it makes
+    (compared with one step of a fresh adversary on zero stand-ins); otherwise the load raises
+    ``ValueError`` and changes nothing. An adversary that keeps state in its param groups (a ``group["step"]``) is refused: only the
     per-parameter state carries over.
 
     **optax's modes.** ``optax.contrib.sam(opt, adv_opt, sync_period=k, opaque_mode=True,
@@ -520,24 +522,62 @@ class MultiStepSAM(_FinishingTransform):
         return commit
 
     @torch.no_grad()
-    def init_state(self, ctx: TransformContext) -> None:
-        """Create the kept adversary state (what ``torch.distributed.checkpoint`` loads into).
+    def _fresh_states(self, params: list[torch.Tensor], groups: list[Mapping[str, Any]]) -> list[dict[str, Any]]:
+        """The adversary's state for ``params`` after one step with learning rate zero and zero
+        gradients on stand-ins of the parameters (no weight changes), as the slot keeps it."""
+        stand_ins = [torch.zeros_like(param, memory_format=torch.preserve_format) for param in params]
+        for stand_in in stand_ins:
+            stand_in.grad = torch.zeros_like(stand_in)
+        adversary = self._build_adversary(stand_ins, groups, lr=0.0)
+        unhooked_step(adversary)  # inside the optimizer's step: no second round of global hooks
+        return [{key: _to_slot(key, value) for key, value in adversary.state.get(s, {}).items()} for s in stand_ins]
 
-        The adversary takes one step with learning rate zero and zero gradients on stand-ins of
-        the parameters, so no weight changes.
-        """
+    def init_state(self, ctx: TransformContext) -> None:
+        """Create the kept adversary state (what ``torch.distributed.checkpoint`` loads into)."""
         if not self._keeps_state:
             return
         params, _grads, groups = self._collect(ctx)
         missing = [i for i, group in enumerate(groups) if group["rho"] > 0 and params[i] not in ctx.state]
         if not missing:
             return
-        stand_ins = [torch.zeros_like(params[i], memory_format=torch.preserve_format) for i in missing]
-        for stand_in in stand_ins:
-            stand_in.grad = torch.zeros_like(stand_in)
-        adversary = self._build_adversary(stand_ins, [groups[i] for i in missing], lr=0.0)
-        unhooked_step(adversary)  # inside the optimizer's step: no second round of global hooks
-        for i, stand_in in zip(missing, stand_ins):
+        fresh = self._fresh_states([params[i] for i in missing], [groups[i] for i in missing])
+        for i, state in zip(missing, fresh):
             entry = ctx.state[params[i]]
-            for key, value in adversary.state.get(stand_in, {}).items():
-                entry[key] = _to_slot(key, value)
+            for key, value in state.items():
+                entry[key] = value
+
+    def check_loaded_state(self, ctx: TransformContext) -> None:
+        """With ``reset_state=False``: raise ``ValueError`` unless every parameter's kept adversary
+        state has the keys a fresh state of the adversary has, each tensor of its shape and kind
+        (complex or not) — compared with the state the adversary makes on stand-ins."""
+        if not self._keeps_state:
+            return
+        params, groups, seen = [], [], set()
+        for group in ctx.param_groups:
+            for param in group["params"]:
+                if id(param) not in seen and param in ctx.state and len(ctx.state[param]):
+                    seen.add(id(param))
+                    params.append(param)
+                    groups.append(group)
+        if not params:
+            return
+        for param, expected in zip(params, self._fresh_states(params, groups)):
+            entry = ctx.state[param]
+            where = f"the checkpoint's MultiStepSAM slot {ctx.slot!r} holds"
+            missing = [key for key in expected if key not in entry]
+            if missing:
+                raise ValueError(
+                    f"{where} adversary state without {missing} for a parameter of shape "
+                    f"{tuple(param.shape)} ({self._adversary_record} keeps {sorted(expected)})"
+                )
+            for key, fresh in expected.items():
+                value = entry[key]
+                if not isinstance(fresh, torch.Tensor):
+                    continue
+                if not isinstance(value, torch.Tensor):
+                    raise ValueError(f"{where} {key!r} = {value!r}, not a tensor, where {self._adversary_record} keeps one")
+                if value.shape != fresh.shape or value.is_complex() != fresh.is_complex():
+                    raise ValueError(
+                        f"{where} {key!r} of shape {tuple(value.shape)} and dtype {value.dtype} where "
+                        f"{self._adversary_record} keeps shape {tuple(fresh.shape)} and dtype {fresh.dtype}"
+                    )
