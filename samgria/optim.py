@@ -143,8 +143,10 @@ def _called_by_checkpoint_state_init() -> bool:
 #: ``_finish_pending``, ``_step``, ``step``, torch's hook wrapper, then a framework's wrappers).
 _SCALER_FRAMES = 10
 
-#: How many callers up :func:`_called_by_checkpoint_state_init` looks.
-_STATE_INIT_FRAMES = 6
+#: How many callers up :func:`_called_by_checkpoint_state_init` looks: nine from a
+#: meta-optimizer's step, which drives the outer TransformingOptimizer (its step, torch's hook
+#: wrapper, ``_guarded_step``, ``_driven_step``, ``unhooked_step``), with room for a wrapper or two.
+_STATE_INIT_FRAMES = 12
 
 
 def _on_any_rank(flag: bool, first_pass_context: Any, device: torch.device) -> bool:

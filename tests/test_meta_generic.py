@@ -1336,6 +1336,54 @@ def test_a_transforming_outer_optimizer_checks_and_restores_its_chain_through_th
         assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("chain", ["lamp", "sam"])
+def test_distributed_checkpoint_through_a_meta_optimizer_with_a_transforming_outer_resumes_bit_for_bit(chain):
+    """torch.distributed.checkpoint initialises a fresh optimizer's state by a step with lr 0 and
+    zero gradients; through a meta-optimizer that step reaches the outer TransformingOptimizer
+    from further up the stack, and must still only create state (no weight moves, no closure
+    needed), so that a run resumed through get/set_optimizer_state_dict continues bit for bit."""
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
+
+    from samgria.transforms import LAMP
+
+    def build(seed):
+        torch.manual_seed(seed)
+        model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).double()
+        transforms = [LAMP(1e-2, rollback_len=2, seed=0)] if chain == "lamp" else [SAM(0.05)]
+        outer = TransformingOptimizer(model.parameters(), torch.optim.Adam, lr=0.01, transforms=transforms)
+        return model, MAML(model, outer, inner_lr=0.1)
+
+    x = torch.randn(4, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    y = torch.randn(4, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+
+    def run(model, meta, steps):
+        def closure():
+            meta.zero_grad()
+            loss = mse(meta.adapt(lambda f: mse(f(x), y))(x), y)
+            loss.backward()
+            return loss
+
+        for _ in range(steps):
+            meta.step(closure)
+
+    fresh_model, fresh_meta = build(0)
+    weights = [p.detach().clone() for p in fresh_model.parameters()]
+    get_optimizer_state_dict(fresh_model, fresh_meta)
+    assert all(torch.equal(p, w) for p, w in zip(fresh_model.parameters(), weights)), "the state-init step moved a weight"
+
+    model, meta = build(0)
+    run(model, meta, 2)
+    saved = copy.deepcopy(get_optimizer_state_dict(model, meta))
+    resumed_model, resumed = build(5)
+    resumed_model.load_state_dict(model.state_dict())
+    set_optimizer_state_dict(resumed_model, resumed, optim_state_dict=saved)
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), resumed_model.parameters()))
+    run(model, meta, 3)
+    run(resumed_model, resumed, 3)
+    for a, b in zip(model.parameters(), resumed_model.parameters()):
+        assert torch.equal(a, b)
+
+
 def test_an_outer_optimizer_already_driven_by_a_wrapper_is_refused():
     model = nn.Linear(3, 2)
     base = torch.optim.SGD(model.parameters(), lr=0.1)
