@@ -203,6 +203,33 @@ def _tensor_parallel(name: str, sharded: bool) -> list[torch.Tensor]:
     return [p.full_tensor().detach().clone() if sharded else p.detach().clone() for p in params]
 
 
+def _fsdp1(rank: int, world_size: int) -> dict[str, object]:
+    """FSDP1 (``FullyShardedDataParallel``) with and without ``use_orig_params``: a chain is
+    refused (its error message); ``transforms=()`` steps as the bare inner optimizer does."""
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    from samgria import SAM, TransformingOptimizer
+
+    results: dict[str, object] = {}
+    for orig in (True, False):
+        model = FullyShardedDataParallel(_make_model(), use_orig_params=orig, device_id=torch.device("cpu"))
+        try:
+            TransformingOptimizer(model.parameters(), torch.optim.SGD, lr=LR, transforms=[SAM(rho=0.05)])
+            results[f"fsdp1.{orig}.error"] = None
+        except ValueError as error:
+            results[f"fsdp1.{orig}.error"] = str(error)
+        bare_model = FullyShardedDataParallel(_make_model(), use_orig_params=orig, device_id=torch.device("cpu"))
+        bare = torch.optim.SGD(bare_model.parameters(), lr=LR, momentum=MOMENTUM)
+        wrapped = TransformingOptimizer(model.parameters(), torch.optim.SGD, lr=LR, momentum=MOMENTUM, transforms=())
+        for step in range(2):
+            for optimizer, net in ((bare, bare_model), (wrapped, model)):
+                optimizer.zero_grad()
+                _loss(net(_local_batch(step, rank, world_size)[0]), _local_batch(step, rank, world_size)[1]).backward()
+                optimizer.step()
+        results[f"fsdp1.{orig}.same"] = all(torch.equal(a, b) for a, b in zip(model.parameters(), bare_model.parameters()))
+    return results
+
+
 def _worker(out_dir: str, reshard_from: str | None) -> None:
     import torch.distributed as dist
 
@@ -242,6 +269,7 @@ def _worker(out_dir: str, reshard_from: str | None) -> None:
         if world_size == 2:
             for name in TP_TRANSFORMS:
                 results[f"tp.{name}"] = _tensor_parallel(name, sharded=True)
+            results.update(_fsdp1(rank, world_size))
         if world_size == 4:
             for config in HSDP_CONFIGS:
                 model, _ = _train(config, rank, world_size, range(STEPS), hsdp=True)
@@ -449,6 +477,18 @@ def test_hsdp_replicas_hold_identical_shards(runs: dict, config: str) -> None:
         assert all(torch.equal(a, b) for a, b in zip(first, replica))
     # ... and the two shards are really different halves.
     assert not torch.equal(runs[4][0][f"hsdp.{config}.local"][0], runs[4][1][f"hsdp.{config}.local"][0])
+
+
+@pytest.mark.parametrize("use_orig_params", [True, False])
+def test_fsdp1_flattened_parameters_refuse_a_chain_and_step_bare_without_one(runs: dict, use_orig_params: bool) -> None:
+    """FSDP1's flat pieces carry no sharding metadata: SAM would take one rank's norm and its
+    perturbation would not reach the forward (with use_orig_params=True it moved the weights
+    with lr=0). Refused at construction on every rank; transforms=() equals the bare optimizer."""
+    for rank_results in runs[2]:
+        message = rank_results[f"fsdp1.{use_orig_params}.error"]
+        assert message is not None and message.startswith("param_groups[0]: the parameters are flattened by FSDP1 (FullyShardedDataParallel)")
+        assert "FSDP2 (torch.distributed.fsdp.fully_shard)" in message
+        assert rank_results[f"fsdp1.{use_orig_params}.same"]
 
 
 def test_perturbation_buffers_stay_sharded(runs: dict) -> None:

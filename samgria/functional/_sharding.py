@@ -51,7 +51,7 @@ def _dtensor_types() -> tuple[type, type] | None:
     return _TYPES
 
 
-__all__ = ["is_sharded", "any_sharded", "local_shard", "shard_key", "shard_coordinates", "reduce_partial_sums"]
+__all__ = ["is_sharded", "is_fsdp1_flattened", "any_sharded", "local_shard", "shard_key", "shard_coordinates", "reduce_partial_sums"]
 
 
 def is_sharded(tensor: Any) -> bool:
@@ -60,6 +60,19 @@ def is_sharded(tensor: Any) -> bool:
         return False
     types = _dtensor_types()
     return types is not None and isinstance(tensor, types[0])
+
+
+def is_fsdp1_flattened(tensor: Any) -> bool:
+    """Whether ``tensor`` is a parameter that FSDP1 (``FullyShardedDataParallel``) has flattened.
+
+    That is its ``FlatParameter`` or, with ``use_orig_params=True``, an original parameter that is
+    now a view of one rank's piece of it: plain tensors that carry no sharding metadata (a norm
+    of one is a norm of a rank's piece, and FSDP1 gathers the weights from the flat parameter,
+    not from ``param.data``). FSDP1 marks them with the private attribute ``_fsdp_flattened``
+    (``torch.distributed.fsdp._common_utils.FSDP_FLATTENED``; FSDP2 does not set it); this is the
+    one place that reads it.
+    """
+    return getattr(tensor, "_fsdp_flattened", False) is True
 
 
 def any_sharded(tensors: Sequence[Any]) -> bool:

@@ -31,7 +31,7 @@ from typing import Any
 
 import torch
 
-from samgria.functional._sharding import is_sharded
+from samgria.functional._sharding import is_fsdp1_flattened, is_sharded
 from samgria.transforms.base import GradientTransform, ProtocolTransform, Transform
 
 __all__ = ["Chain", "CHAIN_KEY"]
@@ -266,7 +266,17 @@ class Chain:
 
     def check_sharding(self, params: Any, where: str) -> None:
         """Raise ``ValueError`` when sharded (``DTensor``) parameters meet a transform that would
-        compute a per-tensor quantity on one shard only."""
+        compute a per-tensor quantity on one shard only, and any transform with FSDP1's flattened
+        parameters (no sharding metadata to reduce over, and weights gathered from the flat
+        parameter)."""
+        if self.transforms and any(is_fsdp1_flattened(param) for param in params):
+            raise ValueError(
+                f"{where}: the parameters are flattened by FSDP1 (FullyShardedDataParallel), whose "
+                "per-rank pieces carry no sharding metadata: a transform would take norms of one "
+                "rank's piece and SAM's perturbation would not reach the forward pass. Shard with "
+                "FSDP2 (torch.distributed.fsdp.fully_shard), whose DTensor parameters the "
+                "transforms support, or use DDP; with FSDP1 only transforms=() works"
+            )
         if not any(is_sharded(param) for param in params):
             return
         for slot, transform in self:
