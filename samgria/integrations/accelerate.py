@@ -231,7 +231,7 @@ def sam_accelerated(prepared_optimizer: AcceleratedOptimizer) -> SAMAcceleratedO
         engine = _ENGINE_WRAPPERS.get(got.__name__)
         reason = (
             f"under {engine} the engine runs the optimizer step itself, so SAM's second pass cannot "
-            "run; train with DDP or FSDP"
+            "run; train with DDP or FSDP2"
             if engine is not None
             else "its methods would be replaced; subclass SAMAcceleratedOptimizer instead"
         )
@@ -289,5 +289,5 @@ class SAMAccelerator(Accelerator):
             if names:
                 raise ValueError(
                     f"{', '.join(names)} under {self.distributed_type.value}: its engine runs the "
-                    "optimizer step itself, so SAM's second pass cannot run; train with DDP or FSDP"
+                    "optimizer step itself, so SAM's second pass cannot run; train with DDP or FSDP2"
                 )

@@ -112,7 +112,7 @@ class SAMTrainer(Trainer):
         ):
             raise ValueError(
                 "SAMTrainer under DeepSpeed: its engine runs the optimizer step itself, so SAM's "
-                "second pass cannot run; train with DDP or FSDP"
+                "second pass cannot run; train with DDP or FSDP2"
             )
         if self.optimizer is not None:
             self._refuse_two_call_incapable()
