@@ -1238,6 +1238,13 @@ class TransformingOptimizer(WrappingOptimizer):
                             f"keys {reserved}"
                         )
                 self.chain.normalize_group(group, where)
+                if index < len(self.param_groups):  # torch pairs groups by position (and refuses
+                    # another count): each keeps the transforms' hyperparameters it has, which a
+                    # checkpoint without them says nothing about (a group's rho=0 stays 0)
+                    current = self.param_groups[index]
+                    for key in self.chain.defaults:
+                        if key not in group and key in current:
+                            group[key] = current[key]
                 self.chain.fill_group(group)
             self.chain.validate_group(group, where)
         for slot, transform in self.chain:

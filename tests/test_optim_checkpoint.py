@@ -332,6 +332,32 @@ def test_a_plain_inner_optimizers_checkpoint_loads_into_a_wrapper():
     assert other.param_groups[0]["rho"] == 0.07
 
 
+def test_a_plain_checkpoint_leaves_each_groups_transform_hyperparameters_as_they_are():
+    """A plain torch checkpoint says nothing about rho: a group built with rho=0 (biases left out
+    of SAM) and a group whose rho was edited keep theirs, paired by position as torch pairs groups."""
+    plain_model = make_model()
+    weights = [p for n, p in plain_model.named_parameters() if n.endswith("weight")]
+    others = [p for n, p in plain_model.named_parameters() if not n.endswith("weight")]
+    plain = torch.optim.SGD([{"params": weights}, {"params": others}], lr=0.05, momentum=0.9)
+    plain.step(make_closure(plain_model, plain))
+    saved = copy.deepcopy(plain.state_dict())
+
+    model = copy_of_model(plain_model)
+    weights = [p for n, p in model.named_parameters() if n.endswith("weight")]
+    others = [p for n, p in model.named_parameters() if not n.endswith("weight")]
+    wrapper = TransformingOptimizer(
+        [{"params": weights}, {"params": others, "rho": 0.0}],
+        torch.optim.SGD,
+        transforms=[SAM(0.05), LAMP(1e-2, rollback_len=2, seed=0)],
+        lr=0.3,
+    )
+    wrapper.param_groups[0]["eps"] = 0.02  # LAMP's eps, edited (as a scheduler would)
+    wrapper.load_state_dict(saved)
+    assert [group["rho"] for group in wrapper.param_groups] == [0.05, 0.0]
+    assert [group["eps"] for group in wrapper.param_groups] == [0.02, 1e-2]
+    assert [group["lr"] for group in wrapper.param_groups] == [0.05, 0.05]  # the checkpoint's
+
+
 @pytest.mark.parametrize(
     "inner,kwargs,transforms,own_key,slot_key",
     [
