@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import copy
 import io
+import json
 import math
+import warnings
+from pathlib import Path
 
 import pytest
 import torch
+from distributed_harness import run_ranks, skip_without_gloo
 from torch import nn
 from transform_infos import assert_bitwise_equal, make_closure, make_data, make_model, params_of
 
@@ -476,3 +480,160 @@ def test_a_step_without_any_gradient_is_no_step_of_the_cycle(seed):
         assert first[index].keys() == second[index].keys()
         for key, value in first[index].items():
             assert torch.equal(value, second[index][key]) if isinstance(value, torch.Tensor) else value == second[index][key]
+
+
+# -- LAMP without a seed under torch.distributed: each rank's own default generator -------------
+
+#: What LAMP(seed=None) says on 2 ranks when it perturbs parameters replicated across ranks.
+UNSEEDED_WARNING = (
+    "LAMP: seed=None in a process group of 2 ranks: each rank draws the noise from its own default "
+    "generator, so replicas of a parameter (DistributedDataParallel, HSDP) stay identical only while "
+    "every rank's generator is in the same state; pass seed= (the same on every rank) to make the "
+    "noise identical"
+)
+#: Steps of each multi-process run: the warning comes once over all of them.
+WARNING_STEPS = 4
+
+
+def _lamp_warnings(model: nn.Module, lamp: LAMP, steps: int = WARNING_STEPS) -> list[list[str]]:
+    """Train ``model`` with SGD and ``lamp``; return LAMP's warnings as (message, category, file)."""
+    optimizer = TransformingOptimizer(model.parameters(), torch.optim.SGD, lr=0.05, transforms=[lamp])
+    generator = torch.Generator().manual_seed(1)
+    x, y = torch.randn(8, 4, generator=generator), torch.randn(8, 2, generator=generator)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(steps):
+            optimizer.zero_grad()
+            nn.functional.mse_loss(model(x), y).backward()
+            optimizer.step()  # the line the warning points at
+    return [
+        [str(w.message), w.category.__name__, Path(w.filename).name] for w in caught if str(w.message).startswith("LAMP")
+    ]
+
+
+def _small_model() -> nn.Module:
+    torch.manual_seed(0)  # the same initial weights on every rank
+    return nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 2))
+
+
+def _replica_difference(model: nn.Module) -> float:
+    """The largest difference between rank 0's and rank 1's local weights (``all_gather_object``)."""
+    import torch.distributed as dist
+
+    local = [(p.to_local() if hasattr(p, "to_local") else p).detach().clone() for p in model.parameters()]
+    both: list = [None] * dist.get_world_size()
+    dist.all_gather_object(both, local)
+    return max(float((a - b).abs().max()) for a, b in zip(both[0], both[1]))
+
+
+def _unseeded_worker() -> None:
+    """One of 2 ranks: unseeded and seeded LAMP under DDP, FSDP2 and a 2x1 HSDP mesh."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from torch.nn.parallel import DistributedDataParallel
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo")
+    rank = dist.get_rank()
+    results: dict[str, dict] = {}
+    for name, lamp in (
+        ("ddp_unseeded", LAMP(eps=1e-2, rollback_len=10)),
+        ("ddp_seeded", LAMP(eps=1e-2, rollback_len=10, seed=0)),
+        ("ddp_no_noise", LAMP(eps=0.0, rollback_len=10)),
+    ):
+        model = DistributedDataParallel(_small_model())
+        torch.manual_seed(100 + rank)  # a per-rank stream (data augmentation, dropout)
+        results[name] = {"warnings": _lamp_warnings(model, lamp), "replica_difference": _replica_difference(model)}
+    for name, mesh in (
+        ("fsdp2_unseeded", init_device_mesh("cpu", (2,))),
+        ("hsdp_unseeded", init_device_mesh("cpu", (2, 1), mesh_dim_names=("replicate", "shard"))),
+    ):
+        model = _small_model()
+        for layer in model:
+            if isinstance(layer, nn.Linear):
+                fully_shard(layer, mesh=mesh)
+        fully_shard(model, mesh=mesh)
+        torch.manual_seed(100 + rank)
+        results[name] = {"warnings": _lamp_warnings(model, LAMP(eps=1e-2, rollback_len=10))}
+        if name == "hsdp_unseeded":  # both ranks hold the whole (one) shard: replicas
+            results[name]["replica_difference"] = _replica_difference(model)
+    print("RESULT " + json.dumps(results), flush=True)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def unseeded_ranks() -> list[dict]:
+    skip_without_gloo()
+    outputs = run_ranks(__file__, 2, ["--unseeded-worker"])
+    results = []
+    for output in outputs:
+        lines = [line for line in output.splitlines() if line.startswith("RESULT ")]
+        assert len(lines) == 1, output
+        results.append(json.loads(lines[0][len("RESULT "):]))
+    return results
+
+
+def test_unseeded_lamp_under_ddp_warns_once_per_rank_when_the_replicas_can_draw_apart(unseeded_ranks):
+    """Ranks seeded 100 + rank: the DDP replicas drift apart, and each rank is told so once over
+    all the steps, at the user's ``optimizer.step()`` line."""
+    for rank_results in unseeded_ranks:
+        got = rank_results["ddp_unseeded"]
+        assert got["warnings"] == [[UNSEEDED_WARNING, "RuntimeWarning", "test_transforms_lamp.py"]]
+        assert got["replica_difference"] > 0.0  # what the warning is about
+
+
+def test_seeded_lamp_under_ddp_does_not_warn_and_the_replicas_stay_identical(unseeded_ranks):
+    for rank_results in unseeded_ranks:
+        assert rank_results["ddp_seeded"] == {"warnings": [], "replica_difference": 0.0}
+
+
+def test_unseeded_lamp_without_noise_does_not_warn(unseeded_ranks):
+    """eps=0 draws nothing: no noise, no warning (the replicas stay identical)."""
+    for rank_results in unseeded_ranks:
+        assert rank_results["ddp_no_noise"] == {"warnings": [], "replica_difference": 0.0}
+
+
+def test_unseeded_lamp_on_fsdp2_shards_does_not_warn(unseeded_ranks):
+    """Each rank holds other shards: per-rank noise is by design."""
+    for rank_results in unseeded_ranks:
+        assert rank_results["fsdp2_unseeded"]["warnings"] == []
+
+
+def test_unseeded_lamp_on_hsdp_replicas_warns_once_per_rank(unseeded_ranks):
+    """A 2x1 mesh replicates the one shard over 2 ranks: they drift apart as DDP's replicas do."""
+    for rank_results in unseeded_ranks:
+        got = rank_results["hsdp_unseeded"]
+        assert got["warnings"] == [[UNSEEDED_WARNING, "RuntimeWarning", "test_transforms_lamp.py"]]
+        assert got["replica_difference"] > 0.0
+
+
+def test_the_unseeded_warning_says_why_and_what_to_do(unseeded_ranks):
+    message = unseeded_ranks[0]["ddp_unseeded"]["warnings"][0][0]
+    assert "each rank draws the noise from its own default generator" in message
+    assert "stay identical only while every rank's generator is in the same state" in message
+    assert "pass seed= (the same on every rank) to make the noise identical" in message
+
+
+@pytest.mark.parametrize("one_rank_group", [False, True], ids=["no_group", "one_rank_group"])
+def test_unseeded_lamp_in_one_process_does_not_warn(one_rank_group):
+    import torch.distributed as dist
+
+    if one_rank_group:
+        skip_without_gloo()
+        if dist.is_initialized():
+            pytest.skip("a process group is already initialised in this process")
+        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        assert _lamp_warnings(_small_model(), LAMP(eps=1e-2, rollback_len=2)) == []
+    finally:
+        if one_rank_group:
+            dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    import sys
+
+    if sys.argv[1:] == ["--unseeded-worker"]:
+        _unseeded_worker()

@@ -46,19 +46,27 @@ generator seeded with a hash of ``(seed, n, c)``, tensor by tensor in parameter 
 every rank, so a distributed checkpoint carries it whole): a run is reproducible for a given
 world size and resumes bit for bit on the same number of ranks; on another number of ranks it
 resumes with other (equally distributed) noise.
+
+Without a seed, each rank draws from its own default generator. A parameter other ranks hold a
+copy of (``DistributedDataParallel``'s replicas, a ``DTensor`` replicated along a mesh dimension,
+e.g. HSDP's) then stays identical across ranks only while their generators are in the same
+state; LAMP warns once (a ``RuntimeWarning``, at its first noise draw, without communicating)
+when it perturbs such a parameter in a process group of several ranks.
 """
 
 from __future__ import annotations
 
 import hashlib
 import math
+import warnings
 from collections.abc import Mapping
 from typing import Any
 
 import torch
 
 from samgria._checks import check_int, check_loaded_tensor, check_real, check_seed
-from samgria.functional._sharding import is_sharded, shard_coordinates
+from samgria._frameworks import stacklevel_outside
+from samgria.functional._sharding import is_sharded, shard_coordinates, shard_key
 from samgria.functional._views import LOW_PRECISION, as_real, widened_dtype
 from samgria.functional import accumulate_, add_scaled_, assign_mean_, global_norm, magnitude_noise
 from samgria.transforms.base import Transform, TransformContext
@@ -95,7 +103,8 @@ class LAMP(Transform):
             replaced by the mean of the iterates of the cycle. An integer ``>= 1``.
         seed: When given, the noise comes from generators of this transform seeded with it, whose
             states are checkpointed with the optimizer (a resumed run draws the same noise).
-            ``None``: PyTorch's default generator.
+            ``None``: PyTorch's default generator (under ``torch.distributed``, each rank's own:
+            LAMP warns once when it perturbs parameters replicated across ranks).
 
     Raises:
         ValueError: If ``eps`` is negative or not finite, ``rollback_len < 1``, or ``seed`` is
@@ -108,6 +117,7 @@ class LAMP(Transform):
         self.rollback_len = check_int("rollback_len", rollback_len, low=1)
         self.seed = check_seed("seed", seed)
         self._had_grad: set[int] | None = None
+        self._warned_unseeded = False
 
     def group_defaults(self) -> dict[str, Any]:
         return {"eps": self.eps}
@@ -299,6 +309,8 @@ class LAMP(Transform):
         self, ctx: TransformContext, params: list[torch.Tensor], real: list[torch.Tensor], cycle: Any
     ) -> list[torch.Tensor]:
         r""":math:`w \odot r` for each parameter (on this rank's shard of a sharded one)."""
+        if self.seed is None and not getattr(self, "_warned_unseeded", False):
+            self._warn_if_replicas_draw_apart(params)
         noise: list[torch.Tensor] = [torch.empty(0)] * len(params)
         plain = [i for i, p in enumerate(params) if not is_sharded(p)]
         if plain:
@@ -335,6 +347,39 @@ class LAMP(Transform):
             if self.seed is not None:
                 cycle["noise_draws"] = draw + 1
         return noise
+
+    def _warn_if_replicas_draw_apart(self, params: list[torch.Tensor]) -> None:
+        """Warn (once) when unseeded noise lands on parameters that other ranks hold copies of."""
+        world_size = _world_size()
+        if world_size > 1 and any(_replicated_across_ranks(p) for p in params):
+            self._warned_unseeded = True
+            warnings.warn(
+                f"LAMP: seed=None in a process group of {world_size} ranks: each rank draws the noise "
+                "from its own default generator, so replicas of a parameter (DistributedDataParallel, "
+                "HSDP) stay identical only while every rank's generator is in the same state; pass "
+                "seed= (the same on every rank) to make the noise identical",
+                RuntimeWarning,
+                stacklevel=stacklevel_outside(),
+            )
+
+
+def _world_size() -> int:
+    """The default process group's size; 1 without ``torch.distributed`` or an initialised group."""
+    import torch.distributed as dist
+
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def _replicated_across_ranks(param: torch.Tensor) -> bool:
+    """Whether other ranks hold a copy of this rank's part of ``param`` (no communication): a
+    plain tensor (a ``DistributedDataParallel`` replica) or a ``DTensor`` replicated along a mesh
+    dimension of several ranks (HSDP, tensor parallelism's replicated bias)."""
+    if not is_sharded(param):
+        return True
+    key = shard_key(param)
+    sharded_dims = key[1] if key is not None else ()
+    mesh = param.device_mesh  # type: ignore[attr-defined]
+    return any(mesh.size(dim) > 1 for dim in range(mesh.ndim) if dim not in sharded_dims)
 
 
 def _as_accumulator(key: str, value: torch.Tensor, count: int) -> torch.Tensor:
