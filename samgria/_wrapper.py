@@ -36,7 +36,7 @@ from __future__ import annotations
 import functools
 import types
 from collections import OrderedDict, defaultdict
-from collections.abc import Iterable, Iterator, MutableMapping
+from collections.abc import Callable, Iterable, Iterator, MutableMapping
 from typing import Any
 
 import torch
@@ -427,6 +427,35 @@ class WrappingOptimizer(Optimizer):
         driven = self._driven_wrapper()
         if driven is not None:
             driven._after_load()
+
+    # -- a schedule-free driven optimizer's modes --------------------------------------------------
+    def _driven_mode(self, name: str) -> Callable[[], Any]:
+        """The driven optimizer's ``name`` method; ``eval()`` is refused between ``first_step`` and
+        ``second_step`` (it would average perturbed weights). ``train()`` is not: the Hugging Face
+        Trainer calls it at every training step, so also between the two passes."""
+        method = getattr(self._driven, name)  # AttributeError when it has none: hasattr says so
+
+        def switch() -> Any:
+            if name == "eval":
+                self._check_idle("eval()")
+            return method()
+
+        return switch
+
+    @property
+    def train(self) -> Callable[[], Any]:
+        """The driven optimizer's ``train()``, where it has one: schedule-free optimizers switch
+        the weights to the training sequence with it. The Hugging Face Trainer, accelerate and
+        Lightning users find it as on the bare optimizer; ``hasattr(optimizer, "train")`` is
+        ``False`` when the driven optimizer has none."""
+        return self._driven_mode("train")
+
+    @property
+    def eval(self) -> Callable[[], Any]:
+        """The driven optimizer's ``eval()``, where it has one (schedule-free optimizers switch
+        the weights to the averaged sequence for evaluation); see :attr:`train`. Refused
+        (``RuntimeError``) between ``first_step()`` and ``second_step()``."""
+        return self._driven_mode("eval")
 
     # -- stepping the driven optimizer -------------------------------------------------------------
     def _driven_step(self, closure: Any = None) -> Any:

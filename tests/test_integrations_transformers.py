@@ -169,6 +169,29 @@ def test_transforms_wrap_the_optimizer_the_trainer_creates(tmp_path) -> None:
         torch.testing.assert_close(got.detach(), want, rtol=1e-12, atol=1e-14)
 
 
+def test_evaluate_switches_a_schedule_free_inner_optimizer_to_its_averaged_weights(tmp_path) -> None:
+    """The Trainer calls ``optimizer.eval()`` in ``evaluate()`` (and ``train()`` when training
+    starts) where ``hasattr`` finds it: through SAMTrainer and accelerate's wrapper it must reach
+    the schedule-free optimizer inside the TransformingOptimizer."""
+    from transform_infos import ToyScheduleFree
+
+    model = Regression()
+    optimizer = TransformingOptimizer(model.parameters(), ToyScheduleFree, lr=LR, transforms=[SAM(rho=RHO)])
+    args = arguments(tmp_path, lr_scheduler_type="constant", max_grad_norm=0.0)
+    trainer = SAMTrainer(model=model, args=args, train_dataset=Pairs(), eval_dataset=Pairs(), optimizers=(optimizer, None))
+    trainer.train()
+    assert optimizer.inner.param_groups[0]["train_mode"] is True
+    trained = [p.detach().clone() for p in model.parameters()]
+    averages = [optimizer.inner.state[p]["x"].clone() for p in model.parameters()]
+    trainer.evaluate()
+    assert optimizer.inner.param_groups[0]["train_mode"] is False
+    for param, average in zip(model.parameters(), averages):
+        assert torch.equal(param.detach(), average)
+    trainer.optimizer.train()  # accelerate's wrapper, as the Trainer calls it when training resumes
+    for param, weight in zip(model.parameters(), trained):
+        assert torch.equal(param.detach(), weight)
+
+
 class TokenPairs(torch.utils.data.Dataset):
     def __init__(self, size: int = 8) -> None:
         generator = torch.Generator().manual_seed(2)

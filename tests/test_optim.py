@@ -16,7 +16,7 @@ import pytest
 import torch
 from torch import nn
 from state_helpers import assert_states_equal
-from transform_infos import assert_bitwise_equal, make_closure, make_data, make_model, params_of
+from transform_infos import ToyScheduleFree, assert_bitwise_equal, make_closure, make_data, make_model, params_of
 
 from samgria import ASAM, LAMP, SAM, FriendlySAM, GradientTransform, MultiStepSAM, Perturbation, PerturbationTransform, TransformingOptimizer, sam_optimizer
 
@@ -1701,3 +1701,55 @@ def test_a_transforming_optimizer_driven_by_a_meta_optimizer_copies_alone(copier
     assert_states_equal(copied_saved["state"], saved["state"])
     assert [len(g["params"]) for g in copied.param_groups] == [len(g["params"]) for g in original.param_groups]
     assert all(p is not q for p, q in zip(copied.param_groups[0]["params"], original.param_groups[0]["params"]))
+
+
+# -- a schedule-free inner optimizer's train()/eval() ---------------------------------------------------
+def test_train_and_eval_reach_a_schedule_free_inner_optimizer_and_exist_only_where_it_has_them():
+    """Frameworks (the Hugging Face Trainer, accelerate) switch schedule-free optimizers with
+    ``optimizer.eval()``/``train()`` when ``hasattr`` finds them: the wrapper must forward them
+    (the weights become the averaged sequence and come back bit for bit), and not offer them
+    over an optimizer that has none."""
+    model = make_model()
+    bare_model = copy.deepcopy(model)
+    optimizer = TransformingOptimizer(model.parameters(), ToyScheduleFree, lr=0.1, transforms=[SAM(0.0)])
+    bare = ToyScheduleFree(bare_model.parameters(), lr=0.1)
+    x, y = make_data()
+    closure, bare_closure = make_closure(model, optimizer, x, y), make_closure(bare_model, bare, x, y)
+    for _ in range(3):
+        optimizer.step(closure)
+        bare.step(bare_closure)
+    assert hasattr(optimizer, "train") and hasattr(optimizer, "eval")
+    assert not hasattr(TransformingOptimizer(make_model().parameters(), torch.optim.SGD, lr=0.1), "eval")
+    trained = [p.detach().clone() for p in model.parameters()]
+    optimizer.eval()
+    bare.eval()
+    assert optimizer.inner.param_groups[0]["train_mode"] is False
+    assert_bitwise_equal(list(model.parameters()), list(bare_model.parameters()))
+    assert not all(torch.equal(p, t) for p, t in zip(model.parameters(), trained)), "eval() changed no weight"
+    optimizer.train()
+    assert_bitwise_equal(list(model.parameters()), trained)
+    optimizer.step(closure)  # in train mode again
+
+    # Between first_step() and second_step() the weights are perturbed: eval() is refused.
+    model_b = make_model()
+    two_call = TransformingOptimizer(model_b.parameters(), ToyScheduleFree, lr=0.1, transforms=[SAM(0.05)])
+    make_closure(model_b, two_call, x, y)()
+    two_call.first_step(zero_grad=True)
+    with pytest.raises(RuntimeError, match=r"^eval\(\) between first_step\(\) and second_step\(\)"):
+        two_call.eval()
+    assert two_call.inner.param_groups[0]["train_mode"] is True
+    two_call.train()  # what the Hugging Face Trainer calls at every training step: passed on
+    two_call.cancel_step()
+
+
+def test_a_meta_optimizer_forwards_train_and_eval_to_its_outer_optimizer():
+    from samgria import FOMAML
+
+    model = make_model()
+    meta = FOMAML(model, ToyScheduleFree, lr=0.1, inner_lr=0.05)
+    assert hasattr(meta, "eval")
+    meta.eval()
+    assert meta.param_groups[0]["train_mode"] is False
+    meta.train()
+    assert meta.param_groups[0]["train_mode"] is True
+    assert not hasattr(FOMAML(make_model(), torch.optim.SGD, lr=0.1, inner_lr=0.05), "train")

@@ -933,3 +933,47 @@ def assert_bitwise_equal(first: list[torch.Tensor], second: list[torch.Tensor]) 
     for a, b in zip(first, second):
         assert a.dtype == b.dtype and a.shape == b.shape
         assert torch.equal(a, b), (a - b).abs().max()
+
+
+class ToyScheduleFree(torch.optim.Optimizer):
+    """A schedule-free-style optimizer, for the ``train()``/``eval()`` contract: SGD on the
+    training sequence ``y``; ``eval()`` puts the running mean ``x`` of the iterates into the
+    weights (keeping ``y``), ``train()`` puts ``y`` back; ``step`` in eval mode raises."""
+
+    def __init__(self, params, lr: float = 0.1) -> None:
+        super().__init__(params, {"lr": lr, "train_mode": True})
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None if closure is None else torch.enable_grad()(closure)()
+        for group in self.param_groups:
+            if not group["train_mode"]:
+                raise RuntimeError("ToyScheduleFree: step() in eval mode")
+            for param in group["params"]:
+                if param.grad is None:
+                    continue
+                param.add_(param.grad, alpha=-group["lr"])
+                state = self.state[param]
+                state["count"] = state.get("count", 0) + 1
+                mean = state.setdefault("x", torch.zeros_like(param))
+                mean.add_((param - mean) / state["count"])
+        return loss
+
+    @torch.no_grad()
+    def eval(self) -> None:
+        for group in self.param_groups:
+            if group["train_mode"]:
+                for param in group["params"]:
+                    if "x" in self.state[param]:
+                        self.state[param]["y"] = param.clone()
+                        param.copy_(self.state[param]["x"])
+                group["train_mode"] = False
+
+    @torch.no_grad()
+    def train(self) -> None:
+        for group in self.param_groups:
+            if not group["train_mode"]:
+                for param in group["params"]:
+                    if "y" in self.state[param]:
+                        param.copy_(self.state[param].pop("y"))
+                group["train_mode"] = True
