@@ -613,3 +613,31 @@ def test_an_interrupt_at_any_line_of_a_step_leaves_the_weights_as_they_were(name
             failures.append(f"differs from the twin: {where}")
     assert not failures, f"{len(failures)} of {len(events)} interrupts:\n" + "\n".join(failures)
 
+
+
+def test_a_sparse_gradient_is_refused_naming_the_parameter_also_in_a_rho_zero_group():
+    """A group with rho=0 does not exclude a parameter from SAM's gradient collection: the
+    message says so and names the way out; nothing moves."""
+    embedding = torch.nn.Embedding(6, 3, sparse=True)
+    head = torch.nn.Linear(3, 1)
+    optimizer = TransformingOptimizer(
+        [{"params": head.parameters()}, {"params": embedding.parameters(), "rho": 0.0}],
+        torch.optim.SGD,
+        lr=0.1,
+        transforms=[SAM(0.05)],
+    )
+    before = [p.detach().clone() for p in (*head.parameters(), *embedding.parameters())]
+
+    def closure():
+        optimizer.zero_grad()
+        loss = head(embedding(torch.tensor([1, 4]))).sum()
+        loss.backward()
+        return loss
+
+    with pytest.raises(
+        RuntimeError,
+        match=r"^SAM does not support sparse gradients \(a parameter of shape \(6, 3\) has one; a group with "
+        r"rho=0 does not exclude it\): use a dense embedding, or give that parameter to another optimizer$",
+    ):
+        optimizer.step(closure)
+    assert all(torch.equal(p, b) for p, b in zip((*head.parameters(), *embedding.parameters()), before))

@@ -254,7 +254,8 @@ class PerturbationTransform(Transform):
             if grad.is_sparse:
                 raise RuntimeError(
                     f"{type(self).__name__} does not support sparse gradients (a parameter of shape "
-                    f"{tuple(param.shape)} has one); use a dense embedding or exclude it"
+                    f"{tuple(param.shape)} has one; a group with rho=0 does not exclude it): use a "
+                    "dense embedding, or give that parameter to another optimizer"
                 )
         return params, grads, groups
 
