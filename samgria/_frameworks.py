@@ -6,14 +6,16 @@ transform that re-evaluates the closure (SAM's second pass) would then see the l
 only -- a different algorithm, silently. The optimizer refuses such a step before anything
 changes. The frameworks' own checks (``samgria.integrations``) refuse the setting earlier, when
 training starts; this is the net for users who did not add them. Recognised: Lightning's
-accumulating closure, and a step made through accelerate's ``AcceleratedOptimizer`` with
-``gradient_accumulation_steps > 1``.
+accumulating closure, and a step made through accelerate's plain ``AcceleratedOptimizer`` with
+``gradient_accumulation_steps > 1`` (not through ``SAMAcceleratedOptimizer``, which refuses the
+micro-batches ``accumulate()`` does not step itself).
 """
 
 from __future__ import annotations
 
 import functools
 import sys
+from collections.abc import Iterator
 from typing import Any
 
 __all__ = ["accumulating_framework", "called_from", "stacklevel_outside", "stepping_grad_scaler"]
@@ -43,15 +45,18 @@ def called_from(function: Any, depth: int) -> bool:
     How the core recognises who is stepping it when the framework passes no marker (accelerate's
     ``AcceleratedOptimizer.step``, ``torch.distributed.checkpoint``'s state initialisation).
     """
+    return next(_frames_of(function, depth, sys._getframe(2)), None) is not None  # the asker's caller
+
+
+def _frames_of(function: Any, depth: int, frame: Any) -> Iterator[Any]:
+    """The frames running ``function`` among ``frame`` and its ``depth - 1`` callers."""
     code = getattr(function, "__code__", None)
-    frame = sys._getframe(2)  # the asking function's caller
     for _ in range(depth):
         if frame is None or code is None:
-            return False
+            return
         if frame.f_code is code:
-            return True
+            yield frame
         frame = frame.f_back
-    return False
 
 
 def stacklevel_outside(*prefixes: str) -> int:
@@ -92,19 +97,30 @@ _ACCELERATE_FRAMES = 12
 
 
 def _accelerate_accumulation_steps() -> int:
-    """accelerate's ``gradient_accumulation_steps`` when its ``AcceleratedOptimizer.step`` is
+    """accelerate's ``gradient_accumulation_steps`` when a plain ``AcceleratedOptimizer.step`` is
     stepping the optimizer now, else 1.
 
-    ``AcceleratedOptimizer.step`` does not call the optimizer on the micro-batches that
-    ``accelerator.accumulate()`` does not step, so a closure handed through it covers the last
-    one only. Looked up only where accelerate is already imported (never imported here).
+    Whether a closure covers the last micro-batch only depends on ``accelerator.accumulate()``,
+    which accelerate records in the ``Accelerator`` alone (its ``step`` counter), out of the
+    optimizer's reach; ``GradientState().sync_gradients`` is true on the micro-batch that steps
+    whether ``accumulate()`` is in use or not. A plain ``AcceleratedOptimizer.step`` does not
+    call the optimizer on the micro-batches ``accumulate()`` does not step, so nothing here tells
+    its last micro-batch from a closure that accumulates every micro-batch itself: refused
+    whenever ``gradient_accumulation_steps > 1``. A wrapper whose class sets
+    ``_samgria_refuses_unsynchronised`` (``SAMAcceleratedOptimizer``) refuses a closure on every
+    micro-batch that ``accumulate()`` does not step (``sync_gradients`` false) before handing it
+    on, so ``accumulate()``'s loop is refused on its first micro-batch, and a closure it hands on
+    is taken as the whole step (e.g. one that accumulates every micro-batch): not refused here.
+    Looked up only where accelerate is already imported (never imported here).
     """
     optimizer_module = sys.modules.get("accelerate.optimizer")
     state_module = sys.modules.get("accelerate.state")
     if optimizer_module is None or state_module is None:
         return 1
     step = getattr(getattr(optimizer_module, "AcceleratedOptimizer", None), "step", None)
-    if not called_from(step, _ACCELERATE_FRAMES):
+    frames = _frames_of(step, _ACCELERATE_FRAMES, sys._getframe(1))  # as called_from looks
+    # any plain wrapper on the way skips micro-batches unseen
+    if all(getattr(type(f.f_locals.get("self")), "_samgria_refuses_unsynchronised", False) for f in frames):
         return 1
     return int(state_module.GradientState().num_steps)
 

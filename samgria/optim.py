@@ -834,9 +834,10 @@ class TransformingOptimizer(WrappingOptimizer):
                 "last micro-batch only (a different algorithm). Accumulate inside the closure (or "
                 "use the two-call loop over every micro-batch), or train with one micro-batch per "
                 "step; with Lightning add callbacks=[samgria.integrations.lightning.SAMCallback()], "
-                "which refuses this setting when fit starts; with accelerate set "
-                "gradient_accumulation_steps=1 (samgria.integrations.accelerate.SAMAccelerator "
-                "refuses the others on the first micro-batch)"
+                "which refuses this setting when fit starts; with accelerate use "
+                "samgria.integrations.accelerate.SAMAccelerator or sam_accelerated(optimizer), which "
+                "refuse accumulate()'s micro-batches themselves and take a closure over every "
+                "micro-batch, or set gradient_accumulation_steps=1"
             )
 
     def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]

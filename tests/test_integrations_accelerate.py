@@ -175,6 +175,38 @@ def test_micro_batches_in_both_passes_equal_sam_on_the_whole_batch(route: str) -
     assert_weights(model, reference(data), rtol=1e-12, atol=1e-14)
 
 
+def closure_over_micro_batches(accelerator, model, optimizer, x, y, count):
+    """A closure that accumulates ``count`` equal micro-batches of ``(x, y)`` itself: each loss
+    through ``accelerator.backward`` (which divides it by ``gradient_accumulation_steps``)."""
+
+    def closure():
+        optimizer.zero_grad()
+        total = 0.0
+        for cx, cy in zip(x.chunk(count), y.chunk(count)):
+            loss = F.mse_loss(model(cx), cy)
+            accelerator.backward(loss)
+            total = total + loss.detach() / count
+        return total
+
+    return closure
+
+
+@pytest.mark.parametrize("route", ROUTES)
+def test_gradient_accumulation_without_accumulate_steps_a_closure_over_every_micro_batch(route: str) -> None:
+    """gradient_accumulation_steps=k with accumulate() unused: the closure runs all k micro-batches
+    in both passes, each loss divided by k by accelerator.backward, so the step is SAM on the mean
+    loss of the whole batch (the hand-written reference), not refused."""
+    k = 4
+    accelerator = make_accelerator(route, gradient_accumulation_steps=k)
+    model, optimizer = prepare(route, accelerator, *model_and_optimizer())
+    data = batches()
+    for x, y in data:
+        start = F.mse_loss(model(x), y).detach()
+        loss = optimizer.step(closure_over_micro_batches(accelerator, model, optimizer, x, y, k))
+        torch.testing.assert_close(loss, start, rtol=1e-12, atol=1e-14)
+    assert_weights(model, reference(data), rtol=1e-12, atol=1e-14)
+
+
 def test_sam_accelerated_two_call_loop_equals_step_closure_of_the_unprepared_optimizer_bit_for_bit() -> None:
     accelerator = Accelerator(cpu=True)
     model, optimizer = accelerator.prepare(*model_and_optimizer())
@@ -369,6 +401,34 @@ def test_stock_accelerator_accumulation_with_step_closure_is_refused_before_anyt
     x, y = data[0]
     optimizer.step(accelerated_closure(accelerator, model, optimizer, x, y))
     assert not all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
+
+
+@pytest.mark.parametrize("route", [*ROUTES, "Accelerator"])
+def test_accumulate_with_a_closure_over_every_micro_batch_is_still_refused(route: str) -> None:
+    """The closure that steps without accumulate() is refused inside accumulate() with k > 1: on a
+    SAMAcceleratedOptimizer on the first micro-batch (which accumulate() does not step), on
+    accelerate's own AcceleratedOptimizer on the one that steps (the first is never run)."""
+    k = 2
+    accelerator = make_accelerator(route, gradient_accumulation_steps=k)
+    if route == "Accelerator":
+        model, optimizer = accelerator.prepare(*model_and_optimizer())
+        assert type(optimizer) is AcceleratedOptimizer
+        message = (
+            r"^SAM re-evaluate\(s\) the loss, but accelerate's gradient_accumulation_steps=2 "
+            r"\(accumulate\(\) steps the optimizer on the last micro-batch only\)"
+        )
+    else:
+        model, optimizer = prepare(route, accelerator, *model_and_optimizer())
+        message = r"^step\(closure\) on a micro-batch that accelerate does not synchronise"
+    before = [p.detach().clone() for p in model.parameters()]
+    ran = []
+    with pytest.raises(RuntimeError, match=message):
+        for index, (x, y) in enumerate(batches()[:k]):
+            with accelerator.accumulate(model):
+                closure = closure_over_micro_batches(accelerator, model, optimizer, x, y, k)
+                optimizer.step(lambda: (ran.append(index), closure())[1])
+    assert ran == []
+    assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
 
 
 def test_deepspeed_and_megatron_are_refused_at_prepare() -> None:

@@ -61,8 +61,16 @@ class SAMAcceleratedOptimizer(AcceleratedOptimizer):
     on a micro-batch that accelerate does not synchronise (inside ``accelerator.accumulate()``
     before the last micro-batch, where accelerate's step does nothing). Loop over the
     micro-batches yourself instead, in both passes (``accelerator.no_sync(model)`` around all but
-    the last backward of each pass).
+    the last backward of each pass), e.g. inside the closure of ``step(closure)``; this works
+    with any ``gradient_accumulation_steps`` as long as ``accumulate()`` is not used
+    (``accelerator.backward`` divides each micro-batch's loss by ``gradient_accumulation_steps``).
     """
+
+    #: Read by the optimizer's net for framework accumulation (``samgria._frameworks``): this
+    #: wrapper refuses ``step(closure)`` on every micro-batch ``accumulate()`` does not step
+    #: (:meth:`_check_synchronised`) before handing the closure on, so the closure it hands on is
+    #: not refused for ``gradient_accumulation_steps > 1``.
+    _samgria_refuses_unsynchronised = True
 
     @property
     def sam(self) -> TransformingOptimizer:
