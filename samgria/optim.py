@@ -840,6 +840,34 @@ class TransformingOptimizer(WrappingOptimizer):
                 "micro-batch, or set gradient_accumulation_steps=1"
             )
 
+    def _put_back_before_hooks(self, closure: Callable[[], Any] | None) -> None:
+        """A call that finishes a two-call step puts :math:`w` back before torch's wrapper runs
+        the step pre-hooks, so that they see (and may change) the weights the step updates, as
+        ``step(closure)``'s do; the pending step finishes as before (its put-back is done)."""
+        pending = self._pending
+        if pending is not None and pending.perturbation is not None and (closure is None or self._progress.finishing):
+            pending.perturbation.restore_weights()
+
+    def _scaler_aware_step(self, closure: Callable[[], Any] | None = None) -> Any:
+        """:meth:`step` inside torch's hook wrapper."""
+        if getattr(self, "found_inf", None) is None:
+            return self._step(closure)
+        try:  # GradScaler.step deletes what it set only after step() returns
+            return self._step(closure)
+        except BaseException:
+            self._forget_scaler()
+            raise
+
+    # torch's own wrapper (step hooks, profiling, the call record LR schedulers read), applied
+    # here rather than by Optimizer._patch_step_function so that :meth:`step` can put the weights
+    # back before it; ``step`` is marked ``hooked`` below, which makes torch leave it as it is.
+    _hooked_step = Optimizer.profile_hook_step(_scaler_aware_step)
+
+    def _unhooked_step(self, closure: Callable[[], Any] | None = None) -> Any:
+        """:meth:`step` without the hooks (what a meta-optimizer driving this one calls)."""
+        self._put_back_before_hooks(closure)
+        return self._scaler_aware_step(closure)
+
     def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
         """Perform one optimization step.
 
@@ -860,13 +888,11 @@ class TransformingOptimizer(WrappingOptimizer):
                 a framework accumulated earlier micro-batches outside the closure that a
                 transform re-evaluates (Lightning's ``accumulate_grad_batches > 1``).
         """
-        if getattr(self, "found_inf", None) is None:
-            return self._step(closure)
-        try:  # GradScaler.step deletes what it set only after step() returns
-            return self._step(closure)
-        except BaseException:
-            self._forget_scaler()
-            raise
+        self._put_back_before_hooks(closure)
+        return self._hooked_step(closure)
+
+    step.hooked = True  # type: ignore[attr-defined]
+    step.__wrapped__ = _unhooked_step  # type: ignore[attr-defined]  # what unhooked_step() calls
 
     def _step(self, closure: Callable[[], Any] | None) -> Any:
         """:meth:`step`'s body."""
@@ -1131,7 +1157,8 @@ class TransformingOptimizer(WrappingOptimizer):
         """Second half: restore the weights, step the inner optimizer, run post-step transforms.
 
         Call after the second ``backward()``. Goes through :meth:`step`, so step hooks run and an
-        LR scheduler sees the optimizer step. Called on a framework's wrapper of the optimizer
+        LR scheduler sees the optimizer step; the weights are put back first, so the step
+        pre-hooks see :math:`w` (as those of ``step(closure)`` do). Called on a framework's wrapper of the optimizer
         (``self.optimizers()`` in Lightning), it goes through the wrapper's ``step()``, so the
         framework's hooks run and its step counter advances; a closure the wrapper passes on is
         run once, before the step (Lightning's runs its ``on_before_optimizer_step`` hooks).

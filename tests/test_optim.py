@@ -1753,3 +1753,72 @@ def test_a_meta_optimizer_forwards_train_and_eval_to_its_outer_optimizer():
     meta.train()
     assert meta.param_groups[0]["train_mode"] is True
     assert not hasattr(FOMAML(make_model(), torch.optim.SGD, lr=0.1, inner_lr=0.05), "train")
+
+
+# -- step hooks in the two-call loop -------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "transform, finish",
+    [(t, f) for t in ("SAM", "GSAM", "MultiStepSAM") for f in ("second_step", "step")] + [("SAM", "GradScaler.step")],
+)
+def test_two_call_step_pre_hooks_see_the_weights_the_step_updates_and_keep_their_writes(finish, transform):
+    """As step(closure)'s, the pre-hooks (global and the optimizer's) of the call that finishes a
+    two-call step see w, not w + e, and what they write into the weights is what the inner
+    optimizer updates (with lr=0: the weights stay as the hook left them)."""
+    from torch.optim.optimizer import register_optimizer_step_pre_hook
+
+    from samgria import GSAM
+
+    make = {"SAM": lambda: SAM(0.5), "GSAM": lambda: GSAM(0.5, alpha=0.3), "MultiStepSAM": lambda: MultiStepSAM(0.5)}
+    model = make_model()
+    x, y = make_data()
+    optimizer = TransformingOptimizer(model.parameters(), torch.optim.SGD, lr=0.0, momentum=0.9, transforms=[make[transform]()])
+    params = [p for p in model.parameters() if p.requires_grad]
+    seen: dict[str, list[torch.Tensor]] = {}
+
+    def instance_hook(opt, args, kwargs):
+        seen["instance"] = [p.detach().clone() for p in params]
+        with torch.no_grad():
+            for param in params:
+                param.clamp_(-0.1, 0.1)
+
+    def global_hook(opt, args, kwargs):
+        if opt is optimizer:
+            seen["global"] = [p.detach().clone() for p in params]
+
+    optimizer.register_step_pre_hook(instance_hook)
+    handle = register_optimizer_step_pre_hook(global_hook)
+    try:
+        start = [p.detach().clone() for p in params]
+        scaler = torch.amp.GradScaler("cpu", init_scale=4.0) if finish == "GradScaler.step" else None
+        for half in ("first", "second"):
+            optimizer.zero_grad()
+            loss = nn.functional.mse_loss(model(x), y)
+            (loss if scaler is None else scaler.scale(loss)).backward()
+            if half == "first":
+                optimizer.first_step(zero_grad=True)
+                assert not all(torch.equal(p, s) for p, s in zip(params, start)), "first_step moved nothing"
+        if finish == "second_step":
+            optimizer.second_step(zero_grad=True)
+        elif finish == "step":
+            optimizer.step()
+        else:
+            scaler.step(optimizer)
+            scaler.update()
+    finally:
+        handle.remove()
+    assert_bitwise_equal(seen["global"], start)
+    assert_bitwise_equal(seen["instance"], start)
+    assert_bitwise_equal(params, [s.clamp(-0.1, 0.1) for s in start])
+
+
+def test_a_perturbation_restored_early_still_hands_on_its_buffers():
+    """restore() after restore_weights() (the weights went back before the step hooks) returns
+    the backup buffers of the first call: the optimizer copies its snapshot into them."""
+    param = torch.nn.Parameter(torch.ones(3))
+    original, buffer = param.data, torch.full((3,), 2.0)
+    param.data = buffer
+    perturbation = Perturbation([(param, original, buffer, True)])
+    first = perturbation.restore_weights()
+    assert param.data_ptr() == original.data_ptr() and first == {id(param): buffer}
+    assert perturbation.restore() == {id(param): buffer}
+    assert param.data_ptr() == original.data_ptr()

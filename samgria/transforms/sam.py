@@ -74,9 +74,10 @@ class Perturbation:
         Returns:
             The backup buffers, by ``id(param)``: memory laid out like each parameter that is free
             until the next perturbation (the optimizer copies its pre-step snapshot of the
-            weights into it instead of allocating).
+            weights into it instead of allocating) -- of every restore so far, so that a later
+            call (the optimizer's, after the weights went back early) still hands them on.
         """
-        freed = {}
+        freed = self.__dict__.setdefault("_freed", {})
         for param, original, buffer, swapped in self.moves:
             if swapped:
                 param.data = original
