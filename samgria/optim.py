@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -140,13 +141,15 @@ def _called_by_checkpoint_state_init() -> bool:
 
 
 #: How many callers up ``_rescale_unscaled_grads`` looks for ``GradScaler.step`` (its caller
-#: ``_finish_pending``, ``_step``, ``step``, torch's hook wrapper, then a framework's wrappers).
-_SCALER_FRAMES = 10
+#: ``_finish_pending``, ``_step``, ``step``, torch's hook wrapper, ``_with_hooks``'s two frames,
+#: then a framework's wrappers).
+_SCALER_FRAMES = 12
 
-#: How many callers up :func:`_called_by_checkpoint_state_init` looks: nine from a
-#: meta-optimizer's step, which drives the outer TransformingOptimizer (its step, torch's hook
-#: wrapper, ``_guarded_step``, ``_driven_step``, ``unhooked_step``), with room for a wrapper or two.
-_STATE_INIT_FRAMES = 12
+#: How many callers up :func:`_called_by_checkpoint_state_init` looks: ten from a
+#: meta-optimizer's step, which drives the outer TransformingOptimizer (the meta-optimizer's
+#: step, torch's hook wrapper, ``_guarded_step``, ``_driven_step``, ``unhooked_step``, then the
+#: outer's ``_with_hooks`` frames and ``_step``), with room for a framework's wrappers.
+_STATE_INIT_FRAMES = 16
 
 
 def _on_any_rank(flag: bool, first_pass_context: Any, device: torch.device) -> bool:
@@ -176,6 +179,46 @@ def _refuse_sharded_m_sharpness(first_pass_context: Any, params: Iterable[Any]) 
             "outside param.grad, so SAM would see none; drop first_pass_context (SAM then "
             "perturbs with the global gradient) or train with DDP"
         )
+
+
+def _with_hooks(body: Callable[..., Any]) -> Callable[..., Any]:
+    """``TransformingOptimizer.step`` (or a subclass's own ``step``) inside torch's hook wrapper.
+
+    torch wraps every optimizer class's ``step`` in :meth:`torch.optim.Optimizer.profile_hook_step`
+    (step hooks, profiling, the call record LR schedulers read) unless it is marked ``hooked``.
+    samgria applies that same wrapper itself, so that the call that finishes a two-call step
+    puts :math:`w` back before the pre-hooks run (they see the weights the step updates, as in
+    ``step(closure)``), and runs the hooks once per step also when a subclass's ``step`` calls
+    ``super().step()``. ``__wrapped__`` is the step without hooks (what a meta-optimizer driving
+    this optimizer calls, :func:`samgria._wrapper.unhooked_step`). A step that raises drops what
+    ``GradScaler.step`` set on the optimizer (it deletes it only after the step returns), also
+    when a hook raises.
+    """
+    hooked = Optimizer.profile_hook_step(body)
+
+    def run(self: Any, call: Callable[..., Any], closure: Any) -> Any:
+        self._put_back_before_hooks(closure)
+        if "_hooks_running" in self.__dict__:  # super().step() inside a step: its hooks ran
+            return body(self, closure)
+        self.__dict__["_hooks_running"] = True
+        try:
+            return call(self, closure)
+        except BaseException:
+            self._forget_scaler()
+            raise
+        finally:
+            self.__dict__.pop("_hooks_running", None)
+
+    @functools.wraps(body)
+    def step(self: Any, closure: Any = None) -> Any:
+        return run(self, hooked, closure)
+
+    def unhooked(self: Any, closure: Any = None) -> Any:
+        return run(self, body, closure)
+
+    step.hooked = True  # type: ignore[attr-defined]
+    step.__wrapped__ = unhooked  # type: ignore[attr-defined]
+    return step
 
 
 class TransformingOptimizer(WrappingOptimizer):
@@ -848,26 +891,7 @@ class TransformingOptimizer(WrappingOptimizer):
         if pending is not None and pending.perturbation is not None and (closure is None or self._progress.finishing):
             pending.perturbation.restore_weights()
 
-    def _scaler_aware_step(self, closure: Callable[[], Any] | None = None) -> Any:
-        """:meth:`step` inside torch's hook wrapper."""
-        if getattr(self, "found_inf", None) is None:
-            return self._step(closure)
-        try:  # GradScaler.step deletes what it set only after step() returns
-            return self._step(closure)
-        except BaseException:
-            self._forget_scaler()
-            raise
-
-    # torch's own wrapper (step hooks, profiling, the call record LR schedulers read), applied
-    # here rather than by Optimizer._patch_step_function so that :meth:`step` can put the weights
-    # back before it; ``step`` is marked ``hooked`` below, which makes torch leave it as it is.
-    _hooked_step = Optimizer.profile_hook_step(_scaler_aware_step)
-
-    def _unhooked_step(self, closure: Callable[[], Any] | None = None) -> Any:
-        """:meth:`step` without the hooks (what a meta-optimizer driving this one calls)."""
-        self._put_back_before_hooks(closure)
-        return self._scaler_aware_step(closure)
-
+    @_with_hooks
     def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
         """Perform one optimization step.
 
@@ -888,11 +912,15 @@ class TransformingOptimizer(WrappingOptimizer):
                 a framework accumulated earlier micro-batches outside the closure that a
                 transform re-evaluates (Lightning's ``accumulate_grad_batches > 1``).
         """
-        self._put_back_before_hooks(closure)
-        return self._hooked_step(closure)
+        return self._step(closure)
 
-    step.hooked = True  # type: ignore[attr-defined]
-    step.__wrapped__ = _unhooked_step  # type: ignore[attr-defined]  # what unhooked_step() calls
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        """A subclass's own ``step`` gets the same wrapper (torch's would run the hooks before
+        the weights go back, and again in ``super().step()``)."""
+        super().__init_subclass__(**kwargs)
+        own = cls.__dict__.get("step")
+        if callable(own) and not getattr(own, "hooked", False):
+            cls.step = _with_hooks(own)  # type: ignore[method-assign]
 
     def _step(self, closure: Callable[[], Any] | None) -> Any:
         """:meth:`step`'s body."""
@@ -1148,6 +1176,7 @@ class TransformingOptimizer(WrappingOptimizer):
         Does nothing when no step is pending.
         """
         pending, self._pending = self._pending, None
+        self._forget_scaler()  # what a GradScaler.step that raised left (a raising step hook)
         if pending is not None and pending.perturbation is not None:
             pending.perturbation.restore_weights()  # no finish: nothing of this step is committed
         if pending is not None and pending.structure is not None:

@@ -1822,3 +1822,88 @@ def test_a_perturbation_restored_early_still_hands_on_its_buffers():
     assert param.data_ptr() == original.data_ptr() and first == {id(param): buffer}
     assert perturbation.restore() == {id(param): buffer}
     assert param.data_ptr() == original.data_ptr()
+
+
+class _StepOverridingOptimizer(TransformingOptimizer):
+    """A subclass whose own ``step`` calls ``super().step()`` (and counts its calls)."""
+
+    calls = 0
+
+    def step(self, closure=None):
+        type(self).calls += 1
+        return super().step(closure)
+
+
+@pytest.mark.parametrize("loop", ["closure", "two-call", "meta"])
+def test_a_subclass_overriding_step_runs_the_hooks_once_and_they_see_w(loop):
+    """torch would wrap the subclass's step in a second hook wrapper, which ran the hooks twice
+    (the first time at w + e in the two-call loop); through a meta-optimizer, none may run."""
+    from torch.optim.optimizer import register_optimizer_step_pre_hook
+
+    from samgria import FOMAML
+
+    model = make_model()
+    x, y = make_data()
+    optimizer = _StepOverridingOptimizer(model.parameters(), torch.optim.SGD, lr=0.1, transforms=[SAM(0.5)])
+    params = [p for p in model.parameters() if p.requires_grad]
+    seen, global_seen = [], []
+    optimizer.register_step_pre_hook(lambda opt, args, kwargs: seen.append([p.detach().clone() for p in params]))
+    handle = register_optimizer_step_pre_hook(lambda opt, args, kwargs: global_seen.append(type(opt).__name__))
+    start = [p.detach().clone() for p in params]
+    calls_before = _StepOverridingOptimizer.calls
+    try:
+        if loop == "closure":
+            optimizer.step(make_closure(model, optimizer, x, y))
+        elif loop == "two-call":
+            make_closure(model, optimizer, x, y)()
+            optimizer.first_step(zero_grad=True)
+            make_closure(model, optimizer, x, y)()
+            optimizer.second_step(zero_grad=True)
+        else:
+            meta = FOMAML(model, optimizer, inner_lr=0.05)
+            meta.step(make_closure(model, meta, x, y))
+    finally:
+        handle.remove()
+    assert _StepOverridingOptimizer.calls == calls_before + 1, "the subclass's step runs once"
+    if loop == "meta":
+        assert global_seen == ["FOMAML"] and seen == [], "the driven optimizer's hooks do not run"
+    else:
+        assert global_seen == ["_StepOverridingOptimizer"] and len(seen) == 1
+        assert_bitwise_equal(seen[0], start)
+    assert not all(torch.equal(p, s) for p, s in zip(params, start)), "the step moved nothing"
+
+
+def test_a_step_hook_raising_under_grad_scaler_leaves_no_scale_behind():
+    """GradScaler.step deletes what it set on the optimizer only after the step returns: a pre-hook
+    that raises must not leave it for the next step without a scaler (which would divide the
+    gradients by the old scale), and cancel_step() abandons the step exactly."""
+    model = make_model()
+    reference_model = copy.deepcopy(model)
+    x, y = make_data()
+    optimizer = TransformingOptimizer(model.parameters(), torch.optim.SGD, lr=0.1, transforms=[SAM(0.05)])
+    reference = TransformingOptimizer(reference_model.parameters(), torch.optim.SGD, lr=0.1, transforms=[SAM(0.05)])
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+
+    def refuse(opt, args, kwargs):
+        raise ValueError("hook refuses")
+
+    handle = optimizer.register_step_pre_hook(refuse)
+    start = [p.detach().clone() for p in model.parameters()]
+    for half in ("first", "second"):
+        optimizer.zero_grad()
+        scaler.scale(nn.functional.mse_loss(model(x), y)).backward()
+        if half == "first":
+            optimizer.first_step(zero_grad=True)
+    with pytest.raises(ValueError, match="hook refuses"):
+        scaler.step(optimizer)
+    handle.remove()
+    assert not hasattr(optimizer, "found_inf") and not hasattr(optimizer, "grad_scale")
+    optimizer.cancel_step()
+    assert_bitwise_equal(list(model.parameters()), start)
+    # The next steps, without a scaler, equal an optimizer that never saw the failed one.
+    for opt, net in ((optimizer, model), (reference, reference_model)):
+        for half in ("first", "second"):
+            make_closure(net, opt, x, y)()
+            opt.first_step(zero_grad=True) if half == "first" else opt.second_step(zero_grad=True)
+        opt.step(make_closure(net, opt, x, y))
+    assert_bitwise_equal(list(model.parameters()), list(reference_model.parameters()))
