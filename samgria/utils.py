@@ -84,7 +84,11 @@ def frozen_bn_stats(model: nn.Module) -> Iterator[nn.Module]:
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {model!r}")
     for name, module in model.named_modules():
-        if isinstance(module, nn.modules.batchnorm._LazyNormBase) and module.has_uninitialized_params():
+        if (
+            isinstance(module, nn.modules.batchnorm._LazyNormBase)
+            and module.track_running_stats
+            and module.has_uninitialized_params()
+        ):
             # Without running statistics to keep, its first forward would create none and leave
             # the layer half-initialised for good.
             raise ValueError(

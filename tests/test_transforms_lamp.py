@@ -489,7 +489,8 @@ UNSEEDED_WARNING = (
     "LAMP: seed=None in a process group of 2 ranks: each rank draws the noise from its own default "
     "generator, so replicas of a parameter (DistributedDataParallel, HSDP) stay identical only while "
     "every rank's generator is in the same state; pass seed= (the same on every rank) to make the "
-    "noise identical"
+    "noise identical (parameters no other rank holds a copy of, as in pipeline parallelism, need no "
+    "seed: a plain tensor cannot say)"
 )
 #: Steps of each multi-process run: the warning comes once over all of them.
 WARNING_STEPS = 4

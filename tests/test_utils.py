@@ -272,3 +272,18 @@ def test_frozen_bn_stats_refuses_a_lazy_batchnorm_that_has_not_run_and_leaves_it
     with frozen_bn_stats(model):
         model(torch.randn(5, 4))
     assert torch.equal(layer.running_mean, mean) and int(layer.num_batches_tracked) == 1
+
+
+@pytest.mark.parametrize(
+    "layer",
+    [lambda: nn.LazyBatchNorm1d(track_running_stats=False), lambda: nn.LazyInstanceNorm1d(track_running_stats=False)],
+    ids=["LazyBatchNorm1d-untracked", "LazyInstanceNorm1d-untracked"],
+)
+def test_frozen_bn_stats_accepts_a_lazy_norm_layer_that_keeps_no_running_statistics(layer):
+    """Nothing to keep, nothing to refuse: its first forward inside the block initialises it."""
+    model = nn.Sequential(layer())
+    x = torch.randn(4, 3, 5)
+    with frozen_bn_stats(model):
+        inside = model(x)
+    assert not isinstance(model[0], nn.modules.lazy.LazyModuleMixin)
+    assert torch.equal(inside, model(x))

@@ -51,7 +51,8 @@ Without a seed, each rank draws from its own default generator. A parameter othe
 copy of (``DistributedDataParallel``'s replicas, a ``DTensor`` replicated along a mesh dimension,
 e.g. HSDP's) then stays identical across ranks only while their generators are in the same
 state; LAMP warns once (a ``RuntimeWarning``, at its first noise draw, without communicating)
-when it perturbs such a parameter in a process group of several ranks.
+when it perturbs such a parameter in a process group of several ranks -- any plain tensor counts
+(it cannot tell DDP's replicas from parameters no other rank holds).
 """
 
 from __future__ import annotations
@@ -104,7 +105,7 @@ class LAMP(Transform):
         seed: When given, the noise comes from generators of this transform seeded with it, whose
             states are checkpointed with the optimizer (a resumed run draws the same noise).
             ``None``: PyTorch's default generator (under ``torch.distributed``, each rank's own:
-            LAMP warns once when it perturbs parameters replicated across ranks).
+            LAMP warns once when it perturbs plain or replicated parameters there).
 
     Raises:
         ValueError: If ``eps`` is negative or not finite, ``rollback_len < 1``, or ``seed`` is
@@ -357,7 +358,8 @@ class LAMP(Transform):
                 f"LAMP: seed=None in a process group of {world_size} ranks: each rank draws the noise "
                 "from its own default generator, so replicas of a parameter (DistributedDataParallel, "
                 "HSDP) stay identical only while every rank's generator is in the same state; pass "
-                "seed= (the same on every rank) to make the noise identical",
+                "seed= (the same on every rank) to make the noise identical (parameters no other rank "
+                "holds a copy of, as in pipeline parallelism, need no seed: a plain tensor cannot say)",
                 RuntimeWarning,
                 stacklevel=stacklevel_outside(),
             )
