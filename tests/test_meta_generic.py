@@ -1295,6 +1295,22 @@ def test_transformer_checkpointed_second_order_maml_equals_the_plain_one_exactly
     assert any(g.abs().sum() > 0 for n, g in grads.items() if n.startswith("encoder.self_attn"))
 
 
+def _run_outer_steps(model: nn.Module, meta: Any, steps: int, *, adapt: bool) -> None:
+    """``steps`` meta-steps on one fixed regression batch (3 -> 2 features, float64): the query
+    loss after adapting on the same batch (``adapt=True``), or the plain loss."""
+    x = torch.randn(4, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    y = torch.randn(4, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+
+    def closure():
+        meta.zero_grad()
+        loss = mse(meta.adapt(lambda f: mse(f(x), y))(x), y) if adapt else ((model(x) - y) ** 2).mean()
+        loss.backward()
+        return loss
+
+    for _ in range(steps):
+        meta.step(closure)
+
+
 def test_a_transforming_outer_optimizer_checks_and_restores_its_chain_through_the_meta_checkpoint():
     """The meta-optimizer's state_dict/load_state_dict run the outer TransformingOptimizer's own
     checkpoint steps: another chain is refused naming it, the same chain resumes bit for bit."""
@@ -1306,18 +1322,8 @@ def test_a_transforming_outer_optimizer_checks_and_restores_its_chain_through_th
         outer = TransformingOptimizer(model.parameters(), torch.optim.SGD, lr=0.1, transforms=transforms)
         return model, MAML(model, outer, inner_lr=0.1)
 
-    x = torch.randn(4, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
-    y = torch.randn(4, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
-
     def run(model, meta, steps):
-        def closure():
-            meta.zero_grad()
-            loss = ((model(x) - y) ** 2).mean()
-            loss.backward()
-            return loss
-
-        for _ in range(steps):
-            meta.step(closure)
+        _run_outer_steps(model, meta, steps, adapt=False)
 
     model, meta = build([LAMP(1e-2, rollback_len=2, seed=0)])
     run(model, meta, 3)
@@ -1353,18 +1359,8 @@ def test_distributed_checkpoint_through_a_meta_optimizer_with_a_transforming_out
         outer = TransformingOptimizer(model.parameters(), torch.optim.Adam, lr=0.01, transforms=transforms)
         return model, MAML(model, outer, inner_lr=0.1)
 
-    x = torch.randn(4, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
-    y = torch.randn(4, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
-
     def run(model, meta, steps):
-        def closure():
-            meta.zero_grad()
-            loss = mse(meta.adapt(lambda f: mse(f(x), y))(x), y)
-            loss.backward()
-            return loss
-
-        for _ in range(steps):
-            meta.step(closure)
+        _run_outer_steps(model, meta, steps, adapt=True)
 
     fresh_model, fresh_meta = build(0)
     weights = [p.detach().clone() for p in fresh_model.parameters()]
