@@ -1187,10 +1187,11 @@ class TransformingOptimizer(WrappingOptimizer):
 
         Call after the second ``backward()``. Goes through :meth:`step`, so step hooks run and an
         LR scheduler sees the optimizer step; the weights are put back first, so the step
-        pre-hooks see :math:`w` (as those of ``step(closure)`` do). Called on a framework's wrapper of the optimizer
-        (``self.optimizers()`` in Lightning), it goes through the wrapper's ``step()``, so the
-        framework's hooks run and its step counter advances; a closure the wrapper passes on is
-        run once, before the step (Lightning's runs its ``on_before_optimizer_step`` hooks).
+        pre-hooks see :math:`w` (as those of ``step(closure)`` do). Called on a framework's
+        wrapper of the optimizer (``self.optimizers()`` in Lightning), it goes through the
+        wrapper's ``step()``, so the framework's hooks run and its step counter advances; a
+        closure the wrapper passes on is run once, before the step (Lightning's runs its
+        ``on_before_optimizer_step`` hooks).
 
         Args:
             zero_grad: Clear every gradient afterwards.

@@ -51,7 +51,15 @@ def _dtensor_types() -> tuple[type, type] | None:
     return _TYPES
 
 
-__all__ = ["is_sharded", "is_fsdp1_flattened", "any_sharded", "local_shard", "shard_key", "shard_coordinates", "reduce_partial_sums"]
+__all__ = [
+    "is_sharded",
+    "is_fsdp1_flattened",
+    "any_sharded",
+    "local_shard",
+    "shard_key",
+    "shard_coordinates",
+    "reduce_partial_sums",
+]
 
 
 def is_sharded(tensor: Any) -> bool:
