@@ -805,6 +805,8 @@ TASK_ERRORS = [
     ("query-rows", {"query_x": torch.zeros(6, 2, dtype=DT)}, ValueError,
      r"^query_x and query_y must have the same number of examples \(first dimension\), got 6 and 4 "
      r"\(shapes \(6, 2\) and \(4, 1\)\)$"),
+    ("devices", {"query_y": torch.zeros(4, 1, dtype=DT, device="meta")}, ValueError,
+     r"^support_x and query_y must be on the same device, got cpu and meta$"),
 ]
 
 

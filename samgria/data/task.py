@@ -31,8 +31,9 @@ class Task:
 
     Raises:
         TypeError: A field is not a tensor.
-        ValueError: A field is a 0-dim tensor, or ``support_x`` and ``support_y`` (or
-            ``query_x`` and ``query_y``) differ in their first dimension. See :meth:`check`.
+        ValueError: A field is a 0-dim tensor, the fields are on different devices, or
+            ``support_x`` and ``support_y`` (or ``query_x`` and ``query_y``) differ in their first
+            dimension. See :meth:`check`.
     """
 
     support_x: torch.Tensor
@@ -54,8 +55,9 @@ class Task:
 
         Raises:
             TypeError: A field is not a :class:`torch.Tensor`.
-            ValueError: A field has no leading (example) dimension, or the inputs and targets of
-                a split disagree in it (``support_x`` of 5 rows with ``support_y`` of 3).
+            ValueError: A field has no leading (example) dimension, the fields are on different
+                devices, or the inputs and targets of a split disagree in the leading dimension
+                (``support_x`` of 5 rows with ``support_y`` of 3).
         """
         prefix = f"{name}." if name else ""
         for field in ("support_x", "support_y", "query_x", "query_y"):
@@ -65,6 +67,13 @@ class Task:
             if value.dim() == 0:
                 raise ValueError(
                     f"{prefix}{field} must have a leading dimension of examples, got a 0-dim tensor"
+                )
+        device = self.support_x.device
+        for field in ("support_y", "query_x", "query_y"):
+            if getattr(self, field).device != device:
+                raise ValueError(
+                    f"{prefix}support_x and {prefix}{field} must be on the same device, got {device} "
+                    f"and {getattr(self, field).device}"
                 )
         for split in ("support", "query"):
             x, y = getattr(self, f"{split}_x"), getattr(self, f"{split}_y")
