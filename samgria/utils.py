@@ -11,6 +11,13 @@ from torch import nn
 __all__ = ["get_grad", "set_grad", "frozen_bn_stats"]
 
 
+def _check_tensors(params: list[object]) -> None:
+    """``TypeError`` naming the first item of ``params`` that is not a tensor."""
+    for index, param in enumerate(params):
+        if not isinstance(param, torch.Tensor):
+            raise TypeError(f"params[{index}] must be a torch.Tensor, got {param!r}")
+
+
 def get_grad(params: Iterable[torch.Tensor]) -> torch.Tensor:
     """Flatten every parameter's ``.grad`` into one 1-D vector (zeros where a grad is ``None``).
 
@@ -21,11 +28,13 @@ def get_grad(params: Iterable[torch.Tensor]) -> torch.Tensor:
         A vector of length ``sum(p.numel())``, in the dtype and on the device of the first parameter.
 
     Raises:
+        TypeError: If an item of ``params`` is not a tensor.
         ValueError: If ``params`` is empty.
     """
     params = list(params)
     if not params:
         raise ValueError("get_grad needs at least one parameter, got an empty iterable")
+    _check_tensors(params)
     first = params[0]
     pieces = [
         (p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1).to(first.device, first.dtype)
@@ -41,12 +50,13 @@ def set_grad(grads: torch.Tensor, params: Iterable[torch.Tensor]) -> None:
     Each slice is reshaped to the parameter's shape and cast to its device and dtype.
 
     Raises:
-        TypeError: If ``grads`` is not a tensor.
+        TypeError: If ``grads`` or an item of ``params`` is not a tensor.
         ValueError: If ``grads`` is not 1-D or its length differs from the parameters' total size.
     """
     if not isinstance(grads, torch.Tensor):
         raise TypeError(f"grads must be a torch.Tensor, got {type(grads).__name__}")
     params = list(params)
+    _check_tensors(params)
     total = sum(p.numel() for p in params)
     if grads.dim() != 1 or grads.numel() != total:
         raise ValueError(

@@ -287,3 +287,12 @@ def test_frozen_bn_stats_accepts_a_lazy_norm_layer_that_keeps_no_running_statist
         inside = model(x)
     assert not isinstance(model[0], nn.modules.lazy.LazyModuleMixin)
     assert torch.equal(inside, model(x))
+
+
+def test_get_grad_and_set_grad_name_an_item_that_is_not_a_tensor():
+    param = torch.nn.Parameter(torch.zeros(2))
+    with pytest.raises(TypeError, match=r"^params\[1\] must be a torch.Tensor, got 1.0$"):
+        get_grad([param, 1.0])
+    with pytest.raises(TypeError, match=r"^params\[0\] must be a torch.Tensor, got 'w'$"):
+        set_grad(torch.zeros(2), ["w"])
+    assert param.grad is None
