@@ -93,7 +93,7 @@ def stepping_grad_scaler(depth: int) -> Any:
 
 
 #: How many callers up :func:`_accelerate_accumulation_steps` looks for accelerate's ``step``.
-_ACCELERATE_FRAMES = 12
+_ACCELERATE_FRAMES = 24  # samgria's step is 7 frames deep, 3 more per subclass calling super().step()
 
 
 def _accelerate_accumulation_steps() -> int:

@@ -141,15 +141,17 @@ def _called_by_checkpoint_state_init() -> bool:
 
 
 #: How many callers up ``_rescale_unscaled_grads`` looks for ``GradScaler.step`` (its caller
-#: ``_finish_pending``, ``_step``, ``step``, torch's hook wrapper, ``_with_hooks``'s two frames,
-#: then a framework's wrappers).
-_SCALER_FRAMES = 12
+#: ``_finish_pending``, ``_step``, ``step``, torch's hook wrapper, ``_with_hooks``'s two frames:
+#: seven, and three more for each subclass whose ``step`` calls ``super().step()``, then a
+#: framework's wrappers).
+_SCALER_FRAMES = 24
 
 #: How many callers up :func:`_called_by_checkpoint_state_init` looks: ten from a
 #: meta-optimizer's step, which drives the outer TransformingOptimizer (the meta-optimizer's
 #: step, torch's hook wrapper, ``_guarded_step``, ``_driven_step``, ``unhooked_step``, then the
-#: outer's ``_with_hooks`` frames and ``_step``), with room for a framework's wrappers.
-_STATE_INIT_FRAMES = 16
+#: outer's ``_with_hooks`` frames and ``_step``), three more for each subclass whose ``step``
+#: calls ``super().step()``, with room for a framework's wrappers.
+_STATE_INIT_FRAMES = 24
 
 
 def _on_any_rank(flag: bool, first_pass_context: Any, device: torch.device) -> bool:
@@ -182,27 +184,29 @@ def _refuse_sharded_m_sharpness(first_pass_context: Any, params: Iterable[Any]) 
 
 
 def _with_hooks(body: Callable[..., Any]) -> Callable[..., Any]:
-    """``TransformingOptimizer.step`` (or a subclass's own ``step``) inside torch's hook wrapper.
+    """A ``TransformingOptimizer`` class's ``step`` inside torch's hook wrapper.
 
     torch wraps every optimizer class's ``step`` in :meth:`torch.optim.Optimizer.profile_hook_step`
-    (step hooks, profiling, the call record LR schedulers read) unless it is marked ``hooked``.
-    samgria applies that same wrapper itself, so that the call that finishes a two-call step
-    puts :math:`w` back before the pre-hooks run (they see the weights the step updates, as in
-    ``step(closure)``), and runs the hooks once per step also when a subclass's ``step`` calls
-    ``super().step()``. ``__wrapped__`` is the step without hooks (what a meta-optimizer driving
-    this optimizer calls, :func:`samgria._wrapper.unhooked_step`). A step that raises drops what
-    ``GradScaler.step`` set on the optimizer (it deletes it only after the step returns), also
-    when a hook raises.
+    (step hooks, profiling, the call record LR schedulers read) when it first builds one, unless
+    it is marked ``hooked``. samgria applies that same wrapper itself (at the same moment, see
+    ``TransformingOptimizer._patch_step_function``), so that the call that finishes a two-call
+    step puts :math:`w` back before the pre-hooks run (they see the weights the step updates, as
+    in ``step(closure)``), and so that the hooks run once per step also when a subclass's (or a
+    mixin's) ``step`` calls ``super().step()``. The call's arguments reach the hooks and ``body``
+    as they were given. ``__wrapped__`` is the step without hooks (what a meta-optimizer driving
+    this optimizer calls, :func:`samgria._wrapper.unhooked_step`); ``inspect.signature`` shows
+    ``body``'s. A step that raises drops what ``GradScaler.step`` set on the optimizer (it deletes
+    it only after the step returns), also when a hook raises.
     """
     hooked = Optimizer.profile_hook_step(body)
 
-    def run(self: Any, call: Callable[..., Any], closure: Any) -> Any:
-        self._put_back_before_hooks(closure)
-        if "_hooks_running" in self.__dict__:  # super().step() inside a step: its hooks ran
-            return body(self, closure)
-        self.__dict__["_hooks_running"] = True
+    def run(self: Any, call: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        self._put_back_before_hooks(args[0] if args else kwargs.get("closure"))
+        if self.__dict__.get("_hooks_running"):  # super().step() inside a step: its hooks ran
+            return body(self, *args, **kwargs)
+        self.__dict__["_hooks_running"] = True  # transient: never pickled
         try:
-            return call(self, closure)
+            return call(self, *args, **kwargs)
         except BaseException:
             self._forget_scaler()
             raise
@@ -210,11 +214,12 @@ def _with_hooks(body: Callable[..., Any]) -> Callable[..., Any]:
             self.__dict__.pop("_hooks_running", None)
 
     @functools.wraps(body)
-    def step(self: Any, closure: Any = None) -> Any:
-        return run(self, hooked, closure)
+    def step(self: Any, *args: Any, **kwargs: Any) -> Any:
+        return run(self, hooked, args, kwargs)
 
-    def unhooked(self: Any, closure: Any = None) -> Any:
-        return run(self, body, closure)
+    @functools.wraps(body)
+    def unhooked(self: Any, *args: Any, **kwargs: Any) -> Any:
+        return run(self, body, args, kwargs)
 
     step.hooked = True  # type: ignore[attr-defined]
     step.__wrapped__ = unhooked  # type: ignore[attr-defined]
@@ -349,7 +354,7 @@ class TransformingOptimizer(WrappingOptimizer):
         return self._pending is not None or any(t.needs_closure for t in self.transforms)
     _driven_attr = "inner"
     _dropped_on_pickle = ("first_pass_context", "reevaluation_context")
-    _transient = ("_loading", "_own_load_checkpoint", "_progress")
+    _transient = ("_loading", "_own_load_checkpoint", "_progress", "_hooks_running")
 
     def __init__(
         self,
@@ -914,13 +919,15 @@ class TransformingOptimizer(WrappingOptimizer):
         """
         return self._step(closure)
 
-    def __init_subclass__(cls, **kwargs: Any) -> None:
-        """A subclass's own ``step`` gets the same wrapper (torch's would run the hooks before
-        the weights go back, and again in ``super().step()``)."""
-        super().__init_subclass__(**kwargs)
-        own = cls.__dict__.get("step")
-        if callable(own) and not getattr(own, "hooked", False):
-            cls.step = _with_hooks(own)  # type: ignore[method-assign]
+    def _patch_step_function(self) -> None:
+        # torch's Optimizer.__init__/__setstate__ call this private method to wrap the class's
+        # ``step`` in its hook wrapper once; a subclass's (or a mixin's) ``step`` that is not
+        # wrapped yet gets samgria's wrapper around torch's instead (see _with_hooks), which
+        # torch's then leaves alone. The one place samgria overrides it.
+        cls = type(self)
+        if not getattr(cls.step, "hooked", False):
+            cls.step = _with_hooks(cls.step)  # type: ignore[method-assign]
+        super()._patch_step_function()
 
     def _step(self, closure: Callable[[], Any] | None) -> Any:
         """:meth:`step`'s body."""

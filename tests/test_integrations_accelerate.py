@@ -25,7 +25,7 @@ from accelerate.optimizer import AcceleratedOptimizer  # noqa: E402
 from accelerate.state import AcceleratorState, GradientState  # noqa: E402
 from accelerate.utils import DistributedType  # noqa: E402
 
-from samgria import ClipGradNorm, TransformingOptimizer, sam_optimizer  # noqa: E402
+from samgria import SAM, ClipGradNorm, TransformingOptimizer, sam_optimizer  # noqa: E402
 from samgria.integrations.accelerate import SAMAccelerator, SAMAcceleratedOptimizer, sam_accelerated  # noqa: E402
 from transform_infos import make_closure  # noqa: E402
 
@@ -428,6 +428,31 @@ def test_accumulate_with_a_closure_over_every_micro_batch_is_still_refused(route
                 closure = closure_over_micro_batches(accelerator, model, optimizer, x, y, k)
                 optimizer.step(lambda: (ran.append(index), closure())[1])
     assert ran == []
+    assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
+
+
+class _Stepping(TransformingOptimizer):
+    def step(self, closure=None):
+        return super().step(closure)
+
+
+class _SteppingAgain(_Stepping):
+    def step(self, closure=None):
+        return super().step(closure)
+
+
+def test_the_stock_route_refuses_a_subclass_of_a_subclass_with_its_own_steps() -> None:
+    """Each subclass whose step calls super().step() puts frames between accelerate's step and
+    the check: the refusal must still find accelerate's AcceleratedOptimizer.step."""
+    accelerator = make_accelerator("Accelerator", gradient_accumulation_steps=2)
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 1)).to(torch.float64)
+    built = _SteppingAgain(net.parameters(), torch.optim.SGD, lr=LR, transforms=[SAM(RHO)])
+    model, optimizer = accelerator.prepare(net, built)
+    before = [p.detach().clone() for p in model.parameters()]
+    x, y = batches()[0]
+    with pytest.raises(RuntimeError, match=r"^SAM re-evaluate\(s\) the loss, but accelerate's gradient_accumulation_steps=2"):
+        optimizer.step(closure_over_micro_batches(accelerator, model, optimizer, x, y, 2))
     assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
 
 

@@ -1834,8 +1834,21 @@ class _StepOverridingOptimizer(TransformingOptimizer):
         return super().step(closure)
 
 
+class _StepMixin:
+    """A mixin whose ``step`` calls ``super().step()`` (torch would wrap it as the class's step)."""
+
+    def step(self, closure=None, *, note=None):
+        _StepOverridingOptimizer.calls += 1
+        return super().step(closure)
+
+
+class _MixedInOptimizer(_StepMixin, TransformingOptimizer):
+    pass
+
+
+@pytest.mark.parametrize("cls", [_StepOverridingOptimizer, _MixedInOptimizer], ids=["subclass", "mixin"])
 @pytest.mark.parametrize("loop", ["closure", "two-call", "meta"])
-def test_a_subclass_overriding_step_runs_the_hooks_once_and_they_see_w(loop):
+def test_a_subclass_overriding_step_runs_the_hooks_once_and_they_see_w(loop, cls):
     """torch would wrap the subclass's step in a second hook wrapper, which ran the hooks twice
     (the first time at w + e in the two-call loop); through a meta-optimizer, none may run."""
     from torch.optim.optimizer import register_optimizer_step_pre_hook
@@ -1844,7 +1857,7 @@ def test_a_subclass_overriding_step_runs_the_hooks_once_and_they_see_w(loop):
 
     model = make_model()
     x, y = make_data()
-    optimizer = _StepOverridingOptimizer(model.parameters(), torch.optim.SGD, lr=0.1, transforms=[SAM(0.5)])
+    optimizer = cls(model.parameters(), torch.optim.SGD, lr=0.1, transforms=[SAM(0.5)])
     params = [p for p in model.parameters() if p.requires_grad]
     seen, global_seen = [], []
     optimizer.register_step_pre_hook(lambda opt, args, kwargs: seen.append([p.detach().clone() for p in params]))
@@ -1868,7 +1881,7 @@ def test_a_subclass_overriding_step_runs_the_hooks_once_and_they_see_w(loop):
     if loop == "meta":
         assert global_seen == ["FOMAML"] and seen == [], "the driven optimizer's hooks do not run"
     else:
-        assert global_seen == ["_StepOverridingOptimizer"] and len(seen) == 1
+        assert global_seen == [cls.__name__] and len(seen) == 1
         assert_bitwise_equal(seen[0], start)
     assert not all(torch.equal(p, s) for p, s in zip(params, start)), "the step moved nothing"
 
@@ -1907,3 +1920,49 @@ def test_a_step_hook_raising_under_grad_scaler_leaves_no_scale_behind():
             opt.first_step(zero_grad=True) if half == "first" else opt.second_step(zero_grad=True)
         opt.step(make_closure(net, opt, x, y))
     assert_bitwise_equal(list(model.parameters()), list(reference_model.parameters()))
+
+
+def test_step_hooks_get_the_calls_arguments_and_may_replace_them():
+    """As torch's wrapper does: a closure passed by keyword reaches the pre-hooks in ``kwargs``,
+    and the (args, kwargs) a pre-hook returns are what the step runs with; a subclass's own step
+    keeps its signature (GradScaler and users inspect it)."""
+    import inspect
+
+    model = make_model()
+    x, y = make_data()
+    optimizer = TransformingOptimizer(model.parameters(), torch.optim.SGD, lr=0.1, transforms=[SAM(0.05)])
+    closure = make_closure(model, optimizer, x, y)
+    received, evaluations = [], []
+
+    def hook(opt, args, kwargs):
+        received.append((len(args), sorted(kwargs)))
+
+        def counted():
+            evaluations.append(1)
+            return kwargs["closure"]()
+
+        return args, {**kwargs, "closure": counted}
+
+    optimizer.register_step_pre_hook(hook)
+    optimizer.step(closure=closure)
+    assert received == [(1, ["closure"])] and len(evaluations) == 2, "SAM evaluates the hook's closure twice"
+    assert list(inspect.signature(optimizer.step).parameters) == ["closure"]
+    mixed = _MixedInOptimizer(make_model().parameters(), torch.optim.SGD, lr=0.1, transforms=())
+    assert list(inspect.signature(mixed.step).parameters) == ["closure", "note"]
+
+
+def test_a_copy_taken_inside_a_step_hook_runs_its_own_hooks():
+    """Whatever marks a step in progress is not copied: a checkpoint of the optimizer taken in a
+    post-hook (deepcopy, torch.save) steps with its hooks like the original."""
+    model = make_model()
+    x, y = make_data()
+    optimizer = TransformingOptimizer(model.parameters(), torch.optim.SGD, lr=0.1, transforms=[SAM(0.05)])
+    copies = []
+    handle = optimizer.register_step_post_hook(lambda opt, args, kwargs: copies.append(copy.deepcopy(opt)))
+    optimizer.step(make_closure(model, optimizer, x, y))
+    handle.remove()
+    twin = copies[0]
+    ran = []
+    twin.register_step_pre_hook(lambda opt, args, kwargs: ran.append("pre"))
+    twin.step(make_closure(model, twin, x, y))
+    assert ran == ["pre"]
