@@ -46,7 +46,7 @@ from samgria._snapshot import is_entry
 from samgria.functional._grouping import unique_params
 from samgria.functional._views import values_as_real
 
-__all__ = ["WrappingOptimizer", "refuse_driven", "unhooked_step"]
+__all__ = ["WrappingOptimizer", "refuse_driven", "unhooked_step", "with_hooks"]
 
 
 def unhooked_step(optimizer: Optimizer, closure: Any = None) -> Any:
@@ -68,6 +68,48 @@ def unhooked_step(optimizer: Optimizer, closure: Any = None) -> Any:
         # warns that it stepped before the optimizer).
         optimizer._opt_called = True  # type: ignore[attr-defined]
     return step(optimizer) if closure is None else step(optimizer, closure)
+
+
+def with_hooks(body: Callable[..., Any]) -> Callable[..., Any]:
+    """A wrapper class's ``step`` inside torch's hook wrapper, once per step.
+
+    torch wraps every optimizer class's ``step`` in :meth:`torch.optim.Optimizer.profile_hook_step`
+    (step hooks, profiling, the call record LR schedulers read) when it first builds one, unless
+    it is marked ``hooked``. A :class:`WrappingOptimizer` applies that same wrapper itself at
+    that moment (:meth:`WrappingOptimizer._patch_step_function`) with two additions: a subclass's
+    (or a mixin's) ``step`` that calls ``super().step()`` runs the hooks once, not once per class
+    (an in-step mark in the instance, never pickled), and the optimizer may act before the
+    hooks run and after a step raises (:meth:`WrappingOptimizer._before_step_hooks`,
+    :meth:`~WrappingOptimizer._after_failed_step`). The call's arguments reach the hooks and
+    ``body`` as they were given; ``inspect.signature`` shows ``body``'s. ``__wrapped__`` is the
+    step without hooks (what :func:`unhooked_step` calls).
+    """
+    hooked = Optimizer.profile_hook_step(body)
+
+    def run(self: Any, call: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        if self.__dict__.get("_hooks_running"):  # super().step() inside a step: its hooks ran
+            return body(self, *args, **kwargs)
+        self.__dict__["_hooks_running"] = True
+        try:
+            self._before_step_hooks(args, kwargs)
+            return call(self, *args, **kwargs)
+        except BaseException:
+            self._after_failed_step()
+            raise
+        finally:
+            self.__dict__.pop("_hooks_running", None)
+
+    @functools.wraps(body)
+    def step(self: Any, *args: Any, **kwargs: Any) -> Any:
+        return run(self, hooked, args, kwargs)
+
+    @functools.wraps(body)
+    def unhooked(self: Any, *args: Any, **kwargs: Any) -> Any:
+        return run(self, body, args, kwargs)
+
+    step.hooked = True  # type: ignore[attr-defined]
+    step.__wrapped__ = unhooked  # type: ignore[attr-defined]
+    return step
 
 
 def refuse_driven(optimizer: Optimizer, name: str) -> None:
@@ -340,7 +382,7 @@ class WrappingOptimizer(Optimizer):
     #: Attributes holding user callables that, like hooks, are not pickled.
     _dropped_on_pickle: tuple[str, ...] = ()
     #: Attributes never pickled (transient step state).
-    _transient: tuple[str, ...] = ("_loading", "_own_load_checkpoint")
+    _transient: tuple[str, ...] = ("_loading", "_own_load_checkpoint", "_hooks_running")
     #: State keys known to be the driven optimizer's (never hidden): a subclass that learns them
     #: (``Chain``) shares its set here; an entry with only such keys needs no further check.
     _visible_state_keys: frozenset[Any] | set[Any] = frozenset()
@@ -359,6 +401,22 @@ class WrappingOptimizer(Optimizer):
         for param, entry in driven.state.items():  # an already built optimizer may hold state
             self.state[param] = entry
         _show_state(driven, self)
+
+    def _patch_step_function(self) -> None:
+        # torch's Optimizer.__init__/__setstate__ call this private method to wrap the class's
+        # ``step`` in its hook wrapper once; a ``step`` not wrapped yet (the class's own, a
+        # mixin's, one assigned later) gets :func:`with_hooks` instead, which torch's then leaves
+        # alone. The one place samgria overrides it.
+        cls = type(self)
+        if not getattr(cls.step, "hooked", False):
+            cls.step = with_hooks(cls.step)  # type: ignore[method-assign]
+        super()._patch_step_function()
+
+    def _before_step_hooks(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        """Runs before the step hooks of a call of ``step`` (default: nothing)."""
+
+    def _after_failed_step(self) -> None:
+        """Runs when a call of ``step`` raises, also in a hook (default: nothing)."""
 
     @property
     def _driven(self) -> Optimizer:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import functools
 import math
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -141,7 +140,7 @@ def _called_by_checkpoint_state_init() -> bool:
 
 
 #: How many callers up ``_rescale_unscaled_grads`` looks for ``GradScaler.step`` (its caller
-#: ``_finish_pending``, ``_step``, ``step``, torch's hook wrapper, ``_with_hooks``'s two frames:
+#: ``_finish_pending``, ``_step``, ``step``, torch's hook wrapper, ``with_hooks``'s two frames:
 #: seven, and three more for each subclass whose ``step`` calls ``super().step()``, then a
 #: framework's wrappers).
 _SCALER_FRAMES = 24
@@ -149,7 +148,7 @@ _SCALER_FRAMES = 24
 #: How many callers up :func:`_called_by_checkpoint_state_init` looks: ten from a
 #: meta-optimizer's step, which drives the outer TransformingOptimizer (the meta-optimizer's
 #: step, torch's hook wrapper, ``_guarded_step``, ``_driven_step``, ``unhooked_step``, then the
-#: outer's ``_with_hooks`` frames and ``_step``), three more for each subclass whose ``step``
+#: outer's ``with_hooks`` frames and ``_step``), three more for each subclass whose ``step``
 #: calls ``super().step()``, with room for a framework's wrappers.
 _STATE_INIT_FRAMES = 24
 
@@ -181,49 +180,6 @@ def _refuse_sharded_m_sharpness(first_pass_context: Any, params: Iterable[Any]) 
             "outside param.grad, so SAM would see none; drop first_pass_context (SAM then "
             "perturbs with the global gradient) or train with DDP"
         )
-
-
-def _with_hooks(body: Callable[..., Any]) -> Callable[..., Any]:
-    """A ``TransformingOptimizer`` class's ``step`` inside torch's hook wrapper.
-
-    torch wraps every optimizer class's ``step`` in :meth:`torch.optim.Optimizer.profile_hook_step`
-    (step hooks, profiling, the call record LR schedulers read) when it first builds one, unless
-    it is marked ``hooked``. samgria applies that same wrapper itself (at the same moment, see
-    ``TransformingOptimizer._patch_step_function``), so that the call that finishes a two-call
-    step puts :math:`w` back before the pre-hooks run (they see the weights the step updates, as
-    in ``step(closure)``), and so that the hooks run once per step also when a subclass's (or a
-    mixin's) ``step`` calls ``super().step()``. The call's arguments reach the hooks and ``body``
-    as they were given. ``__wrapped__`` is the step without hooks (what a meta-optimizer driving
-    this optimizer calls, :func:`samgria._wrapper.unhooked_step`); ``inspect.signature`` shows
-    ``body``'s. A step that raises drops what ``GradScaler.step`` set on the optimizer (it deletes
-    it only after the step returns), also when a hook raises.
-    """
-    hooked = Optimizer.profile_hook_step(body)
-
-    def run(self: Any, call: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-        self._put_back_before_hooks(args[0] if args else kwargs.get("closure"))
-        if self.__dict__.get("_hooks_running"):  # super().step() inside a step: its hooks ran
-            return body(self, *args, **kwargs)
-        self.__dict__["_hooks_running"] = True  # transient: never pickled
-        try:
-            return call(self, *args, **kwargs)
-        except BaseException:
-            self._forget_scaler()
-            raise
-        finally:
-            self.__dict__.pop("_hooks_running", None)
-
-    @functools.wraps(body)
-    def step(self: Any, *args: Any, **kwargs: Any) -> Any:
-        return run(self, hooked, args, kwargs)
-
-    @functools.wraps(body)
-    def unhooked(self: Any, *args: Any, **kwargs: Any) -> Any:
-        return run(self, body, args, kwargs)
-
-    step.hooked = True  # type: ignore[attr-defined]
-    step.__wrapped__ = unhooked  # type: ignore[attr-defined]
-    return step
 
 
 class TransformingOptimizer(WrappingOptimizer):
@@ -354,7 +310,7 @@ class TransformingOptimizer(WrappingOptimizer):
         return self._pending is not None or any(t.needs_closure for t in self.transforms)
     _driven_attr = "inner"
     _dropped_on_pickle = ("first_pass_context", "reevaluation_context")
-    _transient = ("_loading", "_own_load_checkpoint", "_progress", "_hooks_running")
+    _transient = (*WrappingOptimizer._transient, "_progress")
 
     def __init__(
         self,
@@ -888,15 +844,21 @@ class TransformingOptimizer(WrappingOptimizer):
                 "micro-batch, or set gradient_accumulation_steps=1"
             )
 
-    def _put_back_before_hooks(self, closure: Callable[[], Any] | None) -> None:
-        """A call that finishes a two-call step puts :math:`w` back before torch's wrapper runs
-        the step pre-hooks, so that they see (and may change) the weights the step updates, as
-        ``step(closure)``'s do; the pending step finishes as before (its put-back is done)."""
+    def _before_step_hooks(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        """``step()`` (or ``second_step()``, ``GradScaler.step``) finishing a two-call step puts
+        :math:`w` back before torch's wrapper runs the step pre-hooks, so that they see (and may
+        change) the weights the step updates, as ``step(closure)``'s do; the pending step
+        finishes as before (its put-back is done). Not when the call brings a closure (a
+        framework's wrapper, Lightning's, passes its own): that runs before the put-back, as
+        the second pass did, in case it evaluates the model."""
         pending = self._pending
-        if pending is not None and pending.perturbation is not None and (closure is None or self._progress.finishing):
+        closure = args[0] if args else kwargs.get("closure")
+        if pending is not None and pending.perturbation is not None and closure is None:
             pending.perturbation.restore_weights()
 
-    @_with_hooks
+    def _after_failed_step(self) -> None:
+        self._forget_scaler()  # GradScaler.step deletes what it set only after step() returns
+
     def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
         """Perform one optimization step.
 
@@ -918,16 +880,6 @@ class TransformingOptimizer(WrappingOptimizer):
                 transform re-evaluates (Lightning's ``accumulate_grad_batches > 1``).
         """
         return self._step(closure)
-
-    def _patch_step_function(self) -> None:
-        # torch's Optimizer.__init__/__setstate__ call this private method to wrap the class's
-        # ``step`` in its hook wrapper once; a subclass's (or a mixin's) ``step`` that is not
-        # wrapped yet gets samgria's wrapper around torch's instead (see _with_hooks), which
-        # torch's then leaves alone. The one place samgria overrides it.
-        cls = type(self)
-        if not getattr(cls.step, "hooked", False):
-            cls.step = _with_hooks(cls.step)  # type: ignore[method-assign]
-        super()._patch_step_function()
 
     def _step(self, closure: Callable[[], Any] | None) -> Any:
         """:meth:`step`'s body."""

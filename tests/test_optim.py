@@ -1966,3 +1966,30 @@ def test_a_copy_taken_inside_a_step_hook_runs_its_own_hooks():
     twin.register_step_pre_hook(lambda opt, args, kwargs: ran.append("pre"))
     twin.step(make_closure(model, twin, x, y))
     assert ran == ["pre"]
+
+
+def test_a_meta_optimizer_subclass_overriding_step_runs_the_hooks_once():
+    """The same wrapper serves meta-optimizers: a subclass's step calling super().step() runs the
+    step hooks once, whether or not a plain instance of the parent class was built first."""
+    from torch.optim.optimizer import register_optimizer_step_pre_hook
+
+    from samgria import MAML
+
+    class CountingMAML(MAML):
+        def step(self, closure=None):
+            return super().step(closure)
+
+    x, y = make_data()
+    for _ in range(2):  # the second time, MAML.step has been wrapped by a plain MAML as well
+        model = make_model()
+        MAML(make_model(), torch.optim.SGD, lr=0.1, inner_lr=0.05)
+        meta = CountingMAML(model, torch.optim.SGD, lr=0.1, inner_lr=0.05)
+        names = []
+        handle = register_optimizer_step_pre_hook(lambda opt, args, kwargs: names.append(type(opt).__name__))
+        own = []
+        meta.register_step_pre_hook(lambda opt, args, kwargs: own.append(1))
+        try:
+            meta.step(make_closure(model, meta, x, y))
+        finally:
+            handle.remove()
+        assert names == ["CountingMAML"] and own == [1]
