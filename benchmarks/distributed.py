@@ -34,11 +34,15 @@ Sections (``--sections``):
   ranks and ``work eff.`` the 1-rank CPU time over it: the work that distributing adds (the
   duplicated sampling, per-rank overheads, communication), which other processes' load on a shared
   machine distorts less than wall time; on an idle machine the wall-clock efficiency cannot exceed
-  it by much. ``max|dw|`` compares
+  it by much. ``max|dg|`` compares the meta-gradient of the first meta-iteration with the 1-rank
+  run's (the first configuration's); above ``META_GRAD_RTOL`` x its largest entry, or not finite,
+  it fails the run. ``max|dw|`` compares
   the final weights with the 1-rank run's after the same iterations on the same tasks. They differ
   only because the sums over ranks are ordered differently: in float32, Adam amplifies that
   rounding over the iterations on conv4 (about 1e-2 after 23 iterations at C=32), while the same
-  run in float64 agrees to 6e-16.
+  run in float64 agrees to 6e-16; it is checked finite only (Adam's steps are about lr whatever the
+  gradient's scale, so the amplified rounding and a wrong meta-gradient move weights alike). A
+  configuration whose meta-steps were skipped (a non-finite update) also fails the run.
 
 * ``sam``: a SAM step (momentum SGD inside ``SAM(rho=0.05)``) against the plain two-pass step
   (two forward-backward passes and the inner step: SAM's floor) on an MLP, global batch 64, once
@@ -48,7 +52,8 @@ Sections (``--sections``):
   the global norm costs one all-reduce of one number per step) and the **extra peak memory** of
   SAM's first step over the two-pass step's, on rank 0, in multiples of the rank's parameter
   (shard) bytes, counted as live tensor storages (``PeakBytes``; the perturbation buffers are
-  sharded like the parameters, so this stays about 1x). Sizes: 4x1024 (``--quick``: 2x256).
+  sharded like the parameters, so this stays about 1x). Sizes: 4x1024 (``--quick``: 2x256). A SAM
+  step skipped (non-finite gradients) or non-finite weights after the timed steps fail the run.
 
 Usage::
 
@@ -92,12 +97,20 @@ from samgria.meta import distributed as collectives  # noqa: E402
 from samgria.meta.maml import MAML  # noqa: E402
 from samgria.meta.trainer import MetaTrainer  # noqa: E402
 from distributed_harness import launch_ranks  # noqa: E402
+from _checks import require_close, require_steps_taken  # noqa: E402
 from _docs_figures import publish_figures  # noqa: E402
 
 SCRIPT = Path(__file__).resolve()
 RESULTS = SCRIPT.parent / "results"
 #: Upper bound of one launch (a busy machine is slow, not failing).
 LAUNCH_LIMIT_S = 1800
+#: Tolerance of the first meta-iteration's meta-gradient against the baseline's, relative to its
+#: largest entry (float32): the ranks adapt the same tasks with the same kernels (the per-task
+#: loop) or in smaller vmap batches, and sum the tasks in another order; 2 threads round some
+#: kernels differently. Measured <= 1.2e-7 (2x1 and 1x2, --quick and full sizes); 1e-3 leaves room
+#: for a flipped ReLU or max-pool choice near a tie (as in meta_throughput.py). A wrong all-reduce
+#: (a factor 1.5: 0.5; NaN) is far above it.
+META_GRAD_RTOL = 1e-3
 
 
 # -- launching ranks (shared by every section) -------------------------------------------------------
@@ -114,9 +127,9 @@ def launch(section: str, world_size: int, threads: int, config: dict[str, Any]) 
         if run.failure:
             raise RuntimeError(run.report(f"{section} on {world_size} rank(s) x {threads} thread(s)"))
         result = json.loads((Path(out_dir) / "result.json").read_text())
-        weights = Path(out_dir) / "weights.pt"
-        if weights.exists():
-            result["weights"] = torch.load(weights)
+        tensors = Path(out_dir) / "tensors.pt"
+        if tensors.exists():
+            result["tensors"] = torch.load(tensors)
         return result
 
 
@@ -129,7 +142,7 @@ def worker_main(section: str, config: dict[str, Any], threads: int, out_dir: str
     if world_size > 1:
         dist.init_process_group("gloo")
     try:
-        result, weights = WORKERS[section](config, world_size)
+        result, tensors = WORKERS[section](config, world_size)
         # Free reference cycles that still hold the process group (optimizers, models wrapped
         # for DDP) while it is alive: destroyed at interpreter shutdown instead, gloo's threads
         # can abort a rank that has finished ("terminate called without an active exception").
@@ -142,8 +155,8 @@ def worker_main(section: str, config: dict[str, Any], threads: int, out_dir: str
         gc.collect()
     if int(os.environ.get("RANK", "0")) == 0:
         (Path(out_dir) / "result.json").write_text(json.dumps(result))
-        if weights is not None:
-            torch.save(weights, Path(out_dir) / "weights.pt")
+        if tensors is not None:
+            torch.save(tensors, Path(out_dir) / "tensors.pt")
 
 
 def progress(message: str) -> None:
@@ -195,14 +208,15 @@ def meta_setup(config: dict[str, Any]) -> tuple[nn.Module, Callable, Any]:
 
 def meta_worker(config: dict[str, Any], world_size: int) -> tuple[dict[str, Any], Any]:
     """Every workload of ``config["workloads"]`` in turn (one process start for all)."""
-    results, weights = {}, {}
+    results, tensors = {}, {}
     for workload in config["workloads"]:
-        results[workload["workload"]], weights[workload["workload"]] = meta_workload_run(workload, world_size)
-    return results, weights
+        results[workload["workload"]], tensors[workload["workload"]] = meta_workload_run(workload, world_size)
+    return results, tensors
 
 
-def meta_workload_run(config: dict[str, Any], world_size: int) -> tuple[dict[str, Any], list[torch.Tensor]]:
-    """Fit ``warmup + iters`` meta-iterations; rank 0's per-iteration times and reduce times."""
+def meta_workload_run(config: dict[str, Any], world_size: int) -> tuple[dict[str, Any], dict[str, list[torch.Tensor]]]:
+    """Fit ``warmup + iters`` meta-iterations; rank 0's per-iteration times and reduce times, and
+    its final weights and first meta-iteration's meta-gradient (the mean over every rank's tasks)."""
     model, loss_fn, sampler = meta_setup(config)
     meta = MAML(model, torch.optim.Adam, lr=1e-3, inner_lr=config["inner_lr"], inner_steps=config["inner_steps"],
                 distributed=world_size > 1)  # fmt: skip
@@ -219,10 +233,13 @@ def meta_workload_run(config: dict[str, Any], world_size: int) -> tuple[dict[str
 
     collectives.all_reduce_meta_gradients = timed_reduce  # base.py looks it up at every step
     stamps, cpu_stamps = [time.perf_counter()], [time.process_time()]
+    first_grad: list[torch.Tensor] = []
 
     def stamp(iteration: int, loss: float) -> None:
         stamps.append(time.perf_counter())
         cpu_stamps.append(time.process_time())
+        if len(stamps) == 2:  # after the first meta-step: .grad holds its (all-reduced) meta-gradient
+            first_grad.extend(p.grad.detach().clone() for p in model.parameters())
 
     trainer.fit(config["warmup"] + config["iters"], config["meta_batch"], progress=False, callback=stamp)
     collectives.all_reduce_meta_gradients = reduce
@@ -240,8 +257,19 @@ def meta_workload_run(config: dict[str, Any], world_size: int) -> tuple[dict[str
         "reduce_seconds": reduce_seconds[config["warmup"]:],
         "comm_seconds": all_reduce_alone(model, world_size),
         "local_tasks": len(range(*shard_bounds(config["meta_batch"], meta.rank, world_size))),
+        "skipped_steps": meta.skipped_steps,
     }
-    return result, [p.detach().clone() for p in model.parameters()]
+    return result, {"weights": [p.detach().clone() for p in model.parameters()], "first_grad": first_grad}
+
+
+def max_abs(tensors: list[torch.Tensor]) -> float:
+    """The largest absolute entry of ``tensors``; NaN if one is NaN (torch's max keeps it, Python's may not)."""
+    return float(torch.stack([t.abs().max() for t in tensors]).max())
+
+
+def max_difference(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
+    """Max |a - b| over the tensor pairs (NaN if an entry is NaN)."""
+    return max_abs([x - y for x, y in zip(a, b)])
 
 
 def all_reduce_alone(model: nn.Module, world_size: int, repeats: int = 10) -> list[float]:
@@ -295,18 +323,26 @@ def run_meta(args: argparse.Namespace) -> dict[str, Any]:
             cpu_base = statistics.median(
                 sum(statistics.median(r) for r in run[name]["cpu_seconds_per_rank"]) for run in runs[base]
             )
+            for run in runs[(world_size, threads)]:
+                require_steps_taken(f"meta/{name} on {world_size} rank(s) x {threads} thread(s)",
+                                    run[name]["skipped_steps"], run["tensors"][name]["weights"])  # fmt: skip
             last = runs[(world_size, threads)][-1]
+            first_base = runs[base][-1]["tensors"][name]["first_grad"]
+            max_dg = max_difference(last["tensors"][name]["first_grad"], first_base)
+            require_close(f"meta/{name}: max|first meta-gradient({world_size}x{threads}) - "
+                          f"first meta-gradient({base[0]}x{base[1]})|", max_dg,
+                          META_GRAD_RTOL * max_abs(first_base))  # fmt: skip
             rows[f"{world_size}x{threads}"] = {
                 "ranks": world_size, "threads": threads, "ms_per_iteration": 1e3 * t,
                 "speedup": t_base / t, "efficiency": t_base / (world_size * threads * t),
                 "reduce_ms": None if reduce is None else 1e3 * reduce,
                 "all_reduce_ms": None if comm is None else 1e3 * comm,
                 "cpu_ms_per_iteration": 1e3 * cpu, "work_efficiency": cpu_base / cpu,
-                "max_dw": max(float((a - b).abs().max())
-                              for a, b in zip(last["weights"][name], runs[base][-1]["weights"][name])),
+                "max_dg": max_dg,
+                "max_dw": max_difference(last["tensors"][name]["weights"], runs[base][-1]["tensors"][name]["weights"]),
                 "local_tasks": last[name]["local_tasks"],
             }  # fmt: skip
-        results[name] = {"config": config, "rows": rows}
+        results[name] = {"config": config, "rows": rows, "meta_grad_rtol": META_GRAD_RTOL}
         print_meta(name, results[name])
     return results
 
@@ -323,17 +359,19 @@ def print_meta(name: str, result: dict[str, Any]) -> None:
     config = result["config"]
     print(f"\nmeta/{name}: {describe(config)}; {config['iters']} timed meta-iterations per launch")
     print(f"{'ranks x threads':<16}{'tasks/rank':>11}{'ms/iter':>10}{'speedup':>9}{'efficiency':>12}"
-          f"{'CPU ms/iter':>13}{'work eff.':>11}{'reduce ms':>11}{'all-reduce ms':>15}{'max|dw|':>10}")  # fmt: skip
+          f"{'CPU ms/iter':>13}{'work eff.':>11}{'reduce ms':>11}{'all-reduce ms':>15}{'max|dg|':>10}"
+          f"{'max|dw|':>10}")  # fmt: skip
     for key, row in result["rows"].items():
         reduce = "-" if row["reduce_ms"] is None else f"{row['reduce_ms']:.2f}"
         comm = "-" if row["all_reduce_ms"] is None else f"{row['all_reduce_ms']:.2f}"
         print(f"{key:<16}{row['local_tasks']:>11}{row['ms_per_iteration']:>10.1f}{row['speedup']:>9.2f}"
               f"{row['efficiency']:>12.2f}{row['cpu_ms_per_iteration']:>13.1f}{row['work_efficiency']:>11.2f}"
-              f"{reduce:>11}{comm:>15}{row['max_dw']:>10.1e}")  # fmt: skip
+              f"{reduce:>11}{comm:>15}{row['max_dg']:>10.1e}{row['max_dw']:>10.1e}")  # fmt: skip
     print("efficiency = t(1x1) / (ranks x threads x t): 1.0 is perfect scaling, 0.5 no gain on two cores; "
           "work eff. = CPU time of 1x1 / CPU time of all ranks (the work distribution adds, whatever the load); "
           "reduce ms: in the meta-step's all-reduces per iteration, waiting for the other rank included; "
-          "all-reduce ms: one all-reduce of the meta-gradient's size alone")  # fmt: skip
+          "all-reduce ms: one all-reduce of the meta-gradient's size alone; max|dg|, max|dw|: the first "
+          "meta-iteration's meta-gradient and the final weights against the first row's")  # fmt: skip
 
 
 # -- the `sam` section -------------------------------------------------------------------------------------
@@ -399,9 +437,10 @@ def sam_model(config: dict[str, Any], world_size: int) -> nn.Module:
     return model
 
 
-def sam_step_fn(config: dict[str, Any], world_size: int, kind: str) -> tuple[nn.Module, Callable[[], None]]:
-    """A fresh (sharded) model and one training step of ``kind``: "sam" or "two-pass" (the floor:
-    two forward-backward passes and the inner step, no perturbation)."""
+def sam_step_fn(config: dict[str, Any], world_size: int,
+                kind: str) -> tuple[nn.Module, Callable[[], None], torch.optim.Optimizer]:  # fmt: skip
+    """A fresh (sharded) model, one training step of ``kind`` ("sam" or "two-pass": the floor, two
+    forward-backward passes and the inner step, no perturbation) and the step's optimizer."""
     from samgria import SAM, TransformingOptimizer
 
     model = sam_model(config, world_size)
@@ -430,7 +469,7 @@ def sam_step_fn(config: dict[str, Any], world_size: int, kind: str) -> tuple[nn.
             closure()
             optimizer.step()
 
-    return model, step
+    return model, step, optimizer
 
 
 def sam_worker(config: dict[str, Any], world_size: int) -> tuple[dict[str, Any], Any]:
@@ -442,9 +481,9 @@ def sam_worker(config: dict[str, Any], world_size: int) -> tuple[dict[str, Any],
             dist.barrier()
 
     kinds = ("two-pass", "sam")
-    models, steps = {}, {}
+    models, steps, optimizers = {}, {}, {}
     for kind in kinds:
-        models[kind], steps[kind] = sam_step_fn(config, world_size, kind)
+        models[kind], steps[kind], optimizers[kind] = sam_step_fn(config, world_size, kind)
     for _ in range(config["warmup"]):
         for kind in kinds:
             steps[kind]()
@@ -456,17 +495,26 @@ def sam_worker(config: dict[str, Any], world_size: int) -> tuple[dict[str, Any],
             steps[kind]()
             barrier()
             seconds[kind].append(time.perf_counter() - start)
+    # Steps taken: SAM's skipped steps (non-finite gradients; the same on every rank) and the sum of
+    # |weights| over every rank's shard, finite exactly when every weight is (barring overflow).
+    skipped = {kind: getattr(optimizers[kind], "skipped_steps", 0) for kind in kinds}
+    abs_sums = torch.stack([
+        sum(getattr(p, "_local_tensor", p).detach().abs().sum() for p in models[kind].parameters()) for kind in kinds
+    ])  # fmt: skip
+    if world_size > 1:
+        dist.all_reduce(abs_sums)
     # Memory: the first step of a fresh model and optimizer (state and SAM's buffers are created in it).
     peaks = {}
     for kind in kinds:
-        model, step = sam_step_fn(config, world_size, kind)
+        model, step, _ = sam_step_fn(config, world_size, kind)
         barrier()
         with PeakBytes() as tracker:
             step()
         peaks[kind] = tracker.peak
         shard_bytes = sum(getattr(p, "_local_tensor", p).numel() * p.element_size() for p in model.parameters())
     result = {"seconds": seconds, "peak_bytes": peaks, "shard_bytes": shard_bytes,
-              "params": sum(p.numel() for p in models["sam"].parameters())}  # fmt: skip
+              "params": sum(p.numel() for p in models["sam"].parameters()), "skipped_steps": skipped,
+              "weights_abs_sum": dict(zip(kinds, abs_sums.tolist()))}  # fmt: skip
     return result, None
 
 
@@ -476,6 +524,9 @@ def run_sam(args: argparse.Namespace) -> dict[str, Any]:
     for world_size in SAM_WORLD_SIZES:
         progress(f"sam: {world_size} rank(s), {'FSDP2' if world_size > 1 else 'one process'}")
         run = launch("sam", world_size, args.threads, config)
+        for kind, skipped in run["skipped_steps"].items():
+            require_steps_taken(f"sam on {world_size} rank(s): {kind}", skipped,
+                                [torch.tensor(run["weights_abs_sum"][kind])])  # fmt: skip
         t_floor = statistics.median(run["seconds"]["two-pass"])
         t_sam = statistics.median(run["seconds"]["sam"])
         paired = [s / f for s, f in zip(run["seconds"]["sam"], run["seconds"]["two-pass"])]

@@ -10,7 +10,9 @@ about 38k parameters, no BatchNorm) is trained with cross-entropy for the same n
 by every method:
 
 * ``sgd``: momentum SGD (lr 0.05, momentum 0.9, weight decay 5e-4, batch 64, cosine learning
-  rate schedule to 0 over the run), the inner optimizer of every other method;
+  rate schedule to 0 over the run), timed as ``torch.optim.SGD`` itself; the inner optimizer of
+  every other method, which wraps it in ``TransformingOptimizer`` (with no transform the wrapper
+  trains the same weights bit for bit: checked on the first seed of every run);
 * ``sam``: ``SAM(rho=0.05)``;
 * ``asam``: ``ASAM(rho=0.5, eta=0.01)``;
 * ``gsam``: ``GSAM(rho=0.05, alpha=0.4)``;
@@ -25,8 +27,9 @@ comparison). Reported: final test accuracy (mean ± 95% confidence interval over
 Student's t), its paired difference to SGD (mean ± 95% CI of the per-seed differences), the
 accuracy on the (noisy) training labels, and wall and CPU time relative to SGD (medians of the
 per-seed ratios; training only, single thread; CPU time is less affected by other processes on
-a shared machine). The plot shows the mean test accuracy after every epoch and the final
-accuracies.
+a shared machine). A run whose optimizer skipped a step (non-finite gradients) or ended with
+non-finite weights fails the benchmark. The plot shows the mean test accuracy after every epoch
+and the final accuracies.
 
 Usage::
 
@@ -46,7 +49,7 @@ import statistics
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -58,11 +61,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from samgria import ASAM, GSAM, LAMP, SAM, LookSAM, Transform, TransformingOptimizer  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _checks import require_close, require_steps_taken  # noqa: E402
+
 RESULTS = Path(__file__).resolve().parent / "results"
 LR, MOMENTUM, WEIGHT_DECAY, BATCH = 0.05, 0.9, 5e-4, 64
 NOISE_LEVELS = (0.0, 0.4)
 
-#: Method name -> the transforms around momentum SGD (a fresh list per run; ``seed`` for LAMP's noise).
+#: Method name -> the transforms around momentum SGD (a fresh list per run; ``seed`` for LAMP's noise);
+#: "sgd" trains with ``torch.optim.SGD`` itself.
 METHODS: dict[str, Callable[[int], list[Transform]]] = {
     "sgd": lambda seed: [],
     "sam": lambda seed: [SAM(rho=0.05)],
@@ -141,22 +148,32 @@ def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
 
 @dataclass
 class Run:
-    """One training run: final accuracies, the test accuracy after every epoch, training seconds."""
+    """One training run: final accuracies, the test accuracy after every epoch, training seconds,
+    the optimizer's skipped steps and the final weights."""
 
     test_accuracy: float
     train_accuracy: float
     curve: list[float]
     seconds: float
     cpu_seconds: float
+    skipped_steps: int = 0
+    weights: list[torch.Tensor] = field(default_factory=list, repr=False)
 
 
-def train(method: str, data: Digits, labels: torch.Tensor, seed: int, epochs: int) -> Run:
-    """Train a fresh model (initialised from ``seed``) with ``method`` on ``labels`` for ``epochs``."""
+def train(method: str, data: Digits, labels: torch.Tensor, seed: int, epochs: int, wrap_sgd: bool = False) -> Run:
+    """Train a fresh model (initialised from ``seed``) with ``method`` on ``labels`` for ``epochs``.
+
+    "sgd" trains with ``torch.optim.SGD``, or with ``wrap_sgd`` with ``TransformingOptimizer`` and
+    no transform (the check that both give the same weights).
+    """
     model = make_model(seed)
-    optimizer = TransformingOptimizer(
-        model.parameters(), torch.optim.SGD, lr=LR, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY,
-        transforms=METHODS[method](seed),
-    )  # fmt: skip
+    if method == "sgd" and not wrap_sgd:
+        optimizer = torch.optim.SGD(model.parameters(), lr=LR, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY)
+    else:
+        optimizer = TransformingOptimizer(
+            model.parameters(), torch.optim.SGD, lr=LR, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY,
+            transforms=METHODS[method](seed),
+        )  # fmt: skip
     batches_per_epoch = math.ceil(len(labels) / BATCH)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs * batches_per_epoch)
     order = torch.Generator().manual_seed(seed)
@@ -179,7 +196,20 @@ def train(method: str, data: Digits, labels: torch.Tensor, seed: int, epochs: in
         seconds += time.perf_counter() - start
         cpu_seconds += time.process_time() - cpu_start
         curve.append(accuracy(model, data.x_test, data.y_test))
-    return Run(curve[-1], accuracy(model, data.x_train, labels), curve, seconds, cpu_seconds)
+    skipped = getattr(optimizer, "skipped_steps", 0)  # torch's SGD never skips
+    weights = [p.detach().clone() for p in model.parameters()]
+    return Run(curve[-1], accuracy(model, data.x_train, labels), curve, seconds, cpu_seconds, skipped, weights)
+
+
+def check_sgd_baseline(data: Digits, labels: torch.Tensor, seed: int, epochs: int, sgd: Run) -> None:
+    """Fail the run unless ``TransformingOptimizer`` with no transform trains the very weights of
+    ``torch.optim.SGD`` (``sgd``): the SAM rows wrap the baseline's optimizer and nothing else."""
+    wrapped = train("sgd", data, labels, seed, epochs, wrap_sgd=True)
+    difference = float(torch.stack([(a - b).abs().max() for a, b in zip(sgd.weights, wrapped.weights)]).max())
+    # Bit for bit: the wrapper calls the same SGD step on the same gradients.
+    require_close("max|weights(torch.optim.SGD) - weights(TransformingOptimizer(SGD, transforms=[]))|", difference, 0.0)
+    print(f"  torch.optim.SGD and TransformingOptimizer(SGD, transforms=[]): identical weights after {epochs} epochs",
+          flush=True)  # fmt: skip
 
 
 # -- statistics --------------------------------------------------------------------------------------
@@ -320,6 +350,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 runs[noise][method].append(run)
                 print(f"  noise {noise:.0%} seed {seed} {method:<9} test {100 * run.test_accuracy:5.1f}%  "
                       f"train(noisy) {100 * run.train_accuracy:5.1f}%  {run.seconds:6.1f} s", flush=True)
+                require_steps_taken(f"noise {noise:.0%} seed {seed} {method}", run.skipped_steps, run.weights)
+                if method == "sgd" and noise == args.noise[0] and seed == 0:
+                    check_sgd_baseline(data, labels, seed, epochs, run)
     summary = summarize(runs)
     print(f"\nFinal test accuracy (mean ± 95% CI over {seeds} seed(s)); 'vs SGD': paired difference in points; "
           f"total {time.perf_counter() - started:.0f} s\n")

@@ -10,7 +10,11 @@ rounds of the row's time divided by the hand loop's in the same round (load from
 processes hits both alike), over at least ``--rounds-few-shot`` rounds and as many more as fit in
 ``--seconds-few-shot`` (60 s per workload; the budget adds rounds up to 30 in all).
 Before timing, every path's meta-gradient at the shared initial weights is compared with the
-hand-written loop's (``max|dgrad|``).
+hand-written loop's (``max|dgrad|``; ``vectorize=None``: the largest over its trial meta-steps on
+each path and the first on the path it keeps); a difference above the tolerance (relative to the
+hand loop's largest entry: 1e-4 on the sinusoid, 1e-2 on the few-shot models; see
+``SINUSOID_GRAD_RTOL``) or not finite fails the run, as does a timed row that skipped a meta-step
+(a non-finite update) or ended with non-finite weights.
 
 1. **Sinusoid MLP** (Finn et al., 2017): an MLP 1-40-40-1 with ReLU, a meta-batch of 25 tasks
    with K=10 support and 10 query points, 5 inner SGD steps (inner lr 0.01), second order, outer
@@ -101,6 +105,7 @@ from samgria.data.task import Task  # noqa: E402
 from samgria.meta.engine import second_order_vmap_blocker  # noqa: E402
 from samgria.meta.maml import MAML  # noqa: E402
 from samgria.meta.trainer import MetaTrainer  # noqa: E402
+from _checks import require_close, require_steps_taken  # noqa: E402
 from _docs_figures import publish_figures  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -112,6 +117,16 @@ HAND = "loop (hand-written)"
 HAND_PER_TASK = "loop (hand, per-task bwd)"
 mse = nn.functional.mse_loss
 cross_entropy = nn.functional.cross_entropy
+#: Tolerances of the meta-gradient checks, on max|meta-grad(path) - meta-grad(hand loop)| relative
+#: to max|meta-grad(hand loop)|, float32. The paths run the same math in another order (vmap
+#: batches the tasks, torch.compile fuses), so they differ by float32 rounding: measured <= 2e-7 on
+#: the sinusoid MLP (loop 0, vmap 1.5e-7, compiled 1.8e-7), whose sizes --quick keeps. The few-shot
+#: models measured <= 8e-7 at --quick sizes, but at the full sizes (64 channels, meta-batch 32)
+#: vmap's convolutions round differently enough to flip a ReLU or a max-pool choice near a tie,
+#: which moves a few entries by up to 1.3e-4 (the float32 hand loop itself is 3e-4 off float64
+#: there): 1e-2 keeps a margin over that. A wrong meta-gradient (a factor 1.5: 0.5; NaN) fails both.
+SINUSOID_GRAD_RTOL = 1e-4
+FEW_SHOT_GRAD_RTOL = 1e-2
 
 
 # -- the paths compared ----------------------------------------------------------------------------
@@ -243,6 +258,27 @@ def trainer_meta_gradient(model: nn.Module, tasks: list[Task], loss_fn: Callable
     path = TrainerPath(model, loss_fn, vectorize, inner_lr, inner_steps, outer=torch.optim.SGD, lr=0.0, **maml_options)
     path.iteration(tasks)
     return flat_grad(model)
+
+
+def auto_gradient_diff(model: nn.Module, tasks: list[Task], loss_fn: Callable, inner_lr: float,
+                       inner_steps: int, reference: torch.Tensor) -> float:  # fmt: skip
+    """Max |meta-grad - reference| over the first ``AUTO_TRIALS + 1`` meta-steps of
+    ``MetaTrainer(vectorize=None)``: its trial steps on each path and the first on the path it keeps
+    (outer SGD with lr 0: every step at the same weights); NaN when one is not finite."""
+    path = TrainerPath(model, loss_fn, None, inner_lr, inner_steps, outer=torch.optim.SGD, lr=0.0)
+    diffs = []
+    for _ in range(AUTO_TRIALS + 1):
+        path.iteration(tasks)
+        diffs.append((flat_grad(model) - reference).abs().max())
+    return float(torch.stack(diffs).max())  # torch's max keeps a NaN (Python's may not)
+
+
+def check_steps_taken(what: str, path: Any) -> None:
+    """Fail the run if the timed row ``path`` skipped a meta-step or ended with non-finite weights."""
+    if isinstance(path, HandLoop):  # torch's Adam never skips
+        require_steps_taken(what, 0, path.model.parameters())
+    else:
+        require_steps_taken(what, path.meta.skipped_steps, path.meta.model.parameters())
 
 
 def clock_for(threads: int) -> tuple[Callable[[], float], str]:
@@ -413,8 +449,9 @@ def make_model(seed: int = 0) -> nn.Module:
     return nn.Sequential(nn.Linear(1, 40), nn.ReLU(), nn.Linear(40, 40), nn.ReLU(), nn.Linear(40, 1))
 
 
-def check_gradients(paths: dict[str, Any], tasks: list[Task]) -> dict[str, float]:
-    """Max |meta-grad(path) - meta-grad(hand loop)| at the shared initial weights."""
+def check_gradients(paths: dict[str, Any], tasks: list[Task], base: nn.Module) -> dict[str, float]:
+    """Max |meta-grad(path) - meta-grad(hand loop)| at the shared initial weights (``base``'s); fails
+    the run where it is above ``SINUSOID_GRAD_RTOL`` x max|meta-grad(hand loop)| or not finite."""
     grads = {}
     for name, path in paths.items():
         if not hasattr(path, "meta_grad"):
@@ -427,7 +464,12 @@ def check_gradients(paths: dict[str, Any], tasks: list[Task]) -> dict[str, float
         for p in model.parameters():
             p.grad = None
     ref = grads[HAND]
-    return {name: float((g - ref).abs().max()) for name, g in grads.items()}
+    diffs = {name: float((g - ref).abs().max()) for name, g in grads.items()}
+    diffs["trainer vectorize=None"] = auto_gradient_diff(copy.deepcopy(base), tasks, mse, INNER_LR, INNER_STEPS, ref)
+    tolerance = SINUSOID_GRAD_RTOL * float(ref.abs().max())
+    for name, diff in diffs.items():
+        require_close(f"sinusoid: max|meta-grad({name}) - meta-grad(hand loop)|", diff, tolerance)
+    return diffs
 
 
 def run_sinusoid(args: argparse.Namespace) -> dict[str, Any]:
@@ -456,10 +498,12 @@ def run_sinusoid(args: argparse.Namespace) -> dict[str, Any]:
     else:
         notes.append("compiled path skipped (--quick or --no-compile)")
 
-    diffs = check_gradients(paths, pool[0])
+    diffs = check_gradients(paths, pool[0], base)
     warm_up(paths, pool[1:], {"trainer vectorize=None": 5})  # vmap/compile caches; the trainer decides
     clock, clock_name = clock_for(args.threads)
     seconds = time_paths(paths, pool, rounds, iters, clock=clock)
+    for name, path in paths.items():
+        check_steps_taken(f"sinusoid: {name}", path)
     ms = {name: 1e3 * s for name, s in seconds.items()}
     chosen = paths["trainer vectorize=None"].trainer.path
     base_ms = ms[HAND]
@@ -480,6 +524,7 @@ def run_sinusoid(args: argparse.Namespace) -> dict[str, Any]:
         "ms_per_iteration": ms,
         "speedup_vs_hand_loop": {n: base_ms / v for n, v in ms.items()},
         "max_abs_grad_diff_vs_hand_loop": diffs,
+        "grad_check_rtol": SINUSOID_GRAD_RTOL,
         "trainer_vectorize_none_path": chosen,
         "rounds": rounds,
         "iters": iters,
@@ -586,7 +631,9 @@ class FewShotSetup:
 
 
 def few_shot_gradient_diffs(setup: FewShotSetup, kinds: list[str], tasks: list[Task]) -> dict[str, float]:
-    """Max |meta-grad - hand loop's| of the trainers with a fixed path, at the initial weights."""
+    """Max |meta-grad - hand loop's| of every row at the initial weights (``vectorize=None``: over its
+    trials and first kept step); fails the run where it is above ``FEW_SHOT_GRAD_RTOL`` x
+    max|meta-grad(hand loop)| or not finite."""
     hand = HandLoop(setup.model(), cross_entropy, FEW_SHOT_INNER_LR, FEW_SHOT_INNER_STEPS)
     hand.meta_grad(tasks)
     ref = flat_grad(hand.model)
@@ -601,6 +648,13 @@ def few_shot_gradient_diffs(setup: FewShotSetup, kinds: list[str], tasks: list[T
                 setup.model(), tasks, cross_entropy, KINDS[kind][1], FEW_SHOT_INNER_LR, FEW_SHOT_INNER_STEPS
             )
             diffs[kind] = float((grad - ref).abs().max())
+    if "auto" in kinds:
+        diffs["auto"] = auto_gradient_diff(
+            setup.model(), tasks, cross_entropy, FEW_SHOT_INNER_LR, FEW_SHOT_INNER_STEPS, ref
+        )
+    tolerance = FEW_SHOT_GRAD_RTOL * float(ref.abs().max())
+    for kind, diff in diffs.items():
+        require_close(f"{setup.workload}: max|meta-grad({KINDS[kind][0]}) - meta-grad(hand loop)|", diff, tolerance)
     return diffs
 
 
@@ -612,6 +666,7 @@ def memory_child(spec: dict[str, Any]) -> dict[str, Any]:
     pool = setup.task_pool()
     path = setup.path(spec["kind"], setup.model())
     result = measure_steps(lambda i: path.iteration(pool[i % len(pool)]), spec["steps"])
+    check_steps_taken(f"{spec['workload']}: {KINDS[spec['kind']][0]} (own process)", path)
     if spec["kind"] == "auto":
         result["path"] = path.trainer.path
     return result
@@ -642,6 +697,8 @@ def run_few_shot(setup: FewShotSetup, rounds: int, budget_s: float, memory_steps
     warm_up(paths, pool[1:], WARMUP)
     progress(f"{setup.workload}: timing at least {rounds} rounds, up to {budget_s:.0f} s")
     per_round = time_rounds(paths, pool, rounds, iters=1, clock=clock, budget_s=budget_s, max_rounds=MAX_ROUNDS)
+    for kind, path in paths.items():
+        check_steps_taken(f"{setup.workload}: {KINDS[kind][0]}", path)
     seconds = {kind: statistics.median(values) for kind, values in per_round.items()}
     rounds = len(per_round["hand"])
     auto: TrainerPath = paths["auto"]
@@ -658,6 +715,7 @@ def run_few_shot(setup: FewShotSetup, rounds: int, budget_s: float, memory_steps
         "time_ratio": paired_ratios(per_round, "hand"),
         "seconds_per_round": per_round,
         "max_abs_grad_diff_vs_hand_loop": diffs,
+        "grad_check_rtol": FEW_SHOT_GRAD_RTOL,
         "memory": memory,
         "memory_ratio": {k: m["extra_mib"] / max(memory["hand"]["extra_mib"], 1e-9) for k, m in memory.items()},
         "own_process_time_ratio": {k: s / own["hand"] for k, s in own.items()},

@@ -1,0 +1,61 @@
+"""Checks a benchmark makes before it publishes a number: a printed correctness figure must be able
+to fail the run, and a timed row must have taken real steps (a skipped step is cheaper than a step)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+
+import torch
+
+
+class BenchmarkCheckError(RuntimeError):
+    """A benchmark's correctness check failed: its timings and ratios are not published."""
+
+
+def require_close(what: str, difference: float, tolerance: float) -> None:
+    """Fail the run unless ``difference`` is finite and at most ``tolerance``.
+
+    Args:
+        what: The check, as the message names it (which paths, which quantity).
+        difference: The measured difference (e.g. a max absolute difference of two gradients).
+        tolerance: The largest ``difference`` accepted, finite and ``>= 0``.
+
+    Raises:
+        BenchmarkCheckError: ``difference`` is NaN, infinite or above ``tolerance``.
+        ValueError: ``tolerance`` is negative or not finite.
+    """
+    if not (math.isfinite(difference) and difference <= tolerance):
+        raise BenchmarkCheckError(
+            f"check failed: {what} = {difference:.3e}, tolerance {tolerance:.3e}"
+            + ("" if math.isfinite(difference) else " (not finite)")
+        )
+    if not (math.isfinite(tolerance) and tolerance >= 0):
+        raise ValueError(f"tolerance must be a finite number >= 0, got {tolerance!r} (check: {what})")
+
+
+def require_steps_taken(what: str, skipped_steps: int, weights: Iterable[torch.Tensor]) -> None:
+    """Fail the run if a timed row skipped steps (a non-finite update, which samgria skips) or
+    ended with non-finite weights: its time would not be the time of the step it names.
+
+    Args:
+        what: The row, as the message names it.
+        skipped_steps: The row optimizer's ``skipped_steps`` (0 for an optimizer that never skips).
+        weights: The row's weights after its timed steps.
+
+    Raises:
+        BenchmarkCheckError: ``skipped_steps`` is not 0, or a weight is not finite.
+    """
+    if skipped_steps:
+        raise BenchmarkCheckError(f"check failed: {what} skipped {skipped_steps} step(s) (non-finite update)")
+    require_finite(f"{what}: its weights after the timed steps", weights)
+
+
+def require_finite(what: str, tensors: Iterable[torch.Tensor]) -> None:
+    """Fail the run unless every entry of ``tensors`` is finite.
+
+    Raises:
+        BenchmarkCheckError: An entry is NaN or infinite.
+    """
+    if not all(bool(torch.isfinite(t).all()) for t in tensors):
+        raise BenchmarkCheckError(f"check failed: {what}: not all finite")
