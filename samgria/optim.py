@@ -506,6 +506,9 @@ class TransformingOptimizer(WrappingOptimizer):
             if not self._adopt_group(group, index):
                 self.chain.take_qualified_edits(group, f"param_groups[{index}]")
                 self.chain.validate_group(group, f"param_groups[{index}]")
+                # FSDP1 flattens the parameters in place when it wraps the model after the
+                # optimizer was built (accelerate's order): refused here too.
+                self.chain.check_sharding(group["params"], f"param_groups[{index}]")
 
     def _adopt_group(self, group: dict[str, Any], index: int) -> bool:
         """Check and fill a group added to the inner optimizer directly (``inner.add_param_group``),
@@ -1256,9 +1259,13 @@ class TransformingOptimizer(WrappingOptimizer):
                         )
                 self.chain.normalize_group(group, where)
                 if index < len(self.param_groups):  # torch pairs groups by position (and refuses
-                    # another count): each keeps the transforms' hyperparameters it has, which a
-                    # checkpoint without them says nothing about (a group's rho=0 stays 0)
-                    current = self.param_groups[index]
+                    # another count): each keeps the transforms' hyperparameters it has, edits
+                    # since the last step included, which a checkpoint without them says nothing
+                    # about (a group's rho=0 stays 0); checked as the optimizer's own
+                    own = f"param_groups[{index}]"
+                    current = dict(self.param_groups[index])
+                    self.chain.take_qualified_edits(current, own)
+                    self.chain.validate_group({**self.chain.defaults, **current}, own)
                     for key in self.chain.defaults:
                         if key not in group and key in current:
                             group[key] = current[key]

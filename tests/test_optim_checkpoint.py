@@ -352,10 +352,22 @@ def test_a_plain_checkpoint_leaves_each_groups_transform_hyperparameters_as_they
         lr=0.3,
     )
     wrapper.param_groups[0]["eps"] = 0.02  # LAMP's eps, edited (as a scheduler would)
+    wrapper.param_groups[1]["sam.rho"] = 0.03  # an edit under the qualified key, not stepped yet
     wrapper.load_state_dict(saved)
-    assert [group["rho"] for group in wrapper.param_groups] == [0.05, 0.0]
+    assert [group["rho"] for group in wrapper.param_groups] == [0.05, 0.03]
+    assert "sam.rho" not in wrapper.param_groups[1]
     assert [group["eps"] for group in wrapper.param_groups] == [0.02, 1e-2]
     assert [group["lr"] for group in wrapper.param_groups] == [0.05, 0.05]  # the checkpoint's
+
+    # An invalid value of the optimizer's own (an edit not stepped yet) is named as its own, not
+    # blamed on the checkpoint, and the load changes nothing.
+    wrapper.param_groups[0]["rho"] = -1.0
+    before = copy.deepcopy(wrapper.state_dict())
+    with pytest.raises(ValueError, match=r"^param_groups\[0\]: rho must be a finite number >= 0, got -1\.0"):
+        wrapper.load_state_dict(saved)
+    wrapper.param_groups[0]["rho"] = 0.05
+    before["param_groups"][0]["rho"] = 0.05
+    assert wrapper.state_dict()["param_groups"] == before["param_groups"]
 
 
 @pytest.mark.parametrize(

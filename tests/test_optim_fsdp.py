@@ -227,6 +227,26 @@ def _fsdp1(rank: int, world_size: int) -> dict[str, object]:
                 _loss(net(_local_batch(step, rank, world_size)[0]), _local_batch(step, rank, world_size)[1]).backward()
                 optimizer.step()
         results[f"fsdp1.{orig}.same"] = all(torch.equal(a, b) for a, b in zip(model.parameters(), bare_model.parameters()))
+    # Built before FSDP1 wraps the model (accelerate's order): with use_orig_params=True the same
+    # parameters are flattened in place; the first step refuses them, nothing changed.
+    plain = _make_model()
+    early = TransformingOptimizer(plain.parameters(), torch.optim.SGD, lr=LR, transforms=[SAM(rho=0.05)])
+    wrapped = FullyShardedDataParallel(plain, use_orig_params=True, device_id=torch.device("cpu"))
+    before = [p.detach().clone() for p in wrapped.parameters()]
+    x, y = _local_batch(0, rank, world_size)
+
+    def closure() -> torch.Tensor:
+        early.zero_grad()
+        loss = _loss(wrapped(x), y)
+        loss.backward()
+        return loss
+
+    try:
+        early.step(closure)
+        results["fsdp1.early.error"] = None
+    except ValueError as error:
+        results["fsdp1.early.error"] = str(error)
+    results["fsdp1.early.unchanged"] = all(torch.equal(p, b) for p, b in zip(wrapped.parameters(), before))
     return results
 
 
@@ -489,6 +509,16 @@ def test_fsdp1_flattened_parameters_refuse_a_chain_and_step_bare_without_one(run
         assert message is not None and message.startswith("param_groups[0]: the parameters are flattened by FSDP1 (FullyShardedDataParallel)")
         assert "FSDP2 (torch.distributed.fsdp.fully_shard)" in message
         assert rank_results[f"fsdp1.{use_orig_params}.same"]
+
+
+def test_an_optimizer_built_before_fsdp1_wraps_the_model_refuses_its_first_step(runs: dict) -> None:
+    """accelerate builds the optimizer first and FSDP1 (use_orig_params=True) flattens the same
+    parameters in place afterwards: SAM moved the weights wrongly (0.73 off after 3 steps);
+    the step refuses them, before anything changes."""
+    for rank_results in runs[2]:
+        message = rank_results["fsdp1.early.error"]
+        assert message is not None and message.startswith("param_groups[0]: the parameters are flattened by FSDP1")
+        assert rank_results["fsdp1.early.unchanged"]
 
 
 def test_perturbation_buffers_stay_sharded(runs: dict) -> None:
