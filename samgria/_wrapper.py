@@ -56,8 +56,9 @@ def unhooked_step(optimizer: Optimizer, closure: Any = None) -> Any:
     adversary inside a transform), so that the global step hooks fire once per user-visible step.
     torch wraps every optimizer class's ``step`` once (``Optimizer._patch_step_function`` marks
     the wrapper with ``hooked`` and ``functools.wraps`` keeps the original in ``__wrapped__``);
-    the wrapper runs the global and the optimizer's own step hooks. This is the one place samgria
-    relies on that detail of torch.
+    the wrapper runs the global and the optimizer's own step hooks (a :class:`WrappingOptimizer`'s
+    class gets :func:`with_hooks` instead, whose ``__wrapped__`` is its step without hooks). This
+    module is the one place samgria relies on that detail of torch.
     """
     step = type(optimizer).step
     if getattr(step, "hooked", False) and hasattr(step, "__wrapped__"):
