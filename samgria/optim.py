@@ -1356,7 +1356,8 @@ def sam_optimizer(
     That library reads ``adaptive`` per param group, as ``rho``: when a group sets its own
     ``"adaptive"``, the transform is :class:`~samgria.ASAM` with ``adaptive`` as the groups'
     default, so a group with ``"adaptive": False`` gets SAM's move (:math:`T_w = 1`) and one with
-    ``True`` ASAM's.
+    ``True`` ASAM's. The transform is chosen here: with :class:`~samgria.SAM`, a group that sets
+    ``"adaptive"`` later (``add_param_group``, an edit) is not read.
     """
     if not isinstance(params, torch.Tensor):
         params = list(params)  # read once: a generator of groups is looked at, then handed on
