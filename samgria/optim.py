@@ -1359,6 +1359,7 @@ def sam_optimizer(
     ``True`` ASAM's. The transform is chosen here: with :class:`~samgria.SAM`, a group that sets
     ``"adaptive"`` later (``add_param_group``, an edit) is not read.
     """
+    adaptive = check_bool("adaptive", adaptive)
     if not isinstance(params, torch.Tensor):
         params = list(params)  # read once: a generator of groups is looked at, then handed on
     per_group = isinstance(params, list) and any(isinstance(group, Mapping) and "adaptive" in group for group in params)

@@ -187,6 +187,10 @@ def test_inner_step_errors_name_argument_and_value():
         inner_step(params, torch.tensor(1.0, dtype=DT), 0.1)
     with pytest.raises(ValueError, match=r"^lr has no entry for the adapted parameters \['weight'\]$"):
         inner_step(params, loss, {"other": 0.1})
+    # A flag that is not a bool would have been read by truth value ("False" is first order).
+    for flag, value in (("first_order", "False"), ("first_order", float("nan")), ("allow_unused", -1), ("allow_unused", None)):
+        with pytest.raises(TypeError, match=rf"^{flag} must be a bool, got {re.escape(repr(value))}$"):
+            inner_step(params, loss, 0.1, **{flag: value})
 
 
 def test_adapt_equals_hand_written_loop():
@@ -239,8 +243,12 @@ def test_adapt_errors_name_argument_and_value():
         adapt(model, params, lambda p: p["weight"].sum(), inner_steps=True)
     with pytest.raises(TypeError, match=r"inner_steps must be an integer >= 0, got 1\.5"):
         adapt(model, params, lambda p: p["weight"].sum(), inner_steps=1.5)
-    with pytest.raises(ValueError, match=r"lr must be a finite number >= 0, got -0\.1"):
+    with pytest.raises(ValueError, match=r"^lr must be a finite number >= 0, got -0\.1"):
         adapt(model, params, lambda p: p["weight"].sum(), lr=-0.1)
+    with pytest.raises(ValueError, match=r"^inner_lr must be a finite number >= 0, got -0\.1"):
+        adapt(model, params, lambda p: p["weight"].sum(), inner_lr=-0.1)
+    with pytest.raises(TypeError, match=r"^first_order must be a bool, got 'no'$"):
+        adapt(model, params, lambda p: p["weight"].sum(), first_order="no")
 
 
 def test_helpers_copy_buffers_resolve_lrs_and_checks():

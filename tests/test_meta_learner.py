@@ -142,6 +142,10 @@ def test_learner_errors_name_argument_and_value():
         Learner(model, grad_transforms=[object()])
     with pytest.raises(TypeError, match="first_order must be a bool, got None"):
         Learner(model, first_order=None)
+    with pytest.raises(TypeError, match=r"^track_graph must be a bool, got 'no'$"):
+        Learner(model, track_graph="no")  # was read by truth value: tracking on
+    with pytest.raises(TypeError, match=r"^checkpoint must be a bool, got nan$"):
+        Learner(model, checkpoint=float("nan"))
     learner = Learner(model)
     with pytest.raises(TypeError, match="loss_fn must be callable, got 'mse'"):
         learner.adapt_on("mse", x, y)

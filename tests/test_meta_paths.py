@@ -296,3 +296,18 @@ def test_fit_accepts_numpy_integers():
         trainer.fit(True, 2, progress=False)
     with pytest.raises(ValueError, match=r"meta_batch_size must be an integer >= 1, got 0"):
         trainer.fit(1, 0, progress=False)
+
+
+@pytest.mark.parametrize(
+    "trials, error, match",
+    [
+        (0, ValueError, r"^trials must be an integer >= 1, got 0$"),
+        (float("nan"), ValueError, r"^trials must be an integer >= 1, got nan$"),
+        ("x", TypeError, r"^trials must be an integer >= 1, got 'x'$"),
+    ],
+    ids=["zero", "nan", "str"],
+)
+def test_path_policy_checks_trials(trials, error, match):
+    """trials is compared with the number of timings; NaN or 0 would fix the choice untimed."""
+    with pytest.raises(error, match=match):
+        PathPolicy("M", trials=trials)

@@ -1133,6 +1133,9 @@ def test_sam_optimizer_honours_a_groups_own_adaptive_key_as_that_library_does():
     assert type(sam_optimizer(make_model().parameters(), torch.optim.SGD, rho=rho, lr=lr).transforms[0]) is SAM
     with pytest.raises(TypeError, match=r"adaptive must be a bool, got 'yes'"):
         sam_optimizer(make_model().parameters(), torch.optim.SGD, rho=rho, adaptive="yes", lr=lr)
+    for falsy in (0, None):  # refused as the truthy ones are, not read as False
+        with pytest.raises(TypeError, match=rf"^adaptive must be a bool, got {falsy!r}$"):
+            sam_optimizer(make_model().parameters(), torch.optim.SGD, rho=rho, adaptive=falsy, lr=lr)
 
 
 def test_the_two_call_loop_keeps_batchnorm_to_one_update_with_frozen_bn_stats_around_its_second_forward():

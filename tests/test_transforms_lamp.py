@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import gc
 import io
 import json
 import math
@@ -560,8 +561,14 @@ def _unseeded_worker() -> None:
         if name == "hsdp_unseeded":  # both ranks hold the whole (one) shard: replicas
             results[name]["replica_difference"] = _replica_difference(model)
     print("RESULT " + json.dumps(results), flush=True)
+    # Free the reference cycles (DDP/FSDP modules, optimizers) that hold the process group while
+    # it is alive: destroyed at interpreter exit instead, gloo's threads can abort a rank that
+    # has finished (as test_optim_fsdp.py's worker does).
+    model = mesh = None
+    gc.collect()
     dist.barrier()
     dist.destroy_process_group()
+    gc.collect()
 
 
 @pytest.fixture(scope="module")

@@ -35,7 +35,7 @@ from typing import Any, Union
 
 import torch
 
-from samgria._checks import check_int, check_real
+from samgria._checks import check_bool, check_int, check_real
 from samgria.meta.engine import (
     InnerLoop,
     apply_inner_update,
@@ -289,14 +289,16 @@ def inner_step(
         A new mapping with the adapted parameters.
 
     Raises:
-        TypeError: ``adapt_names`` is a string (not a sequence of names), or a rate is not a
-            real number or tensor.
+        TypeError: ``adapt_names`` is a string (not a sequence of names), a rate is not a real
+            number or tensor, or ``first_order`` or ``allow_unused`` is not a bool.
         ValueError: ``lr`` is negative or not finite (a number, or an entry of a tensor that does
             not require grad), a tensor rate does not broadcast to its parameter's shape, would
             change its dtype or is on another device (a 0-dim CPU tensor may be), a mapping
             ``lr`` lacks an adapted name, ``loss`` is not a differentiable scalar, or
             ``adapt_names`` names an unknown parameter.
     """
+    first_order = check_bool("first_order", first_order)
+    allow_unused = check_bool("allow_unused", allow_unused)
     names = _resolve_names(params, adapt_names)
     loop = InnerLoop(tuple(names), resolve_lrs(lr, names, "lr", params), 1, first_order=first_order)
     if not names:
@@ -342,7 +344,8 @@ def adapt_params(
 
     Raises:
         TypeError: ``model`` is not a module, ``build_loss`` is not callable,
-            ``inner_steps`` is not an int, or ``adapt_names`` is a string.
+            ``inner_steps`` is not an int, ``first_order`` is not a bool, or ``adapt_names`` is
+            a string.
         ValueError: ``inner_steps`` is negative, ``inner_lr`` is refused (as ``lr`` of
             :func:`inner_step`), or ``adapt_names`` names an unknown parameter.
     """
@@ -350,14 +353,16 @@ def adapt_params(
     if not callable(build_loss):
         raise TypeError(f"build_loss must be callable, got {build_loss!r}")
     steps = check_steps(inner_steps)
+    first_order = check_bool("first_order", first_order)
+    lr_name = "inner_lr"
     if lr is not None:
         if inner_lr is not None:
             raise TypeError(f"give inner_lr or its former name lr, not both; got inner_lr={inner_lr!r}, lr={lr!r}")
-        inner_lr = lr
+        inner_lr, lr_name = lr, "lr"
     if inner_lr is None:
         inner_lr = 0.01
     names = _resolve_names(params, adapt_names)
-    loop = InnerLoop(tuple(names), resolve_lrs(inner_lr, names, "inner_lr", params), steps, first_order=first_order)
+    loop = InnerLoop(tuple(names), resolve_lrs(inner_lr, names, lr_name, params), steps, first_order=first_order)
     with torch.enable_grad():
         return run_inner_loop(loop, params, build_loss)
 

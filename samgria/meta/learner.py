@@ -26,6 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from samgria._checks import check_bool
 from samgria.meta.engine import (
     InnerLoop,
     InnerRegFn,
@@ -120,11 +121,11 @@ class Learner:
             lrs=resolve_lrs(inner_lr, names, "inner_lr", start),
             inner_steps=check_steps(inner_steps),
             first_order=first_order,
-            track_graph=bool(track_graph),
+            track_graph=check_bool("track_graph", track_graph),
             inner_step_fn=inner_step_fn if inner_step_fn is not None else sgd_inner_step,
             inner_reg_fn=inner_reg_fn,
             grad_transforms=tuple(transforms),
-            checkpoint=bool(checkpoint),
+            checkpoint=check_bool("checkpoint", checkpoint),
         )
         self.base_params: dict[str, torch.Tensor] = dict(start)
         self._params: dict[str, torch.Tensor] = dict(start)

@@ -22,6 +22,7 @@ import warnings
 from collections.abc import Callable, Hashable, Sequence
 from typing import TypeVar
 
+from samgria._checks import check_int
 from samgria._frameworks import stacklevel_outside
 
 __all__ = ["PathPolicy"]
@@ -50,7 +51,7 @@ class PathPolicy:
 
     def __init__(self, owner: str, trials: int = 2) -> None:
         self.owner = owner
-        self.trials = trials
+        self.trials = check_int("trials", trials, low=1)
         self.failed: dict[str, str] = {}
         self.timings: dict[Hashable, dict[str, list[float]]] = {}
 
