@@ -408,7 +408,7 @@ def test_compiled_meta_loss_rejects_bad_input():
         CompiledMetaLoss(Reptile(make_model(), torch.optim.SGD, lr=0.1), F.mse_loss)
     with pytest.raises(TypeError, match="loss_fn must be callable, got str"):
         CompiledMetaLoss(meta, "mse")
-    with pytest.raises(ValueError, match="steps must be an integer >= 0, got -1"):
+    with pytest.raises(ValueError, match=r"^steps must be an integer >= 0, got -1$"):
         CompiledMetaLoss(meta, F.mse_loss, steps=-1)
     compiled = CompiledMetaLoss(meta, F.mse_loss, backend=CountingBackend())
     with pytest.raises(ValueError, match="got 0 tasks"):

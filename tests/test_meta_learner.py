@@ -151,7 +151,7 @@ def test_learner_errors_name_argument_and_value():
         learner.adapt_on("mse", x, y)
     with pytest.raises(TypeError, match="support_closure must be callable, got 5"):
         learner.adapt_closure(5)
-    with pytest.raises(ValueError, match="steps must be an integer >= 0, got -3"):
+    with pytest.raises(ValueError, match=r"^steps must be an integer >= 0, got -3$"):
         learner.adapt_on(mse, x, y, steps=-3)
     with pytest.raises(TypeError, match="the support loss must be a scalar tensor, got float"):
         learner.adapt(1.0)

@@ -481,7 +481,7 @@ def test_adapt_and_task_losses_reject_bad_inputs_with_messages():
     meta = MAML(model, torch.optim.SGD, lr=0.1)
     with pytest.raises(TypeError, match="support_closure must be callable, got 3"):
         meta.adapt(3)
-    with pytest.raises(ValueError, match="steps must be an integer >= 0, got -1"):
+    with pytest.raises(ValueError, match=r"^steps must be an integer >= 0, got -1$"):
         meta.adapt(lambda f: f(torch.zeros(1, 3, dtype=DT)).sum(), steps=-1)
     with pytest.raises(ValueError, match="weight must be a finite number >= 0, got -1"):
         meta.adapt(lambda f: f(torch.zeros(1, 3, dtype=DT)).sum(), weight=-1)

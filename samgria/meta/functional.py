@@ -137,14 +137,15 @@ def check_steps(steps: Any, name: str = "inner_steps") -> int:
 
 
 def one_steps_argument(inner_steps: Any, steps: Any) -> Any:
-    """Merge ``inner_steps`` with its former name ``steps`` (at most one may be given)."""
+    """Merge ``inner_steps`` with its former name ``steps`` (at most one may be given); a value
+    given as ``steps`` is checked under that name (as :func:`check_steps`)."""
     if steps is None:
         return inner_steps
     if inner_steps is not None:
         raise TypeError(
             f"give inner_steps or its former name steps, not both; got inner_steps={inner_steps!r}, steps={steps!r}"
         )
-    return steps
+    return check_steps(steps, "steps")
 
 
 def resolve_lrs(
