@@ -612,10 +612,7 @@ class WrappingOptimizer(Optimizer):
     def _own_driven(self) -> Optimizer | None:
         """The innermost driven optimizer when its class overrides torch's ``state_dict`` or
         ``load_state_dict``, else ``None``."""
-        driven = self._driven_wrapper()
-        if driven is not None:
-            return driven._own_driven()
-        driven = self.__dict__.get(self._driven_attr)
+        driven = self._innermost_driven()
         if driven is None:
             return None
         kind = type(driven)
@@ -642,11 +639,16 @@ class WrappingOptimizer(Optimizer):
         just loaded, as torch's ``load_state_dict`` ends with ``self.__setstate__``: torch's
         optimizers fill in there what a checkpoint of an older torch lacks (Adam's ``amsgrad``,
         ``foreach``, ...) and turn a number ``step`` into a tensor."""
-        chain = self._wrapper_chain()
-        driven = chain[-1].__dict__.get(chain[-1]._driven_attr)
+        driven = self._innermost_driven()
         if driven is None or type(driven).__setstate__ is Optimizer.__setstate__:
             return
         type(driven).__setstate__(driven, {"state": driven.state, "param_groups": driven.param_groups})
+
+    def _innermost_driven(self) -> Optimizer | None:
+        """The optimizer the last wrapper of :meth:`_wrapper_chain` drives (``None`` while it is
+        being unpickled)."""
+        last = self._wrapper_chain()[-1]
+        return last.__dict__.get(last._driven_attr)
 
     def _wrapper_chain(self) -> list[WrappingOptimizer]:
         """This wrapper and every wrapper it drives, outermost first."""

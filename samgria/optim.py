@@ -508,7 +508,7 @@ class TransformingOptimizer(WrappingOptimizer):
                 self.chain.validate_group(group, f"param_groups[{index}]")
                 # FSDP1 flattens the parameters in place when it wraps the model after the
                 # optimizer was built (accelerate's order): refused here too.
-                self.chain.check_sharding(group["params"], f"param_groups[{index}]")
+                self.chain.check_fsdp1(group["params"], f"param_groups[{index}]")
 
     def _adopt_group(self, group: dict[str, Any], index: int) -> bool:
         """Check and fill a group added to the inner optimizer directly (``inner.add_param_group``),

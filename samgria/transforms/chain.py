@@ -267,16 +267,8 @@ class Chain:
     def check_sharding(self, params: Any, where: str) -> None:
         """Raise ``ValueError`` when sharded (``DTensor``) parameters meet a transform that would
         compute a per-tensor quantity on one shard only, and any transform with FSDP1's flattened
-        parameters (no sharding metadata to reduce over, and weights gathered from the flat
-        parameter)."""
-        if self.transforms and any(is_fsdp1_flattened(param) for param in params):
-            raise ValueError(
-                f"{where}: the parameters are flattened by FSDP1 (FullyShardedDataParallel), whose "
-                "per-rank pieces carry no sharding metadata: a transform would take norms of one "
-                "rank's piece and SAM's perturbation would not reach the forward pass. Shard with "
-                "FSDP2 (torch.distributed.fsdp.fully_shard), whose DTensor parameters the "
-                "transforms support, or use DDP; with FSDP1 only transforms=() works"
-            )
+        parameters (:meth:`check_fsdp1`)."""
+        self.check_fsdp1(params, where)
         if not any(is_sharded(param) for param in params):
             return
         for slot, transform in self:
@@ -287,6 +279,20 @@ class Chain:
                     "rank's shard alone or keep per-rank state (Transform.supports_sharded_params); "
                     "use it on unsharded parameters (DDP)"
                 )
+
+    def check_fsdp1(self, params: Any, where: str) -> None:
+        """Raise ``ValueError`` when FSDP1's flattened parameters meet any transform: no sharding
+        metadata to reduce over, and weights gathered from the flat parameter. FSDP1 flattens the
+        same parameters in place when it wraps the model after the optimizer was built, so the
+        optimizer asks again at every step."""
+        if self.transforms and any(is_fsdp1_flattened(param) for param in params):
+            raise ValueError(
+                f"{where}: the parameters are flattened by FSDP1 (FullyShardedDataParallel), whose "
+                "per-rank pieces carry no sharding metadata: a transform would take norms of one "
+                "rank's piece and SAM's perturbation would not reach the forward pass. Shard with "
+                "FSDP2 (torch.distributed.fsdp.fully_shard), whose DTensor parameters the "
+                "transforms support, or use DDP; with FSDP1 only transforms=() works"
+            )
 
     def fill_group(self, group: dict[str, Any]) -> None:
         """Give a group every hyperparameter it does not set (the constructor's values) and the chain."""
