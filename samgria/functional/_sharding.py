@@ -57,6 +57,7 @@ __all__ = [
     "any_sharded",
     "local_shard",
     "shard_key",
+    "may_have_replicas",
     "shard_coordinates",
     "reduce_partial_sums",
 ]
@@ -111,6 +112,19 @@ def shard_key(tensor: torch.Tensor) -> tuple[Any, tuple[int, ...]] | None:
     shard_type = _dtensor_types()[1]  # type: ignore[index]
     dims = tuple(dim for dim, placement in enumerate(tensor.placements) if isinstance(placement, shard_type))
     return (tensor.device_mesh, dims) if dims else None
+
+
+def may_have_replicas(tensor: torch.Tensor) -> bool:
+    """Whether other ranks may hold a copy of this rank's part of ``tensor`` (no communication): a
+    plain tensor (it cannot tell a ``DistributedDataParallel`` replica from a tensor no other
+    rank holds) or a ``DTensor`` replicated along a mesh dimension of several ranks (HSDP, tensor
+    parallelism's replicated bias)."""
+    if not is_sharded(tensor):
+        return True
+    key = shard_key(tensor)
+    sharded_dims = key[1] if key is not None else ()
+    mesh = tensor.device_mesh  # type: ignore[attr-defined]
+    return any(mesh.size(dim) > 1 for dim in range(mesh.ndim) if dim not in sharded_dims)
 
 
 def shard_coordinates(tensor: torch.Tensor) -> tuple[int, ...]:

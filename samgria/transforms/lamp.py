@@ -67,7 +67,7 @@ import torch
 
 from samgria._checks import check_int, check_loaded_tensor, check_real, check_seed
 from samgria._frameworks import stacklevel_outside
-from samgria.functional._sharding import is_sharded, shard_coordinates, shard_key
+from samgria.functional._sharding import is_sharded, may_have_replicas, shard_coordinates
 from samgria.functional._views import LOW_PRECISION, as_real, widened_dtype
 from samgria.functional import accumulate_, add_scaled_, assign_mean_, global_norm, magnitude_noise
 from samgria.transforms.base import Transform, TransformContext
@@ -352,7 +352,7 @@ class LAMP(Transform):
     def _warn_if_replicas_draw_apart(self, params: list[torch.Tensor]) -> None:
         """Warn (once) when unseeded noise lands on parameters that other ranks hold copies of."""
         world_size = _world_size()
-        if world_size > 1 and any(_replicated_across_ranks(p) for p in params):
+        if world_size > 1 and any(map(may_have_replicas, params)):
             self._warned_unseeded = True
             warnings.warn(
                 f"LAMP: seed=None in a process group of {world_size} ranks: each rank draws the noise "
@@ -371,17 +371,6 @@ def _world_size() -> int:
 
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
-
-def _replicated_across_ranks(param: torch.Tensor) -> bool:
-    """Whether other ranks hold a copy of this rank's part of ``param`` (no communication): a
-    plain tensor (a ``DistributedDataParallel`` replica) or a ``DTensor`` replicated along a mesh
-    dimension of several ranks (HSDP, tensor parallelism's replicated bias)."""
-    if not is_sharded(param):
-        return True
-    key = shard_key(param)
-    sharded_dims = key[1] if key is not None else ()
-    mesh = param.device_mesh  # type: ignore[attr-defined]
-    return any(mesh.size(dim) > 1 for dim in range(mesh.ndim) if dim not in sharded_dims)
 
 
 def _as_accumulator(key: str, value: torch.Tensor, count: int) -> torch.Tensor:
