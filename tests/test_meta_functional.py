@@ -171,6 +171,27 @@ def test_inner_step_unused_parameter_is_left_alone():
         inner_step(params, loss, 0.1, allow_unused=False)
 
 
+def test_inner_step_and_adapt_refuse_frozen_adapt_names_and_nothing_to_adapt():
+    """A named parameter that does not require grad was dropped, so inner_step returned it
+    unchanged as if adapted; adapt_names=None over tensors none of which requires grad adapted
+    nothing. Both are refused; an explicit empty adapt_names still adapts nothing on request."""
+    torch.manual_seed(0)
+    model = nn.Linear(3, 1).to(DT)
+    x, y = torch.randn(6, 3, dtype=DT), torch.randn(6, 1, dtype=DT)
+    params = named_params(model)
+    frozen = {**params, "bias": params["bias"].detach()}
+    loss = nn.functional.mse_loss(functional_forward(model, frozen, x), y)
+    message = r"^adapt_names contains parameters that do not require grad, which cannot be adapted: \['bias'\]$"
+    with pytest.raises(ValueError, match=message):
+        inner_step(frozen, loss, 0.1, adapt_names=["weight", "bias"])
+    with pytest.raises(ValueError, match=message):
+        adapt(model, frozen, lambda p: nn.functional.mse_loss(functional_forward(model, p, x), y), adapt_names=["bias"])
+    detached = {n: p.detach() for n, p in params.items()}
+    with pytest.raises(ValueError, match=r"^no parameter to adapt: adapt_names=None adapts the tensors that require grad, and none of the 2 does$"):
+        adapt(model, detached, lambda p: nn.functional.mse_loss(functional_forward(model, p, x), y))
+    assert inner_step(params, loss, 0.1, adapt_names=[])["bias"] is params["bias"]
+
+
 def test_inner_step_errors_name_argument_and_value():
     model, x, y = linear_problem()
     params = named_params(model)

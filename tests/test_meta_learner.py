@@ -122,6 +122,30 @@ def test_grad_transforms_need_a_closure():
         learner.adapt(mse(learner(x), y))
 
 
+def test_learner_refuses_frozen_adapt_names_and_an_empty_adapt_set():
+    """A frozen parameter named in adapt_names was dropped without a word: a learner over a frozen
+    head "took" its steps and left the output unchanged. It is refused, and so is a learner that
+    would adapt nothing; a frozen parameter outside adapt_names stays allowed."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(2, 3), nn.Linear(3, 1)).to(DT)
+    model[1].requires_grad_(False)
+    x, y = torch.randn(4, 2, dtype=DT), torch.randn(4, 1, dtype=DT)
+    message = r"^adapt_names contains parameters that do not require grad, which cannot be adapted: \['1\.weight'\]$"
+    with pytest.raises(ValueError, match=message):
+        Learner(model, adapt_names=["0.weight", "1.weight"])
+    with pytest.raises(ValueError, match=r"^Learner adapts no parameter: adapt_names=\[\]"):
+        Learner(model, adapt_names=[])
+    model[0].requires_grad_(False)
+    with pytest.raises(ValueError, match=r"none of the 4 does"):
+        Learner(model)
+    model[0].requires_grad_(True)
+    learner = Learner(model, inner_lr=0.5)  # adapts the trainable layer only
+    assert learner.adapt_names == ["0.weight", "0.bias"]
+    before = learner(x).detach()
+    learner.adapt(mse(learner(x), y))
+    assert not torch.equal(learner(x), before)
+
+
 def test_learner_errors_name_argument_and_value():
     model, x, y = setup()
     with pytest.raises(TypeError, match="model must be a torch.nn.Module, got dict"):

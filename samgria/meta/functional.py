@@ -248,14 +248,35 @@ def check_adapt_names(adapt_names: Iterable[str]) -> list[str]:
     return list(adapt_names)
 
 
-def _resolve_names(params: Mapping[str, torch.Tensor], adapt_names: Iterable[str] | None) -> list[str]:
+def resolve_adapt_names(
+    params: Mapping[str, torch.Tensor], adapt_names: Iterable[str] | None, where: str = "in params"
+) -> list[str]:
+    """The names to adapt: ``adapt_names`` checked against ``params``, or (``None``) every name
+    whose tensor requires grad.
+
+    A named parameter that does not require grad is refused, not dropped: it cannot be adapted,
+    and dropping it would adapt less than asked without a word. So is ``adapt_names=None`` when
+    no tensor requires grad (nothing would be adapted). ``where`` says in messages where the names
+    were looked up (``"in params"``, ``"parameters of model"``).
+    """
     if adapt_names is None:
-        return [n for n, p in params.items() if p.requires_grad]
+        names = [n for n, p in params.items() if p.requires_grad]
+        if params and not names:
+            raise ValueError(
+                "no parameter to adapt: adapt_names=None adapts the tensors that require grad, and "
+                f"none of the {len(params)} does"
+            )
+        return names
     names = check_adapt_names(adapt_names)
     unknown = [n for n in names if n not in params]
     if unknown:
-        raise ValueError(f"adapt_names contains names that are not in params: {unknown}")
-    return [n for n in names if params[n].requires_grad]
+        raise ValueError(f"adapt_names contains names that are not {where}: {unknown}")
+    frozen = [n for n in names if not params[n].requires_grad]
+    if frozen:
+        raise ValueError(
+            f"adapt_names contains parameters that do not require grad, which cannot be adapted: {frozen}"
+        )
+    return names
 
 
 def inner_step(
@@ -296,11 +317,12 @@ def inner_step(
             not require grad), a tensor rate does not broadcast to its parameter's shape, would
             change its dtype or is on another device (a 0-dim CPU tensor may be), a mapping
             ``lr`` lacks an adapted name, ``loss`` is not a differentiable scalar, or
-            ``adapt_names`` names an unknown parameter.
+            ``adapt_names`` names an unknown parameter or one that does not require grad (or is
+            ``None`` and no tensor of ``params`` requires grad).
     """
     first_order = check_bool("first_order", first_order)
     allow_unused = check_bool("allow_unused", allow_unused)
-    names = _resolve_names(params, adapt_names)
+    names = resolve_adapt_names(params, adapt_names)
     loop = InnerLoop(tuple(names), resolve_lrs(lr, names, "lr", params), 1, first_order=first_order)
     if not names:
         check_support_loss(loss)  # a bad loss is refused also when nothing is adapted
@@ -348,7 +370,7 @@ def adapt_params(
             ``inner_steps`` is not an int, ``first_order`` is not a bool, or ``adapt_names`` is
             a string.
         ValueError: ``inner_steps`` is negative, ``inner_lr`` is refused (as ``lr`` of
-            :func:`inner_step`), or ``adapt_names`` names an unknown parameter.
+            :func:`inner_step`), or ``adapt_names`` is refused (see :func:`inner_step`).
     """
     _check_module(model)
     if not callable(build_loss):
@@ -362,7 +384,7 @@ def adapt_params(
         inner_lr, lr_name = lr, "lr"
     if inner_lr is None:
         inner_lr = 0.01
-    names = _resolve_names(params, adapt_names)
+    names = resolve_adapt_names(params, adapt_names)
     loop = InnerLoop(tuple(names), resolve_lrs(inner_lr, names, lr_name, params), steps, first_order=first_order)
     with torch.enable_grad():
         return run_inner_loop(loop, params, build_loss)

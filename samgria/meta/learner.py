@@ -40,10 +40,10 @@ from samgria.meta.engine import (
 )
 from samgria.meta.functional import (
     LearningRate,
-    check_adapt_names,
     check_steps,
     functional_forward,
     one_steps_argument,
+    resolve_adapt_names,
     resolve_lrs,
 )
 from samgria.meta.inner_optim import InnerStepFn, sgd_inner_step
@@ -80,8 +80,8 @@ class Learner:
 
     Raises:
         TypeError: ``model`` is not a module or a callable argument is not callable.
-        ValueError: ``inner_lr`` or ``inner_steps`` is negative, or ``adapt_names`` names an
-            unknown parameter.
+        ValueError: ``inner_lr`` or ``inner_steps`` is negative, ``adapt_names`` names an
+            unknown parameter or one that does not require grad, or no parameter is adapted.
     """
 
     def __init__(
@@ -108,14 +108,12 @@ class Learner:
         start = dict(model.named_parameters()) if params is None else dict(params)
         if not track_graph:
             start = {n: p.detach().requires_grad_(p.requires_grad) for n, p in start.items()}
-        if adapt_names is None:
-            names = [n for n, p in start.items() if p.requires_grad]
-        else:
-            names = check_adapt_names(adapt_names)
-            unknown = [n for n in names if n not in start]
-            if unknown:
-                raise ValueError(f"adapt_names contains names that are not parameters of model: {unknown}")
-            names = [n for n in names if start[n].requires_grad]
+        names = resolve_adapt_names(start, adapt_names, "parameters of model" if params is None else "in params")
+        if not names:
+            raise ValueError(
+                f"Learner adapts no parameter: adapt_names={adapt_names!r} (to evaluate without "
+                "adaptation use inner_steps=0)"
+            )
         self.loop = InnerLoop(
             adapt_names=tuple(names),
             lrs=resolve_lrs(inner_lr, names, "inner_lr", start),
