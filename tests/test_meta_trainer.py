@@ -454,6 +454,29 @@ def test_fit_resumed_from_a_checkpoint_continues_bit_for_bit(name, vectorize):
     assert state["iteration"] == 3 and state["history"]["eval_iterations"] == [2]
 
 
+def test_a_checkpoint_saved_by_the_callback_holds_that_iterations_evaluation():
+    """The callback is fit's one hook, so it is where a run checkpoints every few iterations. It
+    ran before the evaluation eval_every schedules at the same iteration, so the checkpoint lacked
+    it and the resumed history missed an entry ([2, 6] instead of [2, 4, 6])."""
+    eval_tasks = fixed_tasks(2, seed=9)
+    whole = _trainer("maml", 0, False)
+    saved = {}
+
+    def save_at_4(iteration, loss):
+        if iteration == 4:
+            saved["state"] = _checkpoint_round_trip(whole)
+            saved["eval_iterations"] = list(whole.history.eval_iterations)
+
+    whole.fit(6, 3, eval_every=2, eval_tasks=eval_tasks, callback=save_at_4, progress=False)
+    assert saved["eval_iterations"] == [2, 4]  # the callback sees this iteration's evaluation
+    resumed = _trainer("maml", 5, False)
+    resumed.load_state_dict(saved["state"])
+    resumed.fit(2, 3, eval_every=2, eval_tasks=eval_tasks, progress=False)
+    assert resumed.history == whole.history and whole.history.eval_iterations == [2, 4, 6]
+    for p, q in zip(_meta_weights(resumed), _meta_weights(whole)):
+        assert torch.equal(p, q)
+
+
 def test_resume_with_torchs_global_generator_restores_its_state():
     def trainer(seed):
         sampler = SinusoidTaskSampler(k_support=5, k_query=5, dtype=DT)  # draws from torch's global generator

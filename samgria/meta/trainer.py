@@ -591,8 +591,10 @@ class MetaTrainer:
                 of ``eval_every``.
             eval_tasks: Held-out tasks (the same on every rank). Required with
                 ``eval_every``; given alone they are evaluated once, after the last meta-update.
-            callback: ``callback(iteration, meta_loss)`` after each meta-update, where
-                ``iteration`` counts completed updates (1-based, continued across calls).
+            callback: ``callback(iteration, meta_loss)`` after each meta-update (and after the
+                evaluation ``eval_every`` schedules at that iteration, so :attr:`history` and a
+                :meth:`state_dict` saved by the callback hold it), where ``iteration`` counts
+                completed updates (1-based, continued across calls).
                 Returning a true value (``True``, ``np.True_``, a one-element tensor holding
                 ``True``) stops training early; ``None`` or a false value continues.
             progress: ``None`` shows a progress bar with the running meta-loss on stderr
@@ -659,16 +661,13 @@ class MetaTrainer:
                 else:
                     consecutive_skips = 0
                 eval_loss = None
+                # The scheduled evaluation comes before the callback, so that a checkpoint the
+                # callback saves holds this iteration's evaluation in its history.
+                if eval_every is not None and iteration % eval_every == 0:
+                    eval_loss = self._record_evaluation(eval_tasks, iteration, histories)
                 stop = callback is not None and bool(callback(iteration, loss))
-                last = done == num_iterations or stop
-                if eval_tasks is not None and (
-                    (eval_every is not None and iteration % eval_every == 0)
-                    or (eval_every is None and last)
-                ):
-                    eval_loss = self.evaluate(eval_tasks)
-                    for h in histories:
-                        h.eval_loss.append(eval_loss)
-                        h.eval_iterations.append(iteration)
+                if eval_tasks is not None and eval_every is None and (done == num_iterations or stop):
+                    eval_loss = self._record_evaluation(eval_tasks, iteration, histories)
                 if bar is not None:
                     bar.update(done, loss, eval_loss)
                 if stop:
@@ -677,6 +676,14 @@ class MetaTrainer:
             if bar is not None:
                 bar.close()
         return history
+
+    def _record_evaluation(self, eval_tasks: Sequence[Task], iteration: int, histories: Sequence[History]) -> float:
+        """Evaluate on ``eval_tasks`` and append the loss at ``iteration`` to ``histories``."""
+        eval_loss = self.evaluate(eval_tasks)
+        for h in histories:
+            h.eval_loss.append(eval_loss)
+            h.eval_iterations.append(iteration)
+        return eval_loss
 
     def _sample(self, meta_batch_size: int) -> list[Task]:
         """This iteration's tasks: the meta-batch, or with several processes this rank's share."""
