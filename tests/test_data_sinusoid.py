@@ -22,6 +22,17 @@ def test_is_a_task_sampler_with_documented_shapes():
         assert task.support_x.dtype == torch.get_default_dtype()
 
 
+def test_tasks_compare_and_hash_by_identity_as_tensors_do():
+    """The dataclass's field-wise == compared tensors, so `task in tasks` raised (a tensor of
+    several values has no truth value) and a task could not key a dict."""
+    tasks = SinusoidTaskSampler(k_support=5, k_query=5, seed=0).sample(3)
+    assert tasks[2] not in tasks[:2] and tasks[1] in tasks
+    weights = {task: float(i) for i, task in enumerate(tasks)}
+    assert weights[tasks[1]] == 1.0
+    same_tensors = Task(tasks[0].support_x, tasks[0].support_y, tasks[0].query_x, tasks[0].query_y)
+    assert same_tensors != tasks[0] and tasks[0] == tasks[0]
+
+
 def test_targets_follow_amplitude_times_sine_of_shifted_input():
     sampler = SinusoidTaskSampler(seed=1, dtype=torch.float64)
     tasks, amplitudes, phases = sampler.sample_with_params(5)

@@ -18,9 +18,12 @@ __all__ = [
 ]
 
 
-@dataclass
+@dataclass(eq=False)
 class Task:
     """One few-shot task: a support split to adapt on and a query split to evaluate on.
+
+    Tasks compare and hash by identity, as tensors do (a field-wise ``==`` of tensors has no
+    single truth value), so ``task in tasks`` and a dict keyed by tasks work.
 
     Attributes:
         support_x: Support inputs, shape ``(K, ...)``.
