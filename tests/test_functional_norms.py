@@ -228,6 +228,14 @@ def test_scale_rejects_scales_or_shifts_of_another_length():
         scale_([torch.ones(2), torch.ones(2)], [0.5, 0.5], [0.0, 0.0, 0.0])
 
 
+@pytest.mark.parametrize("foreach", [True, False])
+def test_global_norm_names_an_integer_tensor_as_the_other_kernels_do(foreach):
+    """torch's own message ("linalg.vector_norm: Expected a floating point or complex tensor")
+    named no argument and no index."""
+    with pytest.raises(TypeError, match=r"^tensors\[1\] must be a floating-point or complex tensor, got a torch.int64 tensor$"):
+        global_norm([torch.ones(3), torch.ones(2, dtype=torch.int64)], foreach=foreach)
+
+
 def test_global_norm_rejects_a_like_of_another_length():
     with pytest.raises(ValueError, match=r"^like must have one tensor per tensor, got 3 for 2$"):
         global_norm([torch.ones(2), torch.ones(3)], like=[torch.ones(2)] * 3)

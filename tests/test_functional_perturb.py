@@ -410,6 +410,18 @@ def test_every_perturbation_kernel_rejects_lists_of_other_lengths(foreach):
 
 
 @pytest.mark.parametrize("foreach", [True, False])
+def test_perturbed_into_refuses_buffers_and_directions_of_another_shape_on_both_paths(foreach):
+    """The reference path's out= resized a (12,) buffer to (3, 4) where the foreach path raised
+    torch's size error, and a (1,) direction was broadcast over its parameter on both paths."""
+    weights = torch.ones(3, 4)
+    with pytest.raises(ValueError, match=r"^buffers\[0\] must have the shape of params\[0\], \(3, 4\), got \(12,\)$"):
+        perturbed_into_([torch.zeros(12)], [weights], [torch.ones(3, 4)], [1.0], foreach=foreach)
+    with pytest.raises(ValueError, match=r"^directions\[1\] must have the shape of params\[1\], \(3, 4\), got \(1,\)$"):
+        add_directions_([torch.ones(2), weights], [torch.ones(2), torch.full((1,), 2.0)], [1.0, 1.0], foreach=foreach)
+    assert torch.equal(weights, torch.ones(3, 4))  # nothing written
+
+
+@pytest.mark.parametrize("foreach", [True, False])
 @pytest.mark.parametrize("dtype", [torch.int64, torch.int32, torch.uint8, torch.bool])
 def test_every_perturbation_kernel_rejects_integer_and_bool_tensors(dtype, foreach):
     """An integer weight would truncate ``w + s d`` silently (``[1, 2] + 0.5 [1, 1]`` left ``[1, 2]``)."""

@@ -1,5 +1,5 @@
 """Grouping tensor lists by device and dtype for ``torch._foreach_*`` kernels, the parameters of
-param groups, each once, and the checks every kernel makes of its lists (lengths, dtypes)."""
+param groups, each once, and the checks every kernel makes of its lists (lengths, dtypes, shapes)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["group_indices_by_device_and_dtype", "unique_params", "check_lengths", "check_floating"]
+__all__ = ["group_indices_by_device_and_dtype", "unique_params", "check_lengths", "check_floating", "check_shapes"]
 
 
 def unique_params(param_groups: Sequence[Mapping[str, Any]]) -> list[torch.Tensor]:
@@ -64,3 +64,21 @@ def check_floating(name: str, tensors: Sequence[torch.Tensor], dtypes: Iterable[
     for index, tensor in enumerate(tensors):
         if not (tensor.dtype.is_floating_point or tensor.dtype.is_complex):
             raise TypeError(f"{name}[{index}] must be a floating-point or complex tensor, got a {tensor.dtype} tensor")
+
+
+def check_shapes(name: str, tensors: Sequence[torch.Tensor], like_name: str, like: Sequence[torch.Tensor]) -> None:
+    """Check that every tensor of ``tensors`` has the shape of its entry of ``like`` (lists of one
+    length): one comparison of two lists of shapes in the common case, the entries read one by one
+    only to name the first that differs.
+
+    Raises:
+        ValueError: ``"{name}[i] must have the shape of {like_name}[i], {shape}, got {shape}"``.
+    """
+    if [tensor.shape for tensor in tensors] == [tensor.shape for tensor in like]:
+        return
+    for index, (tensor, model) in enumerate(zip(tensors, like)):
+        if tensor.shape != model.shape:
+            raise ValueError(
+                f"{name}[{index}] must have the shape of {like_name}[{index}], {tuple(model.shape)}, "
+                f"got {tuple(tensor.shape)}"
+            )

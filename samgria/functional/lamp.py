@@ -16,7 +16,7 @@ from collections.abc import Callable, Sequence
 import torch
 
 from samgria._checks import check_int
-from samgria.functional._grouping import check_floating, check_lengths, group_indices_by_device_and_dtype
+from samgria.functional._grouping import check_floating, check_lengths, check_shapes, group_indices_by_device_and_dtype
 from samgria.functional._views import LOW_PRECISION, widened_dtype
 
 __all__ = ["magnitude_noise", "add_scaled_", "accumulate_", "assign_mean_"]
@@ -85,7 +85,7 @@ def add_scaled_(
         TypeError: If a parameter is neither floating-point nor complex.
     """
     check_lengths(len(params), "parameter", ("updates", updates))
-    _check_shapes("updates", updates, "params", params)
+    check_shapes("updates", updates, "params", params)
     if foreach:
         groups = group_indices_by_device_and_dtype(params)
         check_floating("params", params, [dtype for _device, dtype in groups])
@@ -127,7 +127,7 @@ def accumulate_(sums: Sequence[torch.Tensor], params: Sequence[torch.Tensor], *,
         TypeError: If a sum is neither floating-point nor complex.
     """
     check_lengths(len(sums), "sum", ("params", params))
-    _check_shapes("params", params, "sums", sums)
+    check_shapes("params", params, "sums", sums)
     if foreach:
         groups = group_indices_by_device_and_dtype(sums)
         check_floating("sums", sums, [dtype for _device, dtype in groups])
@@ -157,7 +157,7 @@ def assign_mean_(
             floating-point nor complex.
     """
     check_lengths(len(params), "parameter", ("sums", sums), ("counts", counts))
-    _check_shapes("sums", sums, "params", params)
+    check_shapes("sums", sums, "params", params)
     divisors = _divisors(counts)
     if foreach:
         groups = group_indices_by_device_and_dtype(params)
@@ -172,24 +172,6 @@ def assign_mean_(
     for param, total, divisor in zip(params, sums, divisors):
         param.copy_(total / divisor)
         total.zero_()
-
-
-def _check_shapes(name: str, tensors: Sequence[torch.Tensor], like_name: str, like: Sequence[torch.Tensor]) -> None:
-    """Check that every tensor of ``tensors`` has the shape of its entry of ``like`` (lists of one
-    length): one comparison of two lists of shapes in the common case, the entries read one by one
-    only to name the first that differs.
-
-    Raises:
-        ValueError: ``"{name}[i] must have the shape of {like_name}[i], {shape}, got {shape}"``.
-    """
-    if [tensor.shape for tensor in tensors] == [tensor.shape for tensor in like]:
-        return
-    for index, (tensor, model) in enumerate(zip(tensors, like)):
-        if tensor.shape != model.shape:
-            raise ValueError(
-                f"{name}[{index}] must have the shape of {like_name}[{index}], {tuple(model.shape)}, "
-                f"got {tuple(tensor.shape)}"
-            )
 
 
 def _divisors(counts: Sequence[int]) -> list[float]:

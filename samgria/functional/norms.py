@@ -24,7 +24,7 @@ from collections.abc import Sequence
 
 import torch
 
-from samgria.functional._grouping import check_lengths, group_indices_by_device_and_dtype
+from samgria.functional._grouping import check_floating, check_lengths, group_indices_by_device_and_dtype
 from samgria.functional._sharding import any_sharded, local_shard, reduce_partial_sums
 from samgria.functional._views import LOW_PRECISION, widened_dtype
 
@@ -72,6 +72,7 @@ def global_norm(
 
     Raises:
         ValueError: If ``like`` has another length than ``tensors``.
+        TypeError: If a tensor is neither floating-point nor complex.
     """
     check_lengths(len(tensors), "tensor", ("like", like), entry="tensor")
     if len(tensors) == 0:
@@ -166,6 +167,7 @@ def _stacked_norms(
     norms: list[torch.Tensor | None] = [None] * len(tensors)
     if foreach:
         groups = group_indices_by_device_and_dtype(tensors)
+        check_floating("tensors", tensors, [dtype for _device, dtype in groups])
         if len(groups) == 1:  # the common case: one stack, one cast
             ((_device, dtype),) = groups
             group_norms = torch._foreach_norm(list(tensors), 2, dtype=widened_dtype(dtype))
@@ -175,6 +177,7 @@ def _stacked_norms(
             for index, norm in zip(indices, group_norms):
                 norms[index] = norm
     else:
+        check_floating("tensors", tensors)
         for index, tensor in enumerate(tensors):
             norms[index] = torch.linalg.vector_norm(tensor, 2, dtype=widened_dtype(tensor.dtype))
     return torch.stack([norm.to(out_device, acc_dtype) for norm in norms])  # type: ignore[union-attr]

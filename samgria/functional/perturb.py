@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from samgria.functional._grouping import check_floating, check_lengths, group_indices_by_device_and_dtype
+from samgria.functional._grouping import check_floating, check_lengths, check_shapes, group_indices_by_device_and_dtype
 from samgria.functional._views import LOW_PRECISION, widened_dtype
 
 __all__ = ["add_directions_", "perturbed_into_", "mul", "mul_", "adaptive_scaling"]
@@ -42,15 +42,20 @@ def perturbed_into_(
     raises torch's ``RuntimeError``).
 
     Raises:
-        ValueError: If ``buffers``, ``directions`` or ``scales`` has another length than ``params``.
+        ValueError: If ``buffers``, ``directions`` or ``scales`` has another length than
+            ``params``, or a buffer or direction has another shape than its parameter.
         TypeError: If a parameter or buffer is neither floating-point nor complex (an integer
             tensor would truncate the result).
     """
     check_lengths(len(params), "parameter", ("buffers", buffers), ("directions", directions), ("scales", scales))
     by_dtype = group_indices_by_device_and_dtype(params)
     check_floating("params", params, [dtype for _device, dtype in by_dtype])
+    # torch would broadcast a smaller direction silently, and the reference path's out= would
+    # resize a wrongly shaped buffer where _foreach_copy_ refuses it: both are refused here.
+    check_shapes("directions", directions, "params", params)
     if buffers is not params:
         check_floating("buffers", buffers)
+        check_shapes("buffers", buffers, "params", params)
     widened: list[_Segment] = []
     plain: list[_Segment] = []
     for (device, dtype), indices in by_dtype.items():
@@ -242,7 +247,8 @@ def add_directions_(
     rounding, same checks). ``directions`` may be overwritten (they are consumed).
 
     Raises:
-        ValueError: If ``directions`` or ``scales`` has another length than ``params``.
+        ValueError: If ``directions`` or ``scales`` has another length than ``params``, or a
+            direction has another shape than its parameter.
         TypeError: If a parameter is neither floating-point nor complex.
     """
     perturbed_into_(params, params, directions, scales, foreach=foreach)
