@@ -421,20 +421,7 @@ class TransformingOptimizer(WrappingOptimizer):
                 )
             refuse_driven(params, "params")
             return params
-        if inner is None:
-            raise TypeError(
-                "inner must be a torch.optim.Optimizer subclass or a callable returning one, got None "
-                "(e.g. TransformingOptimizer(model.parameters(), torch.optim.SGD, lr=0.1))"
-            )
-        if isinstance(inner, Optimizer):
-            raise TypeError(
-                f"inner must be an optimizer class or factory, got the optimizer instance {inner!r}; "
-                "to wrap an existing optimizer use TransformingOptimizer(optimizer, transforms=...)"
-            )
-        if (isinstance(inner, type) and not issubclass(inner, Optimizer)) or not callable(inner):
-            raise TypeError(
-                f"inner must be a torch.optim.Optimizer subclass or a callable returning one, got {inner!r}"
-            )
+        _check_inner_factory(inner, "inner")
         built = inner(params, **inner_kwargs)
         if not isinstance(built, Optimizer):
             raise TypeError(f"inner must build a torch.optim.Optimizer, but {inner!r} returned {built!r}")
@@ -1341,6 +1328,23 @@ class _AsSaved:
         )
 
 
+def _check_inner_factory(inner: Any, name: str) -> None:
+    """Check that ``inner`` (the argument ``name``: ``"inner"``, or ``"base_optimizer"`` for
+    :func:`sam_optimizer`) is an optimizer class or a callable building one, not an instance."""
+    if inner is None:
+        raise TypeError(
+            f"{name} must be a torch.optim.Optimizer subclass or a callable returning one, got None "
+            "(e.g. TransformingOptimizer(model.parameters(), torch.optim.SGD, lr=0.1))"
+        )
+    if isinstance(inner, Optimizer):
+        raise TypeError(
+            f"{name} must be an optimizer class or factory, got the optimizer instance {inner!r}; "
+            "to wrap an existing optimizer use TransformingOptimizer(optimizer, transforms=...)"
+        )
+    if (isinstance(inner, type) and not issubclass(inner, Optimizer)) or not callable(inner):
+        raise TypeError(f"{name} must be a torch.optim.Optimizer subclass or a callable returning one, got {inner!r}")
+
+
 def sam_optimizer(
     params: Iterable[Any],
     base_optimizer: type[Optimizer] | Callable[..., Optimizer],
@@ -1360,6 +1364,7 @@ def sam_optimizer(
     ``"adaptive"`` later (``add_param_group``, an edit) is not read.
     """
     adaptive = check_bool("adaptive", adaptive)
+    _check_inner_factory(base_optimizer, "base_optimizer")  # named as this function's argument
     if not isinstance(params, torch.Tensor):
         params = list(params)  # read once: a generator of groups is looked at, then handed on
     per_group = isinstance(params, list) and any(isinstance(group, Mapping) and "adaptive" in group for group in params)

@@ -28,7 +28,8 @@ def get_grad(params: Iterable[torch.Tensor]) -> torch.Tensor:
         A vector of length ``sum(p.numel())``, in the dtype and on the device of the first parameter.
 
     Raises:
-        TypeError: If an item of ``params`` is not a tensor.
+        TypeError: If an item of ``params`` is not a tensor, or the first parameter is real and a
+            later one complex (the cast would discard the imaginary parts).
         ValueError: If ``params`` is empty.
     """
     params = list(params)
@@ -36,6 +37,14 @@ def get_grad(params: Iterable[torch.Tensor]) -> torch.Tensor:
         raise ValueError("get_grad needs at least one parameter, got an empty iterable")
     _check_tensors(params)
     first = params[0]
+    if not first.is_complex():
+        for index, param in enumerate(params):
+            if param.is_complex():
+                raise TypeError(
+                    f"params[{index}] is complex ({param.dtype}) but params[0] is {first.dtype}: the "
+                    "vector takes the first parameter's dtype, and a real one would discard the "
+                    "imaginary parts; put a complex parameter first"
+                )
     pieces = [
         (p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1).to(first.device, first.dtype)
         for p in params

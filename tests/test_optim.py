@@ -1091,6 +1091,17 @@ def test_sam_optimizer_convenience_matches_transforming_optimizer(adaptive):
     assert_bitwise_equal(params_of(model_a), params_of(model_b))
 
 
+def test_sam_optimizer_names_its_own_base_optimizer_argument_in_errors():
+    """The message named TransformingOptimizer's ``inner``, an argument the caller never passed."""
+    model = nn.Linear(2, 1)
+    built = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(TypeError, match=r"^base_optimizer must be an optimizer class or factory, got the optimizer instance SGD"):
+        sam_optimizer(model.parameters(), built)
+    with pytest.raises(TypeError, match=r"^base_optimizer must be a torch.optim.Optimizer subclass or a callable returning one, got 3$"):
+        sam_optimizer(model.parameters(), 3, lr=0.1)
+    assert sam_optimizer(model.parameters(), torch.optim.SGD, lr=0.1, non_finite="raise").non_finite == "raise"
+
+
 def test_sam_optimizer_honours_a_groups_own_adaptive_key_as_that_library_does():
     """The widely used PyTorch SAM reads ``adaptive`` per group; a per-group loop of its move
     (``T_w = |w| + eta`` for adaptive groups, ``1`` elsewhere, one global norm) is the reference."""

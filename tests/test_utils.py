@@ -49,6 +49,17 @@ def test_get_grad_casts_to_first_parameter_dtype() -> None:
     assert torch.equal(flat[2:], second.grad.double())
 
 
+def test_get_grad_refuses_to_discard_the_imaginary_part_of_a_later_complex_gradient() -> None:
+    """The vector takes the first parameter's dtype: a real first parameter cast a complex
+    gradient to real (torch only warned), so [1, 1, 3+4j] came back as [1, 1, 3]."""
+    real = torch.zeros(2, requires_grad=True)
+    cplx = torch.zeros(1, dtype=torch.complex64, requires_grad=True)
+    real.grad, cplx.grad = torch.ones(2), torch.tensor([3 + 4j])
+    with pytest.raises(TypeError, match=r"^params\[1\] is complex \(torch.complex64\) but params\[0\] is torch.float32"):
+        get_grad([real, cplx])
+    assert torch.equal(get_grad([cplx, real]), torch.tensor([3 + 4j, 1, 1], dtype=torch.complex64))
+
+
 def test_get_grad_rejects_empty() -> None:
     with pytest.raises(ValueError, match="get_grad needs at least one parameter, got an empty iterable"):
         get_grad([])
