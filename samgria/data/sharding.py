@@ -25,7 +25,7 @@ from samgria._checks import check_int
 from samgria.data.task import Task, TaskSampler, load_sampler_state_dict, sampler_state_dict
 from samgria.data._validation import check_sampler
 
-__all__ = ["DistributedTaskSampler", "check_shard", "sample_shard", "shard_bounds"]
+__all__ = ["DistributedTaskSampler", "sample_shard", "shard_bounds"]
 
 T = TypeVar("T")
 

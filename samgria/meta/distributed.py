@@ -34,9 +34,7 @@ __all__ = [
     "all_reduce_meta_gradients",
     "broadcast_index",
     "broadcast_module",
-    "check_distributed",
     "mean_over_ranks",
-    "world",
 ]
 
 

@@ -50,7 +50,6 @@ from samgria.meta.inner_optim import InnerStepFn, sgd_inner_step
 
 __all__ = [
     "InnerLoop",
-    "PATHS",
     "autograd_support_grads",
     "can_vectorize",
     "functorch_support_grads",

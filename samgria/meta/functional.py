@@ -56,8 +56,9 @@ __all__ = [
     "named_params",
 ]
 
-#: An inner-loop step size: one non-negative number for every parameter, or a mapping from
-#: parameter name to a number or a tensor broadcastable to the parameter's shape (Meta-SGD).
+#: An inner-loop step size (the type of ``lr`` and ``inner_lr``) -- one non-negative number for
+#: every parameter, or a mapping from parameter name to a number or a tensor broadcastable to the
+#: parameter's shape (Meta-SGD).
 LearningRate = Union[float, Mapping[str, Union[float, torch.Tensor]]]
 
 

@@ -46,7 +46,6 @@ __all__ = [
     "TransformContext",
     "GroupView",
     "ProtocolTransform",
-    "default_slot_name",
 ]
 
 

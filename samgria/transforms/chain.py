@@ -34,7 +34,7 @@ import torch
 from samgria.functional._sharding import is_fsdp1_flattened, is_sharded
 from samgria.transforms.base import GradientTransform, ProtocolTransform, Transform
 
-__all__ = ["Chain", "CHAIN_KEY"]
+__all__: list[str] = []
 
 #: The param-group key recording the chain that the group's hyperparameters belong to.
 CHAIN_KEY = "transform_chain"

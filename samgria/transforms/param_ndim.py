@@ -36,13 +36,7 @@ import torch
 from samgria._checks import check_int
 from samgria.transforms.base import Transform, TransformContext, _derive_writes_weights
 
-__all__ = [
-    "ParamTransform",
-    "check_param_ndim",
-    "batch_shape",
-    "batched",
-    "ndim_entries",
-]
+__all__ = ["ParamTransform"]
 
 
 def check_param_ndim(name: str, value: Any, params: Iterable[Any] = ()) -> int | None:
