@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import inspect
 import math
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -356,6 +357,11 @@ class TransformingOptimizer(WrappingOptimizer):
             raise TypeError(
                 "inner must be an optimizer whose step() works without a closure, got LBFGS (it "
                 "re-evaluates the closure itself): use it on its own"
+            )
+        if _step_requires_closure(inner_optimizer):
+            raise TypeError(
+                "inner must be an optimizer whose step() works without a closure, got "
+                f"{type(inner_optimizer).__name__}, whose step() requires one: use it on its own"
             )
         _refuse_sharded_m_sharpness(first_pass_context, [p for g in inner_optimizer.param_groups for p in g["params"]])
         chain = Chain(transforms, inner_optimizer.defaults)
@@ -871,8 +877,11 @@ class TransformingOptimizer(WrappingOptimizer):
         """
         return self._step(closure)
 
+    @torch.no_grad()
     def _step(self, closure: Callable[[], Any] | None) -> Any:
-        """:meth:`step`'s body."""
+        """:meth:`step`'s body, under ``no_grad`` as torch's steps are (gradients of
+        ``backward(create_graph=True)`` require grad: norms and updates record nothing); the
+        closure runs under ``enable_grad``."""
         if self._pending is None:
             # A state given to the inner optimizer directly becomes the wrapper's before anything
             # records the state's structure (to put it back if the step fails).
@@ -884,7 +893,8 @@ class TransformingOptimizer(WrappingOptimizer):
                         "first_step() was called: finish this step with second_step() (or step() "
                         "without a closure) before calling step(closure)"
                     )
-                closure()  # the closure of a wrapper that second_step() went through: its hooks
+                with torch.enable_grad():
+                    closure()  # the closure of a wrapper that second_step() went through: its hooks
             return self._finish_pending()
 
         scaled = getattr(self, "found_inf", None) is not None  # GradScaler.step called us
@@ -1326,6 +1336,20 @@ class _AsSaved:
         return _AsSaved._map(
             value, lambda leaf: (leaf.tensor if device is None else leaf.tensor.to(device=device)) if isinstance(leaf, _AsSaved) else leaf
         )
+
+
+def _step_requires_closure(optimizer: Optimizer) -> bool:
+    """Whether the ``step`` of ``optimizer``'s class has an argument after ``self`` without a
+    default (the closure): the wrapper calls the inner step without one. The class's, not the
+    instance's: an LR scheduler replaces the instance's ``step`` with a wrapper of its own. (An
+    optimizer whose ``closure=None`` default only raises at the call, as some third-party ones
+    do, is found out at its first step.)"""
+    try:
+        parameters = list(inspect.signature(type(optimizer).step).parameters.values())[1:]
+    except (AttributeError, TypeError, ValueError):  # no signature to read: assume it works
+        return False
+    positional = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    return bool(parameters) and parameters[0].kind in positional and parameters[0].default is inspect.Parameter.empty
 
 
 def _check_inner_factory(inner: Any, name: str) -> None:

@@ -211,6 +211,53 @@ def test_two_call_loop_equals_step_closure_bitwise(info, config):
 
 
 @all_configs
+@pytest.mark.parametrize("loop", ["step(closure)", "two-call"])
+def test_gradients_of_backward_with_create_graph_step_as_plain_ones_without_warnings(info, config, loop):
+    """Closures that call backward(create_graph=True) (what Hessian-based inner optimizers need)
+    give gradients that require grad: norms taken outside no_grad recorded autograd graphs and
+    warned "Converting a tensor with requires_grad=True to a scalar". The steps equal those of
+    plain gradients bit for bit, and nothing warns but torch's own note on create_graph."""
+    import warnings
+
+    x, y = make_data()
+    runs = []
+    for create_graph in (False, True):
+        model = make_model()
+        optimizer = config.build(model)
+
+        def evaluate() -> torch.Tensor:
+            loss = nn.functional.mse_loss(model(x), y)
+            loss.backward(create_graph=create_graph)
+            return loss.detach()
+
+        def closure() -> torch.Tensor:
+            optimizer.zero_grad()
+            return evaluate()
+
+        warn_always = torch.is_warn_always_enabled()
+        torch.set_warn_always(True)  # torch warns once per process otherwise: every config must see it
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("error")
+                warnings.filterwarnings("ignore", message=r"Using backward\(\) with create_graph=True")
+                for _ in range(3):
+                    if loop == "step(closure)":
+                        optimizer.step(closure)
+                    else:
+                        optimizer.zero_grad()
+                        evaluate()
+                        optimizer.first_step(zero_grad=True)
+                        evaluate()
+                        optimizer.second_step(zero_grad=True)
+        finally:
+            torch.set_warn_always(warn_always)
+        runs.append(params_of(model))
+        for param in model.parameters():
+            param.grad = None  # create_graph gradients reference the graph: free it
+    assert_bitwise_equal(runs[1], runs[0])
+
+
+@all_configs
 def test_checkpoint_resume_continues_bitwise(info, config):
     x, y = make_data()
     model_a, opt_a = run(config, 3)
