@@ -369,6 +369,29 @@ def test_a_seed_objects_state_leaves_the_parameter_that_held_it_once_that_is_fro
     assert _slot_entries(optimizer, "pending") == {1: {"pending.t": 3, "pending.saved": torch.tensor(3.0)}}
 
 
+def test_a_seed_objects_checkpoint_resumes_when_the_parameter_that_held_it_is_frozen_at_resume():
+    """Fine-tuning resumed with the first layer frozen: the load looked for the object's keys on
+    the new first parameter that requires grad, found none there, never called the object's
+    load_state_dict (its counter restarted at 0) and the next state_dict() dropped the saved value."""
+    model = nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 1))
+    optimizer = TransformingOptimizer(model.parameters(), torch.optim.SGD, lr=0.1, transforms=[Pending()])
+    for _ in range(5):
+        _grad_step(optimizer, model)
+    checkpoint = optimizer.state_dict()
+    assert {k for k in checkpoint["state"][0] if k.startswith("pending.")} == {"pending.t", "pending.saved"}
+
+    frozen = nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 1))
+    frozen[0].requires_grad_(False)
+    resumed = Pending()
+    twin = TransformingOptimizer(frozen.parameters(), torch.optim.SGD, lr=0.1, transforms=[resumed])
+    twin.load_state_dict(checkpoint)
+    assert resumed.t == 5 and torch.equal(resumed.saved, torch.tensor(5.0))
+    _grad_step(twin, frozen)
+    assert resumed.t == 6
+    twin.state_dict()
+    assert _slot_entries(twin, "pending") == {2: {"pending.t": 6}}  # on the first trainable parameter
+
+
 def _raises():
     raise RuntimeError("cannot export")
 

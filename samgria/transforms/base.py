@@ -609,12 +609,20 @@ class ProtocolTransform(Transform):
                 del entry[key]
         slot.update(current)
 
+    @staticmethod
+    def _loaded_slot(ctx: TransformContext) -> _SlotEntry | None:
+        """The slot on the first parameter that requires grad, with every key of the slot moved
+        there from the parameter that held it (frozen since the checkpoint was made): the
+        adapter's slot holds object-level keys only."""
+        keys = tuple(dict.fromkeys(key for param in list(ctx.state) for key in ctx.state[param]))
+        return ctx.slot_state(keys=keys)
+
     def check_loaded_state(self, ctx: TransformContext) -> None:
         """Try the checkpoint's slot on a deep copy of the object before the load commits, so a
         state the object's own ``load_state_dict`` refuses fails with nothing changed (an object
         that cannot be deep-copied is only loaded after the commit)."""
         method = getattr(self.transform, "load_state_dict", None)
-        slot = ctx.slot_state()
+        slot = self._loaded_slot(ctx)
         if not callable(method) or slot is None or not len(slot):
             return
         try:
@@ -626,7 +634,7 @@ class ProtocolTransform(Transform):
     def import_state(self, ctx: TransformContext) -> None:
         """Hand the slot's keys to the object's ``load_state_dict`` (if it has one)."""
         method = getattr(self.transform, "load_state_dict", None)
-        slot = ctx.slot_state()
+        slot = self._loaded_slot(ctx)
         if callable(method) and slot is not None and len(slot):
             method(dict(slot.items()))
 
