@@ -283,6 +283,25 @@ def test_project_params_matches_a_per_subtensor_loop(foreach, center, ctor, firs
                 assert torch.equal(optimizer.state[param]["project_params.center"], start[index])
 
 
+def test_project_params_around_initial_weights_needs_apply_before_post_step_in_the_seed_protocol():
+    """Through the seed protocol alone, post_step() without apply() raised a bare KeyError
+    ('project_params.center'): the centre is recorded by apply()."""
+    torch.manual_seed(0)
+    model = nn.Linear(3, 2)
+    model.weight.grad, model.bias.grad = torch.ones(2, 3), torch.ones(2)
+    before = [p.detach().clone() for p in model.parameters()]
+    transform = ProjectParams(0.1, center="initial")
+    with pytest.raises(RuntimeError, match=r"call apply\(\) before post_step\(\) \(nothing was changed\)$"):
+        transform.post_step(model)
+    assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
+    transform.apply(model, None, ())
+    with torch.no_grad():
+        model.weight.add_(1.0)  # the step moves the weight 1.0 away: projected back to radius 0.1
+    transform.post_step(model)
+    offset = model.weight.detach() - before[0]
+    torch.testing.assert_close(offset.norm(dim=-1), torch.full((2,), 0.1))
+
+
 def test_project_params_leaves_points_inside_the_ball_bit_for_bit():
     param = nn.Parameter(torch.tensor([[0.1, 0.2], [3.0, 4.0]], dtype=F64))
     optimizer = TransformingOptimizer([param], torch.optim.SGD, lr=0.0, transforms=[ProjectParams(radius=1.0)])

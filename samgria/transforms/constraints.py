@@ -157,7 +157,14 @@ class ProjectParams(Transform):
 
     def post_update(self, ctx: TransformContext) -> None:
         retakes: list[_Retake] = []
-        for group, param, param_ndim in ndim_entries(ctx):
+        entries = ndim_entries(ctx)
+        if self.center == "initial" and any("center" not in ctx.state[param] for _, param, _ in entries):
+            # Only the seed protocol gets here: the optimizer records the centres before any step.
+            raise RuntimeError(
+                f"{self!r} projects around the weights recorded by apply(), which was not called "
+                "for every parameter with a gradient: call apply() before post_step() (nothing was changed)"
+            )
+        for group, param, param_ndim in entries:
             if param.numel() == 0:
                 continue
             radius = group["radius"]
