@@ -1440,6 +1440,20 @@ def test_an_inner_optimizer_that_needs_a_closure_is_refused_with_the_reason():
     with pytest.raises(TypeError, match=r"inner must be an optimizer whose step\(\) works without a closure, got LBFGS"):
         TransformingOptimizer(make_model().parameters(), torch.optim.LBFGS, lr=0.1)
 
+    class NeedsClosure(torch.optim.Optimizer):
+        def __init__(self, params, lr=0.1):
+            super().__init__(params, {"lr": lr})
+
+        def step(self, closure):  # no default: the wrapper's closure-less call failed inside step()
+            loss = closure()
+            return loss
+
+    message = r"^inner must be an optimizer whose step\(\) works without a closure, got NeedsClosure, whose step\(\) requires one"
+    with pytest.raises(TypeError, match=message):
+        TransformingOptimizer(make_model().parameters(), NeedsClosure, transforms=[SAM()])
+    with pytest.raises(TypeError, match=message):
+        TransformingOptimizer(NeedsClosure(make_model().parameters()), transforms=())
+
 
 def test_an_optimizer_that_drives_another_without_defaults_is_refused_with_the_reason():
     """Like torch.distributed.optim.PostLocalSGDOptimizer: an Optimizer that never called
