@@ -384,6 +384,9 @@ class WrappingOptimizer(Optimizer):
     _dropped_on_pickle: tuple[str, ...] = ()
     #: Attributes never pickled (transient step state).
     _transient: tuple[str, ...] = ("_loading", "_own_load_checkpoint", "_hooks_running")
+    #: Attributes a pickle must hold: one made by an earlier release without them (whose layout
+    #: differs) is refused when unpickled, not at the first step with an AttributeError.
+    _needed_from_pickle: tuple[str, ...] = ()
     #: State keys known to be the driven optimizer's (never hidden): a subclass that learns them
     #: (``Chain``) shares its set here; an entry with only such keys needs no further check.
     _visible_state_keys: frozenset[Any] | set[Any] = frozenset()
@@ -741,6 +744,13 @@ class WrappingOptimizer(Optimizer):
             self._driven_setstate()
             self._after_load()
             return
+        missing = [key for key in self._needed_from_pickle if key not in state]
+        if missing:
+            raise RuntimeError(
+                f"this {type(self).__name__} was pickled by an earlier samgria release, whose layout "
+                f"differs (it has no {', '.join(missing)}): build the optimizer anew with this release "
+                "and load a state_dict into it"
+            )
         state = dict(state)
         groups = state.pop("param_groups", None)
         for key in self._transient:  # not pickled: back to idle

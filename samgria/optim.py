@@ -312,6 +312,7 @@ class TransformingOptimizer(WrappingOptimizer):
     _driven_attr = "inner"
     _dropped_on_pickle = ("first_pass_context", "reevaluation_context")
     _transient = (*WrappingOptimizer._transient, "_progress")
+    _needed_from_pickle = ("chain", "atomic")  # 0.1.0 pickled a list of transforms, no chain
 
     def __init__(
         self,
@@ -427,7 +428,18 @@ class TransformingOptimizer(WrappingOptimizer):
                 )
             refuse_driven(params, "params")
             return params
-        _check_inner_factory(inner, "inner")
+        if inner is None:
+            raise TypeError(
+                "inner must be a torch.optim.Optimizer subclass or a callable returning one, got None "
+                "(e.g. TransformingOptimizer(model.parameters(), torch.optim.SGD, lr=0.1))"
+            )
+        if isinstance(inner, Optimizer):
+            raise TypeError(
+                f"inner must be an optimizer class or factory, got the optimizer instance {inner!r}; "
+                "to wrap an existing optimizer use TransformingOptimizer(optimizer, transforms=...)"
+            )
+        if (isinstance(inner, type) and not issubclass(inner, Optimizer)) or not callable(inner):
+            raise TypeError(f"inner must be a torch.optim.Optimizer subclass or a callable returning one, got {inner!r}")
         built = inner(params, **inner_kwargs)
         if not isinstance(built, Optimizer):
             raise TypeError(f"inner must build a torch.optim.Optimizer, but {inner!r} returned {built!r}")
@@ -1197,6 +1209,7 @@ class TransformingOptimizer(WrappingOptimizer):
         """Let each transform convert its per-parameter entries for the parameter's dtype while
         they still have the checkpoint's (``Transform.convert_loaded``), and shield the slots'
         non-floating tensors from torch's cast, which comes next (:class:`_AsSaved`)."""
+        _refuse_release_0_1_transform_state(state_dict)
         state_dict = super()._before_cast(state_dict)
         saved = state_dict.get("state") if isinstance(state_dict, dict) else None
         if not isinstance(saved, dict):
@@ -1338,6 +1351,30 @@ class _AsSaved:
         )
 
 
+def _refuse_release_0_1_transform_state(state_dict: Any) -> None:
+    """Refuse a checkpoint of release 0.1.0's layout that holds transform state.
+
+    0.1.0 saved the transforms' state beside torch's keys, under ``"transform_state"`` (per
+    parameter index) and ``"transforms"`` (per transform); slots replaced both. torch's load
+    ignores unknown keys, so such state (LAMP's sums, cycle and generators) would be dropped
+    without a word. A checkpoint whose transforms held nothing (SAM, ASAM, the gradient
+    transforms) loads as a plain optimizer's.
+    """
+    if not isinstance(state_dict, Mapping):
+        return
+    per_param = state_dict.get("transform_state")
+    per_transform = state_dict.get("transforms")
+    held = bool(per_param) or (isinstance(per_transform, (list, tuple)) and any(per_transform))
+    if ("transform_state" in state_dict or "transforms" in state_dict) and held:
+        raise ValueError(
+            "the checkpoint has the layout of samgria 0.1.0 (top-level 'transform_state' and "
+            "'transforms'), whose transform state this release cannot load into its slots: resume "
+            "it with 0.1.0, or start the transforms afresh by loading only the inner optimizer's "
+            "part, optimizer.load_state_dict({'state': checkpoint['state'], 'param_groups': "
+            "checkpoint['param_groups']}) (nothing was loaded)"
+        )
+
+
 def _step_requires_closure(optimizer: Optimizer) -> bool:
     """Whether the ``step`` of ``optimizer``'s class has an argument after ``self`` without a
     default (the closure): the wrapper calls the inner step without one. The class's, not the
@@ -1350,23 +1387,6 @@ def _step_requires_closure(optimizer: Optimizer) -> bool:
         return False
     positional = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
     return bool(parameters) and parameters[0].kind in positional and parameters[0].default is inspect.Parameter.empty
-
-
-def _check_inner_factory(inner: Any, name: str) -> None:
-    """Check that ``inner`` (the argument ``name``: ``"inner"``, or ``"base_optimizer"`` for
-    :func:`sam_optimizer`) is an optimizer class or a callable building one, not an instance."""
-    if inner is None:
-        raise TypeError(
-            f"{name} must be a torch.optim.Optimizer subclass or a callable returning one, got None "
-            "(e.g. TransformingOptimizer(model.parameters(), torch.optim.SGD, lr=0.1))"
-        )
-    if isinstance(inner, Optimizer):
-        raise TypeError(
-            f"{name} must be an optimizer class or factory, got the optimizer instance {inner!r}; "
-            "to wrap an existing optimizer use TransformingOptimizer(optimizer, transforms=...)"
-        )
-    if (isinstance(inner, type) and not issubclass(inner, Optimizer)) or not callable(inner):
-        raise TypeError(f"{name} must be a torch.optim.Optimizer subclass or a callable returning one, got {inner!r}")
 
 
 def sam_optimizer(
@@ -1388,9 +1408,16 @@ def sam_optimizer(
     ``"adaptive"`` later (``add_param_group``, an edit) is not read.
     """
     adaptive = check_bool("adaptive", adaptive)
-    _check_inner_factory(base_optimizer, "base_optimizer")  # named as this function's argument
     if not isinstance(params, torch.Tensor):
         params = list(params)  # read once: a generator of groups is looked at, then handed on
     per_group = isinstance(params, list) and any(isinstance(group, Mapping) and "adaptive" in group for group in params)
     transform: Transform = ASAM(rho=rho, adaptive=adaptive) if adaptive or per_group else SAM(rho=rho)
-    return TransformingOptimizer(params, base_optimizer, transforms=[transform], **kwargs)
+    try:
+        return TransformingOptimizer(params, base_optimizer, transforms=[transform], **kwargs)
+    except (TypeError, ValueError) as error:
+        # TransformingOptimizer's messages about its argument ``inner`` begin with its name:
+        # here that argument is this function's base_optimizer.
+        message = str(error)
+        if type(error) in (TypeError, ValueError) and error.args == (message,) and message.startswith("inner "):
+            raise type(error)("base_optimizer " + message[len("inner "):]) from None
+        raise

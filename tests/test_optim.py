@@ -1099,6 +1099,12 @@ def test_sam_optimizer_names_its_own_base_optimizer_argument_in_errors():
         sam_optimizer(model.parameters(), built)
     with pytest.raises(TypeError, match=r"^base_optimizer must be a torch.optim.Optimizer subclass or a callable returning one, got 3$"):
         sam_optimizer(model.parameters(), 3, lr=0.1)
+    with pytest.raises(TypeError, match=r"^base_optimizer must be an optimizer whose step\(\) works without a closure, got LBFGS"):
+        sam_optimizer(model.parameters(), torch.optim.LBFGS)
+    with pytest.raises(TypeError, match=r"^base_optimizer must build a torch.optim.Optimizer, but <function .*> returned 3$"):
+        sam_optimizer(model.parameters(), lambda params, **kwargs: 3)
+    with pytest.raises(ValueError, match=r"Invalid learning rate: -1"):  # the inner optimizer's own, as it is
+        sam_optimizer(model.parameters(), torch.optim.SGD, lr=-1.0)
     assert sam_optimizer(model.parameters(), torch.optim.SGD, lr=0.1, non_finite="raise").non_finite == "raise"
 
 

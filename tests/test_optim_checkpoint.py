@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import io
+import pickle
 
 import pytest
 import torch
@@ -21,7 +22,7 @@ from torch import nn
 from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
 
 from samgria import ASAM, LAMP, SAM, FriendlySAM, LookSAM, NormalizeGrad, Transform, TransformingOptimizer
-from state_helpers import assert_same_value, assert_states_equal, groups_without_params, params_in_order, state_by_index
+from state_helpers import assert_same_value, assert_state_dicts_equal, assert_states_equal, groups_without_params, params_in_order, state_by_index
 
 pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled:UserWarning")
 
@@ -330,6 +331,71 @@ def test_a_plain_inner_optimizers_checkpoint_loads_into_a_wrapper():
     other = TransformingOptimizer(make_model().parameters(), torch.optim.SGD, transforms=[SAM(0.07)], lr=0.3)
     other.load_state_dict(copy.deepcopy(saved))
     assert other.param_groups[0]["rho"] == 0.07
+
+
+def _release_0_1_checkpoint(optimizer, transform_state, transforms):
+    """A checkpoint in the layout samgria 0.1.0 saved (commit f31c715, TransformingOptimizer.state_dict):
+    the inner optimizer's "state" and "param_groups", then "transform_state" (per parameter
+    index, e.g. LAMP's {"lamp_sum", "lamp_count", "lamp_step"}) and "transforms" (per transform,
+    e.g. LAMP's {"generators": {device: state}})."""
+    inner = optimizer.base_optimizer.state_dict()
+    groups = [{key: value for key, value in group.items() if key != "transform_chain"} for group in inner["param_groups"]]
+    return {"state": inner["state"], "param_groups": groups, "transform_state": transform_state, "transforms": transforms}
+
+
+def test_a_release_0_1_checkpoint_with_transform_state_is_refused_and_one_without_loads():
+    """torch's load ignores unknown top-level keys, so 0.1.0's LAMP sums, cycle and generators
+    were dropped without a word (a resumed run ended 0.02 away from 0.1.0's own continuation)."""
+    source_model = make_model()
+    source = TransformingOptimizer(source_model.parameters(), torch.optim.SGD, lr=0.05, momentum=0.9, transforms=[SAM(0.05)])
+    source.step(make_closure(source_model, source))  # the inner optimizer has state to carry
+    generators = [{}, {"generators": {"cpu": torch.Generator().get_state()}}]
+    lamp_state = {
+        0: {"lamp_sum": torch.ones(6, 4, dtype=torch.float64), "lamp_count": 1, "lamp_step": 1},
+        1: {"lamp_sum": torch.ones(6, dtype=torch.float64), "lamp_count": 1},
+    }
+    model = make_model(seed=1)
+    target = TransformingOptimizer(model.parameters(), torch.optim.SGD, lr=0.3, transforms=[SAM(0.05), LAMP(1e-2, rollback_len=3, seed=0)])
+    target.step(make_closure(model, target))
+    before = copy.deepcopy(target.state_dict())
+    message = r"^the checkpoint has the layout of samgria 0\.1\.0 .* \(nothing was loaded\)$"
+    for transform_state, transforms in ((lamp_state, generators), ({}, generators), (lamp_state, [{}, {}])):
+        with pytest.raises(ValueError, match=message):
+            target.load_state_dict(_release_0_1_checkpoint(source, transform_state, transforms))
+        assert_state_dicts_equal(target.state_dict(), before)
+    # The advice works: the inner optimizer's part loads, and the transforms start afresh.
+    old = _release_0_1_checkpoint(source, lamp_state, generators)
+    target.load_state_dict({"state": old["state"], "param_groups": old["param_groups"]})
+    assert target.param_groups[0]["lr"] == 0.05
+
+    # SAM, ASAM and the gradient transforms held nothing in 0.1.0: such a checkpoint loads as a
+    # plain optimizer's (its momentum buffers included).
+    other_model = make_model(seed=2)
+    other = TransformingOptimizer(other_model.parameters(), torch.optim.SGD, lr=0.3, transforms=[SAM(0.05)])
+    other.load_state_dict(_release_0_1_checkpoint(source, {}, [{}]))
+    assert other.param_groups[0]["lr"] == 0.05 and other.param_groups[0]["momentum"] == 0.9
+    for param, source_param in zip(other_model.parameters(), source_model.parameters()):
+        assert torch.equal(other.state[param]["momentum_buffer"], source.state[source_param]["momentum_buffer"])
+
+
+def test_an_optimizer_pickled_by_release_0_1_is_refused_when_unpickled_naming_the_remedy():
+    """0.1.0 pickled a list of transforms and no chain: the object unpickled, then its first step
+    raised AttributeError: 'TransformingOptimizer' object has no attribute 'chain'."""
+    from samgria import MAML
+
+    optimizer = TransformingOptimizer(make_model().parameters(), torch.optim.SGD, lr=0.1, transforms=[SAM(0.05)])
+    pickled = optimizer.__getstate__()
+    old = {key: value for key, value in pickled.items() if key not in ("chain", "atomic", "param_groups")}
+    old["transforms"] = [SAM(0.05)]
+    fresh = TransformingOptimizer.__new__(TransformingOptimizer)
+    with pytest.raises(RuntimeError, match=r"^this TransformingOptimizer was pickled by an earlier samgria release, whose layout differs \(it has no chain, atomic\): build the optimizer anew"):
+        fresh.__setstate__(old)  # what pickle.load calls
+    meta = MAML(make_model(), torch.optim.SGD, lr=0.1)
+    old_meta = {key: value for key, value in meta.__getstate__().items() if key != "checkpoint_inner_steps"}
+    with pytest.raises(RuntimeError, match=r"^this MAML was pickled by an earlier samgria release, whose layout differs \(it has no checkpoint_inner_steps\)"):
+        MAML.__new__(MAML).__setstate__(old_meta)
+    twin = pickle.loads(pickle.dumps(optimizer))  # this release's pickles still load
+    assert twin.chain.slots == optimizer.chain.slots
 
 
 def test_a_plain_checkpoint_leaves_each_groups_transform_hyperparameters_as_they_are():

@@ -167,6 +167,7 @@ class MetaOptimizer(WrappingOptimizer):
     outer_update: ClassVar[str] = "meta_gradient"
     needs_query: ClassVar[bool] = True
     _dropped_on_pickle = ("process_group",)
+    _needed_from_pickle = ("checkpoint_inner_steps",)  # absent from 0.1.0's pickles
 
     def __init__(
         self,
