@@ -283,6 +283,41 @@ def test_project_params_matches_a_per_subtensor_loop(foreach, center, ctor, firs
                 assert torch.equal(optimizer.state[param]["project_params.center"], start[index])
 
 
+@pytest.mark.parametrize("project_first", [True, False])
+def test_project_params_centres_a_parameter_whose_first_gradient_comes_from_sams_second_pass(project_first):
+    """A parameter the first pass does not use (stochastic routing) gets its first gradient in
+    SAM's re-evaluation, after ProjectParams' pre_update recorded the centres: the step raised
+    KeyError. Placed before SAM, ProjectParams centres it where that first step left it; placed
+    after SAM, before the step, as every other parameter."""
+    used = nn.Parameter(torch.tensor([1.0, -1.0], dtype=torch.float64))
+    routed = nn.Parameter(torch.tensor([0.5, 0.25, -0.5], dtype=torch.float64))
+    calls = [0]
+    projection, sam = ProjectParams(0.01, center="initial", param_ndim=None), SAM(0.05)
+    optimizer = TransformingOptimizer(
+        [used, routed], torch.optim.SGD, lr=0.1, transforms=[projection, sam] if project_first else [sam, projection]
+    )
+
+    def closure():
+        optimizer.zero_grad()
+        calls[0] += 1
+        loss = (used**2).sum() + (((routed - 3.0) ** 2).sum() if calls[0] % 2 == 0 else 0.0)
+        loss.backward()
+        return loss
+
+    start = routed.detach().clone()
+    optimizer.step(closure)
+    after_first = routed.detach().clone()
+    assert not torch.equal(after_first, start)  # the inner step moved it
+    center = optimizer.state[routed]["project_params.center"]
+    if project_first:
+        assert torch.equal(center, after_first)  # nothing to project this step
+    else:
+        assert torch.equal(center, start)
+        torch.testing.assert_close((after_first - start).norm(), torch.tensor(0.01, dtype=torch.float64))
+    optimizer.step(closure)
+    torch.testing.assert_close((routed.detach() - center).norm(), torch.tensor(0.01, dtype=torch.float64))
+
+
 def test_project_params_around_initial_weights_needs_apply_before_post_step_in_the_seed_protocol():
     """Through the seed protocol alone, post_step() without apply() raised a bare KeyError
     ('project_params.center'): the centre is recorded by apply()."""

@@ -96,7 +96,10 @@ class ProjectParams(Transform):
         center: ``"zero"`` (default) or ``"initial"``: the weights as they are before the first
             step that updates them, stored per parameter in the transform's slot
             (``state[w]["project_params.center"]``, so checkpoints carry it) — a trust region
-            around pretrained weights when fine-tuning.
+            around pretrained weights when fine-tuning. A parameter whose first gradient comes
+            from the re-evaluation of a transform placed after this one (SAM's second pass, when
+            the first pass did not use it) is centred where that first step left it; place
+            ``ProjectParams`` after SAM to centre it before.
         param_ndim: Dimension of the sub-tensors projected independently (per-group key
             ``"param_ndim"``), default ``-1``.
 
@@ -158,12 +161,17 @@ class ProjectParams(Transform):
     def post_update(self, ctx: TransformContext) -> None:
         retakes: list[_Retake] = []
         entries = ndim_entries(ctx)
-        if self.center == "initial" and any("center" not in ctx.state[param] for _, param, _ in entries):
-            # Only the seed protocol gets here: the optimizer records the centres before any step.
-            raise RuntimeError(
-                f"{self!r} projects around the weights recorded by apply(), which was not called "
-                "for every parameter with a gradient: call apply() before post_step() (nothing was changed)"
-            )
+        if self.center == "initial":
+            unrecorded = [param for _, param, _ in entries if "center" not in ctx.state[param]]
+            if unrecorded and ctx.standalone:
+                raise RuntimeError(
+                    f"{self!r} projects around the weights recorded by apply(), which was not called "
+                    "for every parameter with a gradient: call apply() before post_step() (nothing was changed)"
+                )
+            for param in unrecorded:
+                # Its first gradient came from a later transform's re-evaluation (SAM's second
+                # pass), after pre_update: centred where this step left it (documented).
+                ctx.state[param]["center"] = param.detach().clone(memory_format=torch.contiguous_format)
         for group, param, param_ndim in entries:
             if param.numel() == 0:
                 continue
