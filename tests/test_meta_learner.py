@@ -133,7 +133,7 @@ def test_learner_refuses_frozen_adapt_names_and_an_empty_adapt_set():
     message = r"^adapt_names contains parameters that do not require grad, which cannot be adapted: \['1\.weight'\]$"
     with pytest.raises(ValueError, match=message):
         Learner(model, adapt_names=["0.weight", "1.weight"])
-    with pytest.raises(ValueError, match=r"^Learner adapts no parameter: adapt_names=\[\]"):
+    with pytest.raises(ValueError, match=r"^Learner adapts no parameter: adapt_names=\[\]; a learner adapts at least one \(to run the model without adaptation, call the model itself\)$"):
         Learner(model, adapt_names=[])
     model[0].requires_grad_(False)
     with pytest.raises(ValueError, match=r"none of the 4 does"):

@@ -139,6 +139,33 @@ def test_only_adapted_groups_get_rates():
     assert learner.params["0.weight"] is model[0].weight
 
 
+def test_a_parameter_adapted_only_after_construction_is_refused_not_adapted_at_a_fixed_rate():
+    """Unfrozen (or its group switched to adapt=True) after the rates were made, a parameter was
+    adapted with the group's plain inner_lr and never got a learned rate: plain MAML for it,
+    without a word."""
+    torch.manual_seed(0)
+    x, y = torch.randn(5, 3, dtype=DT), torch.randn(5, 1, dtype=DT)
+    message = r"^MetaSGD has no learned rate for \['0\.weight'\]: rates are made for the parameters adapted when it is built"
+    model = nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 1)).to(DT)
+    model[0].weight.requires_grad_(False)
+    meta = MetaSGD(model, torch.optim.SGD, lr=0.1, inner_lr=0.1)
+    assert set(meta.inner_lrs) == {"0.bias", "1.weight", "1.bias"}
+    model[0].weight.requires_grad_(True)
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(ValueError, match=message):
+        meta.adapt(lambda f: mse(f(x), y))
+    assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
+
+    flipped = nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 1)).to(DT)
+    outer = torch.optim.SGD([{"params": flipped[0].parameters(), "adapt": False}, {"params": flipped[1].parameters()}], lr=0.1)
+    meta = MetaSGD(flipped, outer)
+    meta.param_groups[0]["adapt"] = True
+    with pytest.raises(ValueError, match=r"^MetaSGD has no learned rate for \['0\.weight', '0\.bias'\]"):
+        meta.inner_loop()
+    meta.param_groups[0]["adapt"] = False  # as built: adapts as before
+    assert meta.inner_loop().adapt_names == ("1.weight", "1.bias")
+
+
 def test_add_param_group_gives_new_parameters_learnable_rates():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(1, 8), nn.Tanh(), nn.Linear(8, 1)).to(DT)

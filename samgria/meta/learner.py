@@ -71,8 +71,10 @@ class Learner:
             :meth:`adapt_closure` steps (e.g. :class:`~samgria.meta.inner_optim.InnerSAM`).
         track_graph: ``False`` detaches the fast weights after every step (no graph to the
             meta-parameters at all; used by Reptile and evaluation).
-        checkpoint: Recompute each second-order inner step in the backward pass instead of
-            keeping its activations (memory that does not grow with the number of steps).
+        checkpoint: Recompute each second-order inner step of :meth:`adapt_on` /
+            :meth:`adapt_closure` in the backward pass instead of keeping its activations (one set
+            of weights kept per step instead). :meth:`adapt` takes a loss computed outside, whose
+            activations are kept whatever this says.
 
     Attributes:
         loop: The :class:`~samgria.meta.engine.InnerLoop` this learner runs (its rule,
@@ -111,8 +113,8 @@ class Learner:
         names = resolve_adapt_names(start, adapt_names, "parameters of model" if params is None else "in params")
         if not names:
             raise ValueError(
-                f"Learner adapts no parameter: adapt_names={adapt_names!r} (to evaluate without "
-                "adaptation use inner_steps=0)"
+                f"Learner adapts no parameter: adapt_names={adapt_names!r}; a learner adapts at least "
+                "one (to run the model without adaptation, call the model itself)"
             )
         self.loop = InnerLoop(
             adapt_names=tuple(names),

@@ -60,7 +60,9 @@ class MetaSGD(MAML):
     with :meth:`add_param_group` is appended after it, as torch appends (LR schedulers and
     checkpoints pair groups by position). ``outer_kwargs`` (e.g. the learning rate) apply to it as
     to the others and ``lrs_group`` can override its settings. :meth:`state_dict` also stores the
-    rates.
+    rates. Rates are made for the parameters adapted when the optimizer is built or their group
+    is added: one adapted only later (unfrozen, or its group switched to ``adapt=True``) is
+    refused when the inner loop is described, not adapted at a fixed rate.
 
     Args:
         model: The module to meta-train.
@@ -76,7 +78,8 @@ class MetaSGD(MAML):
     Raises:
         TypeError: ``lrs_group`` is not a dict.
         ValueError: ``lrs_group['inner_lr']`` is negative, ``outer`` is (or builds) an LBFGS,
-            which supports one param group only (and as :class:`~samgria.meta.base.MetaOptimizer`).
+            which supports one param group only (and as :class:`~samgria.meta.base.MetaOptimizer`);
+            when used, a parameter is adapted that has no learned rate.
     """
 
     def __init__(
@@ -130,8 +133,18 @@ class MetaSGD(MAML):
         return set(self.inner_lrs.values())
 
     def _adapt_config(self) -> tuple[list[str], dict[str, float | torch.Tensor]]:
-        names, lrs = super()._adapt_config()
-        return names, {n: self.inner_lrs.get(n, lrs[n]) for n in names}
+        names, _ = super()._adapt_config()
+        without = [n for n in names if n not in self.inner_lrs]
+        if without:
+            # Adapting them with the group's fixed inner_lr would run plain MAML for them, and a
+            # rate made now would sit in the rates group in another order than in a run built
+            # with them adapted (the outer optimizer's state of the rates is by position).
+            raise ValueError(
+                f"MetaSGD has no learned rate for {without}: rates are made for the parameters adapted "
+                "when it is built or their group is added (add_param_group), and these were not (they "
+                "did not require grad, or their group had adapt=False); build the MetaSGD once they are adapted"
+            )
+        return names, {n: self.inner_lrs[n] for n in names}
 
     def state_dict(self) -> dict[str, Any]:  # type: ignore[override]
         """torch's state dict of this optimizer plus ``"inner_lrs"`` (cloned rate tensors)."""
