@@ -439,7 +439,9 @@ class TransformingOptimizer(WrappingOptimizer):
                 "to wrap an existing optimizer use TransformingOptimizer(optimizer, transforms=...)"
             )
         if (isinstance(inner, type) and not issubclass(inner, Optimizer)) or not callable(inner):
-            raise TypeError(f"inner must be a torch.optim.Optimizer subclass or a callable returning one, got {inner!r}")
+            raise TypeError(
+                f"inner must be a torch.optim.Optimizer subclass or a callable returning one, got {inner!r}"
+            )
         built = inner(params, **inner_kwargs)
         if not isinstance(built, Optimizer):
             raise TypeError(f"inner must build a torch.optim.Optimizer, but {inner!r} returned {built!r}")
