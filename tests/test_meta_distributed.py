@@ -10,7 +10,8 @@ tasks to give the mean over all 5.
 Cases: the closure API (second-order MAML with ``meta.adapt``, MetaSGD with ``task_losses``,
 Reptile, MAML through ``meta.clone()`` learners counted with ``add_task_weight``),
 ``MetaTrainer.fit`` with evaluation (the same three algorithms), the ``meta_step`` builder with
-per-task weights (MAML, Reptile), SAM on the outer loop, Reptile with an idle rank, a non-finite
+per-task weights (MAML, Reptile), also on a rank that holds no task or only tasks of weight 0,
+SAM on the outer loop, Reptile with an idle rank, a non-finite
 task on one rank, errors that every rank raises together, the samplers' shares, evaluation with
 fewer tasks than ranks, a checkpoint saved after 3 of 6 iterations and resumed by fresh
 trainers on both ranks, and the same with dropout, whose ranks draw different amounts from torch's
@@ -181,6 +182,33 @@ def meta_step_case(algorithm: str, rank: int, world_size: int) -> dict[str, Any]
     return {"weights": meta_weights(meta), "losses": losses}
 
 
+def meta_step_idle_rank_case(algorithm: str, rank: int, world_size: int) -> dict[str, Any]:
+    """The ``meta_step`` builder when rank 1 holds no task (first meta-step) or only a task of
+    weight 0 (second): it takes part with weight 0, as the guide says a rank may; it raised
+    ValueError locally while rank 0 waited in the all-reduce. Then a meta-step without a weighted
+    task anywhere raises on every rank."""
+    meta = build(algorithm, make_model(), world_size > 1)
+    sampler = make_sampler(6)
+    losses = []
+    for with_zero_weight_task in (False, True):
+        tasks = sampler.sample(3)
+        weighted = [(tasks[0], 1.0), (tasks[1], 2.5)]
+        idle = [(tasks[2], 0.0)] if with_zero_weight_task else []
+        mine = weighted + idle if world_size == 1 else (weighted if rank == 0 else idle)
+        with meta_step(meta, loss_fn=F.mse_loss) as ms:
+            for task, weight in mine:
+                ms.task((task.support_x, task.support_y), (task.query_x, task.query_y), weight=weight)
+        losses.append(float(ms.loss))
+    refusal = "no error"
+    try:
+        with meta_step(meta, loss_fn=F.mse_loss) as ms:
+            task = sampler.sample(1)[0]
+            ms.task((task.support_x, task.support_y), (task.query_x, task.query_y), weight=0.0)
+    except ValueError as error:
+        refusal = str(error)
+    return {"weights": meta_weights(meta), "losses": losses, "refusal": refusal}
+
+
 def outer_sam_case(rank: int, world_size: int) -> dict[str, Any]:
     """SAM on the outer loop: both closure evaluations are reduced, so SAM sees the global gradient."""
     from samgria import SAM, TransformingOptimizer
@@ -346,6 +374,7 @@ def run_cases(rank: int, world_size: int, directory: Path) -> dict[str, Any]:
         results["errors"] = errors_case()
     for algorithm in ("maml", "reptile"):
         results[f"meta_step/{algorithm}"] = meta_step_case(algorithm, rank, world_size)
+        results[f"meta_step_idle/{algorithm}"] = meta_step_idle_rank_case(algorithm, rank, world_size)
     results["outer_sam"] = outer_sam_case(rank, world_size)
     results["idle_rank"] = idle_rank_case(rank, world_size)
     results["non_finite"] = non_finite_case(rank, world_size)
@@ -398,7 +427,7 @@ def assert_close(actual: Any, expected: Any) -> None:
 
 
 def test_replicas_are_identical(ranks: list[dict[str, Any]]) -> None:
-    cases = ["meta_step/maml", "meta_step/reptile", "outer_sam", "idle_rank", "learner"]
+    cases = ["meta_step/maml", "meta_step/reptile", "meta_step_idle/maml", "meta_step_idle/reptile", "outer_sam", "idle_rank", "learner"]
     for name in [f"{kind}/{a}" for kind in ("closure", "trainer") for a in ALGORITHMS] + cases:
         for a, b in zip(ranks[0][name]["weights"], ranks[1][name]["weights"]):
             assert torch.equal(a, b), name
@@ -448,6 +477,19 @@ def test_meta_step_builder_weights_every_rank_by_its_task_weights(ranks, one_pro
     for rank in ranks:
         assert_close(rank[name]["weights"], one_process[name]["weights"])
         assert_close(rank[name]["losses"], one_process[name]["losses"])
+
+
+@pytest.mark.parametrize("algorithm", ["maml", "reptile"])
+def test_meta_step_builder_on_a_rank_without_weighted_tasks_takes_part_with_weight_0(ranks, one_process, algorithm) -> None:
+    name = f"meta_step_idle/{algorithm}"
+    expected = one_process[name]
+    for rank in ranks:
+        assert_close(rank[name]["weights"], expected["weights"])
+        assert_close(rank[name]["losses"], expected["losses"])  # the idle rank reports the mean too
+    assert expected["refusal"] == "task weights must not all be 0, got [0.0]"
+    meta_class = "MAML" if algorithm == "maml" else "Reptile"
+    for rank in ranks:
+        assert rank[name]["refusal"].startswith(f"{meta_class}.step found no adapted tasks on any of the 2 ranks")
 
 
 def test_sam_on_the_outer_loop_perturbs_with_the_global_meta_gradient(ranks, one_process) -> None:

@@ -413,7 +413,12 @@ class MetaOptimizer(WrappingOptimizer):
                 "MetaTrainer, which count each task, or count tasks adapted another way with "
                 "meta.add_task_weight(weight)"
             )
-        if scalar is None or mean_loss is None:
+        if mean_loss is None:
+            return loss
+        if loss is None:  # a rank without tasks gets the mean loss of the others, as they do
+            first = self._unique_params()[0]
+            return torch.tensor(mean_loss, dtype=first.dtype if first.is_floating_point() else None, device=first.device)
+        if scalar is None:
             return loss
         return torch.tensor(mean_loss, dtype=scalar.dtype, device=scalar.device).reshape(scalar.shape)
 

@@ -258,20 +258,26 @@ class MetaStep:
             The weighted meta-loss (detached), also stored in :attr:`loss`.
 
         Raises:
-            ValueError: No task was added, or all task weights are 0. Nothing is applied then
-                and the gradients are reset.
+            ValueError: No task was added, or all task weights are 0 -- with a distributed
+                meta-optimizer, on every rank (a rank may hold no task, or only tasks of weight
+                0, and takes part in the update with weight 0). Nothing is applied then and the
+                gradients are reset.
         """
         try:
-            if not self._specs:
-                raise ValueError("no task was added to the meta-step: call ms.task(...) at least once")
             total = sum(self.weights)
-            if total <= 0:
-                raise ValueError(f"task weights must not all be 0, got {self.weights}")
+            if self.meta.world_size == 1:
+                if not self._specs:
+                    raise ValueError("no task was added to the meta-step: call ms.task(...) at least once")
+                if total <= 0:
+                    raise ValueError(f"task weights must not all be 0, got {self.weights}")
             calls = 0
 
-            def closure() -> torch.Tensor:
+            def closure() -> torch.Tensor | None:
                 nonlocal calls
                 calls += 1
+                if total <= 0:  # a rank without weighted tasks: it contributes nothing
+                    self.meta.zero_grad(set_to_none=True)
+                    return None
                 if self._pseudo_gradient:
                     return self._reptile_closure(first=calls == 1)
                 return self._maml_closure(first=calls == 1, total=total)
