@@ -364,6 +364,24 @@ def test_recompiles_only_when_configuration_or_shapes_change():
     assert (backend.compilations, compiled.num_programs) == (3, 2)
 
 
+def test_a_scheduled_inner_lr_keeps_one_program_and_no_growing_cache_of_rates():
+    """Each distinct inner_lr value stayed cached as a tensor for good: a schedule that sets a new
+    rate at every step grew the cache by one tensor per step."""
+    backend = CountingBackend()
+    meta = make_meta("maml", make_model())
+    compiled = CompiledMetaLoss(meta, F.mse_loss, backend=backend)
+    tasks = sample_tasks(4, seed=85)
+    for step in range(12):
+        meta.param_groups[0]["inner_lr"] = INNER_LR * 0.9**step
+        loss, grads = compiled(tasks)
+    assert backend.compilations == 1
+    assert len(compiled._lr_tensors) == 1  # the rate of the last call only
+    ref_loss, ref_grads = vmap_reference(meta, tasks)  # the last rate was used
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-12, atol=1e-14)
+    for p, g in ref_grads.items():
+        torch.testing.assert_close(grads[p], g, rtol=1e-12, atol=1e-14)
+
+
 def test_fixed_steps_and_frozen_parameters():
     backend = CountingBackend()
     model = make_model()

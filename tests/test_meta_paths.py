@@ -50,6 +50,28 @@ def test_timed_records_the_duration_of_each_use():
     assert len(policy.timings["k"]["loop"]) == 1 and policy.timings["k"]["loop"][0] >= 0
 
 
+@pytest.mark.parametrize("vectorize", [None, True, False])
+def test_timings_stop_growing_once_the_choice_is_measured(vectorize):
+    """Every iteration appended a float to the timings, also on a fixed path: they grew without
+    bound, in memory and in every checkpoint (300 entries after 300 iterations)."""
+    meta = MAML(mlp(), torch.optim.SGD, lr=0.05, inner_lr=0.1)
+    trainer = MetaTrainer(meta, F.mse_loss, ListSampler(make_tasks(40)), vectorize=vectorize)
+    for i in range(8):
+        trainer.train_step(make_tasks(2, seed=i))
+        trainer.evaluate(make_tasks(2, seed=100 + i))
+    policy = meta.path_policy
+    assert policy.timings  # measured
+    for per_path in policy.timings.values():
+        assert all(len(times) <= policy.trials for times in per_path.values()), policy.timings
+    saved = trainer.state_dict()["paths"]
+    trainer.train_step(make_tasks(2, seed=99))
+    assert trainer.state_dict()["paths"] == saved
+    policy = PathPolicy("M", trials=3)
+    for _ in range(5):
+        policy.timed("k", "loop", lambda: None)
+    assert len(policy.timings["k"]["loop"]) == 3
+
+
 def test_run_falls_back_and_blames_the_path_only_when_the_fallback_works():
     policy = PathPolicy("M")
 

@@ -216,11 +216,17 @@ class CompiledMetaLoss:
         self._programs[key] = program
         return program
 
-    def _lr_tensor(self, value: float, like: torch.Tensor) -> torch.Tensor:
+    def _lr_tensor(self, value: float, like: torch.Tensor, previous: dict[tuple[Any, ...], torch.Tensor]) -> torch.Tensor:
+        """The rate ``value`` as a 0-dim tensor like ``like``: the one of this call or of the
+        previous call when there is one (only those are kept: a scheduled ``inner_lr`` takes a
+        new value at every step)."""
         key = (value, like.dtype, like.device)
         tensor = self._lr_tensors.get(key)
         if tensor is None:
-            tensor = self._lr_tensors[key] = torch.tensor(value, dtype=like.dtype, device=like.device)
+            tensor = previous.get(key)
+            if tensor is None:
+                tensor = torch.tensor(value, dtype=like.dtype, device=like.device)
+            self._lr_tensors[key] = tensor
         return tensor
 
     def __call__(self, tasks: Sequence[Task]) -> tuple[torch.Tensor, dict[torch.Tensor, torch.Tensor]]:
@@ -251,6 +257,7 @@ class CompiledMetaLoss:
 
         trainable: dict[str, dict[str, torch.Tensor]] = {"params": {}, "lrs": {}}
         constant: dict[str, dict[str, torch.Tensor]] = {"params": {}, "lrs": {}}
+        previous_lrs, self._lr_tensors = self._lr_tensors, {}
         owners: dict[tuple[str, str], torch.Tensor] = {}
         for name, p in model_params.items():
             side = trainable if p.requires_grad else constant
@@ -265,7 +272,7 @@ class CompiledMetaLoss:
                 if lr.requires_grad:
                     owners["lrs", name] = lr
             else:
-                constant["lrs"][name] = self._lr_tensor(float(lr), model_params[name])
+                constant["lrs"][name] = self._lr_tensor(float(lr), model_params[name], previous_lrs)
 
         key = (
             tuple(adapt_names),

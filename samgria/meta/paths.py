@@ -46,7 +46,8 @@ class PathPolicy:
 
     Attributes:
         failed: ``{path: reason}`` of the paths given up after an error.
-        timings: ``{key: {path: [seconds, ...]}}`` of the measured uses.
+        timings: ``{key: {path: [seconds, ...]}}`` of the measured uses (the first ``trials`` of
+            each path).
     """
 
     def __init__(self, owner: str, trials: int = 2) -> None:
@@ -81,10 +82,15 @@ class PathPolicy:
         return None
 
     def timed(self, key: Hashable, path: str, run: Callable[[], T]) -> T:
-        """Run ``run()`` and record its duration for ``key`` and ``path``."""
+        """Run ``run()`` and record its duration for ``key`` and ``path`` -- only the first
+        ``trials`` uses, all the choice reads, so that the timings (and the checkpoints holding
+        them) do not grow with the length of the run."""
+        times = self.timings.setdefault(key, {}).setdefault(path, [])
+        if len(times) >= self.trials:
+            return run()
         start = time.perf_counter()
         result = run()
-        self.timings.setdefault(key, {}).setdefault(path, []).append(time.perf_counter() - start)
+        times.append(time.perf_counter() - start)
         return result
 
     def run(
