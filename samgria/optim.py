@@ -16,6 +16,7 @@ from torch.optim import Optimizer
 
 from samgria._checks import check_bool, check_choice
 from samgria._frameworks import accumulating_framework, called_from, stacklevel_outside, stepping_grad_scaler
+from samgria._legacy import from_release_0_1
 from samgria._snapshot import GroupValues, StateStructure, StepSnapshot, is_entry
 from samgria._wrapper import WrappingOptimizer, refuse_driven
 from samgria.functional import all_finite, global_norm
@@ -1211,7 +1212,7 @@ class TransformingOptimizer(WrappingOptimizer):
         """Let each transform convert its per-parameter entries for the parameter's dtype while
         they still have the checkpoint's (``Transform.convert_loaded``), and shield the slots'
         non-floating tensors from torch's cast, which comes next (:class:`_AsSaved`)."""
-        _refuse_release_0_1_transform_state(state_dict)
+        state_dict = from_release_0_1(state_dict, self.chain, self.param_groups)
         state_dict = super()._before_cast(state_dict)
         saved = state_dict.get("state") if isinstance(state_dict, dict) else None
         if not isinstance(saved, dict):
@@ -1269,18 +1270,7 @@ class TransformingOptimizer(WrappingOptimizer):
                             f"{where} records no transform chain, but its state has the transform "
                             f"keys {reserved}"
                         )
-                self.chain.normalize_group(group, where)
-                if index < len(self.param_groups):  # torch pairs groups by position (and refuses
-                    # another count): each keeps the transforms' hyperparameters it has, edits
-                    # since the last step included, which a checkpoint without them says nothing
-                    # about (a group's rho=0 stays 0); checked as the optimizer's own
-                    own = f"param_groups[{index}]"
-                    current = dict(self.param_groups[index])
-                    self.chain.take_qualified_edits(current, own)
-                    self.chain.validate_group({**self.chain.defaults, **current}, own)
-                    for key in self.chain.defaults:
-                        if key not in group and key in current:
-                            group[key] = current[key]
+                self.chain.take_unrecorded_group(group, index, self.param_groups)
                 self.chain.fill_group(group)
             self.chain.validate_group(group, where)
         for slot, transform in self.chain:
@@ -1350,30 +1340,6 @@ class _AsSaved:
         """``value`` with each shielded tensor back, moved to ``device`` (as saved for ``None``)."""
         return _AsSaved._map(
             value, lambda leaf: (leaf.tensor if device is None else leaf.tensor.to(device=device)) if isinstance(leaf, _AsSaved) else leaf
-        )
-
-
-def _refuse_release_0_1_transform_state(state_dict: Any) -> None:
-    """Refuse a checkpoint of release 0.1.0's layout that holds transform state.
-
-    0.1.0 saved the transforms' state beside torch's keys, under ``"transform_state"`` (per
-    parameter index) and ``"transforms"`` (per transform); slots replaced both. torch's load
-    ignores unknown keys, so such state (LAMP's sums, cycle and generators) would be dropped
-    without a word. A checkpoint whose transforms held nothing (SAM, ASAM, the gradient
-    transforms) loads as a plain optimizer's.
-    """
-    if not isinstance(state_dict, Mapping):
-        return
-    per_param = state_dict.get("transform_state")
-    per_transform = state_dict.get("transforms")
-    held = bool(per_param) or (isinstance(per_transform, (list, tuple)) and any(per_transform))
-    if ("transform_state" in state_dict or "transforms" in state_dict) and held:
-        raise ValueError(
-            "the checkpoint has the layout of samgria 0.1.0 (top-level 'transform_state' and "
-            "'transforms'), whose transform state this release cannot load into its slots: resume "
-            "it with 0.1.0, or start the transforms afresh by loading only the inner optimizer's "
-            "part, optimizer.load_state_dict({'state': checkpoint['state'], 'param_groups': "
-            "checkpoint['param_groups']}) (nothing was loaded)"
         )
 
 

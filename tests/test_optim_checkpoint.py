@@ -12,7 +12,9 @@ loaded into another one, as writing it to disk would.
 from __future__ import annotations
 
 import copy
+import gzip
 import io
+import pathlib
 import pickle
 
 import pytest
@@ -343,39 +345,261 @@ def _release_0_1_checkpoint(optimizer, transform_state, transforms):
     return {"state": inner["state"], "param_groups": groups, "transform_state": transform_state, "transforms": transforms}
 
 
-def test_a_release_0_1_checkpoint_with_transform_state_is_refused_and_one_without_loads():
-    """torch's load ignores unknown top-level keys, so 0.1.0's LAMP sums, cycle and generators
-    were dropped without a word (a resumed run ended 0.02 away from 0.1.0's own continuation)."""
+def test_a_release_0_1_checkpoint_whose_transforms_held_nothing_loads_as_a_plain_optimizers():
+    """SAM, ASAM and the gradient transforms held nothing in 0.1.0: such a checkpoint loads as a
+    plain optimizer's (its momentum buffers included)."""
     source_model = make_model()
     source = TransformingOptimizer(source_model.parameters(), torch.optim.SGD, lr=0.05, momentum=0.9, transforms=[SAM(0.05)])
     source.step(make_closure(source_model, source))  # the inner optimizer has state to carry
-    generators = [{}, {"generators": {"cpu": torch.Generator().get_state()}}]
-    lamp_state = {
-        0: {"lamp_sum": torch.ones(6, 4, dtype=torch.float64), "lamp_count": 1, "lamp_step": 1},
-        1: {"lamp_sum": torch.ones(6, dtype=torch.float64), "lamp_count": 1},
-    }
-    model = make_model(seed=1)
-    target = TransformingOptimizer(model.parameters(), torch.optim.SGD, lr=0.3, transforms=[SAM(0.05), LAMP(1e-2, rollback_len=3, seed=0)])
-    target.step(make_closure(model, target))
-    before = copy.deepcopy(target.state_dict())
-    message = r"^the checkpoint has the layout of samgria 0\.1\.0 .* \(nothing was loaded\)$"
-    for transform_state, transforms in ((lamp_state, generators), ({}, generators), (lamp_state, [{}, {}])):
-        with pytest.raises(ValueError, match=message):
-            target.load_state_dict(_release_0_1_checkpoint(source, transform_state, transforms))
-        assert_state_dicts_equal(target.state_dict(), before)
-    # The advice works: the inner optimizer's part loads, and the transforms start afresh.
-    old = _release_0_1_checkpoint(source, lamp_state, generators)
-    target.load_state_dict({"state": old["state"], "param_groups": old["param_groups"]})
-    assert target.param_groups[0]["lr"] == 0.05
-
-    # SAM, ASAM and the gradient transforms held nothing in 0.1.0: such a checkpoint loads as a
-    # plain optimizer's (its momentum buffers included).
     other_model = make_model(seed=2)
     other = TransformingOptimizer(other_model.parameters(), torch.optim.SGD, lr=0.3, transforms=[SAM(0.05)])
     other.load_state_dict(_release_0_1_checkpoint(source, {}, [{}]))
     assert other.param_groups[0]["lr"] == 0.05 and other.param_groups[0]["momentum"] == 0.9
     for param, source_param in zip(other_model.parameters(), source_model.parameters()):
         assert torch.equal(other.state[param]["momentum_buffer"], source.state[source_param]["momentum_buffer"])
+
+
+# Checkpoints saved by release 0.1.0 itself and 0.1.0's own continuation of each run
+# (tests/data/release_0_1/README.md says how they were made).
+RELEASE_0_1_GOLDEN = pathlib.Path(__file__).parent / "data" / "release_0_1" / "golden.pt.gz"
+RELEASE_0_1_CHAINS = {
+    "float64_lamp": lambda: [LAMP(1e-2, rollback_len=3, seed=0)],
+    "float64_sam_lamp": lambda: [SAM(0.05), LAMP(1e-2, rollback_len=3, seed=0)],
+    "float64_lamp_frozen_first": lambda: [LAMP(1e-2, rollback_len=3, seed=0)],
+    "float64_lamp_unseeded": lambda: [LAMP(1e-2, rollback_len=3)],
+    "bfloat16_lamp": lambda: [LAMP(1e-2, rollback_len=1, seed=0)],
+    "bfloat16_lamp_count2": lambda: [LAMP(1e-2, rollback_len=3, seed=0)],
+}
+
+
+def _release_0_1_golden():
+    return torch.load(io.BytesIO(gzip.decompress(RELEASE_0_1_GOLDEN.read_bytes())), weights_only=True)
+
+
+def _release_0_1_model(golden, name):
+    """The golden run's model with the checkpoint's weights (its first weight frozen where the
+    run had it frozen)."""
+    run = golden[name]
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 1)).to(run["model"]["0.weight"].dtype)
+    model.load_state_dict(run["model"])
+    if name.endswith("_frozen_first"):
+        model[0].weight.requires_grad_(False)
+    return model
+
+
+def _resumed_from_release_0_1(golden, name, transforms=None):
+    """A fresh optimizer (another lr, which the checkpoint's groups replace) loaded from the
+    golden 0.1.0 checkpoint; asserts that the load left the checkpoint as it was."""
+    model = _release_0_1_model(golden, name)
+    chain = RELEASE_0_1_CHAINS[name]() if transforms is None else transforms
+    optimizer = TransformingOptimizer(model.parameters(), torch.optim.SGD, lr=0.7, momentum=0.5, transforms=chain)
+    checkpoint = golden[name]["optimizer"]
+    as_saved = copy.deepcopy(checkpoint)
+    optimizer.load_state_dict(checkpoint)
+    _assert_same_nested(checkpoint, as_saved, "checkpoint")
+    assert optimizer.param_groups[0]["lr"] == 0.1 and optimizer.param_groups[0]["momentum"] == 0.9
+    return model, optimizer
+
+
+def _assert_same_nested(actual, expected, where):
+    """Dicts, lists and tensors equal all the way down, tensors bit for bit."""
+    if isinstance(expected, dict):
+        assert isinstance(actual, dict) and actual.keys() == expected.keys(), where
+        for key in expected:
+            _assert_same_nested(actual[key], expected[key], (where, key))
+    elif isinstance(expected, (list, tuple)):
+        assert type(actual) is type(expected) and len(actual) == len(expected), where
+        for index, (a, b) in enumerate(zip(actual, expected)):
+            _assert_same_nested(a, b, (where, index))
+    else:
+        assert_same_value(actual, expected, where)
+
+
+@pytest.mark.parametrize("name", ["float64_lamp", "float64_sam_lamp", "float64_lamp_frozen_first", "float64_lamp_unseeded", "bfloat16_lamp"])
+def test_a_release_0_1_checkpoint_with_lamp_state_resumes_bit_for_bit_as_release_0_1_continued(name):
+    """0.1.0's LAMP sums, counts, cycle position and generators land in LAMP's slot: the resumed
+    run ends on the weights 0.1.0's own continuation reached (torch.equal). Unseeded, 0.1.0 drew
+    from the default generator, which the golden run seeded at the checkpoint; bfloat16 over
+    2-step cycles, where 0.1.0's float32 sum and this release's running mean agree."""
+    golden = _release_0_1_golden()
+    model, optimizer = _resumed_from_release_0_1(golden, name)
+    if name.endswith("_unseeded"):
+        torch.manual_seed(golden["global_seed"])
+    dtype = next(model.parameters()).dtype
+    x, y = golden["x"].to(dtype), golden["y"].to(dtype)
+
+    def closure():
+        optimizer.zero_grad()
+        loss = nn.functional.mse_loss(model(x), y)
+        loss.backward()
+        return loss
+
+    for _ in range(golden[name]["continued_for"]):
+        optimizer.step(closure)
+    for key, value in model.state_dict().items():
+        assert_same_value(value, golden[name]["continued"][key], key)
+
+
+def test_a_release_0_1_checkpoint_puts_each_piece_of_lamp_state_in_its_slot():
+    """By hand: sum and count per parameter, the cycle position on the first parameter that
+    requires grad, the generator state on the first parameter of its device; a 16-bit
+    parameter's float32 sum becomes the mean sum / count in its dtype; the LAMP's own slot name."""
+    golden = _release_0_1_golden()
+    old = golden["float64_sam_lamp"]["optimizer"]
+    _, optimizer = _resumed_from_release_0_1(golden, "float64_sam_lamp")
+    state = optimizer.state_dict()["state"]
+    for index, entry in old["transform_state"].items():
+        assert_same_value(state[index]["lamp.sum"], entry["lamp_sum"], index)
+        assert state[index]["lamp.count"] == entry["lamp_count"] == 2
+        assert_same_value(state[index]["momentum_buffer"], old["state"][index]["momentum_buffer"], index)
+    assert state[0]["lamp.cycle_step"] == old["transform_state"][0]["lamp_step"] == 2
+    assert_same_value(state[0]["lamp.rng_state"], old["transforms"][1]["generators"]["cpu"], "rng_state")
+    assert not any("cycle_step" in key or "rng_state" in key for index in (1, 2, 3) for key in state[index])
+    assert [g["transform_chain"] for g in optimizer.param_groups] == [optimizer.chain.spec()]
+    assert optimizer.param_groups[0]["rho"] == 0.05 and optimizer.param_groups[0]["eps"] == 1e-2
+
+    old = golden["float64_lamp_frozen_first"]["optimizer"]  # 0.1.0 kept the cycle on the frozen weight
+    assert old["transform_state"][0] == {"lamp_step": 2}
+    _, optimizer = _resumed_from_release_0_1(golden, "float64_lamp_frozen_first")
+    state = optimizer.state_dict()["state"]
+    assert not state.get(0)
+    assert state[1]["lamp.cycle_step"] == 2 and "lamp.rng_state" in state[1]
+
+    old = golden["bfloat16_lamp_count2"]["optimizer"]
+    _, optimizer = _resumed_from_release_0_1(golden, "bfloat16_lamp_count2")
+    state = optimizer.state_dict()["state"]
+    for index, entry in old["transform_state"].items():
+        assert entry["lamp_sum"].dtype == torch.float32 and entry["lamp_count"] == 2
+        assert "lamp.sum" not in state[index]
+        assert_same_value(state[index]["lamp.mean"], (entry["lamp_sum"] / 2).to(torch.bfloat16), index)
+
+    _, optimizer = _resumed_from_release_0_1(golden, "float64_lamp", transforms={"avg": LAMP(1e-2, rollback_len=3, seed=0)})
+    state = optimizer.state_dict()["state"]
+    assert state[0]["avg.cycle_step"] == 2 and state[3]["avg.count"] == 2
+
+
+def _0_1_generators(checkpoint, generators):
+    checkpoint["transforms"][1]["generators"] = generators
+
+
+def _0_1_set(where, value):
+    def damage(checkpoint):
+        *path, last = where
+        target = checkpoint
+        for key in path:
+            target = target[key]
+        target[last] = value
+
+    return damage
+
+
+_RELEASE_0_1_REFUSALS = {
+    "two_lamps": (
+        lambda: [LAMP(1e-2, rollback_len=3, seed=0), LAMP(1e-2, rollback_len=3, seed=1)], None,
+        r"this optimizer's chain has 2 LAMPs \(slots 'lamp', 'lamp_1'\): which one takes 0\.1\.0's LAMP state is ambiguous",
+    ),
+    "no_lamp": (
+        lambda: [SAM(0.05), NormalizeGrad(1e-8)], None,
+        r"this optimizer's chain has no LAMP to take 0\.1\.0's LAMP state",
+    ),
+    "fewer_transforms": (
+        lambda: [LAMP(1e-2, rollback_len=3, seed=0)], None,
+        r"its 'transforms' holds 2 entries, but this optimizer's chain has 1 transforms \(lamp=LAMP\(rollback_len=3, seed=0\)\)",
+    ),
+    "more_transforms": (
+        lambda: [SAM(0.05), LAMP(1e-2, rollback_len=3, seed=0), NormalizeGrad(1e-8)], None,
+        r"its 'transforms' holds 2 entries, but this optimizer's chain has 3 transforms",
+    ),
+    "lamp_elsewhere": (
+        lambda: [LAMP(1e-2, rollback_len=3, seed=0), SAM(0.05)], None,
+        r"its 'transforms'\[1\] holds state \['generators'\], but transform 1 of this optimizer is sam=SAM\(\): only LAMP's state converts",
+    ),
+    "state_of_another_transform": (
+        None, _0_1_set(("transforms", 0), {"buffers": torch.zeros(2)}),
+        r"its 'transforms'\[0\] holds state \['buffers'\], but transform 0 of this optimizer is sam=SAM\(\): only LAMP's state converts",
+    ),
+    "parameter_state_of_another_transform": (
+        None, _0_1_set(("transform_state", 1, "ema_average"), torch.zeros(4)),
+        r"its 'transform_state'\[1\] holds \['ema_average'\], which is not LAMP's state \(lamp_sum, lamp_count, lamp_step\)",
+    ),
+    "cycle_on_another_parameter": (
+        None, _0_1_set(("transform_state", 2, "lamp_step"), 1),
+        r"its 'transform_state'\[2\] holds lamp_step, which 0\.1\.0 kept on the first parameter only",
+    ),
+    "unknown_parameter_index": (
+        None, _0_1_set(("transform_state", 7), {"lamp_count": 0}),
+        r"its 'transform_state' refers to parameter index 7, which its param_groups do not list",
+    ),
+    "seeded_generators_into_an_unseeded_lamp": (
+        lambda: [SAM(0.05), LAMP(1e-2, rollback_len=3)], None,
+        r"its LAMP drew its noise from seeded generators \(devices \['cpu'\]\), but this optimizer's LAMP \(slot 'lamp'\) has seed=None",
+    ),
+    "generator_of_a_device_without_parameters": (
+        None, lambda c: _0_1_generators(c, {"cpu": c["transforms"][1]["generators"]["cpu"], "meta": torch.zeros(16, dtype=torch.uint8)}),
+        r"its LAMP holds a generator state for device 'meta', but no parameter of this optimizer is on meta",
+    ),
+    "generator_key_naming_no_device": (
+        None, lambda c: _0_1_generators(c, {"gpu zero": torch.zeros(16, dtype=torch.uint8)}),
+        r"its LAMP's 'generators' has the key 'gpu zero', which names no device",
+    ),
+    "transforms_not_a_list": (
+        None, _0_1_set(("transforms",), ({}, 3)),
+        r"its 'transforms' is not a list of dicts \(a tuple of dict, int\)",
+    ),
+    "lamp_entry_with_other_keys": (
+        None, _0_1_set(("transforms", 1, "seed"), 0),
+        r"its 'transforms'\[1\] \(LAMP's\) holds \['seed'\], not only 'generators'",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(_RELEASE_0_1_REFUSALS))
+def test_a_release_0_1_checkpoint_that_does_not_map_unambiguously_is_refused_naming_why(case):
+    """Only one LAMP, at its position in a chain of the checkpoint's length, converts; anything
+    else is refused naming the mismatch, and neither the optimizer nor the checkpoint changes."""
+    transforms, damage, detail = _RELEASE_0_1_REFUSALS[case]
+    golden = _release_0_1_golden()
+    checkpoint = golden["float64_sam_lamp"]["optimizer"]
+    if damage is not None:
+        damage(checkpoint)
+    model = _release_0_1_model(golden, "float64_sam_lamp")
+    chain = transforms() if transforms is not None else RELEASE_0_1_CHAINS["float64_sam_lamp"]()
+    target = TransformingOptimizer(model.parameters(), torch.optim.SGD, lr=0.3, transforms=chain)
+    x, y = golden["x"], golden["y"]
+
+    def closure():
+        target.zero_grad()
+        loss = nn.functional.mse_loss(model(x), y)
+        loss.backward()
+        return loss
+
+    target.step(closure)
+    before, as_saved = copy.deepcopy(target.state_dict()), copy.deepcopy(checkpoint)
+    weights = copy.deepcopy(model.state_dict())
+    message = rf"^the checkpoint has the layout of samgria 0\.1\.0 \(top-level 'transform_state' and 'transforms'\), whose transform state this release converts only unambiguously: {detail}.*\. Resume it with 0\.1\.0, or start the transforms afresh by loading only the inner optimizer's part, .* \(nothing was loaded\)$"
+    with pytest.raises(ValueError, match=message):
+        target.load_state_dict(checkpoint)
+    assert_state_dicts_equal(target.state_dict(), before)
+    _assert_same_nested(checkpoint, as_saved, "checkpoint")
+    for key, value in model.state_dict().items():
+        assert_same_value(value, weights[key], key)
+
+
+def test_a_release_0_1_checkpoint_made_with_other_lamp_settings_is_refused_where_its_state_says_so():
+    """0.1.0 recorded none of LAMP's settings: they are the constructor's. A cycle position past
+    the constructor's rollback_len is refused by LAMP's own check, nothing changed; the advice
+    (load the inner optimizer's part alone) starts the transforms afresh."""
+    golden = _release_0_1_golden()
+    model = _release_0_1_model(golden, "float64_sam_lamp")
+    target = TransformingOptimizer(model.parameters(), torch.optim.SGD, lr=0.3, transforms=[SAM(0.05), LAMP(1e-2, rollback_len=1, seed=0)])
+    before = copy.deepcopy(target.state_dict())
+    old = golden["float64_sam_lamp"]["optimizer"]
+    with pytest.raises(ValueError, match=r"^the checkpoint's LAMP slot 'lamp' holds cycle_step=2, not an integer in \[0, 1\]$"):
+        target.load_state_dict(old)
+    assert_state_dicts_equal(target.state_dict(), before)
+    target.load_state_dict({"state": old["state"], "param_groups": old["param_groups"]})
+    assert target.param_groups[0]["lr"] == 0.1
+    assert not any(key.startswith("lamp.") for entry in target.state.values() for key in entry)
 
 
 def test_an_optimizer_pickled_by_release_0_1_is_refused_when_unpickled_naming_the_remedy():

@@ -26,7 +26,7 @@ through ``torch.distributed.checkpoint``; loading a checkpoint made by another c
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -293,6 +293,23 @@ class Chain:
                 "FSDP2 (torch.distributed.fsdp.fully_shard), whose DTensor parameters the "
                 "transforms support, or use DDP; with FSDP1 only transforms=() works"
             )
+
+    def take_unrecorded_group(self, group: dict[str, Any], index: int, param_groups: Sequence[Mapping[str, Any]]) -> None:
+        """Complete a checkpoint's group ``index`` that records no chain (a plain inner
+        optimizer's, or release 0.1.0's): it keeps the transforms' hyperparameters it has, and
+        takes those it lacks from the optimizer's group at its position (torch pairs groups by
+        position), edits since the last step included -- a checkpoint without them says nothing
+        about them (a group's ``rho=0`` stays 0). The optimizer's group is checked as its own.
+        """
+        self.normalize_group(group, f"the checkpoint's param_groups[{index}]")
+        if index < len(param_groups):
+            own = f"param_groups[{index}]"
+            current = dict(param_groups[index])
+            self.take_qualified_edits(current, own)
+            self.validate_group({**self.defaults, **current}, own)
+            for key in self.defaults:
+                if key not in group and key in current:
+                    group[key] = current[key]
 
     def fill_group(self, group: dict[str, Any]) -> None:
         """Give a group every hyperparameter it does not set (the constructor's values) and the chain."""
