@@ -43,8 +43,8 @@ def make_data(dtype: torch.dtype = torch.float64) -> tuple[torch.Tensor, torch.T
     return x, y
 
 
-def make_closure(model, optimizer, dtype=torch.float64):
-    x, y = make_data(dtype)
+def make_closure(model, optimizer, dtype=torch.float64, data=None):
+    x, y = make_data(dtype) if data is None else data
 
     def closure():
         optimizer.zero_grad()
@@ -426,14 +426,7 @@ def test_a_release_0_1_checkpoint_with_lamp_state_resumes_bit_for_bit_as_release
     if name.endswith("_unseeded"):
         torch.manual_seed(golden["global_seed"])
     dtype = next(model.parameters()).dtype
-    x, y = golden["x"].to(dtype), golden["y"].to(dtype)
-
-    def closure():
-        optimizer.zero_grad()
-        loss = nn.functional.mse_loss(model(x), y)
-        loss.backward()
-        return loss
-
+    closure = make_closure(model, optimizer, data=(golden["x"].to(dtype), golden["y"].to(dtype)))
     for _ in range(golden[name]["continued_for"]):
         optimizer.step(closure)
     for key, value in model.state_dict().items():
@@ -565,15 +558,7 @@ def test_a_release_0_1_checkpoint_that_does_not_map_unambiguously_is_refused_nam
     model = _release_0_1_model(golden, "float64_sam_lamp")
     chain = transforms() if transforms is not None else RELEASE_0_1_CHAINS["float64_sam_lamp"]()
     target = TransformingOptimizer(model.parameters(), torch.optim.SGD, lr=0.3, transforms=chain)
-    x, y = golden["x"], golden["y"]
-
-    def closure():
-        target.zero_grad()
-        loss = nn.functional.mse_loss(model(x), y)
-        loss.backward()
-        return loss
-
-    target.step(closure)
+    target.step(make_closure(model, target, data=(golden["x"], golden["y"])))
     before, as_saved = copy.deepcopy(target.state_dict()), copy.deepcopy(checkpoint)
     weights = copy.deepcopy(model.state_dict())
     message = rf"^the checkpoint has the layout of samgria 0\.1\.0 \(top-level 'transform_state' and 'transforms'\), whose transform state this release converts only unambiguously: {detail}.*\. Resume it with 0\.1\.0, or start the transforms afresh by loading only the inner optimizer's part, .* \(nothing was loaded\)$"
