@@ -34,10 +34,13 @@ each param group                          the group, recording this optimizer's 
 constructor's, so the checkpoint must be loaded into a LAMP built as the one that saved it. A
 LAMP without a seed drew from PyTorch's default generator, whose state the checkpoint does not
 hold: the resumed run continues bit for bit only where that generator is in the state it had
-when the checkpoint was saved. 16-bit parameters continue with this release's 16-bit arithmetic
-(the running mean rounds differently from 0.1.0's float32 sum over cycles of more than two
-steps). Everything else holding transform state is refused, naming what
-does not map; a checkpoint whose transforms held nothing loads as a plain inner optimizer's.
+when the checkpoint was saved. 16-bit parameters continue with this release's 16-bit arithmetic:
+its running mean and its addition of the noise round differently from 0.1.0's float32 sum and
+noise step, so a 16-bit run resumes to within rounding of 0.1.0's continuation, not bit for bit
+(as a fresh 16-bit run of the two releases differs). Everything else holding transform state is
+refused, naming what does not map; a checkpoint whose transforms held nothing loads as a plain
+inner optimizer's, and one whose groups record a chain is this release's (keys added beside are
+ignored, as torch ignores them).
 """
 
 from __future__ import annotations
@@ -83,7 +86,8 @@ def from_release_0_1(state_dict: Any, chain: Chain, param_groups: Sequence[Mappi
             hyperparameters a checkpoint's group lacks).
 
     Returns:
-        ``state_dict`` itself when it has neither of 0.1.0's keys; else a new dict without them,
+        ``state_dict`` itself when it has neither of 0.1.0's keys, or when its groups record a
+        chain (this release's layout, whatever keys were added beside); else a new dict without them,
         the LAMP's state in its slot and every group recording ``chain`` (or the groups as they
         are when the transforms held nothing: then it loads as a plain optimizer's).
 
@@ -93,6 +97,9 @@ def from_release_0_1(state_dict: Any, chain: Chain, param_groups: Sequence[Mappi
     """
     if not isinstance(state_dict, Mapping) or not any(key in state_dict for key in _KEYS):
         return state_dict
+    groups = state_dict.get("param_groups")
+    if isinstance(groups, (list, tuple)) and any(isinstance(g, Mapping) and CHAIN_KEY in g for g in groups):
+        return state_dict  # this release's layout, with keys of its own beside (ignored, as torch does)
     per_param = state_dict.get("transform_state")
     per_transform = state_dict.get("transforms")
     rest = {key: value for key, value in state_dict.items() if key not in _KEYS}

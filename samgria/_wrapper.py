@@ -384,8 +384,10 @@ class WrappingOptimizer(Optimizer):
     _dropped_on_pickle: tuple[str, ...] = ()
     #: Attributes never pickled (transient step state).
     _transient: tuple[str, ...] = ("_loading", "_own_load_checkpoint", "_hooks_running")
-    #: Attributes a pickle must hold: one made by an earlier release without them (whose layout
-    #: differs) is refused when unpickled, not at the first step with an AttributeError.
+    #: Attributes a pickle must hold: an object unpickled from an earlier release without them
+    #: (whose layout differs) refuses every use with the remedy (:meth:`__getattr__`), not with an
+    #: AttributeError at the first step -- and does not fail the unpickling, so that the rest of
+    #: the file (the model) can still be read.
     _needed_from_pickle: tuple[str, ...] = ()
     #: State keys known to be the driven optimizer's (never hidden): a subclass that learns them
     #: (``Chain``) shares its set here; an entry with only such keys needs no further check.
@@ -719,6 +721,19 @@ class WrappingOptimizer(Optimizer):
         driven = self._driven_wrapper()
         return driven._before_cast(state_dict) if driven is not None else state_dict
 
+    def __getattr__(self, name: str) -> Any:
+        """Only reached for an attribute that does not exist: an object unpickled from an earlier
+        release lacks those its methods use, and says what to do instead."""
+        missing = self.__dict__.get("_pickled_by_earlier_release")
+        if missing is not None and not name.startswith("__"):
+            raise RuntimeError(
+                f"this {type(self).__name__} was pickled by an earlier samgria release (0.1.0), whose "
+                f"layout differs (it has no {', '.join(missing)}), and cannot be used: load the file with "
+                "that release and save optimizer.state_dict(), which this release loads into an optimizer "
+                "built anew (the rest of the file, e.g. the model, unpickles as usual)"
+            )
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+
     # -- pickling: torch's, plus the wrapper's own attributes ------------------------------------
     def __getstate__(self) -> dict[str, Any]:  # type: ignore[override]
         self._check_idle("pickling or copy.deepcopy")  # a copy could not finish or undo the step
@@ -746,11 +761,9 @@ class WrappingOptimizer(Optimizer):
             return
         missing = [key for key in self._needed_from_pickle if key not in state]
         if missing:
-            raise RuntimeError(
-                f"this {type(self).__name__} was pickled by an earlier samgria release, whose layout "
-                f"differs (it has no {', '.join(missing)}): build the optimizer anew with this release "
-                "and load a state_dict into it"
-            )
+            self.__dict__.update(state)
+            self.__dict__["_pickled_by_earlier_release"] = missing
+            return
         state = dict(state)
         groups = state.pop("param_groups", None)
         for key in self._transient:  # not pickled: back to idle

@@ -587,24 +587,59 @@ def test_a_release_0_1_checkpoint_made_with_other_lamp_settings_is_refused_where
     assert not any(key.startswith("lamp.") for entry in target.state.values() for key in entry)
 
 
-def test_an_optimizer_pickled_by_release_0_1_is_refused_when_unpickled_naming_the_remedy():
+def test_an_optimizer_pickled_by_release_0_1_unpickles_and_refuses_every_use_naming_the_remedy(monkeypatch):
     """0.1.0 pickled a list of transforms and no chain: the object unpickled, then its first step
-    raised AttributeError: 'TransformingOptimizer' object has no attribute 'chain'."""
+    raised AttributeError: 'TransformingOptimizer' object has no attribute 'chain'. Refusing it
+    in the unpickling would make the rest of the file (the model) unreadable too."""
     from samgria import MAML
 
-    optimizer = TransformingOptimizer(make_model().parameters(), torch.optim.SGD, lr=0.1, transforms=[SAM(0.05)])
-    pickled = optimizer.__getstate__()
-    old = {key: value for key, value in pickled.items() if key not in ("chain", "atomic", "param_groups")}
+    model = make_model()
+    optimizer = TransformingOptimizer(model.parameters(), torch.optim.SGD, lr=0.1, transforms=[SAM(0.05)])
+    current = optimizer.__getstate__()
+    old = {key: value for key, value in current.items() if key not in ("chain", "atomic", "param_groups")}
     old["transforms"] = [SAM(0.05)]
-    fresh = TransformingOptimizer.__new__(TransformingOptimizer)
-    with pytest.raises(RuntimeError, match=r"^this TransformingOptimizer was pickled by an earlier samgria release, whose layout differs \(it has no chain, atomic\): build the optimizer anew"):
-        fresh.__setstate__(old)  # what pickle.load calls
+    with monkeypatch.context() as patch:  # what 0.1.0 pickled
+        patch.setattr(TransformingOptimizer, "__getstate__", lambda self: old)
+        blob = pickle.dumps({"model": model, "optimizer": optimizer})
+    loaded = pickle.loads(blob)
+    assert torch.equal(loaded["model"][0].weight, model[0].weight)  # the model is readable
+    message = (
+        r"^this TransformingOptimizer was pickled by an earlier samgria release \(0\.1\.0\), whose layout "
+        r"differs \(it has no chain, atomic\), and cannot be used: load the file with that release and save "
+        r"optimizer\.state_dict\(\)"
+    )
+    stale = loaded["optimizer"]
+    with pytest.raises(RuntimeError, match=message):
+        stale.step(make_closure(loaded["model"], stale))
+    with pytest.raises(RuntimeError, match=message):
+        stale.state_dict()
+    assert not hasattr(optimizer, "no_such_attribute")  # this release's objects: AttributeError as usual
+
     meta = MAML(make_model(), torch.optim.SGD, lr=0.1)
     old_meta = {key: value for key, value in meta.__getstate__().items() if key != "checkpoint_inner_steps"}
-    with pytest.raises(RuntimeError, match=r"^this MAML was pickled by an earlier samgria release, whose layout differs \(it has no checkpoint_inner_steps\)"):
-        MAML.__new__(MAML).__setstate__(old_meta)
-    twin = pickle.loads(pickle.dumps(optimizer))  # this release's pickles still load
+    stale_meta = MAML.__new__(MAML)
+    stale_meta.__setstate__(old_meta)  # what pickle.load calls
+    with pytest.raises(RuntimeError, match=r"^this MAML was pickled by an earlier samgria release \(0\.1\.0\), whose layout differs \(it has no checkpoint_inner_steps\)"):
+        stale_meta.inner_loop()
+    twin = pickle.loads(pickle.dumps(optimizer))  # this release's pickles load and work
     assert twin.chain.slots == optimizer.chain.slots
+
+
+def test_a_checkpoint_of_this_release_with_a_transforms_key_added_beside_loads_as_before():
+    """A 'transforms' key that a post-hook adds (say, as metadata) made the load take this
+    release's checkpoint for one of 0.1.0 and refuse it; torch ignores unknown top-level keys."""
+    model = make_model()
+    optimizer = TransformingOptimizer(model.parameters(), torch.optim.SGD, lr=0.1, transforms=[SAM(0.05), LAMP(seed=0)])
+    optimizer.step(make_closure(model, optimizer))
+    checkpoint = optimizer.state_dict()
+    checkpoint["transforms"] = ["SAM(rho=0.05)", "LAMP(seed=0)"]
+    twin_model = copy_of_model(model)
+    twin = TransformingOptimizer(twin_model.parameters(), torch.optim.SGD, lr=0.1, transforms=[SAM(0.05), LAMP(seed=0)])
+    twin.load_state_dict(checkpoint)
+    for _ in range(3):
+        optimizer.step(make_closure(model, optimizer))
+        twin.step(make_closure(twin_model, twin))
+    assert_weights_equal(model, twin_model)
 
 
 def test_a_plain_checkpoint_leaves_each_groups_transform_hyperparameters_as_they_are():
