@@ -86,7 +86,7 @@ def from_release_0_1(state_dict: Any, chain: Chain, param_groups: Sequence[Mappi
             hyperparameters a checkpoint's group lacks).
 
     Returns:
-        ``state_dict`` itself when it has neither of 0.1.0's keys, or when its groups record a
+        ``state_dict`` itself when it lacks one of 0.1.0's two keys, or when its groups record a
         chain (this release's layout, whatever keys were added beside); else a new dict without them,
         the LAMP's state in its slot and every group recording ``chain`` (or the groups as they
         are when the transforms held nothing: then it loads as a plain optimizer's).
@@ -95,8 +95,8 @@ def from_release_0_1(state_dict: Any, chain: Chain, param_groups: Sequence[Mappi
         ValueError: If the checkpoint holds transform state that does not map unambiguously
             (nothing was converted).
     """
-    if not isinstance(state_dict, Mapping) or not any(key in state_dict for key in _KEYS):
-        return state_dict
+    if not isinstance(state_dict, Mapping) or not all(key in state_dict for key in _KEYS):
+        return state_dict  # 0.1.0 wrote both keys: one alone is some other key added beside
     groups = state_dict.get("param_groups")
     if isinstance(groups, (list, tuple)) and any(isinstance(g, Mapping) and CHAIN_KEY in g for g in groups):
         return state_dict  # this release's layout, with keys of its own beside (ignored, as torch does)

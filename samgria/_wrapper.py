@@ -357,6 +357,48 @@ def _patched_by_someone_else(optimizer: Optimizer, key: str, value: Any) -> bool
     return hasattr(type(optimizer), key) and isinstance(value, (types.FunctionType, types.MethodType, functools.partial))
 
 
+class _EarlierRelease:
+    """Put before the class of an object unpickled from an earlier release whose layout differs
+    (see ``WrappingOptimizer._needed_from_pickle``): every attribute but the special methods
+    raises the remedy, so that no method half-works on the old attributes. Pickled again, it is
+    the original class with the same old attributes."""
+
+    def __getattribute__(self, name: str) -> Any:
+        if name.startswith("__") and name.endswith("__"):
+            return object.__getattribute__(self, name)
+        original = type(self).__mro__[2]
+        missing = object.__getattribute__(self, "__dict__")["_pickled_by_earlier_release"]
+        raise RuntimeError(
+            f"this {original.__name__} was pickled by an earlier samgria release (0.1.0), whose layout "
+            f"differs (it has no {', '.join(missing)}), and cannot be used: load the file with that "
+            "release and save optimizer.state_dict(), which this release loads into an optimizer built "
+            "anew (the rest of the file, e.g. the model, unpickles as usual)"
+        )
+
+    def __reduce_ex__(self, protocol: Any) -> tuple[Any, ...]:
+        original = type(self).__mro__[2]
+        state = dict(object.__getattribute__(self, "__dict__"))
+        return (_unpickle_earlier_release, (original, state))
+
+
+_EARLIER_RELEASE_CLASSES: dict[type, type] = {}
+
+
+def _earlier_release_class(cls: type) -> type:
+    """``cls`` with :class:`_EarlierRelease` before it (one class per ``cls``)."""
+    if cls not in _EARLIER_RELEASE_CLASSES:
+        _EARLIER_RELEASE_CLASSES[cls] = type(cls.__name__, (_EarlierRelease, cls), {"__module__": cls.__module__})
+    return _EARLIER_RELEASE_CLASSES[cls]
+
+
+def _unpickle_earlier_release(cls: type, state: dict[str, Any]) -> Any:
+    """Unpickle what an :class:`_EarlierRelease` object pickled: its class's ``__setstate__``
+    marks it again."""
+    obj = cls.__new__(cls)
+    obj.__setstate__(state)
+    return obj
+
+
 class _RanAlready:
     """Stands in for an optimizer's load pre-hooks while torch's ``load_state_dict`` would run
     them again: reading its ``values()`` (torch's loop) puts the real dictionary back and yields
@@ -385,9 +427,9 @@ class WrappingOptimizer(Optimizer):
     #: Attributes never pickled (transient step state).
     _transient: tuple[str, ...] = ("_loading", "_own_load_checkpoint", "_hooks_running")
     #: Attributes a pickle must hold: an object unpickled from an earlier release without them
-    #: (whose layout differs) refuses every use with the remedy (:meth:`__getattr__`), not with an
-    #: AttributeError at the first step -- and does not fail the unpickling, so that the rest of
-    #: the file (the model) can still be read.
+    #: (whose layout differs) refuses every use with the remedy (:class:`_EarlierRelease`), not
+    #: with an AttributeError at the first step -- and does not fail the unpickling, so that the
+    #: rest of the file (the model) can still be read.
     _needed_from_pickle: tuple[str, ...] = ()
     #: State keys known to be the driven optimizer's (never hidden): a subclass that learns them
     #: (``Chain``) shares its set here; an entry with only such keys needs no further check.
@@ -721,19 +763,6 @@ class WrappingOptimizer(Optimizer):
         driven = self._driven_wrapper()
         return driven._before_cast(state_dict) if driven is not None else state_dict
 
-    def __getattr__(self, name: str) -> Any:
-        """Only reached for an attribute that does not exist: an object unpickled from an earlier
-        release lacks those its methods use, and says what to do instead."""
-        missing = self.__dict__.get("_pickled_by_earlier_release")
-        if missing is not None and not name.startswith("__"):
-            raise RuntimeError(
-                f"this {type(self).__name__} was pickled by an earlier samgria release (0.1.0), whose "
-                f"layout differs (it has no {', '.join(missing)}), and cannot be used: load the file with "
-                "that release and save optimizer.state_dict(), which this release loads into an optimizer "
-                "built anew (the rest of the file, e.g. the model, unpickles as usual)"
-            )
-        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
-
     # -- pickling: torch's, plus the wrapper's own attributes ------------------------------------
     def __getstate__(self) -> dict[str, Any]:  # type: ignore[override]
         self._check_idle("pickling or copy.deepcopy")  # a copy could not finish or undo the step
@@ -763,6 +792,7 @@ class WrappingOptimizer(Optimizer):
         if missing:
             self.__dict__.update(state)
             self.__dict__["_pickled_by_earlier_release"] = missing
+            self.__class__ = _earlier_release_class(type(self))
             return
         state = dict(state)
         groups = state.pop("param_groups", None)

@@ -609,18 +609,42 @@ def test_an_optimizer_pickled_by_release_0_1_unpickles_and_refuses_every_use_nam
         r"optimizer\.state_dict\(\)"
     )
     stale = loaded["optimizer"]
+    assert isinstance(stale, TransformingOptimizer)
+    grads = [torch.ones_like(p) for p in loaded["model"].parameters()]
+    for p, g in zip(loaded["model"].parameters(), grads):
+        p.grad = g
+    uses = [
+        lambda: stale.step(make_closure(loaded["model"], stale)),
+        lambda: stale.state_dict(),
+        lambda: stale.zero_grad(),  # ran on the old attributes and cleared the model's gradients
+        lambda: stale.second_step(),  # said "called without first_step()"
+        lambda: stale.cancel_step(),
+        lambda: stale.load_state_dict(optimizer.state_dict()),
+        lambda: repr(stale),
+    ]
+    for use in uses:
+        with pytest.raises(RuntimeError, match=message):
+            use()
+    assert all(p.grad is g for p, g in zip(loaded["model"].parameters(), grads))
+    again = pickle.loads(pickle.dumps(stale))  # pickled again: the same old object, still refused
     with pytest.raises(RuntimeError, match=message):
-        stale.step(make_closure(loaded["model"], stale))
-    with pytest.raises(RuntimeError, match=message):
-        stale.state_dict()
-    assert not hasattr(optimizer, "no_such_attribute")  # this release's objects: AttributeError as usual
+        again.zero_grad()
+
+    class WithProperty(TransformingOptimizer):
+        @property
+        def current_lr(self):
+            return self.param_group[0]["lr"]  # a typo inside a property
+
+    with pytest.raises(AttributeError, match=r"has no attribute 'param_group'"):  # named, as by torch
+        WithProperty(make_model().parameters(), torch.optim.SGD, lr=0.1, transforms=[SAM(0.05)]).current_lr
 
     meta = MAML(make_model(), torch.optim.SGD, lr=0.1)
     old_meta = {key: value for key, value in meta.__getstate__().items() if key != "checkpoint_inner_steps"}
     stale_meta = MAML.__new__(MAML)
     stale_meta.__setstate__(old_meta)  # what pickle.load calls
-    with pytest.raises(RuntimeError, match=r"^this MAML was pickled by an earlier samgria release \(0\.1\.0\), whose layout differs \(it has no checkpoint_inner_steps\)"):
-        stale_meta.inner_loop()
+    for use in (lambda: stale_meta.inner_loop(), lambda: stale_meta.zero_grad()):
+        with pytest.raises(RuntimeError, match=r"^this MAML was pickled by an earlier samgria release \(0\.1\.0\), whose layout differs \(it has no checkpoint_inner_steps\)"):
+            use()
     twin = pickle.loads(pickle.dumps(optimizer))  # this release's pickles load and work
     assert twin.chain.slots == optimizer.chain.slots
 
@@ -640,6 +664,13 @@ def test_a_checkpoint_of_this_release_with_a_transforms_key_added_beside_loads_a
         optimizer.step(make_closure(model, optimizer))
         twin.step(make_closure(twin_model, twin))
     assert_weights_equal(model, twin_model)
+
+    # A plain torch checkpoint with such a key: 0.1.0 always wrote both of its keys.
+    plain = torch.optim.SGD(make_model().parameters(), lr=0.05).state_dict()
+    plain["transforms"] = ["SAM(rho=0.05)"]
+    wrapper = TransformingOptimizer(make_model().parameters(), torch.optim.SGD, lr=0.1, transforms=[SAM(0.05)])
+    wrapper.load_state_dict(plain)
+    assert wrapper.param_groups[0]["lr"] == 0.05
 
 
 def test_a_plain_checkpoint_leaves_each_groups_transform_hyperparameters_as_they_are():
