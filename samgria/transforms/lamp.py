@@ -372,7 +372,6 @@ def _world_size() -> int:
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
-
 def _as_accumulator(key: str, value: torch.Tensor, count: int) -> torch.Tensor:
     """A checkpoint's sum (``key="mean"``) or mean (``key="sum"``) of ``count`` iterates as the
     other, computed in float32 (or wider) from ``value``'s dtype."""
