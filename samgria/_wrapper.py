@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import functools
 import types
+import weakref
 from collections import OrderedDict, defaultdict
 from collections.abc import Callable, Iterable, Iterator, MutableMapping
 from typing import Any
@@ -342,10 +343,32 @@ def _hook_packing(driven: Optimizer) -> None:
         driven.register_state_dict_post_hook(_plain_entries, prepend=True)
 
 
+class _AdoptLoaded:
+    """A load-state-dict post-hook of the driven optimizer: a state loaded into it directly
+    (``optimizer.base_optimizer.load_state_dict(...)``) becomes its owner's at once, so that
+    ``owner.state`` shows it and edits of it are kept. A weak reference: the owner holds the
+    driven optimizer, not the other way round. A copy of the driven optimizer that shares its
+    hooks (``_probe_own_load``'s) is not the owner's driven optimizer and is left alone."""
+
+    __slots__ = ("owner",)
+
+    def __init__(self, owner: WrappingOptimizer) -> None:
+        self.owner = weakref.ref(owner)
+
+    def __call__(self, optimizer: Optimizer) -> None:
+        owner = self.owner()
+        if owner is not None and owner.__dict__.get(owner._driven_attr) is optimizer:
+            owner._adopt_driven_state()
+
+
 def _show_state(driven: Optimizer, owner: WrappingOptimizer) -> None:
-    """Give ``driven`` the view of ``owner``'s state (and the hook that packs it as plain dicts)."""
+    """Give ``driven`` the view of ``owner``'s state (and the hooks that pack it as plain dicts
+    and take a state loaded into ``driven`` directly over)."""
     driven.state = _DrivenState(owner)  # type: ignore[assignment]
     _hook_packing(driven)
+    hooks = driven.__dict__.get("_optimizer_load_state_dict_post_hooks")
+    if hooks is not None and not any(isinstance(hook, _AdoptLoaded) and hook.owner() is owner for hook in hooks.values()):
+        driven.register_load_state_dict_post_hook(_AdoptLoaded(owner), prepend=True)
 
 
 def _patched_by_someone_else(optimizer: Optimizer, key: str, value: Any) -> bool:

@@ -1107,6 +1107,41 @@ def test_a_checkpoint_taken_before_a_directly_added_group_steps_loads_into_the_s
     again.load_state_dict(later)
 
 
+@pytest.mark.parametrize("copied", ["original", "deepcopy", "pickle"])
+def test_a_state_loaded_into_the_inner_optimizer_directly_is_the_wrappers_at_once(copied):
+    """``optimizer.base_optimizer.load_state_dict(...)``: ``optimizer.state`` shows the loaded
+    state before any step (it showed the old one, and an edit of it was lost at the next step),
+    the transforms' slots stay as they were, and the run continues as one loaded through the
+    wrapper -- also for a copy of the wrapper (its inner optimizer is a new object)."""
+    _, source = trained("lamp", steps=3)  # another run: other momentum buffers
+    inner_checkpoint = copy.deepcopy(source.base_optimizer.state_dict())
+    model, optimizer = trained("lamp", steps=2)
+    if copied == "deepcopy":
+        model, optimizer = copy.deepcopy((model, optimizer))
+    elif copied == "pickle":
+        model, optimizer = pickle.loads(pickle.dumps((model, optimizer)))
+    params = list(model.parameters())
+    slots_before = [{key: copy.deepcopy(value) for key, value in optimizer.state[p].items() if key.startswith("lamp.")} for p in params]
+    optimizer.base_optimizer.load_state_dict(copy.deepcopy(inner_checkpoint))
+    for index, param in enumerate(params):
+        entry = optimizer.state[param]
+        assert torch.equal(entry["momentum_buffer"], inner_checkpoint["state"][index]["momentum_buffer"])
+        slots = {key: value for key, value in entry.items() if key.startswith("lamp.")}
+        assert sorted(slots) == sorted(slots_before[index])
+        for key in slots:
+            assert_same_value(slots[key], slots_before[index][key], key)
+    optimizer.state[params[0]]["momentum_buffer"].zero_()  # edits before the next step are kept
+    optimizer.state[params[0]]["note"] = 7
+    saved = copy.deepcopy(optimizer.state_dict())
+    assert saved["state"][0]["note"] == 7
+    assert torch.count_nonzero(saved["state"][0]["momentum_buffer"]) == 0
+
+    twin_model, twin = trained("lamp", steps=2)  # the same weights; the state loaded through the wrapper
+    twin.load_state_dict(saved)
+    continue_both(model, optimizer, twin_model, twin, steps=3)
+    assert optimizer.state[params[0]]["note"] == 7
+
+
 def test_a_first_step_at_lr_zero_with_zero_gradients_is_a_real_step_outside_checkpoint_loading():
     """Only torch.distributed.checkpoint's state initialisation is treated as one; a user's warm-up
     step from lr 0 with zero gradients runs every transform (LAMP's noise moves the weights)."""
