@@ -174,7 +174,8 @@ def check_loaded_tensor(owner: str, slot: str, key: str, value: Any, param: Any)
 
     It must be a tensor of the parameter's shape, complex exactly when the parameter is (torch's
     ``load_state_dict`` has cast it to a floating parameter's dtype already, but leaves the dtype
-    of a complex parameter's state as it was).
+    of a complex parameter's state as it was), and a ``DTensor`` exactly when the parameter is
+    one (an in-memory checkpoint of sharded parameters loaded into unsharded ones).
 
     Args:
         owner: The transform's class name (``"EMA"``).
@@ -184,12 +185,23 @@ def check_loaded_tensor(owner: str, slot: str, key: str, value: Any, param: Any)
     Raises:
         ValueError: ``"the checkpoint's EMA slot 'ema' holds 'average' of shape (2, 3) for a
             parameter of shape (3, 2)"`` (or of dtype ``torch.float32`` for one of dtype
-            ``torch.complex64``, or ``= [1.0]``, not a tensor).
+            ``torch.complex64``, or ``= [1.0]``, not a tensor, or as a DTensor for a
+            parameter that is a plain tensor).
     """
     where = f"the checkpoint's {owner} slot {slot!r} holds {key!r}"
     if not isinstance(value, torch.Tensor):
         raise ValueError(f"{where} = {value!r}, not a tensor, for a parameter of shape {tuple(param.shape)}")
     if value.shape != param.shape:
         raise ValueError(f"{where} of shape {tuple(value.shape)} for a parameter of shape {tuple(param.shape)}")
+    # Imported here: samgria.functional imports this module.
+    from samgria.functional._sharding import is_sharded
+
+    if is_sharded(value) != is_sharded(param):
+        held, wanted = ("a DTensor", "a plain tensor") if is_sharded(value) else ("a plain tensor", "a DTensor")
+        raise ValueError(
+            f"{where} as {held} for a parameter that is {wanted} (a checkpoint moves between "
+            "sharded and unsharded parameters through torch.distributed.checkpoint's dcp.save and "
+            "dcp.load)"
+        )
     if value.is_complex() != param.is_complex():
         raise ValueError(f"{where} of dtype {value.dtype} for a parameter of dtype {param.dtype}")

@@ -159,3 +159,71 @@ def test_m_sharpness_is_refused_when_sharded_params_are_added_later(one_rank_gro
     with pytest.raises(ValueError, match=re.escape("first_pass_context (m-sharpness) needs unsharded parameters")):
         optimizer.add_param_group({"params": list(model.parameters())})
     assert len(optimizer.param_groups) == 1
+
+
+def _lamp_run(sharded: bool, seed: int | None = 0) -> tuple[nn.Module, TransformingOptimizer]:
+    model = _sharded(_model()) if sharded else _model()
+    optimizer = TransformingOptimizer(
+        model.parameters(), torch.optim.SGD, lr=0.1, transforms=[SAM(0.05), LAMP(1e-2, rollback_len=5, seed=seed)]
+    )
+    _train(model, optimizer)
+    return model, optimizer
+
+
+def _state_snapshot(optimizer: TransformingOptimizer) -> list[dict]:
+    return [
+        {key: value.clone() if isinstance(value, torch.Tensor) else value for key, value in optimizer.state[p].items()}
+        for group in optimizer.param_groups
+        for p in group["params"]
+    ]
+
+
+def _same_snapshot(a: list[dict], b: list[dict]) -> bool:
+    return all(
+        x.keys() == y.keys()
+        and all(torch.equal(x[k], y[k]) if isinstance(x[k], torch.Tensor) else x[k] == y[k] for k in x)
+        for x, y in zip(a, b)
+    )
+
+
+@pytest.mark.parametrize("route", ["load_state_dict", "set_optimizer_state_dict"])
+@pytest.mark.parametrize(
+    "source_sharded, message",
+    [
+        (True, "holds a draw counter (noise_draws) of sharded parameters, and none of these is sharded"),
+        (False, "holds a generator state (rng_state) of unsharded parameters, and all of these are sharded"),
+    ],
+    ids=["sharded-into-unsharded", "unsharded-into-sharded"],
+)
+def test_a_seeded_lamp_checkpoint_does_not_load_into_the_other_layout(one_rank_group: None, route, source_sharded, message) -> None:
+    """A seeded LAMP keeps a generator state for unsharded parameters and a draw counter for
+    sharded ones. An in-memory checkpoint of one layout loaded into the other (load_state_dict,
+    set_optimizer_state_dict) was taken silently: the run went on with noise of another stream
+    and kept the other layout's state beside it (a DTensor sum for a plain parameter). Refused
+    naming it, nothing changed."""
+    import copy
+
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
+
+    source_model, source = _lamp_run(source_sharded)
+    target_model, target = _lamp_run(not source_sharded)
+    before = _state_snapshot(target)
+    weights = [p.detach().clone() for p in target_model.parameters()]
+    with pytest.raises(ValueError, match=re.escape(f"the checkpoint's LAMP slot 'lamp' {message}")):
+        if route == "load_state_dict":
+            target.load_state_dict(copy.deepcopy(source.state_dict()))
+        else:
+            set_optimizer_state_dict(target_model, target, copy.deepcopy(get_optimizer_state_dict(source_model, source)))
+    assert _same_snapshot(_state_snapshot(target), before)
+    assert all(torch.equal(a, b) for a, b in zip(weights, target_model.parameters()))
+
+
+def test_a_sharded_state_tensor_for_a_plain_parameter_is_refused(one_rank_group: None) -> None:
+    """An unseeded LAMP keeps no noise state, but an in-memory checkpoint of sharded parameters
+    holds DTensor sums: loaded into unsharded parameters they were taken as they were."""
+    import copy
+
+    _, source = _lamp_run(True, seed=None)
+    _, target = _lamp_run(False, seed=None)
+    with pytest.raises(ValueError, match=re.escape("holds 'sum' as a DTensor for a parameter that is a plain tensor")):
+        target.load_state_dict(copy.deepcopy(source.state_dict()))

@@ -173,6 +173,8 @@ class LAMP(Transform):
                 if value is not None and not _is_count(value, high):
                     rule = "an integer >= 0" if high is None else f"an integer in [0, {high}]"
                     raise ValueError(f"{where} {key}={value!r}, not {rule}")
+        if cycle is not None and self.seed is not None:
+            self._check_noise_layout(ctx, cycle, where)
         for group in ctx.param_groups:
             for param in group["params"]:
                 if param not in ctx.state:
@@ -213,6 +215,24 @@ class LAMP(Transform):
                             f"state for device {param.device}: {error}"
                         ) from None
                     entry["rng_state"] = restored
+
+    @staticmethod
+    def _check_noise_layout(ctx: TransformContext, cycle: Any, where: str) -> None:
+        """Raise ``ValueError`` when a seeded LAMP's checkpoint keeps the noise state of the other
+        layout: a generator state (``rng_state``) is kept for unsharded parameters only, a draw
+        counter (``noise_draws``) for sharded ones. Loaded into the other layout, the run would go
+        on with noise of another stream, the loaded state of the wrong kind kept beside it."""
+        params = [param for group in ctx.param_groups for param in group["params"]]
+        if "noise_draws" in cycle and not any(is_sharded(p) for p in params):
+            problem = "a draw counter (noise_draws) of sharded parameters, and none of these is sharded"
+        elif any("rng_state" in ctx.state[p] for p in params if p in ctx.state) and all(is_sharded(p) for p in params):
+            problem = "a generator state (rng_state) of unsharded parameters, and all of these are sharded"
+        else:
+            return
+        raise ValueError(
+            f"{where} {problem}: a seeded LAMP's checkpoint does not move between sharded and "
+            "unsharded parameters; an unseeded LAMP's does"
+        )
 
     # -- the step --------------------------------------------------------------------------------
     @torch.no_grad()
