@@ -67,9 +67,10 @@ plain loop. This script measures, in one run:
 The "(A/A)" row times the plain step a second time: its ratio shows the noise floor.
 "faults" is the median number of minor page faults per step. With glibc's default settings a
 step whose transient peak is above the previous step's re-faults that memory (about 1 µs per
-4 KiB page): SAM's transient w + e buffers (1× the parameters, freed when the weights are
-restored) can pay this every step, while the naive SAM keeps ``e_w`` allocated between steps
-and does not. ``--retain-freed-memory`` asks glibc to keep freed memory (as jemalloc or
+4 KiB page): a SAM that allocates 1× the parameters during the step and frees it when the
+weights are restored (the davda54-style and pytorch_optimizer-style rows' clones) can pay this
+every step, while samgria's SAM (its backup buffer kept between steps) and the naive SAM (its
+``e_w`` kept) do not. ``--retain-freed-memory`` asks glibc to keep freed memory (as jemalloc or
 tcmalloc do, which PyTorch's CPU performance guides recommend) to measure without that effect.
 
 Usage::
