@@ -49,7 +49,7 @@ def main():
     trainer.fit(5, meta_batch_size=16, progress=False)
 
     resumed = build(seed=123)  # e.g. a new job: other weights, another seed
-    resumed.load_state_dict(torch.load(path))  # model, outer Adam, sampler stream, history, count
+    resumed.load_state_dict(torch.load(path, weights_only=True))  # model, outer Adam, sampler stream, history, count
     resumed.fit(5, meta_batch_size=16, progress=False)
     assert resumed.iteration == trainer.iteration == 10
     assert resumed.history == trainer.history

@@ -47,7 +47,7 @@ train(model, optimizer, range(5, 10))
 # A fresh process would do this: build the same objects, load, continue.
 resumed_model, resumed_optimizer = make()
 buffer.seek(0)
-checkpoint = torch.load(buffer)
+checkpoint = torch.load(buffer, weights_only=True)
 resumed_model.load_state_dict(checkpoint["model"])
 resumed_optimizer.load_state_dict(checkpoint["optimizer"])
 train(resumed_model, resumed_optimizer, range(5, 10))

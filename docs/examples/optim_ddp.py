@@ -81,7 +81,7 @@ def free_port():
 def run_ranks():
     with tempfile.TemporaryDirectory() as out_dir:
         mp.spawn(worker, args=(free_port(), out_dir), nprocs=WORLD_SIZE)
-        return [torch.load(os.path.join(out_dir, f"rank{rank}.pt")) for rank in range(WORLD_SIZE)]
+        return [torch.load(os.path.join(out_dir, f"rank{rank}.pt"), weights_only=True) for rank in range(WORLD_SIZE)]
 
 
 if __name__ == "__main__":

@@ -71,7 +71,7 @@ for _ in range(3):  # the run goes on...
     optimizer.step(closure)
 
 buffer.seek(0)
-checkpoint = torch.load(buffer)
+checkpoint = torch.load(buffer, weights_only=True)
 resumed = copy.deepcopy(initial)
 resumed.load_state_dict(checkpoint["model"])
 resumed_optimizer, resumed_closure = make(adversarial(), resumed)
