@@ -347,9 +347,9 @@ class GSAM(_FinishingTransform):
         g_\perp = g - \frac{\langle g, g_p \rangle}{\lVert g_p \rVert_2^2}\, g_p, \qquad
         d = g_p - \alpha\, g_\perp,
 
-    the inner optimizer steps with :math:`d`: it descends the perturbed loss and ascends the
-    surrogate gap :math:`L(w + e) - L(w)` along :math:`g_\perp`, which leaves the perturbed loss
-    unchanged to first order. Norms and the inner product are global (over every parameter with a
+    the inner optimizer steps with :math:`d`: it descends the perturbed loss and, along
+    :math:`g_\perp`, ascends the loss :math:`L(w)`, which leaves the perturbed loss unchanged to
+    first order and so lowers the surrogate gap :math:`L(w + e) - L(w)`. Norms and the inner product are global (over every parameter with a
     gradient); ``rho`` and ``alpha`` are per-group keys. The paper schedules :math:`\rho_t`
     proportionally to the learning rate; assign ``group["rho"]`` each step to do the same.
 
@@ -537,8 +537,11 @@ class FriendlySAM(_FinishingTransform):
         m_t = \lambda\, m_{t-1} + (1 - \lambda)\, g_t, \qquad
         e = \rho\, \frac{d_t}{\lVert d_t \rVert_2},
 
-    and the inner optimizer steps with :math:`\nabla L(w + e)`. As in the authors' code, a
-    parameter's first step starts the average at :math:`m = g` and perturbs along :math:`g`.
+    and the inner optimizer steps with :math:`\nabla L(w + e)`. The order is the authors' code's
+    (which pytorch_optimizer follows): the average of the previous steps is removed, then updated
+    with :math:`g_t` (removing the updated :math:`m_t` instead would change the direction by
+    :math:`\sigma (1 - \lambda)\, g_t`); as there, a parameter's first step starts the average at
+    :math:`m = g` and perturbs along :math:`g`.
     ``rho``, ``sigma`` and ``lmbda`` are per-group keys; the norm is global. The average is kept
     in the slot (``"momentum"``, in the parameter's dtype) and updated also when nothing is
     perturbed (``rho=0``).
@@ -783,7 +786,9 @@ class ESAM(_FinishingTransform):
 
     The mask is element-wise, as the paper defines it (the authors' code draws one bit per
     parameter tensor, to skip whole gradients in its first backward pass, which a closure here
-    computes anyway). ESAM's other half, sharpness-sensitive data selection, changes the batch
+    computes anyway, and takes the norm over the kept tensors only, so that its
+    :math:`\lVert e \rVert_2 = \rho / \beta`; here the norm is the whole gradient's, as in the
+    formula above). ESAM's other half, sharpness-sensitive data selection, changes the batch
     of the second pass and belongs in the closure. ``rho`` and ``beta`` are per-group keys
     (``beta=1`` is SAM, without drawing).
 
