@@ -15,10 +15,10 @@ import warnings
 import pytest
 import torch
 from torch import nn
-from state_helpers import assert_states_equal
+from state_helpers import assert_state_dicts_equal, assert_states_equal
 from transform_infos import ToyScheduleFree, assert_bitwise_equal, make_closure, make_data, make_model, params_of
 
-from samgria import ASAM, LAMP, SAM, FriendlySAM, GradientTransform, MultiStepSAM, Perturbation, PerturbationTransform, TransformingOptimizer, sam_optimizer
+from samgria import ASAM, LAMP, SAM, FriendlySAM, GradientTransform, Lookahead, LookSAM, MultiStepSAM, Perturbation, PerturbationTransform, TransformingOptimizer, sam_optimizer
 
 
 def sam_opt(model, **kwargs):
@@ -73,6 +73,9 @@ class _SeedProtocolSAM:
         (lambda m: TransformingOptimizer([{"params": m.parameters(), "rho": 0.1}], torch.optim.SGD, lr=0.1, transforms=[SAM(0.1), ASAM(0.5)]), ValueError, r"the key 'rho' is a hyperparameter of several transforms; write 'sam\.rho' or 'asam\.rho'"),
         (lambda m: TransformingOptimizer([{"params": m.parameters(), "rho": 0.1, "sam.rho": 0.2}], torch.optim.SGD, lr=0.1, transforms=[SAM()]), ValueError, r"param_groups\[0\] sets 'sam\.rho'=0\.2 and 'rho'=0\.1, which name the same hyperparameter"),
         (lambda m: TransformingOptimizer(m.parameters(), torch.optim.SGD, lr=0.1, transforms={"a.b": SAM()}), ValueError, r"transforms slot names must be identifiers, got 'a\.b'"),
+        (lambda m: TransformingOptimizer([{"params": m.parameters(), "looksam.alpha": 0.5}], torch.optim.SGD, lr=0.1, transforms=[LookSAM(), Lookahead()]), ValueError, r"^param_groups\[0\]: the key 'looksam\.alpha' names no slot of the chain \(slots: 'look_sam', 'lookahead'\); write 'look_sam\.alpha' or 'lookahead\.alpha'$"),
+        (lambda m: TransformingOptimizer([{"params": m.parameters(), "sma.rho": 0.5}], torch.optim.SGD, lr=0.1, transforms=[SAM()]), ValueError, r"^param_groups\[0\]: the key 'sma\.rho' names no slot of the chain \(slots: 'sam'\); write 'rho' or 'sam\.rho'$"),
+        (lambda m: TransformingOptimizer([{"params": m.parameters(), "sam.lr": 0.5}], torch.optim.SGD, lr=0.1, transforms=[SAM()]), ValueError, r"^param_groups\[0\]: the key 'sam\.lr' names no hyperparameter of slot 'sam' \(SAM\), whose hyperparameters are: 'rho'$"),
         (lambda m: TransformingOptimizer([{"params": m.parameters(), "rho": -2.0}], torch.optim.SGD, lr=0.1, transforms=[SAM()]), ValueError, r"param_groups\[0\]: rho must be a finite number >= 0, got -2\.0"),
         (lambda m: TransformingOptimizer([{"params": m.parameters(), "sam.rho": -2.0}], torch.optim.Adadelta, transforms=[SAM()]), ValueError, r"param_groups\[0\]: sam\.rho must be a finite number >= 0, got -2\.0"),
         (lambda m: TransformingOptimizer(m.parameters(), torch.optim.SGD, lr=0.1, non_finite="ignore"), ValueError, r"non_finite must be one of 'skip', 'raise', got 'ignore'"),
@@ -99,6 +102,30 @@ def test_add_param_group_fills_and_validates_transform_keys_without_half_applyin
     optimizer.add_param_group({"params": list(model[4].parameters()), "rho": 2.0})
     group = optimizer.inner.param_groups[1]
     assert (group["rho"], group["eta"], group["adaptive"], group["lr"]) == (2.0, 0.01, True, 0.1)
+
+
+def test_qualified_keys_that_name_no_hyperparameter_are_refused_where_groups_come_in():
+    """A misspelt qualified key ("looksam.alpha" for "look_sam.alpha", "sam.lr") was stored and
+    never read: the transform kept its default. Refused in add_param_group and at the step after
+    such an edit, before anything changes; keys that do not look like a transform's stay
+    allowed, as torch allows keys it does not know."""
+    x, y = make_data()
+    model = make_model()
+    optimizer = TransformingOptimizer(
+        [{"params": model[0].parameters(), "note.kind": "body"}], torch.optim.SGD, lr=0.1, transforms=[LookSAM(), Lookahead()]
+    )
+    with pytest.raises(ValueError, match=r"^param_groups\[1\]: the key 'look_sam\.rhoo' names no hyperparameter of slot 'look_sam' \(LookSAM\), whose hyperparameters are: 'rho', 'alpha'$"):
+        optimizer.add_param_group({"params": model[4].parameters(), "look_sam.rhoo": 0.1})
+    assert len(optimizer.param_groups) == 1
+    closure = make_closure(model, optimizer, x, y)
+    optimizer.step(closure)
+    before, state = params_of(model), copy.deepcopy(optimizer.state_dict())
+    optimizer.param_groups[0]["lookahed.alpha"] = 0.9
+    with pytest.raises(ValueError, match=r"^param_groups\[0\]: the key 'lookahed\.alpha' names no slot of the chain"):
+        optimizer.step(closure)
+    assert_bitwise_equal(before, params_of(model))
+    del optimizer.param_groups[0]["lookahed.alpha"]
+    assert_state_dicts_equal(state, optimizer.state_dict())
 
 
 @pytest.mark.parametrize("loop", ["closure", "two_call", "no_closure"])

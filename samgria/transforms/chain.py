@@ -144,6 +144,8 @@ class Chain:
                 if len(owners[short]) > 1 and short not in self.inner_keys:
                     self._ambiguous[short] = [f"{s}.{short}" for s in owners[short]]
             self.keys[slot] = keys
+        #: hyperparameter name -> the slots that have it
+        self._owners = owners
 
     # -- what the optimizer asks -----------------------------------------------------------------
     def __iter__(self):
@@ -217,7 +219,9 @@ class Chain:
                 group[stored] = value
 
     def _refuse_ambiguous(self, group: Mapping[str, Any], where: str) -> None:
-        """Raise ``ValueError`` if ``group`` has a short key that several transforms share."""
+        """Raise ``ValueError`` if ``group`` has a short key that several transforms share, or a
+        qualified key that names no hyperparameter of the chain (:meth:`_refuse_unknown_qualified`)."""
+        self._refuse_unknown_qualified(group, where)
         if not self._ambiguous or self._ambiguous.keys().isdisjoint(group):
             return
         key = next(key for key in group if key in self._ambiguous)
@@ -225,6 +229,34 @@ class Chain:
             f"{where}: the key {key!r} is a hyperparameter of several transforms; write "
             + " or ".join(repr(k) for k in self._ambiguous[key])
         )
+
+    def _refuse_unknown_qualified(self, group: Mapping[str, Any], where: str) -> None:
+        """Raise ``ValueError`` for a key ``"s.h"`` that names no hyperparameter of the chain
+        although it looks like one: ``s`` is a slot without a hyperparameter ``h``
+        (``"sam.lr"``), or ``h`` is a transform's hyperparameter and ``s`` no slot
+        (``"looksam.alpha"`` for ``"look_sam.alpha"``). Such a key would be stored and never
+        read, the transform keeping its default. Other keys are left alone, as torch leaves
+        keys it does not know."""
+        for key in group:
+            if type(key) is not str or "." not in key or key in self._qualified:
+                continue
+            prefix, _, short = key.partition(".")
+            if prefix in self._slot_set:
+                transform = self.transforms[self.slots.index(prefix)]
+                known = ", ".join(repr(name) for name in self.keys[prefix]) or "none"
+                raise ValueError(
+                    f"{where}: the key {key!r} names no hyperparameter of slot {prefix!r} "
+                    f"({type(transform).__name__}), whose hyperparameters are: {known}"
+                )
+            if short in self._owners:
+                spellings = [f"{slot}.{short}" for slot in self._owners[short]]
+                if short in self.defaults:  # stored under the short key: unambiguous
+                    spellings.insert(0, short)
+                raise ValueError(
+                    f"{where}: the key {key!r} names no slot of the chain (slots: "
+                    f"{', '.join(repr(slot) for slot in self.slots)}); write "
+                    + " or ".join(repr(spelling) for spelling in spellings)
+                )
 
     def take_qualified_edits(self, group: dict[str, Any], where: str) -> None:
         """Apply ``param_groups`` edits made under a qualified key to a filled group.
