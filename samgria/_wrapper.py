@@ -423,17 +423,26 @@ def _unpickle_earlier_release(cls: type, state: dict[str, Any]) -> Any:
 
 
 class _RanAlready:
-    """Stands in for an optimizer's load pre-hooks while torch's ``load_state_dict`` would run
-    them again: reading its ``values()`` (torch's loop) puts the real dictionary back and yields
+    """Stands in for one of an optimizer's hook dictionaries (``attribute``) while torch's
+    ``state_dict``/``load_state_dict`` would run those hooks at a point where the wrapper runs
+    them itself: reading its ``values()`` (torch's loop) puts the real dictionary back and yields
     nothing."""
 
-    def __init__(self, optimizer: Optimizer, hooks: OrderedDict[Any, Any]) -> None:
+    def __init__(self, optimizer: Optimizer, attribute: str) -> None:
         self._optimizer = optimizer
-        self._hooks = hooks
+        self._attribute = attribute
+        self._hooks = optimizer.__dict__[attribute]
+        setattr(optimizer, attribute, self)
 
     def values(self) -> tuple[()]:
-        self._optimizer._optimizer_load_state_dict_pre_hooks = self._hooks  # type: ignore[attr-defined]
+        self.restore()
         return ()
+
+    def restore(self) -> OrderedDict[Any, Any]:
+        """Put the real dictionary back (if it is still away) and return it."""
+        if self._optimizer.__dict__.get(self._attribute) is self:
+            setattr(self._optimizer, self._attribute, self._hooks)
+        return self._hooks
 
 
 class WrappingOptimizer(Optimizer):
@@ -623,16 +632,40 @@ class WrappingOptimizer(Optimizer):
     # -- checkpoints: torch's own, with a validation point before anything changes ---------------
     def state_dict(self) -> dict[str, Any]:  # type: ignore[override]
         """torch's :meth:`~torch.optim.Optimizer.state_dict` of this optimizer (hooks run), with
-        what a driven optimizer's own ``state_dict`` adds beside ``state`` and ``param_groups``."""
+        what a driven optimizer's own ``state_dict`` adds beside ``state`` and ``param_groups``
+        and what a subclass keeps beside them (:meth:`_pack_extras`) -- added before the post-hooks
+        run, so that they see the whole checkpoint, as torch's see theirs."""
         self._check_idle("state_dict()")
         self._before_pack()
-        packed = super().state_dict()
+        # torch's state_dict runs the post-hooks right after packing; the extras must be in the
+        # dictionary first. So the hooks run here, the pre-hooks too (one of them may register a
+        # post-hook), and torch's loops over them are given nothing while it packs (each
+        # stand-in puts the real dictionary back as the loop reads it).
+        for pre_hook in list(self._optimizer_state_dict_pre_hooks.values()):
+            pre_hook(self)
+        pre_hooks = _RanAlready(self, "_optimizer_state_dict_pre_hooks")
+        post_hooks = _RanAlready(self, "_optimizer_state_dict_post_hooks")
+        try:
+            packed = super().state_dict()
+        finally:
+            pre_hooks.restore()
+            hooks = post_hooks.restore()
         driven = self._own_driven()
         if driven is not None and type(driven).state_dict is not Optimizer.state_dict:
             for key, value in driven.state_dict().items():
                 if key not in ("state", "param_groups"):
                     packed.setdefault(key, value)
+        packed.update(self._pack_extras())
+        for hook in list(hooks.values()):
+            result = hook(self, packed)
+            if result is not None:
+                packed = result
         return packed
+
+    def _pack_extras(self) -> dict[str, Any]:
+        """What a subclass keeps in its checkpoints beside torch's ``state`` and ``param_groups``
+        (default: nothing); :meth:`_take_extras` takes it back."""
+        return {}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:  # type: ignore[override]
         """torch's :meth:`~torch.optim.Optimizer.load_state_dict`, validated before it commits.
@@ -651,6 +684,7 @@ class WrappingOptimizer(Optimizer):
         # over them is given nothing (the one use of its private hook dictionary): the stand-in
         # puts the real dictionary back as that loop reads it, so post-hooks, and loads or hook
         # registrations from them, see the real one.
+        # The post-hooks likewise run here, once the extras (_load_extras) are in place too.
         hooks = self._optimizer_load_state_dict_pre_hooks
         try:
             state_dict = state_dict.copy()  # as torch hands its pre-hooks a shallow copy
@@ -660,15 +694,18 @@ class WrappingOptimizer(Optimizer):
                     state_dict = result
             state_dict, extras = self._take_extras(state_dict)
             state_dict = self._before_cast(state_dict)
-            self._optimizer_load_state_dict_pre_hooks = _RanAlready(self, hooks)
+            pre_hooks = _RanAlready(self, "_optimizer_load_state_dict_pre_hooks")
+            post_hooks = _RanAlready(self, "_optimizer_load_state_dict_post_hooks")
             self._own_load_checkpoint = state_dict  # for the driven optimizer's own load (__setstate__)
             try:
                 super().load_state_dict(state_dict)
             finally:
                 self._own_load_checkpoint = None
-                if isinstance(self.__dict__.get("_optimizer_load_state_dict_pre_hooks"), _RanAlready):
-                    self._optimizer_load_state_dict_pre_hooks = hooks
+                pre_hooks.restore()
+                post = post_hooks.restore()
             self._load_extras(extras)
+            for hook in list(post.values()):
+                hook(self)
         finally:
             self._loading = outer
 

@@ -229,6 +229,38 @@ def test_a_load_pre_hook_sees_and_may_rename_the_stored_rates():
     assert all(torch.equal(target.inner_lrs["0." + n], r) for n, r in source.inner_lrs.items())
 
 
+def test_state_dict_post_hooks_see_the_rates_and_load_post_hooks_run_once_they_are_loaded():
+    """torch runs state-dict post-hooks on the whole checkpoint and load post-hooks once the load
+    is done. The rates were added after the post-hooks ran (a hook that moves or filters the
+    checkpoint skipped them) and copied in after the load post-hooks (which saw the old rates,
+    and whose edits of them were overwritten)."""
+    torch.manual_seed(0)
+    source = MetaSGD(nn.Linear(2, 1), torch.optim.Adam, lr=1e-3, inner_lr=0.5)
+    packed_keys = []
+
+    def halve_rates(_optimizer, state_dict):
+        packed_keys.append(sorted(state_dict))
+        state_dict["inner_lrs"] = {name: rate / 2 for name, rate in state_dict["inner_lrs"].items()}
+
+    source.register_state_dict_post_hook(halve_rates)
+    saved = source.state_dict()
+    assert packed_keys == [["inner_lrs", "param_groups", "state"]]
+    assert all(torch.equal(saved["inner_lrs"][name], rate / 2) for name, rate in source.inner_lrs.items())
+
+    target = MetaSGD(nn.Linear(2, 1), torch.optim.Adam, lr=1e-3, inner_lr=0.01)
+    seen = []
+
+    def clamp_rates(optimizer):
+        seen.append({name: rate.clone() for name, rate in optimizer.inner_lrs.items()})
+        for rate in optimizer.inner_lrs.values():
+            rate.data.clamp_(max=0.1)
+
+    target.register_load_state_dict_post_hook(clamp_rates)
+    target.load_state_dict(saved)
+    assert len(seen) == 1 and all(torch.equal(seen[0][name], rate) for name, rate in saved["inner_lrs"].items())
+    assert all(torch.equal(rate, torch.full_like(rate, 0.1)) for rate in target.inner_lrs.values())
+
+
 # ---------------------------------------------------------------- complex parameters: real rates
 
 

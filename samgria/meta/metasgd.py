@@ -147,10 +147,12 @@ class MetaSGD(MAML):
         return names, {n: self.inner_lrs[n] for n in names}
 
     def state_dict(self) -> dict[str, Any]:  # type: ignore[override]
-        """torch's state dict of this optimizer plus ``"inner_lrs"`` (cloned rate tensors)."""
-        sd = super().state_dict()
-        sd["inner_lrs"] = {n: v.detach().clone() for n, v in self.inner_lrs.items()}
-        return sd
+        """torch's state dict of this optimizer plus ``"inner_lrs"`` (cloned rate tensors), which
+        the state-dict post-hooks see, as torch's see the whole checkpoint."""
+        return super().state_dict()
+
+    def _pack_extras(self) -> dict[str, Any]:
+        return {"inner_lrs": {n: v.detach().clone() for n, v in self.inner_lrs.items()}}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:  # type: ignore[override]
         """Load the optimizer state and copy the stored rates into :attr:`inner_lrs` (in place,
