@@ -43,6 +43,7 @@ from typing import Any
 import torch
 from torch.optim import Optimizer
 
+from samgria._frameworks import called_from
 from samgria._snapshot import is_entry
 from samgria.functional._grouping import unique_params
 from samgria.functional._views import values_as_real
@@ -112,6 +113,30 @@ def with_hooks(body: Callable[..., Any]) -> Callable[..., Any]:
     step.hooked = True  # type: ignore[attr-defined]
     step.__wrapped__ = unhooked  # type: ignore[attr-defined]
     return step
+
+
+#: How many callers up :func:`_called_by_checkpoint_state_init` looks: ten from a
+#: meta-optimizer's step, which drives the outer TransformingOptimizer (the meta-optimizer's
+#: step, torch's hook wrapper, ``_guarded_step``, ``_driven_step``, ``unhooked_step``, then the
+#: outer's ``with_hooks`` frames and ``_step``), three more for each subclass whose ``step``
+#: calls ``super().step()``, with room for a framework's wrappers.
+_STATE_INIT_FRAMES = 24
+
+
+def _called_by_checkpoint_state_init() -> bool:
+    """Whether ``torch.distributed.checkpoint``'s ``_init_optim_state`` is calling ``step()``.
+
+    It initialises a fresh optimizer's state by one step with every ``lr`` zero and zero gradients
+    before it loads a checkpoint into it; a user's first step may look the same (a warm-up from
+    lr 0 with zero gradients) and must run every transform. The function is private to torch and
+    this is the one place that names it; where a torch build lacks it, the look of the step alone
+    decides.
+    """
+    try:
+        from torch.distributed.checkpoint.state_dict import _init_optim_state
+    except ImportError:
+        return True
+    return called_from(_init_optim_state, _STATE_INIT_FRAMES)  # step(), torch's hook wrapper, the caller
 
 
 def refuse_driven(optimizer: Optimizer, name: str) -> None:
@@ -596,6 +621,20 @@ class WrappingOptimizer(Optimizer):
         return self._driven_mode("eval")
 
     # -- stepping the driven optimizer -------------------------------------------------------------
+    def _is_state_init_step(self) -> bool:
+        """Every ``lr`` zero, every gradient zero, no state yet, and called by
+        ``torch.distributed.checkpoint``'s initialisation of a fresh optimizer before it loads
+        into it (``_init_optim_state``): only create state; no weight may move.
+        """
+        if any(not isinstance(entry, dict) or entry for entry in self.state.values()):
+            return False
+        if any(group.get("lr", 0.0) != 0.0 for group in self.param_groups):
+            return False
+        grads = [p.grad for p in self._unique_params() if p.grad is not None]
+        if not grads or any(bool(torch.any(grad != 0)) for grad in grads):
+            return False
+        return _called_by_checkpoint_state_init()
+
     def _driven_step(self, closure: Any = None) -> Any:
         """Call the driven optimizer's ``step`` without torch's hook wrapper around it
         (:func:`unhooked_step`): the global step hooks fire once per step, for the wrapper."""

@@ -15,7 +15,7 @@ from torch import nn
 from torch.optim import Optimizer
 
 from samgria._checks import check_bool, check_choice
-from samgria._frameworks import accumulating_framework, called_from, stacklevel_outside, stepping_grad_scaler
+from samgria._frameworks import accumulating_framework, stacklevel_outside, stepping_grad_scaler
 from samgria._legacy import from_release_0_1
 from samgria._snapshot import GroupValues, StateStructure, StepSnapshot, is_entry
 from samgria._wrapper import WrappingOptimizer, refuse_driven
@@ -125,34 +125,12 @@ def _has_post_update(transform: Transform) -> bool:
     return overridden or "post_update" in getattr(transform, "__dict__", ())
 
 
-def _called_by_checkpoint_state_init() -> bool:
-    """Whether ``torch.distributed.checkpoint``'s ``_init_optim_state`` is calling ``step()``.
-
-    It initialises a fresh optimizer's state by one step with every ``lr`` zero and zero gradients
-    before it loads a checkpoint into it; a user's first step may look the same (a warm-up from
-    lr 0 with zero gradients) and must run every transform. The function is private to torch and
-    this is the one place that names it; where a torch build lacks it, the look of the step alone
-    decides.
-    """
-    try:
-        from torch.distributed.checkpoint.state_dict import _init_optim_state
-    except ImportError:
-        return True
-    return called_from(_init_optim_state, _STATE_INIT_FRAMES)  # step(), torch's hook wrapper, the caller
-
-
 #: How many callers up ``_rescale_unscaled_grads`` looks for ``GradScaler.step`` (its caller
 #: ``_finish_pending``, ``_step``, ``step``, torch's hook wrapper, ``with_hooks``'s two frames:
 #: seven, and three more for each subclass whose ``step`` calls ``super().step()``, then a
 #: framework's wrappers).
 _SCALER_FRAMES = 24
 
-#: How many callers up :func:`_called_by_checkpoint_state_init` looks: ten from a
-#: meta-optimizer's step, which drives the outer TransformingOptimizer (the meta-optimizer's
-#: step, torch's hook wrapper, ``_guarded_step``, ``_driven_step``, ``unhooked_step``, then the
-#: outer's ``with_hooks`` frames and ``_step``), three more for each subclass whose ``step``
-#: calls ``super().step()``, with room for a framework's wrappers.
-_STATE_INIT_FRAMES = 24
 
 
 def _on_any_rank(flag: bool, first_pass_context: Any, device: torch.device) -> bool:
@@ -693,20 +671,6 @@ class TransformingOptimizer(WrappingOptimizer):
         a step returns), so a later step without a scaler does not read them."""
         self.__dict__.pop("found_inf", None)
         self.__dict__.pop("grad_scale", None)
-
-    def _is_state_init_step(self) -> bool:
-        """Every ``lr`` zero, every gradient zero, no state yet, and called by
-        ``torch.distributed.checkpoint``'s initialisation of a fresh optimizer before it loads
-        into it (``_init_optim_state``): only create state; no weight may move.
-        """
-        if any(not isinstance(entry, dict) or entry for entry in self.state.values()):
-            return False
-        if any(group.get("lr", 0.0) != 0.0 for group in self.param_groups):
-            return False
-        grads = [p.grad for p in self._unique_params() if p.grad is not None]
-        if not grads or any(bool(torch.any(grad != 0)) for grad in grads):
-            return False
-        return _called_by_checkpoint_state_init()
 
     def _snapshot_before_inner_step(
         self, spare_buffers: dict[int, torch.Tensor]

@@ -1382,6 +1382,44 @@ def test_distributed_checkpoint_through_a_meta_optimizer_with_a_transforming_out
         assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("outer", ["sgd", "adam"])
+@pytest.mark.parametrize("algorithm", ["MAML", "FOMAML", "Reptile", "ANIL"])
+def test_distributed_checkpoint_helpers_save_and_resume_every_meta_optimizer_but_metasgd(algorithm, outer):
+    """get/set_optimizer_state_dict first create a fresh optimizer's state by a step with lr 0
+    and zero gradients (and put lr back only when it returns). Reptile's step refused it (no
+    adapted task): the save or resume raised and left lr at 0.0. Every algorithm the guide lists
+    saves with no gradients present, resumes into a fresh optimizer and continues bit for bit."""
+    import samgria
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
+
+    def build(seed):
+        torch.manual_seed(seed)
+        model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).double()
+        kind, kwargs = (torch.optim.SGD, {"lr": 0.1, "momentum": 0.9}) if outer == "sgd" else (torch.optim.Adam, {"lr": 0.01})
+        extra = {"head": model[2]} if algorithm == "ANIL" else {}
+        return model, getattr(samgria, algorithm)(model, kind, inner_lr=0.1, **extra, **kwargs)
+
+    fresh_model, fresh_meta = build(0)
+    weights = [p.detach().clone() for p in fresh_model.parameters()]
+    get_optimizer_state_dict(fresh_model, fresh_meta)
+    assert all(torch.equal(p, w) for p, w in zip(fresh_model.parameters(), weights))
+    assert fresh_meta.param_groups[0]["lr"] == (0.1 if outer == "sgd" else 0.01)
+
+    model, meta = build(0)
+    _run_outer_steps(model, meta, 2, adapt=True)
+    meta.zero_grad()
+    saved = copy.deepcopy(get_optimizer_state_dict(model, meta))
+    assert meta.param_groups[0]["lr"] == (0.1 if outer == "sgd" else 0.01)
+    resumed_model, resumed = build(5)
+    resumed_model.load_state_dict(model.state_dict())
+    set_optimizer_state_dict(resumed_model, resumed, optim_state_dict=saved)
+    assert resumed.param_groups[0]["lr"] == meta.param_groups[0]["lr"]
+    _run_outer_steps(model, meta, 3, adapt=True)
+    _run_outer_steps(resumed_model, resumed, 3, adapt=True)
+    for a, b in zip(model.parameters(), resumed_model.parameters()):
+        assert torch.equal(a, b)
+
+
 def test_an_outer_optimizer_already_driven_by_a_wrapper_is_refused():
     model = nn.Linear(3, 2)
     base = torch.optim.SGD(model.parameters(), lr=0.1)

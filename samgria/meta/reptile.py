@@ -166,6 +166,10 @@ class Reptile(MetaOptimizer):
         """
         try:
             if closure is None:
+                if not self._records and self._is_state_init_step():
+                    # torch.distributed.checkpoint creates a fresh optimizer's state by a step
+                    # at lr 0 with zero gradients: the outer optimizer's, on those gradients.
+                    return self._driven_step(None)
                 self._set_pseudo_grads()
                 return self._guarded_step(None)
             if not callable(closure):
