@@ -283,6 +283,16 @@ def test_add_param_group_fills_inner_defaults():
         meta.add_param_group({"params": [nn.Parameter(torch.zeros(2))]})
 
 
+def test_add_param_group_refuses_a_set_as_torch_does():
+    """A set's order changes between runs, and checkpoints pair state with parameters by position:
+    torch's optimizers (and the meta-optimizers' constructors) refuse one; add_param_group took it."""
+    model = nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 1)).to(DT)
+    meta = MAML(model, torch.optim.Adam, params=model[0].parameters(), lr=0.1)
+    with pytest.raises(TypeError, match=r"^param_groups\[1\]: params must be an ordered collection \(a list or tuple\), got a set"):
+        meta.add_param_group({"params": set(model[1].parameters())})
+    assert len(meta.param_groups) == 1
+
+
 def test_state_dict_round_trip_continues_bit_for_bit():
     tasks = make_tasks()
     model_a = mlp()

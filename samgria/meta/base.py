@@ -314,6 +314,12 @@ class MetaOptimizer(WrappingOptimizer):
         """
         group = dict(param_group)
         params = group["params"]
+        if isinstance(params, (set, frozenset)):  # as torch refuses one
+            raise TypeError(
+                f"param_groups[{len(self.param_groups)}]: params must be an ordered collection (a list "
+                "or tuple), got a set, whose order changes between runs (checkpoints pair state "
+                "with parameters by position)"
+            )
         group["params"] = [params] if isinstance(params, torch.Tensor) else list(params)
         self._check_group(group, len(self.param_groups))
         self._fill_group(group)
