@@ -1420,6 +1420,36 @@ def test_distributed_checkpoint_helpers_save_and_resume_every_meta_optimizer_but
         assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize(
+    "key, value, error",
+    [("inner_lr", -1.0, ValueError), ("inner_lr", "0.1", TypeError), ("adapt", "no", TypeError)],
+)
+@pytest.mark.parametrize("algorithm", ["MAML", "FOMAML", "Reptile", "MetaSGD", "ANIL"])
+def test_a_checkpoint_with_an_invalid_group_value_is_refused_at_load_and_changes_nothing(algorithm, key, value, error):
+    """The load promises to check everything before anything changes; a checkpoint's inner_lr or
+    adapt that the constructor refuses was installed and failed only at the next step."""
+    import samgria
+
+    def build():
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).double()
+        extra = {"head": model[2]} if algorithm == "ANIL" else {}
+        return model, getattr(samgria, algorithm)(model, torch.optim.Adam, inner_lr=0.1, lr=0.01, **extra)
+
+    model, meta = build()
+    _run_outer_steps(model, meta, 1, adapt=True)
+    saved = copy.deepcopy(meta.state_dict())
+    saved["param_groups"][0][key] = value
+    before = copy.deepcopy(meta.state_dict())
+    with pytest.raises(error, match=rf"^the checkpoint's param_groups\[0\]\['{key}'\] must be"):
+        meta.load_state_dict(saved)
+    after = meta.state_dict()
+    assert after["param_groups"] == before["param_groups"]
+    for index, entry in before["state"].items():
+        for name, value_before in entry.items():
+            assert torch.equal(torch.as_tensor(after["state"][index][name]), torch.as_tensor(value_before))
+
+
 def test_an_outer_optimizer_already_driven_by_a_wrapper_is_refused():
     model = nn.Linear(3, 2)
     base = torch.optim.SGD(model.parameters(), lr=0.1)

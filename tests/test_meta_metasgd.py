@@ -229,6 +229,22 @@ def test_a_load_pre_hook_sees_and_may_rename_the_stored_rates():
     assert all(torch.equal(target.inner_lrs["0." + n], r) for n, r in source.inner_lrs.items())
 
 
+def test_a_checkpoint_without_the_rates_is_refused_and_changes_nothing():
+    """A checkpoint without "inner_lrs" loaded the outer optimizer's state for the rates while
+    the rates kept their values."""
+    torch.manual_seed(0)
+    source = MetaSGD(nn.Linear(2, 1), torch.optim.Adam, lr=1e-3, inner_lr=0.5)
+    saved = source.state_dict()
+    del saved["inner_lrs"]
+    target = MetaSGD(nn.Linear(2, 1), torch.optim.Adam, lr=1e-2, inner_lr=0.01)
+    before = copy.deepcopy(target.state_dict())
+    with pytest.raises(ValueError, match=r"^state_dict has no 'inner_lrs' \(the learned rates"):
+        target.load_state_dict(saved)
+    after = target.state_dict()
+    assert after["param_groups"] == before["param_groups"]
+    assert all(torch.equal(after["inner_lrs"][n], r) for n, r in before["inner_lrs"].items())
+
+
 def test_state_dict_post_hooks_see_the_rates_and_load_post_hooks_run_once_they_are_loaded():
     """torch runs state-dict post-hooks on the whole checkpoint and load post-hooks once the load
     is done. The rates were added after the post-hooks ran (a hook that moves or filters the

@@ -288,12 +288,13 @@ class MetaOptimizer(WrappingOptimizer):
         """Meta-parameters that are not parameters of the model (Meta-SGD's rates)."""
         return set()
 
-    def _check_group(self, group: Mapping[str, Any], index: int) -> None:
-        """Raise if param group ``index`` cannot be a meta-optimizer's group; change nothing."""
-        check_lr(group.get("inner_lr", self.inner_lr), f"param_groups[{index}]['inner_lr']")
+    def _check_group(self, group: Mapping[str, Any], index: int, groups: str = "param_groups") -> None:
+        """Raise if param group ``index`` (of ``groups``, as the message names them) cannot be a
+        meta-optimizer's group; change nothing."""
+        check_lr(group.get("inner_lr", self.inner_lr), f"{groups}[{index}]['inner_lr']")
         adapt = group.get("adapt", True)
         if not isinstance(adapt, bool):
-            raise TypeError(f"param_groups[{index}]['adapt'] must be a bool, got {adapt!r}")
+            raise TypeError(f"{groups}[{index}]['adapt'] must be a bool, got {adapt!r}")
         model_params = set(self.model.parameters()) | self._extra_params()
         for p in group["params"]:
             if p not in model_params:
@@ -301,6 +302,12 @@ class MetaOptimizer(WrappingOptimizer):
                     f"param_groups[{index}] holds a tensor of shape {tuple(p.shape)} that is not a "
                     f"parameter of model ({type(self.model).__name__})"
                 )
+
+    def _prepare_loaded(self, state: Any, groups: list[dict[str, Any]]) -> tuple[Any, list[dict[str, Any]]]:
+        """A checkpoint's groups are checked as the constructor's, before anything changes."""
+        for index, group in enumerate(groups):
+            self._check_group(group, index, "the checkpoint's param_groups")
+        return super()._prepare_loaded(state, groups)
 
     def _fill_group(self, group: dict[str, Any]) -> None:
         """Give a (checked) param group the default ``inner_lr`` and ``adapt``."""

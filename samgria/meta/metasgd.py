@@ -166,28 +166,32 @@ class MetaSGD(MAML):
     def _take_extras(self, state_dict: dict[str, Any]) -> tuple[dict[str, Any], Any]:
         sd = dict(state_dict)
         rates = sd.pop("inner_lrs", None)
-        if rates is not None:
-            missing = sorted(set(self.inner_lrs) - set(rates))
-            if missing:
-                raise ValueError(f"state_dict['inner_lrs'] has no rates for {missing}")
-            for n, v in rates.items():
-                if n not in self.inner_lrs:
-                    raise ValueError(f"state_dict['inner_lrs'] has a rate for an unknown parameter {n!r}")
-                if not isinstance(v, torch.Tensor) or v.is_complex() or v.dtype == torch.bool:
-                    what = f"a tensor of dtype {v.dtype}" if isinstance(v, torch.Tensor) else repr(v)
-                    raise ValueError(
-                        f"state_dict['inner_lrs'][{n!r}] must be a real tensor (the rates are real step sizes, "
-                        f"loaded as {self.inner_lrs[n].dtype}), got {what}"
-                    )
-                if tuple(v.shape) != tuple(self.inner_lrs[n].shape):
-                    raise ValueError(
-                        f"state_dict['inner_lrs'][{n!r}] has shape {tuple(v.shape)}, expected "
-                        f"{tuple(self.inner_lrs[n].shape)}"
-                    )
+        if rates is None:
+            raise ValueError(
+                "state_dict has no 'inner_lrs' (the learned rates, which MetaSGD.state_dict() saves "
+                "beside 'state' and 'param_groups'): the rates would keep their values while the "
+                "outer optimizer's state for them is loaded"
+            )
+        missing = sorted(set(self.inner_lrs) - set(rates))
+        if missing:
+            raise ValueError(f"state_dict['inner_lrs'] has no rates for {missing}")
+        for n, v in rates.items():
+            if n not in self.inner_lrs:
+                raise ValueError(f"state_dict['inner_lrs'] has a rate for an unknown parameter {n!r}")
+            if not isinstance(v, torch.Tensor) or v.is_complex() or v.dtype == torch.bool:
+                what = f"a tensor of dtype {v.dtype}" if isinstance(v, torch.Tensor) else repr(v)
+                raise ValueError(
+                    f"state_dict['inner_lrs'][{n!r}] must be a real tensor (the rates are real step sizes, "
+                    f"loaded as {self.inner_lrs[n].dtype}), got {what}"
+                )
+            if tuple(v.shape) != tuple(self.inner_lrs[n].shape):
+                raise ValueError(
+                    f"state_dict['inner_lrs'][{n!r}] has shape {tuple(v.shape)}, expected "
+                    f"{tuple(self.inner_lrs[n].shape)}"
+                )
         return sd, rates
 
     def _load_extras(self, extras: Any) -> None:
-        if extras is not None:
-            with torch.no_grad():
-                for n, v in extras.items():
-                    self.inner_lrs[n].copy_(v)
+        with torch.no_grad():
+            for n, v in extras.items():
+                self.inner_lrs[n].copy_(v)
