@@ -13,7 +13,7 @@ import torch
 from distributed_harness import skip_without_gloo
 from torch import nn
 
-from samgria import ESAM, LAMP, SAM, NormalizeGrad, TransformingOptimizer
+from samgria import ASAM, ESAM, GSAM, LAMP, SAM, WSAM, FriendlySAM, LookSAM, NormalizeGrad, TransformingOptimizer
 from samgria.functional import all_finite, global_norm
 from samgria.transforms.lamp import sharded_noise_seed
 
@@ -227,3 +227,31 @@ def test_a_sharded_state_tensor_for_a_plain_parameter_is_refused(one_rank_group:
     _, target = _lamp_run(False, seed=None)
     with pytest.raises(ValueError, match=re.escape("holds 'sum' as a DTensor for a parameter that is a plain tensor")):
         target.load_state_dict(copy.deepcopy(source.state_dict()))
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: SAM(0.05),
+        lambda: ASAM(0.5),
+        lambda: FriendlySAM(0.05),
+        lambda: GSAM(0.05),
+        lambda: WSAM(0.05),
+        lambda: WSAM(0.05, decouple=False),
+        lambda: LookSAM(0.05, k=2),
+    ],
+    ids=["SAM", "ASAM", "FriendlySAM", "GSAM", "WSAM", "WSAM-coupled", "LookSAM"],
+)
+def test_a_partly_sharded_model_steps_as_the_unsharded_one(one_rank_group: None, make) -> None:
+    """One layer sharded, the others plain: FriendlySAM's average update mixed DTensors and plain
+    tensors in one foreach call and raised at the second step."""
+
+    def run(shard: bool) -> list[torch.Tensor]:
+        model = _model()
+        if shard:
+            _sharded(model[0])
+        optimizer = TransformingOptimizer(model.parameters(), torch.optim.SGD, lr=0.1, momentum=0.9, transforms=[make()])
+        return _train(model, optimizer)
+
+    for a, b in zip(run(True), run(False)):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)

@@ -48,9 +48,10 @@ Finish = Callable[[bool], None]
 
 # -- kernels: a foreach fast path and a per-tensor path with the same arithmetic ---------------------
 def _scaled(tensors: Sequence[torch.Tensor], scales: Sequence[float], foreach: bool) -> list[torch.Tensor]:
-    r"""New tensors :math:`s_i\, t_i` (same dtypes as ``tensors``; the arithmetic of :func:`scale_`)."""
+    r"""New tensors :math:`s_i\, t_i` (same kinds and dtypes as ``tensors``; the arithmetic of
+    :func:`scale_`, on each clone's :func:`as_real` view, so that sharded and plain tensors mix)."""
     result = [tensor.clone(memory_format=torch.preserve_format) for tensor in tensors]
-    scale_(result, scales, foreach=foreach)
+    scale_([as_real(tensor) for tensor in result], scales, foreach=foreach)
     return result
 
 
