@@ -1222,6 +1222,9 @@ class TransformingOptimizer(WrappingOptimizer):
             where = f"the checkpoint's param_groups[{index}]"
             if CHAIN_KEY in group:
                 self.chain.check_saved_spec(group[CHAIN_KEY])
+                # As at a step: an edit pending under a qualified key is the newer value; a key
+                # that names no hyperparameter, or several, is refused.
+                self.chain.take_qualified_edits(group, where)
                 # Keys a transform gained since the checkpoint get their defaults, as torch fills
                 # in hyperparameters an optimizer gained since (``Optimizer.__setstate__``).
                 self.chain.fill_group(group)

@@ -128,6 +128,45 @@ def test_qualified_keys_that_name_no_hyperparameter_are_refused_where_groups_com
     assert_state_dicts_equal(state, optimizer.state_dict())
 
 
+def test_a_checkpoint_is_refused_for_a_qualified_key_that_names_no_hyperparameter():
+    """Such a key in a checkpoint's group (saved before a step refused it, or by an earlier
+    release, which ignored it) loaded and then made every step raise; it is refused at the load,
+    nothing changed. A key of another library ("mylib.rho") stays allowed, and an edit pending
+    under a qualified key when the checkpoint was saved is loaded as the next step takes it."""
+    x, y = make_data()
+    model = make_model()
+
+    def build():
+        return TransformingOptimizer(model.parameters(), torch.optim.SGD, lr=0.1, transforms=[SAM(0.05)])
+
+    optimizer = build()
+    optimizer.step(make_closure(model, optimizer, x, y))
+    saved = copy.deepcopy(optimizer.state_dict())
+    target = build()
+    before = copy.deepcopy(target.state_dict())
+    for key, message in (
+        ("sam.lr", r"^the checkpoint's param_groups\[0\]: the key 'sam\.lr' names no hyperparameter of slot 'sam' \(SAM\)"),
+        ("sma.rho", r"^the checkpoint's param_groups\[0\]: the key 'sma\.rho' names no slot of the chain \(slots: 'sam'\); write 'rho' or 'sam\.rho'$"),
+    ):
+        checkpoint = copy.deepcopy(saved)
+        checkpoint["param_groups"][0][key] = 0.5
+        with pytest.raises(ValueError, match=message):
+            target.load_state_dict(checkpoint)
+        assert_state_dicts_equal(target.state_dict(), before)
+
+    other_library = copy.deepcopy(saved)
+    other_library["param_groups"][0]["mylib.rho"] = 0.5
+    target.load_state_dict(other_library)
+    assert target.param_groups[0]["mylib.rho"] == 0.5 and target.param_groups[0]["rho"] == 0.05
+    target.step(make_closure(model, target, x, y))
+
+    optimizer.param_groups[0]["sam.rho"] = 0.0  # pending until the next step, and saved so
+    pending = copy.deepcopy(optimizer.state_dict())
+    resumed = build()
+    resumed.load_state_dict(pending)
+    assert resumed.param_groups[0]["rho"] == 0.0 and "sam.rho" not in resumed.param_groups[0]
+
+
 @pytest.mark.parametrize("loop", ["closure", "two_call", "no_closure"])
 def test_a_step_refuses_an_edit_of_a_short_key_that_several_transforms_share(loop):
     """``group["rho"] = 0.0`` with SAM and ASAM in the chain names neither: refused at the next

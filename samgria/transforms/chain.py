@@ -25,6 +25,7 @@ through ``torch.distributed.checkpoint``; loading a checkpoint made by another c
 
 from __future__ import annotations
 
+import difflib
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
@@ -233,10 +234,10 @@ class Chain:
     def _refuse_unknown_qualified(self, group: Mapping[str, Any], where: str) -> None:
         """Raise ``ValueError`` for a key ``"s.h"`` that names no hyperparameter of the chain
         although it looks like one: ``s`` is a slot without a hyperparameter ``h``
-        (``"sam.lr"``), or ``h`` is a transform's hyperparameter and ``s`` no slot
-        (``"looksam.alpha"`` for ``"look_sam.alpha"``). Such a key would be stored and never
-        read, the transform keeping its default. Other keys are left alone, as torch leaves
-        keys it does not know."""
+        (``"sam.lr"``), or ``h`` is a transform's hyperparameter and ``s`` a name close to a
+        slot's (``"looksam.alpha"`` for ``"look_sam.alpha"``; :func:`difflib.get_close_matches`).
+        Such a key would be stored and never read, the transform keeping its default. Other keys
+        (``"mylib.rho"``) are left alone, as torch leaves keys it does not know."""
         for key in group:
             if type(key) is not str or "." not in key or key in self._qualified:
                 continue
@@ -248,7 +249,7 @@ class Chain:
                     f"{where}: the key {key!r} names no hyperparameter of slot {prefix!r} "
                     f"({type(transform).__name__}), whose hyperparameters are: {known}"
                 )
-            if short in self._owners:
+            if short in self._owners and difflib.get_close_matches(prefix, self.slots, n=1, cutoff=0.6):
                 spellings = [f"{slot}.{short}" for slot in self._owners[short]]
                 if short in self.defaults:  # stored under the short key: unambiguous
                     spellings.insert(0, short)
