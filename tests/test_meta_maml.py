@@ -293,6 +293,17 @@ def test_add_param_group_refuses_a_set_as_torch_does():
     assert len(meta.param_groups) == 1
 
 
+def test_a_plain_outer_optimizers_checkpoint_keeps_the_groups_inner_settings():
+    """A checkpoint of the bare outer optimizer has no inner_lr or adapt: the groups lost them
+    (param_groups[0]["inner_lr"] raised KeyError); they keep the values they had."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 1)).to(DT)
+    plain = torch.optim.Adam([{"params": model[0].parameters()}, {"params": model[1].parameters()}], lr=0.01)
+    meta = MAML(model, torch.optim.Adam, params=[{"params": model[0].parameters(), "inner_lr": 0.3}, {"params": model[1].parameters(), "adapt": False}], lr=0.1)
+    meta.load_state_dict(plain.state_dict())
+    assert [(g["inner_lr"], g["adapt"], g["lr"]) for g in meta.param_groups] == [(0.3, True, 0.01), (0.01, False, 0.01)]
+
+
 def test_state_dict_round_trip_continues_bit_for_bit():
     tasks = make_tasks()
     model_a = mlp()

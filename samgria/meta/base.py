@@ -304,8 +304,14 @@ class MetaOptimizer(WrappingOptimizer):
                 )
 
     def _prepare_loaded(self, state: Any, groups: list[dict[str, Any]]) -> tuple[Any, list[dict[str, Any]]]:
-        """A checkpoint's groups are checked as the constructor's, before anything changes."""
+        """A checkpoint's groups are checked as the constructor's, before anything changes; a
+        group without ``inner_lr`` or ``adapt`` (a plain outer optimizer's checkpoint) keeps the
+        values of the group at its position (torch pairs groups by position)."""
         for index, group in enumerate(groups):
+            current = self.param_groups[index] if index < len(self.param_groups) else {}
+            for key, default in (("inner_lr", self.inner_lr), ("adapt", True)):
+                if key not in group:
+                    group[key] = current.get(key, default)
             self._check_group(group, index, "the checkpoint's param_groups")
         return super()._prepare_loaded(state, groups)
 
