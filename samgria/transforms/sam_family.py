@@ -647,6 +647,13 @@ class LookSAM(_FinishingTransform):
     State in the slot: per parameter ``"g_v"``, the direction :math:`g_v / \lVert g_v \rVert_2`
     (in the parameter's dtype); on the first parameter ``"step"``, the steps taken.
 
+    As in the paper, :math:`g_v` is normalised whatever its size, so the steps in between add
+    :math:`\alpha \lVert g \rVert_2` along it however small ``rho`` is (``rho=0``, where
+    :math:`g_s = g` and no direction is stored, is the inner optimizer's step): LookSAM does not
+    tend to it as ``rho`` goes to 0. Where :math:`g_s` is (nearly) parallel to :math:`g` --
+    a linear model, a tiny ``rho``, 16-bit gradients -- :math:`g_v` is mostly rounding, and so is
+    the direction that is reused.
+
     LookSAM refuses ``first_pass_context`` (DDP ``no_sync``, m-sharpness): its steps in between
     use the first pass's gradient, and its direction :math:`g_v` is computed from it, so with
     each rank's own gradient the replicas would drift apart. The two-call loop (``first_step()`` / ``second_step()``) works, but its second
