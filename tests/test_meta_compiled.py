@@ -400,6 +400,28 @@ def test_fixed_steps_and_frozen_parameters():
 
 
 # ---------------------------------------------------------------- blockers and bad input
+@pytest.mark.parametrize(
+    "version, blocked",
+    [("2.4.1", True), ("2.6.0+cu124", True), ("2.7.1", False), ("2.7.0a0+git1234", False), ("2.13.0", False), ("3.0.0.dev20270101", False)],
+)
+def test_the_compiled_path_is_refused_on_a_torch_that_compiles_no_program(monkeypatch, version, blocked):
+    """On torch 2.4-2.6 Dynamo breaks the graph inside grad_and_value and runs the compiled
+    meta-loss eagerly without an error (measured): the trainer reported the compiled path while
+    nothing was compiled. The blocker names the torch version, so CompiledMetaLoss refuses and
+    the trainer warns and takes the uncompiled path."""
+    monkeypatch.setattr(torch, "__version__", version)
+    reason = compiled_path_blocker(make_meta("maml", make_model()))
+    if not blocked:
+        assert reason is None
+        return
+    assert reason == (
+        f"torch {version} compiles no program for it (its graph breaks inside "
+        "torch.func.grad_and_value and it runs eagerly); the compiled path needs torch 2.7 or later"
+    )
+    with pytest.raises(ValueError, match=r"^meta cannot use the compiled path: torch .* needs torch 2\.7 or later$"):
+        CompiledMetaLoss(make_meta("maml", make_model()), F.mse_loss)
+
+
 def test_compiled_path_blocker():
     assert compiled_path_blocker(make_meta("maml", make_model())) is None
     assert compiled_path_blocker(make_meta("metasgd", make_model()), sample_tasks(2)) is None

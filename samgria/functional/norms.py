@@ -62,8 +62,9 @@ def global_norm(
             (not on MPS, which has no float64), and those of the float64 and complex128 tensors
             (and their combination) that overflowed or fell below 1e-140 again scaled by a power
             of two, on both paths alike; zero tensors are skipped.
-            ``False``: no host read (asynchronous, and traceable by ``torch.compile``), with
-            float32's range, as ``torch.nn.utils.clip_grad_norm_`` has.
+            ``False``: no host read (asynchronous, and traceable by ``torch.compile`` from torch
+            2.9; earlier releases break the graph at the sharding check), with float32's range,
+            as ``torch.nn.utils.clip_grad_norm_`` has.
 
     Returns:
         A 0-dim tensor on the device of the first (local) tensor, in float64 (float32 on MPS).

@@ -57,6 +57,17 @@ __all__ = ["CompiledMetaLoss", "compiled_path_blocker"]
 
 LossFn = Callable[[Any, Any], torch.Tensor]
 
+#: The oldest torch whose ``torch.compile`` builds a program for the compiled meta-loss:
+#: before it, Dynamo breaks the graph inside ``torch.func.grad_and_value`` and runs the whole
+#: function eagerly without an error (measured on 2.4.1, 2.5.1 and 2.6.0; 2.7.1 compiles it).
+_COMPILE_NEEDS_TORCH = (2, 7)
+
+
+def _torch_release(version: str) -> tuple[int, int]:
+    """``(major, minor)`` of a torch version string (``"2.6.0+cu124"`` -> ``(2, 6)``)."""
+    major, minor = version.split("+")[0].split(".")[:2]
+    return int(major), int("".join(ch for ch in minor if ch.isdigit()) or 0)
+
 def compiled_path_blocker(
     meta: MetaOptimizer, tasks: Sequence[Task] | None = None, loop: InnerLoop | None = None
 ) -> str | None:
@@ -76,6 +87,12 @@ def compiled_path_blocker(
     if not isinstance(meta, MetaOptimizer):
         raise TypeError(f"meta must be a samgria MetaOptimizer, got {type(meta).__name__}")
     name = type(meta).__name__
+    if _torch_release(torch.__version__) < _COMPILE_NEEDS_TORCH:
+        return (
+            f"torch {torch.__version__} compiles no program for it (its graph breaks inside "
+            "torch.func.grad_and_value and it runs eagerly); the compiled path needs torch "
+            f"{'.'.join(map(str, _COMPILE_NEEDS_TORCH))} or later"
+        )
     if meta.outer_update != "meta_gradient":
         return (
             f"{name} forms its outer update from the adapted weights (outer_update="
