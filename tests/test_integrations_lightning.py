@@ -454,3 +454,64 @@ def test_a_chain_without_a_second_pass_clips_under_bf16_mixed_as_a_plain_optimiz
     trainer(precision="bf16-mixed", gradient_clip_val=0.05).fit(module, loader(batches(torch.float32)))
     assert module.training_steps == 3
     assert any(not torch.equal(got, want) for got, want in zip(weights_of(module), before))
+
+
+# -- meta-learners under Lightning ---------------------------------------------------------------
+class MetaRegression(pl.LightningModule):
+    """Reptile over sinusoid tasks: one meta-batch of tasks per batch index; automatic optimization
+    returns the mean query loss, manual optimization adapts and then calls ``step()`` (the
+    no-closure pattern, which Lightning hands a closure that adapts nothing)."""
+
+    def __init__(self, tasks, manual: bool = False) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = nn.Sequential(nn.Linear(1, 8), nn.Tanh(), nn.Linear(8, 1)).double()
+        self.tasks = tasks
+        self.automatic_optimization = not manual
+
+    def training_step(self, batch, batch_idx):
+        from samgria import Reptile
+
+        meta = self.optimizers().optimizer if not self.automatic_optimization else self.trainer.optimizers[0]
+        assert isinstance(meta, Reptile)
+        losses = []
+        for task in self.tasks[int(batch)]:
+            learner = meta.adapt(lambda f, task=task: F.mse_loss(f(task.support_x), task.support_y))
+            with torch.no_grad():
+                losses.append(F.mse_loss(learner(task.query_x), task.query_y))
+        loss = torch.stack(losses).mean().requires_grad_()
+        if self.automatic_optimization:
+            return loss
+        self.optimizers().step()
+
+    def configure_optimizers(self):
+        from samgria import Reptile
+
+        return Reptile(self.net, torch.optim.Adam, lr=1e-2, inner_lr=0.05, inner_steps=3)
+
+
+@pytest.mark.parametrize("how", ["accumulate_grad_batches", "manual_step_without_closure"])
+def test_reptile_updates_over_every_task_lightning_adapted(how) -> None:
+    """With accumulate_grad_batches=2 Lightning adapts the first micro-batch's tasks outside the
+    optimizer: Reptile's update used the last micro-batch only. In manual optimization
+    optimizers().step() hands Reptile a closure that adapts nothing: step() raised "found no
+    adapted tasks". Both equal a hand-written loop over the same tasks."""
+    from samgria import Reptile
+    from samgria.data import SinusoidTaskSampler
+
+    sampler = SinusoidTaskSampler(k_support=5, k_query=5, seed=1, dtype=torch.float64)
+    tasks = [sampler.sample(3) for _ in range(4)]
+    module = MetaRegression(tasks, manual=how != "accumulate_grad_batches")
+    fit = trainer(accumulate_grad_batches=2) if how == "accumulate_grad_batches" else trainer()
+    fit.fit(module, torch.utils.data.DataLoader(list(range(len(tasks))), batch_size=None))
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(1, 8), nn.Tanh(), nn.Linear(8, 1)).double()
+    meta = Reptile(net, torch.optim.Adam, lr=1e-2, inner_lr=0.05, inner_steps=3)
+    groups = [tasks[0] + tasks[1], tasks[2] + tasks[3]] if how == "accumulate_grad_batches" else tasks
+    for group in groups:
+        for task in group:
+            meta.adapt(lambda f, task=task: F.mse_loss(f(task.support_x), task.support_y))
+        meta.step()
+    for a, b in zip(module.net.parameters(), net.parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-15)

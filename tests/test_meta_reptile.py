@@ -231,6 +231,42 @@ def test_outer_that_calls_closure_twice_gets_fresh_records_each_time():
         torch.testing.assert_close(p, q, rtol=0, atol=1e-12)
 
 
+@pytest.mark.parametrize("outer", ["sgd", "twice"])
+def test_tasks_adapted_before_step_count_once_with_those_the_closure_adapts(outer):
+    """A framework may adapt earlier micro-batches outside the optimizer and then hand step() a
+    closure for the last one (Lightning's accumulate_grad_batches), or a closure that adapts
+    nothing (Lightning's manual optimization): the closure cleared the earlier records, so the
+    update used the last micro-batch only, or step() raised "found no adapted tasks". Now the
+    update is over every task adapted since the last step -- once per evaluation, also for an
+    outer optimizer that evaluates the closure twice."""
+
+    class TwiceSGD(torch.optim.SGD):
+        def step(self, closure):
+            closure()
+            return super().step(closure)
+
+    kind = torch.optim.SGD if outer == "sgd" else TwiceSGD
+    tasks = make_tasks(4)
+    reference_model = mlp()
+    reference = Reptile(reference_model, torch.optim.SGD, inner_lr=0.05, inner_steps=2, lr=0.5)
+    reference.step(reptile_closure(reference, tasks))
+
+    split_model = mlp()
+    split = Reptile(split_model, kind, inner_lr=0.05, inner_steps=2, lr=0.5)
+    reptile_closure(split, tasks[:2])()  # an earlier micro-batch, outside the optimizer
+    split.step(reptile_closure(split, tasks[2:]))
+
+    nothing_model = mlp()
+    nothing = Reptile(nothing_model, kind, inner_lr=0.05, inner_steps=2, lr=0.5)
+    reptile_closure(nothing, tasks)()
+    nothing.step(lambda: None)
+
+    for p, q, r in zip(reference_model.parameters(), split_model.parameters(), nothing_model.parameters()):
+        torch.testing.assert_close(q, p, rtol=0, atol=1e-12)
+        torch.testing.assert_close(r, p, rtol=0, atol=1e-12)
+    assert split.num_recorded == 0 and nothing.num_recorded == 0
+
+
 def test_adapt_leaves_model_untouched():
     model = mlp()
     before = copy.deepcopy(model.state_dict())

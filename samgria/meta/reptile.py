@@ -156,7 +156,10 @@ class Reptile(MetaOptimizer):
         Args:
             closure: Adapts per task (via :meth:`adapt` / :meth:`task_losses`) and returns a
                 loss. Handed to the outer optimizer (which may call it more than once); each
-                call starts a fresh record.
+                call starts from the tasks adapted before ``step()`` was called (none, unless a
+                framework ran earlier micro-batches outside it, as Lightning's
+                ``accumulate_grad_batches`` does), and the update is over those and the ones it
+                adapts.
 
         Returns:
             What the outer optimizer's ``step`` returns.
@@ -174,9 +177,13 @@ class Reptile(MetaOptimizer):
                 return self._guarded_step(None)
             if not callable(closure):
                 raise TypeError(f"closure must be callable, got {closure!r}")
+            # Tasks adapted before step() count too, once: a framework may run the closures of
+            # earlier micro-batches outside the optimizer (Lightning's accumulate_grad_batches)
+            # or hand step() a closure that adapts nothing (Lightning's manual optimization).
+            adapted_before = list(self._records)
 
             def reptile_closure() -> Any:
-                self._records.clear()
+                self._records[:] = adapted_before  # each evaluation starts from them afresh
                 loss = closure()
                 self._set_pseudo_grads()
                 return loss
