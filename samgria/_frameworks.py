@@ -125,6 +125,15 @@ def _accelerate_accumulation_steps() -> int:
     return int(state_module.GradientState().num_steps)
 
 
+def accelerate_accumulation() -> str | None:
+    """accelerate's setting under which a closure given to the optimizer covers the last
+    accumulated micro-batch only (see :func:`_accelerate_accumulation_steps`), or ``None``."""
+    steps = _accelerate_accumulation_steps()
+    if steps > 1:
+        return f"accelerate's gradient_accumulation_steps={steps} (accumulate() steps the optimizer on the last micro-batch only)"
+    return None
+
+
 def accumulating_framework(closure: Any) -> str | None:
     """The framework setting under which ``closure`` covers only the last accumulated micro-batch.
 
@@ -141,7 +150,4 @@ def accumulating_framework(closure: Any) -> str | None:
             return "Lightning's Trainer(accumulate_grad_batches > 1) under automatic optimization"
         if isinstance(candidate, functools.partial):
             pending += [candidate.func, *candidate.args, *candidate.keywords.values()]
-    steps = _accelerate_accumulation_steps()
-    if steps > 1:
-        return f"accelerate's gradient_accumulation_steps={steps} (accumulate() steps the optimizer on the last micro-batch only)"
-    return None
+    return accelerate_accumulation()

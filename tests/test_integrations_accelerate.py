@@ -464,3 +464,60 @@ def test_deepspeed_and_megatron_are_refused_at_prepare() -> None:
     model, optimizer = model_and_optimizer()
     with pytest.raises(ValueError, match=r"^SAM under DEEPSPEED: its engine runs the optimizer step itself"):
         accelerator.prepare(model, optimizer)
+
+
+# -- meta-learners under accelerate ------------------------------------------------------------------
+def _meta(kind: str):
+    from samgria import MAML, Reptile
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(1, 8), nn.Tanh(), nn.Linear(8, 1)).double()
+    cls = MAML if kind == "maml" else Reptile
+    return net, cls(net, torch.optim.Adam, lr=1e-2, inner_lr=0.05, inner_steps=2)
+
+
+def _adapt_all(meta, tasks, backward) -> None:
+    from samgria import Reptile
+
+    losses = [F.mse_loss(meta.adapt(lambda f, t=t: F.mse_loss(f(t.support_x), t.support_y))(t.query_x), t.query_y) for t in tasks]
+    if not isinstance(meta, Reptile):
+        backward(torch.stack(losses).mean() / 2)
+
+
+@pytest.mark.parametrize("kind", ["maml", "reptile"])
+def test_a_meta_step_with_a_closure_under_accumulate_is_refused_and_the_closure_free_loop_trains(kind) -> None:
+    """accumulate() calls the optimizer on the last micro-batch only, so a closure covers that
+    micro-batch's tasks alone and the earlier ones were never run: refused on the step, with
+    nothing changed. The documented closure-free pattern (adapt and back-propagate each
+    micro-batch, then step()) equals one step over every task."""
+    from samgria.data import SinusoidTaskSampler
+
+    sampler = SinusoidTaskSampler(k_support=5, k_query=5, seed=1, dtype=torch.float64)
+    micro_batches = [sampler.sample(2) for _ in range(2)]
+
+    accelerator = Accelerator(cpu=True, gradient_accumulation_steps=2)
+    net, meta = _meta(kind)
+    net, meta = accelerator.prepare(net, meta)
+    before = [p.detach().clone() for p in net.parameters()]
+    with pytest.raises(RuntimeError, match=r"step got a closure under accelerate's gradient_accumulation_steps=2"):
+        for tasks in micro_batches:
+            with accelerator.accumulate(net):
+                meta.step(lambda tasks=tasks: _adapt_all(meta.optimizer, tasks, accelerator.backward))
+    assert all(torch.equal(a, b) for a, b in zip(before, net.parameters()))
+
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    accelerator = Accelerator(cpu=True, gradient_accumulation_steps=2)
+    net, meta = _meta(kind)
+    net, meta = accelerator.prepare(net, meta)
+    meta.zero_grad()
+    for tasks in micro_batches:
+        with accelerator.accumulate(net):
+            _adapt_all(meta.optimizer, tasks, accelerator.backward)
+            meta.step()
+
+    reference_net, reference = _meta(kind)
+    _adapt_all(reference, micro_batches[0] + micro_batches[1], lambda loss: (loss * 2 / 2).backward())
+    reference.step()
+    for a, b in zip(net.parameters(), reference_net.parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-15)

@@ -42,6 +42,7 @@ import torch
 from torch import nn
 
 from samgria._checks import check_bool, check_choice, check_real
+from samgria._frameworks import accelerate_accumulation
 from samgria._snapshot import StepSnapshot
 from samgria._wrapper import WrappingOptimizer, refuse_driven
 from samgria.data.task import Task
@@ -378,6 +379,16 @@ class MetaOptimizer(WrappingOptimizer):
         or raises. With ``distributed=True`` the gradients and the loss are all-reduced first,
         so every rank takes the same decision.
         """
+        if closure is not None:
+            setting = accelerate_accumulation()
+            if setting is not None:
+                raise RuntimeError(
+                    f"{type(self).__name__}.step got a closure under {setting}: the closure adapts "
+                    "and back-propagates the last micro-batch's tasks alone, and the earlier "
+                    "micro-batches were never run. Adapt and back-propagate each micro-batch "
+                    "yourself (accelerator.backward; Reptile records each adaptation) and call "
+                    "step() without a closure, or set gradient_accumulation_steps=1"
+                )
         try:
             if closure is None:
                 self._reduce_across_ranks(None)
