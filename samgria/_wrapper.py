@@ -360,10 +360,18 @@ def _plain_entries(optimizer: Optimizer, state_dict: dict[str, Any]) -> dict[str
     return state_dict
 
 
+def _hooks_of(optimizer: Optimizer, attribute: str) -> Any:
+    """``optimizer``'s hook dictionary ``attribute`` -- the real one also while a
+    :class:`_RanAlready` stands in for it (during the optimizer's own ``state_dict`` or load) --
+    or ``None`` before torch's ``__setstate__`` created it."""
+    hooks = optimizer.__dict__.get(attribute)
+    return hooks._hooks if isinstance(hooks, _RanAlready) else hooks
+
+
 def _hook_packing(driven: Optimizer) -> None:
     """Register :func:`_plain_entries` on ``driven`` unless it is there (or ``driven`` is not yet
     unpickled: its hook dictionaries come with torch's ``__setstate__``)."""
-    hooks = driven.__dict__.get("_optimizer_state_dict_post_hooks")
+    hooks = _hooks_of(driven, "_optimizer_state_dict_post_hooks")
     if hooks is not None and _plain_entries not in hooks.values():
         driven.register_state_dict_post_hook(_plain_entries, prepend=True)
 
@@ -391,7 +399,7 @@ def _show_state(driven: Optimizer, owner: WrappingOptimizer) -> None:
     and take a state loaded into ``driven`` directly over)."""
     driven.state = _DrivenState(owner)  # type: ignore[assignment]
     _hook_packing(driven)
-    hooks = driven.__dict__.get("_optimizer_load_state_dict_post_hooks")
+    hooks = _hooks_of(driven, "_optimizer_load_state_dict_post_hooks")
     if hooks is not None and not any(isinstance(hook, _AdoptLoaded) and hook.owner() is owner for hook in hooks.values()):
         driven.register_load_state_dict_post_hook(_AdoptLoaded(owner), prepend=True)
 

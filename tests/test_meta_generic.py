@@ -1450,6 +1450,33 @@ def test_a_checkpoint_with_an_invalid_group_value_is_refused_at_load_and_changes
             assert torch.equal(torch.as_tensor(after["state"][index][name]), torch.as_tensor(value_before))
 
 
+def test_checkpoints_of_a_driven_transforming_optimizer_register_no_hooks():
+    """Reading the state of a TransformingOptimizer driven by a meta-optimizer (its state_dict(),
+    DCP's get_optimizer_state_dict) registered its packing hook once more per call: the hooks,
+    and the time of every later call, grew with the number of checkpoints."""
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).double()
+    outer = TransformingOptimizer(model.parameters(), torch.optim.Adam, lr=1e-3, transforms=[SAM(0.05)])
+    meta = MAML(model, outer, inner_lr=0.01)
+    _run_outer_steps(model, meta, 1, adapt=True)
+
+    def hook_counts():
+        return [
+            len(getattr(optimizer, name))
+            for optimizer in (meta, outer, outer.inner)
+            for name in ("_optimizer_state_dict_post_hooks", "_optimizer_load_state_dict_post_hooks")
+        ]
+
+    before = hook_counts()
+    for _ in range(3):
+        outer.state_dict()
+        get_optimizer_state_dict(model, outer)
+        outer.load_state_dict(outer.state_dict())
+        meta.load_state_dict(meta.state_dict())
+    assert hook_counts() == before
+
+
 def test_an_outer_optimizer_already_driven_by_a_wrapper_is_refused():
     model = nn.Linear(3, 2)
     base = torch.optim.SGD(model.parameters(), lr=0.1)
