@@ -267,6 +267,23 @@ def test_tasks_adapted_before_step_count_once_with_those_the_closure_adapts(oute
     assert split.num_recorded == 0 and nothing.num_recorded == 0
 
 
+def test_clear_records_drops_adaptations_made_for_evaluation():
+    """Test-time adaptation with meta.adapt kept every adapted model until the next step (memory
+    grew without bound) and folded those tasks into it; clear_records() drops them, so the next
+    step equals one without them."""
+    tasks = make_tasks(4)
+    model, twin = mlp(), mlp()
+    meta = Reptile(model, torch.optim.SGD, inner_lr=0.05, inner_steps=2, lr=0.5)
+    reference = Reptile(twin, torch.optim.SGD, inner_lr=0.05, inner_steps=2, lr=0.5)
+    reptile_closure(meta, make_tasks(5, seed=3))()  # evaluation adaptations
+    assert meta.num_recorded == 5
+    meta.clear_records()
+    assert meta.num_recorded == 0
+    meta.step(reptile_closure(meta, tasks))
+    reference.step(reptile_closure(reference, tasks))
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), twin.parameters()))
+
+
 def test_adapt_leaves_model_untouched():
     model = mlp()
     before = copy.deepcopy(model.state_dict())

@@ -65,7 +65,13 @@ class Reptile(MetaOptimizer):
     monitoring loss; it need not call ``backward``. :meth:`step` then sets, for every adapted
     parameter, ``p.grad = θ − mean_i(θ'_i)`` (weighted by each task's ``weight``), sets the
     gradient of every non-adapted meta-parameter to ``None``, calls the outer optimizer and
-    clears the record. Without a closure, ``step()`` uses the tasks adapted since the last step.
+    clears the record. Without a closure, ``step()`` uses the tasks adapted since the last step;
+    with one, those and the tasks the closure adapts.
+
+    :meth:`adapt` records every adaptation (the adapted weights) for the next step, so adapt
+    for evaluation or at test time with :meth:`evaluate` or a learner (:meth:`clone`), which
+    record nothing, or drop the record with :meth:`clear_records`: otherwise the records stay in
+    memory, and the next step moves towards those tasks too.
 
     The inner loop is always first order and keeps no graph to the meta-parameters (Reptile
     needs only the values of :math:`\\theta'_i`); the learners returned by :meth:`adapt` are
@@ -122,6 +128,10 @@ class Reptile(MetaOptimizer):
     def num_recorded(self) -> int:
         """Number of tasks adapted since the last :meth:`step`."""
         return len(self._records)
+
+    def clear_records(self) -> None:
+        """Forget the tasks adapted since the last :meth:`step` (adaptations for evaluation)."""
+        self._records.clear()
 
     @torch.no_grad()
     def _set_pseudo_grads(self) -> None:
