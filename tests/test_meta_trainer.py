@@ -636,37 +636,28 @@ def test_compile_with_vectorize_true_compiles_and_equals_the_vmap_path():
         torch.testing.assert_close(p, q, rtol=1e-12, atol=1e-14)
 
 
-def test_compile_with_vectorize_true_falls_back_to_vmap_with_one_warning():
+@pytest.mark.parametrize(
+    ("algorithm", "torch_version", "reason"),
+    [
+        ("reptile", None, "Reptile forms its outer update from the adapted weights (outer_update='pseudo_gradient'), not from a meta-gradient"),
+        # torch 2.4-2.6 run the compiled meta-loss eagerly without an error: the trainer said
+        # path == "compiled" while nothing was compiled
+        ("maml", "2.6.0", "torch 2.6.0 compiles no program for it (its graph breaks inside torch.func.grad_and_value and it runs eagerly); the compiled path needs torch 2.7 or later"),
+    ],
+    ids=["reptile", "torch-2.6"],
+)
+def test_compile_with_vectorize_true_falls_back_to_vmap_with_one_warning(monkeypatch, algorithm, torch_version, reason):
+    if torch_version is not None:
+        monkeypatch.setattr(torch, "__version__", torch_version)
     tasks = fixed_tasks(6)
-    compiled = _fixed_batches_trainer("reptile", tasks, vectorize=True, compile=True)
+    compiled = _fixed_batches_trainer(algorithm, tasks, vectorize=True, compile=True)
     history, warned = _fit_recording_warnings(compiled, 3, 2)
-    vmap = _fixed_batches_trainer("reptile", tasks, vectorize=True)
+    vmap = _fixed_batches_trainer(algorithm, tasks, vectorize=True)
     expected = vmap.fit(3, 2, progress=False)
-    assert warned == [
-        "MetaTrainer(compile=True): Reptile forms its outer update from the adapted weights "
-        "(outer_update='pseudo_gradient'), not from a meta-gradient; using the uncompiled path"
-    ]
+    assert warned == [f"MetaTrainer(compile=True): {reason}; using the uncompiled path"]
     assert compiled.path == "vmap" and compiled.compiled_loss is None
     assert history.meta_loss == expected.meta_loss  # the vmap path, bit for bit
     assert all(torch.equal(p, q) for p, q in zip(compiled.meta.model.parameters(), vmap.meta.model.parameters()))
-
-
-def test_compile_on_a_torch_that_compiles_no_program_warns_and_takes_the_vmap_path(monkeypatch):
-    """torch 2.4-2.6 run the compiled meta-loss eagerly without an error: the trainer said
-    path == "compiled" while nothing was compiled. It warns once and takes the vmap path."""
-    monkeypatch.setattr(torch, "__version__", "2.6.0")
-    tasks = fixed_tasks(6)
-    compiled = _fixed_batches_trainer("maml", tasks, vectorize=True, compile=True)
-    history, warned = _fit_recording_warnings(compiled, 3, 2)
-    vmap = _fixed_batches_trainer("maml", tasks, vectorize=True)
-    expected = vmap.fit(3, 2, progress=False)
-    assert warned == [
-        "MetaTrainer(compile=True): torch 2.6.0 compiles no program for it (its graph breaks inside "
-        "torch.func.grad_and_value and it runs eagerly); the compiled path needs torch 2.7 or later; "
-        "using the uncompiled path"
-    ]
-    assert compiled.path == "vmap" and compiled.compiled_loss is None
-    assert history.meta_loss == expected.meta_loss
 
 
 def test_compile_with_vectorize_true_falls_back_to_vmap_after_a_compilation_error():
