@@ -402,7 +402,17 @@ def test_fixed_steps_and_frozen_parameters():
 # ---------------------------------------------------------------- blockers and bad input
 @pytest.mark.parametrize(
     "version, blocked",
-    [("2.4.1", True), ("2.6.0+cu124", True), ("2.7.1", False), ("2.7.0a0+git1234", False), ("2.13.0", False), ("3.0.0.dev20270101", False)],
+    [
+        ("2.4.1", True),
+        ("2.6.0+cu124", True),
+        ("2.7.1", False),
+        ("2.7.0a0+git1234", False),
+        ("2.10.0.dev20260101+cpu", False),
+        ("2.13.0", False),
+        ("3.0.0.dev20270101", False),
+        ("parrots", False),  # a build's own naming: not judged
+        ("", False),
+    ],
 )
 def test_the_compiled_path_is_refused_on_a_torch_that_compiles_no_program(monkeypatch, version, blocked):
     """On torch 2.4-2.6 Dynamo breaks the graph inside grad_and_value and runs the compiled

@@ -107,6 +107,28 @@ def closure_case(algorithm: str, rank: int, world_size: int) -> dict[str, Any]:
     return {"weights": meta_weights(meta), "losses": losses}
 
 
+def reptile_adapted_before_case(mode: str, rank: int, world_size: int) -> dict[str, Any]:
+    """Reptile with tasks adapted before ``step(closure)`` (a framework's earlier micro-batches,
+    or manual optimization's closure that adapts nothing): the first share of each rank's tasks
+    (``"split"``), or all of them (``"before_only"``), adapted before the step. Their weights
+    count in the rank's weight as those adapted in the closure do."""
+    meta = build("reptile", make_model(), world_size > 1)
+    tasks_of_rank = DistributedTaskSampler(make_sampler(0), rank=rank, world_size=world_size)
+    for _ in range(STEPS):
+        tasks = tasks_of_rank.sample(GLOBAL_BATCH)
+        cut = len(tasks) if mode == "before_only" else 1
+        for task in tasks[:cut]:
+            meta.adapt(lambda f, t=task: F.mse_loss(f(t.support_x), t.support_y))
+
+        def closure(rest=tasks[cut:]) -> torch.Tensor:
+            for task in rest:
+                meta.adapt(lambda f, t=task: F.mse_loss(f(t.support_x), t.support_y))
+            return torch.zeros((), dtype=DT)
+
+        meta.step(closure)
+    return {"weights": meta_weights(meta)}
+
+
 def learner_case(rank: int, world_size: int) -> dict[str, Any]:
     """The closure API through ``meta.clone()`` learners, which count their tasks themselves."""
     meta = build("maml", make_model(), world_size > 1)
@@ -370,6 +392,8 @@ def run_cases(rank: int, world_size: int, directory: Path) -> dict[str, Any]:
         results[f"closure/{algorithm}"] = closure_case(algorithm, rank, world_size)
         results[f"trainer/{algorithm}"] = trainer_case(algorithm, rank, world_size)
     results["learner"] = learner_case(rank, world_size)
+    for mode in ("split", "before_only"):
+        results[f"reptile_adapted_before/{mode}"] = reptile_adapted_before_case(mode, rank, world_size)
     if world_size > 1:
         results["errors"] = errors_case()
     for algorithm in ("maml", "reptile"):
@@ -490,6 +514,15 @@ def test_meta_step_builder_on_a_rank_without_weighted_tasks_takes_part_with_weig
     meta_class = "MAML" if algorithm == "maml" else "Reptile"
     for rank in ranks:
         assert rank[name]["refusal"].startswith(f"{meta_class}.step found no adapted tasks on any of the 2 ranks")
+
+
+@pytest.mark.parametrize("mode", ["split", "before_only"])
+def test_reptile_counts_the_weights_of_tasks_adapted_before_the_step(ranks, one_process, mode) -> None:
+    """The closure's evaluation reset the rank's task weight and counted only the tasks it
+    adapted: with tasks adapted before step(closure) the ranks were weighted wrongly (a silent
+    wrong update), or, with all of them adapted before, every rank raised "no adapted tasks"."""
+    for rank in ranks:
+        assert_close(rank[f"reptile_adapted_before/{mode}"]["weights"], one_process["closure/reptile"]["weights"])
 
 
 def test_sam_on_the_outer_loop_perturbs_with_the_global_meta_gradient(ranks, one_process) -> None:

@@ -231,21 +231,13 @@ def test_outer_that_calls_closure_twice_gets_fresh_records_each_time():
         torch.testing.assert_close(p, q, rtol=0, atol=1e-12)
 
 
-@pytest.mark.parametrize("outer", ["sgd", "twice"])
-def test_tasks_adapted_before_step_count_once_with_those_the_closure_adapts(outer):
+def test_tasks_adapted_before_step_count_once_with_those_the_closure_adapts():
     """A framework may adapt earlier micro-batches outside the optimizer and then hand step() a
     closure for the last one (Lightning's accumulate_grad_batches), or a closure that adapts
     nothing (Lightning's manual optimization): the closure cleared the earlier records, so the
     update used the last micro-batch only, or step() raised "found no adapted tasks". Now the
-    update is over every task adapted since the last step -- once per evaluation, also for an
-    outer optimizer that evaluates the closure twice."""
-
-    class TwiceSGD(torch.optim.SGD):
-        def step(self, closure):
-            closure()
-            return super().step(closure)
-
-    kind = torch.optim.SGD if outer == "sgd" else TwiceSGD
+    update is over every task adapted since the last step."""
+    kind = torch.optim.SGD
     tasks = make_tasks(4)
     reference_model = mlp()
     reference = Reptile(reference_model, torch.optim.SGD, inner_lr=0.05, inner_steps=2, lr=0.5)
@@ -265,6 +257,50 @@ def test_tasks_adapted_before_step_count_once_with_those_the_closure_adapts(oute
         torch.testing.assert_close(q, p, rtol=0, atol=1e-12)
         torch.testing.assert_close(r, p, rtol=0, atol=1e-12)
     assert split.num_recorded == 0 and nothing.num_recorded == 0
+
+
+@pytest.mark.parametrize("outer", ["twice", "sam", "lbfgs"])
+def test_tasks_adapted_before_step_are_refused_with_an_outer_that_evaluates_the_closure_again(outer):
+    """Tasks adapted before step() were adapted from the weights at its start; an outer
+    optimizer that evaluates the closure again (at SAM's perturbed weights, LBFGS's next
+    iterate) would form their pseudo-gradient at other weights: not SAM, silently. Refused at
+    the second evaluation, with the weights, the outer state and the record as before."""
+    from samgria import SAM, TransformingOptimizer
+
+    class TwiceSGD(torch.optim.SGD):
+        def step(self, closure):
+            closure()
+            return super().step(closure)
+
+    model = mlp()
+    if outer == "sam":
+        built = TransformingOptimizer(model.parameters(), torch.optim.SGD, lr=0.5, momentum=0.9, transforms=[SAM(0.5)])
+        meta = Reptile(model, built, inner_lr=0.05, inner_steps=2)
+    elif outer == "lbfgs":
+        meta = Reptile(model, torch.optim.LBFGS, inner_lr=0.05, inner_steps=2, lr=0.5, max_iter=3)
+    else:
+        meta = Reptile(model, TwiceSGD, inner_lr=0.05, inner_steps=2, lr=0.5, momentum=0.9)
+    tasks = make_tasks(4)
+    meta.step(reptile_closure(meta, tasks[2:]))  # a step that creates the outer state
+    reptile_closure(meta, tasks[:2])()  # adapted before the step
+    before = [p.detach().clone() for p in model.parameters()]
+    state = copy.deepcopy(meta.state_dict())
+    with pytest.raises(RuntimeError, match=r"^Reptile: 2 task\(s\) were adapted before step\(\), from the weights at its start"):
+        meta.step(reptile_closure(meta, tasks[2:]))
+    assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
+    assert meta.num_recorded == 2
+    assert _same(meta.state_dict()["state"], state["state"])
+
+
+def _same(a, b) -> bool:
+    """Bit-for-bit equality of nested optimizer state (tensors, lists, dicts, numbers, None)."""
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and torch.equal(a, b)
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return type(a) is type(b) and len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    return a == b
 
 
 def test_clear_records_drops_adaptations_made_for_evaluation():
@@ -307,7 +343,8 @@ def test_reptile_errors_name_argument_and_value():
     meta.adapt(lambda f: mse(f(t.support_x), t.support_y), weight=0.0)
     with pytest.raises(ValueError, match=r"task weights must not all be 0, got \[0\.0\]"):
         meta.step()
-    assert meta.num_recorded == 0  # cleared even after an error
+    assert meta.num_recorded == 1  # a step that raises changes nothing
+    meta.clear_records()
     with pytest.raises(ValueError, match=r"weight must be a finite number >= 0, got -2\.0"):
         meta.adapt(lambda f: mse(f(t.support_x), t.support_y), weight=-2.0)
     with pytest.raises(ValueError, match="inner_lr must be a finite number >= 0, got -0.1"):
@@ -326,9 +363,10 @@ def test_reptile_errors_name_argument_and_value():
         meta.adapt(lambda f: mse(f(t.support_x), t.support_y))
         raise RuntimeError("boom")
 
+    meta.adapt(lambda f: mse(f(t.support_x), t.support_y))  # adapted before the step
     with pytest.raises(RuntimeError, match="boom"):
         meta.step(failing)
-    assert meta.num_recorded == 0
+    assert meta.num_recorded == 1  # as before the step: the closure's record is dropped
     for p, b in zip(model.parameters(), before):
         assert torch.equal(p, b)
 

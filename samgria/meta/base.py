@@ -366,7 +366,27 @@ class MetaOptimizer(WrappingOptimizer):
         """
         if closure is not None and not callable(closure):
             raise TypeError(f"closure must be callable, got {closure!r}")
+        self._refuse_closure_under_accumulation(closure)
         return self._guarded_step(closure)
+
+    def _refuse_closure_under_accumulation(self, closure: Callable[[], Any] | None) -> None:
+        """Raise before anything changes when accelerate steps the optimizer under
+        ``gradient_accumulation_steps > 1`` and ``closure`` is given.
+
+        accelerate's ``accumulate()`` calls the optimizer on the last micro-batch only, so a
+        closure would adapt and back-propagate that micro-batch's tasks alone; nothing here can
+        tell it from a closure that runs every micro-batch itself (see
+        :func:`samgria._frameworks.accelerate_accumulation`), so both are refused.
+        """
+        setting = accelerate_accumulation() if closure is not None else None
+        if setting is not None:
+            raise RuntimeError(
+                f"{type(self).__name__}.step got a closure under {setting}: under accumulate() "
+                "the closure covers the last micro-batch's tasks alone. Adapt and back-propagate "
+                "each micro-batch yourself (accelerator.backward; Reptile records each "
+                "adaptation) and call step() without a closure; or, for a closure that runs every "
+                "micro-batch itself, set gradient_accumulation_steps=1 (accumulate() is not needed)"
+            )
 
     def _guarded_step(self, closure: Callable[[], Any] | None) -> Any:
         """The outer step, skipped whole when what the update uses is not finite.
@@ -379,16 +399,6 @@ class MetaOptimizer(WrappingOptimizer):
         or raises. With ``distributed=True`` the gradients and the loss are all-reduced first,
         so every rank takes the same decision.
         """
-        if closure is not None:
-            setting = accelerate_accumulation()
-            if setting is not None:
-                raise RuntimeError(
-                    f"{type(self).__name__}.step got a closure under {setting}: the closure adapts "
-                    "and back-propagates the last micro-batch's tasks alone, and the earlier "
-                    "micro-batches were never run. Adapt and back-propagate each micro-batch "
-                    "yourself (accelerator.backward; Reptile records each adaptation) and call "
-                    "step() without a closure, or set gradient_accumulation_steps=1"
-                )
         try:
             if closure is None:
                 self._reduce_across_ranks(None)

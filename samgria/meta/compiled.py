@@ -39,6 +39,7 @@ zero gradient instead of ``None``; dropout draws its random numbers inside the c
 from __future__ import annotations
 
 import itertools
+import re
 import sys
 import types
 from collections.abc import Callable, Sequence
@@ -63,10 +64,11 @@ LossFn = Callable[[Any, Any], torch.Tensor]
 _COMPILE_NEEDS_TORCH = (2, 7)
 
 
-def _torch_release(version: str) -> tuple[int, int]:
-    """``(major, minor)`` of a torch version string (``"2.6.0+cu124"`` -> ``(2, 6)``)."""
-    major, minor = version.split("+")[0].split(".")[:2]
-    return int(major), int("".join(ch for ch in minor if ch.isdigit()) or 0)
+def _torch_release(version: str) -> tuple[int, int] | None:
+    """``(major, minor)`` of a torch version string (``"2.6.0+cu124"`` -> ``(2, 6)``), or
+    ``None`` for one that does not start with them (a build's own naming)."""
+    match = re.match(r"(\d+)\.(\d+)", version)
+    return None if match is None else (int(match.group(1)), int(match.group(2)))
 
 def compiled_path_blocker(
     meta: MetaOptimizer, tasks: Sequence[Task] | None = None, loop: InnerLoop | None = None
@@ -87,7 +89,8 @@ def compiled_path_blocker(
     if not isinstance(meta, MetaOptimizer):
         raise TypeError(f"meta must be a samgria MetaOptimizer, got {type(meta).__name__}")
     name = type(meta).__name__
-    if _torch_release(torch.__version__) < _COMPILE_NEEDS_TORCH:
+    release = _torch_release(str(torch.__version__))
+    if release is not None and release < _COMPILE_NEEDS_TORCH:
         return (
             f"torch {torch.__version__} compiles no program for it (its graph breaks inside "
             "torch.func.grad_and_value and it runs eagerly); the compiled path needs torch "

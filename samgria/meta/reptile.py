@@ -176,7 +176,18 @@ class Reptile(MetaOptimizer):
 
         Raises:
             ValueError: No task was adapted, or all task weights are 0.
+            RuntimeError: Tasks were adapted before ``step(closure)`` and the outer optimizer
+                evaluates the closure more than once (SAM, LBFGS), or the closure is given under
+                accelerate's gradient accumulation. A step that raises leaves the weights, the
+                outer state and the record of adapted tasks as they were.
         """
+        if closure is not None and not callable(closure):
+            raise TypeError(f"closure must be callable, got {closure!r}")
+        self._refuse_closure_under_accumulation(closure)
+        # Tasks adapted before step() count too, once: a framework may run the closures of
+        # earlier micro-batches outside the optimizer (Lightning's accumulate_grad_batches) or
+        # hand step() a closure that adapts nothing (Lightning's manual optimization).
+        adapted_before = list(self._records)
         try:
             if closure is None:
                 if not self._records and self._is_state_init_step():
@@ -184,20 +195,33 @@ class Reptile(MetaOptimizer):
                     # at lr 0 with zero gradients: the outer optimizer's, on those gradients.
                     return self._driven_step(None)
                 self._set_pseudo_grads()
-                return self._guarded_step(None)
-            if not callable(closure):
-                raise TypeError(f"closure must be callable, got {closure!r}")
-            # Tasks adapted before step() count too, once: a framework may run the closures of
-            # earlier micro-batches outside the optimizer (Lightning's accumulate_grad_batches)
-            # or hand step() a closure that adapts nothing (Lightning's manual optimization).
-            adapted_before = list(self._records)
+                result = self._guarded_step(None)
+                self._records.clear()
+                return result
+            evaluations = 0
 
             def reptile_closure() -> Any:
-                self._records[:] = adapted_before  # each evaluation starts from them afresh
+                nonlocal evaluations
+                evaluations += 1
+                if adapted_before and evaluations > 1:
+                    raise RuntimeError(
+                        f"Reptile: {len(adapted_before)} task(s) were adapted before step(), from "
+                        "the weights at its start, and the outer optimizer evaluates the closure "
+                        "again (SAM, LBFGS), at weights where their pseudo-gradient would be wrong: "
+                        "adapt every task inside the closure (with Lightning, one micro-batch per "
+                        "step)"
+                    )
+                # Each evaluation starts from the tasks adapted before step(), weights counted.
+                self._records[:] = adapted_before
+                for _, weight in adapted_before:
+                    self.add_task_weight(weight)
                 loss = closure()
                 self._set_pseudo_grads()
                 return loss
 
-            return self._guarded_step(reptile_closure)
-        finally:
-            self._records.clear()
+            result = self._guarded_step(reptile_closure)
+        except BaseException:
+            self._records[:] = adapted_before  # a step that raises changes nothing
+            raise
+        self._records.clear()
+        return result

@@ -33,7 +33,7 @@ from typing import Any
 import torch
 
 from samgria.functional._sharding import is_fsdp1_flattened, is_sharded
-from samgria.transforms.base import GradientTransform, ProtocolTransform, Transform
+from samgria.transforms.base import GradientTransform, ProtocolTransform, Transform, default_slot_name
 
 __all__: list[str] = []
 
@@ -249,7 +249,7 @@ class Chain:
                     f"{where}: the key {key!r} names no hyperparameter of slot {prefix!r} "
                     f"({type(transform).__name__}), whose hyperparameters are: {known}"
                 )
-            if short in self._owners and difflib.get_close_matches(prefix, self.slots, n=1, cutoff=0.6):
+            if short in self._owners and self._names_a_slot(prefix):
                 spellings = [f"{slot}.{short}" for slot in self._owners[short]]
                 if short in self.defaults:  # stored under the short key: unambiguous
                     spellings.insert(0, short)
@@ -258,6 +258,15 @@ class Chain:
                     f"{', '.join(repr(slot) for slot in self.slots)}); write "
                     + " or ".join(repr(spelling) for spelling in spellings)
                 )
+
+    def _names_a_slot(self, prefix: str) -> bool:
+        """Whether ``prefix`` is, case aside, close to a slot's name, a transform's default slot
+        name or its class name (``"SAM"``, ``"looksam"``; ``"sam"`` for a slot named otherwise)."""
+        names = {name.lower() for name in self.slots}
+        for transform in self.transforms:
+            names.add(type(transform).__name__.lower())
+            names.add(getattr(transform, "slot_name", None) or default_slot_name(transform))
+        return bool(difflib.get_close_matches(prefix.lower(), sorted(names), n=1, cutoff=0.6))
 
     def take_qualified_edits(self, group: dict[str, Any], where: str) -> None:
         """Apply ``param_groups`` edits made under a qualified key to a filled group.
