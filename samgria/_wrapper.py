@@ -368,12 +368,30 @@ def _hooks_of(optimizer: Optimizer, attribute: str) -> Any:
     return hooks._hooks if isinstance(hooks, _RanAlready) else hooks
 
 
+def _register_hook(optimizer: Optimizer, attribute: str, register: Callable[[], Any]) -> None:
+    """Run ``register`` (one of torch's ``register_*_hook`` calls, which write into ``attribute``)
+    with the real hook dictionary in place, also while a :class:`_RanAlready` stands in for it."""
+    hooks = optimizer.__dict__.get(attribute)
+    if not isinstance(hooks, _RanAlready):
+        register()
+        return
+    optimizer.__dict__[attribute] = hooks._hooks
+    try:
+        register()
+    finally:
+        optimizer.__dict__[attribute] = hooks
+
+
 def _hook_packing(driven: Optimizer) -> None:
     """Register :func:`_plain_entries` on ``driven`` unless it is there (or ``driven`` is not yet
     unpickled: its hook dictionaries come with torch's ``__setstate__``)."""
     hooks = _hooks_of(driven, "_optimizer_state_dict_post_hooks")
     if hooks is not None and _plain_entries not in hooks.values():
-        driven.register_state_dict_post_hook(_plain_entries, prepend=True)
+        _register_hook(
+            driven,
+            "_optimizer_state_dict_post_hooks",
+            lambda: driven.register_state_dict_post_hook(_plain_entries, prepend=True),
+        )
 
 
 class _AdoptLoaded:
@@ -401,7 +419,11 @@ def _show_state(driven: Optimizer, owner: WrappingOptimizer) -> None:
     _hook_packing(driven)
     hooks = _hooks_of(driven, "_optimizer_load_state_dict_post_hooks")
     if hooks is not None and not any(isinstance(hook, _AdoptLoaded) and hook.owner() is owner for hook in hooks.values()):
-        driven.register_load_state_dict_post_hook(_AdoptLoaded(owner), prepend=True)
+        _register_hook(
+            driven,
+            "_optimizer_load_state_dict_post_hooks",
+            lambda: driven.register_load_state_dict_post_hook(_AdoptLoaded(owner), prepend=True),
+        )
 
 
 def _patched_by_someone_else(optimizer: Optimizer, key: str, value: Any) -> bool:
