@@ -107,18 +107,47 @@ def closure_case(algorithm: str, rank: int, world_size: int) -> dict[str, Any]:
     return {"weights": meta_weights(meta), "losses": losses}
 
 
+class _FailsOnce(torch.optim.SGD):
+    """SGD whose first step raises before it changes anything (a transient failure)."""
+
+    failed = False
+
+    def step(self, closure=None):  # type: ignore[override]
+        if not self.failed:
+            self.failed = True
+            raise RuntimeError("transient")
+        return super().step(closure)
+
+
 def reptile_adapted_before_case(mode: str, rank: int, world_size: int) -> dict[str, Any]:
-    """Reptile with tasks adapted before ``step(closure)`` (a framework's earlier micro-batches,
-    or manual optimization's closure that adapts nothing): the first share of each rank's tasks
-    (``"split"``), or all of them (``"before_only"``), adapted before the step. Their weights
-    count in the rank's weight as those adapted in the closure do."""
-    meta = build("reptile", make_model(), world_size > 1)
+    """Reptile with tasks adapted before the step (a framework's earlier micro-batches, or manual
+    optimization's closure that adapts nothing): the first share of each rank's tasks
+    (``"split"``), or all of them (``"before_only"``), adapted before ``step(closure)``; all of
+    them before ``step()``, whose first call fails and is retried (``"retry"``); all of them
+    after two adaptations that ``clear_records()`` forgets on rank 0 (``"cleared"``). Their
+    weights count in the rank's weight as those adapted in the closure do, once."""
+    distributed = world_size > 1
+    if mode == "retry":
+        meta = Reptile(make_model(), _FailsOnce, lr=0.5, inner_lr=0.05, inner_steps=3, distributed=distributed)
+    else:
+        meta = build("reptile", make_model(), distributed)
     tasks_of_rank = DistributedTaskSampler(make_sampler(0), rank=rank, world_size=world_size)
     for _ in range(STEPS):
         tasks = tasks_of_rank.sample(GLOBAL_BATCH)
-        cut = len(tasks) if mode == "before_only" else 1
+        if mode == "cleared" and rank == 0:
+            for task in tasks[:2]:
+                meta.adapt(lambda f, t=task: F.mse_loss(f(t.support_x), t.support_y))
+            meta.clear_records()
+        cut = 1 if mode == "split" else len(tasks)
         for task in tasks[:cut]:
             meta.adapt(lambda f, t=task: F.mse_loss(f(t.support_x), t.support_y))
+        if mode in ("retry", "cleared"):
+            try:
+                meta.step()
+            except RuntimeError as error:
+                assert str(error) == "transient"
+                meta.step()
+            continue
 
         def closure(rest=tasks[cut:]) -> torch.Tensor:
             for task in rest:
@@ -392,7 +421,7 @@ def run_cases(rank: int, world_size: int, directory: Path) -> dict[str, Any]:
         results[f"closure/{algorithm}"] = closure_case(algorithm, rank, world_size)
         results[f"trainer/{algorithm}"] = trainer_case(algorithm, rank, world_size)
     results["learner"] = learner_case(rank, world_size)
-    for mode in ("split", "before_only"):
+    for mode in ("split", "before_only", "retry", "cleared"):
         results[f"reptile_adapted_before/{mode}"] = reptile_adapted_before_case(mode, rank, world_size)
     if world_size > 1:
         results["errors"] = errors_case()
@@ -516,11 +545,13 @@ def test_meta_step_builder_on_a_rank_without_weighted_tasks_takes_part_with_weig
         assert rank[name]["refusal"].startswith(f"{meta_class}.step found no adapted tasks on any of the 2 ranks")
 
 
-@pytest.mark.parametrize("mode", ["split", "before_only"])
+@pytest.mark.parametrize("mode", ["split", "before_only", "retry", "cleared"])
 def test_reptile_counts_the_weights_of_tasks_adapted_before_the_step(ranks, one_process, mode) -> None:
     """The closure's evaluation reset the rank's task weight and counted only the tasks it
     adapted: with tasks adapted before step(closure) the ranks were weighted wrongly (a silent
-    wrong update), or, with all of them adapted before, every rank raised "no adapted tasks"."""
+    wrong update), or, with all of them adapted before, every rank raised "no adapted tasks".
+    A failed step lost the weight of the record it kept (its retry weighted the rank 0), and
+    clear_records() kept the weights of the tasks it forgot."""
     for rank in ranks:
         assert_close(rank[f"reptile_adapted_before/{mode}"]["weights"], one_process["closure/reptile"]["weights"])
 

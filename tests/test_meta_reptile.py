@@ -320,6 +320,31 @@ def test_clear_records_drops_adaptations_made_for_evaluation():
     assert all(torch.equal(p, q) for p, q in zip(model.parameters(), twin.parameters()))
 
 
+@pytest.mark.parametrize("with_closure", [False, True])
+def test_non_finite_raise_consumes_the_record_as_a_skipped_step_does(with_closure):
+    """non_finite="raise" judges and skips the step: the record of adapted tasks is consumed, as
+    with "skip". Since a raising step kept the record, one non-finite task made every later
+    step raise."""
+    model = mlp()
+    meta = Reptile(model, torch.optim.SGD, inner_lr=0.05, inner_steps=1, lr=0.5, non_finite="raise")
+    bad = make_tasks(1)[0]
+    bad = Task(bad.support_x, bad.support_y * float("inf"), bad.query_x, bad.query_y)
+    if with_closure:
+        with pytest.raises(FloatingPointError, match="the meta-step is skipped"):
+            meta.step(reptile_closure(meta, [bad]))
+    else:
+        meta.adapt(lambda f: mse(f(bad.support_x), bad.support_y))
+        with pytest.raises(FloatingPointError, match="the meta-step is skipped"):
+            meta.step()
+    assert meta.num_recorded == 0
+    twin = mlp()
+    reference = Reptile(twin, torch.optim.SGD, inner_lr=0.05, inner_steps=1, lr=0.5)
+    tasks = make_tasks(3)
+    meta.step(reptile_closure(meta, tasks))
+    reference.step(reptile_closure(reference, tasks))
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), twin.parameters()))
+
+
 def test_adapt_leaves_model_untouched():
     model = mlp()
     before = copy.deepcopy(model.state_dict())

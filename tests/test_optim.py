@@ -77,6 +77,8 @@ class _SeedProtocolSAM:
         (lambda m: TransformingOptimizer([{"params": m.parameters(), "sma.rho": 0.5}], torch.optim.SGD, lr=0.1, transforms=[SAM()]), ValueError, r"^param_groups\[0\]: the key 'sma\.rho' names no slot of the chain \(slots: 'sam'\); write 'rho' or 'sam\.rho'$"),
         (lambda m: TransformingOptimizer([{"params": m.parameters(), "sam.lr": 0.5}], torch.optim.SGD, lr=0.1, transforms=[SAM()]), ValueError, r"^param_groups\[0\]: the key 'sam\.lr' names no hyperparameter of slot 'sam' \(SAM\), whose hyperparameters are: 'rho'$"),
         (lambda m: TransformingOptimizer([{"params": m.parameters(), "SAM.rho": 0.5}], torch.optim.SGD, lr=0.1, transforms=[SAM()]), ValueError, r"^param_groups\[0\]: the key 'SAM\.rho' names no slot of the chain \(slots: 'sam'\); write 'rho' or 'sam\.rho'$"),
+        (lambda m: TransformingOptimizer([{"params": m.parameters(), "SAM.Rho": 0.5}], torch.optim.SGD, lr=0.1, transforms=[SAM()]), ValueError, r"^param_groups\[0\]: the key 'SAM\.Rho' names no slot of the chain \(slots: 'sam'\); write 'rho' or 'sam\.rho'$"),
+        (lambda m: TransformingOptimizer([{"params": m.parameters(), "SAM.lr": 0.5}], torch.optim.SGD, lr=0.1, transforms=[SAM()]), ValueError, r"^param_groups\[0\]: the key 'SAM\.lr' names no hyperparameter of slot 'sam' \(SAM\), whose hyperparameters are: 'rho'$"),
         (lambda m: TransformingOptimizer([{"params": m.parameters(), "sam.rho": 0.5}], torch.optim.SGD, lr=0.1, transforms={"perturb": SAM()}), ValueError, r"^param_groups\[0\]: the key 'sam\.rho' names no slot of the chain \(slots: 'perturb'\); write 'rho' or 'perturb\.rho'$"),
         (lambda m: TransformingOptimizer([{"params": m.parameters(), "rho": -2.0}], torch.optim.SGD, lr=0.1, transforms=[SAM()]), ValueError, r"param_groups\[0\]: rho must be a finite number >= 0, got -2\.0"),
         (lambda m: TransformingOptimizer([{"params": m.parameters(), "sam.rho": -2.0}], torch.optim.Adadelta, transforms=[SAM()]), ValueError, r"param_groups\[0\]: sam\.rho must be a finite number >= 0, got -2\.0"),
@@ -113,6 +115,12 @@ def test_qualified_keys_that_name_no_hyperparameter_are_refused_where_groups_com
     allowed, as torch allows keys it does not know."""
     x, y = make_data()
     model = make_model()
+    from samgria import NormalizeGrad
+
+    for transforms, key in (([LookSAM()], "lookahead.alpha"), ([ASAM(), NormalizeGrad()], "Adam.eps"), ([SAM()], "mylib.rho")):
+        # another transform's or a torch optimizer's name, or another library's: kept and ignored
+        kept = TransformingOptimizer([{"params": model.parameters(), key: 0.5}], torch.optim.Adam, lr=0.1, transforms=transforms)
+        assert kept.param_groups[0][key] == 0.5
     optimizer = TransformingOptimizer(
         [{"params": model[0].parameters(), "note.kind": "body"}], torch.optim.SGD, lr=0.1, transforms=[LookSAM(), Lookahead()]
     )

@@ -93,6 +93,12 @@ def _closure_failure_changes_nothing(optimizer: torch.optim.Optimizer) -> bool:
     return type(optimizer).__module__.startswith("torch.optim.") and not isinstance(optimizer, torch.optim.LBFGS)
 
 
+class _SkippedByPolicy(FloatingPointError):
+    """The ``FloatingPointError`` of ``non_finite="raise"``: the meta-step was judged and skipped
+    (what it consumes -- Reptile's record of adapted tasks, the task weight -- is consumed, as by
+    a skipped step), unlike a step that failed on its own."""
+
+
 class _NonFiniteMetaStep(Exception):
     """Raised inside the closure to abort an outer step before it changes anything."""
 
@@ -398,34 +404,48 @@ class MetaOptimizer(WrappingOptimizer):
         gets a copy of the weights and of the outer state, put back when the step is skipped
         or raises. With ``distributed=True`` the gradients and the loss are all-reduced first,
         so every rank takes the same decision.
+
+        The task weight counted so far (:meth:`add_task_weight`) is consumed by a step that
+        completes or is skipped; a step that raises otherwise leaves it as it was.
         """
+        weight_before = self._task_weight
         try:
-            if closure is None:
-                self._reduce_across_ranks(None)
-                problem = self._non_finite(None)
-                if problem is not None:
-                    return self._skip(problem, None)
-                return self._driven_step(None)
-
-            def checked_closure() -> Any:
-                self._task_weight = 0.0
-                loss = self._reduce_across_ranks(closure())
-                problem = self._non_finite(loss)
-                if problem is not None:
-                    raise _NonFiniteMetaStep(problem, loss)
-                return loss
-
-            snapshot = self._outer_step_snapshot()
-            try:
-                return self._driven_step(checked_closure)
-            except BaseException as error:
-                if snapshot is not None:
-                    snapshot.restore()
-                if isinstance(error, _NonFiniteMetaStep):
-                    return self._skip(error.problem, error.loss)
-                raise
-        finally:
+            result = self._checked_outer_step(closure)
+        except _SkippedByPolicy:
             self._task_weight = 0.0
+            raise
+        except BaseException:
+            self._task_weight = weight_before
+            raise
+        self._task_weight = 0.0
+        return result
+
+    def _checked_outer_step(self, closure: Callable[[], Any] | None) -> Any:
+        """The body of :meth:`_guarded_step`."""
+        if closure is None:
+            self._reduce_across_ranks(None)
+            problem = self._non_finite(None)
+            if problem is not None:
+                return self._skip(problem, None)
+            return self._driven_step(None)
+
+        def checked_closure() -> Any:
+            self._task_weight = 0.0
+            loss = self._reduce_across_ranks(closure())
+            problem = self._non_finite(loss)
+            if problem is not None:
+                raise _NonFiniteMetaStep(problem, loss)
+            return loss
+
+        snapshot = self._outer_step_snapshot()
+        try:
+            return self._driven_step(checked_closure)
+        except BaseException as error:
+            if snapshot is not None:
+                snapshot.restore()
+            if isinstance(error, _NonFiniteMetaStep):
+                return self._skip(error.problem, error.loss)
+            raise
 
     def _outer_step_snapshot(self) -> StepSnapshot | None:
         """A copy of the weights and the outer state, when a failed closure evaluation could
@@ -485,7 +505,7 @@ class MetaOptimizer(WrappingOptimizer):
     def _skip(self, problem: str, loss: Any) -> Any:
         message = f"{type(self).__name__}: {problem}; the meta-step is skipped (weights and outer state unchanged)"
         if self.non_finite == "raise":
-            raise FloatingPointError(message + "; non_finite='raise' was set")
+            raise _SkippedByPolicy(message + "; non_finite='raise' was set")
         self.skipped_steps += 1
         warnings.warn(message, RuntimeWarning, stacklevel=stacklevel_outside())
         return loss

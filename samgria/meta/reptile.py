@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from samgria.data.task import Task
-from samgria.meta.base import MetaOptimizer
+from samgria.meta.base import MetaOptimizer, _SkippedByPolicy
 
 __all__ = ["Reptile"]
 
@@ -130,7 +130,9 @@ class Reptile(MetaOptimizer):
         return len(self._records)
 
     def clear_records(self) -> None:
-        """Forget the tasks adapted since the last :meth:`step` (adaptations for evaluation)."""
+        """Forget the tasks adapted since the last :meth:`step` (adaptations for evaluation),
+        their weights included."""
+        self._task_weight -= sum(weight for _, weight in self._records)
         self._records.clear()
 
     @torch.no_grad()
@@ -179,7 +181,9 @@ class Reptile(MetaOptimizer):
             RuntimeError: Tasks were adapted before ``step(closure)`` and the outer optimizer
                 evaluates the closure more than once (SAM, LBFGS), or the closure is given under
                 accelerate's gradient accumulation. A step that raises leaves the weights, the
-                outer state and the record of adapted tasks as they were.
+                outer state and the record of adapted tasks (with their weights) as they were --
+                except the ``FloatingPointError`` of ``non_finite="raise"``, which consumes the
+                record as a skipped step does.
         """
         if closure is not None and not callable(closure):
             raise TypeError(f"closure must be callable, got {closure!r}")
@@ -220,6 +224,9 @@ class Reptile(MetaOptimizer):
                 return loss
 
             result = self._guarded_step(reptile_closure)
+        except _SkippedByPolicy:  # non_finite="raise": judged and skipped, the record consumed
+            self._records.clear()
+            raise
         except BaseException:
             self._records[:] = adapted_before  # a step that raises changes nothing
             raise

@@ -93,8 +93,9 @@ def _derive_writes_weights(cls: type, base: type, hook: str) -> None:
 
 
 def default_slot_name(obj: Any) -> str:
-    """``"sam"`` for ``SAM()``, ``"normalize_grad"`` for ``NormalizeGrad()``: snake case of the class."""
-    name = type(obj).__name__
+    """``"sam"`` for ``SAM()`` (or the class ``SAM``), ``"normalize_grad"`` for
+    ``NormalizeGrad()``: snake case of the class."""
+    name = obj.__name__ if isinstance(obj, type) else type(obj).__name__
     name = re.sub(r"(?<=[a-z0-9])(?=[A-Z])|(?<=[A-Z])(?=[A-Z][a-z])", "_", name)
     return name.lower()
 

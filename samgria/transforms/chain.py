@@ -61,6 +61,26 @@ def _as_transform(where: str, transform: Any) -> Transform:
     )
 
 
+def _subclasses(cls: type) -> list[type]:
+    found, pending = [], list(cls.__subclasses__())
+    while pending:
+        sub = pending.pop()
+        found.append(sub)
+        pending += sub.__subclasses__()
+    return found
+
+
+def _other_known_names() -> set[str]:
+    """The lowercase class names (and transforms' default slot names) of every samgria transform
+    and every torch optimizer defined so far: prefixes that name something, not a misspelt slot."""
+    names = set()
+    for cls in _subclasses(Transform) + _subclasses(torch.optim.Optimizer):
+        names.add(cls.__name__.lower())
+        if issubclass(cls, Transform):
+            names.add(getattr(cls, "slot_name", None) or default_slot_name(cls))
+    return names
+
+
 class Chain:
     """The slots of one optimizer and how their hyperparameters map onto param-group keys.
 
@@ -233,40 +253,52 @@ class Chain:
 
     def _refuse_unknown_qualified(self, group: Mapping[str, Any], where: str) -> None:
         """Raise ``ValueError`` for a key ``"s.h"`` that names no hyperparameter of the chain
-        although it looks like one: ``s`` is a slot without a hyperparameter ``h``
-        (``"sam.lr"``), or ``h`` is a transform's hyperparameter and ``s`` a name close to a
-        slot's (``"looksam.alpha"`` for ``"look_sam.alpha"``; :func:`difflib.get_close_matches`).
-        Such a key would be stored and never read, the transform keeping its default. Other keys
-        (``"mylib.rho"``) are left alone, as torch leaves keys it does not know."""
+        although it looks like one: ``s`` is a slot (case aside) without a hyperparameter ``h``
+        (``"sam.lr"``, ``"SAM.Rho"``), or ``h`` is, case aside, a transform's hyperparameter and
+        ``s`` a name close to one of the chain's transforms (its slot, default slot or class
+        name: ``"looksam.alpha"`` for ``"look_sam.alpha"``, ``"sam.rho"`` for a slot named
+        ``perturb``; :func:`difflib.get_close_matches`) that names no other transform or torch
+        optimizer (``"lookahead.alpha"`` beside a LookSAM, ``"adam.eps"``). Such a key would be
+        stored and never read, the transform keeping its default. Other keys (``"mylib.rho"``)
+        are left alone, as torch leaves keys it does not know."""
         for key in group:
             if type(key) is not str or "." not in key or key in self._qualified:
                 continue
             prefix, _, short = key.partition(".")
-            if prefix in self._slot_set:
-                transform = self.transforms[self.slots.index(prefix)]
-                known = ", ".join(repr(name) for name in self.keys[prefix]) or "none"
+            slot = self._slot_named(prefix)
+            if slot is not None and short.lower() not in {name.lower() for name in self.keys[slot]}:
+                transform = self.transforms[self.slots.index(slot)]
+                known = ", ".join(repr(name) for name in self.keys[slot]) or "none"
                 raise ValueError(
-                    f"{where}: the key {key!r} names no hyperparameter of slot {prefix!r} "
+                    f"{where}: the key {key!r} names no hyperparameter of slot {slot!r} "
                     f"({type(transform).__name__}), whose hyperparameters are: {known}"
                 )
-            if short in self._owners and self._names_a_slot(prefix):
-                spellings = [f"{slot}.{short}" for slot in self._owners[short]]
-                if short in self.defaults:  # stored under the short key: unambiguous
-                    spellings.insert(0, short)
+            owned = next((name for name in self._owners if name.lower() == short.lower()), None)
+            if owned is not None and (slot is not None or self._names_a_slot(prefix)):
+                spellings = [f"{owner}.{owned}" for owner in self._owners[owned]]
+                if owned in self.defaults:  # stored under the short key: unambiguous
+                    spellings.insert(0, owned)
                 raise ValueError(
                     f"{where}: the key {key!r} names no slot of the chain (slots: "
                     f"{', '.join(repr(slot) for slot in self.slots)}); write "
                     + " or ".join(repr(spelling) for spelling in spellings)
                 )
 
+    def _slot_named(self, prefix: str) -> str | None:
+        """The slot ``prefix`` names, case aside, or ``None``."""
+        return next((slot for slot in self.slots if slot.lower() == prefix.lower()), None)
+
     def _names_a_slot(self, prefix: str) -> bool:
-        """Whether ``prefix`` is, case aside, close to a slot's name, a transform's default slot
-        name or its class name (``"SAM"``, ``"looksam"``; ``"sam"`` for a slot named otherwise)."""
-        names = {name.lower() for name in self.slots}
+        """Whether ``prefix`` is, case aside, close to a name of one of the chain's transforms
+        (its slot, default slot or class name) and names no other transform or torch optimizer."""
+        own = {name.lower() for name in self.slots}
         for transform in self.transforms:
-            names.add(type(transform).__name__.lower())
-            names.add(getattr(transform, "slot_name", None) or default_slot_name(transform))
-        return bool(difflib.get_close_matches(prefix.lower(), sorted(names), n=1, cutoff=0.6))
+            own.add(type(transform).__name__.lower())
+            own.add(getattr(transform, "slot_name", None) or default_slot_name(transform))
+        lowered = prefix.lower()
+        if lowered not in own and lowered in _other_known_names():
+            return False
+        return bool(difflib.get_close_matches(lowered, sorted(own), n=1, cutoff=0.6))
 
     def take_qualified_edits(self, group: dict[str, Any], where: str) -> None:
         """Apply ``param_groups`` edits made under a qualified key to a filled group.
