@@ -750,10 +750,10 @@ class WrappingOptimizer(Optimizer):
         # removes itself is fine), then _before_cast, which must see the checkpoint as they left
         # it and before torch's load casts it to the parameters' dtypes. torch's load_state_dict
         # runs its pre-hooks before the cast and offers no other point in between, so its loop
-        # over them is given nothing (the one use of its private hook dictionary): the stand-in
-        # puts the real dictionary back as that loop reads it, so post-hooks, and loads or hook
-        # registrations from them, see the real one.
-        # The post-hooks likewise run here, once the extras (_load_extras) are in place too.
+        # over them is given nothing: the stand-in (_RanAlready, with state_dict() the only use
+        # of torch's private hook dictionaries) puts the real dictionary back as that loop reads
+        # it, so post-hooks, and loads or hook registrations from them, see the real one. The
+        # post-hooks likewise run here, once the extras (_load_extras) are in place too.
         hooks = self._optimizer_load_state_dict_pre_hooks
         try:
             state_dict = state_dict.copy()  # as torch hands its pre-hooks a shallow copy
