@@ -167,6 +167,7 @@ class Chain:
             self.keys[slot] = keys
         #: hyperparameter name -> the slots that have it
         self._owners = owners
+        self._known_names: set[str] | None = None
 
     # -- what the optimizer asks -----------------------------------------------------------------
     def __iter__(self):
@@ -296,7 +297,9 @@ class Chain:
             own.add(type(transform).__name__.lower())
             own.add(getattr(transform, "slot_name", None) or default_slot_name(transform))
         lowered = prefix.lower()
-        if lowered not in own and lowered in _other_known_names():
+        if getattr(self, "_known_names", None) is None:  # once per chain: it may run at every step
+            self._known_names = _other_known_names()
+        if lowered not in own and lowered in self._known_names:
             return False
         return bool(difflib.get_close_matches(lowered, sorted(own), n=1, cutoff=0.6))
 
