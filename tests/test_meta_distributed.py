@@ -158,6 +158,36 @@ def reptile_adapted_before_case(mode: str, rank: int, world_size: int) -> dict[s
     return {"weights": meta_weights(meta)}
 
 
+def failed_step_case(rank: int, world_size: int) -> dict[str, Any]:
+    """MAML without a closure (``zero_grad``, back-propagate, ``step()``): a step that raises is
+    caught, and the next batch is trained as usual. Its weights must equal those of a run that
+    never saw the failed batch; the ranks hold 3 and 1 tasks of the failed batch, 1 and 3 of the
+    next ones (so a task weight carried over from the failed batch would weight them wrongly)."""
+    sampler = make_sampler(2)
+    batches = [sampler.sample(4) for _ in range(3)]
+
+    def share_of(tasks: list, index: int) -> list:
+        if world_size == 1:
+            return tasks
+        first = 3 if index == 0 else 1
+        return tasks[:first] if rank == 0 else tasks[first:]
+
+    def train(meta: Any, indices: list[int]) -> None:
+        for index in indices:
+            meta.zero_grad()
+            meta.task_losses(share_of(batches[index], index), F.mse_loss).sum().backward()
+            try:
+                meta.step()
+            except RuntimeError as error:
+                assert str(error) == "transient"
+
+    failed = MAML(make_model(), _FailsOnce, lr=0.1, inner_lr=0.05, distributed=world_size > 1)
+    train(failed, [0, 1, 2])
+    clean = MAML(make_model(), torch.optim.SGD, lr=0.1, inner_lr=0.05, distributed=world_size > 1)
+    train(clean, [1, 2])
+    return {"failed": meta_weights(failed), "clean": meta_weights(clean)}
+
+
 def learner_case(rank: int, world_size: int) -> dict[str, Any]:
     """The closure API through ``meta.clone()`` learners, which count their tasks themselves."""
     meta = build("maml", make_model(), world_size > 1)
@@ -421,6 +451,7 @@ def run_cases(rank: int, world_size: int, directory: Path) -> dict[str, Any]:
         results[f"closure/{algorithm}"] = closure_case(algorithm, rank, world_size)
         results[f"trainer/{algorithm}"] = trainer_case(algorithm, rank, world_size)
     results["learner"] = learner_case(rank, world_size)
+    results["failed_step"] = failed_step_case(rank, world_size)
     for mode in ("split", "before_only", "retry", "cleared"):
         results[f"reptile_adapted_before/{mode}"] = reptile_adapted_before_case(mode, rank, world_size)
     if world_size > 1:
@@ -543,6 +574,14 @@ def test_meta_step_builder_on_a_rank_without_weighted_tasks_takes_part_with_weig
     meta_class = "MAML" if algorithm == "maml" else "Reptile"
     for rank in ranks:
         assert rank[name]["refusal"].startswith(f"{meta_class}.step found no adapted tasks on any of the 2 ranks")
+
+
+def test_a_failed_step_without_a_closure_leaves_no_task_weight_for_the_next_batch(ranks) -> None:
+    """The task weight of a MAML step that raised pairs with gradients that zero_grad() then
+    discards: carried over to the next batch, it weighted the ranks wrongly (a silent wrong
+    update). The run equals one that never saw the failed batch."""
+    for rank in ranks:
+        assert_close(rank["failed_step"]["failed"], rank["failed_step"]["clean"])
 
 
 @pytest.mark.parametrize("mode", ["split", "before_only", "retry", "cleared"])

@@ -79,6 +79,7 @@ class _SeedProtocolSAM:
         (lambda m: TransformingOptimizer([{"params": m.parameters(), "SAM.rho": 0.5}], torch.optim.SGD, lr=0.1, transforms=[SAM()]), ValueError, r"^param_groups\[0\]: the key 'SAM\.rho' names no slot of the chain \(slots: 'sam'\); write 'rho' or 'sam\.rho'$"),
         (lambda m: TransformingOptimizer([{"params": m.parameters(), "SAM.Rho": 0.5}], torch.optim.SGD, lr=0.1, transforms=[SAM()]), ValueError, r"^param_groups\[0\]: the key 'SAM\.Rho' names no slot of the chain \(slots: 'sam'\); write 'rho' or 'sam\.rho'$"),
         (lambda m: TransformingOptimizer([{"params": m.parameters(), "SAM.lr": 0.5}], torch.optim.SGD, lr=0.1, transforms=[SAM()]), ValueError, r"^param_groups\[0\]: the key 'SAM\.lr' names no hyperparameter of slot 'sam' \(SAM\), whose hyperparameters are: 'rho'$"),
+        (lambda m: TransformingOptimizer([{"params": m.parameters(), "sam.RHO": 0.5}], torch.optim.SGD, lr=0.1, transforms=[SAM()]), ValueError, r"^param_groups\[0\]: the key 'sam\.RHO' names no hyperparameter of slot 'sam' \(SAM\), whose hyperparameters are: 'rho'$"),
         (lambda m: TransformingOptimizer([{"params": m.parameters(), "sam.rho": 0.5}], torch.optim.SGD, lr=0.1, transforms={"perturb": SAM()}), ValueError, r"^param_groups\[0\]: the key 'sam\.rho' names no slot of the chain \(slots: 'perturb'\); write 'rho' or 'perturb\.rho'$"),
         (lambda m: TransformingOptimizer([{"params": m.parameters(), "rho": -2.0}], torch.optim.SGD, lr=0.1, transforms=[SAM()]), ValueError, r"param_groups\[0\]: rho must be a finite number >= 0, got -2\.0"),
         (lambda m: TransformingOptimizer([{"params": m.parameters(), "sam.rho": -2.0}], torch.optim.Adadelta, transforms=[SAM()]), ValueError, r"param_groups\[0\]: sam\.rho must be a finite number >= 0, got -2\.0"),
@@ -136,6 +137,29 @@ def test_qualified_keys_that_name_no_hyperparameter_are_refused_where_groups_com
     assert_bitwise_equal(before, params_of(model))
     del optimizer.param_groups[0]["lookahed.alpha"]
     assert_state_dicts_equal(state, optimizer.state_dict())
+
+
+def test_the_qualified_key_check_reads_the_transform_classes_defined_when_it_runs():
+    """The names of other transforms were cached per chain at its first check (pickled with it):
+    a transform class defined later was another transform for a new chain but a misspelling
+    for the old one; and a class whose slot_name is no string (unusable in a chain) broke the
+    check of every optimizer."""
+    from samgria import Transform
+
+    model = make_model()
+    old = TransformingOptimizer([{"params": model.parameters(), "mylib.rho": 1}], torch.optim.SGD, lr=0.1, transforms=[SAM()])
+
+    class Sabm(Transform):
+        pass
+
+    class Unusable(Transform):
+        slot_name = ["x"]
+
+    old.param_groups[0]["sabm.rho"] = 0.5
+    old.step(make_closure(model, old, *make_data()))  # kept and ignored, as for a new chain
+    new = TransformingOptimizer([{"params": model.parameters(), "sabm.rho": 0.5}], torch.optim.SGD, lr=0.1, transforms=[SAM()])
+    assert new.param_groups[0]["sabm.rho"] == 0.5 and old.param_groups[0]["rho"] == SAM().rho
+    assert Sabm and Unusable
 
 
 def test_a_checkpoint_is_refused_for_a_qualified_key_that_names_no_hyperparameter():

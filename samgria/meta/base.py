@@ -405,20 +405,14 @@ class MetaOptimizer(WrappingOptimizer):
         or raises. With ``distributed=True`` the gradients and the loss are all-reduced first,
         so every rank takes the same decision.
 
-        The task weight counted so far (:meth:`add_task_weight`) is consumed by a step that
-        completes or is skipped; a step that raises otherwise leaves it as it was.
+        The task weight counted so far (:meth:`add_task_weight`) restarts at 0 after the step,
+        also one that raises (it pairs with gradients that ``zero_grad()`` then discards;
+        Reptile, whose weight pairs with its record of adapted tasks, keeps both on a failure).
         """
-        weight_before = self._task_weight
         try:
-            result = self._checked_outer_step(closure)
-        except _SkippedByPolicy:
+            return self._checked_outer_step(closure)
+        finally:
             self._task_weight = 0.0
-            raise
-        except BaseException:
-            self._task_weight = weight_before
-            raise
-        self._task_weight = 0.0
-        return result
 
     def _checked_outer_step(self, closure: Callable[[], Any] | None) -> Any:
         """The body of :meth:`_guarded_step`."""

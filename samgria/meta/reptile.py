@@ -191,7 +191,7 @@ class Reptile(MetaOptimizer):
         # Tasks adapted before step() count too, once: a framework may run the closures of
         # earlier micro-batches outside the optimizer (Lightning's accumulate_grad_batches) or
         # hand step() a closure that adapts nothing (Lightning's manual optimization).
-        adapted_before = list(self._records)
+        adapted_before, weight_before = list(self._records), self._task_weight
         try:
             if closure is None:
                 if not self._records and self._is_state_init_step():
@@ -227,8 +227,9 @@ class Reptile(MetaOptimizer):
         except _SkippedByPolicy:  # non_finite="raise": judged and skipped, the record consumed
             self._records.clear()
             raise
-        except BaseException:
-            self._records[:] = adapted_before  # a step that raises changes nothing
+        except BaseException:  # a step that raises changes nothing: the record and its weight stay
+            self._records[:] = adapted_before
+            self._task_weight = weight_before
             raise
         self._records.clear()
         return result

@@ -77,7 +77,8 @@ def _other_known_names() -> set[str]:
     for cls in _subclasses(Transform) + _subclasses(torch.optim.Optimizer):
         names.add(cls.__name__.lower())
         if issubclass(cls, Transform):
-            names.add(getattr(cls, "slot_name", None) or default_slot_name(cls))
+            slot_name = getattr(cls, "slot_name", None)
+            names.add(slot_name.lower() if isinstance(slot_name, str) else default_slot_name(cls))
     return names
 
 
@@ -167,7 +168,6 @@ class Chain:
             self.keys[slot] = keys
         #: hyperparameter name -> the slots that have it
         self._owners = owners
-        self._known_names: set[str] | None = None
 
     # -- what the optimizer asks -----------------------------------------------------------------
     def __iter__(self):
@@ -267,14 +267,14 @@ class Chain:
                 continue
             prefix, _, short = key.partition(".")
             slot = self._slot_named(prefix)
-            if slot is not None and short.lower() not in {name.lower() for name in self.keys[slot]}:
+            owned = next((name for name in self._owners if name.lower() == short.lower()), None)
+            if slot is not None and (slot == prefix or owned is None):
                 transform = self.transforms[self.slots.index(slot)]
                 known = ", ".join(repr(name) for name in self.keys[slot]) or "none"
                 raise ValueError(
                     f"{where}: the key {key!r} names no hyperparameter of slot {slot!r} "
                     f"({type(transform).__name__}), whose hyperparameters are: {known}"
                 )
-            owned = next((name for name in self._owners if name.lower() == short.lower()), None)
             if owned is not None and (slot is not None or self._names_a_slot(prefix)):
                 spellings = [f"{owner}.{owned}" for owner in self._owners[owned]]
                 if owned in self.defaults:  # stored under the short key: unambiguous
@@ -297,9 +297,7 @@ class Chain:
             own.add(type(transform).__name__.lower())
             own.add(getattr(transform, "slot_name", None) or default_slot_name(transform))
         lowered = prefix.lower()
-        if getattr(self, "_known_names", None) is None:  # once per chain: it may run at every step
-            self._known_names = _other_known_names()
-        if lowered not in own and lowered in self._known_names:
+        if lowered not in own and lowered in _other_known_names():
             return False
         return bool(difflib.get_close_matches(lowered, sorted(own), n=1, cutoff=0.6))
 
