@@ -295,7 +295,7 @@ class Chain:
         own = {name.lower() for name in self.slots}
         for transform in self.transforms:
             own.add(type(transform).__name__.lower())
-            own.add(getattr(transform, "slot_name", None) or default_slot_name(transform))
+            own.add(transform.default_slot().lower())
         lowered = prefix.lower()
         if lowered not in own and lowered in _other_known_names():
             return False

@@ -350,9 +350,10 @@ class GSAM(_FinishingTransform):
 
     the inner optimizer steps with :math:`d`: it descends the perturbed loss and, along
     :math:`g_\perp`, ascends the loss :math:`L(w)`, which leaves the perturbed loss unchanged to
-    first order and so lowers the surrogate gap :math:`L(w + e) - L(w)`. Norms and the inner product are global (over every parameter with a
-    gradient); ``rho`` and ``alpha`` are per-group keys. The paper schedules :math:`\rho_t`
-    proportionally to the learning rate; assign ``group["rho"]`` each step to do the same.
+    first order and so lowers the surrogate gap :math:`L(w + e) - L(w)`. Norms and the inner
+    product are global (over every parameter with a gradient); ``rho`` and ``alpha`` are
+    per-group keys. The paper schedules :math:`\rho_t` proportionally to the learning rate;
+    assign ``group["rho"]`` each step to do the same.
 
     Args:
         rho: Default radius :math:`\rho \ge 0` (per-group key ``"rho"``).
