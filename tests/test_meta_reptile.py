@@ -448,3 +448,50 @@ def test_adapt_with_a_closure_that_ignores_the_fast_weights_raises_and_records_n
     assert meta.num_recorded == 0
     with pytest.raises(ValueError, match="Reptile.step found no adapted tasks"):
         meta.step()
+
+
+@pytest.mark.parametrize("kind", [torch.optim.SGD, torch.optim.Adam])
+def test_a_distributed_checkpoint_save_keeps_the_tasks_adapted_before_it(kind):
+    """torch.distributed.checkpoint's save creates a missing optimizer state by a step at lr 0
+    with zero gradients -- for a stateless SGD at every save. With tasks adapted before the save,
+    Reptile took that call for a step: it stepped on their pseudo-gradient (Adam's moments came
+    from it) and cleared the record, so the next step left those tasks out. A save changes
+    nothing to the record: the next step equals one over every task (of a twin saved before it
+    with no task pending: Adam's state is created at the save, from zero gradients, as torch
+    does for a plain Adam)."""
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+    tasks = make_tasks(4)
+    reference_model, model = mlp(), mlp()
+    reference = Reptile(reference_model, kind, inner_lr=0.05, inner_steps=2, lr=0.5)
+    get_optimizer_state_dict(reference_model, reference)
+    reference.step(reptile_closure(reference, tasks))
+
+    meta = Reptile(model, kind, inner_lr=0.05, inner_steps=2, lr=0.5)
+    reptile_closure(meta, tasks[:2])()
+    weights = [p.detach().clone() for p in model.parameters()]
+    get_optimizer_state_dict(model, meta)
+    assert meta.num_recorded == 2
+    assert all(torch.equal(p, w) for p, w in zip(model.parameters(), weights))
+    reptile_closure(meta, tasks[2:])()
+    meta.step()
+    for p, q in zip(model.parameters(), reference_model.parameters()):
+        torch.testing.assert_close(p, q, rtol=0, atol=1e-12)
+
+
+def test_the_refusal_of_tasks_adapted_before_a_re_evaluating_step_names_clear_records():
+    """Adaptations made for evaluation stay recorded; with an outer SAM every later
+    ``step(closure)`` was refused, and the message's advice (adapt every task inside the
+    closure) failed again: it names ``clear_records()``, which then lets the step through."""
+    from samgria import SAM, TransformingOptimizer
+
+    model = mlp()
+    outer = TransformingOptimizer(model.parameters(), torch.optim.SGD, lr=0.5, transforms=[SAM(0.05)])
+    meta = Reptile(model, outer, inner_lr=0.05, inner_steps=2)
+    tasks = make_tasks(3)
+    reptile_closure(meta, tasks[:1])()  # adapted for evaluation
+    with pytest.raises(RuntimeError, match=r"drop adaptations made for evaluation with meta\.clear_records\(\)"):
+        meta.step(reptile_closure(meta, tasks))
+    meta.clear_records()
+    meta.step(reptile_closure(meta, tasks))
+    assert meta.num_recorded == 0

@@ -194,9 +194,10 @@ class Reptile(MetaOptimizer):
         adapted_before, weight_before = list(self._records), self._task_weight
         try:
             if closure is None:
-                if not self._records and self._is_state_init_step():
+                if self._is_state_init_step():
                     # torch.distributed.checkpoint creates a fresh optimizer's state by a step
-                    # at lr 0 with zero gradients: the outer optimizer's, on those gradients.
+                    # at lr 0 with zero gradients: the outer optimizer's, on those gradients. A
+                    # save is no step: tasks adapted before it stay recorded for the next one.
                     return self._driven_step(None)
                 self._set_pseudo_grads()
                 result = self._guarded_step(None)
@@ -213,7 +214,8 @@ class Reptile(MetaOptimizer):
                         "the weights at its start, and the outer optimizer evaluates the closure "
                         "again (SAM, LBFGS), at weights where their pseudo-gradient would be wrong: "
                         "adapt every task inside the closure (with Lightning, one micro-batch per "
-                        "step)"
+                        "step), and drop adaptations made for evaluation with meta.clear_records() "
+                        "(they stay recorded until a step)"
                     )
                 # Each evaluation starts from the tasks adapted before step(), weights counted.
                 self._records[:] = adapted_before
