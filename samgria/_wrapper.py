@@ -65,12 +65,20 @@ def unhooked_step(optimizer: Optimizer, closure: Any = None) -> Any:
     step = type(optimizer).step
     if getattr(step, "hooked", False) and hasattr(step, "__wrapped__"):
         step = step.__wrapped__
-    if getattr(optimizer.__dict__.get("step"), "_wrapped_by_lr_sched", False):
-        # An LR scheduler built on this optimizer before it was wrapped patched its ``step`` on
-        # the instance to record the call; record it as that patch would (else the scheduler
-        # warns that it stepped before the optimizer).
-        optimizer._opt_called = True  # type: ignore[attr-defined]
+    _record_call_for_schedulers(optimizer)
     return step(optimizer) if closure is None else step(optimizer, closure)
+
+
+def _record_call_for_schedulers(optimizer: Optimizer) -> None:
+    """Record a call of ``optimizer.step`` as an LR scheduler's patch of it would.
+
+    A scheduler built on a driven optimizer (before it was wrapped, or on ``opt.inner``) patched
+    its ``step`` on the instance to record the call; the wrapper calls the class's ``step``, and
+    not at all when it skips a step (non-finite gradients): without the record the scheduler
+    warns that it stepped before the optimizer, although the user called ``step()``.
+    """
+    if getattr(optimizer.__dict__.get("step"), "_wrapped_by_lr_sched", False):
+        optimizer._opt_called = True  # type: ignore[attr-defined]
 
 
 def with_hooks(body: Callable[..., Any]) -> Callable[..., Any]:
@@ -93,6 +101,12 @@ def with_hooks(body: Callable[..., Any]) -> Callable[..., Any]:
         if self.__dict__.get("_hooks_running"):  # super().step() inside a step: its hooks ran
             return body(self, *args, **kwargs)
         self.__dict__["_hooks_running"] = True
+        driven = self._driven
+        while True:  # the optimizers this step drives, also when it skips: the user called step()
+            _record_call_for_schedulers(driven)
+            if not isinstance(driven, WrappingOptimizer):
+                break
+            driven = driven._driven
         try:
             self._before_step_hooks(args, kwargs)
             return call(self, *args, **kwargs)

@@ -344,7 +344,7 @@ class TransformingOptimizer(WrappingOptimizer):
                 f"{type(inner_optimizer).__name__}, whose step() requires one: use it on its own"
             )
         _refuse_sharded_m_sharpness(first_pass_context, [p for g in inner_optimizer.param_groups for p in g["params"]])
-        chain = Chain(transforms, inner_optimizer.defaults)
+        chain = Chain(transforms, inner_optimizer.defaults, type(inner_optimizer))
         def named(t: Transform) -> str:
             return f"{t.describe()} (seed protocol)" if isinstance(t, ProtocolTransform) else type(t).__name__
 

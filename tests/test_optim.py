@@ -139,27 +139,64 @@ def test_qualified_keys_that_name_no_hyperparameter_are_refused_where_groups_com
     assert_state_dicts_equal(state, optimizer.state_dict())
 
 
-def test_the_qualified_key_check_reads_the_transform_classes_defined_when_it_runs():
-    """The names of other transforms were cached per chain at its first check (pickled with it):
-    a transform class defined later was another transform for a new chain but a misspelling
-    for the old one; and a class whose slot_name is no string (unusable in a chain) broke the
-    check of every optimizer."""
-    from samgria import Transform
+def test_the_qualified_key_check_does_not_depend_on_the_classes_the_process_defined():
+    """The check took the prefix of every transform or optimizer class defined in the process
+    for another transform's name: a checkpoint saved where such a class existed ("lamb.eps"
+    beside a LAMP, with timm imported) was refused where it did not. Its list is fixed:
+    torch.optim's optimizers, samgria's transforms and the inner optimizer's class."""
+    from samgria import LAMP, Transform
 
     model = make_model()
-    old = TransformingOptimizer([{"params": model.parameters(), "mylib.rho": 1}], torch.optim.SGD, lr=0.1, transforms=[SAM()])
+    build = lambda key, inner=torch.optim.SGD: TransformingOptimizer(  # noqa: E731
+        [{"params": model.parameters(), key: 0.5}], inner, lr=0.1, transforms=[LAMP()]
+    )
+    message = r"^param_groups\[0\]: the key 'lamb\.eps' names no slot of the chain \(slots: 'lamp'\); write 'eps' or 'lamp\.eps'$"
+    with pytest.raises(ValueError, match=message):
+        build("lamb.eps")
 
-    class Sabm(Transform):
+    class Lamb(torch.optim.SGD):  # another library's optimizer, defined (imported) later
         pass
 
-    class Unusable(Transform):
-        slot_name = ["x"]
+    class Lampe(Transform):
+        pass
 
-    old.param_groups[0]["sabm.rho"] = 0.5
-    old.step(make_closure(model, old, *make_data()))  # kept and ignored, as for a new chain
-    new = TransformingOptimizer([{"params": model.parameters(), "sabm.rho": 0.5}], torch.optim.SGD, lr=0.1, transforms=[SAM()])
-    assert new.param_groups[0]["sabm.rho"] == 0.5 and old.param_groups[0]["rho"] == SAM().rho
-    assert Sabm and Unusable
+    with pytest.raises(ValueError, match=message):
+        build("lamb.eps")
+    with pytest.raises(ValueError, match=r"the key 'lampe\.eps' names no slot of the chain"):
+        build("lampe.eps")
+    assert build("lamb.eps", Lamb).param_groups[0]["lamb.eps"] == 0.5  # the inner optimizer's name
+    assert build("adam.eps").param_groups[0]["adam.eps"] == 0.5  # a torch optimizer's
+    assert build("lookahead.eps").param_groups[0]["lookahead.eps"] == 0.5  # another transform's
+    assert Lampe
+
+
+def test_the_qualified_key_check_counts_a_transform_class_s_bases_as_its_names():
+    """A subclass of SAM sits in slot "my_sam"; "sam.rho" was taken for another transform's key,
+    kept and never read (the transform used its default rho). Refused, as for a SAM in a slot
+    of another name."""
+    model = make_model()
+
+    class MySAM(SAM):
+        pass
+
+    with pytest.raises(ValueError, match=r"^param_groups\[0\]: the key 'sam\.rho' names no slot of the chain \(slots: 'my_sam'\); write 'rho' or 'my_sam\.rho'$"):
+        TransformingOptimizer([{"params": model.parameters(), "sam.rho": 0.5}], torch.optim.SGD, lr=0.1, transforms=[MySAM()])
+
+
+def test_the_qualified_key_check_takes_a_slot_name_that_is_no_string_in_a_named_chain():
+    """A transform in a mapping needs no slot_name; one that is no string crashed the check
+    (AttributeError: 'int' object has no attribute 'lower') for any dotted key."""
+
+    class Odd(SAM):
+        slot_name = 5
+
+    model = make_model()
+    optimizer = TransformingOptimizer(
+        [{"params": model.parameters(), "mylib.rho": 1}], torch.optim.SGD, lr=0.1, transforms={"perturb": Odd()}
+    )
+    optimizer.param_groups[0]["perturb.rho"] = 0.25
+    optimizer.step(make_closure(model, optimizer, *make_data()))
+    assert optimizer.param_groups[0]["rho"] == 0.25 and optimizer.param_groups[0]["mylib.rho"] == 1
 
 
 def test_a_checkpoint_is_refused_for_a_qualified_key_that_names_no_hyperparameter():
@@ -1540,6 +1577,47 @@ def test_a_scheduler_built_on_the_optimizer_before_it_was_wrapped_sees_its_steps
                 scheduler.step()
         lrs.append(base.param_groups[0]["lr"])
     assert lrs[0] == lrs[1] == 0.1 * 0.5**3
+
+
+@pytest.mark.parametrize("where", ["before_wrapping", "inner", "meta_outer"])
+def test_a_scheduler_on_a_driven_optimizer_does_not_warn_after_a_skipped_step(where):
+    """A step skipped for non-finite gradients never reaches the driven optimizer: a scheduler
+    built on it (before it was wrapped, on ``opt.inner``, on a meta-optimizer's outer optimizer)
+    warned that it stepped before the optimizer although the user called ``step()``. The
+    scheduler on the wrapper stays quiet, as torch's does for any call of ``step``."""
+    from samgria import MAML
+
+    model = make_model()
+    x, _ = make_data()
+    if where == "meta_outer":
+        outer = torch.optim.SGD(model.parameters(), lr=0.1)
+        scheduler = torch.optim.lr_scheduler.StepLR(outer, step_size=1)
+        optimizer = MAML(model, outer, inner_lr=0.1)
+    else:
+        base = torch.optim.SGD(model.parameters(), lr=0.1)
+        if where == "before_wrapping":
+            scheduler = torch.optim.lr_scheduler.StepLR(base, step_size=1)
+            optimizer = TransformingOptimizer(base, transforms=[SAM(0.05)])
+        else:
+            optimizer = TransformingOptimizer(base, transforms=[SAM(0.05)])
+            scheduler = torch.optim.lr_scheduler.StepLR(optimizer.inner, step_size=1)
+
+    def closure():
+        optimizer.zero_grad()
+        loss = model(x).sum() * float("nan")
+        loss.backward()
+        return loss
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        if where == "meta_outer":  # without a closure: the step is judged before the outer step
+            closure()
+            optimizer.step()
+        else:
+            optimizer.step(closure)
+        scheduler.step()
+    assert optimizer.skipped_steps == 1
+    assert [str(w.message) for w in caught if "lr_scheduler.step()" in str(w.message)] == []
 
 
 def test_an_inner_optimizer_that_needs_a_closure_is_refused_with_the_reason():

@@ -61,25 +61,42 @@ def _as_transform(where: str, transform: Any) -> Transform:
     )
 
 
-def _subclasses(cls: type) -> list[type]:
-    found, pending = [], list(cls.__subclasses__())
-    while pending:
-        sub = pending.pop()
-        found.append(sub)
-        pending += sub.__subclasses__()
-    return found
-
-
-def _other_known_names() -> set[str]:
-    """The lowercase class names (and transforms' default slot names) of every samgria transform
-    and every torch optimizer defined so far: prefixes that name something, not a misspelt slot."""
+def _class_names(cls: type, below: type) -> set[str]:
+    """The lowercase names of ``cls`` and of its public bases that are subclasses of ``below``
+    (not ``below`` itself), with a transform class's slot name (snake case, or its own ``slot_name``
+    when that is a string)."""
     names = set()
-    for cls in _subclasses(Transform) + _subclasses(torch.optim.Optimizer):
-        names.add(cls.__name__.lower())
-        if issubclass(cls, Transform):
-            slot_name = getattr(cls, "slot_name", None)
-            names.add(slot_name.lower() if isinstance(slot_name, str) else default_slot_name(cls))
+    for klass in cls.__mro__:
+        if klass is below or not issubclass(klass, below) or klass.__name__.startswith("_"):
+            continue
+        names.add(klass.__name__.lower())
+        if issubclass(klass, Transform):
+            slot_name = klass.__dict__.get("slot_name")
+            names.add(slot_name.lower() if isinstance(slot_name, str) else default_slot_name(klass))
     return names
+
+
+_LIBRARY_NAMES: frozenset[str] | None = None
+
+
+def _library_names() -> frozenset[str]:
+    """The names (:func:`_class_names`) of ``torch.optim``'s optimizers and samgria's transforms.
+
+    A fixed list, not the classes the process happens to have defined: a checkpoint accepted
+    where it was saved must load wherever the same chain is built.
+    """
+    global _LIBRARY_NAMES
+    if _LIBRARY_NAMES is None:
+        import samgria.transforms as transforms  # the package imports this module
+
+        names: set[str] = set()
+        for module, base in ((torch.optim, torch.optim.Optimizer), (transforms, Transform)):
+            for attribute in getattr(module, "__all__", ()):
+                cls = getattr(module, attribute, None)
+                if isinstance(cls, type) and issubclass(cls, base):
+                    names |= _class_names(cls, base)
+        _LIBRARY_NAMES = frozenset(names)
+    return _LIBRARY_NAMES
 
 
 class Chain:
@@ -89,6 +106,8 @@ class Chain:
         transforms: A transform, a sequence of transforms (slots named automatically) or a
             mapping ``{slot_name: transform}``.
         inner_keys: The inner optimizer's param-group keys (its ``defaults``).
+        inner_type: The inner optimizer's class: its name, like a ``torch.optim`` optimizer's,
+            is no misspelt slot (``"lamb.eps"`` beside a LAMP, with a ``Lamb`` inner optimizer).
 
     Raises:
         TypeError: A transform is neither a :class:`Transform` nor a ``GradientTransform``.
@@ -96,7 +115,11 @@ class Chain:
             ASCII letters, digits and underscores, or is used twice.
     """
 
-    def __init__(self, transforms: Any, inner_keys: Iterable[str]) -> None:
+    #: The names of the inner optimizer's class and bases (:func:`_class_names`); empty for a
+    #: chain pickled before they were recorded.
+    inner_names: frozenset[str] = frozenset()
+
+    def __init__(self, transforms: Any, inner_keys: Iterable[str], inner_type: type | None = None) -> None:
         self.slots: list[str] = []
         self.transforms: list[Transform] = []
         if isinstance(transforms, Mapping):
@@ -129,6 +152,8 @@ class Chain:
         self._visible_keys: set[Any] = set()  # keys hides() answered False for
         self._spec: tuple[str, ...] | None = None
         self.inner_keys = frozenset(inner_keys)
+        if inner_type is not None:
+            self.inner_names = frozenset(_class_names(inner_type, torch.optim.Optimizer))
         self._resolve_keys()
 
     def _add(self, name: str, transform: Transform) -> None:
@@ -258,8 +283,9 @@ class Chain:
         (``"sam.lr"``, ``"SAM.Rho"``), or ``h`` is, case aside, a transform's hyperparameter and
         ``s`` a name close to one of the chain's transforms (its slot, default slot or class
         name: ``"looksam.alpha"`` for ``"look_sam.alpha"``, ``"sam.rho"`` for a slot named
-        ``perturb``; :func:`difflib.get_close_matches`) that names no other transform or torch
-        optimizer (``"lookahead.alpha"`` beside a LookSAM, ``"adam.eps"``). Such a key would be
+        ``perturb``; :func:`difflib.get_close_matches`) that names no other of samgria's
+        transforms or torch.optim's optimizers, nor the inner optimizer's class
+        (``"lookahead.alpha"`` beside a LookSAM, ``"adam.eps"``). Such a key would be
         stored and never read, the transform keeping its default. Other keys (``"mylib.rho"``)
         are left alone, as torch leaves keys it does not know."""
         for key in group:
@@ -291,13 +317,18 @@ class Chain:
 
     def _names_a_slot(self, prefix: str) -> bool:
         """Whether ``prefix`` is, case aside, close to a name of one of the chain's transforms
-        (its slot, default slot or class name) and names no other transform or torch optimizer."""
+        (its slot, default slot, class name or a base class's) and names no other of
+        ``torch.optim``'s optimizers or samgria's transforms, nor the inner optimizer's class."""
         own = {name.lower() for name in self.slots}
         for transform in self.transforms:
-            own.add(type(transform).__name__.lower())
-            own.add(transform.default_slot().lower())
+            own |= _class_names(type(transform), Transform)
+            if isinstance(transform, ProtocolTransform):  # the seed-protocol object's class
+                own.add(type(transform.transform).__name__.lower())
+            slot = transform.default_slot()
+            if isinstance(slot, str):  # a seed-protocol object's slot_name may be anything
+                own.add(slot.lower())
         lowered = prefix.lower()
-        if lowered not in own and lowered in _other_known_names():
+        if lowered not in own and (lowered in _library_names() or lowered in self.inner_names):
             return False
         return bool(difflib.get_close_matches(lowered, sorted(own), n=1, cutoff=0.6))
 
