@@ -185,7 +185,19 @@ def failed_step_case(rank: int, world_size: int) -> dict[str, Any]:
     train(failed, [0, 1, 2])
     clean = MAML(make_model(), torch.optim.SGD, lr=0.1, inner_lr=0.05, distributed=world_size > 1)
     train(clean, [1, 2])
-    return {"failed": meta_weights(failed), "clean": meta_weights(clean)}
+    retry_refusal = None
+    if world_size > 1:  # a retry of the failed step: refused, and the message says why
+        retried = MAML(make_model(), _FailsOnce, lr=0.1, inner_lr=0.05, distributed=True)
+        retried.task_losses(share_of(batches[0], 0), F.mse_loss).sum().backward()
+        try:
+            retried.step()
+        except RuntimeError as error:
+            assert str(error) == "transient"
+        try:
+            retried.step()
+        except ValueError as error:
+            retry_refusal = str(error)
+    return {"failed": meta_weights(failed), "clean": meta_weights(clean), "retry_refusal": retry_refusal}
 
 
 def learner_case(rank: int, world_size: int) -> dict[str, Any]:
@@ -582,6 +594,17 @@ def test_a_failed_step_without_a_closure_leaves_no_task_weight_for_the_next_batc
     update). The run equals one that never saw the failed batch."""
     for rank in ranks:
         assert_close(rank["failed_step"]["failed"], rank["failed_step"]["clean"])
+
+
+def test_a_retry_after_a_failed_step_is_refused_with_a_message_that_says_why(ranks) -> None:
+    """Retrying a step that raised (the gradients still there) found a task weight of 0 on every
+    rank and said no task was adapted, although every rank had adapted some: the message says
+    that the failed step dropped the weights and what to do."""
+    for rank in ranks:
+        assert rank["failed_step"]["retry_refusal"].endswith(
+            "; this rank's previous step raised, which drops the task weights counted for it (they pair "
+            "with gradients that zero_grad() discards): zero the gradients and adapt the tasks again"
+        )
 
 
 @pytest.mark.parametrize("mode", ["split", "before_only", "retry", "cleared"])

@@ -172,6 +172,7 @@ class MetaOptimizer(WrappingOptimizer):
     """
 
     outer_update: ClassVar[str] = "meta_gradient"
+    _weight_dropped_by_failure = False  # the last step raised with a task weight counted
     needs_query: ClassVar[bool] = True
     _dropped_on_pickle = ("process_group",)
     _needed_from_pickle = ("checkpoint_inner_steps",)  # absent from 0.1.0's pickles
@@ -409,10 +410,16 @@ class MetaOptimizer(WrappingOptimizer):
         also one that raises (it pairs with gradients that ``zero_grad()`` then discards;
         Reptile, whose weight pairs with its record of adapted tasks, keeps both on a failure).
         """
+        failed_with_weight = self._task_weight != 0.0
         try:
-            return self._checked_outer_step(closure)
-        finally:
+            result = self._checked_outer_step(closure)
+        except BaseException:
             self._task_weight = 0.0
+            self._weight_dropped_by_failure = failed_with_weight
+            raise
+        self._task_weight = 0.0
+        self._weight_dropped_by_failure = False
+        return result
 
     def _checked_outer_step(self, closure: Callable[[], Any] | None) -> Any:
         """The body of :meth:`_guarded_step`."""
@@ -461,11 +468,18 @@ class MetaOptimizer(WrappingOptimizer):
             self._unique_params(), self._task_weight, scalar, self.process_group
         )
         if total == 0.0:
+            retried = ""
+            if self._weight_dropped_by_failure:
+                retried = (
+                    "; this rank's previous step raised, which drops the task weights counted for "
+                    "it (they pair with gradients that zero_grad() discards): zero the gradients "
+                    "and adapt the tasks again"
+                )
             raise ValueError(
                 f"{type(self).__name__}.step found no adapted tasks on any of the {self.world_size} ranks "
                 "(their task weights sum to 0): adapt through meta.adapt, meta.task_losses, meta_step or "
                 "MetaTrainer, which count each task, or count tasks adapted another way with "
-                "meta.add_task_weight(weight)"
+                "meta.add_task_weight(weight)" + retried
             )
         if mean_loss is None:
             return loss
