@@ -273,6 +273,138 @@ def test_a_checkpoint_converts_between_a_sum_and_a_running_mean_with_the_paramet
     assert torch.equal(resumed.detach(), torch.tensor([2.0, 3.0, 6.0], dtype=target))
 
 
+class _RecordAllIterates(Transform):
+    """A post-step transform placed before LAMP: records every parameter's iterate, as float64."""
+
+    def __init__(self) -> None:
+        self.iterates: list[list[torch.Tensor]] = []
+
+    def post_update(self, ctx) -> None:
+        self.iterates.append([p.detach().to(torch.float64, copy=True) for g in ctx.param_groups for p in g["params"]])
+
+
+class _RaiseOnce(Transform):
+    """A post-step transform placed after LAMP: raises once when armed."""
+
+    def __init__(self) -> None:
+        self.armed = False
+
+    def post_update(self, ctx) -> None:
+        if self.armed:
+            self.armed = False
+            raise RuntimeError("injected")
+
+
+def _dtype_converting_run(start, target, convert_before, fail_once=False):
+    """SGD with ``LAMP(eps=0, rollback_len=3)`` on ``make_model(start)``, converted to ``target``
+    (``model.to(target)``, which replaces ``param.data``) before step ``convert_before`` of the
+    cycle's 4. ``fail_once``: the first step after the conversion raises in a post-step transform
+    after LAMP's, and is retried. Returns the model, the optimizer and the recorded iterates."""
+    x, y = make_data()
+    model = make_model(start)
+    recorder = _RecordAllIterates()
+    failing = _RaiseOnce()
+    optimizer = TransformingOptimizer(
+        model.parameters(), torch.optim.SGD, lr=0.1, transforms=[recorder, LAMP(eps=0.0, rollback_len=3), failing]
+    )
+
+    def closure():
+        optimizer.zero_grad()
+        dtype = model[0].weight.dtype
+        loss = nn.functional.mse_loss(model(x.to(dtype)), y.to(dtype))
+        loss.backward()
+        return loss
+
+    for step in range(4):
+        if step == convert_before:
+            model.to(target)
+            if fail_once:
+                before = {p: dict(optimizer.state[p]) for p in model.parameters() if p in optimizer.state}
+                copies = {p: {k: v.clone() for k, v in e.items() if isinstance(v, torch.Tensor)} for p, e in before.items()}
+                weights = params_of(model)
+                failing.armed = True
+                with pytest.raises(RuntimeError, match="injected"):
+                    optimizer.step(closure)
+                recorder.iterates.pop()  # the failed step's iterate: not one of the cycle
+                assert_bitwise_equal(params_of(model), weights)
+                for param, entry in before.items():  # the same keys and objects, with the same values
+                    assert optimizer.state[param].keys() == entry.keys()
+                    assert all(optimizer.state[param][key] is value for key, value in entry.items())
+                    for key, value in copies[param].items():
+                        assert value.dtype == entry[key].dtype and torch.equal(value, entry[key])
+        optimizer.step(closure)
+    assert len(recorder.iterates) == 4
+    return model, optimizer, recorder.iterates
+
+
+#: (start, target) dtypes of a model converted mid-cycle: sum -> mean, mean -> sum, sum -> sum and
+#: mean -> mean in another dtype.
+DTYPE_CONVERSIONS = [
+    (torch.float32, torch.float16),
+    (torch.float32, torch.bfloat16),
+    (torch.float32, torch.float64),
+    (torch.float16, torch.float32),
+    (torch.bfloat16, torch.float64),
+    (torch.float16, torch.bfloat16),
+]
+
+
+@pytest.mark.parametrize("convert_before", [1, 2, 3])
+@pytest.mark.parametrize("start,target", DTYPE_CONVERSIONS, ids=lambda d: str(d).replace("torch.", ""))
+def test_a_model_converted_mid_cycle_rolls_back_to_the_mean_of_the_cycles_iterates(start, target, convert_before):
+    """``model.half()`` (``.bfloat16()``, ``.double()``, ...) mid-cycle: the rollback is the float64
+    mean of the 4 iterates within the rounding of the accumulator before the conversion (its share
+    ``k / 4`` of the iterates, ``k`` of them accumulated in ``start``) and of a few roundings in
+    ``target``; one accumulator remains, the one ``target`` keeps, in ``target``. (A fresh zero
+    accumulator was started beside the old one, with the old count: the iterates before the
+    conversion were left out of a 16-bit mean, and a float32 sum stayed float32.)"""
+    model, optimizer, iterates = _dtype_converting_run(start, target, convert_before)
+    trainable = [i for i, p in enumerate(model.parameters()) if p.requires_grad and p is not model.unused]
+    params = list(model.parameters())
+    for i in trainable:
+        stacked = torch.stack([iterate[i] for iterate in iterates])
+        reference, size = stacked.mean(0), stacked.abs().amax(0)
+        share = convert_before / len(iterates)
+        tolerance = (2 * share * torch.finfo(start).eps + 4 * torch.finfo(target).eps) * size
+        error = (params[i].detach().double() - reference).abs()
+        assert params[i].dtype == target
+        assert (error <= tolerance).all(), float((error - tolerance).max())
+        entry = optimizer.state[params[i]]
+        key = "lamp.mean" if target in (torch.float16, torch.bfloat16) else "lamp.sum"
+        assert [k for k in entry if k in ("lamp.sum", "lamp.mean")] == [key]
+        assert entry[key].dtype == target and entry["lamp.count"] == 0
+
+
+@pytest.mark.parametrize("start,target", [(torch.float32, torch.float16), (torch.float16, torch.float64)])
+def test_a_step_that_raises_after_the_conversion_leaves_the_old_accumulator(start, target):
+    """The conversion replaces the accumulator, so a step that fails after it leaves the entry as it
+    was (the optimizer puts the state's objects back); the retried step converts it again and the
+    run ends as one that did not fail, bit for bit."""
+    model, _, _ = _dtype_converting_run(start, target, 2, fail_once=True)
+    twin, _, _ = _dtype_converting_run(start, target, 2)
+    assert_bitwise_equal(params_of(model), params_of(twin))
+
+
+def test_a_parameter_converted_mid_cycle_without_a_gradient_since_is_rolled_back_in_its_dtype():
+    """Frozen right after its conversion to float64: the rollback converts its float32 sum of 2
+    iterates to float64, and sets it to their mean (exact: dyadic iterates)."""
+    first = nn.Parameter(torch.tensor([1.0, -2.0, 0.375]))
+    second = nn.Parameter(torch.tensor([0.5, 0.25, 3.0]))
+    optimizer = TransformingOptimizer([first, second], torch.optim.SGD, lr=0.5, transforms=[LAMP(eps=0.0, rollback_len=3)])
+    iterates = []
+    for step in range(4):
+        if step == 2:
+            first.data = first.data.double()
+            first.requires_grad_(False)
+        for param in (first, second):
+            param.grad = torch.full_like(param, 0.625) if param.requires_grad else None
+        optimizer.step()
+        if step < 2:
+            iterates.append(first.detach().double())
+    assert first.dtype == torch.float64 and torch.equal(first.detach(), (iterates[0] + iterates[1]) / 2)
+    assert optimizer.state[first]["lamp.sum"].dtype == torch.float64 and "lamp.mean" not in optimizer.state[first]
+
+
 def test_standalone_in_the_seed_readme_loop_rolls_back_to_the_mean():
     # The seed README's loop: backward, apply, step, zero_grad, post_step. zero_grad() between
     # step() and post_step() must not hide which parameters took part in the step.

@@ -27,7 +27,10 @@ the parameter's dtype keeps by ``load_state_dict`` and ``set_optimizer_state_dic
 and ``set_optimizer_state_dict(..., flatten_optimizer_state_dict=True)`` read the keys of the
 state they load into, so across the 16-bit boundary they find no such key and raise); on the first
 parameter ``"cycle_step"`` (the position in the cycle); with a ``seed``, on the first parameter
-of each device ``"rng_state"`` (that device's generator state). A resumed run draws the same
+of each device ``"rng_state"`` (that device's generator state). A parameter converted mid-cycle
+(``model.half()``, ``.double()``, ``.to(device)``) keeps its cycle: at its next step, or the
+rollback, its sum or mean becomes what the new dtype keeps (:math:`S = n \bar w` or
+:math:`\bar w = S / n`), in that dtype on that device. A resumed run draws the same
 noise and rolls back at the same steps, bit for bit. Only parameters that have a gradient at a
 step are perturbed and summed at that step (frozen parameters are left alone); a step at which
 no parameter has a gradient is no step of the cycle (as for :class:`~samgria.EMA` and
@@ -254,11 +257,23 @@ class LAMP(Transform):
 
     @staticmethod
     def _ensure_accumulator(ctx: TransformContext, param: torch.Tensor) -> Any:
+        """``param``'s entry, with the accumulator its dtype keeps, in its dtype on its device.
+
+        A parameter converted since its last step (``model.half()``, ``.double()``, ``.to(device)``)
+        keeps the cycle: its sum or mean of ``count`` iterates is converted (a new tensor, so that
+        a failed step's restore puts the old one back), as ``load_state_dict`` converts a
+        checkpoint's.
+        """
         state = ctx.state[param]
         key = _accumulator_key(param)
-        if key not in state:
+        other = "mean" if key == "sum" else "sum"
+        if other in state:
+            state[key] = _accumulator_like(param, key, state.pop(other), other, state["count"])
+        elif key not in state:
             state[key] = torch.zeros_like(param, memory_format=torch.preserve_format)
             state["count"] = 0
+        elif state[key].dtype != param.dtype or state[key].device != param.device:
+            state[key] = _accumulator_like(param, key, state[key], key, state["count"])
         return state
 
     @torch.no_grad()
@@ -310,6 +325,8 @@ class LAMP(Transform):
 
         if step >= self.rollback_len + 1:
             counted = [p for p in all_params if p in ctx.state and ctx.state[p].get("count", 0) > 0]
+            for param in counted:  # also those without a gradient now, converted since their last step
+                self._ensure_accumulator(ctx, param)
             summed = [p for p in counted if "sum" in ctx.state[p]]
             assign_mean_(
                 [as_real(p) for p in summed],
@@ -399,6 +416,20 @@ def _as_accumulator(key: str, value: torch.Tensor, count: int) -> torch.Tensor:
     if key == "mean":
         return wide / count if count else torch.zeros_like(wide)
     return wide * count
+
+
+def _accumulator_like(param: torch.Tensor, key: str, value: torch.Tensor, kept_as: str, count: int) -> torch.Tensor:
+    r"""``value``, the ``kept_as`` (``"sum"`` or ``"mean"``) of ``count`` iterates, as ``param``'s
+    ``key``: :math:`S = n\,\bar w` or :math:`\bar w = S / n` computed in the wider of the two
+    dtypes (float32 at least), rounded once to ``param``'s dtype, on its device."""
+    compute = torch.promote_types(widened_dtype(value.dtype), widened_dtype(param.dtype))
+    wide = value.to(compute)
+    if kept_as != key:
+        if key == "mean":
+            wide = wide / count if count else torch.zeros_like(wide)
+        else:
+            wide = wide * count
+    return wide.to(device=param.device, dtype=param.dtype)
 
 
 def _accumulator_key(param: torch.Tensor) -> str:
