@@ -514,6 +514,25 @@ class _RanAlready:
         return self._hooks
 
 
+def _same_value(first: Any, second: Any) -> bool:
+    """Whether two hyperparameter values are the same object or equal (tensors: equal shape,
+    dtype and elements)."""
+    if first is second:
+        return True
+    if isinstance(first, torch.Tensor) or isinstance(second, torch.Tensor):
+        return (
+            isinstance(first, torch.Tensor)
+            and isinstance(second, torch.Tensor)
+            and first.shape == second.shape
+            and first.dtype == second.dtype
+            and torch.equal(first.detach().cpu(), second.detach().cpu())
+        )
+    try:
+        return type(first) is type(second) and bool(first == second)
+    except Exception:  # a value whose comparison fails counts as changed
+        return False
+
+
 class WrappingOptimizer(Optimizer):
     """Base of optimizers whose ``param_groups`` are another optimizer's (see the module docstring).
 
@@ -546,6 +565,7 @@ class WrappingOptimizer(Optimizer):
         setattr(self, self._driven_attr, driven)
         self._loading = False
         Optimizer.__setstate__(self, {"defaults": defaults, "state": defaultdict(dict)})
+        self._defaults_as_built = dict(defaults)  # what _with_edited_defaults compares against
         self._warned_capturable_if_run_uncaptured = True
         for param, entry in driven.state.items():  # an already built optimizer may hold state
             self.state[param] = entry
@@ -560,6 +580,25 @@ class WrappingOptimizer(Optimizer):
         if not getattr(cls.step, "hooked", False):
             cls.step = with_hooks(cls.step)  # type: ignore[method-assign]
         super()._patch_step_function()
+
+    def _with_edited_defaults(self, param_group: dict[str, Any]) -> dict[str, Any]:
+        """``param_group`` with the entries of :attr:`defaults` changed (or added) since the
+        optimizer was built, for keys it does not set.
+
+        torch's ``add_param_group`` fills a new group from ``optimizer.defaults``; a wrapper's new
+        group is filled by the driven optimizer and the transforms from their own values, so an
+        edit of the wrapper's ``defaults`` is applied here (an entry counts as edited when its
+        value differs from the one at construction: pickling keeps values, not objects).
+        """
+        built = self.__dict__.get("_defaults_as_built")
+        if built is None:  # pickled by a release that did not record them
+            return param_group
+        edited = {
+            key: value
+            for key, value in self.defaults.items()
+            if key not in param_group and (key not in built or not _same_value(built[key], value))
+        }
+        return {**edited, **param_group} if edited else param_group
 
     def _before_step_hooks(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         """Runs before the step hooks of a call of ``step`` (default: nothing)."""

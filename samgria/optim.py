@@ -471,11 +471,14 @@ class TransformingOptimizer(WrappingOptimizer):
         """Add a group to the inner optimizer; transform hyperparameters are checked and filled in.
 
         Short and qualified keys are accepted as in the constructor (see the class docstring).
+        A key the group does not set takes the value of :attr:`defaults` where that was edited
+        since construction (as torch fills a group from ``optimizer.defaults``), else the inner
+        optimizer's or the transform's default.
         """
         if not isinstance(param_group, dict):
             raise TypeError(f"param_group must be a dict, got {type(param_group).__name__}")
         where = f"param_groups[{len(self.param_groups)}]"
-        group = self.chain.checked_group(param_group, where)
+        group = self.chain.checked_group(self._with_edited_defaults(param_group), where)
         _refuse_sharded_m_sharpness(self.first_pass_context, group["params"])
         self.inner.add_param_group(group)
         self.chain.fill_group(self.param_groups[-1])

@@ -1518,3 +1518,23 @@ def _meta_loss_backward(meta, tasks):
     loss = meta.task_losses(tasks, mse).mean()
     loss.backward()
     return loss
+
+
+@pytest.mark.parametrize("algorithm", ["MAML", "Reptile", "ANIL"])
+def test_add_param_group_takes_edited_defaults_as_torch_does(algorithm):
+    """torch's add_param_group fills a new group from ``optimizer.defaults``; an edit of a
+    meta-optimizer's defaults (the outer lr, inner_lr) was ignored."""
+    import samgria
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).double()
+    extra = {"head": model[2]} if algorithm == "ANIL" else {}
+    meta = getattr(samgria, algorithm)(
+        model, torch.optim.SGD, inner_lr=0.05, lr=0.1, momentum=0.9, params=model[0].parameters(), **extra
+    )
+    meta.defaults["lr"] = 0.5
+    meta.defaults["inner_lr"] = 0.3
+    meta.add_param_group({"params": model[2].parameters()})
+    group = meta.param_groups[1]
+    assert (group["lr"], group["inner_lr"], group["momentum"], group["adapt"]) == (0.5, 0.3, 0.9, True)
+    assert meta.param_groups[0]["inner_lr"] == 0.05 and meta.inner_lr == 0.05

@@ -1620,6 +1620,33 @@ def test_a_scheduler_on_a_driven_optimizer_does_not_warn_after_a_skipped_step(wh
     assert [str(w.message) for w in caught if "lr_scheduler.step()" in str(w.message)] == []
 
 
+@pytest.mark.parametrize("how", ["built", "deepcopy", "pickle"])
+def test_add_param_group_takes_edited_defaults_as_torch_does(how):
+    """torch's add_param_group fills a new group from ``optimizer.defaults``; an edit of the
+    wrapper's defaults (lr, a transform's rho) was ignored: the group got the inner optimizer's
+    and the transform's construction values. An edit of the inner optimizer's own defaults
+    still reaches the groups, and unedited entries change nothing."""
+    model = make_model()
+    first, second, third = (list(model[i].parameters()) for i in (0, 2, 4))
+    plain = torch.optim.SGD(first, lr=0.1, momentum=0.9)
+    plain.defaults["lr"] = 0.5
+    plain.add_param_group({"params": second})
+    optimizer = TransformingOptimizer(first, torch.optim.SGD, lr=0.1, momentum=0.9, transforms=[SAM(0.05)])
+    if how == "deepcopy":
+        optimizer = copy.deepcopy(optimizer)
+    elif how == "pickle":
+        optimizer = pickle.loads(pickle.dumps(optimizer))
+    optimizer.defaults["lr"] = 0.5
+    optimizer.defaults["rho"] = 0.2
+    optimizer.add_param_group({"params": second})
+    group = optimizer.param_groups[1]
+    assert (group["lr"], group["rho"], group["momentum"]) == (plain.param_groups[1]["lr"], 0.2, 0.9)
+    optimizer.inner.defaults["momentum"] = 0.5
+    optimizer.add_param_group({"params": third, "rho": 0.0})
+    group = optimizer.param_groups[2]
+    assert (group["lr"], group["rho"], group["momentum"]) == (0.5, 0.0, 0.5)
+
+
 def test_an_inner_optimizer_that_needs_a_closure_is_refused_with_the_reason():
     with pytest.raises(TypeError, match=r"inner must be an optimizer whose step\(\) works without a closure, got LBFGS"):
         TransformingOptimizer(make_model().parameters(), torch.optim.LBFGS, lr=0.1)

@@ -331,9 +331,11 @@ class MetaOptimizer(WrappingOptimizer):
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Add a group (of the model's parameters) to the outer optimizer.
 
-        ``inner_lr`` and ``adapt`` default to the constructor's values.
+        A key the group does not set takes the value of :attr:`defaults` where that was edited
+        since construction (as torch fills a group from ``optimizer.defaults``), else the outer
+        optimizer's default; ``inner_lr`` and ``adapt`` default to the constructor's values.
         """
-        group = dict(param_group)
+        group = dict(self._with_edited_defaults(param_group))
         params = group["params"]
         if isinstance(params, (set, frozenset)):  # as torch refuses one
             raise TypeError(
