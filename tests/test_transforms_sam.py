@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import copy
 import functools
+import gc
 import linecache
 import math
+import pickle
 import sys
 import warnings
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -509,6 +512,274 @@ def test_a_failure_while_perturbing_in_place_puts_the_weights_back(monkeypatch):
         optimizer.step(closure)
     assert_bitwise_equal(before, params_of(model))
     assert model.head.weight.data_ptr() == model.embedding.weight.data_ptr()
+
+
+# -- memory that other tensors hold; parameters whose contents torch swaps -----------------------------
+def _in_place_sam(params, rhos, grads_at, steps, lr):
+    """SAM written out per tensor on the weights' own memory, so that every tensor holding that
+    memory sees the move: :math:`e = \\rho\\, g / \\lVert g \\rVert` (one norm over all gradients,
+    a tensor with ``rho=0`` not moved), the gradients at :math:`w + e`, the weights copied back, an
+    SGD step. ``grads_at()`` evaluates the loss at the current weights and returns the gradients
+    of ``params``."""
+    for _ in range(steps):
+        grads = grads_at()
+        norm = math.sqrt(sum(float((g * g).sum()) for g in grads))
+        kept = [p.detach().clone() for p in params]
+        with torch.no_grad():
+            for p, g, rho in zip(params, grads, rhos):
+                if rho > 0:
+                    p.add_(g * (rho / norm))
+        grads = grads_at()
+        with torch.no_grad():
+            for p, k in zip(params, kept):
+                p.copy_(k)
+            for p, g in zip(params, grads):
+                p.sub_(lr * g)
+
+
+def _flat_model():
+    """A Linear whose weight and bias are views of one flat Parameter, which the optimizer
+    holds (the contiguous_params pattern): the model reads the flat Parameter's memory."""
+    torch.manual_seed(0)
+    flat = nn.Parameter(torch.randn(10, dtype=torch.float64))
+    lin = nn.Linear(4, 2).double()
+    lin.weight.data = flat.data[:8].view(2, 4)
+    lin.bias.data = flat.data[8:]
+    return flat, lin
+
+
+FLAT_X = torch.randn(6, 4, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+
+
+def _flat_loss_and_grad(lin):
+    lin.zero_grad()
+    loss = torch.tanh(lin(FLAT_X)).pow(2).mean()
+    loss.backward()
+    return loss, torch.cat([lin.weight.grad.flatten(), lin.bias.grad])
+
+
+def test_a_parameter_whose_memory_the_model_reads_through_views_is_perturbed_where_they_see_it():
+    """Before, the flat Parameter's .data was pointed at a buffer of w + e and the views the
+    model reads kept the unperturbed weights: SAM took plain SGD's step."""
+    flat, lin = _flat_model()
+    optimizer = TransformingOptimizer([flat], torch.optim.SGD, lr=0.1, transforms=[SAM(rho=0.5)])
+    seen = []
+
+    def closure():
+        optimizer.zero_grad()
+        seen.append(lin.weight.detach().clone())
+        loss, flat.grad = _flat_loss_and_grad(lin)
+        return loss
+
+    for _ in range(3):
+        optimizer.step(closure)
+
+    ref_flat, ref_lin = _flat_model()
+    _in_place_sam([ref_flat], [0.5], lambda: [_flat_loss_and_grad(ref_lin)[1]], 3, 0.1)
+    torch.testing.assert_close(flat.detach(), ref_flat.detach(), rtol=1e-12, atol=1e-14)
+    assert not torch.equal(seen[0], seen[1])  # the second pass saw w + e
+    assert lin.weight.data_ptr() == flat.data_ptr() and lin.bias.data_ptr() == flat.data_ptr() + 8 * 8
+
+    # Restored bit for bit (an inner step of size 0 leaves every weight as it was).
+    flat, lin = _flat_model()
+    optimizer = TransformingOptimizer([flat], torch.optim.SGD, lr=0.0, transforms=[SAM(rho=0.5)])
+    before = flat.detach().clone()
+    optimizer.step(closure)
+    assert torch.equal(flat.detach(), before)
+    assert torch.equal(lin.weight.detach().flatten(), before[:8]) and lin.weight.data_ptr() == flat.data_ptr()
+
+
+@pytest.mark.parametrize("other", ["frozen", "rho-zero group"])
+def test_a_parameter_tied_to_one_not_moved_is_perturbed_in_place_and_matches_the_in_place_reference(other):
+    """Two Parameters over one storage, only the embedding moved (the head frozen, or in a group
+    with rho=0): before, the embedding's .data was swapped and the head kept reading w."""
+    def build():
+        model = _StorageTied()
+        if other == "frozen":
+            model.head.weight.requires_grad_(False)
+            params, rhos = [model.embedding.weight], [0.05]
+            groups = [{"params": params}]
+        else:
+            params, rhos = [model.embedding.weight, model.head.weight], [0.05, 0.0]
+            groups = [{"params": params[:1]}, {"params": params[1:], "rho": 0.0}]
+        return model, params, rhos, groups
+
+    model, params, _, groups = build()
+    optimizer = TransformingOptimizer(groups, torch.optim.SGD, lr=0.1, transforms=[SAM(0.05)])
+
+    def closure():
+        optimizer.zero_grad()
+        loss = _tied_loss(model)
+        loss.backward()
+        return loss
+
+    for _ in range(3):
+        optimizer.step(closure)
+    assert model.tied_in_forward == [True] * 6
+    assert model.head.weight.data_ptr() == model.embedding.weight.data_ptr()
+
+    ref_model, ref_params, ref_rhos, _ = build()
+    _in_place_sam(ref_params, ref_rhos, lambda: torch.autograd.grad(_tied_loss(ref_model), ref_params), 3, 0.1)
+    torch.testing.assert_close(model.embedding.weight.detach(), ref_model.embedding.weight.detach(), rtol=1e-12, atol=1e-14)
+
+    # Restored bit for bit (an inner step of size 0 leaves every weight as it was).
+    model, params, _, groups = build()
+    optimizer = TransformingOptimizer(groups, torch.optim.SGD, lr=0.0, transforms=[SAM(0.05)])
+    before = params_of(model)
+    optimizer.step(closure)
+    assert_bitwise_equal(before, params_of(model))
+    assert model.head.weight.data_ptr() == model.embedding.weight.data_ptr()
+
+
+def test_an_alias_of_a_parameter_kept_elsewhere_sees_the_perturbation():
+    """A ``param.detach()`` kept by the user (or a module's cache) reads the parameter's memory:
+    the parameter is perturbed in place, and the step is SAM's."""
+    x, y = make_data()
+    model = make_model()
+    aliases = [p.detach() for p in model.parameters()]
+    optimizer = TransformingOptimizer(model.parameters(), torch.optim.SGD, lr=0.1, momentum=0.9, transforms=[SAM(0.05)])
+    agree = []
+
+    def closure():
+        agree.append(all(torch.equal(a, p) for a, p in zip(aliases, model.parameters())))
+        optimizer.zero_grad()
+        loss = nn.functional.mse_loss(model(x), y)
+        loss.backward()
+        return loss
+
+    for _ in range(3):
+        optimizer.step(closure)
+    assert agree == [True] * 6
+    expected = reference_run(make_model(), x, y, 3, "sgd_momentum", rho_of=lambda n: 0.05)
+    torch.testing.assert_close(params_of(model), expected, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("counted", [True, False], ids=["counted", "not counted"])
+def test_parameters_alone_on_their_memory_are_swapped_and_without_the_count_all_move_in_place(counted, monkeypatch):
+    """Where torch counts a storage's references, a parameter that alone holds its memory is
+    pointed at its buffer of w + e (its own memory untouched in the second pass); where it does
+    not (older torch builds without CUDA), every parameter is moved in place. Both are SAM."""
+    if not counted:
+        monkeypatch.delattr(torch._C, "_storage_Use_Count")
+        assert sam_module._storage_counter() is None
+        monkeypatch.setattr(sam_module, "_STORAGE_COUNTER", None)
+    elif sam_module._STORAGE_COUNTER is None:
+        pytest.skip("this torch does not count a storage's references")
+    x, y = make_data()
+    model = make_model()
+    optimizer = TransformingOptimizer(model.parameters(), torch.optim.SGD, lr=0.1, momentum=0.9, transforms=[SAM(0.05)])
+    trained = [p for p in model.parameters() if p.requires_grad and p is not model.unused]
+    own = [p.data_ptr() for p in trained]
+    pointers = []
+
+    def closure():
+        pointers.append([p.data_ptr() for p in trained])
+        optimizer.zero_grad()
+        loss = nn.functional.mse_loss(model(x), y)
+        loss.backward()
+        return loss
+
+    for _ in range(3):
+        optimizer.step(closure)
+    second_passes = pointers[1::2]
+    if counted:
+        assert all(a != b for ptrs in second_passes for a, b in zip(ptrs, own))
+    else:
+        assert second_passes == [own] * 3
+    assert [p.data_ptr() for p in trained] == own
+    expected = reference_run(make_model(), x, y, 3, "sgd_momentum", rho_of=lambda n: 0.05)
+    torch.testing.assert_close(params_of(model), expected, rtol=1e-12, atol=1e-12)
+
+
+def _conv_model():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(2, 3, 3), nn.Tanh(), nn.Flatten(), nn.Linear(12, 1))
+
+
+CONV_X = torch.randn(5, 2, 4, 4, generator=torch.Generator().manual_seed(4))
+CONV_Y = torch.randn(5, 1, generator=torch.Generator().manual_seed(5))
+
+
+def _conv_loss(model):
+    return nn.functional.mse_loss(model(CONV_X.to(model[0].weight.dtype)), CONV_Y.to(model[0].weight.dtype))
+
+
+_CONVERSIONS = {
+    "to float64": lambda model: model.to(torch.float64),
+    "channels_last": lambda model: model.to(memory_format=torch.channels_last),
+    "load_state_dict": lambda model: model.load_state_dict({k: v + 0.25 for k, v in model.state_dict().items()}),
+}
+
+
+@pytest.mark.parametrize("conversion", list(_CONVERSIONS))
+def test_module_conversions_that_swap_parameters_work_after_sam_steps(conversion):
+    """With torch.__future__.set_swap_module_params_on_conversion(True) (always for DTensor
+    parameters) torch swaps each parameter's contents with torch.utils.swap_tensors, which
+    refuses a tensor that has a weak reference; SAM's backup buffers were kept by one ("Cannot
+    swap t1 because it has weakref associated with it"). Now the conversion works, and the next
+    SAM steps (with buffers of the new dtype or layout) match the reference."""
+    convert = _CONVERSIONS[conversion]
+    dtype = torch.float32 if conversion == "to float64" else torch.float64
+    model = _conv_model().to(dtype)
+    optimizer = TransformingOptimizer(model.parameters(), torch.optim.SGD, lr=0.1, transforms=[SAM(0.05)])
+
+    def closure():
+        optimizer.zero_grad()
+        loss = _conv_loss(model)
+        loss.backward()
+        return loss
+
+    reference = _conv_model().to(dtype)
+    ref_params = list(reference.parameters())
+
+    def ref_grads():
+        return torch.autograd.grad(_conv_loss(reference), ref_params)
+
+    optimizer.step(closure)
+    _in_place_sam(ref_params, [0.05] * len(ref_params), ref_grads, 1, 0.1)
+    previous = torch.__future__.get_swap_module_params_on_conversion()
+    torch.__future__.set_swap_module_params_on_conversion(True)
+    try:
+        convert(model)
+        convert(reference)
+    finally:
+        torch.__future__.set_swap_module_params_on_conversion(previous)
+    assert list(model.parameters()) == optimizer.param_groups[0]["params"]  # the same objects, swapped
+    for _ in range(2):
+        optimizer.step(closure)
+    _in_place_sam(ref_params, [0.05] * len(ref_params), ref_grads, 2, 0.1)
+    torch.testing.assert_close(params_of(model), params_of(reference), rtol=1e-5 if dtype == torch.float32 else 1e-12, atol=1e-6 if dtype == torch.float32 else 1e-14)
+    for param, ref in zip(model.parameters(), reference.parameters()):
+        assert param.dtype == ref.dtype and param.stride() == ref.stride()
+        assert not weakref.getweakrefs(param)
+
+
+def test_kept_buffers_hold_no_parameter_past_their_use_and_are_not_copied():
+    """The backup buffers keep their parameters by a strong reference (torch.optim's way): they
+    go with the optimizer, are dropped when the transform moves another model's parameters, and
+    are not pickled or deep-copied (with the optimizer, or with a SAM used on its own)."""
+    x, y = make_data()
+    model = make_model()
+    optimizer = TransformingOptimizer(model.parameters(), torch.optim.SGD, lr=0.1, transforms=[SAM(0.05)])
+    optimizer.step(make_closure(model, optimizer, x, y))
+    twin = copy.deepcopy(optimizer)
+    assert "_backups" not in vars(twin.transforms[0]) and "_backups" not in vars(pickle.loads(pickle.dumps(optimizer)).transforms[0])
+    watched = weakref.ref(model[0].weight)
+    del model, optimizer, twin
+    gc.collect()
+    assert watched() is None  # the optimizer (and its SAM) held the parameter, nothing else
+
+    sam = SAM(0.05)
+    first, second = make_model(), make_model(seed=1)
+    for model in (first, second):
+        loss_fn = functools.partial(lambda model: nn.functional.mse_loss(model(x), y), model)
+        loss_fn().backward()
+        sam.apply(model, loss_fn, ())
+    assert "_backups" not in vars(copy.deepcopy(sam)) and "_backups" not in vars(pickle.loads(pickle.dumps(sam)))
+    watched = weakref.ref(first[0].weight)
+    del first, model, loss_fn
+    gc.collect()
+    assert watched() is None  # dropped when the SAM moved the second model's parameters
 
 
 # -- Ctrl-C anywhere in a step -------------------------------------------------------------------------

@@ -10,8 +10,12 @@ How the weights are moved and restored (why it is exact and cheap): the perturbe
 steps, and each parameter's ``.data`` is pointed at it; restoring points it back at the untouched
 original storage, so the restored weights are the original tensors, bit for bit, without a copy.
 The first gradient (scaled in place into :math:`e`) is released before the re-evaluation. A
-parameter that is a view into other memory is perturbed in place instead and restored by copying
-its backup back. Measured as process peak memory (``benchmarks/sam_overhead.py``), keeping the
+parameter whose memory anything else also holds -- it is a view into other memory, or other
+tensors view it (a flat buffer whose views the model reads, a Parameter tied to it through one
+storage, an alias such as ``param.detach()`` kept elsewhere), which would go on reading the
+unperturbed weights -- is perturbed in place instead and restored by copying its backup back; so
+is every parameter where torch does not count a storage's references (older torch builds
+without CUDA). Measured as process peak memory (``benchmarks/sam_overhead.py``), keeping the
 buffer beats both writing :math:`w + e` into the first gradient's storage (which pinned memory
 that autograd had allocated among the activations: +1.9× the parameter bytes on a GPT-style
 model) and allocating a copy every step (a page fault per page on glibc).
@@ -29,7 +33,6 @@ from __future__ import annotations
 
 import math
 import warnings
-import weakref
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
@@ -105,30 +108,65 @@ def _owns_storage(param: torch.Tensor) -> bool:
     Only then may SAM point ``param.data`` elsewhere during the re-evaluation: a forward that
     reads the weights through the shared storage would otherwise not see the perturbation.
     """
-    return (
-        not is_sharded(param)  # FSDP2 all-gathers from its own shard storage: perturb that in place
-        and param._base is None
-        and param.storage_offset() == 0
-        and param.untyped_storage().nbytes() == param.nbytes
-    )
+    return _whole_storage(param) is not None
+
+
+def _whole_storage(param: torch.Tensor) -> torch.UntypedStorage | None:
+    """``param``'s storage when ``param`` is all of it (see :func:`_owns_storage`), else ``None``."""
+    # A sharded parameter: FSDP2 all-gathers from its own shard storage, so that is perturbed in place.
+    if is_sharded(param) or param._base is not None or param.storage_offset() != 0:
+        return None
+    storage = param.untyped_storage()
+    return storage if storage.nbytes() == param.nbytes else None
+
+
+def _storage_counter() -> tuple[Callable[[int], int], int] | None:
+    """torch's count of the references to a storage, and what it reads for a storage that one
+    tensor alone holds; ``None`` where this torch does not count them (or the count fails).
+
+    The count is taken with the storage object held (as :func:`_swappable` holds it): whether a
+    Python storage object counts as a reference differs between torch versions (torch 2.13 counts
+    it: a parameter alone on its memory reads 2), and held, it counts alike for the probe and for
+    a parameter.
+    """
+    # Private torch API, used here only: the reference count of a storage (torch's CUDA-graph
+    # trees read it to learn whether memory is still in use). No public API tells whether other
+    # tensors hold a parameter's memory (views of a flat buffer, a tied Parameter, a detach()
+    # alias): only then may SAM point the parameter at other memory for the re-evaluation.
+    # Older torch has it in CUDA builds only; without it every parameter is moved in place.
+    count = getattr(torch._C, "_storage_Use_Count", None)
+    if count is None:
+        return None
+    try:
+        probe = torch.empty(1, device="cpu")  # no device is initialised at import
+        storage = probe.untyped_storage()
+        return count, int(count(storage._cdata))
+    except (RuntimeError, TypeError, AttributeError):
+        return None
+
+
+_STORAGE_COUNTER = _storage_counter()
 
 
 def _swappable(params: list[torch.Tensor]) -> list[bool]:
     """For each parameter, whether SAM may point its ``.data`` at a buffer of perturbed weights.
 
-    A parameter must own its storage (:func:`_owns_storage`), and no other one of ``params`` may
-    share it: parameters tied through one storage (``head.weight.data = embedding.weight.data``)
-    must see one perturbed weight, so they are perturbed in place, each by its own move.
+    Only when the parameter is all of its storage (:func:`_owns_storage`) and nothing else holds
+    that storage, which torch's count of the storage's references tells (one call per
+    parameter): not a flat buffer the parameter was carved from or whose views the model reads,
+    not another Parameter tied to it (``head.weight.data = embedding.weight.data``, moved or not,
+    frozen or in a ``rho=0`` group), not an alias (``param.detach()``) kept elsewhere. Those
+    would read the unperturbed weights in the re-evaluation; such a parameter is perturbed in
+    place, as is every one where torch does not count the references.
     """
-    flags = [_owns_storage(param) for param in params]
-    first_at: dict[int, int] = {}
-    for index, (param, owns) in enumerate(zip(params, flags)):
-        if owns:
-            address = param.data_ptr()
-            if address in first_at:
-                flags[index] = flags[first_at[address]] = False
-            else:
-                first_at[address] = index
+    counter = _STORAGE_COUNTER
+    if counter is None:
+        return [False] * len(params)
+    count, alone = counter
+    flags = []
+    for param in params:
+        storage = _whole_storage(param)
+        flags.append(storage is not None and count(storage._cdata) == alone)
     return flags
 
 
@@ -313,15 +351,24 @@ class PerturbationTransform(Transform):
         PyTorch SAM keeps ``old_p``): allocating it afresh every step costs a page fault per page
         on glibc, which returns freed memory of that size to the operating system. Not part of
         the transform's state (it holds nothing between steps) and not pickled. A buffer is made
-        anew when its parameter's dtype, shape, strides or device changed.
+        anew when its parameter's dtype, shape, strides or device changed (``module.to()``,
+        also when torch swaps the parameter's contents).
+
+        Each buffer is kept with its parameter, by a strong reference as torch.optim holds its
+        parameters: ``torch.utils.swap_tensors`` (``nn.Module._apply`` and ``load_state_dict``
+        under ``torch.__future__.set_swap_module_params_on_conversion(True)``, and for every
+        DTensor parameter) refuses a tensor that has a weak reference. When a parameter is moved
+        for the first time, the buffers of parameters not moved now are dropped (with them
+        parameters no longer optimized, or a model the transform was applied to before).
         """
         backups = self.__dict__.get("_backups")
         if backups is None:
-            backups = self.__dict__["_backups"] = {}  # id(param) -> (weak ref, buffer)
+            backups = self.__dict__["_backups"] = {}  # id(param) -> (param, buffer)
         found = []
+        new = False
         for param in params:
             held = backups.get(id(param))
-            if held is not None and held[0]() is param:
+            if held is not None:  # held[0] is param: it is alive, so no other object has its id
                 backup = held[1]
                 if (
                     backup.data_ptr() != param.data_ptr()  # not the weights themselves (an interrupted swap)
@@ -333,13 +380,15 @@ class PerturbationTransform(Transform):
                     found.append(backup)
                     continue
             else:
-                for key in [key for key, (ref, _) in backups.items() if ref() is None]:
-                    del backups[key]  # parameters that no longer exist
+                new = True
             backup = torch.empty_like(param, memory_format=torch.preserve_format)
             if backup.stride() != param.stride():
                 backup = torch.empty_strided(param.shape, param.stride(), dtype=param.dtype, device=param.device)
-            backups[id(param)] = (weakref.ref(param), backup)
+            backups[id(param)] = (param, backup)
             found.append(backup)
+        if new and len(backups) > len(params):
+            moved = {id(param) for param in params}
+            self.__dict__["_backups"] = {key: held for key, held in backups.items() if key in moved}
         return found
 
     def __getstate__(self) -> dict[str, Any]:
@@ -361,12 +410,12 @@ class PerturbationTransform(Transform):
         are consumed) and may be wider than the parameters (float32 for 16-bit ones). Every moved
         parameter's gradient is cleared.
 
-        A parameter that owns its storage gets the perturbed weights computed into its backup
-        buffer in one fused pass, and ``.data`` pointed at it; its own storage is untouched, so
-        restoring re-points it, exactly and without a copy. A parameter that is a view into
-        other memory (a flat parameter buffer, a parametrization) or shares its storage with
-        another parameter (tied weights) is perturbed in place instead: its values are copied
-        into the backup first and copied back to restore.
+        A parameter that alone holds its storage gets the perturbed weights computed into its
+        backup buffer in one fused pass, and ``.data`` pointed at it; its own storage is
+        untouched, so restoring re-points it, exactly and without a copy. A parameter whose
+        memory anything else holds (:func:`_swappable`: a view into a flat parameter buffer or a
+        parametrization, tied weights, views or aliases of it) is perturbed in place instead:
+        its values are copied into the backup first and copied back to restore.
 
         The perturbation is registered on the transform before the first weight moves, so that
         :meth:`pre_update` puts the weights back also when an interrupt lands before
