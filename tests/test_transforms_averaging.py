@@ -403,13 +403,34 @@ def test_seed_protocol_beside_a_plain_optimizer_and_its_swap():
 
 
 def test_owner_must_hold_the_transform():
+    """An optimizer without the transform is a wrong value (ValueError); an owner of another kind
+    is a wrong type (TypeError, as every argument check raises for one; it was a ValueError)."""
     model, optimizer = run_ema(1, EMA())
     with pytest.raises(ValueError, match="owner must be the TransformingOptimizer that holds this EMA"):
         with EMA().averaged_weights(optimizer):
             pass
-    with pytest.raises(ValueError, match="holds this Lookahead"):
-        with Lookahead().slow_weights(object()):
-            pass
+    for owner, name in ((object(), "object"), ("x", "str")):
+        with pytest.raises(TypeError, match=rf"^owner must be the TransformingOptimizer that holds this Lookahead \(or the nn\.Module it is used with through apply/post_step\), got {name}$"):
+            with Lookahead().slow_weights(owner):
+                pass
+
+
+@pytest.mark.parametrize(
+    "args, error, message",
+    [
+        ((0,), ValueError, r"^update must be an integer >= 1, got 0$"),
+        ((None,), TypeError, r"^update must be an integer"),
+        ((2.0,), TypeError, r"^update must be an integer"),
+        ((2, "x"), TypeError, r"^decay must be a finite number in \[0, 1\], got 'x'$"),
+        ((2, 1.5), ValueError, r"^decay must be"),
+        ((2, float("nan")), ValueError, r"^decay must be"),
+    ],
+)
+def test_decay_at_checks_its_arguments(args, error, message):
+    """decay_at returned decay="x" as it was and failed on update=None with a bare comparison
+    error; its arguments are checked as the constructor's are."""
+    with pytest.raises(error, match=message):
+        EMA(decay=0.9).decay_at(*args)
 
 
 def test_settings_and_repr():

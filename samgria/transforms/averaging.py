@@ -158,6 +158,11 @@ class _KeptWeights(Transform):
             prefix = self.default_slot() + "."
             params = list(owner.parameters())
         else:
+            if not isinstance(owner, torch.optim.Optimizer):
+                raise TypeError(
+                    f"owner must be the TransformingOptimizer that holds this {type(self).__name__} "
+                    f"(or the nn.Module it is used with through apply/post_step), got {type(owner).__name__}"
+                )
             slots = [s for s, t in zip(getattr(owner, "slots", ()), getattr(owner, "transforms", ())) if t is self]
             if not slots:
                 raise ValueError(
@@ -279,6 +284,7 @@ class Lookahead(_KeptWeights):
                 ``nn.Module`` it is used with through ``apply`` / ``post_step``.
 
         Raises:
+            TypeError: If ``owner`` is neither an optimizer nor an ``nn.Module``.
             ValueError: If ``owner`` is an optimizer that does not hold this transform.
         """
         return self._swapped_in(owner)
@@ -379,9 +385,14 @@ class EMA(_KeptWeights):
 
         Args:
             update: The update's number :math:`n \ge 1`.
-            decay: The group's ``decay`` (default: the constructor's).
+            decay: The group's ``decay`` in :math:`[0, 1]` (default: the constructor's).
+
+        Raises:
+            TypeError: If ``update`` is not an integer or ``decay`` not a real number.
+            ValueError: If ``update`` is below 1 or ``decay`` outside :math:`[0, 1]`.
         """
-        decay = self.decay if decay is None else decay
+        update = check_int("update", update, low=1)
+        decay = self.decay if decay is None else check_real("decay", decay, low=0.0, high=1.0)
         if update <= 1:
             return 0.0
         if self.warmup:
@@ -422,6 +433,7 @@ class EMA(_KeptWeights):
                 ``nn.Module`` it is used with through ``apply`` / ``post_step``.
 
         Raises:
+            TypeError: If ``owner`` is neither an optimizer nor an ``nn.Module``.
             ValueError: If ``owner`` is an optimizer that does not hold this transform.
         """
         return self._swapped_in(owner)

@@ -319,6 +319,15 @@ class Chain:
         """Whether ``prefix`` is, case aside, close to a name of one of the chain's transforms
         (its slot, default slot, class name or a base class's) and names no other of
         ``torch.optim``'s optimizers or samgria's transforms, nor the inner optimizer's class."""
+        verdicts = self.__dict__.setdefault("_slot_verdicts", {})  # fixed per chain: see below
+        lowered = prefix.lower()
+        if lowered not in verdicts:
+            verdicts[lowered] = self._close_to_own_name(lowered)
+        return verdicts[lowered]
+
+    def _close_to_own_name(self, lowered: str) -> bool:
+        """:meth:`_names_a_slot` for a lowercase prefix, worked out (the names it compares are
+        the chain's and a fixed list, so the verdict holds for the chain's life)."""
         own = {name.lower() for name in self.slots}
         for transform in self.transforms:
             own |= _class_names(type(transform), Transform)
@@ -327,7 +336,6 @@ class Chain:
             slot = transform.default_slot()
             if isinstance(slot, str):  # a seed-protocol object's slot_name may be anything
                 own.add(slot.lower())
-        lowered = prefix.lower()
         if lowered not in own and (lowered in _library_names() or lowered in self.inner_names):
             return False
         return bool(difflib.get_close_matches(lowered, sorted(own), n=1, cutoff=0.6))

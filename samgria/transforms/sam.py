@@ -31,6 +31,7 @@ the perturbation with a warning. The norm is read on the host once per step.
 
 from __future__ import annotations
 
+import inspect
 import math
 import warnings
 from collections.abc import Callable, Iterable, Mapping
@@ -473,7 +474,10 @@ def _refuse_optimizer_style_call(cls: type, args: tuple[Any, ...]) -> None:
     looks_like_params = isinstance(first, (torch.Tensor, dict, list, tuple, torch.nn.Module)) or (
         first is not None and not isinstance(first, (str, bytes)) and hasattr(first, "__next__")
     )
-    if len(args) > 1 or looks_like_params:
+    # The second argument of that constructor is an optimizer class or a factory; ASAM's own
+    # positional arguments (rho, eta, adaptive) are numbers and a bool.
+    looks_like_base_optimizer = len(args) > 1 and callable(args[1])
+    if looks_like_params or looks_like_base_optimizer:
         name = cls.__name__
         raise TypeError(
             f"samgria.{name} is a transform, not an optimizer: {name}(params, base_optimizer, ...) is "
@@ -481,6 +485,20 @@ def _refuse_optimizer_style_call(cls: type, args: tuple[Any, ...]) -> None:
             f"base_optimizer, rho=..., adaptive=..., **base_kwargs), or "
             f"samgria.TransformingOptimizer(params, base_optimizer, transforms=[samgria.{name}(rho=...)], "
             "**base_kwargs)"
+        )
+
+
+class _InitSignature:
+    """``cls.__signature__``: the signature of ``cls.__init__`` without ``self``.
+
+    For a class whose ``__new__`` takes ``*args, **kwargs`` (to refuse an optimizer-style call),
+    ``inspect.signature`` -- hence ``help()`` and the API reference -- would show that instead.
+    """
+
+    def __get__(self, instance: Any, owner: type) -> inspect.Signature:
+        signature = inspect.signature(owner.__init__)
+        return signature.replace(
+            parameters=list(signature.parameters.values())[1:], return_annotation=inspect.Signature.empty
         )
 
 
@@ -498,15 +516,20 @@ class SAM(PerturbationTransform):
     :math:`-e`, as is every transform of the SAM family.
 
     Args:
-        rho: Default neighbourhood radius :math:`\rho \ge 0` (per-group key ``"rho"``).
+        rho: Default neighbourhood radius :math:`\rho \ge 0` (per-group key ``"rho"``; default
+            0.01; 0.05, the common choice, is the default of :func:`~samgria.sam_optimizer` and of
+            the other transforms of the SAM family).
 
     Raises:
+        TypeError: If ``rho`` is not a real number (a bool included).
         ValueError: If ``rho`` is negative or not finite.
     """
 
     # perturb() computes w + e into backup buffers and swaps them in only once nothing can
     # raise; views are moved in place and put back if that raises (_move_along).
     writes_weights_before_step = False
+
+    __signature__ = _InitSignature()
 
     def __new__(cls, *args: Any, **kwargs: Any) -> SAM:
         _refuse_optimizer_style_call(cls, args)
@@ -560,10 +583,14 @@ class ASAM(PerturbationTransform):
         adaptive: Default of the per-group key ``"adaptive"``.
 
     Raises:
+        TypeError: If ``rho`` or ``eta`` is not a real number (a bool included), or ``adaptive``
+            is not a bool.
         ValueError: If ``rho`` or ``eta`` is negative or not finite.
     """
 
     writes_weights_before_step = False  # computes e in new tensors, then moves as SAM does
+
+    __signature__ = _InitSignature()
 
     def __new__(cls, *args: Any, **kwargs: Any) -> ASAM:
         _refuse_optimizer_style_call(cls, args)
