@@ -124,6 +124,7 @@ class MomentumInnerStep:
         nesterov: Use Nesterov momentum (needs ``momentum > 0`` and ``dampening == 0``).
 
     Raises:
+        TypeError: An argument is of the wrong type (a bool where a number is expected included).
         ValueError: An argument is out of range.
     """
 
@@ -179,6 +180,7 @@ class AdamInnerStep:
         eps: :math:`\\epsilon > 0`.
 
     Raises:
+        TypeError: An argument is of the wrong type (a bool where a number is expected included).
         ValueError: An argument is out of range.
     """
 
@@ -255,7 +257,8 @@ class InnerSAM:
         rho: Neighbourhood radius :math:`\\rho \\ge 0`.
 
     Raises:
-        ValueError: ``rho`` is negative.
+        TypeError: ``rho`` is not a real number (a bool included).
+        ValueError: ``rho`` is negative or not finite.
     """
 
     def __init__(self, rho: float = 0.05) -> None:

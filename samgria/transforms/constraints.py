@@ -39,6 +39,7 @@ class ClampParams(Transform):
             ``>= param_min`` and ``> -inf``.
 
     Raises:
+        TypeError: If a bound is not a real number (a bool included).
         ValueError: If a bound is NaN, ``param_min`` is ``inf``, ``param_max`` is ``-inf`` or
             ``param_max < param_min``.
     """

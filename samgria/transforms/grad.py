@@ -417,6 +417,7 @@ class ClampGrad(Transform):
     rounds to there (``inf``), which leaves every finite element on that side as it is.
 
     Raises:
+        TypeError: If a bound is not a real number (a bool included).
         ValueError: If a bound is not finite or ``grad_min > grad_max``.
     """
 

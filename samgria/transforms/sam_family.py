@@ -361,6 +361,7 @@ class GSAM(_FinishingTransform):
             ``"alpha"``); ``alpha=0`` is SAM.
 
     Raises:
+        TypeError: If ``rho`` or ``alpha`` is not a real number (a bool included).
         ValueError: If ``rho`` or ``alpha`` is negative or not finite.
     """
 
@@ -555,6 +556,7 @@ class FriendlySAM(_FinishingTransform):
         lmbda: Default decay :math:`\lambda \in [0, 1]` of the average (key ``"lmbda"``).
 
     Raises:
+        TypeError: If a value is not a real number (a bool included).
         ValueError: If a value is negative or not finite, or ``lmbda > 1``.
     """
 
