@@ -483,3 +483,60 @@ def test_trainer_rejects_bad_compile_arguments():
         MetaTrainer(meta, F.mse_loss, sampler, compile=True, compile_options=["mode"])
     trainer = MetaTrainer(meta, F.mse_loss, sampler, compile=True, vectorize=True)
     assert trainer.compile is True and trainer.compile_options == {} and trainer.compiled_loss is None
+
+
+# ---------------------------------------------------------------- a model wrapped in torch.compile
+def make_compiled_meta(algorithm: str, seed: int = 0) -> MetaOptimizer:
+    """``make_meta`` on ``torch.compile(make_model(seed))`` (an ``OptimizedModule``: its
+    parameters are named ``_orig_mod.0.weight``, ...)."""
+    model = make_model(seed)
+    compiled_model = torch.compile(model)
+    if algorithm == "anil":
+        return ANIL(compiled_model, torch.optim.SGD, head=model[2], lr=0.1, inner_lr=INNER_LR, inner_steps=STEPS)
+    return make_meta(algorithm, compiled_model)
+
+
+@pytest.mark.parametrize("algorithm", ["maml", "metasgd", "anil"])
+def test_a_model_wrapped_in_torch_compile_is_compiled_with_the_meta_loss(algorithm):
+    """On torch.compile(model) the compiled meta-loss compiled nothing: Dynamo skipped its frames
+    and the program ran eagerly, without a warning. It now traces the wrapped module, and every
+    gradient reaches the meta-parameter of the same name (the reference: the vmap path on the
+    unwrapped model, same weights)."""
+    meta = make_compiled_meta(algorithm)
+    assert next(iter(dict(meta.model.named_parameters()))) == "_orig_mod.0.weight"
+    reference = make_meta(algorithm, make_model()) if algorithm != "anil" else None
+    if reference is None:
+        plain = make_model()
+        reference = ANIL(plain, torch.optim.SGD, head=plain[2], lr=0.1, inner_lr=INNER_LR, inner_steps=STEPS)
+    backend = CountingBackend()
+    compiled = CompiledMetaLoss(meta, F.mse_loss, backend=backend)
+    tasks = sample_tasks(4, seed=3)
+    graphs = counters["stats"]["unique_graphs"]
+    loss, grads = compiled(tasks)
+    assert backend.compilations >= 1 and counters["stats"]["unique_graphs"] >= graphs + 1
+    ref_loss, ref_grads = vmap_reference(reference, tasks)
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-10, atol=1e-12)
+    ours = [p for group in meta.param_groups for p in group["params"]]
+    theirs = [p for group in reference.param_groups for p in group["params"]]
+    assert set(grads) == set(ours) and len(ours) == len(theirs)
+    for p, q in zip(ours, theirs):
+        torch.testing.assert_close(grads[p], ref_grads[q], rtol=1e-9, atol=1e-12)
+
+
+def test_fit_compiled_on_a_model_wrapped_in_torch_compile_equals_fit_uncompiled():
+    """The repro: MetaTrainer(compile=True) on torch.compile(model) reported path 'compiled'
+    while it ran eagerly (unique_graphs stayed 0). Now one program is compiled and the
+    trajectory is that of the uncompiled trainer on the unwrapped model."""
+    batches = [sample_tasks(4, seed=40 + i) for i in range(3)]
+    model = make_model()
+    meta = MAML(torch.compile(model), torch.optim.Adam, lr=1e-2, inner_lr=INNER_LR, inner_steps=STEPS)
+    backend = CountingBackend()
+    trainer = MetaTrainer(meta, F.mse_loss, ListSampler(batches), compile=True, compile_options={"backend": backend})
+    graphs = counters["stats"]["unique_graphs"]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        history = trainer.fit(3, 4, progress=False)
+    assert backend.compilations == 1 and counters["stats"]["unique_graphs"] == graphs + 1
+    assert trainer.path == "compiled" and trainer.compiled_loss.num_programs == 1
+    assert [w for w in caught if issubclass(w.category, RuntimeWarning)] == []
+    assert_same_training((model, meta, history, []), fit("maml", False, batches))

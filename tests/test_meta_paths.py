@@ -13,7 +13,7 @@ from torch import nn
 from torch.func import functional_call
 
 from meta_helpers import ItemModel, ListSampler
-from samgria import MAML, MetaTrainer, PathPolicy
+from samgria import MAML, InnerLoop, MetaTrainer, PathPolicy
 from samgria.data.task import Task
 
 DT = torch.float64
@@ -333,3 +333,133 @@ def test_path_policy_checks_trials(trials, error, match):
     """trials is compared with the number of timings; NaN or 0 would fix the choice untimed."""
     with pytest.raises(error, match=match):
         PathPolicy("M", trials=trials)
+
+
+# ---------------------------------------------------------------- InnerLoop checks its fields
+def _linear_meta(**kwargs):
+    torch.manual_seed(0)
+    return MAML(nn.Linear(1, 1).to(DT), torch.optim.SGD, lr=0.1, **{"inner_lr": 0.1, **kwargs})
+
+
+def _constructor_error(**kwargs):
+    """The exception the MetaOptimizer constructor raises for a bad ``inner_steps``,
+    ``inner_lr`` or ``first_order`` (the reference: the same rule, the same message)."""
+    with pytest.raises((TypeError, ValueError)) as info:
+        _linear_meta(**kwargs)
+    return info.type, str(info.value)
+
+
+def _rate_error(name, value):
+    """The constructor's exception for ``inner_lr=value``, naming the rate ``lrs[name]``."""
+    error, message = _constructor_error(inner_lr=value)
+    assert message.startswith("inner_lr must be a finite number >= 0, got ")
+    return error, message.replace("inner_lr", f"lrs[{name!r}]", 1)
+
+
+_BAD_FIELDS = [
+    ({"inner_steps": -3}, *_constructor_error(inner_steps=-3)),
+    ({"inner_steps": True}, *_constructor_error(inner_steps=True)),
+    ({"inner_steps": 1.5}, *_constructor_error(inner_steps=1.5)),
+    ({"inner_steps": float("nan")}, *_constructor_error(inner_steps=float("nan"))),
+    ({"first_order": "no"}, *_constructor_error(first_order="no")),
+    ({"first_order": 0}, *_constructor_error(first_order=0)),
+    ({"lrs": {"weight": -1.0, "bias": 0.1}}, *_rate_error("weight", -1.0)),
+    ({"lrs": {"weight": 0.1, "bias": float("nan")}}, *_rate_error("bias", float("nan"))),
+    ({"lrs": {"weight": float("inf"), "bias": 0.1}}, *_rate_error("weight", float("inf"))),
+    ({"lrs": {"weight": True, "bias": 0.1}}, *_rate_error("weight", True)),
+    ({"lrs": {"weight": "0.1", "bias": 0.1}}, *_rate_error("weight", "0.1")),
+    (
+        {"lrs": {"weight": torch.tensor(True), "bias": 0.1}},
+        TypeError,
+        "lrs['weight'] must be a real number or a real tensor, got a tensor of dtype torch.bool",
+    ),
+    ({"lrs": {"weight": 0.1}}, ValueError, "lrs has no entry for the adapted parameters ['bias']"),
+    ({"lrs": 0.1}, TypeError, "lrs must be a mapping from every adapted name to its step size, got 0.1"),
+    ({"adapt_names": "weight"}, TypeError, "adapt_names must be a sequence of parameter names, got 'weight'"),
+    ({"adapt_names": ("weight", 3)}, TypeError, "adapt_names must be a sequence of parameter names (str), got ('weight', 3)"),
+    ({"track_graph": "no"}, TypeError, "track_graph must be a bool, got 'no'"),
+    ({"track_graph": 1}, TypeError, "track_graph must be a bool, got 1"),
+    ({"checkpoint": 1}, TypeError, "checkpoint must be a bool, got 1"),
+    ({"inner_step_fn": None}, TypeError, "inner_step_fn must be callable, got None"),
+    ({"inner_reg_fn": 3}, TypeError, "inner_reg_fn must be callable, got 3"),
+    ({"grad_transforms": "sam"}, TypeError, "grad_transforms must be a sequence of inner-loop gradient transforms, got 'sam'"),
+]
+
+
+@pytest.mark.parametrize(
+    "changes, error, message", _BAD_FIELDS, ids=[f"{next(iter(c))}-{i}" for i, (c, _, _) in enumerate(_BAD_FIELDS)]
+)
+def test_inner_loop_checks_every_field_with_the_constructors_rules(changes, error, message):
+    """InnerLoop checked nothing: inner_steps=-3 ran like 0 steps, negative or NaN rates ran
+    (gradient ascent), first_order='no' made a first-order loop second order, each silently.
+    Its checks are the MetaOptimizer constructor's: the same exception and message."""
+    base = _linear_meta().inner_loop()
+    with pytest.raises(error) as info:
+        base.replace(**changes)
+    assert str(info.value) == message
+    with pytest.raises(error) as built:
+        InnerLoop(**{**{f: getattr(base, f) for f in ("adapt_names", "lrs", "inner_steps")}, **changes})
+    assert str(built.value) == message
+
+
+def test_a_refused_inner_loop_runs_nothing():
+    """The repro: run_tasks with a replaced loop of -3 steps ran as 0 steps."""
+    meta = _linear_meta()
+    tasks = make_tasks(2, k=4)
+    tasks = [Task(t.support_x[:, :1], t.support_y, t.query_x[:, :1], t.query_y) for t in tasks]
+    weight = meta.model.weight.detach().clone()
+    with pytest.raises(ValueError, match=r"^inner_steps must be an integer >= 0, got -3$"):
+        meta.run_tasks(tasks, F.mse_loss, meta.inner_loop().replace(inner_steps=-3), path="loop", record=False)
+    assert meta.model.weight.grad is None and torch.equal(meta.model.weight, weight)
+
+
+def test_inner_loop_accepts_what_the_engine_builds_and_replace_runs_the_changed_loop():
+    """What is accepted: a list of names (kept as a tuple), NumPy bools and integers (kept as
+    Python's), a Meta-SGD rate that requires grad whatever its value (training can drive it
+    negative), a real tensor rate; and a replaced loop runs what it says (a hand-written SGD
+    reference)."""
+    from samgria import MetaSGD
+
+    np = pytest.importorskip("numpy")
+    meta = _linear_meta()
+    base = meta.inner_loop()
+    loop = base.replace(adapt_names=["weight", "bias"], first_order=np.bool_(True), track_graph=np.True_)
+    assert loop.adapt_names == ("weight", "bias")
+    assert type(loop.first_order) is bool and loop.first_order and type(loop.track_graph) is bool
+    assert type(base.replace(inner_steps=np.int64(2)).inner_steps) is int
+    assert base.replace(lrs={"weight": torch.tensor(0.2, dtype=DT), "bias": 0}).lrs["bias"] == 0
+
+    torch.manual_seed(0)
+    sgd_meta = MetaSGD(nn.Linear(1, 1).to(DT), torch.optim.SGD, lr=0.1, inner_lr=0.1)
+    with torch.no_grad():
+        sgd_meta.inner_lrs["weight"].fill_(-0.5)  # a learned rate's values are not read
+    rates = sgd_meta.inner_loop().lrs
+    assert rates["weight"] is sgd_meta.inner_lrs["weight"] and rates["weight"].requires_grad
+
+    task = Task(*(torch.randn(5, 1, generator=torch.Generator().manual_seed(s), dtype=DT) for s in range(4)))
+    changed = base.replace(inner_steps=3, lrs={"weight": 0.3, "bias": 0.2})
+    losses, _ = meta.run_tasks([task], F.mse_loss, changed, path="loop", record=False)
+    fast = {n: p.detach() for n, p in meta.model.named_parameters()}
+    for _ in range(3):
+        fast = {n: v.requires_grad_(True) for n, v in fast.items()}
+        loss = F.mse_loss(functional_call(meta.model, fast, (task.support_x,)), task.support_y)
+        grads = dict(zip(fast, torch.autograd.grad(loss, list(fast.values()))))
+        fast = {n: (v - {"weight": 0.3, "bias": 0.2}[n] * grads[n]).detach() for n, v in fast.items()}
+    expected = F.mse_loss(functional_call(meta.model, fast, (task.query_x,)), task.query_y)
+    torch.testing.assert_close(losses[0].detach(), expected, rtol=1e-12, atol=1e-14)
+
+
+def test_meta_inner_loop_checks_track_graph_like_create_graph():
+    """track_graph='no' gave a second-order loop; track_graph=0 failed later inside
+    torch.set_grad_enabled without naming the argument."""
+    np = pytest.importorskip("numpy")
+    meta = _linear_meta()
+    for bad in ("no", 0, 1.0):
+        with pytest.raises(TypeError) as info:
+            meta.inner_loop(track_graph=bad)
+        assert str(info.value) == f"track_graph must be a bool, got {bad!r}"
+        with pytest.raises(TypeError) as reference:
+            meta.inner_loop(create_graph=bad)
+        assert str(reference.value) == f"create_graph must be a bool, got {bad!r}"
+    assert meta.inner_loop(track_graph=np.False_).second_order is False
+    assert meta.inner_loop(track_graph=True).second_order is True

@@ -718,3 +718,66 @@ def test_a_checkpoint_of_several_ranks_is_refused_by_one_process_before_anything
     with pytest.raises(TypeError, match=r"state_dict\['rng'\] must be torch's random state .* got str"):
         target.load_state_dict({**state, "rng": "seed"})
     assert _same(target.state_dict(), before)
+
+
+@pytest.mark.parametrize(
+    ("history", "error", "match"),
+    [
+        (3, TypeError, r"^state_dict\['history'\] must be a dict of History's fields \['meta_loss', 'eval_loss', 'eval_iterations'\], got 3$"),
+        (
+            {"meta_loss": 3},
+            ValueError,
+            r"^state_dict\['history'\] must hold exactly History's fields \['meta_loss', 'eval_loss', 'eval_iterations'\], got \['meta_loss'\]$",
+        ),
+        (
+            {"meta_loss": [1.0], "eval_loss": [], "eval_iterations": [], "lr": []},
+            ValueError,
+            r"must hold exactly History's fields .*, got \['eval_iterations', 'eval_loss', 'lr', 'meta_loss'\]$",
+        ),
+        ({"meta_loss": 3, "eval_loss": [], "eval_iterations": []}, TypeError, r"^state_dict\['history'\]\['meta_loss'\] must be a list, got 3$"),
+        ({"meta_loss": "0.5", "eval_loss": [], "eval_iterations": []}, TypeError, r"\['meta_loss'\] must be a list, got '0.5'$"),
+        ({"meta_loss": [0.5, "x"], "eval_loss": [], "eval_iterations": []}, TypeError, r"^state_dict\['history'\]\['meta_loss'\]\[1\] must be a real number, got 'x'$"),
+        ({"meta_loss": [True], "eval_loss": [], "eval_iterations": []}, TypeError, r"\['meta_loss'\]\[0\] must be a real number, got True$"),
+        ({"meta_loss": [], "eval_loss": [0.5], "eval_iterations": [0]}, ValueError, r"^state_dict\['history'\]\['eval_iterations'\]\[0\] must be an integer >= 1, got 0$"),
+        ({"meta_loss": [], "eval_loss": [0.5], "eval_iterations": [1.5]}, TypeError, r"\['eval_iterations'\]\[0\] must be an integer >= 1, got 1\.5$"),
+        ({"meta_loss": [], "eval_loss": [0.5, 0.4], "eval_iterations": [1]}, ValueError, r"one eval_iterations entry per eval_loss entry, got 2 and 1$"),
+    ],
+    ids=["int", "fields-missing", "field-unknown", "int-field", "str-field", "str-loss", "bool-loss", "iteration-0", "float-iteration", "lengths"],
+)
+def test_a_checkpoint_whose_history_is_not_a_history_is_refused_before_anything_changes(history, error, match):
+    """History(**state['history']) was built unchecked: {'meta_loss': 3} was loaded and fit()
+    raised AttributeError after its meta-step had changed the weights and the iteration; 3 gave
+    "History() argument after ** must be a mapping", naming no entry."""
+    source = _trainer("maml", 0, True)
+    source.fit(2, 2, eval_tasks=fixed_tasks(1), progress=False)
+    state = source.state_dict()
+    state["history"] = history
+    target = _trainer("maml", 5, True)
+    target.fit(1, 2, progress=False)
+    torch.manual_seed(77)
+    before = target.state_dict()
+    with pytest.raises(error, match=match):
+        target.load_state_dict(state)
+    assert _same(target.state_dict(), before)
+    target.fit(1, 2, progress=False)  # still trains, with its own history
+    assert target.iteration == 2 and len(target.history.meta_loss) == 2
+
+
+def test_a_history_with_non_finite_losses_and_tuples_loads_as_saved():
+    """What a trainer records loads back: a skipped step's non-finite meta-loss, NumPy numbers
+    (kept as floats and ints), tuples (kept as lists)."""
+    trainer = _trainer("maml", 0, True)
+    trainer.fit(1, 2, progress=False)
+    state = trainer.state_dict()
+    state["history"] = {
+        "meta_loss": (float("nan"), np.float32(0.5), 2, float("inf")),
+        "eval_loss": [np.float64(0.25)],
+        "eval_iterations": [np.int64(3)],
+    }
+    fresh = _trainer("maml", 1, True)
+    fresh.load_state_dict(state)
+    history = fresh.history
+    assert history.meta_loss[1:] == [0.5, 2.0, float("inf")] and math.isnan(history.meta_loss[0])
+    assert history.eval_loss == [0.25] and history.eval_iterations == [3]
+    assert all(type(v) is float for v in history.meta_loss + history.eval_loss)
+    assert type(history.eval_iterations[0]) is int

@@ -581,11 +581,13 @@ class MetaOptimizer(WrappingOptimizer):
             The :class:`~samgria.meta.engine.InnerLoop`.
 
         Raises:
-            ValueError: No parameter is adapted -- every param group has ``adapt=False``, the
-                parameters of the ``adapt=True`` groups do not require grad, or (ANIL) no head
-                parameter is in such a group. The param groups are read at each call (they may
-                change with :meth:`add_param_group`), so this is checked here, before anything
-                runs, and not at construction.
+            TypeError: An argument is of the wrong kind (``create_graph`` or ``track_graph`` not a
+                bool, ``inner_steps`` not an integer, an option not callable).
+            ValueError: ``inner_steps`` is negative, or no parameter is adapted -- every param
+                group has ``adapt=False``, the parameters of the ``adapt=True`` groups do not
+                require grad, or (ANIL) no head parameter is in such a group. The param groups
+                are read at each call (they may change with :meth:`add_param_group`), so this is
+                checked here, before anything runs, and not at construction.
         """
         steps = self.inner_steps if inner_steps is None else check_steps(inner_steps, "inner_steps")
         transforms = check_inner_options(inner_step_fn, inner_reg_fn, grad_transforms)
@@ -594,6 +596,7 @@ class MetaOptimizer(WrappingOptimizer):
         check_bool("create_graph", create_graph)
         if track_graph is None:
             track_graph = self.outer_update == "meta_gradient"
+        check_bool("track_graph", track_graph)
         names, lrs = self._adapt_config()
         if not names:
             raise ValueError(

@@ -29,7 +29,8 @@ shapes or the model's structure change. Step sizes enter as tensors, so editing 
 Reptile (its update is a pseudo-gradient, not a meta-gradient), a subclass with its own inner
 loop, tasks of unequal shapes, a model that could not be vmapped, or a second-order inner loop
 through a normalisation layer whose double backward ``vmap`` gets wrong
-(:func:`~samgria.meta.vectorize.second_order_vmap_blocker`).
+(:func:`~samgria.meta.vectorize.second_order_vmap_blocker`). A model wrapped in ``torch.compile``
+is traced through the module it wraps.
 
 Differences from ``backward()``: a meta-parameter that does not influence the loss receives a
 zero gradient instead of ``None``; dropout draws its random numbers inside the compiled program
@@ -46,6 +47,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
+from torch import nn
 
 from samgria.data.task import Task
 from samgria.meta.base import MetaOptimizer
@@ -108,6 +110,36 @@ def compiled_path_blocker(
     return vmap_blocker(meta.model, loop, None if tasks is None else list(tasks))
 
 
+class _Uncompiled(nn.Module):
+    """What ``torch.compile(module)`` wraps, held as a plain module under the same attribute,
+    ``_orig_mod``: its parameters and buffers have the names the meta-optimizer knows
+    (``"_orig_mod.0.weight"``), and its forward is the original module's, which the compiled
+    meta-loss traces (Dynamo skips the frames of an ``OptimizedModule`` under
+    ``torch.func.functional_call``, and the program would run eagerly without a word)."""
+
+    def __init__(self, module: nn.Module) -> None:
+        super().__init__()
+        self._orig_mod = module
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self._orig_mod(*args, **kwargs)
+
+
+def _is_compiled(module: nn.Module) -> bool:
+    """Whether ``module`` is a ``torch.compile``-d module (an ``OptimizedModule``)."""
+    eval_frame = sys.modules.get("torch._dynamo.eval_frame")  # not imported: nothing was compiled
+    return eval_frame is not None and isinstance(module, eval_frame.OptimizedModule)
+
+
+def _traced_module(model: nn.Module) -> nn.Module:
+    """``model``, or for a ``torch.compile``-d model (an ``OptimizedModule``) the module it
+    wraps, with the same parameter names; the compiled meta-loss compiles the whole functional
+    program itself, so the model's own compilation adds nothing there."""
+    if _is_compiled(model):
+        return _Uncompiled(_traced_module(model._orig_mod))
+    return model
+
+
 _program_ids = itertools.count()
 
 
@@ -143,6 +175,10 @@ class CompiledMetaLoss:
     ``meta.task_losses(tasks, loss_fn).mean()`` and its ``backward()``; :meth:`backward`
     accumulates the gradients into ``.grad`` instead. The current meta-parameters, param-group
     settings (``inner_lr``, ``adapt``) and ``meta.first_order`` are read at every call.
+
+    A model wrapped in ``torch.compile`` (an ``OptimizedModule``) is traced through the module
+    it wraps, under the same parameter names: this program compiles the model's forward with
+    everything else, and the model's own compile options play no part in it.
 
     The first call of a configuration compiles (seconds to a minute on a CPU); later calls with
     tasks of the same shapes run the compiled code. ``torch.compile`` keeps at most
@@ -215,7 +251,7 @@ class CompiledMetaLoss:
         program = self._programs.get(key)
         if program is not None:
             return program
-        model, loss_fn = self.meta.model, self.loss_fn
+        model, loss_fn = _traced_module(self.meta.model), self.loss_fn
 
         def meta_loss(
             trainable: dict[str, dict[str, torch.Tensor]],

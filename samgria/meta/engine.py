@@ -45,6 +45,7 @@ import torch
 from torch import nn
 from torch.func import functional_call, vmap
 
+from samgria._checks import check_bool, check_int, check_real
 from samgria.data.task import Task
 from samgria.meta.inner_optim import InnerStepFn, sgd_inner_step
 
@@ -87,6 +88,22 @@ class InnerLoop:
         grad_transforms: Support-gradient transforms applied in order (e.g. ``InnerSAM``).
         checkpoint: Recompute each second-order inner step in the backward pass instead of
             storing its activations (:func:`torch.utils.checkpoint.checkpoint`); loop path only.
+
+    Every field is checked when a loop is built or :meth:`replace`-d, with the rules of the
+    :class:`~samgria.meta.base.MetaOptimizer` constructor: ``inner_steps`` an integer ``>= 0``,
+    the flags bools, the rate of every adapted name a finite number ``>= 0`` or a real tensor.
+    A tensor rate's values are not read (a learned rate, Meta-SGD's, may take any value, and a
+    loop is built at every meta-step, also inside the compiled program); the checks cost
+    O(fields + rates).
+
+    Raises:
+        TypeError: A field is of the wrong kind: ``adapt_names`` a string or holding a non-string,
+            ``lrs`` not a mapping, a rate neither a real number nor a real tensor (a ``bool`` is
+            not a number), ``inner_steps`` not an integer, ``first_order``, ``track_graph`` or
+            ``checkpoint`` not a bool, ``inner_step_fn`` or ``inner_reg_fn`` not callable, a
+            gradient transform without ``transform_inner_grads``.
+        ValueError: ``inner_steps`` is negative, a numeric rate is negative, NaN or infinite, or
+            ``lrs`` has no entry for an adapted name.
     """
 
     adapt_names: tuple[str, ...]
@@ -99,14 +116,62 @@ class InnerLoop:
     grad_transforms: tuple[Any, ...] = ()
     checkpoint: bool = False
 
+    def __post_init__(self) -> None:
+        """Check every field (see the class); store a list of names as a tuple, NumPy bools and
+        integers as Python's."""
+        names = self.adapt_names
+        if isinstance(names, (str, bytes)) or not isinstance(names, Sequence):
+            raise TypeError(f"adapt_names must be a sequence of parameter names, got {names!r}")
+        for name in names:
+            if not isinstance(name, str):
+                raise TypeError(f"adapt_names must be a sequence of parameter names (str), got {names!r}")
+        if not isinstance(names, tuple):
+            object.__setattr__(self, "adapt_names", tuple(names))
+        lrs = self.lrs
+        if not isinstance(lrs, Mapping):
+            raise TypeError(f"lrs must be a mapping from every adapted name to its step size, got {lrs!r}")
+        missing = [n for n in names if n not in lrs]
+        if missing:
+            raise ValueError(f"lrs has no entry for the adapted parameters {missing}")
+        for name in names:
+            _check_rate(f"lrs[{name!r}]", lrs[name])
+        steps = check_int("inner_steps", self.inner_steps, low=0)
+        if type(self.inner_steps) is not int:
+            object.__setattr__(self, "inner_steps", steps)
+        for flag in ("first_order", "track_graph", "checkpoint"):
+            value = getattr(self, flag)
+            if check_bool(flag, value) is not value:  # a NumPy bool: stored as a bool
+                object.__setattr__(self, flag, bool(value))
+        if not callable(self.inner_step_fn):
+            raise TypeError(f"inner_step_fn must be callable, got {self.inner_step_fn!r}")
+        transforms = check_inner_options(self.inner_step_fn, self.inner_reg_fn, self.grad_transforms)
+        if transforms is not self.grad_transforms:
+            object.__setattr__(self, "grad_transforms", transforms)
+
     @property
     def second_order(self) -> bool:
         """Whether the meta-gradient flows through the support gradients."""
         return self.track_graph and not self.first_order
 
     def replace(self, **changes: Any) -> InnerLoop:
-        """Return a copy with some fields changed."""
+        """Return a copy with some fields changed, checked as the constructor checks them.
+
+        Raises:
+            TypeError: A changed field is of the wrong kind (see the class), or ``changes``
+                names something that is not a field.
+            ValueError: A changed field is out of range (see the class).
+        """
         return dataclasses.replace(self, **changes)
+
+
+def _check_rate(name: str, rate: Any) -> None:
+    """Check one step size of :class:`InnerLoop`: a finite number ``>= 0`` or a real tensor (its
+    dtype only: a learned rate may take any value, and reading values would sync a device)."""
+    if isinstance(rate, torch.Tensor):
+        if rate.dtype == torch.bool or rate.is_complex():
+            raise TypeError(f"{name} must be a real number or a real tensor, got a tensor of dtype {rate.dtype}")
+        return
+    check_real(name, rate, low=0.0)
 
 
 # ---------------------------------------------------------------------- checks

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import numbers
 import sys
 import time
 import warnings
@@ -45,6 +46,46 @@ class History:
     meta_loss: list[float] = field(default_factory=list)
     eval_loss: list[float] = field(default_factory=list)
     eval_iterations: list[int] = field(default_factory=list)
+
+
+def _history_of(saved: Any) -> History:
+    """The :class:`History` of a checkpoint's ``"history"``, checked before anything is loaded.
+
+    It must be a mapping of exactly History's fields, each a list: ``meta_loss`` and
+    ``eval_loss`` of real numbers (NaN and ±inf included: a skipped meta-step records its
+    non-finite loss), ``eval_iterations`` of integers ``>= 1``, one per evaluation loss.
+
+    Raises:
+        TypeError: ``saved`` is not a mapping, a field is not a list, or an entry is of the
+            wrong kind (a ``bool`` is not a number).
+        ValueError: A field is missing or unknown, an iteration is below 1, or ``eval_loss``
+            and ``eval_iterations`` differ in length.
+    """
+    where = "state_dict['history']"
+    fields = [f.name for f in dataclasses.fields(History)]
+    if not isinstance(saved, Mapping):
+        raise TypeError(f"{where} must be a dict of History's fields {fields}, got {saved!r}")
+    if set(saved) != set(fields):
+        raise ValueError(f"{where} must hold exactly History's fields {fields}, got {sorted(saved, key=str)}")
+    values: dict[str, list[Any]] = {}
+    for name in fields:
+        entries = saved[name]
+        if not isinstance(entries, (list, tuple)):
+            raise TypeError(f"{where}[{name!r}] must be a list, got {entries!r}")
+        values[name] = []
+        for i, value in enumerate(entries):
+            if name == "eval_iterations":
+                values[name].append(check_int(f"{where}[{name!r}][{i}]", value, low=1))
+            elif isinstance(value, bool) or not isinstance(value, numbers.Real):
+                raise TypeError(f"{where}[{name!r}][{i}] must be a real number, got {value!r}")
+            else:
+                values[name].append(float(value))
+    if len(values["eval_loss"]) != len(values["eval_iterations"]):
+        raise ValueError(
+            f"{where} must hold one eval_iterations entry per eval_loss entry, got "
+            f"{len(values['eval_loss'])} and {len(values['eval_iterations'])}"
+        )
+    return History(**values)
 
 
 class _ProgressBar:
@@ -496,10 +537,12 @@ class MetaTrainer:
             state_dict: What :meth:`state_dict` returned (or ``torch.load`` read back).
 
         Raises:
-            TypeError: ``state_dict`` is not a mapping, or its ``"rng"`` is neither a tensor nor
-                a list of tensors.
-            ValueError: It lacks an entry, has another version, or holds the random states of
-                another number of ranks than this run's.
+            TypeError: ``state_dict`` is not a mapping, its ``"history"`` is not a mapping of
+                lists of numbers, or its ``"rng"`` is neither a tensor nor a list of tensors.
+            ValueError: It lacks an entry, has another version, a ``"history"`` without exactly
+                :class:`History`'s fields (or with an iteration below 1, or not one per
+                evaluation loss), or holds the random states of another number of ranks than
+                this run's.
         """
         if not isinstance(state_dict, Mapping):
             raise TypeError(f"state_dict must be a dict from MetaTrainer.state_dict(), got {type(state_dict).__name__}")
@@ -510,7 +553,7 @@ class MetaTrainer:
         if state_dict["version"] != self.STATE_VERSION:
             raise ValueError(f"state_dict['version'] must be {self.STATE_VERSION}, got {state_dict['version']!r}")
         state = copy.deepcopy(dict(state_dict))
-        history = History(**state["history"])
+        history = _history_of(state["history"])
         skipped_steps = check_int("state_dict['skipped_steps']", state["skipped_steps"], low=0)
         iteration = check_int("state_dict['iteration']", state["iteration"], low=0)
         paths = state["paths"]
