@@ -22,7 +22,7 @@ from samgria._wrapper import WrappingOptimizer, refuse_driven
 from samgria.functional import all_finite, global_norm
 from samgria.functional._grouping import group_indices_by_device_and_dtype, unique_params
 from samgria.functional._sharding import any_sharded, is_sharded
-from samgria.transforms.base import ProtocolTransform, Transform, TransformContext
+from samgria.transforms.base import ProtocolTransform, Transform, TransformContext, forget_autocast_copies
 from samgria.transforms.chain import CHAIN_KEY, Chain
 from samgria.transforms.sam import ASAM, SAM, Perturbation, PerturbationTransform
 
@@ -457,6 +457,8 @@ class TransformingOptimizer(WrappingOptimizer):
             self._progress = _StepProgress()
         if "chain" in self.__dict__:  # the chain's set, also when pickled by an earlier release
             self._visible_state_keys = self.chain.visible_keys
+            if "inner_names" not in self.chain.__dict__ and "inner" in self.__dict__:
+                self.chain.record_inner_type(type(self.inner))  # a chain pickled before it recorded them
 
     def _check_idle(self, action: str) -> None:
         super()._check_idle(action)
@@ -478,7 +480,7 @@ class TransformingOptimizer(WrappingOptimizer):
         if not isinstance(param_group, dict):
             raise TypeError(f"param_group must be a dict, got {type(param_group).__name__}")
         where = f"param_groups[{len(self.param_groups)}]"
-        group = self.chain.checked_group(self._with_edited_defaults(param_group), where)
+        group = self.chain.checked_group(self._with_edited_defaults(param_group, self.chain.stored_key), where)
         _refuse_sharded_m_sharpness(self.first_pass_context, group["params"])
         self.inner.add_param_group(group)
         self.chain.fill_group(self.param_groups[-1])
@@ -930,6 +932,7 @@ class TransformingOptimizer(WrappingOptimizer):
             nonlocal evaluations
             evaluations += 1
             self.zero_grad(set_to_none=True)
+            forget_autocast_copies()  # a transform moved the weights
             with torch.enable_grad(), self._enter(self.reevaluation_context):
                 result = closure()
             self._align_sharded_grads()
@@ -942,9 +945,19 @@ class TransformingOptimizer(WrappingOptimizer):
                 self._run_chain(0, reevaluate, grad_norm)
         except _NonFiniteGradients as non_finite:
             self._skip(_ordinal(non_finite.evaluation), _combined_by(non_finite.combined_by))
+        finally:
+            if evaluations > 1:
+                forget_autocast_copies()  # copies of the moved weights, cast in a re-evaluation
         return loss
 
     def _finish_pending(self) -> Any:
+        try:
+            return self._finish_pending_step()
+        finally:
+            forget_autocast_copies()  # copies of the perturbed weights, cast in the second pass
+
+    def _finish_pending_step(self) -> Any:
+        """:meth:`_finish_pending`'s body."""
         pending, self._pending = self._pending, None
         assert pending is not None
         structure = pending.structure
@@ -1109,6 +1122,7 @@ class TransformingOptimizer(WrappingOptimizer):
                 raise
         transform.__dict__.pop("_moving", None)  # the pending step holds the moves now
         self.zero_grad(set_to_none=True)
+        forget_autocast_copies()  # the second pass, in the same autocast region, sees the moved weights
 
     def cancel_step(self) -> None:
         """Abandon a step begun by :meth:`first_step` (e.g. the second pass raised).
@@ -1120,6 +1134,7 @@ class TransformingOptimizer(WrappingOptimizer):
         self._forget_scaler()  # what a GradScaler.step that raised left (a raising step hook)
         if pending is not None and pending.perturbation is not None:
             pending.perturbation.restore_weights()  # no finish: nothing of this step is committed
+            forget_autocast_copies()
         if pending is not None and pending.structure is not None:
             pending.structure.restore()
 

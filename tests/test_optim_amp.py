@@ -10,6 +10,7 @@ gradient, so the loss scale cancels.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import warnings
@@ -365,3 +366,104 @@ def test_a_transform_before_gsam_wsam_or_looksam_that_does_not_scale_with_the_gr
     elif refused == "rounding":  # clipping the scaled gradients keeps their direction, up to rounding
         for got, want in zip(scaled, run(None)):
             torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)
+
+
+def _autocast_model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 3))
+
+
+_AUTOCAST_DATA = (torch.randn(8, 6, generator=torch.Generator().manual_seed(1)), torch.arange(8) % 3)
+
+
+@pytest.mark.parametrize("transform", [SAM, GSAM, LookSAM])
+@pytest.mark.parametrize("loop", ["closure", "two_call"])
+def test_an_autocast_region_around_the_step_sees_the_moved_weights(transform, loop) -> None:
+    """torch.autocast caches its low-precision copy of each weight until the outermost region
+    exits: with a region around ``step(closure)`` (or around both passes of the two-call loop),
+    the re-evaluation ran at the cached copy of w, not at w + e, so the step was the inner
+    optimizer's plain step (silently). Equal, bit for bit, to regions around each forward."""
+    x, y = _AUTOCAST_DATA
+    results = []
+    for outer in (False, True):
+        model = _autocast_model()
+        optimizer = TransformingOptimizer(model.parameters(), torch.optim.SGD, lr=0.5, transforms=[transform(rho=0.5)])
+        losses = []
+
+        def forward() -> torch.Tensor:
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                loss = nn.functional.cross_entropy(model(x).float(), y)
+            losses.append(loss.item())
+            return loss
+
+        def closure() -> torch.Tensor:
+            optimizer.zero_grad()
+            loss = forward()
+            loss.backward()
+            return loss
+
+        for _ in range(3):
+            # (not autocast(enabled=False), which counts as a region: its cache lives on)
+            region = torch.autocast("cpu", dtype=torch.bfloat16) if outer else contextlib.nullcontext()
+            with region:
+                if loop == "closure":
+                    optimizer.step(closure)
+                else:
+                    closure()
+                    optimizer.first_step(zero_grad=True)
+                    forward().backward()
+                    optimizer.second_step(zero_grad=True)
+            with torch.autocast("cpu", dtype=torch.bfloat16) if outer else contextlib.nullcontext():
+                forward()  # an evaluation after the step, in the region: the new weights
+        results.append(([p.detach().clone() for p in model.parameters()], losses))
+    (inner_weights, inner_losses), (outer_weights, outer_losses) = results
+    assert inner_losses[0] != inner_losses[1]  # the second pass ran at w + e
+    assert outer_losses == inner_losses
+    assert all(torch.equal(a, b) for a, b in zip(inner_weights, outer_weights))
+
+
+@pytest.mark.parametrize("kind", ["ema", "lookahead", "seed_sam"])
+def test_weights_swapped_in_an_autocast_region_are_the_ones_evaluated(kind) -> None:
+    """EMA's averaged_weights() and Lookahead's slow_weights() inside an autocast region that
+    already ran the model evaluated the training weights (autocast's cached copies); so did the
+    re-evaluation of a seed-protocol SAM.apply() in such a region."""
+    x, y = _AUTOCAST_DATA
+    model = _autocast_model()
+
+    def output() -> torch.Tensor:
+        return model(x).float()
+
+    if kind == "seed_sam":
+        sam = SAM(rho=0.5)
+        loss_fn = lambda: nn.functional.cross_entropy(output(), y)  # noqa: E731
+        grads = []
+        for outer in (False, True):
+            model.zero_grad()
+            with torch.autocast("cpu", dtype=torch.bfloat16) if outer else contextlib.nullcontext():
+                with torch.autocast("cpu", dtype=torch.bfloat16):
+                    loss_fn().backward()
+                sam.apply(model, lambda: _bf16(loss_fn), ())
+            grads.append([p.grad.clone() for p in model.parameters()])
+        assert all(torch.equal(a, b) for a, b in zip(*grads))
+        return
+    transform = EMA(decay=0.5) if kind == "ema" else Lookahead(k=5, alpha=0.5)
+    optimizer = TransformingOptimizer(model.parameters(), torch.optim.SGD, lr=0.5, transforms=[transform])
+    for _ in range(3):
+        optimizer.zero_grad()
+        nn.functional.cross_entropy(output(), y).backward()
+        optimizer.step()
+    swap = transform.averaged_weights if kind == "ema" else transform.slow_weights
+    with swap(optimizer), torch.autocast("cpu", dtype=torch.bfloat16):
+        expected = output()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        training = output()
+        with swap(optimizer):
+            swapped = output()
+        after = output()
+    assert not torch.equal(expected, training)
+    assert torch.equal(swapped, expected) and torch.equal(after, training)
+
+
+def _bf16(loss_fn):
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        return loss_fn()

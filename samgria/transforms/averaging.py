@@ -27,7 +27,7 @@ from torch import nn
 from samgria._checks import check_bool, check_int, check_real
 from samgria.functional._grouping import group_indices_by_device_and_dtype, unique_params
 from samgria.functional._views import LOW_PRECISION, as_real
-from samgria.transforms.base import Transform, TransformContext
+from samgria.transforms.base import Transform, TransformContext, forget_autocast_copies
 
 __all__ = ["Lookahead", "EMA"]
 
@@ -186,6 +186,7 @@ class _KeptWeights(Transform):
             training = [param.detach().clone(memory_format=torch.preserve_format) for param, _ in pairs]
             for param, kept in pairs:
                 param.copy_(kept)
+        forget_autocast_copies()  # an autocast region around the block cast the training weights
         self._open_swaps += 1
         try:
             yield
@@ -194,6 +195,7 @@ class _KeptWeights(Transform):
             with torch.no_grad():
                 for (param, _), weights in zip(pairs, training):
                     param.copy_(weights)
+            forget_autocast_copies()
 
 
 class Lookahead(_KeptWeights):

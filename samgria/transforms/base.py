@@ -92,6 +92,18 @@ def _derive_writes_weights(cls: type, base: type, hook: str) -> None:
     cls._derived_writes = not declared  # type: ignore[attr-defined]
 
 
+def forget_autocast_copies() -> None:
+    """Drop ``torch.autocast``'s cached low-precision copies of the weights; call after moving them.
+
+    Inside an autocast region that stays open (a block around ``step(closure)``, around both
+    passes of the two-call loop, or around an evaluation), autocast reuses the copy of a weight
+    it cast at the first forward until the outermost region exits, whatever the parameter holds
+    since: a re-evaluation at perturbed weights, or an evaluation at averaged ones, would run at
+    the old weights.
+    """
+    torch.clear_autocast_cache()
+
+
 def default_slot_name(obj: Any) -> str:
     """``"sam"`` for ``SAM()`` (or the class ``SAM``), ``"normalize_grad"`` for
     ``NormalizeGrad()``: snake case of the class."""
@@ -450,13 +462,17 @@ class Transform:
         def reevaluate() -> torch.Tensor:
             for param in model.parameters():
                 param.grad = None
+            forget_autocast_copies()  # the weights moved
             with torch.enable_grad():
                 loss = loss_fn(*batch)
                 loss.backward()
             return loss
 
-        with torch.no_grad():
-            self.pre_update(self._standalone_context(model, reevaluate))
+        try:
+            with torch.no_grad():
+                self.pre_update(self._standalone_context(model, reevaluate))
+        finally:
+            forget_autocast_copies()  # the weights went back
 
     def post_step(self, model: nn.Module) -> None:
         """Seed protocol, post-descent: call after ``optimizer.step()``."""
