@@ -581,7 +581,9 @@ class WrappingOptimizer(Optimizer):
             cls.step = with_hooks(cls.step)  # type: ignore[method-assign]
         super()._patch_step_function()
 
-    def _with_edited_defaults(self, param_group: dict[str, Any]) -> dict[str, Any]:
+    def _with_edited_defaults(
+        self, param_group: dict[str, Any], stored_key: Callable[[Any], Any] = lambda key: key
+    ) -> dict[str, Any]:
         """``param_group`` with the entries of :attr:`defaults` changed (or added) since the
         optimizer was built, for keys it does not set.
 
@@ -589,15 +591,21 @@ class WrappingOptimizer(Optimizer):
         group is filled by the driven optimizer and the transforms from their own values, so an
         edit of the wrapper's ``defaults`` is applied here (an entry counts as edited when its
         value differs from the one at construction: pickling keeps values, not objects).
+        ``stored_key`` gives the spelling the groups store a key under: a key the group sets
+        under another spelling (``"sam.rho"`` for ``"rho"``) is set.
         """
         built = self.__dict__.get("_defaults_as_built")
         if built is None:  # pickled by a release that did not record them
             return param_group
-        edited = {
-            key: value
-            for key, value in self.defaults.items()
-            if key not in param_group and (key not in built or not _same_value(built[key], value))
-        }
+        given = {stored_key(key) for key in param_group}
+        edited: dict[Any, Any] = {}
+        for key, value in self.defaults.items():
+            if key in built and _same_value(built[key], value):
+                continue
+            stored = stored_key(key)  # the group may name it under another spelling ("sam.rho")
+            if stored in given or (stored in edited and key != stored):  # the stored spelling wins
+                continue
+            edited[stored] = value
         return {**edited, **param_group} if edited else param_group
 
     def _before_step_hooks(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:

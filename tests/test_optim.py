@@ -1668,6 +1668,43 @@ def test_add_param_group_takes_edited_defaults_as_torch_does(how):
     assert (group["lr"], group["rho"], group["momentum"]) == (0.5, 0.0, 0.5)
 
 
+def test_an_edited_default_gives_way_to_the_group_s_own_value_under_either_spelling():
+    """With defaults["rho"] edited, a new group giving "sam.rho" was refused as setting both keys
+    (the user never wrote "rho"); a key the group sets, under either spelling, wins over a default,
+    as in torch. An edit under the qualified spelling fills the group too."""
+    model = make_model()
+    optimizer = TransformingOptimizer(list(model[0].parameters()), torch.optim.SGD, lr=0.1, transforms=[SAM(0.05)])
+    optimizer.defaults["rho"] = 0.2
+    optimizer.add_param_group({"params": list(model[2].parameters()), "sam.rho": 0.3})
+    assert optimizer.param_groups[1]["rho"] == 0.3
+    del optimizer.defaults["rho"]
+    optimizer.defaults["sam.rho"] = 0.4
+    optimizer.add_param_group({"params": [model[4].weight], "rho": 0.0})
+    optimizer.add_param_group({"params": [model[4].bias]})
+    assert (optimizer.param_groups[2]["rho"], optimizer.param_groups[3]["rho"]) == (0.0, 0.4)
+    assert all("sam.rho" not in group for group in optimizer.param_groups)
+
+
+def test_a_chain_pickled_before_it_recorded_the_inner_optimizer_s_class_learns_it_when_loaded():
+    """A key naming the inner optimizer's class ("lamb.eps" beside a LAMP, with an inner Lamb) is
+    kept; a chain pickled before chains recorded that class refused it at its first step."""
+    from samgria import LAMP
+
+    optimizer = TransformingOptimizer(
+        [{"params": make_model().parameters(), "lamb.eps": 1e-6}], Lamb, lr=0.1, transforms=[LAMP(rollback_len=2)]
+    )
+    optimizer.step()
+    del optimizer.chain.__dict__["inner_names"]  # as a chain pickled before it had them
+    optimizer.chain.__dict__.pop("_slot_verdicts", None)
+    loaded = pickle.loads(pickle.dumps(optimizer))
+    loaded.step()
+    assert loaded.param_groups[0]["lamb.eps"] == 1e-6 and "lamb" in loaded.chain.inner_names
+
+
+class Lamb(torch.optim.SGD):
+    """Another library's optimizer named like LAMP (timm's Lamb)."""
+
+
 def test_an_inner_optimizer_that_needs_a_closure_is_refused_with_the_reason():
     with pytest.raises(TypeError, match=r"inner must be an optimizer whose step\(\) works without a closure, got LBFGS"):
         TransformingOptimizer(make_model().parameters(), torch.optim.LBFGS, lr=0.1)

@@ -775,7 +775,8 @@ def test_kept_buffers_hold_no_parameter_past_their_use_and_are_not_copied():
         loss_fn = functools.partial(lambda model: nn.functional.mse_loss(model(x), y), model)
         loss_fn().backward()
         sam.apply(model, loss_fn, ())
-    assert "_backups" not in vars(copy.deepcopy(sam)) and "_backups" not in vars(pickle.loads(pickle.dumps(sam)))
+    for copied in (copy.deepcopy(sam), pickle.loads(pickle.dumps(sam))):
+        assert "_backups" not in vars(copied) and "_groups_in_play" not in vars(copied)
     watched = weakref.ref(first[0].weight)
     del first, model, loss_fn
     gc.collect()
@@ -912,3 +913,31 @@ def test_a_sparse_gradient_is_refused_naming_the_parameter_also_in_a_rho_zero_gr
     ):
         optimizer.step(closure)
     assert all(torch.equal(p, b) for p, b in zip((*head.parameters(), *embedding.parameters()), before))
+
+
+def test_a_parameter_without_a_gradient_at_some_steps_keeps_its_backup_buffer():
+    """A mixture of experts routes each step to some experts: the others have no gradient and are
+    not moved. Their backup buffers were dropped whenever a parameter was moved for the first
+    time, so every step allocated buffers anew (a page fault per page on glibc); they are kept
+    while the parameters are in the optimizer."""
+    torch.manual_seed(0)
+    experts = nn.ModuleList(nn.Linear(8, 8) for _ in range(4))
+    optimizer = TransformingOptimizer(experts.parameters(), torch.optim.SGD, lr=0.1, transforms=[SAM(0.05)])
+    x = torch.randn(4, 8)
+    sam = optimizer.transforms[0]
+    held = {}
+    for step in range(8):
+        routed = [experts[step % 4], experts[(step + 1) % 4]]
+
+        def closure():
+            optimizer.zero_grad()
+            loss = sum(expert(x).pow(2).mean() for expert in routed)
+            loss.backward()
+            return loss
+
+        optimizer.step(closure)
+        if step == 3:
+            held = {key: buffer for key, (_param, buffer) in sam._backups.items()}
+    assert len(held) == 8
+    assert {key: buffer for key, (_param, buffer) in sam._backups.items()} == held
+    assert all(sam._backups[key][1] is buffer for key, buffer in held.items())

@@ -153,7 +153,7 @@ class Chain:
         self._spec: tuple[str, ...] | None = None
         self.inner_keys = frozenset(inner_keys)
         if inner_type is not None:
-            self.inner_names = frozenset(_class_names(inner_type, torch.optim.Optimizer))
+            self.record_inner_type(inner_type)
         self._resolve_keys()
 
     def _add(self, name: str, transform: Transform) -> None:
@@ -264,6 +264,16 @@ class Chain:
                         "name the same hyperparameter"
                     )
                 group[stored] = value
+
+    def record_inner_type(self, inner_type: type) -> None:
+        """Record the inner optimizer's class: its names are no misspelt slot (:attr:`inner_names`)."""
+        self.inner_names = frozenset(_class_names(inner_type, torch.optim.Optimizer))
+        self.__dict__.pop("_slot_verdicts", None)
+
+    def stored_key(self, key: Any) -> Any:
+        """The key under which the groups store what ``key`` names (``"rho"`` for ``"sam.rho"``
+        when that is unambiguous); any other key as it is."""
+        return self._qualified.get(key, key) if isinstance(key, str) else key
 
     def _refuse_ambiguous(self, group: Mapping[str, Any], where: str) -> None:
         """Raise ``ValueError`` if ``group`` has a short key that several transforms share, or a

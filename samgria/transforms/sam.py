@@ -273,7 +273,12 @@ class PerturbationTransform(Transform):
     def _collect(
         self, ctx: TransformContext
     ) -> tuple[list[torch.Tensor], list[torch.Tensor], list[Mapping[str, Any]]]:
-        """Parameters with a gradient, their gradients and groups; sparse gradients raise."""
+        """Parameters with a gradient, their gradients and groups; sparse gradients raise.
+
+        Remembers ``ctx``'s param groups (the optimizer's, or the model's in the seed protocol):
+        the parameters whose backup buffers :meth:`_backups_of` keeps.
+        """
+        self.__dict__["_groups_in_play"] = ctx.param_groups
         params: list[torch.Tensor] = []
         grads: list[torch.Tensor] = []
         groups: list[Mapping[str, Any]] = []
@@ -359,8 +364,11 @@ class PerturbationTransform(Transform):
         parameters: ``torch.utils.swap_tensors`` (``nn.Module._apply`` and ``load_state_dict``
         under ``torch.__future__.set_swap_module_params_on_conversion(True)``, and for every
         DTensor parameter) refuses a tensor that has a weak reference. When a parameter is moved
-        for the first time, the buffers of parameters not moved now are dropped (with them
-        parameters no longer optimized, or a model the transform was applied to before).
+        for the first time, the buffers of parameters that are no longer in the param groups
+        the transform last collected from (:meth:`_collect`) are dropped: those of parameters
+        removed from the optimizer, or of a model the transform was applied to before. A
+        parameter without a gradient at some steps (a mixture of experts' unused experts,
+        stochastic depth) keeps its buffer.
         """
         backups = self.__dict__.get("_backups")
         if backups is None:
@@ -387,15 +395,17 @@ class PerturbationTransform(Transform):
                 backup = torch.empty_strided(param.shape, param.stride(), dtype=param.dtype, device=param.device)
             backups[id(param)] = (param, backup)
             found.append(backup)
-        if new and len(backups) > len(params):
-            moved = {id(param) for param in params}
-            self.__dict__["_backups"] = {key: held for key, held in backups.items() if key in moved}
+        groups = self.__dict__.get("_groups_in_play")
+        if new and groups is not None and len(backups) > len(params):
+            in_play = {id(param) for group in groups for param in group["params"]}
+            self.__dict__["_backups"] = {key: held for key, held in backups.items() if key in in_play}
         return found
 
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
         state.pop("_backups", None)
         state.pop("_moving", None)
+        state.pop("_groups_in_play", None)
         return state
 
     def _move_along(
