@@ -158,7 +158,9 @@ def _swappable(params: list[torch.Tensor]) -> list[bool]:
     not another Parameter tied to it (``head.weight.data = embedding.weight.data``, moved or not,
     frozen or in a ``rho=0`` group), not an alias (``param.detach()``) kept elsewhere. Those
     would read the unperturbed weights in the re-evaluation; such a parameter is perturbed in
-    place, as is every one where torch does not count the references.
+    place, as is every one where torch does not count the references. Not counted: a Python
+    storage object (``param.untyped_storage()``) kept elsewhere to make tensors from later --
+    torch counts it once, however many names hold it.
     """
     counter = _STORAGE_COUNTER
     if counter is None:
