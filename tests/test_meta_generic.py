@@ -1538,3 +1538,25 @@ def test_add_param_group_takes_edited_defaults_as_torch_does(algorithm):
     group = meta.param_groups[1]
     assert (group["lr"], group["inner_lr"], group["momentum"], group["adapt"]) == (0.5, 0.3, 0.9, True)
     assert meta.param_groups[0]["inner_lr"] == 0.05 and meta.inner_lr == 0.05
+
+
+@pytest.mark.parametrize("vectorize", [False, True])
+def test_evaluation_inside_inference_mode_adapts_as_under_no_grad(vectorize):
+    """An evaluation inside torch.inference_mode worked on the vmap path but raised on the loop
+    path, blaming the user's loss ("the support loss does not depend on any parameter that
+    requires grad"): the inner loop leaves inference mode, as the torch.func paths do, and both
+    paths give the evaluation outside it; so does a learner's adapt_on."""
+    from samgria import MAML, SinusoidTaskSampler
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(1, 8), nn.Tanh(), nn.Linear(8, 1))
+    meta = MAML(model, torch.optim.SGD, lr=0.1, inner_lr=0.05, inner_steps=2)
+    tasks = SinusoidTaskSampler(k_support=5, k_query=5, seed=0).sample(3)
+    expected = meta.evaluate(tasks, mse, vectorize=vectorize)
+    with torch.inference_mode():
+        assert meta.evaluate(tasks, mse, vectorize=vectorize) == expected
+    task = tasks[0]
+    learner = meta.clone().adapt_on(mse, task.support_x, task.support_y)
+    with torch.inference_mode():
+        inferred = meta.clone().adapt_on(mse, task.support_x, task.support_y)
+        assert torch.equal(inferred(task.query_x), learner(task.query_x).detach())

@@ -249,11 +249,14 @@ def autograd_support_grads(loss_of: LossOf, at: Tensors, create_graph: bool, *, 
     """Support gradients with :func:`torch.autograd.grad` (the loop path).
 
     First order evaluates the loss at detached copies of ``at``, so no graph to the
-    meta-parameters is built for it. ``connected``: see :func:`grads_of_loss`.
+    meta-parameters is built for it. ``connected``: see :func:`grads_of_loss`. Runs outside
+    ``torch.inference_mode`` (an evaluation inside it adapts as under ``no_grad``, as the
+    :func:`torch.func.grad` paths do; data made inside it cannot be differentiated through).
     """
-    if not create_graph:
-        at = {n: v.detach().requires_grad_(True) for n, v in at.items()}
-    with torch.enable_grad():
+    with torch.inference_mode(False), torch.enable_grad():
+        if not create_graph or any(v.is_inference() for v in at.values()):
+            # Fast weights made inside inference mode are inference tensors: copied to normal ones.
+            at = {n: (v.clone() if v.is_inference() else v.detach()).requires_grad_(True) for n, v in at.items()}
         return grads_of_loss(loss_of(at), at, create_graph, connected=connected)
 
 
