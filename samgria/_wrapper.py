@@ -426,6 +426,22 @@ class _AdoptLoaded:
             owner._adopt_driven_state()
 
 
+class _NoteGroups:
+    """A load-state-dict pre-hook of the driven optimizer: keeps its param groups as they are
+    before a direct load replaces them (:meth:`WrappingOptimizer._took_driven_groups` completes
+    the loaded ones from them). A weak reference, as :class:`_AdoptLoaded`'s."""
+
+    __slots__ = ("owner",)
+
+    def __init__(self, owner: WrappingOptimizer) -> None:
+        self.owner = weakref.ref(owner)
+
+    def __call__(self, optimizer: Optimizer, state_dict: dict[str, Any]) -> None:
+        owner = self.owner()
+        if owner is not None and owner.__dict__.get(owner._driven_attr) is optimizer:
+            owner.__dict__["_groups_before_load"] = [dict(group) for group in optimizer.param_groups]
+
+
 def _show_state(driven: Optimizer, owner: WrappingOptimizer) -> None:
     """Give ``driven`` the view of ``owner``'s state (and the hooks that pack it as plain dicts
     and take a state loaded into ``driven`` directly over)."""
@@ -437,6 +453,13 @@ def _show_state(driven: Optimizer, owner: WrappingOptimizer) -> None:
             driven,
             "_optimizer_load_state_dict_post_hooks",
             lambda: driven.register_load_state_dict_post_hook(_AdoptLoaded(owner), prepend=True),
+        )
+    hooks = _hooks_of(driven, "_optimizer_load_state_dict_pre_hooks")
+    if hooks is not None and not any(isinstance(hook, _NoteGroups) and hook.owner() is owner for hook in hooks.values()):
+        _register_hook(
+            driven,
+            "_optimizer_load_state_dict_pre_hooks",
+            lambda: driven.register_load_state_dict_pre_hook(_NoteGroups(owner)),
         )
 
 
@@ -545,7 +568,7 @@ class WrappingOptimizer(Optimizer):
     #: Attributes holding user callables that, like hooks, are not pickled.
     _dropped_on_pickle: tuple[str, ...] = ()
     #: Attributes never pickled (transient step state).
-    _transient: tuple[str, ...] = ("_loading", "_own_load_checkpoint", "_hooks_running")
+    _transient: tuple[str, ...] = ("_loading", "_own_load_checkpoint", "_hooks_running", "_groups_before_load")
     #: Attributes a pickle must hold: an object unpickled from an earlier release without them
     #: (whose layout differs) refuses every use with the remedy (:class:`_EarlierRelease`), not
     #: with an AttributeError at the first step -- and does not fail the unpickling, so that the
@@ -736,10 +759,14 @@ class WrappingOptimizer(Optimizer):
         """Take over a state the driven optimizer was given directly (its own ``load_state_dict``).
 
         The wrapper's entries keep their reserved keys and get the driven optimizer's keys from
-        the new state; then the driven optimizer sees the wrapper's state again. Returns whether
-        there was such a state.
+        the new state (reserved keys in it -- a wrapper's checkpoint given to the driven
+        optimizer -- are not taken: the transforms' slots stay as they were, unchecked state
+        never enters them); then the driven optimizer sees the wrapper's state again, and its
+        new param groups are completed (:meth:`_took_driven_groups`). Returns whether there was
+        such a state.
         """
         driven = self._driven
+        previous_groups = self.__dict__.pop("_groups_before_load", None)
         if isinstance(driven.state, _DrivenState):
             return False
         loaded = driven.state
@@ -753,11 +780,18 @@ class WrappingOptimizer(Optimizer):
                 del entry[key]
         for param, entry in loaded.items():
             if is_entry(entry):
-                self.state[param].update(entry)
+                self.state[param].update({key: value for key, value in entry.items() if not hidden(key)})
             else:
                 self.state[param] = entry
         _show_state(driven, self)
+        if previous_groups is not None:
+            self._took_driven_groups(previous_groups)
         return True
+
+    def _took_driven_groups(self, previous: list[dict[str, Any]]) -> None:
+        """Complete the param groups a direct load of the driven optimizer installed, from its
+        groups before the load (``previous``, paired by position, as torch pairs them).
+        Default: nothing."""
 
     # -- checkpoints: torch's own, with a validation point before anything changes ---------------
     def state_dict(self) -> dict[str, Any]:  # type: ignore[override]

@@ -501,6 +501,14 @@ class TransformingOptimizer(WrappingOptimizer):
                 # optimizer was built (accelerate's order): refused here too.
                 self.chain.check_fsdp1(group["params"], f"param_groups[{index}]")
 
+    def _took_driven_groups(self, previous: list[dict[str, Any]]) -> None:
+        """A checkpoint loaded into the inner optimizer directly: a group of a plain optimizer's
+        checkpoint (no chain recorded) keeps the transforms' hyperparameters of the group at its
+        position before the load (a ``rho=0`` group stays 0), as :meth:`load_state_dict` does."""
+        for index, group in enumerate(self.param_groups):
+            if CHAIN_KEY not in group:
+                self.chain.take_unrecorded_group(group, index, previous)
+
     def _adopt_group(self, group: dict[str, Any], index: int) -> bool:
         """Check and fill a group added to the inner optimizer directly (``inner.add_param_group``),
         as :meth:`add_param_group` would have; ``False`` for a group that already has the chain."""

@@ -1142,6 +1142,61 @@ def test_a_state_loaded_into_the_inner_optimizer_directly_is_the_wrappers_at_onc
     assert optimizer.state[params[0]]["note"] == 7
 
 
+def test_a_wrapper_checkpoint_given_to_the_inner_optimizer_leaves_the_transforms_slots_as_they_were():
+    """A wrapper's checkpoint loaded through ``base_optimizer.load_state_dict`` (another chain's:
+    LAMP with rollback_len 3 into one with 1) replaced the transforms' slots unchecked: the
+    optimizer then saved a checkpoint that it refused itself (cycle_step=2 with rollback_len=1).
+    The inner optimizer's keys are taken; the slots stay as they were."""
+    def build(rollback_len):
+        model = make_model()
+        optimizer = TransformingOptimizer(
+            model.parameters(), torch.optim.AdamW, lr=1e-2, transforms=[SAM(0.05), LAMP(1e-3, rollback_len=rollback_len, seed=0)]
+        )
+        return model, optimizer
+
+    model, source = build(3)
+    for _ in range(2):
+        source.step(make_closure(model, source))
+    checkpoint = copy.deepcopy(source.state_dict())
+    model, target = build(1)
+    target.step(make_closure(model, target))
+    slots_before = {key: copy.deepcopy(value) for key, value in target.state[next(model.parameters())].items() if key.startswith("lamp.")}
+    target.base_optimizer.load_state_dict(copy.deepcopy(checkpoint))
+    entry = target.state[next(model.parameters())]
+    assert int(entry["step"]) == int(checkpoint["state"][0]["step"])  # the inner optimizer's state
+    assert {key: value for key, value in entry.items() if key.startswith("lamp.")}.keys() == slots_before.keys()
+    for key, value in slots_before.items():
+        assert_same_value(entry[key], value, key)
+    _, again = build(1)
+    again.load_state_dict(copy.deepcopy(target.state_dict()))  # its own checkpoint loads
+    target.step(make_closure(model, target))
+
+
+def test_a_plain_checkpoint_given_to_the_inner_optimizer_keeps_each_group_s_transform_settings():
+    """A plain optimizer's checkpoint loaded through ``base_optimizer.load_state_dict`` replaced
+    the groups with its own, which lack the transforms' keys: ``group["rho"]`` raised KeyError
+    until the next step, which then filled the constructor's values (a ``rho=0`` group of biases
+    was perturbed). Each group keeps its settings, as through the wrapper's own load."""
+    from samgria import EMA
+
+    model = make_model()
+    plain = torch.optim.AdamW([{"params": model[0].parameters()}, {"params": model[2].parameters()}], lr=1e-2)
+    checkpoint = plain.state_dict()
+    results = []
+    for route in ("wrapper", "inner"):
+        model = make_model()
+        groups = [{"params": model[0].parameters()}, {"params": model[2].parameters(), "rho": 0.0, "decay": 0.5}]
+        optimizer = TransformingOptimizer(groups, torch.optim.AdamW, lr=1e-2, transforms=[SAM(0.05), EMA(0.9)])
+        loader = optimizer if route == "wrapper" else optimizer.base_optimizer
+        loader.load_state_dict(copy.deepcopy(checkpoint))
+        assert [(group["rho"], group["decay"]) for group in optimizer.param_groups] == [(0.05, 0.9), (0.0, 0.5)]
+        for _ in range(2):
+            optimizer.step(make_closure(model, optimizer))
+        assert [(group["rho"], group["decay"]) for group in optimizer.param_groups] == [(0.05, 0.9), (0.0, 0.5)]
+        results.append([p.detach().clone() for p in model.parameters()])
+    assert all(torch.equal(a, b) for a, b in zip(*results))
+
+
 def test_a_first_step_at_lr_zero_with_zero_gradients_is_a_real_step_outside_checkpoint_loading():
     """Only torch.distributed.checkpoint's state initialisation is treated as one; a user's warm-up
     step from lr 0 with zero gradients runs every transform (LAMP's noise moves the weights)."""
