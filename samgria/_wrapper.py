@@ -439,6 +439,7 @@ class _NoteGroups:
     def __call__(self, optimizer: Optimizer, state_dict: dict[str, Any]) -> None:
         owner = self.owner()
         if owner is not None and owner.__dict__.get(owner._driven_attr) is optimizer:
+            owner._check_driven_load(state_dict)  # a refusal comes before torch changes anything
             owner.__dict__["_groups_before_load"] = [dict(group) for group in optimizer.param_groups]
 
 
@@ -787,6 +788,11 @@ class WrappingOptimizer(Optimizer):
         if previous_groups is not None:
             self._took_driven_groups(previous_groups)
         return True
+
+    def _check_driven_load(self, state_dict: dict[str, Any]) -> None:
+        """Raise if a checkpoint about to be loaded into the driven optimizer directly could not
+        be completed into this optimizer's groups (:meth:`_took_driven_groups`); runs before
+        torch's load changes anything. Default: nothing."""
 
     def _took_driven_groups(self, previous: list[dict[str, Any]]) -> None:
         """Complete the param groups a direct load of the driven optimizer installed, from its

@@ -501,13 +501,39 @@ class TransformingOptimizer(WrappingOptimizer):
                 # optimizer was built (accelerate's order): refused here too.
                 self.chain.check_fsdp1(group["params"], f"param_groups[{index}]")
 
+    def _check_driven_load(self, state_dict: dict[str, Any]) -> None:
+        """A checkpoint given to the inner optimizer directly: refused, before anything changes,
+        where :meth:`load_state_dict` refuses its groups (another chain's, a hyperparameter the
+        chain refuses)."""
+        for index, group in enumerate(state_dict.get("param_groups", ())):
+            if isinstance(group, Mapping):
+                self._complete_loaded_group({**group, "params": []}, index, self.param_groups)
+
     def _took_driven_groups(self, previous: list[dict[str, Any]]) -> None:
-        """A checkpoint loaded into the inner optimizer directly: a group of a plain optimizer's
+        """A checkpoint loaded into the inner optimizer directly: its groups are completed as
+        :meth:`load_state_dict` completes a checkpoint's -- a group of a plain optimizer's
         checkpoint (no chain recorded) keeps the transforms' hyperparameters of the group at its
-        position before the load (a ``rho=0`` group stays 0), as :meth:`load_state_dict` does."""
+        position before the load (a ``rho=0`` group stays 0)."""
         for index, group in enumerate(self.param_groups):
-            if CHAIN_KEY not in group:
-                self.chain.take_unrecorded_group(group, index, previous)
+            self._complete_loaded_group(group, index, previous)
+
+    def _complete_loaded_group(self, group: dict[str, Any], index: int, previous: Sequence[Mapping[str, Any]]) -> None:
+        """Check and complete a checkpoint's group ``index`` in place: a recorded chain must be
+        this one (its pending qualified edits taken); an unrecorded group takes the transforms'
+        hyperparameters it lacks from ``previous[index]``; keys a transform gained since get
+        their defaults."""
+        where = f"the checkpoint's param_groups[{index}]"
+        if CHAIN_KEY in group:
+            self.chain.check_saved_spec(group[CHAIN_KEY])
+            # As at a step: an edit pending under a qualified key is the newer value; a key
+            # that names no hyperparameter, or several, is refused.
+            self.chain.take_qualified_edits(group, where)
+        else:
+            self.chain.take_unrecorded_group(group, index, previous)
+        # Keys a transform gained since the checkpoint get their defaults, as torch fills in
+        # hyperparameters an optimizer gained since (``Optimizer.__setstate__``).
+        self.chain.fill_group(group)
+        self.chain.validate_group(group, where)
 
     def _adopt_group(self, group: dict[str, Any], index: int) -> bool:
         """Check and fill a group added to the inner optimizer directly (``inner.add_param_group``),
@@ -1245,27 +1271,16 @@ class TransformingOptimizer(WrappingOptimizer):
                 device = param.device if isinstance(param, torch.Tensor) else None
                 state[param] = {key: _AsSaved.unshield(value, device) for key, value in entry.items()}
         for index, group in enumerate(groups):
-            where = f"the checkpoint's param_groups[{index}]"
-            if CHAIN_KEY in group:
-                self.chain.check_saved_spec(group[CHAIN_KEY])
-                # As at a step: an edit pending under a qualified key is the newer value; a key
-                # that names no hyperparameter, or several, is refused.
-                self.chain.take_qualified_edits(group, where)
-                # Keys a transform gained since the checkpoint get their defaults, as torch fills
-                # in hyperparameters an optimizer gained since (``Optimizer.__setstate__``).
-                self.chain.fill_group(group)
-            else:  # a plain inner optimizer's checkpoint: the transforms start afresh
+            if CHAIN_KEY not in group:  # a plain inner optimizer's checkpoint: the transforms start afresh
                 for param in group["params"]:
                     entry = state.get(param, ())
                     reserved = [key for key in entry if self.chain.hides(key)] if is_entry(entry) else []
                     if reserved:
                         raise ValueError(
-                            f"{where} records no transform chain, but its state has the transform "
-                            f"keys {reserved}"
+                            f"the checkpoint's param_groups[{index}] records no transform chain, but "
+                            f"its state has the transform keys {reserved}"
                         )
-                self.chain.take_unrecorded_group(group, index, self.param_groups)
-                self.chain.fill_group(group)
-            self.chain.validate_group(group, where)
+            self._complete_loaded_group(group, index, self.param_groups)
         for slot, transform in self.chain:
             transform.check_loaded_state(TransformContext(groups, state, slot=slot, keys=self.chain.keys[slot]))
         return super()._prepare_loaded(state, groups)

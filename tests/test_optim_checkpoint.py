@@ -1143,10 +1143,11 @@ def test_a_state_loaded_into_the_inner_optimizer_directly_is_the_wrappers_at_onc
 
 
 def test_a_wrapper_checkpoint_given_to_the_inner_optimizer_leaves_the_transforms_slots_as_they_were():
-    """A wrapper's checkpoint loaded through ``base_optimizer.load_state_dict`` (another chain's:
-    LAMP with rollback_len 3 into one with 1) replaced the transforms' slots unchecked: the
-    optimizer then saved a checkpoint that it refused itself (cycle_step=2 with rollback_len=1).
-    The inner optimizer's keys are taken; the slots stay as they were."""
+    """A wrapper's checkpoint loaded through ``base_optimizer.load_state_dict`` replaced the
+    transforms' slots unchecked (another chain's -- LAMP with rollback_len 3 into one with 1 --
+    and the optimizer then saved a checkpoint that it refused itself: cycle_step=2 with
+    rollback_len=1). Another chain's is refused as through the wrapper's load, nothing changed;
+    of the same chain, the inner optimizer's keys are taken and the slots stay as they were."""
     def build(rollback_len):
         model = make_model()
         optimizer = TransformingOptimizer(
@@ -1158,7 +1159,13 @@ def test_a_wrapper_checkpoint_given_to_the_inner_optimizer_leaves_the_transforms
     for _ in range(2):
         source.step(make_closure(model, source))
     checkpoint = copy.deepcopy(source.state_dict())
-    model, target = build(1)
+    model, other = build(1)
+    other.step(make_closure(model, other))
+    before = copy.deepcopy(other.state_dict())
+    with pytest.raises(ValueError, match=r"transform 1 is lamp=LAMP\(rollback_len=3, seed=0\) in the checkpoint and lamp=LAMP\(rollback_len=1, seed=0\) here$"):
+        other.base_optimizer.load_state_dict(copy.deepcopy(checkpoint))
+    assert_state_dicts_equal(other.state_dict(), before)
+    model, target = build(3)
     target.step(make_closure(model, target))
     slots_before = {key: copy.deepcopy(value) for key, value in target.state[next(model.parameters())].items() if key.startswith("lamp.")}
     target.base_optimizer.load_state_dict(copy.deepcopy(checkpoint))
@@ -1167,7 +1174,7 @@ def test_a_wrapper_checkpoint_given_to_the_inner_optimizer_leaves_the_transforms
     assert {key: value for key, value in entry.items() if key.startswith("lamp.")}.keys() == slots_before.keys()
     for key, value in slots_before.items():
         assert_same_value(entry[key], value, key)
-    _, again = build(1)
+    _, again = build(3)
     again.load_state_dict(copy.deepcopy(target.state_dict()))  # its own checkpoint loads
     target.step(make_closure(model, target))
 
@@ -1286,3 +1293,49 @@ def test_non_floating_tensors_of_a_slot_load_with_their_dtype(dtype):
     for a, b in zip(model.parameters(), resumed_model.parameters()):
         assert torch.equal(a, b)
     assert slot_of(resumed)["seeded_noise.draws"].item() == 2051
+
+
+def test_another_chain_s_checkpoint_given_to_the_inner_optimizer_is_refused_before_anything_changes():
+    """A wrapper checkpoint of another chain loaded through ``base_optimizer.load_state_dict``
+    installed that chain's groups: ``rho`` vanished (KeyError) and the next step perturbed a
+    ``rho=0`` group with the constructor's value. Refused as through the wrapper's own load,
+    naming the difference, with the optimizer as it was."""
+    model = make_model()
+    source = TransformingOptimizer(model.parameters(), torch.optim.SGD, lr=0.1, transforms=[LAMP(1e-2, rollback_len=3)])
+    source.step(make_closure(model, source))
+    checkpoint = copy.deepcopy(source.state_dict())
+    groups = [{"params": model[0].parameters()}, {"params": model[2].parameters(), "rho": 0.0}]
+    target = TransformingOptimizer(groups, torch.optim.SGD, lr=0.1, transforms=[SAM(0.5)])
+    target.step(make_closure(model, target))
+    before = copy.deepcopy(target.state_dict())
+    wrong = copy.deepcopy(checkpoint)
+    wrong["param_groups"] = [dict(wrong["param_groups"][0], params=[0, 1]), dict(wrong["param_groups"][0], params=[2, 3])]
+    message = r"^the checkpoint was made with the transform chain \['lamp=LAMP\(rollback_len=3, seed=None\)'\], but this optimizer has \['sam=SAM\(\)'\]"
+    with pytest.raises(ValueError, match=message):
+        target.load_state_dict(copy.deepcopy(wrong))
+    with pytest.raises(ValueError, match=message):
+        target.base_optimizer.load_state_dict(copy.deepcopy(wrong))
+    assert_state_dicts_equal(target.state_dict(), before)
+    assert [group["rho"] for group in target.param_groups] == [0.5, 0.0]
+
+
+@pytest.mark.parametrize("algorithm", ["MAML", "Reptile"])
+def test_a_plain_checkpoint_given_to_a_meta_optimizer_s_outer_optimizer_keeps_inner_lr_and_adapt(algorithm):
+    """``meta.outer.load_state_dict(plain_checkpoint)`` left groups without ``inner_lr`` and
+    ``adapt``: the inner loop fell back to the constructor's rate and adapted a body group set to
+    ``adapt=False``. Each group keeps its settings, as through ``meta.load_state_dict``."""
+    import samgria
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 1))
+    plain = torch.optim.Adam([{"params": model[0].parameters()}, {"params": model[2].parameters()}], lr=1e-2)
+    checkpoint = plain.state_dict()
+    routes = []
+    for route in ("meta", "outer"):
+        groups = [{"params": model[0].parameters(), "adapt": False}, {"params": model[2].parameters(), "inner_lr": 0.2}]
+        outer = torch.optim.Adam(groups, lr=1e-3)
+        meta = getattr(samgria, algorithm)(model, outer, inner_lr=0.05)
+        (meta if route == "meta" else meta.outer).load_state_dict(copy.deepcopy(checkpoint))
+        routes.append([(group["adapt"], group["inner_lr"], group["lr"]) for group in meta.param_groups])
+        assert meta.inner_loop().adapt_names == ("2.weight", "2.bias")
+    assert routes[0] == routes[1] == [(False, 0.05, 1e-2), (True, 0.2, 1e-2)]

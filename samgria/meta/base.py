@@ -316,12 +316,31 @@ class MetaOptimizer(WrappingOptimizer):
         group without ``inner_lr`` or ``adapt`` (a plain outer optimizer's checkpoint) keeps the
         values of the group at its position (torch pairs groups by position)."""
         for index, group in enumerate(groups):
-            current = self.param_groups[index] if index < len(self.param_groups) else {}
-            for key, default in (("inner_lr", self.inner_lr), ("adapt", True)):
-                if key not in group:
-                    group[key] = current.get(key, default)
-            self._check_group(group, index, "the checkpoint's param_groups")
+            self._complete_loaded_group(group, index, self.param_groups)
         return super()._prepare_loaded(state, groups)
+
+    def _complete_loaded_group(self, group: dict[str, Any], index: int, previous: Sequence[Mapping[str, Any]]) -> None:
+        """Give a checkpoint's group the ``inner_lr`` and ``adapt`` it lacks from ``previous[index]``
+        (else the constructor's) and check it."""
+        current = previous[index] if index < len(previous) else {}
+        for key, default in (("inner_lr", self.inner_lr), ("adapt", True)):
+            if key not in group:
+                group[key] = current.get(key, default)
+        self._check_group(group, index, "the checkpoint's param_groups")
+
+    def _check_driven_load(self, state_dict: dict[str, Any]) -> None:
+        """A checkpoint given to the outer optimizer directly: refused, before anything changes,
+        where :meth:`load_state_dict` refuses its groups."""
+        for index, group in enumerate(state_dict.get("param_groups", ())):
+            if isinstance(group, Mapping):
+                self._complete_loaded_group({**group, "params": []}, index, self.param_groups)
+
+    def _took_driven_groups(self, previous: list[dict[str, Any]]) -> None:
+        """A checkpoint loaded into the outer optimizer directly: each group keeps the
+        ``inner_lr`` and ``adapt`` of the group at its position before the load, as through
+        :meth:`load_state_dict`."""
+        for index, group in enumerate(self.param_groups):
+            self._complete_loaded_group(group, index, previous)
 
     def _fill_group(self, group: dict[str, Any]) -> None:
         """Give a (checked) param group the default ``inner_lr`` and ``adapt``."""
