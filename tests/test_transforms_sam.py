@@ -631,6 +631,19 @@ def test_a_parameter_tied_to_one_not_moved_is_perturbed_in_place_and_matches_the
     assert model.head.weight.data_ptr() == model.embedding.weight.data_ptr()
 
 
+def _closure_that_records(model, optimizer, x, y, record):
+    """A closure (MSE loss) that calls ``record()`` first, at the weights it evaluates."""
+
+    def closure():
+        record()
+        optimizer.zero_grad()
+        loss = nn.functional.mse_loss(model(x), y)
+        loss.backward()
+        return loss
+
+    return closure
+
+
 def test_an_alias_of_a_parameter_kept_elsewhere_sees_the_perturbation():
     """A ``param.detach()`` kept by the user (or a module's cache) reads the parameter's memory:
     the parameter is perturbed in place, and the step is SAM's."""
@@ -639,14 +652,7 @@ def test_an_alias_of_a_parameter_kept_elsewhere_sees_the_perturbation():
     aliases = [p.detach() for p in model.parameters()]
     optimizer = TransformingOptimizer(model.parameters(), torch.optim.SGD, lr=0.1, momentum=0.9, transforms=[SAM(0.05)])
     agree = []
-
-    def closure():
-        agree.append(all(torch.equal(a, p) for a, p in zip(aliases, model.parameters())))
-        optimizer.zero_grad()
-        loss = nn.functional.mse_loss(model(x), y)
-        loss.backward()
-        return loss
-
+    closure = _closure_that_records(model, optimizer, x, y, lambda: agree.append(all(torch.equal(a, p) for a, p in zip(aliases, model.parameters()))))
     for _ in range(3):
         optimizer.step(closure)
     assert agree == [True] * 6
@@ -671,14 +677,7 @@ def test_parameters_alone_on_their_memory_are_swapped_and_without_the_count_all_
     trained = [p for p in model.parameters() if p.requires_grad and p is not model.unused]
     own = [p.data_ptr() for p in trained]
     pointers = []
-
-    def closure():
-        pointers.append([p.data_ptr() for p in trained])
-        optimizer.zero_grad()
-        loss = nn.functional.mse_loss(model(x), y)
-        loss.backward()
-        return loss
-
+    closure = _closure_that_records(model, optimizer, x, y, lambda: pointers.append([p.data_ptr() for p in trained]))
     for _ in range(3):
         optimizer.step(closure)
     second_passes = pointers[1::2]
