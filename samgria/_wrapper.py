@@ -427,9 +427,11 @@ class _AdoptLoaded:
 
 
 class _NoteGroups:
-    """A load-state-dict pre-hook of the driven optimizer: keeps its param groups as they are
-    before a direct load replaces them (:meth:`WrappingOptimizer._took_driven_groups` completes
-    the loaded ones from them). A weak reference, as :class:`_AdoptLoaded`'s."""
+    """A load-state-dict pre-hook of the driven optimizer: keeps what a direct load replaces --
+    its state and param-group objects, which torch's load leaves as they were, and copies of the
+    groups -- so that :meth:`WrappingOptimizer._adopt_driven_state` can put them back when it
+    refuses the loaded groups, and complete those it takes. A weak reference, as
+    :class:`_AdoptLoaded`'s."""
 
     __slots__ = ("owner",)
 
@@ -439,8 +441,8 @@ class _NoteGroups:
     def __call__(self, optimizer: Optimizer, state_dict: dict[str, Any]) -> None:
         owner = self.owner()
         if owner is not None and owner.__dict__.get(owner._driven_attr) is optimizer:
-            owner._check_driven_load(state_dict)  # a refusal comes before torch changes anything
-            owner.__dict__["_groups_before_load"] = [dict(group) for group in optimizer.param_groups]
+            groups = optimizer.param_groups
+            owner.__dict__["_groups_before_load"] = (optimizer.__dict__.get("state"), groups, [dict(g) for g in groups])
 
 
 def _show_state(driven: Optimizer, owner: WrappingOptimizer) -> None:
@@ -767,9 +769,17 @@ class WrappingOptimizer(Optimizer):
         such a state.
         """
         driven = self._driven
-        previous_groups = self.__dict__.pop("_groups_before_load", None)
+        before = self.__dict__.pop("_groups_before_load", None)
         if isinstance(driven.state, _DrivenState):
             return False
+        if before is not None:  # a direct load through torch's hooks: refused as load_state_dict would
+            state_before, groups_before, previous = before
+            try:
+                for owner in self._owners_outwards():
+                    owner._check_loaded_groups(driven.param_groups, previous)
+            except BaseException:
+                driven.state, driven.param_groups = state_before, groups_before  # what the load replaced
+                raise
         loaded = driven.state
         hidden = self._hides_state_key
         for param in list(self.state):
@@ -785,14 +795,23 @@ class WrappingOptimizer(Optimizer):
             else:
                 self.state[param] = entry
         _show_state(driven, self)
-        if previous_groups is not None:
-            self._took_driven_groups(previous_groups)
+        if before is not None:
+            for owner in self._owners_outwards():
+                owner._took_driven_groups(before[2])
         return True
 
-    def _check_driven_load(self, state_dict: dict[str, Any]) -> None:
-        """Raise if a checkpoint about to be loaded into the driven optimizer directly could not
-        be completed into this optimizer's groups (:meth:`_took_driven_groups`); runs before
-        torch's load changes anything. Default: nothing."""
+    def _owners_outwards(self) -> list[WrappingOptimizer]:
+        """This wrapper and the wrappers that drive it, innermost first (a meta-optimizer whose
+        outer optimizer is a ``TransformingOptimizer``): they share the param groups."""
+        owners: list[WrappingOptimizer] = [self]
+        while isinstance(view := owners[-1].__dict__.get("state"), _DrivenState):
+            owners.append(view._owner)
+        return owners
+
+    def _check_loaded_groups(self, groups: list[dict[str, Any]], previous: list[dict[str, Any]]) -> None:
+        """Raise if param groups that a direct load of the driven optimizer installed could not
+        be completed into this optimizer's from ``previous`` (:meth:`_took_driven_groups`);
+        changes nothing. Default: nothing."""
 
     def _took_driven_groups(self, previous: list[dict[str, Any]]) -> None:
         """Complete the param groups a direct load of the driven optimizer installed, from its

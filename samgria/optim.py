@@ -501,13 +501,12 @@ class TransformingOptimizer(WrappingOptimizer):
                 # optimizer was built (accelerate's order): refused here too.
                 self.chain.check_fsdp1(group["params"], f"param_groups[{index}]")
 
-    def _check_driven_load(self, state_dict: dict[str, Any]) -> None:
-        """A checkpoint given to the inner optimizer directly: refused, before anything changes,
-        where :meth:`load_state_dict` refuses its groups (another chain's, a hyperparameter the
-        chain refuses)."""
-        for index, group in enumerate(state_dict.get("param_groups", ())):
-            if isinstance(group, Mapping):
-                self._complete_loaded_group({**group, "params": []}, index, self.param_groups)
+    def _check_loaded_groups(self, groups: list[dict[str, Any]], previous: list[dict[str, Any]]) -> None:
+        """A checkpoint given to the inner optimizer directly: refused where
+        :meth:`load_state_dict` refuses its groups (another chain's, a hyperparameter the chain
+        refuses); the optimizer is then put back as it was."""
+        for index, group in enumerate(groups):
+            self._complete_loaded_group({**group, "params": []}, index, previous)
 
     def _took_driven_groups(self, previous: list[dict[str, Any]]) -> None:
         """A checkpoint loaded into the inner optimizer directly: its groups are completed as

@@ -1339,3 +1339,94 @@ def test_a_plain_checkpoint_given_to_a_meta_optimizer_s_outer_optimizer_keeps_in
         routes.append([(group["adapt"], group["inner_lr"], group["lr"]) for group in meta.param_groups])
         assert meta.inner_loop().adapt_names == ("2.weight", "2.bias")
     assert routes[0] == routes[1] == [(False, 0.05, 1e-2), (True, 0.2, 1e-2)]
+
+
+def test_a_direct_load_is_checked_after_the_inner_optimizer_s_own_pre_hooks_and_undone_when_refused():
+    """The check of a checkpoint loaded into the inner optimizer directly ran in a pre-hook
+    registered before the user's: a pre-hook that strips another chain's keys was refused, and a
+    value a later pre-hook made invalid was refused after torch had installed it (every later
+    step raised). The groups torch installs are checked, and a refusal puts back what it replaced."""
+    model = make_model()
+    source = TransformingOptimizer(model.parameters(), torch.optim.SGD, lr=0.7, transforms=[LAMP(1e-2, rollback_len=3)])
+    source.step(make_closure(model, source))
+    lamp_checkpoint = copy.deepcopy(source.state_dict())
+    plain = torch.optim.SGD([{"params": model[0].parameters()}, {"params": model[2].parameters()}], lr=0.7).state_dict()
+
+    def build():
+        groups = [{"params": model[0].parameters()}, {"params": model[2].parameters(), "rho": 0.0}]
+        optimizer = TransformingOptimizer(groups, torch.optim.SGD, lr=0.1, transforms=[SAM(0.5)])
+        optimizer.step(make_closure(model, optimizer))
+        return optimizer
+
+    def strip(optimizer, state_dict):  # load only the SGD part of another chain's checkpoint
+        groups = [{key: value for key, value in group.items() if key not in ("transform_chain", "eps")} for group in state_dict["param_groups"]]
+        groups = [dict(groups[0], params=[0, 1]), dict(groups[0], params=[2, 3])]
+        return {"state": {}, "param_groups": groups}
+
+    optimizer = build()
+    optimizer.base_optimizer.register_load_state_dict_pre_hook(strip)
+    optimizer.base_optimizer.load_state_dict(copy.deepcopy(lamp_checkpoint))
+    assert [(group["lr"], group["rho"]) for group in optimizer.param_groups] == [(0.7, 0.5), (0.7, 0.0)]
+
+    def spoil(optimizer, state_dict):
+        state_dict = copy.deepcopy(state_dict)
+        state_dict["param_groups"][1]["rho"] = -5.0
+        return state_dict
+
+    optimizer = build()
+    before = copy.deepcopy(optimizer.state_dict())
+    optimizer.base_optimizer.register_load_state_dict_pre_hook(spoil)
+    with pytest.raises(ValueError, match=r"rho must be a finite number >= 0, got -5\.0"):
+        optimizer.base_optimizer.load_state_dict(copy.deepcopy(plain))
+    assert_state_dicts_equal(optimizer.state_dict(), before)
+    optimizer.step(make_closure(model, optimizer))
+
+
+def test_a_direct_load_two_wrappers_down_keeps_the_meta_optimizer_s_settings():
+    """``meta.outer.base_optimizer.load_state_dict(...)`` (a meta-optimizer around a
+    TransformingOptimizer) completed only the transforms' keys: the groups lost ``adapt`` and
+    ``inner_lr`` (an adapt=False body was adapted) and an invalid inner_lr got in. Both wrappers
+    check and complete the groups they share."""
+    import samgria
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 1))
+
+    def build():
+        groups = [{"params": model[0].parameters(), "adapt": False}, {"params": model[2].parameters(), "inner_lr": 0.2}]
+        outer = TransformingOptimizer(groups, torch.optim.SGD, lr=0.1, transforms=[SAM(0.5)])
+        return samgria.FOMAML(model, outer, inner_lr=0.05)
+
+    plain = torch.optim.SGD([{"params": model[0].parameters()}, {"params": model[2].parameters()}], lr=0.3).state_dict()
+    meta = build()
+    meta.outer.base_optimizer.load_state_dict(copy.deepcopy(plain))
+    assert [(g["adapt"], g["inner_lr"], g["rho"], g["lr"]) for g in meta.param_groups] == [(False, 0.05, 0.5, 0.3), (True, 0.2, 0.5, 0.3)]
+    assert meta.inner_loop().adapt_names == ("2.weight", "2.bias")
+    meta = build()
+    checkpoint = copy.deepcopy(meta.state_dict())
+    checkpoint["param_groups"][1]["inner_lr"] = -1.0
+    before = copy.deepcopy(meta.state_dict())
+    with pytest.raises(ValueError, match=r"inner_lr'\] must be a finite number >= 0, got -1\.0"):
+        meta.outer.base_optimizer.load_state_dict(checkpoint)
+    assert_state_dicts_equal(meta.state_dict(), before)
+
+
+def test_a_plain_checkpoint_keeps_metasgd_s_rates_group():
+    """A plain outer optimizer's checkpoint (through ``meta.load_state_dict`` or
+    ``meta.outer.load_state_dict``) dropped the ``inner_lrs=True`` mark of MetaSGD's rates group:
+    a group added later got no rates and the inner loop blamed the user's group."""
+    import samgria
+
+    for route in ("meta", "outer"):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 1))
+        meta = samgria.MetaSGD(model, torch.optim.Adam, inner_lr=0.05, lr=1e-3, params=list(model[0].parameters()))
+        plain = torch.optim.Adam([{"params": list(g["params"])} for g in meta.param_groups], lr=1e-2).state_dict()
+        if route == "meta":
+            plain["inner_lrs"] = {name: rate.detach().clone() for name, rate in meta.inner_lrs.items()}
+            meta.load_state_dict(plain)
+        else:
+            meta.outer.load_state_dict(plain)
+        assert [group.get("inner_lrs") for group in meta.param_groups] == [None, True]
+        meta.add_param_group({"params": list(model[2].parameters())})
+        assert set(meta.inner_loop().adapt_names) == {"0.weight", "0.bias", "2.weight", "2.bias"}

@@ -172,6 +172,9 @@ class MetaOptimizer(WrappingOptimizer):
     """
 
     outer_update: ClassVar[str] = "meta_gradient"
+    #: Param-group keys that mark a group's role (a checkpoint's group without them keeps those
+    #: of the group at its position).
+    _group_markers: ClassVar[tuple[str, ...]] = ()
     _weight_dropped_by_failure = False  # the last step raised with a task weight counted
     needs_query: ClassVar[bool] = True
     _dropped_on_pickle = ("process_group",)
@@ -326,14 +329,16 @@ class MetaOptimizer(WrappingOptimizer):
         for key, default in (("inner_lr", self.inner_lr), ("adapt", True)):
             if key not in group:
                 group[key] = current.get(key, default)
+        for key in self._group_markers:  # e.g. MetaSGD's rates group
+            if key not in group and key in current:
+                group[key] = current[key]
         self._check_group(group, index, "the checkpoint's param_groups")
 
-    def _check_driven_load(self, state_dict: dict[str, Any]) -> None:
-        """A checkpoint given to the outer optimizer directly: refused, before anything changes,
-        where :meth:`load_state_dict` refuses its groups."""
-        for index, group in enumerate(state_dict.get("param_groups", ())):
-            if isinstance(group, Mapping):
-                self._complete_loaded_group({**group, "params": []}, index, self.param_groups)
+    def _check_loaded_groups(self, groups: list[dict[str, Any]], previous: list[dict[str, Any]]) -> None:
+        """A checkpoint given to the outer optimizer directly: refused where
+        :meth:`load_state_dict` refuses its groups; the optimizer is then put back as it was."""
+        for index, group in enumerate(groups):
+            self._complete_loaded_group({**group, "params": []}, index, previous)
 
     def _took_driven_groups(self, previous: list[dict[str, Any]]) -> None:
         """A checkpoint loaded into the outer optimizer directly: each group keeps the

@@ -82,6 +82,8 @@ class MetaSGD(MAML):
             when used, a parameter is adapted that has no learned rate.
     """
 
+    _group_markers = ("inner_lrs",)  # the group of the learned rates
+
     def __init__(
         self,
         model: nn.Module,
