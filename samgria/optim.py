@@ -506,7 +506,7 @@ class TransformingOptimizer(WrappingOptimizer):
         :meth:`load_state_dict` refuses its groups (another chain's, a hyperparameter the chain
         refuses); the optimizer is then put back as it was."""
         for index, group in enumerate(groups):
-            self._complete_loaded_group({**group, "params": []}, index, previous)
+            self._complete_loaded_group(dict(group), index, previous)  # a copy: the same check, nothing changed
 
     def _took_driven_groups(self, previous: list[dict[str, Any]]) -> None:
         """A checkpoint loaded into the inner optimizer directly: its groups are completed as

@@ -1430,3 +1430,24 @@ def test_a_plain_checkpoint_keeps_metasgd_s_rates_group():
         assert [group.get("inner_lrs") for group in meta.param_groups] == [None, True]
         meta.add_param_group({"params": list(model[2].parameters())})
         assert set(meta.inner_loop().adapt_names) == {"0.weight", "0.bias", "2.weight", "2.bias"}
+
+
+def test_a_direct_load_refused_for_a_setting_that_depends_on_the_parameters_is_put_back():
+    """A group setting checked against its parameters (ProjectParams' param_ndim) was checked
+    without them before the take-over and refused only after it: the refused checkpoint's state
+    stayed installed and every later step raised. Checked with the parameters, put back whole."""
+    from samgria import ProjectParams
+
+    model = make_model()
+    optimizer = TransformingOptimizer(model.parameters(), torch.optim.SGD, lr=0.1, momentum=0.9, transforms=[ProjectParams(radius=10.0)])
+    optimizer.step(make_closure(model, optimizer))
+    bad = copy.deepcopy(optimizer.state_dict())
+    bad["param_groups"][0]["param_ndim"] = 5
+    for entry in bad["state"].values():
+        entry["momentum_buffer"] = torch.full_like(entry["momentum_buffer"], 3.0)
+    before = copy.deepcopy(optimizer.state_dict())
+    for load in (optimizer.load_state_dict, optimizer.base_optimizer.load_state_dict):
+        with pytest.raises(ValueError, match=r"param_ndim must be None or an integer in \[-2, 2\]"):
+            load(copy.deepcopy(bad))
+        assert_state_dicts_equal(optimizer.state_dict(), before)
+    optimizer.step(make_closure(model, optimizer))

@@ -338,7 +338,7 @@ class MetaOptimizer(WrappingOptimizer):
         """A checkpoint given to the outer optimizer directly: refused where
         :meth:`load_state_dict` refuses its groups; the optimizer is then put back as it was."""
         for index, group in enumerate(groups):
-            self._complete_loaded_group({**group, "params": []}, index, previous)
+            self._complete_loaded_group(dict(group), index, previous)  # a copy: the same check, nothing changed
 
     def _took_driven_groups(self, previous: list[dict[str, Any]]) -> None:
         """A checkpoint loaded into the outer optimizer directly: each group keeps the
