@@ -191,6 +191,24 @@ def test_the_qualified_key_check_works_out_each_prefix_once_per_chain(monkeypatc
         optimizer.add_param_group({"params": [torch.nn.Parameter(torch.zeros(2))], "sma.rho": 1})
 
 
+def test_the_qualified_key_check_compares_a_prefix_with_the_transforms_that_have_the_hyperparameter():
+    """"swa.decay" beside a SAM and an EMA was refused, with advice to write "ema.decay": the
+    prefix was compared with every transform's names ("swa" is close to "sam"), although SAM has
+    no ``decay``. A prefix is compared with the names of the transforms that have the
+    hyperparameter; one that names another transform of the chain is still refused."""
+    from samgria import EMA
+
+    model = make_model()
+
+    def build(key, transforms):
+        return TransformingOptimizer([{"params": model.parameters(), key: 0.5}], torch.optim.SGD, lr=0.1, transforms=transforms)
+
+    assert build("swa.decay", [SAM(), EMA()]).param_groups[0]["swa.decay"] == 0.5
+    for key, transforms in (("emma.decay", [SAM(), EMA()]), ("sam.decay", {"perturb": SAM(), "average": EMA()})):
+        with pytest.raises(ValueError, match=rf"the key '{key}' names no slot of the chain"):
+            build(key, transforms)
+
+
 def test_the_qualified_key_check_counts_a_transform_class_s_bases_as_its_names():
     """A subclass of SAM sits in slot "my_sam"; "sam.rho" was taken for another transform's key,
     kept and never read (the transform used its default rho). Refused, as for a SAM in a slot

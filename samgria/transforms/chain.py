@@ -291,11 +291,12 @@ class Chain:
         """Raise ``ValueError`` for a key ``"s.h"`` that names no hyperparameter of the chain
         although it looks like one: ``s`` is a slot (case aside) without a hyperparameter ``h``
         (``"sam.lr"``, ``"SAM.Rho"``), or ``h`` is, case aside, a transform's hyperparameter and
-        ``s`` a name close to one of the chain's transforms (its slot, default slot or class
-        name: ``"looksam.alpha"`` for ``"look_sam.alpha"``, ``"sam.rho"`` for a slot named
-        ``perturb``; :func:`difflib.get_close_matches`) that names no other of samgria's
-        transforms or torch.optim's optimizers, nor the inner optimizer's class
-        (``"lookahead.alpha"`` beside a LookSAM, ``"adam.eps"``). Such a key would be
+        ``s`` names one of the chain's transforms by another name than its slot, or is close to
+        a name of one that has ``h`` (its slot, default slot or class name: ``"looksam.alpha"``
+        for ``"look_sam.alpha"``, ``"sam.rho"`` for a slot named ``perturb``;
+        :func:`difflib.get_close_matches`) and names no other of samgria's transforms or
+        torch.optim's optimizers, nor the inner optimizer's class (``"lookahead.alpha"`` beside
+        a LookSAM, ``"adam.eps"``). Such a key would be
         stored and never read, the transform keeping its default. Other keys (``"mylib.rho"``)
         are left alone, as torch leaves keys it does not know."""
         for key in group:
@@ -311,7 +312,7 @@ class Chain:
                     f"{where}: the key {key!r} names no hyperparameter of slot {slot!r} "
                     f"({type(transform).__name__}), whose hyperparameters are: {known}"
                 )
-            if owned is not None and (slot is not None or self._names_a_slot(prefix)):
+            if owned is not None and (slot is not None or self._names_a_slot(prefix, owned)):
                 spellings = [f"{owner}.{owned}" for owner in self._owners[owned]]
                 if owned in self.defaults:  # stored under the short key: unambiguous
                     spellings.insert(0, owned)
@@ -325,30 +326,45 @@ class Chain:
         """The slot ``prefix`` names, case aside, or ``None``."""
         return next((slot for slot in self.slots if slot.lower() == prefix.lower()), None)
 
-    def _names_a_slot(self, prefix: str) -> bool:
-        """Whether ``prefix`` is, case aside, close to a name of one of the chain's transforms
-        (its slot, default slot, class name or a base class's) and names no other of
-        ``torch.optim``'s optimizers or samgria's transforms, nor the inner optimizer's class."""
+    def _names_a_slot(self, prefix: str, hyperparameter: str) -> bool:
+        """Whether ``prefix`` names, case aside, one of the chain's transforms (its default slot,
+        class name or a base class's), or is close to a name of one that has ``hyperparameter``
+        and names no other of ``torch.optim``'s optimizers or samgria's transforms, nor the
+        inner optimizer's class (``"swa.decay"`` beside a SAM and an EMA is kept: close to
+        "sam", whose transform has no ``decay``)."""
         verdicts = self.__dict__.setdefault("_slot_verdicts", {})  # fixed per chain: see below
         lowered = prefix.lower()
-        if lowered not in verdicts:
-            verdicts[lowered] = self._close_to_own_name(lowered)
-        return verdicts[lowered]
+        if (lowered, hyperparameter) not in verdicts:
+            verdicts[lowered, hyperparameter] = self._close_to_own_name(lowered, hyperparameter)
+        return verdicts[lowered, hyperparameter]
 
-    def _close_to_own_name(self, lowered: str) -> bool:
-        """:meth:`_names_a_slot` for a lowercase prefix, worked out (the names it compares are
-        the chain's and a fixed list, so the verdict holds for the chain's life)."""
-        own = {name.lower() for name in self.slots}
-        for transform in self.transforms:
-            own |= _class_names(type(transform), Transform)
-            if isinstance(transform, ProtocolTransform):  # the seed-protocol object's class
-                own.add(type(transform.transform).__name__.lower())
-            slot = transform.default_slot()
-            if isinstance(slot, str):  # a seed-protocol object's slot_name may be anything
-                own.add(slot.lower())
-        if lowered not in own and (lowered in _library_names() or lowered in self.inner_names):
+    @staticmethod
+    def _names_of(transform: Transform) -> set[str]:
+        """The lowercase names of a transform of the chain: its class's and bases', its default
+        slot and (seed protocol) the wrapped object's class name."""
+        names = _class_names(type(transform), Transform)
+        if isinstance(transform, ProtocolTransform):  # the seed-protocol object's class
+            names.add(type(transform.transform).__name__.lower())
+        slot = transform.default_slot()
+        if isinstance(slot, str):  # a seed-protocol object's slot_name may be anything
+            names.add(slot.lower())
+        return names
+
+    def _close_to_own_name(self, lowered: str, hyperparameter: str) -> bool:
+        """:meth:`_names_a_slot`, worked out (the names it compares are the chain's and a fixed
+        list, so the verdict holds for the chain's life)."""
+        every: set[str] = set()
+        owning = {slot.lower() for slot in self._owners[hyperparameter]}
+        for slot, transform in zip(self.slots, self.transforms):
+            names = self._names_of(transform)
+            every |= names
+            if slot in self._owners[hyperparameter]:
+                owning |= names
+        if lowered in every:  # a transform of the chain, by a name that is not its slot
+            return True
+        if lowered in _library_names() or lowered in self.inner_names:
             return False
-        return bool(difflib.get_close_matches(lowered, sorted(own), n=1, cutoff=0.6))
+        return bool(difflib.get_close_matches(lowered, sorted(owning), n=1, cutoff=0.6))
 
     def take_qualified_edits(self, group: dict[str, Any], where: str) -> None:
         """Apply ``param_groups`` edits made under a qualified key to a filled group.
