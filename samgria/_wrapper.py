@@ -37,7 +37,7 @@ import functools
 import types
 import weakref
 from collections import OrderedDict, defaultdict
-from collections.abc import Callable, Iterable, Iterator, MutableMapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, MutableMapping, Sequence
 from typing import Any
 
 import torch
@@ -101,12 +101,8 @@ def with_hooks(body: Callable[..., Any]) -> Callable[..., Any]:
         if self.__dict__.get("_hooks_running"):  # super().step() inside a step: its hooks ran
             return body(self, *args, **kwargs)
         self.__dict__["_hooks_running"] = True
-        driven = self._driven
-        while True:  # the optimizers this step drives, also when it skips: the user called step()
-            _record_call_for_schedulers(driven)
-            if not isinstance(driven, WrappingOptimizer):
-                break
-            driven = driven._driven
+        for wrapper in self._wrapper_chain():  # the optimizers this step drives, also when it skips
+            _record_call_for_schedulers(wrapper._driven)
         try:
             self._before_step_hooks(args, kwargs)
             return call(self, *args, **kwargs)
@@ -810,13 +806,21 @@ class WrappingOptimizer(Optimizer):
 
     def _check_loaded_groups(self, groups: list[dict[str, Any]], previous: list[dict[str, Any]]) -> None:
         """Raise if param groups that a direct load of the driven optimizer installed could not
-        be completed into this optimizer's from ``previous`` (:meth:`_took_driven_groups`);
-        changes nothing. Default: nothing."""
+        be completed into this optimizer's from ``previous`` (:meth:`_took_driven_groups`, run on
+        copies); changes nothing. The optimizer is then put back as it was."""
+        for index, group in enumerate(groups):
+            self._complete_loaded_group(dict(group), index, previous)
 
     def _took_driven_groups(self, previous: list[dict[str, Any]]) -> None:
         """Complete the param groups a direct load of the driven optimizer installed, from its
-        groups before the load (``previous``, paired by position, as torch pairs them).
-        Default: nothing."""
+        groups before the load (``previous``, paired by position, as torch pairs them), as
+        :meth:`load_state_dict` completes a checkpoint's (:meth:`_complete_loaded_group`)."""
+        for index, group in enumerate(self.param_groups):
+            self._complete_loaded_group(group, index, previous)
+
+    def _complete_loaded_group(self, group: dict[str, Any], index: int, previous: Sequence[Mapping[str, Any]]) -> None:
+        """Check a checkpoint's group ``index`` and complete it in place from ``previous[index]``
+        (the group at its position before the load). Default: nothing."""
 
     # -- checkpoints: torch's own, with a validation point before anything changes ---------------
     def state_dict(self) -> dict[str, Any]:  # type: ignore[override]

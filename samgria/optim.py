@@ -501,21 +501,6 @@ class TransformingOptimizer(WrappingOptimizer):
                 # optimizer was built (accelerate's order): refused here too.
                 self.chain.check_fsdp1(group["params"], f"param_groups[{index}]")
 
-    def _check_loaded_groups(self, groups: list[dict[str, Any]], previous: list[dict[str, Any]]) -> None:
-        """A checkpoint given to the inner optimizer directly: refused where
-        :meth:`load_state_dict` refuses its groups (another chain's, a hyperparameter the chain
-        refuses); the optimizer is then put back as it was."""
-        for index, group in enumerate(groups):
-            self._complete_loaded_group(dict(group), index, previous)  # a copy: the same check, nothing changed
-
-    def _took_driven_groups(self, previous: list[dict[str, Any]]) -> None:
-        """A checkpoint loaded into the inner optimizer directly: its groups are completed as
-        :meth:`load_state_dict` completes a checkpoint's -- a group of a plain optimizer's
-        checkpoint (no chain recorded) keeps the transforms' hyperparameters of the group at its
-        position before the load (a ``rho=0`` group stays 0)."""
-        for index, group in enumerate(self.param_groups):
-            self._complete_loaded_group(group, index, previous)
-
     def _complete_loaded_group(self, group: dict[str, Any], index: int, previous: Sequence[Mapping[str, Any]]) -> None:
         """Check and complete a checkpoint's group ``index`` in place: a recorded chain must be
         this one (its pending qualified edits taken); an unrecorded group takes the transforms'

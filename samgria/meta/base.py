@@ -326,26 +326,11 @@ class MetaOptimizer(WrappingOptimizer):
         """Give a checkpoint's group the ``inner_lr`` and ``adapt`` it lacks from ``previous[index]``
         (else the constructor's) and check it."""
         current = previous[index] if index < len(previous) else {}
-        for key, default in (("inner_lr", self.inner_lr), ("adapt", True)):
-            if key not in group:
-                group[key] = current.get(key, default)
-        for key in self._group_markers:  # e.g. MetaSGD's rates group
+        for key in ("inner_lr", "adapt", *self._group_markers):  # markers: e.g. MetaSGD's rates group
             if key not in group and key in current:
                 group[key] = current[key]
+        self._fill_group(group)
         self._check_group(group, index, "the checkpoint's param_groups")
-
-    def _check_loaded_groups(self, groups: list[dict[str, Any]], previous: list[dict[str, Any]]) -> None:
-        """A checkpoint given to the outer optimizer directly: refused where
-        :meth:`load_state_dict` refuses its groups; the optimizer is then put back as it was."""
-        for index, group in enumerate(groups):
-            self._complete_loaded_group(dict(group), index, previous)  # a copy: the same check, nothing changed
-
-    def _took_driven_groups(self, previous: list[dict[str, Any]]) -> None:
-        """A checkpoint loaded into the outer optimizer directly: each group keeps the
-        ``inner_lr`` and ``adapt`` of the group at its position before the load, as through
-        :meth:`load_state_dict`."""
-        for index, group in enumerate(self.param_groups):
-            self._complete_loaded_group(group, index, previous)
 
     def _fill_group(self, group: dict[str, Any]) -> None:
         """Give a (checked) param group the default ``inner_lr`` and ``adapt``."""
