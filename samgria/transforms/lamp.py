@@ -422,13 +422,9 @@ def _accumulator_like(param: torch.Tensor, key: str, value: torch.Tensor, kept_a
     r"""``value``, the ``kept_as`` (``"sum"`` or ``"mean"``) of ``count`` iterates, as ``param``'s
     ``key``: :math:`S = n\,\bar w` or :math:`\bar w = S / n` computed in the wider of the two
     dtypes (float32 at least), rounded once to ``param``'s dtype, on its device."""
-    compute = torch.promote_types(widened_dtype(value.dtype), widened_dtype(param.dtype))
-    wide = value.to(compute)
+    wide = value.to(torch.promote_types(widened_dtype(value.dtype), widened_dtype(param.dtype)))
     if kept_as != key:
-        if key == "mean":
-            wide = wide / count if count else torch.zeros_like(wide)
-        else:
-            wide = wide * count
+        wide = _as_accumulator(key, wide, count)  # already wide: computed in that dtype
     return wide.to(device=param.device, dtype=param.dtype)
 
 
