@@ -13,7 +13,7 @@ import torch
 from functional_helpers import assert_rounded_once
 from samgria.functional import adaptive_scaling, add_directions_, mul, mul_, perturbed_into_
 from samgria.functional._grouping import group_indices_by_device_and_dtype
-from samgria.functional.perturb import _CPU_LIST_NUMEL, _perturbed_into_by_lists
+from samgria.functional.perturb import _CPU_LIST_NUMEL, _perturbed_into_by_lists, perturbed_into_private
 
 
 def _case(dtype: torch.dtype = torch.float32):
@@ -61,6 +61,58 @@ def test_the_list_path_without_a_size_limit_as_on_cuda_gives_the_same_bits():
     _perturbed_into_by_lists(buffers, params, directions, scales, list(range(len(params))), torch.float32, None)
     for buffer, want in zip(buffers, expected):
         assert torch.equal(buffer, want)
+
+
+def _private_case():
+    """Entries as SAM hands them to :func:`perturbed_into_private`: small and large tensors whose
+    scales alternate (two groups, not consecutive), zero scales of both signs on weights holding
+    -0.0 (``-0.0 + 0.0`` is ``+0.0``, ``-0.0 + -0.0`` is ``-0.0``: runs of either sign must stay
+    apart), 16-bit weights, a direction wider than its weights, float64, and a scale that is no float."""
+    generator = torch.Generator().manual_seed(1)
+    entries = [
+        ((3, 4), torch.float32, torch.float32, 0.3),
+        ((_CPU_LIST_NUMEL + 3,), torch.float32, torch.float32, 1e-3),
+        ((5,), torch.float32, torch.float32, 1e-3),
+        ((7,), torch.float32, torch.float32, 0.3),
+        ((6,), torch.float32, torch.float32, 0.0),
+        ((6,), torch.float32, torch.float32, -0.0),
+        ((4, 4), torch.float16, torch.float16, 0.3),
+        ((4,), torch.bfloat16, torch.float32, 1e4),
+        ((3,), torch.float64, torch.float64, 0.3),
+        ((2, 3), torch.float32, torch.float32, 2),
+    ]
+    params, directions, scales = [], [], []
+    for shape, dtype, direction_dtype, scale in entries:
+        weights = torch.randn(shape, generator=generator)
+        if scale == 0.0:
+            weights[::2] = -0.0
+        params.append(weights.to(dtype))
+        directions.append(torch.randn(shape, generator=generator).to(direction_dtype))
+        scales.append(scale)
+    return params, directions, scales
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("foreach", [True, False])
+def test_perturbed_into_private_equals_one_add_per_entry_in_the_wider_dtype_where_needed(foreach):
+    params, directions, scales = _private_case()
+    originals = [w.clone() for w in params]
+    buffers = [torch.full_like(w, float("nan")) for w in params]
+    perturbed_into_private(buffers, params, directions, scales, foreach=foreach)
+    for buffer, w, d, s in zip(buffers, params, directions, scales):
+        wide = torch.promote_types(torch.float32 if w.dtype in (torch.float16, torch.bfloat16) else w.dtype, d.dtype)
+        want = torch.add(w.to(wide), d.to(wide), alpha=s).to(w.dtype)
+        assert buffer.dtype == w.dtype
+        assert torch.equal(buffer, want)
+        assert torch.equal(buffer.signbit(), want.signbit())  # zeros of the right sign
+    for param, original in zip(params, originals):
+        assert torch.equal(param, original)
+
+
+def test_perturbed_into_private_under_grad_mode_refuses_weights_that_require_grad_as_torch_add_does():
+    weights = torch.ones(3, requires_grad=True)
+    with pytest.raises(RuntimeError, match="out=... arguments don't support automatic differentiation"):
+        perturbed_into_private([torch.empty(3)], [weights], [torch.ones(3)], [0.5])
 
 
 @pytest.mark.parametrize("foreach", [True, False])

@@ -172,7 +172,7 @@ def test_sams_perturb_that_raises_leaves_the_weights_without_the_optimizers_copy
         model[0].bias.data = model[2].weight.data.view(-1)[:8]
     x, y = make_data()
     optimizer = TransformingOptimizer(model.parameters(), torch.optim.SGD, lr=0.1, transforms=[SAM(0.5)])
-    name = "add_directions_" if tied else "perturbed_into_"
+    name = "add_directions_" if tied else "perturbed_into_private"
     original = getattr(sam_module, name)
 
     def apply_then_fail(*args, **kwargs):

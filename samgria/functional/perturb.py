@@ -234,6 +234,39 @@ def _perturbed_into_by_lists(
         flush()
 
 
+def perturbed_into_private(
+    buffers: Sequence[torch.Tensor],
+    params: Sequence[torch.Tensor],
+    directions: Sequence[torch.Tensor],
+    scales: Sequence[float],
+    *,
+    foreach: bool = True,
+) -> None:
+    """:func:`perturbed_into_` for buffers of the caller's own (SAM's weight backups): memory that
+    no parameter or direction is, shares or views, each buffer of its parameter's shape, strides
+    and dtype. The same kernels and rounding, entry by entry, as :func:`perturbed_into_`, without
+    its checks and without its tracking of shared memory: no entry reads what another writes, so
+    the small tensors with the same scale go into one ``_foreach_copy_``/``_foreach_add_`` pair
+    per device and dtype, in any order (a step's host time is mostly per-tensor Python work).
+    """
+    if not foreach or torch.is_grad_enabled():  # the reference path, and torch.add's refusals
+        perturbed_into_(buffers, params, directions, scales, foreach=foreach)
+        return
+    runs: dict[tuple[Any, ...], list[int]] = {}
+    for i, (param, direction, scale) in enumerate(zip(params, directions, scales)):
+        dtype = param.dtype
+        wider = dtype in LOW_PRECISION or direction.dtype != dtype
+        if wider or not isinstance(scale, float) or (param.device.type == "cpu" and param.numel() > _CPU_LIST_NUMEL):
+            # computed wider, or one torch.add(..., out=), as perturbed_into_ takes them
+            _perturb_segment(None if wider else (param.device, dtype), [i], buffers, params, directions, scales, False)
+        else:  # the sign of a zero scale keeps two runs apart, as _same_scale does
+            runs.setdefault((param.device, dtype, scale, math.copysign(1.0, scale)), []).append(i)
+    for (_device, _dtype, scale, _sign), indices in runs.items():
+        run_buffers = [buffers[i] for i in indices]
+        torch._foreach_copy_(run_buffers, [params[i] for i in indices])
+        torch._foreach_add_(run_buffers, [directions[i] for i in indices], alpha=scale)
+
+
 def add_directions_(
     params: Sequence[torch.Tensor],
     directions: Sequence[torch.Tensor],

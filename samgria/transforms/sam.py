@@ -43,7 +43,8 @@ from samgria._frameworks import stacklevel_outside
 from samgria._checks import check_bool, check_real
 from samgria.functional._sharding import is_sharded
 from samgria.functional._views import all_as_real, as_real, widened_dtype
-from samgria.functional import adaptive_scaling, add_directions_, global_norm, mul, mul_, perturbed_into_
+from samgria.functional import adaptive_scaling, add_directions_, global_norm, mul, mul_
+from samgria.functional.perturb import perturbed_into_private
 from samgria.transforms.base import Transform, TransformContext, _derive_writes_weights
 
 __all__ = ["SAM", "ASAM", "PerturbationTransform", "Perturbation"]
@@ -453,7 +454,7 @@ class PerturbationTransform(Transform):
         if swapped_params:
             real_params = all_as_real(swapped_params)  # a backup is complex where its parameter is
             real_backups = swapped_backups if real_params is swapped_params else all_as_real(swapped_backups)
-            perturbed_into_(real_backups, real_params, swapped_directions, swapped_scales, foreach=foreach)
+            perturbed_into_private(real_backups, real_params, swapped_directions, swapped_scales, foreach=foreach)
         if in_place:
             for i in in_place:
                 backups[i].copy_(params[i])
