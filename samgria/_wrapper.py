@@ -221,10 +221,32 @@ class _VisibleEntry(MutableMapping):
 
 
 class _DrivenState(MutableMapping):
-    """The driven optimizer's ``state``: a live view of the wrapper's (see the module docstring)."""
+    """The driven optimizer's ``state``: a live view of the wrapper's (see the module docstring).
+
+    It holds the wrapper by a weak reference: the wrapper holds the driven optimizer, so a strong
+    one would make a reference cycle, and a deleted wrapper (with the model's parameters and the
+    state it holds) would stay in memory until Python's cyclic garbage collector happens to run,
+    where torch's optimizers are freed at once. A wrapper that goes hands the driven optimizer a
+    plain state of its own (:meth:`WrappingOptimizer.__del__`).
+    """
 
     def __init__(self, owner: WrappingOptimizer) -> None:
-        self._owner = owner
+        self._owner_ref = weakref.ref(owner)
+        self._owner_id = id(owner)
+
+    @property
+    def _owner(self) -> WrappingOptimizer:
+        owner = self._owner_ref()
+        if owner is None:  # not reached: the wrapper's __del__ replaces this view
+            raise ReferenceError("the optimizer that drove this one was deleted")
+        return owner
+
+    # Pickled (and deep-copied) with the wrapper itself, as an attribute would be.
+    def __getstate__(self) -> dict[str, Any]:
+        return {"_owner": self._owner}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__(state["_owner"])  # type: ignore[misc]
 
     def __getitem__(self, param: Any) -> Any:
         owner = self._owner
@@ -1060,3 +1082,35 @@ class WrappingOptimizer(Optimizer):
         # its state's view -- gets the same groups from its own state)
         if driven is not None:  # torch's own __setstate__ gave it empty hook dicts: hook again
             _show_state(driven, self)
+
+    def __del__(self) -> None:
+        """Hand the driven optimizer a plain state of its own when this wrapper goes.
+
+        The driven optimizer's view holds the wrapper weakly (:class:`_DrivenState`), so ``del
+        optimizer`` frees the wrapper at once; a driven optimizer that lives on (held elsewhere,
+        or copied alone) keeps every entry, without the keys this wrapper reserved for itself,
+        and may be wrapped again. Best effort: nothing here may raise (also at interpreter exit).
+        """
+        try:
+            driven = self.__dict__.get(self._driven_attr)
+            view = None if driven is None else driven.__dict__.get("state")
+            if not isinstance(view, _DrivenState) or view._owner_id != id(self):
+                return
+            own = self.__dict__.get("state")
+            kept: defaultdict[Any, Any] = defaultdict(dict)
+            if isinstance(own, dict):
+                hidden = self._hides_state_key
+                for param, entry in own.items():
+                    if is_entry(entry) and any(map(hidden, entry)):
+                        entry = {key: value for key, value in entry.items() if not hidden(key)}
+                        if not entry:
+                            continue
+                    kept[param] = entry
+            driven.state = kept
+            for attribute in ("_optimizer_load_state_dict_pre_hooks", "_optimizer_load_state_dict_post_hooks"):
+                hooks = _hooks_of(driven, attribute)
+                for key, hook in list(hooks.items()) if hooks is not None else ():
+                    if isinstance(hook, (_AdoptLoaded, _NoteGroups)) and hook.owner() in (self, None):
+                        del hooks[key]
+        except Exception:  # noqa: BLE001 -- a finaliser must not raise
+            pass

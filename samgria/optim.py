@@ -288,6 +288,7 @@ class TransformingOptimizer(WrappingOptimizer):
         frameworks unscale before their hooks and may clip, as for any optimizer).
         """
         return self._pending is not None or any(t.needs_closure for t in self.transforms)
+
     _driven_attr = "inner"
     _dropped_on_pickle = ("first_pass_context", "reevaluation_context")
     _transient = (*WrappingOptimizer._transient, "_progress")
@@ -1273,6 +1274,22 @@ class TransformingOptimizer(WrappingOptimizer):
         transforms = ", ".join(f"{slot}={t!r}" for slot, t in self.chain)
         inner = "\n    ".join(repr(self.inner).splitlines())
         return f"{type(self).__name__}(\n  inner={inner},\n  transforms=[{transforms}]\n)"
+
+    def __del__(self) -> None:
+        """Also make the transforms that this optimizer stepped last drop the parameters and
+        buffers they keep between steps (SAM's weight backups): a transform object may outlive
+        its optimizer (one ``SAM()`` reused across a sweep)."""
+        try:
+            driven = self.__dict__.get(self._driven_attr)
+            groups = None if driven is None else driven.param_groups
+            chain = self.__dict__.get("chain")
+            for _slot, transform in chain if chain is not None else ():
+                forget = getattr(transform, "_forget_parameters", None)
+                if forget is not None and groups is not None and transform.__dict__.get("_groups_in_play") is groups:
+                    forget()
+        except Exception:  # noqa: BLE001 -- a finaliser must not raise
+            pass
+        super().__del__()
 
 
 class _AsSaved:

@@ -1480,10 +1480,11 @@ def test_checkpoints_of_a_driven_transforming_optimizer_register_no_hooks():
 def test_an_outer_optimizer_already_driven_by_a_wrapper_is_refused():
     model = nn.Linear(3, 2)
     base = torch.optim.SGD(model.parameters(), lr=0.1)
-    TransformingOptimizer(base, transforms=[SAM(0.05)])
+    wrapper = TransformingOptimizer(base, transforms=[SAM(0.05)])  # alive: it drives base
     with pytest.raises(ValueError, match=r"outer is already driven by a TransformingOptimizer"):
         MAML(model, base, inner_lr=0.1)
     assert "inner_lr" not in base.param_groups[0]
+    assert base.state._owner is wrapper
 
 
 @pytest.mark.parametrize("how", ["deepcopy", "pickle"])

@@ -813,12 +813,19 @@ def _interrupt_at(event: int, files: set[str], step: Callable[[], Any]) -> list[
     def tracer(frame, event_name, arg):
         return local if frame.f_code.co_filename in files else None
 
+    # The garbage of earlier trials (kept in cycles by their KeyboardInterrupt's traceback) is
+    # not collected while the step runs: an optimizer's finaliser that the collector ran inside
+    # the step (its transforms' _forget_parameters, in sam.py) would add line events.
+    collecting = gc.isenabled()
+    gc.disable()
     previous = sys.gettrace()
     sys.settrace(tracer)
     try:
         step()
     finally:
         sys.settrace(previous)
+        if collecting:
+            gc.enable()
     return seen
 
 

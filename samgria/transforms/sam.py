@@ -281,7 +281,7 @@ class PerturbationTransform(Transform):
         Remembers ``ctx``'s param groups (the optimizer's, or the model's in the seed protocol):
         the parameters whose backup buffers :meth:`_backups_of` keeps.
         """
-        self.__dict__["_groups_in_play"] = ctx.param_groups
+        self.__dict__["_groups_in_play"] = ctx.raw_param_groups  # the optimizer's list (see _forget_parameters)
         params: list[torch.Tensor] = []
         grads: list[torch.Tensor] = []
         groups: list[Mapping[str, Any]] = []
@@ -366,12 +366,14 @@ class PerturbationTransform(Transform):
         Each buffer is kept with its parameter, by a strong reference as torch.optim holds its
         parameters: ``torch.utils.swap_tensors`` (``nn.Module._apply`` and ``load_state_dict``
         under ``torch.__future__.set_swap_module_params_on_conversion(True)``, and for every
-        DTensor parameter) refuses a tensor that has a weak reference. When a parameter is moved
-        for the first time, the buffers of parameters that are no longer in the param groups
-        the transform last collected from (:meth:`_collect`) are dropped: those of parameters
-        removed from the optimizer, or of a model the transform was applied to before. A
-        parameter without a gradient at some steps (a mixture of experts' unused experts,
-        stochastic depth) keeps its buffer.
+        DTensor parameter) refuses a tensor that has a weak reference. The buffers of parameters
+        that are no longer in the param groups the transform last collected from
+        (:meth:`_collect`) are dropped when a parameter is moved for the first time, or when the
+        groups hold fewer parameters than there are buffers (a group deleted from
+        ``optimizer.param_groups``): those of parameters removed from the optimizer, or of a
+        model the transform was applied to before. A parameter without a gradient at some steps
+        (a mixture of experts' unused experts, stochastic depth) keeps its buffer. A deleted
+        optimizer drops them all (:meth:`_forget_parameters`).
         """
         backups = self.__dict__.get("_backups")
         if backups is None:
@@ -399,10 +401,19 @@ class PerturbationTransform(Transform):
             backups[id(param)] = (param, backup)
             found.append(backup)
         groups = self.__dict__.get("_groups_in_play")
-        if new and groups is not None and len(backups) > len(params):
+        if groups is not None and (
+            (new and len(backups) > len(params)) or len(backups) > sum(len(group["params"]) for group in groups)
+        ):
             in_play = {id(param) for group in groups for param in group["params"]}
             self.__dict__["_backups"] = {key: held for key, held in backups.items() if key in in_play}
         return found
+
+    def _forget_parameters(self) -> None:
+        """Drop the backup buffers and the param groups kept from the last step, with the
+        parameters they hold: what the optimizer calls when it is deleted (a transform object
+        may outlive it, reused for the next model of a sweep)."""
+        for key in ("_backups", "_groups_in_play", "_moving"):
+            self.__dict__.pop(key, None)
 
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)

@@ -1,0 +1,218 @@
+"""Object lifecycle: optimizers are freed when their last reference goes, as torch's are.
+
+The reference is torch's own behaviour: ``del optimizer, model`` frees a ``torch.optim``
+optimizer, the parameters and the state at once (no reference cycle, so Python's cyclic collector
+is not needed; a sweep that builds an optimizer per trial, or a notebook re-running a cell, does
+not pile up dead models). Every test runs with the cyclic collector disabled, so that only
+reference counting frees anything. A driven optimizer that outlives its wrapper (held elsewhere)
+keeps its own state and steps as a plain optimizer with that state; transform objects that outlive
+their optimizer (one ``SAM()`` reused across a sweep) keep no parameters.
+"""
+
+from __future__ import annotations
+
+import copy
+import gc
+import pickle
+import weakref
+from collections.abc import Callable, Iterator
+
+import pytest
+import torch
+from torch import nn
+from torch.nn.functional import mse_loss
+
+from samgria import ANIL, ASAM, EMA, FOMAML, LAMP, MAML, SAM, MetaSGD, Reptile, TransformingOptimizer, sam_optimizer
+from samgria.data.task import Task
+
+# torch's first optimizer in a process imports torch._dynamo lazily inside Optimizer.__init__; the
+# frames of that import stay in a cycle that holds the optimizer. Built here, before the tests.
+torch.optim.SGD([torch.zeros(1, requires_grad=True)])
+
+
+@pytest.fixture(autouse=True)
+def without_cyclic_collector() -> Iterator[None]:
+    gc.collect()
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.enable()
+
+
+def make_model(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).double()
+
+
+def make_closure(model: nn.Module, optimizer: torch.optim.Optimizer, seed: int = 1) -> Callable[[], torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(6, 3, generator=generator, dtype=torch.float64)
+    y = torch.randn(6, 2, generator=generator, dtype=torch.float64)
+
+    def closure() -> torch.Tensor:
+        optimizer.zero_grad()
+        loss = mse_loss(model(x), y)
+        loss.backward()
+        return loss
+
+    return closure
+
+
+OPTIMIZERS: dict[str, Callable[[nn.Module], torch.optim.Optimizer]] = {
+    "torch SGD (the reference)": lambda model: torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9),
+    "no transforms": lambda model: TransformingOptimizer(model.parameters(), torch.optim.SGD, lr=0.1, transforms=[]),
+    "SAM, Adam": lambda model: TransformingOptimizer(model.parameters(), torch.optim.Adam, lr=0.1, transforms=[SAM(0.05)]),
+    "ASAM, LAMP, EMA": lambda model: TransformingOptimizer(
+        model.parameters(), torch.optim.SGD, lr=0.1, transforms=[ASAM(), LAMP(seed=0), EMA(0.9)]
+    ),
+    "a built optimizer": lambda model: TransformingOptimizer(
+        torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), transforms=[SAM(0.05)]
+    ),
+    "sam_optimizer": lambda model: sam_optimizer(model.parameters(), torch.optim.SGD, lr=0.1),
+}
+
+
+@pytest.mark.parametrize("name", list(OPTIMIZERS))
+def test_a_deleted_optimizer_frees_itself_the_model_and_the_state_at_once(name):
+    """Each wrapper used to sit in a cycle (its inner optimizer's view of the state held it): a
+    deleted one stayed in memory, with the model and the state, until a full collection."""
+    model = make_model()
+    optimizer = OPTIMIZERS[name](model)
+    for _ in range(2):
+        optimizer.step(make_closure(model, optimizer))
+    dead = [weakref.ref(optimizer), weakref.ref(model[0].weight)]
+    dead += [weakref.ref(value) for entry in optimizer.state.values() for value in entry.values() if isinstance(value, torch.Tensor)]
+    del optimizer, model
+    assert [ref() is None for ref in dead] == [True] * len(dead)
+
+
+def _meta_closure(meta, model: nn.Module) -> Callable[[], torch.Tensor]:
+    generator = torch.Generator().manual_seed(2)
+    x, y = torch.randn(5, 3, generator=generator, dtype=torch.float64), torch.randn(5, 2, generator=generator, dtype=torch.float64)
+    task = Task(x, y, x, y)
+
+    def closure() -> torch.Tensor:
+        meta.zero_grad()
+        learner = meta.adapt(lambda f: mse_loss(f(task.support_x), task.support_y))
+        loss = mse_loss(learner(task.query_x), task.query_y)
+        loss.backward()
+        return loss
+
+    return closure
+
+
+@pytest.mark.parametrize("algorithm", [MAML, FOMAML, MetaSGD, ANIL])
+@pytest.mark.parametrize("outer", ["Adam", "SAM wrapper"])
+def test_a_deleted_meta_optimizer_frees_itself_and_the_model_at_once(algorithm, outer):
+    model = make_model()
+    extra = {"head": model[2]} if algorithm is ANIL else {}
+    if outer == "Adam":
+        meta = algorithm(model, torch.optim.Adam, lr=1e-2, inner_lr=0.1, **extra)
+    else:
+        wrapper = TransformingOptimizer(model.parameters(), torch.optim.SGD, lr=1e-2, transforms=[SAM(0.05)])
+        meta = algorithm(model, wrapper, inner_lr=0.1, **extra)
+        del wrapper
+    for _ in range(2):
+        meta.step(_meta_closure(meta, model))
+    dead = [weakref.ref(meta), weakref.ref(meta.outer), weakref.ref(model[0].weight)]
+    del meta, model
+    assert [ref() is None for ref in dead] == [True, True, True]
+
+
+def test_a_deleted_reptile_frees_itself_and_the_model_at_once():
+    model = make_model()
+    meta = Reptile(model, torch.optim.SGD, lr=0.5, inner_lr=0.1, inner_steps=2)
+    generator = torch.Generator().manual_seed(3)
+    x, y = torch.randn(5, 3, generator=generator, dtype=torch.float64), torch.randn(5, 2, generator=generator, dtype=torch.float64)
+    meta.zero_grad()
+    meta.adapt(lambda f: mse_loss(f(x), y))
+    meta.step()
+    dead = [weakref.ref(meta), weakref.ref(model[0].weight)]
+    del meta, model
+    assert [ref() is None for ref in dead] == [True, True]
+
+
+def test_a_driven_optimizer_that_outlives_its_wrapper_keeps_its_state_and_steps_as_torchs():
+    """Held elsewhere, the inner optimizer keeps its entries (without the transforms' slots) and
+    steps exactly as a torch SGD given the same state; it may be wrapped again."""
+    model = make_model()
+    inner = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    wrapper = TransformingOptimizer(inner, transforms=[SAM(0.05), LAMP(seed=0), EMA(0.9)])
+    for _ in range(2):
+        wrapper.step(make_closure(model, wrapper))
+    kept = {param: {key: value.clone() for key, value in wrapper.state[param].items() if "." not in key} for param in model.parameters()}
+    assert all(set(entry) == {"momentum_buffer"} for entry in kept.values())
+    twin_model = copy.deepcopy(model)
+    twin = torch.optim.SGD(twin_model.parameters(), lr=0.1, momentum=0.9)
+    twin.load_state_dict({"state": {i: dict(entry) for i, entry in enumerate(kept.values())}, "param_groups": twin.state_dict()["param_groups"]})
+    del wrapper
+
+    assert type(inner.state) is type(torch.optim.SGD([torch.zeros(1, requires_grad=True)]).state)
+    assert {key for entry in inner.state.values() for key in entry} == {"momentum_buffer"}
+    for param in model.parameters():
+        assert torch.equal(inner.state[param]["momentum_buffer"], kept[param]["momentum_buffer"])
+    for _ in range(2):
+        inner.step(make_closure(model, inner))
+        twin.step(make_closure(twin_model, twin))
+    for param, twin_param in zip(model.parameters(), twin_model.parameters()):
+        assert torch.equal(param, twin_param)
+    again = TransformingOptimizer(inner, transforms=[SAM(0.05)])  # no longer driven: wrapped anew
+    assert again.state[model[0].weight]["momentum_buffer"] is inner.state[model[0].weight]["momentum_buffer"]
+
+
+def test_a_wrapper_outliving_the_meta_optimizer_that_drove_it_steps_on():
+    model = make_model()
+    wrapper = TransformingOptimizer(model.parameters(), torch.optim.SGD, lr=1e-2, momentum=0.9, transforms=[SAM(0.05)])
+    meta = MAML(model, wrapper, inner_lr=0.1)
+    meta.step(_meta_closure(meta, model))
+    momentum = {param: wrapper.state[param]["momentum_buffer"].clone() for param in model.parameters()}
+    del meta
+    assert all(torch.equal(wrapper.state[param]["momentum_buffer"], momentum[param]) for param in model.parameters())
+    before = [param.detach().clone() for param in model.parameters()]
+    wrapper.step(make_closure(model, wrapper))
+    assert all(not torch.equal(param, old) for param, old in zip(model.parameters(), before))
+
+
+@pytest.mark.parametrize("how", ["deepcopy", "pickle"])
+def test_a_copy_of_the_inner_optimizer_alone_is_a_plain_optimizer_with_its_state(how):
+    model = make_model()
+    wrapper = TransformingOptimizer(model.parameters(), torch.optim.Adam, lr=0.1, transforms=[SAM(0.05), LAMP(seed=0)])
+    wrapper.step(make_closure(model, wrapper))
+    copied = copy.deepcopy(wrapper.inner) if how == "deepcopy" else pickle.loads(pickle.dumps(wrapper.inner))
+    assert sorted({key for entry in copied.state.values() for key in entry}) == ["exp_avg", "exp_avg_sq", "step"]
+    originals = [wrapper.state[param]["exp_avg"] for param in model.parameters()]
+    assert all(torch.equal(entry["exp_avg"], original) for entry, original in zip(copied.state.values(), originals))
+    TransformingOptimizer(copied, transforms=[SAM(0.05)])  # not driven by anything alive
+
+
+def test_sam_drops_the_backups_of_a_param_group_deleted_from_the_optimizer():
+    model, held = make_model(), {"extra": nn.Linear(1, 50).double()}
+    optimizer = TransformingOptimizer(model.parameters(), torch.optim.SGD, lr=0.1, transforms=[SAM(0.05)])
+    optimizer.add_param_group({"params": list(held["extra"].parameters())})
+    x, inputs = torch.ones(1, dtype=torch.float64), torch.ones(6, 3, dtype=torch.float64)
+
+    def closure() -> torch.Tensor:
+        optimizer.zero_grad()
+        loss = model(inputs).square().mean() + sum(layer(x).sum() for layer in held.values())
+        loss.backward()
+        return loss
+
+    optimizer.step(closure)
+    removed = weakref.ref(held["extra"].weight)
+    del optimizer.param_groups[1]
+    for param in held.pop("extra").parameters():
+        optimizer.state.pop(param, None)
+    optimizer.step(closure)
+    assert removed() is None
+
+
+def test_a_transform_that_outlives_its_optimizer_keeps_no_parameters():
+    sam = SAM(0.05)
+    for seed in range(2):  # a sweep: one transform object, a new model and optimizer per trial
+        model = make_model(seed)
+        optimizer = TransformingOptimizer(model.parameters(), torch.optim.SGD, lr=0.1, transforms=[sam])
+        optimizer.step(make_closure(model, optimizer))
+        weight = weakref.ref(model[0].weight)
+        del optimizer, model
+        assert weight() is None
