@@ -72,6 +72,53 @@ def test_timings_stop_growing_once_the_choice_is_measured(vectorize):
     assert len(policy.timings["k"]["loop"]) == 3
 
 
+MAX_KEYS = 32  # PathPolicy's default max_keys
+
+
+def test_timings_keep_the_most_recently_used_keys_up_to_max_keys():
+    """The timings kept every key ever timed: with a key that changes at every iteration
+    (variable-shot episodes, sizes drawn at random) they grew by one entry per iteration, in
+    memory and in every checkpoint. They now keep the max_keys most recently used keys, in the
+    order of a hand-written least-recently-used list."""
+    default = PathPolicy("M")
+    for i in range(3 * MAX_KEYS):
+        default.timed(("shape", i), "loop", lambda: None)
+    assert list(default.timings) == [("shape", i) for i in range(2 * MAX_KEYS, 3 * MAX_KEYS)]
+    assert default.max_keys == MAX_KEYS
+
+    policy = PathPolicy("M", trials=1, max_keys=3)
+    recent = []  # the reference: least recently used first
+    for key in ["a", "b", "c", "a", "d", "e", "a", "c", "f", "f", "b"]:
+        path = policy.choose(key, ["loop", "vmap"])
+        policy.timed(key, path, lambda: None)
+        recent = [k for k in recent if k != key][-2:] + [key]
+        assert list(policy.timings) == recent
+        assert all(len(times) <= 1 for per_path in policy.timings.values() for times in per_path.values())
+    assert policy.decided("a", ["loop", "vmap"]) is None  # forgotten, measured again if it comes back
+    assert policy.choose("a", ["loop", "vmap"]) == "loop"
+
+
+def test_a_key_in_use_keeps_its_measured_choice_among_many_one_off_keys():
+    """The common case -- a fixed training shape, evaluations (or episodes) of other shapes --
+    is measured once, as before the bound, and keeps its choice however many other keys come
+    and go."""
+    policy = PathPolicy("M", trials=2)
+    durations = {"loop": [3.0, 2.0], "vmap": [1.5, 1.0]}
+    seen = []
+    for i in range(3 * MAX_KEYS):
+        path = policy.choose("fixed", ["loop", "vmap"])
+        seen.append(path)
+        times = policy.timings["fixed"].setdefault(path, [])
+        if len(times) < policy.trials:
+            times.append(durations[path][len(times)])
+        one_off = ("episode", i)
+        policy.timed(one_off, policy.choose(one_off, ["loop", "vmap"]), lambda: None)
+        assert len(policy.timings) <= MAX_KEYS
+    assert sorted(seen[:4]) == ["loop", "loop", "vmap", "vmap"] and set(seen[4:]) == {"vmap"}
+    assert policy.timings["fixed"] == durations
+    assert policy.decided("fixed", ["loop", "vmap"]) == "vmap"
+
+
 def test_run_falls_back_and_blames_the_path_only_when_the_fallback_works():
     policy = PathPolicy("M")
 
@@ -333,6 +380,19 @@ def test_path_policy_checks_trials(trials, error, match):
     """trials is compared with the number of timings; NaN or 0 would fix the choice untimed."""
     with pytest.raises(error, match=match):
         PathPolicy("M", trials=trials)
+
+
+@pytest.mark.parametrize(
+    "max_keys, error, match",
+    [
+        (0, ValueError, r"^max_keys must be an integer >= 1, got 0$"),
+        (2.5, TypeError, r"^max_keys must be an integer >= 1, got 2.5$"),
+    ],
+    ids=["zero", "float"],
+)
+def test_path_policy_checks_max_keys(max_keys, error, match):
+    with pytest.raises(error, match=match):
+        PathPolicy("M", max_keys=max_keys)
 
 
 # ---------------------------------------------------------------- InnerLoop checks its fields

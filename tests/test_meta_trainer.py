@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import math
+import pickle
 import sys
 
 import numpy as np
@@ -15,7 +16,7 @@ from torch.func import functional_call
 
 from meta_helpers import ListSampler
 from samgria.data import SinusoidTaskSampler, Task
-from samgria.meta.maml import MAML
+from samgria.meta.maml import FOMAML, MAML
 from samgria.meta.reptile import Reptile
 from samgria.meta.trainer import History, MetaTrainer
 
@@ -513,6 +514,93 @@ def test_state_dict_is_a_snapshot_and_restores_the_path_choice():
     assert restored.timings[key] == {p: t[: len(restored.timings[key][p])] for p, t in policy.timings[key].items()}
     assert resumed.path == state["paths"]["path"] in ("loop", "vmap")
     assert restored.decided(key, ["loop", "vmap"]) == policy.decided(key, ["loop", "vmap"]) is not None
+
+
+MAX_KEYS = 32  # PathPolicy's default max_keys
+
+
+class VariableShotSampler:
+    """Variable-shot episodes: every meta-batch draws its support and query sizes from
+    1..max_size (the tasks of one meta-batch share them)."""
+
+    def __init__(self, seed=0, max_size=40):
+        self.generator, self.max_size = torch.Generator().manual_seed(seed), max_size
+
+    def sample(self, n):
+        k, q = (int(torch.randint(1, self.max_size + 1, (1,), generator=self.generator)) for _ in range(2))
+        return [Task(*(torch.randn(size, 1, generator=self.generator, dtype=DT) for size in (k, k, q, q))) for _ in range(n)]
+
+
+def _paths_bound(paths):
+    """The pickled size of ``paths`` with MAX_KEYS timing keys, each larger than any key of the
+    tests (numbers >= 256 take more bytes) and with ``trials`` durations on both paths."""
+    worst = {
+        (False, 1000 + i, ((1000 + i, 1), (1000 + i, 1)), 1000, True): {"loop": [0.5, 0.5], "vmap": [0.5, 0.5]}
+        for i in range(MAX_KEYS)
+    }
+    return len(pickle.dumps({**paths, "timings": worst}))
+
+
+def test_variable_shot_training_keeps_the_path_timings_and_checkpoints_bounded():
+    """The path policy kept the timings of every (meta-batch size, task shapes) key: with sizes
+    drawn at random per episode it grew by one key per iteration, in memory and in every
+    checkpoint (499 keys after 500 iterations). The timings, and the checkpoint's "paths", now
+    stay within MAX_KEYS keys (the history grows by one loss per iteration, by design); a
+    checkpoint restores them as saved."""
+    meta = FOMAML(make_model(), torch.optim.Adam, lr=1e-3, inner_lr=0.01)
+    trainer = MetaTrainer(meta, F.mse_loss, VariableShotSampler())
+    episodes = VariableShotSampler(seed=1)
+    for i in range(3 * MAX_KEYS + 8):
+        trainer.fit(1, 2, progress=False)
+        if i % 4 == 0:
+            trainer.evaluate(episodes.sample(2))
+        assert len(meta.path_policy.timings) <= MAX_KEYS, f"iteration {trainer.iteration}"
+    paths = trainer.state_dict()["paths"]
+    assert len(paths["timings"]) == MAX_KEYS
+    assert len(pickle.dumps(paths)) <= _paths_bound(paths)
+
+    resumed = MetaTrainer(FOMAML(make_model(1), torch.optim.Adam, lr=1e-3, inner_lr=0.01), F.mse_loss, VariableShotSampler())
+    resumed.load_state_dict(_checkpoint_round_trip(trainer))
+    restored = resumed.meta.path_policy.timings
+    assert list(restored.items()) == list(meta.path_policy.timings.items())  # same keys, same order
+    resumed.fit(3, 2, progress=False)
+    assert len(resumed.meta.path_policy.timings) == MAX_KEYS
+
+
+def test_a_checkpoint_with_more_keys_than_the_bound_loads_its_most_recent_ones():
+    """A checkpoint of a run without the bound held every key it had seen: it loads the last
+    MAX_KEYS of them (its timings are kept least recently used first)."""
+    trainer = _trainer("maml", 0, None)
+    trainer.fit(1, 2, progress=False)
+    state = trainer.state_dict()
+    state["paths"]["timings"] = {(False, 2, ((k, 1), (k, 1)), 2, True): {"loop": [float(k)]} for k in range(1, 101)}
+    resumed = _trainer("maml", 1, None)
+    resumed.load_state_dict(state)
+    expected = {(False, 2, ((k, 1), (k, 1)), 2, True): {"loop": [float(k)]} for k in range(101 - MAX_KEYS, 101)}
+    assert list(resumed.meta.path_policy.timings.items()) == list(expected.items())
+
+
+def test_fixed_shape_training_keeps_its_measured_path_while_evaluation_shapes_vary():
+    """The common case keeps the policy's behaviour: a fixed training shape is measured (loop
+    and vmap twice each) and its fastest path kept, while evaluations on episodes of random
+    sizes bring more keys than the bound holds."""
+    meta = MAML(make_model(), torch.optim.SGD, lr=0.05, inner_lr=0.05)
+    trainer = MetaTrainer(meta, F.mse_loss, ListSampler(fixed_tasks(2 * (MAX_KEYS + 8))))
+    episodes = VariableShotSampler(seed=2)
+    used, sizes = [], set()
+    for _ in range(MAX_KEYS + 8):
+        trainer.fit(1, 2, progress=False)
+        used.append(trainer.path)
+        tasks = episodes.sample(2)
+        sizes.add((len(tasks[0].support_x), len(tasks[0].query_x)))
+        trainer.evaluate(tasks)
+    assert len(sizes) > MAX_KEYS  # more evaluation keys than the bound holds
+    policy = meta.path_policy
+    assert len(policy.timings) <= MAX_KEYS
+    (key,) = [k for k in policy.timings if not k[0]]  # the training key, measured once
+    assert {path: len(times) for path, times in policy.timings[key].items()} == {"loop": 2, "vmap": 2}
+    fastest = policy.decided(key, ["loop", "vmap"])
+    assert sorted(used[:4]) == ["loop", "loop", "vmap", "vmap"] and used[4:] == [fastest] * (len(used) - 4)
 
 
 def test_fit_counts_iterations_across_calls_and_keeps_the_whole_history():

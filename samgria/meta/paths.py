@@ -12,7 +12,9 @@ case a failure raises, or chosen by the policy:
 * between paths that can all run, the policy can measure: the first ``trials`` uses of each
   (interleaved) are timed, and the fastest is used from then on. On 2 CPU cores the vmap path
   is several times faster than the loop for small models and slower for convolutional ones
-  (see the benchmarks page), so no fixed rule is right for both.
+  (see the benchmarks page), so no fixed rule is right for both. Measurements are kept per key
+  (the trainer's: training or evaluation, meta-batch size, task shapes, inner steps, order) for
+  the ``max_keys`` most recently used keys, so that variable task shapes do not make them grow.
 """
 
 from __future__ import annotations
@@ -40,21 +42,44 @@ def _note_once(error: BaseException, note: str) -> None:
 class PathPolicy:
     """Fallback after failures and choice by measurement, shared by a meta-optimizer's users.
 
+    Measurements are kept for the ``max_keys`` most recently used keys; using a new key beyond
+    them forgets the least recently used one (measured again if it comes back). A few fixed
+    shapes (training and evaluation, say) are measured once and keep their choice. With more
+    distinct keys in rotation than ``max_keys`` (variable-shot episodes, sizes drawn at random)
+    a key is rarely seen ``trials`` times per candidate before it is forgotten, so such keys
+    mostly run on the candidate measured first (the loop); the timings, like the checkpoints
+    holding them, stay bounded: at most ``max_keys`` keys of at most ``trials`` durations per
+    path.
+
     Args:
         owner: Name used in warnings (e.g. ``"MAML"``).
         trials: Timed uses of each candidate path before the choice is fixed.
+        max_keys: Keys whose measurements are kept (the least recently used go first).
 
     Attributes:
         failed: ``{path: reason}`` of the paths given up after an error.
         timings: ``{key: {path: [seconds, ...]}}`` of the measured uses (the first ``trials`` of
-            each path).
+            each path), least recently used key first.
     """
 
-    def __init__(self, owner: str, trials: int = 2) -> None:
+    #: What a policy pickled before ``max_keys`` existed (inside a meta-optimizer) keeps.
+    max_keys: int = 32
+
+    def __init__(self, owner: str, trials: int = 2, max_keys: int = 32) -> None:
         self.owner = owner
         self.trials = check_int("trials", trials, low=1)
+        self.max_keys = check_int("max_keys", max_keys, low=1)
         self.failed: dict[str, str] = {}
         self.timings: dict[Hashable, dict[str, list[float]]] = {}
+
+    def _measurements(self, key: Hashable) -> dict[str, list[float]]:
+        """The timings of ``key`` (created if new), made the most recently used; beyond
+        ``max_keys`` keys the least recently used are forgotten."""
+        times = self.timings.pop(key, None)
+        self.timings[key] = times = {} if times is None else times
+        while len(self.timings) > self.max_keys:
+            del self.timings[next(iter(self.timings))]
+        return times
 
     def usable(self, candidates: Sequence[str]) -> list[str]:
         """The candidates that have not failed."""
@@ -65,7 +90,7 @@ class PathPolicy:
         usable = self.usable(candidates) or list(candidates[-1:])
         if len(usable) == 1:
             return usable[0]
-        times = self.timings.setdefault(key, {})
+        times = self._measurements(key)
         least = min(usable, key=lambda c: len(times.get(c, ())))
         if len(times.get(least, ())) < self.trials:
             return least
@@ -83,9 +108,10 @@ class PathPolicy:
 
     def timed(self, key: Hashable, path: str, run: Callable[[], T]) -> T:
         """Run ``run()`` and record its duration for ``key`` and ``path`` -- only the first
-        ``trials`` uses, all the choice reads, so that the timings (and the checkpoints holding
-        them) do not grow with the length of the run."""
-        times = self.timings.setdefault(key, {}).setdefault(path, [])
+        ``trials`` uses, all the choice reads, for the ``max_keys`` most recently used keys, so
+        that the timings (and the checkpoints holding them) do not grow with the length of the
+        run, whatever the keys."""
+        times = self._measurements(key).setdefault(path, [])
         if len(times) >= self.trials:
             return run()
         start = time.perf_counter()
@@ -139,5 +165,8 @@ class PathPolicy:
             return result, fallback
 
     def __repr__(self) -> str:
-        return f"PathPolicy(owner={self.owner!r}, failed={sorted(self.failed)}, trials={self.trials})"
+        return (
+            f"PathPolicy(owner={self.owner!r}, failed={sorted(self.failed)}, trials={self.trials}, "
+            f"max_keys={self.max_keys})"
+        )
 

@@ -560,6 +560,9 @@ class MetaTrainer:
         failed = dict(paths["failed"])
         timings = {key: {path: list(times) for path, times in by_path.items()}
                    for key, by_path in paths["timings"].items()}  # fmt: skip
+        # A checkpoint of a run without the bound (or of a larger max_keys) keeps its most
+        # recent keys: the last ones, timings being kept least recently used first.
+        timings = dict(list(timings.items())[-self.meta.path_policy.max_keys :])
         fallback_reasons = set(paths["fallback_reasons"])
         path = paths["path"]
         if path is not None and path not in PATHS:
