@@ -289,6 +289,9 @@ class TransformingOptimizer(WrappingOptimizer):
         """
         return self._pending is not None or any(t.needs_closure for t in self.transforms)
 
+    # The inner optimizer (``optimizer.inner``), set by ``_init_wrapper`` under ``_driven_attr``:
+    # declared here so that type checkers know the attribute.
+    inner: Optimizer
     _driven_attr = "inner"
     _dropped_on_pickle = ("first_pass_context", "reevaluation_context")
     _transient = (*WrappingOptimizer._transient, "_progress")

@@ -171,6 +171,9 @@ class MetaOptimizer(WrappingOptimizer):
             ``distributed=True``.
     """
 
+    # The outer optimizer (``meta.outer``), set by ``_init_wrapper`` under ``_driven_attr``:
+    # declared here so that type checkers know the attribute.
+    outer: torch.optim.Optimizer
     outer_update: ClassVar[str] = "meta_gradient"
     #: Param-group keys that mark a group's role (a checkpoint's group without them keeps those
     #: of the group at its position).

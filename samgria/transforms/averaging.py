@@ -94,7 +94,7 @@ class _KeptWeights(Transform):
                 "would be undone when the block exits; step after the block"
             )
 
-    def scales_with_gradients(self, param_groups: list[Mapping[str, Any]]) -> bool:
+    def scales_with_gradients(self, param_groups: Sequence[Mapping[str, Any]]) -> bool:
         return True  # its pre_update leaves the gradients alone
 
     def pre_update(self, ctx: TransformContext) -> None:

@@ -31,7 +31,7 @@ from __future__ import annotations
 import copy
 import re
 from collections import defaultdict
-from collections.abc import Callable, Iterator, Mapping, MutableMapping
+from collections.abc import Callable, Iterator, Mapping, MutableMapping, Sequence
 from typing import Any, Protocol, runtime_checkable
 
 import torch
@@ -219,7 +219,7 @@ class TransformContext:
 
     def __init__(
         self,
-        param_groups: list[Mapping[str, Any]],
+        param_groups: Sequence[Mapping[str, Any]],
         state: MutableMapping[Any, dict[Any, Any]],
         *,
         slot: str,
@@ -412,11 +412,11 @@ class Transform:
     def import_state(self, ctx: TransformContext) -> None:
         """Take state back from the slot after ``load_state_dict()`` (default: nothing)."""
 
-    def active(self, param_groups: list[Mapping[str, Any]]) -> bool:
+    def active(self, param_groups: Sequence[Mapping[str, Any]]) -> bool:
         """Whether the transform would do anything on these groups (e.g. ``rho > 0`` somewhere)."""
         return True
 
-    def scales_with_gradients(self, param_groups: list[Mapping[str, Any]]) -> bool:
+    def scales_with_gradients(self, param_groups: Sequence[Mapping[str, Any]]) -> bool:
         r"""Whether :meth:`pre_update` leaves the gradients alone, or maps gradients :math:`g` to
         a result that scales with them, :math:`T(s\,g) = s\,T(g)` for every :math:`s > 0`,
         keeping nothing of their size.
@@ -506,7 +506,7 @@ class _ParameterView(nn.Module):
     ``parameters()`` / ``named_parameters()`` yield the optimizer's parameters; calling it raises.
     """
 
-    def __init__(self, param_groups: list[Mapping[str, Any]]) -> None:
+    def __init__(self, param_groups: Sequence[Mapping[str, Any]]) -> None:
         super().__init__()
         self._groups = param_groups
 

@@ -8,7 +8,7 @@ so it is left alone — and read their hyperparameters from the param groups.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple
 
 import torch
@@ -148,7 +148,7 @@ class ProjectParams(Transform):
     def init_state(self, ctx: TransformContext) -> None:
         self._record_centers(ctx)
 
-    def scales_with_gradients(self, param_groups: list[Mapping[str, Any]]) -> bool:
+    def scales_with_gradients(self, param_groups: Sequence[Mapping[str, Any]]) -> bool:
         return True  # its pre_update leaves the gradients alone
 
     def pre_update(self, ctx: TransformContext) -> None:

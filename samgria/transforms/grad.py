@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple
 
 import torch
@@ -359,7 +359,7 @@ class SparsifyGrad(Transform):
         self.q = check_real("q", q, low=0.0, high=1.0, low_open=True)
         self.param_ndim = check_param_ndim("param_ndim", param_ndim)
 
-    def scales_with_gradients(self, param_groups: list[Mapping[str, Any]]) -> bool:
+    def scales_with_gradients(self, param_groups: Sequence[Mapping[str, Any]]) -> bool:
         return True  # the kept elements are chosen by relative magnitude
 
     def group_defaults(self) -> dict[str, Any]:
@@ -394,7 +394,7 @@ class ScaleGrad(Transform):
         self.scale = check_real("scale", scale)
         self.bias = check_real("bias", bias)
 
-    def scales_with_gradients(self, param_groups: list[Mapping[str, Any]]) -> bool:
+    def scales_with_gradients(self, param_groups: Sequence[Mapping[str, Any]]) -> bool:
         return all(group["grad_bias"] == 0 for group in param_groups)
 
     def group_defaults(self) -> dict[str, Any]:

@@ -63,7 +63,7 @@ from __future__ import annotations
 import hashlib
 import math
 import warnings
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -132,7 +132,7 @@ class LAMP(Transform):
     def settings(self) -> dict[str, Any]:
         return {"rollback_len": self.rollback_len, "seed": self.seed}
 
-    def scales_with_gradients(self, param_groups: list[Mapping[str, Any]]) -> bool:
+    def scales_with_gradients(self, param_groups: Sequence[Mapping[str, Any]]) -> bool:
         return True  # its pre_update leaves the gradients alone
 
     def pre_update(self, ctx: TransformContext) -> None:

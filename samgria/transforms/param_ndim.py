@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -257,7 +257,7 @@ class ParamTransform(Transform):
                         "param.grad.copy_(new), param.clamp_(...))"
                     )
 
-    def scales_with_gradients(self, param_groups: list[Mapping[str, Any]]) -> bool:
+    def scales_with_gradients(self, param_groups: Sequence[Mapping[str, Any]]) -> bool:
         # Without a pre-step hook, pre_update leaves the gradients alone.
         return type(self).pre_step_transform_ is ParamTransform.pre_step_transform_
 

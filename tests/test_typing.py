@@ -1,0 +1,162 @@
+"""samgria is a typed package (PEP 561): a user's type checker reads its annotations.
+
+* the installed package carries the marker ``samgria/py.typed``, and a wheel built from this tree
+  ships it (``[options.package_data]`` in ``setup.cfg``);
+* ``tests/data/typed_usage.py``, an annotated user script over the documented public API, runs,
+  and mypy reports no error in it (each one would be a wrong annotation in samgria: an attribute
+  set dynamically that the checker cannot see, a parameter annotated narrower than what the docs
+  pass, a wrong return type), while a script with two typing mistakes gets exactly those two
+  errors (so the annotations are really read, not taken as ``Any``).
+
+mypy is in the ``test`` extra; without it the type check is skipped, except where the environment
+variable ``CI`` is set: CI must run it.
+"""
+
+from __future__ import annotations
+
+import importlib.resources
+import importlib.util
+import os
+import re
+import shutil
+import subprocess
+import sys
+import textwrap
+import time
+import zipfile
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+USAGE = ROOT / "tests" / "data" / "typed_usage.py"
+
+#: What building the wheel reads besides the package (the optional ones where they exist).
+PACKAGING_FILES = ("setup.cfg", "pyproject.toml", "README.rst")
+OPTIONAL_PACKAGING_FILES = ("setup.py", "MANIFEST.in", "LICENSE", "LICENSE.txt")
+
+#: Two typing mistakes, at known lines, against the annotations.
+WRONG_USAGE = textwrap.dedent(
+    """\
+    from samgria import SAM, TransformingOptimizer
+
+
+    def inner_of(optimizer: TransformingOptimizer) -> int:
+        return optimizer.inner  # an Optimizer, not an int
+
+
+    SAM(rho="large")  # rho is a float
+    """
+)
+WRONG_USAGE_ERRORS = {(5, "return-value"), (8, "arg-type")}
+
+
+def _with_root_on(variable: str) -> dict[str, str]:
+    """The environment with the repository root first on the search path ``variable``."""
+    env = dict(os.environ)
+    env[variable] = os.pathsep.join(filter(None, [str(ROOT), env.get(variable)]))
+    return env
+
+
+def test_the_installed_package_carries_the_py_typed_marker():
+    marker = importlib.resources.files("samgria").joinpath("py.typed")
+    assert marker.is_file(), f"{marker} is missing: type checkers would ignore samgria's annotations (PEP 561)"
+
+
+def _why_no_offline_wheel() -> str | None:
+    """Why this environment cannot build samgria's wheel offline (``None``: it can).
+
+    ``--no-build-isolation`` builds with what is installed: pyproject.toml's build requirements,
+    setuptools >= 61 and wheel (setuptools >= 70.1 builds wheels on its own).
+    """
+    if importlib.util.find_spec("setuptools") is None:
+        return "setuptools is not installed"
+    from setuptools import __version__ as version
+
+    parts = tuple(int(part) for part in re.findall(r"\d+", version)[:2])
+    if parts < (61,):
+        return f"setuptools {version} is older than 61 (pyproject.toml's build requirement)"
+    if parts < (70, 1) and importlib.util.find_spec("wheel") is None:
+        return f"wheel is not installed (setuptools {version} needs it to build wheels)"
+    return None
+
+
+def test_a_wheel_built_from_the_tree_ships_py_typed(tmp_path):
+    reason = _why_no_offline_wheel()
+    if reason is not None:
+        if os.environ.get("CI"):
+            pytest.fail(f"setuptools cannot build a wheel offline here, and CI must run this test: {reason}")
+        pytest.skip(f"setuptools cannot build a wheel offline here: {reason}")
+    # A copy of what the build reads: setuptools writes build/ and samgria.egg-info next to
+    # setup.cfg, which must not land in the checkout.
+    source = tmp_path / "source"
+    source.mkdir()
+    for name in PACKAGING_FILES + tuple(name for name in OPTIONAL_PACKAGING_FILES if (ROOT / name).exists()):
+        shutil.copy2(ROOT / name, source / name)
+    shutil.copytree(ROOT / "samgria", source / "samgria", ignore=shutil.ignore_patterns("__pycache__"))
+    wheels = tmp_path / "wheels"
+    command = [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--no-index"]
+    result = subprocess.run(
+        [*command, "--wheel-dir", str(wheels), str(source)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "PIP_DISABLE_PIP_VERSION_CHECK": "1"},
+    )
+    assert result.returncode == 0, f"pip wheel failed:\n{result.stdout}\n{result.stderr}"
+    (wheel,) = wheels.glob("samgria-*.whl")
+    with zipfile.ZipFile(wheel) as archive:
+        names = set(archive.namelist())
+    assert "samgria/__init__.py" in names and "samgria/meta/base.py" in names, sorted(names)
+    shipped = sorted(name for name in names if not name.endswith(".py"))
+    assert "samgria/py.typed" in names, f"{wheel.name} does not ship samgria/py.typed, only: {shipped}"
+
+
+def test_the_typed_usage_script_runs(tmp_path):
+    result = subprocess.run(
+        [sys.executable, str(USAGE)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=tmp_path,
+        env=_with_root_on("PYTHONPATH"),  # this tree's samgria, as mypy checks it
+    )
+    assert result.returncode == 0, f"{USAGE.name} failed:\n{result.stdout}\n{result.stderr}"
+
+
+def test_mypy_finds_no_error_in_the_typed_usage_script(tmp_path):
+    if importlib.util.find_spec("mypy") is None:
+        if os.environ.get("CI"):
+            pytest.fail("mypy is not installed, and CI must run this test: pip install -e '.[test]'")
+        pytest.skip("needs mypy (in the test extra: pip install -e '.[test]'); CI runs it")
+    assert "type: ignore" not in USAGE.read_text(), f"{USAGE.name} must not silence mypy"
+    wrong = tmp_path / "wrong_usage.py"
+    wrong.write_text(WRONG_USAGE)
+    command = [
+        sys.executable,
+        "-m",
+        "mypy",
+        "--follow-imports=silent",  # report the user scripts' errors, not samgria's own
+        "--check-untyped-defs",
+        "--show-error-codes",
+        "--no-color-output",
+        "--cache-dir",
+        str(tmp_path / "mypy_cache"),
+        str(USAGE),
+        str(wrong),
+    ]
+    start = time.perf_counter()
+    # From tmp_path (no configuration file there) with MYPYPATH at this tree: mypy reads the
+    # package's annotations from the source (an editable install hides it behind an import hook).
+    result = subprocess.run(
+        command, capture_output=True, text=True, timeout=600, cwd=tmp_path, env=_with_root_on("MYPYPATH")
+    )
+    elapsed = time.perf_counter() - start
+    output = f"mypy ({elapsed:.1f} s, exit status {result.returncode}):\n{result.stdout}{result.stderr}"
+    print(output)
+    errors = re.findall(r"^(.+?):(\d+): error: .*\[([a-z-]+)\]$", result.stdout, flags=re.MULTILINE)
+    in_usage = [line for path, line, _ in errors if Path(path).name == USAGE.name]
+    in_wrong = {(int(line), code) for path, line, code in errors if Path(path).name == wrong.name}
+    assert not in_usage, f"mypy reports errors in {USAGE.name} (wrong annotations in samgria?)\n{output}"
+    assert in_wrong == WRONG_USAGE_ERRORS, f"mypy does not read samgria's annotations as expected\n{output}"
+    assert result.returncode == 1 and len(errors) == len(WRONG_USAGE_ERRORS), output
