@@ -158,7 +158,7 @@ def refuse_driven(optimizer: Optimizer, name: str) -> None:
     its own). Called by constructors before they change anything.
     """
     state = getattr(optimizer, "state", None)
-    if isinstance(state, _DrivenState):
+    if isinstance(state, _DrivenState) and not state.released:
         raise ValueError(
             f"{name} is already driven by a {type(state._owner).__name__}, which holds its state and "
             f"param groups: build a new {type(optimizer).__name__} to wrap again"
@@ -220,6 +220,30 @@ class _VisibleEntry(MutableMapping):
         return repr(dict(self.items()))
 
 
+def _gone() -> None:
+    """The weak reference of a view whose wrapper is gone (see :class:`_DrivenState`)."""
+    return None
+
+
+class _ReleasedOwner:
+    """What a :class:`_DrivenState` reads once its wrapper is gone: the plain state the wrapper
+    handed over, with no key reserved."""
+
+    _visible_state_keys: frozenset[Any] = frozenset()
+    _driven_attr = "_no_driven_optimizer"
+
+    def __init__(self, state: defaultdict[Any, Any]) -> None:
+        self.state = state
+
+    @staticmethod
+    def _hides_state_key(key: Any) -> bool:
+        return False
+
+    @staticmethod
+    def _hides_any_state_key(keys: Iterable[Any]) -> bool:
+        return False
+
+
 class _DrivenState(MutableMapping):
     """The driven optimizer's ``state``: a live view of the wrapper's (see the module docstring).
 
@@ -237,15 +261,31 @@ class _DrivenState(MutableMapping):
     @property
     def _owner(self) -> WrappingOptimizer:
         owner = self._owner_ref()
-        if owner is None:  # not reached: the wrapper's __del__ replaces this view
-            raise ReferenceError("the optimizer that drove this one was deleted")
+        if owner is None:  # the wrapper is gone: the state it handed over (a shallow copy's view)
+            return self.__dict__["_released"]
         return owner
 
-    # Pickled (and deep-copied) with the wrapper itself, as an attribute would be.
+    @property
+    def released(self) -> bool:
+        """Whether the wrapper is gone (the view then reads the plain state it handed over)."""
+        return self._owner_ref() is None
+
+    def _release(self, state: defaultdict[Any, Any]) -> None:
+        """Read ``state`` from now on, hiding nothing: the wrapper is going (its ``__del__``), and
+        another holder of this view object (a ``copy.copy`` of the driven optimizer) keeps working."""
+        self.__dict__["_released"] = _ReleasedOwner(state)
+
+    # Pickled (and deep-copied) with the wrapper itself, as an attribute would be; once released,
+    # with the plain state it reads.
     def __getstate__(self) -> dict[str, Any]:
-        return {"_owner": self._owner}
+        owner = self._owner_ref()
+        return {"_owner": owner} if owner is not None else {"_released": self.__dict__["_released"].state}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
+        if "_released" in state:
+            self._owner_ref, self._owner_id = _gone, 0
+            self._release(state["_released"])
+            return
         self.__init__(state["_owner"])  # type: ignore[misc]
 
     def __getitem__(self, param: Any) -> Any:
@@ -822,7 +862,7 @@ class WrappingOptimizer(Optimizer):
         """This wrapper and the wrappers that drive it, innermost first (a meta-optimizer whose
         outer optimizer is a ``TransformingOptimizer``): they share the param groups."""
         owners: list[WrappingOptimizer] = [self]
-        while isinstance(view := owners[-1].__dict__.get("state"), _DrivenState):
+        while isinstance(view := owners[-1].__dict__.get("state"), _DrivenState) and not view.released:
             owners.append(view._owner)
         return owners
 
@@ -1080,6 +1120,11 @@ class WrappingOptimizer(Optimizer):
             self._driven.param_groups = groups
         # (a driven wrapper still being unpickled -- copying it alone reaches this wrapper through
         # its state's view -- gets the same groups from its own state)
+        view = None if driven is None else driven.__dict__.get("state")
+        if isinstance(view, _DrivenState) and view._owner_ref() not in (None, self):
+            # copy.copy: the driven optimizer is the original's, which still drives it (the copy
+            # shares its state, as a shallow copy of a torch optimizer does)
+            return
         if driven is not None:  # torch's own __setstate__ gave it empty hook dicts: hook again
             _show_state(driven, self)
 
@@ -1106,6 +1151,7 @@ class WrappingOptimizer(Optimizer):
                         if not entry:
                             continue
                     kept[param] = entry
+            view._release(kept)  # for other holders of the view (a copy.copy of the driven optimizer)
             driven.state = kept
             for attribute in ("_optimizer_load_state_dict_pre_hooks", "_optimizer_load_state_dict_post_hooks"):
                 hooks = _hooks_of(driven, attribute)

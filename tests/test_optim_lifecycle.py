@@ -216,3 +216,54 @@ def test_a_transform_that_outlives_its_optimizer_keeps_no_parameters():
         weight = weakref.ref(model[0].weight)
         del optimizer, model
         assert weight() is None
+
+
+def _copy_discarded_or_not(build: Callable[[nn.Module], torch.optim.Optimizer], step: Callable, discard: bool):
+    model = make_model()
+    optimizer = build(model)
+    step(model, optimizer)
+    if discard:
+        copy.copy(optimizer)  # thrown away at once
+    step(model, optimizer)
+    return [param.detach().clone() for param in model.parameters()], optimizer.state_dict()
+
+
+@pytest.mark.parametrize("kind", ["TransformingOptimizer", "MAML"])
+def test_discarding_a_shallow_copy_of_an_optimizer_changes_nothing(kind):
+    """copy.copy of a torch optimizer shares its state; throwing the copy away must not touch the
+    original (the copy's finaliser handed the shared inner optimizer a state of its own, and the
+    original's next step dropped the momentum)."""
+    if kind == "MAML":
+        def build(model):
+            return MAML(model, torch.optim.SGD, lr=1e-2, momentum=0.9, inner_lr=0.1)
+
+        def step(model, optimizer):
+            optimizer.step(_meta_closure(optimizer, model))
+    else:
+        def build(model):
+            return TransformingOptimizer(model.parameters(), torch.optim.SGD, lr=0.1, momentum=0.9, transforms=[SAM(0.05)])
+
+        def step(model, optimizer):
+            optimizer.step(make_closure(model, optimizer))
+    weights, state = _copy_discarded_or_not(build, step, discard=True)
+    expected_weights, expected_state = _copy_discarded_or_not(build, step, discard=False)
+    assert all(torch.equal(a, b) for a, b in zip(weights, expected_weights))
+    for index, entry in expected_state["state"].items():
+        assert entry.keys() == state["state"][index].keys()
+        assert all(torch.equal(entry[key], state["state"][index][key]) for key in entry)
+
+
+def test_a_shallow_copy_of_the_inner_optimizer_works_on_after_the_wrapper_is_gone():
+    model = make_model()
+    wrapper = TransformingOptimizer(model.parameters(), torch.optim.Adam, lr=0.1, transforms=[SAM(0.05), LAMP(seed=0)])
+    wrapper.step(make_closure(model, wrapper))
+    inner = wrapper.inner
+    shallow = copy.copy(inner)
+    del wrapper
+    assert [sorted(entry) for entry in shallow.state.values()] == [["exp_avg", "exp_avg_sq", "step"]] * 4
+    assert all(shallow.state[param] is inner.state[param] for param in model.parameters())  # shared, as torch's
+    shallow.step(make_closure(model, shallow))
+    assert all(int(entry["step"]) == 2 for entry in inner.state.values())
+    again = pickle.loads(pickle.dumps(shallow))
+    assert [sorted(entry) for entry in again.state.values()] == [["exp_avg", "exp_avg_sq", "step"]] * 4
+    TransformingOptimizer(shallow, transforms=[SAM(0.05)])  # driven by nothing alive: wrapped anew
