@@ -838,8 +838,14 @@ class WrappingOptimizer(Optimizer):
             except BaseException:
                 driven.state, driven.param_groups = state_before, groups_before  # what the load replaced
                 raise
-        loaded = driven.state
         hidden = self._hides_state_key
+        # What the driven optimizer's state holds, read before this wrapper's entries are cleared:
+        # they may be the same dicts (the state another wrapper sharing this one's -- a copy.copy
+        # -- handed over when it went).
+        loaded = [
+            (param, {key: value for key, value in entry.items() if not hidden(key)} if is_entry(entry) else entry)
+            for param, entry in driven.state.items()
+        ]
         for param in list(self.state):
             entry = self.state[param]
             if not is_entry(entry):  # a value of the driven optimizer's own
@@ -847,9 +853,9 @@ class WrappingOptimizer(Optimizer):
                 continue
             for key in [key for key in entry if not hidden(key)]:
                 del entry[key]
-        for param, entry in loaded.items():
+        for param, entry in loaded:
             if is_entry(entry):
-                self.state[param].update({key: value for key, value in entry.items() if not hidden(key)})
+                self.state[param].update(entry)
             else:
                 self.state[param] = entry
         _show_state(driven, self)
