@@ -28,7 +28,12 @@ and use torch's own machinery for everything torch already does — no copies of
   ``_dropped_on_pickle`` (they are ``None`` afterwards), and what another object patched onto the
   instance (an LR scheduler's wrapper of ``step``, which a copy would call on the original), as
   torch's pickling carries none of it. Like ``state_dict()``, they refuse while a step is half
-  done (:meth:`_check_idle`).
+  done (:meth:`_check_idle`). ``copy.copy`` shares the driven optimizer, its state and groups,
+  as a shallow copy of a torch optimizer shares its state.
+* No reference cycle: the view holds the wrapper weakly, so ``del optimizer`` frees the wrapper,
+  the model's parameters and the state at once, as torch's optimizers are freed; a driven
+  optimizer that lives on (held elsewhere) gets a plain state of its own, without the wrapper's
+  keys (``WrappingOptimizer.__del__``).
 """
 
 from __future__ import annotations
