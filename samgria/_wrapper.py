@@ -28,12 +28,7 @@ and use torch's own machinery for everything torch already does — no copies of
   ``_dropped_on_pickle`` (they are ``None`` afterwards), and what another object patched onto the
   instance (an LR scheduler's wrapper of ``step``, which a copy would call on the original), as
   torch's pickling carries none of it. Like ``state_dict()``, they refuse while a step is half
-  done (:meth:`_check_idle`). ``copy.copy`` shares the driven optimizer, its state and groups,
-  as a shallow copy of a torch optimizer shares its state.
-* No reference cycle: the view holds the wrapper weakly, so ``del optimizer`` frees the wrapper,
-  the model's parameters and the state at once, as torch's optimizers are freed; a driven
-  optimizer that lives on (held elsewhere) gets a plain state of its own, without the wrapper's
-  keys (``WrappingOptimizer.__del__``).
+  done (:meth:`_check_idle`).
 """
 
 from __future__ import annotations
@@ -163,7 +158,7 @@ def refuse_driven(optimizer: Optimizer, name: str) -> None:
     its own). Called by constructors before they change anything.
     """
     state = getattr(optimizer, "state", None)
-    if isinstance(state, _DrivenState) and not state.released:
+    if isinstance(state, _DrivenState):
         raise ValueError(
             f"{name} is already driven by a {type(state._owner).__name__}, which holds its state and "
             f"param groups: build a new {type(optimizer).__name__} to wrap again"
@@ -225,73 +220,21 @@ class _VisibleEntry(MutableMapping):
         return repr(dict(self.items()))
 
 
-def _gone() -> None:
-    """The weak reference of a view whose wrapper is gone (see :class:`_DrivenState`)."""
-    return None
+class _NotYetUnpickled:
+    """The owner of a :class:`_DrivenState` that unpickling has created but not yet filled in: a
+    driven optimizer's own ``__setstate__`` (Adam's reads its state) may run before it, when a
+    copy of the driven optimizer is unpickled beside the original; the view reads as empty then."""
 
-
-class _ReleasedOwner:
-    """What a :class:`_DrivenState` reads once its wrapper is gone: the plain state the wrapper
-    handed over, with no key reserved."""
-
-    _visible_state_keys: frozenset[Any] = frozenset()
     _driven_attr = "_no_driven_optimizer"
-
-    def __init__(self, state: defaultdict[Any, Any]) -> None:
-        self.state = state
-
-    @staticmethod
-    def _hides_state_key(key: Any) -> bool:
-        return False
-
-    @staticmethod
-    def _hides_any_state_key(keys: Iterable[Any]) -> bool:
-        return False
 
 
 class _DrivenState(MutableMapping):
-    """The driven optimizer's ``state``: a live view of the wrapper's (see the module docstring).
+    """The driven optimizer's ``state``: a live view of the wrapper's (see the module docstring)."""
 
-    It holds the wrapper by a weak reference: the wrapper holds the driven optimizer, so a strong
-    one would make a reference cycle, and a deleted wrapper (with the model's parameters and the
-    state it holds) would stay in memory until Python's cyclic garbage collector happens to run,
-    where torch's optimizers are freed at once. A wrapper that goes hands the driven optimizer a
-    plain state of its own (:meth:`WrappingOptimizer.__del__`).
-    """
+    _owner: Any = _NotYetUnpickled()  # until __init__ or unpickling sets the wrapper
 
     def __init__(self, owner: WrappingOptimizer) -> None:
-        self._owner_ref = weakref.ref(owner)
-        self._owner_id = id(owner)
-
-    @property
-    def _owner(self) -> WrappingOptimizer:
-        owner = self._owner_ref()
-        if owner is None:  # the wrapper is gone: the state it handed over (a shallow copy's view)
-            return self.__dict__["_released"]
-        return owner
-
-    @property
-    def released(self) -> bool:
-        """Whether the wrapper is gone (the view then reads the plain state it handed over)."""
-        return self._owner_ref() is None
-
-    def _release(self, state: defaultdict[Any, Any]) -> None:
-        """Read ``state`` from now on, hiding nothing: the wrapper is going (its ``__del__``), and
-        another holder of this view object (a ``copy.copy`` of the driven optimizer) keeps working."""
-        self.__dict__["_released"] = _ReleasedOwner(state)
-
-    # Pickled (and deep-copied) with the wrapper itself, as an attribute would be; once released,
-    # with the plain state it reads.
-    def __getstate__(self) -> dict[str, Any]:
-        owner = self._owner_ref()
-        return {"_owner": owner} if owner is not None else {"_released": self.__dict__["_released"].state}
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        if "_released" in state:
-            self._owner_ref, self._owner_id = _gone, 0
-            self._release(state["_released"])
-            return
-        self.__init__(state["_owner"])  # type: ignore[misc]
+        self._owner = owner
 
     def __getitem__(self, param: Any) -> Any:
         owner = self._owner
@@ -843,14 +786,8 @@ class WrappingOptimizer(Optimizer):
             except BaseException:
                 driven.state, driven.param_groups = state_before, groups_before  # what the load replaced
                 raise
+        loaded = driven.state
         hidden = self._hides_state_key
-        # What the driven optimizer's state holds, read before this wrapper's entries are cleared:
-        # they may be the same dicts (the state another wrapper sharing this one's -- a copy.copy
-        # -- handed over when it went).
-        loaded = [
-            (param, {key: value for key, value in entry.items() if not hidden(key)} if is_entry(entry) else entry)
-            for param, entry in driven.state.items()
-        ]
         for param in list(self.state):
             entry = self.state[param]
             if not is_entry(entry):  # a value of the driven optimizer's own
@@ -858,9 +795,9 @@ class WrappingOptimizer(Optimizer):
                 continue
             for key in [key for key in entry if not hidden(key)]:
                 del entry[key]
-        for param, entry in loaded:
+        for param, entry in loaded.items():
             if is_entry(entry):
-                self.state[param].update(entry)
+                self.state[param].update({key: value for key, value in entry.items() if not hidden(key)})
             else:
                 self.state[param] = entry
         _show_state(driven, self)
@@ -873,7 +810,7 @@ class WrappingOptimizer(Optimizer):
         """This wrapper and the wrappers that drive it, innermost first (a meta-optimizer whose
         outer optimizer is a ``TransformingOptimizer``): they share the param groups."""
         owners: list[WrappingOptimizer] = [self]
-        while isinstance(view := owners[-1].__dict__.get("state"), _DrivenState) and not view.released:
+        while isinstance(view := owners[-1].__dict__.get("state"), _DrivenState):
             owners.append(view._owner)
         return owners
 
@@ -1131,43 +1068,5 @@ class WrappingOptimizer(Optimizer):
             self._driven.param_groups = groups
         # (a driven wrapper still being unpickled -- copying it alone reaches this wrapper through
         # its state's view -- gets the same groups from its own state)
-        view = None if driven is None else driven.__dict__.get("state")
-        if isinstance(view, _DrivenState) and view._owner_ref() not in (None, self):
-            # copy.copy: the driven optimizer is the original's, which still drives it (the copy
-            # shares its state, as a shallow copy of a torch optimizer does)
-            return
         if driven is not None:  # torch's own __setstate__ gave it empty hook dicts: hook again
             _show_state(driven, self)
-
-    def __del__(self) -> None:
-        """Hand the driven optimizer a plain state of its own when this wrapper goes.
-
-        The driven optimizer's view holds the wrapper weakly (:class:`_DrivenState`), so ``del
-        optimizer`` frees the wrapper at once; a driven optimizer that lives on (held elsewhere,
-        or copied alone) keeps every entry, without the keys this wrapper reserved for itself,
-        and may be wrapped again. Best effort: nothing here may raise (also at interpreter exit).
-        """
-        try:
-            driven = self.__dict__.get(self._driven_attr)
-            view = None if driven is None else driven.__dict__.get("state")
-            if not isinstance(view, _DrivenState) or view._owner_id != id(self):
-                return
-            own = self.__dict__.get("state")
-            kept: defaultdict[Any, Any] = defaultdict(dict)
-            if isinstance(own, dict):
-                hidden = self._hides_state_key
-                for param, entry in own.items():
-                    if is_entry(entry) and any(map(hidden, entry)):
-                        entry = {key: value for key, value in entry.items() if not hidden(key)}
-                        if not entry:
-                            continue
-                    kept[param] = entry
-            view._release(kept)  # for other holders of the view (a copy.copy of the driven optimizer)
-            driven.state = kept
-            for attribute in ("_optimizer_load_state_dict_pre_hooks", "_optimizer_load_state_dict_post_hooks"):
-                hooks = _hooks_of(driven, attribute)
-                for key, hook in list(hooks.items()) if hooks is not None else ():
-                    if isinstance(hook, (_AdoptLoaded, _NoteGroups)) and hook.owner() in (self, None):
-                        del hooks[key]
-        except Exception:  # noqa: BLE001 -- a finaliser must not raise
-            pass

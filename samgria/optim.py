@@ -1279,9 +1279,9 @@ class TransformingOptimizer(WrappingOptimizer):
         return f"{type(self).__name__}(\n  inner={inner},\n  transforms=[{transforms}]\n)"
 
     def __del__(self) -> None:
-        """Also make the transforms that this optimizer stepped last drop the parameters and
-        buffers they keep between steps (SAM's weight backups): a transform object may outlive
-        its optimizer (one ``SAM()`` reused across a sweep)."""
+        """Make the transforms that this optimizer stepped last drop the parameters and buffers
+        they keep between steps (SAM's weight backups): a transform object may outlive its
+        optimizer (one ``SAM()`` reused across a sweep)."""
         try:
             driven = self.__dict__.get(self._driven_attr)
             groups = None if driven is None else driven.param_groups
@@ -1292,7 +1292,6 @@ class TransformingOptimizer(WrappingOptimizer):
                     forget()
         except Exception:  # noqa: BLE001 -- a finaliser must not raise
             pass
-        super().__del__()
 
 
 class _AsSaved:
