@@ -411,8 +411,10 @@ class PerturbationTransform(Transform):
     def _forget_parameters(self) -> None:
         """Drop the backup buffers and the param groups kept from the last step, with the
         parameters they hold: what the optimizer calls when it is deleted (a transform object
-        may outlive it, reused for the next model of a sweep)."""
-        for key in ("_backups", "_groups_in_play", "_moving"):
+        may outlive it, reused for the next model of a sweep). Not the moves of a perturbation
+        in progress (``_moving``): the collector may free another optimizer sharing this
+        transform while it perturbs, and those are put back by the step itself."""
+        for key in ("_backups", "_groups_in_play"):
             self.__dict__.pop(key, None)
 
     def __getstate__(self) -> dict[str, Any]:
