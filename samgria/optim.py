@@ -1281,7 +1281,8 @@ class TransformingOptimizer(WrappingOptimizer):
     def __del__(self) -> None:
         """Make the transforms that this optimizer stepped last drop the parameters and buffers
         they keep between steps (SAM's weight backups): a transform object may outlive its
-        optimizer (one ``SAM()`` reused across a sweep)."""
+        optimizer (one ``SAM()`` reused across a sweep). Runs when Python's cyclic collector
+        frees the optimizer (its inner optimizer's view of the state refers back to it)."""
         try:
             driven = self.__dict__.get(self._driven_attr)
             groups = None if driven is None else driven.param_groups

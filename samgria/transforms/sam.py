@@ -372,8 +372,8 @@ class PerturbationTransform(Transform):
         groups hold fewer parameters than there are buffers (a group deleted from
         ``optimizer.param_groups``): those of parameters removed from the optimizer, or of a
         model the transform was applied to before. A parameter without a gradient at some steps
-        (a mixture of experts' unused experts, stochastic depth) keeps its buffer. A deleted
-        optimizer drops them all (:meth:`_forget_parameters`).
+        (a mixture of experts' unused experts, stochastic depth) keeps its buffer. An optimizer
+        that is freed drops them all (:meth:`_forget_parameters`).
         """
         backups = self.__dict__.get("_backups")
         if backups is None:
@@ -410,8 +410,9 @@ class PerturbationTransform(Transform):
 
     def _forget_parameters(self) -> None:
         """Drop the backup buffers and the param groups kept from the last step, with the
-        parameters they hold: what the optimizer calls when it is deleted (a transform object
-        may outlive it, reused for the next model of a sweep). Not the moves of a perturbation
+        parameters they hold: what the optimizer calls when it is freed (by Python's cyclic
+        collector: it sits in a cycle with its inner optimizer); a transform object may outlive
+        it, reused for the next model of a sweep. Not the moves of a perturbation
         in progress (``_moving``): the collector may free another optimizer sharing this
         transform while it perturbs, and those are put back by the step itself."""
         for key in ("_backups", "_groups_in_play"):
