@@ -21,6 +21,7 @@ from torch.nn.functional import mse_loss
 
 from samgria import EMA, LAMP, MAML, SAM, TransformingOptimizer
 from samgria.data.task import Task
+from state_helpers import assert_state_dicts_equal
 
 
 def make_model(seed: int = 0) -> nn.Module:
@@ -139,16 +140,6 @@ def test_a_transform_that_outlives_its_optimizer_keeps_no_parameters():
         assert weight() is None
 
 
-def assert_same_state(state: dict, expected: dict) -> None:
-    """Two ``state_dict()["state"]`` equal entry by entry, tensors bit for bit."""
-    assert state["state"].keys() == expected["state"].keys()
-    for index, entry in expected["state"].items():
-        assert entry.keys() == state["state"][index].keys()
-        for key, value in entry.items():
-            got = state["state"][index][key]
-            assert torch.equal(got, value) if isinstance(value, torch.Tensor) else got == value
-
-
 def _copy_discarded_or_not(build: Callable[[nn.Module], torch.optim.Optimizer], step: Callable, discard: bool):
     model = make_model()
     optimizer = build(model)
@@ -179,7 +170,7 @@ def test_discarding_a_shallow_copy_of_an_optimizer_changes_nothing(kind):
     weights, state = _copy_discarded_or_not(build, step, discard=True)
     expected_weights, expected_state = _copy_discarded_or_not(build, step, discard=False)
     assert all(torch.equal(a, b) for a, b in zip(weights, expected_weights))
-    assert_same_state(state, expected_state)
+    assert_state_dicts_equal(state, expected_state)
 
 
 def test_a_shallow_copy_of_the_inner_optimizer_works_on_after_the_wrapper_is_gone():
@@ -217,4 +208,4 @@ def test_a_shallow_copy_of_a_wrapper_steps_on_after_the_original_is_deleted(with
     weights, state = run(delete_original=True)
     expected_weights, expected_state = run(delete_original=False)
     assert all(torch.equal(a, b) for a, b in zip(weights, expected_weights))
-    assert_same_state(state, expected_state)
+    assert_state_dicts_equal(state, expected_state)

@@ -62,10 +62,11 @@ class PathPolicy:
             each path), least recently used key first.
     """
 
-    #: What a policy pickled before ``max_keys`` existed (inside a meta-optimizer) keeps.
+    #: The default, and what a policy pickled before ``max_keys`` existed (inside a
+    #: meta-optimizer) keeps.
     max_keys: int = 32
 
-    def __init__(self, owner: str, trials: int = 2, max_keys: int = 32) -> None:
+    def __init__(self, owner: str, trials: int = 2, max_keys: int = max_keys) -> None:
         self.owner = owner
         self.trials = check_int("trials", trials, low=1)
         self.max_keys = check_int("max_keys", max_keys, low=1)
