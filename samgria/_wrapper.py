@@ -13,7 +13,10 @@ and use torch's own machinery for everything torch already does — no copies of
   --, and
   ``torch.distributed.checkpoint`` sees all of it). The driven optimizer sees the same entries
   through a view that hides the keys the wrapper reserves for itself (a transform's slot), so an
-  optimizer that initialises its state lazily (``if len(state) == 0``) still does.
+  optimizer that initialises its state lazily (``if len(state) == 0``) still does. The
+  dictionary sits in a ``_SharedState`` that both hold; the view holds the wrapper only weakly,
+  so nothing the driven optimizer holds refers back to it and a wrapper is freed as soon as its
+  last reference goes, as a torch optimizer is.
 * A driven optimizer whose class has its own ``state_dict`` / ``load_state_dict`` keeps them:
   what the former adds beside ``state`` and ``param_groups`` is packed too, and the latter runs
   on the checkpoint without the wrapper's keys (see ``_own_driven``).
@@ -37,7 +40,7 @@ import functools
 import types
 import weakref
 from collections import OrderedDict, defaultdict
-from collections.abc import Callable, Iterable, Iterator, Mapping, MutableMapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, MutableMapping, Sequence
 from typing import Any
 
 import torch
@@ -159,8 +162,16 @@ def refuse_driven(optimizer: Optimizer, name: str) -> None:
     """
     state = getattr(optimizer, "state", None)
     if isinstance(state, _DrivenState):
+        owner = state._owner
+        if owner is None:
+            # Its param groups still hold that wrapper's settings and its state the wrapper's
+            # keys (hidden by the view): a new wrapper would take them for its own.
+            raise ValueError(
+                f"{name} was driven by a wrapping optimizer, deleted since, whose settings and state "
+                f"it still holds: build a new {type(optimizer).__name__} to wrap again"
+            )
         raise ValueError(
-            f"{name} is already driven by a {type(state._owner).__name__}, which holds its state and "
+            f"{name} is already driven by a {type(owner).__name__}, which holds its state and "
             f"param groups: build a new {type(optimizer).__name__} to wrap again"
         )
     for attribute_name in ("state", "param_groups"):
@@ -220,34 +231,86 @@ class _VisibleEntry(MutableMapping):
         return repr(dict(self.items()))
 
 
-class _NotYetUnpickled:
-    """The owner of a :class:`_DrivenState` that unpickling has created but not yet filled in: a
-    driven optimizer's own ``__setstate__`` (Adam's reads its state) may run before it, when a
-    copy of the driven optimizer is unpickled beside the original; the view reads as empty then."""
+class _SharedState:
+    """A wrapper's ``state``, held by the wrapper and by the view its driven optimizer reads
+    through (:class:`_DrivenState`), which holds the wrapper itself only weakly.
 
-    _driven_attr = "_no_driven_optimizer"
+    So nothing the driven optimizer holds refers back to the wrapper: a wrapper is freed as soon
+    as its last reference goes, as torch's optimizers are (the driven optimizer's view used to
+    hold the wrapper, and every wrapper waited for Python's cyclic collector), and a driven
+    optimizer that outlives its wrapper, or a copy of it, reads the same entries on. ``state`` is
+    the ``defaultdict`` torch's methods pack and load (the wrapper's ``state`` property reads and
+    sets it); ``hider`` tells the keys the wrapper reserves (``Chain.hides``; ``None``: none).
+    Each wrapper has its own, made once (a shallow copy gets its own over the same dictionary, as
+    ``copy.copy`` of a torch optimizer shares the dictionary and rebinds its own ``state``).
+    """
+
+    state: Any = None  # None while unpickling, until the pickled state arrives
+    hider: Any = None
+    _owner_ref: Any = None
+
+    def __init__(self, state: Any, hider: Any, owner: WrappingOptimizer) -> None:
+        self.state = state
+        self.hider = hider
+        self._owner_ref = weakref.ref(owner)
+
+    def owner(self) -> WrappingOptimizer | None:
+        """The wrapper this state is the ``state`` of, while it lives."""
+        return None if self._owner_ref is None else self._owner_ref()
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"state": self.state, "hider": self.hider, "owner": self.owner()}
+
+    def __setstate__(self, pickled: dict[str, Any]) -> None:
+        self.state = pickled["state"]
+        self.hider = pickled["hider"]
+        owner = pickled["owner"]
+        self._owner_ref = None if owner is None else weakref.ref(owner)
+
+
+_UNPICKLED = _SharedState.__new__(_SharedState)  # a view's state until unpickling fills it in: empty
 
 
 class _DrivenState(MutableMapping):
-    """The driven optimizer's ``state``: a live view of the wrapper's (see the module docstring)."""
+    """The driven optimizer's ``state``: a live view of the wrapper's (see the module docstring).
 
-    _owner: Any = _NotYetUnpickled()  # until __init__ or unpickling sets the wrapper
+    It holds the wrapper's :class:`_SharedState` and the wrapper only weakly (``_owner``), so
+    that the driven optimizer keeps no wrapper alive.
+    """
+
+    _source: _SharedState = _UNPICKLED  # until __init__ or unpickling sets it
+    _owner_ref: Any = None
 
     def __init__(self, owner: WrappingOptimizer) -> None:
-        self._owner = owner
+        self._source = owner._state_source
+        self._owner_ref = weakref.ref(owner)
+
+    @property
+    def _owner(self) -> WrappingOptimizer | None:
+        """The wrapper whose state this is, while it lives."""
+        return None if self._owner_ref is None else self._owner_ref()
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"source": self._source, "owner": self._owner}
+
+    def __setstate__(self, pickled: dict[str, Any]) -> None:
+        self._source = pickled["source"]
+        owner = pickled["owner"]
+        self._owner_ref = None if owner is None else weakref.ref(owner)
 
     def __getitem__(self, param: Any) -> Any:
-        owner = self._owner
-        state = owner.__dict__.get("state")
-        if state is None:  # while unpickling, before the wrapper's own state is restored
+        source = self._source
+        state = source.state
+        if state is None:  # while unpickling, before the wrapper's state is restored
             raise KeyError(param)
         entry = state[param]  # defaultdict: created on first access, as in torch
         if not is_entry(entry):  # a value of the driven optimizer's own (a global counter)
             return entry
         # The driven optimizer reads every parameter's entry on every step: an entry with only
         # keys already known to be visible is answered by one set comparison.
-        if entry and not owner._visible_state_keys.issuperset(entry) and owner._hides_any_state_key(entry):
-            return _VisibleEntry(entry, owner._hides_state_key)
+        hider = source.hider
+        if entry and hider is not None and not hider.visible_keys.issuperset(entry) and hider.hides_any(entry):
+            return _VisibleEntry(entry, hider.hides)
         return entry
 
     # ``MutableMapping``'s ``get``, ``pop``, ``popitem`` and ``setdefault`` rely on ``self[key]``
@@ -287,10 +350,15 @@ class _DrivenState(MutableMapping):
         """A shallow copy, as ``defaultdict.copy`` gives it."""
         return defaultdict(dict, self.items())
 
+    def _hides(self, key: Any) -> bool:
+        """Whether ``key`` is one the wrapper reserves (a transform's slot)."""
+        hider = self._source.hider
+        return hider is not None and hider.hides(key)
+
     def __setitem__(self, param: Any, value: Any) -> None:
-        owner = self._owner
-        old = owner.state.get(param, {})
-        hidden = owner._hides_state_key
+        source = self._source
+        old = source.state.get(param, {})
+        hidden = self._hides
         kept = {key: item for key, item in old.items() if hidden(key)} if isinstance(old, dict) else {}
         if not is_entry(value) or (type(value) is not dict and not kept):
             # Any value under any key, kept as the object itself, as torch's state takes it
@@ -301,26 +369,25 @@ class _DrivenState(MutableMapping):
                     f"the state entry of a parameter holds the wrapper's keys {sorted(kept)}: it "
                     f"must stay a dict, got {type(value).__name__}"
                 )
-            owner.state[param] = value
+            source.state[param] = value
             return
-        if type(value) is dict and not owner._hides_any_state_key(value):
+        if type(value) is dict and (source.hider is None or not source.hider.hides_any(value)):
             # The object itself, as torch keeps it: an optimizer that assigns a new dict and then
             # fills it (``state = {}; self.state[p] = state; state["step"] = 0``) writes into it.
             value.update(kept)
-            owner.state[param] = value
+            source.state[param] = value
             return
         merged = kept
         merged.update(value)
-        owner.state[param] = merged
+        source.state[param] = merged
 
     def __delitem__(self, param: Any) -> None:
         if param not in self:
             raise KeyError(param)
-        state = self._owner.state
+        state = self._source.state
         entry = state[param]
         if is_entry(entry):
-            hidden = self._owner._hides_state_key
-            kept = {key: value for key, value in entry.items() if hidden(key)}
+            kept = {key: value for key, value in entry.items() if self._hides(key)}
             if kept:
                 # The entry object leaves with whoever holds it, as torch's ``del`` unlinks it;
                 # the wrapper's keys stay in a new entry.
@@ -333,12 +400,12 @@ class _DrivenState(MutableMapping):
         access, as torch's ``defaultdict`` creates it) or holds a key that is not hidden."""
         if not is_entry(entry):
             return True
-        owner = self._owner
-        return not entry or owner._visible_state_keys.issuperset(entry) or not all(map(owner._hides_state_key, entry))
+        hider = self._source.hider
+        return not entry or hider is None or hider.visible_keys.issuperset(entry) or not all(map(hider.hides, entry))
 
     def __iter__(self) -> Iterator[Any]:
-        state = self._owner.__dict__.get("state", {})
-        if not _unpickled(self._owner):  # see __contains__
+        state = self._source.state
+        if state is None:  # see __contains__
             return iter(())
         return iter([param for param, entry in state.items() if self._holds(entry)])
 
@@ -347,7 +414,8 @@ class _DrivenState(MutableMapping):
         while it iterates lands in the state)."""
         # The driven optimizer's state_dict() reads this before its post-hooks run: make sure the
         # packing hook is there (an optimizer unpickled after its wrapper got fresh hook dicts).
-        driven = self._owner.__dict__.get(self._owner._driven_attr)
+        owner = self._owner
+        driven = None if owner is None else owner.__dict__.get(owner._driven_attr)
         if driven is not None:
             _hook_packing(driven)
         return [(param, self[param]) for param in self]
@@ -356,17 +424,18 @@ class _DrivenState(MutableMapping):
         return sum(1 for _ in self)
 
     def __contains__(self, param: object) -> bool:
-        state = self._owner.__dict__.get("state")
-        if state is None or not _unpickled(self._owner):
+        state = self._source.state
+        if state is None:
             # (while a copy is unpickled, the driven optimizer's own __setstate__ -- Adam's reads
-            # its state -- may run before the wrapper has what tells its keys apart: empty then)
+            # its state -- may run before the state arrives: empty then)
             return False
         # ``in`` first: the owner's state may itself be a view (a wrapper driving a wrapper),
         # whose ``get`` would read through a defaultdict and create the entry.
         return param in state and self._holds(state[param])
 
     def __repr__(self) -> str:
-        return f"<state of {type(self._owner).__name__}>"
+        owner = self._owner
+        return f"<state of {type(owner).__name__ if owner is not None else 'a deleted wrapper'}>"
 
 
 def _plain_entries(optimizer: Optimizer, state_dict: dict[str, Any]) -> dict[str, Any]:
@@ -448,7 +517,7 @@ class _NoteGroups:
         owner = self.owner()
         if owner is not None and owner.__dict__.get(owner._driven_attr) is optimizer:
             groups = optimizer.param_groups
-            owner.__dict__["_groups_before_load"] = (optimizer.__dict__.get("state"), groups, [dict(g) for g in groups])
+            owner.__dict__["_groups_before_load"] = (optimizer.state, groups, [dict(g) for g in groups])
 
 
 def _show_state(driven: Optimizer, owner: WrappingOptimizer) -> None:
@@ -569,7 +638,7 @@ class WrappingOptimizer(Optimizer):
     """Base of optimizers whose ``param_groups`` are another optimizer's (see the module docstring).
 
     Subclasses call :meth:`_init_wrapper` from ``__init__`` and may override
-    :meth:`_hides_state_key`, :meth:`_prepare_loaded` and :meth:`_check_idle`.
+    :meth:`_state_hider`, :meth:`_prepare_loaded` and :meth:`_check_idle`.
     """
 
     #: Attribute that holds the driven optimizer.
@@ -583,9 +652,6 @@ class WrappingOptimizer(Optimizer):
     #: with an AttributeError at the first step -- and does not fail the unpickling, so that the
     #: rest of the file (the model) can still be read.
     _needed_from_pickle: tuple[str, ...] = ()
-    #: State keys known to be the driven optimizer's (never hidden): a subclass that learns them
-    #: (``Chain``) shares its set here; an entry with only such keys needs no further check.
-    _visible_state_keys: frozenset[Any] | set[Any] = frozenset()
 
     def _init_wrapper(self, driven: Optimizer, defaults: dict[str, Any]) -> None:
         """Set up what ``torch.optim.Optimizer.__init__`` sets up, around ``driven``'s groups.
@@ -596,7 +662,8 @@ class WrappingOptimizer(Optimizer):
         """
         setattr(self, self._driven_attr, driven)
         self._loading = False
-        Optimizer.__setstate__(self, {"defaults": defaults, "state": defaultdict(dict)})
+        Optimizer.__setstate__(self, {"defaults": defaults})
+        self.state = defaultdict(dict)
         self._defaults_as_built = dict(defaults)  # what _with_edited_defaults compares against
         self._warned_capturable_if_run_uncaptured = True
         for param, entry in driven.state.items():  # an already built optimizer may hold state
@@ -660,14 +727,34 @@ class WrappingOptimizer(Optimizer):
     def param_groups(self, value: list[dict[str, Any]]) -> None:
         self._driven.param_groups = value
 
+    # -- the state: one dictionary, shared with the driven optimizer's view ----------------------
+    @property  # type: ignore[override]
+    def state(self) -> defaultdict[Any, Any]:  # type: ignore[override]
+        """The state, as torch's: ``state[p]`` for each parameter (see the module docstring)."""
+        source = self.__dict__.get("_state_source")
+        if source is None:
+            raise AttributeError(f"{type(self).__name__} has no state yet (being built or unpickled)")
+        return source.state
+
+    @state.setter
+    def state(self, value: Any) -> None:
+        source = self.__dict__.get("_state_source")
+        if source is None:
+            self.__dict__["_state_source"] = _SharedState(value, self._state_hider(), self)
+        else:
+            source.state = value  # the driven optimizer's view reads it at once
+
+    def _state_hider(self) -> Any:
+        """What tells the ``state[p]`` keys this wrapper reserves (hidden from the driven
+        optimizer): an object with ``hides(key)``, ``hides_any(keys)`` and ``visible_keys``, a live
+        set of keys it answered ``False`` for (``Chain``); ``None`` (default): none."""
+        return None
+
     # -- what subclasses refine -------------------------------------------------------------------
     def _hides_state_key(self, key: Any) -> bool:
         """Whether ``state[p][key]`` is reserved by the wrapper (hidden from the driven optimizer)."""
-        return False
-
-    def _hides_any_state_key(self, keys: Iterable[Any]) -> bool:
-        """Whether :meth:`_hides_state_key` holds for any of ``keys`` (a subclass may answer faster)."""
-        return any(map(self._hides_state_key, keys))
+        hider = self._state_source.hider
+        return hider is not None and hider.hides(key)
 
     def _unique_params(self) -> list[torch.Tensor]:
         """Every parameter of every group once, in group order."""
@@ -810,8 +897,8 @@ class WrappingOptimizer(Optimizer):
         """This wrapper and the wrappers that drive it, innermost first (a meta-optimizer whose
         outer optimizer is a ``TransformingOptimizer``): they share the param groups."""
         owners: list[WrappingOptimizer] = [self]
-        while isinstance(view := owners[-1].__dict__.get("state"), _DrivenState):
-            owners.append(view._owner)
+        while isinstance(view := owners[-1].state, _DrivenState) and (owner := view._owner) is not None:
+            owners.append(owner)
         return owners
 
     def _check_loaded_groups(self, groups: list[dict[str, Any]], previous: list[dict[str, Any]]) -> None:
@@ -1059,10 +1146,20 @@ class WrappingOptimizer(Optimizer):
             return
         state = dict(state)
         groups = state.pop("param_groups", None)
+        entries, source = state.pop("state", None), state.pop("_state_source", None)
         for key in self._transient:  # not pickled: back to idle
             self.__dict__[key] = None
         self._loading = False
         Optimizer.__setstate__(self, state)  # hooks (empty, as torch unpickles), step patch
+        if source is not None and (source.state is None or source.owner() is self):
+            # Unpickled (or deep-copied) with this wrapper; not filled in yet where unpickling
+            # reached it through the driven optimizer's view first.
+            self.__dict__["_state_source"] = source
+        else:
+            # A shallow copy: its own, over the same dictionary (as copy.copy of a torch optimizer
+            # shares the dictionary, and a later ``state = ...`` rebinds the copy's alone).
+            self.__dict__.pop("_state_source", None)
+            self.state = entries
         driven = self.__dict__.get(self._driven_attr)
         if groups is not None and driven is not None and _unpickled(driven):
             self._driven.param_groups = groups

@@ -391,7 +391,6 @@ class TransformingOptimizer(WrappingOptimizer):
         self.atomic = atomic
         self.skipped_steps = 0
         self._progress = _StepProgress()
-        self._visible_state_keys = chain.visible_keys
         self._sharded = any_sharded(unique_params(inner_optimizer.param_groups))
         self._init_wrapper(inner_optimizer, {**inner_optimizer.defaults, **chain.defaults})
 
@@ -441,11 +440,8 @@ class TransformingOptimizer(WrappingOptimizer):
         """The slot names, in chain order."""
         return self.chain.slots
 
-    def _hides_state_key(self, key: Any) -> bool:
-        return self.chain.hides(key)
-
-    def _hides_any_state_key(self, keys: Iterable[Any]) -> bool:
-        return self.chain.hides_any(keys)
+    def _state_hider(self) -> Chain | None:
+        return self.__dict__.get("chain")  # a transform's keys are "<slot>.<key>"
 
     @property
     def _pending(self) -> _PendingStep | None:
@@ -459,8 +455,7 @@ class TransformingOptimizer(WrappingOptimizer):
         super().__setstate__(state)
         if self.__dict__.get("_progress") is None:  # unpickled or copied: idle
             self._progress = _StepProgress()
-        if "chain" in self.__dict__:  # the chain's set, also when pickled by an earlier release
-            self._visible_state_keys = self.chain.visible_keys
+        if "chain" in self.__dict__:
             if "inner_names" not in self.chain.__dict__ and "inner" in self.__dict__:
                 self.chain.record_inner_type(type(self.inner))  # a chain pickled before it recorded them
 
@@ -1281,8 +1276,8 @@ class TransformingOptimizer(WrappingOptimizer):
     def __del__(self) -> None:
         """Make the transforms that this optimizer stepped last drop the parameters and buffers
         they keep between steps (SAM's weight backups): a transform object may outlive its
-        optimizer (one ``SAM()`` reused across a sweep). Runs when Python's cyclic collector
-        frees the optimizer (its inner optimizer's view of the state refers back to it)."""
+        optimizer (one ``SAM()`` reused across a sweep). Runs as the last reference to the
+        optimizer goes, as a torch optimizer is freed (nothing it drives refers back to it)."""
         try:
             driven = self.__dict__.get(self._driven_attr)
             groups = None if driven is None else driven.param_groups

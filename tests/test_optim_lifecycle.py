@@ -9,6 +9,7 @@ no parameters, and SAM keeps no buffers for parameters that left the optimizer.
 from __future__ import annotations
 
 import copy
+import functools
 import gc
 import pickle
 import weakref
@@ -130,14 +131,18 @@ def test_sam_drops_the_backups_of_a_param_group_deleted_from_the_optimizer():
 
 def test_a_transform_that_outlives_its_optimizer_keeps_no_parameters():
     sam = SAM(0.05)
-    for seed in range(2):  # a sweep: one transform object, a new model and optimizer per trial
-        model = make_model(seed)
-        optimizer = TransformingOptimizer(model.parameters(), torch.optim.SGD, lr=0.1, transforms=[sam])
-        optimizer.step(make_closure(model, optimizer))
-        weight = weakref.ref(model[0].weight)
-        del optimizer, model
-        gc.collect()  # the optimizer is freed (and its finaliser runs) with the collector
-        assert weight() is None
+    gc.collect()
+    gc.disable()  # freed as the last reference goes, not by the cyclic collector
+    try:
+        for seed in range(2):  # a sweep: one transform object, a new model and optimizer per trial
+            model = make_model(seed)
+            optimizer = TransformingOptimizer(model.parameters(), torch.optim.SGD, lr=0.1, transforms=[sam])
+            optimizer.step(make_closure(model, optimizer))
+            weight = weakref.ref(model[0].weight)
+            del optimizer, model
+            assert weight() is None
+    finally:
+        gc.enable()
 
 
 def _copy_discarded_or_not(build: Callable[[nn.Module], torch.optim.Optimizer], step: Callable, discard: bool):
@@ -209,3 +214,101 @@ def test_a_shallow_copy_of_a_wrapper_steps_on_after_the_original_is_deleted(with
     expected_weights, expected_state = run(delete_original=False)
     assert all(torch.equal(a, b) for a, b in zip(weights, expected_weights))
     assert_state_dicts_equal(state, expected_state)
+
+
+# -- freed at once, as torch's optimizers are ------------------------------------------------------
+def _stepped(kind: str, model: nn.Module) -> list[object]:
+    """The objects a user would hold for ``kind`` (all of them to be deleted), after two steps."""
+    if kind == "torch Adam":
+        optimizer = torch.optim.Adam(model.parameters(), lr=0.1)
+        held = [optimizer]
+    elif kind in ("MAML", "MAML driving SAM"):
+        outer = (
+            TransformingOptimizer(model.parameters(), torch.optim.SGD, lr=1e-2, momentum=0.9, transforms=[SAM(0.05)])
+            if kind == "MAML driving SAM"
+            else torch.optim.SGD(model.parameters(), lr=1e-2, momentum=0.9)
+        )
+        meta = MAML(model, outer, inner_lr=0.1)
+        for _ in range(2):
+            meta.step(_meta_closure(meta, model))
+        return [meta, outer]
+    else:
+        transforms = {"no transforms": [], "SAM": [SAM(0.05)], "SAM, LAMP and EMA": [SAM(0.05), LAMP(seed=0), EMA(0.9)]}
+        optimizer = TransformingOptimizer(model.parameters(), torch.optim.Adam, lr=0.1, transforms=transforms[kind])
+        held = [optimizer, optimizer.inner]
+    for _ in range(2):
+        optimizer.step(make_closure(model, optimizer))
+    return held
+
+
+@pytest.mark.parametrize("kind", ["torch Adam", "no transforms", "SAM", "SAM, LAMP and EMA", "MAML", "MAML driving SAM"])
+@pytest.mark.parametrize("then", ["stepped", "checkpointed", "copied", "unpickled"])
+def test_a_deleted_optimizer_frees_its_model_at_once_as_torchs(kind, then):
+    """With Python's cyclic collector off, deleting the optimizer and the model frees both, as it
+    frees a torch optimizer: nothing the inner optimizer holds refers back to its wrapper (its
+    state view held the wrapper, and a sweep kept up to ten dead models until the collector ran)."""
+    gc.collect()
+    gc.disable()
+    try:
+        model = make_model()
+        held = _stepped(kind, model)
+        optimizer = held[0]
+        if then == "checkpointed":
+            optimizer.load_state_dict(optimizer.state_dict())
+        elif then == "copied":
+            held.append(copy.copy(optimizer))
+        elif then == "unpickled":
+            model, optimizer = pickle.loads(pickle.dumps((model, optimizer)))
+            held = [optimizer]
+        watched = [weakref.ref(model[0].weight), *map(weakref.ref, held)]
+        del model, optimizer, held
+        assert [ref() is None for ref in watched] == [True] * len(watched)
+    finally:
+        gc.enable()
+
+
+@pytest.mark.parametrize("kind", ["TransformingOptimizer", "MAML"])
+def test_the_inner_optimizer_of_a_deleted_wrapper_is_refused_by_a_new_one_naming_why(kind):
+    """Its param groups and state still hold the deleted wrapper's settings and keys, which a new
+    wrapper would take for its own: refused, as while the wrapper lives."""
+    model = make_model()
+    inner = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    if kind == "MAML":
+        wrapper, name = MAML(model, inner, inner_lr=0.1), "outer"
+        rewrap = functools.partial(MAML, model, inner_lr=0.1)
+    else:
+        wrapper, name = TransformingOptimizer(inner, transforms=[SAM(0.05), LAMP(seed=0)]), "params"
+        rewrap = functools.partial(TransformingOptimizer, transforms=[SAM(0.05)])
+    with pytest.raises(ValueError, match=rf"^{name} is already driven by a {kind}, which holds its state and param groups: build a new SGD to wrap again$"):
+        rewrap(inner)
+    del wrapper
+    with pytest.raises(ValueError, match=rf"^{name} was driven by a wrapping optimizer, deleted since, whose settings and state it still holds: build a new SGD to wrap again$"):
+        rewrap(inner)
+
+
+@pytest.mark.parametrize("how", ["pickle", "deepcopy"])
+@pytest.mark.parametrize("order", ["wrapper first", "inner first"])
+def test_a_wrapper_copied_with_its_inner_optimizer_shares_one_state_with_it_in_either_order(how, order):
+    """Copied together (a checkpoint of several objects), the copies of the wrapper and of its
+    inner optimizer hold one state whichever is reached first: a checkpoint loaded into the
+    copied wrapper is the state the copied inner optimizer steps with."""
+    model = make_model()
+    optimizer = TransformingOptimizer(model.parameters(), torch.optim.SGD, lr=0.1, momentum=0.9, transforms=[SAM(0.05)])
+    optimizer.step(make_closure(model, optimizer))
+    checkpoint = copy.deepcopy(optimizer.state_dict())
+    optimizer.step(make_closure(model, optimizer))
+    objects = (model, optimizer, optimizer.inner) if order == "wrapper first" else (model, optimizer.inner, optimizer)
+    copied = copy.deepcopy(objects) if how == "deepcopy" else pickle.loads(pickle.dumps(objects))
+    copied_model = copied[0]
+    copied_optimizer, copied_inner = (copied[1], copied[2]) if order == "wrapper first" else (copied[2], copied[1])
+    assert copied_optimizer.inner is copied_inner
+    copied_optimizer.load_state_dict(copy.deepcopy(checkpoint))  # its own tensors (a load takes them as they are)
+    for param in copied_model.parameters():
+        assert copied_inner.state[param]["momentum_buffer"] is copied_optimizer.state[param]["momentum_buffer"]
+    reference_model = copy.deepcopy(copied_model)
+    reference = TransformingOptimizer(reference_model.parameters(), torch.optim.SGD, lr=0.1, momentum=0.9, transforms=[SAM(0.05)])
+    reference.load_state_dict(checkpoint)
+    copied_optimizer.step(make_closure(copied_model, copied_optimizer))
+    reference.step(make_closure(reference_model, reference))
+    assert all(torch.equal(a, b) for a, b in zip(copied_model.parameters(), reference_model.parameters()))
+    assert_state_dicts_equal(copied_optimizer.state_dict(), reference.state_dict())

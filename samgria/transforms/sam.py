@@ -410,11 +410,10 @@ class PerturbationTransform(Transform):
 
     def _forget_parameters(self) -> None:
         """Drop the backup buffers and the param groups kept from the last step, with the
-        parameters they hold: what the optimizer calls when it is freed (by Python's cyclic
-        collector: it sits in a cycle with its inner optimizer); a transform object may outlive
-        it, reused for the next model of a sweep. Not the moves of a perturbation
-        in progress (``_moving``): the collector may free another optimizer sharing this
-        transform while it perturbs, and those are put back by the step itself."""
+        parameters they hold: what the optimizer calls when it is freed; a transform object may
+        outlive it, reused for the next model of a sweep. Not the moves of a perturbation in
+        progress (``_moving``): another optimizer sharing this transform (a shallow copy) may be
+        freed while it perturbs, and those are put back by the step itself."""
         for key in ("_backups", "_groups_in_play"):
             self.__dict__.pop(key, None)
 
