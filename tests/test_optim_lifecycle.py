@@ -131,7 +131,6 @@ def test_sam_drops_the_backups_of_a_param_group_deleted_from_the_optimizer():
 
 def test_a_transform_that_outlives_its_optimizer_keeps_no_parameters():
     sam = SAM(0.05)
-    gc.collect()
     gc.disable()  # freed as the last reference goes, not by the cyclic collector
     try:
         for seed in range(2):  # a sweep: one transform object, a new model and optimizer per trial
@@ -247,7 +246,6 @@ def test_a_deleted_optimizer_frees_its_model_at_once_as_torchs(kind, then):
     """With Python's cyclic collector off, deleting the optimizer and the model frees both, as it
     frees a torch optimizer: nothing the inner optimizer holds refers back to its wrapper (its
     state view held the wrapper, and a sweep kept up to ten dead models until the collector ran)."""
-    gc.collect()
     gc.disable()
     try:
         model = make_model()

@@ -316,9 +316,10 @@ class _FinishingTransform(PerturbationTransform):
         first = {id(p): g for p, g in zip(params, _kept_past_backward(grads))}  # used after g_p's backward
         moves = self._sam_moves(ctx, params, grads, groups, norm)
         step = _Step(moves, None, mixes_first_pass=True)
+        kept = step.scaled_with_gradients  # the list, not the step: no cycle through its finish
 
         def finish_step(checked: bool) -> None:
-            step.scaled_with_gradients.extend(finish(first, checked) or ())
+            kept.extend(finish(first, checked) or ())
 
         step._finish = finish_step
         return step
