@@ -1115,7 +1115,7 @@ class WrappingOptimizer(Optimizer):
 
     # -- pickling: torch's, plus the wrapper's own attributes ------------------------------------
     def __getstate__(self) -> dict[str, Any]:  # type: ignore[override]
-        self._check_idle("pickling or copy.deepcopy")  # a copy could not finish or undo the step
+        self._check_idle("pickling or copying (copy.copy, copy.deepcopy)")  # a copy could not finish or undo the step
         state = super().__getstate__()
         skipped = set(self._dropped_on_pickle) | set(self._transient) | {"state", "param_groups", "defaults"}
         for key, value in self.__dict__.items():

@@ -504,8 +504,8 @@ def test_two_call_protocol_errors():
     with pytest.raises(RuntimeError, match=r"state_dict\(\) between first_step\(\) and second_step\(\): finish the step"):
         optimizer.state_dict()
     perturbed = [p.detach().clone() for p in model.parameters()]
-    for copying in (copy.deepcopy, pickle.dumps):
-        message = "pickling or copy.deepcopy between first_step() and second_step(): finish the step"
+    for copying in (copy.copy, copy.deepcopy, pickle.dumps):
+        message = "pickling or copying (copy.copy, copy.deepcopy) between first_step() and second_step(): finish the step"
         with pytest.raises(RuntimeError, match=re.escape(message)):
             copying(optimizer)  # the copy could not put the weights back
     assert_bitwise_equal(params_of(model), perturbed)
