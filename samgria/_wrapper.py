@@ -241,8 +241,10 @@ class _SharedState:
     optimizer that outlives its wrapper, or a copy of it, reads the same entries on. ``state`` is
     the ``defaultdict`` torch's methods pack and load (the wrapper's ``state`` property reads and
     sets it); ``hider`` tells the keys the wrapper reserves (``Chain.hides``; ``None``: none).
-    Each wrapper has its own, made once (a shallow copy gets its own over the same dictionary, as
-    ``copy.copy`` of a torch optimizer shares the dictionary and rebinds its own ``state``).
+    Each wrapper has its own, made once: a shallow copy gets its own over the same dictionary, as
+    ``copy.copy`` of a torch optimizer shares the dictionary and rebinds its own ``state`` in a
+    load; it shares the driven optimizer, which reads the state of the wrapper that last stepped,
+    loaded or packed (:meth:`WrappingOptimizer._point_driven_here`).
     """
 
     state: Any = None  # None while unpickling, until the pickled state arrives
@@ -271,6 +273,28 @@ class _SharedState:
 _UNPICKLED = _SharedState.__new__(_SharedState)  # a view's state until unpickling fills it in: empty
 
 
+class _ReadThrough(_SharedState):
+    """The state of a view unpickled from a development version, whose view held the wrapper
+    itself: read through the wrapper (which this holds) until the wrapper's next step points its
+    driven optimizer at a view of its own (:meth:`WrappingOptimizer._point_driven_here`)."""
+
+    def __init__(self, owner: WrappingOptimizer) -> None:  # noqa: D107 -- no super(): nothing is set
+        self._wrapper = owner
+
+    @property  # type: ignore[override]
+    def state(self) -> Any:
+        source = self._wrapper.__dict__.get("_state_source")
+        return None if source is None else source.state
+
+    @property  # type: ignore[override]
+    def hider(self) -> Any:
+        source = self._wrapper.__dict__.get("_state_source")
+        return None if source is None else source.hider
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_ReadThrough, (self._wrapper,))
+
+
 class _DrivenState(MutableMapping):
     """The driven optimizer's ``state``: a live view of the wrapper's (see the module docstring).
 
@@ -280,10 +304,12 @@ class _DrivenState(MutableMapping):
 
     _source: _SharedState = _UNPICKLED  # until __init__ or unpickling sets it
     _owner_ref: Any = None
+    _driven_ref: Any = None
 
-    def __init__(self, owner: WrappingOptimizer) -> None:
+    def __init__(self, owner: WrappingOptimizer, driven: Optimizer) -> None:
         self._source = owner._state_source
         self._owner_ref = weakref.ref(owner)
+        self._driven_ref = weakref.ref(driven)  # whose state this is: its state_dict() packs plain dicts
 
     @property
     def _owner(self) -> WrappingOptimizer | None:
@@ -291,12 +317,16 @@ class _DrivenState(MutableMapping):
         return None if self._owner_ref is None else self._owner_ref()
 
     def __getstate__(self) -> dict[str, Any]:
-        return {"source": self._source, "owner": self._owner}
+        driven = None if self._driven_ref is None else self._driven_ref()
+        return {"source": self._source, "owner": self._owner, "driven": driven}
 
     def __setstate__(self, pickled: dict[str, Any]) -> None:
+        if "source" not in pickled:  # pickled by a development version that held the wrapper itself
+            pickled = {"source": _ReadThrough(pickled["_owner"]), "owner": pickled["_owner"]}
         self._source = pickled["source"]
-        owner = pickled["owner"]
+        owner, driven = pickled["owner"], pickled.get("driven")
         self._owner_ref = None if owner is None else weakref.ref(owner)
+        self._driven_ref = None if driven is None else weakref.ref(driven)
 
     def __getitem__(self, param: Any) -> Any:
         source = self._source
@@ -414,8 +444,7 @@ class _DrivenState(MutableMapping):
         while it iterates lands in the state)."""
         # The driven optimizer's state_dict() reads this before its post-hooks run: make sure the
         # packing hook is there (an optimizer unpickled after its wrapper got fresh hook dicts).
-        owner = self._owner
-        driven = None if owner is None else owner.__dict__.get(owner._driven_attr)
+        driven = None if self._driven_ref is None else self._driven_ref()
         if driven is not None:
             _hook_packing(driven)
         return [(param, self[param]) for param in self]
@@ -523,8 +552,12 @@ class _NoteGroups:
 def _show_state(driven: Optimizer, owner: WrappingOptimizer) -> None:
     """Give ``driven`` the view of ``owner``'s state (and the hooks that pack it as plain dicts
     and take a state loaded into ``driven`` directly over)."""
-    driven.state = _DrivenState(owner)  # type: ignore[assignment]
+    driven.state = _DrivenState(owner, driven)  # type: ignore[assignment]
     _hook_packing(driven)
+    for attribute in ("_optimizer_load_state_dict_post_hooks", "_optimizer_load_state_dict_pre_hooks"):
+        hooks = _hooks_of(driven, attribute)  # those of wrappers deleted since go
+        for key in [key for key, hook in (hooks or {}).items() if isinstance(hook, (_AdoptLoaded, _NoteGroups)) and hook.owner() is None]:
+            del hooks[key]
     hooks = _hooks_of(driven, "_optimizer_load_state_dict_post_hooks")
     if hooks is not None and not any(isinstance(hook, _AdoptLoaded) and hook.owner() is owner for hook in hooks.values()):
         _register_hook(
@@ -784,6 +817,7 @@ class WrappingOptimizer(Optimizer):
     def _before_pack(self) -> None:
         """Bring ``state`` and ``param_groups`` up to date before ``state_dict()`` packs them."""
         self._adopt_driven_state()
+        self._point_driven_here()
         driven = self._driven_wrapper()
         if driven is not None:
             driven._before_pack()
@@ -849,7 +883,18 @@ class WrappingOptimizer(Optimizer):
         """Call the driven optimizer's ``step`` without torch's hook wrapper around it
         (:func:`unhooked_step`): the global step hooks fire once per step, for the wrapper."""
         self._adopt_driven_state()
+        self._point_driven_here()
         return unhooked_step(self._driven, closure)
+
+    def _point_driven_here(self) -> None:
+        """Make the driven optimizer read this wrapper's state. A shallow copy of a wrapper shares
+        its driven optimizer, as ``copy.copy`` shares a torch optimizer's attributes, and has a
+        state of its own once it rebinds it (a load): the wrapper that steps, loads or packs is
+        the one whose state the driven optimizer works on."""
+        driven = self.__dict__.get(self._driven_attr)
+        view = getattr(driven, "state", None)
+        if isinstance(view, _DrivenState) and view._source is not self.__dict__.get("_state_source"):
+            _show_state(driven, self)
 
     def _adopt_driven_state(self) -> bool:
         """Take over a state the driven optimizer was given directly (its own ``load_state_dict``).
@@ -1132,6 +1177,7 @@ class WrappingOptimizer(Optimizer):
             loaded_state, groups = self._prepare_loaded(state["state"], state["param_groups"])
             probe = self._probe_own_load(groups)  # a refusal comes before anything changes
             self.state = loaded_state
+            self._point_driven_here()
             self.param_groups = groups
             if probe is not None:
                 self._take_own_load(probe)
@@ -1165,5 +1211,9 @@ class WrappingOptimizer(Optimizer):
             self._driven.param_groups = groups
         # (a driven wrapper still being unpickled -- copying it alone reaches this wrapper through
         # its state's view -- gets the same groups from its own state)
-        if driven is not None:  # torch's own __setstate__ gave it empty hook dicts: hook again
+        view = getattr(driven, "state", None)
+        if driven is not None and not (isinstance(view, _DrivenState) and view._owner not in (None, self)):
+            # Unpickled or deep-copied: torch's own __setstate__ gave it empty hook dicts, hook
+            # again. (A shallow copy shares the driven optimizer of a live wrapper, which stays
+            # pointed at that one's state until the copy steps or loads: _point_driven_here.)
             _show_state(driven, self)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import functools
 import gc
+import io
 import pickle
 import weakref
 from collections.abc import Callable
@@ -21,6 +22,7 @@ from torch import nn
 from torch.nn.functional import mse_loss
 
 from samgria import EMA, LAMP, MAML, SAM, TransformingOptimizer
+from samgria._wrapper import WrappingOptimizer, _DrivenState
 from samgria.data.task import Task
 from state_helpers import assert_state_dicts_equal
 
@@ -97,15 +99,37 @@ def test_a_wrapper_outliving_the_meta_optimizer_that_drove_it_steps_on():
     assert all(not torch.equal(param, old) for param, old in zip(model.parameters(), before))
 
 
-@pytest.mark.parametrize("how", ["deepcopy", "pickle"])
+@pytest.mark.parametrize("how", ["deepcopy", "pickle", "pickled scheduler", "deepcopy, wrapper deleted first"])
 def test_a_copy_of_the_inner_optimizer_alone_is_a_plain_optimizer_with_its_state(how):
+    """Its state_dict() packs plain dicts, as torch's does: they load into a torch Adam and survive
+    ``torch.load(weights_only=True)`` (the copied wrapper is freed at once, and the copy's
+    entries, which hide the transforms' keys, were packed as they are)."""
     model = make_model()
-    wrapper = TransformingOptimizer(model.parameters(), torch.optim.Adam, lr=0.1, transforms=[SAM(0.05), LAMP(seed=0)])
+    wrapper = TransformingOptimizer(model.parameters(), torch.optim.Adam, lr=0.1, transforms=[SAM(0.05), LAMP(seed=0), EMA(0.9)])
+    scheduler = torch.optim.lr_scheduler.StepLR(wrapper.inner, 1, 0.5)
     wrapper.step(make_closure(model, wrapper))
-    copied = copy.deepcopy(wrapper.inner) if how == "deepcopy" else pickle.loads(pickle.dumps(wrapper.inner))
+    scheduler.step()
+    originals = [wrapper.state[param]["exp_avg"].clone() for param in model.parameters()]
+    inner = wrapper.inner
+    if how == "pickled scheduler":
+        copied = pickle.loads(pickle.dumps(scheduler)).optimizer
+    elif how == "pickle":
+        copied = pickle.loads(pickle.dumps(inner))
+    else:
+        if how != "deepcopy":
+            del wrapper, scheduler
+        copied = copy.deepcopy(inner)
     assert sorted({key for entry in copied.state.values() for key in entry}) == ["exp_avg", "exp_avg_sq", "step"]
-    originals = [wrapper.state[param]["exp_avg"] for param in model.parameters()]
     assert all(torch.equal(entry["exp_avg"], original) for entry, original in zip(copied.state.values(), originals))
+    packed = copied.state_dict()
+    assert {type(entry) for entry in packed["state"].values()} == {dict}
+    buffer = io.BytesIO()
+    torch.save(packed, buffer)
+    buffer.seek(0)
+    reloaded = torch.load(buffer, weights_only=True)
+    fresh = torch.optim.Adam(make_model().parameters(), lr=0.1)
+    fresh.load_state_dict(reloaded)
+    assert_state_dicts_equal(fresh.state_dict(), packed)
 
 
 def test_sam_drops_the_backups_of_a_param_group_deleted_from_the_optimizer():
@@ -277,8 +301,14 @@ def test_the_inner_optimizer_of_a_deleted_wrapper_is_refused_by_a_new_one_naming
     else:
         wrapper, name = TransformingOptimizer(inner, transforms=[SAM(0.05), LAMP(seed=0)]), "params"
         rewrap = functools.partial(TransformingOptimizer, transforms=[SAM(0.05)])
-    with pytest.raises(ValueError, match=rf"^{name} is already driven by a {kind}, which holds its state and param groups: build a new SGD to wrap again$"):
-        rewrap(inner)
+    copy.copy(wrapper)  # a discarded shallow copy: the live wrapper still drives the optimizer
+    for _ in range(2):
+        with pytest.raises(ValueError, match=rf"^{name} is already driven by a {kind}, which holds its state and param groups: build a new SGD to wrap again$"):
+            rewrap(inner)
+        if kind == "MAML":
+            wrapper.step(_meta_closure(wrapper, model))
+        else:
+            wrapper.step(make_closure(model, wrapper))
     del wrapper
     with pytest.raises(ValueError, match=rf"^{name} was driven by a wrapping optimizer, deleted since, whose settings and state it still holds: build a new SGD to wrap again$"):
         rewrap(inner)
@@ -310,3 +340,113 @@ def test_a_wrapper_copied_with_its_inner_optimizer_shares_one_state_with_it_in_e
     reference.step(make_closure(reference_model, reference))
     assert all(torch.equal(a, b) for a, b in zip(copied_model.parameters(), reference_model.parameters()))
     assert_state_dicts_equal(copied_optimizer.state_dict(), reference.state_dict())
+
+
+# -- shallow copies share the inner optimizer; each steps with its own state ------------------------
+def _sgd_with_sam(model: nn.Module) -> TransformingOptimizer:
+    return TransformingOptimizer(model.parameters(), torch.optim.SGD, lr=0.1, momentum=0.9, transforms=[SAM(0.05)])
+
+
+@pytest.mark.parametrize("kind", ["torch SGD", "TransformingOptimizer"])
+def test_a_shallow_copy_that_loads_a_checkpoint_leaves_the_original_stepping_its_own_state(kind):
+    """As with torch's optimizers, whose ``copy.copy`` shares the state dict and whose
+    ``load_state_dict`` rebinds the loading object's own: the original's next step is the same
+    with or without the copy's load (the shared inner optimizer stepped the copy's state), and
+    the copy steps from the checkpoint it loaded."""
+    build = (lambda model: torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)) if kind == "torch SGD" else _sgd_with_sam
+
+    def run(copy_loads: bool):
+        model = make_model()
+        optimizer = build(model)
+        optimizer.step(make_closure(model, optimizer))
+        early = copy.deepcopy(optimizer.state_dict())
+        optimizer.step(make_closure(model, optimizer, seed=2))
+        if copy_loads:
+            shallow = copy.copy(optimizer)
+            shallow.load_state_dict(copy.deepcopy(early))
+            assert_state_dicts_equal(shallow.state_dict(), early)
+        optimizer.step(make_closure(model, optimizer))
+        return [param.detach().clone() for param in model.parameters()], optimizer.state_dict()
+
+    weights, state = run(copy_loads=True)
+    expected_weights, expected_state = run(copy_loads=False)
+    assert all(torch.equal(a, b) for a, b in zip(weights, expected_weights))
+    assert_state_dicts_equal(state, expected_state)
+
+
+def test_a_discarded_shallow_copy_does_not_keep_the_originals_load_from_its_inner_optimizer():
+    """After ``copy.copy(optimizer)`` is thrown away, a checkpoint the original loads is what its
+    inner optimizer steps with (the copy's unpickling had pointed the shared inner optimizer at
+    the copy's state, so the original's load never reached it)."""
+    def run(discard: bool):
+        model = make_model()
+        optimizer = _sgd_with_sam(model)
+        optimizer.step(make_closure(model, optimizer))
+        early, early_weights = copy.deepcopy(optimizer.state_dict()), copy.deepcopy(model.state_dict())
+        optimizer.step(make_closure(model, optimizer, seed=2))
+        if discard:
+            copy.copy(optimizer)
+        model.load_state_dict(early_weights)
+        optimizer.load_state_dict(early)
+        assert all(optimizer.inner.state[param] is optimizer.state[param] for param in model.parameters())
+        optimizer.step(make_closure(model, optimizer, seed=2))
+        return [param.detach().clone() for param in model.parameters()], optimizer.state_dict()
+
+    weights, state = run(discard=True)
+    expected_weights, expected_state = run(discard=False)
+    assert all(torch.equal(a, b) for a, b in zip(weights, expected_weights))
+    assert_state_dicts_equal(state, expected_state)
+
+
+def test_a_discarded_shallow_copy_of_a_meta_optimizer_keeps_a_direct_load_completing_its_groups():
+    """A checkpoint loaded straight into the innermost optimizer gets the meta-optimizer's group
+    keys back (``inner_lr`` as the user set it); a discarded ``copy.copy`` of the meta-optimizer
+    must not change that (its view of the outer optimizer named the dead copy, and the load lost
+    ``inner_lr`` and ``adapt``, stepping with the constructor's rate)."""
+    def run(discard: bool):
+        model = make_model()
+        meta = MAML(model, _sgd_with_sam(model), inner_lr=0.1)
+        meta.step(_meta_closure(meta, model))
+        meta.param_groups[0]["inner_lr"] = 0.3
+        if discard:
+            copy.copy(meta)
+        meta.outer.inner.load_state_dict(torch.optim.SGD(model.parameters(), lr=1e-2, momentum=0.9).state_dict())
+        assert (meta.param_groups[0]["inner_lr"], meta.param_groups[0]["adapt"]) == (0.3, True)
+        meta.step(_meta_closure(meta, model))
+        return [param.detach().clone() for param in model.parameters()]
+
+    assert all(torch.equal(a, b) for a, b in zip(run(discard=True), run(discard=False)))
+
+
+@pytest.mark.parametrize("order", ["wrapper first", "inner first"])
+def test_a_pickle_whose_inner_view_held_the_wrapper_itself_unpickles_and_steps_on(order, monkeypatch):
+    """Pickles written while the inner optimizer's view held the wrapper itself (and the wrapper
+    pickled no shared state) still unpickle, in either order, and step as today's pickle does."""
+    model = make_model()
+    optimizer = TransformingOptimizer(model.parameters(), torch.optim.Adam, lr=0.1, transforms=[SAM(0.05), LAMP(seed=0)])
+    optimizer.step(make_closure(model, optimizer))
+    objects = (model, optimizer) if order == "wrapper first" else (model, optimizer.inner, optimizer)
+    getstate = WrappingOptimizer.__getstate__
+    monkeypatch.setattr(_DrivenState, "__getstate__", lambda view: {"_owner": view._owner})
+    monkeypatch.setattr(WrappingOptimizer, "__getstate__", lambda wrapper: {k: v for k, v in getstate(wrapper).items() if k != "_state_source"})
+    legacy = pickle.dumps(objects)
+    monkeypatch.undo()
+    results = []
+    for unpickled in (pickle.loads(legacy), pickle.loads(pickle.dumps(objects))):
+        copied_model, copied = unpickled[0], unpickled[-1]
+        assert sorted(copied.inner.state[next(copied_model.parameters())]) == ["exp_avg", "exp_avg_sq", "step"]
+        for _ in range(2):
+            copied.step(make_closure(copied_model, copied))
+        results.append(([param.detach().clone() for param in copied_model.parameters()], copied.state_dict()))
+    (weights, state), (expected_weights, expected_state) = results
+    assert all(torch.equal(a, b) for a, b in zip(weights, expected_weights))
+    assert_state_dicts_equal(state, expected_state)
+    gc.disable()
+    try:  # once it has stepped, nothing it drives holds it: freed at once
+        copied_model, copied = (unpickled := pickle.loads(legacy))[0], unpickled[-1]
+        copied.step(make_closure(copied_model, copied))
+        watched = weakref.ref(copied)
+        del copied, unpickled
+        assert watched() is None
+    finally:
+        gc.enable()
