@@ -46,6 +46,18 @@ def make_closure(model: nn.Module, optimizer: torch.optim.Optimizer, seed: int =
     return closure
 
 
+def ended_like(outcome: tuple[list[torch.Tensor], dict], expected: tuple[list[torch.Tensor], dict]) -> None:
+    """Two runs' ``(weights, state_dict)`` are the same, bit for bit."""
+    (weights, state), (expected_weights, expected_state) = outcome, expected
+    assert len(weights) == len(expected_weights)
+    assert all(torch.equal(a, b) for a, b in zip(weights, expected_weights))
+    assert_state_dicts_equal(state, expected_state)
+
+
+def weights_of(model: nn.Module) -> list[torch.Tensor]:
+    return [param.detach().clone() for param in model.parameters()]
+
+
 def _meta_closure(meta, model: nn.Module) -> Callable[[], torch.Tensor]:
     generator = torch.Generator().manual_seed(2)
     x, y = torch.randn(5, 3, generator=generator, dtype=torch.float64), torch.randn(5, 2, generator=generator, dtype=torch.float64)
@@ -94,7 +106,7 @@ def test_a_wrapper_outliving_the_meta_optimizer_that_drove_it_steps_on():
     momentum = {param: wrapper.state[param]["momentum_buffer"].clone() for param in model.parameters()}
     del meta
     assert all(torch.equal(wrapper.state[param]["momentum_buffer"], momentum[param]) for param in model.parameters())
-    before = [param.detach().clone() for param in model.parameters()]
+    before = weights_of(model)
     wrapper.step(make_closure(model, wrapper))
     assert all(not torch.equal(param, old) for param, old in zip(model.parameters(), before))
 
@@ -175,7 +187,7 @@ def _copy_discarded_or_not(build: Callable[[nn.Module], torch.optim.Optimizer], 
     if discard:
         copy.copy(optimizer)  # thrown away at once
     step(model, optimizer)
-    return [param.detach().clone() for param in model.parameters()], optimizer.state_dict()
+    return weights_of(model), optimizer.state_dict()
 
 
 @pytest.mark.parametrize("kind", ["TransformingOptimizer", "MAML"])
@@ -195,10 +207,7 @@ def test_discarding_a_shallow_copy_of_an_optimizer_changes_nothing(kind):
 
         def step(model, optimizer):
             optimizer.step(make_closure(model, optimizer))
-    weights, state = _copy_discarded_or_not(build, step, discard=True)
-    expected_weights, expected_state = _copy_discarded_or_not(build, step, discard=False)
-    assert all(torch.equal(a, b) for a, b in zip(weights, expected_weights))
-    assert_state_dicts_equal(state, expected_state)
+    ended_like(_copy_discarded_or_not(build, step, discard=True), _copy_discarded_or_not(build, step, discard=False))
 
 
 def test_a_shallow_copy_of_the_inner_optimizer_works_on_after_the_wrapper_is_gone():
@@ -231,12 +240,9 @@ def test_a_shallow_copy_of_a_wrapper_steps_on_after_the_original_is_deleted(with
             del original
         for _ in range(2):
             shallow.step(make_closure(model, shallow))
-        return [param.detach().clone() for param in model.parameters()], shallow.state_dict()
+        return weights_of(model), shallow.state_dict()
 
-    weights, state = run(delete_original=True)
-    expected_weights, expected_state = run(delete_original=False)
-    assert all(torch.equal(a, b) for a, b in zip(weights, expected_weights))
-    assert_state_dicts_equal(state, expected_state)
+    ended_like(run(delete_original=True), run(delete_original=False))
 
 
 # -- freed at once, as torch's optimizers are ------------------------------------------------------
@@ -366,12 +372,9 @@ def test_a_shallow_copy_that_loads_a_checkpoint_leaves_the_original_stepping_its
             shallow.load_state_dict(copy.deepcopy(early))
             assert_state_dicts_equal(shallow.state_dict(), early)
         optimizer.step(make_closure(model, optimizer))
-        return [param.detach().clone() for param in model.parameters()], optimizer.state_dict()
+        return weights_of(model), optimizer.state_dict()
 
-    weights, state = run(copy_loads=True)
-    expected_weights, expected_state = run(copy_loads=False)
-    assert all(torch.equal(a, b) for a, b in zip(weights, expected_weights))
-    assert_state_dicts_equal(state, expected_state)
+    ended_like(run(copy_loads=True), run(copy_loads=False))
 
 
 def test_a_discarded_shallow_copy_does_not_keep_the_originals_load_from_its_inner_optimizer():
@@ -390,12 +393,9 @@ def test_a_discarded_shallow_copy_does_not_keep_the_originals_load_from_its_inne
         optimizer.load_state_dict(early)
         assert all(optimizer.inner.state[param] is optimizer.state[param] for param in model.parameters())
         optimizer.step(make_closure(model, optimizer, seed=2))
-        return [param.detach().clone() for param in model.parameters()], optimizer.state_dict()
+        return weights_of(model), optimizer.state_dict()
 
-    weights, state = run(discard=True)
-    expected_weights, expected_state = run(discard=False)
-    assert all(torch.equal(a, b) for a, b in zip(weights, expected_weights))
-    assert_state_dicts_equal(state, expected_state)
+    ended_like(run(discard=True), run(discard=False))
 
 
 def test_a_discarded_shallow_copy_of_a_meta_optimizer_keeps_a_direct_load_completing_its_groups():
@@ -413,9 +413,9 @@ def test_a_discarded_shallow_copy_of_a_meta_optimizer_keeps_a_direct_load_comple
         meta.outer.inner.load_state_dict(torch.optim.SGD(model.parameters(), lr=1e-2, momentum=0.9).state_dict())
         assert (meta.param_groups[0]["inner_lr"], meta.param_groups[0]["adapt"]) == (0.3, True)
         meta.step(_meta_closure(meta, model))
-        return [param.detach().clone() for param in model.parameters()]
+        return weights_of(model), meta.state_dict()
 
-    assert all(torch.equal(a, b) for a, b in zip(run(discard=True), run(discard=False)))
+    ended_like(run(discard=True), run(discard=False))
 
 
 @pytest.mark.parametrize("order", ["wrapper first", "inner first"])
@@ -437,10 +437,8 @@ def test_a_pickle_whose_inner_view_held_the_wrapper_itself_unpickles_and_steps_o
         assert sorted(copied.inner.state[next(copied_model.parameters())]) == ["exp_avg", "exp_avg_sq", "step"]
         for _ in range(2):
             copied.step(make_closure(copied_model, copied))
-        results.append(([param.detach().clone() for param in copied_model.parameters()], copied.state_dict()))
-    (weights, state), (expected_weights, expected_state) = results
-    assert all(torch.equal(a, b) for a, b in zip(weights, expected_weights))
-    assert_state_dicts_equal(state, expected_state)
+        results.append((weights_of(copied_model), copied.state_dict()))
+    ended_like(*results)
     gc.disable()
     try:  # once it has stepped, nothing it drives holds it: freed at once
         copied_model, copied = (unpickled := pickle.loads(legacy))[0], unpickled[-1]
