@@ -31,11 +31,14 @@ and use torch's own machinery for everything torch already does — no copies of
   ``_dropped_on_pickle`` (they are ``None`` afterwards), and what another object patched onto the
   instance (an LR scheduler's wrapper of ``step``, which a copy would call on the original), as
   torch's pickling carries none of it. Like ``state_dict()``, they refuse while a step is half
-  done (:meth:`_check_idle`).
+  done (:meth:`_check_idle`). ``copy.copy`` gives a wrapper around a shallow copy of the driven
+  optimizer (``_shallow_copy_of_driven``): the state dictionary and param groups are shared,
+  as torch's ``copy.copy`` shares them, until a load rebinds the copy's own.
 """
 
 from __future__ import annotations
 
+import copy
 import functools
 import types
 import weakref
@@ -241,10 +244,9 @@ class _SharedState:
     optimizer that outlives its wrapper, or a copy of it, reads the same entries on. ``state`` is
     the ``defaultdict`` torch's methods pack and load (the wrapper's ``state`` property reads and
     sets it); ``hider`` tells the keys the wrapper reserves (``Chain.hides``; ``None``: none).
-    Each wrapper has its own, made once: a shallow copy gets its own over the same dictionary, as
-    ``copy.copy`` of a torch optimizer shares the dictionary and rebinds its own ``state`` in a
-    load; it shares the driven optimizer, which reads the state of the wrapper that last stepped,
-    loaded or packed (:meth:`WrappingOptimizer._point_driven_here`).
+    Each wrapper has its own, made once: a shallow copy gets its own over the same dictionary, and
+    drives a shallow copy of the driven optimizer, as ``copy.copy`` of a torch optimizer shares
+    the dictionary and the param groups until a load rebinds the copy's own.
     """
 
     state: Any = None  # None while unpickling, until the pickled state arrives
@@ -275,8 +277,8 @@ _UNPICKLED = _SharedState.__new__(_SharedState)  # a view's state until unpickli
 
 class _ReadThrough(_SharedState):
     """The state of a view unpickled from a development version, whose view held the wrapper
-    itself: read through the wrapper (which this holds) until the wrapper's next step points its
-    driven optimizer at a view of its own (:meth:`WrappingOptimizer._point_driven_here`)."""
+    itself: read through the wrapper (which this holds) until the wrapper's next step or
+    checkpoint gives its driven optimizer a view of its own (``_adopt_driven_state``)."""
 
     def __init__(self, owner: WrappingOptimizer) -> None:  # noqa: D107 -- no super(): nothing is set
         self._wrapper = owner
@@ -305,6 +307,7 @@ class _DrivenState(MutableMapping):
     _source: _SharedState = _UNPICKLED  # until __init__ or unpickling sets it
     _owner_ref: Any = None
     _driven_ref: Any = None
+    _hooked = False  # whether the driven optimizer got the wrapper's load hooks (_show_state)
 
     def __init__(self, owner: WrappingOptimizer, driven: Optimizer) -> None:
         self._source = owner._state_source
@@ -552,13 +555,12 @@ class _NoteGroups:
 def _show_state(driven: Optimizer, owner: WrappingOptimizer) -> None:
     """Give ``driven`` the view of ``owner``'s state (and the hooks that pack it as plain dicts
     and take a state loaded into ``driven`` directly over)."""
-    driven.state = _DrivenState(owner, driven)  # type: ignore[assignment]
+    view = driven.state = _DrivenState(owner, driven)  # type: ignore[assignment]
     _hook_packing(driven)
-    for attribute in ("_optimizer_load_state_dict_post_hooks", "_optimizer_load_state_dict_pre_hooks"):
-        hooks = _hooks_of(driven, attribute)  # those of wrappers deleted since go
-        for key in [key for key, hook in (hooks or {}).items() if isinstance(hook, (_AdoptLoaded, _NoteGroups)) and hook.owner() is None]:
-            del hooks[key]
     hooks = _hooks_of(driven, "_optimizer_load_state_dict_post_hooks")
+    # (none yet when unpickling reaches the wrapper before the driven optimizer is filled in:
+    # the wrapper's next step or checkpoint shows the state again, _adopt_driven_state)
+    view._hooked = hooks is not None
     if hooks is not None and not any(isinstance(hook, _AdoptLoaded) and hook.owner() is owner for hook in hooks.values()):
         _register_hook(
             driven,
@@ -572,6 +574,24 @@ def _show_state(driven: Optimizer, owner: WrappingOptimizer) -> None:
             "_optimizer_load_state_dict_pre_hooks",
             lambda: driven.register_load_state_dict_pre_hook(_NoteGroups(owner)),
         )
+
+
+def _shallow_copy_of_driven(driven: Optimizer) -> Optimizer:
+    """What ``copy.copy`` of a wrapper drives: a shallow copy of ``driven`` with the same
+    attributes (the same param-group list, as torch's ``copy.copy`` keeps it), hooks of its own
+    (none, as torch's copy has) and none of what another object patched onto the instance (an LR
+    scheduler's wrapper of ``step``). A driven wrapper is copied by ``copy.copy`` (the same, one
+    level down). The copy gets its wrapper's view of the state (:func:`_show_state`)."""
+    if isinstance(driven, WrappingOptimizer):
+        return copy.copy(driven)
+    copied = object.__new__(type(driven))
+    copied.__dict__.update(
+        (key, value)
+        for key, value in driven.__dict__.items()
+        if not key.startswith("_optimizer_") and not _patched_by_someone_else(driven, key, value)
+    )
+    Optimizer.__setstate__(copied, {})  # torch's empty hook dictionaries and step patch
+    return copied
 
 
 def _patched_by_someone_else(optimizer: Optimizer, key: str, value: Any) -> bool:
@@ -817,7 +837,6 @@ class WrappingOptimizer(Optimizer):
     def _before_pack(self) -> None:
         """Bring ``state`` and ``param_groups`` up to date before ``state_dict()`` packs them."""
         self._adopt_driven_state()
-        self._point_driven_here()
         driven = self._driven_wrapper()
         if driven is not None:
             driven._before_pack()
@@ -883,18 +902,7 @@ class WrappingOptimizer(Optimizer):
         """Call the driven optimizer's ``step`` without torch's hook wrapper around it
         (:func:`unhooked_step`): the global step hooks fire once per step, for the wrapper."""
         self._adopt_driven_state()
-        self._point_driven_here()
         return unhooked_step(self._driven, closure)
-
-    def _point_driven_here(self) -> None:
-        """Make the driven optimizer read this wrapper's state. A shallow copy of a wrapper shares
-        its driven optimizer, as ``copy.copy`` shares a torch optimizer's attributes, and has a
-        state of its own once it rebinds it (a load): the wrapper that steps, loads or packs is
-        the one whose state the driven optimizer works on."""
-        driven = self.__dict__.get(self._driven_attr)
-        view = getattr(driven, "state", None)
-        if isinstance(view, _DrivenState) and view._source is not self.__dict__.get("_state_source"):
-            _show_state(driven, self)
 
     def _adopt_driven_state(self) -> bool:
         """Take over a state the driven optimizer was given directly (its own ``load_state_dict``).
@@ -908,7 +916,10 @@ class WrappingOptimizer(Optimizer):
         """
         driven = self._driven
         before = self.__dict__.pop("_groups_before_load", None)
-        if isinstance(driven.state, _DrivenState):
+        view = driven.state
+        if isinstance(view, _DrivenState):
+            if not view._hooked or view._source is not self._state_source:  # unpickled without them
+                _show_state(driven, self)
             return False
         if before is not None:  # a direct load through torch's hooks: refused as load_state_dict would
             state_before, groups_before, previous = before
@@ -1177,7 +1188,6 @@ class WrappingOptimizer(Optimizer):
             loaded_state, groups = self._prepare_loaded(state["state"], state["param_groups"])
             probe = self._probe_own_load(groups)  # a refusal comes before anything changes
             self.state = loaded_state
-            self._point_driven_here()
             self.param_groups = groups
             if probe is not None:
                 self._take_own_load(probe)
@@ -1197,23 +1207,23 @@ class WrappingOptimizer(Optimizer):
             self.__dict__[key] = None
         self._loading = False
         Optimizer.__setstate__(self, state)  # hooks (empty, as torch unpickles), step patch
+        driven = self.__dict__.get(self._driven_attr)
         if source is not None and (source.state is None or source.owner() is self):
             # Unpickled (or deep-copied) with this wrapper; not filled in yet where unpickling
             # reached it through the driven optimizer's view first.
             self.__dict__["_state_source"] = source
         else:
-            # A shallow copy: its own, over the same dictionary (as copy.copy of a torch optimizer
-            # shares the dictionary, and a later ``state = ...`` rebinds the copy's alone).
+            # A shallow copy (copy.copy): a state of its own over the same dictionary, and a
+            # shallow copy of the driven optimizer (the same param-group list), as copy.copy of
+            # a torch optimizer shares the dictionary and the groups until a load rebinds the
+            # copy's own. (Or a pickle from a development version, which carried no _SharedState.)
             self.__dict__.pop("_state_source", None)
             self.state = entries
-        driven = self.__dict__.get(self._driven_attr)
+            if source is not None and driven is not None:
+                driven = self.__dict__[self._driven_attr] = _shallow_copy_of_driven(driven)
         if groups is not None and driven is not None and _unpickled(driven):
             self._driven.param_groups = groups
         # (a driven wrapper still being unpickled -- copying it alone reaches this wrapper through
         # its state's view -- gets the same groups from its own state)
-        view = getattr(driven, "state", None)
-        if driven is not None and not (isinstance(view, _DrivenState) and view._owner not in (None, self)):
-            # Unpickled or deep-copied: torch's own __setstate__ gave it empty hook dicts, hook
-            # again. (A shallow copy shares the driven optimizer of a live wrapper, which stays
-            # pointed at that one's state until the copy steps or loads: _point_driven_here.)
+        if driven is not None:  # torch's own __setstate__ gave it empty hook dicts: hook again
             _show_state(driven, self)

@@ -315,9 +315,12 @@ def test_the_inner_optimizer_of_a_deleted_wrapper_is_refused_by_a_new_one_naming
             wrapper.step(_meta_closure(wrapper, model))
         else:
             wrapper.step(make_closure(model, wrapper))
+    shallow = copy.copy(wrapper)  # drives a copy of the inner optimizer, which it refuses while it lives
     del wrapper
     with pytest.raises(ValueError, match=rf"^{name} was driven by a wrapping optimizer, deleted since, whose settings and state it still holds: build a new SGD to wrap again$"):
         rewrap(inner)
+    with pytest.raises(ValueError, match=rf"^{name} is already driven by a {kind}, which holds its state and param groups"):
+        rewrap(shallow.outer if kind == "MAML" else shallow.inner)
 
 
 @pytest.mark.parametrize("how", ["pickle", "deepcopy"])
@@ -369,8 +372,10 @@ def test_a_shallow_copy_that_loads_a_checkpoint_leaves_the_original_stepping_its
         optimizer.step(make_closure(model, optimizer, seed=2))
         if copy_loads:
             shallow = copy.copy(optimizer)
-            shallow.load_state_dict(copy.deepcopy(early))
-            assert_state_dicts_equal(shallow.state_dict(), early)
+            checkpoint = copy.deepcopy(early)
+            checkpoint["param_groups"][0]["lr"] = 0.5  # the copy's groups only, as torch's load
+            shallow.load_state_dict(copy.deepcopy(checkpoint))
+            assert_state_dicts_equal(shallow.state_dict(), checkpoint)
         optimizer.step(make_closure(model, optimizer))
         return weights_of(model), optimizer.state_dict()
 
@@ -448,3 +453,94 @@ def test_a_pickle_whose_inner_view_held_the_wrapper_itself_unpickles_and_steps_o
         assert watched() is None
     finally:
         gc.enable()
+
+
+def _sam_sgd_rho(model: nn.Module) -> TransformingOptimizer:
+    optimizer = _sgd_with_sam(model)
+    optimizer.param_groups[0]["rho"] = 0.5  # a group setting a direct load must keep
+    return optimizer
+
+
+def _maml(model: nn.Module, outer: torch.optim.Optimizer) -> MAML:
+    meta = MAML(model, outer, inner_lr=0.1)
+    meta.param_groups[0]["inner_lr"] = 0.3  # a group setting a direct load must keep
+    return meta
+
+
+_WRAPPERS = {
+    "TransformingOptimizer": (_sam_sgd_rho, lambda optimizer: optimizer.inner, {"rho": 0.5}),
+    "MAML": (
+        lambda model: _maml(model, torch.optim.SGD(model.parameters(), lr=1e-2, momentum=0.9)),
+        lambda meta: meta.outer,
+        {"inner_lr": 0.3},
+    ),
+    "MAML driving SAM": (lambda model: _maml(model, _sam_sgd_rho(model)), lambda meta: meta.outer.inner, {"inner_lr": 0.3, "rho": 0.5}),
+}
+
+
+def _step_any(optimizer, model: nn.Module, seed: int = 1) -> None:
+    optimizer.step(_meta_closure(optimizer, model) if isinstance(optimizer, MAML) else make_closure(model, optimizer, seed))
+
+
+def _momenta(optimizer) -> list[torch.Tensor | None]:
+    return [entry.get("momentum_buffer") for entry in optimizer.state.values()]
+
+
+@pytest.mark.parametrize("kind", list(_WRAPPERS))
+@pytest.mark.parametrize("history", ["a copy stepped and was discarded", "the original is deleted", "a copy loaded a checkpoint"])
+def test_a_direct_load_into_the_inner_optimizer_is_taken_by_its_own_wrapper_alone(kind, history):
+    """``copy.copy`` of a wrapper drives a shallow copy of its inner optimizer, so a checkpoint
+    loaded straight into one wrapper's inner optimizer is that wrapper's (taken over at once, its
+    group settings completed, the user's load hooks run) and no other's. They shared one inner
+    optimizer: the load went to whichever wrapper had last registered its hook, or crashed
+    torch's hook loop, or lost the group settings when the original was gone."""
+    build, innermost, settings = _WRAPPERS[kind]
+    model = make_model()
+    wrapper = build(model)
+    _step_any(wrapper, model)
+    early = copy.deepcopy(wrapper.state_dict())
+    _step_any(wrapper, model, seed=2)
+    shallow = copy.copy(wrapper)
+    assert innermost(shallow) is not innermost(wrapper)
+    assert innermost(shallow).param_groups is innermost(wrapper).param_groups  # as torch's copy.copy
+    other = None
+    if history == "a copy stepped and was discarded":
+        _step_any(shallow, model)
+        _step_any(wrapper, model)
+        del shallow
+        target = wrapper
+    elif history == "the original is deleted":
+        del wrapper
+        target = shallow
+    else:
+        shallow.load_state_dict(copy.deepcopy(early))
+        target, other = wrapper, shallow
+    kept = None if other is None else [momentum.clone() for momentum in _momenta(other)]
+    ran = []
+    innermost(target).register_load_state_dict_post_hook(lambda optimizer: ran.append(type(optimizer).__name__))
+    innermost(target).load_state_dict(torch.optim.SGD(model.parameters(), lr=1e-2, momentum=0.9).state_dict())
+    assert ran == ["SGD"]
+    assert _momenta(target) == [None] * 4  # the loaded state (no momentum yet), taken at once
+    assert {key: target.param_groups[0][key] for key in settings} == settings
+    if other is not None:
+        assert all(torch.equal(a, b) for a, b in zip(_momenta(other), kept))
+    _step_any(target, model)
+    assert {key: target.param_groups[0][key] for key in settings} == settings
+
+
+@pytest.mark.parametrize("how", ["deepcopy", "pickle"])
+def test_a_deep_copy_made_while_a_shallow_copy_holds_another_state_is_the_originals(how):
+    model = make_model()
+    optimizer = _sam_sgd_rho(model)
+    optimizer.step(make_closure(model, optimizer))
+    early = copy.deepcopy(optimizer.state_dict())
+    optimizer.step(make_closure(model, optimizer, seed=2))
+    shallow = copy.copy(optimizer)
+    shallow.load_state_dict(copy.deepcopy(early))
+    deep = copy.deepcopy(optimizer) if how == "deepcopy" else pickle.loads(pickle.dumps(optimizer))
+    originals = _momenta(optimizer)
+    for inner in (optimizer.inner, deep.inner):  # what each inner optimizer steps with: its wrapper's
+        assert all(torch.equal(entry["momentum_buffer"], original) for entry, original in zip(inner.state.values(), originals))
+    assert_state_dicts_equal(deep.state_dict(), optimizer.state_dict())
+    deep.inner.load_state_dict(torch.optim.SGD(model.parameters(), lr=1e-2, momentum=0.9).state_dict())
+    assert _momenta(deep) == [None] * 4 and deep.param_groups[0]["rho"] == 0.5
