@@ -307,7 +307,7 @@ class _DrivenState(MutableMapping):
     _source: _SharedState = _UNPICKLED  # until __init__ or unpickling sets it
     _owner_ref: Any = None
     _driven_ref: Any = None
-    _hooked = False  # whether the driven optimizer got the wrapper's load hooks (_show_state)
+    _hooked = False  # made by _show_state (not unpickled, nor a development version's _ReadThrough)
 
     def __init__(self, owner: WrappingOptimizer, driven: Optimizer) -> None:
         self._source = owner._state_source
@@ -552,15 +552,27 @@ class _NoteGroups:
             owner.__dict__["_groups_before_load"] = (optimizer.state, groups, [dict(g) for g in groups])
 
 
+#: The driven optimizer's hook dictionaries that :func:`_show_state` registers hooks in.
+_HOOKS_SHOWN = (
+    "_optimizer_state_dict_post_hooks",
+    "_optimizer_load_state_dict_pre_hooks",
+    "_optimizer_load_state_dict_post_hooks",
+)
+
+
 def _show_state(driven: Optimizer, owner: WrappingOptimizer) -> None:
     """Give ``driven`` the view of ``owner``'s state (and the hooks that pack it as plain dicts
     and take a state loaded into ``driven`` directly over)."""
     view = driven.state = _DrivenState(owner, driven)  # type: ignore[assignment]
+    for attribute in _HOOKS_SHOWN:
+        # Unpickling may reach the wrapper before the driven optimizer is filled in: its hook
+        # dictionaries are made here then, and torch's __setstate__ keeps them (it makes those
+        # that are missing), so that a load straight into it is taken over at once.
+        if _hooks_of(driven, attribute) is None:
+            driven.__dict__[attribute] = OrderedDict()
     _hook_packing(driven)
+    view._hooked = True
     hooks = _hooks_of(driven, "_optimizer_load_state_dict_post_hooks")
-    # (none yet when unpickling reaches the wrapper before the driven optimizer is filled in:
-    # the wrapper's next step or checkpoint shows the state again, _adopt_driven_state)
-    view._hooked = hooks is not None
     if hooks is not None and not any(isinstance(hook, _AdoptLoaded) and hook.owner() is owner for hook in hooks.values()):
         _register_hook(
             driven,
@@ -918,7 +930,9 @@ class WrappingOptimizer(Optimizer):
         before = self.__dict__.pop("_groups_before_load", None)
         view = driven.state
         if isinstance(view, _DrivenState):
-            if not view._hooked or view._source is not self._state_source:  # unpickled without them
+            if not view._hooked or view._source is not self._state_source:
+                # Unpickled (the driven optimizer's own __setstate__ may have replaced the hook
+                # dictionaries made for it), or a development version's: shown again.
                 _show_state(driven, self)
             return False
         if before is not None:  # a direct load through torch's hooks: refused as load_state_dict would
@@ -931,18 +945,21 @@ class WrappingOptimizer(Optimizer):
                 raise
         loaded = driven.state
         hidden = self._hides_state_key
-        for param in list(self.state):
-            entry = self.state[param]
-            if not is_entry(entry):  # a value of the driven optimizer's own
-                del self.state[param]
-                continue
-            for key in [key for key in entry if not hidden(key)]:
-                del entry[key]
+        # A new dictionary and new entries, bound to the outermost wrapper (whose state this
+        # wrapper's is a view of, if any), as torch's load binds a new state: the old ones may be
+        # a shallow copy's too (copy.copy shares them), which must keep them as they were.
+        state: defaultdict[Any, Any] = defaultdict(dict)
+        for param, entry in self.state.items():
+            # (the driven optimizer's own entries and values are what the load gave it)
+            kept = {key: value for key, value in entry.items() if hidden(key)} if is_entry(entry) else None
+            if kept:
+                state[param] = kept
         for param, entry in loaded.items():
             if is_entry(entry):
-                self.state[param].update({key: value for key, value in entry.items() if not hidden(key)})
+                state[param].update({key: value for key, value in entry.items() if not hidden(key)})
             else:
-                self.state[param] = entry
+                state[param] = entry
+        self._owners_outwards()[-1].state = state
         _show_state(driven, self)
         if before is not None:
             for owner in self._owners_outwards():

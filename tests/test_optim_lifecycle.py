@@ -487,7 +487,9 @@ def _momenta(optimizer) -> list[torch.Tensor | None]:
 
 
 @pytest.mark.parametrize("kind", list(_WRAPPERS))
-@pytest.mark.parametrize("history", ["a copy stepped and was discarded", "the original is deleted", "a copy loaded a checkpoint"])
+@pytest.mark.parametrize(
+    "history", ["a copy stepped and was discarded", "the original is deleted", "a copy loaded a checkpoint", "into the copy's"]
+)
 def test_a_direct_load_into_the_inner_optimizer_is_taken_by_its_own_wrapper_alone(kind, history):
     """``copy.copy`` of a wrapper drives a shallow copy of its inner optimizer, so a checkpoint
     loaded straight into one wrapper's inner optimizer is that wrapper's (taken over at once, its
@@ -512,18 +514,20 @@ def test_a_direct_load_into_the_inner_optimizer_is_taken_by_its_own_wrapper_alon
     elif history == "the original is deleted":
         del wrapper
         target = shallow
-    else:
+    elif history == "a copy loaded a checkpoint":
         shallow.load_state_dict(copy.deepcopy(early))
         target, other = wrapper, shallow
+    else:  # the two still share the state dictionary and its entries
+        target, other = shallow, wrapper
     kept = None if other is None else [momentum.clone() for momentum in _momenta(other)]
     ran = []
     innermost(target).register_load_state_dict_post_hook(lambda optimizer: ran.append(type(optimizer).__name__))
     innermost(target).load_state_dict(torch.optim.SGD(model.parameters(), lr=1e-2, momentum=0.9).state_dict())
     assert ran == ["SGD"]
-    assert _momenta(target) == [None] * 4  # the loaded state (no momentum yet), taken at once
-    assert {key: target.param_groups[0][key] for key in settings} == settings
     if other is not None:
-        assert all(torch.equal(a, b) for a, b in zip(_momenta(other), kept))
+        assert len(_momenta(other)) == len(kept) and all(a is not None and torch.equal(a, b) for a, b in zip(_momenta(other), kept))
+    assert {key: target.param_groups[0][key] for key in settings} == settings
+    assert _momenta(target) == []  # the loaded state (empty, as torch's fresh SGD packs it), taken at once
     _step_any(target, model)
     assert {key: target.param_groups[0][key] for key in settings} == settings
 
@@ -543,4 +547,25 @@ def test_a_deep_copy_made_while_a_shallow_copy_holds_another_state_is_the_origin
         assert all(torch.equal(entry["momentum_buffer"], original) for entry, original in zip(inner.state.values(), originals))
     assert_state_dicts_equal(deep.state_dict(), optimizer.state_dict())
     deep.inner.load_state_dict(torch.optim.SGD(model.parameters(), lr=1e-2, momentum=0.9).state_dict())
-    assert _momenta(deep) == [None] * 4 and deep.param_groups[0]["rho"] == 0.5
+    assert _momenta(deep) == [] and deep.param_groups[0]["rho"] == 0.5
+
+
+@pytest.mark.parametrize("how", ["pickle", "deepcopy"])
+@pytest.mark.parametrize("order", ["wrapper first", "inner first"])
+def test_a_direct_load_into_a_copied_inner_optimizer_is_taken_over_at_once_in_either_order(how, order):
+    """Before the copied wrapper ever steps, a checkpoint loaded straight into its copied inner
+    optimizer is its state at once, and its group settings stay (reached first, the inner
+    optimizer had no hooks yet when the wrapper was filled in: the load was taken only at the
+    next step, without the settings)."""
+    model = make_model()
+    optimizer = _sam_sgd_rho(model)
+    optimizer.step(make_closure(model, optimizer))
+    objects = (model, optimizer, optimizer.inner) if order == "wrapper first" else (model, optimizer.inner, optimizer)
+    copied = copy.deepcopy(objects) if how == "deepcopy" else pickle.loads(pickle.dumps(objects))
+    copied_model, copied_optimizer = copied[0], copied[1] if order == "wrapper first" else copied[2]
+    copied_optimizer.inner.load_state_dict(torch.optim.SGD(copied_model.parameters(), lr=0.1, momentum=0.9).state_dict())
+    assert copied_optimizer.param_groups[0]["rho"] == 0.5
+    assert _momenta(copied_optimizer) == []
+    copied_optimizer.step(make_closure(copied_model, copied_optimizer))
+    assert copied_optimizer.param_groups[0]["rho"] == 0.5
+    assert [sorted(entry) for entry in copied_optimizer.state.values()] == [["momentum_buffer"]] * 4
