@@ -280,7 +280,7 @@ class _ReadThrough(_SharedState):
     itself: read through the wrapper (which this holds) until the wrapper's next step or
     checkpoint gives its driven optimizer a view of its own (``_adopt_driven_state``)."""
 
-    def __init__(self, owner: WrappingOptimizer) -> None:  # noqa: D107 -- no super(): nothing is set
+    def __init__(self, owner: WrappingOptimizer) -> None:  # (state and hider are read through it)
         self._wrapper = owner
 
     @property  # type: ignore[override]
