@@ -970,7 +970,11 @@ class WrappingOptimizer(Optimizer):
         """This wrapper and the wrappers that drive it, innermost first (a meta-optimizer whose
         outer optimizer is a ``TransformingOptimizer``): they share the param groups."""
         owners: list[WrappingOptimizer] = [self]
-        while isinstance(view := owners[-1].state, _DrivenState) and (owner := view._owner) is not None:
+        while (
+            isinstance(view := owners[-1].state, _DrivenState)
+            and (owner := view._owner) is not None
+            and owner.__dict__.get(owner._driven_attr) is owners[-1]  # (a copy.copy of the driven wrapper is not)
+        ):
             owners.append(owner)
         return owners
 

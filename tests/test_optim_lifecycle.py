@@ -569,3 +569,28 @@ def test_a_direct_load_into_a_copied_inner_optimizer_is_taken_over_at_once_in_ei
     copied_optimizer.step(make_closure(copied_model, copied_optimizer))
     assert copied_optimizer.param_groups[0]["rho"] == 0.5
     assert [sorted(entry) for entry in copied_optimizer.state.values()] == [["momentum_buffer"]] * 4
+
+
+@pytest.mark.parametrize("into", ["the copy", "the copy's inner optimizer"])
+def test_a_shallow_copy_of_a_meta_optimizers_outer_optimizer_loads_for_itself_alone(into):
+    """``copy.copy(meta.outer)`` shares the meta-optimizer's state (its state is a view of it) but
+    is not what the meta-optimizer drives: a checkpoint loaded into it, or straight into its
+    inner optimizer, is its own and leaves the meta-optimizer's momenta (the direct load bound
+    the new state to the meta-optimizer, emptying them)."""
+    model = make_model()
+    outer = TransformingOptimizer(model.parameters(), torch.optim.SGD, lr=1e-2, momentum=0.9, transforms=[SAM(0.05), EMA(0.9)])
+    meta = MAML(model, outer, inner_lr=0.1)
+    meta.step(_meta_closure(meta, model))
+    kept = [momentum.clone() for momentum in _momenta(meta)]
+    shallow = copy.copy(meta.outer)
+    checkpoint = torch.optim.SGD(model.parameters(), lr=0.7, momentum=0.9).state_dict()
+    if into == "the copy":
+        full = copy.deepcopy(shallow.state_dict())
+        full["state"] = {}
+        full["param_groups"][0]["lr"] = 0.7
+        shallow.load_state_dict(full)
+    else:
+        shallow.inner.load_state_dict(checkpoint)
+    assert len(_momenta(meta)) == len(kept) and all(a is not None and torch.equal(a, b) for a, b in zip(_momenta(meta), kept))
+    assert meta.param_groups[0]["lr"] == 1e-2 and shallow.param_groups[0]["lr"] == 0.7
+    assert all(momentum is None for momentum in _momenta(shallow))  # (the transforms' slots may stay)
