@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import copy
 import functools
-import gc
 import io
 import pickle
 import weakref
@@ -165,19 +164,15 @@ def test_sam_drops_the_backups_of_a_param_group_deleted_from_the_optimizer():
     assert removed() is None
 
 
-def test_a_transform_that_outlives_its_optimizer_keeps_no_parameters():
+def test_a_transform_that_outlives_its_optimizer_keeps_no_parameters(no_cyclic_collector):
     sam = SAM(0.05)
-    gc.disable()  # freed as the last reference goes, not by the cyclic collector
-    try:
-        for seed in range(2):  # a sweep: one transform object, a new model and optimizer per trial
-            model = make_model(seed)
-            optimizer = TransformingOptimizer(model.parameters(), torch.optim.SGD, lr=0.1, transforms=[sam])
-            optimizer.step(make_closure(model, optimizer))
-            weight = weakref.ref(model[0].weight)
-            del optimizer, model
-            assert weight() is None
-    finally:
-        gc.enable()
+    for seed in range(2):  # a sweep: one transform object, a new model and optimizer per trial
+        model = make_model(seed)
+        optimizer = TransformingOptimizer(model.parameters(), torch.optim.SGD, lr=0.1, transforms=[sam])
+        optimizer.step(make_closure(model, optimizer))
+        weight = weakref.ref(model[0].weight)
+        del optimizer, model  # freed as the last reference goes
+        assert weight() is None
 
 
 def _copy_discarded_or_not(build: Callable[[nn.Module], torch.optim.Optimizer], step: Callable, discard: bool):
@@ -272,27 +267,23 @@ def _stepped(kind: str, model: nn.Module) -> list[object]:
 
 @pytest.mark.parametrize("kind", ["torch Adam", "no transforms", "SAM", "SAM, LAMP and EMA", "MAML", "MAML driving SAM"])
 @pytest.mark.parametrize("then", ["stepped", "checkpointed", "copied", "unpickled"])
-def test_a_deleted_optimizer_frees_its_model_at_once_as_torchs(kind, then):
+def test_a_deleted_optimizer_frees_its_model_at_once_as_torchs(kind, then, no_cyclic_collector):
     """With Python's cyclic collector off, deleting the optimizer and the model frees both, as it
     frees a torch optimizer: nothing the inner optimizer holds refers back to its wrapper (its
     state view held the wrapper, and a sweep kept up to ten dead models until the collector ran)."""
-    gc.disable()
-    try:
-        model = make_model()
-        held = _stepped(kind, model)
-        optimizer = held[0]
-        if then == "checkpointed":
-            optimizer.load_state_dict(optimizer.state_dict())
-        elif then == "copied":
-            held.append(copy.copy(optimizer))
-        elif then == "unpickled":
-            model, optimizer = pickle.loads(pickle.dumps((model, optimizer)))
-            held = [optimizer]
-        watched = [weakref.ref(model[0].weight), *map(weakref.ref, held)]
-        del model, optimizer, held
-        assert [ref() is None for ref in watched] == [True] * len(watched)
-    finally:
-        gc.enable()
+    model = make_model()
+    held = _stepped(kind, model)
+    optimizer = held[0]
+    if then == "checkpointed":
+        optimizer.load_state_dict(optimizer.state_dict())
+    elif then == "copied":
+        held.append(copy.copy(optimizer))
+    elif then == "unpickled":
+        model, optimizer = pickle.loads(pickle.dumps((model, optimizer)))
+        held = [optimizer]
+    watched = [weakref.ref(model[0].weight), *map(weakref.ref, held)]
+    del model, optimizer, held
+    assert [ref() is None for ref in watched] == [True] * len(watched)
 
 
 @pytest.mark.parametrize("kind", ["TransformingOptimizer", "MAML"])
@@ -424,7 +415,7 @@ def test_a_discarded_shallow_copy_of_a_meta_optimizer_keeps_a_direct_load_comple
 
 
 @pytest.mark.parametrize("order", ["wrapper first", "inner first"])
-def test_a_pickle_whose_inner_view_held_the_wrapper_itself_unpickles_and_steps_on(order, monkeypatch):
+def test_a_pickle_whose_inner_view_held_the_wrapper_itself_unpickles_and_steps_on(order, monkeypatch, no_cyclic_collector):
     """Pickles written while the inner optimizer's view held the wrapper itself (and the wrapper
     pickled no shared state) still unpickle, in either order, and step as today's pickle does."""
     model = make_model()
@@ -444,15 +435,11 @@ def test_a_pickle_whose_inner_view_held_the_wrapper_itself_unpickles_and_steps_o
             copied.step(make_closure(copied_model, copied))
         results.append((weights_of(copied_model), copied.state_dict()))
     ended_like(*results)
-    gc.disable()
-    try:  # once it has stepped, nothing it drives holds it: freed at once
-        copied_model, copied = (unpickled := pickle.loads(legacy))[0], unpickled[-1]
-        copied.step(make_closure(copied_model, copied))
-        watched = weakref.ref(copied)
-        del copied, unpickled
-        assert watched() is None
-    finally:
-        gc.enable()
+    copied_model, copied = (unpickled := pickle.loads(legacy))[0], unpickled[-1]
+    copied.step(make_closure(copied_model, copied))
+    watched = weakref.ref(copied)
+    del copied, unpickled
+    assert watched() is None  # once it has stepped, nothing it drives holds it: freed at once
 
 
 def _sam_sgd_rho(model: nn.Module) -> TransformingOptimizer:

@@ -8,7 +8,6 @@ group keys beside an inner optimizer that owns the same name.
 from __future__ import annotations
 
 import copy
-import gc
 import io
 import weakref
 
@@ -394,25 +393,21 @@ def test_a_first_step_without_closure_that_raises_leaves_no_state(info, config, 
 
 @all_configs
 @pytest.mark.parametrize("deleted", ["after a step", "between first_step and second_step"])
-def test_a_deleted_optimizer_frees_its_model_at_once(info, config, deleted):
+def test_a_deleted_optimizer_frees_its_model_at_once(info, config, deleted, no_cyclic_collector):
     """With the cyclic collector off, deleting the optimizer and the model frees the parameters,
     also between the two calls (GSAM's and WSAM's step in progress held itself in a cycle
     through its finishing function, keeping the first weights until the collector ran)."""
     x, y = make_data()
-    gc.disable()  # (no collection between here and the deletion: only reference counts free)
-    try:
-        model = make_model()
-        optimizer = config.build(model)
-        if deleted == "after a step":
-            optimizer.step(make_closure(model, optimizer, x, y))
-        else:
-            nn.functional.mse_loss(model(x), y).backward()
-            optimizer.first_step(zero_grad=True)
-        watched = [weakref.ref(param) for param in model.parameters()]
-        del model, optimizer
-        assert [ref() is None for ref in watched] == [True] * len(watched)
-    finally:
-        gc.enable()
+    model = make_model()
+    optimizer = config.build(model)
+    if deleted == "after a step":
+        optimizer.step(make_closure(model, optimizer, x, y))
+    else:
+        nn.functional.mse_loss(model(x), y).backward()
+        optimizer.first_step(zero_grad=True)
+    watched = [weakref.ref(param) for param in model.parameters()]
+    del model, optimizer
+    assert [ref() is None for ref in watched] == [True] * len(watched)
 
 
 def _assert_as_before_then_like_the_twin(model, optimizer, before_params, before_state, twin_model, twin, x, y):
