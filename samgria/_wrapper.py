@@ -1002,6 +1002,9 @@ class WrappingOptimizer(Optimizer):
         what a driven optimizer's own ``state_dict`` adds beside ``state`` and ``param_groups``
         and what a subclass keeps beside them (:meth:`_pack_extras`) -- added before the post-hooks
         run, so that they see the whole checkpoint, as torch's see theirs."""
+        proxied = self._proxied()
+        if proxied is not None:
+            return proxied.state_dict()
         self._check_idle("state_dict()")
         self._before_pack()
         # torch's state_dict runs the post-hooks right after packing; the extras must be in the
@@ -1029,6 +1032,15 @@ class WrappingOptimizer(Optimizer):
                 packed = result
         return packed
 
+    def _proxied(self) -> WrappingOptimizer | None:
+        """The optimizer that ``self`` stands in for, if ``self`` is a forwarding proxy of it:
+        Lightning's ``LightningOptimizer`` is an instance of a subclass made on the fly, whose own
+        ``__dict__`` holds none of the optimizer's attributes (its ``__getattr__`` reads them on
+        the optimizer). Checkpoints go through the optimizer itself, whose hook dictionaries
+        they swap for a while; ``None`` for the optimizer itself and its copies."""
+        owner = self._state_source.owner()
+        return owner if owner is not None and owner is not self and "_state_source" not in self.__dict__ else None
+
     def _pack_extras(self) -> dict[str, Any]:
         """What a subclass keeps in its checkpoints beside torch's ``state`` and ``param_groups``
         (default: nothing); :meth:`_take_extras` takes it back."""
@@ -1041,6 +1053,10 @@ class WrappingOptimizer(Optimizer):
         exactly as it was -- except through a load post-hook, which runs once the load is
         applied (as torch runs it): the load stays when one raises.
         """
+        proxied = self._proxied()
+        if proxied is not None:
+            proxied.load_state_dict(state_dict)
+            return
         self._check_idle("load_state_dict()")
         outer = self._loading  # a load_state_dict pre-hook may load too
         self._loading = True

@@ -22,10 +22,12 @@ from torch.nn import functional as F
 if not os.environ.get("SAMGRIA_REQUIRE_INTEGRATIONS"):
     pytest.importorskip("lightning", reason="pip install 'samgria[integrations]'")
 import lightning.pytorch as pl  # noqa: E402
+from lightning.pytorch.core.optimizer import LightningOptimizer  # noqa: E402
 from lightning.pytorch.plugins.precision import MixedPrecision  # noqa: E402
 
 from samgria import MultiStepSAM, TransformingOptimizer, frozen_bn_stats, sam_optimizer  # noqa: E402
 from samgria.integrations.lightning import SAMCallback, SAMMixedPrecision  # noqa: E402
+from state_helpers import assert_state_dicts_equal  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings(
     # lightning 2.6 uses a torch.utils._pytree API that torch 2.13 deprecates
@@ -515,3 +517,31 @@ def test_reptile_updates_over_every_task_lightning_adapted(how) -> None:
         meta.step()
     for a, b in zip(module.net.parameters(), net.parameters()):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-15)
+
+
+def test_checkpoints_through_lightnings_optimizer_wrapper_are_the_optimizers() -> None:
+    """``self.optimizers()`` gives a ``LightningOptimizer``, a subclass of the optimizer's class made
+    on the fly whose ``__dict__`` holds none of its attributes: ``state_dict()`` and
+    ``load_state_dict()`` through it are the optimizer's own (they raised KeyError)."""
+    def stepped(seed: int) -> tuple[nn.Module, TransformingOptimizer]:
+        torch.manual_seed(seed)
+        model = nn.Linear(3, 2).double()
+        optimizer = sam_optimizer(model.parameters(), torch.optim.Adam, lr=LR, rho=RHO)
+        x, y = torch.randn(5, 3, dtype=torch.float64), torch.randn(5, 2, dtype=torch.float64)
+
+        def closure() -> torch.Tensor:
+            optimizer.zero_grad()
+            loss = F.mse_loss(model(x), y)
+            loss.backward()
+            return loss
+
+        for _ in range(seed + 1):
+            optimizer.step(closure)
+        return model, optimizer
+
+    _, optimizer = stepped(0)
+    wrapped = LightningOptimizer(optimizer)
+    assert_state_dicts_equal(wrapped.state_dict(), optimizer.state_dict())
+    _, other = stepped(1)
+    wrapped.load_state_dict(other.state_dict())
+    assert_state_dicts_equal(optimizer.state_dict(), other.state_dict())
