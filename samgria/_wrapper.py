@@ -717,6 +717,9 @@ class WrappingOptimizer(Optimizer):
     #: with an AttributeError at the first step -- and does not fail the unpickling, so that the
     #: rest of the file (the model) can still be read.
     _needed_from_pickle: tuple[str, ...] = ()
+    #: What ``state`` reads and sets, shared with the driven optimizer's view (set in the
+    #: instance by the ``state`` setter or by unpickling; annotated only).
+    _state_source: _SharedState
 
     def _init_wrapper(self, driven: Optimizer, defaults: dict[str, Any]) -> None:
         """Set up what ``torch.optim.Optimizer.__init__`` sets up, around ``driven``'s groups.
