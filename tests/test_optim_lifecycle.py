@@ -1,9 +1,11 @@
 """Object lifecycle: copies and deletions of optimizers, and transforms that outlive them.
 
-The reference is torch's own behaviour: ``copy.copy`` of an optimizer shares its state, and
-deleting one object (a copy, the original, the wrapper) never changes how another live object
-steps. Transform objects that outlive their optimizer (one ``SAM()`` reused across a sweep) keep
-no parameters, and SAM keeps no buffers for parameters that left the optimizer.
+The reference is torch's own behaviour: an optimizer is freed as soon as its last reference goes;
+``copy.copy`` of an optimizer shares its state and param groups until a load rebinds the copy's
+own (a wrapper's copy drives a shallow copy of its inner optimizer); deleting one object (a copy,
+the original, the wrapper) never changes how another live object steps. Transform objects that
+outlive their optimizer (one ``SAM()`` reused across a sweep) keep no parameters, and SAM keeps
+no buffers for parameters that left the optimizer.
 """
 
 from __future__ import annotations
@@ -188,8 +190,8 @@ def _copy_discarded_or_not(build: Callable[[nn.Module], torch.optim.Optimizer], 
 @pytest.mark.parametrize("kind", ["TransformingOptimizer", "MAML"])
 def test_discarding_a_shallow_copy_of_an_optimizer_changes_nothing(kind):
     """copy.copy of a torch optimizer shares its state; throwing the copy away must not touch the
-    original (the copy's finaliser handed the shared inner optimizer a state of its own, and the
-    original's next step dropped the momentum)."""
+    original (a finaliser-based design once handed the shared inner optimizer a state of its own
+    there, and the original's next step dropped the momentum)."""
     if kind == "MAML":
         def build(model):
             return MAML(model, torch.optim.SGD, lr=1e-2, momentum=0.9, inner_lr=0.1)
@@ -222,9 +224,9 @@ def test_a_shallow_copy_of_the_inner_optimizer_works_on_after_the_wrapper_is_gon
 
 @pytest.mark.parametrize("with_ema", [False, True], ids=["SAM", "SAM+EMA"])
 def test_a_shallow_copy_of_a_wrapper_steps_on_after_the_original_is_deleted(with_ema):
-    """The original's finaliser hands the shared inner optimizer a state of its own; the copy's next
-    step takes it over (it used to empty the shared entries first: momentum lost where an entry
-    holds no key of a transform, so that the handed-over entry was the same dict)."""
+    """The copy steps on from the shared state, as it would with the original alive (a
+    finaliser-based design once emptied the shared entries when the original went: momentum lost
+    where an entry held no key of a transform)."""
     def run(delete_original: bool):
         model = make_model()
         transforms = [SAM(0.05), EMA(0.9)] if with_ema else [SAM(0.05)]
