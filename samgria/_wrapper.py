@@ -262,6 +262,11 @@ class _SharedState:
         """The wrapper this state is the ``state`` of, while it lives."""
         return None if self._owner_ref is None else self._owner_ref()
 
+    def hides(self, key: Any) -> bool:
+        """Whether ``state[p][key]`` is reserved by the wrapper (hidden from the driven optimizer)."""
+        hider = self.hider
+        return hider is not None and hider.hides(key)
+
     def __getstate__(self) -> dict[str, Any]:
         return {"state": self.state, "hider": self.hider, "owner": self.owner()}
 
@@ -383,15 +388,10 @@ class _DrivenState(MutableMapping):
         """A shallow copy, as ``defaultdict.copy`` gives it."""
         return defaultdict(dict, self.items())
 
-    def _hides(self, key: Any) -> bool:
-        """Whether ``key`` is one the wrapper reserves (a transform's slot)."""
-        hider = self._source.hider
-        return hider is not None and hider.hides(key)
-
     def __setitem__(self, param: Any, value: Any) -> None:
         source = self._source
         old = source.state.get(param, {})
-        hidden = self._hides
+        hidden = source.hides
         kept = {key: item for key, item in old.items() if hidden(key)} if isinstance(old, dict) else {}
         if not is_entry(value) or (type(value) is not dict and not kept):
             # Any value under any key, kept as the object itself, as torch's state takes it
@@ -420,7 +420,7 @@ class _DrivenState(MutableMapping):
         state = self._source.state
         entry = state[param]
         if is_entry(entry):
-            kept = {key: value for key, value in entry.items() if self._hides(key)}
+            kept = {key: value for key, value in entry.items() if self._source.hides(key)}
             if kept:
                 # The entry object leaves with whoever holds it, as torch's ``del`` unlinks it;
                 # the wrapper's keys stay in a new entry.
@@ -821,8 +821,7 @@ class WrappingOptimizer(Optimizer):
     # -- what subclasses refine -------------------------------------------------------------------
     def _hides_state_key(self, key: Any) -> bool:
         """Whether ``state[p][key]`` is reserved by the wrapper (hidden from the driven optimizer)."""
-        hider = self._state_source.hider
-        return hider is not None and hider.hides(key)
+        return self._state_source.hides(key)
 
     def _unique_params(self) -> list[torch.Tensor]:
         """Every parameter of every group once, in group order."""
@@ -931,22 +930,22 @@ class WrappingOptimizer(Optimizer):
         """
         driven = self._driven
         before = self.__dict__.pop("_groups_before_load", None)
-        view = driven.state
-        if isinstance(view, _DrivenState):
-            if not view._hooked or view._source is not self._state_source:
+        loaded = driven.state
+        if isinstance(loaded, _DrivenState):
+            if not loaded._hooked:
                 # Unpickled (the driven optimizer's own __setstate__ may have replaced the hook
                 # dictionaries made for it), or a development version's: shown again.
                 _show_state(driven, self)
             return False
+        owners = self._owners_outwards()
         if before is not None:  # a direct load through torch's hooks: refused as load_state_dict would
             state_before, groups_before, previous = before
             try:
-                for owner in self._owners_outwards():
+                for owner in owners:
                     owner._check_loaded_groups(driven.param_groups, previous)
             except BaseException:
                 driven.state, driven.param_groups = state_before, groups_before  # what the load replaced
                 raise
-        loaded = driven.state
         hidden = self._hides_state_key
         # A new dictionary and new entries, bound to the outermost wrapper (whose state this
         # wrapper's is a view of, if any), as torch's load binds a new state: the old ones may be
@@ -962,10 +961,10 @@ class WrappingOptimizer(Optimizer):
                 state[param].update({key: value for key, value in entry.items() if not hidden(key)})
             else:
                 state[param] = entry
-        self._owners_outwards()[-1].state = state
+        owners[-1].state = state
         _show_state(driven, self)
         if before is not None:
-            for owner in self._owners_outwards():
+            for owner in owners:
                 owner._took_driven_groups(before[2])
         return True
 
@@ -1041,8 +1040,7 @@ class WrappingOptimizer(Optimizer):
         ``__dict__`` holds none of the optimizer's attributes (its ``__getattr__`` reads them on
         the optimizer). Checkpoints go through the optimizer itself, whose hook dictionaries
         they swap for a while; ``None`` for the optimizer itself and its copies."""
-        owner = self._state_source.owner()
-        return owner if owner is not None and owner is not self and "_state_source" not in self.__dict__ else None
+        return None if "_state_source" in self.__dict__ else self._state_source.owner()
 
     def _pack_extras(self) -> dict[str, Any]:
         """What a subclass keeps in its checkpoints beside torch's ``state`` and ``param_groups``
