@@ -465,3 +465,36 @@ def test_a_learned_rate_may_be_negative_and_receives_its_gradient(kind):
         assert new["bias"][i].item() == model.bias[i].item() - values[i].item() * g_b[i].item()
     (d_rate,) = torch.autograd.grad(new["bias"].sum(), [rate])
     assert torch.equal(d_rate, -g_b)
+
+
+def _layer_applied_twice(seed: int = 0) -> tuple[nn.Module, nn.Linear]:
+    torch.manual_seed(seed)
+    layer = nn.Linear(3, 3).to(DT)
+    return nn.Sequential(layer, nn.Tanh(), layer), layer
+
+
+def test_functional_forward_leaves_a_module_registered_under_two_names_as_it_was():
+    """torch's functional_call swaps a module registered under two names twice and puts the
+    first swap's tensors back as the originals: the model kept the fast weights, as plain tensors
+    the optimizer does not hold."""
+    model, layer = _layer_applied_twice()
+    weight, bias = layer.weight, layer.bias
+    saved = [weight.detach().clone(), bias.detach().clone()]
+    fast = {"0.weight": 2 * weight, "0.bias": bias + 1}
+    x = torch.randn(4, 3, dtype=DT)
+    out = functional_forward(model, fast, x)
+    expected = torch.tanh(x @ fast["0.weight"].T + fast["0.bias"]) @ fast["0.weight"].T + fast["0.bias"]
+    torch.testing.assert_close(out, expected, rtol=0, atol=1e-15)
+    assert layer.weight is weight and layer.bias is bias
+    assert [p is q for p, q in zip(model.parameters(), (weight, bias))] == [True, True]
+    assert torch.equal(weight, saved[0]) and torch.equal(bias, saved[1])
+    out.sum().backward()  # the fast weights' graph reaches the model's parameters
+    assert weight.grad is not None and bias.grad is not None
+
+
+def test_functional_forward_leaves_a_reused_module_as_it_was_when_the_forward_raises():
+    model, layer = _layer_applied_twice()
+    weight = layer.weight
+    with pytest.raises(RuntimeError):
+        functional_forward(model, {"0.weight": 2 * weight}, torch.randn(4, 5, dtype=DT))  # wrong width
+    assert layer.weight is weight and isinstance(layer.weight, nn.Parameter)

@@ -523,3 +523,77 @@ def test_meta_inner_loop_checks_track_graph_like_create_graph():
         assert str(reference.value) == f"create_graph must be a bool, got {bad!r}"
     assert meta.inner_loop(track_graph=np.False_).second_order is False
     assert meta.inner_loop(track_graph=True).second_order is True
+
+
+def _layer_applied_twice(seed=0):
+    torch.manual_seed(seed)
+    layer = nn.Linear(2, 2).to(DT)
+    return nn.Sequential(layer, nn.Tanh(), layer), layer
+
+
+def _twice_layer_maml_gradient(weight, bias, tasks, inner_lr, inner_steps):
+    """Second-order MAML's meta-gradient, by hand, for ``layer(tanh(layer(x)))``."""
+    w, b = weight.detach().clone().requires_grad_(), bias.detach().clone().requires_grad_()
+
+    def forward(w_, b_, x):
+        return torch.tanh(x @ w_.T + b_) @ w_.T + b_
+
+    total = 0
+    for task in tasks:
+        fw, fb = w, b
+        for _ in range(inner_steps):
+            support = F.mse_loss(forward(fw, fb, task.support_x), task.support_y)
+            gw, gb = torch.autograd.grad(support, (fw, fb), create_graph=True)
+            fw, fb = fw - inner_lr * gw, fb - inner_lr * gb
+        total = total + F.mse_loss(forward(fw, fb, task.query_x), task.query_y)
+    return torch.autograd.grad(total / len(tasks), (w, b))
+
+
+def _tasks_of_width_2(n, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [Task(*(torch.randn(5, 2, generator=g, dtype=DT) for _ in range(4))) for _ in range(n)]
+
+
+@pytest.mark.parametrize("vectorize", [False, True])
+def test_a_layer_applied_twice_keeps_its_parameters_and_gets_maml_s_gradient(vectorize):
+    """A module registered under two names (nn.Sequential(layer, act, layer)) was left holding the
+    inner loop's fast weights after every task: the optimizer's parameters were cut off from the
+    model, which stopped training."""
+    model, layer = _layer_applied_twice()
+    weight, bias = layer.weight, layer.bias
+    tasks = _tasks_of_width_2(3)
+    expected = _twice_layer_maml_gradient(weight, bias, tasks, 0.1, 2)
+    meta = MAML(model, torch.optim.SGD, lr=0.5, inner_lr=0.1, inner_steps=2)
+    meta.task_losses(tasks, F.mse_loss, vectorize=vectorize).mean().backward()
+    assert layer.weight is weight and layer.bias is bias
+    assert meta.param_groups[0]["params"] == [weight, bias]
+    torch.testing.assert_close((weight.grad, bias.grad), expected, rtol=1e-12, atol=1e-14)
+    moved = [(p - 0.5 * p.grad).detach() for p in (weight, bias)]
+    meta.step()
+    assert torch.equal(weight.detach(), moved[0]) and torch.equal(bias.detach(), moved[1])  # the model moved
+
+
+@pytest.mark.parametrize("route", ["evaluate", "adapt", "reptile", "trainer"])
+def test_every_route_leaves_a_layer_applied_twice_in_its_model(route):
+    model, layer = _layer_applied_twice()
+    weight, bias = layer.weight, layer.bias
+    saved = [weight.detach().clone(), bias.detach().clone()]
+    tasks = _tasks_of_width_2(2)
+    task = tasks[0]
+    if route == "reptile":
+        from samgria import Reptile
+
+        meta = Reptile(model, torch.optim.SGD, lr=0.0, inner_lr=0.1, inner_steps=2)
+    else:
+        meta = MAML(model, torch.optim.SGD, lr=0.0, inner_lr=0.1, inner_steps=2)
+    if route == "evaluate":
+        meta.evaluate(tasks, F.mse_loss)
+    elif route == "trainer":
+        MetaTrainer(meta, F.mse_loss, ListSampler(tasks), vectorize=False).train_step(tasks)
+    else:
+        meta.adapt(lambda forward: F.mse_loss(forward(task.support_x), task.support_y))
+        if route == "reptile":
+            meta.step()
+    assert layer.weight is weight and layer.bias is bias
+    assert [p is q for p, q in zip(model.parameters(), meta.param_groups[0]["params"])] == [True, True]
+    assert torch.equal(weight.detach(), saved[0]) and torch.equal(bias.detach(), saved[1])  # lr=0

@@ -433,6 +433,51 @@ def take_inner_steps(
     return fast, state
 
 
+def modules_under_several_names(model: nn.Module) -> list[nn.Module]:
+    """The submodules of ``model`` registered under more than one name, as in
+    ``nn.Sequential(block, nn.Tanh(), block)`` (the way to apply one layer twice)."""
+    seen: set[int] = set()
+    reused: dict[int, nn.Module] = {}
+    for _, module in model.named_modules(remove_duplicate=False):
+        if id(module) in seen:
+            reused[id(module)] = module
+        seen.add(id(module))
+    return list(reused.values())
+
+
+def stateless_call(
+    model: nn.Module,
+    params: Mapping[str, torch.Tensor],
+    buffers: Mapping[str, torch.Tensor],
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any] | None = None,
+    *,
+    reused: Sequence[nn.Module] | None = None,
+) -> Any:
+    """:func:`torch.func.functional_call` of ``model`` with ``params`` and ``buffers``, which
+    leaves the model as it was also when a submodule is registered under two names.
+
+    torch swaps such a module's tensors in once per name and back in the same order, so the
+    second swap records the call's tensors as the originals and the module keeps them: its
+    parameters are replaced by the fast weights, silently detached from the optimizer. The
+    members of those modules are put back here.
+
+    Args:
+        reused: :func:`modules_under_several_names` of ``model``, when the caller knows them
+            (found here otherwise).
+    """
+    if reused is None:
+        reused = modules_under_several_names(model)
+    # Module._parameters and ._buffers: the registries torch's functional_call swaps in place.
+    kept = [(module, dict(module._parameters), dict(module._buffers)) for module in reused]
+    try:
+        return functional_call(model, (dict(params), dict(buffers)), args, kwargs)
+    finally:
+        for module, module_params, module_buffers in kept:
+            module._parameters.update(module_params)
+            module._buffers.update(module_buffers)
+
+
 class _MathAttention:
     """A re-enterable :func:`twice_differentiable_attention` (a checkpoint may recompute a step
     more than once, e.g. in a double backward)."""
@@ -462,12 +507,14 @@ def _task_loss(
     support_y: Any,
     query_x: Any,
     query_y: Any,
+    reused: Sequence[nn.Module],
 ) -> tuple[torch.Tensor, Tensors]:
-    """Adapt on the support set and return (query loss, adapted weights) of one task."""
+    """Adapt on the support set and return (query loss, adapted weights) of one task
+    (``reused``: :func:`modules_under_several_names` of ``model``)."""
 
     def forward(weights: Tensors, x: Any) -> Any:
         # A fresh copy of the buffers per forward (the BatchNorm policy of functional.py).
-        return functional_call(model, (weights, {n: b.clone() for n, b in buffers.items()}), (x,))
+        return stateless_call(model, weights, {n: b.clone() for n, b in buffers.items()}, (x,), reused=reused)
 
     adapted = run_inner_loop(loop, params, lambda w: loss_fn(forward(w, support_x), support_y), grad_source)
     with torch.set_grad_enabled(loop.track_graph and torch.is_grad_enabled()):
@@ -484,11 +531,12 @@ def _loop_task_losses(
     backward_weights: Sequence[float] | None,
 ) -> tuple[torch.Tensor, list[Tensors]]:
     buffers = {n: b.detach() for n, b in model.named_buffers()}
+    reused = modules_under_several_names(model)
     losses, adapted = [], []
     for i, task in enumerate(tasks):
         loss, fast = _task_loss(
             model, loop, loss_fn, autograd_support_grads, params, buffers,
-            task.support_x, task.support_y, task.query_x, task.query_y,
+            task.support_x, task.support_y, task.query_x, task.query_y, reused,
         )
         check_scalar_loss(loss, f"the query loss of tasks[{i}]")
         if backward_weights is not None:
@@ -535,9 +583,10 @@ def vmapped_task_losses(
     """
     n_tasks = support_x.shape[0]
     buffers = {n: b.detach().unsqueeze(0).expand(n_tasks, *b.shape).clone() for n, b in model.named_buffers()}
+    reused = modules_under_several_names(model)
 
     def one_task(p: Tensors, bufs: Tensors, sx: Any, sy: Any, qx: Any, qy: Any) -> tuple[torch.Tensor, Tensors]:
-        loss, fast = _task_loss(model, loop, loss_fn, functorch_support_grads, p, bufs, sx, sy, qx, qy)
+        loss, fast = _task_loss(model, loop, loss_fn, functorch_support_grads, p, bufs, sx, sy, qx, qy, reused)
         check_scalar_loss(loss, "the query loss of a task")  # under vmap: one task's shape
         return loss, fast
 

@@ -42,9 +42,9 @@ from samgria.meta.engine import (
     check_support_loss,
     grads_of_loss,
     run_inner_loop,
+    stateless_call,
 )
 from torch import nn
-from torch.func import functional_call
 
 __all__ = [
     "LearningRate",
@@ -124,7 +124,7 @@ def functional_forward(
     _check_module(model)
     if buffers is None:
         buffers = copy_buffers(model)
-    return functional_call(model, (dict(params), dict(buffers)), args, kwargs)
+    return stateless_call(model, params, buffers, args, kwargs)
 
 
 def check_lr(lr: Any, name: str = "lr") -> float:
