@@ -545,3 +545,101 @@ def test_checkpoints_through_lightnings_optimizer_wrapper_are_the_optimizers() -
     _, other = stepped(1)
     wrapped.load_state_dict(other.state_dict())
     assert_state_dicts_equal(optimizer.state_dict(), other.state_dict())
+
+
+class MetaSAMRegression(pl.LightningModule):
+    """MAML whose outer optimizer runs SAM: Lightning's closure adapts one meta-batch of tasks."""
+
+    def __init__(self, tasks) -> None:
+        super().__init__()
+        self.net = _meta_net()
+        self.tasks = tasks
+        self.training_steps = 0
+
+    def training_step(self, batch, batch_idx):
+        self.training_steps += 1
+        return self.trainer.optimizers[0].task_losses(self.tasks[int(batch)], F.mse_loss).mean()
+
+    def configure_optimizers(self):
+        return _maml_with_outer_sam(self.net)
+
+
+def _meta_net() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(1, 8), nn.Tanh(), nn.Linear(8, 1)).double()
+
+
+def _maml_with_outer_sam(net: nn.Module):
+    from samgria import MAML, SAM
+
+    outer = TransformingOptimizer(net.parameters(), torch.optim.Adam, lr=1e-2, transforms=[SAM(rho=0.05)])
+    return MAML(net, outer, inner_lr=0.05, inner_steps=1)
+
+
+def _sinusoid_meta_batches(count: int = 4):
+    from samgria.data import SinusoidTaskSampler
+
+    sampler = SinusoidTaskSampler(k_support=5, k_query=5, seed=1, dtype=torch.float64)
+    return [sampler.sample(2) for _ in range(count)]
+
+
+def _fit_meta(module: MetaSAMRegression, fit: pl.Trainer) -> None:
+    fit.fit(module, torch.utils.data.DataLoader(list(range(len(module.tasks))), batch_size=None))
+
+
+def test_a_meta_optimizer_with_an_outer_sam_trains_as_the_hand_written_loop() -> None:
+    tasks = _sinusoid_meta_batches()
+    module = MetaSAMRegression(tasks)
+    _fit_meta(module, trainer(callbacks=[SAMCallback()]))
+    net = _meta_net()
+    meta = _maml_with_outer_sam(net)
+    for batch in tasks:
+
+        def closure(batch=batch):
+            meta.zero_grad()
+            loss = meta.task_losses(batch, F.mse_loss).mean()
+            loss.backward()
+            return loss
+
+        meta.step(closure)
+    for got, want in zip(module.net.parameters(), net.parameters()):
+        assert torch.equal(got.detach(), want.detach())
+
+
+@pytest.mark.parametrize("callback", [True, False])
+def test_a_meta_optimizer_with_an_outer_sam_is_refused_under_accumulate_grad_batches(callback) -> None:
+    """SAM in MAML's outer optimizer saw every micro-batch in its first pass and the last one in
+    its second: a different algorithm, trained without a word (the checks did not look inside the
+    meta-optimizer, whose outer optimizer is handed MAML's own closure)."""
+    module = MetaSAMRegression(_sinusoid_meta_batches())
+    before = [p.detach().clone() for p in module.net.parameters()]
+    fit = trainer(accumulate_grad_batches=2, callbacks=[SAMCallback()] if callback else [])
+    if callback:
+        expected = (ValueError, r"^Trainer\(accumulate_grad_batches=2\) with SAM under automatic optimization")
+    else:
+        expected = (RuntimeError, r"^SAM re-evaluate\(s\) the loss, but Lightning's Trainer\(accumulate_grad_batches > 1\)")
+    with pytest.raises(expected[0], match=expected[1]):
+        _fit_meta(module, fit)
+    assert module.training_steps == (0 if callback else 1)
+    for got, want in zip(module.net.parameters(), before):
+        assert torch.equal(got.detach(), want)
+
+
+@pytest.mark.parametrize("plugin", ["sam-mixed-precision", "mixed-precision"])
+def test_a_meta_optimizer_with_an_outer_sam_under_a_loss_scaler_is_refused_when_fit_starts(plugin) -> None:
+    """The scaler steps the meta-optimizer without a closure: the outer SAM failed at the first
+    step, with a message that sent the user to SAMMixedPrecision, the plugin in use."""
+    module = MetaSAMRegression(_sinusoid_meta_batches())
+    before = [p.detach().clone() for p in module.net.parameters()]
+    if plugin == "sam-mixed-precision":
+        fit = trainer(plugins=[SAMMixedPrecision("16-mixed", "cpu")])
+        name = "SAMMixedPrecision"
+    else:
+        fit = trainer(plugins=[MixedPrecision("16-mixed", "cpu")], callbacks=[SAMCallback()])
+        name = "MixedPrecision"
+    with pytest.raises(ValueError, match=rf"^{name} with a meta-optimizer whose outer optimizer runs SAM .*"
+                       r"steps the meta-optimizer without a closure.*bf16-mixed"):
+        _fit_meta(module, fit)
+    assert module.training_steps == 0
+    for got, want in zip(module.net.parameters(), before):
+        assert torch.equal(got.detach(), want)

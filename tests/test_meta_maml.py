@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from meta_helpers import finite_difference_grad
+from state_helpers import assert_state_dicts_equal
 from samgria.data.task import Task
 from samgria.meta.base import MetaOptimizer
 from samgria.meta.functional import functional_forward, named_params
@@ -389,6 +390,39 @@ def test_sam_transforming_optimizer_on_the_outer_loop():
     g = closed_form_maml_grad(w0, tasks, alpha)
     g_sam = closed_form_maml_grad(w0 + rho * g / g.norm(), tasks, alpha)
     torch.testing.assert_close(model.weight.detach(), w0 - lr * g_sam, rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize("algorithm", ["MAML", "Reptile"])
+def test_a_step_without_closure_is_refused_when_the_outer_optimizer_re_evaluates(algorithm):
+    """A framework loop that steps without a closure (Hugging Face's Trainer, a loss scaler) got
+    the outer SAM's message, which sends the user to SAMTrainer or SAMMixedPrecision: the classes
+    that were in use. The meta-optimizer says what its outer optimizer needs, before any change."""
+    import samgria
+    from samgria.optim import TransformingOptimizer
+    from samgria.transforms import SAM
+
+    model = mlp()
+    outer = TransformingOptimizer(model.parameters(), torch.optim.Adam, lr=0.1, transforms=[SAM(rho=0.05)])
+    meta = getattr(samgria, algorithm)(model, outer, inner_lr=0.1)
+    tasks = make_tasks()
+    if algorithm == "MAML":
+        closure_meta_grad(meta, tasks)
+    else:
+        for task in tasks:
+            meta.adapt(lambda f, task=task: mse(f(task.support_x), task.support_y))
+    before = copy.deepcopy((model.state_dict(), meta.state_dict(), [p.grad for p in model.parameters()]))
+    with pytest.raises(
+        RuntimeError,
+        match=rf"^{algorithm}\.step\(\) got no closure, but its outer optimizer runs SAM, which "
+        rf"re-evaluate\(s\) the loss: pass the closure .*{algorithm}\.step\(closure\)\. A training loop .*"
+        r"Hugging Face's Trainer and SAMTrainer",
+    ):
+        meta.step()
+    after = (model.state_dict(), meta.state_dict(), [p.grad for p in model.parameters()])
+    for key, value in before[0].items():
+        assert torch.equal(after[0][key], value)
+    assert_state_dicts_equal(after[1], before[1])
+    assert all((a is None and b is None) or torch.equal(a, b) for a, b in zip(after[2], before[2]))
 
 
 def test_exception_in_closure_leaves_model_unchanged():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from samgria.meta.base import MetaOptimizer
 from samgria.optim import TransformingOptimizer
 
 INSTALL_HINT = "pip install 'samgria[integrations]'"
@@ -27,17 +28,15 @@ def missing_base(package: str, error: ImportError) -> type:
     return Unavailable
 
 
-def find_transforming(optimizer: Any) -> TransformingOptimizer | None:
-    """The :class:`~samgria.TransformingOptimizer` inside a framework's optimizer wrappers, if any.
-
-    Follows ``.optimizer`` (accelerate's ``AcceleratedOptimizer``, Lightning's
-    ``LightningOptimizer``) and ``._optimizer`` a few levels deep.
-    """
+def _found_inside(optimizer: Any, cls: type) -> Any:
+    """The ``cls`` instance inside a framework's optimizer wrappers, if any: follows
+    ``.optimizer`` (accelerate's ``AcceleratedOptimizer``, Lightning's ``LightningOptimizer``)
+    and ``._optimizer`` a few levels deep."""
     for _ in range(8):
-        if isinstance(optimizer, TransformingOptimizer):
+        if isinstance(optimizer, cls):
             # A LightningOptimizer is an instance of the optimizer's class too: take the optimizer.
             inner = optimizer.__dict__.get("_optimizer")
-            return inner if isinstance(inner, TransformingOptimizer) else optimizer
+            return inner if isinstance(inner, cls) else optimizer
         wrapped = getattr(optimizer, "optimizer", None)
         if wrapped is None or wrapped is optimizer:
             wrapped = getattr(optimizer, "_optimizer", None)
@@ -45,6 +44,20 @@ def find_transforming(optimizer: Any) -> TransformingOptimizer | None:
             return None
         optimizer = wrapped
     return None
+
+
+def find_transforming(optimizer: Any) -> TransformingOptimizer | None:
+    """The :class:`~samgria.TransformingOptimizer` inside a framework's optimizer wrappers, if
+    any (the one the framework steps: not a meta-optimizer's outer optimizer)."""
+    found: TransformingOptimizer | None = _found_inside(optimizer, TransformingOptimizer)
+    return found
+
+
+def outer_reevaluating(optimizer: Any) -> list[str]:
+    """The transforms that re-evaluate the loss in the outer optimizer of a meta-optimizer inside
+    a framework's optimizer wrappers (``MAML(model, TransformingOptimizer(..., transforms=[SAM()]))``)."""
+    meta = _found_inside(optimizer, MetaOptimizer)
+    return [] if meta is None else reevaluating(find_transforming(meta.outer))
 
 
 def reevaluating(optimizer: TransformingOptimizer | None) -> list[str]:

@@ -35,6 +35,7 @@ from samgria.integrations._common import (
     find_transforming,
     first_pass_overflowed,
     missing_base,
+    outer_reevaluating,
     reevaluating,
     two_call_refusal,
 )
@@ -53,7 +54,8 @@ __all__ = ["SAMCallback", "SAMMixedPrecision", "check_trainer"]
 def check_trainer(trainer: Any, module: Any, optimizers: list[Any] | None = None) -> None:
     """Refuse the ``Trainer`` settings under which a samgria optimizer would not run SAM.
 
-    Checks every optimizer whose chain re-evaluates the loss (SAM, ASAM); others pass.
+    Checks every optimizer whose chain re-evaluates the loss (SAM, ASAM), and every
+    meta-optimizer (MAML) whose outer optimizer's chain does; others pass.
     :class:`SAMCallback` calls this when ``fit`` starts and :class:`SAMMixedPrecision` when it is
     connected (right after ``configure_optimizers``); call it yourself elsewhere.
 
@@ -66,13 +68,16 @@ def check_trainer(trainer: Any, module: Any, optimizers: list[Any] | None = None
         ValueError: Under automatic optimization, with ``accumulate_grad_batches > 1`` or a
             ``GradientAccumulationScheduler`` that accumulates in some epoch (SAM's second pass
             would see the last micro-batch only), or with a loss scaler
-            (``precision="16-mixed"``) in any precision plugin but :class:`SAMMixedPrecision`.
+            (``precision="16-mixed"``) in any precision plugin but :class:`SAMMixedPrecision` --
+            in any at all for a meta-optimizer whose outer optimizer re-evaluates (the scaler
+            steps it without a closure).
     """
     optimizers = trainer.optimizers if optimizers is None else optimizers
-    names = sorted({name for opt in optimizers for name in reevaluating(find_transforming(opt))})
-    if not names or not getattr(module, "automatic_optimization", True):
+    names = {name for opt in optimizers for name in reevaluating(find_transforming(opt))}
+    outer_names = {name for opt in optimizers for name in outer_reevaluating(opt)}
+    if not (names or outer_names) or not getattr(module, "automatic_optimization", True):
         return
-    what = ", ".join(names)
+    what = ", ".join(sorted(names | outer_names))
     accumulate = trainer.accumulate_grad_batches
     setting = f"Trainer(accumulate_grad_batches={accumulate})"
     for callback in getattr(trainer, "callbacks", ()):
@@ -92,7 +97,14 @@ def check_trainer(trainer: Any, module: Any, optimizers: list[Any] | None = None
             "second_step() after the second; see the samgria docs, Integrations)"
         )
     plugin = trainer.precision_plugin
-    if getattr(plugin, "scaler", None) is not None and not isinstance(plugin, SAMMixedPrecision):
+    if getattr(plugin, "scaler", None) is not None and outer_names:
+        raise ValueError(
+            f"{type(plugin).__name__} with a meta-optimizer whose outer optimizer runs "
+            f"{', '.join(sorted(outer_names))} under automatic optimization: the loss scaler steps "
+            "the meta-optimizer without a closure, so its outer optimizer cannot re-evaluate the "
+            "loss. Use precision='bf16-mixed' or '32-true', where Lightning calls step(closure)"
+        )
+    if getattr(plugin, "scaler", None) is not None and names and not isinstance(plugin, SAMMixedPrecision):
         precision = getattr(plugin, "precision", "16-mixed")
         device = getattr(plugin, "device", "cuda")
         raise ValueError(

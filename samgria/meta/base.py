@@ -384,21 +384,48 @@ class MetaOptimizer(WrappingOptimizer):
                 ``non_finite``; nothing is applied).
             ValueError: ``distributed=True`` and no rank counted a task in the step (raised on
                 every rank; nothing is applied).
+            RuntimeError: The outer optimizer re-evaluates the loss (SAM) and no closure is given,
+                or a framework accumulated micro-batches outside the closure (Lightning's
+                ``accumulate_grad_batches > 1``, accelerate's ``accumulate()``); nothing is
+                applied.
         """
         if closure is not None and not callable(closure):
             raise TypeError(f"closure must be callable, got {closure!r}")
-        self._refuse_closure_under_accumulation(closure)
+        self._refuse_unsupported_closure(closure)
         return self._guarded_step(closure)
 
-    def _refuse_closure_under_accumulation(self, closure: Callable[[], Any] | None) -> None:
+    def _refuse_unsupported_closure(self, closure: Callable[[], Any] | None) -> None:
         """Raise before anything changes when accelerate steps the optimizer under
-        ``gradient_accumulation_steps > 1`` and ``closure`` is given.
+        ``gradient_accumulation_steps > 1`` and ``closure`` is given; when the outer optimizer
+        re-evaluates the loss (SAM) and ``closure`` is Lightning's under
+        ``accumulate_grad_batches > 1`` (its second pass would see the last micro-batch only),
+        or is not given.
 
         accelerate's ``accumulate()`` calls the optimizer on the last micro-batch only, so a
         closure would adapt and back-propagate that micro-batch's tasks alone; nothing here can
         tell it from a closure that runs every micro-batch itself (see
         :func:`samgria._frameworks.accelerate_accumulation`), so both are refused.
         """
+        outer = self.outer
+        if isinstance(outer, TransformingOptimizer):
+            if closure is not None:
+                # The outer optimizer gets the guarded closure, not the framework's: it is shown
+                # the framework's here (SAM under Lightning's accumulate_grad_batches).
+                outer._refuse_framework_accumulation(closure)
+            else:
+                needing = [type(t).__name__ for t in outer.transforms if t.needs_closure]
+                if needing and not self._is_state_init_step():
+                    name = type(self).__name__
+                    raise RuntimeError(
+                        f"{name}.step() got no closure, but its outer optimizer runs "
+                        f"{', '.join(needing)}, which re-evaluate(s) the loss: pass the closure "
+                        f"that adapts and back-propagates the tasks, {name}.step(closure). A "
+                        "training loop that steps the optimizer without a closure cannot drive "
+                        "it (Hugging Face's Trainer and SAMTrainer, a loss scaler's "
+                        "scaler.step(optimizer) as in Lightning's precision='16-mixed' and "
+                        "SAMMixedPrecision); Lightning's automatic optimization in '32-true' or "
+                        "'bf16-mixed' precision passes one"
+                    )
         setting = accelerate_accumulation() if closure is not None else None
         if setting is not None:
             raise RuntimeError(

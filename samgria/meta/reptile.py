@@ -187,7 +187,7 @@ class Reptile(MetaOptimizer):
         """
         if closure is not None and not callable(closure):
             raise TypeError(f"closure must be callable, got {closure!r}")
-        self._refuse_closure_under_accumulation(closure)
+        self._refuse_unsupported_closure(closure)
         # Tasks adapted before step() count too, once: a framework may run the closures of
         # earlier micro-batches outside the optimizer (Lightning's accumulate_grad_batches) or
         # hand step() a closure that adapts nothing (Lightning's manual optimization).
