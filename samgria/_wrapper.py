@@ -1135,6 +1135,27 @@ class WrappingOptimizer(Optimizer):
             return
         type(driven).__setstate__(driven, {"state": driven.state, "param_groups": driven.param_groups})
 
+    def _probe_driven_setstate(self, loaded_state: Mapping[Any, Any], groups: list[dict[str, Any]]) -> None:
+        """Run :meth:`_driven_setstate`'s ``__setstate__`` first on a copy of the driven
+        optimizer over copies of the entries it is about to see (the keys hidden from it left
+        out) and of ``groups``, so that a refusal fails the load before anything changes
+        (torch's Adam reads ``"step"`` of every entry there: a checkpoint whose entry lacks it
+        was committed, and every later step raised)."""
+        driven = self._innermost_driven()
+        if driven is None or type(driven).__setstate__ is Optimizer.__setstate__:
+            return
+        hides = [wrapper._hides_state_key for wrapper in self._wrapper_chain()]
+        entries: defaultdict[Any, Any] = defaultdict(dict)
+        for param, entry in loaded_state.items():
+            if is_entry(entry):
+                entries[param] = {key: value for key, value in entry.items() if not any(hide(key) for hide in hides)}
+            else:
+                entries[param] = entry
+        probe = object.__new__(type(driven))
+        probe.__dict__.update(driven.__dict__)
+        # Torch's __setstate__ makes number steps tensors in the entries it is given: the copies'.
+        type(driven).__setstate__(probe, {"state": entries, "param_groups": [dict(group) for group in groups]})
+
     def _innermost_driven(self) -> Optimizer | None:
         """The optimizer the last wrapper of :meth:`_wrapper_chain` drives (``None`` while it is
         being unpickled)."""
@@ -1225,6 +1246,7 @@ class WrappingOptimizer(Optimizer):
             # torch's load_state_dict commits through __setstate__({"state", "param_groups"}).
             loaded_state, groups = self._prepare_loaded(state["state"], state["param_groups"])
             probe = self._probe_own_load(groups)  # a refusal comes before anything changes
+            self._probe_driven_setstate(loaded_state, groups)
             self.state = loaded_state
             self.param_groups = groups
             if probe is not None:

@@ -774,6 +774,25 @@ def test_a_failing_load_leaves_the_optimizer_exactly_as_before(damage):
     continue_both(model, optimizer, twin_model, twin, steps=3)
 
 
+@pytest.mark.parametrize("chain", ["sam", "sam+lamp"])
+def test_a_checkpoint_the_inner_optimizer_s_setstate_refuses_leaves_the_optimizer_as_before(chain):
+    """torch's load ends with the inner optimizer's __setstate__, where AdamW reads every entry's
+    "step": a checkpoint whose entry lacks it was committed first (the moments and the
+    transforms' slots loaded), then the load raised, and every later step raised KeyError."""
+    _, source = trained(chain, inner="adamw", steps=1)
+    saved = copy.deepcopy(source.state_dict())
+    del saved["state"][0]["step"]
+    model, optimizer = trained(chain, inner="adamw", steps=2)
+    twin_model, twin = trained(chain, inner="adamw", steps=2)
+    state_before = copy.deepcopy(state_by_index(optimizer))
+    groups_before = copy.deepcopy(groups_without_params(optimizer))
+    with pytest.raises(KeyError, match="step"):
+        optimizer.load_state_dict(saved)
+    assert_states_equal(state_by_index(optimizer), state_before)
+    assert groups_without_params(optimizer) == groups_before
+    continue_both(model, optimizer, twin_model, twin, steps=2)
+
+
 def _set(index, key, value):
     def damage(sd):
         sd["state"][index][key] = value
