@@ -21,7 +21,15 @@ from typing import Any
 
 import torch
 
-__all__ = ["check_real", "check_int", "check_seed", "check_bool", "check_choice", "check_loaded_tensor"]
+__all__ = [
+    "check_real",
+    "check_int",
+    "check_seed",
+    "check_bool",
+    "check_choice",
+    "check_like_default",
+    "check_loaded_tensor",
+]
 
 
 def _fail_type(name: str, rule: str, value: Any) -> TypeError:
@@ -167,6 +175,34 @@ def _same_kind(value: Any, choice: Any) -> bool:
     if isinstance(choice, numbers.Real):
         return isinstance(value, numbers.Real)
     return isinstance(value, type(choice))
+
+
+def _is_real(value: Any) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def check_like_default(name: str, value: Any, default: Any) -> None:
+    """Check a torch optimizer's param-group value against its default's kind, before a step
+    that would otherwise fail half-way (torch's optimizers step the groups, and the tensors in a
+    group, one after another, and use such a value only as they write).
+
+    Where ``default`` is a real number, ``value`` must be a real number or a tensor; where it is a
+    tuple with real numbers, a tuple or list as long with a real number or a tensor wherever the
+    default has a real number. Any other default (a flag, ``None``, a string) accepts anything.
+
+    Raises:
+        TypeError: ``value`` is not of ``default``'s kind (message as every check's).
+    """
+    if _is_real(default):
+        if not (_is_real(value) or isinstance(value, torch.Tensor)):
+            raise _fail_type(name, "a real number or a tensor", value)
+    elif isinstance(default, tuple) and any(_is_real(entry) for entry in default):
+        numbered = [i for i, entry in enumerate(default) if _is_real(entry)]
+        rule = f"a tuple of {len(default)} with a real number or a tensor at {', '.join(map(str, numbered))}"
+        if not isinstance(value, (tuple, list)) or len(value) != len(default):
+            raise _fail_type(name, rule, value)
+        if any(not (_is_real(value[i]) or isinstance(value[i], torch.Tensor)) for i in numbered):
+            raise _fail_type(name, rule, value)
 
 
 def check_loaded_tensor(owner: str, slot: str, key: str, value: Any, param: Any) -> None:

@@ -49,6 +49,7 @@ from typing import Any
 import torch
 from torch.optim import Optimizer
 
+from samgria._checks import check_like_default
 from samgria._frameworks import called_from
 from samgria._snapshot import is_entry
 from samgria.functional._grouping import unique_params
@@ -720,6 +721,10 @@ class WrappingOptimizer(Optimizer):
     #: What ``state`` reads and sets, shared with the driven optimizer's view (set in the
     #: instance by the ``state`` setter or by unpickling; annotated only).
     _state_source: _SharedState
+    #: A checkpoint was loaded (into this optimizer or straight into the driven one) and no step
+    #: has run since: its tensors may not fit the parameters (a checkpoint of another model with
+    #: as many parameters), which torch's optimizers find out only while they write.
+    _loaded_state_unstepped = False
 
     def _init_wrapper(self, driven: Optimizer, defaults: dict[str, Any]) -> None:
         """Set up what ``torch.optim.Optimizer.__init__`` sets up, around ``driven``'s groups.
@@ -864,6 +869,7 @@ class WrappingOptimizer(Optimizer):
 
     def _after_load(self) -> None:
         """Runs once ``load_state_dict`` has installed the new state and groups."""
+        self._loaded_state_unstepped = True
         driven = self._driven_wrapper()
         if driven is not None:
             driven._after_load()
@@ -966,6 +972,8 @@ class WrappingOptimizer(Optimizer):
         if before is not None:
             for owner in owners:
                 owner._took_driven_groups(before[2])
+        for owner in owners:  # as a load of each (its tensors may not fit the parameters)
+            owner._loaded_state_unstepped = True
         return True
 
     def _owners_outwards(self) -> list[WrappingOptimizer]:
@@ -1134,6 +1142,19 @@ class WrappingOptimizer(Optimizer):
         if driven is None or type(driven).__setstate__ is Optimizer.__setstate__:
             return
         type(driven).__setstate__(driven, {"state": driven.state, "param_groups": driven.param_groups})
+
+    def _check_driven_group_kinds(self) -> None:
+        """Refuse, before a step changes anything, a param-group value of torch's own driven
+        optimizer that is not of its default's kind (``group["eps"] = "1e-8"``): torch would
+        raise only while it writes, after the groups and tensors before it stepped."""
+        driven = self._innermost_driven()
+        if driven is None or not type(driven).__module__.startswith("torch.optim."):
+            return
+        checked = [(key, default) for key, default in driven.defaults.items() if key != "params"]
+        for index, group in enumerate(self.param_groups):
+            for key, default in checked:
+                if key in group:
+                    check_like_default(f"param_groups[{index}]: {key}", group[key], default)
 
     def _probe_driven_setstate(self, loaded_state: Mapping[Any, Any], groups: list[dict[str, Any]]) -> None:
         """Run :meth:`_driven_setstate`'s ``__setstate__`` first on a copy of the driven

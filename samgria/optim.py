@@ -492,6 +492,7 @@ class TransformingOptimizer(WrappingOptimizer):
 
     def _check_groups(self) -> None:
         """Validate every group's hyperparameters (they may have been edited or scheduled)."""
+        self._check_driven_group_kinds()
         for index, group in enumerate(self.param_groups):
             if not self._adopt_group(group, index):
                 self.chain.take_qualified_edits(group, f"param_groups[{index}]")
@@ -700,8 +701,10 @@ class TransformingOptimizer(WrappingOptimizer):
         """What undoes a failure in or after the inner step, taken just before it.
 
         torch.optim's own optimizers check a param group's inputs before they write into its
-        tensors (what they may create before raising, new state entries, is undone without
-        copies: :class:`StateStructure`), but they step the groups one after another: a group
+        tensors (a value of another kind than its default, which they would use only as they
+        write, is refused before the step: ``_check_driven_group_kinds``; what they may create
+        before raising, new state entries, is undone without copies: :class:`StateStructure`),
+        but they step the groups one after another: a group
         they refuse leaves the groups before it stepped. So the weights and state of every group
         before the last one with a gradient are copied. Any other inner optimizer, or a post-step
         transform after a completed inner step, may fail after writing anywhere: everything is
@@ -714,7 +717,7 @@ class TransformingOptimizer(WrappingOptimizer):
         self._adopt_driven_state()
         if (
             self.atomic == "full"
-            or self.__dict__.get("_loaded_state_unstepped", False)
+            or self._loaded_state_unstepped
             or not type(self.inner).__module__.startswith("torch.optim.")
             or any(_has_post_update(transform) for transform in self.transforms)
         ):
@@ -1195,16 +1198,9 @@ class TransformingOptimizer(WrappingOptimizer):
         for slot, transform in self.chain:
             transform.export_state(self._context(slot, None))
 
-    def _adopt_driven_state(self) -> bool:
-        adopted = super()._adopt_driven_state()
-        if adopted:  # the inner optimizer's own load_state_dict: as a load of the wrapper's
-            self._loaded_state_unstepped = True
-        return adopted
-
     def _after_load(self) -> None:
         for slot, transform in self.chain:
             transform.import_state(self._context(slot, None))
-        self._loaded_state_unstepped = True
         super()._after_load()
 
     def _before_cast(self, state_dict: dict[str, Any]) -> dict[str, Any]:

@@ -1561,3 +1561,82 @@ def test_evaluation_inside_inference_mode_adapts_as_under_no_grad(vectorize):
     with torch.inference_mode():
         inferred = meta.clone().adapt_on(mse, task.support_x, task.support_y)
         assert torch.equal(inferred(task.query_x), learner(task.query_x).detach())
+
+
+# -- an outer step torch's optimizer fails half-way ----------------------------------------------------
+def _shaped_meta(algorithm: str, outputs: int, groups: bool = False):
+    """A meta-optimizer over Adam for a 3 -> 4 -> ``outputs`` MLP (as many parameters for any
+    ``outputs``, of other shapes); ``groups``: one param group per layer."""
+    import samgria
+
+    torch.manual_seed(outputs)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, outputs)).double()
+    params = [{"params": list(model[0].parameters())}, {"params": list(model[2].parameters())}] if groups else None
+    extra = {"params": params} if params is not None else {}
+    return model, getattr(samgria, algorithm)(model, torch.optim.Adam, lr=1e-2, inner_lr=0.1, **extra)
+
+
+def _meta_closure(model, meta):
+    x = torch.randn(4, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    y = torch.randn(4, model[2].out_features, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+
+    def closure():
+        meta.zero_grad()
+        learner = meta.adapt(lambda f: mse(f(x), y))
+        loss = mse(learner(x), y)
+        if not isinstance(meta, Reptile):
+            loss.backward()
+        return loss
+
+    return closure
+
+
+def _meta_snapshot(model, meta):
+    return [p.detach().clone() for p in model.parameters()], copy.deepcopy(meta.state_dict())
+
+
+def _assert_meta_unchanged(model, meta, snapshot):
+    weights, state_dict = snapshot
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), weights))
+    from state_helpers import assert_state_dicts_equal
+
+    assert_state_dicts_equal(meta.state_dict(), state_dict)
+
+
+@pytest.mark.parametrize("with_closure", [True, False])
+@pytest.mark.parametrize("algorithm", ["MAML", "FOMAML", "Reptile"])
+def test_an_outer_step_failing_on_a_loaded_state_of_other_shapes_changes_nothing(algorithm, with_closure):
+    """torch accepts a checkpoint of a model with as many parameters of other shapes and its Adam
+    finds the misfit while it writes: the first tensors stepped, and stayed stepped (a
+    TransformingOptimizer undid it; the meta-optimizers took no copy for torch's optimizers)."""
+    model, meta = _shaped_meta(algorithm, 1)
+    meta.step(_meta_closure(model, meta))
+    checkpoint = copy.deepcopy(meta.state_dict())
+    model, meta = _shaped_meta(algorithm, 2)
+    meta.step(_meta_closure(model, meta))
+    meta.load_state_dict(checkpoint)
+    snapshot = _meta_snapshot(model, meta)
+    with pytest.raises(RuntimeError, match="shape"):
+        if with_closure:
+            meta.step(_meta_closure(model, meta))
+        else:
+            closure = _meta_closure(model, meta)
+            closure()
+            meta.step()
+    _assert_meta_unchanged(model, meta, snapshot)
+
+
+@pytest.mark.parametrize("with_closure", [True, False])
+@pytest.mark.parametrize("algorithm", ["MAML", "Reptile"])
+def test_an_outer_group_value_torch_would_use_only_as_it_writes_is_refused_before_the_step(algorithm, with_closure):
+    model, meta = _shaped_meta(algorithm, 2, groups=True)
+    meta.step(_meta_closure(model, meta))
+    meta.param_groups[1]["eps"] = "1e-8"
+    snapshot = _meta_snapshot(model, meta)
+    with pytest.raises(TypeError, match=r"^param_groups\[1\]: eps must be a real number or a tensor, got '1e-8'$"):
+        if with_closure:
+            meta.step(_meta_closure(model, meta))
+        else:
+            _meta_closure(model, meta)()
+            meta.step()
+    _assert_meta_unchanged(model, meta, snapshot)

@@ -245,6 +245,27 @@ def test_a_checkpoint_without_the_rates_is_refused_and_changes_nothing():
     assert all(torch.equal(after["inner_lrs"][n], r) for n, r in before["inner_lrs"].items())
 
 
+def test_a_checkpoint_whose_rates_group_is_elsewhere_is_refused_and_changes_nothing():
+    """The model's group and the rates' group hold as many tensors: a checkpoint with its groups
+    swapped loaded, marked the model's group as the rates' (adapt=False), and the next step
+    raised "adapts no parameter in the inner loop", which names the wrong cause."""
+    torch.manual_seed(0)
+    source = MetaSGD(nn.Linear(2, 1), torch.optim.Adam, lr=1e-3, inner_lr=0.5)
+    saved = source.state_dict()
+    saved["param_groups"] = saved["param_groups"][::-1]
+    target = MetaSGD(nn.Linear(2, 1), torch.optim.Adam, lr=1e-2, inner_lr=0.01)
+    before = copy.deepcopy(target.state_dict())
+    with pytest.raises(
+        ValueError,
+        match=r"^the checkpoint's param_groups\[0\] has inner_lrs=True, but param_groups\[0\] of this MetaSGD "
+        r"has inner_lrs=False: the checkpoint's groups are in another order",
+    ):
+        target.load_state_dict(saved)
+    after = target.state_dict()
+    assert after["param_groups"] == before["param_groups"]
+    assert all(torch.equal(after["inner_lrs"][n], r) for n, r in before["inner_lrs"].items())
+
+
 def test_state_dict_post_hooks_see_the_rates_and_load_post_hooks_run_once_they_are_loaded():
     """torch runs state-dict post-hooks on the whole checkpoint and load post-hooks once the load
     is done. The rates were added after the post-hooks ran (a hook that moves or filters the

@@ -1361,3 +1361,56 @@ def test_a_second_interrupt_while_first_step_puts_the_weights_back_is_finished(c
     assert all(torch.equal(a, b) for a, b in zip(weights, model.parameters()))
     assert [p.data_ptr() for p in model.parameters()] == pointers
     assert "_moving" not in sam.__dict__
+
+
+# -- a param-group value torch would use only as it writes ------------------------------------------------
+@pytest.mark.parametrize(
+    "key, value, rule",
+    [
+        ("eps", "1e-8", "a real number or a tensor"),
+        ("lr", None, "a real number or a tensor"),
+        ("weight_decay", True, "a real number or a tensor"),
+        ("betas", ("0.9", 0.999), r"a tuple of 2 with a real number or a tensor at 0, 1"),
+        ("betas", (0.9,), r"a tuple of 2 with a real number or a tensor at 0, 1"),
+    ],
+)
+@pytest.mark.parametrize("chain", ["none", "sam"])
+def test_a_group_value_of_another_kind_than_torch_s_default_is_refused_before_the_step(chain, key, value, rule):
+    """torch's Adam uses eps, lr and betas only as it writes, group by group and tensor by tensor:
+    a string eps in the second group raised after the first group stepped and after the second
+    group's own step counters and moments were written."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 3), nn.Tanh(), nn.Linear(3, 2)).double()
+    optimizer = TransformingOptimizer(
+        [{"params": model[0].parameters()}, {"params": model[2].parameters()}], torch.optim.Adam, lr=0.1,
+        transforms=[SAM(0.05)] if chain == "sam" else [],
+    )
+    closure = make_closure(model, optimizer)
+    optimizer.step(closure)
+    optimizer.param_groups[1][key] = value
+    before = Before(model, optimizer)
+    with pytest.raises(TypeError, match=rf"^param_groups\[1\]: {key} must be {rule}, got {re.escape(repr(value))}$"):
+        optimizer.step(closure)
+    before.assert_unchanged()
+
+
+def test_group_values_of_the_default_s_kind_in_another_form_step_as_torch_steps_them():
+    """A list for a tuple, an int or a NumPy number for a float, a tensor for a number: accepted,
+    and the step is torch's on the same values."""
+    import numpy
+
+    values = {"betas": [0.8, 0.99], "eps": numpy.float64(1e-6), "weight_decay": 0, "lr": torch.tensor(0.05)}
+    runs = []
+    for wrapped in (True, False):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(4, 3), nn.Tanh(), nn.Linear(3, 2)).double()
+        groups = [{"params": model[0].parameters()}, {"params": model[2].parameters(), **values}]
+        if wrapped:
+            optimizer = TransformingOptimizer(groups, torch.optim.Adam, lr=0.1, foreach=False)
+        else:
+            optimizer = torch.optim.Adam(groups, lr=0.1, foreach=False)
+        closure = make_closure(model, optimizer)
+        for _ in range(2):
+            optimizer.step(closure)
+        runs.append([p.detach() for p in model.parameters()])
+    assert all(torch.equal(a, b) for a, b in zip(*runs))

@@ -43,10 +43,11 @@ from torch import nn
 
 from samgria._checks import check_bool, check_choice, check_real
 from samgria._frameworks import accelerate_accumulation
-from samgria._snapshot import StepSnapshot
+from samgria._snapshot import StateStructure, StepSnapshot
 from samgria._wrapper import WrappingOptimizer, refuse_driven
 from samgria.data.task import Task
 from samgria.functional import all_finite
+from samgria.functional._grouping import unique_params
 from samgria.meta import distributed as collectives
 from samgria.meta import engine
 from samgria.meta.engine import InnerLoop, InnerRegFn, check_inner_options, vmap_blocker
@@ -80,16 +81,10 @@ def _check_weight(weight: Any, name: str = "weight") -> float:
     return check_real(name, weight, low=0.0)
 
 
-def _closure_failure_changes_nothing(optimizer: torch.optim.Optimizer) -> bool:
-    """Whether ``optimizer.step(closure)`` leaves the weights and its state as they were when an
-    evaluation of the closure raises.
-
-    torch.optim's own optimizers evaluate the closure once, before they write, except LBFGS,
-    which steps between evaluations; a ``TransformingOptimizer`` with ``atomic=True`` undoes its
-    own passes. Nothing is assumed of any other optimizer.
-    """
-    if isinstance(optimizer, TransformingOptimizer):
-        return optimizer.atomic
+def _evaluates_before_writing(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether ``optimizer`` is one of torch.optim's own, which evaluate the closure once, before
+    they write, and check a param group's inputs before writing its tensors -- but LBFGS, which
+    steps between evaluations. Nothing is assumed of any other optimizer."""
     return type(optimizer).__module__.startswith("torch.optim.") and not isinstance(optimizer, torch.optim.LBFGS)
 
 
@@ -329,6 +324,14 @@ class MetaOptimizer(WrappingOptimizer):
         """Give a checkpoint's group the ``inner_lr`` and ``adapt`` it lacks from ``previous[index]``
         (else the constructor's) and check it."""
         current = previous[index] if index < len(previous) else {}
+        for key in self._group_markers:  # e.g. MetaSGD's rates group: its place is fixed
+            if key in group and index < len(previous) and bool(group[key]) != bool(current.get(key, False)):
+                raise ValueError(
+                    f"the checkpoint's param_groups[{index}] has {key}={group[key]!r}, but "
+                    f"param_groups[{index}] of this {type(self).__name__} has "
+                    f"{key}={current.get(key, False)!r}: the checkpoint's groups are in another "
+                    "order (torch pairs groups by position)"
+                )
         for key in ("inner_lr", "adapt", *self._group_markers):  # markers: e.g. MetaSGD's rates group
             if key not in group and key in current:
                 group[key] = current[key]
@@ -439,13 +442,11 @@ class MetaOptimizer(WrappingOptimizer):
     def _guarded_step(self, closure: Callable[[], Any] | None) -> Any:
         """The outer step, skipped whole when what the update uses is not finite.
 
-        The check runs inside every evaluation of the closure. An outer optimizer that
-        evaluates it once, before it writes (torch's own but LBFGS), or that undoes its own
-        passes (an atomic ``TransformingOptimizer``), has changed nothing when the check or the
-        closure raises; any other (LBFGS, which steps between evaluations, or one not known)
-        gets a copy of the weights and of the outer state, put back when the step is skipped
-        or raises. With ``distributed=True`` the gradients and the loss are all-reduced first,
-        so every rank takes the same decision.
+        The check runs inside every evaluation of the closure. What a step that raises or is
+        skipped changed is put back (:meth:`_outer_step_undo`): copies of the weights and of the
+        outer state where the outer optimizer may have written before it failed. With
+        ``distributed=True`` the gradients and the loss are all-reduced first, so every rank
+        takes the same decision.
 
         The task weight counted so far (:meth:`add_task_weight`) restarts at 0 after the step,
         also one that raises (it pairs with gradients that ``zero_grad()`` then discards;
@@ -464,12 +465,24 @@ class MetaOptimizer(WrappingOptimizer):
 
     def _checked_outer_step(self, closure: Callable[[], Any] | None) -> Any:
         """The body of :meth:`_guarded_step`."""
+        self._check_driven_group_kinds()
         if closure is None:
             self._reduce_across_ranks(None)
             problem = self._non_finite(None)
             if problem is not None:
                 return self._skip(problem, None)
-            return self._driven_step(None)
+            undo = self._outer_step_undo(closure_given=False)
+            try:
+                result = self._driven_step(None)
+            except BaseException:
+                if undo is not None:
+                    undo.restore()
+                raise
+            self._loaded_state_unstepped = False
+            return result
+
+        undo = self._outer_step_undo(closure_given=True)
+        taken_after_closure: list[StepSnapshot | StateStructure] = []
 
         def checked_closure() -> Any:
             self._task_weight = 0.0
@@ -477,25 +490,58 @@ class MetaOptimizer(WrappingOptimizer):
             problem = self._non_finite(loss)
             if problem is not None:
                 raise _NonFiniteMetaStep(problem, loss)
+            if undo is None and not taken_after_closure and _evaluates_before_writing(self.outer):
+                # torch's own optimizer has its gradients now and has written nothing yet.
+                taken_after_closure.append(self._groups_undo())
             return loss
 
-        snapshot = self._outer_step_snapshot()
         try:
-            return self._driven_step(checked_closure)
+            result = self._driven_step(checked_closure)
         except BaseException as error:
-            if snapshot is not None:
-                snapshot.restore()
+            for taken in (undo, *taken_after_closure):
+                if taken is not None:
+                    taken.restore()
             if isinstance(error, _NonFiniteMetaStep):
                 return self._skip(error.problem, error.loss)
             raise
+        self._loaded_state_unstepped = False
+        return result
 
-    def _outer_step_snapshot(self) -> StepSnapshot | None:
-        """A copy of the weights and the outer state, when a failed closure evaluation could
-        otherwise leave the outer step half done (see :func:`_closure_failure_changes_nothing`)."""
-        if _closure_failure_changes_nothing(self.outer):
-            return None
+    def _outer_step_undo(self, closure_given: bool) -> StepSnapshot | StateStructure | None:
+        """What puts the weights and the outer state back if the outer step raises or is
+        skipped, taken before it.
+
+        An atomic ``TransformingOptimizer`` undoes its own step: nothing. torch's own optimizers
+        but LBFGS evaluate the closure once, before they write, and check a param group's inputs
+        before they write its tensors, but step the groups one after another
+        (:meth:`_groups_undo`; given a closure, taken once it has computed the gradients).
+        Everything is copied for any other optimizer (LBFGS steps between evaluations), for a
+        ``TransformingOptimizer`` with ``atomic=False`` given a closure (its evaluations are
+        undone, not its inner step), and after a load (its tensors may not fit the parameters,
+        which torch's optimizers find out only while they write).
+        """
+        outer = self.outer
+        if isinstance(outer, TransformingOptimizer):
+            if outer.atomic or not closure_given:
+                return None
+            self._adopt_driven_state()
+            return StepSnapshot(self._unique_params(), self.state)
         self._adopt_driven_state()  # the state the outer optimizer is about to use
-        return StepSnapshot(self._unique_params(), self.state)
+        if self._loaded_state_unstepped or not _evaluates_before_writing(outer):
+            return StepSnapshot(self._unique_params(), self.state)
+        return None if closure_given else self._groups_undo()
+
+    def _groups_undo(self) -> StepSnapshot | StateStructure:
+        """For torch's own optimizers: copies of the weights and state of every param group
+        before the last one with a gradient (a group refused later, for a value it cannot take,
+        leaves them stepped); the state's references in any case (entries created before a
+        refusal are removed)."""
+        groups = self.param_groups
+        stepped = [i for i, group in enumerate(groups) if any(p.grad is not None for p in group["params"])]
+        if len(stepped) > 1:
+            earlier = [p for p in unique_params(groups[: stepped[-1]]) if p.grad is not None]
+            return StepSnapshot(earlier, self.state, only_params_state=True)
+        return StateStructure(self.state)
 
     def _reduce_across_ranks(self, loss: Any) -> Any:
         """All-reduce the outer gradients (and a scalar loss) over the ranks; return the loss.
