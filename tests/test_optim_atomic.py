@@ -1414,3 +1414,31 @@ def test_group_values_of_the_default_s_kind_in_another_form_step_as_torch_steps_
             optimizer.step(closure)
         runs.append([p.detach() for p in model.parameters()])
     assert all(torch.equal(a, b) for a, b in zip(*runs))
+
+
+@pytest.mark.parametrize(
+    "value, default, refused",
+    [
+        (1, 0.1, False),
+        (torch.tensor(0.1), 0.1, False),
+        ("0.1", 0.1, True),
+        (False, 0.1, True),  # a flag is no number here, as in every samgria check
+        ((None, 1e-3), (None, 1e-3), False),  # Adafactor's eps: None where the default has None
+        (("x", 1e-3), (None, 1e-3), False),
+        ((None, "x"), (None, 1e-3), True),
+        ([0.9, torch.tensor(0.99)], (0.9, 0.999), False),
+        ((0.9, 0.99, 0.5), (0.9, 0.999), True),
+        (0.9, (0.9, 0.999), True),
+        ("anything", None, False),  # Muon's adjust_lr_fn
+        ("anything", False, False),  # a flag's kind is not checked
+        ("anything", "original", False),
+    ],
+)
+def test_check_like_default_refuses_only_a_value_of_another_kind_than_a_numeric_default(value, default, refused):
+    from samgria._checks import check_like_default
+
+    if refused:
+        with pytest.raises(TypeError, match=rf"^param_groups\[0\]: key must be a .*, got {re.escape(repr(value))}$"):
+            check_like_default("param_groups[0]: key", value, default)
+    else:
+        check_like_default("param_groups[0]: key", value, default)
