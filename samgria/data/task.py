@@ -87,7 +87,7 @@ class Task:
                     f"(shapes {tuple(x.shape)} and {tuple(y.shape)})"
                 )
 
-    def to(self, *args, **kwargs) -> "Task":
+    def to(self, *args: Any, **kwargs: Any) -> "Task":
         """Return a copy with every tensor moved/cast with ``Tensor.to(*args, **kwargs)``."""
         return Task(
             self.support_x.to(*args, **kwargs),

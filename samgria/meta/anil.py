@@ -68,7 +68,10 @@ class ANIL(MAML):
         inner_lr: Inner step size :math:`\\alpha \\ge 0`.
         inner_steps: Default number of inner steps.
         first_order: Drop second-order terms.
-        **outer_kwargs: Forwarded to the outer optimizer class.
+        **outer_kwargs: The outer optimizer class's keyword arguments (``lr``, ...) and
+            :class:`~samgria.meta.base.MetaOptimizer`'s: ``params`` (the param groups, e.g. one
+            with ``adapt=False``), ``non_finite``, ``distributed``, ``process_group`` and
+            ``checkpoint_inner_steps``.
 
     Raises:
         ValueError: ``head`` is not a submodule of ``model``.

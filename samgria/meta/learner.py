@@ -133,14 +133,45 @@ class Learner:
         self.steps_taken = 0
 
     # The inner-loop settings, read from the loop description.
-    adapt_names = property(lambda self: list(self.loop.adapt_names), doc="Names of the adapted parameters.")
-    lrs = property(lambda self: dict(self.loop.lrs), doc="Step size of each adapted parameter.")
-    inner_steps = property(lambda self: self.loop.inner_steps, doc="Default number of inner steps.")
-    first_order = property(lambda self: self.loop.first_order, doc="Whether support gradients are constants.")
-    track_graph = property(lambda self: self.loop.track_graph, doc="Whether fast weights keep a graph to the model.")
-    inner_step_fn = property(lambda self: self.loop.inner_step_fn, doc="The update rule.")
-    inner_reg_fn = property(lambda self: self.loop.inner_reg_fn, doc="The inner-loop regulariser, or None.")
-    grad_transforms = property(lambda self: list(self.loop.grad_transforms), doc="Inner gradient transforms.")
+    @property
+    def adapt_names(self) -> list[str]:
+        """Names of the adapted parameters."""
+        return list(self.loop.adapt_names)
+
+    @property
+    def lrs(self) -> dict[str, Any]:
+        """Step size of each adapted parameter."""
+        return dict(self.loop.lrs)
+
+    @property
+    def inner_steps(self) -> int:
+        """Default number of inner steps."""
+        return self.loop.inner_steps
+
+    @property
+    def first_order(self) -> bool:
+        """Whether support gradients are constants."""
+        return self.loop.first_order
+
+    @property
+    def track_graph(self) -> bool:
+        """Whether fast weights keep a graph to the model."""
+        return self.loop.track_graph
+
+    @property
+    def inner_step_fn(self) -> InnerStepFn:
+        """The update rule."""
+        return self.loop.inner_step_fn
+
+    @property
+    def inner_reg_fn(self) -> InnerRegFn | None:
+        """The inner-loop regulariser, or None."""
+        return self.loop.inner_reg_fn
+
+    @property
+    def grad_transforms(self) -> list[Any]:
+        """Inner gradient transforms."""
+        return list(self.loop.grad_transforms)
 
     @property
     def params(self) -> dict[str, torch.Tensor]:

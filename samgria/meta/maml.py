@@ -62,8 +62,10 @@ class MAML(MetaOptimizer):
         inner_lr: Inner step size :math:`\\alpha \\ge 0` (default of every param group).
         inner_steps: Default number of inner steps :math:`k \\ge 0`.
         first_order: Drop second-order terms (FOMAML).
-        **outer_kwargs: Forwarded to the outer optimizer class (and ``params=`` to choose the
-            groups, see :class:`~samgria.meta.base.MetaOptimizer`).
+        **outer_kwargs: The outer optimizer class's keyword arguments (``lr``, ...) and
+            :class:`~samgria.meta.base.MetaOptimizer`'s: ``params`` (the param groups, e.g. one
+            with ``adapt=False``), ``non_finite``, ``distributed``, ``process_group`` and
+            ``checkpoint_inner_steps``.
     """
 
     def __init__(
@@ -92,7 +94,10 @@ class FOMAML(MAML):
         outer: Outer optimizer class or an already built optimizer.
         inner_lr: Inner step size :math:`\\alpha \\ge 0`.
         inner_steps: Default number of inner steps.
-        **outer_kwargs: Forwarded to the outer optimizer class.
+        **outer_kwargs: The outer optimizer class's keyword arguments (``lr``, ...) and
+            :class:`~samgria.meta.base.MetaOptimizer`'s: ``params`` (the param groups, e.g. one
+            with ``adapt=False``), ``non_finite``, ``distributed``, ``process_group`` and
+            ``checkpoint_inner_steps``.
 
     Raises:
         TypeError: ``first_order`` is passed (FOMAML is always first order).

@@ -73,7 +73,10 @@ class MetaSGD(MAML):
         inner_steps: Default number of inner steps.
         first_order: Drop second-order terms (the rates still get gradients).
         lrs_group: Extra options of the rates' param group (e.g. ``{"lr": 1e-4}``).
-        **outer_kwargs: Forwarded to the outer optimizer class.
+        **outer_kwargs: The outer optimizer class's keyword arguments (``lr``, ...) and
+            :class:`~samgria.meta.base.MetaOptimizer`'s: ``params`` (the param groups, e.g. one
+            with ``adapt=False``), ``non_finite``, ``distributed``, ``process_group`` and
+            ``checkpoint_inner_steps``.
 
     Raises:
         TypeError: ``lrs_group`` is not a dict.
