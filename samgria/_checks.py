@@ -181,27 +181,35 @@ def _is_real(value: Any) -> bool:
     return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
+def _is_scalar(value: Any) -> bool:
+    """A real number, or a one-element tensor (torch's optimizers take a tensor ``lr``)."""
+    return _is_real(value) or (isinstance(value, torch.Tensor) and value.numel() == 1)
+
+
 def check_like_default(name: str, value: Any, default: Any) -> None:
     """Check a torch optimizer's param-group value against its default's kind, before a step
     that would otherwise fail half-way (torch's optimizers step the groups, and the tensors in a
     group, one after another, and use such a value only as they write).
 
-    Where ``default`` is a real number, ``value`` must be a real number or a tensor; where it is a
-    tuple with real numbers, a tuple or list as long with a real number or a tensor wherever the
+    Where ``default`` is a real number, ``value`` must be a real number or a one-element tensor;
+    where it is a tuple with real numbers, a tuple or list as long with one of those wherever the
     default has a real number. Any other default (a flag, ``None``, a string) accepts anything.
 
     Raises:
         TypeError: ``value`` is not of ``default``'s kind (message as every check's).
     """
     if _is_real(default):
-        if not (_is_real(value) or isinstance(value, torch.Tensor)):
-            raise _fail_type(name, "a real number or a tensor", value)
+        if not _is_scalar(value):
+            raise _fail_type(name, "a real number or a one-element tensor", value)
     elif isinstance(default, tuple) and any(_is_real(entry) for entry in default):
         numbered = [i for i, entry in enumerate(default) if _is_real(entry)]
-        rule = f"a tuple of {len(default)} with a real number or a tensor at {', '.join(map(str, numbered))}"
+        rule = (
+            f"a tuple of {len(default)} with a real number or a one-element tensor at "
+            f"{', '.join(map(str, numbered))}"
+        )
         if not isinstance(value, (tuple, list)) or len(value) != len(default):
             raise _fail_type(name, rule, value)
-        if any(not (_is_real(value[i]) or isinstance(value[i], torch.Tensor)) for i in numbered):
+        if any(not _is_scalar(value[i]) for i in numbered):
             raise _fail_type(name, rule, value)
 
 

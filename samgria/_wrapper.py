@@ -28,7 +28,7 @@ and use torch's own machinery for everything torch already does — no copies of
   wrapper); hooks registered on the driven optimizer itself do not run — register them on the
   wrapper.
 * Pickling and :func:`copy.deepcopy` drop hooks, as torch does, the callables listed in
-  ``_dropped_on_pickle`` (they are ``None`` afterwards), and what another object patched onto the
+  ``_dropped_on_pickle`` (they are ``None`` afterwards; ``copy.copy`` keeps these), and what another object patched onto the
   instance (an LR scheduler's wrapper of ``step``, which a copy would call on the original), as
   torch's pickling carries none of it. Like ``state_dict()``, they refuse while a step is half
   done (:meth:`_check_idle`). ``copy.copy`` gives a wrapper around a shallow copy of the driven
@@ -638,6 +638,10 @@ class _EarlierRelease:
         original = type(self).__mro__[2]
         state = dict(object.__getattribute__(self, "__dict__"))
         return (_unpickle_earlier_release, (original, state))
+
+    def __copy__(self) -> Any:
+        maker, arguments = object.__getattribute__(self, "__reduce_ex__")(2)
+        return maker(*arguments)
 
 
 _EARLIER_RELEASE_CLASSES: dict[type, type] = {}
@@ -1261,6 +1265,19 @@ class WrappingOptimizer(Optimizer):
         for key in self._dropped_on_pickle:
             state[key] = None
         return state
+
+    def __copy__(self) -> WrappingOptimizer:
+        """``copy.copy``: torch's protocol (``__getstate__``, then ``__setstate__`` on a new
+        object, which makes it a shallow copy), except that the callables pickling drops
+        (``_dropped_on_pickle``: the contexts, a process group) are the original's, shared as
+        the state is: the copy runs the same algorithm (it ran without them)."""
+        cls = type(self)
+        copied = cls.__new__(cls)
+        copied.__setstate__(self.__getstate__())
+        for key in self._dropped_on_pickle:
+            if key in self.__dict__:
+                copied.__dict__[key] = self.__dict__[key]
+        return copied
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         if self.__dict__.get("_loading"):

@@ -740,3 +740,17 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description="one rank of tests/test_meta_distributed.py")
     parser.add_argument("--out", required=True)
     _worker(parser.parse_args().out)
+
+
+def test_a_shallow_copy_keeps_the_process_group_a_deep_copy_drops(group_of_one) -> None:
+    """copy.copy went through pickling's __getstate__, which drops the process group: the copy's
+    collectives would have run over the default group, with distributed still True."""
+    import copy
+
+    import torch.distributed as dist
+
+    subgroup = dist.new_group([0])
+    meta = MAML(make_model(), torch.optim.SGD, lr=0.1, distributed=True, process_group=subgroup)
+    shallow, deep = copy.copy(meta), copy.deepcopy(meta)
+    assert shallow.distributed and shallow.process_group is subgroup
+    assert deep.distributed and deep.process_group is None

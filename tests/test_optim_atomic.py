@@ -1367,11 +1367,11 @@ def test_a_second_interrupt_while_first_step_puts_the_weights_back_is_finished(c
 @pytest.mark.parametrize(
     "key, value, rule",
     [
-        ("eps", "1e-8", "a real number or a tensor"),
-        ("lr", None, "a real number or a tensor"),
-        ("weight_decay", True, "a real number or a tensor"),
-        ("betas", ("0.9", 0.999), r"a tuple of 2 with a real number or a tensor at 0, 1"),
-        ("betas", (0.9,), r"a tuple of 2 with a real number or a tensor at 0, 1"),
+        ("eps", "1e-8", "a real number or a one-element tensor"),
+        ("lr", None, "a real number or a one-element tensor"),
+        ("weight_decay", True, "a real number or a one-element tensor"),
+        ("betas", ("0.9", 0.999), r"a tuple of 2 with a real number or a one-element tensor at 0, 1"),
+        ("betas", (0.9,), r"a tuple of 2 with a real number or a one-element tensor at 0, 1"),
     ],
 )
 @pytest.mark.parametrize("chain", ["none", "sam"])
@@ -1392,6 +1392,26 @@ def test_a_group_value_of_another_kind_than_torch_s_default_is_refused_before_th
     with pytest.raises(TypeError, match=rf"^param_groups\[1\]: {key} must be {rule}, got {re.escape(repr(value))}$"):
         optimizer.step(closure)
     before.assert_unchanged()
+
+
+@pytest.mark.parametrize("inner", ["sgd-momentum", "adam"])
+def test_a_tensor_lr_of_several_elements_is_refused_before_the_step(inner):
+    """torch's SGD wrote the momentum buffers, and Adam its moments and step counters, before
+    they raised on such an lr ("alpha must be Number"): also with one param group."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 3), nn.Tanh(), nn.Linear(3, 2)).double()
+    cls, kwargs = (torch.optim.SGD, {"momentum": 0.9}) if inner == "sgd-momentum" else (torch.optim.Adam, {})
+    optimizer = TransformingOptimizer(model.parameters(), cls, lr=0.1, transforms=[SAM(0.05)], **kwargs)
+    closure = make_closure(model, optimizer)
+    optimizer.step(closure)
+    lr = optimizer.param_groups[0]["lr"] = torch.tensor([0.1, 0.2])
+    weights = [p.detach().clone() for p in model.parameters()]
+    state = copy.deepcopy(state_by_index(optimizer))
+    with pytest.raises(TypeError, match=r"^param_groups\[0\]: lr must be a real number or a one-element tensor, got tensor"):
+        optimizer.step(closure)
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), weights))
+    assert_states_equal(state_by_index(optimizer), state)
+    assert optimizer.param_groups[0]["lr"] is lr
 
 
 def test_group_values_of_the_default_s_kind_in_another_form_step_as_torch_steps_them():
@@ -1421,6 +1441,9 @@ def test_group_values_of_the_default_s_kind_in_another_form_step_as_torch_steps_
     [
         (1, 0.1, False),
         (torch.tensor(0.1), 0.1, False),
+        (torch.tensor([0.1]), 0.1, False),
+        (torch.tensor([0.1, 0.2]), 0.1, True),
+        ((0.9, torch.ones(2)), (0.9, 0.999), True),
         ("0.1", 0.1, True),
         (False, 0.1, True),  # a flag is no number here, as in every samgria check
         ((None, 1e-3), (None, 1e-3), False),  # Adafactor's eps: None where the default has None

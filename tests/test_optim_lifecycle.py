@@ -10,6 +10,7 @@ no buffers for parameters that left the optimizer.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import io
@@ -583,3 +584,43 @@ def test_a_shallow_copy_of_a_meta_optimizers_outer_optimizer_loads_for_itself_al
     assert len(_momenta(meta)) == len(kept) and all(a is not None and torch.equal(a, b) for a, b in zip(_momenta(meta), kept))
     assert meta.param_groups[0]["lr"] == 1e-2 and shallow.param_groups[0]["lr"] == 0.7
     assert all(momentum is None for momentum in _momenta(shallow))  # (the transforms' slots may stay)
+
+
+def test_a_shallow_copy_keeps_the_contexts_and_steps_as_the_original():
+    """copy.copy went through pickling's __getstate__, which drops the contexts: the copy's
+    re-evaluation updated BatchNorm's statistics a second time, and m-sharpness would have become
+    SAM on the global gradient, silently. (copy.deepcopy and pickling drop them, as documented.)"""
+    from samgria import frozen_bn_stats
+
+    runs = []
+    for shallow in (True, False):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.Linear(8, 1)).double()
+        entered = []
+
+        @contextlib.contextmanager
+        def first_pass():
+            entered.append("first")
+            yield
+
+        optimizer = TransformingOptimizer(
+            model.parameters(), torch.optim.SGD, lr=0.1, transforms=[SAM(0.05)],
+            reevaluation_context=lambda model=model: frozen_bn_stats(model), first_pass_context=first_pass,
+        )
+        stepping = copy.copy(optimizer) if shallow else optimizer
+        assert stepping.first_pass_context is optimizer.first_pass_context
+        assert stepping.reevaluation_context is optimizer.reevaluation_context
+        x, y = torch.randn(16, 4, dtype=torch.float64), torch.randn(16, 1, dtype=torch.float64)
+
+        def closure():
+            stepping.zero_grad()
+            loss = nn.functional.mse_loss(model(x), y)
+            loss.backward()
+            return loss
+
+        stepping.step(closure)
+        assert int(model[1].num_batches_tracked) == 1 and entered == ["first"]
+        runs.append([t.detach().clone() for t in [*model.parameters(), *model.buffers()]])
+    assert all(torch.equal(a, b) for a, b in zip(*runs))
+    deep = copy.deepcopy(optimizer)
+    assert deep.first_pass_context is None and deep.reevaluation_context is None
