@@ -1640,3 +1640,36 @@ def test_an_outer_group_value_torch_would_use_only_as_it_writes_is_refused_befor
             _meta_closure(model, meta)()
             meta.step()
     _assert_meta_unchanged(model, meta, snapshot)
+
+
+@pytest.mark.parametrize("route", ["task_losses", "evaluate", "trainer.train_step", "trainer.evaluate"])
+@pytest.mark.parametrize("algorithm", ["MAML", "Reptile"])
+def test_a_task_with_an_empty_support_set_is_refused_where_it_would_be_adapted(algorithm, route):
+    """An empty support loss has a zero gradient: nothing adapted, without a word, and on the vmap
+    path torch's mse_loss backward divided by zero, which turned the vmap path off for the run."""
+    import samgria
+
+    torch.manual_seed(0)
+    model = nn.Linear(1, 1).double()
+    meta = getattr(samgria, algorithm)(model, torch.optim.SGD, lr=0.1, inner_lr=0.5)
+    x = torch.randn(4, 1, dtype=torch.float64)
+    tasks = [Task(x, 3 * x, x, 3 * x), Task(x[:0], 3 * x[:0], x, 3 * x)]
+    trainer = MetaTrainer(meta, mse, ListSampler(tasks))
+    weights = [p.detach().clone() for p in model.parameters()]
+    run = {
+        "task_losses": lambda: meta.task_losses(tasks, mse),
+        "evaluate": lambda: meta.evaluate(tasks, mse),
+        "trainer.train_step": lambda: trainer.train_step(tasks),
+        "trainer.evaluate": lambda: trainer.evaluate(tasks),
+    }[route]
+    with pytest.raises(
+        ValueError,
+        match=rf"^tasks\[1\] has an empty support set \(support_x of shape \(0, 1\)\), on which {algorithm} would "
+        r"take 1 inner step\(s\): .*use inner_steps=0 to score tasks without adapting",
+    ):
+        run()
+    assert all(torch.equal(p, w) for p, w in zip(model.parameters(), weights))
+    assert meta.path_policy.failed == {}
+    with torch.no_grad():
+        unadapted = float(mse(model(x), 3 * x))
+    assert meta.evaluate(tasks, mse, inner_steps=0) == pytest.approx(unadapted)

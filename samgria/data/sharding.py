@@ -62,19 +62,41 @@ def shard_bounds(n: int, rank: int, world_size: int) -> tuple[int, int]:
     return start, start + base + (1 if rank < extra else 0)
 
 
+#: The methods a sampler's ``sample_shard`` stands for: a subclass that overrides one of them
+#: below the class that wrote ``sample_shard`` draws other tasks than that ``sample_shard``.
+_DRAWING_METHODS = ("sample", "sample_with_params", "sample_with_classes")
+
+
+def _own_sample_shard(sampler: TaskSampler) -> Any:
+    """``sampler.sample_shard``, unless there is none or a subclass overrides how tasks are drawn
+    (:data:`_DRAWING_METHODS`) below the class that defines it (a subclass of
+    ``SinusoidTaskSampler`` that adds noise in ``sample``: the shares would be the parent's
+    tasks)."""
+    own = getattr(sampler, "sample_shard", None)
+    if not callable(own):
+        return None
+    for cls in type(sampler).__mro__:
+        if "sample_shard" in vars(cls):
+            return own
+        if any(name in vars(cls) for name in _DRAWING_METHODS):
+            return None
+    return own  # set on the instance
+
+
 def sample_shard(sampler: TaskSampler, n: int, rank: int, world_size: int) -> list[Task]:
     """Draw a global batch of ``n`` tasks from ``sampler`` and return rank ``rank``'s share.
 
-    Uses ``sampler.sample_shard(n, rank, world_size)`` when the sampler has it, else
-    ``sampler.sample(n)[start:stop]``. Either way the sampler's random stream advances as for
-    ``sample(n)``.
+    Uses ``sampler.sample_shard(n, rank, world_size)`` when the sampler has it (and its class
+    does not override ``sample``, ``sample_with_params`` or ``sample_with_classes`` below the
+    class that wrote it), else ``sampler.sample(n)[start:stop]``. Either way the sampler's random
+    stream advances as for ``sample(n)``.
 
     Raises:
         ValueError: The sampler returned the wrong number of tasks.
     """
     start, stop = shard_bounds(n, rank, world_size)
-    own = getattr(sampler, "sample_shard", None)
-    if callable(own):
+    own = _own_sample_shard(sampler)
+    if own is not None:
         tasks = list(own(n, rank, world_size))
         if len(tasks) != stop - start:
             raise ValueError(

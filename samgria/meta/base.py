@@ -806,7 +806,11 @@ class MetaOptimizer(WrappingOptimizer):
         """
         self.add_task_weight(weight)
 
-    def _check_tasks(self, tasks: Any) -> list[Task]:
+    def _check_tasks(self, tasks: Any, inner_steps: int | None = None) -> list[Task]:
+        """``tasks`` as a checked list; ``inner_steps``: how many steps adapt them (default
+        :attr:`inner_steps`), which an empty support set refuses."""
+        if inner_steps is None:
+            inner_steps = self.inner_steps
         if isinstance(tasks, Task) or not isinstance(tasks, Sequence):
             raise TypeError(f"tasks must be a sequence of Task, got {type(tasks).__name__}")
         tasks = list(tasks)
@@ -821,6 +825,13 @@ class MetaOptimizer(WrappingOptimizer):
                     f"tasks[{i}] has an empty query set (query_x of shape {tuple(t.query_x.shape)}): "
                     f"{type(self).__name__}'s meta-loss is the query loss; only Reptile can do without "
                     "a query set"
+                )
+            if inner_steps > 0 and t.support_x.shape[:1] == (0,):
+                raise ValueError(
+                    f"tasks[{i}] has an empty support set (support_x of shape "
+                    f"{tuple(t.support_x.shape)}), on which {type(self).__name__} would take "
+                    f"{inner_steps} inner step(s): the gradient of an empty loss is zero, so nothing "
+                    "would adapt; use inner_steps=0 to score tasks without adapting"
                 )
         return tasks
 
@@ -868,7 +879,7 @@ class MetaOptimizer(WrappingOptimizer):
         Returns:
             ``(losses, path_used)``.
         """
-        tasks = self._scored_tasks(self._check_tasks(tasks))
+        tasks = self._scored_tasks(self._check_tasks(tasks, loop.inner_steps))
         if not callable(loss_fn):
             raise TypeError(f"loss_fn must be callable, got {loss_fn!r}")
         check_choice("path", path, (None, "loop", "vmap"))

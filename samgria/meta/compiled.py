@@ -346,8 +346,8 @@ class CompiledMetaLoss:
                 ``meta`` can no longer use it.
         """
         meta = self.meta
-        tasks = meta._check_tasks(tasks)
         loop = meta.inner_loop(self.steps, **self.inner_options)
+        tasks = meta._check_tasks(tasks, loop.inner_steps)
         reason = compiled_path_blocker(meta, tasks, loop)
         if reason is not None:
             raise ValueError(f"the compiled path cannot be used: {reason}")

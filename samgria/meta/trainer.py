@@ -182,7 +182,8 @@ class MetaTrainer:
     meta-iteration); the ranks' results agree whichever path each used, up to rounding.
 
     Checkpoints. :meth:`state_dict` holds everything a resumed run needs to continue bit for
-    bit: the model, the outer optimizer, the sampler's random stream, torch's global random
+    bit: the model, the outer optimizer, the sampler's random stream (its ``state_dict()``, or
+    its ``torch.Generator`` attribute ``generator``; a sampler with neither is not saved), torch's global random
     state, the :attr:`history`, the :attr:`iteration` counter and the path choice;
     :meth:`load_state_dict` restores them and :meth:`fit` continues the count. In a
     distributed run save rank 0's and load it on every rank, on the same number of ranks: the
@@ -359,8 +360,8 @@ class MetaTrainer:
         if not tasks:
             raise ValueError("tasks must not be empty, got 0 tasks")
         meta = self.meta
-        tasks = meta._check_tasks(tasks)
         loop = meta.inner_loop(**self.inner_options)
+        tasks = meta._check_tasks(tasks, loop.inner_steps)
         candidates = self._candidates(loop, tasks, evaluation=False)
         policy = meta.path_policy
         key = self._key(loop, tasks, evaluation=False)
@@ -447,12 +448,12 @@ class MetaTrainer:
         if not tasks:
             raise ValueError("tasks must not be empty, got 0 tasks")
         meta = self.meta
-        tasks = meta._check_tasks(tasks)
+        inner_steps = one_steps_argument(inner_steps, steps)
+        loop = meta.inner_loop(inner_steps, create_graph=False, track_graph=False, **self.inner_options)
+        tasks = meta._check_tasks(tasks, loop.inner_steps)
         if meta.world_size > 1:
             start, stop = shard_bounds(len(tasks), meta.rank, meta.world_size)
             tasks = tasks[start:stop]
-        inner_steps = one_steps_argument(inner_steps, steps)
-        loop = meta.inner_loop(inner_steps, create_graph=False, track_graph=False, **self.inner_options)
         losses = None
         if not tasks:  # a rank without held-out tasks still takes part in the collectives
             self._choose(None, [])
