@@ -181,9 +181,27 @@ def _is_real(value: Any) -> bool:
     return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
-def _is_scalar(value: Any) -> bool:
-    """A real number, or a one-element tensor (torch's optimizers take a tensor ``lr``)."""
-    return _is_real(value) or (isinstance(value, torch.Tensor) and value.numel() == 1)
+def _is_torch_scalar(value: Any) -> bool:
+    """A number torch's optimizers compute with: an ``int`` or ``float`` (not a ``bool``), a NumPy
+    number or one-element array of ints or floats, or a one-element real tensor."""
+    if isinstance(value, bool):
+        return False
+    if isinstance(value, (int, float)):
+        return True
+    if isinstance(value, torch.Tensor):
+        return value.numel() == 1 and not value.is_complex() and value.dtype != torch.bool
+    if type(value).__module__ == "numpy":
+        return getattr(value, "size", 0) == 1 and getattr(getattr(value, "dtype", None), "kind", None) in ("f", "i", "u")
+    return False
+
+
+def _entries(value: Any) -> list[Any] | None:
+    """The entries of a tuple, list, or one-dimensional tensor or NumPy array; else ``None``."""
+    if isinstance(value, (tuple, list)):
+        return list(value)
+    if isinstance(value, torch.Tensor) or type(value).__module__ == "numpy":
+        return list(value) if getattr(value, "ndim", 0) == 1 else None
+    return None
 
 
 def check_like_default(name: str, value: Any, default: Any) -> None:
@@ -191,25 +209,26 @@ def check_like_default(name: str, value: Any, default: Any) -> None:
     that would otherwise fail half-way (torch's optimizers step the groups, and the tensors in a
     group, one after another, and use such a value only as they write).
 
-    Where ``default`` is a real number, ``value`` must be a real number or a one-element tensor;
-    where it is a tuple with real numbers, a tuple or list as long with one of those wherever the
-    default has a real number. Any other default (a flag, ``None``, a string) accepts anything.
+    Where ``default`` is a real number, ``value`` must be a number torch computes with (an
+    ``int`` or ``float``, a NumPy number or one-element array, a one-element real tensor); where
+    it is a tuple with real numbers, a tuple, list or one-dimensional tensor or array as long,
+    with such a number wherever the default has a real number. Any other default (a flag,
+    ``None``, a string) accepts anything.
 
     Raises:
         TypeError: ``value`` is not of ``default``'s kind (message as every check's).
     """
+    number = "a real number (Python or NumPy) or a one-element real tensor"
     if _is_real(default):
-        if not _is_scalar(value):
-            raise _fail_type(name, "a real number or a one-element tensor", value)
+        if not _is_torch_scalar(value):
+            raise _fail_type(name, number, value)
     elif isinstance(default, tuple) and any(_is_real(entry) for entry in default):
         numbered = [i for i, entry in enumerate(default) if _is_real(entry)]
-        rule = (
-            f"a tuple of {len(default)} with a real number or a one-element tensor at "
-            f"{', '.join(map(str, numbered))}"
-        )
-        if not isinstance(value, (tuple, list)) or len(value) != len(default):
+        rule = f"a sequence of {len(default)} with {number} at {', '.join(map(str, numbered))}"
+        entries = _entries(value)
+        if entries is None or len(entries) != len(default):
             raise _fail_type(name, rule, value)
-        if any(not _is_scalar(value[i]) for i in numbered):
+        if any(not _is_torch_scalar(entries[i]) for i in numbered):
             raise _fail_type(name, rule, value)
 
 

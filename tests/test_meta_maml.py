@@ -425,6 +425,31 @@ def test_a_step_without_closure_is_refused_when_the_outer_optimizer_re_evaluates
     assert all((a is None and b is None) or torch.equal(a, b) for a, b in zip(after[2], before[2]))
 
 
+def test_the_outer_two_call_loop_finished_by_the_meta_optimizer_equals_step_closure():
+    """After outer.first_step(), MAML.step() without a closure finishes the outer SAM step (as
+    second_step() does); the refusal of step() without a closure for an outer SAM refused it and
+    left the weights perturbed."""
+    from samgria.optim import TransformingOptimizer
+    from samgria.transforms import SAM
+
+    tasks = make_tasks()
+    runs = []
+    for two_call in (True, False):
+        model = mlp()
+        outer = TransformingOptimizer(model.parameters(), torch.optim.SGD, lr=0.1, transforms=[SAM(rho=0.05)])
+        meta = MAML(model, outer, inner_lr=0.1)
+        for _ in range(2):
+            if two_call:
+                closure_meta_grad(meta, tasks)
+                outer.first_step()
+                closure_meta_grad(meta, tasks)
+                meta.step()
+            else:
+                meta.step(lambda: closure_meta_grad(meta, tasks))
+        runs.append([p.detach().clone() for p in model.parameters()])
+    assert all(torch.equal(a, b) for a, b in zip(*runs))
+
+
 def test_exception_in_closure_leaves_model_unchanged():
     model = mlp()
     before = copy.deepcopy(model.state_dict())

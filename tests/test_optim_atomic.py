@@ -9,10 +9,12 @@ twin optimizer.
 from __future__ import annotations
 
 import copy
+import fractions
 import math
 import re
 import warnings
 
+import numpy
 import pytest
 import torch
 from torch import nn
@@ -1367,11 +1369,11 @@ def test_a_second_interrupt_while_first_step_puts_the_weights_back_is_finished(c
 @pytest.mark.parametrize(
     "key, value, rule",
     [
-        ("eps", "1e-8", "a real number or a one-element tensor"),
-        ("lr", None, "a real number or a one-element tensor"),
-        ("weight_decay", True, "a real number or a one-element tensor"),
-        ("betas", ("0.9", 0.999), r"a tuple of 2 with a real number or a one-element tensor at 0, 1"),
-        ("betas", (0.9,), r"a tuple of 2 with a real number or a one-element tensor at 0, 1"),
+        ("eps", "1e-8", r"a real number \(Python or NumPy\) or a one-element real tensor"),
+        ("lr", None, r"a real number \(Python or NumPy\) or a one-element real tensor"),
+        ("weight_decay", True, r"a real number \(Python or NumPy\) or a one-element real tensor"),
+        ("betas", ("0.9", 0.999), r"a sequence of 2 with a real number \(Python or NumPy\) or a one-element real tensor at 0, 1"),
+        ("betas", (0.9,), r"a sequence of 2 with a real number \(Python or NumPy\) or a one-element real tensor at 0, 1"),
     ],
 )
 @pytest.mark.parametrize("chain", ["none", "sam"])
@@ -1407,7 +1409,7 @@ def test_a_tensor_lr_of_several_elements_is_refused_before_the_step(inner):
     lr = optimizer.param_groups[0]["lr"] = torch.tensor([0.1, 0.2])
     weights = [p.detach().clone() for p in model.parameters()]
     state = copy.deepcopy(state_by_index(optimizer))
-    with pytest.raises(TypeError, match=r"^param_groups\[0\]: lr must be a real number or a one-element tensor, got tensor"):
+    with pytest.raises(TypeError, match=r"^param_groups\[0\]: lr must be a real number \(Python or NumPy\) or a one-element real tensor, got tensor"):
         optimizer.step(closure)
     assert all(torch.equal(a, b) for a, b in zip(model.parameters(), weights))
     assert_states_equal(state_by_index(optimizer), state)
@@ -1417,9 +1419,7 @@ def test_a_tensor_lr_of_several_elements_is_refused_before_the_step(inner):
 def test_group_values_of_the_default_s_kind_in_another_form_step_as_torch_steps_them():
     """A list for a tuple, an int or a NumPy number for a float, a tensor for a number: accepted,
     and the step is torch's on the same values."""
-    import numpy
-
-    values = {"betas": [0.8, 0.99], "eps": numpy.float64(1e-6), "weight_decay": 0, "lr": torch.tensor(0.05)}
+    values = {"betas": numpy.array([0.8, 0.99]), "eps": numpy.float64(1e-6), "weight_decay": 0, "lr": torch.tensor(0.05)}
     runs = []
     for wrapped in (True, False):
         torch.manual_seed(0)
@@ -1444,6 +1444,14 @@ def test_group_values_of_the_default_s_kind_in_another_form_step_as_torch_steps_
         (torch.tensor([0.1]), 0.1, False),
         (torch.tensor([0.1, 0.2]), 0.1, True),
         ((0.9, torch.ones(2)), (0.9, 0.999), True),
+        (fractions.Fraction(1, 10), 0.1, True),  # torch's kernels take no Fraction
+        (torch.tensor(0.1 + 0j), 0.1, True),
+        (numpy.array(0.01), 0.1, False),
+        (numpy.float32(0.01), 0.1, False),
+        (numpy.int64(0), 0.1, False),
+        (numpy.array([0.9, 0.99]), (0.9, 0.999), False),
+        (torch.tensor([0.9, 0.99]), (0.9, 0.999), False),
+        (numpy.array(True), 0.1, True),
         ("0.1", 0.1, True),
         (False, 0.1, True),  # a flag is no number here, as in every samgria check
         ((None, 1e-3), (None, 1e-3), False),  # Adafactor's eps: None where the default has None

@@ -417,7 +417,9 @@ class MetaOptimizer(WrappingOptimizer):
                 outer._refuse_framework_accumulation(closure)
             else:
                 needing = [type(t).__name__ for t in outer.transforms if t.needs_closure]
-                if needing and not self._is_state_init_step():
+                # (after outer.first_step(), step() without a closure finishes the step, as
+                # second_step() does: the two-call loop through the meta-optimizer)
+                if needing and outer._pending is None and not self._is_state_init_step():
                     name = type(self).__name__
                     raise RuntimeError(
                         f"{name}.step() got no closure, but its outer optimizer runs "
