@@ -182,26 +182,24 @@ def _is_real(value: Any) -> bool:
 
 
 def _is_torch_scalar(value: Any) -> bool:
-    """A number torch's optimizers compute with: an ``int`` or ``float`` (not a ``bool``), a NumPy
-    number or one-element array of ints or floats, or a one-element real tensor."""
+    """A number every torch optimizer computes with: an ``int`` or ``float`` (not a ``bool``), a
+    NumPy integer or float scalar of at most 64 bits (not an array), or a one-element real
+    tensor."""
     if isinstance(value, bool):
         return False
     if isinstance(value, (int, float)):
         return True
     if isinstance(value, torch.Tensor):
         return value.numel() == 1 and not value.is_complex() and value.dtype != torch.bool
-    if type(value).__module__ == "numpy":
-        return getattr(value, "size", 0) == 1 and getattr(getattr(value, "dtype", None), "kind", None) in ("f", "i", "u")
+    if type(value).__module__ == "numpy" and type(value).__name__ != "ndarray":
+        dtype = getattr(value, "dtype", None)
+        return getattr(dtype, "kind", None) in ("f", "i", "u") and getattr(dtype, "itemsize", 16) <= 8
     return False
 
 
 def _entries(value: Any) -> list[Any] | None:
-    """The entries of a tuple, list, or one-dimensional tensor or NumPy array; else ``None``."""
-    if isinstance(value, (tuple, list)):
-        return list(value)
-    if isinstance(value, torch.Tensor) or type(value).__module__ == "numpy":
-        return list(value) if getattr(value, "ndim", 0) == 1 else None
-    return None
+    """The entries of a tuple or list; else ``None``."""
+    return list(value) if isinstance(value, (tuple, list)) else None
 
 
 def check_like_default(name: str, value: Any, default: Any) -> None:
@@ -209,16 +207,17 @@ def check_like_default(name: str, value: Any, default: Any) -> None:
     that would otherwise fail half-way (torch's optimizers step the groups, and the tensors in a
     group, one after another, and use such a value only as they write).
 
-    Where ``default`` is a real number, ``value`` must be a number torch computes with (an
-    ``int`` or ``float``, a NumPy number or one-element array, a one-element real tensor); where
-    it is a tuple with real numbers, a tuple, list or one-dimensional tensor or array as long,
-    with such a number wherever the default has a real number. Any other default (a flag,
-    ``None``, a string) accepts anything.
+    Where ``default`` is a real number, ``value`` must be an ``int`` or ``float``, a NumPy
+    integer or float scalar (not an array), or a one-element real tensor; where it is a tuple
+    with real numbers, a tuple or list as long, with such a number wherever the default has a
+    real number. Any other default (a flag, ``None``, a string) accepts anything. A tensor passes
+    on its element count alone: some of torch's code paths take none for some keys (NAdam's
+    ``foreach`` path and tensor ``betas``), and refuse it only as they write.
 
     Raises:
         TypeError: ``value`` is not of ``default``'s kind (message as every check's).
     """
-    number = "a real number (Python or NumPy) or a one-element real tensor"
+    number = "a real number (Python or a NumPy scalar) or a one-element real tensor"
     if _is_real(default):
         if not _is_torch_scalar(value):
             raise _fail_type(name, number, value)

@@ -195,6 +195,13 @@ def refuse_driven(optimizer: Optimizer, name: str) -> None:
 _MISSING = object()
 
 
+def is_torch_optimizer(optimizer: Any) -> bool:
+    """Whether ``optimizer`` is an instance of one of ``torch.optim``'s own classes (their
+    modules: ``torch.optim.adam``, ..., and ``torch.optim`` itself for Adafactor and Muon)."""
+    module = type(optimizer).__module__
+    return module == "torch.optim" or module.startswith("torch.optim.")
+
+
 def _unpickled(optimizer: Optimizer) -> bool:
     """Whether ``optimizer`` has its attributes (not a wrapper whose ``__setstate__`` is yet to run,
     in a cycle being unpickled)."""
@@ -1152,7 +1159,7 @@ class WrappingOptimizer(Optimizer):
         optimizer that is not of its default's kind (``group["eps"] = "1e-8"``): torch would
         raise only while it writes, after the groups and tensors before it stepped."""
         driven = self._innermost_driven()
-        if driven is None or not type(driven).__module__.startswith("torch.optim."):
+        if driven is None or not is_torch_optimizer(driven):
             return
         checked = [(key, default) for key, default in driven.defaults.items() if key != "params"]
         for index, group in enumerate(self.param_groups):

@@ -18,7 +18,7 @@ from samgria._checks import check_bool, check_choice
 from samgria._frameworks import accumulating_framework, stacklevel_outside, stepping_grad_scaler
 from samgria._legacy import from_release_0_1
 from samgria._snapshot import GroupValues, StateStructure, StepSnapshot, is_entry
-from samgria._wrapper import WrappingOptimizer, refuse_driven
+from samgria._wrapper import WrappingOptimizer, is_torch_optimizer, refuse_driven
 from samgria.functional import all_finite, global_norm
 from samgria.functional._grouping import group_indices_by_device_and_dtype, unique_params
 from samgria.functional._sharding import any_sharded, is_sharded
@@ -718,7 +718,7 @@ class TransformingOptimizer(WrappingOptimizer):
         if (
             self.atomic == "full"
             or self._loaded_state_unstepped
-            or not type(self.inner).__module__.startswith("torch.optim.")
+            or not is_torch_optimizer(self.inner)
             or any(_has_post_update(transform) for transform in self.transforms)
         ):
             # A loaded state's tensors may not fit the parameters (a checkpoint of another model
@@ -809,7 +809,7 @@ class TransformingOptimizer(WrappingOptimizer):
         # torch's own optimizers keep nothing in their groups; others may (group["step"] += 1).
         group_values = (
             GroupValues(self.param_groups)
-            if snapshot is not None and not type(self.inner).__module__.startswith("torch.optim.")
+            if snapshot is not None and not is_torch_optimizer(self.inner)
             else None
         )
         spare_buffers.clear()

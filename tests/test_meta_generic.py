@@ -1633,7 +1633,7 @@ def test_an_outer_group_value_torch_would_use_only_as_it_writes_is_refused_befor
     meta.step(_meta_closure(model, meta))
     meta.param_groups[1]["eps"] = "1e-8"
     snapshot = _meta_snapshot(model, meta)
-    with pytest.raises(TypeError, match=r"^param_groups\[1\]: eps must be a real number \(Python or NumPy\) or a one-element real tensor, got '1e-8'$"):
+    with pytest.raises(TypeError, match=r"^param_groups\[1\]: eps must be a real number \(Python or a NumPy scalar\) or a one-element real tensor, got '1e-8'$"):
         if with_closure:
             meta.step(_meta_closure(model, meta))
         else:
@@ -1673,3 +1673,28 @@ def test_a_task_with_an_empty_support_set_is_refused_where_it_would_be_adapted(a
     with torch.no_grad():
         unadapted = float(mse(model(x), 3 * x))
     assert meta.evaluate(tasks, mse, inner_steps=0) == pytest.approx(unadapted)
+
+
+@pytest.mark.parametrize("algorithm", ["MAML", "Reptile"])
+def test_the_meta_step_builder_refuses_a_support_set_without_examples_where_it_would_adapt(algorithm):
+    """As a Task with an empty support set: MAML's query loss was the unadapted one and Reptile's
+    reported loss NaN, without a word and without a skipped step."""
+    import samgria
+    from samgria.meta import meta_step
+
+    torch.manual_seed(0)
+    model = nn.Linear(1, 1).double()
+    meta = getattr(samgria, algorithm)(model, torch.optim.SGD, lr=0.1, inner_lr=0.5)
+    x = torch.randn(4, 1, dtype=torch.float64)
+    empty = (x[:0], 3 * x[:0])
+    weights = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(
+        ValueError,
+        match=rf"^support has no examples \(inputs of shape \(0, 1\)\), on which {algorithm} would take 1 inner step",
+    ):
+        with meta_step(meta, loss_fn=mse) as builder:
+            builder.task(support=empty, query=(x, 3 * x))
+    assert all(torch.equal(p, w) for p, w in zip(model.parameters(), weights))
+    with meta_step(meta, loss_fn=mse) as builder:  # nothing to adapt: scored as it is
+        loss = builder.task(support=empty, query=(x, 3 * x), inner_steps=0)
+    assert torch.isfinite(loss)

@@ -425,29 +425,56 @@ def test_a_step_without_closure_is_refused_when_the_outer_optimizer_re_evaluates
     assert all((a is None and b is None) or torch.equal(a, b) for a, b in zip(after[2], before[2]))
 
 
-def test_the_outer_two_call_loop_finished_by_the_meta_optimizer_equals_step_closure():
-    """After outer.first_step(), MAML.step() without a closure finishes the outer SAM step (as
-    second_step() does); the refusal of step() without a closure for an outer SAM refused it and
-    left the weights perturbed."""
+@pytest.mark.parametrize("algorithm", ["MAML", "Reptile"])
+@pytest.mark.parametrize("with_closure", [False, True])
+def test_a_meta_step_refuses_an_outer_two_call_step_begun_and_cancel_step_puts_it_back(algorithm, with_closure):
+    """MAML.step() finished an outer SAM step begun with outer.first_step() outside its checks: a
+    non-finite second pass was skipped with the weights left perturbed and the step pending, a
+    loss scaler's overflow skipped the meta-step and left it pending too, and under Reptile,
+    whose pseudo-gradient exists only inside step(), first_step() had perturbed nothing, so SAM
+    was silently dropped."""
+    import samgria
     from samgria.optim import TransformingOptimizer
     from samgria.transforms import SAM
 
     tasks = make_tasks()
-    runs = []
-    for two_call in (True, False):
+
+    def build():
         model = mlp()
         outer = TransformingOptimizer(model.parameters(), torch.optim.SGD, lr=0.1, transforms=[SAM(rho=0.05)])
-        meta = MAML(model, outer, inner_lr=0.1)
-        for _ in range(2):
-            if two_call:
-                closure_meta_grad(meta, tasks)
-                outer.first_step()
-                closure_meta_grad(meta, tasks)
-                meta.step()
-            else:
-                meta.step(lambda: closure_meta_grad(meta, tasks))
-        runs.append([p.detach().clone() for p in model.parameters()])
-    assert all(torch.equal(a, b) for a, b in zip(*runs))
+        return model, outer, getattr(samgria, algorithm)(model, outer, inner_lr=0.1)
+
+    def closure_of(meta):
+        if algorithm == "MAML":
+            return lambda: closure_meta_grad(meta, tasks)
+
+        def adapt_all():
+            for task in tasks:
+                meta.adapt(lambda f, task=task: mse(f(task.support_x), task.support_y))
+            return torch.tensor(0.0)
+
+        return adapt_all
+
+    model, outer, meta = build()
+    weights = [p.detach().clone() for p in model.parameters()]
+    model.zero_grad()
+    mse(model(tasks[0].support_x), tasks[0].support_y).backward()  # a first pass's gradients
+    outer.first_step()
+    perturbed = [p.detach().clone() for p in model.parameters()]
+    assert not all(torch.equal(a, b) for a, b in zip(perturbed, weights))
+    with pytest.raises(
+        RuntimeError,
+        match=rf"^{algorithm}\.step\(\) found its outer optimizer's two-call step begun \(outer\.first_step\(\) "
+        rf"was called\): .*Call outer\.cancel_step\(\) to put the weights back, then {algorithm}\.step\(closure\)",
+    ):
+        meta.step(closure_of(meta)) if with_closure else meta.step()
+    assert all(torch.equal(p, w) for p, w in zip(model.parameters(), perturbed))  # as before the call
+    outer.cancel_step()
+    assert all(torch.equal(p, w) for p, w in zip(model.parameters(), weights))
+    meta.step(closure_of(meta))
+    twin_model, _, twin = build()
+    twin.step(closure_of(twin))
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), twin_model.parameters()))
 
 
 def test_exception_in_closure_leaves_model_unchanged():

@@ -44,7 +44,7 @@ from torch import nn
 from samgria._checks import check_bool, check_choice, check_real
 from samgria._frameworks import accelerate_accumulation
 from samgria._snapshot import StateStructure, StepSnapshot
-from samgria._wrapper import WrappingOptimizer, refuse_driven
+from samgria._wrapper import WrappingOptimizer, is_torch_optimizer, refuse_driven
 from samgria.data.task import Task
 from samgria.functional import all_finite
 from samgria.functional._grouping import unique_params
@@ -85,7 +85,7 @@ def _evaluates_before_writing(optimizer: torch.optim.Optimizer) -> bool:
     """Whether ``optimizer`` is one of torch.optim's own, which evaluate the closure once, before
     they write, and check a param group's inputs before writing its tensors -- but LBFGS, which
     steps between evaluations. Nothing is assumed of any other optimizer."""
-    return type(optimizer).__module__.startswith("torch.optim.") and not isinstance(optimizer, torch.optim.LBFGS)
+    return is_torch_optimizer(optimizer) and not isinstance(optimizer, torch.optim.LBFGS)
 
 
 class _SkippedByPolicy(FloatingPointError):
@@ -410,6 +410,16 @@ class MetaOptimizer(WrappingOptimizer):
         :func:`samgria._frameworks.accelerate_accumulation`), so both are refused.
         """
         outer = self.outer
+        if isinstance(outer, TransformingOptimizer) and outer._pending is not None:
+            name = type(self).__name__
+            raise RuntimeError(
+                f"{name}.step() found its outer optimizer's two-call step begun (outer.first_step() "
+                f"was called): {name} does not finish it, since its non-finite check, task weights "
+                "and all-reduce would not cover the first pass (and Reptile forms its "
+                f"pseudo-gradient inside step(), so first_step() perturbed nothing). Call "
+                f"outer.cancel_step() to put the weights back, then {name}.step(closure), which "
+                "runs both passes"
+            )
         if isinstance(outer, TransformingOptimizer):
             if closure is not None:
                 # The outer optimizer gets the guarded closure, not the framework's: it is shown
@@ -417,9 +427,7 @@ class MetaOptimizer(WrappingOptimizer):
                 outer._refuse_framework_accumulation(closure)
             else:
                 needing = [type(t).__name__ for t in outer.transforms if t.needs_closure]
-                # (after outer.first_step(), step() without a closure finishes the step, as
-                # second_step() does: the two-call loop through the meta-optimizer)
-                if needing and outer._pending is None and not self._is_state_init_step():
+                if needing and not self._is_state_init_step():
                     name = type(self).__name__
                     raise RuntimeError(
                         f"{name}.step() got no closure, but its outer optimizer runs "
@@ -943,7 +951,8 @@ class MetaOptimizer(WrappingOptimizer):
 
         Raises:
             ValueError: ``tasks`` is empty, a task's query set is empty (except for Reptile,
-                which scores such a task on its support set), or ``vectorize=True`` with tasks
+                which scores such a task on its support set), a task's support set is empty
+                while inner steps would adapt on it, or ``vectorize=True`` with tasks
                 of unequal shapes or a second-order loop through a normalisation layer.
             TypeError: ``tasks`` holds something that is not a Task.
         """

@@ -199,7 +199,9 @@ class MetaStep:
             TypeError: ``support``/``query`` is not a pair, or ``weight``/``inner_steps`` has
                 the wrong type.
             ValueError: ``query`` is missing for a MAML-family meta-optimizer, ``weight`` or
-                ``inner_steps`` is negative, or ``loss_fn`` does not return a scalar.
+                ``inner_steps`` is negative, the support inputs have no examples (a tensor with
+                0 rows) while inner steps would adapt on them, or ``loss_fn`` does not return a
+                scalar.
         """
         _check_pair("support", support)
         if query is None:
@@ -212,6 +214,15 @@ class MetaStep:
             _check_pair("query", query)
         check_real("weight", weight, low=0.0)
         steps = None if inner_steps is None else check_steps(inner_steps, "inner_steps")
+        adapting = next(n for n in (steps, self.inner_steps, self.meta.inner_steps) if n is not None)
+        inputs = support[0]
+        if adapting > 0 and isinstance(inputs, torch.Tensor) and inputs.dim() > 0 and inputs.shape[0] == 0:
+            raise ValueError(
+                f"support has no examples (inputs of shape {tuple(inputs.shape)}), on which "
+                f"{type(self.meta).__name__} would take {adapting} inner step(s): the gradient of an "
+                "empty loss is zero, so nothing would adapt; use inner_steps=0 to score a task "
+                "without adapting"
+            )
         spec = _TaskSpec(
             tuple(support), None if query is None else tuple(query), float(weight), steps,
             _check_transforms(grad_transforms),

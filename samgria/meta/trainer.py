@@ -354,7 +354,8 @@ class MetaTrainer:
             The meta-loss as a Python float (distributed: the mean over every rank's tasks).
 
         Raises:
-            ValueError: ``tasks`` is empty.
+            ValueError: ``tasks`` is empty, or a task's support set is empty while inner steps
+                would adapt on it (as :meth:`~samgria.meta.base.MetaOptimizer.task_losses`).
         """
         tasks = list(tasks)
         if not tasks:
@@ -442,7 +443,8 @@ class MetaTrainer:
             The mean query loss after adaptation, as a Python float.
 
         Raises:
-            ValueError: ``tasks`` is empty.
+            ValueError: ``tasks`` is empty, or a task's support set is empty while inner steps
+                would adapt on it (as :meth:`~samgria.meta.base.MetaOptimizer.task_losses`).
         """
         tasks = list(tasks)
         if not tasks:
