@@ -202,6 +202,20 @@ def is_torch_optimizer(optimizer: Any) -> bool:
     return module == "torch.optim" or module.startswith("torch.optim.")
 
 
+#: torch.optim's classes that check some inputs only inside their loop over tensors, after they
+#: wrote the tensors before (Muon a gradient's dimensions and ``ns_steps``, Adafactor ``eps``).
+_CHECKING_WHILE_WRITING = tuple(
+    cls for cls in (getattr(torch.optim, "Adafactor", None), getattr(torch.optim, "Muon", None)) if cls is not None
+)
+
+
+def checks_before_writing(optimizer: Any) -> bool:
+    """Whether ``optimizer`` is one of torch.optim's own, which check a param group's inputs
+    before they write into its tensors (but step the groups one after another): all but
+    Adafactor and Muon (:data:`_CHECKING_WHILE_WRITING`)."""
+    return is_torch_optimizer(optimizer) and not isinstance(optimizer, _CHECKING_WHILE_WRITING)
+
+
 def _unpickled(optimizer: Optimizer) -> bool:
     """Whether ``optimizer`` has its attributes (not a wrapper whose ``__setstate__`` is yet to run,
     in a cycle being unpickled)."""

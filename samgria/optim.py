@@ -18,7 +18,7 @@ from samgria._checks import check_bool, check_choice
 from samgria._frameworks import accumulating_framework, stacklevel_outside, stepping_grad_scaler
 from samgria._legacy import from_release_0_1
 from samgria._snapshot import GroupValues, StateStructure, StepSnapshot, is_entry
-from samgria._wrapper import WrappingOptimizer, is_torch_optimizer, refuse_driven
+from samgria._wrapper import WrappingOptimizer, checks_before_writing, is_torch_optimizer, refuse_driven
 from samgria.functional import all_finite, global_norm
 from samgria.functional._grouping import group_indices_by_device_and_dtype, unique_params
 from samgria.functional._sharding import any_sharded, is_sharded
@@ -706,7 +706,8 @@ class TransformingOptimizer(WrappingOptimizer):
         before raising, new state entries, is undone without copies: :class:`StateStructure`),
         but they step the groups one after another: a group
         they refuse leaves the groups before it stepped. So the weights and state of every group
-        before the last one with a gradient are copied. Any other inner optimizer, or a post-step
+        before the last one with a gradient are copied. Any other inner optimizer (Adafactor and
+        Muon too, which check some inputs only inside their loop over tensors), or a post-step
         transform after a completed inner step, may fail after writing anywhere: everything is
         copied; so is it with ``atomic="full"``, for a failure inside torch's step after it began
         writing (an allocation that fails: foreach Adam allocates ``sqrt(exp_avg_sq)`` after it
@@ -718,7 +719,7 @@ class TransformingOptimizer(WrappingOptimizer):
         if (
             self.atomic == "full"
             or self._loaded_state_unstepped
-            or not is_torch_optimizer(self.inner)
+            or not checks_before_writing(self.inner)
             or any(_has_post_update(transform) for transform in self.transforms)
         ):
             # A loaded state's tensors may not fit the parameters (a checkpoint of another model

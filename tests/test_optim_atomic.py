@@ -1499,3 +1499,28 @@ def test_adafactor_and_muon_group_values_are_checked_as_every_torch_optimizer_s(
 
     assert is_torch_optimizer(torch.optim.Muon([torch.zeros(2, 2)])) and is_torch_optimizer(optimizer.inner)
     assert not is_torch_optimizer(optimizer)
+
+
+@pytest.mark.parametrize("how", ["transforming", "maml"])
+def test_a_muon_step_refused_inside_its_loop_over_tensors_changes_nothing(how):
+    """Muon checks a gradient's dimensions inside its loop over tensors, after the tensors before
+    it stepped (its add_param_group takes a 1-D parameter): treated as a torch optimizer that
+    checks before it writes, the matrix before the bias stayed stepped."""
+    from samgria import MAML
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 3, bias=False), nn.Tanh(), nn.Linear(3, 2))
+    first, second = [model[0].weight], [model[2].weight, model[2].bias]
+    if how == "transforming":
+        optimizer = TransformingOptimizer(first, torch.optim.Muon, lr=0.1)
+        optimizer.add_param_group({"params": second})
+    else:
+        optimizer = MAML(model, torch.optim.Muon(first, lr=0.1), inner_lr=0.1)
+        optimizer.add_param_group({"params": second})
+    for param in model.parameters():
+        param.grad = torch.randn_like(param)
+    weights = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(ValueError, match="2D"):
+        optimizer.step()
+    assert all(torch.equal(p, w) for p, w in zip(model.parameters(), weights))
+    assert all(len(entry) == 0 for entry in optimizer.state.values())

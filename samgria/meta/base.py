@@ -44,7 +44,7 @@ from torch import nn
 from samgria._checks import check_bool, check_choice, check_real
 from samgria._frameworks import accelerate_accumulation
 from samgria._snapshot import StateStructure, StepSnapshot
-from samgria._wrapper import WrappingOptimizer, is_torch_optimizer, refuse_driven
+from samgria._wrapper import WrappingOptimizer, checks_before_writing, refuse_driven
 from samgria.data.task import Task
 from samgria.functional import all_finite
 from samgria.functional._grouping import unique_params
@@ -84,8 +84,9 @@ def _check_weight(weight: Any, name: str = "weight") -> float:
 def _evaluates_before_writing(optimizer: torch.optim.Optimizer) -> bool:
     """Whether ``optimizer`` is one of torch.optim's own, which evaluate the closure once, before
     they write, and check a param group's inputs before writing its tensors -- but LBFGS, which
-    steps between evaluations. Nothing is assumed of any other optimizer."""
-    return is_torch_optimizer(optimizer) and not isinstance(optimizer, torch.optim.LBFGS)
+    steps between evaluations, and Adafactor and Muon (``checks_before_writing``). Nothing is
+    assumed of any other optimizer."""
+    return checks_before_writing(optimizer) and not isinstance(optimizer, torch.optim.LBFGS)
 
 
 class _SkippedByPolicy(FloatingPointError):
