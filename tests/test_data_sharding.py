@@ -36,6 +36,30 @@ class PlainSampler:
         return self.inner.sample(n)
 
 
+class NoisySinusoid(SinusoidTaskSampler):
+    """Draws its tasks in ``sample`` differently from the class that wrote ``sample_shard``."""
+
+    def sample(self, n: int) -> list[Task]:
+        noise = lambda t: 0.1 * torch.randn(t.shape, generator=self.generator, dtype=t.dtype)  # noqa: E731
+        return [Task(t.support_x, t.support_y + noise(t.support_y), t.query_x, t.query_y) for t in super().sample(n)]
+
+
+class RelabelledFewShot(FewShotSampler):
+    def sample_with_classes(self, n: int) -> tuple[list[Task], torch.Tensor]:
+        tasks, classes = super().sample_with_classes(n)
+        flipped = [Task(t.support_x, t.support_y.flip(0), t.query_x, t.query_y.flip(0)) for t in tasks]
+        return flipped, classes
+
+
+def noisy_sinusoid(seed: int = 3) -> NoisySinusoid:
+    return NoisySinusoid(k_support=4, k_query=3, seed=seed, dtype=torch.float64)
+
+
+def relabelled_few_shot(seed: int = 3) -> RelabelledFewShot:
+    inputs = torch.randn(80, 2, generator=torch.Generator().manual_seed(0))
+    return RelabelledFewShot(inputs, torch.arange(80) % 8, 3, 2, 2, seed=seed)
+
+
 @pytest.mark.parametrize("world_size", [1, 2, 3, 5])
 @pytest.mark.parametrize("n", [0, 1, 4, 5, 7, 12])
 def test_shares_are_torch_tensor_split(n: int, world_size: int) -> None:
@@ -45,9 +69,15 @@ def test_shares_are_torch_tensor_split(n: int, world_size: int) -> None:
         assert list(range(start, stop)) == expected[rank].tolist()
 
 
-@pytest.mark.parametrize("make", [few_shot, sinusoid, lambda: PlainSampler(3)], ids=["few_shot", "sinusoid", "plain"])
+@pytest.mark.parametrize(
+    "make",
+    [few_shot, sinusoid, lambda: PlainSampler(3), noisy_sinusoid, relabelled_few_shot],
+    ids=["few_shot", "sinusoid", "plain", "subclass-sample", "subclass-sample_with_classes"],
+)
 @pytest.mark.parametrize("world_size", [1, 2, 3])
 def test_shares_concatenate_to_the_one_process_batch_and_advance_the_stream_alike(make, world_size: int) -> None:
+    """Also for a subclass that draws its own way: the parent's sample_shard (built from its
+    private helpers) took the shares, so the ranks trained on the parent's tasks."""
     whole = make()
     batches = [whole.sample(5), whole.sample(3)]
     for rank in range(world_size):
@@ -172,41 +202,3 @@ def test_state_helpers_cover_samplers_with_a_generator_attribute_or_nothing() ->
     ahead = wrapped.sample(4)
     wrapped.load_state_dict(saved)
     assert same_tasks(wrapped.sample(4), ahead)
-
-
-class NoisySinusoid(SinusoidTaskSampler):
-    """Draws its tasks in ``sample`` differently from the class that wrote ``sample_shard``."""
-
-    def sample(self, n: int) -> list[Task]:
-        noise = lambda t: 0.1 * torch.randn(t.shape, generator=self.generator, dtype=t.dtype)  # noqa: E731
-        return [Task(t.support_x, t.support_y + noise(t.support_y), t.query_x, t.query_y) for t in super().sample(n)]
-
-
-class RelabelledFewShot(FewShotSampler):
-    def sample_with_classes(self, n: int) -> tuple[list[Task], torch.Tensor]:
-        tasks, classes = super().sample_with_classes(n)
-        flipped = [Task(t.support_x, t.support_y.flip(0), t.query_x, t.query_y.flip(0)) for t in tasks]
-        return flipped, classes
-
-
-def noisy_sinusoid(seed: int = 3) -> NoisySinusoid:
-    return NoisySinusoid(k_support=4, k_query=3, seed=seed, dtype=torch.float64)
-
-
-def relabelled_few_shot(seed: int = 3) -> RelabelledFewShot:
-    inputs = torch.randn(80, 2, generator=torch.Generator().manual_seed(0))
-    return RelabelledFewShot(inputs, torch.arange(80) % 8, 3, 2, 2, seed=seed)
-
-
-@pytest.mark.parametrize("make", [noisy_sinusoid, relabelled_few_shot], ids=["sample", "sample_with_classes"])
-@pytest.mark.parametrize("world_size", [1, 2, 3])
-def test_a_subclass_that_draws_its_own_way_is_sharded_from_its_own_tasks(make, world_size: int) -> None:
-    """The parent's sample_shard (built from its private helpers) took the shares, so the ranks
-    trained on the parent's tasks, not on what the subclass's sample() draws."""
-    whole = make()
-    batches = [whole.sample(5), whole.sample(4)]
-    for rank in range(world_size):
-        sampler = DistributedTaskSampler(make(), rank=rank, world_size=world_size)
-        for batch in batches:
-            start, stop = shard_bounds(len(batch), rank, world_size)
-            assert same_tasks(sampler.sample(len(batch)), batch[start:stop])
