@@ -51,7 +51,7 @@ from torch.optim import Optimizer
 
 from samgria._checks import check_like_default
 from samgria._frameworks import called_from
-from samgria._snapshot import is_entry
+from samgria._snapshot import StateStructure, StepSnapshot, is_entry
 from samgria.functional._grouping import unique_params
 from samgria.functional._views import values_as_real
 
@@ -853,6 +853,21 @@ class WrappingOptimizer(Optimizer):
         """Whether ``state[p][key]`` is reserved by the wrapper (hidden from the driven optimizer)."""
         return self._state_source.hides(key)
 
+    def _groups_undo(self, spare_buffers: Mapping[int, torch.Tensor] | None = None) -> StepSnapshot | StateStructure:
+        """What undoes a step of torch's own driven optimizer that refuses a param group: such an
+        optimizer checks a group's inputs before it writes into its tensors, but steps the groups
+        one after another, so the weights and state of every group before the last one with a
+        gradient are copied (a :class:`StepSnapshot`); the state's references in any case (a
+        :class:`StateStructure`: entries created before a refusal are removed).
+        ``spare_buffers`` as :class:`StepSnapshot` takes them."""
+        groups = self.param_groups
+        if len(groups) > 1:
+            stepped = [i for i, group in enumerate(groups) if any(p.grad is not None for p in group["params"])]
+            if len(stepped) > 1:
+                earlier = [param for param in unique_params(groups[: stepped[-1]]) if param.grad is not None]
+                return StepSnapshot(earlier, self.state, spare_buffers, only_params_state=True)
+        return StateStructure(self.state)
+
     def _unique_params(self) -> list[torch.Tensor]:
         """Every parameter of every group once, in group order."""
         return unique_params(self.param_groups)
@@ -1147,16 +1162,22 @@ class WrappingOptimizer(Optimizer):
     def _own_checkpoint(self, state_dict: dict[str, Any]) -> dict[str, Any]:
         """``state_dict`` as the driven optimizer would have packed it: the keys hidden from it
         (a transform's slot, through every wrapper in between) left out."""
+        return {**state_dict, "state": self._visible_to_driven(state_dict["state"])}
+
+    def _visible_to_driven(self, entries: Mapping[Any, Any]) -> dict[Any, Any]:
+        """``entries`` (a state, by parameter or by index) as the innermost driven optimizer sees
+        them: the keys hidden from it (a transform's slot, through every wrapper in between) left
+        out, and the entries that held only such keys; values that are no entries as they are."""
         hides = [wrapper._hides_state_key for wrapper in self._wrapper_chain()]
-        state = {}
-        for index, entry in state_dict["state"].items():
+        visible_entries = {}
+        for key_of_entry, entry in entries.items():
             if is_entry(entry):
                 visible = {key: value for key, value in entry.items() if not any(hide(key) for hide in hides)}
                 if visible or not entry:
-                    state[index] = visible
+                    visible_entries[key_of_entry] = visible
             else:
-                state[index] = entry
-        return {**state_dict, "state": state}
+                visible_entries[key_of_entry] = entry
+        return visible_entries
 
     def _driven_setstate(self) -> None:
         """Run the innermost driven optimizer's class ``__setstate__`` over the state and groups
@@ -1190,13 +1211,7 @@ class WrappingOptimizer(Optimizer):
         driven = self._innermost_driven()
         if driven is None or type(driven).__setstate__ is Optimizer.__setstate__:
             return
-        hides = [wrapper._hides_state_key for wrapper in self._wrapper_chain()]
-        entries: defaultdict[Any, Any] = defaultdict(dict)
-        for param, entry in loaded_state.items():
-            if is_entry(entry):
-                entries[param] = {key: value for key, value in entry.items() if not any(hide(key) for hide in hides)}
-            else:
-                entries[param] = entry
+        entries = defaultdict(dict, self._visible_to_driven(loaded_state))
         probe = object.__new__(type(driven))
         probe.__dict__.update(driven.__dict__)
         # Torch's __setstate__ makes number steps tensors in the entries it is given: the copies'.

@@ -440,6 +440,10 @@ class TransformingOptimizer(WrappingOptimizer):
         """The slot names, in chain order."""
         return self.chain.slots
 
+    def _reevaluating_names(self) -> list[str]:
+        """The class names of the transforms that re-evaluate the loss (SAM, ASAM), in chain order."""
+        return [type(transform).__name__ for transform in self.transforms if transform.needs_closure]
+
     def _state_hider(self) -> Chain | None:
         return self.__dict__.get("chain")  # a transform's keys are "<slot>.<key>"
 
@@ -732,14 +736,7 @@ class TransformingOptimizer(WrappingOptimizer):
             # loop, after the tensors before it stepped (the SAM family refuses sparse gradients
             # before anything changes).
             return StepSnapshot(self._unique_params(), self.state, spare_buffers)
-        groups = self.param_groups
-        if len(groups) > 1:
-            stepped = [i for i, group in enumerate(groups) if any(p.grad is not None for p in group["params"])]
-            if len(stepped) > 1:
-                earlier = unique_params(groups[: stepped[-1]])
-                params = [param for param in earlier if param.grad is not None]
-                return StepSnapshot(params, self.state, spare_buffers, only_params_state=True)
-        return StateStructure(self.state)
+        return self._groups_undo(spare_buffers)
 
     def _pre_step_structure(self) -> StepSnapshot | StateStructure | None:
         """The state's references at the start of a step, when a transform saves state before the
@@ -830,7 +827,7 @@ class TransformingOptimizer(WrappingOptimizer):
     def _refuse_framework_accumulation(self, closure: Callable[[], Any]) -> None:
         """Raise before anything changes when a framework accumulated micro-batches outside the
         closure that a re-evaluating transform would run again (see :mod:`samgria._frameworks`)."""
-        needing = [type(t).__name__ for t in self.transforms if t.needs_closure]
+        needing = self._reevaluating_names()
         setting = accumulating_framework(closure) if needing else None
         if setting is not None:
             raise RuntimeError(

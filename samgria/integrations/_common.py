@@ -64,7 +64,7 @@ def reevaluating(optimizer: TransformingOptimizer | None) -> list[str]:
     """The names of the transforms in ``optimizer``'s chain that re-evaluate the loss (SAM, ASAM)."""
     if optimizer is None:
         return []
-    return [type(transform).__name__ for transform in optimizer.transforms if transform.needs_closure]
+    return optimizer._reevaluating_names()
 
 
 def first_pass_overflowed(optimizer: TransformingOptimizer) -> bool:

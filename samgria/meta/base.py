@@ -47,7 +47,6 @@ from samgria._snapshot import StateStructure, StepSnapshot
 from samgria._wrapper import WrappingOptimizer, checks_before_writing, refuse_driven
 from samgria.data.task import Task
 from samgria.functional import all_finite
-from samgria.functional._grouping import unique_params
 from samgria.meta import distributed as collectives
 from samgria.meta import engine
 from samgria.meta.engine import InnerLoop, InnerRegFn, check_inner_options, vmap_blocker
@@ -427,7 +426,7 @@ class MetaOptimizer(WrappingOptimizer):
                 # the framework's here (SAM under Lightning's accumulate_grad_batches).
                 outer._refuse_framework_accumulation(closure)
             else:
-                needing = [type(t).__name__ for t in outer.transforms if t.needs_closure]
+                needing = outer._reevaluating_names()
                 if needing and not self._is_state_init_step():
                     name = type(self).__name__
                     raise RuntimeError(
@@ -541,18 +540,6 @@ class MetaOptimizer(WrappingOptimizer):
         if self._loaded_state_unstepped or not _evaluates_before_writing(outer):
             return StepSnapshot(self._unique_params(), self.state)
         return None if closure_given else self._groups_undo()
-
-    def _groups_undo(self) -> StepSnapshot | StateStructure:
-        """For torch's own optimizers: copies of the weights and state of every param group
-        before the last one with a gradient (a group refused later, for a value it cannot take,
-        leaves them stepped); the state's references in any case (entries created before a
-        refusal are removed)."""
-        groups = self.param_groups
-        stepped = [i for i, group in enumerate(groups) if any(p.grad is not None for p in group["params"])]
-        if len(stepped) > 1:
-            earlier = [p for p in unique_params(groups[: stepped[-1]]) if p.grad is not None]
-            return StepSnapshot(earlier, self.state, only_params_state=True)
-        return StateStructure(self.state)
 
     def _reduce_across_ranks(self, loss: Any) -> Any:
         """All-reduce the outer gradients (and a scalar loss) over the ranks; return the loss.
