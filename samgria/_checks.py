@@ -197,11 +197,6 @@ def _is_torch_scalar(value: Any) -> bool:
     return False
 
 
-def _entries(value: Any) -> list[Any] | None:
-    """The entries of a tuple or list; else ``None``."""
-    return list(value) if isinstance(value, (tuple, list)) else None
-
-
 def check_like_default(name: str, value: Any, default: Any) -> None:
     """Check a torch optimizer's param-group value against its default's kind, before a step
     that would otherwise fail half-way (torch's optimizers step the groups, and the tensors in a
@@ -224,10 +219,9 @@ def check_like_default(name: str, value: Any, default: Any) -> None:
     elif isinstance(default, tuple) and any(_is_real(entry) for entry in default):
         numbered = [i for i, entry in enumerate(default) if _is_real(entry)]
         rule = f"a sequence of {len(default)} with {number} at {', '.join(map(str, numbered))}"
-        entries = _entries(value)
-        if entries is None or len(entries) != len(default):
+        if not isinstance(value, (tuple, list)) or len(value) != len(default):
             raise _fail_type(name, rule, value)
-        if any(not _is_torch_scalar(entries[i]) for i in numbered):
+        if any(not _is_torch_scalar(value[i]) for i in numbered):
             raise _fail_type(name, rule, value)
 
 
