@@ -20,6 +20,9 @@ from samgria import (
     SAM,
     WSAM,
     FriendlySAM,
+    EMA,
+    LAMP,
+    Lookahead,
     LookSAM,
     MultiStepSAM,
     ParamTransform,
@@ -367,6 +370,80 @@ def test_a_seed_objects_state_leaves_the_parameter_that_held_it_once_that_is_fro
     assert {k: v for k, v in checkpoint["state"].get(0, {}).items() if k.startswith("pending.")} == {}
     assert {k: v for k, v in checkpoint["state"][1].items() if k.startswith("pending.")} == {"pending.t": 3, "pending.saved": torch.tensor(3.0)}
     assert _slot_entries(optimizer, "pending") == {1: {"pending.t": 3, "pending.saved": torch.tensor(3.0)}}
+
+
+_OBJECT_STATE_CHAINS = {
+    "sam-lookahead": lambda: [SAM(0.05), Lookahead(k=4)],
+    "ema": lambda: [EMA(0.9)],
+    "looksam": lambda: [LookSAM(k=3)],
+    "lamp": lambda: [LAMP(seed=0, rollback_len=3)],
+}
+
+
+def _train_without_first_layer_for_a_while(make_chain, how):
+    """3 steps, 5 with the first layer out of training (``how``: its param group taken out of
+    ``param_groups`` and put back, or its parameters frozen and unfrozen), then 4 more."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 3), nn.Linear(3, 1))
+    inputs, targets = torch.randn(8, 4), torch.randn(8, 1)
+    optimizer = TransformingOptimizer(
+        [{"params": model[0].parameters()}, {"params": model[1].parameters()}],
+        torch.optim.SGD, lr=0.1, momentum=0.9, transforms=make_chain(),
+    )
+
+    def closure():
+        optimizer.zero_grad()
+        loss = nn.functional.mse_loss(model(inputs), targets)
+        loss.backward()
+        return loss
+
+    for _ in range(3):
+        optimizer.step(closure)
+    if how == "group":
+        first_group = optimizer.param_groups.pop(0)  # torch keeps its parameters' state entries
+    else:
+        model[0].requires_grad_(False)
+    for _ in range(5):
+        optimizer.step(closure)
+    if how == "group":
+        optimizer.param_groups.insert(0, first_group)
+    else:
+        model[0].requires_grad_(True)
+    for _ in range(4):
+        optimizer.step(closure)
+    return model, optimizer
+
+
+@pytest.mark.parametrize("chain", list(_OBJECT_STATE_CHAINS))
+def test_object_level_state_goes_on_counting_when_the_first_param_group_is_taken_out_and_put_back(chain):
+    """Taking the first group out of param_groups restarted the counters, generators and cycles
+    on the new first parameter, and putting it back switched to the stale ones of the group's
+    first parameter (two copies, both checkpointed). The reference: the same run with the first
+    layer frozen instead, whose object-level state moves along (tested above)."""
+    make_chain = _OBJECT_STATE_CHAINS[chain]
+    model, optimizer = _train_without_first_layer_for_a_while(make_chain, "group")
+    reference_model, reference = _train_without_first_layer_for_a_while(make_chain, "freeze")
+    object_keys = {"lookahead.step", "ema.step", "look_sam.step", "lamp.cycle_step", "lamp.rng_state"}
+
+    def object_state(model, optimizer):
+        return {
+            (name, key): value
+            for name, param in model.named_parameters()
+            for key, value in optimizer.state[param].items()
+            if key in object_keys
+        }
+
+    held, expected = object_state(model, optimizer), object_state(reference_model, reference)
+    assert held.keys() == expected.keys() and {name for name, _ in held} == {"0.weight"}
+    for key, value in expected.items():
+        if isinstance(value, torch.Tensor):
+            assert_bitwise_equal(held[key], value)
+        else:
+            assert held[key] == value, key
+    if chain in ("sam-lookahead", "ema"):
+        assert held[("0.weight", f"{chain.split('-')[-1]}.step")] == 12
+        for param, reference_param in zip(model.parameters(), reference_model.parameters()):
+            assert_bitwise_equal(param, reference_param)
 
 
 def test_a_seed_objects_checkpoint_resumes_when_the_parameter_that_held_it_is_frozen_at_resume():

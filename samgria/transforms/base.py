@@ -251,27 +251,36 @@ class TransformContext:
         on ``device``, when given) under this slot's keys — ``torch.distributed.checkpoint``
         carries only the state of parameters that require grad; ``None`` when there is no such
         parameter. Keys must not coincide with the transform's per-parameter keys. ``keys``
-        names the object-level keys: when the parameter that held them has been frozen since,
-        they are moved to the new first parameter that requires grad.
+        names the object-level keys: when the parameter that held them is no longer the first
+        that requires grad (it was frozen, or its param group was taken out of ``param_groups``,
+        whose state entries torch keeps, or a group was put before it), they are moved to the new
+        one, so they are held once and go on counting.
         """
-        anchor = None
-        holders = []
-        prefix = self.slot + "."
-        for group in self.raw_param_groups:
-            for param in group["params"]:
-                if device is not None and param.device != device:
-                    continue
-                if anchor is None and param.requires_grad:
-                    anchor = param
-                if param is not anchor and param in self._optimizer_state:
-                    holders.append(param)
+        anchor = next(
+            (
+                param
+                for group in self.raw_param_groups
+                for param in group["params"]
+                if param.requires_grad and (device is None or param.device == device)
+            ),
+            None,
+        )
         if anchor is None:
             return None
+        prefix = self.slot + "."
         entry = _SlotEntry(self._optimizer_state[anchor], prefix)
         missing = [key for key in keys if key not in entry]
         if missing:
-            # The parameter that held them was frozen since: move the object-level state along.
-            for param in holders:
+            # Every entry of the state, not only the param groups' parameters: a group taken out
+            # of param_groups leaves its parameters' entries (and maybe the keys) behind.
+            for param, param_state in list(self._optimizer_state.items()):
+                if (
+                    param is anchor
+                    or not isinstance(param, torch.Tensor)  # an inner optimizer's own key
+                    or not isinstance(param_state, MutableMapping)
+                    or (device is not None and param.device != device)
+                ):
+                    continue
                 held = _SlotEntry(self._optimizer_state[param], prefix)
                 for key in [key for key in missing if key in held]:
                     entry[key] = held.pop(key)
