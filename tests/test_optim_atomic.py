@@ -541,6 +541,47 @@ def test_asam_in_float16_does_not_overflow_from_finite_weights_and_gradients(for
     torch.testing.assert_close(param.detach().double(), w64 - 1e-4 * g64, rtol=2e-3, atol=0)
 
 
+def _asam_perturbed_weights(weights, grads, rho, foreach):
+    """The weights ASAM(rho) moves ``weights`` to for gradient ``grads`` (no inner step)."""
+    param = nn.Parameter(weights.clone())
+    optimizer = TransformingOptimizer(
+        [param], torch.optim.SGD, transforms=[ASAM(rho)], lr=0.1, transform_foreach=foreach
+    )
+    param.grad = grads.clone()
+    optimizer.first_step()
+    perturbed = param.detach().clone()
+    optimizer.cancel_step()
+    assert torch.equal(param.detach(), weights)
+    return perturbed
+
+
+def _asam_reference(weights, grads, rho, eta=0.01):
+    """e = rho * T^2 g / ||T g||, T = |w| + eta, in float64 (no overflow for these inputs)."""
+    w64, g64 = weights.double(), grads.double()
+    t = w64.abs() + eta
+    return w64 + rho * t * (t * g64) / torch.linalg.vector_norm(t * g64)
+
+
+@pytest.mark.parametrize("foreach", [True, False])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_asam_does_not_overflow_where_its_perturbation_is_finite(dtype, foreach):
+    """T^2 * g was formed before the division by the norm: weights near 1e20 (T^2 near 1e40,
+    beyond float32's range, in which bfloat16 parameters are perturbed) became infinite though
+    the perturbation (1.5e20) is finite. Also a norm of T * g beyond float32's range (taken again
+    in float64) divides correctly."""
+    weights = torch.tensor([1e20, 1.0], dtype=dtype)
+    grads = torch.tensor([1.0, 1.0], dtype=dtype)
+    perturbed = _asam_perturbed_weights(weights, grads, 0.5, foreach)
+    assert torch.isfinite(perturbed).all()
+    rtol = 1e-2 if dtype == torch.bfloat16 else 1e-6  # one rounding to the parameter's dtype
+    torch.testing.assert_close(perturbed.double(), _asam_reference(weights, grads, 0.5), rtol=rtol, atol=0)
+    # ||T g|| = sqrt(2) * 3e38 * 1.0, beyond float32's largest value: e = rho * T * (1/sqrt(2)).
+    weights = torch.tensor([0.99, -0.99], dtype=torch.float32)
+    grads = torch.tensor([3e38, 3e38], dtype=torch.float32)
+    perturbed = _asam_perturbed_weights(weights, grads, 0.5, foreach)
+    torch.testing.assert_close(perturbed.double(), _asam_reference(weights, grads, 0.5), rtol=1e-6, atol=0)
+
+
 @pytest.mark.parametrize("foreach", [True, False])
 def test_sam_in_float16_with_a_tiny_gradient_norm_perturbs_by_rho(foreach):
     w = torch.tensor([0.75, -0.5, 0.625, 0.875], dtype=torch.float16)

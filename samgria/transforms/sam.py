@@ -22,7 +22,9 @@ model) and allocating a copy every step (a page fault per page on glibc).
 
 Complex parameters are treated as pairs of reals (as torch.optim does): norms and the ASAM
 operator act on ``torch.view_as_real`` views. 16-bit parameters are perturbed in float32 and
-rounded once, so neither a tiny gradient norm nor ASAM's :math:`T^2 \odot g` overflows.
+rounded once, so a tiny gradient norm does not overflow SAM's scale. ASAM divides
+:math:`T \odot g` by its norm before multiplying by :math:`T` again: its :math:`T^2 \odot g`
+is never formed, and the perturbation overflows only where :math:`\rho\, T` does.
 
 Inside :class:`~samgria.TransformingOptimizer` non-finite gradients never reach SAM (the
 optimizer skips such a step). Used on its own (seed protocol), a non-finite gradient norm skips
@@ -41,6 +43,7 @@ import torch
 
 from samgria._frameworks import stacklevel_outside
 from samgria._checks import check_bool, check_real
+from samgria.functional._grouping import group_indices_by_device_and_dtype
 from samgria.functional._sharding import is_sharded
 from samgria.functional._views import all_as_real, as_real, widened_dtype
 from samgria.functional import adaptive_scaling, add_directions_, global_norm, mul, mul_
@@ -588,6 +591,25 @@ class SAM(PerturbationTransform):
         return self._move_along(moved, all_as_real(directions), scales, ctx.foreach)
 
 
+def _divide_(tensors: list[torch.Tensor], divisor: float, foreach: bool) -> None:
+    """In place: every tensor (float32 or float64) divided by ``divisor`` > 0; one
+    ``torch._foreach_div_`` per device and dtype, or ``div_`` tensor by tensor
+    (``foreach=False``): the same arithmetic, bit for bit.
+
+    torch rounds the divisor to the tensors' dtype: one beyond float32's range (a norm taken
+    again in float64) is applied as two equal factors within it.
+    """
+    for (_device, dtype), indices in group_indices_by_device_and_dtype(tensors).items():
+        group = [tensors[i] for i in indices]
+        factors = [divisor] if divisor <= torch.finfo(dtype).max else [math.sqrt(divisor)] * 2
+        for factor in factors:
+            if foreach:
+                torch._foreach_div_(group, factor)
+            else:
+                for tensor in group:
+                    tensor.div_(factor)
+
+
 class ASAM(PerturbationTransform):
     r"""Adaptive SAM (Kwon et al., ICML 2021).
 
@@ -640,7 +662,7 @@ class ASAM(PerturbationTransform):
         if not params or not self.active(groups):
             return None
         adaptive = [i for i, group in enumerate(groups) if group["adaptive"]]
-        # Pairs of reals for complex tensors; float32 for 16-bit ones (T² ⊙ g would overflow).
+        # Pairs of reals for complex tensors; float32 for 16-bit ones (T ⊙ g would overflow).
         weights = [_widened(as_real(params[i])) for i in adaptive]
         scalings = adaptive_scaling(weights, [groups[i]["eta"] for i in adaptive], foreach=ctx.foreach)
         del weights
@@ -651,12 +673,18 @@ class ASAM(PerturbationTransform):
         norm = self._finite_norm(directions, ctx.foreach, like=grads)
         if norm is None or norm == 0.0:
             return None if norm == 0.0 else Perturbation([], non_finite=True)
-        mul_(scaled_grads, scalings, foreach=ctx.foreach)  # T² ⊙ g, in place
+        # T ⊙ (T ⊙ g / ‖T ⊙ g‖), in place: each element of the quotient is at most 1 in
+        # magnitude, so the result is at most T in magnitude. T² ⊙ g first would
+        # overflow float32 (also 16-bit parameters' widened values) from |w| near 1.8e19.
+        _divide_(scaled_grads, norm, ctx.foreach)
+        mul_(scaled_grads, scalings, foreach=ctx.foreach)
         del scalings, scaled_grads
+        adaptive_indices = set(adaptive)
         moved, moved_directions, scales = [], [], []
         for index, (param, group) in enumerate(zip(params, groups)):
             if group["rho"] > 0:
                 moved.append(param)
                 moved_directions.append(directions[index])
-                scales.append(self._radius(group) / norm)
+                divisor = 1.0 if index in adaptive_indices else norm  # adaptive ones are divided
+                scales.append(self._radius(group) / divisor)
         return self._move_along(moved, moved_directions, scales, ctx.foreach)
