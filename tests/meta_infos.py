@@ -115,13 +115,13 @@ def first_layer_groups(first: Mapping[str, Any], rest: Mapping[str, Any] | None 
     return groups
 
 
-def head_groups(head: Mapping[str, Any]) -> GroupsFn:
-    """Two param groups: the body, and the head (the last module) with ``head``'s keys."""
+def head_groups(head: Mapping[str, Any], body: Mapping[str, Any] | None = None) -> GroupsFn:
+    """Two param groups: the body with ``body``'s keys, and the head (the last module) with ``head``'s."""
 
     def groups(model: nn.Module) -> list[dict[str, Any]]:
         head_ids = {id(p) for p in model[-1].parameters()}
-        body = [p for p in model.parameters() if id(p) not in head_ids]
-        return [{"params": body}, {"params": list(model[-1].parameters()), **head}]
+        params = [p for p in model.parameters() if id(p) not in head_ids]
+        return [{"params": params, **(body or {})}, {"params": list(model[-1].parameters()), **head}]
 
     return groups
 
@@ -232,12 +232,19 @@ class MetaInfo:
         return self.model == "bn_mlp"
 
     @property
+    def adapts_before_the_head(self) -> bool:
+        """Whether a parameter before the head (the last module) is adapted: in ``bn_mlp`` the
+        support gradient then back-propagates through the BatchNorm layer."""
+        head = f"{len(MODELS[self.model](0)) - 1}."
+        return any(not name.startswith(head) for name in self.adapted_lrs(MODELS[self.model](0)))
+
+    @property
     def vmap_blocker(self) -> str | None:
         """Why the vmap path does not apply (from the documented rules), or ``None``."""
         if self.second_order and self.checkpoint:
             return "checkpointed inner steps need the loop path"
-        if self.second_order and self.has_norm_layer:
-            return "second-order gradients through 1 (BatchNorm1d) are wrong under torch.func.vmap"
+        if self.second_order and self.has_norm_layer and self.adapts_before_the_head:
+            return "second-order gradients pass through 1 (BatchNorm1d), whose double backward torch.func.vmap gets wrong"
         return None
 
     @property
@@ -295,6 +302,10 @@ META_INFOS: list[MetaInfo] = [
     MetaInfo("maml-proximal", "MAML", inner_steps=2, inner_reg_fn=proximal),
     MetaInfo("maml-checkpoint", "MAML", inner_steps=3, checkpoint=True),
     MetaInfo("maml-batchnorm", "MAML", inner_steps=2, model="bn_mlp"),
+    MetaInfo(
+        "maml-batchnorm-head-adapts", "MAML", inner_steps=2, model="bn_mlp", groups=head_groups({}, {"adapt": False}),
+        notes="the support gradient stops at the head: second order vmaps through the body's BatchNorm",
+    ),
     MetaInfo("maml-sam-outer", "MAML", inner_steps=2, outer="sam"),
     # ------------------------------------------------------------------ FOMAML
     MetaInfo("fomaml-1step", "FOMAML"),

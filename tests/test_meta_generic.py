@@ -753,8 +753,8 @@ def test_vectorize_true_names_why_vmap_cannot_run_second_order_loops():
     bn = MAML(MODELS["bn_mlp"](0), torch.optim.SGD, lr=0.1)
     with pytest.raises(
         ValueError,
-        match=r"^vectorize=True cannot be honoured: second-order gradients through 1 \(BatchNorm1d\) are wrong "
-        r"under torch\.func\.vmap \(pytorch/functorch#534\); use vectorize=None/False$",
+        match=r"^vectorize=True cannot be honoured: second-order gradients pass through 1 \(BatchNorm1d\), whose double "
+        r"backward torch\.func\.vmap gets wrong \(pytorch/functorch#534\); use vectorize=None/False$",
     ):
         bn.task_losses(TASKS, mse, vectorize=True)
 
@@ -1256,7 +1256,7 @@ def test_transformer_second_order_maml_matches_finite_differences_on_the_loop_pa
         # the check can tell second from first order at this coordinate
         assert abs(first_order[name][index].item() - numeric) > 1e-6, name
     # LayerNorm blocks second order under vmap: the default path is the loop, with the same result
-    with pytest.raises(ValueError, match=r"second-order gradients through encoder\.norm1 \(LayerNorm\)"):
+    with pytest.raises(ValueError, match=r"second-order gradients pass through encoder\.norm1 \(LayerNorm\)"):
         meta.task_losses(tasks, mse, vectorize=True)
     meta.zero_grad()
     meta.task_losses(tasks, mse).mean().backward()

@@ -12,6 +12,7 @@ from torch import nn
 
 from meta_helpers import ItemModel
 from samgria.data.task import Task
+from samgria.meta import engine
 from samgria.meta.anil import ANIL
 from samgria.meta.maml import FOMAML, MAML
 from samgria.meta.metasgd import MetaSGD
@@ -286,7 +287,7 @@ def test_the_public_vmap_functions_refuse_second_order_through_a_norm_vmap_gets_
     names = list(params)
     lrs = {n: 0.3 for n in names}
     name = "LayerNorm" if norm == "layer_norm" else "BatchNorm1d"
-    message = rf"this inner loop cannot be vmapped: second-order gradients through 1 \({name}\) are wrong"
+    message = rf"this inner loop cannot be vmapped: second-order gradients pass through 1 \({name}\), whose double backward"
     with pytest.raises(ValueError, match=message):
         vmap_task_losses(model, params, names, lrs, tasks, mse, 2)
     with pytest.raises(ValueError, match=message):
@@ -342,7 +343,7 @@ def test_batchnorm_second_order_uses_the_loop_and_first_order_still_vmaps():
     model = batchnorm_model()
     tasks = make_tasks()
     maml = MAML(model, torch.optim.SGD, inner_lr=0.1, inner_steps=2, lr=0.1)
-    with pytest.raises(ValueError, match=r"second-order gradients through 1 \(BatchNorm1d\) are wrong under torch.func.vmap.*functorch#534"):
+    with pytest.raises(ValueError, match=r"second-order gradients pass through 1 \(BatchNorm1d\), whose double backward torch.func.vmap gets wrong.*functorch#534"):
         maml.task_losses(tasks, mse, vectorize=True)
     auto = losses_and_grads(maml, tasks, None)
     loop = losses_and_grads(maml, tasks, False)
@@ -382,3 +383,75 @@ def test_dropout_model_is_vmapped_with_independent_randomness():
     model.eval()
     same = meta.task_losses(tasks, mse, vectorize=True)
     assert len(set(same.tolist())) == 1
+
+
+class _NormBeforeProjection(nn.Module):
+    """Registers its BatchNorm before the layer that feeds it: module order is not data flow."""
+
+    def __init__(self, item=False):
+        super().__init__()
+        self.norm = nn.BatchNorm1d(4)
+        self.proj = nn.Linear(2, 4)
+        self.head = nn.Linear(4, 1)
+        self.item = item
+
+    def forward(self, x):
+        if self.item:
+            x = x * (1.0 if x.abs().max().item() < 1e6 else 0.0)  # the meta device cannot run this
+        return self.head(torch.tanh(self.norm(self.proj(x))))
+
+
+def _anil(model, head):
+    return ANIL(model, torch.optim.SGD, head=head, inner_lr=0.3, inner_steps=2, lr=0.1)
+
+
+def test_a_second_order_loop_that_adapts_only_after_the_norm_layers_vmaps_exactly():
+    """ANIL's support gradient stops at the head, so the body's BatchNorm needs only its first
+    backward, which vmap batches correctly; it was refused (sent to the loop, with a message
+    calling the meta-gradient wrong). The loop path is the reference."""
+    model = batchnorm_model()
+    tasks = make_tasks(n=3)
+    anil = _anil(model, model[3])
+    assert engine.vmap_blocker(model, anil.inner_loop(), tasks) is None
+    vmapped = losses_and_grads(anil, tasks, True)
+    looped = losses_and_grads(anil, tasks, False)
+    torch.testing.assert_close(vmapped[0], looped[0], rtol=1e-12, atol=1e-14)
+    for got, want in zip(vmapped[1], looped[1]):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-13)
+    assert model[1].num_batches_tracked.item() == 0  # the probe ran on copies on the meta device
+
+
+def test_the_vmap_blocker_follows_the_data_flow_to_the_norm_layers():
+    tasks = make_tasks(n=2)
+    model = _NormBeforeProjection().to(DT)
+    blocked = "second-order gradients pass through norm (BatchNorm1d), whose double backward torch.func.vmap gets wrong"
+    # The adapted projection feeds the norm, though it is registered after it.
+    assert blocked in engine.vmap_blocker(model, _anil(model, model.proj).inner_loop(), tasks)
+    # The norm's own parameters are adapted.
+    assert blocked in engine.vmap_blocker(model, _anil(model, model.norm).inner_loop(), tasks)
+    assert engine.vmap_blocker(model, _anil(model, model.head).inner_loop(), tasks) is None
+    head_loop = _anil(model, model.head).inner_loop()
+    assert engine.vmap_blocker(model, head_loop, sample_input=tasks[0].support_x) is None
+    # Without a task to run, or with a forward the meta device cannot run, every norm counts.
+    maybe = "second-order gradients may pass through norm (BatchNorm1d), whose double backward"
+    assert maybe in engine.vmap_blocker(model, head_loop)
+    item_model = _NormBeforeProjection(item=True).to(DT)
+    assert maybe in engine.vmap_blocker(item_model, _anil(item_model, item_model.head).inner_loop(), tasks)
+    for name, param in model.named_parameters():
+        assert param.device.type == "cpu" and not name.startswith("meta")
+
+
+def test_the_data_flow_probe_runs_once_per_configuration():
+    """The probe's forward on the meta device (which the module's hooks see) is remembered:
+    one per model configuration, not one per meta-step."""
+    model = batchnorm_model()
+    devices = []
+    model.register_forward_pre_hook(lambda _module, inputs: devices.append(inputs[0].device.type))
+    anil = _anil(model, model[3])
+    tasks = make_tasks(n=2)
+    for _ in range(3):
+        anil.task_losses(tasks, mse, vectorize=True)
+    assert devices.count("meta") == 1
+    model[1] = nn.BatchNorm1d(6).to(DT)  # another module: asked again
+    anil.task_losses(tasks, mse, vectorize=True)
+    assert devices.count("meta") == 2

@@ -38,6 +38,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import sys
+import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
@@ -298,6 +300,30 @@ def twice_differentiable_attention(enabled: bool) -> Iterator[None]:
         yield
 
 
+@contextlib.contextmanager
+def twice_differentiable_forward(enabled: bool) -> Iterator[None]:
+    """Make the forward passes run in it differentiable twice when ``enabled``.
+
+    Attention runs through its math backend (:func:`twice_differentiable_attention`), and modules
+    and functions wrapped in :func:`torch.compile` run their own code eagerly
+    (``torch.compiler.set_stance("force_eager")``): the graphs AOTAutograd compiles have no double
+    backward ("torch.compile with aot_autograd does not currently support double backward"), so
+    a compiled model could not take a second-order inner step. Inside a program being compiled
+    (the compiled path), Dynamo traces the original code already and nothing changes there.
+    """
+    if not enabled:
+        yield
+        return
+    set_stance = getattr(torch.compiler, "set_stance", None)  # torch >= 2.6
+    eager = (
+        set_stance("force_eager")
+        if set_stance is not None and not torch.compiler.is_compiling()
+        else contextlib.nullcontext()
+    )
+    with eager, twice_differentiable_attention(True):
+        yield
+
+
 def copy_update_state(state: dict[str, Any]) -> dict[str, Any]:
     """A copy of an update rule's state two levels deep (rules replace, never mutate, tensors)."""
     return {k: (dict(v) if isinstance(v, dict) else v) for k, v in state.items()}
@@ -418,7 +444,7 @@ def take_inner_steps(
         return loss
 
     checkpointed = loop.checkpoint and create_graph
-    with twice_differentiable_attention(create_graph):
+    with twice_differentiable_forward(create_graph):
         for _ in range(steps):
             if checkpointed:
                 from torch.utils.checkpoint import checkpoint
@@ -426,7 +452,7 @@ def take_inner_steps(
                 fast, state = checkpoint(
                     _one_step, loop, loss_of, grad_source, create_graph, fast, state,
                     use_reentrant=False,
-                    context_fn=_attention_contexts,
+                    context_fn=_twice_differentiable_contexts,
                 )
             else:
                 fast, state = _one_step(loop, loss_of, grad_source, create_graph, fast, state)
@@ -478,21 +504,21 @@ def stateless_call(
             module._buffers.update(module_buffers)
 
 
-class _MathAttention:
-    """A re-enterable :func:`twice_differentiable_attention` (a checkpoint may recompute a step
+class _TwiceDifferentiable:
+    """A re-enterable :func:`twice_differentiable_forward` (a checkpoint may recompute a step
     more than once, e.g. in a double backward)."""
 
     def __enter__(self) -> None:
-        self._context = twice_differentiable_attention(True)
+        self._context = twice_differentiable_forward(True)
         self._context.__enter__()
 
     def __exit__(self, *exc_info: Any) -> Any:
         return self._context.__exit__(*exc_info)
 
 
-def _attention_contexts() -> tuple[Any, Any]:
-    """The forward and the recomputation of a checkpointed step both use the math backend."""
-    return _MathAttention(), _MathAttention()
+def _twice_differentiable_contexts() -> tuple[Any, Any]:
+    """The forward and the recomputation of a checkpointed step are both twice differentiable."""
+    return _TwiceDifferentiable(), _TwiceDifferentiable()
 
 
 # ---------------------------------------------------------------------- one task
@@ -639,7 +665,8 @@ def second_order_vmap_blocker(model: nn.Module) -> str | None:
     These are BatchNorm/InstanceNorm layers normalising with batch statistics (train mode or
     ``track_running_stats=False``) and LayerNorm layers: the batching rules of their double
     backward give wrong values (pytorch/functorch#534; checked against a loop and finite
-    differences with torch 2.13).
+    differences with torch 2.13). :func:`vmap_blocker` refuses a second-order loop only where
+    its support gradient reaches one of them.
 
     Args:
         model: The module to inspect (its current train/eval mode counts).
@@ -647,14 +674,106 @@ def second_order_vmap_blocker(model: nn.Module) -> str | None:
     Returns:
         ``"name (TypeName)"`` of the first such submodule, or ``None``.
     """
-    norm_types = (nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm)
-    for name, module in model.named_modules():
-        if isinstance(module, norm_types):
-            if module.training or not module.track_running_stats:
-                return f"{name or '<model>'} ({type(module).__name__})"
-        elif isinstance(module, nn.LayerNorm):
-            return f"{name or '<model>'} ({type(module).__name__})"
+    for name, module in _vmap_unsafe_norms(model):
+        return _module_label(name, module)
     return None
+
+
+def _module_label(name: str, module: nn.Module) -> str:
+    return f"{name or '<model>'} ({type(module).__name__})"
+
+
+def _vmap_unsafe_norms(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The submodules :func:`second_order_vmap_blocker` looks for, in ``named_modules`` order."""
+    norm_types = (nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm)
+    return [
+        (name, module)
+        for name, module in model.named_modules()
+        if (isinstance(module, norm_types) and (module.training or not module.track_running_stats))
+        or isinstance(module, nn.LayerNorm)
+    ]
+
+
+#: The answers of :func:`_norms_reached_by_adaptation` per model, by everything they depend on:
+#: the model is run on the meta device once per configuration, not at every meta-step.
+_REACHED_NORMS: weakref.WeakKeyDictionary[nn.Module, dict[Any, list[str] | None]] = weakref.WeakKeyDictionary()
+
+
+def _norms_reached_by_adaptation(
+    model: nn.Module, adapt_names: Sequence[str], norms: Sequence[tuple[str, nn.Module]], sample_x: Any
+) -> list[str] | None:
+    """:func:`_probe_norms_reached`, remembered per model, adapted names, modules, parameters,
+    train/eval modes and input shape, dtype and device."""
+    if not isinstance(sample_x, torch.Tensor):
+        return None
+    key = (
+        tuple(adapt_names),
+        tuple((name, id(module), module.training) for name, module in model.named_modules()),
+        tuple((name, id(param), param.requires_grad) for name, param in model.named_parameters()),
+        (tuple(sample_x.shape), sample_x.dtype, sample_x.device),
+    )
+    answers = _REACHED_NORMS.setdefault(model, {})
+    if key not in answers:
+        if len(answers) >= 16:  # a model whose configurations keep changing: keep the newest
+            answers.pop(next(iter(answers)))
+        answers[key] = _probe_norms_reached(model, adapt_names, norms, sample_x)
+    return answers[key]
+
+
+def _is_compiled(module: nn.Module) -> bool:
+    """Whether ``module`` is a ``torch.compile``-d module (an ``OptimizedModule``)."""
+    eval_frame = sys.modules.get("torch._dynamo.eval_frame")  # not imported: nothing was compiled
+    return eval_frame is not None and isinstance(module, eval_frame.OptimizedModule)
+
+
+def _probe_norms_reached(
+    model: nn.Module, adapt_names: Sequence[str], norms: Sequence[tuple[str, nn.Module]], sample_x: torch.Tensor
+) -> list[str] | None:
+    """Which of ``norms`` an inner step's second-order gradient passes through, or ``None``
+    when that cannot be found out (then every one of them may be).
+
+    The support gradient :math:`\\nabla_\\phi \\mathcal{L}^s` back-propagates through a module
+    only where the module holds an adapted parameter or its input depends on one; only there does
+    the meta-gradient need the module's double backward. ANIL's body, before an adapted head,
+    needs its first backward alone, which vmap batches correctly. This runs ``model`` once on
+    ``sample_x`` (one task's support inputs) with every tensor on the ``meta`` device (no
+    arithmetic, no random numbers, buffers untouched; the module's hooks run and see meta
+    tensors) and only the adapted parameters requiring grad, and records the norms whose input
+    requires grad. A forward that the meta device cannot run (``.item()``, tensors made on
+    another device), or a compiled submodule, answers ``None``.
+    """
+    if any(_is_compiled(module) for module in model.modules()):
+        return None
+    adapted = set(adapt_names)
+    reached: list[str] = []
+    for name, module in norms:
+        prefix = f"{name}." if name else ""
+        if any(f"{prefix}{own}" in adapted for own, _ in module.named_parameters()):
+            reached.append(_module_label(name, module))
+
+    def record(label: str) -> Callable[..., None]:
+        def hook(_module: nn.Module, inputs: tuple[Any, ...]) -> None:
+            if label not in reached and any(isinstance(t, torch.Tensor) and t.requires_grad for t in inputs):
+                reached.append(label)
+
+        return hook
+
+    params = {
+        name: torch.empty_like(p, device="meta").requires_grad_(name in adapted)
+        for name, p in model.named_parameters()
+    }
+    buffers = {name: torch.empty_like(b, device="meta") for name, b in model.named_buffers()}
+    handles = [module.register_forward_pre_hook(record(_module_label(name, module))) for name, module in norms]
+    try:
+        with torch.enable_grad():
+            stateless_call(model, params, buffers, (torch.empty_like(sample_x, device="meta"),))
+    except Exception:  # the meta device cannot run this forward: assume every norm is reached
+        return None
+    finally:
+        for handle in handles:
+            handle.remove()
+    order = [_module_label(name, module) for name, module in norms]
+    return sorted(reached, key=order.index)
 
 
 def _signature(t: torch.Tensor) -> tuple[Any, ...]:
@@ -708,20 +827,37 @@ def stack_tasks(tasks: Sequence[Task]) -> tuple[torch.Tensor, torch.Tensor, torc
     )
 
 
-def vmap_blocker(model: nn.Module, loop: InnerLoop, tasks: Sequence[Task] | None = None) -> str | None:
-    """Say why the vmap (and compiled) path cannot run ``loop`` on ``tasks``, or ``None``."""
+def vmap_blocker(
+    model: nn.Module, loop: InnerLoop, tasks: Sequence[Task] | None = None, *, sample_input: Any = None
+) -> str | None:
+    """Say why the vmap (and compiled) path cannot run ``loop`` on ``tasks``, or ``None``.
+
+    A second-order loop is refused where its support gradient back-propagates through a module
+    :func:`second_order_vmap_blocker` names: a module with an adapted parameter, or one whose
+    input depends on one, as found by running the model on the ``meta`` device with one task's
+    support inputs (``sample_input``, else the first task's). Without either, or where the meta
+    device cannot run the model, every such module counts.
+    """
     if loop.checkpoint and loop.second_order:
         return (
             "checkpointed inner steps need the loop path (torch.func transforms do not support "
             "the saved-tensor hooks of torch.utils.checkpoint)"
         )
     if loop.second_order:
-        blocker = second_order_vmap_blocker(model)
-        if blocker is not None:
-            return (
-                f"second-order gradients through {blocker} are wrong under torch.func.vmap "
-                "(pytorch/functorch#534)"
-            )
+        norms = _vmap_unsafe_norms(model)
+        if norms:
+            sample_x = sample_input if sample_input is not None else tasks[0].support_x if tasks else None
+            reached = _norms_reached_by_adaptation(model, loop.adapt_names, norms, sample_x)
+            if reached is None:
+                return (
+                    f"second-order gradients may pass through {_module_label(*norms[0])}, whose double "
+                    "backward torch.func.vmap gets wrong (pytorch/functorch#534)"
+                )
+            if reached:
+                return (
+                    f"second-order gradients pass through {reached[0]}, whose double backward "
+                    "torch.func.vmap gets wrong (pytorch/functorch#534)"
+                )
     if tasks is not None and not can_vectorize(list(tasks)):
         return "the tasks do not all have equal shapes, dtypes and devices"
     return None

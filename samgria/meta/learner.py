@@ -36,7 +36,7 @@ from samgria.meta.engine import (
     connected_support_grads,
     grads_of_loss,
     take_inner_steps,
-    twice_differentiable_attention,
+    twice_differentiable_forward,
 )
 from samgria.meta.functional import (
     LearningRate,
@@ -190,16 +190,19 @@ class Learner:
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         """Forward pass with the current fast weights.
 
-        For a second-order learner, scaled-dot-product attention runs through torch's math
-        backend (as in every second-order inner loop of samgria): the fused kernels' backward
-        cannot be differentiated again, which the meta-gradient through the support gradients
-        needs. The learner cannot tell a support forward from a query one, so both use it.
+        For a second-order learner, the forward is differentiable twice, as in every
+        second-order inner loop of samgria (:func:`~samgria.meta.engine.twice_differentiable_forward`):
+        scaled-dot-product attention runs through torch's math backend, and a model wrapped in
+        :func:`torch.compile` runs eagerly, because neither the fused attention kernels' backward
+        nor a compiled graph's can be differentiated again, which the meta-gradient through the
+        support gradients needs. The learner cannot tell a support forward from a query one, so
+        both do so.
         """
         return self._forward(self._params, args, kwargs)
 
     def _forward(self, params: Mapping[str, torch.Tensor], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         second_order = self.loop.second_order and torch.is_grad_enabled()
-        with twice_differentiable_attention(second_order):
+        with twice_differentiable_forward(second_order):
             return functional_forward(self.model, params, *args, **kwargs)
 
     def adapt(self, loss: torch.Tensor) -> Learner:
