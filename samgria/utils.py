@@ -21,6 +21,9 @@ def _check_tensors(params: list[object]) -> None:
 def get_grad(params: Iterable[torch.Tensor]) -> torch.Tensor:
     """Flatten every parameter's ``.grad`` into one 1-D vector (zeros where a grad is ``None``).
 
+    A sparse gradient (``nn.Embedding(..., sparse=True)``) counts as the dense tensor it stands for
+    (``to_dense()``: duplicate indices summed).
+
     Args:
         params: Parameters, e.g. ``model.parameters()``.
 
@@ -45,21 +48,27 @@ def get_grad(params: Iterable[torch.Tensor]) -> torch.Tensor:
                     "vector takes the first parameter's dtype, and a real one would discard the "
                     "imaginary parts; put a complex parameter first"
                 )
-    pieces = [
-        (p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1).to(first.device, first.dtype)
-        for p in params
-    ]
-    return torch.cat(pieces)
+    pieces = [_dense(p.grad if p.grad is not None else torch.zeros_like(p)) for p in params]
+    return torch.cat([piece.reshape(-1).to(first.device, first.dtype) for piece in pieces])
+
+
+def _dense(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` as it is if strided, else as the dense tensor it stands for."""
+    return tensor if tensor.layout == torch.strided else tensor.to_dense()
 
 
 @torch.no_grad()
 def set_grad(grads: torch.Tensor, params: Iterable[torch.Tensor]) -> None:
     """Scatter a flat vector (as made by :func:`get_grad`) into each parameter's ``.grad``.
 
-    Each slice is reshaped to the parameter's shape and cast to its device and dtype.
+    Each slice is reshaped to the parameter's shape and cast to its device and dtype, then copied
+    into the parameter's ``.grad``; a parameter whose ``.grad`` is ``None`` or sparse gets a new
+    dense one. Everything is checked before any gradient is written.
 
     Raises:
-        TypeError: If ``grads`` or an item of ``params`` is not a tensor.
+        TypeError: If ``grads`` or an item of ``params`` is not a tensor, or ``grads`` is complex
+            and a parameter real (``"grads must be real where params[i] is real, got a {dtype}
+            tensor"``: the cast would discard the imaginary parts).
         ValueError: If ``grads`` is not 1-D or its length differs from the parameters' total size.
     """
     if not isinstance(grads, torch.Tensor):
@@ -72,10 +81,14 @@ def set_grad(grads: torch.Tensor, params: Iterable[torch.Tensor]) -> None:
             f"grads must be a 1-D tensor of length {total} (the parameters' total size), "
             f"got shape {tuple(grads.shape)}"
         )
+    if grads.is_complex():
+        for index, param in enumerate(params):
+            if not param.is_complex():
+                raise TypeError(f"grads must be real where params[{index}] is real, got a {grads.dtype} tensor")
     offset = 0
     for param in params:
         piece = grads[offset : offset + param.numel()].view_as(param).to(param.device, param.dtype)
-        if param.grad is None:
+        if param.grad is None or param.grad.layout != torch.strided:
             param.grad = piece.clone()
         else:
             param.grad.copy_(piece)

@@ -276,3 +276,39 @@ def test_magnitude_noise_treats_a_complex_parameter_as_a_pair_of_reals(foreach):
     expected = torch.view_as_complex(torch.view_as_real(weights) * torch.view_as_real(factors))
     assert noise.dtype == torch.complex64 and torch.equal(noise, expected)
     assert float(noise.real.abs().max()) <= 0.6 and float(noise.imag.abs().max()) <= 0.8
+
+
+@pytest.mark.parametrize("foreach", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_every_lamp_kernel_refuses_a_complex_value_written_into_a_real_tensor_before_writing(dtype, foreach):
+    """The cast (accumulate_), the copy (assign_mean_) and the widened 16-bit add (add_scaled_)
+    kept the real part and dropped the imaginary one silently, where torch's add_ refuses it."""
+    complex_ = torch.tensor([3 + 6j, 3 + 9j])
+    first, real = torch.zeros(2, dtype=torch.float64), torch.zeros(2, dtype=dtype)
+    ones = torch.ones(2, dtype=torch.float64)
+    with pytest.raises(TypeError, match=r"^updates\[1\] must be real where params\[1\] is real, got a torch.complex64 tensor$"):
+        add_scaled_([first, real], [ones, complex_], 1.0, foreach=foreach)
+    with pytest.raises(TypeError, match=r"^params\[1\] must be real where sums\[1\] is real, got a torch.complex64 tensor$"):
+        accumulate_([first, real], [ones, complex_], foreach=foreach)
+    sums = [torch.full((2,), 3.0, dtype=torch.float64), complex_]
+    with pytest.raises(TypeError, match=r"^sums\[1\] must be real where params\[1\] is real, got a torch.complex64 tensor$"):
+        assign_mean_([first, real], sums, [3, 3], foreach=foreach)
+    assert torch.equal(first, torch.zeros(2, dtype=torch.float64)) and torch.equal(real, torch.zeros(2, dtype=dtype))
+    assert torch.equal(sums[0], torch.full((2,), 3.0, dtype=torch.float64))  # nothing written, nothing zeroed
+    assert torch.equal(sums[1], torch.tensor([3 + 6j, 3 + 9j]))
+    # A real tensor into a complex one stays allowed (torch promotes): exact sums.
+    weights, totals = [complex_.clone()], [complex_.clone()]
+    add_scaled_(weights, [torch.tensor([0.5, -0.25], dtype=dtype)], 2.0, foreach=foreach)
+    accumulate_(totals, [torch.tensor([0.5, -0.25], dtype=dtype)], foreach=foreach)
+    assert torch.equal(weights[0], torch.tensor([4 + 6j, 2.5 + 9j]))
+    assert torch.equal(totals[0], torch.tensor([3.5 + 6j, 2.75 + 9j]))
+
+
+@pytest.mark.parametrize("foreach", [True, False])
+def test_assign_mean_refuses_a_count_beyond_a_float_before_writing(foreach):
+    """``float(10**400)`` raised a bare OverflowError that named no argument."""
+    params, sums = [torch.zeros(2), torch.zeros(2)], [torch.full((2,), 6.0), torch.full((2,), 6.0)]
+    with pytest.raises(ValueError, match=r"^counts\[1\] must be an integer >= 1 that fits in a float, got 1000+$"):
+        assign_mean_(params, sums, [2, 10**400], foreach=foreach)
+    assert all(torch.equal(param, torch.zeros(2)) for param in params)
+    assert all(torch.equal(total, torch.full((2,), 6.0)) for total in sums)  # not zeroed

@@ -4,6 +4,7 @@ fast path against the per-tensor reference and against values computed by hand."
 from __future__ import annotations
 
 import math
+import warnings
 
 import pytest
 import torch
@@ -266,3 +267,29 @@ def test_global_norm_without_exact_reads_nothing_on_the_host_and_keeps_float32s_
     compiled = torch.compile(lambda tensors: global_norm(tensors, exact=False), fullgraph=True, backend="eager")
     assert compiled([torch.full((4,), 2.0)]).item() == 4.0
 
+
+
+@pytest.mark.parametrize("foreach", [True, False])
+@pytest.mark.parametrize(
+    "scale, dtype",
+    [(1.0, torch.float32), (1e-30, torch.float32), (1e25, torch.float32), (1e-200, torch.float64), (1e200, torch.float64)],
+)
+def test_global_norm_of_tensors_that_require_grad_warns_nothing_and_keeps_their_gradient(scale, dtype, foreach):
+    """Its host read (float(norm)) gave torch's "Converting a tensor with requires_grad=True to a
+    scalar" warning; the norm it returns is differentiable: d‖w‖/dw = w / ‖w‖."""
+    weights = (torch.tensor([3.0, 4.0], dtype=torch.float64) * scale).to(dtype).requires_grad_()
+    frozen = torch.zeros(2, dtype=dtype, requires_grad=True)
+    warn_always = torch.is_warn_always_enabled()
+    torch.set_warn_always(True)  # torch gives that warning once per process otherwise
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            norm = global_norm([weights, frozen], foreach=foreach)
+    finally:
+        torch.set_warn_always(warn_always)
+    assert norm.requires_grad
+    want = math.hypot(*weights.detach().double().tolist())
+    assert math.isclose(norm.item(), want, rel_tol=1e-6)
+    norm.backward()
+    torch.testing.assert_close(weights.grad, torch.tensor([0.6, 0.8], dtype=dtype))
+    assert torch.equal(frozen.grad, torch.zeros(2, dtype=dtype))

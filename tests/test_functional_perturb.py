@@ -537,3 +537,74 @@ def test_add_directions_names_the_first_integer_weight_among_mixed_dtypes():
             add_directions_(params, [torch.ones_like(p, dtype=torch.float32) for p in params], [0.5] * 4, foreach=foreach)
         for param, original in zip(params, before):
             assert torch.equal(param, original)  # checked before anything is written
+
+
+# -- complex values into real tensors, shapes of factors, etas that are not real numbers ---------------------------
+@pytest.mark.parametrize("foreach", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_perturbation_kernels_refuse_a_complex_value_written_into_a_real_tensor_before_writing(dtype, foreach):
+    """A 16-bit weight (and a float32 one on the widened path) kept the real part of a complex
+    direction and dropped the imaginary one silently, where torch's add_ refuses it."""
+    complex_ = torch.tensor([1 + 5j, 2 + 7j])
+    first, real = torch.zeros(2, dtype=torch.float64), torch.zeros(2, dtype=dtype)
+    message = r"^directions\[1\] must be real where params\[1\] is real, got a torch.complex64 tensor$"
+    with pytest.raises(TypeError, match=message):
+        add_directions_([first, real], [torch.ones(2, dtype=torch.float64), complex_], [1.0, 1.0], foreach=foreach)
+    buffers = [torch.zeros(2, dtype=torch.float64), torch.zeros(2, dtype=dtype)]
+    with pytest.raises(TypeError, match=message.replace("params", "buffers")):
+        perturbed_into_(buffers, [first, real], [torch.ones(2, dtype=torch.float64), complex_], [1.0, 1.0], foreach=foreach)
+    with pytest.raises(TypeError, match=r"^params\[1\] must be real where buffers\[1\] is real, got a torch.complex64 tensor$"):
+        perturbed_into_(buffers, [first, complex_], [torch.ones(2, dtype=torch.float64), torch.ones(2)], [1.0, 1.0], foreach=foreach)
+    with pytest.raises(TypeError, match=r"^factors\[1\] must be real where buffers\[1\] is real, got a torch.complex64 tensor$"):
+        mul_([first, real], [torch.ones(2, dtype=torch.float64), complex_], foreach=foreach)
+    for tensor in [first, real] + buffers:
+        assert torch.equal(tensor, torch.zeros(2, dtype=tensor.dtype))  # nothing written
+    # A real direction into a complex weight stays allowed (torch promotes): w + s d exactly.
+    weights = [torch.tensor([1 + 5j, 2 + 7j])]
+    add_directions_(weights, [torch.tensor([0.5, -0.25], dtype=dtype)], [2.0], foreach=foreach)
+    assert torch.equal(weights[0], torch.tensor([2 + 5j, 1.5 + 7j]))
+
+
+@pytest.mark.parametrize("foreach", [True, False])
+def test_mul_and_mul_in_place_refuse_a_factor_of_another_shape_before_writing(foreach):
+    """A (1,) factor was broadcast silently; a longer one failed after the entries before it were
+    multiplied."""
+    first, second = torch.ones(3), torch.ones(3)
+    with pytest.raises(ValueError, match=r"^factors\[0\] must have the shape of buffers\[0\], \(3,\), got \(1,\)$"):
+        mul_([first, second], [torch.full((1,), 5.0), torch.ones(3)], foreach=foreach)
+    with pytest.raises(ValueError, match=r"^factors\[1\] must have the shape of buffers\[1\], \(3,\), got \(2,\)$"):
+        mul_([first, second], [torch.full((3,), 5.0), torch.ones(2)], foreach=foreach)
+    assert torch.equal(first, torch.ones(3)) and torch.equal(second, torch.ones(3))  # nothing written
+    with pytest.raises(ValueError, match=r"^factors\[0\] must have the shape of tensors\[0\], \(3,\), got \(1,\)$"):
+        mul([first], [torch.full((1,), 5.0)], foreach=foreach)
+    with pytest.raises(ValueError, match=r"^factors\[0\] must have the shape of tensors\[0\], \(\), got \(3,\)$"):
+        mul([torch.ones(())], [torch.ones(3)], foreach=foreach)
+
+
+@pytest.mark.parametrize("foreach", [True, False])
+@pytest.mark.parametrize(
+    "eta", ["0.1", True, 1j, None, torch.tensor([0.1]), torch.tensor(1j), torch.tensor(True)], ids=repr
+)
+def test_adaptive_scaling_names_an_eta_that_is_neither_a_real_number_nor_a_0_dim_real_tensor(eta, foreach):
+    """A string reached abs() ("bad operand type for abs(): 'str'") or torch's own message."""
+    message = rf"^etas\[1\] must be a real number or a 0-dim real tensor, got {re.escape(repr(eta))}$"
+    with pytest.raises(TypeError, match=message):
+        adaptive_scaling([torch.ones(2), torch.ones(2, dtype=torch.float64)], [0.5, eta], foreach=foreach)
+
+
+@pytest.mark.parametrize("foreach", [True, False])
+def test_adaptive_scaling_refuses_an_integer_eta_beyond_a_float(foreach):
+    with pytest.raises(ValueError, match=r"^etas\[0\] must be a real number that fits in a float or a 0-dim real tensor, got 1000"):
+        adaptive_scaling([torch.ones(2, dtype=torch.float64)], [10**400], foreach=foreach)
+
+
+@pytest.mark.parametrize("foreach", [True, False])
+def test_adaptive_scaling_takes_0_dim_tensor_etas_among_numbers(foreach):
+    """The foreach path refused a list mixing numbers and tensors (torch's "expected Tensor")."""
+    numpy = pytest.importorskip("numpy")
+    params = [torch.tensor([-1.5, 2.0]), torch.tensor([3.0]), torch.tensor(-0.5, dtype=torch.float64)]
+    etas = [0.25, torch.tensor(0.5, dtype=torch.float64), numpy.float32(0.125)]  # one float32 group
+    scalings = adaptive_scaling(params, etas, foreach=foreach)
+    want = [torch.tensor([1.75, 2.25]), torch.tensor([3.5]), torch.tensor(0.625, dtype=torch.float64)]
+    for got, expected in zip(scalings, want):
+        assert got.dtype == expected.dtype and torch.equal(got, expected)

@@ -307,3 +307,44 @@ def test_get_grad_and_set_grad_name_an_item_that_is_not_a_tensor():
     with pytest.raises(TypeError, match=r"^params\[0\] must be a torch.Tensor, got 'w'$"):
         set_grad(torch.zeros(2), ["w"])
     assert param.grad is None
+
+
+def test_get_grad_takes_a_sparse_gradient_as_the_dense_tensor_it_stands_for():
+    """``reshape`` refused a sparse gradient (``nn.Embedding(..., sparse=True)``)."""
+    torch.manual_seed(0)
+    sparse, dense = nn.Embedding(5, 2, sparse=True), nn.Embedding(5, 2)
+    dense.load_state_dict(sparse.state_dict())
+    bias = nn.Parameter(torch.ones(3))
+    for embedding in (sparse, dense):
+        (embedding(torch.tensor([1, 1, 3])) * torch.tensor([2.0, -1.0])).sum().backward()
+    bias.grad = torch.arange(3.0)
+    assert sparse.weight.grad.layout == torch.sparse_coo
+    want = torch.cat([torch.arange(3.0), dense.weight.grad.reshape(-1)])
+    assert torch.equal(get_grad([bias, sparse.weight]), want)  # duplicate index 1 summed
+
+
+def test_set_grad_replaces_a_sparse_gradient_by_a_dense_one_and_writes_the_others():
+    """``copy_`` into a sparse gradient raised after the parameters before it were written."""
+    embedding = nn.Embedding(5, 2, sparse=True)
+    embedding(torch.tensor([1])).sum().backward()
+    bias = nn.Parameter(torch.ones(3))
+    bias.grad = torch.zeros(3)
+    existing = bias.grad
+    vector = torch.arange(13.0)
+    set_grad(vector, [bias, embedding.weight])
+    assert bias.grad is existing and torch.equal(bias.grad, torch.arange(3.0))  # written in place
+    assert embedding.weight.grad.layout == torch.strided
+    assert torch.equal(embedding.weight.grad, torch.arange(3.0, 13.0).reshape(5, 2))
+
+
+def test_set_grad_refuses_a_complex_vector_for_a_real_parameter_before_writing():
+    """The cast to the real parameter's dtype dropped the imaginary parts (torch's warning only)."""
+    complex_param = nn.Parameter(torch.zeros(2, dtype=torch.complex64))
+    real_param = nn.Parameter(torch.zeros(2))
+    complex_param.grad = torch.zeros(2, dtype=torch.complex64)
+    with pytest.raises(TypeError, match=r"^grads must be real where params\[1\] is real, got a torch.complex64 tensor$"):
+        set_grad(torch.tensor([1 + 2j, 3 + 4j, 5 + 6j, 7 + 8j]), [complex_param, real_param])
+    assert torch.equal(complex_param.grad, torch.zeros(2, dtype=torch.complex64)) and real_param.grad is None
+    set_grad(torch.tensor([1.0, 2.0, 3.0, 4.0]), [complex_param, real_param])  # real into complex: allowed
+    assert torch.equal(complex_param.grad, torch.tensor([1 + 0j, 2 + 0j]))
+    assert torch.equal(real_param.grad, torch.tensor([3.0, 4.0]))

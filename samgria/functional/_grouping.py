@@ -1,5 +1,6 @@
 """Grouping tensor lists by device and dtype for ``torch._foreach_*`` kernels, the parameters of
-param groups, each once, and the checks every kernel makes of its lists (lengths, dtypes, shapes)."""
+param groups, each once, and the checks every kernel makes of its lists (lengths, dtypes, shapes,
+nothing complex written into a real tensor)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,14 @@ from typing import Any
 
 import torch
 
-__all__ = ["group_indices_by_device_and_dtype", "unique_params", "check_lengths", "check_floating", "check_shapes"]
+__all__ = [
+    "group_indices_by_device_and_dtype",
+    "unique_params",
+    "check_lengths",
+    "check_floating",
+    "check_shapes",
+    "check_real_where_real",
+]
 
 
 def unique_params(param_groups: Sequence[Mapping[str, Any]]) -> list[torch.Tensor]:
@@ -81,4 +89,35 @@ def check_shapes(name: str, tensors: Sequence[torch.Tensor], like_name: str, lik
             raise ValueError(
                 f"{name}[{index}] must have the shape of {like_name}[{index}], {tuple(model.shape)}, "
                 f"got {tuple(tensor.shape)}"
+            )
+
+
+def check_real_where_real(
+    name: str,
+    tensors: Sequence[torch.Tensor],
+    target_name: str,
+    targets: Sequence[torch.Tensor],
+    dtypes: Iterable[torch.dtype] | None = None,
+) -> None:
+    """Check that no tensor of ``tensors`` is complex where its entry of ``targets`` (the tensor it
+    is written into; lists of one length) is real: torch's in-place arithmetic refuses that, but a
+    cast or ``copy_`` discards the imaginary part silently. A real tensor into a complex one is
+    fine (torch promotes it).
+
+    ``dtypes``: the dtypes of ``tensors`` when known, as for :func:`check_floating`; the common case
+    (nothing complex) costs one look at them, the entries are read one by one only when one is
+    complex.
+
+    Raises:
+        TypeError: ``"{name}[i] must be real where {target_name}[i] is real, got a {dtype} tensor"``
+            for the first such tensor.
+    """
+    if dtypes is None:
+        dtypes = {tensor.dtype for tensor in tensors}
+    if not any(dtype.is_complex for dtype in dtypes):
+        return
+    for index, (tensor, target) in enumerate(zip(tensors, targets)):
+        if tensor.is_complex() and not target.is_complex():
+            raise TypeError(
+                f"{name}[{index}] must be real where {target_name}[{index}] is real, got a {tensor.dtype} tensor"
             )

@@ -3,10 +3,14 @@ r"""Kernels for LAMP: magnitude-scaled uniform noise and running sums of weights
 Every kernel has a ``foreach`` fast path (``torch._foreach_*`` calls per device and dtype) and a
 per-tensor reference path that performs the same arithmetic tensor by tensor, so the two agree
 bit for bit. The lists a kernel writes into must be floating-point or complex (an integer tensor
-would truncate silently), every list must have one entry per parameter, and the tensors a kernel
+would truncate silently), every list must have one entry per parameter, the tensors a kernel
 combines must have one shape (torch would broadcast a smaller one silently, or fail after writing
-the entries before it); each is checked once per list (or per device and dtype), before anything
-is written.
+the entries before it), and no complex tensor may be written into a real one (a cast would
+discard its imaginary part); each is checked once per list (or per device and dtype), before
+anything is written. An entry must not share memory with another entry of the call (a tensor one
+entry writes, read or written by another): the result is then unspecified, and may differ
+between the two paths (the foreach path takes the entries by device and dtype, and may run them
+in parallel on a GPU).
 """
 
 from __future__ import annotations
@@ -16,7 +20,13 @@ from collections.abc import Callable, Sequence
 import torch
 
 from samgria._checks import check_int
-from samgria.functional._grouping import check_floating, check_lengths, check_shapes, group_indices_by_device_and_dtype
+from samgria.functional._grouping import (
+    check_floating,
+    check_lengths,
+    check_real_where_real,
+    check_shapes,
+    group_indices_by_device_and_dtype,
+)
 from samgria.functional._views import LOW_PRECISION, widened_dtype
 
 __all__ = ["magnitude_noise", "add_scaled_", "accumulate_", "assign_mean_"]
@@ -77,15 +87,19 @@ def add_scaled_(
     rounds :math:`\alpha u` (float16: to infinity where the sum fits) or :math:`\alpha` itself
     (bfloat16) to the dtype first. ``alpha`` is not checked: it follows
     ``torch.add`` (IEEE arithmetic, so a NaN or infinite ``alpha`` gives NaN or infinite weights;
-    one beyond the range of the computing dtype raises torch's ``RuntimeError``).
+    one beyond the range of the computing dtype raises torch's ``RuntimeError``). An entry must
+    not share memory with another entry of the call (the result is then unspecified; see the
+    module's docstring).
 
     Raises:
         ValueError: If ``updates`` has another length than ``params``, or an update another shape
             than its parameter.
-        TypeError: If a parameter is neither floating-point nor complex.
+        TypeError: If a parameter is neither floating-point nor complex, or an update is complex
+            where its parameter is real.
     """
     check_lengths(len(params), "parameter", ("updates", updates))
     check_shapes("updates", updates, "params", params)
+    check_real_where_real("updates", updates, "params", params)
     if foreach:
         groups = group_indices_by_device_and_dtype(params)
         check_floating("params", params, [dtype for _device, dtype in groups])
@@ -120,14 +134,18 @@ def accumulate_(sums: Sequence[torch.Tensor], params: Sequence[torch.Tensor], *,
 
     Each parameter is cast to its sum's dtype, then added: one ``torch._foreach_add_`` per device
     and dtype of the sums, or ``add_`` tensor by tensor (``foreach=False``), bit for bit alike.
+    An entry must not share memory with another entry of the call (the result is then
+    unspecified; see the module's docstring).
 
     Raises:
         ValueError: If ``params`` has another length than ``sums``, or a parameter another shape
             than its sum.
-        TypeError: If a sum is neither floating-point nor complex.
+        TypeError: If a sum is neither floating-point nor complex, or a parameter is complex where
+            its sum is real.
     """
     check_lengths(len(sums), "sum", ("params", params))
     check_shapes("params", params, "sums", sums)
+    check_real_where_real("params", params, "sums", sums)
     if foreach:
         groups = group_indices_by_device_and_dtype(sums)
         check_floating("sums", sums, [dtype for _device, dtype in groups])
@@ -148,16 +166,21 @@ def assign_mean_(
     The mean is taken in the sum's dtype and rounded once to the parameter's: one
     ``torch._foreach_div``, ``_foreach_copy_`` and ``_foreach_zero_`` per device and dtype of the
     parameters, or tensor by tensor (``foreach=False``), bit for bit alike. Everything is checked
-    before anything is written.
+    before anything is written. No tensor may share memory with another of the call, a parameter
+    with its own sum included (the sum is zeroed after): the result is then unspecified (see the
+    module's docstring).
 
     Raises:
         ValueError: If ``sums`` or ``counts`` has another length than ``params``, a sum another
-            shape than its parameter, or a count is below 1 (a mean of nothing).
-        TypeError: If a count is not an integer (``bool`` refused), or a parameter is neither
-            floating-point nor complex.
+            shape than its parameter, or a count is below 1 (a mean of nothing) or beyond the
+            range of a float (``"counts[i] must be an integer >= 1 that fits in a float, got
+            {count!r}"``).
+        TypeError: If a count is not an integer (``bool`` refused), a parameter is neither
+            floating-point nor complex, or a sum is complex where its parameter is real.
     """
     check_lengths(len(params), "parameter", ("sums", sums), ("counts", counts))
     check_shapes("sums", sums, "params", params)
+    check_real_where_real("sums", sums, "params", params)
     divisors = _divisors(counts)
     if foreach:
         groups = group_indices_by_device_and_dtype(params)
@@ -175,7 +198,18 @@ def assign_mean_(
 
 
 def _divisors(counts: Sequence[int]) -> list[float]:
-    """The counts as floats, each checked to be an integer >= 1 (one pass in the common case)."""
+    """The counts as floats, each checked to be an integer >= 1 that a float holds (one pass in the
+    common case)."""
     if all(type(count) is int and count >= 1 for count in counts):
-        return [float(count) for count in counts]
-    return [float(check_int(f"counts[{i}]", count, low=1)) for i, count in enumerate(counts)]
+        try:
+            return [float(count) for count in counts]
+        except OverflowError:  # named below
+            pass
+    divisors = []
+    for i, count in enumerate(counts):
+        number = check_int(f"counts[{i}]", count, low=1)
+        try:
+            divisors.append(float(number))
+        except OverflowError:  # a huge integer: no float holds it
+            raise ValueError(f"counts[{i}] must be an integer >= 1 that fits in a float, got {count!r}") from None
+    return divisors

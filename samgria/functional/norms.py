@@ -69,7 +69,8 @@ def global_norm(
     Returns:
         A 0-dim tensor on the device of the first (local) tensor, in float64 (float32 on MPS).
         The norm of an empty list is 0. With ``exact``, it is infinite or NaN only when some
-        element is, or when the true norm is beyond float64's range.
+        element is, or when the true norm is beyond float64's range. Differentiable: for tensors
+        that require grad it carries their graph (the host reads of ``exact`` are detached).
 
     Raises:
         ValueError: If ``like`` has another length than ``tensors``.
@@ -88,12 +89,14 @@ def global_norm(
     norm = _combined(stacked, sources if sharded else None)
     if not exact or acc_dtype != torch.float64:
         return norm
-    value = float(norm)  # one read of the result (a device sync the caller makes anyway)
+    # One read of the result (a device sync the caller makes anyway); detached, as the norm of
+    # tensors that require grad is returned with its graph, read without autograd's warning.
+    value = float(norm.detach())
     if not (math.isinf(value) or value < _RECOMPUTE_BELOW):
         return norm
     recomputed = False
     beyond_float64 = False  # whether a norm or the combined one may be beyond float64's squares
-    for index, (tensor, per_tensor) in enumerate(zip(tensors, stacked.tolist())):  # both paths alike
+    for index, (tensor, per_tensor) in enumerate(zip(tensors, stacked.detach().tolist())):  # both paths alike
         if tensor.device.type == "mps":
             continue
         if tensor.dtype in _FLOAT64_DTYPES:
@@ -116,7 +119,7 @@ def global_norm(
     if recomputed or sharded:
         norm = _combined(stacked, sources if sharded else None)
         if beyond_float64:
-            value = float(norm)
+            value = float(norm.detach())
     if beyond_float64 and (math.isinf(value) or value < _FLOAT64_RECOMPUTE_BELOW):
         scale = _SCALE_DOWN if math.isinf(value) else _SCALE_UP  # float64 norms' squares: out of range
         norm = _combined(stacked * scale, sources if sharded else None) / scale

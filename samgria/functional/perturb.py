@@ -13,7 +13,14 @@ from typing import Any
 
 import torch
 
-from samgria.functional._grouping import check_floating, check_lengths, check_shapes, group_indices_by_device_and_dtype
+from samgria._checks import _is_torch_scalar
+from samgria.functional._grouping import (
+    check_floating,
+    check_lengths,
+    check_real_where_real,
+    check_shapes,
+    group_indices_by_device_and_dtype,
+)
 from samgria.functional._views import LOW_PRECISION, widened_dtype
 
 __all__ = ["add_directions_", "perturbed_into_", "mul", "mul_", "adaptive_scaling"]
@@ -45,7 +52,8 @@ def perturbed_into_(
         ValueError: If ``buffers``, ``directions`` or ``scales`` has another length than
             ``params``, or a buffer or direction has another shape than its parameter.
         TypeError: If a parameter or buffer is neither floating-point nor complex (an integer
-            tensor would truncate the result).
+            tensor would truncate the result), or a parameter or direction is complex where its
+            buffer is real (the imaginary part would be lost).
     """
     check_lengths(len(params), "parameter", ("buffers", buffers), ("directions", directions), ("scales", scales))
     by_dtype = group_indices_by_device_and_dtype(params)
@@ -56,6 +64,9 @@ def perturbed_into_(
     if buffers is not params:
         check_floating("buffers", buffers)
         check_shapes("buffers", buffers, "params", params)
+        check_real_where_real("params", params, "buffers", buffers, [dtype for _device, dtype in by_dtype])
+    # The widened path's copy_ would discard an imaginary part that torch.add refuses to.
+    check_real_where_real("directions", directions, "buffers" if buffers is not params else "params", buffers)
     widened: list[_Segment] = []
     plain: list[_Segment] = []
     for (device, dtype), indices in by_dtype.items():
@@ -282,7 +293,8 @@ def add_directions_(
     Raises:
         ValueError: If ``directions`` or ``scales`` has another length than ``params``, or a
             direction has another shape than its parameter.
-        TypeError: If a parameter is neither floating-point nor complex.
+        TypeError: If a parameter is neither floating-point nor complex, or a direction is complex
+            where its parameter is real.
     """
     perturbed_into_(params, params, directions, scales, foreach=foreach)
 
@@ -293,13 +305,21 @@ def mul_(
     r"""In place: :math:`b_i \leftarrow b_i \odot f_i` for every buffer.
 
     One ``torch._foreach_mul_`` per device and dtype of the buffers, or ``mul_`` tensor by tensor
-    (``foreach=False``): the same arithmetic, bit for bit.
+    (``foreach=False``): the same arithmetic, bit for bit. An entry must not share memory with
+    another entry of the call (a buffer read or written by another entry): the result is then
+    unspecified, and may differ between the two paths (the foreach path takes the entries by
+    device and dtype, and may run them in parallel on a GPU). Everything is checked before
+    anything is written.
 
     Raises:
-        ValueError: If ``factors`` has another length than ``buffers``.
-        TypeError: If a buffer is neither floating-point nor complex.
+        ValueError: If ``factors`` has another length than ``buffers``, or a factor another shape
+            than its buffer (torch would broadcast it).
+        TypeError: If a buffer is neither floating-point nor complex, or a factor is complex where
+            its buffer is real.
     """
     check_lengths(len(buffers), "buffer", ("factors", factors))
+    check_shapes("factors", factors, "buffers", buffers)
+    check_real_where_real("factors", factors, "buffers", buffers)
     if foreach:
         groups = group_indices_by_device_and_dtype(buffers)
         check_floating("buffers", buffers, [dtype for _device, dtype in groups])
@@ -321,18 +341,23 @@ def adaptive_scaling(
     complex parameter gives a real :math:`T_i` (its modulus). The etas follow ``torch.add`` (IEEE
     arithmetic: a NaN or infinite eta gives a NaN or infinite :math:`T_i`), except that a finite
     eta beyond the largest finite value of its :math:`T_i`'s dtype, which torch would round to
-    infinity silently, is refused before anything is computed.
+    infinity silently, is refused before anything is computed. An eta is a real number (Python or
+    a NumPy scalar) or a 0-dim real tensor; with a tensor among them the entries are taken one by
+    one (``torch._foreach_add_`` takes numbers or tensors, not both).
 
     Raises:
         ValueError: If ``etas`` has another length than ``params``, or an eta is finite and beyond
-            the range of its parameter's (real) dtype.
-        TypeError: If a parameter is neither floating-point nor complex.
+            the range of its parameter's (real) dtype (or of a float).
+        TypeError: If a parameter is neither floating-point nor complex, or an eta is neither a
+            real number nor a 0-dim real tensor (``"etas[i] must be a real number or a 0-dim real
+            tensor, got {eta!r}"``; a ``bool`` or complex one included).
     """
     check_lengths(len(params), "parameter", ("etas", etas))
     groups = group_indices_by_device_and_dtype(params)
     check_floating("params", params, [dtype for _device, dtype in groups])
+    some_tensor = _check_etas(etas)
     _check_etas_fit(params, etas, groups)
-    if foreach:
+    if foreach and not some_tensor:
         result: list[torch.Tensor | None] = [None] * len(params)
         for indices in groups.values():
             scaled = torch._foreach_abs([params[i] for i in indices])
@@ -341,6 +366,37 @@ def adaptive_scaling(
                 result[index] = tensor
         return result  # type: ignore[return-value]
     return [param.abs().add_(eta) for param, eta in zip(params, etas)]
+
+
+def _check_etas(etas: Sequence[Any]) -> bool:
+    """Check that every eta is a real number that fits in a float (``bool`` refused) or a 0-dim
+    real tensor, and return whether one is a tensor (one look at each eta's type in the common
+    case: every eta a float).
+
+    Raises:
+        TypeError: ``"etas[i] must be a real number or a 0-dim real tensor, got {eta!r}"``.
+        ValueError: ``"etas[i] must be a real number that fits in a float or a 0-dim real tensor,
+            got {eta!r}"`` (an integer such as ``10**400``).
+    """
+    if all(type(eta) is float for eta in etas):
+        return False
+    some_tensor = False
+    for index, eta in enumerate(etas):
+        if isinstance(eta, torch.Tensor):
+            ok = eta.dim() == 0 and not eta.is_complex() and eta.dtype != torch.bool
+            some_tensor = True
+        else:
+            ok = _is_torch_scalar(eta)
+        if not ok:
+            raise TypeError(f"etas[{index}] must be a real number or a 0-dim real tensor, got {eta!r}")
+        if isinstance(eta, int):
+            try:
+                float(eta)
+            except OverflowError:
+                raise ValueError(
+                    f"etas[{index}] must be a real number that fits in a float or a 0-dim real tensor, got {eta!r}"
+                ) from None
+    return some_tensor
 
 
 #: The largest finite value of each dtype narrower than a Python float (a complex dtype's ASAM
@@ -382,10 +438,12 @@ def mul(
     (``foreach=False``): the same arithmetic, bit for bit.
 
     Raises:
-        ValueError: If ``factors`` has another length than ``tensors``.
+        ValueError: If ``factors`` has another length than ``tensors``, or a factor another shape
+            than its tensor (torch would broadcast it).
         TypeError: If a tensor is neither floating-point nor complex.
     """
     check_lengths(len(tensors), "tensor", ("factors", factors))
+    check_shapes("factors", factors, "tensors", tensors)
     if foreach:
         result: list[torch.Tensor | None] = [None] * len(tensors)
         groups = group_indices_by_device_and_dtype(tensors)
