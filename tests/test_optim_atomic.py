@@ -583,6 +583,41 @@ def test_asam_does_not_overflow_where_its_perturbation_is_finite(dtype, foreach)
 
 
 @pytest.mark.parametrize("foreach", [True, False])
+@pytest.mark.parametrize("transform", ["sam", "asam-not-adaptive", "asam-mixed"])
+def test_a_float32_gradient_norm_so_tiny_that_rho_over_it_overflows_float32_perturbs_by_rho(transform, foreach):
+    """rho / ||g|| beyond float32's range (a norm of denormal gradients) made torch raise
+    "value cannot be converted to type float without overflow" in SAM's move. The reference:
+    e = rho * g / ||g|| in float64 from the same float32 gradients; in ASAM's adaptive groups
+    e = rho * T * (T g) / ||T g|| with T and the denormal T g rounded in float32, as ASAM forms
+    them."""
+    weights = [torch.tensor([1.0, 2.0]), torch.tensor([0.5, -1.0])]
+    grads = [torch.tensor([1e-42, 2e-42]), torch.tensor([1e-42, -1e-42])]  # denormal float32
+    rho = 0.05
+    chain, adaptive = {
+        "sam": (SAM(rho), [False, False]),
+        "asam-not-adaptive": (ASAM(rho, adaptive=False), [False, False]),
+        "asam-mixed": (ASAM(rho), [True, False]),
+    }[transform]
+    params = [nn.Parameter(w.clone()) for w in weights]
+    optimizer = TransformingOptimizer(
+        [{"params": [p], "adaptive": a} if transform != "sam" else {"params": [p]} for p, a in zip(params, adaptive)],
+        torch.optim.SGD, lr=0.1, transforms=[chain], transform_foreach=foreach,
+    )
+    for param, grad in zip(params, grads):
+        param.grad = grad.clone()
+    optimizer.first_step()
+    scalings = [weight.abs() + 0.01 if a else torch.ones(2) for weight, a in zip(weights, adaptive)]
+    scaled = [(t * g).double() for t, g in zip(scalings, grads)]  # float32 products, then exact
+    norm = torch.linalg.vector_norm(torch.cat(scaled))
+    for param, weight, direction, t in zip(params, weights, scaled, scalings):
+        expected = weight.double() + rho * t.double() * direction / norm
+        torch.testing.assert_close(param.detach().double(), expected, rtol=1e-6, atol=0)
+    optimizer.cancel_step()
+    for param, weight in zip(params, weights):
+        assert torch.equal(param.detach(), weight)
+
+
+@pytest.mark.parametrize("foreach", [True, False])
 def test_sam_in_float16_with_a_tiny_gradient_norm_perturbs_by_rho(foreach):
     w = torch.tensor([0.75, -0.5, 0.625, 0.875], dtype=torch.float16)
     c = torch.tensor([1e-6, -2e-6, 1.5e-6, 3e-6])

@@ -451,6 +451,8 @@ class PerturbationTransform(Transform):
         :meth:`pre_update` puts the weights back also when an interrupt lands before
         :meth:`perturb` returns it (see :meth:`_perturbed`).
         """
+        if scales and max(map(abs, scales)) > _FLOAT32_MAX:  # a tiny gradient norm
+            directions, scales = _scales_within_range(directions, scales)
         backups = self._backups_of(params)
         moves = []
         in_place = []
@@ -494,6 +496,29 @@ class PerturbationTransform(Transform):
             moved.restore()
             raise
         return moved
+
+
+_FLOAT32_MAX = torch.finfo(torch.float32).max
+
+
+def _scales_within_range(
+    directions: list[torch.Tensor], scales: list[float]
+) -> tuple[list[torch.Tensor], list[float]]:
+    """The directions and scales, each scale within the range of its direction's dtype (torch
+    rounds a scale to it, and raises beyond it).
+
+    A scale beyond it (``rho / ‖g‖`` for a gradient norm below about ``rho / 3.4e38`` in float32)
+    is split into two factors of its square root: the direction is replaced by its product with
+    one (new memory: the gradient stays as it was if the move fails), and the other is the scale.
+    Both products stay small: a direction's elements are at most its norm.
+    """
+    directions, within = list(directions), list(scales)
+    for index, (direction, scale) in enumerate(zip(directions, scales)):
+        if abs(scale) > torch.finfo(direction.dtype).max:
+            factor = math.sqrt(abs(scale))
+            directions[index] = direction * factor
+            within[index] = math.copysign(factor, scale)
+    return directions, within
 
 
 def _refuse_optimizer_style_call(cls: type, args: tuple[Any, ...]) -> None:
@@ -596,12 +621,14 @@ def _divide_(tensors: list[torch.Tensor], divisor: float, foreach: bool) -> None
     ``torch._foreach_div_`` per device and dtype, or ``div_`` tensor by tensor
     (``foreach=False``): the same arithmetic, bit for bit.
 
-    torch rounds the divisor to the tensors' dtype: one beyond float32's range (a norm taken
-    again in float64) is applied as two equal factors within it.
+    torch rounds the divisor to the tensors' dtype: one beyond its range (a norm taken again in
+    float64), or below its smallest normal number (where it would keep only a few significant
+    bits), is applied as two equal factors within it.
     """
     for (_device, dtype), indices in group_indices_by_device_and_dtype(tensors).items():
         group = [tensors[i] for i in indices]
-        factors = [divisor] if divisor <= torch.finfo(dtype).max else [math.sqrt(divisor)] * 2
+        info = torch.finfo(dtype)
+        factors = [divisor] if info.tiny <= divisor <= info.max else [math.sqrt(divisor)] * 2
         for factor in factors:
             if foreach:
                 torch._foreach_div_(group, factor)
