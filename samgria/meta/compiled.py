@@ -28,7 +28,7 @@ shapes or the model's structure change. Step sizes enter as tensors, so editing 
 :func:`compiled_path_blocker` says when the compiled path cannot reproduce ``task_losses``:
 Reptile (its update is a pseudo-gradient, not a meta-gradient), a subclass with its own inner
 loop, tasks of unequal shapes, a model that could not be vmapped, or a second-order inner loop
-whose support gradient passes through a normalisation layer whose double backward ``vmap`` gets
+whose support gradient may pass through a normalisation layer whose double backward ``vmap`` gets
 wrong
 (:func:`~samgria.meta.vectorize.second_order_vmap_blocker`). A model wrapped in ``torch.compile``
 is traced through the module it wraps.
@@ -55,7 +55,7 @@ from samgria.data.task import Task
 from samgria.meta.base import MetaOptimizer
 from samgria.meta.functional import one_steps_argument
 from samgria.meta.functional import check_steps
-from samgria.meta.engine import InnerLoop, InnerRegFn, _is_compiled, stack_tasks, vmap_blocker, vmapped_task_losses
+from samgria.meta.engine import InnerLoop, InnerRegFn, stack_tasks, vmap_blocker, vmapped_task_losses
 from samgria.meta.inner_optim import InnerStepFn
 
 __all__ = ["CompiledMetaLoss", "compiled_path_blocker"]
@@ -125,6 +125,12 @@ class _Uncompiled(nn.Module):
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         return self._orig_mod(*args, **kwargs)
+
+
+def _is_compiled(module: nn.Module) -> bool:
+    """Whether ``module`` is a ``torch.compile``-d module (an ``OptimizedModule``)."""
+    eval_frame = sys.modules.get("torch._dynamo.eval_frame")  # not imported: nothing was compiled
+    return eval_frame is not None and isinstance(module, eval_frame.OptimizedModule)
 
 
 def _traced_module(model: nn.Module) -> nn.Module:

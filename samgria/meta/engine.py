@@ -38,8 +38,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import sys
-import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
@@ -694,86 +692,52 @@ def _vmap_unsafe_norms(model: nn.Module) -> list[tuple[str, nn.Module]]:
     ]
 
 
-#: The answers of :func:`_norms_reached_by_adaptation` per model, by everything they depend on:
-#: the model is run on the meta device once per configuration, not at every meta-step.
-_REACHED_NORMS: weakref.WeakKeyDictionary[nn.Module, dict[Any, list[str] | None]] = weakref.WeakKeyDictionary()
-
-
 def _norms_reached_by_adaptation(
-    model: nn.Module, adapt_names: Sequence[str], norms: Sequence[tuple[str, nn.Module]], sample_x: Any
-) -> list[str] | None:
-    """:func:`_probe_norms_reached`, remembered per model, adapted names, modules, parameters,
-    train/eval modes and input shape, dtype and device."""
-    if not isinstance(sample_x, torch.Tensor):
-        return None
-    key = (
-        tuple(adapt_names),
-        tuple((name, id(module), module.training) for name, module in model.named_modules()),
-        tuple((name, id(param), param.requires_grad) for name, param in model.named_parameters()),
-        (tuple(sample_x.shape), sample_x.dtype, sample_x.device),
-    )
-    answers = _REACHED_NORMS.setdefault(model, {})
-    if key not in answers:
-        if len(answers) >= 16:  # a model whose configurations keep changing: keep the newest
-            answers.pop(next(iter(answers)))
-        answers[key] = _probe_norms_reached(model, adapt_names, norms, sample_x)
-    return answers[key]
-
-
-def _is_compiled(module: nn.Module) -> bool:
-    """Whether ``module`` is a ``torch.compile``-d module (an ``OptimizedModule``)."""
-    eval_frame = sys.modules.get("torch._dynamo.eval_frame")  # not imported: nothing was compiled
-    return eval_frame is not None and isinstance(module, eval_frame.OptimizedModule)
-
-
-def _probe_norms_reached(
-    model: nn.Module, adapt_names: Sequence[str], norms: Sequence[tuple[str, nn.Module]], sample_x: torch.Tensor
+    model: nn.Module, adapt_names: Sequence[str], norms: Sequence[tuple[str, nn.Module]]
 ) -> list[str] | None:
     """Which of ``norms`` an inner step's second-order gradient passes through, or ``None``
-    when that cannot be found out (then every one of them may be).
+    when that cannot be told without running the model (then every one of them may be).
 
     The support gradient :math:`\\nabla_\\phi \\mathcal{L}^s` back-propagates through a module
     only where the module holds an adapted parameter or its input depends on one; only there does
-    the meta-gradient need the module's double backward. ANIL's body, before an adapted head,
-    needs its first backward alone, which vmap batches correctly. This runs ``model`` once on
-    ``sample_x`` (one task's support inputs) with every tensor on the ``meta`` device (no
-    arithmetic, no random numbers, buffers untouched; the module's hooks run and see meta
-    tensors) and only the adapted parameters requiring grad, and records the norms whose input
-    requires grad. A forward that the meta device cannot run (``.item()``, tensors made on
-    another device), or a compiled submodule, answers ``None``.
+    the meta-gradient need the module's double backward. In an ``nn.Sequential`` (its own
+    ``forward``, no hooks) the data flows in the order of its children, so a norm in a child
+    before the first child that holds an adapted parameter (shared parameters counted wherever
+    they are registered) is not reached: ANIL's body before its head needs its first backward
+    alone, which vmap batches correctly. Any other model is not run to find out (its forward
+    could keep state, draw random numbers or see the probe's tensors): every norm counts.
+    A child that reads another child's parameters without registering them is not seen.
     """
-    if any(_is_compiled(module) for module in model.modules()):
+    if type(model).forward is not nn.Sequential.forward or not isinstance(model, nn.Sequential):
         return None
-    adapted = set(adapt_names)
+    # Module._forward_hooks and friends: a hook could route an adapted parameter anywhere, and
+    # torch has no public way to ask whether a module has hooks.
+    hook_dicts = ("_forward_hooks", "_forward_pre_hooks")
+    if any(getattr(module, name, None) for module in model.modules() for name in hook_dicts) or any(
+        getattr(nn.modules.module, name, None) for name in ("_global_forward_hooks", "_global_forward_pre_hooks")
+    ):
+        return None
+    adapted = {id(param) for name, param in model.named_parameters() if name in set(adapt_names)}
+    children = list(model)
+    first = next(
+        (
+            index
+            for index, child in enumerate(children)
+            if any(id(param) in adapted for _, param in child.named_parameters(remove_duplicate=False))
+        ),
+        len(children),
+    )
     reached: list[str] = []
-    for name, module in norms:
-        prefix = f"{name}." if name else ""
-        if any(f"{prefix}{own}" in adapted for own, _ in module.named_parameters()):
-            reached.append(_module_label(name, module))
-
-    def record(label: str) -> Callable[..., None]:
-        def hook(_module: nn.Module, inputs: tuple[Any, ...]) -> None:
-            if label not in reached and any(isinstance(t, torch.Tensor) and t.requires_grad for t in inputs):
-                reached.append(label)
-
-        return hook
-
-    params = {
-        name: torch.empty_like(p, device="meta").requires_grad_(name in adapted)
-        for name, p in model.named_parameters()
-    }
-    buffers = {name: torch.empty_like(b, device="meta") for name, b in model.named_buffers()}
-    handles = [module.register_forward_pre_hook(record(_module_label(name, module))) for name, module in norms]
-    try:
-        with torch.enable_grad():
-            stateless_call(model, params, buffers, (torch.empty_like(sample_x, device="meta"),))
-    except Exception:  # the meta device cannot run this forward: assume every norm is reached
-        return None
-    finally:
-        for handle in handles:
-            handle.remove()
-    order = [_module_label(name, module) for name, module in norms]
-    return sorted(reached, key=order.index)
+    for name, norm in norms:
+        # Every child the norm is registered under, also more than once (a module reused).
+        positions = [
+            index
+            for index, child in enumerate(children)
+            if any(module is norm for _, module in child.named_modules(remove_duplicate=False))
+        ]
+        if not positions or max(positions) >= first:
+            reached.append(_module_label(name, norm))
+    return reached
 
 
 def _signature(t: torch.Tensor) -> tuple[Any, ...]:
@@ -827,16 +791,12 @@ def stack_tasks(tasks: Sequence[Task]) -> tuple[torch.Tensor, torch.Tensor, torc
     )
 
 
-def vmap_blocker(
-    model: nn.Module, loop: InnerLoop, tasks: Sequence[Task] | None = None, *, sample_input: Any = None
-) -> str | None:
+def vmap_blocker(model: nn.Module, loop: InnerLoop, tasks: Sequence[Task] | None = None) -> str | None:
     """Say why the vmap (and compiled) path cannot run ``loop`` on ``tasks``, or ``None``.
 
-    A second-order loop is refused where its support gradient back-propagates through a module
-    :func:`second_order_vmap_blocker` names: a module with an adapted parameter, or one whose
-    input depends on one, as found by running the model on the ``meta`` device with one task's
-    support inputs (``sample_input``, else the first task's). Without either, or where the meta
-    device cannot run the model, every such module counts.
+    A second-order loop is refused where its support gradient may back-propagate through a
+    module :func:`second_order_vmap_blocker` names: in an ``nn.Sequential``, one in or after the
+    first child that holds an adapted parameter; in any other model, every such module.
     """
     if loop.checkpoint and loop.second_order:
         return (
@@ -846,8 +806,7 @@ def vmap_blocker(
     if loop.second_order:
         norms = _vmap_unsafe_norms(model)
         if norms:
-            sample_x = sample_input if sample_input is not None else tasks[0].support_x if tasks else None
-            reached = _norms_reached_by_adaptation(model, loop.adapt_names, norms, sample_x)
+            reached = _norms_reached_by_adaptation(model, loop.adapt_names, norms)
             if reached is None:
                 return (
                     f"second-order gradients may pass through {_module_label(*norms[0])}, whose double "

@@ -15,8 +15,8 @@ Known torch limitation: the batching rules of the *double* backward of batch/ins
 normalisation with batch statistics and of affine layer normalisation give wrong values
 (pytorch/functorch#534). A second-order inner loop whose support gradient back-propagates
 through such a module (:func:`second_order_vmap_blocker` names the candidates;
-:func:`~samgria.meta.engine.vmap_blocker` follows the data flow from the adapted parameters) is
-never vmapped; first-order and evaluation runs are exact and still vectorised. Normalisation written with functional calls inside a custom module cannot
+:func:`~samgria.meta.engine.vmap_blocker` lets through those an ``nn.Sequential`` runs before
+its first adapted child) is never vmapped; first-order and evaluation runs are exact and still vectorised. Normalisation written with functional calls inside a custom module cannot
 be detected: pass ``vectorize=False`` for such models.
 """
 
@@ -153,8 +153,7 @@ def batched_task_losses(
         TypeError: ``steps`` is not an integer, or ``loss_fn`` returns something other than a tensor.
     """
     loop = InnerLoop(tuple(check_adapt_names(adapt_names)), dict(lrs), check_int("steps", steps, low=0), first_order=first_order)
-    one_support_set = support_x[0] if isinstance(support_x, torch.Tensor) and len(support_x) else None
-    blocker = vmap_blocker(model, loop, sample_input=one_support_set)
+    blocker = vmap_blocker(model, loop)
     if blocker is not None:
         raise ValueError(
             f"this inner loop cannot be vmapped: {blocker}; adapt task by task instead "
