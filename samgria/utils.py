@@ -67,8 +67,10 @@ def set_grad(grads: torch.Tensor, params: Iterable[torch.Tensor]) -> None:
 
     Raises:
         TypeError: If ``grads`` or an item of ``params`` is not a tensor, or ``grads`` is complex
-            and a parameter real (``"grads must be real where params[i] is real, got a {dtype}
-            tensor"``: the cast would discard the imaginary parts).
+            with a non-zero imaginary part in the slice of a real parameter (``"grads must be real
+            where params[i] is real, got a {dtype} tensor with non-zero imaginary parts there"``:
+            the cast would discard them). A complex vector that :func:`get_grad` made for a mix
+            of complex and real parameters is real in the real ones' slices and is taken.
         ValueError: If ``grads`` is not 1-D or its length differs from the parameters' total size.
     """
     if not isinstance(grads, torch.Tensor):
@@ -81,18 +83,25 @@ def set_grad(grads: torch.Tensor, params: Iterable[torch.Tensor]) -> None:
             f"grads must be a 1-D tensor of length {total} (the parameters' total size), "
             f"got shape {tuple(grads.shape)}"
         )
-    if grads.is_complex():
-        for index, param in enumerate(params):
-            if not param.is_complex():
-                raise TypeError(f"grads must be real where params[{index}] is real, got a {grads.dtype} tensor")
+    pieces = []
     offset = 0
-    for param in params:
-        piece = grads[offset : offset + param.numel()].view_as(param).to(param.device, param.dtype)
+    for index, param in enumerate(params):
+        piece = grads[offset : offset + param.numel()].view_as(param)
+        if piece.is_complex() and not param.is_complex():
+            if bool(piece.imag.ne(0).any()):
+                raise TypeError(
+                    f"grads must be real where params[{index}] is real, got a {grads.dtype} tensor with "
+                    "non-zero imaginary parts there"
+                )
+            piece = piece.real
+        pieces.append(piece)
+        offset += param.numel()
+    for param, piece in zip(params, pieces):
+        piece = piece.to(param.device, param.dtype)
         if param.grad is None or param.grad.layout != torch.strided:
             param.grad = piece.clone()
         else:
             param.grad.copy_(piece)
-        offset += param.numel()
 
 
 @contextlib.contextmanager

@@ -618,6 +618,44 @@ def test_a_float32_gradient_norm_so_tiny_that_rho_over_it_overflows_float32_pert
 
 
 @pytest.mark.parametrize("foreach", [True, False])
+def test_every_ascent_step_of_multistep_sam_with_denormal_gradients_moves_by_rho(foreach):
+    """The later ascent steps took rho / ||g|| unsplit and raised torch's overflow error."""
+    weights = torch.tensor([1.0, 2.0, 3.0])
+    slope = torch.tensor([1e-41, -2e-41, 3e-41])  # denormal float32: a constant gradient
+    param = nn.Parameter(weights.clone())
+    optimizer = TransformingOptimizer(
+        [param], torch.optim.SGD, lr=0.0, transforms=[MultiStepSAM(0.05, ascent_steps=2)], transform_foreach=foreach
+    )
+    seen = []
+
+    def closure():
+        optimizer.zero_grad()
+        seen.append(param.detach().double())
+        loss = (param * slope).sum()
+        loss.backward()
+        return loss
+
+    optimizer.step(closure)
+    step = 0.05 * slope.double() / torch.linalg.vector_norm(slope.double())
+    for ascents, point in enumerate(seen):
+        torch.testing.assert_close(point, weights.double() + ascents * step, rtol=1e-6, atol=0)
+
+
+def test_a_float64_gradient_norm_below_float32s_range_squared_moves_float32_parameters_too():
+    """With every float32 gradient zero and a float64 norm near 1e-300, rho / ||g|| (5e298)
+    stayed beyond float32's range after one square root, and the move raised."""
+    wide = nn.Parameter(torch.tensor([1.0, 2.0], dtype=torch.float64))
+    narrow = nn.Parameter(torch.tensor([3.0, 4.0]))
+    optimizer = TransformingOptimizer([wide, narrow], torch.optim.SGD, lr=0.1, transforms=[SAM(0.05)])
+    wide.grad = torch.tensor([1e-300, 0.0], dtype=torch.float64)
+    narrow.grad = torch.zeros(2)
+    optimizer.first_step()
+    assert torch.equal(wide.detach(), torch.tensor([1.05, 2.0], dtype=torch.float64))
+    assert torch.equal(narrow.detach(), torch.tensor([3.0, 4.0]))
+    optimizer.cancel_step()
+
+
+@pytest.mark.parametrize("foreach", [True, False])
 def test_sam_in_float16_with_a_tiny_gradient_norm_perturbs_by_rho(foreach):
     w = torch.tensor([0.75, -0.5, 0.625, 0.875], dtype=torch.float16)
     c = torch.tensor([1e-6, -2e-6, 1.5e-6, 3e-6])

@@ -12,6 +12,7 @@ import sys
 import warnings
 import weakref
 from collections.abc import Callable
+from fractions import Fraction
 from typing import Any
 
 import pytest
@@ -947,3 +948,30 @@ def test_a_parameter_without_a_gradient_at_some_steps_keeps_its_backup_buffer():
     assert len(held) == 8
     assert {key: buffer for key, (_param, buffer) in sam._backups.items()} == held
     assert all(sam._backups[key][1] is buffer for key, buffer in held.items())
+
+
+@pytest.mark.parametrize("kind", ["numpy-longdouble", "fraction"])
+def test_asam_takes_every_real_eta_its_group_check_accepts(kind):
+    """A group eta that validate_group accepts (any real number) was refused by the scaling
+    kernel at the first step; it steps as the float of the same value."""
+    eta = pytest.importorskip("numpy").longdouble(0.01) if kind == "numpy-longdouble" else Fraction(1, 100)
+
+    def run(group_eta):
+        torch.manual_seed(0)
+        model = nn.Linear(2, 1)
+        optimizer = TransformingOptimizer(
+            [{"params": model.parameters(), "eta": group_eta}], torch.optim.SGD, lr=0.1, transforms=[ASAM(0.5)]
+        )
+
+        def closure():
+            optimizer.zero_grad()
+            loss = model(torch.ones(3, 2)).pow(2).sum()
+            loss.backward()
+            return loss
+
+        for _ in range(2):
+            optimizer.step(closure)
+        return [p.detach().clone() for p in model.parameters()]
+
+    for got, want in zip(run(eta), run(0.01)):
+        assert torch.equal(got, want)

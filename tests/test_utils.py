@@ -342,9 +342,29 @@ def test_set_grad_refuses_a_complex_vector_for_a_real_parameter_before_writing()
     complex_param = nn.Parameter(torch.zeros(2, dtype=torch.complex64))
     real_param = nn.Parameter(torch.zeros(2))
     complex_param.grad = torch.zeros(2, dtype=torch.complex64)
-    with pytest.raises(TypeError, match=r"^grads must be real where params\[1\] is real, got a torch.complex64 tensor$"):
+    with pytest.raises(
+        TypeError,
+        match=r"^grads must be real where params\[1\] is real, got a torch.complex64 tensor with non-zero imaginary parts there$",
+    ):
         set_grad(torch.tensor([1 + 2j, 3 + 4j, 5 + 6j, 7 + 8j]), [complex_param, real_param])
     assert torch.equal(complex_param.grad, torch.zeros(2, dtype=torch.complex64)) and real_param.grad is None
     set_grad(torch.tensor([1.0, 2.0, 3.0, 4.0]), [complex_param, real_param])  # real into complex: allowed
     assert torch.equal(complex_param.grad, torch.tensor([1 + 0j, 2 + 0j]))
     assert torch.equal(real_param.grad, torch.tensor([3.0, 4.0]))
+
+
+def test_set_grad_takes_back_what_get_grad_made_for_complex_and_real_parameters():
+    """get_grad makes a complex vector for a complex first parameter; its real parameters' slices
+    have zero imaginary parts, and set_grad refused the round trip after the complex check."""
+    complex_param = nn.Parameter(torch.tensor([1 + 2j, -3 + 0.5j]))
+    real_param = nn.Parameter(torch.tensor([2.0, -1.0, 4.0]))
+    (complex_param.abs().sum() + (real_param**2).sum()).backward()
+    params = [complex_param, real_param]
+    expected = [complex_param.grad.clone(), real_param.grad.clone()]
+    vector = get_grad(params)
+    assert vector.is_complex()
+    for param in params:
+        param.grad = None
+    set_grad(vector * 2, params)
+    assert torch.equal(complex_param.grad, expected[0] * 2)
+    assert torch.equal(real_param.grad, expected[1] * 2)

@@ -28,7 +28,7 @@ from samgria.functional._grouping import group_indices_by_device_and_dtype
 from samgria.functional._views import as_real
 from samgria.functional.norms import scale_
 from samgria.transforms.base import TransformContext
-from samgria.transforms.sam import Perturbation, _swappable
+from samgria.transforms.sam import Perturbation, _scales_within_range, _swappable
 from samgria.transforms.sam_family import Finish, _current_grads_finite, _FinishingTransform, _Step
 
 __all__ = ["MultiStepSAM"]
@@ -393,8 +393,10 @@ class MultiStepSAM(_FinishingTransform):
         if ascent.adversary is None:
             groups = [ascent.groups[k] for k in chosen]
             scales = [self._radius(group) / norm if self.normalize else self._radius(group) for group in groups]
+            directions = [as_real(g) for g in movers_grads]
+            directions, scales = _scales_within_range(directions, scales)  # a tiny norm, as in SAM's move
             # In place: a swapped parameter's data is its backup buffer, a view is perturbed in place.
-            add_directions_([as_real(p) for p in movers], [as_real(g) for g in movers_grads], scales, foreach=ctx.foreach)
+            add_directions_([as_real(p) for p in movers], directions, scales, foreach=ctx.foreach)
             for param in movers:
                 param.grad = None
         else:

@@ -508,16 +508,25 @@ def _scales_within_range(
     rounds a scale to it, and raises beyond it).
 
     A scale beyond it (``rho / ‖g‖`` for a gradient norm below about ``rho / 3.4e38`` in float32)
-    is split into two factors of its square root: the direction is replaced by its product with
-    one (new memory: the gradient stays as it was if the move fails), and the other is the scale.
-    Both products stay small: a direction's elements are at most its norm.
+    is split into ``n`` equal factors within it (``n = 2`` unless a float64 gradient made the norm
+    smaller still): the direction is replaced by its product with ``n - 1`` of them (new memory:
+    the gradient stays as it was if the move fails), and the last is the scale. Every product
+    stays small: a direction's elements are at most the norm.
     """
     directions, within = list(directions), list(scales)
     for index, (direction, scale) in enumerate(zip(directions, scales)):
-        if abs(scale) > torch.finfo(direction.dtype).max:
-            factor = math.sqrt(abs(scale))
-            directions[index] = direction * factor
-            within[index] = math.copysign(factor, scale)
+        largest = torch.finfo(direction.dtype).max
+        if abs(scale) <= largest:
+            continue
+        count = 2
+        while abs(scale) ** (1.0 / count) > largest:
+            count += 1
+        factor = abs(scale) ** (1.0 / count)
+        scaled = direction * factor
+        for _ in range(count - 2):
+            scaled.mul_(factor)
+        directions[index] = scaled
+        within[index] = math.copysign(factor, scale)
     return directions, within
 
 
@@ -691,7 +700,8 @@ class ASAM(PerturbationTransform):
         adaptive = [i for i, group in enumerate(groups) if group["adaptive"]]
         # Pairs of reals for complex tensors; float32 for 16-bit ones (T ⊙ g would overflow).
         weights = [_widened(as_real(params[i])) for i in adaptive]
-        scalings = adaptive_scaling(weights, [groups[i]["eta"] for i in adaptive], foreach=ctx.foreach)
+        etas = [float(groups[i]["eta"]) for i in adaptive]  # any real number validate_group takes
+        scalings = adaptive_scaling(weights, etas, foreach=ctx.foreach)
         del weights
         scaled_grads = mul([_widened(as_real(grads[i])) for i in adaptive], scalings, foreach=ctx.foreach)
         directions = [as_real(grad) for grad in grads]  # T ⊙ g for adaptive groups, g elsewhere
