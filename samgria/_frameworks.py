@@ -16,6 +16,7 @@ from __future__ import annotations
 import functools
 import sys
 from collections.abc import Iterator
+from types import FrameType
 from typing import Any
 
 __all__ = ["accumulating_framework", "called_from", "stacklevel_outside", "stepping_grad_scaler"]
@@ -64,7 +65,8 @@ def stacklevel_outside(*prefixes: str) -> int:
     ``prefixes`` (default: samgria and torch, whose hook wrappers and ``GradScaler.step`` sit
     between the user's line and samgria), counted from the function that warns."""
     prefixes = prefixes or ("samgria.", "torch.")
-    frame, level = sys._getframe(2), 2
+    frame: FrameType | None = sys._getframe(2)
+    level = 2
     while frame is not None and (frame.f_globals.get("__name__", "") + ".").startswith(prefixes):
         frame, level = frame.f_back, level + 1
     return level
@@ -81,7 +83,7 @@ def stepping_grad_scaler(depth: int) -> Any:
     import torch
 
     code = torch.amp.GradScaler.step.__code__
-    frame = sys._getframe(2)
+    frame: FrameType | None = sys._getframe(2)
     for _ in range(depth):
         if frame is None:
             return None

@@ -46,7 +46,7 @@ ignored, as torch ignores them).
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, cast
 
 import torch
 
@@ -121,7 +121,7 @@ def _converted(
         slots = ", ".join(repr(chain.slots[i]) for i in lamps)
         raise _Refusal(f"this optimizer's chain has {len(lamps)} LAMPs (slots {slots}): which one takes 0.1.0's LAMP state is ambiguous")
     position = lamps[0]
-    slot, lamp = chain.slots[position], chain.transforms[position]
+    slot, lamp = chain.slots[position], cast(LAMP, chain.transforms[position])  # cast: found as a LAMP above
     if not isinstance(per_transform, (list, tuple)) or not all(isinstance(entry, Mapping) for entry in per_transform):
         raise _Refusal(f"its 'transforms' is not a list of dicts ({_kind(per_transform)})")
     if len(per_transform) != len(chain):

@@ -44,7 +44,7 @@ import types
 import weakref
 from collections import OrderedDict, defaultdict
 from collections.abc import Callable, Iterator, Mapping, MutableMapping, Sequence
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch.optim import Optimizer
@@ -69,7 +69,7 @@ def unhooked_step(optimizer: Optimizer, closure: Any = None) -> Any:
     class gets :func:`with_hooks` instead, whose ``__wrapped__`` is its step without hooks). This
     module is the one place samgria relies on that detail of torch.
     """
-    step = type(optimizer).step
+    step: Any = type(optimizer).step  # torch's hook wrapper, or a class's own step
     if getattr(step, "hooked", False) and hasattr(step, "__wrapped__"):
         step = step.__wrapped__
     _record_call_for_schedulers(optimizer)
@@ -675,7 +675,7 @@ def _earlier_release_class(cls: type) -> type:
     return _EARLIER_RELEASE_CLASSES[cls]
 
 
-def _unpickle_earlier_release(cls: type, state: dict[str, Any]) -> Any:
+def _unpickle_earlier_release(cls: type[WrappingOptimizer], state: dict[str, Any]) -> Any:
     """Unpickle what an :class:`_EarlierRelease` object pickled: its class's ``__setstate__``
     marks it again."""
     obj = cls.__new__(cls)
@@ -1128,7 +1128,7 @@ class WrappingOptimizer(Optimizer):
             state_dict = self._before_cast(state_dict)
             pre_hooks = _RanAlready(self, "_optimizer_load_state_dict_pre_hooks")
             post_hooks = _RanAlready(self, "_optimizer_load_state_dict_post_hooks")
-            self._own_load_checkpoint = state_dict  # for the driven optimizer's own load (__setstate__)
+            self._own_load_checkpoint: dict[str, Any] | None = state_dict  # for the driven optimizer's own load (__setstate__)
             try:
                 super().load_state_dict(state_dict)
             finally:
@@ -1260,7 +1260,7 @@ class WrappingOptimizer(Optimizer):
         """Give the driven optimizer what its own load made of the copy: its state (taken over by
         the wrapper that drives it), the attributes it set, and what it changed in the param
         groups (their values; the parameters are the wrapper's)."""
-        driven = self._own_driven()
+        driven = cast(Optimizer, self._own_driven())  # not None: it made the probe
         original = dict(driven.__dict__)
         for key, value in probe.__dict__.items():
             if key not in ("state", "param_groups") and original.get(key, _MISSING) is not value:

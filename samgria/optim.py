@@ -8,7 +8,7 @@ import math
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, ContextManager
+from typing import Any, ContextManager, cast
 
 import torch
 from torch import nn
@@ -55,7 +55,7 @@ _SCALER_WITH_CLOSURE_MESSAGE = (
 
 
 @contextlib.contextmanager
-def _put_back_on_error(structure: StateStructure | None) -> Iterator[None]:
+def _put_back_on_error(structure: StepSnapshot | StateStructure | None) -> Iterator[None]:
     """Put the state's references back (``structure``, when atomic) if the block raises."""
     try:
         yield
@@ -101,7 +101,7 @@ class _PendingStep:
     #: The first pass's gradients were not finite: the step is skipped.
     non_finite: bool = False
     #: The state's references at ``first_step`` (see ``_pre_step_structure``).
-    structure: StateStructure | None = None
+    structure: StepSnapshot | StateStructure | None = None
 
 
 @dataclass
@@ -789,7 +789,7 @@ class TransformingOptimizer(WrappingOptimizer):
             if counted is not None and transform.combines_gradients and not self._grads_finite():
                 # What the two-call loop checks once second_step() has finished the combination.
                 raise _NonFiniteGradients(1 + evaluations[0], combined_by=type(transform).__name__)
-        if counted is not None and self.first_pass_context is not None:
+        if reevaluate is not None and self.first_pass_context is not None:  # as counted is not None
             reevaluated_here = evaluations[0] > 0
             if not reevaluated_here:
                 reevaluate()
@@ -1102,7 +1102,8 @@ class TransformingOptimizer(WrappingOptimizer):
             self.zero_grad(set_to_none=True)
             return
         split = reevaluating[0]
-        transform = self.transforms[split]
+        # _two_call_refusal lets a re-evaluating transform through only if it is one
+        transform = cast(PerturbationTransform, self.transforms[split])
         grad_norm = self._grad_norm()
         if not self._grads_finite(grad_norm):
             self._pending = _PendingStep(None, split + 1, non_finite=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from types import TracebackType
 
 import torch
@@ -47,7 +48,9 @@ class ParameterSnapshot:
         self.parameters = _detached_clones(dict(model.named_parameters()))
         self.buffers = _detached_clones(dict(model.named_buffers()))
 
-    def _check(self, kind: str, saved: dict[str, torch.Tensor], live: dict[str, torch.Tensor]) -> None:
+    def _check(
+        self, kind: str, saved: Mapping[str, torch.Tensor], live: Mapping[str, torch.Tensor]
+    ) -> None:
         missing = sorted(set(saved) - set(live))
         extra = sorted(set(live) - set(saved))
         if missing or extra:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -11,7 +11,7 @@ from torch import nn
 __all__ = ["get_grad", "set_grad", "frozen_bn_stats"]
 
 
-def _check_tensors(params: list[object]) -> None:
+def _check_tensors(params: Sequence[object]) -> None:
     """``TypeError`` naming the first item of ``params`` that is not a tensor."""
     for index, param in enumerate(params):
         if not isinstance(param, torch.Tensor):

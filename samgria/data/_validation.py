@@ -8,6 +8,7 @@ fail with the project's message shape ``"{name} must be {rule}, got {value!r}"``
 from __future__ import annotations
 
 import decimal
+from typing import cast
 
 import torch
 
@@ -97,5 +98,6 @@ def make_generator(generator: torch.Generator | None, seed: int | None) -> torch
             raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
         return generator
     if seed is not None:
-        return torch.Generator().manual_seed(check_seed("seed", seed))
+        # check_seed returns an int for a seed that is not None
+        return torch.Generator().manual_seed(cast(int, check_seed("seed", seed)))
     return None

@@ -16,9 +16,12 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeGuard
 
 import torch
+
+if TYPE_CHECKING:
+    from torch.distributed.tensor import DTensor
 
 
 
@@ -63,7 +66,7 @@ __all__ = [
 ]
 
 
-def is_sharded(tensor: Any) -> bool:
+def is_sharded(tensor: Any) -> TypeGuard[DTensor]:
     """Whether ``tensor`` is a ``DTensor`` (sharded or replicated over a device mesh)."""
     if type(tensor) in _PLAIN:
         return False

@@ -10,11 +10,12 @@ from samgria.optim import TransformingOptimizer
 INSTALL_HINT = "pip install 'samgria[integrations]'"
 
 
-def missing_base(package: str, error: ImportError) -> type:
+def missing_base(package: str, error: ImportError) -> Any:
     """A stand-in for a framework class when ``package`` cannot be imported.
 
     A samgria class that subclasses it can be imported and documented; constructing one raises
-    ``ImportError`` naming the package to install and the original error.
+    ``ImportError`` naming the package to install and the original error. Typed ``Any``, as it
+    stands in for whichever class could not be imported.
     """
 
     class Unavailable:

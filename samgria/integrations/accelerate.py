@@ -31,9 +31,10 @@ from samgria.integrations._common import (
 from samgria.optim import TransformingOptimizer
 
 try:
-    from accelerate import Accelerator
-    from accelerate.optimizer import AcceleratedOptimizer
-    from accelerate.utils import DistributedType
+    # accelerate ships no type information (no py.typed marker, no stubs)
+    from accelerate import Accelerator  # type: ignore[import-untyped]
+    from accelerate.optimizer import AcceleratedOptimizer  # type: ignore[import-untyped]
+    from accelerate.utils import DistributedType  # type: ignore[import-untyped]
 except ImportError as _error:  # importable and documented without accelerate; using it raises
     Accelerator = AcceleratedOptimizer = missing_base("accelerate", _error)  # type: ignore[misc]
     DistributedType = None  # type: ignore[assignment,misc]

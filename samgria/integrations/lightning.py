@@ -29,6 +29,7 @@ these settings when ``fit`` starts, after ``configure_optimizers`` and before an
 
 from __future__ import annotations
 
+from types import ModuleType
 from typing import Any
 
 from samgria.integrations._common import (
@@ -40,6 +41,7 @@ from samgria.integrations._common import (
     two_call_refusal,
 )
 
+pl: ModuleType | None  # None without lightning
 try:
     import lightning.pytorch as pl
     from lightning.pytorch.callbacks import Callback
@@ -178,7 +180,9 @@ class SAMMixedPrecision(MixedPrecision):
                 "step(closure)"
             )
 
-    def optimizer_step(self, optimizer: Any, model: Any, closure: Any, **kwargs: Any) -> Any:
+    # lightning.pytorch's Precision.optimizer_step, whose signature this is, adds model and closure
+    # to lightning.fabric's (lightning ignores the incompatible override the same way).
+    def optimizer_step(self, optimizer: Any, model: Any, closure: Any, **kwargs: Any) -> Any:  # type: ignore[override]
         sam = find_transforming(optimizer)
         automatic = getattr(model, "automatic_optimization", True)
         if self.scaler is None or not automatic or not reevaluating(sam):

@@ -46,7 +46,7 @@ import sys
 import types
 import weakref
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -138,7 +138,9 @@ def _traced_module(model: nn.Module) -> nn.Module:
     wraps, with the same parameter names; the compiled meta-loss compiles the whole functional
     program itself, so the model's own compilation adds nothing there."""
     if _is_compiled(model):
-        return _Uncompiled(_traced_module(model._orig_mod))
+        # An OptimizedModule's ``_orig_mod`` is the module it wraps (nn.Module.__getattr__ is
+        # typed Tensor | Module).
+        return _Uncompiled(_traced_module(cast(nn.Module, model._orig_mod)))
     return model
 
 
@@ -166,9 +168,12 @@ def _own_code(fn: Callable[..., Any]) -> Callable[..., Any]:
 
     code = compiled_meta_loss.__code__
     name = f"compiled_meta_loss_{next(_program_ids)}"
-    names = {"co_name": name, **({"co_qualname": name} if sys.version_info >= (3, 11) else {})}
+    if sys.version_info >= (3, 11):
+        renamed = code.replace(co_name=name, co_qualname=name)
+    else:
+        renamed = code.replace(co_name=name)
     function = types.FunctionType(
-        code.replace(**names),
+        renamed,
         dict(compiled_meta_loss.__globals__),
         name,
         compiled_meta_loss.__defaults__,

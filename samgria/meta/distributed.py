@@ -130,7 +130,7 @@ def all_reduce_meta_gradients(
             raise ValueError(f"distributed meta-steps need dense gradients, got a sparse one of shape {tuple(p.shape)}")
     device = params[0].device
     has_loss = loss is not None
-    loss_value = float(loss.detach().reshape(())) if has_loss else 0.0
+    loss_value = float(loss.detach().reshape(())) if loss is not None else 0.0
     scalars = torch.tensor(
         [weight, weight * loss_value if has_loss else 0.0, weight if has_loss else 0.0]
         + [1.0 if p.grad is not None else 0.0 for p in params],

@@ -39,7 +39,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -758,9 +758,10 @@ def _task_mismatch(tasks: Sequence[Task]) -> str | None:
             value, first = getattr(task, field, None), getattr(tasks[0], field, None)
             if not isinstance(value, torch.Tensor):
                 return f"got tasks[{index}].{field} = {type(value).__name__}"
-            if _signature(value) != _signature(first):
+            first_tensor = cast(torch.Tensor, first)  # tasks[0].{field} passed the check at index 0
+            if _signature(value) != _signature(first_tensor):
                 shape, dtype, device = _signature(value)
-                first_shape, first_dtype, first_device = _signature(first)
+                first_shape, first_dtype, first_device = _signature(first_tensor)
                 return (
                     f"got tasks[{index}].{field} of shape {shape}, {dtype} on {device} and tasks[0].{field} "
                     f"of shape {first_shape}, {first_dtype} on {first_device}"

@@ -179,8 +179,8 @@ def resolve_lrs(
     """
     names = list(names)
     if not isinstance(lr, Mapping):
-        value = check_lr(lr, arg)
-        return {n: value for n in names}
+        rate = check_lr(lr, arg)
+        return {n: rate for n in names}
     missing = [n for n in names if n not in lr]
     if missing:
         raise ValueError(f"{arg} has no entry for the adapted parameters {missing}")

@@ -22,7 +22,7 @@ minimisation inside the inner loop.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Protocol, cast, runtime_checkable
 
 import torch
 
@@ -281,7 +281,9 @@ class InnerSAM:
         if not names or self.rho == 0.0:
             return dict(grads)
         with torch.no_grad():
-            norm = torch.sqrt(sum((_real_view(grads[n].detach()).double() ** 2).sum() for n in names))
+            # ``names`` is not empty, so the sum is a tensor (never the start value 0).
+            squares = sum((_real_view(grads[n].detach()).double() ** 2).sum() for n in names)
+            norm = torch.sqrt(cast(torch.Tensor, squares))
             usable = torch.isfinite(norm) & (norm > 0)
             scale = self.rho / torch.where(usable, norm, torch.ones_like(norm))
         # A non-finite gradient times any scale is NaN: select the weights themselves instead.

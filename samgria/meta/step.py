@@ -145,14 +145,18 @@ class MetaStep:
         x, y = spec.support
         steps = spec.steps if spec.steps is not None else self.inner_steps
         transforms = spec.grad_transforms if spec.grad_transforms is not None else self.grad_transforms
-        kwargs = {
-            "inner_step_fn": self.inner_step_fn,
-            "inner_reg_fn": self.inner_reg_fn,
-            "grad_transforms": transforms,
-        }
         if record:
-            return self.meta.adapt(lambda f: self.loss_fn(f(x), y), steps, weight=spec.weight, **kwargs)
-        learner = self.meta.clone(**kwargs)
+            return self.meta.adapt(
+                lambda f: self.loss_fn(f(x), y),
+                steps,
+                weight=spec.weight,
+                inner_step_fn=self.inner_step_fn,
+                inner_reg_fn=self.inner_reg_fn,
+                grad_transforms=transforms,
+            )
+        learner = self.meta.clone(
+            inner_step_fn=self.inner_step_fn, inner_reg_fn=self.inner_reg_fn, grad_transforms=transforms
+        )
         return learner.adapt_closure(lambda f: self.loss_fn(f(x), y), steps)
 
     def _task_loss(self, spec: _TaskSpec, learner: Learner, index: int) -> torch.Tensor:

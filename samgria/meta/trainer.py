@@ -10,7 +10,7 @@ import time
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, TextIO
+from typing import Any, TextIO, cast
 
 import torch
 
@@ -366,7 +366,7 @@ class MetaTrainer:
         candidates = self._candidates(loop, tasks, evaluation=False)
         policy = meta.path_policy
         key = self._key(loop, tasks, evaluation=False)
-        path = self._choose(key, candidates)
+        path = cast(str, self._choose(key, candidates))  # candidates is never empty: a path
         # A compiled path that fails falls back to the path that runs without compile=True: vmap
         # when it was asked for, else the loop. Only an uncompiled path can be the one asked for.
         fallback = "vmap" if path == "compiled" and self.vectorize is True else "loop"
@@ -463,7 +463,7 @@ class MetaTrainer:
             candidates = self._candidates(loop, tasks, evaluation=True)
             policy = meta.path_policy
             key = self._key(loop, tasks, evaluation=True)
-            path = self._choose(key, candidates)
+            path = cast(str, self._choose(key, candidates))  # candidates is never empty: a path
             explicit = self.vectorize is True
 
             def run(which: str) -> torch.Tensor:
@@ -497,12 +497,13 @@ class MetaTrainer:
             stands in for them. No collective runs, so rank 0 alone may call this.
         """
         policy = self.meta.path_policy
-        rng: torch.Tensor | list[torch.Tensor] = torch.get_rng_state()
+        local = torch.get_rng_state()
+        rng: torch.Tensor | list[torch.Tensor] = local
         world_size = self.meta.world_size
         if world_size > 1:
             known = self._rng_states
-            states = list(known) if known is not None and len(known) == world_size else [rng] * world_size
-            states[self.meta.rank] = rng
+            states = list(known) if known is not None and len(known) == world_size else [local] * world_size
+            states[self.meta.rank] = local
             rng = states
         state = {
             "version": self.STATE_VERSION,
@@ -712,7 +713,8 @@ class MetaTrainer:
                 eval_loss = None
                 # The scheduled evaluation comes before the callback, so that a checkpoint the
                 # callback saves holds this iteration's evaluation in its history.
-                if eval_every is not None and iteration % eval_every == 0:
+                # eval_every implies eval_tasks (checked above); the test narrows the type.
+                if eval_every is not None and eval_tasks is not None and iteration % eval_every == 0:
                     eval_loss = self._record_evaluation(eval_tasks, iteration, histories)
                 stop = callback is not None and bool(callback(iteration, loss))
                 if eval_tasks is not None and eval_every is None and (done == num_iterations or stop):

@@ -15,7 +15,7 @@ import math
 import warnings
 from collections import defaultdict
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch.optim import Optimizer
@@ -80,7 +80,8 @@ def _adversary_record(built: Optimizer, rho: float) -> str:
     """
     how = {"lr", "foreach", "fused", "differentiable", "capturable"}
     try:
-        plain = type(built)([{"params": [torch.zeros(1)], "lr": rho}]).defaults
+        # cast: a subclass's constructor, whose defaults Optimizer's signature does not know
+        plain = cast("Callable[..., Optimizer]", type(built))([{"params": [torch.zeros(1)], "lr": rho}]).defaults
     except Exception:  # a class without defaults for its other arguments: name every value
         plain = {}
     changed = []
@@ -554,7 +555,9 @@ class MultiStepSAM(_FinishingTransform):
         (complex or not) — compared with the state the adversary makes on stand-ins."""
         if not self._keeps_state:
             return
-        params, groups, seen = [], [], set()
+        params: list[torch.Tensor] = []
+        groups: list[Mapping[str, Any]] = []
+        seen: set[int] = set()
         for group in ctx.param_groups:
             for param in group["params"]:
                 if id(param) not in seen and param in ctx.state and len(ctx.state[param]):

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator, Mapping, Sequence
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -82,7 +82,8 @@ class _KeptWeights(Transform):
     def __getstate__(self) -> dict[str, Any]:
         # A copy made inside a swap block is outside every block: the block's exit belongs to
         # the original and would never run for the copy, which could then never step.
-        state = dict(super().__getstate__())
+        # object.__getstate__ is typed as returning object; here it is the instance's __dict__
+        state = dict(cast("Mapping[str, Any]", super().__getstate__()))
         state["_open_swaps"] = 0
         return state
 
@@ -156,7 +157,7 @@ class _KeptWeights(Transform):
         if isinstance(owner, nn.Module):  # the seed protocol: the transform keeps the state
             state: Mapping[Any, Mapping[str, Any]] = self.__dict__.get("_standalone_state", {})
             prefix = self.default_slot() + "."
-            params = list(owner.parameters())
+            params: list[torch.Tensor] = list(owner.parameters())
         else:
             if not isinstance(owner, torch.optim.Optimizer):
                 raise TypeError(
@@ -171,7 +172,7 @@ class _KeptWeights(Transform):
                 )
             state, prefix = owner.state, slots[0] + "."
             params = unique_params(owner.param_groups)
-        pairs = []
+        pairs: list[tuple[torch.Tensor, torch.Tensor]] = []
         for param in params:
             entry = state.get(param) if param in state else None  # no defaultdict insertion
             kept = entry.get(prefix + self._kept_key) if entry else None

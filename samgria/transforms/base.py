@@ -185,9 +185,9 @@ class _SlotState(Mapping):
 
     def __contains__(self, param: object) -> bool:
         entry = self._state.get(param) if param in self._state else None
-        return bool(entry) and any(
-            isinstance(key, str) and key.startswith(self._prefix) for key in entry
-        )
+        if not entry:
+            return False
+        return any(isinstance(key, str) and key.startswith(self._prefix) for key in entry)
 
     def __iter__(self) -> Iterator[torch.Tensor]:
         return (param for param in list(self._state) if param in self)
@@ -652,7 +652,8 @@ class ProtocolTransform(Transform):
         if not callable(method) or slot is None or not len(slot):
             return
         try:
-            trial = copy.deepcopy(self.transform)
+            # Any: the copy has the load_state_dict found above, which GradientTransform does not declare
+            trial: Any = copy.deepcopy(self.transform)
         except Exception:  # noqa: BLE001 - any failure to copy: no trial, as documented
             return
         trial.load_state_dict(dict(slot.items()))

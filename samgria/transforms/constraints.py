@@ -184,7 +184,7 @@ class ProjectParams(Transform):
                     _clamp_([weights], -radius, radius, foreach=False)
                 else:
                     wide = widened_dtype(weights.dtype)
-                    middle = as_real(center).to(wide)
+                    middle: torch.Tensor | None = as_real(center).to(wide)  # typed for the reuse below
                     weights.copy_(torch.minimum(torch.maximum(weights.to(wide), middle - radius), middle + radius))
                 continue
             with batched(param, param_ndim) as view:

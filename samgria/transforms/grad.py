@@ -18,7 +18,7 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Mapping, Sequence
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, cast
 
 import torch
 
@@ -36,7 +36,7 @@ __all__ = ["ClipGradNorm", "GradSign", "NormalizeGrad", "SparsifyGrad", "ScaleGr
 def _grads_by_group(ctx: TransformContext) -> list[tuple[Mapping[str, Any], list[torch.Tensor], list[torch.Tensor]]]:
     """Per group with gradients: the group, the gradients as the kernels see them (local shards,
     complex as pairs of reals) and the gradients themselves (whose sharding a norm follows)."""
-    result = []
+    result: list[tuple[Mapping[str, Any], list[torch.Tensor], list[torch.Tensor]]] = []
     for group in ctx.param_groups:
         sources = [p.grad for p in group["params"] if p.grad is not None]
         for grad in sources:
@@ -199,10 +199,11 @@ class NormalizeGrad(Transform):
                         norm = torch.linalg.vector_norm(grad, dtype=widened_dtype(grad.dtype))
                         quotients.append(_Quotients([grad], [norm], 2.0, eps))
             # Any other norm or param_ndim: one tensor at a time, on both paths.
+            # cast: ndim_entries holds parameters with a gradient
             for group, param, param_ndim in entries:
-                if id(group) in whole_l2 or param.grad.numel() == 0:
+                if id(group) in whole_l2 or cast(torch.Tensor, param.grad).numel() == 0:
                     continue
-                grad = as_real(views.enter_context(batched(param.grad, param_ndim)))
+                grad = as_real(views.enter_context(batched(cast(torch.Tensor, param.grad), param_ndim)))
                 p = float(group["p"])
                 dims = tuple(range(1, grad.ndim))
                 norm = torch.linalg.vector_norm(grad, ord=p, dim=dims, keepdim=True, dtype=widened_dtype(grad.dtype))
@@ -371,7 +372,8 @@ class SparsifyGrad(Transform):
 
     def pre_update(self, ctx: TransformContext) -> None:
         for group, param, param_ndim in ndim_entries(ctx):
-            with batched(param.grad, param_ndim) as view:
+            # cast: ndim_entries holds parameters with a gradient
+            with batched(cast(torch.Tensor, param.grad), param_ndim) as view:
                 grad = as_real(view)
                 rows = grad.shape[0]
                 size = grad.numel() // rows if rows else 0

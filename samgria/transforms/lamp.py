@@ -64,7 +64,7 @@ import hashlib
 import math
 import warnings
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, TypeGuard
 
 import torch
 
@@ -140,7 +140,7 @@ class LAMP(Transform):
             self._had_grad = {id(p) for g in ctx.param_groups for p in g["params"] if p.grad is not None}
 
     # -- random numbers --------------------------------------------------------------------------
-    def _generators(self, ctx: TransformContext) -> dict[torch.device, torch.Generator] | None:
+    def _generators(self, ctx: TransformContext) -> _GeneratorCache | None:
         """This step's generators, one per device, from the states in the slot (or the seed)."""
         if self.seed is None:
             return None
@@ -312,7 +312,8 @@ class LAMP(Transform):
                     add_scaled_([real[i] for i in chosen], [noise[i] for i in chosen], eps / noise_norm, foreach=ctx.foreach)
             del noise
 
-        summing, averaging = [], []
+        summing: list[torch.Tensor] = []
+        averaging: list[torch.Tensor] = []
         for param in params:
             state = self._ensure_accumulator(ctx, param)
             state["count"] += 1
@@ -440,7 +441,7 @@ def _update_mean_(mean: torch.Tensor, value: torch.Tensor, count: int) -> None:
     mean.copy_(wide.add_(torch.sub(value.to(wide.dtype), wide), alpha=1.0 / count))
 
 
-def _is_count(value: Any, high: int | None) -> bool:
+def _is_count(value: Any, high: int | None) -> TypeGuard[int]:
     """Whether ``value`` is a Python integer in ``[0, high]`` (no bool; ``high=None``: no bound)."""
     return isinstance(value, int) and not isinstance(value, bool) and value >= 0 and (high is None or value <= high)
 

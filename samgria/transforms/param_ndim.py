@@ -29,7 +29,7 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from typing import Any
+from typing import Any, cast
 
 import torch
 
@@ -131,7 +131,7 @@ def ndim_entries(
             params[2] of shape (8,), got 2"``.
         RuntimeError: A gradient is sparse.
     """
-    entries = []
+    entries: list[tuple[Mapping[str, Any], torch.Tensor, int | None]] = []
     for index, group in enumerate(ctx.param_groups):
         param_ndim = group[key]
         try:
@@ -236,7 +236,8 @@ class ParamTransform(Transform):
         else:  # a subclass that dropped the key: the instance's value for every group
             entries = [(g, p, self.param_ndim) for g in ctx.param_groups for p in g["params"] if p.grad is not None]
         for group, param, param_ndim in entries:
-            with batched(param, param_ndim) as view, batched(param.grad, param_ndim) as grad:
+            # cast: entries hold parameters with a gradient
+            with batched(param, param_ndim) as view, batched(cast(torch.Tensor, param.grad), param_ndim) as grad:
                 view.grad = grad
                 address, shape = view.data_ptr(), view.shape
                 hook(view, group)

@@ -36,8 +36,8 @@ from __future__ import annotations
 import inspect
 import math
 import warnings
-from collections.abc import Callable, Iterable, Mapping
-from typing import Any
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, cast
 
 import torch
 
@@ -225,7 +225,8 @@ class PerturbationTransform(Transform):
 
     def pre_update(self, ctx: TransformContext) -> None:
         self._require_reevaluate(ctx)
-        self._perturbed(ctx, lambda perturbation: ctx.reevaluate(), finish=True)
+        # cast: _require_reevaluate has refused a context without one
+        self._perturbed(ctx, lambda perturbation: cast("Callable[[], Any]", ctx.reevaluate)(), finish=True)
 
     def _perturbed(
         self, ctx: TransformContext, climb: Callable[[Perturbation], Any], *, finish: bool
@@ -265,7 +266,7 @@ class PerturbationTransform(Transform):
             moving.restore()
             del self.__dict__["_moving"]
 
-    def active(self, param_groups: Iterable[Mapping[str, Any]]) -> bool:
+    def active(self, param_groups: Sequence[Mapping[str, Any]]) -> bool:
         return any(group.get("rho", 0) > 0 for group in param_groups)
 
     @staticmethod
@@ -558,7 +559,7 @@ class _InitSignature:
     ``inspect.signature`` -- hence ``help()`` and the API reference -- would show that instead.
     """
 
-    def __get__(self, instance: Any, owner: type) -> inspect.Signature:
+    def __get__(self, instance: Any, owner: type[Any]) -> inspect.Signature:
         signature = inspect.signature(owner.__init__)
         return signature.replace(
             parameters=list(signature.parameters.values())[1:], return_annotation=inspect.Signature.empty

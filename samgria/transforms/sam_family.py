@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import Any, cast
 
 import torch
 
@@ -278,7 +278,8 @@ class _FinishingTransform(PerturbationTransform):
 
     def pre_update(self, ctx: TransformContext) -> None:
         self._require_reevaluate(ctx)
-        step = self._perturbed(ctx, lambda step: self._climb(ctx, step), finish=False)  # weights restored
+        # cast: this class's perturb() returns a _Step
+        step = self._perturbed(ctx, lambda step: self._climb(ctx, cast(_Step, step)), finish=False)  # weights restored
         if step is None or step.non_finite:
             return
         assert isinstance(step, _Step)
@@ -288,7 +289,8 @@ class _FinishingTransform(PerturbationTransform):
     def _climb(self, ctx: TransformContext, step: _Step) -> None:
         """The re-evaluation at the moved weights (none when nothing moved)."""
         if step.moves:
-            ctx.reevaluate()
+            # cast: pre_update's _require_reevaluate has refused a context without one
+            cast("Callable[[], Any]", ctx.reevaluate)()
 
     def _sam_moves(
         self,
@@ -588,7 +590,7 @@ class FriendlySAM(_FinishingTransform):
         new_averages = [grad.clone() if m is None else None for grad, m in zip(grads, averages)]
         directions = [as_real(grad) for grad in grads]
         if old:
-            olds = [averages[i] for i in old]
+            olds = [cast(torch.Tensor, averages[i]) for i in old]  # cast: old holds the set ones
             updated = _scaled(olds, [groups[i]["lmbda"] for i in old], ctx.foreach)
             mix = [1.0 - groups[i]["lmbda"] for i in old]
             _add_scaled_([as_real(m) for m in updated], [directions[i] for i in old], mix, ctx.foreach)
@@ -726,7 +728,13 @@ class LookSAM(_FinishingTransform):
         units = [ctx.state[p].get("g_v") for p in params]
         chosen = [i for i, unit in enumerate(units) if unit is not None and groups[i]["alpha"] != 0]
         scales = [groups[i]["alpha"] * norm for i in chosen]
-        _add_scaled_([as_real(grads[i]) for i in chosen], [as_real(units[i]) for i in chosen], scales, ctx.foreach)
+        # cast: chosen holds the set units
+        _add_scaled_(
+            [as_real(grads[i]) for i in chosen],
+            [as_real(cast(torch.Tensor, units[i])) for i in chosen],
+            scales,
+            ctx.foreach,
+        )
 
         def reinstall(checked: bool) -> None:
             # Two-call loop: the second pass repeated the first; its gradients give way to these,
@@ -747,7 +755,8 @@ class LookSAM(_FinishingTransform):
         count = len(kept)
         _scale_and_add_(kept, [-parallel] * count, range(count), [perturbed[i] for i in both], [1.0] * count, ctx.foreach)
         directions = {id(params[i]): first[id(params[i])] for i in both}
-        values = [directions[id(p)] if id(p) in directions else p.grad.clone() for p in params]
+        # cast: _first_and_perturbed returns the parameters that have a gradient now
+        values = [directions[id(p)] if id(p) in directions else cast(torch.Tensor, p.grad).clone() for p in params]
         size = _norm(values, ctx.foreach)
         if not (math.isfinite(parallel) and math.isfinite(size)):
             return  # non-finite gradients at w + e: the step is skipped, the state kept
