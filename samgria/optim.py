@@ -640,8 +640,10 @@ class TransformingOptimizer(WrappingOptimizer):
         ``first_step()`` saw the first pass's gradients multiplied by the loss scale, which it
         does not know. That is harmless where only their direction counts, but not where the
         size of what was computed from them does: a move by their size
-        (``MultiStepSAM(normalize=False)``), or a transform before GSAM, WSAM or LookSAM (which
-        mix them into the step) that is not scale-equivariant.
+        (``MultiStepSAM(normalize=False)``), a transform before GSAM, WSAM or LookSAM (which
+        mix them into the step) that is not scale-equivariant, or a transform before SAM or
+        ASAM whose result changes direction with their size (clipping values, a bias, one
+        clipping factor per param group).
         """
         perturbation = pending.perturbation
         split = pending.resume_at - 1
@@ -653,16 +655,25 @@ class TransformingOptimizer(WrappingOptimizer):
                 "ascent with normalize=False): use normalize=True, or train without a loss scaler "
                 "(float32, or bfloat16 autocast, which needs none)"
             )
-        if not getattr(perturbation, "mixes_first_pass", False):
-            return None
+        mixes = getattr(perturbation, "mixes_first_pass", False)
         before = [
             type(transform).__name__
             for slot, transform in list(self.chain)[:split]
             if type(transform).pre_update is not Transform.pre_update
-            and not transform.scales_with_gradients(self._context(slot, None).param_groups)
+            and not (transform.scales_with_gradients if mixes else transform.keeps_direction_of_gradients)(
+                self._context(slot, None).param_groups
+            )
         ]
         if not before:
             return None
+        if not mixes:
+            return (
+                f"{name} perturbs along the direction of the first pass's gradients, and "
+                f"{', '.join(before)} acted on them in first_step() while GradScaler had them "
+                "multiplied by the loss scale, which changes the direction of its result "
+                f"(Transform.keeps_direction_of_gradients): place {', '.join(before)} after {name}, "
+                "or train without a loss scaler (float32, or bfloat16 autocast, which needs none)"
+            )
         return (
             f"{name} mixes the first pass's gradients into the step, and {', '.join(before)} "
             "acted on them in first_step() while GradScaler had them multiplied by the loss scale, "

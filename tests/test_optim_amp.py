@@ -23,6 +23,7 @@ from torch import nn
 from samgria import (
     ASAM,
     EMA,
+    ClampGrad,
     GSAM,
     LAMP,
     SAM,
@@ -364,6 +365,60 @@ def test_a_transform_before_gsam_wsam_or_looksam_that_does_not_scale_with_the_gr
         for got, want in zip(scaled, run(None)):
             assert torch.equal(got, want)
     elif refused == "rounding":  # clipping the scaled gradients keeps their direction, up to rounding
+        for got, want in zip(scaled, run(None)):
+            torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize(
+    "chain,groups,refused",
+    [
+        (lambda: [ClampGrad(-1e-3, 1e-3), SAM(0.05)], 1, "ClampGrad"),
+        (lambda: [ScaleGrad(2.0, 1e-3), ASAM(0.5)], 1, "ScaleGrad"),
+        (lambda: [ClipGradNorm(0.05), SAM(0.05)], 2, "ClipGradNorm"),  # one factor per group
+        (lambda: [_PreStepHook(), SAM(0.05)], 1, "_PreStepHook"),  # may rewrite the gradients
+        (lambda: [ClipGradNorm(0.05), SAM(0.05)], 1, None),  # one group: one factor
+        (lambda: [GradSign(), ASAM(0.5)], 2, None),
+        (lambda: [NormalizeGrad(), SAM(0.05)], 2, None),
+        (lambda: [ScaleGrad(2.0), SAM(0.05)], 2, None),
+        (lambda: [SparsifyGrad(0.5), ASAM(0.5)], 2, None),
+    ],
+)
+def test_a_transform_before_sam_or_asam_that_changes_the_gradients_direction_with_their_size_is_refused_under_a_loss_scale(
+    chain, groups, refused
+):
+    """SAM and ASAM use only the direction of the gradients they perturb with, but a transform
+    before them acting on the first pass's gradients still multiplied by the loss scale changed
+    that direction where its result does not follow their size (clipping values, a bias, one
+    clipping factor per param group): a different step, silently (0.02 in the weights). It is
+    refused, the weights restored; the others equal the loop without a scaler up to rounding."""
+    inputs, targets = _batch()
+    loss_fn = nn.functional.cross_entropy
+
+    def run(scaler):
+        model = _model()
+        params = list(model.parameters())
+        param_groups = [{"params": params[:2]}, {"params": params[2:]}] if groups == 2 else params
+        optimizer = TransformingOptimizer(param_groups, torch.optim.SGD, lr=0.1, momentum=0.9, transforms=chain())
+        scale = scaler.scale if scaler is not None else (lambda loss: loss)
+        before = [p.detach().clone() for p in model.parameters()]
+        scale(loss_fn(model(inputs), targets)).backward()
+        optimizer.first_step(zero_grad=True)
+        scale(loss_fn(model(inputs), targets)).backward()
+        if scaler is None:
+            optimizer.second_step()
+        elif refused is not None:
+            message = rf"perturbs along the direction of the first pass's gradients, and {refused} acted on them"
+            with pytest.raises(RuntimeError, match=message):
+                scaler.step(optimizer)
+            for got, want in zip(model.parameters(), before):
+                assert torch.equal(got, want)
+            assert not any(optimizer.state.values()) and "found_inf" not in vars(optimizer)
+        else:
+            scaler.step(optimizer)
+        return list(model.parameters())
+
+    scaled = run(_scaler())
+    if refused is None:
         for got, want in zip(scaled, run(None)):
             torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)
 

@@ -439,6 +439,19 @@ class Transform:
         """
         return False
 
+    def keeps_direction_of_gradients(self, param_groups: Sequence[Mapping[str, Any]]) -> bool:
+        r"""Whether :meth:`pre_update` leaves the gradients alone, or maps gradients :math:`g` to
+        a result whose direction does not depend on their size: :math:`T(s\,g) = c\,T(g)` for
+        every :math:`s > 0`, with one :math:`c > 0` for all the parameters.
+
+        What SAM and ASAM, which use only the direction of the gradients they perturb with, need
+        of the transforms before them in the two-call loop under ``torch.amp.GradScaler`` (where
+        those transforms see the first pass's gradients multiplied by the loss scale): the
+        optimizer refuses the step otherwise. Default: :meth:`scales_with_gradients`
+        (:math:`c = s`).
+        """
+        return self.scales_with_gradients(param_groups)
+
     # -- the seed protocol, for use beside a plain optimizer ---------------------------------
     def _standalone_context(self, model: nn.Module, reevaluate: Callable[[], Any] | None) -> TransformContext:
         params = [p for p in model.parameters() if p.requires_grad]

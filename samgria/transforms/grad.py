@@ -111,6 +111,9 @@ class ClipGradNorm(Transform):
     def validate_group(self, group: Mapping[str, Any]) -> None:
         check_real("max_grad_norm", group["max_grad_norm"], low=0.0, low_open=True)
 
+    def keeps_direction_of_gradients(self, param_groups: Sequence[Mapping[str, Any]]) -> bool:
+        return len(param_groups) <= 1  # one group: one factor; several: one each, which s changes
+
     def pre_update(self, ctx: TransformContext) -> None:
         for group, grads, sources in _grads_by_group(ctx):
             norm = float(global_norm(grads, foreach=ctx.foreach, like=sources))
@@ -121,6 +124,9 @@ class ClipGradNorm(Transform):
 
 class GradSign(Transform):
     r"""Replace every gradient by its sign: :math:`g \leftarrow \operatorname{sign}(g)` (signSGD)."""
+
+    def keeps_direction_of_gradients(self, param_groups: Sequence[Mapping[str, Any]]) -> bool:
+        return True  # sign(s g) = sign(g)
 
     def pre_update(self, ctx: TransformContext) -> None:
         for _, grads, _ in _grads_by_group(ctx):
@@ -173,6 +179,12 @@ class NormalizeGrad(Transform):
 
     def group_defaults(self) -> dict[str, Any]:
         return {"eps": self.eps, "p": self.p, "param_ndim": self.param_ndim}
+
+    def keeps_direction_of_gradients(self, param_groups: Sequence[Mapping[str, Any]]) -> bool:
+        # s g / (s ||g|| + eps) = g / (||g|| + eps / s): exactly for eps=0; otherwise the ratios
+        # between (sub-)tensors move by about eps / ||g||, below rounding unless a norm comes
+        # within a few orders of magnitude of eps (1e-12 by default).
+        return True
 
     def validate_group(self, group: Mapping[str, Any]) -> None:
         check_real("eps", group["eps"], low=0.0)
