@@ -223,10 +223,11 @@ class TransformingOptimizer(WrappingOptimizer):
     float32 (or a 16-bit dtype) cannot hold are taken again in float64
     (``samgria.functional.global_norm`` for SAM and ``ClipGradNorm``; per tensor for
     ``NormalizeGrad`` and ``ProjectParams``' L2 projection), so finite gradients are scaled by
-    their true norm; only a norm beyond float64's range is infinite (for ``NormalizeGrad`` of
-    float64 gradients: once :math:`|g_i|^p` leaves it, above about ``1e154`` for ``p=2``): SAM
-    then leaves the weights unperturbed (with a warning), and ``ClipGradNorm`` and
-    ``NormalizeGrad`` scale the gradients to zero (as ``torch.nn.utils.clip_grad_norm_`` does).
+    their true norm (``NormalizeGrad``'s norms of float64 gradients whose powers
+    :math:`|g_i|^p` leave float64's range are taken again scaled by their largest element); only
+    a norm beyond float64's range is infinite: SAM then leaves the weights unperturbed (with a
+    warning), and ``ClipGradNorm`` scales the gradients to zero (as
+    ``torch.nn.utils.clip_grad_norm_`` does).
 
     Args:
         params: Parameters or param-group dicts for the inner optimizer — or an already built

@@ -487,12 +487,27 @@ def test_float32_gradients_whose_squares_overflow_float32_get_their_true_norm():
     assert torch.equal(clipped.grad, torch.full((4,), 0.5))
 
 
-@pytest.mark.parametrize("transform", [ClipGradNorm(1.0), NormalizeGrad()], ids=["ClipGradNorm", "NormalizeGrad"])
-def test_norm_transforms_scale_finite_gradients_with_an_overflowing_norm_to_zero(transform):
+def test_normalize_grad_gives_unit_norm_to_finite_gradients_whose_norm_overflows_float64():
+    """Four of 1e308 (a norm of 2e308, beyond float64's range): the norm is taken again scaled by
+    the largest element, so the gradients get unit norm, g / ||g|| = 0.5 each (they were scaled to
+    zero, as ClipGradNorm does below, which the true norm does not call for)."""
+    dt = torch.float64
+    weight = nn.Parameter(torch.ones(4, dtype=dt))
+    optimizer = TransformingOptimizer([weight], torch.optim.SGD, lr=0.1, weight_decay=0.5, transforms=[NormalizeGrad()])
+    (weight * 1e308).sum().backward()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        optimizer.step()
+    assert optimizer.skipped_steps == 0
+    assert torch.equal(weight.grad, torch.full((4,), 0.5, dtype=dt))
+    assert torch.equal(weight.detach(), torch.full((4,), 1.0 - 0.1 * (0.5 + 0.5), dtype=dt))
+
+
+def test_clip_grad_norm_scales_finite_gradients_with_an_overflowing_norm_to_zero():
     """As torch.nn.utils.clip_grad_norm_ does (the step is not skipped: the gradients are finite)."""
     dt = torch.float64  # four of 1e308: a norm of 2e308, beyond float64's range
     weight = nn.Parameter(torch.ones(4, dtype=dt))
-    optimizer = TransformingOptimizer([weight], torch.optim.SGD, lr=0.1, weight_decay=0.5, transforms=[transform])
+    optimizer = TransformingOptimizer([weight], torch.optim.SGD, lr=0.1, weight_decay=0.5, transforms=[ClipGradNorm(1.0)])
     reference = nn.Parameter(torch.ones(4, dtype=dt))
     reference.grad = torch.full((4,), 1e308, dtype=dt)
     torch.nn.utils.clip_grad_norm_([reference], 1.0)

@@ -319,3 +319,99 @@ def test_constructor_hyperparameters_of_any_real_type_are_kept_as_floats(kind):
         for key, value in transform.group_defaults().items():
             assert value is None or type(value) is float, (transform, key, value)
     assert NormalizeGrad(param_ndim=np.int64(-1)).group_defaults()["param_ndim"] == -1
+
+
+# -- subnormal and huge norms, float32 and float64: unit norm for every p ----------------------------
+EXTREME = [
+    (torch.float32, 1e-40),  # subnormal elements: the norm is subnormal too (it was clamped up to tiny)
+    (torch.float32, 1e-30),
+    (torch.float32, 1e30),
+    (torch.float64, 1e-310),  # subnormal elements (squares, cubes: 0)
+    (torch.float64, 1e-160),  # squares subnormal (digits lost), cubes 0
+    (torch.float64, 1e150),  # cubes beyond float64
+    (torch.float64, 1e300),  # squares beyond float64
+]
+EXTREME_ROW_SCALES = [[1.0], [0.3], [0.0], [2.5]]  # a zero row
+
+
+def extreme_grad(dtype, magnitude, seed=6):
+    generator = torch.Generator().manual_seed(seed)
+    scales = torch.tensor(EXTREME_ROW_SCALES, dtype=torch.float64) * magnitude
+    return (torch.randn(4, 6, generator=generator, dtype=torch.float64) * scales).to(dtype)
+
+
+def decimal_rows(grad, param_ndim):
+    """The rows normalised independently (the whole gradient for ``param_ndim=None``), as exact decimals."""
+    rows = grad.reshape(grad.shape[0], -1) if param_ndim == -1 else grad.reshape(1, -1)
+    return [[Decimal(v) for v in row] for row in rows.double().tolist()]
+
+
+def decimal_lp_norm(values, p):
+    """``||values||_p`` in the current decimal context (no range limit)."""
+    if math.isinf(p):
+        return max(abs(v) for v in values)
+    return sum(abs(v) ** Decimal(p) for v in values) ** (Decimal(1) / Decimal(p))
+
+
+@pytest.mark.parametrize("foreach", [True, False], ids=["foreach", "loop"])
+@pytest.mark.parametrize("dtype,magnitude", EXTREME, ids=[f"{d}-{m}" for d, m in EXTREME])
+@pytest.mark.parametrize("p", [0.5, 1.0, 2.0, 3.0, math.inf])
+@pytest.mark.parametrize("param_ndim", [None, -1], ids=["whole", "rows"])
+def test_normalize_grad_eps_zero_gives_unit_norm_at_extreme_magnitudes(foreach, dtype, magnitude, p, param_ndim):
+    # A subnormal norm was clamped up to the dtype's smallest normal number (1e-40 in float32 with
+    # p=inf: norm 0.0085), and float64 norms whose powers under- or overflow float64 were used as they
+    # were (1e-310: 0 before the clamp; 1e-160 with p=2: 1.0000056).
+    grad = extreme_grad(dtype, magnitude)
+    got = grad_after_16_bit(NormalizeGrad(eps=0.0, p=p, param_ndim=param_ndim), grad, foreach=foreach)
+    assert torch.equal(got, grad_after_16_bit(NormalizeGrad(eps=0.0, p=p, param_ndim=param_ndim), grad, foreach=not foreach))
+    tolerance = Decimal(4 * torch.finfo(dtype).eps)  # a few ulps of the gradient's dtype
+    with decimal.localcontext() as context:
+        context.prec = 60
+        for row, result in zip(decimal_rows(grad, param_ndim), decimal_rows(got, param_ndim)):
+            norm = decimal_lp_norm(row, p)
+            if not norm:  # a zero gradient (row) stays zero
+                assert all(v == 0 for v in result)
+                continue
+            assert abs(decimal_lp_norm(result, p) - 1) <= tolerance
+            for value, quotient in zip(row, result):
+                exact = value / norm
+                assert abs(quotient - exact) <= tolerance * abs(exact), (value, quotient, exact)
+
+
+EXTREME_EPS = [(1e-310, 1e-300), (1e-310, 1e-12), (1e-310, 1.0), (1e-160, 1e-300), (1e-160, 1e-155), (1e150, 1e-12), (1e150, 1e140)]
+
+
+@pytest.mark.parametrize("foreach", [True, False], ids=["foreach", "loop"])
+@pytest.mark.parametrize("magnitude,eps", EXTREME_EPS, ids=[f"{m}-{e}" for m, e in EXTREME_EPS])
+@pytest.mark.parametrize("p", [0.5, 2.0, 3.0, math.inf])
+def test_normalize_grad_eps_at_extreme_float64_magnitudes_matches_an_exact_reference(foreach, magnitude, eps, p):
+    # g / (||g||_p + eps), also where eps and the norm are of the same order (1e-310 with eps=1e-300:
+    # the norm of 0 was off by 1e-10 relative).
+    grad = extreme_grad(torch.float64, magnitude, seed=7)
+    got = grad_after_16_bit(NormalizeGrad(eps=eps, p=p, param_ndim=-1), grad, foreach=foreach)
+    assert torch.equal(got, grad_after_16_bit(NormalizeGrad(eps=eps, p=p, param_ndim=-1), grad, foreach=not foreach))
+    tolerance = Decimal(4 * torch.finfo(torch.float64).eps)
+    with decimal.localcontext() as context:
+        context.prec = 60
+        for row, result in zip(decimal_rows(grad, -1), decimal_rows(got, -1)):
+            divisor = decimal_lp_norm(row, p) + Decimal(eps)
+            for value, quotient in zip(row, result):
+                exact = value / divisor
+                assert abs(quotient - exact) <= tolerance * abs(exact), (value, quotient, exact)
+
+
+@pytest.mark.parametrize("foreach", [True, False], ids=["foreach", "loop"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_normalize_grad_row_with_an_infinite_element_is_divided_by_its_norm_as_it_is(foreach, dtype):
+    # ScaleGrad before it overflows one element (the optimizer skips steps whose own gradients are
+    # not finite). An infinite norm of an infinite element has not overflowed: no scaled retake
+    # (which gave NaN for every element of the row); a row whose squares overflow is retaken.
+    big = 1e300 if dtype == torch.float64 else 1e36
+    grad = torch.tensor([[1e10, 1.0, -2.0], [3.0, 4.0, 0.0]], dtype=dtype)  # 1e10 * big: inf
+    param = nn.Parameter(torch.zeros_like(grad))
+    transforms = [ScaleGrad(big), NormalizeGrad(eps=0.0, param_ndim=-1)]
+    optimizer = TransformingOptimizer([param], torch.optim.SGD, lr=0.0, transforms=transforms, transform_foreach=foreach)
+    param.grad = grad.clone()
+    optimizer.step()
+    expected = torch.tensor([[math.nan, 0.0, -0.0], [0.6, 0.8, 0.0]], dtype=dtype)
+    torch.testing.assert_close(param.grad, expected, rtol=torch.finfo(dtype).eps, atol=0, equal_nan=True)

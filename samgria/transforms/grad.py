@@ -26,7 +26,7 @@ from samgria._checks import check_real
 from samgria.functional import global_norm
 from samgria.functional._views import LOW_PRECISION, as_real, widened_dtype
 from samgria.functional._grouping import group_indices_by_device_and_dtype
-from samgria.functional.norms import _RECOMPUTE_BELOW, scale_
+from samgria.functional.norms import _FLOAT64_RECOMPUTE_BELOW, _RECOMPUTE_BELOW, scale_
 from samgria.transforms.base import Transform, TransformContext
 from samgria.transforms.param_ndim import batched, check_param_ndim, ndim_entries
 
@@ -147,13 +147,14 @@ class NormalizeGrad(Transform):
     Norms of 16-bit gradients are taken in float32 and the quotient rounded once. A float32 norm
     that overflowed, or is small enough that the powers :math:`|g_i|^p` may have underflowed
     (below ``1e-15`` for ``p=2``), is taken again in float64 with its quotient, for that gradient
-    (sub-tensor) alone, divided first by its largest magnitude so that no power leaves
-    float64's range either: elements near ``1e19`` still give unit norm, for every ``p``
-    (``p=20`` included), and so do elements near ``1e-25`` with ``eps=0`` (or an ``eps`` far below
-    their norm; the default ``1e-12`` dominates it). Both ``transform_foreach`` paths give the same bits. Norms of
-    float64 gradients are float64's own, as torch's: right while the powers :math:`|g_i|^p` stay
-    within float64's range (for ``p=2`` elements between about ``1e-154`` and ``1e154``, for
-    ``p=20`` between about ``4e-16`` and ``2.6e15``).
+    (sub-tensor) alone, divided first by its largest magnitude :math:`m` so that no power leaves
+    float64's range either: :math:`(g / m) / (\lVert g / m \rVert_p + \epsilon / m)`, rounded
+    once. A float64 norm that overflowed, or is below ``1e-140`` for ``p=2`` (its powers may have
+    underflowed), is taken again the same way in float64. So elements near ``1e19`` (``1e150``
+    in float64) still give unit norm, for every ``p`` (``p=20`` included), and so do elements near
+    ``1e-25`` (``1e-310``, subnormal, in float64) with ``eps=0`` (or an ``eps`` far below their
+    norm; the default ``1e-12`` dominates it). A gradient (sub-tensor) with an infinite or NaN
+    element is divided by its norm as it is. Both ``transform_foreach`` paths give the same bits.
 
     Args:
         eps: Added to the norm (per-group key ``"eps"``, or ``"normalize_grad.eps"`` beside
@@ -235,37 +236,47 @@ class _Quotients(NamedTuple):
     fused: bool = False
 
 
-def _recompute_below(p: float) -> float:
-    r"""The float32 :math:`L_p` norm below which :class:`NormalizeGrad` takes it again in float64.
+def _recompute_below(p: float, dtype: torch.dtype) -> float:
+    r"""The float32 or float64 (``dtype``) :math:`L_p` norm below which :class:`NormalizeGrad` takes
+    it again, in float64 and scaled (:func:`_scaled_quotients`).
 
-    As :func:`~samgria.functional.global_norm` for L2 norms (below ``1e-15``): under ``1e-30`` for
-    the sum :math:`\lVert g \rVert_p^p`, the terms :math:`|g_i|^p` that fell into float32's
-    subnormal range (or to 0) may have lost more than float32's precision; a norm under ``1e-30``
-    is itself near that range. The :math:`L_\infty` norm (a maximum) is exact.
+    As :func:`~samgria.functional.global_norm` for L2 norms (below ``1e-15`` in float32, ``1e-140``
+    in float64): under ``1e-30`` (``1e-280``) for the sum :math:`\lVert g \rVert_p^p`, the terms
+    :math:`|g_i|^p` that fell into the subnormal range (or to 0) may have lost more than the
+    dtype's precision; a norm under ``1e-30`` (``1e-280``) is itself near that range. The
+    :math:`L_\infty` norm (a maximum) is exact.
     """
     if math.isinf(p):
         return 0.0
-    floor = _RECOMPUTE_BELOW**2
+    floor = (_RECOMPUTE_BELOW if dtype == torch.float32 else _FLOAT64_RECOMPUTE_BELOW) ** 2
     return max(floor ** (1.0 / p), floor)
 
 
 def _inexact(norms: torch.Tensor, p: float) -> torch.Tensor:
-    """Where float32 norms may be wrong: infinite (overflowed terms) or below :func:`_recompute_below`."""
-    return (norms < _recompute_below(p)) | norms.isinf()
+    """Where float32 or float64 norms may be wrong: infinite (overflowed terms) or below :func:`_recompute_below`."""
+    return (norms < _recompute_below(p, norms.dtype)) | norms.isinf()
+
+
+def _smallest(dtype: torch.dtype) -> float:
+    """The dtype's smallest positive (subnormal) number: a divisor that keeps ``0 / 0`` away from a
+    zero norm with ``eps=0`` and leaves every nonzero norm as it is."""
+    info = torch.finfo(dtype)
+    return info.tiny * info.eps
 
 
 def _normalize_(quotients: list[_Quotients]) -> None:
-    """Divide every gradient (sub-tensor) by its norm plus ``eps``, clamped to the norm dtype's tiny;
-    16-bit gradients in float32, rounded once.
+    """Divide every gradient (sub-tensor) by its norm plus ``eps``, at least the norm dtype's
+    smallest subnormal (:func:`_smallest`: a zero gradient stays zero with ``eps=0``); 16-bit
+    gradients in float32, rounded once.
 
-    float32 norms (of float32 and 16-bit gradients) that overflowed or may have underflowed (see
-    :func:`_recompute_below`) are taken again in float64, with their quotients, for those
+    float32 and float64 norms that overflowed or may have underflowed (see
+    :func:`_recompute_below`) are taken again in float64, scaled, with their quotients, for those
     gradients (rows) alone (not on MPS, which has no float64); finding that none did costs one
     host read per device.
     """
     retaken = _float64_quotients(quotients)  # from the gradients as they are now
     for quotient in quotients:
-        tiny = torch.finfo(quotient.norms[0].dtype).tiny
+        tiny = _smallest(quotient.norms[0].dtype)
         if quotient.fused:
             torch._foreach_add_(quotient.norms, quotient.eps)
             torch._foreach_clamp_min_(quotient.norms, tiny)
@@ -283,20 +294,20 @@ def _normalize_(quotients: list[_Quotients]) -> None:
 
 def _float64_quotients(quotients: list[_Quotients]) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     """``(rows, where, quotient)`` for the rows of the gradients (``(1, *shape)`` for a whole one)
-    whose float32 norm :func:`_inexact` flags and that are not zero: ``rows[where]``'s quotient by its
-    norm (:func:`_scaled_norm`) plus ``eps``, computed in float64 and rounded once. Call before the
-    gradients change."""
+    whose float32 or float64 norm :func:`_inexact` flags and that are finite and not all zero:
+    ``rows[where]``'s quotient by its norm plus ``eps`` (:func:`_scaled_quotients`), computed in
+    float64 and rounded once. Call before the gradients change."""
     candidates = [
         (grad, norm, quotient)
         for quotient in quotients
         for grad, norm in zip(quotient.grads, quotient.norms)
-        if norm.dtype == torch.float32 and norm.device.type != "mps"
+        if norm.dtype in (torch.float32, torch.float64) and norm.device.type != "mps"
     ]
-    by_device_and_order: dict[tuple[torch.device, float], list[torch.Tensor]] = {}
+    by_device_order_and_dtype: dict[tuple[torch.device, float, torch.dtype], list[torch.Tensor]] = {}
     for _grad, norm, quotient in candidates:
-        by_device_and_order.setdefault((norm.device, quotient.p), []).append(norm.reshape(-1))
+        by_device_order_and_dtype.setdefault((norm.device, quotient.p, norm.dtype), []).append(norm.reshape(-1))
     found: dict[torch.device, list[torch.Tensor]] = {}
-    for (device, p), norms in by_device_and_order.items():
+    for (device, p, _dtype), norms in by_device_order_and_dtype.items():
         found.setdefault(device, []).append(_inexact(torch.cat(norms), p).any())
     if not any(bool(torch.stack(flags).any()) for flags in found.values()):  # the common case
         return []
@@ -306,29 +317,36 @@ def _float64_quotients(quotients: list[_Quotients]) -> list[tuple[torch.Tensor, 
         if not bool(where.any()):
             continue
         rows = grad.unsqueeze(0) if norm.ndim == 0 else grad
+        # An infinite or NaN element: the norm is infinite (or NaN) as it is, not overflowed.
+        where &= rows.reshape(rows.shape[0], -1).isfinite().all(dim=1)
         wide = rows[where].to(torch.float64)
         if not bool(wide.any()):  # zero stays zero, in float32 too
             continue
-        divisor = _scaled_norm(wide, quotient.p)
-        wide.div_(divisor.add_(quotient.eps).clamp_min_(torch.finfo(torch.float64).tiny))
-        result.append((rows, where, wide.to(grad.dtype)))
+        result.append((rows, where, _scaled_quotients(wide, quotient.p, quotient.eps).to(grad.dtype)))
     return result
 
 
-def _scaled_norm(rows: torch.Tensor, p: float) -> torch.Tensor:
-    r"""The :math:`L_p` norms of float64 rows (``(N, 1, ...)``) as :math:`m\,\lVert g / m \rVert_p`,
-    :math:`m` the row's largest magnitude (1 for a zero row).
+def _scaled_quotients(rows: torch.Tensor, p: float, eps: float) -> torch.Tensor:
+    r""":math:`g / (\lVert g \rVert_p + \epsilon)` for finite float64 rows (``(N, ...)``) as
+    :math:`(g / m) / (\lVert g / m \rVert_p + \epsilon / m)`, :math:`m` the row's largest magnitude
+    (1 for a zero row, which stays zero).
 
     Every :math:`|g_i / m|^p` is then at most 1 and the largest exactly 1, so the sum lies in
     :math:`[1, n]` for every ``p``: no power overflows float64 (``p=20`` of elements near
-    ``1e19``), and those that underflow are negligible next to 1.
+    ``1e19``), those that underflow are negligible next to 1, and the quotients of subnormal
+    elements (near ``1e-310``) keep float64's precision. Where :math:`\epsilon / m` overflows
+    (:math:`\epsilon` beyond :math:`1.8 \cdot 10^{308}\,m` dominates the norm),
+    :math:`g / (m \lVert g / m \rVert_p + \epsilon)`.
     """
     dims = tuple(range(1, rows.ndim))
-    if math.isinf(p):
-        return torch.linalg.vector_norm(rows, ord=p, dim=dims, keepdim=True)
     peak = rows.abs().amax(dim=dims, keepdim=True)
     peak = torch.where(peak > 0, peak, 1.0)
-    return torch.linalg.vector_norm(rows / peak, ord=p, dim=dims, keepdim=True).mul_(peak)
+    unit = rows / peak
+    norm = torch.linalg.vector_norm(unit, ord=p, dim=dims, keepdim=True)  # 0, or in [1, n^(1/p)]
+    if eps == 0.0:
+        return unit / norm.clamp_min_(_smallest(torch.float64))  # a zero row: 0 / smallest
+    shift = torch.full_like(peak, eps).div_(peak)  # not eps / peak: torch takes that as eps * (1 / peak)
+    return torch.where(shift.isinf(), rows / (peak * norm + eps), unit / (norm + shift))
 
 
 def kept_count(q: float, size: int) -> int:
