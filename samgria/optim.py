@@ -54,6 +54,13 @@ _SCALER_WITH_CLOSURE_MESSAGE = (
 )
 
 
+def _transform_name(transform: Transform) -> str:
+    """A transform's class name, or a seed-protocol object's own with ``(seed protocol)``."""
+    if isinstance(transform, ProtocolTransform):
+        return f"{transform.describe()} (seed protocol)"
+    return type(transform).__name__
+
+
 @contextlib.contextmanager
 def _put_back_on_error(structure: StepSnapshot | StateStructure | None) -> Iterator[None]:
     """Put the state's references back (``structure``, when atomic) if the block raises."""
@@ -350,10 +357,7 @@ class TransformingOptimizer(WrappingOptimizer):
             )
         _refuse_sharded_m_sharpness(first_pass_context, [p for g in inner_optimizer.param_groups for p in g["params"]])
         chain = Chain(transforms, inner_optimizer.defaults, type(inner_optimizer))
-        def named(t: Transform) -> str:
-            return f"{t.describe()} (seed protocol)" if isinstance(t, ProtocolTransform) else type(t).__name__
-
-        mixing = [named(t) for t in chain.transforms if not t.supports_local_first_pass]
+        mixing = [_transform_name(t) for t in chain.transforms if not t.supports_local_first_pass]
         if first_pass_context is not None and mixing:
             raise ValueError(
                 f"first_pass_context (m-sharpness) cannot be used with {', '.join(mixing)}: the update "
@@ -363,7 +367,7 @@ class TransformingOptimizer(WrappingOptimizer):
                 "to perturb, or not at all, may declare supports_local_first_pass = True); drop "
                 "first_pass_context"
             )
-        reevaluating = [(named(t), t.reevaluations) for t in chain.transforms if t.reevaluations]
+        reevaluating = [(_transform_name(t), t.reevaluations) for t in chain.transforms if t.reevaluations]
         if first_pass_context is not None and sum(count for _, count in reevaluating) > 1:
             counts = ", ".join(f"{name} {count}" for name, count in reevaluating)
             raise ValueError(
@@ -656,9 +660,11 @@ class TransformingOptimizer(WrappingOptimizer):
                 "ascent with normalize=False): use normalize=True, or train without a loss scaler "
                 "(float32, or bfloat16 autocast, which needs none)"
             )
+        if perturbation is None:  # nothing perturbed (no re-evaluating transform, rho=0, a zero
+            return None  # direction, a non-finite first pass): no direction was used
         mixes = getattr(perturbation, "mixes_first_pass", False)
         before = [
-            type(transform).__name__
+            _transform_name(transform)
             for slot, transform in list(self.chain)[:split]
             if type(transform).pre_update is not Transform.pre_update
             and not (transform.scales_with_gradients if mixes else transform.keeps_direction_of_gradients)(

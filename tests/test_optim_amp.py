@@ -377,8 +377,9 @@ def test_a_transform_before_gsam_wsam_or_looksam_that_does_not_scale_with_the_gr
         (lambda: [ClipGradNorm(0.05), SAM(0.05)], 2, "ClipGradNorm"),  # one factor per group
         (lambda: [_PreStepHook(), SAM(0.05)], 1, "_PreStepHook"),  # may rewrite the gradients
         (lambda: [ClipGradNorm(0.05), SAM(0.05)], 1, None),  # one group: one factor
+        (lambda: [NormalizeGrad(), SAM(0.05)], 2, "NormalizeGrad"),  # eps > 0: shares move with s
         (lambda: [GradSign(), ASAM(0.5)], 2, None),
-        (lambda: [NormalizeGrad(), SAM(0.05)], 2, None),
+        (lambda: [NormalizeGrad(eps=0.0), SAM(0.05)], 2, None),
         (lambda: [ScaleGrad(2.0), SAM(0.05)], 2, None),
         (lambda: [SparsifyGrad(0.5), ASAM(0.5)], 2, None),
     ],
@@ -421,6 +422,84 @@ def test_a_transform_before_sam_or_asam_that_changes_the_gradients_direction_wit
     if refused is None:
         for got, want in zip(scaled, run(None)):
             torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)
+
+
+class _SeedClip:
+    """A seed-protocol object that rescales the gradients, declaring what it keeps."""
+
+    def __init__(self, keeps_direction):
+        self.keeps_direction = keeps_direction
+
+    def apply(self, model, loss_fn, batch):
+        for param in model.parameters():
+            if param.grad is not None:
+                param.grad.mul_(0.5)
+
+    def post_step(self, model):
+        pass
+
+    def keeps_direction_of_gradients(self, param_groups):
+        return self.keeps_direction
+
+
+def _two_call_under_a_scaler(chain, *, groups=None, scaler=True, poison_first=False):
+    """The two-call loop, under a scaler or not; the weights after it (or the exception)."""
+    inputs, targets = _batch()
+    model = _model()
+    optimizer = TransformingOptimizer(
+        groups(model) if groups else model.parameters(), torch.optim.SGD, lr=0.1, transforms=chain()
+    )
+    loss_scaler = _scaler() if scaler else None
+    scale = loss_scaler.scale if scaler else (lambda loss: loss)
+    loss = nn.functional.cross_entropy(model(inputs), targets)
+    scale(loss * float("inf") if poison_first else loss).backward()
+    optimizer.first_step(zero_grad=True)
+    scale(nn.functional.cross_entropy(model(inputs), targets)).backward()
+    if scaler:
+        loss_scaler.step(optimizer)
+        loss_scaler.update()
+    else:
+        optimizer.second_step()
+    return [p.detach().clone() for p in model.parameters()], loss_scaler
+
+
+def _with_an_idle_group(model):
+    params = list(model.parameters())
+    idle = nn.Parameter(torch.zeros(3))  # no gradient: not in the loss
+    return [{"params": params}, {"params": [idle]}]
+
+
+@pytest.mark.parametrize(
+    "chain,groups",
+    [
+        (lambda: [ClampGrad(-1e-3, 1e-3), ClipGradNorm(0.1)], None),  # nothing re-evaluates
+        (lambda: [ClampGrad(-1e-3, 1e-3), SAM(0.0)], None),  # rho=0: nothing perturbed
+        (lambda: [ScaleGrad(2.0, 1e-3), GSAM(0.0)], None),
+        (lambda: [ClipGradNorm(0.05), SAM(0.05)], _with_an_idle_group),  # one group with gradients
+        (lambda: [_SeedClip(True), SAM(0.05)], None),  # declares that it keeps the direction
+    ],
+)
+def test_a_two_call_step_whose_direction_no_transform_changed_runs_under_a_loss_scale(chain, groups):
+    """c9b2b9a refused these with a false message: nothing was perturbed (no SAM, rho=0), the
+    only group with gradients has one clipping factor, or the object declares that it keeps the
+    direction. They equal the loop without a scaler up to rounding."""
+    scaled, _ = _two_call_under_a_scaler(chain, groups=groups)
+    plain, _ = _two_call_under_a_scaler(chain, groups=groups, scaler=False)
+    for got, want in zip(scaled, plain):
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)
+
+
+def test_a_seed_protocol_object_that_may_change_the_direction_is_named_in_the_refusal():
+    with pytest.raises(RuntimeError, match=r"and _SeedClip \(seed protocol\) acted on them"):
+        _two_call_under_a_scaler(lambda: [_SeedClip(False), SAM(0.05)])
+
+
+def test_a_non_finite_first_pass_under_a_loss_scale_skips_and_backs_off_before_a_clamping_transform():
+    """The refusal ran for a step the scaler skips (nothing perturbed): it must skip and back off."""
+    weights, scaler = _two_call_under_a_scaler(lambda: [ClampGrad(-1e-3, 1e-3), SAM(0.05)], poison_first=True)
+    for got, want in zip(weights, _model().parameters()):
+        assert torch.equal(got, want)
+    assert scaler.get_scale() == SCALE * scaler.get_backoff_factor()
 
 
 def _autocast_model() -> nn.Module:

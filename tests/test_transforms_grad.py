@@ -415,3 +415,25 @@ def test_normalize_grad_row_with_an_infinite_element_is_divided_by_its_norm_as_i
     optimizer.step()
     expected = torch.tensor([[math.nan, 0.0, -0.0], [0.6, 0.8, 0.0]], dtype=dtype)
     torch.testing.assert_close(param.grad, expected, rtol=torch.finfo(dtype).eps, atol=0, equal_nan=True)
+
+
+@pytest.mark.parametrize("foreach", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_normalize_grad_keeps_a_zero_gradient_zero_with_eps_zero_when_subnormals_are_flushed(dtype, foreach):
+    """e3b52bf clamped the divisor to the smallest subnormal number, which reads as 0 under
+    torch.set_flush_denormal(True): a zero row became 0 / 0 = NaN, and so did the weights."""
+    if not torch.set_flush_denormal(True):
+        pytest.skip("this CPU cannot flush subnormal numbers")
+    try:
+        weight = nn.Parameter(torch.zeros(2, 3, dtype=dtype))
+        weight.grad = torch.tensor([[0.0, 0.0, 0.0], [1.0, 2.0, 2.0]], dtype=dtype)
+        optimizer = TransformingOptimizer(
+            [weight], torch.optim.SGD, lr=0.1, transforms=[NormalizeGrad(eps=0.0, param_ndim=-1)],
+            transform_foreach=foreach,
+        )
+        optimizer.step()
+    finally:
+        torch.set_flush_denormal(False)
+    expected = torch.tensor([[0.0, 0.0, 0.0], [1 / 3, 2 / 3, 2 / 3]], dtype=torch.float64).to(dtype)
+    assert torch.equal(weight.grad, expected)
+    assert torch.isfinite(weight).all()

@@ -598,6 +598,18 @@ class ProtocolTransform(Transform):
     def __init__(self, transform: GradientTransform) -> None:
         self.transform = transform
 
+    def scales_with_gradients(self, param_groups: Sequence[Mapping[str, Any]]) -> bool:
+        """The object's own ``scales_with_gradients(param_groups)`` when it declares one; ``False``
+        otherwise (its ``apply`` may rewrite the gradients)."""
+        declared = getattr(self.transform, "scales_with_gradients", None)
+        return bool(declared(param_groups)) if callable(declared) else False
+
+    def keeps_direction_of_gradients(self, param_groups: Sequence[Mapping[str, Any]]) -> bool:
+        """The object's own ``keeps_direction_of_gradients(param_groups)`` when it declares one;
+        else :meth:`scales_with_gradients`."""
+        declared = getattr(self.transform, "keeps_direction_of_gradients", None)
+        return bool(declared(param_groups)) if callable(declared) else self.scales_with_gradients(param_groups)
+
     def default_slot(self) -> str:
         """The object's own ``slot_name`` (as a :class:`Transform`'s), else its class name in snake case."""
         return getattr(self.transform, "slot_name", None) or default_slot_name(self.transform)

@@ -112,7 +112,9 @@ class ClipGradNorm(Transform):
         check_real("max_grad_norm", group["max_grad_norm"], low=0.0, low_open=True)
 
     def keeps_direction_of_gradients(self, param_groups: Sequence[Mapping[str, Any]]) -> bool:
-        return len(param_groups) <= 1  # one group: one factor; several: one each, which s changes
+        # One group with gradients: one factor; several: one each, whose ratios s changes.
+        with_grads = [group for group in param_groups if any(p.grad is not None for p in group["params"])]
+        return len(with_grads) <= 1
 
     def pre_update(self, ctx: TransformContext) -> None:
         for group, grads, sources in _grads_by_group(ctx):
@@ -182,10 +184,9 @@ class NormalizeGrad(Transform):
         return {"eps": self.eps, "p": self.p, "param_ndim": self.param_ndim}
 
     def keeps_direction_of_gradients(self, param_groups: Sequence[Mapping[str, Any]]) -> bool:
-        # s g / (s ||g|| + eps) = g / (||g|| + eps / s): exactly for eps=0; otherwise the ratios
-        # between (sub-)tensors move by about eps / ||g||, below rounding unless a norm comes
-        # within a few orders of magnitude of eps (1e-12 by default).
-        return True
+        # s g / (s ||g|| + eps) = g / (||g|| + eps / s): the same for every s only with eps=0
+        # (with eps > 0, the (sub-)tensors whose norm is near eps change their share).
+        return all(float(group["eps"]) == 0.0 for group in param_groups)
 
     def validate_group(self, group: Mapping[str, Any]) -> None:
         check_real("eps", group["eps"], low=0.0)
@@ -244,10 +245,11 @@ def _recompute_below(p: float, dtype: torch.dtype) -> float:
     in float64): under ``1e-30`` (``1e-280``) for the sum :math:`\lVert g \rVert_p^p`, the terms
     :math:`|g_i|^p` that fell into the subnormal range (or to 0) may have lost more than the
     dtype's precision; a norm under ``1e-30`` (``1e-280``) is itself near that range. The
-    :math:`L_\infty` norm (a maximum) is exact.
+    :math:`L_\infty` norm (a maximum) is exact, but one below the dtype's smallest normal number
+    is subnormal, which the divisor's clamp (:func:`_smallest`) would raise.
     """
     if math.isinf(p):
-        return 0.0
+        return torch.finfo(dtype).tiny
     floor = (_RECOMPUTE_BELOW if dtype == torch.float32 else _FLOAT64_RECOMPUTE_BELOW) ** 2
     return max(floor ** (1.0 / p), floor)
 
@@ -258,15 +260,16 @@ def _inexact(norms: torch.Tensor, p: float) -> torch.Tensor:
 
 
 def _smallest(dtype: torch.dtype) -> float:
-    """The dtype's smallest positive (subnormal) number: a divisor that keeps ``0 / 0`` away from a
-    zero norm with ``eps=0`` and leaves every nonzero norm as it is."""
-    info = torch.finfo(dtype)
-    return info.tiny * info.eps
+    """The dtype's smallest normal number: the least divisor, so that a zero norm with ``eps=0``
+    gives ``0 / tiny = 0`` (a subnormal bound would be flushed to zero under
+    ``torch.set_flush_denormal(True)``, and ``0 / 0`` is NaN). A nonzero norm below it is taken
+    again scaled (:func:`_inexact` flags it), so the clamp never raises one."""
+    return torch.finfo(dtype).tiny
 
 
 def _normalize_(quotients: list[_Quotients]) -> None:
     """Divide every gradient (sub-tensor) by its norm plus ``eps``, at least the norm dtype's
-    smallest subnormal (:func:`_smallest`: a zero gradient stays zero with ``eps=0``); 16-bit
+    smallest normal number (:func:`_smallest`: a zero gradient stays zero with ``eps=0``); 16-bit
     gradients in float32, rounded once.
 
     float32 and float64 norms that overflowed or may have underflowed (see
@@ -344,7 +347,7 @@ def _scaled_quotients(rows: torch.Tensor, p: float, eps: float) -> torch.Tensor:
     unit = rows / peak
     norm = torch.linalg.vector_norm(unit, ord=p, dim=dims, keepdim=True)  # 0, or in [1, n^(1/p)]
     if eps == 0.0:
-        return unit / norm.clamp_min_(_smallest(torch.float64))  # a zero row: 0 / smallest
+        return unit / norm.clamp_min_(_smallest(torch.float64))  # a zero row: 0 / tiny; others >= 1
     shift = torch.full_like(peak, eps).div_(peak)  # not eps / peak: torch takes that as eps * (1 / peak)
     return torch.where(shift.isinf(), rows / (peak * norm + eps), unit / (norm + shift))
 
