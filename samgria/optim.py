@@ -109,6 +109,11 @@ class _PendingStep:
     non_finite: bool = False
     #: The state's references at ``first_step`` (see ``_pre_step_structure``).
     structure: StepSnapshot | StateStructure | None = None
+    #: The transforms before the re-evaluating one whose result does not scale with the
+    #: gradients, and those of them that change their direction too, asked in ``first_step``
+    #: while the first pass's gradients were there (see ``_loss_scale_refusal``).
+    not_scaling: tuple[str, ...] = ()
+    not_keeping_direction: tuple[str, ...] = ()
 
 
 @dataclass
@@ -660,17 +665,12 @@ class TransformingOptimizer(WrappingOptimizer):
                 "ascent with normalize=False): use normalize=True, or train without a loss scaler "
                 "(float32, or bfloat16 autocast, which needs none)"
             )
-        if perturbation is None:  # nothing perturbed (no re-evaluating transform, rho=0, a zero
-            return None  # direction, a non-finite first pass): no direction was used
+        if perturbation is None or pending.rerun_before:  # nothing perturbed (no re-evaluating
+            # transform, rho=0, a zero direction, a non-finite first pass): no direction was used,
+            # and the transforms before run again on the second pass's unscaled gradients
+            return None
         mixes = getattr(perturbation, "mixes_first_pass", False)
-        before = [
-            _transform_name(transform)
-            for slot, transform in list(self.chain)[:split]
-            if type(transform).pre_update is not Transform.pre_update
-            and not (transform.scales_with_gradients if mixes else transform.keeps_direction_of_gradients)(
-                self._context(slot, None).param_groups
-            )
-        ]
+        before = list(pending.not_scaling if mixes else pending.not_keeping_direction)
         if not before:
             return None
         if not mixes:
@@ -688,6 +688,23 @@ class TransformingOptimizer(WrappingOptimizer):
             f"{', '.join(before)} after {name}, or train without a loss scaler (float32, or "
             "bfloat16 autocast, which needs none)"
         )
+
+    def _scale_sensitive_before(self, split: int) -> tuple[tuple[str, ...], tuple[str, ...]]:
+        """The names of the transforms before ``split`` whose result does not scale with the
+        gradients (``Transform.scales_with_gradients``), and of those of them whose result
+        changes direction with their size (``Transform.keeps_direction_of_gradients``); only
+        transforms with a ``pre_update`` of their own are asked."""
+        not_scaling: list[str] = []
+        not_keeping: list[str] = []
+        for slot, transform in list(self.chain)[:split]:
+            if type(transform).pre_update is Transform.pre_update:
+                continue
+            groups = self._context(slot, None).param_groups
+            if not transform.scales_with_gradients(groups):
+                not_scaling.append(_transform_name(transform))
+                if not transform.keeps_direction_of_gradients(groups):
+                    not_keeping.append(_transform_name(transform))
+        return tuple(not_scaling), tuple(not_keeping)
 
     def _rescale_unscaled_grads(self) -> None:
         """Put the second pass's gradients back into the loss scale when ``GradScaler.unscale_``
@@ -1138,12 +1155,17 @@ class TransformingOptimizer(WrappingOptimizer):
                 try:
                     for index, (slot, before) in enumerate(list(self.chain)[:split]):
                         before.pre_update(self._context(slot, None, grad_norm if index == 0 else None))
+                    # Asked now, with the first pass's gradients there (the move clears them).
+                    not_scaling, not_keeping = self._scale_sensitive_before(split)
                     ctx = self._context(self.slots[split], None, grad_norm if split == 0 else None)
                     perturbation = transform.perturb(ctx)
                     skipped = perturbation is None or not perturbation.params
                     if skipped and undo is not None:
                         undo.restore()
-                    self._pending = _PendingStep(perturbation, split + 1, rerun_before=skipped, structure=structure)
+                    self._pending = _PendingStep(
+                        perturbation, split + 1, rerun_before=skipped, structure=structure,
+                        not_scaling=not_scaling, not_keeping_direction=not_keeping,
+                    )  # fmt: skip
                 except BaseException:
                     # First, SAM's moves: a failure (Ctrl-C) after perturb() moved the weights and
                     # before the step is pending, where cancel_step() would find them -- what it

@@ -601,3 +601,53 @@ def test_weights_swapped_in_an_autocast_region_are_the_ones_evaluated(kind) -> N
 def _bf16(loss_fn):
     with torch.autocast("cpu", dtype=torch.bfloat16):
         return loss_fn()
+
+
+@pytest.mark.parametrize("first_pass_reaches_extra", [True, False])
+def test_clip_grad_norms_groups_with_gradients_are_counted_in_the_first_pass_it_clipped(first_pass_reaches_extra):
+    """The refusal asked ClipGradNorm which groups have gradients after the second backward: a
+    group with gradients only in the first pass (two clipping factors there) passed, and the step
+    differed from the loop without a scaler (2e-3); one with gradients only in the second pass
+    (one factor in the first) was refused."""
+    inputs, targets = _batch()
+
+    def run(scaler):
+        model = _model()
+        extra = nn.Parameter(torch.ones(3))
+        optimizer = TransformingOptimizer(
+            [{"params": list(model.parameters())}, {"params": [extra]}], torch.optim.SGD, lr=0.1,
+            transforms=[ClipGradNorm(1e-3), SAM(0.05)],
+        )  # fmt: skip
+        scale = scaler.scale if scaler is not None else (lambda loss: loss)
+        loss = nn.functional.cross_entropy(model(inputs), targets)
+        scale(loss + (extra**2).sum() if first_pass_reaches_extra else loss).backward()
+        optimizer.first_step(zero_grad=True)
+        loss = nn.functional.cross_entropy(model(inputs), targets)
+        scale(loss if first_pass_reaches_extra else loss + (extra**2).sum()).backward()
+        if scaler is None:
+            optimizer.second_step()
+        elif first_pass_reaches_extra:
+            with pytest.raises(RuntimeError, match=r"and ClipGradNorm acted on them"):
+                scaler.step(optimizer)
+            return None
+        else:
+            scaler.step(optimizer)
+        return [p.detach().clone() for p in [*model.parameters(), extra]]
+
+    scaled = run(_scaler())
+    if scaled is not None:
+        for got, want in zip(scaled, run(None)):
+            torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)
+
+
+def test_normalize_grad_with_eps_only_on_a_group_without_gradients_keeps_the_direction():
+    scaled, _ = _two_call_under_a_scaler(lambda: [NormalizeGrad(eps=1e-12), SAM(0.05)], groups=_eps_zero_but_idle)
+    plain, _ = _two_call_under_a_scaler(
+        lambda: [NormalizeGrad(eps=1e-12), SAM(0.05)], groups=_eps_zero_but_idle, scaler=False
+    )
+    for got, want in zip(scaled, plain):
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)
+
+
+def _eps_zero_but_idle(model):
+    return [{"params": list(model.parameters()), "eps": 0.0}, {"params": [nn.Parameter(torch.zeros(3))]}]

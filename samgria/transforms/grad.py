@@ -186,7 +186,9 @@ class NormalizeGrad(Transform):
     def keeps_direction_of_gradients(self, param_groups: Sequence[Mapping[str, Any]]) -> bool:
         # s g / (s ||g|| + eps) = g / (||g|| + eps / s): the same for every s only with eps=0
         # (with eps > 0, the (sub-)tensors whose norm is near eps change their share).
-        return all(float(group["eps"]) == 0.0 for group in param_groups)
+        return all(
+            float(group["eps"]) == 0.0 for group in param_groups if any(p.grad is not None for p in group["params"])
+        )
 
     def validate_group(self, group: Mapping[str, Any]) -> None:
         check_real("eps", group["eps"], low=0.0)
