@@ -337,35 +337,14 @@ def test_a_transform_before_gsam_wsam_or_looksam_that_does_not_scale_with_the_gr
     silently (|dw| 0.49 against 1.38 for NormalizeGrad before WSAM). It is refused, the weights
     restored; equivariant ones equal the loop without a scaler bit for bit, and before SAM, which
     uses only the direction, clipping changes nothing but rounding."""
-    inputs, targets = _batch()
-    loss_fn = nn.functional.cross_entropy
-
-    def run(scaler):
-        model = _model()
-        optimizer = TransformingOptimizer(model.parameters(), torch.optim.SGD, lr=0.1, momentum=0.9, transforms=chain())
-        scale = scaler.scale if scaler is not None else (lambda loss: loss)
-        before = [p.detach().clone() for p in model.parameters()]
-        scale(loss_fn(model(inputs), targets)).backward()
-        optimizer.first_step(zero_grad=True)
-        scale(loss_fn(model(inputs), targets)).backward()
-        if scaler is None:
-            optimizer.second_step()
-        elif refused not in (None, "rounding"):
-            with pytest.raises(RuntimeError, match=rf"mixes the first pass's gradients into the step, and {refused} acted on them"):
-                scaler.step(optimizer)
-            for got, want in zip(model.parameters(), before):
-                assert torch.equal(got, want)
-            assert not any(optimizer.state.values()) and "found_inf" not in vars(optimizer)
-        else:
-            scaler.step(optimizer)
-        return list(model.parameters())
-
-    scaled = run(_scaler())
+    message = rf"mixes the first pass's gradients into the step, and {refused} acted on them"
+    refusal = None if refused in (None, "rounding") else message
+    scaled = _two_call_step(chain, scaler=_scaler(), momentum=0.9, refusal=refusal)
     if refused is None:
-        for got, want in zip(scaled, run(None)):
+        for got, want in zip(scaled, _two_call_step(chain, momentum=0.9)):
             assert torch.equal(got, want)
     elif refused == "rounding":  # clipping the scaled gradients keeps their direction, up to rounding
-        for got, want in zip(scaled, run(None)):
+        for got, want in zip(scaled, _two_call_step(chain, momentum=0.9)):
             torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)
 
 
@@ -392,36 +371,18 @@ def test_a_transform_before_sam_or_asam_that_changes_the_gradients_direction_wit
     that direction where its result does not follow their size (clipping values, a bias, one
     clipping factor per param group): a different step, silently (0.02 in the weights). It is
     refused, the weights restored; the others equal the loop without a scaler up to rounding."""
-    inputs, targets = _batch()
-    loss_fn = nn.functional.cross_entropy
-
-    def run(scaler):
-        model = _model()
-        params = list(model.parameters())
-        param_groups = [{"params": params[:2]}, {"params": params[2:]}] if groups == 2 else params
-        optimizer = TransformingOptimizer(param_groups, torch.optim.SGD, lr=0.1, momentum=0.9, transforms=chain())
-        scale = scaler.scale if scaler is not None else (lambda loss: loss)
-        before = [p.detach().clone() for p in model.parameters()]
-        scale(loss_fn(model(inputs), targets)).backward()
-        optimizer.first_step(zero_grad=True)
-        scale(loss_fn(model(inputs), targets)).backward()
-        if scaler is None:
-            optimizer.second_step()
-        elif refused is not None:
-            message = rf"perturbs along the direction of the first pass's gradients, and {refused} acted on them"
-            with pytest.raises(RuntimeError, match=message):
-                scaler.step(optimizer)
-            for got, want in zip(model.parameters(), before):
-                assert torch.equal(got, want)
-            assert not any(optimizer.state.values()) and "found_inf" not in vars(optimizer)
-        else:
-            scaler.step(optimizer)
-        return list(model.parameters())
-
-    scaled = run(_scaler())
+    split = _two_groups if groups == 2 else None
+    message = rf"perturbs along the direction of the first pass's gradients, and {refused} acted on them"
+    refusal = None if refused is None else message
+    scaled = _two_call_step(chain, scaler=_scaler(), groups=split, momentum=0.9, refusal=refusal)
     if refused is None:
-        for got, want in zip(scaled, run(None)):
+        for got, want in zip(scaled, _two_call_step(chain, groups=split, momentum=0.9)):
             torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)
+
+
+def _two_groups(model):
+    params = list(model.parameters())
+    return [{"params": params[:2]}, {"params": params[2:]}]
 
 
 class _SeedClip:
@@ -442,26 +403,33 @@ class _SeedClip:
         return self.keeps_direction
 
 
-def _two_call_under_a_scaler(chain, *, groups=None, scaler=True, poison_first=False):
-    """The two-call loop, under a scaler or not; the weights after it (or the exception)."""
+def _two_call_step(chain, *, scaler=None, groups=None, momentum=0.0, refusal=None, poison_first=False):
+    """One two-call step of SGD on ``_model()`` with ``chain``, finished by ``scaler.step`` (or by
+    ``second_step()`` without a scaler); the parameters after it. With ``refusal``, ``scaler.step``
+    must raise a ``RuntimeError`` matching it and leave the weights and the state as they were."""
     inputs, targets = _batch()
     model = _model()
     optimizer = TransformingOptimizer(
-        groups(model) if groups else model.parameters(), torch.optim.SGD, lr=0.1, transforms=chain()
+        groups(model) if groups else model.parameters(), torch.optim.SGD, lr=0.1, momentum=momentum, transforms=chain()
     )
-    loss_scaler = _scaler() if scaler else None
-    scale = loss_scaler.scale if scaler else (lambda loss: loss)
+    scale = scaler.scale if scaler is not None else (lambda loss: loss)
+    before = [p.detach().clone() for p in model.parameters()]
     loss = nn.functional.cross_entropy(model(inputs), targets)
     scale(loss * float("inf") if poison_first else loss).backward()
     optimizer.first_step(zero_grad=True)
     scale(nn.functional.cross_entropy(model(inputs), targets)).backward()
-    if scaler:
-        loss_scaler.step(optimizer)
-        loss_scaler.update()
-    else:
+    if scaler is None:
         optimizer.second_step()
-    return [p.detach().clone() for p in model.parameters()], loss_scaler
-
+    elif refusal is not None:
+        with pytest.raises(RuntimeError, match=refusal):
+            scaler.step(optimizer)
+        for got, want in zip(model.parameters(), before):
+            assert torch.equal(got, want)
+        assert not any(optimizer.state.values()) and "found_inf" not in vars(optimizer)
+    else:
+        scaler.step(optimizer)
+        scaler.update()
+    return [p.detach().clone() for p in model.parameters()]
 
 def _with_an_idle_group(model):
     params = list(model.parameters())
@@ -483,20 +451,21 @@ def test_a_two_call_step_whose_direction_no_transform_changed_runs_under_a_loss_
     """c9b2b9a refused these with a false message: nothing was perturbed (no SAM, rho=0), the
     only group with gradients has one clipping factor, or the object declares that it keeps the
     direction. They equal the loop without a scaler up to rounding."""
-    scaled, _ = _two_call_under_a_scaler(chain, groups=groups)
-    plain, _ = _two_call_under_a_scaler(chain, groups=groups, scaler=False)
+    scaled = _two_call_step(chain, scaler=_scaler(), groups=groups)
+    plain = _two_call_step(chain, groups=groups)
     for got, want in zip(scaled, plain):
         torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)
 
 
 def test_a_seed_protocol_object_that_may_change_the_direction_is_named_in_the_refusal():
-    with pytest.raises(RuntimeError, match=r"and _SeedClip \(seed protocol\) acted on them"):
-        _two_call_under_a_scaler(lambda: [_SeedClip(False), SAM(0.05)])
+    refusal = r"and _SeedClip \(seed protocol\) acted on them"
+    _two_call_step(lambda: [_SeedClip(False), SAM(0.05)], scaler=_scaler(), refusal=refusal)
 
 
 def test_a_non_finite_first_pass_under_a_loss_scale_skips_and_backs_off_before_a_clamping_transform():
     """The refusal ran for a step the scaler skips (nothing perturbed): it must skip and back off."""
-    weights, scaler = _two_call_under_a_scaler(lambda: [ClampGrad(-1e-3, 1e-3), SAM(0.05)], poison_first=True)
+    scaler = _scaler()
+    weights = _two_call_step(lambda: [ClampGrad(-1e-3, 1e-3), SAM(0.05)], scaler=scaler, poison_first=True)
     for got, want in zip(weights, _model().parameters()):
         assert torch.equal(got, want)
     assert scaler.get_scale() == SCALE * scaler.get_backoff_factor()
@@ -641,10 +610,11 @@ def test_clip_grad_norms_groups_with_gradients_are_counted_in_the_first_pass_it_
 
 
 def test_normalize_grad_with_eps_only_on_a_group_without_gradients_keeps_the_direction():
-    scaled, _ = _two_call_under_a_scaler(lambda: [NormalizeGrad(eps=1e-12), SAM(0.05)], groups=_eps_zero_but_idle)
-    plain, _ = _two_call_under_a_scaler(
-        lambda: [NormalizeGrad(eps=1e-12), SAM(0.05)], groups=_eps_zero_but_idle, scaler=False
-    )
+    def chain():
+        return [NormalizeGrad(eps=1e-12), SAM(0.05)]
+
+    scaled = _two_call_step(chain, scaler=_scaler(), groups=_eps_zero_but_idle)
+    plain = _two_call_step(chain, groups=_eps_zero_but_idle)
     for got, want in zip(scaled, plain):
         torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)
 
