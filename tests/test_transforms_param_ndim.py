@@ -11,6 +11,7 @@ import io
 import itertools
 import math
 import re
+import warnings
 from fractions import Fraction
 
 import numpy as np
@@ -889,3 +890,30 @@ def test_bounds_beyond_a_parameters_dtype_clamp_exactly(foreach, name, make):
             low, high = middle - transform.radius, middle + transform.radius
         expected = torch.minimum(torch.maximum(moved, torch.as_tensor(low, dtype=F64)), torch.as_tensor(high, dtype=F64))
         assert torch.equal(param.detach(), expected.to(param.dtype))
+
+
+@pytest.mark.parametrize("p", [2.0, math.inf])
+@pytest.mark.parametrize("center", ["zero", "initial"])
+@pytest.mark.parametrize("kind", ["fraction", "numpy-float32"])
+def test_project_params_takes_every_real_radius_its_group_check_accepts(kind, center, p):
+    """A Fraction group radius passed validate_group and then every step raised torch's
+    TypeError; a NumPy float32 one warned of an overflow in a cast (float64 weights, p=inf).
+    They project as the float of the same value, without a warning."""
+    radius = Fraction(1, 2) if kind == "fraction" else np.float32(0.5)
+
+    def run(group_radius):
+        torch.manual_seed(0)
+        weight = nn.Parameter(torch.randn(3, 4, dtype=torch.float64))
+        optimizer = TransformingOptimizer(
+            [{"params": [weight], "radius": group_radius}], torch.optim.SGD, lr=0.5,
+            transforms=[ProjectParams(p=p, center=center)],
+        )  # fmt: skip
+        for _ in range(2):
+            weight.grad = torch.ones_like(weight)
+            optimizer.step()
+        return weight.detach().clone()
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        projected = run(radius)
+    assert torch.equal(projected, run(float(radius)))

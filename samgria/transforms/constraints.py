@@ -176,7 +176,7 @@ class ProjectParams(Transform):
         for group, param, param_ndim in entries:
             if param.numel() == 0:
                 continue
-            radius = group["radius"]
+            radius = float(group["radius"])  # any real number validate_group accepts (Fraction, NumPy)
             center = ctx.state[param]["center"] if self.center == "initial" else None
             if group["p"] == math.inf:
                 weights = as_real(param)
@@ -184,13 +184,13 @@ class ProjectParams(Transform):
                     _clamp_([weights], -radius, radius, foreach=False)
                 else:
                     wide = widened_dtype(weights.dtype)
-                    middle: torch.Tensor | None = as_real(center).to(wide)  # typed for the reuse below
-                    weights.copy_(torch.minimum(torch.maximum(weights.to(wide), middle - radius), middle + radius))
+                    around = as_real(center).to(wide)
+                    weights.copy_(torch.minimum(torch.maximum(weights.to(wide), around - radius), around + radius))
                 continue
             with batched(param, param_ndim) as view:
                 weights = as_real(view)
                 wide = widened_dtype(weights.dtype)  # 16-bit: norm and projection in float32
-                middle = None if center is None else as_real(center.reshape(view.shape)).to(wide)
+                middle: torch.Tensor | None = None if center is None else as_real(center.reshape(view.shape)).to(wide)
                 offset = weights.to(wide) if middle is None else weights.to(wide) - middle
                 norm = torch.linalg.vector_norm(offset, dim=tuple(range(1, weights.ndim)), keepdim=True)
                 outside = norm > radius
