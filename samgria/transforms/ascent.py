@@ -394,8 +394,7 @@ class MultiStepSAM(_FinishingTransform):
         if ascent.adversary is None:
             groups = [ascent.groups[k] for k in chosen]
             scales = [self._radius(group) / norm if self.normalize else self._radius(group) for group in groups]
-            directions = [as_real(g) for g in movers_grads]
-            directions, scales = _scales_within_range(directions, scales)  # a tiny norm, as in SAM's move
+            directions, scales = _scales_within_range([as_real(g) for g in movers_grads], scales)  # a tiny norm
             # In place: a swapped parameter's data is its backup buffer, a view is perturbed in place.
             add_directions_([as_real(p) for p in movers], directions, scales, foreach=ctx.foreach)
             for param in movers:

@@ -452,8 +452,7 @@ class PerturbationTransform(Transform):
         :meth:`pre_update` puts the weights back also when an interrupt lands before
         :meth:`perturb` returns it (see :meth:`_perturbed`).
         """
-        if scales and max(map(abs, scales)) > _FLOAT32_MAX:  # a tiny gradient norm
-            directions, scales = _scales_within_range(directions, scales)
+        directions, scales = _scales_within_range(directions, scales)  # a tiny gradient norm
         backups = self._backups_of(params)
         moves = []
         in_place = []
@@ -505,18 +504,22 @@ _FLOAT32_MAX = torch.finfo(torch.float32).max
 def _scales_within_range(
     directions: list[torch.Tensor], scales: list[float]
 ) -> tuple[list[torch.Tensor], list[float]]:
-    """The directions and scales, each scale within the range of its direction's dtype (torch
-    rounds a scale to it, and raises beyond it).
+    """The directions and scales, each scale within the range of the dtype the move computes its
+    direction in (torch rounds a scale to it, and raises beyond it; 16-bit directions are computed
+    in float32).
 
     A scale beyond it (``rho / ‖g‖`` for a gradient norm below about ``rho / 3.4e38`` in float32)
     is split into ``n`` equal factors within it (``n = 2`` unless a float64 gradient made the norm
     smaller still): the direction is replaced by its product with ``n - 1`` of them (new memory:
     the gradient stays as it was if the move fails), and the last is the scale. Every product
-    stays small: a direction's elements are at most the norm.
+    stays small: a direction's elements are at most the norm. The common case, every scale within
+    float32's range, costs one ``max`` over the scales and returns them as they are.
     """
+    if not scales or max(map(abs, scales)) <= _FLOAT32_MAX:
+        return directions, scales
     directions, within = list(directions), list(scales)
     for index, (direction, scale) in enumerate(zip(directions, scales)):
-        largest = torch.finfo(direction.dtype).max
+        largest = torch.finfo(widened_dtype(direction.dtype)).max
         if abs(scale) <= largest:
             continue
         count = 2
