@@ -33,6 +33,11 @@ from samgria.transforms.param_ndim import batched, check_param_ndim, ndim_entrie
 __all__ = ["ClipGradNorm", "GradSign", "NormalizeGrad", "SparsifyGrad", "ScaleGrad", "ClampGrad"]
 
 
+def _with_gradients(param_groups: Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
+    """The groups with a parameter that has a gradient."""
+    return [group for group in param_groups if any(p.grad is not None for p in group["params"])]
+
+
 def _grads_by_group(ctx: TransformContext) -> list[tuple[Mapping[str, Any], list[torch.Tensor], list[torch.Tensor]]]:
     """Per group with gradients: the group, the gradients as the kernels see them (local shards,
     complex as pairs of reals) and the gradients themselves (whose sharding a norm follows)."""
@@ -113,8 +118,7 @@ class ClipGradNorm(Transform):
 
     def keeps_direction_of_gradients(self, param_groups: Sequence[Mapping[str, Any]]) -> bool:
         # One group with gradients: one factor; several: one each, whose ratios s changes.
-        with_grads = [group for group in param_groups if any(p.grad is not None for p in group["params"])]
-        return len(with_grads) <= 1
+        return len(_with_gradients(param_groups)) <= 1
 
     def pre_update(self, ctx: TransformContext) -> None:
         for group, grads, sources in _grads_by_group(ctx):
@@ -186,9 +190,7 @@ class NormalizeGrad(Transform):
     def keeps_direction_of_gradients(self, param_groups: Sequence[Mapping[str, Any]]) -> bool:
         # s g / (s ||g|| + eps) = g / (||g|| + eps / s): the same for every s only with eps=0
         # (with eps > 0, the (sub-)tensors whose norm is near eps change their share).
-        return all(
-            float(group["eps"]) == 0.0 for group in param_groups if any(p.grad is not None for p in group["params"])
-        )
+        return all(float(group["eps"]) == 0.0 for group in _with_gradients(param_groups))
 
     def validate_group(self, group: Mapping[str, Any]) -> None:
         check_real("eps", group["eps"], low=0.0)
@@ -248,7 +250,8 @@ def _recompute_below(p: float, dtype: torch.dtype) -> float:
     :math:`|g_i|^p` that fell into the subnormal range (or to 0) may have lost more than the
     dtype's precision; a norm under ``1e-30`` (``1e-280``) is itself near that range. The
     :math:`L_\infty` norm (a maximum) is exact, but one below the dtype's smallest normal number
-    is subnormal, which the divisor's clamp (:func:`_smallest`) would raise.
+    is subnormal, which the divisor's clamp to the smallest normal number (:func:`_normalize_`)
+    would raise.
     """
     if math.isinf(p):
         return torch.finfo(dtype).tiny
@@ -261,18 +264,12 @@ def _inexact(norms: torch.Tensor, p: float) -> torch.Tensor:
     return (norms < _recompute_below(p, norms.dtype)) | norms.isinf()
 
 
-def _smallest(dtype: torch.dtype) -> float:
-    """The dtype's smallest normal number: the least divisor, so that a zero norm with ``eps=0``
-    gives ``0 / tiny = 0`` (a subnormal bound would be flushed to zero under
-    ``torch.set_flush_denormal(True)``, and ``0 / 0`` is NaN). A nonzero norm below it is taken
-    again scaled (:func:`_inexact` flags it), so the clamp never raises one."""
-    return torch.finfo(dtype).tiny
-
-
 def _normalize_(quotients: list[_Quotients]) -> None:
     """Divide every gradient (sub-tensor) by its norm plus ``eps``, at least the norm dtype's
-    smallest normal number (:func:`_smallest`: a zero gradient stays zero with ``eps=0``); 16-bit
-    gradients in float32, rounded once.
+    smallest normal number ``finfo.tiny``, so that a zero gradient stays zero with ``eps=0``
+    (``0 / tiny``; a subnormal bound would read as 0 under ``torch.set_flush_denormal(True)``, and
+    ``0 / 0`` is NaN); a nonzero norm below it is taken again scaled (:func:`_inexact` flags it),
+    so the clamp never raises one. 16-bit gradients in float32, rounded once.
 
     float32 and float64 norms that overflowed or may have underflowed (see
     :func:`_recompute_below`) are taken again in float64, scaled, with their quotients, for those
@@ -281,7 +278,7 @@ def _normalize_(quotients: list[_Quotients]) -> None:
     """
     retaken = _float64_quotients(quotients)  # from the gradients as they are now
     for quotient in quotients:
-        tiny = _smallest(quotient.norms[0].dtype)
+        tiny = torch.finfo(quotient.norms[0].dtype).tiny
         if quotient.fused:
             torch._foreach_add_(quotient.norms, quotient.eps)
             torch._foreach_clamp_min_(quotient.norms, tiny)
@@ -349,7 +346,7 @@ def _scaled_quotients(rows: torch.Tensor, p: float, eps: float) -> torch.Tensor:
     unit = rows / peak
     norm = torch.linalg.vector_norm(unit, ord=p, dim=dims, keepdim=True)  # 0, or in [1, n^(1/p)]
     if eps == 0.0:
-        return unit / norm.clamp_min_(_smallest(torch.float64))  # a zero row: 0 / tiny; others >= 1
+        return unit / norm.clamp_min_(torch.finfo(torch.float64).tiny)  # a zero row: 0 / tiny; others >= 1
     shift = torch.full_like(peak, eps).div_(peak)  # not eps / peak: torch takes that as eps * (1 / peak)
     return torch.where(shift.isinf(), rows / (peak * norm + eps), unit / (norm + shift))
 
