@@ -708,7 +708,7 @@ def _norms_reached_by_adaptation(
     could keep state, draw random numbers or see the probe's tensors): every norm counts.
     A child that reads another child's parameters without registering them is not seen.
     """
-    if type(model).forward is not nn.Sequential.forward or not isinstance(model, nn.Sequential):
+    if not isinstance(model, nn.Sequential) or type(model).forward is not nn.Sequential.forward:
         return None
     # Module._forward_hooks and friends: a hook could route an adapted parameter anywhere, and
     # torch has no public way to ask whether a module has hooks.
@@ -717,7 +717,8 @@ def _norms_reached_by_adaptation(
         getattr(nn.modules.module, name, None) for name in ("_global_forward_hooks", "_global_forward_pre_hooks")
     ):
         return None
-    adapted = {id(param) for name, param in model.named_parameters() if name in set(adapt_names)}
+    names = set(adapt_names)
+    adapted = {id(param) for name, param in model.named_parameters() if name in names}
     children = list(model)
     first = next(
         (
@@ -727,17 +728,15 @@ def _norms_reached_by_adaptation(
         ),
         len(children),
     )
-    reached: list[str] = []
-    for name, norm in norms:
-        # Every child the norm is registered under, also more than once (a module reused).
-        positions = [
-            index
-            for index, child in enumerate(children)
-            if any(module is norm for _, module in child.named_modules(remove_duplicate=False))
-        ]
-        if not positions or max(positions) >= first:
-            reached.append(_module_label(name, norm))
-    return reached
+    # The last child each module is registered under (a module reused counts where it is last).
+    last_child = {
+        id(module): index
+        for index, child in enumerate(children)
+        for _, module in child.named_modules(remove_duplicate=False)
+    }
+    return [
+        _module_label(name, norm) for name, norm in norms if last_child.get(id(norm), len(children)) >= first
+    ]
 
 
 def _signature(t: torch.Tensor) -> tuple[Any, ...]:

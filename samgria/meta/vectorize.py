@@ -16,8 +16,9 @@ normalisation with batch statistics and of affine layer normalisation give wrong
 (pytorch/functorch#534). A second-order inner loop whose support gradient back-propagates
 through such a module (:func:`second_order_vmap_blocker` names the candidates;
 :func:`~samgria.meta.engine.vmap_blocker` lets through those an ``nn.Sequential`` runs before
-its first adapted child) is never vmapped; first-order and evaluation runs are exact and still vectorised. Normalisation written with functional calls inside a custom module cannot
-be detected: pass ``vectorize=False`` for such models.
+its first adapted child) is never vmapped; first-order and evaluation runs are exact and still
+vectorised. Normalisation written with functional calls inside a custom module cannot be
+detected: pass ``vectorize=False`` for such models.
 """
 
 from __future__ import annotations
