@@ -116,7 +116,12 @@ def frozen_bn_stats(model: nn.Module) -> Iterator[nn.Module]:
 
     BatchNorm layers (also ``SyncBatchNorm``) stop tracking for the block. An ``InstanceNorm``
     layer with ``track_running_stats=True`` updates its running statistics in train mode whatever
-    that flag says, so its statistics are copied on entry and written back on exit instead.
+    that flag says, so its statistics are copied on entry and written back on exit instead. So
+    are the vectors :math:`u, v` of spectral normalisation
+    (``torch.nn.utils.parametrizations.spectral_norm`` and the older
+    ``torch.nn.utils.spectral_norm``), whose power iteration runs in every train-mode forward:
+    inside the block the forwards normalise as in training, and on exit :math:`u, v` are those of
+    the last forward before the block (one power iteration per step, at :math:`w`).
 
     Raises:
         TypeError: If ``model`` is not an ``nn.Module``.
@@ -147,6 +152,7 @@ def frozen_bn_stats(model: nn.Module) -> Iterator[nn.Module]:
         for buffer in (m.running_mean, m.running_var, m.num_batches_tracked)
         if buffer is not None
     ]
+    kept += [(vector, vector.clone()) for vector in _power_iteration_vectors(model)]
     for layer in switched:
         layer.track_running_stats = False
     try:
@@ -157,3 +163,25 @@ def frozen_bn_stats(model: nn.Module) -> Iterator[nn.Module]:
         with torch.no_grad():
             for buffer, value in kept:
                 buffer.copy_(value)
+
+
+def _power_iteration_vectors(model: nn.Module) -> list[torch.Tensor]:
+    """The buffers that spectral normalisation's power iteration updates in place in every
+    train-mode forward of ``model``: the ``_u``/``_v`` of each
+    ``torch.nn.utils.parametrizations.spectral_norm`` parametrization (none for a 1-D weight,
+    which is divided by its norm) and the ``<name>_u``/``<name>_v`` of each module with the older
+    hook-based ``torch.nn.utils.spectral_norm``."""
+    # torch names the parametrization's class privately (_SpectralNorm), and the older form is
+    # recognised by its forward pre-hook in the module's private hook dictionary: the one place
+    # samgria reads either, as torch offers no public way to find them.
+    from torch.nn.utils.parametrizations import _SpectralNorm
+    from torch.nn.utils.spectral_norm import SpectralNorm
+
+    vectors: list[torch.Tensor] = []
+    for module in model.modules():
+        if isinstance(module, _SpectralNorm):
+            vectors += [buffer for name, buffer in module.named_buffers(recurse=False) if name in ("_u", "_v")]
+        for hook in module._forward_pre_hooks.values():
+            if isinstance(hook, SpectralNorm):
+                vectors += [getattr(module, hook.name + "_u"), getattr(module, hook.name + "_v")]
+    return vectors

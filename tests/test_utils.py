@@ -368,3 +368,70 @@ def test_set_grad_takes_back_what_get_grad_made_for_complex_and_real_parameters(
     set_grad(vector * 2, params)
     assert torch.equal(complex_param.grad, expected[0] * 2)
     assert torch.equal(real_param.grad, expected[1] * 2)
+
+
+def _spectral_net(legacy: bool) -> nn.Module:
+    """Two spectrally normalised layers (2-D weights, so each keeps power-iteration vectors) and
+    one with a 1-D weight (the parametrization keeps none), in float64."""
+    torch.manual_seed(4)
+    norm = nn.utils.spectral_norm if legacy else nn.utils.parametrizations.spectral_norm
+    model = nn.Sequential(norm(nn.Linear(3, 4)), nn.Tanh(), norm(nn.Linear(4, 2)))
+    if not legacy:
+        model.append(norm(nn.LayerNorm(2), name="weight"))
+    return model.double()
+
+
+def _power_vectors(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {
+        name: buffer.clone()
+        for name, buffer in model.named_buffers()
+        if name.endswith(("_u", "_v")) and buffer.dim() == 1
+    }
+
+
+@pytest.mark.parametrize("legacy", [False, True], ids=["parametrization", "hook"])
+def test_frozen_bn_stats_keeps_spectral_norm_power_iteration_vectors(legacy: bool) -> None:
+    """Inside the block a train-mode forward normalises as a plain one (it runs the power
+    iteration); on exit u and v are what they were on entry."""
+    model, reference = _spectral_net(legacy), _spectral_net(legacy)  # (the older form cannot be deep-copied)
+    x = torch.randn(5, 3, dtype=torch.float64)
+    model(x)
+    reference(x)
+    before = _power_vectors(model)
+    assert len(before) == 4, sorted(before)
+    with frozen_bn_stats(model):
+        inside = model(x)
+        model(2 * x)
+    assert torch.equal(inside, reference(x)), "normalised as a plain train-mode forward"
+    after = _power_vectors(model)
+    for name, value in before.items():
+        assert torch.equal(after[name], value), name
+    moved = _power_vectors(reference)
+    assert any(not torch.equal(moved[name], value) for name, value in before.items()), "a plain forward moves them"
+
+
+@pytest.mark.parametrize("legacy", [False, True], ids=["parametrization", "hook"])
+def test_sam_with_frozen_bn_stats_runs_one_power_iteration_per_step(legacy: bool) -> None:
+    """After a SAM step u and v are those of one plain train-mode forward at the weights before
+    the step (the first pass's), not of a second one at w + e."""
+    model, reference = _spectral_net(legacy), _spectral_net(legacy)
+    generator = torch.Generator().manual_seed(5)
+    x = torch.randn(6, 3, dtype=torch.float64, generator=generator)
+    y = torch.randn(6, 2, dtype=torch.float64, generator=generator)
+    optimizer = TransformingOptimizer(
+        model.parameters(), torch.optim.SGD, lr=0.1, transforms=[SAM(rho=0.5)],
+        reevaluation_context=lambda: frozen_bn_stats(model),
+    )
+
+    def closure() -> torch.Tensor:
+        optimizer.zero_grad()
+        loss = nn.functional.mse_loss(model(x), y)
+        loss.backward()
+        return loss
+
+    optimizer.step(closure)
+    reference(x)
+    expected = _power_vectors(reference)
+    actual = _power_vectors(model)
+    for name, value in expected.items():
+        assert torch.equal(actual[name], value), name
