@@ -516,3 +516,113 @@ def test_a_checkpoint_whose_kept_weights_are_not_a_tensor_is_refused():
     fresh = build(make_model(), [EMA(decay=0.9)])
     with pytest.raises(ValueError, match=r"^the checkpoint's EMA slot 'ema' holds 'average' = \[0\.0, 1\.0\], not a tensor, for a parameter of shape \(8, 5\)$"):
         fresh.load_state_dict(checkpoint)
+
+
+@pytest.mark.parametrize(
+    "make",
+    [lambda: EMA(decay=0.9), lambda: EMA(decay=0.9, warmup=True, switch_every=3), lambda: Lookahead(alpha=0.5, k=2)],
+    ids=["ema", "ema-warmup-switch", "lookahead"],
+)
+@pytest.mark.parametrize(
+    "start, target",
+    [
+        (torch.float32, torch.float64),
+        (torch.float32, torch.float16),
+        (torch.float32, torch.bfloat16),
+        (torch.float64, torch.float32),
+        (torch.complex64, torch.complex128),
+    ],
+    ids=["double", "half", "bfloat16", "float", "complex128"],
+)
+@pytest.mark.parametrize("swap_on_conversion", [False, True], ids=["data", "swap"])
+@pytest.mark.parametrize("foreach", [True, False], ids=["foreach", "loop"])
+@pytest.mark.filterwarnings("ignore:Complex modules are a new feature")
+def test_kept_weights_follow_a_dtype_conversion_as_a_checkpoint_reloaded_into_a_fresh_optimizer(
+    make, start, target, swap_on_conversion, foreach
+):
+    """``model.double()`` (``.half()``, ...) after a few steps: the next step raised torch's
+    "expected dtype float for `end` but got dtype double" in the lerp of the kept weights. The
+    reference reloads the checkpoint taken before the conversion into a freshly built optimizer
+    (torch casts the kept weights to the parameters' dtype): the two runs agree bit for bit, in
+    the swap blocks (directly after the conversion and after the steps) too."""
+    inputs, targets = torch.randn(8, 3, dtype=start), torch.randn(8, 2, dtype=start)
+
+    def run(reload):
+        torch.manual_seed(0)
+        model = nn.Linear(3, 2, dtype=start)
+        transform = make()
+        optimizer = TransformingOptimizer(
+            model.parameters(), torch.optim.SGD, lr=0.1, transforms=[transform], transform_foreach=foreach
+        )
+
+        def closure():
+            optimizer.zero_grad()
+            loss = (model(inputs.to(model.weight.dtype)) - targets.to(model.weight.dtype)).abs().square().mean()
+            loss.backward()
+            return loss
+
+        def swapped_in():
+            block = transform.averaged_weights if isinstance(transform, EMA) else transform.slow_weights
+            training = [p.detach().clone() for p in model.parameters()]
+            with block(optimizer):
+                kept = [p.detach().clone() for p in model.parameters()]
+            assert_bitwise_equal([p.detach() for p in model.parameters()], training)
+            return kept
+
+        for _ in range(3):
+            optimizer.step(closure)
+        checkpoint = copy.deepcopy(optimizer.state_dict())
+        previous = torch.__future__.get_swap_module_params_on_conversion()
+        torch.__future__.set_swap_module_params_on_conversion(swap_on_conversion)
+        try:
+            model.to(target)
+        finally:
+            torch.__future__.set_swap_module_params_on_conversion(previous)
+        assert model.weight.dtype == target
+        if reload:
+            transform = make()
+            optimizer = TransformingOptimizer(
+                model.parameters(), torch.optim.SGD, lr=0.1, transforms=[transform], transform_foreach=foreach
+            )
+            optimizer.load_state_dict(checkpoint)
+        kept_then = swapped_in()
+        for _ in range(4):  # Lookahead (k=2) synchronises at the first of them; Switch EMA switches
+            optimizer.step(closure)
+        return [p.detach().clone() for p in model.parameters()], optimizer.state_dict(), kept_then, swapped_in()
+
+    weights, state, kept_then, kept_after = run(reload=False)
+    expected_weights, expected_state, expected_kept_then, expected_kept_after = run(reload=True)
+    assert_bitwise_equal(weights, expected_weights)
+    assert_state_dicts_equal(state, expected_state)
+    kept = [value for entry in state["state"].values() for key, value in entry.items() if key.endswith((".average", ".slow"))]
+    assert len(kept) == 2 and all(value.dtype == target for value in kept)
+    assert_bitwise_equal(kept_then, expected_kept_then)
+    assert_bitwise_equal(kept_after, expected_kept_after)
+
+
+def test_seed_protocol_averages_follow_a_dtype_conversion():
+    """Through ``apply``/``post_step`` the averages are kept by the transform: after
+    ``model.double()`` the next update raised the same dtype error; it averages in float64 from
+    the float32 average, as a checkpoint cast to float64 would."""
+    torch.manual_seed(0)
+    model = nn.Linear(3, 1)
+    ema = EMA(decay=0.5)
+    inputs = torch.randn(4, 3)
+    averages = []
+
+    def loss_fn(batch):
+        return model(batch.to(model.weight.dtype)).square().mean()
+
+    for step in range(3):
+        if step == 2:
+            model.double()
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)  # stateless: rebuilt after the conversion
+        loss_fn(inputs).backward()
+        ema.apply(model, loss_fn, (inputs,))
+        optimizer.step()
+        ema.post_step(model)
+        model.zero_grad()
+        with ema.averaged_weights(model):
+            averages.append(model.weight.detach().clone())
+    expected = averages[1].double().lerp(model.weight.detach(), 0.5)
+    assert averages[2].dtype == torch.float64 and torch.equal(averages[2], expected)

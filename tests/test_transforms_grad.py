@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import decimal
 import math
+import re
 from decimal import Decimal
 from fractions import Fraction
 
@@ -437,3 +438,35 @@ def test_normalize_grad_keeps_a_zero_gradient_zero_with_eps_zero_when_subnormals
     expected = torch.tensor([[0.0, 0.0, 0.0], [1 / 3, 2 / 3, 2 / 3]], dtype=torch.float64).to(dtype)
     assert torch.equal(weight.grad, expected)
     assert torch.isfinite(weight).all()
+
+
+@pytest.mark.parametrize(
+    "transform",
+    [ClipGradNorm(1.0), ClampGrad(-0.5, 0.5), ScaleGrad(2.0), GradSign(), NormalizeGrad(), SparsifyGrad(0.5)],
+    ids=lambda transform: type(transform).__name__,
+)
+@pytest.mark.parametrize("embedding_first", [True, False], ids=["embedding-first", "embedding-second"])
+def test_a_sparse_gradient_is_refused_naming_the_transform_and_the_parameter_with_nothing_changed(transform, embedding_first):
+    """The refusal said "gradient transforms do not support sparse gradients" (or "param_ndim
+    transforms ..."), naming neither the transform nor the parameter; SAM's message shape."""
+    torch.manual_seed(0)
+    embedding, linear = nn.Embedding(6, 3, sparse=True), nn.Linear(3, 1)
+    groups = [{"params": embedding.parameters()}, {"params": linear.parameters()}]
+    optimizer = TransformingOptimizer(
+        groups if embedding_first else groups[::-1], torch.optim.SGD, lr=0.1, momentum=0.9, transforms=[transform]
+    )
+    optimizer.zero_grad()
+    linear(embedding(torch.tensor([0, 2, 2]))).sum().backward()
+    weights = [p.detach().clone() for p in (*embedding.parameters(), *linear.parameters())]
+    grads = [linear.weight.grad.clone(), linear.bias.grad.clone(), embedding.weight.grad.to_dense()]
+    message = (
+        f"{type(transform).__name__} does not support sparse gradients (a parameter of shape (6, 3) has one): "
+        "use a dense embedding, or give that parameter to another optimizer"
+    )
+    with pytest.raises(RuntimeError, match=f"^{re.escape(message)}$"):
+        optimizer.step()
+    for param, before in zip((*embedding.parameters(), *linear.parameters()), weights):
+        assert torch.equal(param.detach(), before)
+    assert torch.equal(linear.weight.grad, grads[0]) and torch.equal(linear.bias.grad, grads[1])
+    assert torch.equal(embedding.weight.grad.to_dense(), grads[2])
+    assert not any(optimizer.state.values())  # no momentum buffer, no transform state

@@ -917,3 +917,71 @@ def test_project_params_takes_every_real_radius_its_group_check_accepts(kind, ce
         warnings.simplefilter("error")
         projected = run(radius)
     assert torch.equal(projected, run(float(radius)))
+
+
+@pytest.mark.parametrize("foreach", [True, False], ids=["foreach", "loop"])
+@pytest.mark.parametrize("center", ["zero", "initial"])
+@pytest.mark.parametrize("p, param_ndim", [(2.0, -1), (2.0, None), (math.inf, -1)], ids=["rows", "whole", "inf"])
+def test_project_params_projects_a_parameter_with_a_sparse_gradient_as_with_a_dense_one(p, param_ndim, center, foreach):
+    """ProjectParams reads only whether a parameter has a gradient, not its values (as ClampParams,
+    which accepted sparse gradients); it refused them ("param_ndim transforms do not support
+    sparse gradients"). The same run with a dense embedding is the reference, bit for bit. (No
+    token repeats within a batch and the inner SGD has no momentum: torch's sparse SGD adds
+    uncoalesced entries one by one, which rounds differently from the dense sum, without samgria.)"""
+
+    def run(sparse):
+        torch.manual_seed(0)
+        embedding, linear = nn.Embedding(6, 3, sparse=sparse), nn.Linear(3, 1)
+        with torch.no_grad():
+            embedding.weight.mul_(0.5)  # inside the ball at first: the steps take rows out of it
+        optimizer = TransformingOptimizer(
+            [{"params": embedding.parameters()}, {"params": linear.parameters()}], torch.optim.SGD, lr=0.5,
+            transforms=[ProjectParams(1.0, p=p, center=center, param_ndim=param_ndim)],
+            transform_foreach=foreach,
+        )
+        weights = []
+        for tokens in ([0, 2, 3], [1, 2, 5], [0, 4, 5]):
+            optimizer.zero_grad()
+            (linear(embedding(torch.tensor(tokens))).sum() * 4).backward()
+            assert embedding.weight.grad.is_sparse == sparse
+            optimizer.step()
+            weights.append(embedding.weight.detach().clone())
+        centers = [optimizer.state[q].get("project_params.center") for q in (embedding.weight, linear.weight)]
+        return weights, linear.weight.detach().clone(), centers
+
+    weights, linear_weight, centers = run(sparse=True)
+    expected, expected_linear_weight, expected_centers = run(sparse=False)
+    for got, want in zip(weights, expected):
+        assert torch.equal(got, want)
+    assert torch.equal(linear_weight, expected_linear_weight)
+    for got, want in zip(centers, expected_centers):
+        assert (got is None and want is None) if center == "zero" else torch.equal(got, want)
+    # The projection acted: some row (or element) lies on the ball's boundary, none outside it.
+    offsets = weights[-1] - (centers[0] if center == "initial" else 0.0)
+    sizes = offsets.abs() if p == math.inf else offsets.norm() if param_ndim is None else offsets.norm(dim=1)
+    assert sizes.max() <= 1.0 + 1e-6 and (sizes >= 1.0 - 1e-6).any(), sizes
+
+
+def test_a_param_transform_refuses_a_sparse_gradient_naming_itself_and_the_parameter():
+    """Its hooks see ``param.grad``: the refusal said "param_ndim transforms do not support
+    sparse gradients"; SAM's message shape now, before any hook runs."""
+    calls = []
+    for transform in (_PreHook(lambda g: calls.append(g)), _PostHook(lambda w: calls.append(w))):
+        torch.manual_seed(0)
+        embedding, linear = nn.Embedding(6, 3, sparse=True), nn.Linear(3, 1)
+        optimizer = TransformingOptimizer(
+            [{"params": linear.parameters()}, {"params": embedding.parameters()}], torch.optim.SGD, lr=0.1,
+            momentum=0.9, transforms=[transform],
+        )
+        linear(embedding(torch.tensor([0, 2, 2]))).sum().backward()
+        weights = [q.detach().clone() for q in (*linear.parameters(), embedding.weight)]
+        message = (
+            f"{type(transform).__name__} does not support sparse gradients (a parameter of shape (6, 3) has one): "
+            "use a dense embedding, or give that parameter to another optimizer"
+        )
+        with pytest.raises(RuntimeError, match=f"^{re.escape(message)}$"):
+            optimizer.step()
+        assert not calls
+        for q, before in zip((*linear.parameters(), embedding.weight), weights):
+            assert torch.equal(q.detach(), before)
+        assert not any(optimizer.state.values())

@@ -4,7 +4,10 @@ Both are post-step transforms: the inner optimizer takes its step as usual and t
 acts on (Lookahead) or reads (EMA) the updated weights. Each keeps one extra copy of the weights
 per parameter in its slot of ``optimizer.state`` (Lookahead's slow weights, the EMA's averages),
 in the parameter's dtype, and a step counter on the first parameter, so ``state_dict()`` and
-``torch.distributed.checkpoint`` carry everything and a resumed run continues bit for bit.
+``torch.distributed.checkpoint`` carry everything and a resumed run continues bit for bit. A
+parameter converted mid-training (``model.double()``, ``.half()``, ``.to(device)``) has its kept
+weights converted to its dtype on its device at its next step, as a checkpoint reloaded into a
+fresh optimizer has them.
 
 As everywhere in samgria, only the parameters that have a gradient at a step take part in it
 (frozen and unused parameters are left alone), and complex parameters are treated as pairs of
@@ -125,13 +128,22 @@ class _KeptWeights(Transform):
         return params, step
 
     def _ensure_kept(self, ctx: TransformContext, params: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-        """Give every parameter without kept weights a copy of its current weights; return those."""
+        """Give every parameter without kept weights a copy of its current weights; return those.
+
+        The kept weights of a parameter converted since its last step (``model.double()``,
+        ``.half()``, ``.to(device)``) are converted to its dtype on its device, as LAMP converts its
+        running sum and ``load_state_dict`` a checkpoint's state (a new tensor, so that a failed
+        step's restore puts the old one back).
+        """
         fresh = []
         for param in params:
             entry = ctx.state[param]
-            if self._kept_key not in entry:
+            kept = entry.get(self._kept_key)
+            if kept is None:
                 entry[self._kept_key] = param.detach().clone(memory_format=torch.preserve_format)
                 fresh.append(param)
+            elif kept.dtype != param.dtype or kept.device != param.device:
+                entry[self._kept_key] = kept.to(device=param.device, dtype=param.dtype)
         return fresh
 
     @torch.no_grad()

@@ -28,7 +28,7 @@ from samgria.functional._views import LOW_PRECISION, as_real, widened_dtype
 from samgria.functional._grouping import group_indices_by_device_and_dtype
 from samgria.functional.norms import _FLOAT64_RECOMPUTE_BELOW, _RECOMPUTE_BELOW, scale_
 from samgria.transforms.base import Transform, TransformContext
-from samgria.transforms.param_ndim import batched, check_param_ndim, ndim_entries
+from samgria.transforms.param_ndim import batched, check_param_ndim, ndim_entries, refuse_sparse_gradients
 
 __all__ = ["ClipGradNorm", "GradSign", "NormalizeGrad", "SparsifyGrad", "ScaleGrad", "ClampGrad"]
 
@@ -38,15 +38,19 @@ def _with_gradients(param_groups: Sequence[Mapping[str, Any]]) -> list[Mapping[s
     return [group for group in param_groups if any(p.grad is not None for p in group["params"])]
 
 
-def _grads_by_group(ctx: TransformContext) -> list[tuple[Mapping[str, Any], list[torch.Tensor], list[torch.Tensor]]]:
+def _grads_by_group(
+    ctx: TransformContext, transform: Transform
+) -> list[tuple[Mapping[str, Any], list[torch.Tensor], list[torch.Tensor]]]:
     """Per group with gradients: the group, the gradients as the kernels see them (local shards,
-    complex as pairs of reals) and the gradients themselves (whose sharding a norm follows)."""
+    complex as pairs of reals) and the gradients themselves (whose sharding a norm follows).
+
+    Raises:
+        RuntimeError: If a gradient is sparse (naming ``transform``), before anything changes.
+    """
+    refuse_sparse_gradients(transform, (p for group in ctx.param_groups for p in group["params"]))
     result: list[tuple[Mapping[str, Any], list[torch.Tensor], list[torch.Tensor]]] = []
     for group in ctx.param_groups:
         sources = [p.grad for p in group["params"] if p.grad is not None]
-        for grad in sources:
-            if grad.is_sparse:
-                raise RuntimeError("gradient transforms do not support sparse gradients")
         # Complex gradients as pairs of reals, as torch.optim treats complex parameters.
         grads = [as_real(g) for g in sources]
         if grads:
@@ -121,7 +125,7 @@ class ClipGradNorm(Transform):
         return len(_with_gradients(param_groups)) <= 1
 
     def pre_update(self, ctx: TransformContext) -> None:
-        for group, grads, sources in _grads_by_group(ctx):
+        for group, grads, sources in _grads_by_group(ctx, self):
             norm = float(global_norm(grads, foreach=ctx.foreach, like=sources))
             factor = float(group["max_grad_norm"]) / (norm + 1e-6)
             if factor < 1.0:
@@ -135,7 +139,7 @@ class GradSign(Transform):
         return True  # sign(s g) = sign(g)
 
     def pre_update(self, ctx: TransformContext) -> None:
-        for _, grads, _ in _grads_by_group(ctx):
+        for _, grads, _ in _grads_by_group(ctx, self):
             _foreach_or_loop(grads, ctx.foreach, torch._foreach_sign_, lambda g: g.sign_())
 
 
@@ -203,7 +207,7 @@ class NormalizeGrad(Transform):
         with contextlib.ExitStack() as views:  # copies of non-viewable layouts go back on exit
             quotients: list[_Quotients] = []
             # The whole gradient's L2 norm (the default): torch._foreach_norm on the fast path.
-            for group, grads, _ in _grads_by_group(ctx):
+            for group, grads, _ in _grads_by_group(ctx, self):
                 if id(group) not in whole_l2:
                     continue
                 eps = float(group["eps"])
@@ -403,7 +407,9 @@ class SparsifyGrad(Transform):
         check_param_ndim("param_ndim", group["param_ndim"], group.get("params", ()))
 
     def pre_update(self, ctx: TransformContext) -> None:
-        for group, param, param_ndim in ndim_entries(ctx):
+        entries = ndim_entries(ctx)
+        refuse_sparse_gradients(self, (param for _, param, _ in entries))
+        for group, param, param_ndim in entries:
             # cast: ndim_entries holds parameters with a gradient
             with batched(cast(torch.Tensor, param.grad), param_ndim) as view:
                 grad = as_real(view)
@@ -439,7 +445,7 @@ class ScaleGrad(Transform):
         check_real("grad_bias", group["grad_bias"])
 
     def pre_update(self, ctx: TransformContext) -> None:
-        for group, grads, _ in _grads_by_group(ctx):
+        for group, grads, _ in _grads_by_group(ctx, self):
             count = len(grads)
             scale_(grads, [float(group["grad_scale"])] * count, [float(group["grad_bias"])] * count, foreach=ctx.foreach)
 
@@ -467,5 +473,5 @@ class ClampGrad(Transform):
         check_real("grad_max", group["grad_max"], low=low, low_name="grad_min")
 
     def pre_update(self, ctx: TransformContext) -> None:
-        for group, grads, _ in _grads_by_group(ctx):
+        for group, grads, _ in _grads_by_group(ctx, self):
             _clamp_(grads, float(group["grad_min"]), float(group["grad_max"]), ctx.foreach)

@@ -110,6 +110,24 @@ def batched(tensor: torch.Tensor, param_ndim: int | None) -> Iterator[torch.Tens
         yield view
 
 
+def refuse_sparse_gradients(transform: Transform, params: Iterable[torch.Tensor]) -> None:
+    """Refuse a sparse gradient of one of ``params``, for ``transform`` that reads gradient values.
+
+    Call it before changing anything (it raises at the first such parameter).
+
+    Raises:
+        RuntimeError: ``"ClipGradNorm does not support sparse gradients (a parameter of shape
+            (6, 3) has one): use a dense embedding, or give that parameter to another optimizer"``.
+    """
+    for param in params:
+        if param.grad is not None and param.grad.is_sparse:
+            raise RuntimeError(
+                f"{type(transform).__name__} does not support sparse gradients (a parameter of shape "
+                f"{tuple(param.shape)} has one): use a dense embedding, or give that parameter to "
+                "another optimizer"
+            )
+
+
 def _group_key(group: Mapping[str, Any], key: str) -> str:
     """The key the group stores a hyperparameter under (``"param_ndim"`` or ``"<slot>.param_ndim"``)."""
     keys = getattr(group, "_keys", None)
@@ -125,11 +143,12 @@ def ndim_entries(
     without a gradient), so a transform that calls it before writing changes nothing on error. (Inside
     the optimizer, :meth:`ParamTransform.validate_group` has refused such a value before any transform
     of the step ran; this check covers the seed protocol and subclasses that replace that method.)
+    A gradient may be sparse: a transform that uses only the weights (``ProjectParams``) accepts
+    it, one that reads the gradients refuses it with :func:`refuse_sparse_gradients`.
 
     Raises:
         ValueError: ``"param_groups[0]: param_ndim must be None or an integer in [-1, 1] for
             params[2] of shape (8,), got 2"``.
-        RuntimeError: A gradient is sparse.
     """
     entries: list[tuple[Mapping[str, Any], torch.Tensor, int | None]] = []
     for index, group in enumerate(ctx.param_groups):
@@ -141,8 +160,6 @@ def ndim_entries(
         for param in group["params"]:
             if param.grad is None:
                 continue
-            if param.grad.is_sparse:
-                raise RuntimeError("param_ndim transforms do not support sparse gradients")
             entries.append((group, param, None if param_ndim is None else int(param_ndim)))
     return entries
 
@@ -158,7 +175,8 @@ class ParamTransform(Transform):
     acts on each of the ``N`` sub-tensors independently (reduce over ``dim=1`` onwards, keep the
     leading dimension), and it works for every ``param_ndim``. The hooks run under
     :func:`torch.no_grad`; a parameter without a gradient is left alone (the inner optimizer does
-    not move it either).
+    not move it either), and a sparse gradient is refused (``RuntimeError`` naming the subclass
+    and the parameter's shape) before any hook runs.
 
     Hooks must work **in place**: ``param.grad.mul_(...)``, ``param.grad /= ...``,
     ``torch.sign(param.grad, out=param.grad)``, ``param.clamp_(...)``. Assigning a new tensor to
@@ -235,6 +253,7 @@ class ParamTransform(Transform):
             entries = ndim_entries(ctx)
         else:  # a subclass that dropped the key: the instance's value for every group
             entries = [(g, p, self.param_ndim) for g in ctx.param_groups for p in g["params"] if p.grad is not None]
+        refuse_sparse_gradients(self, (param for _, param, _ in entries))  # the hooks see param.grad
         for group, param, param_ndim in entries:
             # cast: entries hold parameters with a gradient
             with batched(param, param_ndim) as view, batched(cast(torch.Tensor, param.grad), param_ndim) as grad:
