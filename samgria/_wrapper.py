@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import sys
 import types
 import weakref
 from collections import OrderedDict, defaultdict
@@ -55,7 +56,7 @@ from samgria._snapshot import StateStructure, StepSnapshot, is_entry
 from samgria.functional._grouping import unique_params
 from samgria.functional._views import values_as_real
 
-__all__ = ["WrappingOptimizer", "refuse_driven", "unhooked_step", "with_hooks"]
+__all__ = ["WrappingOptimizer", "built_by_zero_redundancy", "refuse_driven", "unhooked_step", "with_hooks"]
 
 
 def unhooked_step(optimizer: Optimizer, closure: Any = None) -> Any:
@@ -156,13 +157,58 @@ def _called_by_checkpoint_state_init() -> bool:
     return called_from(_init_optim_state, _STATE_INIT_FRAMES)  # step(), torch's hook wrapper, the caller
 
 
+#: How many callers up :func:`built_by_zero_redundancy` looks: ZeRO's ``_init_local_optimizer``
+#: calls the constructor (``type.__call__`` adds no frame); room for subclasses' ``__init__``
+#: calling ``super().__init__()`` and a factory or two.
+_ZERO_INIT_FRAMES = 8
+
+
+def built_by_zero_redundancy() -> bool:
+    """Whether ``torch.distributed.optim.ZeroRedundancyOptimizer`` is building the caller's
+    optimizer as its local one (``_init_local_optimizer``), which sees only this rank's shard of
+    the parameters.
+
+    ZeRO passes the local optimizer no marker, so its caller is what tells; the function is
+    private to torch and this is the one place that names it (a torch build without it: not
+    recognised). Not imported (importing ``torch.distributed.optim`` scripts its functional
+    optimizers, slowly and with warnings): a ZeRO that is running has been imported. Ask from the
+    optimizer's ``__init__``.
+    """
+    module = sys.modules.get("torch.distributed.optim.zero_redundancy_optimizer")
+    zero = getattr(module, "ZeroRedundancyOptimizer", None)
+    init_local = getattr(zero, "_init_local_optimizer", None)
+    return init_local is not None and called_from(init_local, _ZERO_INIT_FRAMES)
+
+
+def _a(name: str) -> str:
+    """``name`` with its indefinite article."""
+    return f"{'an' if name[:1].lower() in 'aeiou' else 'a'} {name}"
+
+
+def _held_optimizer(optimizer: Optimizer) -> tuple[str, Optimizer] | None:
+    """The first of ``optimizer``'s instance attributes (or an item of a list, tuple or dict
+    attribute) that is another ``torch.optim.Optimizer``, with the attribute's name; ``None`` if
+    there is none."""
+    for attribute_name, value in vars(optimizer).items():
+        items = value.values() if isinstance(value, dict) else value if isinstance(value, (list, tuple)) else (value,)
+        for item in items:
+            if isinstance(item, Optimizer) and item is not optimizer:
+                return attribute_name, item
+    return None
+
+
 def refuse_driven(optimizer: Optimizer, name: str) -> None:
     """Raise ``ValueError`` if ``optimizer`` is already driven by a wrapper, ``TypeError`` if its
-    ``state`` or ``param_groups`` cannot be set (the wrapper's view, a load's groups).
+    ``state`` or ``param_groups`` cannot be set (the wrapper's view, a load's groups) or if it
+    holds another optimizer, whose state it keeps (timm's ``Lookahead``, torch's
+    ``ZeroRedundancyOptimizer``).
 
     A wrapper takes the optimizer's state and param groups over; a second wrapper around the same
     optimizer would share them with the first (and take the first one's filled-in settings for
-    its own). Called by constructors before they change anything.
+    its own). State kept in another optimizer is out of the wrapper's sight: its checkpoints
+    would leave it out and its atomic steps could not roll it back. A samgria wrapper as the
+    optimizer is accepted: the wrappers drive one another (``_wrapper_chain``). Called by
+    constructors before they change anything.
     """
     state = getattr(optimizer, "state", None)
     if isinstance(state, _DrivenState):
@@ -190,6 +236,22 @@ def refuse_driven(optimizer: Optimizer, name: str) -> None:
                 f"{type(optimizer).__name__}, whose {attribute_name} is a read-only property (an "
                 "optimizer wrapping another one?): wrap the optimizer it wraps, or put it outside"
             )
+    held = None if isinstance(optimizer, WrappingOptimizer) else _held_optimizer(optimizer)
+    if held is not None:
+        attribute_name, other = held
+        if any(cls.__name__ == "ZeroRedundancyOptimizer" for cls in type(optimizer).__mro__):
+            advice = (
+                "it holds this rank's shard of that state only, and the other ranks hold the rest: "
+                "shard the parameters with FSDP2 (torch.distributed.fsdp.fully_shard) instead"
+            )
+        else:
+            advice = "wrap the optimizer it holds instead"
+        raise TypeError(
+            f"{name} must be an optimizer that keeps its own state, got {_a(type(optimizer).__name__)}, "
+            f"which holds another optimizer (its attribute {attribute_name!r}, {_a(type(other).__name__)}) "
+            "and keeps its state there, where the wrapper's checkpoints and atomic steps cannot "
+            f"see it: {advice}"
+        )
 
 
 _MISSING = object()

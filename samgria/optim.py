@@ -18,7 +18,7 @@ from samgria._checks import check_bool, check_choice
 from samgria._frameworks import accumulating_framework, stacklevel_outside, stepping_grad_scaler
 from samgria._legacy import from_release_0_1
 from samgria._snapshot import GroupValues, StateStructure, StepSnapshot, is_entry
-from samgria._wrapper import WrappingOptimizer, checks_before_writing, is_torch_optimizer, refuse_driven
+from samgria._wrapper import WrappingOptimizer, built_by_zero_redundancy, checks_before_writing, is_torch_optimizer, refuse_driven
 from samgria.functional import all_finite, global_norm
 from samgria.functional._grouping import group_indices_by_device_and_dtype, unique_params
 from samgria.functional._sharding import any_sharded, is_sharded
@@ -281,7 +281,11 @@ class TransformingOptimizer(WrappingOptimizer):
     :meth:`second_step`: the copy could not put the weights back.
 
     Raises:
-        TypeError: If ``inner`` is not an optimizer class or factory, or a transform lacks the hooks.
+        TypeError: If ``inner`` is not an optimizer class or factory, a transform lacks the hooks,
+            the inner optimizer keeps its state in another optimizer it holds (timm's
+            ``Lookahead``, ``ZeroRedundancyOptimizer``), its ``step()`` needs arguments other
+            than a closure, or ``ZeroRedundancyOptimizer`` builds this optimizer, with
+            transforms, over its shard of the parameters.
         ValueError: If a hyperparameter is invalid, a param-group key is ambiguous, a slot
             name is not an identifier, the optimizer to wrap is already driven by a wrapper,
             or sharded (``DTensor``) parameters meet
@@ -344,24 +348,34 @@ class TransformingOptimizer(WrappingOptimizer):
         if transform_foreach is not None:
             check_bool("transform_foreach", transform_foreach)
         inner_optimizer = self._build_inner(params, inner, inner_kwargs)
-        if not isinstance(getattr(inner_optimizer, "defaults", None), dict):
-            raise TypeError(
-                f"inner must be a torch.optim.Optimizer with defaults and param_groups of its own, "
-                f"got a {type(inner_optimizer).__name__} without defaults (an optimizer that drives another "
-                "one, which TransformingOptimizer cannot drive in turn)"
-            )
         if isinstance(inner_optimizer, torch.optim.LBFGS):
             raise TypeError(
                 "inner must be an optimizer whose step() works without a closure, got LBFGS (it "
                 "re-evaluates the closure itself): use it on its own"
             )
-        if _step_requires_closure(inner_optimizer):
+        closure_required, others_required = _step_required_arguments(inner_optimizer)
+        if others_required:
+            raise TypeError(
+                "inner must be an optimizer whose step() takes no arguments but a closure, got "
+                f"{type(inner_optimizer).__name__}, whose step() requires "
+                f"{', '.join(repr(name) for name in others_required)}, which the wrapper cannot pass: use it on its own"
+            )
+        if closure_required:
             raise TypeError(
                 "inner must be an optimizer whose step() works without a closure, got "
                 f"{type(inner_optimizer).__name__}, whose step() requires one: use it on its own"
             )
         _refuse_sharded_m_sharpness(first_pass_context, [p for g in inner_optimizer.param_groups for p in g["params"]])
         chain = Chain(transforms, inner_optimizer.defaults, type(inner_optimizer))
+        if chain.transforms and built_by_zero_redundancy():
+            raise TypeError(
+                "TransformingOptimizer with transforms cannot be ZeroRedundancyOptimizer's local "
+                "optimizer: each rank's local optimizer has only its shard of the parameters, and "
+                f"the transforms ({', '.join(_transform_name(t) for t in chain.transforms)}) need every "
+                "parameter (a norm over all of them, every weight perturbed before the second pass); "
+                "shard with FSDP2 (torch.distributed.fsdp.fully_shard) and wrap a plain optimizer "
+                "over the sharded model instead"
+            )
         mixing = [_transform_name(t) for t in chain.transforms if not t.supports_local_first_pass]
         if first_pass_context is not None and mixing:
             raise ValueError(
@@ -418,6 +432,7 @@ class TransformingOptimizer(WrappingOptimizer):
                     f"params must not be a samgria optimizer, got a {type(params).__name__}: put all "
                     "transforms in one TransformingOptimizer"
                 )
+            _refuse_without_defaults(params)
             refuse_driven(params, "params")
             return params
         if inner is None:
@@ -437,6 +452,7 @@ class TransformingOptimizer(WrappingOptimizer):
         built = inner(params, **inner_kwargs)
         if not isinstance(built, Optimizer):
             raise TypeError(f"inner must build a torch.optim.Optimizer, but {inner!r} returned {built!r}")
+        _refuse_without_defaults(built)
         refuse_driven(built, "inner")
         return built
 
@@ -1385,18 +1401,36 @@ class _AsSaved:
         )
 
 
-def _step_requires_closure(optimizer: Optimizer) -> bool:
-    """Whether the ``step`` of ``optimizer``'s class has an argument after ``self`` without a
-    default (the closure): the wrapper calls the inner step without one. The class's, not the
-    instance's: an LR scheduler replaces the instance's ``step`` with a wrapper of its own. (An
-    optimizer whose ``closure=None`` default only raises at the call, as some third-party ones
-    do, is found out at its first step.)"""
+def _refuse_without_defaults(optimizer: Optimizer) -> None:
+    """Raise ``TypeError`` if ``optimizer`` has no ``defaults`` of its own (an optimizer that
+    forwards to another one, as ``torch.distributed.optim.PostLocalSGDOptimizer``)."""
+    if not isinstance(getattr(optimizer, "defaults", None), dict):
+        raise TypeError(
+            f"inner must be a torch.optim.Optimizer with defaults and param_groups of its own, "
+            f"got a {type(optimizer).__name__} without defaults (an optimizer that drives another "
+            "one, which TransformingOptimizer cannot drive in turn)"
+        )
+
+
+def _step_required_arguments(optimizer: Optimizer) -> tuple[bool, list[str]]:
+    """Whether the ``step`` of ``optimizer``'s class requires its first argument after ``self``
+    (the closure), and the names of the other arguments it requires (positional or keyword-only,
+    without a default): the wrapper calls the inner step with no argument but, at most, a
+    closure. The class's, not the instance's: an LR scheduler replaces the instance's ``step``
+    with a wrapper of its own. (An optimizer whose ``closure=None`` default only raises at the
+    call, as some third-party ones do, is found out at its first step.)"""
     try:
         parameters = list(inspect.signature(type(optimizer).step).parameters.values())[1:]
     except (AttributeError, TypeError, ValueError):  # no signature to read: assume it works
-        return False
+        return False, []
     positional = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
-    return bool(parameters) and parameters[0].kind in positional and parameters[0].default is inspect.Parameter.empty
+    required = [
+        parameter for parameter in parameters
+        if parameter.default is inspect.Parameter.empty
+        and parameter.kind not in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
+    ]
+    closure_required = bool(parameters) and parameters[0].kind in positional and parameters[0] in required
+    return closure_required, [parameter.name for parameter in required if parameter is not parameters[0] or not closure_required]
 
 
 def sam_optimizer(

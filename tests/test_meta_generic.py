@@ -25,6 +25,7 @@ inductor itself is covered by ``test_meta_compiled.py``).
 
 from __future__ import annotations
 
+import collections
 import copy
 import dataclasses
 import io
@@ -1485,6 +1486,57 @@ def test_an_outer_optimizer_already_driven_by_a_wrapper_is_refused():
         MAML(model, base, inner_lr=0.1)
     assert "inner_lr" not in base.param_groups[0]
     assert base.state._owner is wrapper
+
+
+class _TimmStyleLookahead(torch.optim.Optimizer):
+    """timm's ``Lookahead``'s construction: the base optimizer's defaults and param groups
+    shared, ``self.state`` left empty, every state kept in the base optimizer it holds."""
+
+    def __init__(self, base_optimizer, alpha=0.5, k=6):
+        self._base_optimizer = base_optimizer
+        self.param_groups = base_optimizer.param_groups
+        self.defaults = base_optimizer.defaults
+        self.defaults.update(lookahead_alpha=alpha, lookahead_k=k, lookahead_step=0)
+        self.state = collections.defaultdict(dict)
+        self._optimizer_step_pre_hooks = collections.OrderedDict()
+        self._optimizer_step_post_hooks = collections.OrderedDict()
+        for group in base_optimizer.param_groups:
+            group.update(lookahead_alpha=alpha, lookahead_k=k, lookahead_step=0)
+
+    def step(self, closure=None):
+        return self._base_optimizer.step(closure)
+
+    def state_dict(self):
+        return self._base_optimizer.state_dict()
+
+    def load_state_dict(self, state_dict):
+        self._base_optimizer.load_state_dict(state_dict)
+        self.param_groups = self._base_optimizer.param_groups
+
+
+def test_an_outer_optimizer_that_keeps_its_state_in_another_optimizer_is_refused_unchanged():
+    """The meta-optimizer's checkpoints and atomic outer step see the outer optimizer's state:
+    one that keeps it in an optimizer it holds (timm's Lookahead) is refused at construction, and
+    left as it was (no inner_lr in its groups, its state not taken over)."""
+    model = nn.Linear(3, 2)
+    lookahead = _TimmStyleLookahead(torch.optim.Adam(model.parameters(), lr=0.1), k=2)
+    groups = copy.deepcopy([{k: v for k, v in group.items() if k != "params"} for group in lookahead.param_groups])
+    message = (
+        r"^outer must be an optimizer that keeps its own state, got a _TimmStyleLookahead, which holds "
+        r"another optimizer \(its attribute '_base_optimizer', an Adam\) and keeps its state there, where "
+        r"the wrapper's checkpoints and atomic steps cannot see it: wrap the optimizer it holds instead$"
+    )
+    with pytest.raises(TypeError, match=message):
+        MAML(model, lookahead, inner_lr=0.1)
+    assert [{k: v for k, v in group.items() if k != "params"} for group in lookahead.param_groups] == groups
+    assert type(lookahead._base_optimizer.state) is collections.defaultdict and not lookahead._base_optimizer.state
+
+    class BuiltLookahead(_TimmStyleLookahead):
+        def __init__(self, params, lr=0.1):
+            super().__init__(torch.optim.Adam(params, lr=lr), k=2)
+
+    with pytest.raises(TypeError, match=message.replace("_TimmStyleLookahead", "BuiltLookahead")):
+        MAML(model, BuiltLookahead, lr=0.1, inner_lr=0.1)
 
 
 @pytest.mark.parametrize("how", ["deepcopy", "pickle"])

@@ -1760,6 +1760,191 @@ def test_an_optimizer_that_drives_another_without_defaults_is_refused_with_the_r
         TransformingOptimizer(forwarding, transforms=[SAM(0.05)])
 
 
+class TimmLookahead(torch.optim.Optimizer):
+    """timm's ``Lookahead`` as it is (``timm/optim/lookahead.py``): it shares the base optimizer's
+    defaults and param groups, keeps ``self.state`` empty, writes its slow weights into the base
+    optimizer's state and forwards ``state_dict``/``load_state_dict`` to it."""
+
+    def __init__(self, base_optimizer, alpha=0.5, k=6):
+        defaults = dict(lookahead_alpha=alpha, lookahead_k=k, lookahead_step=0)
+        self._base_optimizer = base_optimizer
+        self.param_groups = base_optimizer.param_groups
+        self.defaults = base_optimizer.defaults
+        self.defaults.update(defaults)
+        self.state = collections.defaultdict(dict)
+        self._optimizer_step_pre_hooks = collections.OrderedDict()  # for torch's step wrapper
+        self._optimizer_step_post_hooks = collections.OrderedDict()
+        for name, default in defaults.items():
+            for group in self._base_optimizer.param_groups:
+                group.setdefault(name, default)
+
+    @torch.no_grad()
+    def update_slow(self, group):
+        for fast in group["params"]:
+            if fast.grad is None:
+                continue
+            param_state = self._base_optimizer.state[fast]
+            if "lookahead_slow_buff" not in param_state:
+                param_state["lookahead_slow_buff"] = fast.detach().clone()
+            slow = param_state["lookahead_slow_buff"]
+            slow.add_(fast - slow, alpha=group["lookahead_alpha"])
+            fast.copy_(slow)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = self._base_optimizer.step(closure)
+        for group in self._base_optimizer.param_groups:
+            group["lookahead_step"] += 1
+            if group["lookahead_step"] % group["lookahead_k"] == 0:
+                self.update_slow(group)
+        return loss
+
+    def state_dict(self):
+        return self._base_optimizer.state_dict()
+
+    def load_state_dict(self, state_dict):
+        self._base_optimizer.load_state_dict(state_dict)
+        self.param_groups = self._base_optimizer.param_groups
+
+
+HOLDS_ANOTHER = (
+    r"^{name} must be an optimizer that keeps its own state, got a TimmLookahead, which holds another "
+    r"optimizer \(its attribute '_base_optimizer', an Adam\) and keeps its state there, where the "
+    r"wrapper's checkpoints and atomic steps cannot see it: wrap the optimizer it holds instead$"
+)
+
+
+def test_an_inner_optimizer_that_keeps_its_state_in_another_optimizer_is_refused_unchanged():
+    """timm's Lookahead keeps Adam's moments and its slow weights in the Adam it holds: the
+    wrapper's state_dict() came back with an empty state and its atomic step could not roll them
+    back. Refused at construction; the optimizer passed is left as it was (bit for bit)."""
+    model = make_model()
+    x, y = make_data()
+    lookahead = TimmLookahead(torch.optim.Adam(model.parameters(), lr=0.01), k=2)
+    for _ in range(2):  # Adam's moments and the slow weights in the base optimizer's state
+        lookahead.step(make_closure(model, lookahead, x, y))
+    assert lookahead.state_dict()["state"] and not lookahead.state
+    before = copy.deepcopy(lookahead.state_dict())
+    groups = [{k: v for k, v in group.items() if k != "params"} for group in lookahead.param_groups]
+    defaults = dict(lookahead.defaults)
+    with pytest.raises(TypeError, match=HOLDS_ANOTHER.format(name="params")):
+        TransformingOptimizer(lookahead, transforms=[SAM(0.05)])
+    assert_state_dicts_equal(lookahead.state_dict(), before)
+    assert [{k: v for k, v in group.items() if k != "params"} for group in lookahead.param_groups] == groups
+    assert lookahead.defaults == defaults and not lookahead.state
+    assert type(lookahead._base_optimizer.state) is collections.defaultdict  # no wrapper's view
+    factory = lambda params, **kwargs: TimmLookahead(torch.optim.Adam(params, **kwargs), k=2)  # noqa: E731
+    with pytest.raises(TypeError, match=HOLDS_ANOTHER.format(name="inner")):
+        TransformingOptimizer(make_model().parameters(), factory, transforms=[SAM(0.05)], lr=0.01)
+
+
+@pytest.fixture
+def one_rank_gloo_group():
+    from distributed_harness import skip_without_gloo
+
+    skip_without_gloo()
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        pytest.skip("a process group is already initialised in this process")
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+def _zero_redundancy_optimizer():
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # torch.jit.script in torch's own import
+        from torch.distributed.optim import ZeroRedundancyOptimizer
+    return ZeroRedundancyOptimizer
+
+
+def test_zero_redundancy_optimizer_is_refused_as_inner_unchanged(one_rank_gloo_group):
+    """ZeroRedundancyOptimizer keeps its state in the local optimizer it holds (``.optim``), over
+    this rank's shard of the parameters only: as the inner optimizer it is refused (the wrapper
+    could not see the state), naming FSDP2, and left as it was."""
+    ZeroRedundancyOptimizer = _zero_redundancy_optimizer()
+    model = make_model()
+    zero = ZeroRedundancyOptimizer(model.parameters(), optimizer_class=torch.optim.Adam, lr=0.01)
+    with pytest.raises(
+        TypeError,
+        match=(
+            r"^params must be an optimizer that keeps its own state, got a ZeroRedundancyOptimizer, which "
+            r"holds another optimizer \(its attribute 'optim', an Adam\) .* shard the parameters with "
+            r"FSDP2 \(torch\.distributed\.fsdp\.fully_shard\) instead$"
+        ),
+    ):
+        TransformingOptimizer(zero, transforms=[SAM(0.05)])
+    assert type(zero.optim.state) is collections.defaultdict and "rho" not in zero.param_groups[0]
+
+
+def test_zero_redundancy_optimizer_cannot_build_a_transforming_optimizer_with_transforms(one_rank_gloo_group):
+    """Built by ZeRO as its local optimizer, a TransformingOptimizer has only this rank's shard
+    of the parameters: SAM's norm and perturbation would cover the shard alone. Refused, naming
+    FSDP2. Without transforms it is a pass-through and steps as the plain optimizer does under
+    ZeRO, bit for bit."""
+    ZeroRedundancyOptimizer = _zero_redundancy_optimizer()
+    with pytest.raises(
+        TypeError,
+        match=(
+            r"^TransformingOptimizer with transforms cannot be ZeroRedundancyOptimizer's local optimizer: "
+            r"each rank's local optimizer has only its shard of the parameters, and the transforms \(SAM\) "
+            r"need every parameter .*FSDP2 \(torch\.distributed\.fsdp\.fully_shard\)"
+        ),
+    ):
+        ZeroRedundancyOptimizer(
+            make_model().parameters(), optimizer_class=TransformingOptimizer, inner=torch.optim.Adam,
+            transforms=[SAM(0.05)], lr=0.01,
+        )
+
+    # transforms=(): a pass-through, as the plain Adam under ZeRO, bit for bit.
+    x, y = make_data()
+    models = [make_model(), make_model()]
+    optimizers = [
+        ZeroRedundancyOptimizer(models[0].parameters(), optimizer_class=torch.optim.Adam, lr=0.01),
+        ZeroRedundancyOptimizer(
+            models[1].parameters(), optimizer_class=TransformingOptimizer, inner=torch.optim.Adam, transforms=(), lr=0.01
+        ),
+    ]
+    for model, optimizer in zip(models, optimizers):
+        for _ in range(3):
+            optimizer.step(make_closure(model, optimizer, x, y))
+    assert_bitwise_equal(params_of(models[1]), params_of(models[0]))
+
+
+def test_an_inner_optimizer_whose_step_requires_other_arguments_is_refused_naming_them():
+    """The wrapper calls the inner step with at most a closure: a required keyword-only argument
+    (or a second required positional one) failed at the first step with torch's bare TypeError."""
+
+    class ExtraKw(torch.optim.Optimizer):
+        def __init__(self, params, lr=0.1):
+            super().__init__(params, {"lr": lr})
+
+        def step(self, closure=None, *, scale):
+            return None
+
+    class ExtraPositional(ExtraKw):
+        def step(self, closure, scale):
+            return None
+
+    class OptionalExtras(ExtraKw):
+        def step(self, closure=None, *args, scale=1.0, **kwargs):
+            return None
+
+    message = r"^inner must be an optimizer whose step\(\) takes no arguments but a closure, got {name}, whose step\(\) requires 'scale'"
+    with pytest.raises(TypeError, match=message.format(name="ExtraKw")):
+        TransformingOptimizer(make_model().parameters(), ExtraKw, transforms=[SAM()])
+    existing = ExtraKw(make_model().parameters())
+    with pytest.raises(TypeError, match=message.format(name="ExtraKw")):
+        TransformingOptimizer(existing, transforms=())
+    assert existing.param_groups[0].keys() == {"params", "lr"} and type(existing.state) is collections.defaultdict
+    with pytest.raises(TypeError, match=message.format(name="ExtraPositional")):
+        TransformingOptimizer(make_model().parameters(), ExtraPositional, transforms=[SAM()])
+    TransformingOptimizer(make_model().parameters(), OptionalExtras, transforms=[SAM()])  # accepted
+
+
 def test_a_load_inside_a_load_pre_hook_does_not_skip_validation():
     model = make_model()
     optimizer = sam_opt(model)
