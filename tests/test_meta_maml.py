@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 
 import pytest
+import numpy as np
 import torch
 from torch import nn
 
@@ -15,6 +16,7 @@ from samgria.data.task import Task
 from samgria.meta.base import MetaOptimizer
 from samgria.meta.functional import functional_forward, named_params
 from samgria.meta.maml import FOMAML, MAML
+from samgria.meta.metasgd import MetaSGD
 
 DT = torch.float64
 mse = nn.functional.mse_loss
@@ -530,6 +532,24 @@ def test_meta_loss_weighted_mean_and_count_mismatch():
         MetaOptimizer.meta_loss(losses, [0.0, 0.0, 0.0])
 
 
+@pytest.mark.parametrize(
+    "weights, message",
+    [
+        ([True, False, True], r"^weights\[0\] must be a finite number >= 0, got True$"),
+        ([1.0, np.bool_(False), 1.0], r"^weights\[1\] must be a finite number >= 0, got np\.False_$"),
+        ([1.0, 2.0, torch.tensor(True)], r"^weights\[2\] must be a finite number >= 0, got tensor\(True\)$"),
+        (torch.tensor([True, False, True]), r"^weights must be finite numbers >= 0, got a tensor of dtype torch\.bool: \[True, False, True\]$"),
+    ],
+    ids=["bool", "numpy-bool", "bool-tensor-item", "bool-tensor"],
+)
+def test_meta_loss_refuses_truth_values_as_weights(weights, message):
+    """A task weight that is a truth value is refused everywhere else (adapt, meta_step.task,
+    add_task_weight); meta_loss read True as 1."""
+    losses = torch.tensor([1.0, 2.0, 4.0], dtype=DT)
+    with pytest.raises(TypeError, match=message):
+        MetaOptimizer.meta_loss(losses, weights)
+
+
 @pytest.mark.parametrize("cls", [MAML, FOMAML])
 def test_adapt_with_a_closure_that_ignores_the_fast_weights_raises_and_changes_nothing(cls):
     model = mlp()
@@ -636,3 +656,96 @@ def test_step_hooks_fire_and_meta_optimizer_pickles_and_deep_copies():
         meta_copy_state = twin.state_dict()["state"][0]["exp_avg"]
         assert meta_copy_state.shape == model.weight.shape
     assert seen == ["pre", "post"]  # hooks are not carried over (as in torch.optim)
+
+
+# ----------------------------------------------------------------------------- weight normalisation
+def weight_norm_mlp(kind="parametrization"):
+    """:func:`mlp` with its first layer weight-normalised by torch (``weight = g v / ||v||``,
+    norm over each row); returns the model and the names of ``(g, v)``."""
+    model = mlp()
+    if kind == "parametrization":
+        nn.utils.parametrizations.weight_norm(model[0])
+        return model, ("0.parametrizations.weight.original0", "0.parametrizations.weight.original1")
+    with pytest.warns(FutureWarning, match="deprecated"):
+        nn.utils.weight_norm(model[0])
+    return model, ("0.weight_g", "0.weight_v")
+
+
+def weight_norm_reference_loss(params, names, tasks, lrs, steps):
+    """The second-order meta-loss of :func:`weight_norm_mlp` with the normalisation written out
+    (``g v / ||v||``) on an MLP without it, by ``torch.func.functional_call`` and
+    ``torch.autograd.grad(create_graph=True)``; ``lrs`` maps each name to its step size."""
+    plain = mlp()
+    g_name, v_name = names
+
+    def forward(w, x):
+        v = w[v_name]
+        weights = {"0.weight": w[g_name] * v / v.norm(dim=1, keepdim=True), "0.bias": w["0.bias"],
+                   "2.weight": w["2.weight"], "2.bias": w["2.bias"]}
+        return torch.func.functional_call(plain, weights, (x,))
+
+    total = 0
+    for t in tasks:
+        fast = dict(params)
+        for _ in range(steps):
+            loss = mse(forward(fast, t.support_x), t.support_y)
+            grads = torch.autograd.grad(loss, list(fast.values()), create_graph=True)
+            fast = {n: p - lrs[n] * g for (n, p), g in zip(fast.items(), grads)}
+        total = total + mse(forward(fast, t.query_x), t.query_y)
+    return total / len(tasks)
+
+
+@pytest.mark.filterwarnings("ignore:There is a performance drop:UserWarning")  # vmap of torch._weight_norm
+@pytest.mark.parametrize("path", ["loop", "vmap", "learner"])
+@pytest.mark.parametrize("algorithm, steps", [("MAML", 1), ("MAML", 2), ("MetaSGD", 2)])
+def test_second_order_meta_gradient_through_weight_norm_equals_the_written_out_formula(algorithm, steps, path):
+    """torch._weight_norm (dim 0) runs a fused kernel whose double backward is wrong; the inner
+    loop must compute g v / ||v|| instead (it was off by about 1e-2)."""
+    model, names = weight_norm_mlp()
+    tasks = make_tasks(n=3)
+    cls = MAML if algorithm == "MAML" else MetaSGD
+    meta = cls(model, torch.optim.SGD, lr=0.1, inner_lr=0.2, inner_steps=steps)
+    params = dict(model.named_parameters())
+    lrs = dict(meta.inner_lrs) if cls is MetaSGD else dict.fromkeys(params, 0.2)
+    meta.zero_grad()
+    if path == "learner":  # the forward of a Learner, one adapt(loss) per step
+        losses = []
+        for t in tasks:
+            learner = meta.clone()
+            for _ in range(steps):
+                learner.adapt(mse(learner(t.support_x), t.support_y))
+            losses.append(mse(learner(t.query_x), t.query_y))
+        torch.stack(losses).mean().backward()
+    else:
+        meta.task_losses(tasks, mse, vectorize=path == "vmap").mean().backward()
+    wrt = list(params.values()) + (list(lrs.values()) if cls is MetaSGD else [])
+    reference = torch.autograd.grad(weight_norm_reference_loss(params, names, tasks, lrs, steps), wrt)
+    for tensor, expected in zip(wrt, reference):
+        torch.testing.assert_close(tensor.grad, expected, rtol=1e-9, atol=1e-12)
+
+    # The reference itself against a central difference of the meta-loss, on one entry of v.
+    v = params[names[1]]
+    h, old = 1e-6, v[1, 2].item()
+    values = []
+    for moved in (old + h, old - h):
+        with torch.no_grad():
+            v[1, 2] = moved
+        values.append(weight_norm_reference_loss(params, names, tasks, lrs, steps).item())
+    with torch.no_grad():
+        v[1, 2] = old
+    assert v.grad[1, 2].item() == pytest.approx((values[0] - values[1]) / (2 * h), rel=1e-6, abs=1e-9)
+
+
+def test_second_order_meta_gradient_through_hook_based_weight_norm_equals_the_written_out_formula():
+    """The deprecated hook-based torch.nn.utils.weight_norm calls the same torch._weight_norm."""
+    model, names = weight_norm_mlp("hook")
+    tasks = make_tasks(n=2)
+    meta = MAML(model, torch.optim.SGD, lr=0.1, inner_lr=0.2, inner_steps=2)
+    params = dict(model.named_parameters())
+    meta.zero_grad()
+    meta.task_losses(tasks, mse, vectorize=False).mean().backward()
+    reference = torch.autograd.grad(
+        weight_norm_reference_loss(params, names, tasks, dict.fromkeys(params, 0.2), 2), list(params.values())
+    )
+    for tensor, expected in zip(params.values(), reference):
+        torch.testing.assert_close(tensor.grad, expected, rtol=1e-9, atol=1e-12)

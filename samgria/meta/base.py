@@ -80,6 +80,25 @@ def _check_weight(weight: Any, name: str = "weight") -> float:
     return check_real(name, weight, low=0.0)
 
 
+def _refuse_truth_values(weights: Sequence[Any] | torch.Tensor) -> None:
+    """Raise the ``TypeError`` that :func:`_check_weight` raises for a truth value, for the first
+    ``bool`` among ``weights`` (a boolean tensor, or items that are ``bool`` or NumPy booleans):
+    ``torch.as_tensor`` would read ``True`` as 1."""
+    if isinstance(weights, torch.Tensor):
+        if weights.dtype == torch.bool:
+            raise TypeError(f"weights must be finite numbers >= 0, got a tensor of dtype torch.bool: {weights.tolist()}")
+        return
+    if not isinstance(weights, Iterable):
+        return  # a single number: the shape check names it
+    for index, weight in enumerate(weights):
+        numpy_bool = type(weight).__module__ == "numpy" and type(weight).__name__ in ("bool", "bool_")
+        boolean = isinstance(weight, bool) or numpy_bool or (
+            isinstance(weight, torch.Tensor) and weight.dtype == torch.bool
+        )
+        if boolean:
+            _check_weight(weight, f"weights[{index}]")
+
+
 def _evaluates_before_writing(optimizer: torch.optim.Optimizer) -> bool:
     """Whether ``optimizer`` is one of torch.optim's own, which evaluate the closure once, before
     they write, and check a param group's inputs before writing its tensors -- but LBFGS, which
@@ -1052,6 +1071,8 @@ class MetaOptimizer(WrappingOptimizer):
             The scalar meta-loss.
 
         Raises:
+            TypeError: A weight that is a truth value (``bool``, a boolean tensor), as
+                everywhere a task weight is given.
             ValueError: No losses, weights that are not 1-D, a count mismatch between ``losses``
                 and ``weights``, a negative weight, or weights summing to zero.
         """
@@ -1068,6 +1089,7 @@ class MetaOptimizer(WrappingOptimizer):
             raise ValueError("losses must hold at least one task loss, got 0")
         if weights is None:
             return stacked.mean()
+        _refuse_truth_values(weights)
         w = torch.as_tensor(weights, dtype=stacked.dtype, device=stacked.device).detach()
         if w.dim() != 1:
             raise ValueError(
