@@ -250,7 +250,9 @@ class TransformingOptimizer(WrappingOptimizer):
         transforms: Transforms in order (:class:`~samgria.SAM`, :class:`~samgria.ASAM`,
             :class:`~samgria.LAMP`, or any object with ``apply`` and ``post_step``), or a mapping
             ``{slot_name: transform}``.
-        model: The module the closure evaluates; only handed to seed-protocol transforms.
+        model: The module the closure evaluates; handed to seed-protocol transforms, and the
+            model that :meth:`EMA.averaged_weights <samgria.EMA.averaged_weights>` and
+            :meth:`Lookahead.slow_weights <samgria.Lookahead.slow_weights>` reshard over FSDP2.
         first_pass_context: Callable returning a context manager entered around the closure's
             first evaluation, e.g. ``ddp_model.no_sync`` so each replica perturbs with its own
             gradient (the SAM paper's m-sharpness; saves one all-reduce). Refused (``ValueError``)

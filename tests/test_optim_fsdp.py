@@ -14,7 +14,10 @@ single-process references on the same global batch:
 * a run checkpointed with DCP after ``RESUME_AT`` steps and resumed into a fresh model and
   optimizer continues bit for bit; a checkpoint of the 2-rank run loads on 4 ranks (resharding);
 * on 4 ranks, HSDP (a 2x2 mesh: replicated over one dimension, sharded over the other) gives
-  the one-process weights, and replicas hold identical shards (LAMP's noise included).
+  the one-process weights, and replicas hold identical shards (LAMP's noise included);
+* on 2 ranks, EMA's and Lookahead's swap blocks over ``fully_shard``'s defaults (the root keeps
+  its gathered weights after a forward without a backward): the outputs inside and after the
+  block and the weights after one more step equal single-process samgria's.
 """
 
 from __future__ import annotations
@@ -250,6 +253,117 @@ def _fsdp1(rank: int, world_size: int) -> dict[str, object]:
     return results
 
 
+#: The swap blocks' runs: EMA and Lookahead; the block before any forward, or after a no_grad
+#: forward (a validation pass); the model known to the optimizer (``model=``), passed to the
+#: block (``model=``), or the module of the seed protocol (``apply`` / ``post_step``).
+AVERAGING = ("ema", "lookahead")
+SWAP_ORDERS = ("block_first", "forward_first")
+SWAP_OWNERS = ("optimizer", "keyword", "module")
+EVAL_X = torch.randn(7, 5, generator=torch.Generator().manual_seed(11))
+
+
+def _swap_model(sharded: bool) -> nn.Module:
+    """fully_shard's defaults on the first layer and the root, which owns the last layer's
+    parameters: the root does not reshard after the forward (reshard_after_forward=False)."""
+    model = _make_model()
+    if sharded:
+        from torch.distributed.fsdp import fully_shard
+
+        fully_shard(model[0])
+        fully_shard(model)
+    return model
+
+
+def _swap_run(kind: str, order: str, owner: str, rank: int, world_size: int, sharded: bool) -> dict[str, list[torch.Tensor]]:
+    """3 steps, then (after a no_grad forward, for ``forward_first``) the model's output inside
+    and after the block, then one more step: its weights."""
+    from samgria import EMA, SAM, Lookahead, TransformingOptimizer
+
+    model = _swap_model(sharded)
+    transform = EMA(decay=0.5) if kind == "ema" else Lookahead(alpha=0.5, k=2)  # k=2: the 4th step synchronises
+    swap = transform.averaged_weights if kind == "ema" else transform.slow_weights
+
+    def batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return _local_batch(step, rank, world_size) if sharded else _global_batch(step)
+
+    if owner == "module":
+        plain = torch.optim.SGD(model.parameters(), lr=LR)
+
+        def loss_fn(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+            return _loss(model(x), y)
+
+        def step(index: int) -> None:
+            plain.zero_grad()
+            loss_fn(*batch(index)).backward()
+            transform.apply(model, loss_fn, batch(index))
+            plain.step()
+            transform.post_step(model)
+
+        block = lambda: swap(model)  # noqa: E731
+    else:
+        optimizer = TransformingOptimizer(
+            model.parameters(), torch.optim.SGD, lr=LR, momentum=MOMENTUM,
+            transforms=[SAM(rho=0.05), transform], model=model if owner == "optimizer" else None,
+        )
+
+        def step(index: int) -> None:
+            _sam_step(optimizer, model, *batch(index))
+
+        block = (lambda: swap(optimizer)) if owner == "optimizer" else (lambda: swap(optimizer, model=model))  # noqa: E731
+    for index in range(3):
+        step(index)
+    with torch.no_grad():
+        if order == "forward_first":
+            model(EVAL_X)
+        with block():
+            inside = model(EVAL_X)
+        after = model(EVAL_X)
+    step(3)
+    weights = [p.full_tensor().detach().clone() if sharded else p.detach().clone() for p in model.parameters()]
+    return {"inside": [inside], "after": [after], "weights": weights}
+
+
+def _swap_without_model(kind: str, rank: int, world_size: int) -> dict[str, object]:
+    """Sharded parameters and no model to reshard: the block raises before it changes anything."""
+    from samgria import EMA, SAM, Lookahead, TransformingOptimizer
+
+    model = _swap_model(True)
+    transform = EMA(decay=0.5) if kind == "ema" else Lookahead(alpha=0.5, k=2)
+    optimizer = TransformingOptimizer(model.parameters(), torch.optim.SGD, lr=LR, transforms=[SAM(rho=0.05), transform])
+    for index in range(3):
+        _sam_step(optimizer, model, *_local_batch(index, rank, world_size))
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    message = None
+    with torch.no_grad():
+        before = model(EVAL_X)
+        shards = [p.to_local().clone() for p in params]
+        try:
+            with (transform.averaged_weights if kind == "ema" else transform.slow_weights)(optimizer):
+                pass
+        except ValueError as error:
+            message = str(error)
+        after = model(EVAL_X)
+    unchanged = torch.equal(before, after) and all(torch.equal(p.to_local(), s) for p, s in zip(params, shards))
+    return {"message": message, "unchanged": unchanged and transform._open_swaps == 0}
+
+
+def _swap_results(rank: int, world_size: int) -> dict[str, object]:
+    """Each run's results, or its error (printed too): the other runs go on."""
+    results: dict[str, object] = {}
+    runs = [
+        *[(f"swap.{kind}.{order}.{owner}", lambda k=kind, o=order, w=owner: _swap_run(k, o, w, rank, world_size, True))
+          for kind in AVERAGING for order in SWAP_ORDERS for owner in SWAP_OWNERS],
+        *[(f"swap.{kind}.no_model", lambda k=kind: _swap_without_model(k, rank, world_size)) for kind in AVERAGING],
+    ]
+    for key, run in runs:
+        try:
+            results[key] = run()
+        except Exception as error:  # the same on every rank: the runs are the same
+            results[key] = f"{type(error).__name__}: {error}"
+            print(f"[rank {rank}] {key}: {results[key]}", flush=True)
+    return results
+
+
 def _worker(out_dir: str, reshard_from: str | None) -> None:
     import torch.distributed as dist
 
@@ -290,6 +404,7 @@ def _worker(out_dir: str, reshard_from: str | None) -> None:
             for name in TP_TRANSFORMS:
                 results[f"tp.{name}"] = _tensor_parallel(name, sharded=True)
             results.update(_fsdp1(rank, world_size))
+            results.update(_swap_results(rank, world_size))
         if world_size == 4:
             for config in HSDP_CONFIGS:
                 model, _ = _train(config, rank, world_size, range(STEPS), hsdp=True)
@@ -519,6 +634,37 @@ def test_an_optimizer_built_before_fsdp1_wraps_the_model_refuses_its_first_step(
         message = rank_results["fsdp1.early.error"]
         assert message is not None and message.startswith("param_groups[0]: the parameters are flattened by FSDP1")
         assert rank_results["fsdp1.early.unchanged"]
+
+
+@pytest.mark.parametrize("owner", SWAP_OWNERS)
+@pytest.mark.parametrize("order", SWAP_ORDERS)
+@pytest.mark.parametrize("kind", AVERAGING)
+def test_swap_blocks_over_fsdp2_equal_one_process(runs: dict, kind: str, order: str, owner: str) -> None:
+    """fully_shard's root keeps its gathered weights after a forward without a backward: the
+    block wrote the shards only, so the forward after it ran at the averages (2.8e-2 off), the
+    next step trained from them, and a block after a no_grad forward evaluated the training
+    weights. The block reshards the model on entry and on exit."""
+    reference = _swap_run(kind, order, "optimizer" if owner == "keyword" else owner, 0, 1, sharded=False)
+    assert (reference["inside"][0] - reference["after"][0]).abs().max() > 1e-3, "the block swaps"
+    for rank_results in runs[2]:
+        result = rank_results[f"swap.{kind}.{order}.{owner}"]
+        assert isinstance(result, dict), result
+        for key in ("inside", "after", "weights"):
+            _assert_close(result[key], reference[key])
+
+
+@pytest.mark.parametrize("kind", AVERAGING)
+def test_a_swap_block_over_sharded_parameters_without_a_model_is_refused(runs: dict, kind: str) -> None:
+    name = {"ema": "EMA", "lookahead": "Lookahead"}[kind]
+    for rank_results in runs[2]:
+        result = rank_results[f"swap.{kind}.no_model"]
+        assert isinstance(result, dict), result
+        assert result["message"] == (
+            "model must be the fully_shard-ed model when the parameters are sharded (DTensor), got None: "
+            f"the {name} block reshards it, so that the forward inside and after the block gathers the "
+            "swapped weights; pass model= (or build the TransformingOptimizer with model=)"
+        )
+        assert result["unchanged"]
 
 
 def test_perturbation_buffers_stay_sharded(runs: dict) -> None:

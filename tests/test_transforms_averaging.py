@@ -415,6 +415,69 @@ def test_owner_must_hold_the_transform():
                 pass
 
 
+@pytest.mark.parametrize("kind", ["ema", "lookahead"])
+@pytest.mark.parametrize("how", ["stepped", "loaded"])
+def test_a_transform_held_by_an_optimizer_refuses_the_module_as_owner_and_changes_nothing(kind, how):
+    """``ema.averaged_weights(model)`` for an EMA stepped by a TransformingOptimizer swapped
+    nothing, silently: the module path looked for standalone state, found none and left every
+    parameter as a never-stepped one. It is the reverse of an optimizer that does not hold the
+    transform, refused the same way; a checkpoint loaded into a fresh optimizer counts too."""
+    name, what = ("EMA", "averages") if kind == "ema" else ("Lookahead", "slow weights")
+    x, y = make_data()
+    model = make_model()
+    transform = EMA(decay=0.5) if kind == "ema" else Lookahead(alpha=0.5, k=2)
+    optimizer = build(model, [transform])
+    closure = make_closure(model, optimizer, x, y)
+    for _ in range(3):  # Lookahead (k=2): mid-cycle, the fast weights differ from the slow ones
+        optimizer.step(closure)
+    if how == "loaded":
+        checkpoint = copy.deepcopy(optimizer.state_dict())
+        transform = EMA(decay=0.5) if kind == "ema" else Lookahead(alpha=0.5, k=2)
+        optimizer = build(model, [transform])
+        optimizer.load_state_dict(checkpoint)
+    block = transform.averaged_weights if kind == "ema" else transform.slow_weights
+    key = f"{kind}.{'average' if kind == 'ema' else 'slow'}"
+    training = params_of(model)
+    state = copy.deepcopy(optimizer.state_dict())
+    message = (
+        rf"^owner must be the TransformingOptimizer that holds this {name}, got Sequential, a module: "
+        rf"the {name} is stepped by a TransformingOptimizer, which keeps its {what}; pass that optimizer$"
+    )
+    with pytest.raises(ValueError, match=message):
+        with block(model):
+            pytest.fail("the block was entered")
+    assert_bitwise_equal(params_of(model), training)
+    assert_state_dicts_equal(optimizer.state_dict(), state)
+    fast = [p.detach().clone() for p in trainable(model)]
+    with block(optimizer):  # the right owner swaps, and no block was left open
+        kept = [optimizer.state[p][key] for p in trainable(model)]
+        assert_bitwise_equal([p.detach().clone() for p in trainable(model)], [k.clone() for k in kept])
+    assert any(not torch.equal(k, f) for k, f in zip(kept, fast))
+    optimizer.step(closure)
+
+
+def test_a_standalone_transform_never_stepped_keeps_the_weights_in_its_block():
+    model = make_model()
+    training = params_of(model)
+    for transform in (EMA(), Lookahead()):
+        block = transform.averaged_weights if isinstance(transform, EMA) else transform.slow_weights
+        with block(model):
+            assert_bitwise_equal(params_of(model), training)
+        assert_bitwise_equal(params_of(model), training)
+
+
+def test_the_model_to_reshard_must_be_a_module():
+    model, optimizer = run_ema(1, EMA())
+    training = params_of(model)
+    with pytest.raises(TypeError, match=r"^model must be an nn\.Module or None, got 'model'$"):
+        with optimizer.transforms[0].averaged_weights(optimizer, model="model"):
+            pytest.fail("the block was entered")
+    assert_bitwise_equal(params_of(model), training)
+    with optimizer.transforms[0].averaged_weights(optimizer, model=model):  # no FSDP2 module: a plain swap
+        assert torch.equal(model[0].weight, optimizer.state[model[0].weight]["ema.average"])
+    assert_bitwise_equal(params_of(model), training)
+
+
 @pytest.mark.parametrize(
     "args, error, message",
     [

@@ -15,12 +15,16 @@ reals. A step in which no parameter has a gradient is no step for them either, a
 optimizers: it leaves the counter, the kept weights and the weights as they are. Both
 transforms can put their kept weights into the model for a while —
 :meth:`EMA.averaged_weights` and :meth:`Lookahead.slow_weights` — and restore the training
-weights bit for bit afterwards, also when the block raises.
+weights bit for bit afterwards, also when the block raises. Over FSDP2 (``fully_shard``) the
+block reshards the model on entry and on exit, so that every forward inside and after it
+gathers the shards anew (a forward without a backward leaves the root's gathered weights in
+place by default, and the next forward would reuse them).
 """
 
 from __future__ import annotations
 
 import contextlib
+import sys
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, cast
 
@@ -29,6 +33,7 @@ from torch import nn
 
 from samgria._checks import check_bool, check_int, check_real
 from samgria.functional._grouping import group_indices_by_device_and_dtype, unique_params
+from samgria.functional._sharding import is_sharded
 from samgria.functional._views import LOW_PRECISION, as_real
 from samgria.transforms.base import Transform, TransformContext, forget_autocast_copies
 
@@ -66,6 +71,30 @@ def _copy_(targets: Sequence[torch.Tensor], sources: Sequence[torch.Tensor], *, 
         target.copy_(source)
 
 
+def _fsdp_modules(model: nn.Module) -> list[nn.Module]:
+    """The FSDP2 (``fully_shard``) modules among ``model.modules()``; none before FSDP2 is imported.
+
+    An ``FSDPModule`` cannot exist before its module is imported, so ``import samgria`` (and a
+    torch without ``torch.distributed``) never imports it.
+    """
+    if "torch.distributed.fsdp" not in sys.modules and "torch.distributed._composable.fsdp" not in sys.modules:
+        return []
+    try:  # public from torch 2.6; earlier releases keep it under _composable
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # pragma: no cover - depends on the torch build
+        try:
+            from torch.distributed._composable.fsdp import FSDPModule  # type: ignore[no-redef]
+        except ImportError:
+            return []
+    return [module for module in model.modules() if isinstance(module, FSDPModule)]
+
+
+def _reshard(modules: Sequence[nn.Module]) -> None:
+    """Free the gathered (unsharded) weights of FSDP2 modules: the next forward gathers the shards."""
+    for module in modules:
+        module.reshard()  # type: ignore[operator]  # FSDPModule.reshard, not recursive
+
+
 class _KeptWeights(Transform):
     """What Lookahead and EMA share: one kept copy of the weights per parameter and a step counter.
 
@@ -74,6 +103,11 @@ class _KeptWeights(Transform):
 
     #: The per-parameter slot key that holds the kept weights.
     _kept_key = ""
+    #: What the kept weights are called in messages.
+    _kept_name = ""
+    #: Whether the last step (or a checkpoint load) ran inside a TransformingOptimizer, which then
+    #: keeps the kept weights (class default: a transform pickled before it was recorded).
+    _held_by_optimizer = False
 
     def __init__(self) -> None:
         # Seed protocol: the parameters that had a gradient at apply() (zero_grad() may run
@@ -103,6 +137,7 @@ class _KeptWeights(Transform):
 
     def pre_update(self, ctx: TransformContext) -> None:
         self._check_not_swapped()
+        self._held_by_optimizer = not ctx.standalone
         if ctx.standalone:  # apply() runs before the step: remember which parameters had a gradient
             self._had_grad = {id(p) for g in ctx.param_groups for p in g["params"] if p.grad is not None}
 
@@ -119,6 +154,7 @@ class _KeptWeights(Transform):
         """Start ``post_update``: the step's participants and the step count, incremented in the
         slot; ``None`` (nothing counted) when no parameter has a gradient or none requires grad."""
         self._check_not_swapped()
+        self._held_by_optimizer = not ctx.standalone
         params = self._participants(ctx)
         slot = ctx.slot_state(keys=_OBJECT_KEYS)
         if slot is None or not params:
@@ -148,6 +184,7 @@ class _KeptWeights(Transform):
 
     @torch.no_grad()
     def init_state(self, ctx: TransformContext) -> None:
+        self._held_by_optimizer = not ctx.standalone
         self._ensure_kept(ctx, [p for p in unique_params(ctx.param_groups) if p.grad is not None])
         slot = ctx.slot_state(keys=_OBJECT_KEYS)
         if slot is not None:
@@ -162,24 +199,32 @@ class _KeptWeights(Transform):
         step = None if slot is None else slot.get("step")
         if step is not None and (isinstance(step, bool) or not isinstance(step, int) or step < 0):
             raise ValueError(f"the checkpoint's {name} slot {ctx.slot!r} holds step={step!r}, not an integer >= 0")
+        self._held_by_optimizer = not ctx.standalone
 
     # -- swapping the kept weights into the model ------------------------------------------------
     def _kept_pairs(self, owner: Any) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """``(parameter, kept weights)`` for every parameter of ``owner`` that has kept weights."""
+        name = type(self).__name__
         if isinstance(owner, nn.Module):  # the seed protocol: the transform keeps the state
+            if self._held_by_optimizer:
+                raise ValueError(
+                    f"owner must be the TransformingOptimizer that holds this {name}, got "
+                    f"{type(owner).__name__}, a module: the {name} is stepped by a "
+                    f"TransformingOptimizer, which keeps its {self._kept_name}; pass that optimizer"
+                )
             state: Mapping[Any, Mapping[str, Any]] = self.__dict__.get("_standalone_state", {})
             prefix = self.default_slot() + "."
             params: list[torch.Tensor] = list(owner.parameters())
         else:
             if not isinstance(owner, torch.optim.Optimizer):
                 raise TypeError(
-                    f"owner must be the TransformingOptimizer that holds this {type(self).__name__} "
+                    f"owner must be the TransformingOptimizer that holds this {name} "
                     f"(or the nn.Module it is used with through apply/post_step), got {type(owner).__name__}"
                 )
             slots = [s for s, t in zip(getattr(owner, "slots", ()), getattr(owner, "transforms", ())) if t is self]
             if not slots:
                 raise ValueError(
-                    f"owner must be the TransformingOptimizer that holds this {type(self).__name__} "
+                    f"owner must be the TransformingOptimizer that holds this {name} "
                     f"(or the nn.Module it is used with through apply/post_step), got {type(owner).__name__}"
                 )
             state, prefix = owner.state, slots[0] + "."
@@ -193,8 +238,25 @@ class _KeptWeights(Transform):
         return pairs
 
     @contextlib.contextmanager
-    def _swapped_in(self, owner: Any) -> Iterator[None]:
+    def _swapped_in(self, owner: Any, model: nn.Module | None) -> Iterator[None]:
+        if model is not None and not isinstance(model, nn.Module):
+            raise TypeError(f"model must be an nn.Module or None, got {model!r}")
+        if model is None:
+            model = owner if isinstance(owner, nn.Module) else getattr(owner, "model", None)
         pairs = self._kept_pairs(owner)
+        if model is None and any(is_sharded(param) for param, _ in pairs):
+            raise ValueError(
+                f"model must be the fully_shard-ed model when the parameters are sharded (DTensor), "
+                f"got None: the {type(self).__name__} block reshards it, so that the forward inside "
+                "and after the block gathers the swapped weights; pass model= (or build the "
+                "TransformingOptimizer with model=)"
+            )
+        # After a forward without a backward FSDP2's root (by default) keeps the gathered training
+        # weights, which the next forward would reuse: free them first.
+        fsdp_modules = [] if model is None else _fsdp_modules(model)
+        _reshard(fsdp_modules)
+        if isinstance(owner, nn.Module):  # it yielded the gathered weights, now its sharded ones
+            pairs = self._kept_pairs(owner)
         with torch.no_grad():
             training = [param.detach().clone(memory_format=torch.preserve_format) for param, _ in pairs]
             for param, kept in pairs:
@@ -209,6 +271,7 @@ class _KeptWeights(Transform):
                 for (param, _), weights in zip(pairs, training):
                     param.copy_(weights)
             forget_autocast_copies()
+            _reshard(fsdp_modules)  # the kept weights gathered inside the block
 
 
 class Lookahead(_KeptWeights):
@@ -249,6 +312,7 @@ class Lookahead(_KeptWeights):
 
     saves_state_before_step = True
     _kept_key = "slow"
+    _kept_name = "slow weights"
 
     def __init__(self, alpha: float = 0.5, k: int = 5) -> None:
         super().__init__()
@@ -287,22 +351,31 @@ class Lookahead(_KeptWeights):
             _lerp_(slow, fast, alpha, foreach=ctx.foreach)
             _copy_(fast, slow, foreach=ctx.foreach)
 
-    def slow_weights(self, owner: Any) -> contextlib.AbstractContextManager[None]:
+    def slow_weights(self, owner: Any, *, model: nn.Module | None = None) -> contextlib.AbstractContextManager[None]:
         """Context manager: the parameters hold the slow weights :math:`\\phi` inside the block.
 
         On exit the fast (training) weights are restored bit for bit, also when the block raises.
         Parameters without slow weights (never stepped, frozen) keep their values. No optimizer
-        step may be taken inside the block (it raises ``RuntimeError``).
+        step may be taken inside the block (it raises ``RuntimeError``). Over FSDP2
+        (``fully_shard``) the block writes the local shards and reshards every FSDP2 module of
+        ``model`` on entry and on exit (``FSDPModule.reshard``), so that every forward inside and
+        after the block gathers the weights anew: sharded parameters need that model.
 
         Args:
             owner: The :class:`~samgria.TransformingOptimizer` that holds this transform, or the
                 ``nn.Module`` it is used with through ``apply`` / ``post_step``.
+            model: The model to reshard (the ``fully_shard``-ed one); default: ``owner`` when it
+                is a module, else the optimizer's ``model`` (``TransformingOptimizer(...,
+                model=...)``).
 
         Raises:
-            TypeError: If ``owner`` is neither an optimizer nor an ``nn.Module``.
-            ValueError: If ``owner`` is an optimizer that does not hold this transform.
+            TypeError: If ``owner`` is neither an optimizer nor an ``nn.Module``, or ``model`` is
+                not an ``nn.Module``.
+            ValueError: If ``owner`` is an optimizer that does not hold this transform, a module
+                while an optimizer holds it (steps it), or the parameters are sharded (DTensor)
+                and no model is known.
         """
-        return self._swapped_in(owner)
+        return self._swapped_in(owner, model)
 
 
 class EMA(_KeptWeights):
@@ -368,6 +441,7 @@ class EMA(_KeptWeights):
     """
 
     _kept_key = "average"
+    _kept_name = "averages"
 
     def __init__(
         self,
@@ -434,21 +508,30 @@ class EMA(_KeptWeights):
         if self.switch_every is not None and update % self.switch_every == 0:
             _copy_([as_real(p) for p in params], [as_real(ctx.state[p]["average"]) for p in params], foreach=ctx.foreach)
 
-    def averaged_weights(self, owner: Any) -> contextlib.AbstractContextManager[None]:
+    def averaged_weights(self, owner: Any, *, model: nn.Module | None = None) -> contextlib.AbstractContextManager[None]:
         """Context manager: the parameters hold the averages inside the block.
 
         ``with ema.averaged_weights(optimizer): evaluate(model)``. On exit the training weights
         are restored bit for bit, also when the block raises. Parameters without an average
         (never stepped, frozen) keep their values. No optimizer step may be taken inside the
         block (it raises ``RuntimeError``). Saving ``model.state_dict()`` inside the block saves
-        the averaged model (copy the tensors: they are the parameters' own).
+        the averaged model (copy the tensors: they are the parameters' own). Over FSDP2
+        (``fully_shard``) the block writes the local shards and reshards every FSDP2 module of
+        ``model`` on entry and on exit (``FSDPModule.reshard``), so that every forward inside and
+        after the block gathers the weights anew: sharded parameters need that model.
 
         Args:
             owner: The :class:`~samgria.TransformingOptimizer` that holds this transform, or the
                 ``nn.Module`` it is used with through ``apply`` / ``post_step``.
+            model: The model to reshard (the ``fully_shard``-ed one); default: ``owner`` when it
+                is a module, else the optimizer's ``model`` (``TransformingOptimizer(...,
+                model=...)``).
 
         Raises:
-            TypeError: If ``owner`` is neither an optimizer nor an ``nn.Module``.
-            ValueError: If ``owner`` is an optimizer that does not hold this transform.
+            TypeError: If ``owner`` is neither an optimizer nor an ``nn.Module``, or ``model`` is
+                not an ``nn.Module``.
+            ValueError: If ``owner`` is an optimizer that does not hold this transform, a module
+                while an optimizer holds it (steps it), or the parameters are sharded (DTensor)
+                and no model is known.
         """
-        return self._swapped_in(owner)
+        return self._swapped_in(owner, model)
