@@ -494,6 +494,128 @@ def test_compiled_path_blocker():
         compiled_path_blocker(torch.optim.SGD(make_model().parameters(), lr=0.1))
 
 
+class TiedModel(nn.Module):
+    """An embedding whose weight is also the output layer's (``head.weight = emb.weight``)."""
+
+    def __init__(self, tied: bool = True):
+        super().__init__()
+        torch.manual_seed(0)
+        self.emb, self.head = nn.Embedding(7, 5).to(DT), nn.Linear(5, 7).to(DT)
+        self.head.weight = self.emb.weight if tied else nn.Parameter(self.emb.weight.detach().clone())
+
+    def forward(self, idx):
+        return self.head(torch.tanh(self.emb(idx)))
+
+
+def token_batches(count: int, tasks: int) -> list[list[Task]]:
+    g = torch.Generator().manual_seed(1)
+    return [[Task(*(torch.randint(0, 7, (6,), generator=g) for _ in range(4))) for _ in range(tasks)] for _ in range(count)]
+
+
+TIED_REASON = (
+    "the model registers one parameter as 'emb.weight' and as 'head.weight' (tied weights), and "
+    "torch.compile's inductor backend miscompiles the meta-gradient of such a parameter"
+)
+
+
+@pytest.mark.parametrize("algorithm", ["maml", "fomaml", "metasgd", "anil"])
+def test_compiled_path_blocker_refuses_tied_parameters(algorithm):
+    def meta_of(model):
+        if algorithm == "anil":
+            return ANIL(model, torch.optim.SGD, head=model.head, lr=0.1)
+        return {"maml": MAML, "fomaml": FOMAML, "metasgd": MetaSGD}[algorithm](model, torch.optim.SGD, lr=0.1)
+
+    assert compiled_path_blocker(meta_of(TiedModel())) == TIED_REASON
+    assert compiled_path_blocker(meta_of(TiedModel(tied=False))) is None
+    with pytest.raises(ValueError, match=r"^meta cannot use the compiled path: the model registers one parameter"):
+        CompiledMetaLoss(meta_of(TiedModel()), F.cross_entropy)
+
+
+def test_fit_compiled_on_tied_parameters_equals_fit_uncompiled():
+    """The inductor program gave Meta-SGD's meta-gradient of a tied weight off by about 1e-2
+    (torch 2.13, CPU, code generated for two threads or more; one thread, eager and aot_eager
+    were right): the trainer falls back to the eager path."""
+    batches = token_batches(1, 3)
+
+    def run(compile):
+        model = TiedModel()
+        meta = MetaSGD(model, torch.optim.SGD, lr=1.0, inner_lr=0.3, inner_steps=2)
+        trainer = MetaTrainer(meta, F.cross_entropy, ListSampler(batches), vectorize=True, compile=compile)
+        threads = torch.get_num_threads()
+        torch.set_num_threads(2)  # the module's one thread hid the miscompile
+        try:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                history = trainer.fit(1, 3, progress=False)
+        finally:
+            torch.set_num_threads(threads)
+        return model, meta, history, [w for w in caught if issubclass(w.category, RuntimeWarning)]
+
+    compiled, plain = run(True), run(False)
+    for p, q in zip(compiled[0].parameters(), plain[0].parameters()):  # one step of lr 1: the meta-gradient
+        torch.testing.assert_close(p, q, rtol=1e-12, atol=1e-14)
+    assert compiled[1].inner_lrs.keys() == plain[1].inner_lrs.keys()
+    for name, rate in compiled[1].inner_lrs.items():
+        torch.testing.assert_close(rate, plain[1].inner_lrs[name], rtol=1e-12, atol=1e-14)
+    assert [str(w.message) for w in compiled[3]] == [
+        f"MetaTrainer(compile=True): {TIED_REASON}; using the uncompiled path"
+    ]
+
+
+def weight_norm_model() -> nn.Module:
+    model = make_model()
+    nn.utils.parametrizations.weight_norm(model[0])
+    return model
+
+
+def test_compiled_path_blocker_refuses_second_order_weight_norm():
+    """torch._weight_norm's fused kernel has a wrong double backward; the eager paths compute it
+    by its composite formula through a TorchFunctionMode, which Dynamo does not apply to that
+    function: a second-order loop through weight normalisation is refused."""
+    reason = (
+        "second-order gradients pass through the weight normalisation of 0 (ParametrizedLinear), whose "
+        "double backward torch gets wrong (torch._weight_norm's fused kernel); the eager paths compute "
+        "it by its composite formula, which the compiled program cannot"
+    )
+    assert compiled_path_blocker(make_meta("maml", weight_norm_model())) == reason
+    assert compiled_path_blocker(make_meta("metasgd", weight_norm_model())) == reason
+    assert compiled_path_blocker(make_meta("fomaml", weight_norm_model())) is None  # first backward only
+    assert compiled_path_blocker(make_meta("anil", weight_norm_model())) is None  # before the head
+    head_normalised = make_model()
+    nn.utils.parametrizations.weight_norm(head_normalised[2])
+    assert "weight normalisation of 2 (ParametrizedLinear)" in compiled_path_blocker(make_meta("anil", head_normalised))
+    hooked = make_model()
+    with pytest.warns(FutureWarning, match="deprecated"):
+        nn.utils.weight_norm(hooked[0])
+    assert compiled_path_blocker(make_meta("maml", hooked)) == reason.replace(
+        "pass through the weight normalisation of 0 (ParametrizedLinear)",
+        "may pass through the weight normalisation of 0 (Linear)",
+    )
+
+
+@pytest.mark.filterwarnings("ignore:There is a performance drop:UserWarning")  # vmap of torch._weight_norm
+def test_fit_compiled_through_weight_norm_falls_back_with_one_warning():
+    batches = [sample_tasks(3, seed=70 + i) for i in range(2)]
+
+    def run(compile):
+        model = weight_norm_model()
+        meta = make_meta("metasgd", model)
+        trainer = MetaTrainer(
+            meta, F.mse_loss, ListSampler(batches), vectorize=True, compile=compile,
+            compile_options={"backend": CountingBackend()} if compile else None,
+        )
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            trainer.fit(2, 3, progress=False)
+        return model, [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
+
+    (model_c, caught), (model_p, _) = run(True), run(False)
+    assert len(caught) == 1
+    assert "weight normalisation of 0 (ParametrizedLinear), whose double backward torch gets wrong" in caught[0]
+    for p, q in zip(model_c.parameters(), model_p.parameters()):
+        assert torch.equal(p, q)
+
+
 def test_compiled_meta_loss_rejects_bad_input():
     meta = make_meta("maml", make_model())
     with pytest.raises(TypeError, match="meta must be a samgria MetaOptimizer, got Sequential"):

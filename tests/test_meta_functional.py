@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import re
+import warnings
 
 import pytest
 import torch
@@ -229,6 +230,39 @@ def test_adapt_equals_hand_written_loop():
     # Graph-connected to the model: the meta-gradient exists.
     out["weight"].sum().backward()
     assert model.weight.grad is not None
+
+
+def test_adapt_is_differentiable_twice_through_weight_norm():
+    """torch._weight_norm (dim 0) runs a fused kernel whose double backward is wrong; the inner
+    loop computes g v / ||v|| instead. Reference: the normalisation written out, by
+    torch.func.functional_call and torch.autograd.grad(create_graph=True)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 1)).to(DT)
+    plain = copy.deepcopy(model)
+    nn.utils.parametrizations.weight_norm(model[0])
+    g_name, v_name = "0.parametrizations.weight.original0", "0.parametrizations.weight.original1"
+    gen = torch.Generator().manual_seed(1)
+    x, y, qx, qy = (torch.randn(5, d, generator=gen, dtype=DT) for d in (3, 1, 3, 1))
+    lr, steps = 0.3, 2
+    mse = nn.functional.mse_loss
+
+    params = named_params(model)
+    out = adapt(model, params, lambda p: mse(functional_forward(model, p, x), y), inner_lr=lr, inner_steps=steps)
+    got = torch.autograd.grad(mse(functional_forward(model, out, qx), qy), list(params.values()))
+
+    def forward(w, inputs):
+        v = w[v_name]
+        weights = {"0.weight": w[g_name] * v / v.norm(dim=1, keepdim=True), "0.bias": w["0.bias"],
+                   "2.weight": w["2.weight"], "2.bias": w["2.bias"]}
+        return torch.func.functional_call(plain, weights, (inputs,))
+
+    fast = dict(params)
+    for _ in range(steps):
+        grads = torch.autograd.grad(mse(forward(fast, x), y), list(fast.values()), create_graph=True)
+        fast = {n: p - lr * g for (n, p), g in zip(fast.items(), grads)}
+    expected = torch.autograd.grad(mse(forward(fast, qx), qy), list(params.values()))
+    for name, a, b in zip(params, got, expected):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12, msg=lambda m, name=name: f"{name}: {m}")
 
 
 def test_adapt_zero_steps_returns_a_copy_of_params():
@@ -498,3 +532,63 @@ def test_functional_forward_leaves_a_reused_module_as_it_was_when_the_forward_ra
     with pytest.raises(RuntimeError):
         functional_forward(model, {"0.weight": 2 * weight}, torch.randn(4, 5, dtype=DT))  # wrong width
     assert layer.weight is weight and isinstance(layer.weight, nn.Parameter)
+
+
+def _weight_norm_double_grad() -> torch.Tensor:
+    """d/dv of <grad_v(sum(w * c)), d> for w = torch._weight_norm(v, g, 0), at fixed values."""
+    gen = torch.Generator().manual_seed(2)
+    v = torch.randn(4, 3, dtype=DT, generator=gen, requires_grad=True)
+    g = torch.randn(4, 1, dtype=DT, generator=gen, requires_grad=True)
+    c, d = torch.randn(4, 3, dtype=DT, generator=gen), torch.randn(4, 3, dtype=DT, generator=gen)
+    (grad_v,) = torch.autograd.grad((torch._weight_norm(v, g, 0) * c).sum(), v, create_graph=True)
+    (second,) = torch.autograd.grad((grad_v * d).sum(), v)
+    return second
+
+
+def test_twice_differentiable_forward_substitutes_weight_norm_only_for_a_model_that_has_one():
+    """The composite weight norm costs a Python call per torch function, so the mode is entered
+    for a model with a weight-normalised layer (or no model given), not for others; the
+    second derivative then comes from g v / ||v|| (a finite-difference check tells them apart)."""
+    from samgria.meta.engine import twice_differentiable_forward, weight_normalised_modules
+
+    plain = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 1))
+    normalised = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.utils.parametrizations.weight_norm(nn.Linear(4, 1)))
+    with warnings.catch_warnings():  # deprecated in favour of the parametrization, still used
+        warnings.simplefilter("ignore", FutureWarning)
+        hooked = nn.utils.weight_norm(nn.Linear(3, 2))
+    assert weight_normalised_modules(plain) == []
+    assert [name for name, _ in weight_normalised_modules(normalised)] == ["2"]
+    assert [name for name, _ in weight_normalised_modules(hooked)] == [""]
+
+    fused = _weight_norm_double_grad()
+    with twice_differentiable_forward(True, plain):
+        assert torch.equal(_weight_norm_double_grad(), fused), "no mode for a model without weight norm"
+    composites = []
+    for model in (normalised, hooked, None):
+        with twice_differentiable_forward(True, model):
+            composites.append(_weight_norm_double_grad())
+    with twice_differentiable_forward(False, normalised):
+        assert torch.equal(_weight_norm_double_grad(), fused), "first order: nothing changes"
+
+    # The composite's second derivative is the right one: central differences of grad_v.
+    gen = torch.Generator().manual_seed(2)
+    v = torch.randn(4, 3, dtype=DT, generator=gen)
+    g = torch.randn(4, 1, dtype=DT, generator=gen)
+    c, d = torch.randn(4, 3, dtype=DT, generator=gen), torch.randn(4, 3, dtype=DT, generator=gen)
+
+    def directional(at: torch.Tensor) -> torch.Tensor:
+        at = at.clone().requires_grad_(True)
+        w = g * at / at.norm(dim=1, keepdim=True)
+        (grad_v,) = torch.autograd.grad((w * c).sum(), at)
+        return (grad_v * d).sum()
+
+    step = 1e-6
+    numeric = torch.zeros_like(v)
+    for index in range(v.numel()):
+        bump = torch.zeros(v.numel(), dtype=DT)
+        bump[index] = step
+        bump = bump.view_as(v)
+        numeric.view(-1)[index] = (directional(v + bump) - directional(v - bump)) / (2 * step)
+    for composite in composites:
+        torch.testing.assert_close(composite, numeric, rtol=1e-6, atol=1e-8)
+    assert not torch.allclose(fused, numeric, rtol=1e-6, atol=1e-8), "torch's fused double backward is still wrong"

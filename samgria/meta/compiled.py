@@ -26,11 +26,15 @@ shapes or the model's structure change. Step sizes enter as tensors, so editing 
 ``inner_lr`` (by hand or with a scheduler) does not recompile.
 
 :func:`compiled_path_blocker` says when the compiled path cannot reproduce ``task_losses``:
-Reptile (its update is a pseudo-gradient, not a meta-gradient), a subclass with its own inner
-loop, tasks of unequal shapes, a model that could not be vmapped, or a second-order inner loop
+Reptile (its update is a pseudo-gradient, not a meta-gradient), tasks of unequal shapes, a model that could not be vmapped, a second-order inner loop
 whose support gradient may pass through a normalisation layer whose double backward ``vmap`` gets
 wrong
-(:func:`~samgria.meta.vectorize.second_order_vmap_blocker`). A model wrapped in ``torch.compile``
+(:func:`~samgria.meta.vectorize.second_order_vmap_blocker`) or through weight normalisation
+(``torch.nn.utils.parametrizations.weight_norm``, ``torch.nn.utils.weight_norm``: torch's double
+backward of it is wrong, and the compiled program cannot route around it as the eager paths do,
+:func:`~samgria.meta.engine.twice_differentiable_forward`), and a model with a parameter
+registered under more than one name (tied weights: the inductor backend miscompiled their
+meta-gradient, by about 1e-2 for Meta-SGD with torch 2.13). A model wrapped in ``torch.compile``
 is traced through the module it wraps.
 
 Differences from ``backward()``: a meta-parameter that does not influence the loss receives a
@@ -55,7 +59,16 @@ from samgria.data.task import Task
 from samgria.meta.base import MetaOptimizer
 from samgria.meta.functional import one_steps_argument
 from samgria.meta.functional import check_steps
-from samgria.meta.engine import InnerLoop, InnerRegFn, stack_tasks, vmap_blocker, vmapped_task_losses
+from samgria.meta.engine import (
+    InnerLoop,
+    InnerRegFn,
+    _module_label,
+    _norms_reached_by_adaptation,
+    stack_tasks,
+    vmap_blocker,
+    vmapped_task_losses,
+    weight_normalised_modules,
+)
 from samgria.meta.inner_optim import InnerStepFn
 
 __all__ = ["CompiledMetaLoss", "compiled_path_blocker"]
@@ -73,6 +86,39 @@ def _torch_release(version: str) -> tuple[int, int] | None:
     ``None`` for one that does not start with them (a build's own naming)."""
     match = re.match(r"(\d+)\.(\d+)", version)
     return None if match is None else (int(match.group(1)), int(match.group(2)))
+
+
+def _tied_parameter(model: nn.Module) -> tuple[str, str] | None:
+    """The first two names under which ``model`` registers one parameter, or ``None``."""
+    first_name: dict[int, str] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        if id(param) in first_name:
+            return first_name[id(param)], name
+        first_name[id(param)] = name
+    return None
+
+
+def _weight_norm_blocker(model: nn.Module, loop: InnerLoop) -> str | None:
+    """Why a second-order ``loop`` cannot be compiled through the weight normalisation of
+    ``model``, or ``None`` (in an ``nn.Sequential``, a layer before the first adapted child is
+    passed by the support gradient's first backward only, as in
+    :func:`~samgria.meta.engine.vmap_blocker`)."""
+    if not loop.second_order:
+        return None
+    normalised = weight_normalised_modules(model)
+    if not normalised:
+        return None
+    reached = _norms_reached_by_adaptation(model, loop.adapt_names, normalised)
+    label = _module_label(*normalised[0]) if reached is None else (reached[0] if reached else None)
+    if label is None:
+        return None
+    return (
+        f"second-order gradients {'may ' if reached is None else ''}pass through the weight "
+        f"normalisation of {label}, whose double backward torch gets wrong (torch._weight_norm's "
+        "fused kernel); the eager paths compute it by its composite formula, which the compiled "
+        "program cannot"
+    )
+
 
 def compiled_path_blocker(
     meta: MetaOptimizer, tasks: Sequence[Task] | None = None, loop: InnerLoop | None = None
@@ -108,7 +154,16 @@ def compiled_path_blocker(
     for path in ("vmap", "compiled"):
         if path in meta.path_policy.failed:
             return f"{name}: the {path} path failed earlier for this model ({meta.path_policy.failed[path]})"
+    tied = _tied_parameter(meta.model)
+    if tied is not None:
+        return (
+            f"the model registers one parameter as {tied[0]!r} and as {tied[1]!r} (tied weights), "
+            "and torch.compile's inductor backend miscompiles the meta-gradient of such a parameter"
+        )
     loop = meta.inner_loop() if loop is None else loop
+    reason = _weight_norm_blocker(meta.model, loop)
+    if reason is not None:
+        return reason
     return vmap_blocker(meta.model, loop, None if tasks is None else list(tasks))
 
 

@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, cast
 
@@ -298,27 +299,89 @@ def twice_differentiable_attention(enabled: bool) -> Iterator[None]:
         yield
 
 
+def _composite_weight_norm(v: torch.Tensor, g: torch.Tensor, dim: int = 0) -> torch.Tensor:
+    """``torch._weight_norm(v, g, dim)`` written with ordinary operations:
+    :math:`w = g \\, v / \\lVert v \\rVert`, the norm over every dimension but ``dim``
+    (``dim=-1``: over all), the formula torch itself uses for the other dimensions."""
+    return v * (g / torch.norm_except_dim(v, 2, dim))
+
+
+class _CompositeWeightNorm(torch.overrides.TorchFunctionMode):
+    """Run ``torch._weight_norm`` as :func:`_composite_weight_norm`; every other function as is."""
+
+    def __torch_function__(self, func: Any, types: Any, args: Sequence[Any] = (), kwargs: Any = None) -> Any:
+        if func is torch._weight_norm:
+            return _composite_weight_norm(*args, **(kwargs or {}))
+        return func(*args, **(kwargs or {}))
+
+
+def weight_normalised_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The submodules of ``model`` whose weight is normalised by ``torch._weight_norm``: through
+    ``torch.nn.utils.parametrizations.weight_norm`` (a ``_WeightNorm`` parametrization) or the
+    hook-based ``torch.nn.utils.weight_norm`` (a ``WeightNorm`` forward pre-hook). A forward that
+    calls ``torch._weight_norm`` itself is not seen."""
+    from torch.nn.utils.weight_norm import WeightNorm
+
+    # torch names the parametrization's class privately, and the hook-based form is found in the
+    # module's private hook dictionary: no public way tells either.
+    parametrization = getattr(torch.nn.utils.parametrizations, "_WeightNorm", None)
+    found = []
+    for name, module in model.named_modules():
+        lists = getattr(module, "parametrizations", None)
+        hooks = getattr(module, "_forward_pre_hooks", {}).values()
+        if any(isinstance(hook, WeightNorm) for hook in hooks) or (
+            parametrization is not None
+            and isinstance(lists, nn.ModuleDict)
+            and any(isinstance(p, parametrization) for plist in lists.values() for p in plist.modules())
+        ):
+            found.append((name, module))
+    return found
+
+
 @contextlib.contextmanager
-def twice_differentiable_forward(enabled: bool) -> Iterator[None]:
+def twice_differentiable_forward(enabled: bool, model: nn.Module | None = None) -> Iterator[None]:
     """Make the forward passes run in it differentiable twice when ``enabled``.
 
-    Attention runs through its math backend (:func:`twice_differentiable_attention`), and modules
-    and functions wrapped in :func:`torch.compile` run their own code eagerly
-    (``torch.compiler.set_stance("force_eager")``): the graphs AOTAutograd compiles have no double
-    backward ("torch.compile with aot_autograd does not currently support double backward"), so
-    a compiled model could not take a second-order inner step. Inside a program being compiled
-    (the compiled path), Dynamo traces the original code already and nothing changes there.
+    Three pieces of torch have no correct double backward, and each is routed around:
+
+    * Attention runs through its math backend (:func:`twice_differentiable_attention`).
+    * Weight normalisation, ``torch._weight_norm(v, g, dim)`` (called by
+      ``torch.nn.utils.parametrizations.weight_norm`` and the hook-based
+      ``torch.nn.utils.weight_norm``), is computed as :math:`v \\, (g / \\lVert v \\rVert)`,
+      the norm over every dimension but ``dim``, through a
+      :class:`torch.overrides.TorchFunctionMode` (thread-local) that intercepts that one
+      function. For ``dim`` 0 or the last dimension torch calls a fused kernel
+      (``_weight_norm_interface``) whose double backward is wrong: the second-order
+      meta-gradient through a weight-normalised layer was off by about 1e-2 on every path
+      (torch 2.13; ``torch.autograd.gradgradcheck`` fails for the fused kernel and passes for
+      the composite formula). The mode costs a Python call per torch function, so it is
+      entered only where ``model`` has a weight-normalised layer
+      (:func:`weight_normalised_modules`), or is not given.
+    * Modules and functions wrapped in :func:`torch.compile` run their own code eagerly
+      (``torch.compiler.set_stance("force_eager")``): the graphs AOTAutograd compiles have no
+      double backward ("torch.compile with aot_autograd does not currently support double
+      backward"), so a compiled model could not take a second-order inner step.
+
+    Inside a program being compiled (the compiled path) only the attention backend applies:
+    Dynamo traces the original code already, and it does not send ``torch._weight_norm`` (a
+    private function) through a mode, so the compiled path refuses second-order weight
+    normalisation (:func:`~samgria.meta.compiled.compiled_path_blocker`).
     """
     if not enabled:
         yield
         return
+    if torch.compiler.is_compiling():
+        with twice_differentiable_attention(True):
+            yield
+        return
     set_stance = getattr(torch.compiler, "set_stance", None)  # torch >= 2.6
-    eager = (
-        set_stance("force_eager")
-        if set_stance is not None and not torch.compiler.is_compiling()
+    eager = set_stance("force_eager") if set_stance is not None else contextlib.nullcontext()
+    composite = (
+        _CompositeWeightNorm()
+        if model is None or weight_normalised_modules(model)
         else contextlib.nullcontext()
     )
-    with eager, twice_differentiable_attention(True):
+    with eager, twice_differentiable_attention(True), composite:
         yield
 
 
@@ -383,6 +446,7 @@ def run_inner_loop(
     params: Mapping[str, torch.Tensor],
     support_loss: LossOf,
     grad_source: GradSource = autograd_support_grads,
+    model: nn.Module | None = None,
 ) -> Tensors:
     """Run ``loop`` from ``params`` and return every parameter, the adapted ones updated.
 
@@ -392,6 +456,8 @@ def run_inner_loop(
         support_loss: ``support_loss(all_params) -> scalar``.
         grad_source: :func:`autograd_support_grads` (loop path) or
             :func:`functorch_support_grads` (vmap/compiled paths).
+        model: The model ``support_loss`` evaluates, if known (see
+            :func:`twice_differentiable_forward`).
 
     Returns:
         ``{name: tensor}`` of all parameters after ``loop.inner_steps`` steps.
@@ -401,7 +467,7 @@ def run_inner_loop(
     else:
         base = {n: p.detach() for n, p in params.items()}
     fast = {n: base[n] for n in loop.adapt_names}
-    fast, _ = take_inner_steps(loop, base, fast, {}, support_loss, loop.inner_steps, grad_source)
+    fast, _ = take_inner_steps(loop, base, fast, {}, support_loss, loop.inner_steps, grad_source, model)
     return {**base, **fast}
 
 
@@ -413,6 +479,7 @@ def take_inner_steps(
     support_loss: LossOf,
     steps: int,
     grad_source: GradSource = autograd_support_grads,
+    model: nn.Module | None = None,
 ) -> tuple[Tensors, dict[str, Any]]:
     """Take ``steps`` inner steps from ``fast`` (with the update rule's ``state``).
 
@@ -425,6 +492,7 @@ def take_inner_steps(
         support_loss: ``support_loss(all_params) -> scalar``.
         steps: Number of steps.
         grad_source: See :func:`run_inner_loop`.
+        model: See :func:`run_inner_loop`.
 
     Returns:
         ``(fast, state)`` after the steps.
@@ -442,7 +510,7 @@ def take_inner_steps(
         return loss
 
     checkpointed = loop.checkpoint and create_graph
-    with twice_differentiable_forward(create_graph):
+    with twice_differentiable_forward(create_graph, model):
         for _ in range(steps):
             if checkpointed:
                 from torch.utils.checkpoint import checkpoint
@@ -450,7 +518,7 @@ def take_inner_steps(
                 fast, state = checkpoint(
                     _one_step, loop, loss_of, grad_source, create_graph, fast, state,
                     use_reentrant=False,
-                    context_fn=_twice_differentiable_contexts,
+                    context_fn=functools.partial(_twice_differentiable_contexts, model),
                 )
             else:
                 fast, state = _one_step(loop, loss_of, grad_source, create_graph, fast, state)
@@ -504,19 +572,22 @@ def stateless_call(
 
 class _TwiceDifferentiable:
     """A re-enterable :func:`twice_differentiable_forward` (a checkpoint may recompute a step
-    more than once, e.g. in a double backward)."""
+    more than once, e.g. in a double backward) for ``model``."""
+
+    def __init__(self, model: nn.Module | None) -> None:
+        self._model = model
 
     def __enter__(self) -> None:
-        self._context = twice_differentiable_forward(True)
+        self._context = twice_differentiable_forward(True, self._model)
         self._context.__enter__()
 
     def __exit__(self, *exc_info: Any) -> Any:
         return self._context.__exit__(*exc_info)
 
 
-def _twice_differentiable_contexts() -> tuple[Any, Any]:
+def _twice_differentiable_contexts(model: nn.Module | None) -> tuple[Any, Any]:
     """The forward and the recomputation of a checkpointed step are both twice differentiable."""
-    return _TwiceDifferentiable(), _TwiceDifferentiable()
+    return _TwiceDifferentiable(model), _TwiceDifferentiable(model)
 
 
 # ---------------------------------------------------------------------- one task
@@ -540,7 +611,7 @@ def _task_loss(
         # A fresh copy of the buffers per forward (the BatchNorm policy of functional.py).
         return stateless_call(model, weights, {n: b.clone() for n, b in buffers.items()}, (x,), reused=reused)
 
-    adapted = run_inner_loop(loop, params, lambda w: loss_fn(forward(w, support_x), support_y), grad_source)
+    adapted = run_inner_loop(loop, params, lambda w: loss_fn(forward(w, support_x), support_y), grad_source, model)
     with torch.set_grad_enabled(loop.track_graph and torch.is_grad_enabled()):
         loss = loss_fn(forward(adapted, query_x), query_y)
     return loss, {n: adapted[n] for n in loop.adapt_names}

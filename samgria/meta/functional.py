@@ -295,6 +295,12 @@ def inner_step(
     :math:`p' = p - \\alpha_p \\odot g` for every adapted parameter; the others are passed
     through unchanged.
 
+    ``loss`` is computed before this function sees it, so its forward is the caller's: for a
+    second-order step through fused attention or weight normalisation, whose double backward
+    torch gets wrong, compute it inside
+    :func:`twice_differentiable_forward(True, model) <samgria.meta.engine.twice_differentiable_forward>`
+    (:func:`adapt_params`, :class:`~samgria.meta.learner.Learner` and the meta-optimizers do).
+
     Args:
         params: Current parameter mapping (the point at which ``loss`` was computed).
         loss: Scalar support loss, differentiable w.r.t. ``params``.
@@ -388,7 +394,7 @@ def adapt_params(
     names = resolve_adapt_names(params, adapt_names)
     loop = InnerLoop(tuple(names), resolve_lrs(inner_lr, names, lr_name, params), steps, first_order=first_order)
     with torch.enable_grad():
-        return run_inner_loop(loop, params, build_loss)
+        return run_inner_loop(loop, params, build_loss, model=model)
 
 
 #: Former name of :func:`adapt_params`.

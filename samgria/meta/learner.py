@@ -202,7 +202,7 @@ class Learner:
 
     def _forward(self, params: Mapping[str, torch.Tensor], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         second_order = self.loop.second_order and torch.is_grad_enabled()
-        with twice_differentiable_forward(second_order):
+        with twice_differentiable_forward(second_order, self.model):
             return functional_forward(self.model, params, *args, **kwargs)
 
     def adapt(self, loss: torch.Tensor) -> Learner:
@@ -289,6 +289,7 @@ class Learner:
                 support_loss,
                 steps,
                 connected_support_grads,
+                self.model,
             )
         self._set_fast(fast)
         self.steps_taken += steps
