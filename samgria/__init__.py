@@ -58,7 +58,7 @@ from samgria.transforms import EMA, Lookahead
 from samgria.transforms import MultiStepSAM
 from samgria.utils import frozen_bn_stats, get_grad, set_grad
 
-__version__ = "0.1.0"
+__version__ = "0.2.0.dev0"
 
 __all__ = [
     # the optimizer half

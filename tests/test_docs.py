@@ -347,3 +347,23 @@ def test_amp_example_uses_the_tested_recipe() -> None:
     tested = _function_source(ROOT / "tests" / "test_optim_amp.py", "amp_sam_step")
     shown = _function_source(DOCS / "examples" / "optim_amp.py", "amp_sam_step")
     assert shown == tested
+
+
+def test_getting_started_shows_the_demo_table_of_the_default_run() -> None:
+    """The page says its table's losses and accuracies are the same on every run: they must be
+    those of ``python -m samgria demo`` (run_demo's defaults, seed 0, one thread), rounded as the
+    demo prints them."""
+    from samgria.__main__ import run_demo
+
+    text = (DOCS / "getting_started.rst").read_text()
+    rows = re.findall(r"^\s+(plain|SAM|ASAM|SAM\+LAMP)\s+(\d\.\d{4})\s+(\d+\.\d)%\s+\d+\.\ds$", text, re.MULTILINE)
+    assert [method for method, _, _ in rows] == ["plain", "SAM", "ASAM", "SAM+LAMP"], rows
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        results = run_demo()
+    finally:
+        torch.set_num_threads(threads)
+    shown = [(method, loss, accuracy) for method, loss, accuracy in rows]
+    ran = [(r.method, f"{r.train_loss:.4f}", f"{100 * r.test_accuracy:.1f}") for r in results]
+    assert shown == ran
