@@ -25,7 +25,7 @@ from accelerate.optimizer import AcceleratedOptimizer  # noqa: E402
 from accelerate.state import AcceleratorState, GradientState  # noqa: E402
 from accelerate.utils import DistributedType  # noqa: E402
 
-from samgria import SAM, ClipGradNorm, TransformingOptimizer, sam_optimizer  # noqa: E402
+from samgria import GSAM, SAM, WSAM, ClipGradNorm, LookSAM, TransformingOptimizer, sam_optimizer  # noqa: E402
 from samgria.integrations.accelerate import SAMAccelerator, SAMAcceleratedOptimizer, sam_accelerated  # noqa: E402
 from transform_infos import make_closure  # noqa: E402
 
@@ -521,3 +521,190 @@ def test_a_meta_step_with_a_closure_under_accumulate_is_refused_and_the_closure_
     reference.step()
     for a, b in zip(net.parameters(), reference_net.parameters()):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-15)
+
+
+# -- steps the optimizer's non-finite policy skips ------------------------------------------------------
+@pytest.mark.parametrize("nan_pass", ["both", "second"])
+@pytest.mark.parametrize("loop", ["two-call", "closure"])
+@pytest.mark.parametrize("route", [*ROUTES, "scheduler-before-sam_accelerated"])
+def test_a_step_the_non_finite_policy_skips_does_not_advance_the_prepared_scheduler(route: str, loop: str, nan_pass: str) -> None:
+    """Without a loss scaler a NaN loss makes the optimizer skip the step (``skipped_steps``):
+    ``step_was_skipped`` and ``accelerator.optimizer_step_was_skipped`` say so, and accelerate's
+    prepared scheduler does not advance, as after a step the loss scaler skips."""
+    model, sam = model_and_optimizer()
+    data = batches(count=4)
+    if route == "scheduler-before-sam_accelerated":  # torch's scheduler pins the prepared optimizer's step
+        accelerator = Accelerator(cpu=True)
+        model, optimizer = accelerator.prepare(model, sam)
+        scheduler = accelerator.prepare(torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0 / (1 + s)))
+        assert getattr(optimizer.__dict__.get("step"), "_wrapped_by_lr_sched", False)
+        optimizer = sam_accelerated(optimizer)
+    else:
+        accelerator = make_accelerator(route)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(sam, lambda s: 1.0 / (1 + s))
+        model, optimizer, scheduler = prepare(route, accelerator, model, sam, scheduler)
+    seen = []
+    for index, (x, y) in enumerate(data):
+        passes = []
+
+        def loss_of(x=x, y=y, index=index, passes=passes):
+            passes.append(None)
+            loss = F.mse_loss(model(x), y)
+            bad = index == 1 and (nan_pass == "both" or len(passes) == 2)
+            return loss * float("nan") if bad else loss
+
+        def closure():
+            optimizer.zero_grad()
+            loss = loss_of()
+            accelerator.backward(loss)
+            return loss
+
+        with pytest.warns(RuntimeWarning, match="not finite: the step is skipped") if index == 1 else contextlib.nullcontext():
+            if loop == "two-call":
+                accelerator.backward(loss_of())
+                optimizer.first_step(zero_grad=True)
+                accelerator.backward(loss_of())
+                optimizer.second_step(zero_grad=True)
+            else:
+                optimizer.step(closure)
+        scheduler.step()
+        seen.append((optimizer.step_was_skipped, accelerator.optimizer_step_was_skipped, scheduler.scheduler.last_epoch, optimizer.param_groups[0]["lr"]))
+    assert sam.skipped_steps == 1
+    # LambdaLR(1 / (1 + s)) from LR: advanced after steps 0, 2 and 3, not after the skipped step 1.
+    assert seen == [(False, False, 1, LR / 2), (True, True, 1, LR / 2), (False, False, 2, LR / 3), (False, False, 3, LR / 4)]
+
+
+def test_a_scheduler_built_on_the_prepared_optimizer_before_sam_accelerated_lets_step_closure_run_under_a_scaler() -> None:
+    """torch's scheduler pins the prepared optimizer's step on the instance; sam_accelerated pins
+    SAMAcceleratedOptimizer.step in its place, so step(closure) under a loss scaler is SAM's."""
+    accelerator = Accelerator(cpu=True)
+    with_loss_scaler(accelerator)
+    model, optimizer = accelerator.prepare(*model_and_optimizer(torch.float32))
+    scheduler = accelerator.prepare(torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=1.0))
+    optimizer = sam_accelerated(optimizer)
+    data = batches(torch.float32)
+    for x, y in data:
+        optimizer.step(accelerated_closure(accelerator, model, optimizer, x, y))
+        scheduler.step()
+    assert scheduler.scheduler.last_epoch == len(data) and optimizer.__dict__["_opt_called"]
+    assert_weights(model, reference(data, torch.float32), rtol=1e-5, atol=1e-6)
+
+
+# -- gradient clipping and the transforms whose update takes in the first pass's gradient -------------
+FIRST_PASS_IN_UPDATE = {
+    "GSAM": lambda: GSAM(RHO, alpha=0.4),
+    "WSAM": lambda: WSAM(RHO, gamma=0.3),
+    "WSAM-coupled": lambda: WSAM(RHO, gamma=0.3, decouple=False),
+    "LookSAM": lambda: LookSAM(RHO, k=2),
+}
+
+
+def steep_batches(count=4):
+    """Large gradients (large targets): clipping to norm 1 is active every step."""
+    return [(x, 50 * y) for x, y in batches(count=count)]
+
+
+@pytest.mark.parametrize("clip", ["norm", "value"])
+@pytest.mark.parametrize("name", list(FIRST_PASS_IN_UPDATE))
+def test_sam_accelerators_clipping_between_the_passes_is_refused_and_the_step_cancelled(name: str, clip: str) -> None:
+    accelerator = SAMAccelerator(cpu=True)
+    model, _ = model_and_optimizer()
+    transform = FIRST_PASS_IN_UPDATE[name]()
+    sam = TransformingOptimizer(model.parameters(), torch.optim.SGD, lr=LR, transforms=[transform])
+    model, optimizer = accelerator.prepare(model, sam)
+    x, y = steep_batches()[0]
+    before = [p.detach().clone() for p in model.parameters()]
+    accelerator.backward(F.mse_loss(model(x), y))
+    optimizer.first_step(zero_grad=True)
+    accelerator.backward(F.mse_loss(model(x), y))
+    grads = [p.grad.clone() for p in model.parameters()]
+    kind = type(transform).__name__
+    if clip == "norm":
+        call = r"accelerator\.clip_grad_norm_\(parameters, max_norm=1\.0\)"
+        chain = r"samgria\.ClipGradNorm\(1\.0\)\] clips the gradient the inner optimizer steps with to a norm of at most 1\.0 in each parameter group"
+    else:
+        call = r"accelerator\.clip_grad_value_\(parameters, clip_value=1\.0\)"
+        chain = r"samgria\.ClampGrad\(-1\.0, 1\.0\)\] clamps every element of the gradient the inner optimizer steps with to \[-1\.0, 1\.0\]"
+    decoupled = r"; WSAM\(decouple=True\) adds its sharpness term after the inner step.*" if name == "WSAM" else ""
+    with pytest.raises(
+        RuntimeError,
+        match=rf"^{call} between first_step\(\) and second_step\(\) with {kind} in the chain: "
+        rf"{call.split('(')[0]} clips the gradients once, after the second backward, but {kind} takes the "
+        r"first pass's gradient \(kept since first_step\(\), before that clipping\) into the update, so the "
+        rf"clipping does not bound the update\. Do not clip between the passes and clip in the chain after "
+        rf"{kind}: transforms=\[\.\.\., {kind}\(\.\.\.\), {chain}{decoupled}\. The step was cancelled: the "
+        r"weights are back as before first_step\(\)$",
+    ):
+        if clip == "norm":
+            accelerator.clip_grad_norm_(model.parameters(), 1.0)
+        else:
+            accelerator.clip_grad_value_(model.parameters(), 1.0)
+    assert sam._pending is None
+    assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before)), "the weights are back at w"
+    assert all(torch.equal(p.grad, g) for p, g in zip(model.parameters(), grads)), "nothing was clipped"
+
+
+def test_sam_accelerators_clipping_inside_step_closure_clips_both_passes_and_is_not_refused() -> None:
+    """Inside the closure of step(closure) the clipping reaches both passes: not refused, and the
+    step is the unprepared optimizer's step(closure) with the same clipping, bit for bit."""
+    accelerator = SAMAccelerator(cpu=True)
+    model, _ = model_and_optimizer()
+    sam = TransformingOptimizer(model.parameters(), torch.optim.SGD, lr=LR, transforms=[GSAM(RHO, alpha=0.4)])
+    model, optimizer = accelerator.prepare(model, sam)
+    plain_model, _ = model_and_optimizer()
+    plain = TransformingOptimizer(plain_model.parameters(), torch.optim.SGD, lr=LR, transforms=[GSAM(RHO, alpha=0.4)])
+    for x, y in steep_batches(count=2):
+
+        def closure():
+            optimizer.zero_grad()
+            loss = F.mse_loss(model(x), y)
+            accelerator.backward(loss)
+            accelerator.clip_grad_norm_(model.parameters(), 1.0)
+            return loss
+
+        def plain_closure():
+            plain.zero_grad()
+            loss = F.mse_loss(plain_model(x), y)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(plain_model.parameters(), 1.0)
+            return loss
+
+        optimizer.step(closure)
+        plain.step(plain_closure)
+        assert all(torch.equal(p, q) for p, q in zip(model.parameters(), plain_model.parameters()))
+
+
+def test_sam_accelerators_clipping_between_the_passes_clips_sams_update() -> None:
+    """SAM steps with the second pass's gradient alone: clipping it is not refused."""
+    accelerator = SAMAccelerator(cpu=True)
+    model, optimizer = accelerator.prepare(*model_and_optimizer())
+    x, y = steep_batches()[0]
+    before = [p.detach().clone() for p in model.parameters()]
+    accelerator.backward(F.mse_loss(model(x), y))
+    optimizer.first_step(zero_grad=True)
+    accelerator.backward(F.mse_loss(model(x), y))
+    assert float(accelerator.clip_grad_norm_(model.parameters(), 1.0)) > 1.0
+    optimizer.second_step(zero_grad=True)
+    update = math.sqrt(sum(float((p.detach() - b).pow(2).sum()) for p, b in zip(model.parameters(), before)))
+    assert update == pytest.approx(LR, rel=1e-5)  # torch's 1e-6 in its divisor
+
+
+@pytest.mark.parametrize("loop", ["two-call", "closure"])
+@pytest.mark.parametrize("route", ROUTES)
+@pytest.mark.parametrize("name", ["GSAM", "WSAM-coupled", "LookSAM"])
+def test_clip_grad_norm_after_the_transform_bounds_the_update(name: str, route: str, loop: str) -> None:
+    """The remedy the refusal names: ClipGradNorm after the transform, in the chain. The update of
+    plain SGD is then lr times a gradient of norm 1 (measured from the weights)."""
+    accelerator = make_accelerator(route)
+    model, _ = model_and_optimizer()
+    sam = TransformingOptimizer(model.parameters(), torch.optim.SGD, lr=LR, transforms=[FIRST_PASS_IN_UPDATE[name](), ClipGradNorm(1.0)])
+    model, optimizer = prepare(route, accelerator, model, sam)
+    norms = []
+    for x, y in steep_batches():
+        before = [p.detach().clone() for p in model.parameters()]
+        if loop == "two-call":
+            two_call_step(accelerator, model, optimizer, x, y)
+        else:
+            optimizer.step(accelerated_closure(accelerator, model, optimizer, x, y))
+        norms.append(math.sqrt(sum(float((p.detach() - b).pow(2).sum()) for p, b in zip(model.parameters(), before))))
+    assert norms == pytest.approx([LR * 1.0] * 4, rel=1e-5)  # ClipGradNorm's 1e-6 in its divisor

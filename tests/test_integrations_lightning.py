@@ -25,7 +25,7 @@ import lightning.pytorch as pl  # noqa: E402
 from lightning.pytorch.core.optimizer import LightningOptimizer  # noqa: E402
 from lightning.pytorch.plugins.precision import MixedPrecision  # noqa: E402
 
-from samgria import MultiStepSAM, TransformingOptimizer, frozen_bn_stats, sam_optimizer  # noqa: E402
+from samgria import GSAM, WSAM, ClipGradNorm, LookSAM, MultiStepSAM, TransformingOptimizer, frozen_bn_stats, sam_optimizer  # noqa: E402
 from samgria.integrations.lightning import SAMCallback, SAMMixedPrecision  # noqa: E402
 from state_helpers import assert_state_dicts_equal  # noqa: E402
 
@@ -643,3 +643,129 @@ def test_a_meta_optimizer_with_an_outer_sam_under_a_loss_scaler_is_refused_when_
     assert module.training_steps == 0
     for got, want in zip(module.net.parameters(), before):
         assert torch.equal(got.detach(), want)
+
+
+# -- gradient clipping -----------------------------------------------------------------------------------
+FIRST_PASS_IN_UPDATE = {
+    "GSAM": lambda: GSAM(RHO, alpha=0.4),
+    "WSAM": lambda: WSAM(RHO, gamma=0.3),
+    "WSAM-coupled": lambda: WSAM(RHO, gamma=0.3, decouple=False),
+    "LookSAM": lambda: LookSAM(RHO, k=2),
+}
+
+
+class Chained(Regression):
+    """SGD through a given chain, on a steep loss (clipping to norm 1 is active every step);
+    records the norm of each step's update."""
+
+    def __init__(self, transforms, dtype: torch.dtype = torch.float32) -> None:
+        super().__init__(dtype=dtype)
+        self.transforms = transforms
+        self.update_norms: list[float] = []
+
+    def training_step(self, batch, batch_idx):
+        self.training_steps += 1
+        x, y = batch
+        return F.mse_loss(self.net(x), 50 * y)
+
+    def on_train_batch_start(self, batch, batch_idx):
+        self.before = weights_of(self)
+
+    def on_train_batch_end(self, outputs, batch, batch_idx):
+        self.update_norms.append(math.sqrt(sum(float((p - b).double().pow(2).sum()) for p, b in zip(weights_of(self), self.before))))
+
+    def configure_optimizers(self):
+        return TransformingOptimizer(self.parameters(), torch.optim.SGD, lr=LR, transforms=self.transforms)
+
+
+@pytest.mark.parametrize("where", ["callback", "plugin"])
+@pytest.mark.parametrize("name", list(FIRST_PASS_IN_UPDATE))
+def test_gradient_clip_val_under_sam_mixed_precision_is_refused_for_a_transform_that_takes_the_first_pass_into_the_update(name, where) -> None:
+    """SAMMixedPrecision clips once, after the second pass; GSAM, WSAM and LookSAM mix the first
+    pass's gradient, taken before that, into the update, which gradient_clip_val then does not bound."""
+    transform = FIRST_PASS_IN_UPDATE[name]()
+    module = Chained([transform])
+    plugin = SAMMixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu", init_scale=SCALE))
+    callbacks = [SAMCallback()] if where == "callback" else []
+    fit = trainer(plugins=[plugin], gradient_clip_val=1.0, callbacks=callbacks)
+    kind = type(transform).__name__
+    decoupled = r"; WSAM\(decouple=True\) adds its sharpness term after the inner step.*" if name == "WSAM" else ""
+    _refused(
+        fit,
+        module,
+        ValueError,
+        rf"^Trainer\(gradient_clip_val=1\.0, plugins=\[SAMMixedPrecision\(\.\.\.\)\]\) with {kind} in the chain: "
+        rf"SAMMixedPrecision clips the gradients once, after the second backward, but {kind} takes the first "
+        r"pass's gradient \(kept since first_step\(\), before that clipping\) into the update, so the clipping "
+        rf"does not bound the update\. Remove gradient_clip_val and clip in the chain after {kind}: "
+        rf"transforms=\[\.\.\., {kind}\(\.\.\.\), samgria\.ClipGradNorm\(1\.0\)\] clips the gradient the "
+        r"inner optimizer steps with to a norm of at most 1\.0 in each parameter group" + decoupled + "$",
+    )
+    assert module.training_steps == 0
+
+
+@pytest.mark.parametrize("name", ["GSAM", "WSAM-coupled", "LookSAM"])
+def test_clip_grad_norm_after_the_transform_bounds_the_update_under_sam_mixed_precision(name) -> None:
+    """The remedy the refusal names: no gradient_clip_val, ClipGradNorm after the transform. The
+    update of plain SGD is then lr times a gradient of norm 1 (measured from the weights): the
+    chain clips the unscaled gradients."""
+    module = Chained([FIRST_PASS_IN_UPDATE[name](), ClipGradNorm(1.0)])
+    scaler = torch.amp.GradScaler("cpu", init_scale=SCALE, growth_interval=1000)
+    trainer(plugins=[SAMMixedPrecision("16-mixed", "cpu", scaler=scaler)], callbacks=[SAMCallback()]).fit(module, loader(batches(torch.float32, count=4)))
+    assert scaler.get_scale() == SCALE, "no overflow"
+    assert module.update_norms == pytest.approx([LR * 1.0] * 4, rel=1e-5)  # ClipGradNorm's 1e-6 in its divisor
+
+
+def test_gradient_clip_val_in_32_true_clips_both_passes_and_is_not_refused() -> None:
+    """Lightning's closure clips in each of SAM's evaluations: the first pass's gradient that GSAM
+    mixes in is clipped too (its update's norm may exceed gradient_clip_val: GSAM's combination)."""
+    module = Chained([GSAM(RHO, alpha=0.4)], dtype=torch.float64)
+    data = batches(count=2)
+    trainer(gradient_clip_val=1.0, callbacks=[SAMCallback()]).fit(module, loader(data))
+    assert module.training_steps == 2 * len(data)
+
+    net = Chained([], dtype=torch.float64).net  # GSAM by hand on the clipped gradients
+    params = list(net.parameters())
+
+    def clipped_gradient(x, y):
+        grads = torch.autograd.grad(F.mse_loss(net(x), 50 * y), params)
+        norm = math.sqrt(sum(float(g.pow(2).sum()) for g in grads))
+        return [g * min(1.0, 1.0 / (norm + 1e-6)) for g in grads], norm
+
+    for x, y in data:
+        g, _ = clipped_gradient(x, y)
+        g_norm = math.sqrt(sum(float(t.pow(2).sum()) for t in g))
+        weights = [p.detach().clone() for p in params]
+        with torch.no_grad():
+            for p, t in zip(params, g):
+                p.add_(t, alpha=RHO / g_norm)
+        g_p, _ = clipped_gradient(x, y)
+        c = sum(float((a * b).sum()) for a, b in zip(g, g_p)) / sum(float(b.pow(2).sum()) for b in g_p)
+        with torch.no_grad():
+            for p, w, a, b in zip(params, weights, g, g_p):
+                p.copy_(w - LR * ((1 + 0.4 * c) * b - 0.4 * a))
+    assert_weights(module, [p.detach() for p in params], rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("plugin", ["callback", "sam-mixed-precision"])
+def test_gradient_clip_val_under_bf16_mixed_is_refused_when_fit_starts(plugin) -> None:
+    """Lightning's MixedPrecision refuses to clip for an optimizer that unscales its gradients in
+    step() (SAM's chains declare it), at the first step and with a hint about fused optimizers:
+    refused when fit starts instead, naming the remedy."""
+    module = Regression(dtype=torch.float32)
+    if plugin == "callback":
+        fit = trainer(precision="bf16-mixed", gradient_clip_val=0.5, callbacks=[SAMCallback()])
+    else:
+        fit = trainer(plugins=[SAMMixedPrecision("bf16-mixed", "cpu")], gradient_clip_val=0.5)
+    _refused(
+        fit,
+        module,
+        ValueError,
+        r"^Trainer\(precision='bf16-mixed', gradient_clip_val=0\.5\) with SAM under automatic optimization: "
+        r"Lightning's (SAM)?MixedPrecision refuses to clip the gradients of an optimizer that unscales them in "
+        r"its step\(\), which a TransformingOptimizer whose chain re-evaluates the loss declares \(so that a "
+        r"GradScaler can finish its two-call step\); it would raise at the first step\. Remove gradient_clip_val "
+        r"and clip in the chain: transforms=\[\.\.\., SAM\(\.\.\.\), samgria\.ClipGradNorm\(0\.5\)\] clips the "
+        r"gradient the inner optimizer steps with$",
+    )
+    assert module.training_steps == 0

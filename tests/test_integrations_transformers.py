@@ -24,7 +24,7 @@ if not os.environ.get("SAMGRIA_REQUIRE_INTEGRATIONS"):
     pytest.importorskip("accelerate", reason="pip install 'samgria[integrations]'")
 import transformers  # noqa: E402
 
-from samgria import SAM, MultiStepSAM, TransformingOptimizer, frozen_bn_stats, sam_optimizer  # noqa: E402
+from samgria import GSAM, SAM, WSAM, ClipGradNorm, LookSAM, MultiStepSAM, TransformingOptimizer, frozen_bn_stats, sam_optimizer  # noqa: E402
 from samgria.integrations.accelerate import SAMAcceleratedOptimizer  # noqa: E402
 from samgria.integrations.transformers import SAMTrainer  # noqa: E402
 
@@ -371,3 +371,117 @@ def test_deepspeed_is_refused_when_training_starts(tmp_path) -> None:
     with pytest.raises(ValueError, match=r"^SAMTrainer under DeepSpeed: .*second pass cannot run"):
         trainer.train()
     assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
+
+
+def test_a_step_the_non_finite_policy_skips_does_not_advance_the_lr_schedule(tmp_path) -> None:
+    """Without a loss scaler an inf gradient makes the optimizer skip the step (``skipped_steps``);
+    the Trainer reads ``accelerator.optimizer_step_was_skipped`` and must not advance the schedule,
+    as for a step the loss scaler skips."""
+    model = Regression()
+    start = copy.deepcopy(model)
+    seen = record_batches(model)
+    calls = []
+
+    def inf_in_the_second_pass_of_the_second_step(grad):
+        calls.append(None)
+        return torch.full_like(grad, math.inf) if len(calls) == 7 else grad  # 4 backwards per step
+
+    model.net[2].weight.register_hook(inf_in_the_second_pass_of_the_second_step)
+    optimizer = sam_optimizer(model.parameters(), torch.optim.SGD, rho=RHO, lr=LR)
+    lrs = []
+
+    class RecordLR(transformers.TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            lrs.append(optimizer.param_groups[0]["lr"])
+
+    args = arguments(tmp_path, max_grad_norm=0.0, lr_scheduler_type="linear")
+    trainer = SAMTrainer(model=model, args=args, train_dataset=Pairs(), optimizers=(optimizer, None), callbacks=[RecordLR()])
+    with pytest.warns(RuntimeWarning, match="not finite: the step is skipped"):
+        trainer.train()
+    assert optimizer.skipped_steps == 1 and trainer.state.global_step == 4
+    # Linear decay over 4 steps from 0.1: step 0 at 0.1; step 1 skipped (the schedule stays);
+    # steps 2 and 3 at 0.075 and 0.05.
+    assert lrs == pytest.approx([0.075, 0.075, 0.05, 0.025], rel=1e-12)
+    assert trainer.lr_scheduler.last_epoch == 3
+    steps = windows(seen)
+    expected = reference(start, [steps[0], steps[2], steps[3]], lrs=[0.1, 0.075, 0.05])
+    for got, want in zip(model.parameters(), expected):
+        torch.testing.assert_close(got.detach(), want, rtol=1e-12, atol=1e-14)
+
+
+# -- gradient clipping and the transforms whose update takes in the first pass's gradient -------------
+FIRST_PASS_IN_UPDATE = {
+    "GSAM": lambda: GSAM(RHO, alpha=0.4),
+    "WSAM": lambda: WSAM(RHO, gamma=0.3),
+    "WSAM-coupled": lambda: WSAM(RHO, gamma=0.3, decouple=False),
+    "LookSAM": lambda: LookSAM(RHO, k=2),
+}
+
+
+@pytest.mark.parametrize("route", ["optimizers", "transforms"])
+@pytest.mark.parametrize("name", list(FIRST_PASS_IN_UPDATE))
+def test_max_grad_norm_with_a_transform_that_takes_the_first_pass_into_the_update_is_refused(tmp_path, name, route) -> None:
+    """The Trainer clips after the second backward only; GSAM, WSAM and LookSAM mix the first
+    pass's gradient, taken before that, into the update, which max_grad_norm then does not bound."""
+    model = Regression()
+    before = [p.detach().clone() for p in model.parameters()]
+    args = arguments(tmp_path, optim="sgd")  # the Trainer's default max_grad_norm=1.0
+    assert args.max_grad_norm == 1.0
+    transform = FIRST_PASS_IN_UPDATE[name]()
+    if route == "optimizers":
+        optimizer = TransformingOptimizer(model.parameters(), torch.optim.SGD, lr=LR, transforms=[transform])
+        trainer = SAMTrainer(model=model, args=args, train_dataset=Pairs(), optimizers=(optimizer, None))
+    else:
+        trainer = SAMTrainer(model=model, args=args, train_dataset=Pairs(), transforms=[transform])
+    forwards = record_batches(model)
+    kind = type(transform).__name__
+    decoupled = (
+        r"; WSAM\(decouple=True\) adds its sharpness term after the inner step, beyond any clipping in the "
+        r"chain: use WSAM\(decouple=False\) \(the same update with plain SGD\) to clip it too"
+        if name == "WSAM"
+        else ""
+    )
+    with pytest.raises(
+        ValueError,
+        match=rf"^SAMTrainer\(args=TrainingArguments\(max_grad_norm=1\.0\)\) with {kind} in the chain: the "
+        r"Trainer clips the gradients once, after the second backward, but "
+        rf"{kind} takes the first pass's gradient \(kept since first_step\(\), before that clipping\) into "
+        r"the update, so the clipping does not bound the update\. Set max_grad_norm=0 and clip in the chain "
+        rf"after {kind}: transforms=\[\.\.\., {kind}\(\.\.\.\), samgria\.ClipGradNorm\(1\.0\)\] clips the "
+        r"gradient the inner optimizer steps with to a norm of at most 1\.0 in each parameter group"
+        + decoupled
+        + "$",
+    ):
+        trainer.train()
+    assert forwards == []
+    assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
+
+
+class Steep(Regression):
+    """Large gradients (a scaled loss, large targets): clipping to norm 1 is active every step."""
+
+    def forward(self, x, labels):
+        out = self.net(x)
+        return {"loss": 100 * F.mse_loss(out, 5 * labels), "logits": out}
+
+
+@pytest.mark.parametrize("name", ["GSAM", "WSAM-coupled", "LookSAM"])
+def test_clip_grad_norm_after_the_transform_bounds_the_update(tmp_path, name) -> None:
+    """The remedy the refusal names: max_grad_norm=0 and ClipGradNorm after the transform. The
+    update of plain SGD is then lr times a gradient of norm 1 (measured from the weights)."""
+    model = Steep()
+    params = list(model.parameters())
+    optimizer = TransformingOptimizer(params, torch.optim.SGD, lr=LR, transforms=[FIRST_PASS_IN_UPDATE[name](), ClipGradNorm(1.0)])
+    norms = []
+
+    class UpdateNorm(transformers.TrainerCallback):
+        def on_step_begin(self, args, state, control, **kwargs):
+            self.before = [p.detach().clone() for p in params]
+
+        def on_step_end(self, args, state, control, **kwargs):
+            norms.append(math.sqrt(sum(float((p.detach() - b).double().pow(2).sum()) for p, b in zip(params, self.before))))
+
+    args = arguments(tmp_path, max_grad_norm=0.0, lr_scheduler_type="constant")
+    SAMTrainer(model=model, args=args, train_dataset=Pairs(), optimizers=(optimizer, None), callbacks=[UpdateNorm()]).train()
+    assert len(norms) == 4
+    assert norms == pytest.approx([LR * 1.0] * 4, rel=1e-5)  # ClipGradNorm's 1e-6 in its divisor

@@ -6,6 +6,7 @@ from typing import Any
 
 from samgria.meta.base import MetaOptimizer
 from samgria.optim import TransformingOptimizer
+from samgria.transforms.sam_family import WSAM
 
 INSTALL_HINT = "pip install 'samgria[integrations]'"
 
@@ -96,3 +97,67 @@ def two_call_refusal(optimizer: TransformingOptimizer | None, driver: str) -> st
     if refusal is None:
         return None
     return f"{driver} runs SAM through first_step()/second_step(), and this optimizer cannot: {refusal}"
+
+
+def first_pass_in_update(optimizer: TransformingOptimizer | None) -> list[str]:
+    """The transforms in ``optimizer``'s chain whose update takes in the first pass's gradient,
+    by name (GSAM, WSAM, LookSAM; SAM and ASAM use it only to perturb): those that set
+    ``supports_local_first_pass = False`` or ``combines_gradients``."""
+    if optimizer is None:
+        return []
+    return [
+        type(transform).__name__
+        for transform in optimizer.transforms
+        if not transform.supports_local_first_pass or getattr(transform, "combines_gradients", False)
+    ]
+
+
+def clipping_refusal(
+    optimizer: TransformingOptimizer | None, setting: str, clipper: str, remedy: str, threshold: Any, *, by_value: bool = False
+) -> str | None:
+    """Why framework clipping that runs once, after the second backward, cannot clip ``optimizer``'s
+    update, or ``None``.
+
+    The two-call loop keeps the first pass's gradient from ``first_step()`` on; GSAM, WSAM and
+    LookSAM take it into the update when ``second_step()`` finishes, after the framework clipped
+    the second pass's gradients only, so the update is not bounded (``step(closure)`` with the
+    clipping inside the closure clips both passes). ``ClipGradNorm`` after them in the chain clips
+    the gradient the inner optimizer steps with; decoupled WSAM applies its sharpness term after
+    the inner step, where nothing in the chain clips it.
+
+    Args:
+        optimizer: The samgria optimizer the framework steps.
+        setting: The framework setting that clips, e.g. ``"TrainingArguments(max_grad_norm=1.0)"``.
+        clipper: Who clips, the subject of a sentence.
+        remedy: How to switch the framework's clipping off, the start of a sentence.
+        threshold: The framework's clipping threshold, for the example chain.
+        by_value: The framework clips each element (the example then clamps, with ``ClampGrad``).
+    """
+    names = first_pass_in_update(optimizer)
+    if not names:
+        return None
+    assert optimizer is not None
+    listed = ", ".join(dict.fromkeys(names))
+    verb = "takes" if len(set(names)) == 1 else "take"
+    message = (
+        f"{setting} with {listed} in the chain: {clipper} clips the gradients once, after the second "
+        f"backward, but {listed} {verb} the first pass's gradient (kept since first_step(), before "
+        "that clipping) into the update, so the clipping does not bound the update. "
+        f"{remedy} and clip in the chain after {listed}: "
+    )
+    if by_value:
+        message += (
+            f"transforms=[..., {names[-1]}(...), samgria.ClampGrad(-{threshold}, {threshold})] clamps "
+            f"every element of the gradient the inner optimizer steps with to [-{threshold}, {threshold}]"
+        )
+    else:
+        message += (
+            f"transforms=[..., {names[-1]}(...), samgria.ClipGradNorm({threshold})] clips the gradient "
+            f"the inner optimizer steps with to a norm of at most {threshold} in each parameter group"
+        )
+    if any(isinstance(transform, WSAM) and transform.decouple for transform in optimizer.transforms):
+        message += (
+            "; WSAM(decouple=True) adds its sharpness term after the inner step, beyond any clipping "
+            "in the chain: use WSAM(decouple=False) (the same update with plain SGD) to clip it too"
+        )
+    return message

@@ -16,12 +16,15 @@ anything changes). A :class:`SAMAcceleratedOptimizer` adds both. Two ways to get
 
 from __future__ import annotations
 
+import functools
+import weakref
 from collections.abc import Callable
 from typing import Any
 
 import torch
 
 from samgria.integrations._common import (
+    clipping_refusal,
     find_transforming,
     first_pass_overflowed,
     missing_base,
@@ -56,7 +59,8 @@ class SAMAcceleratedOptimizer(AcceleratedOptimizer):
     * ``step(closure)`` under ``"fp16"`` runs the two passes itself (closure, ``first_step()``,
       closure, the scaler's step), each scaled by ``accelerator.backward``;
     * ``step(closure)`` returns the loss of the first evaluation;
-    * ``step_was_skipped`` is true after a step the loss scaler skipped.
+    * ``step_was_skipped`` is true after a step the loss scaler skipped, and after one the
+      optimizer's non-finite policy skipped (so neither advances a prepared LR scheduler).
 
     Both passes must see the whole batch, so ``first_step()`` and ``step(closure)`` refuse to run
     on a micro-batch that accelerate does not synchronise (inside ``accelerator.accumulate()``
@@ -94,6 +98,7 @@ class SAMAcceleratedOptimizer(AcceleratedOptimizer):
         """:meth:`samgria.TransformingOptimizer.first_step`, on a synchronised micro-batch only."""
         self._check_synchronised("first_step()")
         self._record_scale()
+        self._sam_skips_before = self.sam.skipped_steps  # what step_was_skipped compares with
         self.sam.first_step(zero_grad)
 
     def second_step(self, zero_grad: bool = False) -> None:
@@ -115,6 +120,17 @@ class SAMAcceleratedOptimizer(AcceleratedOptimizer):
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
         """accelerate's ``step``; with a closure, SAM's step on it (see the class docstring)."""
         sam = self.sam
+        # the skipped steps before this step: before first_step() when this finishes one
+        skipped = sam.skipped_steps if sam._pending is None else self.__dict__.get("_sam_skips_before", sam.skipped_steps)
+        self._sam_policy_skipped = False
+        self._sam_stepping = True
+        try:
+            return self._sam_step(sam, closure)
+        finally:
+            self._sam_stepping = False
+            self._sam_policy_skipped = sam.skipped_steps > skipped
+
+    def _sam_step(self, sam: TransformingOptimizer, closure: Callable[[], Any] | None) -> Any:
         if closure is None or sam._pending is not None or not reevaluating(sam):
             self._record_scale()
             return super().step(closure)
@@ -152,12 +168,19 @@ class SAMAcceleratedOptimizer(AcceleratedOptimizer):
 
     @property
     def step_was_skipped(self) -> bool:
-        """Whether the loss scaler skipped the last step (an overflow in either pass).
+        """Whether the last step was skipped: by the loss scaler (an overflow in either pass), or
+        by the samgria optimizer's non-finite policy (``non_finite="skip"``, counted in its
+        ``skipped_steps``).
 
-        accelerate tells by whether the scaler called the optimizer's ``step()``, but it calls a
-        samgria optimizer's also on an overflow (to restore the weights ``first_step()`` moved):
-        here a skipped step is one after which the scale backed off.
+        accelerate's prepared scheduler and ``accelerator.optimizer_step_was_skipped`` (which the
+        Hugging Face ``Trainer`` reads before advancing its LR schedule) read it, so a skipped
+        step does not advance the schedule. accelerate tells a scaler's skip by whether the
+        scaler called the optimizer's ``step()``, but it calls a samgria optimizer's also on an
+        overflow (to restore the weights ``first_step()`` moved): here a skip by the scaler is a
+        step after which the scale backed off.
         """
+        if self.__dict__.get("_sam_policy_skipped", False):
+            return True
         scale = self.__dict__.get("_sam_scale")
         if self.scaler is None or scale is None:
             return bool(self.__dict__.get("_is_overflow", False))
@@ -175,15 +198,38 @@ def adopt(prepared: Any) -> Any:
     Anything else is returned as it is (``SAMAccelerator.prepare_optimizer`` prepares every
     optimizer); :func:`sam_accelerated` is the public, checking form.
 
-    An LR scheduler built on the prepared optimizer before this wraps its ``step`` per instance
-    with accelerate's own (torch's ``_opt_called`` bookkeeping): the two-call loop and
-    ``step_was_skipped`` still work through it, ``step(closure)`` under a scaler does not.
+    An LR scheduler built on the prepared optimizer before this (the Hugging Face ``Trainer``
+    builds one) has pinned accelerate's ``step`` on the instance (torch's ``_opt_called``
+    bookkeeping): it is pinned again as :meth:`SAMAcceleratedOptimizer.step`, so that
+    ``step(closure)`` under a scaler and the non-finite policy's skips in ``step_was_skipped``
+    work through it too.
     """
     if isinstance(prepared, SAMAcceleratedOptimizer) or not isinstance(prepared, AcceleratedOptimizer):
         return prepared
     if reevaluating(find_transforming(prepared.optimizer)):
         prepared.__class__ = SAMAcceleratedOptimizer
+        _repin_scheduler_step(prepared)
     return prepared
+
+
+def _repin_scheduler_step(prepared: SAMAcceleratedOptimizer) -> None:
+    """Replace torch's LR-scheduler wrapper of ``AcceleratedOptimizer.step`` on the instance (set
+    when a scheduler was built on it, ``torch.optim.lr_scheduler.LRScheduler.__init__``) by the
+    same wrapper of :meth:`SAMAcceleratedOptimizer.step`."""
+    pinned = prepared.__dict__.get("step")
+    if not getattr(pinned, "_wrapped_by_lr_sched", False) or getattr(pinned, "__wrapped__", None) is not AcceleratedOptimizer.step:
+        return
+    owner = weakref.ref(prepared)  # as torch's wrapper: no reference cycle through the instance
+
+    @functools.wraps(SAMAcceleratedOptimizer.step)
+    def step(*args: Any, **kwargs: Any) -> Any:
+        optimizer = owner()
+        assert optimizer is not None
+        optimizer._opt_called = True  # what torch's wrapper records for its scheduler
+        return SAMAcceleratedOptimizer.step(optimizer, *args, **kwargs)
+
+    step._wrapped_by_lr_sched = True  # type: ignore[attr-defined]
+    prepared.step = step  # type: ignore[method-assign]
 
 
 #: accelerate's optimizer wrappers whose engine runs the optimizer step itself.
@@ -203,10 +249,9 @@ def sam_accelerated(prepared_optimizer: AcceleratedOptimizer) -> SAMAcceleratedO
     The prepared optimizer becomes a :class:`SAMAcceleratedOptimizer` in place: the same object,
     so the references accelerate keeps (``accelerator._optimizers``, a prepared scheduler) see it
     too. Calling it again, or on what :class:`SAMAccelerator` prepared, returns the argument
-    unchanged. Call it before building an LR scheduler on the *prepared* optimizer (a scheduler
-    built on the samgria optimizer before ``prepare``, the usual order, is fine): torch's scheduler
-    pins the ``step`` method it finds, and ``step(closure)`` under a loss scaler would then be
-    refused.
+    unchanged. An LR scheduler may be built before or after it, on the samgria optimizer or on
+    the prepared one (torch's scheduler pins the ``step`` method it finds on the prepared
+    optimizer; this pins :meth:`SAMAcceleratedOptimizer.step` in its place).
 
     Args:
         prepared_optimizer: What ``Accelerator.prepare`` (or ``prepare_optimizer``) returned for a
@@ -279,6 +324,10 @@ class SAMAccelerator(Accelerator):
     Raises:
         ValueError: From ``prepare``, under DeepSpeed or Megatron-LM, whose engines run the
             optimizer step themselves.
+        RuntimeError: From ``clip_grad_norm_`` and ``clip_grad_value_`` between ``first_step()``
+            and ``second_step()`` of an optimizer with GSAM, WSAM or LookSAM in its chain (they
+            take the first pass's gradient, which the clipping does not reach, into the update),
+            after cancelling that step.
     """
 
     def prepare(self, *args: Any, **kwargs: Any) -> Any:
@@ -288,6 +337,48 @@ class SAMAccelerator(Accelerator):
     def prepare_optimizer(self, optimizer: Any, device_placement: Any = None) -> Any:
         self._refuse_engines((optimizer,))
         return adopt(super().prepare_optimizer(optimizer, device_placement=device_placement))
+
+    def clip_grad_norm_(self, parameters: Any, max_norm: Any, *args: Any, **kwargs: Any) -> Any:
+        """accelerate's ``clip_grad_norm_``, refused with ``RuntimeError`` between ``first_step()``
+        and ``second_step()`` of a prepared optimizer whose chain takes the first pass's gradient
+        into the update (GSAM, WSAM, LookSAM): it would clip the second pass's gradients only and
+        not bound the update. The pending step is cancelled first (the weights back as before
+        ``first_step()``, the gradients unclipped). Clip in the chain instead,
+        ``transforms=[GSAM(...), ClipGradNorm(max_norm)]``."""
+        self._refuse_clipping_between_passes(f"accelerator.clip_grad_norm_(parameters, max_norm={max_norm})", max_norm)
+        return super().clip_grad_norm_(parameters, max_norm, *args, **kwargs)
+
+    def clip_grad_value_(self, parameters: Any, clip_value: Any) -> Any:
+        """accelerate's ``clip_grad_value_``, refused as ``clip_grad_norm_`` is (in the chain:
+        ``ClampGrad(-clip_value, clip_value)`` after the transform)."""
+        self._refuse_clipping_between_passes(
+            f"accelerator.clip_grad_value_(parameters, clip_value={clip_value})", clip_value, by_value=True
+        )
+        return super().clip_grad_value_(parameters, clip_value)
+
+    def _refuse_clipping_between_passes(self, setting: str, threshold: Any, *, by_value: bool = False) -> None:
+        """Raise ``RuntimeError`` when a prepared optimizer is between ``first_step()`` and
+        ``second_step()`` (not inside its ``step(closure)``, whose closure clips both passes) and
+        its chain takes the first pass's gradient into the update (GSAM, WSAM, LookSAM): the
+        clipping would reach the second pass's gradients only. The step is cancelled first (the
+        weights back as before ``first_step()``), the gradients are left unclipped."""
+        for optimizer in self._optimizers:
+            if not isinstance(optimizer, SAMAcceleratedOptimizer) or optimizer.__dict__.get("_sam_stepping", False):
+                continue
+            sam = optimizer.sam
+            if sam._pending is None:
+                continue
+            refusal = clipping_refusal(
+                sam,
+                f"{setting} between first_step() and second_step()",
+                setting.split("(")[0],
+                "Do not clip between the passes",
+                threshold,
+                by_value=by_value,
+            )
+            if refusal is not None:
+                sam.cancel_step()
+                raise RuntimeError(f"{refusal}. The step was cancelled: the weights are back as before first_step()")
 
     def _refuse_engines(self, objects: tuple[Any, ...]) -> None:
         engines = (DistributedType.DEEPSPEED, DistributedType.MEGATRON_LM)

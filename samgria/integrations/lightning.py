@@ -33,6 +33,7 @@ from types import ModuleType
 from typing import Any
 
 from samgria.integrations._common import (
+    clipping_refusal,
     find_transforming,
     first_pass_overflowed,
     missing_base,
@@ -72,7 +73,11 @@ def check_trainer(trainer: Any, module: Any, optimizers: list[Any] | None = None
             would see the last micro-batch only), or with a loss scaler
             (``precision="16-mixed"``) in any precision plugin but :class:`SAMMixedPrecision` --
             in any at all for a meta-optimizer whose outer optimizer re-evaluates (the scaler
-            steps it without a closure).
+            steps it without a closure), or with ``gradient_clip_val`` in ``"bf16-mixed"``
+            (Lightning's ``MixedPrecision`` refuses to clip for an optimizer that unscales its
+            own gradients) or under :class:`SAMMixedPrecision` with GSAM, WSAM or LookSAM in the
+            chain (it clips after the second pass only, and they take the first pass's gradient
+            into the update). Put ``ClipGradNorm`` in the chain instead.
     """
     optimizers = trainer.optimizers if optimizers is None else optimizers
     names = {name for opt in optimizers for name in reevaluating(find_transforming(opt))}
@@ -116,6 +121,51 @@ def check_trainer(trainer: Any, module: Any, optimizers: list[Any] | None = None
             f"SAMMixedPrecision({precision!r}, {device!r})] instead of precision={precision!r}, or use "
             "precision='bf16-mixed'"
         )
+    _refuse_clipping(trainer, optimizers)
+
+
+def _refuse_clipping(trainer: Any, optimizers: list[Any]) -> None:
+    """Refuse ``gradient_clip_val`` where Lightning's clipping cannot run or cannot bound the update
+    of a samgria optimizer whose chain re-evaluates, under automatic optimization.
+
+    ``"bf16-mixed"`` (a ``MixedPrecision`` plugin without a scaler): Lightning refuses to clip for an
+    optimizer that unscales its own gradients, at the first step. :class:`SAMMixedPrecision` with a
+    scaler clips once, after the second pass, which does not bound the update of GSAM, WSAM and
+    LookSAM (they take the first pass's gradient into it). ``"32-true"`` clips inside the closure,
+    in both passes: accepted.
+    """
+    clip = trainer.gradient_clip_val
+    plugin = trainer.precision_plugin
+    if clip is None or clip <= 0 or not isinstance(plugin, MixedPrecision):
+        return
+    ordered = [name for opt in optimizers for name in reevaluating(find_transforming(opt))]
+    if not ordered:
+        return
+    algorithm = trainer.gradient_clip_algorithm
+    by_value = str(getattr(algorithm, "value", algorithm)) == "value"
+    setting = f"gradient_clip_val={clip}" + (", gradient_clip_algorithm='value'" if by_value else "")
+    if plugin.scaler is None:  # "bf16-mixed"
+        example = f"ClampGrad(-{clip}, {clip})" if by_value else f"ClipGradNorm({clip})"
+        raise ValueError(
+            f"Trainer(precision={plugin.precision!r}, {setting}) with {', '.join(dict.fromkeys(ordered))} "
+            f"under automatic optimization: Lightning's {type(plugin).__name__} refuses to clip the "
+            "gradients of an optimizer that unscales them in its step(), which a TransformingOptimizer "
+            "whose chain re-evaluates the loss declares (so that a GradScaler can finish its two-call "
+            "step); it would raise at the first step. Remove gradient_clip_val and clip in the chain: "
+            f"transforms=[..., {ordered[-1]}(...), samgria.{example}] clips the gradient the inner "
+            "optimizer steps with"
+        )
+    for optimizer in optimizers:
+        refusal = clipping_refusal(
+            find_transforming(optimizer),
+            f"Trainer({setting}, plugins=[{type(plugin).__name__}(...)])",
+            type(plugin).__name__,
+            "Remove gradient_clip_val",
+            clip,
+            by_value=by_value,
+        )
+        if refusal is not None:
+            raise ValueError(refusal)
 
 
 class SAMCallback(Callback):
@@ -150,10 +200,13 @@ class SAMMixedPrecision(MixedPrecision):
     ``MixedPrecision``.
 
     When connected (right after ``configure_optimizers``) it refuses what :func:`check_trainer`
-    refuses, such as ``accumulate_grad_batches > 1``, and, under automatic optimization, what the
-    two-call loop cannot run: a chain with more than one re-evaluation per step
-    (``MultiStepSAM(ascent_steps=2)``) and ``first_pass_context`` (m-sharpness, which needs
-    ``step(closure)`` to agree the ranks' verdicts on their local gradients).
+    refuses, such as ``accumulate_grad_batches > 1`` and ``gradient_clip_val`` with GSAM, WSAM or
+    LookSAM in the chain (clipped once, after the second pass, it would not bound their update,
+    which takes in the first pass's gradient: put ``ClipGradNorm`` after them in the chain), and,
+    under automatic optimization, what the two-call loop cannot run: a chain with more than one
+    re-evaluation per step (``MultiStepSAM(ascent_steps=2)``) and ``first_pass_context``
+    (m-sharpness, which needs ``step(closure)`` to agree the ranks' verdicts on their local
+    gradients).
 
     Args:
         precision: ``"16-mixed"`` (or ``"bf16-mixed"``, which needs no scaler and no plugin).
@@ -189,6 +242,8 @@ class SAMMixedPrecision(MixedPrecision):
             return super().optimizer_step(optimizer, model=model, closure=closure, **kwargs)
         assert sam is not None
         self._refuse_two_call_incapable(sam)  # also an optimizer changed since it was connected
+        if pl is not None and isinstance(model, pl.LightningModule):
+            _refuse_clipping(model.trainer, [optimizer])
         closure_result = closure()  # training_step, zero_grad, scaled backward
         if closure_result is None:  # training_step returned None: Lightning skips the step
             self._after_closure_unscaled(model, optimizer)  # its hooks still run, as Lightning's do

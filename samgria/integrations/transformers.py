@@ -11,6 +11,7 @@ import contextlib
 from typing import Any
 
 from samgria.integrations._common import (
+    clipping_refusal,
     find_transforming,
     first_pass_overflowed,
     missing_base,
@@ -48,9 +49,17 @@ class SAMTrainer(Trainer):
        under ``fp16``, which skips the step on an overflow in either pass.
 
     So one step equals SAM on the concatenated batch. ``bf16``, ``fp16``, LR schedulers and
-    gradient clipping work as with any optimizer (a step the loss scaler skips does not advance
-    the LR schedule); the training loss logged is the first pass's. Other optimizers and chains
-    without a re-evaluating transform train as with ``Trainer``.
+    gradient clipping work as with any optimizer (a step the loss scaler skips, or the optimizer's
+    non-finite policy skips, does not advance the LR schedule); the training loss logged is the
+    first pass's. Other optimizers and chains without a re-evaluating transform train as with
+    ``Trainer``.
+
+    ``max_grad_norm`` (the ``Trainer``'s default is 1.0) clips the second pass's gradients only.
+    GSAM, WSAM and LookSAM take the first pass's gradient into the update, so for them it would
+    not bound the update: a chain with one of them is refused with ``max_grad_norm > 0``; set
+    ``max_grad_norm=0`` and clip in the chain after the transform,
+    ``transforms=[GSAM(...), ClipGradNorm(max_norm)]`` (WSAM: with ``decouple=False``, whose
+    update all passes through the inner optimizer).
 
     The second pass of each micro-batch runs inside the optimizer's ``reevaluation_context``, as in
     ``step(closure)``: with ``reevaluation_context=lambda: frozen_bn_stats(model)`` BatchNorm's
@@ -70,7 +79,8 @@ class SAMTrainer(Trainer):
             optimizer in ``optimizers``.
         ValueError: From ``train()``, under DeepSpeed, whose engine runs the optimizer step
             itself, or, before any step, with an optimizer that ``first_step()``/``second_step()``
-            cannot run (more than one re-evaluation per step, or ``first_pass_context``).
+            cannot run (more than one re-evaluation per step, or ``first_pass_context``), or with
+            ``max_grad_norm > 0`` and GSAM, WSAM or LookSAM in the chain.
     """
 
     def __init__(self, *args: Any, transforms: Any = None, reevaluation_context: Any = None, **kwargs: Any) -> None:
@@ -98,10 +108,19 @@ class SAMTrainer(Trainer):
     def _refuse_two_call_incapable(self) -> None:
         """Raise ``ValueError`` before training when the optimizer needs what the two-call loop
         this trainer drives cannot do (``MultiStepSAM(ascent_steps=2)``, two SAMs,
-        ``first_pass_context``)."""
-        refusal = two_call_refusal(
-            find_transforming(self.optimizer), "SAMTrainer (the Trainer calls optimizer.step() without a closure)"
-        )
+        ``first_pass_context``), or when ``max_grad_norm`` cannot bound its update (GSAM, WSAM,
+        LookSAM)."""
+        sam = find_transforming(self.optimizer)
+        refusal = two_call_refusal(sam, "SAMTrainer (the Trainer calls optimizer.step() without a closure)")
+        max_grad_norm = self.args.max_grad_norm
+        if refusal is None and reevaluating(sam) and max_grad_norm is not None and max_grad_norm > 0:
+            refusal = clipping_refusal(
+                sam,
+                f"SAMTrainer(args=TrainingArguments(max_grad_norm={max_grad_norm}))",
+                "the Trainer",
+                "Set max_grad_norm=0",
+                max_grad_norm,
+            )
         if refusal is not None:
             raise ValueError(refusal)
 
