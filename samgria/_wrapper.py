@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import inspect
 import sys
 import types
 import weakref
@@ -56,7 +57,14 @@ from samgria._snapshot import StateStructure, StepSnapshot, is_entry
 from samgria.functional._grouping import unique_params
 from samgria.functional._views import values_as_real
 
-__all__ = ["WrappingOptimizer", "built_by_zero_redundancy", "refuse_driven", "unhooked_step", "with_hooks"]
+__all__ = [
+    "WrappingOptimizer",
+    "built_by_zero_redundancy",
+    "refuse_driven",
+    "step_required_arguments",
+    "unhooked_step",
+    "with_hooks",
+]
 
 
 def unhooked_step(optimizer: Optimizer, closure: Any = None) -> Any:
@@ -197,6 +205,27 @@ def _held_optimizer(optimizer: Optimizer) -> tuple[str, Optimizer] | None:
     return None
 
 
+def step_required_arguments(optimizer: Optimizer) -> tuple[bool, list[str]]:
+    """Whether the ``step`` of ``optimizer``'s class requires its first argument after ``self``
+    (the closure), and the names of the other arguments it requires (positional or keyword-only,
+    without a default): the wrapper calls the inner step with no argument but, at most, a
+    closure. The class's, not the instance's: an LR scheduler replaces the instance's ``step``
+    with a wrapper of its own. (An optimizer whose ``closure=None`` default only raises at the
+    call, as some third-party ones do, is found out at its first step.)"""
+    try:
+        parameters = list(inspect.signature(type(optimizer).step).parameters.values())[1:]
+    except (AttributeError, TypeError, ValueError):  # no signature to read: assume it works
+        return False, []
+    positional = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    required = [
+        parameter for parameter in parameters
+        if parameter.default is inspect.Parameter.empty
+        and parameter.kind not in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
+    ]
+    closure_required = bool(parameters) and parameters[0].kind in positional and parameters[0] in required
+    return closure_required, [parameter.name for parameter in required if parameter is not parameters[0] or not closure_required]
+
+
 def refuse_driven(optimizer: Optimizer, name: str) -> None:
     """Raise ``ValueError`` if ``optimizer`` is already driven by a wrapper, ``TypeError`` if its
     ``state`` or ``param_groups`` cannot be set (the wrapper's view, a load's groups) or if it
@@ -236,6 +265,14 @@ def refuse_driven(optimizer: Optimizer, name: str) -> None:
                 f"{type(optimizer).__name__}, whose {attribute_name} is a read-only property (an "
                 "optimizer wrapping another one?): wrap the optimizer it wraps, or put it outside"
             )
+    _, others_required = step_required_arguments(optimizer)
+    if others_required:
+        raise TypeError(
+            f"{name} must be an optimizer whose step() takes no arguments but a closure, got "
+            f"{type(optimizer).__name__}, whose step() requires "
+            f"{', '.join(repr(argument) for argument in others_required)}, which the wrapper cannot pass: use it "
+            "on its own"
+        )
     held = None if isinstance(optimizer, WrappingOptimizer) else _held_optimizer(optimizer)
     if held is not None:
         attribute_name, other = held
@@ -1015,7 +1052,8 @@ class WrappingOptimizer(Optimizer):
             return False
         if any(group.get("lr", 0.0) != 0.0 for group in self.param_groups):
             return False
-        grads = [p.grad for p in self._unique_params() if p.grad is not None]
+        # (a sparse gradient's stored values: torch has no != for sparse tensors)
+        grads = [p.grad.coalesce().values() if p.grad.is_sparse else p.grad for p in self._unique_params() if p.grad is not None]
         if not grads or any(bool(torch.any(grad != 0)) for grad in grads):
             return False
         return _called_by_checkpoint_state_init()

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import inspect
 import math
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -18,7 +17,14 @@ from samgria._checks import check_bool, check_choice
 from samgria._frameworks import accumulating_framework, stacklevel_outside, stepping_grad_scaler
 from samgria._legacy import from_release_0_1
 from samgria._snapshot import GroupValues, StateStructure, StepSnapshot, is_entry
-from samgria._wrapper import WrappingOptimizer, built_by_zero_redundancy, checks_before_writing, is_torch_optimizer, refuse_driven
+from samgria._wrapper import (
+    WrappingOptimizer,
+    built_by_zero_redundancy,
+    checks_before_writing,
+    is_torch_optimizer,
+    refuse_driven,
+    step_required_arguments,
+)
 from samgria.functional import all_finite, global_norm
 from samgria.functional._grouping import group_indices_by_device_and_dtype, unique_params
 from samgria.functional._sharding import any_sharded, is_sharded
@@ -355,13 +361,7 @@ class TransformingOptimizer(WrappingOptimizer):
                 "inner must be an optimizer whose step() works without a closure, got LBFGS (it "
                 "re-evaluates the closure itself): use it on its own"
             )
-        closure_required, others_required = _step_required_arguments(inner_optimizer)
-        if others_required:
-            raise TypeError(
-                "inner must be an optimizer whose step() takes no arguments but a closure, got "
-                f"{type(inner_optimizer).__name__}, whose step() requires "
-                f"{', '.join(repr(name) for name in others_required)}, which the wrapper cannot pass: use it on its own"
-            )
+        closure_required, _ = step_required_arguments(inner_optimizer)  # others: refuse_driven
         if closure_required:
             raise TypeError(
                 "inner must be an optimizer whose step() works without a closure, got "
@@ -1412,27 +1412,6 @@ def _refuse_without_defaults(optimizer: Optimizer) -> None:
             f"got a {type(optimizer).__name__} without defaults (an optimizer that drives another "
             "one, which TransformingOptimizer cannot drive in turn)"
         )
-
-
-def _step_required_arguments(optimizer: Optimizer) -> tuple[bool, list[str]]:
-    """Whether the ``step`` of ``optimizer``'s class requires its first argument after ``self``
-    (the closure), and the names of the other arguments it requires (positional or keyword-only,
-    without a default): the wrapper calls the inner step with no argument but, at most, a
-    closure. The class's, not the instance's: an LR scheduler replaces the instance's ``step``
-    with a wrapper of its own. (An optimizer whose ``closure=None`` default only raises at the
-    call, as some third-party ones do, is found out at its first step.)"""
-    try:
-        parameters = list(inspect.signature(type(optimizer).step).parameters.values())[1:]
-    except (AttributeError, TypeError, ValueError):  # no signature to read: assume it works
-        return False, []
-    positional = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
-    required = [
-        parameter for parameter in parameters
-        if parameter.default is inspect.Parameter.empty
-        and parameter.kind not in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
-    ]
-    closure_required = bool(parameters) and parameters[0].kind in positional and parameters[0] in required
-    return closure_required, [parameter.name for parameter in required if parameter is not parameters[0] or not closure_required]
 
 
 def sam_optimizer(

@@ -162,7 +162,11 @@ def frozen_bn_stats(model: nn.Module) -> Iterator[nn.Module]:
             layer.track_running_stats = True
         with torch.no_grad():
             for buffer, value in kept:
-                buffer.copy_(value)
+                # Only what the block changed: a write bumps the buffer's version, and a graph that
+                # saved the buffer itself (the hook-based spectral norm in eval mode saves u and v)
+                # could then not be back-propagated after the block.
+                if not torch.equal(buffer, value):
+                    buffer.copy_(value)
 
 
 def _power_iteration_vectors(model: nn.Module) -> list[torch.Tensor]:

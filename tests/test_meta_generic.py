@@ -1539,6 +1539,33 @@ def test_an_outer_optimizer_that_keeps_its_state_in_another_optimizer_is_refused
         MAML(model, BuiltLookahead, lr=0.1, inner_lr=0.1)
 
 
+def test_an_outer_optimizer_whose_step_requires_other_arguments_is_refused_unchanged():
+    """The meta-optimizer calls the outer step with a closure at most: a step that requires more
+    is refused at construction (it failed at the first meta-step), the optimizer left as it was;
+    one that only requires the closure (LBFGS-like) stays accepted."""
+
+    class NeedsScale(torch.optim.SGD):
+        def step(self, closure=None, *, scale):
+            return super().step(closure)
+
+    class NeedsClosure(torch.optim.SGD):
+        def step(self, closure):
+            return super().step(closure)
+
+    model = nn.Linear(3, 2)
+    outer = NeedsScale(model.parameters(), lr=0.1)
+    message = (
+        r"^outer must be an optimizer whose step\(\) takes no arguments but a closure, got NeedsScale, "
+        r"whose step\(\) requires 'scale', which the wrapper cannot pass: use it on its own$"
+    )
+    with pytest.raises(TypeError, match=message):
+        MAML(model, outer, inner_lr=0.1)
+    assert "inner_lr" not in outer.param_groups[0] and type(outer.state) is collections.defaultdict
+    with pytest.raises(TypeError, match=message):
+        MAML(model, NeedsScale, lr=0.1, inner_lr=0.1)
+    MAML(nn.Linear(3, 2), NeedsClosure, lr=0.1, inner_lr=0.1)
+
+
 @pytest.mark.parametrize("how", ["deepcopy", "pickle"])
 def test_a_copy_of_a_meta_optimizer_with_a_scheduler_steps_its_own_model(how):
     """An LR scheduler patches ``meta.step`` on the instance; the copy (torch.save/load or

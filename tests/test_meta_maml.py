@@ -524,6 +524,8 @@ def test_meta_loss_weighted_mean_and_count_mismatch():
         MetaOptimizer.meta_loss(torch.tensor([1.0, 2.0]), [[1, 2]])
     with pytest.raises(ValueError, match=r"got shape \(\)$"):
         MetaOptimizer.meta_loss(torch.tensor([1.0]), 1.0)
+    with pytest.raises(ValueError, match=r"got shape \(\)$"):
+        MetaOptimizer.meta_loss(torch.tensor([1.0]), np.array(1.0))
     with pytest.raises(ValueError, match="at least one task loss, got 0"):
         MetaOptimizer.meta_loss([])
     with pytest.raises(ValueError, match="weights must be finite and >= 0"):

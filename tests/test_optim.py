@@ -1933,14 +1933,14 @@ def test_an_inner_optimizer_whose_step_requires_other_arguments_is_refused_namin
         def step(self, closure=None, *args, scale=1.0, **kwargs):
             return None
 
-    message = r"^inner must be an optimizer whose step\(\) takes no arguments but a closure, got {name}, whose step\(\) requires 'scale'"
-    with pytest.raises(TypeError, match=message.format(name="ExtraKw")):
+    message = r"^{argument} must be an optimizer whose step\(\) takes no arguments but a closure, got {name}, whose step\(\) requires 'scale'"
+    with pytest.raises(TypeError, match=message.format(argument="inner", name="ExtraKw")):
         TransformingOptimizer(make_model().parameters(), ExtraKw, transforms=[SAM()])
     existing = ExtraKw(make_model().parameters())
-    with pytest.raises(TypeError, match=message.format(name="ExtraKw")):
+    with pytest.raises(TypeError, match=message.format(argument="params", name="ExtraKw")):  # as given
         TransformingOptimizer(existing, transforms=())
     assert existing.param_groups[0].keys() == {"params", "lr"} and type(existing.state) is collections.defaultdict
-    with pytest.raises(TypeError, match=message.format(name="ExtraPositional")):
+    with pytest.raises(TypeError, match=message.format(argument="inner", name="ExtraPositional")):
         TransformingOptimizer(make_model().parameters(), ExtraPositional, transforms=[SAM()])
     TransformingOptimizer(make_model().parameters(), OptionalExtras, transforms=[SAM()])  # accepted
 
@@ -2514,3 +2514,31 @@ def test_a_meta_optimizer_subclass_overriding_step_runs_the_hooks_once():
         finally:
             handle.remove()
         assert names == ["CountingMAML"] and own == [1]
+
+
+@pytest.mark.parametrize("transforms", [(), ("EMA",)], ids=["plain", "EMA"])
+def test_a_first_step_at_lr_zero_with_sparse_gradients_steps_as_torch_does(transforms):
+    """A warm-up from lr 0 with sparse gradients: the check that tells torch.distributed.checkpoint's
+    state initialisation (every lr 0, every gradient 0) from a user's step compared sparse
+    gradients with != (not implemented for them) and raised. The weights must follow plain SGD."""
+    from samgria import EMA
+
+    torch.manual_seed(0)
+    embedding = nn.Embedding(10, 4, sparse=True)
+    reference = copy.deepcopy(embedding)
+    initial = embedding.weight.detach().clone()
+    optimizer = TransformingOptimizer(
+        embedding.parameters(), torch.optim.SGD, transforms=[EMA(0.9)] if transforms else [], lr=0.1
+    )
+    plain = torch.optim.SGD(reference.parameters(), lr=0.1)
+    schedulers = [torch.optim.lr_scheduler.LambdaLR(o, lambda step: step / 10) for o in (optimizer, plain)]
+    index = torch.tensor([1, 3, 3, 7])
+    for _ in range(3):
+        for module, opt in ((embedding, optimizer), (reference, plain)):
+            opt.zero_grad()
+            module(index).square().sum().backward()
+            opt.step()
+        for scheduler in schedulers:
+            scheduler.step()
+        assert torch.equal(embedding.weight, reference.weight)
+    assert not torch.equal(embedding.weight, initial), "the later steps (lr > 0) moved the weights"

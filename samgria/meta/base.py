@@ -88,8 +88,8 @@ def _refuse_truth_values(weights: Sequence[Any] | torch.Tensor) -> None:
         if weights.dtype == torch.bool:
             raise TypeError(f"weights must be finite numbers >= 0, got a tensor of dtype torch.bool: {weights.tolist()}")
         return
-    if not isinstance(weights, Iterable):
-        return  # a single number: the shape check names it
+    if not isinstance(weights, Iterable) or getattr(weights, "ndim", None) == 0:
+        return  # a single number (or a 0-d array): the shape check names it
     for index, weight in enumerate(weights):
         numpy_bool = type(weight).__module__ == "numpy" and type(weight).__name__ in ("bool", "bool_")
         boolean = isinstance(weight, bool) or numpy_bool or (
