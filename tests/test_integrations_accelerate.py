@@ -708,3 +708,27 @@ def test_clip_grad_norm_after_the_transform_bounds_the_update(name: str, route: 
             optimizer.step(accelerated_closure(accelerator, model, optimizer, x, y))
         norms.append(math.sqrt(sum(float((p.detach() - b).pow(2).sum()) for p, b in zip(model.parameters(), before))))
     assert norms == pytest.approx([LR * 1.0] * 4, rel=1e-5)  # ClipGradNorm's 1e-6 in its divisor
+
+
+def test_a_step_finished_on_the_prepared_optimizer_after_a_skipped_one_is_not_reported_skipped() -> None:
+    """``first_step()`` on the samgria optimizer itself and ``second_step()`` on the prepared one
+    (as ``first_step()`` then ``scaler.step(optimizer)`` in plain torch), right after a step the
+    non-finite policy skipped: the applied step must read as not skipped (a count kept from the
+    earlier step's ``first_step()`` made it read as skipped, and the schedule stalled)."""
+    model, sam = model_and_optimizer()
+    accelerator = SAMAccelerator(cpu=True)
+    model, optimizer = accelerator.prepare(model, sam)
+    (x0, y0), (x1, y1) = batches(count=2)
+    accelerator.backward(F.mse_loss(model(x0), y0))
+    optimizer.first_step(zero_grad=True)
+    accelerator.backward(F.mse_loss(model(x0), y0) * float("nan"))
+    with pytest.warns(RuntimeWarning, match="not finite: the step is skipped"):
+        optimizer.second_step(zero_grad=True)
+    assert optimizer.step_was_skipped and sam.skipped_steps == 1
+    before = [p.detach().clone() for p in model.parameters()]
+    accelerator.backward(F.mse_loss(model(x1), y1))
+    sam.first_step(zero_grad=True)
+    accelerator.backward(F.mse_loss(model(x1), y1))
+    optimizer.second_step(zero_grad=True)
+    assert sam.skipped_steps == 1 and not all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    assert not optimizer.step_was_skipped and not accelerator.optimizer_step_was_skipped

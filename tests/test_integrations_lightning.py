@@ -769,3 +769,20 @@ def test_gradient_clip_val_under_bf16_mixed_is_refused_when_fit_starts(plugin) -
         r"gradient the inner optimizer steps with$",
     )
     assert module.training_steps == 0
+
+
+def test_gradient_clip_val_under_bf16_mixed_with_configure_gradient_clipping_overridden_is_not_refused() -> None:
+    """A module that clips in its own configure_gradient_clipping (torch's clip_grad_norm_, inside
+    the closure: both passes) never reaches Lightning's MixedPrecision clipping, which refuses:
+    the setting trains, as it does without SAMCallback, and the clip is the module's."""
+    clips = []
+
+    class ClipsItself(Regression):
+        def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
+            clips.append(float(torch.nn.utils.clip_grad_norm_(self.parameters(), gradient_clip_val)))
+
+    module = ClipsItself(dtype=torch.float32)
+    fit = trainer(precision="bf16-mixed", gradient_clip_val=0.5, callbacks=[SAMCallback()])
+    fit.fit(module, loader(batches(torch.float32)))
+    assert module.training_steps == 3 * 2  # two closure calls per step
+    assert len(clips) == 6 and fit.global_step == 3

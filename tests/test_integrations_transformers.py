@@ -485,3 +485,42 @@ def test_clip_grad_norm_after_the_transform_bounds_the_update(tmp_path, name) ->
     SAMTrainer(model=model, args=args, train_dataset=Pairs(), optimizers=(optimizer, None), callbacks=[UpdateNorm()]).train()
     assert len(norms) == 4
     assert norms == pytest.approx([LR * 1.0] * 4, rel=1e-5)  # ClipGradNorm's 1e-6 in its divisor
+
+
+class _ClipAfterTheStep:
+    """A seed-protocol object (apply/post_step) that clips the gradients it is given, as the
+    docs' optim_seed_protocol example does; placed after SAM it sees the second pass only."""
+
+    def __init__(self, max_norm: float) -> None:
+        self.max_norm = max_norm
+
+    def apply(self, model, loss_fn, batch) -> None:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), self.max_norm)
+
+    def post_step(self, model) -> None:
+        pass
+
+
+def test_max_grad_norm_with_a_seed_protocol_object_after_sam_is_not_refused(tmp_path) -> None:
+    """Only a transform that re-evaluates and mixes the first pass into the update escapes the
+    Trainer's clip; a seed-protocol object (which does not declare supports_local_first_pass)
+    after SAM sees the second pass's gradients only. Reference: the update of plain SGD is lr
+    times a gradient of norm at most max_grad_norm (the Trainer's clip, after the object's)."""
+    model = Steep()
+    params = list(model.parameters())
+    optimizer = TransformingOptimizer(
+        params, torch.optim.SGD, lr=LR, transforms=[SAM(rho=0.05), _ClipAfterTheStep(5.0)], model=model
+    )
+    norms = []
+
+    class UpdateNorm(transformers.TrainerCallback):
+        def on_step_begin(self, args, state, control, **kwargs):
+            self.before = [p.detach().clone() for p in params]
+
+        def on_step_end(self, args, state, control, **kwargs):
+            norms.append(math.sqrt(sum(float((p.detach() - b).double().pow(2).sum()) for p, b in zip(params, self.before))))
+
+    args = arguments(tmp_path, optim="sgd", lr_scheduler_type="constant")  # max_grad_norm=1.0
+    SAMTrainer(model=model, args=args, train_dataset=Pairs(), optimizers=(optimizer, None), callbacks=[UpdateNorm()]).train()
+    assert len(norms) == 4
+    assert norms == pytest.approx([LR * 1.0] * 4, rel=1e-5)

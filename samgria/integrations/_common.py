@@ -6,6 +6,7 @@ from typing import Any
 
 from samgria.meta.base import MetaOptimizer
 from samgria.optim import TransformingOptimizer
+from samgria.transforms.base import ProtocolTransform
 from samgria.transforms.sam_family import WSAM
 
 INSTALL_HINT = "pip install 'samgria[integrations]'"
@@ -101,14 +102,19 @@ def two_call_refusal(optimizer: TransformingOptimizer | None, driver: str) -> st
 
 def first_pass_in_update(optimizer: TransformingOptimizer | None) -> list[str]:
     """The transforms in ``optimizer``'s chain whose update takes in the first pass's gradient,
-    by name (GSAM, WSAM, LookSAM; SAM and ASAM use it only to perturb): those that set
-    ``supports_local_first_pass = False`` or ``combines_gradients``."""
+    by name (GSAM, WSAM, LookSAM; SAM and ASAM use it only to perturb): those that combine the
+    gradients (``combines_gradients``), and the re-evaluating ones (``needs_closure``) that declare
+    ``supports_local_first_pass = False`` (their update mixes in the first pass's gradient). A
+    transform that does not re-evaluate sees one pass's gradients only, whatever it declares (a
+    seed-protocol object is not asked for ``supports_local_first_pass``: it answers ``False``
+    when it does not say)."""
     if optimizer is None:
         return []
     return [
-        type(transform).__name__
+        f"{transform.describe()} (seed protocol)" if isinstance(transform, ProtocolTransform) else type(transform).__name__
         for transform in optimizer.transforms
-        if not transform.supports_local_first_pass or getattr(transform, "combines_gradients", False)
+        if getattr(transform, "combines_gradients", False)
+        or (transform.needs_closure and not transform.supports_local_first_pass)
     ]
 
 

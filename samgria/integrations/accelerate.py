@@ -98,7 +98,6 @@ class SAMAcceleratedOptimizer(AcceleratedOptimizer):
         """:meth:`samgria.TransformingOptimizer.first_step`, on a synchronised micro-batch only."""
         self._check_synchronised("first_step()")
         self._record_scale()
-        self._sam_skips_before = self.sam.skipped_steps  # what step_was_skipped compares with
         self.sam.first_step(zero_grad)
 
     def second_step(self, zero_grad: bool = False) -> None:
@@ -120,8 +119,8 @@ class SAMAcceleratedOptimizer(AcceleratedOptimizer):
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
         """accelerate's ``step``; with a closure, SAM's step on it (see the class docstring)."""
         sam = self.sam
-        # the skipped steps before this step: before first_step() when this finishes one
-        skipped = sam.skipped_steps if sam._pending is None else self.__dict__.get("_sam_skips_before", sam.skipped_steps)
+        # first_step() skips nothing: a two-call step is judged (and counted) when step() finishes it
+        skipped = sam.skipped_steps
         self._sam_policy_skipped = False
         self._sam_stepping = True
         try:

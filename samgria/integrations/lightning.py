@@ -124,6 +124,15 @@ def check_trainer(trainer: Any, module: Any, optimizers: list[Any] | None = None
     _refuse_clipping(trainer, optimizers)
 
 
+def _clips_itself(module: Any) -> bool:
+    """Whether ``module`` overrides ``configure_gradient_clipping``: it may clip by itself (torch's
+    ``clip_grad_norm_`` inside the closure clips both passes), and where it calls Lightning's
+    ``clip_gradients`` Lightning raises its own refusal."""
+    from lightning.pytorch.utilities.model_helpers import is_overridden
+
+    return bool(is_overridden("configure_gradient_clipping", module))
+
+
 def _refuse_clipping(trainer: Any, optimizers: list[Any]) -> None:
     """Refuse ``gradient_clip_val`` where Lightning's clipping cannot run or cannot bound the update
     of a samgria optimizer whose chain re-evaluates, under automatic optimization.
@@ -145,6 +154,9 @@ def _refuse_clipping(trainer: Any, optimizers: list[Any]) -> None:
     by_value = str(getattr(algorithm, "value", algorithm)) == "value"
     setting = f"gradient_clip_val={clip}" + (", gradient_clip_algorithm='value'" if by_value else "")
     if plugin.scaler is None:  # "bf16-mixed"
+        module = getattr(trainer, "lightning_module", None)
+        if module is not None and _clips_itself(module):
+            return  # Lightning's clip_gradients, which refuses, is not reached
         example = f"ClampGrad(-{clip}, {clip})" if by_value else f"ClipGradNorm({clip})"
         raise ValueError(
             f"Trainer(precision={plugin.precision!r}, {setting}) with {', '.join(dict.fromkeys(ordered))} "
