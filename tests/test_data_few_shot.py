@@ -258,3 +258,14 @@ def test_bad_numpy_task_counts_are_rejected(n, error, match):
         sampler.sample(n)
     with pytest.raises(error, match=match):
         sampler.sample_with_classes(n)
+
+
+def test_labels_beyond_torch_long_are_refused_naming_them() -> None:
+    """uint64 labels of 2**63 or more cannot be returned as torch.long class labels: refused with
+    a message naming the label (torch's bare 'Overflow when unpacking long long' before)."""
+    labels = torch.tensor([2**63 + 5] * 5 + [1] * 5, dtype=torch.uint64)
+    with pytest.raises(ValueError, match=r"^labels must fit in torch\.long \(below 2\*\*63\), got 9223372036854775813$"):
+        FewShotSampler(torch.randn(10, 2), labels, 2, 1, 1)
+    below = torch.tensor([2**63 - 1] * 5 + [1] * 5, dtype=torch.uint64)
+    sampler = FewShotSampler(torch.randn(10, 2), below, 2, 1, 1, seed=0)
+    assert sorted(sampler.classes.tolist()) == [1, 2**63 - 1]

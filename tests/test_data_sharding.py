@@ -202,3 +202,17 @@ def test_state_helpers_cover_samplers_with_a_generator_attribute_or_nothing() ->
     ahead = wrapped.sample(4)
     wrapped.load_state_dict(saved)
     assert same_tasks(wrapped.sample(4), ahead)
+
+
+@pytest.mark.parametrize("make", [few_shot, sinusoid], ids=["few_shot", "sinusoid"])
+def test_a_sampler_on_the_global_generator_is_refused_for_several_ranks(make) -> None:
+    """torch's DistributedSampler always has a seed: the ranks' global random streams drift apart
+    (dropout draws per task), so their shares would come from different batches. One rank is fine."""
+    message = (
+        r"^sampler must draw from a generator of its own when it is shared by 2 ranks, got a "
+        r"(FewShotSampler|SinusoidTaskSampler) that draws from torch's global generator \(generator=None\)"
+    )
+    with pytest.raises(ValueError, match=message):
+        DistributedTaskSampler(make(seed=None), rank=1, world_size=2)
+    DistributedTaskSampler(make(seed=None), rank=0, world_size=1)
+    DistributedTaskSampler(PlainSampler(0), rank=1, world_size=2)  # no generator attribute: not asked

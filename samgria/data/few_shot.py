@@ -125,6 +125,9 @@ class FewShotSampler(GeneratorStateMixin):
             raise ValueError(
                 f"n_way must be <= the number of usable classes ({len(wanted)}), got {self.n_way}"
             )
+        too_large = [c for c in wanted if not -(2**63) <= c < 2**63]
+        if too_large:  # (uint64 labels) sample_with_classes returns them as torch.long
+            raise ValueError(f"labels must fit in torch.long (below 2**63), got {too_large[0]}")
         self.classes = torch.tensor(wanted, dtype=torch.long)
         # Example indices of each usable class, on the CPU (indices are drawn there).
         self._indices = [torch.nonzero(labels_cpu == c).flatten() for c in wanted]

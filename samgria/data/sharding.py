@@ -126,15 +126,18 @@ class DistributedTaskSampler:
 
     Args:
         sampler: The global task stream (anything with ``sample(n)``), seeded alike on every
-            rank.
+            rank; one with a ``generator`` attribute that is ``None`` (samgria's samplers built
+            without ``seed`` or ``generator``, which draw from torch's global generator) is
+            refused for more than one rank.
         rank: This process's rank (default: ``torch.distributed.get_rank()``).
         world_size: Number of processes (default: ``torch.distributed.get_world_size()``).
 
     Raises:
         TypeError: ``sampler`` has no ``sample`` method, or ``rank``/``world_size`` is not an
             integer.
-        ValueError: ``rank`` is out of range, or ``rank``/``world_size`` is ``None`` without an
-            initialised ``torch.distributed`` process group.
+        ValueError: ``rank`` is out of range, ``rank``/``world_size`` is ``None`` without an
+            initialised ``torch.distributed`` process group, or ``sampler`` draws from torch's
+            global generator and ``world_size > 1``.
     """
 
     def __init__(self, sampler: TaskSampler, *, rank: int | None = None, world_size: int | None = None) -> None:
@@ -150,8 +153,17 @@ class DistributedTaskSampler:
                 )
             rank = dist.get_rank() if rank is None else rank
             world_size = dist.get_world_size() if world_size is None else world_size
+        rank, world_size = check_shard(rank, world_size)
+        if world_size > 1 and hasattr(sampler, "generator") and sampler.generator is None:
+            raise ValueError(
+                f"sampler must draw from a generator of its own when it is shared by {world_size} ranks, got "
+                f"a {type(sampler).__name__} that draws from torch's global generator (generator=None): the "
+                "ranks' global random streams drift apart (dropout, say, draws as many numbers as a rank "
+                "has tasks), and each rank would take its share of another batch; give it seed=... (the "
+                "same on every rank) or generator=..."
+            )
         self.sampler = sampler
-        self.rank, self.world_size = check_shard(rank, world_size)
+        self.rank, self.world_size = rank, world_size
 
     def bounds(self, n: int) -> tuple[int, int]:
         """``(start, stop)`` of this rank's share of ``n`` items (:func:`shard_bounds`)."""
