@@ -242,6 +242,40 @@ def test_a_finite_step_resets_the_count_of_consecutive_skipped_steps():
     assert meta.skipped_steps == 2 and len(history.meta_loss) == 4
 
 
+@pytest.mark.parametrize("how", ["same trainer", "checkpoint"])
+def test_consecutive_skipped_steps_are_counted_over_fit_calls_and_checkpoints(tmp_path, how):
+    """fit(2) then fit(2) must stop where fit(4) stops: the count of skipped meta-steps in a row
+    went back to 0 at every fit call and was not in the checkpoint, so a resumed run took steps
+    an uninterrupted one refused. Batches: good, bad, bad, bad with max_skipped_steps=3."""
+    good, bad = fixed_tasks(2, seed=1), [t for seed in (2, 3, 4) for t in fixed_tasks(2, seed=seed)]
+    for t in bad:
+        t.query_y[0] = float("nan")
+    batches = good + bad
+
+    def trainer(tasks):
+        meta = MAML(make_model(), torch.optim.SGD, lr=0.1)
+        return MetaTrainer(meta, F.mse_loss, ListSampler(tasks), max_skipped_steps=3)
+
+    whole = trainer(batches)
+    with pytest.warns(RuntimeWarning, match="the meta-step is skipped"):
+        with pytest.raises(RuntimeError, match=r"^MetaTrainer\.fit: 3 consecutive meta-steps were skipped .* at iteration 4\)"):
+            whole.fit(4, 2, progress=False)
+
+    first = trainer(batches)
+    with pytest.warns(RuntimeWarning, match="the meta-step is skipped"):
+        first.fit(2, 2, progress=False)
+    if how == "checkpoint":
+        torch.save(first.state_dict(), tmp_path / "trainer.pt")
+        second = trainer(batches[4:])  # the sampler goes on where the first one stopped
+        second.load_state_dict(torch.load(tmp_path / "trainer.pt", weights_only=True))
+    else:
+        second = first
+    with pytest.warns(RuntimeWarning, match="the meta-step is skipped"):
+        with pytest.raises(RuntimeError, match=r"^MetaTrainer\.fit: 3 consecutive meta-steps were skipped .* at iteration 4\)"):
+            second.fit(2, 2, progress=False)
+    assert second.meta.skipped_steps == whole.meta.skipped_steps == 3
+
+
 def test_max_skipped_steps_is_checked():
     meta = MAML(make_model(), torch.optim.SGD, lr=0.1)
     with pytest.raises(ValueError, match=r"max_skipped_steps must be an integer >= 1, got 0"):

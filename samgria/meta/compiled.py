@@ -340,6 +340,16 @@ class CompiledMetaLoss:
         self._programs: dict[tuple[Any, ...], Callable[..., Any]] = {}
         self._lr_tensors: dict[tuple[Any, ...], torch.Tensor] = {}
 
+    def __getstate__(self) -> dict[str, Any]:
+        """A copy or a pickle holds no built program: each is compiled around this
+        meta-optimizer's model (a closure over it, which ``copy.deepcopy`` would share: a copy
+        computed with the original's buffers), and torch's compiled functions cannot be
+        pickled. The copy builds its own on its first call."""
+        state = dict(self.__dict__)
+        state["_programs"] = {}
+        state["_lr_tensors"] = {}
+        return state
+
     @property
     def num_programs(self) -> int:
         """Number of configurations built so far (each compiled on its first call)."""

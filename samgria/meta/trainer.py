@@ -168,7 +168,8 @@ class MetaTrainer:
     Evaluation never compiles.
 
     Non-finite meta-steps are skipped by the meta-optimizer (its ``non_finite`` policy);
-    :meth:`fit` stops with an error after ``max_skipped_steps`` consecutive skipped steps.
+    :meth:`fit` stops with an error after ``max_skipped_steps`` consecutive skipped steps,
+    counted over ``fit`` calls and checkpoints (``fit(3); fit(3)`` stops where ``fit(6)`` does).
 
     Across processes. When ``meta`` was built with ``distributed=True``, every rank runs the
     same trainer with the same seeded ``sampler``: :meth:`fit` draws the global meta-batch of
@@ -274,6 +275,7 @@ class MetaTrainer:
         self.compile = compile
         self.compile_options: dict[str, Any] = dict(compile_options or {})
         self._compiled: CompiledMetaLoss | None = None
+        self._consecutive_skips = 0  # skipped meta-steps in a row, over fit calls (max_skipped_steps)
         self._fallback_reasons: set[str] = set()
         # Every rank's torch CPU random state, gathered at the end of each train_step of a
         # distributed run (None before the first one, or with one process).
@@ -482,7 +484,8 @@ class MetaTrainer:
             ``"version"``, ``"iteration"``, ``"history"`` (the :class:`History` as a dict),
             ``"model"`` (``model.state_dict()``), ``"meta"`` (the meta-optimizer's
             ``state_dict()``: outer optimizer state, Meta-SGD's rates), ``"skipped_steps"``,
-            ``"sampler"`` (the sampler's state: its ``state_dict()`` or its generator's, see
+            ``"consecutive_skips"`` (the skipped meta-steps in a row that ``max_skipped_steps``
+            counts, over ``fit`` calls; a checkpoint without it loads as 0), ``"sampler"`` (the sampler's state: its ``state_dict()`` or its generator's, see
             :class:`~samgria.TaskSampler`), ``"rng"`` (torch's global CPU random state, which
             a sampler without a generator of its own and dropout draw from) and ``"paths"``
             (the last path and the path policy's measurements and failures, so a resumed run
@@ -512,6 +515,7 @@ class MetaTrainer:
             "model": self.meta.model.state_dict(),
             "meta": self.meta.state_dict(),
             "skipped_steps": self.meta.skipped_steps,
+            "consecutive_skips": self._consecutive_skips,
             "sampler": sampler_state_dict(self.sampler),
             "rng": rng,
             "paths": {
@@ -559,6 +563,7 @@ class MetaTrainer:
         state = copy.deepcopy(dict(state_dict))
         history = _history_of(state["history"])
         skipped_steps = check_int("state_dict['skipped_steps']", state["skipped_steps"], low=0)
+        consecutive_skips = check_int("state_dict['consecutive_skips']", state.get("consecutive_skips", 0), low=0)
         iteration = check_int("state_dict['iteration']", state["iteration"], low=0)
         paths = state["paths"]
         failed = dict(paths["failed"])
@@ -583,6 +588,7 @@ class MetaTrainer:
             raise
         self._rng_states = rng_states if self.meta.world_size > 1 else None
         self.meta.skipped_steps = skipped_steps
+        self._consecutive_skips = consecutive_skips
         self.iteration = iteration
         self.history = history
         policy = self.meta.path_policy
@@ -689,7 +695,6 @@ class MetaTrainer:
         bar = _ProgressBar(num_iterations, stream) if show else None
         history = History()
         histories = (history, self.history)
-        consecutive_skips = 0
         try:
             for done in range(1, num_iterations + 1):
                 iteration = self.iteration + 1
@@ -700,16 +705,16 @@ class MetaTrainer:
                 for h in histories:
                     h.meta_loss.append(loss)
                 if self.meta.skipped_steps > skipped_before:
-                    consecutive_skips += 1
-                    if consecutive_skips >= self.max_skipped_steps:
+                    self._consecutive_skips += 1
+                    if self._consecutive_skips >= self.max_skipped_steps:
                         raise RuntimeError(
-                            f"MetaTrainer.fit: {consecutive_skips} consecutive meta-steps were skipped "
+                            f"MetaTrainer.fit: {self._consecutive_skips} consecutive meta-steps were skipped "
                             f"because the meta-loss or meta-gradient was not finite (last meta-loss "
                             f"{loss} at iteration {iteration}); lower the learning rates or check the "
                             f"data (max_skipped_steps={self.max_skipped_steps})"
                         )
                 else:
-                    consecutive_skips = 0
+                    self._consecutive_skips = 0
                 eval_loss = None
                 # The scheduled evaluation comes before the callback, so that a checkpoint the
                 # callback saves holds this iteration's evaluation in its history.
