@@ -25,7 +25,8 @@ def get_grad(params: Iterable[torch.Tensor]) -> torch.Tensor:
     (``to_dense()``: duplicate indices summed).
 
     Args:
-        params: Parameters, e.g. ``model.parameters()``.
+        params: Parameters, e.g. ``model.parameters()``; a single tensor counts as ``[tensor]`` (as in
+            ``torch.nn.utils.clip_grad_norm_``), not as the iterable of its rows.
 
     Returns:
         A vector of length ``sum(p.numel())``, in the dtype and on the device of the first parameter.
@@ -35,7 +36,7 @@ def get_grad(params: Iterable[torch.Tensor]) -> torch.Tensor:
             later one complex (the cast would discard the imaginary parts).
         ValueError: If ``params`` is empty.
     """
-    params = list(params)
+    params = _as_list(params)
     if not params:
         raise ValueError("get_grad needs at least one parameter, got an empty iterable")
     _check_tensors(params)
@@ -52,6 +53,11 @@ def get_grad(params: Iterable[torch.Tensor]) -> torch.Tensor:
     return torch.cat([piece.reshape(-1).to(first.device, first.dtype) for piece in pieces])
 
 
+def _as_list(params: Iterable[torch.Tensor]) -> list[torch.Tensor]:
+    """``params`` as a list; a single tensor as ``[tensor]`` (iterating over it would give its rows)."""
+    return [params] if isinstance(params, torch.Tensor) else list(params)
+
+
 def _dense(tensor: torch.Tensor) -> torch.Tensor:
     """``tensor`` as it is if strided, else as the dense tensor it stands for."""
     return tensor if tensor.layout == torch.strided else tensor.to_dense()
@@ -63,7 +69,8 @@ def set_grad(grads: torch.Tensor, params: Iterable[torch.Tensor]) -> None:
 
     Each slice is reshaped to the parameter's shape and cast to its device and dtype, then copied
     into the parameter's ``.grad``; a parameter whose ``.grad`` is ``None`` or sparse gets a new
-    dense one. Everything is checked before any gradient is written.
+    dense one. Everything is checked before any gradient is written. A single tensor as
+    ``params`` counts as ``[tensor]``, as in :func:`get_grad`.
 
     Raises:
         TypeError: If ``grads`` or an item of ``params`` is not a tensor, or ``grads`` is complex
@@ -75,7 +82,7 @@ def set_grad(grads: torch.Tensor, params: Iterable[torch.Tensor]) -> None:
     """
     if not isinstance(grads, torch.Tensor):
         raise TypeError(f"grads must be a torch.Tensor, got {type(grads).__name__}")
-    params = list(params)
+    params = _as_list(params)
     _check_tensors(params)
     total = sum(p.numel() for p in params)
     if grads.dim() != 1 or grads.numel() != total:

@@ -269,3 +269,32 @@ def test_labels_beyond_torch_long_are_refused_naming_them() -> None:
     below = torch.tensor([2**63 - 1] * 5 + [1] * 5, dtype=torch.uint64)
     sampler = FewShotSampler(torch.randn(10, 2), below, 2, 1, 1, seed=0)
     assert sorted(sampler.classes.tolist()) == [1, 2**63 - 1]
+
+
+@pytest.mark.parametrize(
+    ("device", "error", "match"),
+    [
+        ("0.5", ValueError, r"^device must be a torch\.device, a device string such as 'cuda:0' or a device index, got '0\.5' \(torch: Invalid device string: '0\.5'\)$"),
+        (1.5, TypeError, r"^device must be a torch\.device, a device string such as 'cuda:0' or a device index, got 1\.5$"),
+        (np.float64(0.0), TypeError, r"^device must be .*, got np\.float64\(0\.0\)$"),
+        (10**400, ValueError, r"^device must be .*, got 1000+ \(torch: "),
+    ],
+    ids=["string", "float", "numpy-float", "huge"],
+)
+def test_a_device_that_torch_device_refuses_is_refused_naming_device(device, error, match):
+    """torch's own errors ("Invalid device string", a long argument-list TypeError, "Overflow when
+    unpacking long long") named no argument."""
+    inputs, labels = make_data()
+    with pytest.raises(error, match=match):
+        FewShotSampler(inputs, labels, 2, 2, 1, device=device)
+
+
+def test_a_device_is_taken_as_torch_device_takes_it_and_refused_where_its_backend_is_missing():
+    inputs, labels = make_data()
+    for device in ("cpu", torch.device("cpu"), "meta"):
+        sampler = FewShotSampler(inputs, labels, 2, 2, 1, device=device, seed=0)
+        assert sampler.device == torch.device(device)
+        assert sampler.sample(1)[0].support_x.device == torch.device(device)
+    if not torch.cuda.is_available():  # accepted before, then the first sample raised
+        with pytest.raises(ValueError, match=r"^device must be a device available here, got 'cuda:9' \(CUDA is not available\)$"):
+            FewShotSampler(inputs, labels, 2, 2, 1, device="cuda:9")

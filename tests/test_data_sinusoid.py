@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 import torch
@@ -250,3 +251,61 @@ def test_bad_numpy_task_counts_are_rejected(n, error, match):
         sampler.sample(n)
     with pytest.raises(error, match=match):
         sampler.sample_with_params(n)
+
+
+_DEVICE_RULE = r"device must be a torch\.device, a device string such as 'cuda:0' or a device index"
+
+
+@pytest.mark.parametrize(
+    ("device", "error", "match"),
+    [
+        ("0.5", ValueError, rf"^{_DEVICE_RULE}, got '0\.5' \(torch: Invalid device string: '0\.5'\)$"),
+        (1.5, TypeError, rf"^{_DEVICE_RULE}, got 1\.5$"),
+        (True, TypeError, rf"^{_DEVICE_RULE}, got True$"),
+        ([], TypeError, rf"^{_DEVICE_RULE}, got \[\]$"),
+        (-1, ValueError, rf"^{_DEVICE_RULE}, got -1 \(torch: "),
+        (10**400, ValueError, rf"^{_DEVICE_RULE}, got 1000+ \(torch: "),
+    ],
+    ids=["string", "float", "bool", "list", "negative", "huge"],
+)
+def test_a_device_that_torch_device_refuses_is_refused_naming_device(device, error, match):
+    """torch's own errors ("Invalid device string", a long argument-list TypeError, "Overflow when
+    unpacking long long") named no argument."""
+    with pytest.raises(error, match=match):
+        SinusoidTaskSampler(device=device)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is available here")
+def test_a_cuda_device_without_cuda_is_refused_when_the_sampler_is_made():
+    """It was accepted, and the first sample raised "Torch not compiled with CUDA enabled"."""
+    for device in ("cuda:9", torch.device("cuda")):
+        message = rf"^device must be a device available here, got {re.escape(repr(device))} \(CUDA is not available\)$"
+        with pytest.raises(ValueError, match=message):
+            SinusoidTaskSampler(device=device)
+
+
+def test_a_cuda_index_beyond_the_devices_is_refused_when_the_sampler_is_made():
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    count = torch.cuda.device_count()
+    with pytest.raises(ValueError, match=rf"^device must be a device available here, got 'cuda:{count}' \(there are {count} CUDA devices\)$"):
+        SinusoidTaskSampler(device=f"cuda:{count}")
+    task = SinusoidTaskSampler(device=f"cuda:{count - 1}", seed=0).sample(1)[0]
+    assert task.support_x.device == torch.device("cuda", count - 1)
+
+
+def test_every_device_torch_device_takes_on_an_available_backend_is_accepted():
+    for device in ("cpu", "cpu:0", torch.device("cpu"), "meta"):
+        sampler = SinusoidTaskSampler(device=device, seed=0)
+        assert sampler.device == torch.device(device)
+        assert sampler.sample(1)[0].support_x.device.type == torch.device(device).type
+    if torch.cuda.is_available():  # an index is an accelerator's
+        assert SinusoidTaskSampler(device=np.int64(0)).device == torch.device(0)
+
+
+@pytest.mark.parametrize("bad", [torch.tensor(0.5), "np0d"])
+def test_a_0_dim_range_is_refused_naming_the_range(bad):
+    """``list()`` of a 0-dim tensor raised "iteration over a 0-d tensor"."""
+    value = np.array(0.5) if bad == "np0d" else bad
+    with pytest.raises(TypeError, match=r"^amp_range must be a \(low, high\) pair of numbers, got (tensor\(0\.5000\)|array\(0\.5\))$"):
+        SinusoidTaskSampler(amp_range=value)

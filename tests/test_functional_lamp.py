@@ -312,3 +312,78 @@ def test_assign_mean_refuses_a_count_beyond_a_float_before_writing(foreach):
         assign_mean_(params, sums, [2, 10**400], foreach=foreach)
     assert all(torch.equal(param, torch.zeros(2)) for param in params)
     assert all(torch.equal(total, torch.full((2,), 6.0)) for total in sums)  # not zeroed
+
+
+# -- alpha and the entries: checked before anything is written ----------------------------------------------------
+def _two_groups():
+    """A float64 entry (written first, as its own dtype group) and a float32 one."""
+    return [torch.zeros(2, dtype=torch.float64), torch.zeros(3)], [torch.ones(2, dtype=torch.float64), torch.ones(3)]
+
+
+@pytest.mark.parametrize("foreach", [True, False])
+@pytest.mark.parametrize("alpha", ["x", True, 1j, None, torch.tensor([1.0]), torch.tensor(True)], ids=repr)
+def test_add_scaled_names_an_alpha_that_is_not_a_real_number(alpha, foreach):
+    """torch's own error ("add(): argument 'alpha' must be Number, not str") named no argument."""
+    params, updates = _two_groups()
+    with pytest.raises(TypeError, match=rf"^alpha must be a real number or a 0-dim real tensor, got {re.escape(repr(alpha))}$"):
+        add_scaled_(params, updates, alpha, foreach=foreach)
+    assert torch.equal(params[0], torch.zeros(2, dtype=torch.float64)) and torch.equal(params[1], torch.zeros(3))
+
+
+@pytest.mark.parametrize("foreach", [True, False])
+def test_add_scaled_refuses_an_alpha_beyond_a_float_or_the_computing_dtype_before_writing(foreach):
+    """``10**400`` raised torch's OverflowError; 1e300 wrote the float64 entry, then raised torch's
+    "value cannot be converted to type float without overflow" at the float32 one."""
+    params, updates = _two_groups()
+    with pytest.raises(ValueError, match=r"^alpha must be a real number that fits in a float or a 0-dim real tensor, got 1000+$"):
+        add_scaled_(params, updates, 10**400, foreach=foreach)
+    rule = r"\(at most 3\.4028234663852886e\+38 in magnitude, or infinite, or NaN\)"
+    with pytest.raises(ValueError, match=rf"^alpha must fit in the dtype params\[1\] is computed in, torch.float32 {rule}, got 1e\+300$"):
+        add_scaled_(params, updates, 1e300, foreach=foreach)
+    assert torch.equal(params[0], torch.zeros(2, dtype=torch.float64)) and torch.equal(params[1], torch.zeros(3))
+    wide = [torch.zeros(2, dtype=torch.float64), torch.zeros(2, dtype=torch.float16)]  # float16 + float64: in float64
+    add_scaled_(wide, [torch.ones(2, dtype=torch.float64)] * 2, 1e300, foreach=foreach)
+    assert torch.equal(wide[0], torch.full((2,), 1e300, dtype=torch.float64))
+    assert bool(torch.isposinf(wide[1]).all())  # 1e300 rounded once to float16, as torch.add(...).half()
+
+
+@pytest.mark.parametrize("foreach", [True, False])
+def test_add_scaled_takes_numpy_tensor_and_huge_integer_alphas_as_torch_add(foreach):
+    """An integer beyond int64 (torch: "int too big to convert") counts as the float it rounds to."""
+    numpy = pytest.importorskip("numpy")
+    for alpha in (numpy.float32(0.5), numpy.int64(-3), torch.tensor(0.25, dtype=torch.float64), 2**70):
+        params = [torch.tensor([1.0, 2.0], dtype=torch.float64)]
+        add_scaled_(params, [torch.tensor([0.5, -1.0], dtype=torch.float64)], alpha, foreach=foreach)
+        want = torch.tensor([1.0, 2.0], dtype=torch.float64) + float(alpha) * torch.tensor([0.5, -1.0], dtype=torch.float64)
+        assert torch.equal(params[0], want)
+
+
+@pytest.mark.parametrize("foreach", [True, False])
+def test_every_lamp_kernel_names_an_entry_that_is_not_a_tensor(foreach):
+    """A number among the tensors raised AttributeError ("'float' object has no attribute 'shape'")."""
+    params, updates = _two_groups()
+    with pytest.raises(TypeError, match=r"^updates\[1\] must be a torch.Tensor, got 1.0$"):
+        add_scaled_(params, [updates[0], 1.0], 1.0, foreach=foreach)
+    with pytest.raises(TypeError, match=r"^params\[0\] must be a torch.Tensor, got 2.0$"):
+        accumulate_(params, [2.0, updates[1]], foreach=foreach)
+    with pytest.raises(TypeError, match=r"^sums\[1\] must be a torch.Tensor, got None$"):
+        assign_mean_(params, [updates[0], None], [1, 1], foreach=foreach)
+    with pytest.raises(TypeError, match=r"^params\[0\] must be a torch.Tensor, got 'w'$"):
+        magnitude_noise(["w"], lambda _device: None, foreach=foreach)
+    assert torch.equal(params[0], torch.zeros(2, dtype=torch.float64)) and torch.equal(params[1], torch.zeros(3))
+    assert torch.equal(updates[0], torch.ones(2, dtype=torch.float64))  # not zeroed
+
+
+@pytest.mark.parametrize("flag", ["yes", None, 1])
+def test_every_lamp_kernel_refuses_a_foreach_that_is_not_a_bool(flag):
+    params, updates = _two_groups()
+    message = rf"^foreach must be a bool, got {re.escape(repr(flag))}$"
+    for call in (
+        lambda: add_scaled_(params, updates, 1.0, foreach=flag),
+        lambda: accumulate_(params, updates, foreach=flag),
+        lambda: assign_mean_(params, updates, [1, 1], foreach=flag),
+        lambda: magnitude_noise(params, lambda _device: None, foreach=flag),
+    ):
+        with pytest.raises(TypeError, match=message):
+            call()
+    assert torch.equal(params[0], torch.zeros(2, dtype=torch.float64)) and torch.equal(params[1], torch.zeros(3))

@@ -293,3 +293,33 @@ def test_global_norm_of_tensors_that_require_grad_warns_nothing_and_keeps_their_
     norm.backward()
     torch.testing.assert_close(weights.grad, torch.tensor([0.6, 0.8], dtype=dtype))
     assert torch.equal(frozen.grad, torch.zeros(2, dtype=dtype))
+
+
+@pytest.mark.parametrize("foreach", [True, False])
+def test_global_norm_and_all_finite_name_an_entry_that_is_not_a_tensor(foreach):
+    """A number raised AttributeError ("'float' object has no attribute 'dtype'")."""
+    with pytest.raises(TypeError, match=r"^tensors\[1\] must be a torch.Tensor, got 1.0$"):
+        global_norm([torch.ones(2), 1.0], foreach=foreach)
+    with pytest.raises(TypeError, match=r"^tensors\[0\] must be a torch.Tensor, got None$"):
+        all_finite([None], foreach=foreach)
+    with pytest.raises(TypeError, match=r"^like\[0\] must be a torch.Tensor, got 'w'$"):
+        global_norm([torch.ones(2)], like=["w"], foreach=foreach)
+
+
+@pytest.mark.parametrize("name, value", [("foreach", "yes"), ("foreach", None), ("foreach", 1), ("exact", None), ("exact", "no")])
+def test_global_norm_and_all_finite_refuse_flags_that_are_not_bools(name, value):
+    """Any truthy value took the foreach path (or the exact recomputation), any falsy one the other."""
+    tensors = [torch.ones(2), torch.ones(3)]
+    with pytest.raises(TypeError, match=rf"^{name} must be a bool, got {value!r}$"):
+        global_norm(tensors, **{name: value})
+    if name == "foreach":
+        with pytest.raises(TypeError, match=rf"^foreach must be a bool, got {value!r}$"):
+            all_finite(tensors, foreach=value)
+
+
+def test_global_norm_and_all_finite_take_numpy_bools():
+    numpy = pytest.importorskip("numpy")
+    tensors = [torch.tensor([3.0]), torch.tensor([4.0], dtype=torch.float64)]  # sqrt(9 + 16) = 5, exactly
+    for flag in (numpy.bool_(True), numpy.bool_(False)):
+        assert float(global_norm(tensors, foreach=flag, exact=flag)) == 5.0
+        assert all_finite(tensors, foreach=flag)

@@ -608,3 +608,99 @@ def test_adaptive_scaling_takes_0_dim_tensor_etas_among_numbers(foreach):
     want = [torch.tensor([1.75, 2.25]), torch.tensor([3.5]), torch.tensor(0.625, dtype=torch.float64)]
     for got, expected in zip(scalings, want):
         assert got.dtype == expected.dtype and torch.equal(got, expected)
+
+
+# -- scales: checked, every one, before anything is written --------------------------------------------------------
+def _two_groups():
+    """A float64 entry (written first, as its own dtype group) and a float32 one."""
+    params = [torch.zeros(2, dtype=torch.float64), torch.zeros(3)]
+    directions = [torch.ones(2, dtype=torch.float64), torch.ones(3)]
+    return params, directions
+
+
+@pytest.mark.parametrize("foreach", [True, False])
+@pytest.mark.parametrize("scale", ["x", True, 1j, None, torch.tensor([1.0]), torch.tensor(True)], ids=repr)
+def test_perturbation_kernels_name_a_scale_that_is_not_a_real_number_before_writing(scale, foreach):
+    """The first dtype group was written, then torch raised its own error ("add(): argument
+    'alpha' must be Number, not str"; "Boolean alpha only supported ..." for ``True``)."""
+    message = rf"^scales\[1\] must be a real number or a 0-dim real tensor, got {re.escape(repr(scale))}$"
+    params, directions = _two_groups()
+    with pytest.raises(TypeError, match=message):
+        add_directions_(params, directions, [1.0, scale], foreach=foreach)
+    buffers = [torch.full((2,), 7.0, dtype=torch.float64), torch.full((3,), 7.0)]
+    with pytest.raises(TypeError, match=message):
+        perturbed_into_(buffers, params, directions, [1.0, scale], foreach=foreach)
+    assert torch.equal(params[0], torch.zeros(2, dtype=torch.float64)) and torch.equal(params[1], torch.zeros(3))
+    assert torch.equal(buffers[0], torch.full((2,), 7.0, dtype=torch.float64)) and torch.equal(buffers[1], torch.full((3,), 7.0))
+
+
+@pytest.mark.parametrize("foreach", [True, False])
+def test_perturbation_kernels_refuse_a_scale_beyond_a_float_or_the_computing_dtype_before_writing(foreach):
+    """``10**400`` raised torch's OverflowError, and 1e300 for a float32 (or 16-bit) entry
+    torch's "value cannot be converted to type float without overflow", after the first dtype
+    group was written."""
+    params, directions = _two_groups()
+    with pytest.raises(ValueError, match=r"^scales\[1\] must be a real number that fits in a float or a 0-dim real tensor, got 1000+$"):
+        add_directions_(params, directions, [1.0, 10**400], foreach=foreach)
+    rule = r"\(at most 3\.4028234663852886e\+38 in magnitude, or infinite, or NaN\)"
+    with pytest.raises(ValueError, match=rf"^scales\[1\] must fit in the dtype params\[1\] is computed in, torch.float32 {rule}, got -1e\+300$"):
+        add_directions_(params, directions, [1.0, -1e300], foreach=foreach)
+    half = [torch.zeros(2, dtype=torch.float64), torch.zeros(3, dtype=torch.float16)]
+    buffers = [torch.full((2,), 7.0, dtype=torch.float64), torch.full((3,), 7.0, dtype=torch.float16)]
+    half_directions = [torch.ones(2, dtype=torch.float64), torch.ones(3, dtype=torch.float16)]
+    with pytest.raises(ValueError, match=rf"^scales\[1\] must fit in the dtype params\[1\] is computed in, torch.float32 {rule}, got 1e\+39$"):
+        perturbed_into_(buffers, half, half_directions, [1.0, 1e39], foreach=foreach)
+    assert torch.equal(params[0], torch.zeros(2, dtype=torch.float64)) and torch.equal(params[1], torch.zeros(3))
+    assert torch.equal(half[0], torch.zeros(2, dtype=torch.float64)) and torch.equal(half[1], torch.zeros(3, dtype=torch.float16))
+    assert torch.equal(buffers[0], torch.full((2,), 7.0, dtype=torch.float64))
+    assert torch.equal(buffers[1], torch.full((3,), 7.0, dtype=torch.float16))
+
+
+@pytest.mark.parametrize("foreach", [True, False])
+def test_perturbation_kernels_take_every_scale_torch_add_computes_with(foreach):
+    """NumPy scalars, 0-dim tensors, NaN and inf, 1e300 where the entry is computed in float64
+    (a float64 direction), and an integer beyond int64 (torch: "int too big to convert") as the
+    float it rounds to: each entry as one ``torch.add`` in float64 writes it."""
+    numpy = pytest.importorskip("numpy")
+    params = [torch.full((2,), 0.5) for _ in range(6)] + [torch.zeros(2, dtype=torch.float64)]
+    directions = [torch.tensor([1.0, -2.0])] * 6 + [torch.tensor([1.0, -2.0], dtype=torch.float64)]
+    directions[4] = torch.tensor([1.0, -2.0], dtype=torch.float64)  # float32 + s * float64: in float64
+    scales = [numpy.float64(0.25), torch.tensor(-3.0), math.nan, math.inf, 1e300, numpy.int64(3), 2**70]
+    want = [torch.add(p.double(), d.double(), alpha=float(s)).to(p.dtype) for p, d, s in zip(params, directions, scales)]
+    add_directions_(params, directions, scales, foreach=foreach)
+    for got, expected in zip(params, want):
+        assert torch.equal(got, expected) or (bool(got.isnan().all()) and bool(expected.isnan().all()))
+
+
+@pytest.mark.parametrize("foreach", [True, False])
+def test_mul_and_mul_in_place_name_a_factor_that_is_not_a_tensor(foreach):
+    """A number among the factors raised AttributeError ("'float' object has no attribute 'shape'")."""
+    buffers = [torch.ones(2), torch.ones(3)]
+    with pytest.raises(TypeError, match=r"^factors\[1\] must be a torch.Tensor, got 3.0$"):
+        mul(buffers, [torch.ones(2), 3.0], foreach=foreach)
+    with pytest.raises(TypeError, match=r"^factors\[0\] must be a torch.Tensor, got 2.0$"):
+        mul_(buffers, [2.0, torch.ones(3)], foreach=foreach)
+    with pytest.raises(TypeError, match=r"^buffers\[1\] must be a torch.Tensor, got \[1.0\]$"):
+        mul_([torch.ones(2), [1.0]], [torch.ones(2), torch.ones(1)], foreach=foreach)
+    with pytest.raises(TypeError, match=r"^directions\[0\] must be a torch.Tensor, got 1.0$"):
+        add_directions_(buffers, [1.0, torch.ones(3)], [1.0, 1.0], foreach=foreach)
+    with pytest.raises(TypeError, match=r"^params\[0\] must be a torch.Tensor, got None$"):
+        adaptive_scaling([None], [0.1], foreach=foreach)
+    assert torch.equal(buffers[0], torch.ones(2)) and torch.equal(buffers[1], torch.ones(3))
+
+
+@pytest.mark.parametrize("flag", ["yes", None, 1])
+def test_perturbation_kernels_refuse_a_foreach_that_is_not_a_bool(flag):
+    """Any truthy value took the foreach path, any falsy one the reference path."""
+    params, directions = _two_groups()
+    message = rf"^foreach must be a bool, got {re.escape(repr(flag))}$"
+    for call in (
+        lambda: add_directions_(params, directions, [1.0, 1.0], foreach=flag),
+        lambda: perturbed_into_(params, params, directions, [1.0, 1.0], foreach=flag),
+        lambda: mul_(params, directions, foreach=flag),
+        lambda: mul(params, directions, foreach=flag),
+        lambda: adaptive_scaling(params, [0.1, 0.1], foreach=flag),
+    ):
+        with pytest.raises(TypeError, match=message):
+            call()
+    assert torch.equal(params[0], torch.zeros(2, dtype=torch.float64)) and torch.equal(params[1], torch.zeros(3))

@@ -456,3 +456,18 @@ def test_a_graph_built_in_frozen_bn_stats_back_propagates_after_the_block(legacy
         model(x).square().sum().backward()
         for got, expected in zip(grads, (p.grad for p in model.parameters())):
             assert torch.equal(got, expected)
+
+
+def test_get_grad_and_set_grad_take_a_single_tensor_as_a_list_of_it():
+    """A single tensor was iterated over as its rows: get_grad read the rows' (missing) grads as
+    zeros, and set_grad wrote into the rows' grads, leaving the parameter's untouched. It counts
+    as ``[tensor]`` now, as in ``torch.nn.utils.clip_grad_norm_``."""
+    layer = nn.Linear(3, 2)
+    layer.weight.grad = torch.arange(6.0).reshape(2, 3) + 1
+    assert torch.equal(get_grad(layer.weight), get_grad([layer.weight]))
+    assert torch.equal(get_grad(layer.weight), torch.arange(6.0) + 1)
+    set_grad(torch.arange(6.0) * -2, layer.weight)
+    assert torch.equal(layer.weight.grad, (torch.arange(6.0) * -2).reshape(2, 3))
+    scalar = nn.Parameter(torch.tensor(1.0))  # a 0-dim tensor could not be iterated over at all
+    set_grad(torch.tensor([5.0]), scalar)
+    assert torch.equal(scalar.grad, torch.tensor(5.0)) and torch.equal(get_grad(scalar), torch.tensor([5.0]))

@@ -8,6 +8,7 @@ fail with the project's message shape ``"{name} must be {rule}, got {value!r}"``
 from __future__ import annotations
 
 import decimal
+import numbers
 from typing import cast
 
 import torch
@@ -15,7 +16,7 @@ import torch
 from samgria._checks import check_int as _check_integer
 from samgria._checks import check_real, check_seed
 
-__all__ = ["check_int", "check_range", "check_sampler", "check_span", "finite_in", "make_generator"]
+__all__ = ["check_int", "check_range", "check_device", "check_sampler", "check_span", "finite_in", "make_generator"]
 
 
 def check_int(name: str, value: object, minimum: int) -> int:
@@ -39,7 +40,10 @@ def check_range(name: str, value: object, dtype: torch.dtype | None = None) -> t
     """
     if isinstance(value, (str, bytes)) or not hasattr(value, "__iter__"):
         raise TypeError(f"{name} must be a (low, high) pair of numbers, got {value!r}")
-    bounds = list(value)  # type: ignore[call-overload]
+    try:
+        bounds = list(value)  # type: ignore[call-overload]
+    except TypeError:  # a 0-dim tensor or array: "iteration over a 0-d tensor"
+        raise TypeError(f"{name} must be a (low, high) pair of numbers, got {value!r}") from None
     if len(bounds) != 2:
         raise TypeError(f"{name} must be a (low, high) pair of numbers, got {value!r}")
     low, high = (check_real(f"{name}[{i}]", _plain_number(bound)) for i, bound in enumerate(bounds))
@@ -75,6 +79,40 @@ def _plain_number(value: object) -> object:
     if isinstance(value, decimal.Decimal):
         return float(value)
     return value
+
+
+_DEVICE_RULE = "a torch.device, a device string such as 'cuda:0' or a device index"
+
+
+def check_device(name: str, value: object) -> torch.device:
+    """Return ``value`` as a ``torch.device``: what ``torch.device`` takes (a ``torch.device``, a
+    string such as ``"cpu"`` or ``"cuda:0"``, or an accelerator index; a ``bool`` refused), on a
+    backend that is available here (a CUDA device that exists, MPS where it is available), so a
+    sampler is refused when it is made rather than when it first samples.
+
+    Raises:
+        TypeError: ``value`` is of none of those kinds (``"{name} must be {rule}, got {value!r}"``).
+        ValueError: ``torch.device`` refuses the value (``"0.5"``, ``-1``, ``10**400``; torch's
+            reason is added), or the device's backend or index is not available here.
+    """
+    if isinstance(value, torch.device):
+        device = value
+    elif isinstance(value, bool) or not isinstance(value, (str, numbers.Integral)):
+        raise TypeError(f"{name} must be {_DEVICE_RULE}, got {value!r}")
+    else:
+        try:
+            device = torch.device(value if isinstance(value, str) else int(value))
+        except (RuntimeError, ValueError, TypeError) as error:
+            raise ValueError(f"{name} must be {_DEVICE_RULE}, got {value!r} (torch: {error})") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"{name} must be a device available here, got {value!r} (CUDA is not available)")
+        count = torch.cuda.device_count()
+        if device.index is not None and device.index >= count:
+            raise ValueError(f"{name} must be a device available here, got {value!r} (there are {count} CUDA devices)")
+    elif device.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"{name} must be a device available here, got {value!r} (MPS is not available)")
+    return device
 
 
 def check_sampler(name: str, sampler: object) -> None:

@@ -9,7 +9,7 @@ import torch
 
 from samgria._checks import check_bool
 from samgria._checks import check_int as check_integer
-from samgria.data._validation import check_int, make_generator
+from samgria.data._validation import check_device, check_int, make_generator
 from samgria.data.sharding import shard_bounds
 from samgria.data.task import GeneratorStateMixin, Task
 
@@ -43,16 +43,19 @@ class FewShotSampler(GeneratorStateMixin):
             with a warning.
         generator: Optional ``torch.Generator`` (on the CPU) for reproducible sampling.
         seed: Convenience seed for a private generator; not together with ``generator``.
-        device: Device to move each task's tensors to (default: where ``inputs`` live).
+        device: Device to move each task's tensors to, anything ``torch.device`` takes on a
+            backend available here (default: where ``inputs`` live).
 
     Raises:
         TypeError: ``inputs``/``labels`` are not tensors, ``labels`` is not an integer tensor,
             ``classes`` is not a sequence (or tensor) of integers, ``drop_small_classes`` is
-            not a ``bool``, or a count is not an int.
+            not a ``bool``, a count is not an int, or ``device`` is not a device, a device
+            string or an index.
         ValueError: ``labels`` is not 1-D or its length differs from ``inputs``, a count is
             out of range, ``classes`` names a label that does not occur, a class has too
-            few examples, fewer than ``n_way`` classes are usable, or ``seed`` is beyond what
-            ``torch.Generator`` takes.
+            few examples, fewer than ``n_way`` classes are usable, ``seed`` is beyond what
+            ``torch.Generator`` takes, or ``torch.device`` refuses ``device`` or its backend is
+            not available here.
 
     Attributes:
         classes: 1-D tensor of the class labels tasks are drawn from.
@@ -94,7 +97,7 @@ class FewShotSampler(GeneratorStateMixin):
             raise ValueError(f"generator must be a CPU generator, got one on {self.generator.device}")
         self.inputs = inputs
         self.labels = labels
-        self.device = torch.device(device) if device is not None else inputs.device
+        self.device = check_device("device", device) if device is not None else inputs.device
 
         labels_cpu = labels.detach().cpu()
         present, counts = torch.unique(labels_cpu, return_counts=True)

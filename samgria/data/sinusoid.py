@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from samgria.data._validation import check_int, check_range, check_span, finite_in, make_generator
+from samgria.data._validation import check_device, check_int, check_range, check_span, finite_in, make_generator
 from samgria.data.sharding import shard_bounds
 from samgria.data.task import GeneratorStateMixin, Task
 
@@ -51,15 +51,18 @@ class SinusoidTaskSampler(GeneratorStateMixin):
         k_query: Number of query points per task (``>= 0``).
         generator: Optional ``torch.Generator`` for reproducible sampling.
         seed: Convenience seed for a private generator; not together with ``generator``.
-        device: Device of the sampled tensors (default: the generator's device, or CPU).
+        device: Device of the sampled tensors, anything ``torch.device`` takes on a backend
+            available here (default: the generator's device, or CPU).
         dtype: Floating dtype of the sampled tensors (default: ``torch.get_default_dtype()``).
 
     Raises:
         TypeError: A count is not an int, a range is not a pair of numbers, ``dtype`` is not
-            floating, or ``generator`` is not a ``torch.Generator``.
+            floating, ``generator`` is not a ``torch.Generator``, or ``device`` is not a device,
+            a device string or an index.
         ValueError: A count is out of range, a range has ``low > high``, is not finite, lies
             beyond what ``dtype`` holds or is wider than it (as is ``x - phase``), a ``seed`` is
-            beyond what ``torch.Generator`` takes, or both ``generator`` and ``seed`` are given.
+            beyond what ``torch.Generator`` takes, both ``generator`` and ``seed`` are given, or
+            ``torch.device`` refuses ``device`` or its backend is not available here.
     """
 
     def __init__(
@@ -102,7 +105,7 @@ class SinusoidTaskSampler(GeneratorStateMixin):
         # 16-bit uniforms have 8 to 11 random bits: draw in float32 and round the result once.
         self._draw_dtype = dtype if torch.finfo(dtype).bits >= 32 else torch.float32
         self._draw_device = self.generator.device if self.generator is not None else torch.device("cpu")
-        self.device = torch.device(device) if device is not None else self._draw_device
+        self.device = check_device("device", device) if device is not None else self._draw_device
 
     def _uniform(self, size: tuple[int, ...], bounds: tuple[float, float]) -> torch.Tensor:
         low, high = bounds

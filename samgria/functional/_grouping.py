@@ -1,14 +1,18 @@
 """Grouping tensor lists by device and dtype for ``torch._foreach_*`` kernels, the parameters of
-param groups, each once, and the checks every kernel makes of its lists (lengths, dtypes, shapes,
-nothing complex written into a real tensor)."""
+param groups, each once, and the checks every kernel makes of its lists (tensors, lengths, dtypes,
+shapes, nothing complex written into a real tensor) and of its scalars (real numbers that fit)."""
 
 from __future__ import annotations
 
+import math
+import numbers
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence, Sized
 from typing import Any
 
 import torch
+
+from samgria._checks import _is_torch_scalar
 
 __all__ = [
     "group_indices_by_device_and_dtype",
@@ -17,6 +21,10 @@ __all__ = [
     "check_floating",
     "check_shapes",
     "check_real_where_real",
+    "check_tensors",
+    "check_scalar",
+    "check_scalars",
+    "check_fits",
 ]
 
 
@@ -121,3 +129,82 @@ def check_real_where_real(
             raise TypeError(
                 f"{name}[{index}] must be real where {target_name}[{index}] is real, got a {tensor.dtype} tensor"
             )
+
+
+def check_tensors(name: str, tensors: Sequence[Any]) -> None:
+    """Check that every entry of ``tensors`` is a tensor (one look at each entry's type).
+
+    Raises:
+        TypeError: ``"{name}[i] must be a torch.Tensor, got {value!r}"`` for the first other entry.
+    """
+    if all(isinstance(tensor, torch.Tensor) for tensor in tensors):
+        return
+    for index, tensor in enumerate(tensors):
+        if not isinstance(tensor, torch.Tensor):
+            raise TypeError(f"{name}[{index}] must be a torch.Tensor, got {tensor!r}")
+
+
+#: The range of the integers torch takes as a scalar argument (a C++ ``int64_t``).
+_INT64 = (-(2**63), 2**63 - 1)
+
+
+def check_scalar(name: str, value: Any) -> Any:
+    """Check a scalar a kernel passes to torch (``alpha``, a ``_foreach_add_`` scalar): a real
+    number that fits in a float (``bool`` refused) or a 0-dim real tensor. Return it as torch
+    takes it: as it is, or, for an integer beyond a 64-bit integer (which torch refuses: "int too
+    big to convert"), as the float it rounds to.
+
+    Raises:
+        TypeError: ``"{name} must be a real number or a 0-dim real tensor, got {value!r}"``.
+        ValueError: ``"{name} must be a real number that fits in a float or a 0-dim real tensor,
+            got {value!r}"`` (an integer such as ``10**400``).
+    """
+    if isinstance(value, torch.Tensor):
+        ok = value.dim() == 0 and not value.is_complex() and value.dtype != torch.bool
+    else:
+        ok = _is_torch_scalar(value)
+    if not ok:
+        raise TypeError(f"{name} must be a real number or a 0-dim real tensor, got {value!r}")
+    if isinstance(value, numbers.Integral) and not _INT64[0] <= int(value) <= _INT64[1]:
+        try:
+            return float(value)
+        except OverflowError:
+            raise ValueError(
+                f"{name} must be a real number that fits in a float or a 0-dim real tensor, got {value!r}"
+            ) from None
+    return value
+
+
+def check_scalars(name: str, values: Sequence[Any]) -> tuple[Sequence[Any], bool]:
+    """:func:`check_scalar` of every entry of ``values`` (named ``"{name}[i]"``), before anything is
+    written. Return the entries as torch takes them (``values`` itself unless an integer was
+    converted) and whether one is a tensor; one look at each entry's type in the common case (every
+    entry a float).
+    """
+    if all(type(value) is float for value in values):
+        return values, False
+    checked = [check_scalar(f"{name}[{index}]", value) for index, value in enumerate(values)]
+    some_tensor = any(isinstance(value, torch.Tensor) for value in checked)
+    if all(new is old for new, old in zip(checked, values)):
+        return values, some_tensor
+    return checked, some_tensor
+
+
+#: The largest finite value of each dtype narrower than a Python float (a complex dtype: its parts').
+LARGEST = {dtype: torch.finfo(dtype).max for dtype in (torch.float16, torch.bfloat16, torch.float32, torch.complex64)}
+
+
+def check_fits(name: str, value: Any, dtype: torch.dtype, where: str) -> None:
+    """Check that a scalar checked by :func:`check_scalar` is not finite and beyond the largest
+    finite value of ``dtype``, the dtype it is computed in (torch raises "value cannot be converted
+    to type float without overflow", or rounds it to infinity silently).
+
+    Raises:
+        ValueError: ``"{name} must fit in {where} {dtype} (at most {largest} in magnitude, or
+            infinite, or NaN), got {value!r}"``.
+    """
+    largest = LARGEST.get(dtype)
+    if largest is not None and math.isfinite(value) and abs(value) > largest:
+        raise ValueError(
+            f"{name} must fit in {where} {dtype} (at most {largest!r} in magnitude, or infinite, or NaN), got {value!r}"
+        )

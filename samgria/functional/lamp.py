@@ -19,12 +19,16 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from samgria._checks import check_int
+from samgria._checks import check_bool, check_int
 from samgria.functional._grouping import (
+    LARGEST,
+    check_fits,
     check_floating,
     check_lengths,
     check_real_where_real,
+    check_scalar,
     check_shapes,
+    check_tensors,
     group_indices_by_device_and_dtype,
 )
 from samgria.functional._views import LOW_PRECISION, widened_dtype
@@ -49,8 +53,11 @@ def magnitude_noise(
     \operatorname{Im} u = \operatorname{Im} w \cdot r''` (not the complex product).
 
     Raises:
-        TypeError: If a parameter is neither floating-point nor complex (before anything is drawn).
+        TypeError: If an entry of ``params`` is not a tensor, or a parameter is neither
+            floating-point nor complex (before anything is drawn).
     """
+    check_bool("foreach", foreach)
+    check_tensors("params", params)
     groups = group_indices_by_device_and_dtype(params) if foreach else None
     check_floating("params", params, None if groups is None else [dtype for _device, dtype in groups])
     noise = [
@@ -85,21 +92,32 @@ def add_scaled_(
     (``foreach=False``): the same arithmetic, bit for bit. A 16-bit parameter is computed in
     float32 (wider if its update is) and rounded once, on both paths: torch's 16-bit ``add_``
     rounds :math:`\alpha u` (float16: to infinity where the sum fits) or :math:`\alpha` itself
-    (bfloat16) to the dtype first. ``alpha`` is not checked: it follows
-    ``torch.add`` (IEEE arithmetic, so a NaN or infinite ``alpha`` gives NaN or infinite weights;
-    one beyond the range of the computing dtype raises torch's ``RuntimeError``). An entry must
-    not share memory with another entry of the call (the result is then unspecified; see the
-    module's docstring).
+    (bfloat16) to the dtype first. ``alpha`` is a real number (Python or a NumPy scalar) or a
+    0-dim real tensor, as ``torch.add``'s, and follows IEEE arithmetic (a NaN or infinite
+    ``alpha`` gives NaN or infinite weights); it is checked, with everything else, before anything
+    is written, against the dtype each entry is computed in (float32 for float32 and 16-bit
+    tensors: torch would raise on an ``alpha`` beyond its range after writing the entries before).
+    An entry must not share memory with another entry of the call (the result is then
+    unspecified; see the module's docstring).
 
     Raises:
-        ValueError: If ``updates`` has another length than ``params``, or an update another shape
-            than its parameter.
-        TypeError: If a parameter is neither floating-point nor complex, or an update is complex
-            where its parameter is real.
+        ValueError: If ``updates`` has another length than ``params``, an update another shape
+            than its parameter, or ``alpha`` is finite and beyond the range of the dtype an entry
+            is computed in (``"alpha must fit in the dtype params[i] is computed in, torch.float32
+            (at most ... in magnitude, or infinite, or NaN), got {alpha!r}"``) or of a float.
+        TypeError: If an entry of either list is not a tensor, a parameter is neither
+            floating-point nor complex, an update is complex where its parameter is real, or
+            ``alpha`` is neither a real number nor a 0-dim real tensor (``"alpha must be a real
+            number or a 0-dim real tensor, got {alpha!r}"``; a ``bool`` or complex one included).
     """
+    check_bool("foreach", foreach)
     check_lengths(len(params), "parameter", ("updates", updates))
+    check_tensors("params", params)
+    check_tensors("updates", updates)
     check_shapes("updates", updates, "params", params)
     check_real_where_real("updates", updates, "params", params)
+    alpha = check_scalar("alpha", alpha)
+    _check_alpha_fits(params, updates, alpha)
     if foreach:
         groups = group_indices_by_device_and_dtype(params)
         check_floating("params", params, [dtype for _device, dtype in groups])
@@ -113,6 +131,18 @@ def add_scaled_(
     check_floating("params", params)
     for param, update in zip(params, updates):
         _add_scaled_one_(param, update, alpha)
+
+
+def _check_alpha_fits(params: Sequence[torch.Tensor], updates: Sequence[torch.Tensor], alpha: object) -> None:
+    """Check that ``alpha`` is not finite and beyond the range of the dtype an entry is computed in,
+    ``promote_types`` of the parameter's and the update's (16-bit ones as float32): torch raises on
+    it only as it writes that entry. Nothing is read per entry in the common case (a float within
+    float32's range)."""
+    if type(alpha) is float and abs(alpha) <= LARGEST[torch.float32]:
+        return
+    for index, (param, update) in enumerate(zip(params, updates)):
+        wide = torch.promote_types(widened_dtype(param.dtype), widened_dtype(update.dtype))
+        check_fits("alpha", alpha, wide, f"the dtype params[{index}] is computed in,")
 
 
 def _needs_widening(dtype: torch.dtype, alpha: float) -> bool:
@@ -140,10 +170,13 @@ def accumulate_(sums: Sequence[torch.Tensor], params: Sequence[torch.Tensor], *,
     Raises:
         ValueError: If ``params`` has another length than ``sums``, or a parameter another shape
             than its sum.
-        TypeError: If a sum is neither floating-point nor complex, or a parameter is complex where
-            its sum is real.
+        TypeError: If an entry of either list is not a tensor, a sum is neither floating-point nor
+            complex, or a parameter is complex where its sum is real.
     """
+    check_bool("foreach", foreach)
     check_lengths(len(sums), "sum", ("params", params))
+    check_tensors("sums", sums)
+    check_tensors("params", params)
     check_shapes("params", params, "sums", sums)
     check_real_where_real("params", params, "sums", sums)
     if foreach:
@@ -175,10 +208,14 @@ def assign_mean_(
             shape than its parameter, or a count is below 1 (a mean of nothing) or beyond the
             range of a float (``"counts[i] must be an integer >= 1 that fits in a float, got
             {count!r}"``).
-        TypeError: If a count is not an integer (``bool`` refused), a parameter is neither
-            floating-point nor complex, or a sum is complex where its parameter is real.
+        TypeError: If an entry of ``params`` or ``sums`` is not a tensor, a count is not an integer
+            (``bool`` refused), a parameter is neither floating-point nor complex, or a sum is
+            complex where its parameter is real.
     """
+    check_bool("foreach", foreach)
     check_lengths(len(params), "parameter", ("sums", sums), ("counts", counts))
+    check_tensors("params", params)
+    check_tensors("sums", sums)
     check_shapes("sums", sums, "params", params)
     check_real_where_real("sums", sums, "params", params)
     divisors = _divisors(counts)

@@ -24,7 +24,8 @@ from collections.abc import Sequence
 
 import torch
 
-from samgria.functional._grouping import check_floating, check_lengths, group_indices_by_device_and_dtype
+from samgria._checks import check_bool
+from samgria.functional._grouping import check_floating, check_lengths, check_tensors, group_indices_by_device_and_dtype
 from samgria.functional._sharding import any_sharded, local_shard, reduce_partial_sums
 from samgria.functional._views import LOW_PRECISION, widened_dtype
 
@@ -74,9 +75,16 @@ def global_norm(
 
     Raises:
         ValueError: If ``like`` has another length than ``tensors``.
-        TypeError: If a tensor is neither floating-point nor complex.
+        TypeError: If an entry of ``tensors`` or ``like`` is not a tensor (``"tensors[i] must be a
+            torch.Tensor, got 1.0"``), a tensor is neither floating-point nor complex, or
+            ``foreach`` or ``exact`` is not a ``bool``.
     """
+    check_bool("foreach", foreach)
+    check_bool("exact", exact)
     check_lengths(len(tensors), "tensor", ("like", like), entry="tensor")
+    check_tensors("tensors", tensors)
+    if like is not None:
+        check_tensors("like", like)
     if len(tensors) == 0:
         return torch.zeros((), dtype=torch.float64)
     sources = tensors if like is None else like
@@ -264,8 +272,17 @@ def all_finite(
 
     Returns:
         ``True`` when no element is infinite or NaN (also for an empty list).
+
+    Raises:
+        ValueError: If ``like`` has another length than ``tensors``.
+        TypeError: If an entry of ``tensors`` or ``like`` is not a tensor, or ``foreach`` is not a
+            ``bool``.
     """
+    check_bool("foreach", foreach)
     check_lengths(len(tensors), "tensor", ("like", like), entry="tensor")
+    check_tensors("tensors", tensors)
+    if like is not None:
+        check_tensors("like", like)
     sources = tensors if like is None else like
     if any_sharded(sources):
         local = [local_shard(tensor) for tensor in tensors]

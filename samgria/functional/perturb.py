@@ -13,12 +13,16 @@ from typing import Any
 
 import torch
 
-from samgria._checks import _is_torch_scalar
+from samgria._checks import check_bool
 from samgria.functional._grouping import (
+    LARGEST,
+    check_fits,
     check_floating,
     check_lengths,
     check_real_where_real,
+    check_scalars,
     check_shapes,
+    check_tensors,
     group_indices_by_device_and_dtype,
 )
 from samgria.functional._views import LOW_PRECISION, widened_dtype
@@ -44,18 +48,32 @@ def perturbed_into_(
     tensor (the reference path, and large tensors on the CPU), or with ``foreach``
     ``_foreach_copy_`` and ``_foreach_add_(b, d, alpha=s)`` per list of tensors with the same
     scale: the same arithmetic (:math:`w + s\,d` with one rounding; bit for bit on the CPU, tested).
-    The scales are not checked: they follow ``torch.add``'s ``alpha`` (IEEE arithmetic, so a NaN
-    or infinite scale gives NaN or infinite weights; one beyond the range of the computing dtype
-    raises torch's ``RuntimeError``).
+    A scale is a real number (Python or a NumPy scalar) or a 0-dim real tensor, as ``torch.add``'s
+    ``alpha``, and follows IEEE arithmetic: a NaN or infinite scale gives NaN or infinite weights.
+    Everything is checked before anything is written, each scale against the dtype its entry is
+    computed in (:math:`w + s\,d` in float32 for float32 and 16-bit tensors, where torch would
+    raise on a scale beyond float32's range after writing the entries before it).
 
     Raises:
         ValueError: If ``buffers``, ``directions`` or ``scales`` has another length than
-            ``params``, or a buffer or direction has another shape than its parameter.
-        TypeError: If a parameter or buffer is neither floating-point nor complex (an integer
-            tensor would truncate the result), or a parameter or direction is complex where its
-            buffer is real (the imaginary part would be lost).
+            ``params``, a buffer or direction has another shape than its parameter, or a scale is
+            finite and beyond the range of the dtype its entry is computed in (``"scales[i] must
+            fit in the dtype params[i] is computed in, torch.float32 (at most ... in magnitude, or
+            infinite, or NaN), got {scale!r}"``) or of a float (an integer such as ``10**400``).
+        TypeError: If an entry of a list is not a tensor, a parameter or buffer is neither
+            floating-point nor complex (an integer tensor would truncate the result), a parameter
+            or direction is complex where its buffer is real (the imaginary part would be lost),
+            or a scale is neither a real number nor a 0-dim real tensor (``"scales[i] must be a
+            real number or a 0-dim real tensor, got {scale!r}"``; a ``bool`` or complex one
+            included).
     """
+    check_bool("foreach", foreach)
     check_lengths(len(params), "parameter", ("buffers", buffers), ("directions", directions), ("scales", scales))
+    check_tensors("params", params)
+    check_tensors("directions", directions)
+    if buffers is not params:
+        check_tensors("buffers", buffers)
+    scales = check_scalars("scales", scales)[0]
     by_dtype = group_indices_by_device_and_dtype(params)
     check_floating("params", params, [dtype for _device, dtype in by_dtype])
     # torch would broadcast a smaller direction silently, and the reference path's out= would
@@ -67,6 +85,7 @@ def perturbed_into_(
         check_real_where_real("params", params, "buffers", buffers, [dtype for _device, dtype in by_dtype])
     # The widened path's copy_ would discard an imaginary part that torch.add refuses to.
     check_real_where_real("directions", directions, "buffers" if buffers is not params else "params", buffers)
+    _check_scales_fit(params, directions, scales)
     widened: list[_Segment] = []
     plain: list[_Segment] = []
     for (device, dtype), indices in by_dtype.items():
@@ -83,6 +102,21 @@ def perturbed_into_(
         segments = _runs_in_order(segments, len(params))
     for kind, indices in segments:
         _perturb_segment(kind, indices, buffers, params, directions, scales, foreach)
+
+
+def _check_scales_fit(
+    params: Sequence[torch.Tensor], directions: Sequence[torch.Tensor], scales: Sequence[Any]
+) -> None:
+    """Check that no scale is finite and beyond the range of the dtype its entry is computed in,
+    ``promote_types`` of the parameter's and the direction's (16-bit ones as float32): torch
+    raises on such a scale only as it writes its entry. One pass over the scales in the common
+    case (every scale a float within float32's range)."""
+    largest = LARGEST[torch.float32]
+    if all(type(scale) is float and -largest <= scale <= largest for scale in scales):
+        return
+    for index, (param, direction, scale) in enumerate(zip(params, directions, scales)):
+        wide = torch.promote_types(widened_dtype(param.dtype), widened_dtype(direction.dtype))
+        check_fits(f"scales[{index}]", scale, wide, f"the dtype params[{index}] is computed in,")
 
 
 #: Entries that one kernel perturbs: ``(None, indices)`` for entries computed in a wider dtype
@@ -291,10 +325,13 @@ def add_directions_(
     rounding, same checks). ``directions`` may be overwritten (they are consumed).
 
     Raises:
-        ValueError: If ``directions`` or ``scales`` has another length than ``params``, or a
-            direction has another shape than its parameter.
-        TypeError: If a parameter is neither floating-point nor complex, or a direction is complex
-            where its parameter is real.
+        ValueError: If ``directions`` or ``scales`` has another length than ``params``, a
+            direction has another shape than its parameter, or a scale is beyond the range of the
+            dtype its entry is computed in (or of a float), as in :func:`perturbed_into_`.
+        TypeError: If an entry of a list is not a tensor, a parameter is neither floating-point
+            nor complex, a direction is complex where its parameter is real, or a scale is neither
+            a real number nor a 0-dim real tensor (``"scales[i] must be a real number or a 0-dim
+            real tensor, got {scale!r}"``).
     """
     perturbed_into_(params, params, directions, scales, foreach=foreach)
 
@@ -314,10 +351,14 @@ def mul_(
     Raises:
         ValueError: If ``factors`` has another length than ``buffers``, or a factor another shape
             than its buffer (torch would broadcast it).
-        TypeError: If a buffer is neither floating-point nor complex, or a factor is complex where
-            its buffer is real.
+        TypeError: If an entry of either list is not a tensor (``"factors[i] must be a
+            torch.Tensor, got 2.0"``), a buffer is neither floating-point nor complex, or a factor
+            is complex where its buffer is real.
     """
+    check_bool("foreach", foreach)
     check_lengths(len(buffers), "buffer", ("factors", factors))
+    check_tensors("buffers", buffers)
+    check_tensors("factors", factors)
     check_shapes("factors", factors, "buffers", buffers)
     check_real_where_real("factors", factors, "buffers", buffers)
     if foreach:
@@ -348,14 +389,17 @@ def adaptive_scaling(
     Raises:
         ValueError: If ``etas`` has another length than ``params``, or an eta is finite and beyond
             the range of its parameter's (real) dtype (or of a float).
-        TypeError: If a parameter is neither floating-point nor complex, or an eta is neither a
-            real number nor a 0-dim real tensor (``"etas[i] must be a real number or a 0-dim real
-            tensor, got {eta!r}"``; a ``bool`` or complex one included).
+        TypeError: If an entry of ``params`` is not a tensor, a parameter is neither
+            floating-point nor complex, or an eta is neither a real number nor a 0-dim real tensor
+            (``"etas[i] must be a real number or a 0-dim real tensor, got {eta!r}"``; a ``bool``
+            or complex one included).
     """
+    check_bool("foreach", foreach)
     check_lengths(len(params), "parameter", ("etas", etas))
+    check_tensors("params", params)
     groups = group_indices_by_device_and_dtype(params)
     check_floating("params", params, [dtype for _device, dtype in groups])
-    some_tensor = _check_etas(etas)
+    etas, some_tensor = check_scalars("etas", etas)
     _check_etas_fit(params, etas, groups)
     if foreach and not some_tensor:
         result: list[torch.Tensor | None] = [None] * len(params)
@@ -366,42 +410,6 @@ def adaptive_scaling(
                 result[index] = tensor
         return result  # type: ignore[return-value]
     return [param.abs().add_(eta) for param, eta in zip(params, etas)]
-
-
-def _check_etas(etas: Sequence[Any]) -> bool:
-    """Check that every eta is a real number that fits in a float (``bool`` refused) or a 0-dim
-    real tensor, and return whether one is a tensor (one look at each eta's type in the common
-    case: every eta a float).
-
-    Raises:
-        TypeError: ``"etas[i] must be a real number or a 0-dim real tensor, got {eta!r}"``.
-        ValueError: ``"etas[i] must be a real number that fits in a float or a 0-dim real tensor,
-            got {eta!r}"`` (an integer such as ``10**400``).
-    """
-    if all(type(eta) is float for eta in etas):
-        return False
-    some_tensor = False
-    for index, eta in enumerate(etas):
-        if isinstance(eta, torch.Tensor):
-            ok = eta.dim() == 0 and not eta.is_complex() and eta.dtype != torch.bool
-            some_tensor = True
-        else:
-            ok = _is_torch_scalar(eta)
-        if not ok:
-            raise TypeError(f"etas[{index}] must be a real number or a 0-dim real tensor, got {eta!r}")
-        if isinstance(eta, int):
-            try:
-                float(eta)
-            except OverflowError:
-                raise ValueError(
-                    f"etas[{index}] must be a real number that fits in a float or a 0-dim real tensor, got {eta!r}"
-                ) from None
-    return some_tensor
-
-
-#: The largest finite value of each dtype narrower than a Python float (a complex dtype's ASAM
-#: operator is real: its parts' dtype).
-_LARGEST = {dtype: torch.finfo(dtype).max for dtype in (torch.float16, torch.bfloat16, torch.float32, torch.complex64)}
 
 
 def _check_etas_fit(
@@ -415,18 +423,13 @@ def _check_etas_fit(
             magnitude, or infinite, or NaN), got {eta!r}"`` for the first such eta.
     """
     for (_device, dtype), indices in groups.items():
-        largest = _LARGEST.get(dtype)
+        largest = LARGEST.get(dtype)  # a complex dtype's ASAM operator is real: its parts' range
         if largest is not None and not max(map(abs, map(etas.__getitem__, indices)), default=0.0) <= largest:
             break  # a NaN may hide a larger eta from max: every entry is read below
     else:
         return
     for index, (param, eta) in enumerate(zip(params, etas)):
-        largest = _LARGEST.get(param.dtype)
-        if largest is not None and math.isfinite(eta) and abs(eta) > largest:
-            raise ValueError(
-                f"etas[{index}] must fit in params[{index}]'s dtype {param.dtype} (at most {largest!r} in magnitude, "
-                f"or infinite, or NaN), got {eta!r}"
-            )
+        check_fits(f"etas[{index}]", eta, param.dtype, f"params[{index}]'s dtype")
 
 
 def mul(
@@ -440,9 +443,13 @@ def mul(
     Raises:
         ValueError: If ``factors`` has another length than ``tensors``, or a factor another shape
             than its tensor (torch would broadcast it).
-        TypeError: If a tensor is neither floating-point nor complex.
+        TypeError: If an entry of either list is not a tensor (``"factors[i] must be a
+            torch.Tensor, got 2.0"``), or a tensor is neither floating-point nor complex.
     """
+    check_bool("foreach", foreach)
     check_lengths(len(tensors), "tensor", ("factors", factors))
+    check_tensors("tensors", tensors)
+    check_tensors("factors", factors)
     check_shapes("factors", factors, "tensors", tensors)
     if foreach:
         result: list[torch.Tensor | None] = [None] * len(tensors)
