@@ -78,9 +78,14 @@ def _put_back_on_error(structure: StepSnapshot | StateStructure | None) -> Itera
         raise
 
 
-class _NonFiniteGradients(Exception):
+class _NonFiniteGradients(BaseException):
     """Raised inside a step when a re-evaluation produced non-finite gradients (caught by step);
-    ``evaluation`` counts the closure's evaluations in the step, the first one being 1."""
+    ``evaluation`` counts the closure's evaluations in the step, the first one being 1.
+
+    A ``BaseException``, as ``GeneratorExit`` is: control flow that a transform's ``except
+    Exception`` around ``ctx.reevaluate()`` must not swallow, or the step would go on with
+    non-finite gradients past the non-finite policy.
+    """
 
     def __init__(self, evaluation: int, combined_by: str | None = None) -> None:
         super().__init__(evaluation)
@@ -141,6 +146,38 @@ def _has_post_update(transform: Transform) -> bool:
     """Whether ``transform`` does anything after the inner step (not the base class's no-op)."""
     overridden = type(transform).post_update is not Transform.post_update
     return overridden or "post_update" in getattr(transform, "__dict__", ())
+
+
+def _lacks_init_state(transform: Transform) -> bool:
+    """Whether ``transform``'s class has a ``pre_update`` or ``post_update`` of its own (or a
+    user's subclass has one) below the ``init_state`` it inherits: the state its hooks create is
+    then not created by the state-initialising step. samgria's own hooks are left out (their
+    transforms keep no state, or create it in ``init_state``)."""
+    mro = type(transform).__mro__
+
+    def definer(name: str) -> int:
+        return next(index for index, klass in enumerate(mro) if name in vars(klass))
+
+    hooks = min(definer("pre_update"), definer("post_update"))
+    return hooks < definer("init_state") and not mro[hooks].__module__.startswith("samgria.")
+
+
+def _warn_without_init_state(transforms: Sequence[Transform]) -> None:
+    """Warn, once per state-initialising step, naming the transforms whose hooks have no
+    ``init_state`` beside them (see :func:`_lacks_init_state`)."""
+    lacking = [_transform_name(transform) for transform in transforms if _lacks_init_state(transform)]
+    if lacking:
+        warnings.warn(
+            f"TransformingOptimizer: {', '.join(lacking)} override(s) pre_update/post_update but not "
+            "init_state, which this state-initialising step (torch.distributed.checkpoint's, on a "
+            "fresh optimizer before it loads) calls: a checkpoint loaded into this optimizer fills "
+            "only the state keys that exist now, so state the transform keeps would be dropped "
+            "without an error. Override init_state to create every per-parameter key "
+            "(ctx.state[p]) and object-level key (ctx.slot_state(keys=...)) with its final shape "
+            "and dtype; a transform that keeps no state defines an init_state that does nothing",
+            UserWarning,
+            stacklevel=stacklevel_outside(),
+        )
 
 
 #: How many callers up ``_rescale_unscaled_grads`` looks for ``GradScaler.step`` (its caller
@@ -667,8 +704,9 @@ class TransformingOptimizer(WrappingOptimizer):
 
         ``first_step()`` saw the first pass's gradients multiplied by the loss scale, which it
         does not know. That is harmless where only their direction counts, but not where the
-        size of what was computed from them does: a move by their size
-        (``MultiStepSAM(normalize=False)``), a transform before GSAM, WSAM or LookSAM (which
+        size of what was computed from them does: a move by their size (a perturbation that
+        declares ``Perturbation(..., scale_dependent=True)``: ``MultiStepSAM(normalize=False)``,
+        a user's ``e = rho * g``), a transform before GSAM, WSAM or LookSAM (which
         mix them into the step) that is not scale-equivariant, or a transform before SAM or
         ASAM whose result changes direction with their size (clipping values, a bias, one
         clipping factor per param group).
@@ -676,12 +714,13 @@ class TransformingOptimizer(WrappingOptimizer):
         perturbation = pending.perturbation
         split = pending.resume_at - 1
         name = type(self.transforms[split]).__name__
-        if getattr(perturbation, "scale_dependent", False):
+        if getattr(perturbation, "scale_dependent", False):  # Perturbation(scale_dependent=True)
+            remedy = "use normalize=True, or " if hasattr(self.transforms[split], "normalize") else ""
             return (
                 f"{name} computed its move in first_step() from the size of the first pass's "
-                "gradients, which GradScaler has multiplied by the loss scale (MultiStepSAM's "
-                "ascent with normalize=False): use normalize=True, or train without a loss scaler "
-                "(float32, or bfloat16 autocast, which needs none)"
+                "gradients, which GradScaler has multiplied by the loss scale (its Perturbation "
+                f"declares scale_dependent=True, as MultiStepSAM's ascent with normalize=False): {remedy}"
+                "train without a loss scaler (float32, or bfloat16 autocast, which needs none)"
             )
         if perturbation is None or pending.rerun_before:  # nothing perturbed (no re-evaluating
             # transform, rho=0, a zero direction, a non-finite first pass): no direction was used,
@@ -816,8 +855,15 @@ class TransformingOptimizer(WrappingOptimizer):
         grad_norm: float | None,
         spare_buffers: dict[int, torch.Tensor] | None = None,
         skip: int | None = None,
+        evaluated: int = 1,
     ) -> None:
         """Pre-step transforms from ``start`` on (but ``skip``), the inner step, the post-step ones.
+
+        After a transform that combines gradients (``Transform.combines_gradients``) the
+        gradients are checked for the non-finite policy, in every loop, so that ``step(closure)``,
+        ``step()`` and the two-call loop skip the same steps: ``_NonFiniteGradients`` (numbering
+        the evaluation from ``evaluated``, the closure's evaluations before this call; the
+        two-call loop's gradients are its second pass's) raises before the inner step.
 
         When the first evaluation ran under ``first_pass_context`` (e.g. DDP's ``no_sync``) and no
         transform re-evaluated on this rank (nothing was perturbed), its gradients were never
@@ -839,9 +885,10 @@ class TransformingOptimizer(WrappingOptimizer):
         for index, (_, slot, transform) in enumerate(transforms):
             ctx = self._context(slot, counted, grad_norm if index == 0 else None, spare_buffers)
             transform.pre_update(ctx)
-            if counted is not None and transform.combines_gradients and not self._grads_finite():
-                # What the two-call loop checks once second_step() has finished the combination.
-                raise _NonFiniteGradients(1 + evaluations[0], combined_by=type(transform).__name__)
+            if transform.combines_gradients and not self._grads_finite():
+                # In every loop (a built-in's combination in the two-call loop is checked once
+                # second_step() has finished it, before this runs the transforms after it).
+                raise _NonFiniteGradients(evaluated + evaluations[0], combined_by=type(transform).__name__)
         if reevaluate is not None and self.first_pass_context is not None:  # as counted is not None
             reevaluated_here = evaluations[0] > 0
             if not reevaluated_here:
@@ -960,6 +1007,7 @@ class TransformingOptimizer(WrappingOptimizer):
                 with torch.no_grad():
                     for slot, transform in self.chain:
                         transform.init_state(self._context(slot, None))
+                _warn_without_init_state(self.transforms)
                 return None
             needing = [t for t in self.transforms if t.needs_closure]
             if needing:
@@ -973,8 +1021,11 @@ class TransformingOptimizer(WrappingOptimizer):
             if not self._grads_finite():
                 self._skip("first")
                 return None
-            with _put_back_on_error(self._pre_step_structure()):
-                self._run_chain(0, None, None)
+            try:
+                with _put_back_on_error(self._pre_step_structure()):
+                    self._run_chain(0, None, None)
+            except _NonFiniteGradients as non_finite:  # a transform combined them (put back above)
+                self._skip(_ordinal(non_finite.evaluation), _combined_by(non_finite.combined_by))
             return None
 
         if scaled:
@@ -1061,10 +1112,14 @@ class TransformingOptimizer(WrappingOptimizer):
                 skipped = True
             else:
                 skipped = False
-                if pending.rerun_before:
-                    self._run_chain(0, None, None, spare_buffers, skip=pending.resume_at - 1)
-                else:
-                    self._run_chain(pending.resume_at, None, None, spare_buffers)
+                try:
+                    if pending.rerun_before:
+                        self._run_chain(0, None, None, spare_buffers, skip=pending.resume_at - 1, evaluated=2)
+                    else:
+                        self._run_chain(pending.resume_at, None, None, spare_buffers, evaluated=2)
+                except _NonFiniteGradients as non_finite:  # a transform after the split combined them
+                    self._skip(_ordinal(non_finite.evaluation), _combined_by(non_finite.combined_by))
+                    skipped = True
         except BaseException:
             if not restored:  # raised before (or while) the weights went back: w, not w + e
                 pending.perturbation.restore_weights()  # type: ignore[union-attr]

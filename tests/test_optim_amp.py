@@ -32,8 +32,11 @@ from samgria import (
     GradSign,
     Lookahead,
     LookSAM,
+    MultiStepSAM,
     NormalizeGrad,
     ParamTransform,
+    Perturbation,
+    PerturbationTransform,
     ProjectParams,
     ScaleGrad,
     SparsifyGrad,
@@ -621,3 +624,61 @@ def test_normalize_grad_with_eps_only_on_a_group_without_gradients_keeps_the_dir
 
 def _eps_zero_but_idle(model):
     return [{"params": list(model.parameters()), "eps": 0.0}, {"params": [nn.Parameter(torch.zeros(3))]}]
+
+
+# -- a user's perturbation whose move depends on the size of the gradients --------------------------
+class _UnnormalizedSAM(PerturbationTransform):
+    r"""A researcher's unnormalised SAM, :math:`e = \rho\,g` (its move grows with the loss scale):
+    declares it with ``Perturbation(..., scale_dependent=True)``."""
+
+    def __init__(self, rho=0.05):
+        self.rho = rho
+
+    def group_defaults(self):
+        return {"rho": self.rho}
+
+    @torch.no_grad()
+    def perturb(self, ctx):
+        moves = []
+        for group in ctx.param_groups:
+            for param in group["params"]:
+                if param.grad is None:
+                    continue
+                backup = param.detach().clone()
+                param.add_(param.grad, alpha=group["rho"])
+                moves.append((param, backup, backup, False))
+        return Perturbation(moves, scale_dependent=True) if moves else None
+
+
+def test_a_perturbation_that_declares_its_move_scale_dependent_is_refused_under_a_loss_scale():
+    """Undeclared, such a move was silently multiplied by the loss scale under GradScaler's two-call
+    loop (9144 off the reference after three steps); declared, scaler.step refuses it, as it
+    refuses MultiStepSAM(normalize=False), with the weights restored."""
+    refusal = r"^_UnnormalizedSAM computed its move in first_step\(\) from the size of the first pass's gradients.*scale_dependent=True"
+    _two_call_step(lambda: [_UnnormalizedSAM(0.05)], scaler=_scaler(), refusal=refusal)
+    # Without a scaler the two-call loop takes the move as declared: the hand-written reference.
+    inputs, targets = _batch()
+    model = _model()
+    with torch.no_grad():
+        backup = [p.detach().clone() for p in model.parameters()]
+    model.zero_grad()
+    nn.functional.cross_entropy(model(inputs), targets).backward()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(p.grad, alpha=0.05)
+    model.zero_grad()
+    nn.functional.cross_entropy(model(inputs), targets).backward()
+    with torch.no_grad():
+        for p, b in zip(model.parameters(), backup):
+            p.copy_(b)
+            p.sub_(p.grad, alpha=0.1)
+    for got, want in zip(_two_call_step(lambda: [_UnnormalizedSAM(0.05)]), model.parameters()):
+        assert torch.equal(got, want)
+
+
+def test_perturbations_are_scale_independent_unless_declared_and_multi_step_sam_declares_through_the_same_keyword():
+    assert Perturbation([]).scale_dependent is False
+    assert Perturbation([], scale_dependent=True).scale_dependent is True
+    _two_call_step(
+        lambda: [MultiStepSAM(0.05, normalize=False)], scaler=_scaler(), refusal=r"scale_dependent=True.*use normalize=True"
+    )

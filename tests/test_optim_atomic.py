@@ -1653,3 +1653,195 @@ def test_a_muon_step_refused_inside_its_loop_over_tensors_changes_nothing(how):
         optimizer.step()
     assert all(torch.equal(p, w) for p, w in zip(model.parameters(), weights))
     assert all(len(entry) == 0 for entry in optimizer.state.values())
+
+
+# -- a user's re-evaluating transform and the non-finite policy -----------------------------------------
+class _ExtraGradient(Transform):
+    r"""Extragradient, as a researcher writes it: :math:`w \to w - \gamma g`, re-evaluate there, come
+    back (no ``try``/``finally``): the inner step uses :math:`\nabla L(w - \gamma g)`."""
+
+    needs_closure = True
+
+    def __init__(self, gamma=0.1):
+        self.gamma = gamma
+
+    def group_defaults(self):
+        return {"gamma": self.gamma}
+
+    def _move(self, ctx):
+        moved = []
+        for group in ctx.param_groups:
+            for param in group["params"]:
+                if param.grad is not None:
+                    delta = param.grad * group["gamma"]
+                    param.sub_(delta)
+                    moved.append((param, delta))
+        return moved
+
+    @torch.no_grad()
+    def pre_update(self, ctx):
+        moved = self._move(ctx)
+        ctx.reevaluate()
+        for param, delta in moved:
+            param.add_(delta)
+
+
+class _ExtraGradientWithFallback(_ExtraGradient):
+    """Catches ``Exception`` around the re-evaluation (keep the first pass's step if it fails) and
+    puts the weights back in a ``finally``."""
+
+    @torch.no_grad()
+    def pre_update(self, ctx):
+        moved = self._move(ctx)
+        try:
+            ctx.reevaluate()
+        except Exception:  # noqa: BLE001 - the fallback a user writes
+            pass
+        finally:
+            for param, delta in moved:
+                param.add_(delta)
+
+
+def _extragradient_reference(steps):
+    """Hand-written extragradient with momentum SGD (the steps a skipped one does not count in)."""
+    model = make_model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    for _ in range(steps):
+        optimizer.zero_grad()
+        loss_of(model).backward()
+        with torch.no_grad():
+            deltas = [p.grad * 0.1 for p in model.parameters()]
+            for p, delta in zip(model.parameters(), deltas):
+                p.sub_(delta)
+        optimizer.zero_grad()
+        loss_of(model).backward()
+        with torch.no_grad():
+            for p, delta in zip(model.parameters(), deltas):
+                p.add_(delta)  # as the transform comes back (not bit for bit w)
+        optimizer.step()
+    return model
+
+
+@pytest.mark.parametrize("cls", [_ExtraGradient, _ExtraGradientWithFallback], ids=["no-finally", "except-exception"])
+def test_a_reevaluating_transform_cannot_bypass_the_non_finite_policy_and_its_moved_weights_are_restored(cls):
+    """A NaN re-evaluation ends the step from inside ctx.reevaluate(): an ``except Exception``
+    around it did swallow that (the step went on and wrote NaN weights, no skip counted), and a
+    transform without ``finally`` left the weights at w - gamma g though the step was skipped."""
+    model = make_model()
+    optimizer = TransformingOptimizer(model.parameters(), torch.optim.SGD, lr=0.1, momentum=0.9, transforms=[cls()])
+    optimizer.step(make_closure(model, optimizer))
+    before = Before(model, optimizer)
+    with pytest.warns(RuntimeWarning, match="second evaluation are not finite"):
+        optimizer.step(make_closure(model, optimizer, lambda n: poison(model, math.nan) if n == 2 else None))
+    assert optimizer.skipped_steps == 1
+    before.assert_unchanged()
+    optimizer.non_finite = "raise"
+    with pytest.raises(FloatingPointError, match="second evaluation are not finite"):
+        optimizer.step(make_closure(model, optimizer, lambda n: poison(model, math.nan) if n == 2 else None))
+    before.assert_unchanged()
+    # The run goes on as if the skipped steps had not been tried: the reference's two steps.
+    optimizer.step(make_closure(model, optimizer))
+    for a, b in zip(model.parameters(), _extragradient_reference(2).parameters()):
+        assert torch.equal(a, b)
+
+
+def test_a_reevaluating_transforms_weights_are_restored_when_its_re_evaluation_raises():
+    model = make_model()
+    optimizer = TransformingOptimizer(model.parameters(), torch.optim.SGD, lr=0.1, momentum=0.9, transforms=[_ExtraGradient()])
+    optimizer.step(make_closure(model, optimizer))
+    before = Before(model, optimizer)
+    with pytest.raises(Injected, match="closure failed on call 2"):
+        optimizer.step(make_closure(model, optimizer, raise_on_call(2)))
+    before.assert_unchanged()
+
+
+def test_writes_weights_before_step_is_derived_for_a_reevaluating_transform_that_does_not_declare_it():
+    class Declared(_ExtraGradient):  # puts them back in a finally: its own word
+        writes_weights_before_step = False
+
+        def pre_update(self, ctx):
+            pass
+
+    class InheritsTheDeclaration(Declared):  # Declared's pre_update, Declared's declaration
+        pass
+
+    class OverridesAgain(Declared):  # a pre_update the declaration does not speak for
+        def pre_update(self, ctx):
+            pass
+
+    class NoClosure(Transform):  # changes gradients only: not asked
+        def pre_update(self, ctx):
+            pass
+
+    assert Declared.writes_weights_before_step is False
+    assert InheritsTheDeclaration.writes_weights_before_step is False
+    assert OverridesAgain.writes_weights_before_step is True
+    assert NoClosure.writes_weights_before_step is False
+    assert _Reevaluating().writes_weights_before_step is True
+    for builtin in (SAM(0.05), ASAM(0.5), LookSAM(0.05), MultiStepSAM(0.05)):  # declared, and copy nothing
+        assert builtin.writes_weights_before_step is False
+
+
+# -- a user's transform that combines gradients: every loop skips the same steps ----------------------
+class _Overflowing(Transform):
+    """Combines the gradients into non-finite ones when armed (an overflow of its combination)."""
+
+    combines_gradients = True
+    saves_state_before_step = True
+
+    def __init__(self):
+        self.armed = False
+
+    @torch.no_grad()
+    def pre_update(self, ctx):
+        for group in ctx.param_groups:
+            for param in group["params"]:
+                if param.grad is not None:
+                    entry = ctx.state[param]
+                    entry["calls"] = entry.get("calls", 0) + 1  # assigned, so put back on a skip
+                    if self.armed:
+                        param.grad.mul_(math.inf)
+
+    def scales_with_gradients(self, param_groups):
+        return True
+
+
+@pytest.mark.parametrize(
+    "chain,loop",
+    [("sam", "closure"), ("sam", "two-call"), ("alone", "closure"), ("alone", "two-call"), ("alone", "no-closure")],
+)
+def test_a_combining_transform_that_overflows_is_skipped_in_every_loop(chain, loop):
+    """``combines_gradients`` was honoured only by step(closure): after SAM in the two-call loop,
+    or in step() without a closure, the gradients were checked before the transform ran, and the
+    step wrote inf weights."""
+    model = make_model()
+    combining = _Overflowing()
+    transforms = ([SAM(0.05)] if chain == "sam" else []) + [combining]
+    optimizer = TransformingOptimizer(model.parameters(), torch.optim.SGD, lr=0.1, momentum=0.9, transforms=transforms)
+    optimizer.step(make_closure(model, optimizer))
+    before = Before(model, optimizer)
+    combining.armed = True
+    evaluation = "first" if loop == "no-closure" or (chain == "alone" and loop == "closure") else "second"
+    with pytest.warns(RuntimeWarning, match=rf"^TransformingOptimizer: the gradients of the {evaluation} evaluation, as _Overflowing combined them, are not finite"):
+        if loop == "no-closure":
+            make_closure(model, optimizer)()
+            optimizer.step()
+        else:
+            step_in(loop, model, optimizer)
+    assert optimizer.skipped_steps == 1
+    before.assert_unchanged()
+    # Disarmed, every loop steps as step(closure) does, bit for bit.
+    combining.armed = False
+    twin_model = make_model()
+    twin = TransformingOptimizer(
+        twin_model.parameters(), torch.optim.SGD, lr=0.1, momentum=0.9,
+        transforms=([SAM(0.05)] if chain == "sam" else []) + [_Overflowing()],
+    )  # fmt: skip
+    for _ in range(2):
+        twin.step(make_closure(twin_model, twin))
+    if loop == "no-closure":
+        make_closure(model, optimizer)()
+        optimizer.step()
+    else:
+        step_in(loop, model, optimizer)
+    assert_runs_equal(model, optimizer, twin_model, twin)

@@ -16,6 +16,8 @@ import gzip
 import io
 import pathlib
 import pickle
+import runpy
+import warnings
 
 import pytest
 import torch
@@ -251,6 +253,137 @@ def test_dcp_save_and_load_through_a_directory(tmp_path, chain, inner):
     set_optimizer_state_dict(fresh_model, fresh, optim_state_dict=target["optim"])
     assert_optimizers_equal(model, optimizer, fresh_model, fresh)
     continue_both(model, optimizer, fresh_model, fresh, steps=4)
+
+
+def _dcp_resume(tmp_path, model, optimizer, build_fresh):
+    """Save ``optimizer`` with ``dcp.save`` and load it into ``build_fresh(fresh_model)`` as a fresh
+    process does (no gradients; ``get_optimizer_state_dict`` initialises the state, ``dcp.load``
+    fills it); the fresh model and optimizer."""
+    optimizer.zero_grad(set_to_none=True)
+    try:
+        dcp.save({"optim": get_optimizer_state_dict(model, optimizer)}, checkpoint_id=str(tmp_path))
+    except RuntimeError as error:  # pragma: no cover - depends on the torch build
+        if "process group" in str(error).lower():
+            pytest.skip(f"torch.distributed.checkpoint needs a process group here: {error}")
+        raise
+    fresh_model = copy_of_model(model)
+    fresh = build_fresh(fresh_model)
+    target = {"optim": get_optimizer_state_dict(fresh_model, fresh)}
+    dcp.load(target, checkpoint_id=str(tmp_path))
+    set_optimizer_state_dict(fresh_model, fresh, optim_state_dict=target["optim"])
+    return fresh_model, fresh
+
+
+def test_dcp_resumes_the_docs_example_transforms_state_into_a_fresh_optimizer(tmp_path):
+    """The guide's WeightEMA created its average in post_update only: DCP, which loads into a fresh
+    optimizer only the keys its state-initialising step created, silently dropped it (the resumed
+    run restarted the average). With its init_state the resumed run equals the uninterrupted one."""
+    example = runpy.run_path(str(pathlib.Path(__file__).parent.parent / "docs" / "examples" / "optim_custom_transform.py"))
+    chain = lambda: [SAM(0.05), example["GradientCentralization"](), example["WeightEMA"](decay=0.5)]  # noqa: E731
+    model = make_model()
+    optimizer = build(model, chain())
+    closure = make_closure(model, optimizer)
+    for _ in range(3):
+        optimizer.step(closure)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the state initialisation does not warn: both declare init_state
+        warnings.filterwarnings("ignore", "torch.distributed is disabled")
+        fresh_model, fresh = _dcp_resume(tmp_path, model, optimizer, lambda m: build(m, chain()))
+    assert_optimizers_equal(model, optimizer, fresh_model, fresh)
+    continue_both(model, optimizer, fresh_model, fresh, steps=3)
+
+
+class _CountsWithoutInitState(Transform):
+    """Keeps a per-parameter count and a step counter, created in pre_update only."""
+
+    saves_state_before_step = True
+
+    def pre_update(self, ctx):
+        slot = ctx.slot_state(keys=("t",))
+        slot["t"] = slot.get("t", 0) + 1
+        for group in ctx.param_groups:
+            for param in group["params"]:
+                if param.grad is not None:
+                    ctx.state[param]["count"] = ctx.state[param].get("count", 0) + 1
+
+
+class _CountsWithInitState(_CountsWithoutInitState):
+    def init_state(self, ctx):
+        ctx.slot_state(keys=("t",)).setdefault("t", 0)
+        for group in ctx.param_groups:
+            for param in group["params"]:
+                ctx.state[param].setdefault("count", 0)
+
+
+class _Stateless(Transform):
+    def pre_update(self, ctx):
+        pass
+
+    def init_state(self, ctx):
+        pass  # says it keeps no state
+
+
+class _CustomSAM(SAM):  # samgria's hooks, samgria's init_state
+    def perturb(self, ctx):
+        return super().perturb(ctx)
+
+
+class _SeedProtocolObject:
+    def apply(self, model, loss_fn, batch):
+        pass
+
+    def post_step(self, model):
+        pass
+
+
+@pytest.mark.parametrize(
+    "make,warns",
+    [
+        (_CountsWithoutInitState, True),
+        (_CountsWithInitState, False),
+        (_Stateless, False),
+        (_CustomSAM, False),
+        (_SeedProtocolObject, False),
+        (lambda: LAMP(1e-2, rollback_len=3, seed=0), False),
+        (NormalizeGrad, False),
+        (FriendlySAM, False),
+    ],
+    ids=["without-init-state", "with-init-state", "stateless", "sam-subclass", "seed-protocol", "lamp", "normalize-grad", "friendly-sam"],
+)
+def test_the_state_initialisation_warns_naming_a_transform_whose_hooks_have_no_init_state(make, warns):
+    """DCP loads only the keys the state-initialising step created: a transform that overrides its
+    hooks without init_state loses its state at a resume without an error, so that step warns."""
+    model = make_model()
+    optimizer = build(model, [make()])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        get_optimizer_state_dict(model, optimizer)  # a fresh optimizer: DCP's initialising step
+    messages = [str(w.message) for w in caught if "init_state" in str(w.message)]
+    if warns:
+        assert len(messages) == 1 and all(w.category is UserWarning for w in caught if "init_state" in str(w.message))
+        assert messages[0].startswith(
+            "TransformingOptimizer: _CountsWithoutInitState override(s) pre_update/post_update but not init_state"
+        )
+    else:
+        assert messages == []
+
+
+@pytest.mark.parametrize("cls", [_CountsWithoutInitState, _CountsWithInitState])
+def test_dcp_restores_a_users_transform_state_exactly_when_init_state_creates_it(tmp_path, cls):
+    model = make_model()
+    optimizer = build(model, [cls()])
+    closure = make_closure(model, optimizer)
+    for _ in range(3):
+        optimizer.step(closure)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        fresh_model, fresh = _dcp_resume(tmp_path, model, optimizer, lambda m: build(m, [cls()]))
+    count = optimizer.slots[0] + ".count"
+    assert [optimizer.state[p][count] for p in model.parameters()] == [3] * 4
+    restored = [fresh.state[p].get(count) for p in fresh_model.parameters()]
+    assert restored == ([3] * 4 if cls is _CountsWithInitState else [None] * 4)  # the warning's case
+    if cls is _CountsWithInitState:
+        continue_both(model, optimizer, fresh_model, fresh, steps=2)
 
 
 # -- torch.save / torch.load --------------------------------------------------------------------------

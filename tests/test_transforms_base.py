@@ -692,3 +692,105 @@ def test_a_seed_objects_slot_name_names_its_slot_and_its_state():
     other.slot_name = "per_object"  # an instance's attribute wins over its class's
     optimizer = TransformingOptimizer(make_model().parameters(), torch.optim.SGD, lr=0.1, transforms=[other])
     assert optimizer.slots == ["per_object"]
+
+
+# -- a seed-protocol object's fallback around loss_fn ---------------------------------------------
+class _LookAheadWithFallback:
+    """Moves the weights by -0.1 g, re-evaluates through ``loss_fn`` inside ``except Exception``
+    (keeping the first pass's gradients if that fails) and comes back in a ``finally``."""
+
+    def apply(self, model, loss_fn, batch):
+        moved = [(p, p.grad * 0.1) for p in model.parameters() if p.grad is not None]
+        with torch.no_grad():
+            for p, delta in moved:
+                p.sub_(delta)
+        try:
+            loss_fn(*batch)
+        except Exception:  # noqa: BLE001 - the fallback a user writes
+            pass
+        finally:
+            with torch.no_grad():
+                for p, delta in moved:
+                    p.add_(delta)
+
+    def post_step(self, model):
+        pass
+
+
+def test_a_seed_protocol_objects_except_exception_around_loss_fn_does_not_bypass_the_non_finite_policy():
+    """The re-evaluation's non-finite gradients end the step from inside loss_fn; an ``except
+    Exception`` swallowed that and the step applied the NaN gradients."""
+    model = make_model()
+    x, y = make_data()
+    optimizer = TransformingOptimizer(
+        model.parameters(), torch.optim.SGD, lr=0.1, transforms=[_LookAheadWithFallback()], model=model
+    )
+    calls = [0]
+
+    def closure():
+        calls[0] += 1
+        optimizer.zero_grad()
+        loss = nn.functional.mse_loss(model(x), y)
+        (loss * float("nan") if calls[0] == 2 else loss).backward()
+        return loss
+
+    before = params_of(model)
+    with pytest.warns(RuntimeWarning, match="the gradients of the second evaluation are not finite"):
+        optimizer.step(closure)
+    assert optimizer.skipped_steps == 1
+    assert_bitwise_equal(before, params_of(model))
+
+
+# -- a user's Perturbation whose buffer is the parameter's own memory ------------------------------
+class _BufferIsTheParameter(PerturbationTransform):
+    r""":math:`w + \rho\,\operatorname{sign}(g)` in place, naming the parameter (or an alias of it) as
+    the move's buffer: "the tensor holding :math:`w + e`"."""
+
+    writes_weights_before_step = False  # it moves the weights last and never raises after
+
+    def __init__(self, alias):
+        self.alias = alias
+
+    def group_defaults(self):
+        return {"rho": 0.5}
+
+    @torch.no_grad()
+    def perturb(self, ctx):
+        moves = []
+        for group in ctx.param_groups:
+            for param in group["params"]:
+                if param.grad is None:
+                    continue
+                backup = param.detach().clone()
+                param.add_(torch.sign(param.grad), alpha=group["rho"])
+                moves.append((param, backup, self.alias(param), False))
+        return Perturbation(moves) if moves else None
+
+
+class _RaisingPostOnce(Transform):
+    armed = False
+
+    def post_update(self, ctx):
+        if self.armed:
+            raise RuntimeError("post-step transform failed")
+
+
+@pytest.mark.parametrize(
+    "alias", [lambda p: p, lambda p: p.data, lambda p: p.detach()], ids=["param", "data", "detach"]
+)
+def test_a_perturbations_buffer_that_is_the_parameter_is_not_used_for_the_optimizers_copy(alias):
+    """The optimizer copied its pre-step weights into the move's buffer: the parameter itself, so a
+    post-step failure restored the weights from a 'copy' the inner step had overwritten."""
+    model = make_model()
+    x, y = make_data()
+    failing = _RaisingPostOnce()
+    optimizer = TransformingOptimizer(
+        model.parameters(), torch.optim.SGD, lr=0.1, momentum=0.9, transforms=[_BufferIsTheParameter(alias), failing]
+    )
+    closure = make_closure(model, optimizer, x, y)
+    optimizer.step(closure)
+    before = params_of(model)
+    failing.armed = True
+    with pytest.raises(RuntimeError, match="^post-step transform failed$"):
+        optimizer.step(closure)
+    assert_bitwise_equal(before, params_of(model))

@@ -1,8 +1,15 @@
 """Writing a transform: subclass ``Transform``, declare per-group hyperparameters, keep state in
-``ctx.state[p]`` (the transform's slot of the optimizer's ``state``, so it is checkpointed)."""
+``ctx.state[p]`` and ``ctx.slot_state()`` (the transform's slot of the optimizer's ``state``, so
+it is checkpointed), and create all of it in ``init_state`` (so that
+``torch.distributed.checkpoint`` restores it into a fresh optimizer)."""
+
+import tempfile
+import warnings
 
 import torch
+import torch.distributed.checkpoint as dcp
 from torch import nn
+from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
 
 from samgria import SAM, Transform, TransformingOptimizer
 
@@ -21,6 +28,9 @@ class GradientCentralization(Transform):
                 if p.grad is not None and p.ndim > 1:
                     dims = tuple(range(1, p.ndim))
                     p.grad.sub_(p.grad.mean(dim=dims, keepdim=True))
+
+    def init_state(self, ctx):
+        pass  # it keeps no state (without this, a checkpoint's state initialisation warns)
 
 
 class WeightEMA(Transform):
@@ -41,14 +51,29 @@ class WeightEMA(Transform):
             raise ValueError(f"decay must be in [0, 1), got {decay!r}")
 
     @torch.no_grad()
-    def post_update(self, ctx):
+    def init_state(self, ctx):
+        # Every key, with its final shape and dtype: torch.distributed.checkpoint restores into a
+        # fresh optimizer only the keys this creates (it calls it before loading).
+        slot = ctx.slot_state(keys=("updates",))  # object-level state, on the first parameter
+        if slot is not None and "updates" not in slot:
+            slot["updates"] = 0
         for group in ctx.param_groups:
             for p in group["params"]:
-                state = ctx.state[p]
-                if "ema_weight" not in state:
-                    state["ema_weight"] = p.detach().clone()
+                if "ema_weight" not in ctx.state[p]:
+                    ctx.state[p]["ema_weight"] = p.detach().clone()
+
+    @torch.no_grad()
+    def post_update(self, ctx):
+        self.init_state(ctx)  # the first step creates the state too
+        slot = ctx.slot_state(keys=("updates",))
+        for group in ctx.param_groups:
+            for p in group["params"]:
+                average = ctx.state[p]["ema_weight"]
+                if slot["updates"] == 0:
+                    average.copy_(p)  # the first average is the weights after the first step
                 else:
-                    state["ema_weight"].lerp_(p, 1.0 - group["decay"])
+                    average.lerp_(p, 1.0 - group["decay"])
+        slot["updates"] += 1
 
 
 torch.manual_seed(0)
@@ -80,6 +105,25 @@ for _ in range(3):
 
 assert torch.allclose(optimizer.state[model[0].weight]["ema.ema_weight"], expected_ema)
 assert "ema.ema_weight" in optimizer.state_dict()["state"][0]  # checkpointed
+
+# torch.distributed.checkpoint resumes into a fresh optimizer: get_optimizer_state_dict() has it
+# create its state (init_state), and dcp.load fills those keys -- only those.
+optimizer.zero_grad(set_to_none=True)  # as in a fresh process: no gradients yet
+with tempfile.TemporaryDirectory() as directory, warnings.catch_warnings():
+    warnings.filterwarnings("ignore", "torch.distributed is disabled")  # one process here
+    dcp.save({"optim": get_optimizer_state_dict(model, optimizer)}, checkpoint_id=directory)
+    fresh = TransformingOptimizer(
+        model.parameters(),
+        torch.optim.SGD,
+        lr=0.1,
+        transforms=[SAM(rho=0.05), GradientCentralization(), WeightEMA(decay=0.5)],
+    )
+    loaded = {"optim": get_optimizer_state_dict(model, fresh)}
+    dcp.load(loaded, checkpoint_id=directory)
+    set_optimizer_state_dict(model, fresh, optim_state_dict=loaded["optim"])
+for p in model.parameters():
+    assert torch.equal(fresh.state[p]["ema.ema_weight"], optimizer.state[p]["ema.ema_weight"])
+assert fresh.state[model[0].weight]["ema.updates"] == 3
 
 # Bad values are rejected at construction, also when a param group overrides the default.
 try:

@@ -206,7 +206,14 @@ class TransformContext:
             view of the optimizer's ``state[p]``; created on first access).
         reevaluate: Re-runs the closure at the current weights (under grad mode) with the
             gradients cleared first, and returns its loss; ``None`` when the step has no closure
-            (then a transform that needs one must raise).
+            (then a transform that needs one must raise). Inside the optimizer, when the
+            re-evaluation's gradients are not finite it raises a private ``BaseException``
+            subclass (as ``GeneratorExit`` is one) that ends the step for the non-finite policy
+            (skipped and counted, or ``FloatingPointError`` with ``non_finite="raise"``). It must
+            propagate: ``except Exception`` does not catch it; put weights you moved back in a
+            ``finally`` (or let the optimizer's copy restore them, see
+            ``Transform.writes_weights_before_step``), never in an ``except BaseException`` that
+            does not re-raise. Whatever the closure raises propagates as well.
         foreach: Whether to use the ``torch._foreach_*`` fast path.
         model: The module the closure evaluates, when known (used by protocol adapters).
         standalone: ``True`` when the transform runs through the seed protocol (``apply`` /
@@ -301,7 +308,11 @@ class Transform:
             step (in :meth:`pre_update`, or when its perturbation is restored). It must then
             assign new objects, never write into existing tensors: the optimizer keeps the
             references of the state at the start of the step (no copies) and puts them back if
-            anything later in the step raises, the step is skipped or cancelled.
+            anything later in the step raises, the step is skipped or cancelled. Only then:
+            undeclared, what :meth:`pre_update` wrote may stay written after such a step (also
+            with ``atomic="full"``); declared, a write into an existing tensor
+            (``st["count"] += 1`` on a tensor, ``add_``) stays, as the reference put back is
+            that same tensor (``st["count"] = st["count"] + 1`` assigns a new one).
         slot_name: The default name of the transform's slot: ASCII letters, digits and
             underscores, not starting with a digit (default: the class name in snake case).
         supports_sharded_params: ``True`` when the transform is right for sharded (``DTensor``)
@@ -321,12 +332,17 @@ class Transform:
             override it). With ``atomic=True`` the optimizer then copies the weights at the
             start of the step and writes them back if the step raises, is skipped or cancelled.
             (A transform that moves the weights and always puts them back itself, also when it
-            raises, as SAM does, declares ``False``.)
+            raises, as SAM does, declares ``False``.) A subclass with ``needs_closure = True``
+            in its class that overrides :meth:`pre_update` gets ``True`` unless it declares the
+            attribute (in the class that defines that :meth:`pre_update`, or below it): a
+            re-evaluation whose gradients are not finite ends the step from inside
+            ``ctx.reevaluate()``, where the weights it moved to evaluate may not be back yet.
         combines_gradients: ``True`` when :meth:`pre_update` hands on gradients it computed
             from the evaluations' gradients (GSAM, WSAM, LookSAM's steps in between), which can
-            overflow where theirs did not: ``step(closure)`` then checks them once more, as the
-            two-call loop checks what ``second_step()`` finishes, so that both loops skip the
-            same steps.
+            overflow where theirs did not: the optimizer then checks them once more right after
+            it, in ``step(closure)``, ``step()`` and the two-call loop alike (where it runs after
+            the re-evaluating transform, ``second_step()`` runs it and then checks), so that
+            every loop skips the same steps.
     """
 
     needs_closure: bool = False
@@ -336,6 +352,18 @@ class Transform:
     supports_sharded_params: bool = True
     supports_local_first_pass: bool = True
     slot_name: str | None = None
+
+    #: A base class whose subclasses derive ``writes_weights_before_step`` from a hook of their
+    #: own (``PerturbationTransform``'s ``perturb``), not from :meth:`pre_update`.
+    _writes_derived_from_own_hook: bool = False
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        # A pre_update that re-evaluates may move the weights to evaluate elsewhere; a
+        # re-evaluation whose gradients are not finite ends the step from inside it (the
+        # non-finite policy), so weights it moved and had not put back would stay moved.
+        if cls.needs_closure is True and not cls._writes_derived_from_own_hook:
+            _derive_writes_weights(cls, Transform, "pre_update")
 
     @property
     def reevaluations(self) -> int:
@@ -387,7 +415,13 @@ class Transform:
 
         Called instead of the hooks by a step that only initialises state: every gradient zero
         and every ``lr`` zero while the optimizer holds no state yet — what
-        ``torch.distributed.checkpoint`` does to a fresh optimizer before loading into it.
+        ``torch.distributed.checkpoint`` does to a fresh optimizer before loading into it. It
+        loads only the keys that exist then, so a transform with state must create every
+        per-parameter key (``ctx.state[p]``) and object-level key (``ctx.slot_state(keys=...)``)
+        here, with its final shape and dtype: a key it leaves out is silently not restored.
+        The optimizer warns when a transform that overrides :meth:`pre_update` or
+        :meth:`post_update` does not override this (one that keeps no state overrides it with
+        a method that does nothing).
         """
 
     def check_loaded_state(self, ctx: TransformContext) -> None:

@@ -54,7 +54,7 @@ __all__ = ["SAM", "ASAM", "PerturbationTransform", "Perturbation"]
 
 
 class Perturbation:
-    """Moved weights and the way back.
+    r"""Moved weights and the way back.
 
     ``restore()`` re-points each swapped parameter at its untouched original storage, or copies
     the backup back into a parameter perturbed in place: exact, and it cannot fail.
@@ -62,12 +62,42 @@ class Perturbation:
     finite (then nothing was moved).
 
     Args:
-        moves: ``(param, original, buffer, swapped)`` per moved parameter.
+        moves: ``(param, original, buffer, swapped)`` per moved parameter, with ``param`` holding
+            the moved weights :math:`w + e` now:
+
+            * ``swapped=False`` (moved in place): ``original`` is a copy of :math:`w` (not
+              ``param``, nor a view of it), which ``restore()`` copies back into ``param``;
+            * ``swapped=True`` (``param.data`` was pointed at other memory holding
+              :math:`w + e`): ``original`` is the tensor that held :math:`w` (the old
+              ``param.data``), which ``restore()`` points ``param.data`` back at.
+
+            ``buffer`` is memory laid out like ``param`` (its shape, dtype, device and strides)
+            that nothing needs once the weights are back: ``restore()`` hands it to the optimizer,
+            which writes its copy of the weights into it (``ctx.spare_buffers``). It must never be
+            ``param`` itself, nor memory ``param`` holds after ``restore()`` (that copy would
+            overwrite the restored weights: ``restore()`` keeps back a buffer that is ``param``
+            or starts at its memory, but not one that overlaps it otherwise); for a move in place
+            the backup (``original``) is the natural choice, for a swap the memory that held
+            :math:`w + e`.
+        non_finite: The gradient norm was not finite, so nothing was moved (``moves`` empty).
+        scale_dependent: The move depends on the size of the first pass's gradients, not only on
+            their direction (:math:`e = \rho\,g`, ``MultiStepSAM(normalize=False)``). Under
+            ``torch.amp.GradScaler``'s two-call loop ``perturb`` sees those gradients multiplied by
+            the loss scale, so such a move would be wrong by that factor: the optimizer then
+            refuses ``scaler.step(optimizer)`` (``RuntimeError``, the weights restored). A move
+            along :math:`g / \lVert g \rVert` (SAM, ASAM) keeps the default ``False``.
     """
 
-    def __init__(self, moves: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, bool]], *, non_finite: bool = False) -> None:
+    def __init__(
+        self,
+        moves: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, bool]],
+        *,
+        non_finite: bool = False,
+        scale_dependent: bool = False,
+    ) -> None:
         self.moves = moves
         self.non_finite = non_finite
+        self.scale_dependent = scale_dependent
 
     @property
     def params(self) -> list[torch.Tensor]:
@@ -91,7 +121,8 @@ class Perturbation:
                 param.data = original
             else:
                 param.copy_(original)
-            freed[id(param)] = buffer
+            if not _is_weights_memory(buffer, param):  # a user's move that named the parameter
+                freed[id(param)] = buffer
         self.moves = []
         return freed
 
@@ -100,6 +131,17 @@ class Perturbation:
         (:meth:`restore`, also a subclass's; a perturbation that finishes the step in
         :meth:`restore` overrides this)."""
         return self.restore()
+
+
+def _is_weights_memory(buffer: torch.Tensor, param: torch.Tensor) -> bool:
+    """Whether a move's ``buffer`` is the restored parameter's own memory (``param`` itself,
+    ``param.data``, ``param.detach()``): not free, so not handed to the optimizer, whose copy of
+    the weights would overwrite them (a sharded parameter: only ``param`` itself is recognised)."""
+    if buffer is param:
+        return True
+    if is_sharded(param) or is_sharded(buffer) or buffer.device != param.device:
+        return False
+    return buffer.data_ptr() == param.data_ptr()
 
 
 def _widened(tensor: torch.Tensor) -> torch.Tensor:
@@ -197,6 +239,7 @@ class PerturbationTransform(Transform):
     """
 
     needs_closure = True
+    _writes_derived_from_own_hook = True  # from perturb(), below
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
