@@ -146,6 +146,20 @@ def check_bool(name: str, value: Any) -> bool:
     raise _fail_type(name, "a bool", value)
 
 
+def check_optional_bool(name: str, value: Any) -> bool | None:
+    """``None``, or ``value`` as a ``bool`` (a NumPy bool is one, as for :func:`check_bool`).
+
+    Raises:
+        TypeError: Anything else (``"vectorize must be None or a bool, got 'yes'"``).
+    """
+    if value is None:
+        return None
+    try:
+        return check_bool(name, value)
+    except TypeError:
+        raise TypeError(f"{name} must be None or a bool, got {value!r}") from None
+
+
 def check_choice(name: str, value: Any, choices: tuple[Any, ...]) -> Any:
     """Check that ``value`` is one of ``choices`` and return it.
 

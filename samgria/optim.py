@@ -391,7 +391,7 @@ class TransformingOptimizer(WrappingOptimizer):
                 check_choice("atomic", atomic, (True, False, "full"))  # the message names every choice
                 raise
         if transform_foreach is not None:
-            check_bool("transform_foreach", transform_foreach)
+            transform_foreach = check_bool("transform_foreach", transform_foreach)
         inner_optimizer = self._build_inner(params, inner, inner_kwargs)
         if isinstance(inner_optimizer, torch.optim.LBFGS):
             raise TypeError(

@@ -302,6 +302,72 @@ def test_transforms_and_an_optimizer_together_are_refused(tmp_path) -> None:
         )
 
 
+@pytest.mark.parametrize(
+    "kwargs, error, message",
+    [
+        ({"transforms": [SAM]}, TypeError, r"^transforms\[0\] must be a transform instance, got the class SAM \(e\.g\. SAM\(\)\)$"),
+        ({"transforms": 3}, TypeError, r"^transforms must be a sequence or mapping of transforms, got 3$"),
+        ({"transforms": {"a.b": SAM()}}, ValueError, r"^transforms slot names must be identifiers, got 'a\.b'"),
+        (
+            {"transforms": [SAM()], "reevaluation_context": 3},
+            TypeError,
+            r"^reevaluation_context must be a callable returning a context manager, got 3$",
+        ),
+    ],
+    ids=["class", "int", "slot-name", "reevaluation-context"],
+)
+def test_transforms_and_reevaluation_context_are_checked_at_construction(tmp_path, kwargs, error, message) -> None:
+    """As TransformingOptimizer checks them, before the Trainer is set up: they were accepted, and
+    the first train() raised only after the Trainer had created its plain optimizer."""
+    with pytest.raises(error, match=message):
+        SAMTrainer(model=Regression(), args=arguments(tmp_path), train_dataset=Pairs(), **kwargs)
+
+
+def test_transforms_given_as_an_iterator_wrap_the_optimizer(tmp_path) -> None:
+    """Checking the transforms at construction must not use up an iterator of them."""
+    model = Regression()
+    args = arguments(tmp_path, optim="sgd", lr_scheduler_type="constant", max_grad_norm=0.0, weight_decay=0.0, max_steps=1)
+    trainer = SAMTrainer(model=model, args=args, train_dataset=Pairs(), transforms=iter([SAM(rho=RHO)]))
+    trainer.train()
+    assert [type(t).__name__ for t in trainer.optimizer.optimizer.transforms] == ["SAM"]
+
+
+def test_a_failed_wrapping_leaves_no_plain_optimizer_behind(tmp_path) -> None:
+    """When wrapping the Trainer's optimizer fails in create_optimizer, ``trainer.optimizer`` is
+    left as it was (None): it held the plain optimizer, and a second train() trained without SAM."""
+    model = Regression()
+    before = [p.detach().clone() for p in model.parameters()]
+    args = arguments(tmp_path, optim="sgd", max_grad_norm=0.0)
+    trainer = SAMTrainer(model=model, args=args, train_dataset=Pairs(), transforms=[SAM(rho=RHO)])
+    trainer.sam_transforms = [SAM]  # changed after the construction-time check
+    for _ in range(2):  # the retry fails the same way: it does not train without SAM
+        with pytest.raises(TypeError, match=r"^transforms\[0\] must be a transform instance, got the class SAM"):
+            trainer.train()
+        assert trainer.optimizer is None
+    assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
+
+
+def test_a_refused_chain_leaves_no_optimizer_behind_and_a_fixed_retry_trains_sam(tmp_path) -> None:
+    """A chain refused after wrapping (LookSAM with max_grad_norm > 0) leaves ``trainer.optimizer``
+    None; once the cause is fixed the retry wraps a fresh optimizer and trains SAM exactly."""
+    model = Regression()
+    start = copy.deepcopy(model)
+    args = arguments(tmp_path, optim="sgd", lr_scheduler_type="constant", weight_decay=0.0)
+    trainer = SAMTrainer(model=model, args=args, train_dataset=Pairs(), transforms=[SAM(rho=RHO)])
+    trainer.sam_transforms = [LookSAM(RHO, k=2)]
+    with pytest.raises(ValueError, match=r"with LookSAM in the chain"):
+        trainer.train()
+    assert trainer.optimizer is None
+    trainer.sam_transforms = [SAM(rho=RHO)]
+    trainer.args.max_grad_norm = 0.0
+    seen = record_batches(model)
+    trainer.train()
+    assert [type(t).__name__ for t in trainer.optimizer.optimizer.transforms] == ["SAM"]
+    expected = reference(start, windows(seen), lrs=[LR] * 4)
+    for got, want in zip(model.parameters(), expected):
+        torch.testing.assert_close(got.detach(), want, rtol=1e-12, atol=1e-14)
+
+
 class NormRegression(nn.Module):
     """Linear -> BatchNorm -> Tanh -> Linear, returning a loss dict."""
 

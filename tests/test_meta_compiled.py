@@ -15,6 +15,8 @@ code and guards, not by instance). Everything else uses a counting eager backend
 from __future__ import annotations
 
 import gc
+import inspect
+import re
 import warnings
 import weakref
 
@@ -649,6 +651,75 @@ def test_trainer_rejects_bad_compile_arguments():
         MetaTrainer(meta, F.mse_loss, sampler, compile=True, compile_options=["mode"])
     trainer = MetaTrainer(meta, F.mse_loss, sampler, compile=True, vectorize=True)
     assert trainer.compile is True and trainer.compile_options == {} and trainer.compiled_loss is None
+
+
+#: torch.compile's keyword arguments but ``model`` (torch 2.13: backend, disable, dynamic, fullgraph,
+#: isolate_recompiles, mode, name, options, recompile_limit, shapes_spec).
+_COMPILE_KEYWORDS = ", ".join(sorted(set(inspect.signature(torch.compile).parameters) - {"model"}))
+
+
+@pytest.mark.parametrize(
+    "options",
+    [{"inner_steps": 0}, {"steps": 3}, {"inner_step_fn": None}, {"bogus_kw": 1}, {"model": make_model}, {1: 2}],
+    ids=["inner_steps", "steps", "inner_step_fn", "bogus", "model", "int-key"],
+)
+def test_compile_options_that_are_not_torch_compile_arguments_are_refused(options):
+    """They were passed on into CompiledMetaLoss's own keyword arguments: ``{"inner_steps": 0}``
+    trained the compiled path with 0 inner steps (the meta-optimizer's are 2), silently; an
+    unknown key failed on the first step and the run fell back to the uncompiled path."""
+    model = make_model()
+    before = [p.detach().clone() for p in model.parameters()]
+    meta = make_meta("maml", model)
+    (key,) = options
+    message = rf"^compile_options must name keyword arguments of torch\.compile \({_COMPILE_KEYWORDS}\), got {key!r}$"
+    with pytest.raises(TypeError, match=message):
+        MetaTrainer(meta, F.mse_loss, ListSampler([sample_tasks(2)]), compile=True, compile_options=options)
+    if isinstance(key, str) and key not in ("inner_steps", "steps", "inner_step_fn"):  # CompiledMetaLoss's own
+        with pytest.raises(TypeError, match=message):
+            CompiledMetaLoss(meta, F.mse_loss, **options)
+    assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
+
+
+@pytest.mark.parametrize(
+    "options, refusal",
+    [
+        ({"mode": "max-autotune-no-cudagraph"}, r"RuntimeError: Unrecognized mode=max-autotune-no-cudagraph"),
+        ({"backend": "no-such-backend"}, r"InvalidBackend: .*'no-such-backend'"),
+        ({"mode": "max-autotune", "options": {}}, r"RuntimeError: Either mode or options can be specified"),
+    ],
+    ids=["mode-typo", "backend", "mode-and-options"],
+)
+def test_compile_option_values_torch_compile_refuses_are_refused_at_construction(options, refusal):
+    """torch.compile refused them only when the program was built, at the first meta-step, and
+    the trainer then trained on the uncompiled path after one warning."""
+    meta = make_meta("maml", make_model())
+    message = rf"^compile_options must be keyword arguments that torch\.compile accepts, got {re.escape(repr(options))} \({refusal}"
+    with pytest.raises(ValueError, match=message):
+        MetaTrainer(meta, F.mse_loss, ListSampler([sample_tasks(2)]), compile=True, compile_options=options)
+    with pytest.raises(ValueError, match=message):
+        CompiledMetaLoss(meta, F.mse_loss, **options)
+
+
+def test_accepted_compile_options_are_kept_and_the_inner_loop_is_the_trainers():
+    """Valid options reach torch.compile; the compiled path runs the meta-optimizer's inner
+    steps, as the uncompiled trainer from the same weights does."""
+    tasks = sample_tasks(2)
+    backend = CountingBackend()
+    compiled_model, reference_model = make_model(), make_model()
+    compiled = MetaTrainer(
+        make_meta("maml", compiled_model), F.mse_loss, ListSampler([tasks]), compile=True,
+        compile_options={"backend": backend, "fullgraph": True},
+    )
+    assert compiled.compile_options == {"backend": backend, "fullgraph": True}
+    reference = MetaTrainer(make_meta("maml", reference_model), F.mse_loss, ListSampler([tasks]), vectorize=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no fallback to the uncompiled path
+        compiled.fit(1, 2, progress=False)
+    reference.fit(1, 2, progress=False)
+    assert compiled.path == "compiled" and backend.compilations >= 1
+    assert compiled.compiled_loss.compile_options == {"dynamic": False, "backend": backend, "fullgraph": True}
+    for got, want in zip(compiled_model.parameters(), reference_model.parameters()):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
 
 
 # ---------------------------------------------------------------- a model wrapped in torch.compile

@@ -592,3 +592,42 @@ def test_twice_differentiable_forward_substitutes_weight_norm_only_for_a_model_t
     for composite in composites:
         torch.testing.assert_close(composite, numeric, rtol=1e-6, atol=1e-8)
     assert not torch.allclose(fused, numeric, rtol=1e-6, atol=1e-8), "torch's fused double backward is still wrong"
+
+
+NOT_PARAMS = [
+    ([1], r"^params must be a mapping of parameter names to tensors, got \[1\]$"),
+    ("weight", r"^params must be a mapping of parameter names to tensors, got 'weight'$"),
+    ({"weight": 0.1}, r"^params\['weight'\] must be a tensor, got 0\.1$"),
+    ({0: torch.zeros(1, 3)}, r"^params must be a mapping of parameter names to tensors, got the key 0$"),
+]
+
+
+@pytest.mark.parametrize("params, message", NOT_PARAMS, ids=["list", "str", "float-value", "int-key"])
+def test_params_that_are_not_a_mapping_of_names_to_tensors_are_refused_naming_params(params, message):
+    """``adapt(m, [1], build)`` raised ``AttributeError: 'list' object has no attribute 'items'``,
+    ``functional_forward`` torch's own error, naming no argument."""
+    model, x, y = linear_problem()
+    loss = nn.functional.mse_loss(model(x), y)
+    with pytest.raises(TypeError, match=message):
+        adapt(model, params, lambda p: p["weight"].sum())
+    with pytest.raises(TypeError, match=message):
+        inner_step(params, loss, 0.1)
+    with pytest.raises(TypeError, match=message):
+        functional_forward(model, params, x)
+
+
+@pytest.mark.parametrize("names", [3, 1.5, None.__class__, torch.tensor(1)], ids=["int", "float", "type", "tensor"])
+def test_adapt_names_that_are_not_a_sequence_of_names_are_refused_naming_adapt_names(names):
+    """``adapt_names=3`` raised ``'int' object is not iterable``."""
+    model, x, y = linear_problem()
+    params = named_params(model)
+    loss = nn.functional.mse_loss(functional_forward(model, params, x), y)
+    message = rf"^adapt_names must be a sequence of parameter names, got {re.escape(repr(names))}$"
+    with pytest.raises(TypeError, match=message):
+        inner_step(params, loss, 0.1, adapt_names=names)
+    with pytest.raises(TypeError, match=message):
+        adapt(model, params, lambda p: p["weight"].sum(), adapt_names=names)
+    # a sequence of names still adapts them: w - lr * grad
+    stepped = inner_step(params, loss, 0.1, adapt_names=("weight",))
+    w = model.weight.detach()
+    torch.testing.assert_close(stepped["weight"], w - 0.1 * analytic_grad(w, x, y), rtol=1e-12, atol=1e-14)

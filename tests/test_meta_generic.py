@@ -30,6 +30,7 @@ import copy
 import dataclasses
 import io
 import pickle
+import re
 import warnings
 from typing import Any
 
@@ -53,6 +54,7 @@ from samgria.meta import (
     Reptile,
 )
 from samgria.meta import engine
+from samgria.meta.base import MetaOptimizer
 from samgria.meta.compiled import CompiledMetaLoss, compiled_path_blocker
 from samgria.optim import TransformingOptimizer
 from samgria.transforms import SAM
@@ -681,6 +683,91 @@ def test_numpy_integer_inner_steps_are_accepted():
     meta = _maml(inner_steps=np.int64(2))
     assert meta.inner_steps == 2 and type(meta.inner_steps) is int
     assert meta.inner_loop(np.int32(3)).inner_steps == 3
+
+
+@pytest.mark.parametrize("algorithm", ["MAML", "MetaSGD", "ANIL"])
+def test_numpy_bool_flags_are_accepted_and_kept_as_bools(algorithm):
+    """check_bool accepts a NumPy bool; first_order refused it (a hand-written isinstance check),
+    and checkpoint_inner_steps, create_graph and track_graph kept np.True_ instead of True."""
+    np = pytest.importorskip("numpy")
+    meta = CONSTRUCTORS[algorithm](_model(), first_order=np.True_, checkpoint_inner_steps=np.True_)
+    assert meta.first_order is True and meta.checkpoint_inner_steps is True
+    loop = meta.inner_loop(create_graph=np.True_, track_graph=np.False_)
+    assert loop.first_order is False and loop.track_graph is False and loop.checkpoint is True
+    assert type(loop.checkpoint) is bool
+    with pytest.raises(TypeError, match=r"^first_order must be a bool, got 1$"):
+        CONSTRUCTORS[algorithm](_model(), first_order=1)
+    with pytest.raises(TypeError, match=r"^first_order must be a bool, got np\.float64\(1\.0\)$"):
+        CONSTRUCTORS[algorithm](_model(), first_order=np.float64(1.0))
+
+
+def _body_and_head(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+    head = list(model[-1].parameters())
+    return [p for p in model.parameters() if all(p is not h for h in head)], head
+
+
+@pytest.mark.parametrize("algorithm", ALGORITHMS)
+@pytest.mark.parametrize("built", [False, True], ids=["params", "built"])
+def test_a_numpy_bool_adapt_key_is_accepted_and_stored_as_a_bool(algorithm, built):
+    """``{"adapt": np.False_}`` adapts as ``{"adapt": False}`` (was refused: 'must be a bool')."""
+    np = pytest.importorskip("numpy")
+    adapted = []
+    for flags in ((np.False_, np.True_), (False, True)):
+        model = _model()
+        body, head = _body_and_head(model)
+        groups = [{"params": body, "adapt": flags[0]}, {"params": head, "adapt": flags[1]}]
+        if built:
+            meta = BUILT_CONSTRUCTORS[algorithm](model, torch.optim.SGD(groups, lr=0.1))
+        else:
+            meta = CONSTRUCTORS[algorithm](model, params=groups)
+        assert [g["adapt"] for g in meta.param_groups[:2]] == [False, True]
+        assert all(type(g["adapt"]) is bool for g in meta.param_groups)
+        adapted.append(meta.inner_loop().adapt_names)
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert adapted[0] == adapted[1] == tuple(names[id(p)] for p in head)
+
+
+def test_a_numpy_bool_adapt_key_set_later_and_in_an_added_group_is_accepted():
+    np = pytest.importorskip("numpy")
+    model = _model()
+    body, head = _body_and_head(model)
+    meta = MAML(model, torch.optim.SGD, lr=0.1, params=[{"params": head}])
+    meta.add_param_group({"params": body, "adapt": np.False_})
+    assert meta.param_groups[1]["adapt"] is False
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert meta.inner_loop().adapt_names == tuple(names[id(p)] for p in head)
+    meta.param_groups[1]["adapt"] = np.True_  # edited after construction: read at each call
+    assert meta.inner_loop().adapt_names == tuple(names[id(p)] for p in head + body)
+    meta.param_groups[1]["adapt"] = 1
+    with pytest.raises(TypeError, match=r"^param_groups\[1\]\['adapt'\] must be a bool, got 1$"):
+        meta.inner_loop()
+
+
+@pytest.mark.parametrize("algorithm", ALGORITHMS)
+def test_a_numpy_bool_vectorize_takes_the_path_of_the_bool(algorithm):
+    np = pytest.importorskip("numpy")
+    model = _model()
+    meta = CONSTRUCTORS[algorithm](model)
+    for flag in (True, False):
+        with torch.no_grad():
+            want = meta.task_losses(TASKS, mse, vectorize=flag)
+            got = meta.task_losses(TASKS, mse, vectorize=np.bool_(flag))
+        assert torch.equal(got, want)
+        assert meta.evaluate(TASKS, mse, vectorize=np.bool_(flag)) == meta.evaluate(TASKS, mse, vectorize=flag)
+    with pytest.raises(TypeError, match=r"^vectorize must be None or a bool, got 0$"):
+        meta.evaluate(TASKS, mse, vectorize=0)
+
+
+@pytest.mark.parametrize(
+    "weights", [["a", "b", "c"], [None, 1.0, 1.0], [1j, 1.0, 1.0]], ids=["str", "None", "complex"]
+)
+def test_meta_loss_weights_that_are_not_numbers_are_a_type_error_naming_weights(weights):
+    """``torch.as_tensor`` raised ``ValueError: too many dimensions 'str'`` (or its own TypeError)."""
+    losses = torch.tensor([1.0, 2.0, 4.0], dtype=DT)
+    message = rf"^weights must be a 1-D sequence of finite numbers >= 0, one per task loss, got {re.escape(repr(weights))}$"
+    with pytest.raises(TypeError, match=message):
+        MetaOptimizer.meta_loss(losses, weights)
+    assert MetaOptimizer.meta_loss(losses, [1.0, 0.0, 1.0]).item() == pytest.approx((1.0 + 4.0) / 2)
 
 
 def unequal_tasks() -> list[Task]:

@@ -262,3 +262,37 @@ def test_a_learner_refuses_a_tensor_rate_that_would_change_its_parameters_shape(
     assert learner.params["bias"].shape == (1,)
     torch.testing.assert_close(learner.params["bias"], model.bias - 0.2 * g_b)
     torch.testing.assert_close(learner.params["weight"], model.weight - 0.1 * g_w)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"params": {"weight": 0.1}}, r"^params\['weight'\] must be a tensor, got 0\.1$"),
+        ({"params": "x"}, r"^params must be a mapping of parameter names to tensors, got 'x'$"),
+        ({"params": 3}, r"^params must be a mapping of parameter names to tensors, got 3$"),
+        ({"adapt_names": 3}, r"^adapt_names must be a sequence of parameter names, got 3$"),
+        ({"first_order": 1}, r"^first_order must be a bool, got 1$"),
+    ],
+    ids=["float-value", "str", "int", "adapt-names-int", "first-order-int"],
+)
+def test_learner_refuses_bad_params_and_adapt_names_naming_them(kwargs, message):
+    """``params={"weight": 0.1}`` raised AttributeError ('float' has no 'requires_grad'),
+    ``params="x"`` a ValueError of ``dict()``, ``adapt_names=3`` ``'int' object is not iterable``."""
+    model, _, _ = setup()
+    with pytest.raises(TypeError, match=message):
+        Learner(model, **kwargs)
+
+
+def test_learner_takes_a_numpy_bool_first_order_and_named_parameter_pairs():
+    """``first_order=np.True_`` was refused (check_bool accepts it elsewhere); it is the bool it
+    holds. ``params`` as ``(name, tensor)`` pairs is still taken as their dict."""
+    np = pytest.importorskip("numpy")
+    model, x, y = setup()
+    w = model.weight.detach()
+    learner = Learner(model, params=model.named_parameters(), inner_lr=0.1, first_order=np.True_)
+    assert learner.first_order is True
+    learner.adapt_on(mse, x, y)
+    torch.testing.assert_close(learner.params["weight"], w - 0.1 * ls_grad(w, x, y), rtol=1e-12, atol=1e-14)
+    # first order: the adapted weight's gradient w.r.t. the initial one is the identity
+    (grad,) = torch.autograd.grad(learner.params["weight"].sum(), model.weight)
+    torch.testing.assert_close(grad, torch.ones_like(w), rtol=0, atol=0)

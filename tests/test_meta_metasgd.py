@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -123,6 +124,59 @@ def test_already_built_outer_gets_the_rates_group_and_options():
     assert outer.param_groups[1]["lr"] == 1e-4
     with pytest.raises(TypeError, match="lrs_group must be a dict"):
         MetaSGD(model, torch.optim.SGD, lrs_group=[1], lr=0.1)
+
+
+@pytest.mark.parametrize(
+    "lrs_group, error, message",
+    [
+        ({"lr": -1.0}, ValueError, r"^lrs_group\['lr'\] must be a finite number >= 0, got -1\.0$"),
+        ({"lr": float("nan")}, ValueError, r"^lrs_group\['lr'\] must be a finite number >= 0, got nan$"),
+        ({"lr": float("inf")}, ValueError, r"^lrs_group\['lr'\] must be a finite number >= 0, got inf$"),
+        ({"lr": "x"}, TypeError, r"^lrs_group\['lr'\] must be a finite number >= 0, got 'x'$"),
+        ({"lr": True}, TypeError, r"^lrs_group\['lr'\] must be a finite number >= 0, got True$"),
+        ({"lr": torch.tensor(-1.0)}, ValueError, r"^lrs_group\['lr'\] must be a finite number >= 0, got -1\.0$"),
+        ({"lr": torch.tensor([0.1, 0.2])}, TypeError, r"^lrs_group\['lr'\] must be a real number .* one-element real tensor"),
+        ({"weight_decay": "a"}, TypeError, r"^lrs_group\['weight_decay'\] must be a real number .*, got 'a'$"),
+        ({"params": []}, ValueError, r"^lrs_group must not set 'params': MetaSGD sets them itself"),
+        ({"adapt": True}, ValueError, r"^lrs_group must not set 'adapt': MetaSGD sets them itself"),
+        ({"inner_lrs": False, "params": []}, ValueError, r"^lrs_group must not set 'params', 'inner_lrs': MetaSGD sets"),
+    ],
+    ids=["negative", "nan", "inf", "str", "bool", "negative-tensor", "two-element-tensor", "weight-decay-str",
+         "params", "adapt", "inner_lrs"],
+)
+@pytest.mark.parametrize("built", [False, True], ids=["class", "built"])
+def test_lrs_group_is_checked_before_the_outer_optimizer_is_taken_over(lrs_group, error, message, built):
+    """``{"lr": -1}`` built, and the first step moved the rates by gradient ascent; ``{"lr": "x"}``
+    was refused only at the first step; ``params``/``adapt``/``inner_lrs`` were overwritten
+    silently. A built outer optimizer is left as it was."""
+    model = nn.Linear(3, 1).to(DT)
+    outer = torch.optim.SGD(model.parameters(), lr=0.1, weight_decay=0.0) if built else torch.optim.SGD
+    kwargs = {} if built else {"lr": 0.1}
+    with pytest.raises(error, match=message):
+        MetaSGD(model, outer, lrs_group=lrs_group, **kwargs)
+    if built:
+        assert len(outer.param_groups) == 1 and "adapt" not in outer.param_groups[0]
+        assert "inner_lr" not in outer.param_groups[0]
+
+
+@pytest.mark.parametrize("lr", [0.5, np.float64(0.5), torch.tensor(0.5, dtype=DT)], ids=["float", "numpy", "tensor"])
+def test_an_accepted_lrs_group_lr_steps_the_rates_by_gradient_descent(lr):
+    torch.manual_seed(0)
+    model = nn.Linear(3, 1).to(DT)
+    meta = MetaSGD(model, torch.optim.SGD, inner_lr=0.05, lr=0.1, lrs_group={"lr": lr, "note": "kept"})
+    assert meta.param_groups[-1]["note"] == "kept"
+    tasks = make_tasks()
+
+    def closure():
+        meta.zero_grad()
+        loss = meta.task_losses(tasks, mse, vectorize=False).mean()
+        loss.backward()
+        return loss
+
+    before = {n: r.detach().clone() for n, r in meta.inner_lrs.items()}
+    meta.step(closure)
+    for n, r in meta.inner_lrs.items():  # alpha <- alpha - 0.5 * dL/dalpha
+        torch.testing.assert_close(r.detach(), before[n] - 0.5 * r.grad, rtol=0, atol=1e-15)
 
 
 def test_only_adapted_groups_get_rates():

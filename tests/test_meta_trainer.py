@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import math
 import pickle
+import re
 import sys
 
 import numpy as np
@@ -198,7 +199,10 @@ class FakeTTY(io.StringIO):
         return True
 
 
-@pytest.mark.parametrize(("progress", "tty", "shown"), [(None, False, False), (None, True, True), (True, False, True), (False, True, False)])
+@pytest.mark.parametrize(
+    ("progress", "tty", "shown"),
+    [(None, False, False), (None, True, True), (True, False, True), (False, True, False), (np.True_, False, True), (np.False_, True, False)],
+)
 def test_progress_bar_only_on_terminals_unless_forced(monkeypatch, progress, tty, shown):
     stream = FakeTTY() if tty else io.StringIO()
     monkeypatch.setattr(sys, "stderr", stream)
@@ -401,12 +405,17 @@ def test_the_loss_functions_errors_keep_their_type_on_the_path_asked_for(vectori
         ((2, 2), {"eval_every": 0, "eval_tasks": "T"}, ValueError, r"eval_every must be an integer >= 1, got 0"),
         ((2, 2), {"eval_tasks": []}, ValueError, r"eval_tasks must not be empty, got 0 tasks"),
         ((2, 2), {"callback": 5}, TypeError, r"callback must be callable, got int"),
-        ((2, 2), {"progress": "yes"}, TypeError, r"progress must be None, True or False, got 'yes'"),
+        ((2, 2), {"progress": "yes"}, TypeError, r"progress must be None or a bool, got 'yes'"),
+        ((2, 2), {"progress": 1}, TypeError, r"^progress must be None or a bool, got 1$"),
+        ((2, 2), {"eval_tasks": 3}, TypeError, r"^eval_tasks must be a sequence of Task, got 3$"),
+        ((2, 2), {"eval_tasks": "T0"}, TypeError, r"^eval_tasks must be a sequence of Task, got Task\("),
     ],
 )
 def test_fit_rejects_bad_arguments_before_touching_the_model(args, kwargs, error, match):
     if kwargs.get("eval_tasks") == "T":
         kwargs["eval_tasks"] = fixed_tasks(1)
+    if kwargs.get("eval_tasks") == "T0":  # one task, not a sequence of them
+        kwargs["eval_tasks"] = fixed_tasks(1)[0]
     model = make_model()
     before = [p.detach().clone() for p in model.parameters()]
     trainer = MetaTrainer(MAML(model, torch.optim.SGD, lr=0.1), F.mse_loss, ListSampler(fixed_tasks(4)))
@@ -414,6 +423,40 @@ def test_fit_rejects_bad_arguments_before_touching_the_model(args, kwargs, error
         trainer.fit(*args, **kwargs)
     for p, p0 in zip(model.parameters(), before):
         assert torch.equal(p, p0)
+
+
+@pytest.mark.parametrize("tasks", [3, "tasks", None], ids=["int", "str", "None"])
+def test_evaluate_and_train_step_refuse_what_is_not_a_sequence_of_tasks(tasks):
+    """``list(3)`` raised ``'int' object is not iterable``, naming no argument."""
+    model = make_model()
+    before = [p.detach().clone() for p in model.parameters()]
+    trainer = MetaTrainer(MAML(model, torch.optim.SGD, lr=0.1), F.mse_loss, ListSampler(fixed_tasks(4)))
+    message = rf"^tasks must be a sequence of Task, got {re.escape(repr(tasks))}$"
+    with pytest.raises(TypeError, match=message):
+        trainer.evaluate(tasks)
+    with pytest.raises(TypeError, match=message):
+        trainer.train_step(tasks)
+    assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
+
+
+@pytest.mark.parametrize("flag", [True, False])
+def test_numpy_bool_vectorize_and_compile_train_as_the_bool(flag):
+    """A NumPy bool was refused ('must be None, True or False'); it is the bool it holds, and is
+    stored as that bool (``vectorize is True`` decides the path)."""
+    tasks = fixed_tasks(4)
+    runs = []
+    for vectorize, compile_ in ((np.bool_(flag), np.False_), (flag, False)):
+        model = make_model()
+        trainer = MetaTrainer(
+            MAML(model, torch.optim.SGD, lr=0.2, inner_lr=0.05), F.mse_loss, ListSampler(tasks),
+            vectorize=vectorize, compile=compile_,
+        )
+        assert trainer.vectorize is flag and trainer.compile is False
+        history = trainer.fit(2, 2, progress=False)
+        runs.append((history.meta_loss, trainer.path, [p.detach().clone() for p in model.parameters()]))
+    assert runs[0][1] == runs[1][1] == ("vmap" if flag else "loop")
+    assert runs[0][0] == runs[1][0]
+    assert all(torch.equal(p, q) for p, q in zip(runs[0][2], runs[1][2]))
 
 
 def test_sampler_returning_wrong_count_is_an_error():
@@ -432,7 +475,7 @@ def test_constructor_validation():
         MetaTrainer(meta, "mse", sampler)
     with pytest.raises(TypeError, match=r"sampler must have a sample\(n\) -> list\[Task\] method, got list$"):
         MetaTrainer(meta, F.mse_loss, [Task(*(torch.zeros(1, 1),) * 4)])
-    with pytest.raises(TypeError, match=r"vectorize must be None, True or False, got 1"):
+    with pytest.raises(TypeError, match=r"vectorize must be None or a bool, got 1"):
         MetaTrainer(meta, F.mse_loss, sampler, vectorize=1)
 
 

@@ -8,6 +8,7 @@ forward and backward at the perturbed weights. :class:`SAMTrainer` runs it.
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 from samgria.integrations._common import (
@@ -20,6 +21,8 @@ from samgria.integrations._common import (
 )
 from samgria.integrations.accelerate import SAMAcceleratedOptimizer, adopt
 from samgria.optim import TransformingOptimizer
+from samgria.transforms.base import GradientTransform, Transform
+from samgria.transforms.chain import Chain
 
 try:
     from transformers import Trainer
@@ -76,14 +79,24 @@ class SAMTrainer(Trainer):
 
     Raises:
         TypeError: If ``transforms`` or ``reevaluation_context`` is given together with an
-            optimizer in ``optimizers``.
-        ValueError: From ``train()``, under DeepSpeed, whose engine runs the optimizer step
+            optimizer in ``optimizers``, or is refused as by
+            :class:`~samgria.TransformingOptimizer` (``transforms`` not transform instances,
+            ``reevaluation_context`` neither callable nor ``None``), before the ``Trainer`` is
+            set up.
+        ValueError: ``transforms`` with a slot name used twice or that is not an identifier;
+            from ``train()``, under DeepSpeed, whose engine runs the optimizer step
             itself, or, before any step, with an optimizer that ``first_step()``/``second_step()``
             cannot run (more than one re-evaluation per step, or ``first_pass_context``), or with
             ``max_grad_norm > 0`` and GSAM, WSAM or LookSAM in the chain.
     """
 
     def __init__(self, *args: Any, transforms: Any = None, reevaluation_context: Any = None, **kwargs: Any) -> None:
+        if transforms is not None:
+            transforms = _checked_transforms(transforms)
+        if reevaluation_context is not None and not callable(reevaluation_context):
+            raise TypeError(
+                f"reevaluation_context must be a callable returning a context manager, got {reevaluation_context!r}"
+            )
         super().__init__(*args, **kwargs)
         if self.optimizer is not None and (transforms is not None or reevaluation_context is not None):
             raise TypeError(
@@ -99,10 +112,15 @@ class SAMTrainer(Trainer):
         created = self.optimizer is None
         optimizer = super().create_optimizer(*args, **kwargs)
         if created and self.sam_transforms is not None and not isinstance(optimizer, TransformingOptimizer):
-            self.optimizer = TransformingOptimizer(
-                optimizer, transforms=self.sam_transforms, reevaluation_context=self.sam_reevaluation_context
-            )
-            self._refuse_two_call_incapable()
+            try:
+                self.optimizer = TransformingOptimizer(
+                    optimizer, transforms=self.sam_transforms, reevaluation_context=self.sam_reevaluation_context
+                )
+                self._refuse_two_call_incapable()
+            except BaseException:
+                # Not the Trainer's plain optimizer: a later train() would train without SAM.
+                self.optimizer = None
+                raise
         return self.optimizer
 
     def _refuse_two_call_incapable(self) -> None:
@@ -167,3 +185,15 @@ class SAMTrainer(Trainer):
             sam.cancel_step()
             raise
         return loss
+
+
+def _checked_transforms(transforms: Any) -> Any:
+    """``transforms`` checked as :class:`~samgria.TransformingOptimizer` checks them (its
+    :class:`~samgria.transforms.chain.Chain`), an iterator taken as a list (it is read again
+    when the optimizer is created)."""
+    if not isinstance(transforms, (Mapping, Transform, GradientTransform, str, bytes)) and isinstance(
+        transforms, Iterable
+    ):
+        transforms = list(transforms)
+    Chain(transforms, ())
+    return transforms

@@ -41,7 +41,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from samgria._checks import check_bool, check_choice, check_real
+from samgria._checks import check_bool, check_choice, check_optional_bool, check_real
 from samgria._frameworks import accelerate_accumulation
 from samgria._snapshot import StateStructure, StepSnapshot
 from samgria._wrapper import WrappingOptimizer, checks_before_writing, refuse_driven
@@ -71,8 +71,7 @@ def rng_untouched(model: nn.Module) -> contextlib.AbstractContextManager[Any]:
 
 def _path_of(vectorize: Any) -> str | None:
     """The path a ``vectorize`` argument asks for (``None``: the policy chooses)."""
-    if vectorize is not None and not isinstance(vectorize, bool):
-        raise TypeError(f"vectorize must be None or a bool, got {vectorize!r}")
+    vectorize = check_optional_bool("vectorize", vectorize)
     return None if vectorize is None else ("vmap" if vectorize else "loop")
 
 
@@ -212,15 +211,14 @@ class MetaOptimizer(WrappingOptimizer):
         process_group: Any = None,
         **outer_kwargs: Any,
     ) -> None:
-        check_bool("checkpoint_inner_steps", checkpoint_inner_steps)
+        checkpoint_inner_steps = check_bool("checkpoint_inner_steps", checkpoint_inner_steps)
         check_choice("non_finite", non_finite, ("skip", "raise"))
         distributed, process_group = collectives.check_distributed(distributed, process_group)
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         inner_lr = check_lr(inner_lr, "inner_lr")
         inner_steps = check_steps(inner_steps, "inner_steps")
-        if not isinstance(first_order, bool):
-            raise TypeError(f"first_order must be a bool, got {first_order!r}")
+        first_order = check_bool("first_order", first_order)
         if not any(True for _ in model.parameters()):
             raise ValueError("model has no parameters to meta-train")
 
@@ -320,9 +318,7 @@ class MetaOptimizer(WrappingOptimizer):
         """Raise if param group ``index`` (of ``groups``, as the message names them) cannot be a
         meta-optimizer's group; change nothing."""
         check_lr(group.get("inner_lr", self.inner_lr), f"{groups}[{index}]['inner_lr']")
-        adapt = group.get("adapt", True)
-        if not isinstance(adapt, bool):
-            raise TypeError(f"{groups}[{index}]['adapt'] must be a bool, got {adapt!r}")
+        check_bool(f"{groups}[{index}]['adapt']", group.get("adapt", True))
         model_params = set(self.model.parameters()) | self._extra_params()
         for p in group["params"]:
             if p not in model_params:
@@ -354,13 +350,14 @@ class MetaOptimizer(WrappingOptimizer):
         for key in ("inner_lr", "adapt", *self._group_markers):  # markers: e.g. MetaSGD's rates group
             if key not in group and key in current:
                 group[key] = current[key]
-        self._fill_group(group)
         self._check_group(group, index, "the checkpoint's param_groups")
+        self._fill_group(group)
 
     def _fill_group(self, group: dict[str, Any]) -> None:
-        """Give a (checked) param group the default ``inner_lr`` and ``adapt``."""
+        """Give a (checked) param group the default ``inner_lr`` and ``adapt`` (``adapt`` a
+        ``bool``: a NumPy bool, which the check accepts, is stored as one)."""
         group.setdefault("inner_lr", self.inner_lr)
-        group.setdefault("adapt", True)
+        group["adapt"] = bool(group.get("adapt", True))
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Add a group (of the model's parameters) to the outer optimizer.
@@ -633,10 +630,7 @@ class MetaOptimizer(WrappingOptimizer):
         names: list[str] = []
         lrs: dict[str, float | torch.Tensor] = {}
         for i, group in enumerate(self.param_groups):
-            adapt = group.get("adapt", True)
-            if not isinstance(adapt, bool):
-                raise TypeError(f"param_groups[{i}]['adapt'] must be a bool, got {adapt!r}")
-            if not adapt:
+            if not check_bool(f"param_groups[{i}]['adapt']", group.get("adapt", True)):
                 continue
             lr = check_lr(group.get("inner_lr", self.inner_lr), f"param_groups[{i}]['inner_lr']")
             for p in group["params"]:
@@ -695,10 +689,10 @@ class MetaOptimizer(WrappingOptimizer):
         transforms = check_inner_options(inner_step_fn, inner_reg_fn, grad_transforms)
         if create_graph is None:
             create_graph = not self.first_order
-        check_bool("create_graph", create_graph)
+        create_graph = check_bool("create_graph", create_graph)
         if track_graph is None:
             track_graph = self.outer_update == "meta_gradient"
-        check_bool("track_graph", track_graph)
+        track_graph = check_bool("track_graph", track_graph)
         names, lrs = self._adapt_config()
         if not names:
             raise ValueError(
@@ -1072,7 +1066,8 @@ class MetaOptimizer(WrappingOptimizer):
 
         Raises:
             TypeError: A weight that is a truth value (``bool``, a boolean tensor), as
-                everywhere a task weight is given.
+                everywhere a task weight is given, or ``weights`` that are not numbers
+                (``["a", "b"]``).
             ValueError: No losses, weights that are not 1-D, a count mismatch between ``losses``
                 and ``weights``, a negative weight, or weights summing to zero.
         """
@@ -1090,7 +1085,12 @@ class MetaOptimizer(WrappingOptimizer):
         if weights is None:
             return stacked.mean()
         _refuse_truth_values(weights)
-        w = torch.as_tensor(weights, dtype=stacked.dtype, device=stacked.device).detach()
+        try:
+            w = torch.as_tensor(weights, dtype=stacked.dtype, device=stacked.device).detach()
+        except (TypeError, ValueError, RuntimeError):  # strings, None, complex numbers, ragged lists
+            raise TypeError(
+                f"weights must be a 1-D sequence of finite numbers >= 0, one per task loss, got {weights!r}"
+            ) from None
         if w.dim() != 1:
             raise ValueError(
                 f"weights must be a 1-D sequence of one weight per task loss, got shape {tuple(w.shape)}"

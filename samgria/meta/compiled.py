@@ -44,12 +44,13 @@ zero gradient instead of ``None``; dropout draws its random numbers inside the c
 
 from __future__ import annotations
 
+import inspect
 import itertools
 import re
 import sys
 import types
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, cast
 
 import torch
@@ -72,6 +73,64 @@ from samgria.meta.engine import (
 from samgria.meta.inner_optim import InnerStepFn
 
 __all__ = ["CompiledMetaLoss", "compiled_path_blocker"]
+
+
+def _compile_keywords() -> frozenset[str] | None:
+    """The keyword arguments of :func:`torch.compile` but ``model`` (``None`` for a
+    ``torch.compile`` that takes any, through ``**kwargs``)."""
+    try:
+        parameters = inspect.signature(torch.compile).parameters.values()
+    except (TypeError, ValueError):  # no signature to read: the keys are left to torch.compile
+        return None
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters):
+        return None
+    named = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    return frozenset(p.name for p in parameters if p.kind in named) - {"model"}
+
+
+def _compile_probe() -> None:
+    """What :func:`check_compile_options` hands to ``torch.compile`` (never called)."""
+
+
+def check_compile_options(options: Mapping[Any, Any], name: str = "compile_options") -> dict[str, Any]:
+    """``options`` as a dict, checked as keyword arguments of :func:`torch.compile` before anything
+    is compiled.
+
+    Every key must be a keyword argument of ``torch.compile`` other than ``model`` (the compiled
+    function is the meta-loss); the values are left to ``torch.compile`` itself, which is called
+    on a function that is never run (it checks ``mode``, ``backend``, ``options`` there, not when
+    the program is first run, where a refusal would send a trainer to the uncompiled path). When
+    ``torch.compile`` refuses even no options (an unsupported platform), the values are not
+    checked: that is reported where the program is built.
+
+    Raises:
+        TypeError: A key that is no keyword argument of ``torch.compile``
+            (``"compile_options must name keyword arguments of torch.compile (backend, ...), got
+            'inner_steps'"``).
+        ValueError: ``torch.compile`` refuses the values (an unknown ``mode`` or ``backend``,
+            ``mode`` together with ``options``), with its message.
+    """
+    allowed = _compile_keywords()
+    for key in options:
+        if allowed is not None and key not in allowed:
+            raise TypeError(
+                f"{name} must name keyword arguments of torch.compile ({', '.join(sorted(allowed))}), got {key!r}"
+            )
+    checked = dict(options)
+    if checked:
+        try:
+            torch.compile(_compile_probe)
+        except Exception:  # torch.compile works nowhere here: nothing to learn about the options
+            return checked
+        try:
+            torch.compile(_compile_probe, **{"dynamic": False, **checked})
+        except Exception as error:
+            raise ValueError(
+                f"{name} must be keyword arguments that torch.compile accepts, got {checked!r} "
+                f"({type(error).__name__}: {error})"
+            ) from None
+    return checked
+
 
 LossFn = Callable[[Any, Any], torch.Tensor]
 
@@ -301,11 +360,14 @@ class CompiledMetaLoss:
         steps: Former name of ``inner_steps``.
         **compile_options: Keyword arguments of :func:`torch.compile` (e.g. ``mode=...``,
             ``backend=...``). Default ``dynamic=False``: one specialised program per task shape.
+            Checked by :func:`check_compile_options` when given.
 
     Raises:
-        TypeError: ``meta`` is not a ``MetaOptimizer`` or ``loss_fn`` is not callable.
-        ValueError: ``steps`` is negative, or ``meta`` cannot use the compiled path (Reptile, a
-            custom inner loop, a second-order loop through BatchNorm).
+        TypeError: ``meta`` is not a ``MetaOptimizer``, ``loss_fn`` is not callable, or a
+            keyword argument is neither this class's nor one of ``torch.compile``'s.
+        ValueError: ``steps`` is negative, ``meta`` cannot use the compiled path (Reptile, a
+            custom inner loop, a second-order loop through BatchNorm), or ``torch.compile``
+            refuses ``compile_options``.
     """
 
     def __init__(
@@ -333,10 +395,11 @@ class CompiledMetaLoss:
             raise ValueError(f"meta cannot use the compiled path: {reason}")
         if not callable(loss_fn):
             raise TypeError(f"loss_fn must be callable, got {type(loss_fn).__name__}")
+        options = check_compile_options(compile_options)
         self.meta = meta
         self.loss_fn = loss_fn
         self.steps = None if inner_steps is None else check_steps(inner_steps, "inner_steps")
-        self.compile_options: dict[str, Any] = {"dynamic": False, **compile_options}
+        self.compile_options: dict[str, Any] = {"dynamic": False, **options}
         self._programs: dict[tuple[Any, ...], Callable[..., Any]] = {}
         self._lr_tensors: dict[tuple[Any, ...], torch.Tensor] = {}
 

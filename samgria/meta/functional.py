@@ -120,8 +120,12 @@ def functional_forward(
 
     Returns:
         Whatever ``model.forward`` returns.
+
+    Raises:
+        TypeError: ``model`` is not a module, or ``params`` is not a mapping of names to tensors.
     """
     _check_module(model)
+    check_params(params)
     if buffers is None:
         buffers = copy_buffers(model)
     return stateless_call(model, params, buffers, args, kwargs)
@@ -241,10 +245,24 @@ def _check_fixed_rates(rates: list[tuple[str, torch.Tensor]]) -> None:
     raise ValueError(f"{name} must be a tensor of finite numbers >= 0, got {rate.detach()!r}")
 
 
+def check_params(params: Any, name: str = "params") -> None:
+    """Refuse ``params`` that is not a mapping from parameter names to tensors, with a
+    ``TypeError`` naming the argument (or the entry) and the value."""
+    if not isinstance(params, Mapping):
+        raise TypeError(f"{name} must be a mapping of parameter names to tensors, got {params!r}")
+    for key, value in params.items():
+        if not isinstance(key, str):
+            raise TypeError(f"{name} must be a mapping of parameter names to tensors, got the key {key!r}")
+        if not isinstance(value, torch.Tensor):
+            raise TypeError(f"{name}[{key!r}] must be a tensor, got {value!r}")
+
+
 def check_adapt_names(adapt_names: Iterable[str]) -> list[str]:
-    """``adapt_names`` as a list; a ``str`` or ``bytes`` (whose items would be its characters) is
-    refused with a ``TypeError`` naming the argument."""
-    if isinstance(adapt_names, (str, bytes)):  # list("2.weight") would be its characters
+    """``adapt_names`` as a list; anything but an iterable of names (a number, a tensor, a ``str``
+    or ``bytes``, whose items would be its characters) is refused with a ``TypeError`` naming the
+    argument."""
+    # list("2.weight") would be its characters
+    if isinstance(adapt_names, (str, bytes, torch.Tensor)) or not isinstance(adapt_names, Iterable):
         raise TypeError(f"adapt_names must be a sequence of parameter names, got {adapt_names!r}")
     return list(adapt_names)
 
@@ -318,8 +336,9 @@ def inner_step(
         A new mapping with the adapted parameters.
 
     Raises:
-        TypeError: ``adapt_names`` is a string (not a sequence of names), a rate is not a real
-            number or tensor, or ``first_order`` or ``allow_unused`` is not a bool.
+        TypeError: ``params`` is not a mapping of names to tensors, ``adapt_names`` is not a
+            sequence of names (a string, a number), a rate is not a real number or tensor, or
+            ``first_order`` or ``allow_unused`` is not a bool.
         ValueError: ``lr`` is negative or not finite (a number, or an entry of a tensor that does
             not require grad), a tensor rate does not broadcast to its parameter's shape, would
             change its dtype or is on another device (a 0-dim CPU tensor may be), a mapping
@@ -327,6 +346,7 @@ def inner_step(
             ``adapt_names`` names an unknown parameter or one that does not require grad (or is
             ``None`` and no tensor of ``params`` requires grad).
     """
+    check_params(params)
     first_order = check_bool("first_order", first_order)
     allow_unused = check_bool("allow_unused", allow_unused)
     names = resolve_adapt_names(params, adapt_names)
@@ -373,13 +393,14 @@ def adapt_params(
         The adapted parameter mapping (``params`` itself, copied, when ``inner_steps == 0``).
 
     Raises:
-        TypeError: ``model`` is not a module, ``build_loss`` is not callable,
-            ``inner_steps`` is not an int, ``first_order`` is not a bool, or ``adapt_names`` is
-            a string.
+        TypeError: ``model`` is not a module, ``params`` is not a mapping of names to tensors,
+            ``build_loss`` is not callable, ``inner_steps`` is not an int, ``first_order`` is not
+            a bool, or ``adapt_names`` is not a sequence of names (a string, a number).
         ValueError: ``inner_steps`` is negative, ``inner_lr`` is refused (as ``lr`` of
             :func:`inner_step`), or ``adapt_names`` is refused (see :func:`inner_step`).
     """
     _check_module(model)
+    check_params(params)
     if not callable(build_loss):
         raise TypeError(f"build_loss must be callable, got {build_loss!r}")
     steps = check_steps(inner_steps)

@@ -40,6 +40,7 @@ from samgria.meta.engine import (
 )
 from samgria.meta.functional import (
     LearningRate,
+    check_params,
     check_steps,
     functional_forward,
     one_steps_argument,
@@ -50,6 +51,17 @@ from samgria.meta.inner_optim import InnerStepFn, sgd_inner_step
 
 __all__ = ["Learner"]
 
+
+
+def _params_mapping(params: Any) -> Mapping[str, torch.Tensor]:
+    """``params`` checked as a mapping of parameter names to tensors (an iterable of
+    ``(name, tensor)`` pairs, such as ``model.named_parameters()``, taken as a dict)."""
+    if not isinstance(params, (Mapping, str, bytes, torch.Tensor)) and isinstance(params, Iterable):
+        items = list(params)
+        if all(isinstance(item, tuple) and len(item) == 2 for item in items):
+            params = dict(items)
+    check_params(params)
+    return params
 
 
 class Learner:
@@ -81,7 +93,9 @@ class Learner:
             rates, order, regulariser and transforms).
 
     Raises:
-        TypeError: ``model`` is not a module or a callable argument is not callable.
+        TypeError: ``model`` is not a module, ``params`` is not a mapping of names to tensors,
+            ``adapt_names`` is not a sequence of names, a flag is not a bool, or a callable
+            argument is not callable.
         ValueError: ``inner_lr`` or ``inner_steps`` is negative, ``adapt_names`` names an
             unknown parameter or one that does not require grad, or no parameter is adapted.
     """
@@ -103,8 +117,9 @@ class Learner:
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-        if not isinstance(first_order, bool):
-            raise TypeError(f"first_order must be a bool, got {first_order!r}")
+        first_order = check_bool("first_order", first_order)
+        if params is not None:
+            params = _params_mapping(params)
         transforms = check_inner_options(inner_step_fn, inner_reg_fn, grad_transforms)
         self.model = model
         start = dict(model.named_parameters()) if params is None else dict(params)

@@ -19,12 +19,14 @@ gradient instead of scaling it.
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 import torch
 from torch import nn
 
-from samgria._wrapper import WrappingOptimizer
+from samgria._checks import check_like_default, check_real
+from samgria._wrapper import WrappingOptimizer, is_torch_optimizer
 from samgria.meta.functional import check_lr
 from samgria.meta.maml import MAML
 
@@ -50,6 +52,55 @@ def _one_group_only(outer: Any) -> str | None:
     return type(outer).__name__ if isinstance(outer, torch.optim.LBFGS) else None
 
 
+#: The keys of the rates' param group that MetaSGD sets itself.
+_SET_BY_METASGD = ("params", "adapt", "inner_lrs")
+
+
+def _torch_defaults(outer: Any) -> dict[str, Any]:
+    """The param-group defaults of the ``torch.optim`` optimizer ``outer`` is, builds (its
+    constructor's defaults, as torch's optimizers store them) or drives; empty for another
+    optimizer, whose rules are its own."""
+    if isinstance(outer, type):
+        module = outer.__module__
+        if not (module == "torch.optim" or module.startswith("torch.optim.")):
+            return {}
+        try:
+            parameters = inspect.signature(outer).parameters
+        except (TypeError, ValueError):
+            return {}
+        return {n: p.default for n, p in parameters.items() if p.default is not inspect.Parameter.empty}
+    while isinstance(outer, WrappingOptimizer):
+        outer = outer.__dict__.get(outer._driven_attr)
+    return dict(outer.defaults) if is_torch_optimizer(outer) else {}
+
+
+def _check_lrs_group(lrs_group: Any, outer: Any) -> None:
+    """Refuse an ``lrs_group`` that is not a dict, sets a key MetaSGD sets itself, or holds an
+    ``lr`` (a finite number ``>= 0``, as torch's constructors check it), ``inner_lr`` or, for
+    ``torch.optim``'s optimizers, a value of another kind than the optimizer's default (as
+    ``check_like_default`` checks a group before a step); change nothing."""
+    if not isinstance(lrs_group, dict):
+        raise TypeError(f"lrs_group must be a dict of param-group options, got {lrs_group!r}")
+    reserved = [key for key in _SET_BY_METASGD if key in lrs_group]
+    if reserved:
+        raise ValueError(
+            f"lrs_group must not set {', '.join(map(repr, reserved))}: MetaSGD sets them itself (params: "
+            f"the rates; adapt=False; inner_lrs=True), got {lrs_group!r}"
+        )
+    if "inner_lr" in lrs_group:
+        check_lr(lrs_group["inner_lr"], "lrs_group['inner_lr']")
+    if "lr" in lrs_group:
+        lr = lrs_group["lr"]
+        if isinstance(lr, torch.Tensor):  # torch takes a one-element real tensor
+            check_like_default("lrs_group['lr']", lr, 0.0)
+            lr = lr.item()
+        check_real("lrs_group['lr']", lr, low=0.0)
+    defaults = _torch_defaults(outer)
+    for key, value in lrs_group.items():
+        if key not in ("lr", "inner_lr") and key in defaults:
+            check_like_default(f"lrs_group[{key!r}]", value, defaults[key])
+
+
 class MetaSGD(MAML):
     """MAML with learnable per-parameter inner learning rates.
 
@@ -72,15 +123,19 @@ class MetaSGD(MAML):
         inner_lr: Initial value of every rate.
         inner_steps: Default number of inner steps.
         first_order: Drop second-order terms (the rates still get gradients).
-        lrs_group: Extra options of the rates' param group (e.g. ``{"lr": 1e-4}``).
+        lrs_group: Extra options of the rates' param group (e.g. ``{"lr": 1e-4}``), checked
+            now: ``lr`` a finite number ``>= 0``; for ``torch.optim``'s optimizers, every option
+            of the kind of the optimizer's default; not ``params``, ``adapt`` or ``inner_lrs``,
+            which MetaSGD sets.
         **outer_kwargs: The outer optimizer class's keyword arguments (``lr``, ...) and
             :class:`~samgria.meta.base.MetaOptimizer`'s: ``params`` (the param groups, e.g. one
             with ``adapt=False``), ``non_finite``, ``distributed``, ``process_group`` and
             ``checkpoint_inner_steps``.
 
     Raises:
-        TypeError: ``lrs_group`` is not a dict.
-        ValueError: ``lrs_group['inner_lr']`` is negative, ``outer`` is (or builds) an LBFGS,
+        TypeError: ``lrs_group`` is not a dict, or an option of it is of the wrong kind.
+        ValueError: ``lrs_group['lr']`` or ``lrs_group['inner_lr']`` is negative or not finite,
+            ``lrs_group`` sets ``params``, ``adapt`` or ``inner_lrs``, ``outer`` is (or builds) an LBFGS,
             which supports one param group only (and as :class:`~samgria.meta.base.MetaOptimizer`);
             when used, a parameter is adapted that has no learned rate.
     """
@@ -98,10 +153,8 @@ class MetaSGD(MAML):
         lrs_group: dict[str, Any] | None = None,
         **outer_kwargs: Any,
     ) -> None:
-        if lrs_group is not None and not isinstance(lrs_group, dict):
-            raise TypeError(f"lrs_group must be a dict of param-group options, got {lrs_group!r}")
-        if lrs_group is not None and "inner_lr" in lrs_group:  # checked before outer is taken over
-            check_lr(lrs_group["inner_lr"], "lrs_group['inner_lr']")
+        if lrs_group is not None:  # checked before outer is taken over
+            _check_lrs_group(lrs_group, outer)
         single = _one_group_only(outer)
         if single is not None:  # refused before a built outer is taken over
             shown = f"outer={single}" if isinstance(outer, type) else f"outer=an already built {single}"

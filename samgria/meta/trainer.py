@@ -8,19 +8,19 @@ import numbers
 import sys
 import time
 import warnings
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TextIO, cast
 
 import torch
 
-from samgria._checks import check_int
+from samgria._checks import check_bool, check_int, check_optional_bool
 from samgria.data._validation import check_sampler
 from samgria.data.sharding import DistributedTaskSampler, shard_bounds
 from samgria.data.task import Task, TaskSampler, load_sampler_state_dict, sampler_state_dict
 from samgria.meta.base import MetaOptimizer, rng_untouched
 from samgria.meta.functional import one_steps_argument
-from samgria.meta.compiled import CompiledMetaLoss, compiled_path_blocker
+from samgria.meta.compiled import CompiledMetaLoss, check_compile_options, compiled_path_blocker
 from samgria.meta import distributed as collectives
 from samgria.meta.engine import PATHS, InnerLoop, InnerRegFn, vmap_blocker
 from samgria.meta.inner_optim import InnerStepFn
@@ -29,6 +29,14 @@ from samgria._frameworks import stacklevel_outside
 __all__ = ["History", "MetaTrainer"]
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def _task_list(name: str, tasks: Any) -> list[Any]:
+    """``tasks`` as a list; something that is not an iterable of tasks (a number, a single
+    :class:`~samgria.data.task.Task`, a string, a tensor) is refused naming ``name``."""
+    if isinstance(tasks, (Task, str, bytes, torch.Tensor)) or not isinstance(tasks, Iterable):
+        raise TypeError(f"{name} must be a sequence of Task, got {tasks!r}")
+    return list(tasks)
 
 
 @dataclass
@@ -202,7 +210,9 @@ class MetaTrainer:
         compile: Compute meta-gradients with the compiled path (MAML, FOMAML, MetaSGD, ANIL),
             with ``vectorize=None`` or ``True``.
         compile_options: Keyword arguments of :func:`torch.compile` (e.g. ``{"mode":
-            "max-autotune"}``), only with ``compile=True``.
+            "max-autotune"}``), only with ``compile=True``; checked now, as
+            :func:`~samgria.meta.compiled.check_compile_options` checks them (a key such as
+            ``inner_steps`` is refused: the inner loop is the trainer's).
         inner_step_fn: Inner update rule (default plain SGD), on every path.
         inner_reg_fn: Inner-loop regulariser, on every path.
         grad_transforms: Inner-loop gradient transforms (e.g. ``InnerSAM``), on every path.
@@ -218,9 +228,11 @@ class MetaTrainer:
 
     Raises:
         TypeError: ``meta`` is not a ``MetaOptimizer``, ``loss_fn`` is not callable,
-            ``sampler`` has no ``sample`` method, or an argument has the wrong type.
+            ``sampler`` has no ``sample`` method, an argument has the wrong type, or
+            ``compile_options`` has a key that is no keyword argument of ``torch.compile``.
         ValueError: ``compile=True`` with ``vectorize=False`` (the compiled path is the
-            vectorised one), ``compile_options`` without ``compile=True``,
+            vectorised one), ``compile_options`` without ``compile=True`` or refused by
+            ``torch.compile``,
             ``max_skipped_steps < 1``, or a ``DistributedTaskSampler`` sharded for another
             rank or world size than ``meta``.
     """
@@ -247,10 +259,8 @@ class MetaTrainer:
         if not callable(loss_fn):
             raise TypeError(f"loss_fn must be callable, got {type(loss_fn).__name__}")
         check_sampler("sampler", sampler)
-        if vectorize is not None and not isinstance(vectorize, bool):
-            raise TypeError(f"vectorize must be None, True or False, got {vectorize!r}")
-        if not isinstance(compile, bool):
-            raise TypeError(f"compile must be a bool, got {compile!r}")
+        vectorize = check_optional_bool("vectorize", vectorize)
+        compile = check_bool("compile", compile)  # noqa: A001
         if compile and vectorize is False:
             raise ValueError(
                 "compile=True runs the vectorised inner loop and cannot be combined with "
@@ -261,6 +271,7 @@ class MetaTrainer:
                 raise TypeError(f"compile_options must be a dict, got {type(compile_options).__name__}")
             if not compile:
                 raise ValueError(f"compile_options need compile=True, got compile=False and {dict(compile_options)!r}")
+            compile_options = check_compile_options(compile_options)
         self.max_skipped_steps = check_int("max_skipped_steps", max_skipped_steps, low=1)
         self.inner_options: dict[str, Any] = {
             "inner_step_fn": inner_step_fn,
@@ -356,10 +367,11 @@ class MetaTrainer:
             The meta-loss as a Python float (distributed: the mean over every rank's tasks).
 
         Raises:
+            TypeError: ``tasks`` is not a sequence of Task.
             ValueError: ``tasks`` is empty, or a task's support set is empty while inner steps
                 would adapt on it (as :meth:`~samgria.meta.base.MetaOptimizer.task_losses`).
         """
-        tasks = list(tasks)
+        tasks = _task_list("tasks", tasks)
         if not tasks:
             raise ValueError("tasks must not be empty, got 0 tasks")
         meta = self.meta
@@ -445,10 +457,11 @@ class MetaTrainer:
             The mean query loss after adaptation, as a Python float.
 
         Raises:
+            TypeError: ``tasks`` is not a sequence of Task.
             ValueError: ``tasks`` is empty, or a task's support set is empty while inner steps
                 would adapt on it (as :meth:`~samgria.meta.base.MetaOptimizer.task_losses`).
         """
-        tasks = list(tasks)
+        tasks = _task_list("tasks", tasks)
         if not tasks:
             raise ValueError("tasks must not be empty, got 0 tasks")
         meta = self.meta
@@ -681,13 +694,12 @@ class MetaTrainer:
             if eval_tasks is None:
                 raise ValueError(f"eval_every={eval_every} needs eval_tasks, got eval_tasks=None")
         if eval_tasks is not None:
-            eval_tasks = list(eval_tasks)
+            eval_tasks = _task_list("eval_tasks", eval_tasks)
             if not eval_tasks:
                 raise ValueError("eval_tasks must not be empty, got 0 tasks")
         if callback is not None and not callable(callback):
             raise TypeError(f"callback must be callable, got {type(callback).__name__}")
-        if progress is not None and not isinstance(progress, bool):
-            raise TypeError(f"progress must be None, True or False, got {progress!r}")
+        progress = check_optional_bool("progress", progress)
 
         stream = sys.stderr
         on_terminal = hasattr(stream, "isatty") and stream.isatty() and self.meta.rank == 0
