@@ -13,13 +13,14 @@ ranks with.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,6 +42,23 @@ def skip_without_gloo() -> None:
 
     if not gloo_available():
         pytest.skip("torch.distributed with the gloo backend is not available in this build")
+
+
+@contextlib.contextmanager
+def one_rank_gloo_group() -> Iterator[None]:
+    """A gloo process group of one rank in this process, for a test (skipped without gloo, or
+    when a process group is already initialised here); destroyed on exit."""
+    import pytest
+    import torch.distributed as dist
+
+    skip_without_gloo()
+    if dist.is_initialized():
+        pytest.skip("a process group is already initialised in this process")
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
 
 
 def _free_port() -> int:

@@ -13,6 +13,7 @@ import contextlib
 import copy
 import math
 import os
+from typing import Any
 
 import pytest
 import torch
@@ -246,19 +247,22 @@ def _with_loss_scaler(trainer: SAMTrainer, scale: float) -> torch.amp.GradScaler
     return scaler
 
 
-def test_loss_scaler_path_equals_sam_and_an_overflow_skips_the_step_and_the_schedule(tmp_path) -> None:
-    model = Regression(torch.float32)
+def _inf_in_the_second_pass_of_the_second_step(tmp_path, dtype: torch.dtype) -> tuple[SAMTrainer, Any, nn.Module, list, list[float]]:
+    """A SAMTrainer over four steps of a linear schedule whose second step's second pass has an
+    inf gradient: the trainer, its samgria optimizer, the model before training, the batches
+    each step saw, and the lr after each step."""
+    model = Regression(dtype)
     start = copy.deepcopy(model)
     seen = record_batches(model)
     calls = []
 
-    def overflow_in_the_second_pass_of_the_second_step(grad):
+    def inf_in_the_second_pass_of_the_second_step(grad):
         calls.append(None)
         return torch.full_like(grad, math.inf) if len(calls) == 7 else grad  # 4 backwards per step
 
-    model.net[2].weight.register_hook(overflow_in_the_second_pass_of_the_second_step)
+    model.net[2].weight.register_hook(inf_in_the_second_pass_of_the_second_step)
     optimizer = sam_optimizer(model.parameters(), torch.optim.SGD, rho=RHO, lr=LR)
-    lrs = []
+    lrs: list[float] = []
 
     class RecordLR(transformers.TrainerCallback):
         def on_step_end(self, args, state, control, **kwargs):
@@ -266,8 +270,14 @@ def test_loss_scaler_path_equals_sam_and_an_overflow_skips_the_step_and_the_sche
 
     args = arguments(tmp_path, max_grad_norm=0.0, lr_scheduler_type="linear")
     trainer = SAMTrainer(
-        model=model, args=args, train_dataset=Pairs(dtype=torch.float32), optimizers=(optimizer, None), callbacks=[RecordLR()]
+        model=model, args=args, train_dataset=Pairs(dtype=dtype), optimizers=(optimizer, None), callbacks=[RecordLR()]
     )
+    return trainer, optimizer, start, seen, lrs
+
+
+def test_loss_scaler_path_equals_sam_and_an_overflow_skips_the_step_and_the_schedule(tmp_path) -> None:
+    trainer, _, start, seen, lrs = _inf_in_the_second_pass_of_the_second_step(tmp_path, torch.float32)
+    model = trainer.model
     scaler = _with_loss_scaler(trainer, 2.0**10)
     trainer.train()
     assert scaler.get_scale() == 2.0**9, "one overflow: the scaler backed off once"
@@ -443,25 +453,8 @@ def test_a_step_the_non_finite_policy_skips_does_not_advance_the_lr_schedule(tmp
     """Without a loss scaler an inf gradient makes the optimizer skip the step (``skipped_steps``);
     the Trainer reads ``accelerator.optimizer_step_was_skipped`` and must not advance the schedule,
     as for a step the loss scaler skips."""
-    model = Regression()
-    start = copy.deepcopy(model)
-    seen = record_batches(model)
-    calls = []
-
-    def inf_in_the_second_pass_of_the_second_step(grad):
-        calls.append(None)
-        return torch.full_like(grad, math.inf) if len(calls) == 7 else grad  # 4 backwards per step
-
-    model.net[2].weight.register_hook(inf_in_the_second_pass_of_the_second_step)
-    optimizer = sam_optimizer(model.parameters(), torch.optim.SGD, rho=RHO, lr=LR)
-    lrs = []
-
-    class RecordLR(transformers.TrainerCallback):
-        def on_step_end(self, args, state, control, **kwargs):
-            lrs.append(optimizer.param_groups[0]["lr"])
-
-    args = arguments(tmp_path, max_grad_norm=0.0, lr_scheduler_type="linear")
-    trainer = SAMTrainer(model=model, args=args, train_dataset=Pairs(), optimizers=(optimizer, None), callbacks=[RecordLR()])
+    trainer, optimizer, start, seen, lrs = _inf_in_the_second_pass_of_the_second_step(tmp_path, torch.float64)
+    model = trainer.model
     with pytest.warns(RuntimeWarning, match="not finite: the step is skipped"):
         trainer.train()
     assert optimizer.skipped_steps == 1 and trainer.state.global_step == 4

@@ -1840,18 +1840,10 @@ def test_an_inner_optimizer_that_keeps_its_state_in_another_optimizer_is_refused
 
 @pytest.fixture
 def one_rank_gloo_group():
-    from distributed_harness import skip_without_gloo
+    from distributed_harness import one_rank_gloo_group as group
 
-    skip_without_gloo()
-    import torch.distributed as dist
-
-    if dist.is_initialized():
-        pytest.skip("a process group is already initialised in this process")
-    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
-    try:
+    with group():
         yield
-    finally:
-        dist.destroy_process_group()
 
 
 def _zero_redundancy_optimizer():

@@ -10,7 +10,7 @@ import re
 
 import pytest
 import torch
-from distributed_harness import skip_without_gloo
+from distributed_harness import one_rank_gloo_group
 from torch import nn
 
 from samgria import ASAM, ESAM, GSAM, LAMP, SAM, WSAM, FriendlySAM, LookSAM, NormalizeGrad, TransformingOptimizer
@@ -22,16 +22,8 @@ PINNED_SEED = 5576177639296541329  # sharded_noise_seed(7, 2, (1,)) as released
 
 @pytest.fixture(scope="module")
 def one_rank_group():
-    skip_without_gloo()
-    import torch.distributed as dist
-
-    if dist.is_initialized():
-        pytest.skip("a process group is already initialised in this process")
-    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
-    try:
+    with one_rank_gloo_group():
         yield
-    finally:
-        dist.destroy_process_group()
 
 
 def _model() -> nn.Module:
