@@ -631,3 +631,41 @@ def test_adapt_names_that_are_not_a_sequence_of_names_are_refused_naming_adapt_n
     stepped = inner_step(params, loss, 0.1, adapt_names=("weight",))
     w = model.weight.detach()
     torch.testing.assert_close(stepped["weight"], w - 0.1 * analytic_grad(w, x, y), rtol=1e-12, atol=1e-14)
+
+
+class _NameSet:
+    """Map-style names: ``__len__`` and ``__getitem__`` (IndexError at the end), no ``__iter__``."""
+
+    def __init__(self, names):
+        self.names = list(names)
+
+    def __len__(self):
+        return len(self.names)
+
+    def __getitem__(self, index):
+        return self.names[index]
+
+
+def test_a_parameter_dict_is_params_and_adapt_names_may_be_map_style():
+    """``functional_forward``, ``inner_step`` and ``adapt`` refused a ``torch.nn.ParameterDict``
+    (not a ``collections.abc.Mapping``) and ``adapt_names`` with ``__getitem__`` but no
+    ``__iter__``, which ``list()`` takes; both worked before the argument checks."""
+    model, x, y = linear_problem()
+    w = model.weight.detach()
+    params = nn.ParameterDict({"weight": nn.Parameter(w.clone())})
+    torch.testing.assert_close(functional_forward(model, params, x), x @ w.T, rtol=0, atol=0)
+    loss = nn.functional.mse_loss(functional_forward(model, params, x), y)
+    stepped = inner_step(params, loss, 0.1, adapt_names=_NameSet(["weight"]))
+    expected = w - 0.1 * analytic_grad(w, x, y)
+    torch.testing.assert_close(stepped["weight"], expected, rtol=1e-12, atol=1e-14)
+
+    def build(p):
+        return nn.functional.mse_loss(functional_forward(model, p, x), y)
+
+    adapted = adapt(model, params, build, inner_lr=0.1, inner_steps=1, adapt_names=_NameSet(["weight"]))
+    torch.testing.assert_close(adapted["weight"], expected, rtol=1e-12, atol=1e-14)
+    # a string is still not a sequence of names, and a bad ParameterDict-like value is still named
+    with pytest.raises(TypeError, match=r"^adapt_names must be a sequence of parameter names, got 'weight'$"):
+        inner_step(params, loss, 0.1, adapt_names="weight")
+    with pytest.raises(TypeError, match=r"^params must be a mapping of parameter names to tensors, got "):
+        functional_forward(model, [("weight", w)], x)

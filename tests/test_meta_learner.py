@@ -296,3 +296,23 @@ def test_learner_takes_a_numpy_bool_first_order_and_named_parameter_pairs():
     # first order: the adapted weight's gradient w.r.t. the initial one is the identity
     (grad,) = torch.autograd.grad(learner.params["weight"].sum(), model.weight)
     torch.testing.assert_close(grad, torch.ones_like(w), rtol=0, atol=0)
+
+
+def test_learner_takes_a_parameter_dict_and_name_tensor_lists():
+    """``Learner(m, nn.ParameterDict(...))`` and ``Learner(m, [[name, tensor]])`` were refused
+    (only a Mapping or tuples were taken); anything ``dict()`` takes as name/tensor pairs is
+    taken, and a non-str name or non-tensor value is still refused naming params."""
+    model, x, y = setup()
+    w = model.weight.detach()
+    expected = w - 0.1 * ls_grad(w, x, y)
+    for params in (nn.ParameterDict({"weight": nn.Parameter(w.clone())}), [["weight", w.clone().requires_grad_()]]):
+        learner = Learner(model, params=params, inner_lr=0.1)
+        assert learner.adapt_names == ["weight"]
+        learner.adapt_on(mse, x, y)
+        torch.testing.assert_close(learner.params["weight"], expected, rtol=1e-12, atol=1e-14)
+    with pytest.raises(TypeError, match=r"^params must be a mapping of parameter names to tensors, got the key 0$"):
+        Learner(model, params=[[0, w.clone().requires_grad_()]])
+    with pytest.raises(TypeError, match=r"^params\['weight'\] must be a tensor, got 0\.5$"):
+        Learner(model, params=[["weight", 0.5]])
+    with pytest.raises(TypeError, match=r"^params must be a mapping of parameter names to tensors, got \[\[1, 2, 3\]\]$"):
+        Learner(model, params=[[1, 2, 3]])

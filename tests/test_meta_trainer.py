@@ -946,3 +946,66 @@ def test_a_history_with_non_finite_losses_and_tuples_loads_as_saved():
     assert history.eval_loss == [0.25] and history.eval_iterations == [3]
     assert all(type(v) is float for v in history.meta_loss + history.eval_loss)
     assert type(history.eval_iterations[0]) is int
+
+
+class _TaskDataset(torch.utils.data.Dataset):
+    """Map-style dataset of tasks: ``__len__`` and ``__getitem__`` only, as ``list()`` takes it."""
+
+    def __init__(self, tasks):
+        self.tasks = list(tasks)
+
+    def __len__(self):
+        return len(self.tasks)
+
+    def __getitem__(self, index):
+        return self.tasks[index]
+
+
+def test_a_map_style_dataset_of_tasks_is_a_sequence_of_tasks():
+    """``evaluate``, ``train_step`` and ``fit(eval_tasks=...)`` refused a map-style
+    ``torch.utils.data.Dataset`` (no ``__iter__``, so not an ``Iterable``) that ``list()`` takes."""
+    tasks = fixed_tasks(3)
+    model = make_model()
+    meta = MAML(model, torch.optim.SGD, lr=0.1, inner_lr=0.05, inner_steps=2)
+    trainer = MetaTrainer(meta, F.mse_loss, ListSampler(fixed_tasks(2, seed=5)), vectorize=False)
+    params = {n: p.detach().clone().requires_grad_() for n, p in model.named_parameters()}
+    expected_eval = sum(query_loss(model, params, t, 0.05, 2, first_order=True).item() for t in tasks) / 3
+    assert trainer.evaluate(_TaskDataset(tasks)) == pytest.approx(expected_eval, rel=1e-10)
+    # train_step: the loss before the update and one SGD step on the second-order meta-gradient
+    meta_loss = sum(query_loss(model, params, t, 0.05, 2) for t in tasks) / 3
+    grads = torch.autograd.grad(meta_loss, list(params.values()))
+    assert trainer.train_step(_TaskDataset(tasks)) == pytest.approx(meta_loss.item(), rel=1e-10)
+    for (name, p), g in zip(params.items(), grads):
+        torch.testing.assert_close(dict(model.named_parameters())[name].detach(), p.detach() - 0.1 * g, rtol=1e-10, atol=1e-12)
+    history = trainer.fit(1, 2, eval_tasks=_TaskDataset(tasks), progress=False)
+    assert history.eval_loss == [pytest.approx(trainer.evaluate(tasks), rel=1e-12)]
+
+
+def test_train_step_keeps_the_count_of_consecutive_skipped_steps():
+    """Only fit counted skipped meta-steps in a row: after fit(2) skipped both, a taken
+    train_step did not reset the count and fit(1) skipping once raised '3 consecutive'; a
+    skipped train_step did not count. max_skipped_steps=3 throughout."""
+    good = fixed_tasks(2, seed=1)
+    bad = [t for seed in (2, 3, 4, 5) for t in fixed_tasks(2, seed=seed)]
+    for t in bad:
+        t.query_y[0] = float("nan")
+
+    def trainer():
+        return MetaTrainer(MAML(make_model(), torch.optim.SGD, lr=0.1), F.mse_loss, ListSampler(bad), max_skipped_steps=3)
+
+    first = trainer()
+    with pytest.warns(RuntimeWarning, match="the meta-step is skipped"):
+        first.fit(2, 2, progress=False)
+        assert first.meta.skipped_steps == 2
+        first.train_step(good)  # taken: the count starts again
+        assert first.meta.skipped_steps == 2
+        first.fit(1, 2, progress=False)  # one skipped step in a row, below the bound
+    assert first.meta.skipped_steps == 3 and first.iteration == 3
+
+    second = trainer()
+    with pytest.warns(RuntimeWarning, match="the meta-step is skipped"):
+        second.fit(1, 2, progress=False)
+        second.train_step(bad[6:])  # skipped: the second in a row
+        with pytest.raises(RuntimeError, match=r"^MetaTrainer\.fit: 3 consecutive meta-steps were skipped .* at iteration 2\)"):
+            second.fit(1, 2, progress=False)
+    assert second.meta.skipped_steps == 3

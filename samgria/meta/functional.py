@@ -111,7 +111,7 @@ def functional_forward(
     Args:
         model: The module whose architecture defines the forward pass.
         params: Mapping of parameter name to tensor, as returned by :func:`named_params` or
-            by an inner step.
+            by an inner step (or a ``torch.nn.ParameterDict``).
         *args: Positional arguments of ``model.forward``.
         buffers: Mapping of buffer name to tensor. ``None`` (the default) runs on a fresh
             copy of the model's buffers, so the model's running statistics are never updated.
@@ -125,7 +125,7 @@ def functional_forward(
         TypeError: ``model`` is not a module, or ``params`` is not a mapping of names to tensors.
     """
     _check_module(model)
-    check_params(params)
+    params = check_params(params)
     if buffers is None:
         buffers = copy_buffers(model)
     return stateless_call(model, params, buffers, args, kwargs)
@@ -245,16 +245,23 @@ def _check_fixed_rates(rates: list[tuple[str, torch.Tensor]]) -> None:
     raise ValueError(f"{name} must be a tensor of finite numbers >= 0, got {rate.detach()!r}")
 
 
-def check_params(params: Any, name: str = "params") -> None:
-    """Refuse ``params`` that is not a mapping from parameter names to tensors, with a
-    ``TypeError`` naming the argument (or the entry) and the value."""
-    if not isinstance(params, Mapping):
+def check_params(params: Any, name: str = "params") -> dict[str, torch.Tensor]:
+    """``params`` as a dict, refused with a ``TypeError`` naming the argument (or the entry) and
+    the value unless it maps parameter names to tensors: a mapping, or anything whose
+    ``items()`` gives ``(name, tensor)`` pairs (a ``torch.nn.ParameterDict``)."""
+    items = getattr(params, "items", None)
+    if not callable(items):
         raise TypeError(f"{name} must be a mapping of parameter names to tensors, got {params!r}")
-    for key, value in params.items():
+    try:
+        pairs = dict(items())
+    except (TypeError, ValueError):  # items() that are not (name, tensor) pairs
+        raise TypeError(f"{name} must be a mapping of parameter names to tensors, got {params!r}") from None
+    for key, value in pairs.items():
         if not isinstance(key, str):
             raise TypeError(f"{name} must be a mapping of parameter names to tensors, got the key {key!r}")
         if not isinstance(value, torch.Tensor):
             raise TypeError(f"{name}[{key!r}] must be a tensor, got {value!r}")
+    return pairs
 
 
 def check_adapt_names(adapt_names: Iterable[str]) -> list[str]:
@@ -262,9 +269,13 @@ def check_adapt_names(adapt_names: Iterable[str]) -> list[str]:
     or ``bytes``, whose items would be its characters) is refused with a ``TypeError`` naming the
     argument."""
     # list("2.weight") would be its characters
-    if isinstance(adapt_names, (str, bytes, torch.Tensor)) or not isinstance(adapt_names, Iterable):
+    if isinstance(adapt_names, (str, bytes, torch.Tensor)):
         raise TypeError(f"adapt_names must be a sequence of parameter names, got {adapt_names!r}")
-    return list(adapt_names)
+    try:
+        names = iter(adapt_names)  # anything list() takes; only the refusal to iterate is renamed
+    except TypeError:
+        raise TypeError(f"adapt_names must be a sequence of parameter names, got {adapt_names!r}") from None
+    return list(names)
 
 
 def resolve_adapt_names(
@@ -346,7 +357,7 @@ def inner_step(
             ``adapt_names`` names an unknown parameter or one that does not require grad (or is
             ``None`` and no tensor of ``params`` requires grad).
     """
-    check_params(params)
+    params = check_params(params)
     first_order = check_bool("first_order", first_order)
     allow_unused = check_bool("allow_unused", allow_unused)
     names = resolve_adapt_names(params, adapt_names)
@@ -400,7 +411,7 @@ def adapt_params(
             :func:`inner_step`), or ``adapt_names`` is refused (see :func:`inner_step`).
     """
     _check_module(model)
-    check_params(params)
+    params = check_params(params)
     if not callable(build_loss):
         raise TypeError(f"build_loss must be callable, got {build_loss!r}")
     steps = check_steps(inner_steps)

@@ -53,15 +53,16 @@ __all__ = ["Learner"]
 
 
 
-def _params_mapping(params: Any) -> Mapping[str, torch.Tensor]:
-    """``params`` checked as a mapping of parameter names to tensors (an iterable of
-    ``(name, tensor)`` pairs, such as ``model.named_parameters()``, taken as a dict)."""
-    if not isinstance(params, (Mapping, str, bytes, torch.Tensor)) and isinstance(params, Iterable):
-        items = list(params)
-        if all(isinstance(item, tuple) and len(item) == 2 for item in items):
-            params = dict(items)
-    check_params(params)
-    return params
+def _params_mapping(params: Any) -> dict[str, torch.Tensor]:
+    """``params`` checked as a mapping of parameter names to tensors, as a dict: a mapping, a
+    ``torch.nn.ParameterDict``, or an iterable of ``(name, tensor)`` pairs that ``dict()`` takes
+    (``model.named_parameters()``, a list of ``[name, tensor]`` lists)."""
+    if not callable(getattr(params, "items", None)) and not isinstance(params, (str, bytes, torch.Tensor)):
+        try:
+            params = dict(params)
+        except (TypeError, ValueError):  # not an iterable of pairs: check_params names it
+            pass
+    return check_params(params)
 
 
 class Learner:
@@ -69,7 +70,8 @@ class Learner:
 
     Args:
         model: The module whose architecture defines the forward pass.
-        params: Starting fast weights (default: the model's live parameters, so meta-gradients
+        params: Starting fast weights, a mapping of names to tensors or an iterable of
+            ``(name, tensor)`` pairs (default: the model's live parameters, so meta-gradients
             accumulate into ``model.parameters()``).
         inner_lr: Step size: a number ``>= 0`` or a mapping name -> number/tensor (Meta-SGD).
         inner_steps: Default number of steps of :meth:`adapt_on` / :meth:`adapt_closure`.

@@ -8,7 +8,7 @@ import numbers
 import sys
 import time
 import warnings
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TextIO, cast
 
@@ -32,11 +32,16 @@ LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 def _task_list(name: str, tasks: Any) -> list[Any]:
-    """``tasks`` as a list; something that is not an iterable of tasks (a number, a single
-    :class:`~samgria.data.task.Task`, a string, a tensor) is refused naming ``name``."""
-    if isinstance(tasks, (Task, str, bytes, torch.Tensor)) or not isinstance(tasks, Iterable):
+    """``tasks`` as a list: anything ``list()`` takes (a list, a generator, a map-style
+    ``torch.utils.data.Dataset`` with ``__len__`` and ``__getitem__``); something else (a number,
+    a single :class:`~samgria.data.task.Task`, a string, a tensor) is refused naming ``name``."""
+    if isinstance(tasks, (Task, str, bytes, torch.Tensor)):
         raise TypeError(f"{name} must be a sequence of Task, got {tasks!r}")
-    return list(tasks)
+    try:
+        items = iter(tasks)  # only the refusal to iterate is renamed, not an error of the items
+    except TypeError:
+        raise TypeError(f"{name} must be a sequence of Task, got {tasks!r}") from None
+    return list(items)
 
 
 @dataclass
@@ -177,7 +182,8 @@ class MetaTrainer:
 
     Non-finite meta-steps are skipped by the meta-optimizer (its ``non_finite`` policy);
     :meth:`fit` stops with an error after ``max_skipped_steps`` consecutive skipped steps,
-    counted over ``fit`` calls and checkpoints (``fit(3); fit(3)`` stops where ``fit(6)`` does).
+    counted over ``fit`` and :meth:`train_step` calls and checkpoints (``fit(3); fit(3)`` stops
+    where ``fit(6)`` does; a step taken by ``train_step`` resets the count).
 
     Across processes. When ``meta`` was built with ``distributed=True``, every rank runs the
     same trainer with the same seeded ``sampler``: :meth:`fit` draws the global meta-batch of
@@ -358,10 +364,11 @@ class MetaTrainer:
     def train_step(self, tasks: Sequence[Task]) -> float:
         """Run one meta-update on ``tasks`` and return the mean query loss (before the update).
 
-        (Also available under its former name ``meta_step``.)
+        (Also available under its former name ``meta_step``.) A skipped (non-finite) meta-step
+        counts towards :meth:`fit`'s ``max_skipped_steps``, and a taken one resets the count.
 
         Args:
-            tasks: The meta-batch; with a distributed ``meta``, this rank's share of it.
+            tasks: The meta-batch (anything ``list()`` takes, such as a map-style dataset); with a distributed ``meta``, this rank's share of it.
 
         Returns:
             The meta-loss as a Python float (distributed: the mean over every rank's tasks).
@@ -401,7 +408,10 @@ class MetaTrainer:
             self.path = used
             return loss
 
+        skipped_before = meta.skipped_steps
         loss = meta.step(closure)
+        # Skipped meta-steps in a row, over train_step and fit calls (fit bounds them).
+        self._consecutive_skips = self._consecutive_skips + 1 if meta.skipped_steps > skipped_before else 0
         if meta.world_size > 1:
             self._gather_rng_states()
         return float(loss.detach()) if isinstance(loss, torch.Tensor) else float(loss)
@@ -498,7 +508,7 @@ class MetaTrainer:
             ``"model"`` (``model.state_dict()``), ``"meta"`` (the meta-optimizer's
             ``state_dict()``: outer optimizer state, Meta-SGD's rates), ``"skipped_steps"``,
             ``"consecutive_skips"`` (the skipped meta-steps in a row that ``max_skipped_steps``
-            counts, over ``fit`` calls; a checkpoint without it loads as 0), ``"sampler"`` (the sampler's state: its ``state_dict()`` or its generator's, see
+            counts, over ``fit`` and ``train_step`` calls; a checkpoint without it loads as 0), ``"sampler"`` (the sampler's state: its ``state_dict()`` or its generator's, see
             :class:`~samgria.TaskSampler`), ``"rng"`` (torch's global CPU random state, which
             a sampler without a generator of its own and dropout draw from) and ``"paths"``
             (the last path and the path policy's measurements and failures, so a resumed run
@@ -711,22 +721,18 @@ class MetaTrainer:
             for done in range(1, num_iterations + 1):
                 iteration = self.iteration + 1
                 tasks = self._sample(meta_batch_size)
-                skipped_before = self.meta.skipped_steps
-                loss = self.train_step(tasks)
+                loss = self.train_step(tasks)  # counts the skipped meta-steps in a row
                 self.iteration = iteration
                 for h in histories:
                     h.meta_loss.append(loss)
-                if self.meta.skipped_steps > skipped_before:
-                    self._consecutive_skips += 1
-                    if self._consecutive_skips >= self.max_skipped_steps:
-                        raise RuntimeError(
-                            f"MetaTrainer.fit: {self._consecutive_skips} consecutive meta-steps were skipped "
-                            f"because the meta-loss or meta-gradient was not finite (last meta-loss "
-                            f"{loss} at iteration {iteration}); lower the learning rates or check the "
-                            f"data (max_skipped_steps={self.max_skipped_steps})"
-                        )
-                else:
-                    self._consecutive_skips = 0
+                # A taken step resets the count to 0, so only a skipped one can reach the bound.
+                if self._consecutive_skips >= self.max_skipped_steps:
+                    raise RuntimeError(
+                        f"MetaTrainer.fit: {self._consecutive_skips} consecutive meta-steps were skipped "
+                        f"because the meta-loss or meta-gradient was not finite (last meta-loss "
+                        f"{loss} at iteration {iteration}); lower the learning rates or check the "
+                        f"data (max_skipped_steps={self.max_skipped_steps})"
+                    )
                 eval_loss = None
                 # The scheduled evaluation comes before the callback, so that a checkpoint the
                 # callback saves holds this iteration's evaluation in its history.
