@@ -78,13 +78,14 @@ def _put_back_on_error(structure: StepSnapshot | StateStructure | None) -> Itera
         raise
 
 
-class _NonFiniteGradients(BaseException):
+class _NonFiniteGradients(Exception):
     """Raised inside a step when a re-evaluation produced non-finite gradients (caught by step);
     ``evaluation`` counts the closure's evaluations in the step, the first one being 1.
 
-    A ``BaseException``, as ``GeneratorExit`` is: control flow that a transform's ``except
-    Exception`` around ``ctx.reevaluate()`` must not swallow, or the step would go on with
-    non-finite gradients past the non-finite policy.
+    An ``Exception``, so that a transform's cleanup ``except Exception: restore(); raise`` around
+    ``ctx.reevaluate()`` runs. A transform that swallows it cannot bypass the non-finite policy:
+    the chain records it before it is raised and raises it again once that transform's
+    ``pre_update`` returns (:meth:`TransformingOptimizer._run_chain`).
     """
 
     def __init__(self, evaluation: int, combined_by: str | None = None) -> None:
@@ -149,17 +150,25 @@ def _has_post_update(transform: Transform) -> bool:
 
 
 def _lacks_init_state(transform: Transform) -> bool:
-    """Whether ``transform``'s class has a ``pre_update`` or ``post_update`` of its own (or a
-    user's subclass has one) below the ``init_state`` it inherits: the state its hooks create is
-    then not created by the state-initialising step. samgria's own hooks are left out (their
-    transforms keep no state, or create it in ``init_state``)."""
-    mro = type(transform).__mro__
+    """Whether the state ``transform``'s hooks create may not be created by the state-initialising
+    step: a class of the user's (not samgria's) defines ``pre_update`` or ``post_update``, the
+    ``init_state`` the class resolves to is :class:`Transform`'s default, and the samgria class
+    it extends has only :class:`Transform`'s default hooks too. A subclass of a built-in
+    transform (``class MyEMA(EMA)``, ``MyClip(ClipGradNorm)``) is not named: the built-in's
+    ``init_state`` creates its keys (or it keeps none)."""
+    cls = type(transform)
+    if cls.init_state is not Transform.init_state:
+        return False
 
-    def definer(name: str) -> int:
-        return next(index for index, klass in enumerate(mro) if name in vars(klass))
+    def samgrias(klass: type) -> bool:
+        return klass.__module__ == "samgria" or klass.__module__.startswith("samgria.")
 
-    hooks = min(definer("pre_update"), definer("post_update"))
-    return hooks < definer("init_state") and not mro[hooks].__module__.startswith("samgria.")
+    users = [klass for klass in cls.__mro__ if klass is not object and not samgrias(klass)]
+    if not any("pre_update" in vars(klass) or "post_update" in vars(klass) for klass in users):
+        return False
+    # (samgria classes in a transform's MRO are Transform and its subclasses)
+    extended = cast(type[Transform], next((klass for klass in cls.__mro__ if samgrias(klass)), Transform))
+    return extended.pre_update is Transform.pre_update and extended.post_update is Transform.post_update
 
 
 def _warn_without_init_state(transforms: Sequence[Transform]) -> None:
@@ -874,10 +883,15 @@ class TransformingOptimizer(WrappingOptimizer):
         """
         spare_buffers = {} if spare_buffers is None else spare_buffers
         evaluations = [0]
+        raised: list[_NonFiniteGradients] = []  # what a re-evaluation raised, swallowed or not
 
         def counting() -> Any:
             evaluations[0] += 1
-            return reevaluate()  # type: ignore[misc]
+            try:
+                return reevaluate()  # type: ignore[misc]
+            except _NonFiniteGradients as non_finite:
+                raised.append(non_finite)
+                raise
 
         counted = counting if reevaluate is not None else None
 
@@ -885,6 +899,8 @@ class TransformingOptimizer(WrappingOptimizer):
         for index, (_, slot, transform) in enumerate(transforms):
             ctx = self._context(slot, counted, grad_norm if index == 0 else None, spare_buffers)
             transform.pre_update(ctx)
+            if raised:  # the transform swallowed it (except Exception: pass): the policy applies
+                raise raised[0]
             if transform.combines_gradients and not self._grads_finite():
                 # In every loop (a built-in's combination in the two-call loop is checked once
                 # second_step() has finished it, before this runs the transforms after it).

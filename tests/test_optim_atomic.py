@@ -1845,3 +1845,64 @@ def test_a_combining_transform_that_overflows_is_skipped_in_every_loop(chain, lo
     else:
         step_in(loop, model, optimizer)
     assert_runs_equal(model, optimizer, twin_model, twin)
+
+
+class _AscentRestoringInExcept(Transform):
+    """Moves w to w + 0.1 g, re-evaluates, and puts the weights back: after the re-evaluation, or
+    in the usual cleanup ``except Exception: restore; raise`` when it raises."""
+
+    needs_closure = True
+
+    def pre_update(self, ctx):
+        params = [p for group in ctx.param_groups for p in group["params"] if p.grad is not None]
+        backup = [p.detach().clone() for p in params]
+        with torch.no_grad():
+            for p in params:
+                p.add_(p.grad, alpha=0.1)
+        try:
+            ctx.reevaluate()
+        except Exception:
+            with torch.no_grad():
+                for p, b in zip(params, backup):
+                    p.copy_(b)
+            raise
+        with torch.no_grad():
+            for p, b in zip(params, backup):
+                p.copy_(b)
+
+    def init_state(self, ctx):
+        pass
+
+
+class _AscentRestoringInExceptDeclared(_AscentRestoringInExcept):
+    writes_weights_before_step = False  # its except puts them back: its own word
+
+
+@pytest.mark.parametrize(
+    "cls, atomic",
+    [(_AscentRestoringInExcept, False), (_AscentRestoringInExceptDeclared, True), (_AscentRestoringInExcept, True)],
+    ids=["atomic=False", "declared", "derived"],
+)
+def test_a_transforms_except_exception_cleanup_around_reevaluate_runs_on_a_non_finite_re_evaluation(cls, atomic):
+    """The non-finite re-evaluation's exception reaches a transform's ``except Exception: restore;
+    raise`` (as a BaseException it passed it by: with no copy of the weights, atomic=False or a
+    declared writes_weights_before_step=False, the skipped step left them at w + 0.1 g)."""
+    param = nn.Parameter(torch.ones(3))
+    optimizer = TransformingOptimizer(torch.optim.SGD([param], lr=0.1), transforms=[cls()], atomic=atomic)
+    calls = [0]
+
+    def closure(poisoned):
+        calls[0] += 1
+        optimizer.zero_grad()
+        loss = (param**2).sum() * (math.nan if poisoned and calls[0] == 2 else 1.0)
+        loss.backward()
+        return loss
+
+    with pytest.warns(RuntimeWarning, match="second evaluation are not finite"):
+        optimizer.step(lambda: closure(True))
+    assert optimizer.skipped_steps == 1
+    assert torch.equal(param.detach(), torch.ones(3))
+    calls[0] = 0
+    optimizer.step(lambda: closure(False))
+    # By hand: g at w + 0.1 g = 1.2 is 2.4; w - 0.1 * 2.4.
+    torch.testing.assert_close(param.detach(), torch.full((3,), 1.0 - 0.1 * 2.4), rtol=0.0, atol=1e-7)

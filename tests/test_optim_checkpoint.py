@@ -25,7 +25,18 @@ import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
 
-from samgria import ASAM, LAMP, SAM, FriendlySAM, LookSAM, NormalizeGrad, Transform, TransformingOptimizer
+from samgria import (
+    ASAM,
+    EMA,
+    LAMP,
+    SAM,
+    ClipGradNorm,
+    FriendlySAM,
+    LookSAM,
+    NormalizeGrad,
+    Transform,
+    TransformingOptimizer,
+)
 from state_helpers import assert_same_value, assert_state_dicts_equal, assert_states_equal, groups_without_params, params_in_order, state_by_index
 
 pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled:UserWarning")
@@ -328,6 +339,21 @@ class _CustomSAM(SAM):  # samgria's hooks, samgria's init_state
         return super().perturb(ctx)
 
 
+class _EMAExtendingPostUpdate(EMA):  # its hooks over EMA's: EMA's init_state creates every key
+    def post_update(self, ctx):
+        super().post_update(ctx)
+
+
+class _ClipExtendingPreUpdate(ClipGradNorm):  # over a built-in that keeps no state
+    def pre_update(self, ctx):
+        super().pre_update(ctx)
+
+
+class _SAMExtendingPreUpdate(SAM):
+    def pre_update(self, ctx):
+        super().pre_update(ctx)
+
+
 class _SeedProtocolObject:
     def apply(self, model, loss_fn, batch):
         pass
@@ -347,8 +373,23 @@ class _SeedProtocolObject:
         (lambda: LAMP(1e-2, rollback_len=3, seed=0), False),
         (NormalizeGrad, False),
         (FriendlySAM, False),
+        (_EMAExtendingPostUpdate, False),
+        (lambda: _ClipExtendingPreUpdate(1.0), False),
+        (_SAMExtendingPreUpdate, False),
     ],
-    ids=["without-init-state", "with-init-state", "stateless", "sam-subclass", "seed-protocol", "lamp", "normalize-grad", "friendly-sam"],
+    ids=[
+        "without-init-state",
+        "with-init-state",
+        "stateless",
+        "sam-subclass",
+        "seed-protocol",
+        "lamp",
+        "normalize-grad",
+        "friendly-sam",
+        "ema-subclass-hooks",
+        "clip-subclass-hooks",
+        "sam-subclass-hooks",
+    ],
 )
 def test_the_state_initialisation_warns_naming_a_transform_whose_hooks_have_no_init_state(make, warns):
     """DCP loads only the keys the state-initialising step created: a transform that overrides its

@@ -975,3 +975,55 @@ def test_asam_takes_every_real_eta_its_group_check_accepts(kind):
 
     for got, want in zip(run(eta), run(0.01)):
         assert torch.equal(got, want)
+
+
+# -- a float64 gradient whose norm is tiny: rho / |g| beyond float64 -------------------------------
+def _perturbation_with_gradients(transform, value, loop):
+    """The move e (the weights at the second pass minus w = 1) of one step whose passes' float64
+    gradients are all ``value``."""
+    param = nn.Parameter(torch.ones(7, dtype=torch.float64))
+    optimizer = TransformingOptimizer(torch.optim.SGD([param], lr=1e-3), transforms=[transform])
+    at_second_pass = []
+
+    def install():
+        at_second_pass.append(param.detach().clone())
+        param.grad = torch.full((7,), value, dtype=torch.float64)
+
+    if loop == "closure":
+
+        def closure():
+            optimizer.zero_grad()
+            install()
+            return torch.zeros(())
+
+        optimizer.step(closure)
+    else:
+        install()
+        optimizer.first_step()
+        install()
+        optimizer.second_step()
+    return at_second_pass[1] - 1.0
+
+
+@pytest.mark.parametrize("loop", ["closure", "two-call"])
+@pytest.mark.parametrize("rho", [0.05, 10.0])
+def test_sam_moves_by_rho_along_a_float64_gradient_whose_norm_is_tiny(rho, loop):
+    """|g| = 1e-310 sqrt(7): rho / |g| is beyond float64 (infinite), and splitting it into factors
+    never ended (the step hung). e = rho g / |g| = rho / sqrt(7) per element, as for 1e-300."""
+    e = _perturbation_with_gradients(SAM(rho), 1e-310, loop)
+    expected = torch.full((7,), rho / math.sqrt(7.0), dtype=torch.float64)
+    torch.testing.assert_close(e, expected, rtol=1e-12, atol=0.0)
+    torch.testing.assert_close(e, _perturbation_with_gradients(SAM(rho), 1e-300, loop), rtol=1e-12, atol=0.0)
+
+
+def test_scales_within_range_moves_by_a_quotient_beyond_float64_and_refuses_a_non_finite_scale():
+    """scale / divisor = 1e300 / 1e-20 is infinite in float64, the move (1e-30 times it) is not:
+    it is 1e290, up to rounding. An infinite scale is refused (it looped forever)."""
+    direction = torch.full((3,), 1e-30, dtype=torch.float64)
+    directions, scales = sam_module._scales_within_range([direction], [1e300], [1e-20])
+    assert directions[0] is not direction and torch.equal(direction, torch.full((3,), 1e-30, dtype=torch.float64))
+    assert math.isfinite(scales[0]) and 0.5 < abs(scales[0]) < 2.0
+    expected = torch.full((3,), (1e-30 / 1e-20) * 1e300, dtype=torch.float64)
+    torch.testing.assert_close(directions[0] * scales[0], expected, rtol=1e-14, atol=0.0)
+    with pytest.raises(ValueError, match="must be finite"):
+        sam_module._scales_within_range([direction], [math.inf])

@@ -1099,3 +1099,78 @@ def test_moves_left_registered_by_a_two_call_step_are_not_put_back_by_a_later_st
     with pytest.raises(RuntimeError, match="^injected before anything moved$"):
         optimizer.step(closure)
     assert_bitwise_equal(before, params_of(model))
+
+
+# -- float64 gradients whose norm is tiny or huge --------------------------------------------------
+def _family_with_tiny_norm():
+    from samgria import MultiStepSAM
+
+    return {
+        "MultiStepSAM": lambda: MultiStepSAM(rho=0.05),
+        "MultiStepSAM-adversary": lambda: MultiStepSAM(rho=0.05, adversary=lambda groups: torch.optim.SGD(groups, lr=0.05)),
+        "GSAM": lambda: GSAM(rho=0.05),
+        "WSAM": lambda: WSAM(rho=0.05),
+        "FriendlySAM": lambda: FriendlySAM(rho=0.05),
+        "ESAM": lambda: ESAM(rho=0.05, beta=1.0),
+        "LookSAM": lambda: LookSAM(rho=0.05),
+    }
+
+
+def _move_with_float64_gradients(transform, passes, loop, size=7):
+    """The move e (the weights at the second pass minus w = 1) of one step whose passes' float64
+    gradients are ``passes[0]``, ``passes[1]``; and the parameter and optimizer after it."""
+    param = nn.Parameter(torch.ones(size, dtype=torch.float64))
+    optimizer = TransformingOptimizer(torch.optim.SGD([param], lr=1e-3), transforms=[transform])
+    at_pass = []
+
+    def install():
+        at_pass.append(param.detach().clone())
+        param.grad = passes[len(at_pass) - 1].clone()
+
+    _step_installing(optimizer, install, loop)
+    return at_pass[1] - 1.0, param, optimizer
+
+
+@pytest.mark.parametrize("loop", ["closure", "two-call"])
+@pytest.mark.parametrize("name", list(_family_with_tiny_norm()))
+def test_the_sam_family_moves_by_rho_along_a_float64_gradient_whose_norm_is_tiny(name, loop):
+    """|g| = 1e-310 sqrt(7): rho / |g| is infinite in float64, and the step hung. e = rho g / |g|
+    = rho / sqrt(7) per element, as for gradients of 1e-300 (the direction does not depend on the
+    size)."""
+    make = _family_with_tiny_norm()[name]
+    tiny = [torch.full((7,), 1e-310, dtype=torch.float64)] * 2
+    e, _, _ = _move_with_float64_gradients(make(), tiny, loop)
+    torch.testing.assert_close(e, torch.full((7,), 0.05 / math.sqrt(7.0), dtype=torch.float64), rtol=1e-12, atol=0.0)
+    small = [torch.full((7,), 1e-300, dtype=torch.float64)] * 2
+    torch.testing.assert_close(e, _move_with_float64_gradients(make(), small, loop)[0], rtol=1e-12, atol=0.0)
+
+
+def _scaled_down(tensor):
+    return tensor * 2.0**-1000  # exact: 1e300-sized values to about 1e-1
+
+
+@pytest.mark.parametrize("loop", ["closure", "two-call"])
+def test_gsam_decomposes_float64_gradients_near_1e300(loop):
+    """|g_p|^2 is beyond float64 (a bare OverflowError from the square). The reference: GSAM's
+    formula with <g, g_p> / |g_p|^2 taken on both scaled by 2**-1000, the rest in float64."""
+    g = torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64) * 1e300
+    g_p = torch.tensor([3.0, 1.0, 2.0], dtype=torch.float64) * 1e300
+    _, param, _ = _move_with_float64_gradients(GSAM(rho=0.05, alpha=0.4), [g, g_p], loop, size=3)
+    parallel = float(_scaled_down(g) @ _scaled_down(g_p)) / float(_scaled_down(g_p) @ _scaled_down(g_p))
+    d = (1.0 + 0.4 * parallel) * g_p - 0.4 * g
+    expected = torch.ones(3, dtype=torch.float64) - 1e-3 * d
+    assert torch.isfinite(param).all()
+    torch.testing.assert_close(param.detach(), expected, rtol=1e-14, atol=0.0)
+
+
+@pytest.mark.parametrize("loop", ["closure", "two-call"])
+def test_looksam_stores_its_direction_from_float64_gradients_near_1e300(loop):
+    """|g|^2 is beyond float64 (a bare OverflowError). The reference: g_v = g_s - <g, g_s> / |g|^2 g
+    with the quotient taken on both scaled by 2**-1000, normalised in float64."""
+    g = torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64) * 1e300
+    g_s = torch.tensor([3.0, 1.0, 2.0], dtype=torch.float64) * 1e300
+    _, param, optimizer = _move_with_float64_gradients(LookSAM(rho=0.05, alpha=0.7, k=5), [g, g_s], loop, size=3)
+    parallel = float(_scaled_down(g) @ _scaled_down(g_s)) / float(_scaled_down(g) @ _scaled_down(g))
+    g_v = _scaled_down(g_s - parallel * g)
+    torch.testing.assert_close(optimizer.state[param]["look_sam.g_v"], g_v / g_v.norm(), rtol=1e-14, atol=0.0)
+    torch.testing.assert_close(param.detach(), torch.ones(3, dtype=torch.float64) - 1e-3 * g_s, rtol=1e-14, atol=0.0)

@@ -28,7 +28,7 @@ from samgria.functional._grouping import group_indices_by_device_and_dtype
 from samgria.functional._views import as_real
 from samgria.functional.norms import scale_
 from samgria.transforms.base import TransformContext
-from samgria.transforms.sam import Perturbation, _scales_within_range, _swappable
+from samgria.transforms.sam import _FLOAT32_MAX, Perturbation, _scales_within_range, _swappable
 from samgria.transforms.sam_family import Finish, _current_grads_finite, _FinishingTransform, _Step
 
 __all__ = ["MultiStepSAM"]
@@ -346,9 +346,10 @@ class MultiStepSAM(_FinishingTransform):
         moved = [params[i] for i in moving]
         moved_groups = [groups[i] for i in moving]
         if self.adversary is None:  # SAM's move, the same kernels (bit for bit)
-            scales = [self._radius(group) / norm if self.normalize else self._radius(group) for group in moved_groups]
+            scales = [self._radius(group) for group in moved_groups]
             directions = [as_real(grads[i]) for i in moving]  # consumed by the move
-            moves = self._move_along(moved, directions, scales, ctx.foreach).moves
+            divisors = [norm if self.normalize else 1.0] * len(moved)
+            moves = self._move_along(moved, directions, scales, ctx.foreach, divisors).moves
             return _Ascent(moves, None, moved=moved, groups=moved_groups, adversary=None, scale_dependent=not self.normalize)
 
         if any(group.get("maximize", False) for group in moved_groups):
@@ -393,8 +394,9 @@ class MultiStepSAM(_FinishingTransform):
             return True
         if ascent.adversary is None:
             groups = [ascent.groups[k] for k in chosen]
-            scales = [self._radius(group) / norm if self.normalize else self._radius(group) for group in groups]
-            directions, scales = _scales_within_range([as_real(g) for g in movers_grads], scales)  # a tiny norm
+            scales = [self._radius(group) for group in groups]
+            divisors = [norm if self.normalize else 1.0] * len(groups)
+            directions, scales = _scales_within_range([as_real(g) for g in movers_grads], scales, divisors)  # a tiny norm
             # In place: a swapped parameter's data is its backup buffer, a view is perturbed in place.
             add_directions_([as_real(p) for p in movers], directions, scales, foreach=ctx.foreach)
             for param in movers:
@@ -457,6 +459,15 @@ class MultiStepSAM(_FinishingTransform):
     ) -> None:
         r"""Hand the adversary :math:`-\hat g` (in the gradients' memory, which is consumed) and step it."""
         scale = -1.0 / norm if self.normalize else -1.0
+        if abs(scale) > _FLOAT32_MAX:  # a tiny norm (1 / norm may be infinite): by 2**-k first, exact
+            mantissa, exponent = math.frexp(norm)
+            for grad in grads:
+                limit, left = math.frexp(torch.finfo(grad.dtype).max)[1] - 2, -exponent
+                while left > 0:  # left shrinks by limit each time
+                    step = min(limit, left)
+                    as_real(grad).mul_(2.0**step)
+                    left -= step
+            scale = -1.0 / mantissa
         scale_([as_real(grad) for grad in grads], [scale] * len(grads), foreach=foreach)
         for param, grad in zip(params, grads):
             param.grad = grad

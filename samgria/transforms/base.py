@@ -207,13 +207,14 @@ class TransformContext:
         reevaluate: Re-runs the closure at the current weights (under grad mode) with the
             gradients cleared first, and returns its loss; ``None`` when the step has no closure
             (then a transform that needs one must raise). Inside the optimizer, when the
-            re-evaluation's gradients are not finite it raises a private ``BaseException``
-            subclass (as ``GeneratorExit`` is one) that ends the step for the non-finite policy
-            (skipped and counted, or ``FloatingPointError`` with ``non_finite="raise"``). It must
-            propagate: ``except Exception`` does not catch it; put weights you moved back in a
-            ``finally`` (or let the optimizer's copy restore them, see
-            ``Transform.writes_weights_before_step``), never in an ``except BaseException`` that
-            does not re-raise. Whatever the closure raises propagates as well.
+            re-evaluation's gradients are not finite it raises a private ``Exception`` subclass
+            that ends the step for the non-finite policy (skipped and counted, or
+            ``FloatingPointError`` with ``non_finite="raise"``). Let it propagate; put weights you
+            moved back in a ``finally`` or an ``except Exception: ...; raise`` (or let the
+            optimizer's copy restore them, see ``Transform.writes_weights_before_step``). A
+            transform that swallows it does not bypass the policy: the optimizer ends the step
+            all the same once ``pre_update`` returns. Whatever the closure raises propagates as
+            well.
         foreach: Whether to use the ``torch._foreach_*`` fast path.
         model: The module the closure evaluates, when known (used by protocol adapters).
         standalone: ``True`` when the transform runs through the seed protocol (``apply`` /

@@ -477,8 +477,10 @@ class PerturbationTransform(Transform):
         directions: list[torch.Tensor],
         scales: list[float],
         foreach: bool,
+        divisors: Sequence[float] | None = None,
     ) -> Perturbation:
-        """Move each param to ``param + scale * direction``; return how to put it back.
+        """Move each param to ``param + scale / divisor * direction`` (divisor 1 without
+        ``divisors``); return how to put it back.
 
         ``directions`` are real views (of complex tensors), may be the gradients themselves (they
         are consumed) and may be wider than the parameters (float32 for 16-bit ones). Every moved
@@ -495,7 +497,7 @@ class PerturbationTransform(Transform):
         :meth:`pre_update` puts the weights back also when an interrupt lands before
         :meth:`perturb` returns it (see :meth:`_perturbed`).
         """
-        directions, scales = _scales_within_range(directions, scales)  # a tiny gradient norm
+        directions, scales = _scales_within_range(directions, scales, divisors)  # a tiny gradient norm
         backups = self._backups_of(params)
         moves = []
         in_place = []
@@ -545,36 +547,65 @@ _FLOAT32_MAX = torch.finfo(torch.float32).max
 
 
 def _scales_within_range(
-    directions: list[torch.Tensor], scales: list[float]
+    directions: list[torch.Tensor], scales: Sequence[float], divisors: Sequence[float] | None = None
 ) -> tuple[list[torch.Tensor], list[float]]:
-    """The directions and scales, each scale within the range of the dtype the move computes its
-    direction in (torch rounds a scale to it, and raises beyond it; 16-bit directions are computed
-    in float32).
+    """The directions and scales of the moves ``scale / divisor * direction`` (divisor 1 without
+    ``divisors``), each scale within the range of the dtype the move computes its direction in
+    (torch rounds a scale to it, and raises beyond it; 16-bit directions are computed in float32).
 
-    A scale beyond it (``rho / ‖g‖`` for a gradient norm below about ``rho / 3.4e38`` in float32)
-    is split into ``n`` equal factors within it (``n = 2`` unless a float64 gradient made the norm
-    smaller still): the direction is replaced by its product with ``n - 1`` of them (new memory:
-    the gradient stays as it was if the move fails), and the last is the scale. Every product
-    stays small: a direction's elements are at most the norm. The common case, every scale within
-    float32's range, costs one ``max`` over the scales and returns them as they are.
+    The common case, every quotient ``scale / divisor`` within float32's range, costs one ``max``
+    and returns the quotients. A quotient beyond it (``rho / ‖g‖`` for a gradient norm below
+    about ``rho / 3.4e38`` in float32, or below ``rho / 1.8e308`` in float64, where it would be
+    infinite) is never formed: with ``scale = m_s 2^{e_s}`` and ``divisor = m_d 2^{e_d}``
+    (:func:`math.frexp`), the direction is replaced by its product with ``2^{e_s - e_d}``, exact
+    and in new memory (:func:`_times_power_of_two`: the gradient stays as it was if the move
+    fails), and the scale by ``m_s / m_d``, in (1/2, 2).
+
+    Raises:
+        ValueError: If a scale or divisor beyond the range is not finite, or a divisor is not
+            positive (nothing is written).
     """
-    if not scales or max(map(abs, scales)) <= _FLOAT32_MAX:
-        return directions, scales
-    directions, within = list(directions), list(scales)
-    for index, (direction, scale) in enumerate(zip(directions, scales)):
-        largest = torch.finfo(widened_dtype(direction.dtype)).max
-        if abs(scale) <= largest:
+    if divisors is None:
+        quotients = list(scales)
+    else:
+        quotients = [scale / divisor for scale, divisor in zip(scales, divisors)]  # inf beyond float64
+    if not quotients or max(map(abs, quotients)) <= _FLOAT32_MAX:
+        return directions, quotients
+    replaced: dict[int, tuple[int, float]] = {}
+    for index, (direction, quotient) in enumerate(zip(directions, quotients)):
+        if abs(quotient) <= torch.finfo(widened_dtype(direction.dtype)).max:
             continue
-        count = 2
-        while abs(scale) ** (1.0 / count) > largest:
-            count += 1
-        factor = abs(scale) ** (1.0 / count)
-        scaled = direction * factor
-        for _ in range(count - 2):
-            scaled.mul_(factor)
-        directions[index] = scaled
-        within[index] = math.copysign(factor, scale)
-    return directions, within
+        scale = float(scales[index])
+        divisor = 1.0 if divisors is None else float(divisors[index])
+        if not (math.isfinite(scale) and math.isfinite(divisor) and divisor > 0):
+            raise ValueError(
+                f"a move's scale / divisor must be finite with a positive divisor, got {scale} / {divisor}"
+            )
+        scale_mantissa, scale_exponent = math.frexp(scale)
+        divisor_mantissa, divisor_exponent = math.frexp(divisor)
+        replaced[index] = (scale_exponent - divisor_exponent, scale_mantissa / divisor_mantissa)
+    directions = list(directions)
+    for index, (exponent, scale) in replaced.items():
+        directions[index] = _times_power_of_two(directions[index], exponent)
+        quotients[index] = scale
+    return directions, quotients
+
+
+def _times_power_of_two(tensor: torch.Tensor, exponent: int) -> torch.Tensor:
+    """``tensor * 2**exponent`` in new memory (16-bit tensors in float32), in at most
+    ``ceil(|exponent| / (maxexp - 2))`` multiplications by powers of two within the dtype's
+    range: exact, unless the result overflows or (for a negative ``exponent``) falls below the
+    normal range."""
+    dtype = widened_dtype(tensor.dtype)
+    limit = math.frexp(torch.finfo(dtype).max)[1] - 2  # 2**limit is within the range (126 in float32)
+    step = max(-limit, min(limit, exponent))
+    result = tensor.to(dtype) * 2.0**step  # new memory, also when the dtype is the tensor's
+    exponent -= step
+    while exponent != 0:  # |exponent| shrinks by limit each time
+        step = max(-limit, min(limit, exponent))
+        result.mul_(2.0**step)
+        exponent -= step
+    return result
 
 
 def _refuse_optimizer_style_call(cls: type, args: tuple[Any, ...]) -> None:
@@ -664,12 +695,12 @@ class SAM(PerturbationTransform):
         for param, grad, group in zip(params, grads, groups):
             if group is not group_seen:  # one group's parameters are consecutive
                 group_seen, rho = group, group["rho"]
-                scale = self._radius(group) / norm
+                radius = self._radius(group)
             if rho > 0:
                 moved.append(param)
                 directions.append(grad)
-                scales.append(scale)
-        return self._move_along(moved, all_as_real(directions), scales, ctx.foreach)
+                scales.append(radius)
+        return self._move_along(moved, all_as_real(directions), scales, ctx.foreach, [norm] * len(moved))
 
 
 def _divide_(tensors: list[torch.Tensor], divisor: float, foreach: bool) -> None:
@@ -764,11 +795,11 @@ class ASAM(PerturbationTransform):
         mul_(scaled_grads, scalings, foreach=ctx.foreach)
         del scalings, scaled_grads
         adaptive_indices = set(adaptive)
-        moved, moved_directions, scales = [], [], []
+        moved, moved_directions, scales, divisors = [], [], [], []
         for index, (param, group) in enumerate(zip(params, groups)):
             if group["rho"] > 0:
                 moved.append(param)
                 moved_directions.append(directions[index])
-                divisor = 1.0 if index in adaptive_indices else norm  # adaptive ones are divided
-                scales.append(self._radius(group) / divisor)
-        return self._move_along(moved, moved_directions, scales, ctx.foreach)
+                divisors.append(1.0 if index in adaptive_indices else norm)  # adaptive ones are divided
+                scales.append(self._radius(group))
+        return self._move_along(moved, moved_directions, scales, ctx.foreach, divisors)

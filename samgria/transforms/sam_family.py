@@ -27,6 +27,7 @@ post-step transform), if the step is skipped, or if a two-call step is cancelled
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, cast
 
@@ -39,7 +40,7 @@ from samgria.functional._views import LOW_PRECISION, as_real, widened_dtype
 from samgria.functional.norms import _accumulation_dtype, scale_
 from samgria.transforms.base import TransformContext
 from samgria.transforms.lamp import _GeneratorCache, _as_generator_state
-from samgria.transforms.sam import Perturbation, PerturbationTransform, _owns_storage
+from samgria.transforms.sam import Perturbation, PerturbationTransform, _owns_storage, _times_power_of_two
 
 __all__ = ["GSAM", "WSAM", "FriendlySAM", "LookSAM", "ESAM"]
 
@@ -180,6 +181,28 @@ def _dot_in(
     return sum(float(total) for total in totals.values())
 
 
+#: Between these, a squared norm and a dot product of float64 tensors of that size are normal
+#: numbers (float32 and 16-bit tensors have norms between them).
+_SQUARE_SAFE = (2.0**-450, 2.0**450)
+
+
+def _coefficient(
+    first: Sequence[torch.Tensor], second: Sequence[torch.Tensor], norm: float, like: Sequence[torch.Tensor]
+) -> float:
+    r""":math:`\langle a, b \rangle / n^2` for a norm :math:`n > 0` (of ``first`` or ``second``):
+    as :func:`_dot` and a square where :math:`n` is within :data:`_SQUARE_SAFE`, else with both
+    sides scaled by :math:`2^{-k}`, :math:`k` the exponent of :math:`n`
+    (:func:`~samgria.transforms.sam._times_power_of_two`, new memory): the same quotient, without
+    the square overflowing (``OverflowError`` near 1e154) or flushing to zero."""
+    if _SQUARE_SAFE[0] < norm < _SQUARE_SAFE[1]:
+        return _dot(first, second, like=like) / norm**2
+    shift = -math.frexp(norm)[1]
+    scaled = math.ldexp(norm, shift)  # in [1/2, 1); exact unless the norm is subnormal
+    first = [_times_power_of_two(tensor, shift) for tensor in first]
+    second = [_times_power_of_two(tensor, shift) for tensor in second]
+    return _dot(first, second, like=like) / scaled**2
+
+
 def _norm(tensors: Sequence[torch.Tensor], foreach: bool, like: Sequence[torch.Tensor] | None = None) -> float:
     return float(global_norm([as_real(t) for t in tensors], foreach=foreach, like=tensors if like is None else like))
 
@@ -303,8 +326,8 @@ class _FinishingTransform(PerturbationTransform):
         r"""SAM's move, :math:`e = \rho\, g / \lVert g \rVert` per group, keeping ``grads`` intact."""
         moving = [i for i, group in enumerate(groups) if group["rho"] > 0]
         directions = [as_real(grads[i]).clone() for i in moving]  # consumed by the move
-        scales = [self._radius(groups[i]) / norm for i in moving]
-        return self._move_along([params[i] for i in moving], directions, scales, ctx.foreach).moves
+        scales = [self._radius(groups[i]) for i in moving]
+        return self._move_along([params[i] for i in moving], directions, scales, ctx.foreach, [norm] * len(moving)).moves
 
     def _sam_step(
         self, ctx: TransformContext, finish: Callable[[dict[int, torch.Tensor], bool], Sequence[torch.Tensor] | None]
@@ -390,9 +413,8 @@ class GSAM(_FinishingTransform):
         params, perturbed, groups, both, kept = self._first_and_perturbed(ctx, first)
         if not perturbed:
             return
-        norm_sq = _norm(perturbed, ctx.foreach, like=params) ** 2
-        dot = _dot(kept, [perturbed[i] for i in both], like=[params[i] for i in both])
-        parallel = dot / norm_sq if norm_sq > 0 else 0.0
+        norm = _norm(perturbed, ctx.foreach, like=params)
+        parallel = _coefficient(kept, [perturbed[i] for i in both], norm, [params[i] for i in both]) if norm > 0 else 0.0
         # d = g_p - alpha (g - c g_p) = (1 + alpha c) g_p - alpha g  (no first gradient: g = 0)
         _scale_and_add_(
             perturbed,
@@ -611,9 +633,10 @@ class FriendlySAM(_FinishingTransform):
         moving = [i for i, group in enumerate(groups) if group["rho"] > 0]
         if norm == 0.0 or not moving:
             return _Step([], commit)
-        scales = [self._radius(groups[i]) / norm for i in moving]
+        scales = [self._radius(groups[i]) for i in moving]
         moved = [params[i] for i in moving]
-        return _Step(self._move_along(moved, [directions[i] for i in moving], scales, ctx.foreach).moves, commit)
+        moves = self._move_along(moved, [directions[i] for i in moving], scales, ctx.foreach, [norm] * len(moving))
+        return _Step(moves.moves, commit)
 
     @torch.no_grad()
     def init_state(self, ctx: TransformContext) -> None:
@@ -750,7 +773,7 @@ class LookSAM(_FinishingTransform):
 
     def _store_direction(self, ctx: TransformContext, first: dict[int, torch.Tensor], norm: float) -> None:
         params, perturbed, _groups, both, kept = self._first_and_perturbed(ctx, first)
-        parallel = _dot(kept, [perturbed[i] for i in both], like=[params[i] for i in both]) / norm**2
+        parallel = _coefficient(kept, [perturbed[i] for i in both], norm, [params[i] for i in both])
         # g_v = g_s - c g, in the first gradient's memory (no first gradient: g_v = g_s).
         count = len(kept)
         _scale_and_add_(kept, [-parallel] * count, range(count), [perturbed[i] for i in both], [1.0] * count, ctx.foreach)
@@ -869,8 +892,13 @@ class ESAM(_FinishingTransform):
             masks.append(mask.bernoulli_(groups[moving[k]]["beta"], generator=generator))
         mul_([directions[k] for k in masked], masks, foreach=ctx.foreach)
         del masks
-        scales = [self._radius(groups[i]) / (groups[i]["beta"] * norm) for i in moving]
-        moves = self._move_along([params[i] for i in moving], directions, scales, ctx.foreach).moves
+        scales, divisors = [], []
+        for i in moving:  # rho / (beta |g|); rho / beta over |g| where beta |g| is not a normal number
+            divisor = groups[i]["beta"] * norm
+            normal = divisor >= sys.float_info.min
+            scales.append(self._radius(groups[i]) / (1.0 if normal else groups[i]["beta"]))
+            divisors.append(divisor if normal else norm)
+        moves = self._move_along([params[i] for i in moving], directions, scales, ctx.foreach, divisors).moves
 
         def commit(checked: bool) -> None:  # the generators advance only with a step taken
             if generators is not None and (checked or _current_grads_finite(ctx)):
