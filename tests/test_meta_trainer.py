@@ -981,6 +981,30 @@ def test_a_map_style_dataset_of_tasks_is_a_sequence_of_tasks():
     assert history.eval_loss == [pytest.approx(trainer.evaluate(tasks), rel=1e-12)]
 
 
+class _EndlessTaskDataset(torch.utils.data.Dataset):
+    """Map-style and of length 3, with a __getitem__ that answers past the end (torch's samplers
+    read only range(len)), and one that raises KeyError there (a dict behind it)."""
+
+    def __init__(self, tasks, endless: bool):
+        self.tasks, self.endless = {index: task for index, task in enumerate(tasks)}, endless
+
+    def __len__(self):
+        return len(self.tasks)
+
+    def __getitem__(self, index):
+        return self.tasks[index % len(self.tasks)] if self.endless else self.tasks[index]
+
+
+@pytest.mark.parametrize("endless", [True, False], ids=["answers-past-the-end", "dict-backed"])
+def test_a_map_style_dataset_is_read_at_range_of_its_length(endless):
+    """Read by the old index-until-IndexError protocol, the first hung (memory growing) and the
+    second raised KeyError 3: both hold 3 tasks, as torch's DataLoader reads them."""
+    tasks = fixed_tasks(3)
+    meta = MAML(make_model(), torch.optim.SGD, lr=0.1, inner_lr=0.05, inner_steps=2)
+    trainer = MetaTrainer(meta, F.mse_loss, ListSampler(fixed_tasks(2, seed=5)), vectorize=False)
+    assert trainer.evaluate(_EndlessTaskDataset(tasks, endless)) == trainer.evaluate(tasks)
+
+
 def test_train_step_keeps_the_count_of_consecutive_skipped_steps():
     """Only fit counted skipped meta-steps in a row: after fit(2) skipped both, a taken
     train_step did not reset the count and fit(1) skipping once raised '3 consecutive'; a

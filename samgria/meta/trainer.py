@@ -32,11 +32,15 @@ LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 def _task_list(name: str, tasks: Any) -> list[Any]:
-    """``tasks`` as a list: anything ``list()`` takes (a list, a generator, a map-style
-    ``torch.utils.data.Dataset`` with ``__len__`` and ``__getitem__``); something else (a number,
-    a single :class:`~samgria.data.task.Task`, a string, a tensor) is refused naming ``name``."""
+    """``tasks`` as a list: an iterable (a list, a generator), or a map-style
+    ``torch.utils.data.Dataset`` (``__len__`` and ``__getitem__``, read at ``range(len(tasks))``
+    as torch's samplers read it: its ``__getitem__`` need not stop past the end); something else
+    (a number, a single :class:`~samgria.data.task.Task`, a string, a tensor) is refused naming
+    ``name``."""
     if isinstance(tasks, (Task, str, bytes, torch.Tensor)):
         raise TypeError(f"{name} must be a sequence of Task, got {tasks!r}")
+    if not hasattr(tasks, "__iter__") and hasattr(tasks, "__len__") and hasattr(tasks, "__getitem__"):
+        return [tasks[index] for index in range(len(tasks))]
     try:
         items = iter(tasks)  # only the refusal to iterate is renamed, not an error of the items
     except TypeError:
