@@ -19,7 +19,7 @@ import pytest
 import torch
 from torch import nn
 from torch.func import functional_call
-from transform_infos import assert_bitwise_equal, make_closure, make_data, make_model, params_of
+from transform_infos import assert_bitwise_equal, make_closure, make_data, make_model, params_of, step_installing
 
 import samgria.transforms.ascent as ascent_module
 import samgria.transforms.sam as sam_module
@@ -989,19 +989,7 @@ def _perturbation_with_gradients(transform, value, loop):
         at_second_pass.append(param.detach().clone())
         param.grad = torch.full((7,), value, dtype=torch.float64)
 
-    if loop == "closure":
-
-        def closure():
-            optimizer.zero_grad()
-            install()
-            return torch.zeros(())
-
-        optimizer.step(closure)
-    else:
-        install()
-        optimizer.first_step()
-        install()
-        optimizer.second_step()
+    step_installing(optimizer, install, loop)
     return at_second_pass[1] - 1.0
 
 

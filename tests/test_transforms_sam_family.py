@@ -18,7 +18,7 @@ import torch
 from torch import nn
 from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
 from torch.func import functional_call
-from transform_infos import assert_bitwise_equal, make_closure, make_data, make_model, params_of
+from transform_infos import assert_bitwise_equal, make_closure, make_data, make_model, params_of, step_installing
 
 from samgria import ESAM, GSAM, SAM, WSAM, ClipGradNorm, FriendlySAM, GradSign, LookSAM, NormalizeGrad, ScaleGrad, TransformingOptimizer
 from samgria import Transform as GradientTransformBase
@@ -807,23 +807,6 @@ def _step_with_fixed_gradients(transform, passes, dtype, loop, foreach, lr=2.0**
     return params, optimizer
 
 
-def _step_installing(optimizer, install, loop):
-    """One step of ``loop`` ("closure" or "two-call") whose passes' gradients ``install()`` sets."""
-    if loop == "closure":
-
-        def closure():
-            optimizer.zero_grad()
-            install()
-            return torch.zeros(())
-
-        optimizer.step(closure)
-    else:
-        install()
-        optimizer.first_step()
-        install()
-        optimizer.second_step()
-
-
 def _gsam_reference(g, g_p, alpha):
     """GSAM's docstring in float64: d = g_p - alpha g_perp, g_perp = g - <g, g_p> / |g_p|^2 g_p."""
     parallel = float(g @ g_p) / float(g_p @ g_p)
@@ -960,10 +943,10 @@ def test_a_combined_gradient_beyond_the_dtype_is_a_non_finite_step_in_both_loops
 
     if non_finite == "raise":
         with pytest.raises(FloatingPointError, match="not finite"):
-            _step_installing(optimizer, install, loop)
+            step_installing(optimizer, install, loop)
     else:
         with pytest.warns(RuntimeWarning, match="not finite: the step is skipped"):
-            _step_installing(optimizer, install, loop)
+            step_installing(optimizer, install, loop)
         assert optimizer.skipped_steps == 1
     assert torch.equal(params[0].detach(), torch.zeros(2, dtype=torch.float16))
     _assert_same_state(before, optimizer.state_dict())
@@ -979,12 +962,12 @@ def test_looksam_steps_in_between_that_overflow_the_dtype_are_skipped_in_both_lo
     def install():
         param.grad = torch.tensor(next(grads), dtype=torch.float16)
 
-    _step_installing(optimizer, install, loop)  # a SAM step: stores g_v
+    step_installing(optimizer, install, loop)  # a SAM step: stores g_v
     before = (param.detach().clone(), copy.deepcopy(optimizer.state_dict()))
     if loop == "two-call":
         grads = iter([[0.0, 4e4], [0.0, 4e4]])
     with pytest.warns(RuntimeWarning, match="not finite: the step is skipped"):
-        _step_installing(optimizer, install, loop)
+        step_installing(optimizer, install, loop)
     assert optimizer.skipped_steps == 1
     assert torch.equal(param.detach(), before[0]) and torch.isfinite(param).all()
     _assert_same_state(before[1], optimizer.state_dict())
@@ -1127,7 +1110,7 @@ def _move_with_float64_gradients(transform, passes, loop, size=7):
         at_pass.append(param.detach().clone())
         param.grad = passes[len(at_pass) - 1].clone()
 
-    _step_installing(optimizer, install, loop)
+    step_installing(optimizer, install, loop)
     return at_pass[1] - 1.0, param, optimizer
 
 

@@ -977,3 +977,20 @@ class ToyScheduleFree(torch.optim.Optimizer):
                     if "y" in self.state[param]:
                         param.copy_(self.state[param].pop("y"))
                 group["train_mode"] = True
+
+
+def step_installing(optimizer, install, loop):
+    """One step of ``loop`` ("closure" or "two-call") whose passes' gradients ``install()`` sets."""
+    if loop == "closure":
+
+        def closure():
+            optimizer.zero_grad()
+            install()
+            return torch.zeros(())
+
+        optimizer.step(closure)
+    else:
+        install()
+        optimizer.first_step()
+        install()
+        optimizer.second_step()
