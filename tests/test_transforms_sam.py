@@ -1015,3 +1015,22 @@ def test_scales_within_range_moves_by_a_quotient_beyond_float64_and_refuses_a_no
     torch.testing.assert_close(directions[0] * scales[0], expected, rtol=1e-14, atol=0.0)
     with pytest.raises(ValueError, match="must be finite"):
         sam_module._scales_within_range([direction], [math.inf])
+
+
+@pytest.mark.parametrize("loop", ["closure", "two-call"])
+@pytest.mark.parametrize("size", [7, 4096])
+def test_sam_moves_by_rho_along_a_float32_gradient_whose_norm_is_huge(size, loop):
+    """||g|| near 1e38 * sqrt(n) makes rho / ||g|| fall below float32's normal range, where torch
+    rounded the scale to a subnormal number of a few bits (3e-5 relative error at n = 4096): the
+    move must be e = rho g / ||g|| to float32 rounding. Reference: float64."""
+    param = nn.Parameter(torch.zeros(size))
+    optimizer = TransformingOptimizer(torch.optim.SGD([param], lr=0.0), transforms=[SAM(0.05)])
+    at_second_pass = []
+
+    def install():
+        at_second_pass.append(param.detach().clone())
+        param.grad = torch.full((size,), 1e38)
+
+    step_installing(optimizer, install, loop)
+    expected = torch.full((size,), 0.05 / math.sqrt(size), dtype=torch.float64)
+    torch.testing.assert_close(at_second_pass[1].double(), expected, rtol=2 * torch.finfo(torch.float32).eps, atol=0)

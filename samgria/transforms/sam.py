@@ -544,6 +544,7 @@ class PerturbationTransform(Transform):
 
 
 _FLOAT32_MAX = torch.finfo(torch.float32).max
+_FLOAT32_TINY = torch.finfo(torch.float32).tiny
 
 
 def _scales_within_range(
@@ -553,13 +554,17 @@ def _scales_within_range(
     ``divisors``), each scale within the range of the dtype the move computes its direction in
     (torch rounds a scale to it, and raises beyond it; 16-bit directions are computed in float32).
 
-    The common case, every quotient ``scale / divisor`` within float32's range, costs one ``max``
-    and returns the quotients. A quotient beyond it (``rho / ‖g‖`` for a gradient norm below
-    about ``rho / 3.4e38`` in float32, or below ``rho / 1.8e308`` in float64, where it would be
-    infinite) is never formed: with ``scale = m_s 2^{e_s}`` and ``divisor = m_d 2^{e_d}``
-    (:func:`math.frexp`), the direction is replaced by its product with ``2^{e_s - e_d}``, exact
-    and in new memory (:func:`_times_power_of_two`: the gradient stays as it was if the move
-    fails), and the scale by ``m_s / m_d``, in (1/2, 2).
+    The common case, every quotient ``scale / divisor`` zero or within float32's normal range,
+    costs one ``max`` and one ``min`` and returns the quotients. A quotient beyond it
+    (``rho / ‖g‖`` for a gradient norm below about ``rho / 3.4e38`` in float32, or below
+    ``rho / 1.8e308`` in float64, where it would be infinite) is never formed, and one below
+    the computing dtype's normal range (a norm above about ``rho / 1.2e-38`` in float32, where
+    torch would round the scale to a subnormal number of a few bits) is not used: with
+    ``scale = m_s 2^{e_s}`` and ``divisor = m_d 2^{e_d}`` (:func:`math.frexp`), the direction is
+    replaced by its product with ``2^{e_s - e_d}``, exact and in new memory
+    (:func:`_times_power_of_two`: the gradient stays as it was if the move fails; elements that
+    fall below the normal range there round as the move's result would), and the scale by
+    ``m_s / m_d``, in (1/2, 2).
 
     Raises:
         ValueError: If a scale or divisor beyond the range is not finite, or a divisor is not
@@ -569,11 +574,15 @@ def _scales_within_range(
         quotients = list(scales)
     else:
         quotients = [scale / divisor for scale, divisor in zip(scales, divisors)]  # inf beyond float64
-    if not quotients or max(map(abs, quotients)) <= _FLOAT32_MAX:
+    if not quotients:
+        return directions, quotients
+    magnitudes = [abs(quotient) for quotient in quotients]
+    if max(magnitudes) <= _FLOAT32_MAX and min(magnitude or _FLOAT32_TINY for magnitude in magnitudes) >= _FLOAT32_TINY:
         return directions, quotients
     replaced: dict[int, tuple[int, float]] = {}
     for index, (direction, quotient) in enumerate(zip(directions, quotients)):
-        if abs(quotient) <= torch.finfo(widened_dtype(direction.dtype)).max:
+        info = torch.finfo(widened_dtype(direction.dtype))
+        if quotient == 0 or info.tiny <= abs(quotient) <= info.max:
             continue
         scale = float(scales[index])
         divisor = 1.0 if divisors is None else float(divisors[index])
