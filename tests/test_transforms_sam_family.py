@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import math
+import warnings
 
 import pytest
 import torch
@@ -1157,3 +1158,25 @@ def test_looksam_stores_its_direction_from_float64_gradients_near_1e300(loop):
     g_v = _scaled_down(g_s - parallel * g)
     torch.testing.assert_close(optimizer.state[param]["look_sam.g_v"], g_v / g_v.norm(), rtol=1e-14, atol=0.0)
     torch.testing.assert_close(param.detach(), torch.ones(3, dtype=torch.float64) - 1e-3 * g_s, rtol=1e-14, atol=0.0)
+
+
+@pytest.mark.parametrize("loop", ["closure", "two-call"])
+def test_looksam_stores_a_unit_direction_when_its_norm_is_subnormal(loop):
+    """g = a u and g_s = a (u + v) with u, v orthogonal unit vectors and a = 1e-310: g_v = a v,
+    whose norm is subnormal, so 1 / |g_v| is infinite in float64; the stored g_v was infinite and
+    LookSAM's next step was skipped as non-finite. It must be v, and the next step taken."""
+    u = torch.tensor([1.0, 0.0, 0.0], dtype=torch.float64)
+    v = torch.tensor([0.0, 1.0, 0.0], dtype=torch.float64)
+    scale = 1e-310
+    _, param, optimizer = _move_with_float64_gradients(LookSAM(rho=0.05, alpha=0.7, k=5), [scale * u, scale * (u + v)], loop, size=3)
+    torch.testing.assert_close(optimizer.state[param]["look_sam.g_v"], v, rtol=1e-12, atol=0.0)
+
+    def closure():
+        optimizer.zero_grad()
+        param.grad = scale * u
+        return torch.zeros(())
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "not finite: the step is skipped"
+        optimizer.step(closure)  # a step in between: the kept direction, no re-evaluation
+    assert optimizer.skipped_steps == 0

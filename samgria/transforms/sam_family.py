@@ -40,7 +40,7 @@ from samgria.functional._views import LOW_PRECISION, as_real, widened_dtype
 from samgria.functional.norms import _accumulation_dtype, scale_
 from samgria.transforms.base import TransformContext
 from samgria.transforms.lamp import _GeneratorCache, _as_generator_state
-from samgria.transforms.sam import Perturbation, PerturbationTransform, _owns_storage, _times_power_of_two
+from samgria.transforms.sam import _FLOAT32_MAX, Perturbation, PerturbationTransform, _owns_storage, _times_power_of_two
 
 __all__ = ["GSAM", "WSAM", "FriendlySAM", "LookSAM", "ESAM"]
 
@@ -651,6 +651,25 @@ class FriendlySAM(_FinishingTransform):
 
 
 # -- LookSAM -------------------------------------------------------------------------------------------
+def _divide_in_range_(values: list[torch.Tensor], size: float, foreach: bool) -> None:
+    """Divide ``values`` by ``size > 0`` in place. Where ``1 / size`` is beyond float32's range (a
+    subnormal norm: infinite in float64, or not representable in the float32 a float32 or 16-bit
+    scaling computes in), with ``size = m 2^e`` (:func:`math.frexp`) the values are multiplied by
+    ``2^{-e}`` in steps within that range, exact, and then by ``1 / m``, in (1, 2]."""
+    count = len(values)
+    inverse = 1.0 / size
+    if inverse <= _FLOAT32_MAX:
+        scale_(values, [inverse] * count, foreach=foreach)
+        return
+    mantissa, exponent = math.frexp(size)
+    remaining = -exponent  # > 0: size < 1 here
+    while remaining > 0:  # the values grow towards at most 1 (each is at most the norm)
+        step = min(remaining, 120)
+        scale_(values, [2.0**step] * count, foreach=foreach)
+        remaining -= step
+    scale_(values, [1.0 / mantissa] * count, foreach=foreach)
+
+
 class LookSAM(_FinishingTransform):
     r"""LookSAM (Liu et al., "Towards Efficient and Scalable Sharpness-Aware Minimization", CVPR
     2022), Algorithm 1: a SAM step every ``k`` steps, a reused sharpness direction in between.
@@ -784,7 +803,7 @@ class LookSAM(_FinishingTransform):
         if not (math.isfinite(parallel) and math.isfinite(size)):
             return  # non-finite gradients at w + e: the step is skipped, the state kept
         if size > 0:
-            scale_([as_real(v) for v in values], [1.0 / size] * len(values), foreach=ctx.foreach)
+            _divide_in_range_([as_real(v) for v in values], size, ctx.foreach)
         params_now = set(map(id, params))
         for group in ctx.param_groups:
             for param in group["params"]:
