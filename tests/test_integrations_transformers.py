@@ -524,6 +524,21 @@ class Steep(Regression):
         return {"loss": 100 * F.mse_loss(out, 5 * labels), "logits": out}
 
 
+class _UpdateNorms(transformers.TrainerCallback):
+    """Records the norm of each optimizer step's change of ``params`` (from the weights at
+    ``on_step_begin`` to those at ``on_step_end``)."""
+
+    def __init__(self, params: list[torch.Tensor]) -> None:
+        self.params, self.norms = params, []
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self.before = [p.detach().clone() for p in self.params]
+
+    def on_step_end(self, args, state, control, **kwargs):
+        moves = (float((p.detach() - b).double().pow(2).sum()) for p, b in zip(self.params, self.before))
+        self.norms.append(math.sqrt(sum(moves)))
+
+
 @pytest.mark.parametrize("name", ["GSAM", "WSAM-coupled", "LookSAM"])
 def test_clip_grad_norm_after_the_transform_bounds_the_update(tmp_path, name) -> None:
     """The remedy the refusal names: max_grad_norm=0 and ClipGradNorm after the transform. The
@@ -531,19 +546,12 @@ def test_clip_grad_norm_after_the_transform_bounds_the_update(tmp_path, name) ->
     model = Steep()
     params = list(model.parameters())
     optimizer = TransformingOptimizer(params, torch.optim.SGD, lr=LR, transforms=[FIRST_PASS_IN_UPDATE[name](), ClipGradNorm(1.0)])
-    norms = []
-
-    class UpdateNorm(transformers.TrainerCallback):
-        def on_step_begin(self, args, state, control, **kwargs):
-            self.before = [p.detach().clone() for p in params]
-
-        def on_step_end(self, args, state, control, **kwargs):
-            norms.append(math.sqrt(sum(float((p.detach() - b).double().pow(2).sum()) for p, b in zip(params, self.before))))
+    update_norms = _UpdateNorms(params)
 
     args = arguments(tmp_path, max_grad_norm=0.0, lr_scheduler_type="constant")
-    SAMTrainer(model=model, args=args, train_dataset=Pairs(), optimizers=(optimizer, None), callbacks=[UpdateNorm()]).train()
-    assert len(norms) == 4
-    assert norms == pytest.approx([LR * 1.0] * 4, rel=1e-5)  # ClipGradNorm's 1e-6 in its divisor
+    SAMTrainer(model=model, args=args, train_dataset=Pairs(), optimizers=(optimizer, None), callbacks=[update_norms]).train()
+    assert len(update_norms.norms) == 4
+    assert update_norms.norms == pytest.approx([LR * 1.0] * 4, rel=1e-5)  # ClipGradNorm's 1e-6 in its divisor
 
 
 class _ClipAfterTheStep:
@@ -570,16 +578,9 @@ def test_max_grad_norm_with_a_seed_protocol_object_after_sam_is_not_refused(tmp_
     optimizer = TransformingOptimizer(
         params, torch.optim.SGD, lr=LR, transforms=[SAM(rho=0.05), _ClipAfterTheStep(5.0)], model=model
     )
-    norms = []
-
-    class UpdateNorm(transformers.TrainerCallback):
-        def on_step_begin(self, args, state, control, **kwargs):
-            self.before = [p.detach().clone() for p in params]
-
-        def on_step_end(self, args, state, control, **kwargs):
-            norms.append(math.sqrt(sum(float((p.detach() - b).double().pow(2).sum()) for p, b in zip(params, self.before))))
+    update_norms = _UpdateNorms(params)
 
     args = arguments(tmp_path, optim="sgd", lr_scheduler_type="constant")  # max_grad_norm=1.0
-    SAMTrainer(model=model, args=args, train_dataset=Pairs(), optimizers=(optimizer, None), callbacks=[UpdateNorm()]).train()
-    assert len(norms) == 4
-    assert norms == pytest.approx([LR * 1.0] * 4, rel=1e-5)
+    SAMTrainer(model=model, args=args, train_dataset=Pairs(), optimizers=(optimizer, None), callbacks=[update_norms]).train()
+    assert len(update_norms.norms) == 4
+    assert update_norms.norms == pytest.approx([LR * 1.0] * 4, rel=1e-5)
