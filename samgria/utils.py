@@ -3,19 +3,14 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator
 
 import torch
 from torch import nn
 
+from samgria.functional._grouping import check_tensors
+
 __all__ = ["get_grad", "set_grad", "frozen_bn_stats"]
-
-
-def _check_tensors(params: Sequence[object]) -> None:
-    """``TypeError`` naming the first item of ``params`` that is not a tensor."""
-    for index, param in enumerate(params):
-        if not isinstance(param, torch.Tensor):
-            raise TypeError(f"params[{index}] must be a torch.Tensor, got {param!r}")
 
 
 def get_grad(params: Iterable[torch.Tensor]) -> torch.Tensor:
@@ -39,7 +34,7 @@ def get_grad(params: Iterable[torch.Tensor]) -> torch.Tensor:
     params = _as_list(params)
     if not params:
         raise ValueError("get_grad needs at least one parameter, got an empty iterable")
-    _check_tensors(params)
+    check_tensors("params", params)
     first = params[0]
     if not first.is_complex():
         for index, param in enumerate(params):
@@ -83,7 +78,7 @@ def set_grad(grads: torch.Tensor, params: Iterable[torch.Tensor]) -> None:
     if not isinstance(grads, torch.Tensor):
         raise TypeError(f"grads must be a torch.Tensor, got {type(grads).__name__}")
     params = _as_list(params)
-    _check_tensors(params)
+    check_tensors("params", params)
     total = sum(p.numel() for p in params)
     if grads.dim() != 1 or grads.numel() != total:
         raise ValueError(

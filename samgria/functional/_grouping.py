@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from samgria._checks import _is_torch_scalar
+from samgria.functional._views import widened_dtype
 
 __all__ = [
     "group_indices_by_device_and_dtype",
@@ -208,3 +209,18 @@ def check_fits(name: str, value: Any, dtype: torch.dtype, where: str) -> None:
         raise ValueError(
             f"{name} must fit in {where} {dtype} (at most {largest!r} in magnitude, or infinite, or NaN), got {value!r}"
         )
+
+
+def check_fits_where_computed(
+    params: Sequence[torch.Tensor], others: Sequence[torch.Tensor], values: Sequence[Any], names: Sequence[str]
+) -> None:
+    """Check that no ``values[i]`` (named ``names[i]``) is finite and beyond the range of the dtype
+    its entry is computed in, ``promote_types`` of ``params[i]``'s and ``others[i]``'s (16-bit ones
+    as float32): torch raises on such a value only as it writes that entry. One pass over the
+    values in the common case (every value a float within float32's range)."""
+    largest = LARGEST[torch.float32]
+    if all(type(value) is float and -largest <= value <= largest for value in values):
+        return
+    for index, (param, other, value, name) in enumerate(zip(params, others, values, names)):
+        wide = torch.promote_types(widened_dtype(param.dtype), widened_dtype(other.dtype))
+        check_fits(name, value, wide, f"the dtype params[{index}] is computed in,")

@@ -21,8 +21,7 @@ import torch
 
 from samgria._checks import check_bool, check_int
 from samgria.functional._grouping import (
-    LARGEST,
-    check_fits,
+    check_fits_where_computed,
     check_floating,
     check_lengths,
     check_real_where_real,
@@ -117,7 +116,7 @@ def add_scaled_(
     check_shapes("updates", updates, "params", params)
     check_real_where_real("updates", updates, "params", params)
     alpha = check_scalar("alpha", alpha)
-    _check_alpha_fits(params, updates, alpha)
+    check_fits_where_computed(params, updates, [alpha] * len(params), ["alpha"] * len(params))
     if foreach:
         groups = group_indices_by_device_and_dtype(params)
         check_floating("params", params, [dtype for _device, dtype in groups])
@@ -131,18 +130,6 @@ def add_scaled_(
     check_floating("params", params)
     for param, update in zip(params, updates):
         _add_scaled_one_(param, update, alpha)
-
-
-def _check_alpha_fits(params: Sequence[torch.Tensor], updates: Sequence[torch.Tensor], alpha: object) -> None:
-    """Check that ``alpha`` is not finite and beyond the range of the dtype an entry is computed in,
-    ``promote_types`` of the parameter's and the update's (16-bit ones as float32): torch raises on
-    it only as it writes that entry. Nothing is read per entry in the common case (a float within
-    float32's range)."""
-    if type(alpha) is float and abs(alpha) <= LARGEST[torch.float32]:
-        return
-    for index, (param, update) in enumerate(zip(params, updates)):
-        wide = torch.promote_types(widened_dtype(param.dtype), widened_dtype(update.dtype))
-        check_fits("alpha", alpha, wide, f"the dtype params[{index}] is computed in,")
 
 
 def _needs_widening(dtype: torch.dtype, alpha: float) -> bool:

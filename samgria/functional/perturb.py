@@ -17,6 +17,7 @@ from samgria._checks import check_bool
 from samgria.functional._grouping import (
     LARGEST,
     check_fits,
+    check_fits_where_computed,
     check_floating,
     check_lengths,
     check_real_where_real,
@@ -85,7 +86,7 @@ def perturbed_into_(
         check_real_where_real("params", params, "buffers", buffers, [dtype for _device, dtype in by_dtype])
     # The widened path's copy_ would discard an imaginary part that torch.add refuses to.
     check_real_where_real("directions", directions, "buffers" if buffers is not params else "params", buffers)
-    _check_scales_fit(params, directions, scales)
+    check_fits_where_computed(params, directions, scales, [f"scales[{index}]" for index in range(len(scales))])
     widened: list[_Segment] = []
     plain: list[_Segment] = []
     for (device, dtype), indices in by_dtype.items():
@@ -102,21 +103,6 @@ def perturbed_into_(
         segments = _runs_in_order(segments, len(params))
     for kind, indices in segments:
         _perturb_segment(kind, indices, buffers, params, directions, scales, foreach)
-
-
-def _check_scales_fit(
-    params: Sequence[torch.Tensor], directions: Sequence[torch.Tensor], scales: Sequence[Any]
-) -> None:
-    """Check that no scale is finite and beyond the range of the dtype its entry is computed in,
-    ``promote_types`` of the parameter's and the direction's (16-bit ones as float32): torch
-    raises on such a scale only as it writes its entry. One pass over the scales in the common
-    case (every scale a float within float32's range)."""
-    largest = LARGEST[torch.float32]
-    if all(type(scale) is float and -largest <= scale <= largest for scale in scales):
-        return
-    for index, (param, direction, scale) in enumerate(zip(params, directions, scales)):
-        wide = torch.promote_types(widened_dtype(param.dtype), widened_dtype(direction.dtype))
-        check_fits(f"scales[{index}]", scale, wide, f"the dtype params[{index}] is computed in,")
 
 
 #: Entries that one kernel perturbs: ``(None, indices)`` for entries computed in a wider dtype

@@ -5,8 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from samgria.meta.base import MetaOptimizer
-from samgria.optim import TransformingOptimizer
-from samgria.transforms.base import ProtocolTransform
+from samgria.optim import TransformingOptimizer, _transform_name
 from samgria.transforms.sam_family import WSAM
 
 INSTALL_HINT = "pip install 'samgria[integrations]'"
@@ -111,7 +110,7 @@ def first_pass_in_update(optimizer: TransformingOptimizer | None) -> list[str]:
     if optimizer is None:
         return []
     return [
-        f"{transform.describe()} (seed protocol)" if isinstance(transform, ProtocolTransform) else type(transform).__name__
+        _transform_name(transform)
         for transform in optimizer.transforms
         if getattr(transform, "combines_gradients", False)
         or (transform.needs_closure and not transform.supports_local_first_pass)
