@@ -264,18 +264,28 @@ def check_params(params: Any, name: str = "params") -> dict[str, torch.Tensor]:
     return pairs
 
 
-def check_adapt_names(adapt_names: Iterable[str]) -> list[str]:
-    """``adapt_names`` as a list; anything but an iterable of names (a number, a tensor, a ``str``
-    or ``bytes``, whose items would be its characters) is refused with a ``TypeError`` naming the
-    argument."""
-    # list("2.weight") would be its characters
-    if isinstance(adapt_names, (str, bytes, torch.Tensor)):
-        raise TypeError(f"adapt_names must be a sequence of parameter names, got {adapt_names!r}")
+def sequence_as_list(name: str, value: Any, items: str, refused: tuple[type, ...] = ()) -> list[Any]:
+    """``value`` as a list: an iterable (a list, a generator), or a map-style container without
+    ``__iter__`` (a ``torch.utils.data.Dataset``: ``__len__`` and ``__getitem__``, read at
+    ``range(len(value))`` as torch's samplers read it, so its ``__getitem__`` need not stop past
+    the end). A ``str``, ``bytes`` or tensor (whose items would be characters or rows), an
+    instance of ``refused``, or anything else is refused with ``TypeError: "{name} must be a
+    sequence of {items}, got {value!r}"`` (an error raised by the items themselves is not renamed)."""
+    if isinstance(value, (str, bytes, torch.Tensor, *refused)):
+        raise TypeError(f"{name} must be a sequence of {items}, got {value!r}")
+    if not hasattr(value, "__iter__") and hasattr(value, "__len__") and hasattr(value, "__getitem__"):
+        return [value[index] for index in range(len(value))]
     try:
-        names = iter(adapt_names)  # anything list() takes; only the refusal to iterate is renamed
+        iterator = iter(value)
     except TypeError:
-        raise TypeError(f"adapt_names must be a sequence of parameter names, got {adapt_names!r}") from None
-    return list(names)
+        raise TypeError(f"{name} must be a sequence of {items}, got {value!r}") from None
+    return list(iterator)
+
+
+def check_adapt_names(adapt_names: Iterable[str]) -> list[str]:
+    """``adapt_names`` as a list (:func:`sequence_as_list`: ``list("2.weight")`` would be its
+    characters)."""
+    return sequence_as_list("adapt_names", adapt_names, "parameter names")
 
 
 def resolve_adapt_names(

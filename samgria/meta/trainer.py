@@ -19,7 +19,7 @@ from samgria.data._validation import check_sampler
 from samgria.data.sharding import DistributedTaskSampler, shard_bounds
 from samgria.data.task import Task, TaskSampler, load_sampler_state_dict, sampler_state_dict
 from samgria.meta.base import MetaOptimizer, rng_untouched
-from samgria.meta.functional import one_steps_argument
+from samgria.meta.functional import one_steps_argument, sequence_as_list
 from samgria.meta.compiled import CompiledMetaLoss, check_compile_options, compiled_path_blocker
 from samgria.meta import distributed as collectives
 from samgria.meta.engine import PATHS, InnerLoop, InnerRegFn, vmap_blocker
@@ -32,20 +32,9 @@ LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 def _task_list(name: str, tasks: Any) -> list[Any]:
-    """``tasks`` as a list: an iterable (a list, a generator), or a map-style
-    ``torch.utils.data.Dataset`` (``__len__`` and ``__getitem__``, read at ``range(len(tasks))``
-    as torch's samplers read it: its ``__getitem__`` need not stop past the end); something else
-    (a number, a single :class:`~samgria.data.task.Task`, a string, a tensor) is refused naming
-    ``name``."""
-    if isinstance(tasks, (Task, str, bytes, torch.Tensor)):
-        raise TypeError(f"{name} must be a sequence of Task, got {tasks!r}")
-    if not hasattr(tasks, "__iter__") and hasattr(tasks, "__len__") and hasattr(tasks, "__getitem__"):
-        return [tasks[index] for index in range(len(tasks))]
-    try:
-        items = iter(tasks)  # only the refusal to iterate is renamed, not an error of the items
-    except TypeError:
-        raise TypeError(f"{name} must be a sequence of Task, got {tasks!r}") from None
-    return list(items)
+    """``tasks`` as a list (:func:`~samgria.meta.functional.sequence_as_list`: an iterable or a
+    map-style ``torch.utils.data.Dataset``; a single :class:`~samgria.data.task.Task` is refused)."""
+    return sequence_as_list(name, tasks, "Task", refused=(Task,))
 
 
 @dataclass
