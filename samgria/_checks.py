@@ -103,20 +103,28 @@ def _real_rule(
     return kind
 
 
-def check_int(name: str, value: Any, *, low: int | None = None) -> int:
+def check_int(name: str, value: Any, *, low: int | None = None, high: int | None = None) -> int:
     """Check an integer hyperparameter (``bool`` refused, NumPy integers accepted).
 
-    A non-integral number is of the wrong kind (``TypeError``), except NaN and ±inf, which raise
-    ``ValueError`` as they do from every other check.
+    ``low`` and ``high`` are inclusive bounds. A non-integral number is of the wrong kind
+    (``TypeError``), except NaN and ±inf, which raise ``ValueError`` as they do from every other
+    check.
     """
-    rule = "an integer" if low is None else f"an integer >= {low}"
+    if low is not None and high is not None:
+        rule = f"an integer in [{low}, {high}]"
+    elif low is not None:
+        rule = f"an integer >= {low}"
+    elif high is not None:
+        rule = f"an integer <= {high}"
+    else:
+        rule = "an integer"
     if isinstance(value, numbers.Real) and not isinstance(value, (bool, numbers.Integral)):
         if not math.isfinite(float(value)):  # NaN and ±inf: a ValueError, as from every check
             raise ValueError(f"{name} must be {rule}, got {value!r}")
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise _fail_type(name, rule, value)
     number = int(value)
-    if low is not None and number < low:
+    if (low is not None and number < low) or (high is not None and number > high):
         raise ValueError(f"{name} must be {rule}, got {value!r}")
     return number
 
