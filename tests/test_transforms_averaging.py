@@ -10,8 +10,10 @@ the swap context managers and the states they leave.
 from __future__ import annotations
 
 import copy
+import fractions
 import io
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -95,6 +97,27 @@ def test_lookahead_per_group_alpha_equals_the_reference():
     for _ in range(steps):
         optimizer.step(closure)
     torch.testing.assert_close(params_of(model), expected, **TIGHT)
+
+
+@pytest.mark.parametrize(
+    "alpha", [fractions.Fraction(1, 3), np.float32(0.25), np.float64(0.3), 1], ids=["fraction", "np32", "np64", "int"]
+)
+@pytest.mark.parametrize("foreach", [True, False], ids=["foreach", "per-tensor"])
+def test_lookahead_takes_every_real_alpha_its_group_check_accepts(alpha, foreach):
+    # validate_group takes any real number (check_real); the synchronisation used the group's
+    # value as it was, which torch's lerp_ refused for a Fraction (TypeError at the k-th step).
+    x, y = make_data()
+    runs = []
+    for value in (alpha, float(alpha)):
+        model = make_model()
+        optimizer = TransformingOptimizer(
+            two_groups(model, {"alpha": value}, {}), torch.optim.SGD, lr=0.1, transforms=[Lookahead(k=2)], transform_foreach=foreach
+        )
+        closure = make_closure(model, optimizer, x, y)
+        for _ in range(4):
+            optimizer.step(closure)
+        runs.append(params_of(model))
+    assert_bitwise_equal(*runs)
 
 
 def test_lookahead_alpha_one_is_the_inner_optimizer_and_weights_equal_slow_weights_after_a_sync():

@@ -344,7 +344,8 @@ class Lookahead(_KeptWeights):
         self._ensure_kept(ctx, params)  # a step without pre_update (never inside the optimizer)
         if step % self.k != 0:
             return
-        alpha_of = {id(p): group["alpha"] for group in ctx.param_groups for p in group["params"]}
+        # float: any real number validate_group accepts (a Fraction, a NumPy scalar), as torch's lerp_ takes it
+        alpha_of = {id(p): float(group["alpha"]) for group in ctx.param_groups for p in group["params"]}
         for alpha in sorted({alpha_of[id(p)] for p in params}):
             fast = [as_real(p) for p in params if alpha_of[id(p)] == alpha]
             slow = [as_real(ctx.state[p]["slow"]) for p in params if alpha_of[id(p)] == alpha]
