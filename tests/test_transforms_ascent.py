@@ -12,12 +12,14 @@ two-call loop, checkpoints, bad inputs, ...) are tested through ``transform_info
 from __future__ import annotations
 
 import copy
+import fractions
 import functools
 import io
 import math
 import os
 import re
 
+import numpy as np
 import pytest
 import torch
 import torch.distributed.checkpoint as dcp
@@ -503,6 +505,24 @@ def test_rho_is_read_from_the_groups_every_step():
     opt_a.param_groups[0]["rho"] = -1.0
     with pytest.raises(ValueError, match=r"param_groups\[0\]: rho must be a finite number >= 0, got -1\.0"):
         opt_a.step(make_closure(model_a, opt_a, x, y))
+
+
+@pytest.mark.parametrize("rho", [fractions.Fraction(1, 20), np.float32(0.05)], ids=["fraction", "np32"])
+@pytest.mark.parametrize("reset_state", [True, False])
+def test_the_adversary_takes_every_real_rho_its_group_check_accepts(rho, reset_state):
+    # validate_group takes any real number; the adversary got the group's rho as its lr as it
+    # was, which torch's SGD refused for a Fraction (add_(): argument 'alpha' must be Number).
+    x, y = make_data()
+    runs = []
+    for value in (rho, float(rho)):
+        model, optimizer = build(
+            MultiStepSAM(0.05, 2, adversary=MOMENTUM, reset_state=reset_state), groups=two_groups({"rho": value})
+        )
+        closure = make_closure(model, optimizer, x, y)
+        for _ in range(3):
+            optimizer.step(closure)
+        runs.append(params_of(model))
+    assert_bitwise_equal(*runs)
 
 
 def test_batchnorm_statistics_are_updated_once_per_step_with_frozen_bn_stats():

@@ -438,10 +438,12 @@ class MultiStepSAM(_FinishingTransform):
     def _build_adversary(
         self, params: list[torch.Tensor], groups: list[Mapping[str, Any]], lr: float | None = None
     ) -> Optimizer:
-        """``adversary(param_groups)``: one group per param group, ``lr`` its ``rho`` (or ``lr``)."""
+        """``adversary(param_groups)``: one group per param group, ``lr`` its ``rho`` (or ``lr``), as
+        a ``float`` (any real number ``validate_group`` accepts: a ``Fraction`` is no lr torch's
+        optimizers compute with)."""
         buckets: dict[int, dict[str, Any]] = {}
         for param, group in zip(params, groups):
-            bucket = buckets.setdefault(id(group), {"params": [], "lr": group["rho"] if lr is None else lr})
+            bucket = buckets.setdefault(id(group), {"params": [], "lr": float(group["rho"]) if lr is None else lr})
             bucket["params"].append(param)
         assert self.adversary is not None
         adversary = self.adversary(list(buckets.values()))
