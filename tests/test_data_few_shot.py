@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from samgria.data import FewShotSampler, TaskSampler
+from samgria.data import FewShotSampler, Task, TaskSampler
 from samgria.meta.maml import MAML
 from samgria.meta.trainer import MetaTrainer
 
@@ -298,3 +298,78 @@ def test_a_device_is_taken_as_torch_device_takes_it_and_refused_where_its_backen
     if not torch.cuda.is_available():  # accepted before, then the first sample raised
         with pytest.raises(ValueError, match=r"^device must be a device available here, got 'cuda:9' \(CUDA is not available\)$"):
             FewShotSampler(inputs, labels, 2, 2, 1, device="cuda:9")
+
+
+# ------------------------------------------------------------------ Task.to
+FIELDS = ("support_x", "support_y", "query_x", "query_y")
+
+
+def _as_module(task: Task) -> nn.Module:
+    """The reference: the task's tensors as the buffers of a module, which nn.Module.to moves."""
+    module = nn.Module()
+    for field in FIELDS:
+        module.register_buffer(field, getattr(task, field))
+    return module
+
+
+@pytest.mark.parametrize(
+    ("args", "kwargs"),
+    [
+        ((torch.float64,), {}),
+        ((torch.float16,), {}),
+        ((torch.complex64,), {}),
+        (("cpu", torch.float64), {}),
+        (("meta",), {}),
+        ((), {"dtype": torch.bfloat16, "non_blocking": True}),
+        ((torch.zeros(1, dtype=torch.float64),), {}),  # to(tensor): its dtype and device
+        ((), {"memory_format": torch.channels_last}),
+        ((torch.float64,), {"memory_format": torch.channels_last}),
+    ],
+    ids=["float64", "float16", "complex64", "device-dtype", "meta", "keywords", "like-tensor",
+         "channels-last", "float64-channels-last"],
+)
+def test_task_to_casts_and_moves_as_module_to_does_keeping_integer_labels(args, kwargs):
+    """A few-shot task's labels are class indices: task.to(torch.float64) made them float64 too,
+    and cross_entropy refused them ('expected target dtype to be Long'). Task.to moves and casts
+    as nn.Module.to does (dtype to the floating and complex tensors, memory_format to the 4-D and
+    5-D ones, the device to all), checked against a module holding the same tensors as buffers."""
+    images = torch.randn(48, 3, 4, 5)  # 4-D inputs, so memory_format has a tensor to apply to
+    _, labels = make_data()
+    task = FewShotSampler(images, labels, n_way=3, k_shot=2, k_query=4, seed=0).sample(1)[0]
+    moved = task.to(*args, **kwargs)
+    with warnings.catch_warnings():  # Module.to's note that complex modules are a new feature
+        warnings.simplefilter("ignore", UserWarning)
+        reference = _as_module(task).to(*args, **kwargs)
+    for field in FIELDS:
+        got, expected = getattr(moved, field), getattr(reference, field)
+        assert (got.dtype, got.device, got.shape, got.stride()) == (
+            expected.dtype, expected.device, expected.shape, expected.stride()
+        ), field
+        if got.device.type != "meta":
+            assert torch.equal(got, expected), field
+    assert moved.support_y.dtype == torch.long and moved.query_y.dtype == torch.long
+
+
+def test_task_to_float64_gives_tasks_that_cross_entropy_takes():
+    inputs, labels = make_data()
+    task = FewShotSampler(inputs, labels, n_way=3, k_shot=2, k_query=4, seed=0).sample(1)[0].to(torch.float64)
+    assert task.query_x.dtype == torch.float64 and task.query_y.dtype == torch.long
+    model = nn.Linear(3, 3).double()
+    loss = F.cross_entropy(model(task.query_x), task.query_y)
+    expected = -torch.log_softmax(model(task.query_x), 1)[torch.arange(12), task.query_y].mean()
+    torch.testing.assert_close(loss, expected)
+
+
+def test_task_to_copies_on_request_and_refuses_an_integer_dtype_as_module_to_does():
+    inputs, labels = make_data()
+    task = FewShotSampler(inputs, labels, n_way=3, k_shot=2, k_query=4, seed=0).sample(1)[0]
+    same = task.to("cpu")
+    assert all(getattr(same, field) is getattr(task, field) for field in FIELDS)  # as Tensor.to
+    copied = task.to("cpu", copy=True)
+    for field in FIELDS:
+        assert torch.equal(getattr(copied, field), getattr(task, field))
+        assert getattr(copied, field).data_ptr() != getattr(task, field).data_ptr()
+    with pytest.raises(TypeError, match=r"^dtype must be a floating point or complex dtype .*, got torch\.int32$"):
+        task.to(torch.int32)
+    with pytest.raises(TypeError, match=r"^copy must be a bool, got 1$"):
+        task.to("cpu", copy=1)

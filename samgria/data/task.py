@@ -7,6 +7,8 @@ from typing import Any, Protocol, runtime_checkable
 
 import torch
 
+from samgria._checks import check_bool
+
 __all__ = [
     "Task",
     "TaskSampler",
@@ -88,13 +90,43 @@ class Task:
                 )
 
     def to(self, *args: Any, **kwargs: Any) -> "Task":
-        """Return a copy with every tensor moved/cast with ``Tensor.to(*args, **kwargs)``."""
-        return Task(
-            self.support_x.to(*args, **kwargs),
-            self.support_y.to(*args, **kwargs),
-            self.query_x.to(*args, **kwargs),
-            self.query_y.to(*args, **kwargs),
-        )
+        """Return a copy with the tensors moved and cast as :meth:`torch.nn.Module.to` moves and
+        casts a module's parameters and buffers.
+
+        The device applies to every tensor; the dtype only to the floating-point and complex ones,
+        so the integer class labels of a :class:`~samgria.FewShotSampler` task stay ``torch.long``
+        (``task.to(torch.float64)`` casts the inputs, and ``cross_entropy`` still takes the
+        labels); ``memory_format`` applies to the 4-D and 5-D tensors (the images of a task, not
+        its labels). Tensors already as asked are handed on themselves, as :meth:`torch.Tensor.to`
+        does, unless ``copy=True``.
+
+        It takes what :meth:`torch.nn.Module.to` takes, and ``copy`` as :meth:`torch.Tensor.to`
+        does::
+
+            to(device=None, dtype=None, non_blocking=False, *, copy=False, memory_format=None)
+            to(dtype, non_blocking=False, *, copy=False, memory_format=None)
+            to(tensor, non_blocking=False, *, copy=False, memory_format=None)
+
+        Raises:
+            TypeError: The dtype is neither floating-point nor complex (``Module.to`` refuses it
+                too: no tensor of a task would take it but its integer labels), ``copy`` is not a
+                ``bool``, or torch refuses the arguments.
+        """
+        copy = check_bool("copy", kwargs.pop("copy", False))
+        device, dtype, non_blocking, memory_format = torch._C._nn._parse_to(*args, **kwargs)
+        if dtype is not None and not (dtype.is_floating_point or dtype.is_complex):
+            raise TypeError(
+                "dtype must be a floating point or complex dtype (Task.to casts the floating-point "
+                f"and complex tensors only, as nn.Module.to does), got {dtype}"
+            )
+
+        def convert(tensor: torch.Tensor) -> torch.Tensor:
+            cast = dtype if tensor.is_floating_point() or tensor.is_complex() else None
+            if memory_format is not None and tensor.dim() in (4, 5):
+                return tensor.to(device, cast, non_blocking, copy, memory_format=memory_format)
+            return tensor.to(device, cast, non_blocking, copy)
+
+        return Task(*(convert(getattr(self, field)) for field in ("support_x", "support_y", "query_x", "query_y")))
 
 
 @runtime_checkable
