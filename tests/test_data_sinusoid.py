@@ -309,3 +309,52 @@ def test_a_0_dim_range_is_refused_naming_the_range(bad):
     value = np.array(0.5) if bad == "np0d" else bad
     with pytest.raises(TypeError, match=r"^amp_range must be a \(low, high\) pair of numbers, got (tensor\(0\.5000\)|array\(0\.5\))$"):
         SinusoidTaskSampler(amp_range=value)
+
+
+# ------------------------------------------------------------------ counts beyond a tensor
+_MOST_BYTES = 2**63 - 1  # torch's bound on one tensor's storage ("Storage size calculation overflowed")
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "name", "most"),
+    [
+        ({"k_support": 2**70}, "k_support", _MOST_BYTES // 4),
+        ({"k_support": _MOST_BYTES // 4 + 1, "k_query": 0}, "k_support", _MOST_BYTES // 4),
+        ({"k_support": 10, "k_query": 2**63 - 1}, "k_query", _MOST_BYTES // 4 - 10),
+        ({"k_support": 10, "k_query": _MOST_BYTES // 8 - 9, "dtype": torch.float64}, "k_query", _MOST_BYTES // 8 - 10),
+        ({"k_support": _MOST_BYTES // 4 + 1, "dtype": torch.float16}, "k_support", _MOST_BYTES // 4),  # drawn in float32
+    ],
+)
+def test_points_per_task_beyond_what_one_tensor_holds_are_refused_at_construction(kwargs, name, most):
+    """k_support=2**70 was accepted and the first sample raised torch's TypeError 'Overflow when
+    unpacking long long' (and k_support + k_query past torch's bound on one tensor a RuntimeError
+    'Storage size calculation overflowed'), naming no argument."""
+    low = 1 if name == "k_support" else 0
+    value = kwargs[name]
+    with pytest.raises(ValueError, match=rf"^{name} must be an integer in \[{low}, {most}\] \(a task's k_support \+ "
+                       rf"k_query points are drawn as one torch\.float(32|64) tensor, of at most 2\*\*63 - 1 bytes\), "
+                       rf"got {value}$"):
+        SinusoidTaskSampler(**kwargs)
+    draw_dtype = torch.float64 if kwargs.get("dtype") == torch.float64 else torch.float32
+    points = kwargs.get("k_support", 10) + kwargs.get("k_query", 10)
+    with pytest.raises((RuntimeError, TypeError)):  # torch cannot describe such a draw, even on the meta device
+        torch.empty((1, points, 1), dtype=draw_dtype, device="meta")
+    largest = dict(kwargs, **{name: most}, **({"k_query": 0} if name == "k_support" else {}))
+    accepted = SinusoidTaskSampler(**largest)  # the largest count is accepted...
+    points = accepted.k_support + accepted.k_query
+    torch.empty((1, points, 1), dtype=draw_dtype, device="meta")  # ...and one tensor holds its points
+
+
+@pytest.mark.parametrize("n", [2**70, _MOST_BYTES // (4 * 20) + 1])
+def test_a_task_count_beyond_what_one_tensor_holds_is_refused_naming_n(n):
+    """sample(2**70) raised torch's TypeError 'Overflow when unpacking long long', and a count whose
+    points overflow a tensor's storage a RuntimeError, naming no argument."""
+    sampler = SinusoidTaskSampler(k_support=10, k_query=10, seed=0)
+    before = sampler.generator.get_state()
+    most = _MOST_BYTES // (4 * 20)
+    for draw in (sampler.sample, sampler.sample_with_params, lambda n: sampler.sample_shard(n, 0, 2)):
+        with pytest.raises(ValueError, match=rf"^n must be an integer in \[0, {most}\] \(the n \* \(k_support \+ "
+                           rf"k_query\) = n \* 20 points are drawn as one torch\.float32 tensor, of at most 2\*\*63 - 1 "
+                           rf"bytes\), got {n}$"):
+            draw(n)
+    assert torch.equal(sampler.generator.get_state(), before)  # nothing drawn

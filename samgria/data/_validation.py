@@ -16,19 +16,36 @@ import torch
 from samgria._checks import check_int as _check_integer
 from samgria._checks import check_real, check_seed
 
-__all__ = ["check_int", "check_range", "check_device", "check_sampler", "check_span", "finite_in", "make_generator"]
+__all__ = ["MOST_TENSOR_BYTES", "check_int", "most_elements", "check_range", "check_device", "check_sampler", "check_span", "finite_in", "make_generator"]
 
 
-def check_int(name: str, value: object, minimum: int) -> int:
-    """Return ``value`` as a Python ``int`` if it is an integer ``>= minimum``, else raise.
+def check_int(name: str, value: object, minimum: int, maximum: int | None = None, reason: str = "") -> int:
+    """Return ``value`` as a Python ``int`` if it is an integer ``>= minimum`` (and ``<= maximum``
+    when given), else raise.
 
     Python and NumPy integers are accepted; ``bool`` and floats are not.
 
+    Args:
+        reason: Why ``maximum`` is the bound, for the message (``" (the points ...)"``).
+
     Raises:
         TypeError: ``value`` is not an integer (``"{name} must be an integer >= {minimum}, got ..."``).
-        ValueError: ``value`` is below ``minimum`` (same message).
+        ValueError: ``value`` is below ``minimum`` (same message), or above ``maximum``
+            (``"{name} must be an integer in [{minimum}, {maximum}]{reason}, got ..."``).
     """
-    return _check_integer(name, value, low=minimum)
+    number = _check_integer(name, value, low=minimum)
+    if maximum is not None and number > maximum:
+        raise ValueError(f"{name} must be an integer in [{minimum}, {maximum}]{reason}, got {value!r}")
+    return number
+
+
+#: torch's bound on the bytes of one tensor's storage ("Storage size calculation overflowed").
+MOST_TENSOR_BYTES = 2**63 - 1
+
+
+def most_elements(dtype: torch.dtype) -> int:
+    """The most elements of ``dtype`` one tensor holds (:data:`MOST_TENSOR_BYTES` of them)."""
+    return MOST_TENSOR_BYTES // dtype.itemsize
 
 
 def check_range(name: str, value: object, dtype: torch.dtype | None = None) -> tuple[float, float]:

@@ -6,7 +6,15 @@ import math
 
 import torch
 
-from samgria.data._validation import check_device, check_int, check_range, check_span, finite_in, make_generator
+from samgria.data._validation import (
+    check_device,
+    check_int,
+    check_range,
+    check_span,
+    finite_in,
+    make_generator,
+    most_elements,
+)
 from samgria.data.sharding import shard_bounds
 from samgria.data.task import GeneratorStateMixin, Task
 
@@ -48,7 +56,10 @@ class SinusoidTaskSampler(GeneratorStateMixin):
         phase_range: ``(low, high)`` range of the phase :math:`\varphi`.
         x_range: ``(low, high)`` range of the inputs.
         k_support: Number of support points per task (``>= 1``).
-        k_query: Number of query points per task (``>= 0``).
+        k_query: Number of query points per task (``>= 0``). A task's ``k_support + k_query``
+            points are drawn as one tensor, so they must fit in one: at most
+            ``(2**63 - 1) // 4`` points in ``float32`` and 16-bit dtypes (drawn in ``float32``),
+            ``(2**63 - 1) // 8`` in ``float64``.
         generator: Optional ``torch.Generator`` for reproducible sampling.
         seed: Convenience seed for a private generator; not together with ``generator``.
         device: Device of the sampled tensors, anything ``torch.device`` takes on a backend
@@ -59,7 +70,7 @@ class SinusoidTaskSampler(GeneratorStateMixin):
         TypeError: A count is not an int, a range is not a pair of numbers, ``dtype`` is not
             floating, ``generator`` is not a ``torch.Generator``, or ``device`` is not a device,
             a device string or an index.
-        ValueError: A count is out of range, a range has ``low > high``, is not finite, lies
+        ValueError: A count is out of range (``k_support + k_query`` included), a range has ``low > high``, is not finite, lies
             beyond what ``dtype`` holds or is wider than it (as is ``x - phase``), a ``seed`` is
             beyond what ``torch.Generator`` takes, both ``generator`` and ``seed`` are given, or
             ``torch.device`` refuses ``device`` or its backend is not available here.
@@ -99,13 +110,28 @@ class SinusoidTaskSampler(GeneratorStateMixin):
                 f"x_range and phase_range must keep x - phase within +-{torch.finfo(dtype).max:g} (the "
                 f"range of {dtype}), got x_range={x_range!r} and phase_range={phase_range!r}"
             )
-        self.k_support = check_int("k_support", k_support, 1)
-        self.k_query = check_int("k_query", k_query, 0)
-        self.generator = make_generator(generator, seed)
         # 16-bit uniforms have 8 to 11 random bits: draw in float32 and round the result once.
-        self._draw_dtype = dtype if torch.finfo(dtype).bits >= 32 else torch.float32
+        self._draw_dtype = draw_dtype
+        # A task's points are one (k_support + k_query)-long row of the draw: what one tensor holds.
+        most = most_elements(draw_dtype)
+        points = (
+            f" (a task's k_support + k_query points are drawn as one {draw_dtype} tensor, of at most "
+            "2**63 - 1 bytes)"
+        )
+        self.k_support = check_int("k_support", k_support, 1, most, points)
+        self.k_query = check_int("k_query", k_query, 0, most - self.k_support, points)
+        self.generator = make_generator(generator, seed)
         self._draw_device = self.generator.device if self.generator is not None else torch.device("cpu")
         self.device = check_device("device", device) if device is not None else self._draw_device
+
+    def _check_count(self, n: object) -> int:
+        """``n`` as an int if the points of ``n`` tasks fit in one tensor of the draw, else raise."""
+        points = self.k_support + self.k_query
+        return check_int(
+            "n", n, 0, most_elements(self._draw_dtype) // points,
+            f" (the n * (k_support + k_query) = n * {points} points are drawn as one {self._draw_dtype} "
+            "tensor, of at most 2**63 - 1 bytes)",
+        )
 
     def _uniform(self, size: tuple[int, ...], bounds: tuple[float, float]) -> torch.Tensor:
         low, high = bounds
@@ -132,13 +158,14 @@ class SinusoidTaskSampler(GeneratorStateMixin):
         (see :func:`sinusoid`).
 
         Args:
-            n: Number of tasks (``>= 0``).
+            n: Number of tasks (``>= 0``, and few enough that the ``n * (k_support + k_query)``
+                points of the draw fit in one tensor).
 
         Returns:
             ``(tasks, amplitudes, phases)``: a list of ``n`` :class:`~samgria.data.Task` and two
             tensors of shape ``(n,)`` with each task's :math:`A` and :math:`\\varphi`.
         """
-        n = check_int("n", n, 0)
+        n = self._check_count(n)
         amplitudes, phases, x = self._draw(n)
         return self._tasks(amplitudes, phases, x), amplitudes, phases
 
@@ -155,7 +182,7 @@ class SinusoidTaskSampler(GeneratorStateMixin):
             rank: This process's rank, in ``[0, world_size - 1]``.
             world_size: Number of processes (``>= 1``).
         """
-        n = check_int("n", n, 0)
+        n = self._check_count(n)
         start, stop = shard_bounds(n, rank, world_size)
         amplitudes, phases, x = self._draw(n)
         return self._tasks(amplitudes[start:stop], phases[start:stop], x[start:stop])
