@@ -439,6 +439,41 @@ def test_owner_must_hold_the_transform():
 
 
 @pytest.mark.parametrize("kind", ["ema", "lookahead"])
+def test_the_block_takes_the_optimizer_as_accelerate_prepared_it(kind):
+    """``accelerator.prepare(optimizer)`` (and so the Hugging Face Trainer's ``trainer.optimizer``)
+    is an ``AcceleratedOptimizer`` around the TransformingOptimizer: the block refused it ("owner
+    must be the TransformingOptimizer that holds this EMA ..., got AcceleratedOptimizer") though
+    it holds the transform, as Lightning's ``self.optimizers()`` does and is taken."""
+    accelerate = pytest.importorskip("accelerate")
+    x, y = make_data()
+    model = make_model()
+    transform = EMA(decay=0.5) if kind == "ema" else Lookahead(alpha=0.5, k=2)
+    optimizer = build(model, [transform])
+    closure = make_closure(model, optimizer, x, y)
+    for _ in range(3):
+        optimizer.step(closure)
+    block = transform.averaged_weights if kind == "ema" else transform.slow_weights
+    key = f"{kind}.{'average' if kind == 'ema' else 'slow'}"
+    kept = [optimizer.state[p][key] for p in trainable(model) if p.grad is not None]
+    training = params_of(model)
+    from accelerate.state import AcceleratorState, GradientState
+
+    try:
+        prepared = accelerate.Accelerator(cpu=True).prepare(optimizer)
+        with block(prepared):
+            assert_bitwise_equal([p.detach().clone() for p in trainable(model) if p.grad is not None], kept)
+        assert_bitwise_equal(params_of(model), training)
+        other = EMA() if kind == "ema" else Lookahead()  # held by no optimizer inside the wrapper
+        other_block = other.averaged_weights if kind == "ema" else other.slow_weights
+        with pytest.raises(ValueError, match="owner must be the TransformingOptimizer that holds this"):
+            with other_block(prepared):
+                pass
+    finally:
+        AcceleratorState._reset_state(True)
+        GradientState._reset_state()
+
+
+@pytest.mark.parametrize("kind", ["ema", "lookahead"])
 @pytest.mark.parametrize("how", ["stepped", "loaded"])
 def test_a_transform_held_by_an_optimizer_refuses_the_module_as_owner_and_changes_nothing(kind, how):
     """``ema.averaged_weights(model)`` for an EMA stepped by a TransformingOptimizer swapped

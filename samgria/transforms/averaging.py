@@ -202,6 +202,35 @@ class _KeptWeights(Transform):
         self._held_by_optimizer = not ctx.standalone
 
     # -- swapping the kept weights into the model ------------------------------------------------
+    def _holder(self, owner: Any) -> tuple[Any, str]:
+        """The optimizer that holds this transform and its slot: ``owner`` itself, or the one that
+        ``owner`` wraps (``.optimizer`` or ``._optimizer``, a few levels deep: accelerate's
+        ``AcceleratedOptimizer``, and so the Hugging Face Trainer's optimizer).
+
+        Raises:
+            TypeError: If ``owner`` is not an optimizer.
+            ValueError: If no optimizer found that way holds this transform.
+        """
+        name = type(self).__name__
+        rule = (
+            f"owner must be the TransformingOptimizer that holds this {name} "
+            f"(or the nn.Module it is used with through apply/post_step), got {type(owner).__name__}"
+        )
+        if not isinstance(owner, torch.optim.Optimizer):
+            raise TypeError(rule)
+        candidate = owner
+        for _ in range(8):
+            slots = [s for s, t in zip(getattr(candidate, "slots", ()), getattr(candidate, "transforms", ())) if t is self]
+            if slots:
+                return candidate, slots[0]
+            wrapped = getattr(candidate, "optimizer", None)
+            if not isinstance(wrapped, torch.optim.Optimizer) or wrapped is candidate:
+                wrapped = getattr(candidate, "_optimizer", None)
+            if not isinstance(wrapped, torch.optim.Optimizer) or wrapped is candidate:
+                break
+            candidate = wrapped
+        raise ValueError(rule)
+
     def _kept_pairs(self, owner: Any) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """``(parameter, kept weights)`` for every parameter of ``owner`` that has kept weights."""
         name = type(self).__name__
@@ -216,19 +245,9 @@ class _KeptWeights(Transform):
             prefix = self.default_slot() + "."
             params: list[torch.Tensor] = list(owner.parameters())
         else:
-            if not isinstance(owner, torch.optim.Optimizer):
-                raise TypeError(
-                    f"owner must be the TransformingOptimizer that holds this {name} "
-                    f"(or the nn.Module it is used with through apply/post_step), got {type(owner).__name__}"
-                )
-            slots = [s for s, t in zip(getattr(owner, "slots", ()), getattr(owner, "transforms", ())) if t is self]
-            if not slots:
-                raise ValueError(
-                    f"owner must be the TransformingOptimizer that holds this {name} "
-                    f"(or the nn.Module it is used with through apply/post_step), got {type(owner).__name__}"
-                )
-            state, prefix = owner.state, slots[0] + "."
-            params = unique_params(owner.param_groups)
+            holder, slot = self._holder(owner)
+            state, prefix = holder.state, slot + "."
+            params = unique_params(holder.param_groups)
         pairs: list[tuple[torch.Tensor, torch.Tensor]] = []
         for param in params:
             entry = state.get(param) if param in state else None  # no defaultdict insertion
@@ -242,7 +261,7 @@ class _KeptWeights(Transform):
         if model is not None and not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module or None, got {model!r}")
         if model is None:
-            model = owner if isinstance(owner, nn.Module) else getattr(owner, "model", None)
+            model = owner if isinstance(owner, nn.Module) else getattr(self._holder(owner)[0], "model", None)
         pairs = self._kept_pairs(owner)
         if model is None and any(is_sharded(param) for param, _ in pairs):
             raise ValueError(
@@ -363,8 +382,10 @@ class Lookahead(_KeptWeights):
         after the block gathers the weights anew: sharded parameters need that model.
 
         Args:
-            owner: The :class:`~samgria.TransformingOptimizer` that holds this transform, or the
-                ``nn.Module`` it is used with through ``apply`` / ``post_step``.
+            owner: The :class:`~samgria.TransformingOptimizer` that holds this transform (or a
+                framework's optimizer around it: accelerate's ``AcceleratedOptimizer``, and so the
+                Hugging Face Trainer's, Lightning's ``LightningOptimizer``), or the ``nn.Module``
+                it is used with through ``apply`` / ``post_step``.
             model: The model to reshard (the ``fully_shard``-ed one); default: ``owner`` when it
                 is a module, else the optimizer's ``model`` (``TransformingOptimizer(...,
                 model=...)``).
@@ -372,7 +393,8 @@ class Lookahead(_KeptWeights):
         Raises:
             TypeError: If ``owner`` is neither an optimizer nor an ``nn.Module``, or ``model`` is
                 not an ``nn.Module``.
-            ValueError: If ``owner`` is an optimizer that does not hold this transform, a module
+            ValueError: If ``owner`` is an optimizer that neither holds this transform nor wraps
+                one that does, a module
                 while an optimizer holds it (steps it), or the parameters are sharded (DTensor)
                 and no model is known.
         """
@@ -522,8 +544,10 @@ class EMA(_KeptWeights):
         after the block gathers the weights anew: sharded parameters need that model.
 
         Args:
-            owner: The :class:`~samgria.TransformingOptimizer` that holds this transform, or the
-                ``nn.Module`` it is used with through ``apply`` / ``post_step``.
+            owner: The :class:`~samgria.TransformingOptimizer` that holds this transform (or a
+                framework's optimizer around it: accelerate's ``AcceleratedOptimizer``, and so the
+                Hugging Face Trainer's, Lightning's ``LightningOptimizer``), or the ``nn.Module``
+                it is used with through ``apply`` / ``post_step``.
             model: The model to reshard (the ``fully_shard``-ed one); default: ``owner`` when it
                 is a module, else the optimizer's ``model`` (``TransformingOptimizer(...,
                 model=...)``).
@@ -531,7 +555,8 @@ class EMA(_KeptWeights):
         Raises:
             TypeError: If ``owner`` is neither an optimizer nor an ``nn.Module``, or ``model`` is
                 not an ``nn.Module``.
-            ValueError: If ``owner`` is an optimizer that does not hold this transform, a module
+            ValueError: If ``owner`` is an optimizer that neither holds this transform nor wraps
+                one that does, a module
                 while an optimizer holds it (steps it), or the parameters are sharded (DTensor)
                 and no model is known.
         """
