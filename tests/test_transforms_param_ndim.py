@@ -740,6 +740,44 @@ def test_project_params_initial_center_is_checkpointed_and_initialised_by_a_stat
     assert torch.all(distance <= 0.1 + 1e-6), distance
 
 
+@pytest.mark.parametrize("target", [torch.float16, torch.bfloat16], ids=["float16", "bfloat16"])
+@pytest.mark.parametrize("p", [2.0, math.inf], ids=["l2", "linf"])
+def test_project_params_centre_follows_a_dtype_conversion_as_a_checkpoint_reloaded_into_a_fresh_optimizer(target, p):
+    """``model.half()`` after the centre was recorded: the run went on projecting around the
+    float32 centre, while a checkpoint loaded into a fresh optimizer holds it cast to the
+    parameter's dtype (torch casts the state), so the resumed run left the uninterrupted one (as
+    EMA, Lookahead and LAMP convert their kept weights at the next step)."""
+    torch.manual_seed(0)
+    x = torch.randn(8, 4)
+
+    def build(model):
+        return TransformingOptimizer(model.parameters(), torch.optim.SGD, lr=0.3, transforms=[ProjectParams(0.05, p, center="initial")])
+
+    def closure(optimizer, model):
+        def evaluate():
+            optimizer.zero_grad()
+            loss = model(x.to(model.weight.dtype)).float().square().sum()
+            loss.backward()
+            return loss
+
+        return evaluate
+
+    model = nn.Linear(4, 3)
+    optimizer = build(model)
+    optimizer.step(closure(optimizer, model))
+    model.to(target)
+    optimizer.step(closure(optimizer, model))
+    assert all(optimizer.state[q]["project_params.center"].dtype == target for q in model.parameters())
+    resumed_model = copy.deepcopy(model)
+    resumed = build(resumed_model)
+    resumed.load_state_dict(copy.deepcopy(optimizer.state_dict()))
+    for _ in range(3):
+        optimizer.step(closure(optimizer, model))
+        resumed.step(closure(resumed, resumed_model))
+    for mine, theirs in zip(model.parameters(), resumed_model.parameters()):
+        assert torch.equal(mine, theirs)
+
+
 CENTER_MISFITS = {
     # checkpoint's parameter, this optimizer's parameter, what the message says of each
     "transposed": (torch.zeros(2, 3), torch.zeros(3, 2), "of shape (2, 3) for a parameter of shape (3, 2)"),

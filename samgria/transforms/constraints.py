@@ -100,7 +100,10 @@ class ProjectParams(Transform):
             around pretrained weights when fine-tuning. A parameter whose first gradient comes
             from the re-evaluation of a transform placed after this one (SAM's second pass, when
             the first pass did not use it) is centred where that first step left it; place
-            ``ProjectParams`` after SAM to centre it before.
+            ``ProjectParams`` after SAM to centre it before. A parameter converted since its
+            centre was recorded (``model.half()``, ``.to(device)``) has the centre converted to
+            its dtype on its device at its next step, as a checkpoint reloaded into a fresh
+            optimizer has it.
         param_ndim: Dimension of the sub-tensors projected independently (per-group key
             ``"param_ndim"``), default ``-1``.
 
@@ -144,6 +147,8 @@ class ProjectParams(Transform):
                     state = ctx.state[param]
                     if "center" not in state:
                         state["center"] = param.detach().clone(memory_format=torch.contiguous_format)
+                    else:
+                        _follow_conversion(state, param)
 
     def init_state(self, ctx: TransformContext) -> None:
         self._record_centers(ctx)
@@ -177,7 +182,7 @@ class ProjectParams(Transform):
             if param.numel() == 0:
                 continue
             radius = float(group["radius"])  # any real number validate_group accepts (Fraction, NumPy)
-            center = ctx.state[param]["center"] if self.center == "initial" else None
+            center = _follow_conversion(ctx.state[param], param) if self.center == "initial" else None
             if group["p"] == math.inf:
                 weights = as_real(param)
                 if center is None:
@@ -203,6 +208,17 @@ class ProjectParams(Transform):
                     projected.add_(middle)
                 weights.copy_(torch.where(outside, projected, weights))
         _project_in_float64(retakes)
+
+
+def _follow_conversion(state: Any, param: torch.Tensor) -> torch.Tensor:
+    """``param``'s centre, in its dtype on its device: one recorded before the parameter was
+    converted (``model.half()``, ``.to(device)``) is replaced by a converted copy (a new tensor,
+    so that a failed step's restore puts the old one back), as ``load_state_dict`` casts a
+    checkpoint's."""
+    center = state["center"]
+    if center.dtype != param.dtype or center.device != param.device:
+        center = state["center"] = center.to(device=param.device, dtype=param.dtype)
+    return center
 
 
 #: A radius from which a sub-tensor whose float32 L2 norm is below ``_RECOMPUTE_BELOW`` lies inside
