@@ -216,3 +216,33 @@ def test_a_sampler_on_the_global_generator_is_refused_for_several_ranks(make) ->
         DistributedTaskSampler(make(seed=None), rank=1, world_size=2)
     DistributedTaskSampler(make(seed=None), rank=0, world_size=1)
     DistributedTaskSampler(PlainSampler(0), rank=1, world_size=2)  # no generator attribute: not asked
+
+
+class TaskStream(torch.utils.data.IterableDataset):
+    """The meta guide's recipe: each DataLoader worker keeps its share of every global meta-batch."""
+
+    def __init__(self, sampler: TaskSampler, meta_batch_size: int, batches: int) -> None:
+        self.sampler, self.meta_batch_size, self.batches = sampler, meta_batch_size, batches
+
+    def __iter__(self):
+        sampler, info = self.sampler, torch.utils.data.get_worker_info()
+        if info is not None:
+            sampler = DistributedTaskSampler(sampler, rank=info.id, world_size=info.num_workers)
+        for _ in range(self.batches):
+            yield from sampler.sample(self.meta_batch_size)
+
+
+@pytest.mark.parametrize("make", [sinusoid, few_shot], ids=["sinusoid", "few-shot"])
+def test_dataloader_workers_sharing_a_seeded_sampler_draw_the_one_process_stream_disjointly(make) -> None:
+    """Worker processes hold copies of one seeded generator, so each drew the same tasks; with the
+    documented recipe (the worker id as DistributedTaskSampler's rank) they draw disjoint shares
+    that together are the one-process stream."""
+    loader = torch.utils.data.DataLoader(TaskStream(make(), 4, 3), batch_size=None, num_workers=2)
+    drawn = list(loader)
+    reference = make()
+    expected = [task for _ in range(3) for task in reference.sample(4)]
+    key = lambda task: tuple(task.support_x.flatten().tolist() + task.query_x.flatten().tolist())  # noqa: E731
+    assert len(drawn) == 12 and len({key(task) for task in drawn}) == 12
+    assert sorted(map(key, drawn)) == sorted(map(key, expected))
+    by_key = {key(task): task for task in expected}
+    assert all(same_tasks([task], [by_key[key(task)]]) for task in drawn)

@@ -30,6 +30,12 @@ class FewShotSampler(GeneratorStateMixin):
     ``support_y`` shape ``(n_way * k_shot,)`` with dtype ``torch.long``; likewise the query
     split with ``k_query``.
 
+    In ``DataLoader`` workers each worker holds a copy of the sampler with its generator in the
+    same state, so with ``seed`` or ``generator`` every worker draws the same tasks; wrap it in
+    :class:`~samgria.DistributedTaskSampler` with ``rank=info.id, world_size=info.num_workers``
+    (``info = torch.utils.data.get_worker_info()``) for disjoint shares (see "Tasks and samplers"
+    in the meta-learning guide).
+
     Args:
         inputs: Tensor of examples, first dimension indexes examples.
         labels: 1-D integer tensor of class labels, one per example.

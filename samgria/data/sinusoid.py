@@ -51,6 +51,12 @@ class SinusoidTaskSampler(GeneratorStateMixin):
     once), so one seed gives different task streams in ``float32`` and ``float64``; the tasks
     are then moved to ``device``.
 
+    In ``DataLoader`` workers each worker holds a copy of the sampler with its generator in the
+    same state, so with ``seed`` or ``generator`` every worker draws the same tasks; wrap it in
+    :class:`~samgria.DistributedTaskSampler` with ``rank=info.id, world_size=info.num_workers``
+    (``info = torch.utils.data.get_worker_info()``) for disjoint shares (see "Tasks and samplers"
+    in the meta-learning guide).
+
     Args:
         amp_range: ``(low, high)`` range of the amplitude :math:`A`.
         phase_range: ``(low, high)`` range of the phase :math:`\varphi`.
