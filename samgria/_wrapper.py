@@ -60,6 +60,7 @@ from samgria.functional._views import values_as_real
 __all__ = [
     "WrappingOptimizer",
     "built_by_zero_redundancy",
+    "eager_under_compile",
     "refuse_driven",
     "step_required_arguments",
     "unhooked_step",
@@ -97,6 +98,31 @@ def _record_call_for_schedulers(optimizer: Optimizer) -> None:
         optimizer._opt_called = True  # type: ignore[attr-defined]
 
 
+def eager_under_compile(method: Callable[..., Any]) -> Callable[..., Any]:
+    """``method``, run eagerly when ``torch.compile`` traces a function that calls it.
+
+    torch runs its optimizers' ``state_dict``, ``load_state_dict``, ``zero_grad`` and
+    ``add_param_group`` eagerly under ``torch.compile`` (a graph break), and traces their
+    ``step``. A wrapper's step cannot be traced: the driven optimizer reads the state through a
+    view of the wrapper's (:class:`_DrivenState`), on which Dynamo failed with an internal error
+    while it built its guards. So a compiled training step (forward, backward,
+    ``optimizer.step()``) compiles what it can and runs the step as it runs outside, and
+    ``fullgraph=True`` says that it cannot capture the call. Outside ``torch.compile`` the
+    method is called as it is (no frame of Dynamo's in between). torch's own decorator for
+    these methods imports Dynamo at the first call, not at samgria's import (which importing it
+    would make twice as slow).
+    """
+    eager = torch._disable_dynamo(method)
+
+    @functools.wraps(method)
+    def call(*args: Any, **kwargs: Any) -> Any:
+        if torch.compiler.is_compiling():
+            return eager(*args, **kwargs)
+        return method(*args, **kwargs)
+
+    return call
+
+
 def with_hooks(body: Callable[..., Any]) -> Callable[..., Any]:
     """A wrapper class's ``step`` inside torch's hook wrapper, once per step.
 
@@ -109,7 +135,8 @@ def with_hooks(body: Callable[..., Any]) -> Callable[..., Any]:
     hooks run and after a step raises (:meth:`WrappingOptimizer._before_step_hooks`,
     :meth:`~WrappingOptimizer._after_failed_step`). The call's arguments reach the hooks and
     ``body`` as they were given; ``inspect.signature`` shows ``body``'s. ``__wrapped__`` is the
-    step without hooks (what :func:`unhooked_step` calls).
+    step without hooks (what :func:`unhooked_step` calls). Under ``torch.compile`` the step runs
+    eagerly (:func:`eager_under_compile`).
     """
     hooked = Optimizer.profile_hook_step(body)
 
@@ -128,8 +155,12 @@ def with_hooks(body: Callable[..., Any]) -> Callable[..., Any]:
         finally:
             self.__dict__.pop("_hooks_running", None)
 
+    eager_run = torch._disable_dynamo(run)  # as eager_under_compile's, without a frame more outside
+
     @functools.wraps(body)
     def step(self: Any, *args: Any, **kwargs: Any) -> Any:
+        if torch.compiler.is_compiling():
+            return eager_run(self, hooked, args, kwargs)
         return run(self, hooked, args, kwargs)
 
     @functools.wraps(body)

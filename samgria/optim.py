@@ -21,6 +21,7 @@ from samgria._wrapper import (
     WrappingOptimizer,
     built_by_zero_redundancy,
     checks_before_writing,
+    eager_under_compile,
     is_torch_optimizer,
     refuse_driven,
     step_required_arguments,
@@ -982,6 +983,11 @@ class TransformingOptimizer(WrappingOptimizer):
                 ASAM) unless :meth:`first_step` was called; then ``step()`` without a closure
                 finishes the step like :meth:`second_step`.
 
+        A function compiled with ``torch.compile`` that calls ``step()`` (a whole training step)
+        runs it eagerly, as torch runs its optimizers' ``zero_grad()`` and ``state_dict()``: a
+        graph break there (``fullgraph=True`` refuses it); so do :meth:`first_step`,
+        :meth:`second_step` and :meth:`cancel_step`.
+
         Returns:
             The closure's loss at the current weights (its first evaluation; a tensor is returned
             detached, its graph already released), or ``None``.
@@ -1184,6 +1190,7 @@ class TransformingOptimizer(WrappingOptimizer):
             )
         return None
 
+    @eager_under_compile
     @torch.no_grad()
     def first_step(self, zero_grad: bool = False) -> None:
         """First half of a step for loops without a closure (AMP, Hugging Face style).
@@ -1272,6 +1279,7 @@ class TransformingOptimizer(WrappingOptimizer):
         self.zero_grad(set_to_none=True)
         forget_autocast_copies()  # the second pass, in the same autocast region, sees the moved weights
 
+    @eager_under_compile
     def cancel_step(self) -> None:
         """Abandon a step begun by :meth:`first_step` (e.g. the second pass raised).
 
@@ -1286,6 +1294,7 @@ class TransformingOptimizer(WrappingOptimizer):
         if pending is not None and pending.structure is not None:
             pending.structure.restore()
 
+    @eager_under_compile
     def second_step(self, zero_grad: bool = False) -> None:
         """Second half: restore the weights, step the inner optimizer, run post-step transforms.
 

@@ -591,6 +591,42 @@ def test_zero_grad():
     assert all(p.grad is None for p in model.parameters())
 
 
+@pytest.mark.parametrize("loop", ["plain step()", "step(closure)", "two-call"])
+def test_a_compiled_training_step_that_calls_the_optimizer_runs_it_eagerly_as_the_eager_loop(loop):
+    # torch.compile around a whole training step (forward, backward, optimizer.step()) is torch's
+    # recipe for its own optimizers; the wrapper's step is run eagerly inside it (a graph break),
+    # as torch runs its state_dict() and zero_grad(). Dynamo used to trace into it and fail while
+    # building its guards on the inner optimizer's view of the state (InternalTorchDynamoError).
+    torch._dynamo.reset()
+    x, y = make_data()
+    transforms = [] if loop == "plain step()" else [SAM(0.05)]
+    models, finals = [make_model(), make_model()], []
+    for model, compiled in zip(models, (False, True)):
+        optimizer = TransformingOptimizer(model.parameters(), torch.optim.Adam, lr=0.01, transforms=transforms)
+        closure = make_closure(model, optimizer, x, y)
+
+        def train_step():
+            if loop == "step(closure)":
+                return optimizer.step(closure)
+            optimizer.zero_grad()
+            nn.functional.mse_loss(model(x), y).backward()
+            if loop == "two-call":
+                optimizer.first_step(zero_grad=True)
+                nn.functional.mse_loss(model(x), y).backward()
+                optimizer.second_step()
+            else:
+                optimizer.step()
+            return None
+
+        step = torch.compile(train_step, backend="eager") if compiled else train_step
+        for _ in range(3):
+            step()
+        finals.append((params_of(model), optimizer.state_dict()))
+    assert_bitwise_equal(finals[1][0], finals[0][0])
+    assert_state_dicts_equal(finals[1][1], finals[0][1])
+    torch._dynamo.reset()
+
+
 # -- checkpoints ----------------------------------------------------------------------------------
 def test_state_dict_is_torchs_layout_with_every_slot_in_state():
     x, y = make_data()
