@@ -113,6 +113,8 @@ class Task:
                 ``bool``, or torch refuses the arguments.
         """
         copy = check_bool("copy", kwargs.pop("copy", False))
+        # Private torch API, here only: nn.Module.to parses its overloads with it, and taking the
+        # same parser is what makes Task.to accept exactly what Module.to accepts.
         device, dtype, non_blocking, memory_format = torch._C._nn._parse_to(*args, **kwargs)
         if dtype is not None and not (dtype.is_floating_point or dtype.is_complex):
             raise TypeError(
