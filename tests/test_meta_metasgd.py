@@ -519,6 +519,43 @@ def test_an_already_built_lbfgs_is_refused_and_left_as_it_was():
     outer.step(closure)  # still usable on its own
 
 
+class _OneGroupSGD(torch.optim.SGD):
+    """An optimizer whose own add_param_group refuses another group (as a third-party one may)."""
+
+    def add_param_group(self, param_group):
+        if self.param_groups:
+            raise RuntimeError("this optimizer takes no further param groups")
+        super().add_param_group(param_group)
+
+
+@pytest.mark.parametrize("kind", ["transforming", "own-refusal"])
+def test_a_rates_group_the_built_outer_refuses_leaves_it_as_it_was(kind):
+    """The rates' group was added after the outer optimizer was taken over: one it refused (a
+    TransformingOptimizer's SAM refusing lrs_group={"rho": -1}, an optimizer that takes no more
+    groups) left it with inner_lr and adapt in its groups and its state shown through the
+    meta-optimizer, and a TransformingOptimizer could not be driven again ('driven by a wrapping
+    optimizer, deleted since'). The group is now offered before the takeover."""
+    from samgria.optim import TransformingOptimizer
+    from samgria.transforms import SAM
+
+    torch.manual_seed(0)
+    model = nn.Linear(3, 1).to(DT)
+    if kind == "transforming":
+        outer = TransformingOptimizer(model.parameters(), torch.optim.SGD, lr=0.1, transforms=[SAM(rho=0.05)])
+        refused, lrs_group, message = ValueError, {"rho": -1.0}, r"rho must be a finite number >= 0, got -1\.0"
+    else:
+        outer = _OneGroupSGD(model.parameters(), lr=0.1)
+        refused, lrs_group, message = RuntimeError, None, "takes no further param groups"
+    keys, state_type = [sorted(g) for g in outer.param_groups], type(outer.state)
+    with pytest.raises(refused, match=message):
+        MetaSGD(model, outer, lrs_group=lrs_group)
+    assert [sorted(g) for g in outer.param_groups] == keys and type(outer.state) is state_type
+    if kind == "transforming":
+        meta = MetaSGD(model, outer, lrs_group={"rho": 0.01})  # a corrected retry drives it
+        assert meta.outer is outer and outer.param_groups[1]["rho"] == 0.01
+        meta.step(_closure(meta, make_tasks()))
+
+
 # ---------------------------------------------------------------- add_param_group: rates stay last
 
 

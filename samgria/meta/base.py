@@ -259,6 +259,7 @@ class MetaOptimizer(WrappingOptimizer):
             )
         for i, group in enumerate(built.param_groups):  # a rejected optimizer is left as it was
             self._check_group(group, i)
+        self._add_own_groups(built)  # refused by built: built is left as it was too
         self._init_wrapper(built, {**built.defaults, "inner_lr": inner_lr, "adapt": True})
         for group in self.outer.param_groups:  # checked above
             self._fill_group(group)
@@ -313,6 +314,11 @@ class MetaOptimizer(WrappingOptimizer):
     def _extra_params(self) -> set[torch.Tensor]:
         """Meta-parameters that are not parameters of the model (Meta-SGD's rates)."""
         return set()
+
+    def _add_own_groups(self, built: torch.optim.Optimizer) -> None:
+        """Add to ``built``, before it is taken over, the param groups a subclass keeps in the
+        outer optimizer (Meta-SGD's rates), with ``built.add_param_group``: a group it refuses
+        leaves an already built optimizer as it was (default: none)."""
 
     def _check_group(self, group: Mapping[str, Any], index: int, groups: str = "param_groups") -> None:
         """Raise if param group ``index`` (of ``groups``, as the message names them) cannot be a
@@ -626,10 +632,17 @@ class MetaOptimizer(WrappingOptimizer):
 
     def _adapt_config(self) -> tuple[list[str], dict[str, float | torch.Tensor]]:
         """Return the adapted parameter names and their inner step sizes, from the groups."""
+        return self._adapt_config_of(self.param_groups)
+
+    def _adapt_config_of(
+        self, param_groups: Sequence[Mapping[str, Any]]
+    ) -> tuple[list[str], dict[str, float | torch.Tensor]]:
+        """:meth:`_adapt_config` read from ``param_groups`` (those of an optimizer not taken
+        over yet, too)."""
         name_of = {p: n for n, p in self.model.named_parameters()}
         names: list[str] = []
         lrs: dict[str, float | torch.Tensor] = {}
-        for i, group in enumerate(self.param_groups):
+        for i, group in enumerate(param_groups):
             if not check_bool(f"param_groups[{i}]['adapt']", group.get("adapt", True)):
                 continue
             lr = check_lr(group.get("inner_lr", self.inner_lr), f"param_groups[{i}]['inner_lr']")

@@ -109,11 +109,13 @@ class MetaSGD(MAML):
     real dtype). The rates form an extra param group of the outer optimizer, marked
     ``inner_lrs=True`` (and ``adapt=False``): the last group when it is built; a group added later
     with :meth:`add_param_group` is appended after it, as torch appends (LR schedulers and
-    checkpoints pair groups by position). ``outer_kwargs`` (e.g. the learning rate) apply to it as
-    to the others and ``lrs_group`` can override its settings. :meth:`state_dict` also stores the
-    rates. Rates are made for the parameters adapted when the optimizer is built or their group
-    is added: one adapted only later (unfrozen, or its group switched to ``adapt=True``) is
-    refused when the inner loop is described, not adapted at a fixed rate.
+    checkpoints pair groups by position). An already built outer optimizer is offered the group
+    before it is taken over, so one that refuses it is left as it was. ``outer_kwargs`` (e.g.
+    the learning rate) apply to it as to the others and ``lrs_group`` can override its settings.
+    :meth:`state_dict` also stores the rates. Rates are made for the parameters adapted when the
+    optimizer is built or their group is added: one adapted only later (unfrozen, or its group
+    switched to ``adapt=True``) is refused when the inner loop is described, not adapted at a
+    fixed rate.
 
     Args:
         model: The module to meta-train.
@@ -164,14 +166,26 @@ class MetaSGD(MAML):
                 "outer optimizer (e.g. torch.optim.SGD or Adam)"
             )
         self.inner_lrs: dict[str, nn.Parameter] = {}
+        self._lrs_group = dict(lrs_group or {})
         super().__init__(
             model, outer, inner_lr=inner_lr, inner_steps=inner_steps, first_order=first_order, **outer_kwargs
         )
-        names, lrs = super()._adapt_config()
-        params = dict(model.named_parameters())
-        self.inner_lrs = {n: _rate_like(params[n], float(lrs[n])) for n in names}
-        group = {**(lrs_group or {}), "params": list(self.inner_lrs.values()), "adapt": False, "inner_lrs": True}
-        self.add_param_group(group)
+        del self._lrs_group
+
+    def _add_own_groups(self, built: torch.optim.Optimizer) -> None:
+        """Make the rates and add their group to ``built`` before it is taken over: a group it
+        refuses leaves it as it was, and makes no rates."""
+        names, lrs = MAML._adapt_config_of(self, built.param_groups)
+        params = dict(self.model.named_parameters())
+        rates = {n: _rate_like(params[n], float(lrs[n])) for n in names}
+        group = {**self._lrs_group, "params": list(rates.values()), "adapt": False, "inner_lrs": True}
+        self.inner_lrs = rates  # the rates are meta-parameters: the group's check knows them
+        try:
+            self._check_group(group, len(built.param_groups))
+            built.add_param_group(group)
+        except BaseException:
+            self.inner_lrs = {}
+            raise
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Add a group of the model's parameters, appended as torch appends; its adapted
@@ -180,7 +194,7 @@ class MetaSGD(MAML):
         super().add_param_group(param_group)
         rates_group = next((g for g in self.param_groups if g.get("inner_lrs")), None)
         if rates_group is None or param_group.get("inner_lrs"):
-            return  # the rates group itself, added by __init__
+            return  # no rates group to extend (a group marked as one was added by the caller)
         names, lrs = MAML._adapt_config(self)
         params = dict(self.model.named_parameters())
         new = {n: _rate_like(params[n], float(lrs[n])) for n in names if n not in self.inner_lrs}
