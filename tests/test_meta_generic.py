@@ -1864,3 +1864,60 @@ def test_the_meta_step_builder_refuses_a_support_set_without_examples_where_it_w
     with meta_step(meta, loss_fn=mse) as builder:  # nothing to adapt: scored as it is
         loss = builder.task(support=empty, query=(x, 3 * x), inner_steps=0)
     assert torch.isfinite(loss)
+
+
+@pytest.mark.parametrize("algorithm", ALGORITHMS)
+@pytest.mark.parametrize("built", [False, True], ids=["class", "built"])
+def test_named_parameters_are_taken_as_torch_takes_them(algorithm, built):
+    """torch's optimizers take ``(name, tensor)`` pairs (``model.named_parameters()``) and keep
+    the names in ``param_names``: MetaSGD raised torch's 'all optimizer param groups should be
+    with/without names' for its rates group (an already built optimizer was left with inner_lr
+    and adapt in its groups), and add_param_group with pairs raised AttributeError ('tuple'
+    object has no attribute 'shape'). Named and unnamed twins train bit for bit alike."""
+    import samgria
+
+    def build(named):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(2, 4), nn.Tanh(), nn.Linear(4, 1)).to(DT)
+        extra = {"head": model[2]} if algorithm == "ANIL" else {}
+        if algorithm != "FOMAML" and algorithm != "Reptile":
+            extra["first_order"] = False
+        first = model[0].named_parameters(prefix="0") if named else model[0].parameters()
+        if built:
+            outer = torch.optim.Adam(first, lr=0.05)
+            meta = getattr(samgria, algorithm)(model, outer, inner_lr=0.1, **extra)
+        else:
+            meta = getattr(samgria, algorithm)(model, torch.optim.Adam, inner_lr=0.1, lr=0.05, params=first, **extra)
+        rest = list(model[2].named_parameters(prefix="2")) if named else list(model[2].parameters())
+        meta.add_param_group({"params": rest, "inner_lr": 0.2})
+        return model, meta
+
+    tasks = make_tasks(3, seed=1)
+    runs = []
+    for named in (False, True):
+        model, meta = build(named)
+        for _ in range(2):
+            def closure():
+                meta.zero_grad()
+                loss = meta.task_losses(tasks, mse).mean()
+                if meta.outer_update == "meta_gradient":
+                    loss.backward()
+                return loss
+
+            meta.step(closure)
+        runs.append((model, meta))
+    (plain, plain_meta), (named_model, named_meta) = runs
+    assert all(torch.equal(p, q) for p, q in zip(plain.parameters(), named_model.parameters()))
+    names = [group.get("param_names") for group in named_meta.state_dict()["param_groups"]]
+    assert names[0] == ["0.weight", "0.bias"] and names[-1] == ["2.weight", "2.bias"]
+    if algorithm == "MetaSGD":
+        assert names[1] == ["inner_lrs.0.weight", "inner_lrs.0.bias", "inner_lrs.2.weight", "inner_lrs.2.bias"]
+        assert all(torch.equal(plain_meta.inner_lrs[n], named_meta.inner_lrs[n]) for n in plain_meta.inner_lrs)
+    _, twin = build(True)
+    twin.load_state_dict(named_meta.state_dict())  # a named checkpoint loads into a named twin
+    assert all("param_names" not in group for group in plain_meta.param_groups)
+    count = len(named_meta.param_groups)
+    refusal = rf"^param_groups\[{count}\]\['params'\] must hold tensors \(or \(name, tensor\) pairs\), got 1\.0$"
+    with pytest.raises(TypeError, match=refusal):  # was AttributeError: 'float' object has no attribute 'shape'
+        named_meta.add_param_group({"params": [1.0]})
+    assert len(named_meta.param_groups) == count

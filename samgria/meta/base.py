@@ -322,11 +322,17 @@ class MetaOptimizer(WrappingOptimizer):
 
     def _check_group(self, group: Mapping[str, Any], index: int, groups: str = "param_groups") -> None:
         """Raise if param group ``index`` (of ``groups``, as the message names them) cannot be a
-        meta-optimizer's group; change nothing."""
+        meta-optimizer's group; change nothing. Its ``params`` may be ``(name, tensor)`` pairs,
+        which torch's ``add_param_group`` takes (``model.named_parameters()``)."""
         check_lr(group.get("inner_lr", self.inner_lr), f"{groups}[{index}]['inner_lr']")
         check_bool(f"{groups}[{index}]['adapt']", group.get("adapt", True))
         model_params = set(self.model.parameters()) | self._extra_params()
-        for p in group["params"]:
+        for entry in group["params"]:
+            p = entry[1] if isinstance(entry, tuple) and len(entry) == 2 else entry
+            if not isinstance(p, torch.Tensor):
+                raise TypeError(
+                    f"{groups}[{index}]['params'] must hold tensors (or (name, tensor) pairs), got {entry!r}"
+                )
             if p not in model_params:
                 raise ValueError(
                     f"param_groups[{index}] holds a tensor of shape {tuple(p.shape)} that is not a "

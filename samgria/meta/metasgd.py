@@ -53,7 +53,12 @@ def _one_group_only(outer: Any) -> str | None:
 
 
 #: The keys of the rates' param group that MetaSGD sets itself.
-_SET_BY_METASGD = ("params", "adapt", "inner_lrs")
+_SET_BY_METASGD = ("params", "param_names", "adapt", "inner_lrs")
+
+
+def _rate_name(name: str) -> str:
+    """The name of the rate of parameter ``name`` in a named rates group (``param_names``)."""
+    return f"inner_lrs.{name}"
 
 
 def _torch_defaults(outer: Any) -> dict[str, Any]:
@@ -85,7 +90,7 @@ def _check_lrs_group(lrs_group: Any, outer: Any) -> None:
     if reserved:
         raise ValueError(
             f"lrs_group must not set {', '.join(map(repr, reserved))}: MetaSGD sets them itself (params: "
-            f"the rates; adapt=False; inner_lrs=True), got {lrs_group!r}"
+            f"the rates; param_names: theirs, where the groups are named; adapt=False; inner_lrs=True), got {lrs_group!r}"
         )
     if "inner_lr" in lrs_group:
         check_lr(lrs_group["inner_lr"], "lrs_group['inner_lr']")
@@ -110,8 +115,10 @@ class MetaSGD(MAML):
     ``inner_lrs=True`` (and ``adapt=False``): the last group when it is built; a group added later
     with :meth:`add_param_group` is appended after it, as torch appends (LR schedulers and
     checkpoints pair groups by position). An already built outer optimizer is offered the group
-    before it is taken over, so one that refuses it is left as it was. ``outer_kwargs`` (e.g.
-    the learning rate) apply to it as to the others and ``lrs_group`` can override its settings.
+    before it is taken over, so one that refuses it is left as it was. Where the groups are named
+    (torch's ``(name, tensor)`` pairs, ``model.named_parameters()``), the rates are named
+    ``"inner_lrs.<parameter name>"`` in ``param_names``. ``outer_kwargs`` (e.g. the learning rate)
+    apply to it as to the others and ``lrs_group`` can override its settings.
     :meth:`state_dict` also stores the rates. Rates are made for the parameters adapted when the
     optimizer is built or their group is added: one adapted only later (unfrozen, or its group
     switched to ``adapt=True``) is refused when the inner loop is described, not adapted at a
@@ -173,12 +180,16 @@ class MetaSGD(MAML):
         del self._lrs_group
 
     def _add_own_groups(self, built: torch.optim.Optimizer) -> None:
-        """Make the rates and add their group to ``built`` before it is taken over: a group it
-        refuses leaves it as it was, and makes no rates."""
+        """Make the rates and add their group to ``built`` before it is taken over (named, as
+        ``"inner_lrs.<parameter name>"``, when its groups are: torch refuses to mix named and
+        unnamed groups): a group it refuses leaves it as it was, and makes no rates."""
         names, lrs = MAML._adapt_config_of(self, built.param_groups)
         params = dict(self.model.named_parameters())
         rates = {n: _rate_like(params[n], float(lrs[n])) for n in names}
-        group = {**self._lrs_group, "params": list(rates.values()), "adapt": False, "inner_lrs": True}
+        entries: list[Any] = list(rates.values())
+        if any("param_names" in group for group in built.param_groups):
+            entries = [(_rate_name(n), rate) for n, rate in rates.items()]
+        group = {**self._lrs_group, "params": entries, "adapt": False, "inner_lrs": True}
         self.inner_lrs = rates  # the rates are meta-parameters: the group's check knows them
         try:
             self._check_group(group, len(built.param_groups))
@@ -190,7 +201,8 @@ class MetaSGD(MAML):
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Add a group of the model's parameters, appended as torch appends; its adapted
         parameters get learnable rates (initialised to its ``inner_lr``), added to the rates'
-        group (the one marked ``inner_lrs=True``)."""
+        group (the one marked ``inner_lrs=True``; named ``"inner_lrs.<parameter name>"`` in its
+        ``param_names`` when the groups are named)."""
         super().add_param_group(param_group)
         rates_group = next((g for g in self.param_groups if g.get("inner_lrs")), None)
         if rates_group is None or param_group.get("inner_lrs"):
@@ -200,6 +212,8 @@ class MetaSGD(MAML):
         new = {n: _rate_like(params[n], float(lrs[n])) for n in names if n not in self.inner_lrs}
         self.inner_lrs.update(new)
         rates_group["params"].extend(new.values())
+        if "param_names" in rates_group:
+            rates_group["param_names"].extend(_rate_name(n) for n in new)
 
     def _extra_params(self) -> set[torch.Tensor]:
         return set(self.inner_lrs.values())
