@@ -186,6 +186,16 @@ def test_inner_optimizer_arguments_are_validated():
         AdamInnerStep(eps=float("nan"))
 
 
+def test_a_numpy_bool_nesterov_is_stored_as_a_bool():
+    """check_bool accepts NumPy bools everywhere and the value kept is Python's bool (as
+    InnerLoop keeps its flags): MomentumInnerStep kept the np.bool_ it was given."""
+    import numpy as np
+
+    step = MomentumInnerStep(0.9, nesterov=np.True_)
+    assert step.nesterov is True
+    assert MomentumInnerStep(0.9, nesterov=np.False_).nesterov is False
+
+
 def test_adam_inner_step_second_order_is_finite_with_zero_gradients():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(2, 4), nn.ReLU(), nn.Linear(4, 1)).to(DT)

@@ -131,7 +131,7 @@ class MomentumInnerStep:
     def __init__(self, momentum: float = 0.9, dampening: float = 0.0, nesterov: bool = False) -> None:
         self.momentum = _check_unit_interval(momentum, "momentum")
         self.dampening = _check_unit_interval(dampening, "dampening")
-        check_bool("nesterov", nesterov)
+        nesterov = check_bool("nesterov", nesterov)
         if nesterov and (self.momentum <= 0 or self.dampening != 0):
             raise ValueError(
                 f"nesterov=True needs momentum > 0 and dampening == 0, got momentum={momentum!r}, "
