@@ -19,7 +19,13 @@ from collections.abc import Iterator
 from types import FrameType
 from typing import Any
 
-__all__ = ["accumulating_framework", "called_from", "stacklevel_outside", "stepping_grad_scaler"]
+__all__ = [
+    "accumulating_framework",
+    "called_from",
+    "stacklevel_outside",
+    "stepping_grad_scaler",
+    "wrapper_chain",
+]
 
 _LIGHTNING_MODULES = ("lightning.pytorch.", "pytorch_lightning.")
 
@@ -38,6 +44,23 @@ def _lightning_accumulates(candidate: Any) -> bool:
         and getattr(candidate, "_zero_grad_fn", False) is None
         and getattr(candidate, "_backward_fn", None) is not None
     )
+
+
+def wrapper_chain(optimizer: Any, depth: int = 8) -> Iterator[Any]:
+    """``optimizer``, then the optimizers that framework wrappers around it wrap, outermost first.
+
+    Follows ``.optimizer`` (accelerate's ``AcceleratedOptimizer``, Lightning's
+    ``LightningOptimizer``) and else ``._optimizer``, ``depth`` objects at most, stopping at an
+    object that wraps nothing or itself.
+    """
+    for _ in range(depth):
+        yield optimizer
+        wrapped = getattr(optimizer, "optimizer", None)
+        if wrapped is None or wrapped is optimizer:
+            wrapped = getattr(optimizer, "_optimizer", None)
+        if wrapped is None or wrapped is optimizer:
+            return
+        optimizer = wrapped
 
 
 def called_from(function: Any, depth: int) -> bool:

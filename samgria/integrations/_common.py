@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from samgria._frameworks import wrapper_chain
 from samgria.meta.base import MetaOptimizer
 from samgria.optim import TransformingOptimizer, _transform_name
 from samgria.transforms.sam_family import WSAM
@@ -31,20 +32,12 @@ def missing_base(package: str, error: ImportError) -> Any:
 
 
 def _found_inside(optimizer: Any, cls: type) -> Any:
-    """The ``cls`` instance inside a framework's optimizer wrappers, if any: follows
-    ``.optimizer`` (accelerate's ``AcceleratedOptimizer``, Lightning's ``LightningOptimizer``)
-    and ``._optimizer`` a few levels deep."""
-    for _ in range(8):
-        if isinstance(optimizer, cls):
+    """The ``cls`` instance inside a framework's optimizer wrappers (:func:`wrapper_chain`), if any."""
+    for candidate in wrapper_chain(optimizer):
+        if isinstance(candidate, cls):
             # A LightningOptimizer is an instance of the optimizer's class too: take the optimizer.
-            inner = optimizer.__dict__.get("_optimizer")
-            return inner if isinstance(inner, cls) else optimizer
-        wrapped = getattr(optimizer, "optimizer", None)
-        if wrapped is None or wrapped is optimizer:
-            wrapped = getattr(optimizer, "_optimizer", None)
-        if wrapped is None or wrapped is optimizer:
-            return None
-        optimizer = wrapped
+            inner = candidate.__dict__.get("_optimizer")
+            return inner if isinstance(inner, cls) else candidate
     return None
 
 

@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from samgria._checks import check_bool, check_int, check_real
+from samgria._frameworks import wrapper_chain
 from samgria.functional._grouping import group_indices_by_device_and_dtype, unique_params
 from samgria.functional._sharding import is_sharded
 from samgria.functional._views import LOW_PRECISION, as_real
@@ -204,7 +205,7 @@ class _KeptWeights(Transform):
     # -- swapping the kept weights into the model ------------------------------------------------
     def _holder(self, owner: Any) -> tuple[Any, str]:
         """The optimizer that holds this transform and its slot: ``owner`` itself, or the one that
-        ``owner`` wraps (``.optimizer`` or ``._optimizer``, a few levels deep: accelerate's
+        ``owner`` wraps (:func:`samgria._frameworks.wrapper_chain`: accelerate's
         ``AcceleratedOptimizer``, and so the Hugging Face Trainer's optimizer).
 
         Raises:
@@ -218,17 +219,10 @@ class _KeptWeights(Transform):
         )
         if not isinstance(owner, torch.optim.Optimizer):
             raise TypeError(rule)
-        candidate = owner
-        for _ in range(8):
+        for candidate in wrapper_chain(owner):
             slots = [s for s, t in zip(getattr(candidate, "slots", ()), getattr(candidate, "transforms", ())) if t is self]
             if slots:
                 return candidate, slots[0]
-            wrapped = getattr(candidate, "optimizer", None)
-            if not isinstance(wrapped, torch.optim.Optimizer) or wrapped is candidate:
-                wrapped = getattr(candidate, "_optimizer", None)
-            if not isinstance(wrapped, torch.optim.Optimizer) or wrapped is candidate:
-                break
-            candidate = wrapped
         raise ValueError(rule)
 
     def _kept_pairs(self, owner: Any) -> list[tuple[torch.Tensor, torch.Tensor]]:
