@@ -29,6 +29,18 @@ def mlp(seed=0):
     return nn.Sequential(nn.Linear(2, 16), nn.Tanh(), nn.Linear(16, 1)).to(DT)
 
 
+
+def test_decided_agrees_with_choose_when_every_candidate_has_failed_and_both_refuse_none():
+    """choose falls back to the last candidate when all have failed; decided, which says what
+    choose settles on, raised Python's bare 'min() arg is an empty sequence' there, and both did
+    for an empty candidate list."""
+    policy = PathPolicy("M")
+    policy.failed["vmap"] = "RuntimeError: no batching rule"
+    assert policy.choose("key", ["vmap"]) == policy.decided("key", ["vmap"]) == "vmap"
+    for method in (policy.choose, policy.decided):
+        with pytest.raises(ValueError, match=r"^candidates must name at least one path, got \[\]$"):
+            method("key", [])
+
 def test_choose_measures_each_candidate_then_keeps_the_fastest():
     policy = PathPolicy("M", trials=2)
     seen = []

@@ -86,9 +86,25 @@ class PathPolicy:
         """The candidates that have not failed."""
         return [c for c in candidates if c not in self.failed]
 
+    def _left(self, candidates: Sequence[str]) -> list[str]:
+        """The candidates :meth:`choose` picks among: those that have not failed, or the last
+        one when all have.
+
+        Raises:
+            ValueError: ``candidates`` is empty.
+        """
+        if not candidates:
+            raise ValueError(f"candidates must name at least one path, got {list(candidates)!r}")
+        return self.usable(candidates) or list(candidates[-1:])
+
     def choose(self, key: Hashable, candidates: Sequence[str]) -> str:
-        """The next path to use for ``key``: the least measured one, then the fastest."""
-        usable = self.usable(candidates) or list(candidates[-1:])
+        """The next path to use for ``key``: the least measured one, then the fastest (the last
+        candidate when every one has failed).
+
+        Raises:
+            ValueError: ``candidates`` is empty.
+        """
+        usable = self._left(candidates)
         if len(usable) == 1:
             return usable[0]
         times = self._measurements(key)
@@ -98,8 +114,13 @@ class PathPolicy:
         return min(usable, key=lambda c: min(times[c]))
 
     def decided(self, key: Hashable, candidates: Sequence[str]) -> str | None:
-        """The path chosen for ``key`` once measured (``None`` while measuring)."""
-        usable = self.usable(candidates)
+        """The path :meth:`choose` settles on for ``key`` once measured (``None`` while
+        measuring).
+
+        Raises:
+            ValueError: ``candidates`` is empty.
+        """
+        usable = self._left(candidates)
         if len(usable) == 1:
             return usable[0]
         times = self.timings.get(key, {})
