@@ -43,6 +43,7 @@ import functools
 import inspect
 import sys
 import types
+import warnings
 import weakref
 from collections import OrderedDict, defaultdict
 from collections.abc import Callable, Iterator, Mapping, MutableMapping, Sequence
@@ -52,7 +53,7 @@ import torch
 from torch.optim import Optimizer
 
 from samgria._checks import check_like_default
-from samgria._frameworks import called_from
+from samgria._frameworks import called_from, stacklevel_outside
 from samgria._snapshot import StateStructure, StepSnapshot, is_entry
 from samgria.functional._grouping import unique_params
 from samgria.functional._views import values_as_real
@@ -64,6 +65,7 @@ __all__ = [
     "refuse_driven",
     "step_required_arguments",
     "unhooked_step",
+    "warn_of_hooks_not_run",
     "with_hooks",
 ]
 
@@ -319,6 +321,42 @@ def refuse_driven(optimizer: Optimizer, name: str) -> None:
             f"which holds another optimizer (its attribute {attribute_name!r}, {_a(type(other).__name__)}) "
             "and keeps its state there, where the wrapper's checkpoints and atomic steps cannot "
             f"see it: {advice}"
+        )
+
+
+#: The hook dictionaries of a torch optimizer, with the methods that register into them.
+_HOOK_DICTIONARIES = (
+    ("_optimizer_step_pre_hooks", "register_step_pre_hook"),
+    ("_optimizer_step_post_hooks", "register_step_post_hook"),
+    ("_optimizer_state_dict_pre_hooks", "register_state_dict_pre_hook"),
+    ("_optimizer_state_dict_post_hooks", "register_state_dict_post_hook"),
+    ("_optimizer_load_state_dict_pre_hooks", "register_load_state_dict_pre_hook"),
+    ("_optimizer_load_state_dict_post_hooks", "register_load_state_dict_post_hook"),
+)
+
+
+def warn_of_hooks_not_run(optimizer: Optimizer, name: str, wrapper: str) -> None:
+    """Warn if ``optimizer``, about to be driven by a ``wrapper``, has hooks of its own.
+
+    The wrapper steps, packs and loads with its own hooks (the driven optimizer's step runs
+    without torch's hook wrapper, so that the global step hooks fire once per step): hooks
+    registered on the driven optimizer before it was wrapped would never run again, silently.
+    Called by constructors before they change anything (the driven optimizer holds no hook of a
+    wrapper's then: :func:`refuse_driven` refuses one that was driven).
+    """
+    found = []
+    for attribute, register in _HOOK_DICTIONARIES:
+        hooks = _hooks_of(optimizer, attribute)
+        count = len(hooks) if hooks is not None else 0
+        if count:
+            found.append(f"{count} {register}")
+    if found:
+        warnings.warn(
+            f"{name} has hooks of its own ({', '.join(found)}), which the {wrapper} does not run: "
+            "it steps, saves and loads with its own hooks (torch's global optimizer hooks fire once "
+            f"per step); register them on the {wrapper} instead",
+            UserWarning,
+            stacklevel=stacklevel_outside(),
         )
 
 

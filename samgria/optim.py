@@ -25,6 +25,7 @@ from samgria._wrapper import (
     is_torch_optimizer,
     refuse_driven,
     step_required_arguments,
+    warn_of_hooks_not_run,
 )
 from samgria.functional import all_finite, global_norm
 from samgria.functional._grouping import group_indices_by_device_and_dtype, unique_params
@@ -335,6 +336,12 @@ class TransformingOptimizer(WrappingOptimizer):
     ``state_dict()``, they raise ``RuntimeError`` between :meth:`first_step` and
     :meth:`second_step`: the copy could not put the weights back.
 
+    Warns:
+        UserWarning: If the optimizer to wrap, or the one ``inner`` builds, has hooks of its own
+            (``register_step_pre_hook``, ``register_state_dict_post_hook``, ...): the wrapper
+            steps, saves and loads with its own hooks, so those never run; register them on the
+            wrapper.
+
     Raises:
         TypeError: If ``inner`` is not an optimizer class or factory, a transform lacks the hooks,
             the inner optimizer keeps its state in another optimizer it holds (timm's
@@ -483,6 +490,7 @@ class TransformingOptimizer(WrappingOptimizer):
                 )
             _refuse_without_defaults(params)
             refuse_driven(params, "params")
+            warn_of_hooks_not_run(params, "params", "TransformingOptimizer")
             return params
         if inner is None:
             raise TypeError(
@@ -503,6 +511,7 @@ class TransformingOptimizer(WrappingOptimizer):
             raise TypeError(f"inner must build a torch.optim.Optimizer, but {inner!r} returned {built!r}")
         _refuse_without_defaults(built)
         refuse_driven(built, "inner")
+        warn_of_hooks_not_run(built, f"the optimizer {inner!r} built", "TransformingOptimizer")
         return built
 
     @property

@@ -37,6 +37,44 @@ def test_is_an_optimizer_and_shares_param_groups_with_inner():
     assert optimizer.inner.param_groups[0]["lr"] == 0.5
 
 
+_HOOK_REGISTRATIONS = (
+    "register_step_pre_hook",
+    "register_step_post_hook",
+    "register_state_dict_pre_hook",
+    "register_state_dict_post_hook",
+    "register_load_state_dict_pre_hook",
+    "register_load_state_dict_post_hook",
+)
+
+
+@pytest.mark.parametrize("register", _HOOK_REGISTRATIONS)
+def test_wrapping_an_optimizer_with_hooks_of_its_own_warns_that_the_wrapper_does_not_run_them(register):
+    # The wrapper steps, packs and loads with its own hooks (the inner step runs without torch's
+    # hook wrapper, so global hooks fire once per step): a hook registered on the optimizer
+    # before it was wrapped never ran again, and nothing said so.
+    model = make_model()
+    inner = torch.optim.SGD(model.parameters(), lr=0.1)
+    calls = []
+    getattr(inner, register)(lambda *args: calls.append(register))
+    with pytest.warns(UserWarning, match=rf"params has hooks of its own \(1 {register}\), which .*register them on the TransformingOptimizer"):
+        optimizer = TransformingOptimizer(inner, transforms=[SAM(0.05)])
+    x, y = make_data()
+    optimizer.step(make_closure(model, optimizer, x, y))
+    optimizer.load_state_dict(optimizer.state_dict())
+    assert calls == []  # as the warning says
+
+
+def test_wrapping_an_optimizer_whose_hooks_were_removed_does_not_warn():
+    model = make_model()
+    inner = torch.optim.SGD(model.parameters(), lr=0.1)
+    handles = [getattr(inner, register)(lambda *args: None) for register in _HOOK_REGISTRATIONS]
+    for handle in handles:
+        handle.remove()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        TransformingOptimizer(inner, transforms=[SAM(0.05)])
+
+
 def test_wraps_an_existing_optimizer_and_a_factory():
     model = make_model()
     inner = torch.optim.AdamW(model.parameters(), lr=1e-3)
