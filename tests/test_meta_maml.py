@@ -534,6 +534,34 @@ def test_meta_loss_weighted_mean_and_count_mismatch():
         MetaOptimizer.meta_loss(losses, [0.0, 0.0, 0.0])
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_meta_loss_weighs_16_bit_losses_in_float32_and_takes_weights_beyond_their_range(dtype):
+    """meta_loss cast the weights to the losses' dtype: with float16 losses a weight of 1e5 was
+    refused as 'weights must be finite and >= 0, got [inf, 1.0]', weights [4e4, 4e4] (sum beyond
+    float16) gave a NaN meta-loss and zero gradients without a word, and bfloat16 rounded 1.01 to
+    1.0078. The weights are checked as given and scaled by a power of two (which changes no
+    rounding) into the range of the computing dtype, float32 for 16-bit losses, and the mean is
+    rounded to the losses' dtype once."""
+    values = [0.5, 2.0]
+    for weights in ([1e5, 1.0], [4e4, 4e4], [1.0, 1.01], [1e300, 3e300]):
+        losses = torch.tensor(values, dtype=dtype, requires_grad=True)
+        loss = MetaOptimizer.meta_loss(losses, weights)
+        loss.backward()
+        exact = sum(w * v for w, v in zip(weights, values)) / sum(weights)
+        expected_grad = torch.tensor([w / sum(weights) for w in weights], dtype=DT)
+        assert loss.dtype == dtype
+        if dtype == torch.float32:  # computed in float32: within a few roundings
+            torch.testing.assert_close(loss, torch.tensor(exact, dtype=dtype), rtol=1e-6, atol=0)
+            torch.testing.assert_close(losses.grad, expected_grad.to(dtype), rtol=1e-6, atol=0)
+        else:  # computed in float32, rounded once to 16 bits: the correctly rounded value
+            assert loss.item() == torch.tensor(exact, dtype=dtype).item()
+            assert torch.equal(losses.grad, expected_grad.to(dtype))
+    float64 = torch.tensor([1.0, 2.0, 4.0], dtype=DT)  # unchanged bit for bit where it fits
+    weights = [0.3, 1.7, 2.9]
+    w = torch.tensor(weights, dtype=DT)
+    assert torch.equal(MetaOptimizer.meta_loss(float64, weights), (w * float64).sum() / w.sum())
+
+
 @pytest.mark.parametrize(
     "weights, message",
     [

@@ -34,6 +34,7 @@ whole meta-batch.
 from __future__ import annotations
 
 import contextlib
+import math
 import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, ClassVar
@@ -1076,6 +1077,10 @@ class MetaOptimizer(WrappingOptimizer):
         all the same. Leave such a task out of ``losses`` instead (the ``meta_step`` builder
         leaves weight-0 tasks out of its loss and never back-propagates them).
 
+        The weights are checked as given (in float64) and the weighted mean is computed in
+        float32 at least, so weights beyond the range or precision of 16-bit losses count as
+        given; it is returned in the losses' dtype.
+
         Args:
             losses: Per-task scalar losses (a 1-D tensor or a sequence of scalars).
             weights: Per-task weights ``>= 0`` (default: all equal), one per loss.
@@ -1104,8 +1109,8 @@ class MetaOptimizer(WrappingOptimizer):
         if weights is None:
             return stacked.mean()
         _refuse_truth_values(weights)
-        try:
-            w = torch.as_tensor(weights, dtype=stacked.dtype, device=stacked.device).detach()
+        try:  # checked as given: in float64, on the CPU (a few numbers, which the checks read)
+            w = torch.as_tensor(weights, dtype=torch.float64, device="cpu").detach()
         except (TypeError, ValueError, RuntimeError):  # strings, None, complex numbers, ragged lists
             raise TypeError(
                 f"weights must be a 1-D sequence of finite numbers >= 0, one per task loss, got {weights!r}"
@@ -1120,10 +1125,17 @@ class MetaOptimizer(WrappingOptimizer):
             )
         if bool((w < 0).any()) or not bool(torch.isfinite(w).all()):
             raise ValueError(f"weights must be finite and >= 0, got {w.tolist()}")
-        total = w.sum()
-        if float(total) == 0.0:
+        largest = float(w.max())
+        if largest == 0.0:
             raise ValueError("weights must not all be 0")
-        return (w * stacked).sum() / total
+        # Weighed in float32 at least (16-bit losses: weights beyond their range or precision),
+        # after a power-of-two scale that puts the largest weight in [0.5, 1) -- it changes no
+        # rounding, and the weights and their sum then fit the computing dtype -- and rounded
+        # to the losses' dtype once.
+        computing = torch.promote_types(stacked.dtype, torch.float32)
+        scaled = (w * math.ldexp(1.0, -math.frexp(largest)[1])).to(device=stacked.device, dtype=computing)
+        mean = (scaled * stacked.to(computing)).sum() / scaled.sum()
+        return mean.to(stacked.dtype) if stacked.is_floating_point() else mean
 
     def __repr__(self) -> str:
         groups = []
