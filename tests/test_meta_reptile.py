@@ -70,6 +70,22 @@ def test_reptile_with_sgd_is_the_interpolation_formula(weights):
         torch.testing.assert_close(p.detach(), expected, rtol=0, atol=1e-12)
 
 
+
+def test_weights_whose_sum_overflows_a_float_move_as_their_ratios_say():
+    """The pseudo-gradient divided each weight by their sum, a Python float: weights [1e308, 1e308]
+    summed to inf, every task counted 0 and the step moved nothing, without a word. The weights
+    are scaled by a power of two first (which changes no rounding), so only their ratios count:
+    the same update as weights [1, 1], bit for bit."""
+    tasks = make_tasks(n=2)
+    runs = []
+    for weights in ([1e308, 1e308], [1.0, 1.0]):
+        model = mlp()
+        meta = Reptile(model, torch.optim.SGD, inner_lr=0.05, inner_steps=2, lr=0.5)
+        meta.step(reptile_closure(meta, tasks, weights=weights))
+        runs.append(model)
+    assert all(torch.equal(p, q) for p, q in zip(*(m.parameters() for m in runs)))
+    assert not all(torch.equal(p, q) for p, q in zip(runs[0].parameters(), mlp().parameters()))
+
 def test_reptile_pseudo_gradient_goes_through_adam():
     model = mlp()
     twin = copy.deepcopy(model)

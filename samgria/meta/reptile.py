@@ -18,6 +18,7 @@ adaptive variant. No query set is needed; the query losses of
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -150,15 +151,20 @@ class Reptile(MetaOptimizer):
                 "Reptile.step found no adapted tasks: call meta.adapt(...) or meta.task_losses(...) "
                 "for at least one task, inside the closure or before step()"
             )
-        total = sum(w for _, w in self._records)
-        if total <= 0:
+        largest = max(w for _, w in self._records)
+        if largest <= 0:
             raise ValueError(
                 f"Reptile task weights must not all be 0, got {[w for _, w in self._records]}"
             )
+        # Only the ratios of the weights count: scaled by a power of two (which changes no
+        # rounding) so that the largest is in [0.5, 1), their sum is a float whatever they are.
+        shift = -math.frexp(largest)[1]
+        records = [(rec, math.ldexp(w, shift)) for rec, w in self._records]
+        total = sum(w for _, w in records)
         params = dict(self.model.named_parameters())
-        adapted_names = set().union(*(rec.keys() for rec, _ in self._records))
+        adapted_names = set().union(*(rec.keys() for rec, _ in records))
         for name in adapted_names:
-            params[name].grad = _pseudo_gradient(params[name].detach(), name, self._records, total)
+            params[name].grad = _pseudo_gradient(params[name].detach(), name, records, total)
         adapted_ids = {id(params[n]) for n in adapted_names}
         for group in self.param_groups:
             for p in group["params"]:
