@@ -742,7 +742,10 @@ class MetaOptimizer(WrappingOptimizer):
         """Return a :class:`~samgria.meta.learner.Learner` starting at the current meta-parameters.
 
         The learner's fast weights start as the model's live parameters, so a ``backward()``
-        through an adapted learner accumulates meta-gradients into the model.
+        through an adapted learner accumulates meta-gradients into the model -- except for an
+        algorithm whose outer update keeps no graph to the meta-parameters (Reptile,
+        ``outer_update == "pseudo_gradient"``): its learner starts from detached copies, and a
+        ``backward()`` through it reaches no parameter of the model.
 
         Args:
             inner_step_fn: Inner update rule (default: plain SGD with each group's ``inner_lr``).
