@@ -1033,3 +1033,79 @@ def test_train_step_keeps_the_count_of_consecutive_skipped_steps():
         with pytest.raises(RuntimeError, match=r"^MetaTrainer\.fit: 3 consecutive meta-steps were skipped .* at iteration 2\)"):
             second.fit(1, 2, progress=False)
     assert second.meta.skipped_steps == 3
+
+
+class _StateOnAnotherDevice(torch.Tensor):
+    """A random state as ``torch.load(path, map_location="cuda")`` leaves it, on a CPU-only
+    machine: a ``uint8`` tensor that reports another device (``torch.set_rng_state`` and
+    ``Generator.set_state`` refuse it) and whose ``.cpu()``/``.to("cpu")`` gives its bytes back."""
+
+    @staticmethod
+    def __new__(cls, data, device="cuda"):
+        state = torch.Tensor._make_wrapper_subclass(cls, data.shape, dtype=data.dtype, device=device, strides=data.stride())
+        state.data_on_cpu = data
+        return state
+
+    @classmethod
+    def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        (state,) = args[:1]
+        if func is torch.ops.aten._to_copy.default and kwargs.get("device") == torch.device("cpu"):
+            return state.data_on_cpu.clone()
+        if func in (torch.ops.aten.clone.default, torch.ops.aten.detach.default, torch.ops.aten.alias.default):
+            return cls(state.data_on_cpu.clone(), state.device)
+        raise NotImplementedError(f"{func} on a state held on {state.device}")
+
+
+def _as_if_mapped_to_cuda(state):
+    """``state`` with every random state moved off the CPU, as map_location="cuda" moves them."""
+    mapped = dict(state)
+    mapped["rng"] = _StateOnAnotherDevice(state["rng"])
+    mapped["sampler"] = {"generator": _StateOnAnotherDevice(state["sampler"]["generator"])}
+    return mapped
+
+
+def test_a_checkpoint_whose_random_states_were_mapped_off_the_cpu_resumes_bit_for_bit():
+    """torch.load(path, map_location="cuda") moves every tensor of a checkpoint to the GPU,
+    the random states too: the model and the outer optimizer load from there (torch's optimizers
+    take their state to the parameters' device), but torch.set_rng_state and Generator.set_state
+    refused the states ("RNG state must be a torch.ByteTensor"). They are moved back to the CPU."""
+    whole = _trainer("maml", 0, False)
+    whole.fit(4, 3, progress=False)
+    first = _trainer("maml", 0, False)
+    first.fit(2, 3, progress=False)
+    state = _as_if_mapped_to_cuda(_checkpoint_round_trip(first))
+    assert state["rng"].device.type == "cuda" and state["sampler"]["generator"].device.type == "cuda"
+    with pytest.raises(TypeError, match="RNG state must be a torch.ByteTensor"):
+        torch.set_rng_state(state["rng"])  # what torch itself does with such a state
+    resumed = _trainer("maml", 5, False)
+    resumed.load_state_dict(state)
+    resumed.fit(2, 3, progress=False)
+    assert resumed.history == whole.history
+    for p, q in zip(_meta_weights(resumed), _meta_weights(whole)):
+        assert torch.equal(p, q)
+    assert resumed.state_dict()["sampler"]["generator"].device.type == "cpu"
+
+    sampler = SinusoidTaskSampler(seed=5)  # a sampler restored on its own takes it as well
+    sampler.load_state_dict({"generator": _StateOnAnotherDevice(first.sampler.state_dict()["generator"])})
+    assert torch.equal(sampler.state_dict()["generator"], first.sampler.state_dict()["generator"])
+
+
+@pytest.mark.parametrize(
+    "rng, error, match",
+    [
+        (torch.zeros(5056, dtype=torch.float32), TypeError, r"state_dict\['rng'\] must be a random state \(a 1-D torch.uint8 tensor\), got a tensor of dtype torch.float32"),
+        (torch.zeros(2, 5056, dtype=torch.uint8), TypeError, r"state_dict\['rng'\] must be a random state \(a 1-D torch.uint8 tensor\), got a tensor of shape \(2, 5056\)"),
+        ([torch.zeros(5056, dtype=torch.int64)], TypeError, r"state_dict\['rng'\]\[0\] must be a random state \(a 1-D torch.uint8 tensor\), got a tensor of dtype torch.int64"),
+    ],
+)
+def test_a_checkpoint_whose_random_state_is_no_byte_tensor_is_refused_by_name(rng, error, match):
+    source = _trainer("maml", 0, False)
+    source.fit(1, 2, progress=False)
+    state = source.state_dict()
+    state["rng"] = rng
+    target = _trainer("maml", 5, False)
+    before = target.state_dict()
+    with pytest.raises(error, match=match):
+        target.load_state_dict(state)
+    assert _same(target.state_dict(), before)

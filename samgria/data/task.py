@@ -152,6 +152,31 @@ class TaskSampler(Protocol):
         ...
 
 
+def _cpu_random_state(name: str, state: Any) -> torch.Tensor:
+    """``state`` as :meth:`torch.Generator.set_state` and :func:`torch.set_rng_state` take it: a
+    contiguous ``uint8`` tensor on the CPU.
+
+    A checkpoint read with ``torch.load(path, map_location="cuda")`` holds its random states on
+    the GPU, where torch refuses them ("RNG state must be a torch.ByteTensor"); they are moved
+    back, as torch's optimizers take their loaded state to their parameters' device.
+
+    Args:
+        name: How the caller names ``state`` in a message (``"state_dict['rng']"``).
+        state: A state from ``get_state()`` / :func:`torch.get_rng_state`, on any device.
+
+    Raises:
+        TypeError: ``state`` is not a 1-D ``torch.uint8`` tensor.
+    """
+    rule = "a random state (a 1-D torch.uint8 tensor)"
+    if not isinstance(state, torch.Tensor):
+        raise TypeError(f"{name} must be {rule}, got {type(state).__name__}")
+    if state.dtype != torch.uint8:
+        raise TypeError(f"{name} must be {rule}, got a tensor of dtype {state.dtype}")
+    if state.dim() != 1:
+        raise TypeError(f"{name} must be {rule}, got a tensor of shape {tuple(state.shape)}")
+    return state.to("cpu").contiguous()
+
+
 def generator_state_dict(generator: torch.Generator | None) -> dict[str, Any]:
     """A sampler's state: ``{"generator": generator.get_state()}`` (``None`` for torch's global one)."""
     return {"generator": None if generator is None else generator.get_state()}
@@ -160,8 +185,12 @@ def generator_state_dict(generator: torch.Generator | None) -> dict[str, Any]:
 def load_generator_state_dict(generator: torch.Generator | None, state: Any, owner: str) -> None:
     """Restore a state from :func:`generator_state_dict` into ``generator``.
 
+    The saved state may be on another device (``torch.load(map_location=...)``): it is moved
+    to the CPU, where torch sets it from.
+
     Raises:
-        TypeError: ``state`` is not a dict with a ``"generator"`` entry.
+        TypeError: ``state`` is not a dict with a ``"generator"`` entry, or that entry is
+            neither ``None`` nor a generator state (a 1-D ``torch.uint8`` tensor).
         ValueError: The state and the sampler disagree on having a generator of their own.
     """
     if not isinstance(state, dict) or "generator" not in state:
@@ -174,7 +203,7 @@ def load_generator_state_dict(generator: torch.Generator | None, state: Any, own
             f"{'None' if saved is None else 'a generator state'}"
         )
     if generator is not None:
-        generator.set_state(saved)
+        generator.set_state(_cpu_random_state("state['generator']", saved))
 
 
 class GeneratorStateMixin:

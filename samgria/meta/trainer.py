@@ -17,7 +17,7 @@ import torch
 from samgria._checks import check_bool, check_int, check_optional_bool
 from samgria.data._validation import check_sampler
 from samgria.data.sharding import DistributedTaskSampler, shard_bounds
-from samgria.data.task import Task, TaskSampler, load_sampler_state_dict, sampler_state_dict
+from samgria.data.task import Task, TaskSampler, _cpu_random_state, load_sampler_state_dict, sampler_state_dict
 from samgria.meta.base import MetaOptimizer, rng_untouched
 from samgria.meta.functional import one_steps_argument, sequence_as_list
 from samgria.meta.compiled import CompiledMetaLoss, check_compile_options, compiled_path_blocker
@@ -555,14 +555,17 @@ class MetaTrainer:
         Torch's random state is ``state_dict["rng"]``: with a distributed ``meta``, every rank
         loads the same checkpoint and takes its own rank's entry of a per-rank list; a single
         state (a checkpoint of one process) is set on every rank. A per-rank list from another
-        number of ranks is refused.
+        number of ranks is refused. Random states that ``torch.load(map_location=...)`` moved
+        off the CPU (torch's and the sampler's) are moved back, as torch sets them only from
+        the CPU.
 
         Args:
             state_dict: What :meth:`state_dict` returned (or ``torch.load`` read back).
 
         Raises:
             TypeError: ``state_dict`` is not a mapping, its ``"history"`` is not a mapping of
-                lists of numbers, or its ``"rng"`` is neither a tensor nor a list of tensors.
+                lists of numbers, or its ``"rng"`` is neither a random state (a 1-D
+                ``torch.uint8`` tensor) nor a list of them.
             ValueError: It lacks an entry, has another version, a ``"history"`` without exactly
                 :class:`History`'s fields (or with an iteration below 1, or not one per
                 evaluation loss), or holds the random states of another number of ranks than
@@ -618,7 +621,7 @@ class MetaTrainer:
         state (one process) for every rank, or a per-rank list of this run's number of ranks."""
         world_size = self.meta.world_size
         if isinstance(rng, torch.Tensor):
-            return [rng] * world_size
+            return [_cpu_random_state("state_dict['rng']", rng)] * world_size
         if not isinstance(rng, (list, tuple)) or not all(isinstance(r, torch.Tensor) for r in rng):
             raise TypeError(
                 "state_dict['rng'] must be torch's random state (a tensor) or a list of one per rank, "
@@ -629,7 +632,8 @@ class MetaTrainer:
                 f"state_dict['rng'] holds the random states of {len(rng)} ranks, but this run has "
                 f"{world_size}: a checkpoint of a distributed run resumes on the same number of ranks"
             )
-        return list(rng)
+        # A checkpoint read with torch.load(map_location="cuda") holds them on the GPU.
+        return [_cpu_random_state(f"state_dict['rng'][{i}]", r) for i, r in enumerate(rng)]
 
     def _load_components(self, state: Mapping[str, Any], rng: torch.Tensor) -> None:
         """Load the meta-optimizer, the model, the sampler and torch's random state ``rng``."""
