@@ -145,6 +145,10 @@ class _StepProgress:
     finishing: bool = False
 
 
+#: ``_run_chain``'s ``loss`` where no closure was evaluated (``step()``, the two-call loop).
+_NO_LOSS = object()
+
+
 def _has_post_update(transform: Transform) -> bool:
     """Whether ``transform`` does anything after the inner step (not the base class's no-op)."""
     overridden = type(transform).post_update is not Transform.post_update
@@ -875,8 +879,12 @@ class TransformingOptimizer(WrappingOptimizer):
         spare_buffers: dict[int, torch.Tensor] | None = None,
         skip: int | None = None,
         evaluated: int = 1,
+        loss: Any = _NO_LOSS,
     ) -> None:
         """Pre-step transforms from ``start`` on (but ``skip``), the inner step, the post-step ones.
+
+        ``loss``: the closure's first evaluation in ``step(closure)``, handed to the inner step
+        through :meth:`_replaying`.
 
         After a transform that combines gradients (``Transform.combines_gradients``) the
         gradients are checked for the non-finite policy, in every loop, so that ``step(closure)``,
@@ -938,7 +946,7 @@ class TransformingOptimizer(WrappingOptimizer):
         )
         spare_buffers.clear()
         try:
-            self._driven_step()
+            self._driven_step(self._replaying(loss))
             self._loaded_state_unstepped = False
             for slot, transform in self.chain:
                 if _has_post_update(transform):
@@ -949,6 +957,37 @@ class TransformingOptimizer(WrappingOptimizer):
             if group_values is not None:
                 group_values.restore()
             raise
+
+    def _replaying(self, loss: Any) -> Callable[[], Any] | None:
+        """The closure the inner step gets: in ``step(closure)``, for an inner optimizer that is
+        not one of torch.optim's own (those only return what the closure returns), one that
+        returns ``loss``, the closure's first evaluation, without evaluating again.
+
+        Some optimizers use the loss when their step is given a closure (pytorch_optimizer's
+        EmoNavi follows its trend, AliG takes a Polyak step from it); they call the closure at
+        the start of their step, at the weights and with the gradients the wrapper's evaluation
+        left (for SAM, the weights put back and the second pass's gradients). One that calls it
+        after changing the weights would evaluate the model there (a SAM-style optimizer): the
+        replay refuses that, as the weights' version counters tell.
+        """
+        if loss is _NO_LOSS or is_torch_optimizer(self.inner):
+            return None
+        params = self._unique_params()
+        versions = [param._version for param in params]
+        name = type(self.inner).__name__
+
+        def replay() -> Any:
+            if any(param._version != version for param, version in zip(params, versions)):
+                raise RuntimeError(
+                    f"the inner optimizer {name} changed the weights and then called the closure "
+                    "given to its step: it evaluates the model during its step (as a SAM-style "
+                    "optimizer does), which the wrapper cannot do for it (it evaluates the closure "
+                    "itself, at the step's weights, and hands on that evaluation's loss): use "
+                    f"{name} on its own"
+                )
+            return loss
+
+        return replay
 
     def _refuse_framework_accumulation(self, closure: Callable[[], Any]) -> None:
         """Raise before anything changes when a framework accumulated micro-batches outside the
@@ -990,7 +1029,11 @@ class TransformingOptimizer(WrappingOptimizer):
             closure: Re-evaluates the model: zero the gradients, compute the loss, call
                 ``backward()`` and return the loss. Required when a transform re-evaluates (SAM,
                 ASAM) unless :meth:`first_step` was called; then ``step()`` without a closure
-                finishes the step like :meth:`second_step`.
+                finishes the step like :meth:`second_step`. An inner optimizer that is not
+                one of ``torch.optim``'s own gets a closure that returns the loss of the first
+                evaluation without evaluating again (for one that uses the loss); one that
+                calls it after changing the weights raises ``RuntimeError``, with nothing
+                changed.
 
         A function compiled with ``torch.compile`` that calls ``step()`` (a whole training step)
         runs it eagerly, as torch runs its optimizers' ``zero_grad()`` and ``state_dict()``: a
@@ -1095,7 +1138,7 @@ class TransformingOptimizer(WrappingOptimizer):
 
         try:
             with _put_back_on_error(self._pre_step_structure()):
-                self._run_chain(0, reevaluate, grad_norm)
+                self._run_chain(0, reevaluate, grad_norm, loss=loss)
         except _NonFiniteGradients as non_finite:
             self._skip(_ordinal(non_finite.evaluation), _combined_by(non_finite.combined_by))
         finally:

@@ -1816,6 +1816,89 @@ def test_an_inner_optimizer_that_needs_a_closure_is_refused_with_the_reason():
         TransformingOptimizer(NeedsClosure(make_model().parameters()), transforms=())
 
 
+class _LossScaledSGD(torch.optim.Optimizer):
+    """An optimizer whose update uses the closure's loss when it is given one, as
+    pytorch_optimizer's EmoNavi (a loss trend) and AliG (a Polyak step) do: ``lr * loss``."""
+
+    def __init__(self, params, lr=0.1):
+        super().__init__(params, {"lr": lr})
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        scale = 1.0 if loss is None else float(loss)
+        for group in self.param_groups:
+            for param in group["params"]:
+                if param.grad is not None:
+                    param.add_(param.grad, alpha=-group["lr"] * scale)
+        return loss
+
+
+def test_an_inner_optimizer_that_uses_the_closures_loss_steps_as_on_its_own():
+    # step(closure) evaluated the closure itself and stepped the inner optimizer without one:
+    # its update silently took the path without a loss (EmoNavi's loss trend read 0.0).
+    x, y = make_data()
+    bare_model, model = make_model(), make_model()
+    bare = _LossScaledSGD(bare_model.parameters())
+    optimizer = TransformingOptimizer(model.parameters(), _LossScaledSGD, transforms=())
+    for _ in range(3):
+        bare.step(make_closure(bare_model, bare, x, y))
+        optimizer.step(make_closure(model, optimizer, x, y))
+    assert_bitwise_equal(params_of(model), params_of(bare_model))
+
+
+def test_an_inner_optimizer_that_uses_the_closures_loss_gets_the_first_evaluations_under_sam():
+    # The loss at w (what step(closure) returns), the gradients at w + e: as SGD at lr * loss(w)
+    # around the same SAM.
+    x, y = make_data()
+    reference_model, model = make_model(), make_model()
+    reference = TransformingOptimizer(reference_model.parameters(), torch.optim.SGD, lr=0.1, transforms=[SAM(0.05)])
+    optimizer = TransformingOptimizer(model.parameters(), _LossScaledSGD, lr=0.1, transforms=[SAM(0.05)])
+    evaluations = [0]
+
+    def reference_closure():
+        reference.zero_grad()
+        loss = nn.functional.mse_loss(reference_model(x), y)
+        loss.backward()
+        evaluations[0] += 1
+        if evaluations[0] % 2 == 1:  # the first evaluation of a step, at w
+            reference.param_groups[0]["lr"] = 0.1 * float(loss.detach())
+        return loss
+
+    for _ in range(3):
+        assert torch.equal(optimizer.step(make_closure(model, optimizer, x, y)), reference.step(reference_closure))
+    assert_bitwise_equal(params_of(model), params_of(reference_model))
+
+
+def test_an_inner_optimizer_that_evaluates_the_closure_after_moving_the_weights_is_refused_unchanged():
+    class MovesThenEvaluates(torch.optim.Optimizer):  # as pytorch_optimizer's BSAM
+        def __init__(self, params, lr=0.1):
+            super().__init__(params, {"lr": lr})
+
+        @torch.no_grad()
+        def step(self, closure=None):
+            if closure is None:
+                raise RuntimeError("MovesThenEvaluates needs a closure")
+            for group in self.param_groups:
+                for param in group["params"]:
+                    self.state[param]["moved"] = torch.ones(())
+                    param.add_(0.5)
+            with torch.enable_grad():
+                closure()
+
+    x, y = make_data()
+    model = make_model()
+    optimizer = TransformingOptimizer(model.parameters(), MovesThenEvaluates, transforms=())
+    weights = params_of(model)
+    with pytest.raises(RuntimeError, match=r"MovesThenEvaluates changed the weights and then called the closure"):
+        optimizer.step(make_closure(model, optimizer, x, y))
+    assert_bitwise_equal(params_of(model), weights)
+    assert len(optimizer.state) == 0
+
+
 def test_an_optimizer_that_drives_another_without_defaults_is_refused_with_the_reason():
     """Like torch.distributed.optim.PostLocalSGDOptimizer: an Optimizer that never called
     ``Optimizer.__init__`` and forwards to the optimizer it holds."""
