@@ -1109,3 +1109,38 @@ def test_a_checkpoint_whose_random_state_is_no_byte_tensor_is_refused_by_name(rn
     with pytest.raises(error, match=match):
         target.load_state_dict(state)
     assert _same(target.state_dict(), before)
+
+
+def _training_key(paths):
+    (key,) = [k for k in paths["timings"] if not k[0]]
+    return key
+
+
+@pytest.mark.parametrize(
+    "damage, error, match",
+    [
+        (lambda paths: paths.pop("failed"), ValueError, r"state_dict\['paths'\] must hold exactly \['path', 'failed', 'timings', 'fallback_reasons'\], got \['fallback_reasons', 'path', 'timings'\]"),
+        (lambda paths: paths.update(failed=["vmap"]), TypeError, r"state_dict\['paths'\]\['failed'\] must be a dict of \{path: reason\}, got \['vmap'\]"),
+        (lambda paths: paths.update(failed={"jit": "boom"}), ValueError, r"state_dict\['paths'\]\['failed'\] keys must be one of \['loop', 'vmap', 'compiled'\], got 'jit'"),
+        (lambda paths: paths.update(timings=[1.0]), TypeError, r"state_dict\['paths'\]\['timings'\] must be a dict of \{key: \{path: \[seconds, \.\.\.\]\}\}, got \[1.0\]"),
+        (lambda paths: paths["timings"].update({_training_key(paths): {"loop": ["fast", "slow"]}}), TypeError, r"state_dict\['paths'\]\['timings'\]\[.*\]\['loop'\]\[0\] must be a finite number >= 0, got 'fast'"),
+        (lambda paths: paths["timings"].update({_training_key(paths): {"loop": [-1.0]}}), ValueError, r"\['loop'\]\[0\] must be a finite number >= 0, got -1.0"),
+        (lambda paths: paths.update(fallback_reasons="unequal task shapes"), TypeError, r"state_dict\['paths'\]\['fallback_reasons'\] must be a list of str, got 'unequal task shapes'"),
+    ],
+    ids=["missing", "failed-list", "failed-unknown-path", "timings-list", "duration-str", "duration-negative", "reasons-str"],
+)
+def test_a_checkpoint_whose_paths_are_not_the_trainers_is_refused_before_anything_changes(damage, error, match):
+    """The path measurements were taken as they came: a damaged "paths" raised KeyError or
+    AttributeError without naming it, a string of fallback reasons loaded as a set of its
+    characters, and non-numeric durations loaded and broke the next fit in the middle of an
+    iteration ("'<' not supported between instances of 'float' and 'str'")."""
+    source = _trainer("maml", 0, None)
+    source.fit(5, 2, progress=False)
+    state = source.state_dict()
+    damage(state["paths"])
+    target = _trainer("maml", 5, None)
+    target.fit(1, 2, progress=False)
+    before = target.state_dict()
+    with pytest.raises(error, match=match):
+        target.load_state_dict(state)
+    assert _same(target.state_dict(), before)

@@ -14,7 +14,7 @@ from typing import Any, TextIO, cast
 
 import torch
 
-from samgria._checks import check_bool, check_int, check_optional_bool
+from samgria._checks import check_bool, check_int, check_optional_bool, check_real
 from samgria.data._validation import check_sampler
 from samgria.data.sharding import DistributedTaskSampler, shard_bounds
 from samgria.data.task import Task, TaskSampler, _cpu_random_state, load_sampler_state_dict, sampler_state_dict
@@ -92,6 +92,67 @@ def _history_of(saved: Any) -> History:
             f"{len(values['eval_loss'])} and {len(values['eval_iterations'])}"
         )
     return History(**values)
+
+
+def _paths_of(saved: Any) -> tuple[str | None, dict[str, str], dict[Any, dict[str, list[float]]], set[str]]:
+    """``(path, failed, timings, fallback_reasons)`` of a checkpoint's ``"paths"``, checked
+    before anything is loaded.
+
+    It must be a mapping of exactly ``"path"`` (``None`` or a path), ``"failed"`` (``{path:
+    reason}``, the reasons strings), ``"timings"`` (``{key: {path: [seconds, ...]}}``, each a
+    finite number ``>= 0``) and ``"fallback_reasons"`` (a list of strings), the paths among
+    ``samgria.meta.engine.PATHS``.
+
+    Raises:
+        TypeError: An entry is of the wrong kind.
+        ValueError: An entry is missing or unknown, a path is unknown, or a duration is
+            negative or not finite.
+    """
+    where = "state_dict['paths']"
+    fields = ["path", "failed", "timings", "fallback_reasons"]
+    if not isinstance(saved, Mapping):
+        raise TypeError(f"{where} must be a dict of {fields}, got {saved!r}")
+    if set(saved) != set(fields):
+        raise ValueError(f"{where} must hold exactly {fields}, got {sorted(saved, key=str)}")
+
+    def path_name(name: str, value: Any) -> str:
+        if not isinstance(value, str):
+            raise TypeError(f"{name} must be one of {list(PATHS)}, got {value!r}")
+        if value not in PATHS:
+            raise ValueError(f"{name} must be one of {list(PATHS)}, got {value!r}")
+        return value
+
+    path = saved["path"]
+    if path is not None:
+        if not isinstance(path, str) or path not in PATHS:
+            raise ValueError(f"{where}['path'] must be None or one of {list(PATHS)}, got {path!r}")
+    failed_saved = saved["failed"]
+    if not isinstance(failed_saved, Mapping):
+        raise TypeError(f"{where}['failed'] must be a dict of {{path: reason}}, got {failed_saved!r}")
+    failed: dict[str, str] = {}
+    for key, reason in failed_saved.items():
+        name = path_name(f"{where}['failed'] keys", key)
+        if not isinstance(reason, str):
+            raise TypeError(f"{where}['failed'][{key!r}] must be a str, got {reason!r}")
+        failed[name] = reason
+    timings_saved = saved["timings"]
+    if not isinstance(timings_saved, Mapping):
+        raise TypeError(f"{where}['timings'] must be a dict of {{key: {{path: [seconds, ...]}}}}, got {timings_saved!r}")
+    timings: dict[Any, dict[str, list[float]]] = {}
+    for key, by_path in timings_saved.items():
+        entry = f"{where}['timings'][{key!r}]"
+        if not isinstance(by_path, Mapping):
+            raise TypeError(f"{entry} must be a dict of {{path: [seconds, ...]}}, got {by_path!r}")
+        timings[key] = {}
+        for name, times in by_path.items():
+            name = path_name(f"{entry} keys", name)
+            if not isinstance(times, (list, tuple)):
+                raise TypeError(f"{entry}[{name!r}] must be a list of durations, got {times!r}")
+            timings[key][name] = [check_real(f"{entry}[{name!r}][{i}]", t, low=0.0) for i, t in enumerate(times)]
+    reasons = saved["fallback_reasons"]
+    if not isinstance(reasons, (list, tuple, set, frozenset)) or not all(isinstance(r, str) for r in reasons):
+        raise TypeError(f"{where}['fallback_reasons'] must be a list of str, got {reasons!r}")
+    return path, failed, timings, set(reasons)
 
 
 class _ProgressBar:
@@ -564,12 +625,13 @@ class MetaTrainer:
 
         Raises:
             TypeError: ``state_dict`` is not a mapping, its ``"history"`` is not a mapping of
-                lists of numbers, or its ``"rng"`` is neither a random state (a 1-D
+                lists of numbers, an entry of its ``"paths"`` is of the wrong kind, or its ``"rng"`` is neither a random state (a 1-D
                 ``torch.uint8`` tensor) nor a list of them.
             ValueError: It lacks an entry, has another version, a ``"history"`` without exactly
                 :class:`History`'s fields (or with an iteration below 1, or not one per
-                evaluation loss), or holds the random states of another number of ranks than
-                this run's.
+                evaluation loss), a ``"paths"`` without exactly the entries :meth:`state_dict`
+                saves (or with an unknown path, or a duration that is negative or not finite),
+                or holds the random states of another number of ranks than this run's.
         """
         if not isinstance(state_dict, Mapping):
             raise TypeError(f"state_dict must be a dict from MetaTrainer.state_dict(), got {type(state_dict).__name__}")
@@ -584,17 +646,10 @@ class MetaTrainer:
         skipped_steps = check_int("state_dict['skipped_steps']", state["skipped_steps"], low=0)
         consecutive_skips = check_int("state_dict['consecutive_skips']", state.get("consecutive_skips", 0), low=0)
         iteration = check_int("state_dict['iteration']", state["iteration"], low=0)
-        paths = state["paths"]
-        failed = dict(paths["failed"])
-        timings = {key: {path: list(times) for path, times in by_path.items()}
-                   for key, by_path in paths["timings"].items()}  # fmt: skip
+        path, failed, timings, fallback_reasons = _paths_of(state["paths"])
         # A checkpoint of a run without the bound (or of a larger max_keys) keeps its most
         # recent keys: the last ones, timings being kept least recently used first.
         timings = dict(list(timings.items())[-self.meta.path_policy.max_keys :])
-        fallback_reasons = set(paths["fallback_reasons"])
-        path = paths["path"]
-        if path is not None and path not in PATHS:
-            raise ValueError(f"state_dict['paths']['path'] must be None or one of {list(PATHS)}, got {path!r}")
         rng_states = self._rng_states_of(state["rng"])
         # The meta-optimizer validates before it changes anything, but the model (torch copies
         # the matching entries before it reports the others), the sampler and the random state
