@@ -1144,3 +1144,33 @@ def test_a_checkpoint_whose_paths_are_not_the_trainers_is_refused_before_anythin
     with pytest.raises(error, match=match):
         target.load_state_dict(state)
     assert _same(target.state_dict(), before)
+
+
+def test_a_sampler_may_return_any_iterable_of_tasks_and_is_named_when_it_returns_none():
+    """train_step takes any iterable of tasks, and so did fit with several processes
+    (sample_shard lists what sample returns), but fit with one process took len() of what
+    sample returned: a generator failed with "object of type 'generator' has no len()", None
+    with "object of type 'NoneType' has no len()", neither naming the sampler."""
+
+    class GeneratorSampler(ListSampler):
+        def sample(self, n):
+            return (task for task in super().sample(n))
+
+    class NoneSampler:
+        def sample(self, n):
+            return None
+
+    tasks = fixed_tasks(6)
+    expected = MetaTrainer(MAML(make_model(), torch.optim.SGD, lr=0.1), F.mse_loss, ListSampler(tasks), vectorize=False)
+    expected.fit(3, 2, progress=False)
+    trainer = MetaTrainer(MAML(make_model(), torch.optim.SGD, lr=0.1), F.mse_loss, GeneratorSampler(tasks), vectorize=False)
+    trainer.fit(3, 2, progress=False)
+    assert trainer.history == expected.history
+    assert all(torch.equal(p, q) for p, q in zip(_meta_weights(trainer), _meta_weights(expected)))
+
+    model = make_model()
+    before = [p.detach().clone() for p in model.parameters()]
+    trainer = MetaTrainer(MAML(model, torch.optim.SGD, lr=0.1), F.mse_loss, NoneSampler())
+    with pytest.raises(TypeError, match=r"^sampler.sample\(2\) must be a sequence of Task, got None$"):
+        trainer.fit(1, 2, progress=False)
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before)) and trainer.iteration == 0

@@ -737,7 +737,8 @@ class MetaTrainer:
             :attr:`history` holds every call's).
 
         Raises:
-            TypeError: An argument has the wrong type.
+            TypeError: An argument has the wrong type, or the sampler returns something other
+                than an iterable of tasks (a list, a generator).
             ValueError: ``num_iterations``/``meta_batch_size``/``eval_every`` is below 1,
                 ``meta_batch_size`` is below the number of processes, ``eval_every`` is given
                 without ``eval_tasks``, ``eval_tasks`` is empty, or the sampler returns the
@@ -814,7 +815,8 @@ class MetaTrainer:
     def _sample(self, meta_batch_size: int) -> list[Task]:
         """This iteration's tasks: the meta-batch, or with several processes this rank's share."""
         if self.meta.world_size == 1:
-            tasks = self.sampler.sample(meta_batch_size)
+            # As train_step takes them (and sample_shard with several processes): any iterable.
+            tasks = _task_list(f"sampler.sample({meta_batch_size})", self.sampler.sample(meta_batch_size))
             if len(tasks) != meta_batch_size:
                 raise ValueError(f"sampler.sample({meta_batch_size}) returned {len(tasks)} tasks")
             return tasks
