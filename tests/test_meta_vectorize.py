@@ -464,3 +464,41 @@ def test_a_norm_sharing_the_adapted_heads_parameter_keeps_second_order_on_the_lo
     looped = losses_and_grads(anil, tasks, False)
     for got, want in zip(chosen[1], looped[1]):
         torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-13)
+
+
+@pytest.mark.parametrize(
+    "change, error, match",
+    [
+        ({"tasks": 5}, TypeError, r"^tasks must be a sequence of Task, got 5$"),
+        ({"adapt_names": ["0.weight", "head.weight"]}, ValueError, r"^adapt_names must name entries of params \(\['0.weight', '0.bias', '2.weight', '2.bias', '4.weight', '4.bias'\]\), got \['head.weight'\]$"),
+        ({"lrs": [0.1, 0.1, 0.1, 0.1]}, TypeError, r"^lrs must be a mapping from every adapted name to its step size, got \[0.1, 0.1, 0.1, 0.1\]$"),
+        ({"lrs": "rates"}, TypeError, r"^lrs must be a mapping from every adapted name to its step size, got 'rates'$"),
+        ({"lrs": {"0.weight": torch.full((3, 3), 0.1), "0.bias": 0.1, "2.weight": 0.1, "2.bias": 0.1, "4.weight": 0.1, "4.bias": 0.1}}, ValueError,
+         r"^lrs\['0.weight'\] must be a number or a tensor that broadcasts to the parameter's shape \(8, 2\), got a tensor of shape \(3, 3\)$"),
+    ],
+    ids=["tasks-int", "adapt-name-not-in-params", "lrs-list", "lrs-str", "rate-of-another-shape"],
+)
+def test_the_public_vmap_functions_name_the_argument_that_is_wrong(change, error, match):
+    """A name to adapt that params lacks raised "lrs has no entry for the adapted parameters"
+    (or a KeyError when lrs had one), an lrs that is no mapping the TypeError of dict(), a rate of
+    another shape a broadcasting RuntimeError from inside vmap, and tasks that are no iterable a
+    ValueError."""
+    model = relu_mlp()
+    params = dict(model.named_parameters())
+    args = {"params": params, "adapt_names": list(params), "lrs": {n: 0.1 for n in params}, "tasks": make_tasks(n=2)}
+    args.update(change)
+    with pytest.raises(error, match=match):
+        vmap_task_losses(model, args["params"], args["adapt_names"], args["lrs"], args["tasks"], mse, 1)
+    if "tasks" not in change:
+        with pytest.raises(error, match=match):
+            batched_task_losses(model, args["params"], args["adapt_names"], args["lrs"], *stack_tasks(args["tasks"]), mse, 1)
+
+
+def test_vmap_task_losses_takes_any_iterable_of_tasks():
+    model = relu_mlp()
+    params = dict(model.named_parameters())
+    tasks = make_tasks(n=3)
+    lrs = {n: 0.1 for n in params}
+    expected, _ = vmap_task_losses(model, params, list(params), lrs, tasks, mse, 1)
+    got, _ = vmap_task_losses(model, params, list(params), lrs, (t for t in tasks), mse, 1)
+    assert torch.equal(got, expected)

@@ -31,7 +31,7 @@ from torch import nn
 
 from samgria._checks import check_int
 from samgria.data.task import Task
-from samgria.meta.functional import check_adapt_names
+from samgria.meta.functional import check_adapt_names, sequence_as_list
 from samgria.meta.engine import (
     InnerLoop,
     can_vectorize,
@@ -48,6 +48,14 @@ __all__ = [
     "stack_tasks",
     "vmap_task_losses",
 ]
+
+
+def _broadcasts_to(shape: torch.Size, target: torch.Size) -> bool:
+    """Whether a tensor of ``shape`` broadcasts to ``target`` (a step size to its parameter)."""
+    try:
+        return torch.broadcast_shapes(shape, target) == target
+    except RuntimeError:
+        return False
 
 
 def vmap_task_losses(
@@ -72,7 +80,7 @@ def vmap_task_losses(
             others enter every task unchanged (and still receive meta-gradients).
         adapt_names: Names of the adapted parameters.
         lrs: Step size per adapted name (number or tensor, e.g. Meta-SGD rates).
-        tasks: Equal-shape tasks (see :func:`can_vectorize`).
+        tasks: Equal-shape tasks (see :func:`can_vectorize`): a sequence, or any iterable of them.
         loss_fn: ``loss_fn(prediction, target) -> scalar``.
         steps: Number of inner steps.
         first_order: Treat the support gradients as constants (FOMAML / Reptile).
@@ -83,17 +91,16 @@ def vmap_task_losses(
         ``{name: tensor}`` of batched adapted parameters, or ``None`` unless ``return_params``.
 
     Raises:
-        ValueError: ``tasks`` is empty or not of equal shapes, dtypes and devices, ``steps`` is
-            negative, ``loss_fn`` returns a tensor with a dimension per task, or ``first_order=False``
-            with a module whose second-order gradient vmap gets wrong
-            (:func:`second_order_vmap_blocker`).
-        TypeError: ``steps`` is not an integer, or ``loss_fn`` returns something other than a tensor.
+        ValueError: ``tasks`` is empty or not of equal shapes, dtypes and devices, or as
+            :func:`batched_task_losses` raises.
+        TypeError: ``tasks`` is no iterable of tasks, or as :func:`batched_task_losses` raises.
         RuntimeError: The model cannot be vmapped (raised by :func:`torch.func.vmap`).
     """
-    if isinstance(tasks, (str, bytes)) or not isinstance(tasks, Sequence) or not tasks:
+    listed = sequence_as_list("tasks", tasks, "Task", refused=(Task,))
+    if not listed:
         raise ValueError(f"tasks must be a non-empty sequence of Task, got {tasks!r}")
     return batched_task_losses(
-        model, params, adapt_names, lrs, *stack_tasks(tasks), loss_fn, steps,
+        model, params, adapt_names, lrs, *stack_tasks(listed), loss_fn, steps,
         first_order=first_order, return_params=return_params,
     )
 
@@ -148,12 +155,30 @@ def batched_task_losses(
         ``(losses, adapted)`` as in :func:`vmap_task_losses`.
 
     Raises:
-        ValueError: ``steps`` is negative, ``loss_fn`` returns a tensor with a dimension per task, or
-            ``first_order=False`` with a module whose second-order gradient vmap gets wrong
-            (:func:`second_order_vmap_blocker`: BatchNorm in train mode, LayerNorm).
-        TypeError: ``steps`` is not an integer, or ``loss_fn`` returns something other than a tensor.
+        ValueError: ``steps`` is negative, an adapted name is no entry of ``params`` or has no
+            entry in ``lrs``, a step size is negative or not finite, a tensor step size does not
+            broadcast to its parameter's shape, ``loss_fn`` returns a tensor with a dimension per
+            task, or ``first_order=False`` with a module whose second-order gradient vmap gets
+            wrong (:func:`second_order_vmap_blocker`: BatchNorm in train mode, LayerNorm).
+        TypeError: ``steps`` is not an integer, ``params`` or ``lrs`` is not a mapping, a step
+            size is neither a real number nor a real tensor, or ``loss_fn`` returns something
+            other than a tensor.
     """
-    loop = InnerLoop(tuple(check_adapt_names(adapt_names)), dict(lrs), check_int("steps", steps, low=0), first_order=first_order)
+    names = tuple(check_adapt_names(adapt_names))
+    if not isinstance(params, Mapping):
+        raise TypeError(f"params must be a mapping from parameter names to tensors, got {params!r}")
+    unknown = [name for name in names if name not in params]
+    if unknown:
+        raise ValueError(f"adapt_names must name entries of params ({list(params)}), got {unknown}")
+    # InnerLoop refuses an lrs that is no mapping, naming it; dict() would raise first.
+    loop = InnerLoop(names, dict(lrs) if isinstance(lrs, Mapping) else lrs, check_int("steps", steps, low=0), first_order=first_order)
+    for name in names:
+        lr, param = loop.lrs[name], params[name]
+        if isinstance(lr, torch.Tensor) and not _broadcasts_to(lr.shape, param.shape):
+            raise ValueError(
+                f"lrs[{name!r}] must be a number or a tensor that broadcasts to the parameter's shape "
+                f"{tuple(param.shape)}, got a tensor of shape {tuple(lr.shape)}"
+            )
     blocker = vmap_blocker(model, loop)
     if blocker is not None:
         raise ValueError(
