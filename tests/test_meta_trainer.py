@@ -1174,3 +1174,22 @@ def test_a_sampler_may_return_any_iterable_of_tasks_and_is_named_when_it_returns
     with pytest.raises(TypeError, match=r"^sampler.sample\(2\) must be a sequence of Task, got None$"):
         trainer.fit(1, 2, progress=False)
     assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before)) and trainer.iteration == 0
+
+
+def test_the_progress_bars_running_loss_leaves_out_a_skipped_steps_non_finite_loss(monkeypatch):
+    """The bar shows an exponential moving average of the meta-loss: one skipped step's inf made
+    it inf (or NaN) for the rest of the run, however well training went on."""
+    good, bad = fixed_tasks(6, seed=1), fixed_tasks(2, seed=2)
+    for t in bad:
+        t.query_y[0] = float("inf")
+    stream = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", stream)
+    meta = MAML(make_model(), torch.optim.SGD, lr=0.1)
+    trainer = MetaTrainer(meta, F.mse_loss, ListSampler(good[:2] + bad + good[2:]))
+    with pytest.warns(RuntimeWarning, match="the meta-step is skipped"):
+        history = trainer.fit(4, 2, progress=True)
+    assert meta.skipped_steps == 1 and not math.isfinite(history.meta_loss[1])
+    first, _, third, fourth = history.meta_loss
+    running = 0.95 * (0.95 * first + 0.05 * third) + 0.05 * fourth
+    final = stream.getvalue().rstrip("\n").split("\r")[-1]
+    assert final.startswith("meta-train 100%") and final.endswith(f"loss={running:.4g}")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 import numbers
 import sys
 import time
@@ -161,12 +162,17 @@ class _ProgressBar:
     def __init__(self, total: int, stream: TextIO, width: int = 24, min_interval: float = 0.1) -> None:
         self.total, self.stream, self.width, self.min_interval = total, stream, width, min_interval
         self.start = self.last_draw = time.perf_counter()
-        self.running: float | None = None  # exponential moving average of the meta-loss
+        # Exponential moving average of the finite meta-losses: one non-finite (skipped) step
+        # would make it NaN for the rest of the run. Until a finite one comes, the last loss.
+        self.running: float | None = None
+        self.last: float | None = None
         self.eval_loss: float | None = None
         self.done = 0
 
     def update(self, done: int, meta_loss: float, eval_loss: float | None = None) -> None:
-        self.running = meta_loss if self.running is None else 0.95 * self.running + 0.05 * meta_loss
+        self.last = meta_loss
+        if math.isfinite(meta_loss):
+            self.running = meta_loss if self.running is None else 0.95 * self.running + 0.05 * meta_loss
         self.eval_loss = eval_loss if eval_loss is not None else self.eval_loss
         self.done = done
         now = time.perf_counter()
@@ -182,7 +188,7 @@ class _ProgressBar:
         line = (
             f"\rmeta-train {100 * done // self.total:3d}% |{'#' * filled}{'.' * (self.width - filled)}| "
             f"{done}/{self.total} [{elapsed:.0f}s<{remaining:.0f}s, {rate:.1f} it/s] "
-            f"loss={self.running:.4g}"
+            f"loss={self.running if self.running is not None else self.last:.4g}"
         )
         if self.eval_loss is not None:
             line += f" eval={self.eval_loss:.4g}"
@@ -190,7 +196,7 @@ class _ProgressBar:
         self.stream.flush()
 
     def close(self) -> None:
-        if self.running is not None:
+        if self.last is not None:
             self._draw(time.perf_counter() - self.start)
         self.stream.write("\n")
         self.stream.flush()
@@ -728,7 +734,8 @@ class MetaTrainer:
                 completed updates (1-based, continued across calls).
                 Returning a true value (``True``, ``np.True_``, a one-element tensor holding
                 ``True``) stops training early; ``None`` or a false value continues.
-            progress: ``None`` shows a progress bar with the running meta-loss on stderr
+            progress: ``None`` shows a progress bar with the running meta-loss (a moving
+                average of the finite ones: a skipped step's loss is left out) on stderr
                 only when stderr is a terminal (distributed: on rank 0 only); ``True`` always
                 shows it; ``False`` never.
 
