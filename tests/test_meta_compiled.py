@@ -20,6 +20,7 @@ import re
 import warnings
 import weakref
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -29,7 +30,7 @@ from torch._dynamo.utils import counters
 from samgria.data import SinusoidTaskSampler, Task
 from samgria.meta.anil import ANIL
 from samgria.meta.base import MetaOptimizer
-from samgria.meta.compiled import CompiledMetaLoss, compiled_path_blocker
+from samgria.meta.compiled import CompiledMetaLoss, check_compile_options, compiled_path_blocker
 from samgria.meta.maml import FOMAML, MAML
 from samgria.meta.metasgd import MetaSGD
 from samgria.meta.reptile import Reptile
@@ -861,3 +862,34 @@ def test_a_copy_of_a_compiled_meta_loss_computes_with_its_own_model(how):
     for got, want in zip(grads.values(), expected_grads):
         torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
     assert float(meta.model.shift) == 0.0 and compiled.num_programs == 1
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        ({"backend": 5}, r"compile_options\['backend'\] must be a backend's name \(a str\) or a callable backend, got 5"),
+        ({"fullgraph": "no"}, r"compile_options\['fullgraph'\] must be a bool, got 'no'"),
+        ({"disable": 1}, r"compile_options\['disable'\] must be a bool, got 1"),
+        ({"dynamic": "yes"}, r"compile_options\['dynamic'\] must be None or a bool, got 'yes'"),
+        ({"mode": 3}, r"compile_options\['mode'\] must be None or a str, got 3"),
+    ],
+    ids=["backend-int", "fullgraph-str", "disable-int", "dynamic-str", "mode-int"],
+)
+def test_compile_option_values_of_the_wrong_kind_are_refused_at_construction(options, message):
+    """torch.compile takes these as they come: backend=5 failed only when the program was first
+    built, and the trainer then trained on the uncompiled path after one warning; fullgraph="no"
+    and disable=1 were true."""
+    model = make_model()
+    before = [p.detach().clone() for p in model.parameters()]
+    meta = make_meta("maml", model)
+    with pytest.raises(TypeError, match=rf"^{message}$"):
+        MetaTrainer(meta, F.mse_loss, ListSampler([sample_tasks(2)]), compile=True, compile_options=options)
+    with pytest.raises(TypeError, match=rf"^{message}$"):
+        CompiledMetaLoss(meta, F.mse_loss, **options)
+    assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
+
+
+def test_numpy_bool_compile_flags_are_taken_as_bools():
+    options = check_compile_options({"fullgraph": np.True_, "dynamic": np.False_, "backend": "eager"})
+    assert options == {"fullgraph": True, "dynamic": False, "backend": "eager"}
+    assert type(options["fullgraph"]) is bool and type(options["dynamic"]) is bool

@@ -56,6 +56,7 @@ from typing import Any, cast
 import torch
 from torch import nn
 
+from samgria._checks import check_bool, check_optional_bool
 from samgria.data.task import Task
 from samgria.meta.base import MetaOptimizer
 from samgria.meta.functional import one_steps_argument
@@ -92,6 +93,10 @@ def _compile_probe() -> None:
     """What :func:`check_compile_options` hands to ``torch.compile`` (never called)."""
 
 
+#: The keyword arguments of :func:`torch.compile` that are flags.
+_BOOL_OPTIONS = frozenset({"fullgraph", "disable", "isolate_recompiles"})
+
+
 def check_compile_options(options: Mapping[Any, Any], name: str = "compile_options") -> dict[str, Any]:
     """``options`` as a dict, checked as keyword arguments of :func:`torch.compile` before anything
     is compiled.
@@ -103,10 +108,15 @@ def check_compile_options(options: Mapping[Any, Any], name: str = "compile_optio
     ``torch.compile`` refuses even no options (an unsupported platform), the values are not
     checked: that is reported where the program is built.
 
+    The kinds of the values ``torch.compile`` takes as they come are checked here: ``fullgraph``
+    and ``disable`` (and ``isolate_recompiles``) must be bools, ``dynamic`` ``None`` or a bool,
+    ``mode`` (and ``name``) ``None`` or a string, ``backend`` a backend's name or a callable.
+
     Raises:
         TypeError: A key that is no keyword argument of ``torch.compile``
             (``"compile_options must name keyword arguments of torch.compile (backend, ...), got
-            'inner_steps'"``).
+            'inner_steps'"``), or a value of the wrong kind (``"compile_options['backend'] must
+            be a backend's name (a str) or a callable backend, got 5"``).
         ValueError: ``torch.compile`` refuses the values (an unknown ``mode`` or ``backend``,
             ``mode`` together with ``options``), with its message.
     """
@@ -117,6 +127,18 @@ def check_compile_options(options: Mapping[Any, Any], name: str = "compile_optio
                 f"{name} must name keyword arguments of torch.compile ({', '.join(sorted(allowed))}), got {key!r}"
             )
     checked = dict(options)
+    # torch.compile takes these as they come (backend=5 fails when the program is first built,
+    # fullgraph="no" is true): their kinds are checked here.
+    for key, value in checked.items():
+        entry = f"{name}[{key!r}]"
+        if key in _BOOL_OPTIONS:
+            checked[key] = check_bool(entry, value)
+        elif key == "dynamic":
+            checked[key] = check_optional_bool(entry, value)
+        elif key in ("mode", "name") and value is not None and not isinstance(value, str):
+            raise TypeError(f"{entry} must be None or a str, got {value!r}")
+        elif key == "backend" and value is not None and not (isinstance(value, str) or callable(value)):
+            raise TypeError(f"{entry} must be a backend's name (a str) or a callable backend, got {value!r}")
     if checked:
         try:
             torch.compile(_compile_probe)
@@ -364,7 +386,8 @@ class CompiledMetaLoss:
 
     Raises:
         TypeError: ``meta`` is not a ``MetaOptimizer``, ``loss_fn`` is not callable, or a
-            keyword argument is neither this class's nor one of ``torch.compile``'s.
+            keyword argument is neither this class's nor one of ``torch.compile``'s, or is of
+            the wrong kind (:func:`check_compile_options`).
         ValueError: ``steps`` is negative, ``meta`` cannot use the compiled path (Reptile, a
             custom inner loop, a second-order loop through BatchNorm), or ``torch.compile``
             refuses ``compile_options``.

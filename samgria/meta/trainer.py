@@ -295,7 +295,9 @@ class MetaTrainer:
     Raises:
         TypeError: ``meta`` is not a ``MetaOptimizer``, ``loss_fn`` is not callable,
             ``sampler`` has no ``sample`` method, an argument has the wrong type, or
-            ``compile_options`` has a key that is no keyword argument of ``torch.compile``.
+            ``compile_options`` has a key that is no keyword argument of ``torch.compile`` or
+            a value of the wrong kind (``fullgraph`` not a bool, ``backend`` neither a name
+            nor a callable).
         ValueError: ``compile=True`` with ``vectorize=False`` (the compiled path is the
             vectorised one), ``compile_options`` without ``compile=True`` or refused by
             ``torch.compile``,
