@@ -1921,3 +1921,29 @@ def test_named_parameters_are_taken_as_torch_takes_them(algorithm, built):
     with pytest.raises(TypeError, match=refusal):  # was AttributeError: 'float' object has no attribute 'shape'
         named_meta.add_param_group({"params": [1.0]})
     assert len(named_meta.param_groups) == count
+
+
+@pytest.mark.parametrize("register", ["register_step_post_hook", "register_state_dict_pre_hook", "register_load_state_dict_post_hook"])
+def test_taking_over_an_outer_optimizer_with_hooks_of_its_own_warns_that_they_do_not_run(register):
+    # The meta-optimizer steps, packs and loads its outer optimizer with its own hooks: a hook
+    # registered on the outer optimizer before never ran again, and nothing said so.
+    info = META_INFOS[0]
+    assert info.algorithm == "MAML" and info.outer == "sgd"
+    model = info.make_model(0)
+    outer = torch.optim.SGD(model.parameters(), lr=0.1)
+    calls = []
+    getattr(outer, register)(lambda *args: calls.append(register))
+    with pytest.warns(UserWarning, match=rf"^outer has hooks of its own \(1 {register}\), which the MAML does not run: .*register them on the MAML instead$"):
+        meta = MAML(model, outer, inner_lr=info.inner_lr)
+    one_step(info, meta, TASKS)
+    meta.load_state_dict(meta.state_dict())
+    assert calls == []  # as the warning says
+
+
+def test_taking_over_an_outer_optimizer_whose_hooks_were_removed_does_not_warn():
+    model = nn.Linear(2, 1).to(DT)
+    outer = torch.optim.Adam(model.parameters(), lr=0.1)
+    outer.register_step_post_hook(lambda *args: None).remove()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        MAML(model, outer, inner_lr=0.1)

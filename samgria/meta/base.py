@@ -45,7 +45,7 @@ from torch import nn
 from samgria._checks import check_bool, check_choice, check_optional_bool, check_real
 from samgria._frameworks import accelerate_accumulation
 from samgria._snapshot import StateStructure, StepSnapshot
-from samgria._wrapper import WrappingOptimizer, checks_before_writing, refuse_driven
+from samgria._wrapper import WrappingOptimizer, checks_before_writing, refuse_driven, warn_of_hooks_not_run
 from samgria.data.task import Task
 from samgria.functional import all_finite
 from samgria.meta import distributed as collectives
@@ -130,6 +130,8 @@ class MetaOptimizer(WrappingOptimizer):
             already built optimizer over (a subset of) ``model``'s parameters. A built one is
             taken over (its state and groups become the meta-optimizer's) only once every
             argument and group is checked: a constructor that raises leaves it as it was.
+            Hooks registered on it before are not run by the meta-optimizer (it steps, saves
+            and loads with its own: register them there); a ``UserWarning`` says so.
         inner_lr: Default inner step size :math:`\\alpha \\ge 0` of every param group.
         inner_steps: Default number of inner steps (an ``int >= 0``).
         first_order: Drop second-order terms (do not differentiate through the support
@@ -252,6 +254,7 @@ class MetaOptimizer(WrappingOptimizer):
             if params is not None:
                 raise TypeError("params can only be given when outer is an optimizer class")
             refuse_driven(outer, "outer")
+            warn_of_hooks_not_run(outer, "outer", type(self).__name__)
             built = outer
         else:
             raise TypeError(
