@@ -258,6 +258,55 @@ def test_look_sam_per_group_alpha_and_rho():
     assert_close(got, expected)
 
 
+@pytest.mark.parametrize("loop", ["closure", "two_call"])
+@pytest.mark.parametrize("zeroed", ["rho", "gradient"])
+def test_look_sam_step_that_perturbs_nothing_stores_a_zero_direction(zeroed, loop):
+    # A SAM step that moves nothing has g_s = g, so g_v = g_s - <g, g_s>/|g|^2 g = 0: the steps
+    # up to the next SAM step are the inner optimizer's, not g + alpha |g| times the direction
+    # an earlier SAM step stored (rho scheduled down to 0; a zero gradient).
+    x, y = make_data()
+    model = make_model()
+    optimizer = TransformingOptimizer(model.parameters(), torch.optim.SGD, lr=0.1, transforms=[LookSAM(rho=0.05, alpha=0.7, k=2)])
+    closure = make_closure(model, optimizer, x, y)
+
+    def step(closure):
+        if loop == "closure":
+            optimizer.step(closure)
+        else:
+            closure()
+            optimizer.first_step()
+            closure()
+            optimizer.second_step()
+
+    for _ in range(4):  # SAM steps 0 and 2 store directions; 1 and 3 use them
+        step(closure)
+    if zeroed == "rho":
+        for group in optimizer.param_groups:
+            group["rho"] = 0.0
+
+        def at_sam_step():
+            return closure()
+    else:
+
+        def at_sam_step():  # step 4: a zero gradient (a zero loss), no move
+            optimizer.zero_grad()
+            loss = 0.0 * nn.functional.mse_loss(model(x), y)
+            loss.backward()
+            return loss
+
+    step(at_sam_step)
+    reference = copy.deepcopy(model)
+    plain = torch.optim.SGD(reference.parameters(), lr=0.1)
+    step(closure)  # step 5, between SAM steps
+    plain.zero_grad()
+    nn.functional.mse_loss(reference(x), y).backward()
+    plain.step()
+    assert_bitwise_equal(params_of(model), params_of(reference))
+    for param in model.parameters():
+        if "look_sam.g_v" in optimizer.state[param]:
+            assert not optimizer.state[param]["look_sam.g_v"].any()
+
+
 @pytest.mark.parametrize("inner", [SGD, ADAMW], ids=["sgd", "adamw"])
 def test_esam_matches_reference(inner):
     expected = run_reference(esam_reference(lambda n: 0.05, lambda n: 0.5, seed=3), 5, inner)

@@ -696,9 +696,12 @@ class LookSAM(_FinishingTransform):
     (in the parameter's dtype); on the first parameter ``"step"``, the steps taken.
 
     As in the paper, :math:`g_v` is normalised whatever its size, so the steps in between add
-    :math:`\alpha \lVert g \rVert_2` along it however small ``rho`` is (``rho=0``, where
-    :math:`g_s = g` and no direction is stored, is the inner optimizer's step): LookSAM does not
-    tend to it as ``rho`` goes to 0. Where :math:`g_s` is (nearly) parallel to :math:`g` --
+    :math:`\alpha \lVert g \rVert_2` along it however small ``rho`` is: LookSAM does not tend to
+    the inner optimizer's step as ``rho`` goes to 0. A SAM step that moves nothing (``rho=0`` in
+    every group, or a zero gradient) has :math:`g_s = g`, hence :math:`g_v = 0`, and stores a zero
+    direction: the steps up to the next SAM step add nothing to :math:`g` (also where an earlier
+    SAM step had stored one, e.g. with ``rho`` scheduled down to 0), so ``rho=0`` is the inner
+    optimizer's step. Where :math:`g_s` is (nearly) parallel to :math:`g` --
     a linear model, a tiny ``rho``, 16-bit gradients -- :math:`g_v` is mostly rounding, and so is
     the direction that is reused.
 
@@ -752,10 +755,11 @@ class LookSAM(_FinishingTransform):
             return Perturbation([], non_finite=True)
 
         if slot.get("step", 0) % self.k == 0:  # a SAM step
-            if norm == 0.0 or not self.active(groups):  # nothing to perturb: g_s = g, keep g_v
+            if norm == 0.0 or not self.active(groups):  # nothing to perturb: g_s = g, so g_v = 0
 
                 def count(checked: bool) -> None:
                     if checked or _current_grads_finite(ctx):
+                        self._clear_direction(ctx)
                         self._count(ctx)
 
                 return _Step([], count)
@@ -789,6 +793,17 @@ class LookSAM(_FinishingTransform):
             self._count(ctx)
 
         return _Step([], reinstall, held=params, mixes_first_pass=True)
+
+    @staticmethod
+    def _clear_direction(ctx: TransformContext) -> None:
+        """Store :math:`g_v = 0` (a SAM step that moved nothing, where :math:`g_s = g`): the steps
+        up to the next SAM step add nothing. New tensors, as every commit (the stored ones may be
+        the optimizer's references to put back)."""
+        for group in ctx.param_groups:
+            for param in group["params"]:
+                entry = ctx.state[param] if param in ctx.state else {}
+                if "g_v" in entry:
+                    entry["g_v"] = torch.zeros_like(entry["g_v"], memory_format=torch.preserve_format)
 
     def _store_direction(self, ctx: TransformContext, first: dict[int, torch.Tensor], norm: float) -> None:
         params, perturbed, _groups, both, kept = self._first_and_perturbed(ctx, first)
