@@ -9,7 +9,8 @@ How the weights are moved and restored (why it is exact and cheap): the perturbe
 :math:`w + e` are computed in one fused pass into a backup buffer that the transform keeps between
 steps, and each parameter's ``.data`` is pointed at it; restoring points it back at the untouched
 original storage, so the restored weights are the original tensors, bit for bit, without a copy.
-The first gradient (scaled in place into :math:`e`) is released before the re-evaluation. A
+The first gradient is read by that pass, not written, and each moved parameter's ``.grad`` is
+released (set to ``None``) before the re-evaluation. A
 parameter whose memory anything else also holds -- it is a view into other memory, or other
 tensors view it (a flat buffer whose views the model reads, a Parameter tied to it through one
 storage, an alias such as ``param.detach()`` kept elsewhere), which would go on reading the
