@@ -572,7 +572,9 @@ class MetaTrainer:
             ``"consecutive_skips"`` (the skipped meta-steps in a row that ``max_skipped_steps``
             counts, over ``fit`` and ``train_step`` calls; a checkpoint without it loads as 0), ``"sampler"`` (the sampler's state: its ``state_dict()`` or its generator's, see
             :class:`~samgria.TaskSampler`), ``"rng"`` (torch's global CPU random state, which
-            a sampler without a generator of its own and dropout draw from) and ``"paths"``
+            a sampler without a generator of its own and dropout on the CPU draw from; a model on
+            a GPU draws its dropout masks from the CUDA generators, which are not saved: keep
+            ``torch.cuda.get_rng_state_all()`` beside the checkpoint to resume it bit for bit) and ``"paths"``
             (the last path and the path policy's measurements and failures, so a resumed run
             makes the same choice).
 
