@@ -103,12 +103,15 @@ def _real_rule(
     return kind
 
 
-def check_int(name: str, value: Any, *, low: int | None = None, high: int | None = None) -> int:
+def check_int(
+    name: str, value: Any, *, low: int | None = None, high: int | None = None, high_reason: str = ""
+) -> int:
     """Check an integer hyperparameter (``bool`` refused, NumPy integers accepted).
 
-    ``low`` and ``high`` are inclusive bounds. A non-integral number is of the wrong kind
-    (``TypeError``), except NaN and ±inf, which raise ``ValueError`` as they do from every other
-    check.
+    ``low`` and ``high`` are inclusive bounds; ``high_reason`` says where ``high`` comes from, in
+    the rule (``" (a task's points are drawn as one tensor)"``). A non-integral number is of the
+    wrong kind (``TypeError``), except NaN and ±inf, which raise ``ValueError`` as they do from
+    every other check.
     """
     if low is not None and high is not None:
         rule = f"an integer in [{low}, {high}]"
@@ -118,6 +121,8 @@ def check_int(name: str, value: Any, *, low: int | None = None, high: int | None
         rule = f"an integer <= {high}"
     else:
         rule = "an integer"
+    if high is not None:
+        rule += high_reason
     if isinstance(value, numbers.Real) and not isinstance(value, (bool, numbers.Integral)):
         if not math.isfinite(float(value)):  # NaN and ±inf: a ValueError, as from every check
             raise ValueError(f"{name} must be {rule}, got {value!r}")

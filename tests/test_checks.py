@@ -36,3 +36,9 @@ def test_check_int_bounds_are_inclusive():
         check_int("n", -1, low=0, high=5)
     with pytest.raises(ValueError, match=rf"^n must be an integer <= 5, got {2**70}$"):
         check_int("n", 2**70, high=5)
+
+
+def test_check_int_states_where_its_upper_bound_comes_from():
+    with pytest.raises(ValueError, match=r"^n must be an integer in \[0, 5\] \(five at most\), got 6$"):
+        check_int("n", 6, low=0, high=5, high_reason=" (five at most)")
+    assert check_int("n", 5, low=0, high=5, high_reason=" (five at most)") == 5

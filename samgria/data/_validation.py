@@ -33,10 +33,10 @@ def check_int(name: str, value: object, minimum: int, maximum: int | None = None
         ValueError: ``value`` is below ``minimum`` (same message), or above ``maximum``
             (``"{name} must be an integer in [{minimum}, {maximum}]{reason}, got ..."``).
     """
-    number = _check_integer(name, value, low=minimum)
-    if maximum is not None and number > maximum:
-        raise ValueError(f"{name} must be an integer in [{minimum}, {maximum}]{reason}, got {value!r}")
-    return number
+    number = _check_integer(name, value, low=minimum)  # a wrong kind: the short rule
+    if maximum is None:
+        return number
+    return _check_integer(name, value, low=minimum, high=maximum, high_reason=reason)
 
 
 #: torch's bound on the bytes of one tensor's storage ("Storage size calculation overflowed").
