@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 import math
 import warnings
+from fractions import Fraction
 
 import pytest
 import torch
@@ -483,6 +484,46 @@ def test_group_hyperparameters_are_read_each_step(cls, start, later):
     opt_a.param_groups[0][key] = -1.0
     with pytest.raises(ValueError, match=rf"param_groups\[0\]: {key} must be a finite number"):
         opt_a.step(make_closure(model_a, opt_a, x, y))
+
+
+EXACT_VALUES = [
+    (GSAM, {"rho": 0.0625, "alpha": 0.375}),
+    (WSAM, {"rho": 0.0625, "gamma": 0.75}),
+    (lambda: WSAM(decouple=False), {"rho": 0.0625, "gamma": 0.75}),
+    (FriendlySAM, {"rho": 0.0625, "sigma": 0.5, "lmbda": 0.875}),
+    (lambda: LookSAM(k=2), {"rho": 0.0625, "alpha": 0.375}),
+    (lambda: ESAM(seed=0), {"rho": 0.0625, "beta": 0.5}),
+]
+
+
+@pytest.mark.parametrize("kind", ["numpy-float32", "numpy-float16", "numpy-longdouble", "fraction"])
+@pytest.mark.parametrize(
+    "make,values", EXACT_VALUES, ids=["GSAM", "WSAM", "WSAM-coupled", "FriendlySAM", "LookSAM", "ESAM"]
+)
+def test_group_hyperparameters_of_any_real_type_step_as_their_float(make, values, kind):
+    """A group value validate_group accepts (any real number) steps as the float of the same value:
+    NumPy scalars carried their own precision into the step's scalars (float32 rounding in a
+    float64 run) and a Fraction crashed it mid-step (torch takes no Fraction as a scalar)."""
+    numpy = pytest.importorskip("numpy")
+    convert = {
+        "numpy-float32": numpy.float32,
+        "numpy-float16": numpy.float16,
+        "numpy-longdouble": numpy.longdouble,
+        "fraction": Fraction,
+    }[kind]
+
+    def run(convert):
+        x, y = make_data()
+        model = make_model()
+        optimizer = TransformingOptimizer(model.parameters(), torch.optim.SGD, lr=0.1, transforms=[make()])
+        for group in optimizer.param_groups:
+            group.update({key: convert(value) for key, value in values.items()})
+        closure = make_closure(model, optimizer, x, y)
+        for _ in range(3):
+            optimizer.step(closure)
+        return params_of(model)
+
+    assert_bitwise_equal(run(convert), run(float))
 
 
 # -- ESAM's mask ----------------------------------------------------------------------------------------------

@@ -317,8 +317,10 @@ class PerturbationTransform(Transform):
     def _radius(group: Mapping[str, Any]) -> float:
         """The group's ``rho`` with the sign of the climb: negative when the inner optimizer
         maximises (``maximize=True``: it minimises :math:`-L`, whose worst case within the radius
-        lies down the gradient of :math:`L`)."""
-        return -group["rho"] if group.get("maximize", False) else group["rho"]
+        lies down the gradient of :math:`L`). A float, whatever real number the group holds (a
+        NumPy scalar would carry its own precision into the move's scale)."""
+        rho = float(group["rho"])
+        return -rho if group.get("maximize", False) else rho
 
     # -- helpers shared by SAM and ASAM --------------------------------------------------------
     def _collect(

@@ -418,10 +418,10 @@ class GSAM(_FinishingTransform):
         # d = g_p - alpha (g - c g_p) = (1 + alpha c) g_p - alpha g  (no first gradient: g = 0)
         _scale_and_add_(
             perturbed,
-            [1.0 + group["alpha"] * parallel for group in groups],
+            [1.0 + float(group["alpha"]) * parallel for group in groups],
             both,
             kept,
-            [-groups[i]["alpha"] for i in both],
+            [-float(groups[i]["alpha"]) for i in both],
             ctx.foreach,
         )
 
@@ -501,7 +501,7 @@ class WSAM(_FinishingTransform):
         """Combine g and g_p, or (decoupled) put g back and keep the sharpness terms; returns the
         tensors kept in the gradients' scale (for the optimizer to unscale with them)."""
         params, perturbed, groups, both, kept = self._first_and_perturbed(ctx, first)
-        weights = [group["gamma"] / (1.0 - group["gamma"]) for group in groups]
+        weights = [float(group["gamma"]) / (1.0 - float(group["gamma"])) for group in groups]
         if not self.decouple:
             # a g_p + (1 - a) g with a = gamma / (1 - gamma)  (no first gradient: g = 0)
             _scale_and_add_(perturbed, weights, both, kept, [1.0 - weights[i] for i in both], ctx.foreach)
@@ -613,11 +613,11 @@ class FriendlySAM(_FinishingTransform):
         directions = [as_real(grad) for grad in grads]
         if old:
             olds = [cast(torch.Tensor, averages[i]) for i in old]  # cast: old holds the set ones
-            updated = _scaled(olds, [groups[i]["lmbda"] for i in old], ctx.foreach)
-            mix = [1.0 - groups[i]["lmbda"] for i in old]
+            updated = _scaled(olds, [float(groups[i]["lmbda"]) for i in old], ctx.foreach)
+            mix = [1.0 - float(groups[i]["lmbda"]) for i in old]
             _add_scaled_([as_real(m) for m in updated], [directions[i] for i in old], mix, ctx.foreach)
             shifted = [directions[i].clone() for i in old]
-            _add_scaled_(shifted, [as_real(m) for m in olds], [-groups[i]["sigma"] for i in old], ctx.foreach)
+            _add_scaled_(shifted, [as_real(m) for m in olds], [-float(groups[i]["sigma"]) for i in old], ctx.foreach)
             for k, i in enumerate(old):
                 new_averages[i] = updated[k]
                 directions[i] = shifted[k]
@@ -773,7 +773,7 @@ class LookSAM(_FinishingTransform):
             grads = _kept_past_backward(grads)
         units = [ctx.state[p].get("g_v") for p in params]
         chosen = [i for i, unit in enumerate(units) if unit is not None and groups[i]["alpha"] != 0]
-        scales = [groups[i]["alpha"] * norm for i in chosen]
+        scales = [float(groups[i]["alpha"]) * norm for i in chosen]
         # cast: chosen holds the set units
         _add_scaled_(
             [as_real(grads[i]) for i in chosen],
@@ -923,14 +923,15 @@ class ESAM(_FinishingTransform):
         for k in masked:  # one draw per element, tensor by tensor
             generator = None if generators is None else generators.get(directions[k].device)
             mask = torch.empty_like(directions[k], memory_format=torch.preserve_format)
-            masks.append(mask.bernoulli_(groups[moving[k]]["beta"], generator=generator))
+            masks.append(mask.bernoulli_(float(groups[moving[k]]["beta"]), generator=generator))
         mul_([directions[k] for k in masked], masks, foreach=ctx.foreach)
         del masks
         scales, divisors = [], []
         for i in moving:  # rho / (beta |g|); rho / beta over |g| where beta |g| is not a normal number
-            divisor = groups[i]["beta"] * norm
+            beta = float(groups[i]["beta"])
+            divisor = beta * norm
             normal = divisor >= sys.float_info.min
-            scales.append(self._radius(groups[i]) / (1.0 if normal else groups[i]["beta"]))
+            scales.append(self._radius(groups[i]) / (1.0 if normal else beta))
             divisors.append(divisor if normal else norm)
         moves = self._move_along([params[i] for i in moving], directions, scales, ctx.foreach, divisors).moves
 
