@@ -566,10 +566,11 @@ class FriendlySAM(_FinishingTransform):
         e = \rho\, \frac{d_t}{\lVert d_t \rVert_2},
 
     and the inner optimizer steps with :math:`\nabla L(w + e)`. The order is the authors' code's
-    (which pytorch_optimizer follows): the average of the previous steps is removed, then updated
-    with :math:`g_t` (removing the updated :math:`m_t` instead would change the direction by
-    :math:`\sigma (1 - \lambda)\, g_t`); as there, a parameter's first step starts the average at
-    :math:`m = g` and perturbs along :math:`g`.
+    (which pytorch_optimizer follows), not the paper's equations: the average of the previous
+    steps is removed, then updated with :math:`g_t`, where the paper writes
+    :math:`d_t = g_t - \sigma\, m_t` with the updated average (a direction that differs by
+    :math:`\sigma (1 - \lambda)\, g_t`); as in the code, a parameter's first step starts the
+    average at :math:`m = g` and perturbs along :math:`g`.
     ``rho``, ``sigma`` and ``lmbda`` are per-group keys; the norm is global. The average is kept
     in the slot (``"momentum"``, in the parameter's dtype) and updated also when nothing is
     perturbed (``rho=0``).
