@@ -129,7 +129,9 @@ class MetaSGD(MAML):
         outer: Outer optimizer class or an already built optimizer (the rates are added to it
             with ``add_param_group``); one that supports a single param group (LBFGS) cannot
             hold the rates' group.
-        inner_lr: Initial value of every rate.
+        inner_lr: Initial value of the rates of every group that sets no ``inner_lr`` of its own
+            (a group's ``inner_lr`` initialises its rates; editing it later changes nothing,
+            since the learned rates are the step sizes).
         inner_steps: Default number of inner steps.
         first_order: Drop second-order terms (the rates still get gradients).
         lrs_group: Extra options of the rates' param group (e.g. ``{"lr": 1e-4}``), checked
