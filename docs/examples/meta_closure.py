@@ -34,6 +34,6 @@ assert after < before, (before, after)
 
 # adapt() never changes the model: only step() does.
 snapshot = [p.detach().clone() for p in model.parameters()]
-learner = meta.adapt(lambda f: mse_loss(f(tasks[0].support_x), tasks[0].support_y), steps=5)
+learner = meta.adapt(lambda f: mse_loss(f(tasks[0].support_x), tasks[0].support_y), inner_steps=5)
 assert all(torch.equal(p, s) for p, s in zip(model.parameters(), snapshot))
 assert set(learner.params) == {name for name, _ in model.named_parameters()}

@@ -15,7 +15,7 @@ held_out = SinusoidTaskSampler(k_query=50, seed=1).sample(20)
 before = trainer.evaluate(held_out)
 history = trainer.fit(
     num_iterations=30,
-    meta_batch_size=10,  # tasks of equal shape: adapted together with torch.func.vmap
+    meta_batch_size=10,  # equal shapes: the loop and torch.func.vmap are timed, the faster kept
     eval_every=10,
     eval_tasks=held_out,
     progress=False,  # None: a progress bar on stderr when it is a terminal
@@ -23,4 +23,4 @@ history = trainer.fit(
 assert len(history.meta_loss) == 30
 assert history.eval_iterations == [10, 20, 30]
 assert history.eval_loss[-1] < before, (before, history.eval_loss)
-assert trainer.evaluate(held_out, steps=1) < trainer.evaluate(held_out, steps=0)  # one step helps
+assert trainer.evaluate(held_out, inner_steps=1) < trainer.evaluate(held_out, inner_steps=0)  # one step helps
