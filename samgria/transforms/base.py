@@ -420,9 +420,9 @@ class Transform:
         loads only the keys that exist then, so a transform with state must create every
         per-parameter key (``ctx.state[p]``) and object-level key (``ctx.slot_state(keys=...)``)
         here, with its final shape and dtype: a key it leaves out is silently not restored.
-        The optimizer warns when a transform that overrides :meth:`pre_update` or
+        At such a step the optimizer warns when a transform that overrides :meth:`pre_update` or
         :meth:`post_update` does not override this (one that keeps no state overrides it with
-        a method that does nothing).
+        a method that does nothing); construction and training steps do not warn.
         """
 
     def check_loaded_state(self, ctx: TransformContext) -> None:
