@@ -307,6 +307,55 @@ def test_exception_mid_training_keeps_the_last_completed_update():
         assert torch.equal(p, p0)
 
 
+@pytest.mark.parametrize("interruption", [RuntimeError, KeyboardInterrupt])
+def test_a_meta_iteration_that_raises_leaves_the_sampler_and_the_random_state_as_they_were(interruption):
+    """A meta-iteration that raises (an error, or Ctrl-C) is not counted, and the tasks it drew
+    and the dropout masks it drew are not consumed: continuing (or saving a checkpoint then)
+    gives the uninterrupted run, bit for bit. The sampler's stream used to stay one meta-batch
+    ahead, and torch's random state past the failed step's dropout masks."""
+
+    def build():
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(1, 16), nn.Tanh(), nn.Dropout(0.3), nn.Linear(16, 1)).to(DT)
+        meta = MAML(model, torch.optim.SGD, lr=0.05, inner_lr=0.1)
+        return model, meta
+
+    model, meta = build()
+    reference = MetaTrainer(meta, F.mse_loss, SinusoidTaskSampler(seed=1, dtype=DT), vectorize=False)
+    reference.fit(3, 2, progress=False)
+
+    failing = {"on": False, "calls": 0}
+
+    def loss_fn(prediction, target):
+        if failing["on"]:
+            failing["calls"] += 1
+            if failing["calls"] == 3:  # after a support and a query pass with dropout
+                raise interruption("stopped in the middle of a meta-iteration")
+        return F.mse_loss(prediction, target)
+
+    resumed_model, resumed_meta = build()
+    trainer = MetaTrainer(resumed_meta, loss_fn, SinusoidTaskSampler(seed=1, dtype=DT), vectorize=False)
+    trainer.fit(1, 2, progress=False)
+    failing["on"] = True
+    with pytest.raises(interruption, match="stopped in the middle"):
+        trainer.fit(2, 2, progress=False)
+    assert trainer.iteration == 1
+    failing["on"] = False
+    checkpoint = trainer.state_dict()
+    trainer.fit(2, 2, progress=False)
+    assert trainer.history == reference.history
+    for p, q in zip(resumed_model.parameters(), model.parameters()):
+        assert torch.equal(p, q)
+
+    _, fresh_meta = build()
+    fresh = MetaTrainer(fresh_meta, F.mse_loss, SinusoidTaskSampler(seed=2, dtype=DT), vectorize=False)
+    fresh.load_state_dict(checkpoint)
+    fresh.fit(2, 2, progress=False)
+    assert fresh.history == reference.history
+    for p, q in zip(fresh_meta.model.parameters(), model.parameters()):
+        assert torch.equal(p, q)
+
+
 def test_meta_step_and_evaluate_reject_empty_task_lists():
     trainer = MetaTrainer(MAML(make_model(), torch.optim.SGD, lr=0.1), F.mse_loss, ListSampler([]))
     with pytest.raises(ValueError, match=r"tasks must not be empty, got 0 tasks"):

@@ -723,6 +723,14 @@ class MetaTrainer:
         :meth:`load_state_dict`, or a previous call, the count continues, and ``eval_every`` and
         ``callback`` see the continued count.
 
+        A meta-iteration that raises (an error, or ``KeyboardInterrupt``) before its update
+        completes is not counted and leaves nothing behind: the meta-optimizer puts the weights
+        and its state back, and the sampler's state (its ``state_dict()`` or its ``generator``'s)
+        and torch's CPU random state are restored to where they were before it drew its tasks,
+        so a :meth:`state_dict` saved then, or another ``fit``, continues as the uninterrupted
+        run. (An exception from an evaluation or ``callback`` comes after the update: that
+        iteration is counted.)
+
         Args:
             num_iterations: Number of meta-updates to take now (``>= 1``).
             meta_batch_size: Tasks sampled per meta-update (``>= 1``); with a distributed
@@ -784,8 +792,16 @@ class MetaTrainer:
         try:
             for done in range(1, num_iterations + 1):
                 iteration = self.iteration + 1
-                tasks = self._sample(meta_batch_size)
-                loss = self.train_step(tasks)  # counts the skipped meta-steps in a row
+                draws = self._draw_point()
+                try:
+                    tasks = self._sample(meta_batch_size)
+                    loss = self.train_step(tasks)  # counts the skipped meta-steps in a row
+                except BaseException as error:
+                    # The meta-optimizer put the weights and its state back; the tasks and the
+                    # random numbers the iteration drew are given back too, so that it did not
+                    # happen (a checkpoint saved now resumes as the uninterrupted run).
+                    self._return_to(draws, error)
+                    raise
                 self.iteration = iteration
                 for h in histories:
                     h.meta_loss.append(loss)
@@ -814,6 +830,23 @@ class MetaTrainer:
             if bar is not None:
                 bar.close()
         return history
+
+    def _draw_point(self) -> tuple[Any, torch.Tensor]:
+        """What a meta-iteration draws from: a copy of the sampler's state (``None`` for a sampler
+        that has none) and torch's CPU random state."""
+        return copy.deepcopy(sampler_state_dict(self.sampler)), torch.get_rng_state()
+
+    def _return_to(self, draws: tuple[Any, torch.Tensor], error: BaseException) -> None:
+        """Restore what :meth:`_draw_point` returned after ``error``; a sampler that refuses its
+        own state (one with ``state_dict`` but no ``load_state_dict``) does not hide ``error``:
+        its refusal becomes a note of ``error`` (Python 3.11+)."""
+        sampler_state, rng = draws
+        torch.set_rng_state(rng)
+        try:
+            load_sampler_state_dict(self.sampler, sampler_state)
+        except Exception as refusal:
+            if hasattr(error, "add_note"):
+                error.add_note(f"MetaTrainer.fit could not restore the sampler's state: {refusal!r}")
 
     def _record_evaluation(self, eval_tasks: Sequence[Task], iteration: int, histories: Sequence[History]) -> float:
         """Evaluate on ``eval_tasks`` and append the loss at ``iteration`` to ``histories``."""
