@@ -79,6 +79,23 @@ def test_a_transform_that_cannot_shard_is_refused_by_name(one_rank_group: None, 
     assert len(optimizer.param_groups) == 1, "nothing half-applied"
 
 
+class _ClipByHand:
+    """A seed-protocol object (apply + post_step)."""
+
+    def apply(self, model, loss_fn, batch) -> None:
+        pass
+
+    def post_step(self, model) -> None:
+        pass
+
+
+def test_a_seed_protocol_object_that_cannot_shard_is_refused_by_its_own_name(one_rank_group: None) -> None:
+    # The refusal named "ProtocolTransform", samgria's adapter, not the user's class.
+    model = _sharded(_model())
+    with pytest.raises(ValueError, match=r"param_groups\[0\]: _ClipByHand \(seed protocol\) \(slot '_clip_by_hand'\) does not support sharded"):
+        TransformingOptimizer(model.parameters(), torch.optim.SGD, lr=0.1, transforms=[_ClipByHand()])
+
+
 def test_m_sharpness_is_refused_with_sharded_params(one_rank_group: None) -> None:
     model = _sharded(_model())
     with pytest.raises(ValueError, match=re.escape("first_pass_context (m-sharpness) needs unsharded parameters")):

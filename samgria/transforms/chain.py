@@ -413,8 +413,13 @@ class Chain:
             return
         for slot, transform in self:
             if not transform.supports_sharded_params:
+                name = (
+                    f"{transform.describe()} (seed protocol)"  # the user's class, not the adapter
+                    if isinstance(transform, ProtocolTransform)
+                    else type(transform).__name__
+                )
                 raise ValueError(
-                    f"{where}: {type(transform).__name__} (slot {slot!r}) does not support sharded "
+                    f"{where}: {name} (slot {slot!r}) does not support sharded "
                     "(DTensor) parameters such as FSDP2's: it would take per-tensor quantities of each "
                     "rank's shard alone or keep per-rank state (Transform.supports_sharded_params); "
                     "use it on unsharded parameters (DDP)"
