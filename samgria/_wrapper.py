@@ -38,6 +38,7 @@ and use torch's own machinery for everything torch already does — no copies of
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import inspect
@@ -778,6 +779,46 @@ def _show_state(driven: Optimizer, owner: WrappingOptimizer) -> None:
         )
 
 
+#: The driven optimizer's hook dictionaries that its own ``state_dict`` / ``load_state_dict``
+#: run, which :func:`_wrappers_hooks_only` filters.
+_CHECKPOINT_HOOKS = (
+    "_optimizer_state_dict_pre_hooks",
+    "_optimizer_state_dict_post_hooks",
+    "_optimizer_load_state_dict_pre_hooks",
+    "_optimizer_load_state_dict_post_hooks",
+)
+
+
+def _is_wrappers_hook(hook: Any) -> bool:
+    """Whether ``hook`` is one that a wrapper registered on its driven optimizer
+    (:func:`_show_state`'s), not one of the user's."""
+    return hook is _plain_entries or isinstance(hook, (_AdoptLoaded, _NoteGroups))
+
+
+def _wrappers_hooks(optimizer: Optimizer) -> dict[str, OrderedDict[Any, Any]]:
+    """New hook dictionaries for :data:`_CHECKPOINT_HOOKS` of ``optimizer`` holding only the
+    wrappers' hooks (those it lacks are left out)."""
+    found = {}
+    for attribute in _CHECKPOINT_HOOKS:
+        hooks = _hooks_of(optimizer, attribute)
+        if hooks is not None:
+            found[attribute] = OrderedDict((key, hook) for key, hook in hooks.items() if _is_wrappers_hook(hook))
+    return found
+
+
+@contextlib.contextmanager
+def _wrappers_hooks_only(optimizer: Optimizer) -> Iterator[None]:
+    """Within the block, ``optimizer``'s checkpoint hook dictionaries hold only the wrappers'
+    hooks: a wrapper that runs its driven optimizer's own ``state_dict`` runs none of the hooks
+    registered on that optimizer (the user registers them on the wrapper, as for step hooks)."""
+    saved = {attribute: optimizer.__dict__[attribute] for attribute in _wrappers_hooks(optimizer)}
+    optimizer.__dict__.update(_wrappers_hooks(optimizer))
+    try:
+        yield
+    finally:
+        optimizer.__dict__.update(saved)
+
+
 def _shallow_copy_of_driven(driven: Optimizer) -> Optimizer:
     """What ``copy.copy`` of a wrapper drives: a shallow copy of ``driven`` with the same
     attributes (the same param-group list, as torch's ``copy.copy`` keeps it), hooks of its own
@@ -1241,7 +1282,9 @@ class WrappingOptimizer(Optimizer):
             hooks = post_hooks.restore()
         driven = self._own_driven()
         if driven is not None and type(driven).state_dict is not Optimizer.state_dict:
-            for key, value in driven.state_dict().items():
+            with _wrappers_hooks_only(driven):  # its hooks do not run, as its step hooks do not
+                own = driven.state_dict()
+            for key, value in own.items():
                 if key not in ("state", "param_groups"):
                     packed.setdefault(key, value)
         packed.update(self._pack_extras())
@@ -1313,7 +1356,8 @@ class WrappingOptimizer(Optimizer):
     # -- a driven optimizer's own state_dict / load_state_dict -----------------------------------
     # The wrapper packs and loads the whole state with torch's methods. A driven optimizer whose
     # class overrides them (pytorch_optimizer's restore the dtypes torch's cast changed and keep a
-    # warm-up schedule or a step count beside the state) gets its own run too: what its
+    # warm-up schedule or a step count beside the state) gets its own run too (without the hooks
+    # registered on it, which do not run, as its step hooks do not): what its
     # state_dict() adds beside "state" and "param_groups" comes along, and its load_state_dict()
     # runs on the checkpoint without the wrapper's keys, first on a shallow copy of it (so that a
     # refusal fails the load before anything changes), then its state and attributes are taken.
@@ -1422,6 +1466,9 @@ class WrappingOptimizer(Optimizer):
         probe.__dict__.update(driven.__dict__)
         probe.__dict__["state"] = defaultdict(dict, {key: dict(entry) if is_entry(entry) else entry for key, entry in driven.state.items()})
         probe.__dict__["param_groups"] = [dict(group) for group in driven.param_groups]
+        # The hooks registered on the driven optimizer do not run (as its step hooks do not);
+        # the wrappers' own, which the copy shared, leave a copy alone.
+        probe.__dict__.update(_wrappers_hooks(driven))
         probe.load_state_dict(own)
         return probe
 
@@ -1432,6 +1479,8 @@ class WrappingOptimizer(Optimizer):
         driven = cast(Optimizer, self._own_driven())  # not None: it made the probe
         original = dict(driven.__dict__)
         for key, value in probe.__dict__.items():
+            if key in _CHECKPOINT_HOOKS:  # the copy's (see _probe_own_load)
+                continue
             if key not in ("state", "param_groups") and original.get(key, _MISSING) is not value:
                 driven.__dict__[key] = value
         for group, loaded in zip(driven.param_groups, probe.__dict__["param_groups"]):

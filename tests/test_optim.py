@@ -64,6 +64,46 @@ def test_wrapping_an_optimizer_with_hooks_of_its_own_warns_that_the_wrapper_does
     assert calls == []  # as the warning says
 
 
+class _OwnCheckpointSGD(torch.optim.SGD):
+    """An inner optimizer whose class has its own state_dict / load_state_dict (as
+    pytorch_optimizer's have): the wrapper calls them beside torch's."""
+
+    def state_dict(self):
+        return {**super().state_dict(), "own": 1}
+
+    def load_state_dict(self, state_dict):
+        state_dict = dict(state_dict)
+        state_dict.pop("own", None)
+        super().load_state_dict(state_dict)
+
+
+@pytest.mark.parametrize("register", _HOOK_REGISTRATIONS)
+@pytest.mark.parametrize("when", ["before wrapping", "after wrapping"])
+def test_hooks_of_an_inner_optimizer_with_its_own_checkpoint_methods_do_not_run(register, when):
+    # The guide: hooks of optimizer.inner do not run when the wrapper saves or loads. An inner
+    # optimizer whose class has its own state_dict / load_state_dict had them run by those.
+    model = make_model()
+    calls = []
+    inner = _OwnCheckpointSGD(model.parameters(), lr=0.1)
+    if when == "before wrapping":
+        getattr(inner, register)(lambda *args: calls.append(register))
+        with pytest.warns(UserWarning, match="params has hooks of its own"):
+            optimizer = TransformingOptimizer(inner, transforms=[SAM(0.05)])
+    else:
+        optimizer = TransformingOptimizer(inner, transforms=[SAM(0.05)])
+        getattr(optimizer.inner, register)(lambda *args: calls.append(register))
+    x, y = make_data()
+    optimizer.step(make_closure(model, optimizer, x, y))
+    checkpoint = optimizer.state_dict()
+    assert checkpoint["own"] == 1  # the class's own state_dict ran
+    optimizer.load_state_dict(checkpoint)
+    optimizer.step(make_closure(model, optimizer, x, y))
+    assert calls == []
+    # The wrapper's machinery on the inner optimizer still works: a direct load is taken over.
+    optimizer.base_optimizer.load_state_dict(optimizer.base_optimizer.state_dict())
+    assert optimizer.state_dict()["param_groups"][0]["transform_chain"] == ("sam=SAM()",)
+
+
 def test_wrapping_an_optimizer_whose_hooks_were_removed_does_not_warn():
     model = make_model()
     inner = torch.optim.SGD(model.parameters(), lr=0.1)
