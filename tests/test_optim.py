@@ -2583,7 +2583,8 @@ def test_a_subclass_overriding_step_runs_the_hooks_once_and_they_see_w(loop, cls
             make_closure(model, optimizer, x, y)()
             optimizer.second_step(zero_grad=True)
         else:
-            meta = FOMAML(model, optimizer, inner_lr=0.05)
+            with pytest.warns(UserWarning, match=r"^outer has hooks of its own \(1 register_step_pre_hook\), which the FOMAML does not run"):
+                meta = FOMAML(model, optimizer, inner_lr=0.05)
             meta.step(make_closure(model, meta, x, y))
     finally:
         handle.remove()
