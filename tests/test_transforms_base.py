@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 from torch import nn
-from transform_infos import assert_bitwise_equal, make_closure, make_data, make_model, params_of
+from transform_infos import assert_bitwise_equal, make_closure, make_data, make_model, params_of, step_in_loop
 
 import samgria.transforms.sam as sam_module
 from samgria import (
@@ -31,17 +31,6 @@ from samgria import (
     Transform,
     TransformingOptimizer,
 )
-
-
-def _step(optimizer, closure, loop):
-    """One step of ``loop``: ``"closure"`` (``step(closure)``) or ``"two-call"``."""
-    if loop == "closure":
-        optimizer.step(closure)
-    else:
-        closure()
-        optimizer.first_step()
-        closure()
-        optimizer.second_step()
 
 
 # -- PerturbationTransform subclasses: a perturb() that raises -------------------------------------
@@ -117,7 +106,7 @@ def test_a_users_perturb_that_raises_after_moving_weights_leaves_them_bit_for_bi
         assert all(torch.equal(optimizer.state[param][k], v) for k, v in entry.items())
     # The optimizer goes on as if the failed step had not been tried.
     optimizer.transforms[0].fail_at = None
-    _step(optimizer, closure, loop)
+    step_in_loop(optimizer, closure, loop)
 
 
 def test_a_users_perturb_that_raises_with_atomic_false_is_not_undone():
@@ -224,7 +213,7 @@ def test_a_subclass_overriding_a_built_ins_perturb_gets_the_copy_and_a_raise_mov
     closure = make_closure(model, optimizer, x, y)
     before = params_of(model)
     with pytest.raises(RuntimeError, match="^perturb failed after moving the weights$"):
-        _step(optimizer, closure, loop)
+        step_in_loop(optimizer, closure, loop)
     assert_bitwise_equal(before, params_of(model))
 
 

@@ -977,34 +977,6 @@ def test_asam_takes_every_real_eta_its_group_check_accepts(kind):
         assert torch.equal(got, want)
 
 
-@pytest.mark.parametrize("kind", ["numpy-float32", "numpy-float16", "numpy-longdouble", "fraction"])
-@pytest.mark.parametrize("transform", [SAM, ASAM])
-def test_a_group_rho_of_any_real_type_steps_as_its_float(transform, kind):
-    """A group rho that validate_group accepts (any real number) steps as the float of the same
-    value: a NumPy scalar carried its own precision into rho / |g| (float32 rounding in a float64
-    run, or long double arithmetic)."""
-    numpy = pytest.importorskip("numpy")
-    convert = {
-        "numpy-float32": numpy.float32,
-        "numpy-float16": numpy.float16,
-        "numpy-longdouble": numpy.longdouble,
-        "fraction": Fraction,
-    }[kind]
-
-    def run(convert):
-        x, y = make_data()
-        model = make_model()
-        optimizer = TransformingOptimizer(model.parameters(), torch.optim.SGD, lr=0.1, transforms=[transform()])
-        for group in optimizer.param_groups:
-            group["rho"] = convert(0.0625)
-        closure = make_closure(model, optimizer, x, y)
-        for _ in range(3):
-            optimizer.step(closure)
-        return params_of(model)
-
-    assert_bitwise_equal(run(convert), run(float))
-
-
 # -- a float64 gradient whose norm is tiny: rho / |g| beyond float64 -------------------------------
 def _perturbation_with_gradients(transform, value, loop):
     """The move e (the weights at the second pass minus w = 1) of one step whose passes' float64

@@ -20,9 +20,9 @@ import torch
 from torch import nn
 from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
 from torch.func import functional_call
-from transform_infos import assert_bitwise_equal, make_closure, make_data, make_model, params_of, step_installing
+from transform_infos import assert_bitwise_equal, make_closure, make_data, make_model, params_of, step_in_loop, step_installing
 
-from samgria import ESAM, GSAM, SAM, WSAM, ClipGradNorm, FriendlySAM, GradSign, LookSAM, NormalizeGrad, ScaleGrad, TransformingOptimizer
+from samgria import ASAM, ESAM, GSAM, SAM, WSAM, ClipGradNorm, FriendlySAM, GradSign, LookSAM, NormalizeGrad, ScaleGrad, TransformingOptimizer
 from samgria import Transform as GradientTransformBase
 
 SGD = (torch.optim.SGD, {"lr": 0.1, "momentum": 0.9})
@@ -269,18 +269,8 @@ def test_look_sam_step_that_perturbs_nothing_stores_a_zero_direction(zeroed, loo
     model = make_model()
     optimizer = TransformingOptimizer(model.parameters(), torch.optim.SGD, lr=0.1, transforms=[LookSAM(rho=0.05, alpha=0.7, k=2)])
     closure = make_closure(model, optimizer, x, y)
-
-    def step(closure):
-        if loop == "closure":
-            optimizer.step(closure)
-        else:
-            closure()
-            optimizer.first_step()
-            closure()
-            optimizer.second_step()
-
     for _ in range(4):  # SAM steps 0 and 2 store directions; 1 and 3 use them
-        step(closure)
+        step_in_loop(optimizer, closure, loop)
     if zeroed == "rho":
         for group in optimizer.param_groups:
             group["rho"] = 0.0
@@ -295,10 +285,10 @@ def test_look_sam_step_that_perturbs_nothing_stores_a_zero_direction(zeroed, loo
             loss.backward()
             return loss
 
-    step(at_sam_step)
+    step_in_loop(optimizer, at_sam_step, loop)
     reference = copy.deepcopy(model)
     plain = torch.optim.SGD(reference.parameters(), lr=0.1)
-    step(closure)  # step 5, between SAM steps
+    step_in_loop(optimizer, closure, loop)  # step 5, between SAM steps
     plain.zero_grad()
     nn.functional.mse_loss(reference(x), y).backward()
     plain.step()
@@ -487,6 +477,8 @@ def test_group_hyperparameters_are_read_each_step(cls, start, later):
 
 
 EXACT_VALUES = [
+    (SAM, {"rho": 0.0625}),
+    (ASAM, {"rho": 0.0625}),
     (GSAM, {"rho": 0.0625, "alpha": 0.375}),
     (WSAM, {"rho": 0.0625, "gamma": 0.75}),
     (lambda: WSAM(decouple=False), {"rho": 0.0625, "gamma": 0.75}),
@@ -498,7 +490,7 @@ EXACT_VALUES = [
 
 @pytest.mark.parametrize("kind", ["numpy-float32", "numpy-float16", "numpy-longdouble", "fraction"])
 @pytest.mark.parametrize(
-    "make,values", EXACT_VALUES, ids=["GSAM", "WSAM", "WSAM-coupled", "FriendlySAM", "LookSAM", "ESAM"]
+    "make,values", EXACT_VALUES, ids=["SAM", "ASAM", "GSAM", "WSAM", "WSAM-coupled", "FriendlySAM", "LookSAM", "ESAM"]
 )
 def test_group_hyperparameters_of_any_real_type_step_as_their_float(make, values, kind):
     """A group value validate_group accepts (any real number) steps as the float of the same value:

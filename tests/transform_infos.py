@@ -979,6 +979,17 @@ class ToyScheduleFree(torch.optim.Optimizer):
                 group["train_mode"] = True
 
 
+def step_in_loop(optimizer, closure, loop):
+    """One step of ``loop``: ``"closure"`` (``step(closure)``) or the two-call loop (any other)."""
+    if loop == "closure":
+        optimizer.step(closure)
+    else:
+        closure()
+        optimizer.first_step()
+        closure()
+        optimizer.second_step()
+
+
 def step_installing(optimizer, install, loop):
     """One step of ``loop`` ("closure" or "two-call") whose passes' gradients ``install()`` sets."""
     if loop == "closure":
