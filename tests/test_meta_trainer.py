@@ -528,6 +528,29 @@ def test_constructor_validation():
         MetaTrainer(meta, F.mse_loss, sampler, vectorize=1)
 
 
+@pytest.mark.parametrize(
+    "make_model_for, checkpoint_inner_steps, match",
+    [
+        (make_model, True, r"checkpointed inner steps need the loop path"),
+        (lambda: nn.Sequential(nn.Linear(1, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 1)), False,
+         r"second-order gradients pass through 1 \(BatchNorm1d\)"),
+    ],
+    ids=["checkpointed-steps", "batch-norm"],
+)
+def test_vectorize_true_that_the_model_or_the_inner_loop_rules_out_is_refused_at_construction(
+    make_model_for, checkpoint_inner_steps, match
+):
+    # It was accepted, and the first fit raised (after warning, with compile=True, that it used
+    # the uncompiled path): what the model and the inner loop alone decide is known now.
+    meta = MAML(make_model_for(), torch.optim.SGD, lr=0.1, checkpoint_inner_steps=checkpoint_inner_steps)
+    sampler = SinusoidTaskSampler(k_support=5, k_query=5, seed=0, dtype=DT)
+    for compile_ in (False, True):
+        with pytest.raises(ValueError, match=rf"^vectorize=True cannot be honoured: {match}"):
+            MetaTrainer(meta, F.mse_loss, sampler, vectorize=True, compile=compile_)
+    MetaTrainer(meta, F.mse_loss, sampler, vectorize=None)  # the loop stays open to it
+    MetaTrainer(meta, F.mse_loss, sampler, vectorize=False)
+
+
 # -- checkpoints: resume bit for bit ------------------------------------------------------------
 def _algorithm(name, model):
     from samgria.meta.metasgd import MetaSGD

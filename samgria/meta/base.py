@@ -50,7 +50,7 @@ from samgria.data.task import Task
 from samgria.functional import all_finite
 from samgria.meta import distributed as collectives
 from samgria.meta import engine
-from samgria.meta.engine import InnerLoop, InnerRegFn, check_inner_options, vmap_blocker
+from samgria.meta.engine import InnerLoop, InnerRegFn, check_inner_options, refuse_unvectorisable, vmap_blocker
 from samgria.meta.functional import check_lr, check_steps, one_steps_argument
 from samgria.meta.inner_optim import InnerStepFn, sgd_inner_step
 from samgria.meta.learner import Learner
@@ -922,9 +922,7 @@ class MetaOptimizer(WrappingOptimizer):
         check_choice("path", path, (None, "loop", "vmap"))
         explicit = path is not None
         if path == "vmap":
-            blocker = vmap_blocker(self.model, loop, tasks)
-            if blocker is not None:
-                raise ValueError(f"vectorize=True cannot be honoured: {blocker}; use vectorize=None/False")
+            refuse_unvectorisable(self.model, loop, tasks)
         chosen = path if path is not None else self.default_path(loop, tasks)
         params = self._meta_params()
 

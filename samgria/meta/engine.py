@@ -57,6 +57,7 @@ __all__ = [
     "functorch_support_grads",
     "run_inner_loop",
     "take_inner_steps",
+    "refuse_unvectorisable",
     "second_order_vmap_blocker",
     "stack_tasks",
     "task_losses",
@@ -860,6 +861,14 @@ def stack_tasks(tasks: Sequence[Task]) -> tuple[torch.Tensor, torch.Tensor, torc
         torch.stack([t.query_x for t in tasks]),
         torch.stack([t.query_y for t in tasks]),
     )
+
+
+def refuse_unvectorisable(model: nn.Module, loop: InnerLoop, tasks: Sequence[Task] | None = None) -> None:
+    """Raise ``ValueError`` where ``vectorize=True`` asks for a vmap path that :func:`vmap_blocker`
+    refuses (``tasks=None``: what the model and the loop alone decide, known at construction)."""
+    blocker = vmap_blocker(model, loop, tasks)
+    if blocker is not None:
+        raise ValueError(f"vectorize=True cannot be honoured: {blocker}; use vectorize=None/False")
 
 
 def vmap_blocker(model: nn.Module, loop: InnerLoop, tasks: Sequence[Task] | None = None) -> str | None:

@@ -23,7 +23,7 @@ from samgria.meta.base import MetaOptimizer, rng_untouched
 from samgria.meta.functional import one_steps_argument, sequence_as_list
 from samgria.meta.compiled import CompiledMetaLoss, check_compile_options, compiled_path_blocker
 from samgria.meta import distributed as collectives
-from samgria.meta.engine import PATHS, InnerLoop, InnerRegFn, vmap_blocker
+from samgria.meta.engine import PATHS, InnerLoop, InnerRegFn, refuse_unvectorisable, vmap_blocker
 from samgria.meta.inner_optim import InnerStepFn
 from samgria._frameworks import stacklevel_outside
 
@@ -299,8 +299,10 @@ class MetaTrainer:
             a value of the wrong kind (``fullgraph`` not a bool, ``backend`` neither a name
             nor a callable).
         ValueError: ``compile=True`` with ``vectorize=False`` (the compiled path is the
-            vectorised one), ``compile_options`` without ``compile=True`` or refused by
-            ``torch.compile``,
+            vectorised one), ``vectorize=True`` where the model or the inner loop rules vmap
+            out (:func:`~samgria.meta.engine.refuse_unvectorisable`: checkpointed second-order
+            inner steps, a norm layer a second-order step back-propagates through),
+            ``compile_options`` without ``compile=True`` or refused by ``torch.compile``,
             ``max_skipped_steps < 1``, or a ``DistributedTaskSampler`` sharded for another
             rank or world size than ``meta``.
     """
@@ -346,7 +348,9 @@ class MetaTrainer:
             "inner_reg_fn": inner_reg_fn,
             "grad_transforms": grad_transforms,
         }
-        meta.inner_loop(**self.inner_options)  # checks them now, before any work
+        loop = meta.inner_loop(**self.inner_options)  # checks them now, before any work
+        if vectorize:  # what the model and the inner loop alone rule out, refused now
+            refuse_unvectorisable(meta.model, loop)
         self.meta = meta
         self.loss_fn = loss_fn
         self.sampler = sampler
