@@ -780,13 +780,8 @@ def _show_state(driven: Optimizer, owner: WrappingOptimizer) -> None:
 
 
 #: The driven optimizer's hook dictionaries that its own ``state_dict`` / ``load_state_dict``
-#: run, which :func:`_wrappers_hooks_only` filters.
-_CHECKPOINT_HOOKS = (
-    "_optimizer_state_dict_pre_hooks",
-    "_optimizer_state_dict_post_hooks",
-    "_optimizer_load_state_dict_pre_hooks",
-    "_optimizer_load_state_dict_post_hooks",
-)
+#: run, which :func:`_wrappers_hooks_only` filters: all but the step hooks.
+_CHECKPOINT_HOOKS = tuple(attribute for attribute, _ in _HOOK_DICTIONARIES if "state_dict" in attribute)
 
 
 def _is_wrappers_hook(hook: Any) -> bool:
@@ -811,8 +806,9 @@ def _wrappers_hooks_only(optimizer: Optimizer) -> Iterator[None]:
     """Within the block, ``optimizer``'s checkpoint hook dictionaries hold only the wrappers'
     hooks: a wrapper that runs its driven optimizer's own ``state_dict`` runs none of the hooks
     registered on that optimizer (the user registers them on the wrapper, as for step hooks)."""
-    saved = {attribute: optimizer.__dict__[attribute] for attribute in _wrappers_hooks(optimizer)}
-    optimizer.__dict__.update(_wrappers_hooks(optimizer))
+    filtered = _wrappers_hooks(optimizer)
+    saved = {attribute: optimizer.__dict__[attribute] for attribute in filtered}
+    optimizer.__dict__.update(filtered)
     try:
         yield
     finally:
