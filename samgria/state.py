@@ -7,12 +7,26 @@ from types import TracebackType
 
 import torch
 from torch import nn
+from torch.nn.parameter import is_lazy
 
 __all__ = ["ParameterSnapshot", "restore_state", "save_state"]
 
 
-def _detached_clones(named: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def _detached_clones(named: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {name: tensor.detach().clone() for name, tensor in named.items()}
+
+
+def _check_holds_values(kind: str, named: Mapping[str, torch.Tensor]) -> None:
+    """Refuse a model's lazy (uninitialised) or meta tensors: they hold no values to capture, and a
+    copy into one writes nothing (a meta tensor) or fails (a lazy one)."""
+    for name, tensor in named.items():
+        if is_lazy(tensor):
+            raise ValueError(
+                f"model must have initialised {kind}, got the lazy {kind[:-1]} {name!r} (not "
+                "initialised yet): run one forward first"
+            )
+        if tensor.is_meta:
+            raise ValueError(f"model must hold the values of its {kind}, got {kind[:-1]} {name!r} on the meta device")
 
 
 class ParameterSnapshot:
@@ -34,7 +48,12 @@ class ParameterSnapshot:
     Gradients (``.grad``), ``requires_grad`` flags and optimizer state are not captured.
 
     Args:
-        model: The module to capture.
+        model: The module to capture; a lazy module after its first forward.
+
+    Raises:
+        TypeError: ``model`` is not an ``nn.Module``.
+        ValueError: A parameter or buffer of ``model`` holds no values: a lazy one not initialised
+            yet, or one on the meta device.
 
     Attributes:
         parameters: ``{name: tensor}`` clones of the parameters.
@@ -44,9 +63,12 @@ class ParameterSnapshot:
     def __init__(self, model: nn.Module) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        params, buffers = dict(model.named_parameters()), dict(model.named_buffers())
+        _check_holds_values("parameters", params)
+        _check_holds_values("buffers", buffers)
         self.model = model
-        self.parameters = _detached_clones(dict(model.named_parameters()))
-        self.buffers = _detached_clones(dict(model.named_buffers()))
+        self.parameters = _detached_clones(params)
+        self.buffers = _detached_clones(buffers)
 
     def _check(
         self, kind: str, saved: Mapping[str, torch.Tensor], live: Mapping[str, torch.Tensor]
@@ -58,6 +80,7 @@ class ParameterSnapshot:
                 f"model {kind} do not match the snapshot: missing from the model {missing}, "
                 f"not in the snapshot {extra}"
             )
+        _check_holds_values(kind, live)
         for name, value in saved.items():
             target = live[name]
             if target.shape != value.shape:
@@ -80,11 +103,12 @@ class ParameterSnapshot:
 
         Args:
             model: Module to restore into; it must have the same parameter and buffer names,
-                shapes and dtypes as the captured one.
+                shapes and dtypes as the captured one (its device may differ).
 
         Raises:
             TypeError: ``model`` is not an ``nn.Module``.
-            ValueError: The names, shapes or dtypes do not match the snapshot.
+            ValueError: The names, shapes or dtypes do not match the snapshot, or a parameter or
+                buffer of ``model`` holds no values to write into (lazy, or on the meta device).
         """
         model = self.model if model is None else model
         if not isinstance(model, nn.Module):
@@ -124,6 +148,11 @@ def save_state(model: nn.Module) -> ParameterSnapshot:
 
     Returns:
         A :class:`ParameterSnapshot` with detached clones of every parameter and buffer.
+
+    Raises:
+        TypeError: ``model`` is not an ``nn.Module``.
+        ValueError: A parameter or buffer of ``model`` is lazy and not initialised yet, or on the
+            meta device.
     """
     return ParameterSnapshot(model)
 
@@ -140,9 +169,14 @@ def restore_state(model: nn.Module, snapshot: ParameterSnapshot) -> None:
             parameter and buffer names, shapes and dtypes).
 
     Raises:
-        TypeError: ``snapshot`` is not a :class:`ParameterSnapshot` or ``model`` is not a module.
-        ValueError: The names, shapes or dtypes do not match.
+        TypeError: ``snapshot`` is not a :class:`ParameterSnapshot` or ``model`` is not a module
+            (``None`` included: unlike :meth:`ParameterSnapshot.restore`'s, this ``model`` has no
+            default).
+        ValueError: The names, shapes or dtypes do not match, or a parameter or buffer of
+            ``model`` holds no values (lazy, or on the meta device).
     """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if not isinstance(snapshot, ParameterSnapshot):
         raise TypeError(f"snapshot must be a ParameterSnapshot, got {type(snapshot).__name__}")
     snapshot.restore(model)

@@ -115,3 +115,46 @@ def test_bad_types():
 
 def test_repr_counts():
     assert repr(save_state(make_model())) == "ParameterSnapshot(6 parameters, 3 buffers)"
+
+
+def test_restore_state_refuses_none_as_the_model():
+    """``restore_state(None, snapshot)`` is no call of ``snapshot.restore()`` (whose ``None`` means the
+    captured model): it names the bad argument and writes nothing."""
+    model = make_model()
+    snapshot = save_state(model)
+    mutate(model)
+    after = state_bytes(model)
+    with pytest.raises(TypeError, match=r"^model must be a torch.nn.Module, got NoneType$"):
+        restore_state(None, snapshot)
+    assert state_bytes(model) == after
+
+
+class _TwoWeights(nn.Module):
+    def __init__(self, second_device: str = "cpu") -> None:
+        super().__init__()
+        self.a = nn.Parameter(torch.ones(2))
+        self.b = nn.Parameter(torch.ones(2, device=second_device))
+
+
+def test_meta_tensors_are_refused_before_anything_is_written():
+    """A meta tensor holds no values: restoring into one would write nothing (silently), and a
+    snapshot of one has nothing to write (torch raised after the tensors before it were written)."""
+    with pytest.raises(ValueError, match=r"^model must hold the values of its parameters, got parameter 'b' on the meta device$"):
+        save_state(_TwoWeights("meta"))
+
+    snapshot = save_state(_TwoWeights())
+    target = _TwoWeights("meta")
+    with torch.no_grad():
+        target.a.fill_(5.0)
+    with pytest.raises(ValueError, match=r"^model must hold the values of its parameters, got parameter 'b' on the meta device$"):
+        restore_state(target, snapshot)
+    assert torch.equal(target.a, torch.full((2,), 5.0)), "nothing written"
+
+
+def test_lazy_parameters_are_refused_naming_the_parameter():
+    with pytest.raises(ValueError, match=r"^model must have initialised parameters, got the lazy parameter '0.weight' .*run one forward"):
+        save_state(nn.Sequential(nn.LazyLinear(2)))
+    initialised = nn.Sequential(nn.LazyLinear(2))
+    initialised(torch.ones(1, 3))
+    with pytest.raises(ValueError, match=r"^model must have initialised parameters, got the lazy parameter '0.weight' "):
+        restore_state(nn.Sequential(nn.LazyLinear(2)), save_state(initialised))
