@@ -11,6 +11,7 @@ draws each method's decision regions (needs matplotlib).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import math
 import os
@@ -68,15 +69,16 @@ def _check_image_path(name: str, path: Any) -> None:
         TypeError: ``path`` is not a ``str`` or ``os.PathLike``.
         ImportError: matplotlib does not import.
         ValueError: ``path``'s folder does not exist, ``path`` is a folder, its suffix is not a format
-            that matplotlib's ``savefig`` writes, or it is ``.pgf`` and matplotlib's TeX program is
-            missing.
+            that matplotlib's ``savefig`` writes, it is ``.pgf`` and matplotlib's TeX program is
+            missing, or no file can be written at ``path`` (the folder's permissions, a name too long).
     """
     if not isinstance(path, (str, os.PathLike)):
         raise TypeError(f"{name} must be a str or os.PathLike, got {path!r}")
     file = Path(path)
-    if not file.parent.is_dir():
+    # os.path.isdir: False, not an OSError, for a name the system refuses (too long)
+    if not os.path.isdir(file.parent):
         raise ValueError(f"{name} must be a file name in an existing folder, got {os.fspath(path)!r}")
-    if file.is_dir():
+    if os.path.isdir(file):
         raise ValueError(f"{name} must be a file name, not a folder, got {os.fspath(path)!r}")
     try:
         import matplotlib
@@ -94,6 +96,20 @@ def _check_image_path(name: str, path: Any) -> None:
             f"{name} must not end in .pgf without {tex} (matplotlib's pgf.texsystem) on PATH, "
             f"got {os.fspath(path)!r}"
         )
+    # Whether the file can be made (the folder's permissions, the name's length, a read-only or
+    # special file system): opened for appending, which leaves an existing file as it is; a file
+    # made here is removed again.
+    existed = os.path.lexists(file)
+    try:
+        with open(file, "ab"):
+            pass
+    except OSError as error:
+        raise ValueError(
+            f"{name} must be a file that can be written, got {os.fspath(path)!r} ({error.strerror or error})"
+        ) from None
+    if not existed:
+        with contextlib.suppress(OSError):
+            file.unlink()
 
 
 def make_spirals(
@@ -139,8 +155,11 @@ def make_spirals(
 
 
 def _model(seed: int, width: int) -> nn.Module:
-    torch.manual_seed(seed)
-    return nn.Sequential(nn.Linear(2, width), nn.ReLU(), nn.Linear(width, width), nn.ReLU(), nn.Linear(width, 2))
+    # Initialised from ``seed`` on a fork of the default generator: the caller's stream goes on
+    # as if the demo had not run.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return nn.Sequential(nn.Linear(2, width), nn.ReLU(), nn.Linear(width, width), nn.ReLU(), nn.Linear(width, 2))
 
 
 def _optimizer(method: str, model: nn.Module, lr: float, seed: int) -> TransformingOptimizer:
@@ -278,7 +297,14 @@ def _warm_up(
             optimizer.step(closure)
 
 
-def plot_demo(results: Sequence[DemoResult], path: str | Path, *, seed: int = 0, n_points: int = 1000) -> None:
+def plot_demo(
+    results: Sequence[DemoResult],
+    path: str | Path,
+    *,
+    seed: int = 0,
+    n_points: int = 1000,
+    label_noise: float = 0.15,
+) -> None:
     """Draw each method's decision regions over the noisy training spirals into an image file.
 
     One panel per method (title: held-out accuracy); needs matplotlib.
@@ -289,13 +315,16 @@ def plot_demo(results: Sequence[DemoResult], path: str | Path, *, seed: int = 0,
             ``.png``; any format that matplotlib's ``savefig`` writes).
         seed: The seed the demo ran with (the training points drawn are the same).
         n_points: Training points the demo used.
+        label_noise: Share of flipped training labels the demo used (the points' colours are
+            their training labels).
 
     Raises:
         ImportError: If matplotlib is not installed.
-        TypeError: If ``results`` is not a sequence of :class:`DemoResult`, ``path`` not a path, or
-            ``seed`` or ``n_points`` not an integer.
+        TypeError: If ``results`` is not a sequence of :class:`DemoResult`, ``path`` not a path,
+            ``seed`` or ``n_points`` not an integer, or ``label_noise`` not a real number.
         ValueError: If ``results`` is empty, a result has no model, ``path`` is not a file matplotlib
-            can write (see above), ``n_points < 2`` or ``seed`` is out of range.
+            can write (see above) or no file can be written there, ``n_points < 2``, ``seed`` is out
+            of range or ``label_noise`` outside ``[0, 1]``.
     """
     results = _check_sequence("results", results, "a non-empty sequence of DemoResult (what run_demo returns)")
     for index, result in enumerate(results):
@@ -307,13 +336,14 @@ def plot_demo(results: Sequence[DemoResult], path: str | Path, *, seed: int = 0,
             )
     seed = _check_demo_seed("seed", seed)
     n_points = check_int("n_points", n_points, low=2)
+    label_noise = check_real("label_noise", label_noise, low=0.0, high=1.0)
     _check_image_path("path", path)
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    x, y = make_spirals(n_points, label_noise=0.15, seed=seed)
+    x, y = make_spirals(n_points, label_noise=label_noise, seed=seed)
     extent = 1.05 * float(x.abs().max())
     grid = torch.linspace(-extent, extent, 241)
     xx, yy = torch.meshgrid(grid, grid, indexing="xy")
@@ -327,7 +357,7 @@ def plot_demo(results: Sequence[DemoResult], path: str | Path, *, seed: int = 0,
         ax.set_title(f"{result.method}: {100 * result.test_accuracy:.1f}% held-out", fontsize=10)
         ax.set_xticks([])
         ax.set_yticks([])
-    fig.suptitle("decision regions after training on spirals with 15% flipped labels", fontsize=10)
+    fig.suptitle(f"decision regions after training on spirals with {100 * label_noise:g}% flipped labels", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)

@@ -372,6 +372,20 @@ _SEED_RULE = "seed must be an integer in [-2**63, 2**64 - 1]"
         ),
         ([_trained_result()], "demo.png", {"n_points": 1}, ValueError, "n_points must be an integer >= 2, got 1"),
         ([_trained_result()], "demo.png", {"seed": 2**64}, ValueError, f"{_SEED_RULE}, got {2**64}"),
+        (
+            [_trained_result()],
+            "demo.png",
+            {"label_noise": 1.5},
+            ValueError,
+            "label_noise must be a finite number in [0, 1], got 1.5",
+        ),
+        (
+            [_trained_result()],
+            "x" * 300 + ".png",
+            {},
+            ValueError,
+            "path must be a file that can be written, got '{tmp}/" + "x" * 300 + ".png' (File name too long)",
+        ),
     ],
 )
 def test_plot_demo_rejects_bad_arguments_before_drawing(
@@ -407,3 +421,52 @@ def test_run_demo_results_carry_their_trained_models() -> None:
     with torch.no_grad():
         accuracy = float((result.model(x_test).argmax(1) == y_test).float().mean())
     assert accuracy == result.test_accuracy
+
+
+def test_plot_path_that_cannot_be_created_exits_before_training(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], no_training: None
+) -> None:
+    """A path the folder check passes but no file can be made at (here a name too long for the file
+    system; also a folder the user may not write into) failed with a traceback after the training."""
+    pytest.importorskip("matplotlib")
+    path = str(tmp_path / ("x" * 300 + ".png"))
+    err = _exit_message(["demo", "--plot", path], capsys)
+    assert f"python -m samgria demo: error: --plot must be a file that can be written, got {path!r} (" in err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_plot_check_leaves_no_file_behind(tmp_path: Path, no_training: None) -> None:
+    """The writability check of a new path removes the file it made (training fails here)."""
+    pytest.importorskip("matplotlib")
+    with pytest.raises(AssertionError, match="despite a bad argument"):
+        main(["demo", "--plot", str(tmp_path / "demo.png")])
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_run_demo_leaves_the_global_rng_as_it_was() -> None:
+    """run_demo seeds its models' initialisation without touching the caller's default generator."""
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    run_demo(methods=["plain"], **{**_TINY, "epochs": 1})
+    assert torch.equal(torch.rand(3), expected)
+
+
+def test_plot_demo_draws_the_training_labels_of_the_given_label_noise(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The panels show the training points of a run with ``label_noise`` (their labels as colours) and
+    the title says the share."""
+    pytest.importorskip("matplotlib")
+    import matplotlib.pyplot as plt
+
+    figures = []
+    monkeypatch.setattr(plt, "close", figures.append)
+    plot_demo([_trained_result()], tmp_path / "demo.png", n_points=40, seed=3, label_noise=0.5)
+    (figure,) = figures
+    assert "with 50% flipped labels" in figure._suptitle.get_text()
+    (points,) = figure.axes[0].collections[-1:]
+    orange = torch.tensor([tuple(color) != (8 / 255, 81 / 255, 156 / 255, 1.0) for color in points.get_facecolors()])
+    _, labels = make_spirals(40, label_noise=0.5, seed=3)
+    assert torch.equal(orange, labels == 1)
+    plt.close(figure)
