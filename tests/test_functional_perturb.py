@@ -171,6 +171,22 @@ def test_perturbed_into_with_a_wider_buffer_or_one_sharing_the_direction_matches
     assert torch.equal(direction, torch.tensor([3.0, 5.0]))
 
 
+@torch.no_grad()
+def test_perturbed_into_a_buffer_laid_out_otherwise_than_its_weight_gives_torch_adds_bits():
+    """A broadcast direction: copied into a transposed buffer and added to there, the CPU kernel
+    rounds w + s d otherwise than ``torch.add(w, d, alpha=s, out=b)`` (the reference path)."""
+    generator = torch.Generator().manual_seed(0)
+    shape = (4, 5, 6, 7)
+    for _ in range(3):
+        weights = torch.randn(shape, generator=generator)
+        direction = torch.randn(shape[-1], generator=generator).expand(shape)
+        buffers = [torch.empty(shape[::-1]).permute(3, 2, 1, 0) for _ in range(2)]
+        expected = _out_of_place_reference(buffers[:1], [weights], [direction], [0.3])[0]
+        for buffer, foreach in zip(buffers, [True, False]):
+            perturbed_into_([buffer], [weights], [direction], [0.3], foreach=foreach)
+            assert torch.equal(buffer, expected)
+
+
 def _aliased_world(pattern: str):
     """Entries whose buffers are other entries' weights, directions or buffers, as a caller of the
     public kernel may pass them: ``(buffers, params, directions, scales, tensors)``."""

@@ -46,9 +46,11 @@ def perturbed_into_(
     one ``torch.add`` after another. A direction wider than its parameter (float32 for a 16-bit one), and every
     16-bit parameter, is computed in float32 and rounded once: a 16-bit tensor cannot take a huge
     ``s_i`` as a scalar operand. Otherwise one fused ``torch.add(w, d, alpha=s, out=b)`` per
-    tensor (the reference path, and large tensors on the CPU), or with ``foreach``
-    ``_foreach_copy_`` and ``_foreach_add_(b, d, alpha=s)`` per list of tensors with the same
-    scale: the same arithmetic (:math:`w + s\,d` with one rounding; bit for bit on the CPU, tested).
+    tensor (the reference path, large tensors on the CPU, and buffers laid out otherwise than
+    their weights), or with ``foreach`` ``_foreach_copy_`` and ``_foreach_add_(b, d, alpha=s)``
+    per list of tensors with the same scale: the same arithmetic (:math:`w + s\,d` with one
+    rounding, on the CPU for a direction that is not broadcast, an ``expand`` view; bit for bit
+    on the CPU, tested).
     A scale is a real number (Python or a NumPy scalar) or a 0-dim real tensor, as ``torch.add``'s
     ``alpha``, and follows IEEE arithmetic: a NaN or infinite scale gives NaN or infinite weights.
     Everything is checked before anything is written, each scale against the dtype its entry is
@@ -236,11 +238,15 @@ def _perturbed_into_by_lists(
         if isinstance(scale, float) and (size_limit is None or param.numel() <= size_limit):
             if buffer is param:  # in place: added at its turn, after the earlier entries
                 conflicts = False
-            elif buffer.dtype == dtype and buffer_at != direction_at:
+            elif buffer.dtype == dtype and buffer_at != direction_at and buffer.stride() == param.stride():
                 # The run copies every buffer before it adds: a copy must not read an earlier
                 # buffer (not yet added to), nor write into an earlier buffer or direction.
                 conflicts = param_at in written or buffer_at in written or buffer_at in directions_read
-            else:  # a wider buffer, or one that is the direction: torch.add's own arithmetic
+            else:
+                # A wider buffer, one that is the direction, or one laid out otherwise than its
+                # weight: torch.add's own arithmetic. (Copied, then added to in its own layout, it
+                # could come out otherwise: with a broadcast direction, the CPU kernel rounds
+                # w + s d differently in one layout than in another; tested.)
                 conflicts = None
             if conflicts is not None:
                 if run and (conflicts or not _same_scale(scales[run[0]], scale)):
