@@ -196,6 +196,25 @@ def test_every_lamp_kernel_rejects_a_tensor_of_another_shape_before_writing(othe
 
 
 @pytest.mark.parametrize("foreach", [True, False])
+def test_add_scaled_and_accumulate_refuse_a_tensor_on_another_device_before_writing(foreach):
+    """An update or weight on another device ("meta" here, as a CPU one for CUDA weights) wrote the
+    entries before it, then failed in torch or, for "meta", was taken silently. A 0-dim CPU
+    tensor, which torch takes with a tensor on any device, stays allowed."""
+    params = [torch.ones(3), torch.ones(3)]
+    others = [torch.ones(3), torch.ones(3, device="meta")]
+    device_rule = r", cpu \(or be a 0-dim CPU tensor\), got a tensor on meta$"
+    with pytest.raises(ValueError, match=r"^updates\[1\] must be on the device of params\[1\]" + device_rule):
+        add_scaled_(params, others, 0.5, foreach=foreach)
+    with pytest.raises(ValueError, match=r"^params\[1\] must be on the device of sums\[1\]" + device_rule):
+        accumulate_(params, others, foreach=foreach)
+    for tensor in params:
+        assert torch.equal(tensor, torch.ones(3))  # nothing written
+    meta = torch.empty((), device="meta")
+    add_scaled_([meta], [torch.tensor(1.0)], 0.5, foreach=foreach)
+    accumulate_([meta], [torch.tensor(1.0)], foreach=foreach)
+
+
+@pytest.mark.parametrize("foreach", [True, False])
 @pytest.mark.parametrize("dtype", [torch.int64, torch.int32, torch.bool])
 def test_every_lamp_kernel_rejects_integer_and_bool_tensors_it_writes(dtype, foreach):
     """They would truncate: ``accumulate_`` and ``assign_mean_`` left integer tensors unchanged."""

@@ -582,6 +582,29 @@ def test_perturbation_kernels_refuse_a_complex_value_written_into_a_real_tensor_
 
 
 @pytest.mark.parametrize("foreach", [True, False])
+def test_perturbation_kernels_refuse_a_tensor_on_another_device_before_writing(foreach):
+    """A direction on another device ("meta" here, as a CPU one for CUDA weights) failed in torch
+    after the entries before it were perturbed; a factor there was taken silently. A 0-dim CPU
+    tensor, which torch takes with a tensor on any device, stays allowed."""
+    weights, buffers = [torch.ones(3), torch.ones(3)], [torch.zeros(3), torch.zeros(3)]
+    directions = [torch.ones(3), torch.ones(3, device="meta")]
+    device_rule = r"\(or be a 0-dim CPU tensor\), got a tensor on "
+    with pytest.raises(ValueError, match=r"^directions\[1\] must be on the device of params\[1\], cpu " + device_rule + "meta$"):
+        add_directions_(weights, directions, [1.0, 1.0], foreach=foreach)
+    with pytest.raises(ValueError, match=r"^directions\[1\] must be on the device of buffers\[1\], cpu " + device_rule + "meta$"):
+        perturbed_into_(buffers, weights, directions, [1.0, 1.0], foreach=foreach)
+    with pytest.raises(ValueError, match=r"^params\[1\] must be on the device of buffers\[1\], meta " + device_rule + "cpu$"):
+        perturbed_into_([buffers[0], torch.empty(3, device="meta")], weights, weights, [1.0, 1.0], foreach=foreach)
+    with pytest.raises(ValueError, match=r"^factors\[1\] must be on the device of buffers\[1\], cpu " + device_rule + "meta$"):
+        mul_(weights, [torch.full((3,), 2.0), torch.ones(3, device="meta")], foreach=foreach)
+    assert all(torch.equal(w, torch.ones(3)) for w in weights)  # nothing written
+    assert all(torch.equal(b, torch.zeros(3)) for b in buffers)
+    meta = torch.empty((), device="meta")
+    add_directions_([meta], [torch.tensor(1.0)], [1.0], foreach=foreach)
+    mul_([meta], [torch.tensor(2.0)], foreach=foreach)
+
+
+@pytest.mark.parametrize("foreach", [True, False])
 def test_mul_and_mul_in_place_refuse_a_factor_of_another_shape_before_writing(foreach):
     """A (1,) factor was broadcast silently; a longer one failed after the entries before it were
     multiplied."""

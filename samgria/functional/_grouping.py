@@ -1,6 +1,7 @@
 """Grouping tensor lists by device and dtype for ``torch._foreach_*`` kernels, the parameters of
 param groups, each once, and the checks every kernel makes of its lists (tensors, lengths, dtypes,
-shapes, nothing complex written into a real tensor) and of its scalars (real numbers that fit)."""
+shapes, devices, nothing complex written into a real tensor) and of its scalars (real numbers
+that fit)."""
 
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ __all__ = [
     "check_lengths",
     "check_floating",
     "check_shapes",
+    "check_devices",
     "check_real_where_real",
     "check_tensors",
     "check_scalar",
@@ -98,6 +100,27 @@ def check_shapes(name: str, tensors: Sequence[torch.Tensor], like_name: str, lik
             raise ValueError(
                 f"{name}[{index}] must have the shape of {like_name}[{index}], {tuple(model.shape)}, "
                 f"got {tuple(tensor.shape)}"
+            )
+
+
+def check_devices(name: str, tensors: Sequence[torch.Tensor], target_name: str, targets: Sequence[torch.Tensor]) -> None:
+    """Check that every tensor of ``tensors`` is on the device of its entry of ``targets`` (the
+    tensor it is computed into; lists of one length), or is a 0-dim CPU tensor (which torch takes
+    with a tensor on any device): torch refuses another device only as it reaches that entry,
+    after writing the entries before it. One set of devices in the common case (one device), the
+    entries read one by one only when there are several.
+
+    Raises:
+        ValueError: ``"{name}[i] must be on the device of {target_name}[i], {device} (or be a 0-dim
+            CPU tensor), got a tensor on {device}"`` for the first such tensor.
+    """
+    if len({tensor.device for tensor in targets}.union(tensor.device for tensor in tensors)) <= 1:
+        return
+    for index, (tensor, target) in enumerate(zip(tensors, targets)):
+        if tensor.device != target.device and not (tensor.dim() == 0 and tensor.device.type == "cpu"):
+            raise ValueError(
+                f"{name}[{index}] must be on the device of {target_name}[{index}], {target.device} (or be a "
+                f"0-dim CPU tensor), got a tensor on {tensor.device}"
             )
 
 

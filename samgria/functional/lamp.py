@@ -5,12 +5,13 @@ per-tensor reference path that performs the same arithmetic tensor by tensor, so
 bit for bit. The lists a kernel writes into must be floating-point or complex (an integer tensor
 would truncate silently), every list must have one entry per parameter, the tensors a kernel
 combines must have one shape (torch would broadcast a smaller one silently, or fail after writing
-the entries before it), and no complex tensor may be written into a real one (a cast would
-discard its imaginary part); each is checked once per list (or per device and dtype), before
-anything is written. An entry must not share memory with another entry of the call (a tensor one
-entry writes, read or written by another): the result is then unspecified, and may differ
-between the two paths (the foreach path takes the entries by device and dtype, and may run them
-in parallel on a GPU).
+the entries before it), the tensors :func:`add_scaled_` and :func:`accumulate_` add must be on
+one device (unless a 0-dim CPU tensor; torch would fail after writing the entries before it), and
+no complex tensor may be written into a real one (a cast would discard its imaginary part); each
+is checked once per list (or per device and dtype), before anything is written. An entry must
+not share memory with another entry of the call (a tensor one entry writes, read or written by
+another): the result is then unspecified, and may differ between the two paths (the foreach path
+takes the entries by device and dtype, and may run them in parallel on a GPU).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import torch
 
 from samgria._checks import check_bool, check_int
 from samgria.functional._grouping import (
+    check_devices,
     check_fits_where_computed,
     check_floating,
     check_lengths,
@@ -101,7 +103,7 @@ def add_scaled_(
 
     Raises:
         ValueError: If ``updates`` has another length than ``params``, an update another shape
-            than its parameter, or ``alpha`` is finite and beyond the range of the dtype an entry
+            or (unless a 0-dim CPU tensor) device than its parameter, or ``alpha`` is finite and beyond the range of the dtype an entry
             is computed in (``"alpha must fit in the dtype params[i] is computed in, torch.float32
             (at most ... in magnitude, or infinite, or NaN), got {alpha!r}"``) or of a float.
         TypeError: If an entry of either list is not a tensor, a parameter is neither
@@ -114,6 +116,7 @@ def add_scaled_(
     check_tensors("params", params)
     check_tensors("updates", updates)
     check_shapes("updates", updates, "params", params)
+    check_devices("updates", updates, "params", params)
     check_real_where_real("updates", updates, "params", params)
     alpha = check_scalar("alpha", alpha)
     check_fits_where_computed(params, updates, [alpha] * len(params), ["alpha"] * len(params))
@@ -156,7 +159,7 @@ def accumulate_(sums: Sequence[torch.Tensor], params: Sequence[torch.Tensor], *,
 
     Raises:
         ValueError: If ``params`` has another length than ``sums``, or a parameter another shape
-            than its sum.
+            or (unless a 0-dim CPU tensor) device than its sum.
         TypeError: If an entry of either list is not a tensor, a sum is neither floating-point nor
             complex, or a parameter is complex where its sum is real.
     """
@@ -165,6 +168,7 @@ def accumulate_(sums: Sequence[torch.Tensor], params: Sequence[torch.Tensor], *,
     check_tensors("sums", sums)
     check_tensors("params", params)
     check_shapes("params", params, "sums", sums)
+    check_devices("params", params, "sums", sums)
     check_real_where_real("params", params, "sums", sums)
     if foreach:
         groups = group_indices_by_device_and_dtype(sums)

@@ -16,6 +16,7 @@ import torch
 from samgria._checks import check_bool
 from samgria.functional._grouping import (
     LARGEST,
+    check_devices,
     check_fits,
     check_fits_where_computed,
     check_floating,
@@ -59,8 +60,11 @@ def perturbed_into_(
 
     Raises:
         ValueError: If ``buffers``, ``directions`` or ``scales`` has another length than
-            ``params``, a buffer or direction has another shape than its parameter, or a scale is
-            finite and beyond the range of the dtype its entry is computed in (``"scales[i] must
+            ``params``, a buffer or direction has another shape than its parameter, a parameter or
+            direction is on another device than its buffer, unless a 0-dim CPU tensor
+            (``"directions[i] must be on the device of buffers[i], cuda:0 (or be a 0-dim CPU
+            tensor), got a tensor on cpu"``; torch would refuse it after writing the entries
+            before it), or a scale is finite and beyond the range of the dtype its entry is computed in (``"scales[i] must
             fit in the dtype params[i] is computed in, torch.float32 (at most ... in magnitude, or
             infinite, or NaN), got {scale!r}"``) or of a float (an integer such as ``10**400``).
         TypeError: If an entry of a list is not a tensor, a parameter or buffer is neither
@@ -85,9 +89,12 @@ def perturbed_into_(
     if buffers is not params:
         check_floating("buffers", buffers)
         check_shapes("buffers", buffers, "params", params)
+        check_devices("params", params, "buffers", buffers)
         check_real_where_real("params", params, "buffers", buffers, [dtype for _device, dtype in by_dtype])
+    target_name = "buffers" if buffers is not params else "params"
+    check_devices("directions", directions, target_name, buffers)
     # The widened path's copy_ would discard an imaginary part that torch.add refuses to.
-    check_real_where_real("directions", directions, "buffers" if buffers is not params else "params", buffers)
+    check_real_where_real("directions", directions, target_name, buffers)
     check_fits_where_computed(params, directions, scales, [f"scales[{index}]" for index in range(len(scales))])
     widened: list[_Segment] = []
     plain: list[_Segment] = []
@@ -318,8 +325,9 @@ def add_directions_(
 
     Raises:
         ValueError: If ``directions`` or ``scales`` has another length than ``params``, a
-            direction has another shape than its parameter, or a scale is beyond the range of the
-            dtype its entry is computed in (or of a float), as in :func:`perturbed_into_`.
+            direction has another shape or (unless a 0-dim CPU tensor) device than its parameter,
+            or a scale is beyond the range of the dtype its entry is computed in (or of a float),
+            as in :func:`perturbed_into_`.
         TypeError: If an entry of a list is not a tensor, a parameter is neither floating-point
             nor complex, a direction is complex where its parameter is real, or a scale is neither
             a real number nor a 0-dim real tensor (``"scales[i] must be a real number or a 0-dim
@@ -341,8 +349,9 @@ def mul_(
     anything is written.
 
     Raises:
-        ValueError: If ``factors`` has another length than ``buffers``, or a factor another shape
-            than its buffer (torch would broadcast it).
+        ValueError: If ``factors`` has another length than ``buffers``, a factor another shape
+            than its buffer (torch would broadcast it), or another device (unless a 0-dim CPU
+            tensor; torch would refuse it after writing the entries before it).
         TypeError: If an entry of either list is not a tensor (``"factors[i] must be a
             torch.Tensor, got 2.0"``), a buffer is neither floating-point nor complex, or a factor
             is complex where its buffer is real.
@@ -352,6 +361,7 @@ def mul_(
     check_tensors("buffers", buffers)
     check_tensors("factors", factors)
     check_shapes("factors", factors, "buffers", buffers)
+    check_devices("factors", factors, "buffers", buffers)
     check_real_where_real("factors", factors, "buffers", buffers)
     if foreach:
         groups = group_indices_by_device_and_dtype(buffers)
