@@ -215,6 +215,25 @@ def test_add_scaled_and_accumulate_refuse_a_tensor_on_another_device_before_writ
 
 
 @pytest.mark.parametrize("foreach", [True, False])
+def test_every_lamp_kernel_refuses_a_tensor_or_a_number_for_a_list(foreach):
+    """A tensor was taken as the list of its rows (magnitude_noise returned a list of rows), a
+    number for the counts failed in len() naming nothing."""
+    weights, other = torch.ones(2, 3), torch.full((2, 3), 2.0)
+    rows = r"got a tensor of shape \(2, 3\)$"
+    with pytest.raises(TypeError, match=r"^params must be a sequence of tensors, " + rows):
+        magnitude_noise(weights, lambda device: None, foreach=foreach)
+    with pytest.raises(TypeError, match=r"^updates must be a sequence of tensors, " + rows):
+        add_scaled_([weights], other, 0.5, foreach=foreach)
+    with pytest.raises(TypeError, match=r"^sums must be a sequence of tensors, " + rows):
+        accumulate_(weights, [other], foreach=foreach)
+    with pytest.raises(TypeError, match=r"^params must be a sequence of tensors, " + rows):
+        assign_mean_(weights, other, [2, 2], foreach=foreach)
+    with pytest.raises(TypeError, match=r"^counts must be a sequence of integers, got 2$"):
+        assign_mean_([weights], [other], 2, foreach=foreach)
+    assert torch.equal(weights, torch.ones(2, 3)) and torch.equal(other, torch.full((2, 3), 2.0))  # nothing written
+
+
+@pytest.mark.parametrize("foreach", [True, False])
 @pytest.mark.parametrize("dtype", [torch.int64, torch.int32, torch.bool])
 def test_every_lamp_kernel_rejects_integer_and_bool_tensors_it_writes(dtype, foreach):
     """They would truncate: ``accumulate_`` and ``assign_mean_`` left integer tensors unchanged."""

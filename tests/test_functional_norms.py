@@ -306,6 +306,23 @@ def test_global_norm_and_all_finite_name_an_entry_that_is_not_a_tensor(foreach):
         global_norm([torch.ones(2)], like=["w"], foreach=foreach)
 
 
+@pytest.mark.parametrize("foreach", [True, False])
+def test_global_norm_and_all_finite_refuse_a_tensor_or_a_non_sequence_for_the_list(foreach):
+    """A tensor was taken as the list of its rows (a norm of per-row 0-dim tensors; a 0-dim one
+    failed in len() naming nothing), None or a generator failed in len() naming nothing."""
+    for value, shown in [(torch.ones(3, 3), r"a tensor of shape \(3, 3\)"), (torch.ones(()), r"a tensor of shape \(\)"),
+                         (None, "None")]:
+        with pytest.raises(TypeError, match=rf"^tensors must be a sequence of tensors, got {shown}$"):
+            global_norm(value, foreach=foreach)
+        with pytest.raises(TypeError, match=rf"^tensors must be a sequence of tensors, got {shown}$"):
+            all_finite(value, foreach=foreach)
+    with pytest.raises(TypeError, match=r"^like must be a sequence of tensors, got a tensor of shape \(2,\)$"):
+        global_norm([torch.ones(2)], like=torch.ones(2), foreach=foreach)
+    with pytest.raises(TypeError, match=r"^tensors must be a sequence of tensors, got <generator"):
+        global_norm((t for t in [torch.ones(2)]), foreach=foreach)
+    assert float(global_norm((torch.tensor([3.0]), torch.tensor([4.0])), foreach=foreach)) == 5.0  # a tuple is one
+
+
 @pytest.mark.parametrize("name, value", [("foreach", "yes"), ("foreach", None), ("foreach", 1), ("exact", None), ("exact", "no")])
 def test_global_norm_and_all_finite_refuse_flags_that_are_not_bools(name, value):
     """Any truthy value took the foreach path (or the exact recomputation), any falsy one the other."""

@@ -712,6 +712,33 @@ def test_perturbation_kernels_take_every_scale_torch_add_computes_with(foreach):
 
 
 @pytest.mark.parametrize("foreach", [True, False])
+def test_perturbation_kernels_refuse_a_tensor_or_a_number_for_a_list(foreach):
+    """A tensor was taken as the list of its rows (mul returned a list of rows), a number for the
+    scales or etas failed in len() naming nothing. A 1-D tensor of scales stays one per entry."""
+    weights, other = torch.ones(2, 3), torch.full((2, 3), 2.0)
+    rows = r"got a tensor of shape \(2, 3\)$"
+    with pytest.raises(TypeError, match=r"^tensors must be a sequence of tensors, " + rows):
+        mul(weights, other, foreach=foreach)
+    with pytest.raises(TypeError, match=r"^factors must be a sequence of tensors, " + rows):
+        mul_([weights], other, foreach=foreach)
+    with pytest.raises(TypeError, match=r"^params must be a sequence of tensors, " + rows):
+        add_directions_(weights, other, [1.0, 1.0], foreach=foreach)
+    with pytest.raises(TypeError, match=r"^buffers must be a sequence of tensors, " + rows):
+        perturbed_into_(other, [weights], [weights], [1.0], foreach=foreach)
+    with pytest.raises(TypeError, match=r"^params must be a sequence of tensors, " + rows):
+        adaptive_scaling(weights, [0.1, 0.1], foreach=foreach)
+    with pytest.raises(TypeError, match=r"^scales must be a sequence of numbers, got 0.5$"):
+        add_directions_([weights], [other], 0.5, foreach=foreach)
+    with pytest.raises(TypeError, match=r"^scales must be a sequence of numbers, got a tensor of shape \(\)$"):
+        add_directions_([weights], [other], torch.tensor(0.5), foreach=foreach)
+    with pytest.raises(TypeError, match=r"^etas must be a sequence of numbers, got 0.1$"):
+        adaptive_scaling([weights], 0.1, foreach=foreach)
+    assert torch.equal(weights, torch.ones(2, 3)) and torch.equal(other, torch.full((2, 3), 2.0))  # nothing written
+    add_directions_([weights], [other], torch.tensor([0.5]), foreach=foreach)
+    assert torch.equal(weights, torch.full((2, 3), 2.0))
+
+
+@pytest.mark.parametrize("foreach", [True, False])
 def test_mul_and_mul_in_place_name_a_factor_that_is_not_a_tensor(foreach):
     """A number among the factors raised AttributeError ("'float' object has no attribute 'shape'")."""
     buffers = [torch.ones(2), torch.ones(3)]

@@ -19,6 +19,7 @@ from samgria.functional._views import widened_dtype
 __all__ = [
     "group_indices_by_device_and_dtype",
     "unique_params",
+    "check_sequence",
     "check_lengths",
     "check_floating",
     "check_shapes",
@@ -49,6 +50,28 @@ def group_indices_by_device_and_dtype(
     for index, tensor in enumerate(tensors):
         groups[(tensor.device, tensor.dtype)].append(index)
     return dict(groups)
+
+
+def check_sequence(name: str, values: Any, of: str = "tensors") -> None:
+    """Check that ``values`` is a sequence (a list or tuple; for numbers, a 1-D tensor or array too):
+    one ``isinstance`` in the common case, before its length is taken. A tensor passed as a list of
+    tensors would be taken as the list of its rows (an out-of-place kernel would return rows, a
+    0-dim one fails in ``len()`` naming nothing), a number as a list of numbers in ``len()``.
+
+    ``of``: what the entries are, for the message (``"tensors"``, ``"numbers"``, ``"integers"``).
+
+    Raises:
+        TypeError: ``"{name} must be a sequence of {of}, got {value!r}"`` (a tensor named by its
+            shape).
+    """
+    if type(values) is list:
+        return
+    if isinstance(values, torch.Tensor):
+        if of == "tensors" or values.dim() == 0:
+            raise TypeError(f"{name} must be a sequence of {of}, got a tensor of shape {tuple(values.shape)}")
+        return
+    if not isinstance(values, Sized) or not hasattr(values, "__getitem__") or isinstance(values, (str, bytes, Mapping)):
+        raise TypeError(f"{name} must be a sequence of {of}, got {values!r}")
 
 
 def check_lengths(count: int, per: str, *named: tuple[str, Sized | None], entry: str = "entry") -> None:
@@ -103,7 +126,9 @@ def check_shapes(name: str, tensors: Sequence[torch.Tensor], like_name: str, lik
             )
 
 
-def check_devices(name: str, tensors: Sequence[torch.Tensor], target_name: str, targets: Sequence[torch.Tensor]) -> None:
+def check_devices(
+    name: str, tensors: Sequence[torch.Tensor], target_name: str, targets: Sequence[torch.Tensor]
+) -> None:
     """Check that every tensor of ``tensors`` is on the device of its entry of ``targets`` (the
     tensor it is computed into; lists of one length), or is a 0-dim CPU tensor (which torch takes
     with a tensor on any device): torch refuses another device only as it reaches that entry,

@@ -28,6 +28,7 @@ from samgria.functional._grouping import (
     check_lengths,
     check_real_where_real,
     check_scalar,
+    check_sequence,
     check_shapes,
     check_tensors,
     group_indices_by_device_and_dtype,
@@ -54,10 +55,12 @@ def magnitude_noise(
     \operatorname{Im} u = \operatorname{Im} w \cdot r''` (not the complex product).
 
     Raises:
-        TypeError: If an entry of ``params`` is not a tensor, or a parameter is neither
-            floating-point nor complex (before anything is drawn).
+        TypeError: If a list is not a sequence (a tensor given for a list of tensors, a number for a
+            list of numbers: see :func:`global_norm`), an entry of ``params`` is not a tensor, or a
+            parameter is neither floating-point nor complex (before anything is drawn).
     """
     check_bool("foreach", foreach)
+    check_sequence("params", params)
     check_tensors("params", params)
     groups = group_indices_by_device_and_dtype(params) if foreach else None
     check_floating("params", params, None if groups is None else [dtype for _device, dtype in groups])
@@ -102,16 +105,21 @@ def add_scaled_(
     unspecified; see the module's docstring).
 
     Raises:
-        ValueError: If ``updates`` has another length than ``params``, an update another shape
-            or (unless a 0-dim CPU tensor) device than its parameter, or ``alpha`` is finite and beyond the range of the dtype an entry
-            is computed in (``"alpha must fit in the dtype params[i] is computed in, torch.float32
-            (at most ... in magnitude, or infinite, or NaN), got {alpha!r}"``) or of a float.
-        TypeError: If an entry of either list is not a tensor, a parameter is neither
-            floating-point nor complex, an update is complex where its parameter is real, or
-            ``alpha`` is neither a real number nor a 0-dim real tensor (``"alpha must be a real
-            number or a 0-dim real tensor, got {alpha!r}"``; a ``bool`` or complex one included).
+        ValueError: If ``updates`` has another length than ``params``, an update another shape or
+            (unless a 0-dim CPU tensor) device than its parameter, or ``alpha`` is finite and beyond
+            the range of the dtype an entry is computed in (``"alpha must fit in the dtype params[i]
+            is computed in, torch.float32 (at most ... in magnitude, or infinite, or NaN), got
+            {alpha!r}"``) or of a float.
+        TypeError: If a list is not a sequence (a tensor given for a list of tensors, a number for a
+            list of numbers: see :func:`global_norm`), an entry of either list is not a tensor, a
+            parameter is neither floating-point nor complex, an update is complex where its
+            parameter is real, or ``alpha`` is neither a real number nor a 0-dim real tensor
+            (``"alpha must be a real number or a 0-dim real tensor, got {alpha!r}"``; a ``bool`` or
+            complex one included).
     """
     check_bool("foreach", foreach)
+    check_sequence("params", params)
+    check_sequence("updates", updates)
     check_lengths(len(params), "parameter", ("updates", updates))
     check_tensors("params", params)
     check_tensors("updates", updates)
@@ -160,10 +168,14 @@ def accumulate_(sums: Sequence[torch.Tensor], params: Sequence[torch.Tensor], *,
     Raises:
         ValueError: If ``params`` has another length than ``sums``, or a parameter another shape
             or (unless a 0-dim CPU tensor) device than its sum.
-        TypeError: If an entry of either list is not a tensor, a sum is neither floating-point nor
-            complex, or a parameter is complex where its sum is real.
+        TypeError: If a list is not a sequence (a tensor given for a list of tensors, a number for a
+            list of numbers: see :func:`global_norm`), an entry of either list is not a tensor, a
+            sum is neither floating-point nor complex, or a parameter is complex where its sum is
+            real.
     """
     check_bool("foreach", foreach)
+    check_sequence("sums", sums)
+    check_sequence("params", params)
     check_lengths(len(sums), "sum", ("params", params))
     check_tensors("sums", sums)
     check_tensors("params", params)
@@ -199,11 +211,15 @@ def assign_mean_(
             shape than its parameter, or a count is below 1 (a mean of nothing) or beyond the
             range of a float (``"counts[i] must be an integer >= 1 that fits in a float, got
             {count!r}"``).
-        TypeError: If an entry of ``params`` or ``sums`` is not a tensor, a count is not an integer
-            (``bool`` refused), a parameter is neither floating-point nor complex, or a sum is
-            complex where its parameter is real.
+        TypeError: If a list is not a sequence (a tensor given for a list of tensors, a number for a
+            list of numbers: see :func:`global_norm`), an entry of ``params`` or ``sums`` is not a
+            tensor, a count is not an integer (``bool`` refused), a parameter is neither
+            floating-point nor complex, or a sum is complex where its parameter is real.
     """
     check_bool("foreach", foreach)
+    check_sequence("params", params)
+    check_sequence("sums", sums)
+    check_sequence("counts", counts, "integers")
     check_lengths(len(params), "parameter", ("sums", sums), ("counts", counts))
     check_tensors("params", params)
     check_tensors("sums", sums)

@@ -25,7 +25,13 @@ from collections.abc import Sequence
 import torch
 
 from samgria._checks import check_bool
-from samgria.functional._grouping import check_floating, check_lengths, check_tensors, group_indices_by_device_and_dtype
+from samgria.functional._grouping import (
+    check_floating,
+    check_lengths,
+    check_sequence,
+    check_tensors,
+    group_indices_by_device_and_dtype,
+)
 from samgria.functional._sharding import any_sharded, local_shard, reduce_partial_sums
 from samgria.functional._views import LOW_PRECISION, widened_dtype
 
@@ -75,12 +81,17 @@ def global_norm(
 
     Raises:
         ValueError: If ``like`` has another length than ``tensors``.
-        TypeError: If an entry of ``tensors`` or ``like`` is not a tensor (``"tensors[i] must be a
+        TypeError: If ``tensors`` or ``like`` is not a sequence (a tensor given for it is refused,
+            not taken as the list of its rows: ``"tensors must be a sequence of tensors, got a
+            tensor of shape (3, 3)"``), an entry of either is not a tensor (``"tensors[i] must be a
             torch.Tensor, got 1.0"``), a tensor is neither floating-point nor complex, or
             ``foreach`` or ``exact`` is not a ``bool``.
     """
     check_bool("foreach", foreach)
     check_bool("exact", exact)
+    check_sequence("tensors", tensors)
+    if like is not None:
+        check_sequence("like", like)
     check_lengths(len(tensors), "tensor", ("like", like), entry="tensor")
     check_tensors("tensors", tensors)
     if like is not None:
@@ -275,10 +286,14 @@ def all_finite(
 
     Raises:
         ValueError: If ``like`` has another length than ``tensors``.
-        TypeError: If an entry of ``tensors`` or ``like`` is not a tensor, or ``foreach`` is not a
-            ``bool``.
+        TypeError: If a list is not a sequence (a tensor given for a list of tensors, a number for a
+            list of numbers: see :func:`global_norm`), an entry of ``tensors`` or ``like`` is not a
+            tensor, or ``foreach`` is not a ``bool``.
     """
     check_bool("foreach", foreach)
+    check_sequence("tensors", tensors)
+    if like is not None:
+        check_sequence("like", like)
     check_lengths(len(tensors), "tensor", ("like", like), entry="tensor")
     check_tensors("tensors", tensors)
     if like is not None:

@@ -23,6 +23,7 @@ from samgria.functional._grouping import (
     check_lengths,
     check_real_where_real,
     check_scalars,
+    check_sequence,
     check_shapes,
     check_tensors,
     group_indices_by_device_and_dtype,
@@ -59,22 +60,28 @@ def perturbed_into_(
     raise on a scale beyond float32's range after writing the entries before it).
 
     Raises:
-        ValueError: If ``buffers``, ``directions`` or ``scales`` has another length than
-            ``params``, a buffer or direction has another shape than its parameter, a parameter or
-            direction is on another device than its buffer, unless a 0-dim CPU tensor
-            (``"directions[i] must be on the device of buffers[i], cuda:0 (or be a 0-dim CPU
-            tensor), got a tensor on cpu"``; torch would refuse it after writing the entries
-            before it), or a scale is finite and beyond the range of the dtype its entry is computed in (``"scales[i] must
-            fit in the dtype params[i] is computed in, torch.float32 (at most ... in magnitude, or
-            infinite, or NaN), got {scale!r}"``) or of a float (an integer such as ``10**400``).
-        TypeError: If an entry of a list is not a tensor, a parameter or buffer is neither
-            floating-point nor complex (an integer tensor would truncate the result), a parameter
-            or direction is complex where its buffer is real (the imaginary part would be lost),
-            or a scale is neither a real number nor a 0-dim real tensor (``"scales[i] must be a
-            real number or a 0-dim real tensor, got {scale!r}"``; a ``bool`` or complex one
-            included).
+        ValueError: If ``buffers``, ``directions`` or ``scales`` has another length than ``params``,
+            a buffer or direction has another shape than its parameter, a parameter or direction is
+            on another device than its buffer, unless a 0-dim CPU tensor (``"directions[i] must be
+            on the device of buffers[i], cuda:0 (or be a 0-dim CPU tensor), got a tensor on cpu"``;
+            torch would refuse it after writing the entries before it), or a scale is finite and
+            beyond the range of the dtype its entry is computed in (``"scales[i] must fit in the
+            dtype params[i] is computed in, torch.float32 (at most ... in magnitude, or infinite, or
+            NaN), got {scale!r}"``) or of a float (an integer such as ``10**400``).
+        TypeError: If a list is not a sequence (a tensor given for a list of tensors, a number for a
+            list of numbers: see :func:`global_norm`), an entry of a list is not a tensor, a
+            parameter or buffer is neither floating-point nor complex (an integer tensor would
+            truncate the result), a parameter or direction is complex where its buffer is real (the
+            imaginary part would be lost), or a scale is neither a real number nor a 0-dim real
+            tensor (``"scales[i] must be a real number or a 0-dim real tensor, got {scale!r}"``; a
+            ``bool`` or complex one included).
     """
     check_bool("foreach", foreach)
+    check_sequence("params", params)
+    if buffers is not params:
+        check_sequence("buffers", buffers)
+    check_sequence("directions", directions)
+    check_sequence("scales", scales, "numbers")
     check_lengths(len(params), "parameter", ("buffers", buffers), ("directions", directions), ("scales", scales))
     check_tensors("params", params)
     check_tensors("directions", directions)
@@ -328,10 +335,11 @@ def add_directions_(
             direction has another shape or (unless a 0-dim CPU tensor) device than its parameter,
             or a scale is beyond the range of the dtype its entry is computed in (or of a float),
             as in :func:`perturbed_into_`.
-        TypeError: If an entry of a list is not a tensor, a parameter is neither floating-point
-            nor complex, a direction is complex where its parameter is real, or a scale is neither
-            a real number nor a 0-dim real tensor (``"scales[i] must be a real number or a 0-dim
-            real tensor, got {scale!r}"``).
+        TypeError: If a list is not a sequence (a tensor given for a list of tensors, a number for a
+            list of numbers: see :func:`global_norm`), an entry of a list is not a tensor, a
+            parameter is neither floating-point nor complex, a direction is complex where its
+            parameter is real, or a scale is neither a real number nor a 0-dim real tensor
+            (``"scales[i] must be a real number or a 0-dim real tensor, got {scale!r}"``).
     """
     perturbed_into_(params, params, directions, scales, foreach=foreach)
 
@@ -352,11 +360,14 @@ def mul_(
         ValueError: If ``factors`` has another length than ``buffers``, a factor another shape
             than its buffer (torch would broadcast it), or another device (unless a 0-dim CPU
             tensor; torch would refuse it after writing the entries before it).
-        TypeError: If an entry of either list is not a tensor (``"factors[i] must be a
-            torch.Tensor, got 2.0"``), a buffer is neither floating-point nor complex, or a factor
-            is complex where its buffer is real.
+        TypeError: If a list is not a sequence (a tensor given for a list of tensors, a number for a
+            list of numbers: see :func:`global_norm`), an entry of either list is not a tensor
+            (``"factors[i] must be a torch.Tensor, got 2.0"``), a buffer is neither floating-point
+            nor complex, or a factor is complex where its buffer is real.
     """
     check_bool("foreach", foreach)
+    check_sequence("buffers", buffers)
+    check_sequence("factors", factors)
     check_lengths(len(buffers), "buffer", ("factors", factors))
     check_tensors("buffers", buffers)
     check_tensors("factors", factors)
@@ -391,12 +402,15 @@ def adaptive_scaling(
     Raises:
         ValueError: If ``etas`` has another length than ``params``, or an eta is finite and beyond
             the range of its parameter's (real) dtype (or of a float).
-        TypeError: If an entry of ``params`` is not a tensor, a parameter is neither
-            floating-point nor complex, or an eta is neither a real number nor a 0-dim real tensor
-            (``"etas[i] must be a real number or a 0-dim real tensor, got {eta!r}"``; a ``bool``
-            or complex one included).
+        TypeError: If a list is not a sequence (a tensor given for a list of tensors, a number for a
+            list of numbers: see :func:`global_norm`), an entry of ``params`` is not a tensor, a
+            parameter is neither floating-point nor complex, or an eta is neither a real number nor
+            a 0-dim real tensor (``"etas[i] must be a real number or a 0-dim real tensor, got
+            {eta!r}"``; a ``bool`` or complex one included).
     """
     check_bool("foreach", foreach)
+    check_sequence("params", params)
+    check_sequence("etas", etas, "numbers")
     check_lengths(len(params), "parameter", ("etas", etas))
     check_tensors("params", params)
     groups = group_indices_by_device_and_dtype(params)
@@ -445,10 +459,14 @@ def mul(
     Raises:
         ValueError: If ``factors`` has another length than ``tensors``, or a factor another shape
             than its tensor (torch would broadcast it).
-        TypeError: If an entry of either list is not a tensor (``"factors[i] must be a
-            torch.Tensor, got 2.0"``), or a tensor is neither floating-point nor complex.
+        TypeError: If a list is not a sequence (a tensor given for a list of tensors, a number for a
+            list of numbers: see :func:`global_norm`), an entry of either list is not a tensor
+            (``"factors[i] must be a torch.Tensor, got 2.0"``), or a tensor is neither
+            floating-point nor complex.
     """
     check_bool("foreach", foreach)
+    check_sequence("tensors", tensors)
+    check_sequence("factors", factors)
     check_lengths(len(tensors), "tensor", ("factors", factors))
     check_tensors("tensors", tensors)
     check_tensors("factors", factors)
