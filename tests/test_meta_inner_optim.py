@@ -386,3 +386,38 @@ def test_inner_sam_norm_of_complex_gradients_counts_their_imaginary_parts():
     InnerSAM(0.3).transform_inner_grads({"w": weight}, {"w": grad}, grad_fn)
     norm = torch.sqrt((grad.abs() ** 2).sum())
     torch.testing.assert_close(seen["w"], weight + 0.3 * grad / norm, rtol=0, atol=1e-15)
+
+
+def test_inner_sam_perturbs_a_float16_weight_whose_gradient_norm_is_below_rho_over_the_dtype_max():
+    """||g|| = 3e-7: the scale rho / ||g|| (1.7e5) was cast to float16, overflowed to inf, and the
+    perturbed weights were [inf, nan] (inf * 0) instead of w + rho * g / ||g||."""
+    weight = torch.tensor([1.0, 2.0], dtype=torch.float16)
+    grad = torch.tensor([3e-7, 0.0], dtype=torch.float16)
+    seen = {}
+
+    def grad_fn(weights):
+        seen.update(weights)
+        return dict(weights)
+
+    InnerSAM(0.05).transform_inner_grads({"w": weight}, {"w": grad}, grad_fn)
+    g = grad.double()
+    want = weight + (0.05 * g / g.norm()).half()
+    assert torch.equal(seen["w"], want) and torch.isfinite(want).all(), seen["w"]
+
+
+def test_adam_inner_step_in_float16_moves_small_gradients_as_torch_adam():
+    """The root was taken of max(v_hat, 6.1e-5), float16's smallest normal: a gradient of 1e-3
+    (v_hat 1e-6) moved 0.3 lr per step instead of Adam's lr. A zero gradient (dead unit) still
+    does not move."""
+    grad = torch.tensor([1e-3, -4e-3, 2e-3, 0.0], dtype=torch.float16)
+    weight = torch.zeros(4, dtype=torch.float16)  # fine float16 spacing for the small moves
+    reference = nn.Parameter(weight.clone())
+    opt = torch.optim.Adam([reference], lr=0.01, betas=(0.9, 0.9), eps=1e-4, foreach=False)
+    step, state, fast = AdamInnerStep(betas=(0.9, 0.9), eps=1e-4), {}, weight
+    for _ in range(3):
+        reference.grad = grad.clone()
+        opt.step()
+        fast = step({"w": fast}, {"w": grad}, {"w": 0.01}, state)["w"]
+    moved, want = fast.float() / 0.01, reference.detach().float() / 0.01  # in units of lr
+    torch.testing.assert_close(moved, want, rtol=0, atol=0.02)
+    assert moved[3] == 0 and want[0] < -2

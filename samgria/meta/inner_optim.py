@@ -104,6 +104,11 @@ def _real_view(tensor: torch.Tensor) -> torch.Tensor:
     return torch.view_as_real(tensor) if tensor.is_complex() else tensor
 
 
+def _wide(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` in float64 (complex128 for a complex one)."""
+    return tensor.to(torch.complex128 if tensor.is_complex() else torch.float64)
+
+
 def _check_unit_interval(value: Any, name: str) -> float:
     return check_real(name, value, low=0.0, high=1.0, high_open=True)
 
@@ -172,8 +177,11 @@ class AdamInnerStep:
         p_t = p_{t-1} - \\alpha \\frac{m_t / (1 - \\beta_1^t)}{\\sqrt{v_t / (1 - \\beta_2^t)} + \\epsilon}.
 
     The square root is taken of :math:`\\max(\\hat v_t, \\text{tiny})` so its derivative stays
-    finite where a gradient is exactly zero (dead ReLU units); the value differs from Adam's
-    only below the smallest normal float.
+    finite where a gradient is exactly zero (dead ReLU units). ``tiny`` is the smallest normal
+    float of the dtype, so the value differs from Adam's only where :math:`\\hat v_t` is below
+    it; in float16, whose smallest normal (6.1e-5) is the square of an ordinary gradient
+    (7.8e-3), it is the smallest subnormal (6.0e-8), so there the value differs only where
+    :math:`\\hat v_t` is 0.
 
     Args:
         betas: :math:`(\\beta_1, \\beta_2)`, each in ``[0, 1)``.
@@ -221,7 +229,7 @@ class AdamInnerStep:
             if n in exp_avg_sq:
                 v = beta2 * exp_avg_sq[n] + v
             exp_avg[n], exp_avg_sq[n] = m, v
-            v_hat = (v / bias2).clamp_min(torch.finfo(v.dtype).tiny)
+            v_hat = (v / bias2).clamp_min(_root_floor(v.dtype))
             direction = (m / bias1) / (v_hat.sqrt() + self.eps)
             if g.is_complex():
                 direction = torch.complex(direction[..., 0], direction[..., 1])
@@ -230,6 +238,14 @@ class AdamInnerStep:
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(betas={self.betas}, eps={self.eps})"
+
+
+def _root_floor(dtype: torch.dtype) -> float:
+    """The least :math:`\\hat v` whose square root :class:`AdamInnerStep` takes: the smallest
+    normal number of ``dtype`` (its root is negligible next to any gradient), but for float16,
+    whose smallest normal 2**-14 is the square of a gradient of 7.8e-3, its smallest subnormal
+    2**-24 (a normal float32, so flushing subnormals to zero does not make it 0)."""
+    return 2.0**-24 if dtype == torch.float16 else torch.finfo(dtype).tiny
 
 
 #: Shared default instances (stateless objects: their state lives in the per-adaptation dict).
@@ -287,8 +303,10 @@ class InnerSAM:
             usable = torch.isfinite(norm) & (norm > 0)
             scale = self.rho / torch.where(usable, norm, torch.ones_like(norm))
         # A non-finite gradient times any scale is NaN: select the weights themselves instead.
+        # The step rho * g / ||g|| is formed in float64, where it is at most rho: in a 16-bit
+        # dtype the scale rho / ||g|| alone overflows to inf once ||g|| < rho / 65504 (float16).
         perturbed = {
-            n: torch.where(usable, params[n] + grads[n].detach() * scale.to(grads[n].dtype), params[n])
+            n: torch.where(usable, params[n] + (_wide(grads[n].detach()) * scale).to(grads[n].dtype), params[n])
             for n in names
         }
         return dict(grad_fn(perturbed))
