@@ -378,6 +378,39 @@ def test_a_refused_chain_leaves_no_optimizer_behind_and_a_fixed_retry_trains_sam
         torch.testing.assert_close(got.detach(), want, rtol=1e-12, atol=1e-14)
 
 
+class OutOfMemoryOnce(Regression):
+    """Raises the CPU allocator's out-of-memory error on its second forward (the second
+    micro-batch of the first step), and forgets the batches recorded up to then."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.forwards = 0
+        self.seen = record_batches(self)
+
+    def forward(self, x, labels):
+        self.forwards += 1
+        if self.forwards == 2:
+            self.seen.clear()
+            raise RuntimeError("DefaultCPUAllocator: can't allocate memory")
+        return super().forward(x, labels)
+
+
+def test_a_step_retried_after_an_out_of_memory_error_runs_its_second_pass_over_its_own_micro_batches(tmp_path) -> None:
+    """``auto_find_batch_size`` runs the training loop again after an out-of-memory error, not
+    ``train()``: the micro-batches of the abandoned step must not stay in the window (the retried
+    step's second pass also ran them, SAM on other batches than the first pass's)."""
+    model, start = OutOfMemoryOnce(), Regression()  # the same initial weights
+    args = arguments(tmp_path, optim="sgd", lr_scheduler_type="constant", max_grad_norm=0.0, weight_decay=0.0, auto_find_batch_size=True)
+    trainer = SAMTrainer(model=model, args=args, train_dataset=Pairs(), transforms=[SAM(rho=RHO)])
+    trainer.train()
+    assert model.forwards > 2 and trainer._train_batch_size == 1, "the retry ran with a smaller batch"
+    steps = windows(model.seen)
+    assert trainer.state.global_step == len(steps) == len(Pairs()) // K  # one sample per micro-batch
+    expected = reference(start, steps, lrs=[LR] * len(steps))
+    for got, want in zip(model.parameters(), expected):
+        torch.testing.assert_close(got.detach(), want, rtol=1e-12, atol=1e-14)
+
+
 class NormRegression(nn.Module):
     """Linear -> BatchNorm -> Tanh -> Linear, returning a loss dict."""
 

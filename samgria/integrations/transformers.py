@@ -164,7 +164,14 @@ class SAMTrainer(Trainer):
         if not self._sam_window:  # the first micro-batch of a step: an optimizer changed since train()
             self._refuse_two_call_incapable()
         self._sam_window.append((inputs, num_items_in_batch))
-        loss = super().training_step(model, inputs, num_items_in_batch)
+        try:
+            loss = super().training_step(model, inputs, num_items_in_batch)
+        except BaseException:
+            # The step is abandoned: a retry (auto_find_batch_size after an out-of-memory error
+            # runs the training loop again, not train()) starts a new window, whose second pass
+            # must not run this one's micro-batches too.
+            self._sam_window = []
+            raise
         if not self.accelerator.sync_gradients:  # not the last micro-batch of this step
             return loss
         window, self._sam_window = self._sam_window, []
