@@ -27,8 +27,9 @@ def get_grad(params: Iterable[torch.Tensor]) -> torch.Tensor:
         A vector of length ``sum(p.numel())``, in the dtype and on the device of the first parameter.
 
     Raises:
-        TypeError: If an item of ``params`` is not a tensor, or the first parameter is real and a
-            later one complex (the cast would discard the imaginary parts).
+        TypeError: If ``params`` is neither a tensor nor an iterable, an item of it is not a tensor,
+            or the first parameter is real and a later one complex (the cast would discard the
+            imaginary parts).
         ValueError: If ``params`` is empty.
     """
     params = _as_list(params)
@@ -49,8 +50,16 @@ def get_grad(params: Iterable[torch.Tensor]) -> torch.Tensor:
 
 
 def _as_list(params: Iterable[torch.Tensor]) -> list[torch.Tensor]:
-    """``params`` as a list; a single tensor as ``[tensor]`` (iterating over it would give its rows)."""
-    return [params] if isinstance(params, torch.Tensor) else list(params)
+    """``params`` as a list; a single tensor as ``[tensor]`` (iterating over it would give its rows).
+
+    Raises:
+        TypeError: ``params`` is neither a tensor nor an iterable.
+    """
+    if isinstance(params, torch.Tensor):
+        return [params]
+    if not isinstance(params, Iterable):
+        raise TypeError(f"params must be a tensor or an iterable of tensors, got {params!r}")
+    return list(params)
 
 
 def _dense(tensor: torch.Tensor) -> torch.Tensor:
@@ -68,11 +77,12 @@ def set_grad(grads: torch.Tensor, params: Iterable[torch.Tensor]) -> None:
     ``params`` counts as ``[tensor]``, as in :func:`get_grad`.
 
     Raises:
-        TypeError: If ``grads`` or an item of ``params`` is not a tensor, or ``grads`` is complex
-            with a non-zero imaginary part in the slice of a real parameter (``"grads must be real
-            where params[i] is real, got a {dtype} tensor with non-zero imaginary parts there"``:
-            the cast would discard them). A complex vector that :func:`get_grad` made for a mix
-            of complex and real parameters is real in the real ones' slices and is taken.
+        TypeError: If ``grads`` or an item of ``params`` is not a tensor, ``params`` is neither a
+            tensor nor an iterable, or ``grads`` is complex with a non-zero imaginary part in the
+            slice of a real parameter (``"grads must be real where params[i] is real, got a
+            {dtype} tensor with non-zero imaginary parts there"``: the cast would discard them). A
+            complex vector that :func:`get_grad` made for a mix of complex and real parameters is
+            real in the real ones' slices and is taken.
         ValueError: If ``grads`` is not 1-D or its length differs from the parameters' total size.
     """
     if not isinstance(grads, torch.Tensor):

@@ -309,6 +309,14 @@ def test_get_grad_and_set_grad_name_an_item_that_is_not_a_tensor():
     assert param.grad is None
 
 
+@pytest.mark.parametrize("params", [5, None, 0.5])
+def test_get_grad_and_set_grad_name_params_that_are_neither_a_tensor_nor_an_iterable(params):
+    with pytest.raises(TypeError, match=rf"^params must be a tensor or an iterable of tensors, got {params}$"):
+        get_grad(params)
+    with pytest.raises(TypeError, match=rf"^params must be a tensor or an iterable of tensors, got {params}$"):
+        set_grad(torch.zeros(2), params)
+
+
 def test_get_grad_takes_a_sparse_gradient_as_the_dense_tensor_it_stands_for():
     """``reshape`` refused a sparse gradient (``nn.Embedding(..., sparse=True)``)."""
     torch.manual_seed(0)
