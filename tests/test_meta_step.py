@@ -411,6 +411,8 @@ def test_nested_use_is_rejected():
         (lambda ms, s, q: ms.task(s), ValueError, r"query is required for MAML"),
         (lambda ms, s, q: ms.task(s[0], q), TypeError, r"support must be an \(inputs, targets\) pair, got Tensor"),
         (lambda ms, s, q: ms.task(s, (q[0],)), TypeError, r"query must be an \(inputs, targets\) pair, got tuple"),
+        # The loss of an empty query batch is nan: the meta-step was skipped with a warning.
+        (lambda ms, s, q: ms.task(s, (q[0][:0], q[1][:0])), ValueError, r"query has no examples \(inputs of shape \(0, 2\)\): MAML's meta-loss"),
         (lambda ms, s, q: ms.task(s, q, weight=-1.0), ValueError, r"weight must be a finite number >= 0, got -1.0"),
         (lambda ms, s, q: ms.task(s, q, weight=float("nan")), ValueError, r"weight must be a finite number >= 0, got nan"),
         (lambda ms, s, q: ms.task(s, q, weight="2"), TypeError, r"weight must be a finite number >= 0, got '2'"),

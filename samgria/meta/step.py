@@ -54,6 +54,11 @@ def _check_pair(name: str, value: Any) -> tuple[Any, Any]:
     return value[0], value[1]
 
 
+def _has_no_rows(inputs: Any) -> bool:
+    """Whether ``inputs`` is a batch of no examples (a tensor with 0 rows)."""
+    return isinstance(inputs, torch.Tensor) and inputs.dim() > 0 and inputs.shape[0] == 0
+
+
 def _check_transforms(transforms: Any) -> list[Any] | None:
     """``None`` (use the default) or the checked transforms."""
     return None if transforms is None else list(check_inner_options(None, None, transforms))
@@ -202,10 +207,10 @@ class MetaStep:
         Raises:
             TypeError: ``support``/``query`` is not a pair, or ``weight``/``inner_steps`` has
                 the wrong type.
-            ValueError: ``query`` is missing for a MAML-family meta-optimizer, ``weight`` or
-                ``inner_steps`` is negative, the support inputs have no examples (a tensor with
-                0 rows) while inner steps would adapt on them, or ``loss_fn`` does not return a
-                scalar.
+            ValueError: ``query`` is missing or its inputs have no examples (a tensor with 0
+                rows) for a MAML-family meta-optimizer, ``weight`` or ``inner_steps`` is
+                negative, the support inputs have no examples while inner steps would adapt on
+                them, or ``loss_fn`` does not return a scalar.
         """
         _check_pair("support", support)
         if query is None:
@@ -215,12 +220,18 @@ class MetaStep:
                     "loss); only Reptile can do without a query set"
                 )
         else:
-            _check_pair("query", query)
+            query_inputs = _check_pair("query", query)[0]
+            if self.meta.needs_query and _has_no_rows(query_inputs):
+                raise ValueError(
+                    f"query has no examples (inputs of shape {tuple(query_inputs.shape)}): "
+                    f"{type(self.meta).__name__}'s meta-loss is the query loss (the loss of an "
+                    "empty batch is nan); only Reptile can do without a query set"
+                )
         check_real("weight", weight, low=0.0)
         steps = None if inner_steps is None else check_steps(inner_steps, "inner_steps")
         adapting = next(n for n in (steps, self.inner_steps, self.meta.inner_steps) if n is not None)
         inputs = support[0]
-        if adapting > 0 and isinstance(inputs, torch.Tensor) and inputs.dim() > 0 and inputs.shape[0] == 0:
+        if adapting > 0 and _has_no_rows(inputs):
             raise ValueError(
                 f"support has no examples (inputs of shape {tuple(inputs.shape)}), on which "
                 f"{type(self.meta).__name__} would take {adapting} inner step(s): the gradient of an "
