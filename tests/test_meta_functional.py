@@ -306,6 +306,26 @@ def test_adapt_errors_name_argument_and_value():
         adapt(model, params, lambda p: p["weight"].sum(), first_order="no")
 
 
+@pytest.mark.parametrize("first_order, inner_steps", [(True, 1), (False, 2)])
+def test_adapt_refuses_a_support_loss_computed_with_the_model_instead_of_its_argument(first_order, inner_steps):
+    """build_loss = lambda p: loss(model(x)) ignores the fast weights: adapt_params adapted nothing
+    (first order) or took one step of inner_steps (second order) without a word, where the
+    Learner and meta.adapt refuse the same loss."""
+    model, x, y = linear_problem()
+    with pytest.raises(ValueError, match=r"the support loss depends on none of the 1 adapted weights \(weight\)"):
+        adapt(
+            model, named_params(model), lambda p: nn.functional.mse_loss(model(x), y),
+            inner_lr=0.1, inner_steps=inner_steps, first_order=first_order,
+        )
+    # The loss built from its argument adapts as before.
+    out = adapt(
+        model, named_params(model), lambda p: nn.functional.mse_loss(functional_forward(model, p, x), y),
+        inner_lr=0.1, first_order=first_order,
+    )
+    expected = model.weight.detach() - 0.1 * analytic_grad(model.weight.detach(), x, y)
+    torch.testing.assert_close(out["weight"].detach(), expected, rtol=0, atol=1e-12)
+
+
 def test_helpers_copy_buffers_resolve_lrs_and_checks():
     from samgria.meta.functional import check_lr, check_steps, copy_buffers, resolve_lrs
 

@@ -40,6 +40,7 @@ from samgria.meta.engine import (
     InnerLoop,
     apply_inner_update,
     check_support_loss,
+    connected_support_grads,
     grads_of_loss,
     run_inner_loop,
     stateless_call,
@@ -407,7 +408,7 @@ def adapt_params(
         first_order: See :func:`inner_step`.
         adapt_names: See :func:`inner_step`.
         allow_unused: Kept for compatibility; a parameter the loss does not depend on is
-            always left unchanged.
+            always left unchanged (but a loss that depends on none of them is refused).
         lr: Former name of ``inner_lr``.
 
     Returns:
@@ -418,7 +419,11 @@ def adapt_params(
             ``build_loss`` is not callable, ``inner_steps`` is not an int, ``first_order`` is not
             a bool, or ``adapt_names`` is not a sequence of names (a string, a number).
         ValueError: ``inner_steps`` is negative, ``inner_lr`` is refused (as ``lr`` of
-            :func:`inner_step`), or ``adapt_names`` is refused (see :func:`inner_step`).
+            :func:`inner_step`), ``adapt_names`` is refused (see :func:`inner_step`), or a
+            support loss depends on none of the adapted parameters ``build_loss`` is given (it
+            would adapt nothing): one computed with the model instead of them, say, raises at
+            once with ``first_order=True``, which differentiates detached copies, and from the
+            second step in second order, whose first step starts at ``params`` themselves.
     """
     _check_module(model)
     params = check_params(params)
@@ -436,7 +441,7 @@ def adapt_params(
     names = resolve_adapt_names(params, adapt_names)
     loop = InnerLoop(tuple(names), resolve_lrs(inner_lr, names, lr_name, params), steps, first_order=first_order)
     with torch.enable_grad():
-        return run_inner_loop(loop, params, build_loss, model=model)
+        return run_inner_loop(loop, params, build_loss, connected_support_grads, model=model)
 
 
 #: Former name of :func:`adapt_params`.
