@@ -300,9 +300,13 @@ def test_the_stock_trainer_refuses_a_sam_optimizer_at_its_first_step(tmp_path) -
     assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
 
 
-def test_transforms_and_an_optimizer_together_are_refused(tmp_path) -> None:
+def test_transforms_and_an_optimizer_together_are_refused_before_the_trainer_is_set_up(tmp_path) -> None:
+    """Refused before ``Trainer.__init__`` runs, which seeds torch's generator (``args.seed``)
+    and places the model: a refused construction leaves both as they were."""
     model = Regression()
     optimizer = sam_optimizer(model.parameters(), torch.optim.SGD, rho=RHO, lr=LR)
+    torch.manual_seed(12345)
+    generator = torch.get_rng_state()
     with pytest.raises(TypeError, match=r"transforms=.*configure the optimizer the Trainer creates"):
         SAMTrainer(model=model, args=arguments(tmp_path), train_dataset=Pairs(), optimizers=(optimizer, None), transforms=[SAM()])
     with pytest.raises(TypeError, match=r"TransformingOptimizer built with them instead$"):
@@ -310,6 +314,9 @@ def test_transforms_and_an_optimizer_together_are_refused(tmp_path) -> None:
             model=model, args=arguments(tmp_path), train_dataset=Pairs(), optimizers=(optimizer, None),
             reevaluation_context=lambda: frozen_bn_stats(model),
         )
+    with pytest.raises(TypeError, match=r"transforms=.*configure the optimizer the Trainer creates"):  # positional
+        SAMTrainer(model, arguments(tmp_path), None, Pairs(), None, None, None, None, None, None, (optimizer, None), transforms=[SAM()])
+    assert torch.equal(torch.get_rng_state(), generator), "Trainer.__init__ ran: it seeded torch's generator"
 
 
 @pytest.mark.parametrize(

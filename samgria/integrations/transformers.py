@@ -8,6 +8,7 @@ forward and backward at the perturbed weights. :class:`SAMTrainer` runs it.
 from __future__ import annotations
 
 import contextlib
+import inspect
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -97,13 +98,14 @@ class SAMTrainer(Trainer):
             raise TypeError(
                 f"reevaluation_context must be a callable returning a context manager, got {reevaluation_context!r}"
             )
-        super().__init__(*args, **kwargs)
-        if self.optimizer is not None and (transforms is not None or reevaluation_context is not None):
+        if (transforms is not None or reevaluation_context is not None) and _given_optimizer(args, kwargs) is not None:
+            # before the Trainer is set up (it seeds torch's generators and places the model)
             raise TypeError(
                 "SAMTrainer(transforms=..., reevaluation_context=...) configure the optimizer the "
                 "Trainer creates; with optimizers=(optimizer, ...) pass a samgria "
                 "TransformingOptimizer built with them instead"
             )
+        super().__init__(*args, **kwargs)
         self.sam_transforms = transforms
         self.sam_reevaluation_context = reevaluation_context
         self._sam_window: list[tuple[Any, Any]] = []
@@ -192,6 +194,16 @@ class SAMTrainer(Trainer):
             sam.cancel_step()
             raise
         return loss
+
+
+def _given_optimizer(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    """The optimizer in the ``Trainer``'s ``optimizers=(optimizer, scheduler)`` argument, or
+    ``None`` (also for arguments the ``Trainer`` will refuse itself)."""
+    try:
+        bound = inspect.signature(Trainer.__init__).bind_partial(None, *args, **kwargs)
+        return bound.arguments.get("optimizers", (None,))[0]
+    except (TypeError, IndexError, KeyError):
+        return None
 
 
 def _checked_transforms(transforms: Any) -> Any:
