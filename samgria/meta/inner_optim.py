@@ -177,11 +177,9 @@ class AdamInnerStep:
         p_t = p_{t-1} - \\alpha \\frac{m_t / (1 - \\beta_1^t)}{\\sqrt{v_t / (1 - \\beta_2^t)} + \\epsilon}.
 
     The square root is taken of :math:`\\max(\\hat v_t, \\text{tiny})` so its derivative stays
-    finite where a gradient is exactly zero (dead ReLU units). ``tiny`` is the smallest normal
-    float of the dtype, so the value differs from Adam's only where :math:`\\hat v_t` is below
-    it; in float16, whose smallest normal (6.1e-5) is the square of an ordinary gradient
-    (7.8e-3), it is the smallest subnormal (6.0e-8), so there the value differs only where
-    :math:`\\hat v_t` is 0.
+    finite where a gradient is exactly zero (dead ReLU units); the value differs from Adam's
+    only below the smallest normal float (in float16, whose smallest normal is 6.1e-5, that
+    is where a gradient is below about 7.8e-3).
 
     Args:
         betas: :math:`(\\beta_1, \\beta_2)`, each in ``[0, 1)``.
@@ -229,7 +227,7 @@ class AdamInnerStep:
             if n in exp_avg_sq:
                 v = beta2 * exp_avg_sq[n] + v
             exp_avg[n], exp_avg_sq[n] = m, v
-            v_hat = (v / bias2).clamp_min(_root_floor(v.dtype))
+            v_hat = (v / bias2).clamp_min(torch.finfo(v.dtype).tiny)
             direction = (m / bias1) / (v_hat.sqrt() + self.eps)
             if g.is_complex():
                 direction = torch.complex(direction[..., 0], direction[..., 1])
@@ -238,14 +236,6 @@ class AdamInnerStep:
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(betas={self.betas}, eps={self.eps})"
-
-
-def _root_floor(dtype: torch.dtype) -> float:
-    """The least :math:`\\hat v` whose square root :class:`AdamInnerStep` takes: the smallest
-    normal number of ``dtype`` (its root is negligible next to any gradient), but for float16,
-    whose smallest normal 2**-14 is the square of a gradient of 7.8e-3, its smallest subnormal
-    2**-24 (a normal float32, so flushing subnormals to zero does not make it 0)."""
-    return 2.0**-24 if dtype == torch.float16 else torch.finfo(dtype).tiny
 
 
 #: Shared default instances (stateless objects: their state lives in the per-adaptation dict).
