@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import warnings
 
 import pytest
@@ -373,3 +374,17 @@ def test_task_to_copies_on_request_and_refuses_an_integer_dtype_as_module_to_doe
         task.to(torch.int32)
     with pytest.raises(TypeError, match=r"^copy must be a bool, got 1$"):
         task.to("cpu", copy=1)
+
+
+@pytest.mark.parametrize(
+    "classes",
+    [torch.tensor([[0, 1], [2, 3]]), torch.tensor(2), np.array([[0, 1], [2, 3]])],
+    ids=["2-D tensor", "0-dim tensor", "2-D array"],
+)
+def test_classes_that_are_not_a_1d_tensor_or_array_are_refused_naming_classes(classes):
+    """A tensor or array of labels was flattened: a 2-D one taken as its elements, a 0-dim one as
+    a single class, where a nested list (or a bare integer) is refused."""
+    inputs, labels = make_data()
+    with pytest.raises(ValueError, match=rf"^classes must be a 1-D tensor or array of labels, got one of shape "
+                       rf"{re.escape(str(tuple(classes.shape)))}$"):
+        FewShotSampler(inputs, labels, 1, 1, 1, classes=classes)

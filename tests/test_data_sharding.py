@@ -246,3 +246,23 @@ def test_dataloader_workers_sharing_a_seeded_sampler_draw_the_one_process_stream
     assert sorted(map(key, drawn)) == sorted(map(key, expected))
     by_key = {key(task): task for task in expected}
     assert all(same_tasks([task], [by_key[key(task)]]) for task in drawn)
+
+
+@pytest.mark.parametrize("make", [few_shot, sinusoid], ids=["few_shot", "sinusoid"])
+def test_a_state_torch_refuses_is_refused_naming_it_and_the_stream_is_kept(make) -> None:
+    """A 1-D uint8 tensor that is no state of the sampler's generator (another kind of
+    generator's, a corrupt one) raised torch's bare RuntimeError."""
+    sampler = make()
+    reference = make()
+    for bad, reason in ((torch.zeros(16, dtype=torch.uint8), "size"), (torch.zeros(5056, dtype=torch.uint8), "mt19937")):
+        with pytest.raises(ValueError, match=rf"^state\['generator'\] must be a state of the sampler's cpu generator, "
+                           rf"got a state torch refuses \(torch: .*{reason}"):
+            sampler.load_state_dict({"generator": bad})
+    assert same_tasks(sampler.sample(3), reference.sample(3))
+
+
+def test_shard_refuses_items_that_are_not_a_sequence_naming_items() -> None:
+    sampler = DistributedTaskSampler(sinusoid(), rank=0, world_size=2)
+    with pytest.raises(TypeError, match=r"^items must be a sequence, got int$"):
+        sampler.shard(5)
+    assert sampler.shard(range(5)) == [0, 1, 2]

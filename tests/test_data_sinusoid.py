@@ -358,3 +358,12 @@ def test_a_task_count_beyond_what_one_tensor_holds_is_refused_naming_n(n):
                            rf"bytes\), got {n}$"):
             draw(n)
     assert torch.equal(sampler.generator.get_state(), before)  # nothing drawn
+
+
+@pytest.mark.parametrize("dtype", [torch.float8_e4m3fn, torch.float8_e5m2])
+def test_a_float8_dtype_is_refused_naming_dtype(dtype):
+    """float8 dtypes are floating, but torch computes neither the draw nor the sine in them:
+    the sampler raised torch's NotImplementedError ("isfinite"/"add_stub" not implemented)."""
+    with pytest.raises(TypeError, match=rf"^dtype must be a floating torch.dtype torch computes a sine in "
+                       rf"\(float16, bfloat16, float32 or float64\), got {re.escape(repr(dtype))}$"):
+        SinusoidTaskSampler(dtype=dtype)

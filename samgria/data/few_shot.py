@@ -54,14 +54,14 @@ class FewShotSampler(GeneratorStateMixin):
 
     Raises:
         TypeError: ``inputs``/``labels`` are not tensors, ``labels`` is not an integer tensor,
-            ``classes`` is not a sequence (or tensor) of integers, ``drop_small_classes`` is
-            not a ``bool``, a count is not an int, or ``device`` is not a device, a device
-            string or an index.
-        ValueError: ``labels`` is not 1-D or its length differs from ``inputs``, a count is
-            out of range, ``classes`` names a label that does not occur, a class has too
-            few examples, fewer than ``n_way`` classes are usable, ``seed`` is beyond what
-            ``torch.Generator`` takes, or ``torch.device`` refuses ``device`` or its backend is
-            not available here.
+            ``classes`` is not a sequence (or 1-D tensor or array) of integers,
+            ``drop_small_classes`` is not a ``bool``, a count is not an int, or ``device`` is not
+            a device, a device string or an index.
+        ValueError: ``labels`` is not 1-D or its length differs from ``inputs``, ``classes`` is a
+            tensor or array that is not 1-D, a count is out of range, ``classes`` names a label
+            that does not occur, a class has too few examples, fewer than ``n_way`` classes are
+            usable, ``seed`` is beyond what ``torch.Generator`` takes, or ``torch.device``
+            refuses ``device`` or its backend is not available here.
 
     Attributes:
         classes: 1-D tensor of the class labels tasks are drawn from.
@@ -228,7 +228,9 @@ def _class_labels(classes: object) -> list[int]:
     if isinstance(classes, torch.Tensor):
         if classes.dtype.is_floating_point or classes.dtype.is_complex or classes.dtype == torch.bool:
             raise TypeError(f"classes must hold integer labels, got a tensor of dtype {classes.dtype}")
-        return classes.flatten().tolist()
+        if classes.dim() != 1:  # a list of lists (or a bare label) is refused too
+            raise ValueError(f"classes must be a 1-D tensor or array of labels, got one of shape {tuple(classes.shape)}")
+        return classes.tolist()
     if isinstance(classes, (str, bytes)) or not isinstance(classes, Sequence):
         raise TypeError(f"classes must be a sequence or tensor of integer labels, got {classes!r}")
     return [check_integer(f"classes[{i}]", _label(label)) for i, label in enumerate(classes)]

@@ -170,7 +170,13 @@ class DistributedTaskSampler:
         return shard_bounds(n, self.rank, self.world_size)
 
     def shard(self, items: Sequence[T]) -> list[T]:
-        """This rank's contiguous share of ``items`` (e.g. held-out tasks, the same list on every rank)."""
+        """This rank's contiguous share of ``items`` (e.g. held-out tasks, the same list on every rank).
+
+        Raises:
+            TypeError: ``items`` is not a sequence (or another iterable).
+        """
+        if isinstance(items, (str, bytes)) or not hasattr(items, "__iter__"):
+            raise TypeError(f"items must be a sequence, got {type(items).__name__}")
         items = list(items)
         start, stop = self.bounds(len(items))
         return items[start:stop]

@@ -20,6 +20,9 @@ from samgria.data.task import GeneratorStateMixin, Task
 
 __all__ = ["SinusoidTaskSampler", "sinusoid"]
 
+#: The dtypes a sampler draws its tasks in.
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
 
 def sinusoid(x: torch.Tensor, amplitude: float | torch.Tensor, phase: float | torch.Tensor) -> torch.Tensor:
     r"""Evaluate the task function :math:`y = A \sin(x - \varphi)`.
@@ -70,12 +73,13 @@ class SinusoidTaskSampler(GeneratorStateMixin):
         seed: Convenience seed for a private generator; not together with ``generator``.
         device: Device of the sampled tensors, anything ``torch.device`` takes on a backend
             available here (default: the generator's device, or CPU).
-        dtype: Floating dtype of the sampled tensors (default: ``torch.get_default_dtype()``).
+        dtype: Dtype of the sampled tensors: ``torch.float16``, ``torch.bfloat16``,
+            ``torch.float32`` or ``torch.float64`` (default: ``torch.get_default_dtype()``).
 
     Raises:
         TypeError: A count is not an int, a range is not a pair of numbers, ``dtype`` is not
-            floating, ``generator`` is not a ``torch.Generator``, or ``device`` is not a device,
-            a device string or an index.
+            one of those four (an integer or a float8 dtype), ``generator`` is not a
+            ``torch.Generator``, or ``device`` is not a device, a device string or an index.
         ValueError: A count is out of range (``k_support + k_query`` included), a range has ``low > high``, is not finite, lies
             beyond what ``dtype`` holds or is wider than it (as is ``x - phase``), a ``seed`` is
             beyond what ``torch.Generator`` takes, both ``generator`` and ``seed`` are given, or
@@ -98,6 +102,11 @@ class SinusoidTaskSampler(GeneratorStateMixin):
             dtype = torch.get_default_dtype()
         if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
             raise TypeError(f"dtype must be a floating torch.dtype, got {dtype!r}")
+        if dtype not in _DTYPES:  # float8: torch draws, adds and takes sines in none of them
+            raise TypeError(
+                f"dtype must be a floating torch.dtype torch computes a sine in (float16, bfloat16, float32 "
+                f"or float64), got {dtype!r}"
+            )
         self.dtype = dtype
         self.amp_range = check_range("amp_range", amp_range, dtype)
         self.phase_range = check_range("phase_range", phase_range, dtype)

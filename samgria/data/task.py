@@ -191,7 +191,9 @@ def load_generator_state_dict(generator: torch.Generator | None, state: Any, own
     Raises:
         TypeError: ``state`` is not a dict with a ``"generator"`` entry, or that entry is
             neither ``None`` nor a generator state (a 1-D ``torch.uint8`` tensor).
-        ValueError: The state and the sampler disagree on having a generator of their own.
+        ValueError: The state and the sampler disagree on having a generator of their own, or
+            the sampler's generator refuses the state (one of another kind of generator, such as
+            a CUDA generator's, or a corrupt one); the generator is then left as it was.
     """
     if not isinstance(state, dict) or "generator" not in state:
         raise TypeError(f"state must be a dict with a 'generator' entry (from {owner}.state_dict()), got {state!r}")
@@ -203,7 +205,13 @@ def load_generator_state_dict(generator: torch.Generator | None, state: Any, own
             f"{'None' if saved is None else 'a generator state'}"
         )
     if generator is not None:
-        generator.set_state(_cpu_random_state("state['generator']", saved))
+        try:  # torch checks the state whole before it sets any of it
+            generator.set_state(_cpu_random_state("state['generator']", saved))
+        except RuntimeError as error:  # a state of another kind of generator, or a corrupt one
+            raise ValueError(
+                f"state['generator'] must be a state of the sampler's {generator.device.type} generator, got a "
+                f"state torch refuses (torch: {error})"
+            ) from None
 
 
 class GeneratorStateMixin:
@@ -220,7 +228,8 @@ class GeneratorStateMixin:
 
         Raises:
             TypeError: ``state`` is not such a dict.
-            ValueError: ``state`` and this sampler disagree on having a generator of their own.
+            ValueError: ``state`` and this sampler disagree on having a generator of their own,
+                or its generator refuses the state (see :func:`load_generator_state_dict`).
         """
         load_generator_state_dict(self.generator, state, type(self).__name__)
 
