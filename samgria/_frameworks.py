@@ -22,6 +22,7 @@ from typing import Any
 __all__ = [
     "accumulating_framework",
     "called_from",
+    "refuse_closure_under_grad_scaler",
     "stacklevel_outside",
     "stepping_grad_scaler",
     "wrapper_chain",
@@ -93,6 +94,33 @@ def stacklevel_outside(*prefixes: str) -> int:
     while frame is not None and (frame.f_globals.get("__name__", "") + ".").startswith(prefixes):
         frame, level = frame.f_back, level + 1
     return level
+
+
+#: How many callers up :func:`stepping_grad_scaler` looks for ``GradScaler.step`` from samgria's
+#: step: ``TransformingOptimizer``'s ``_finish_pending``, ``_step``, ``step``, torch's hook
+#: wrapper, ``with_hooks``'s two frames: seven, three more for each subclass whose ``step`` calls
+#: ``super().step()``, then a framework's wrappers.
+SCALER_FRAMES = 24
+
+
+def refuse_closure_under_grad_scaler(optimizer_name: str) -> None:
+    """Raise when ``torch.amp.GradScaler.step`` hands a closure to an optimizer that leaves the
+    unscaling to the scaler (``_step_supports_amp_scaling`` false), before anything changes.
+
+    Such a scaler unscales the gradients, then calls ``step(closure)``, whose closure computes the
+    gradients anew, times the loss scale: the update would be the loss scale times too large.
+    torch's scaler refuses ``closure=`` for this reason, but not a closure passed by position,
+    as accelerate's ``AcceleratedOptimizer.step(closure)`` passes it under fp16.
+    """
+    if stepping_grad_scaler(SCALER_FRAMES) is not None:
+        raise RuntimeError(
+            f"torch.amp.GradScaler.step(optimizer, closure) cannot drive {optimizer_name}.step(closure): "
+            "the scaler unscaled the gradients before this step, and the closure would compute them "
+            "anew, times the loss scale, so the step would apply scaled gradients (torch's "
+            "GradScaler refuses closure= for this reason). Run the forward and the scaled backward "
+            "first, then step without a closure: scaler.scale(loss).backward(); "
+            "scaler.step(optimizer) (accelerate: accelerator.backward(loss); optimizer.step())"
+        )
 
 
 def stepping_grad_scaler(depth: int) -> Any:

@@ -14,7 +14,13 @@ from torch import nn
 from torch.optim import Optimizer
 
 from samgria._checks import check_bool, check_choice
-from samgria._frameworks import accumulating_framework, stacklevel_outside, stepping_grad_scaler
+from samgria._frameworks import (
+    SCALER_FRAMES,
+    accumulating_framework,
+    refuse_closure_under_grad_scaler,
+    stacklevel_outside,
+    stepping_grad_scaler,
+)
 from samgria._legacy import from_release_0_1
 from samgria._snapshot import GroupValues, StateStructure, StepSnapshot, is_entry
 from samgria._wrapper import (
@@ -195,11 +201,6 @@ def _warn_without_init_state(transforms: Sequence[Transform]) -> None:
         )
 
 
-#: How many callers up ``_rescale_unscaled_grads`` looks for ``GradScaler.step`` (its caller
-#: ``_finish_pending``, ``_step``, ``step``, torch's hook wrapper, ``with_hooks``'s two frames:
-#: seven, and three more for each subclass whose ``step`` calls ``super().step()``, then a
-#: framework's wrappers).
-_SCALER_FRAMES = 24
 
 
 
@@ -796,7 +797,7 @@ class TransformingOptimizer(WrappingOptimizer):
         found_inf = getattr(self, "found_inf", None)
         if found_inf is None or getattr(self, "grad_scale", None) is not None or float(found_inf) != 0.0:
             return  # no scaler, a scaler that did not unscale first, or an overflow (skipped)
-        scaler = stepping_grad_scaler(_SCALER_FRAMES)
+        scaler = stepping_grad_scaler(SCALER_FRAMES)
         if scaler is None:
             raise RuntimeError(
                 "the gradients were unscaled before this step, but the GradScaler that unscaled "
@@ -1047,7 +1048,9 @@ class TransformingOptimizer(WrappingOptimizer):
         Raises:
             RuntimeError: Before anything changes, if a transform needs a closure and none was
                 given without :meth:`first_step`, if ``torch.amp.GradScaler.step`` passes a
-                closure (the scaler cannot scale and unscale the passes the closure runs), or if
+                closure (the scaler cannot scale and unscale the passes the closure runs; for a
+                chain that does not re-evaluate, it unscaled the gradients the closure then
+                computes anew, scaled), or if
                 a framework accumulated earlier micro-batches outside the closure that a
                 transform re-evaluates (Lightning's ``accumulate_grad_batches > 1``).
         """
@@ -1105,6 +1108,7 @@ class TransformingOptimizer(WrappingOptimizer):
         if scaled:
             self._forget_scaler()
             raise RuntimeError(_SCALER_WITH_CLOSURE_MESSAGE)
+        refuse_closure_under_grad_scaler(type(self).__name__)  # a chain the scaler unscaled for
         self._refuse_framework_accumulation(closure)
         with torch.enable_grad(), self._enter(self.first_pass_context):
             loss = closure()

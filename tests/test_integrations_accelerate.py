@@ -10,6 +10,7 @@ on the CPU, so the scaler that ``mixed_precision="fp16"`` creates on a GPU is se
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
 import os
 
@@ -319,6 +320,44 @@ def test_a_scaler_driving_step_closure_is_refused_before_anything_changes() -> N
         optimizer.step(closure)
     assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
     assert not hasattr(optimizer.optimizer, "found_inf") and not hasattr(optimizer.optimizer, "grad_scale")
+
+
+@pytest.mark.parametrize("kind", ["clip", "maml"])
+def test_step_closure_of_an_optimizer_the_loss_scaler_unscales_for_is_refused_before_anything_changes(kind) -> None:
+    """accelerate's own fp16 ``step(closure)`` hands the closure to the scaler, which unscales the
+    gradients and then lets the closure compute them anew, scaled (an update ``SCALE`` times too
+    large before): a chain that does not re-evaluate the loss (which SAMAccelerator leaves to
+    accelerate) and a meta-optimizer refuse it; the closure-free loop steps as the unscaled one."""
+    from samgria import MAML
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 1))
+    twin = copy.deepcopy(net)
+
+    def build(module):
+        if kind == "maml":
+            return MAML(module, torch.optim.SGD, lr=0.1)
+        return TransformingOptimizer(module.parameters(), torch.optim.SGD, lr=0.1, transforms=[ClipGradNorm(100.0)])
+
+    accelerator = SAMAccelerator(cpu=True)
+    with_loss_scaler(accelerator)
+    model, optimizer = accelerator.prepare(net, build(net))
+    assert type(optimizer) is AcceleratedOptimizer  # nothing to run twice: accelerate's own
+    x, y = batches(torch.float32)[0]
+    closure = accelerated_closure(accelerator, model, optimizer, x, y)
+    closure()
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(RuntimeError, match=r"^torch\.amp\.GradScaler\.step\(optimizer, closure\) cannot drive "):
+        optimizer.step(closure)
+    assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
+    accelerator.scaler.update()  # the scaler had unscaled for the refused step: its state starts anew
+    closure()
+    optimizer.step()
+    twin_optimizer = build(twin)
+    F.mse_loss(twin(x), y).backward()
+    twin_optimizer.step()
+    for got, want in zip(model.parameters(), twin.parameters()):
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)
 
 
 @pytest.mark.parametrize("route", ROUTES)

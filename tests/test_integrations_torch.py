@@ -21,7 +21,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from samgria import ASAM, TransformingOptimizer, sam_optimizer
+from samgria import ASAM, LAMP, ClipGradNorm, TransformingOptimizer, sam_optimizer
 
 LR, RHO = 0.1, 0.05
 SCALE = 2.0**10
@@ -124,6 +124,59 @@ def test_scaler_step_with_a_positional_closure_is_refused_before_anything_change
     # Nothing stale is left: a plain step(closure) afterwards is an ordinary SAM step.
     optimizer.step(lambda: (optimizer.zero_grad(), F.mse_loss(model(x), y).backward())[1])
     assert not unchanged(model, before)
+
+
+def _plain_chain(kind: str, model: nn.Module):
+    params = model.parameters()
+    if kind == "maml":
+        from samgria import MAML
+
+        return MAML(model, torch.optim.SGD, lr=LR)
+    transforms = {"empty": [], "lamp": [LAMP(seed=0)], "clip": [ClipGradNorm(100.0)]}[kind]
+    return TransformingOptimizer(params, torch.optim.SGD, lr=LR, momentum=0.9, transforms=transforms)
+
+
+@pytest.mark.parametrize("kind", ["empty", "lamp", "clip", "maml"])
+def test_scaler_step_with_a_positional_closure_is_refused_for_an_optimizer_the_scaler_unscales_for(kind) -> None:
+    """A chain that does not re-evaluate, and a meta-optimizer, leave the unscaling to the scaler:
+    it unscales the gradients, then calls ``step(closure)``, whose closure computed them anew,
+    scaled -- an update ``SCALE`` times too large (what accelerate's fp16 ``step(closure)`` did).
+    Refused before anything changes; ``scaler.step(optimizer)`` after the scaled backward steps
+    as the unscaled loop does."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 1))
+    twin = copy.deepcopy(model)
+    optimizer, twin_optimizer = _plain_chain(kind, model), _plain_chain(kind, twin)
+    scaler = torch.amp.GradScaler("cpu", init_scale=SCALE)
+    x, y = batches()[0]
+
+    def closure():
+        optimizer.zero_grad()
+        loss = F.mse_loss(model(x), y)
+        scaler.scale(loss).backward()
+        return loss
+
+    closure()  # the scaled gradients the scaler checks and unscales before calling step()
+    before = snapshot(model)
+    state = copy.deepcopy(optimizer.state_dict())
+    name = type(optimizer).__name__
+    with pytest.raises(
+        RuntimeError,
+        match=rf"^torch\.amp\.GradScaler\.step\(optimizer, closure\) cannot drive {name}\.step\(closure\): the "
+        r"scaler unscaled the gradients .* would apply scaled gradients .*then step without a closure",
+    ):
+        scaler.step(optimizer, closure)
+    assert unchanged(model, before)
+    assert str(optimizer.state_dict()) == str(state)
+    # The supported loop: the scaled backward, then scaler.step(optimizer) -- the unscaled step.
+    scaler = torch.amp.GradScaler("cpu", init_scale=SCALE)
+    closure()
+    scaler.step(optimizer)
+    twin_optimizer.zero_grad()
+    F.mse_loss(twin(x), y).backward()
+    twin_optimizer.step()
+    for got, want in zip(model.parameters(), twin.parameters()):
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)
 
 
 def test_scaler_step_with_a_keyword_closure_is_refused_by_torch() -> None:

@@ -43,7 +43,7 @@ import torch
 from torch import nn
 
 from samgria._checks import check_bool, check_choice, check_optional_bool, check_real
-from samgria._frameworks import accelerate_accumulation
+from samgria._frameworks import accelerate_accumulation, refuse_closure_under_grad_scaler
 from samgria._snapshot import StateStructure, StepSnapshot
 from samgria._wrapper import WrappingOptimizer, checks_before_writing, refuse_driven, warn_of_hooks_not_run
 from samgria.data.task import Task
@@ -420,9 +420,11 @@ class MetaOptimizer(WrappingOptimizer):
             ValueError: ``distributed=True`` and no rank counted a task in the step (raised on
                 every rank; nothing is applied).
             RuntimeError: The outer optimizer re-evaluates the loss (SAM) and no closure is given,
-                or a framework accumulated micro-batches outside the closure (Lightning's
-                ``accumulate_grad_batches > 1``, accelerate's ``accumulate()``); nothing is
-                applied.
+                a framework accumulated micro-batches outside the closure (Lightning's
+                ``accumulate_grad_batches > 1``, accelerate's ``accumulate()``), or
+                ``torch.amp.GradScaler.step`` passes the closure (as accelerate's
+                ``step(closure)`` does under fp16: the scaler unscaled the gradients the closure
+                computes anew, scaled); nothing is applied.
         """
         if closure is not None and not callable(closure):
             raise TypeError(f"closure must be callable, got {closure!r}")
@@ -434,7 +436,8 @@ class MetaOptimizer(WrappingOptimizer):
         ``gradient_accumulation_steps > 1`` and ``closure`` is given; when the outer optimizer
         re-evaluates the loss (SAM) and ``closure`` is Lightning's under
         ``accumulate_grad_batches > 1`` (its second pass would see the last micro-batch only),
-        or is not given.
+        or is not given; when ``torch.amp.GradScaler.step`` hands it ``closure`` (it unscaled
+        the gradients the closure computes anew, scaled).
 
         accelerate's ``accumulate()`` calls the optimizer on the last micro-batch only, so a
         closure would adapt and back-propagate that micro-batch's tasks alone; nothing here can
@@ -471,6 +474,9 @@ class MetaOptimizer(WrappingOptimizer):
                         "SAMMixedPrecision); Lightning's automatic optimization in '32-true' or "
                         "'bf16-mixed' precision passes one"
                     )
+        if closure is not None:
+            # The scaler unscaled the gradients the closure computes anew, scaled.
+            refuse_closure_under_grad_scaler(type(self).__name__)
         setting = accelerate_accumulation() if closure is not None else None
         if setting is not None:
             raise RuntimeError(
