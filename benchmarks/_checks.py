@@ -1,10 +1,14 @@
 """Checks a benchmark makes before it publishes a number: a printed correctness figure must be able
-to fail the run, and a timed row must have taken real steps (a skipped step is cheaper than a step)."""
+to fail the run, and a timed row must have taken real steps (a skipped step is cheaper than a step).
+Also the ``argparse`` types of the scripts' counts and budgets, so that a nonsense value (a negative
+count, zero rounds) is refused when the arguments are parsed, naming the option and the value,
+instead of crashing after minutes of measuring or silently measuring nothing."""
 
 from __future__ import annotations
 
+import argparse
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 
@@ -59,3 +63,43 @@ def require_finite(what: str, tensors: Iterable[torch.Tensor]) -> None:
     """
     if not all(bool(torch.isfinite(t).all()) for t in tensors):
         raise BenchmarkCheckError(f"check failed: {what}: not all finite")
+
+
+def int_at_least(low: int) -> Callable[[str], int]:
+    """An ``argparse`` type: an integer ``>= low``.
+
+    A value that is not one is refused at parsing: ``argument --rounds: must be an integer >= 1,
+    got 0``.
+    """
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be an integer >= {low}, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be an integer >= {low}, got {value}")
+        return value
+
+    return parse
+
+
+def number_in(low: float, high: float = math.inf) -> Callable[[str], float]:
+    """An ``argparse`` type: a number in ``[low, high]`` (NaN is refused; ``inf`` only where
+    ``high`` is infinite, e.g. a time budget that never runs out).
+
+    A value that is not one is refused at parsing: ``argument --seconds: must be a number >= 0,
+    got -1.0``.
+    """
+    rule = f"a number >= {low:g}" if high == math.inf else f"a number in [{low:g}, {high:g}]"
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be {rule}, got {text!r}") from None
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"must be {rule}, got {value!r}")
+        return value
+
+    return parse

@@ -97,7 +97,7 @@ from samgria.meta import distributed as collectives  # noqa: E402
 from samgria.meta.maml import MAML  # noqa: E402
 from samgria.meta.trainer import MetaTrainer  # noqa: E402
 from distributed_harness import launch_ranks  # noqa: E402
-from _checks import require_close, require_steps_taken  # noqa: E402
+from _checks import int_at_least, require_close, require_steps_taken  # noqa: E402
 from _docs_figures import publish_figures  # noqa: E402
 
 SCRIPT = Path(__file__).resolve()
@@ -613,9 +613,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="what to run (default: all)")  # fmt: skip
     parser.add_argument("--workloads", nargs="+", default=["sinusoid", "conv4"], choices=["sinusoid", "conv4"],
                         help="meta workloads (default: both)")  # fmt: skip
-    parser.add_argument("--rounds", type=int, default=None, help="launches per configuration (1 quick / 3)")
-    parser.add_argument("--iters", type=int, default=None, help="timed meta-iterations per launch (3 / 20)")
-    parser.add_argument("--threads", type=int, default=1, help="intra-op threads of each rank (default 1)")
+    parser.add_argument("--rounds", type=int_at_least(1), default=None, help="launches per configuration (1 quick / 3)")
+    parser.add_argument("--iters", type=int_at_least(1), default=None, help="timed meta-iterations per launch (3 / 20)")
+    parser.add_argument("--threads", type=int_at_least(1), default=1, help="intra-op threads of each rank (default 1)")
     parser.add_argument("--configs", nargs="+", default=None, metavar="RANKSxTHREADS",
                         choices=[f"{w}x{t}" for w, t in META_CONFIGS],
                         help="meta configurations, the first is the baseline (default 1x1 2x1 1x2; quick 1x1 2x1)")  # fmt: skip

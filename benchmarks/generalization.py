@@ -62,7 +62,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from samgria import ASAM, GSAM, LAMP, SAM, LookSAM, Transform, TransformingOptimizer  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _checks import require_close, require_steps_taken  # noqa: E402
+from _checks import int_at_least, number_in, require_close, require_steps_taken  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 LR, MOMENTUM, WEIGHT_DECAY, BATCH = 0.05, 0.9, 5e-4, 64
@@ -319,10 +319,12 @@ def write_results(summary: dict[str, Any], config: dict[str, Any]) -> None:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="1 seed, 3 epochs, < 60 s (CI)")
-    parser.add_argument("--seeds", type=int, default=None, help="seeds per method and noise level (default 5, 1 quick)")
-    parser.add_argument("--epochs", type=int, default=None, help="epochs per run (default 20, 3 quick)")
+    parser.add_argument("--seeds", type=int_at_least(1), default=None,
+                        help="seeds per method and noise level (default 5, 1 quick)")  # fmt: skip
+    parser.add_argument("--epochs", type=int_at_least(1), default=None, help="epochs per run (default 20, 3 quick)")
     parser.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(METHODS), help="sgd is always run")
-    parser.add_argument("--noise", nargs="+", type=float, default=list(NOISE_LEVELS), help="label-noise rates")
+    parser.add_argument("--noise", nargs="+", type=number_in(0.0, 1.0), default=list(NOISE_LEVELS),
+                        help="label-noise rates, each in [0, 1] (default 0 0.4)")  # fmt: skip
     args = parser.parse_args(argv)
     seeds = args.seeds or (1 if args.quick else 5)
     epochs = args.epochs or (3 if args.quick else 20)

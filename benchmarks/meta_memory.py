@@ -57,7 +57,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from _checks import require_close  # noqa: E402
+from _checks import int_at_least, require_close  # noqa: E402
 from _docs_figures import publish_figures  # noqa: E402
 from meta_throughput import (  # noqa: E402
     FEW_SHOT_INNER_LR,
@@ -282,13 +282,16 @@ def write_results(result: dict[str, Any]) -> None:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="CI, < 60 s: inner steps 1 3, 4 channels")
-    parser.add_argument("--inner-steps", type=int, nargs="+", default=None, help="default 1 5 20 50 (quick: 1 3)")
-    parser.add_argument("--channels", type=int, default=None, help="conv4 width (default 64; quick 4)")
-    parser.add_argument("--meta-batch", type=int, default=4, help="tasks per meta-batch (default 4)")
-    parser.add_argument("--rounds", type=int, default=None, help="timing rounds of one iteration (default 3; quick 1)")
-    parser.add_argument("--memory-steps", type=int, default=3, help="meta-steps per own process (0: none)")
-    parser.add_argument("--jobs", type=int, default=None, help="own processes run at a time (2 quick / 1)")
-    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads for the timings (default 1)")
+    parser.add_argument("--inner-steps", type=int_at_least(1), nargs="+", default=None,
+                        help="default 1 5 20 50 (quick: 1 3)")  # fmt: skip
+    parser.add_argument("--channels", type=int_at_least(1), default=None, help="conv4 width (default 64; quick 4)")
+    parser.add_argument("--meta-batch", type=int_at_least(1), default=4, help="tasks per meta-batch (default 4)")
+    parser.add_argument("--rounds", type=int_at_least(1), default=None,
+                        help="timing rounds of one iteration (default 3; quick 1)")  # fmt: skip
+    parser.add_argument("--memory-steps", type=int_at_least(0), default=3, help="meta-steps per own process (0: none)")
+    parser.add_argument("--jobs", type=int_at_least(1), default=None, help="own processes run at a time (2 quick / 1)")
+    parser.add_argument("--threads", type=int_at_least(1), default=1,
+                        help="torch intra-op threads for the timings (default 1)")  # fmt: skip
     parser.add_argument("--retain-freed-memory", action="store_true",
                         help="ask glibc malloc to keep freed memory (no trimming), here and in every own process")
     parser.add_argument("--memory-child", default=None, help=argparse.SUPPRESS)

@@ -64,7 +64,7 @@ inflates less than wall time; with ``--threads`` above 1, in wall time.
 
 Usage::
 
-    python benchmarks/meta_throughput.py            # full (about 11 minutes on 2 cores)
+    python benchmarks/meta_throughput.py            # full (10 to 20 minutes on 2 cores)
     python benchmarks/meta_throughput.py --quick    # CI: < 60 s; meta-batch 4, 8 channels, no compile,
                                                     # own-process rows for conv4 only
     python benchmarks/meta_throughput.py --workloads conv4-bn conv4 --rounds-few-shot 5
@@ -105,7 +105,7 @@ from samgria.data.task import Task  # noqa: E402
 from samgria.meta.engine import second_order_vmap_blocker  # noqa: E402
 from samgria.meta.maml import MAML  # noqa: E402
 from samgria.meta.trainer import MetaTrainer  # noqa: E402
-from _checks import require_close, require_steps_taken  # noqa: E402
+from _checks import int_at_least, number_in, require_close, require_steps_taken  # noqa: E402
 from _docs_figures import publish_figures  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -828,20 +828,23 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true", help="CI, < 60 s: small sizes, few iterations, no compile")
     parser.add_argument("--workloads", nargs="+", default=["sinusoid", *WORKLOADS],
                         choices=["sinusoid", *WORKLOADS], help="what to run (default: all)")  # fmt: skip
-    parser.add_argument("--rounds", type=int, default=None, help="sinusoid timing rounds (default 3 quick / 7 full)")
-    parser.add_argument("--iters", type=int, default=None, help="sinusoid iterations per path per round (3 / 10)")
+    parser.add_argument("--rounds", type=int_at_least(1), default=None,
+                        help="sinusoid timing rounds (default 3 quick / 7 full)")  # fmt: skip
+    parser.add_argument("--iters", type=int_at_least(1), default=None,
+                        help="sinusoid iterations per path per round (3 / 10)")  # fmt: skip
     parser.add_argument("--compile", dest="compile", action="store_true", default=None, help="time the compiled path")
     parser.add_argument("--no-compile", dest="compile", action="store_false", help="skip the compiled path")
-    parser.add_argument("--rounds-few-shot", type=int, default=None, help="few-shot rounds of 1 iteration, at least (1 / 3)")
-    parser.add_argument("--seconds-few-shot", type=float, default=None,
+    parser.add_argument("--rounds-few-shot", type=int_at_least(1), default=None,
+                        help="few-shot rounds of 1 iteration, at least (1 / 3)")  # fmt: skip
+    parser.add_argument("--seconds-few-shot", type=number_in(0.0), default=None,
                         help="few-shot: more rounds while under this many seconds per workload (0 quick / 60)")
-    parser.add_argument("--meta-batch", type=int, default=None, help="few-shot meta-batch (default 4 quick / 32)")
-    parser.add_argument("--channels", type=int, default=None, help="conv4 width (default 8 quick / 64)")
-    parser.add_argument("--memory-steps", type=int, default=None,
+    parser.add_argument("--meta-batch", type=int_at_least(1), default=None, help="few-shot meta-batch (default 4 quick / 32)")
+    parser.add_argument("--channels", type=int_at_least(1), default=None, help="conv4 width (default 8 quick / 64)")
+    parser.add_argument("--memory-steps", type=int_at_least(0), default=None,
                         help="meta-steps per own-process row (default 6: the measured default's 4 trials "
                              "and 2 more; 0 skips those columns)")  # fmt: skip
-    parser.add_argument("--jobs", type=int, default=None, help="own-process rows run at a time (2 quick / 1)")
-    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1)")
+    parser.add_argument("--jobs", type=int_at_least(1), default=None, help="own-process rows run at a time (2 quick / 1)")
+    parser.add_argument("--threads", type=int_at_least(1), default=1, help="torch intra-op threads (default 1)")
     parser.add_argument("--retain-freed-memory", action="store_true",
                         help="ask glibc malloc to keep freed memory (no trimming), here and in every own process")
     parser.add_argument("--memory-child", default=None, help=argparse.SUPPRESS)

@@ -111,6 +111,7 @@ from torch.utils._pytree import tree_flatten
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from samgria import LAMP, SAM, TransformingOptimizer  # noqa: E402
+from _checks import int_at_least, number_in  # noqa: E402
 from _docs_figures import publish_figures  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -1037,23 +1038,33 @@ def run_looksam_section(models: list[str], rounds: int, seconds: float, warmup: 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="few repetitions, 1-2 minutes on 2 cores (CI)")
-    parser.add_argument("--rounds", type=int, default=None, help="most timed rounds per model (default 400, 100 quick)")
+    looksam_block = math.lcm(*LOOKSAM_KS)
     parser.add_argument(
-        "--seconds", type=float, default=None, help="time budget for timing, per model (default 60, 5 quick)"
+        "--rounds",
+        type=int_at_least(looksam_block),
+        default=None,
+        help=f"most timed rounds per model (default 400, 100 quick; at least {looksam_block}, one block of the "
+        "LookSAM timing)",
+    )
+    parser.add_argument(
+        "--seconds", type=number_in(0.0), default=None, help="time budget for timing, per model (default 60, 5 quick)"
     )
     parser.add_argument("--models", nargs="+", choices=list(MODELS), default=list(MODELS))
     parser.add_argument("--profile", action="store_true", help="print a torch.profiler table per model")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: CPUs available)")
+    parser.add_argument("--threads", type=int_at_least(1), default=None, help="torch threads (default: CPUs available)")
     parser.add_argument(
         "--retain-freed-memory",
         action="store_true",
         help="tell glibc malloc to keep freed memory mapped (see retain_freed_memory)",
     )
     parser.add_argument(
-        "--peak-reps", type=int, default=None, help="fresh processes per variant for the process peak (default 3, 1 quick; 0 skips)"
+        "--peak-reps",
+        type=int_at_least(0),
+        default=None,
+        help="fresh processes per variant for the process peak (default 3, 1 quick; 0 skips)",
     )
-    parser.add_argument("--peak-steps", type=int, default=None, help=argparse.SUPPRESS)
-    parser.add_argument("--peak-warmup", type=int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--peak-steps", type=int_at_least(1), default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--peak-warmup", type=int_at_least(0), default=None, help=argparse.SUPPRESS)
     parser.add_argument("--peak-child", default=None, help=argparse.SUPPRESS)  # internal: one measuring process
     parser.add_argument(
         "--looksam-only", action="store_true", help="only section 5 (LookSAM against a one-pass step); writes no files"

@@ -42,6 +42,9 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _checks import int_at_least, number_in  # noqa: E402
+
 ROOT = Path(__file__).resolve().parent.parent
 #: The release the core-contracts issue (TransformingOptimizer keeps every torch.optim contract)
 #: was filed on.
@@ -151,15 +154,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="one short process (CI)")
     parser.add_argument("--rev", default=FILING_RELEASE, help=f"the release to compare with (default {FILING_RELEASE})")
     parser.add_argument("--model", choices=["mlp", "conv"], default="mlp")
-    parser.add_argument("--processes", type=int, default=None, help="fresh processes (default 3, 1 quick)")
-    parser.add_argument("--rounds", type=int, default=None, help="most round-robin rounds per process (default 200, 4 quick)")
-    parser.add_argument("--seconds", type=float, default=None, help="round-robin time budget per process (default 60, 5 quick)")
-    parser.add_argument("--blocks", type=int, default=None, help="in-a-row rounds per process (default 30, 1 quick)")
+    parser.add_argument("--processes", type=int_at_least(1), default=None, help="fresh processes (default 3, 1 quick)")
+    parser.add_argument("--rounds", type=int_at_least(1), default=None,
+                        help="most round-robin rounds per process (default 200, 4 quick)")  # fmt: skip
+    parser.add_argument("--seconds", type=number_in(0.0), default=None,
+                        help="round-robin time budget per process (default 60, 5 quick)")  # fmt: skip
+    parser.add_argument("--blocks", type=int_at_least(1), default=None, help="in-a-row rounds per process (default 30, 1 quick)")
     parser.add_argument("--worker", nargs=2, default=None, help=argparse.SUPPRESS)  # internal: one process
     args = parser.parse_args(argv)
     args.processes = args.processes or (1 if args.quick else 3)
     args.rounds = args.rounds or (4 if args.quick else 200)
-    args.seconds = args.seconds or (5.0 if args.quick else 60.0)
+    args.seconds = args.seconds if args.seconds is not None else (5.0 if args.quick else 60.0)
     args.blocks = args.blocks or (1 if args.quick else 30)
     if args.worker is not None:
         package_dir, package = args.worker

@@ -51,6 +51,7 @@ from samgria.meta.maml import FOMAML, MAML  # noqa: E402
 from samgria.meta.metasgd import MetaSGD  # noqa: E402
 from samgria.meta.reptile import Reptile  # noqa: E402
 from samgria.meta.trainer import MetaTrainer  # noqa: E402
+from _checks import int_at_least  # noqa: E402
 from _docs_figures import publish_figures  # noqa: E402
 
 ALGORITHMS = ("maml", "fomaml", "reptile", "metasgd", "anil")
@@ -181,17 +182,21 @@ def plot_steps(summary: dict, path: Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="a few hundred iterations, < 60 s (CI)")
-    parser.add_argument("--iterations", type=int, default=None, help="meta-iterations (default 70000, 300 with --quick)")
+    parser.add_argument("--iterations", type=int_at_least(1), default=None,
+                        help="meta-iterations (default 70000, 300 with --quick)")  # fmt: skip
     parser.add_argument("--algorithms", nargs="+", choices=ALGORITHMS, default=list(ALGORITHMS))
-    parser.add_argument("--eval-tasks", type=int, default=None, help="held-out tasks (default 600, 100 with --quick)")
-    parser.add_argument("--meta-batch", type=int, default=25)
-    parser.add_argument("--k", type=int, default=10, help="support (and training query) points per task")
+    parser.add_argument("--eval-tasks", type=int_at_least(1), default=None,
+                        help="held-out tasks (default 600, 100 with --quick)")  # fmt: skip
+    parser.add_argument("--meta-batch", type=int_at_least(1), default=25)
+    parser.add_argument("--k", type=int_at_least(1), default=10, help="support (and training query) points per task")
     parser.add_argument("--inner-lr", type=float, default=0.01)
     parser.add_argument("--outer-lr", type=float, default=1e-3)
-    parser.add_argument("--reptile-inner-steps", type=int, default=5)
+    parser.add_argument("--reptile-inner-steps", type=int_at_least(1), default=5)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--log-every", type=int, default=None, help="print the mean meta-loss every N iterations")
-    parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (1 is fastest for this tiny MLP)")
+    parser.add_argument("--log-every", type=int_at_least(1), default=None,
+                        help="print the mean meta-loss every N iterations")  # fmt: skip
+    parser.add_argument("--threads", type=int_at_least(1), default=1,
+                        help="torch.set_num_threads (1 is fastest for this tiny MLP)")  # fmt: skip
     parser.add_argument("--output", default=None,
                         help="file stem of the plots and JSON under benchmarks/results/ (default sinusoid; "
                              "with --plot-from, the JSON's stem)")  # fmt: skip
