@@ -865,6 +865,26 @@ def test_project_params_l2_beyond_float32_squares_matches_a_float64_reference(dt
     assert torch.equal(params[0][2], (starts[0][2] - grads[0][2]))  # inside the ball: as SGD left it
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("center", ["zero", "initial"])
+def test_project_params_l2_with_a_radius_far_below_the_norm_matches_a_float64_reference(dtype, center):
+    """A row whose float32 factor r / ||w - c|| is below float32's smallest normal number (radius
+    1e-35, norm near 1e11) was scaled by a subnormal factor: it landed at 1.4 r. Such rows are
+    projected in float64 and rounded once, onto the sphere."""
+    generator = torch.Generator().manual_seed(3)
+    # row 0 starts at 0 (so its centre is 0 either way) and moves by ~1e10; row 1 is ordinary
+    start = (torch.randn(2, 30, generator=generator, dtype=F64) * torch.tensor([[0.0], [1e-3]], dtype=F64)).to(dtype)
+    grad = (torch.randn(2, 30, generator=generator, dtype=F64) * torch.tensor([[1e10], [1e-3]], dtype=F64)).to(dtype)
+    param = nn.Parameter(start.clone())
+    optimizer = TransformingOptimizer([param], torch.optim.SGD, lr=1.0, transforms=[ProjectParams(1e-35, center=center)])
+    param.grad = grad.clone()
+    optimizer.step()
+    moved = start.clone().add_(grad, alpha=-1.0).double()  # SGD's step alone
+    middle = start.double() if center == "initial" else torch.zeros(moved.shape, dtype=F64)
+    expected = float64_projection(moved, middle, 1e-35, -1)
+    torch.testing.assert_close(param.detach().double(), expected, rtol=torch.finfo(dtype).eps, atol=0)
+
+
 # -- 16-bit parameters: norms and projections in float32, bounds beyond the dtype's range ---------------
 @pytest.mark.parametrize("foreach", [True, False], ids=["foreach", "loop"])
 @pytest.mark.parametrize("center", ["zero", "initial"])

@@ -86,9 +86,11 @@ class ProjectParams(Transform):
     projected in float32 (norms included) and rounded once. Where a float32 :math:`L_2` norm
     cannot be right -- infinite (squares beyond float32's range: finite weights near ``1e19``
     or beyond), or below ``1e-15`` (squares in float32's subnormal range) with a radius below
-    ``1e-14`` -- that sub-tensor is projected in float64 and rounded once, so finite weights always
-    land on the nearest point of the ball (not on MPS, which has no float64); looking for such
-    sub-tensors costs one host read per device and step. float64 parameters are projected in
+    ``1e-14`` -- or the factor :math:`r / \lVert w - c \rVert_2` is below float32's smallest
+    normal number (a radius below ``1e-19`` or so, far from the weights), that sub-tensor is
+    projected in float64 and rounded once, so finite weights always land on the nearest point of
+    the ball (not on MPS, which has no float64); looking for such sub-tensors costs one host read
+    per device and step. float64 parameters are projected in
     float64 alone (their squares overflow from about ``1e154``).
 
     Args:
@@ -239,14 +241,17 @@ class _Retake(NamedTuple):
 
 def _float32_norm_inexact(norm: torch.Tensor, radius: float) -> torch.Tensor | None:
     """Where a float32 L2 norm may decide or compute the projection wrongly: infinite (squares that
-    overflowed), or below ``1e-15`` (squares that fell into the subnormal range, perhaps to 0)
-    when the radius is below :data:`_SMALL_RADIUS`; ``None`` for norms that are not float32 or are
-    on MPS (no float64 there)."""
+    overflowed); when the radius is below :data:`_SMALL_RADIUS`, below ``1e-15`` (squares that fell
+    into the subnormal range, perhaps to 0) or so far above the radius that the factor
+    ``radius / norm`` falls below float32's smallest normal number (where it keeps few digits, or
+    none); ``None`` for norms that are not float32 or are on MPS (no float64 there)."""
     if norm.dtype != torch.float32 or norm.device.type == "mps":
         return None
     inexact = norm.isinf()
     if radius < _SMALL_RADIUS:
         inexact |= norm < _RECOMPUTE_BELOW
+        if radius > 0.0:  # a zero radius scales by exactly 0
+            inexact |= norm > radius / torch.finfo(torch.float32).tiny
     return inexact
 
 
