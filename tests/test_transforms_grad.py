@@ -149,6 +149,28 @@ def test_clip_grad_norm_on_16_bit_gradients_is_computed_in_float32_and_rounded_o
     assert torch.equal(grad_after_16_bit(ClipGradNorm(0.3), grad, foreach=foreach), expected)
 
 
+@pytest.mark.parametrize("foreach", [True, False], ids=["foreach", "loop"])
+@pytest.mark.parametrize(
+    "dtype,magnitude,max_norm",
+    [(torch.float32, 3e38, 1e-6), (torch.float32, 3e38, 1.0), (torch.bfloat16, 3e38, 1e-5), (torch.float64, 1e306, 1e-6)],
+    ids=["float32-zeroed", "float32", "bfloat16", "float64"],
+)
+def test_clip_grad_norm_by_a_factor_below_the_smallest_normal_number_keeps_its_precision(foreach, dtype, magnitude, max_norm):
+    """c / ||g|| below float32's smallest normal number (float64's for float64 gradients) was a
+    subnormal factor, rounded to a few digits or to 0: ClipGradNorm(1e-6) zeroed 100 float32
+    gradients of 3e38 (norm 3e39) instead of scaling them to norm 1e-6."""
+    generator = torch.Generator().manual_seed(0)
+    grad = (torch.rand(100, generator=generator, dtype=torch.float64).add_(1.0) * (magnitude / 2)).to(dtype)
+    param = nn.Parameter(torch.zeros_like(grad))
+    optimizer = TransformingOptimizer([param], torch.optim.SGD, lr=0.0, transforms=[ClipGradNorm(max_norm)], transform_foreach=foreach)
+    param.grad = grad.clone()
+    optimizer.step()
+    exact = [Decimal(float(x)) for x in grad.double()]
+    norm = sum(x * x for x in exact).sqrt()
+    expected = torch.tensor([float(x * Decimal(max_norm) / norm) for x in exact], dtype=torch.float64)
+    torch.testing.assert_close(param.grad.double(), expected, rtol=torch.finfo(dtype).eps, atol=0)
+
+
 NORMALIZE_16_BIT = [
     ("tiny", {}),  # ||g|| below float16's tiny: it used to be clamped up to it
     ("tiny", {"param_ndim": -1}),

@@ -105,7 +105,11 @@ class ClipGradNorm(Transform):
     r"""Clip the gradients of each group to a global L2 norm of at most ``max_grad_norm``.
 
     :math:`g \leftarrow g \cdot \min(1, c / (\lVert g \rVert_2 + 10^{-6}))` with one norm per group (as
-    :func:`torch.nn.utils.clip_grad_norm_` on that group's parameters).
+    :func:`torch.nn.utils.clip_grad_norm_` on that group's parameters). A factor below the smallest
+    normal number of the dtype the gradients are multiplied in (float32 for float32 and 16-bit
+    gradients: norms beyond about :math:`8.5 \cdot 10^{37}\,c`; float64 for float64 ones), which
+    would keep few digits or none, is applied in float64 as a power of two and a normal factor,
+    rounded once (not on MPS, which has no float64).
 
     Args:
         max_grad_norm: Default :math:`c > 0` (per-group key ``"max_grad_norm"``).
@@ -127,9 +131,40 @@ class ClipGradNorm(Transform):
     def pre_update(self, ctx: TransformContext) -> None:
         for group, grads, sources in _grads_by_group(ctx, self):
             norm = float(global_norm(grads, foreach=ctx.foreach, like=sources))
-            factor = float(group["max_grad_norm"]) / (norm + 1e-6)
-            if factor < 1.0:
-                scale_(grads, [factor] * len(grads), foreach=ctx.foreach)
+            max_norm = float(group["max_grad_norm"])
+            factor = max_norm / (norm + 1e-6)
+            if not factor < 1.0:
+                continue
+            subnormal = [_subnormal_factor(grad, factor, norm) for grad in grads]
+            normal = [grad for grad, tiny in zip(grads, subnormal) if not tiny]
+            scale_(normal, [factor] * len(normal), foreach=ctx.foreach)
+            for grad, tiny in zip(grads, subnormal):
+                if tiny:
+                    _scale_by_tiny_factor_(grad, max_norm, norm)
+
+
+def _subnormal_factor(grad: torch.Tensor, factor: float, norm: float) -> bool:
+    """Whether :class:`ClipGradNorm` scales ``grad`` by ``factor`` outside its kernel's normal range:
+    below the smallest normal number of the dtype it multiplies in (float64 for float64 gradients,
+    float32 for float32 and 16-bit ones), where the factor keeps few digits or none. A norm that
+    overflowed (``inf``) scales by 0, as :func:`torch.nn.utils.clip_grad_norm_`; on MPS (no float64)
+    the kernel's factor is used as it is."""
+    if math.isinf(norm) or grad.device.type == "mps":
+        return False
+    return factor < torch.finfo(torch.float64 if grad.dtype == torch.float64 else torch.float32).tiny
+
+
+def _scale_by_tiny_factor_(grad: torch.Tensor, max_norm: float, norm: float) -> None:
+    r"""In place: ``grad`` times :math:`c / (\lVert g \rVert + 10^{-6})` for a factor below the
+    smallest normal number (:func:`_subnormal_factor`), in float64 and rounded once: with
+    :math:`\lVert g \rVert + 10^{-6} = m\,2^e` (:math:`m \in [0.5, 1)`), first by the power of two
+    :math:`2^{-e}` (exact, but for products in the subnormal range) and then by the normal number
+    :math:`c / m`."""
+    mantissa, exponent = math.frexp(norm + 1e-6)
+    wide = grad if grad.dtype == torch.float64 else grad.to(torch.float64)
+    wide.mul_(math.ldexp(1.0, -exponent)).mul_(max_norm / mantissa)
+    if wide is not grad:
+        grad.copy_(wide)
 
 
 class GradSign(Transform):
