@@ -27,7 +27,9 @@ Sections (``--sections``):
   meta-update to the next, sampling included; the all-reduce synchronises the ranks every
   iteration, so this is the job's iteration time), the speedup ``t_1 / t`` and the **scaling
   efficiency** ``E = t_1 / (c * t)`` with ``c`` the cores used (ranks x threads): 1.0 is perfect
-  scaling, 0.5 on two cores means no gain at all. ``reduce ms`` is the time per iteration rank 0
+  scaling, 0.5 on two cores means no gain at all. ``t_1`` is the first configuration's time (1x1
+  by default); where that configuration uses ``c_1`` cores (``--threads``, ``--configs``),
+  ``E = c_1 * t_1 / (c * t)``, so the first row reads 1.0. ``reduce ms`` is the time per iteration rank 0
   spends in the meta-step's all-reduces, waiting for the other rank included; ``all-reduce ms``
   is one all-reduce of a buffer the meta-gradient's size with the ranks in step (a barrier
   first), the communication alone. ``CPU ms/iter`` is the CPU time per iteration summed over the
@@ -332,9 +334,10 @@ def run_meta(args: argparse.Namespace) -> dict[str, Any]:
             require_close(f"meta/{name}: max|first meta-gradient({world_size}x{threads}) - "
                           f"first meta-gradient({base[0]}x{base[1]})|", max_dg,
                           META_GRAD_RTOL * max_abs(first_base))  # fmt: skip
+            # Relative to the first configuration's cores: 1 by default, more with --threads or --configs.
             rows[f"{world_size}x{threads}"] = {
                 "ranks": world_size, "threads": threads, "ms_per_iteration": 1e3 * t,
-                "speedup": t_base / t, "efficiency": t_base / (world_size * threads * t),
+                "speedup": t_base / t, "efficiency": t_base * base[0] * base[1] / (world_size * threads * t),
                 "reduce_ms": None if reduce is None else 1e3 * reduce,
                 "all_reduce_ms": None if comm is None else 1e3 * comm,
                 "cpu_ms_per_iteration": 1e3 * cpu, "work_efficiency": cpu_base / cpu,
@@ -367,8 +370,9 @@ def print_meta(name: str, result: dict[str, Any]) -> None:
         print(f"{key:<16}{row['local_tasks']:>11}{row['ms_per_iteration']:>10.1f}{row['speedup']:>9.2f}"
               f"{row['efficiency']:>12.2f}{row['cpu_ms_per_iteration']:>13.1f}{row['work_efficiency']:>11.2f}"
               f"{reduce:>11}{comm:>15}{row['max_dg']:>10.1e}{row['max_dw']:>10.1e}")  # fmt: skip
-    print("efficiency = t(1x1) / (ranks x threads x t): 1.0 is perfect scaling, 0.5 no gain on two cores; "
-          "work eff. = CPU time of 1x1 / CPU time of all ranks (the work distribution adds, whatever the load); "
+    print("efficiency = t(first row) x its cores / (ranks x threads x t): 1.0 is perfect scaling, 0.5 no gain on "
+          "twice the first row's cores; work eff. = CPU time of the first row / CPU time of all ranks (the work "
+          "distribution adds, whatever the load); "
           "reduce ms: in the meta-step's all-reduces per iteration, waiting for the other rank included; "
           "all-reduce ms: one all-reduce of the meta-gradient's size alone; max|dg|, max|dw|: the first "
           "meta-iteration's meta-gradient and the final weights against the first row's")  # fmt: skip
