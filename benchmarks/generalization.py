@@ -326,6 +326,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--noise", nargs="+", type=number_in(0.0, 1.0), default=list(NOISE_LEVELS),
                         help="label-noise rates, each in [0, 1] (default 0 0.4)")  # fmt: skip
     args = parser.parse_args(argv)
+    # A repeated rate or method would run the same seeds twice and count them as more seeds
+    # (narrower CIs; a repeated method's runs would also be paired with the wrong SGD seeds).
+    if len(set(args.noise)) != len(args.noise):
+        parser.error(f"argument --noise: each rate at most once, got {args.noise}")
+    if len(set(args.methods)) != len(args.methods):
+        parser.error(f"argument --methods: each method at most once, got {args.methods}")
     seeds = args.seeds or (1 if args.quick else 5)
     epochs = args.epochs or (3 if args.quick else 20)
     methods = ["sgd", *[m for m in args.methods if m != "sgd"]]
