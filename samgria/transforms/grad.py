@@ -135,12 +135,19 @@ class ClipGradNorm(Transform):
             factor = max_norm / (norm + 1e-6)
             if not factor < 1.0:
                 continue
+            if factor >= _FLOAT32_TINY:  # the common case: a normal factor in every dtype
+                scale_(grads, [factor] * len(grads), foreach=ctx.foreach)
+                continue
             subnormal = [_subnormal_factor(grad, factor, norm) for grad in grads]
             normal = [grad for grad, tiny in zip(grads, subnormal) if not tiny]
             scale_(normal, [factor] * len(normal), foreach=ctx.foreach)
             for grad, tiny in zip(grads, subnormal):
                 if tiny:
                     _scale_by_tiny_factor_(grad, max_norm, norm)
+
+
+#: float32's smallest normal number (float64's is smaller).
+_FLOAT32_TINY = torch.finfo(torch.float32).tiny
 
 
 def _subnormal_factor(grad: torch.Tensor, factor: float, norm: float) -> bool:
@@ -158,8 +165,8 @@ def _scale_by_tiny_factor_(grad: torch.Tensor, max_norm: float, norm: float) -> 
     r"""In place: ``grad`` times :math:`c / (\lVert g \rVert + 10^{-6})` for a factor below the
     smallest normal number (:func:`_subnormal_factor`), in float64 and rounded once: with
     :math:`\lVert g \rVert + 10^{-6} = m\,2^e` (:math:`m \in [0.5, 1)`), first by the power of two
-    :math:`2^{-e}` (exact, but for products in the subnormal range) and then by the normal number
-    :math:`c / m`."""
+    :math:`2^{-e}` (exact, but for products in the subnormal range) and then by :math:`c / m`
+    (a normal number for a normal :math:`c`)."""
     mantissa, exponent = math.frexp(norm + 1e-6)
     wide = grad if grad.dtype == torch.float64 else grad.to(torch.float64)
     wide.mul_(math.ldexp(1.0, -exponent)).mul_(max_norm / mantissa)
