@@ -112,7 +112,11 @@ class ClipGradNorm(Transform):
     rounded once (not on MPS, which has no float64).
 
     Args:
-        max_grad_norm: Default :math:`c > 0` (per-group key ``"max_grad_norm"``).
+        max_grad_norm: Default :math:`c > 0` (per-group key ``"max_grad_norm"``), finite.
+
+    Raises:
+        TypeError: If ``max_grad_norm`` is not a real number (a bool included).
+        ValueError: If ``max_grad_norm`` is not positive and finite.
     """
 
     def __init__(self, max_grad_norm: float = 1.0) -> None:
@@ -470,6 +474,14 @@ class ScaleGrad(Transform):
 
     A 16-bit gradient is mapped in float32 and rounded once, on both paths (a scale or bias
     beyond 65504 is taken as it is, not rounded to float16 first).
+
+    Args:
+        scale: Default :math:`s` (per-group key ``"grad_scale"``), a finite number.
+        bias: Default :math:`b` (per-group key ``"grad_bias"``), a finite number.
+
+    Raises:
+        TypeError: If ``scale`` or ``bias`` is not a real number (a bool included).
+        ValueError: If ``scale`` or ``bias`` is not finite.
     """
 
     def __init__(self, scale: float = 1.0, bias: float = 0.0) -> None:
