@@ -22,6 +22,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from samgria import ASAM, LAMP, ClipGradNorm, TransformingOptimizer, sam_optimizer
+from state_helpers import assert_state_dicts_equal
 
 LR, RHO = 0.1, 0.05
 SCALE = 2.0**10
@@ -96,6 +97,19 @@ def _scaled_backward(model, scaler, x, y):
     scaler.scale(loss).backward()
 
 
+def _scaled_closure(optimizer, model, scaler, x, y, autocast=True):
+    """The closure a user hands ``scaler.step``: zero, forward, scaled backward."""
+
+    def closure():
+        optimizer.zero_grad()
+        with torch.autocast("cpu", dtype=torch.float16, enabled=autocast):
+            loss = F.mse_loss(model(x), y)
+        scaler.scale(loss).backward()
+        return loss
+
+    return closure
+
+
 def test_scaler_step_with_a_positional_closure_is_refused_before_anything_changes() -> None:
     """What accelerate's fp16 ``step(closure)`` does; the scaler has seen a scaled loss before."""
     model, optimizer = model_and_optimizer()
@@ -104,14 +118,7 @@ def test_scaler_step_with_a_positional_closure_is_refused_before_anything_change
     _scaled_backward(model, scaler, x, y)
     before = snapshot(model)
     inner_state = copy.deepcopy(optimizer.inner.state_dict())
-
-    def closure():
-        optimizer.zero_grad()
-        with torch.autocast("cpu", dtype=torch.float16):
-            loss = F.mse_loss(model(x), y)
-        scaler.scale(loss).backward()
-        return loss
-
+    closure = _scaled_closure(optimizer, model, scaler, x, y)
     with pytest.raises(
         RuntimeError,
         match=r"^torch\.amp\.GradScaler\.step\(optimizer, closure\) cannot drive step\(closure\): .*would apply "
@@ -147,36 +154,31 @@ def test_scaler_step_with_a_positional_closure_is_refused_for_an_optimizer_the_s
     model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 1))
     twin = copy.deepcopy(model)
     optimizer, twin_optimizer = _plain_chain(kind, model), _plain_chain(kind, twin)
-    scaler = torch.amp.GradScaler("cpu", init_scale=SCALE)
-    x, y = batches()[0]
-
-    def closure():
-        optimizer.zero_grad()
-        loss = F.mse_loss(model(x), y)
-        scaler.scale(loss).backward()
-        return loss
-
-    closure()  # the scaled gradients the scaler checks and unscales before calling step()
-    before = snapshot(model)
-    state = copy.deepcopy(optimizer.state_dict())
     name = type(optimizer).__name__
-    with pytest.raises(
-        RuntimeError,
-        match=rf"^torch\.amp\.GradScaler\.step\(optimizer, closure\) cannot drive {name}\.step\(closure\): the "
-        r"scaler unscaled the gradients .* would apply scaled gradients .*then step without a closure",
-    ):
-        scaler.step(optimizer, closure)
-    assert unchanged(model, before)
-    assert str(optimizer.state_dict()) == str(state)
-    # The supported loop: the scaled backward, then scaler.step(optimizer) -- the unscaled step.
-    scaler = torch.amp.GradScaler("cpu", init_scale=SCALE)
-    closure()
-    scaler.step(optimizer)
-    twin_optimizer.zero_grad()
-    F.mse_loss(twin(x), y).backward()
-    twin_optimizer.step()
-    for got, want in zip(model.parameters(), twin.parameters()):
-        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)
+    for index, (x, y) in enumerate(batches()):
+        # The supported loop, the scaled backward then scaler.step(optimizer), is the unscaled step.
+        scaler = torch.amp.GradScaler("cpu", init_scale=SCALE)
+        closure = _scaled_closure(optimizer, model, scaler, x, y, autocast=False)
+        closure()
+        if index == 1:  # with state from a step before: the scaler checks and unscales, then steps
+            before, state = snapshot(model), copy.deepcopy(optimizer.state_dict())
+            with pytest.raises(
+                RuntimeError,
+                match=rf"^torch\.amp\.GradScaler\.step\(optimizer, closure\) cannot drive {name}\.step\(closure\): "
+                r"the scaler unscaled the gradients .* would apply scaled gradients .*then step without a closure",
+            ):
+                scaler.step(optimizer, closure)
+            assert unchanged(model, before)
+            assert_state_dicts_equal(optimizer.state_dict(), state)
+            scaler = torch.amp.GradScaler("cpu", init_scale=SCALE)
+            closure = _scaled_closure(optimizer, model, scaler, x, y, autocast=False)
+            closure()
+        scaler.step(optimizer)
+        twin_optimizer.zero_grad()
+        F.mse_loss(twin(x), y).backward()
+        twin_optimizer.step()
+        for got, want in zip(model.parameters(), twin.parameters()):
+            torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)
 
 
 def test_scaler_step_with_a_keyword_closure_is_refused_by_torch() -> None:
