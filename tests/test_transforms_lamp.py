@@ -84,6 +84,34 @@ def test_noise_has_global_norm_eps_and_scales_with_weight_magnitude():
     assert (ratio <= eps).all()  # |u_i| <= |w_i| before normalisation
 
 
+@pytest.mark.parametrize("foreach", [True, False], ids=["foreach", "per-tensor"])
+@pytest.mark.parametrize(
+    "dtype, tiny",
+    [(torch.float64, 1e-315), (torch.float32, 1e-44), (torch.bfloat16, 1e-40)],
+    ids=["float64", "float32", "bfloat16"],
+)
+def test_noise_of_subnormal_weights_has_global_norm_eps(dtype, tiny, foreach):
+    # eps / ||u|| is beyond the range of the dtype the noise is added in: float64 weights became
+    # inf and NaN, float32 and bfloat16 ones raised ValueError from the kernel.
+    eps = 1.0
+    param = nn.Parameter(torch.tensor([tiny, 0.0, -3 * tiny, 2 * tiny], dtype=dtype))
+    before = param.detach().clone()
+    optimizer = TransformingOptimizer(
+        [param], torch.optim.SGD, lr=0.0, foreach=foreach, transforms=[LAMP(eps=eps, rollback_len=100, seed=3)]
+    )
+    param.grad = torch.zeros_like(param)
+    optimizer.step()
+    # The same draws, normalised in float64 after an exact scaling by a power of two. The norm of
+    # float64 noise is itself subnormal (about 20 significant bits), float32 noise is added in
+    # float32, bfloat16 rounded to bfloat16.
+    r = torch.empty_like(before).uniform_(-1.0, 1.0, generator=torch.Generator().manual_seed(3))
+    u = (before * r).double() * 2.0 ** (1000 if dtype == torch.float64 else 100)
+    expected = (before.double() + eps * u / u.norm()).to(dtype)
+    assert torch.isfinite(param).all()
+    rtol = {torch.float64: 1e-9, torch.float32: 1e-6, torch.bfloat16: 2**-8}[dtype]
+    torch.testing.assert_close(param.detach(), expected, rtol=rtol, atol=0)
+
+
 def weights_after_lamp_steps(seed, rollback_len=5, steps=3):
     """The weights after ``steps`` SGD steps with ``LAMP(eps=1e-2, rollback_len, seed)``."""
     x, y = make_data()

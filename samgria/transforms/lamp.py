@@ -6,7 +6,10 @@ After every inner step the weights get magnitude-scaled uniform noise of fixed g
 
     u = |w| \odot r,\ r \sim U(-1, 1), \qquad w \leftarrow w + \varepsilon\,\frac{u}{\lVert u \rVert_2},
 
-(drawn as :math:`w \odot r`, which has the same distribution because :math:`r` is symmetric),
+(drawn as :math:`w \odot r`, which has the same distribution because :math:`r` is symmetric;
+for weights so small that :math:`\varepsilon / \lVert u \rVert_2` is beyond the range of the
+dtype the noise is added in, :math:`u` is first scaled by a power of two, exactly, as
+:class:`~samgria.SAM` scales its direction),
 
 the noisy weights are added to a running sum, and after ``rollback_len + 1`` steps the weights
 are set to the mean of those iterates and a new cycle starts — the seed library's
@@ -74,6 +77,7 @@ from samgria.functional._sharding import is_sharded, may_have_replicas, shard_co
 from samgria.functional._views import LOW_PRECISION, as_real, widened_dtype
 from samgria.functional import accumulate_, add_scaled_, assign_mean_, global_norm, magnitude_noise
 from samgria.transforms.base import Transform, TransformContext
+from samgria.transforms.sam import _scales_within_range
 
 __all__ = ["LAMP", "LAMPRollback", "sharded_noise_seed"]
 
@@ -307,9 +311,16 @@ class LAMP(Transform):
             noise = self._noise(ctx, noisy, real, cycle)
             noise_norm = float(global_norm(noise, foreach=ctx.foreach, like=noisy))
             if math.isfinite(noise_norm) and noise_norm > 0:
-                for eps in sorted({eps_of[id(p)] for p in noisy}):
-                    chosen = [i for i, p in enumerate(noisy) if eps_of[id(p)] == eps]
-                    add_scaled_([real[i] for i in chosen], [noise[i] for i in chosen], eps / noise_norm, foreach=ctx.foreach)
+                # eps / noise_norm beyond the range of the dtype the noise is added in (weights so
+                # small that the norm is below about eps / 3.4e38 in float32) is never formed: the
+                # noise is scaled by a power of two first, exactly, as SAM scales its direction.
+                directions, scales = _scales_within_range(
+                    noise, [eps_of[id(p)] for p in noisy], [noise_norm] * len(noisy)
+                )
+                for scale in sorted(set(scales)):
+                    chosen = [i for i, value in enumerate(scales) if value == scale]
+                    add_scaled_([real[i] for i in chosen], [directions[i] for i in chosen], scale, foreach=ctx.foreach)
+                del directions
             del noise
 
         summing: list[torch.Tensor] = []
