@@ -11,7 +11,8 @@ Cases: the closure API (second-order MAML with ``meta.adapt``, MetaSGD with ``ta
 Reptile, MAML through ``meta.clone()`` learners counted with ``add_task_weight``),
 ``MetaTrainer.fit`` with evaluation (the same three algorithms), the ``meta_step`` builder with
 per-task weights (MAML, Reptile), also on a rank that holds no task or only tasks of weight 0,
-SAM on the outer loop, Reptile with an idle rank, a non-finite
+SAM on the outer loop, Reptile with an idle rank, MAML and Reptile in float16 with very large
+and very small task weights, a non-finite
 task on one rank, errors that every rank raises together, the samplers' shares, evaluation with
 fewer tasks than ranks, a checkpoint saved after 3 of 6 iterations and resumed by fresh
 trainers on both ranks, and the same with dropout, whose ranks draw different amounts from torch's
@@ -323,6 +324,40 @@ def outer_sam_case(rank: int, world_size: int) -> dict[str, Any]:
     return {"weights": meta_weights(meta)}
 
 
+def half_precision_weights_case(rank: int, world_size: int) -> dict[str, Any]:
+    """MAML and Reptile on a float16 model, 4 tasks (2 per rank) of equal weight, very large
+    (3e4: a rank's weight of 6e4 times a gradient exceeds float16's 65504) or very small (1e-6:
+    a rank's weight times a pseudo-gradient is below float16's normal range) -- one meta-step each."""
+    results: dict[str, Any] = {}
+    tasks = SinusoidTaskSampler(k_support=5, k_query=6, seed=0, dtype=torch.float16).sample(4)
+    for algorithm, weight in (("maml", 3e4), ("reptile", 1e-6)):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(1, 8), nn.Tanh(), nn.Linear(8, 1)).half()
+        if algorithm == "maml":
+            meta: Any = MAML(model, torch.optim.SGD, lr=0.01, inner_lr=0.01, distributed=world_size > 1)
+        else:
+            meta = Reptile(model, torch.optim.SGD, lr=0.5, inner_lr=0.01, distributed=world_size > 1)
+        initial = meta_weights(meta)
+        mine = share(tasks, rank, world_size)
+
+        def closure() -> torch.Tensor:
+            meta.zero_grad()
+            query = []
+            for task in mine:
+                learner = meta.adapt(lambda f, t=task: F.mse_loss(f(t.support_x), t.support_y), weight=weight)
+                query.append(F.mse_loss(learner(task.query_x), task.query_y))
+            loss = meta.meta_loss(query, [weight] * len(mine))
+            if algorithm == "maml":
+                loss.backward()
+            return loss.detach()
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # a skipped step warns
+            meta.step(closure)
+        results[algorithm] = {"weights": meta_weights(meta), "initial": initial, "skipped": meta.skipped_steps}
+    return results
+
+
 def idle_rank_case(rank: int, world_size: int) -> dict[str, Any]:
     """Reptile with one task per meta-batch: rank 1 adapts nothing."""
     meta = build("reptile", make_model(), world_size > 1)
@@ -473,6 +508,7 @@ def run_cases(rank: int, world_size: int, directory: Path) -> dict[str, Any]:
         results[f"meta_step_idle/{algorithm}"] = meta_step_idle_rank_case(algorithm, rank, world_size)
     results["outer_sam"] = outer_sam_case(rank, world_size)
     results["idle_rank"] = idle_rank_case(rank, world_size)
+    results["half_precision_weights"] = half_precision_weights_case(rank, world_size)
     results["non_finite"] = non_finite_case(rank, world_size)
     results["shares"] = shares_case(rank, world_size)
     results["evaluate"] = evaluate_case(rank, world_size)
@@ -625,6 +661,23 @@ def test_sam_on_the_outer_loop_perturbs_with_the_global_meta_gradient(ranks, one
 def test_a_rank_without_tasks_contributes_nothing(ranks, one_process) -> None:
     assert [rank["idle_rank"]["tasks"] for rank in ranks] == [1, 0]
     assert_close(ranks[1]["idle_rank"]["weights"], one_process["idle_rank"]["weights"])
+
+
+@pytest.mark.parametrize("algorithm", ["maml", "reptile"])
+def test_float16_meta_gradients_are_reduced_within_range_for_any_task_weight(ranks, one_process, algorithm) -> None:
+    """Each rank's gradient was multiplied by its weight W_r before the sum (divided by the total
+    after it), in the gradients' dtype: in float16, task weights of 3e4 made MAML's W_r g_r
+    infinite (every rank skipped the step one process takes), weights of 1e-6 rounded Reptile's
+    W_r g_r to 0 or a few bits (the weights did not move, silently). Each rank's gradient is now
+    scaled by its share W_r / sum W_s: the update is one process's to float16 rounding."""
+    expected = one_process["half_precision_weights"][algorithm]
+    assert expected["skipped"] == 0
+    moved = [not torch.equal(a, b) for a, b in zip(expected["weights"], expected["initial"])]
+    assert all(moved), "one process moves every weight"
+    for rank in ranks:
+        result = rank["half_precision_weights"][algorithm]
+        assert result["skipped"] == 0
+        torch.testing.assert_close(result["weights"], expected["weights"], rtol=2e-3, atol=1e-5)
 
 
 def test_a_non_finite_task_on_one_rank_skips_the_step_on_every_rank(ranks, one_process) -> None:

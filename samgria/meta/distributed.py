@@ -16,8 +16,10 @@ the weighted mean over every task of every rank, which is what one process adapt
 meta-batch computes, also when the ranks hold different numbers of tasks. Both sums are
 ``torch.distributed.all_reduce`` (``SUM``) calls: one small ``float64`` buffer with
 :math:`W_r`, :math:`W_r \\mathcal{L}_r` and which parameters have a gradient, then one flat
-buffer of :math:`W_r g_r` per device and dtype of the meta-parameters. Every rank ends with the
-same gradients and loss, so decisions taken afterwards (the non-finite skip) agree.
+buffer of :math:`(W_r / \\sum_s W_s) \\, g_r` per device and dtype of the meta-parameters: each
+rank's gradient scaled by its share of the weight, at most 1, so that 16-bit gradients neither
+overflow for large task weights nor underflow for small ones. Every rank ends with the same
+gradients and loss, so decisions taken afterwards (the non-finite skip) agree.
 """
 
 from __future__ import annotations
@@ -146,15 +148,20 @@ def all_reduce_meta_gradients(
     for p, flag in zip(params, present):
         if flag > 0:
             buckets.setdefault((p.device, p.dtype), []).append(p)
+    # Each rank's share W_r / sum_r W_r (at most 1, in float64) scales its gradient before the
+    # sum: the buffer holds a convex combination of the ranks' gradients, within their range.
+    # Scaling by W_r and dividing the sum afterwards overflowed 16-bit gradients for large task
+    # weights (W_r g_r beyond 65504 in float16: a skipped step) and rounded them to subnormal
+    # numbers, or to 0, for small ones.
+    share = weight / total
     for members in buckets.values():
         flat = torch.cat(
             [
-                (p.grad * weight if p.grad is not None else torch.zeros_like(p)).reshape(-1)
+                (p.grad * share if p.grad is not None else torch.zeros_like(p)).reshape(-1)
                 for p in members
             ]
         )
         dist.all_reduce(flat, group=process_group)
-        flat.div_(total)
         offset = 0
         for p in members:
             mean = flat[offset : offset + p.numel()].view_as(p)
