@@ -10,6 +10,7 @@ import math
 import warnings
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from distributed_harness import run_ranks, skip_without_gloo
@@ -110,6 +111,24 @@ def test_noise_of_subnormal_weights_has_global_norm_eps(dtype, tiny, foreach):
     assert torch.isfinite(param).all()
     rtol = {torch.float64: 1e-9, torch.float32: 1e-6, torch.bfloat16: 2**-8}[dtype]
     torch.testing.assert_close(param.detach(), expected, rtol=rtol, atol=0)
+
+
+@pytest.mark.parametrize("eps", [np.float32(0.01), np.float16(0.01), np.float16(100.0)], ids=["float32", "float16", "float16-large"])
+def test_a_numpy_eps_scales_the_noise_as_the_float_it_holds(eps):
+    # eps / ||u|| was computed in the NumPy scalar's precision: float32's or float16's rounding
+    # of the scale, and beyond float16's range (65504) infinite weights.
+    param = nn.Parameter(torch.tensor([1.0, -2.0, 3.0, 0.5], dtype=torch.float64) * 1e-3)
+    before = param.detach().clone()
+    optimizer = TransformingOptimizer(
+        [{"params": [param], "eps": eps}], torch.optim.SGD, lr=0.0, transforms=[LAMP(rollback_len=100, seed=0)]
+    )
+    param.grad = torch.zeros_like(param)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        optimizer.step()
+    r = torch.empty_like(before).uniform_(-1.0, 1.0, generator=torch.Generator().manual_seed(0))
+    u = before * r
+    torch.testing.assert_close(param.detach(), before + float(eps) / float(u.norm()) * u, rtol=1e-15, atol=0)
 
 
 def weights_after_lamp_steps(seed, rollback_len=5, steps=3):

@@ -285,7 +285,8 @@ class LAMP(Transform):
         all_params = list({id(p): p for group in ctx.param_groups for p in group["params"]}.values())
         if not all_params:
             return
-        eps_of = {id(p): group["eps"] for group in reversed(ctx.param_groups) for p in group["params"]}
+        # As floats: a NumPy scalar would carry its own precision (float16's range) into eps / ||u||.
+        eps_of = {id(p): float(group["eps"]) for group in reversed(ctx.param_groups) for p in group["params"]}
         if ctx.standalone and self._had_grad is not None:
             # Seed protocol: optimizer.zero_grad() may run between step() and post_step(), so the
             # parameters that had a gradient at apply() count too.
