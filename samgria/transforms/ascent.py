@@ -258,8 +258,9 @@ class MultiStepSAM(_FinishingTransform):
             minimise (not ``maximize=True``) and step without a closure. It is built once at
             construction over a probe tensor, to check it.
         normalize: Divide the gradient by its global L2 norm before the ascent step (optax's
-            ``normalize()``; a setting). With ``normalize=False`` and the two-call loop under
-            ``GradScaler`` the adversary sees loss-scaled gradients.
+            ``normalize()``; a setting). With ``normalize=False`` the first ascent step of the
+            two-call loop would climb by the loss-scaled gradients under ``GradScaler``:
+            ``scaler.step(optimizer)`` refuses it (``RuntimeError``, the weights restored).
         reset_state: Start the adversary afresh at every step (a setting; see above).
 
     Raises:
