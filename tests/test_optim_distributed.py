@@ -43,6 +43,8 @@ MODES = {
 #: The transforms that mix the first pass's gradients into the update (LookSAM: a step in between).
 FIRST_PASS_MIXERS = ("gsam", "wsam", "wsam_coupled", "looksam")
 LOOPS = ("closure", "two_call")
+#: The transforms whose state comes from each rank's own first pass under m-sharpness.
+RESUMED = ("friendly_sam", "esam", "multi_step_sam")
 
 
 def _first_pass_mixer(name: str) -> Transform:
@@ -165,9 +167,13 @@ def _resume_m_sharpness_from_this_ranks_checkpoint(rank: int, name: str) -> tupl
 
     from torch.nn.parallel import DistributedDataParallel
 
-    from samgria import ESAM, FriendlySAM, TransformingOptimizer
+    from samgria import ESAM, FriendlySAM, MultiStepSAM, TransformingOptimizer
 
-    make = {"friendly_sam": lambda: FriendlySAM(rho=RHO), "esam": lambda: ESAM(rho=RHO, seed=1)}[name]
+    make = {
+        "friendly_sam": lambda: FriendlySAM(rho=RHO),
+        "esam": lambda: ESAM(rho=RHO, seed=1),
+        "multi_step_sam": lambda: MultiStepSAM(rho=RHO, adversary=torch.optim.Adam, normalize=False, reset_state=False),
+    }[name]
 
     def build() -> tuple[nn.Module, nn.Module, TransformingOptimizer]:
         model = _make_model()
@@ -211,7 +217,7 @@ def _worker(out_dir: str) -> None:
             for bucket_view in (False, True)
         }
         results["faults"] = {fault: _train_m_sharpness_with_a_local_fault(rank, fault) for fault in ("non_finite", "zero")}
-        results["resume"] = {name: _resume_m_sharpness_from_this_ranks_checkpoint(rank, name) for name in ("friendly_sam", "esam")}
+        results["resume"] = {name: _resume_m_sharpness_from_this_ranks_checkpoint(rank, name) for name in RESUMED}
         # Free reference cycles (optimizers, DDP/FSDP modules) that still hold the process group
         # while it is alive: destroyed at interpreter exit instead, gloo's threads can abort a rank
         # that has finished (as benchmarks/distributed.py does).
@@ -361,11 +367,12 @@ def _tensors(tree: object) -> list[torch.Tensor]:
     return []
 
 
-@pytest.mark.parametrize("name", ["friendly_sam", "esam"])
+@pytest.mark.parametrize("name", RESUMED)
 def test_m_sharpness_resumes_bitwise_from_each_ranks_own_checkpoint(ddp_results: list[dict], name: str) -> None:
-    """FriendlySAM's average of the first-pass gradients, and ESAM's random stream on a rank that
-    perturbed nothing, are each rank's own under m-sharpness (documented): the ranks' saved states
-    differ, and each rank resumes bit for bit from its own."""
+    """FriendlySAM's average of the first-pass gradients, ESAM's random stream on a rank that
+    perturbed nothing, and the state of MultiStepSAM's adversary with ``reset_state=False``
+    (its moments of the first-pass gradients) are each rank's own under m-sharpness
+    (documented): the ranks' saved states differ, and each rank resumes bit for bit from its own."""
     for rank in range(WORLD_SIZE):
         assert ddp_results[rank]["resume"][name][0], f"rank {rank} did not resume bit for bit"
     states = [_tensors(ddp_results[rank]["resume"][name][1]["state"]) for rank in range(WORLD_SIZE)]
