@@ -12,7 +12,7 @@ Reptile, MAML through ``meta.clone()`` learners counted with ``add_task_weight``
 ``MetaTrainer.fit`` with evaluation (the same three algorithms), the ``meta_step`` builder with
 per-task weights (MAML, Reptile), also on a rank that holds no task or only tasks of weight 0,
 SAM on the outer loop, Reptile with an idle rank, MAML and Reptile in float16 with very large
-and very small task weights, a non-finite
+and very small task weights, a closure that returns its loss as a Python float, a non-finite
 task on one rank, errors that every rank raises together, the samplers' shares, evaluation with
 fewer tasks than ranks, a checkpoint saved after 3 of 6 iterations and resumed by fresh
 trainers on both ranks, and the same with dropout, whose ranks draw different amounts from torch's
@@ -324,6 +324,24 @@ def outer_sam_case(rank: int, world_size: int) -> dict[str, Any]:
     return {"weights": meta_weights(meta)}
 
 
+def number_loss_case(rank: int, world_size: int) -> dict[str, Any]:
+    """MAML whose closure returns its loss as a Python float (``loss.item()``), over 2 meta-steps."""
+    meta = build("maml", make_model(), world_size > 1)
+    tasks_of_rank = DistributedTaskSampler(make_sampler(0), rank=rank, world_size=world_size)
+    returned = []
+    for _ in range(2):
+        tasks = tasks_of_rank.sample(GLOBAL_BATCH)
+
+        def closure() -> float:
+            meta.zero_grad()
+            loss = meta.task_losses(tasks, F.mse_loss).mean()
+            loss.backward()
+            return loss.item()
+
+        returned.append(meta.step(closure))
+    return {"returned": returned}
+
+
 def half_precision_weights_case(rank: int, world_size: int) -> dict[str, Any]:
     """MAML and Reptile on a float16 model, 4 tasks (2 per rank) of equal weight, very large
     (3e4: a rank's weight of 6e4 times a gradient exceeds float16's 65504) or very small (1e-6:
@@ -509,6 +527,7 @@ def run_cases(rank: int, world_size: int, directory: Path) -> dict[str, Any]:
     results["outer_sam"] = outer_sam_case(rank, world_size)
     results["idle_rank"] = idle_rank_case(rank, world_size)
     results["half_precision_weights"] = half_precision_weights_case(rank, world_size)
+    results["number_loss"] = number_loss_case(rank, world_size)
     results["non_finite"] = non_finite_case(rank, world_size)
     results["shares"] = shares_case(rank, world_size)
     results["evaluate"] = evaluate_case(rank, world_size)
@@ -661,6 +680,17 @@ def test_sam_on_the_outer_loop_perturbs_with_the_global_meta_gradient(ranks, one
 def test_a_rank_without_tasks_contributes_nothing(ranks, one_process) -> None:
     assert [rank["idle_rank"]["tasks"] for rank in ranks] == [1, 0]
     assert_close(ranks[1]["idle_rank"]["weights"], one_process["idle_rank"]["weights"])
+
+
+def test_a_loss_returned_as_a_python_number_is_the_mean_over_every_rank(ranks, one_process) -> None:
+    """A closure that returns loss.item() got its own rank's loss back from step(): the ranks
+    returned different numbers. It gets the weighted mean over every rank's tasks, as a float,
+    the same on every rank (what a tensor loss gets)."""
+    expected = one_process["number_loss"]["returned"]
+    assert all(type(value) is float for value in expected)
+    for rank in ranks:
+        assert all(type(value) is float for value in rank["number_loss"]["returned"])
+        assert rank["number_loss"]["returned"] == pytest.approx(expected, rel=1e-12)
 
 
 @pytest.mark.parametrize("algorithm", ["maml", "reptile"])

@@ -411,8 +411,9 @@ class MetaOptimizer(WrappingOptimizer):
 
         Returns:
             What the outer optimizer's ``step`` returns (the closure's loss; with
-            ``distributed=True`` a scalar loss is replaced by its task-weighted mean over the
-            ranks).
+            ``distributed=True`` a scalar loss -- a one-element tensor, or a number such as
+            ``loss.item()``, returned as a float -- is replaced by its task-weighted mean over
+            the ranks).
 
         Raises:
             FloatingPointError: ``non_finite="raise"`` and the update is not finite (see
@@ -586,7 +587,8 @@ class MetaOptimizer(WrappingOptimizer):
         """
         if self.world_size == 1:
             return loss
-        scalar = loss if isinstance(loss, torch.Tensor) and loss.numel() == 1 else None
+        number = isinstance(loss, (int, float)) and not isinstance(loss, bool)  # loss.item()
+        scalar = loss if number or (isinstance(loss, torch.Tensor) and loss.numel() == 1) else None
         total, mean_loss = collectives.all_reduce_meta_gradients(
             self._unique_params(), self._task_weight, scalar, self.process_group
         )
@@ -611,6 +613,8 @@ class MetaOptimizer(WrappingOptimizer):
             return torch.tensor(mean_loss, dtype=first.dtype if first.is_floating_point() else None, device=first.device)
         if scalar is None:
             return loss
+        if number:
+            return mean_loss
         return torch.tensor(mean_loss, dtype=scalar.dtype, device=scalar.device).reshape(scalar.shape)
 
     def _non_finite(self, loss: Any) -> str | None:

@@ -105,7 +105,7 @@ def _scalar_dtype(device: torch.device) -> torch.dtype:
 def all_reduce_meta_gradients(
     params: Sequence[torch.Tensor],
     weight: float,
-    loss: torch.Tensor | None,
+    loss: torch.Tensor | float | None,
     process_group: Any,
 ) -> tuple[float, float | None]:
     """Replace every ``p.grad`` by the task-weighted mean over the ranks (see the module docs).
@@ -113,7 +113,8 @@ def all_reduce_meta_gradients(
     Args:
         params: The meta-parameters, in the same order on every rank.
         weight: This rank's task weight :math:`W_r` (0 for a rank without tasks).
-        loss: This rank's scalar meta-loss :math:`\\mathcal{L}_r`, or ``None``.
+        loss: This rank's scalar meta-loss :math:`\\mathcal{L}_r` (a one-element tensor or a
+            number), or ``None``.
         process_group: The group (``None``: the default group).
 
     Returns:
@@ -132,7 +133,10 @@ def all_reduce_meta_gradients(
             raise ValueError(f"distributed meta-steps need dense gradients, got a sparse one of shape {tuple(p.shape)}")
     device = params[0].device
     has_loss = loss is not None
-    loss_value = float(loss.detach().reshape(())) if loss is not None else 0.0
+    if isinstance(loss, torch.Tensor):
+        loss_value = float(loss.detach().reshape(()))
+    else:
+        loss_value = 0.0 if loss is None else float(loss)
     scalars = torch.tensor(
         [weight, weight * loss_value if has_loss else 0.0, weight if has_loss else 0.0]
         + [1.0 if p.grad is not None else 0.0 for p in params],
