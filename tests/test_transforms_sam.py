@@ -236,6 +236,28 @@ def test_asam_per_group_eta_rho_and_non_adaptive_group():
     torch.testing.assert_close(params_of(model), expected, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("cls", [SAM, ASAM])
+def test_the_pytorch_sam_constructor_with_named_arguments_points_to_sam_optimizer_and_a_tensor_rho_is_named(cls):
+    """``SAM(params=..., base_optimizer=...)`` said "unexpected keyword argument 'params'" where the
+    positional call points to sam_optimizer; ``SAM(torch.tensor(0.05))`` was told it is that
+    constructor, where ``SAM(rho=torch.tensor(0.05))`` says what is wrong with rho."""
+    model = nn.Linear(2, 1)
+    with pytest.raises(TypeError, match=rf"^samgria\.{cls.__name__} is a transform, not an optimizer: .* Use samgria\.sam_optimizer\("):
+        cls(params=model.parameters(), base_optimizer=torch.optim.SGD, lr=0.1)
+    with pytest.raises(TypeError, match=rf"^samgria\.{cls.__name__} is a transform, not an optimizer"):
+        cls(model.parameters(), base_optimizer=torch.optim.SGD)
+    for call in (lambda: cls(torch.tensor(0.05)), lambda: cls(rho=torch.tensor(0.05))):
+        with pytest.raises(TypeError, match=r"^rho must be a finite number >= 0, got tensor\(0\.0500\)$"):
+            call()
+
+    class Keyed(cls):  # a subclass's own argument of that name is its own
+        def __init__(self, rho=0.1, params=None):
+            super().__init__(rho)
+            self.params = params
+
+    assert Keyed(params=[1]).params == [1]
+
+
 def test_asam_is_invariant_to_rescaling_a_relu_layer_pair():
     # f(x) = W2 relu(W1 x): scaling W1 by a and W2 by 1/a leaves f unchanged; with eta=0 the
     # ASAM perturbed loss is also unchanged (scale invariance), SAM's is not.

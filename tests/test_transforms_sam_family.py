@@ -11,6 +11,7 @@ are tested for these transforms by ``test_transforms_generic.py`` through ``tran
 from __future__ import annotations
 
 import copy
+import inspect
 import math
 import warnings
 from fractions import Fraction
@@ -444,6 +445,29 @@ def test_pytorch_optimizers_look_sam_evaluates_twice_per_step_and_decomposes_per
     assert calls["n"] == 6  # a second evaluation on every step (ours: 2 in 6 steps with k=3)
     ours = run_samgria(LookSAM(0.05, alpha=0.7, k=3), 6)
     assert max(float((a - b).abs().max()) for a, b in zip(ours, theirs)) > 1e-6
+
+
+@pytest.mark.parametrize("cls", [GSAM, WSAM, FriendlySAM, LookSAM])
+def test_pytorch_optimizers_constructor_called_on_the_transform_points_to_transforming_optimizer(cls):
+    """``LookSAM(params, SGD, rho=0.1, k=10)`` -- pytorch_optimizer's call, as the migration page's
+    table shows it -- failed on the binding ("got multiple values for argument 'rho'", "takes from 1
+    to 3 positional arguments but 5 were given") instead of saying what to write."""
+    model = nn.Linear(2, 1)
+    name = cls.__name__
+    expected = (
+        rf"^samgria\.{name} is a transform, not an optimizer \(pytorch_optimizer's {name} takes the params and a "
+        rf"base optimizer\): use samgria\.TransformingOptimizer\(params, base_optimizer, transforms=\[samgria\.{name}\(rho=\.\.\.\)\]"
+    )
+    with pytest.raises(TypeError, match=expected):
+        cls(model.parameters(), torch.optim.SGD, rho=0.1, lr=0.1)
+    with pytest.raises(TypeError, match=expected):
+        cls(model, model.parameters(), torch.optim.SGD, rho=0.1, lr=0.1)  # WSAM's: the model first
+    with pytest.raises(TypeError, match=expected):
+        cls(params=model.parameters(), base_optimizer=torch.optim.SGD, rho=0.1)
+    with pytest.raises(TypeError, match=r"^rho must be a finite number >= 0, got tensor\(0\.1000\)$"):
+        cls(torch.tensor(0.1))  # a 0-dim tensor is a hyperparameter, named by its own check
+    assert cls(0.2).rho == 0.2 and cls(rho=0.3).rho == 0.3
+    assert list(inspect.signature(cls).parameters)[0] == "rho"  # help() shows __init__'s arguments
 
 
 # -- per-group hyperparameters are read every step (schedulable) ------------------------------------------

@@ -38,7 +38,7 @@ import inspect
 import math
 import warnings
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, cast
+from typing import Any, TypeVar, cast
 
 import torch
 
@@ -620,24 +620,46 @@ def _times_power_of_two(tensor: torch.Tensor, exponent: int) -> torch.Tensor:
     return result
 
 
-def _refuse_optimizer_style_call(cls: type, args: tuple[Any, ...]) -> None:
-    """Point ``SAM(params, base_optimizer, ...)`` -- the widely used PyTorch SAM's constructor --
-    to :func:`samgria.sam_optimizer` instead of failing on the argument binding."""
+#: The argument names of the optimizer-style constructors (the widely used PyTorch SAM's,
+#: pytorch_optimizer's) that no transform takes.
+_OPTIMIZER_STYLE_KEYWORDS = ("params", "base_optimizer")
+
+
+def _refuse_optimizer_style_call(
+    cls: type[Any], args: tuple[Any, ...], kwargs: Mapping[str, Any] | None = None, *, sam_optimizer: bool = True
+) -> None:
+    """Point ``SAM(params, base_optimizer, ...)`` -- the widely used PyTorch SAM's constructor,
+    also with its arguments named (``params=``, ``base_optimizer=``) -- to
+    :func:`samgria.sam_optimizer` (``sam_optimizer=True``) or to
+    :class:`~samgria.TransformingOptimizer` (pytorch_optimizer's SAM variants) instead of
+    failing on the argument binding. A 0-dim tensor first argument is a hyperparameter (refused
+    by the transform's own check, which names it), not parameters."""
     first = args[0] if args else None
-    looks_like_params = isinstance(first, (torch.Tensor, dict, list, tuple, torch.nn.Module)) or (
-        first is not None and not isinstance(first, (str, bytes)) and hasattr(first, "__next__")
+    looks_like_params = (
+        (isinstance(first, torch.Tensor) and first.dim() > 0)
+        or isinstance(first, (dict, list, tuple, torch.nn.Module))
+        or (first is not None and not isinstance(first, (str, bytes, torch.Tensor)) and hasattr(first, "__next__"))
     )
     # The second argument of that constructor is an optimizer class or a factory; ASAM's own
     # positional arguments (rho, eta, adaptive) are numbers and a bool.
     looks_like_base_optimizer = len(args) > 1 and callable(args[1])
-    if looks_like_params or looks_like_base_optimizer:
+    named = [key for key in _OPTIMIZER_STYLE_KEYWORDS if kwargs and key in kwargs]
+    if named:  # a subclass may take an argument of that name itself
+        named = [key for key in named if key not in inspect.signature(cls.__init__).parameters]
+    if looks_like_params or looks_like_base_optimizer or named:
         name = cls.__name__
+        if sam_optimizer:
+            raise TypeError(
+                f"samgria.{name} is a transform, not an optimizer: {name}(params, base_optimizer, ...) is "
+                f"the constructor of the widely used PyTorch SAM. Use samgria.sam_optimizer(params, "
+                f"base_optimizer, rho=..., adaptive=..., **base_kwargs), or "
+                f"samgria.TransformingOptimizer(params, base_optimizer, transforms=[samgria.{name}(rho=...)], "
+                "**base_kwargs)"
+            )
         raise TypeError(
-            f"samgria.{name} is a transform, not an optimizer: {name}(params, base_optimizer, ...) is "
-            f"the constructor of the widely used PyTorch SAM. Use samgria.sam_optimizer(params, "
-            f"base_optimizer, rho=..., adaptive=..., **base_kwargs), or "
-            f"samgria.TransformingOptimizer(params, base_optimizer, transforms=[samgria.{name}(rho=...)], "
-            "**base_kwargs)"
+            f"samgria.{name} is a transform, not an optimizer (pytorch_optimizer's {name} takes the "
+            f"params and a base optimizer): use samgria.TransformingOptimizer(params, base_optimizer, "
+            f"transforms=[samgria.{name}(rho=...)], **base_kwargs)"
         )
 
 
@@ -653,6 +675,22 @@ class _InitSignature:
         return signature.replace(
             parameters=list(signature.parameters.values())[1:], return_annotation=inspect.Signature.empty
         )
+
+
+_Self = TypeVar("_Self")
+
+
+class _RefusesOptimizerStyleCall:
+    """Base of the transforms that pytorch_optimizer builds as optimizers (GSAM, WSAM, FriendlySAM,
+    LookSAM): ``GSAM(params, base_optimizer, ...)`` raises a ``TypeError`` that points to
+    :class:`~samgria.TransformingOptimizer` instead of failing on the argument binding, and
+    ``help()`` shows the signature of ``__init__``."""
+
+    __signature__ = _InitSignature()
+
+    def __new__(cls: type[_Self], *args: Any, **kwargs: Any) -> _Self:
+        _refuse_optimizer_style_call(cls, args, kwargs, sam_optimizer=False)
+        return super().__new__(cls)  # type: ignore[misc]  # object.__new__, no arguments
 
 
 class SAM(PerturbationTransform):
@@ -685,7 +723,7 @@ class SAM(PerturbationTransform):
     __signature__ = _InitSignature()
 
     def __new__(cls, *args: Any, **kwargs: Any) -> SAM:
-        _refuse_optimizer_style_call(cls, args)
+        _refuse_optimizer_style_call(cls, args, kwargs)
         return super().__new__(cls)
 
     def __init__(self, rho: float = 1e-2) -> None:
@@ -767,7 +805,7 @@ class ASAM(PerturbationTransform):
     __signature__ = _InitSignature()
 
     def __new__(cls, *args: Any, **kwargs: Any) -> ASAM:
-        _refuse_optimizer_style_call(cls, args)
+        _refuse_optimizer_style_call(cls, args, kwargs)
         return super().__new__(cls)
 
     def __init__(self, rho: float = 0.5, eta: float = 0.01, adaptive: bool = True) -> None:

@@ -40,7 +40,14 @@ from samgria.functional._views import LOW_PRECISION, as_real, widened_dtype
 from samgria.functional.norms import _accumulation_dtype, scale_
 from samgria.transforms.base import TransformContext
 from samgria.transforms.lamp import _GeneratorCache, _as_generator_state
-from samgria.transforms.sam import _FLOAT32_MAX, Perturbation, PerturbationTransform, _owns_storage, _times_power_of_two
+from samgria.transforms.sam import (
+    _FLOAT32_MAX,
+    Perturbation,
+    PerturbationTransform,
+    _owns_storage,
+    _RefusesOptimizerStyleCall,
+    _times_power_of_two,
+)
 
 __all__ = ["GSAM", "WSAM", "FriendlySAM", "LookSAM", "ESAM"]
 
@@ -361,7 +368,7 @@ class _FinishingTransform(PerturbationTransform):
 
 
 # -- GSAM ----------------------------------------------------------------------------------------------
-class GSAM(_FinishingTransform):
+class GSAM(_RefusesOptimizerStyleCall, _FinishingTransform):
     r"""Surrogate gap guided SAM (Zhuang et al., "Surrogate Gap Minimization Improves
     Sharpness-Aware Training", ICLR 2022), Algorithm 1.
 
@@ -427,7 +434,7 @@ class GSAM(_FinishingTransform):
 
 
 # -- WSAM ----------------------------------------------------------------------------------------------
-class WSAM(_FinishingTransform):
+class WSAM(_RefusesOptimizerStyleCall, _FinishingTransform):
     r"""Weighted SAM (Yue et al., "Sharpness-Aware Minimization Revisited: Weighted Sharpness as a
     Regularization Term", KDD 2023).
 
@@ -552,7 +559,7 @@ class WSAM(_FinishingTransform):
 
 
 # -- FriendlySAM ---------------------------------------------------------------------------------------
-class FriendlySAM(_FinishingTransform):
+class FriendlySAM(_RefusesOptimizerStyleCall, _FinishingTransform):
     r"""Friendly SAM (Li et al., "Friendly Sharpness-Aware Minimization", CVPR 2024).
 
     The full-gradient component of :math:`g` does not help generalisation; F-SAM removes an
@@ -671,7 +678,7 @@ def _divide_in_range_(values: list[torch.Tensor], size: float, foreach: bool) ->
     scale_(values, [1.0 / mantissa] * count, foreach=foreach)
 
 
-class LookSAM(_FinishingTransform):
+class LookSAM(_RefusesOptimizerStyleCall, _FinishingTransform):
     r"""LookSAM (Liu et al., "Towards Efficient and Scalable Sharpness-Aware Minimization", CVPR
     2022), Algorithm 1: a SAM step every ``k`` steps, a reused sharpness direction in between.
 
