@@ -220,6 +220,21 @@ def test_a_parameter_adapted_only_after_construction_is_refused_not_adapted_at_a
     assert meta.inner_loop().adapt_names == ("1.weight", "1.bias")
 
 
+def test_add_param_group_makes_rates_for_the_new_group_only_not_for_one_adapted_later():
+    """A parameter of an earlier group unfrozen after construction got a rate (at its old group's
+    inner_lr, placed before the new group's rates) from an add_param_group of another group, and
+    was adapted after all instead of being refused."""
+    model = nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 1)).to(DT)
+    model[0].weight.requires_grad_(False)
+    meta = MetaSGD(model, torch.optim.SGD, lr=0.1, inner_lr=0.3, params=model[0].parameters())
+    model[0].weight.requires_grad_(True)
+    meta.add_param_group({"params": model[1].parameters(), "inner_lr": 0.7})
+    assert list(meta.inner_lrs) == ["0.bias", "1.weight", "1.bias"]
+    assert [id(rate) for rate in meta.param_groups[1]["params"]] == [id(rate) for rate in meta.inner_lrs.values()]
+    with pytest.raises(ValueError, match=r"^MetaSGD has no learned rate for \['0\.weight'\]"):
+        meta.inner_loop()
+
+
 def test_add_param_group_gives_new_parameters_learnable_rates():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(1, 8), nn.Tanh(), nn.Linear(8, 1)).to(DT)

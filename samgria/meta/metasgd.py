@@ -209,7 +209,9 @@ class MetaSGD(MAML):
         rates_group = next((g for g in self.param_groups if g.get("inner_lrs")), None)
         if rates_group is None or param_group.get("inner_lrs"):
             return  # no rates group to extend (a group marked as one was added by the caller)
-        names, lrs = MAML._adapt_config(self)
+        # Rates for the new group's (the last one's) parameters only: one of an earlier group
+        # adapted only since its rates were made (unfrozen, switched to adapt=True) stays refused.
+        names, lrs = MAML._adapt_config_of(self, self.param_groups[-1:])
         params = dict(self.model.named_parameters())
         new = {n: _rate_like(params[n], float(lrs[n])) for n in names if n not in self.inner_lrs}
         self.inner_lrs.update(new)
