@@ -74,7 +74,10 @@ class ANIL(MAML):
             ``checkpoint_inner_steps``.
 
     Raises:
-        ValueError: ``head`` is not a submodule of ``model``.
+        TypeError: ``model`` or ``head`` is not a module (and as
+            :class:`~samgria.meta.base.MetaOptimizer`).
+        ValueError: ``head`` is not a submodule of ``model`` or has no parameters (and as
+            :class:`~samgria.meta.base.MetaOptimizer`).
     """
 
     def __init__(

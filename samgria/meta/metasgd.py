@@ -136,8 +136,8 @@ class MetaSGD(MAML):
         first_order: Drop second-order terms (the rates still get gradients).
         lrs_group: Extra options of the rates' param group (e.g. ``{"lr": 1e-4}``), checked
             now: ``lr`` a finite number ``>= 0``; for ``torch.optim``'s optimizers, every option
-            of the kind of the optimizer's default; not ``params``, ``adapt`` or ``inner_lrs``,
-            which MetaSGD sets.
+            of the kind of the optimizer's default; not ``params``, ``param_names``, ``adapt`` or
+            ``inner_lrs``, which MetaSGD sets.
         **outer_kwargs: The outer optimizer class's keyword arguments (``lr``, ...) and
             :class:`~samgria.meta.base.MetaOptimizer`'s: ``params`` (the param groups, e.g. one
             with ``adapt=False``), ``non_finite``, ``distributed``, ``process_group`` and
@@ -146,8 +146,9 @@ class MetaSGD(MAML):
     Raises:
         TypeError: ``lrs_group`` is not a dict, or an option of it is of the wrong kind.
         ValueError: ``lrs_group['lr']`` or ``lrs_group['inner_lr']`` is negative or not finite,
-            ``lrs_group`` sets ``params``, ``adapt`` or ``inner_lrs``, ``outer`` is (or builds) an LBFGS,
-            which supports one param group only (and as :class:`~samgria.meta.base.MetaOptimizer`);
+            ``lrs_group`` sets ``params``, ``param_names``, ``adapt`` or ``inner_lrs``, ``outer`` is
+            (or builds) an LBFGS, which supports one param group only (and as
+            :class:`~samgria.meta.base.MetaOptimizer`);
             when used, a parameter is adapted that has no learned rate.
     """
 
