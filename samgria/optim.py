@@ -1018,7 +1018,23 @@ class TransformingOptimizer(WrappingOptimizer):
         pending = self._pending
         closure = args[0] if args else kwargs.get("closure")
         if pending is not None and pending.perturbation is not None and closure is None:
+            if self._checkpoint_init_while_pending(closure):
+                return  # the step stays pending, at w + e (see _step)
             pending.perturbation.restore_weights()
+
+    def _checkpoint_init_while_pending(self, closure: Callable[[], Any] | None) -> bool:
+        """Whether ``torch.distributed.checkpoint`` initialises the state (a zero-gradient step
+        with lr 0, :meth:`_is_state_init_step`) between :meth:`first_step` and
+        :meth:`second_step`, where the gradients are cleared. That step must not finish the
+        pending one: it changes nothing, and the ``state_dict()`` or ``load_state_dict()`` that
+        follows it refuses, naming the remedy (torch sets the ``lr`` back only after a step
+        that returns)."""
+        return (
+            self._pending is not None
+            and closure is None
+            and not self._progress.finishing
+            and self._is_state_init_step()
+        )
 
     def _after_failed_step(self) -> None:
         self._forget_scaler()  # GradScaler.step deletes what it set only after step() returns
@@ -1065,6 +1081,8 @@ class TransformingOptimizer(WrappingOptimizer):
             # A state given to the inner optimizer directly becomes the wrapper's before anything
             # records the state's structure (to put it back if the step fails).
             self._adopt_driven_state()
+        if self._checkpoint_init_while_pending(closure):
+            return None
         if self._pending is not None:
             if closure is not None:
                 if not self._progress.finishing:

@@ -624,3 +624,46 @@ def test_a_shallow_copy_keeps_the_contexts_and_steps_as_the_original():
     assert all(torch.equal(a, b) for a, b in zip(*runs))
     deep = copy.deepcopy(optimizer)
     assert deep.first_pass_context is None and deep.reevaluation_context is None
+
+
+# -- the two-call loop's pending step ----------------------------------------------------------------
+def _two_call_pass(model: nn.Module, seed: int = 1) -> None:
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(6, 3, generator=generator, dtype=torch.float64)
+    y = torch.randn(6, 2, generator=generator, dtype=torch.float64)
+    mse_loss(model(x), y).backward()
+
+
+@pytest.mark.parametrize("call", ["get_optimizer_state_dict", "set_optimizer_state_dict"])
+def test_a_dcp_checkpoint_between_first_and_second_step_is_refused_with_the_step_left_pending(call):
+    """DCP first initialises a fresh optimizer's state by a zero-gradient step with lr 0: between
+    the passes (the gradients cleared by first_step) that step used to finish the pending step
+    silently, at w with zero gradients, so that second_step() then raised "called without
+    first_step()". It is refused as state_dict() is, nothing changed, and the step finishes as one
+    that nothing interrupted."""
+    from torch.distributed.checkpoint import state_dict as dcp
+
+    def build() -> tuple[nn.Module, TransformingOptimizer]:
+        model = make_model()
+        return model, TransformingOptimizer(model.parameters(), torch.optim.SGD, transforms=[SAM(rho=0.1)], lr=0.1, momentum=0.9)
+
+    saved = dcp.get_optimizer_state_dict(*build())
+
+    def run(interrupt: bool) -> tuple[list[torch.Tensor], dict]:
+        model, optimizer = build()
+        _two_call_pass(model)
+        optimizer.first_step()
+        if interrupt:
+            moved = weights_of(model)
+            with pytest.raises(RuntimeError, match=r"between first_step\(\) and second_step\(\): finish the step \(or call cancel_step\(\)\)"):
+                if call == "get_optimizer_state_dict":
+                    dcp.get_optimizer_state_dict(model, optimizer)
+                else:
+                    dcp.set_optimizer_state_dict(model, optimizer, saved)
+            assert all(torch.equal(a, b) for a, b in zip(weights_of(model), moved))  # still at w + e
+            assert optimizer.param_groups[0]["lr"] == 0.1 and not optimizer.state
+        _two_call_pass(model, seed=2)
+        optimizer.second_step()
+        return weights_of(model), optimizer.state_dict()
+
+    ended_like(run(interrupt=True), run(interrupt=False))
