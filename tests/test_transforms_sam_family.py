@@ -234,6 +234,60 @@ def test_wsam_forms_agree_for_plain_sgd():
     assert_close(run_samgria(WSAM(0.05, 0.8, decouple=True), 4, plain), run_samgria(WSAM(0.05, 0.8, decouple=False), 4, plain))
 
 
+@pytest.mark.parametrize("loop", ["closure", "two_call"])
+@pytest.mark.parametrize("name", ["GSAM", "WSAM-coupled", "WSAM-decoupled"])
+def test_a_parameter_without_a_gradient_at_the_perturbed_weights_counts_it_as_zero(name, loop):
+    # b's loss term is switched off at w + e (a route not taken there): g_p = 0 for b, so GSAM's
+    # d = g_p - alpha (g - c g_p) and WSAM's forms give b a step from g (none at all before).
+    rho, alpha, gamma, lr = 0.5, 0.4, 0.8, 0.1
+    a = gamma / (1 - gamma)
+    make = {"GSAM": lambda: GSAM(rho, alpha), "WSAM-coupled": lambda: WSAM(rho, gamma, decouple=False), "WSAM-decoupled": lambda: WSAM(rho, gamma)}
+
+    def loss_of(w, b):  # (w - 1)^2 + b^2 where b < 1.05 (b has no gradient elsewhere)
+        return (w - 1) ** 2 + (b**2 if b.item() < 1.05 else 0 * w)
+
+    def grads(weights):  # name -> gradient or None
+        trainable = [t.detach().clone().requires_grad_() for t in weights]
+        return list(torch.autograd.grad(loss_of(*trainable), trainable, allow_unused=True))
+
+    w, b = (nn.Parameter(torch.tensor([value], dtype=torch.float64)) for value in (0.01, 1.0))
+    optimizer = TransformingOptimizer([w, b], torch.optim.SGD, lr=lr, momentum=0.9, transforms=[make[name]()])
+
+    def closure():
+        optimizer.zero_grad()
+        loss = loss_of(w, b)
+        loss.backward()
+        return loss
+
+    reference = [w.detach().clone(), b.detach().clone()]
+    plain = torch.optim.SGD(reference, lr=lr, momentum=0.9)
+    for _ in range(2):  # b is used at w in the first step, not in the second
+        step_in_loop(optimizer, closure, loop)
+        g = grads(reference)
+        size = math.sqrt(sum(float(v.square().sum()) for v in g if v is not None))
+        g_p = grads([t if v is None else t + rho * v / size for t, v in zip(reference, g)])
+        present = [v is not None or u is not None for v, u in zip(g, g_p)]
+        g = [torch.zeros(1, dtype=torch.float64) if v is None else v for v in g]
+        g_p = [torch.zeros(1, dtype=torch.float64) if v is None else v for v in g_p]
+        c = sum(float(v @ u) for v, u in zip(g, g_p)) / sum(float(u @ u) for u in g_p)
+        if name == "GSAM":
+            final = [u - alpha * (v - c * u) for v, u in zip(g, g_p)]
+        elif name == "WSAM-coupled":
+            final = [a * u + (1 - a) * v for v, u in zip(g, g_p)]
+        else:
+            final = g
+        for tensor, grad, kept in zip(reference, final, present):
+            tensor.grad = grad if kept else None
+        plain.step()
+        if name == "WSAM-decoupled":
+            with torch.no_grad():
+                for tensor, v, u, kept in zip(reference, g, g_p, present):
+                    if kept:
+                        tensor.sub_(lr * a * (u - v))
+        torch.testing.assert_close([w.detach(), b.detach()], reference, rtol=1e-12, atol=1e-14)
+    assert b.item() != 1.0
+
+
 @pytest.mark.parametrize("inner", [SGD, ADAMW], ids=["sgd", "adamw"])
 def test_friendly_sam_matches_reference(inner):
     expected = run_reference(friendly_sam_reference(lambda n: 0.05, lambda n: 1.0, lambda n: 0.9), 6, inner)

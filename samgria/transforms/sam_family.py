@@ -230,6 +230,21 @@ def _kept_past_backward(grads: Sequence[torch.Tensor]) -> list[torch.Tensor]:
     ]
 
 
+def _zero_where_only_first(ctx: TransformContext, first: dict[int, torch.Tensor]) -> None:
+    r"""Give a zero gradient to each parameter that had a first gradient but has none at
+    :math:`w + e` (its part of the loss vanished there: a route not taken, a term switched off).
+
+    Its :math:`g_p` is then :math:`0`, as for any function that does not depend on it, and the
+    gradient that GSAM and WSAM combine keeps its :math:`g` term; left ``None``, the inner
+    optimizer would not step it at all. (A parameter with no first gradient counts
+    :math:`g = 0` in the same way.)
+    """
+    for group in ctx.param_groups:
+        for param in group["params"]:
+            if param.grad is None and id(param) in first:
+                param.grad = torch.zeros_like(first[id(param)], memory_format=torch.preserve_format)
+
+
 def _current_grads_finite(ctx: TransformContext) -> bool:
     """The non-finite policy's verdict on the current gradients (every element finite)."""
     grads = [p.grad for group in ctx.param_groups for p in group["params"] if p.grad is not None]
@@ -386,7 +401,9 @@ class GSAM(_RefusesOptimizerStyleCall, _FinishingTransform):
     first order and so lowers the surrogate gap :math:`L(w + e) - L(w)`. Norms and the inner
     product are global (over every parameter with a gradient); ``rho`` and ``alpha`` are
     per-group keys. The paper schedules :math:`\rho_t` proportionally to the learning rate;
-    assign ``group["rho"]`` each step to do the same.
+    assign ``group["rho"]`` each step to do the same. A parameter with a gradient at :math:`w` but
+    none at :math:`w + e` (its part of the loss vanished there) counts :math:`g_p = 0` and steps
+    with :math:`d = -\alpha g`; one with a gradient only at :math:`w + e` counts :math:`g = 0`.
 
     Args:
         rho: Default radius :math:`\rho \ge 0` (per-group key ``"rho"``).
@@ -417,6 +434,7 @@ class GSAM(_RefusesOptimizerStyleCall, _FinishingTransform):
         return self._sam_step(ctx, lambda first, checked: self._decompose(ctx, first))
 
     def _decompose(self, ctx: TransformContext, first: dict[int, torch.Tensor]) -> None:
+        _zero_where_only_first(ctx, first)
         params, perturbed, groups, both, kept = self._first_and_perturbed(ctx, first)
         if not perturbed:
             return
@@ -455,8 +473,12 @@ class WSAM(_RefusesOptimizerStyleCall, _FinishingTransform):
 
     with the group's learning rate :math:`\eta` (``group["lr"]``), the way AdamW decouples weight
     decay; with plain SGD both forms are the same update. ``decouple=False`` gives the inner
-    optimizer the gradient above. :math:`\gamma = 1/2` is SAM, :math:`\gamma = 0` the inner
-    optimizer alone. ``rho`` and ``gamma`` are per-group keys.
+    optimizer the gradient above, so that :math:`\gamma = 1/2` is SAM (decoupled, only where the
+    two forms agree); :math:`\gamma = 0` is the inner optimizer alone in both. ``rho`` and
+    ``gamma`` are per-group keys. A parameter with a gradient at :math:`w` but none at
+    :math:`w + e` (its part of the loss vanished there) counts :math:`g_p = 0`, one with a
+    gradient only at :math:`w + e` counts :math:`g = 0`: both forms step it as the formulas above
+    say.
 
     Args:
         rho: Default radius :math:`\rho \ge 0` (per-group key ``"rho"``).
@@ -507,6 +529,7 @@ class WSAM(_RefusesOptimizerStyleCall, _FinishingTransform):
     def _weigh(self, ctx: TransformContext, first: dict[int, torch.Tensor], checked: bool) -> list[torch.Tensor]:
         """Combine g and g_p, or (decoupled) put g back and keep the sharpness terms; returns the
         tensors kept in the gradients' scale (for the optimizer to unscale with them)."""
+        _zero_where_only_first(ctx, first)
         params, perturbed, groups, both, kept = self._first_and_perturbed(ctx, first)
         weights = [float(group["gamma"]) / (1.0 - float(group["gamma"])) for group in groups]
         if not self.decouple:
