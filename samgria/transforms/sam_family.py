@@ -400,7 +400,10 @@ class GSAM(_RefusesOptimizerStyleCall, _FinishingTransform):
     :math:`g_\perp`, ascends the loss :math:`L(w)`, which leaves the perturbed loss unchanged to
     first order and so lowers the surrogate gap :math:`L(w + e) - L(w)`. Norms and the inner
     product are global (over every parameter with a gradient); ``rho`` and ``alpha`` are
-    per-group keys. The paper schedules :math:`\rho_t` proportionally to the learning rate;
+    per-group keys. The paper schedules :math:`\rho_t` with the learning rate :math:`\eta_t`,
+    :math:`\rho_t = \rho_{\min} + (\rho_{\max} - \rho_{\min})\,
+    (\eta_t - \eta_{\min}) / (\eta_{\max} - \eta_{\min})` (the authors' ``ProportionScheduler``;
+    proportional where :math:`\rho_{\min} = \eta_{\min} = 0`), and keeps :math:`\alpha` fixed;
     assign ``group["rho"]`` each step to do the same. A parameter with a gradient at :math:`w` but
     none at :math:`w + e` (its part of the loss vanished there) counts :math:`g_p = 0` and steps
     with :math:`d = -\alpha g`; one with a gradient only at :math:`w + e` counts :math:`g = 0`.
