@@ -1092,6 +1092,9 @@ class TransformingOptimizer(WrappingOptimizer):
                     )
                 with torch.enable_grad():
                     closure()  # the closure of a wrapper that second_step() went through: its hooks
+            # Edited since first_step() (or by a step pre-hook): checked as step(closure) checks
+            # them; a refusal leaves the step pending (second_step() again, or cancel_step()).
+            self._check_groups()
             return self._finish_pending()
 
         scaled = getattr(self, "found_inf", None) is not None  # GradScaler.step called us
@@ -1382,6 +1385,13 @@ class TransformingOptimizer(WrappingOptimizer):
 
         Args:
             zero_grad: Clear every gradient afterwards.
+
+        Raises:
+            RuntimeError: If no step is pending (:meth:`first_step` was not called).
+            ValueError: If a transform hyperparameter of a param group was set to an invalid
+                value since :meth:`first_step` (checked as ``step(closure)`` checks it); the
+                step stays pending and keeps the second pass's gradients: fix the value and call
+                ``second_step()`` again, or :meth:`cancel_step`.
         """
         if self._pending is None:
             raise RuntimeError("second_step() called without first_step()")

@@ -667,3 +667,27 @@ def test_a_dcp_checkpoint_between_first_and_second_step_is_refused_with_the_step
         return weights_of(model), optimizer.state_dict()
 
     ended_like(run(interrupt=True), run(interrupt=False))
+
+
+def test_a_hyperparameter_edited_between_first_and_second_step_is_checked_as_step_closure_checks_it():
+    """step(closure) validates the groups' transform hyperparameters at every step (they may be
+    edited or scheduled); second_step() used to run the transforms after SAM (LAMP) with an
+    invalid value edited in after first_step(). It refuses it as step(closure) does, nothing
+    stepped, and the step finishes as one that nothing interrupted once the value is fixed."""
+
+    def run(interrupt: bool) -> tuple[list[torch.Tensor], dict]:
+        model = make_model()
+        optimizer = TransformingOptimizer(model.parameters(), torch.optim.SGD, transforms=[SAM(rho=0.1), LAMP(seed=0)], lr=0.1, momentum=0.9)
+        _two_call_pass(model)
+        optimizer.first_step()
+        _two_call_pass(model, seed=2)
+        if interrupt:
+            optimizer.param_groups[0]["eps"] = float("nan")
+            with pytest.raises(ValueError, match=r"param_groups\[0\]: eps must be a finite number >= 0, got nan"):
+                optimizer.second_step()
+            assert not optimizer.state  # the inner optimizer did not step
+            optimizer.param_groups[0]["eps"] = LAMP().eps
+        optimizer.second_step()
+        return weights_of(model), optimizer.state_dict()
+
+    ended_like(run(interrupt=True), run(interrupt=False))
