@@ -806,6 +806,40 @@ def test_two_call_loop_under_grad_scaler_equals_the_unscaled_loop_bitwise(name):
     assert scaler.get_scale() == 2.0**10
 
 
+class _StepSizeSGD(torch.optim.Optimizer):
+    """Plain SGD whose groups name their learning rate ``"step_size"`` (no ``"lr"`` key)."""
+
+    def __init__(self, params, step_size=0.1):
+        super().__init__(params, {"step_size": step_size})
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            for param in group["params"]:
+                if param.grad is not None:
+                    param.sub_(param.grad, alpha=group["step_size"])
+
+
+def test_wsam_decoupled_refuses_an_inner_optimizer_without_lr_with_a_clear_error():
+    # The decoupled sharpness step is -lr gamma/(1 - gamma) (g_p - g): without group["lr"] it
+    # used to fail with a bare KeyError('lr'); now a ValueError names the group and the way out.
+    w = nn.Parameter(torch.tensor([1.0, 2.0], dtype=torch.float64))
+    optimizer = TransformingOptimizer([w], _StepSizeSGD, transforms=[WSAM(0.05, 0.8)])
+
+    def closure():
+        optimizer.zero_grad()
+        loss = (w**2).sum()
+        loss.backward()
+        return loss
+
+    with pytest.raises(ValueError, match=r"WSAM\(decouple=True\).*param_groups\[0\] has no 'lr'.*decouple=False"):
+        optimizer.step(closure)
+    assert torch.equal(w.detach(), torch.tensor([1.0, 2.0], dtype=torch.float64))
+    optimizer = TransformingOptimizer([w], _StepSizeSGD, transforms=[WSAM(0.05, 0.8, decouple=False)])
+    optimizer.step(closure)  # the coupled form needs no learning rate
+    assert not torch.equal(w.detach(), torch.tensor([1.0, 2.0], dtype=torch.float64))
+
+
 def test_wsam_decoupled_refuses_the_seed_protocol_with_a_clear_error():
     x, y = make_data()
     model = make_model()

@@ -490,7 +490,10 @@ class WSAM(_RefusesOptimizerStyleCall, _FinishingTransform):
         decouple: Apply the sharpness term after the inner step (a setting of the transform).
 
     Raises:
-        ValueError: If ``rho`` is negative or not finite, or ``gamma`` is outside ``[0, 1)``.
+        ValueError: If ``rho`` is negative or not finite, or ``gamma`` is outside ``[0, 1)``; at
+            a step with ``decouple=True``, before anything moves, if a group with
+            :math:`\gamma > 0` has no ``"lr"`` (an inner optimizer that names its step size
+            otherwise).
         TypeError: If ``decouple`` is not a bool.
     """
 
@@ -527,6 +530,15 @@ class WSAM(_RefusesOptimizerStyleCall, _FinishingTransform):
                 "use WSAM(decouple=False)"
             )
         self._pending.pop(ctx.slot, None)
+        if self.decouple:  # before anything moves: the sharpness step needs each group's lr
+            for index, group in enumerate(ctx.param_groups):
+                if group["gamma"] > 0 and "lr" not in group:
+                    raise ValueError(
+                        f"WSAM(decouple=True) steps along its sharpness term with the group's "
+                        f"learning rate, but the inner optimizer's param_groups[{index}] has no 'lr' "
+                        f"(its keys: {sorted(k for k in group if k != 'params')}): use "
+                        f"WSAM(decouple=False), which needs none"
+                    )
         return self._sam_step(ctx, lambda first, checked: self._weigh(ctx, first, checked))
 
     def _weigh(self, ctx: TransformContext, first: dict[int, torch.Tensor], checked: bool) -> list[torch.Tensor]:
