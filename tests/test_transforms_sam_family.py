@@ -288,6 +288,33 @@ def test_a_parameter_without_a_gradient_at_the_perturbed_weights_counts_it_as_ze
     assert b.item() != 1.0
 
 
+
+@pytest.mark.parametrize("loop", ["closure", "two_call"])
+def test_look_sam_direction_counts_a_gradient_missing_at_the_perturbed_weights_as_zero(loop):
+    # b's loss term is off at w + e: g_s = 0 for b, so g_v = g_s - <g, g_s>/|g|^2 g has the
+    # component -c g_b there (it was left out), which the step in between adds to b's gradient.
+    rho, alpha, lr = 0.5, 0.7, 0.1
+    w, b = (nn.Parameter(torch.tensor([value], dtype=torch.float64)) for value in (0.01, 1.0))
+    optimizer = TransformingOptimizer([w, b], torch.optim.SGD, lr=lr, transforms=[LookSAM(rho, alpha, k=2)])
+
+    def closure():
+        optimizer.zero_grad()
+        loss = (w - 1) ** 2 + (b**2 if b.item() < 1.05 else 0 * w)
+        loss.backward()
+        return loss
+
+    step_in_loop(optimizer, closure, loop)  # SAM step: b is not stepped (no g_s)
+    g = torch.tensor([2 * (0.01 - 1), 2 * 1.0], dtype=torch.float64)
+    e = rho * g / g.norm()
+    g_s = torch.tensor([2 * (0.01 + e[0].item() - 1), 0.0], dtype=torch.float64)
+    g_v = g_s - (g @ g_s) / (g @ g) * g
+    w_1 = 0.01 - lr * g_s[0].item()
+    torch.testing.assert_close([w.detach(), b.detach()], [torch.tensor([w_1], dtype=torch.float64), torch.ones(1, dtype=torch.float64)])
+    step_in_loop(optimizer, closure, loop)  # in between: g + alpha |g| g_v / |g_v|
+    g = torch.tensor([2 * (w_1 - 1), 2 * 1.0], dtype=torch.float64)
+    expected = torch.tensor([w_1, 1.0], dtype=torch.float64) - lr * (g + alpha * g.norm() * g_v / g_v.norm())
+    torch.testing.assert_close(torch.cat([w.detach(), b.detach()]), expected, rtol=1e-12, atol=1e-14)
+
 @pytest.mark.parametrize("inner", [SGD, ADAMW], ids=["sgd", "adamw"])
 def test_friendly_sam_matches_reference(inner):
     expected = run_reference(friendly_sam_reference(lambda n: 0.05, lambda n: 1.0, lambda n: 0.9), 6, inner)

@@ -736,7 +736,10 @@ class LookSAM(_RefusesOptimizerStyleCall, _FinishingTransform):
 
     so a step costs one forward-backward pass, and LookSAM costs about :math:`(1 + 1/k)` times a
     plain step instead of SAM's two. As in the paper, :math:`g` and :math:`g_v` are whole-model
-    vectors (global norms and inner product); ``rho`` and ``alpha`` are per-group keys.
+    vectors (global norms and inner product); ``rho`` and ``alpha`` are per-group keys. A
+    parameter with a gradient at :math:`w` but none at :math:`w + e` (its part of the loss
+    vanished there) counts :math:`g_s = 0` in :math:`g_v`; the SAM step leaves it alone, as
+    :class:`~samgria.SAM` does.
 
     State in the slot: per parameter ``"g_v"``, the direction :math:`g_v / \lVert g_v \rVert_2`
     (in the parameter's dtype); on the first parameter ``"step"``, the steps taken.
@@ -853,6 +856,10 @@ class LookSAM(_RefusesOptimizerStyleCall, _FinishingTransform):
 
     def _store_direction(self, ctx: TransformContext, first: dict[int, torch.Tensor], norm: float) -> None:
         params, perturbed, _groups, both, kept = self._first_and_perturbed(ctx, first)
+        # A first gradient with none at w + e (its part of the loss vanished there): g_s = 0,
+        # so g_v = -c g. The SAM step itself leaves such a parameter alone, as SAM does.
+        with_now = set(map(id, params))
+        only_first = [p for group in ctx.param_groups for p in group["params"] if id(p) in first and id(p) not in with_now]
         parallel = _coefficient(kept, [perturbed[i] for i in both], norm, [params[i] for i in both])
         # g_v = g_s - c g, in the first gradient's memory (no first gradient: g_v = g_s).
         count = len(kept)
@@ -860,6 +867,8 @@ class LookSAM(_RefusesOptimizerStyleCall, _FinishingTransform):
         directions = {id(params[i]): first[id(params[i])] for i in both}
         # cast: _first_and_perturbed returns the parameters that have a gradient now
         values = [directions[id(p)] if id(p) in directions else cast(torch.Tensor, p.grad).clone() for p in params]
+        values += _scaled([first[id(p)] for p in only_first], [-parallel] * len(only_first), ctx.foreach)
+        params = params + only_first
         size = _norm(values, ctx.foreach)
         if not (math.isfinite(parallel) and math.isfinite(size)):
             return  # non-finite gradients at w + e: the step is skipped, the state kept
