@@ -201,9 +201,6 @@ def _warn_without_init_state(transforms: Sequence[Transform]) -> None:
         )
 
 
-
-
-
 def _on_any_rank(flag: bool, first_pass_context: Any, device: torch.device) -> bool:
     """Whether ``flag`` holds on any rank of the data-parallel group, under ``first_pass_context``.
 
