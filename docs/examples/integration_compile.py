@@ -1,8 +1,9 @@
 """``torch.compile``: compile the model (or the loss function), not the optimizer step.
 
-SAM moves the weights in place between the two evaluations; a compiled module reads its
-parameters as inputs, so the perturbed weights reuse the same compiled code (no recompilation)
-and the result equals the eager model's to round-off.
+Between the two evaluations SAM points each parameter at a buffer of perturbed weights (or moves
+the weights in place where other tensors share the parameter's memory); a compiled module reads
+its parameters as inputs, so the perturbed weights reuse the same compiled code (no
+recompilation) and the result equals the eager model's to round-off.
 """
 
 import warnings
