@@ -36,7 +36,7 @@ from samgria._wrapper import (
 from samgria.functional import all_finite, global_norm
 from samgria.functional._grouping import group_indices_by_device_and_dtype, unique_params
 from samgria.functional._sharding import any_sharded, is_sharded
-from samgria.transforms.base import ProtocolTransform, Transform, TransformContext, forget_autocast_copies
+from samgria.transforms.base import Transform, TransformContext, forget_autocast_copies, transform_name
 from samgria.transforms.chain import CHAIN_KEY, Chain
 from samgria.transforms.sam import ASAM, SAM, Perturbation, PerturbationTransform
 
@@ -66,13 +66,6 @@ _SCALER_WITH_CLOSURE_MESSAGE = (
     "samgria.integrations.accelerate.sam_accelerated(accelerator.prepare(optimizer)); their "
     "step(closure) does this)"
 )
-
-
-def _transform_name(transform: Transform) -> str:
-    """A transform's class name, or a seed-protocol object's own with ``(seed protocol)``."""
-    if isinstance(transform, ProtocolTransform):
-        return f"{transform.describe()} (seed protocol)"
-    return type(transform).__name__
 
 
 @contextlib.contextmanager
@@ -186,7 +179,7 @@ def _lacks_init_state(transform: Transform) -> bool:
 def _warn_without_init_state(transforms: Sequence[Transform]) -> None:
     """Warn, once per state-initialising step, naming the transforms whose hooks have no
     ``init_state`` beside them (see :func:`_lacks_init_state`)."""
-    lacking = [_transform_name(transform) for transform in transforms if _lacks_init_state(transform)]
+    lacking = [transform_name(transform) for transform in transforms if _lacks_init_state(transform)]
     if lacking:
         warnings.warn(
             f"TransformingOptimizer: {', '.join(lacking)} override(s) pre_update/post_update but not "
@@ -429,12 +422,12 @@ class TransformingOptimizer(WrappingOptimizer):
             raise TypeError(
                 "TransformingOptimizer with transforms cannot be ZeroRedundancyOptimizer's local "
                 "optimizer: each rank's local optimizer has only its shard of the parameters, and "
-                f"the transforms ({', '.join(_transform_name(t) for t in chain.transforms)}) need every "
+                f"the transforms ({', '.join(transform_name(t) for t in chain.transforms)}) need every "
                 "parameter (a norm over all of them, every weight perturbed before the second pass); "
                 "shard with FSDP2 (torch.distributed.fsdp.fully_shard) and wrap a plain optimizer "
                 "over the sharded model instead"
             )
-        mixing = [_transform_name(t) for t in chain.transforms if not t.supports_local_first_pass]
+        mixing = [transform_name(t) for t in chain.transforms if not t.supports_local_first_pass]
         if first_pass_context is not None and mixing:
             raise ValueError(
                 f"first_pass_context (m-sharpness) cannot be used with {', '.join(mixing)}: the update "
@@ -444,7 +437,7 @@ class TransformingOptimizer(WrappingOptimizer):
                 "to perturb, or not at all, may declare supports_local_first_pass = True); drop "
                 "first_pass_context"
             )
-        reevaluating = [(_transform_name(t), t.reevaluations) for t in chain.transforms if t.reevaluations]
+        reevaluating = [(transform_name(t), t.reevaluations) for t in chain.transforms if t.reevaluations]
         if first_pass_context is not None and sum(count for _, count in reevaluating) > 1:
             counts = ", ".join(f"{name} {count}" for name, count in reevaluating)
             raise ValueError(
@@ -779,9 +772,9 @@ class TransformingOptimizer(WrappingOptimizer):
                 continue
             groups = self._context(slot, None).param_groups
             if not transform.scales_with_gradients(groups):
-                not_scaling.append(_transform_name(transform))
+                not_scaling.append(transform_name(transform))
                 if not transform.keeps_direction_of_gradients(groups):
-                    not_keeping.append(_transform_name(transform))
+                    not_keeping.append(transform_name(transform))
         return tuple(not_scaling), tuple(not_keeping)
 
     def _rescale_unscaled_grads(self) -> None:

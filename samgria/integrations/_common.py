@@ -6,7 +6,8 @@ from typing import Any
 
 from samgria._frameworks import wrapper_chain
 from samgria.meta.base import MetaOptimizer
-from samgria.optim import TransformingOptimizer, _transform_name
+from samgria.optim import TransformingOptimizer
+from samgria.transforms.base import transform_name
 from samgria.transforms.sam_family import WSAM
 
 INSTALL_HINT = "pip install 'samgria[integrations]'"
@@ -103,7 +104,7 @@ def first_pass_in_update(optimizer: TransformingOptimizer | None) -> list[str]:
     if optimizer is None:
         return []
     return [
-        _transform_name(transform)
+        transform_name(transform)
         for transform in optimizer.transforms
         if getattr(transform, "combines_gradients", False)
         or (transform.needs_closure and not transform.supports_local_first_pass)

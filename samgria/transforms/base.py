@@ -727,3 +727,11 @@ class ProtocolTransform(Transform):
 
     def __repr__(self) -> str:
         return repr(self.transform)
+
+
+def transform_name(transform: Transform) -> str:
+    """How messages name a transform of a chain: its class name, or for a seed-protocol object
+    (:class:`ProtocolTransform`) the object's own class with ``(seed protocol)``."""
+    if isinstance(transform, ProtocolTransform):
+        return f"{transform.describe()} (seed protocol)"
+    return type(transform).__name__

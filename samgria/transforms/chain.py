@@ -33,7 +33,13 @@ from typing import Any
 import torch
 
 from samgria.functional._sharding import is_fsdp1_flattened, is_sharded
-from samgria.transforms.base import GradientTransform, ProtocolTransform, Transform, default_slot_name
+from samgria.transforms.base import (
+    GradientTransform,
+    ProtocolTransform,
+    Transform,
+    default_slot_name,
+    transform_name,
+)
 
 __all__: list[str] = []
 
@@ -413,13 +419,8 @@ class Chain:
             return
         for slot, transform in self:
             if not transform.supports_sharded_params:
-                name = (
-                    f"{transform.describe()} (seed protocol)"  # the user's class, not the adapter
-                    if isinstance(transform, ProtocolTransform)
-                    else type(transform).__name__
-                )
                 raise ValueError(
-                    f"{where}: {name} (slot {slot!r}) does not support sharded "
+                    f"{where}: {transform_name(transform)} (slot {slot!r}) does not support sharded "
                     "(DTensor) parameters such as FSDP2's: it would take per-tensor quantities of each "
                     "rank's shard alone or keep per-rank state (Transform.supports_sharded_params); "
                     "use it on unsharded parameters (DDP)"
