@@ -38,7 +38,7 @@ import inspect
 import math
 import warnings
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, TypeVar, cast
+from typing import Any, ClassVar, TypeVar, cast
 
 import torch
 
@@ -677,23 +677,28 @@ class _InitSignature:
         )
 
 
-_Self = TypeVar("_Self")
+_Self = TypeVar("_Self", bound="_RefusesOptimizerStyleCall")
 
 
 class _RefusesOptimizerStyleCall:
-    """Base of the transforms that pytorch_optimizer builds as optimizers (GSAM, WSAM, FriendlySAM,
-    LookSAM): ``GSAM(params, base_optimizer, ...)`` raises a ``TypeError`` that points to
-    :class:`~samgria.TransformingOptimizer` instead of failing on the argument binding, and
-    ``help()`` shows the signature of ``__init__``."""
+    """Base of the transforms that other libraries build as optimizers: ``SAM(params,
+    base_optimizer, ...)`` (the widely used PyTorch SAM's constructor; SAM and ASAM, whose class
+    sets ``_points_to_sam_optimizer``) and ``GSAM(params, base_optimizer, ...)``
+    (pytorch_optimizer's; GSAM, WSAM, FriendlySAM, LookSAM) raise a ``TypeError`` that points to
+    :func:`~samgria.sam_optimizer` or :class:`~samgria.TransformingOptimizer` instead of failing on
+    the argument binding, and ``help()`` shows the signature of ``__init__``."""
+
+    #: Whether the refusal names :func:`~samgria.sam_optimizer` (the PyTorch SAM's call).
+    _points_to_sam_optimizer: ClassVar[bool] = False
 
     __signature__ = _InitSignature()
 
     def __new__(cls: type[_Self], *args: Any, **kwargs: Any) -> _Self:
-        _refuse_optimizer_style_call(cls, args, kwargs, sam_optimizer=False)
-        return super().__new__(cls)  # type: ignore[misc]  # object.__new__, no arguments
+        _refuse_optimizer_style_call(cls, args, kwargs, sam_optimizer=cls._points_to_sam_optimizer)
+        return super().__new__(cls)  # object.__new__: no arguments
 
 
-class SAM(PerturbationTransform):
+class SAM(_RefusesOptimizerStyleCall, PerturbationTransform):
     r"""Sharpness-Aware Minimization (Foret et al., ICLR 2021).
 
     .. math::
@@ -720,11 +725,7 @@ class SAM(PerturbationTransform):
     # raise; views are moved in place and put back if that raises (_move_along).
     writes_weights_before_step = False
 
-    __signature__ = _InitSignature()
-
-    def __new__(cls, *args: Any, **kwargs: Any) -> SAM:
-        _refuse_optimizer_style_call(cls, args, kwargs)
-        return super().__new__(cls)
+    _points_to_sam_optimizer = True
 
     def __init__(self, rho: float = 1e-2) -> None:
         self.rho = check_real("rho", rho, low=0.0)
@@ -774,7 +775,7 @@ def _divide_(tensors: list[torch.Tensor], divisor: float, foreach: bool) -> None
                     tensor.div_(factor)
 
 
-class ASAM(PerturbationTransform):
+class ASAM(_RefusesOptimizerStyleCall, PerturbationTransform):
     r"""Adaptive SAM (Kwon et al., ICML 2021).
 
     With the normalisation operator :math:`T_w = |w| + \eta` (element-wise),
@@ -802,11 +803,7 @@ class ASAM(PerturbationTransform):
 
     writes_weights_before_step = False  # computes e in new tensors, then moves as SAM does
 
-    __signature__ = _InitSignature()
-
-    def __new__(cls, *args: Any, **kwargs: Any) -> ASAM:
-        _refuse_optimizer_style_call(cls, args, kwargs)
-        return super().__new__(cls)
+    _points_to_sam_optimizer = True
 
     def __init__(self, rho: float = 0.5, eta: float = 0.01, adaptive: bool = True) -> None:
         self.rho = check_real("rho", rho, low=0.0)
