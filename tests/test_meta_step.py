@@ -454,3 +454,29 @@ def test_meta_must_be_a_meta_optimizer():
 def test_repr():
     ms = meta_step(MAML(make_model(), torch.optim.SGD, lr=0.1), loss_fn=F.mse_loss, inner_steps=3)
     assert repr(ms) == "MetaStep(meta=MAML, tasks=0, inner_steps=3)"
+
+
+@pytest.mark.parametrize(
+    ("dtype", "scale"),
+    [(torch.float16, 2.0**-30), (torch.float16, 2.0**20), (torch.bfloat16, 2.0**-140), (torch.float64, 2.0**-1074)],
+    ids=["fp16-small", "fp16-large", "bf16-small", "fp64-subnormal"],
+)
+def test_the_update_does_not_depend_on_the_scale_of_the_task_weights(dtype, scale):
+    """Weights w and c * w give the same weighted mean. Each task's loss was back-propagated times
+    its weight as given: in 16 bits a small weight underflowed (a zero meta-gradient, the step
+    taken), a large one overflowed (the step skipped as non-finite), and a subnormal float64
+    weight made the meta-loss raise OverflowError."""
+    tasks = [tuple((x.to(dtype), y.to(dtype)) for x, y in task) for task in make_tasks(2)]
+    results = []
+    for c in (1.0, scale):
+        model = make_model().to(dtype)
+        meta = MAML(model, torch.optim.SGD, lr=1.0, inner_lr=0.1)
+        with meta_step(meta, loss_fn=F.mse_loss) as ms:
+            for (support, query), w in zip(tasks, [1.0, 2.0]):
+                ms.task(support, query, weight=w * c)
+        assert meta.skipped_steps == 0
+        results.append((ms.loss, snapshot(model)))
+    (loss, weights), (scaled_loss, scaled_weights) = results
+    assert torch.equal(scaled_loss, loss)
+    assert all(torch.equal(p, q) for p, q in zip(scaled_weights, weights))
+    assert not all(torch.equal(p, q) for p, q in zip(weights, snapshot(make_model().to(dtype))))  # it stepped

@@ -19,6 +19,7 @@ weights, :math:`g = \\theta - \\sum_i w_i \\phi_i / \\sum_i w_i` (Nichol et al.,
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from types import TracebackType
@@ -76,7 +77,10 @@ class MetaStep:
     post-adaptation query loss. For the MAML family the weighted query loss is back-propagated
     immediately, so the autograd graph of each task is freed before the next one and memory
     does not grow with the number of tasks; at :meth:`step` the accumulated gradients are
-    divided by :math:`\\sum_i w_i`. For Reptile the adapted weights are kept with their weight.
+    divided by :math:`\\sum_i w_i`. The weights enter scaled by a power of two that puts the
+    largest in :math:`[1, 2)`, so the update does not depend on their scale (16-bit gradients
+    neither underflow for tiny weights nor overflow for large ones). For Reptile the adapted
+    weights are kept with their weight.
 
     :meth:`step` hands a closure to ``meta.step``. Its first call reuses the work done by
     :meth:`task`; an outer optimizer that evaluates the closure again (SAM on the outer loop,
@@ -144,6 +148,32 @@ class MetaStep:
         self.weights: list[float] = []
         self._specs: list[_TaskSpec] = []
         self._learners: list[Learner] = []  # Reptile only: adapted (detached) learners
+        # The weights are used times 2**_shift, which puts the largest so far in [1, 2): the
+        # weighted mean does not depend on their scale, and a task's loss is back-propagated
+        # times at most 2 (16-bit gradients neither overflow for large weights nor underflow
+        # for small ones). None before the first task of weight > 0.
+        self._shift: int | None = None
+
+    def _scaled(self, weight: float) -> float:
+        """``weight`` times ``2**self._shift`` (exact for normal floats; no power of two is
+        formed, which a subnormal weight's shift would overflow)."""
+        return 0.0 if self._shift is None else math.ldexp(weight, self._shift)
+
+    def _scale_to(self, weight: float) -> None:
+        """Take ``weight`` into the scale, rescaling the gradients accumulated so far (by a
+        power of two, exact but for underflow) when it is the largest weight yet."""
+        if weight == 0.0:
+            return
+        shift = 1 - math.frexp(weight)[1]  # weight * 2**shift in [1, 2)
+        if self._shift is not None and shift >= self._shift:
+            return
+        if self._shift is not None:
+            factor = math.ldexp(1.0, shift - self._shift)
+            with torch.no_grad():
+                for p in self._meta_params():
+                    if p.grad is not None:
+                        p.grad.mul_(factor)
+        self._shift = shift
 
     # ------------------------------------------------------------------ tasks
     def _adapt(self, spec: _TaskSpec, record: bool) -> Learner:
@@ -251,7 +281,8 @@ class MetaStep:
                 loss = self._task_loss(spec, learner, index).detach()
             self._learners.append(learner)
         else:
-            loss = self._run_maml(spec, index, spec.weight)
+            self._scale_to(spec.weight)
+            loss = self._run_maml(spec, index, self._scaled(spec.weight))
         self._specs.append(spec)
         self.losses.append(loss)
         self.weights.append(spec.weight)
@@ -275,7 +306,11 @@ class MetaStep:
         reported meta-loss non-finite and skip the step (``0 * nan`` is ``nan``).
         """
         kept = [(loss, w) for loss, w in zip(losses, self.weights) if w != 0.0]
-        return MetaOptimizer.meta_loss(torch.stack([loss for loss, _ in kept]), [w for _, w in kept])
+        if self._shift is None:  # Reptile's tasks do not set the scale
+            for _, w in kept:
+                self._scale_to(w)
+        scaled = [self._scaled(w) for _, w in kept]  # a subnormal weight's mean overflowed
+        return MetaOptimizer.meta_loss(torch.stack([loss for loss, _ in kept]), scaled)
 
     def step(self) -> torch.Tensor:
         """Apply the outer update for the tasks added so far and start a new meta-update.
@@ -306,7 +341,7 @@ class MetaStep:
                     return None
                 if self._pseudo_gradient:
                     return self._reptile_closure(first=calls == 1)
-                return self._maml_closure(first=calls == 1, total=total)
+                return self._maml_closure(first=calls == 1, total=sum(self._scaled(w) for w in self.weights))
 
             loss = self.meta.step(closure)
         except BaseException:
@@ -319,6 +354,7 @@ class MetaStep:
         return self.loss
 
     def _maml_closure(self, *, first: bool, total: float) -> torch.Tensor:
+        """``total``: the sum of the scaled weights (:meth:`_scaled`), in ``[1, 2 * tasks)``."""
         for spec in self._specs:  # this rank's share of a distributed meta-step
             self.meta.add_task_weight(spec.weight)
         if first:
@@ -329,7 +365,7 @@ class MetaStep:
             return self._weighted_loss(self.losses)
         # Re-evaluation at the current meta-parameters (e.g. SAM's perturbed point).
         self.meta.zero_grad()
-        losses = [self._run_maml(spec, i, spec.weight / total) for i, spec in enumerate(self._specs)]
+        losses = [self._run_maml(spec, i, self._scaled(spec.weight) / total) for i, spec in enumerate(self._specs)]
         return self._weighted_loss(losses)
 
     def _reptile_closure(self, *, first: bool) -> torch.Tensor:
