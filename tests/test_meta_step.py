@@ -457,20 +457,26 @@ def test_repr():
 
 
 @pytest.mark.parametrize(
-    ("dtype", "scale"),
-    [(torch.float16, 2.0**-30), (torch.float16, 2.0**20), (torch.bfloat16, 2.0**-140), (torch.float64, 2.0**-1074)],
-    ids=["fp16-small", "fp16-large", "bf16-small", "fp64-subnormal"],
+    ("cls", "dtype", "scale"),
+    [
+        (MAML, torch.float16, 2.0**-30),
+        (MAML, torch.float16, 2.0**20),
+        (MAML, torch.bfloat16, 2.0**-140),
+        (MAML, torch.float64, 2.0**-1074),
+        (Reptile, torch.float64, 2.0**-1074),
+    ],
+    ids=["fp16-small", "fp16-large", "bf16-small", "fp64-subnormal", "reptile-fp64-subnormal"],
 )
-def test_the_update_does_not_depend_on_the_scale_of_the_task_weights(dtype, scale):
+def test_the_update_does_not_depend_on_the_scale_of_the_task_weights(cls, dtype, scale):
     """Weights w and c * w give the same weighted mean. Each task's loss was back-propagated times
     its weight as given: in 16 bits a small weight underflowed (a zero meta-gradient, the step
     taken), a large one overflowed (the step skipped as non-finite), and a subnormal float64
-    weight made the meta-loss raise OverflowError."""
+    weight made the meta-loss raise OverflowError (Reptile's too)."""
     tasks = [tuple((x.to(dtype), y.to(dtype)) for x, y in task) for task in make_tasks(2)]
     results = []
     for c in (1.0, scale):
         model = make_model().to(dtype)
-        meta = MAML(model, torch.optim.SGD, lr=1.0, inner_lr=0.1)
+        meta = cls(model, torch.optim.SGD, lr=1.0, inner_lr=0.1, inner_steps=2)
         with meta_step(meta, loss_fn=F.mse_loss) as ms:
             for (support, query), w in zip(tasks, [1.0, 2.0]):
                 ms.task(support, query, weight=w * c)

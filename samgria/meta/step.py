@@ -306,10 +306,9 @@ class MetaStep:
         reported meta-loss non-finite and skip the step (``0 * nan`` is ``nan``).
         """
         kept = [(loss, w) for loss, w in zip(losses, self.weights) if w != 0.0]
-        if self._shift is None:  # Reptile's tasks do not set the scale
-            for _, w in kept:
-                self._scale_to(w)
-        scaled = [self._scaled(w) for _, w in kept]  # a subnormal weight's mean overflowed
+        # Scaled as in _scaled (the mean does not change): a subnormal weight overflowed there.
+        shift = 1 - math.frexp(max(w for _, w in kept))[1]
+        scaled = [math.ldexp(w, shift) for _, w in kept]
         return MetaOptimizer.meta_loss(torch.stack([loss for loss, _ in kept]), scaled)
 
     def step(self) -> torch.Tensor:
