@@ -486,3 +486,32 @@ def test_the_update_does_not_depend_on_the_scale_of_the_task_weights(cls, dtype,
     assert torch.equal(scaled_loss, loss)
     assert all(torch.equal(p, q) for p, q in zip(scaled_weights, weights))
     assert not all(torch.equal(p, q) for p, q in zip(weights, snapshot(make_model().to(dtype))))  # it stepped
+
+
+
+def test_a_task_that_raises_before_any_was_added_does_not_set_the_scale_of_the_others():
+    """A float16 meta-update after a first task whose loss raised: that task's large weight had
+    set the scale of the weights, so the next tasks' losses were back-propagated times 2**-40
+    and underflowed to a zero meta-gradient."""
+    tasks = [tuple((x.half(), y.half()) for x, y in task) for task in make_tasks(2)]
+    failing = []
+
+    def loss_fn(prediction, target):
+        if failing:
+            raise RuntimeError("loss_fn failed")
+        return F.mse_loss(prediction, target)
+
+    results = []
+    for fail_first in (False, True):
+        model = make_model().half()
+        ms = meta_step(MAML(model, torch.optim.SGD, lr=1.0, inner_lr=0.1), loss_fn=loss_fn)
+        if fail_first:
+            failing.append(True)
+            with pytest.raises(RuntimeError, match="loss_fn failed"):
+                ms.task(*tasks[0], weight=2.0**40)
+            failing.clear()
+        for support, query in tasks:
+            ms.task(support, query)
+        ms.step()
+        results.append(snapshot(model))
+    assert all(torch.equal(p, q) for p, q in zip(*results))

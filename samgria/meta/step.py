@@ -274,6 +274,7 @@ class MetaStep:
         )
         if not self._specs:
             self.meta.zero_grad()
+            self._shift = None  # not the scale of a task that raised before any was added
         index = len(self._specs)
         if self._pseudo_gradient:
             learner = self._adapt(spec, record=False)
