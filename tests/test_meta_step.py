@@ -489,10 +489,11 @@ def test_the_update_does_not_depend_on_the_scale_of_the_task_weights(cls, dtype,
 
 
 
-def test_a_task_that_raises_before_any_was_added_does_not_set_the_scale_of_the_others():
-    """A float16 meta-update after a first task whose loss raised: that task's large weight had
-    set the scale of the weights, so the next tasks' losses were back-propagated times 2**-40
-    and underflowed to a zero meta-gradient."""
+@pytest.mark.parametrize("failing_task", [0, 1])
+def test_a_task_that_raises_does_not_set_the_scale_of_the_others(failing_task):
+    """A float16 meta-update with a task whose loss raised, first or after another: its large
+    weight had set the scale of the weights, so the other tasks' losses were back-propagated
+    (or their gradients rescaled) times 2**-40 and underflowed to a zero meta-gradient."""
     tasks = [tuple((x.half(), y.half()) for x, y in task) for task in make_tasks(2)]
     failing = []
 
@@ -502,15 +503,15 @@ def test_a_task_that_raises_before_any_was_added_does_not_set_the_scale_of_the_o
         return F.mse_loss(prediction, target)
 
     results = []
-    for fail_first in (False, True):
+    for with_failure in (False, True):
         model = make_model().half()
         ms = meta_step(MAML(model, torch.optim.SGD, lr=1.0, inner_lr=0.1), loss_fn=loss_fn)
-        if fail_first:
-            failing.append(True)
-            with pytest.raises(RuntimeError, match="loss_fn failed"):
-                ms.task(*tasks[0], weight=2.0**40)
-            failing.clear()
-        for support, query in tasks:
+        for index, (support, query) in enumerate(tasks):
+            if with_failure and index == failing_task:
+                failing.append(True)
+                with pytest.raises(RuntimeError, match="loss_fn failed"):
+                    ms.task(support, query, weight=2.0**40)
+                failing.clear()
             ms.task(support, query)
         ms.step()
         results.append(snapshot(model))

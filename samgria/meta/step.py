@@ -201,10 +201,18 @@ class MetaStep:
         check_scalar_loss(loss, f"the query loss of task {index}")
         return loss
 
-    def _run_maml(self, spec: _TaskSpec, index: int, scale: float) -> torch.Tensor:
-        """Adapt, compute the query loss and back-propagate ``scale * loss``; return it detached."""
+    def _run_maml(self, spec: _TaskSpec, index: int, scale: float | None) -> torch.Tensor:
+        """Adapt, compute the query loss and back-propagate ``scale * loss``; return it detached.
+
+        ``scale=None``: the task's scaled weight (:meth:`_scaled`), its weight taken into the
+        scale only once its loss is computed, so a task whose adaptation or loss raises leaves
+        the scale and the gradients of the tasks added before it as they were.
+        """
         learner = self._adapt(spec, record=False)
         loss = self._task_loss(spec, learner, index)
+        if scale is None:
+            self._scale_to(spec.weight)
+            scale = self._scaled(spec.weight)
         if scale != 0.0 and loss.requires_grad:
             (loss * scale).backward()
         return loss.detach()
@@ -282,8 +290,7 @@ class MetaStep:
                 loss = self._task_loss(spec, learner, index).detach()
             self._learners.append(learner)
         else:
-            self._scale_to(spec.weight)
-            loss = self._run_maml(spec, index, self._scaled(spec.weight))
+            loss = self._run_maml(spec, index, None)
         self._specs.append(spec)
         self.losses.append(loss)
         self.weights.append(spec.weight)
