@@ -1263,13 +1263,15 @@ class TransformingOptimizer(WrappingOptimizer):
         """First half of a step for loops without a closure (AMP, Hugging Face style).
 
         Call after the first ``backward()``: runs the pre-step transforms up to the re-evaluating
-        one (SAM), which moves the weights to :math:`w + e`. Every gradient is then cleared, as
-        ``step(closure)`` clears them before its second evaluation. Run the second forward and
-        backward and call :meth:`second_step`. Equal bit for bit to ``step(closure)``, also when
-        nothing is perturbed (``rho=0``, zero gradient): the second pass then ran at the
-        unperturbed weights, so ``second_step`` runs the transforms before the re-evaluating one
-        again, on its gradients (what the caller did to them — ``GradScaler.unscale_``,
-        clipping — is kept).
+        one (SAM), which moves the weights to :math:`w + e`. Every gradient is then cleared (set
+        to ``None``), as ``step(closure)`` clears them before its second evaluation. Run the
+        second forward and backward and call :meth:`second_step`. Equal bit for bit to
+        ``step(closure)``, also when nothing is perturbed (``rho=0``, zero gradient): the second
+        pass then ran at the unperturbed weights, so ``second_step`` runs the transforms before
+        the re-evaluating one again, on its gradients (what the caller did to them —
+        ``GradScaler.unscale_``, clipping — is kept); the gradients are then zeroed in place
+        instead, so that one the second backward does not reach (a frozen parameter's, zeroed
+        with ``zero_grad(set_to_none=False)``) is stepped as ``step(closure)`` steps it.
 
         If the gradients are not finite (e.g. an fp16 overflow under ``GradScaler``), nothing is
         perturbed and the gradients are kept: the second backward accumulates onto them, so
@@ -1297,7 +1299,7 @@ class TransformingOptimizer(WrappingOptimizer):
                 self._pending = _PendingStep(None, 0, non_finite=True)
                 return
             self._pending = _PendingStep(None, 0)
-            self.zero_grad(set_to_none=True)
+            self.zero_grad(set_to_none=False)  # nothing perturbed: see the end of this method
             return
         split = reevaluating[0]
         # _two_call_refusal lets a re-evaluating transform through only if it is one
@@ -1343,7 +1345,12 @@ class TransformingOptimizer(WrappingOptimizer):
                     transform._put_back(ctx, perturbation, finish=False)  # a second Ctrl-C cut it short
                 raise
         transform.__dict__.pop("_moving", None)  # the pending step holds the moves now
-        self.zero_grad(set_to_none=True)
+        # Nothing perturbed: step(closure) steps with the first pass's gradients, so they are
+        # zeroed in place, not dropped: a gradient the second backward does not reach (a frozen
+        # parameter's, or one left out of the loss) is then the zero that a loop zeroing in place
+        # (zero_grad(set_to_none=False)) left in the first pass, and the inner step steps it, as
+        # step(closure) and a plain torch optimizer do.
+        self.zero_grad(set_to_none=not self._pending.rerun_before)
         forget_autocast_copies()  # the second pass, in the same autocast region, sees the moved weights
 
     @eager_under_compile

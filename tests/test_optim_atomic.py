@@ -35,6 +35,7 @@ from samgria import (
 )
 from samgria.transforms import ParamTransform
 from state_helpers import assert_states_equal, groups_without_params, state_by_index
+from transform_infos import assert_bitwise_equal
 from transform_infos import make_closure as closure_on
 
 
@@ -779,6 +780,47 @@ def test_two_call_loop_with_nothing_perturbed_keeps_what_is_done_to_the_second_g
     for p, q in zip(model.parameters(), reference.parameters()):
         torch.testing.assert_close(p, q, rtol=0, atol=1e-12)
 
+
+
+@pytest.mark.parametrize("transforms", [lambda: [SAM(0.0)], lambda: [ClipGradNorm(1e6)]], ids=["sam-rho-zero", "no-second-pass"])
+def test_two_call_loop_with_nothing_perturbed_keeps_the_zeroed_gradients_of_parameters_backward_misses(transforms):
+    """With nothing perturbed, step(closure) steps with the first pass's gradients: a loop that
+    zeroes them in place (set_to_none=False) steps a frozen or no longer used parameter with its
+    zero gradient (Adam moves it by its momentum), as plain torch does. The two-call loop used to
+    clear that gradient to None, so its inner step skipped such parameters and the runs differed."""
+    torch.manual_seed(0)
+    x = torch.randn(4, 3, dtype=torch.float64)
+    template = (nn.Linear(3, 2).double(), nn.Linear(3, 2).double())
+    models = [copy.deepcopy(template) for _ in range(3)]
+    plain = torch.optim.Adam([p for m in models[0] for p in m.parameters()], lr=0.1)
+    closure_opt, loop_opt = (
+        TransformingOptimizer([p for m in pair for p in m.parameters()], torch.optim.Adam, transforms=transforms(), lr=0.1)
+        for pair in models[1:]
+    )
+
+    def backward(optimizer, pair, step):
+        optimizer.zero_grad(set_to_none=False)
+        loss = pair[0](x).pow(2).sum()
+        if step < 2:  # the second layer is used for two steps, then no longer
+            loss = loss + pair[1](x).pow(2).sum()
+        loss.backward()
+        return loss
+
+    for step in range(4):
+        if step == 2:  # and the first layer's bias is frozen (its gradient stays, zeroed)
+            for pair in models:
+                pair[0].bias.requires_grad_(False)
+        backward(plain, models[0], step)
+        plain.step()
+        closure_opt.step(lambda: backward(closure_opt, models[1], step))
+        backward(loop_opt, models[2], step)
+        loop_opt.first_step()
+        backward(loop_opt, models[2], step)
+        loop_opt.second_step()
+    expected = [p for m in models[0] for p in m.parameters()]
+    assert not torch.equal(expected[1], template[0].bias) and not torch.equal(expected[2], template[1].weight)
+    for pair in models[1:]:
+        assert_bitwise_equal([p for m in pair for p in m.parameters()], expected)
 
 # -- hyperparameter checks ------------------------------------------------------------------------------------
 MESSAGE = re.compile(r"^(?:param_groups\[\d+\]: )?(?P<name>[\w.]+) must be (?P<rule>.+), got (?P<value>.+)$")
