@@ -7,7 +7,9 @@
 * ``docs/api.rst`` documents every name of ``samgria.__all__`` (and nothing else), and the API
   reference (``docs/api.rst`` and ``docs/integrations.rst``) every name in the ``__all__`` of every
   public module (``samgria.__main__`` included);
-* ``python -m sphinx -W --keep-going -b html docs <tmp>`` succeeds and renders every name;
+* ``python -m sphinx -W --keep-going -b html docs <tmp>`` succeeds and renders every name, and
+  every cross-reference of a guide to a samgria object resolves (Sphinx renders one it cannot
+  resolve as plain text, without a warning: ``nitpicky`` is off);
 * ``docs/getting_started.rst`` shows the README's two commands verbatim;
 * the AMP example uses the recipe of ``tests/test_optim_amp.py`` unchanged.
 """
@@ -24,6 +26,7 @@ import subprocess
 import sys
 import textwrap
 import warnings
+import zlib
 from pathlib import Path
 
 import pytest
@@ -296,6 +299,26 @@ def test_api_reference_documents_the_all_of_every_public_module() -> None:
 
 
 # -- (4) the site builds with warnings as errors -----------------------------------------------
+#: A cross-reference role to a samgria object: ``:func:`~samgria.inner_step```, ``:mod:`samgria.meta```.
+_SAMGRIA_ROLE = re.compile(r":(?:py:)?(?:mod|func|class|meth|attr|data|obj|exc):`~?(?P<target>samgria(?:\.\w+)*)`")
+
+
+def _inventory_python_names(path: Path) -> set[str]:
+    """The Python objects a built site registers in its ``objects.inv`` (version 2: four header
+    lines, then zlib-compressed ``name domain:role priority uri dispname`` lines), canonical paths
+    included: the names a ``:func:`` or ``:class:`` role resolves to."""
+    with path.open("rb") as stream:
+        for _ in range(4):
+            stream.readline()
+        lines = zlib.decompress(stream.read()).decode().splitlines()
+    return {match[1] for match in (re.match(r"(\S+) py:\w+ ", line) for line in lines) if match}
+
+
+def test_role_extraction() -> None:
+    text = ":func:`~samgria.inner_step`, :mod:`samgria.meta` and :class:`torch.optim.SGD`"
+    assert [m["target"] for m in _SAMGRIA_ROLE.finditer(text)] == ["samgria.inner_step", "samgria.meta"]
+
+
 def test_sphinx_build_has_no_warnings(tmp_path: Path) -> None:
     if importlib.util.find_spec("sphinx") is None or importlib.util.find_spec("sphinx_rtd_theme") is None:
         pytest.skip("sphinx and sphinx-rtd-theme are not installed (pip install -e '.[docs]')")
@@ -314,6 +337,19 @@ def test_sphinx_build_has_no_warnings(tmp_path: Path) -> None:
     assert not not_rendered, f"api.html has no entry for {not_rendered}"
     for page in ("index", "getting_started", "optimizer_guide", "meta_guide", "benchmarks"):
         assert (out / f"{page}.html").is_file(), page
+    # A role Sphinx cannot resolve renders as plain text, silently: a function documented as
+    # samgria.inner_step is not found as samgria.meta.functional.inner_step.
+    registered = _inventory_python_names(out / "objects.inv")
+    assert "samgria.inner_step" in registered and "samgria.meta.learner.Learner" in registered
+    unresolved = sorted(
+        {
+            f"{guide.name}: {match['target']}"
+            for guide in GUIDES
+            for match in _SAMGRIA_ROLE.finditer(guide.read_text())
+            if match["target"] not in registered
+        }
+    )
+    assert not unresolved, f"cross-references to no documented object (rendered as plain text): {unresolved}"
     # The math renders offline: MathJax is bundled into the build, never loaded from a CDN.
     guide = (out / "meta_guide.html").read_text()
     scripts = re.findall(r'<script[^>]*src="([^"]*mathjax[^"]*)"', guide, flags=re.IGNORECASE)
