@@ -30,6 +30,7 @@ import copy
 import dataclasses
 import io
 import pickle
+import math
 import re
 import warnings
 from typing import Any
@@ -768,6 +769,16 @@ def test_meta_loss_weights_that_are_not_numbers_are_a_type_error_naming_weights(
     with pytest.raises(TypeError, match=message):
         MetaOptimizer.meta_loss(losses, weights)
     assert MetaOptimizer.meta_loss(losses, [1.0, 0.0, 1.0]).item() == pytest.approx((1.0 + 4.0) / 2)
+
+
+def test_meta_loss_takes_subnormal_weights_as_their_ratios():
+    """The power-of-two scale of the weights was formed as ``2**shift`` on its own, which
+    overflows a float when the largest weight is subnormal: ``OverflowError: math range error``."""
+    losses = torch.tensor([1.0, 2.0, 4.0], dtype=DT)
+    tiny = math.ldexp(1.0, -1070)  # subnormal in float64
+    got = MetaOptimizer.meta_loss(losses, [tiny, 3 * tiny, 0.0])
+    assert got.item() == (1.0 + 3 * 2.0) / 4
+    assert torch.equal(got, MetaOptimizer.meta_loss(losses, [1.0, 3.0, 0.0]))
 
 
 def unequal_tasks() -> list[Task]:

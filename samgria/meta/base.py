@@ -1147,7 +1147,10 @@ class MetaOptimizer(WrappingOptimizer):
         # rounding, and the weights and their sum then fit the computing dtype -- and rounded
         # to the losses' dtype once.
         computing = torch.promote_types(stacked.dtype, torch.float32)
-        scaled = (w * math.ldexp(1.0, -math.frexp(largest)[1])).to(device=stacked.device, dtype=computing)
+        # (each weight by math.ldexp: 2**shift itself overflows a float when the largest is subnormal)
+        shift = -math.frexp(largest)[1]
+        scaled = torch.tensor([math.ldexp(x, shift) for x in w.tolist()], dtype=torch.float64)
+        scaled = scaled.to(device=stacked.device, dtype=computing)
         mean = (scaled * stacked.to(computing)).sum() / scaled.sum()
         return mean.to(stacked.dtype) if stacked.is_floating_point() else mean
 
