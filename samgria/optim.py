@@ -266,10 +266,13 @@ class TransformingOptimizer(WrappingOptimizer):
     step as fast and as small as a plain one. What that does not undo is a failure inside torch's
     step after it began writing that is no check of its inputs: an allocation that fails (out of
     memory; foreach Adam allocates :math:`\sqrt{v}` after it updated both moments, the per-tensor
-    loop steps parameter after parameter) leaves that part of the inner step applied.
-    ``atomic="full"`` copies the weights and the state before every inner step, so that this is
-    undone too (measured: 6-10% more time for SAM's step on the benchmark's MLP with momentum SGD,
-    and the copy of the inner optimizer's state in memory during its step). ``atomic=False``
+    loop steps parameter after parameter) leaves that part of the inner step applied; so does
+    state that stopped fitting its parameter other than by a load (a model cast to another dtype
+    after its state was made, ``model.double()``; a state tensor replaced by hand), which torch's
+    optimizers also find only while they write. ``atomic="full"`` copies the weights and the
+    state before every inner step, so that these are undone too (measured: 6-10% more time for
+    SAM's step on the benchmark's MLP with momentum SGD, and the copy of the inner optimizer's
+    state in memory during its step). ``atomic=False``
     never copies (then only the pre-step phase is undone, without the weights of a transform that
     writes them).
 

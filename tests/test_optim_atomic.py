@@ -1422,6 +1422,25 @@ def test_atomic_full_undoes_an_allocation_failing_inside_torchs_step(foreach):
         assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("foreach", [False, True], ids=["for-loop", "foreach"])
+def test_atomic_full_undoes_a_step_failing_on_state_a_dtype_cast_of_the_model_left_behind(foreach):
+    """A model cast to float32 after its state was made in float64: torch's Adam finds the state
+    of another dtype only while it writes (step counters advanced, earlier tensors stepped), which
+    the class docstring says only ``atomic="full"`` undoes; it leaves everything as it was."""
+    model = make_model(torch.float64)
+    optimizer = TransformingOptimizer(
+        model.parameters(), torch.optim.Adam, lr=0.01, foreach=foreach, transforms=[SAM(0.05)], atomic="full"
+    )
+    for _ in range(2):
+        optimizer.step(closure_on(model, optimizer, X, Y))
+    model.float()
+    weights, saved = [p.detach().clone() for p in model.parameters()], copy.deepcopy(optimizer.state_dict())
+    with pytest.raises(RuntimeError, match="dtype"):
+        optimizer.step(closure_on(model, optimizer, X.float(), Y.float()))
+    assert_bitwise_equal([p.detach() for p in model.parameters()], weights)
+    assert_states_equal(optimizer.state_dict()["state"], saved["state"])
+
+
 def test_atomic_accepts_a_numpy_bool_and_full():
     import numpy as np
 
