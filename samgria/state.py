@@ -29,6 +29,41 @@ def _check_holds_values(kind: str, named: Mapping[str, torch.Tensor]) -> None:
             raise ValueError(f"model must hold the values of its {kind}, got {kind[:-1]} {name!r} on the meta device")
 
 
+def _same_values(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether ``a`` and ``b`` hold the same values, a NaN equal to a NaN."""
+    if a.is_floating_point() or a.is_complex():
+        return bool(((a == b) | (a.isnan() & b.isnan())).all())
+    return torch.equal(a, b)
+
+
+def _writable(
+    kind: str, name: str, target: torch.Tensor, value: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The part of ``target`` that owns its memory and the values to copy into it.
+
+    A tensor expanded along a dimension (stride 0, such as a buffer registered as
+    ``torch.zeros(1).expand(3)``) holds one element for all the positions along it, and ``copy_``
+    refuses to write into it: the copy goes to its first position along each such dimension, which
+    needs the snapshot's values to be the same along it. Checked for every tensor before anything is
+    written, so that a restore that cannot complete writes nothing.
+    """
+    for dim, (size, stride) in enumerate(zip(target.shape, target.stride())):
+        if stride == 0 and size > 1:
+            target, first = target.narrow(dim, 0, 1), value.narrow(dim, 0, 1)
+            if not _same_values(first.expand_as(value), value):
+                raise ValueError(
+                    f"{kind[:-1]} {name!r} of the model is expanded along dimension {dim} (one element "
+                    "for all its positions), but the snapshot's values differ along it"
+                )
+            value = first
+    if torch._debug_has_internal_overlap(target) == 1:  # 1: MemOverlap::Yes, which copy_ refuses
+        raise ValueError(
+            f"{kind[:-1]} {name!r} of the model has elements that share memory (strides "
+            f"{tuple(target.stride())}), so it cannot take the snapshot's values"
+        )
+    return target, value
+
+
 class ParameterSnapshot:
     """A cloned copy of a model's parameters and buffers that can be written back exactly.
 
@@ -93,13 +128,17 @@ class ParameterSnapshot:
                     f"{kind[:-1]} {name!r} has dtype {target.dtype} in the model but "
                     f"{value.dtype} in the snapshot"
                 )
+            _writable(kind, name, target, value)
 
     @torch.no_grad()
     def restore(self, model: nn.Module | None = None) -> None:
         """Copy the snapshot back into ``model`` (default: the captured model), in place.
 
         Every name, shape and dtype is checked before anything is written, so a mismatch
-        leaves the model untouched.
+        leaves the model untouched. A tensor of the model expanded along a dimension (stride 0,
+        one element for all its positions, e.g. a buffer registered as ``torch.zeros(1).expand(3)``)
+        takes the snapshot's values when they are the same along that dimension, as they are when
+        it was captured so.
 
         Args:
             model: Module to restore into; it must have the same parameter and buffer names,
@@ -107,8 +146,9 @@ class ParameterSnapshot:
 
         Raises:
             TypeError: ``model`` is not an ``nn.Module``.
-            ValueError: The names, shapes or dtypes do not match the snapshot, or a parameter or
-                buffer of ``model`` holds no values to write into (lazy, or on the meta device).
+            ValueError: The names, shapes or dtypes do not match the snapshot, a parameter or
+                buffer of ``model`` holds no values to write into (lazy, or on the meta device), or
+                one whose elements share memory cannot take the snapshot's values.
         """
         model = self.model if model is None else model
         if not isinstance(model, nn.Module):
@@ -117,10 +157,12 @@ class ParameterSnapshot:
         buffers = dict(model.named_buffers())
         self._check("parameters", self.parameters, params)
         self._check("buffers", self.buffers, buffers)
-        for name, value in self.parameters.items():
-            params[name].copy_(value)
-        for name, value in self.buffers.items():
-            buffers[name].copy_(value)
+        for name, saved in self.parameters.items():
+            target, value = _writable("parameters", name, params[name], saved)
+            target.copy_(value)
+        for name, saved in self.buffers.items():
+            target, value = _writable("buffers", name, buffers[name], saved)
+            target.copy_(value)
 
     def __enter__(self) -> ParameterSnapshot:
         return self

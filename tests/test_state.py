@@ -158,3 +158,47 @@ def test_lazy_parameters_are_refused_naming_the_parameter():
     initialised(torch.ones(1, 3))
     with pytest.raises(ValueError, match=r"^model must have initialised parameters, got the lazy parameter '0.weight' "):
         restore_state(nn.Sequential(nn.LazyLinear(2)), save_state(initialised))
+
+
+class _ExpandedBuffer(nn.Module):
+    """A weight and a buffer expanded from one element (stride 0: its 3 positions share memory)."""
+
+    def __init__(self, fill: float = 0.0) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(2))
+        self.register_buffer("shared", torch.full((1,), fill).expand(3))
+
+
+def test_an_expanded_buffer_is_restored_with_everything_else():
+    """``copy_`` refuses to write into a tensor whose elements share memory: the restore wrote the
+    weight and then raised at the buffer, leaving the model half restored."""
+    model = _ExpandedBuffer(2.0)
+    snapshot = save_state(model)
+    with torch.no_grad():
+        model.weight.fill_(7.0)
+        model.shared[:1].fill_(5.0)  # the one element behind all 3 positions
+    restore_state(model, snapshot)
+    assert torch.equal(model.weight, torch.ones(2))
+    assert torch.equal(model.shared, torch.full((3,), 2.0)) and model.shared.stride() == (0,)
+    with ParameterSnapshot(model):  # the context manager's exit restores the same way
+        with torch.no_grad():
+            model.shared[:1].fill_(float("nan"))
+    assert torch.equal(model.shared, torch.full((3,), 2.0))
+    not_a_number = _ExpandedBuffer(float("nan"))  # a NaN is the same value as a NaN here
+    snapshot = save_state(not_a_number)
+    with torch.no_grad():
+        not_a_number.shared[:1].fill_(0.0)
+    restore_state(not_a_number, snapshot)
+    assert torch.isnan(not_a_number.shared).all()
+
+
+def test_values_an_expanded_buffer_cannot_hold_are_refused_before_anything_is_written():
+    source = _ExpandedBuffer()
+    source.shared = torch.tensor([1.0, 2.0, 3.0])  # the same name, shape and dtype, its own memory
+    snapshot = save_state(source)
+    target = _ExpandedBuffer()
+    with torch.no_grad():
+        target.weight.fill_(7.0)
+    with pytest.raises(ValueError, match=r"^buffer 'shared' of the model is expanded along dimension 0 \(one element for all its positions\), but the snapshot's values differ along it$"):
+        restore_state(target, snapshot)
+    assert torch.equal(target.weight, torch.full((2,), 7.0)), "nothing written"
