@@ -771,3 +771,153 @@ def test_a_step_finished_on_the_prepared_optimizer_after_a_skipped_one_is_not_re
     optimizer.second_step(zero_grad=True)
     assert sam.skipped_steps == 1 and not all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
     assert not optimizer.step_was_skipped and not accelerator.optimizer_step_was_skipped
+
+
+# -- clipping under fp16, where accelerate's clipping unscales through the loss scaler ---------------------
+def unscaling_as_under_fp16(accelerator: Accelerator) -> None:
+    """After ``prepare``: ``accelerator.clip_grad_norm_`` and ``clip_grad_value_`` unscale the
+    gradients through the loss scaler first, as under ``mixed_precision="fp16"`` on a GPU (on the
+    CPU accelerate leaves ``native_amp`` off; the fixture resets the shared state)."""
+    accelerator.native_amp = True
+    accelerator.state._mixed_precision = "fp16"
+
+
+def _clip(accelerator, model, how: str) -> None:
+    if how == "value":
+        accelerator.clip_grad_value_(model.parameters(), 0.5)
+    else:
+        accelerator.clip_grad_norm_(model.parameters(), 1.0)
+
+
+def _plain_clip(model, how: str) -> None:
+    if how == "value":
+        torch.nn.utils.clip_grad_value_(model.parameters(), 0.5)
+    else:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+
+
+@pytest.mark.parametrize("route", ROUTES)
+@pytest.mark.parametrize(
+    "name, loop, clipped",
+    # GSAM: SAMAccelerator refuses clipping between the passes (it would not bound the update)
+    [("SAM", "closure", "both"), ("SAM", "two-call", "both"), ("SAM", "two-call", "first"), ("GSAM", "closure", "both"), ("GSAM", "two-call", "first")],
+)
+def test_clipping_a_pass_under_fp16_steps_as_the_same_clipping_without_a_scaler(name, loop, clipped, route) -> None:
+    """accelerate's clipping after the first backward unscales the first pass's gradients: the
+    second pass's clipping raised torch's "unscale_() has already been called on this optimizer",
+    and without it the scaler stepped with the second pass's gradients still scaled (an update
+    SCALE times too large). Equal to the same clipping in the unscaled optimizer's step(closure)."""
+    transforms = {"SAM": lambda: [SAM(RHO)], "GSAM": lambda: [GSAM(RHO, alpha=0.4)]}[name]
+    accelerator = make_accelerator(route)
+    scaler = with_loss_scaler(accelerator)
+    model, _ = model_and_optimizer(torch.float32)
+    plain_model = copy.deepcopy(model)
+    model, optimizer = prepare(route, accelerator, model, TransformingOptimizer(model.parameters(), torch.optim.SGD, lr=LR, transforms=transforms()))
+    plain = TransformingOptimizer(plain_model.parameters(), torch.optim.SGD, lr=LR, transforms=transforms())
+    unscaling_as_under_fp16(accelerator)
+    for x, y in [(x, 50 * y) for x, y in batches(torch.float32, count=2)]:  # clipping active
+        passes = []
+
+        def closure():
+            optimizer.zero_grad()
+            loss = F.mse_loss(model(x), y)
+            accelerator.backward(loss)
+            _clip(accelerator, model, "norm")
+            return loss
+
+        def plain_closure():
+            plain.zero_grad()
+            loss = F.mse_loss(plain_model(x), y)
+            loss.backward()
+            passes.append(None)
+            if clipped == "both" or len(passes) == 1:
+                _plain_clip(plain_model, "norm")
+            return loss
+
+        if loop == "closure":
+            optimizer.step(closure)
+        else:
+            accelerator.backward(F.mse_loss(model(x), y))
+            _clip(accelerator, model, "norm")
+            optimizer.first_step(zero_grad=True)
+            accelerator.backward(F.mse_loss(model(x), y))
+            if clipped == "both":
+                _clip(accelerator, model, "norm")
+            optimizer.second_step(zero_grad=True)
+        plain.step(plain_closure)
+        assert not optimizer.step_was_skipped
+        for got, want in zip(model.parameters(), plain_model.parameters()):
+            torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)
+    assert scaler.get_scale() == SCALE
+
+
+@pytest.mark.parametrize("loop", ["two-call", "closure"])
+@pytest.mark.parametrize("how", ["norm", "value"])
+def test_an_overflow_in_a_first_pass_clipped_under_fp16_skips_the_step(how, loop) -> None:
+    """Clipping by value turns the overflow's inf into finite values after the scaler recorded it:
+    the step is skipped and the scale backs off, as without clipping."""
+    accelerator = SAMAccelerator(cpu=True)
+    scaler = with_loss_scaler(accelerator)
+    model, optimizer = accelerator.prepare(*model_and_optimizer(torch.float32))
+    unscaling_as_under_fp16(accelerator)
+    x, y = batches(torch.float32)[0]
+    before = [p.detach().clone() for p in model.parameters()]
+    calls = []
+    model[2].weight.register_hook(lambda grad: (calls.append(None), grad * (math.inf if len(calls) == 1 else 1.0))[1])
+
+    def backward_and_clip():
+        loss = F.mse_loss(model(x), y)
+        accelerator.backward(loss)
+        _clip(accelerator, model, how)
+        return loss
+
+    if loop == "closure":
+        optimizer.step(lambda: (optimizer.zero_grad(), backward_and_clip())[1])
+    else:
+        backward_and_clip()
+        optimizer.first_step(zero_grad=True)  # keeps the non-finite gradients: the second pass adds to them
+        backward_and_clip()
+        optimizer.second_step(zero_grad=True)
+    assert optimizer.step_was_skipped and accelerator.optimizer_step_was_skipped
+    assert scaler.get_scale() == SCALE / 2
+    assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
+
+
+@pytest.mark.parametrize("abandon", ["closure-raises", "cancel_step"])
+def test_a_step_abandoned_after_the_scaler_unscaled_leaves_the_next_step_scaled_as_usual(abandon) -> None:
+    """A step abandoned after accelerate's clipping unscaled the second pass (the closure raised,
+    or ``cancel_step()``) left the scaler marking the optimizer unscaled: the next step was applied
+    with its gradients still scaled (SCALE times SAM's update)."""
+    accelerator = SAMAccelerator(cpu=True)
+    with_loss_scaler(accelerator)
+    model, optimizer = accelerator.prepare(*model_and_optimizer(torch.float32))
+    unscaling_as_under_fp16(accelerator)
+    data = batches(torch.float32)
+    x, y = data[0]
+    before = [p.detach().clone() for p in model.parameters()]
+    if abandon == "cancel_step":
+        accelerator.backward(F.mse_loss(model(x), y))
+        optimizer.first_step(zero_grad=True)
+        accelerator.backward(F.mse_loss(model(x), y))
+        accelerator.clip_grad_norm_(model.parameters(), 1e9)
+        optimizer.cancel_step()
+    else:
+        passes = []
+
+        def closure():
+            optimizer.zero_grad()
+            loss = F.mse_loss(model(x), y)
+            accelerator.backward(loss)
+            passes.append(None)
+            if len(passes) == 2:
+                accelerator.clip_grad_norm_(model.parameters(), 1e9)
+                raise KeyboardInterrupt
+            return loss
+
+        with pytest.raises(KeyboardInterrupt):
+            optimizer.step(closure)
+    assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
+    optimizer.zero_grad()
+    for x, y in data:
+        two_call_step(accelerator, model, optimizer, x, y)
+    assert_weights(model, reference(data, torch.float32), rtol=1e-5, atol=1e-6)

@@ -17,11 +17,13 @@ anything changes). A :class:`SAMAcceleratedOptimizer` adds both. Two ways to get
 from __future__ import annotations
 
 import functools
+import math
 import weakref
 from collections.abc import Callable
 from typing import Any
 
 import torch
+from torch.amp.grad_scaler import OptState
 
 from samgria.integrations._common import (
     clipping_refusal,
@@ -57,7 +59,9 @@ class SAMAcceleratedOptimizer(AcceleratedOptimizer):
       ``step()``, so under ``mixed_precision="fp16"`` the loss scaler finishes the step (it
       restores the weights and steps, or skips on an overflow and backs off);
     * ``step(closure)`` under ``"fp16"`` runs the two passes itself (closure, ``first_step()``,
-      closure, the scaler's step), each scaled by ``accelerator.backward``;
+      closure, the scaler's step), each scaled by ``accelerator.backward``; accelerate's clipping
+      in the closure (which unscales under ``"fp16"``) clips each pass, as without a scaler, and
+      so does clipping after each backward of the two-call loop;
     * ``step(closure)`` returns the loss of the first evaluation;
     * ``step_was_skipped`` is true after a step the loss scaler skipped, and after one the
       optimizer's non-finite policy skipped (so neither advances a prepared LR scheduler).
@@ -95,9 +99,16 @@ class SAMAcceleratedOptimizer(AcceleratedOptimizer):
             )
 
     def first_step(self, zero_grad: bool = False) -> None:
-        """:meth:`samgria.TransformingOptimizer.first_step`, on a synchronised micro-batch only."""
+        """:meth:`samgria.TransformingOptimizer.first_step`, on a synchronised micro-batch only.
+
+        Under ``"fp16"``, gradients that accelerate's clipping (``accelerator.clip_grad_norm_``,
+        ``clip_grad_value_``) unscaled after the first backward are put back into the loss scale
+        (an overflow the scaler found there into non-finite gradients), and the scaler unscales
+        again after the second backward: clipping after each backward clips each pass.
+        """
         self._check_synchronised("first_step()")
         self._record_scale()
+        self._rescale_unscaled_first_pass()
         self.sam.first_step(zero_grad)
 
     def second_step(self, zero_grad: bool = False) -> None:
@@ -106,15 +117,17 @@ class SAMAcceleratedOptimizer(AcceleratedOptimizer):
         if sam._pending is None:
             raise RuntimeError("second_step() called without first_step()")
         if not self.gradient_state.sync_gradients:
-            sam.cancel_step()  # the weights back at w: accelerate's step would do nothing
+            self.cancel_step()  # the weights back at w: accelerate's step would do nothing
             self._check_synchronised("second_step()")
         self.step()
         if zero_grad:
             self.zero_grad(set_to_none=True)
 
     def cancel_step(self) -> None:
-        """:meth:`samgria.TransformingOptimizer.cancel_step`."""
+        """:meth:`samgria.TransformingOptimizer.cancel_step`; under ``"fp16"`` the loss scaler
+        forgets that it unscaled this step's gradients (it unscales the next step's)."""
         self.sam.cancel_step()
+        self._forget_unscaling()
 
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
         """accelerate's ``step``; with a closure, SAM's step on it (see the class docstring)."""
@@ -149,18 +162,62 @@ class SAMAcceleratedOptimizer(AcceleratedOptimizer):
         if refusal is not None:  # before the closure runs: nothing has changed
             raise RuntimeError(refusal)
         self._record_scale()
-        with torch.enable_grad():
-            loss = closure()
-        sam.first_step()
+        try:
+            with torch.enable_grad():
+                loss = closure()
+            self._rescale_unscaled_first_pass()  # a closure that clips (accelerate's clipping unscales)
+            sam.first_step()
+        except BaseException:
+            self._forget_unscaling()
+            raise
         if not first_pass_overflowed(sam):  # else the kept inf gradients make the scaler skip
             try:
                 with torch.enable_grad(), sam._enter(sam.reevaluation_context):
                     closure()
             except BaseException:
-                sam.cancel_step()
+                self.cancel_step()
                 raise
         super().step()
         return _detached(loss)
+
+    def _scaler_state(self) -> dict[str, Any] | None:
+        """The loss scaler's record of this optimizer's step (``GradScaler`` keeps one per
+        optimizer, under the optimizer accelerate unwraps to: ``self.optimizer``), or ``None``."""
+        states = getattr(self.scaler, "_per_optimizer_states", None)
+        state = states.get(id(self.optimizer)) if isinstance(states, dict) else None
+        return state if isinstance(state, dict) else None
+
+    def _rescale_unscaled_first_pass(self) -> None:
+        """Before ``first_step()``: when the loss scaler has unscaled the first pass's gradients
+        (accelerate's ``clip_grad_norm_`` and ``clip_grad_value_`` do under ``"fp16"``), put them
+        back into the loss scale and let the scaler forget it unscaled them.
+
+        ``GradScaler`` unscales once per step: the second pass's clipping would raise, and
+        without it ``scaler.step`` would step with the second pass's gradients still scaled (an
+        update the loss scale times too large). ``first_step()`` and the step the scaler finishes
+        take the first pass's gradients in the loss scale (GSAM, WSAM and LookSAM mix them into the
+        update); the scale is a power of two, so unscaling and rescaling are exact. An overflow the
+        scaler found there (which clipping by value may have clamped to finite values) becomes
+        non-finite gradients, which ``first_step()`` keeps, so that the scaler skips the step.
+        """
+        state = self._scaler_state()
+        if state is None or state.get("stage") is not OptState.UNSCALED:
+            return
+        scale = self.scaler._scale  # what unscale_ divided by (a 0-dim tensor)
+        found_inf = torch.zeros_like(scale)
+        for found in state["found_inf_per_device"].values():
+            found_inf += found.to(scale.device)
+        self.sam._mul_grads_(torch.where(found_inf == 0, scale, torch.full_like(scale, math.nan)))
+        self._forget_unscaling()
+
+    def _forget_unscaling(self) -> None:
+        """Let the loss scaler forget what it recorded for this optimizer since its last
+        ``update()`` (that it unscaled the gradients, and what it found): for a step abandoned
+        before the scaler stepped, so that the next step's gradients are unscaled, and for a first
+        pass put back into the loss scale."""
+        states = getattr(self.scaler, "_per_optimizer_states", None)
+        if isinstance(states, dict):
+            states.pop(id(self.optimizer), None)
 
     def _record_scale(self) -> None:
         self._sam_scale = self.scaler.get_scale() if self.scaler is not None else None
