@@ -786,3 +786,41 @@ def test_gradient_clip_val_under_bf16_mixed_with_configure_gradient_clipping_ove
     fit.fit(module, loader(batches(torch.float32)))
     assert module.training_steps == 3 * 2  # two closure calls per step
     assert len(clips) == 6 and fit.global_step == 3
+
+
+class ManualStepClosure(Regression):
+    """Manual optimization with ``self.optimizers().step(closure)``: records what the step returned
+    and the closure's first loss of each step."""
+
+    def __init__(self) -> None:
+        super().__init__(manual=True)
+        self.returned: list[torch.Tensor] = []
+        self.first_losses: list[torch.Tensor] = []
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        optimizer = self.optimizers()
+        losses = []
+
+        def closure():
+            optimizer.zero_grad()
+            loss = F.mse_loss(self.net(x), y)
+            losses.append(loss.detach().clone())
+            self.manual_backward(loss)
+            return loss
+
+        self.returned.append(optimizer.step(closure))
+        self.first_losses.append(losses[0])
+
+
+def test_manual_step_closure_returns_the_loss_at_w_and_runs_the_hooks_for_both_passes() -> None:
+    """As the module docstring says: the loss at w, SAM's update, and Lightning's
+    ``on_before_optimizer_step`` hooks after each of the two evaluations."""
+    data = batches()
+    module = ManualStepClosure()
+    fit = trainer(callbacks=[SAMCallback()])
+    fit.fit(module, loader(data))
+    assert fit.global_step == len(data)
+    assert module.before_optimizer_step_calls == 2 * len(data)
+    assert all(torch.equal(got, want) for got, want in zip(module.returned, module.first_losses))
+    assert_weights(module, reference(data), rtol=1e-12, atol=1e-14)

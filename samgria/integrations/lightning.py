@@ -8,8 +8,10 @@ What works without anything from here (``configure_optimizers`` returns a samgri
 * **Manual optimization**: the two-call loop through ``self.optimizers()`` — ``manual_backward``,
   ``first_step()``, ``manual_backward``, ``second_step()`` — also with ``precision="16-mixed"``
   (the scaler finishes the step); ``global_step`` advances once per step. ``opt.step(closure)``
-  works too, except under ``"16-mixed"``: Lightning then runs the closure itself, once, and the
-  optimizer refuses the step before it changes anything.
+  works too (it returns the loss at :math:`w`; Lightning runs its ``on_before_optimizer_step``
+  hooks after each evaluation of the closure, so for both of SAM's passes, as under automatic
+  optimization), except under ``"16-mixed"``: Lightning then runs the closure itself, once, and
+  the optimizer refuses the step before it changes anything.
 
 What needs this module:
 
