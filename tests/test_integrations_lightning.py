@@ -97,13 +97,13 @@ def trainer(**kwargs) -> pl.Trainer:
     return pl.Trainer(**options)
 
 
-def reference(data, dtype=torch.float64, autocast: bool = False) -> list[torch.Tensor]:
+def reference(data, dtype=torch.float64, autocast: bool = False, autocast_dtype: torch.dtype = torch.float16) -> list[torch.Tensor]:
     """SGD + SAM by hand, from the same initial weights, one step per batch."""
     net = Regression(dtype=dtype).net
     params = list(net.parameters())
 
     def gradient(x, y):
-        with torch.autocast("cpu", dtype=torch.float16, cache_enabled=False, enabled=autocast):
+        with torch.autocast("cpu", dtype=autocast_dtype, cache_enabled=False, enabled=autocast):
             loss = F.mse_loss(net(x), y)
         return torch.autograd.grad(loss, params)
 
@@ -152,6 +152,19 @@ def test_manual_optimization_two_call_loop_through_self_optimizers(micro_batches
     assert module.before_optimizer_step_calls == len(data)
     assert module.optimizers().optimizer._pending is None
     assert_weights(module, reference(data), rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("manual", [False, True], ids=["automatic", "manual"])
+def test_bf16_mixed_equals_hand_written_sam_under_bfloat16_autocast(manual: bool) -> None:
+    """``precision="bf16-mixed"`` as it is: Lightning's closure (or the two-call loop) under
+    bfloat16 autocast, no loss scaler."""
+    data = batches(torch.float32)
+    module = Regression(manual=manual, dtype=torch.float32)
+    fit = trainer(precision="bf16-mixed", callbacks=[SAMCallback()])
+    fit.fit(module, loader(data))
+    assert fit.global_step == len(data)
+    assert module.training_steps == (1 if manual else 2) * len(data)
+    assert_weights(module, reference(data, torch.float32, autocast=True, autocast_dtype=torch.bfloat16), rtol=1e-6, atol=1e-7)
 
 
 def test_16_mixed_automatic_optimization_with_sam_mixed_precision() -> None:
