@@ -921,3 +921,42 @@ def test_a_step_abandoned_after_the_scaler_unscaled_leaves_the_next_step_scaled_
     for x, y in data:
         two_call_step(accelerator, model, optimizer, x, y)
     assert_weights(model, reference(data, torch.float32), rtol=1e-5, atol=1e-6)
+
+
+# -- checkpoints ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize("route", ROUTES)
+def test_save_state_and_load_state_mid_training_continue_bit_for_bit(route: str, tmp_path) -> None:
+    """``accelerator.save_state`` after three steps, ``load_state`` into a fresh setup, three more
+    steps: the weights, the loss scale and the LR of the uninterrupted run (FriendlySAM's running
+    average, Adam's moments, the scaler's growth tracker and the schedule restored)."""
+    from samgria import FriendlySAM
+
+    def setup():
+        AcceleratorState._reset_state(True)
+        GradientState._reset_state()
+        accelerator = make_accelerator(route)
+        scaler = with_loss_scaler(accelerator)
+        scaler.set_growth_interval(2)
+        model, _ = model_and_optimizer(torch.float32)
+        sam = TransformingOptimizer(model.parameters(), torch.optim.Adam, lr=0.01, transforms=[FriendlySAM(RHO)])
+        schedule = torch.optim.lr_scheduler.StepLR(sam, step_size=1, gamma=0.5)
+        return accelerator, *prepare(route, accelerator, model, sam, schedule)
+
+    def train(accelerator, model, optimizer, schedule, data):
+        for x, y in data:
+            two_call_step(accelerator, model, optimizer, x, y)
+            schedule.step()
+
+    data = batches(torch.float32, count=6)
+    accelerator, model, optimizer, schedule = setup()
+    train(accelerator, model, optimizer, schedule, data)
+    uninterrupted = [p.detach().clone() for p in model.parameters()], accelerator.scaler.get_scale()
+    accelerator, model, optimizer, schedule = setup()
+    train(accelerator, model, optimizer, schedule, data[:3])
+    accelerator.save_state(str(tmp_path))
+    accelerator, model, optimizer, schedule = setup()
+    accelerator.load_state(str(tmp_path))
+    train(accelerator, model, optimizer, schedule, data[3:])
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), uninterrupted[0]))
+    assert accelerator.scaler.get_scale() == uninterrupted[1] == SCALE * 8
+    assert optimizer.param_groups[0]["lr"] == 0.01 * 0.5**6

@@ -837,3 +837,30 @@ def test_manual_step_closure_returns_the_loss_at_w_and_runs_the_hooks_for_both_p
     assert module.before_optimizer_step_calls == 2 * len(data)
     assert all(torch.equal(got, want) for got, want in zip(module.returned, module.first_losses))
     assert_weights(module, reference(data), rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.filterwarnings("ignore:Be aware that when using `ckpt_path`:UserWarning")
+def test_ckpt_path_from_an_epoch_end_continues_bit_for_bit(tmp_path) -> None:
+    """``fit(ckpt_path=...)`` from the checkpoint at the end of the first of two epochs ends where
+    the uninterrupted run ends: FriendlySAM's running average, Adam's moments and a per-step LR
+    schedule (stepped once per SAM step, not per evaluation) are restored."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from samgria import FriendlySAM
+
+    class Scheduled(Regression):
+        def configure_optimizers(self):
+            sam = TransformingOptimizer(self.parameters(), torch.optim.Adam, lr=0.01, transforms=[FriendlySAM(rho=RHO)])
+            schedule = torch.optim.lr_scheduler.StepLR(sam, step_size=1, gamma=0.5)
+            return {"optimizer": sam, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+    data = batches()
+    module = Scheduled()
+    checkpoints = ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=len(data), save_top_k=-1)
+    trainer(max_epochs=2, callbacks=[SAMCallback(), checkpoints], enable_checkpointing=True).fit(module, loader(data))
+    assert module.optimizers().param_groups[0]["lr"] == 0.01 * 0.5 ** (2 * len(data))
+    resumed = Scheduled()
+    (checkpoint,) = tmp_path.glob(f"*step={len(data)}.ckpt")
+    trainer(max_epochs=2, callbacks=[SAMCallback()]).fit(resumed, loader(data), ckpt_path=str(checkpoint))
+    assert all(torch.equal(p, q) for p, q in zip(weights_of(resumed), weights_of(module)))
+    assert resumed.optimizers().param_groups[0]["lr"] == 0.01 * 0.5 ** (2 * len(data))

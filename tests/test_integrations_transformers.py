@@ -624,3 +624,22 @@ def test_max_grad_norm_with_a_seed_protocol_object_after_sam_is_not_refused(tmp_
     SAMTrainer(model=model, args=args, train_dataset=Pairs(), optimizers=(optimizer, None), callbacks=[update_norms]).train()
     assert len(update_norms.norms) == 4
     assert update_norms.norms == pytest.approx([LR * 1.0] * 4, rel=1e-5)
+
+
+def test_resume_from_checkpoint_continues_bit_for_bit(tmp_path) -> None:
+    """``train(resume_from_checkpoint=...)`` from a checkpoint after 6 of 8 steps ends where the
+    uninterrupted run ends (the samgria optimizer's state, FriendlySAM's running average and Adam's
+    moments, and the LR schedule are restored)."""
+    from samgria import FriendlySAM
+
+    def run(output_dir, resume=None) -> list[torch.Tensor]:
+        model = Regression()
+        args = arguments(output_dir, optim="adamw_torch", learning_rate=0.01, max_grad_norm=0.0, num_train_epochs=2, save_strategy="steps", save_steps=6)
+        trainer = SAMTrainer(model=model, args=args, train_dataset=Pairs(), transforms=[FriendlySAM(rho=RHO)])
+        trainer.train(resume_from_checkpoint=resume)
+        assert trainer.state.global_step == 8
+        return [p.detach().clone() for p in model.parameters()]
+
+    uninterrupted = run(tmp_path / "a")
+    resumed = run(tmp_path / "b", resume=str(tmp_path / "a" / "checkpoint-6"))
+    assert all(torch.equal(p, q) for p, q in zip(resumed, uninterrupted))
