@@ -643,3 +643,20 @@ def test_resume_from_checkpoint_continues_bit_for_bit(tmp_path) -> None:
     uninterrupted = run(tmp_path / "a")
     resumed = run(tmp_path / "b", resume=str(tmp_path / "a" / "checkpoint-6"))
     assert all(torch.equal(p, q) for p, q in zip(resumed, uninterrupted))
+
+
+def test_the_logged_training_loss_is_the_first_pass_loss(tmp_path) -> None:
+    """As the docstring says: the loss the Trainer logs each step is the mean of the step's
+    micro-batch losses at w (not at w + e), and ``train()``'s ``training_loss`` their mean."""
+    model = Regression()
+    losses: list[float] = []
+    model.register_forward_hook(lambda module, args, out: losses.append(float(out["loss"].detach())))
+    optimizer = sam_optimizer(model.parameters(), torch.optim.SGD, rho=RHO, lr=LR)
+    args = arguments(tmp_path, max_grad_norm=0.0, logging_strategy="steps", logging_steps=1)
+    trainer = SAMTrainer(model=model, args=args, train_dataset=Pairs(), optimizers=(optimizer, None))
+    output = trainer.train()
+    per_step = [losses[start : start + 2 * K] for start in range(0, len(losses), 2 * K)]
+    at_w = [sum(step[:K]) / K for step in per_step]
+    assert [entry["loss"] for entry in trainer.state.log_history if "loss" in entry] == pytest.approx(at_w, rel=1e-6)
+    assert at_w != pytest.approx([sum(step[K:]) / K for step in per_step], rel=1e-6), "the passes differ"
+    assert output.training_loss == pytest.approx(sum(at_w) / len(at_w), rel=1e-6)
