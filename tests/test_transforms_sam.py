@@ -683,6 +683,80 @@ def test_an_alias_of_a_parameter_kept_elsewhere_sees_the_perturbation():
     torch.testing.assert_close(params_of(model), expected, rtol=1e-12, atol=1e-12)
 
 
+class _Symmetric(nn.Module):
+    """A parametrization: the symmetric matrix of a square weight's upper triangle."""
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        return weight.triu() + weight.triu(1).transpose(-1, -2)
+
+
+def _wrapped_layer(kind: str) -> nn.Module:
+    torch.manual_seed(0)
+    layer = nn.Linear(3, 3).double()
+    if kind == "parametrize":
+        torch.nn.utils.parametrize.register_parametrization(layer, "weight", _Symmetric())
+    elif kind == "weight_norm":
+        layer = torch.nn.utils.parametrizations.weight_norm(layer)
+    elif kind == "spectral_norm":  # a power iteration per forward, on buffers
+        layer = torch.nn.utils.parametrizations.spectral_norm(layer)
+    elif kind == "orthogonal":
+        layer = torch.nn.utils.parametrizations.orthogonal(layer)
+    else:  # forward hooks that read the weights, and a functional call in the closure
+        layer.register_forward_hook(lambda module, args, out: out * module.bias.tanh().sum())
+        layer.register_forward_pre_hook(lambda module, args: (args[0] + module.weight.mean(),))
+    return layer
+
+
+WRAPPED_X = torch.randn(6, 3, generator=torch.Generator().manual_seed(6), dtype=torch.float64)
+
+
+def _wrapped_loss(layer: nn.Module, kind: str, held: torch.Tensor) -> torch.Tensor:
+    if kind == "hooks":
+        out = functional_call(layer, dict(layer.named_parameters()), (WRAPPED_X,))
+    else:
+        out = layer(WRAPPED_X)
+    return torch.tanh(out).pow(2).mean() + 0.1 * held.sum()  # held: a Parameter taken before the steps
+
+
+@pytest.mark.parametrize("kind", ["parametrize", "weight_norm", "spectral_norm", "orthogonal", "hooks"])
+def test_the_swap_of_parameter_memory_is_invisible_to_parametrizations_hooks_and_held_parameters(kind):
+    """Every parameter here is alone on its memory, so the second pass runs with ``.data`` pointed
+    at the buffer of w + e: parametrizations (whose forward reads ``original``), forward hooks, a
+    functional call and a Parameter object held by the closure all see the move, and the steps are
+    SAM's, written out in place on the weights' own memory."""
+    layer = _wrapped_layer(kind)
+    params = list(layer.parameters())
+    held = params[-1]
+    optimizer = TransformingOptimizer(params, torch.optim.SGD, lr=0.1, transforms=[SAM(0.2)])
+    own = [p.data_ptr() for p in params]
+    pointers = []
+
+    def closure():
+        pointers.append([p.data_ptr() for p in params])
+        optimizer.zero_grad()
+        loss = _wrapped_loss(layer, kind, held)
+        loss.backward()
+        return loss
+
+    for _ in range(2):
+        optimizer.step(closure)
+    assert all(a != b for ptrs in pointers[1::2] for a, b in zip(ptrs, own))  # the swap path ran
+    assert pointers[0::2] == [own] * 2 and [p.data_ptr() for p in params] == own
+
+    reference = _wrapped_layer(kind)
+    ref_params = list(reference.parameters())
+    _in_place_sam(
+        ref_params,
+        [0.2] * len(ref_params),
+        lambda: torch.autograd.grad(_wrapped_loss(reference, kind, ref_params[-1]), ref_params),
+        2,
+        0.1,
+    )
+    torch.testing.assert_close(params_of(layer), params_of(reference), rtol=1e-12, atol=1e-14)
+    for got, want in zip(layer.buffers(), reference.buffers()):  # spectral_norm's power iteration
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-14)
+
+
 @pytest.mark.parametrize("counted", [True, False], ids=["counted", "not counted"])
 def test_parameters_alone_on_their_memory_are_swapped_and_without_the_count_all_move_in_place(counted, monkeypatch):
     """Where torch counts a storage's references, a parameter that alone holds its memory is
