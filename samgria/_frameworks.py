@@ -22,6 +22,9 @@ from typing import Any
 __all__ = [
     "accumulating_framework",
     "called_from",
+    "grad_scaler_forget",
+    "grad_scaler_scale",
+    "grad_scaler_unscaled",
     "refuse_closure_under_grad_scaler",
     "stacklevel_outside",
     "stepping_grad_scaler",
@@ -143,6 +146,42 @@ def stepping_grad_scaler(depth: int) -> Any:
             return scaler if isinstance(scaler, torch.amp.GradScaler) else None
         frame = frame.f_back
     return None
+
+
+# -- GradScaler's private record -------------------------------------------------------------------
+# Private torch API, read here only: torch.amp.GradScaler has no public way to tell the scale that
+# unscale_() divided by (get_scale() is a float that may have been updated since), whether it has
+# already unscaled an optimizer's gradients this step, or to let it forget that (undo unscale_).
+# The optimizer needs the first (GSAM, WSAM, LookSAM mix the still-scaled first pass into a step
+# whose second pass the user unscaled to clip it); SAMAcceleratedOptimizer needs all three
+# (accelerate's clipping unscales after the first backward, and GradScaler unscales once a step).
+def grad_scaler_scale(scaler: Any) -> Any:
+    """The scale ``scaler.unscale_`` divides by (a 0-dim tensor on the scaler's device)."""
+    return scaler._scale
+
+
+def grad_scaler_unscaled(scaler: Any, optimizer: Any) -> Any:
+    """Whether ``scaler`` has unscaled ``optimizer``'s gradients since its last ``update()``:
+    ``None`` if not, else the overflow it found then (a 0-dim tensor, nonzero for an overflow)."""
+    from torch.amp.grad_scaler import OptState
+
+    states = getattr(scaler, "_per_optimizer_states", None)
+    state = states.get(id(optimizer)) if isinstance(states, dict) else None
+    if not isinstance(state, dict) or state.get("stage") is not OptState.UNSCALED:
+        return None
+    scale = grad_scaler_scale(scaler)
+    found_inf = scale.new_zeros(())
+    for found in state["found_inf_per_device"].values():
+        found_inf += found.to(scale.device)
+    return found_inf
+
+
+def grad_scaler_forget(scaler: Any, optimizer: Any) -> None:
+    """Let ``scaler`` forget what it recorded for ``optimizer`` since its last ``update()`` (that
+    it unscaled the gradients, and what it found): its next ``unscale_`` or ``step`` unscales."""
+    states = getattr(scaler, "_per_optimizer_states", None)
+    if isinstance(states, dict):
+        states.pop(id(optimizer), None)
 
 
 #: How many callers up :func:`_accelerate_accumulation_steps` looks for accelerate's ``step``.

@@ -17,6 +17,7 @@ from samgria._checks import check_bool, check_choice
 from samgria._frameworks import (
     SCALER_FRAMES,
     accumulating_framework,
+    grad_scaler_scale,
     refuse_closure_under_grad_scaler,
     stacklevel_outside,
     stepping_grad_scaler,
@@ -798,7 +799,7 @@ class TransformingOptimizer(WrappingOptimizer):
                 "gradients, which this chain mixes in, cannot be brought into the same scale; call "
                 "scaler.step(optimizer) after scaler.unscale_(optimizer)"
             )
-        scale = scaler._scale  # the scale unscale_ divided by: GradScaler keeps it nowhere else
+        scale = grad_scaler_scale(scaler)  # the scale unscale_ divided by
         self._mul_grads_(scale)
         self.grad_scale = scale
 

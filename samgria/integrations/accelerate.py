@@ -23,8 +23,8 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-from torch.amp.grad_scaler import OptState
 
+from samgria._frameworks import grad_scaler_forget, grad_scaler_scale, grad_scaler_unscaled
 from samgria.integrations._common import (
     clipping_refusal,
     find_transforming,
@@ -180,13 +180,6 @@ class SAMAcceleratedOptimizer(AcceleratedOptimizer):
         super().step()
         return _detached(loss)
 
-    def _scaler_state(self) -> dict[str, Any] | None:
-        """The loss scaler's record of this optimizer's step (``GradScaler`` keeps one per
-        optimizer, under the optimizer accelerate unwraps to: ``self.optimizer``), or ``None``."""
-        states = getattr(self.scaler, "_per_optimizer_states", None)
-        state = states.get(id(self.optimizer)) if isinstance(states, dict) else None
-        return state if isinstance(state, dict) else None
-
     def _rescale_unscaled_first_pass(self) -> None:
         """Before ``first_step()``: when the loss scaler has unscaled the first pass's gradients
         (accelerate's ``clip_grad_norm_`` and ``clip_grad_value_`` do under ``"fp16"``), put them
@@ -200,24 +193,20 @@ class SAMAcceleratedOptimizer(AcceleratedOptimizer):
         scaler found there (which clipping by value may have clamped to finite values) becomes
         non-finite gradients, which ``first_step()`` keeps, so that the scaler skips the step.
         """
-        state = self._scaler_state()
-        if state is None or state.get("stage") is not OptState.UNSCALED:
+        found_inf = grad_scaler_unscaled(self.scaler, self.optimizer)
+        if found_inf is None:
             return
-        scale = self.scaler._scale  # what unscale_ divided by (a 0-dim tensor)
-        found_inf = torch.zeros_like(scale)
-        for found in state["found_inf_per_device"].values():
-            found_inf += found.to(scale.device)
+        scale = grad_scaler_scale(self.scaler)  # what unscale_ divided by (a 0-dim tensor)
         self.sam._mul_grads_(torch.where(found_inf == 0, scale, torch.full_like(scale, math.nan)))
         self._forget_unscaling()
 
     def _forget_unscaling(self) -> None:
-        """Let the loss scaler forget what it recorded for this optimizer since its last
-        ``update()`` (that it unscaled the gradients, and what it found): for a step abandoned
-        before the scaler stepped, so that the next step's gradients are unscaled, and for a first
-        pass put back into the loss scale."""
-        states = getattr(self.scaler, "_per_optimizer_states", None)
-        if isinstance(states, dict):
-            states.pop(id(self.optimizer), None)
+        """Let the loss scaler forget what it recorded for this optimizer (under the optimizer
+        accelerate unwraps to: ``self.optimizer``) since its last ``update()``: for a step
+        abandoned before the scaler stepped, so that the next step's gradients are unscaled, and
+        for a first pass put back into the loss scale."""
+        if self.scaler is not None:
+            grad_scaler_forget(self.scaler, self.optimizer)
 
     def _record_scale(self) -> None:
         self._sam_scale = self.scaler.get_scale() if self.scaler is not None else None
