@@ -29,6 +29,7 @@ __all__ = [
     "check_choice",
     "check_like_default",
     "check_loaded_tensor",
+    "has_internal_overlap",
 ]
 
 
@@ -288,3 +289,14 @@ def check_loaded_tensor(owner: str, slot: str, key: str, value: Any, param: Any)
         )
     if value.is_complex() != param.is_complex():
         raise ValueError(f"{where} of dtype {value.dtype} for a parameter of dtype {param.dtype}")
+
+
+def has_internal_overlap(tensor: torch.Tensor) -> bool:
+    """Whether some elements of ``tensor`` share memory (an ``expand`` view: stride 0 along a
+    dimension of size > 1), so that torch refuses to write into it -- as it reaches it, after
+    writing what came before."""
+    # Private torch API, used here only: torch has no public way to ask whether a tensor's elements
+    # overlap, which the in-place kernels and restore_state need to refuse such a target before
+    # they write anything. 1 is MemOverlap::Yes, what torch's in-place ops refuse (2, "too hard to
+    # tell", they let through).
+    return bool(torch._debug_has_internal_overlap(tensor) == 1)

@@ -9,6 +9,8 @@ import torch
 from torch import nn
 from torch.nn.parameter import is_lazy
 
+from samgria._checks import has_internal_overlap
+
 __all__ = ["ParameterSnapshot", "restore_state", "save_state"]
 
 
@@ -56,7 +58,7 @@ def _writable(
                     "for all its positions), but the snapshot's values differ along it"
                 )
             value = first
-    if torch._debug_has_internal_overlap(target) == 1:  # 1: MemOverlap::Yes, which copy_ refuses
+    if has_internal_overlap(target):  # which copy_ refuses
         raise ValueError(
             f"{kind[:-1]} {name!r} of the model has elements that share memory (strides "
             f"{tuple(target.stride())}), so it cannot take the snapshot's values"

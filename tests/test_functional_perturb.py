@@ -605,6 +605,27 @@ def test_perturbation_kernels_refuse_a_tensor_on_another_device_before_writing(f
 
 
 @pytest.mark.parametrize("foreach", [True, False])
+def test_in_place_kernels_refuse_a_target_whose_elements_share_memory_before_writing(foreach):
+    """An ``expand`` view (one element for every position along a dimension) among the tensors
+    written was refused by torch as it reached it, after the entries before it were written."""
+    expanded = torch.zeros(1).expand(3)
+    rule = r" must be a tensor whose elements do not share memory, got one of shape \(3,\) and strides \(0,\)$"
+    weights, buffers = [torch.ones(3), torch.ones(3)], [torch.zeros(3), expanded]
+    with pytest.raises(ValueError, match=r"^buffers\[1\]" + rule):
+        perturbed_into_(buffers, weights, weights, [1.0, 1.0], foreach=foreach)
+    with pytest.raises(ValueError, match=r"^params\[1\]" + rule):
+        add_directions_([weights[0], expanded], weights, [1.0, 1.0], foreach=foreach)
+    with pytest.raises(ValueError, match=r"^buffers\[1\]" + rule):
+        mul_([weights[0], expanded], [torch.full((3,), 2.0)] * 2, foreach=foreach)
+    assert all(torch.equal(w, torch.ones(3)) for w in weights)  # nothing written
+    assert torch.equal(buffers[0], torch.zeros(3)) and torch.equal(expanded, torch.zeros(3))
+    readable = [torch.ones(1).expand(3)]  # read only (a broadcast direction or weight): allowed
+    out = [torch.zeros(3)]
+    perturbed_into_(out, readable, readable, [2.0], foreach=foreach)
+    assert torch.equal(out[0], torch.full((3,), 3.0))
+
+
+@pytest.mark.parametrize("foreach", [True, False])
 def test_mul_and_mul_in_place_refuse_a_factor_of_another_shape_before_writing(foreach):
     """A (1,) factor was broadcast silently; a longer one failed after the entries before it were
     multiplied."""

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from samgria._checks import _is_torch_scalar
+from samgria._checks import _is_torch_scalar, has_internal_overlap
 from samgria.functional._views import widened_dtype
 
 __all__ = [
@@ -123,6 +123,23 @@ def check_shapes(name: str, tensors: Sequence[torch.Tensor], like_name: str, lik
             raise ValueError(
                 f"{name}[{index}] must have the shape of {like_name}[{index}], {tuple(model.shape)}, "
                 f"got {tuple(tensor.shape)}"
+            )
+
+
+def check_writable(name: str, tensors: Sequence[torch.Tensor]) -> None:
+    """Check that no tensor of ``tensors`` (written in place) has elements that share memory (an
+    ``expand`` view): torch refuses to write into one only as it reaches it, after writing the
+    entries before it.
+
+    Raises:
+        ValueError: ``"{name}[i] must be a tensor whose elements do not share memory, got one of
+            shape {shape} and strides {strides}"`` for the first such tensor.
+    """
+    for index, tensor in enumerate(tensors):
+        if has_internal_overlap(tensor):
+            raise ValueError(
+                f"{name}[{index}] must be a tensor whose elements do not share memory, got one of shape "
+                f"{tuple(tensor.shape)} and strides {tuple(tensor.stride())}"
             )
 
 
