@@ -183,6 +183,45 @@ def test_multi_step_ascent_per_group_rho_and_unnormalized():
     assert_close(run_samgria(MultiStepSAM(0.5, ascent_steps=2, normalize=False), 5), expected)
 
 
+def test_every_ascent_step_takes_each_groups_own_rho():
+    # Two groups that both move, with different radii: every step of the ascent (not only the
+    # first) scales each group's part by that group's rho.
+    expected = run_reference(ascent_reference(per_group(0.02, 0.1), 3), 5)
+    assert_close(run_samgria(MultiStepSAM(0.1, ascent_steps=3), 5, groups=two_groups({"rho": 0.02})), expected)
+
+
+@pytest.mark.parametrize("momentum", [None, 0.9], ids=["sgd", "momentum"])
+def test_an_unnormalized_adversary_climbs_along_the_raw_gradient(momentum):
+    # normalize=False hands the adversary -g (not -g / |g|): its SGD step w - rho (-g) climbs L.
+    adversary = torch.optim.SGD if momentum is None else functools.partial(torch.optim.SGD, momentum=momentum)
+    expected = run_reference(ascent_reference(lambda name: 0.5, 2, momentum=momentum, normalize=False), 5)
+    assert_close(run_samgria(MultiStepSAM(0.5, ascent_steps=2, adversary=adversary, normalize=False), 5), expected)
+
+
+def test_a_stationary_point_inside_the_ascent_moves_nothing_and_the_ascent_goes_on():
+    # The gradient vanishes at a_1: the second ascent step moves nothing, the closure is still
+    # re-evaluated there (ascent_steps re-evaluations), and the inner step takes that gradient.
+    w = torch.tensor([1.0, 2.0], dtype=torch.float64, requires_grad=True)
+    gradients_at = [torch.tensor([3.0, 4.0]), torch.zeros(2), torch.tensor([-1.0, 0.5])]
+    optimizer = TransformingOptimizer([w], torch.optim.SGD, lr=0.1, transforms=[MultiStepSAM(0.5, ascent_steps=2)])
+    points = []
+
+    def closure():
+        optimizer.zero_grad()
+        g = gradients_at[len(points)].double()
+        points.append(w.detach().clone())
+        loss = (w * g).sum()
+        loss.backward()
+        return loss
+
+    optimizer.step(closure)
+    a_1 = torch.tensor([1.0 + 0.5 * 3 / 5, 2.0 + 0.5 * 4 / 5], dtype=torch.float64)
+    assert len(points) == 3
+    torch.testing.assert_close(points[1], a_1, rtol=0, atol=1e-15)
+    assert torch.equal(points[2], points[1])
+    assert torch.equal(w.detach(), torch.tensor([1.0 + 0.1, 2.0 - 0.05], dtype=torch.float64))
+
+
 @pytest.mark.parametrize("reset_state", [True, False], ids=["reset", "kept"])
 @pytest.mark.parametrize("n", [1, 3])
 def test_momentum_adversary_matches_reference(n, reset_state):

@@ -268,6 +268,25 @@ def test_16_bit_parameters_roll_back_to_the_mean_of_their_iterates(dtype, value,
     assert torch.equal(param.detach(), torch.full((3,), value, dtype=dtype))
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_a_16_bit_running_mean_starts_afresh_after_each_rollback(dtype):
+    """The second cycle's mean owes nothing to the first's: after a cycle at 2**15 the iterates
+    are 2**-14; a stale mean of 2**15 (float32's 2**-14 - 2**15 + 2**15 is 0) would roll back to 2**-15."""
+    param = nn.Parameter(torch.full((3,), 2.0**15, dtype=dtype))
+    lamp = LAMP(eps=0.0, rollback_len=1)
+    optimizer = TransformingOptimizer([param], torch.optim.SGD, lr=0.0, transforms=[lamp])
+    for step in range(4):
+        if step == 2:
+            with torch.no_grad():
+                param.fill_(2.0**-14)  # lr=0: every iterate of the second cycle is 2**-14
+        param.grad = torch.ones_like(param)
+        optimizer.step()
+        if step == 1:
+            assert torch.equal(param.detach(), torch.full((3,), 2.0**15, dtype=dtype))
+    assert optimizer.state[param]["lamp.count"] == 0  # rolled back twice
+    assert torch.equal(param.detach(), torch.full((3,), 2.0**-14, dtype=dtype))
+
+
 class _RecordIterates(Transform):
     """A post-step transform placed before LAMP: records each iterate LAMP sums."""
 

@@ -632,6 +632,58 @@ def test_hooks_that_replace_grad_or_data_raise():
         assert torch.equal(param.detach(), torch.tensor([-3.0, 2.0]))  # a post-step failure is undone too
 
 
+def test_a_hook_that_points_param_data_at_a_slice_of_itself_raises():
+    # The slice starts where the view does (same data_ptr) but has another shape: a new tensor
+    # all the same, so what the hook does next would reach part of the view only.
+    class Truncates(ParamTransform):
+        def post_step_transform_(self, param, group):
+            param.data = param.data[:1]
+
+    param = nn.Parameter(torch.tensor([[-3.0, 2.0], [1.0, 4.0]]))
+    optimizer = TransformingOptimizer([param], torch.optim.SGD, lr=0.1, transforms=[Truncates()])
+    param.grad = torch.ones_like(param)
+    with pytest.raises(RuntimeError, match=r"^Truncates\.post_step_transform_ assigned a new tensor to param\.data, "):
+        optimizer.step()
+    assert torch.equal(param.detach(), torch.tensor([[-3.0, 2.0], [1.0, 4.0]]))
+
+
+def test_a_subclass_that_checks_no_group_is_refused_a_bad_param_ndim_under_its_qualified_key():
+    # A subclass whose validate_group checks nothing: the hooks' own check refuses the value,
+    # naming the key the group stores it under when another transform of the chain owns one too.
+    class Lenient(ParamTransform):
+        def validate_group(self, group):
+            pass
+
+        def pre_step_transform_(self, param, group):
+            param.grad.mul_(2)
+
+    params = make_params()
+    optimizer = TransformingOptimizer(two_groups(params, {}, {}), torch.optim.SGD, lr=0.1, transforms=[Lenient(), NormalizeGrad()])
+    optimizer.param_groups[0]["lenient.param_ndim"] = 2
+    set_grads(params)
+    grads = [p.grad.clone() for p in params]
+    with pytest.raises(ValueError, match=out_of_range_message("lenient.param_ndim", 2)):
+        optimizer.step()
+    assert all(torch.equal(p.grad, g) for p, g in zip(params, grads))
+
+
+def test_only_a_subclass_without_a_pre_step_hook_scales_with_the_gradients():
+    # A pre-step hook may do anything to the gradients (clip, sign, add): the safe answer is False,
+    # which makes the two-call loop under GradScaler refuse it before GSAM, WSAM or LookSAM.
+    class Pre(ParamTransform):
+        def pre_step_transform_(self, param, group):
+            param.grad.clamp_(-1, 1)
+
+    class Post(ParamTransform):
+        def post_step_transform_(self, param, group):
+            param.clamp_(-1, 1)
+
+    groups = [{"params": [], "param_ndim": -1}]
+    assert Pre().scales_with_gradients(groups) is False
+    assert Pre().keeps_direction_of_gradients(groups) is False
+    assert Post().scales_with_gradients(groups) is True
+
+
 def test_only_the_hooks_a_subclass_defines_run():
     class PreOnly(ParamTransform):
         def pre_step_transform_(self, param, group):
