@@ -222,6 +222,21 @@ def test_global_norm_of_each_dtype_equals_a_float64_loop_on_both_paths(dtype):
     assert norms[0].item() == pytest.approx(math.sqrt(total), rel=1e-6, abs=0)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("foreach", [True, False])
+def test_scale_with_shifts_computes_16_bit_tensors_in_float32_and_rounds_once(dtype, foreach):
+    # s t + b in float32, rounded once to the dtype: not s t rounded to the dtype, then + b.
+    generator = torch.Generator().manual_seed(3)
+    tensors = [(torch.randn(shape, generator=generator) * 3).to(dtype) for shape in [(256,), (4, 8), (0,)]]
+    scales, shifts = [1 / 3, -2.5, 7.0], [0.1, 1e-3, -4.0]
+    expected = [(t.float() * s + b).to(dtype) for t, s, b in zip(tensors, scales, shifts)]
+    twice = [(t * s + b) for t, s, b in zip(tensors, scales, shifts)]  # rounded after each operation
+    assert any(not torch.equal(a, b) for a, b in zip(expected, twice))  # the case tells them apart
+    scale_(tensors, scales, shifts, foreach=foreach)
+    for got, want in zip(tensors, expected):
+        assert torch.equal(got, want), (got.float() - want.float()).abs().max()
+
+
 def test_scale_rejects_scales_or_shifts_of_another_length():
     with pytest.raises(ValueError, match=r"^scales must have one entry per tensor, got 1 for 2$"):
         scale_([torch.ones(2), torch.ones(2)], [0.5])

@@ -234,6 +234,12 @@ def test_wsam_forms_agree_for_plain_sgd():
     assert_close(run_samgria(WSAM(0.05, 0.8, decouple=True), 4, plain), run_samgria(WSAM(0.05, 0.8, decouple=False), 4, plain))
 
 
+def test_wsam_coupled_per_group_gamma():
+    # Each group's a = gamma / (1 - gamma) weighs both of its terms: a g_p + (1 - a) g.
+    expected = run_reference(wsam_reference(lambda n: 0.05, per_group(0.3, 0.9), False), 5)
+    assert_close(run_samgria(WSAM(rho=0.05, gamma=0.9, decouple=False), 5, groups=two_groups({"gamma": 0.3})), expected)
+
+
 @pytest.mark.parametrize("loop", ["closure", "two_call"])
 @pytest.mark.parametrize("name", ["GSAM", "WSAM-coupled", "WSAM-decoupled"])
 def test_a_parameter_without_a_gradient_at_the_perturbed_weights_counts_it_as_zero(name, loop):
@@ -321,6 +327,28 @@ def test_friendly_sam_matches_reference(inner):
     assert_close(run_samgria(FriendlySAM(rho=0.05, sigma=1.0, lmbda=0.9), 6, inner), expected)
 
 
+def test_friendly_sam_updates_its_average_while_nothing_is_perturbed():
+    # rho = 0 in every group for two steps: nothing moves, but the average takes in their
+    # gradients, so the third step (rho = 0.05) perturbs along g - sigma m with m = 0.9 g_0 + 0.1 g_1.
+    rho = {"now": 0.0}
+    reference_step = friendly_sam_reference(lambda n: rho["now"], lambda n: 1.0, lambda n: 0.9)
+
+    def reference(t, w, grad):
+        rho["now"] = 0.0 if t < 2 else 0.05
+        return reference_step(t, w, grad)
+
+    expected = run_reference(reference, 4)
+    x, y = make_data()
+    model = make_model()
+    optimizer = TransformingOptimizer(model.parameters(), SGD[0], transforms=[FriendlySAM(rho=0.0)], **SGD[1])
+    closure = make_closure(model, optimizer, x, y)
+    for t in range(4):
+        for group in optimizer.param_groups:
+            group["rho"] = 0.0 if t < 2 else 0.05
+        optimizer.step(closure)
+    assert_close(params_of(model), expected)
+
+
 def test_friendly_sam_per_group_hyperparameters_and_a_rho_zero_group():
     reference = friendly_sam_reference(per_group(0.0, 0.1), per_group(0.5, 1.0), per_group(0.6, 0.9))
     expected = run_reference(reference, 6)
@@ -378,6 +406,33 @@ def test_look_sam_step_that_perturbs_nothing_stores_a_zero_direction(zeroed, loo
     for param in model.parameters():
         if "look_sam.g_v" in optimizer.state[param]:
             assert not optimizer.state[param]["look_sam.g_v"].any()
+
+
+def test_look_sam_forgets_the_direction_of_a_parameter_without_a_gradient_at_the_last_sam_step():
+    # b has a gradient at SAM step 0, none at SAM step 2 (its loss term is off), one again at
+    # step 3 (in between): the direction of step 2 holds nothing for b, so b steps with g_b alone.
+    alpha, lr = 0.7, 0.1
+    w = nn.Parameter(torch.tensor([0.3, -0.2], dtype=torch.float64))
+    b = nn.Parameter(torch.tensor([0.5, 1.5], dtype=torch.float64))
+    optimizer = TransformingOptimizer([w, b], torch.optim.SGD, lr=lr, transforms=[LookSAM(0.5, alpha, k=2)])
+    uses_b = {"now": True}
+
+    def closure():
+        optimizer.zero_grad()
+        loss = ((w - 1) ** 2).sum() * (w[0] + 2) + ((b * w).sum() ** 2 if uses_b["now"] else 0.0)
+        loss.backward()
+        return loss
+
+    for t in range(3):
+        uses_b["now"] = t != 2
+        optimizer.step(closure)
+    assert "look_sam.g_v" not in optimizer.state[b]
+    uses_b["now"] = True
+    b_before = b.detach().clone()
+    closure()
+    g_b = b.grad.clone()
+    optimizer.step(closure)  # step 3, in between
+    torch.testing.assert_close(b.detach(), b_before - lr * g_b, rtol=1e-14, atol=0.0)
 
 
 @pytest.mark.parametrize("inner", [SGD, ADAMW], ids=["sgd", "adamw"])
@@ -727,6 +782,33 @@ def test_looksam_step_in_between_with_a_non_finite_second_pass_changes_nothing(n
         for _ in range(3):
             opt.step(make_closure(mdl, opt, x, y))
     assert_bitwise_equal(params_of(model), params_of(twin_model))
+
+
+@pytest.mark.parametrize("name", ["FriendlySAM", "ESAM"])
+def test_standalone_step_with_non_finite_gradients_at_the_perturbed_weights_commits_nothing(name):
+    # The seed protocol has no optimizer to put the state back: the transform itself commits
+    # its state (FriendlySAM's average, ESAM's generator) only with finite gradients at w + e.
+    x, y = make_data()
+    model = make_model()
+    transform = {"FriendlySAM": lambda: FriendlySAM(0.05), "ESAM": lambda: ESAM(0.05, seed=0)}[name]()
+    bad = {"now": False}
+
+    def loss_fn(inputs, targets):
+        loss = nn.functional.mse_loss(model(inputs), targets)
+        return loss * float("inf") if bad["now"] else loss
+
+    plain = torch.optim.SGD(model.parameters(), lr=0.1)
+    for poisoned in (False, True):  # the seed's loop: backward, apply, step
+        plain.zero_grad()
+        nn.functional.mse_loss(model(x), y).backward()
+        before = copy.deepcopy(transform.state_dict())
+        bad["now"] = poisoned
+        transform.apply(model, loss_fn, (x, y))
+        bad["now"] = False
+        if not poisoned:
+            plain.step()
+    assert not all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+    _assert_same_state(before, transform.state_dict())
 
 
 class _RaisesAfterwards(GradientTransformBase):
@@ -1379,6 +1461,26 @@ def test_looksam_stores_its_direction_from_float64_gradients_near_1e300(loop):
     g_v = _scaled_down(g_s - parallel * g)
     torch.testing.assert_close(optimizer.state[param]["look_sam.g_v"], g_v / g_v.norm(), rtol=1e-14, atol=0.0)
     torch.testing.assert_close(param.detach(), torch.ones(3, dtype=torch.float64) - 1e-3 * g_s, rtol=1e-14, atol=0.0)
+
+
+@pytest.mark.parametrize("loop", ["closure", "two-call"])
+def test_looksam_stores_a_unit_direction_of_float32_gradients_whose_norm_is_subnormal(loop):
+    """As below in float32: g = a u, g_s = a (u + v) with a = 1e-40, so |g_v| = a and 1 / |g_v|
+    is beyond float32; g_v is scaled up by powers of two float32 holds, and stored as v."""
+    u = torch.tensor([1.0, 0.0, 0.0])
+    v = torch.tensor([0.0, 1.0, 0.0])
+    scale = 1e-40
+    param = nn.Parameter(torch.ones(3))
+    optimizer = TransformingOptimizer(torch.optim.SGD([param], lr=1e-3), transforms=[LookSAM(rho=0.05, alpha=0.7, k=5)])
+    passes = [scale * u, scale * (u + v)]
+    seen = []
+
+    def install():
+        seen.append(None)
+        param.grad = passes[len(seen) - 1].clone()
+
+    step_installing(optimizer, install, loop)
+    assert torch.equal(optimizer.state[param]["look_sam.g_v"], v)
 
 
 @pytest.mark.parametrize("loop", ["closure", "two-call"])
