@@ -222,6 +222,26 @@ def test_adapt_false_group_is_not_moved_and_gets_no_pseudo_gradient():
     assert any(not torch.equal(p, b) for p, b in zip(model[2].parameters(), head_before))
 
 
+def test_a_stale_gradient_of_a_parameter_that_is_not_adapted_is_dropped_not_stepped():
+    # The body (adapt=False) carries a gradient from an earlier backward: Reptile's step sets it
+    # to None, so the outer SGD moves only the head, by the pseudo-gradient.
+    model = mlp()
+    body, head = model[0], model[2]
+    meta = Reptile(
+        model,
+        torch.optim.SGD([{"params": body.parameters(), "adapt": False}, {"params": head.parameters()}], lr=1.0),
+        inner_lr=0.1,
+        inner_steps=2,
+    )
+    task = make_tasks()[0]
+    mse(model(task.query_x), task.query_y).backward()  # e.g. a monitoring loss
+    assert all(p.grad is not None for p in body.parameters())
+    body_before = [p.detach().clone() for p in body.parameters()]
+    meta.step(reptile_closure(meta, make_tasks()))
+    for p, b in zip(body.parameters(), body_before):
+        assert torch.equal(p, b) and p.grad is None
+
+
 def test_outer_that_calls_closure_twice_gets_fresh_records_each_time():
     class TwiceSGD(torch.optim.Optimizer):
         def __init__(self, params, lr):
@@ -305,6 +325,7 @@ def test_tasks_adapted_before_step_are_refused_with_an_outer_that_evaluates_the_
         meta.step(reptile_closure(meta, tasks[2:]))
     assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
     assert meta.num_recorded == 2
+    assert meta._task_weight == 2.0  # the record's weight stays with it (distributed weighting)
     assert _same(meta.state_dict()["state"], state["state"])
 
 
@@ -327,10 +348,11 @@ def test_clear_records_drops_adaptations_made_for_evaluation():
     model, twin = mlp(), mlp()
     meta = Reptile(model, torch.optim.SGD, inner_lr=0.05, inner_steps=2, lr=0.5)
     reference = Reptile(twin, torch.optim.SGD, inner_lr=0.05, inner_steps=2, lr=0.5)
-    reptile_closure(meta, make_tasks(5, seed=3))()  # evaluation adaptations
-    assert meta.num_recorded == 5
+    reptile_closure(meta, make_tasks(5, seed=3), weights=[1.0, 0.5, 2.0, 1.0, 1.0])()  # evaluation adaptations
+    assert meta.num_recorded == 5 and meta._task_weight == 5.5
     meta.clear_records()
     assert meta.num_recorded == 0
+    assert meta._task_weight == 0.0  # their weights go too: with distributed=True they weight the all-reduce
     meta.step(reptile_closure(meta, tasks))
     reference.step(reptile_closure(reference, tasks))
     assert all(torch.equal(p, q) for p, q in zip(model.parameters(), twin.parameters()))
