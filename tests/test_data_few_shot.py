@@ -69,6 +69,15 @@ def test_all_classes_get_drawn():
     assert set(classes.flatten().tolist()) == set(range(6))
 
 
+def test_all_examples_of_a_class_get_drawn():
+    # Each task draws its k_shot + k_query examples of a class at random from all of them, not
+    # the same first ones every time.
+    inputs, labels = make_data()  # 8 examples per class
+    tasks = FewShotSampler(inputs, labels, n_way=6, k_shot=1, k_query=1, seed=5).sample(100)
+    used = torch.cat([torch.cat([task.support_x[:, 0], task.query_x[:, 0]]) for task in tasks])
+    assert set(used.long().tolist()) == set(range(48))
+
+
 def test_class_subset_restricts_tasks():
     inputs, labels = make_data()
     sampler = FewShotSampler(inputs, labels, n_way=2, k_shot=1, k_query=1, classes=[1, 4, 5], seed=4)
@@ -349,6 +358,32 @@ def test_task_to_casts_and_moves_as_module_to_does_keeping_integer_labels(args, 
         if got.device.type != "meta":
             assert torch.equal(got, expected), field
     assert moved.support_y.dtype == torch.long and moved.query_y.dtype == torch.long
+
+
+def test_task_to_casts_complex_inputs_as_module_to_does():
+    generator = torch.Generator().manual_seed(0)
+    support_x, query_x = (torch.randn(k, 3, dtype=torch.complex64, generator=generator) for k in (6, 4))
+    task = Task(support_x, torch.arange(6) % 3, query_x, torch.arange(4) % 3)
+    moved = task.to(torch.complex128)
+    with warnings.catch_warnings():  # Module.to's note that complex modules are a new feature
+        warnings.simplefilter("ignore", UserWarning)
+        reference = _as_module(task).to(torch.complex128)
+    for field in FIELDS:
+        got, expected = getattr(moved, field), getattr(reference, field)
+        assert got.dtype == expected.dtype and torch.equal(got, expected), field
+    assert moved.support_x.dtype == torch.complex128 and moved.support_y.dtype == torch.long
+
+
+def test_task_to_applies_a_memory_format_to_5_d_inputs_as_module_to_does():
+    generator = torch.Generator().manual_seed(0)
+    support_x, query_x = (torch.randn(k, 2, 3, 4, 5, generator=generator) for k in (6, 4))  # videos, volumes
+    task = Task(support_x, torch.arange(6) % 3, query_x, torch.arange(4) % 3)
+    moved = task.to(torch.float64, memory_format=torch.channels_last_3d)
+    reference = _as_module(task).to(torch.float64, memory_format=torch.channels_last_3d)
+    for field in FIELDS:
+        got, expected = getattr(moved, field), getattr(reference, field)
+        assert (got.dtype, got.stride()) == (expected.dtype, expected.stride()) and torch.equal(got, expected), field
+    assert moved.support_x.is_contiguous(memory_format=torch.channels_last_3d)
 
 
 def test_task_to_float64_gives_tasks_that_cross_entropy_takes():

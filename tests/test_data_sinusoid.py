@@ -162,6 +162,25 @@ def test_ranges_given_as_tensors_or_decimals_are_ranges_of_their_values():
         SinusoidTaskSampler(amp_range=(torch.tensor([1.0, 2.0]), 3.0))
 
 
+def test_a_seeded_stream_is_amplitudes_then_phases_then_inputs_drawn_uniformly():
+    """The stream a seed gives, by hand: ``n`` amplitudes, ``n`` phases, then every task's
+    ``k_support + k_query`` inputs, each ``low + (high - low) * u`` with ``u = torch.rand``."""
+    n, k_support, k_query = 4, 3, 2
+    sampler = SinusoidTaskSampler(
+        amp_range=(0.5, 2.0), phase_range=(0.0, 1.0), x_range=(-3.0, 3.0), k_support=k_support, k_query=k_query,
+        seed=9, dtype=torch.float64,
+    )
+    tasks, amplitudes, phases = sampler.sample_with_params(n)
+    generator = torch.Generator().manual_seed(9)
+    expected_amplitudes = 0.5 + 1.5 * torch.rand(n, generator=generator, dtype=torch.float64)
+    expected_phases = 0.0 + 1.0 * torch.rand(n, generator=generator, dtype=torch.float64)
+    x = -3.0 + 6.0 * torch.rand(n, k_support + k_query, 1, generator=generator, dtype=torch.float64)
+    assert torch.equal(amplitudes, expected_amplitudes) and torch.equal(phases, expected_phases)
+    for i, task in enumerate(tasks):
+        assert torch.equal(task.support_x, x[i, :k_support]) and torch.equal(task.query_x, x[i, k_support:])
+        assert torch.equal(task.support_y, expected_amplitudes[i] * torch.sin(x[i, :k_support] - expected_phases[i]))
+
+
 def test_sixteen_bit_tasks_are_float32_draws_rounded_once():
     """A 16-bit sampler draws in float32 (11 random bits would repeat inputs) and rounds once:
     its tasks are the float32 sampler's tasks, rounded."""
