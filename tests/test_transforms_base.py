@@ -783,3 +783,32 @@ def test_a_perturbations_buffer_that_is_the_parameter_is_not_used_for_the_optimi
     with pytest.raises(RuntimeError, match="^post-step transform failed$"):
         optimizer.step(closure)
     assert_bitwise_equal(before, params_of(model))
+
+
+# -- an inner optimizer's own top-level state beside a seed object's slot ----------------------------
+class _SGDCountingSteps(torch.optim.SGD):
+    """Keeps a step count at the top level of ``state``, under a string key (pytorch_optimizer's SPAM
+    keeps ``"total_step"`` there)."""
+
+    def step(self, closure=None):
+        loss = super().step(closure)
+        self.state["total_step"] = self.state.get("total_step", 0) + 1
+        return loss
+
+
+def test_a_seed_objects_state_is_checkpointed_beside_an_inner_optimizers_top_level_counter():
+    """Looking for the slot's parameters in ``state`` iterated the inner optimizer's int as an entry:
+    ``state_dict()`` raised ``TypeError: 'int' object is not iterable``."""
+    model = nn.Linear(2, 1)
+    optimizer = TransformingOptimizer(model.parameters(), _SGDCountingSteps, lr=0.1, transforms=[Pending()])
+    for _ in range(3):
+        _grad_step(optimizer, model)
+    checkpoint = optimizer.state_dict()
+    assert checkpoint["state"]["total_step"] == 3
+    assert checkpoint["state"][0] == {"pending.t": 3, "pending.saved": torch.tensor(3.0)}
+
+    resumed = Pending()
+    twin = TransformingOptimizer(nn.Linear(2, 1).parameters(), _SGDCountingSteps, lr=0.1, transforms=[resumed])
+    twin.load_state_dict(checkpoint)
+    assert resumed.t == 3 and torch.equal(resumed.saved, torch.tensor(3.0))
+    assert twin.state["total_step"] == 3

@@ -184,8 +184,10 @@ class _SlotState(Mapping):
         return _SlotEntry(self._state[param], self._prefix)
 
     def __contains__(self, param: object) -> bool:
+        if not isinstance(param, torch.Tensor):  # an inner optimizer's own key (SPAM's "total_step")
+            return False
         entry = self._state.get(param) if param in self._state else None
-        if not entry:
+        if not entry or not isinstance(entry, Mapping):
             return False
         return any(isinstance(key, str) and key.startswith(self._prefix) for key in entry)
 
