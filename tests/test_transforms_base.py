@@ -812,3 +812,58 @@ def test_a_seed_objects_state_is_checkpointed_beside_an_inner_optimizers_top_lev
     twin.load_state_dict(checkpoint)
     assert resumed.t == 3 and torch.equal(resumed.saved, torch.tensor(3.0))
     assert twin.state["total_step"] == 3
+
+
+# -- settings() that hold a function or an object without a repr of its own --------------------------
+class _Halve:
+    """A rule object with Python's default repr (``<..._Halve object at 0x...>``)."""
+
+    def __call__(self, grad):
+        return grad * 0.5
+
+
+class RuleOnGradients(Transform):
+    """Pre-step: ``g <- rule(g)``; the rule is a constructor-only setting."""
+
+    def __init__(self, rule=torch.sign):
+        self.rule = rule
+
+    def settings(self):
+        return {"rule": self.rule}
+
+    def init_state(self, ctx):
+        pass
+
+    @torch.no_grad()
+    def pre_update(self, ctx):
+        for group in ctx.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    p.grad.copy_(self.rule(p.grad))
+
+
+@pytest.mark.parametrize("make_rule", [_Halve, lambda: (lambda grad: torch.sign(grad))], ids=["object", "lambda"])
+def test_a_checkpoint_loads_into_an_equal_transform_whose_setting_lives_at_another_address(make_rule):
+    """The chain recorded each setting's repr with its memory address (``<function ... at 0x7f...>``),
+    which differs from process to process: a checkpoint never loaded where it was not saved (here: a
+    rule object built anew, as it is in another process)."""
+    model = nn.Linear(2, 1)
+    optimizer = TransformingOptimizer(model.parameters(), torch.optim.SGD, lr=0.1, transforms=[RuleOnGradients(make_rule())])
+    _grad_step(optimizer, model)
+    checkpoint = optimizer.state_dict()
+    assert "0x" not in checkpoint["param_groups"][0]["transform_chain"][0]
+
+    twin = TransformingOptimizer(
+        nn.Linear(2, 1).parameters(), torch.optim.SGD, lr=0.1, momentum=0.5, transforms=[RuleOnGradients(make_rule())]
+    )
+    twin.load_state_dict(checkpoint)
+    assert twin.param_groups[0]["momentum"] == 0  # the checkpoint's groups were installed
+
+
+def test_a_checkpoint_made_with_another_rule_is_still_refused():
+    model = nn.Linear(2, 1)
+    optimizer = TransformingOptimizer(model.parameters(), torch.optim.SGD, lr=0.1, transforms=[RuleOnGradients(torch.sign)])
+    checkpoint = optimizer.state_dict()
+    twin = TransformingOptimizer(model.parameters(), torch.optim.SGD, lr=0.1, transforms=[RuleOnGradients(_Halve())])
+    with pytest.raises(ValueError, match=r"transform 0 is rule_on_gradients=RuleOnGradients\(rule=<built-in method sign"):
+        twin.load_state_dict(checkpoint)

@@ -104,6 +104,10 @@ def forget_autocast_copies() -> None:
     torch.clear_autocast_cache()
 
 
+#: A memory address in a ``repr`` (``<function f at 0x7f...>``): it changes from process to process.
+_ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
+
+
 def default_slot_name(obj: Any) -> str:
     """``"sam"`` for ``SAM()`` (or the class ``SAM``), ``"normalize_grad"`` for
     ``NormalizeGrad()``: snake case of the class."""
@@ -393,7 +397,9 @@ class Transform:
     def settings(self) -> dict[str, Any]:
         """Constructor-only settings that change behaviour (e.g. LAMP's ``rollback_len``).
 
-        They identify the transform in a checkpoint: loading one made with other settings raises.
+        They identify the transform in a checkpoint, by their ``repr`` (:meth:`describe`): loading
+        one made with other settings raises. A value whose ``repr`` does not tell it apart from
+        another (two objects of one class without a ``__repr__``) does not either.
         """
         return {}
 
@@ -402,8 +408,13 @@ class Transform:
         return self.slot_name or default_slot_name(self)
 
     def describe(self) -> str:
-        """``"LAMP(rollback_len=10, seed=0)"``: the type and settings, as checkpoints record them."""
-        args = ", ".join(f"{key}={value!r}" for key, value in self.settings().items())
+        """``"LAMP(rollback_len=10, seed=0)"``: the type and settings, as checkpoints record them.
+
+        Each setting by its ``repr`` without the memory addresses that change from process to
+        process (``<function rule at 0x7f...>`` is recorded as ``<function rule>``), so that a
+        checkpoint loads wherever the same transform is built.
+        """
+        args = ", ".join(f"{key}={_ADDRESS.sub('', repr(value))}" for key, value in self.settings().items())
         return f"{type(self).__name__}({args})"
 
     # -- hooks inside TransformingOptimizer ----------------------------------------------------
