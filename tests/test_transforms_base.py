@@ -867,3 +867,52 @@ def test_a_checkpoint_made_with_another_rule_is_still_refused():
     twin = TransformingOptimizer(model.parameters(), torch.optim.SGD, lr=0.1, transforms=[RuleOnGradients(_Halve())])
     with pytest.raises(ValueError, match=r"transform 0 is rule_on_gradients=RuleOnGradients\(rule=<built-in method sign"):
         twin.load_state_dict(checkpoint)
+
+
+# -- validate_group raising a ValueError subclass of the user's ------------------------------------------
+class NotPositive(ValueError):
+    """A user's error class whose constructor takes the key and the value, not a message."""
+
+    def __init__(self, key, value):
+        super().__init__(f"{key} must be > 0, got {value!r}")
+        self.key = key
+
+
+class ScaleBy(Transform):
+    """Pre-step: ``g <- gamma * g`` (per-group ``gamma``)."""
+
+    def __init__(self, gamma=1.0):
+        self.gamma = gamma
+
+    def group_defaults(self):
+        return {"gamma": self.gamma}
+
+    def validate_group(self, group):
+        if not group["gamma"] > 0:
+            raise NotPositive("gamma", group["gamma"])
+
+    def init_state(self, ctx):
+        pass
+
+    @torch.no_grad()
+    def pre_update(self, ctx):
+        for group in ctx.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    p.grad.mul_(group["gamma"])
+
+
+def test_a_validate_group_error_of_the_users_own_class_keeps_its_message_and_kind():
+    """The chain rebuilt the error as ``type(error)(message)``: a class whose constructor takes other
+    arguments failed there with ``TypeError: NotPositive.__init__() missing 1 required positional
+    argument`` instead of the message."""
+    model = nn.Linear(2, 1)
+    with pytest.raises(ValueError, match=r"^param_groups\[0\]: gamma must be > 0, got -1\.0$"):
+        TransformingOptimizer([{"params": model.parameters(), "gamma": -1.0}], torch.optim.SGD, lr=0.1, transforms=[ScaleBy()])
+
+    optimizer = TransformingOptimizer(model.parameters(), torch.optim.SGD, lr=0.1, transforms=[ScaleBy(), ScaleBy(2.0)])
+    optimizer.param_groups[0]["scale_by_1.gamma"] = 0.0
+    before = params_of(model)
+    with pytest.raises(ValueError, match=r"^param_groups\[0\]: scale_by_1\.gamma must be > 0, got 0\.0$"):
+        _grad_step(optimizer, model)
+    assert_bitwise_equal(before, params_of(model))

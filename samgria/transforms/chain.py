@@ -105,6 +105,18 @@ def _library_names() -> frozenset[str]:
     return _LIBRARY_NAMES
 
 
+def _renamed(error: TypeError | ValueError, message: str) -> TypeError | ValueError:
+    """``error``'s class with ``message``; a plain ``TypeError`` / ``ValueError`` when that class
+    cannot be built from a message alone (a user's ``HyperparameterError(key, value)``) or would
+    show another."""
+    plain = TypeError if isinstance(error, TypeError) else ValueError
+    try:
+        renamed = type(error)(message)
+    except Exception:  # noqa: BLE001 - any constructor that does not take one message
+        return plain(message)
+    return renamed if str(renamed) == message else plain(message)
+
+
 class Chain:
     """The slots of one optimizer and how their hyperparameters map onto param-group keys.
 
@@ -477,7 +489,7 @@ class Chain:
                 for short, stored in keys.items():
                     if stored != short:  # every mention of the key, not only the leading one
                         renamed = re.sub(rf"(?<![\w.'\"]){re.escape(short)}(?![\w.'\"])", stored, renamed)
-                raise type(error)(f"{where}: {renamed}") from None
+                raise _renamed(error, f"{where}: {renamed}") from None
 
     def check_saved_spec(self, saved: Any) -> None:
         """Raise ``ValueError`` naming the first difference between a checkpoint's chain and this one."""
