@@ -916,3 +916,44 @@ def test_a_validate_group_error_of_the_users_own_class_keeps_its_message_and_kin
     with pytest.raises(ValueError, match=r"^param_groups\[0\]: scale_by_1\.gamma must be > 0, got 0\.0$"):
         _grad_step(optimizer, model)
     assert_bitwise_equal(before, params_of(model))
+
+
+# -- a scheduler of a qualified key that records its initial value (timm's, AllenNLP's) ---------------
+class _FieldScheduler:
+    """Schedules any param-group key the way timm's ``Scheduler(param_group_field=...)`` does: it
+    records each group's start value under ``"initial_<field>"``, then multiplies it by ``factor``
+    per step."""
+
+    def __init__(self, optimizer, field, factor):
+        self.optimizer, self.field, self.factor, self.t = optimizer, field, factor, 0
+        for group in optimizer.param_groups:
+            group.setdefault(f"initial_{field}", group[field])
+
+    def step(self):
+        self.t += 1
+        for group in self.optimizer.param_groups:
+            group[self.field] = group[f"initial_{self.field}"] * self.factor**self.t
+
+
+def test_a_scheduler_of_a_qualified_key_may_record_it_under_a_prefixed_key():
+    """``"initial_grad_ema.beta"`` (timm's record of the scheduled ``"grad_ema.beta"``) was taken for
+    a misspelt slot close to ``"grad_ema"`` and the next step raised ``ValueError``; it is kept and
+    ignored, as torch keeps ``"initial_lr"``. The run equals one whose beta is set by hand."""
+    x, y = make_data()
+    models = [make_model(), make_model()]
+    optimizers = [
+        TransformingOptimizer(model.parameters(), torch.optim.SGD, lr=0.1, transforms=[GradEMA(0.5), GradEMA(0.8)])
+        for model in models
+    ]
+    closures = [make_closure(model, optimizer, x, y) for model, optimizer in zip(models, optimizers)]
+    scheduler = _FieldScheduler(optimizers[0], "grad_ema.beta", 0.5)
+    for step in range(1, 4):
+        for optimizer, closure in zip(optimizers, closures):
+            optimizer.step(closure)
+        scheduler.step()
+        optimizers[1].param_groups[0]["grad_ema.beta"] = 0.5 * 0.5**step
+    assert optimizers[0].param_groups[0]["initial_grad_ema.beta"] == 0.5
+    assert optimizers[0].param_groups[0]["grad_ema.beta"] == optimizers[1].param_groups[0]["grad_ema.beta"] == 0.0625
+    assert_bitwise_equal(params_of(models[0]), params_of(models[1]))
+    with pytest.raises(ValueError, match=r"^param_groups\[0\]: the key 'gradema\.beta' names no slot of the chain"):
+        TransformingOptimizer([{"params": models[0].parameters(), "gradema.beta": 0.1}], torch.optim.SGD, lr=0.1, transforms=[GradEMA(), GradEMA()])

@@ -316,7 +316,8 @@ class Chain:
         torch.optim's optimizers, nor the inner optimizer's class (``"lookahead.alpha"`` beside
         a LookSAM, ``"adam.eps"``). Such a key would be
         stored and never read, the transform keeping its default. Other keys (``"mylib.rho"``)
-        are left alone, as torch leaves keys it does not know."""
+        are left alone, as torch leaves keys it does not know, and so is a key a scheduler builds
+        from a qualified one (:meth:`_derived`)."""
         for key in group:
             if type(key) is not str or "." not in key or key in self._qualified:
                 continue
@@ -330,7 +331,7 @@ class Chain:
                     f"{where}: the key {key!r} names no hyperparameter of slot {slot!r} "
                     f"({type(transform).__name__}), whose hyperparameters are: {known}"
                 )
-            if owned is not None and (slot is not None or self._names_a_slot(prefix, owned)):
+            if owned is not None and (slot is not None or self._names_a_slot(prefix, owned)) and not self._derived(key):
                 spellings = [f"{owner}.{owned}" for owner in self._owners[owned]]
                 if owned in self.defaults:  # stored under the short key: unambiguous
                     spellings.insert(0, owned)
@@ -339,6 +340,14 @@ class Chain:
                     f"{', '.join(repr(slot) for slot in self.slots)}); write "
                     + " or ".join(repr(spelling) for spelling in spellings)
                 )
+
+    def _derived(self, key: str) -> bool:
+        """Whether ``key`` is ``"<word>_<qualified key>"``: a scheduler's record of a qualified
+        key it schedules (timm's and AllenNLP's ``"initial_grad_ema.beta"`` beside
+        ``"grad_ema.beta"``, as torch's ``"initial_lr"`` beside ``"lr"``), not a misspelt one."""
+        return any(
+            len(key) > len(qualified) + 1 and key.endswith("_" + qualified) for qualified in self._qualified
+        )
 
     def _slot_named(self, prefix: str) -> str | None:
         """The slot ``prefix`` names, case aside, or ``None``."""
