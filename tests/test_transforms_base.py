@@ -957,3 +957,10 @@ def test_a_scheduler_of_a_qualified_key_may_record_it_under_a_prefixed_key():
     assert_bitwise_equal(params_of(models[0]), params_of(models[1]))
     with pytest.raises(ValueError, match=r"^param_groups\[0\]: the key 'gradema\.beta' names no slot of the chain"):
         TransformingOptimizer([{"params": models[0].parameters(), "gradema.beta": 0.1}], torch.optim.SGD, lr=0.1, transforms=[GradEMA(), GradEMA()])
+
+    class SubEMA(GradEMA):
+        pass
+
+    # the transform's own default slot, though it ends in "_<slot>": refused as before
+    with pytest.raises(ValueError, match=r"^param_groups\[0\]: the key 'sub_ema\.beta' names no slot of the chain \(slots: 'ema'\)"):
+        TransformingOptimizer([{"params": models[0].parameters(), "sub_ema.beta": 0.1}], torch.optim.SGD, lr=0.1, transforms={"ema": SubEMA()})

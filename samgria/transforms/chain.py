@@ -317,7 +317,7 @@ class Chain:
         a LookSAM, ``"adam.eps"``). Such a key would be
         stored and never read, the transform keeping its default. Other keys (``"mylib.rho"``)
         are left alone, as torch leaves keys it does not know, and so is a key a scheduler builds
-        from a qualified one (:meth:`_derived`)."""
+        from a qualified one (``"initial_grad_ema.beta"``, see :meth:`_close_to_own_name`)."""
         for key in group:
             if type(key) is not str or "." not in key or key in self._qualified:
                 continue
@@ -331,7 +331,7 @@ class Chain:
                     f"{where}: the key {key!r} names no hyperparameter of slot {slot!r} "
                     f"({type(transform).__name__}), whose hyperparameters are: {known}"
                 )
-            if owned is not None and (slot is not None or self._names_a_slot(prefix, owned)) and not self._derived(key):
+            if owned is not None and (slot is not None or self._names_a_slot(prefix, owned)):
                 spellings = [f"{owner}.{owned}" for owner in self._owners[owned]]
                 if owned in self.defaults:  # stored under the short key: unambiguous
                     spellings.insert(0, owned)
@@ -340,14 +340,6 @@ class Chain:
                     f"{', '.join(repr(slot) for slot in self.slots)}); write "
                     + " or ".join(repr(spelling) for spelling in spellings)
                 )
-
-    def _derived(self, key: str) -> bool:
-        """Whether ``key`` is ``"<word>_<qualified key>"``: a scheduler's record of a qualified
-        key it schedules (timm's and AllenNLP's ``"initial_grad_ema.beta"`` beside
-        ``"grad_ema.beta"``, as torch's ``"initial_lr"`` beside ``"lr"``), not a misspelt one."""
-        return any(
-            len(key) > len(qualified) + 1 and key.endswith("_" + qualified) for qualified in self._qualified
-        )
 
     def _slot_named(self, prefix: str) -> str | None:
         """The slot ``prefix`` names, case aside, or ``None``."""
@@ -390,6 +382,10 @@ class Chain:
         if lowered in every:  # a transform of the chain, by a name that is not its slot
             return True
         if lowered in _library_names() or lowered in self.inner_names:
+            return False
+        if any(lowered.endswith("_" + slot.lower()) for slot in self._owners[hyperparameter]):
+            # "<word>_<slot>": a scheduler's record of the qualified key it schedules (timm's and
+            # AllenNLP's "initial_grad_ema.beta", as torch's "initial_lr"), not a misspelt slot
             return False
         return bool(difflib.get_close_matches(lowered, sorted(owning), n=1, cutoff=0.6))
 
