@@ -66,6 +66,8 @@ class WeightEMA(Transform):
     def post_update(self, ctx):
         self.init_state(ctx)  # the first step creates the state too
         slot = ctx.slot_state(keys=("updates",))
+        if slot is None:  # no parameter requires grad (a frozen model): nothing stepped
+            return
         for group in ctx.param_groups:
             for p in group["params"]:
                 average = ctx.state[p]["ema_weight"]
@@ -134,3 +136,11 @@ except ValueError as error:
     assert "param_groups[0]: decay must be in [0, 1), got 1.5" in str(error)
 else:
     raise AssertionError("decay=1.5 was accepted")
+
+# A frozen model (a sub-model kept fixed for a phase): no parameter requires grad, so
+# slot_state() is None and the step, as torch's SGD's, changes nothing.
+frozen = nn.Linear(4, 1).requires_grad_(False)
+weights = frozen.weight.clone()
+idle = TransformingOptimizer(frozen.parameters(), torch.optim.SGD, lr=0.1, transforms=[WeightEMA()])
+idle.step()
+assert torch.equal(frozen.weight, weights)
