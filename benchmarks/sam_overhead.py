@@ -8,7 +8,9 @@ plain loop. This script measures, in one run:
    with momentum SGD as the inner optimizer. Targets on the CPU: ≤ 1.10 (MLP), ≤ 1.03 (conv).
    Rows: samgria ``step(closure)``, samgria ``first_step()``/``second_step()``, a diagnostic
    row of ``step(closure)`` without the non-finite check of the second pass's gradients (what
-   the non-finite policy costs; not a mode the library offers), and three
+   the non-finite policy costs; not a mode the library offers), ``step(closure)`` with
+   ``atomic="full"`` (a copy of the weights and the inner optimizer's state before every inner
+   step), and three
    reference SAMs written inline below: the "naive" SAM (davda54's first version:
    ``e_w = rho·g/‖g‖`` stored per parameter, ``p.add_(e_w)``, then ``p.sub_(e_w)``), davda54/sam
    as it is today (``old_p = p.data.clone()``, ``p.add_(e_w)``, restore by ``p.data = old_p``) and
@@ -352,6 +354,21 @@ class SamgriaUnchecked(SamgriaClosure):
             del self.optimizer._grads_finite
 
 
+class SamgriaAtomicFull(SamgriaClosure):
+    """``step(closure)`` with ``atomic="full"``: the weights and the inner optimizer's state copied
+    before every inner step (what undoes a failure inside torch's step after it began writing)."""
+
+    def build(self) -> torch.optim.Optimizer:
+        return TransformingOptimizer(
+            self.model.parameters(),
+            torch.optim.SGD,
+            lr=LR,
+            momentum=MOMENTUM,
+            transforms=[SAM(rho=RHO)],
+            atomic="full",
+        )
+
+
 class SamgriaLamp(SamgriaClosure):
     def build(self) -> torch.optim.Optimizer:
         return TransformingOptimizer(
@@ -401,6 +418,7 @@ VARIANTS: dict[str, type[Variant]] = {
     "samgria step(closure)": SamgriaClosure,
     "samgria first/second_step": SamgriaTwoCall,
     "samgria, 2nd-pass check off": SamgriaUnchecked,  # diagnostic: the non-finite policy's cost
+    "samgria, atomic='full'": SamgriaAtomicFull,
     "samgria SAM+LAMP": SamgriaLamp,
     "naive SAM (add/sub e_w)": Naive,
     "davda54-style (.data=old_p)": Davda54,

@@ -271,9 +271,9 @@ class TransformingOptimizer(WrappingOptimizer):
     state that stopped fitting its parameter other than by a load (a model cast to another dtype
     after its state was made, ``model.double()``; a state tensor replaced by hand), which torch's
     optimizers also find only while they write. ``atomic="full"`` copies the weights and the
-    state before every inner step, so that these are undone too (measured: 6-10% more time for
-    SAM's step on the benchmark's MLP with momentum SGD, and the copy of the inner optimizer's
-    state in memory during its step). ``atomic=False``
+    state before every inner step, so that these are undone too (measured: 5-15% more time for
+    SAM's step on the benchmark's MLP with momentum SGD, ``benchmarks/sam_overhead.py``, and the
+    copy of the inner optimizer's state in memory during its step). ``atomic=False``
     never copies (then only the pre-step phase is undone, without the weights of a transform that
     writes them).
 
