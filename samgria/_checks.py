@@ -298,5 +298,8 @@ def has_internal_overlap(tensor: torch.Tensor) -> bool:
     # Private torch API, used here only: torch has no public way to ask whether a tensor's elements
     # overlap, which the in-place kernels and restore_state need to refuse such a target before
     # they write anything. 1 is MemOverlap::Yes, what torch's in-place ops refuse (2, "too hard to
-    # tell", they let through).
+    # tell", they let through). Only a strided tensor has elements at strides: a sparse one's
+    # (which torch's kernels write like any other) has none to share, and CSR has no strides.
+    if tensor.layout != torch.strided:
+        return False
     return bool(torch._debug_has_internal_overlap(tensor) == 1)

@@ -47,8 +47,11 @@ def _writable(
     ``torch.zeros(1).expand(3)``) holds one element for all the positions along it, and ``copy_``
     refuses to write into it: the copy goes to its first position along each such dimension, which
     needs the snapshot's values to be the same along it. Checked for every tensor before anything is
-    written, so that a restore that cannot complete writes nothing.
+    written, so that a restore that cannot complete writes nothing. A tensor of another layout
+    than strided (sparse) has no strides to share: ``copy_`` takes it as it is.
     """
+    if target.layout != torch.strided:
+        return target, value
     for dim, (size, stride) in enumerate(zip(target.shape, target.stride())):
         if stride == 0 and size > 1:
             target, first = target.narrow(dim, 0, 1), value.narrow(dim, 0, 1)

@@ -625,6 +625,20 @@ def test_in_place_kernels_refuse_a_target_whose_elements_share_memory_before_wri
     assert torch.equal(out[0], torch.full((3,), 3.0))
 
 
+@pytest.mark.filterwarnings("ignore:Sparse CSR tensor support is in beta state")
+@pytest.mark.parametrize("foreach", [True, False])
+def test_in_place_kernels_write_sparse_targets_as_torch_does(foreach):
+    """A sparse COO target was refused as "elements that share memory" (torch reports strides 0 for
+    it) and a CSR one raised torch's "Sparse CSR tensors do not have strides"; torch writes both."""
+    for to_layout in (torch.Tensor.to_sparse, torch.Tensor.to_sparse_csr):
+        dense = torch.tensor([[1.0, 0.0], [0.0, -2.0]])
+        sparse = to_layout(dense.clone())
+        mul_([torch.ones(2), sparse], [torch.full((2,), 3.0), to_layout(torch.full((2, 2), 3.0))], foreach=foreach)
+        assert torch.equal(sparse.to_dense(), dense * 3)
+        add_directions_([sparse], [to_layout(dense.clone())], [0.5], foreach=foreach)
+        assert torch.equal(sparse.to_dense(), dense * 3.5)
+
+
 @pytest.mark.parametrize("foreach", [True, False])
 def test_mul_and_mul_in_place_refuse_a_factor_of_another_shape_before_writing(foreach):
     """A (1,) factor was broadcast silently; a longer one failed after the entries before it were

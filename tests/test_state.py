@@ -202,3 +202,17 @@ def test_values_an_expanded_buffer_cannot_hold_are_refused_before_anything_is_wr
     with pytest.raises(ValueError, match=r"^buffer 'shared' of the model is expanded along dimension 0 \(one element for all its positions\), but the snapshot's values differ along it$"):
         restore_state(target, snapshot)
     assert torch.equal(target.weight, torch.full((2,), 7.0)), "nothing written"
+
+
+def test_a_sparse_buffer_is_restored_with_everything_else():
+    """The check for tensors whose elements share memory took a sparse buffer (strides 0 as torch
+    reports them) for an expanded one and raised NotImplementedError narrowing it."""
+    model = nn.Linear(2, 1)
+    model.register_buffer("mask", torch.tensor([[1.0, 0.0], [0.0, 2.0]]).to_sparse())
+    snapshot = save_state(model)
+    with torch.no_grad():
+        model.weight.fill_(7.0)
+    model.mask.mul_(5.0)
+    restore_state(model, snapshot)
+    assert torch.equal(model.weight, snapshot.parameters["weight"])
+    assert torch.equal(model.mask.to_dense(), torch.tensor([[1.0, 0.0], [0.0, 2.0]]))
