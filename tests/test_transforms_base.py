@@ -869,6 +869,27 @@ def test_a_checkpoint_made_with_another_rule_is_still_refused():
         twin.load_state_dict(checkpoint)
 
 
+
+def test_a_checkpoint_made_with_another_lambda_is_refused():
+    """Recorded without its address, every lambda read ``<function <lambda>>``: a checkpoint made
+    with one rule loaded silently into a transform with another. A function is recorded by its
+    module and qualified name, and a lambda also by its first line."""
+    halve = lambda grad: grad / 2  # noqa: E731
+    negate = lambda grad: -grad  # noqa: E731
+    model = nn.Linear(2, 1)
+    checkpoint = TransformingOptimizer(
+        model.parameters(), torch.optim.SGD, lr=0.1, transforms=[RuleOnGradients(halve)]
+    ).state_dict()
+    recorded = checkpoint["param_groups"][0]["transform_chain"][0]
+    line = halve.__code__.co_firstlineno
+    assert recorded.endswith(f"RuleOnGradients(rule=<function {__name__}.test_a_checkpoint_made_with_another_lambda_is_refused.<locals>.<lambda> (line {line})>)")
+    twin = TransformingOptimizer(model.parameters(), torch.optim.SGD, lr=0.1, transforms=[RuleOnGradients(negate)])
+    with pytest.raises(ValueError, match=rf"\(line {line}\)>\) in the checkpoint and rule_on_gradients=RuleOnGradients\(rule=<function .*<lambda> \(line {line + 1}\)>\) here$"):
+        twin.load_state_dict(checkpoint)
+    twin = TransformingOptimizer(model.parameters(), torch.optim.SGD, lr=0.1, transforms=[RuleOnGradients(torch.sign)])
+    with pytest.raises(ValueError, match=r"in the checkpoint and rule_on_gradients=RuleOnGradients\(rule=<built-in method sign of type object>\) here$"):
+        twin.load_state_dict(checkpoint)
+
 # -- validate_group raising a ValueError subclass of the user's ------------------------------------------
 class NotPositive(ValueError):
     """A user's error class whose constructor takes the key and the value, not a message."""

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import copy
 import re
+import types
 from collections import defaultdict
 from collections.abc import Callable, Iterator, Mapping, MutableMapping, Sequence
 from typing import Any, Protocol, runtime_checkable
@@ -106,6 +107,18 @@ def forget_autocast_copies() -> None:
 
 #: A memory address in a ``repr`` (``<function f at 0x7f...>``): it changes from process to process.
 _ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
+
+
+def _recorded(value: Any) -> str:
+    """How a checkpoint records a setting: its ``repr`` without memory addresses; a Python
+    function by its module and qualified name, and where it is not a module-level name (a lambda,
+    a local function) also by the line it starts on, so that two lambdas stay apart."""
+    if isinstance(value, types.FunctionType):
+        name = f"{value.__module__}.{value.__qualname__}"
+        if "<" in value.__qualname__:  # "<lambda>", "outer.<locals>.rule": the name alone is not unique
+            name += f" (line {value.__code__.co_firstlineno})"
+        return f"<function {name}>"
+    return _ADDRESS.sub("", repr(value))
 
 
 def default_slot_name(obj: Any) -> str:
@@ -411,10 +424,11 @@ class Transform:
         """``"LAMP(rollback_len=10, seed=0)"``: the type and settings, as checkpoints record them.
 
         Each setting by its ``repr`` without the memory addresses that change from process to
-        process (``<function rule at 0x7f...>`` is recorded as ``<function rule>``), so that a
-        checkpoint loads wherever the same transform is built.
+        process, a Python function by its module and qualified name (``<function rule at
+        0x7f...>`` is recorded as ``<function mymodule.rule>``; a lambda or local function also by
+        its first line), so that a checkpoint loads wherever the same transform is built.
         """
-        args = ", ".join(f"{key}={_ADDRESS.sub('', repr(value))}" for key, value in self.settings().items())
+        args = ", ".join(f"{key}={_recorded(value)}" for key, value in self.settings().items())
         return f"{type(self).__name__}({args})"
 
     # -- hooks inside TransformingOptimizer ----------------------------------------------------
