@@ -786,7 +786,9 @@ class TransformingOptimizer(WrappingOptimizer):
         unscaled them (to clip them) before ``scaler.step``, for a step that finishes by mixing
         in the first pass's gradients, which are still scaled (GSAM, WSAM, LookSAM): the finish
         then sees both in one scale, and the step unscales its result as when the scaler had not
-        unscaled first. The scale is a power of two, so both multiplications are exact.
+        unscaled first. Both multiplications are exact for a scale that is a power of two
+        (GradScaler's defaults keep it one; an ``init_scale`` or ``growth_factor`` that is not
+        may cost a rounding).
         """
         found_inf = getattr(self, "found_inf", None)
         if found_inf is None or getattr(self, "grad_scale", None) is not None or float(found_inf) != 0.0:

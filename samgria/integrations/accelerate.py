@@ -189,9 +189,11 @@ class SAMAcceleratedOptimizer(AcceleratedOptimizer):
         without it ``scaler.step`` would step with the second pass's gradients still scaled (an
         update the loss scale times too large). ``first_step()`` and the step the scaler finishes
         take the first pass's gradients in the loss scale (GSAM, WSAM and LookSAM mix them into the
-        update); the scale is a power of two, so unscaling and rescaling are exact. An overflow the
-        scaler found there (which clipping by value may have clamped to finite values) becomes
-        non-finite gradients, which ``first_step()`` keeps, so that the scaler skips the step.
+        update); unscaling and rescaling are exact for a scale that is a power of two
+        (GradScaler's defaults keep it one; an ``init_scale`` or ``growth_factor`` that is not
+        may cost a rounding). An overflow the scaler found there (which clipping by value may
+        have clamped to finite values) becomes non-finite gradients, which ``first_step()``
+        keeps, so that the scaler skips the step.
         """
         found_inf = grad_scaler_unscaled(self.scaler, self.optimizer)
         if found_inf is None:
