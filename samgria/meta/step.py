@@ -314,10 +314,7 @@ class MetaStep:
         reported meta-loss non-finite and skip the step (``0 * nan`` is ``nan``).
         """
         kept = [(loss, w) for loss, w in zip(losses, self.weights) if w != 0.0]
-        # Scaled as in _scaled (the mean does not change): a subnormal weight overflowed there.
-        shift = 1 - math.frexp(max(w for _, w in kept))[1]
-        scaled = [math.ldexp(w, shift) for _, w in kept]
-        return MetaOptimizer.meta_loss(torch.stack([loss for loss, _ in kept]), scaled)
+        return MetaOptimizer.meta_loss(torch.stack([loss for loss, _ in kept]), [w for _, w in kept])
 
     def step(self) -> torch.Tensor:
         """Apply the outer update for the tasks added so far and start a new meta-update.
