@@ -978,6 +978,11 @@ def test_a_scheduler_of_a_qualified_key_may_record_it_under_a_prefixed_key():
     assert_bitwise_equal(params_of(models[0]), params_of(models[1]))
     with pytest.raises(ValueError, match=r"^param_groups\[0\]: the key 'gradema\.beta' names no slot of the chain"):
         TransformingOptimizer([{"params": models[0].parameters(), "gradema.beta": 0.1}], torch.optim.SGD, lr=0.1, transforms=[GradEMA(), GradEMA()])
+    for key in ("base_grad_ema.beta", "max_grad_ema_1.beta"):  # the other words schedulers use
+        TransformingOptimizer([{"params": models[0].parameters(), key: 0.1}], torch.optim.SGD, lr=0.1, transforms=[GradEMA(), GradEMA()])
+    # any other word before the slot is a misspelling, as before
+    with pytest.raises(ValueError, match=r"^param_groups\[0\]: the key 'the_grad_ema\.beta' names no slot of the chain"):
+        TransformingOptimizer([{"params": models[0].parameters(), "the_grad_ema.beta": 0.1}], torch.optim.SGD, lr=0.1, transforms=[GradEMA(), GradEMA()])
 
     class SubEMA(GradEMA):
         pass

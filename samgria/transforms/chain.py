@@ -117,6 +117,11 @@ def _renamed(error: TypeError | ValueError, message: str) -> TypeError | ValueEr
     return renamed if str(renamed) == message else plain(message)
 
 
+#: The words torch's, timm's and AllenNLP's schedulers put before a key they record beside the one
+#: they schedule ("initial_lr", OneCycleLR's "max_lr"/"min_lr"/"base_momentum", CyclicLR's "base_lr").
+_SCHEDULER_WORDS = ("initial", "base", "max", "min")
+
+
 class Chain:
     """The slots of one optimizer and how their hyperparameters map onto param-group keys.
 
@@ -383,9 +388,9 @@ class Chain:
             return True
         if lowered in _library_names() or lowered in self.inner_names:
             return False
-        if any(lowered.endswith("_" + slot.lower()) for slot in self._owners[hyperparameter]):
-            # "<word>_<slot>": a scheduler's record of the qualified key it schedules (timm's and
-            # AllenNLP's "initial_grad_ema.beta", as torch's "initial_lr"), not a misspelt slot
+        if any(f"{word}_{slot.lower()}" == lowered for word in _SCHEDULER_WORDS for slot in self._owners[hyperparameter]):
+            # a scheduler's record of the qualified key it schedules (timm's and AllenNLP's
+            # "initial_grad_ema.beta", as torch's "initial_lr"), not a misspelt slot
             return False
         return bool(difflib.get_close_matches(lowered, sorted(owning), n=1, cutoff=0.6))
 
