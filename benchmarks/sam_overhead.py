@@ -305,9 +305,15 @@ class Baseline(Variant):
 
 
 class SamgriaClosure(Variant):
+    #: Keyword arguments of ``TransformingOptimizer`` beside the inner optimizer's.
+    options: dict[str, Any] = {}
+
+    def transforms(self) -> list[Any]:
+        return [SAM(rho=RHO)]
+
     def build(self) -> torch.optim.Optimizer:
         return TransformingOptimizer(
-            self.model.parameters(), torch.optim.SGD, lr=LR, momentum=MOMENTUM, transforms=[SAM(rho=RHO)]
+            self.model.parameters(), torch.optim.SGD, lr=LR, momentum=MOMENTUM, transforms=self.transforms(), **self.options
         )
 
     def closure(self) -> torch.Tensor:
@@ -358,26 +364,12 @@ class SamgriaAtomicFull(SamgriaClosure):
     """``step(closure)`` with ``atomic="full"``: the weights and the inner optimizer's state copied
     before every inner step (what undoes a failure inside torch's step after it began writing)."""
 
-    def build(self) -> torch.optim.Optimizer:
-        return TransformingOptimizer(
-            self.model.parameters(),
-            torch.optim.SGD,
-            lr=LR,
-            momentum=MOMENTUM,
-            transforms=[SAM(rho=RHO)],
-            atomic="full",
-        )
+    options = {"atomic": "full"}
 
 
 class SamgriaLamp(SamgriaClosure):
-    def build(self) -> torch.optim.Optimizer:
-        return TransformingOptimizer(
-            self.model.parameters(),
-            torch.optim.SGD,
-            lr=LR,
-            momentum=MOMENTUM,
-            transforms=[SAM(rho=RHO), LAMP(eps=5e-3, rollback_len=10, seed=0)],
-        )
+    def transforms(self) -> list[Any]:
+        return [SAM(rho=RHO), LAMP(eps=5e-3, rollback_len=10, seed=0)]
 
 
 class Naive(Variant):

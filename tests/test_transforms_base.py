@@ -822,14 +822,8 @@ class _Halve:
         return grad * 0.5
 
 
-class RuleOnGradients(Transform):
-    """Pre-step: ``g <- rule(g)``; the rule is a constructor-only setting."""
-
-    def __init__(self, rule=torch.sign):
-        self.rule = rule
-
-    def settings(self):
-        return {"rule": self.rule}
+class _OnEachGradient(Transform):
+    """A stateless pre-step transform that rewrites each gradient in place: ``update(grad, group)``."""
 
     def init_state(self, ctx):
         pass
@@ -839,7 +833,20 @@ class RuleOnGradients(Transform):
         for group in ctx.param_groups:
             for p in group["params"]:
                 if p.grad is not None:
-                    p.grad.copy_(self.rule(p.grad))
+                    self.update(p.grad, group)
+
+
+class RuleOnGradients(_OnEachGradient):
+    """Pre-step: ``g <- rule(g)``; the rule is a constructor-only setting."""
+
+    def __init__(self, rule=torch.sign):
+        self.rule = rule
+
+    def settings(self):
+        return {"rule": self.rule}
+
+    def update(self, grad, group):
+        grad.copy_(self.rule(grad))
 
 
 @pytest.mark.parametrize("make_rule", [_Halve, lambda: (lambda grad: torch.sign(grad))], ids=["object", "lambda"])
@@ -899,7 +906,7 @@ class NotPositive(ValueError):
         self.key = key
 
 
-class ScaleBy(Transform):
+class ScaleBy(_OnEachGradient):
     """Pre-step: ``g <- gamma * g`` (per-group ``gamma``)."""
 
     def __init__(self, gamma=1.0):
@@ -912,15 +919,8 @@ class ScaleBy(Transform):
         if not group["gamma"] > 0:
             raise NotPositive("gamma", group["gamma"])
 
-    def init_state(self, ctx):
-        pass
-
-    @torch.no_grad()
-    def pre_update(self, ctx):
-        for group in ctx.param_groups:
-            for p in group["params"]:
-                if p.grad is not None:
-                    p.grad.mul_(group["gamma"])
+    def update(self, grad, group):
+        grad.mul_(group["gamma"])
 
 
 def test_a_validate_group_error_of_the_users_own_class_keeps_its_message_and_kind():
