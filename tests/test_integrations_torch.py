@@ -6,8 +6,9 @@
 * The two-call loop through a wrapper that forwards to the optimizer, as Lightning's
   ``LightningOptimizer`` does (a subclass of the optimizer's class whose ``step`` calls the
   optimizer's with a closure of its own).
-* ``torch.compile``: a compiled model trains as the eager one, and SAM's perturbation does not
-  recompile it.
+* ``torch.compile``: a compiled model trains as the eager one, and SAM's perturbation (swapped
+  or moved in place) does not recompile it; a compiled training step runs a meta-optimizer's
+  step eagerly.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from samgria import ASAM, LAMP, ClipGradNorm, TransformingOptimizer, sam_optimizer
+from samgria import ASAM, LAMP, MAML, ClipGradNorm, Task, TransformingOptimizer, frozen_bn_stats, sam_optimizer
 from state_helpers import assert_state_dicts_equal
 
 LR, RHO = 0.1, 0.05
@@ -342,6 +343,107 @@ def test_compiled_model_with_asam_matches_the_eager_one() -> None:
     assert backend.compilations == 1
     for got, want in zip(model.parameters(), eager.parameters()):
         torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-14)
+
+
+class _TiedLayers(nn.Module):
+    """Two layers whose weights, two Parameters, share one memory: SAM moves them in place."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        kind = {"dtype": torch.float64}
+        self.a, self.b, self.head = nn.Linear(4, 4, **kind), nn.Linear(4, 4, **kind), nn.Linear(4, 1, **kind)
+        self.b.weight.data = self.a.weight.data
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.b(torch.tanh(self.a(x)))))
+
+
+@pytest.mark.parametrize(
+    "case, graphs",
+    [("tied, closure", 1), ("tied, two-call", 1), ("batchnorm, frozen_bn_stats", 2)],
+)
+def test_compiled_model_moved_in_place_or_with_frozen_bn_stats_matches_the_eager_one(case: str, graphs: int) -> None:
+    """SAM's in-place move (weights that share memory) changes no guard either; frozen_bn_stats switches the
+    BatchNorm's ``track_running_stats``, a guard of the graph: one more graph in all, not one per
+    step. Weights and running statistics equal the uncompiled model's bit for bit."""
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+
+    def build():
+        torch.manual_seed(0)
+        if case.startswith("tied"):
+            return _TiedLayers()
+        return nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.Tanh(), nn.Linear(8, 1)).double()
+
+    model, eager = build(), build()
+    compiled = torch.compile(model, backend="aot_eager")
+
+    def optimizer_for(net):
+        frozen = None if case.startswith("tied") else (lambda: frozen_bn_stats(net))
+        return sam_optimizer(net.parameters(), torch.optim.SGD, rho=RHO, lr=LR, momentum=0.9, reevaluation_context=frozen)
+
+    runs = [(compiled, optimizer_for(model)), (eager, optimizer_for(eager))]
+    for x, y in batches(torch.float64, count=4):
+        for net, optimizer in runs:
+            if case.endswith("two-call"):
+                F.mse_loss(net(x), y).backward()
+                optimizer.first_step(zero_grad=True)
+                F.mse_loss(net(x), y).backward()
+                optimizer.second_step(zero_grad=True)
+            else:
+
+                def closure(net=net, optimizer=optimizer):
+                    optimizer.zero_grad()
+                    loss = F.mse_loss(net(x), y)
+                    loss.backward()
+                    return loss
+
+                optimizer.step(closure)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs
+    if case.startswith("tied"):
+        assert model.a.weight.data_ptr() == model.b.weight.data_ptr()  # still one memory
+    for (name, got), want in zip(model.state_dict().items(), eager.state_dict().values()):
+        assert torch.equal(got, want), name
+    torch._dynamo.reset()
+
+
+def test_compiled_training_step_runs_a_meta_optimizers_step_eagerly_as_the_eager_loop() -> None:
+    """A whole MAML step compiled (``meta.step(closure)`` inside): the step, closure included, runs
+    eagerly (its second-order inner steps could not run in a graph), bit for bit the eager step;
+    with ``fullgraph=True`` Dynamo refuses it before anything runs."""
+    torch._dynamo.reset()
+    generator = torch.Generator().manual_seed(2)
+    tasks = [Task(*(torch.randn(5, 1, generator=generator, dtype=torch.float64) for _ in range(4))) for _ in range(2)]
+    models = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        models.append(nn.Sequential(nn.Linear(1, 8), nn.Tanh(), nn.Linear(8, 1)).double())
+    metas = [MAML(model, torch.optim.SGD, lr=0.1, inner_lr=0.05) for model in models]
+
+    def train_step(meta):
+        def closure():
+            meta.zero_grad()
+            losses = []
+            for task in tasks:
+                learner = meta.adapt(lambda f, task=task: F.mse_loss(f(task.support_x), task.support_y))
+                losses.append(F.mse_loss(learner(task.query_x), task.query_y))
+            loss = torch.stack(losses).mean()
+            loss.backward()
+            return loss
+
+        return meta.step(closure)
+
+    compiled_step = torch.compile(train_step, backend="aot_eager")
+    for _ in range(2):
+        assert torch.equal(compiled_step(metas[0]), train_step(metas[1]))
+    for got, want in zip(models[0].parameters(), models[1].parameters()):
+        assert torch.equal(got, want)
+    before = snapshot(models[0])
+    torch._dynamo.reset()
+    with pytest.raises(torch._dynamo.exc.Unsupported, match="marked as skipped"):
+        torch.compile(train_step, backend="aot_eager", fullgraph=True)(metas[0])
+    assert unchanged(models[0], before)
+    torch._dynamo.reset()
 
 
 # -- without the frameworks ------------------------------------------------------------------------------
