@@ -114,6 +114,12 @@ def eager_under_compile(method: Callable[..., Any]) -> Callable[..., Any]:
     method is called as it is (no frame of Dynamo's in between). torch's own decorator for
     these methods imports Dynamo at the first call, not at samgria's import (which importing it
     would make twice as slow).
+
+    The meta-learning calls that run a differentiable inner loop (``MetaOptimizer.adapt``, a
+    ``Learner``'s forward and ``adapt``, ``adapt_params``) run eagerly the same way: traced
+    inside a compiled function (a compiled closure), the model's forward would become graphs
+    that cannot be differentiated twice, and torch refuses there the ``force_eager`` stance the
+    inner loop takes for compiled modules ("attempted to set_stance in a torch.compile region").
     """
     eager = torch._disable_dynamo(method)
 

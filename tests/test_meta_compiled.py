@@ -893,3 +893,39 @@ def test_numpy_bool_compile_flags_are_taken_as_bools():
     options = check_compile_options({"fullgraph": np.True_, "dynamic": np.False_, "backend": "eager"})
     assert options == {"fullgraph": True, "dynamic": False, "backend": "eager"}
     assert type(options["fullgraph"]) is bool and type(options["dynamic"]) is bool
+
+
+@pytest.mark.parametrize("algorithm", ["maml", "metasgd", "anil"])
+def test_a_compiled_closure_adapts_eagerly_as_the_eager_loop(algorithm):
+    """``meta.step(torch.compile(closure))`` with a second-order inner loop raised torch's
+    "attempted to set_stance in a torch.compile region": the inner loop asks for the
+    ``force_eager`` stance (compiled graphs have no double backward), which torch refuses inside a
+    compiled function. ``adapt``, the learner's forward and ``adapt``, and ``adapt_params`` now run
+    eagerly there; the run equals the eager one bit for bit."""
+    from samgria.meta import adapt_params, functional_forward, named_params
+
+    task = sample_tasks(1)[0]
+    models = [make_model(), make_model()]
+    metas = [make_meta(algorithm, model) for model in models]
+
+    def closure_of(meta):
+        def closure():
+            meta.zero_grad()
+            learner = meta.adapt(lambda forward: F.mse_loss(forward(task.support_x), task.support_y))
+            learner = learner.adapt(F.mse_loss(learner(task.support_x), task.support_y))
+            adapted = adapt_params(
+                meta.model,
+                named_params(meta.model),
+                lambda params: F.mse_loss(functional_forward(meta.model, params, task.support_x), task.support_y),
+                inner_lr=0.1,
+            )
+            query = functional_forward(meta.model, adapted, task.query_x)
+            loss = F.mse_loss(learner(task.query_x), task.query_y) + F.mse_loss(query, task.query_y)
+            loss.backward()
+            return loss
+        return closure
+
+    for _ in range(2):
+        metas[0].step(closure_of(metas[0]))
+        metas[1].step(torch.compile(closure_of(metas[1]), backend="eager"))
+    assert all(torch.equal(a, b) for a, b in zip(models[0].parameters(), models[1].parameters()))

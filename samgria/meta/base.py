@@ -45,7 +45,13 @@ from torch import nn
 from samgria._checks import check_bool, check_choice, check_optional_bool, check_real
 from samgria._frameworks import accelerate_accumulation, refuse_closure_under_grad_scaler
 from samgria._snapshot import StateStructure, StepSnapshot
-from samgria._wrapper import WrappingOptimizer, checks_before_writing, refuse_driven, warn_of_hooks_not_run
+from samgria._wrapper import (
+    WrappingOptimizer,
+    checks_before_writing,
+    eager_under_compile,
+    refuse_driven,
+    warn_of_hooks_not_run,
+)
 from samgria.data.task import Task
 from samgria.functional import all_finite
 from samgria.meta import distributed as collectives
@@ -784,6 +790,7 @@ class MetaOptimizer(WrappingOptimizer):
             checkpoint=loop.checkpoint,
         )
 
+    @eager_under_compile
     def adapt(
         self,
         support_closure: Callable[[Callable[..., Any]], torch.Tensor],

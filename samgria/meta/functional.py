@@ -36,6 +36,7 @@ from typing import Any, Union
 import torch
 
 from samgria._checks import check_bool, check_int, check_real
+from samgria._wrapper import eager_under_compile
 from samgria.meta.engine import (
     InnerLoop,
     apply_inner_update,
@@ -381,6 +382,7 @@ def inner_step(
     return {**params, **apply_inner_update(loop, current, grads, {}, not first_order, None)}
 
 
+@eager_under_compile
 def adapt_params(
     model: nn.Module,
     params: Mapping[str, torch.Tensor],

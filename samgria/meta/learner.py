@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from samgria._checks import check_bool
+from samgria._wrapper import eager_under_compile
 from samgria.meta.engine import (
     InnerLoop,
     InnerRegFn,
@@ -217,11 +218,13 @@ class Learner:
         """
         return self._forward(self._params, args, kwargs)
 
+    @eager_under_compile  # a compiled function around it: see eager_under_compile
     def _forward(self, params: Mapping[str, torch.Tensor], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         second_order = self.loop.second_order and torch.is_grad_enabled()
         with twice_differentiable_forward(second_order, self.model):
             return functional_forward(self.model, params, *args, **kwargs)
 
+    @eager_under_compile
     def adapt(self, loss: torch.Tensor) -> Learner:
         """Take one differentiable inner step on a support loss computed with this learner.
 
