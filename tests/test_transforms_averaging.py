@@ -747,3 +747,32 @@ def test_seed_protocol_averages_follow_a_dtype_conversion():
             averages.append(model.weight.detach().clone())
     expected = averages[1].double().lerp(model.weight.detach(), 0.5)
     assert averages[2].dtype == torch.float64 and torch.equal(averages[2], expected)
+
+
+def test_the_block_swaps_parameters_only_and_update_bn_on_a_copy_leaves_the_training_model_bitwise():
+    # As documented: BatchNorm's statistics are neither averaged nor swapped; update_bn run on a
+    # deepcopy made inside the block gives the averaged model its statistics (as update_bn on
+    # AveragedModel's module does) and leaves the training model and optimizer bit for bit.
+    from torch.optim.swa_utils import update_bn
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Linear(4, 1))
+    ema = EMA(decay=0.5)
+    optimizer = TransformingOptimizer(model.parameters(), torch.optim.SGD, lr=0.5, transforms=[ema])
+    averaged = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(0.5), use_buffers=False)
+    x = torch.randn(16, 3)
+    for _ in range(3):
+        optimizer.zero_grad()
+        model(x).square().mean().backward()
+        optimizer.step()
+        averaged.update_parameters(model)
+    training = copy.deepcopy(model.state_dict())
+    state = copy.deepcopy(optimizer.state_dict())
+    with ema.averaged_weights(optimizer):
+        assert torch.equal(model[1].running_mean, training["1.running_mean"])  # the model's, not swapped
+        evaluated = copy.deepcopy(model)
+        update_bn([(x,)], evaluated)
+    update_bn([(x,)], averaged)
+    assert_bitwise_equal(list(evaluated.state_dict().values()), list(averaged.module.state_dict().values()))
+    assert_bitwise_equal(list(model.state_dict().values()), list(training.values()))
+    assert_state_dicts_equal(optimizer.state_dict(), state)

@@ -428,9 +428,13 @@ class EMA(_KeptWeights):
     once per epoch: pass the number of steps of an epoch).
 
     ``decay`` is a per-group key (a group with ``decay=0`` tracks its weights exactly). The
-    average covers the optimizer's parameters only; buffers (BatchNorm's running statistics)
-    stay the model's, as with ``AveragedModel(..., use_buffers=False)`` — recompute them for the
-    averaged weights with :func:`torch.optim.swa_utils.update_bn` if they matter. The averages
+    average covers the optimizer's parameters only: buffers (BatchNorm's running statistics) are
+    neither averaged nor copied, as with ``AveragedModel(..., use_buffers=False)``, and
+    :meth:`averaged_weights` swaps the parameters only, so an evaluation inside it uses the
+    model's current statistics. :func:`torch.optim.swa_utils.update_bn` recomputes them for the
+    averaged weights, but run on the training model inside the block it overwrites that model's
+    statistics (``num_batches_tracked`` included), which the block does not put back: run it on
+    ``copy.deepcopy(model)`` made inside the block to keep the training run's. The averages
     are kept in the parameter's dtype (as torch keeps optimizer state and timm its EMA model):
     with bfloat16 parameters and a decay near 1 the per-step change can fall below bfloat16's
     resolution.
@@ -529,7 +533,8 @@ class EMA(_KeptWeights):
         """Context manager: the parameters hold the averages inside the block.
 
         ``with ema.averaged_weights(optimizer): evaluate(model)``. On exit the training weights
-        are restored bit for bit, also when the block raises. Parameters without an average
+        are restored bit for bit, also when the block raises; buffers (BatchNorm's running
+        statistics) are not swapped, and what the block writes to them stays. Parameters without an average
         (never stepped, frozen) keep their values. No optimizer step may be taken inside the
         block (it raises ``RuntimeError``). Saving ``model.state_dict()`` inside the block saves
         the averaged model (copy the tensors: they are the parameters' own). Over FSDP2
