@@ -293,6 +293,18 @@ class CountingBackend:
         return graph_module.forward
 
 
+def _closure_step(net: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor) -> None:
+    """``optimizer.step(closure)`` with the closure of an MSE loss of ``net`` on ``(x, y)``."""
+
+    def closure():
+        optimizer.zero_grad()
+        loss = F.mse_loss(net(x), y)
+        loss.backward()
+        return loss
+
+    optimizer.step(closure)
+
+
 @pytest.mark.parametrize("route", ["closure", "two-call"])
 def test_compiled_model_trains_as_the_eager_one_without_recompiling(route: str) -> None:
     torch._dynamo.reset()
@@ -302,14 +314,7 @@ def test_compiled_model_trains_as_the_eager_one_without_recompiling(route: str) 
     data = batches(torch.float64)
     for x, y in data:
         if route == "closure":
-
-            def closure():
-                optimizer.zero_grad()
-                loss = F.mse_loss(compiled(x), y)
-                loss.backward()
-                return loss
-
-            optimizer.step(closure)
+            _closure_step(compiled, optimizer, x, y)
         else:
             F.mse_loss(compiled(x), y).backward()
             optimizer.first_step(zero_grad=True)
@@ -332,14 +337,7 @@ def test_compiled_model_with_asam_matches_the_eager_one() -> None:
     eager_optimizer = TransformingOptimizer(eager.parameters(), torch.optim.SGD, lr=LR, transforms=[ASAM(rho=0.5)])
     for x, y in batches(torch.float64):
         for net, opt in ((compiled, optimizer), (eager, eager_optimizer)):
-
-            def closure(net=net, opt=opt):
-                opt.zero_grad()
-                loss = F.mse_loss(net(x), y)
-                loss.backward()
-                return loss
-
-            opt.step(closure)
+            _closure_step(net, opt, x, y)
     assert backend.compilations == 1
     for got, want in zip(model.parameters(), eager.parameters()):
         torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-14)
@@ -391,14 +389,7 @@ def test_compiled_model_moved_in_place_or_with_frozen_bn_stats_matches_the_eager
                 F.mse_loss(net(x), y).backward()
                 optimizer.second_step(zero_grad=True)
             else:
-
-                def closure(net=net, optimizer=optimizer):
-                    optimizer.zero_grad()
-                    loss = F.mse_loss(net(x), y)
-                    loss.backward()
-                    return loss
-
-                optimizer.step(closure)
+                _closure_step(net, optimizer, x, y)
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs
     if case.startswith("tied"):
         assert model.a.weight.data_ptr() == model.b.weight.data_ptr()  # still one memory
