@@ -112,7 +112,9 @@ class ParameterSnapshot:
 
     def _check(
         self, kind: str, saved: Mapping[str, torch.Tensor], live: Mapping[str, torch.Tensor]
-    ) -> None:
+    ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Raise unless every tensor of ``saved`` can be written into ``live``; return the writes
+        (:func:`_writable`'s target and values, in ``saved``'s order)."""
         missing = sorted(set(saved) - set(live))
         extra = sorted(set(live) - set(saved))
         if missing or extra:
@@ -121,6 +123,7 @@ class ParameterSnapshot:
                 f"not in the snapshot {extra}"
             )
         _check_holds_values(kind, live)
+        writes = []
         for name, value in saved.items():
             target = live[name]
             if target.shape != value.shape:
@@ -133,7 +136,8 @@ class ParameterSnapshot:
                     f"{kind[:-1]} {name!r} has dtype {target.dtype} in the model but "
                     f"{value.dtype} in the snapshot"
                 )
-            _writable(kind, name, target, value)
+            writes.append(_writable(kind, name, target, value))
+        return writes
 
     @torch.no_grad()
     def restore(self, model: nn.Module | None = None) -> None:
@@ -160,13 +164,8 @@ class ParameterSnapshot:
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         params = dict(model.named_parameters())
         buffers = dict(model.named_buffers())
-        self._check("parameters", self.parameters, params)
-        self._check("buffers", self.buffers, buffers)
-        for name, saved in self.parameters.items():
-            target, value = _writable("parameters", name, params[name], saved)
-            target.copy_(value)
-        for name, saved in self.buffers.items():
-            target, value = _writable("buffers", name, buffers[name], saved)
+        writes = self._check("parameters", self.parameters, params) + self._check("buffers", self.buffers, buffers)
+        for target, value in writes:
             target.copy_(value)
 
     def __enter__(self) -> ParameterSnapshot:
