@@ -197,6 +197,24 @@ def check_real_where_real(
             )
 
 
+def check_paired(
+    target_name: str, targets: Sequence[Any], per: str, name: str, tensors: Sequence[Any]
+) -> None:
+    """Check two lists of tensors computed entry by entry, ``tensors`` into ``targets``: both
+    sequences of tensors (:func:`check_sequence`, :func:`check_tensors`), of one length
+    (:func:`check_lengths`, one entry ``per`` target), and each tensor of its target's shape and
+    device, and real where its target is real (:func:`check_shapes`, :func:`check_devices`,
+    :func:`check_real_where_real`). Raises what those raise, in that order."""
+    check_sequence(target_name, targets)
+    check_sequence(name, tensors)
+    check_lengths(len(targets), per, (name, tensors))
+    check_tensors(target_name, targets)
+    check_tensors(name, tensors)
+    check_shapes(name, tensors, target_name, targets)
+    check_devices(name, tensors, target_name, targets)
+    check_real_where_real(name, tensors, target_name, targets)
+
+
 def check_tensors(name: str, tensors: Sequence[Any]) -> None:
     """Check that every entry of ``tensors`` is a tensor (one look at each entry's type).
 

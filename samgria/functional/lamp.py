@@ -22,10 +22,10 @@ import torch
 
 from samgria._checks import check_bool, check_int
 from samgria.functional._grouping import (
-    check_devices,
     check_fits_where_computed,
     check_floating,
     check_lengths,
+    check_paired,
     check_real_where_real,
     check_scalar,
     check_sequence,
@@ -118,14 +118,7 @@ def add_scaled_(
             complex one included).
     """
     check_bool("foreach", foreach)
-    check_sequence("params", params)
-    check_sequence("updates", updates)
-    check_lengths(len(params), "parameter", ("updates", updates))
-    check_tensors("params", params)
-    check_tensors("updates", updates)
-    check_shapes("updates", updates, "params", params)
-    check_devices("updates", updates, "params", params)
-    check_real_where_real("updates", updates, "params", params)
+    check_paired("params", params, "parameter", "updates", updates)
     alpha = check_scalar("alpha", alpha)
     check_fits_where_computed(params, updates, [alpha] * len(params), ["alpha"] * len(params))
     if foreach:
@@ -174,14 +167,7 @@ def accumulate_(sums: Sequence[torch.Tensor], params: Sequence[torch.Tensor], *,
             real.
     """
     check_bool("foreach", foreach)
-    check_sequence("sums", sums)
-    check_sequence("params", params)
-    check_lengths(len(sums), "sum", ("params", params))
-    check_tensors("sums", sums)
-    check_tensors("params", params)
-    check_shapes("params", params, "sums", sums)
-    check_devices("params", params, "sums", sums)
-    check_real_where_real("params", params, "sums", sums)
+    check_paired("sums", sums, "sum", "params", params)
     if foreach:
         groups = group_indices_by_device_and_dtype(sums)
         check_floating("sums", sums, [dtype for _device, dtype in groups])

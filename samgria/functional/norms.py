@@ -89,13 +89,7 @@ def global_norm(
     """
     check_bool("foreach", foreach)
     check_bool("exact", exact)
-    check_sequence("tensors", tensors)
-    if like is not None:
-        check_sequence("like", like)
-    check_lengths(len(tensors), "tensor", ("like", like), entry="tensor")
-    check_tensors("tensors", tensors)
-    if like is not None:
-        check_tensors("like", like)
+    _check_tensors_and_like(tensors, like)
     if len(tensors) == 0:
         return torch.zeros((), dtype=torch.float64)
     sources = tensors if like is None else like
@@ -174,6 +168,18 @@ _WIDE = {
     torch.bfloat16: torch.float64,
     torch.complex64: torch.complex128,
 }
+
+
+def _check_tensors_and_like(tensors: Sequence[torch.Tensor], like: Sequence[torch.Tensor] | None) -> None:
+    """The list checks of :func:`global_norm` and :func:`all_finite`: ``tensors`` (and ``like``,
+    when given) a sequence of tensors, ``like`` of the same length."""
+    check_sequence("tensors", tensors)
+    if like is not None:
+        check_sequence("like", like)
+    check_lengths(len(tensors), "tensor", ("like", like), entry="tensor")
+    check_tensors("tensors", tensors)
+    if like is not None:
+        check_tensors("like", like)
 
 
 def _combined(stacked: torch.Tensor, sources: Sequence[torch.Tensor] | None) -> torch.Tensor:
@@ -291,13 +297,7 @@ def all_finite(
             tensor, or ``foreach`` is not a ``bool``.
     """
     check_bool("foreach", foreach)
-    check_sequence("tensors", tensors)
-    if like is not None:
-        check_sequence("like", like)
-    check_lengths(len(tensors), "tensor", ("like", like), entry="tensor")
-    check_tensors("tensors", tensors)
-    if like is not None:
-        check_tensors("like", like)
+    _check_tensors_and_like(tensors, like)
     sources = tensors if like is None else like
     if any_sharded(sources):
         local = [local_shard(tensor) for tensor in tensors]

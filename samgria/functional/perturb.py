@@ -22,6 +22,7 @@ from samgria.functional._grouping import (
     check_fits_where_computed,
     check_floating,
     check_lengths,
+    check_paired,
     check_real_where_real,
     check_scalars,
     check_sequence,
@@ -372,14 +373,7 @@ def mul_(
             nor complex, or a factor is complex where its buffer is real.
     """
     check_bool("foreach", foreach)
-    check_sequence("buffers", buffers)
-    check_sequence("factors", factors)
-    check_lengths(len(buffers), "buffer", ("factors", factors))
-    check_tensors("buffers", buffers)
-    check_tensors("factors", factors)
-    check_shapes("factors", factors, "buffers", buffers)
-    check_devices("factors", factors, "buffers", buffers)
-    check_real_where_real("factors", factors, "buffers", buffers)
+    check_paired("buffers", buffers, "buffer", "factors", factors)
     check_writable("buffers", buffers)
     if foreach:
         groups = group_indices_by_device_and_dtype(buffers)
