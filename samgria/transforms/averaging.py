@@ -197,9 +197,10 @@ class _KeptWeights(Transform):
         name = type(self).__name__
         self._check_loaded_tensors(ctx, self._kept_key)
         slot = ctx.slot_state(keys=_OBJECT_KEYS)
-        step = None if slot is None else slot.get("step")
-        if step is not None and (isinstance(step, bool) or not isinstance(step, int) or step < 0):
-            raise ValueError(f"the checkpoint's {name} slot {ctx.slot!r} holds step={step!r}, not an integer >= 0")
+        if slot is not None and "step" in slot:  # a None there too: the step adds 1 to it
+            step = slot["step"]
+            if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+                raise ValueError(f"the checkpoint's {name} slot {ctx.slot!r} holds step={step!r}, not an integer >= 0")
         self._held_by_optimizer = not ctx.standalone
 
     # -- swapping the kept weights into the model ------------------------------------------------

@@ -176,8 +176,10 @@ class LAMP(Transform):
         cycle = ctx.slot_state(keys=_OBJECT_KEYS)
         if cycle is not None:
             for key, high in (("cycle_step", self.rollback_len), ("noise_draws", None)):
-                value = cycle.get(key)
-                if value is not None and not _is_count(value, high):
+                if key not in cycle:  # a None there is refused: the step counts on from it
+                    continue
+                value = cycle[key]
+                if not _is_count(value, high):
                     rule = "an integer >= 0" if high is None else f"an integer in [0, {high}]"
                     raise ValueError(f"{where} {key}={value!r}, not {rule}")
         if cycle is not None and self.seed is not None:
@@ -208,8 +210,8 @@ class LAMP(Transform):
                 if other in entry:
                     value = entry.pop(other)
                     entry[key] = _as_accumulator(key, value, entry["count"]).to(param.dtype)
-                rng_state = entry.get("rng_state")
-                if rng_state is not None:
+                if "rng_state" in entry:  # a None there too: the step would draw from it
+                    rng_state = entry["rng_state"]
                     # Loaded as bytes on the parameter's device (a slot's non-floating tensors are
                     # shielded from torch's cast, TransformingOptimizer._before_cast); a generator
                     # takes a CPU byte tensor.

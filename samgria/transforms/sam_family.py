@@ -898,9 +898,10 @@ class LookSAM(_RefusesOptimizerStyleCall, _FinishingTransform):
         counter is an integer >= 0."""
         self._check_loaded_tensors(ctx, "g_v")
         slot = ctx.slot_state(keys=("step",))
-        step = None if slot is None else slot.get("step")
-        if step is not None and (isinstance(step, bool) or not isinstance(step, int) or step < 0):
-            raise ValueError(f"the checkpoint's LookSAM slot {ctx.slot!r} holds step={step!r}, not an integer >= 0")
+        if slot is not None and "step" in slot:  # a None there too: the step counts on from it
+            step = slot["step"]
+            if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+                raise ValueError(f"the checkpoint's LookSAM slot {ctx.slot!r} holds step={step!r}, not an integer >= 0")
 
 
 # -- ESAM's stochastic weight perturbation ---------------------------------------------------------------
