@@ -8,6 +8,7 @@ from collections.abc import Iterable, Iterator
 import torch
 from torch import nn
 
+from samgria._checks import has_internal_overlap
 from samgria.functional._grouping import check_tensors
 
 __all__ = ["get_grad", "set_grad", "frozen_bn_stats"]
@@ -73,7 +74,8 @@ def set_grad(grads: torch.Tensor, params: Iterable[torch.Tensor]) -> None:
 
     Each slice is reshaped to the parameter's shape and cast to its device and dtype, then copied
     into the parameter's ``.grad``; a parameter whose ``.grad`` is ``None`` or sparse gets a new
-    dense one. Everything is checked before any gradient is written. A single tensor as
+    dense one, as does one that cannot be written in place (an ``expand`` view, an inference
+    tensor outside inference mode). Everything is checked before any gradient is written. A single tensor as
     ``params`` counts as ``[tensor]``, as in :func:`get_grad`.
 
     Raises:
@@ -110,10 +112,20 @@ def set_grad(grads: torch.Tensor, params: Iterable[torch.Tensor]) -> None:
         offset += param.numel()
     for param, piece in zip(params, pieces):
         piece = piece.to(param.device, param.dtype)
-        if param.grad is None or param.grad.layout != torch.strided:
-            param.grad = piece.clone()
+        grad = param.grad
+        if grad is not None and _writable(grad):
+            grad.copy_(piece)
         else:
-            param.grad.copy_(piece)
+            param.grad = piece.clone()
+
+
+def _writable(grad: torch.Tensor) -> bool:
+    """Whether ``grad`` takes a copy in place: not sparse, no elements sharing memory
+    (an ``expand`` view) and not an inference tensor outside inference mode -- torch would refuse
+    the last two only as it reached them, after writing the gradients before them."""
+    if grad.layout != torch.strided or has_internal_overlap(grad):
+        return False
+    return not grad.is_inference() or torch.is_inference_mode_enabled()
 
 
 @contextlib.contextmanager

@@ -96,6 +96,28 @@ def test_set_grad_casts_to_each_parameter_dtype() -> None:
     assert torch.equal(high.grad, flat[2:].to(torch.float64))
 
 
+def _inference_zeros(shape: tuple[int, ...]) -> torch.Tensor:
+    with torch.inference_mode():
+        return torch.zeros(shape)
+
+
+@pytest.mark.parametrize(
+    "unwritable",
+    [lambda shape: torch.ones(1).expand(shape), _inference_zeros],
+    ids=["expand-view", "inference-tensor"],
+)
+def test_set_grad_replaces_a_grad_torch_cannot_write_in_place(unwritable) -> None:
+    """A later parameter's grad that copy_ refuses (an expand view, an inference tensor) raised
+    RuntimeError after the earlier grads were written; it gets a new grad, as a sparse one does."""
+    first, second = nn.Parameter(torch.zeros(2)), nn.Parameter(torch.zeros(3))
+    kept = torch.full((2,), 9.0)
+    first.grad, second.grad = kept, unwritable((3,))
+    set_grad(torch.arange(5.0), [first, second])
+    assert first.grad is kept and torch.equal(kept, torch.tensor([0.0, 1.0]))
+    assert torch.equal(second.grad, torch.tensor([2.0, 3.0, 4.0])) and second.grad.stride() == (1,)
+    assert not second.grad.is_inference()
+
+
 @pytest.mark.parametrize(
     "bad, shape_text",
     [
