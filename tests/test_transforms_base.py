@@ -28,6 +28,7 @@ from samgria import (
     ParamTransform,
     Perturbation,
     PerturbationTransform,
+    ProtocolTransform,
     Transform,
     TransformingOptimizer,
 )
@@ -990,3 +991,15 @@ def test_a_scheduler_of_a_qualified_key_may_record_it_under_a_prefixed_key():
     # the transform's own default slot, though it ends in "_<slot>": refused as before
     with pytest.raises(ValueError, match=r"^param_groups\[0\]: the key 'sub_ema\.beta' names no slot of the chain \(slots: 'ema'\)"):
         TransformingOptimizer([{"params": models[0].parameters(), "sub_ema.beta": 0.1}], torch.optim.SGD, lr=0.1, transforms={"ema": SubEMA()})
+
+
+@pytest.mark.parametrize(
+    "bad, shown",
+    [(1, "1"), (None, "None"), (SAM, r"<class 'samgria\.transforms\.sam\.SAM'>")],
+    ids=["number", "none", "class"],
+)
+def test_protocol_transform_refuses_what_is_no_seed_protocol_object_at_construction(bad, shown):
+    """ProtocolTransform(1) was built and the optimizer's first step raised AttributeError
+    ('int' object has no attribute 'apply'); it is refused when built, naming the argument."""
+    with pytest.raises(TypeError, match=rf"^transform must be an object with apply\(model, loss_fn, batch\) and post_step\(model\) methods, got {shown}$"):
+        ProtocolTransform(bad)

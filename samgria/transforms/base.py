@@ -634,6 +634,9 @@ class ProtocolTransform(Transform):
     of each step, as ``apply`` may change them; an object whose ``apply`` leaves them as they
     were (or puts them back itself) declares ``writes_weights_before_step = False`` to save that
     copy. Its ``slot_name`` attribute, if it has one, names its slot as a :class:`Transform`'s does.
+
+    Raises:
+        TypeError: If ``transform`` is a class, or an object without ``apply`` and ``post_step``.
     """
 
     # A seed-protocol object typically takes p.grad.norm() per tensor: on a shard, a shard's norm.
@@ -658,6 +661,9 @@ class ProtocolTransform(Transform):
         return int(getattr(self.transform, "reevaluations", 1))
 
     def __init__(self, transform: GradientTransform) -> None:
+        rule = "an object with apply(model, loss_fn, batch) and post_step(model) methods"
+        if isinstance(transform, type) or not isinstance(transform, GradientTransform):
+            raise TypeError(f"transform must be {rule}, got {transform!r}")
         self.transform = transform
 
     def scales_with_gradients(self, param_groups: Sequence[Mapping[str, Any]]) -> bool:
