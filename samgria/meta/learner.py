@@ -97,10 +97,12 @@ class Learner:
 
     Raises:
         TypeError: ``model`` is not a module, ``params`` is not a mapping of names to tensors,
-            ``adapt_names`` is not a sequence of names, a flag is not a bool, or a callable
-            argument is not callable.
-        ValueError: ``inner_lr`` or ``inner_steps`` is negative, ``adapt_names`` names an
-            unknown parameter or one that does not require grad, or no parameter is adapted.
+            ``inner_lr`` is neither a real number (a bool is none) nor a mapping of names to
+            rates, ``inner_steps`` is not an integer, ``adapt_names`` is not a sequence of
+            names, a flag is not a bool, or a callable argument is not callable.
+        ValueError: ``inner_lr`` is negative or not finite (or, a mapping, has no rate for an
+            adapted parameter), ``inner_steps`` is negative, ``adapt_names`` names an unknown
+            parameter or one that does not require grad, or no parameter is adapted.
     """
 
     def __init__(

@@ -266,9 +266,9 @@ class MultiStepSAM(_FinishingTransform):
     Raises:
         ValueError: If ``rho`` is negative or not finite, ``ascent_steps < 1``, or the adversary
             maximises.
-        TypeError: If ``ascent_steps`` is not an integer, ``normalize`` or ``reset_state`` is
-            not a bool, or ``adversary`` does not build a torch optimizer that steps without a
-            closure.
+        TypeError: If ``rho`` is not a real number (a bool included), ``ascent_steps`` is not an
+            integer, ``normalize`` or ``reset_state`` is not a bool, or ``adversary`` does not
+            build a torch optimizer that steps without a closure.
     """
 
     # The adversary may be any optimizer, whose state a sharded checkpoint may not hold apart.

@@ -224,7 +224,8 @@ class NormalizeGrad(Transform):
         ValueError: If ``eps`` is negative or not finite, or ``p`` is not ``> 0``; wherever a
             group is checked (before any transform of a step runs), if its ``param_ndim`` is
             outside :math:`[-n, n]` for one of its parameters.
-        TypeError: If ``param_ndim`` is neither an integer nor ``None``.
+        TypeError: If ``eps`` or ``p`` is not a real number (a bool included), or ``param_ndim``
+            is neither an integer nor ``None``.
     """
 
     supports_sharded_params = False  # per-tensor norms and ranks of a shard alone

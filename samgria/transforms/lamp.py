@@ -117,7 +117,8 @@ class LAMP(Transform):
     Raises:
         ValueError: If ``eps`` is negative or not finite, ``rollback_len < 1``, or ``seed`` is
             outside :math:`[-2^{63}, 2^{64} - 1]` (what ``torch.Generator.manual_seed`` takes).
-        TypeError: If ``rollback_len`` or ``seed`` is not an integer.
+        TypeError: If ``eps`` is not a real number (a bool included), or ``rollback_len`` or
+            ``seed`` is not an integer.
     """
 
     def __init__(self, eps: float = 5e-3, rollback_len: int = 10, *, seed: int | None = None) -> None:

@@ -494,7 +494,8 @@ class WSAM(_RefusesOptimizerStyleCall, _FinishingTransform):
             a step with ``decouple=True``, before anything moves, if a group with
             :math:`\gamma > 0` has no ``"lr"`` (an inner optimizer that names its step size
             otherwise).
-        TypeError: If ``decouple`` is not a bool.
+        TypeError: If ``rho`` or ``gamma`` is not a real number (a bool included), or
+            ``decouple`` is not a bool.
     """
 
     supports_local_first_pass = False  # the update mixes in the first-pass gradient
@@ -766,7 +767,8 @@ class LookSAM(_RefusesOptimizerStyleCall, _FinishingTransform):
 
     Raises:
         ValueError: If ``rho`` or ``alpha`` is negative or not finite, or ``k < 1``.
-        TypeError: If ``k`` is not an integer.
+        TypeError: If ``rho`` or ``alpha`` is not a real number (a bool included), or ``k`` is
+            not an integer.
     """
 
     supports_local_first_pass = False  # the steps in between and g_v use the first-pass gradient
@@ -940,7 +942,8 @@ class ESAM(_FinishingTransform):
         ValueError: If ``rho`` is negative or not finite, ``beta`` is outside ``(0, 1]``, or
             ``seed`` is outside :math:`[-2^{63}, 2^{64} - 1]` (what ``torch.Generator.manual_seed``
             takes).
-        TypeError: If ``seed`` is not an integer.
+        TypeError: If ``rho`` or ``beta`` is not a real number (a bool included), or ``seed``
+            is not an integer.
     """
 
     # Its random selection would come from per-rank generators whose states a distributed
