@@ -10,7 +10,10 @@ The test starts this file twice as a script (one process per rank, through
   local gradients at :math:`w + e_k`;
 * GSAM, WSAM and LookSAM, which keep the first pass's gradients past the second backward, give
   the same weights with ``gradient_as_bucket_view`` (both passes written into the same buckets)
-  as without it, in both loops.
+  as without it, in both loops;
+* with ``find_unused_parameters=True``, a branch that one rank uses and the other does not (a
+  gradient on some ranks only), a frozen layer and a layer no rank uses: SAM, ASAM and SAM with
+  a seeded LAMP equal one process on the global batch, in both loops.
 """
 
 from __future__ import annotations
@@ -47,6 +50,10 @@ LOOPS = ("closure", "two_call")
 RESUMED = ("friendly_sam", "esam", "multi_step_sam")
 
 
+#: The chains trained over a model with a branch used by rank 0 only (``_PartlyUsed``).
+PARTLY_USED = ("sam", "asam", "sam_lamp")
+
+
 def _first_pass_mixer(name: str) -> Transform:
     """A new transform of ``FIRST_PASS_MIXERS``."""
     from samgria import GSAM, WSAM, LookSAM
@@ -79,6 +86,68 @@ def _local_batch(step: int, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 def _loss(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return nn.functional.cross_entropy(output, target)
+
+
+class _PartlyUsed(nn.Module):
+    """A branch that only rank 0's forward uses, a frozen layer and a layer no forward uses."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.body, self.branch, self.frozen = nn.Linear(5, 12), nn.Linear(5, 12), nn.Linear(5, 12)
+        self.head, self.unused = nn.Linear(12, 3), nn.Linear(3, 3)
+        self.frozen.requires_grad_(False)
+        self.double()
+
+    def forward(self, x: torch.Tensor, use_branch: bool) -> torch.Tensor:
+        hidden = self.body(x) + self.frozen(x)
+        return self.head(torch.tanh(hidden + self.branch(x) if use_branch else hidden))
+
+
+def _partly_used_chain(name: str) -> list[Transform]:
+    from samgria import ASAM, LAMP, SAM
+
+    return {
+        "sam": lambda: [SAM(rho=RHO)],
+        "asam": lambda: [ASAM(rho=0.5, eta=0.01)],
+        "sam_lamp": lambda: [SAM(rho=RHO), LAMP(eps=0.01, rollback_len=2, seed=3)],
+    }[name]()
+
+
+def _train_partly_used(rank: int | None, name: str, loop: str) -> list[torch.Tensor]:
+    """Train ``_PartlyUsed`` with ``name``'s chain: over DDP (``find_unused_parameters``) on
+    ``rank``'s batch, or (``rank=None``) in one process on the mean of both ranks' losses."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    from samgria import TransformingOptimizer
+
+    model = _PartlyUsed()
+    module = model if rank is None else DistributedDataParallel(model, find_unused_parameters=True)
+    optimizer = TransformingOptimizer(
+        module.parameters(), torch.optim.SGD, lr=LR, momentum=MOMENTUM, transforms=_partly_used_chain(name)
+    )
+    ranks = range(WORLD_SIZE) if rank is None else [rank]
+    for step in range(STEPS):
+        batches = [(r, *_local_batch(step, r)) for r in ranks]
+
+        def loss() -> torch.Tensor:
+            return sum(_loss(module(x, r == 0), y) for r, x, y in batches) / len(batches)
+
+        if loop == "two_call":
+            loss().backward()
+            optimizer.first_step(zero_grad=True)
+            loss().backward()
+            optimizer.second_step(zero_grad=True)
+            continue
+
+        def closure() -> torch.Tensor:
+            optimizer.zero_grad()
+            value = loss()
+            value.backward()
+            return value
+
+        optimizer.step(closure)
+    return [p.detach().clone() for p in model.parameters()]
 
 
 # -- the worker (runs in a child process) ----------------------------------------------------------
@@ -216,6 +285,7 @@ def _worker(out_dir: str) -> None:
             for loop in LOOPS
             for bucket_view in (False, True)
         }
+        results["partly_used"] = {(name, loop): _train_partly_used(rank, name, loop) for name in PARTLY_USED for loop in LOOPS}
         results["faults"] = {fault: _train_m_sharpness_with_a_local_fault(rank, fault) for fault in ("non_finite", "zero")}
         results["resume"] = {name: _resume_m_sharpness_from_this_ranks_checkpoint(rank, name) for name in RESUMED}
         # Free reference cycles (optimizers, DDP/FSDP modules) that still hold the process group
@@ -329,6 +399,28 @@ def test_first_pass_mixers_under_gradient_as_bucket_view_equal_the_run_without(
         for a, b in zip(bucketed, ddp_results[0]["first_pass_mixers"][name, loop, True]):
             assert torch.equal(a, b), f"rank {rank} differs from rank 0"
     assert not torch.equal(reference[0], _make_model()[0].weight), "it trained"
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+@pytest.mark.parametrize("name", PARTLY_USED)
+def test_parameters_with_a_gradient_on_some_ranks_only_train_as_one_process(
+    ddp_results: list[dict], name: str, loop: str
+) -> None:
+    """``find_unused_parameters=True``: rank 1 does not use the branch (DDP averages its gradient
+    with rank 1's zero), the frozen layer has no gradient and the unused layer none on any rank.
+    The replicas stay identical and equal one process on the mean of both ranks' losses; the
+    branch trains, the frozen and unused layers keep their weights."""
+    reference = _train_partly_used(None, name, loop)
+    for rank in range(WORLD_SIZE):
+        weights = ddp_results[rank]["partly_used"][name, loop]
+        _assert_all_close(weights, reference)
+        for a, b in zip(weights, ddp_results[0]["partly_used"][name, loop]):
+            assert torch.equal(a, b), f"rank {rank} differs from rank 0"
+    initial = dict(_PartlyUsed().named_parameters())
+    trained = dict(zip(initial, reference))
+    assert not torch.equal(trained["branch.weight"], initial["branch.weight"]), "the branch trained"
+    for key in ("frozen.weight", "frozen.bias", "unused.weight", "unused.bias"):
+        assert torch.equal(trained[key], initial[key]), key
 
 
 def test_no_sync_first_pass_is_m_sharpness(ddp_results: list[dict]) -> None:

@@ -15,6 +15,9 @@ single-process references on the same global batch:
   optimizer continues bit for bit; a checkpoint of the 2-rank run loads on 4 ranks (resharding);
 * on 4 ranks, HSDP (a 2x2 mesh: replicated over one dimension, sharded over the other) gives
   the one-process weights, and replicas hold identical shards (LAMP's noise included);
+* on 2 ranks, SAM and GSAM in the two-call loop give the one-process weights, and a gradient
+  that is not finite in rank 0's shard only (in either evaluation, in both loops) skips the step
+  on every rank;
 * on 2 ranks, EMA's and Lookahead's swap blocks over ``fully_shard``'s defaults (the root keeps
   its gathered weights after a forward without a backward): the outputs inside and after the
   block and the weights after one more step equal single-process samgria's.
@@ -125,6 +128,50 @@ def _train(config: str, rank: int, world_size: int, steps: range, model=None, op
     for step in steps:
         _sam_step(optimizer, model, *_local_batch(step, rank, world_size))
     return model, optimizer
+
+
+#: (config, loop, evaluation whose gradient is NaN in one element of rank 0's shard at step 0).
+ONE_SHARD_FAULTS = (("sam", "closure", 1), ("sam", "two_call", 2), ("gsam", "closure", 2), ("gsam", "two_call", 1))
+
+
+def _two_call_or_faulty_run(config: str, rank: int, world_size: int, loop: str, fault_at: int | None) -> dict[str, object]:
+    """Train ``config`` in ``loop``; with ``fault_at``, that evaluation of step 0 gives rank 0's
+    shard of ``model[0].weight`` a NaN gradient in one element (the other rank's shard is
+    finite). Returns the full weights, the skipped steps and whether this rank's shards of the
+    faulty evaluation's gradients were finite."""
+    model = _sharded_model()
+    optimizer = _optimizer(model, config)
+    local_finite: list[bool] = []
+    for step in range(STEPS):
+        x, y = _local_batch(step, rank, world_size)
+        evaluations = [0]
+
+        def backward() -> torch.Tensor:
+            evaluations[0] += 1
+            loss = _loss(model(x), y)
+            if step == 0 and evaluations[0] == fault_at and rank == 0:
+                corner = model[0].weight.to_local()[0, 0]
+                loss = loss + (corner - corner.detach()) * float("nan")
+            loss.backward()
+            if step == 0 and evaluations[0] == fault_at:
+                local_finite.append(all(bool(torch.isfinite(p.grad.to_local()).all()) for p in model.parameters()))
+            return loss
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # the skipped step's
+            if loop == "two_call":
+                backward()
+                optimizer.first_step(zero_grad=True)
+                backward()
+                optimizer.second_step(zero_grad=True)
+            else:
+
+                def closure() -> torch.Tensor:
+                    optimizer.zero_grad()
+                    return backward()
+
+                optimizer.step(closure)
+    return {"weights": _full(model), "skipped": optimizer.skipped_steps, "local_finite": local_finite}
 
 
 def _checkpoint(model: nn.Module, optimizer, directory: str) -> None:
@@ -404,6 +451,10 @@ def _worker(out_dir: str, reshard_from: str | None) -> None:
             for name in TP_TRANSFORMS:
                 results[f"tp.{name}"] = _tensor_parallel(name, sharded=True)
             results.update(_fsdp1(rank, world_size))
+            for config in ("sam", "gsam"):
+                results[f"two_call.{config}"] = _two_call_or_faulty_run(config, rank, world_size, "two_call", None)
+            for config, loop, fault_at in ONE_SHARD_FAULTS:
+                results[f"fault.{config}.{loop}.{fault_at}"] = _two_call_or_faulty_run(config, rank, world_size, loop, fault_at)
             results.update(_swap_results(rank, world_size))
         if world_size == 4:
             for config in HSDP_CONFIGS:
@@ -519,6 +570,38 @@ def test_sharded_lamp_noise_follows_the_documented_per_shard_stream(runs: dict, 
     # ... and the noise is really there: without it the weights differ.
     differences = [(a - b).abs().max() for a, b in zip(runs[world_size][0]["sam_lamp"], _reference("sam_lamp_no_noise"))]
     assert max(differences) > 1e-5
+
+
+@pytest.mark.parametrize("config", ["sam", "gsam"])
+def test_the_two_call_loop_over_fsdp2_equals_one_process(runs: dict, config: str) -> None:
+    reference = _reference(config)
+    for rank_results in runs[2]:
+        _assert_close(rank_results[f"two_call.{config}"]["weights"], reference)
+
+
+def _reference_without_step_0(config: str) -> list[torch.Tensor]:
+    model = _make_model()
+    optimizer = _optimizer(model, config)
+    for step in range(1, STEPS):
+        _sam_step(optimizer, model, *_global_batch(step))
+    return [p.detach().clone() for p in model.parameters()]
+
+
+@pytest.mark.parametrize(("config", "loop", "fault_at"), ONE_SHARD_FAULTS)
+def test_a_gradient_not_finite_in_one_ranks_shard_skips_the_step_on_every_rank(
+    runs: dict, config: str, loop: str, fault_at: int
+) -> None:
+    """Rank 0's shard holds the NaN, rank 1's shards are finite: both ranks skip step 0 (a rank
+    stepping alone would pair its norm's all_reduce with the other's next step) and then train
+    as one process from step 1 on."""
+    results = [rank_results[f"fault.{config}.{loop}.{fault_at}"] for rank_results in runs[2]]
+    assert [r["local_finite"] for r in results] == [[False], [True]], "the NaN is in rank 0's shard only"
+    assert [r["skipped"] for r in results] == [1, 1]
+    reference = _reference_without_step_0(config)
+    for r in results:
+        _assert_close(r["weights"], reference)
+    for a, b in zip(results[0]["weights"], results[1]["weights"]):
+        assert torch.equal(a, b)
 
 
 def test_the_global_norm_is_not_the_local_one(runs: dict) -> None:
