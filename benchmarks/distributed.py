@@ -100,6 +100,7 @@ from samgria.meta.maml import MAML  # noqa: E402
 from samgria.meta.trainer import MetaTrainer  # noqa: E402
 from distributed_harness import launch_ranks  # noqa: E402
 from _checks import int_at_least, require_close, require_steps_taken  # noqa: E402
+from _process import load_average, progress  # noqa: E402
 from _docs_figures import publish_figures  # noqa: E402
 
 SCRIPT = Path(__file__).resolve()
@@ -161,15 +162,6 @@ def worker_main(section: str, config: dict[str, Any], threads: int, out_dir: str
             torch.save(tensors, Path(out_dir) / "tensors.pt")
 
 
-def progress(message: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
-
-
-def load_average() -> float:
-    try:
-        return os.getloadavg()[0]
-    except OSError:
-        return float("nan")
 
 
 # -- the `meta` section --------------------------------------------------------------------------------

@@ -59,6 +59,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from _checks import int_at_least, require_close  # noqa: E402
 from _docs_figures import publish_figures  # noqa: E402
+from _process import apply_malloc_setting, load_average, progress  # noqa: E402
 from meta_throughput import (  # noqa: E402
     FEW_SHOT_INNER_LR,
     QUERIES,
@@ -66,15 +67,12 @@ from meta_throughput import (  # noqa: E402
     SHOTS,
     WAYS,
     TrainerPath,
-    apply_malloc_setting,
     check_steps_taken,
     clock_for,
     conv4,
     cross_entropy,
     few_shot_task,
-    load_average,
     measure_steps,
-    progress,
     run_children,
     settled,
     time_paths,

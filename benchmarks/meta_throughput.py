@@ -106,6 +106,15 @@ from samgria.meta.engine import second_order_vmap_blocker  # noqa: E402
 from samgria.meta.maml import MAML  # noqa: E402
 from samgria.meta.trainer import MetaTrainer  # noqa: E402
 from _checks import int_at_least, number_in, require_close, require_steps_taken  # noqa: E402
+from _process import (  # noqa: E402
+    apply_malloc_setting,
+    load_average,
+    minor_faults,
+    peak_rss_bytes,
+    progress,
+    reset_peak_rss,
+    rss_bytes,
+)
 from _docs_figures import publish_figures  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -329,56 +338,10 @@ def warm_up(paths: dict[str, Any], pool: list[list[Task]], steps: dict[str, int]
             path.iteration(pool[i % len(pool)])
 
 
-def progress(message: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
 
-def load_average() -> float:
-    """The 1-minute load average (other processes' load; nan where unknown)."""
-    try:
-        return os.getloadavg()[0]
-    except OSError:
-        return float("nan")
 
 
-def rss_bytes() -> int:
-    """Resident set size now (Linux; 0 elsewhere)."""
-    try:
-        with open("/proc/self/statm") as statm:
-            return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except OSError:
-        return 0
-
-
-def reset_peak_rss() -> bool:
-    """Reset this process's peak RSS to its current RSS (Linux >= 4.0: ``clear_refs`` 5)."""
-    try:
-        with open("/proc/self/clear_refs", "w") as clear_refs:
-            clear_refs.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def peak_rss_bytes() -> int:
-    """Peak RSS of this process: ``VmHWM`` on Linux, else ``ru_maxrss``."""
-    try:
-        with open("/proc/self/status") as status:
-            for line in status:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    import resource
-
-    scale = 1 if sys.platform == "darwin" else 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
-
-
-def minor_faults() -> int:
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
 def measure_steps(step: Callable[[int], None], steps: int) -> dict[str, Any]:
@@ -407,14 +370,6 @@ def settled(values: list[float], skip: int) -> float:
     """Median of ``values`` after the first ``skip`` (warm-up) entries."""
     return statistics.median(values[skip:] or values[-1:])
 
-
-def apply_malloc_setting(retain: bool) -> bool:
-    """With ``retain``, ask glibc to keep freed memory (``sam_overhead.retain_freed_memory``)."""
-    if not retain:
-        return False
-    from sam_overhead import retain_freed_memory
-
-    return retain_freed_memory()
 
 
 def run_children(script: Path, specs: list[dict[str, Any]], jobs: int) -> list[dict[str, Any]]:

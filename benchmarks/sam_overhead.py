@@ -115,6 +115,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from samgria import LAMP, SAM, TransformingOptimizer  # noqa: E402
 from _checks import int_at_least, number_in  # noqa: E402
 from _docs_figures import publish_figures  # noqa: E402
+from _process import minor_faults, peak_rss_bytes, reset_peak_rss, retain_freed_memory, rss_bytes  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 TARGETS = {"mlp": 1.10, "conv": 1.03}
@@ -493,14 +494,14 @@ def round_robin_times(
             deadline = time.perf_counter() + seconds
         shift = round_index % len(names)
         for name in names[shift:] + names[:shift]:
-            faults_before = _minor_faults() if faults is not None else 0
+            faults_before = minor_faults() if faults is not None else 0
             start = time.perf_counter()
             variants[name].step()
             elapsed = time.perf_counter() - start
             if round_index >= warmup:
                 times[name].append(elapsed)
                 if faults is not None:
-                    faults[name].append(_minor_faults() - faults_before)
+                    faults[name].append(minor_faults() - faults_before)
         round_index += 1
         if deadline is not None and time.perf_counter() > deadline and enough(round_index - warmup):
             break
@@ -549,34 +550,6 @@ def time_in_a_row(
     }
 
 
-def _minor_faults() -> int:
-    """Minor page faults of this process so far (0 where ``resource`` is unavailable)."""
-    try:
-        import resource
-    except ImportError:  # not on Unix
-        return 0
-    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-
-
-def retain_freed_memory() -> bool:
-    """Ask glibc to keep freed memory mapped (no trimming, no per-chunk mmap), as jemalloc does.
-
-    glibc's default returns a large freed block at the top of the heap to the system, so a step
-    whose peak is higher than the previous step's faults its pages in again (about 1 µs per
-    4 KiB page). Returns whether the setting was applied (glibc on Linux only).
-    """
-    import ctypes
-    import ctypes.util
-
-    name = ctypes.util.find_library("c")
-    if sys.platform != "linux" or name is None:
-        return False
-    libc = ctypes.CDLL(name)
-    if not hasattr(libc, "mallopt"):
-        return False
-    m_trim_threshold, m_mmap_threshold = -1, -3
-    size = 1 << 30
-    return bool(libc.mallopt(m_trim_threshold, size)) and bool(libc.mallopt(m_mmap_threshold, 32 << 20))
 
 
 # -- 2. memory ----------------------------------------------------------------------------------------------
@@ -751,42 +724,7 @@ def build_peak_step(kind: str) -> tuple[nn.Module, torch.optim.Optimizer, Callab
     return model, optimizer, step
 
 
-def _rss_bytes() -> int:
-    """Resident set size now (Linux; 0 elsewhere)."""
-    try:
-        with open("/proc/self/statm") as statm:
-            return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except OSError:
-        return 0
 
-
-def _reset_peak_rss() -> bool:
-    """Reset this process's peak RSS to its current RSS (Linux >= 4.0: ``clear_refs`` 5)."""
-    try:
-        with open("/proc/self/clear_refs", "w") as clear_refs:
-            clear_refs.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def _peak_rss_bytes() -> int:
-    """Peak RSS of this process's own memory.
-
-    On Linux the high-water mark of the current address space (``VmHWM``): ``ru_maxrss`` also
-    counts the parent's RSS at the time of the fork, which can be larger than the child's.
-    """
-    try:
-        with open("/proc/self/status") as status:
-            for line in status:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    import resource
-
-    scale = 1 if sys.platform == "darwin" else 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
 
 
 def peak_child(kind: str, steps: int, warmup: int) -> dict[str, float]:
@@ -796,15 +734,15 @@ def peak_child(kind: str, steps: int, warmup: int) -> dict[str, float]:
     model, optimizer, step = build_peak_step(kind)
     param_bytes = _param_bytes(model)
     gc.collect()
-    rss0 = _rss_bytes()
-    peak0 = rss0 if _reset_peak_rss() else _peak_rss_bytes()
+    rss0 = rss_bytes()
+    peak0 = rss0 if reset_peak_rss() else peak_rss_bytes()
     times = []
     for index in range(warmup + steps):
         start = time.perf_counter()
         step()
         if index >= warmup:
             times.append(time.perf_counter() - start)
-    peak = _peak_rss_bytes()
+    peak = peak_rss_bytes()
     optimizer.zero_grad()
     gc.collect()
     with LiveBytes() as tracker:
