@@ -1114,7 +1114,8 @@ class MetaOptimizer(WrappingOptimizer):
                 everywhere a task weight is given, or ``weights`` that are not numbers
                 (``["a", "b"]``).
             ValueError: No losses, weights that are not 1-D, a count mismatch between ``losses``
-                and ``weights``, a negative weight, or weights summing to zero.
+                and ``weights``, a negative or non-finite weight (NaN, ``±inf``), or weights
+                summing to zero.
         """
         if isinstance(losses, torch.Tensor):
             if losses.dim() != 1:
