@@ -425,3 +425,30 @@ def test_every_lamp_kernel_refuses_a_foreach_that_is_not_a_bool(flag):
         with pytest.raises(TypeError, match=message):
             call()
     assert torch.equal(params[0], torch.zeros(2, dtype=torch.float64)) and torch.equal(params[1], torch.zeros(3))
+
+
+@pytest.mark.parametrize("foreach", [True, False])
+def test_lamp_kernels_refuse_a_target_torch_cannot_write_before_writing(foreach):
+    """add_scaled_, accumulate_ and assign_mean_ with a later target an expand view, an inference
+    tensor outside inference mode or a leaf that requires grad while grad mode is on: torch raised
+    as it reached it, after the first entry was written."""
+    with torch.inference_mode():
+        inference = torch.zeros(3)
+    unwritable = [
+        (torch.zeros(1).expand(3), r" must be a tensor whose elements do not share memory, got one of shape \(3,\) and strides \(0,\)$"),
+        (inference, r" must be a tensor that is not an inference tensor outside torch.inference_mode\(\)"),
+        (torch.zeros(3, requires_grad=True), r" must be a tensor that does not require grad while grad mode is on"),
+    ]
+    first = torch.ones(3)
+    ones = [torch.ones(3), torch.ones(3)]
+    for target, rule in unwritable:
+        with pytest.raises(ValueError, match=r"^params\[1\]" + rule):
+            add_scaled_([first, target], ones, alpha=1.0, foreach=foreach)
+        with pytest.raises(ValueError, match=r"^sums\[1\]" + rule):
+            accumulate_([first, target], ones, foreach=foreach)
+        with pytest.raises(ValueError, match=r"^params\[1\]" + rule):
+            assign_mean_([first, target], ones, [1, 1], foreach=foreach)
+        sums = [torch.ones(3), target]  # zeroed after the mean: checked as well
+        with pytest.raises(ValueError, match=r"^sums\[1\]" + rule):
+            assign_mean_([first, torch.ones(3)], sums, [2, 2], foreach=foreach)
+        assert torch.equal(first, torch.ones(3)) and torch.equal(sums[0], torch.ones(3))  # nothing written

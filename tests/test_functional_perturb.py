@@ -625,6 +625,46 @@ def test_in_place_kernels_refuse_a_target_whose_elements_share_memory_before_wri
     assert torch.equal(out[0], torch.full((3,), 3.0))
 
 
+@pytest.mark.parametrize("foreach", [True, False])
+def test_in_place_kernels_refuse_a_target_torch_cannot_write_before_writing(foreach):
+    """An inference tensor outside ``torch.inference_mode()``, and a leaf that requires grad while
+    grad mode is on (any tensor that requires grad for the ``out=`` kernels), among the targets:
+    torch refused it as it reached it, after the entries before it were written."""
+    with torch.inference_mode():
+        inference = torch.zeros(3)
+    leaf = torch.zeros(3, requires_grad=True)
+    graph_output = leaf * 1.0  # not a leaf: mul_ writes it (recorded), torch.add(out=) cannot
+    inference_rule = r" must be a tensor that is not an inference tensor outside torch.inference_mode\(\)"
+    grad_rule = r" must be a tensor that does not require grad while grad mode is on \(write under torch.no_grad\(\)\), got "
+    weights, buffers = [torch.ones(3), torch.ones(3)], [torch.zeros(3), torch.zeros(3)]
+    for target, name, rule in [
+        (inference, "buffers", inference_rule),
+        (leaf, "buffers", grad_rule + "a leaf tensor that requires grad$"),
+        (graph_output, "buffers", grad_rule + "a tensor that requires grad$"),
+    ]:
+        with pytest.raises(ValueError, match=r"^" + name + r"\[1\]" + rule):
+            perturbed_into_([buffers[0], target], weights, weights, [1.0, 1.0], foreach=foreach)
+    with pytest.raises(ValueError, match=r"^params\[1\]" + inference_rule):
+        add_directions_([weights[0], inference], weights, [1.0, 1.0], foreach=foreach)
+    with pytest.raises(ValueError, match=r"^params\[1\]" + grad_rule + "a leaf tensor that requires grad$"):
+        add_directions_([weights[0], leaf], weights, [1.0, 1.0], foreach=foreach)
+    with pytest.raises(ValueError, match=r"^buffers\[1\]" + inference_rule):
+        mul_([weights[0], inference], [torch.full((3,), 2.0)] * 2, foreach=foreach)
+    with pytest.raises(ValueError, match=r"^buffers\[1\]" + grad_rule + "a leaf tensor that requires grad$"):
+        mul_([weights[0], leaf], [torch.full((3,), 2.0)] * 2, foreach=foreach)
+    assert all(torch.equal(w, torch.ones(3)) for w in weights)  # nothing written
+    assert torch.equal(buffers[0], torch.zeros(3))
+    # What torch writes stays allowed: under no_grad, inside inference_mode, and mul_ into a
+    # non-leaf that requires grad (autograd records it).
+    with torch.no_grad():
+        add_directions_([weights[0], leaf], [torch.ones(3)] * 2, [1.0, 1.0], foreach=foreach)
+    with torch.inference_mode():
+        add_directions_([inference], [torch.ones(3)], [2.0], foreach=foreach)
+    mul_([graph_output], [torch.full((3,), 2.0)], foreach=foreach)
+    assert torch.equal(leaf.detach(), torch.ones(3)) and torch.equal(inference, torch.full((3,), 2.0))
+    assert graph_output.grad_fn is not None and torch.equal(graph_output.detach(), torch.zeros(3))
+
+
 @pytest.mark.filterwarnings("ignore:Sparse CSR tensor support is in beta state")
 @pytest.mark.parametrize("foreach", [True, False])
 def test_in_place_kernels_write_sparse_targets_as_torch_does(foreach):

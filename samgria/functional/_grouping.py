@@ -126,20 +126,37 @@ def check_shapes(name: str, tensors: Sequence[torch.Tensor], like_name: str, lik
             )
 
 
-def check_writable(name: str, tensors: Sequence[torch.Tensor]) -> None:
-    """Check that no tensor of ``tensors`` (written in place) has elements that share memory (an
-    ``expand`` view): torch refuses to write into one only as it reaches it, after writing the
-    entries before it.
+def check_writable(name: str, tensors: Sequence[torch.Tensor], *, out: bool = False) -> None:
+    """Check that torch can write every tensor of ``tensors`` in place: torch refuses one only as
+    it reaches it, after writing the entries before it. Refused: a tensor whose elements share
+    memory (an ``expand`` view), an inference tensor outside ``torch.inference_mode()``, and, while
+    grad mode is on, a leaf that requires grad (any tensor that requires grad with ``out``: the
+    caller writes with ``out=``, which autograd does not record).
 
     Raises:
-        ValueError: ``"{name}[i] must be a tensor whose elements do not share memory, got one of
-            shape {shape} and strides {strides}"`` for the first such tensor.
+        ValueError: ``"{name}[i] must be a tensor ..., got ..."`` for the first such tensor: ``whose
+            elements do not share memory`` (with its shape and strides), ``that is not an
+            inference tensor outside torch.inference_mode()``, or ``that does not require grad
+            while grad mode is on``.
     """
+    recording = torch.is_grad_enabled()
+    inference_allowed = torch.is_inference_mode_enabled()
     for index, tensor in enumerate(tensors):
         if has_internal_overlap(tensor):
             raise ValueError(
                 f"{name}[{index}] must be a tensor whose elements do not share memory, got one of shape "
                 f"{tuple(tensor.shape)} and strides {tuple(tensor.stride())}"
+            )
+        if not inference_allowed and tensor.is_inference():
+            raise ValueError(
+                f"{name}[{index}] must be a tensor that is not an inference tensor outside "
+                "torch.inference_mode() (torch writes into one only inside it), got an inference tensor"
+            )
+        if recording and tensor.requires_grad and (out or tensor.is_leaf):
+            kind = "a leaf tensor" if tensor.is_leaf else "a tensor"
+            raise ValueError(
+                f"{name}[{index}] must be a tensor that does not require grad while grad mode is on "
+                f"(write under torch.no_grad()), got {kind} that requires grad"
             )
 
 

@@ -31,6 +31,7 @@ from samgria.functional._grouping import (
     check_sequence,
     check_shapes,
     check_tensors,
+    check_writable,
     group_indices_by_device_and_dtype,
 )
 from samgria.functional._views import LOW_PRECISION, widened_dtype
@@ -106,7 +107,8 @@ def add_scaled_(
 
     Raises:
         ValueError: If ``updates`` has another length than ``params``, an update another shape or
-            (unless a 0-dim CPU tensor) device than its parameter, or ``alpha`` is finite and beyond
+            (unless a 0-dim CPU tensor) device than its parameter, a parameter is one torch cannot
+            write in place (as in :func:`accumulate_`), or ``alpha`` is finite and beyond
             the range of the dtype an entry is computed in (``"alpha must fit in the dtype params[i]
             is computed in, torch.float32 (at most ... in magnitude, or infinite, or NaN), got
             {alpha!r}"``) or of a float.
@@ -119,6 +121,7 @@ def add_scaled_(
     """
     check_bool("foreach", foreach)
     check_paired("params", params, "parameter", "updates", updates)
+    check_writable("params", params)
     alpha = check_scalar("alpha", alpha)
     check_fits_where_computed(params, updates, [alpha] * len(params), ["alpha"] * len(params))
     if foreach:
@@ -159,8 +162,11 @@ def accumulate_(sums: Sequence[torch.Tensor], params: Sequence[torch.Tensor], *,
     unspecified; see the module's docstring).
 
     Raises:
-        ValueError: If ``params`` has another length than ``sums``, or a parameter another shape
-            or (unless a 0-dim CPU tensor) device than its sum.
+        ValueError: If ``params`` has another length than ``sums``, a parameter another shape
+            or (unless a 0-dim CPU tensor) device than its sum, or a sum is one torch cannot write
+            in place (torch would refuse it after writing the entries before it): its elements
+            share memory (an ``expand`` view), an inference tensor outside
+            ``torch.inference_mode()``, or a leaf that requires grad while grad mode is on.
         TypeError: If a list is not a sequence (a tensor given for a list of tensors, a number for a
             list of numbers: see :func:`global_norm`), an entry of either list is not a tensor, a
             sum is neither floating-point nor complex, or a parameter is complex where its sum is
@@ -168,6 +174,7 @@ def accumulate_(sums: Sequence[torch.Tensor], params: Sequence[torch.Tensor], *,
     """
     check_bool("foreach", foreach)
     check_paired("sums", sums, "sum", "params", params)
+    check_writable("sums", sums)
     if foreach:
         groups = group_indices_by_device_and_dtype(sums)
         check_floating("sums", sums, [dtype for _device, dtype in groups])
@@ -194,7 +201,8 @@ def assign_mean_(
 
     Raises:
         ValueError: If ``sums`` or ``counts`` has another length than ``params``, a sum another
-            shape than its parameter, or a count is below 1 (a mean of nothing) or beyond the
+            shape than its parameter, a parameter or sum is one torch cannot write in place (as in
+            :func:`accumulate_`), or a count is below 1 (a mean of nothing) or beyond the
             range of a float (``"counts[i] must be an integer >= 1 that fits in a float, got
             {count!r}"``).
         TypeError: If a list is not a sequence (a tensor given for a list of tensors, a number for a
@@ -211,6 +219,8 @@ def assign_mean_(
     check_tensors("sums", sums)
     check_shapes("sums", sums, "params", params)
     check_real_where_real("sums", sums, "params", params)
+    check_writable("params", params)
+    check_writable("sums", sums)
     divisors = _divisors(counts)
     if foreach:
         groups = group_indices_by_device_and_dtype(params)

@@ -67,8 +67,10 @@ def perturbed_into_(
             on another device than its buffer, unless a 0-dim CPU tensor (``"directions[i] must be
             on the device of buffers[i], cuda:0 (or be a 0-dim CPU tensor), got a tensor on cpu"``;
             torch would refuse it after writing the entries before it), a buffer (``params``
-            when they are the buffers) has elements that share memory (an ``expand`` view, which
-            torch would refuse after writing the entries before it), or a scale is finite and
+            when they are the buffers) is one torch cannot write with ``out=`` -- its elements share
+            memory (an ``expand`` view), an inference tensor outside ``torch.inference_mode()``,
+            or one that requires grad while grad mode is on: torch would refuse it after writing
+            the entries before it --, or a scale is finite and
             beyond the range of the dtype its entry is computed in (``"scales[i] must fit in the
             dtype params[i] is computed in, torch.float32 (at most ... in magnitude, or infinite, or
             NaN), got {scale!r}"``) or of a float (an integer such as ``10**400``).
@@ -104,7 +106,7 @@ def perturbed_into_(
         check_real_where_real("params", params, "buffers", buffers, [dtype for _device, dtype in by_dtype])
     target_name = "buffers" if buffers is not params else "params"
     check_devices("directions", directions, target_name, buffers)
-    check_writable(target_name, buffers)
+    check_writable(target_name, buffers, out=True)
     # The widened path's copy_ would discard an imaginary part that torch.add refuses to.
     check_real_where_real("directions", directions, target_name, buffers)
     check_fits_where_computed(params, directions, scales, [f"scales[{index}]" for index in range(len(scales))])
@@ -338,8 +340,8 @@ def add_directions_(
     Raises:
         ValueError: If ``directions`` or ``scales`` has another length than ``params``, a
             direction has another shape or (unless a 0-dim CPU tensor) device than its parameter,
-            a parameter has elements that share memory (an ``expand`` view), or a scale is beyond
-            the range of the dtype its entry is computed in (or of a float), as in
+            a parameter is one torch cannot write (as in :func:`perturbed_into_`), or a scale is
+            beyond the range of the dtype its entry is computed in (or of a float), as in
             :func:`perturbed_into_`.
         TypeError: If a list is not a sequence (a tensor given for a list of tensors, a number for a
             list of numbers: see :func:`global_norm`), an entry of a list is not a tensor, a
@@ -365,8 +367,10 @@ def mul_(
     Raises:
         ValueError: If ``factors`` has another length than ``buffers``, a factor another shape
             than its buffer (torch would broadcast it), or another device (unless a 0-dim CPU
-            tensor; torch would refuse it after writing the entries before it), or a buffer has
-            elements that share memory (an ``expand`` view; the same).
+            tensor; torch would refuse it after writing the entries before it), or a buffer is one
+            torch cannot write in place (the same): its elements share memory (an ``expand``
+            view), an inference tensor outside ``torch.inference_mode()``, or a leaf that requires
+            grad while grad mode is on.
         TypeError: If a list is not a sequence (a tensor given for a list of tensors, a number for a
             list of numbers: see :func:`global_norm`), an entry of either list is not a tensor
             (``"factors[i] must be a torch.Tensor, got 2.0"``), a buffer is neither floating-point
