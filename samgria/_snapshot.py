@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["GroupValues", "StepSnapshot", "StateStructure", "is_entry"]
+__all__ = ["GroupValues", "SlotValues", "StepSnapshot", "StateStructure", "is_entry"]
 
 
 def is_entry(value: Any) -> bool:
@@ -47,6 +47,45 @@ class StateStructure:
                 self._state[param] = entry = original
             entry.clear()
             entry.update(saved)
+
+
+class SlotValues:
+    """The objects under some transforms' slots (keys ``"<slot>.<key>"``) in every state entry:
+    restorable without copies, slot by slot, leaving every other key as it is then.
+
+    Undoes what transforms that assign new state objects before the inner step
+    (``saves_state_before_step``) wrote, where the rest of the step's state writes must stay.
+    """
+
+    def __init__(self, state: MutableMapping[Any, dict[Any, Any]], slots: Sequence[str]) -> None:
+        self._state = state
+        self._prefixes = tuple(slot + "." for slot in slots)
+        self._entries = [
+            (param, {key: value for key, value in entry.items() if self._owned(key, self._prefixes)})
+            for param, entry in state.items()
+            if is_entry(entry)
+        ]
+
+    @staticmethod
+    def _owned(key: Any, prefixes: tuple[str, ...]) -> bool:
+        return isinstance(key, str) and key.startswith(prefixes)
+
+    def restore(self, slots: Sequence[str]) -> None:
+        """Put back what ``slots`` (a subset of those taken) held: their keys written since are
+        removed (with an entry that holds nothing else and was not there), their values restored."""
+        prefixes = tuple(slot + "." for slot in slots)
+        if not prefixes:
+            return
+        saved = {id(param): values for param, values in self._entries}
+        for param, entry in list(self._state.items()):
+            if not is_entry(entry):
+                continue
+            for key in [key for key in entry if self._owned(key, prefixes)]:
+                del entry[key]
+            if not entry and id(param) not in saved:
+                del self._state[param]
+        for param, values in self._entries:
+            self._state[param].update({key: value for key, value in values.items() if self._owned(key, prefixes)})
 
 
 class GroupValues:

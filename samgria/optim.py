@@ -23,7 +23,7 @@ from samgria._frameworks import (
     stepping_grad_scaler,
 )
 from samgria._legacy import from_release_0_1
-from samgria._snapshot import GroupValues, StateStructure, StepSnapshot, is_entry
+from samgria._snapshot import GroupValues, SlotValues, StateStructure, StepSnapshot, is_entry
 from samgria._wrapper import (
     WrappingOptimizer,
     built_by_zero_redundancy,
@@ -894,7 +894,10 @@ class TransformingOptimizer(WrappingOptimizer):
         synchronised: the closure is evaluated once more, normally. If no rank re-evaluated, the
         pre-step transforms run again on those gradients; if another rank did (it perturbed with
         its own gradient), only those after the re-evaluating transform run again, as they ran
-        there, so that every replica applies the same update.
+        there, so that every replica applies the same update. Before they run again, the state
+        they saved in their first run (``saves_state_before_step``) is put back: each updates its
+        state once per step, as without ``first_pass_context`` (a transform that writes the
+        weights before the step writes them again).
         """
         spare_buffers = {} if spare_buffers is None else spare_buffers
         evaluations = [0]
@@ -911,6 +914,10 @@ class TransformingOptimizer(WrappingOptimizer):
         counted = counting if reevaluate is not None else None
 
         transforms = [(i, slot, t) for i, (slot, t) in enumerate(self.chain) if i >= start and i != skip]
+        first_run = None  # what the transforms that may run twice (below) saved before their first run
+        if reevaluate is not None and self.first_pass_context is not None:
+            saving = [slot for _, slot, t in transforms if t.saves_state_before_step and not t.needs_closure]
+            first_run = SlotValues(self.state, saving) if saving else None
         for index, (_, slot, transform) in enumerate(transforms):
             ctx = self._context(slot, counted, grad_norm if index == 0 else None, spare_buffers)
             transform.pre_update(ctx)
@@ -931,6 +938,8 @@ class TransformingOptimizer(WrappingOptimizer):
                 if reevaluated_anywhere:
                     first = next((i for i, (_, _, t) in enumerate(transforms) if t.needs_closure), -1)
                     rerun = transforms[first + 1 :]
+                if first_run is not None:
+                    first_run.restore([slot for _, slot, t in rerun if t.saves_state_before_step and not t.needs_closure])
                 for _, slot, transform in rerun:
                     if not transform.needs_closure:
                         transform.pre_update(self._context(slot, None))

@@ -18,7 +18,7 @@ from torch import nn
 from state_helpers import assert_state_dicts_equal, assert_states_equal
 from transform_infos import ToyScheduleFree, assert_bitwise_equal, make_closure, make_data, make_model, params_of
 
-from samgria import ASAM, LAMP, SAM, FriendlySAM, GradientTransform, Lookahead, LookSAM, MultiStepSAM, Perturbation, PerturbationTransform, TransformingOptimizer, sam_optimizer
+from samgria import ASAM, LAMP, SAM, FriendlySAM, GradientTransform, Lookahead, LookSAM, MultiStepSAM, Perturbation, PerturbationTransform, Transform, TransformingOptimizer, sam_optimizer
 
 
 def sam_opt(model, **kwargs):
@@ -1308,6 +1308,48 @@ def test_a_seed_protocol_object_may_declare_that_m_sharpness_suits_it():
     Clip.reevaluations = 1  # declares a re-evaluation: two in the chain
     with pytest.raises(ValueError, match=r"re-evaluations per step: SAM 1, .*Clip \(seed protocol\) 1"):
         TransformingOptimizer(make_model().parameters(), torch.optim.SGD, lr=0.1, transforms=[SAM(0.05), Clip()], first_pass_context=contextlib.nullcontext)
+
+
+class _CountingPreStep(Transform):
+    """Counts its pre_update calls in its slot (a new object each time: saves_state_before_step)."""
+
+    saves_state_before_step = True
+
+    def init_state(self, ctx):
+        slot = ctx.slot_state(keys=("calls",))
+        if slot is not None and "calls" not in slot:
+            slot["calls"] = 0
+
+    def pre_update(self, ctx):
+        self.init_state(ctx)
+        slot = ctx.slot_state(keys=("calls",))
+        slot["calls"] = slot["calls"] + 1
+
+
+@pytest.mark.parametrize("rho", [0.0, 0.05])
+@pytest.mark.parametrize("counter_first", [True, False])
+def test_first_pass_context_runs_each_transforms_state_update_once_per_step(rho, counter_first):
+    """When nothing is perturbed under first_pass_context (rho=0, a warm-up), the transforms run
+    again on the synchronised gradients: a transform that updates its state before the step
+    updated it twice per step (6 calls in 3 steps). Its first run's state is put back first, so
+    the optimizer's state equals a run without first_pass_context (one process: the same
+    gradients), bit for bit."""
+    runs = []
+    for first_pass_context in (None, contextlib.nullcontext):
+        model = make_model()
+        chain = [_CountingPreStep(), SAM(rho)] if counter_first else [SAM(rho), _CountingPreStep()]
+        optimizer = TransformingOptimizer(
+            model.parameters(), torch.optim.SGD, lr=0.1, momentum=0.9, transforms=chain, first_pass_context=first_pass_context
+        )
+        x, y = make_data()
+        for _ in range(3):
+            optimizer.step(make_closure(model, optimizer, x, y))
+        runs.append((model, optimizer))
+    (model, optimizer), (model_m, optimizer_m) = runs
+    calls = [value for entry in optimizer_m.state.values() for key, value in entry.items() if key.endswith(".calls")]
+    assert calls == [3]
+    assert_bitwise_equal(params_of(model), params_of(model_m))
+    assert_state_dicts_equal(optimizer.state_dict(), optimizer_m.state_dict())
 
 
 def test_loads_a_plain_inner_optimizer_checkpoint_and_rejects_mismatches():
