@@ -28,6 +28,9 @@ every one but LAMP's empty -- a checkpoint converts, with ``s`` the LAMP's slot,
 each param group                          the group, recording this optimizer's chain; the
                                           transforms' keys it lacks come from the optimizer's
                                           group, as for a plain inner optimizer's checkpoint
+a group's ``"normalize_eps"``             the ``eps`` of each :class:`~samgria.NormalizeGrad` of
+                                          the chain (``"eps"``, or ``"<slot>.eps"`` beside another
+                                          ``eps``), also where no transform held state
 ========================================  =========================================================
 
 0.1.0 recorded none of LAMP's settings: ``rollback_len``, ``seed`` and ``eps`` are the
@@ -51,6 +54,7 @@ from typing import Any, cast
 import torch
 
 from samgria.transforms.chain import CHAIN_KEY, Chain
+from samgria.transforms.grad import NormalizeGrad
 from samgria.transforms.lamp import LAMP
 
 __all__ = ["from_release_0_1"]
@@ -60,6 +64,9 @@ _KEYS = ("transform_state", "transforms")
 #: LAMP's per-parameter keys in 0.1.0 and the slot keys they become.
 _LAMP_KEYS = {"lamp_sum": "sum", "lamp_count": "count"}
 _STEP_KEY = "lamp_step"
+#: Param-group keys of 0.1.0's transforms that this release names otherwise:
+#: {class: {0.1.0's key: this release's hyperparameter}}.
+_RENAMED_GROUP_KEYS: dict[type, dict[str, str]] = {NormalizeGrad: {"normalize_eps": "eps"}}
 
 
 class _Refusal(ValueError):
@@ -103,12 +110,45 @@ def from_release_0_1(state_dict: Any, chain: Chain, param_groups: Sequence[Mappi
     per_param = state_dict.get("transform_state")
     per_transform = state_dict.get("transforms")
     rest = {key: value for key, value in state_dict.items() if key not in _KEYS}
-    if not (bool(per_param) or (isinstance(per_transform, (list, tuple)) and any(per_transform))):
-        return rest  # SAM, ASAM, the gradient transforms: nothing to carry
     try:
+        if isinstance(groups, (list, tuple)):
+            rest["param_groups"] = _renamed_keys(groups, chain)
+        if not (bool(per_param) or (isinstance(per_transform, (list, tuple)) and any(per_transform))):
+            return rest  # SAM, ASAM, the gradient transforms: nothing to carry
         return _converted(rest, per_param, per_transform, chain, param_groups)
     except _Refusal as refusal:
         raise _refusal(str(refusal)) from None
+
+
+def _renamed_keys(groups: Sequence[Any], chain: Chain) -> list[Any]:
+    """0.1.0's groups with the keys this release names otherwise under this chain's names (new
+    dicts where a key is renamed; a key of a transform the chain lacks stays, as torch keeps
+    unknown keys)."""
+    renamed = []
+    for index, group in enumerate(groups):
+        if isinstance(group, Mapping):
+            group = _renamed_group(dict(group), index, chain)
+        renamed.append(group)
+    return renamed
+
+
+def _renamed_group(group: dict[str, Any], index: int, chain: Chain) -> dict[str, Any]:
+    for cls, names in _RENAMED_GROUP_KEYS.items():
+        slots = [slot for slot, transform in chain if isinstance(transform, cls)]
+        for old, new in names.items():
+            if old not in group or not slots or old in chain.defaults:
+                continue  # (a key of this chain under that name is its own)
+            value = group.pop(old)
+            for slot in slots:  # 0.1.0's transforms of one class shared the key
+                stored = chain.keys[slot][new]
+                if stored in group and group[stored] != value:
+                    raise _Refusal(
+                        f"its param_groups[{index}] sets {old!r}={value!r}, 0.1.0's name of {cls.__name__}'s "
+                        f"{new}, and {stored!r}={group[stored]!r}, which this release reads as slot "
+                        f"{slot!r}'s {new}"
+                    )
+                group[stored] = value
+    return group
 
 
 def _converted(

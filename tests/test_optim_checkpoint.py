@@ -533,6 +533,97 @@ def test_a_release_0_1_checkpoint_whose_transforms_held_nothing_loads_as_a_plain
         assert torch.equal(other.state[param]["momentum_buffer"], source.state[source_param]["momentum_buffer"])
 
 
+def _as_release_0_1(optimizer):
+    """This release's float64 optimizer with a NormalizeGrad (slot "normalize_grad") and perhaps a
+    seeded LAMP (slot "lamp") as 0.1.0 saved it: NormalizeGrad's eps under "normalize_eps", no
+    other transform key in the groups (0.1.0's LAMP had none), LAMP's sums, counts and cycle in
+    "transform_state" and its generator in "transforms"."""
+    saved = copy.deepcopy(optimizer.state_dict())
+    slots = optimizer.chain.slots
+    eps_key = optimizer.chain.keys["normalize_grad"]["eps"]
+    groups, state, transform_state = [], {}, {}
+    for group in saved["param_groups"]:
+        old = {key: value for key, value in group.items() if key not in optimizer.chain.defaults and key != "transform_chain"}
+        old["normalize_eps"] = group[eps_key]
+        groups.append(old)
+    generators = {}
+    for index, entry in saved["state"].items():
+        state[index] = {key: value for key, value in entry.items() if not key.startswith("lamp.")}
+        lamp = {key[len("lamp."):]: value for key, value in entry.items() if key.startswith("lamp.")}
+        if "rng_state" in lamp:
+            generators["cpu"] = lamp["rng_state"]
+        old = {"lamp_sum": lamp["sum"], "lamp_count": lamp["count"]} if "sum" in lamp else {}
+        if "cycle_step" in lamp:
+            old["lamp_step"] = lamp["cycle_step"]
+        if old:
+            transform_state[index] = old
+    transforms = [{"generators": generators} if slot == "lamp" else {} for slot in slots]
+    return {"state": state, "param_groups": groups, "transform_state": transform_state, "transforms": transforms}
+
+
+@pytest.mark.parametrize(
+    "inner,kwargs,lamp",
+    [(torch.optim.SGD, {"lr": 0.05, "momentum": 0.9}, False), (torch.optim.Adam, {"lr": 1e-2}, True)],
+    ids=["sgd", "adam-lamp"],
+)
+def test_a_release_0_1_normalize_eps_becomes_each_groups_normalize_grad_eps(inner, kwargs, lamp):
+    """0.1.0's NormalizeGrad kept its per-group eps under "normalize_eps"; this release's reads
+    "eps" ("normalize_grad.eps" beside Adam's). The old key was kept unread and every group got
+    the constructor's eps (a group's 10.0 silently became 1e-3). The resumed run ends on the
+    weights of the run that was never checkpointed."""
+
+    def groups(model, eps_key):
+        first = {"params": list(model[0].parameters())}
+        if eps_key is not None:
+            first[eps_key] = 10.0
+        return [first, {"params": list(model[2].parameters())}]
+
+    def transforms():
+        return [NormalizeGrad(1e-3)] + ([LAMP(1e-2, rollback_len=3, seed=0)] if lamp else [])
+
+    model = make_model()
+    eps_key = "normalize_grad.eps" if inner is torch.optim.Adam else "eps"
+    optimizer = TransformingOptimizer(groups(model, eps_key), inner, transforms=transforms(), **kwargs)
+    closure = make_closure(model, optimizer)
+    for _ in range(2):
+        optimizer.step(closure)
+    checkpoint = _as_release_0_1(optimizer)
+    assert [group["normalize_eps"] for group in checkpoint["param_groups"]] == [10.0, 1e-3]
+    assert bool(checkpoint["transform_state"]) == lamp
+    as_saved = copy.deepcopy(checkpoint)
+
+    resumed_model = copy_of_model(model)
+    resumed = TransformingOptimizer(groups(resumed_model, None), inner, transforms=transforms(), **kwargs)
+    resumed.load_state_dict(checkpoint)
+    _assert_same_nested(checkpoint, as_saved, "checkpoint")
+    assert [group[eps_key] for group in resumed.param_groups] == [10.0, 1e-3]
+    assert not any("normalize_eps" in group for group in resumed.param_groups)
+    resumed_closure = make_closure(resumed_model, resumed)
+    for _ in range(4):
+        optimizer.step(closure)
+        resumed.step(resumed_closure)
+    assert_weights_equal(resumed_model, model)
+
+
+def test_a_release_0_1_normalize_eps_beside_another_value_of_its_new_key_is_refused():
+    """A 0.1.0 group with "normalize_eps" and a key "eps" of its own (0.1.0 read only the
+    former): which one is NormalizeGrad's eps is ambiguous; refused, nothing changed."""
+    model = make_model()
+    optimizer = TransformingOptimizer(model.parameters(), torch.optim.SGD, transforms=[NormalizeGrad(1e-3)], lr=0.05)
+    optimizer.step(make_closure(model, optimizer))
+    checkpoint = _as_release_0_1(optimizer)
+    checkpoint["param_groups"][0]["eps"] = 0.5
+    target = TransformingOptimizer(copy_of_model(model).parameters(), torch.optim.SGD, transforms=[NormalizeGrad(1e-3)], lr=0.3)
+    before = copy.deepcopy(target.state_dict())
+    detail = r"its param_groups\[0\] sets 'normalize_eps'=0\.001, 0\.1\.0's name of NormalizeGrad's eps, and 'eps'=0\.5, which this release reads as slot 'normalize_grad''s eps"
+    with pytest.raises(ValueError, match=rf"^the checkpoint has the layout of samgria 0\.1\.0 .*: {detail}\. Resume it with 0\.1\.0"):
+        target.load_state_dict(checkpoint)
+    assert_state_dicts_equal(target.state_dict(), before)
+    checkpoint["param_groups"][0]["eps"] = 1e-3  # the same value: no ambiguity
+    target.load_state_dict(checkpoint)
+    assert target.param_groups[0]["eps"] == 1e-3 and target.param_groups[0]["lr"] == 0.05
+
+
 # Checkpoints saved by release 0.1.0 itself and 0.1.0's own continuation of each run
 # (tests/data/release_0_1/README.md says how they were made).
 RELEASE_0_1_GOLDEN = pathlib.Path(__file__).parent / "data" / "release_0_1" / "golden.pt.gz"
