@@ -914,6 +914,25 @@ def test_an_optimizer_pickled_by_release_0_1_unpickles_and_refuses_every_use_nam
     assert twin.chain.slots == optimizer.chain.slots
 
 
+def test_a_lamp_pickled_by_release_0_1_unpickles_as_the_lamp_its_settings_build():
+    """0.1.0's LAMP kept {device: torch.Generator} in the attribute _generators, which hid
+    this release's method of that name: the unpickled LAMP's first step raised TypeError
+    ("'dict' object is not callable"). Its run goes on as a LAMP built with its settings."""
+    generator = torch.Generator().manual_seed(0)
+    torch.empty(5).uniform_(generator=generator)  # a stepped 0.1.0 LAMP's generator
+    old = LAMP(1e-2, rollback_len=3, seed=0)
+    old.__dict__ = {"eps": 1e-2, "rollback_len": 3, "seed": 0, "_generators": {"cpu": generator}, "_had_grad": None}
+    unpickled = pickle.loads(pickle.dumps(old))
+    model, twin_model = make_model(), make_model()
+    optimizer = build(model, [SAM(0.05), unpickled])
+    twin = build(twin_model, "sam+lamp")
+    for _ in range(5):
+        optimizer.step(make_closure(model, optimizer))
+        twin.step(make_closure(twin_model, twin))
+    assert_optimizers_equal(model, optimizer, twin_model, twin)
+    assert "_generators" not in vars(unpickled) and repr(unpickled) == "LAMP(eps=0.01, rollback_len=3, seed=0)"
+
+
 def test_a_checkpoint_of_this_release_with_a_transforms_key_added_beside_loads_as_before():
     """A 'transforms' key that a post-hook adds (say, as metadata) made the load take this
     release's checkpoint for one of 0.1.0 and refuse it; torch ignores unknown top-level keys."""

@@ -134,6 +134,14 @@ class LAMP(Transform):
     def validate_group(self, group: Mapping[str, Any]) -> None:
         check_real("eps", group["eps"], low=0.0)
 
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        """Unpickle. Release 0.1.0's LAMP kept its generators in the attribute ``_generators``,
+        which would hide the method of that name (the first step raised ``'dict' object is not
+        callable``); this release keeps them in the optimizer's slot, where loading a 0.1.0
+        checkpoint (its ``"transforms"``) puts them, so the attribute is dropped: the object is
+        then the LAMP that its settings build."""
+        self.__dict__.update({key: value for key, value in state.items() if key != "_generators"})
+
     def settings(self) -> dict[str, Any]:
         return {"rollback_len": self.rollback_len, "seed": self.seed}
 
