@@ -562,6 +562,28 @@ def test_meta_loss_weighs_16_bit_losses_in_float32_and_takes_weights_beyond_thei
     assert torch.equal(MetaOptimizer.meta_loss(float64, weights), (w * float64).sum() / w.sum())
 
 
+@pytest.mark.parametrize("as_list", [False, True], ids=["tensor", "list"])
+def test_meta_loss_differentiates_weights_that_require_grad(as_list):
+    """Learned task weights (a tensor that requires grad, or such tensors in a list) were read
+    as numbers: the meta-loss had the right value but no gradient reached the weights
+    (``weights.grad`` stayed None, silently). They are differentiated through as the losses are,
+    :math:`\\partial L / \\partial w_i = (\\ell_i - L) / \\sum_j w_j`, with the value unchanged bit for bit."""
+    losses = torch.tensor([1.0, 2.0, 4.0], dtype=DT, requires_grad=True)
+    learned = torch.tensor([0.3, 1.7, 2.9], dtype=DT, requires_grad=True)
+    weights = [learned[0], 1.7, learned[2]] if as_list else learned
+    loss = MetaOptimizer.meta_loss(losses, weights)
+    loss.backward()
+    w, values = torch.tensor([0.3, 1.7, 2.9], dtype=DT), losses.detach()
+    expected = (w * values).sum() / w.sum()
+    assert torch.equal(loss.detach(), MetaOptimizer.meta_loss(values, [0.3, 1.7, 2.9]))
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-15)
+    grad = (values - expected) / w.sum()
+    if as_list:
+        grad[1] = 0.0  # a number: no gradient
+    torch.testing.assert_close(learned.grad, grad, rtol=1e-14, atol=0)
+    torch.testing.assert_close(losses.grad, w / w.sum(), rtol=1e-14, atol=0)
+
+
 @pytest.mark.parametrize(
     "weights, message",
     [

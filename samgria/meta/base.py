@@ -105,6 +105,23 @@ def _refuse_truth_values(weights: Sequence[Any] | torch.Tensor) -> None:
             _check_weight(weight, f"weights[{index}]")
 
 
+def _weights_with_graph(weights: Sequence[Any] | torch.Tensor) -> torch.Tensor | None:
+    """``weights`` as one tensor when it requires grad (a tensor, or a sequence holding tensors
+    that do; learned task weights), so that the meta-loss is differentiated with respect to them
+    too; ``None`` for weights that are constants."""
+    if isinstance(weights, torch.Tensor):
+        return weights if weights.requires_grad and not weights.is_complex() else None
+    if not isinstance(weights, Sequence) or not any(
+        isinstance(x, torch.Tensor) and x.requires_grad for x in weights
+    ):
+        return None
+    items = [x if isinstance(x, torch.Tensor) else torch.as_tensor(x, dtype=torch.float64) for x in weights]
+    if any(x.numel() != 1 or x.is_complex() for x in items):
+        return None  # refused with the message of any other such weights
+    device = next(x.device for x in items if x.requires_grad)
+    return torch.stack([x.reshape(()).to(device=device, dtype=torch.float64) for x in items])
+
+
 def _evaluates_before_writing(optimizer: torch.optim.Optimizer) -> bool:
     """Whether ``optimizer`` is one of torch.optim's own, which evaluate the closure once, before
     they write, and check a param group's inputs before writing its tensors -- but LBFGS, which
@@ -1100,7 +1117,8 @@ class MetaOptimizer(WrappingOptimizer):
 
         The weights are checked as given (in float64) and the weighted mean is computed in
         float32 at least, so weights beyond the range or precision of 16-bit losses count as
-        given; it is returned in the losses' dtype.
+        given; it is returned in the losses' dtype. Weights that require grad (learned task
+        weights: a tensor, or tensors among them) are differentiated through, as the losses are.
 
         Args:
             losses: Per-task scalar losses (a 1-D tensor or a sequence of scalars).
@@ -1132,7 +1150,9 @@ class MetaOptimizer(WrappingOptimizer):
             return stacked.mean()
         _refuse_truth_values(weights)
         try:  # checked as given: in float64, on the CPU (a few numbers, which the checks read)
-            w = torch.as_tensor(weights, dtype=torch.float64, device="cpu").detach()
+            graph = _weights_with_graph(weights)
+            w = (graph if graph is not None else torch.as_tensor(weights, dtype=torch.float64, device="cpu")).detach()
+            w = w.to(device="cpu", dtype=torch.float64)
         except (TypeError, ValueError, RuntimeError):  # strings, None, complex numbers, ragged lists
             raise TypeError(
                 f"weights must be a 1-D sequence of finite numbers >= 0, one per task loss, got {weights!r}"
@@ -1157,7 +1177,12 @@ class MetaOptimizer(WrappingOptimizer):
         computing = torch.promote_types(stacked.dtype, torch.float32)
         # (each weight by math.ldexp: 2**shift itself overflows a float when the largest is subnormal)
         shift = -math.frexp(largest)[1]
-        scaled = torch.tensor([math.ldexp(x, shift) for x in w.tolist()], dtype=torch.float64)
+        if graph is None:
+            scaled = torch.tensor([math.ldexp(x, shift) for x in w.tolist()], dtype=torch.float64)
+        else:  # weights that require grad keep their graph: the same numbers, times a power of two
+            scaled = graph.to(torch.float64)
+            for part in (shift // 2, shift - shift // 2):  # each factor a float64 (subnormal weights)
+                scaled = scaled * math.ldexp(1.0, part)
         scaled = scaled.to(device=stacked.device, dtype=computing)
         mean = (scaled * stacked.to(computing)).sum() / scaled.sum()
         return mean.to(stacked.dtype) if stacked.is_floating_point() else mean
