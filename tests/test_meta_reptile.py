@@ -395,6 +395,30 @@ def test_adapt_leaves_model_untouched():
     assert all(p.grad is None for p in model.parameters())
 
 
+def test_reptile_with_clone_learners_says_how_to_record_them():
+    """learn2learn style (``learner = meta.clone()``, ``learner.adapt(loss)`` k times) records
+    nothing, and step() said only "call meta.adapt(...) or meta.task_losses(...)", though the
+    tasks had been adapted. The message names record_adaptation, and recording the learners'
+    weights gives the paper's update towards their mean (reference: torch.optim.SGD copies)."""
+    model, tasks = mlp(), make_tasks(n=2)
+    start = [p.detach().clone() for p in model.parameters()]
+    adapted = [sgd_adapted(model, t, 0.1, 3) for t in tasks]
+    meta = Reptile(model, torch.optim.SGD, inner_lr=0.1, lr=0.5)
+    learners = []
+    for t in tasks:
+        learner = meta.clone()
+        for _ in range(3):
+            learner.adapt(mse(learner(t.support_x), t.support_y))
+        learners.append(learner)
+    with pytest.raises(ValueError, match=r"a learner of meta\.clone\(\) is not recorded: .*meta\.record_adaptation\(learner\.params\)"):
+        meta.step()
+    for learner in learners:
+        meta.record_adaptation(learner.params)
+    meta.step()
+    for p, p0, a, b in zip(model.parameters(), start, *adapted):
+        torch.testing.assert_close(p.detach(), p0 + 0.5 * ((a + b) / 2 - p0), rtol=1e-12, atol=1e-14)
+
+
 def test_reptile_errors_name_argument_and_value():
     model = mlp()
     meta = Reptile(model, torch.optim.SGD, inner_lr=0.1, lr=0.5)

@@ -69,6 +69,11 @@ class Reptile(MetaOptimizer):
     clears the record. Without a closure, ``step()`` uses the tasks adapted since the last step;
     with one, those and the tasks the closure adapts.
 
+    A learner of :meth:`clone` (learn2learn's ``clone()`` / ``adapt(loss)``) records nothing:
+    hand its adapted weights to :meth:`record_adaptation` (``meta.record_adaptation(learner.params,
+    weight)``). Likewise, steps taken with ``learner.adapt(loss)`` on a learner that :meth:`adapt`
+    returned are not in its record, which holds the weights :meth:`adapt` reached.
+
     :meth:`adapt` records every adaptation (the adapted weights) for the next step, so adapt
     for evaluation or at test time with :meth:`evaluate` or a learner (:meth:`clone`), which
     record nothing, or drop the record with :meth:`clear_records`: otherwise the records stay in
@@ -149,7 +154,8 @@ class Reptile(MetaOptimizer):
         if not self._records:
             raise ValueError(
                 "Reptile.step found no adapted tasks: call meta.adapt(...) or meta.task_losses(...) "
-                "for at least one task, inside the closure or before step()"
+                "for at least one task, inside the closure or before step(); a learner of meta.clone() "
+                "is not recorded: hand its adapted weights to meta.record_adaptation(learner.params)"
             )
         largest = max(w for _, w in self._records)
         if largest <= 0:
