@@ -933,6 +933,23 @@ def test_a_lamp_pickled_by_release_0_1_unpickles_as_the_lamp_its_settings_build(
     assert "_generators" not in vars(unpickled) and repr(unpickled) == "LAMP(eps=0.01, rollback_len=3, seed=0)"
 
 
+def test_a_normalize_grad_pickled_by_release_0_1_unpickles_and_steps_as_the_one_its_eps_builds():
+    """0.1.0's NormalizeGrad had only eps (p and param_ndim came later): the unpickled transform's
+    first step raised AttributeError ('NormalizeGrad' object has no attribute 'p'). It takes the
+    defaults 0.1.0 computed with (L2 norm of each whole gradient) and steps as NormalizeGrad(eps)."""
+    old = NormalizeGrad(1e-3)
+    old.__dict__ = {"eps": 1e-3}  # what 0.1.0 pickled
+    unpickled = pickle.loads(pickle.dumps(old))
+    model, twin_model = make_model(), make_model()
+    optimizer = build(model, [SAM(0.05), unpickled])
+    twin = build(twin_model, [SAM(0.05), NormalizeGrad(1e-3)])
+    for _ in range(3):
+        optimizer.step(make_closure(model, optimizer))
+        twin.step(make_closure(twin_model, twin))
+    assert_optimizers_equal(model, optimizer, twin_model, twin)
+    assert repr(unpickled) == repr(NormalizeGrad(1e-3))
+
+
 def test_a_checkpoint_of_this_release_with_a_transforms_key_added_beside_loads_as_before():
     """A 'transforms' key that a post-hook adds (say, as metadata) made the load take this
     release's checkpoint for one of 0.1.0 and refuse it; torch ignores unknown top-level keys."""

@@ -235,6 +235,12 @@ class NormalizeGrad(Transform):
         self.p = check_real("p", p, low=0.0, low_open=True, allow_inf=True)
         self.param_ndim = check_param_ndim("param_ndim", param_ndim)
 
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        """Unpickle. Release 0.1.0's NormalizeGrad had only ``eps`` (its first step here raised
+        ``AttributeError``): ``p`` and ``param_ndim`` then take the defaults it computed with, the
+        L2 norm of each whole gradient."""
+        self.__dict__.update({"p": 2.0, "param_ndim": None, **state})
+
     def group_defaults(self) -> dict[str, Any]:
         return {"eps": self.eps, "p": self.p, "param_ndim": self.param_ndim}
 
