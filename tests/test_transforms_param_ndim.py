@@ -647,6 +647,77 @@ def test_a_hook_that_points_param_data_at_a_slice_of_itself_raises():
     assert torch.equal(param.detach(), torch.tensor([[-3.0, 2.0], [1.0, 4.0]]))
 
 
+def test_a_hook_that_assigns_to_param_grad_data_raises_with_nothing_changed():
+    # param.grad.data = ... rebinds the temporary view's storage only: the real gradient kept its
+    # values and the step went on with them, silently.
+    class RebindsGradData(ParamTransform):
+        writes_weights_before_step = False
+
+        def pre_step_transform_(self, param, group):
+            param.grad.data = param.grad.data.sign()
+
+    param = nn.Parameter(torch.tensor([[-3.0, 2.0], [1.0, 4.0]]))
+    optimizer = TransformingOptimizer([param], torch.optim.SGD, lr=0.1, transforms=[RebindsGradData()])
+    param.grad = torch.tensor([[0.5, -2.0], [3.0, 0.25]])
+    message = r"^RebindsGradData\.pre_step_transform_ assigned a new tensor to param\.grad\.data, "
+    with pytest.raises(RuntimeError, match=message):
+        optimizer.step()
+    assert torch.equal(param.detach(), torch.tensor([[-3.0, 2.0], [1.0, 4.0]]))
+    assert torch.equal(param.grad, torch.tensor([[0.5, -2.0], [3.0, 0.25]]))
+
+
+class _OwnKeysOnly(ParamTransform):
+    """A subclass whose group_defaults lists its own key only (no super()): param_ndim is the instance's."""
+
+    writes_weights_before_step = False
+
+    def __init__(self, alpha=2.0, param_ndim=-1):
+        super().__init__(param_ndim)
+        self.alpha = alpha
+
+    def group_defaults(self):
+        return {"alpha": self.alpha}
+
+    def pre_step_transform_(self, param, group):
+        # each sub-tensor scaled by alpha over its largest magnitude
+        peak = param.grad.abs().amax(dim=tuple(range(1, param.grad.ndim)), keepdim=True)
+        param.grad.mul_(group["alpha"] / peak)
+
+
+def test_a_subclass_without_param_ndim_in_its_group_defaults_uses_its_own_value():
+    # It raised KeyError('param_ndim') at construction.
+    weight, bias = nn.Parameter(torch.zeros(2, 3, dtype=F64)), nn.Parameter(torch.zeros(2, dtype=F64))
+    grads = [torch.tensor([[1.0, -4.0, 2.0], [0.5, 0.25, -1.0]], dtype=F64), torch.tensor([3.0, -6.0], dtype=F64)]
+    groups = [{"params": [weight]}, {"params": [bias], "alpha": 3.0}]
+    optimizer = TransformingOptimizer(groups, torch.optim.SGD, lr=1.0, transforms=[_OwnKeysOnly(param_ndim=-1)])
+    assert "param_ndim" not in optimizer.param_groups[0]
+    weight.grad, bias.grad = grads[0].clone(), grads[1].clone()
+    optimizer.step()
+    # param_ndim=-1: each row of the weight, each element of the bias
+    expected_weight = [[2.0 * g / 4.0 for g in [1.0, -4.0, 2.0]], [2.0 * g / 1.0 for g in [0.5, 0.25, -1.0]]]
+    expected_bias = [3.0 * g / abs(g) for g in [3.0, -6.0]]
+    assert weight.grad.tolist() == expected_weight and bias.grad.tolist() == expected_bias
+    assert weight.detach().tolist() == [[-v for v in row] for row in expected_weight]
+
+
+@pytest.mark.parametrize("standalone", [False, True], ids=["optimizer", "seed-protocol"])
+def test_a_subclass_without_param_ndim_in_its_group_defaults_is_refused_a_value_that_does_not_fit(standalone):
+    # Checked for every group before any hook runs (the bias, second, does not fit param_ndim=2).
+    weight, bias = nn.Parameter(torch.ones(2, 3)), nn.Parameter(torch.ones(2))
+    model = nn.Module()
+    model.weight, model.bias = weight, bias
+    transform = _OwnKeysOnly(param_ndim=2)
+    weight.grad, bias.grad = torch.full((2, 3), 2.0), torch.full((2,), 2.0)
+    message = r"^param_groups\[0\]: param_ndim must be None or an integer in \[-1, 1\] for params\[1\] of shape \(2,\), got 2$"
+    with pytest.raises(ValueError, match=message):
+        if standalone:
+            transform.apply(model, lambda: None, ())
+        else:
+            TransformingOptimizer([weight, bias], torch.optim.SGD, lr=1.0, transforms=[transform]).step()
+    assert torch.equal(weight.grad, torch.full((2, 3), 2.0)) and torch.equal(bias.grad, torch.full((2,), 2.0))
+    assert torch.equal(weight.detach(), torch.ones(2, 3)) and torch.equal(bias.detach(), torch.ones(2))
+
+
 def test_a_subclass_that_checks_no_group_is_refused_a_bad_param_ndim_under_its_qualified_key():
     # A subclass whose validate_group checks nothing: the hooks' own check refuses the value,
     # naming the key the group stores it under when another transform of the chain owns one too.

@@ -180,13 +180,15 @@ class ParamTransform(Transform):
 
     Hooks must work **in place**: ``param.grad.mul_(...)``, ``param.grad /= ...``,
     ``torch.sign(param.grad, out=param.grad)``, ``param.clamp_(...)``. Assigning a new tensor to
-    ``param.grad`` (or to ``param.data``) would change a temporary view only, so it raises a
-    ``RuntimeError`` naming the hook.
+    ``param.grad``, ``param.grad.data`` or ``param.data`` would change a temporary view only, so
+    it raises a ``RuntimeError`` naming the hook.
 
     ``param_ndim`` is a per-group key (constructor default ``-1``, rai's); a subclass with
     hyperparameters of its own extends :meth:`group_defaults` and :meth:`validate_group` with
-    ``super()``'s. Only the hooks a subclass overrides run, so a transform with only a
-    pre-step hook is a pure pre-step transform (the optimizer takes no copy of the weights
+    ``super()``'s (one whose :meth:`group_defaults` leaves ``param_ndim`` out uses the instance's
+    value for every group; a value that does not fit one of a group's parameters is refused at
+    the step, before any hook runs). Only the hooks a subclass overrides run, so a transform
+    with only a pre-step hook is a pure pre-step transform (the optimizer takes no copy of the weights
     before its inner step, see :class:`~samgria.TransformingOptimizer`). Because a pre-step hook
     may change ``param``, the optimizer copies the weights at the start of each step for a
     subclass that overrides it, to put them back if the step raises or is skipped
@@ -227,7 +229,9 @@ class ParamTransform(Transform):
         return {"param_ndim": self.param_ndim}
 
     def validate_group(self, group: Mapping[str, Any]) -> None:
-        check_param_ndim("param_ndim", group["param_ndim"], group.get("params", ()))
+        # A subclass whose group_defaults leaves the key out: the instance's value, for every group.
+        param_ndim = group["param_ndim"] if "param_ndim" in self.group_defaults() else self.param_ndim
+        check_param_ndim("param_ndim", param_ndim, group.get("params", ()))
 
     def pre_step_transform_(self, param: torch.Tensor, group: Mapping[str, Any]) -> None:
         """Change ``param.grad`` (and/or ``param``) in place, before the inner step (default: nothing).
@@ -252,6 +256,11 @@ class ParamTransform(Transform):
         if "param_ndim" in self.group_defaults():
             entries = ndim_entries(ctx)
         else:  # a subclass that dropped the key: the instance's value for every group
+            for index, checked in enumerate(ctx.param_groups):  # before any hook runs
+                try:
+                    check_param_ndim("param_ndim", self.param_ndim, checked["params"])
+                except ValueError as error:
+                    raise ValueError(f"param_groups[{index}]: {error}") from None
             entries = [(g, p, self.param_ndim) for g in ctx.param_groups for p in g["params"] if p.grad is not None]
         refuse_sparse_gradients(self, (param for _, param, _ in entries))  # the hooks see param.grad
         for group, param, param_ndim in entries:
@@ -259,11 +268,13 @@ class ParamTransform(Transform):
             with batched(param, param_ndim) as view, batched(cast(torch.Tensor, param.grad), param_ndim) as grad:
                 view.grad = grad
                 address, shape = view.data_ptr(), view.shape
+                grad_address, grad_shape = grad.data_ptr(), grad.shape
                 hook(view, group)
                 replaced = [
                     what
                     for what, bad in (
                         ("param.grad", view.grad is not grad),
+                        ("param.grad.data", grad.data_ptr() != grad_address or grad.shape != grad_shape),
                         ("param.data", view.data_ptr() != address or view.shape != shape),
                     )
                     if bad
