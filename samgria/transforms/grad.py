@@ -428,8 +428,12 @@ class SparsifyGrad(Transform):
     imaginary part is an element).
 
     Followed by :class:`GradSign` and ``NormalizeGrad(p=1)`` with the same ``param_ndim``, this is
-    rai-toolbox's ``L1qNormedGradientOptim`` (whose ``q`` is the percentile *dropped*: its
-    ``q=0.9`` is ``SparsifyGrad(q=0.1)``; its random ``dq`` is not provided).
+    the chain of rai-toolbox's ``L1qNormedGradientOptim`` (whose ``q`` is the fraction *dropped*:
+    its ``q=0.9`` is ``SparsifyGrad(q=0.1)``; its random ``dq`` is not provided) except for the
+    count kept: rai keeps exactly :math:`\operatorname{round}((1 - q_{rai})\, m)` elements (Python's
+    ``round``, halves to even; none when that is 0; ties broken by ``torch.topk``), this
+    :math:`\lceil q\, m \rceil` (at least one, every tie): 3 of 30 for both, but of 11 elements
+    rai's ``q=0.9`` keeps 1 and ``SparsifyGrad(q=0.1)`` 2.
 
     Args:
         q: Fraction of the elements kept (per-group key ``"q"``), in :math:`(0, 1]`.
