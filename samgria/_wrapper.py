@@ -342,8 +342,18 @@ _HOOK_DICTIONARIES = (
 )
 
 
+def _step_patched_on_instance(optimizer: Optimizer) -> bool:
+    """Whether ``optimizer.step`` was replaced on the instance (``optimizer.step =
+    torch.compile(optimizer.step)``, a patch of the method) by something other than an LR
+    scheduler's record of the calls, which the wrapper keeps (:func:`_record_call_for_schedulers`).
+    A wrapper steps its driven optimizer with the class's ``step`` (:func:`unhooked_step`)."""
+    value = optimizer.__dict__.get("step")
+    return value is not None and not getattr(value, "_wrapped_by_lr_sched", False)
+
+
 def warn_of_hooks_not_run(optimizer: Optimizer, name: str, wrapper: str) -> None:
-    """Warn if ``optimizer``, about to be driven by a ``wrapper``, has hooks of its own.
+    """Warn if ``optimizer``, about to be driven by a ``wrapper``, has hooks of its own, or its
+    ``step`` replaced on the instance (a compiled ``step``), which the wrapper does not call either.
 
     The wrapper steps, packs and loads with its own hooks (the driven optimizer's step runs
     without torch's hook wrapper, so that the global step hooks fire once per step): hooks
@@ -351,6 +361,15 @@ def warn_of_hooks_not_run(optimizer: Optimizer, name: str, wrapper: str) -> None
     Called by constructors before they change anything (the driven optimizer holds no hook of a
     wrapper's then: :func:`refuse_driven` refuses one that was driven).
     """
+    if _step_patched_on_instance(optimizer):
+        warnings.warn(
+            f"{name} has its step replaced on the instance (optimizer.step = "
+            f"torch.compile(optimizer.step), a patch of the method), which the {wrapper} does "
+            "not call: it steps with the step of the class. Replace or compile the "
+            f"{wrapper}'s step instead",
+            UserWarning,
+            stacklevel=stacklevel_outside(),
+        )
     found = []
     for attribute, register in _HOOK_DICTIONARIES:
         hooks = _hooks_of(optimizer, attribute)

@@ -64,6 +64,36 @@ def test_wrapping_an_optimizer_with_hooks_of_its_own_warns_that_the_wrapper_does
     assert calls == []  # as the warning says
 
 
+@pytest.mark.parametrize("patch", ["function", "compiled"])
+def test_wrapping_an_optimizer_whose_step_was_replaced_on_the_instance_warns_that_the_wrapper_does_not_call_it(patch):
+    # The wrapper steps the inner optimizer with its class's step: a step replaced on the instance
+    # (torch.compile(optimizer.step), a patch that logs or changes the step) never ran, silently.
+    model = make_model()
+    inner = torch.optim.SGD(model.parameters(), lr=0.1)
+    calls = []
+    original = inner.step
+
+    def patched(*args, **kwargs):
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    inner.step = torch.compile(patched, backend="eager") if patch == "compiled" else patched
+    with pytest.warns(UserWarning, match=r"^params has its step replaced on the instance \(optimizer.step = torch.compile\(optimizer.step\), a patch of the method\), which the TransformingOptimizer does not call: .*compile the TransformingOptimizer's step instead$"):
+        optimizer = TransformingOptimizer(inner, transforms=[SAM(0.05)])
+    x, y = make_data()
+    optimizer.step(make_closure(model, optimizer, x, y))
+    assert calls == []  # as the warning says
+
+
+def test_wrapping_an_optimizer_an_lr_scheduler_was_built_on_does_not_warn():
+    # The scheduler's record of step calls, patched on the instance, is kept by the wrapper.
+    inner = torch.optim.SGD(make_model().parameters(), lr=0.1)
+    torch.optim.lr_scheduler.StepLR(inner, step_size=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        TransformingOptimizer(inner, transforms=[SAM(0.05)])
+
+
 class _OwnCheckpointSGD(torch.optim.SGD):
     """An inner optimizer whose class has its own state_dict / load_state_dict (as
     pytorch_optimizer's have): the wrapper calls them beside torch's."""
