@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import copy
+import io
 import math
 import pickle
 
@@ -434,6 +435,65 @@ def test_compiled_training_step_runs_a_meta_optimizers_step_eagerly_as_the_eager
     with pytest.raises(torch._dynamo.exc.Unsupported, match="marked as skipped"):
         torch.compile(train_step, backend="aot_eager", fullgraph=True)(metas[0])
     assert unchanged(models[0], before)
+    torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("inner", [torch.optim.SGD, torch.optim.Adam, torch.optim.AdamW])
+@pytest.mark.parametrize("chain", ["none", "clip"])
+def test_compiled_optimizer_step_with_a_tensor_lr_and_a_scheduler_equals_the_eager_loop(inner, chain) -> None:
+    """torch's recipe for compiling the optimizer: a compiled function calls ``optimizer.step()``
+    and ``scheduler.step()``, ``lr`` a 0-dim tensor the scheduler writes in place. The wrapper's
+    step runs eagerly there: weights and ``lr`` bit for bit the eager loop's (without transforms,
+    the bare optimizer's), no compilation as ``lr`` changes, and a ``torch.save`` round trip
+    (``weights_only=True``) with the tensor ``lr`` continues bit for bit."""
+    torch._dynamo.reset()
+    x = torch.randn(8, 4, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    backend = CountingBackend()
+    runs = []
+    for how in ("compiled", "eager", "bare"):
+        if how == "bare" and chain == "clip":
+            continue
+        torch.manual_seed(0)
+        model = nn.Linear(4, 3).double()
+        lr = torch.tensor(0.01, dtype=torch.float64)
+        if how == "bare":
+            optimizer = inner(model.parameters(), lr=lr)
+        else:
+            transforms = [ClipGradNorm(0.1)] if chain == "clip" else []
+            optimizer = TransformingOptimizer(model.parameters(), inner, lr=lr, transforms=transforms)
+        scheduler = torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma=0.5)
+
+        def opt_step(optimizer=optimizer, scheduler=scheduler):
+            optimizer.step()
+            scheduler.step()
+
+        step = torch.compile(opt_step, backend=backend) if how == "compiled" else opt_step
+        for index in range(4):
+            optimizer.zero_grad()
+            model(x).pow(2).sum().backward()
+            step()
+            if index == 1:
+                compilations = backend.compilations
+        runs.append((model, optimizer, scheduler))
+        assert optimizer.param_groups[0]["lr"] is lr  # written in place: 0.01 / 2**4
+        assert lr.item() == 0.01 / 16
+    assert backend.compilations == compilations, "a new lr recompiled"
+    for model, _, _ in runs[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(runs[0][0].parameters(), model.parameters()))
+    model, optimizer, scheduler = runs[0]
+    buffer = io.BytesIO()
+    torch.save(optimizer.state_dict(), buffer)
+    buffer.seek(0)
+    resumed_model = copy.deepcopy(model)
+    resumed = TransformingOptimizer(resumed_model.parameters(), inner, lr=0.5, transforms=[ClipGradNorm(0.1)] if chain == "clip" else [])
+    resumed.load_state_dict(torch.load(buffer, weights_only=True))
+    assert isinstance(resumed.param_groups[0]["lr"], torch.Tensor) and resumed.param_groups[0]["lr"].item() == 0.01 / 16
+    for net, opt in ((model, optimizer), (resumed_model, resumed)):
+        for _ in range(2):
+            opt.zero_grad()
+            net(x).pow(2).sum().backward()
+            opt.step()
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), resumed_model.parameters()))
     torch._dynamo.reset()
 
 
