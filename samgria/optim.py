@@ -90,15 +90,17 @@ class _NonFiniteGradients(Exception):
     ``pre_update`` returns (:meth:`TransformingOptimizer._run_chain`).
     """
 
-    def __init__(self, evaluation: int, combined_by: str | None = None) -> None:
+    def __init__(self, evaluation: int, combined_by: str | None = None, verb: str = "combined") -> None:
         super().__init__(evaluation)
         self.evaluation = evaluation
         self.combined_by = combined_by
+        self.verb = verb  # what the transform did to the gradients: "combined" or "computed"
 
 
-def _combined_by(name: str | None) -> str:
-    """The ``where`` of a skip message for gradients a transform combined (or ``""``)."""
-    return "" if name is None else f", as {name} combined them,"
+def _combined_by(non_finite: _NonFiniteGradients) -> str:
+    """The ``where`` of a skip message for gradients a transform combined or computed (or ``""``)."""
+    name = non_finite.combined_by
+    return "" if name is None else f", as {name} {non_finite.verb} them,"
 
 
 def _ordinal(number: int) -> str:
@@ -284,7 +286,9 @@ class TransformingOptimizer(WrappingOptimizer):
     (also with nothing changed). Under ``torch.amp.GradScaler`` the scaler's verdict rules: it
     skips the step and backs off. Not finite means an infinite or NaN element
     (``samgria.functional.all_finite``). The gradients GSAM, WSAM and LookSAM compute from the
-    evaluations' (``Transform.combines_gradients``) are checked too, in both loops. Norms that
+    evaluations' (``Transform.combines_gradients``), and those a transform may take beyond the
+    dtype's range (``Transform.can_overflow_gradients``: ``ScaleGrad``), are checked too, in both
+    loops. Norms that
     float32 (or a 16-bit dtype) cannot hold are taken again in float64
     (``samgria.functional.global_norm`` for SAM and ``ClipGradNorm``; per tensor for
     ``NormalizeGrad`` and ``ProjectParams``' L2 projection), so finite gradients are scaled by
@@ -923,10 +927,12 @@ class TransformingOptimizer(WrappingOptimizer):
             transform.pre_update(ctx)
             if raised:  # the transform swallowed it (except Exception: pass): the policy applies
                 raise raised[0]
-            if transform.combines_gradients and not self._grads_finite():
+            checked = transform.combines_gradients or transform.can_overflow_gradients
+            if checked and not self._grads_finite():
                 # In every loop (a built-in's combination in the two-call loop is checked once
                 # second_step() has finished it, before this runs the transforms after it).
-                raise _NonFiniteGradients(evaluated + evaluations[0], combined_by=type(transform).__name__)
+                verb = "combined" if transform.combines_gradients else "computed"
+                raise _NonFiniteGradients(evaluated + evaluations[0], combined_by=type(transform).__name__, verb=verb)
         if reevaluate is not None and self.first_pass_context is not None:  # as counted is not None
             reevaluated_here = evaluations[0] > 0
             if not reevaluated_here:
@@ -1128,7 +1134,7 @@ class TransformingOptimizer(WrappingOptimizer):
                 with _put_back_on_error(self._pre_step_structure()):
                     self._run_chain(0, None, None)
             except _NonFiniteGradients as non_finite:  # a transform combined them (put back above)
-                self._skip(_ordinal(non_finite.evaluation), _combined_by(non_finite.combined_by))
+                self._skip(_ordinal(non_finite.evaluation), _combined_by(non_finite))
             return None
 
         if scaled:
@@ -1170,7 +1176,7 @@ class TransformingOptimizer(WrappingOptimizer):
             with _put_back_on_error(self._pre_step_structure()):
                 self._run_chain(0, reevaluate, grad_norm, loss=loss)
         except _NonFiniteGradients as non_finite:
-            self._skip(_ordinal(non_finite.evaluation), _combined_by(non_finite.combined_by))
+            self._skip(_ordinal(non_finite.evaluation), _combined_by(non_finite))
         finally:
             if evaluations > 1:
                 forget_autocast_copies()  # copies of the moved weights, cast in a re-evaluation
@@ -1222,7 +1228,7 @@ class TransformingOptimizer(WrappingOptimizer):
                     else:
                         self._run_chain(pending.resume_at, None, None, spare_buffers, evaluated=2)
                 except _NonFiniteGradients as non_finite:  # a transform after the split combined them
-                    self._skip(_ordinal(non_finite.evaluation), _combined_by(non_finite.combined_by))
+                    self._skip(_ordinal(non_finite.evaluation), _combined_by(non_finite))
                     skipped = True
         except BaseException:
             if not restored:  # raised before (or while) the weights went back: w, not w + e

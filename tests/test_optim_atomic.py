@@ -1908,6 +1908,34 @@ def test_a_combining_transform_that_overflows_is_skipped_in_every_loop(chain, lo
     assert_runs_equal(model, optimizer, twin_model, twin)
 
 
+@pytest.mark.parametrize(
+    "chain,loop",
+    [("sam", "closure"), ("sam", "two-call"), ("alone", "closure"), ("alone", "two-call"), ("alone", "no-closure")],
+)
+def test_a_scale_grad_that_overflows_finite_gradients_skips_the_step_in_every_loop(chain, loop):
+    """ScaleGrad maps finite gradients beyond the dtype's range (here twice by 1e300 in float64;
+    in float16 a scale of 1e5 on gradients near 1): the step handed inf to the next transform
+    (ClipGradNorm: inf * 0 = NaN) and wrote NaN weights with nothing skipped. Now it is checked as
+    a combining transform is, and skipped whole."""
+    model = make_model()
+    transforms = ([SAM(0.05)] if chain == "sam" else []) + [ScaleGrad(1e300), ScaleGrad(1e300), ClipGradNorm(1.0)]
+    optimizer = TransformingOptimizer(model.parameters(), torch.optim.SGD, lr=0.1, momentum=0.9, transforms=transforms)
+    optimizer.param_groups[0]["scale_grad_1.grad_scale"] = 1.0  # a first step that stays finite
+    optimizer.step(make_closure(model, optimizer))
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    optimizer.param_groups[0]["scale_grad_1.grad_scale"] = 1e300
+    before = Before(model, optimizer)
+    evaluation = "first" if loop == "no-closure" or (chain == "alone" and loop == "closure") else "second"
+    with pytest.warns(RuntimeWarning, match=rf"^TransformingOptimizer: the gradients of the {evaluation} evaluation, as ScaleGrad computed them, are not finite"):
+        if loop == "no-closure":
+            make_closure(model, optimizer)()
+            optimizer.step()
+        else:
+            step_in(loop, model, optimizer)
+    assert optimizer.skipped_steps == 1
+    before.assert_unchanged()
+
+
 class _AscentRestoringInExcept(Transform):
     """Moves w to w + 0.1 g, re-evaluates, and puts the weights back: after the re-evaluation, or
     in the usual cleanup ``except Exception: restore; raise`` when it raises."""

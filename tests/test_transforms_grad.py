@@ -13,7 +13,7 @@ import pytest
 import torch
 from torch import nn
 
-from samgria import ASAM, ClampGrad, ClipGradNorm, GradSign, NormalizeGrad, ScaleGrad, SparsifyGrad, TransformingOptimizer
+from samgria import ASAM, ClampGrad, ClipGradNorm, GradSign, NormalizeGrad, ScaleGrad, SparsifyGrad, Transform, TransformingOptimizer
 
 
 def grads_after(transform, groups_kwargs=({}, {})):
@@ -426,13 +426,21 @@ def test_normalize_grad_eps_at_extreme_float64_magnitudes_matches_an_exact_refer
 @pytest.mark.parametrize("foreach", [True, False], ids=["foreach", "loop"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
 def test_normalize_grad_row_with_an_infinite_element_is_divided_by_its_norm_as_it_is(foreach, dtype):
-    # ScaleGrad before it overflows one element (the optimizer skips steps whose own gradients are
-    # not finite). An infinite norm of an infinite element has not overflowed: no scaled retake
-    # (which gave NaN for every element of the row); a row whose squares overflow is retaken.
+    # A transform before it overflows one element (the optimizer skips steps whose own gradients
+    # are not finite, and those ScaleGrad overflows: this one declares nothing). An infinite norm
+    # of an infinite element has not overflowed: no scaled retake (which gave NaN for every
+    # element of the row); a row whose squares overflow is retaken.
     big = 1e300 if dtype == torch.float64 else 1e36
+
+    class Overflowing(Transform):
+        def pre_update(self, ctx):
+            for group in ctx.param_groups:
+                for p in group["params"]:
+                    p.grad.mul_(big)
+
     grad = torch.tensor([[1e10, 1.0, -2.0], [3.0, 4.0, 0.0]], dtype=dtype)  # 1e10 * big: inf
     param = nn.Parameter(torch.zeros_like(grad))
-    transforms = [ScaleGrad(big), NormalizeGrad(eps=0.0, param_ndim=-1)]
+    transforms = [Overflowing(), NormalizeGrad(eps=0.0, param_ndim=-1)]
     optimizer = TransformingOptimizer([param], torch.optim.SGD, lr=0.0, transforms=transforms, transform_foreach=foreach)
     param.grad = grad.clone()
     optimizer.step()

@@ -495,6 +495,10 @@ class ScaleGrad(Transform):
         ValueError: If ``scale`` or ``bias`` is not finite.
     """
 
+    # s g + b overflows where |s| > 1 or b moves a large g further out (fp16: beyond 65504): the
+    # optimizer checks the result, so that such a step is skipped rather than stepped with inf.
+    can_overflow_gradients = True
+
     def __init__(self, scale: float = 1.0, bias: float = 0.0) -> None:
         self.scale = check_real("scale", scale)
         self.bias = check_real("bias", bias)
