@@ -113,9 +113,11 @@ def refuse_closure_under_grad_scaler(optimizer_name: str) -> None:
     Such a scaler unscales the gradients, then calls ``step(closure)``, whose closure computes the
     gradients anew, times the loss scale: the update would be the loss scale times too large.
     torch's scaler refuses ``closure=`` for this reason, but not a closure passed by position,
-    as accelerate's ``AcceleratedOptimizer.step(closure)`` passes it under fp16.
+    as accelerate's ``AcceleratedOptimizer.step(closure)`` passes it under fp16. A disabled
+    scaler (``GradScaler(enabled=False)``) hands ``step`` its arguments untouched: not refused.
     """
-    if stepping_grad_scaler(SCALER_FRAMES) is not None:
+    scaler = stepping_grad_scaler(SCALER_FRAMES)
+    if scaler is not None and scaler.is_enabled():
         raise RuntimeError(
             f"torch.amp.GradScaler.step(optimizer, closure) cannot drive {optimizer_name}.step(closure): "
             "the scaler unscaled the gradients before this step, and the closure would compute them "

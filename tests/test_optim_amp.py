@@ -682,3 +682,35 @@ def test_perturbations_are_scale_independent_unless_declared_and_multi_step_sam_
     _two_call_step(
         lambda: [MultiStepSAM(0.05, normalize=False)], scaler=_scaler(), refusal=r"scale_dependent=True.*use normalize=True"
     )
+
+
+@pytest.mark.parametrize("positional", [True, False], ids=["positional", "keyword"])
+@pytest.mark.parametrize("chain", [lambda: [SAM(rho=0.1)], lambda: [ClipGradNorm(1.0)]], ids=["SAM", "ClipGradNorm"])
+def test_a_disabled_scaler_passes_a_closure_on_like_a_plain_step(chain, positional):
+    """GradScaler(enabled=False) (the ``enabled=use_amp`` idiom) hands step() its arguments
+    untouched, as torch.optim's optimizers take them; its step(closure) was refused as if the
+    scaler had unscaled the gradients. It now steps as step(closure) without the scaler."""
+    inputs, targets = _batch()
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    results = []
+    for through_scaler in (True, False):
+        model = _model()
+        optimizer = TransformingOptimizer(model.parameters(), torch.optim.SGD, lr=0.1, momentum=0.9, transforms=chain())
+
+        def closure():
+            optimizer.zero_grad()
+            loss = nn.functional.cross_entropy(model(inputs), targets)
+            loss.backward()
+            return loss
+
+        for _ in range(2):
+            if not through_scaler:
+                optimizer.step(closure)
+            elif positional:
+                scaler.step(optimizer, closure)
+            else:
+                scaler.step(optimizer, closure=closure)
+        results.append([p.detach().clone() for p in model.parameters()])
+    assert not torch.equal(results[1][0], _model()[0].weight), "it trained"
+    for got, want in zip(*results):
+        assert torch.equal(got, want)
