@@ -871,6 +871,14 @@ class TransformingOptimizer(WrappingOptimizer):
             return StateStructure(self.state)
         return None
 
+    def _check_after(self, transform: Transform, evaluation: int) -> None:
+        """Raise ``_NonFiniteGradients`` if ``transform`` combines gradients or may overflow them
+        (``combines_gradients``, ``can_overflow_gradients``) and the gradients it left are not
+        finite (``evaluation``: the number of the evaluation they come from)."""
+        if (transform.combines_gradients or transform.can_overflow_gradients) and not self._grads_finite():
+            verb = "combined" if transform.combines_gradients else "computed"
+            raise _NonFiniteGradients(evaluation, combined_by=type(transform).__name__, verb=verb)
+
     @torch.no_grad()
     def _run_chain(
         self,
@@ -919,7 +927,9 @@ class TransformingOptimizer(WrappingOptimizer):
 
         transforms = [(i, slot, t) for i, (slot, t) in enumerate(self.chain) if i >= start and i != skip]
         first_run = None  # what the transforms that may run twice (below) saved before their first run
-        if reevaluate is not None and self.first_pass_context is not None:
+        # Whether the first run may see this rank's own gradients (until a re-evaluation here).
+        local_first_run = reevaluate is not None and self.first_pass_context is not None
+        if local_first_run:
             saving = [slot for _, slot, t in transforms if t.saves_state_before_step and not t.needs_closure]
             first_run = SlotValues(self.state, saving) if saving else None
         for index, (_, slot, transform) in enumerate(transforms):
@@ -927,12 +937,12 @@ class TransformingOptimizer(WrappingOptimizer):
             transform.pre_update(ctx)
             if raised:  # the transform swallowed it (except Exception: pass): the policy applies
                 raise raised[0]
-            checked = transform.combines_gradients or transform.can_overflow_gradients
-            if checked and not self._grads_finite():
-                # In every loop (a built-in's combination in the two-call loop is checked once
-                # second_step() has finished it, before this runs the transforms after it).
-                verb = "combined" if transform.combines_gradients else "computed"
-                raise _NonFiniteGradients(evaluated + evaluations[0], combined_by=type(transform).__name__, verb=verb)
+            # In every loop (a built-in's combination in the two-call loop is checked once
+            # second_step() has finished it, before this runs the transforms after it); not on
+            # this rank's own first-pass gradients (first_pass_context, nothing re-evaluated yet):
+            # a verdict of one rank alone would skip there only, and the rerun below checks.
+            if not local_first_run or evaluations[0] > 0:
+                self._check_after(transform, evaluated + evaluations[0])
         if reevaluate is not None and self.first_pass_context is not None:  # as counted is not None
             reevaluated_here = evaluations[0] > 0
             if not reevaluated_here:
@@ -949,6 +959,7 @@ class TransformingOptimizer(WrappingOptimizer):
                 for _, slot, transform in rerun:
                     if not transform.needs_closure:
                         transform.pre_update(self._context(slot, None))
+                        self._check_after(transform, evaluated + 1)  # the synchronised evaluation
         snapshot = self._snapshot_before_inner_step(spare_buffers)
         # torch's own optimizers keep nothing in their groups; others may (group["step"] += 1).
         group_values = (

@@ -1382,6 +1382,62 @@ def test_first_pass_context_runs_each_transforms_state_update_once_per_step(rho,
     assert_state_dicts_equal(optimizer.state_dict(), optimizer_m.state_dict())
 
 
+class _LocalFirstPass:
+    """A first_pass_context standing in for DDP's no_sync: inside it, the closure's loss is
+    multiplied by ``factor`` (this rank's own gradients, which the synchronised ones are not)."""
+
+    def __init__(self, factor: float) -> None:
+        self.factor, self.active = factor, False
+
+    @contextlib.contextmanager
+    def __call__(self):
+        self.active = True
+        try:
+            yield
+        finally:
+            self.active = False
+
+
+@pytest.mark.parametrize("first_pass_factor,synced_factor", [(1e300, 1.0), (1e-300, 1e10)])
+def test_first_pass_context_checks_scale_grad_on_the_synchronised_gradients(first_pass_factor, synced_factor):
+    """With nothing perturbed under first_pass_context (rho=0), ScaleGrad's overflow check ran
+    on the first pass's local gradients only: local ones that overflow skipped the step on that
+    rank alone (another rank, re-evaluating, waited in its synchronised backward), and
+    synchronised ones that overflow in the rerun went unchecked (NaN weights, nothing skipped).
+    Now the synchronised gradients decide, as without first_pass_context."""
+    from samgria import ClipGradNorm, ScaleGrad
+
+    runs = []
+    for context in (None, _LocalFirstPass(first_pass_factor)):
+        model = make_model().double()
+        optimizer = TransformingOptimizer(
+            model.parameters(), torch.optim.SGD, lr=0.1, transforms=[SAM(0.0), ScaleGrad(1e300), ClipGradNorm(1.0)], first_pass_context=context
+        )
+        x, y = (t.double() for t in make_data())
+
+        def closure():
+            optimizer.zero_grad()
+            factor = first_pass_factor if context is not None and context.active else synced_factor
+            loss = nn.functional.mse_loss(model(x), y) * factor
+            loss.backward()
+            return loss
+
+        before = params_of(model)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            optimizer.step(closure)
+        runs.append((before, params_of(model), optimizer.skipped_steps, [str(w.message) for w in caught if w.category is RuntimeWarning]))
+    (_, reference, reference_skipped, reference_warnings), (before, weights, skipped, caught) = runs
+    assert skipped == reference_skipped == (0 if synced_factor == 1.0 else 1)
+    if skipped:
+        assert_bitwise_equal(weights, before)
+        assert len(caught) == 1 and re.match(r"TransformingOptimizer: the gradients of the second evaluation, as ScaleGrad computed them, are not finite", caught[0])
+    else:
+        assert caught == reference_warnings == []
+        assert all(torch.isfinite(w).all() for w in weights)
+    assert_bitwise_equal(weights, reference)
+
+
 def test_loads_a_plain_inner_optimizer_checkpoint_and_rejects_mismatches():
     x, y = make_data()
     model = make_model()
