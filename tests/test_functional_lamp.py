@@ -452,3 +452,28 @@ def test_lamp_kernels_refuse_a_target_torch_cannot_write_before_writing(foreach)
         with pytest.raises(ValueError, match=r"^sums\[1\]" + rule):
             assign_mean_([first, torch.ones(3)], sums, [2, 2], foreach=foreach)
         assert torch.equal(first, torch.ones(3)) and torch.equal(sums[0], torch.ones(3))  # nothing written
+
+
+@pytest.mark.parametrize("foreach", [True, False])
+def test_in_place_kernels_refuse_a_view_of_a_leaf_that_requires_grad_before_writing(foreach):
+    """A later target that is a view of a leaf requiring grad (``leaf[:3]``, ``leaf.view(-1)``)
+    while grad mode is on: torch refused it as it reached it ('a view of a leaf Variable that
+    requires grad is being used in an in-place operation'), after the first entry was written
+    (foreach=False, or another dtype before it)."""
+    from samgria.functional import mul_
+
+    leaf = torch.zeros(2, 3, requires_grad=True)
+    rule = r"\[1\] must be a tensor that does not require grad while grad mode is on \(write under torch.no_grad\(\)\), got a view of a leaf that requires grad$"
+    for view in (leaf[1], leaf.view(-1)[:3]):
+        first = torch.ones(3, dtype=torch.float64)
+        with pytest.raises(ValueError, match=r"^params" + rule):
+            add_scaled_([first, view], [torch.ones(3, dtype=torch.float64), torch.ones(3)], alpha=1.0, foreach=foreach)
+        with pytest.raises(ValueError, match=r"^sums" + rule):
+            accumulate_([first, view], [torch.ones(3, dtype=torch.float64), torch.ones(3)], foreach=foreach)
+        with pytest.raises(ValueError, match=r"^buffers" + rule):
+            mul_([first, view], [torch.full((3,), 2.0, dtype=torch.float64), torch.ones(3)], foreach=foreach)
+        assert torch.equal(first, torch.ones(3, dtype=torch.float64))  # nothing written
+    # A view of a tensor that is not a leaf is written (autograd records it), as torch does.
+    graph_output = leaf * 1.0
+    accumulate_([graph_output[0]], [torch.ones(3)], foreach=foreach)
+    assert torch.equal(graph_output.detach()[0], torch.ones(3)) and graph_output.grad_fn is not None

@@ -130,8 +130,8 @@ def check_writable(name: str, tensors: Sequence[torch.Tensor], *, out: bool = Fa
     """Check that torch can write every tensor of ``tensors`` in place: torch refuses one only as
     it reaches it, after writing the entries before it. Refused: a tensor whose elements share
     memory (an ``expand`` view), an inference tensor outside ``torch.inference_mode()``, and, while
-    grad mode is on, a leaf that requires grad (any tensor that requires grad with ``out``: the
-    caller writes with ``out=``, which autograd does not record).
+    grad mode is on, a leaf that requires grad or a view of one (any tensor that requires grad
+    with ``out``: the caller writes with ``out=``, which autograd does not record).
 
     Raises:
         ValueError: ``"{name}[i] must be a tensor ..., got ..."`` for the first such tensor: ``whose
@@ -152,12 +152,19 @@ def check_writable(name: str, tensors: Sequence[torch.Tensor], *, out: bool = Fa
                 f"{name}[{index}] must be a tensor that is not an inference tensor outside "
                 "torch.inference_mode() (torch writes into one only inside it), got an inference tensor"
             )
-        if recording and tensor.requires_grad and (out or tensor.is_leaf):
-            kind = "a leaf tensor" if tensor.is_leaf else "a tensor"
+        if recording and tensor.requires_grad and (out or tensor.is_leaf or _views_a_leaf(tensor)):
+            kind = "a leaf tensor" if tensor.is_leaf else "a view of a leaf" if _views_a_leaf(tensor) else "a tensor"
             raise ValueError(
                 f"{name}[{index}] must be a tensor that does not require grad while grad mode is on "
                 f"(write under torch.no_grad()), got {kind} that requires grad"
             )
+
+
+def _views_a_leaf(tensor: torch.Tensor) -> bool:
+    """Whether ``tensor`` is a view of a leaf (``leaf[0]``, ``leaf.view(-1)``), which torch does
+    not write in place while the leaf requires grad and grad mode is on, as the leaf itself."""
+    base = tensor._base if tensor._is_view() else None
+    return base is not None and base.is_leaf and base.requires_grad
 
 
 def check_devices(

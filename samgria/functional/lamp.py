@@ -166,7 +166,7 @@ def accumulate_(sums: Sequence[torch.Tensor], params: Sequence[torch.Tensor], *,
             or (unless a 0-dim CPU tensor) device than its sum, or a sum is one torch cannot write
             in place (torch would refuse it after writing the entries before it): its elements
             share memory (an ``expand`` view), an inference tensor outside
-            ``torch.inference_mode()``, or a leaf that requires grad while grad mode is on.
+            ``torch.inference_mode()``, or a leaf that requires grad (or a view of one) while grad mode is on.
         TypeError: If a list is not a sequence (a tensor given for a list of tensors, a number for a
             list of numbers: see :func:`global_norm`), an entry of either list is not a tensor, a
             sum is neither floating-point nor complex, or a parameter is complex where its sum is

@@ -370,7 +370,7 @@ def mul_(
             tensor; torch would refuse it after writing the entries before it), or a buffer is one
             torch cannot write in place (the same): its elements share memory (an ``expand``
             view), an inference tensor outside ``torch.inference_mode()``, or a leaf that requires
-            grad while grad mode is on.
+            grad (or a view of one) while grad mode is on.
         TypeError: If a list is not a sequence (a tensor given for a list of tensors, a number for a
             list of numbers: see :func:`global_norm`), an entry of either list is not a tensor
             (``"factors[i] must be a torch.Tensor, got 2.0"``), a buffer is neither floating-point
