@@ -344,11 +344,18 @@ _HOOK_DICTIONARIES = (
 
 def _step_patched_on_instance(optimizer: Optimizer) -> bool:
     """Whether ``optimizer.step`` was replaced on the instance (``optimizer.step =
-    torch.compile(optimizer.step)``, a patch of the method) by something other than an LR
-    scheduler's record of the calls, which the wrapper keeps (:func:`_record_call_for_schedulers`).
+    torch.compile(optimizer.step)``, a patch of the method) by something other than the class's
+    own step, bound again, or an LR scheduler's record of the calls of it, which the wrapper keeps
+    (:func:`_record_call_for_schedulers`; a scheduler's record of a patch's calls counts as the patch).
     A wrapper steps its driven optimizer with the class's ``step`` (:func:`unhooked_step`)."""
     value = optimizer.__dict__.get("step")
-    return value is not None and not getattr(value, "_wrapped_by_lr_sched", False)
+    if value is None:
+        return False
+    own = getattr(type(optimizer), "step", None)
+    if getattr(value, "_wrapped_by_lr_sched", False):  # what it wraps: the class's, or a patch
+        return getattr(value, "__wrapped__", own) is not own
+    # The class's own step bound to it again (accelerate puts back its saved optimizer.step so).
+    return not (getattr(value, "__func__", None) is own and getattr(value, "__self__", None) is optimizer)
 
 
 def warn_of_hooks_not_run(optimizer: Optimizer, name: str, wrapper: str) -> None:

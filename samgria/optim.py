@@ -899,7 +899,10 @@ class TransformingOptimizer(WrappingOptimizer):
         gradients are checked for the non-finite policy, in every loop, so that ``step(closure)``,
         ``step()`` and the two-call loop skip the same steps: ``_NonFiniteGradients`` (numbering
         the evaluation from ``evaluated``, the closure's evaluations before this call; the
-        two-call loop's gradients are its second pass's) raises before the inner step.
+        two-call loop's gradients are its second pass's) raises before the inner step; as after
+        one that may overflow them (``Transform.can_overflow_gradients``). Under
+        ``first_pass_context`` the first run's gradients before a re-evaluation are this rank's
+        own: the transforms run again on the synchronised ones (below) are checked then instead.
 
         When the first evaluation ran under ``first_pass_context`` (e.g. DDP's ``no_sync``) and no
         transform re-evaluated on this rank (nothing was perturbed), its gradients were never

@@ -10,6 +10,7 @@ import functools
 import io
 import pickle
 import re
+import types
 import warnings
 
 import pytest
@@ -92,6 +93,36 @@ def test_wrapping_an_optimizer_an_lr_scheduler_was_built_on_does_not_warn():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         TransformingOptimizer(inner, transforms=[SAM(0.05)])
+
+
+def test_the_step_warning_tells_a_patch_under_a_scheduler_from_the_class_step_bound_again():
+    """An LR scheduler built after a patch wraps the patch (its record of the calls hid it: no
+    warning, and the patch never ran); the class's own step bound on the instance again
+    (accelerate puts back its saved ``optimizer.step`` after each scaled step) is no patch."""
+    model = make_model()
+    inner = torch.optim.SGD(model.parameters(), lr=0.1)
+    calls = []
+    original = inner.step
+
+    def patched(self, *args, **kwargs):
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    inner.step = types.MethodType(patched, inner)
+    torch.optim.lr_scheduler.StepLR(inner, step_size=1)
+    with pytest.warns(UserWarning, match=r"^params has its step replaced on the instance"):
+        optimizer = TransformingOptimizer(inner, transforms=[SAM(0.05)])
+    x, y = make_data()
+    optimizer.step(make_closure(model, optimizer, x, y))
+    assert calls == []  # as the warning says
+    for scheduler_too in (False, True):
+        inner = torch.optim.SGD(make_model().parameters(), lr=0.1)
+        inner.step = inner.step  # type: ignore[method-assign]
+        if scheduler_too:
+            torch.optim.lr_scheduler.StepLR(inner, step_size=1)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            TransformingOptimizer(inner, transforms=[SAM(0.05)])
 
 
 class _OwnCheckpointSGD(torch.optim.SGD):
