@@ -37,6 +37,7 @@ from samgria._wrapper import (
 from samgria.functional import all_finite, global_norm
 from samgria.functional._grouping import group_indices_by_device_and_dtype, unique_params
 from samgria.functional._sharding import any_sharded, is_sharded
+from samgria.functional._views import all_as_real
 from samgria.transforms.base import Transform, TransformContext, forget_autocast_copies, transform_name
 from samgria.transforms.chain import CHAIN_KEY, Chain
 from samgria.transforms.sam import ASAM, SAM, Perturbation, PerturbationTransform
@@ -123,6 +124,9 @@ class _PendingStep:
     rerun_before: bool = False
     #: The first pass's gradients were not finite: the step is skipped.
     non_finite: bool = False
+    #: Where they became so, for the skip's message (a transform before the re-evaluating one
+    #: that computed them: ``_combined_by``); ``""`` for the evaluation's own.
+    non_finite_where: str = ""
     #: The state's references at ``first_step`` (see ``_pre_step_structure``).
     structure: StepSnapshot | StateStructure | None = None
     #: The transforms before the re-evaluating one whose result does not scale with the
@@ -717,7 +721,9 @@ class TransformingOptimizer(WrappingOptimizer):
     def _mul_grads_(self, factor: torch.Tensor, also: Sequence[torch.Tensor] = ()) -> None:
         """Multiply every gradient (and ``also``) by ``factor`` (a 0-dim tensor), one list call
         per device and dtype."""
-        grads = [p.grad for p in self._unique_params() if p.grad is not None] + list(also)
+        # Local shards of sharded gradients (``also`` holds local shards: WSAM's kept gradients),
+        # real views of complex ones: one list call cannot mix DTensors with plain tensors.
+        grads = all_as_real([p.grad for p in self._unique_params() if p.grad is not None]) + list(also)
         for (device, _dtype), indices in group_indices_by_device_and_dtype(grads).items():
             torch._foreach_mul_([grads[i] for i in indices], factor.to(device))
 
@@ -871,13 +877,15 @@ class TransformingOptimizer(WrappingOptimizer):
             return StateStructure(self.state)
         return None
 
-    def _check_after(self, transform: Transform, evaluation: int) -> None:
-        """Raise ``_NonFiniteGradients`` if ``transform`` combines gradients or may overflow them
-        (``combines_gradients``, ``can_overflow_gradients``) and the gradients it left are not
-        finite (``evaluation``: the number of the evaluation they come from)."""
-        if (transform.combines_gradients or transform.can_overflow_gradients) and not self._grads_finite():
-            verb = "combined" if transform.combines_gradients else "computed"
-            raise _NonFiniteGradients(evaluation, combined_by=type(transform).__name__, verb=verb)
+    def _check_after(self, transforms: Sequence[Transform], evaluation: int) -> None:
+        """Raise ``_NonFiniteGradients`` if one of ``transforms`` (those that just ran) combines
+        gradients or may overflow them (``combines_gradients``, ``can_overflow_gradients``) and the
+        gradients they left are not finite (``evaluation``: the number of the evaluation they come
+        from); the message names the last such transform."""
+        checked = [t for t in transforms if t.combines_gradients or t.can_overflow_gradients]
+        if checked and not self._grads_finite():
+            verb = "combined" if checked[-1].combines_gradients else "computed"
+            raise _NonFiniteGradients(evaluation, combined_by=type(checked[-1]).__name__, verb=verb)
 
     @torch.no_grad()
     def _run_chain(
@@ -902,7 +910,9 @@ class TransformingOptimizer(WrappingOptimizer):
         two-call loop's gradients are its second pass's) raises before the inner step; as after
         one that may overflow them (``Transform.can_overflow_gradients``). Under
         ``first_pass_context`` the first run's gradients before a re-evaluation are this rank's
-        own: the transforms run again on the synchronised ones (below) are checked then instead.
+        own, and the ranks must reach their agreement (a collective) before any of them skips: the
+        gradients that the transforms after the re-evaluation (or run again, below) left on the
+        synchronised ones are checked once, after it, on every rank alike.
 
         When the first evaluation ran under ``first_pass_context`` (e.g. DDP's ``no_sync``) and no
         transform re-evaluated on this rank (nothing was perturbed), its gradients were never
@@ -941,28 +951,27 @@ class TransformingOptimizer(WrappingOptimizer):
             if raised:  # the transform swallowed it (except Exception: pass): the policy applies
                 raise raised[0]
             # In every loop (a built-in's combination in the two-call loop is checked once
-            # second_step() has finished it, before this runs the transforms after it); not on
-            # this rank's own first-pass gradients (first_pass_context, nothing re-evaluated yet):
-            # a verdict of one rank alone would skip there only, and the rerun below checks.
-            if not local_first_run or evaluations[0] > 0:
-                self._check_after(transform, evaluated + evaluations[0])
-        if reevaluate is not None and self.first_pass_context is not None:  # as counted is not None
+            # second_step() has finished it, before this runs the transforms after it); under
+            # first_pass_context once the ranks agreed (below).
+            if not local_first_run:
+                self._check_after([transform], evaluated + evaluations[0])
+        if local_first_run:
             reevaluated_here = evaluations[0] > 0
             if not reevaluated_here:
-                reevaluate()
+                reevaluate()  # type: ignore[misc]  # (local_first_run: reevaluate is not None)
             # After every rank's one synchronised backward: the same order of collectives.
             reevaluated_anywhere = _on_any_rank(reevaluated_here, self.first_pass_context, self._device())
+            first = next((i for i, (_, _, t) in enumerate(transforms) if t.needs_closure), -1)
+            synchronised = transforms[first + 1 :] if reevaluated_anywhere else transforms
             if not reevaluated_here:
-                rerun = transforms
-                if reevaluated_anywhere:
-                    first = next((i for i, (_, _, t) in enumerate(transforms) if t.needs_closure), -1)
-                    rerun = transforms[first + 1 :]
                 if first_run is not None:
-                    first_run.restore([slot for _, slot, t in rerun if t.saves_state_before_step and not t.needs_closure])
-                for _, slot, transform in rerun:
+                    first_run.restore([slot for _, slot, t in synchronised if t.saves_state_before_step and not t.needs_closure])
+                for _, slot, transform in synchronised:
                     if not transform.needs_closure:
                         transform.pre_update(self._context(slot, None))
-                        self._check_after(transform, evaluated + 1)  # the synchronised evaluation
+            # One verdict, on the synchronised gradients, at the same point on every rank (a rank
+            # that skipped alone before the agreement would leave the others waiting in it).
+            self._check_after([t for _, _, t in synchronised if not t.needs_closure], evaluated + 1)
         snapshot = self._snapshot_before_inner_step(spare_buffers)
         # torch's own optimizers keep nothing in their groups; others may (group["step"] += 1).
         group_values = (
@@ -1229,7 +1238,7 @@ class TransformingOptimizer(WrappingOptimizer):
             if self._amp_skip_or_unscale(getattr(pending.perturbation, "scaled_with_gradients", ())):
                 skipped = True
             elif pending.non_finite:
-                self._skip("first")
+                self._skip("first", pending.non_finite_where)
                 skipped = True
             elif not self._grads_finite():
                 self._skip("second")
@@ -1355,6 +1364,17 @@ class TransformingOptimizer(WrappingOptimizer):
                 try:
                     for index, (slot, before) in enumerate(list(self.chain)[:split]):
                         before.pre_update(self._context(slot, None, grad_norm if index == 0 else None))
+                        try:  # a transform that took them beyond the dtype's range, as step(closure) checks
+                            self._check_after([before], 1)
+                        except _NonFiniteGradients as non_finite:
+                            # Kept (the second backward adds onto them: GradScaler sees the
+                            # overflow, skips and backs off); what the transforms did is undone.
+                            if undo is not None:
+                                undo.restore()
+                            self._pending = _PendingStep(
+                                None, split + 1, non_finite=True, non_finite_where=_combined_by(non_finite)
+                            )
+                            return
                     # Asked now, with the first pass's gradients there (the move clears them).
                     not_scaling, not_keeping = self._scale_sensitive_before(split)
                     ctx = self._context(self.slots[split], None, grad_norm if split == 0 else None)

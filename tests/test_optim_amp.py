@@ -714,3 +714,67 @@ def test_a_disabled_scaler_passes_a_closure_on_like_a_plain_step(chain, position
     assert not torch.equal(results[1][0], _model()[0].weight), "it trained"
     for got, want in zip(*results):
         assert torch.equal(got, want)
+
+
+def _half_regression() -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(1)
+    x, y = torch.randn(32, 4, generator=generator).half(), (10 * torch.randn(32, 1, generator=generator)).half()
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 1)).half(), x, y
+
+
+def test_scale_grad_overflowing_the_scaled_first_pass_before_sam_is_an_overflow_the_scaler_skips():
+    """[ScaleGrad(100), SAM] on float16 weights under GradScaler: ScaleGrad takes the loss-scaled
+    first pass beyond 65504. first_step() did not check it: SAM warned "the gradient norm is inf",
+    perturbed nothing, and the step went on as a plain SGD step on the second pass (every step: the
+    scaler never backed off). Now the gradients are kept, so the scaler skips and backs off, with
+    the weights and state untouched, and nothing warns."""
+    model, x, y = _half_regression()
+    optimizer = TransformingOptimizer(model.parameters(), torch.optim.SGD, lr=1e-4, transforms=[ScaleGrad(100.0), SAM(0.05)])
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    before = [p.detach().clone() for p in model.parameters()]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        scaler.scale(nn.functional.mse_loss(model(x), y)).backward()
+        optimizer.first_step(zero_grad=True)
+        scaler.scale(nn.functional.mse_loss(model(x), y)).backward()
+        scaler.step(optimizer)
+        scaler.update()
+    assert scaler.get_scale() == 2.0**9
+    assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
+    assert not any(optimizer.state.values())
+
+
+def test_scale_grad_overflowing_before_sam_skips_the_two_call_step_as_step_closure_does():
+    """Without a scaler the two-call step was skipped too, but after SAM's "the gradient norm is
+    inf" and as a non-finite second evaluation; step(closure) says once that ScaleGrad computed
+    the first evaluation's gradients beyond the range. Both loops now say the same."""
+    messages = []
+    for loop in ("closure", "two-call"):
+        model, x, y = _half_regression()
+        optimizer = TransformingOptimizer(model.parameters(), torch.optim.SGD, lr=1e-4, transforms=[ScaleGrad(1e5), SAM(0.05)])
+        before = [p.detach().clone() for p in model.parameters()]
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            if loop == "closure":
+
+                def closure():
+                    optimizer.zero_grad()
+                    loss = nn.functional.mse_loss(model(x), y)
+                    loss.backward()
+                    return loss
+
+                optimizer.step(closure)
+            else:
+                nn.functional.mse_loss(model(x), y).backward()
+                optimizer.first_step(zero_grad=True)
+                nn.functional.mse_loss(model(x), y).backward()
+                optimizer.second_step(zero_grad=True)
+        messages.append([str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)])
+        assert optimizer.skipped_steps == 1
+        assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
+    expected = (
+        "TransformingOptimizer: the gradients of the first evaluation, as ScaleGrad computed them, are not finite: "
+        "the step is skipped (weights and optimizer state unchanged)"
+    )
+    assert messages == [[expected], [expected]]

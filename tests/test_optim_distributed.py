@@ -209,18 +209,26 @@ def _closure_with_a_rank_0_fault(optimizer, ddp_model: nn.Module, step: int, ran
 def _train_m_sharpness_with_a_local_fault(rank: int, fault: str) -> tuple[list[torch.Tensor], int]:
     """m-sharpness where rank 0's first-pass gradient is not like the others' at step 0: NaN
     (``"non_finite"``: every rank must skip) or zero, so that only rank 1 perturbs, with
-    ``ClipGradNorm`` before SAM (``"zero"``: every replica must apply the same update)."""
+    ``ClipGradNorm`` before SAM (``"zero"``: every replica must apply the same update) or two
+    ``ScaleGrad`` after it that overflow the synchronised gradients at step 0 (``"overflow"``:
+    every rank must skip, rank 1 without leaving rank 0 waiting in the ranks' agreement)."""
     from torch.nn.parallel import DistributedDataParallel
 
-    from samgria import SAM, ClipGradNorm, TransformingOptimizer
+    from samgria import SAM, ClipGradNorm, ScaleGrad, TransformingOptimizer
 
     model = _make_model()
     ddp_model = DistributedDataParallel(model)
-    transforms = [ClipGradNorm(0.05), SAM(rho=RHO)] if fault == "zero" else [SAM(rho=RHO)]
+    transforms = {
+        "zero": lambda: [ClipGradNorm(0.05), SAM(rho=RHO)],
+        "overflow": lambda: [SAM(rho=RHO), ScaleGrad(1e300), ScaleGrad(1e300)],
+    }.get(fault, lambda: [SAM(rho=RHO)])()
     optimizer = TransformingOptimizer(
         ddp_model.parameters(), torch.optim.SGD, lr=LR, transforms=transforms, first_pass_context=ddp_model.no_sync
     )
     for step in range(STEPS):
+        if fault == "overflow":  # 1e600 times the gradients at step 0 only
+            for key in ("scale_grad.grad_scale", "scale_grad_1.grad_scale"):
+                optimizer.param_groups[0][key] = 1e300 if step == 0 else 1.0
         closure = _closure_with_a_rank_0_fault(optimizer, ddp_model, step, rank, float("nan") if fault == "non_finite" else 0.0)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)
@@ -286,7 +294,7 @@ def _worker(out_dir: str) -> None:
             for bucket_view in (False, True)
         }
         results["partly_used"] = {(name, loop): _train_partly_used(rank, name, loop) for name in PARTLY_USED for loop in LOOPS}
-        results["faults"] = {fault: _train_m_sharpness_with_a_local_fault(rank, fault) for fault in ("non_finite", "zero")}
+        results["faults"] = {fault: _train_m_sharpness_with_a_local_fault(rank, fault) for fault in ("non_finite", "zero", "overflow")}
         results["resume"] = {name: _resume_m_sharpness_from_this_ranks_checkpoint(rank, name) for name in RESUMED}
         # Free reference cycles (optimizers, DDP/FSDP modules) that still hold the process group
         # while it is alive: destroyed at interpreter exit instead, gloo's threads can abort a rank
@@ -437,6 +445,18 @@ def test_m_sharpness_with_a_non_finite_local_gradient_on_one_rank_skips_on_every
         weights, skipped = ddp_results[rank]["faults"]["non_finite"]
         assert skipped == 1, f"rank {rank} skipped {skipped} steps"
     for rank0, rank1 in zip(ddp_results[0]["faults"]["non_finite"][0], ddp_results[1]["faults"]["non_finite"][0]):
+        assert torch.equal(rank0, rank1)
+
+
+def test_m_sharpness_where_a_transform_overflows_the_synchronised_gradients_skips_on_every_rank(ddp_results: list[dict]) -> None:
+    """Rank 0 perturbs nothing at step 0, rank 1 perturbs; ScaleGrad after SAM overflows the
+    synchronised gradients. Rank 1 judged them right after ScaleGrad and skipped, while rank 0
+    waited in the ranks' agreement that follows its own synchronised backward: the collectives
+    paired wrongly (a hang or a mismatch). Every rank now judges them after the agreement."""
+    for rank in range(WORLD_SIZE):
+        skipped = ddp_results[rank]["faults"]["overflow"][1]
+        assert skipped == 1, f"rank {rank} skipped {skipped} steps"
+    for rank0, rank1 in zip(ddp_results[0]["faults"]["overflow"][0], ddp_results[1]["faults"]["overflow"][0]):
         assert torch.equal(rank0, rank1)
 
 

@@ -264,3 +264,37 @@ def test_a_partly_sharded_model_steps_as_the_unsharded_one(one_rank_group: None,
 
     for a, b in zip(run(True), run(False)):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("unscale_first", [False, True])
+def test_decoupled_wsam_on_sharded_params_under_grad_scaler_steps_like_the_unsharded_run(unscale_first):
+    """GradScaler's step of decoupled WSAM over FSDP2 parameters multiplied the DTensor gradients
+    and WSAM's kept local gradients in one list call: torch's "got mixed torch.Tensor and
+    DTensor". The sharded run now equals the unsharded one."""
+    from torch.distributed.fsdp import fully_shard
+
+    generator = torch.Generator().manual_seed(1)
+    x, y = torch.randn(8, 4, generator=generator), torch.randn(8, 2, generator=generator)
+
+    def run(sharded):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 2))
+        if sharded:
+            fully_shard(model)
+        optimizer = TransformingOptimizer(model.parameters(), torch.optim.SGD, lr=0.1, transforms=[WSAM(0.05, 0.8)])
+        scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+        for _ in range(2):
+            scaler.scale(nn.functional.mse_loss(model(x), y)).backward()
+            optimizer.first_step(zero_grad=True)
+            scaler.scale(nn.functional.mse_loss(model(x), y)).backward()
+            if unscale_first:
+                scaler.unscale_(optimizer)
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad()
+        return [p.full_tensor() if hasattr(p, "full_tensor") else p.detach() for p in model.parameters()]
+
+    with one_rank_gloo_group():
+        sharded = run(True)
+    for a, b in zip(sharded, run(False)):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
