@@ -215,9 +215,13 @@ def step_both_normally(run, twin, steps=2):
 
 
 def step_in(loop, model, optimizer):
-    """One step of ``loop``: ``step(closure)``, or ``first_step()``/``second_step()`` after backwards."""
+    """One step of ``loop``: ``step(closure)``, ``step()`` after a backward (``"no-closure"``), or
+    ``first_step()``/``second_step()`` after backwards."""
     if loop == "closure":
         optimizer.step(make_closure(model, optimizer))
+    elif loop == "no-closure":
+        make_closure(model, optimizer)()
+        optimizer.step()
     else:
         make_closure(model, optimizer)()
         optimizer.first_step()
@@ -1884,11 +1888,7 @@ def test_a_combining_transform_that_overflows_is_skipped_in_every_loop(chain, lo
     combining.armed = True
     evaluation = "first" if loop == "no-closure" or (chain == "alone" and loop == "closure") else "second"
     with pytest.warns(RuntimeWarning, match=rf"^TransformingOptimizer: the gradients of the {evaluation} evaluation, as _Overflowing combined them, are not finite"):
-        if loop == "no-closure":
-            make_closure(model, optimizer)()
-            optimizer.step()
-        else:
-            step_in(loop, model, optimizer)
+        step_in(loop, model, optimizer)
     assert optimizer.skipped_steps == 1
     before.assert_unchanged()
     # Disarmed, every loop steps as step(closure) does, bit for bit.
@@ -1900,11 +1900,7 @@ def test_a_combining_transform_that_overflows_is_skipped_in_every_loop(chain, lo
     )  # fmt: skip
     for _ in range(2):
         twin.step(make_closure(twin_model, twin))
-    if loop == "no-closure":
-        make_closure(model, optimizer)()
-        optimizer.step()
-    else:
-        step_in(loop, model, optimizer)
+    step_in(loop, model, optimizer)
     assert_runs_equal(model, optimizer, twin_model, twin)
 
 
@@ -1927,11 +1923,7 @@ def test_a_scale_grad_that_overflows_finite_gradients_skips_the_step_in_every_lo
     before = Before(model, optimizer)
     evaluation = "first" if loop == "no-closure" or (chain == "alone" and loop == "closure") else "second"
     with pytest.warns(RuntimeWarning, match=rf"^TransformingOptimizer: the gradients of the {evaluation} evaluation, as ScaleGrad computed them, are not finite"):
-        if loop == "no-closure":
-            make_closure(model, optimizer)()
-            optimizer.step()
-        else:
-            step_in(loop, model, optimizer)
+        step_in(loop, model, optimizer)
     assert optimizer.skipped_steps == 1
     before.assert_unchanged()
 
