@@ -911,8 +911,9 @@ class TransformingOptimizer(WrappingOptimizer):
         one that may overflow them (``Transform.can_overflow_gradients``). Under
         ``first_pass_context`` the first run's gradients before a re-evaluation are this rank's
         own, and the ranks must reach their agreement (a collective) before any of them skips: the
-        gradients that the transforms after the re-evaluation (or run again, below) left on the
-        synchronised ones are checked once, after it, on every rank alike.
+        gradients that the transforms after the re-evaluation (or run again, below), and a
+        re-evaluating one that combines them, left on the synchronised ones are checked once,
+        after it, on every rank alike.
 
         When the first evaluation ran under ``first_pass_context`` (e.g. DDP's ``no_sync``) and no
         transform re-evaluated on this rank (nothing was perturbed), its gradients were never
@@ -953,7 +954,7 @@ class TransformingOptimizer(WrappingOptimizer):
             # In every loop (a built-in's combination in the two-call loop is checked once
             # second_step() has finished it, before this runs the transforms after it); under
             # first_pass_context once the ranks agreed (below).
-            if not local_first_run:
+            if not local_first_run and (transform.combines_gradients or transform.can_overflow_gradients):
                 self._check_after([transform], evaluated + evaluations[0])
         if local_first_run:
             reevaluated_here = evaluations[0] > 0
@@ -971,7 +972,10 @@ class TransformingOptimizer(WrappingOptimizer):
                         transform.pre_update(self._context(slot, None))
             # One verdict, on the synchronised gradients, at the same point on every rank (a rank
             # that skipped alone before the agreement would leave the others waiting in it).
-            self._check_after([t for _, _, t in synchronised if not t.needs_closure], evaluated + 1)
+            checked = [t for _, _, t in synchronised if not t.needs_closure]
+            if reevaluated_here:  # and what the re-evaluating one handed on (combines_gradients)
+                checked.insert(0, transforms[first][2])
+            self._check_after(checked, evaluated + 1)
         snapshot = self._snapshot_before_inner_step(spare_buffers)
         # torch's own optimizers keep nothing in their groups; others may (group["step"] += 1).
         group_values = (
@@ -1368,9 +1372,10 @@ class TransformingOptimizer(WrappingOptimizer):
                             self._check_after([before], 1)
                         except _NonFiniteGradients as non_finite:
                             # Kept (the second backward adds onto them: GradScaler sees the
-                            # overflow, skips and backs off); what the transforms did is undone.
-                            if undo is not None:
-                                undo.restore()
+                            # overflow, skips and backs off); what the transforms did is undone
+                            # as step(closure) undoes it when it skips (atomic=False: nothing).
+                            if structure is not None:
+                                structure.restore()
                             self._pending = _PendingStep(
                                 None, split + 1, non_finite=True, non_finite_where=_combined_by(non_finite)
                             )

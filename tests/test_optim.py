@@ -1469,6 +1469,39 @@ def test_first_pass_context_checks_scale_grad_on_the_synchronised_gradients(firs
     assert_bitwise_equal(weights, reference)
 
 
+class _BiasedSAM(SAM):
+    """A re-evaluating transform that hands on gradients it computed from the re-evaluation's
+    (combines_gradients) and keeps every replica's update the same (supports_local_first_pass)."""
+
+    combines_gradients = True
+
+    def pre_update(self, ctx):
+        super().pre_update(ctx)
+        for group in ctx.param_groups:
+            for param in group["params"]:
+                if param.grad is not None:
+                    param.grad.add_(1e308).add_(1e308)  # beyond float64's range
+
+
+def test_first_pass_context_checks_what_a_combining_reevaluating_transform_handed_on():
+    """Under first_pass_context the check after a transform that combines gradients waited for the
+    ranks' agreement, but was then made only after the transforms after the re-evaluating one:
+    its own combination went to the inner step unchecked (inf weights, nothing skipped), where
+    the run without first_pass_context skips the step."""
+    runs = []
+    for context in (None, contextlib.nullcontext):
+        model = make_model().double()
+        optimizer = TransformingOptimizer(model.parameters(), torch.optim.SGD, lr=0.1, transforms=[_BiasedSAM(0.05)], first_pass_context=context)
+        x, y = (t.double() for t in make_data())
+        before = params_of(model)
+        with pytest.warns(RuntimeWarning, match=r"^TransformingOptimizer: the gradients of the second evaluation, as _BiasedSAM combined them, are not finite"):
+            optimizer.step(make_closure(model, optimizer, x, y))
+        assert optimizer.skipped_steps == 1
+        assert_bitwise_equal(params_of(model), before)
+        runs.append(params_of(model))
+    assert_bitwise_equal(*runs)
+
+
 def test_loads_a_plain_inner_optimizer_checkpoint_and_rejects_mismatches():
     x, y = make_data()
     model = make_model()

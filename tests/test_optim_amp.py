@@ -778,3 +778,47 @@ def test_scale_grad_overflowing_before_sam_skips_the_two_call_step_as_step_closu
         "the step is skipped (weights and optimizer state unchanged)"
     )
     assert messages == [[expected], [expected]]
+
+
+@pytest.mark.parametrize("atomic", [True, False])
+def test_an_overflow_before_sam_leaves_a_weight_writing_hook_as_step_closure_does(atomic):
+    """A pre-step hook that writes the weights, before a ScaleGrad that overflows the first pass:
+    with atomic=False step(closure) skips the step with the hook's write kept (it copies nothing;
+    "only the pre-step phase is undone, without the weights of a transform that writes them"),
+    but first_step() copied the weights anyway and put them back, so the two loops left different
+    weights. Both now leave what step(closure) leaves (with atomic=True: the weights from before)."""
+
+    class Shrink(ParamTransform):
+        def pre_step_transform_(self, param, group):
+            param.mul_(0.5)
+
+    results = []
+    for loop in ("closure", "two-call"):
+        model, x, y = _half_regression()
+        model.float()
+        x, y = x.float(), y.float()
+        optimizer = TransformingOptimizer(
+            model.parameters(), torch.optim.SGD, lr=1e-4, atomic=atomic, transforms=[Shrink(), ScaleGrad(1e38), SAM(0.05)]
+        )
+        before = [p.detach().clone() for p in model.parameters()]
+        with pytest.warns(RuntimeWarning, match=r"^TransformingOptimizer: the gradients of the first evaluation, as ScaleGrad computed them, are not finite"):
+            if loop == "closure":
+
+                def closure():
+                    optimizer.zero_grad()
+                    loss = nn.functional.mse_loss(model(x), y)
+                    loss.backward()
+                    return loss
+
+                optimizer.step(closure)
+            else:
+                nn.functional.mse_loss(model(x), y).backward()
+                optimizer.first_step(zero_grad=True)
+                nn.functional.mse_loss(model(x), y).backward()
+                optimizer.second_step(zero_grad=True)
+        assert optimizer.skipped_steps == 1
+        results.append([p.detach().clone() for p in model.parameters()])
+    expected = before if atomic else [b * 0.5 for b in before]  # the hook's one write, kept
+    for closure_weights, two_call_weights, want in zip(*results, expected):
+        assert torch.equal(closure_weights, want)
+        assert torch.equal(two_call_weights, want)
