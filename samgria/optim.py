@@ -973,7 +973,10 @@ class TransformingOptimizer(WrappingOptimizer):
             # One verdict, on the synchronised gradients, at the same point on every rank (a rank
             # that skipped alone before the agreement would leave the others waiting in it).
             checked = [t for _, _, t in synchronised if not t.needs_closure]
-            if reevaluated_here:  # and what the re-evaluating one handed on (combines_gradients)
+            if first >= 0:  # and what the re-evaluating one handed on (combines_gradients)
+                # On every rank alike, also where it re-evaluated nothing (it then handed on the
+                # synchronised gradients themselves): whether a rank checks must not depend on
+                # what it perturbed, as a sharded check is a collective too.
                 checked.insert(0, transforms[first][2])
             self._check_after(checked, evaluated + 1)
         snapshot = self._snapshot_before_inner_step(spare_buffers)

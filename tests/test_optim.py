@@ -1502,6 +1502,32 @@ def test_first_pass_context_checks_what_a_combining_reevaluating_transform_hande
     assert_bitwise_equal(*runs)
 
 
+def test_first_pass_context_reads_the_gradients_as_often_on_a_rank_that_perturbed_nothing(monkeypatch):
+    """The one check after the ranks' agreement took in the re-evaluating transform only on a rank
+    that re-evaluated: a rank that perturbed nothing (rho=0 here) read the gradients one time
+    fewer. Over sharded gradients each read is a collective: the ranks would pair them wrongly.
+    Every rank now reads them as often, whatever it perturbed."""
+    import samgria.optim
+
+    reads = []
+    counted = samgria.optim.all_finite
+
+    def counting(*args, **kwargs):
+        reads[-1] += 1
+        return counted(*args, **kwargs)
+
+    monkeypatch.setattr(samgria.optim, "all_finite", counting)
+    for rho in (0.05, 0.0):
+        model = make_model().double()
+        optimizer = TransformingOptimizer(model.parameters(), torch.optim.SGD, lr=0.1, transforms=[_BiasedSAM(rho)], first_pass_context=contextlib.nullcontext)
+        x, y = (t.double() for t in make_data())
+        reads.append(0)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            optimizer.step(make_closure(model, optimizer, x, y))
+    assert reads[0] == reads[1] == 2  # the re-evaluation's own check, and the one after the agreement
+
+
 def test_loads_a_plain_inner_optimizer_checkpoint_and_rejects_mismatches():
     x, y = make_data()
     model = make_model()
