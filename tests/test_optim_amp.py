@@ -723,6 +723,25 @@ def _half_regression() -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
     return nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 1)).half(), x, y
 
 
+def _mse_step_in(loop: str, model: nn.Module, optimizer: TransformingOptimizer, x: torch.Tensor, y: torch.Tensor) -> None:
+    """One step of ``loop`` on the mean squared error, without a scaler: ``step(closure)``
+    (``"closure"``), or ``first_step()``/``second_step()`` after each backward (``"two-call"``)."""
+    if loop == "closure":
+
+        def closure():
+            optimizer.zero_grad()
+            loss = nn.functional.mse_loss(model(x), y)
+            loss.backward()
+            return loss
+
+        optimizer.step(closure)
+    else:
+        nn.functional.mse_loss(model(x), y).backward()
+        optimizer.first_step(zero_grad=True)
+        nn.functional.mse_loss(model(x), y).backward()
+        optimizer.second_step(zero_grad=True)
+
+
 def test_scale_grad_overflowing_the_scaled_first_pass_before_sam_is_an_overflow_the_scaler_skips():
     """[ScaleGrad(100), SAM] on float16 weights under GradScaler: ScaleGrad takes the loss-scaled
     first pass beyond 65504. first_step() did not check it: SAM warned "the gradient norm is inf",
@@ -756,20 +775,7 @@ def test_scale_grad_overflowing_before_sam_skips_the_two_call_step_as_step_closu
         before = [p.detach().clone() for p in model.parameters()]
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            if loop == "closure":
-
-                def closure():
-                    optimizer.zero_grad()
-                    loss = nn.functional.mse_loss(model(x), y)
-                    loss.backward()
-                    return loss
-
-                optimizer.step(closure)
-            else:
-                nn.functional.mse_loss(model(x), y).backward()
-                optimizer.first_step(zero_grad=True)
-                nn.functional.mse_loss(model(x), y).backward()
-                optimizer.second_step(zero_grad=True)
+            _mse_step_in(loop, model, optimizer, x, y)
         messages.append([str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)])
         assert optimizer.skipped_steps == 1
         assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
@@ -802,20 +808,7 @@ def test_an_overflow_before_sam_leaves_a_weight_writing_hook_as_step_closure_doe
         )
         before = [p.detach().clone() for p in model.parameters()]
         with pytest.warns(RuntimeWarning, match=r"^TransformingOptimizer: the gradients of the first evaluation, as ScaleGrad computed them, are not finite"):
-            if loop == "closure":
-
-                def closure():
-                    optimizer.zero_grad()
-                    loss = nn.functional.mse_loss(model(x), y)
-                    loss.backward()
-                    return loss
-
-                optimizer.step(closure)
-            else:
-                nn.functional.mse_loss(model(x), y).backward()
-                optimizer.first_step(zero_grad=True)
-                nn.functional.mse_loss(model(x), y).backward()
-                optimizer.second_step(zero_grad=True)
+            _mse_step_in(loop, model, optimizer, x, y)
         assert optimizer.skipped_steps == 1
         results.append([p.detach().clone() for p in model.parameters()])
     expected = before if atomic else [b * 0.5 for b in before]  # the hook's one write, kept
