@@ -8,8 +8,7 @@ from collections.abc import Iterable, Iterator
 import torch
 from torch import nn
 
-from samgria._checks import has_internal_overlap
-from samgria.functional._grouping import check_tensors
+from samgria.functional._grouping import check_tensors, unwritable
 
 __all__ = ["get_grad", "set_grad", "frozen_bn_stats"]
 
@@ -120,12 +119,10 @@ def set_grad(grads: torch.Tensor, params: Iterable[torch.Tensor]) -> None:
 
 
 def _writable(grad: torch.Tensor) -> bool:
-    """Whether ``grad`` takes a copy in place: not sparse, no elements sharing memory
-    (an ``expand`` view) and not an inference tensor outside inference mode -- torch would refuse
-    the last two only as it reached them, after writing the gradients before them."""
-    if grad.layout != torch.strided or has_internal_overlap(grad):
-        return False
-    return not grad.is_inference() or torch.is_inference_mode_enabled()
+    """Whether ``grad`` takes a copy in place: not sparse, and nothing torch would refuse only as
+    it reached it, after writing the gradients before it (:func:`unwritable`: an ``expand`` view,
+    an inference tensor outside inference mode)."""
+    return grad.layout == torch.strided and unwritable(grad) is None
 
 
 @contextlib.contextmanager

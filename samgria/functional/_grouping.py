@@ -139,25 +139,33 @@ def check_writable(name: str, tensors: Sequence[torch.Tensor], *, out: bool = Fa
             inference tensor outside torch.inference_mode()``, or ``that does not require grad
             while grad mode is on``.
     """
-    recording = torch.is_grad_enabled()
-    inference_allowed = torch.is_inference_mode_enabled()
     for index, tensor in enumerate(tensors):
-        if has_internal_overlap(tensor):
-            raise ValueError(
-                f"{name}[{index}] must be a tensor whose elements do not share memory, got one of shape "
-                f"{tuple(tensor.shape)} and strides {tuple(tensor.stride())}"
+        refusal = unwritable(tensor, out=out)
+        if refusal is not None:
+            raise ValueError(f"{name}[{index}] must be {refusal}")
+
+
+def unwritable(tensor: torch.Tensor, *, out: bool = False) -> str | None:
+    """Why torch would refuse to write ``tensor`` in place now, as the rule it breaks and what it
+    is (``"a tensor whose ..., got ..."``: see :func:`check_writable`), or ``None`` when it can."""
+    if has_internal_overlap(tensor):
+        return (
+            f"a tensor whose elements do not share memory, got one of shape {tuple(tensor.shape)} "
+            f"and strides {tuple(tensor.stride())}"
+        )
+    if tensor.is_inference() and not torch.is_inference_mode_enabled():
+        return (
+            "a tensor that is not an inference tensor outside torch.inference_mode() (torch writes "
+            "into one only inside it), got an inference tensor"
+        )
+    if torch.is_grad_enabled() and tensor.requires_grad:
+        kind = "a leaf tensor" if tensor.is_leaf else "a view of a leaf" if _views_a_leaf(tensor) else None
+        if kind is not None or out:
+            return (
+                "a tensor that does not require grad while grad mode is on (write under "
+                f"torch.no_grad()), got {kind or 'a tensor'} that requires grad"
             )
-        if not inference_allowed and tensor.is_inference():
-            raise ValueError(
-                f"{name}[{index}] must be a tensor that is not an inference tensor outside "
-                "torch.inference_mode() (torch writes into one only inside it), got an inference tensor"
-            )
-        if recording and tensor.requires_grad and (out or tensor.is_leaf or _views_a_leaf(tensor)):
-            kind = "a leaf tensor" if tensor.is_leaf else "a view of a leaf" if _views_a_leaf(tensor) else "a tensor"
-            raise ValueError(
-                f"{name}[{index}] must be a tensor that does not require grad while grad mode is on "
-                f"(write under torch.no_grad()), got {kind} that requires grad"
-            )
+    return None
 
 
 def _views_a_leaf(tensor: torch.Tensor) -> bool:
