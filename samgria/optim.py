@@ -291,8 +291,8 @@ class TransformingOptimizer(WrappingOptimizer):
     skips the step and backs off. Not finite means an infinite or NaN element
     (``samgria.functional.all_finite``). The gradients GSAM, WSAM and LookSAM compute from the
     evaluations' (``Transform.combines_gradients``), and those a transform may take beyond the
-    dtype's range (``Transform.can_overflow_gradients``: ``ScaleGrad``), are checked too, in both
-    loops. Norms that
+    dtype's range (``Transform.can_overflow_gradients``: ``ScaleGrad`` with a scale beyond 1 or a
+    bias), are checked too, in both loops. Norms that
     float32 (or a 16-bit dtype) cannot hold are taken again in float64
     (``samgria.functional.global_norm`` for SAM and ``ClipGradNorm``; per tensor for
     ``NormalizeGrad`` and ``ProjectParams``' L2 projection), so finite gradients are scaled by
@@ -877,12 +877,20 @@ class TransformingOptimizer(WrappingOptimizer):
             return StateStructure(self.state)
         return None
 
-    def _check_after(self, transforms: Sequence[Transform], evaluation: int) -> None:
-        """Raise ``_NonFiniteGradients`` if one of ``transforms`` (those that just ran) combines
-        gradients or may overflow them (``combines_gradients``, ``can_overflow_gradients``) and the
-        gradients they left are not finite (``evaluation``: the number of the evaluation they come
-        from); the message names the last such transform."""
-        checked = [t for t in transforms if t.combines_gradients or t.can_overflow_gradients]
+    def _may_leave_non_finite(self, slot: str, transform: Transform) -> bool:
+        """Whether ``transform`` (in ``slot``) combines gradients or may, with its groups'
+        settings, overflow them (``combines_gradients``, ``can_overflow_gradients``): the
+        gradients it leaves are then checked."""
+        return transform.combines_gradients or transform.can_overflow_gradients(
+            self._context(slot, None).param_groups
+        )
+
+    def _check_after(self, transforms: Sequence[tuple[str, Transform]], evaluation: int) -> None:
+        """Raise ``_NonFiniteGradients`` if one of ``transforms`` (``(slot, transform)``, those that
+        just ran) may leave non-finite gradients (:meth:`_may_leave_non_finite`) and the gradients
+        they left are not finite (``evaluation``: the number of the evaluation they come from); the
+        message names the last such transform."""
+        checked = [t for slot, t in transforms if self._may_leave_non_finite(slot, t)]
         if checked and not self._grads_finite():
             verb = "combined" if checked[-1].combines_gradients else "computed"
             raise _NonFiniteGradients(evaluation, combined_by=type(checked[-1]).__name__, verb=verb)
@@ -954,8 +962,10 @@ class TransformingOptimizer(WrappingOptimizer):
             # In every loop (a built-in's combination in the two-call loop is checked once
             # second_step() has finished it, before this runs the transforms after it); under
             # first_pass_context once the ranks agreed (below).
-            if not local_first_run and (transform.combines_gradients or transform.can_overflow_gradients):
-                self._check_after([transform], evaluated + evaluations[0])
+            if not local_first_run and (
+                transform.combines_gradients or transform.can_overflow_gradients(ctx.param_groups)
+            ):
+                self._check_after([(slot, transform)], evaluated + evaluations[0])
         if local_first_run:
             reevaluated_here = evaluations[0] > 0
             if not reevaluated_here:
@@ -972,12 +982,12 @@ class TransformingOptimizer(WrappingOptimizer):
                         transform.pre_update(self._context(slot, None))
             # One verdict, on the synchronised gradients, at the same point on every rank (a rank
             # that skipped alone before the agreement would leave the others waiting in it).
-            checked = [t for _, _, t in synchronised if not t.needs_closure]
+            checked = [(slot, t) for _, slot, t in synchronised if not t.needs_closure]
             if first >= 0:  # and what the re-evaluating one handed on (combines_gradients)
                 # On every rank alike, also where it re-evaluated nothing (it then handed on the
                 # synchronised gradients themselves): whether a rank checks must not depend on
                 # what it perturbed, as a sharded check is a collective too.
-                checked.insert(0, transforms[first][2])
+                checked.insert(0, transforms[first][1:])
             self._check_after(checked, evaluated + 1)
         snapshot = self._snapshot_before_inner_step(spare_buffers)
         # torch's own optimizers keep nothing in their groups; others may (group["step"] += 1).
@@ -1372,7 +1382,7 @@ class TransformingOptimizer(WrappingOptimizer):
                     for index, (slot, before) in enumerate(list(self.chain)[:split]):
                         before.pre_update(self._context(slot, None, grad_norm if index == 0 else None))
                         try:  # a transform that took them beyond the dtype's range, as step(closure) checks
-                            self._check_after([before], 1)
+                            self._check_after([(slot, before)], 1)
                         except _NonFiniteGradients as non_finite:
                             # Kept (the second backward adds onto them: GradScaler sees the
                             # overflow, skips and backs off); what the transforms did is undone

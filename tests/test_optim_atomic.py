@@ -19,6 +19,7 @@ import pytest
 import torch
 from torch import nn
 
+import samgria.optim as optim_module
 import samgria.transforms.lamp as lamp_module
 from samgria import (
     ASAM,
@@ -1926,6 +1927,46 @@ def test_a_scale_grad_that_overflows_finite_gradients_skips_the_step_in_every_lo
         step_in(loop, model, optimizer)
     assert optimizer.skipped_steps == 1
     before.assert_unchanged()
+
+
+@pytest.mark.parametrize(
+    "second_group, checked",
+    [({}, False), ({"grad_scale": -1.0}, False), ({"grad_scale": 1.5}, True), ({"grad_scale": -2.0}, True), ({"grad_bias": 0.1}, True)],
+)
+@pytest.mark.parametrize("loop", ["closure", "two-call"])
+def test_scale_grad_checks_its_gradients_only_where_a_group_can_overflow_them(second_group, checked, loop, monkeypatch):
+    """|s g| <= |g| for |s| <= 1: ScaleGrad without a bias and with no scale beyond 1 in any group
+    cannot take finite gradients beyond the dtype's range, so the step reads them no more for the
+    non-finite policy (it read every gradient once more per step); a group with a scale beyond 1
+    or a bias is checked, and the steps are the same either way."""
+    reads = [0]
+    real_all_finite = optim_module.all_finite
+
+    def counting_all_finite(*args, **kwargs):
+        reads[0] += 1
+        return real_all_finite(*args, **kwargs)
+
+    monkeypatch.setattr(optim_module, "all_finite", counting_all_finite)
+    plain_model = make_model()  # SAM's own reads of the gradients, without ScaleGrad
+    step_in(loop, plain_model, TransformingOptimizer(plain_model.parameters(), torch.optim.SGD, lr=0.1, transforms=[SAM(0.05)]))
+    sam_reads, reads[0] = reads[0], 0
+    model = make_model()
+    first, second = list(model.parameters())[:2], list(model.parameters())[2:]
+    groups = [{"params": first, "grad_scale": 0.5}, {"params": second, **second_group}]
+    optimizer = TransformingOptimizer(groups, torch.optim.SGD, lr=0.1, transforms=[SAM(0.05), ScaleGrad()])
+    assert ScaleGrad().can_overflow_gradients(optimizer.param_groups) is checked
+    step_in(loop, model, optimizer)
+    assert reads[0] == sam_reads + (1 if checked else 0)
+    # The reference: the same step with the check forced (a transform that says it may overflow).
+    twin_model = make_model()
+    always = ScaleGrad()
+    always.can_overflow_gradients = lambda param_groups: True  # type: ignore[method-assign]
+    twin = TransformingOptimizer(
+        [{"params": list(twin_model.parameters())[:2], "grad_scale": 0.5}, {"params": list(twin_model.parameters())[2:], **second_group}],
+        torch.optim.SGD, lr=0.1, transforms=[SAM(0.05), always],
+    )  # fmt: skip
+    step_in(loop, twin_model, twin)
+    assert_runs_equal(model, optimizer, twin_model, twin)
 
 
 class _AscentRestoringInExcept(Transform):

@@ -363,18 +363,12 @@ class Transform:
             it, in ``step(closure)``, ``step()`` and the two-call loop alike (where it runs after
             the re-evaluating transform, ``second_step()`` runs it and then checks), so that
             every loop skips the same steps.
-        can_overflow_gradients: ``True`` when :meth:`pre_update` may turn finite gradients into
-            infinite ones (a scale beyond 1 or a bias: :class:`~samgria.ScaleGrad`;
-            not a rescaling by a norm): the optimizer then checks them right after it, as after
-            a transform that combines gradients, and skips the step whole (the non-finite
-            policy) instead of handing them to the inner optimizer.
     """
 
     needs_closure: bool = False
     saves_state_before_step: bool = False
     writes_weights_before_step: bool = False
     combines_gradients: bool = False
-    can_overflow_gradients: bool = False
     supports_sharded_params: bool = True
     supports_local_first_pass: bool = True
     slot_name: str | None = None
@@ -504,6 +498,19 @@ class Transform:
         transform before them is not scale-equivariant (clipping to a threshold, adding an
         ``eps`` or a bias, taking signs). Default: ``False`` (the safe answer for a transform that
         may rewrite gradients); a transform whose ``pre_update`` does nothing is not asked.
+        """
+        return False
+
+    def can_overflow_gradients(self, param_groups: Sequence[Mapping[str, Any]]) -> bool:
+        """Whether :meth:`pre_update` may, with these groups' settings, turn finite gradients into
+        infinite ones (:class:`~samgria.ScaleGrad` with a scale beyond 1 or a bias; not a
+        rescaling by a norm).
+
+        When it may, the optimizer checks the gradients right after it, as after a transform that
+        combines gradients (``combines_gradients``), and skips the step whole (the non-finite
+        policy) instead of handing them to the inner optimizer. Asked once per step, after
+        :meth:`pre_update` ran; a read of every gradient is saved where it answers ``False``.
+        Default: ``False``.
         """
         return False
 

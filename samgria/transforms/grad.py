@@ -495,16 +495,18 @@ class ScaleGrad(Transform):
         ValueError: If ``scale`` or ``bias`` is not finite.
     """
 
-    # s g + b overflows where |s| > 1 or b moves a large g further out (fp16: beyond 65504): the
-    # optimizer checks the result, so that such a step is skipped rather than stepped with inf.
-    can_overflow_gradients = True
-
     def __init__(self, scale: float = 1.0, bias: float = 0.0) -> None:
         self.scale = check_real("scale", scale)
         self.bias = check_real("bias", bias)
 
     def scales_with_gradients(self, param_groups: Sequence[Mapping[str, Any]]) -> bool:
         return all(group["grad_bias"] == 0 for group in param_groups)
+
+    def can_overflow_gradients(self, param_groups: Sequence[Mapping[str, Any]]) -> bool:
+        # s g + b overflows where |s| > 1 or b moves a large g further out (fp16: beyond 65504):
+        # the optimizer checks the result, so that such a step is skipped rather than stepped
+        # with inf. |s g| <= |g| for |s| <= 1, also rounded once from float32 to 16 bits.
+        return any(abs(float(group["grad_scale"])) > 1 or float(group["grad_bias"]) != 0 for group in param_groups)
 
     def group_defaults(self) -> dict[str, Any]:
         return {"grad_scale": self.scale, "grad_bias": self.bias}
