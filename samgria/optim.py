@@ -1342,7 +1342,15 @@ class TransformingOptimizer(WrappingOptimizer):
         Args:
             zero_grad: Accepted for compatibility with the widely used PyTorch SAM; the gradients
                 are cleared either way.
+
+        Raises:
+            TypeError: If ``zero_grad`` is not a bool.
+            RuntimeError: If a step is pending already (``first_step()`` twice), or the chain
+                cannot run in two calls (the message says why and what to do instead).
+            ValueError: If a param group's transform hyperparameter was set to an invalid value
+                (checked as ``step(closure)`` checks it), before anything changes.
         """
+        check_bool("zero_grad", zero_grad)
         if self._pending is not None:
             raise RuntimeError(
                 "first_step() was called twice; call second_step() in between, or cancel_step() "
@@ -1457,12 +1465,14 @@ class TransformingOptimizer(WrappingOptimizer):
             zero_grad: Clear every gradient afterwards.
 
         Raises:
+            TypeError: If ``zero_grad`` is not a bool (the step stays pending).
             RuntimeError: If no step is pending (:meth:`first_step` was not called).
             ValueError: If a transform hyperparameter of a param group was set to an invalid
                 value since :meth:`first_step` (checked as ``step(closure)`` checks it); the
                 step stays pending and keeps the second pass's gradients: fix the value and call
                 ``second_step()`` again, or :meth:`cancel_step`.
         """
+        zero_grad = check_bool("zero_grad", zero_grad)
         if self._pending is None:
             raise RuntimeError("second_step() called without first_step()")
         progress = self._progress

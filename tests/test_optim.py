@@ -628,6 +628,27 @@ def test_protocol_object_can_reevaluate_through_loss_fn():
     assert_bitwise_equal(params_of(model_a), params_of(model_b))
 
 
+def test_two_call_zero_grad_must_be_a_bool():
+    """``first_step(zero_grad=1)`` / ``second_step(zero_grad="yes")`` were taken as truthy flags:
+    refused with the argument named, before anything changes (the step stays pending)."""
+    model = make_model()
+    optimizer = sam_opt(model)
+    x, y = make_data()
+    nn.functional.mse_loss(model(x), y).backward()
+    before = [p.detach().clone() for p in model.parameters()]
+    grads = [p.grad.clone() for p in model.parameters() if p.grad is not None]
+    with pytest.raises(TypeError, match=r"^zero_grad must be a bool, got 1$"):
+        optimizer.first_step(zero_grad=1)
+    assert_bitwise_equal(params_of(model), before)
+    assert_bitwise_equal([p.grad for p in model.parameters() if p.grad is not None], grads)
+    optimizer.first_step()
+    nn.functional.mse_loss(model(x), y).backward()
+    with pytest.raises(TypeError, match=r"^zero_grad must be a bool, got 'yes'$"):
+        optimizer.second_step(zero_grad="yes")
+    optimizer.second_step(zero_grad=True)  # still pending: finishes
+    assert all(p.grad is None for p in model.parameters())
+
+
 def test_two_call_protocol_errors():
     model = make_model()
     optimizer = sam_opt(model)
