@@ -649,9 +649,9 @@ def test_constructor_rejects_bad_inputs_with_messages():
         MAML(model, torch.optim.SGD([nn.Parameter(torch.zeros(2))], lr=0.1))
     with pytest.raises(ValueError, match="model has no parameters"):
         MAML(nn.ReLU(), torch.optim.SGD, lr=0.1)
-    with pytest.raises(TypeError, match=r"param_groups\[0\]\['adapt'\] must be a bool, got 'yes'"):
+    with pytest.raises(TypeError, match=r"param_groups\[0\]: adapt must be a bool, got 'yes'"):
         MAML(model, torch.optim.SGD([{"params": model.parameters(), "adapt": "yes"}], lr=0.1))
-    with pytest.raises(ValueError, match=r"param_groups\[0\]\['inner_lr'\] must be a finite number >= 0, got -0\.5"):
+    with pytest.raises(ValueError, match=r"param_groups\[0\]: inner_lr must be a finite number >= 0, got -0\.5"):
         MAML(model, torch.optim.SGD([{"params": model.parameters(), "inner_lr": -0.5}], lr=0.1))
 
 
@@ -676,7 +676,7 @@ def test_adapt_and_task_losses_reject_bad_inputs_with_messages():
         meta.adapt(lambda f: f(torch.zeros(2, 3, dtype=DT)))
     # a param group edited to a bad inner_lr is caught at adaptation time
     meta.param_groups[0]["inner_lr"] = -3.0
-    with pytest.raises(ValueError, match=r"param_groups\[0\]\['inner_lr'\] must be a finite number >= 0, got -3\.0"):
+    with pytest.raises(ValueError, match=r"param_groups\[0\]: inner_lr must be a finite number >= 0, got -3\.0"):
         meta.adapt(lambda f: f(torch.zeros(1, 3, dtype=DT)).sum())
 
 

@@ -1726,7 +1726,7 @@ def test_a_direct_load_two_wrappers_down_keeps_the_meta_optimizer_s_settings():
     checkpoint = copy.deepcopy(meta.state_dict())
     checkpoint["param_groups"][1]["inner_lr"] = -1.0
     before = copy.deepcopy(meta.state_dict())
-    with pytest.raises(ValueError, match=r"inner_lr'\] must be a finite number >= 0, got -1\.0"):
+    with pytest.raises(ValueError, match=r"^the checkpoint's param_groups\[1\]: inner_lr must be a finite number >= 0, got -1\.0$"):
         meta.outer.base_optimizer.load_state_dict(checkpoint)
     assert_state_dicts_equal(meta.state_dict(), before)
 

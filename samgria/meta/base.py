@@ -351,14 +351,14 @@ class MetaOptimizer(WrappingOptimizer):
         """Raise if param group ``index`` (of ``groups``, as the message names them) cannot be a
         meta-optimizer's group; change nothing. Its ``params`` may be ``(name, tensor)`` pairs,
         which torch's ``add_param_group`` takes (``model.named_parameters()``)."""
-        check_lr(group.get("inner_lr", self.inner_lr), f"{groups}[{index}]['inner_lr']")
-        check_bool(f"{groups}[{index}]['adapt']", group.get("adapt", True))
+        check_lr(group.get("inner_lr", self.inner_lr), f"{groups}[{index}]: inner_lr")
+        check_bool(f"{groups}[{index}]: adapt", group.get("adapt", True))
         model_params = set(self.model.parameters()) | self._extra_params()
         for entry in group["params"]:
             p = entry[1] if isinstance(entry, tuple) and len(entry) == 2 else entry
             if not isinstance(p, torch.Tensor):
                 raise TypeError(
-                    f"{groups}[{index}]['params'] must hold tensors (or (name, tensor) pairs), got {entry!r}"
+                    f"{groups}[{index}]: params must hold tensors (or (name, tensor) pairs), got {entry!r}"
                 )
             if p not in model_params:
                 raise ValueError(
@@ -686,9 +686,9 @@ class MetaOptimizer(WrappingOptimizer):
         names: list[str] = []
         lrs: dict[str, float | torch.Tensor] = {}
         for i, group in enumerate(param_groups):
-            if not check_bool(f"param_groups[{i}]['adapt']", group.get("adapt", True)):
+            if not check_bool(f"param_groups[{i}]: adapt", group.get("adapt", True)):
                 continue
-            lr = check_lr(group.get("inner_lr", self.inner_lr), f"param_groups[{i}]['inner_lr']")
+            lr = check_lr(group.get("inner_lr", self.inner_lr), f"param_groups[{i}]: inner_lr")
             for p in group["params"]:
                 n = name_of.get(p)
                 if n is None or not p.requires_grad or n in lrs:
