@@ -3,6 +3,7 @@ it in training and evaluation, and the memory behaviour of the loop path."""
 
 from __future__ import annotations
 
+import re
 import warnings
 import weakref
 
@@ -405,6 +406,14 @@ def test_path_policy_checks_trials(trials, error, match):
 def test_path_policy_checks_max_keys(max_keys, error, match):
     with pytest.raises(error, match=match):
         PathPolicy("M", max_keys=max_keys)
+
+
+@pytest.mark.parametrize("owner", [1, None, b"MAML"], ids=["int", "none", "bytes"])
+def test_path_policy_checks_owner(owner):
+    """owner names the optimizer in warnings and errors; a non-str was kept and shown as is."""
+    with pytest.raises(TypeError, match=rf"^owner must be a str, got {re.escape(repr(owner))}$"):
+        PathPolicy(owner)
+    assert PathPolicy("MAML").owner == "MAML"
 
 
 # ---------------------------------------------------------------- InnerLoop checks its fields

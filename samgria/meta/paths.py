@@ -56,6 +56,10 @@ class PathPolicy:
         trials: Timed uses of each candidate path before the choice is fixed.
         max_keys: Keys whose measurements are kept (the least recently used go first).
 
+    Raises:
+        TypeError: ``owner`` is not a ``str``, or ``trials`` or ``max_keys`` is not an integer.
+        ValueError: ``trials`` or ``max_keys`` is below 1 (or NaN or infinite).
+
     Attributes:
         failed: ``{path: reason}`` of the paths given up after an error.
         timings: ``{key: {path: [seconds, ...]}}`` of the measured uses (the first ``trials`` of
@@ -67,6 +71,8 @@ class PathPolicy:
     max_keys: int = 32
 
     def __init__(self, owner: str, trials: int = 2, max_keys: int = max_keys) -> None:
+        if not isinstance(owner, str):  # it names the optimizer in warnings and errors
+            raise TypeError(f"owner must be a str, got {owner!r}")
         self.owner = owner
         self.trials = check_int("trials", trials, low=1)
         self.max_keys = check_int("max_keys", max_keys, low=1)
