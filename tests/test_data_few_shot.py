@@ -423,3 +423,16 @@ def test_classes_that_are_not_a_1d_tensor_or_array_are_refused_naming_classes(cl
     with pytest.raises(ValueError, match=rf"^classes must be a 1-D tensor or array of labels, got one of shape "
                        rf"{re.escape(str(tuple(classes.shape)))}$"):
         FewShotSampler(inputs, labels, 1, 1, 1, classes=classes)
+
+
+@pytest.mark.parametrize(
+    "classes, repeated",
+    [([1, 4, 1, 5], 1), (torch.tensor([3, 0, 0]), 0), (np.array([2, 5, 5, 2]), 5)],
+    ids=["list", "tensor", "array"],
+)
+def test_classes_that_repeat_a_label_are_refused_naming_it(classes, repeated):
+    """A repeated label was merged silently: listing a class twice did not make it drawn twice."""
+    inputs, labels = make_data()
+    with pytest.raises(ValueError, match=rf"^classes must hold distinct labels, got {repeated} more than once$"):
+        FewShotSampler(inputs, labels, n_way=2, k_shot=1, k_query=1, classes=classes)
+    assert FewShotSampler(inputs, labels, 2, 1, 1, classes=[5, 1, 4]).classes.tolist() == [1, 4, 5]

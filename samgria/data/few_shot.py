@@ -42,8 +42,8 @@ class FewShotSampler(GeneratorStateMixin):
         n_way: Classes per task (``>= 1``).
         k_shot: Support examples per class (``>= 1``).
         k_query: Query examples per class (``>= 0``).
-        classes: Optional subset of class labels to draw from (e.g. the meta-training classes
-            of a class split); default all classes present in ``labels``.
+        classes: Optional subset of distinct class labels to draw from (e.g. the meta-training
+            classes of a class split); default all classes present in ``labels``.
         drop_small_classes: If ``False`` (default), a class with fewer than
             ``k_shot + k_query`` examples is an error; if ``True`` such classes are skipped
             with a warning.
@@ -58,7 +58,7 @@ class FewShotSampler(GeneratorStateMixin):
             ``drop_small_classes`` is not a ``bool``, a count is not an int, or ``device`` is not
             a device, a device string or an index.
         ValueError: ``labels`` is not 1-D or its length differs from ``inputs``, ``classes`` is a
-            tensor or array that is not 1-D, a count is out of range, ``classes`` names a label
+            tensor or array that is not 1-D or repeats a label, a count is out of range, ``classes`` names a label
             that does not occur, a class has too few examples, fewer than ``n_way`` classes are
             usable, ``seed`` is beyond what ``torch.Generator`` takes, or ``torch.device``
             refuses ``device`` or its backend is not available here.
@@ -112,10 +112,15 @@ class FewShotSampler(GeneratorStateMixin):
             wanted = present.tolist()
         else:
             wanted = _class_labels(classes)
+            seen: set[int] = set()
+            for label in wanted:  # a class listed twice would still be drawn as one
+                if label in seen:
+                    raise ValueError(f"classes must hold distinct labels, got {label} more than once")
+                seen.add(label)
             missing = sorted({c for c in wanted if c not in count_of})
             if missing:
                 raise ValueError(f"classes contains labels that do not occur in labels: {missing}")
-            wanted = sorted(set(wanted))
+            wanted = sorted(wanted)
 
         per_task = self.k_shot + self.k_query
         small = [c for c in wanted if count_of[c] < per_task]
