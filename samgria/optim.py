@@ -1203,7 +1203,10 @@ class TransformingOptimizer(WrappingOptimizer):
         def reevaluate() -> Any:
             nonlocal evaluations
             evaluations += 1
-            self.zero_grad(set_to_none=True)
+            # What zero_grad(set_to_none=True) does, without its profiler record: a trace shows
+            # the user's own zero_grad calls only.
+            for param in self._unique_params():
+                param.grad = None
             forget_autocast_copies()  # a transform moved the weights
             with torch.enable_grad(), self._enter(self.reevaluation_context):
                 result = closure()

@@ -628,6 +628,33 @@ def test_protocol_object_can_reevaluate_through_loss_fn():
     assert_bitwise_equal(params_of(model_a), params_of(model_b))
 
 
+def test_a_profiled_sam_step_records_the_users_zero_grad_calls_and_one_step():
+    """A profiler trace of ``step(closure)`` with SAM showed three ``Optimizer.zero_grad`` records
+    for the closure's two calls (the optimizer released the first pass's gradients through
+    ``zero_grad()``): it shows the user's own calls, and the one step, as a plain optimizer's
+    trace does."""
+    model = make_model()
+    optimizer = sam_opt(model)
+    x, y = make_data()
+    calls = [0]
+
+    def closure():
+        calls[0] += 1
+        optimizer.zero_grad()
+        loss = nn.functional.mse_loss(model(x), y)
+        loss.backward()
+        return loss
+
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
+        optimizer.step(closure)
+    records = collections.Counter(event.name for event in profile.events() if event.name.startswith("Optimizer."))
+    assert calls[0] == 2
+    assert records == {
+        "Optimizer.zero_grad#TransformingOptimizer.zero_grad": calls[0],
+        "Optimizer.step#TransformingOptimizer.step": 1,
+    }
+
+
 def test_two_call_zero_grad_must_be_a_bool():
     """``first_step(zero_grad=1)`` / ``second_step(zero_grad="yes")`` were taken as truthy flags:
     refused with the argument named, before anything changes (the step stays pending)."""
