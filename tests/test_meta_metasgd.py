@@ -4,6 +4,7 @@ differences), training by the outer optimizer, vmap path and state_dict."""
 from __future__ import annotations
 
 import copy
+import warnings
 
 import numpy as np
 import pytest
@@ -11,6 +12,7 @@ import torch
 from torch import nn
 
 from meta_helpers import finite_difference_grad
+from state_helpers import assert_state_dicts_equal
 from samgria.data.task import Task
 from samgria.meta.metasgd import MetaSGD
 
@@ -276,6 +278,65 @@ def test_state_dict_round_trips_rates_and_outer_state():
     bad["inner_lrs"]["weight"] = torch.zeros(2)
     with pytest.raises(ValueError, match=r"state_dict\['inner_lrs'\]\['weight'\] has shape \(2,\), expected \(1, 3\)"):
         twin.load_state_dict(bad)
+
+
+_REFUSED_RATES = [
+    # (id, checkpoint's inner_lrs -> replacement, error, match)
+    ("list", lambda rates: list(rates.values()), TypeError,
+     r"^state_dict\['inner_lrs'\] must be a dict of \{parameter name: rate tensor\}, got a list$"),
+    ("sparse", lambda rates: {**rates, "0.weight": rates["0.weight"].to_sparse()}, ValueError,
+     r"^state_dict\['inner_lrs'\]\['0.weight'\] must be a dense tensor holding values \(copied into the rate\), "
+     r"got a torch.sparse_coo tensor$"),
+    ("meta-device", lambda rates: {**rates, "0.bias": rates["0.bias"].to("meta")}, ValueError,
+     r"^state_dict\['inner_lrs'\]\['0.bias'\] must be a dense tensor holding values \(copied into the rate\), "
+     r"got a tensor on the meta device$"),
+    ("quantized", lambda rates: {**rates, "0.weight": _quantized(rates["0.weight"])}, ValueError,
+     r"^state_dict\['inner_lrs'\]\['0.weight'\] cannot be copied into the rate \(a plain tensor of dtype "
+     r"torch.float64\): Copying from quantized Tensor"),
+]
+
+
+def _quantized(tensor):
+    """A quantized copy of ``tensor``: real, dense and of its shape, but torch's copy_ refuses it."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch deprecates quantized tensor creation
+        return torch.quantize_per_tensor(tensor.float(), 0.01, 0, torch.qint8)
+
+
+@pytest.mark.parametrize("replace, error, match", [r[1:] for r in _REFUSED_RATES], ids=[r[0] for r in _REFUSED_RATES])
+def test_a_checkpoint_whose_rates_cannot_be_loaded_is_refused_before_anything_changes(replace, error, match):
+    """The rates were copied in only after the outer optimizer's state had been loaded: a sparse
+    or meta-device rate failed in copy_ with torch's error (the outer state already replaced),
+    and a list of rates was reported as missing every rate."""
+    tasks = make_tasks(2)
+
+    def build(inner_lr):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(3, 1)).to(DT)
+        meta = MetaSGD(model, torch.optim.Adam, lr=0.1, inner_lr=inner_lr)
+
+        def closure():
+            meta.zero_grad()
+            loss = meta.task_losses(tasks, mse).mean()
+            loss.backward()
+            return loss
+
+        meta.step(closure)
+        return meta
+
+    saved = build(0.2).state_dict()
+    saved["inner_lrs"] = {n: -rate for n, rate in saved["inner_lrs"].items()}  # negative: learned, loaded
+    meta = build(0.1)
+    before = copy.deepcopy(meta.state_dict())
+    bad = copy.deepcopy(saved)
+    bad["inner_lrs"] = replace(bad["inner_lrs"])
+    with pytest.raises(error, match=match):
+        meta.load_state_dict(bad)
+    assert_state_dicts_equal(meta.state_dict(), before)
+    assert all(torch.equal(meta.inner_lrs[n], before["inner_lrs"][n]) for n in meta.inner_lrs)
+    meta.load_state_dict(copy.deepcopy(saved))  # the checkpoint as saved loads, negative rates included
+    assert_state_dicts_equal(meta.state_dict(), saved)
+    assert all(torch.equal(meta.inner_lrs[n], saved["inner_lrs"][n]) and (meta.inner_lrs[n] < 0).all() for n in meta.inner_lrs)
 
 
 def test_a_load_pre_hook_sees_and_may_rename_the_stored_rates():

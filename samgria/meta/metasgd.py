@@ -20,6 +20,7 @@ gradient instead of scaling it.
 from __future__ import annotations
 
 import inspect
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -27,6 +28,7 @@ from torch import nn
 
 from samgria._checks import check_like_default, check_real
 from samgria._wrapper import WrappingOptimizer, is_torch_optimizer
+from samgria.functional._sharding import is_sharded
 from samgria.meta.functional import check_lr
 from samgria.meta.maml import MAML
 
@@ -247,10 +249,20 @@ class MetaSGD(MAML):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:  # type: ignore[override]
         """Load the optimizer state and copy the stored rates into :attr:`inner_lrs` (in place,
-        cast to their dtype, as torch casts the state; a complex or wrong-shaped rate is refused
-        before anything changes).
+        cast to their dtype, as torch casts the state). The rates are checked, and copied into
+        staging tensors of the rates' own kind, before anything changes: a refused load leaves
+        the optimizer and the rates as they were. A learned rate may be negative (or anything
+        the outer optimizer made of it): its values are loaded as saved.
 
         Load pre-hooks see the whole checkpoint, ``"inner_lrs"`` included, as torch's see theirs.
+
+        Raises:
+            TypeError: ``state_dict["inner_lrs"]`` is not a dict.
+            ValueError: ``state_dict`` has no ``"inner_lrs"``, or they lack a rate or hold one
+                for an unknown parameter, or a rate is not a real, dense tensor with values (not
+                sparse, nested or on the meta device) of its parameter's shape, or cannot be
+                copied into the rate (a ``DTensor`` for a plain rate, or the reverse); and as
+                :meth:`MetaOptimizer.load_state_dict <samgria.meta.base.MetaOptimizer.load_state_dict>`.
         """
         super().load_state_dict(state_dict)
 
@@ -263,26 +275,43 @@ class MetaSGD(MAML):
                 "beside 'state' and 'param_groups'): the rates would keep their values while the "
                 "outer optimizer's state for them is loaded"
             )
+        if not isinstance(rates, Mapping):
+            raise TypeError(
+                f"state_dict['inner_lrs'] must be a dict of {{parameter name: rate tensor}}, got a "
+                f"{type(rates).__name__}"
+            )
         missing = sorted(set(self.inner_lrs) - set(rates))
         if missing:
             raise ValueError(f"state_dict['inner_lrs'] has no rates for {missing}")
+        staged: dict[str, torch.Tensor] = {}
         for n, v in rates.items():
             if n not in self.inner_lrs:
                 raise ValueError(f"state_dict['inner_lrs'] has a rate for an unknown parameter {n!r}")
+            rate = self.inner_lrs[n]
+            where = f"state_dict['inner_lrs'][{n!r}]"
             if not isinstance(v, torch.Tensor) or v.is_complex() or v.dtype == torch.bool:
                 what = f"a tensor of dtype {v.dtype}" if isinstance(v, torch.Tensor) else repr(v)
                 raise ValueError(
-                    f"state_dict['inner_lrs'][{n!r}] must be a real tensor (the rates are real step sizes, "
-                    f"loaded as {self.inner_lrs[n].dtype}), got {what}"
+                    f"{where} must be a real tensor (the rates are real step sizes, "
+                    f"loaded as {rate.dtype}), got {what}"
                 )
-            if tuple(v.shape) != tuple(self.inner_lrs[n].shape):
-                raise ValueError(
-                    f"state_dict['inner_lrs'][{n!r}] has shape {tuple(v.shape)}, expected "
-                    f"{tuple(self.inner_lrs[n].shape)}"
-                )
-        return sd, rates
+            if v.is_nested or v.layout != torch.strided or v.is_meta:
+                what = "a nested tensor" if v.is_nested else "a tensor on the meta device" if v.is_meta else f"a {v.layout} tensor"
+                raise ValueError(f"{where} must be a dense tensor holding values (copied into the rate), got {what}")
+            if tuple(v.shape) != tuple(rate.shape):
+                raise ValueError(f"{where} has shape {tuple(v.shape)}, expected {tuple(rate.shape)}")
+            # The copy the load makes, made now: whatever torch refuses to copy into the rate
+            # (a DTensor into a plain tensor, ...) fails the load before anything changes.
+            staged[n] = torch.empty_like(rate, requires_grad=False)
+            try:
+                with torch.no_grad():
+                    staged[n].copy_(v)
+            except (RuntimeError, NotImplementedError) as error:
+                kind = "a DTensor" if is_sharded(rate) else "a plain tensor"
+                raise ValueError(f"{where} cannot be copied into the rate ({kind} of dtype {rate.dtype}): {error}") from error
+        return sd, staged
 
     def _load_extras(self, extras: Any) -> None:
         with torch.no_grad():
             for n, v in extras.items():
-                self.inner_lrs[n].copy_(v)
+                self.inner_lrs[n].copy_(v)  # staged as the rate: of its kind, dtype and shape
