@@ -75,6 +75,9 @@ def named_params(model: nn.Module) -> dict[str, torch.Tensor]:
 
     Returns:
         A new dict (mutating it does not touch the model).
+
+    Raises:
+        TypeError: ``model`` is not a :class:`torch.nn.Module`.
     """
     _check_module(model)
     return dict(model.named_parameters())
@@ -88,6 +91,9 @@ def named_buffers(model: nn.Module) -> dict[str, torch.Tensor]:
 
     Returns:
         A new dict whose values are the model's live buffers.
+
+    Raises:
+        TypeError: ``model`` is not a :class:`torch.nn.Module`.
     """
     _check_module(model)
     return dict(model.named_buffers())

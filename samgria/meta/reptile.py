@@ -104,6 +104,13 @@ class Reptile(MetaOptimizer):
             :class:`~samgria.meta.base.MetaOptimizer`'s: ``params`` (the param groups, e.g. one
             with ``adapt=False``), ``non_finite``, ``distributed``, ``process_group`` and
             ``checkpoint_inner_steps``.
+
+    Raises:
+        TypeError: ``first_order`` is given (Reptile is always first order), or as
+            :class:`~samgria.meta.base.MetaOptimizer`.
+        ValueError: As :class:`~samgria.meta.base.MetaOptimizer` (a negative ``inner_lr`` or
+            ``inner_steps``, a tensor of the outer optimizer that is not a parameter of
+            ``model``, ...).
     """
 
     outer_update = "pseudo_gradient"
