@@ -557,3 +557,30 @@ def test_the_refusal_of_tasks_adapted_before_a_re_evaluating_step_names_clear_re
     meta.clear_records()
     meta.step(reptile_closure(meta, tasks))
     assert meta.num_recorded == 0
+
+
+@pytest.mark.parametrize(
+    "adapted, error, match",
+    [
+        ({"0.weight": 1.0}, TypeError, r"^adapted\['0.weight'\] must be a tensor, got 1\.0$"),
+        ([1.0], TypeError, r"^adapted must be a mapping of parameter names to tensors, got \[1\.0\]$"),
+        ({"0.weight": torch.zeros(3, dtype=DT)}, ValueError,  # broadcast against (5, 3) in step: taken
+         r"^adapted\['0.weight'\] must be a tensor of its parameter's shape \(5, 3\), got one of shape \(3,\)$"),
+    ],
+    ids=["non-tensor", "list", "broadcastable-shape"],
+)
+def test_record_adaptation_refuses_what_step_cannot_use_and_records_nothing(adapted, error, match):
+    """A non-tensor failed with AttributeError after its task weight was counted; a weight of a
+    broadcastable shape was recorded and stepped towards as if it were the parameter's."""
+    model, t = mlp(), make_tasks(n=1)[0]
+    meta = Reptile(model, torch.optim.SGD, inner_lr=0.1, lr=0.5)
+    with pytest.raises(error, match=match):
+        meta.record_adaptation(adapted)
+    assert meta.num_recorded == 0 and meta._task_weight == 0.0  # nothing counted for the refused task
+    # The next step is the one a fresh Reptile takes (reference: its twin never saw the refusal).
+    twin_model = mlp()
+    twin = Reptile(twin_model, torch.optim.SGD, inner_lr=0.1, lr=0.5)
+    for m in (meta, twin):
+        m.adapt(lambda f: mse(f(t.support_x), t.support_y))
+        m.step()
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), twin_model.parameters()))

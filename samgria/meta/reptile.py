@@ -27,6 +27,7 @@ from torch import nn
 
 from samgria.data.task import Task
 from samgria.meta.base import MetaOptimizer, _SkippedByPolicy
+from samgria.meta.functional import check_params
 
 __all__ = ["Reptile"]
 
@@ -131,9 +132,24 @@ class Reptile(MetaOptimizer):
         self._records: list[tuple[dict[str, torch.Tensor], float]] = []
 
     def record_adaptation(self, adapted: Mapping[str, torch.Tensor], weight: float = 1.0) -> None:
-        """Keep one task's adapted weights (those of the adapted names) for :meth:`step`."""
-        super().record_adaptation(adapted, weight)
+        """Keep one task's adapted weights (those of the adapted names) for :meth:`step`.
+
+        Raises:
+            TypeError: ``adapted`` is not a mapping of parameter names to tensors, or ``weight``
+                is not a real number.
+            ValueError: An adapted weight has another shape than its parameter, or ``weight``
+                is negative or not finite. Nothing is recorded or counted then.
+        """
+        adapted = check_params(adapted, "adapted")
         names = self._adapt_config()[0]
+        params = dict(self.model.named_parameters())
+        for n in names:
+            if n in adapted and adapted[n].shape != params[n].shape:
+                raise ValueError(
+                    f"adapted[{n!r}] must be a tensor of its parameter's shape {tuple(params[n].shape)}, "
+                    f"got one of shape {tuple(adapted[n].shape)}"
+                )
+        super().record_adaptation(adapted, weight)  # counts the weight: after every check
         self._records.append(({n: adapted[n].detach() for n in names if n in adapted}, weight))
 
     def _scored_tasks(self, tasks: list[Task]) -> list[Task]:
