@@ -1678,6 +1678,14 @@ def sam_optimizer(
     default, so a group with ``"adaptive": False`` gets SAM's move (:math:`T_w = 1`) and one with
     ``True`` ASAM's. The transform is chosen here: with :class:`~samgria.SAM`, a group that sets
     ``"adaptive"`` later (``add_param_group``, an edit) is not read.
+
+    Raises:
+        TypeError: If ``adaptive`` is not a bool, ``rho`` not a real number, or
+            ``base_optimizer`` neither a :class:`torch.optim.Optimizer` subclass nor a callable
+            returning one.
+        ValueError: If ``rho`` is negative or not finite; what ``base_optimizer`` raises for its
+            own ``kwargs`` (``lr=-1.0``) and what :class:`TransformingOptimizer` raises otherwise
+            are passed on.
     """
     adaptive = check_bool("adaptive", adaptive)
     if not isinstance(params, torch.Tensor):

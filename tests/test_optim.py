@@ -1662,6 +1662,12 @@ def test_sam_optimizer_names_its_own_base_optimizer_argument_in_errors():
     with pytest.raises(ValueError, match=r"Invalid learning rate: -1"):  # the inner optimizer's own, as it is
         sam_optimizer(model.parameters(), torch.optim.SGD, lr=-1.0)
     assert sam_optimizer(model.parameters(), torch.optim.SGD, lr=0.1, non_finite="raise").non_finite == "raise"
+    with pytest.raises(TypeError, match=r"^adaptive must be a bool, got 1$"):
+        sam_optimizer(model.parameters(), torch.optim.SGD, adaptive=1, lr=0.1)
+    with pytest.raises(ValueError, match=r"^rho must be a finite number >= 0, got -1.0$"):
+        sam_optimizer(model.parameters(), torch.optim.SGD, rho=-1.0, lr=0.1)
+    with pytest.raises(TypeError, match=r"^rho must be a finite number >= 0, got 'x'$"):
+        sam_optimizer(model.parameters(), torch.optim.SGD, rho="x", lr=0.1)
 
 
 def test_sam_optimizer_honours_a_groups_own_adaptive_key_as_that_library_does():
