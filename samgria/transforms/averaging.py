@@ -7,7 +7,9 @@ in the parameter's dtype, and a step counter on the first parameter, so ``state_
 ``torch.distributed.checkpoint`` carry everything and a resumed run continues bit for bit. A
 parameter converted mid-training (``model.double()``, ``.half()``, ``.to(device)``) has its kept
 weights converted to its dtype on its device at its next step, as a checkpoint reloaded into a
-fresh optimizer has them.
+fresh optimizer has them; one whose ``.data`` was replaced by a tensor of another shape (an
+embedding resized) is refused at its next step and by the swap blocks below (``ValueError``,
+nothing changed), as torch's optimizers refuse state that no longer fits.
 
 As everywhere in samgria, only the parameters that have a gradient at a step take part in it
 (frozen and unused parameters are left alone), and complex parameters are treated as pairs of
@@ -179,9 +181,24 @@ class _KeptWeights(Transform):
             if kept is None:
                 entry[self._kept_key] = param.detach().clone(memory_format=torch.preserve_format)
                 fresh.append(param)
-            elif kept.dtype != param.dtype or kept.device != param.device:
+                continue
+            self._check_fits(param, kept, ctx.slot)
+            if kept.dtype != param.dtype or kept.device != param.device:
                 entry[self._kept_key] = kept.to(device=param.device, dtype=param.dtype)
         return fresh
+
+    def _check_fits(self, param: torch.Tensor, kept: torch.Tensor, slot: str) -> None:
+        """Raise ``ValueError`` if ``param`` no longer has the shape of its kept weights (its
+        ``.data`` replaced since its last step: an embedding resized), which an update would
+        broadcast or fail on, as torch's optimizers' state would."""
+        if kept.shape != param.shape:
+            raise ValueError(
+                f"{type(self).__name__}: the {self._kept_name} of a parameter are of shape "
+                f"{tuple(kept.shape)}, but it is now of shape {tuple(param.shape)} (its .data was "
+                "replaced since its last step): they no longer fit it, as torch's optimizer state "
+                f"would not; del optimizer.state[param]['{slot}.{self._kept_key}'] to keep them "
+                "afresh from its weights"
+            )
 
     @torch.no_grad()
     def init_state(self, ctx: TransformContext) -> None:
@@ -248,6 +265,7 @@ class _KeptWeights(Transform):
             entry = state.get(param) if param in state else None  # no defaultdict insertion
             kept = entry.get(prefix + self._kept_key) if entry else None
             if kept is not None:
+                self._check_fits(param, kept, prefix[:-1])  # before the block writes any parameter
                 pairs.append((param, kept))
         return pairs
 
@@ -390,8 +408,9 @@ class Lookahead(_KeptWeights):
                 not an ``nn.Module``.
             ValueError: If ``owner`` is an optimizer that neither holds this transform nor wraps
                 one that does, a module
-                while an optimizer holds it (steps it), or the parameters are sharded (DTensor)
-                and no model is known.
+                while an optimizer holds it (steps it), the parameters are sharded (DTensor)
+                and no model is known, or a parameter's shape changed since its last step
+                (nothing is written).
         """
         return self._swapped_in(owner, model)
 
@@ -557,7 +576,8 @@ class EMA(_KeptWeights):
                 not an ``nn.Module``.
             ValueError: If ``owner`` is an optimizer that neither holds this transform nor wraps
                 one that does, a module
-                while an optimizer holds it (steps it), or the parameters are sharded (DTensor)
-                and no model is known.
+                while an optimizer holds it (steps it), the parameters are sharded (DTensor)
+                and no model is known, or a parameter's shape changed since its last step
+                (nothing is written).
         """
         return self._swapped_in(owner, model)
