@@ -893,7 +893,7 @@ class TransformingOptimizer(WrappingOptimizer):
         checked = [t for slot, t in transforms if self._may_leave_non_finite(slot, t)]
         if checked and not self._grads_finite():
             verb = "combined" if checked[-1].combines_gradients else "computed"
-            raise _NonFiniteGradients(evaluation, combined_by=type(checked[-1]).__name__, verb=verb)
+            raise _NonFiniteGradients(evaluation, combined_by=transform_name(checked[-1]), verb=verb)
 
     @torch.no_grad()
     def _run_chain(

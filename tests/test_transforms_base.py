@@ -7,6 +7,8 @@ bit), the object's own ``state_dict()`` and hand-written messages.
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 from torch import nn
@@ -1003,3 +1005,48 @@ def test_protocol_transform_refuses_what_is_no_seed_protocol_object_at_construct
     ('int' object has no attribute 'apply'); it is refused when built, naming the argument."""
     with pytest.raises(TypeError, match=rf"^transform must be an object with apply\(model, loss_fn, batch\) and post_step\(model\) methods, got {shown}$"):
         ProtocolTransform(bad)
+
+
+class _ScalesGradients:
+    """A seed-protocol object that multiplies every gradient by ``factor`` (no re-evaluation)."""
+
+    def __init__(self, factor):
+        self.factor = factor
+
+    def apply(self, model, loss_fn, batch):
+        with torch.no_grad():
+            for p in model.parameters():
+                if p.grad is not None:
+                    p.grad.mul_(self.factor).mul_(self.factor)
+
+    def post_step(self, model):
+        pass
+
+
+class _DeclaresNoOverflow(_ScalesGradients):
+    def can_overflow_gradients(self, param_groups):
+        return False
+
+
+def test_a_seed_object_that_overflows_the_gradients_skips_the_step_unless_it_declares_it_cannot():
+    """A seed-protocol object's ``apply`` may compute the gradients anew: its result went to the
+    inner step unchecked (here 1e300 * 1e300 in float64: inf, then NaN weights with momentum). It
+    is checked as ScaleGrad's is, and the step skipped whole; an object that declares
+    ``can_overflow_gradients(param_groups) -> False`` is taken at its word (no check)."""
+    model = make_model().double()
+    x, y = make_data()
+    x, y = x.double(), y.double()
+    optimizer = TransformingOptimizer(model.parameters(), torch.optim.SGD, lr=0.1, momentum=0.9, transforms=[_ScalesGradients(1e300)], model=model)
+    before, state_before = params_of(model), optimizer.state_dict()["state"]
+    with pytest.warns(RuntimeWarning, match=r"^TransformingOptimizer: the gradients of the first evaluation, as _ScalesGradients \(seed protocol\) computed them, are not finite"):
+        optimizer.step(make_closure(model, optimizer, x, y))
+    assert optimizer.skipped_steps == 1
+    assert_bitwise_equal(before, params_of(model))
+    assert optimizer.state_dict()["state"] == state_before  # no momentum buffer either
+    declared = TransformingOptimizer(model.parameters(), torch.optim.SGD, lr=0.1, transforms=[_DeclaresNoOverflow(1e300)], model=model)
+    assert ProtocolTransform(_DeclaresNoOverflow(2.0)).can_overflow_gradients(declared.param_groups) is False
+    assert ProtocolTransform(_ScalesGradients(2.0)).can_overflow_gradients(declared.param_groups) is True
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        declared.step(make_closure(model, declared, x, y))  # unchecked: the inner step takes inf
+    assert not all(torch.isfinite(p).all() for p in model.parameters())

@@ -691,6 +691,13 @@ class ProtocolTransform(Transform):
         declared = getattr(self.transform, "keeps_direction_of_gradients", None)
         return bool(declared(param_groups)) if callable(declared) else self.scales_with_gradients(param_groups)
 
+    def can_overflow_gradients(self, param_groups: Sequence[Mapping[str, Any]]) -> bool:
+        """The object's own ``can_overflow_gradients(param_groups)`` when it declares one; ``True``
+        otherwise (the gradients are checked after ``apply``, which may compute them anew: the
+        non-finite policy then skips a step it left infinite or NaN)."""
+        declared = getattr(self.transform, "can_overflow_gradients", None)
+        return bool(declared(param_groups)) if callable(declared) else True
+
     def default_slot(self) -> str:
         """The object's own ``slot_name`` (as a :class:`Transform`'s), else its class name in snake case."""
         return getattr(self.transform, "slot_name", None) or default_slot_name(self.transform)
