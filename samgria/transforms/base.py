@@ -646,7 +646,10 @@ class ProtocolTransform(Transform):
     stays changed (the weights and every slot are restored). The weights are copied at the start
     of each step, as ``apply`` may change them; an object whose ``apply`` leaves them as they
     were (or puts them back itself) declares ``writes_weights_before_step = False`` to save that
-    copy. Its ``slot_name`` attribute, if it has one, names its slot as a :class:`Transform`'s does.
+    copy. The gradients ``apply`` leaves are checked for the non-finite policy (it may compute
+    them anew); an object that cannot take finite gradients beyond their dtype's range declares
+    ``can_overflow_gradients(param_groups)`` returning ``False`` to save that read. Its
+    ``slot_name`` attribute, if it has one, names its slot as a :class:`Transform`'s does.
 
     Raises:
         TypeError: If ``transform`` is a class, or an object without ``apply`` and ``post_step``.
