@@ -133,7 +133,9 @@ def frozen_bn_stats(model: nn.Module) -> Iterator[nn.Module]:
     in training, but its ``running_mean``, ``running_var`` and ``num_batches_tracked`` stay
     exactly as they were. Use it for SAM's second forward pass so that the running statistics
     match a plain optimizer step's (one update per step), e.g.
-    ``TransformingOptimizer(..., reevaluation_context=lambda: frozen_bn_stats(model))``.
+    ``TransformingOptimizer(..., reevaluation_context=lambda: frozen_bn_stats(model))``; in the
+    two-call loop, around the second forward and its backward (with activation checkpointing the
+    backward runs the forward again).
 
     BatchNorm layers (also ``SyncBatchNorm``) stop tracking for the block. An ``InstanceNorm``
     layer with ``track_running_stats=True`` updates its running statistics in train mode whatever

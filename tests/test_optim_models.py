@@ -141,3 +141,315 @@ def test_averaged_weights_of_a_resized_parameter_refused_before_anything_is_writ
         with ema.averaged_weights(optimizer):
             pass
     assert torch.equal(first, before[0]) and torch.equal(second, before[1])
+
+
+# -- the features, against the hand-written float64 SAM -----------------------------------------------
+def _data(*shape, outputs=3, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(*shape, generator=generator, dtype=torch.float64)
+    y = torch.randn(shape[0], outputs, generator=generator, dtype=torch.float64)
+    return x, y
+
+
+def _check_against_reference(model, loss_of, steps=2):
+    """``steps`` SAM steps by each loop on copies of ``model`` equal the hand-written SAM's, and
+    the parameters keep their strides (a channels_last or transposed layout)."""
+    reference = sam_reference(model, loss_of, steps)
+    strides = [p.stride() for p in model.parameters()]
+    for two_call in (False, True):
+        trained = copy.deepcopy(model)
+        optimizer = TransformingOptimizer(trained.parameters(), torch.optim.SGD, lr=0.1, transforms=[SAM(0.05)])
+        sam_steps(trained, loss_of, optimizer, steps, two_call)
+        assert_close_to(trained, reference)
+        assert [p.stride() for p in trained.parameters()] == strides
+
+
+@pytest.mark.parametrize("parametrize", ["weight_norm", "spectral_norm", "orthogonal"])
+def test_parametrized_weights_are_perturbed_through_their_originals(parametrize):
+    """torch.nn.utils.parametrizations: SAM moves ``parametrizations.weight.original*``, the
+    forward of the second pass computes the weight from the moved originals, and the step equals
+    the hand-written SAM's (spectral_norm in eval mode: no power iteration between the passes)."""
+    torch.manual_seed(0)
+    model = getattr(torch.nn.utils.parametrizations, parametrize)(nn.Linear(4, 4).double()).eval()
+    x, y = _data(6, 4, outputs=4)
+    _check_against_reference(model, lambda m: (m(x) - y).square().mean())
+
+    seen = []
+    model.register_forward_pre_hook(lambda module, inputs: seen.append(module.weight.detach().clone()))
+    originals = [p.detach().clone() for p in model.parameters()]
+    optimizer = TransformingOptimizer(model.parameters(), torch.optim.SGD, lr=0.0, transforms=[SAM(0.05)])
+    sam_steps(model, lambda m: (m(x) - y).square().mean(), optimizer, 1, two_call=True)
+    assert not torch.equal(seen[0], seen[1])  # the second pass ran at w + e
+    assert all(torch.equal(p, original) for p, original in zip(model.parameters(), originals))  # lr 0: w, bit for bit
+
+
+@pytest.mark.parametrize("use_reentrant", [False, True])
+def test_activation_checkpointing_recomputes_at_the_moved_weights(use_reentrant):
+    """torch.utils.checkpoint inside the closure (and in the two-call loop's passes): the forward
+    recomputed in each backward runs at the weights of its pass, so the step equals the
+    hand-written SAM's without checkpointing."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)).double()
+    x, y = _data(6, 4)
+    inputs = x.clone().requires_grad_(use_reentrant)  # reentrant: an input must require grad
+    reference = sam_reference(model, lambda m: (m(x) - y).square().mean(), 2)
+    for two_call in (False, True):
+        trained = copy.deepcopy(model)
+        optimizer = TransformingOptimizer(trained.parameters(), torch.optim.SGD, lr=0.1, transforms=[SAM(0.05)])
+
+        def loss_of(m):
+            return (torch.utils.checkpoint.checkpoint(m, inputs, use_reentrant=use_reentrant) - y).square().mean()
+
+        sam_steps(trained, loss_of, optimizer, 2, two_call)
+        assert_close_to(trained, reference)
+
+
+class _Transposed(nn.Module):
+    """A parameter stored transposed (strides (1, 4)), as a weight converted from another layout."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(4, 3, dtype=torch.float64).t())
+
+    def forward(self, x):
+        return x @ self.weight.t()
+
+
+class _Attention(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.attention = nn.MultiheadAttention(4, 2, batch_first=True)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.head(self.attention(x, x, x)[0].mean(1))
+
+
+class _Recurrent(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lstm = nn.LSTM(4, 5, num_layers=2, batch_first=True)
+        self.head = nn.Linear(5, 3)
+
+    def forward(self, x):
+        return self.head(self.lstm(x)[0][:, -1])
+
+
+def _channels_last_conv():
+    model = nn.Sequential(nn.Conv2d(2, 3, 3), nn.Flatten(), nn.Linear(12, 3))
+    return model.double().to(memory_format=torch.channels_last)
+
+
+@pytest.mark.parametrize(
+    "make, shape",
+    [(_channels_last_conv, (4, 2, 4, 4)), (_Transposed, (6, 4)), (_Attention, (2, 5, 4)), (_Recurrent, (3, 4, 4))],
+    ids=["channels_last_conv", "transposed_parameter", "multihead_attention", "lstm"],
+)
+def test_layouts_and_packed_weights(make, shape):
+    """A channels_last Conv2d, a parameter with transposed strides, nn.MultiheadAttention's packed
+    in_proj_weight and nn.LSTM's weights (read through its _flat_weights): the step equals the
+    hand-written SAM's, and every parameter keeps its strides."""
+    torch.manual_seed(0)
+    model = make().double()
+    x, y = _data(*shape)
+    if x.dim() == 4:
+        x = x.contiguous(memory_format=torch.channels_last)
+    assert make is not _channels_last_conv or model[0].weight.is_contiguous(memory_format=torch.channels_last)
+    _check_against_reference(model, lambda m: (m(x) - y).square().mean())
+
+
+@pytest.mark.parametrize("built", ["after_dry_run", "before_dry_run"])
+def test_lazy_modules(built):
+    """nn.LazyLinear: an optimizer built after the dry run (torch's documented practice) or before
+    it (the uninitialised parameters become the parameters it holds) steps as the hand-written SAM."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.LazyLinear(5), nn.Tanh(), nn.LazyLinear(3)).double()
+    x, y = _data(6, 4)
+    optimizer = None
+    if built == "before_dry_run":
+        optimizer = TransformingOptimizer(model.parameters(), torch.optim.SGD, lr=0.1, transforms=[SAM(0.05)])
+    model(x)
+    reference = sam_reference(model, lambda m: (m(x) - y).square().mean(), 2)
+    if optimizer is None:
+        optimizer = TransformingOptimizer(model.parameters(), torch.optim.SGD, lr=0.1, transforms=[SAM(0.05)])
+    sam_steps(model, lambda m: (m(x) - y).square().mean(), optimizer, 2, two_call=False)
+    assert_close_to(model, reference)
+
+
+def test_swa_and_an_ema_model_average_the_stepped_weights():
+    """torch.optim.swa_utils around SAM: SWALR schedules the shared param groups, AveragedModel (a
+    plain average and an EMA) updated after each step sees the restored, stepped weights (never
+    w + e), and update_bn recomputes the statistics: all equal to the hand-written SAM's."""
+    from torch.optim.swa_utils import SWALR, AveragedModel, get_ema_multi_avg_fn, update_bn
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 5), nn.BatchNorm1d(5), nn.ReLU(), nn.Linear(5, 3)).double()
+    x, y = _data(6, 4)
+
+    def loss_of(m):
+        return (m(x) - y).square().mean()
+
+    def train(two_call):
+        trained = copy.deepcopy(model)
+        if two_call is None:  # by hand
+            optimizer = torch.optim.SGD(trained.parameters(), lr=0.1, momentum=0.9)
+        else:
+            optimizer = TransformingOptimizer(
+                trained.parameters(), torch.optim.SGD, lr=0.1, momentum=0.9, transforms=[SAM(0.05)]
+            )
+        scheduler = SWALR(optimizer, swa_lr=0.05, anneal_epochs=2)
+        averages = [AveragedModel(trained), AveragedModel(trained, multi_avg_fn=get_ema_multi_avg_fn(0.9))]
+        for _ in range(3):
+            if two_call is None:
+                optimizer.zero_grad()
+                loss_of(trained).backward()
+                norm = torch.stack([p.grad.norm() for p in trained.parameters()]).norm().item()
+                originals = [p.detach().clone() for p in trained.parameters()]
+                with torch.no_grad():
+                    for p in trained.parameters():
+                        p.add_(p.grad, alpha=0.05 / norm)
+                optimizer.zero_grad()
+                loss_of(trained).backward()
+                with torch.no_grad():
+                    for p, original in zip(trained.parameters(), originals):
+                        p.copy_(original)
+                optimizer.step()
+            else:
+                sam_steps(trained, loss_of, optimizer, 1, two_call)
+            scheduler.step()
+            for average in averages:
+                average.update_parameters(trained)
+        update_bn([(x,)], averages[0])
+        return [trained, *averages]
+
+    expected = train(None)
+    for two_call in (False, True):
+        for got, want in zip(train(two_call), expected):
+            for key, value in want.state_dict().items():
+                torch.testing.assert_close(got.state_dict()[key], value, rtol=1e-12, atol=1e-14, msg=key)
+
+
+def test_progressive_unfreezing_and_accumulated_micro_batches():
+    """A layer frozen (requires_grad=False) for the first steps, then unfrozen into a param group of
+    its own with add_param_group (ULMFiT-style), micro-batches accumulated in each pass, Adam state
+    kept for the head meanwhile: both loops equal SAM by hand, with the group's own rho."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)).double()
+    x, y = _data(4, 6, 4)  # 4 micro-batches of 6
+    y = y[:, None].expand(4, 6, 3)
+
+    def loss_of(m):  # accumulates the micro-batches' gradients
+        total = 0.0
+        for i in range(4):
+            loss = (m(x[i]) - y[i]).square().mean() / 4
+            loss.backward()
+            total = total + loss.detach()
+        return total
+
+    def train(two_call):
+        trained = copy.deepcopy(model)
+        body, head = list(trained[0].parameters()), list(trained[2].parameters())
+        for p in body:
+            p.requires_grad_(False)
+        if two_call is None:
+            optimizer = torch.optim.Adam(head, lr=0.05)
+        else:
+            optimizer = TransformingOptimizer(head, torch.optim.Adam, lr=0.05, transforms=[SAM(0.05)])
+        for step in range(4):
+            if step == 2:
+                for p in body:
+                    p.requires_grad_(True)
+                optimizer.add_param_group({"params": body, "lr": 0.01, **({} if two_call is None else {"rho": 0.1})})
+            if two_call is None:
+                optimizer.zero_grad()
+                loss_of(trained)
+                params = [p for p in trained.parameters() if p.grad is not None]
+                norm = torch.stack([p.grad.norm() for p in params]).norm().item()
+                originals = [p.detach().clone() for p in params]
+                with torch.no_grad():
+                    for p in params:
+                        p.add_(p.grad, alpha=(0.1 if any(p is q for q in body) else 0.05) / norm)
+                optimizer.zero_grad()
+                loss_of(trained)
+                with torch.no_grad():
+                    for p, original in zip(params, originals):
+                        p.copy_(original)
+                optimizer.step()
+            elif two_call:
+                optimizer.zero_grad()
+                loss_of(trained)
+                optimizer.first_step()
+                loss_of(trained)
+                optimizer.second_step()
+            else:
+
+                def closure():
+                    optimizer.zero_grad()
+                    return loss_of(trained)
+
+                optimizer.step(closure)
+        return trained
+
+    expected = train(None)
+    for two_call in (False, True):
+        assert_close_to(train(two_call), expected)
+
+
+@pytest.mark.parametrize("use_reentrant", [False, True])
+def test_two_call_loop_with_frozen_bn_stats_around_the_second_forward_and_backward(use_reentrant):
+    """The guide's two-call recipe for BatchNorm under activation checkpointing: frozen_bn_stats
+    around the second forward and its backward (which recomputes the forward) gives step(closure)
+    with reevaluation_context, bit for bit, running statistics included. (Around the forward
+    alone, as the guide said before, the non-reentrant recomputation raised CheckpointError and
+    the reentrant one updated the statistics once more, at w + e.)"""
+    from samgria import frozen_bn_stats
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 5), nn.BatchNorm1d(5), nn.ReLU(), nn.Linear(5, 3))
+    x, y = torch.randn(6, 4), torch.randn(6, 3)
+    inputs = x.clone().requires_grad_(use_reentrant)
+
+    def loss_of(m):
+        return (torch.utils.checkpoint.checkpoint(m, inputs, use_reentrant=use_reentrant) - y).square().mean()
+
+    by_closure, by_two_calls = copy.deepcopy(model), copy.deepcopy(model)
+    optimizer = TransformingOptimizer(
+        by_closure.parameters(), torch.optim.SGD, lr=0.1, transforms=[SAM(0.05)],
+        reevaluation_context=lambda: frozen_bn_stats(by_closure),
+    )  # fmt: skip
+    sam_steps(by_closure, loss_of, optimizer, 2, two_call=False)
+    optimizer = TransformingOptimizer(by_two_calls.parameters(), torch.optim.SGD, lr=0.1, transforms=[SAM(0.05)])
+    for _ in range(2):
+        optimizer.zero_grad()
+        loss_of(by_two_calls).backward()
+        optimizer.first_step()
+        with frozen_bn_stats(by_two_calls):
+            loss_of(by_two_calls).backward()
+        optimizer.second_step()
+    for key, value in by_closure.state_dict().items():
+        assert torch.equal(by_two_calls.state_dict()[key], value), key
+
+
+@pytest.mark.parametrize("chain", ["SAM", "SAM+EMA"])
+def test_model_cast_to_double_between_steps(chain):
+    """model.double() after the optimizer was built (module._apply replaces each parameter's .data):
+    SAM's buffers and EMA's averages follow the new dtype, and the steps that follow equal the
+    hand-written SAM continued in float64."""
+    torch.manual_seed(0)
+    model = nn.Linear(4, 3)
+    x, y = _data(6, 4)
+
+    def loss_of(m):
+        return (m(x.to(m.weight.dtype)) - y.to(m.weight.dtype)).square().mean()
+
+    transforms = [SAM(0.05)] + ([EMA(0.5)] if chain == "SAM+EMA" else [])
+    optimizer = TransformingOptimizer(model.parameters(), torch.optim.SGD, lr=0.1, transforms=transforms)
+    sam_steps(model, loss_of, optimizer, 1, two_call=False)
+    reference = sam_reference(model, loss_of, 2)
+    model.double()
+    sam_steps(model, loss_of, optimizer, 1, two_call=False)
+    sam_steps(model, loss_of, optimizer, 1, two_call=True)
+    assert model.weight.dtype == torch.float64
+    assert_close_to(model, reference)
+    if chain == "SAM+EMA":
+        assert optimizer.state[model.weight]["ema.average"].dtype == torch.float64
