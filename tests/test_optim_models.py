@@ -453,3 +453,38 @@ def test_model_cast_to_double_between_steps(chain):
     assert_close_to(model, reference)
     if chain == "SAM+EMA":
         assert optimizer.state[model.weight]["ema.average"].dtype == torch.float64
+
+
+# -- a MetaOptimizer with checkpointed inner steps -----------------------------------------------------
+def _maml_meta_gradient(checkpoint_inner_steps, bind):
+    """One MAML meta-gradient through the closure API, the support closure made in a loop over
+    the tasks as the guide writes it (``bind=False``: it reads the loop variable)."""
+    from samgria import MAML
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(1, 6), nn.Tanh(), nn.Linear(6, 1)).double()
+    generator = torch.Generator().manual_seed(3)
+    tasks = [torch.randn(4, 5, 1, generator=generator, dtype=torch.float64).unbind() for _ in range(2)]
+    meta = MAML(model, torch.optim.SGD, lr=0.05, inner_lr=0.1, inner_steps=2, checkpoint_inner_steps=checkpoint_inner_steps)
+    meta.zero_grad()
+    losses = []
+    for task in tasks:
+        if bind:
+            learner = meta.adapt(lambda f, task=task: (f(task[0]) - task[1]).square().mean())
+        else:
+            learner = meta.adapt(lambda f: (f(task[0]) - task[1]).square().mean())
+        losses.append((learner(task[2]) - task[3]).square().mean())
+    torch.stack(losses).mean().backward()
+    return [p.grad.clone() for p in model.parameters()]
+
+
+def test_checkpointed_inner_steps_refuse_a_support_closure_that_reads_a_changed_loop_variable():
+    """MAML(checkpoint_inner_steps=True) recomputes each inner step in the backward pass by calling
+    the support closure again: one that reads the loop variable ('for task in tasks:
+    meta.adapt(lambda f: mse(f(task.support_x), ...))', the guide's pattern) then saw the last task
+    and the meta-gradient silently differed from checkpoint_inner_steps=False → RuntimeError naming
+    the cause and the remedy; with the task bound in the closure, the same meta-gradient bit for bit."""
+    expected = _maml_meta_gradient(False, bind=False)
+    assert all(torch.equal(g, e) for g, e in zip(_maml_meta_gradient(True, bind=True), expected))
+    with pytest.raises(RuntimeError, match=r"checkpoint_inner_steps=True recomputes .* support loss again, which now gives .*lambda f, task=task"):
+        _maml_meta_gradient(True, bind=False)

@@ -168,6 +168,9 @@ class MetaOptimizer(WrappingOptimizer):
             of a whole step's activations and graph (0.21x at 50 steps on conv4), for a
             recomputed forward and backward per step (1.2-1.9x the time). Same meta-gradient,
             bit for bit. Runs on the loop path. See the benchmarks page for process memory.
+            The recomputation calls the support closure of :meth:`adapt` again, in the
+            backward pass: it must compute the same loss then (bind a loop variable,
+            ``lambda f, task=task: ...``); one that does not raises ``RuntimeError`` there.
         non_finite: ``"skip"`` (default): a meta-step whose update is not finite -- the
             meta-loss or a meta-gradient of the MAML family, Reptile's pseudo-gradient (its loss
             is monitoring only) -- is skipped whole (weights and outer state untouched, whatever

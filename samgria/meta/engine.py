@@ -442,6 +442,64 @@ def _one_step(
     return apply_inner_update(loop, fast, grads, state, create_graph, grad_fn), state
 
 
+class _SameSupportLosses:
+    """The support loss of one checkpointed inner step: records the losses of the step's forward
+    and checks that its recomputation in the backward pass computes the same ones.
+
+    The recomputation calls the support loss again, long after ``meta.adapt()`` returned: a
+    closure that reads a variable changed since (the loop variable of ``for task in tasks:
+    meta.adapt(lambda f: mse(f(task.support_x), task.support_y))``, the last task by then) would
+    differentiate another task's loss, silently. Values within ``rtol`` (a recomputation on a GPU
+    may round differently) pass.
+    """
+
+    rtol = 1e-3
+
+    def __init__(self, loss_of: LossOf) -> None:
+        self._loss_of = loss_of
+        self._runs = 0
+        self._index = 0
+        self._recorded: list[torch.Tensor] = []
+
+    def start(self) -> None:
+        """A run of the step begins: the forward (the first), or a recomputation."""
+        self._runs += 1
+        self._index = 0
+
+    def __call__(self, adapted: Tensors) -> torch.Tensor:
+        loss = self._loss_of(adapted)
+        if self._runs == 1:
+            self._recorded.append(loss.detach().clone())
+            return loss
+        index, self._index = self._index, self._index + 1
+        recorded = self._recorded[index] if index < len(self._recorded) else None
+        if recorded is None or not torch.allclose(loss.detach(), recorded, rtol=self.rtol, atol=0.0, equal_nan=True):
+            raise RuntimeError(
+                "checkpoint_inner_steps=True recomputes each inner step in the backward pass by "
+                f"evaluating the support loss again, which now gives {loss.item()!r} where the "
+                f"inner step had {None if recorded is None else recorded.item()!r}: the support "
+                "closure reads data that changed after meta.adapt() returned (in 'for task in "
+                "tasks: meta.adapt(lambda f: loss(f(task.support_x), task.support_y))' the loop "
+                "variable is the last task by then). Bind it when the closure is made "
+                "(lambda f, task=task: ...), pass the data (meta.task_losses, learner.adapt_on), "
+                "or use checkpoint_inner_steps=False"
+            )
+        return loss
+
+
+def _checked_step(
+    losses: _SameSupportLosses,
+    loop: InnerLoop,
+    grad_source: GradSource,
+    create_graph: bool,
+    fast: Tensors,
+    state: dict[str, Any],
+) -> tuple[Tensors, dict[str, Any]]:
+    """:func:`_one_step` as a checkpoint runs it: its support losses checked in a recomputation."""
+    losses.start()
+    return _one_step(loop, losses, grad_source, create_graph, fast, state)
+
+
 def run_inner_loop(
     loop: InnerLoop,
     params: Mapping[str, torch.Tensor],
@@ -517,7 +575,7 @@ def take_inner_steps(
                 from torch.utils.checkpoint import checkpoint
 
                 fast, state = checkpoint(
-                    _one_step, loop, loss_of, grad_source, create_graph, fast, state,
+                    _checked_step, _SameSupportLosses(loss_of), loop, grad_source, create_graph, fast, state,
                     use_reentrant=False,
                     context_fn=functools.partial(_twice_differentiable_contexts, model),
                 )
