@@ -267,7 +267,7 @@ def test_a_partly_sharded_model_steps_as_the_unsharded_one(one_rank_group: None,
 
 
 @pytest.mark.parametrize("unscale_first", [False, True])
-def test_decoupled_wsam_on_sharded_params_under_grad_scaler_steps_like_the_unsharded_run(unscale_first):
+def test_decoupled_wsam_on_sharded_params_under_grad_scaler_steps_like_the_unsharded_run(one_rank_group, unscale_first):
     """GradScaler's step of decoupled WSAM over FSDP2 parameters multiplied the DTensor gradients
     and WSAM's kept local gradients in one list call: torch's "got mixed torch.Tensor and
     DTensor". The sharded run now equals the unsharded one."""
@@ -294,7 +294,5 @@ def test_decoupled_wsam_on_sharded_params_under_grad_scaler_steps_like_the_unsha
             optimizer.zero_grad()
         return [p.full_tensor() if hasattr(p, "full_tensor") else p.detach() for p in model.parameters()]
 
-    with one_rank_gloo_group():
-        sharded = run(True)
-    for a, b in zip(sharded, run(False)):
+    for a, b in zip(run(True), run(False)):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
