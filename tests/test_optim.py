@@ -3004,3 +3004,69 @@ def test_a_first_step_at_lr_zero_with_sparse_gradients_steps_as_torch_does(trans
             scheduler.step()
         assert torch.equal(embedding.weight, reference.weight)
     assert not torch.equal(embedding.weight, initial), "the later steps (lr > 0) moved the weights"
+
+
+def test_differentiable_true_differentiates_the_inner_step_alone_at_the_values_the_transforms_wrote():
+    """Guide, Guarantees: ``differentiable=True`` differentiates the inner step only; the transforms
+    write under ``torch.no_grad``, so the derivative leaves out ClipGradNorm's scaling and Lookahead's
+    interpolation, while the weights take the values they wrote. Reference: the derivative of torch's
+    bare ``SGD(differentiable=True)`` step, and the clipped, interpolated step written out."""
+    from samgria import ClipGradNorm
+
+    torch.manual_seed(0)
+    w = torch.randn(3, dtype=torch.float64, requires_grad=True)
+    g = (3 * torch.randn(3, dtype=torch.float64)).requires_grad_()
+    param = w.clone()
+    param.grad = g.clone()
+    transforms = [ClipGradNorm(0.1), Lookahead(alpha=0.5, k=1)]
+    TransformingOptimizer([param], torch.optim.SGD, lr=0.1, differentiable=True, transforms=transforms).step()
+    bare = w.clone()
+    bare.grad = g.clone()
+    torch.optim.SGD([bare], lr=0.1, differentiable=True).step()
+    ours, theirs = torch.autograd.grad(param.sum(), (w, g)), torch.autograd.grad(bare.sum(), (w, g))
+    assert all(torch.equal(a, b) for a, b in zip(ours, theirs))  # d/dw = 1, d/dg = -lr: the inner step's
+    coefficient = 0.1 / (g.detach().norm() + 1e-6)  # torch.nn.utils.clip_grad_norm_'s
+    assert coefficient < 0.1  # the clip and the interpolation change the values, not the derivative
+    expected = w.detach() + 0.5 * (-0.1 * coefficient * g.detach())  # phi + alpha (theta - phi), phi = w
+    torch.testing.assert_close(param.detach(), expected, rtol=1e-15, atol=0)
+
+
+def test_a_pytorch_optimizer_sam_checkpoint_loads_whole_into_sam_optimizer_and_continues_its_run():
+    """Migration guide: pytorch_optimizer's SAM (the widely used constructor and loop) keeps its base
+    optimizer's state as its own and drops ``"old_p"`` in ``second_step``, so its checkpoint holds the
+    momentum buffers and loads whole. Reference: pytorch_optimizer's own continuation, to its
+    rounding (a float32 gradient norm plus perturb_eps); the groups alone would restart the momentum."""
+    pytorch_optimizer = pytest.importorskip("pytorch_optimizer")
+
+    def make():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 1)).double()
+
+    generator = torch.Generator().manual_seed(1)
+    batches = [(torch.randn(16, 6, generator=generator, dtype=torch.float64), torch.randn(16, 1, generator=generator, dtype=torch.float64)) for _ in range(5)]
+
+    def two_call(model, optimizer, x, y):
+        nn.functional.mse_loss(model(x), y).backward()
+        optimizer.first_step(zero_grad=True)
+        nn.functional.mse_loss(model(x), y).backward()
+        optimizer.second_step(zero_grad=True)
+
+    theirs_model = make()
+    theirs = pytorch_optimizer.SAM(theirs_model.parameters(), torch.optim.SGD, rho=0.05, lr=0.1, momentum=0.9)
+    for x, y in batches[:2]:
+        two_call(theirs_model, theirs, x, y)
+    buffer = io.BytesIO()
+    torch.save({"model": theirs_model.state_dict(), "optimizer": theirs.state_dict()}, buffer)
+    for x, y in batches[2:]:
+        two_call(theirs_model, theirs, x, y)
+    buffer.seek(0)
+    checkpoint = torch.load(buffer, weights_only=True)
+    assert {key for entry in checkpoint["optimizer"]["state"].values() for key in entry} == {"momentum_buffer"}
+    model = make()
+    model.load_state_dict(checkpoint["model"])
+    optimizer = sam_optimizer(model.parameters(), torch.optim.SGD, rho=0.05, lr=0.1, momentum=0.9)
+    optimizer.load_state_dict(checkpoint["optimizer"])
+    for x, y in batches[2:]:
+        two_call(model, optimizer, x, y)
+    for ours, reference in zip(model.parameters(), theirs_model.parameters()):
+        torch.testing.assert_close(ours, reference, rtol=1e-7, atol=1e-9)
