@@ -929,3 +929,31 @@ def test_a_compiled_closure_adapts_eagerly_as_the_eager_loop(algorithm):
         metas[0].step(closure_of(metas[0]))
         metas[1].step(torch.compile(closure_of(metas[1]), backend="eager"))
     assert all(torch.equal(a, b) for a, b in zip(models[0].parameters(), models[1].parameters()))
+
+
+def test_a_meta_parameter_that_does_not_influence_the_loss_gets_a_zero_gradient():
+    """Meta guide: CompiledMetaLoss gives a meta-parameter that does not influence the loss a zero
+    gradient where ``task_losses(...).mean().backward()`` leaves ``None``; the others equal it."""
+
+    class WithUnused(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body = make_model()
+            self.unused = nn.Parameter(torch.ones(3, dtype=DT))
+
+        def forward(self, x):
+            return self.body(x)
+
+    model = WithUnused()
+    meta = make_meta("maml", model)
+    compiled = CompiledMetaLoss(meta, F.mse_loss, backend=CountingBackend())
+    tasks = sample_tasks(3, seed=91)
+    loss, grads = compiled(tasks)
+    assert torch.equal(grads[model.unused], torch.zeros(3, dtype=DT))
+    compiled.backward(tasks)
+    assert torch.equal(model.unused.grad, torch.zeros(3, dtype=DT))
+    meta.zero_grad()
+    meta.task_losses(tasks, F.mse_loss, vectorize=True).mean().backward()
+    assert model.unused.grad is None
+    for p in model.body.parameters():
+        torch.testing.assert_close(grads[p], p.grad, rtol=1e-12, atol=1e-14)

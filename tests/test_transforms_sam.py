@@ -1130,3 +1130,33 @@ def test_sam_moves_by_rho_along_a_float32_gradient_whose_norm_is_huge(size, loop
     step_installing(optimizer, install, loop)
     expected = torch.full((size,), 0.05 / math.sqrt(size), dtype=torch.float64)
     torch.testing.assert_close(at_second_pass[1].double(), expected, rtol=2 * torch.finfo(torch.float32).eps, atol=0)
+
+
+def test_asam_with_eta_zero_is_the_widely_used_sams_adaptive_mode():
+    """Migration guide: that library's ``adaptive=True`` normalises ``|w| * g`` with no offset, which
+    is ``ASAM(rho, eta=0.0)`` (``sam_optimizer(adaptive=True)`` is ASAM's ``eta=0.01``). Reference:
+    pytorch_optimizer.SAM(adaptive=True), which has that constructor and loop, to its rounding (a
+    float32 gradient norm plus perturb_eps)."""
+    pytorch_optimizer = pytest.importorskip("pytorch_optimizer")
+
+    def make():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 1)).double()
+
+    generator = torch.Generator().manual_seed(1)
+    batches = [(torch.randn(16, 6, generator=generator, dtype=torch.float64), torch.randn(16, 1, generator=generator, dtype=torch.float64)) for _ in range(5)]
+    models = [make() for _ in range(3)]
+    optimizers = [
+        pytorch_optimizer.SAM(models[0].parameters(), torch.optim.SGD, rho=0.5, adaptive=True, lr=0.1, momentum=0.9),
+        TransformingOptimizer(models[1].parameters(), torch.optim.SGD, transforms=[ASAM(rho=0.5, eta=0.0)], lr=0.1, momentum=0.9),
+        TransformingOptimizer(models[2].parameters(), torch.optim.SGD, transforms=[ASAM(rho=0.5)], lr=0.1, momentum=0.9),
+    ]
+    for x, y in batches:
+        for model, optimizer in zip(models, optimizers):
+            nn.functional.mse_loss(model(x), y).backward()
+            optimizer.first_step(zero_grad=True)
+            nn.functional.mse_loss(model(x), y).backward()
+            optimizer.second_step(zero_grad=True)
+    for theirs, ours in zip(models[0].parameters(), models[1].parameters()):
+        torch.testing.assert_close(ours, theirs, rtol=1e-7, atol=1e-9)
+    assert max((a - b).abs().max().item() for a, b in zip(models[0].parameters(), models[2].parameters())) > 1e-4  # eta matters
