@@ -280,8 +280,10 @@ class TransformingOptimizer(WrappingOptimizer):
     state before every inner step, so that these are undone too (measured: 5-15% more time for
     SAM's step on the benchmark's MLP with momentum SGD, ``benchmarks/sam_overhead.py``, and the
     copy of the inner optimizer's state in memory during its step). ``atomic=False``
-    never copies (then only the pre-step phase is undone, without the weights of a transform that
-    writes them).
+    copies nothing for atomicity (then only the pre-step phase is undone, without the weights of a
+    transform that writes them); :meth:`first_step` still copies the weights a transform before
+    SAM writes, to undo them when nothing is perturbed (:meth:`second_step` then runs those
+    transforms again, on the second pass's gradients).
 
     **Non-finite gradients.** A step whose gradients are not finite — in the first evaluation or
     in a re-evaluation, with ``step(closure)`` or the two-call loop alike — is skipped whole
