@@ -155,6 +155,30 @@ class _StepProgress:
 _NO_LOSS = object()
 
 
+class _WithMaximize(Mapping):
+    """A transform's view of a param group that lacks ``"maximize"``, answering it with the inner
+    optimizer's own ``maximize`` attribute (where pytorch_optimizer's optimizers keep it)."""
+
+    __slots__ = ("view", "maximize")
+
+    def __init__(self, view: Mapping[str, Any], maximize: bool) -> None:
+        self.view = view
+        self.maximize = maximize
+
+    def __getitem__(self, key: str) -> Any:
+        return self.maximize if key == "maximize" else self.view[key]
+
+    def __iter__(self) -> Iterator[str]:
+        yield from self.view
+        yield "maximize"
+
+    def __len__(self) -> int:
+        return len(self.view) + 1
+
+    def __repr__(self) -> str:
+        return f"{self.view!r} with maximize={self.maximize}"
+
+
 def _has_post_update(transform: Transform) -> bool:
     """Whether ``transform`` does anything after the inner step (not the base class's no-op)."""
     overridden = type(transform).post_update is not Transform.post_update
@@ -657,7 +681,7 @@ class TransformingOptimizer(WrappingOptimizer):
         grad_norm: float | None = None,
         spare_buffers: dict[int, torch.Tensor] | None = None,
     ) -> TransformContext:
-        return TransformContext(
+        ctx = TransformContext(
             self.param_groups,
             self.state,
             slot=slot,
@@ -668,6 +692,16 @@ class TransformingOptimizer(WrappingOptimizer):
             grad_norm=grad_norm,
             spare_buffers=spare_buffers,
         )
+        # pytorch_optimizer's optimizers keep maximize=True on the instance, not in their groups,
+        # where the transforms read the direction of their climb (SAM's worst case of -L lies
+        # down L): a group without the key reads the instance's.
+        maximize = getattr(self.inner, "maximize", None)
+        if isinstance(maximize, bool):
+            ctx.param_groups = [
+                view if "maximize" in view else _WithMaximize(view, maximize)  # type: ignore[misc]
+                for view in ctx.param_groups
+            ]
+        return ctx
 
     def _enter(self, factory: Callable[[], ContextManager[Any]] | None) -> ContextManager[Any]:
         return factory() if factory is not None else contextlib.nullcontext()
