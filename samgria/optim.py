@@ -179,6 +179,29 @@ class _WithMaximize(Mapping):
         return f"{self.view!r} with maximize={self.maximize}"
 
 
+class _AttributeValues:
+    """The inner optimizer's instance attributes, restorable: one that is not torch's may keep a
+    counter there (pytorch_optimizer's StableSPAM ``total_step``, Ranger21 ``lookahead_step``,
+    both in its checkpoints) and change it in a step that fails after. References are put back,
+    attributes added since deleted, and a tensor's values written back in place."""
+
+    def __init__(self, optimizer: Optimizer) -> None:
+        self._attributes = vars(optimizer)
+        self._saved = {
+            key: (value, value.clone() if isinstance(value, torch.Tensor) and value.layout == torch.strided else None)
+            for key, value in self._attributes.items()
+        }
+
+    @torch.no_grad()
+    def restore(self) -> None:
+        for key in [key for key in self._attributes if key not in self._saved]:
+            del self._attributes[key]
+        for key, (original, kept) in self._saved.items():
+            if kept is not None and original.shape == kept.shape:
+                original.copy_(kept)
+            self._attributes[key] = original
+
+
 def _has_post_update(transform: Transform) -> bool:
     """Whether ``transform`` does anything after the inner step (not the base class's no-op)."""
     overridden = type(transform).post_update is not Transform.post_update
@@ -1026,12 +1049,11 @@ class TransformingOptimizer(WrappingOptimizer):
                 checked.insert(0, transforms[first][1:])
             self._check_after(checked, evaluated + 1)
         snapshot = self._snapshot_before_inner_step(spare_buffers)
-        # torch's own optimizers keep nothing in their groups; others may (group["step"] += 1).
-        group_values = (
-            GroupValues(self.param_groups)
-            if snapshot is not None and not is_torch_optimizer(self.inner)
-            else None
-        )
+        # torch's own optimizers keep nothing in their groups or attributes; others may
+        # (group["step"] += 1, self.total_step += 1).
+        others = snapshot is not None and not is_torch_optimizer(self.inner)
+        group_values = GroupValues(self.param_groups) if others else None
+        attributes = _AttributeValues(self.inner) if others else None
         spare_buffers.clear()
         try:
             self._driven_step(self._replaying(loss))
@@ -1044,6 +1066,8 @@ class TransformingOptimizer(WrappingOptimizer):
                 snapshot.restore()
             if group_values is not None:
                 group_values.restore()
+            if attributes is not None:
+                attributes.restore()
             raise
 
     def _replaying(self, loss: Any) -> Callable[[], Any] | None:

@@ -17,7 +17,7 @@ import warnings
 import pytest
 import torch
 
-from samgria import LAMP, SAM, TransformingOptimizer
+from samgria import LAMP, SAM, Transform, TransformingOptimizer
 
 RHO = 0.05
 STEPS = 3
@@ -384,6 +384,47 @@ def test_third_party_weights_only_checkpoint_resumes_as_the_bare_optimizer_resum
         hand_step(resumed_bare, resumed_bare_params)
     assert_params_same(resumed_params, resumed_bare_params)
     assert_checkpoint_like_bare(resumed.state_dict(), resumed_bare.state_dict())
+
+
+class _FailsOnce(Transform):
+    """A post-step transform that raises at its ``at``-th call."""
+
+    slot_name = "fails_once"
+
+    def __init__(self, at: int) -> None:
+        self.at, self.calls = at, 0
+
+    def init_state(self, ctx) -> None:
+        pass
+
+    def post_update(self, ctx) -> None:
+        self.calls += 1
+        if self.calls == self.at:
+            raise KeyError("post-step transform failed")
+
+
+@third_party
+def test_third_party_failed_step_leaves_weights_and_all_state_as_before(name):
+    """Also what the inner optimizer keeps in its own attributes (StableSPAM's ``total_step``,
+    Ranger21's ``lookahead_step``, both in its checkpoints): a step that raised after the inner
+    step changed nothing, and the run goes on as one without it."""
+    params, reference_params = make_params(), make_params()
+    optimizer = _build_third(name, params, [SAM(rho=RHO), _FailsOnce(at=3)])
+    reference = _build_third(name, reference_params, [SAM(rho=RHO), _FailsOnce(at=0)])
+    for _ in range(2):
+        optimizer.step(make_closure(optimizer, params))
+        reference.step(make_closure(reference, reference_params))
+    before, weights = copy.deepcopy(optimizer.state_dict()), clone(params)
+    with pytest.raises(KeyError, match="closure failed"):
+        optimizer.step(make_closure(optimizer, params, fail_at=2))
+    with pytest.raises(KeyError, match="post-step transform failed"):
+        optimizer.step(make_closure(optimizer, params))
+    assert_params_same(params, weights)
+    assert_same(optimizer.state_dict(), before, "state_dict()")
+    optimizer.step(make_closure(optimizer, params))
+    reference.step(make_closure(reference, reference_params))
+    assert_params_same(params, reference_params)
+    assert_same(optimizer.state_dict(), reference.state_dict(), "state_dict()")
 
 
 @pytest.mark.parametrize("name", ["AdaBelief", "ScheduleFreeAdamW"])
