@@ -1070,6 +1070,27 @@ class TransformingOptimizer(WrappingOptimizer):
                 attributes.restore()
             raise
 
+    def _refuse_graph_at_moved_weights(self) -> None:
+        """Raise ``RuntimeError`` if a re-evaluation at moved weights left gradients that carry a
+        graph (``backward(create_graph=True)``) for an inner optimizer that is not one of
+        torch.optim's own (those never differentiate the gradients; others may: SophiaH's and
+        AdaHessian's Hessian estimates). The graph saved the moved weights' tensors, which the
+        step puts back before the inner step: a derivative taken from it then mixes :math:`w`
+        and :math:`w + e` silently, or torch raises that a saved tensor was modified."""
+        if is_torch_optimizer(self.inner):
+            return
+        if any(param.grad is not None and param.grad.requires_grad for param in self._unique_params()):
+            name, names = type(self.inner).__name__, ", ".join(self._reevaluating_names())
+            raise RuntimeError(
+                f"{names} re-evaluated the loss at moved weights with backward(create_graph=True): "
+                "the gradients' graph holds those weights, which are put back before the inner "
+                f"step, so {name} would differentiate the gradients through weights that are no "
+                "longer there. An inner optimizer that needs that graph (a Hessian estimate, as "
+                f"SophiaH and AdaHessian take) cannot follow {names}: use {name} on its own; any "
+                "other: call backward() without create_graph=True in the re-evaluation. The step "
+                "was not applied (weights and state as before)"
+            )
+
     def _replaying(self, loss: Any) -> Callable[[], Any] | None:
         """The closure the inner step gets: in ``step(closure)``, for an inner optimizer that is
         not one of torch.optim's own (those only return what the closure returns), one that
@@ -1179,7 +1200,13 @@ class TransformingOptimizer(WrappingOptimizer):
                 chain that does not re-evaluate, it unscaled the gradients the closure then
                 computes anew, scaled), or if
                 a framework accumulated earlier micro-batches outside the closure that a
-                transform re-evaluates (Lightning's ``accumulate_grad_batches > 1``).
+                transform re-evaluates (Lightning's ``accumulate_grad_batches > 1``). With
+                nothing changed, if a re-evaluation at moved weights (SAM's) ran
+                ``backward(create_graph=True)`` for an inner optimizer that is not one of
+                ``torch.optim``'s own: the gradients' graph holds the moved weights, which are
+                put back before the inner step, so one that differentiates the gradients
+                (SophiaH, AdaHessian) would take its Hessian estimate through weights no longer
+                there (the two-call loop's :meth:`second_step` refuses it too).
         """
         return self._step(closure)
 
@@ -1273,6 +1300,7 @@ class TransformingOptimizer(WrappingOptimizer):
             self._align_sharded_grads()
             if not self._grads_finite():
                 raise _NonFiniteGradients(evaluations)
+            self._refuse_graph_at_moved_weights()
             return result
 
         try:
@@ -1308,6 +1336,8 @@ class TransformingOptimizer(WrappingOptimizer):
             raise RuntimeError(refusal + "; the weights are restored")
         restored = pending.perturbation is None
         try:
+            if pending.perturbation is not None and not pending.rerun_before:
+                self._refuse_graph_at_moved_weights()
             spare_buffers = {}
             self._align_sharded_grads()
             if pending.perturbation is not None:
@@ -1529,7 +1559,10 @@ class TransformingOptimizer(WrappingOptimizer):
 
         Raises:
             TypeError: If ``zero_grad`` is not a bool (the step stays pending).
-            RuntimeError: If no step is pending (:meth:`first_step` was not called).
+            RuntimeError: If no step is pending (:meth:`first_step` was not called); with the
+                weights and state as before, if the second backward ran with
+                ``create_graph=True`` for an inner optimizer that is not one of ``torch.optim``'s
+                own (see :meth:`step`).
             ValueError: If a transform hyperparameter of a param group was set to an invalid
                 value since :meth:`first_step` (checked as ``step(closure)`` checks it); the
                 step stays pending and keeps the second pass's gradients: fix the value and call

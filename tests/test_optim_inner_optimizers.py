@@ -427,6 +427,10 @@ def test_third_party_failed_step_leaves_weights_and_all_state_as_before(name):
     assert_same(optimizer.state_dict(), reference.state_dict(), "state_dict()")
 
 
+#: torch's note that backward(create_graph=True) ties a parameter and its gradient in a cycle.
+CREATE_GRAPH_WARNING = pytest.mark.filterwarnings("ignore:Using backward\\(\\) with create_graph=True:UserWarning")
+
+
 @pytest.mark.parametrize("name", ["AdaBelief", "ScheduleFreeAdamW"])
 @pytest.mark.parametrize("loop", ["closure", "two_call"])
 def test_sam_climbs_down_for_an_inner_optimizer_keeping_maximize_on_itself(name, loop):
@@ -445,6 +449,48 @@ def test_sam_climbs_down_for_an_inner_optimizer_keeping_maximize_on_itself(name,
             two_call_step(optimizer, params)
         hand_sam_step(hand, hand_params, maximize=True)
     assert_params_close(params, hand_params)
+
+
+@CREATE_GRAPH_WARNING
+@pytest.mark.parametrize("loop", ["closure", "two_call"])
+def test_a_hessian_optimizer_after_a_perturbing_reevaluation_is_refused_with_nothing_changed(loop):
+    """SophiaH differentiates the gradients of ``backward(create_graph=True)``; after SAM's
+    re-evaluation their graph holds the moved weights, which are back at w before the inner step:
+    the two-call loop took a Hessian mixing w and w + e silently, ``step(closure)`` raised
+    torch's 'modified by an inplace operation' from inside SophiaH."""
+    po = pytest.importorskip("pytorch_optimizer")
+    params, bare_params = make_params("matrices"), make_params("matrices")
+    bare = po.SophiaH(bare_params, update_period=1)
+    bare.step(make_closure(bare, bare_params, create_graph=True))
+    optimizer = TransformingOptimizer(params, po.SophiaH, transforms=[SAM(rho=RHO)], update_period=1)
+    optimizer.load_state_dict(bare.state_dict())  # a state to keep (SophiaH's first step estimates)
+    before, weights = copy.deepcopy(optimizer.state_dict()), clone(params)
+    with pytest.raises(RuntimeError, match="SAM re-evaluated the loss at moved weights with backward\\(create_graph=True\\)"):
+        if loop == "closure":
+            optimizer.step(make_closure(optimizer, params, create_graph=True))
+        else:
+            optimizer.zero_grad()
+            loss_fn(params).backward()
+            optimizer.first_step()
+            loss_fn(params).backward(create_graph=True)
+            optimizer.second_step()
+    assert_params_same(params, weights)
+    assert_same(optimizer.state_dict(), before, "state_dict()")
+
+
+@CREATE_GRAPH_WARNING
+def test_a_hessian_optimizer_without_reevaluation_equals_the_bare_optimizer():
+    po = pytest.importorskip("pytorch_optimizer")
+    params, bare_params = make_params("matrices"), make_params("matrices")
+    optimizer = TransformingOptimizer(params, po.SophiaH, update_period=1)
+    bare = po.SophiaH(bare_params, update_period=1)
+    for step in range(STEPS):
+        torch.manual_seed(step)
+        optimizer.step(make_closure(optimizer, params, create_graph=True))
+        torch.manual_seed(step)
+        bare.step(make_closure(bare, bare_params, create_graph=True))
+    assert_params_same(params, bare_params)
+    assert_checkpoint_like_bare(optimizer.state_dict(), bare.state_dict())
 
 
 @pytest.mark.parametrize("name", ["Lookahead", "SAM", "BSAM"])
