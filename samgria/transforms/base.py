@@ -31,8 +31,9 @@ from __future__ import annotations
 import copy
 import re
 import types
+import weakref
 from collections import defaultdict
-from collections.abc import Callable, Iterator, Mapping, MutableMapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, MutableMapping, Sequence
 from typing import Any, Protocol, runtime_checkable
 
 import torch
@@ -299,8 +300,14 @@ class TransformContext:
         missing = [key for key in keys if key not in entry]
         if missing:
             # Every entry of the state, not only the param groups' parameters: a group taken out
-            # of param_groups leaves its parameters' entries (and maybe the keys) behind.
-            for param, param_state in list(self._optimizer_state.items()):
+            # of param_groups leaves its parameters' entries (and maybe the keys) behind. In the
+            # seed protocol, where the transform's state spans every model it is used with, the
+            # entries of the model's own parameters only (another model's keys are its own).
+            sources: Iterable[tuple[Any, Any]] = self._optimizer_state.items()
+            if self.standalone and self.model is not None:
+                state = self._optimizer_state
+                sources = [(param, state[param]) for param in self.model.parameters() if param in state]
+            for param, param_state in list(sources):
                 if (
                     param is anchor
                     or not isinstance(param, torch.Tensor)  # an inner optimizer's own key
@@ -529,10 +536,19 @@ class Transform:
 
     # -- the seed protocol, for use beside a plain optimizer ---------------------------------
     def _standalone_context(self, model: nn.Module, reevaluate: Callable[[], Any] | None) -> TransformContext:
+        """The context of a seed-protocol call with ``model``.
+
+        The transform keeps the state itself, by parameter, for every model it is used with
+        (:class:`_ModulesSeen` drops that of the parameters of freed models).
+        """
         params = [p for p in model.parameters() if p.requires_grad]
         group = {"params": params, **self.group_defaults()}
         if "_standalone_state" not in self.__dict__:
             self._standalone_state: defaultdict[torch.Tensor, dict[str, Any]] = defaultdict(dict)
+        modules = self.__dict__.get("_standalone_modules")
+        if modules is None:
+            modules = self.__dict__["_standalone_modules"] = _ModulesSeen()
+        modules.note(model, self._standalone_state)
         self._standalone_params = params  # the positions state_dict() numbers the state by
         return TransformContext(
             [group],
@@ -554,6 +570,9 @@ class Transform:
 
         Uses the constructor's hyperparameters for every parameter of ``model``. A transform that
         re-evaluates computes ``loss_fn(*batch).backward()`` itself (gradients cleared first).
+        The transform keeps its state itself: one object may serve several models, in turn or
+        one after another (a sweep), each with a state of its own; that of a model that was
+        freed is dropped at the next call.
         """
 
         def reevaluate() -> torch.Tensor:
@@ -595,6 +614,65 @@ class Transform:
         items = {**self.group_defaults(), **self.settings()}
         args = ", ".join(f"{key}={value!r}" for key, value in items.items())
         return f"{type(self).__name__}({args})"
+
+
+class _ModulesSeen:
+    """The modules a transform was used with through the seed protocol (``apply`` /
+    ``post_step``), held weakly: they tell which parameters of its state are still in use.
+
+    The transform keeps its state itself, by parameter, for as long as it lives (a transform
+    object reused over a sweep's models, or for two models in turn). When a module it was used
+    with (the model, or one of its submodules) has been freed, the next call drops the state of
+    every parameter that no module it was used with still holds: that of a dropped model, or of
+    a parameter its module replaced; the state of a model seen through a new container at every
+    call (``nn.Sequential(encoder, head)``) stays, as its layers live on. Weak references to
+    modules, never to parameters (``torch.utils.swap_tensors`` refuses a tensor that has one),
+    by ``id``, each entry gone as its module goes. Copied and pickled empty: a weak reference
+    cannot be pickled, and the copy records the modules it is used with.
+    """
+
+    __slots__ = ("models", "modules", "freed", "__weakref__")
+
+    def __init__(self) -> None:
+        self.models: dict[int, weakref.ref[nn.Module]] = {}  # those given to a call
+        self.modules: dict[int, weakref.ref[nn.Module]] = {}  # and every submodule of them
+        self.freed = False  # a recorded module was freed since the last call
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_ModulesSeen, ())
+
+    def _watch(self, name: str, module: nn.Module) -> None:
+        """Record ``module`` in the table ``name`` (``"models"`` or ``"modules"``)."""
+        seen, key = weakref.ref(self), id(module)  # (no reference cycle through the callback)
+
+        def forget(ref: weakref.ref[nn.Module]) -> None:  # runs as the module is freed
+            owner = seen()
+            if owner is not None and getattr(owner, name).get(key) is ref:
+                del getattr(owner, name)[key]
+                owner.freed = True
+
+        getattr(self, name)[key] = weakref.ref(module, forget)
+
+    def note(self, model: nn.Module, state: MutableMapping[Any, Any]) -> None:
+        """Record ``model`` (and its submodules); drop the entries of ``state`` that no recorded
+        module holds, if a recorded module has been freed since the last call."""
+        if self.freed:
+            self.freed = False
+            # ``parameters()`` of each model given to a call (it may have new layers since), and
+            # the parameters each other module holds itself (a layer of a freed container).
+            held = {id(param) for param in model.parameters()}
+            for table, recurse in ((self.models, True), (self.modules, False)):
+                for ref in list(table.values()):
+                    module = ref()
+                    if module is not None:
+                        held.update(id(param) for param in module.parameters(recurse=recurse))
+            for param in [param for param in state if id(param) not in held]:
+                del state[param]
+        if id(model) not in self.models:
+            self._watch("models", model)
+            for module in model.modules():
+                if id(module) not in self.modules:
+                    self._watch("modules", module)
 
 
 class _ParameterView(nn.Module):

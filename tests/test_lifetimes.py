@@ -1,0 +1,151 @@
+"""Object lifetimes over long runs: what a transform keeps between steps and between models.
+
+A transform object used through the seed protocol (``apply(model, ...)`` / ``post_step(model)``
+beside a plain optimizer) keeps its state itself, by parameter. Reused for the next model of a
+sweep (a notebook cell run again, a hyperparameter loop), it must not keep every earlier model's
+parameters and state alive, nor lose the state of a model that is still in use.
+"""
+
+from __future__ import annotations
+
+import copy
+import pickle
+import weakref
+from collections.abc import Callable
+
+import pytest
+import torch
+from torch import nn
+from torch.nn.functional import mse_loss
+
+from samgria import EMA, ESAM, LAMP, SAM, Lookahead, LookSAM, Transform
+
+#: The transforms that keep per-parameter state in the seed protocol, built afresh.
+STATEFUL: dict[str, Callable[[], Transform]] = {
+    "LAMP": lambda: LAMP(eps=1e-2, rollback_len=3, seed=0),
+    "EMA": lambda: EMA(0.9),
+    "Lookahead": lambda: Lookahead(k=2),
+    "LookSAM": lambda: LookSAM(k=2),
+    "ESAM": lambda: ESAM(seed=0),
+}
+
+_generator = torch.Generator().manual_seed(3)
+X = torch.randn(6, 3, generator=_generator, dtype=torch.float64)
+Y = torch.randn(6, 2, generator=_generator, dtype=torch.float64)
+
+
+def make_model(seed: int = 0) -> nn.Sequential:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).double()
+
+
+def seed_protocol_steps(transform: Transform, model: nn.Module, optimizer: torch.optim.Optimizer, steps: int) -> None:
+    """``steps`` steps of the seed protocol's loop over ``model``."""
+    def loss_fn(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return mse_loss(model(x), y)
+
+    for _ in range(steps):
+        optimizer.zero_grad()
+        loss_fn(X, Y).backward()
+        transform.apply(model, loss_fn, (X, Y))
+        optimizer.step()
+        transform.post_step(model)
+
+
+@pytest.mark.parametrize("name", sorted(STATEFUL))
+def test_a_seed_protocol_transform_reused_for_the_next_model_keeps_no_earlier_one(name, no_cyclic_collector):
+    """A sweep with one transform object: each trial's model, once dropped, is freed by the
+    next trial's first use of the transform (its parameters and their state used to stay in the
+    transform for as long as it lived, one more model per trial)."""
+    transform = STATEFUL[name]()
+    dropped = []
+    for seed in range(3):
+        model = make_model(seed)
+        seed_protocol_steps(transform, model, torch.optim.SGD(model.parameters(), lr=0.1), steps=2)
+        dropped.append(weakref.ref(model[0].weight))
+        del model  # freed as the last reference goes
+    assert [ref() is None for ref in dropped[:-1]] == [True, True]
+    assert transform.state_dict()["state"]  # the last model's state is there
+
+
+@pytest.mark.parametrize("name", sorted(STATEFUL))
+def test_a_seed_protocol_transform_shared_by_live_models_steps_each_as_its_own(name, no_cyclic_collector):
+    """Two models in use (a GAN's two networks), one of them seen through a new container at
+    every call, with one transform object: each ends as with a transform of its own, bit for
+    bit, whatever containers were freed meanwhile (the state of a freed container's parameters
+    that a live model holds is kept)."""
+    def run(shared: bool) -> list[torch.Tensor]:
+        first, second = make_model(0), make_model(1)
+        transforms = [STATEFUL[name]()] * 2 if shared else [STATEFUL[name](), STATEFUL[name]()]
+        optimizers = [torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9) for m in (first, second)]
+        for _ in range(5):
+            seed_protocol_steps(transforms[0], first, optimizers[0], steps=1)
+            container = nn.Sequential(*second)  # new at every call, freed after it
+            seed_protocol_steps(transforms[1], container, optimizers[1], steps=1)
+            del container  # freed at once
+        return [p.detach().clone() for m in (first, second) for p in m.parameters()]
+
+    shared, separate = run(True), run(False)
+    assert all(torch.equal(a, b) for a, b in zip(shared, separate))
+
+
+@pytest.mark.parametrize("earlier", ["dropped", "kept"])
+@pytest.mark.parametrize("name", ["ESAM", "LAMP", "LookSAM", "Lookahead"])
+def test_a_seed_protocol_transform_reused_for_the_next_model_steps_it_as_a_fresh_one(name, earlier):
+    """The next model of a sweep starts its own cycle (LAMP's rollback, Lookahead's and LookSAM's
+    k steps) and generator (ESAM's seed), as with a new transform object, whether the earlier
+    model is still held or not (it used to take over the earlier model's counters and generator
+    state)."""
+    def trained(transform: Transform) -> list[torch.Tensor]:
+        model = make_model(1)
+        seed_protocol_steps(transform, model, torch.optim.SGD(model.parameters(), lr=0.1), steps=4)
+        return [p.detach().clone() for p in model.parameters()]
+
+    reused, earlier_model = STATEFUL[name](), make_model(0)
+    seed_protocol_steps(reused, earlier_model, torch.optim.SGD(earlier_model.parameters(), lr=0.1), steps=3)
+    if earlier == "dropped":
+        del earlier_model
+    assert all(torch.equal(a, b) for a, b in zip(trained(reused), trained(STATEFUL[name]())))
+
+
+def test_the_state_of_layers_carried_into_the_next_model_stays_when_the_earlier_model_goes(no_cyclic_collector):
+    """A fine-tuning stage: the encoder moves from the first model to the second and the first
+    is dropped; its averages go on, as when the first model is still held."""
+    def run(drop: bool) -> dict:
+        torch.manual_seed(0)
+        encoder = nn.Sequential(nn.Linear(3, 4), nn.Tanh()).double()
+        first, ema = nn.Sequential(encoder, nn.Linear(4, 2)).double(), EMA(0.5)
+        seed_protocol_steps(ema, first, torch.optim.SGD(first.parameters(), lr=0.1), steps=2)
+        second = nn.Sequential(encoder, nn.Linear(4, 2)).double()
+        if drop:
+            del first
+        seed_protocol_steps(ema, second, torch.optim.SGD(second.parameters(), lr=0.1), steps=2)
+        return ema.state_dict()["state"]
+
+    dropped, kept = run(True), run(False)
+    assert sorted(dropped) == sorted(kept) == [0, 1, 2, 3]
+    assert all(torch.equal(dropped[i]["ema.average"], kept[i]["ema.average"]) for i in kept)
+
+
+@pytest.mark.parametrize("name", ["LAMP", "EMA"])
+def test_a_seed_protocol_transform_pickles_and_copies_after_use_and_steps_on_alike(name):
+    transform, model = STATEFUL[name](), make_model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    seed_protocol_steps(transform, model, optimizer, steps=2)
+    copies = [pickle.loads(pickle.dumps((transform, model, optimizer))), copy.deepcopy((transform, model, optimizer))]
+    seed_protocol_steps(transform, model, optimizer, steps=2)
+    for copied_transform, copied_model, copied_optimizer in copies:
+        seed_protocol_steps(copied_transform, copied_model, copied_optimizer, steps=2)
+        assert all(torch.equal(a, b) for a, b in zip(copied_model.parameters(), model.parameters()))
+
+
+def test_standalone_sam_reused_over_models_keeps_at_most_the_last_one(no_cyclic_collector):
+    """SAM keeps only its backup buffers between steps: a new model's first step drops the
+    previous model's."""
+    sam, dropped = SAM(0.05), []
+    for seed in range(3):
+        model = make_model(seed)
+        seed_protocol_steps(sam, model, torch.optim.SGD(model.parameters(), lr=0.1), steps=2)
+        dropped.append(weakref.ref(model[0].weight))
+        del model
+    assert [ref() is None for ref in dropped[:-1]] == [True, True]
