@@ -1670,14 +1670,21 @@ class TransformingOptimizer(WrappingOptimizer):
         """Make the transforms that this optimizer stepped last drop the parameters and buffers
         they keep between steps (SAM's weight backups): a transform object may outlive its
         optimizer (one ``SAM()`` reused across a sweep). Runs as the last reference to the
-        optimizer goes, as a torch optimizer is freed (nothing it drives refers back to it)."""
+        optimizer goes, as a torch optimizer is freed (nothing it drives refers back to it).
+        The groups a transform last stepped may be a list that ``load_state_dict`` has replaced
+        since (torch's load makes new groups over the same parameters): recognised by those."""
         try:
             driven = self.__dict__.get(self._driven_attr)
             groups = None if driven is None else driven.param_groups
             chain = self.__dict__.get("chain")
             for _slot, transform in chain if chain is not None else ():
                 forget = getattr(transform, "_forget_parameters", None)
-                if forget is not None and groups is not None and transform.__dict__.get("_groups_in_play") is groups:
+                stepped = transform.__dict__.get("_groups_in_play")
+                if forget is not None and groups is not None and stepped is not None and (
+                    stepped is groups
+                    or [[id(p) for p in group["params"]] for group in stepped]
+                    == [[id(p) for p in group["params"]] for group in groups]
+                ):
                     forget()
         except Exception:  # noqa: BLE001 -- a finaliser must not raise
             pass

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 from torch.nn.functional import mse_loss
 
-from samgria import EMA, ESAM, LAMP, SAM, Lookahead, LookSAM, Transform
+from samgria import EMA, ESAM, LAMP, SAM, Lookahead, LookSAM, Transform, TransformingOptimizer
 
 #: The transforms that keep per-parameter state in the seed protocol, built afresh.
 STATEFUL: dict[str, Callable[[], Transform]] = {
@@ -50,6 +50,16 @@ def seed_protocol_steps(transform: Transform, model: nn.Module, optimizer: torch
         transform.apply(model, loss_fn, (X, Y))
         optimizer.step()
         transform.post_step(model)
+
+
+def closure_of(model: nn.Module, optimizer: torch.optim.Optimizer) -> Callable[[], torch.Tensor]:
+    def closure() -> torch.Tensor:
+        optimizer.zero_grad()
+        loss = mse_loss(model(X), Y)
+        loss.backward()
+        return loss
+
+    return closure
 
 
 @pytest.mark.parametrize("name", sorted(STATEFUL))
@@ -149,3 +159,20 @@ def test_standalone_sam_reused_over_models_keeps_at_most_the_last_one(no_cyclic_
         dropped.append(weakref.ref(model[0].weight))
         del model
     assert [ref() is None for ref in dropped[:-1]] == [True, True]
+
+
+@pytest.mark.parametrize("then", ["loaded", "loaded from a pickle"])
+def test_a_transform_outliving_an_optimizer_that_loaded_a_checkpoint_keeps_no_parameters(then, no_cyclic_collector):
+    """A sweep over checkpoints with one SAM object: an optimizer that loads a checkpoint and is
+    dropped before its next step leaves no parameters or backups in the SAM (the groups SAM last
+    stepped were those the load replaced, and the optimizer's deletion did not recognise them)."""
+    sam = SAM(0.05)
+    model = make_model()
+    optimizer = TransformingOptimizer(model.parameters(), torch.optim.SGD, lr=0.1, momentum=0.9, transforms=[sam])
+    optimizer.step(closure_of(model, optimizer))
+    checkpoint = optimizer.state_dict()
+    optimizer.load_state_dict(pickle.loads(pickle.dumps(checkpoint)) if then == "loaded from a pickle" else checkpoint)
+    weight = weakref.ref(model[0].weight)
+    del optimizer, model, checkpoint
+    assert weight() is None
+    assert [key for key in ("_backups", "_groups_in_play") if key in vars(sam)] == []
