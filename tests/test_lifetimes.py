@@ -176,3 +176,30 @@ def test_a_transform_outliving_an_optimizer_that_loaded_a_checkpoint_keeps_no_pa
     del optimizer, model, checkpoint
     assert weight() is None
     assert [key for key in ("_backups", "_groups_in_play") if key in vars(sam)] == []
+
+
+def test_lamp_refuses_a_parameter_resized_since_its_last_step_naming_the_key_to_drop():
+    """An embedding resized in place (``weight.data`` replaced) between steps: LAMP's running sum
+    no longer fits it; the step raises naming the sum and the shapes (it raised about the
+    arguments of an internal kernel), changes nothing, and goes on once the sum is dropped."""
+    torch.manual_seed(0)
+    embedding, head = nn.Embedding(5, 3), nn.Linear(3, 1)
+    params = [*embedding.parameters(), *head.parameters()]
+    optimizer = TransformingOptimizer(params, torch.optim.SGD, lr=0.1, transforms=[LAMP(rollback_len=4, seed=0)])
+    rows = torch.tensor([0, 1, 2])
+
+    def closure() -> torch.Tensor:
+        optimizer.zero_grad()
+        loss = head(embedding(rows)).square().mean()
+        loss.backward()
+        return loss
+
+    optimizer.step(closure)
+    embedding.weight.data = torch.cat([embedding.weight.data, torch.randn(2, 3)])  # two tokens added
+    weights = [p.detach().clone() for p in params]
+    with pytest.raises(ValueError, match=r"LAMP: the running sum of a parameter is of shape \(5, 3\), but it is now of shape \(7, 3\).*\['lamp\.sum'\]"):
+        optimizer.step(closure)
+    assert all(torch.equal(a, b) for a, b in zip(weights, params))
+    del optimizer.state[embedding.weight]["lamp.sum"]
+    optimizer.step(closure)
+    assert optimizer.state[embedding.weight]["lamp.sum"].shape == (7, 3)

@@ -277,11 +277,21 @@ class LAMP(Transform):
         A parameter converted since its last step (``model.half()``, ``.double()``, ``.to(device)``)
         keeps the cycle: its sum or mean of ``count`` iterates is converted (a new tensor, so that
         a failed step's restore puts the old one back), as ``load_state_dict`` converts a
-        checkpoint's.
+        checkpoint's. One whose ``.data`` was replaced by a tensor of another shape (an embedding
+        resized) raises ``ValueError``, as EMA's averages do.
         """
         state = ctx.state[param]
         key = _accumulator_key(param)
         other = "mean" if key == "sum" else "sum"
+        for held in (key, other):
+            value = state.get(held)
+            if isinstance(value, torch.Tensor) and value.shape != param.shape:
+                raise ValueError(
+                    f"LAMP: the running {held} of a parameter is of shape {tuple(value.shape)}, but "
+                    f"it is now of shape {tuple(param.shape)} (its .data was replaced since its last "
+                    "step): it no longer fits it, as torch's optimizer state would not; del "
+                    f"optimizer.state[param]['{ctx.slot}.{held}'] to start its average afresh"
+                )
         if other in state:
             state[key] = _accumulator_like(param, key, state.pop(other), other, state["count"])
         elif key not in state:
