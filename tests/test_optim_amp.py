@@ -245,14 +245,16 @@ def test_lr_scheduler_after_scaled_steps_does_not_warn() -> None:
 
 # -- a step that raises leaves nothing of the scaler behind ---------------------------------------
 class _FailingOnceSGD(torch.optim.SGD):
-    """SGD whose next step raises when ``fail`` is set (an out-of-memory error, say)."""
+    """SGD whose next step raises once it is armed (an out-of-memory error, say). The switch lives
+    outside the optimizer: a failed step puts back the attributes of an inner optimizer that is
+    not torch's own, so a flag on the instance would be armed again."""
 
-    fail = False
+    armed: set[int] = set()  # ids of the optimizers whose next step raises
 
     @torch.no_grad()
     def step(self, closure=None):
-        if self.fail:
-            self.fail = False
+        if id(self) in self.armed:
+            self.armed.discard(id(self))
             raise RuntimeError("out of memory (injected)")
         return super().step(closure)
 
@@ -274,7 +276,7 @@ def test_a_scaled_step_that_raises_leaves_no_scaler_attributes_and_training_cont
         scaler.scale(loss_fn(model(inputs), targets)).backward()
         optimizer.first_step(zero_grad=True)
         scaler.scale(loss_fn(model(inputs), targets)).backward()
-        optimizer.inner.fail = True
+        _FailingOnceSGD.armed.add(id(optimizer.inner))
         with pytest.raises(RuntimeError, match=r"out of memory \(injected\)"):
             scaler.step(optimizer)
     else:  # refused by the group check, before anything else
