@@ -13,7 +13,7 @@ import re
 
 import pytest
 import torch
-from state_helpers import assert_state_dicts_equal
+from state_helpers import assert_state_dicts_equal, assert_states_equal
 from torch import nn
 
 from samgria import EMA, SAM, Lookahead, TransformingOptimizer
@@ -142,6 +142,64 @@ def test_averaged_weights_of_a_resized_parameter_refused_before_anything_is_writ
             pass
     assert torch.equal(first, before[0]) and torch.equal(second, before[1])
 
+
+
+class _TwoParams(nn.Module):
+    """``first`` (2,), in the loss from when ``use_first`` is set, and ``rows`` (3, 4), the
+    parameter the tests resize."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.first = nn.Parameter(torch.tensor([0.5, -1.0], dtype=torch.float64))
+        self.rows = nn.Parameter(torch.linspace(-1.0, 1.0, 12, dtype=torch.float64).reshape(3, 4))
+        self.use_first = False
+
+    def forward(self, x):
+        loss = (x @ self.rows.t()).square().mean()
+        return loss + self.first.square().sum() if self.use_first else loss
+
+
+@pytest.mark.parametrize("make", [lambda: EMA(0.5), lambda: Lookahead(k=2)], ids=["EMA", "Lookahead"])
+def test_seed_protocol_refusing_a_resized_parameter_changes_no_state(make):
+    """Through the seed protocol (``apply`` / ``post_step`` beside a plain optimizer) the refusal
+    of a resized parameter came after ``post_step`` had counted the step (EMA; Lookahead refuses
+    in ``apply``) and an earlier parameter stepping for the first time had got its kept weights:
+    after the ValueError the transform's state was a step ahead and held that copy, and the
+    message named an optimizer's state, which the seed protocol does not use → nothing changed,
+    the remedy a new object, and the run goes on as a twin's that never saw the refused call."""
+    x = torch.linspace(-1.0, 1.0, 8, dtype=torch.float64).reshape(2, 4)
+    model, twin = _TwoParams(), _TwoParams()
+    transform, twin_transform = make(), make()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    twin_optimizer = torch.optim.SGD(twin.parameters(), lr=0.1)
+
+    def seed_step(model, transform, optimizer):
+        optimizer.zero_grad()
+        model(x).backward()
+        transform.apply(model, lambda: model(x), ())
+        optimizer.step()
+        transform.post_step(model)
+
+    for _ in range(3):
+        seed_step(model, transform, optimizer)
+        seed_step(twin, twin_transform, twin_optimizer)
+    state = copy.deepcopy(transform.state_dict())
+    model.use_first = twin.use_first = True  # a parameter stepping for the first time, before rows
+    model.rows.data = torch.ones(5, 4, dtype=torch.float64)
+    name = type(transform).__name__
+    with pytest.raises(ValueError, match=rf"{name}: .*shape \(3, 4\).*now of shape \(5, 4\).*use a new {name} for the resized model"):
+        seed_step(model, transform, optimizer)
+    assert transform.state_dict().keys() == {"state"}
+    assert_states_equal(transform.state_dict()["state"], state["state"])
+
+    with torch.no_grad():  # the surgery undone: the run goes on as the twin's
+        model.rows.data = twin.rows.detach().clone()
+        model.first.copy_(twin.first)
+    for _ in range(2):
+        seed_step(model, transform, optimizer)
+        seed_step(twin, twin_transform, twin_optimizer)
+    assert torch.equal(model.rows, twin.rows) and torch.equal(model.first, twin.first)
+    assert_states_equal(transform.state_dict()["state"], twin_transform.state_dict()["state"])
 
 # -- the features, against the hand-written float64 SAM -----------------------------------------------
 def _data(*shape, outputs=3, seed=0):

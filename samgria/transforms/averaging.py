@@ -149,16 +149,20 @@ class _KeptWeights(Transform):
         those that had one at ``apply()``)."""
         params = unique_params(ctx.param_groups)
         if ctx.standalone and self._had_grad is not None:
-            had_grad, self._had_grad = self._had_grad, None
+            had_grad = self._had_grad
             return [p for p in params if p.grad is not None or id(p) in had_grad]
         return [p for p in params if p.grad is not None]
 
     def _count_step(self, ctx: TransformContext) -> tuple[list[torch.Tensor], int] | None:
         """Start ``post_update``: the step's participants and the step count, incremented in the
-        slot; ``None`` (nothing counted) when no parameter has a gradient or none requires grad."""
+        slot; ``None`` (nothing counted) when no parameter has a gradient or none requires grad.
+        A parameter that no longer fits its kept weights is refused before anything changes."""
         self._check_not_swapped()
         self._held_by_optimizer = not ctx.standalone
         params = self._participants(ctx)
+        self._check_all_fit(ctx, params)
+        if ctx.standalone:
+            self._had_grad = None  # apply()'s record, used
         slot = ctx.slot_state(keys=_OBJECT_KEYS)
         if slot is None or not params:
             return None
@@ -166,14 +170,20 @@ class _KeptWeights(Transform):
         slot["step"] = step
         return params, step
 
-    def _ensure_kept(self, ctx: TransformContext, params: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    def _ensure_kept(
+        self, ctx: TransformContext, params: Sequence[torch.Tensor], *, checked: bool = False
+    ) -> list[torch.Tensor]:
         """Give every parameter without kept weights a copy of its current weights; return those.
+        Refuses first, before anything is written, a parameter that no longer fits its kept
+        weights (``checked``: :meth:`_count_step` did).
 
         The kept weights of a parameter converted since its last step (``model.double()``,
         ``.half()``, ``.to(device)``) are converted to its dtype on its device, as LAMP converts its
         running sum and ``load_state_dict`` a checkpoint's state (a new tensor, so that a failed
         step's restore puts the old one back).
         """
+        if not checked:
+            self._check_all_fit(ctx, params)
         fresh = []
         for param in params:
             entry = ctx.state[param]
@@ -181,23 +191,36 @@ class _KeptWeights(Transform):
             if kept is None:
                 entry[self._kept_key] = param.detach().clone(memory_format=torch.preserve_format)
                 fresh.append(param)
-                continue
-            self._check_fits(param, kept, ctx.slot)
-            if kept.dtype != param.dtype or kept.device != param.device:
+            elif kept.dtype != param.dtype or kept.device != param.device:
                 entry[self._kept_key] = kept.to(device=param.device, dtype=param.dtype)
         return fresh
 
-    def _check_fits(self, param: torch.Tensor, kept: torch.Tensor, slot: str) -> None:
+    def _check_all_fit(self, ctx: TransformContext, params: Sequence[torch.Tensor]) -> None:
+        """:meth:`_check_fits` for every parameter of ``params`` with kept weights, before any of
+        them is written (no state entry is created)."""
+        for param in params:
+            if param in ctx.state:
+                kept = ctx.state[param].get(self._kept_key)
+                if kept is not None:
+                    self._check_fits(param, kept, ctx.slot, standalone=ctx.standalone)
+
+    def _check_fits(self, param: torch.Tensor, kept: torch.Tensor, slot: str, *, standalone: bool) -> None:
         """Raise ``ValueError`` if ``param`` no longer has the shape of its kept weights (its
         ``.data`` replaced since its last step: an embedding resized), which an update would
         broadcast or fail on, as torch's optimizers' state would."""
         if kept.shape != param.shape:
+            name = type(self).__name__
+            remedy = (
+                f"use a new {name} for the resized model (through apply/post_step the {name} keeps "
+                "them itself)"
+                if standalone
+                else f"del optimizer.state[param]['{slot}.{self._kept_key}'] to keep them afresh from its weights"
+            )
             raise ValueError(
-                f"{type(self).__name__}: the {self._kept_name} of a parameter are of shape "
+                f"{name}: the {self._kept_name} of a parameter are of shape "
                 f"{tuple(kept.shape)}, but it is now of shape {tuple(param.shape)} (its .data was "
                 "replaced since its last step): they no longer fit it, as torch's optimizer state "
-                f"would not; del optimizer.state[param]['{slot}.{self._kept_key}'] to keep them "
-                "afresh from its weights"
+                f"would not; {remedy}"
             )
 
     @torch.no_grad()
@@ -265,7 +288,8 @@ class _KeptWeights(Transform):
             entry = state.get(param) if param in state else None  # no defaultdict insertion
             kept = entry.get(prefix + self._kept_key) if entry else None
             if kept is not None:
-                self._check_fits(param, kept, prefix[:-1])  # before the block writes any parameter
+                # before the block writes any parameter
+                self._check_fits(param, kept, prefix[:-1], standalone=isinstance(owner, nn.Module))
                 pairs.append((param, kept))
         return pairs
 
@@ -373,7 +397,7 @@ class Lookahead(_KeptWeights):
         if counted is None:  # no parameter has a gradient
             return
         params, step = counted
-        self._ensure_kept(ctx, params)  # a step without pre_update (never inside the optimizer)
+        self._ensure_kept(ctx, params, checked=True)  # a step without pre_update (never inside the optimizer)
         if step % self.k != 0:
             return
         # float: any real number validate_group accepts (a Fraction, a NumPy scalar), as torch's lerp_ takes it
@@ -536,7 +560,7 @@ class EMA(_KeptWeights):
         if counted is None:  # no parameter has a gradient
             return
         params, update = counted
-        fresh = {id(p) for p in self._ensure_kept(ctx, params)}  # a first average is a copy
+        fresh = {id(p) for p in self._ensure_kept(ctx, params, checked=True)}  # a first average is a copy
         tracked = [p for p in params if id(p) not in fresh]
         decay_of = {id(p): group["decay"] for group in ctx.param_groups for p in group["params"]}
         if update == 1:  # AveragedModel's first update: a copy (also of init_state's averages)
