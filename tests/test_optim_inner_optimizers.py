@@ -451,6 +451,29 @@ def test_sam_climbs_down_for_an_inner_optimizer_keeping_maximize_on_itself(name,
     assert_params_close(params, hand_params)
 
 
+
+def test_multistep_sam_refuses_an_adversary_or_inner_optimizer_keeping_maximize_on_itself():
+    """MultiStepSAM's adversary is handed the gradient of -L and must minimise it (climb L): one
+    that keeps ``maximize=True`` on the instance (pytorch_optimizer's) was accepted, as only the
+    groups were read, and stepped down L, silently → refused as torch's ``maximize=True`` is. An
+    inner optimizer keeping it there is refused at the step as torch's is."""
+    import functools
+
+    from samgria import MultiStepSAM
+
+    po = pytest.importorskip("pytorch_optimizer")
+    with pytest.raises(ValueError, match=r"^adversary must build an optimizer that minimises .* got one with maximize=True: AdaBelief"):
+        MultiStepSAM(rho=RHO, ascent_steps=2, adversary=functools.partial(po.AdaBelief, maximize=True))
+    MultiStepSAM(rho=RHO, ascent_steps=2, adversary=functools.partial(po.AdaBelief, maximize=False))
+
+    params = make_params()
+    transform = MultiStepSAM(rho=RHO, ascent_steps=2, adversary=torch.optim.SGD)
+    optimizer = TransformingOptimizer(params, po.AdaBelief, transforms=[transform], lr=1e-2, maximize=True)
+    weights = clone(params)
+    with pytest.raises(ValueError, match=r"^MultiStepSAM's adversary climbs L .*maximize=True"):
+        optimizer.step(make_closure(optimizer, params))
+    assert_params_same(params, weights)
+
 @CREATE_GRAPH_WARNING
 @pytest.mark.parametrize("loop", ["closure", "two_call"])
 def test_a_hessian_optimizer_after_a_perturbing_reevaluation_is_refused_with_nothing_changed(loop):

@@ -62,7 +62,9 @@ def _check_adversary(adversary: Any, rho: float) -> str:
         raise TypeError(
             f"adversary must be {rule} whose step() works without a closure, got one that builds LBFGS"
         )
-    if any(group.get("maximize", False) for group in built.param_groups):
+    # pytorch_optimizer's optimizers keep maximize on the instance, not in their groups.
+    kept_on_itself = getattr(built, "maximize", None) is True
+    if any(group["maximize"] if "maximize" in group else kept_on_itself for group in built.param_groups):
         raise ValueError(
             f"adversary must build an optimizer that minimises (it is handed the gradient of -L, "
             f"so its steps climb L), got one with maximize=True: {built!r}"
