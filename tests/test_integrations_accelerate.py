@@ -851,6 +851,35 @@ def test_clipping_a_pass_under_fp16_steps_as_the_same_clipping_without_a_scaler(
     assert scaler.get_scale() == SCALE
 
 
+
+def test_two_call_zero_grad_must_be_a_bool_before_anything_changes() -> None:
+    """``first_step(zero_grad=1)`` put the gradients that accelerate's clipping had unscaled under
+    fp16 back into the loss scale (and made the scaler forget it) before the samgria optimizer's
+    TypeError, and ``second_step(zero_grad='yes')`` was taken as a truthy flag → TypeError naming
+    the argument first: the gradients as they were, the step still pending, and the run then
+    equals the hand-written SAM."""
+    accelerator = SAMAccelerator(cpu=True)
+    with_loss_scaler(accelerator)
+    model, optimizer = accelerator.prepare(*model_and_optimizer(torch.float32))
+    unscaling_as_under_fp16(accelerator)
+    data = batches(torch.float32, count=1)
+    x, y = data[0]
+    accelerator.backward(F.mse_loss(model(x), y))
+    accelerator.clip_grad_norm_(model.parameters(), 1e9)  # unscales, clips nothing
+    grads = [p.grad.clone() for p in model.parameters()]
+    with pytest.raises(TypeError, match=r"^zero_grad must be a bool, got 1$"):
+        optimizer.first_step(zero_grad=1)
+    assert all(torch.equal(p.grad, g) for p, g in zip(model.parameters(), grads))
+    optimizer.first_step(zero_grad=True)
+    accelerator.backward(F.mse_loss(model(x), y))
+    perturbed = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(TypeError, match=r"^zero_grad must be a bool, got 'yes'$"):
+        optimizer.second_step(zero_grad="yes")
+    assert all(torch.equal(p, w) for p, w in zip(model.parameters(), perturbed))  # still at w + e
+    optimizer.second_step(zero_grad=True)
+    assert all(p.grad is None for p in model.parameters())
+    assert_weights(model, reference(data, torch.float32), rtol=1e-5, atol=1e-6)
+
 @pytest.mark.parametrize("loop", ["two-call", "closure"])
 @pytest.mark.parametrize("how", ["norm", "value"])
 def test_an_overflow_in_a_first_pass_clipped_under_fp16_skips_the_step(how, loop) -> None:

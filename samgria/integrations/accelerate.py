@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 
+from samgria._checks import check_bool
 from samgria._frameworks import grad_scaler_forget, grad_scaler_scale, grad_scaler_unscaled
 from samgria.integrations._common import (
     clipping_refusal,
@@ -106,6 +107,7 @@ class SAMAcceleratedOptimizer(AcceleratedOptimizer):
         (an overflow the scaler found there into non-finite gradients), and the scaler unscales
         again after the second backward: clipping after each backward clips each pass.
         """
+        check_bool("zero_grad", zero_grad)  # before the gradients are put back into the scale
         self._check_synchronised("first_step()")
         self._record_scale()
         self._rescale_unscaled_first_pass()
@@ -113,6 +115,7 @@ class SAMAcceleratedOptimizer(AcceleratedOptimizer):
 
     def second_step(self, zero_grad: bool = False) -> None:
         """Finish the step through accelerate's ``step()`` (and its loss scaler under fp16)."""
+        zero_grad = check_bool("zero_grad", zero_grad)
         sam = self.sam
         if sam._pending is None:
             raise RuntimeError("second_step() called without first_step()")
