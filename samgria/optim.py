@@ -1080,7 +1080,9 @@ class TransformingOptimizer(WrappingOptimizer):
         if is_torch_optimizer(self.inner):
             return
         if any(param.grad is not None and param.grad.requires_grad for param in self._unique_params()):
-            name, names = type(self.inner).__name__, ", ".join(self._reevaluating_names())
+            # Those that may re-evaluate: a seed-protocol object declares no needs_closure.
+            reevaluating = [transform_name(t) for t in self.transforms if t.needs_closure or t.reevaluations > 0]
+            name, names = type(self.inner).__name__, ", ".join(reevaluating)
             raise RuntimeError(
                 f"{names} re-evaluated the loss at moved weights with backward(create_graph=True): "
                 "the gradients' graph holds those weights, which are put back before the inner "

@@ -501,6 +501,40 @@ def test_a_hessian_optimizer_after_a_perturbing_reevaluation_is_refused_with_not
     assert_same(optimizer.state_dict(), before, "state_dict()")
 
 
+
+class _MovesAndReEvaluates:
+    """A seed-protocol object that evaluates the loss at moved weights and puts them back."""
+
+    def apply(self, model, loss_fn, batch):
+        params = list(model.parameters())
+        with torch.no_grad():
+            for p in params:
+                p.add_(0.01)
+        try:
+            loss_fn(*batch)
+        finally:
+            with torch.no_grad():
+                for p in params:
+                    p.sub_(0.01)
+
+    def post_step(self, model):
+        pass
+
+
+@CREATE_GRAPH_WARNING
+def test_a_hessian_optimizer_after_a_seed_objects_reevaluation_is_refused_naming_the_object():
+    """The refusal named the re-evaluating transforms by ``needs_closure``, which a seed-protocol
+    object does not declare: the message read " re-evaluated the loss ..." and "cannot follow :
+    use SophiaH on its own" → it names the object, as the other messages do."""
+    po = pytest.importorskip("pytorch_optimizer")
+    params = make_params("matrices")
+    optimizer = TransformingOptimizer(params, po.SophiaH, transforms=[_MovesAndReEvaluates()], update_period=1)
+    weights = clone(params)
+    name = r"_MovesAndReEvaluates \(seed protocol\)"
+    with pytest.raises(RuntimeError, match=rf"^{name} re-evaluated the loss at moved weights .* cannot follow {name}: use SophiaH on its own"):
+        optimizer.step(make_closure(optimizer, params, create_graph=True))
+    assert_params_same(params, weights)
+
 @CREATE_GRAPH_WARNING
 def test_a_hessian_optimizer_without_reevaluation_equals_the_bare_optimizer():
     po = pytest.importorskip("pytorch_optimizer")
