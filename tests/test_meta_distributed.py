@@ -26,6 +26,7 @@ import argparse
 import gc
 import os
 import warnings
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -109,13 +110,15 @@ def closure_case(algorithm: str, rank: int, world_size: int) -> dict[str, Any]:
 
 
 class _FailsOnce(torch.optim.SGD):
-    """SGD whose first step raises before it changes anything (a transient failure)."""
+    """SGD whose first step raises before it changes anything (a transient failure). The record
+    of the failure lives outside the optimizer: a failed meta-step puts back the attributes of an
+    outer optimizer that is not torch's own, so a flag on the instance would be cleared again."""
 
-    failed = False
+    failed: weakref.WeakSet = weakref.WeakSet()  # the optimizers whose first step has raised
 
     def step(self, closure=None):  # type: ignore[override]
-        if not self.failed:
-            self.failed = True
+        if self not in self.failed:
+            self.failed.add(self)
             raise RuntimeError("transient")
         return super().step(closure)
 

@@ -44,11 +44,12 @@ from torch import nn
 
 from samgria._checks import check_bool, check_choice, check_optional_bool, check_real
 from samgria._frameworks import accelerate_accumulation, refuse_closure_under_grad_scaler
-from samgria._snapshot import StateStructure, StepSnapshot
+from samgria._snapshot import GroupValues, StateStructure, StepSnapshot
 from samgria._wrapper import (
     WrappingOptimizer,
     checks_before_writing,
     eager_under_compile,
+    is_torch_optimizer,
     refuse_driven,
     warn_of_hooks_not_run,
 )
@@ -62,7 +63,7 @@ from samgria.meta.inner_optim import InnerStepFn, sgd_inner_step
 from samgria.meta.learner import Learner
 from samgria._frameworks import stacklevel_outside
 from samgria.meta.paths import PathPolicy
-from samgria.optim import TransformingOptimizer
+from samgria.optim import TransformingOptimizer, _AttributeValues
 
 __all__ = ["MetaOptimizer"]
 
@@ -128,6 +129,33 @@ def _evaluates_before_writing(optimizer: torch.optim.Optimizer) -> bool:
     steps between evaluations, and Adafactor and Muon (``checks_before_writing``). Nothing is
     assumed of any other optimizer."""
     return checks_before_writing(optimizer) and not isinstance(optimizer, torch.optim.LBFGS)
+
+
+class _WholeStepUndo:
+    """Copies of the weights and of the outer state (a :class:`StepSnapshot`) and, for a driven
+    optimizer that is not one of torch.optim's own, its param groups' values and its instance
+    attributes: such an optimizer may count in its groups (``group["step"] += 1``, ScheduleFree's
+    ``weight_sum``) or on itself (StableSPAM's ``total_step``, in its checkpoints) before it fails
+    (torch's keep nothing there)."""
+
+    def __init__(
+        self,
+        params: Sequence[torch.Tensor],
+        state: Any,
+        groups: Sequence[dict[str, Any]],
+        driven: torch.optim.Optimizer,
+    ) -> None:
+        self._snapshot = StepSnapshot(params, state)
+        others = not is_torch_optimizer(driven)
+        self._groups = GroupValues(groups) if others else None
+        self._attributes = _AttributeValues(driven) if others else None
+
+    def restore(self) -> None:
+        self._snapshot.restore()
+        if self._groups is not None:
+            self._groups.restore()
+        if self._attributes is not None:
+            self._attributes.restore()
 
 
 class _SkippedByPolicy(FloatingPointError):
@@ -582,7 +610,7 @@ class MetaOptimizer(WrappingOptimizer):
         self._loaded_state_unstepped = False
         return result
 
-    def _outer_step_undo(self, closure_given: bool) -> StepSnapshot | StateStructure | None:
+    def _outer_step_undo(self, closure_given: bool) -> _WholeStepUndo | StepSnapshot | StateStructure | None:
         """What puts the weights and the outer state back if the outer step raises or is
         skipped, taken before it.
 
@@ -590,7 +618,9 @@ class MetaOptimizer(WrappingOptimizer):
         but LBFGS evaluate the closure once, before they write, and check a param group's inputs
         before they write its tensors, but step the groups one after another
         (:meth:`_groups_undo`; given a closure, taken once it has computed the gradients).
-        Everything is copied for any other optimizer (LBFGS steps between evaluations), for a
+        Everything is copied (:class:`_WholeStepUndo`: also the param groups' values and the
+        instance attributes of an optimizer that is not torch's) for any other optimizer (LBFGS
+        steps between evaluations), for a
         ``TransformingOptimizer`` with ``atomic=False`` given a closure (its evaluations are
         undone, not its inner step), and after a load (its tensors may not fit the parameters,
         which torch's optimizers find out only while they write).
@@ -600,10 +630,10 @@ class MetaOptimizer(WrappingOptimizer):
             if outer.atomic or not closure_given:
                 return None
             self._adopt_driven_state()
-            return StepSnapshot(self._unique_params(), self.state)
+            return _WholeStepUndo(self._unique_params(), self.state, self.param_groups, outer.inner)
         self._adopt_driven_state()  # the state the outer optimizer is about to use
         if self._loaded_state_unstepped or not _evaluates_before_writing(outer):
-            return StepSnapshot(self._unique_params(), self.state)
+            return _WholeStepUndo(self._unique_params(), self.state, self.param_groups, outer)
         return None if closure_given else self._groups_undo()
 
     def _reduce_across_ranks(self, loss: Any) -> Any:
