@@ -8,7 +8,7 @@ Adamax, ASGD, Rprop, Adafactor, LBFGS, Adam with ``maximize``, pytorch_optimizer
 StableSPAM, DAdaptAdam, the Hessian optimizers SophiaH and AdaHessian, and a TransformingOptimizer
 with SAM. Also: a meta-step that raises or is skipped leaves the weights, the outer state, the
 outer param groups and the outer optimizer's own attributes as before; weights-only checkpoints
-and an LR scheduler; ``MetaTrainer``.
+and an LR scheduler; ``MetaTrainer``; Reptile and ``maximize``.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from __future__ import annotations
 import copy
 import io
 import math
+import warnings
 
 import pytest
 import torch
@@ -428,3 +429,45 @@ def test_meta_trainer_fit_equals_the_bare_optimizer_driven_by_hand(algo, name):
     for it in range(3):
         hand_step(bare_model, bare, algo, TASKS[2 * it : 2 * it + 2])
     torch.testing.assert_close(list(model.parameters()), list(bare_model.parameters()), rtol=1e-12, atol=1e-14)
+
+
+# -- maximize ------------------------------------------------------------------------------------------
+
+
+def _maximizing_outers():
+    return {
+        "group": lambda model: torch.optim.SGD(model.parameters(), lr=0.1, maximize=True),
+        "object": lambda model: po.Lion(model.parameters(), lr=0.1, maximize=True),
+        "SAM-inner-object": lambda model: TransformingOptimizer(
+            model.parameters(), po.Lion, transforms=[SAM(rho=RHO)], lr=0.1, maximize=True
+        ),
+    }
+
+
+@pytest.mark.parametrize("where", ["group", "object", "SAM-inner-object"])
+def test_reptile_refuses_a_maximizing_outer_optimizer_leaving_it_as_it_was(where):
+    """Reptile's pseudo-gradient is no gradient of a loss: a maximizing outer optimizer moved
+    theta away from the adapted weights, silently."""
+    model = make_model()
+    outer = _maximizing_outers()[where](model)
+    before = copy.deepcopy(outer.state_dict())
+    with pytest.raises(ValueError, match=r"Reptile cannot drive an outer optimizer that maximizes \(.*maximize=True"):
+        Reptile(model, outer)
+    assert_same(outer.state_dict(), before, "state_dict()")
+    with pytest.raises(ValueError, match=r"maximizes \(param_groups\[0\] has maximize=True\)"):
+        Reptile(make_model(), torch.optim.Adam, maximize=True)
+
+
+def test_reptile_refuses_maximize_set_since_construction_with_nothing_changed():
+    model = make_model()
+    meta = Reptile(model, torch.optim.SGD, lr=0.5, inner_lr=INNER_LR)
+    meta.param_groups[0]["maximize"] = True
+    weights = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(ValueError, match=r"maximizes \(param_groups\[0\] has maximize=True\).*adapt on its negative"):
+        meta.step(meta_closure(meta))
+    assert_same([p.detach() for p in model.parameters()], weights, "weights")
+    assert meta.num_recorded == 0 and len(meta.state) == 0
+    meta.param_groups[0]["maximize"] = False
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        meta.step(meta_closure(meta))  # moves towards the adapted weights again

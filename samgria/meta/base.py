@@ -182,7 +182,9 @@ class MetaOptimizer(WrappingOptimizer):
             taken over (its state and groups become the meta-optimizer's) only once every
             argument and group is checked: a constructor that raises leaves it as it was.
             Hooks registered on it before are not run by the meta-optimizer (it steps, saves
-            and loads with its own: register them there); a ``UserWarning`` says so.
+            and loads with its own: register them there); a ``UserWarning`` says so. One with
+            ``maximize=True`` ascends the meta-loss the closure back-propagates (the inner loop
+            still descends the support loss); Reptile refuses it.
         inner_lr: Default inner step size :math:`\\alpha \\ge 0` of every param group.
         inner_steps: Default number of inner steps (an ``int >= 0``).
         first_order: Drop second-order terms (do not differentiate through the support
@@ -317,6 +319,7 @@ class MetaOptimizer(WrappingOptimizer):
             )
         for i, group in enumerate(built.param_groups):  # a rejected optimizer is left as it was
             self._check_group(group, i)
+        self._check_outer(built)
         self._add_own_groups(built)  # refused by built: built is left as it was too
         self._init_wrapper(built, {**built.defaults, "inner_lr": inner_lr, "adapt": True})
         for group in self.outer.param_groups:  # checked above
@@ -372,6 +375,10 @@ class MetaOptimizer(WrappingOptimizer):
     def _extra_params(self) -> set[torch.Tensor]:
         """Meta-parameters that are not parameters of the model (Meta-SGD's rates)."""
         return set()
+
+    def _check_outer(self, outer: torch.optim.Optimizer) -> None:
+        """Raise if ``outer`` (its groups checked one by one already) cannot be this
+        meta-optimizer's outer optimizer; change nothing (default: any can)."""
 
     def _add_own_groups(self, built: torch.optim.Optimizer) -> None:
         """Add to ``built``, before it is taken over, the param groups a subclass keeps in the

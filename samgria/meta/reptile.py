@@ -28,6 +28,7 @@ from torch import nn
 from samgria.data.task import Task
 from samgria.meta.base import MetaOptimizer, _SkippedByPolicy
 from samgria.meta.functional import check_params
+from samgria.optim import TransformingOptimizer
 
 __all__ = ["Reptile"]
 
@@ -58,6 +59,22 @@ def _pseudo_gradient(
         if w != 0 and name in rec:
             acc.add_(rec[name].to(wide) - base, alpha=w / total)
     return acc.neg_().to(theta.dtype)
+
+
+def _maximizing(optimizer: torch.optim.Optimizer) -> str | None:
+    """Where ``optimizer`` is set to maximise -- a param group's ``maximize``, or the attribute
+    pytorch_optimizer's optimizers keep it in (also a ``TransformingOptimizer``'s inner
+    optimizer's) -- or ``None``."""
+    for index, group in enumerate(optimizer.param_groups):
+        maximize = group.get("maximize")
+        if maximize is not None and bool(maximize):
+            return f"param_groups[{index}] has maximize={maximize!r}"
+    driven = optimizer
+    while isinstance(driven, TransformingOptimizer):
+        driven = driven.inner
+    if getattr(driven, "maximize", None) is True:
+        return f"{type(driven).__name__} has maximize=True on itself"
+    return None
 
 
 class Reptile(MetaOptimizer):
@@ -109,9 +126,11 @@ class Reptile(MetaOptimizer):
     Raises:
         TypeError: ``first_order`` is given (Reptile is always first order), or as
             :class:`~samgria.meta.base.MetaOptimizer`.
-        ValueError: As :class:`~samgria.meta.base.MetaOptimizer` (a negative ``inner_lr`` or
-            ``inner_steps``, a tensor of the outer optimizer that is not a parameter of
-            ``model``, ...).
+        ValueError: The outer optimizer maximizes (``maximize=True`` in a param group, or on
+            the optimizer as pytorch_optimizer's keep it): it would move :math:`\\theta` away
+            from the adapted weights. Or as :class:`~samgria.meta.base.MetaOptimizer` (a negative
+            ``inner_lr`` or ``inner_steps``, a tensor of the outer optimizer that is not a
+            parameter of ``model``, ...).
     """
 
     outer_update = "pseudo_gradient"
@@ -130,6 +149,20 @@ class Reptile(MetaOptimizer):
             raise TypeError(f"Reptile is always first order; got first_order={outer_kwargs['first_order']!r}")
         super().__init__(model, outer, inner_lr=inner_lr, inner_steps=inner_steps, first_order=True, **outer_kwargs)
         self._records: list[tuple[dict[str, torch.Tensor], float]] = []
+
+    def _check_outer(self, outer: torch.optim.Optimizer) -> None:
+        """Refuse an outer optimizer that maximises: the pseudo-gradient is no gradient of a
+        loss, and a maximising optimizer would move :math:`\\theta` away from the adapted
+        weights."""
+        where = _maximizing(outer)
+        if where is not None:
+            raise ValueError(
+                f"Reptile cannot drive an outer optimizer that maximizes ({where}): its "
+                "pseudo-gradient theta - mean(adapted theta) is no gradient of a loss, so a "
+                "maximizing optimizer would move theta away from the adapted weights, whatever the "
+                "objective. Use maximize=False; to maximise a reward, adapt on its negative (the "
+                "support closure returns -reward)"
+            )
 
     def record_adaptation(self, adapted: Mapping[str, torch.Tensor], weight: float = 1.0) -> None:
         """Keep one task's adapted weights (those of the adapted names) for :meth:`step`.
@@ -215,7 +248,8 @@ class Reptile(MetaOptimizer):
             What the outer optimizer's ``step`` returns.
 
         Raises:
-            ValueError: No task was adapted, or all task weights are 0.
+            ValueError: No task was adapted, all task weights are 0, or the outer optimizer
+                maximizes (``maximize=True`` set in a param group or on it since construction).
             RuntimeError: Tasks were adapted before ``step(closure)`` and the outer optimizer
                 evaluates the closure more than once (SAM, LBFGS), or the closure is given under
                 accelerate's gradient accumulation. A step that raises leaves the weights, the
@@ -225,6 +259,7 @@ class Reptile(MetaOptimizer):
         """
         if closure is not None and not callable(closure):
             raise TypeError(f"closure must be callable, got {closure!r}")
+        self._check_outer(self.outer)  # maximize may have been set since construction
         self._refuse_unsupported_closure(closure)
         # Tasks adapted before step() count too, once: a framework may run the closures of
         # earlier micro-batches outside the optimizer (Lightning's accumulate_grad_batches) or
