@@ -110,6 +110,30 @@ class GroupValues:
                 group[key] = original
 
 
+class AttributeValues:
+    """A driven optimizer's instance attributes (a TransformingOptimizer's inner one, a
+    MetaOptimizer's outer one), restorable: one that is not torch's may keep a counter there
+    (pytorch_optimizer's StableSPAM ``total_step``, Ranger21 ``lookahead_step``, both in its
+    checkpoints) and change it in a step that fails after. References are put back, attributes
+    added since deleted, and a tensor's values written back in place."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer) -> None:
+        self._attributes = vars(optimizer)
+        self._saved = {
+            key: (value, value.clone() if isinstance(value, torch.Tensor) and value.layout == torch.strided else None)
+            for key, value in self._attributes.items()
+        }
+
+    @torch.no_grad()
+    def restore(self) -> None:
+        for key in [key for key in self._attributes if key not in self._saved]:
+            del self._attributes[key]
+        for key, (original, kept) in self._saved.items():
+            if kept is not None and original.shape == kept.shape:
+                original.copy_(kept)
+            self._attributes[key] = original
+
+
 def _drop_new_entries(state: MutableMapping[Any, dict[Any, Any]], kept_ids: set[int]) -> None:
     """Delete the entries of parameters whose ``id`` is not in ``kept_ids``."""
     for param in list(state):

@@ -23,7 +23,7 @@ from samgria._frameworks import (
     stepping_grad_scaler,
 )
 from samgria._legacy import from_release_0_1
-from samgria._snapshot import GroupValues, SlotValues, StateStructure, StepSnapshot, is_entry
+from samgria._snapshot import AttributeValues, GroupValues, SlotValues, StateStructure, StepSnapshot, is_entry
 from samgria._wrapper import (
     WrappingOptimizer,
     built_by_zero_redundancy,
@@ -177,29 +177,6 @@ class _WithMaximize(Mapping):
 
     def __repr__(self) -> str:
         return f"{self.view!r} with maximize={self.maximize}"
-
-
-class _AttributeValues:
-    """The inner optimizer's instance attributes, restorable: one that is not torch's may keep a
-    counter there (pytorch_optimizer's StableSPAM ``total_step``, Ranger21 ``lookahead_step``,
-    both in its checkpoints) and change it in a step that fails after. References are put back,
-    attributes added since deleted, and a tensor's values written back in place."""
-
-    def __init__(self, optimizer: Optimizer) -> None:
-        self._attributes = vars(optimizer)
-        self._saved = {
-            key: (value, value.clone() if isinstance(value, torch.Tensor) and value.layout == torch.strided else None)
-            for key, value in self._attributes.items()
-        }
-
-    @torch.no_grad()
-    def restore(self) -> None:
-        for key in [key for key in self._attributes if key not in self._saved]:
-            del self._attributes[key]
-        for key, (original, kept) in self._saved.items():
-            if kept is not None and original.shape == kept.shape:
-                original.copy_(kept)
-            self._attributes[key] = original
 
 
 def _has_post_update(transform: Transform) -> bool:
@@ -1053,7 +1030,7 @@ class TransformingOptimizer(WrappingOptimizer):
         # (group["step"] += 1, self.total_step += 1).
         others = snapshot is not None and not is_torch_optimizer(self.inner)
         group_values = GroupValues(self.param_groups) if others else None
-        attributes = _AttributeValues(self.inner) if others else None
+        attributes = AttributeValues(self.inner) if others else None
         spare_buffers.clear()
         try:
             self._driven_step(self._replaying(loss))

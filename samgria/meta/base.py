@@ -44,7 +44,7 @@ from torch import nn
 
 from samgria._checks import check_bool, check_choice, check_optional_bool, check_real
 from samgria._frameworks import accelerate_accumulation, refuse_closure_under_grad_scaler
-from samgria._snapshot import GroupValues, StateStructure, StepSnapshot
+from samgria._snapshot import AttributeValues, GroupValues, StateStructure, StepSnapshot
 from samgria._wrapper import (
     WrappingOptimizer,
     checks_before_writing,
@@ -63,7 +63,7 @@ from samgria.meta.inner_optim import InnerStepFn, sgd_inner_step
 from samgria.meta.learner import Learner
 from samgria._frameworks import stacklevel_outside
 from samgria.meta.paths import PathPolicy
-from samgria.optim import TransformingOptimizer, _AttributeValues
+from samgria.optim import TransformingOptimizer
 
 __all__ = ["MetaOptimizer"]
 
@@ -148,7 +148,7 @@ class _WholeStepUndo:
         self._snapshot = StepSnapshot(params, state)
         others = not is_torch_optimizer(driven)
         self._groups = GroupValues(groups) if others else None
-        self._attributes = _AttributeValues(driven) if others else None
+        self._attributes = AttributeValues(driven) if others else None
 
     def restore(self) -> None:
         self._snapshot.restore()
