@@ -1265,3 +1265,138 @@ def test_the_progress_bars_running_loss_leaves_out_a_skipped_steps_non_finite_lo
     running = 0.95 * (0.95 * first + 0.05 * third) + 0.05 * fourth
     final = stream.getvalue().rstrip("\n").split("\r")[-1]
     assert final.startswith("meta-train 100%") and final.endswith(f"loss={running:.4g}")
+
+
+# -- schedule-free outer optimizers: evaluated in eval mode, trained in train mode -----------------
+
+
+def _schedule_free_trainer(tasks, loss_fn=F.mse_loss):
+    schedule_free = pytest.importorskip("pytorch_optimizer").ScheduleFreeAdamW
+    meta = MAML(make_model(), schedule_free, lr=0.05, inner_lr=0.05, inner_steps=1)
+    return MetaTrainer(meta, loss_fn, ListSampler(tasks), vectorize=False)
+
+
+def _train_modes(trainer):
+    return [group["train_mode"] for group in trainer.meta.outer.param_groups]
+
+
+def test_a_schedule_free_outer_optimizer_is_evaluated_at_its_averaged_weights():
+    """fit's evaluations (and evaluate) were taken at the training-sequence weights of a
+    ScheduleFreeAdamW outer optimizer, not at the averaged ones it evaluates at; now they equal a
+    hand-written loop's outer.eval() / evaluate / outer.train(), and eval_every changes neither the
+    training run nor the mode fit ends in."""
+    tasks, eval_tasks = fixed_tasks(8), fixed_tasks(2, seed=9)
+    trainer = _schedule_free_trainer(tasks)
+    history = trainer.fit(4, 2, eval_every=2, eval_tasks=eval_tasks, progress=False)
+
+    reference = _schedule_free_trainer(tasks)
+    meta, outer = reference.meta, reference.meta.outer
+    params = list(meta.model.parameters())
+    meta_losses, eval_losses, at_training_weights = [], [], []
+    for it in range(1, 5):
+        meta_losses.append(reference.train_step(tasks[2 * it - 2 : 2 * it]))
+        if it % 2 == 0:
+            at_training_weights.append(meta.evaluate(eval_tasks, F.mse_loss, vectorize=False))
+            training = [p.detach().clone() for p in params]
+            outer.eval()
+            eval_losses.append(meta.evaluate(eval_tasks, F.mse_loss, vectorize=False))
+            outer.train()
+            with torch.no_grad():  # the round trip rounds: the training weights, exactly
+                for p, t in zip(params, training):
+                    p.copy_(t)
+    assert history.meta_loss == meta_losses and history.eval_iterations == [2, 4]
+    assert history.eval_loss == eval_losses
+    assert all(a != b for a, b in zip(eval_losses, at_training_weights))  # the test can tell
+    assert trainer.evaluate(eval_tasks) == eval_losses[-1]
+    # Nothing of the evaluations stays behind: the weights of a run without them, in train mode.
+    unevaluated = _schedule_free_trainer(tasks)
+    unevaluated.fit(4, 2, progress=False)
+    assert _train_modes(trainer) == _train_modes(unevaluated) == [True]
+    assert all(torch.equal(p, q) for p, q in zip(_meta_weights(trainer), _meta_weights(unevaluated)))
+    assert all(torch.equal(p, q) for p, q in zip(_meta_weights(trainer), _meta_weights(reference)))
+
+
+def test_a_schedule_free_evaluation_that_raises_leaves_train_mode_and_the_weights():
+    tasks, eval_tasks = fixed_tasks(4), fixed_tasks(2, seed=9)
+    failing = [False]
+
+    def loss_fn(prediction, target):
+        if failing[0]:
+            raise RuntimeError("evaluation failed")
+        return F.mse_loss(prediction, target)
+
+    trainer = _schedule_free_trainer(tasks, loss_fn)
+    trainer.fit(2, 2, progress=False)
+    before = [p.detach().clone() for p in _meta_weights(trainer)]
+    expected = trainer.evaluate(eval_tasks)
+    failing[0] = True
+    with pytest.raises(RuntimeError, match="^evaluation failed$"):
+        trainer.evaluate(eval_tasks)
+    assert _train_modes(trainer) == [True]
+    assert all(torch.equal(p, q) for p, q in zip(_meta_weights(trainer), before))
+    failing[0] = False
+    assert trainer.evaluate(eval_tasks) == expected
+
+
+def test_train_step_switches_a_schedule_free_outer_optimizer_in_eval_mode_to_train_mode():
+    """After meta.eval() (to use the averaged weights), evaluate takes them as they are, and
+    train_step stepped from them in eval mode; now it switches to train mode first, as the hand
+    loop does, and a meta-step that raises leaves eval mode and the averaged weights, bit for bit."""
+    tasks, eval_tasks = fixed_tasks(6), fixed_tasks(2, seed=9)
+    failing = [False]
+
+    def loss_fn(prediction, target):
+        if failing[0]:
+            raise RuntimeError("meta-step failed")
+        return F.mse_loss(prediction, target)
+
+    trainer, reference = _schedule_free_trainer(tasks, loss_fn), _schedule_free_trainer(tasks)
+    for t in (trainer, reference):
+        t.fit(2, 2, progress=False)
+    trainer.meta.eval()
+    averaged = [p.detach().clone() for p in _meta_weights(trainer)]
+    expected = trainer.meta.evaluate(eval_tasks, F.mse_loss, vectorize=False)
+    assert trainer.evaluate(eval_tasks) == expected and _train_modes(trainer) == [False]
+    failing[0] = True
+    with pytest.raises(RuntimeError, match="^meta-step failed$"):
+        trainer.train_step(tasks[4:])
+    assert _train_modes(trainer) == [False]
+    assert all(torch.equal(p, q) for p, q in zip(_meta_weights(trainer), averaged))
+    failing[0] = False
+    reference.meta.outer.eval()
+    reference.meta.outer.train()
+    assert trainer.train_step(tasks[4:]) == reference.train_step(tasks[4:])
+    assert _train_modes(trainer) == [True]
+    assert all(torch.equal(p, q) for p, q in zip(_meta_weights(trainer), _meta_weights(reference)))
+
+
+def test_a_resumed_schedule_free_run_matches_the_uninterrupted_one():
+    tasks, eval_tasks = fixed_tasks(8), fixed_tasks(2, seed=9)
+    uninterrupted = _schedule_free_trainer(tasks)
+    uninterrupted.fit(4, 2, eval_every=1, eval_tasks=eval_tasks, progress=False)
+    first = _schedule_free_trainer(tasks)
+    saved = []
+    first.fit(2, 2, eval_every=1, eval_tasks=eval_tasks, callback=lambda i, loss: saved.append(first.state_dict()), progress=False)
+    resumed = _schedule_free_trainer(tasks)
+    resumed.sampler.position = 4
+    resumed.load_state_dict(saved[-1])
+    assert _train_modes(resumed) == _train_modes(uninterrupted) == [True]
+    resumed.fit(2, 2, eval_every=1, eval_tasks=eval_tasks, progress=False)
+    assert resumed.history == uninterrupted.history and _train_modes(resumed) == [True]
+    assert all(torch.equal(p, q) for p, q in zip(_meta_weights(resumed), _meta_weights(uninterrupted)))
+
+
+def test_an_outer_optimizer_without_train_and_eval_is_evaluated_as_before():
+    """Adam has no train()/eval(): fit's evaluations and steps are the hand loop's, bit for bit."""
+    tasks, eval_tasks = fixed_tasks(8), fixed_tasks(2, seed=9)
+    trainer = MetaTrainer(MAML(make_model(), torch.optim.Adam, lr=0.05), F.mse_loss, ListSampler(tasks), vectorize=False)
+    assert not hasattr(trainer.meta, "train") and not hasattr(trainer.meta, "eval")
+    history = trainer.fit(4, 2, eval_every=2, eval_tasks=eval_tasks, progress=False)
+    reference = MetaTrainer(MAML(make_model(), torch.optim.Adam, lr=0.05), F.mse_loss, ListSampler([]), vectorize=False)
+    meta_losses, eval_losses = [], []
+    for it in range(1, 5):
+        meta_losses.append(reference.train_step(tasks[2 * it - 2 : 2 * it]))
+        if it % 2 == 0:
+            eval_losses.append(reference.meta.evaluate(eval_tasks, F.mse_loss, vectorize=False))
+    assert history.meta_loss == meta_losses and history.eval_loss == eval_losses
+    assert all(torch.equal(p, q) for p, q in zip(_meta_weights(trainer), _meta_weights(reference)))

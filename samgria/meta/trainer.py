@@ -9,7 +9,8 @@ import numbers
 import sys
 import time
 import warnings
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, TextIO, cast
 
@@ -156,6 +157,26 @@ def _paths_of(saved: Any) -> tuple[str | None, dict[str, str], dict[Any, dict[st
     return path, failed, timings, set(reasons)
 
 
+def _has_modes(meta: MetaOptimizer) -> bool:
+    """Whether ``meta``'s outer optimizer switches modes (``train()``/``eval()``, as schedule-free
+    optimizers do; the meta-optimizer passes them on)."""
+    return hasattr(meta, "train") and hasattr(meta, "eval")
+
+
+def _in_train_mode(meta: MetaOptimizer) -> bool:
+    """Whether ``meta``'s schedule-free outer optimizer is in train mode: ``False`` where a param
+    group's ``"train_mode"`` is (pytorch_optimizer's and facebookresearch's ScheduleFree optimizers
+    keep the mode there); ``True`` where nothing says otherwise."""
+    return all(group.get("train_mode") is not False for group in meta.param_groups)
+
+
+def _put_back(params: Sequence[torch.Tensor], saved: Sequence[torch.Tensor]) -> None:
+    """Copy ``saved`` into ``params``, bit for bit (a mode switch there and back rounds)."""
+    with torch.no_grad():
+        for param, value in zip(params, saved):
+            param.copy_(value)
+
+
 class _ProgressBar:
     """A dependency-free one-line progress bar on a text stream (redrawn with ``\\r``)."""
 
@@ -244,6 +265,18 @@ class MetaTrainer:
     :meth:`fit` stops with an error after ``max_skipped_steps`` consecutive skipped steps,
     counted over ``fit`` and :meth:`train_step` calls and checkpoints (``fit(3); fit(3)`` stops
     where ``fit(6)`` does; a step taken by ``train_step`` resets the count).
+
+    Schedule-free outer optimizers (pytorch_optimizer's ``ScheduleFreeAdamW``, facebookresearch's
+    ``schedulefree``: any with ``train()`` and ``eval()``, which the meta-optimizer passes on)
+    train at other weights than they evaluate at. :meth:`evaluate`, and so every evaluation of
+    :meth:`fit`, switches such an optimizer to eval mode and back to train mode afterwards (also
+    when the evaluation raises), putting the training weights back bit for bit, so that
+    ``eval_every`` does not change the training run; one already in eval mode is evaluated as it
+    is and left so. :meth:`train_step`, and so every meta-iteration of :meth:`fit`, switches it to
+    train mode first. :meth:`fit` therefore ends in train mode, with the training weights in the
+    model, as a run resumed from a checkpoint does: call ``meta.eval()`` before using or saving
+    the model for inference (the next ``fit`` or ``train_step`` switches back). Other optimizers
+    are left alone.
 
     Across processes. When ``meta`` was built with ``distributed=True``, every rank runs the
     same trainer with the same seeded ``sampler``: :meth:`fit` draws the global meta-batch of
@@ -431,7 +464,9 @@ class MetaTrainer:
         """Run one meta-update on ``tasks`` and return the mean query loss (before the update).
 
         (Also available under its former name ``meta_step``.) A skipped (non-finite) meta-step
-        counts towards :meth:`fit`'s ``max_skipped_steps``, and a taken one resets the count.
+        counts towards :meth:`fit`'s ``max_skipped_steps``, and a taken one resets the count. A
+        schedule-free outer optimizer is switched to train mode first; if it was in eval mode and
+        the meta-step raises, it is left in eval mode with the weights it had.
 
         Args:
             tasks: The meta-batch (anything ``list()`` takes, such as a map-style dataset); with a distributed ``meta``, this rank's share of it.
@@ -475,7 +510,8 @@ class MetaTrainer:
             return loss
 
         skipped_before = meta.skipped_steps
-        loss = meta.step(closure)
+        with self._train_mode():
+            loss = meta.step(closure)
         # Skipped meta-steps in a row, over train_step and fit calls (fit bounds them).
         self._consecutive_skips = self._consecutive_skips + 1 if meta.skipped_steps > skipped_before else 0
         if meta.world_size > 1:
@@ -493,6 +529,47 @@ class MetaTrainer:
 
     #: Former name of :meth:`train_step` (``samgria.meta_step`` is the task-by-task builder).
     meta_step = train_step
+
+    # -- a schedule-free outer optimizer's modes (train() / eval(), passed on by the wrappers) --
+    @contextmanager
+    def _train_mode(self) -> Iterator[None]:
+        """A meta-step in train mode: an outer optimizer with ``train``/``eval`` is switched to
+        train mode first; if it was in eval mode and the step raises, it goes back to eval mode
+        with the model's (averaged) weights as they were, bit for bit."""
+        meta = self.meta
+        if not _has_modes(meta):
+            yield
+            return
+        params = meta._unique_params()
+        averaged = None if _in_train_mode(meta) else [p.detach().clone() for p in params]
+        try:
+            meta.train()
+            yield
+        except BaseException:
+            if averaged is not None:
+                meta.eval()
+                _put_back(params, averaged)
+            raise
+
+    @contextmanager
+    def _averaged_weights(self) -> Iterator[None]:
+        """An evaluation at the weights a schedule-free outer optimizer evaluates at: one in train
+        mode is switched to eval mode, and back to train mode afterwards, also when the evaluation
+        raises, with the training weights put back bit for bit (a switch there and back rounds,
+        which would make ``eval_every`` change the training run). One already in eval mode, and an
+        optimizer without ``train``/``eval``, are left as they are."""
+        meta = self.meta
+        if not _has_modes(meta) or not _in_train_mode(meta):
+            yield
+            return
+        params = meta._unique_params()
+        training = [p.detach().clone() for p in params]
+        try:
+            meta.eval()
+            yield
+        finally:
+            meta.train()
+            _put_back(params, training)
 
     def _compiled_for(self) -> CompiledMetaLoss:
         if self._compiled is None:
@@ -519,6 +596,10 @@ class MetaTrainer:
         ``grad_transforms``), and the path follows ``vectorize`` as in training: measured when
         ``None``, with the same fallback to the loop (once, with a warning, remembered for
         training and evaluation alike) if vmap fails on the model.
+
+        A schedule-free outer optimizer in train mode is evaluated in eval mode (at its averaged
+        weights) and returned to train mode with the training weights as they were, bit for bit,
+        also when the evaluation raises.
 
         With a distributed ``meta`` this is a collective: every rank calls it with the same
         ``tasks``; each rank evaluates its contiguous share (possibly empty when there are fewer
@@ -561,7 +642,8 @@ class MetaTrainer:
                 with torch.no_grad(), rng_untouched(meta.model):
                     return meta.run_tasks(tasks, self.loss_fn, loop, path=which, record=False)[0]
 
-            losses, _ = policy.timed(key, path, lambda: policy.run(path, "loop", run, explicit=explicit))
+            with self._averaged_weights():
+                losses, _ = policy.timed(key, path, lambda: policy.run(path, "loop", run, explicit=explicit))
         return meta.mean_query_loss(losses)
 
     # ------------------------------------------------------------------ checkpoints
