@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import io
+
 import torch
 
 
@@ -43,3 +45,34 @@ def assert_state_dicts_equal(actual, expected):
     """Two ``state_dict()``s equal: the same param groups, every state entry bit for bit."""
     assert actual["param_groups"] == expected["param_groups"]
     assert_states_equal(actual["state"], expected["state"])
+
+
+def assert_same(actual, expected, where: str = "") -> None:
+    """Nested containers equal; tensors bit for bit, with the same dtype."""
+    if isinstance(expected, torch.Tensor):
+        assert isinstance(actual, torch.Tensor), f"{where}: {actual!r} is not a tensor"
+        assert actual.dtype == expected.dtype, f"{where}: dtype {actual.dtype} != {expected.dtype}"
+        assert actual.shape == expected.shape, f"{where}: shape {actual.shape} != {expected.shape}"
+        assert torch.equal(actual, expected), f"{where}: {actual} != {expected}"
+    elif isinstance(expected, dict):
+        assert isinstance(actual, (dict,)) or hasattr(actual, "keys"), f"{where}: {actual!r} is not a mapping"
+        assert set(actual.keys()) == set(expected.keys()), (
+            f"{where}: keys {sorted(map(str, actual))} != {sorted(map(str, expected))}"
+        )
+        for key in expected:
+            assert_same(actual[key], expected[key], f"{where}[{key!r}]")
+    elif isinstance(expected, (list, tuple)):
+        assert isinstance(actual, (list, tuple)), f"{where}: {actual!r} is not a sequence"
+        assert len(actual) == len(expected), f"{where}: {actual!r} != {expected!r}"
+        for index, (a, b) in enumerate(zip(actual, expected)):
+            assert_same(a, b, f"{where}[{index}]")
+    else:
+        assert actual == expected, f"{where}: {actual!r} != {expected!r}"
+
+
+def weights_only_roundtrip(state_dict):
+    """``state_dict`` through ``torch.save`` and ``torch.load(weights_only=True)``, in memory."""
+    buffer = io.BytesIO()
+    torch.save(state_dict, buffer)
+    buffer.seek(0)
+    return torch.load(buffer, weights_only=True)

@@ -14,7 +14,6 @@ and an LR scheduler; ``MetaTrainer``; Reptile and ``maximize``.
 from __future__ import annotations
 
 import copy
-import io
 import math
 import warnings
 
@@ -25,6 +24,7 @@ from torch import nn
 from torch.func import functional_call
 
 from meta_helpers import ListSampler
+from state_helpers import assert_same, weights_only_roundtrip
 from samgria import MAML, SAM, MetaTrainer, Reptile, TransformingOptimizer
 from samgria.data import Task
 
@@ -123,30 +123,6 @@ def hand_step(model, bare, algo, tasks=TASKS[:3], create_graph=False):
     else:
         closure()
         bare.step()
-
-
-def roundtrip(state_dict):
-    buffer = io.BytesIO()
-    torch.save(state_dict, buffer)
-    buffer.seek(0)
-    return torch.load(buffer, weights_only=True)
-
-
-def assert_same(actual, expected, where: str = "") -> None:
-    """Nested containers equal; tensors bit for bit, with the same dtype."""
-    if isinstance(expected, torch.Tensor):
-        assert isinstance(actual, torch.Tensor) and actual.dtype == expected.dtype, where
-        assert actual.shape == expected.shape and torch.equal(actual, expected), f"{where}: {actual} != {expected}"
-    elif isinstance(expected, dict):
-        assert set(actual) == set(expected), f"{where}: keys {sorted(map(str, actual))} != {sorted(map(str, expected))}"
-        for key in expected:
-            assert_same(actual[key], expected[key], f"{where}[{key!r}]")
-    elif isinstance(expected, (list, tuple)):
-        assert len(actual) == len(expected), where
-        for index, (a, b) in enumerate(zip(actual, expected)):
-            assert_same(a, b, f"{where}[{index}]")
-    else:
-        assert actual == expected, f"{where}: {actual!r} != {expected!r}"
 
 
 def assert_like_bare(meta, model, bare, bare_model) -> None:
@@ -402,7 +378,7 @@ def test_weights_only_checkpoint_with_a_scheduler_resumes_as_the_bare_optimizer_
         hand_step(bare_model, bare, MAML)
         for scheduler in schedulers:
             scheduler.step()
-    checkpoints = [roundtrip(o.state_dict()) for o in (meta, bare, *schedulers)]
+    checkpoints = [weights_only_roundtrip(o.state_dict()) for o in (meta, bare, *schedulers)]
     resumed, resumed_model, resumed_bare, resumed_bare_model = build_pair(name, MAML, groups=True)
     resumed_model.load_state_dict(model.state_dict())
     resumed_bare_model.load_state_dict(bare_model.state_dict())

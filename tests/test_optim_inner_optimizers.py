@@ -11,11 +11,11 @@ state before a step that raised (bit for bit).
 from __future__ import annotations
 
 import copy
-import io
 import warnings
 
 import pytest
 import torch
+from state_helpers import assert_same, weights_only_roundtrip
 
 from samgria import LAMP, SAM, Transform, TransformingOptimizer
 
@@ -67,30 +67,6 @@ def grouped(params, groups: bool):
 
 def clone(params) -> list[torch.Tensor]:
     return [p.detach().clone().requires_grad_() for p in params]
-
-
-def roundtrip(state_dict):
-    buffer = io.BytesIO()
-    torch.save(state_dict, buffer)
-    buffer.seek(0)
-    return torch.load(buffer, weights_only=True)
-
-
-def assert_same(actual, expected, where: str = "") -> None:
-    """Nested containers equal; tensors bit for bit, with the same dtype."""
-    if isinstance(expected, torch.Tensor):
-        assert isinstance(actual, torch.Tensor) and actual.dtype == expected.dtype, where
-        assert actual.shape == expected.shape and torch.equal(actual, expected), f"{where}: {actual} != {expected}"
-    elif isinstance(expected, dict):
-        assert set(actual) == set(expected), f"{where}: keys {sorted(map(str, actual))} != {sorted(map(str, expected))}"
-        for key in expected:
-            assert_same(actual[key], expected[key], f"{where}[{key!r}]")
-    elif isinstance(expected, (list, tuple)):
-        assert len(actual) == len(expected), where
-        for index, (a, b) in enumerate(zip(actual, expected)):
-            assert_same(a, b, f"{where}[{index}]")
-    else:
-        assert actual == expected, f"{where}: {actual!r} != {expected!r}"
 
 
 def assert_checkpoint_like_bare(ours, theirs) -> None:
@@ -223,9 +199,9 @@ def test_weights_only_checkpoint_resumes_as_the_bare_optimizer_resumes(cls, kwar
         hand_sam_step(bare, bare_params, maximize=kwargs.get("maximize", False))
     resumed_params, resumed_bare_params = clone(params), clone(bare_params)
     resumed = build(cls, kwargs, resumed_params, groups, [SAM(rho=RHO)])
-    resumed.load_state_dict(roundtrip(optimizer.state_dict()))
+    resumed.load_state_dict(weights_only_roundtrip(optimizer.state_dict()))
     resumed_bare = bare_of(cls, kwargs, resumed_bare_params, groups)
-    resumed_bare.load_state_dict(roundtrip(bare.state_dict()))
+    resumed_bare.load_state_dict(weights_only_roundtrip(bare.state_dict()))
     for _ in range(2):
         resumed.step(make_closure(resumed, resumed_params))
         hand_sam_step(resumed_bare, resumed_bare_params, maximize=kwargs.get("maximize", False))
@@ -376,9 +352,9 @@ def test_third_party_weights_only_checkpoint_resumes_as_the_bare_optimizer_resum
         hand_step(bare, bare_params)
     resumed_params, resumed_bare_params = clone(params), clone(bare_params)
     resumed = _build_third(name, resumed_params)
-    resumed.load_state_dict(roundtrip(optimizer.state_dict()))
+    resumed.load_state_dict(weights_only_roundtrip(optimizer.state_dict()))
     resumed_bare = _build_third(name, resumed_bare_params, wrapped=False)
-    resumed_bare.load_state_dict(roundtrip(bare.state_dict()))
+    resumed_bare.load_state_dict(weights_only_roundtrip(bare.state_dict()))
     for _ in range(2):
         resumed.step(make_closure(resumed, resumed_params))
         hand_step(resumed_bare, resumed_bare_params)

@@ -46,6 +46,7 @@ from torch.optim.optimizer import (  # noqa: E402
     register_optimizer_step_post_hook,
     register_optimizer_step_pre_hook,
 )
+from state_helpers import assert_same  # noqa: E402
 
 _FLAGS_FROZEN = torch.backends.flags_frozen()
 from torch.testing._internal.common_optimizers import OptimizerInput, optim_db  # noqa: E402
@@ -212,29 +213,6 @@ def build_reference(name, optim_input, variant, params, **overrides):
 
 
 # -- comparisons ---------------------------------------------------------------------------------
-
-
-def assert_same(actual, expected, where: str = "") -> None:
-    """Nested containers equal; tensors bit for bit, with the same dtype."""
-    if isinstance(expected, torch.Tensor):
-        assert isinstance(actual, torch.Tensor), f"{where}: {actual!r} is not a tensor"
-        assert actual.dtype == expected.dtype, f"{where}: dtype {actual.dtype} != {expected.dtype}"
-        assert actual.shape == expected.shape, f"{where}: shape {actual.shape} != {expected.shape}"
-        assert torch.equal(actual, expected), f"{where}: {actual} != {expected}"
-    elif isinstance(expected, dict):
-        assert isinstance(actual, (dict,)) or hasattr(actual, "keys"), f"{where}: {actual!r} is not a mapping"
-        assert set(actual.keys()) == set(expected.keys()), (
-            f"{where}: keys {sorted(map(str, actual))} != {sorted(map(str, expected))}"
-        )
-        for key in expected:
-            assert_same(actual[key], expected[key], f"{where}[{key!r}]")
-    elif isinstance(expected, (list, tuple)):
-        assert isinstance(actual, (list, tuple)), f"{where}: {actual!r} is not a sequence"
-        assert len(actual) == len(expected), f"{where}: {actual!r} != {expected!r}"
-        for index, (a, b) in enumerate(zip(actual, expected)):
-            assert_same(a, b, f"{where}[{index}]")
-    else:
-        assert actual == expected, f"{where}: {actual!r} != {expected!r}"
 
 
 def assert_params_same(actual, expected) -> None:
