@@ -7,6 +7,7 @@ from collections.abc import Mapping, MutableMapping, Sequence
 from typing import Any
 
 import torch
+from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
 __all__ = ["GroupValues", "SlotValues", "StepSnapshot", "StateStructure", "is_entry"]
 
@@ -134,6 +135,64 @@ class AttributeValues:
             self._attributes[key] = original
 
 
+#: Wrapper subclasses (``__tensor_flatten__``) found to implement no ``clone``: quantized
+#: optimizer states such as torchao's ``OptimState8bit`` (``AdamW8bit``'s), copied part by part.
+_COPIED_BY_PARTS: set[type] = set()
+
+
+def _copy_parts(value: torch.Tensor) -> torch.Tensor:
+    names, context = value.__tensor_flatten__()  # type: ignore[attr-defined]
+    inner = {name: copy_tensor(getattr(value, name)) for name in names}
+    return type(value).__tensor_unflatten__(inner, context, value.size(), value.stride())  # type: ignore[attr-defined]
+
+
+def copy_tensor(value: torch.Tensor) -> torch.Tensor:
+    """A copy of ``value`` that :func:`write_back` restores bit for bit: ``clone()``, or for a
+    wrapper subclass that implements no ``clone`` (a quantized optimizer state: torchao's
+    ``OptimState8bit``) one rebuilt around copies of its inner tensors."""
+    if type(value) in _COPIED_BY_PARTS:
+        return _copy_parts(value)
+    try:
+        return value.detach().clone()
+    except NotImplementedError:
+        if not (is_traceable_wrapper_subclass(value) and all(
+            isinstance(getattr(value, name), torch.Tensor) for name in value.__tensor_flatten__()[0]
+        )):
+            raise
+        _COPIED_BY_PARTS.add(type(value))
+        return _copy_parts(value)
+
+
+def _fits(original: torch.Tensor, kept: torch.Tensor) -> bool:
+    if type(original) in _COPIED_BY_PARTS:
+        names = original.__tensor_flatten__()[0]  # type: ignore[attr-defined]
+        return (
+            type(kept) is type(original)
+            and names == kept.__tensor_flatten__()[0]  # type: ignore[attr-defined]
+            and all(_fits(getattr(original, name), getattr(kept, name)) for name in names)
+        )
+    return original.shape == kept.shape
+
+
+def _write(original: torch.Tensor, kept: torch.Tensor) -> None:
+    if type(original) in _COPIED_BY_PARTS:
+        for name in original.__tensor_flatten__()[0]:  # type: ignore[attr-defined]
+            _write(getattr(original, name), getattr(kept, name))
+    else:
+        original.copy_(kept)
+
+
+@torch.no_grad()
+def write_back(original: torch.Tensor, kept: torch.Tensor) -> bool:
+    """Write ``kept`` (from :func:`copy_tensor`) back into ``original`` in place (a tensor copied
+    part by part: its inner tensors one by one); ``False``, writing nothing, when ``original`` no
+    longer fits it (resized out of place)."""
+    if not _fits(original, kept):
+        return False
+    _write(original, kept)
+    return True
+
+
 def _drop_new_entries(state: MutableMapping[Any, dict[Any, Any]], kept_ids: set[int]) -> None:
     """Delete the entries of parameters whose ``id`` is not in ``kept_ids``."""
     for param in list(state):
@@ -200,7 +259,7 @@ class StepSnapshot:
                     # A value the driven optimizer keeps beside the entries (a tensor counter, a
                     # list it appends to): small, and any step of it may change it in place.
                     if copy_state:
-                        kept = entry.detach().clone() if isinstance(entry, torch.Tensor) else copy.deepcopy(entry)
+                        kept = copy_tensor(entry) if isinstance(entry, torch.Tensor) else copy.deepcopy(entry)
                         self._values.append((param, entry, kept))
                     continue
                 if copied is not None and id(param) not in copied:
@@ -208,7 +267,7 @@ class StepSnapshot:
                 saved = {}
                 for key, value in entry.items():
                     if isinstance(value, torch.Tensor):
-                        saved[key] = (value, value.detach().clone())
+                        saved[key] = (value, copy_tensor(value))
                     else:
                         saved[key] = (value, copy.deepcopy(value))
                 self._entries[param] = saved
@@ -220,14 +279,14 @@ class StepSnapshot:
             param.copy_(weight)
         self._structure.restore()
         for key, original, kept in self._values:
-            if isinstance(original, torch.Tensor) and original.shape == kept.shape:
-                original.copy_(kept)  # the structure put the original object back
+            if isinstance(original, torch.Tensor) and write_back(original, kept):
+                pass  # the structure put the original object back
             else:  # a value (as an entry's values are restored), or a tensor resized out of place
                 self._state[key] = kept
         for param, saved in self._entries.items():
             entry = self._state[param]
             for key, (original, kept) in saved.items():
-                if isinstance(original, torch.Tensor) and original.shape == kept.shape:
-                    original.copy_(kept)  # the structure put the original object back
+                if isinstance(original, torch.Tensor) and write_back(original, kept):
+                    pass  # the structure put the original object back
                 else:  # a value, or a tensor the step resized out of place: the kept copy
                     entry[key] = kept

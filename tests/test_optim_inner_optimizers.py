@@ -563,3 +563,110 @@ def test_transformers_adafactor_equals_the_bare_optimizer_and_the_hand_loop(kwar
     assert_params_same(params, bare_params)
     assert_same(optimizer.state_dict()["state"], bare.state_dict()["state"], "state")
     assert_params_close(sam_params, hand_params)
+
+
+# -- an inner optimizer whose state is a quantized tensor subclass ------------------------------------
+
+
+class _Quantized(torch.Tensor):
+    """int8 codes and a float64 scale behind a float64 tensor, as torchao's ``OptimState8bit``
+    (``AdamW8bit``'s state): a wrapper subclass (``__tensor_flatten__``) that implements
+    ``detach`` and ``copy_`` but no ``clone``."""
+
+    @staticmethod
+    def __new__(cls, codes, scale):
+        return torch.Tensor._make_wrapper_subclass(cls, codes.shape, dtype=scale.dtype, device=codes.device)
+
+    def __init__(self, codes, scale):
+        self.codes, self.scale = codes, scale
+
+    __torch_function__ = torch._C._disabled_torch_function_impl
+
+    def __tensor_flatten__(self):
+        return ["codes", "scale"], None
+
+    @classmethod
+    def __tensor_unflatten__(cls, inner, context, outer_size, outer_stride):
+        return cls(inner["codes"], inner["scale"])
+
+    @classmethod
+    def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten.detach.default:
+            return cls(args[0].codes, args[0].scale)
+        if func is torch.ops.aten.copy_.default and isinstance(args[1], cls):
+            args[0].codes.copy_(args[1].codes)
+            args[0].scale.copy_(args[1].scale)
+            return args[0]
+        raise NotImplementedError(f"_Quantized does not implement {func}")
+
+    def dequantize(self) -> torch.Tensor:
+        return self.codes.double() * self.scale
+
+
+class _QuantizedMomentumSGD(torch.optim.Optimizer):
+    """SGD with momentum kept as int8 codes and a scale, requantized in place at each step."""
+
+    def __init__(self, params, lr: float = 0.1, momentum: float = 0.9) -> None:
+        super().__init__(params, {"lr": lr, "momentum": momentum})
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if not state:
+                    state["momentum"] = _Quantized(torch.zeros_like(p, dtype=torch.int8), torch.ones((), dtype=p.dtype))
+                quantized = state["momentum"]
+                momentum = quantized.dequantize() * group["momentum"] + p.grad
+                scale = momentum.abs().max().clamp_min(1e-12) / 127
+                quantized.codes.copy_(torch.round(momentum / scale).to(torch.int8))
+                quantized.scale.copy_(scale)
+                p.add_(quantized.dequantize(), alpha=-group["lr"])
+
+
+def _quantized_state(optimizer, params):
+    return [(optimizer.state[p]["momentum"].codes.clone(), optimizer.state[p]["momentum"].scale.clone()) for p in params]
+
+
+def test_quantized_subclass_state_plain_equals_the_bare_optimizer():
+    """A wrapper subclass without ``clone`` in the inner state (torchao's AdamW8bit/4bit/Fp8):
+    the wrapper's step raised NotImplementedError (aten.clone) from its second step on; it steps
+    as the bare optimizer, bit for bit."""
+    params, bare_params = make_params(), make_params()
+    optimizer = TransformingOptimizer(params, _QuantizedMomentumSGD)
+    bare = _QuantizedMomentumSGD(bare_params)
+    for _ in range(STEPS):
+        optimizer.step(make_closure(optimizer, params))
+        hand_step(bare, bare_params)
+    assert_params_same(params, bare_params)
+    for (codes, scale), (bare_codes, bare_scale) in zip(_quantized_state(optimizer, params), _quantized_state(bare, bare_params)):
+        assert torch.equal(codes, bare_codes) and torch.equal(scale, bare_scale)
+
+
+def test_quantized_subclass_state_failed_sam_step_leaves_weights_and_codes_as_before():
+    """A SAM step that raised (in the second closure, or in a post-step transform after the
+    inner step requantized the state) leaves the weights and the state's codes and scales bit
+    for bit, in the same objects; the run goes on as one without the failures."""
+    params, reference_params = make_params(), make_params()
+    optimizer = TransformingOptimizer(params, _QuantizedMomentumSGD, transforms=[SAM(rho=RHO), _FailsOnce(at=3)])
+    reference = TransformingOptimizer(reference_params, _QuantizedMomentumSGD, transforms=[SAM(rho=RHO), _FailsOnce(at=0)])
+    for _ in range(2):
+        optimizer.step(make_closure(optimizer, params))
+        reference.step(make_closure(reference, reference_params))
+    objects = [optimizer.state[p]["momentum"] for p in params]
+    before, weights = _quantized_state(optimizer, params), clone(params)
+    with pytest.raises(KeyError, match="closure failed"):
+        optimizer.step(make_closure(optimizer, params, fail_at=2))
+    with pytest.raises(KeyError, match="post-step transform failed"):
+        optimizer.step(make_closure(optimizer, params))
+    assert_params_same(params, weights)
+    assert all(optimizer.state[p]["momentum"] is kept for p, kept in zip(params, objects))
+    for (codes, scale), (kept_codes, kept_scale) in zip(_quantized_state(optimizer, params), before):
+        assert torch.equal(codes, kept_codes) and torch.equal(scale, kept_scale)
+    optimizer.step(make_closure(optimizer, params))
+    reference.step(make_closure(reference, reference_params))
+    assert_params_same(params, reference_params)
+    for (codes, scale), (ref_codes, ref_scale) in zip(_quantized_state(optimizer, params), _quantized_state(reference, reference_params)):
+        assert torch.equal(codes, ref_codes) and torch.equal(scale, ref_scale)
