@@ -203,3 +203,27 @@ def test_lamp_refuses_a_parameter_resized_since_its_last_step_naming_the_key_to_
     del optimizer.state[embedding.weight]["lamp.sum"]
     optimizer.step(closure)
     assert optimizer.state[embedding.weight]["lamp.sum"].shape == (7, 3)
+
+
+def test_a_head_swapped_into_a_model_keeps_its_state_when_swapped_out_and_a_module_is_freed(no_cyclic_collector):
+    """Task heads swapped in and out of one model: a head put in after the model's first call
+    was not recorded, so its EMA average was dropped once any recorded module was freed (an
+    activation replaced), though the head lives and is swapped back; now it is kept, as when
+    nothing is freed."""
+    def run(free: bool) -> torch.Tensor:
+        model, ema = make_model(), EMA(0.5)
+        heads = [model[2], nn.Linear(4, 2).double()]
+        optimizer = torch.optim.SGD([*model[0].parameters(), *heads[0].parameters(), *heads[1].parameters()], lr=0.1)
+        seed_protocol_steps(ema, model, optimizer, steps=1)
+        model[2] = heads[1]
+        seed_protocol_steps(ema, model, optimizer, steps=2)
+        model[2] = heads[0]
+        if free:
+            model[1] = nn.Tanh()  # the old activation is freed
+        seed_protocol_steps(ema, model, optimizer, steps=1)
+        model[2] = heads[1]
+        seed_protocol_steps(ema, model, optimizer, steps=1)
+        return ema.state_dict()["state"][2]["ema.average"]
+
+    assert torch.equal(run(free=True), run(free=False))
+

@@ -670,9 +670,11 @@ class _ModulesSeen:
                 del state[param]
         if id(model) not in self.models:
             self._watch("models", model)
-            for module in model.modules():
-                if id(module) not in self.modules:
-                    self._watch("modules", module)
+        # At every call: a layer put into the model since (a head swapped in) is in use too,
+        # and keeps its state once swapped out, for as long as it lives.
+        for module in model.modules():
+            if id(module) not in self.modules:
+                self._watch("modules", module)
 
 
 class _ParameterView(nn.Module):
