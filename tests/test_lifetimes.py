@@ -227,3 +227,16 @@ def test_a_head_swapped_into_a_model_keeps_its_state_when_swapped_out_and_a_modu
 
     assert torch.equal(run(free=True), run(free=False))
 
+
+def test_lamp_through_the_seed_protocol_refuses_a_resized_parameter_naming_a_remedy_it_has():
+    """Through apply/post_step no optimizer holds LAMP's sum: the refusal named
+    optimizer.state[param]['lamp.sum'] to delete, which the user's optimizer does not have; it
+    names a new LAMP, as EMA does."""
+    model, lamp = make_model(), LAMP(rollback_len=3, seed=0)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    seed_protocol_steps(lamp, model, optimizer, steps=2)
+    model[2].weight.data = torch.randn(2, 5, dtype=torch.float64)
+    model[0] = nn.Linear(3, 5).double()
+    with pytest.raises(ValueError, match=r"shape \(2, 4\), but it is now of shape \(2, 5\).*use a new LAMP") as raised:
+        seed_protocol_steps(lamp, model, torch.optim.SGD(model.parameters(), lr=0.1), steps=1)
+    assert "optimizer.state" not in str(raised.value)

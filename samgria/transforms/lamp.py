@@ -286,11 +286,17 @@ class LAMP(Transform):
         for held in (key, other):
             value = state.get(held)
             if isinstance(value, torch.Tensor) and value.shape != param.shape:
+                remedy = (
+                    # The seed protocol: no optimizer holds the sum (as EMA says).
+                    "use a new LAMP for the resized model (through apply/post_step the LAMP keeps "
+                    "it itself)"
+                    if ctx.standalone
+                    else f"del optimizer.state[param]['{ctx.slot}.{held}'] to start its average afresh"
+                )
                 raise ValueError(
                     f"LAMP: the running {held} of a parameter is of shape {tuple(value.shape)}, but "
                     f"it is now of shape {tuple(param.shape)} (its .data was replaced since its last "
-                    "step): it no longer fits it, as torch's optimizer state would not; del "
-                    f"optimizer.state[param]['{ctx.slot}.{held}'] to start its average afresh"
+                    f"step): it no longer fits it, as torch's optimizer state would not; {remedy}"
                 )
         if other in state:
             state[key] = _accumulator_like(param, key, state.pop(other), other, state["count"])
