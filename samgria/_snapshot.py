@@ -7,7 +7,6 @@ from collections.abc import Mapping, MutableMapping, Sequence
 from typing import Any
 
 import torch
-from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
 __all__ = ["GroupValues", "SlotValues", "StepSnapshot", "StateStructure", "is_entry"]
 
@@ -155,8 +154,14 @@ def copy_tensor(value: torch.Tensor) -> torch.Tensor:
     try:
         return value.detach().clone()
     except NotImplementedError:
-        if not (is_traceable_wrapper_subclass(value) and all(
-            isinstance(getattr(value, name), torch.Tensor) for name in value.__tensor_flatten__()[0]
+        # A wrapper subclass (the public __tensor_flatten__ / __tensor_unflatten__ protocol of
+        # torch's subclasses, not torch's private is_traceable_wrapper_subclass) whose inner
+        # parts are all tensors (not a DTensor, whose parts hold a DeviceMesh).
+        wrapper = callable(getattr(type(value), "__tensor_flatten__", None)) and callable(
+            getattr(type(value), "__tensor_unflatten__", None)
+        )
+        if not (wrapper and all(
+            isinstance(getattr(value, name), torch.Tensor) for name in value.__tensor_flatten__()[0]  # type: ignore[attr-defined]
         )):
             raise
         _COPIED_BY_PARTS.add(type(value))
