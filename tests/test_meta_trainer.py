@@ -1386,6 +1386,47 @@ def test_a_resumed_schedule_free_run_matches_the_uninterrupted_one():
     assert all(torch.equal(p, q) for p, q in zip(_meta_weights(resumed), _meta_weights(uninterrupted)))
 
 
+def _splus_trainer(model, tasks):
+    splus = pytest.importorskip("pytorch_optimizer").SPlus
+    return MetaTrainer(MAML(model, splus, lr=0.05, inner_lr=0.05, inner_steps=1), F.mse_loss, ListSampler(tasks), vectorize=False)
+
+
+def test_a_baseline_evaluation_before_the_first_step_leaves_a_schedule_free_run_as_without_it():
+    """SPlus (train()/eval(), its mode in its groups) has nothing to average before its first
+    step: evaluate() there raised its KeyError from eval() and left a key in its state that made
+    every later step raise; now it evaluates the weights as they are and fit runs as without it."""
+    tasks, eval_tasks = fixed_tasks(4), fixed_tasks(2, seed=9)
+    trainer, unevaluated = _splus_trainer(make_model(), tasks), _splus_trainer(make_model(), tasks)
+    assert trainer.evaluate(eval_tasks) == unevaluated.meta.evaluate(eval_tasks, F.mse_loss, vectorize=False)
+    assert trainer.fit(2, 2, progress=False).meta_loss == unevaluated.fit(2, 2, progress=False).meta_loss
+    assert all(torch.equal(p, q) for p, q in zip(_meta_weights(trainer), _meta_weights(unevaluated)))
+
+
+def test_a_schedule_free_eval_that_raises_leaves_the_outer_state_as_it_was():
+    """SPlus's eval() keeps each parameter's training weights in its state, then raises at a
+    parameter that never had a gradient (no average): the keys it added stayed in the state
+    (and its checkpoints); now the state, the modes and the weights are as before."""
+
+    class WithUnused(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net, self.unused = make_model(), nn.Linear(1, 1).to(DT)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.net(x)
+
+    tasks = fixed_tasks(4)
+    trainer = _splus_trainer(WithUnused(), tasks)
+    trainer.fit(2, 2, progress=False)
+    meta = trainer.meta
+    keys, weights = [sorted(entry) for entry in meta.state.values()], _meta_weights(trainer)
+    with pytest.raises(KeyError, match="ema"):
+        trainer.evaluate(fixed_tasks(2, seed=9))
+    assert [sorted(entry) for entry in meta.state.values()] == keys
+    assert [group["train_mode"] for group in meta.param_groups] == [True]
+    assert all(torch.equal(p, q) for p, q in zip(_meta_weights(trainer), weights))
+
+
 def test_an_outer_optimizer_without_train_and_eval_is_evaluated_as_before():
     """Adam has no train()/eval(): fit's evaluations and steps are the hand loop's, bit for bit."""
     tasks, eval_tasks = fixed_tasks(8), fixed_tasks(2, seed=9)

@@ -27,6 +27,7 @@ from samgria.meta import distributed as collectives
 from samgria.meta.engine import PATHS, InnerLoop, InnerRegFn, refuse_unvectorisable, vmap_blocker
 from samgria.meta.inner_optim import InnerStepFn
 from samgria._frameworks import stacklevel_outside
+from samgria._snapshot import GroupValues, StateStructure
 
 __all__ = ["History", "MetaTrainer"]
 
@@ -272,7 +273,7 @@ class MetaTrainer:
     :meth:`fit`, switches such an optimizer to eval mode and back to train mode afterwards (also
     when the evaluation raises), putting the training weights back bit for bit, so that
     ``eval_every`` does not change the training run; one already in eval mode is evaluated as it
-    is and left so. :meth:`train_step`, and so every meta-iteration of :meth:`fit`, switches it to
+    is and left so, as is one that has not stepped yet (nothing is averaged). :meth:`train_step`, and so every meta-iteration of :meth:`fit`, switches it to
     train mode first. :meth:`fit` therefore ends in train mode, with the training weights in the
     model, as a run resumed from a checkpoint does: call ``meta.eval()`` before using or saving
     the model for inference (the next ``fit`` or ``train_step`` switches back). Other optimizers
@@ -556,20 +557,34 @@ class MetaTrainer:
         """An evaluation at the weights a schedule-free outer optimizer evaluates at: one in train
         mode is switched to eval mode, and back to train mode afterwards, also when the evaluation
         raises, with the training weights put back bit for bit (a switch there and back rounds,
-        which would make ``eval_every`` change the training run). One already in eval mode, and an
-        optimizer without ``train``/``eval``, are left as they are."""
+        which would make ``eval_every`` change the training run); if ``eval()`` or the evaluation
+        raises, the param groups' values and the state's keys are put back too. One already in
+        eval mode, one that has not stepped yet (its two sequences are one), and an optimizer
+        without ``train``/``eval``, are left as they are."""
         meta = self.meta
-        if not _has_modes(meta) or not _in_train_mode(meta):
+        if not _has_modes(meta) or not _in_train_mode(meta) or not any(meta.state.values()):
+            # Before its first step the two sequences are one (ScheduleFree's eval() moves
+            # nothing then; SPlus's raises KeyError, leaving a key that breaks its first step).
             yield
             return
         params = meta._unique_params()
         training = [p.detach().clone() for p in params]
+        groups, structure = GroupValues(meta.param_groups), StateStructure(meta.state)
         try:
             meta.eval()
             yield
-        finally:
-            meta.train()
-            _put_back(params, training)
+        except BaseException:
+            # eval() or the evaluation raised: the modes, the keys eval() added to the state (SPlus
+            # adds one per parameter before one it cannot average raises) and the weights as before.
+            try:
+                meta.train()
+            finally:
+                groups.restore()
+                structure.restore()
+                _put_back(params, training)
+            raise
+        meta.train()
+        _put_back(params, training)
 
     def _compiled_for(self) -> CompiledMetaLoss:
         if self._compiled is None:
