@@ -273,11 +273,11 @@ class MetaTrainer:
     :meth:`fit`, switches such an optimizer to eval mode and back to train mode afterwards (also
     when the evaluation raises), putting the training weights back bit for bit, so that
     ``eval_every`` does not change the training run; one already in eval mode is evaluated as it
-    is and left so, as is one that has not stepped yet (nothing is averaged). :meth:`train_step`, and so every meta-iteration of :meth:`fit`, switches it to
-    train mode first. :meth:`fit` therefore ends in train mode, with the training weights in the
-    model, as a run resumed from a checkpoint does: call ``meta.eval()`` before using or saving
-    the model for inference (the next ``fit`` or ``train_step`` switches back). Other optimizers
-    are left alone.
+    is and left so, as is one that has not stepped yet (nothing is averaged). :meth:`train_step`,
+    and so every meta-iteration of :meth:`fit`, switches it to train mode first. :meth:`fit`
+    therefore ends in train mode, with the training weights in the model, as a run resumed from a
+    checkpoint does: call ``meta.eval()`` before using or saving the model for inference (the next
+    ``fit`` or ``train_step`` switches back). Other optimizers are left alone.
 
     Across processes. When ``meta`` was built with ``distributed=True``, every rank runs the
     same trainer with the same seeded ``sampler``: :meth:`fit` draws the global meta-batch of
