@@ -546,3 +546,76 @@ def test_checkpointed_inner_steps_refuse_a_support_closure_that_reads_a_changed_
     assert all(torch.equal(g, e) for g, e in zip(_maml_meta_gradient(True, bind=True), expected))
     with pytest.raises(RuntimeError, match=r"checkpoint_inner_steps=True recomputes .* support loss again, which now gives .*lambda f, task=task"):
         _maml_meta_gradient(True, bind=False)
+
+
+class _LoRALinear(nn.Module):
+    """What PEFT's LoRA builds around a layer: the frozen layer plus a trainable low-rank pair,
+    with dropout on the adapter's input."""
+
+    def __init__(self, base: nn.Linear, r: int = 2) -> None:
+        super().__init__()
+        self.base = base.requires_grad_(False)
+        self.a = nn.Linear(base.in_features, r, bias=False)
+        self.b = nn.Linear(r, base.out_features, bias=False)
+        self.dropout = nn.Dropout(0.3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.base(x) + self.b(self.a(self.dropout(x)))
+
+
+@pytest.mark.parametrize("adaptive", [False, True])
+def test_sam_over_low_rank_adapters_leaves_the_frozen_base_alone(adaptive):
+    """SAM / ASAM over the trainable parameters of a LoRA-style model (docs/integrations.rst,
+    PEFT): equal to a float64 hand loop over the adapter pair, with the random state restored
+    at each closure call so both passes draw the same dropout masks; the frozen base weights are
+    bitwise unchanged, in the same memory, and have no state entry."""
+    from samgria import sam_optimizer
+
+    torch.manual_seed(0)
+    model = _LoRALinear(nn.Linear(6, 3)).double()
+    reference = copy.deepcopy(model)
+    base = [p.detach().clone() for p in model.base.parameters()]
+    pointers = [p.data_ptr() for p in model.base.parameters()]
+    x, y = torch.randn(4, 8, 6, dtype=torch.float64), torch.randn(4, 8, 3, dtype=torch.float64)
+    rho, eta = 0.05, 0.01
+
+    optimizer = sam_optimizer(
+        [p for p in model.parameters() if p.requires_grad], torch.optim.AdamW, rho=rho, adaptive=adaptive, lr=0.01
+    )
+    torch.manual_seed(1)
+    for i in range(4):
+        rng = torch.get_rng_state()
+
+        def closure():
+            torch.set_rng_state(rng)
+            optimizer.zero_grad()
+            loss = (model(x[i]) - y[i]).square().mean()
+            loss.backward()
+            return loss
+
+        optimizer.step(closure)
+
+    params = [reference.a.weight, reference.b.weight]
+    hand = torch.optim.AdamW(params, lr=0.01)
+    torch.manual_seed(1)
+    for i in range(4):
+        rng = torch.get_rng_state()
+        grads = torch.autograd.grad((reference(x[i]) - y[i]).square().mean(), params)
+        scales = [p.detach().abs() + eta if adaptive else torch.ones_like(p) for p in params]
+        norm = torch.stack([(t * g).norm() for t, g in zip(scales, grads)]).norm()
+        originals = [p.detach().clone() for p in params]
+        with torch.no_grad():
+            for p, t, g in zip(params, scales, grads):
+                p.add_(rho * t * t * g / norm)
+        torch.set_rng_state(rng)
+        grads = torch.autograd.grad((reference(x[i]) - y[i]).square().mean(), params)
+        with torch.no_grad():
+            for p, original, g in zip(params, originals, grads):
+                p.copy_(original)
+                p.grad = g
+        hand.step()
+
+    torch.testing.assert_close([model.a.weight, model.b.weight], params, rtol=1e-12, atol=1e-14)
+    assert all(torch.equal(p, q) for p, q in zip(model.base.parameters(), base))
+    assert [p.data_ptr() for p in model.base.parameters()] == pointers
+    assert not any(p in optimizer.state for p in model.base.parameters())
