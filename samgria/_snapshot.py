@@ -134,6 +134,20 @@ class AttributeValues:
             self._attributes[key] = original
 
 
+class ValuesOutsideState:
+    """What a driven optimizer that is not one of torch.optim's own may change outside its state
+    in a step that fails after: its param groups' values (:class:`GroupValues`) and its instance
+    attributes (:class:`AttributeValues`), restorable together (torch's keep nothing there)."""
+
+    def __init__(self, groups: Sequence[dict[str, Any]], optimizer: torch.optim.Optimizer) -> None:
+        self._groups = GroupValues(groups)
+        self._attributes = AttributeValues(optimizer)
+
+    def restore(self) -> None:
+        self._groups.restore()
+        self._attributes.restore()
+
+
 #: Wrapper subclasses (``__tensor_flatten__``) found to implement no ``clone``: quantized
 #: optimizer states such as torchao's ``OptimState8bit`` (``AdamW8bit``'s), copied part by part.
 _COPIED_BY_PARTS: set[type] = set()

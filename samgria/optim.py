@@ -23,7 +23,7 @@ from samgria._frameworks import (
     stepping_grad_scaler,
 )
 from samgria._legacy import from_release_0_1
-from samgria._snapshot import AttributeValues, GroupValues, SlotValues, StateStructure, StepSnapshot, is_entry
+from samgria._snapshot import SlotValues, StateStructure, StepSnapshot, ValuesOutsideState, is_entry
 from samgria._wrapper import (
     WrappingOptimizer,
     built_by_zero_redundancy,
@@ -1028,9 +1028,11 @@ class TransformingOptimizer(WrappingOptimizer):
         snapshot = self._snapshot_before_inner_step(spare_buffers)
         # torch's own optimizers keep nothing in their groups or attributes; others may
         # (group["step"] += 1, self.total_step += 1).
-        others = snapshot is not None and not is_torch_optimizer(self.inner)
-        group_values = GroupValues(self.param_groups) if others else None
-        attributes = AttributeValues(self.inner) if others else None
+        outside_state = (
+            ValuesOutsideState(self.param_groups, self.inner)
+            if snapshot is not None and not is_torch_optimizer(self.inner)
+            else None
+        )
         spare_buffers.clear()
         try:
             self._driven_step(self._replaying(loss))
@@ -1041,10 +1043,8 @@ class TransformingOptimizer(WrappingOptimizer):
         except BaseException:
             if snapshot is not None:
                 snapshot.restore()
-            if group_values is not None:
-                group_values.restore()
-            if attributes is not None:
-                attributes.restore()
+            if outside_state is not None:
+                outside_state.restore()
             raise
 
     def _refuse_graph_at_moved_weights(self) -> None:

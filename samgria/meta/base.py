@@ -44,7 +44,7 @@ from torch import nn
 
 from samgria._checks import check_bool, check_choice, check_optional_bool, check_real
 from samgria._frameworks import accelerate_accumulation, refuse_closure_under_grad_scaler
-from samgria._snapshot import AttributeValues, GroupValues, StateStructure, StepSnapshot
+from samgria._snapshot import StateStructure, StepSnapshot, ValuesOutsideState
 from samgria._wrapper import (
     WrappingOptimizer,
     checks_before_writing,
@@ -146,16 +146,12 @@ class _WholeStepUndo:
         driven: torch.optim.Optimizer,
     ) -> None:
         self._snapshot = StepSnapshot(params, state)
-        others = not is_torch_optimizer(driven)
-        self._groups = GroupValues(groups) if others else None
-        self._attributes = AttributeValues(driven) if others else None
+        self._outside_state = None if is_torch_optimizer(driven) else ValuesOutsideState(groups, driven)
 
     def restore(self) -> None:
         self._snapshot.restore()
-        if self._groups is not None:
-            self._groups.restore()
-        if self._attributes is not None:
-            self._attributes.restore()
+        if self._outside_state is not None:
+            self._outside_state.restore()
 
 
 class _SkippedByPolicy(FloatingPointError):
