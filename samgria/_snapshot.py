@@ -297,15 +297,13 @@ class StepSnapshot:
         for param, weight in zip(self._params, self._weights):
             param.copy_(weight)
         self._structure.restore()
+        # A tensor is written back into the original object, which the structure put back; a
+        # value, or a tensor the step resized out of place, is replaced by the kept copy.
         for key, original, kept in self._values:
-            if isinstance(original, torch.Tensor) and write_back(original, kept):
-                pass  # the structure put the original object back
-            else:  # a value (as an entry's values are restored), or a tensor resized out of place
+            if not (isinstance(original, torch.Tensor) and write_back(original, kept)):
                 self._state[key] = kept
         for param, saved in self._entries.items():
             entry = self._state[param]
             for key, (original, kept) in saved.items():
-                if isinstance(original, torch.Tensor) and write_back(original, kept):
-                    pass  # the structure put the original object back
-                else:  # a value, or a tensor the step resized out of place: the kept copy
+                if not (isinstance(original, torch.Tensor) and write_back(original, kept)):
                     entry[key] = kept
