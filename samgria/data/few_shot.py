@@ -58,10 +58,10 @@ class FewShotSampler(GeneratorStateMixin):
             ``drop_small_classes`` is not a ``bool``, a count is not an int, or ``device`` is not
             a device, a device string or an index.
         ValueError: ``labels`` is not 1-D or its length differs from ``inputs``, ``classes`` is a
-            tensor or array that is not 1-D or repeats a label, a count is out of range, ``classes`` names a label
-            that does not occur, a class has too few examples, fewer than ``n_way`` classes are
-            usable, ``seed`` is beyond what ``torch.Generator`` takes, or ``torch.device``
-            refuses ``device`` or its backend is not available here.
+            tensor or array that is not 1-D or repeats a label, a count is out of range,
+            ``classes`` names a label that does not occur, a class has too few examples, fewer
+            than ``n_way`` classes are usable, ``seed`` is beyond what ``torch.Generator`` takes,
+            or ``torch.device`` refuses ``device`` or its backend is not available here.
 
     Attributes:
         classes: 1-D tensor of the class labels tasks are drawn from.

@@ -623,10 +623,9 @@ class MetaOptimizer(WrappingOptimizer):
         (:meth:`_groups_undo`; given a closure, taken once it has computed the gradients).
         Everything is copied (:class:`_WholeStepUndo`: also the param groups' values and the
         instance attributes of an optimizer that is not torch's) for any other optimizer (LBFGS
-        steps between evaluations), for a
-        ``TransformingOptimizer`` with ``atomic=False`` given a closure (its evaluations are
-        undone, not its inner step), and after a load (its tensors may not fit the parameters,
-        which torch's optimizers find out only while they write).
+        steps between evaluations), for a ``TransformingOptimizer`` with ``atomic=False`` given a
+        closure (its evaluations are undone, not its inner step), and after a load (its tensors
+        may not fit the parameters, which torch's optimizers find out only while they write).
         """
         outer = self.outer
         if isinstance(outer, TransformingOptimizer):
