@@ -515,8 +515,9 @@ class Transform:
 
         When it may, the optimizer checks the gradients right after it, as after a transform that
         combines gradients (``combines_gradients``), and skips the step whole (the non-finite
-        policy) instead of handing them to the inner optimizer. Asked once per step, after
-        :meth:`pre_update` ran; a read of every gradient is saved where it answers ``False``.
+        policy) instead of handing them to the inner optimizer. Asked at every step (maybe more
+        than once), after :meth:`pre_update` ran; a read of every gradient is saved where it
+        answers ``False``.
         Default: ``False``.
         """
         return False
