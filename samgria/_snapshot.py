@@ -88,66 +88,6 @@ class SlotValues:
             self._state[param].update({key: value for key, value in values.items() if self._owned(key, prefixes)})
 
 
-class GroupValues:
-    """Every param group's values but ``params``, restorable: an optimizer may keep counters in
-    its groups (``group["step"] += 1``, as timm's and pytorch-optimizer's do) and fail after."""
-
-    def __init__(self, groups: Sequence[dict[str, Any]]) -> None:
-        self._saved = [
-            (group, {key: (value, value.clone() if isinstance(value, torch.Tensor) else value)
-                     for key, value in group.items() if key != "params"})
-            for group in groups
-        ]
-
-    @torch.no_grad()
-    def restore(self) -> None:
-        for group, saved in self._saved:
-            for key in [key for key in group if key != "params" and key not in saved]:
-                del group[key]
-            for key, (original, kept) in saved.items():
-                if isinstance(original, torch.Tensor) and original.shape == kept.shape:
-                    original.copy_(kept)  # a tensor counter raised in place
-                group[key] = original
-
-
-class AttributeValues:
-    """A driven optimizer's instance attributes (a TransformingOptimizer's inner one, a
-    MetaOptimizer's outer one), restorable: one that is not torch's may keep a counter there
-    (pytorch_optimizer's StableSPAM ``total_step``, Ranger21 ``lookahead_step``, both in its
-    checkpoints) and change it in a step that fails after. References are put back, attributes
-    added since deleted, and a tensor's values written back in place."""
-
-    def __init__(self, optimizer: torch.optim.Optimizer) -> None:
-        self._attributes = vars(optimizer)
-        self._saved = {
-            key: (value, value.clone() if isinstance(value, torch.Tensor) and value.layout == torch.strided else None)
-            for key, value in self._attributes.items()
-        }
-
-    @torch.no_grad()
-    def restore(self) -> None:
-        for key in [key for key in self._attributes if key not in self._saved]:
-            del self._attributes[key]
-        for key, (original, kept) in self._saved.items():
-            if kept is not None and original.shape == kept.shape:
-                original.copy_(kept)
-            self._attributes[key] = original
-
-
-class ValuesOutsideState:
-    """What a driven optimizer that is not one of torch.optim's own may change outside its state
-    in a step that fails after: its param groups' values (:class:`GroupValues`) and its instance
-    attributes (:class:`AttributeValues`), restorable together (torch's keep nothing there)."""
-
-    def __init__(self, groups: Sequence[dict[str, Any]], optimizer: torch.optim.Optimizer) -> None:
-        self._groups = GroupValues(groups)
-        self._attributes = AttributeValues(optimizer)
-
-    def restore(self) -> None:
-        self._groups.restore()
-        self._attributes.restore()
-
-
 #: Wrapper subclasses (``__tensor_flatten__``) found to implement no ``clone``: quantized
 #: optimizer states such as torchao's ``OptimState8bit`` (``AdamW8bit``'s), copied part by part.
 _COPIED_BY_PARTS: set[type] = set()
@@ -210,6 +150,64 @@ def write_back(original: torch.Tensor, kept: torch.Tensor) -> bool:
         return False
     _write(original, kept)
     return True
+
+
+class GroupValues:
+    """Every param group's values but ``params``, restorable: an optimizer may keep counters in
+    its groups (``group["step"] += 1``, as timm's and pytorch-optimizer's do) and fail after."""
+
+    def __init__(self, groups: Sequence[dict[str, Any]]) -> None:
+        self._saved = [
+            (group, {key: (value, copy_tensor(value) if isinstance(value, torch.Tensor) else value)
+                     for key, value in group.items() if key != "params"})
+            for group in groups
+        ]
+
+    def restore(self) -> None:
+        for group, saved in self._saved:
+            for key in [key for key in group if key != "params" and key not in saved]:
+                del group[key]
+            for key, (original, kept) in saved.items():
+                if isinstance(original, torch.Tensor):
+                    write_back(original, kept)  # a tensor counter raised in place
+                group[key] = original
+
+
+class AttributeValues:
+    """A driven optimizer's instance attributes (a TransformingOptimizer's inner one, a
+    MetaOptimizer's outer one), restorable: one that is not torch's may keep a counter there
+    (pytorch_optimizer's StableSPAM ``total_step``, Ranger21 ``lookahead_step``, both in its
+    checkpoints) and change it in a step that fails after. References are put back, attributes
+    added since deleted, and a tensor's values written back in place."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer) -> None:
+        self._attributes = vars(optimizer)
+        self._saved = {
+            key: (value, copy_tensor(value) if isinstance(value, torch.Tensor) and value.layout == torch.strided else None)
+            for key, value in self._attributes.items()
+        }
+
+    def restore(self) -> None:
+        for key in [key for key in self._attributes if key not in self._saved]:
+            del self._attributes[key]
+        for key, (original, kept) in self._saved.items():
+            if kept is not None:
+                write_back(original, kept)
+            self._attributes[key] = original
+
+
+class ValuesOutsideState:
+    """What a driven optimizer that is not one of torch.optim's own may change outside its state
+    in a step that fails after: its param groups' values (:class:`GroupValues`) and its instance
+    attributes (:class:`AttributeValues`), restorable together (torch's keep nothing there)."""
+
+    def __init__(self, groups: Sequence[dict[str, Any]], optimizer: torch.optim.Optimizer) -> None:
+        self._groups = GroupValues(groups)
+        self._attributes = AttributeValues(optimizer)
+
+    def restore(self) -> None:
+        self._groups.restore()
+        self._attributes.restore()
 
 
 def _drop_new_entries(state: MutableMapping[Any, dict[Any, Any]], kept_ids: set[int]) -> None:
