@@ -404,3 +404,33 @@ def test_inner_sam_perturbs_a_float16_weight_whose_gradient_norm_is_below_rho_ov
     want = weight + (0.05 * g / g.norm()).half()
     assert torch.equal(seen["w"], want) and torch.isfinite(want).all(), seen["w"]
 
+
+
+@pytest.mark.parametrize("entry", ["adapt", "task_losses"])
+def test_inner_sam_with_checkpointed_inner_steps_equals_the_plain_loop_bitwise(entry):
+    """MAML(checkpoint_inner_steps=True) with InnerSAM raised 'the support closure reads data that
+    changed' in every meta-backward: torch recomputes a checkpointed step also inside its own
+    forward (the support gradient's backward needs its saved tensors), and the step's second support
+    loss, at the perturbed weights, was then compared with the recorded first one → the same
+    meta-gradient as checkpoint_inner_steps=False, bit for bit, on both entry points."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(2, 4), nn.Tanh(), nn.Linear(4, 1)).double()
+    generator = torch.Generator().manual_seed(1)
+    tasks = [Task(*[torch.randn(5, k, generator=generator, dtype=torch.float64) for k in (2, 1, 2, 1)]) for _ in range(2)]
+
+    def meta_gradient(checkpoint_inner_steps):
+        meta = MAML(model, torch.optim.SGD, lr=0.1, inner_steps=2, checkpoint_inner_steps=checkpoint_inner_steps)
+        meta.zero_grad()
+        if entry == "adapt":
+            losses = []
+            for task in tasks:
+                learner = meta.adapt(lambda f, t=task: mse(f(t.support_x), t.support_y), grad_transforms=[InnerSAM(0.05)])
+                losses.append(mse(learner(task.query_x), task.query_y))
+            torch.stack(losses).mean().backward()
+        else:
+            meta.task_losses(tasks, mse, vectorize=False, grad_transforms=[InnerSAM(0.05)]).mean().backward()
+        return [p.grad.clone() for p in model.parameters()]
+
+    expected = meta_gradient(False)
+    got = meta_gradient(True)
+    assert all(torch.equal(g, e) for g, e in zip(got, expected)), (got, expected)

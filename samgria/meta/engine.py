@@ -444,34 +444,43 @@ def _one_step(
 
 class _SameSupportLosses:
     """The support loss of one checkpointed inner step: records the losses of the step's forward
-    and checks that its recomputation in the backward pass computes the same ones.
+    and checks that its recomputations compute the same ones.
 
     The recomputation calls the support loss again, long after ``meta.adapt()`` returned: a
     closure that reads a variable changed since (the loop variable of ``for task in tasks:
     meta.adapt(lambda f: mse(f(task.support_x), task.support_y))``, the last task by then) would
     differentiate another task's loss, silently. Values within ``rtol`` (a recomputation on a GPU
     may round differently) pass.
+
+    torch recomputes the step inside :meth:`recomputation` (the checkpoint's recompute context):
+    in the backward pass, and also during the step's own forward, where the support gradient's
+    backward needs the step's saved tensors. A step that evaluates the loss more than once (a
+    gradient transform such as ``InnerSAM``) goes on recording after such a nested recomputation.
     """
 
     rtol = 1e-3
 
     def __init__(self, loss_of: LossOf) -> None:
         self._loss_of = loss_of
-        self._runs = 0
-        self._index = 0
         self._recorded: list[torch.Tensor] = []
+        self._recomputing: list[int] = []  # the next loss index of each recomputation under way
 
-    def start(self) -> None:
-        """A run of the step begins: the forward (the first), or a recomputation."""
-        self._runs += 1
-        self._index = 0
+    @contextlib.contextmanager
+    def recomputation(self) -> Iterator[None]:
+        """Compare the losses computed inside (a recomputation of the step) with the recorded ones."""
+        self._recomputing.append(0)
+        try:
+            yield
+        finally:
+            self._recomputing.pop()
 
     def __call__(self, adapted: Tensors) -> torch.Tensor:
         loss = self._loss_of(adapted)
-        if self._runs == 1:
+        if not self._recomputing:
             self._recorded.append(loss.detach().clone())
             return loss
-        index, self._index = self._index, self._index + 1
+        index = self._recomputing[-1]
+        self._recomputing[-1] += 1
         recorded = self._recorded[index] if index < len(self._recorded) else None
         if recorded is None or not torch.allclose(loss.detach(), recorded, rtol=self.rtol, atol=0.0, equal_nan=True):
             raise RuntimeError(
@@ -485,19 +494,6 @@ class _SameSupportLosses:
                 "or use checkpoint_inner_steps=False"
             )
         return loss
-
-
-def _checked_step(
-    losses: _SameSupportLosses,
-    loop: InnerLoop,
-    grad_source: GradSource,
-    create_graph: bool,
-    fast: Tensors,
-    state: dict[str, Any],
-) -> tuple[Tensors, dict[str, Any]]:
-    """:func:`_one_step` as a checkpoint runs it: its support losses checked in a recomputation."""
-    losses.start()
-    return _one_step(loop, losses, grad_source, create_graph, fast, state)
 
 
 def run_inner_loop(
@@ -574,10 +570,11 @@ def take_inner_steps(
             if checkpointed:
                 from torch.utils.checkpoint import checkpoint
 
+                losses = _SameSupportLosses(loss_of)
                 fast, state = checkpoint(
-                    _checked_step, _SameSupportLosses(loss_of), loop, grad_source, create_graph, fast, state,
+                    _one_step, loop, losses, grad_source, create_graph, fast, state,
                     use_reentrant=False,
-                    context_fn=functools.partial(_twice_differentiable_contexts, model),
+                    context_fn=functools.partial(_checkpoint_contexts, model, losses),
                 )
             else:
                 fast, state = _one_step(loop, loss_of, grad_source, create_graph, fast, state)
@@ -635,18 +632,47 @@ class _TwiceDifferentiable:
 
     def __init__(self, model: nn.Module | None) -> None:
         self._model = model
+        self._contexts: list[contextlib.AbstractContextManager[None]] = []  # one per entry under way
 
     def __enter__(self) -> None:
-        self._context = twice_differentiable_forward(True, self._model)
-        self._context.__enter__()
+        context = twice_differentiable_forward(True, self._model)
+        context.__enter__()
+        self._contexts.append(context)
 
     def __exit__(self, *exc_info: Any) -> Any:
-        return self._context.__exit__(*exc_info)
+        return self._contexts.pop().__exit__(*exc_info)
 
 
-def _twice_differentiable_contexts(model: nn.Module | None) -> tuple[Any, Any]:
-    """The forward and the recomputation of a checkpointed step are both twice differentiable."""
-    return _TwiceDifferentiable(model), _TwiceDifferentiable(model)
+class _Recomputation(_TwiceDifferentiable):
+    """The recompute context of a checkpointed step: twice differentiable, its support losses
+    compared with those of the step's forward (re-enterable too)."""
+
+    def __init__(self, model: nn.Module | None, losses: _SameSupportLosses) -> None:
+        super().__init__(model)
+        self._losses = losses
+        self._marks: list[contextlib.AbstractContextManager[None]] = []
+
+    def __enter__(self) -> None:
+        mark = self._losses.recomputation()
+        mark.__enter__()
+        self._marks.append(mark)
+        try:
+            super().__enter__()
+        except BaseException:
+            self._marks.pop().__exit__(None, None, None)
+            raise
+
+    def __exit__(self, *exc_info: Any) -> Any:
+        try:
+            return super().__exit__(*exc_info)
+        finally:
+            self._marks.pop().__exit__(None, None, None)
+
+
+def _checkpoint_contexts(model: nn.Module | None, losses: _SameSupportLosses) -> tuple[Any, Any]:
+    """The forward and the recomputation of a checkpointed step are both twice differentiable;
+    the recomputation's support losses are checked against the forward's."""
+    return _TwiceDifferentiable(model), _Recomputation(model, losses)
 
 
 # ---------------------------------------------------------------------- one task
