@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 import sys
+import weakref
 from collections.abc import Iterator
 from types import FrameType
 from typing import Any
@@ -26,6 +27,7 @@ __all__ = [
     "grad_scaler_scale",
     "grad_scaler_unscaled",
     "refuse_closure_under_grad_scaler",
+    "scheduler_wrapped_step",
     "stacklevel_outside",
     "stepping_grad_scaler",
     "wrapper_chain",
@@ -157,6 +159,24 @@ def stepping_grad_scaler(depth: int) -> Any:
 # The optimizer needs the first (GSAM, WSAM, LookSAM mix the still-scaled first pass into a step
 # whose second pass the user unscaled to clip it); SAMAcceleratedOptimizer needs all three
 # (accelerate's clipping unscales after the first backward, and GradScaler unscales once a step).
+def scheduler_wrapped_step(pinned: Any) -> Any:
+    """The function that torch's LR-scheduler wrapper of ``optimizer.step`` calls, or ``None``.
+
+    Building a scheduler pins that wrapper on the optimizer instance (marked
+    ``_wrapped_by_lr_sched``, ``LRScheduler.__init__``). torch 2.5 and later name the wrapped
+    function in ``__wrapped__`` (``functools.wraps``); torch 2.4 keeps it only in the wrapper's
+    closure, the one function among its cells (the other is a weak reference to the optimizer).
+    """
+    if not getattr(pinned, "_wrapped_by_lr_sched", False):
+        return None
+    wrapped = getattr(pinned, "__wrapped__", None)
+    if wrapped is not None:
+        return wrapped
+    cells = [cell.cell_contents for cell in getattr(pinned, "__closure__", None) or ()]
+    functions = [value for value in cells if callable(value) and not isinstance(value, weakref.ref)]
+    return functions[0] if len(functions) == 1 else None
+
+
 def grad_scaler_scale(scaler: Any) -> Any:
     """The scale ``scaler.unscale_`` divides by (a 0-dim tensor on the scaler's device)."""
     return scaler._scale

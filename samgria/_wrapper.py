@@ -54,7 +54,7 @@ import torch
 from torch.optim import Optimizer
 
 from samgria._checks import check_like_default
-from samgria._frameworks import called_from, stacklevel_outside
+from samgria._frameworks import called_from, scheduler_wrapped_step, stacklevel_outside
 from samgria._snapshot import StateStructure, StepSnapshot, is_entry
 from samgria.functional._grouping import unique_params
 from samgria.functional._views import values_as_real
@@ -353,7 +353,8 @@ def _step_patched_on_instance(optimizer: Optimizer) -> bool:
         return False
     own = getattr(type(optimizer), "step", None)
     if getattr(value, "_wrapped_by_lr_sched", False):  # what it wraps: the class's, or a patch
-        return getattr(value, "__wrapped__", own) is not own
+        wrapped = scheduler_wrapped_step(value)
+        return wrapped is not None and wrapped is not own
     # The class's own step bound to it again (accelerate puts back its saved optimizer.step so).
     return not (getattr(value, "__func__", None) is own and getattr(value, "__self__", None) is optimizer)
 

@@ -13,6 +13,7 @@ import contextlib
 import copy
 import math
 import os
+import weakref
 
 import pytest
 import torch
@@ -613,13 +614,31 @@ def test_a_step_the_non_finite_policy_skips_does_not_advance_the_prepared_schedu
     assert seen == [(False, False, 1, LR / 2), (True, True, 1, LR / 2), (False, False, 2, LR / 3), (False, False, 3, LR / 4)]
 
 
-def test_a_scheduler_built_on_the_prepared_optimizer_before_sam_accelerated_lets_step_closure_run_under_a_scaler() -> None:
+def pin_as_torch_2_4_does(optimizer: torch.optim.Optimizer) -> None:
+    """Pin ``optimizer.step`` as torch 2.4's ``LRScheduler.__init__`` does: its wrapper has no
+    ``__wrapped__`` (torch 2.5 added ``functools.wraps``); the class's step is in its closure."""
+    owner = weakref.ref(optimizer)
+    function = type(optimizer).step
+
+    def wrapper(*args, **kwargs):
+        instance = owner()
+        instance._opt_called = True
+        return function.__get__(instance, type(instance))(*args, **kwargs)
+
+    wrapper._wrapped_by_lr_sched = True
+    optimizer.step = wrapper
+
+
+@pytest.mark.parametrize("pinned_by", ["this torch", "torch 2.4"])
+def test_a_scheduler_built_on_the_prepared_optimizer_before_sam_accelerated_lets_step_closure_run_under_a_scaler(pinned_by: str) -> None:
     """torch's scheduler pins the prepared optimizer's step on the instance; sam_accelerated pins
     SAMAcceleratedOptimizer.step in its place, so step(closure) under a loss scaler is SAM's."""
     accelerator = Accelerator(cpu=True)
     with_loss_scaler(accelerator)
     model, optimizer = accelerator.prepare(*model_and_optimizer(torch.float32))
     scheduler = accelerator.prepare(torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=1.0))
+    if pinned_by == "torch 2.4":
+        pin_as_torch_2_4_does(optimizer)
     optimizer = sam_accelerated(optimizer)
     data = batches(torch.float32)
     for x, y in data:

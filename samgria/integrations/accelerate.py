@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 from samgria._checks import check_bool
-from samgria._frameworks import grad_scaler_forget, grad_scaler_scale, grad_scaler_unscaled
+from samgria._frameworks import grad_scaler_forget, grad_scaler_scale, grad_scaler_unscaled, scheduler_wrapped_step
 from samgria.integrations._common import (
     clipping_refusal,
     find_transforming,
@@ -267,7 +267,7 @@ def _repin_scheduler_step(prepared: SAMAcceleratedOptimizer) -> None:
     when a scheduler was built on it, ``torch.optim.lr_scheduler.LRScheduler.__init__``) by the
     same wrapper of :meth:`SAMAcceleratedOptimizer.step`."""
     pinned = prepared.__dict__.get("step")
-    if not getattr(pinned, "_wrapped_by_lr_sched", False) or getattr(pinned, "__wrapped__", None) is not AcceleratedOptimizer.step:
+    if scheduler_wrapped_step(pinned) is not AcceleratedOptimizer.step:
         return
     owner = weakref.ref(prepared)  # as torch's wrapper: no reference cycle through the instance
 
