@@ -28,7 +28,7 @@ from __future__ import annotations
 import contextlib
 import sys
 from collections.abc import Iterator, Mapping, Sequence
-from typing import Any, cast
+from typing import Any
 
 import torch
 from torch import nn
@@ -122,8 +122,8 @@ class _KeptWeights(Transform):
     def __getstate__(self) -> dict[str, Any]:
         # A copy made inside a swap block is outside every block: the block's exit belongs to
         # the original and would never run for the copy, which could then never step.
-        # object.__getstate__ is typed as returning object; here it is the instance's __dict__
-        state = dict(cast("Mapping[str, Any]", super().__getstate__()))
+        # The instance's __dict__, not super().__getstate__(): object has none before Python 3.11.
+        state = dict(self.__dict__)
         state["_open_swaps"] = 0
         return state
 
