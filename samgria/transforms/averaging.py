@@ -122,7 +122,7 @@ class _KeptWeights(Transform):
     def __getstate__(self) -> dict[str, Any]:
         # A copy made inside a swap block is outside every block: the block's exit belongs to
         # the original and would never run for the copy, which could then never step.
-        # The instance's __dict__, not super().__getstate__(): object has none before Python 3.11.
+        # The instance's __dict__ itself: object has no __getstate__ before Python 3.11.
         state = dict(self.__dict__)
         state["_open_swaps"] = 0
         return state

@@ -592,7 +592,7 @@ class WSAM(_RefusesOptimizerStyleCall, _FinishingTransform):
         )
 
     def __getstate__(self) -> dict[str, Any]:
-        state = dict(self.__dict__)  # not super().__getstate__(): object has none before Python 3.11
+        state = super().__getstate__()
         state.update(_pending={})
         return state
 
