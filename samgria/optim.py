@@ -962,7 +962,8 @@ class TransformingOptimizer(WrappingOptimizer):
         When the first evaluation ran under ``first_pass_context`` (e.g. DDP's ``no_sync``) and no
         transform re-evaluated on this rank (nothing was perturbed), its gradients were never
         synchronised: the closure is evaluated once more, normally. If no rank re-evaluated, the
-        pre-step transforms run again on those gradients; if another rank did (it perturbed with
+        pre-step transforms run again on those gradients (a parameter it missed keeps its first
+        gradient, zeroed, as the step without ``first_pass_context`` keeps it); if another rank did (it perturbed with
         its own gradient), only those after the re-evaluating transform run again, as they ran
         there, so that every replica applies the same update. Before they run again, the state
         they saved in their first run (``saves_state_before_step``) is put back: each updates its
@@ -1004,10 +1005,19 @@ class TransformingOptimizer(WrappingOptimizer):
                 self._check_after([(slot, transform)], evaluated + evaluations[0])
         if local_first_run:
             reevaluated_here = evaluations[0] > 0
+            first_grads: list[tuple[torch.Tensor, torch.Tensor]] = []
             if not reevaluated_here:
+                first_grads = [(p, p.grad) for p in self._unique_params() if p.grad is not None]
                 reevaluate()  # type: ignore[misc]  # (local_first_run: reevaluate is not None)
             # After every rank's one synchronised backward: the same order of collectives.
             reevaluated_anywhere = _on_any_rank(reevaluated_here, self.first_pass_context, self._device())
+            if not reevaluated_anywhere:
+                # The step without first_pass_context steps with the first pass's gradients: one
+                # that backward misses is the zero a loop zeroing in place left there, not the None
+                # that the evaluation above cleared it to (zeroed, as first_step() zeroes them).
+                for param, grad in first_grads:
+                    if param.grad is None:
+                        param.grad = grad.zero_()
             first = next((i for i, (_, _, t) in enumerate(transforms) if t.needs_closure), -1)
             synchronised = transforms[first + 1 :] if reevaluated_anywhere else transforms
             if not reevaluated_here:

@@ -8,6 +8,7 @@ twin optimizer.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import fractions
 import math
@@ -826,6 +827,40 @@ def test_two_call_loop_with_nothing_perturbed_keeps_the_zeroed_gradients_of_para
     assert not torch.equal(expected[1], template[0].bias) and not torch.equal(expected[2], template[1].weight)
     for pair in models[1:]:
         assert_bitwise_equal([p for m in pair for p in m.parameters()], expected)
+
+
+@pytest.mark.parametrize("transforms", [lambda: [SAM(0.0)], lambda: [ClipGradNorm(1e6)]], ids=["sam-rho-zero", "no-second-pass"])
+def test_first_pass_context_with_nothing_perturbed_keeps_the_zeroed_gradients_of_parameters_backward_misses(transforms):
+    """Under first_pass_context (DDP's no_sync; here a context that does nothing) with nothing
+    perturbed, step(closure) evaluates the closure once more for synchronised gradients. It
+    cleared every gradient to None first, so a parameter that backward misses, whose gradient a
+    loop zeroes in place (set_to_none=False), was not stepped, where plain torch (and the run
+    without first_pass_context) steps it with its zero gradient (Adam moves it by its momentum)."""
+    torch.manual_seed(0)
+    x = torch.randn(4, 3, dtype=torch.float64)
+    template = nn.Linear(3, 2).double(), nn.Linear(3, 2).double()
+    plain_pair, pair = copy.deepcopy(template), copy.deepcopy(template)
+    plain = torch.optim.Adam([p for m in plain_pair for p in m.parameters()], lr=0.1)
+    optimizer = TransformingOptimizer(
+        [p for m in pair for p in m.parameters()], torch.optim.Adam, transforms=transforms(), lr=0.1,
+        first_pass_context=contextlib.nullcontext,
+    )
+
+    def backward(opt, modules, step):
+        opt.zero_grad(set_to_none=False)
+        loss = modules[0](x).pow(2).sum()
+        if step < 2:  # the second layer is used for two steps, then no longer
+            loss = loss + modules[1](x).pow(2).sum()
+        loss.backward()
+        return loss
+
+    for step in range(4):
+        backward(plain, plain_pair, step)
+        plain.step()
+        optimizer.step(lambda: backward(optimizer, pair, step))
+    expected = [p for m in plain_pair for p in m.parameters()]
+    assert not torch.equal(expected[2], template[1].weight)
+    assert_bitwise_equal([p for m in pair for p in m.parameters()], expected)
 
 # -- hyperparameter checks ------------------------------------------------------------------------------------
 MESSAGE = re.compile(r"^(?:param_groups\[\d+\]: )?(?P<name>[\w.]+) must be (?P<rule>.+), got (?P<value>.+)$")
