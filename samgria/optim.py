@@ -304,14 +304,18 @@ class TransformingOptimizer(WrappingOptimizer):
     state before every inner step, so that these are undone too (measured: 5-15% more time for
     SAM's step on the benchmark's MLP with momentum SGD, ``benchmarks/sam_overhead.py``, and the
     copy of the inner optimizer's state in memory during its step). ``atomic=False``
-    copies nothing for atomicity (then only the pre-step phase is undone, without the weights of a
-    transform that writes them); :meth:`first_step` still copies the weights a transform before
+    copies nothing for atomicity: a step that raises, is skipped or cancelled then puts back
+    only the weights a re-evaluating transform moved, neither the
+    weights a transform writes before the inner step nor the state transforms save before it
+    (``saves_state_before_step``: Lookahead's new slow weights, ESAM's random stream);
+    :meth:`first_step` still copies the weights a transform before
     SAM writes, to undo them when nothing is perturbed (:meth:`second_step` then runs those
     transforms again, on the second pass's gradients).
 
     **Non-finite gradients.** A step whose gradients are not finite — in the first evaluation or
     in a re-evaluation, with ``step(closure)`` or the two-call loop alike — is skipped whole
-    (weights and state untouched), with a :class:`RuntimeWarning`, and counted in
+    (weights and state untouched, but for what ``atomic=False`` leaves), with a
+    :class:`RuntimeWarning`, and counted in
     :attr:`skipped_steps`; ``non_finite="raise"`` raises :class:`FloatingPointError` instead
     (also with nothing changed). Under ``torch.amp.GradScaler`` the scaler's verdict rules: it
     skips the step and backs off. Not finite means an infinite or NaN element
@@ -353,8 +357,8 @@ class TransformingOptimizer(WrappingOptimizer):
         atomic: Undo a failure in or after the inner step (default ``True``; see above for when
             that takes a copy of the weights and state); ``"full"`` also undoes a failure inside
             torch's own step after it began writing (an allocation that fails), at the cost of a
-            copy of the weights and state before every inner step; ``False`` undoes only the
-            pre-step phase.
+            copy of the weights and state before every inner step; ``False`` puts back only
+            the weights a re-evaluating transform moved (see above).
         **inner_kwargs: Passed to ``inner`` (``lr``, ``momentum``, ``foreach``, …).
 
     Attributes:
