@@ -15,6 +15,7 @@ from state_helpers import assert_state_dicts_equal
 from samgria.data.task import Task
 from samgria.meta.base import MetaOptimizer
 from samgria.meta.functional import functional_forward, named_params
+from samgria.meta.inner_optim import InnerSAM
 from samgria.meta.maml import FOMAML, MAML
 from samgria.meta.metasgd import MetaSGD
 
@@ -620,6 +621,22 @@ def test_adapt_with_a_closure_that_ignores_the_fast_weights_raises_and_changes_n
         assert torch.equal(v, before[k])
     assert all(p.grad is None for p in model.parameters())
     assert meta._task_weight == 0.0  # no task was counted
+
+
+def test_one_second_order_step_on_the_model_adapts_as_with_f_unless_a_transform_moves_the_fast_weights():
+    """The meta guide: with ``inner_steps=1`` second-order MAML accepts a support loss computed
+    with ``model`` (its first step starts from theta) and adapts exactly as with ``f``; InnerSAM
+    evaluates the loss again at moved fast weights, where such a loss is refused."""
+    model = mlp()
+    t = make_tasks(n=1)[0]
+    meta = MAML(model, torch.optim.SGD, inner_lr=0.1, inner_steps=1, lr=0.5, first_order=False)
+    on_model = meta.adapt(lambda f: mse(model(t.support_x), t.support_y)).params
+    on_f = meta.adapt(lambda f: mse(f(t.support_x), t.support_y)).params
+    assert all(torch.equal(on_model[name], on_f[name]) for name in on_f)
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(ValueError, match="the support loss depends on none of the [0-9]+ adapted weights"):
+        meta.adapt(lambda f: mse(model(t.support_x), t.support_y), grad_transforms=[InnerSAM(0.05)])
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
 
 
 # ----------------------------------------------------------------------------- bad inputs
