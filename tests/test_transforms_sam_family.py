@@ -1503,3 +1503,45 @@ def test_looksam_stores_a_unit_direction_when_its_norm_is_subnormal(loop):
         warnings.simplefilter("error")  # no "not finite: the step is skipped"
         optimizer.step(closure)  # a step in between: the kept direction, no re-evaluation
     assert optimizer.skipped_steps == 0
+
+
+def _bits(tensor):
+    """The tensor's bits as integers (NaNs compare equal when their bits are)."""
+    real = torch.view_as_real(tensor) if tensor.is_complex() else tensor
+    return real.view({2: torch.int16, 4: torch.int32, 8: torch.int64}[real.element_size()])
+
+
+@pytest.mark.parametrize("foreach", [True, False], ids=["foreach", "per-tensor"])
+def test_out_of_place_kernels_equal_a_copy_written_in_place_bitwise(foreach):
+    """FriendlySAM's ``m`` and ``d`` come from ``_scaled`` and ``_added``, which multiply and add
+    plain 32/64-bit tensors out of place (one pass instead of a copy and a pass over it): the
+    values, dtypes and strides of a copy scaled with ``scale_`` / added with ``_add_scaled_``."""
+    from samgria.functional.norms import scale_
+    from samgria.transforms.sam_family import _add_scaled_, _added, _scaled
+
+    generator = torch.Generator().manual_seed(0)
+    tensors = [
+        torch.randn(5, 3, generator=generator),
+        torch.randn(4, 3, 2, 2, generator=generator).to(memory_format=torch.channels_last),
+        torch.randn(6, generator=generator, dtype=torch.float64),
+        torch.randn(6, generator=generator).half(),
+        torch.randn(3, generator=generator, dtype=torch.complex64),
+        torch.tensor([-0.0, float("inf"), float("nan"), 3e38]),
+    ]
+    scales = [0.3, -1.7, 1e-3, 70000.0, 0.9, 2.0]
+    expected = [t.clone(memory_format=torch.preserve_format) for t in tensors]
+    scale_([torch.view_as_real(t) if t.is_complex() else t for t in expected], scales, foreach=foreach)
+    got = _scaled(tensors, scales, foreach)
+    for a, b in zip(got, expected):
+        assert a.dtype == b.dtype and a.stride() == b.stride()
+        assert torch.equal(_bits(a), _bits(b))
+
+    reals = [torch.view_as_real(t) if t.is_complex() else t for t in tensors]
+    sources = [torch.randn(t.shape, generator=generator, dtype=t.dtype).to(memory_format=torch.preserve_format) for t in reals]
+    sources[0] = sources[0].double()  # another dtype than its target: through a copy, as before
+    expected = [t.clone(memory_format=torch.preserve_format) for t in reals]
+    _add_scaled_(expected, sources, scales, foreach)
+    got = _added(reals, sources, scales, foreach)
+    for a, b in zip(got, expected):
+        assert a.dtype == b.dtype and a.stride() == b.stride()
+        assert torch.equal(_bits(a), _bits(b))

@@ -426,7 +426,8 @@ def adaptive_scaling(
         result: list[torch.Tensor | None] = [None] * len(params)
         for indices in groups.values():
             scaled = torch._foreach_abs([params[i] for i in indices])
-            torch._foreach_add_(scaled, [etas[i] for i in indices])
+            if any(etas[i] != 0 for i in indices):  # |w| + 0 is |w| itself (a zero of either sign)
+                torch._foreach_add_(scaled, [etas[i] for i in indices])
             for index, tensor in zip(indices, scaled):
                 result[index] = tensor
         return result  # type: ignore[return-value]

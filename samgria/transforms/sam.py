@@ -486,7 +486,8 @@ class PerturbationTransform(Transform):
         ``divisors``); return how to put it back.
 
         ``directions`` are real views (of complex tensors), may be the gradients themselves (they
-        are consumed) and may be wider than the parameters (float32 for 16-bit ones). Every moved
+        are read, never written: the SAM family keeps its first gradients through the move without
+        a copy) and may be wider than the parameters (float32 for 16-bit ones). Every moved
         parameter's gradient is cleared.
 
         A parameter that alone holds its storage gets the perturbed weights computed into its

@@ -57,10 +57,62 @@ Finish = Callable[[bool], None]
 # -- kernels: a foreach fast path and a per-tensor path with the same arithmetic ---------------------
 def _scaled(tensors: Sequence[torch.Tensor], scales: Sequence[float], foreach: bool) -> list[torch.Tensor]:
     r"""New tensors :math:`s_i\, t_i` (same kinds and dtypes as ``tensors``; the arithmetic of
-    :func:`scale_`, on each clone's :func:`as_real` view, so that sharded and plain tensors mix)."""
-    result = [tensor.clone(memory_format=torch.preserve_format) for tensor in tensors]
-    scale_([as_real(tensor) for tensor in result], scales, foreach=foreach)
-    return result
+    :func:`scale_`, on each clone's :func:`as_real` view, so that sharded and plain tensors mix).
+
+    Plain real tensors of 32 or 64 bits are multiplied out of place, in one pass instead of a copy
+    and a pass over the copy: the kernel :func:`scale_` runs in place, bit for bit."""
+    result: list[torch.Tensor | None] = [None] * len(tensors)
+    copied: list[int] = []
+    direct: dict[tuple[torch.device, torch.dtype], list[int]] = {}
+    for index, tensor in enumerate(tensors):
+        if tensor.dtype in LOW_PRECISION or tensor.is_complex() or is_sharded(tensor):
+            copied.append(index)
+        else:
+            direct.setdefault((tensor.device, tensor.dtype), []).append(index)
+    for indices in direct.values():
+        products: Sequence[torch.Tensor]
+        if foreach:
+            products = torch._foreach_mul([tensors[i] for i in indices], [scales[i] for i in indices])
+        else:
+            products = [tensors[i].mul(scales[i]) for i in indices]
+        for index, product in zip(indices, products):
+            result[index] = product
+    if copied:
+        clones = [tensors[i].clone(memory_format=torch.preserve_format) for i in copied]
+        scale_([as_real(tensor) for tensor in clones], [scales[i] for i in copied], foreach=foreach)
+        for index, clone in zip(copied, clones):
+            result[index] = clone
+    return cast(list[torch.Tensor], result)
+
+
+def _added(
+    targets: Sequence[torch.Tensor], sources: Sequence[torch.Tensor], scales: Sequence[float], foreach: bool
+) -> list[torch.Tensor]:
+    r"""New tensors :math:`t_i + s_i\, u_i`: :func:`_add_scaled_` on copies of ``targets`` (real
+    dense tensors), bit for bit. A target of 32 or 64 bits with a source of its dtype and device
+    is added out of place, in one pass instead of a copy and a pass over the copy."""
+    result: list[torch.Tensor | None] = [None] * len(targets)
+    copied: list[int] = []
+    direct: dict[tuple[Any, ...], list[int]] = {}
+    for index, (target, source) in enumerate(zip(targets, sources)):
+        if target.dtype in LOW_PRECISION or source.dtype != target.dtype or source.device != target.device:
+            copied.append(index)
+        else:
+            direct.setdefault((target.device, target.dtype, scales[index]), []).append(index)
+    for (_device, _dtype, scale), indices in direct.items():
+        sums: Sequence[torch.Tensor]
+        if foreach:
+            sums = torch._foreach_add([targets[i] for i in indices], [sources[i] for i in indices], alpha=scale)
+        else:
+            sums = [torch.add(targets[i], sources[i], alpha=scale) for i in indices]
+        for index, total in zip(indices, sums):
+            result[index] = total
+    if copied:
+        clones = [targets[i].clone(memory_format=torch.preserve_format) for i in copied]
+        _add_scaled_(clones, [sources[i] for i in copied], [scales[i] for i in copied], foreach)
+        for index, clone in zip(copied, clones):
+            result[index] = clone
+    return cast(list[torch.Tensor], result)
 
 
 def _add_scaled_(
@@ -347,7 +399,7 @@ class _FinishingTransform(PerturbationTransform):
     ) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, bool]]:
         r"""SAM's move, :math:`e = \rho\, g / \lVert g \rVert` per group, keeping ``grads`` intact."""
         moving = [i for i, group in enumerate(groups) if group["rho"] > 0]
-        directions = [as_real(grads[i]).clone() for i in moving]  # consumed by the move
+        directions = [as_real(grads[i]) for i in moving]  # read, not written, by the move
         scales = [self._radius(groups[i]) for i in moving]
         return self._move_along([params[i] for i in moving], directions, scales, ctx.foreach, [norm] * len(moving)).moves
 
@@ -663,8 +715,7 @@ class FriendlySAM(_RefusesOptimizerStyleCall, _FinishingTransform):
             updated = _scaled(olds, [float(groups[i]["lmbda"]) for i in old], ctx.foreach)
             mix = [1.0 - float(groups[i]["lmbda"]) for i in old]
             _add_scaled_([as_real(m) for m in updated], [directions[i] for i in old], mix, ctx.foreach)
-            shifted = [directions[i].clone() for i in old]
-            _add_scaled_(shifted, [as_real(m) for m in olds], [-float(groups[i]["sigma"]) for i in old], ctx.foreach)
+            shifted = _added([directions[i] for i in old], [as_real(m) for m in olds], [-float(groups[i]["sigma"]) for i in old], ctx.foreach)
             for k, i in enumerate(old):
                 new_averages[i] = updated[k]
                 directions[i] = shifted[k]
