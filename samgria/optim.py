@@ -180,9 +180,14 @@ class _WithMaximize(Mapping):
 
 
 def _has_post_update(transform: Transform) -> bool:
-    """Whether ``transform`` does anything after the inner step (not the base class's no-op)."""
+    """Whether ``transform`` does anything after the inner step: not the base class's no-op, nor
+    a samgria class's that its settings make one (``_post_update_runs``: ``WSAM(decouple=False)``).
+    A post-step transform makes every atomic step copy the weights and the inner optimizer's
+    state before the inner step, since it may fail after that step wrote."""
     overridden = type(transform).post_update is not Transform.post_update
-    return overridden or "post_update" in getattr(transform, "__dict__", ())
+    if not (overridden or "post_update" in getattr(transform, "__dict__", ())):
+        return False
+    return bool(getattr(transform, "_post_update_runs", True))
 
 
 def _lacks_init_state(transform: Transform) -> bool:

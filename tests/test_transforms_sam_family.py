@@ -240,6 +240,31 @@ def test_wsam_coupled_per_group_gamma():
     assert_close(run_samgria(WSAM(rho=0.05, gamma=0.9, decouple=False), 5, groups=two_groups({"gamma": 0.3})), expected)
 
 
+@pytest.mark.parametrize("decouple", [False, True])
+def test_only_decoupled_wsam_copies_weights_and_state_before_the_inner_step(monkeypatch, decouple):
+    """A post-step transform makes every atomic step copy the weights and the inner optimizer's
+    state before the inner step (it may fail after that step wrote). Coupled WSAM's update is the
+    inner optimizer's alone: its step takes no such copy, as SAM's does not (the generic atomic
+    tests check that a failing step still puts everything back, WSAM-coupled among them)."""
+    import samgria.optim
+
+    copies = []
+
+    class CountedSnapshot(samgria.optim.StepSnapshot):
+        def __init__(self, *args, **kwargs):
+            copies.append(kwargs.get("copy_state", True))
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(samgria.optim, "StepSnapshot", CountedSnapshot)
+    model, (x, y) = make_model(), make_data()
+    optimizer = TransformingOptimizer(model.parameters(), torch.optim.SGD, lr=0.1, momentum=0.9, transforms=[WSAM(0.05, 0.8, decouple=decouple)])
+    closure = make_closure(model, optimizer, x, y)
+    optimizer.step(closure)
+    assert any(copies) == decouple
+    optimizer.step(closure)
+    assert any(copies) == decouple
+
+
 @pytest.mark.parametrize("loop", ["closure", "two_call"])
 @pytest.mark.parametrize("name", ["GSAM", "WSAM-coupled", "WSAM-decoupled"])
 def test_a_parameter_without_a_gradient_at_the_perturbed_weights_counts_it_as_zero(name, loop):

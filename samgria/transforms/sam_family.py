@@ -623,6 +623,12 @@ class WSAM(_RefusesOptimizerStyleCall, _FinishingTransform):
         # with the gradients, after this.
         return [s for _, s, _ in sharpness]
 
+    @property
+    def _post_update_runs(self) -> bool:
+        """Whether :meth:`post_update` can do anything: coupled, the whole update is the inner
+        optimizer's (the optimizer then takes no copy before the inner step for it)."""
+        return self.decouple
+
     @torch.no_grad()
     def post_update(self, ctx: TransformContext) -> None:
         """Decoupled sharpness step: :math:`w \\leftarrow w - \\eta\\,\\frac{\\gamma}{1-\\gamma}(g_p - g)` (``+`` when the inner optimizer maximises)."""
