@@ -1570,3 +1570,28 @@ def test_out_of_place_kernels_equal_a_copy_written_in_place_bitwise(foreach):
     for a, b in zip(got, expected):
         assert a.dtype == b.dtype and a.stride() == b.stride()
         assert torch.equal(_bits(a), _bits(b))
+
+
+@pytest.mark.parametrize("where", ["subclass", "instance"])
+def test_coupled_wsam_with_its_own_post_update_still_runs_it(where):
+    """Coupled WSAM's own post_update does nothing, so the optimizer skips it; a post_update that
+    a subclass (or the instance) puts in its place is called after every inner step, as for any
+    transform, with the copy before the inner step that a post-step transform needs."""
+    calls = []
+    if where == "subclass":
+
+        class Logged(WSAM):
+            def post_update(self, ctx):
+                calls.append(len(ctx.param_groups))
+                super().post_update(ctx)
+
+        transform = Logged(0.05, 0.8, decouple=False)
+    else:
+        transform = WSAM(0.05, 0.8, decouple=False)
+        transform.post_update = lambda ctx: calls.append(len(ctx.param_groups))
+    model, (x, y) = make_model(), make_data()
+    optimizer = TransformingOptimizer(model.parameters(), torch.optim.SGD, lr=0.1, transforms=[transform])
+    closure = make_closure(model, optimizer, x, y)
+    optimizer.step(closure)
+    optimizer.step(closure)
+    assert calls == [1, 1]
