@@ -845,3 +845,25 @@ def test_perturbation_kernels_refuse_a_foreach_that_is_not_a_bool(flag):
         with pytest.raises(TypeError, match=message):
             call()
     assert torch.equal(params[0], torch.zeros(2, dtype=torch.float64)) and torch.equal(params[1], torch.zeros(3))
+
+
+def test_adaptive_scaling_paths_agree_bitwise_with_zero_etas_under_flush_denormal():
+    """A zero eta is not added (|w| + 0 is |w|) on the foreach path: the per-tensor path must not
+    add it either, or torch.set_flush_denormal(True) flushes a subnormal |w| to 0 on one path only."""
+    # built before the mode is on (the conversion from Python floats would flush them); 16 elements:
+    # torch's vectorised abs keeps a subnormal (its scalar loop may flush it)
+    params = [torch.tensor([1e-40, -1e-41, 1.0] * 16), torch.tensor([2e-40, 3.0] * 8), torch.full((16,), -1e-40)]
+    if not torch.set_flush_denormal(True):
+        pytest.skip("no flush-denormal mode on this CPU")
+    try:
+        if any(p.abs().count_nonzero() != p.count_nonzero() for p in params):
+            pytest.skip("torch's abs flushes subnormals on this CPU")
+        for etas in ([0.0, 0.0, 0.0], [0.0, 0.5, -0.0]):
+            fast = adaptive_scaling(params, etas, foreach=True)
+            slow = adaptive_scaling(params, etas, foreach=False)
+            for a, b, p, eta in zip(fast, slow, params, etas):
+                expected = p.abs() if eta == 0 else p.abs() + eta
+                assert torch.equal(a.view(torch.int32), expected.view(torch.int32))
+                assert torch.equal(b.view(torch.int32), expected.view(torch.int32))
+    finally:
+        torch.set_flush_denormal(False)

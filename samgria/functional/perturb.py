@@ -335,7 +335,7 @@ def add_directions_(
     r"""In place: :math:`w_i \leftarrow w_i + s_i\, d_i` (a perturbation step).
 
     :func:`perturbed_into_` with the parameters as their own buffers (same kernels, same
-    rounding, same checks). ``directions`` may be overwritten (they are consumed).
+    rounding, same checks). ``directions`` are only read.
 
     Raises:
         ValueError: If ``directions`` or ``scales`` has another length than ``params``, a
@@ -426,12 +426,19 @@ def adaptive_scaling(
         result: list[torch.Tensor | None] = [None] * len(params)
         for indices in groups.values():
             scaled = torch._foreach_abs([params[i] for i in indices])
-            if any(etas[i] != 0 for i in indices):  # |w| + 0 is |w| itself (a zero of either sign)
-                torch._foreach_add_(scaled, [etas[i] for i in indices])
             for index, tensor in zip(indices, scaled):
                 result[index] = tensor
+            # |w| + 0 is |w| itself (a zero of either sign): not added, on either path
+            adding = [i for i in indices if etas[i] != 0]
+            if adding:
+                torch._foreach_add_([result[i] for i in adding], [etas[i] for i in adding])  # type: ignore[misc]
         return result  # type: ignore[return-value]
-    return [param.abs().add_(eta) for param, eta in zip(params, etas)]
+    # A zero number is not added here either (with torch.set_flush_denormal on, adding it would
+    # flush a subnormal |w| to 0 on one path only). A tensor eta is added (no sync).
+    return [
+        param.abs() if not isinstance(eta, torch.Tensor) and eta == 0 else param.abs().add_(eta)
+        for param, eta in zip(params, etas)
+    ]
 
 
 def _check_etas_fit(
