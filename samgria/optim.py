@@ -972,9 +972,9 @@ class TransformingOptimizer(WrappingOptimizer):
         transform re-evaluated on this rank (nothing was perturbed), its gradients were never
         synchronised: the closure is evaluated once more, normally. If no rank re-evaluated, the
         pre-step transforms run again on those gradients (a parameter it missed keeps its first
-        gradient, zeroed, as the step without ``first_pass_context`` keeps it); if another rank did (it perturbed with
-        its own gradient), only those after the re-evaluating transform run again, as they ran
-        there, so that every replica applies the same update. Before they run again, the state
+        gradient, zeroed, as the step without ``first_pass_context`` keeps it); if another rank
+        did (it perturbed with its own gradient), only those after the re-evaluating transform run
+        again, as they ran there, so that every replica applies the same update. Before they run again, the state
         they saved in their first run (``saves_state_before_step``) is put back: each updates its
         state once per step, as without ``first_pass_context`` (a transform that writes the
         weights before the step writes them again).
