@@ -66,6 +66,16 @@ plain loop. This script measures, in one run:
    the ideal ratio (passes per step: 1 + 1/k for LookSAM, 2 for SAM). LookSAM alternates SAM
    steps and one-pass steps, so ratios are taken over blocks of lcm(k) interleaved rounds.
 
+6. **The SAM family against pytorch_optimizer** (``--family-only`` runs just this section,
+   writing no files; skipped with one line when pytorch_optimizer is not installed): samgria's
+   ASAM, GSAM, WSAM (decoupled and coupled), FriendlySAM and SAM against pytorch_optimizer's same
+   algorithms, set up as tests/test_transforms_sam_family.py sets them up to find them equal, on
+   the first of ``--models``, interleaved with the plain two-pass step and its A/A row. Per pair:
+   the median and IQR of the per-round ratio samgria / pytorch_optimizer. One torch thread, steps
+   timed in CPU time (``time.thread_time``): on a shared machine wall time moves by more than
+   these differences (a few %), and a step's CPU time does not count waiting for a core.
+   ``--family-rounds`` rounds (80; 12 with ``--quick``, a smoke test rather than a measurement).
+
 The "(A/A)" row times the plain step a second time: its ratio shows the noise floor.
 "faults" is the median number of minor page faults per step. With glibc's default settings a
 step whose transient peak is above the previous step's re-faults that memory (about 1 µs per
@@ -79,6 +89,7 @@ Usage::
 
     python benchmarks/sam_overhead.py --quick        # CI, 1-2 minutes on 2 cores
     python benchmarks/sam_overhead.py --looksam-only --quick   # section 5 alone
+    python benchmarks/sam_overhead.py --family-only --models mlp   # section 6 alone (80 rounds)
     python benchmarks/sam_overhead.py                # more repetitions
     python benchmarks/sam_overhead.py --profile      # also a torch.profiler table of a SAM step
     python benchmarks/sam_overhead.py --retain-freed-memory --threads 1
@@ -478,12 +489,14 @@ def round_robin_times(
     warmup: int,
     enough: Callable[[int], bool],
     faults: dict[str, list[int]] | None = None,
+    clock: Callable[[], float] = time.perf_counter,
 ) -> dict[str, list[float]]:
     """Every variant's step times, one step per variant and round in a rotating order.
 
     Runs ``warmup`` untimed rounds, then timed ones: ``max_rounds`` at most, and no more once
-    ``seconds`` have passed and ``enough(timed rounds)`` holds. ``faults``, when given, gets each
-    timed step's minor page faults.
+    ``seconds`` have passed (wall time) and ``enough(timed rounds)`` holds. ``faults``, when given,
+    gets each timed step's minor page faults. ``clock`` times the steps (``time.thread_time``: the
+    CPU time of this thread, which with one torch thread is all of a step's work).
     """
     names = list(variants)
     times: dict[str, list[float]] = {name: [] for name in names}
@@ -495,9 +508,9 @@ def round_robin_times(
         shift = round_index % len(names)
         for name in names[shift:] + names[:shift]:
             faults_before = minor_faults() if faults is not None else 0
-            start = time.perf_counter()
+            start = clock()
             variants[name].step()
-            elapsed = time.perf_counter() - start
+            elapsed = clock() - start
             if round_index >= warmup:
                 times[name].append(elapsed)
                 if faults is not None:
@@ -982,6 +995,199 @@ def run_looksam_section(models: list[str], rounds: int, seconds: float, warmup: 
     return results
 
 
+# -- 6. the SAM family against pytorch_optimizer ------------------------------------------------------------
+#: Timed rounds of section 6 (``--family-rounds``): 80, or 12 with --quick.
+FAMILY_ROUNDS, FAMILY_ROUNDS_QUICK = 80, 12
+
+
+class SamgriaFamily(SamgriaClosure):
+    """``TransformingOptimizer`` + one transform of the SAM family (``make()`` builds it)."""
+
+    make: Callable[[], Any] = staticmethod(lambda: SAM(rho=RHO))
+
+    def transforms(self) -> list[Any]:
+        return [type(self).make()]
+
+
+class PytorchOptimizerTwoPass(Variant):
+    """A pytorch_optimizer SAM-family optimizer (``make(model)`` builds it) called as its docstring
+    shows: the first pass, then ``step(closure)``, which runs the second."""
+
+    make: Callable[[nn.Module], torch.optim.Optimizer]
+
+    def build(self) -> torch.optim.Optimizer:
+        return type(self).make(self.model)
+
+    def closure(self) -> torch.Tensor:
+        self.optimizer.zero_grad()
+        loss = self.loss()
+        loss.backward()
+        return loss
+
+    def step(self) -> None:
+        self.closure()
+        self.optimizer.step(self.closure)
+
+
+class PytorchOptimizerOneCall(PytorchOptimizerTwoPass):
+    """pytorch_optimizer's WSAM: ``step(closure)`` runs both passes."""
+
+    def step(self) -> None:
+        self.optimizer.step(self.closure)
+
+
+class _ConstantRho:
+    """pytorch_optimizer's GSAM takes a rho scheduler: this one answers ``RHO``."""
+
+    def step(self) -> float:
+        return RHO
+
+
+class PytorchOptimizerGSAM(Variant):
+    """pytorch_optimizer's GSAM: built on an inner optimizer; ``step(closure)`` runs both passes,
+    with a closure that returns the outputs and the loss."""
+
+    def build(self) -> torch.optim.Optimizer:
+        from pytorch_optimizer import GSAM as TheirGSAM
+
+        self.inner = torch.optim.SGD(self.model.parameters(), lr=LR, momentum=MOMENTUM)
+        return TheirGSAM(self.model.parameters(), self.inner, self.model, _ConstantRho(), alpha=0.4, perturb_eps=0.0)
+
+    def closure(self) -> tuple[torch.Tensor, torch.Tensor]:
+        self.inner.zero_grad()
+        with torch.enable_grad():
+            outputs = self.model(self.x)
+            loss = F.cross_entropy(outputs, self.y)
+            loss.backward()
+        return outputs, loss.detach()
+
+    def step(self) -> None:
+        self.optimizer.step(self.closure)
+
+
+def family_pairs() -> dict[str, tuple[type[Variant], type[Variant]]]:
+    """Per algorithm, (samgria's variant, pytorch_optimizer's), with the same hyperparameters and the
+    settings under which tests/test_transforms_sam_family.py finds them equal (no epsilon in the
+    norms; ASAM with ``eta=0``, as pytorch_optimizer's ``adaptive=True`` has no eta)."""
+    import pytorch_optimizer as po
+
+    from samgria import ASAM, GSAM, WSAM, FriendlySAM
+
+    def ours(name: str, make: Callable[[], Any]) -> type[Variant]:
+        return type(f"Samgria{name}", (SamgriaFamily,), {"make": staticmethod(make)})
+
+    def theirs(name: str, base: type[PytorchOptimizerTwoPass], make: Callable[..., Any]) -> type[Variant]:
+        return type(f"PytorchOptimizer{name}", (base,), {"make": staticmethod(make)})
+
+    sgd: dict[str, Any] = {"lr": LR, "momentum": MOMENTUM}
+    pairs: dict[str, tuple[type[Variant], type[Variant]]] = {
+        "ASAM": (
+            ours("ASAM", lambda: ASAM(rho=RHO, eta=0.0)),
+            theirs("ASAM", PytorchOptimizerTwoPass, lambda m: po.SAM(m.parameters(), torch.optim.SGD, rho=RHO, adaptive=True, **sgd)),
+        ),
+        "GSAM": (ours("GSAM", lambda: GSAM(RHO, alpha=0.4)), PytorchOptimizerGSAM),
+    }
+    for decouple in (True, False):
+        name = f"WSAM decouple={decouple}"
+        pairs[name] = (
+            ours("WSAM", lambda d=decouple: WSAM(RHO, gamma=0.8, decouple=d)),
+            theirs(
+                "WSAM",
+                PytorchOptimizerOneCall,
+                lambda m, d=decouple: po.WSAM(m, m.parameters(), torch.optim.SGD, rho=RHO, gamma=0.8, decouple=d, eps=0.0, **sgd),
+            ),
+        )
+    pairs["FriendlySAM"] = (
+        ours("FriendlySAM", lambda: FriendlySAM(RHO, sigma=1.0, lmbda=0.9)),
+        theirs(
+            "FriendlySAM",
+            PytorchOptimizerTwoPass,
+            lambda m: po.FriendlySAM(m.parameters(), torch.optim.SGD, rho=RHO, sigma=1.0, lmbda=0.9, perturb_eps=0.0, **sgd),
+        ),
+    )
+    pairs["SAM"] = (
+        SamgriaClosure,
+        theirs("SAM", PytorchOptimizerTwoPass, lambda m: po.SAM(m.parameters(), torch.optim.SGD, rho=RHO, **sgd)),
+    )
+    return pairs
+
+
+def _median_iqr(values: list[float]) -> tuple[float, float, float]:
+    quartiles = statistics.quantiles(values, n=4, method="inclusive") if len(values) >= 2 else [values[0]] * 3
+    return statistics.median(values), quartiles[0], quartiles[2]
+
+
+def run_family_section(model_name: str, rounds: int, warmup: int) -> dict[str, Any] | None:
+    """Section 6: samgria's SAM family against pytorch_optimizer's, per pair the median and IQR of
+    the per-round ratio samgria / pytorch_optimizer; ``None`` (and one line) without pytorch_optimizer.
+
+    One torch thread, steps timed in CPU time (``time.thread_time``): on a shared machine wall
+    time moves by more than the differences measured here, and CPU time does not count the time
+    the process waits for a core.
+    """
+    import importlib.metadata
+    import importlib.util
+
+    if importlib.util.find_spec("pytorch_optimizer") is None:
+        print("\nSAM family against pytorch_optimizer: skipped (pytorch_optimizer is not installed)")
+        return None
+    pairs = family_pairs()
+    factory, shape = MODELS[model_name]
+    batch = make_batch(shape)
+    kinds: list[tuple[str, type[Variant]]] = [("plain two-pass", Baseline), ("plain two-pass (A/A)", Baseline)]
+    for name, (ours, theirs) in pairs.items():
+        kinds += [(f"samgria {name}", ours), (f"pytorch_optimizer {name}", theirs)]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        variants = {}
+        for name, cls in kinds:
+            torch.manual_seed(0)
+            variants[name] = cls(name, factory(), batch)
+        times = round_robin_times(variants, rounds, 0.0, warmup, lambda timed: timed >= rounds, clock=time.thread_time)
+    finally:
+        torch.set_num_threads(threads)
+    base = times["plain two-pass"]
+    ratio = {name: _median_iqr([t / b for t, b in zip(values, base)]) for name, values in times.items()}
+    result: dict[str, Any] = {
+        "model": model_name,
+        "pytorch_optimizer": importlib.metadata.version("pytorch_optimizer"),
+        "rounds": len(base),
+        "clock": "thread CPU time, 1 torch thread",
+        "base_ms": 1e3 * statistics.median(base),
+        "aa_ratio": ratio["plain two-pass (A/A)"],
+        "pairs": {},
+    }
+    print(
+        f"\nSAM family against pytorch_optimizer {result['pytorch_optimizer']}, {model_name}: 1 torch thread, "
+        f"CPU time of the step (time.thread_time; wall time on a shared machine moves more than these "
+        f"differences), {len(base)} interleaved rounds; plain two-pass {result['base_ms']:.2f} ms"
+    )
+    print(f"{'algorithm':<22} {'samgria/plain':>13} {'po/plain':>9} {'samgria/po':>10} {'IQR':>14}")
+    aa = ratio["plain two-pass (A/A)"]
+    print(f"{'plain two-pass (A/A)':<22} {aa[0]:>13.3f} {'-':>9} {'-':>10} {f'[{aa[1]:.3f}, {aa[2]:.3f}]':>14}")
+    for name in pairs:
+        ours_times, theirs_times = times[f"samgria {name}"], times[f"pytorch_optimizer {name}"]
+        pair = _median_iqr([o / t for o, t in zip(ours_times, theirs_times)])
+        result["pairs"][name] = {
+            "samgria_ratio": ratio[f"samgria {name}"][0],
+            "pytorch_optimizer_ratio": ratio[f"pytorch_optimizer {name}"][0],
+            "samgria_over_pytorch_optimizer": pair[0],
+            "q1": pair[1],
+            "q3": pair[2],
+        }
+        iqr = f"[{pair[1]:.3f}, {pair[2]:.3f}]"
+        print(
+            f"{name:<22} {ratio[f'samgria {name}'][0]:>13.3f} {ratio[f'pytorch_optimizer {name}'][0]:>9.3f} "
+            f"{pair[0]:>10.3f} {iqr:>14}"
+        )
+    print(
+        "(ratios: medians over rounds of per-round ratios; samgria/po below 1 means samgria is faster; "
+        "the A/A row's IQR is the noise of one ratio)"
+    )
+    return result
+
+
 # -- main --------------------------------------------------------------------------------------------------
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -1017,6 +1223,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument(
         "--looksam-only", action="store_true", help="only section 5 (LookSAM against a one-pass step); writes no files"
     )
+    parser.add_argument(
+        "--family-only",
+        action="store_true",
+        help="only section 6 (the SAM family against pytorch_optimizer's, if installed); writes no files",
+    )
+    parser.add_argument(
+        "--family-rounds",
+        type=int_at_least(2),
+        default=None,
+        help=f"timed rounds of section 6 (default {FAMILY_ROUNDS}, {FAMILY_ROUNDS_QUICK} quick)",
+    )
     args = parser.parse_args(argv)
     peak_steps = args.peak_steps or (4 if args.quick else 9)
     peak_warmup = args.peak_warmup if args.peak_warmup is not None else (2 if args.quick else 3)
@@ -1040,6 +1257,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     if args.looksam_only:
         return {"looksam": run_looksam_section(args.models, rounds, seconds, warmup)}
+    family_rounds = args.family_rounds or (FAMILY_ROUNDS_QUICK if args.quick else FAMILY_ROUNDS)
+    if args.family_only:
+        return {"family": run_family_section(args.models[0], family_rounds, warmup)}
 
     results: dict[str, Any] = {
         "torch": torch.__version__,
@@ -1083,6 +1303,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     # --quick: LookSAM on the first model only (CI's time budget).
     results["looksam"] = run_looksam_section(args.models[:1] if args.quick else args.models, rounds, seconds, warmup)
+    # The SAM family against pytorch_optimizer's (when installed), on the first model.
+    results["family"] = run_family_section(args.models[0], family_rounds, warmup)
 
     peak_reps = args.peak_reps if args.peak_reps is not None else (1 if args.quick else 3)
     if peak_reps > 0:
