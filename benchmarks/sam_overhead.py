@@ -894,16 +894,14 @@ class SamgriaLookSAM(SamgriaClosure):
         )
 
 
-class PytorchOptimizerLookSAM(Variant):
-    """pytorch_optimizer's LookSAM (if installed), called as its docstring shows: the first pass,
-    then ``step(closure)``, which runs the closure again on every step."""
+class PytorchOptimizerTwoPass(Variant):
+    """A pytorch_optimizer SAM-family optimizer (``make(model)`` builds it) called as its docstring
+    shows: the first pass, then ``step(closure)``, which runs the second."""
 
-    k = 5
+    make: Callable[[nn.Module], torch.optim.Optimizer]
 
     def build(self) -> torch.optim.Optimizer:
-        from pytorch_optimizer import LookSAM as TheirLookSAM
-
-        return TheirLookSAM(self.model.parameters(), torch.optim.SGD, rho=RHO, k=self.k, lr=LR, momentum=MOMENTUM)
+        return type(self).make(self.model)
 
     def closure(self) -> torch.Tensor:
         self.optimizer.zero_grad()
@@ -914,6 +912,18 @@ class PytorchOptimizerLookSAM(Variant):
     def step(self) -> None:
         self.closure()
         self.optimizer.step(self.closure)
+
+
+class PytorchOptimizerLookSAM(PytorchOptimizerTwoPass):
+    """pytorch_optimizer's LookSAM (if installed), called as its docstring shows: the first pass,
+    then ``step(closure)``, which runs the closure again on every step."""
+
+    k = 5
+
+    def build(self) -> torch.optim.Optimizer:
+        from pytorch_optimizer import LookSAM as TheirLookSAM
+
+        return TheirLookSAM(self.model.parameters(), torch.optim.SGD, rho=RHO, k=self.k, lr=LR, momentum=MOMENTUM)
 
 
 def looksam_variants(model_name: str) -> dict[str, tuple[Variant, float | None]]:
@@ -1007,26 +1017,6 @@ class SamgriaFamily(SamgriaClosure):
 
     def transforms(self) -> list[Any]:
         return [type(self).make()]
-
-
-class PytorchOptimizerTwoPass(Variant):
-    """A pytorch_optimizer SAM-family optimizer (``make(model)`` builds it) called as its docstring
-    shows: the first pass, then ``step(closure)``, which runs the second."""
-
-    make: Callable[[nn.Module], torch.optim.Optimizer]
-
-    def build(self) -> torch.optim.Optimizer:
-        return type(self).make(self.model)
-
-    def closure(self) -> torch.Tensor:
-        self.optimizer.zero_grad()
-        loss = self.loss()
-        loss.backward()
-        return loss
-
-    def step(self) -> None:
-        self.closure()
-        self.optimizer.step(self.closure)
 
 
 class PytorchOptimizerOneCall(PytorchOptimizerTwoPass):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import fractions
 import math
 import re
@@ -788,6 +789,17 @@ def test_two_call_loop_with_nothing_perturbed_keeps_what_is_done_to_the_second_g
 
 
 
+def backward_zeroing_in_place(optimizer, pair, step, x):
+    """Zero the gradients in place (``set_to_none=False``), then back-propagate a loss of both
+    layers of ``pair`` for the first two steps and of the first layer alone after them."""
+    optimizer.zero_grad(set_to_none=False)
+    loss = pair[0](x).pow(2).sum()
+    if step < 2:
+        loss = loss + pair[1](x).pow(2).sum()
+    loss.backward()
+    return loss
+
+
 @pytest.mark.parametrize("transforms", [lambda: [SAM(0.0)], lambda: [ClipGradNorm(1e6)]], ids=["sam-rho-zero", "no-second-pass"])
 def test_two_call_loop_with_nothing_perturbed_keeps_the_zeroed_gradients_of_parameters_backward_misses(transforms):
     """With nothing perturbed, step(closure) steps with the first pass's gradients: a loop that
@@ -804,13 +816,7 @@ def test_two_call_loop_with_nothing_perturbed_keeps_the_zeroed_gradients_of_para
         for pair in models[1:]
     )
 
-    def backward(optimizer, pair, step):
-        optimizer.zero_grad(set_to_none=False)
-        loss = pair[0](x).pow(2).sum()
-        if step < 2:  # the second layer is used for two steps, then no longer
-            loss = loss + pair[1](x).pow(2).sum()
-        loss.backward()
-        return loss
+    backward = functools.partial(backward_zeroing_in_place, x=x)
 
     for step in range(4):
         if step == 2:  # and the first layer's bias is frozen (its gradient stays, zeroed)
@@ -846,13 +852,7 @@ def test_first_pass_context_with_nothing_perturbed_keeps_the_zeroed_gradients_of
         first_pass_context=contextlib.nullcontext,
     )
 
-    def backward(opt, modules, step):
-        opt.zero_grad(set_to_none=False)
-        loss = modules[0](x).pow(2).sum()
-        if step < 2:  # the second layer is used for two steps, then no longer
-            loss = loss + modules[1](x).pow(2).sum()
-        loss.backward()
-        return loss
+    backward = functools.partial(backward_zeroing_in_place, x=x)
 
     for step in range(4):
         backward(plain, plain_pair, step)
