@@ -258,7 +258,10 @@ class MultiStepSAM(_FinishingTransform):
             from a list of param-group dicts (a torch optimizer class, a
             :func:`functools.partial` of one; a lambda works but does not pickle). It must
             minimise (not ``maximize=True``) and step without a closure. It is built once at
-            construction over a probe tensor, to check it.
+            construction over a probe tensor, to check it. The inner optimizer must not
+            maximise either: a step with ``maximize=True`` in a group the adversary moves raises
+            ``ValueError`` before anything moves (checked at every step: ``maximize`` is a
+            group's, editable later).
         normalize: Divide the gradient by its global L2 norm before the ascent step (optax's
             ``normalize()``; a setting). With ``normalize=False`` the first ascent step of the
             two-call loop would climb by the loss-scaled gradients under ``GradScaler``:
@@ -350,7 +353,7 @@ class MultiStepSAM(_FinishingTransform):
         moved_groups = [groups[i] for i in moving]
         if self.adversary is None:  # SAM's move, the same kernels (bit for bit)
             scales = [self._radius(group) for group in moved_groups]
-            directions = [as_real(grads[i]) for i in moving]  # consumed by the move
+            directions = [as_real(grads[i]) for i in moving]  # read, not written, by the move
             divisors = [norm if self.normalize else 1.0] * len(moved)
             moves = self._move_along(moved, directions, scales, ctx.foreach, divisors).moves
             return _Ascent(moves, None, moved=moved, groups=moved_groups, adversary=None, scale_dependent=not self.normalize)
