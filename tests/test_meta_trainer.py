@@ -1280,6 +1280,18 @@ def _train_modes(trainer):
     return [group["train_mode"] for group in trainer.meta.outer.param_groups]
 
 
+def _switchable_mse(message):
+    """An MSE loss that raises ``RuntimeError(message)`` while ``failing[0]`` is true: (loss, failing)."""
+    failing = [False]
+
+    def loss_fn(prediction, target):
+        if failing[0]:
+            raise RuntimeError(message)
+        return F.mse_loss(prediction, target)
+
+    return loss_fn, failing
+
+
 def test_a_schedule_free_outer_optimizer_is_evaluated_at_its_averaged_weights():
     """fit's evaluations (and evaluate) were taken at the training-sequence weights of a
     ScheduleFreeAdamW outer optimizer, not at the averaged ones it evaluates at; now they equal a
@@ -1318,13 +1330,7 @@ def test_a_schedule_free_outer_optimizer_is_evaluated_at_its_averaged_weights():
 
 def test_a_schedule_free_evaluation_that_raises_leaves_train_mode_and_the_weights():
     tasks, eval_tasks = fixed_tasks(4), fixed_tasks(2, seed=9)
-    failing = [False]
-
-    def loss_fn(prediction, target):
-        if failing[0]:
-            raise RuntimeError("evaluation failed")
-        return F.mse_loss(prediction, target)
-
+    loss_fn, failing = _switchable_mse("evaluation failed")
     trainer = _schedule_free_trainer(tasks, loss_fn)
     trainer.fit(2, 2, progress=False)
     before = [p.detach().clone() for p in _meta_weights(trainer)]
@@ -1343,13 +1349,7 @@ def test_train_step_switches_a_schedule_free_outer_optimizer_in_eval_mode_to_tra
     train_step stepped from them in eval mode; now it switches to train mode first, as the hand
     loop does, and a meta-step that raises leaves eval mode and the averaged weights, bit for bit."""
     tasks, eval_tasks = fixed_tasks(6), fixed_tasks(2, seed=9)
-    failing = [False]
-
-    def loss_fn(prediction, target):
-        if failing[0]:
-            raise RuntimeError("meta-step failed")
-        return F.mse_loss(prediction, target)
-
+    loss_fn, failing = _switchable_mse("meta-step failed")
     trainer, reference = _schedule_free_trainer(tasks, loss_fn), _schedule_free_trainer(tasks)
     for t in (trainer, reference):
         t.fit(2, 2, progress=False)
