@@ -1572,6 +1572,85 @@ def test_out_of_place_kernels_equal_a_copy_written_in_place_bitwise(foreach):
         assert torch.equal(_bits(a), _bits(b))
 
 
+def test_out_of_place_kernels_foreach_path_equals_per_tensor_path_bitwise():
+    """``_scaled`` and ``_added`` on one list that mixes every path: float32 (two strides),
+    float64, float16, bfloat16, complex, a source of another dtype, and scales 0.0 and -0.0 of
+    one float32 group on -0.0 targets (where ``t + 0.0 u`` and ``t - 0.0 u`` differ in sign)."""
+    from samgria.transforms.sam_family import _added, _scaled
+
+    generator = torch.Generator().manual_seed(1)
+    tensors = [
+        torch.randn(5, 3, generator=generator),
+        torch.randn(4, 3, 2, 2, generator=generator).to(memory_format=torch.channels_last),
+        torch.randn(6, generator=generator, dtype=torch.float64),
+        torch.randn(6, generator=generator).half(),
+        torch.randn(6, generator=generator).bfloat16(),
+        torch.randn(3, generator=generator, dtype=torch.complex128),
+        torch.full((4,), -0.0),
+        torch.full((4,), -0.0),
+    ]
+    scales = [0.3, -1.7, 1e-3, 70000.0, -3.5, 0.9, 0.0, -0.0]
+    for fast, reference in zip(_scaled(tensors, scales, True), _scaled(tensors, scales, False)):
+        assert fast.dtype == reference.dtype and fast.stride() == reference.stride()
+        assert torch.equal(_bits(fast), _bits(reference))
+
+    reals = [torch.view_as_real(t) if t.is_complex() else t for t in tensors]
+    sources = [torch.randn(t.shape, generator=generator).to(t.dtype).to(memory_format=torch.preserve_format) for t in reals]
+    sources[2] = sources[2].float()  # another dtype than its target: through a copy
+    sources[6], sources[7] = torch.ones(4), torch.ones(4)
+    for fast, reference in zip(_added(reals, sources, scales, True), _added(reals, sources, scales, False)):
+        assert fast.dtype == reference.dtype and fast.stride() == reference.stride()
+        assert torch.equal(_bits(fast), _bits(reference))
+
+
+@pytest.mark.parametrize(
+    "make", [lambda: FriendlySAM(0.05, sigma=0.5, lmbda=0.9), lambda: LookSAM(0.05, alpha=0.7, k=2)], ids=["FriendlySAM", "LookSAM"]
+)
+def test_out_of_place_kernels_in_a_mixed_dtype_group_foreach_equals_per_tensor_bitwise(make):
+    """FriendlySAM's average (``_scaled``, ``_added``) and LookSAM's direction (``_scaled`` of a
+    gradient missing at w + e) in one group of float32, float16, bfloat16, float64 and complex64
+    parameters, one without a gradient and one whose gradient vanishes at w + e: the foreach path
+    steps the weights and the state bit for bit as the per-tensor path."""
+
+    def run(foreach):
+        generator = torch.Generator().manual_seed(0)
+        dtypes = [torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.complex64, torch.float32, torch.float32]
+        params = [nn.Parameter(torch.randn(3, 2, generator=generator, dtype=torch.complex64 if d.is_complex else torch.float32).to(d)) for d in dtypes]
+        targets = [torch.randn(p.shape, generator=generator, dtype=p.dtype) for p in params]
+        without, vanishing = params[-2], params[-1]
+        initial = [p.detach().clone() for p in params]
+        optimizer = TransformingOptimizer(params, torch.optim.SGD, lr=0.1, transforms=[make()], transform_foreach=foreach)
+        calls = []
+
+        def closure():
+            optimizer.zero_grad()
+            calls.append(None)
+            terms = [((p - t).abs() ** 2).sum().double() for p, t in zip(params, targets) if p is not without and (p is not vanishing or len(calls) == 1)]
+            loss = torch.stack(terms).sum()
+            loss.backward()
+            return loss
+
+        for _ in range(4):
+            calls.clear()
+            optimizer.step(closure)
+        moved = [not torch.equal(p, w) for p, w in zip(params, initial)]
+        assert all(moved[:5]) and not moved[5]  # guards the comparison below
+        return params, optimizer.state_dict()["state"]
+
+    (fast, fast_state), (reference, reference_state) = run(True), run(False)
+    for a, b in zip(fast, reference):
+        assert a.dtype == b.dtype and torch.equal(_bits(a.detach()), _bits(b.detach()))
+    assert fast_state.keys() == reference_state.keys() == {0, 1, 2, 3, 4, 6}
+    for index, entry in fast_state.items():
+        assert entry.keys() == reference_state[index].keys()
+        for key, value in entry.items():
+            if isinstance(value, torch.Tensor):
+                assert value.dtype == reference_state[index][key].dtype
+                assert torch.equal(_bits(value), _bits(reference_state[index][key]))
+            else:
+                assert value == reference_state[index][key]
+
+
 @pytest.mark.parametrize("where", ["subclass", "instance"])
 def test_coupled_wsam_with_its_own_post_update_still_runs_it(where):
     """Coupled WSAM's own post_update does nothing, so the optimizer skips it; a post_update that

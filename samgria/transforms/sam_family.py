@@ -55,34 +55,55 @@ Finish = Callable[[bool], None]
 
 
 # -- kernels: a foreach fast path and a per-tensor path with the same arithmetic ---------------------
+def _out_of_place(
+    tensors: Sequence[torch.Tensor],
+    keys: Sequence[tuple[Any, ...] | None],
+    foreach_kernel: Callable[[list[int], tuple[Any, ...]], Sequence[torch.Tensor]],
+    tensor_kernel: Callable[[int, tuple[Any, ...]], torch.Tensor],
+    in_place: Callable[[list[torch.Tensor], list[int]], None],
+    foreach: bool,
+) -> list[torch.Tensor]:
+    """New tensors, in the order of ``tensors``: the indices with a key (``keys[i]``, e.g. device
+    and dtype) are grouped by it and computed out of place, one ``foreach_kernel(indices, key)``
+    per group (``tensor_kernel(index, key)`` each without ``foreach``); the others (key ``None``)
+    are cloned and ``in_place(clones, indices)`` writes the clones."""
+    result: list[torch.Tensor | None] = [None] * len(tensors)
+    copied: list[int] = []
+    direct: dict[tuple[Any, ...], list[int]] = {}
+    for index, key in enumerate(keys):
+        if key is None:
+            copied.append(index)
+        else:
+            direct.setdefault(key, []).append(index)
+    for key, indices in direct.items():
+        outputs = foreach_kernel(indices, key) if foreach else [tensor_kernel(index, key) for index in indices]
+        for index, output in zip(indices, outputs):
+            result[index] = output
+    if copied:
+        clones = [tensors[i].clone(memory_format=torch.preserve_format) for i in copied]
+        in_place(clones, copied)
+        for index, clone in zip(copied, clones):
+            result[index] = clone
+    return cast(list[torch.Tensor], result)
+
+
 def _scaled(tensors: Sequence[torch.Tensor], scales: Sequence[float], foreach: bool) -> list[torch.Tensor]:
     r"""New tensors :math:`s_i\, t_i` (same kinds and dtypes as ``tensors``; the arithmetic of
     :func:`scale_`, on each clone's :func:`as_real` view, so that sharded and plain tensors mix).
 
     Plain real tensors of 32 or 64 bits are multiplied out of place, in one pass instead of a copy
     and a pass over the copy: the kernel :func:`scale_` runs in place, bit for bit."""
-    result: list[torch.Tensor | None] = [None] * len(tensors)
-    copied: list[int] = []
-    direct: dict[tuple[torch.device, torch.dtype], list[int]] = {}
-    for index, tensor in enumerate(tensors):
-        if tensor.dtype in LOW_PRECISION or tensor.is_complex() or is_sharded(tensor):
-            copied.append(index)
-        else:
-            direct.setdefault((tensor.device, tensor.dtype), []).append(index)
-    for indices in direct.values():
-        products: Sequence[torch.Tensor]
-        if foreach:
-            products = torch._foreach_mul([tensors[i] for i in indices], [scales[i] for i in indices])
-        else:
-            products = [tensors[i].mul(scales[i]) for i in indices]
-        for index, product in zip(indices, products):
-            result[index] = product
-    if copied:
-        clones = [tensors[i].clone(memory_format=torch.preserve_format) for i in copied]
-        scale_([as_real(tensor) for tensor in clones], [scales[i] for i in copied], foreach=foreach)
-        for index, clone in zip(copied, clones):
-            result[index] = clone
-    return cast(list[torch.Tensor], result)
+    keys = [
+        None if t.dtype in LOW_PRECISION or t.is_complex() or is_sharded(t) else (t.device, t.dtype) for t in tensors
+    ]
+    return _out_of_place(
+        tensors,
+        keys,
+        lambda indices, _: torch._foreach_mul([tensors[i] for i in indices], [scales[i] for i in indices]),
+        lambda i, _: tensors[i].mul(scales[i]),
+        lambda clones, copied: scale_([as_real(c) for c in clones], [scales[i] for i in copied], foreach=foreach),
+        foreach,
+    )
 
 
 def _added(
@@ -91,28 +112,20 @@ def _added(
     r"""New tensors :math:`t_i + s_i\, u_i`: :func:`_add_scaled_` on copies of ``targets`` (real
     dense tensors), bit for bit. A target of 32 or 64 bits with a source of its dtype and device
     is added out of place, in one pass instead of a copy and a pass over the copy."""
-    result: list[torch.Tensor | None] = [None] * len(targets)
-    copied: list[int] = []
-    direct: dict[tuple[Any, ...], list[int]] = {}
-    for index, (target, source) in enumerate(zip(targets, sources)):
-        if target.dtype in LOW_PRECISION or source.dtype != target.dtype or source.device != target.device:
-            copied.append(index)
-        else:
-            direct.setdefault((target.device, target.dtype, scales[index]), []).append(index)
-    for (_device, _dtype, scale), indices in direct.items():
-        sums: Sequence[torch.Tensor]
-        if foreach:
-            sums = torch._foreach_add([targets[i] for i in indices], [sources[i] for i in indices], alpha=scale)
-        else:
-            sums = [torch.add(targets[i], sources[i], alpha=scale) for i in indices]
-        for index, total in zip(indices, sums):
-            result[index] = total
-    if copied:
-        clones = [targets[i].clone(memory_format=torch.preserve_format) for i in copied]
-        _add_scaled_(clones, [sources[i] for i in copied], [scales[i] for i in copied], foreach)
-        for index, clone in zip(copied, clones):
-            result[index] = clone
-    return cast(list[torch.Tensor], result)
+    keys = [
+        None if t.dtype in LOW_PRECISION or u.dtype != t.dtype or u.device != t.device else (t.device, t.dtype, s)
+        for t, u, s in zip(targets, sources, scales)
+    ]
+    return _out_of_place(
+        targets,
+        keys,
+        lambda indices, key: torch._foreach_add(
+            [targets[i] for i in indices], [sources[i] for i in indices], alpha=key[2]
+        ),
+        lambda i, key: torch.add(targets[i], sources[i], alpha=key[2]),  # the group's scale on both paths
+        lambda clones, copied: _add_scaled_(clones, [sources[i] for i in copied], [scales[i] for i in copied], foreach),
+        foreach,
+    )
 
 
 def _add_scaled_(
