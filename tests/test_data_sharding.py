@@ -218,6 +218,24 @@ def test_a_sampler_on_the_global_generator_is_refused_for_several_ranks(make) ->
     DistributedTaskSampler(PlainSampler(0), rank=1, world_size=2)  # no generator attribute: not asked
 
 
+
+def test_a_sampler_given_torchs_global_generator_itself_is_refused_for_several_ranks() -> None:
+    """generator=torch.default_generator is torch's global stream under another name: the ranks'
+    copies drift apart as with generator=None, and each rank took its share of another batch."""
+    inputs, labels = torch.randn(80, 2), torch.arange(80) % 8
+    for sampler in (
+        FewShotSampler(inputs, labels, 3, 2, 2, generator=torch.default_generator),
+        SinusoidTaskSampler(generator=torch.default_generator),
+    ):
+        message = (
+            rf"^sampler must draw from a generator of its own when it is shared by 2 ranks, got a "
+            rf"{type(sampler).__name__} that draws from torch's global generator "
+            r"\(generator=torch.default_generator\)"
+        )
+        with pytest.raises(ValueError, match=message):
+            DistributedTaskSampler(sampler, rank=1, world_size=2)
+        DistributedTaskSampler(sampler, rank=0, world_size=1)
+
 class TaskStream(torch.utils.data.IterableDataset):
     """The meta guide's recipe: each DataLoader worker keeps its share of every global meta-batch."""
 

@@ -21,6 +21,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any, TypeVar
 
+import torch
+
 from samgria._checks import check_int
 from samgria.data.task import Task, TaskSampler, load_sampler_state_dict, sampler_state_dict
 from samgria.data._validation import check_sampler
@@ -83,6 +85,23 @@ def _own_sample_shard(sampler: TaskSampler) -> Any:
     return own  # set on the instance
 
 
+def _global_generator_name(sampler: Any) -> str | None:
+    """How ``sampler.generator`` names torch's global generator (``"None"``, what samgria's samplers
+    draw from without ``seed`` or ``generator``, or ``"torch.default_generator"`` and the CUDA ones
+    given by hand), else ``None``: a generator of its own, or no ``generator`` attribute."""
+    if not hasattr(sampler, "generator"):
+        return None
+    generator = sampler.generator
+    if generator is None:
+        return "None"
+    if generator is torch.default_generator:
+        return "torch.default_generator"
+    for index, default in enumerate(torch.cuda.default_generators):  # () until CUDA is initialised
+        if generator is default:
+            return f"torch.cuda.default_generators[{index}]"
+    return None
+
+
 def sample_shard(sampler: TaskSampler, n: int, rank: int, world_size: int) -> list[Task]:
     """Draw a global batch of ``n`` tasks from ``sampler`` and return rank ``rank``'s share.
 
@@ -126,9 +145,9 @@ class DistributedTaskSampler:
 
     Args:
         sampler: The global task stream (anything with ``sample(n)``), seeded alike on every
-            rank; one with a ``generator`` attribute that is ``None`` (samgria's samplers built
-            without ``seed`` or ``generator``, which draw from torch's global generator) is
-            refused for more than one rank.
+            rank; one whose ``generator`` attribute is torch's global generator (``None``, as in
+            samgria's samplers built without ``seed`` or ``generator``, or
+            ``torch.default_generator`` itself) is refused for more than one rank.
         rank: This process's rank (default: ``torch.distributed.get_rank()``).
         world_size: Number of processes (default: ``torch.distributed.get_world_size()``).
 
@@ -154,13 +173,14 @@ class DistributedTaskSampler:
             rank = dist.get_rank() if rank is None else rank
             world_size = dist.get_world_size() if world_size is None else world_size
         rank, world_size = check_shard(rank, world_size)
-        if world_size > 1 and hasattr(sampler, "generator") and sampler.generator is None:
+        global_name = _global_generator_name(sampler)
+        if world_size > 1 and global_name is not None:
             raise ValueError(
                 f"sampler must draw from a generator of its own when it is shared by {world_size} ranks, got "
-                f"a {type(sampler).__name__} that draws from torch's global generator (generator=None): the "
-                "ranks' global random streams drift apart (dropout, say, draws as many numbers as a rank "
-                "has tasks), and each rank would take its share of another batch; give it seed=... (the "
-                "same on every rank) or generator=..."
+                f"a {type(sampler).__name__} that draws from torch's global generator "
+                f"(generator={global_name}): the ranks' global random streams drift apart (dropout, say, "
+                "draws as many numbers as a rank has tasks), and each rank would take its share of another "
+                "batch; give it seed=... (the same on every rank) or a generator=... of its own"
             )
         self.sampler = sampler
         self.rank, self.world_size = rank, world_size
