@@ -236,6 +236,21 @@ def test_a_sampler_given_torchs_global_generator_itself_is_refused_for_several_r
             DistributedTaskSampler(sampler, rank=1, world_size=2)
         DistributedTaskSampler(sampler, rank=0, world_size=1)
 
+
+def test_a_distributed_task_sampler_of_several_ranks_is_refused_as_the_sampler_naming_the_fix() -> None:
+    """Its sample(n) returns a share of n tasks, so a second one wrapped around it (the ranks, then
+    DataLoader workers in each) failed at its first sample with 'sampler.sample(8) returned 4 tasks'."""
+    inner = DistributedTaskSampler(sinusoid(), rank=1, world_size=2)
+    message = (
+        r"^sampler must not be a DistributedTaskSampler of several ranks \(rank 1 of 2\), whose sample\(n\) "
+        r"returns a share of n tasks, got DistributedTaskSampler\(SinusoidTaskSampler\(.*rank=1, world_size=2\); "
+        r"wrap its sampler once, with rank=rank \* K \+ k and world_size=world_size \* K for K shares of each rank's"
+    )
+    with pytest.raises(ValueError, match=message):
+        DistributedTaskSampler(inner, rank=0, world_size=2)
+    one = DistributedTaskSampler(sinusoid(), rank=0, world_size=1)  # sample(n) is all n tasks: fine
+    assert same_tasks(DistributedTaskSampler(one, rank=1, world_size=2).sample(4), sinusoid().sample(4)[2:])
+
 class TaskStream(torch.utils.data.IterableDataset):
     """The meta guide's recipe: each DataLoader worker keeps its share of every global meta-batch."""
 

@@ -155,8 +155,11 @@ class DistributedTaskSampler:
         TypeError: ``sampler`` has no ``sample`` method, or ``rank``/``world_size`` is not an
             integer.
         ValueError: ``rank`` is out of range, ``rank``/``world_size`` is ``None`` without an
-            initialised ``torch.distributed`` process group, or ``sampler`` draws from torch's
-            global generator and ``world_size > 1``.
+            initialised ``torch.distributed`` process group, ``sampler`` draws from torch's
+            global generator and ``world_size > 1``, or ``sampler`` is itself a
+            ``DistributedTaskSampler`` of more than one rank (shard its sampler once, with
+            ``rank=rank * K + k`` and ``world_size=world_size * K`` for ``K`` shares of each
+            rank's).
     """
 
     def __init__(self, sampler: TaskSampler, *, rank: int | None = None, world_size: int | None = None) -> None:
@@ -173,6 +176,13 @@ class DistributedTaskSampler:
             rank = dist.get_rank() if rank is None else rank
             world_size = dist.get_world_size() if world_size is None else world_size
         rank, world_size = check_shard(rank, world_size)
+        if isinstance(sampler, DistributedTaskSampler) and sampler.world_size > 1:
+            raise ValueError(
+                f"sampler must not be a DistributedTaskSampler of several ranks (rank {sampler.rank} of "
+                f"{sampler.world_size}), whose sample(n) returns a share of n tasks, got {sampler!r}; wrap its "
+                "sampler once, with rank=rank * K + k and world_size=world_size * K for K shares of each "
+                "rank's (k: the share's index, e.g. a DataLoader worker's id)"
+            )
         global_name = _global_generator_name(sampler)
         if world_size > 1 and global_name is not None:
             raise ValueError(
@@ -183,7 +193,8 @@ class DistributedTaskSampler:
                 "batch; give it seed=... (the same on every rank) or a generator=... of its own"
             )
         self.sampler = sampler
-        self.rank, self.world_size = rank, world_size
+        self.rank: int = rank
+        self.world_size: int = world_size
 
     def bounds(self, n: int) -> tuple[int, int]:
         """``(start, stop)`` of this rank's share of ``n`` items (:func:`shard_bounds`)."""
