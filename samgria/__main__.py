@@ -129,7 +129,8 @@ def make_spirals(
         seed: Seed of the generator, in :math:`[-2^{63}, 2^{64} - 1]`; equal seeds give equal data.
 
     Returns:
-        ``(x, y)``: float32 points of shape ``(n_points, 2)`` and int64 labels.
+        ``(x, y)``: float32 points of shape ``(n_points, 2)`` and int64 labels, on the CPU whatever
+        torch's default dtype and device.
 
     Raises:
         TypeError: If ``n_points`` or ``seed`` is not an integer, or ``noise`` or ``label_noise``
@@ -141,17 +142,18 @@ def make_spirals(
     noise = check_real("noise", noise, low=0.0)
     label_noise = check_real("label_noise", label_noise, low=0.0, high=1.0)
     seed = _check_demo_seed("seed", seed)
+    # float32 on the CPU whatever torch's default dtype and device: the same seed, the same data
     generator = torch.Generator().manual_seed(seed)
-    labels = torch.arange(n_points) % 2
-    t = 3 * math.pi * torch.rand(n_points, generator=generator).sqrt()
-    angle = t + math.pi * labels
+    labels = torch.arange(n_points, device="cpu") % 2
+    t = 3 * math.pi * torch.rand(n_points, generator=generator, dtype=torch.float32, device="cpu").sqrt()
+    angle = t + math.pi * labels.to(torch.float32)
     radius = t / (3 * math.pi)
     x = torch.stack([radius * torch.cos(angle), radius * torch.sin(angle)], dim=1)
-    x = x + noise / 3 * torch.randn(n_points, 2, generator=generator)
-    flipped = torch.randperm(n_points, generator=generator)[: round(label_noise * n_points)]
+    x = x + noise / 3 * torch.randn(n_points, 2, generator=generator, dtype=torch.float32, device="cpu")
+    flipped = torch.randperm(n_points, generator=generator, device="cpu")[: round(label_noise * n_points)]
     labels = labels.clone()
     labels[flipped] = 1 - labels[flipped]
-    return x.float(), labels
+    return x, labels
 
 
 def _model(seed: int, width: int) -> nn.Module:
@@ -159,7 +161,11 @@ def _model(seed: int, width: int) -> nn.Module:
     # as if the demo had not run.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return nn.Sequential(nn.Linear(2, width), nn.ReLU(), nn.Linear(width, width), nn.ReLU(), nn.Linear(width, 2))
+        # float32 on the CPU, as the data, whatever torch's default dtype and device
+        kind: dict[str, Any] = {"device": "cpu", "dtype": torch.float32}
+        return nn.Sequential(
+            nn.Linear(2, width, **kind), nn.ReLU(), nn.Linear(width, width, **kind), nn.ReLU(), nn.Linear(width, 2, **kind)
+        )
 
 
 def _optimizer(method: str, model: nn.Module, lr: float, seed: int) -> TransformingOptimizer:
@@ -201,6 +207,8 @@ def run_demo(
     log_every: int = 25,
 ) -> list[DemoResult]:
     """Train one MLP per method on the spirals and evaluate it; deterministic for a given seed.
+
+    Data and models are float32 on the CPU, whatever torch's default dtype and device.
 
     Args:
         n_train: Training points (a share ``label_noise`` of their labels is flipped).
@@ -252,7 +260,7 @@ def run_demo(
         for epoch in range(1, epochs + 1):
             model.train()
             total, count = 0.0, 0
-            for rows in torch.randperm(n_train, generator=shuffle).split(batch_size):
+            for rows in torch.randperm(n_train, generator=shuffle, device="cpu").split(batch_size):
                 xb, yb = x_train[rows], y_train[rows]
 
                 def closure() -> torch.Tensor:
@@ -345,7 +353,7 @@ def plot_demo(
 
     x, y = make_spirals(n_points, label_noise=label_noise, seed=seed)
     extent = 1.05 * float(x.abs().max())
-    grid = torch.linspace(-extent, extent, 241)
+    grid = torch.linspace(-extent, extent, 241, dtype=torch.float32, device="cpu")
     xx, yy = torch.meshgrid(grid, grid, indexing="xy")
     points = torch.stack([xx.reshape(-1), yy.reshape(-1)], dim=1)
     fig, axes = plt.subplots(1, len(results), figsize=(3.2 * len(results), 3.4), squeeze=False)

@@ -470,3 +470,33 @@ def test_plot_demo_draws_the_training_labels_of_the_given_label_noise(
     _, labels = make_spirals(40, label_noise=0.5, seed=3)
     assert torch.equal(orange, labels == 1)
     plt.close(figure)
+
+
+@pytest.fixture
+def default_float64_on_meta() -> Iterator[None]:
+    """torch's default dtype float64 and default device "meta" (a stand-in for "cuda" here), as a
+    user's session may have set them; restored after."""
+    dtype = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    torch.set_default_device("meta")
+    try:
+        yield
+    finally:
+        torch.set_default_device(None)
+        torch.set_default_dtype(dtype)
+
+
+def test_demo_ignores_torch_default_dtype_and_device(request: pytest.FixtureRequest) -> None:
+    """The same seed gave other points under a float64 default (the draws were float64) and the
+    demo failed (float32 data, float64 model); under a default device the data followed it. The
+    demo is float32 on the CPU whatever the defaults."""
+    x, y = make_spirals(50, label_noise=0.2, seed=3)
+    settings = {**_TINY, "epochs": 1, "methods": ["plain", "SAM+LAMP"]}
+    expected = [(r.method, r.train_loss, r.test_accuracy) for r in run_demo(**settings)]
+    request.getfixturevalue("default_float64_on_meta")
+    x64, y64 = make_spirals(50, label_noise=0.2, seed=3)
+    assert (x64.dtype, x64.device, y64.device) == (torch.float32, torch.device("cpu"), torch.device("cpu"))
+    assert torch.equal(x64, x) and torch.equal(y64, y)
+    results = run_demo(**settings)
+    assert [(r.method, r.train_loss, r.test_accuracy) for r in results] == expected
+    assert {p.device.type for r in results for p in r.model.parameters()} == {"cpu"}
