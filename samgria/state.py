@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Mapping
 from types import TracebackType
 
@@ -147,7 +148,8 @@ class ParameterSnapshot:
         leaves the model untouched. A tensor of the model expanded along a dimension (stride 0,
         one element for all its positions, e.g. a buffer registered as ``torch.zeros(1).expand(3)``)
         takes the snapshot's values when they are the same along that dimension, as they are when
-        it was captured so.
+        it was captured so. An inference tensor (made under ``torch.inference_mode()``) is written
+        too, also outside inference mode.
 
         Args:
             model: Module to restore into; it must have the same parameter and buffer names,
@@ -166,7 +168,10 @@ class ParameterSnapshot:
         buffers = dict(model.named_buffers())
         writes = self._check("parameters", self.parameters, params) + self._check("buffers", self.buffers, buffers)
         for target, value in writes:
-            target.copy_(value)
+            # torch writes into an inference tensor (one made under torch.inference_mode(), such as a
+            # buffer a module caches in its first forward) only inside inference mode
+            with torch.inference_mode() if target.is_inference() else contextlib.nullcontext():
+                target.copy_(value)
 
     def __enter__(self) -> ParameterSnapshot:
         return self

@@ -216,3 +216,20 @@ def test_a_sparse_buffer_is_restored_with_everything_else():
     restore_state(model, snapshot)
     assert torch.equal(model.weight, snapshot.parameters["weight"])
     assert torch.equal(model.mask.to_dense(), torch.tensor([[1.0, 0.0], [0.0, 2.0]]))
+
+
+def test_an_inference_buffer_is_restored_with_everything_else():
+    """A buffer made under torch.inference_mode() (such as a cache a module fills in its first
+    forward) raised RuntimeError as the restore reached it, after the parameters were written."""
+    model = make_model()
+    with torch.inference_mode():
+        cache = torch.arange(3.0)
+    model.register_buffer("cache", cache)
+    before = state_bytes(model)
+    snapshot = save_state(model)
+    mutate(model)
+    with torch.inference_mode():
+        model.cache.mul_(2.0)
+    restore_state(model, snapshot)
+    assert state_bytes(model) == before
+    assert model.cache is cache and cache.is_inference()
