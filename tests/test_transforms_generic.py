@@ -627,3 +627,36 @@ def test_standalone_state_dict_is_keyed_by_the_parameters_positions_in_the_model
     for index, param in enumerate([model.a, model.b, model.c]):
         tensors = [value for value in state[index].values() if isinstance(value, torch.Tensor) and value.dim() > 0]
         assert tensors and all(value.shape == param.shape for value in tensors), (index, state[index])
+
+
+def test_a_declared_no_op_post_update_is_skipped_but_a_subclass_override_of_it_runs():
+    """A third-party transform whose class declares ``_post_update_runs = False`` speaks only for
+    its own ``post_update``: the optimizer skips that one, but a subclass's override, or one set
+    on the instance, runs after every inner step."""
+    from samgria import Transform
+
+    calls = []
+
+    class Quiet(Transform):
+        _post_update_runs = False
+
+        def post_update(self, ctx):
+            calls.append("quiet")
+
+    class Loud(Quiet):
+        def post_update(self, ctx):
+            calls.append("loud")
+
+    def set_on_the_instance():
+        transform = Quiet()
+        transform.post_update = lambda ctx: calls.append("instance")
+        return transform
+
+    for make, expected in [(Quiet, []), (Loud, ["loud", "loud"]), (set_on_the_instance, ["instance", "instance"])]:
+        calls.clear()
+        model, (x, y) = make_model(), make_data()
+        optimizer = TransformingOptimizer(model.parameters(), torch.optim.SGD, lr=0.1, transforms=[make()])
+        closure = make_closure(model, optimizer, x, y)
+        optimizer.step(closure)
+        optimizer.step(closure)
+        assert calls == expected, make.__name__

@@ -640,8 +640,9 @@ class WSAM(_RefusesOptimizerStyleCall, _FinishingTransform):
     def _post_update_runs(self) -> bool:
         """Whether :meth:`post_update` can do anything: coupled, the whole update is the inner
         optimizer's (the optimizer then neither calls it nor takes a copy before the inner step
-        for it), unless a subclass or the instance puts another ``post_update`` in its place."""
-        return self.decouple or type(self).post_update is not WSAM.post_update or "post_update" in self.__dict__
+        for it). Read only for this :meth:`post_update`, not for one a subclass or the instance
+        puts in its place."""
+        return self.decouple
 
     @torch.no_grad()
     def post_update(self, ctx: TransformContext) -> None:
