@@ -315,7 +315,8 @@ def plot_demo(
 ) -> None:
     """Draw each method's decision regions over the noisy training spirals into an image file.
 
-    One panel per method (title: held-out accuracy); needs matplotlib.
+    One panel per method (title: held-out accuracy); needs matplotlib. The figure is drawn without
+    pyplot: matplotlib's backend and pyplot's open figures are left as they are.
 
     Args:
         results: What :func:`run_demo` returned (each with its ``model``).
@@ -346,17 +347,17 @@ def plot_demo(
     n_points = check_int("n_points", n_points, low=2)
     label_noise = check_real("label_noise", label_noise, low=0.0, high=1.0)
     _check_image_path("path", path)
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    # A Figure of its own, not pyplot's: the caller's backend (a notebook's inline one) and figures
+    # stay as they are.
+    from matplotlib.figure import Figure
 
     x, y = make_spirals(n_points, label_noise=label_noise, seed=seed)
     extent = 1.05 * float(x.abs().max())
     grid = torch.linspace(-extent, extent, 241, dtype=torch.float32, device="cpu")
     xx, yy = torch.meshgrid(grid, grid, indexing="xy")
     points = torch.stack([xx.reshape(-1), yy.reshape(-1)], dim=1)
-    fig, axes = plt.subplots(1, len(results), figsize=(3.2 * len(results), 3.4), squeeze=False)
+    fig = Figure(figsize=(3.2 * len(results), 3.4))
+    axes = fig.subplots(1, len(results), squeeze=False)
     for ax, result in zip(axes[0], results):
         with torch.no_grad():
             region = result.model(points).argmax(dim=1).reshape(xx.shape)  # type: ignore[misc]
@@ -368,7 +369,6 @@ def plot_demo(
     fig.suptitle(f"decision regions after training on spirals with {100 * label_noise:g}% flipped labels", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=90)
-    plt.close(fig)
 
 
 def format_table(results: Sequence[DemoResult]) -> str:

@@ -457,11 +457,15 @@ def test_plot_demo_draws_the_training_labels_of_the_given_label_noise(
 ) -> None:
     """The panels show the training points of a run with ``label_noise`` (their labels as colours) and
     the title says the share."""
-    pytest.importorskip("matplotlib")
-    import matplotlib.pyplot as plt
-
+    figure_module = pytest.importorskip("matplotlib.figure")
     figures = []
-    monkeypatch.setattr(plt, "close", figures.append)
+    savefig = figure_module.Figure.savefig
+
+    def record(figure: object, *args: object, **kwargs: object) -> None:
+        figures.append(figure)
+        savefig(figure, *args, **kwargs)
+
+    monkeypatch.setattr(figure_module.Figure, "savefig", record)
     plot_demo([_trained_result()], tmp_path / "demo.png", n_points=40, seed=3, label_noise=0.5)
     (figure,) = figures
     assert "with 50% flipped labels" in figure._suptitle.get_text()
@@ -469,7 +473,6 @@ def test_plot_demo_draws_the_training_labels_of_the_given_label_noise(
     orange = torch.tensor([tuple(color) != (8 / 255, 81 / 255, 156 / 255, 1.0) for color in points.get_facecolors()])
     _, labels = make_spirals(40, label_noise=0.5, seed=3)
     assert torch.equal(orange, labels == 1)
-    plt.close(figure)
 
 
 @pytest.fixture
@@ -500,3 +503,22 @@ def test_demo_ignores_torch_default_dtype_and_device(request: pytest.FixtureRequ
     results = run_demo(**settings)
     assert [(r.method, r.train_loss, r.test_accuracy) for r in results] == expected
     assert {p.device.type for r in results for p in r.model.parameters()} == {"cpu"}
+
+
+def test_plot_demo_leaves_the_callers_matplotlib_backend_and_figures(tmp_path: Path) -> None:
+    """plot_demo switched matplotlib to Agg (in a notebook: no more inline figures after it)."""
+    matplotlib = pytest.importorskip("matplotlib")
+    import matplotlib.pyplot as plt
+
+    backend = matplotlib.get_backend()
+    plt.switch_backend("svg")
+    figure = plt.figure()
+    open_figures = plt.get_fignums()
+    try:
+        plot_demo([_trained_result()], tmp_path / "demo.png", n_points=20)
+        assert matplotlib.get_backend() == "svg"
+        assert plt.get_fignums() == open_figures
+    finally:
+        plt.close(figure)
+        plt.switch_backend(backend)
+    assert (tmp_path / "demo.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
