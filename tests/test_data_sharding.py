@@ -16,10 +16,13 @@ def same_tasks(a: list[Task], b: list[Task]) -> bool:
     return len(a) == len(b) and all(torch.equal(getattr(x, f), getattr(y, f)) for x, y in zip(a, b) for f in FIELDS)
 
 
-def few_shot(seed: int | None = 3, **kwargs) -> FewShotSampler:
+def few_shot_data() -> tuple[torch.Tensor, torch.Tensor]:
     inputs = torch.randn(80, 2, generator=torch.Generator().manual_seed(0))
-    labels = torch.arange(80) % 8
-    return FewShotSampler(inputs, labels, 3, 2, 2, seed=seed, **kwargs)
+    return inputs, torch.arange(80) % 8
+
+
+def few_shot(seed: int | None = 3, **kwargs) -> FewShotSampler:
+    return FewShotSampler(*few_shot_data(), 3, 2, 2, seed=seed, **kwargs)
 
 
 def sinusoid(seed: int | None = 3) -> SinusoidTaskSampler:
@@ -250,6 +253,27 @@ def test_a_distributed_task_sampler_of_several_ranks_is_refused_as_the_sampler_n
         DistributedTaskSampler(inner, rank=0, world_size=2)
     one = DistributedTaskSampler(sinusoid(), rank=0, world_size=1)  # sample(n) is all n tasks: fine
     assert same_tasks(DistributedTaskSampler(one, rank=1, world_size=2).sample(4), sinusoid().sample(4)[2:])
+
+
+@pytest.mark.parametrize("make", [few_shot, sinusoid], ids=["few_shot", "sinusoid"])
+def test_a_default_device_other_than_the_cpu_draws_the_same_tasks_on_the_cpu(make) -> None:
+    """Under ``with torch.device(...)`` (or set_default_device) torch's factories build on that
+    device: the few-shot sampler drew its indices there from its CPU generator (torch refuses that
+    generator on CUDA, "Expected a 'cuda' device type for generator"; "meta", the stand-in here,
+    has no numbers at all), and a range check built its probe there. Both draw on the CPU."""
+    data = few_shot_data()  # the data set stays on the CPU: only the sampler is built under "meta"
+    build = (lambda: FewShotSampler(*data, 3, 2, 2, seed=3)) if make is few_shot else make
+    reference = build()
+    expected, expected_classes = reference.sample(3), getattr(reference, "classes", None)
+    with torch.device("meta"):
+        sampler = build()
+        tasks = sampler.sample(3)
+        empty = sampler.sample_with_classes(0)[1] if expected_classes is not None else None
+    assert same_tasks(tasks, expected)
+    assert all(getattr(t, f).device.type == "cpu" for t in tasks for f in FIELDS)
+    if expected_classes is not None:  # the class labels, and those of no task, stay on the CPU too
+        assert torch.equal(sampler.classes, expected_classes) and sampler.classes.device.type == "cpu"
+        assert empty.device.type == "cpu" and empty.shape == (0, 3)
 
 class TaskStream(torch.utils.data.IterableDataset):
     """The meta guide's recipe: each DataLoader worker keeps its share of every global meta-batch."""

@@ -75,7 +75,7 @@ def check_range(name: str, value: object, dtype: torch.dtype | None = None) -> t
 
 def finite_in(value: float, dtype: torch.dtype) -> bool:
     """Whether the float ``value`` rounds to a finite number of ``dtype``."""
-    return bool(torch.isfinite(torch.tensor(value, dtype=torch.float64).to(dtype)))
+    return bool(torch.isfinite(torch.tensor(value, dtype=torch.float64, device="cpu").to(dtype)))
 
 
 def check_span(name: str, low: float, high: float, value: object, dtype: torch.dtype) -> None:

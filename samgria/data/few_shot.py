@@ -142,12 +142,12 @@ class FewShotSampler(GeneratorStateMixin):
         too_large = [c for c in wanted if not -(2**63) <= c < 2**63]
         if too_large:  # (uint64 labels) sample_with_classes returns them as torch.long
             raise ValueError(f"labels must fit in torch.long (below 2**63), got {too_large[0]}")
-        self.classes = torch.tensor(wanted, dtype=torch.long)
+        self.classes = torch.tensor(wanted, dtype=torch.long, device="cpu")
         # Example indices of each usable class, on the CPU (indices are drawn there).
         self._indices = [torch.nonzero(labels_cpu == c).flatten() for c in wanted]
 
     def _draw(self, count: int) -> torch.Tensor:
-        return torch.randperm(count, generator=self.generator)
+        return torch.randperm(count, generator=self.generator, device="cpu")
 
     def _draw_task(self) -> tuple[torch.Tensor, ...]:
         """Draw one task's random numbers: the chosen class positions and, per split, the
@@ -165,7 +165,7 @@ class FewShotSampler(GeneratorStateMixin):
 
     def _shuffled(self, index: torch.Tensor, per_class: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Shuffle a class-major index together with its remapped labels."""
-        remapped = torch.arange(self.n_way).repeat_interleave(per_class)
+        remapped = torch.arange(self.n_way, device="cpu").repeat_interleave(per_class)
         order = self._draw(index.numel())
         return index[order], remapped[order]
 
@@ -186,7 +186,7 @@ class FewShotSampler(GeneratorStateMixin):
             n: Number of tasks (``>= 0``).
 
         Returns:
-            ``(tasks, classes)``: a list of ``n`` :class:`~samgria.data.Task` and a long tensor
+            ``(tasks, classes)``: a list of ``n`` :class:`~samgria.data.Task` and a CPU long tensor
             of shape ``(n, n_way)`` whose row ``i``, column ``j`` is the original label that
             task ``i`` maps to label ``j``.
         """
@@ -194,7 +194,7 @@ class FewShotSampler(GeneratorStateMixin):
         draws = [self._draw_task() for _ in range(n)]
         tasks = [self._task(draw) for draw in draws]
         if not draws:
-            return tasks, torch.empty(0, self.n_way, dtype=torch.long)
+            return tasks, torch.empty(0, self.n_way, dtype=torch.long, device="cpu")
         return tasks, torch.stack([self.classes[draw[0]] for draw in draws])
 
     def sample(self, n: int) -> list[Task]:
