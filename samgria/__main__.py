@@ -406,8 +406,6 @@ def _demo(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     if args.epochs is not None:
         settings["epochs"] = args.epochs
     settings["seed"] = args.seed
-    # The model is tiny: more threads only add synchronisation.
-    torch.set_num_threads(args.threads)
 
     def log(line: str) -> None:
         print(line, file=sys.stderr, flush=True)
@@ -417,7 +415,14 @@ def _demo(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         f"samgria demo: two spirals, {settings.get('n_train', 1000)} training points with 15% flipped labels, "
         f"a 2-{width}-{width}-2 ReLU MLP; momentum SGD alone and inside SAM, ASAM and SAM+LAMP"
     )
-    results = run_demo(methods=args.methods, log=log, **settings)
+    # The model is tiny: more threads only add synchronisation. The caller's count comes back after
+    # (main called from Python, e.g. in a notebook).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(args.threads)
+    try:
+        results = run_demo(methods=args.methods, log=log, **settings)
+    finally:
+        torch.set_num_threads(threads)
     print(format_table(results))
     if args.plot is not None:
         plot_demo(results, args.plot, seed=args.seed, n_points=settings.get("n_train", 1000))
@@ -464,7 +469,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the command line; returns the exit status."""
+    """Run the command line; returns the exit status.
+
+    Called from Python, it leaves torch's thread count (``--threads``) as it found it.
+    """
     args = build_parser().parse_args(argv)
     return args.handler(args)
 

@@ -522,3 +522,27 @@ def test_plot_demo_leaves_the_callers_matplotlib_backend_and_figures(tmp_path: P
         plt.close(figure)
         plt.switch_backend(backend)
     assert (tmp_path / "demo.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_main_gives_back_the_callers_thread_count(monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+    """main(["demo", ...]) called from Python left torch at --threads (default 1) for the rest of
+    the session, also when the training raised."""
+    torch.set_num_threads(2)  # the autouse fixture restores the original count after
+    seen = []
+
+    def trained(**kwargs: object) -> list[DemoResult]:
+        seen.append(torch.get_num_threads())
+        return [DemoResult("plain", 0.5, 0.9, 1.0)]
+
+    monkeypatch.setattr(samgria.__main__, "run_demo", trained)
+    assert main(["demo"]) == 0
+    assert (seen, torch.get_num_threads()) == ([1], 2), "trained with --threads' default 1"
+
+    def interrupted(**kwargs: object) -> None:
+        seen.append(torch.get_num_threads())
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(samgria.__main__, "run_demo", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        main(["demo", "--threads", "3"])
+    assert (seen, torch.get_num_threads()) == ([1, 3], 2)
