@@ -55,13 +55,15 @@ class FewShotSampler(GeneratorStateMixin):
     Raises:
         TypeError: ``inputs``/``labels`` are not tensors, ``labels`` is not an integer tensor,
             ``classes`` is not a sequence (or 1-D tensor or array) of integers,
-            ``drop_small_classes`` is not a ``bool``, a count is not an int, or ``device`` is not
-            a device, a device string or an index.
+            ``drop_small_classes`` is not a ``bool``, a count is not an int, ``generator`` is not
+            a ``torch.Generator``, or ``device`` is not a device, a device string or an index.
         ValueError: ``labels`` is not 1-D or its length differs from ``inputs``, ``classes`` is a
             tensor or array that is not 1-D or repeats a label, a count is out of range,
             ``classes`` names a label that does not occur, a class has too few examples, fewer
-            than ``n_way`` classes are usable, ``seed`` is beyond what ``torch.Generator`` takes,
-            or ``torch.device`` refuses ``device`` or its backend is not available here.
+            than ``n_way`` classes are usable, a usable label does not fit in ``torch.long``,
+            ``seed`` is beyond what ``torch.Generator`` takes, both ``generator`` and ``seed``
+            are given, ``generator`` is not on the CPU, or ``torch.device`` refuses ``device`` or
+            its backend is not available here.
 
     Attributes:
         classes: 1-D tensor of the class labels tasks are drawn from.
