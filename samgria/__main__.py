@@ -413,7 +413,7 @@ def _demo(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     width = settings.get("width", 256)
     log(
         f"samgria demo: two spirals, {settings.get('n_train', 1000)} training points with 15% flipped labels, "
-        f"a 2-{width}-{width}-2 ReLU MLP; momentum SGD alone and inside SAM, ASAM and SAM+LAMP"
+        f"a 2-{width}-{width}-2 ReLU MLP; momentum SGD as {', '.join(args.methods)}"
     )
     # The model is tiny: more threads only add synchronisation. The caller's count comes back after
     # (main called from Python, e.g. in a notebook).
@@ -446,7 +446,7 @@ def build_parser() -> argparse.ArgumentParser:
             "held-out accuracy. Takes about 30 s on 2 CPU cores (one thread; measured 29 s with the machine shared)."
         ),
     )
-    demo.add_argument("--quick", action="store_true", help="a few seconds: fewer points and epochs")
+    demo.add_argument("--quick", action="store_true", help="a few seconds: fewer points and epochs, a 2-64-64-2 MLP")
     demo.add_argument("--epochs", type=int, default=None, help="epochs per method (default 150, 3 with --quick)")
     demo.add_argument("--threads", type=int, default=1, help="torch threads (default 1: the model is tiny)")
     demo.add_argument(

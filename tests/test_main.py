@@ -546,3 +546,16 @@ def test_main_gives_back_the_callers_thread_count(monkeypatch: pytest.MonkeyPatc
     with pytest.raises(KeyboardInterrupt):
         main(["demo", "--threads", "3"])
     assert (seen, torch.get_num_threads()) == ([1, 3], 2)
+
+
+def test_demo_help_and_header_say_what_runs(monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+    """--quick's help left out its narrower model, and the header named all four methods whatever
+    --methods chose."""
+    with pytest.raises(SystemExit):
+        main(["demo", "--help"])
+    help_text = " ".join(capsys.readouterr().out.split())  # as argparse wraps it for any width
+    assert "--quick a few seconds: fewer points and epochs, a 2-64-64-2 MLP --epochs" in help_text
+    monkeypatch.setattr(samgria.__main__, "run_demo", lambda **kwargs: [DemoResult("SAM", 0.5, 0.9, 1.0)])
+    assert main(["demo", "--quick", "--methods", "plain", "SAM"]) == 0
+    header = capsys.readouterr().err.splitlines()[0]
+    assert header.endswith("a 2-64-64-2 ReLU MLP; momentum SGD as plain, SAM"), header
