@@ -126,7 +126,8 @@ def make_spirals(
         n_points: Number of points (even split between the classes).
         noise: Position noise (finite, ``>= 0``), relative to the distance between spiral arms.
         label_noise: Share of labels to flip, in ``[0, 1]``.
-        seed: Seed of the generator, in :math:`[-2^{63}, 2^{64} - 1]`; equal seeds give equal data.
+        seed: Seed of the generator, in :math:`[-2^{63}, 2^{64} - 1]`; equal seeds give equal data,
+            and so do seeds equal modulo :math:`2^{32}` (torch's CPU generator reads the low 32 bits).
 
     Returns:
         ``(x, y)``: float32 points of shape ``(n_points, 2)`` and int64 labels, on the CPU whatever
@@ -164,7 +165,11 @@ def _model(seed: int, width: int) -> nn.Module:
         # float32 on the CPU, as the data, whatever torch's default dtype and device
         kind: dict[str, Any] = {"device": "cpu", "dtype": torch.float32}
         return nn.Sequential(
-            nn.Linear(2, width, **kind), nn.ReLU(), nn.Linear(width, width, **kind), nn.ReLU(), nn.Linear(width, 2, **kind)
+            nn.Linear(2, width, **kind),
+            nn.ReLU(),
+            nn.Linear(width, width, **kind),
+            nn.ReLU(),
+            nn.Linear(width, 2, **kind),
         )
 
 
@@ -219,7 +224,8 @@ def run_demo(
         width: Hidden width of the 2-hidden-layer ReLU MLP.
         label_noise: Share of flipped training labels.
         seed: Seed of the data, the initialisation (the same for every method) and the shuffling, in
-            :math:`[-2^{63}, 2^{64} - 1]` (what ``torch.manual_seed`` takes).
+            :math:`[-2^{63}, 2^{64} - 1]` (what ``torch.manual_seed`` takes); seeds equal modulo
+            :math:`2^{32}` give the same run (torch's CPU generator reads the low 32 bits).
         methods: A non-empty sequence of ``"plain"``, ``"SAM"``, ``"ASAM"``, ``"SAM+LAMP"``.
         log: Called with a progress line every ``log_every`` epochs and at the last epoch.
         log_every: Epochs between progress lines.
@@ -450,7 +456,13 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--epochs", type=int, default=None, help="epochs per method (default 150, 3 with --quick)")
     demo.add_argument("--threads", type=int, default=1, help="torch threads (default 1: the model is tiny)")
     demo.add_argument(
-        "--seed", type=int, default=0, help="seed of data, initialisation and shuffling, in [-2**63, 2**64 - 1]"
+        "--seed",
+        type=int,
+        default=0,
+        help=(
+            "seed of data, initialisation and shuffling, in [-2**63, 2**64 - 1] "
+            "(seeds equal modulo 2**32 give the same run)"
+        ),
     )
     demo.add_argument(
         "--methods", nargs="+", choices=METHODS, default=list(METHODS), help="methods to train (default: all)"

@@ -559,3 +559,12 @@ def test_demo_help_and_header_say_what_runs(monkeypatch: pytest.MonkeyPatch, cap
     assert main(["demo", "--quick", "--methods", "plain", "SAM"]) == 0
     header = capsys.readouterr().err.splitlines()[0]
     assert header.endswith("a 2-64-64-2 ReLU MLP; momentum SGD as plain, SAM"), header
+
+
+def test_seeds_equal_modulo_2_32_give_the_same_data() -> None:
+    """What the seed's documentation says: torch's CPU generator reads a seed's low 32 bits."""
+    x, y = make_spirals(20, label_noise=0.5, seed=5)
+    for seed in (5 + 2**32, 5 - 2**32, 5 + 2**63):
+        other_x, other_y = make_spirals(20, label_noise=0.5, seed=seed)
+        assert torch.equal(other_x, x) and torch.equal(other_y, y)
+    assert not torch.equal(make_spirals(20, seed=6)[0], x)
