@@ -182,19 +182,21 @@ class _WithMaximize(Mapping):
 def _has_post_update(transform: Transform) -> bool:
     """Whether ``transform`` does anything after the inner step: not the base class's no-op, nor
     one that a class's settings make one. A class declares that with ``_post_update_runs`` (an
-    attribute or property: ``WSAM(decouple=False)``), which is read only while the ``post_update``
-    the transform resolves is the one the declaring class resolves: a subclass's or an instance's
-    own ``post_update`` runs. A post-step transform makes every atomic step copy the weights and
-    the inner optimizer's state before the inner step, since it may fail after that step wrote."""
+    attribute or property: ``WSAM(decouple=False)``), which is read only while no class before it
+    in the method resolution order (a subclass), nor the instance, puts its own ``post_update`` in
+    place of the one it speaks for: theirs runs. A post-step transform makes every atomic step copy
+    the weights and the inner optimizer's state before the inner step, since it may fail after that
+    step wrote."""
     if "post_update" in getattr(transform, "__dict__", ()):
         return True
-    cls = type(transform)
-    if cls.post_update is Transform.post_update:
-        return False
-    declaring = next((klass for klass in cls.__mro__ if "_post_update_runs" in vars(klass)), None)
-    if declaring is None or getattr(declaring, "post_update", None) is not cls.post_update:
-        return True
-    return bool(getattr(transform, "_post_update_runs"))
+    # One walk, stopping at the first class that declares or defines (per step: kept short)
+    for klass in type(transform).__mro__:
+        names = klass.__dict__
+        if "_post_update_runs" in names:
+            return bool(getattr(transform, "_post_update_runs"))
+        if "post_update" in names:
+            return klass is not Transform
+    return True  # not a Transform subclass: whatever post_update it has runs
 
 
 def _lacks_init_state(transform: Transform) -> bool:

@@ -660,3 +660,43 @@ def test_a_declared_no_op_post_update_is_skipped_but_a_subclass_override_of_it_r
         optimizer.step(closure)
         optimizer.step(closure)
         assert calls == expected, make.__name__
+
+
+def test_a_no_op_declaration_in_a_mixin_or_for_a_classmethod_post_update_is_honoured():
+    """The declaration speaks for the ``post_update`` of a class after it in the method
+    resolution order (a mixin placed before the class that defines it), and for a classmethod
+    ``post_update`` (a new bound method at each access): both were run after every inner step,
+    with a copy of the weights and the optimizer state before it. A subclass's override runs."""
+    from samgria import Transform
+
+    calls = []
+
+    class QuietMixin:
+        @property
+        def _post_update_runs(self):
+            return False
+
+    class Defines(Transform):
+        def post_update(self, ctx):
+            calls.append("defines")
+
+    class Mixed(QuietMixin, Defines):
+        pass
+
+    class OwnClassmethod(Transform):
+        _post_update_runs = False
+
+        @classmethod
+        def post_update(cls, ctx):
+            calls.append("classmethod")
+
+    class Overrides(Mixed):
+        def post_update(self, ctx):
+            calls.append("overrides")
+
+    for make, expected in [(Mixed, []), (OwnClassmethod, []), (Overrides, ["overrides"])]:
+        calls.clear()
+        model, (x, y) = make_model(), make_data()
+        optimizer = TransformingOptimizer(model.parameters(), torch.optim.SGD, lr=0.1, transforms=[make()])
+        optimizer.step(make_closure(model, optimizer, x, y))
+        assert calls == expected, make.__name__
