@@ -109,6 +109,33 @@ def test_perturbed_into_private_equals_one_add_per_entry_in_the_wider_dtype_wher
         assert torch.equal(param, original)
 
 
+@torch.no_grad()
+@pytest.mark.parametrize("foreach", [True, False])
+def test_perturbed_into_private_takes_a_direction_that_is_its_buffer(foreach):
+    """A direction computed in its buffer (ASAM's and FriendlySAM's, for a swapped parameter) is
+    added to the weights there: w + s d as one torch.add into new memory gives, bit for bit. The
+    small entries went into the run's copy, which overwrote the direction with the weights
+    (w + s w) before it was added."""
+    params, directions, scales = _private_case()
+    wants = []
+    buffers = []
+    for index, (w, d, s) in enumerate(zip(params, directions, scales)):
+        wide = torch.promote_types(torch.float32 if w.dtype in (torch.float16, torch.bfloat16) else w.dtype, d.dtype)
+        wants.append(torch.add(w.to(wide), d.to(wide), alpha=s).to(w.dtype))
+        if d.dtype == w.dtype and index % 3 != 2:  # some directions in their buffers, some not
+            buffers.append(d)
+        else:
+            buffers.append(torch.full_like(w, float("nan")))
+    originals = [w.clone() for w in params]
+    perturbed_into_private(buffers, params, directions, scales, foreach=foreach)
+    assert sum(buffer is direction for buffer, direction in zip(buffers, directions)) == 6
+    for buffer, want in zip(buffers, wants):
+        assert torch.equal(buffer, want)
+        assert torch.equal(buffer.signbit(), want.signbit())
+    for param, original in zip(params, originals):
+        assert torch.equal(param, original)
+
+
 def test_perturbed_into_private_under_grad_mode_refuses_weights_that_require_grad_as_torch_add_does():
     weights = torch.ones(3, requires_grad=True)
     with pytest.raises(RuntimeError, match="out=... arguments don't support automatic differentiation"):

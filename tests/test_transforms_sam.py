@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import functools
 import gc
+import inspect
 import linecache
 import math
 import pickle
@@ -1160,3 +1161,195 @@ def test_asam_with_eta_zero_is_the_widely_used_sams_adaptive_mode():
     for theirs, ours in zip(models[0].parameters(), models[1].parameters()):
         torch.testing.assert_close(ours, theirs, rtol=1e-7, atol=1e-9)
     assert max((a - b).abs().max().item() for a, b in zip(models[0].parameters(), models[2].parameters())) > 1e-4  # eta matters
+
+
+# -- directions computed in the backup buffers ------------------------------------------------------
+def _large_mixed_params() -> list[nn.Parameter]:
+    """Parameters above the size whose move is one ``torch.add(..., out=backup)`` of its own (where
+    ASAM and FriendlySAM compute the direction in the backup buffer), and the ones that keep
+    their directions in new memory: 16-bit, a view (moved in place), a small one; the last is for a
+    ``rho=0`` group."""
+    generator = torch.Generator().manual_seed(3)
+    shape = (2, sam_module._CPU_LIST_NUMEL // 2 + 8)
+    flat = torch.randn(2 * shape[0] * shape[1], generator=generator)
+    return [
+        nn.Parameter(torch.randn(shape, generator=generator)),
+        nn.Parameter(torch.randn(shape, generator=generator, dtype=torch.float64)),
+        nn.Parameter(torch.randn(shape, generator=generator, dtype=torch.complex64)),
+        nn.Parameter(torch.randn(shape[::-1], generator=generator).t()),  # owns its storage, transposed
+        nn.Parameter(torch.randn(shape[::-1], generator=generator).t()),  # its gradient contiguous (below)
+        nn.Parameter(torch.randn(shape, generator=generator).bfloat16()),
+        nn.Parameter(flat[: shape[0] * shape[1]].view(shape)),
+        nn.Parameter(torch.randn(5, generator=generator)),
+        nn.Parameter(torch.randn(shape, generator=generator)),
+    ]
+
+
+def _mixed_loss(params: list[nn.Parameter], step: int) -> torch.Tensor:
+    total = torch.zeros((), dtype=torch.float64)
+    for param in params:
+        if param.is_complex():
+            total = total + ((param.abs() ** 2).sum() * 0.3 + torch.sin(param.real).sum()).double()
+        else:
+            total = total + (torch.sin(param.float() * 1.3 + step) * param.float()).sum().double()
+    return total
+
+
+def _run_on_large_mixed_params(transform, foreach: bool, two_call: bool, steps: int = 3, in_buffer: bool = True):
+    """``steps`` steps; returns the weights each evaluation saw (with the first pass's gradients),
+    the final weights and state, and what ``_prepare_move`` offered to compute in the buffers."""
+    params = _large_mixed_params()
+    offered = []
+    prepare = transform._prepare_move
+
+    def prepare_move(moved):
+        prepared = prepare(moved)
+        offered.append([view is not None for view in prepared.into])
+        return prepared if in_buffer else prepared._replace(into=[None] * len(moved))
+
+    transform._prepare_move = prepare_move
+    optimizer = TransformingOptimizer(
+        [{"params": params[:-1]}, {"params": params[-1:], "rho": 0.0}],
+        torch.optim.SGD,
+        lr=0.01,
+        momentum=0.9,
+        transforms=[transform],
+        transform_foreach=foreach,
+    )
+    seen = []
+    for step in range(steps):
+
+        def closure():
+            optimizer.zero_grad()
+            loss = _mixed_loss(params, step)
+            loss.backward()
+            params[4].grad = params[4].grad.contiguous()  # laid out otherwise than its parameter
+            seen.append([(p.detach().clone(), p.grad.clone()) for p in params])
+            return loss
+
+        if two_call:
+            closure()
+            optimizer.first_step()
+            closure()
+            optimizer.second_step()
+        else:
+            optimizer.step(closure)
+    state = [value.clone() for p in params for value in optimizer.state[p].values() if isinstance(value, torch.Tensor)]
+    return seen, [p.detach().clone() for p in params], state, offered
+
+
+def _bits(tensor: torch.Tensor) -> torch.Tensor:
+    real = torch.view_as_real(tensor) if tensor.is_complex() else tensor
+    return real.view({2: torch.int16, 4: torch.int32, 8: torch.int64}[real.element_size()])
+
+
+def _assert_same_runs(first, second) -> None:
+    seen, weights, state, _offered = first
+    seen_too, weights_too, state_too, _ = second
+    pairs = [pair for a, b in zip(seen, seen_too) for pair in zip(a, b)]
+    for (w, g), (w_too, g_too) in pairs:
+        assert w.stride() == w_too.stride() and torch.equal(_bits(w), _bits(w_too))
+        assert torch.equal(_bits(g), _bits(g_too))
+    for a, b in zip(weights + state, weights_too + state_too, strict=True):
+        assert a.dtype == b.dtype and torch.equal(_bits(a), _bits(b))
+
+
+@pytest.mark.parametrize("two_call", [False, True])
+@pytest.mark.parametrize("foreach", [True, False])
+def test_asam_computing_its_directions_in_the_backup_buffers_moves_the_weights_as_a_hand_loop_bit_for_bit(foreach, two_call):
+    """ASAM computes T ⊙ g (then divided by its norm, multiplied by T) in the backup buffer of
+    each large float32/float64/complex parameter it swaps, and moves it there with one
+    torch.add(w, b, alpha=rho, out=b): the weights every evaluation sees, the final weights and
+    the state are those of the directions kept in new memory, bit for bit (16-bit, views, small
+    parameters, a gradient laid out otherwise and a rho=0 group among them), and the first move
+    is the paper's e = rho T² g / ‖T g‖ (hand loop in float64)."""
+    got = _run_on_large_mixed_params(ASAM(rho=0.05, eta=0.01), foreach, two_call)
+    assert got[3][0] == [True, True, True, True, True, False, False, False]  # rho=0 is not moved
+    _assert_same_runs(got, _run_on_large_mixed_params(ASAM(rho=0.05, eta=0.01), foreach, two_call, in_buffer=False))
+    first, perturbed = got[0][0], got[0][1]
+    scaled = []
+    for w, g in first:
+        t = (torch.view_as_real(w) if w.is_complex() else w).double().abs() + 0.01
+        scaled.append(t * (torch.view_as_real(g) if g.is_complex() else g).double())
+    norm = math.sqrt(sum(float((s**2).sum()) for s in scaled))
+    for k, ((w, g), (moved, _)) in enumerate(zip(first[:-1], perturbed[:-1])):
+        real = torch.view_as_real(w) if w.is_complex() else w
+        t = real.double().abs() + 0.01
+        want = real.double() + 0.05 * t * scaled[k] / norm
+        torch.testing.assert_close((torch.view_as_real(moved) if moved.is_complex() else moved).double(), want, rtol=1e-5 if w.dtype != torch.bfloat16 else 1e-2, atol=1e-6)
+    assert torch.equal(perturbed[-1][0], first[-1][0])  # rho=0
+
+
+@pytest.mark.parametrize("two_call", [False, True])
+@pytest.mark.parametrize("foreach", [True, False])
+def test_friendly_sam_computing_its_directions_in_the_backup_buffers_moves_the_weights_as_a_hand_loop_bit_for_bit(foreach, two_call):
+    """FriendlySAM computes d = g - sigma m in the backup buffer of each large
+    float32/float64/complex parameter it swaps and moves it there: the weights every evaluation
+    sees, the final weights and the averages are those of d kept in new memory, bit for bit, and
+    the second step's move is rho d / ‖d‖ with d = g_2 - sigma g_1 (hand loop in float64)."""
+    got = _run_on_large_mixed_params(FriendlySAM(0.05, sigma=0.7, lmbda=0.9), foreach, two_call)
+    assert got[3][0] == [True, True, True, True, True, False, False, False]
+    _assert_same_runs(got, _run_on_large_mixed_params(FriendlySAM(0.05, sigma=0.7, lmbda=0.9), foreach, two_call, in_buffer=False))
+    averages, first, perturbed = got[0][0], got[0][2], got[0][3]  # the average after step 1 is g_1
+
+    def real(tensor):
+        return (torch.view_as_real(tensor) if tensor.is_complex() else tensor).double()
+
+    directions = [real(g) - 0.7 * real(m) for (_w, g), (_v, m) in zip(first, averages)]
+    norm = math.sqrt(sum(float((d**2).sum()) for d in directions))
+    for (w, g), (moved, _), d in zip(first[:-1], perturbed[:-1], directions):
+        torch.testing.assert_close(real(moved), real(w) + 0.05 * d / norm, rtol=1e-5 if w.dtype != torch.bfloat16 else 1e-2, atol=1e-6)
+    assert torch.equal(perturbed[-1][0], first[-1][0])  # rho=0
+
+
+@pytest.mark.parametrize("name", ["ASAM", "FriendlySAM"])
+def test_an_interrupt_while_directions_are_computed_in_the_backup_buffers_leaves_the_weights_as_they_were(name):
+    """ASAM and FriendlySAM compute a large swapped parameter's direction in its backup buffer
+    before anything moves: Ctrl-C at any line of perturb() from the buffers' preparation to the
+    move, or at the swap (one run per line event), leaves the weights bit for bit and storage for storage as they were, and
+    the next steps (whose moves overwrite the buffers) equal those of a twin that never took it."""
+    files = {sam_module.__file__, sam_family_module.__file__}
+    x, y = torch.randn(8, 3, generator=torch.Generator().manual_seed(1)), torch.randn(8, 2, generator=torch.Generator().manual_seed(2))
+    torch.manual_seed(0)
+    width = math.isqrt(sam_module._CPU_LIST_NUMEL) + 2  # the middle weight is moved in its buffer
+    model = nn.Sequential(nn.Linear(3, width), nn.Tanh(), nn.Linear(width, width), nn.Tanh(), nn.Linear(width, 2))
+    flat = torch.zeros(3)
+    flat[1:] = model[4].bias.detach()
+    model[4].bias.data = flat[1:]  # a view: perturbed in place
+    optimizer = TransformingOptimizer(
+        model.parameters(), torch.optim.SGD, lr=0.1, momentum=0.9, transforms=[_INTERRUPTED[name]()]
+    )
+    for _ in range(2):  # the averages exist
+        optimizer.step(make_closure(model, optimizer, x, y))
+    twin_model, twin = copy.deepcopy((model, optimizer))
+    for _ in range(2):
+        twin.step(make_closure(twin_model, twin, x, y))
+    expected = params_of(twin_model)
+    trial_model, trial = copy.deepcopy((model, optimizer))
+    events = _interrupt_at(-1, files, lambda: trial.step(make_closure(trial_model, trial, x, y)))
+    lines = [linecache.getline(file, line).strip() for file, line in events]
+    start = next(i for i, line in enumerate(lines) if line.startswith("prepared = self._prepare_move("))
+    swap = lines.index("param.data = backup")
+    assert any("torch.add(directions[i], real_olds[k]" in line or "torch.mul(widened_grads[k]" in line for line in lines[start:swap])
+    code = inspect.unwrap(type(optimizer.transforms[0]).perturb).__code__
+    perturb_lines = {(code.co_filename, line) for _start, _end, line in code.co_lines() if line is not None}
+    # The lines of perturb() (where the directions are computed) from the preparation to the move, and the swap
+    chosen = [event for event in range(start, swap) if events[event] in perturb_lines] + [swap]
+    assert len(chosen) > 20
+    failures = []
+    for event in chosen:
+        trial_model, trial = copy.deepcopy((model, optimizer))
+        weights = params_of(trial_model)
+        pointers = [p.data_ptr() for p in trial_model.parameters()]
+        with pytest.raises(KeyboardInterrupt):
+            _interrupt_at(event, files, lambda: trial.step(make_closure(trial_model, trial, x, y)))
+        if [p.data_ptr() for p in trial_model.parameters()] != pointers or not all(
+            torch.equal(a, b) for a, b in zip(weights, params_of(trial_model))
+        ):
+            failures.append(f"moved: {lines[event]!r}")
+            continue
+        for _ in range(2):
+            trial.step(make_closure(trial_model, trial, x, y))
+        if not all(torch.equal(a, b) for a, b in zip(expected, params_of(trial_model))):
+            failures.append(f"differs from the twin: {lines[event]!r}")
+    assert not failures, f"{len(failures)} of {len(chosen)} interrupts:\n" + "\n".join(failures)

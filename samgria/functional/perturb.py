@@ -306,6 +306,8 @@ def perturbed_into_private(
     its checks and without its tracking of shared memory: no entry reads what another writes, so
     the small tensors with the same scale go into one ``_foreach_copy_``/``_foreach_add_`` pair
     per device and dtype, in any order (a step's host time is mostly per-tensor Python work).
+    A direction may be its buffer itself (a direction the caller computed there): that entry is
+    one ``torch.add(w, b, alpha=s, out=b)``, the arithmetic of every other path.
     """
     if not foreach or torch.is_grad_enabled():  # the reference path, and torch.add's refusals
         perturbed_into_(buffers, params, directions, scales, foreach=foreach)
@@ -314,7 +316,12 @@ def perturbed_into_private(
     for i, (param, direction, scale) in enumerate(zip(params, directions, scales)):
         dtype = param.dtype
         wider = dtype in LOW_PRECISION or direction.dtype != dtype
-        if wider or not isinstance(scale, float) or (param.device.type == "cpu" and param.numel() > _CPU_LIST_NUMEL):
+        if (
+            wider
+            or not isinstance(scale, float)
+            or (param.device.type == "cpu" and param.numel() > _CPU_LIST_NUMEL)
+            or direction is buffers[i]  # the run's copy would overwrite it
+        ):
             # computed wider, or one torch.add(..., out=), as perturbed_into_ takes them
             _perturb_segment(None if wider else (param.device, dtype), [i], buffers, params, directions, scales, False)
         else:  # the sign of a zero scale keeps two runs apart, as _same_scale does

@@ -38,7 +38,7 @@ import inspect
 import math
 import warnings
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, ClassVar, TypeVar, cast
+from typing import Any, ClassVar, NamedTuple, TypeVar, cast
 
 import torch
 
@@ -46,9 +46,9 @@ from samgria._frameworks import stacklevel_outside
 from samgria._checks import check_bool, check_real
 from samgria.functional._grouping import group_indices_by_device_and_dtype
 from samgria.functional._sharding import is_sharded
-from samgria.functional._views import all_as_real, as_real, widened_dtype
+from samgria.functional._views import LOW_PRECISION, all_as_real, as_real, widened_dtype
 from samgria.functional import adaptive_scaling, add_directions_, global_norm, mul, mul_
-from samgria.functional.perturb import perturbed_into_private
+from samgria.functional.perturb import _CPU_LIST_NUMEL, perturbed_into_private
 from samgria.transforms.base import Transform, TransformContext, _derive_writes_weights
 
 __all__ = ["SAM", "ASAM", "PerturbationTransform", "Perturbation"]
@@ -218,6 +218,23 @@ def _swappable(params: list[torch.Tensor]) -> list[bool]:
         storage = _whole_storage(param)
         flags.append(storage is not None and count(storage._cdata) == alone)
     return flags
+
+
+class _PreparedMove(NamedTuple):
+    """What :meth:`PerturbationTransform._move_along` needs to know of the parameters it moves,
+    taken before their directions are computed (:meth:`PerturbationTransform._prepare_move`).
+
+    ``into[i]`` is the real view (:func:`as_real`) of ``backups[i]`` when a direction may be
+    computed into it -- grad mode is off, the parameter is swapped (its backup is written only by
+    the move), not 16-bit, and on the CPU with more than ``_CPU_LIST_NUMEL`` elements, where the
+    move is one ``torch.add(w, d, alpha=s, out=backup)`` of its own: with ``d`` the backup itself,
+    the same arithmetic in place, without a tensor of the parameter's size in new memory -- else
+    ``None``. A direction computed there must have the view's dtype and strides (the move's
+    layout)."""
+
+    backups: list[torch.Tensor]
+    swappable: list[bool]
+    into: list[torch.Tensor | None]
 
 
 class PerturbationTransform(Transform):
@@ -474,6 +491,28 @@ class PerturbationTransform(Transform):
         state.pop("_groups_in_play", None)
         return state
 
+    def _prepare_move(self, params: list[torch.Tensor]) -> _PreparedMove:
+        """The backup buffers of the parameters that :meth:`_move_along` will move, which of them
+        are swapped, and where a direction may be computed into its buffer (:class:`_PreparedMove`).
+
+        To be taken with no other reference to a parameter's memory held than at the move (a
+        view of a parameter counts as one, see :func:`_swappable`), and passed to
+        :meth:`_move_along` with the same parameters."""
+        backups = self._backups_of(params)
+        swappable = _swappable(params)
+        in_buffers = not torch.is_grad_enabled()  # out= refuses tensors that require grad under it
+        into: list[torch.Tensor | None] = [
+            as_real(backup)
+            if in_buffers
+            and swapped
+            and param.dtype not in LOW_PRECISION
+            and param.device.type == "cpu"
+            and param.numel() > _CPU_LIST_NUMEL
+            else None
+            for param, backup, swapped in zip(params, backups, swappable)
+        ]
+        return _PreparedMove(backups, swappable, into)
+
     def _move_along(
         self,
         params: list[torch.Tensor],
@@ -481,6 +520,7 @@ class PerturbationTransform(Transform):
         scales: list[float],
         foreach: bool,
         divisors: Sequence[float] | None = None,
+        prepared: _PreparedMove | None = None,
     ) -> Perturbation:
         """Move each param to ``param + scale / divisor * direction`` (divisor 1 without
         ``divisors``); return how to put it back.
@@ -488,7 +528,9 @@ class PerturbationTransform(Transform):
         ``directions`` are real views (of complex tensors), may be the gradients themselves (they
         are read, never written: the SAM family keeps its first gradients through the move without
         a copy) and may be wider than the parameters (float32 for 16-bit ones). Every moved
-        parameter's gradient is cleared.
+        parameter's gradient is cleared. ``prepared``: :meth:`_prepare_move` of ``params``, taken
+        before the directions were computed; a direction may then be its ``into`` view (computed
+        in the backup buffer), which the move overwrites with the perturbed weights.
 
         A parameter that alone holds its storage gets the perturbed weights computed into its
         backup buffer in one fused pass, and ``.data`` pointed at it; its own storage is
@@ -502,10 +544,13 @@ class PerturbationTransform(Transform):
         :meth:`perturb` returns it (see :meth:`_perturbed`).
         """
         directions, scales = _scales_within_range(directions, scales, divisors)  # a tiny gradient norm
-        backups = self._backups_of(params)
+        if prepared is None:
+            backups, swaps = self._backups_of(params), _swappable(params)
+        else:
+            backups, swaps = prepared.backups, prepared.swappable
         moves = []
         in_place = []
-        for index, (param, backup, swappable) in enumerate(zip(params, backups, _swappable(params))):
+        for index, (param, backup, swappable) in enumerate(zip(params, backups, swaps)):
             if swappable:
                 moves.append((param, param.data, backup, True))
             else:
@@ -521,6 +566,11 @@ class PerturbationTransform(Transform):
         if swapped_params:
             real_params = all_as_real(swapped_params)  # a backup is complex where its parameter is
             real_backups = swapped_backups if real_params is swapped_params else all_as_real(swapped_backups)
+            if prepared is not None and real_backups is not swapped_backups:  # a direction is its buffer's view
+                into = prepared.into if not in_place else [prepared.into[i] for i in swapped]
+                real_backups = [
+                    view if view is not None else backup for view, backup in zip(into, real_backups)
+                ]
             perturbed_into_private(real_backups, real_params, swapped_directions, swapped_scales, foreach=foreach)
         if in_place:
             for i in in_place:
@@ -802,7 +852,7 @@ class ASAM(_RefusesOptimizerStyleCall, PerturbationTransform):
         ValueError: If ``rho`` or ``eta`` is negative or not finite.
     """
 
-    writes_weights_before_step = False  # computes e in new tensors, then moves as SAM does
+    writes_weights_before_step = False  # computes e in new tensors or backup buffers, then moves as SAM does
 
     _points_to_sam_optimizer = True
 
@@ -823,13 +873,37 @@ class ASAM(_RefusesOptimizerStyleCall, PerturbationTransform):
         params, grads, groups = self._collect(ctx)
         if not params or not self.active(groups):
             return None
+        moving = [i for i, group in enumerate(groups) if group["rho"] > 0]
+        # Before any view of a parameter is held (a complex one's real view counts as a reference).
+        prepared = self._prepare_move([params[i] for i in moving])
+        into: dict[int, torch.Tensor] = {i: view for i, view in zip(moving, prepared.into) if view is not None}
         adaptive = [i for i, group in enumerate(groups) if group["adaptive"]]
         # Pairs of reals for complex tensors; float32 for 16-bit ones (T ⊙ g would overflow).
         weights = [_widened(as_real(params[i])) for i in adaptive]
         etas = [float(groups[i]["eta"]) for i in adaptive]  # any real number validate_group takes
         scalings = adaptive_scaling(weights, etas, foreach=ctx.foreach)
         del weights
-        scaled_grads = mul([_widened(as_real(grads[i])) for i in adaptive], scalings, foreach=ctx.foreach)
+        widened_grads = [_widened(as_real(grads[i])) for i in adaptive]
+        # T ⊙ g in the backup buffer where the move can take it from there (in its layout), else
+        # in new memory: the same products.
+        in_buffer = [
+            k
+            for k, i in enumerate(adaptive)
+            if i in into
+            and widened_grads[k].dtype == scalings[k].dtype == into[i].dtype
+            and widened_grads[k].stride() == scalings[k].stride() == into[i].stride()
+        ]
+        if in_buffer:
+            rest = sorted(set(range(len(adaptive))) - set(in_buffer))
+            products = mul([widened_grads[k] for k in rest], [scalings[k] for k in rest], foreach=ctx.foreach)
+            scaled_grads = [widened_grads[0]] * len(adaptive)  # each entry set below
+            for k, product in zip(rest, products):
+                scaled_grads[k] = product
+            for k in in_buffer:
+                scaled_grads[k] = torch.mul(widened_grads[k], scalings[k], out=into[adaptive[k]])
+        else:
+            scaled_grads = mul(widened_grads, scalings, foreach=ctx.foreach)
+        del widened_grads
         directions = [as_real(grad) for grad in grads]  # T ⊙ g for adaptive groups, g elsewhere
         for index, scaled in zip(adaptive, scaled_grads):
             directions[index] = scaled
@@ -844,10 +918,9 @@ class ASAM(_RefusesOptimizerStyleCall, PerturbationTransform):
         del scalings, scaled_grads
         adaptive_indices = set(adaptive)
         moved, moved_directions, scales, divisors = [], [], [], []
-        for index, (param, group) in enumerate(zip(params, groups)):
-            if group["rho"] > 0:
-                moved.append(param)
-                moved_directions.append(directions[index])
-                divisors.append(1.0 if index in adaptive_indices else norm)  # adaptive ones are divided
-                scales.append(self._radius(group))
-        return self._move_along(moved, moved_directions, scales, ctx.foreach, divisors)
+        for index in moving:
+            moved.append(params[index])
+            moved_directions.append(directions[index])
+            divisors.append(1.0 if index in adaptive_indices else norm)  # adaptive ones are divided
+            scales.append(self._radius(groups[index]))
+        return self._move_along(moved, moved_directions, scales, ctx.foreach, divisors, prepared)

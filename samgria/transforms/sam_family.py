@@ -705,7 +705,7 @@ class FriendlySAM(_RefusesOptimizerStyleCall, _FinishingTransform):
         ValueError: If a value is negative or not finite, or ``lmbda > 1``.
     """
 
-    writes_weights_before_step = False  # d and m in new tensors, then SAM's move (_move_along)
+    writes_weights_before_step = False  # m in new tensors, d too or in backup buffers, then SAM's move
 
     def __init__(self, rho: float = 0.05, sigma: float = 1.0, lmbda: float = 0.9) -> None:
         self.rho = check_real("rho", rho, low=0.0)
@@ -724,11 +724,17 @@ class FriendlySAM(_RefusesOptimizerStyleCall, _FinishingTransform):
         params, grads, groups = self._collect(ctx)
         if not params:
             return None
+        moving = [i for i, group in enumerate(groups) if group["rho"] > 0]
+        prepared = self._prepare_move([params[i] for i in moving]) if moving else None
+        into: dict[int, torch.Tensor] = {}
+        if prepared is not None:
+            into = {i: view for i, view in zip(moving, prepared.into) if view is not None}
         averages = [ctx.state[p].get("momentum") for p in params]
         old = [i for i, m in enumerate(averages) if m is not None]
         # A parameter's first step: m = g and d = g. Later: m_t = lmbda m + (1 - lmbda) g and
         # d = g - sigma m, both in new memory (the gradients stay g until something moves; the
-        # average is committed once the step is through).
+        # average is committed once the step is through), d in the parameter's backup buffer
+        # where the move can take it from there (_prepare_move).
         new_averages = [grad.clone() if m is None else None for grad, m in zip(grads, averages)]
         directions = [as_real(grad) for grad in grads]
         if old:
@@ -736,10 +742,29 @@ class FriendlySAM(_RefusesOptimizerStyleCall, _FinishingTransform):
             updated = _scaled(olds, [float(groups[i]["lmbda"]) for i in old], ctx.foreach)
             mix = [1.0 - float(groups[i]["lmbda"]) for i in old]
             _add_scaled_([as_real(m) for m in updated], [directions[i] for i in old], mix, ctx.foreach)
-            shifted = _added([directions[i] for i in old], [as_real(m) for m in olds], [-float(groups[i]["sigma"]) for i in old], ctx.foreach)
+            real_olds = [as_real(m) for m in olds]
+            in_buffer = {
+                k: into[i]
+                for k, i in enumerate(old)
+                if i in into
+                and directions[i].dtype == real_olds[k].dtype == into[i].dtype
+                and directions[i].device == real_olds[k].device
+                and directions[i].stride() == real_olds[k].stride() == into[i].stride()
+            }
+            rest = [k for k in range(len(old)) if k not in in_buffer]
+            shifted = _added(
+                [directions[old[k]] for k in rest],
+                [real_olds[k] for k in rest],
+                [-float(groups[old[k]]["sigma"]) for k in rest],
+                ctx.foreach,
+            )
+            for k, d in zip(rest, shifted):
+                directions[old[k]] = d
+            for k, view in in_buffer.items():  # torch.add, as _added's for these dtypes
+                i = old[k]
+                directions[i] = torch.add(directions[i], real_olds[k], alpha=-float(groups[i]["sigma"]), out=view)
             for k, i in enumerate(old):
                 new_averages[i] = updated[k]
-                directions[i] = shifted[k]
 
         def commit(checked: bool) -> None:
             if checked or _current_grads_finite(ctx):
@@ -749,12 +774,13 @@ class FriendlySAM(_RefusesOptimizerStyleCall, _FinishingTransform):
         norm = self._finite_norm(directions, ctx.foreach, like=grads)
         if norm is None:
             return Perturbation([], non_finite=True)
-        moving = [i for i, group in enumerate(groups) if group["rho"] > 0]
         if norm == 0.0 or not moving:
             return _Step([], commit)
         scales = [self._radius(groups[i]) for i in moving]
         moved = [params[i] for i in moving]
-        moves = self._move_along(moved, [directions[i] for i in moving], scales, ctx.foreach, [norm] * len(moving))
+        moves = self._move_along(
+            moved, [directions[i] for i in moving], scales, ctx.foreach, [norm] * len(moving), prepared
+        )
         return _Step(moves.moves, commit)
 
     @torch.no_grad()
