@@ -744,6 +744,25 @@ class TransformingOptimizer(WrappingOptimizer):
         grads, sources = self._grads()
         return all_finite(grads, foreach=self.transform_foreach, like=sources)
 
+    def _first_checks_first_pass(self) -> bool:
+        """Whether the first transform checks the first pass's gradients itself (ASAM, FriendlySAM:
+        its norm is finite only if every gradient is), so that the global gradient norm is not taken
+        before the chain: the class declares ``_checks_first_pass`` in its own body (a subclass
+        does not inherit it), the instance overrides neither ``perturb`` nor ``pre_update``, and
+        no ``first_pass_context`` makes the ranks agree on the verdict first."""
+        if self.first_pass_context is not None or not self.chain.transforms:
+            return False
+        first = self.chain.transforms[0]
+        return bool(type(first).__dict__.get("_checks_first_pass")) and not (
+            "perturb" in first.__dict__ or "pre_update" in first.__dict__
+        )
+
+    def _check_first_pass(self) -> None:
+        """What such a transform calls where its norm is not finite: the first pass's verdict
+        (every gradient read), raising the first evaluation's skip when a gradient is not finite."""
+        if not self._grads_finite():
+            raise _NonFiniteGradients(1)
+
     def _skip(self, which: str, where: str = "") -> None:
         """Apply the non-finite policy to a step whose ``which`` gradients (``where``) are not finite."""
         message = (
@@ -959,11 +978,13 @@ class TransformingOptimizer(WrappingOptimizer):
         skip: int | None = None,
         evaluated: int = 1,
         loss: Any = _NO_LOSS,
+        first_checks: bool = False,
     ) -> None:
         """Pre-step transforms from ``start`` on (but ``skip``), the inner step, the post-step ones.
 
         ``loss``: the closure's first evaluation in ``step(closure)``, handed to the inner step
-        through :meth:`_replaying`.
+        through :meth:`_replaying`. ``first_checks``: the first pass's gradients were not checked,
+        the first transform checks them (:meth:`_first_checks_first_pass`).
 
         After a transform that combines gradients (``Transform.combines_gradients``) the
         gradients are checked for the non-finite policy, in every loop, so that ``step(closure)``,
@@ -1011,7 +1032,14 @@ class TransformingOptimizer(WrappingOptimizer):
             first_run = SlotValues(self.state, saving) if saving else None
         for index, (_, slot, transform) in enumerate(transforms):
             ctx = self._context(slot, counted, grad_norm if index == 0 else None, spare_buffers)
-            transform.pre_update(ctx)
+            if first_checks and index == 0:
+                ctx.__dict__["_check_first_pass"] = self._check_first_pass
+                try:
+                    transform.pre_update(ctx)
+                finally:  # what the step keeps of ctx (a finishing function) must not hold the optimizer
+                    del ctx.__dict__["_check_first_pass"]
+            else:
+                transform.pre_update(ctx)
             if raised:  # the transform swallowed it (except Exception: pass): the policy applies
                 raise raised[0]
             # In every loop (a built-in's combination in the two-call loop is checked once
@@ -1283,14 +1311,17 @@ class TransformingOptimizer(WrappingOptimizer):
             # pins thousands of small allocations across the second pass (process peak memory).
             loss = loss.detach()
         self._align_sharded_grads()
-        grad_norm = self._grad_norm()
-        finite_here = self._grads_finite(grad_norm)
-        finite = finite_here
-        if self.first_pass_context is not None:  # local gradients: every rank skips, or none
-            finite = not _on_any_rank(not finite_here, self.first_pass_context, self._device())
-        if not finite:
-            self._skip("first", "" if not finite_here else " on another rank")
-            return loss
+        first_checks = self._first_checks_first_pass()
+        grad_norm = None
+        if not first_checks:  # else the first transform checks them (_check_first_pass)
+            grad_norm = self._grad_norm()
+            finite_here = self._grads_finite(grad_norm)
+            finite = finite_here
+            if self.first_pass_context is not None:  # local gradients: every rank skips, or none
+                finite = not _on_any_rank(not finite_here, self.first_pass_context, self._device())
+            if not finite:
+                self._skip("first", "" if not finite_here else " on another rank")
+                return loss
 
         evaluations = 1
 
@@ -1312,8 +1343,8 @@ class TransformingOptimizer(WrappingOptimizer):
 
         try:
             with _put_back_on_error(self._pre_step_structure()):
-                self._run_chain(0, reevaluate, grad_norm, loss=loss)
-        except _NonFiniteGradients as non_finite:
+                self._run_chain(0, reevaluate, grad_norm, loss=loss, first_checks=first_checks)
+        except _NonFiniteGradients as non_finite:  # also the first pass's (first_checks)
             self._skip(_ordinal(non_finite.evaluation), _combined_by(non_finite))
         finally:
             if evaluations > 1:
@@ -1473,10 +1504,13 @@ class TransformingOptimizer(WrappingOptimizer):
         split = reevaluating[0]
         # _two_call_refusal lets a re-evaluating transform through only if it is one
         transform = cast(PerturbationTransform, self.transforms[split])
-        grad_norm = self._grad_norm()
-        if not self._grads_finite(grad_norm):
-            self._pending = _PendingStep(None, split + 1, non_finite=True)
-            return
+        first_checks = split == 0 and self._first_checks_first_pass()
+        grad_norm = None
+        if not first_checks:  # else perturb() checks them (_check_first_pass)
+            grad_norm = self._grad_norm()
+            if not self._grads_finite(grad_norm):
+                self._pending = _PendingStep(None, split + 1, non_finite=True)
+                return
         structure = self._pre_step_structure()
         # If nothing is perturbed, second_step() runs the transforms before again, on the second
         # pass's gradients: what they did here (weights a hook wrote, state they saved) is undone
@@ -1504,7 +1538,19 @@ class TransformingOptimizer(WrappingOptimizer):
                     # Asked now, with the first pass's gradients there (the move clears them).
                     not_scaling, not_keeping = self._scale_sensitive_before(split)
                     ctx = self._context(self.slots[split], None, grad_norm if split == 0 else None)
-                    perturbation = transform.perturb(ctx)
+                    if first_checks:
+                        ctx.__dict__["_check_first_pass"] = self._check_first_pass
+                    try:
+                        perturbation = transform.perturb(ctx)
+                    except _NonFiniteGradients:  # the first pass's (first_checks): nothing moved
+                        if not first_checks:
+                            raise
+                        if structure is not None:
+                            structure.restore()
+                        self._pending = _PendingStep(None, split + 1, non_finite=True)  # the gradients kept
+                        return
+                    finally:  # the pending step keeps ctx (a finishing function): not the optimizer
+                        ctx.__dict__.pop("_check_first_pass", None)
                     skipped = perturbation is None or not perturbation.params
                     if skipped and undo is not None:
                         undo.restore()

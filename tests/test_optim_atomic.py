@@ -31,6 +31,7 @@ from samgria import (
     SAM,
     ClampGrad,
     ClipGradNorm,
+    FriendlySAM,
     NormalizeGrad,
     ScaleGrad,
     Transform,
@@ -2063,3 +2064,150 @@ def test_a_transforms_except_exception_cleanup_around_reevaluate_runs_on_a_non_f
     optimizer.step(lambda: closure(False))
     # By hand: g at w + 0.1 g = 1.2 is 2.4; w - 0.1 * 2.4.
     torch.testing.assert_close(param.detach(), torch.full((3,), 1.0 - 0.1 * 2.4), rtol=0.0, atol=1e-7)
+
+
+# -- ASAM and FriendlySAM first in the chain check the first pass themselves ------------------------------------
+FIRST_PASS_CHECKERS = {
+    "sam": lambda: SAM(0.05),  # the optimizer checks: the reference
+    "asam": lambda: ASAM(0.05, eta=0.01),
+    "friendly-sam": lambda: FriendlySAM(0.05),
+}
+
+
+def _first_pass_run(name, groups_of, non_finite="skip"):
+    """A model, and an optimizer with ``name``'s transform alone, after two steps."""
+    model = make_model()
+    params = list(model.parameters())
+    optimizer = TransformingOptimizer(
+        groups_of(params), torch.optim.SGD, lr=0.05, momentum=0.9, transforms=[FIRST_PASS_CHECKERS[name]()], non_finite=non_finite
+    )
+    for _ in range(2):
+        optimizer.step(make_closure(model, optimizer))
+    return model, optimizer
+
+
+FIRST_PASS_GROUPS = {
+    "one-group": lambda params: [{"params": params}],
+    "in-a-rho-zero-group": lambda params: [{"params": params[:1], "rho": 0.0}, {"params": params[1:]}],
+    "every-rho-zero": lambda params: [{"params": params, "rho": 0.0}],
+}
+
+
+@pytest.mark.parametrize("value", [math.inf, -math.inf, math.nan], ids=["inf", "-inf", "nan"])
+@pytest.mark.parametrize("mode", ["closure", "two-call"])
+@pytest.mark.parametrize("groups", list(FIRST_PASS_GROUPS))
+@pytest.mark.parametrize("name", ["asam", "friendly-sam"])
+def test_a_non_finite_first_pass_with_asam_or_friendly_sam_first_is_skipped_as_with_sam(name, groups, mode, value):
+    """First in the chain, ASAM and FriendlySAM check the first pass's gradients themselves (their
+    norm of T ⊙ g or g - sigma m is finite only if every gradient is; the optimizer takes no
+    global norm before them): a non-finite first-pass gradient, also of a parameter in a rho=0
+    group or with every rho 0, skips the step as with SAM: the same warning at the user's line,
+    counted, weights and state bit for bit as before, and the next steps equal a twin's."""
+    warned = {}
+    for which in ("sam", name):
+        model, optimizer = _first_pass_run(which, FIRST_PASS_GROUPS[groups])
+        twin = _first_pass_run(which, FIRST_PASS_GROUPS[groups])
+        before = Before(model, optimizer)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            non_finite_step(model, optimizer, mode, "first", value)
+        warned[which] = [(str(w.message), w.category, w.filename) for w in caught]
+        assert optimizer.skipped_steps == 1
+        before.assert_unchanged()
+        step_both_normally((model, optimizer), twin)
+    assert warned[name] == warned["sam"]
+    assert len(warned[name]) == 1 and "first evaluation are not finite: the step is skipped" in warned[name][0][0]
+    assert warned[name][0][2] == __file__
+
+
+@pytest.mark.parametrize("mode", ["closure", "two-call"])
+@pytest.mark.parametrize("name", ["asam", "friendly-sam"])
+def test_a_non_finite_first_pass_with_asam_or_friendly_sam_first_raises_under_the_raise_policy(name, mode):
+    model, optimizer = _first_pass_run(name, FIRST_PASS_GROUPS["in-a-rho-zero-group"], non_finite="raise")
+    before = Before(model, optimizer)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        with pytest.raises(FloatingPointError, match=r"the gradients of the first evaluation are not finite: .*non_finite='raise' was set$"):
+            non_finite_step(model, optimizer, mode, "first", math.nan)
+    assert optimizer.skipped_steps == 0
+    before.assert_unchanged()
+
+
+@pytest.mark.parametrize("mode", ["closure", "two-call"])
+@pytest.mark.parametrize("name", ["asam", "friendly-sam"])
+def test_asam_or_friendly_sam_first_take_no_global_norm_and_finite_gradients_whose_norm_overflows_step(name, mode, monkeypatch):
+    """The optimizer takes no norm of the first pass before them; gradients of 1e308, finite, whose
+    norm (2e308) overflows are not a skipped step: the transform warns that it skips the
+    perturbation, and the inner optimizer steps with the unperturbed gradients."""
+    lr = 1e-202
+    weight = nn.Parameter(torch.zeros(4, dtype=torch.float64))
+    transform = ASAM(0.1, eta=1.0) if name == "asam" else FriendlySAM(0.1)
+    optimizer = TransformingOptimizer([weight], torch.optim.SGD, lr=lr, transforms=[transform])
+
+    def no_norm():
+        raise AssertionError("the first pass's global norm was taken")
+
+    monkeypatch.setattr(optimizer, "_grad_norm", no_norm)
+
+    def backward():
+        optimizer.zero_grad()
+        loss = (weight * 1e308).sum()
+        loss.backward()
+        return loss
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        if mode == "closure":
+            optimizer.step(backward)
+        else:
+            backward()
+            optimizer.first_step()
+            backward()
+            optimizer.second_step()
+    messages = [str(w.message) for w in caught]
+    label = type(transform).__name__
+    assert len(messages) == 1 and messages[0].startswith(f"{label}: the gradient norm is inf;"), messages
+    assert optimizer.skipped_steps == 0
+    expected = torch.zeros(4, dtype=torch.float64).add_(torch.full((4,), 1e308, dtype=torch.float64), alpha=-lr)
+    assert torch.equal(weight.detach(), expected)
+
+
+def test_a_subclass_of_asam_that_overrides_perturb_gets_the_optimizers_first_pass_check():
+    """The declaration covers ASAM's own perturb(): a subclass's that does not check the gradients
+    still has the optimizer skip a non-finite first pass (and the optimizer takes the norm)."""
+
+    class Unchecked(ASAM):
+        def perturb(self, ctx):
+            return None
+
+    model = make_model()
+    optimizer = TransformingOptimizer(model.parameters(), torch.optim.SGD, lr=0.05, transforms=[Unchecked(0.05)])
+    before = Before(model, optimizer)
+    with pytest.warns(RuntimeWarning, match="first evaluation are not finite: the step is skipped"):
+        non_finite_step(model, optimizer, "closure", "first", math.inf)
+    assert optimizer.skipped_steps == 1
+    before.assert_unchanged()
+
+
+def test_a_non_finite_sparse_first_pass_gradient_with_asam_first_is_skipped_before_it_is_refused():
+    """A sparse gradient is refused by ASAM (RuntimeError); a non-finite one skips the step first,
+    as the optimizer's own check did before the chain."""
+    embedding = nn.Embedding(5, 3, sparse=True)
+    optimizer = TransformingOptimizer(embedding.parameters(), torch.optim.SGD, lr=0.1, transforms=[ASAM(0.05)])
+    weights = embedding.weight.detach().clone()
+
+    def closure(value):
+        def evaluate():
+            optimizer.zero_grad()
+            loss = embedding(torch.tensor([1, 2])).sum() * value
+            loss.backward()
+            return loss
+
+        return evaluate
+
+    with pytest.warns(RuntimeWarning, match="first evaluation are not finite: the step is skipped"):
+        optimizer.step(closure(math.inf))
+    assert optimizer.skipped_steps == 1 and torch.equal(embedding.weight, weights)
+    with pytest.raises(RuntimeError, match="ASAM does not support sparse gradients"):
+        optimizer.step(closure(1.0))
+    assert torch.equal(embedding.weight, weights)

@@ -220,6 +220,15 @@ def _swappable(params: list[torch.Tensor]) -> list[bool]:
     return flags
 
 
+def _check_first_pass(ctx: TransformContext) -> None:
+    """Apply the optimizer's non-finite policy to the first pass's gradients, where it left that
+    check to this transform (a transform that declares ``_checks_first_pass``, first in the chain):
+    raises what skips the step when a gradient is not finite; nothing otherwise."""
+    check = ctx.__dict__.get("_check_first_pass")
+    if check is not None:
+        check()
+
+
 class _PreparedMove(NamedTuple):
     """What :meth:`PerturbationTransform._move_along` needs to know of the parameters it moves,
     taken before their directions are computed (:meth:`PerturbationTransform._prepare_move`).
@@ -367,6 +376,7 @@ class PerturbationTransform(Transform):
                 groups.append(group)
         for param, grad in zip(params, grads):
             if grad.is_sparse:
+                _check_first_pass(ctx)  # a step skipped for them before it is refused
                 raise RuntimeError(
                     f"{type(self).__name__} does not support sparse gradients (a parameter of shape "
                     f"{tuple(param.shape)} has one; a group with rho=0 does not exclude it): use a "
@@ -400,17 +410,23 @@ class PerturbationTransform(Transform):
         foreach: bool,
         known: float | None = None,
         like: list[torch.Tensor] | None = None,
+        checks: TransformContext | None = None,
     ) -> float | None:
         """The global norm of the directions, or ``None`` (with a warning) when it is not finite.
 
         ``known``: the norm, when the optimizer already computed it over the same tensors.
         ``like``: the (possibly sharded) tensors that local ``directions`` were computed from.
+        ``checks``: the context of a transform that checks the first pass itself
+        (``_checks_first_pass``), whose directions are finite only if every gradient is: a norm
+        that is not finite has the gradients checked first (:func:`_check_first_pass`).
         """
         if known is None:
             real = [as_real(d) for d in directions]
             known = float(global_norm(real, foreach=foreach, like=directions if like is None else like))
         norm = known
         if not math.isfinite(norm):
+            if checks is not None:
+                _check_first_pass(checks)  # raises when a gradient is not finite (the step is skipped)
             warnings.warn(
                 f"{type(self).__name__}: the gradient norm is {norm}; the perturbation is skipped "
                 "and the inner optimizer sees the unperturbed gradients",
@@ -856,6 +872,12 @@ class ASAM(_RefusesOptimizerStyleCall, PerturbationTransform):
 
     _points_to_sam_optimizer = True
 
+    # First in the chain (and without first_pass_context), the optimizer leaves the first pass's
+    # non-finite check to perturb(): ‖T ⊙ g‖ (T = |w| + eta >= 0) is finite only if every gradient
+    # is (a non-finite g gives an infinite or NaN product); where it is not, the gradients are read
+    # (_check_first_pass). Read from this class's own namespace only: not a subclass's.
+    _checks_first_pass = True
+
     def __init__(self, rho: float = 0.5, eta: float = 0.01, adaptive: bool = True) -> None:
         self.rho = check_real("rho", rho, low=0.0)
         self.eta = check_real("eta", eta, low=0.0)
@@ -872,6 +894,7 @@ class ASAM(_RefusesOptimizerStyleCall, PerturbationTransform):
     def perturb(self, ctx: TransformContext) -> Perturbation | None:
         params, grads, groups = self._collect(ctx)
         if not params or not self.active(groups):
+            _check_first_pass(ctx)
             return None
         moving = [i for i, group in enumerate(groups) if group["rho"] > 0]
         # Before any view of a parameter is held (a complex one's real view counts as a reference).
@@ -907,7 +930,7 @@ class ASAM(_RefusesOptimizerStyleCall, PerturbationTransform):
         directions = [as_real(grad) for grad in grads]  # T ⊙ g for adaptive groups, g elsewhere
         for index, scaled in zip(adaptive, scaled_grads):
             directions[index] = scaled
-        norm = self._finite_norm(directions, ctx.foreach, like=grads)
+        norm = self._finite_norm(directions, ctx.foreach, like=grads, checks=ctx)
         if norm is None or norm == 0.0:
             return None if norm == 0.0 else Perturbation([], non_finite=True)
         # T ⊙ (T ⊙ g / ‖T ⊙ g‖), in place: each element of the quotient is at most 1 in

@@ -707,6 +707,10 @@ class FriendlySAM(_RefusesOptimizerStyleCall, _FinishingTransform):
 
     writes_weights_before_step = False  # m in new tensors, d too or in backup buffers, then SAM's move
 
+    # First in the chain, perturb() checks the first pass (see ASAM): d = g - sigma m is finite
+    # only if g is (a finite average), its norm taken over every gradient, also in rho=0 groups.
+    _checks_first_pass = True
+
     def __init__(self, rho: float = 0.05, sigma: float = 1.0, lmbda: float = 0.9) -> None:
         self.rho = check_real("rho", rho, low=0.0)
         self.sigma = check_real("sigma", sigma, low=0.0)
@@ -771,7 +775,7 @@ class FriendlySAM(_RefusesOptimizerStyleCall, _FinishingTransform):
                 for param, average in zip(params, new_averages):
                     ctx.state[param]["momentum"] = average
 
-        norm = self._finite_norm(directions, ctx.foreach, like=grads)
+        norm = self._finite_norm(directions, ctx.foreach, like=grads, checks=ctx)
         if norm is None:
             return Perturbation([], non_finite=True)
         if norm == 0.0 or not moving:
