@@ -245,6 +245,30 @@ class _PreparedMove(NamedTuple):
     swappable: list[bool]
     into: list[torch.Tensor | None]
 
+    def into_by_index(self, indices: Sequence[int]) -> dict[int, torch.Tensor]:
+        """The ``into`` views that exist, keyed by ``indices`` (the caller's index of each moved
+        parameter, in the order :meth:`PerturbationTransform._prepare_move` took them)."""
+        return {index: view for index, view in zip(indices, self.into) if view is not None}
+
+
+def _partly_into(
+    count: int,
+    buffers: Mapping[int, torch.Tensor],
+    list_kernel: Callable[[list[int]], Sequence[torch.Tensor]],
+    tensor_kernel: Callable[[int, torch.Tensor], torch.Tensor],
+) -> list[torch.Tensor]:
+    """``count`` results in order: entry ``k`` computed by ``tensor_kernel(k, buffers[k])`` (into
+    that buffer, ``out=``) where ``buffers`` has ``k``, the others by one ``list_kernel(rest)``
+    (new memory): a direction computed in a backup buffer where the move can take it from there
+    (:class:`_PreparedMove`), the same arithmetic elsewhere."""
+    rest = [k for k in range(count) if k not in buffers]
+    result: list[torch.Tensor | None] = [None] * count
+    for k, tensor in zip(rest, list_kernel(rest)):
+        result[k] = tensor
+    for k, buffer in buffers.items():
+        result[k] = tensor_kernel(k, buffer)
+    return cast(list[torch.Tensor], result)
+
 
 class PerturbationTransform(Transform):
     """Base of transforms that perturb the weights, re-evaluate the closure and restore.
@@ -899,7 +923,7 @@ class ASAM(_RefusesOptimizerStyleCall, PerturbationTransform):
         moving = [i for i, group in enumerate(groups) if group["rho"] > 0]
         # Before any view of a parameter is held (a complex one's real view counts as a reference).
         prepared = self._prepare_move([params[i] for i in moving])
-        into: dict[int, torch.Tensor] = {i: view for i, view in zip(moving, prepared.into) if view is not None}
+        into = prepared.into_by_index(moving)
         adaptive = [i for i, group in enumerate(groups) if group["adaptive"]]
         # Pairs of reals for complex tensors; float32 for 16-bit ones (T ⊙ g would overflow).
         weights = [_widened(as_real(params[i])) for i in adaptive]
@@ -909,24 +933,20 @@ class ASAM(_RefusesOptimizerStyleCall, PerturbationTransform):
         widened_grads = [_widened(as_real(grads[i])) for i in adaptive]
         # T ⊙ g in the backup buffer where the move can take it from there (in its layout), else
         # in new memory: the same products.
-        in_buffer = [
-            k
+        in_buffer = {
+            k: into[i]
             for k, i in enumerate(adaptive)
             if i in into
             and widened_grads[k].dtype == scalings[k].dtype == into[i].dtype
             and widened_grads[k].stride() == scalings[k].stride() == into[i].stride()
-        ]
-        if in_buffer:
-            rest = sorted(set(range(len(adaptive))) - set(in_buffer))
-            products = mul([widened_grads[k] for k in rest], [scalings[k] for k in rest], foreach=ctx.foreach)
-            scaled_grads = [widened_grads[0]] * len(adaptive)  # each entry set below
-            for k, product in zip(rest, products):
-                scaled_grads[k] = product
-            for k in in_buffer:
-                scaled_grads[k] = torch.mul(widened_grads[k], scalings[k], out=into[adaptive[k]])
-        else:
-            scaled_grads = mul(widened_grads, scalings, foreach=ctx.foreach)
-        del widened_grads
+        }
+        scaled_grads = _partly_into(
+            len(adaptive),
+            in_buffer,
+            lambda rest: mul([widened_grads[k] for k in rest], [scalings[k] for k in rest], foreach=ctx.foreach),
+            lambda k, buffer: torch.mul(widened_grads[k], scalings[k], out=buffer),
+        )
+        widened_grads.clear()  # float32 copies of 16-bit gradients: freed now (the lambdas read the list)
         directions = [as_real(grad) for grad in grads]  # T ⊙ g for adaptive groups, g elsewhere
         for index, scaled in zip(adaptive, scaled_grads):
             directions[index] = scaled
@@ -938,7 +958,8 @@ class ASAM(_RefusesOptimizerStyleCall, PerturbationTransform):
         # overflow float32 (also 16-bit parameters' widened values) from |w| near 1.8e19.
         _divide_(scaled_grads, norm, ctx.foreach)
         mul_(scaled_grads, scalings, foreach=ctx.foreach)
-        del scalings, scaled_grads
+        scalings.clear()  # T: freed now (the lambdas above read the list)
+        del scaled_grads
         adaptive_indices = set(adaptive)
         moved, moved_directions, scales, divisors = [], [], [], []
         for index in moving:

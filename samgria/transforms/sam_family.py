@@ -45,6 +45,7 @@ from samgria.transforms.sam import (
     Perturbation,
     PerturbationTransform,
     _owns_storage,
+    _partly_into,
     _RefusesOptimizerStyleCall,
     _times_power_of_two,
 )
@@ -730,9 +731,7 @@ class FriendlySAM(_RefusesOptimizerStyleCall, _FinishingTransform):
             return None
         moving = [i for i, group in enumerate(groups) if group["rho"] > 0]
         prepared = self._prepare_move([params[i] for i in moving]) if moving else None
-        into: dict[int, torch.Tensor] = {}
-        if prepared is not None:
-            into = {i: view for i, view in zip(moving, prepared.into) if view is not None}
+        into = {} if prepared is None else prepared.into_by_index(moving)
         averages = [ctx.state[p].get("momentum") for p in params]
         old = [i for i, m in enumerate(averages) if m is not None]
         # A parameter's first step: m = g and d = g. Later: m_t = lmbda m + (1 - lmbda) g and
@@ -755,20 +754,23 @@ class FriendlySAM(_RefusesOptimizerStyleCall, _FinishingTransform):
                 and directions[i].device == real_olds[k].device
                 and directions[i].stride() == real_olds[k].stride() == into[i].stride()
             }
-            rest = [k for k in range(len(old)) if k not in in_buffer]
-            shifted = _added(
-                [directions[old[k]] for k in rest],
-                [real_olds[k] for k in rest],
-                [-float(groups[old[k]]["sigma"]) for k in rest],
-                ctx.foreach,
+            shifted = _partly_into(
+                len(old),
+                in_buffer,
+                lambda rest: _added(
+                    [directions[old[k]] for k in rest],
+                    [real_olds[k] for k in rest],
+                    [-float(groups[old[k]]["sigma"]) for k in rest],
+                    ctx.foreach,
+                ),
+                # torch.add, as _added's for these dtypes
+                lambda k, buffer: torch.add(
+                    directions[old[k]], real_olds[k], alpha=-float(groups[old[k]]["sigma"]), out=buffer
+                ),
             )
-            for k, d in zip(rest, shifted):
-                directions[old[k]] = d
-            for k, view in in_buffer.items():  # torch.add, as _added's for these dtypes
-                i = old[k]
-                directions[i] = torch.add(directions[i], real_olds[k], alpha=-float(groups[i]["sigma"]), out=view)
             for k, i in enumerate(old):
                 new_averages[i] = updated[k]
+                directions[i] = shifted[k]
 
         def commit(checked: bool) -> None:
             if checked or _current_grads_finite(ctx):
