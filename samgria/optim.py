@@ -763,6 +763,17 @@ class TransformingOptimizer(WrappingOptimizer):
         if not self._grads_finite():
             raise _NonFiniteGradients(1)
 
+    @contextlib.contextmanager
+    def _first_pass_checked_by(self, ctx: TransformContext) -> Iterator[None]:
+        """Hand :meth:`_check_first_pass` to the first transform's ``ctx`` while it runs
+        (:meth:`_first_checks_first_pass`), and take it back after: what the step keeps of ``ctx``
+        (a finishing function of a pending step) must not hold the optimizer."""
+        ctx.__dict__["_check_first_pass"] = self._check_first_pass
+        try:
+            yield
+        finally:
+            del ctx.__dict__["_check_first_pass"]
+
     def _skip(self, which: str, where: str = "") -> None:
         """Apply the non-finite policy to a step whose ``which`` gradients (``where``) are not finite."""
         message = (
@@ -1033,11 +1044,8 @@ class TransformingOptimizer(WrappingOptimizer):
         for index, (_, slot, transform) in enumerate(transforms):
             ctx = self._context(slot, counted, grad_norm if index == 0 else None, spare_buffers)
             if first_checks and index == 0:
-                ctx.__dict__["_check_first_pass"] = self._check_first_pass
-                try:
+                with self._first_pass_checked_by(ctx):
                     transform.pre_update(ctx)
-                finally:  # what the step keeps of ctx (a finishing function) must not hold the optimizer
-                    del ctx.__dict__["_check_first_pass"]
             else:
                 transform.pre_update(ctx)
             if raised:  # the transform swallowed it (except Exception: pass): the policy applies
@@ -1538,10 +1546,9 @@ class TransformingOptimizer(WrappingOptimizer):
                     # Asked now, with the first pass's gradients there (the move clears them).
                     not_scaling, not_keeping = self._scale_sensitive_before(split)
                     ctx = self._context(self.slots[split], None, grad_norm if split == 0 else None)
-                    if first_checks:
-                        ctx.__dict__["_check_first_pass"] = self._check_first_pass
                     try:
-                        perturbation = transform.perturb(ctx)
+                        with self._first_pass_checked_by(ctx) if first_checks else contextlib.nullcontext():
+                            perturbation = transform.perturb(ctx)
                     except _NonFiniteGradients:  # the first pass's (first_checks): nothing moved
                         if not first_checks:
                             raise
@@ -1549,8 +1556,6 @@ class TransformingOptimizer(WrappingOptimizer):
                             structure.restore()
                         self._pending = _PendingStep(None, split + 1, non_finite=True)  # the gradients kept
                         return
-                    finally:  # the pending step keeps ctx (a finishing function): not the optimizer
-                        ctx.__dict__.pop("_check_first_pass", None)
                     skipped = perturbation is None or not perturbation.params
                     if skipped and undo is not None:
                         undo.restore()
