@@ -430,16 +430,18 @@ def test_non_finite_raise_policy_raises_and_changes_nothing(chain, mode, where, 
     step_both_normally((model, optimizer), twin)
 
 
-@pytest.mark.parametrize("mode", ["closure", "two-call", "no-closure"])
-def test_finite_gradients_whose_norm_overflows_are_not_a_non_finite_step(mode):
-    """The policy looks at the gradients, not at their norm: four float64 gradients of 1e308 are
-    finite although their norm, 2e308, is beyond float64's range. SAM cannot scale by an infinite
-    norm: it warns and skips the perturbation, and the inner optimizer steps with the unperturbed
-    gradients."""
-    lr = 1e-202
+_OVERFLOW_LR = 1e-202
+
+
+def _step_on_gradients_whose_norm_overflows(transforms, mode, prepare=None):
+    """One step (``mode``: "closure", "two-call" or "no-closure") of plain SGD (lr ``_OVERFLOW_LR``)
+    wrapped with ``transforms`` on one float64 weight of four zeros whose gradients are 1e308:
+    finite, although their norm, 2e308, is beyond float64's range. ``prepare(optimizer)`` runs
+    before the step. Returns the optimizer, the weight and the messages of the warnings."""
     weight = nn.Parameter(torch.zeros(4, dtype=torch.float64))
-    transforms = [] if mode == "no-closure" else [SAM(0.1)]
-    optimizer = TransformingOptimizer([weight], torch.optim.SGD, lr=lr, transforms=transforms)
+    optimizer = TransformingOptimizer([weight], torch.optim.SGD, lr=_OVERFLOW_LR, transforms=transforms)
+    if prepare is not None:
+        prepare(optimizer)
 
     def backward():
         optimizer.zero_grad()
@@ -459,14 +461,28 @@ def test_finite_gradients_whose_norm_overflows_are_not_a_non_finite_step(mode):
         else:
             backward()
             optimizer.step()
-    messages = [str(w.message) for w in caught]
+    return optimizer, weight, [str(w.message) for w in caught]
+
+
+def _sgd_update_of_gradients_whose_norm_overflows():
+    """Plain SGD's update of :func:`_step_on_gradients_whose_norm_overflows`'s weight."""
+    return torch.zeros(4, dtype=torch.float64).add_(torch.full((4,), 1e308, dtype=torch.float64), alpha=-_OVERFLOW_LR)
+
+
+@pytest.mark.parametrize("mode", ["closure", "two-call", "no-closure"])
+def test_finite_gradients_whose_norm_overflows_are_not_a_non_finite_step(mode):
+    """The policy looks at the gradients, not at their norm: four float64 gradients of 1e308 are
+    finite although their norm, 2e308, is beyond float64's range. SAM cannot scale by an infinite
+    norm: it warns and skips the perturbation, and the inner optimizer steps with the unperturbed
+    gradients."""
+    transforms = [] if mode == "no-closure" else [SAM(0.1)]
+    optimizer, weight, messages = _step_on_gradients_whose_norm_overflows(transforms, mode)
     if transforms:  # SAM's warning, once; no warning of the non-finite policy
         assert len(messages) == 1 and messages[0].startswith("SAM: the gradient norm is inf;"), messages
     else:
         assert messages == []
     assert optimizer.skipped_steps == 0
-    expected = torch.zeros(4, dtype=torch.float64).add_(torch.full((4,), 1e308, dtype=torch.float64), alpha=-lr)
-    assert torch.equal(weight.detach(), expected)  # plain SGD's update
+    assert torch.equal(weight.detach(), _sgd_update_of_gradients_whose_norm_overflows())  # plain SGD's update
 
 
 def test_float32_gradients_whose_squares_overflow_float32_get_their_true_norm():
@@ -2139,37 +2155,18 @@ def test_asam_or_friendly_sam_first_take_no_global_norm_and_finite_gradients_who
     """The optimizer takes no norm of the first pass before them; gradients of 1e308, finite, whose
     norm (2e308) overflows are not a skipped step: the transform warns that it skips the
     perturbation, and the inner optimizer steps with the unperturbed gradients."""
-    lr = 1e-202
-    weight = nn.Parameter(torch.zeros(4, dtype=torch.float64))
     transform = ASAM(0.1, eta=1.0) if name == "asam" else FriendlySAM(0.1)
-    optimizer = TransformingOptimizer([weight], torch.optim.SGD, lr=lr, transforms=[transform])
 
     def no_norm():
         raise AssertionError("the first pass's global norm was taken")
 
-    monkeypatch.setattr(optimizer, "_grad_norm", no_norm)
-
-    def backward():
-        optimizer.zero_grad()
-        loss = (weight * 1e308).sum()
-        loss.backward()
-        return loss
-
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        if mode == "closure":
-            optimizer.step(backward)
-        else:
-            backward()
-            optimizer.first_step()
-            backward()
-            optimizer.second_step()
-    messages = [str(w.message) for w in caught]
+    optimizer, weight, messages = _step_on_gradients_whose_norm_overflows(
+        [transform], mode, lambda optimizer: monkeypatch.setattr(optimizer, "_grad_norm", no_norm)
+    )
     label = type(transform).__name__
     assert len(messages) == 1 and messages[0].startswith(f"{label}: the gradient norm is inf;"), messages
     assert optimizer.skipped_steps == 0
-    expected = torch.zeros(4, dtype=torch.float64).add_(torch.full((4,), 1e308, dtype=torch.float64), alpha=-lr)
-    assert torch.equal(weight.detach(), expected)
+    assert torch.equal(weight.detach(), _sgd_update_of_gradients_whose_norm_overflows())
 
 
 def test_a_subclass_of_asam_that_overrides_perturb_gets_the_optimizers_first_pass_check():
