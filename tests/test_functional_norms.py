@@ -244,6 +244,33 @@ def test_scale_rejects_scales_or_shifts_of_another_length():
         scale_([torch.ones(2), torch.ones(2)], [0.5, 0.5], [0.0, 0.0, 0.0])
 
 
+
+@pytest.mark.parametrize("foreach", [True, False])
+def test_scale_checks_its_lists_flag_entries_and_dtypes_before_writing(foreach):
+    """It checked only the lengths: a flag of another kind was taken as true or false, and a list
+    that is not one, an entry that is not a tensor, an integer tensor (after the tensors before it
+    were written) or a scale that is not a number failed in torch, naming none of them."""
+    first = torch.ones(2, dtype=torch.float64)
+    cases = [
+        (r"^foreach must be a bool, got 'yes'$", lambda: scale_([first], [2.0], foreach="yes")),
+        (r"^tensors must be a sequence of tensors, got a tensor of shape \(2,\)$", lambda: scale_(first, [2.0, 2.0], foreach=foreach)),
+        (r"^scales must be a sequence of numbers, got 2.0$", lambda: scale_([first], 2.0, foreach=foreach)),  # type: ignore[arg-type]
+        (r"^shifts must be a sequence of numbers, got 0.0$", lambda: scale_([first], [2.0], 0.0, foreach=foreach)),  # type: ignore[arg-type]
+        (r"^tensors\[1\] must be a torch.Tensor, got 1.0$", lambda: scale_([first, 1.0], [2.0, 2.0], foreach=foreach)),  # type: ignore[list-item]
+        (
+            r"^tensors\[1\] must be a floating-point or complex tensor, got a torch.int64 tensor$",
+            lambda: scale_([first, torch.ones(2, dtype=torch.int64)], [2.0, 0.5], foreach=foreach),
+        ),
+        (r"^scales\[0\] must be a real number or a 0-dim real tensor, got 'x'$", lambda: scale_([first], ["x"], foreach=foreach)),  # type: ignore[list-item]
+        (r"^shifts\[0\] must be a real number or a 0-dim real tensor, got 'x'$", lambda: scale_([first], [2.0], ["x"], foreach=foreach)),  # type: ignore[list-item]
+    ]
+    for message, call in cases:
+        with pytest.raises(TypeError, match=message):
+            call()
+        assert torch.equal(first, torch.ones(2, dtype=torch.float64)), message
+    scale_((first,), (2.0,), (1.0,), foreach=foreach)  # tuples are sequences
+    assert torch.equal(first, torch.full((2,), 3.0, dtype=torch.float64))
+
 @pytest.mark.parametrize("foreach", [True, False])
 def test_global_norm_names_an_integer_tensor_as_the_other_kernels_do(foreach):
     """torch's own message ("linalg.vector_norm: Expected a floating point or complex tensor")

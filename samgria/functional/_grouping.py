@@ -291,13 +291,17 @@ def check_scalar(name: str, value: Any) -> Any:
     return value
 
 
+#: The one type of the scalars in the common case (see :func:`check_scalars`).
+_FLOATS = frozenset((float,))
+
+
 def check_scalars(name: str, values: Sequence[Any]) -> tuple[Sequence[Any], bool]:
     """:func:`check_scalar` of every entry of ``values`` (named ``"{name}[i]"``), before anything is
     written. Return the entries as torch takes them (``values`` itself unless an integer was
     converted) and whether one is a tensor; one look at each entry's type in the common case (every
     entry a float).
     """
-    if all(type(value) is float for value in values):
+    if _FLOATS.issuperset(map(type, values)):  # every entry a float: one pass in C
         return values, False
     checked = [check_scalar(f"{name}[{index}]", value) for index, value in enumerate(values)]
     some_tensor = any(isinstance(value, torch.Tensor) for value in checked)

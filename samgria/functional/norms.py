@@ -28,6 +28,7 @@ from samgria._checks import check_bool
 from samgria.functional._grouping import (
     check_floating,
     check_lengths,
+    check_scalars,
     check_sequence,
     check_tensors,
     group_indices_by_device_and_dtype,
@@ -228,6 +229,15 @@ def scale_(
     (and ``torch._foreach_add_``) per device and dtype, or ``mul_`` (and ``add_``) tensor by
     tensor: the same arithmetic. Both paths agree bit for bit.
 
+    Everything torch would refuse only as it reaches an entry is checked before anything is
+    written, except what costs a look at each tensor: a tensor whose elements share memory (an
+    ``expand`` view), an inference tensor outside ``torch.inference_mode()``, or a leaf that requires
+    grad while grad mode is on is refused by torch as it writes that tensor, after the entries
+    written before it (tensor by tensor, or one device and dtype after another). The other
+    in-place kernels (:func:`~samgria.functional.add_scaled_` for one) check those first too.
+    A scale or shift is a real number (Python or a NumPy scalar) or a 0-dim real tensor; with a
+    tensor among them the entries are taken one by one.
+
     Args:
         tensors: Real dense tensors, rewritten in place.
         scales: :math:`s_i`, one per tensor.
@@ -235,22 +245,45 @@ def scale_(
         foreach: Use the ``torch._foreach_*`` kernels for the tensors that are not 16-bit.
 
     Raises:
-        ValueError: If ``scales`` or ``shifts`` has another length than ``tensors``.
+        ValueError: If ``scales`` or ``shifts`` has another length than ``tensors``, or a scale or
+            shift is an integer beyond the range of a float.
+        TypeError: If a list is not a sequence (a tensor given for a list of tensors, a number for a
+            list of numbers: see :func:`global_norm`), an entry of ``tensors`` is not a tensor
+            (``"tensors[i] must be a torch.Tensor, got 1.0"``), a tensor is neither floating-point
+            nor complex (an integer one would truncate the result), ``foreach`` is not a ``bool``,
+            or a scale or shift is neither a real number nor a 0-dim real tensor (``"scales[i] must
+            be a real number or a 0-dim real tensor, got {scale!r}"``; a ``bool`` or complex one
+            included).
     """
+    check_bool("foreach", foreach)
+    check_sequence("tensors", tensors)
+    check_sequence("scales", scales, "numbers")
+    if shifts is not None:
+        check_sequence("shifts", shifts, "numbers")
     check_lengths(len(tensors), "tensor", ("scales", scales), ("shifts", shifts))
-    if foreach:
-        for (_device, dtype), indices in group_indices_by_device_and_dtype(tensors).items():
-            if dtype in LOW_PRECISION:
-                for i in indices:
-                    _scale_one_(tensors[i], scales[i], None if shifts is None else shifts[i])
-                continue
-            chunk = [tensors[i] for i in indices]
-            torch._foreach_mul_(chunk, [scales[i] for i in indices])
-            if shifts is not None:
-                torch._foreach_add_(chunk, [shifts[i] for i in indices])
+    scales, some_tensor = check_scalars("scales", scales)
+    if shifts is not None:
+        shifts, some_tensor_shift = check_scalars("shifts", shifts)
+        some_tensor = some_tensor or some_tensor_shift
+    try:
+        groups = group_indices_by_device_and_dtype(tensors)
+        check_floating("tensors", tensors, [dtype for _device, dtype in groups])
+    except AttributeError:  # an entry that is not a tensor: named (at no cost to the common case)
+        check_tensors("tensors", tensors)
+        raise
+    if not foreach or some_tensor:  # torch's list kernels take numbers or tensors, not both
+        for i, tensor in enumerate(tensors):
+            _scale_one_(tensor, scales[i], None if shifts is None else shifts[i])
         return
-    for i, tensor in enumerate(tensors):
-        _scale_one_(tensor, scales[i], None if shifts is None else shifts[i])
+    for (_device, dtype), indices in groups.items():
+        if dtype in LOW_PRECISION:
+            for i in indices:
+                _scale_one_(tensors[i], scales[i], None if shifts is None else shifts[i])
+            continue
+        chunk = [tensors[i] for i in indices]
+        torch._foreach_mul_(chunk, [scales[i] for i in indices])
+        if shifts is not None:
+            torch._foreach_add_(chunk, [shifts[i] for i in indices])
 
 
 def _scale_one_(tensor: torch.Tensor, scale: float, shift: float | None) -> None:
