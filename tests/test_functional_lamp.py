@@ -352,6 +352,27 @@ def test_assign_mean_refuses_a_count_beyond_a_float_before_writing(foreach):
     assert all(torch.equal(total, torch.full((2,), 6.0)) for total in sums)  # not zeroed
 
 
+
+@pytest.mark.parametrize("foreach", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.complex64])
+def test_assign_mean_refuses_a_count_beyond_the_dtype_its_mean_is_taken_in_before_writing(dtype, foreach):
+    """A count beyond float32's range became an infinite divisor of a float32, 16-bit or complex64
+    sum: 3e38 / 10**39 came out 0, not 0.3. A float64 sum takes it."""
+    params = [torch.zeros(2, dtype=dtype), torch.zeros(2, dtype=dtype)]
+    sums = [torch.ones(2, dtype=dtype), torch.full((2,), 3e38, dtype=dtype)]
+    wide = torch.complex64 if dtype.is_complex else torch.float32
+    with pytest.raises(
+        ValueError,
+        match=rf"^counts\[1\] must be an integer >= 1 that fits in the dtype the mean of sums\[1\] is taken in, "
+        rf"{wide} \(at most 3.4028234663852886e\+38\), got 10{{39}}$",
+    ):
+        assign_mean_(params, sums, [2, 10**39], foreach=foreach)
+    assert all(torch.equal(param, torch.zeros(2, dtype=dtype)) for param in params)
+    assert torch.equal(sums[0], torch.ones(2, dtype=dtype))  # not zeroed
+    params, sums = [torch.zeros(2, dtype=torch.float32)], [torch.full((2,), 3e38, dtype=torch.float64)]
+    assign_mean_(params, sums, [10**39], foreach=foreach)
+    assert torch.equal(params[0], torch.full((2,), 0.3, dtype=torch.float64).to(torch.float32))
+
 # -- alpha and the entries: checked before anything is written ----------------------------------------------------
 def _two_groups():
     """A float64 entry (written first, as its own dtype group) and a float32 one."""

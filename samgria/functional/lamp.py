@@ -22,6 +22,7 @@ import torch
 
 from samgria._checks import check_bool, check_int
 from samgria.functional._grouping import (
+    LARGEST,
     check_fits_where_computed,
     check_floating,
     check_lengths,
@@ -204,7 +205,8 @@ def assign_mean_(
             shape than its parameter, a parameter or sum is one torch cannot write in place (as in
             :func:`accumulate_`), or a count is below 1 (a mean of nothing) or beyond the
             range of a float (``"counts[i] must be an integer >= 1 that fits in a float, got
-            {count!r}"``).
+            {count!r}"``) or of the dtype the mean is taken in (float32 for float32, 16-bit and
+            complex64 sums: torch would divide by infinity and write 0).
         TypeError: If a list is not a sequence (a tensor given for a list of tensors, a number for a
             list of numbers: see :func:`global_norm`), an entry of ``params`` or ``sums`` is not a
             tensor, a count is not an integer (``bool`` refused), a parameter is neither
@@ -221,7 +223,7 @@ def assign_mean_(
     check_real_where_real("sums", sums, "params", params)
     check_writable("params", params)
     check_writable("sums", sums)
-    divisors = _divisors(counts)
+    divisors = _divisors(counts, sums)
     if foreach:
         groups = group_indices_by_device_and_dtype(params)
         check_floating("params", params, [dtype for _device, dtype in groups])
@@ -237,19 +239,28 @@ def assign_mean_(
         total.zero_()
 
 
-def _divisors(counts: Sequence[int]) -> list[float]:
-    """The counts as floats, each checked to be an integer >= 1 that a float holds (one pass in the
-    common case)."""
-    if all(type(count) is int and count >= 1 for count in counts):
-        try:
-            return [float(count) for count in counts]
-        except OverflowError:  # named below
-            pass
+def _divisors(counts: Sequence[int], sums: Sequence[torch.Tensor]) -> list[float]:
+    """The counts as floats, each checked to be an integer >= 1 within the range of the dtype its
+    mean is taken in (a float; float32 for float32, 16-bit and complex64 sums, where torch takes a
+    larger divisor as infinite and the mean comes out 0); one pass in the common case."""
+    if all(type(count) is int and 1 <= count <= _FLOAT32_LARGEST for count in counts):
+        return [float(count) for count in counts]
     divisors = []
     for i, count in enumerate(counts):
         number = check_int(f"counts[{i}]", count, low=1)
         try:
-            divisors.append(float(number))
+            divisor = float(number)
         except OverflowError:  # a huge integer: no float holds it
             raise ValueError(f"counts[{i}] must be an integer >= 1 that fits in a float, got {count!r}") from None
+        largest = LARGEST.get(widened_dtype(sums[i].dtype))
+        if largest is not None and divisor > largest:
+            raise ValueError(
+                f"counts[{i}] must be an integer >= 1 that fits in the dtype the mean of sums[{i}] is taken "
+                f"in, {widened_dtype(sums[i].dtype)} (at most {largest!r}), got {count!r}"
+            )
+        divisors.append(divisor)
     return divisors
+
+
+#: The largest finite float32: a larger count is refused where the mean is taken in float32.
+_FLOAT32_LARGEST = torch.finfo(torch.float32).max
