@@ -47,7 +47,10 @@ def perturbed_into_(
 
     ``buffers`` may be ``params`` themselves (in place). ``directions`` may be overwritten (they
     are consumed). Entries may share memory: each sees what the entries before it wrote, as with
-    one ``torch.add`` after another. A direction wider than its parameter (float32 for a 16-bit one), and every
+    one ``torch.add`` after another -- and as there, a buffer that overlaps its own parameter or
+    direction only in part (``x[1:4]`` for ``x[0:3]``) is refused by torch as that entry is
+    reached, after the entries before it are written (not checked ahead: it would cost a look at
+    the memory of every entry). A direction wider than its parameter (float32 for a 16-bit one), and every
     16-bit parameter, is computed in float32 and rounded once: a 16-bit tensor cannot take a huge
     ``s_i`` as a scalar operand. Otherwise one fused ``torch.add(w, d, alpha=s, out=b)`` per
     tensor (the reference path, large tensors on the CPU, and buffers laid out otherwise than
