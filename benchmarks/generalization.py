@@ -80,9 +80,6 @@ METHODS: dict[str, Callable[[int], list[Transform]]] = {
 }
 LABELS = {"sgd": "SGD (momentum)", "sam": "SAM", "asam": "ASAM", "gsam": "GSAM", "looksam": "LookSAM", "sam_lamp": "SAM + LAMP"}
 
-#: Two-sided 97.5% quantiles of Student's t by degrees of freedom (1.96 beyond the table).
-_T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}
-
 
 # -- data ------------------------------------------------------------------------------------------
 @dataclass
@@ -215,11 +212,14 @@ def check_sgd_baseline(data: Digits, labels: torch.Tensor, seed: int, epochs: in
 # -- statistics --------------------------------------------------------------------------------------
 def mean_ci(values: list[float]) -> tuple[float, float]:
     r"""Mean and half-width of the 95% confidence interval, :math:`t_{0.975,\,n-1}\, s / \sqrt{n}`
-    (NaN for a single value)."""
+    (NaN for a single value), with Student's t quantile for every ``n`` (``scipy``, which
+    scikit-learn, the source of the data, depends on)."""
+    from scipy.stats import t as student_t
+
     mean = statistics.fmean(values)
     if len(values) < 2:
         return mean, float("nan")
-    quantile = _T975.get(len(values) - 1, 1.96)
+    quantile = float(student_t.ppf(0.975, len(values) - 1))
     return mean, quantile * statistics.stdev(values) / math.sqrt(len(values))
 
 
