@@ -308,8 +308,12 @@ def all_finite(
 ) -> bool:
     r"""Whether every element of every tensor is finite (no :math:`\pm\infty`, no NaN).
 
-    Reads every element once and changes nothing. Sharded tensors (``DTensor``) count whole: the
-    per-shard verdicts are combined across ranks, so every rank gets the same answer.
+    Reads every element once and changes no value, but the fused check of ``foreach`` writes
+    every float32 and float64 value it reads back as it was: a tensor on memory that must not be
+    written (``torch.frombuffer`` of a read-only buffer, which torch warns about) takes
+    ``foreach=False`` (on a read-only memory map the process is killed). Sharded tensors
+    (``DTensor``) count whole: the per-shard verdicts are combined across ranks, so every rank gets
+    the same answer.
 
     Args:
         tensors: Real dense tensors of any shapes, devices and floating dtypes, or ``DTensor``\ s.
