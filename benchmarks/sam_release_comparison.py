@@ -15,8 +15,8 @@ timing functions), and runs, in each of ``--processes`` fresh processes:
   (``in_a_row_times``: 8 steps per variant and round, the first one untimed).
 
 It prints, per process, each samgria variant's ratio to the floor and the paired ratio
-*this checkout / the release* (median over rounds of the per-round quotient), then the range over
-processes. The default ``--rev`` is the release the core-contracts issue was filed on.
+*this checkout / the release* (median over rounds of the per-round quotient), then the range and
+the median over processes. The default ``--rev`` is the release the core-contracts issue was filed on.
 
 Usage::
 
@@ -185,15 +185,21 @@ def main(argv: list[str] | None = None) -> int:
         for index in range(args.processes):
             results.append(_run_process(Path(scratch), package, args))
             _print_process(index, results[-1])
-    print("range over processes (min-max):")
+    print("\n".join(over_processes(results)))
+    return 0
+
+
+def over_processes(results: list[dict[str, Any]]) -> list[str]:
+    """The summary lines: per timing, pair and ratio, its range and median over the processes."""
+    lines = ["range over processes (min-max) and median:"]
     for timing in ("round_robin", "in_a_row"):
         for label, _, _ in PAIRS:
             parts = []
             for key in ("samgria", "release", "paired"):
                 values = [result[timing][label][key] for result in results]
-                parts.append(f"{key} {min(values):.3f}-{max(values):.3f}")
-            print(f"  {timing:11s}  {label:14s}  " + "  ".join(parts))
-    return 0
+                parts.append(f"{key} {min(values):.3f}-{max(values):.3f} ({statistics.median(values):.3f})")
+            lines.append(f"  {timing:11s}  {label:14s}  " + "  ".join(parts))
+    return lines
 
 
 if __name__ == "__main__":
