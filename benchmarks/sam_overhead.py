@@ -623,7 +623,7 @@ def measure_memory(variants: dict[str, Variant]) -> dict[str, dict[str, float]]:
     peak0, kept0 = measured[BASELINE]
     return {
         name: {
-            "peak_mb": peak / 2**20,
+            "peak_mib": peak / 2**20,
             "extra_peak_x_params": (peak - peak0) / param_bytes,
             "extra_kept_x_params": (kept - kept0) / param_bytes,
             "state_x_params": variant.transform_state_bytes() / param_bytes,
@@ -823,7 +823,7 @@ def measure_process_peaks(reps: int, steps: int, warmup: int, jobs: int, retain:
 def print_process_peaks(result: dict[str, Any]) -> None:
     config = ", ".join(f"{k} {v}" for k, v in PEAK_MODEL.items())
     print(
-        f"\nGPT-style decoder ({config}): {result['param_bytes'] / 2**20:.2f} MB of parameters, AdamW; "
+        f"\nGPT-style decoder ({config}): {result['param_bytes'] / 2**20:.2f} MiB of parameters, AdamW; "
         f"one fresh single-thread process per variant and repetition ({result['reps']}x, "
         f"{result['steps']} steps each); medians"
     )
@@ -1266,13 +1266,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         in_a_row = time_in_a_row(variants, block, rounds // 4, budget, min_rounds=least)
         memory = measure_memory(variants)
         results["models"][model_name] = {
-            "param_mb": param_bytes / 2**20,
+            "param_mib": param_bytes / 2**20,
             "variants": {
                 name: {**timing[name], "ratio_in_a_row": in_a_row[name], **memory[name]} for name in variants
             },
         }
         print(
-            f"\n{model_name}: {param_bytes / 2**20:.2f} MB of parameters; "
+            f"\n{model_name}: {param_bytes / 2**20:.2f} MiB of parameters; "
             f"time target <= {TARGETS[model_name]:.2f}, extra-memory target <= 1.00x params"
         )
         print(
