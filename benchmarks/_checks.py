@@ -84,6 +84,26 @@ def int_at_least(low: int) -> Callable[[str], int]:
     return parse
 
 
+def zero_or_int_at_least(low: int) -> Callable[[str], int]:
+    """An ``argparse`` type: 0 (the measurement is skipped) or an integer ``>= low`` (enough for
+    what it reports, e.g. the steps after the warm-up ones that are not counted).
+
+    A value that is neither is refused at parsing: ``argument --memory-steps: must be 0 or an
+    integer >= 5, got 3``.
+    """
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be 0 or an integer >= {low}, got {text!r}") from None
+        if value != 0 and value < low:
+            raise argparse.ArgumentTypeError(f"must be 0 or an integer >= {low}, got {value}")
+        return value
+
+    return parse
+
+
 def number_in(low: float, high: float = math.inf) -> Callable[[str], float]:
     """An ``argparse`` type: a number in ``[low, high]`` (NaN is refused; ``inf`` only where
     ``high`` is infinite, e.g. a time budget that never runs out).

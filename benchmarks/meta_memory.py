@@ -57,7 +57,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from _checks import int_at_least, require_close  # noqa: E402
+from _checks import int_at_least, require_close, zero_or_int_at_least  # noqa: E402
 from _docs_figures import publish_figures  # noqa: E402
 from _process import apply_malloc_setting, load_average, progress  # noqa: E402
 from meta_throughput import (  # noqa: E402
@@ -286,7 +286,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--meta-batch", type=int_at_least(1), default=4, help="tasks per meta-batch (default 4)")
     parser.add_argument("--rounds", type=int_at_least(1), default=None,
                         help="timing rounds of one iteration (default 3; quick 1)")  # fmt: skip
-    parser.add_argument("--memory-steps", type=int_at_least(0), default=3, help="meta-steps per own process (0: none)")
+    # At least 2: the time and faults are of the steps after the first (which allocates Adam's state).
+    parser.add_argument("--memory-steps", type=zero_or_int_at_least(2), default=3,
+                        help="meta-steps per own process (default 3; 0: none, else at least 2)")  # fmt: skip
     parser.add_argument("--jobs", type=int_at_least(1), default=None, help="own processes run at a time (2 quick / 1)")
     parser.add_argument("--threads", type=int_at_least(1), default=1,
                         help="torch intra-op threads for the timings (default 1)")  # fmt: skip

@@ -105,7 +105,7 @@ from samgria.data.task import Task  # noqa: E402
 from samgria.meta.engine import second_order_vmap_blocker  # noqa: E402
 from samgria.meta.maml import MAML  # noqa: E402
 from samgria.meta.trainer import MetaTrainer  # noqa: E402
-from _checks import int_at_least, number_in, require_close, require_steps_taken  # noqa: E402
+from _checks import int_at_least, number_in, require_close, require_steps_taken, zero_or_int_at_least  # noqa: E402
 from _process import (  # noqa: E402
     apply_malloc_setting,
     load_average,
@@ -795,9 +795,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="few-shot: more rounds while under this many seconds per workload (0 quick / 60)")
     parser.add_argument("--meta-batch", type=int_at_least(1), default=None, help="few-shot meta-batch (default 4 quick / 32)")
     parser.add_argument("--channels", type=int_at_least(1), default=None, help="conv4 width (default 8 quick / 64)")
-    parser.add_argument("--memory-steps", type=int_at_least(0), default=None,
-                        help="meta-steps per own-process row (default 6: the measured default's 4 trials "
-                             "and 2 more; 0 skips those columns)")  # fmt: skip
+    # At least one meta-step after vectorize=None's trials: its row reports the steps after them.
+    parser.add_argument("--memory-steps", type=zero_or_int_at_least(AUTO_TRIALS + 1), default=None,
+                        help=f"meta-steps per own-process row (default 6: the measured default's {AUTO_TRIALS} "
+                             f"trials and 2 more; 0 skips those columns, else at least {AUTO_TRIALS + 1})")  # fmt: skip
     parser.add_argument("--jobs", type=int_at_least(1), default=None, help="own-process rows run at a time (2 quick / 1)")
     parser.add_argument("--threads", type=int_at_least(1), default=1, help="torch intra-op threads (default 1)")
     parser.add_argument("--retain-freed-memory", action="store_true",
