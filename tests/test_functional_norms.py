@@ -382,3 +382,32 @@ def test_global_norm_and_all_finite_take_numpy_bools():
     for flag in (numpy.bool_(True), numpy.bool_(False)):
         assert float(global_norm(tensors, foreach=flag, exact=flag)) == 5.0
         assert all_finite(tensors, foreach=flag)
+
+
+@pytest.mark.parametrize("foreach", [True, False])
+def test_scale_takes_numbers_numpy_scalars_and_0_dim_tensors_mixed_in_one_list(foreach):
+    """A scale or shift may be a Python or NumPy number or a 0-dim real tensor, mixed in one list
+    and within one device and dtype (torch's list kernels take numbers or tensors, not both: such
+    a call goes tensor by tensor), and an integer beyond int64 is taken as the float it rounds to.
+    Reference: s t + b in float64, exact for these values in every dtype."""
+    np = pytest.importorskip("numpy")
+    cases = [
+        ([2.0, torch.tensor(0.5, dtype=torch.float64), np.float32(4.0), torch.tensor(2), 0.25], None),
+        ([2.0, 0.5, 4.0, 1.0, 0.5], [1.0, torch.tensor(-2.0), np.int64(3), torch.tensor(0.5), 1.0]),  # among the shifts only
+        ([2**70, 1.0, np.int32(2), 2**70, 1.0], [torch.tensor(1, dtype=torch.int64), 2**70, 0.0, 1.0, -(2**70)]),
+    ]
+    for scales, shifts in cases:
+        tensors = [
+            torch.arange(-3.0, 3.0),
+            torch.arange(-2.0, 2.0),
+            torch.arange(-2.0, 2.0, dtype=torch.float64),
+            torch.arange(0.0, 3.0, dtype=torch.float64),
+            torch.arange(-2.0, 2.0).bfloat16(),
+        ]
+        expected = [
+            (t.double() * float(s) + (0.0 if shifts is None else float(shifts[i]))).to(t.dtype)
+            for i, (t, s) in enumerate(zip(tensors, scales))
+        ]
+        scale_(tensors, scales, shifts, foreach=foreach)
+        for got, want in zip(tensors, expected):
+            assert got.dtype == want.dtype and torch.equal(got, want), (scales, shifts, got, want)
