@@ -373,6 +373,24 @@ def test_assign_mean_refuses_a_count_beyond_the_dtype_its_mean_is_taken_in_befor
     assign_mean_(params, sums, [10**39], foreach=foreach)
     assert torch.equal(params[0], torch.full((2,), 0.3, dtype=torch.float64).to(torch.float32))
 
+
+@pytest.mark.parametrize("foreach", [True, False])
+def test_assign_mean_takes_a_count_of_exactly_float32s_largest_and_refuses_the_next_float(foreach):
+    """The bound is inclusive: a count equal to float32's largest finite value divides a float32
+    sum (f32max / f32max = 1), also where another count (beyond float32, of a float64 sum) has
+    every count checked one by one; the next float64 above it is refused before anything is written."""
+    largest = int(torch.finfo(torch.float32).max)
+    params = [torch.zeros(2), torch.zeros(2, dtype=torch.float64)]
+    sums = [torch.full((2,), torch.finfo(torch.float32).max), torch.full((2,), 3e38, dtype=torch.float64)]
+    assign_mean_(params, sums, [largest, 10**39], foreach=foreach)
+    assert torch.equal(params[0], torch.ones(2)) and torch.equal(params[1], torch.full((2,), 3e38 / 1e39, dtype=torch.float64))
+    above = largest + 2**75  # the next float64
+    params, sums = [torch.zeros(2), torch.zeros(2, dtype=torch.float64)], [torch.ones(2), torch.ones(2, dtype=torch.float64)]
+    with pytest.raises(ValueError, match=rf"^counts\[0\] must be an integer >= 1 that fits in the dtype the mean of sums\[0\] is taken in, torch.float32 \(at most 3.4028234663852886e\+38\), got {above}$"):
+        assign_mean_(params, sums, [above, 10**39], foreach=foreach)
+    assert all(torch.equal(p, torch.zeros(2, dtype=p.dtype)) for p in params) and all(torch.equal(t, torch.ones(2, dtype=t.dtype)) for t in sums)
+
+
 # -- alpha and the entries: checked before anything is written ----------------------------------------------------
 def _two_groups():
     """A float64 entry (written first, as its own dtype group) and a float32 one."""
