@@ -568,3 +568,17 @@ def test_seeds_equal_modulo_2_32_give_the_same_data() -> None:
         other_x, other_y = make_spirals(20, label_noise=0.5, seed=seed)
         assert torch.equal(other_x, x) and torch.equal(other_y, y)
     assert not torch.equal(make_spirals(20, seed=6)[0], x)
+
+
+def test_plot_demo_ignores_torch_default_dtype_and_device(tmp_path: Path, request: pytest.FixtureRequest) -> None:
+    """The evaluation grid is float32 on the CPU, as the data and models: under a float64 default
+    dtype and another default device the same image is drawn (a grid that followed the defaults
+    fed float64 "meta" points to the float32 CPU model)."""
+    pytest.importorskip("matplotlib")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        result = DemoResult("plain", 0.5, 0.9, 1.0, torch.nn.Linear(2, 2))
+    plot_demo([result], tmp_path / "defaults.png", n_points=20)
+    request.getfixturevalue("default_float64_on_meta")
+    plot_demo([result], tmp_path / "float64-meta.png", n_points=20)
+    assert (tmp_path / "float64-meta.png").read_bytes() == (tmp_path / "defaults.png").read_bytes()
