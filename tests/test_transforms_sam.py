@@ -1359,3 +1359,135 @@ def test_an_interrupt_while_directions_are_computed_in_the_backup_buffers_leaves
         if not all(torch.equal(a, b) for a, b in zip(expected, params_of(trial_model))):
             failures.append(f"differs from the twin: {lines[event]!r}")
     assert not failures, f"{len(failures)} of {len(chosen)} interrupts:\n" + "\n".join(failures)
+
+
+def test_prepare_move_offers_the_backup_buffer_only_above_the_size_the_move_takes_alone():
+    """The direction goes into the backup buffer exactly where the move is one torch.add(...,
+    out=backup) of its own (perturbed_into_private: a CPU parameter of more than _CPU_LIST_NUMEL
+    elements, not 16-bit), the buffer being the parameter's own, under no_grad, and the parameter
+    swapped (one that does not own its storage is moved in place); elsewhere None."""
+    limit = sam_module._CPU_LIST_NUMEL
+    owner = torch.zeros(2 * limit + 2)
+    params = [
+        nn.Parameter(torch.zeros(limit + 1)),
+        nn.Parameter(torch.zeros(limit)),
+        nn.Parameter(torch.zeros(limit + 1, dtype=torch.float64)),
+        nn.Parameter(torch.zeros(limit + 1, dtype=torch.complex64)),
+        nn.Parameter(torch.zeros(limit + 1, dtype=torch.bfloat16)),
+        nn.Parameter(torch.zeros(limit + 1, dtype=torch.float16)),
+        nn.Parameter(owner[: limit + 1]),  # a view: moved in place
+        nn.Parameter(torch.zeros(limit + 1, device="meta")),
+    ]
+    transform = ASAM(0.05)
+    with torch.no_grad():
+        prepared = transform._prepare_move(params)
+    assert [view is not None for view in prepared.into] == [True, False, True, True, False, False, False, False]
+    assert prepared.swappable[:6] == [True] * 6 and not prepared.swappable[6]
+    for view, backup in zip(prepared.into, prepared.backups):
+        if view is not None:  # the real view of the parameter's own buffer
+            assert view.data_ptr() == backup.data_ptr() and view.dtype == backup.real.dtype
+            assert view.shape == (backup.shape if not backup.is_complex() else (*backup.shape, 2))
+    with torch.enable_grad():  # out= refuses tensors that require grad under it
+        assert all(view is None for view in transform._prepare_move(params[:1]).into)
+
+
+def test_partly_into_computes_the_buffered_entries_only_in_their_buffers_and_the_rest_in_one_list_call():
+    """Entry k is tensor_kernel(k, buffers[k]) where buffers has k, the others one
+    list_kernel(rest) (in order): no entry is computed twice, nor in new memory where it has a buffer."""
+    buffers = {1: torch.zeros(2), 3: torch.zeros(2)}
+    lists, singles = [], []
+
+    def list_kernel(rest):
+        lists.append(list(rest))
+        return [torch.full((2,), float(k)) for k in rest]
+
+    def tensor_kernel(k, buffer):
+        singles.append(k)
+        return buffer.fill_(10.0 + k)
+
+    result = sam_module._partly_into(5, buffers, list_kernel, tensor_kernel)
+    assert lists == [[0, 2, 4]] and sorted(singles) == [1, 3]
+    assert result[1] is buffers[1] and result[3] is buffers[3]
+    assert [float(t[0]) for t in result] == [0.0, 11.0, 2.0, 13.0, 4.0]
+
+
+def test_prepared_move_into_by_index_keys_each_buffer_view_by_the_callers_index():
+    views = [torch.zeros(1), None, torch.zeros(2)]
+    prepared = sam_module._PreparedMove([torch.zeros(1)] * 3, [True] * 3, views)
+    got = prepared.into_by_index([2, 5, 7])
+    assert list(got) == [2, 7] and got[2] is views[0] and got[7] is views[2]
+
+
+def _run_in_and_out_of_buffers(name, make_params, groups_of, in_buffer):
+    """Two steps of ``name`` first in the chain; the weights each evaluation saw and the final
+    ones, and what ``_prepare_move`` offered to compute in the buffers (``in_buffer=False``: the
+    directions all in new memory, the reference)."""
+    params = make_params()
+    transform = ASAM(0.05) if name == "ASAM" else FriendlySAM(0.05)
+    prepare = transform._prepare_move
+    offered = []
+
+    def prepare_move(moved):
+        prepared = prepare(moved)
+        offered.append([view is not None for view in prepared.into])
+        return prepared if in_buffer else prepared._replace(into=[None] * len(moved))
+
+    transform._prepare_move = prepare_move
+    optimizer = TransformingOptimizer(groups_of(params), torch.optim.SGD, lr=0.1, transforms=[transform])
+    seen = []
+    for step in range(2):
+
+        def closure():
+            optimizer.zero_grad()
+            loss = sum((torch.sin(torch.view_as_real(p) if p.is_complex() else p) * 1.3 + step).sum() ** 2 for p in params)
+            loss.backward()
+            seen.append([p.detach().clone() for p in params])
+            return loss
+
+        optimizer.step(closure)
+    return seen + [[p.detach().clone() for p in params]], offered
+
+
+def _assert_in_buffer_run_is_the_reference(name, make_params, groups_of, offered_as):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        got, offered = _run_in_and_out_of_buffers(name, make_params, groups_of, True)
+    assert offered == [offered_as] * 2
+    want, _ = _run_in_and_out_of_buffers(name, make_params, groups_of, False)
+    assert all(torch.equal(_bits(a), _bits(b)) for row, row_too in zip(got, want, strict=True) for a, b in zip(row, row_too, strict=True))
+
+
+@pytest.mark.parametrize("name", ["ASAM", "FriendlySAM"])
+def test_a_rho_zero_group_before_the_moved_ones_leaves_each_direction_in_its_own_buffer(name):
+    """The buffers are keyed by the chain's index of each moved parameter: with a rho=0 group
+    first, a parameter's direction went into the next one's buffer (of another length: resized,
+    with torch's warning). Each is computed with its own group's hyperparameters (eta, sigma
+    differ from the first group's). Reference: the same steps with every direction in new
+    memory, bit for bit."""
+    limit = sam_module._CPU_LIST_NUMEL
+    generator = torch.Generator().manual_seed(0)
+    values = [torch.randn(limit + extra, generator=generator) for extra in (5, 1, 3)]
+    other = {"eta": 0.5} if name == "ASAM" else {"sigma": 0.5}
+    _assert_in_buffer_run_is_the_reference(
+        name,
+        lambda: [nn.Parameter(value.clone()) for value in values],
+        lambda params: [{"params": params[:1], "rho": 0.0, **other}, {"params": params[1:]}],
+        [True, True],
+    )
+
+
+@pytest.mark.parametrize("name", ["ASAM", "FriendlySAM"])
+def test_a_parameter_moved_in_place_before_swapped_ones_leaves_each_direction_in_its_own_buffer(name):
+    """A view (moved in place, no buffer of its own to compute in) before a complex and a real
+    swapped parameter: the views of the swapped ones' buffers are matched to them, not shifted by
+    the one moved in place. Reference: every direction in new memory, bit for bit."""
+    limit = sam_module._CPU_LIST_NUMEL
+    generator = torch.Generator().manual_seed(1)
+    flat = torch.randn(limit + 9, generator=generator)
+    complex_value = torch.randn(limit + 3, generator=generator, dtype=torch.complex64)
+    real_value = torch.randn(limit + 7, generator=generator)
+
+    def make_params():
+        return [nn.Parameter(flat.clone()[1:]), nn.Parameter(complex_value.clone()), nn.Parameter(real_value.clone())]
+
+    _assert_in_buffer_run_is_the_reference(name, make_params, lambda params: [{"params": params}], [False, True, True])
