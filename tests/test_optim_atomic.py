@@ -2186,6 +2186,42 @@ def test_a_subclass_of_asam_that_overrides_perturb_gets_the_optimizers_first_pas
     before.assert_unchanged()
 
 
+@pytest.mark.parametrize("mode", ["closure", "two-call"])
+@pytest.mark.parametrize("method", ["perturb", "pre_update"])
+@pytest.mark.parametrize("name", ["asam", "friendly-sam"])
+def test_an_instance_whose_perturb_or_pre_update_is_replaced_gets_the_optimizers_first_pass_check(name, method, mode):
+    """The declaration covers the class's own methods: an instance given a perturb or pre_update
+    of its own (one that does not check the gradients) still has the optimizer skip a non-finite
+    first pass, bit for bit as before."""
+    model = make_model()
+    transform = FIRST_PASS_CHECKERS[name]()
+    setattr(transform, method, lambda ctx: None)  # reads no gradient
+    optimizer = TransformingOptimizer(model.parameters(), torch.optim.SGD, lr=0.05, transforms=[transform])
+    before = Before(model, optimizer)
+    with pytest.warns(RuntimeWarning, match="first evaluation are not finite: the step is skipped"):
+        non_finite_step(model, optimizer, mode, "first", math.inf)
+    assert optimizer.skipped_steps == 1
+    before.assert_unchanged()
+
+
+@pytest.mark.parametrize("name", ["asam", "friendly-sam"])
+def test_a_first_step_pending_after_the_transforms_own_first_pass_check_holds_no_reference_to_the_optimizer(name, no_cyclic_collector):
+    """The check handed to the first transform's context is taken back after perturb(): what the
+    pending step keeps (FriendlySAM's commit of its averages holds the context) must not hold the
+    optimizer, which is then freed by reference counts alone once the user drops it."""
+    import weakref
+
+    model = make_model()
+    optimizer = TransformingOptimizer(model.parameters(), torch.optim.SGD, lr=0.05, transforms=[FIRST_PASS_CHECKERS[name]()])
+    closure = make_closure(model, optimizer)
+    closure()
+    optimizer.first_step()
+    assert optimizer._pending is not None
+    dropped = weakref.ref(optimizer)
+    del optimizer, closure
+    assert dropped() is None
+
+
 def test_a_non_finite_sparse_first_pass_gradient_with_asam_first_is_skipped_before_it_is_refused():
     """A sparse gradient is refused by ASAM (RuntimeError); a non-finite one skips the step first,
     as the optimizer's own check did before the chain."""
