@@ -1552,8 +1552,10 @@ def test_out_of_place_kernels_equal_a_copy_written_in_place_bitwise(foreach):
         torch.randn(6, generator=generator).half(),
         torch.randn(3, generator=generator, dtype=torch.complex64),
         torch.tensor([-0.0, float("inf"), float("nan"), 3e38]),
+        # a complex multiply by s + 0j is not the real pairs': (1 - 0j) s has +0 imaginary, (inf + 1j) s NaN real
+        torch.complex(torch.tensor([1.0, -0.0, float("inf"), 2.0]), torch.tensor([-0.0, 1.0, 1.0, float("inf")])),
     ]
-    scales = [0.3, -1.7, 1e-3, 70000.0, 0.9, 2.0]
+    scales = [0.3, -1.7, 1e-3, 70000.0, 0.9, 2.0, 0.5]
     expected = [t.clone(memory_format=torch.preserve_format) for t in tensors]
     scale_([torch.view_as_real(t) if t.is_complex() else t for t in expected], scales, foreach=foreach)
     got = _scaled(tensors, scales, foreach)
@@ -1674,3 +1676,28 @@ def test_coupled_wsam_with_its_own_post_update_still_runs_it(where):
     optimizer.step(closure)
     optimizer.step(closure)
     assert calls == [1, 1]
+
+
+def test_out_of_place_kernels_take_one_foreach_call_per_device_dtype_and_scale(monkeypatch):
+    """The fast path is taken where claimed: with foreach, ``_scaled`` multiplies the plain 32/64-bit
+    tensors in one ``torch._foreach_mul`` per dtype and ``_added`` in one ``torch._foreach_add``
+    per dtype and scale (16-bit and complex ones go through a copy); without it, none."""
+    from samgria.transforms.sam_family import _added, _scaled
+
+    calls = []
+    for name in ("_foreach_mul", "_foreach_add"):
+        kernel = getattr(torch, name)
+        monkeypatch.setattr(torch, name, lambda *args, _kernel=kernel, _name=name, **kwargs: calls.append((_name, len(args[0]))) or _kernel(*args, **kwargs))
+    tensors = [torch.ones(3), torch.ones(2), torch.ones(4, dtype=torch.float64), torch.ones(2).half(), torch.ones(2, dtype=torch.complex64)]
+    _scaled(tensors, [2.0] * 5, True)
+    assert calls == [("_foreach_mul", 2), ("_foreach_mul", 1)]
+    calls.clear()
+    _added(tensors[:3], [torch.ones(3), torch.ones(2), torch.ones(4, dtype=torch.float64)], [0.5, -1.0, 0.5], True)
+    assert sorted(calls) == [("_foreach_add", 1)] * 3
+    calls.clear()
+    _added(tensors[:2], [torch.ones(3), torch.ones(2)], [0.5, 0.5], True)
+    assert calls == [("_foreach_add", 2)]
+    calls.clear()
+    _scaled(tensors, [2.0] * 5, False)
+    _added(tensors[:2], [torch.ones(3), torch.ones(2)], [0.5, 0.5], False)
+    assert calls == []
