@@ -2222,6 +2222,47 @@ def test_a_first_step_pending_after_the_transforms_own_first_pass_check_holds_no
     assert dropped() is None
 
 
+@pytest.mark.parametrize("name", ["asam", "friendly-sam"])
+def test_asam_or_friendly_sam_first_under_first_pass_context_skip_a_step_another_rank_found_non_finite(name, monkeypatch):
+    """With first_pass_context (m-sharpness) the ranks agree on the first pass's verdict before the
+    chain, so the optimizer checks it, not the transform: finite gradients here and non-finite
+    ones on another rank (the all-reduced vote, simulated) skip the step here too, bit for bit."""
+    votes = []
+
+    def another_rank_non_finite(flag, first_pass_context, device):
+        votes.append(flag)
+        return True
+
+    monkeypatch.setattr(optim_module, "_on_any_rank", another_rank_non_finite)
+    model = make_model()
+    optimizer = TransformingOptimizer(
+        model.parameters(), torch.optim.SGD, lr=0.05, transforms=[FIRST_PASS_CHECKERS[name]()], first_pass_context=contextlib.nullcontext
+    )
+    before = Before(model, optimizer)
+    with pytest.warns(RuntimeWarning, match="first evaluation on another rank are not finite: the step is skipped"):
+        optimizer.step(make_closure(model, optimizer))
+    assert votes == [False] and optimizer.skipped_steps == 1
+    before.assert_unchanged()
+
+
+@pytest.mark.parametrize("mode", ["closure", "two-call"])
+@pytest.mark.parametrize("name", ["asam", "friendly-sam"])
+def test_a_non_finite_very_first_pass_with_asam_or_friendly_sam_first_leaves_no_state_behind(name, mode):
+    """At the optimizer's first step (no state yet) the transform's own first-pass check skips the
+    step with the state as it was: empty (FriendlySAM's look-up of its averages made empty entries
+    that first_step() kept), and the next steps equal those of a twin that never took it."""
+
+    def fresh():
+        model = make_model()
+        return model, TransformingOptimizer(model.parameters(), torch.optim.SGD, lr=0.05, momentum=0.9, transforms=[FIRST_PASS_CHECKERS[name]()])
+
+    (model, optimizer), twin = fresh(), fresh()
+    with pytest.warns(RuntimeWarning, match="first evaluation are not finite: the step is skipped"):
+        non_finite_step(model, optimizer, mode, "first", math.nan)
+    assert optimizer.skipped_steps == 1 and len(optimizer.state) == 0
+    step_both_normally((model, optimizer), twin)
+
+
 def test_a_non_finite_sparse_first_pass_gradient_with_asam_first_is_skipped_before_it_is_refused():
     """A sparse gradient is refused by ASAM (RuntimeError); a non-finite one skips the step first,
     as the optimizer's own check did before the chain."""
