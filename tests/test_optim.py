@@ -19,7 +19,7 @@ from torch import nn
 from state_helpers import assert_state_dicts_equal, assert_states_equal
 from transform_infos import ToyScheduleFree, assert_bitwise_equal, make_closure, make_data, make_model, params_of
 
-from samgria import ASAM, LAMP, SAM, FriendlySAM, GradientTransform, Lookahead, LookSAM, MultiStepSAM, Perturbation, PerturbationTransform, Transform, TransformingOptimizer, sam_optimizer
+from samgria import ASAM, EMA, LAMP, SAM, FriendlySAM, GradientTransform, Lookahead, LookSAM, MultiStepSAM, Perturbation, PerturbationTransform, Transform, TransformingOptimizer, sam_optimizer
 
 
 def sam_opt(model, **kwargs):
@@ -3070,3 +3070,66 @@ def test_a_pytorch_optimizer_sam_checkpoint_loads_whole_into_sam_optimizer_and_c
         two_call(model, optimizer, x, y)
     for ours, reference in zip(model.parameters(), theirs_model.parameters()):
         torch.testing.assert_close(ours, reference, rtol=1e-7, atol=1e-9)
+
+
+def test_an_inner_optimizer_whose_step_takes_only_a_required_keyword_is_refused_naming_it():
+    """A step without a closure parameter whose first argument is a required keyword-only one:
+    that argument is no closure, so it is named as one the wrapper cannot pass."""
+
+    class OnlyKeyword(torch.optim.SGD):
+        def step(self, *, scale):
+            return None
+
+    with pytest.raises(TypeError, match=r"^inner must be an optimizer whose step\(\) takes no arguments but a closure, got OnlyKeyword, whose step\(\) requires 'scale', which"):
+        TransformingOptimizer(make_model().parameters(), OnlyKeyword, transforms=[SAM()], lr=0.1)
+
+
+def test_an_inner_optimizer_holding_another_optimizer_in_a_dict_is_refused_naming_the_attribute():
+    """The other optimizer may sit in a dict attribute (optimizers by name), not only directly
+    or in a list: its state would be out of the wrapper's sight all the same."""
+
+    class HoldsByName(torch.optim.SGD):
+        def __init__(self, params, lr=0.1):
+            params = list(params)
+            super().__init__(params, lr=lr)
+            self.others = {"slow": torch.optim.Adam(params, lr=lr)}
+
+    inner = HoldsByName(make_model().parameters())
+    with pytest.raises(TypeError, match=r"^params must be an optimizer that keeps its own state, got a HoldsByName, which holds another optimizer \(its attribute 'others', an Adam\)"):
+        TransformingOptimizer(inner, transforms=[SAM()])
+    assert type(inner.state) is collections.defaultdict
+
+
+def test_wrapping_an_optimizer_whose_step_is_another_instances_bound_step_warns():
+    """The class's step bound to *another* optimizer (``inner.step = other.step``) is a patch: the
+    wrapper steps ``inner`` with its class's step, never the other's."""
+    model = make_model()
+    inner = torch.optim.SGD(model.parameters(), lr=0.1)
+    other = torch.optim.SGD(make_model().parameters(), lr=0.1)
+    inner.step = other.step  # type: ignore[method-assign]
+    with pytest.warns(UserWarning, match=r"^params has its step replaced on the instance"):
+        TransformingOptimizer(inner, transforms=[SAM(0.05)])
+
+
+def test_the_inner_optimizers_view_of_an_entry_hides_a_transforms_slot_keys_and_refuses_writes_to_them():
+    """``inner.state[p]`` shows the inner optimizer's keys only: a slot's key is absent from it
+    (reading raises ``KeyError``, as for any absent key) and writing it is refused, the slot's
+    value left as it was."""
+    model = make_model()
+    optimizer = TransformingOptimizer(model.parameters(), torch.optim.Adam, transforms=[EMA(0.9)], lr=0.1)
+    x, y = make_data()
+    optimizer.step(make_closure(model, optimizer, x, y))
+    param = next(p for p in model.parameters() if p.grad is not None)
+    average = optimizer.state[param]["ema.average"]
+    kept = average.clone()
+    view = optimizer.inner.state[param]
+    assert sorted(view) == ["exp_avg", "exp_avg_sq", "step"] and len(view) == 3
+    assert "ema.average" not in view and view.get("ema.average") is None
+    with pytest.raises(KeyError):
+        view["ema.average"]
+    with pytest.raises(KeyError, match=r"state key 'ema.average' is reserved by the wrapping optimizer"):
+        view["ema.average"] = torch.zeros_like(kept)
+    with pytest.raises(KeyError):
+        del view["ema.average"]
+    assert optimizer.state[param]["ema.average"] is average
+    assert_bitwise_equal([average], [kept])
