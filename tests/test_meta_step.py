@@ -516,3 +516,64 @@ def test_a_task_that_raises_does_not_set_the_scale_of_the_others(failing_task):
         ms.step()
         results.append(snapshot(model))
     assert all(torch.equal(p, q) for p, q in zip(*results))
+
+
+def test_a_leading_zero_weight_task_does_not_set_the_scale_of_the_others():
+    """A task of weight 0 takes no part in the scale: had it set one (2**1, from frexp(0)), the
+    float16 losses of tasks of weight 2**-30 added after it were back-propagated times 2**-29
+    and underflowed to a zero meta-gradient."""
+    tasks = [tuple((x.half(), y.half()) for x, y in task) for task in make_tasks(3)]
+    results = []
+    for c in (1.0, 2.0**-30):
+        model = make_model().half()
+        meta = MAML(model, torch.optim.SGD, lr=1.0, inner_lr=0.1, inner_steps=2)
+        with meta_step(meta, loss_fn=F.mse_loss) as ms:
+            for (support, query), w in zip(tasks, [0.0, 1.0, 2.0]):
+                ms.task(support, query, weight=w * c)
+        assert meta.skipped_steps == 0
+        results.append((ms.loss, snapshot(model)))
+    (loss, weights), (scaled_loss, scaled_weights) = results
+    assert torch.equal(scaled_loss, loss)
+    assert all(torch.equal(p, q) for p, q in zip(scaled_weights, weights))
+    assert not all(torch.equal(p, q) for p, q in zip(weights, snapshot(make_model().half())))  # it stepped
+
+
+class _FailingBackward(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        raise RuntimeError("query backward failed")
+
+
+def test_a_first_task_whose_backward_raises_does_not_set_the_scale_of_the_next():
+    """The first task's weight enters the scale before its query loss is back-propagated: when
+    that backward raises, no task is added, and the next task (the first then) starts a fresh
+    scale. Kept, a weight of 2**40 scaled the next tasks' float16 losses by 2**-40 (a zero
+    meta-gradient)."""
+    tasks = [tuple((x.half(), y.half()) for x, y in task) for task in make_tasks(2)]
+    failing = []
+
+    def loss_fn(prediction, target):
+        loss = F.mse_loss(prediction, target)
+        if failing and prediction.shape[0] == 6:  # the query loss only (6 rows; the support has 4)
+            loss = _FailingBackward.apply(loss)
+        return loss
+
+    results = []
+    for with_failure in (False, True):
+        model = make_model().half()
+        ms = meta_step(MAML(model, torch.optim.SGD, lr=1.0, inner_lr=0.1), loss_fn=loss_fn)
+        if with_failure:
+            failing.append(True)
+            with pytest.raises(RuntimeError, match="query backward failed"):
+                ms.task(*tasks[0], weight=2.0**40)
+            failing.clear()
+        for support, query in tasks:
+            ms.task(support, query)
+        ms.step()
+        results.append(snapshot(model))
+    assert all(torch.equal(p, q) for p, q in zip(*results))
+    assert not all(torch.equal(p, q) for p, q in zip(results[0], snapshot(make_model().half())))  # it stepped
