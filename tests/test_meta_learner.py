@@ -316,3 +316,49 @@ def test_learner_takes_a_parameter_dict_and_name_tensor_lists():
         Learner(model, params=[["weight", 0.5]])
     with pytest.raises(TypeError, match=r"^params must be a mapping of parameter names to tensors, got \[\[1, 2, 3\]\]$"):
         Learner(model, params=[[1, 2, 3]])
+
+
+def test_inner_reg_fn_gets_the_current_weights_first_and_the_base_second():
+    """``inner_reg_fn(current, base)``: an asymmetric regulariser (a pull of the current weights
+    towards 0, the base only read) against hand-written steps."""
+    model, x, y = setup()
+    lam = 2.0
+    seen = []
+
+    def towards_zero(current, base):
+        seen.append(base["weight"])
+        return 0.5 * lam * (current["weight"] ** 2).sum()
+
+    learner = Learner(model, inner_lr=0.1, inner_reg_fn=towards_zero).adapt_on(mse, x, y, steps=3)
+    w = model.weight.detach()
+    for _ in range(3):
+        w = w - 0.1 * (ls_grad(w, x, y) + lam * w)
+    torch.testing.assert_close(learner.params["weight"], w, rtol=0, atol=1e-12)
+    assert len(seen) == 3 and all(torch.equal(b, model.weight) for b in seen)
+
+
+class _ScaleGrads:
+    def __init__(self, factor):
+        self.factor = factor
+
+    def transform_inner_grads(self, fast, grads, grad_fn):
+        return {n: g * self.factor for n, g in grads.items()}
+
+
+class _ShiftGrads:
+    def transform_inner_grads(self, fast, grads, grad_fn):
+        return {n: g + 1.0 for n, g in grads.items()}
+
+
+def test_grad_transforms_apply_in_the_given_order():
+    """``grad_transforms=[scale, shift]`` is ``shift(scale(g))``, not ``scale(shift(g))``."""
+    model, x, y = setup()
+    for transforms, rule in (
+        ([_ScaleGrads(3.0), _ShiftGrads()], lambda g: 3.0 * g + 1.0),
+        ([_ShiftGrads(), _ScaleGrads(3.0)], lambda g: 3.0 * (g + 1.0)),
+    ):
+        learner = Learner(model, inner_lr=0.1, grad_transforms=transforms).adapt_on(mse, x, y, steps=2)
+        w = model.weight.detach()
+        for _ in range(2):
+            w = w - 0.1 * rule(ls_grad(w, x, y))
+        torch.testing.assert_close(learner.params["weight"], w, rtol=0, atol=1e-12)
