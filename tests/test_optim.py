@@ -3133,3 +3133,72 @@ def test_the_inner_optimizers_view_of_an_entry_hides_a_transforms_slot_keys_and_
         del view["ema.average"]
     assert optimizer.state[param]["ema.average"] is average
     assert_bitwise_equal([average], [kept])
+
+
+def test_an_inner_optimizer_with_its_own_state_dict_keeps_its_hooks_for_direct_calls_after_the_wrapper_packs():
+    """The wrapper runs the inner optimizer's own ``state_dict`` without the hooks registered on
+    it, for that call only: a direct ``inner.state_dict()`` afterwards runs them, as torch's."""
+    model = make_model()
+    optimizer = TransformingOptimizer(_OwnCheckpointSGD(model.parameters(), lr=0.1), transforms=[SAM(0.05)])
+    calls = []
+    optimizer.inner.register_state_dict_post_hook(lambda opt, sd: calls.append("post"))
+    optimizer.inner.register_state_dict_pre_hook(lambda opt: calls.append("pre"))
+    assert optimizer.state_dict()["own"] == 1 and calls == []
+    assert optimizer.inner.state_dict()["own"] == 1
+    assert calls == ["pre", "post"]
+
+
+def test_a_shallow_copy_s_inner_optimizer_has_hooks_of_its_own_as_torchs_copy():
+    """``copy.copy`` of a wrapper drives a shallow copy of the inner optimizer with hooks of its
+    own (none of the original's, as torch's copy has none): a hook registered on either inner
+    optimizer runs for that one only."""
+    model = make_model()
+    optimizer = TransformingOptimizer(model.parameters(), torch.optim.SGD, lr=0.1, transforms=[SAM(0.05)])
+    calls = []
+    optimizer.inner.register_state_dict_post_hook(lambda opt, sd: calls.append("original"))
+    copied = copy.copy(optimizer)
+    copied.inner.state_dict()
+    assert calls == []
+    copied.inner.register_state_dict_post_hook(lambda opt, sd: calls.append("copy"))
+    optimizer.inner.state_dict()
+    assert calls == ["original"]
+    plain = torch.optim.SGD(make_model().parameters(), lr=0.1)
+    plain.register_state_dict_post_hook(lambda opt, sd: calls.append("plain"))
+    copy.copy(plain).state_dict()
+    assert calls == ["original"]  # torch's copy.copy has none of the hooks either
+
+
+@pytest.mark.parametrize("built, edited", [(1, 1.0), (torch.tensor(0.5, dtype=torch.float64), torch.tensor(0.5))])
+def test_add_param_group_takes_an_edited_default_equal_in_value_but_of_another_type_as_torch_does(built, edited):
+    """An edit of ``defaults["lr"]`` to an equal value of another type (an int to a float, a
+    float64 tensor to a float32 one) is an edit: the new group gets the edited value, as torch's."""
+    model = make_model()
+    first, second = list(model[0].parameters()), list(model[2].parameters())
+    plain = torch.optim.SGD(first, lr=built)
+    plain.defaults["lr"] = edited
+    plain.add_param_group({"params": second})
+    optimizer = TransformingOptimizer(list(model[0].parameters()), torch.optim.SGD, lr=built, transforms=[SAM(0.05)])
+    optimizer.defaults["lr"] = edited
+    optimizer.add_param_group({"params": second})
+    assert plain.param_groups[1]["lr"] is edited
+    assert optimizer.param_groups[1]["lr"] is edited
+
+
+def test_wrapping_an_optimizer_that_already_stepped_keeps_its_state_and_steps_on_as_the_bare_one():
+    """An inner optimizer built and stepped before it is wrapped keeps its state: the wrapper
+    takes its entries over, and the next steps equal the bare optimizer's bitwise."""
+    models = [make_model(), make_model()]
+    x, y = make_data()
+    bare, inner = (torch.optim.Adam(model.parameters(), lr=0.01) for model in models)
+    for model, opt in zip(models, (bare, inner)):
+        make_closure(model, opt, x, y)()
+        opt.step()
+    buffers = {p: inner.state[p]["exp_avg"] for p in inner.state}
+    optimizer = TransformingOptimizer(inner, transforms=())
+    assert buffers and all(optimizer.state[p]["exp_avg"] is buffer for p, buffer in buffers.items())
+    for _ in range(2):
+        make_closure(models[0], bare, x, y)()
+        bare.step()
+        optimizer.step(make_closure(models[1], optimizer, x, y))
+    assert_bitwise_equal(params_of(models[1]), params_of(models[0]))
+    assert_states_equal(optimizer.state_dict()["state"], bare.state_dict()["state"])
