@@ -362,3 +362,67 @@ def test_grad_transforms_apply_in_the_given_order():
         for _ in range(2):
             w = w - 0.1 * rule(ls_grad(w, x, y))
         torch.testing.assert_close(learner.params["weight"], w, rtol=0, atol=1e-12)
+
+
+class _PreconditionByWeights:
+    """Multiplies the gradient by ``w / w.detach()`` (1 in value, but connected to the weights)."""
+
+    def transform_inner_grads(self, fast, grads, grad_fn):
+        return {n: g * (fast[n] / fast[n].detach()) for n, g in grads.items()}
+
+
+def test_first_order_treats_a_transformed_support_gradient_as_a_constant():
+    """FOMAML's meta-gradient is the query gradient at the adapted weights, also when a gradient
+    transform returns a gradient connected to the meta-parameters."""
+    model, x, y = setup()
+    xq, yq = torch.randn(5, 3, dtype=DT), torch.randn(5, 1, dtype=DT)
+    meta = MAML(model, torch.optim.SGD, inner_lr=0.1, lr=0.5, first_order=True)
+    learner = meta.adapt(lambda f: mse(f(x), y), 2, grad_transforms=[_PreconditionByWeights()])
+    mse(learner(xq), yq).backward()
+    w = model.weight.detach()
+    for _ in range(2):
+        w = w - 0.1 * ls_grad(w, x, y)
+    torch.testing.assert_close(learner.params["weight"], w, rtol=0, atol=1e-12)
+    torch.testing.assert_close(model.weight.grad, ls_grad(w, xq, yq), rtol=0, atol=1e-12)
+
+
+def test_a_transform_asking_for_some_weights_gets_their_gradients_only():
+    """``grad_fn(weights)`` re-evaluates the support loss with ``weights`` changed and the other
+    adapted weights kept, and returns the gradients of the names asked for only."""
+    torch.manual_seed(0)
+    model = nn.Linear(3, 1).to(DT)
+    x, y = torch.randn(6, 3, dtype=DT), torch.randn(6, 1, dtype=DT)
+    answers = []
+
+    class _AskForWeight:
+        def transform_inner_grads(self, fast, grads, grad_fn):
+            answers.append(grad_fn({"weight": fast["weight"] + 0.5}))
+            return grads
+
+    Learner(model, inner_lr=0.1, grad_transforms=[_AskForWeight()]).adapt_on(mse, x, y, steps=1)
+    (answer,) = answers
+    assert set(answer) == {"weight"}
+    w, b = model.weight.detach() + 0.5, model.bias.detach()
+    expected = (2.0 / 6) * ((x @ w.T + b - y).T @ x)
+    torch.testing.assert_close(answer["weight"], expected, rtol=0, atol=1e-12)
+
+
+def test_checkpointed_inner_steps_recompute_a_stateful_rule_from_its_state_before_the_step():
+    """A checkpointed step is recomputed in the backward pass from the update rule's state it
+    started from (Adam's moments), not from the state later steps made of it: the
+    meta-gradient equals the one of the stored steps."""
+    from samgria.meta.inner_optim import AdamInnerStep
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 1)).to(DT)
+    x, y = torch.randn(6, 3, dtype=DT), torch.randn(6, 1, dtype=DT)
+    xq, yq = torch.randn(5, 3, dtype=DT), torch.randn(5, 1, dtype=DT)
+    grads = []
+    for checkpointed in (False, True):
+        meta = MAML(model, torch.optim.SGD, inner_lr=0.1, lr=0.5, checkpoint_inner_steps=checkpointed)
+        meta.zero_grad()
+        learner = meta.adapt(lambda f: mse(f(x), y), 3, inner_step_fn=AdamInnerStep())
+        mse(learner(xq), yq).backward()
+        grads.append([p.grad.clone() for p in model.parameters()])
+    for stored, recomputed in zip(*grads):
+        torch.testing.assert_close(recomputed, stored, rtol=1e-10, atol=1e-12)
