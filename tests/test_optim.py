@@ -3202,3 +3202,25 @@ def test_wrapping_an_optimizer_that_already_stepped_keeps_its_state_and_steps_on
         optimizer.step(make_closure(models[1], optimizer, x, y))
     assert_bitwise_equal(params_of(models[1]), params_of(models[0]))
     assert_states_equal(optimizer.state_dict()["state"], bare.state_dict()["state"])
+
+
+def test_an_empty_state_entry_survives_a_round_trip_through_an_inner_optimizer_with_its_own_load():
+    """An entry created by an access (``state[p]``, empty) is packed as ``{}`` and loaded back as an
+    entry, by torch's optimizers; through an inner optimizer whose class has its own
+    ``load_state_dict`` too."""
+    lengths = []
+    for wrapped in (False, True):
+        model = make_model()
+        params = list(model.parameters())
+        if wrapped:
+            optimizer = TransformingOptimizer(_OwnCheckpointSGD(params, lr=0.1), transforms=[SAM(0.05)])
+        else:
+            optimizer = _OwnCheckpointSGD(params, lr=0.1)
+        optimizer.state[params[0]]
+        checkpoint = optimizer.state_dict()
+        assert checkpoint["state"] == {0: {}}
+        fresh_params = list(make_model().parameters())
+        fresh = TransformingOptimizer(_OwnCheckpointSGD(fresh_params, lr=0.1), transforms=[SAM(0.05)]) if wrapped else _OwnCheckpointSGD(fresh_params, lr=0.1)
+        fresh.load_state_dict(checkpoint)
+        lengths.append((len(fresh.state), fresh_params[0] in fresh.state, fresh.state_dict()["state"]))
+    assert lengths[1] == lengths[0] == (1, True, {0: {}})

@@ -1771,3 +1771,30 @@ def test_a_direct_load_refused_for_a_setting_that_depends_on_the_parameters_is_p
             load(copy.deepcopy(bad))
         assert_state_dicts_equal(optimizer.state_dict(), before)
     optimizer.step(make_closure(model, optimizer))
+
+
+def test_a_state_dict_post_hook_returning_a_new_dict_and_a_load_pre_hook_returning_one_are_used_as_torchs():
+    """A ``state_dict`` post-hook's return value replaces the checkpoint, and a load pre-hook's
+    replaces the dict being loaded, for the wrapper as for a torch optimizer."""
+    results = []
+    for wrapped in (False, True):
+        model = make_model()
+        if wrapped:
+            optimizer = TransformingOptimizer(model.parameters(), torch.optim.SGD, lr=0.05, momentum=0.9, transforms=[SAM(0.05)])
+        else:
+            optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+        optimizer.step(make_closure(model, optimizer))
+        optimizer.register_state_dict_post_hook(lambda opt, sd: {**sd, "note": "replaced"})
+        checkpoint = optimizer.state_dict()
+
+        def halve_lr(opt, sd):
+            sd = copy.deepcopy(sd)
+            sd.pop("note")
+            for group in sd["param_groups"]:
+                group["lr"] = group["lr"] / 2
+            return sd
+
+        optimizer.register_load_state_dict_pre_hook(halve_lr)
+        optimizer.load_state_dict(checkpoint)
+        results.append((checkpoint["note"], optimizer.param_groups[0]["lr"], "note" in checkpoint))
+    assert results[1] == results[0] == ("replaced", 0.025, True)
