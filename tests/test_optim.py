@@ -3224,3 +3224,34 @@ def test_an_empty_state_entry_survives_a_round_trip_through_an_inner_optimizer_w
         fresh.load_state_dict(checkpoint)
         lengths.append((len(fresh.state), fresh_params[0] in fresh.state, fresh.state_dict()["state"]))
     assert lengths[1] == lengths[0] == (1, True, {0: {}})
+
+
+@pytest.mark.parametrize("foreach", [False, True])
+def test_sam_perturbs_a_complex_parameter_as_its_real_view_bitwise(foreach):
+    """Complex gradients count as pairs of reals in the global gradient norm SAM scales by: the
+    weights the second evaluation sees are exactly those of the ``view_as_real`` twin (torch's
+    SGD itself steps complex and real tensors a rounding apart, so the evaluations are compared)."""
+    generator = torch.Generator().manual_seed(0)
+    start = torch.randn(8, 5, dtype=torch.complex64, generator=generator)
+    target = torch.randn(8, 5, 2, generator=generator)
+    other = torch.randn(7, generator=generator)
+    complex_params = [nn.Parameter(start.clone()), nn.Parameter(other.clone())]
+    real_params = [nn.Parameter(torch.view_as_real(start).clone()), nn.Parameter(other.clone())]
+
+    def run(params, as_real):
+        optimizer = TransformingOptimizer(params, torch.optim.SGD, lr=0.1, transforms=[SAM(0.5)], transform_foreach=foreach)
+        seen = []
+
+        def closure():
+            optimizer.zero_grad()
+            seen.extend(p.detach().clone() for p in (as_real(params[0]), params[1]))
+            loss = ((as_real(params[0]) - target) ** 3).abs().sum() + (params[1] ** 3).abs().sum()
+            loss.backward()
+            return loss
+
+        optimizer.step(closure)
+        return seen
+
+    seen = run(complex_params, torch.view_as_real)
+    assert len(seen) == 4 and not torch.equal(seen[0], seen[2])  # perturbed
+    assert_bitwise_equal(seen, run(real_params, lambda p: p))
