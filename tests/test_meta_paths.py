@@ -618,3 +618,45 @@ def test_every_route_leaves_a_layer_applied_twice_in_its_model(route):
     assert layer.weight is weight and layer.bias is bias
     assert [p is q for p, q in zip(model.parameters(), meta.param_groups[0]["params"])] == [True, True]
     assert torch.equal(weight.detach(), saved[0]) and torch.equal(bias.detach(), saved[1])  # lr=0
+
+
+def test_the_loop_path_does_not_back_propagate_a_task_of_weight_zero():
+    """``backward_weights`` on the loop path: a task of weight 0 is not back-propagated, so its
+    non-finite query loss leaves the meta-gradient as the other tasks make it (0 * nan is nan);
+    the losses come back detached."""
+    from samgria.meta import engine
+
+    tasks = make_tasks(2)
+    bad = Task(tasks[0].support_x, tasks[0].support_y, tasks[0].query_x, torch.full_like(tasks[0].query_y, float("nan")))
+    model = mlp()
+    loop = InnerLoop(tuple(n for n, _ in model.named_parameters()), {n: 0.1 for n, _ in model.named_parameters()}, 1)
+    params = dict(model.named_parameters())
+    losses, _ = engine.task_losses(model, loop, params, [bad, tasks[1]], F.mse_loss, backward_weights=[0.0, 0.5])
+    assert torch.isnan(losses[0]) and not losses.requires_grad
+    got = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad(set_to_none=True)
+    alone, _ = engine.task_losses(model, loop, params, [tasks[1]], F.mse_loss)
+    (0.5 * alone[0]).backward()
+    for g, p in zip(got, model.parameters()):
+        assert torch.equal(g, p.grad)
+
+
+def test_an_untracked_inner_loop_starts_from_detached_weights():
+    """``InnerLoop(track_graph=False)`` (Reptile, evaluation): every returned weight, adapted or
+    not, is detached from the meta-parameters, and the steps are plain SGD."""
+    from samgria.meta import engine
+
+    model = mlp()
+    task = make_tasks(1)[0]
+    names = ("2.weight", "2.bias")
+    loop = InnerLoop(names, {n: 0.1 for n in names}, 2, track_graph=False)
+    params = dict(model.named_parameters())
+    out = engine.run_inner_loop(loop, params, lambda w: F.mse_loss(functional_call(model, w, (task.support_x,)), task.support_y))
+    assert not any(v.requires_grad for v in out.values())
+    fast = {n: p.detach().clone().requires_grad_(True) for n, p in params.items() if n in names}
+    for _ in range(2):
+        weights = {**{n: p.detach() for n, p in params.items()}, **fast}
+        grads = torch.autograd.grad(F.mse_loss(functional_call(model, weights, (task.support_x,)), task.support_y), list(fast.values()))
+        fast = {n: (v - 0.1 * g).detach().requires_grad_(True) for (n, v), g in zip(fast.items(), grads)}
+    for n, p in params.items():
+        torch.testing.assert_close(out[n], fast[n].detach() if n in fast else p.detach(), rtol=0, atol=1e-14)
