@@ -426,3 +426,18 @@ def test_checkpointed_inner_steps_recompute_a_stateful_rule_from_its_state_befor
         grads.append([p.grad.clone() for p in model.parameters()])
     for stored, recomputed in zip(*grads):
         torch.testing.assert_close(recomputed, stored, rtol=1e-10, atol=1e-12)
+
+
+def test_checkpointed_inner_steps_refuse_a_support_loss_changed_by_two_percent():
+    """The recomputation of a checkpointed step tolerates rounding (a relative 1e-3), not a
+    support loss that changed by 2% since the step (the closure reads data changed since)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 1)).to(DT)
+    x, y = torch.randn(6, 3, dtype=DT), torch.randn(6, 1, dtype=DT)
+    scale = [1.0]
+    meta = MAML(model, torch.optim.SGD, inner_lr=0.1, lr=0.5, checkpoint_inner_steps=True)
+    learner = meta.adapt(lambda f: scale[0] * mse(f(x), y), 2)
+    query = mse(learner(x), y)
+    scale[0] = 1.02
+    with pytest.raises(RuntimeError, match=r"^checkpoint_inner_steps=True recomputes each inner step .* now gives"):
+        query.backward()
