@@ -577,3 +577,20 @@ def test_a_first_task_whose_backward_raises_does_not_set_the_scale_of_the_next()
         results.append(snapshot(model))
     assert all(torch.equal(p, q) for p, q in zip(*results))
     assert not all(torch.equal(p, q) for p, q in zip(results[0], snapshot(make_model().half())))  # it stepped
+
+
+def test_a_task_without_support_examples_follows_its_own_inner_steps_over_the_builders():
+    """The empty-support check reads the task's inner_steps first: 0 there scores the task
+    without adapting even where the builder adapts, and the reverse raises."""
+    (support, query), = make_tasks(1)
+    empty = (support[0][:0], support[1][:0])
+    model = make_model()
+    before = snapshot(model)
+    ms = MetaStep(MAML(model, torch.optim.SGD, lr=0.1, inner_lr=0.1), loss_fn=F.mse_loss, inner_steps=2)
+    loss = ms.task(empty, query, inner_steps=0)
+    expected = F.mse_loss(functional_call(model, dict(model.named_parameters()), (query[0],)), query[1])
+    torch.testing.assert_close(loss, expected.detach(), rtol=0, atol=0)
+    ms = MetaStep(MAML(model, torch.optim.SGD, lr=0.1, inner_lr=0.1), loss_fn=F.mse_loss, inner_steps=0)
+    with pytest.raises(ValueError, match=r"^support has no examples .* MAML would take 3 inner step\(s\)"):
+        ms.task(empty, query, inner_steps=3)
+    assert all(torch.equal(p, q) for p, q in zip(snapshot(model), before))
