@@ -3255,3 +3255,42 @@ def test_sam_perturbs_a_complex_parameter_as_its_real_view_bitwise(foreach):
     seen = run(complex_params, torch.view_as_real)
     assert len(seen) == 4 and not torch.equal(seen[0], seen[2])  # perturbed
     assert_bitwise_equal(seen, run(real_params, lambda p: p))
+
+
+def test_an_inner_optimizer_with_its_own_load_keeps_its_hooks_for_direct_calls_after_the_wrapper_loads():
+    """The wrapper runs the inner optimizer's own ``load_state_dict`` on a copy without the hooks
+    registered on it; what it takes from that copy leaves the inner optimizer's hooks in place."""
+    model = make_model()
+    optimizer = TransformingOptimizer(_OwnCheckpointSGD(model.parameters(), lr=0.1), transforms=[SAM(0.05)])
+    calls = []
+    optimizer.inner.register_state_dict_post_hook(lambda opt, sd: calls.append("save"))
+    optimizer.inner.register_load_state_dict_post_hook(lambda opt: calls.append("load"))
+    optimizer.load_state_dict(optimizer.state_dict())
+    assert calls == []
+    optimizer.inner.load_state_dict(optimizer.inner.state_dict())
+    assert calls == ["save", "load"]
+
+
+def test_three_transforms_of_one_kind_get_numbered_slots():
+    """A third transform of the same kind gets the next free number (``lamp_2``), as the second
+    got ``lamp_1``; its keys are qualified by that slot."""
+    model = make_model()
+    optimizer = TransformingOptimizer(
+        model.parameters(), torch.optim.SGD, lr=0.1,
+        transforms=[LAMP(1e-2, rollback_len=2, seed=0), LAMP(2e-2, rollback_len=2, seed=1), LAMP(3e-2, rollback_len=2, seed=2)],
+    )
+    assert list(optimizer.chain.slots) == ["lamp", "lamp_1", "lamp_2"]
+    group = optimizer.param_groups[0]
+    assert (group["lamp.eps"], group["lamp_1.eps"], group["lamp_2.eps"]) == (1e-2, 2e-2, 3e-2)
+
+
+def test_a_state_key_with_dots_after_a_slot_name_is_hidden_from_the_inner_optimizer():
+    """A key ``"<slot>.<name>"`` belongs to the slot whatever ``<name>`` holds (dots too)."""
+    model = make_model()
+    optimizer = sam_opt(model)
+    x, y = make_data()
+    optimizer.step(make_closure(model, optimizer, x, y))
+    param = next(p for p in model.parameters() if p.grad is not None)
+    optimizer.state[param]["sam.extra.part"] = torch.zeros(1)
+    optimizer.state[param]["other.sam"] = torch.zeros(1)
+    assert sorted(optimizer.inner.state[param]) == ["momentum_buffer", "other.sam"]
