@@ -660,3 +660,20 @@ def test_an_untracked_inner_loop_starts_from_detached_weights():
         fast = {n: (v - 0.1 * g).detach().requires_grad_(True) for (n, v), g in zip(fast.items(), grads)}
     for n, p in params.items():
         torch.testing.assert_close(out[n], fast[n].detach() if n in fast else p.detach(), rtol=0, atol=1e-14)
+
+
+def test_the_vmap_path_returns_detached_losses_after_its_backward():
+    """``backward_weights`` on the vmap path: ``sum_i w_i * loss_i`` is back-propagated there and
+    the losses come back detached, with the meta-gradient of the loop path."""
+    from samgria.meta import engine
+
+    tasks = make_tasks(2)
+    grads = {}
+    for path in ("loop", "vmap"):
+        model = mlp()
+        loop = InnerLoop(tuple(n for n, _ in model.named_parameters()), {n: 0.1 for n, _ in model.named_parameters()}, 1)
+        losses, _ = engine.task_losses(model, loop, dict(model.named_parameters()), tasks, F.mse_loss, path=path, backward_weights=[0.25, 0.5])
+        assert not losses.requires_grad
+        grads[path] = [p.grad.clone() for p in model.parameters()]
+    for g, h in zip(grads["vmap"], grads["loop"]):
+        torch.testing.assert_close(g, h, rtol=1e-10, atol=1e-12)
