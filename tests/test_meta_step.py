@@ -594,3 +594,19 @@ def test_a_task_without_support_examples_follows_its_own_inner_steps_over_the_bu
     with pytest.raises(ValueError, match=r"^support has no examples .* MAML would take 3 inner step\(s\)"):
         ms.task(empty, query, inner_steps=3)
     assert all(torch.equal(p, q) for p, q in zip(snapshot(model), before))
+
+
+def test_reptile_takes_a_query_set_without_examples_and_updates_as_without_one():
+    """Only the MAML family refuses a query set of 0 rows: Reptile's update does not read the
+    query set (its reported loss of an empty batch is nan)."""
+    tasks = make_tasks(2)
+    results = []
+    for empty_query in (False, True):
+        model = make_model()
+        with meta_step(Reptile(model, torch.optim.SGD, lr=0.5, inner_lr=0.1), loss_fn=F.mse_loss) as ms:
+            for support, query in tasks:
+                loss = ms.task(support, (query[0][:0], query[1][:0]) if empty_query else None)
+                assert torch.isnan(loss) == empty_query
+        results.append(snapshot(model))
+    assert all(torch.equal(p, q) for p, q in zip(*results))
+    assert not all(torch.equal(p, q) for p, q in zip(results[0], snapshot(make_model())))  # it stepped
