@@ -3294,3 +3294,27 @@ def test_a_state_key_with_dots_after_a_slot_name_is_hidden_from_the_inner_optimi
     optimizer.state[param]["sam.extra.part"] = torch.zeros(1)
     optimizer.state[param]["other.sam"] = torch.zeros(1)
     assert sorted(optimizer.inner.state[param]) == ["momentum_buffer", "other.sam"]
+
+
+def test_a_param_group_given_one_tensor_holds_that_tensor_as_torchs():
+    """``{"params": tensor}`` names one parameter, as in torch's ``add_param_group`` (not its rows)."""
+    model = make_model()
+    weight, bias = model[0].weight, model[0].bias
+    optimizer = TransformingOptimizer([{"params": weight}], torch.optim.SGD, lr=0.1, transforms=[SAM(0.05)])
+    optimizer.add_param_group({"params": bias, "lr": 0.2})
+    assert [group["params"] for group in optimizer.param_groups] == [[weight], [bias]]
+
+
+def test_a_chain_that_learns_its_inner_optimizer_s_class_forgets_the_verdicts_it_gave_without_it():
+    """``Chain.record_inner_type`` changes which prefixes are no misspelt slot: a verdict worked
+    out before it ("lamb.eps" beside a LAMP: a misspelt "lamp") no longer holds once the inner
+    optimizer is known to be a Lamb."""
+    from samgria.transforms.chain import Chain
+
+    chain = Chain([LAMP(1e-2, rollback_len=2)], inner_keys=("lr",))
+    with pytest.raises(ValueError, match=r"^g: the key 'lamb.eps' names no slot of the chain \(slots: 'lamp'\); write 'eps' or 'lamp.eps'$"):
+        chain.normalize_group({"lamb.eps": 1e-6}, "g")
+    chain.record_inner_type(Lamb)
+    group = {"lamb.eps": 1e-6}
+    chain.normalize_group(group, "g")
+    assert group == {"lamb.eps": 1e-6}

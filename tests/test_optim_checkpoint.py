@@ -1798,3 +1798,14 @@ def test_a_state_dict_post_hook_returning_a_new_dict_and_a_load_pre_hook_returni
         optimizer.load_state_dict(checkpoint)
         results.append((checkpoint["note"], optimizer.param_groups[0]["lr"], "note" in checkpoint))
     assert results[1] == results[0] == ("replaced", 0.025, True)
+
+
+def test_a_checkpoint_of_another_chain_is_refused_naming_the_first_transform_that_differs():
+    """Chains that differ at the first transform and agree after it: the message names
+    transform 0, not the last one compared."""
+    model = make_model()
+    saved = TransformingOptimizer(model.parameters(), torch.optim.SGD, lr=0.1, transforms=[SAM(0.05), EMA(0.9)])
+    saved.step(make_closure(model, saved))
+    other = TransformingOptimizer(make_model().parameters(), torch.optim.SGD, lr=0.1, transforms=[ASAM(0.5), EMA(0.9)])
+    with pytest.raises(ValueError, match=r": transform 0 is sam=SAM\(\) in the checkpoint and asam=ASAM\(.*\) here$"):
+        other.load_state_dict(saved.state_dict())

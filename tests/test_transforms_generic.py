@@ -700,3 +700,24 @@ def test_a_no_op_declaration_in_a_mixin_or_for_a_classmethod_post_update_is_hono
         optimizer = TransformingOptimizer(model.parameters(), torch.optim.SGD, lr=0.1, transforms=[make()])
         optimizer.step(make_closure(model, optimizer, x, y))
         assert calls == expected, make.__name__
+
+
+class _Flagged(ValueError):
+    """A user's error class that shows its message otherwise than it was given."""
+
+    def __str__(self):
+        return f"[flagged] {self.args[0]}"
+
+
+class _FlaggingScaleGrad(ScaleGrad):
+    def validate_group(self, group):
+        if group["grad_scale"] < 0:
+            raise _Flagged(f"grad_scale must be >= 0, got {group['grad_scale']!r}")
+
+
+def test_a_validate_group_error_that_would_show_another_message_becomes_a_plain_one_with_the_group_named():
+    """An error class whose ``str`` is not the message it is built from is re-raised as a plain
+    ``ValueError``, so that the message is exactly the group's name and the error's text, shown once."""
+    with pytest.raises(ValueError, match=r"^param_groups\[0\]: \[flagged\] grad_scale must be >= 0, got -1\.0$") as caught:
+        TransformingOptimizer([{"params": nn.Linear(2, 1).parameters(), "grad_scale": -1.0}], torch.optim.SGD, lr=0.1, transforms=[_FlaggingScaleGrad()])
+    assert type(caught.value) is ValueError
