@@ -677,3 +677,28 @@ def test_the_vmap_path_returns_detached_losses_after_its_backward():
         grads[path] = [p.grad.clone() for p in model.parameters()]
     for g, h in zip(grads["vmap"], grads["loop"]):
         torch.testing.assert_close(g, h, rtol=1e-10, atol=1e-12)
+
+
+class _ShiftedLinear(nn.Linear):
+    """A linear layer plus a buffer added to its output."""
+
+    def __init__(self) -> None:
+        super().__init__(2, 2)
+        self.register_buffer("shift", torch.full((2,), 0.25))
+
+    def forward(self, x):
+        return super().forward(x) + self.shift
+
+
+@pytest.mark.parametrize("vectorize", [False, True])
+def test_a_layer_applied_twice_keeps_its_buffers(vectorize):
+    """A module registered under two names keeps its own buffer objects after the inner loop
+    (torch's functional_call left it holding the call's copies, as it did the parameters)."""
+    torch.manual_seed(0)
+    layer = _ShiftedLinear().to(DT)
+    model = nn.Sequential(layer, nn.Tanh(), layer)
+    shift = layer.shift
+    meta = MAML(model, torch.optim.SGD, lr=0.5, inner_lr=0.1, inner_steps=1)
+    meta.task_losses(_tasks_of_width_2(2), F.mse_loss, vectorize=vectorize).mean().backward()
+    assert layer.shift is shift and dict(model.named_buffers())["0.shift"] is shift
+    assert torch.equal(shift, torch.full((2,), 0.25, dtype=DT))
