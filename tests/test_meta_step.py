@@ -610,3 +610,42 @@ def test_reptile_takes_a_query_set_without_examples_and_updates_as_without_one()
         results.append(snapshot(model))
     assert all(torch.equal(p, q) for p, q in zip(*results))
     assert not all(torch.equal(p, q) for p, q in zip(results[0], snapshot(make_model())))  # it stepped
+
+
+class TwiceEvaluatingReturningTheSecond(TwiceEvaluating):
+    """As TwiceEvaluating, but returns the loss of the second evaluation."""
+
+    @torch.no_grad()
+    def step(self, closure):
+        params = [p for g in self.param_groups for p in g["params"]]
+        with torch.enable_grad():
+            closure()
+        for p in params:
+            p.add_(self.delta)
+        with torch.enable_grad():
+            loss = closure()
+        for p in params:
+            p.sub_(self.delta)
+        return loss
+
+
+@pytest.mark.parametrize("cls", [MAML, Reptile])
+def test_a_reevaluation_of_the_closure_returns_the_losses_at_its_point(cls):
+    """The closure's second evaluation returns the weighted query loss of the tasks re-adapted at
+    the outer optimizer's point, not the losses of the first evaluation."""
+    tasks, weights, delta = make_tasks(2), [1.0, 3.0], 0.01
+    shifted = make_model()
+    with torch.no_grad():
+        for p in shifted.parameters():
+            p.add_(delta)
+    params = dict(shifted.named_parameters())
+    expected = []
+    for ((xs, ys), (xq, yq)), w in zip(tasks, weights):
+        fast = adapt_ref(shifted, params, xs, ys, lr=0.1, steps=2, first_order=True)
+        expected.append(w * F.mse_loss(functional_call(shifted, fast, (xq,)), yq).detach())
+    model = make_model()
+    meta = cls(model, TwiceEvaluatingReturningTheSecond(model.parameters(), lr=0.0, delta=delta), inner_lr=0.1, inner_steps=2)
+    with meta_step(meta, loss_fn=F.mse_loss) as ms:
+        for (s, q), w in zip(tasks, weights):
+            ms.task(s, q, weight=w)
+    torch.testing.assert_close(ms.loss, sum(expected) / sum(weights), rtol=1e-10, atol=1e-12)
