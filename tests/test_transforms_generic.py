@@ -721,3 +721,21 @@ def test_a_validate_group_error_that_would_show_another_message_becomes_a_plain_
     with pytest.raises(ValueError, match=r"^param_groups\[0\]: \[flagged\] grad_scale must be >= 0, got -1\.0$") as caught:
         TransformingOptimizer([{"params": nn.Linear(2, 1).parameters(), "grad_scale": -1.0}], torch.optim.SGD, lr=0.1, transforms=[_FlaggingScaleGrad()])
     assert type(caught.value) is ValueError
+
+
+class _WordyScaleGrad(ScaleGrad):
+    def validate_group(self, group):
+        if group["grad_scale"] < 0:
+            raise ValueError(f"grad_scale must be >= 0, got {group['grad_scale']!r} (a grad_scale_factor; see 'grad_scale' and grad_bias)")
+
+
+def test_a_validate_group_message_names_the_stored_keys_of_whole_words_only():
+    """With two ScaleGrads the groups store ``"b.grad_scale"``: the message of the second names
+    that key for every whole-word mention of ``grad_scale`` and ``grad_bias``,
+    not inside a longer word or a quoted name."""
+    params = [nn.Parameter(torch.zeros(2))]
+    with pytest.raises(ValueError) as caught:
+        TransformingOptimizer([{"params": params, "b.grad_scale": -1.0}], torch.optim.SGD, lr=0.1, transforms={"a": ScaleGrad(), "b": _WordyScaleGrad()})
+    assert str(caught.value) == (
+        "param_groups[0]: b.grad_scale must be >= 0, got -1.0 (a grad_scale_factor; see 'grad_scale' and b.grad_bias)"
+    )
