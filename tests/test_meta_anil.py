@@ -172,3 +172,20 @@ def test_a_head_added_later_with_add_param_group_is_adapted():
     torch.testing.assert_close(learner.params["2.weight"], w, rtol=0, atol=1e-12)
     torch.testing.assert_close(learner.params["2.bias"], b, rtol=0, atol=1e-12)
     assert learner.params["0.weight"] is model[0].weight
+
+
+def test_an_anil_with_part_of_its_head_in_an_adapted_group_says_that_part_does_not_require_grad():
+    """One head parameter in an adapt=True group that does not require grad, the other in an
+    adapt=False group: the head has a parameter in an adapted group, so the reason named is
+    that it does not require grad (not that none is in such a group)."""
+    model = model_with_head()
+    model[2].weight.requires_grad_(False)
+    others = [p for n, p in model.named_parameters() if n != "2.bias"]
+    meta = ANIL(model, torch.optim.SGD, head=model[2], lr=0.1,
+                params=[{"params": others}, {"params": [model[2].bias], "adapt": False}])
+    with pytest.raises(
+        ValueError,
+        match=r"^ANIL adapts no parameter in the inner loop: none of head's parameters \['2\.weight', '2\.bias'\] "
+        r"in a param group with adapt=True requires grad; ",
+    ):
+        meta.task_losses(make_tasks(), mse)

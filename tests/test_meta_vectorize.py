@@ -502,3 +502,14 @@ def test_vmap_task_losses_takes_any_iterable_of_tasks():
     expected, _ = vmap_task_losses(model, params, list(params), lrs, tasks, mse, 1)
     got, _ = vmap_task_losses(model, params, list(params), lrs, (t for t in tasks), mse, 1)
     assert torch.equal(got, expected)
+
+
+def test_a_norm_in_eval_mode_without_running_stats_blocks_second_order_vmap():
+    """An eval-mode BatchNorm/InstanceNorm with track_running_stats=False normalises with batch
+    statistics (its double backward under vmap is wrong): named; with running stats it is not."""
+    from samgria.meta.engine import second_order_vmap_blocker
+
+    for norm in (torch.nn.BatchNorm1d(3, track_running_stats=False), torch.nn.InstanceNorm1d(3)):
+        model = torch.nn.Sequential(torch.nn.Linear(3, 3), norm).eval()
+        assert second_order_vmap_blocker(model) == f"1 ({type(norm).__name__})"
+    assert second_order_vmap_blocker(torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.BatchNorm1d(3)).eval()) is None
