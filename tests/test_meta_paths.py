@@ -702,3 +702,13 @@ def test_a_layer_applied_twice_keeps_its_buffers(vectorize):
     meta.task_losses(_tasks_of_width_2(2), F.mse_loss, vectorize=vectorize).mean().backward()
     assert layer.shift is shift and dict(model.named_buffers())["0.shift"] is shift
     assert torch.equal(shift, torch.full((2,), 0.25, dtype=DT))
+
+
+def test_the_engine_dispatcher_refuses_the_vmap_path_for_tasks_of_unequal_shapes():
+    from samgria.meta import engine
+
+    model = mlp()
+    tasks = [make_tasks(1, k=6)[0], make_tasks(1, k=5)[0]]
+    loop = InnerLoop(("2.weight",), {"2.weight": 0.1}, 1)
+    with pytest.raises(ValueError, match=r"^the vmap path cannot be used: the tasks do not all have equal shapes, dtypes and devices$"):
+        engine.task_losses(model, loop, dict(model.named_parameters()), tasks, F.mse_loss, path="vmap")

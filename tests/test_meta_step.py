@@ -649,3 +649,16 @@ def test_a_reevaluation_of_the_closure_returns_the_losses_at_its_point(cls):
         for (s, q), w in zip(tasks, weights):
             ms.task(s, q, weight=w)
     torch.testing.assert_close(ms.loss, sum(expected) / sum(weights), rtol=1e-10, atol=1e-12)
+
+
+def test_entering_a_builder_that_holds_tasks_added_outside_the_block_is_refused():
+    (support, query), = make_tasks(1)
+    model = make_model()
+    ms = MetaStep(MAML(model, torch.optim.SGD, lr=0.1, inner_lr=0.1), loss_fn=F.mse_loss)
+    ms.task(support, query)
+    with pytest.raises(RuntimeError, match=r"^this MetaStep already holds 1 task\(s\) added outside the `with` block; call step\(\) first$"):
+        with ms:
+            pass
+    ms.step()
+    with ms:
+        ms.task(support, query)
