@@ -472,13 +472,19 @@ def test_the_update_does_not_depend_on_the_scale_of_the_task_weights(cls, dtype,
     its weight as given: in 16 bits a small weight underflowed (a zero meta-gradient, the step
     taken), a large one overflowed (the step skipped as non-finite), and a subnormal float64
     weight made the meta-loss raise OverflowError (Reptile's too)."""
-    tasks = [tuple((x.to(dtype), y.to(dtype)) for x, y in task) for task in make_tasks(2)]
+    _assert_the_update_ignores_a_common_scale_of_the_weights(cls, dtype, [1.0, 2.0], scale)
+
+
+def _assert_the_update_ignores_a_common_scale_of_the_weights(cls, dtype, task_weights, scale):
+    """The meta-loss and the stepped weights of one meta-update with ``task_weights`` and with
+    ``scale`` times them are equal, bit for bit, and the update was taken."""
+    tasks = [tuple((x.to(dtype), y.to(dtype)) for x, y in task) for task in make_tasks(len(task_weights))]
     results = []
     for c in (1.0, scale):
         model = make_model().to(dtype)
         meta = cls(model, torch.optim.SGD, lr=1.0, inner_lr=0.1, inner_steps=2)
         with meta_step(meta, loss_fn=F.mse_loss) as ms:
-            for (support, query), w in zip(tasks, [1.0, 2.0]):
+            for (support, query), w in zip(tasks, task_weights):
                 ms.task(support, query, weight=w * c)
         assert meta.skipped_steps == 0
         results.append((ms.loss, snapshot(model)))
@@ -522,20 +528,7 @@ def test_a_leading_zero_weight_task_does_not_set_the_scale_of_the_others():
     """A task of weight 0 takes no part in the scale: had it set one (2**1, from frexp(0)), the
     float16 losses of tasks of weight 2**-30 added after it were back-propagated times 2**-29
     and underflowed to a zero meta-gradient."""
-    tasks = [tuple((x.half(), y.half()) for x, y in task) for task in make_tasks(3)]
-    results = []
-    for c in (1.0, 2.0**-30):
-        model = make_model().half()
-        meta = MAML(model, torch.optim.SGD, lr=1.0, inner_lr=0.1, inner_steps=2)
-        with meta_step(meta, loss_fn=F.mse_loss) as ms:
-            for (support, query), w in zip(tasks, [0.0, 1.0, 2.0]):
-                ms.task(support, query, weight=w * c)
-        assert meta.skipped_steps == 0
-        results.append((ms.loss, snapshot(model)))
-    (loss, weights), (scaled_loss, scaled_weights) = results
-    assert torch.equal(scaled_loss, loss)
-    assert all(torch.equal(p, q) for p, q in zip(scaled_weights, weights))
-    assert not all(torch.equal(p, q) for p, q in zip(weights, snapshot(make_model().half())))  # it stepped
+    _assert_the_update_ignores_a_common_scale_of_the_weights(MAML, torch.float16, [0.0, 1.0, 2.0], 2.0**-30)
 
 
 class _FailingBackward(torch.autograd.Function):
