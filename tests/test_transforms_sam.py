@@ -1334,12 +1334,16 @@ def test_an_interrupt_while_directions_are_computed_in_the_backup_buffers_leaves
     assert any(kernel in line and "out=buffer" in line for line in lines[start:swap])  # the in-buffer kernel ran
     perturb_lines = {
         (code.co_filename, line)
-        for code in (inspect.unwrap(type(optimizer.transforms[0]).perturb).__code__, sam_module._partly_into.__code__)
+        for code in (
+            inspect.unwrap(type(optimizer.transforms[0]).perturb).__code__,
+            sam_module._fitting.__code__,
+            sam_module._partly_into.__code__,
+        )
         for _start, _end, line in code.co_lines()
         if line is not None
     }
     # The lines of perturb() (where the directions are computed, with the lambdas it hands to
-    # _partly_into) and of _partly_into, from the preparation to the move, and the swap
+    # _partly_into) and of _fitting and _partly_into, from the preparation to the move, and the swap
     chosen = [event for event in range(start, swap) if events[event] in perturb_lines] + [swap]
     assert len(chosen) > 20
     failures = []

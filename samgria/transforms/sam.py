@@ -238,8 +238,8 @@ class _PreparedMove(NamedTuple):
     the move), not 16-bit, and on the CPU with more than ``_CPU_LIST_NUMEL`` elements, where the
     move is one ``torch.add(w, d, alpha=s, out=backup)`` of its own: with ``d`` the backup itself,
     the same arithmetic in place, without a tensor of the parameter's size in new memory -- else
-    ``None``. A direction computed there must have the view's dtype and strides (the move's
-    layout)."""
+    ``None``. A direction computed there must have the view's dtype, device and strides (the
+    move's layout; :func:`_fitting` picks the views whose operands do)."""
 
     backups: list[torch.Tensor]
     swappable: list[bool]
@@ -249,6 +249,26 @@ class _PreparedMove(NamedTuple):
         """The ``into`` views that exist, keyed by ``indices`` (the caller's index of each moved
         parameter, in the order :meth:`PerturbationTransform._prepare_move` took them)."""
         return {index: view for index, view in zip(indices, self.into) if view is not None}
+
+
+def _fitting(
+    into: Mapping[int, torch.Tensor], indices: Sequence[int], *operands: Sequence[torch.Tensor]
+) -> dict[int, torch.Tensor]:
+    """The backup buffers a direction may be computed in (:class:`_PreparedMove`): position ``k``
+    of ``indices`` → ``into[indices[k]]`` where that view exists and every ``operands[j][k]`` (the
+    direction's operands) has its dtype, device and strides, the layout the move takes."""
+    fitting = {}
+    for k, index in enumerate(indices):
+        view = into.get(index)
+        if view is None:
+            continue
+        for tensors in operands:
+            operand = tensors[k]
+            if operand.dtype != view.dtype or operand.device != view.device or operand.stride() != view.stride():
+                break
+        else:
+            fitting[k] = view
+    return fitting
 
 
 def _partly_into(
@@ -933,16 +953,9 @@ class ASAM(_RefusesOptimizerStyleCall, PerturbationTransform):
         widened_grads = [_widened(as_real(grads[i])) for i in adaptive]
         # T ⊙ g in the backup buffer where the move can take it from there (in its layout), else
         # in new memory: the same products.
-        in_buffer = {
-            k: into[i]
-            for k, i in enumerate(adaptive)
-            if i in into
-            and widened_grads[k].dtype == scalings[k].dtype == into[i].dtype
-            and widened_grads[k].stride() == scalings[k].stride() == into[i].stride()
-        }
         scaled_grads = _partly_into(
             len(adaptive),
-            in_buffer,
+            _fitting(into, adaptive, widened_grads, scalings),
             lambda rest: mul([widened_grads[k] for k in rest], [scalings[k] for k in rest], foreach=ctx.foreach),
             lambda k, buffer: torch.mul(widened_grads[k], scalings[k], out=buffer),
         )

@@ -44,6 +44,7 @@ from samgria.transforms.sam import (
     _FLOAT32_MAX,
     Perturbation,
     PerturbationTransform,
+    _fitting,
     _owns_storage,
     _partly_into,
     _RefusesOptimizerStyleCall,
@@ -746,17 +747,9 @@ class FriendlySAM(_RefusesOptimizerStyleCall, _FinishingTransform):
             mix = [1.0 - float(groups[i]["lmbda"]) for i in old]
             _add_scaled_([as_real(m) for m in updated], [directions[i] for i in old], mix, ctx.foreach)
             real_olds = [as_real(m) for m in olds]
-            in_buffer = {
-                k: into[i]
-                for k, i in enumerate(old)
-                if i in into
-                and directions[i].dtype == real_olds[k].dtype == into[i].dtype
-                and directions[i].device == real_olds[k].device
-                and directions[i].stride() == real_olds[k].stride() == into[i].stride()
-            }
             shifted = _partly_into(
                 len(old),
-                in_buffer,
+                _fitting(into, old, [directions[i] for i in old], real_olds),
                 lambda rest: _added(
                     [directions[old[k]] for k in rest],
                     [real_olds[k] for k in rest],
